@@ -1,0 +1,112 @@
+//! Bearer-key authentication (reference §A.1, §A.10).
+//!
+//! Keys are random; only their SHA-256 is stored and compared in constant time. Each request
+//! looks the key up again, so a revoked key fails at once, even one revoked by
+//! `cattery keys revoke` from another process.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::model::KeyKind;
+
+/// SHA-256 of a key.
+pub fn hash_key(key: &str) -> Vec<u8> {
+    Sha256::digest(key.as_bytes()).to_vec()
+}
+
+/// A new random key of a kind: prefix plus 40 hex characters (160 bits).
+pub fn generate_key(kind: KeyKind) -> String {
+    let mut b = [0u8; 20];
+    rand::rng().fill_bytes(&mut b);
+    format!("{}{}", kind.prefix(), hex::encode(b))
+}
+
+/// The authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Org of the key.
+    pub org: String,
+    /// Kind of key.
+    pub kind: KeyKind,
+}
+
+async fn authenticate(
+    parts: &Parts,
+    state: &AppState,
+    allowed: &[KeyKind],
+) -> Result<Caller, ApiError> {
+    let header = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::unauthorized("Unauthorized: missing Authorization: Bearer <key>")
+        })?;
+    let key = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| {
+            ApiError::unauthorized("Unauthorized: expected Authorization: Bearer <key>")
+        })?;
+    let hash = hash_key(key);
+    let found = state
+        .store
+        .find_key(&hash)
+        .await
+        .map_err(|e| ApiError::from(crate::core::CoreError::Store(e)))?;
+    let Some((rec, stored)) = found else {
+        return Err(ApiError::unauthorized(
+            "Unauthorized / token expired: unknown key",
+        ));
+    };
+    if !bool::from(stored.ct_eq(&hash)) || rec.revoked_ms.is_some() {
+        return Err(ApiError::unauthorized(
+            "Unauthorized / token expired: key revoked",
+        ));
+    }
+    if !allowed.contains(&rec.kind) {
+        let want = allowed
+            .iter()
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>()
+            .join(" or ");
+        return Err(ApiError::unauthorized(format!(
+            "Unauthorized: this route needs a {want} key, not a {} key",
+            rec.kind.as_str()
+        )));
+    }
+    Ok(Caller {
+        org: rec.org,
+        kind: rec.kind,
+    })
+}
+
+/// A private key (or a user token): the documented private API.
+pub struct PrivateAuth(pub Caller);
+/// A public key: start sessions and the session proxy.
+pub struct PublicAuth(pub Caller);
+
+impl FromRequestParts<AppState> for PrivateAuth {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        authenticate(parts, state, &[KeyKind::Private, KeyKind::Token])
+            .await
+            .map(PrivateAuth)
+    }
+}
+
+impl FromRequestParts<AppState> for PublicAuth {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        authenticate(parts, state, &[KeyKind::Public])
+            .await
+            .map(PublicAuth)
+    }
+}

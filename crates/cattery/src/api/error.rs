@@ -1,0 +1,130 @@
+//! The one place that turns errors into HTTP responses.
+//!
+//! Every error body is `{"error": "<message>", "code": "<string>"}` with
+//! `Content-Type: application/json` (reference §A.1). The capacity 429 also carries
+//! `"status": 429` and `"message"` as documented (reference §A.5). Status table:
+//!
+//! | status | code | when |
+//! |---|---|---|
+//! | 400 | `GENERIC_BAD_REQUEST`, `"400"` | invalid field, malformed JSON or id |
+//! | 400 | `PCC-1001` | the deployment cannot run |
+//! | 401 | `"401"` | missing, unknown, revoked or wrong-kind key |
+//! | 404 | `NOT_FOUND` / `"404"` | no such agent, session or route (or another org's) |
+//! | 405 | `"405"` | method not allowed on a route |
+//! | 409 | `CONFLICT`, `STOPPED_DURING_START` | conflicting state |
+//! | 413 | `"413"` | start `body` over the transport's limit, or request too large |
+//! | 429 | `"429"` | agent at `maxAgents` |
+//! | 500 | `"500"` | storage failure or a bug (never a panic escaping) |
+//! | 503 | `DRAINING`, `INSTANCE_EXITED`, `AGENT_CRASH_LOOP`, `SPAWN_FAILED`, `DELIVERY_FAILED` | no instance could take the session |
+//! | 504 | `START_TIMEOUT` | the instance did not become ready in time |
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::core::CoreError;
+
+/// The error body (reference `ErrorResponse`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// Message.
+    pub error: String,
+    /// Code, always a string.
+    pub code: String,
+}
+
+/// An HTTP error response.
+#[derive(Debug)]
+pub struct ApiError {
+    /// Status.
+    pub status: StatusCode,
+    /// `code`.
+    pub code: String,
+    /// `error`.
+    pub message: String,
+}
+
+impl ApiError {
+    /// Any status and code.
+    pub fn new(status: StatusCode, code: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+    /// 400 `GENERIC_BAD_REQUEST`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST", message)
+    }
+    /// 401 `"401"`.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "401", message)
+    }
+    /// 404 with a code.
+    pub fn not_found(code: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+    /// Replaces the code of a 404 (agent routes document `NOT_FOUND`; session routes `"404"`).
+    pub fn with_not_found_code(mut self, code: &str) -> Self {
+        if self.status == StatusCode::NOT_FOUND {
+            self.code = code.into();
+        }
+        self
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        let msg = e.to_string();
+        match e {
+            CoreError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "404", msg),
+            CoreError::BadRequest { code, .. } => ApiError::new(StatusCode::BAD_REQUEST, code, msg),
+            CoreError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", msg),
+            CoreError::PayloadTooLarge(_) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "413", msg)
+            }
+            CoreError::AtCapacity(_) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "429", msg),
+            CoreError::Draining => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "DRAINING", msg),
+            CoreError::DeploymentNotReady(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "PCC-1001", msg)
+            }
+            CoreError::StartFailed { code, .. } => {
+                let status = if code == "START_TIMEOUT" {
+                    StatusCode::GATEWAY_TIMEOUT
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                ApiError::new(status, code, msg)
+            }
+            CoreError::StoppedDuringStart(_) => {
+                ApiError::new(StatusCode::CONFLICT, "STOPPED_DURING_START", msg)
+            }
+            CoreError::Store(_) => {
+                tracing::error!(error = %msg, "storage failure");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "500", msg)
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = if self.status == StatusCode::TOO_MANY_REQUESTS {
+            serde_json::json!({
+                "status": 429,
+                "code": self.code,
+                "message": format!("Rate limit exceeded. Please try again later ({})", self.message),
+                "error": self.message,
+            })
+        } else {
+            serde_json::json!({ "error": self.message, "code": self.code })
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// Result alias for handlers.
+pub type ApiResult<T> = Result<T, ApiError>;

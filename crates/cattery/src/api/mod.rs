@@ -1,0 +1,123 @@
+//! The HTTP surface: axum handlers that translate between the wire and [`crate::core`].
+//!
+//! Routes (reference §A.2): the documented private API under `/v1/agents`, the public API
+//! under `/v1/public`, `/health`, and the OpenAPI description at `/v1/openapi.json`.
+
+pub mod agents;
+pub mod auth;
+pub mod error;
+pub mod openapi;
+pub mod sessions;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+
+use crate::core::agents::AgentDefaults;
+use crate::core::supervisor::Supervisor;
+use crate::store::Store;
+use error::ApiError;
+
+/// Largest request body accepted on any route (bytes). The start `body` limit (1 MiB) is
+/// checked separately so it can answer 413 with a precise message.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024 + 64 * 1024;
+
+/// Shared handler state.
+#[derive(Clone)]
+pub struct AppState {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The session supervisor.
+    pub sup: Arc<Supervisor>,
+    /// Agent defaults (regions).
+    pub defaults: Arc<AgentDefaults>,
+}
+
+/// A JSON body whose rejections are `{error, code}` 4xx responses, never 5xx.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "413",
+                        "request body is too large",
+                    )
+                } else {
+                    ApiError::bad_request(format!("could not read the request body: {e}"))
+                }
+            })?;
+        let src: &[u8] = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        serde_json::from_slice(src)
+            .map(ApiJson)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    }
+}
+
+async fn health() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("404", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "405",
+        "method not allowed on this route",
+    )
+}
+
+/// Builds the router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/openapi.json", get(openapi::serve))
+        .route(
+            "/v1/agents",
+            get(agents::list_agents).post(agents::create_agent),
+        )
+        .route(
+            "/v1/agents/{agent_name}",
+            get(agents::get_agent)
+                .post(agents::update_agent)
+                .delete(agents::delete_agent),
+        )
+        .route(
+            "/v1/agents/{agent_name}/sessions",
+            get(sessions::list_sessions),
+        )
+        .route(
+            "/v1/agents/{agent_name}/sessions/{session_id}",
+            get(sessions::get_session).delete(sessions::stop_session),
+        )
+        .route(
+            "/v1/public/{agent_name}/start",
+            post(sessions::start_session),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "500", "internal error")
+                .into_response()
+        }))
+        .with_state(state)
+}

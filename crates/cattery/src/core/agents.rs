@@ -1,0 +1,389 @@
+//! Agents and deployments: validation, create, partial update, delete.
+//!
+//! Rules come from reference §A.3 (create/update fields and ranges) and §B.1 (what a
+//! deployment is): every change that alters how instances run creates a new deployment id;
+//! scaling-only changes do not.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::supervisor::Supervisor;
+use super::{CoreError, CoreResult};
+use crate::model::{
+    now_ms, profile_limits, valid_agent_name, AgentRecord, DeploymentRecord, DeploymentSpec,
+    DEFAULT_MAX_AGENTS, MAX_MAX_SESSION_DURATION_S, MIN_MAX_SESSION_DURATION_S,
+};
+use crate::store::{Store, StoreError};
+
+/// Highest `autoScaling.maxAgents` accepted (Pipecat Cloud caps at 50 unless raised by
+/// support; a self-hosted machine is its own support).
+pub const MAX_AGENTS_CAP: i64 = 10_000;
+
+/// `autoScaling` in requests. `minReplicas`/`maxReplicas` are accepted as legacy names.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoScalingRequest {
+    /// Reserved warm instances (default 0).
+    pub min_agents: Option<i64>,
+    /// Instance cap (default 50).
+    pub max_agents: Option<i64>,
+    /// Legacy name of `minAgents`.
+    pub min_replicas: Option<i64>,
+    /// Legacy name of `maxAgents`.
+    pub max_replicas: Option<i64>,
+}
+
+/// `krispViva` in requests.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KrispVivaRequest {
+    /// `tel`, `pro`, or null (disabled).
+    pub audio_filter: Option<String>,
+}
+
+/// Body of create (`POST /v1/agents`) and update (`POST /v1/agents/{name}`, `PUT .../services`).
+/// Absent fields keep their value on update. `command`, `workingDir`, `env`,
+/// `stopGraceSeconds` and `python` are Cattery's additive fields for the process runtime.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentRequest {
+    /// Agent name, `^[a-z0-9]([-a-z0-9]*[a-z0-9])$`, at most 54 chars. Required on create.
+    pub service_name: Option<String>,
+    /// Container image, or `local:<dir>` for a directory with `bot.py`.
+    pub image: Option<String>,
+    /// Cloud build id (not supported by this server).
+    pub build_id: Option<String>,
+    /// Region code (default: the org's `defaultRegion`).
+    pub region: Option<String>,
+    /// Node type; only `arm` is known, and ignored here.
+    pub node_type: Option<String>,
+    /// Image pull secret set name.
+    pub image_pull_secret_set: Option<String>,
+    /// Secret set whose keys become environment variables.
+    pub secret_set: Option<String>,
+    /// Scaling.
+    pub auto_scaling: Option<AutoScalingRequest>,
+    /// `agent-1x` (default), `agent-2x`, `agent-3x`.
+    pub agent_profile: Option<String>,
+    /// Krisp VIVA filter.
+    pub krisp_viva: Option<KrispVivaRequest>,
+    /// Session time limit in seconds, 60..=14400 (default 7200).
+    pub max_session_duration: Option<i64>,
+    /// Legacy Krisp flag.
+    pub enable_krisp: Option<bool>,
+    /// `none` or `token`.
+    pub websocket_auth: Option<String>,
+    /// Always create a new deployment.
+    pub force_redeploy: Option<bool>,
+    /// Accepted and ignored (GitHub Action).
+    pub enable_integrated_keys_proxy: Option<bool>,
+    /// Program and arguments (process runtime).
+    pub command: Option<Vec<String>>,
+    /// Working directory for `command`.
+    pub working_dir: Option<String>,
+    /// Extra environment variables.
+    pub env: Option<BTreeMap<String, String>>,
+    /// Seconds between SIGTERM and SIGKILL when an instance is removed, 0..=3600; 0 = SIGKILL at once.
+    pub stop_grace_seconds: Option<f64>,
+    /// Python interpreter for `local:` agents.
+    pub python: Option<String>,
+}
+
+/// Server-side defaults for agents.
+#[derive(Debug, Clone)]
+pub struct AgentDefaults {
+    /// Regions this server offers.
+    pub regions: Vec<String>,
+    /// Region used when none is given.
+    pub default_region: String,
+}
+
+fn bad(msg: impl Into<String>) -> CoreError {
+    CoreError::bad_request(msg)
+}
+
+fn valid_env_name(k: &str) -> bool {
+    !k.is_empty()
+        && !k.as_bytes()[0].is_ascii_digit()
+        && k.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
+}
+
+/// Applies the request's run-affecting fields onto `spec`. Errors: 400 with the offending field.
+fn apply(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
+    if r.build_id.is_some() {
+        if r.image.is_some() {
+            return Err(bad("give either image or buildId, not both"));
+        }
+        return Err(bad(
+            "cloud builds are not supported by this server; deploy an image or a command",
+        ));
+    }
+    if let Some(img) = &r.image {
+        if img.trim().is_empty() {
+            return Err(bad("image must not be empty"));
+        }
+        spec.image = Some(img.clone());
+        if r.command.is_none() {
+            spec.command = None;
+        }
+    }
+    if let Some(cmd) = &r.command {
+        if cmd.is_empty() || cmd[0].is_empty() {
+            return Err(bad("command must be a non-empty array of strings"));
+        }
+        spec.command = Some(cmd.clone());
+        if r.image.is_none() {
+            spec.image = None;
+        }
+    }
+    if let Some(wd) = &r.working_dir {
+        spec.working_dir = Some(wd.clone());
+    }
+    if let Some(env) = &r.env {
+        if let Some(k) = env.keys().find(|k| !valid_env_name(k)) {
+            return Err(bad(format!("env: invalid variable name {k:?}")));
+        }
+        spec.env = env.clone();
+    }
+    if let Some(g) = r.stop_grace_seconds {
+        if !(0.0..=3600.0).contains(&g) || g.is_nan() {
+            return Err(bad("stopGraceSeconds must be between 0 and 3600"));
+        }
+        spec.stop_grace_seconds = Some(g);
+    }
+    if let Some(p) = &r.agent_profile {
+        if profile_limits(p).is_none() {
+            return Err(bad(
+                "agentProfile must be one of agent-1x, agent-2x, agent-3x",
+            ));
+        }
+        spec.agent_profile = p.clone();
+    }
+    if let Some(m) = r.max_session_duration {
+        let (lo, hi) = (
+            i64::from(MIN_MAX_SESSION_DURATION_S),
+            i64::from(MAX_MAX_SESSION_DURATION_S),
+        );
+        if !(lo..=hi).contains(&m) {
+            return Err(bad(format!(
+                "maxSessionDuration must be between {lo} and {hi} seconds"
+            )));
+        }
+        spec.max_session_duration = Some(m as u32);
+    }
+    if let Some(k) = &r.krisp_viva {
+        match k.audio_filter.as_deref() {
+            None => spec.krisp_viva_audio_filter = None,
+            Some(f @ ("tel" | "pro")) => spec.krisp_viva_audio_filter = Some(f.into()),
+            Some(_) => return Err(bad("krispViva.audioFilter must be tel, pro or null")),
+        }
+    }
+    if let Some(k) = r.enable_krisp {
+        spec.enable_krisp = k;
+    }
+    if let Some(w) = &r.websocket_auth {
+        if w != "none" && w != "token" {
+            return Err(bad("websocketAuth must be none or token"));
+        }
+        spec.websocket_auth = Some(w.clone());
+    }
+    if let Some(s) = &r.secret_set {
+        spec.secret_set = Some(s.clone()).filter(|s| !s.is_empty());
+    }
+    if let Some(s) = &r.image_pull_secret_set {
+        spec.image_pull_secret_set = Some(s.clone()).filter(|s| !s.is_empty());
+    }
+    if let Some(p) = &r.python {
+        spec.python = Some(p.clone());
+    }
+    if spec.image.is_none() && spec.command.is_none() {
+        return Err(bad("give an image (or local:<dir>) or a command"));
+    }
+    Ok(())
+}
+
+fn scaling(r: &AgentRequest, cur: (u32, u32)) -> CoreResult<(u32, u32)> {
+    let Some(a) = &r.auto_scaling else {
+        return Ok(cur);
+    };
+    let min = a.min_agents.or(a.min_replicas).unwrap_or(i64::from(cur.0));
+    let max = a.max_agents.or(a.max_replicas).unwrap_or(i64::from(cur.1));
+    if min < 0 {
+        return Err(bad("autoScaling.minAgents must be at least 0"));
+    }
+    if max < 1 {
+        return Err(bad("autoScaling.maxAgents must be at least 1"));
+    }
+    if max > MAX_AGENTS_CAP {
+        return Err(bad(format!(
+            "autoScaling.maxAgents must be at most {MAX_AGENTS_CAP}"
+        )));
+    }
+    if min > max {
+        return Err(bad("autoScaling.minAgents must not exceed maxAgents"));
+    }
+    Ok((min as u32, max as u32))
+}
+
+/// Checks that named secret sets exist. `exists` answers per name.
+async fn check_sets(store: &Arc<dyn Store>, org: &str, spec: &DeploymentSpec) -> CoreResult<()> {
+    for (field, name) in [
+        ("secretSet", &spec.secret_set),
+        ("imagePullSecretSet", &spec.image_pull_secret_set),
+    ] {
+        if let Some(n) = name {
+            if !store.secret_set_exists(org, n).await? {
+                return Err(CoreError::NotFound(format!(
+                    "{field}: secret set {n} not found"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates an agent with its first deployment.
+///
+/// Errors: 400 for an invalid or taken name, bad fields or an unknown region; 404 for a
+/// missing secret set.
+pub async fn create_agent(
+    store: &Arc<dyn Store>,
+    sup: &Arc<Supervisor>,
+    defaults: &AgentDefaults,
+    org: &str,
+    r: &AgentRequest,
+) -> CoreResult<(AgentRecord, DeploymentRecord)> {
+    let name = r
+        .service_name
+        .clone()
+        .ok_or_else(|| bad("serviceName is required"))?;
+    if !valid_agent_name(&name) {
+        return Err(bad(
+            "serviceName must match ^[a-z0-9]([-a-z0-9]*[a-z0-9])$ and be at most 54 characters",
+        ));
+    }
+    let region = r
+        .region
+        .clone()
+        .unwrap_or_else(|| defaults.default_region.clone());
+    if !defaults.regions.contains(&region) {
+        return Err(bad(format!(
+            "region {region} is not available; available: {}",
+            defaults.regions.join(", ")
+        )));
+    }
+    let mut spec = DeploymentSpec {
+        agent_profile: "agent-1x".into(),
+        ..Default::default()
+    };
+    apply(&mut spec, r)?;
+    let (min, max) = scaling(r, (0, DEFAULT_MAX_AGENTS))?;
+    check_sets(store, org, &spec).await?;
+    if store.get_agent(org, &name).await?.is_some() {
+        return Err(bad(format!("service {name} already exists")));
+    }
+    let now = now_ms();
+    let id = Uuid::new_v4();
+    let dep = DeploymentRecord {
+        id: Uuid::new_v4(),
+        agent_id: id,
+        spec,
+        created_ms: now,
+    };
+    let agent = AgentRecord {
+        id,
+        org: org.to_string(),
+        name: name.clone(),
+        region,
+        min_agents: min,
+        max_agents: max,
+        desired_deployment_id: dep.id,
+        created_ms: now,
+        updated_ms: now,
+        deleted_ms: None,
+    };
+    match store.create_agent(&agent, &dep).await {
+        Err(StoreError::Conflict) => return Err(bad(format!("service {name} already exists"))),
+        r => r?,
+    }
+    sup.upsert_agent(agent.clone(), dep.clone());
+    Ok((agent, dep))
+}
+
+/// Partially updates an agent; returns it, its current deployment, and a warning when nothing
+/// changed.
+///
+/// Errors: 404 when the agent does not exist; 400 for bad fields.
+pub async fn update_agent(
+    store: &Arc<dyn Store>,
+    sup: &Arc<Supervisor>,
+    org: &str,
+    name: &str,
+    r: &AgentRequest,
+) -> CoreResult<(AgentRecord, DeploymentRecord, Option<String>)> {
+    let mut agent = store
+        .get_agent(org, name)
+        .await?
+        .ok_or_else(|| CoreError::NotFound(format!("agent {name} not found")))?;
+    if let Some(region) = &r.region {
+        if region != &agent.region {
+            return Err(bad("region cannot change after the agent is created"));
+        }
+    }
+    let cur = store
+        .get_deployment(agent.desired_deployment_id)
+        .await?
+        .ok_or_else(|| CoreError::NotFound(format!("deployment of agent {name} not found")))?;
+    let mut spec = cur.spec.clone();
+    apply(&mut spec, r)?;
+    let (min, max) = scaling(r, (agent.min_agents, agent.max_agents))?;
+    check_sets(store, org, &spec).await?;
+    let force = r.force_redeploy.unwrap_or(false);
+    if force {
+        spec.revision += 1;
+    }
+    let now = now_ms();
+    let new_dep = (spec != cur.spec).then(|| DeploymentRecord {
+        id: Uuid::new_v4(),
+        agent_id: agent.id,
+        spec,
+        created_ms: now,
+    });
+    let scaling_changed = (min, max) != (agent.min_agents, agent.max_agents);
+    let warning = (new_dep.is_none() && !scaling_changed).then(|| {
+        "nothing changed; the current deployment was kept (use forceRedeploy to replace instances)".to_string()
+    });
+    agent.min_agents = min;
+    agent.max_agents = max;
+    agent.updated_ms = now;
+    if let Some(d) = &new_dep {
+        agent.desired_deployment_id = d.id;
+    }
+    store.update_agent(&agent, new_dep.as_ref()).await?;
+    let dep = new_dep.unwrap_or(cur);
+    sup.upsert_agent(agent.clone(), dep.clone());
+    Ok((agent, dep, warning))
+}
+
+/// Deletes an agent: new sessions are refused; running ones go on until they end or are
+/// stopped (reference §A.3 "Delete").
+///
+/// Errors: 404 when it does not exist.
+pub async fn delete_agent(
+    store: &Arc<dyn Store>,
+    sup: &Arc<Supervisor>,
+    org: &str,
+    name: &str,
+) -> CoreResult<()> {
+    let agent = store
+        .get_agent(org, name)
+        .await?
+        .ok_or_else(|| CoreError::NotFound(format!("agent {name} not found")))?;
+    store.delete_agent(agent.id, now_ms()).await?;
+    sup.remove_agent(agent.id);
+    Ok(())
+}

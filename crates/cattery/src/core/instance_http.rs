@@ -1,0 +1,85 @@
+//! Talking to an instance over loopback HTTP (the instance contract, `docs/instance-contract.md`).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use tokio::net::TcpStream;
+
+/// Result of the `/bot` request, once the agent answers (at the end of the session).
+#[derive(Debug, Clone)]
+pub enum BotOutcome {
+    /// The agent answered with this HTTP status.
+    Answered(u16),
+    /// The connection failed or broke before an answer.
+    Broken(String),
+}
+
+async fn connect(port: u16) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect(("127.0.0.1", port)).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn handshake(port: u16) -> Result<Sender, String> {
+    let stream = connect(port).await.map_err(|e| e.to_string())?;
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// `GET path` on the instance; returns the status, or `None` when it does not answer within
+/// `timeout` (connection refused included).
+pub async fn get_status(port: u16, path: &str, timeout: Duration) -> Option<u16> {
+    let fut = async {
+        let mut sender = handshake(port).await.ok()?;
+        let req = Request::get(path)
+            .header("host", format!("127.0.0.1:{port}"))
+            .body(Full::new(Bytes::new()))
+            .ok()?;
+        let resp = sender.send_request(req).await.ok()?;
+        let status = resp.status().as_u16();
+        let _ = resp.into_body().collect().await;
+        Some(status)
+    };
+    tokio::time::timeout(timeout, fut).await.ok().flatten()
+}
+
+/// Delivers a session: opens a connection and sends `POST /bot`. Returns once the request is
+/// on its way, with a future that resolves when the agent answers (the session's natural end).
+///
+/// Errors: the instance does not accept a connection.
+pub async fn post_bot(
+    port: u16,
+    headers: Vec<(String, String)>,
+    body: Bytes,
+) -> Result<impl std::future::Future<Output = BotOutcome> + Send + 'static, String> {
+    let mut sender = handshake(port).await?;
+    let mut b = Request::post("/bot")
+        .header("host", format!("127.0.0.1:{port}"))
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        b = b.header(k, v);
+    }
+    let req = b.body(Full::new(body)).map_err(|e| e.to_string())?;
+    sender.ready().await.map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req);
+    Ok(async move {
+        match resp.await {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let _ = r.into_body().collect().await;
+                BotOutcome::Answered(status)
+            }
+            Err(e) => BotOutcome::Broken(e.to_string()),
+        }
+    })
+}

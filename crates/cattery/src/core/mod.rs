@@ -1,0 +1,68 @@
+//! Domain logic: agents and deployments, the session lifecycle, the warm pool.
+//!
+//! Nothing here knows about HTTP. Handlers call these functions and turn [`CoreError`] into
+//! responses in `api::error`, the one place that decides statuses and bodies.
+
+pub mod agents;
+pub mod instance_http;
+pub mod supervisor;
+
+use crate::store::StoreError;
+
+/// Errors of domain operations. Each variant's doc says which HTTP status it becomes.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// 404: the named thing does not exist (or belongs to another org).
+    #[error("{0}")]
+    NotFound(String),
+    /// 400 with a code (`GENERIC_BAD_REQUEST`, `"400"`, ...).
+    #[error("{message}")]
+    BadRequest {
+        /// Error code.
+        code: &'static str,
+        /// Message.
+        message: String,
+    },
+    /// 409.
+    #[error("{0}")]
+    Conflict(String),
+    /// 413: the start `body` is over the per-transport limit.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// 429: the agent is at `maxAgents` (reference §A.5 / §B.4).
+    #[error("agent {0} is at capacity (maxAgents)")]
+    AtCapacity(String),
+    /// 503: the server is draining and takes no new sessions.
+    #[error("server is shutting down; no new sessions")]
+    Draining,
+    /// 400 `PCC-1001`: the deployment cannot run (reference §A.12).
+    #[error("{0}")]
+    DeploymentNotReady(String),
+    /// 503 or 504 with a specific code: the instance could not be started.
+    #[error("{message}")]
+    StartFailed {
+        /// `INSTANCE_EXITED`, `START_TIMEOUT`, `AGENT_CRASH_LOOP`, `SPAWN_FAILED`, `DELIVERY_FAILED`.
+        code: &'static str,
+        /// Message.
+        message: String,
+    },
+    /// 409 `STOPPED_DURING_START`: the session was stopped before it was delivered.
+    #[error("session {0} was stopped before its instance was ready")]
+    StoppedDuringStart(uuid::Uuid),
+    /// 500: storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl CoreError {
+    /// A 400 `GENERIC_BAD_REQUEST`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        CoreError::BadRequest {
+            code: "GENERIC_BAD_REQUEST",
+            message: message.into(),
+        }
+    }
+}
+
+/// Result alias.
+pub type CoreResult<T> = Result<T, CoreError>;

@@ -1,0 +1,1465 @@
+//! The session lifecycle: warm pool, capacity, delivery, one terminal state, cleanup.
+//!
+//! Every instance is driven by one task (its *actor*, [`Supervisor::run_instance`]) that owns
+//! every decision about it. Whatever happens first, a stop, the agent's answer to `/bot`, the
+//! process exiting, the time limit, a start timeout, decides the session's end; the actor then
+//! runs the one cleanup path (SIGTERM, stop grace, SIGKILL, wait until the tree is empty,
+//! remove cgroup, files and port), frees the capacity slot, records the end (first wins in
+//! the store as well), and refills the warm pool. One instance serves at most one session.
+//!
+//! Capacity: every instance of an agent that is not yet gone (starting, idle, busy, ending)
+//! counts against `maxAgents`, so the cap bounds real processes (reference §B.4).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::instance_http::{self, BotOutcome};
+use super::{CoreError, CoreResult};
+use crate::model::{
+    iso_ms, now_ms, profile_limits, AgentRecord, DeploymentRecord, EndReason, InstanceRecord,
+    LogLine, SessionEnd, SessionRecord,
+};
+use crate::runtime::{ExitInfo, Instance, InstanceSpec, LogAttribution, LogSink, Runtime};
+use crate::store::Store;
+
+/// Consecutive failed starts after which a deployment counts as crash-looping.
+pub const CRASH_LOOP_THRESHOLD: u32 = 2;
+/// How often a starting instance's `/readyz` is polled.
+pub const READY_POLL: Duration = Duration::from_millis(10);
+/// How often an idle warm instance's `/readyz` is checked; a non-200 answer replaces it.
+pub const IDLE_CHECK: Duration = Duration::from_secs(2);
+
+/// Supervisor settings (from `cattery serve` flags).
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// Stop grace used when the agent sets none (`--stop-grace-seconds`, default 5 s).
+    pub default_stop_grace: Duration,
+    /// How long an instance may take to answer `/readyz` with 200 (`--start-timeout-seconds`, default 60 s).
+    pub start_timeout: Duration,
+    /// Python interpreter for `local:` agents when neither the agent nor the bot dir names one.
+    pub python: String,
+    /// Path of the bundled Python runner.
+    pub runner_path: PathBuf,
+    /// Daily API key, needed for `createDailyRoom`.
+    pub daily_api_key: Option<String>,
+    /// Resource sampling interval (default 5 s).
+    pub metrics_interval: Duration,
+}
+
+/// Lifecycle state of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstState {
+    /// Process started, not yet ready.
+    Starting,
+    /// Ready and waiting for a session (warm).
+    Idle,
+    /// Serving a session (or about to).
+    Busy,
+    /// Being removed.
+    Ending,
+}
+
+/// A recent failed start, shown in agent status.
+#[derive(Debug, Clone)]
+pub struct StartFailure {
+    /// `exited`, `start_timeout`, `spawn_failed`.
+    pub reason: &'static str,
+    /// Exit of the main process, if it exited.
+    pub exit: Option<ExitInfo>,
+    /// Last lines of stderr.
+    pub stderr_tail: String,
+    /// When (ms).
+    pub at_ms: i64,
+}
+
+/// Health of one deployment.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    /// Some instance of it answered `/readyz` with 200 once.
+    pub ever_ready: bool,
+    /// Failed starts since the last successful one.
+    pub consecutive_failures: u32,
+    /// All failed starts.
+    pub restarts: u32,
+    /// Most recent failure.
+    pub last_failure: Option<StartFailure>,
+    backoff_until: Option<Instant>,
+}
+
+/// Snapshot of an agent's pool for status responses.
+#[derive(Debug, Clone, Default)]
+pub struct PoolStatus {
+    /// Instances of the current deployment that are starting.
+    pub starting: u32,
+    /// Ready idle instances of the current deployment.
+    pub idle: u32,
+    /// Busy instances (any deployment).
+    pub busy: u32,
+    /// All instances not yet gone.
+    pub total: u32,
+    /// Health of the current deployment.
+    pub health: Health,
+    /// Why the current deployment cannot run, if it cannot.
+    pub deploy_error: Option<String>,
+}
+
+enum Cmd {
+    Assign(Delivery),
+    Stop(EndReason),
+}
+
+struct Delivery {
+    session: Uuid,
+    body: Bytes,
+    headers: Vec<(String, String)>,
+    requested: Instant,
+    deadline: Instant,
+    reply: Option<oneshot::Sender<CoreResult<i64>>>,
+}
+
+struct InstanceCtl {
+    id: Uuid,
+    org: String,
+    agent_id: Uuid,
+    deployment: Arc<DeploymentRecord>,
+    state: Mutex<InstState>,
+    cmd_tx: mpsc::UnboundedSender<Cmd>,
+    done: watch::Receiver<bool>,
+    attribution: Arc<Mutex<LogAttribution>>,
+    samples: Mutex<Vec<(i64, u64, u64)>>,
+    instance: OnceLock<Arc<dyn Instance>>,
+}
+
+struct AgentPool {
+    agent: AgentRecord,
+    deployment: Arc<DeploymentRecord>,
+    deploy_error: Option<String>,
+    instances: HashMap<Uuid, Arc<InstanceCtl>>,
+    health: HashMap<Uuid, Health>,
+}
+
+#[derive(Default)]
+struct State {
+    pools: HashMap<Uuid, AgentPool>,
+    by_name: HashMap<(String, String), Uuid>,
+    sessions: HashMap<Uuid, Arc<InstanceCtl>>,
+}
+
+/// How a start request wants its session delivered.
+#[derive(Debug, Clone, Default)]
+pub struct StartParams {
+    /// JSON object sent as the `/bot` body (`{}` when absent).
+    pub body: Bytes,
+    /// `x-daily-transport-type`.
+    pub transport: Option<String>,
+    /// Extra headers for `/bot` (room url and token).
+    pub extra_headers: Vec<(String, String)>,
+}
+
+/// A delivered session.
+#[derive(Debug, Clone)]
+pub struct StartOutcome {
+    /// Session id.
+    pub session_id: Uuid,
+    /// Whether a new instance had to be started.
+    pub cold_start: bool,
+    /// Time from request to delivery, ms.
+    pub bot_start_ms: i64,
+}
+
+/// Why the actor ends an instance.
+struct Ending {
+    reason: EndReason,
+    completion: String,
+    message: Option<String>,
+    exit: Option<ExitInfo>,
+    start_error: Option<(&'static str, String)>,
+}
+
+impl Ending {
+    fn new(reason: EndReason, completion: &str) -> Self {
+        Ending {
+            reason,
+            completion: completion.into(),
+            message: None,
+            exit: None,
+            start_error: None,
+        }
+    }
+}
+
+/// The session supervisor. One per server.
+pub struct Supervisor {
+    store: Arc<dyn Store>,
+    runtime: Arc<dyn Runtime>,
+    cfg: SupervisorConfig,
+    state: Mutex<State>,
+    logs: mpsc::UnboundedSender<LogLine>,
+    draining: AtomicBool,
+    live: watch::Sender<usize>,
+}
+
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+impl Supervisor {
+    /// Creates the supervisor. `logs` receives captured and platform log lines.
+    pub fn new(
+        store: Arc<dyn Store>,
+        runtime: Arc<dyn Runtime>,
+        cfg: SupervisorConfig,
+        logs: mpsc::UnboundedSender<LogLine>,
+    ) -> Arc<Self> {
+        let sup = Arc::new(Supervisor {
+            store,
+            runtime,
+            cfg,
+            state: Mutex::new(State::default()),
+            logs,
+            draining: AtomicBool::new(false),
+            live: watch::channel(0).0,
+        });
+        let weak = Arc::downgrade(&sup);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(s) = weak.upgrade() else { break };
+                let ids: Vec<Uuid> = s.state.lock().pools.keys().copied().collect();
+                for id in ids {
+                    s.reconcile(id);
+                }
+            }
+        });
+        sup
+    }
+
+    /// The runtime in use.
+    pub fn runtime(&self) -> &Arc<dyn Runtime> {
+        &self.runtime
+    }
+
+    /// Default stop grace.
+    pub fn default_stop_grace(&self) -> Duration {
+        self.cfg.default_stop_grace
+    }
+
+    /// The Daily API key, if configured.
+    pub fn daily_api_key(&self) -> Option<String> {
+        self.cfg.daily_api_key.clone()
+    }
+
+    /// Whether the server is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Why a deployment cannot run here, or `None` when it can (deploy-time validation:
+    /// for `command`, the program exists and is executable).
+    pub fn validate(&self, dep: &DeploymentRecord) -> Option<String> {
+        match self.instance_command(dep) {
+            Ok((program, _, wd, _)) => self
+                .runtime
+                .check_program(&program, wd.as_ref().and_then(|p| p.to_str()))
+                .err(),
+            Err(e) => Some(e),
+        }
+    }
+
+    /// Program, arguments, working directory and extra env for a deployment.
+    fn instance_command(
+        &self,
+        dep: &DeploymentRecord,
+    ) -> Result<(String, Vec<String>, Option<PathBuf>, Vec<(String, String)>), String> {
+        let spec = &dep.spec;
+        if let Some(cmd) = &spec.command {
+            let (p, a) = cmd.split_first().ok_or("command is empty")?;
+            return Ok((
+                p.clone(),
+                a.to_vec(),
+                spec.working_dir.as_ref().map(PathBuf::from),
+                vec![],
+            ));
+        }
+        match spec.image.as_deref() {
+            Some(img) if img.starts_with("local:") => {
+                let dir = PathBuf::from(&img["local:".len()..]);
+                if !dir.join("bot.py").is_file() {
+                    return Err(format!("{} has no bot.py", dir.display()));
+                }
+                let venv = dir.join(".venv/bin/python");
+                let python = spec
+                    .python
+                    .clone()
+                    .or_else(|| venv.is_file().then(|| venv.display().to_string()))
+                    .unwrap_or_else(|| self.cfg.python.clone());
+                Ok((
+                    python,
+                    vec![self.cfg.runner_path.display().to_string()],
+                    Some(dir.clone()),
+                    vec![
+                        ("CATTERY_BOT_DIR".into(), dir.display().to_string()),
+                        ("PYTHONUNBUFFERED".into(), "1".into()),
+                    ],
+                ))
+            }
+            Some(img) => Err(format!(
+                "image {img} needs a container runtime; this server runs the process runtime \
+                 (use \"command\", or \"image\": \"local:<dir with bot.py>\")"
+            )),
+            None => Err("neither command nor image is set".into()),
+        }
+    }
+
+    /// Registers or refreshes an agent after create/update, then reconciles its pool.
+    pub fn upsert_agent(self: &Arc<Self>, agent: AgentRecord, dep: DeploymentRecord) {
+        let deploy_error = self.validate(&dep);
+        let id = agent.id;
+        {
+            let mut st = self.state.lock();
+            st.by_name
+                .insert((agent.org.clone(), agent.name.clone()), id);
+            match st.pools.get_mut(&id) {
+                Some(p) => {
+                    if p.deployment.id != dep.id {
+                        p.deployment = Arc::new(dep);
+                        p.deploy_error = deploy_error;
+                    }
+                    p.agent = agent;
+                }
+                None => {
+                    st.pools.insert(
+                        id,
+                        AgentPool {
+                            agent,
+                            deployment: Arc::new(dep),
+                            deploy_error,
+                            instances: HashMap::new(),
+                            health: HashMap::new(),
+                        },
+                    );
+                }
+            }
+        }
+        self.reconcile(id);
+    }
+
+    /// Marks an agent deleted: no new sessions; running sessions go on; idle instances go.
+    pub fn remove_agent(self: &Arc<Self>, agent_id: Uuid) {
+        {
+            let mut st = self.state.lock();
+            let Some(p) = st.pools.get_mut(&agent_id) else {
+                return;
+            };
+            p.agent.deleted_ms = Some(now_ms());
+            let key = (p.agent.org.clone(), p.agent.name.clone());
+            if st.by_name.get(&key) == Some(&agent_id) {
+                st.by_name.remove(&key);
+            }
+        }
+        self.reconcile(agent_id);
+    }
+
+    /// Pool snapshot for status.
+    pub fn pool_status(&self, agent_id: Uuid) -> PoolStatus {
+        let st = self.state.lock();
+        let Some(p) = st.pools.get(&agent_id) else {
+            return PoolStatus::default();
+        };
+        let dep = p.deployment.id;
+        let mut s = PoolStatus {
+            health: p.health.get(&dep).cloned().unwrap_or_default(),
+            deploy_error: p.deploy_error.clone(),
+            total: p.instances.len() as u32,
+            ..Default::default()
+        };
+        for c in p.instances.values() {
+            match *c.state.lock() {
+                InstState::Starting if c.deployment.id == dep => s.starting += 1,
+                InstState::Idle if c.deployment.id == dep => s.idle += 1,
+                InstState::Busy => s.busy += 1,
+                _ => {}
+            }
+        }
+        s
+    }
+
+    /// Live resource metrics of a running session (reference §A.5.3 `resourceMetrics`).
+    pub fn live_metrics(&self, session: Uuid) -> Option<serde_json::Value> {
+        let ctl = self.state.lock().sessions.get(&session).cloned()?;
+        let samples = ctl.samples.lock().clone();
+        Some(metrics_json(session, &samples))
+    }
+
+    /// Starts a session on `org`'s agent `agent_name`: takes a ready warm instance, or starts a
+    /// new one below `maxAgents`, delivers the session with `POST /bot`, and answers once it is
+    /// delivered.
+    ///
+    /// Errors: `NotFound` (no such live agent), `DeploymentNotReady`, `AtCapacity` (429, at
+    /// once), `Draining` (503), `StartFailed` (the instance exited, timed out, or crash-loops),
+    /// `StoppedDuringStart`.
+    pub async fn start_session(
+        self: &Arc<Self>,
+        org: &str,
+        agent_name: &str,
+        p: StartParams,
+    ) -> CoreResult<StartOutcome> {
+        if self.is_draining() {
+            return Err(CoreError::Draining);
+        }
+        let requested = Instant::now();
+        let created_ms = now_ms();
+        let session = Uuid::new_v4();
+        let (ctl, cold, agent_id) = {
+            let mut st = self.state.lock();
+            let agent_id = *st
+                .by_name
+                .get(&(org.to_string(), agent_name.to_string()))
+                .ok_or_else(|| CoreError::NotFound(format!("agent {agent_name} not found")))?;
+            let pool = st
+                .pools
+                .get_mut(&agent_id)
+                .ok_or_else(|| CoreError::NotFound(format!("agent {agent_name} not found")))?;
+            if pool.agent.deleted_ms.is_some() {
+                return Err(CoreError::NotFound(format!("agent {agent_name} not found")));
+            }
+            if let Some(e) = &pool.deploy_error {
+                return Err(CoreError::DeploymentNotReady(format!(
+                    "deployment {} of agent {agent_name} is not ready: {e}",
+                    pool.deployment.id
+                )));
+            }
+            let dep = pool.deployment.clone();
+            let h = pool.health.entry(dep.id).or_default();
+            if h.consecutive_failures >= CRASH_LOOP_THRESHOLD
+                && h.backoff_until.is_some_and(|b| Instant::now() < b)
+            {
+                let f = h.last_failure.clone();
+                return Err(CoreError::StartFailed {
+                    code: "AGENT_CRASH_LOOP",
+                    message: format!(
+                        "agent {agent_name} is crash-looping: {} failed starts in a row, last: {} ({}){}",
+                        h.consecutive_failures,
+                        f.as_ref().map(|f| f.reason).unwrap_or("unknown"),
+                        f.as_ref().and_then(|f| f.exit).map(|e| e.describe()).unwrap_or_default(),
+                        f.as_ref()
+                            .filter(|f| !f.stderr_tail.is_empty())
+                            .map(|f| format!("; stderr: {}", f.stderr_tail.trim()))
+                            .unwrap_or_default()
+                    ),
+                });
+            }
+            let idle = pool.instances.values().find(|c| {
+                c.deployment.id == dep.id && {
+                    let mut s = c.state.lock();
+                    if *s == InstState::Idle {
+                        *s = InstState::Busy;
+                        true
+                    } else {
+                        false
+                    }
+                }
+            });
+            let (ctl, cold) = match idle {
+                Some(c) => (c.clone(), false),
+                None => {
+                    if pool.instances.len() as u32 >= pool.agent.max_agents {
+                        return Err(CoreError::AtCapacity(agent_name.to_string()));
+                    }
+                    let c = self.new_ctl(&pool.agent, dep, InstState::Starting);
+                    pool.instances.insert(c.id, c.clone());
+                    (c, true)
+                }
+            };
+            st.sessions.insert(session, ctl.clone());
+            (ctl, cold, agent_id)
+        };
+        let _ = self.live.send(self.state.lock().sessions.len());
+        let dep = ctl.deployment.clone();
+        let rec = SessionRecord {
+            id: session,
+            org: org.to_string(),
+            agent_id,
+            deployment_id: dep.id,
+            created_ms,
+            updated_ms: created_ms,
+            bot_start_ms: None,
+            cold_start: Some(cold),
+            transport: p.transport.clone(),
+            end: None,
+            metrics: None,
+        };
+        if let Err(e) = self.store.insert_session(&rec).await {
+            let mut st = self.state.lock();
+            st.sessions.remove(&session);
+            if cold {
+                if let Some(pool) = st.pools.get_mut(&agent_id) {
+                    pool.instances.remove(&ctl.id);
+                }
+            } else {
+                *ctl.state.lock() = InstState::Idle;
+            }
+            return Err(e.into());
+        }
+        let max_s = dep.spec.max_session_duration_s();
+        let mut headers = vec![
+            ("x-daily-session-id".to_string(), session.to_string()),
+            ("x-pcc-max-session-seconds".to_string(), max_s.to_string()),
+        ];
+        if let Some(t) = &p.transport {
+            headers.push(("x-daily-transport-type".into(), t.clone()));
+        }
+        headers.extend(p.extra_headers);
+        let (tx, rx) = oneshot::channel();
+        let delivery = Delivery {
+            session,
+            body: if p.body.is_empty() {
+                Bytes::from_static(b"{}")
+            } else {
+                p.body
+            },
+            headers,
+            requested,
+            deadline: requested + Duration::from_secs(u64::from(max_s)),
+            reply: Some(tx),
+        };
+        if cold {
+            let (cmd_rx, me) = (self.take_cmd_rx(&ctl), self.clone());
+            tokio::spawn(me.run_instance(ctl, cmd_rx, Some(delivery), None));
+        } else if let Err(mpsc::error::SendError(Cmd::Assign(mut d))) =
+            ctl.cmd_tx.send(Cmd::Assign(delivery))
+        {
+            if let Some(r) = d.reply.take() {
+                let _ = r.send(Err(CoreError::StartFailed {
+                    code: "INSTANCE_EXITED",
+                    message: "the warm instance went away".into(),
+                }));
+            }
+        }
+        match rx.await {
+            Ok(Ok(bot_start_ms)) => Ok(StartOutcome {
+                session_id: session,
+                cold_start: cold,
+                bot_start_ms,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(CoreError::StartFailed {
+                code: "INSTANCE_EXITED",
+                message: "the instance went away before the session was delivered".into(),
+            }),
+        }
+    }
+
+    /// Stops a session (the seed contract): the whole instance is removed and the end recorded
+    /// before this returns. A session that already ended is left as it is.
+    ///
+    /// Errors: `NotFound` when the session does not exist, or belongs to another org or agent.
+    pub async fn stop_session(&self, org: &str, agent_name: &str, session: Uuid) -> CoreResult<()> {
+        let rec = self
+            .store
+            .get_session(session)
+            .await?
+            .filter(|s| s.org == org)
+            .ok_or_else(|| CoreError::NotFound(format!("session {session} not found")))?;
+        let agent = self.store.get_agent_by_id(rec.agent_id).await?;
+        if agent.map(|a| a.name != agent_name).unwrap_or(true) {
+            return Err(CoreError::NotFound(format!(
+                "session {session} not found for agent {agent_name}"
+            )));
+        }
+        if rec.end.is_some() {
+            return Ok(());
+        }
+        let ctl = self.state.lock().sessions.get(&session).cloned();
+        match ctl {
+            Some(ctl) => {
+                let _ = ctl.cmd_tx.send(Cmd::Stop(EndReason::Stopped));
+                let mut done = ctl.done.clone();
+                let _ = done.wait_for(|d| *d).await;
+            }
+            None => {
+                let end = SessionEnd {
+                    ended_ms: now_ms(),
+                    reason: EndReason::Lost,
+                    completion_status: "HTTP_ERROR".into(),
+                    exit_code: None,
+                    exit_signal: None,
+                    message: Some("no live instance was found for this session".into()),
+                };
+                self.store.end_session(session, &end).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn new_ctl(
+        &self,
+        agent: &AgentRecord,
+        dep: Arc<DeploymentRecord>,
+        state: InstState,
+    ) -> Arc<InstanceCtl> {
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (done_tx, done) = watch::channel(false);
+        let id = Uuid::new_v4();
+        let ctl = Arc::new(InstanceCtl {
+            id,
+            org: agent.org.clone(),
+            agent_id: agent.id,
+            attribution: Arc::new(Mutex::new(LogAttribution {
+                org: agent.org.clone(),
+                agent_id: agent.id,
+                deployment_id: dep.id,
+                instance_id: id,
+                session_id: None,
+            })),
+            deployment: dep,
+            state: Mutex::new(state),
+            cmd_tx,
+            done,
+            samples: Mutex::new(Vec::new()),
+            instance: OnceLock::new(),
+        });
+        PENDING.lock().insert(id, (cmd_rx, done_tx));
+        ctl
+    }
+
+    fn take_cmd_rx(
+        &self,
+        ctl: &InstanceCtl,
+    ) -> (mpsc::UnboundedReceiver<Cmd>, watch::Sender<bool>) {
+        PENDING
+            .lock()
+            .remove(&ctl.id)
+            .expect("command receiver taken once")
+    }
+
+    fn platform_log(&self, ctl: &InstanceCtl, line: String) {
+        let a = ctl.attribution.lock().clone();
+        let _ = self.logs.send(LogLine {
+            org: a.org,
+            agent_id: a.agent_id,
+            deployment_id: Some(a.deployment_id),
+            session_id: a.session_id,
+            instance_id: Some(a.instance_id),
+            ts_ns: crate::model::now_ns(),
+            stream: "platform",
+            line,
+        });
+    }
+
+    fn record_failure(&self, ctl: &InstanceCtl, f: StartFailure) {
+        let mut st = self.state.lock();
+        if let Some(p) = st.pools.get_mut(&ctl.agent_id) {
+            let h = p.health.entry(ctl.deployment.id).or_default();
+            h.consecutive_failures += 1;
+            h.restarts += 1;
+            let n = h.consecutive_failures.min(6);
+            h.backoff_until =
+                Some(Instant::now() + Duration::from_millis(500 << n).min(Duration::from_secs(30)));
+            h.last_failure = Some(f);
+        }
+    }
+
+    fn record_ready(&self, ctl: &InstanceCtl) {
+        let mut st = self.state.lock();
+        if let Some(p) = st.pools.get_mut(&ctl.agent_id) {
+            let h = p.health.entry(ctl.deployment.id).or_default();
+            h.ever_ready = true;
+            h.consecutive_failures = 0;
+            h.backoff_until = None;
+        }
+    }
+
+    async fn spawn_instance(
+        &self,
+        ctl: &InstanceCtl,
+        session: Option<Uuid>,
+    ) -> Result<Arc<dyn Instance>, String> {
+        let (program, args, working_dir, mut env) = self.instance_command(&ctl.deployment)?;
+        env.extend(
+            ctl.deployment
+                .spec
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        if let Some(s) = session {
+            env.push(("CATTERY_SESSION_ID".into(), s.to_string()));
+        }
+        let spec = InstanceSpec {
+            instance_id: ctl.id,
+            program,
+            args,
+            working_dir,
+            env,
+            limits: profile_limits(&ctl.deployment.spec.agent_profile),
+        };
+        let sink = LogSink {
+            tx: self.logs.clone(),
+            attribution: ctl.attribution.clone(),
+        };
+        self.runtime
+            .start(spec, sink)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn persist_instance(
+        &self,
+        ctl: &InstanceCtl,
+        inst: &Arc<dyn Instance>,
+        session: Option<Uuid>,
+    ) {
+        let pl = inst.record_parts();
+        let rec = InstanceRecord {
+            id: ctl.id,
+            agent_id: ctl.agent_id,
+            deployment_id: ctl.deployment.id,
+            session_id: session,
+            pid: pl.pid,
+            pid_start: pl.pid_start,
+            port: pl.port,
+            cgroup: pl.cgroup,
+            dir: pl.dir,
+            created_ms: now_ms(),
+        };
+        if let Err(e) = self.store.put_instance(&rec).await {
+            tracing::error!(instance = %ctl.id, error = %e, "could not record instance");
+        }
+    }
+
+    fn grace(&self, ctl: &InstanceCtl) -> Duration {
+        ctl.deployment
+            .spec
+            .stop_grace_seconds
+            .map(|s| Duration::from_secs_f64(s.max(0.0)))
+            .unwrap_or(self.cfg.default_stop_grace)
+    }
+
+    /// The actor of one instance. See the module docs.
+    async fn run_instance(
+        self: Arc<Self>,
+        ctl: Arc<InstanceCtl>,
+        (mut rx, done_tx): (mpsc::UnboundedReceiver<Cmd>, watch::Sender<bool>),
+        mut delivery: Option<Delivery>,
+        adopted: Option<(Arc<dyn Instance>, Uuid, Instant)>,
+    ) {
+        let mut session: Option<(Uuid, Instant)> = adopted.as_ref().map(|a| (a.1, a.2));
+        if let Some(d) = &delivery {
+            session = Some((d.session, d.deadline));
+            ctl.attribution.lock().session_id = Some(d.session);
+        }
+        let inst = match adopted {
+            Some((i, _, _)) => i,
+            None => match self.spawn_instance(&ctl, session.map(|s| s.0)).await {
+                Ok(i) => i,
+                Err(e) => {
+                    self.record_failure(
+                        &ctl,
+                        StartFailure {
+                            reason: "spawn_failed",
+                            exit: None,
+                            stderr_tail: e.clone(),
+                            at_ms: now_ms(),
+                        },
+                    );
+                    let mut end = Ending::new(EndReason::StartFailed, "HTTP_ERROR");
+                    end.message = Some(e.clone());
+                    end.start_error = Some(("SPAWN_FAILED", e));
+                    self.finish(
+                        &ctl,
+                        None,
+                        end,
+                        session.map(|s| s.0),
+                        delivery,
+                        &mut rx,
+                        done_tx,
+                    )
+                    .await;
+                    return;
+                }
+            },
+        };
+        let _ = ctl.instance.set(inst.clone());
+        let ending = 'life: {
+            if session.is_none() || delivery.is_some() {
+                self.persist_instance(&ctl, &inst, session.map(|s| s.0))
+                    .await;
+                // Starting: wait for /readyz 200, a stop, an exit, or a deadline.
+                let start_deadline = Instant::now() + self.cfg.start_timeout;
+                let port = inst.port();
+                let ready = async {
+                    loop {
+                        if instance_http::get_status(port, "/readyz", Duration::from_secs(2)).await
+                            == Some(200)
+                        {
+                            return;
+                        }
+                        tokio::time::sleep(READY_POLL).await;
+                    }
+                };
+                tokio::pin!(ready);
+                let session_deadline = session
+                    .map(|s| s.1)
+                    .unwrap_or(start_deadline + Duration::from_secs(1 << 30));
+                loop {
+                    tokio::select! {
+                        biased;
+                        cmd = rx.recv() => match cmd {
+                            Some(Cmd::Stop(r)) => {
+                                let reason = if session.is_some() { EndReason::StoppedDuringStart } else { r };
+                                break 'life Ending::new(reason, "HTTP_ERROR");
+                            }
+                            Some(Cmd::Assign(mut d)) => reply_err(&mut d, "instance is still starting"),
+                            None => {}
+                        },
+                        ex = inst.wait_exit() => {
+                            let tail = tail_of(&inst);
+                            self.record_failure(&ctl, StartFailure { reason: "exited", exit: Some(ex), stderr_tail: tail.clone(), at_ms: now_ms() });
+                            let msg = format!("instance exited before it was ready ({}){}", ex.describe(),
+                                if tail.is_empty() { String::new() } else { format!("; stderr: {}", tail.trim()) });
+                            let mut e = Ending::new(EndReason::StartFailed, "HTTP_ERROR");
+                            e.exit = Some(ex);
+                            e.message = Some(msg.clone());
+                            e.start_error = Some(("INSTANCE_EXITED", msg));
+                            break 'life e;
+                        }
+                        _ = tokio::time::sleep_until(start_deadline) => {
+                            let tail = tail_of(&inst);
+                            self.record_failure(&ctl, StartFailure { reason: "start_timeout", exit: None, stderr_tail: tail, at_ms: now_ms() });
+                            let msg = format!("instance did not answer /readyz within {} s", self.cfg.start_timeout.as_secs_f64());
+                            let mut e = Ending::new(EndReason::StartFailed, "HTTP_ERROR");
+                            e.message = Some(msg.clone());
+                            e.start_error = Some(("START_TIMEOUT", msg));
+                            break 'life e;
+                        }
+                        _ = tokio::time::sleep_until(session_deadline) => {
+                            break 'life Ending::new(EndReason::MaxDuration, "HTTP_ERROR");
+                        }
+                        _ = &mut ready => break,
+                    }
+                }
+                self.record_ready(&ctl);
+                self.platform_log(
+                    &ctl,
+                    format!(
+                        "[cattery] instance {} ready (pid {})",
+                        ctl.id,
+                        inst.record_parts().pid
+                    ),
+                );
+                // Idle: wait for a session, a stop, an exit, or a failed health check.
+                if delivery.is_none() {
+                    {
+                        let mut s = ctl.state.lock();
+                        if *s == InstState::Starting {
+                            *s = InstState::Idle;
+                        }
+                    }
+                    let mut check =
+                        tokio::time::interval_at(Instant::now() + IDLE_CHECK, IDLE_CHECK);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            cmd = rx.recv() => match cmd {
+                                Some(Cmd::Stop(r)) => break 'life Ending::new(r, "HTTP_ERROR"),
+                                Some(Cmd::Assign(d)) => {
+                                    session = Some((d.session, d.deadline));
+                                    ctl.attribution.lock().session_id = Some(d.session);
+                                    delivery = Some(d);
+                                    break;
+                                }
+                                None => {}
+                            },
+                            ex = inst.wait_exit() => {
+                                let tail = tail_of(&inst);
+                                self.record_failure(&ctl, StartFailure { reason: "exited", exit: Some(ex), stderr_tail: tail, at_ms: now_ms() });
+                                let mut e = Ending::new(EndReason::Error, "HTTP_ERROR");
+                                e.exit = Some(ex);
+                                break 'life e;
+                            }
+                            _ = check.tick() => {
+                                if *ctl.state.lock() == InstState::Idle
+                                    && instance_http::get_status(port, "/readyz", Duration::from_secs(2)).await != Some(200)
+                                    && *ctl.state.lock() == InstState::Idle
+                                {
+                                    let mut s = ctl.state.lock();
+                                    if *s == InstState::Idle {
+                                        *s = InstState::Ending;
+                                        drop(s);
+                                        self.platform_log(&ctl, "[cattery] warm instance not ready; replacing it".into());
+                                        break 'life Ending::new(EndReason::Error, "HTTP_ERROR");
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // Busy.
+            *ctl.state.lock() = InstState::Busy;
+            let (sid, deadline) = session.expect("busy instance has a session");
+            let mut bot: std::pin::Pin<Box<dyn std::future::Future<Output = BotOutcome> + Send>> =
+                Box::pin(std::future::pending());
+            if let Some(mut d) = delivery.take() {
+                self.persist_instance(&ctl, &inst, Some(sid)).await;
+                match instance_http::post_bot(
+                    inst.port(),
+                    std::mem::take(&mut d.headers),
+                    d.body.clone(),
+                )
+                .await
+                {
+                    Ok(fut) => {
+                        bot = Box::pin(fut);
+                        let ms = d.requested.elapsed().as_millis() as i64;
+                        if let Err(e) = self.store.mark_delivered(sid, ms).await {
+                            tracing::error!(session = %sid, error = %e, "could not record delivery");
+                        }
+                        self.platform_log(
+                            &ctl,
+                            format!("[cattery] session {sid} delivered after {ms} ms"),
+                        );
+                        if let Some(r) = d.reply.take() {
+                            let _ = r.send(Ok(ms));
+                        }
+                    }
+                    Err(err) => {
+                        let msg = format!("could not deliver the session to the instance: {err}");
+                        let mut e = Ending::new(EndReason::StartFailed, "HTTP_ERROR");
+                        e.message = Some(msg.clone());
+                        e.start_error = Some(("DELIVERY_FAILED", msg));
+                        delivery = Some(d);
+                        break 'life e;
+                    }
+                }
+            }
+            let mut sample = tokio::time::interval(self.cfg.metrics_interval);
+            let mut last_cpu: Option<(Instant, u64)> = None;
+            loop {
+                tokio::select! {
+                    biased;
+                    cmd = rx.recv() => match cmd {
+                        Some(Cmd::Stop(r)) => break 'life Ending::new(r, "HTTP_ERROR"),
+                        Some(Cmd::Assign(mut d)) => reply_err(&mut d, "instance is busy"),
+                        None => {}
+                    },
+                    out = &mut bot => {
+                        let mut e = match out {
+                            BotOutcome::Answered(s) if (200..300).contains(&s) => Ending::new(EndReason::Completed, "HTTP_COMPLETED"),
+                            BotOutcome::Answered(s) => {
+                                let mut e = Ending::new(EndReason::Error, &s.to_string());
+                                e.message = Some(format!("the agent answered /bot with HTTP {s}"));
+                                e
+                            }
+                            BotOutcome::Broken(err) => {
+                                // Usually the process died: give the exit status a moment to arrive.
+                                let ex = tokio::time::timeout(Duration::from_millis(500), inst.wait_exit()).await.ok();
+                                let mut e = match ex {
+                                    Some(x) if x.success() => Ending::new(EndReason::Completed, "HTTP_COMPLETED"),
+                                    _ => Ending::new(EndReason::Error, "HTTP_ERROR"),
+                                };
+                                e.exit = ex;
+                                e.message = Some(format!("the /bot connection broke: {err}"));
+                                e
+                            }
+                        };
+                        if e.exit.is_none() { e.exit = inst.exited(); }
+                        break 'life e;
+                    }
+                    ex = inst.wait_exit() => {
+                        let mut e = if ex.success() {
+                            Ending::new(EndReason::Completed, "HTTP_COMPLETED")
+                        } else {
+                            Ending::new(EndReason::Error, "HTTP_ERROR")
+                        };
+                        e.exit = Some(ex);
+                        e.message = Some(format!("the instance exited ({})", ex.describe()));
+                        break 'life e;
+                    }
+                    _ = tokio::time::sleep_until(deadline) => {
+                        let mut e = Ending::new(EndReason::MaxDuration, "HTTP_ERROR");
+                        e.message = Some(format!("maxSessionDuration ({} s) reached", ctl.deployment.spec.max_session_duration_s()));
+                        break 'life e;
+                    }
+                    _ = sample.tick() => {
+                        if let Some(s) = inst.sample() {
+                            let now = Instant::now();
+                            let mc = match last_cpu {
+                                Some((t, c)) => {
+                                    let dt = now.duration_since(t).as_nanos().max(1) as u64;
+                                    s.cpu_ns.saturating_sub(c).saturating_mul(1000) / dt
+                                }
+                                None => 0,
+                            };
+                            last_cpu = Some((now, s.cpu_ns));
+                            ctl.samples.lock().push((now_ms() / 1000, mc, s.memory_bytes));
+                        }
+                    }
+                }
+            }
+        };
+        self.finish(
+            &ctl,
+            Some(inst),
+            ending,
+            session.map(|s| s.0),
+            delivery,
+            &mut rx,
+            done_tx,
+        )
+        .await;
+    }
+
+    /// The one cleanup path.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        self: &Arc<Self>,
+        ctl: &Arc<InstanceCtl>,
+        inst: Option<Arc<dyn Instance>>,
+        mut ending: Ending,
+        session: Option<Uuid>,
+        mut delivery: Option<Delivery>,
+        rx: &mut mpsc::UnboundedReceiver<Cmd>,
+        done_tx: watch::Sender<bool>,
+    ) {
+        *ctl.state.lock() = InstState::Ending;
+        let grace = self.grace(ctl);
+        let mut report = None;
+        if let Some(i) = &inst {
+            let r = i.terminate(grace).await;
+            if ending.exit.is_none() {
+                ending.exit = r.exit;
+            }
+            report = Some(r);
+        }
+        let ended_ms = now_ms();
+        {
+            let mut st = self.state.lock();
+            if let Some(p) = st.pools.get_mut(&ctl.agent_id) {
+                p.instances.remove(&ctl.id);
+            }
+            if let Some(s) = session {
+                st.sessions.remove(&s);
+            }
+            let _ = self.live.send(st.sessions.len());
+        }
+        if let Err(e) = self.store.delete_instance(ctl.id).await {
+            tracing::error!(instance = %ctl.id, error = %e, "could not forget instance");
+        }
+        if let Some(sid) = session {
+            let end = SessionEnd {
+                ended_ms,
+                reason: ending.reason,
+                completion_status: ending.completion.clone(),
+                exit_code: ending.exit.and_then(|e| e.code),
+                exit_signal: ending.exit.and_then(|e| e.signal),
+                message: ending.message.clone(),
+            };
+            match self.store.end_session(sid, &end).await {
+                Ok(true) => {}
+                Ok(false) => tracing::debug!(session = %sid, "session end was already recorded"),
+                Err(e) => {
+                    tracing::error!(session = %sid, error = %e, "could not record session end")
+                }
+            }
+            let samples = ctl.samples.lock().clone();
+            if !samples.is_empty() {
+                let _ = self
+                    .store
+                    .set_session_metrics(sid, &metrics_json(sid, &samples))
+                    .await;
+            }
+            let how = match report {
+                Some(r) if r.killed => format!("SIGKILL after {} ms", r.took_ms),
+                Some(r) if r.sent_sigterm => format!("SIGTERM, gone after {} ms", r.took_ms),
+                _ => "already gone".to_string(),
+            };
+            self.platform_log(
+                ctl,
+                format!(
+                    "[cattery] session {sid} ended at {}: reason={} completionStatus={} exit={} cleanup={how}{}",
+                    iso_ms(ended_ms),
+                    ending.reason.as_str(),
+                    ending.completion,
+                    ending.exit.map(|e| e.describe()).unwrap_or_else(|| "none".into()),
+                    ending.message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default(),
+                ),
+            );
+            tracing::info!(session.id = %sid, agent.id = %ctl.agent_id, reason = ending.reason.as_str(), "session ended");
+        }
+        if let Some(d) = delivery.as_mut() {
+            if let Some(r) = d.reply.take() {
+                let err = match ending.reason {
+                    EndReason::StoppedDuringStart | EndReason::Stopped | EndReason::Drained => {
+                        CoreError::StoppedDuringStart(d.session)
+                    }
+                    EndReason::MaxDuration => CoreError::StartFailed {
+                        code: "START_TIMEOUT",
+                        message: "maxSessionDuration was reached before the instance was ready"
+                            .into(),
+                    },
+                    _ => {
+                        let (code, message) = ending.start_error.take().unwrap_or((
+                            "INSTANCE_EXITED",
+                            "the instance ended before the session was delivered".into(),
+                        ));
+                        CoreError::StartFailed { code, message }
+                    }
+                };
+                let _ = r.send(Err(err));
+            }
+        }
+        let _ = done_tx.send(true);
+        rx.close();
+        while let Ok(cmd) = rx.try_recv() {
+            if let Cmd::Assign(mut d) = cmd {
+                reply_err(&mut d, "the instance went away");
+            }
+        }
+        self.reconcile(ctl.agent_id);
+    }
+
+    /// Brings an agent's warm pool to `minAgents` within `maxAgents`, replaces idle instances of
+    /// old deployments, and trims extra idle ones.
+    pub fn reconcile(self: &Arc<Self>, agent_id: Uuid) {
+        let mut spawn = Vec::new();
+        let mut stop = Vec::new();
+        {
+            let mut st = self.state.lock();
+            let draining = self.is_draining();
+            let Some(p) = st.pools.get_mut(&agent_id) else {
+                return;
+            };
+            let dep = p.deployment.id;
+            let deleted = p.agent.deleted_ms.is_some();
+            let mut warm = 0u32;
+            for c in p.instances.values() {
+                let s = *c.state.lock();
+                let current = c.deployment.id == dep;
+                if s == InstState::Idle && (!current || deleted || draining) {
+                    stop.push(c.clone());
+                } else if current
+                    && (s == InstState::Idle
+                        || (s == InstState::Starting && c.attribution.lock().session_id.is_none()))
+                {
+                    warm += 1;
+                }
+            }
+            if deleted || draining {
+                if p.instances.is_empty() && deleted {
+                    st.pools.remove(&agent_id);
+                }
+            } else if p.deploy_error.is_none() {
+                let min = p.agent.min_agents;
+                let max = p.agent.max_agents;
+                let backoff = p
+                    .health
+                    .get(&dep)
+                    .and_then(|h| h.backoff_until)
+                    .is_some_and(|b| Instant::now() < b);
+                let mut total = p.instances.len() as u32;
+                while warm < min && total < max && !backoff {
+                    let c = self.new_ctl(&p.agent, p.deployment.clone(), InstState::Starting);
+                    p.instances.insert(c.id, c.clone());
+                    spawn.push(c);
+                    warm += 1;
+                    total += 1;
+                }
+                if warm > min {
+                    let mut extra = warm - min;
+                    for c in p.instances.values() {
+                        if extra == 0 {
+                            break;
+                        }
+                        if c.deployment.id == dep && *c.state.lock() == InstState::Idle {
+                            stop.push(c.clone());
+                            extra -= 1;
+                        }
+                    }
+                }
+            }
+        }
+        for c in stop {
+            let mut s = c.state.lock();
+            if *s == InstState::Idle {
+                *s = InstState::Ending;
+                drop(s);
+                let _ = c.cmd_tx.send(Cmd::Stop(EndReason::Stopped));
+            }
+        }
+        for c in spawn {
+            let rx = self.take_cmd_rx(&c);
+            tokio::spawn(self.clone().run_instance(c, rx, None, None));
+        }
+    }
+
+    /// Loads agents and re-adopts the instances a previous run left, after a restart (even
+    /// SIGKILL). Instances are found by pid plus start time (never by name); those gone get
+    /// their sessions recorded as `lost`; warm leftovers are removed and the pool refilled.
+    pub async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
+        for agent in self.store.list_all_agents().await? {
+            let Some(dep) = self
+                .store
+                .get_deployment(agent.desired_deployment_id)
+                .await?
+            else {
+                continue;
+            };
+            let deploy_error = self.validate(&dep);
+            let mut st = self.state.lock();
+            st.by_name
+                .insert((agent.org.clone(), agent.name.clone()), agent.id);
+            st.pools.insert(
+                agent.id,
+                AgentPool {
+                    agent,
+                    deployment: Arc::new(dep),
+                    deploy_error,
+                    instances: HashMap::new(),
+                    health: HashMap::new(),
+                },
+            );
+        }
+        let mut adopted_sessions = std::collections::HashSet::new();
+        for rec in self.store.list_instances().await? {
+            let session = match rec.session_id {
+                Some(s) => self.store.get_session(s).await?.filter(|s| s.end.is_none()),
+                None => None,
+            };
+            let dep = self.store.get_deployment(rec.deployment_id).await?;
+            let agent = self.store.get_agent_by_id(rec.agent_id).await?;
+            let (Some(dep), Some(agent)) = (dep, agent) else {
+                let _ = self.store.delete_instance(rec.id).await;
+                continue;
+            };
+            let attribution = Arc::new(Mutex::new(LogAttribution {
+                org: agent.org.clone(),
+                agent_id: agent.id,
+                deployment_id: dep.id,
+                instance_id: rec.id,
+                session_id: session.as_ref().map(|s| s.id),
+            }));
+            let sink = LogSink {
+                tx: self.logs.clone(),
+                attribution: attribution.clone(),
+            };
+            let inst = self.runtime.adopt(&rec, sink).await;
+            match (inst, session) {
+                (Some(inst), Some(sess)) => {
+                    {
+                        let mut st = self.state.lock();
+                        if !st.pools.contains_key(&agent.id) {
+                            st.pools.insert(
+                                agent.id,
+                                AgentPool {
+                                    agent: agent.clone(),
+                                    deployment: Arc::new(dep.clone()),
+                                    deploy_error: None,
+                                    instances: HashMap::new(),
+                                    health: HashMap::new(),
+                                },
+                            );
+                        }
+                    }
+                    let dep = Arc::new(dep);
+                    let ctl = self.new_ctl(&agent, dep.clone(), InstState::Busy);
+                    // Keep the recorded instance id so logs and records line up.
+                    let ctl = Arc::new(InstanceCtl {
+                        id: rec.id,
+                        org: ctl.org.clone(),
+                        agent_id: ctl.agent_id,
+                        deployment: dep.clone(),
+                        state: Mutex::new(InstState::Busy),
+                        cmd_tx: ctl.cmd_tx.clone(),
+                        done: ctl.done.clone(),
+                        attribution,
+                        samples: Mutex::new(Vec::new()),
+                        instance: OnceLock::new(),
+                    })
+                    .tap_pending_from(&ctl);
+                    let remaining_ms = (sess.created_ms
+                        + i64::from(dep.spec.max_session_duration_s()) * 1000
+                        - now_ms())
+                    .max(0);
+                    let deadline = Instant::now() + Duration::from_millis(remaining_ms as u64);
+                    {
+                        let mut st = self.state.lock();
+                        if let Some(p) = st.pools.get_mut(&agent.id) {
+                            p.instances.insert(ctl.id, ctl.clone());
+                        }
+                        st.sessions.insert(sess.id, ctl.clone());
+                    }
+                    adopted_sessions.insert(sess.id);
+                    self.platform_log(
+                        &ctl,
+                        format!(
+                            "[cattery] re-adopted instance {} of session {} after a restart",
+                            rec.id, sess.id
+                        ),
+                    );
+                    let rx = self.take_cmd_rx(&ctl);
+                    tokio::spawn(self.clone().run_instance(
+                        ctl,
+                        rx,
+                        None,
+                        Some((inst, sess.id, deadline)),
+                    ));
+                }
+                (Some(inst), None) => {
+                    let grace = dep
+                        .spec
+                        .stop_grace_seconds
+                        .map(Duration::from_secs_f64)
+                        .unwrap_or(self.cfg.default_stop_grace);
+                    inst.terminate(grace).await;
+                    let _ = self.store.delete_instance(rec.id).await;
+                }
+                (None, _) => {
+                    let _ = self.store.delete_instance(rec.id).await;
+                }
+            }
+        }
+        for s in self.store.list_open_sessions().await? {
+            if adopted_sessions.contains(&s.id) {
+                continue;
+            }
+            let end = SessionEnd {
+                ended_ms: now_ms(),
+                reason: EndReason::Lost,
+                completion_status: "HTTP_ERROR".into(),
+                exit_code: None,
+                exit_signal: None,
+                message: Some("the instance was gone when the control plane restarted".into()),
+            };
+            self.store.end_session(s.id, &end).await?;
+        }
+        let _ = self.live.send(self.state.lock().sessions.len());
+        let ids: Vec<Uuid> = self.state.lock().pools.keys().copied().collect();
+        for id in ids {
+            self.reconcile(id);
+        }
+        Ok(())
+    }
+
+    /// Graceful drain: new starts get 503 from now on; warm instances go at once; running
+    /// sessions may finish until `timeout` or until `force` resolves (a second SIGTERM), then
+    /// they are stopped through the cleanup path (`endReason: drained`). Returns when every
+    /// instance is gone.
+    pub async fn drain(
+        self: &Arc<Self>,
+        timeout: Duration,
+        force: impl std::future::Future<Output = ()>,
+    ) {
+        self.draining.store(true, Ordering::SeqCst);
+        let ids: Vec<Uuid> = self.state.lock().pools.keys().copied().collect();
+        for id in ids {
+            self.reconcile(id);
+        }
+        let mut live = self.live.subscribe();
+        tokio::select! {
+            _ = live.wait_for(|n| *n == 0) => {}
+            _ = tokio::time::sleep(timeout) => {}
+            _ = force => {}
+        }
+        self.stop_everything(EndReason::Drained).await;
+    }
+
+    /// Stops every instance (sessions recorded with `reason`) and waits until all are gone.
+    pub async fn stop_everything(&self, reason: EndReason) {
+        self.draining.store(true, Ordering::SeqCst);
+        let all: Vec<Arc<InstanceCtl>> = {
+            let st = self.state.lock();
+            st.pools
+                .values()
+                .flat_map(|p| p.instances.values().cloned())
+                .collect()
+        };
+        for c in &all {
+            let _ = c.cmd_tx.send(Cmd::Stop(reason));
+        }
+        for c in all {
+            let mut d = c.done.clone();
+            let _ = d.wait_for(|v| *v).await;
+        }
+    }
+}
+
+trait TapPending {
+    fn tap_pending_from(self, old: &Arc<InstanceCtl>) -> Self;
+}
+
+impl TapPending for Arc<InstanceCtl> {
+    /// Moves the pending command receiver registered for `old` to this ctl's id.
+    fn tap_pending_from(self, old: &Arc<InstanceCtl>) -> Self {
+        let mut p = PENDING.lock();
+        if let Some(v) = p.remove(&old.id) {
+            p.insert(self.id, v);
+        }
+        drop(p);
+        self
+    }
+}
+
+type PendingRx = (mpsc::UnboundedReceiver<Cmd>, watch::Sender<bool>);
+
+/// Command receivers of instances whose actor has not started yet.
+static PENDING: std::sync::LazyLock<Mutex<HashMap<Uuid, PendingRx>>> =
+    std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn reply_err(d: &mut Delivery, why: &str) {
+    if let Some(r) = d.reply.take() {
+        let _ = r.send(Err(CoreError::StartFailed {
+            code: "INSTANCE_EXITED",
+            message: why.into(),
+        }));
+    }
+}
+
+fn tail_of(inst: &Arc<dyn Instance>) -> String {
+    let dir = inst.record_parts().dir;
+    let Ok(b) = std::fs::read(PathBuf::from(dir).join("stderr.log")) else {
+        return String::new();
+    };
+    let start = b.len().saturating_sub(2048);
+    crate::runtime::logs::escape_bytes(&b[start..])
+}
+
+/// `resourceMetrics` JSON (reference §A.5.3) from samples `(t unix s, millicores, bytes)`.
+pub fn metrics_json(session: Uuid, samples: &[(i64, u64, u64)]) -> serde_json::Value {
+    let mut cpu: Vec<u64> = samples.iter().map(|s| s.1).collect();
+    let mut mem: Vec<u64> = samples.iter().map(|s| s.2).collect();
+    cpu.sort_unstable();
+    mem.sort_unstable();
+    let now = iso_ms(now_ms());
+    serde_json::json!({
+        "id": session,
+        "sessionId": session,
+        "sampleCount": samples.len(),
+        "cpuMillicoresP50": pct(&cpu, 0.50),
+        "cpuMillicoresP90": pct(&cpu, 0.90),
+        "cpuMillicoresP95": pct(&cpu, 0.95),
+        "cpuMillicoresP99": pct(&cpu, 0.99),
+        "memoryBytesP50": pct(&mem, 0.50),
+        "memoryBytesP90": pct(&mem, 0.90),
+        "memoryBytesP95": pct(&mem, 0.95),
+        "memoryBytesP99": pct(&mem, 0.99),
+        "timeseries": samples.iter().map(|(t, c, m)| serde_json::json!({"t": t, "c": c, "m": m})).collect::<Vec<_>>(),
+        "eventTs": now,
+        "createdAt": now,
+    })
+}

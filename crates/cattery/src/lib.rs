@@ -1,0 +1,15 @@
+//! Cattery: a self-hosted session platform for Pipecat voice agents that speaks the Pipecat
+//! Cloud REST API.
+//!
+//! Layers: [`api`] translates HTTP; [`core`] decides (agents, sessions, warm pool,
+//! supervision); [`store`] keeps durable state behind a trait (SQLite by default);
+//! [`runtime`] runs agent instances behind a trait (local process trees by default).
+
+#![recursion_limit = "256"]
+
+pub mod api;
+pub mod core;
+pub mod model;
+pub mod runtime;
+pub mod serve;
+pub mod store;

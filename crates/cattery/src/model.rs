@@ -1,0 +1,393 @@
+//! Domain records shared by the store, the supervisor and the API layer.
+//!
+//! Nothing here does I/O. Times are Unix milliseconds (UTC) in `*_ms` fields.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The default `maxSessionDuration`, in seconds (reference §A.3: default 7200, range 60..=14400).
+pub const DEFAULT_MAX_SESSION_DURATION_S: u32 = 7200;
+/// Lowest accepted `maxSessionDuration`, in seconds (reference §A.3).
+pub const MIN_MAX_SESSION_DURATION_S: u32 = 60;
+/// Highest accepted `maxSessionDuration`, in seconds (reference §A.3).
+pub const MAX_MAX_SESSION_DURATION_S: u32 = 14400;
+/// Default `autoScaling.maxAgents` (reference §A.3).
+pub const DEFAULT_MAX_AGENTS: u32 = 50;
+/// Default stop grace, in seconds: SIGTERM to SIGKILL gap when neither the agent nor the server sets one.
+pub const DEFAULT_STOP_GRACE_S: f64 = 5.0;
+
+/// Kind of an API credential (reference §A.10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyKind {
+    /// `pk_...`: starts sessions and calls the session proxy.
+    Public,
+    /// `sk_...`: the documented private API (`/v1/agents`, `/v1/secrets`, ...).
+    Private,
+    /// `pcc_pat_...`: a personal access token for the CLI's org-scoped API.
+    Token,
+}
+
+impl KeyKind {
+    /// Stored and printed name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyKind::Public => "public",
+            KeyKind::Private => "private",
+            KeyKind::Token => "token",
+        }
+    }
+
+    /// Prefix of every key of this kind.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            KeyKind::Public => "pk_",
+            KeyKind::Private => "sk_",
+            KeyKind::Token => "pcc_pat_",
+        }
+    }
+
+    /// Parses the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "public" => Some(KeyKind::Public),
+            "private" => Some(KeyKind::Private),
+            "token" => Some(KeyKind::Token),
+            _ => None,
+        }
+    }
+}
+
+/// A stored API key (the key itself is never stored, only its SHA-256).
+#[derive(Debug, Clone)]
+pub struct ApiKeyRecord {
+    /// Key id (uuid).
+    pub id: Uuid,
+    /// Owning org name.
+    pub org: String,
+    /// Kind.
+    pub kind: KeyKind,
+    /// Human name.
+    pub name: String,
+    /// First characters of the key, for listings.
+    pub prefix: String,
+    /// Creation time (ms).
+    pub created_ms: i64,
+    /// Revocation time (ms), if revoked.
+    pub revoked_ms: Option<i64>,
+}
+
+/// What defines a deployment: every field whose change alters how instances run.
+///
+/// Scaling (`minAgents`/`maxAgents`) is deliberately absent: changing it never creates a
+/// new deployment (reference §A.3, "Update" semantics).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentSpec {
+    /// Container image, or `local:<dir>` for a Python bot directory.
+    pub image: Option<String>,
+    /// Program and arguments for the process runtime.
+    pub command: Option<Vec<String>>,
+    /// Working directory for `command`.
+    pub working_dir: Option<String>,
+    /// Extra environment for instances.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// SIGTERM-to-SIGKILL gap in seconds; `None` uses the server default.
+    pub stop_grace_seconds: Option<f64>,
+    /// Bound secret set name.
+    pub secret_set: Option<String>,
+    /// Bound image pull secret set name.
+    pub image_pull_secret_set: Option<String>,
+    /// `agent-1x` | `agent-2x` | `agent-3x`.
+    pub agent_profile: String,
+    /// Session time limit in seconds; `None` = platform default (7200).
+    pub max_session_duration: Option<u32>,
+    /// Legacy Krisp flag.
+    #[serde(default)]
+    pub enable_krisp: bool,
+    /// `tel` | `pro` | none.
+    pub krisp_viva_audio_filter: Option<String>,
+    /// `none` | `token`.
+    pub websocket_auth: Option<String>,
+    /// Python interpreter for `local:` agents.
+    pub python: Option<String>,
+    /// Bumped by `forceRedeploy` so an otherwise equal spec still gets a new deployment.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+impl DeploymentSpec {
+    /// Effective session time limit in seconds.
+    pub fn max_session_duration_s(&self) -> u32 {
+        self.max_session_duration
+            .unwrap_or(DEFAULT_MAX_SESSION_DURATION_S)
+    }
+}
+
+/// Resource limits of an `agentProfile` (reference §A.3 / §B.1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProfileLimits {
+    /// CPU in millicores.
+    pub cpu_millicores: u32,
+    /// Memory limit in bytes.
+    pub memory_bytes: u64,
+    /// Process count limit.
+    pub pids: u32,
+    /// Manifest strings (`resources.cpu`, `resources.memory`).
+    pub cpu_str: &'static str,
+    /// Manifest memory string.
+    pub memory_str: &'static str,
+}
+
+/// Limits for a profile name; `None` for an unknown profile.
+pub fn profile_limits(profile: &str) -> Option<ProfileLimits> {
+    const GIB: u64 = 1024 * 1024 * 1024;
+    match profile {
+        "agent-1x" => Some(ProfileLimits {
+            cpu_millicores: 500,
+            memory_bytes: GIB,
+            pids: 1024,
+            cpu_str: "500m",
+            memory_str: "1Gi",
+        }),
+        "agent-2x" => Some(ProfileLimits {
+            cpu_millicores: 1000,
+            memory_bytes: 2 * GIB,
+            pids: 2048,
+            cpu_str: "1000m",
+            memory_str: "2Gi",
+        }),
+        "agent-3x" => Some(ProfileLimits {
+            cpu_millicores: 1500,
+            memory_bytes: 3 * GIB,
+            pids: 3072,
+            cpu_str: "1500m",
+            memory_str: "3Gi",
+        }),
+        _ => None,
+    }
+}
+
+/// A stored agent (service).
+#[derive(Debug, Clone)]
+pub struct AgentRecord {
+    /// Agent (service) id.
+    pub id: Uuid,
+    /// Owning org.
+    pub org: String,
+    /// Agent name.
+    pub name: String,
+    /// Region code.
+    pub region: String,
+    /// Reserved warm instances.
+    pub min_agents: u32,
+    /// Instance cap (idle + busy + starting).
+    pub max_agents: u32,
+    /// Latest requested deployment.
+    pub desired_deployment_id: Uuid,
+    /// Creation time (ms).
+    pub created_ms: i64,
+    /// Last update (ms).
+    pub updated_ms: i64,
+    /// Deletion time (ms); deleted agents take no new sessions.
+    pub deleted_ms: Option<i64>,
+}
+
+/// An immutable deployment (versioned manifest).
+#[derive(Debug, Clone)]
+pub struct DeploymentRecord {
+    /// Deployment id.
+    pub id: Uuid,
+    /// Agent id.
+    pub agent_id: Uuid,
+    /// What instances run.
+    pub spec: DeploymentSpec,
+    /// Creation time (ms).
+    pub created_ms: i64,
+}
+
+/// Why a session ended. Exactly one is recorded per session, and the first wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// The agent answered `POST /bot` with 2xx, or its process exited with code 0.
+    Completed,
+    /// The agent answered `/bot` with an error, or exited non-zero or by a signal.
+    Error,
+    /// Stopped through `DELETE .../sessions/{id}` after it was delivered.
+    Stopped,
+    /// Stopped through `DELETE` while its instance was still starting.
+    StoppedDuringStart,
+    /// `maxSessionDuration` reached; the supervisor stopped it.
+    MaxDuration,
+    /// The instance failed to start (exited, timed out, or could not be spawned).
+    StartFailed,
+    /// The websocket client went away.
+    ClientDisconnected,
+    /// The server drained on shutdown and stopped it.
+    Drained,
+    /// The instance vanished while the control plane was down.
+    Lost,
+}
+
+impl EndReason {
+    /// Wire/storage name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Completed => "completed",
+            EndReason::Error => "error",
+            EndReason::Stopped => "stopped",
+            EndReason::StoppedDuringStart => "stopped_during_start",
+            EndReason::MaxDuration => "max_duration",
+            EndReason::StartFailed => "start_failed",
+            EndReason::ClientDisconnected => "client_disconnected",
+            EndReason::Drained => "drained",
+            EndReason::Lost => "lost",
+        }
+    }
+}
+
+/// How a session ended, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionEnd {
+    /// End time (ms): when the instance was gone, so billing stops there.
+    pub ended_ms: i64,
+    /// Reason.
+    pub reason: EndReason,
+    /// `completionStatus` (reference §C): `HTTP_COMPLETED`, `HTTP_ERROR`, `WS_CONNECTION_CLOSED`, or an HTTP status.
+    pub completion_status: String,
+    /// Exit code of the instance's main process, if it exited.
+    pub exit_code: Option<i32>,
+    /// Signal that ended the instance's main process, if any.
+    pub exit_signal: Option<i32>,
+    /// Human detail.
+    pub message: Option<String>,
+}
+
+/// A stored session.
+#[derive(Debug, Clone)]
+pub struct SessionRecord {
+    /// Session id.
+    pub id: Uuid,
+    /// Org.
+    pub org: String,
+    /// Agent id (`serviceId`).
+    pub agent_id: Uuid,
+    /// Deployment that serves it.
+    pub deployment_id: Uuid,
+    /// Start request time (ms).
+    pub created_ms: i64,
+    /// Last change (ms).
+    pub updated_ms: i64,
+    /// Time from start request to delivered session (ms).
+    pub bot_start_ms: Option<i64>,
+    /// Whether a new instance had to be started for it.
+    pub cold_start: Option<bool>,
+    /// Requested transport.
+    pub transport: Option<String>,
+    /// End, once ended.
+    pub end: Option<SessionEnd>,
+    /// Resource metrics JSON (`resourceMetrics`), once sampled.
+    pub metrics: Option<serde_json::Value>,
+}
+
+/// Durable record of a live instance, used to find it again after a restart.
+#[derive(Debug, Clone)]
+pub struct InstanceRecord {
+    /// Instance id.
+    pub id: Uuid,
+    /// Agent.
+    pub agent_id: Uuid,
+    /// Deployment.
+    pub deployment_id: Uuid,
+    /// Session it serves, if busy.
+    pub session_id: Option<Uuid>,
+    /// Main process id.
+    pub pid: i32,
+    /// Main process start time (clock ticks since boot, `/proc/<pid>/stat` field 22): defeats PID reuse.
+    pub pid_start: u64,
+    /// Loopback port.
+    pub port: u16,
+    /// cgroup v2 directory, if any.
+    pub cgroup: Option<String>,
+    /// Instance directory (temp files, captured output).
+    pub dir: String,
+    /// Creation time (ms).
+    pub created_ms: i64,
+}
+
+/// One captured output line.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    /// Org.
+    pub org: String,
+    /// Agent.
+    pub agent_id: Uuid,
+    /// Deployment.
+    pub deployment_id: Option<Uuid>,
+    /// Session, when the instance served one.
+    pub session_id: Option<Uuid>,
+    /// Instance.
+    pub instance_id: Option<Uuid>,
+    /// Capture time, ns since the Unix epoch.
+    pub ts_ns: i64,
+    /// `stdout`, `stderr` or `platform`.
+    pub stream: &'static str,
+    /// The line, without its newline; invalid UTF-8 is escaped as `\xNN`.
+    pub line: String,
+}
+
+/// Current time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Current time in Unix nanoseconds.
+pub fn now_ns() -> i64 {
+    chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)
+}
+
+/// ISO-8601 UTC with milliseconds and `Z` (reference §A.1).
+pub fn iso_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string()
+}
+
+/// ISO-8601 UTC with nanoseconds and `Z` (log timestamps, reference §A.1).
+pub fn iso_ns(ns: i64) -> String {
+    chrono::DateTime::from_timestamp_nanos(ns)
+        .format("%Y-%m-%dT%H:%M:%S%.9fZ")
+        .to_string()
+}
+
+/// Validates an agent name: `^[a-z0-9]([-a-z0-9]*[a-z0-9])$`, at most 54 chars (reference §A.3).
+pub fn valid_agent_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    if b.len() < 2 || b.len() > 54 {
+        return false;
+    }
+    let edge = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    edge(b[0]) && edge(b[b.len() - 1]) && b.iter().all(|&c| edge(c) || c == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_names() {
+        assert!(valid_agent_name("ab"));
+        assert!(valid_agent_name("my-agent-1"));
+        assert!(!valid_agent_name("a"));
+        assert!(!valid_agent_name("-ab"));
+        assert!(!valid_agent_name("ab-"));
+        assert!(!valid_agent_name("Ab"));
+        assert!(!valid_agent_name(&"a".repeat(55)));
+        assert!(valid_agent_name(&"a".repeat(54)));
+    }
+}

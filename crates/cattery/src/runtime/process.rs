@@ -1,0 +1,497 @@
+//! The embedded default runtime: each instance is a local process tree.
+//!
+//! Isolation, best first: a cgroup v2 directory per instance (atomic `cgroup.kill`, emptiness
+//! from `cgroup.events`), plus cgroup v1 `memory`/`cpu`/`pids` limits where writable; without
+//! cgroups, the instance's own session and process group (`setsid`) plus the server being a
+//! child subreaper, and a scan for processes carrying the instance's `CATTERY_INSTANCE_ID`.
+//! Nothing is ever killed by name.
+
+use std::collections::HashSet;
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use parking_lot::Mutex;
+use tokio::sync::{watch, OnceCell};
+
+use super::cgroup::{self, CgroupSupport, InstanceCgroups};
+use super::logs::{read_offsets, Tailer};
+use super::reaper::Reaper;
+use super::{
+    ExitInfo, Instance, InstancePlacement, InstanceSpec, LogSink, ResourceSample, Runtime,
+    RuntimeError, TerminateReport,
+};
+use crate::model::InstanceRecord;
+
+/// Upper bound on waiting for a SIGKILLed tree to disappear (it normally takes a few ms).
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// Local process runtime.
+pub struct ProcessRuntime {
+    instances_dir: PathBuf,
+    cgroups: CgroupSupport,
+    ports: Arc<Mutex<HashSet<u16>>>,
+    reaper: Arc<Reaper>,
+}
+
+impl ProcessRuntime {
+    /// Creates the runtime. `instances_dir` holds one directory per live instance;
+    /// `server_id` names this server's cgroup subtree. Must run inside tokio.
+    pub fn new(instances_dir: PathBuf, server_id: &str) -> std::io::Result<Self> {
+        fs::create_dir_all(&instances_dir)?;
+        Ok(ProcessRuntime {
+            instances_dir,
+            cgroups: CgroupSupport::detect(server_id),
+            ports: Arc::new(Mutex::new(HashSet::new())),
+            reaper: Reaper::global(),
+        })
+    }
+
+    fn alloc_port(&self) -> std::io::Result<u16> {
+        for _ in 0..64 {
+            let l = TcpListener::bind(("127.0.0.1", 0))?;
+            let port = l.local_addr()?.port();
+            if self.ports.lock().insert(port) {
+                return Ok(port);
+            }
+        }
+        Err(std::io::Error::other("no free loopback port"))
+    }
+}
+
+/// Start time of a process (field 22 of `/proc/<pid>/stat`, clock ticks since boot).
+pub fn pid_start_time(pid: i32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` is alive (and not a zombie) and still the process that started at `start`.
+fn same_process_alive(pid: i32, start: u64) -> bool {
+    let Ok(s) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(close) = s.rfind(')') else {
+        return false;
+    };
+    let mut f = s[close + 2..].split_whitespace();
+    let state = f.next().unwrap_or("Z");
+    let st = f.nth(18).and_then(|v| v.parse::<u64>().ok());
+    state != "Z" && state != "X" && st == Some(start)
+}
+
+/// Pids of live processes whose environment carries `CATTERY_INSTANCE_ID=<id>`.
+fn pids_with_instance_env(id: &str) -> Vec<i32> {
+    let needle = format!("CATTERY_INSTANCE_ID={id}");
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Ok(env) = fs::read(format!("/proc/{pid}/environ")) {
+            if env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+fn resolve_program(program: &str, working_dir: Option<&str>) -> Result<PathBuf, String> {
+    let is_exec = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if program.contains('/') {
+        let p = match working_dir {
+            Some(d) if !program.starts_with('/') => Path::new(d).join(program),
+            _ => PathBuf::from(program),
+        };
+        return if is_exec(&p) {
+            Ok(p)
+        } else if p.exists() {
+            Err(format!("{} is not an executable file", p.display()))
+        } else {
+            Err(format!("{} does not exist", p.display()))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let p = dir.join(program);
+        if is_exec(&p) {
+            return Ok(p);
+        }
+    }
+    Err(format!("{program} was not found in PATH"))
+}
+
+#[async_trait]
+impl Runtime for ProcessRuntime {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    fn isolation(&self) -> String {
+        self.cgroups.describe()
+    }
+
+    fn check_program(&self, program: &str, working_dir: Option<&str>) -> Result<(), String> {
+        if let Some(d) = working_dir {
+            if !Path::new(d).is_dir() {
+                return Err(format!("workingDir {d} is not a directory"));
+            }
+        }
+        resolve_program(program, working_dir).map(|_| ())
+    }
+
+    async fn start(
+        &self,
+        spec: InstanceSpec,
+        logs: LogSink,
+    ) -> Result<Arc<dyn Instance>, RuntimeError> {
+        let id = spec.instance_id.to_string();
+        let dir = self.instances_dir.join(&id);
+        let tmp = dir.join("tmp");
+        fs::create_dir_all(&tmp).map_err(|e| RuntimeError::Setup(e.to_string()))?;
+        let port = self
+            .alloc_port()
+            .map_err(|e| RuntimeError::Setup(e.to_string()))?;
+        let setup = (|| -> std::io::Result<_> {
+            let out = fs::File::create(dir.join("stdout.log"))?;
+            let err = fs::File::create(dir.join("stderr.log"))?;
+            let cgs = self.cgroups.create(&id, spec.limits.as_ref())?;
+            Ok((out, err, cgs))
+        })();
+        let (out, err, cgs) = match setup {
+            Ok(v) => v,
+            Err(e) => {
+                self.ports.lock().remove(&port);
+                let _ = fs::remove_dir_all(&dir);
+                return Err(RuntimeError::Setup(e.to_string()));
+            }
+        };
+
+        let mut cmd = Command::new(&spec.program);
+        cmd.args(&spec.args)
+            .current_dir(spec.working_dir.as_deref().unwrap_or(&dir))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("CATTERY_") {
+                cmd.env_remove(&k);
+            }
+        }
+        cmd.env("TMPDIR", &tmp)
+            .env("PORT", port.to_string())
+            .env("CATTERY_INSTANCE_ID", &id);
+        for (k, v) in &spec.env {
+            cmd.env(k, v);
+        }
+        let fds = cgroup::raw_fds(&cgs.procs_fds);
+        // SAFETY: the closure only calls async-signal-safe functions (setsid, write).
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                cgroup::join_in_child(&fds)
+            });
+        }
+        let spawned = self.reaper.spawn_registered(|| {
+            let child = cmd.spawn()?;
+            let pid = child.id() as i32;
+            Ok((child, pid))
+        });
+        drop(cmd);
+        let InstanceCgroups { v2, v1, procs_fds } = cgs;
+        drop(procs_fds);
+        let (_child, pid, exit_rx) = match spawned {
+            Ok(v) => v,
+            Err(source) => {
+                self.ports.lock().remove(&port);
+                for d in v2.iter().chain(v1.iter()) {
+                    cgroup::remove(d);
+                }
+                let _ = fs::remove_dir_all(&dir);
+                return Err(RuntimeError::Spawn {
+                    program: spec.program.clone(),
+                    source,
+                });
+            }
+        };
+        let pid_start = pid_start_time(pid).unwrap_or(0);
+        let tailer = Tailer::start(
+            dir.join("stdout.log"),
+            dir.join("stderr.log"),
+            (0, 0),
+            dir.join("offsets"),
+            logs,
+        );
+        Ok(Arc::new(ProcessInstance {
+            id,
+            pid,
+            pid_start,
+            port,
+            dir,
+            cg_v2: v2,
+            cg_v1: v1,
+            exit_rx,
+            tailer,
+            ports: self.ports.clone(),
+            reaper: self.reaper.clone(),
+            terminated: OnceCell::new(),
+            last_cpu: Mutex::new(None),
+        }))
+    }
+
+    async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Option<Arc<dyn Instance>> {
+        let id = rec.id.to_string();
+        let dir = PathBuf::from(&rec.dir);
+        let cg_v2 = rec.cgroup.as_ref().map(PathBuf::from);
+        let cg_v1: Vec<PathBuf> = self
+            .cgroups
+            .v1_bases
+            .iter()
+            .map(|(_, b)| b.join(&id))
+            .collect();
+        let alive = same_process_alive(rec.pid, rec.pid_start);
+        let (tx, exit_rx) = watch::channel(None);
+        let offsets = read_offsets(&dir.join("offsets")).unwrap_or((0, 0));
+        let tailer = Tailer::start(
+            dir.join("stdout.log"),
+            dir.join("stderr.log"),
+            offsets,
+            dir.join("offsets"),
+            logs,
+        );
+        self.ports.lock().insert(rec.port);
+        let inst = Arc::new(ProcessInstance {
+            id,
+            pid: rec.pid,
+            pid_start: rec.pid_start,
+            port: rec.port,
+            dir,
+            cg_v2,
+            cg_v1,
+            exit_rx,
+            tailer,
+            ports: self.ports.clone(),
+            reaper: self.reaper.clone(),
+            terminated: OnceCell::new(),
+            last_cpu: Mutex::new(None),
+        });
+        if !alive {
+            // Gone while we were down: remove whatever is left of it.
+            let _ = tx.send(Some(ExitInfo::default()));
+            inst.terminate(Duration::ZERO).await;
+            return None;
+        }
+        // Not our child any more: watch the pid (and its start time) instead of waitpid.
+        let (pid, start) = (rec.pid, rec.pid_start);
+        tokio::spawn(async move {
+            while same_process_alive(pid, start) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let _ = tx.send(Some(ExitInfo::default()));
+        });
+        Some(inst)
+    }
+}
+
+/// One local process tree.
+pub struct ProcessInstance {
+    id: String,
+    pid: i32,
+    pid_start: u64,
+    port: u16,
+    dir: PathBuf,
+    cg_v2: Option<PathBuf>,
+    cg_v1: Vec<PathBuf>,
+    exit_rx: watch::Receiver<Option<ExitInfo>>,
+    tailer: Tailer,
+    ports: Arc<Mutex<HashSet<u16>>>,
+    reaper: Arc<Reaper>,
+    terminated: OnceCell<TerminateReport>,
+    last_cpu: Mutex<Option<u64>>,
+}
+
+impl ProcessInstance {
+    /// Every pid that belongs to the instance right now.
+    fn members(&self) -> Vec<i32> {
+        let mut pids = match &self.cg_v2 {
+            Some(d) => cgroup::procs(d),
+            None => pids_with_instance_env(&self.id),
+        };
+        if self.exit_rx.borrow().is_none() && !pids.contains(&self.pid) {
+            pids.push(self.pid);
+        }
+        pids
+    }
+
+    fn tree_empty(&self) -> bool {
+        match &self.cg_v2 {
+            Some(d) => !cgroup::populated(d),
+            None => {
+                let leader_gone = self.exit_rx.borrow().is_some()
+                    || !same_process_alive(self.pid, self.pid_start);
+                leader_gone
+                    && killpg(Pid::from_raw(self.pid), None).is_err()
+                    && pids_with_instance_env(&self.id).is_empty()
+            }
+        }
+    }
+
+    fn signal_all(&self, sig: Signal) {
+        if self.exit_rx.borrow().is_none() {
+            let _ = killpg(Pid::from_raw(self.pid), sig);
+        }
+        for p in self.members() {
+            let _ = kill(Pid::from_raw(p), sig);
+        }
+    }
+
+    async fn wait_empty(&self, deadline: Instant) -> bool {
+        let mut step = Duration::from_millis(1);
+        loop {
+            self.reaper.reap_all();
+            if self.tree_empty() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            tokio::time::sleep(step.min(deadline - now)).await;
+            step = (step * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    async fn do_terminate(&self, grace: Duration) -> TerminateReport {
+        let t0 = Instant::now();
+        let mut report = TerminateReport {
+            sent_sigterm: false,
+            killed: false,
+            exit: None,
+            took_ms: 0,
+        };
+        if !self.tree_empty() {
+            if !grace.is_zero() {
+                report.sent_sigterm = true;
+                self.signal_all(Signal::SIGTERM);
+            }
+            if grace.is_zero() || !self.wait_empty(t0 + grace).await {
+                report.killed = true;
+                if let Some(d) = &self.cg_v2 {
+                    let _ = cgroup::kill_all(d);
+                }
+                self.signal_all(Signal::SIGKILL);
+                if !self.wait_empty(Instant::now() + KILL_WAIT).await {
+                    tracing::error!(instance = %self.id, "instance processes survived SIGKILL");
+                }
+            }
+        }
+        // The main process is reaped by the reaper (our child) or was watched (adopted).
+        let mut rx = self.exit_rx.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|v| v.is_some())).await;
+        report.exit = *self.exit_rx.borrow();
+        self.tailer.drain().await;
+        for d in self.cg_v2.iter().chain(self.cg_v1.iter()) {
+            cgroup::remove(d);
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+        self.ports.lock().remove(&self.port);
+        report.took_ms = t0.elapsed().as_millis() as u64;
+        report
+    }
+}
+
+fn clk_tck() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map(|v| v as u64)
+        .unwrap_or(100)
+}
+
+fn proc_cpu_rss(pid: i32) -> Option<(u64, u64)> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    let rss_pages: u64 = f.get(21)?.parse().ok()?;
+    let ticks = utime + stime;
+    Some((ticks * 1_000_000_000 / clk_tck(), rss_pages * 4096))
+}
+
+#[async_trait]
+impl Instance for ProcessInstance {
+    fn record_parts(&self) -> InstancePlacement {
+        InstancePlacement {
+            pid: self.pid,
+            pid_start: self.pid_start,
+            port: self.port,
+            cgroup: self.cg_v2.as_ref().map(|p| p.display().to_string()),
+            dir: self.dir.display().to_string(),
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.port
+    }
+
+    async fn wait_exit(&self) -> ExitInfo {
+        let mut rx = self.exit_rx.clone();
+        let r = rx.wait_for(|v| v.is_some()).await;
+        match r {
+            Ok(v) => v.unwrap_or_default(),
+            Err(_) => ExitInfo::default(),
+        }
+    }
+
+    fn exited(&self) -> Option<ExitInfo> {
+        *self.exit_rx.borrow()
+    }
+
+    async fn terminate(&self, grace: Duration) -> TerminateReport {
+        *self
+            .terminated
+            .get_or_init(|| self.do_terminate(grace))
+            .await
+    }
+
+    fn sample(&self) -> Option<ResourceSample> {
+        if self.terminated.initialized() {
+            return None;
+        }
+        let mut cpu = 0u64;
+        let mut mem = 0u64;
+        let mut any = false;
+        for p in self.members() {
+            if let Some((c, m)) = proc_cpu_rss(p) {
+                cpu += c;
+                mem += m;
+                any = true;
+            }
+        }
+        if !any {
+            return None;
+        }
+        *self.last_cpu.lock() = Some(cpu);
+        Some(ResourceSample {
+            cpu_ns: cpu,
+            memory_bytes: mem,
+        })
+    }
+}

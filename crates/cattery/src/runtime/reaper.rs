@@ -1,0 +1,118 @@
+//! The one place that reaps child processes.
+//!
+//! `cattery serve` is a child subreaper (`PR_SET_CHILD_SUBREAPER`), so double-forked and
+//! `setsid` grandchildren of agents are re-parented to it when their parent dies. Every child
+//! is reaped here with `waitpid(-1, WNOHANG)` on SIGCHLD (and on a slow tick as a safety net),
+//! and its status is handed to whoever registered the pid. Spawning holds the same lock, so a
+//! status can never be reaped before its pid is registered.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tokio::sync::watch;
+
+use super::ExitInfo;
+
+/// Registry of child pids and their exit statuses.
+pub struct Reaper {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    waiters: HashMap<i32, watch::Sender<Option<ExitInfo>>>,
+}
+
+static REAPER: OnceLock<Arc<Reaper>> = OnceLock::new();
+
+impl Reaper {
+    /// The process-wide reaper. The first call makes this process a child subreaper and starts
+    /// the SIGCHLD listener (it must run inside a tokio runtime).
+    pub fn global() -> Arc<Reaper> {
+        REAPER
+            .get_or_init(|| {
+                // SAFETY-free: prctl through libc with plain integer arguments.
+                let rc = unsafe_prctl_subreaper();
+                if rc != 0 {
+                    tracing::warn!(
+                        "PR_SET_CHILD_SUBREAPER failed; orphaned grandchildren go to init"
+                    );
+                }
+                let r = Arc::new(Reaper {
+                    inner: Mutex::new(Inner::default()),
+                });
+                let r2 = r.clone();
+                tokio::spawn(async move {
+                    let mut sig =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+                            .expect("SIGCHLD handler");
+                    let mut tick = tokio::time::interval(Duration::from_millis(500));
+                    loop {
+                        tokio::select! {
+                            _ = sig.recv() => {},
+                            _ = tick.tick() => {},
+                        }
+                        r2.reap_all();
+                    }
+                });
+                r
+            })
+            .clone()
+    }
+
+    /// Runs `spawn` while no reaping can happen, then registers the returned pid.
+    /// Returns the spawn result and a receiver that gets the pid's exit status.
+    pub fn spawn_registered<T>(
+        &self,
+        spawn: impl FnOnce() -> std::io::Result<(T, i32)>,
+    ) -> std::io::Result<(T, i32, watch::Receiver<Option<ExitInfo>>)> {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (t, pid) = spawn()?;
+        let (tx, rx) = watch::channel(None);
+        g.waiters.insert(pid, tx);
+        Ok((t, pid, rx))
+    }
+
+    /// Reaps every exited child now.
+    pub fn reap_all(&self) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => deliver(
+                    &mut g,
+                    pid.as_raw(),
+                    ExitInfo {
+                        code: Some(code),
+                        signal: None,
+                    },
+                ),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => deliver(
+                    &mut g,
+                    pid.as_raw(),
+                    ExitInfo {
+                        code: None,
+                        signal: Some(sig as i32),
+                    },
+                ),
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    }
+}
+
+fn deliver(g: &mut Inner, pid: i32, info: ExitInfo) {
+    if let Some(tx) = g.waiters.remove(&pid) {
+        let _ = tx.send(Some(info));
+    }
+    // Otherwise: a re-parented grandchild; reaping it is all that was needed.
+}
+
+fn unsafe_prctl_subreaper() -> i32 {
+    nix::sys::prctl::set_child_subreaper(true)
+        .map(|_| 0)
+        .unwrap_or(-1)
+}

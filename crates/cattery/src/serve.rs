@@ -1,0 +1,220 @@
+//! `cattery serve` and `cattery keys`: wiring the store, runtime, supervisor and HTTP server.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::api::{self, AppState};
+use crate::core::agents::AgentDefaults;
+use crate::core::supervisor::{Supervisor, SupervisorConfig};
+use crate::model::{now_ms, now_ns, ApiKeyRecord, KeyKind, LogLine};
+use crate::runtime::process::ProcessRuntime;
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
+
+/// The org every server has from its first start.
+pub const DEFAULT_ORG: &str = "default";
+
+/// The Python runner for `local:` agents, shipped inside the binary.
+pub const RUNNER_PY: &str = include_str!("../runner/cattery_runner.py");
+
+/// Settings of `cattery serve` (each has a flag and a `CATTERY_*` variable; see `cattery serve --help`).
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Listen address (default `127.0.0.1:7870`).
+    pub listen: SocketAddr,
+    /// Data directory (default `./.cattery`).
+    pub data_dir: PathBuf,
+    /// Default stop grace, seconds (default 5).
+    pub stop_grace_seconds: f64,
+    /// Instance start timeout, seconds (default 60).
+    pub start_timeout_seconds: f64,
+    /// Drain timeout on SIGTERM, seconds (default 30).
+    pub drain_timeout_seconds: f64,
+    /// Python for `local:` agents (default `python3`).
+    pub python: String,
+    /// Daily API key.
+    pub daily_api_key: Option<String>,
+    /// Resource sampling interval, ms (default 5000).
+    pub metrics_interval_ms: u64,
+    /// Log retention by age, days (default 30).
+    pub log_retention_days: u64,
+    /// Regions offered (default `local`).
+    pub regions: Vec<String>,
+    /// Default region (default the first region).
+    pub default_region: String,
+}
+
+/// Opens the store in a data directory (creating both).
+pub async fn open_store(data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let store = SqliteStore::open(data_dir)
+        .await
+        .context("cannot open the database")?;
+    store.ensure_org(DEFAULT_ORG).await?;
+    Ok(Arc::new(store))
+}
+
+/// Creates a key and returns it (`cattery keys create`).
+pub async fn create_key(
+    data_dir: &Path,
+    kind: KeyKind,
+    name: &str,
+    org: &str,
+) -> anyhow::Result<String> {
+    let store = open_store(data_dir).await?;
+    store.ensure_org(org).await?;
+    let key = api::auth::generate_key(kind);
+    let rec = ApiKeyRecord {
+        id: Uuid::new_v4(),
+        org: org.to_string(),
+        kind,
+        name: name.to_string(),
+        prefix: key[..kind.prefix().len() + 6].to_string(),
+        created_ms: now_ms(),
+        revoked_ms: None,
+    };
+    store.insert_key(&rec, &api::auth::hash_key(&key)).await?;
+    Ok(key)
+}
+
+fn server_id(data_dir: &Path) -> anyhow::Result<String> {
+    let p = data_dir.join("server-id");
+    if let Ok(s) = std::fs::read_to_string(&p) {
+        let s = s.trim().to_string();
+        if !s.is_empty() {
+            return Ok(s);
+        }
+    }
+    let id = Uuid::new_v4().simple().to_string()[..12].to_string();
+    std::fs::write(&p, &id)?;
+    Ok(id)
+}
+
+async fn log_writer(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::UnboundedReceiver<LogLine>,
+    retention: Duration,
+) {
+    let mut buf = Vec::with_capacity(512);
+    let mut last_prune = std::time::Instant::now();
+    loop {
+        let n = rx.recv_many(&mut buf, 512).await;
+        if n == 0 {
+            break;
+        }
+        if let Err(e) = store.append_logs(&buf).await {
+            tracing::error!(error = %e, lines = buf.len(), "could not store log lines");
+        }
+        buf.clear();
+        if last_prune.elapsed() > Duration::from_secs(60) {
+            last_prune = std::time::Instant::now();
+            let cutoff = now_ns() - retention.as_nanos() as i64;
+            let _ = store.prune_logs(cutoff).await;
+        }
+    }
+}
+
+async fn signal_stream() -> mpsc::UnboundedReceiver<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::spawn(async move {
+        loop {
+            let s = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            if tx.send(s).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Runs the server until SIGTERM/SIGINT and a completed drain.
+pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    let mut signals = signal_stream().await;
+    let store = open_store(&cfg.data_dir).await?;
+    let sid = server_id(&cfg.data_dir)?;
+    let runner_dir = cfg.data_dir.join("runner");
+    std::fs::create_dir_all(&runner_dir)?;
+    let runner_path = runner_dir.join("cattery_runner.py");
+    std::fs::write(&runner_path, RUNNER_PY)?;
+    let runtime = Arc::new(ProcessRuntime::new(cfg.data_dir.join("instances"), &sid)?);
+    let (log_tx, log_rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(log_writer(
+        store.clone(),
+        log_rx,
+        Duration::from_secs(cfg.log_retention_days * 86400),
+    ));
+    let sup = Supervisor::new(
+        store.clone(),
+        runtime.clone(),
+        SupervisorConfig {
+            default_stop_grace: Duration::from_secs_f64(cfg.stop_grace_seconds),
+            start_timeout: Duration::from_secs_f64(cfg.start_timeout_seconds),
+            python: cfg.python.clone(),
+            runner_path,
+            daily_api_key: cfg.daily_api_key.clone(),
+            metrics_interval: Duration::from_millis(cfg.metrics_interval_ms.max(100)),
+        },
+        log_tx,
+    );
+    sup.recover()
+        .await
+        .context("recovering instances after restart")?;
+    let state = AppState {
+        store: store.clone(),
+        sup: sup.clone(),
+        defaults: Arc::new(AgentDefaults {
+            regions: cfg.regions.clone(),
+            default_region: cfg.default_region.clone(),
+        }),
+    };
+    let app = api::router(state);
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    use crate::runtime::Runtime as _;
+    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), isolation = %runtime.isolation(), "cattery listening");
+    println!(
+        "cattery listening on http://{addr} (data dir {})",
+        cfg.data_dir.display()
+    );
+
+    let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_http_rx.await;
+            })
+            .await
+    });
+    let first = signals.recv().await.unwrap_or("SIGTERM");
+    tracing::info!(
+        signal = first,
+        "draining: new sessions get 503; a second signal stops sessions now"
+    );
+    let force = async move {
+        let _ = signals.recv().await;
+        tracing::info!("second signal: stopping every session now");
+    };
+    sup.drain(Duration::from_secs_f64(cfg.drain_timeout_seconds), force)
+        .await;
+    let _ = stop_http_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+    drop(sup);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    tracing::info!("stopped");
+    Ok(())
+}

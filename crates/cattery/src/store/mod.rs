@@ -1,0 +1,160 @@
+//! Durable state behind one trait, so a PostgreSQL store can follow the SQLite default.
+//!
+//! Contract for every implementation:
+//! - each method is atomic; a method that returns `Ok` has made its write durable
+//!   (SQLite: WAL, `synchronous=NORMAL`, so a crash of the process loses nothing; a power
+//!   loss may lose the last transactions);
+//! - [`Store::end_session`] is first-wins: it only writes when the session has no end yet;
+//! - names are scoped to an org; another org's records are never returned.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::model::{
+    AgentRecord, ApiKeyRecord, DeploymentRecord, InstanceRecord, KeyKind, LogLine, SessionEnd,
+    SessionRecord,
+};
+
+/// Errors from a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A unique name is already taken.
+    #[error("already exists")]
+    Conflict,
+    /// The backend failed.
+    #[error("storage error: {0}")]
+    Backend(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &e {
+            if db.is_unique_violation() {
+                return StoreError::Conflict;
+            }
+        }
+        StoreError::Backend(e.to_string())
+    }
+}
+
+/// Result alias for store calls.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Filters for listing sessions (reference §A.5.2).
+#[derive(Debug, Clone, Default)]
+pub struct SessionFilter {
+    /// Page size.
+    pub limit: i64,
+    /// Rows to skip.
+    pub offset: i64,
+    /// Only this deployment.
+    pub deployment_id: Option<Uuid>,
+    /// `Some(true)` active only, `Some(false)` ended only.
+    pub active: Option<bool>,
+    /// `Some(true)` cold only, `Some(false)` warm only.
+    pub cold: Option<bool>,
+    /// Created at or after (ms).
+    pub start_ms: Option<i64>,
+    /// Created at or before (ms).
+    pub end_ms: Option<i64>,
+}
+
+/// Filters for reading logs (reference §A.4).
+#[derive(Debug, Clone, Default)]
+pub struct LogFilter {
+    /// Page size.
+    pub limit: i64,
+    /// Rows to skip.
+    pub offset: i64,
+    /// Newest first when true.
+    pub desc: bool,
+    /// Only this deployment.
+    pub deployment_id: Option<Uuid>,
+    /// Only this session.
+    pub session_id: Option<Uuid>,
+    /// Substring search.
+    pub query: Option<String>,
+    /// At or after (ns).
+    pub start_ns: Option<i64>,
+    /// At or before (ns).
+    pub end_ns: Option<i64>,
+}
+
+/// The durable state of Cattery.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates the org if missing.
+    async fn ensure_org(&self, name: &str) -> StoreResult<()>;
+    /// All org names.
+    async fn list_orgs(&self) -> StoreResult<Vec<String>>;
+
+    /// Stores a key by its SHA-256 hash.
+    async fn insert_key(&self, rec: &ApiKeyRecord, hash: &[u8]) -> StoreResult<()>;
+    /// Finds a key by hash (revoked ones included; the caller checks).
+    async fn find_key(&self, hash: &[u8]) -> StoreResult<Option<(ApiKeyRecord, Vec<u8>)>>;
+    /// Keys of an org.
+    async fn list_keys(&self, org: &str, kind: Option<KeyKind>) -> StoreResult<Vec<ApiKeyRecord>>;
+    /// Revokes a key; false when no such key in that org.
+    async fn revoke_key(&self, org: &str, id: Uuid) -> StoreResult<bool>;
+
+    /// Creates an agent with its first deployment.
+    async fn create_agent(&self, agent: &AgentRecord, dep: &DeploymentRecord) -> StoreResult<()>;
+    /// Saves scaling/timestamps of an agent, plus a new deployment when given.
+    async fn update_agent(
+        &self,
+        agent: &AgentRecord,
+        dep: Option<&DeploymentRecord>,
+    ) -> StoreResult<()>;
+    /// A live (not deleted) agent by org and name.
+    async fn get_agent(&self, org: &str, name: &str) -> StoreResult<Option<AgentRecord>>;
+    /// An agent by id, deleted or not.
+    async fn get_agent_by_id(&self, id: Uuid) -> StoreResult<Option<AgentRecord>>;
+    /// Live agents of an org.
+    async fn list_agents(&self, org: &str) -> StoreResult<Vec<AgentRecord>>;
+    /// Every live agent of every org (for startup).
+    async fn list_all_agents(&self) -> StoreResult<Vec<AgentRecord>>;
+    /// Marks an agent deleted.
+    async fn delete_agent(&self, id: Uuid, at_ms: i64) -> StoreResult<()>;
+    /// A deployment.
+    async fn get_deployment(&self, id: Uuid) -> StoreResult<Option<DeploymentRecord>>;
+    /// Deployments of an agent, newest first.
+    async fn list_deployments(&self, agent_id: Uuid) -> StoreResult<Vec<DeploymentRecord>>;
+
+    /// Stores a new session.
+    async fn insert_session(&self, s: &SessionRecord) -> StoreResult<()>;
+    /// Records delivery: time from request to delivered (ms).
+    async fn mark_delivered(&self, id: Uuid, bot_start_ms: i64) -> StoreResult<()>;
+    /// Records the end if none is recorded yet; returns whether this call wrote it.
+    async fn end_session(&self, id: Uuid, end: &SessionEnd) -> StoreResult<bool>;
+    /// Saves resource metrics JSON.
+    async fn set_session_metrics(&self, id: Uuid, metrics: &serde_json::Value) -> StoreResult<()>;
+    /// A session by id.
+    async fn get_session(&self, id: Uuid) -> StoreResult<Option<SessionRecord>>;
+    /// Sessions of an agent (newest first) and the total matching count.
+    async fn list_sessions(
+        &self,
+        agent_id: Uuid,
+        f: &SessionFilter,
+    ) -> StoreResult<(i64, Vec<SessionRecord>)>;
+    /// Sessions without an end, across all agents.
+    async fn list_open_sessions(&self) -> StoreResult<Vec<SessionRecord>>;
+
+    /// Saves (inserts or replaces) a live instance.
+    async fn put_instance(&self, rec: &InstanceRecord) -> StoreResult<()>;
+    /// Forgets an instance once it is cleaned up.
+    async fn delete_instance(&self, id: Uuid) -> StoreResult<()>;
+    /// All recorded live instances.
+    async fn list_instances(&self) -> StoreResult<Vec<InstanceRecord>>;
+
+    /// Whether a secret set of that name exists in the org.
+    async fn secret_set_exists(&self, org: &str, name: &str) -> StoreResult<bool>;
+
+    /// Appends log lines.
+    async fn append_logs(&self, lines: &[LogLine]) -> StoreResult<()>;
+    /// Reads logs of an agent and the total matching count.
+    async fn query_logs(&self, agent_id: Uuid, f: &LogFilter) -> StoreResult<(i64, Vec<LogLine>)>;
+    /// Deletes logs older than `before_ns`; returns rows removed.
+    async fn prune_logs(&self, before_ns: i64) -> StoreResult<u64>;
+}
