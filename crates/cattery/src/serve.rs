@@ -140,6 +140,22 @@ async fn signal_stream() -> mpsc::UnboundedReceiver<&'static str> {
     rx
 }
 
+fn print_banner(addr: SocketAddr, data_dir: &Path) {
+    let d = data_dir.display();
+    println!(
+        "cattery listening on http://{addr} (data dir {d})
+
+Next steps, in another terminal:
+  SK=$(cattery keys create --data-dir {d} --type private)   # management API key (sk_...)
+  PK=$(cattery keys create --data-dir {d} --type public)    # session start key (pk_...)
+  curl -s -X POST http://{addr}/v1/agents -H \"Authorization: Bearer $SK\" \\
+       -d '{{\"serviceName\":\"hello\",\"command\":[\"/path/to/your/agent\"]}}'
+  curl -s -X POST http://{addr}/v1/public/hello/start -H \"Authorization: Bearer $PK\" -d '{{}}'
+  curl -s -X DELETE http://{addr}/v1/agents/hello/sessions/<sessionId> -H \"Authorization: Bearer $SK\"
+(with cargo: replace `cattery` by `cargo run -q --release -p cattery --`; the API is at /v1/openapi.json)"
+    );
+}
+
 /// Runs the server until SIGTERM/SIGINT and a completed drain.
 pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let mut signals = signal_stream().await;
@@ -187,10 +203,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     use crate::runtime::Runtime as _;
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), isolation = %runtime.isolation(), "cattery listening");
-    println!(
-        "cattery listening on http://{addr} (data dir {})",
-        cfg.data_dir.display()
-    );
+    print_banner(addr, &cfg.data_dir);
 
     let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
     let http = tokio::spawn(async move {

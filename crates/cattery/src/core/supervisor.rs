@@ -55,6 +55,21 @@ pub struct SupervisorConfig {
     pub metrics_interval: Duration,
 }
 
+/// Resolves the environment variables that a deployment's bound secret set gives its
+/// instances (reference §A.6 "Injection"). Implemented by the secrets module.
+#[async_trait::async_trait]
+pub trait SecretSource: Send + Sync {
+    /// Variables for instances of `dep` (owned by `org`). Errors: the set or its key is unusable.
+    async fn env_for(
+        &self,
+        org: &str,
+        dep: &DeploymentRecord,
+    ) -> Result<Vec<(String, String)>, String>;
+}
+
+/// Program, arguments, working directory and extra environment of an instance.
+type InstanceCommand = (String, Vec<String>, Option<PathBuf>, Vec<(String, String)>);
+
 /// Lifecycle state of an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InstState {
@@ -206,6 +221,7 @@ pub struct Supervisor {
     logs: mpsc::UnboundedSender<LogLine>,
     draining: AtomicBool,
     live: watch::Sender<usize>,
+    secrets: OnceLock<Arc<dyn SecretSource>>,
 }
 
 fn pct(sorted: &[u64], p: f64) -> u64 {
@@ -232,6 +248,7 @@ impl Supervisor {
             logs,
             draining: AtomicBool::new(false),
             live: watch::channel(0).0,
+            secrets: OnceLock::new(),
         });
         let weak = Arc::downgrade(&sup);
         tokio::spawn(async move {
@@ -246,6 +263,11 @@ impl Supervisor {
             }
         });
         sup
+    }
+
+    /// Installs the secret source (once, at startup).
+    pub fn set_secret_source(&self, s: Arc<dyn SecretSource>) {
+        let _ = self.secrets.set(s);
     }
 
     /// The runtime in use.
@@ -281,10 +303,7 @@ impl Supervisor {
     }
 
     /// Program, arguments, working directory and extra env for a deployment.
-    fn instance_command(
-        &self,
-        dep: &DeploymentRecord,
-    ) -> Result<(String, Vec<String>, Option<PathBuf>, Vec<(String, String)>), String> {
+    fn instance_command(&self, dep: &DeploymentRecord) -> Result<InstanceCommand, String> {
         let spec = &dep.spec;
         if let Some(cmd) = &spec.command {
             let (p, a) = cmd.split_first().ok_or("command is empty")?;
@@ -1263,18 +1282,13 @@ impl Supervisor {
                 (Some(inst), Some(sess)) => {
                     {
                         let mut st = self.state.lock();
-                        if !st.pools.contains_key(&agent.id) {
-                            st.pools.insert(
-                                agent.id,
-                                AgentPool {
-                                    agent: agent.clone(),
-                                    deployment: Arc::new(dep.clone()),
-                                    deploy_error: None,
-                                    instances: HashMap::new(),
-                                    health: HashMap::new(),
-                                },
-                            );
-                        }
+                        st.pools.entry(agent.id).or_insert_with(|| AgentPool {
+                            agent: agent.clone(),
+                            deployment: Arc::new(dep.clone()),
+                            deploy_error: None,
+                            instances: HashMap::new(),
+                            health: HashMap::new(),
+                        });
                     }
                     let dep = Arc::new(dep);
                     let ctl = self.new_ctl(&agent, dep.clone(), InstState::Busy);

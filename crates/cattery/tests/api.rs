@@ -1,0 +1,535 @@
+//! The core contract over HTTP against the real binary: auth, agents, sessions, the stop seed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{pid_alive, Server};
+use serde_json::{json, Value};
+
+const SESSION_KEYS: &[&str] = &[
+    "sessionId",
+    "serviceId",
+    "organizationId",
+    "deploymentId",
+    "createdAt",
+    "updatedAt",
+    "endedAt",
+    "botStartSeconds",
+    "coldStart",
+    "completionStatus",
+    "endReason",
+];
+
+fn assert_error_body(r: &common::Resp, status: u16, code: &str) {
+    assert_eq!(r.status, status, "body: {:?}", r.body);
+    assert!(
+        r.content_type.starts_with("application/json"),
+        "content-type {}",
+        r.content_type
+    );
+    assert!(r.body["error"].is_string(), "error missing: {:?}", r.body);
+    assert_eq!(r.body["code"], code, "body: {:?}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_and_authentication() {
+    let s = Server::start(&[]).await;
+    let h = s.req("GET", "/health", None, None).await;
+    assert_eq!(h.status, 200);
+
+    assert_error_body(&s.req("GET", "/v1/agents", None, None).await, 401, "401");
+    assert_error_body(
+        &s.req("GET", "/v1/agents", Some("sk_nope"), None).await,
+        401,
+        "401",
+    );
+    // Wrong kind: a public key on the private API, a private key on start.
+    assert_error_body(
+        &s.req("GET", "/v1/agents", Some(&s.pk), None).await,
+        401,
+        "401",
+    );
+    s.deploy("auth-agent", &[], json!({})).await;
+    let r = s
+        .req(
+            "POST",
+            "/v1/public/auth-agent/start",
+            Some(&s.sk),
+            Some(json!({})),
+        )
+        .await;
+    assert_error_body(&r, 401, "401");
+    assert_eq!(
+        s.req("GET", "/v1/agents", Some(&s.sk), None).await.status,
+        200
+    );
+
+    // Keys: pk_/sk_ prefixes, hashes only, revocation works at once.
+    assert!(s.pk.starts_with("pk_") && s.sk.starts_with("sk_"));
+    let db = std::fs::read(s.data_dir().join("cattery.db")).unwrap();
+    let sk_bytes = s.sk.as_bytes();
+    assert!(
+        !db.windows(sk_bytes.len()).any(|w| w == sk_bytes),
+        "key stored in clear"
+    );
+    let extra = s.key("private", "default");
+    assert_eq!(
+        s.req("GET", "/v1/agents", Some(&extra), None).await.status,
+        200
+    );
+    let list = std::process::Command::new(common::cattery_bin())
+        .args(["keys", "list", "--data-dir"])
+        .arg(s.data_dir())
+        .output()
+        .unwrap();
+    let listing = String::from_utf8(list.stdout).unwrap();
+    let id = listing
+        .lines()
+        .find(|l| {
+            extra.starts_with(l.split('\t').nth(3).unwrap().trim_end_matches("..."))
+                && l.contains("private")
+        })
+        .and_then(|l| l.split('\t').next())
+        .unwrap()
+        .to_string();
+    let st = std::process::Command::new(common::cattery_bin())
+        .args(["keys", "revoke", &id, "--data-dir"])
+        .arg(s.data_dir())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_error_body(
+        &s.req("GET", "/v1/agents", Some(&extra), None).await,
+        401,
+        "401",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_crud_validation_and_org_scoping() {
+    let s = Server::start(&[]).await;
+    let a = s
+        .deploy(
+            "crud-agent",
+            &[],
+            json!({"autoScaling": {"minAgents": 0, "maxAgents": 3}}),
+        )
+        .await;
+    for k in [
+        "name",
+        "ready",
+        "available",
+        "desiredDeploymentId",
+        "activeDeploymentId",
+        "reconciledDeploymentId",
+        "autoScaling",
+        "deployment",
+        "createdAt",
+        "updatedAt",
+    ] {
+        assert!(a.get(k).is_some(), "missing {k} in {a}");
+    }
+    assert_eq!(
+        a["autoScaling"],
+        json!({"minReplicas": 0, "maxReplicas": 3})
+    );
+    assert_eq!(
+        a["ready"], true,
+        "valid command, minAgents 0: ready while scaled to zero"
+    );
+    assert_eq!(a["maxSessionDuration"], 7200);
+    let dep1 = a["desiredDeploymentId"].as_str().unwrap().to_string();
+
+    // List: {"services": [...]} with the six keys the CLI indexes.
+    let l = s.req("GET", "/v1/agents", Some(&s.sk), None).await;
+    let item = &l.body["services"][0];
+    for k in [
+        "name",
+        "region",
+        "id",
+        "activeDeploymentId",
+        "createdAt",
+        "updatedAt",
+    ] {
+        assert!(item.get(k).is_some(), "list item lacks {k}");
+    }
+
+    // Scaling-only update keeps the deployment; maxSessionDuration makes a new one.
+    let u = s
+        .req(
+            "POST",
+            "/v1/agents/crud-agent",
+            Some(&s.sk),
+            Some(json!({"autoScaling": {"maxAgents": 4}})),
+        )
+        .await;
+    assert_eq!(u.status, 200);
+    assert_eq!(u.body["desiredDeploymentId"], dep1.as_str());
+    assert_eq!(u.body["autoScaling"]["maxReplicas"], 4);
+    let u = s
+        .req(
+            "POST",
+            "/v1/agents/crud-agent",
+            Some(&s.sk),
+            Some(json!({"maxSessionDuration": 300})),
+        )
+        .await;
+    assert_eq!(u.status, 200);
+    assert_ne!(u.body["desiredDeploymentId"], dep1.as_str());
+    assert_eq!(u.body["maxSessionDuration"], 300);
+    assert_eq!(
+        u.body["autoScaling"]["maxReplicas"], 4,
+        "absent fields keep their value"
+    );
+
+    // Validation: 4xx with {error, code}, never 5xx.
+    let bad: Vec<Value> = vec![
+        json!({"serviceName": "A", "command": ["/bin/true"]}),
+        json!({"serviceName": "a", "command": ["/bin/true"]}),
+        json!({"serviceName": "x".repeat(55), "command": ["/bin/true"]}),
+        json!({"serviceName": "ok-name", "command": ["/bin/true"], "maxSessionDuration": 59}),
+        json!({"serviceName": "ok-name", "command": ["/bin/true"], "maxSessionDuration": 14401}),
+        json!({"serviceName": "ok-name", "command": ["/bin/true"], "autoScaling": {"minAgents": 3, "maxAgents": 2}}),
+        json!({"serviceName": "ok-name", "command": ["/bin/true"], "autoScaling": {"maxAgents": 0}}),
+        json!({"serviceName": "ok-name", "command": ["/bin/true"], "autoScaling": {"minAgents": -1}}),
+        json!({"serviceName": "ok-name", "command": ["/bin/true"], "agentProfile": "agent-9x"}),
+        json!({"serviceName": "ok-name", "command": "not-an-array"}),
+        json!({"serviceName": 7, "command": ["/bin/true"]}),
+        json!({"serviceName": "ok-name"}),
+        json!({"command": ["/bin/true"]}),
+        json!({"serviceName": "crud-agent", "command": ["/bin/true"]}),
+        json!({"serviceName": "ok-name", "command": ["/bin/true"], "maxSessionDuration": "long"}),
+        json!({"serviceName": "ok-name", "command": ["/bin/true"], "stopGraceSeconds": -1}),
+        json!([1, 2, 3]),
+    ];
+    for b in bad {
+        let r = s
+            .req("POST", "/v1/agents", Some(&s.sk), Some(b.clone()))
+            .await;
+        assert_eq!(r.status, 400, "{b} -> {:?}", r.body);
+        assert!(
+            r.body["error"].is_string() && r.body["code"].is_string(),
+            "{b} -> {:?}",
+            r.body
+        );
+    }
+    let r = s
+        .raw("POST", "/v1/agents", Some(&s.sk), b"{not json".to_vec())
+        .await;
+    assert_error_body(&r, 400, "GENERIC_BAD_REQUEST");
+    let r = s
+        .raw("POST", "/v1/agents/crud-agent", Some(&s.sk), b"[".to_vec())
+        .await;
+    assert_eq!(r.status, 400);
+
+    // Another org sees nothing of ours.
+    let other = s.key("private", "other-org");
+    assert_eq!(
+        s.req("GET", "/v1/agents/crud-agent", Some(&other), None)
+            .await
+            .status,
+        404
+    );
+    let l = s.req("GET", "/v1/agents", Some(&other), None).await;
+    assert_eq!(l.body["services"], json!([]));
+
+    // Delete: non-empty body; then 404 everywhere; start 404.
+    let d = s
+        .req("DELETE", "/v1/agents/crud-agent", Some(&s.sk), None)
+        .await;
+    assert_eq!(d.status, 200);
+    assert_eq!(d.body, json!({"status": "OK"}));
+    assert_error_body(
+        &s.req("GET", "/v1/agents/crud-agent", Some(&s.sk), None)
+            .await,
+        404,
+        "NOT_FOUND",
+    );
+    assert_error_body(
+        &s.req("DELETE", "/v1/agents/crud-agent", Some(&s.sk), None)
+            .await,
+        404,
+        "NOT_FOUND",
+    );
+    assert_error_body(&s.start_session("crud-agent", json!({})).await, 404, "404");
+    assert_error_body(
+        &s.start_session("never-existed", json!({})).await,
+        404,
+        "404",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_command_is_not_ready_and_start_fails_fast() {
+    let s = Server::start(&[]).await;
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&s.sk),
+            Some(json!({"serviceName": "ghost", "command": ["/no/such/program"]})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["ready"], false);
+    assert!(!r.body["errors"].as_array().unwrap().is_empty());
+    let t0 = std::time::Instant::now();
+    assert_error_body(&s.start_session("ghost", json!({})).await, 400, "PCC-1001");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_list_get_stop_the_seed_contract() {
+    let s = Server::start(&[]).await;
+    s.deploy("seed", &["--spawn-child"], json!({})).await;
+    let r = s
+        .start_session("seed", json!({"body": {"hello": "world"}}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sid = r.body["sessionId"].as_str().unwrap().to_string();
+    assert_eq!(r.body["coldStart"], true);
+
+    // The instance is a process tree: the agent and its setsid grandchild.
+    let pids = common::wait_for(Duration::from_secs(5), "agent + grandchild", || async {
+        let p = s.agent_pids();
+        (p.len() >= 2).then_some(p)
+    })
+    .await;
+
+    let g = s.session("seed", &sid).await;
+    for k in SESSION_KEYS {
+        assert!(g.get(*k).is_some(), "session lacks {k}: {g}");
+    }
+    assert_eq!(g["sessionId"], sid.as_str());
+    assert!(g["endedAt"].is_null());
+    assert!(g["botStartSeconds"].as_f64().unwrap() >= 0.0);
+    let l = s
+        .req("GET", "/v1/agents/seed/sessions", Some(&s.sk), None)
+        .await;
+    assert_eq!(l.status, 200);
+    assert_eq!(l.body["total_count"], 1);
+    for k in SESSION_KEYS {
+        assert!(
+            l.body["sessions"][0].get(*k).is_some(),
+            "list item lacks {k}"
+        );
+    }
+    let active = s
+        .req(
+            "GET",
+            "/v1/agents/seed/sessions?status=active",
+            Some(&s.sk),
+            None,
+        )
+        .await;
+    assert_eq!(active.body["total_count"], 1);
+
+    // Stop: exact body, and only after the whole tree is gone.
+    let st = s.stop("seed", &sid).await;
+    assert_eq!(st.status, 200);
+    assert_eq!(st.body, json!({"status": "terminated", "session_id": sid}));
+    for p in &pids {
+        assert!(!pid_alive(*p), "pid {p} survived the stop");
+    }
+    assert!(s.agent_pids().is_empty());
+    let g = s.session("seed", &sid).await;
+    assert_eq!(g["endReason"], "stopped");
+    assert!(!g["endedAt"].is_null());
+    let ended_at = g["endedAt"].clone();
+
+    // Second stop: same 200, record unchanged.
+    let st2 = s.stop("seed", &sid).await;
+    assert_eq!(st2.status, 200);
+    assert_eq!(st2.body, json!({"status": "terminated", "session_id": sid}));
+    let g2 = s.session("seed", &sid).await;
+    assert_eq!(g2["endedAt"], ended_at);
+    assert_eq!(g2["endReason"], "stopped");
+
+    // 400 / 404 cases.
+    assert_error_body(&s.stop("seed", "not-a-uuid").await, 400, "400");
+    assert_error_body(
+        &s.stop("seed", &uuid::Uuid::new_v4().to_string()).await,
+        404,
+        "404",
+    );
+    s.deploy("seed-two", &[], json!({})).await;
+    assert_error_body(&s.stop("seed-two", &sid).await, 404, "404");
+    assert_error_body(&s.stop("nobody", &sid).await, 404, "404");
+    let other = s.key("private", "another");
+    assert_eq!(
+        s.req(
+            "DELETE",
+            &format!("/v1/agents/seed/sessions/{sid}"),
+            Some(&other),
+            None
+        )
+        .await
+        .status,
+        404
+    );
+    assert_eq!(
+        s.req(
+            "GET",
+            &format!("/v1/agents/seed/sessions/{sid}"),
+            Some(&other),
+            None
+        )
+        .await
+        .status,
+        404
+    );
+    assert_error_body(
+        &s.req(
+            "GET",
+            "/v1/agents/seed/sessions?limit=abc",
+            Some(&s.sk),
+            None,
+        )
+        .await,
+        400,
+        "400",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_that_end_on_their_own() {
+    let s = Server::start(&[]).await;
+    s.deploy("natural", &["--bot-seconds", "0.5"], json!({}))
+        .await;
+    s.deploy(
+        "exit3",
+        &["--exit-after", "0.5", "--exit-code", "3"],
+        json!({}),
+    )
+    .await;
+    s.deploy(
+        "exit0",
+        &["--exit-after", "0.5", "--exit-code", "0"],
+        json!({}),
+    )
+    .await;
+    let a = s.start_ok("natural").await;
+    let b = s.start_ok("exit3").await;
+    let c = s.start_ok("exit0").await;
+    let ga = s.wait_ended("natural", &a, Duration::from_secs(20)).await;
+    assert_eq!(ga["completionStatus"], "HTTP_COMPLETED");
+    assert_eq!(ga["endReason"], "completed");
+    let gb = s.wait_ended("exit3", &b, Duration::from_secs(20)).await;
+    assert_eq!(gb["endReason"], "error");
+    assert_eq!(gb["completionStatus"], "HTTP_ERROR");
+    assert_eq!(gb["exitCode"], 3);
+    let gc = s.wait_ended("exit0", &c, Duration::from_secs(20)).await;
+    assert_eq!(gc["endReason"], "completed");
+    assert_eq!(gc["exitCode"], 0);
+    s.wait_no_agent_pids(Duration::from_secs(10)).await;
+    // An ended session's DELETE: 200, reason unchanged.
+    assert_eq!(s.stop("exit3", &b).await.status, 200);
+    assert_eq!(s.session("exit3", &b).await["endReason"], "error");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_errors_400_413_429() {
+    let s = Server::start(&[]).await;
+    s.deploy("cap", &[], json!({"autoScaling": {"maxAgents": 1}}))
+        .await;
+    let a = s.start_ok("cap").await;
+    let r = s.start_session("cap", json!({})).await;
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    assert_eq!(r.body["status"], 429);
+    assert_eq!(r.body["code"], "429");
+    assert!(r.body["message"].is_string() && r.body["error"].is_string());
+
+    let big = "x".repeat(1024 * 1024 + 10);
+    let r = s.start_session("cap", json!({"body": {"blob": big}})).await;
+    assert_eq!(r.status, 413, "{:?}", r.body);
+    assert!(r.body["error"].is_string());
+    let huge = vec![b'x'; 3 * 1024 * 1024];
+    let r = s
+        .raw("POST", "/v1/public/cap/start", Some(&s.pk), huge)
+        .await;
+    assert_eq!(r.status, 413);
+
+    let r = s
+        .start_session("cap", json!({"createDailyRoom": true}))
+        .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(r.body["error"].as_str().unwrap().contains("Daily"));
+    let r = s
+        .start_session("cap", json!({"transport": "carrier-pigeon"}))
+        .await;
+    assert_eq!(r.status, 400);
+    let r = s
+        .raw(
+            "POST",
+            "/v1/public/cap/start",
+            Some(&s.pk),
+            b"{\"body\":".to_vec(),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    let r = s
+        .start_session("cap", json!({"createDailyRoom": "yes"}))
+        .await;
+    assert_eq!(r.status, 400);
+
+    assert_eq!(s.stop("cap", &a).await.status, 200);
+    // The slot is free again.
+    let b = s.start_ok("cap").await;
+    assert_eq!(s.stop("cap", &b).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_keeps_agents_keys_and_sessions() {
+    let mut s = Server::start(&[]).await;
+    s.deploy(
+        "durable",
+        &["--bot-seconds", "0.2"],
+        json!({"maxSessionDuration": 120}),
+    )
+    .await;
+    let sid = s.start_ok("durable").await;
+    s.wait_ended("durable", &sid, Duration::from_secs(20)).await;
+    let before = s.session("durable", &sid).await;
+    assert!(s.terminate(Duration::from_secs(20)).unwrap().success());
+    s.spawn().await;
+    let a = s.agent("durable").await;
+    assert_eq!(a["name"], "durable");
+    assert_eq!(a["maxSessionDuration"], 120);
+    let after = s.session("durable", &sid).await;
+    assert_eq!(before["endedAt"], after["endedAt"]);
+    assert_eq!(after["endReason"], "completed");
+    // Keys still work, the agent still starts sessions.
+    let sid2 = s.start_ok("durable").await;
+    s.wait_ended("durable", &sid2, Duration::from_secs(20))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openapi_and_unknown_routes() {
+    let s = Server::start(&[]).await;
+    let r = s.req("GET", "/v1/openapi.json", None, None).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = r.body["paths"].as_object().unwrap();
+    for p in [
+        "/v1/agents",
+        "/v1/agents/{agent_name}",
+        "/v1/agents/{agent_name}/sessions",
+        "/v1/agents/{agent_name}/sessions/{session_id}",
+        "/v1/public/{agent_name}/start",
+    ] {
+        assert!(paths.contains_key(p), "openapi lacks {p}");
+    }
+    assert!(paths["/v1/agents/{agent_name}/sessions/{session_id}"]
+        .get("delete")
+        .is_some());
+    assert_error_body(
+        &s.req("GET", "/v1/nothing-here", Some(&s.sk), None).await,
+        404,
+        "404",
+    );
+    let r = s.req("PATCH", "/v1/agents", Some(&s.sk), None).await;
+    assert_eq!(r.status, 405);
+    assert!(r.body["error"].is_string());
+}

@@ -1,0 +1,432 @@
+//! Test harness: runs the real `cattery` binary on a free port with a temporary data dir,
+//! creates keys with `cattery keys create`, and drives it over HTTP.
+//!
+//! Leak checks find an instance's processes by a tag: every agent deployed through
+//! [`Server::deploy`] gets `CATTERY_TEST_TAG=<unique>` in its env, which every process of the
+//! instance (grandchildren included) inherits; [`tagged_pids`] scans `/proc/*/environ` for it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// Path of the `cattery` binary under test.
+pub fn cattery_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cattery"))
+}
+
+/// Path of `cattery-test-agent` (built on first use if missing).
+pub fn test_agent() -> PathBuf {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let p = cattery_bin().with_file_name("cattery-test-agent");
+        if !p.exists() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let st = Command::new(cargo)
+                .args(["build", "-p", "cattery-test-agent"])
+                .status()
+                .expect("run cargo build");
+            assert!(st.success(), "building cattery-test-agent failed");
+        }
+        assert!(
+            p.exists(),
+            "cattery-test-agent not found at {}",
+            p.display()
+        );
+        p
+    })
+    .clone()
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether a process is alive (not a zombie).
+pub fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let st = s
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim_start().chars().next().unwrap_or('Z'));
+            !matches!(st, Some('Z') | Some('X') | None)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Live (non-zombie) pids whose environment has `CATTERY_TEST_TAG=<tag>`.
+pub fn tagged_pids(tag: &str) -> Vec<i32> {
+    let needle = format!("CATTERY_TEST_TAG={tag}");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
+            if env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()) && pid_alive(pid) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if t0.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A running `cattery serve`.
+pub struct Server {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub base: String,
+    pub sk: String,
+    pub pk: String,
+    pub http: reqwest::Client,
+    pub args: Vec<String>,
+    pub tag: String,
+}
+
+/// A response: status and JSON body (Null when not JSON).
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub body: Value,
+    pub content_type: String,
+}
+
+impl Server {
+    /// Starts a server with extra `serve` flags.
+    pub async fn start(extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut s = Server {
+            child: None,
+            port,
+            base: format!("http://127.0.0.1:{port}"),
+            sk: String::new(),
+            pk: String::new(),
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(32)
+                .build()
+                .unwrap(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            tag: uuid::Uuid::new_v4().to_string(),
+            dir,
+        };
+        s.spawn().await;
+        s.sk = s.key("private", "default");
+        s.pk = s.key("public", "default");
+        s
+    }
+
+    /// Data dir path.
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// (Re)starts the server process on the same port and data dir.
+    pub async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .unwrap();
+        let child = Command::new(cattery_bin())
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .args(&self.args)
+            .env("CATTERY_LOG", "info,cattery=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn cattery serve");
+        self.child = Some(child);
+        let http = self.http.clone();
+        let url = format!("{}/health", self.base);
+        wait_for(Duration::from_secs(30), "cattery /health", || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                http.get(&url)
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status() == 200)
+                    .map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    /// Runs `cattery keys create` and returns the key.
+    pub fn key(&self, kind: &str, org: &str) -> String {
+        let out = Command::new(cattery_bin())
+            .args(["keys", "create", "--type", kind, "--org", org, "--data-dir"])
+            .arg(self.dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "keys create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let k = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert!(!k.contains('\n'), "keys create printed more than the key");
+        k
+    }
+
+    /// The server log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Server pid.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Sends a signal to the server.
+    pub fn signal(&self, sig: i32) {
+        unsafe_kill(self.pid(), sig);
+    }
+
+    /// Kills the server with SIGKILL and reaps it (agents keep running).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for exit; returns the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        unsafe_kill(c.id() as i32, 15);
+        let t0 = Instant::now();
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            if t0.elapsed() > timeout {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Any request with a key.
+    pub async fn req(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> Resp {
+        let url = format!("{}{}", self.base, path);
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut rb = self.http.request(m, url).timeout(Duration::from_secs(120));
+        if let Some(k) = key {
+            rb = rb.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.expect("request");
+        Self::resp(r).await
+    }
+
+    /// A request with a raw body.
+    pub async fn raw(&self, method: &str, path: &str, key: Option<&str>, body: Vec<u8>) -> Resp {
+        let url = format!("{}{}", self.base, path);
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut rb = self
+            .http
+            .request(m, url)
+            .body(body)
+            .header("content-type", "application/json");
+        if let Some(k) = key {
+            rb = rb.bearer_auth(k);
+        }
+        Self::resp(rb.send().await.expect("request")).await
+    }
+
+    async fn resp(r: reqwest::Response) -> Resp {
+        let status = r.status().as_u16();
+        let content_type = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let bytes = r.bytes().await.unwrap_or_default();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Resp {
+            status,
+            body,
+            content_type,
+        }
+    }
+
+    /// Deploys the test agent with switches and extra fields; panics unless 200.
+    pub async fn deploy(&self, name: &str, switches: &[&str], extra: Value) -> Value {
+        let mut cmd = vec![test_agent().display().to_string()];
+        cmd.extend(switches.iter().map(|s| s.to_string()));
+        let mut body =
+            json!({"serviceName": name, "command": cmd, "env": {"CATTERY_TEST_TAG": self.tag}});
+        if let Value::Object(m) = extra {
+            for (k, v) in m {
+                if k == "env" {
+                    for (ek, ev) in v.as_object().unwrap() {
+                        body["env"][ek] = ev.clone();
+                    }
+                } else {
+                    body[k] = v;
+                }
+            }
+        }
+        let r = self
+            .req("POST", "/v1/agents", Some(&self.sk), Some(body))
+            .await;
+        assert_eq!(r.status, 200, "deploy {name}: {:?}", r.body);
+        r.body
+    }
+
+    /// `POST /v1/public/{agent}/start`.
+    pub async fn start_session(&self, agent: &str, body: Value) -> Resp {
+        self.req(
+            "POST",
+            &format!("/v1/public/{agent}/start"),
+            Some(&self.pk),
+            Some(body),
+        )
+        .await
+    }
+
+    /// Starts a session and returns its id; panics unless 200.
+    pub async fn start_ok(&self, agent: &str) -> String {
+        let r = self.start_session(agent, json!({})).await;
+        assert_eq!(r.status, 200, "start {agent}: {:?}", r.body);
+        r.body["sessionId"].as_str().unwrap().to_string()
+    }
+
+    /// `DELETE .../sessions/{id}`.
+    pub async fn stop(&self, agent: &str, sid: &str) -> Resp {
+        self.req(
+            "DELETE",
+            &format!("/v1/agents/{agent}/sessions/{sid}"),
+            Some(&self.sk),
+            None,
+        )
+        .await
+    }
+
+    /// `GET .../sessions/{id}` body; panics unless 200.
+    pub async fn session(&self, agent: &str, sid: &str) -> Value {
+        let r = self
+            .req(
+                "GET",
+                &format!("/v1/agents/{agent}/sessions/{sid}"),
+                Some(&self.sk),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200, "get session: {:?}", r.body);
+        r.body
+    }
+
+    /// Waits until a session has ended and returns it.
+    pub async fn wait_ended(&self, agent: &str, sid: &str, timeout: Duration) -> Value {
+        wait_for(timeout, "session end", || async {
+            let s = self.session(agent, sid).await;
+            (!s["endedAt"].is_null()).then_some(s)
+        })
+        .await
+    }
+
+    /// `GET /v1/agents/{name}` body.
+    pub async fn agent(&self, name: &str) -> Value {
+        self.req("GET", &format!("/v1/agents/{name}"), Some(&self.sk), None)
+            .await
+            .body
+    }
+
+    /// Waits until the agent reports `ready: true`.
+    pub async fn wait_ready(&self, name: &str, timeout: Duration) -> Value {
+        wait_for(timeout, "agent ready", || async {
+            let a = self.agent(name).await;
+            (a["ready"] == true).then_some(a)
+        })
+        .await
+    }
+
+    /// Live processes of this server's test agents.
+    pub fn agent_pids(&self) -> Vec<i32> {
+        tagged_pids(&self.tag)
+    }
+
+    /// Waits until no process of this server's agents is alive.
+    pub async fn wait_no_agent_pids(&self, timeout: Duration) {
+        wait_for(timeout, "agent processes to be gone", || async {
+            self.agent_pids().is_empty().then_some(())
+        })
+        .await
+    }
+
+    /// Agent log lines (`GET .../logs`) oldest first, as text.
+    pub fn log_lines_for(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Sends signal `sig` to `pid` (by pid only).
+pub fn unsafe_kill(pid: i32, sig: i32) {
+    if let Ok(s) = nix::sys::signal::Signal::try_from(sig) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), s);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // Drain quickly: SIGTERM twice stops every session now.
+            let pid = self.pid();
+            unsafe_kill(pid, 15);
+            std::thread::sleep(Duration::from_millis(50));
+            unsafe_kill(pid, 15);
+            let _ = self.terminate(Duration::from_secs(20));
+        }
+        // Belt and braces: kill whatever an agent of this test left (by tag, never by name).
+        for pid in tagged_pids(&self.tag) {
+            unsafe_kill(pid, 9);
+        }
+    }
+}
