@@ -14,7 +14,10 @@ CREATE TABLE api_keys (
     key_hash    BLOB NOT NULL UNIQUE,
     key_prefix  TEXT NOT NULL,
     created_ms  INTEGER NOT NULL,
-    revoked_ms  INTEGER
+    revoked_ms  INTEGER,
+    -- The whole key, kept for public keys only (the CLI lists them and `keys use` needs them);
+    -- NULL for private keys and tokens, which exist only as key_hash.
+    public_key  TEXT
 );
 
 CREATE TABLE agents (
@@ -94,6 +97,8 @@ CREATE TABLE secret_sets (
     name       TEXT NOT NULL,
     kind       TEXT NOT NULL CHECK (kind IN ('secret', 'imagePullSecret')),
     region     TEXT NOT NULL,
+    -- Registry host of an image pull secret (with a trailing '/'); NULL for regular sets.
+    host       TEXT,
     created_ms INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL,
     PRIMARY KEY (org, name)
@@ -108,4 +113,19 @@ CREATE TABLE secrets (
     ciphertext BLOB NOT NULL,
     PRIMARY KEY (org, set_name, key),
     FOREIGN KEY (org, set_name) REFERENCES secret_sets(org, name) ON DELETE CASCADE
+);
+
+-- The sealed values of a deployment's bound secret set, copied from `secrets` in the same
+-- transaction that creates the deployment. Instances of one deployment (warm or cold, before
+-- or after a restart) all get exactly these values; a changed value reaches instances only
+-- through a new deployment (forceRedeploy). Values stay sealed under the same key and the
+-- same associated data (org, set_name, key) as in `secrets`.
+CREATE TABLE deployment_secrets (
+    deployment_id TEXT NOT NULL REFERENCES deployments(id),
+    org           TEXT NOT NULL,
+    set_name      TEXT NOT NULL,
+    key           TEXT NOT NULL,
+    nonce         BLOB NOT NULL,
+    ciphertext    BLOB NOT NULL,
+    PRIMARY KEY (deployment_id, key)
 );

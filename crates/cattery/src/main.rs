@@ -60,6 +60,9 @@ struct ServeArgs {
     /// Logs older than this many days are deleted.
     #[arg(long, env = "CATTERY_LOG_RETENTION_DAYS", default_value_t = 30)]
     log_retention_days: u64,
+    /// At most this many log lines are kept (all agents together); the oldest go first. 0 = no cap.
+    #[arg(long, env = "CATTERY_LOG_RETENTION_MAX_LINES", default_value_t = 1_000_000)]
+    log_retention_max_lines: u64,
     /// Regions offered (comma-separated).
     #[arg(
         long,
@@ -71,6 +74,10 @@ struct ServeArgs {
     /// Default region (default: the first of --regions).
     #[arg(long, env = "CATTERY_DEFAULT_REGION")]
     default_region: Option<String>,
+    /// A websocket-transport client that sends nothing (not even a pong to Cattery's pings)
+    /// for this many seconds is treated as gone and its session ends.
+    #[arg(long, env = "CATTERY_WS_IDLE_TIMEOUT_SECONDS", default_value_t = 30.0)]
+    ws_idle_timeout_seconds: f64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -159,8 +166,10 @@ fn main() -> std::process::ExitCode {
                     daily_api_key: a.daily_api_key,
                     metrics_interval_ms: a.metrics_interval_ms,
                     log_retention_days: a.log_retention_days,
+                    log_retention_max_lines: a.log_retention_max_lines,
                     regions: a.regions,
                     default_region,
+                    ws_idle_timeout_seconds: a.ws_idle_timeout_seconds,
                 })
                 .await
             }

@@ -77,6 +77,9 @@ pub struct ApiKeyRecord {
     pub created_ms: i64,
     /// Revocation time (ms), if revoked.
     pub revoked_ms: Option<i64>,
+    /// The whole key, kept for public keys only (`GET .../apiKeys` lists it, reference §A.10);
+    /// always `None` for private keys and tokens.
+    pub public_key: Option<String>,
 }
 
 /// What defines a deployment: every field whose change alters how instances run.

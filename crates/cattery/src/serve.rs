@@ -44,10 +44,14 @@ pub struct ServeConfig {
     pub metrics_interval_ms: u64,
     /// Log retention by age, days (default 30).
     pub log_retention_days: u64,
+    /// Log retention by size: the newest this many lines are kept (default 1,000,000; 0 = no cap).
+    pub log_retention_max_lines: u64,
     /// Regions offered (default `local`).
     pub regions: Vec<String>,
     /// Default region (default the first region).
     pub default_region: String,
+    /// A websocket client silent this long is treated as gone, seconds (default 30).
+    pub ws_idle_timeout_seconds: f64,
 }
 
 /// Opens the store in a data directory (creating both).
@@ -79,6 +83,7 @@ pub async fn create_key(
         prefix: key[..kind.prefix().len() + 6].to_string(),
         created_ms: now_ms(),
         revoked_ms: None,
+        public_key: (kind == KeyKind::Public).then(|| key.clone()),
     };
     store.insert_key(&rec, &api::auth::hash_key(&key)).await?;
     Ok(key)
@@ -97,26 +102,51 @@ fn server_id(data_dir: &Path) -> anyhow::Result<String> {
     Ok(id)
 }
 
+/// How often logs older than the age limit are deleted.
+const LOG_AGE_PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Writes captured lines in batches of up to 512, and enforces retention: after each batch the
+/// size cap (`max_lines`, cheap: a range delete on the primary key), and every minute the age
+/// limit (`retention`). Both also run once at start.
 async fn log_writer(
     store: Arc<dyn Store>,
     mut rx: mpsc::UnboundedReceiver<LogLine>,
     retention: Duration,
+    max_lines: u64,
 ) {
+    let prune_age = |store: Arc<dyn Store>| async move {
+        let cutoff = now_ns().saturating_sub(i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX));
+        if let Err(e) = store.prune_logs(cutoff).await {
+            tracing::warn!(error = %e, "could not prune old log lines");
+        }
+    };
+    let prune_size = |store: Arc<dyn Store>| async move {
+        if max_lines > 0 {
+            if let Err(e) = store.prune_logs_over(max_lines).await {
+                tracing::warn!(error = %e, "could not prune log lines over the size cap");
+            }
+        }
+    };
+    prune_age(store.clone()).await;
+    prune_size(store.clone()).await;
     let mut buf = Vec::with_capacity(512);
-    let mut last_prune = std::time::Instant::now();
+    let mut age_tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + LOG_AGE_PRUNE_EVERY,
+        LOG_AGE_PRUNE_EVERY,
+    );
     loop {
-        let n = rx.recv_many(&mut buf, 512).await;
-        if n == 0 {
-            break;
-        }
-        if let Err(e) = store.append_logs(&buf).await {
-            tracing::error!(error = %e, lines = buf.len(), "could not store log lines");
-        }
-        buf.clear();
-        if last_prune.elapsed() > Duration::from_secs(60) {
-            last_prune = std::time::Instant::now();
-            let cutoff = now_ns() - retention.as_nanos() as i64;
-            let _ = store.prune_logs(cutoff).await;
+        tokio::select! {
+            n = rx.recv_many(&mut buf, 512) => {
+                if n == 0 {
+                    break;
+                }
+                if let Err(e) = store.append_logs(&buf).await {
+                    tracing::error!(error = %e, lines = buf.len(), "could not store log lines");
+                }
+                buf.clear();
+                prune_size(store.clone()).await;
+            }
+            _ = age_tick.tick() => prune_age(store.clone()).await,
         }
     }
 }
@@ -166,11 +196,16 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let runner_path = runner_dir.join("cattery_runner.py");
     std::fs::write(&runner_path, RUNNER_PY)?;
     let runtime = Arc::new(ProcessRuntime::new(cfg.data_dir.join("instances"), &sid)?);
+    let cipher = Arc::new(
+        crate::core::secrets::SecretCipher::load_or_create(&cfg.data_dir)
+            .context("opening the secrets key file")?,
+    );
     let (log_tx, log_rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(log_writer(
         store.clone(),
         log_rx,
-        Duration::from_secs(cfg.log_retention_days * 86400),
+        Duration::from_secs(cfg.log_retention_days.saturating_mul(86400)),
+        cfg.log_retention_max_lines,
     ));
     let sup = Supervisor::new(
         store.clone(),
@@ -185,6 +220,10 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         },
         log_tx,
     );
+    sup.set_secret_source(Arc::new(crate::core::secrets::DeploymentSecrets::new(
+        store.clone(),
+        cipher.clone(),
+    )));
     sup.recover()
         .await
         .context("recovering instances after restart")?;
@@ -195,6 +234,10 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             regions: cfg.regions.clone(),
             default_region: cfg.default_region.clone(),
         }),
+        ws: Arc::new(api::ws::WsState::new(Duration::from_secs_f64(
+            cfg.ws_idle_timeout_seconds,
+        ))),
+        secrets: cipher,
     };
     let app = api::router(state);
     let listener = tokio::net::TcpListener::bind(cfg.listen)

@@ -21,8 +21,10 @@ pub fn agent_details(
     warning: Option<String>,
 ) -> Value {
     let spec = &d.spec;
-    let ready = p.deploy_error.is_none() && (a.min_agents == 0 || p.health.ever_ready);
     let crash_loop = p.health.consecutive_failures >= crate::core::supervisor::CRASH_LOOP_THRESHOLD;
+    // A crash-looping deployment is not ready, whatever minAgents is (issue #4 item 5).
+    let ready =
+        p.deploy_error.is_none() && !crash_loop && (a.min_agents == 0 || p.health.ever_ready);
     let last = p.health.last_failure.as_ref();
     let health_state = if p.deploy_error.is_some() {
         "invalid"
@@ -41,7 +43,7 @@ pub fn agent_details(
     if let Some(e) = &p.deploy_error {
         errors.push(json!({"code": "PCC_UNKNOWN_ERROR", "message": e}));
     }
-    if crash_loop && a.min_agents > 0 {
+    if crash_loop {
         errors.push(json!({
             "code": "PCC_UNKNOWN_ERROR",
             "message": format!("instances fail to start: {} ({})",
@@ -215,7 +217,8 @@ pub async fn create_agent(
     PrivateAuth(c): PrivateAuth,
     ApiJson(req): ApiJson<AgentRequest>,
 ) -> ApiResult<Json<Value>> {
-    let (a, _) = agents::create_agent(&st.store, &st.sup, &st.defaults, &c.org, &req).await?;
+    let defaults = crate::core::orgs::org_defaults(&st.store, &st.defaults, &c.org).await?;
+    let (a, _) = agents::create_agent(&st.store, &st.sup, &defaults, &c.org, &req).await?;
     Ok(Json(details_of(&st, &a, None).await?))
 }
 

@@ -4,7 +4,7 @@
 //! looks the key up again, so a revoked key fails at once, even one revoked by
 //! `cattery keys revoke` from another process.
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::request::Parts;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -33,6 +33,10 @@ pub struct Caller {
     pub org: String,
     /// Kind of key.
     pub kind: KeyKind,
+    /// Id of the key or token.
+    pub key_id: uuid::Uuid,
+    /// Name of the key or token.
+    pub key_name: String,
 }
 
 async fn authenticate(
@@ -85,6 +89,8 @@ async fn authenticate(
     Ok(Caller {
         org: rec.org,
         kind: rec.kind,
+        key_id: rec.id,
+        key_name: rec.name,
     })
 }
 
@@ -108,5 +114,32 @@ impl FromRequestParts<AppState> for PublicAuth {
         authenticate(parts, state, &[KeyKind::Public])
             .await
             .map(PublicAuth)
+    }
+}
+
+/// A user token or a private key on the org-scoped surface `/v1/organizations/{org}/...`
+/// (reference §A.2). The `{org}` path segment must be the caller's org; any other org answers
+/// 404 `NOT_FOUND`, so a caller cannot learn which orgs exist. Public keys get 401.
+pub struct OrgAuth(pub Caller);
+
+impl FromRequestParts<AppState> for OrgAuth {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = authenticate(parts, state, &[KeyKind::Token, KeyKind::Private]).await?;
+        let params = RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::not_found("NOT_FOUND", "Not found"))?;
+        let org = params
+            .iter()
+            .find(|(k, _)| *k == "org")
+            .map(|(_, v)| v.to_string());
+        match org {
+            Some(o) if o == caller.org => Ok(OrgAuth(caller)),
+            Some(o) => Err(ApiError::not_found(
+                "NOT_FOUND",
+                format!("organization {o} not found"),
+            )),
+            None => Ok(OrgAuth(caller)),
+        }
     }
 }

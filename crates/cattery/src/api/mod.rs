@@ -1,20 +1,26 @@
 //! The HTTP surface: axum handlers that translate between the wire and [`crate::core`].
 //!
 //! Routes (reference §A.2): the documented private API under `/v1/agents`, the public API
-//! under `/v1/public`, `/health`, and the OpenAPI description at `/v1/openapi.json`.
+//! under `/v1/public`, `/health`, and the OpenAPI description at `/v1/openapi.json`; the
+//! CLI's org-scoped surface, secrets, logs, regions and properties are in [`org::routes`].
 
 pub mod agents;
 pub mod auth;
 pub mod error;
+pub mod logs;
 pub mod openapi;
+pub mod org;
+pub mod proxy;
+pub mod secrets;
 pub mod sessions;
+pub mod ws;
 
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
@@ -36,6 +42,10 @@ pub struct AppState {
     pub sup: Arc<Supervisor>,
     /// Agent defaults (regions).
     pub defaults: Arc<AgentDefaults>,
+    /// Websocket transport state.
+    pub ws: Arc<ws::WsState>,
+    /// Seals and opens secret values (`core::secrets`).
+    pub secrets: Arc<crate::core::secrets::SecretCipher>,
 }
 
 /// A JSON body whose rejections are `{error, code}` 4xx responses, never 5xx.
@@ -112,6 +122,17 @@ pub fn router(state: AppState) -> Router {
             "/v1/public/{agent_name}/start",
             post(sessions::start_session),
         )
+        .route(
+            "/v1/public/{agent_name}/sessions/{session_id}",
+            any(proxy::proxy_root),
+        )
+        .route(
+            "/v1/public/{agent_name}/sessions/{session_id}/{*path}",
+            any(proxy::proxy),
+        )
+        .route("/ws/generic/{service}", get(ws::connect))
+        .route("/ws/generic/{service}/{token}", get(ws::connect_with_token))
+        .merge(org::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))

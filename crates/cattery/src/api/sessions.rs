@@ -120,6 +120,7 @@ pub async fn start_session(
     State(st): State<AppState>,
     PublicAuth(c): PublicAuth,
     Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<StartRequest>,
 ) -> ApiResult<Json<Value>> {
     let transport = match req.transport.as_deref() {
@@ -153,9 +154,18 @@ pub async fn start_session(
         ));
     }
     if transport.as_deref() == Some("websocket") {
-        return Err(ApiError::bad_request(
-            "transport websocket is not supported by this server yet; use daily, webrtc or no transport",
-        ));
+        st.sup.check_startable(&c.org, &name)?;
+        if req.body.is_some() && st.sup.websocket_auth(&c.org, &name).as_deref() == Some("none") {
+            return Err(ApiError::bad_request(
+                "a body needs websocketAuth \"token\"; this agent has websocketAuth \"none\"",
+            ));
+        }
+        let host = headers
+            .get("host")
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("127.0.0.1:7870")
+            .to_string();
+        return Ok(Json(super::ws::announce(&st, &host, &c.org, &name, req.body.as_ref())));
     }
     let out = st
         .sup
@@ -165,7 +175,7 @@ pub async fn start_session(
             StartParams {
                 body,
                 transport,
-                extra_headers: vec![],
+                ..Default::default()
             },
         )
         .await?;

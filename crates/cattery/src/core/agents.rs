@@ -229,21 +229,22 @@ fn scaling(r: &AgentRequest, cur: (u32, u32)) -> CoreResult<(u32, u32)> {
     Ok((min as u32, max as u32))
 }
 
-/// Checks that named secret sets exist. `exists` answers per name.
-async fn check_sets(store: &Arc<dyn Store>, org: &str, spec: &DeploymentSpec) -> CoreResult<()> {
-    for (field, name) in [
-        ("secretSet", &spec.secret_set),
-        ("imagePullSecretSet", &spec.image_pull_secret_set),
-    ] {
-        if let Some(n) = name {
-            if !store.secret_set_exists(org, n).await? {
-                return Err(CoreError::NotFound(format!(
-                    "{field}: secret set {n} not found"
-                )));
-            }
-        }
-    }
-    Ok(())
+/// Checks the named secret sets: they exist (404 naming the set), have the right type and
+/// are in the agent's region (400). See `secrets::check_bindings`.
+async fn check_sets(
+    store: &Arc<dyn Store>,
+    org: &str,
+    region: &str,
+    spec: &DeploymentSpec,
+) -> CoreResult<()> {
+    super::secrets::check_bindings(
+        store,
+        org,
+        region,
+        spec.secret_set.as_deref(),
+        spec.image_pull_secret_set.as_deref(),
+    )
+    .await
 }
 
 /// Creates an agent with its first deployment.
@@ -282,7 +283,7 @@ pub async fn create_agent(
     };
     apply(&mut spec, r)?;
     let (min, max) = scaling(r, (0, DEFAULT_MAX_AGENTS))?;
-    check_sets(store, org, &spec).await?;
+    check_sets(store, org, &region, &spec).await?;
     if store.get_agent(org, &name).await?.is_some() {
         return Err(bad(format!("service {name} already exists")));
     }
@@ -341,7 +342,7 @@ pub async fn update_agent(
     let mut spec = cur.spec.clone();
     apply(&mut spec, r)?;
     let (min, max) = scaling(r, (agent.min_agents, agent.max_agents))?;
-    check_sets(store, org, &spec).await?;
+    check_sets(store, org, &agent.region, &spec).await?;
     let force = r.force_redeploy.unwrap_or(false);
     if force {
         spec.revision += 1;

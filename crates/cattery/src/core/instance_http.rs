@@ -14,7 +14,26 @@ pub enum BotOutcome {
     Answered(u16),
     /// The connection failed or broke before an answer.
     Broken(String),
+    /// A websocket session ended; `by_client` when the client side closed or went away.
+    WsClosed {
+        /// Whether the client (not the agent) ended it.
+        by_client: bool,
+    },
 }
+
+/// A future resolving at a session's natural end.
+pub type OutcomeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = BotOutcome> + Send>>;
+
+/// How a session reaches its instance: called with the instance's loopback port and the
+/// session headers (`x-daily-session-id`, ...); resolves once the session is delivered, to a
+/// future that resolves at the session's natural end. Errors: the instance refused it.
+pub type Deliver = Box<
+    dyn FnOnce(
+            u16,
+            Vec<(String, String)>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<OutcomeFuture, String>> + Send>>
+        + Send,
+>;
 
 async fn connect(port: u16) -> std::io::Result<TcpStream> {
     let s = TcpStream::connect(("127.0.0.1", port)).await?;

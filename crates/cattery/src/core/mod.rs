@@ -5,6 +5,8 @@
 
 pub mod agents;
 pub mod instance_http;
+pub mod orgs;
+pub mod secrets;
 pub mod supervisor;
 
 use crate::store::StoreError;

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::instance_http::{self, BotOutcome};
+use super::instance_http::{self, BotOutcome, Deliver, OutcomeFuture};
 use super::{CoreError, CoreResult};
 use crate::model::{
     iso_ms, now_ms, profile_limits, AgentRecord, DeploymentRecord, EndReason, InstanceRecord,
@@ -135,6 +135,7 @@ enum Cmd {
 struct Delivery {
     session: Uuid,
     body: Bytes,
+    deliver: Option<Deliver>,
     headers: Vec<(String, String)>,
     requested: Instant,
     deadline: Instant,
@@ -170,10 +171,14 @@ struct State {
 }
 
 /// How a start request wants its session delivered.
-#[derive(Debug, Clone, Default)]
+#[derive(Default)]
 pub struct StartParams {
     /// JSON object sent as the `/bot` body (`{}` when absent).
     pub body: Bytes,
+    /// Custom delivery (the websocket transport); `None` = `POST /bot` with `body`.
+    pub deliver: Option<Deliver>,
+    /// Use this session id (the websocket transport announces it at `/start`).
+    pub session_id: Option<Uuid>,
     /// `x-daily-transport-type`.
     pub transport: Option<String>,
     /// Extra headers for `/bot` (room url and token).
@@ -283,6 +288,50 @@ impl Supervisor {
     /// The Daily API key, if configured.
     pub fn daily_api_key(&self) -> Option<String> {
         self.cfg.daily_api_key.clone()
+    }
+
+    /// Checks that `org`'s agent `name` could take a session now (exists, deployment valid,
+    /// not draining) without starting one. Errors as [`Supervisor::start_session`].
+    pub fn check_startable(&self, org: &str, name: &str) -> CoreResult<()> {
+        if self.is_draining() {
+            return Err(CoreError::Draining);
+        }
+        let st = self.state.lock();
+        let p = st
+            .by_name
+            .get(&(org.to_string(), name.to_string()))
+            .and_then(|id| st.pools.get(id))
+            .filter(|p| p.agent.deleted_ms.is_none())
+            .ok_or_else(|| CoreError::NotFound(format!("agent {name} not found")))?;
+        if let Some(e) = &p.deploy_error {
+            return Err(CoreError::DeploymentNotReady(format!("deployment {} of agent {name} is not ready: {e}", p.deployment.id)));
+        }
+        Ok(())
+    }
+
+    /// The agent's `websocketAuth` (`None` when unset; the default is `token`).
+    pub fn websocket_auth(&self, org: &str, name: &str) -> Option<String> {
+        let st = self.state.lock();
+        let id = st.by_name.get(&(org.to_string(), name.to_string()))?;
+        st.pools.get(id)?.deployment.spec.websocket_auth.clone()
+    }
+
+    /// Loopback port of a live session's instance, waiting (up to `wait`) while the instance is
+    /// still starting. `None` when the session is not live (ended or unknown).
+    pub async fn session_port(&self, session: Uuid, wait: Duration) -> Option<u16> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let ctl = self.state.lock().sessions.get(&session).cloned()?;
+            if *ctl.state.lock() == InstState::Busy {
+                if let Some(i) = ctl.instance.get() {
+                    return Some(i.port());
+                }
+            }
+            if *ctl.done.borrow() || Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Whether the server is draining.
@@ -442,7 +491,7 @@ impl Supervisor {
         }
         let requested = Instant::now();
         let created_ms = now_ms();
-        let session = Uuid::new_v4();
+        let session = p.session_id.unwrap_or_else(Uuid::new_v4);
         let (ctl, cold, agent_id) = {
             let mut st = self.state.lock();
             let agent_id = *st
@@ -551,6 +600,7 @@ impl Supervisor {
             } else {
                 p.body
             },
+            deliver: p.deliver,
             headers,
             requested,
             deadline: requested + Duration::from_secs(u64::from(max_s)),
@@ -716,6 +766,10 @@ impl Supervisor {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone())),
         );
+        // The bound secret set's keys, from the deployment's snapshot (core::secrets).
+        if let Some(src) = self.secrets.get() {
+            env.extend(src.env_for(&ctl.org, &ctl.deployment).await?);
+        }
         if let Some(s) = session {
             env.push(("CATTERY_SESSION_ID".into(), s.to_string()));
         }
@@ -932,19 +986,19 @@ impl Supervisor {
             // Busy.
             *ctl.state.lock() = InstState::Busy;
             let (sid, deadline) = session.expect("busy instance has a session");
-            let mut bot: std::pin::Pin<Box<dyn std::future::Future<Output = BotOutcome> + Send>> =
-                Box::pin(std::future::pending());
+            let mut bot: OutcomeFuture = Box::pin(std::future::pending());
             if let Some(mut d) = delivery.take() {
                 self.persist_instance(&ctl, &inst, Some(sid)).await;
-                match instance_http::post_bot(
-                    inst.port(),
-                    std::mem::take(&mut d.headers),
-                    d.body.clone(),
-                )
-                .await
-                {
+                let headers = std::mem::take(&mut d.headers);
+                let delivered = match d.deliver.take() {
+                    Some(f) => f(inst.port(), headers).await,
+                    None => instance_http::post_bot(inst.port(), headers, d.body.clone())
+                        .await
+                        .map(|f| Box::pin(f) as OutcomeFuture),
+                };
+                match delivered {
                     Ok(fut) => {
-                        bot = Box::pin(fut);
+                        bot = fut;
                         let ms = d.requested.elapsed().as_millis() as i64;
                         if let Err(e) = self.store.mark_delivered(sid, ms).await {
                             tracing::error!(session = %sid, error = %e, "could not record delivery");
@@ -980,6 +1034,8 @@ impl Supervisor {
                     out = &mut bot => {
                         let mut e = match out {
                             BotOutcome::Answered(s) if (200..300).contains(&s) => Ending::new(EndReason::Completed, "HTTP_COMPLETED"),
+                            BotOutcome::WsClosed { by_client: true } => Ending::new(EndReason::ClientDisconnected, "WS_CONNECTION_CLOSED"),
+                            BotOutcome::WsClosed { by_client: false } => Ending::new(EndReason::Completed, "WS_CONNECTION_CLOSED"),
                             BotOutcome::Answered(s) => {
                                 let mut e = Ending::new(EndReason::Error, &s.to_string());
                                 e.message = Some(format!("the agent answered /bot with HTTP {s}"));

@@ -82,6 +82,81 @@ pub struct LogFilter {
     pub end_ns: Option<i64>,
 }
 
+/// Kind of a secret set (reference §A.6): `secret` (keys become env vars) or
+/// `imagePullSecret` (registry credentials).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretSetKind {
+    /// A regular set.
+    Secret,
+    /// An image pull secret.
+    ImagePullSecret,
+}
+
+impl SecretSetKind {
+    /// Wire and storage name: `secret` or `imagePullSecret`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecretSetKind::Secret => "secret",
+            SecretSetKind::ImagePullSecret => "imagePullSecret",
+        }
+    }
+
+    /// Parses the wire/storage name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "secret" => Some(SecretSetKind::Secret),
+            "imagePullSecret" => Some(SecretSetKind::ImagePullSecret),
+            _ => None,
+        }
+    }
+}
+
+/// A stored secret set, without values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecretSetRecord {
+    /// Owning org.
+    pub org: String,
+    /// Set name.
+    pub name: String,
+    /// Kind.
+    pub kind: SecretSetKind,
+    /// Region code; fixed at creation.
+    pub region: String,
+    /// Registry host of an image pull secret.
+    pub host: Option<String>,
+    /// Creation time (ms).
+    pub created_ms: i64,
+    /// Last change (ms).
+    pub updated_ms: i64,
+    /// Key names, sorted (filled by reads; ignored by writes).
+    pub keys: Vec<String>,
+}
+
+/// One sealed value: XChaCha20-Poly1305 nonce (24 bytes) and ciphertext with tag. Only
+/// `core::secrets` can open it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SealedValue {
+    /// Secret key (the environment variable name).
+    pub key: String,
+    /// Nonce.
+    pub nonce: Vec<u8>,
+    /// Ciphertext and tag.
+    pub ciphertext: Vec<u8>,
+}
+
+/// An org and its settings.
+#[derive(Debug, Clone)]
+pub struct OrgRecord {
+    /// Slug used in `/v1/organizations/{org}/...`.
+    pub name: String,
+    /// Display name.
+    pub verbose_name: String,
+    /// Properties JSON object (reference §A.9), e.g. `{"defaultRegion": "local"}`.
+    pub properties: serde_json::Value,
+    /// Creation time (ms).
+    pub created_ms: i64,
+}
+
 /// The durable state of Cattery.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -150,6 +225,39 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether a secret set of that name exists in the org.
     async fn secret_set_exists(&self, org: &str, name: &str) -> StoreResult<bool>;
+    /// A secret set with its key names (never values).
+    async fn get_secret_set(&self, org: &str, name: &str)
+        -> StoreResult<Option<SecretSetRecord>>;
+    /// The org's secret sets with their key names, by name.
+    async fn list_secret_sets(&self, org: &str) -> StoreResult<Vec<SecretSetRecord>>;
+    /// Creates the set if missing (with `set`'s kind, region and host) or touches it, then
+    /// writes `values` (add or overwrite per key); with `replace_all`, first drops every
+    /// value not in `values`. One transaction.
+    ///
+    /// Errors: `Conflict` when a set of that name exists with another kind or region.
+    async fn upsert_secret_set(
+        &self,
+        set: &SecretSetRecord,
+        values: &[SealedValue],
+        replace_all: bool,
+    ) -> StoreResult<()>;
+    /// The sealed values of a set (for image pull secrets: the one credential).
+    async fn secret_values(&self, org: &str, name: &str) -> StoreResult<Vec<SealedValue>>;
+    /// Deletes a set and its values; false when there was none.
+    async fn delete_secret_set(&self, org: &str, name: &str) -> StoreResult<bool>;
+    /// Deletes one key of a set; false when there was none.
+    async fn delete_secret(&self, org: &str, name: &str, key: &str) -> StoreResult<bool>;
+    /// The snapshot of the bound set's sealed values taken when a deployment was created
+    /// (empty when it binds none): `(set name, value)` pairs, by key.
+    async fn deployment_secrets(
+        &self,
+        deployment_id: Uuid,
+    ) -> StoreResult<Vec<(String, SealedValue)>>;
+
+    /// An org.
+    async fn get_org(&self, name: &str) -> StoreResult<Option<OrgRecord>>;
+    /// Replaces an org's properties object.
+    async fn set_org_properties(&self, name: &str, props: &serde_json::Value) -> StoreResult<()>;
 
     /// Appends log lines.
     async fn append_logs(&self, lines: &[LogLine]) -> StoreResult<()>;
@@ -157,4 +265,6 @@ pub trait Store: Send + Sync + 'static {
     async fn query_logs(&self, agent_id: Uuid, f: &LogFilter) -> StoreResult<(i64, Vec<LogLine>)>;
     /// Deletes logs older than `before_ns`; returns rows removed.
     async fn prune_logs(&self, before_ns: i64) -> StoreResult<u64>;
+    /// Keeps only the newest `max_lines` log lines (by arrival); returns rows removed.
+    async fn prune_logs_over(&self, max_lines: u64) -> StoreResult<u64>;
 }

@@ -9,7 +9,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 use uuid::Uuid;
 
-use super::{LogFilter, SessionFilter, Store, StoreError, StoreResult};
+use super::{
+    LogFilter, OrgRecord, SealedValue, SecretSetKind, SecretSetRecord, SessionFilter, Store,
+    StoreError, StoreResult,
+};
 use crate::model::{
     AgentRecord, ApiKeyRecord, DeploymentRecord, DeploymentSpec, EndReason, InstanceRecord,
     KeyKind, LogLine, SessionEnd, SessionRecord,
@@ -135,6 +138,7 @@ impl SqliteStore {
             prefix: r.get("key_prefix"),
             created_ms: r.get("created_ms"),
             revoked_ms: r.get("revoked_ms"),
+            public_key: r.get("public_key"),
         })
     }
 }
@@ -166,8 +170,8 @@ impl Store for SqliteStore {
 
     async fn insert_key(&self, rec: &ApiKeyRecord, hash: &[u8]) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO api_keys (id, org, kind, name, key_hash, key_prefix, created_ms, revoked_ms) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO api_keys (id, org, kind, name, key_hash, key_prefix, created_ms, revoked_ms, \
+             public_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(rec.id.to_string())
         .bind(&rec.org)
@@ -177,6 +181,7 @@ impl Store for SqliteStore {
         .bind(&rec.prefix)
         .bind(rec.created_ms)
         .bind(rec.revoked_ms)
+        .bind(rec.kind.eq(&KeyKind::Public).then_some(rec.public_key.as_deref()).flatten())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -233,7 +238,7 @@ impl Store for SqliteStore {
         .bind(a.updated_ms)
         .execute(&mut *tx)
         .await?;
-        insert_dep(&mut tx, dep).await?;
+        insert_dep(&mut tx, &a.org, dep).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -245,7 +250,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         if let Some(dep) = dep {
-            insert_dep(&mut tx, dep).await?;
+            insert_dep(&mut tx, &a.org, dep).await?;
         }
         sqlx::query(
             "UPDATE agents SET min_agents = ?, max_agents = ?, desired_deployment_id = ?, updated_ms = ? \
@@ -506,6 +511,178 @@ impl Store for SqliteStore {
         Ok(n > 0)
     }
 
+    async fn get_secret_set(
+        &self,
+        org: &str,
+        name: &str,
+    ) -> StoreResult<Option<SecretSetRecord>> {
+        let row = sqlx::query("SELECT * FROM secret_sets WHERE org = ? AND name = ?")
+            .bind(org)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(r) = row else { return Ok(None) };
+        let mut set = set_from_row(&r)?;
+        set.keys = sqlx::query_scalar(
+            "SELECT key FROM secrets WHERE org = ? AND set_name = ? ORDER BY key",
+        )
+        .bind(org)
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Some(set))
+    }
+
+    async fn list_secret_sets(&self, org: &str) -> StoreResult<Vec<SecretSetRecord>> {
+        let rows = sqlx::query("SELECT * FROM secret_sets WHERE org = ? ORDER BY name")
+            .bind(org)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut sets = rows.iter().map(set_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let keys = sqlx::query("SELECT set_name, key FROM secrets WHERE org = ? ORDER BY key")
+            .bind(org)
+            .fetch_all(&self.pool)
+            .await?;
+        for k in &keys {
+            let set_name: String = k.get("set_name");
+            if let Some(s) = sets.iter_mut().find(|s| s.name == set_name) {
+                s.keys.push(k.get("key"));
+            }
+        }
+        Ok(sets)
+    }
+
+    async fn upsert_secret_set(
+        &self,
+        set: &SecretSetRecord,
+        values: &[SealedValue],
+        replace_all: bool,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query(
+            "INSERT INTO secret_sets (org, name, kind, region, host, created_ms, updated_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) \
+             ON CONFLICT(org, name) DO UPDATE SET updated_ms = excluded.updated_ms, \
+             host = excluded.host WHERE kind = excluded.kind AND region = excluded.region",
+        )
+        .bind(&set.org)
+        .bind(&set.name)
+        .bind(set.kind.as_str())
+        .bind(&set.region)
+        .bind(&set.host)
+        .bind(set.updated_ms)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::Conflict);
+        }
+        if replace_all {
+            sqlx::query("DELETE FROM secrets WHERE org = ? AND set_name = ?")
+                .bind(&set.org)
+                .bind(&set.name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for v in values {
+            sqlx::query(
+                "INSERT INTO secrets (org, set_name, key, nonce, ciphertext) VALUES (?, ?, ?, ?, ?) \
+                 ON CONFLICT(org, set_name, key) DO UPDATE SET nonce = excluded.nonce, \
+                 ciphertext = excluded.ciphertext",
+            )
+            .bind(&set.org)
+            .bind(&set.name)
+            .bind(&v.key)
+            .bind(&v.nonce)
+            .bind(&v.ciphertext)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn secret_values(&self, org: &str, name: &str) -> StoreResult<Vec<SealedValue>> {
+        let rows = sqlx::query(
+            "SELECT key, nonce, ciphertext FROM secrets WHERE org = ? AND set_name = ? ORDER BY key",
+        )
+        .bind(org)
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(sealed_from_row).collect())
+    }
+
+    async fn delete_secret_set(&self, org: &str, name: &str) -> StoreResult<bool> {
+        let r = sqlx::query("DELETE FROM secret_sets WHERE org = ? AND name = ?")
+            .bind(org)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn delete_secret(&self, org: &str, name: &str, key: &str) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query("DELETE FROM secrets WHERE org = ? AND set_name = ? AND key = ?")
+            .bind(org)
+            .bind(name)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        if r.rows_affected() > 0 {
+            sqlx::query("UPDATE secret_sets SET updated_ms = ? WHERE org = ? AND name = ?")
+                .bind(crate::model::now_ms())
+                .bind(org)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn deployment_secrets(
+        &self,
+        deployment_id: Uuid,
+    ) -> StoreResult<Vec<(String, SealedValue)>> {
+        let rows = sqlx::query(
+            "SELECT set_name, key, nonce, ciphertext FROM deployment_secrets \
+             WHERE deployment_id = ? ORDER BY key",
+        )
+        .bind(deployment_id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("set_name"), sealed_from_row(r)))
+            .collect())
+    }
+
+    async fn get_org(&self, name: &str) -> StoreResult<Option<OrgRecord>> {
+        let row = sqlx::query("SELECT * FROM orgs WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| OrgRecord {
+            name: r.get("name"),
+            verbose_name: r.get("verbose_name"),
+            properties: serde_json::from_str(r.get("properties"))
+                .ok()
+                .filter(serde_json::Value::is_object)
+                .unwrap_or_else(|| serde_json::json!({})),
+            created_ms: r.get("created_ms"),
+        }))
+    }
+
+    async fn set_org_properties(&self, name: &str, props: &serde_json::Value) -> StoreResult<()> {
+        sqlx::query("UPDATE orgs SET properties = ? WHERE name = ?")
+            .bind(props.to_string())
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn append_logs(&self, lines: &[LogLine]) -> StoreResult<()> {
         if lines.is_empty() {
             return Ok(());
@@ -597,10 +774,48 @@ impl Store for SqliteStore {
             .await?;
         Ok(r.rows_affected())
     }
+
+    async fn prune_logs_over(&self, max_lines: u64) -> StoreResult<u64> {
+        // `seq` grows by arrival, so the newest `max_lines` rows are those with
+        // seq > max(seq) - max_lines: one index lookup and one range delete on the primary key.
+        let max_lines = i64::try_from(max_lines).unwrap_or(i64::MAX);
+        let r = sqlx::query(
+            "DELETE FROM logs WHERE seq <= (SELECT COALESCE(MAX(seq), 0) FROM logs) - ?",
+        )
+        .bind(max_lines)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
 }
 
+fn set_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<SecretSetRecord> {
+    Ok(SecretSetRecord {
+        org: r.get("org"),
+        name: r.get("name"),
+        kind: SecretSetKind::parse(r.get("kind"))
+            .ok_or_else(|| StoreError::Backend("bad secret set kind".into()))?,
+        region: r.get("region"),
+        host: r.get("host"),
+        created_ms: r.get("created_ms"),
+        updated_ms: r.get("updated_ms"),
+        keys: Vec::new(),
+    })
+}
+
+fn sealed_from_row(r: &sqlx::sqlite::SqliteRow) -> SealedValue {
+    SealedValue {
+        key: r.get("key"),
+        nonce: r.get("nonce"),
+        ciphertext: r.get("ciphertext"),
+    }
+}
+
+/// Inserts a deployment and, when it binds a secret set, snapshots the set's sealed values
+/// into `deployment_secrets` in the same transaction (see the migration's comment).
 async fn insert_dep(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    org: &str,
     dep: &DeploymentRecord,
 ) -> StoreResult<()> {
     let spec = serde_json::to_string(&dep.spec).map_err(|e| StoreError::Backend(e.to_string()))?;
@@ -611,5 +826,29 @@ async fn insert_dep(
         .bind(dep.created_ms)
         .execute(&mut **tx)
         .await?;
+    if let Some(set) = &dep.spec.secret_set {
+        let exists: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM secret_sets WHERE org = ? AND name = ? AND kind = 'secret'",
+        )
+        .bind(org)
+        .bind(set)
+        .fetch_one(&mut **tx)
+        .await?;
+        if exists == 0 {
+            return Err(StoreError::Backend(format!(
+                "secret set {set} was deleted while the deployment was being created; retry"
+            )));
+        }
+        sqlx::query(
+            "INSERT INTO deployment_secrets (deployment_id, org, set_name, key, nonce, ciphertext) \
+             SELECT ?, org, set_name, key, nonce, ciphertext FROM secrets \
+             WHERE org = ? AND set_name = ?",
+        )
+        .bind(dep.id.to_string())
+        .bind(org)
+        .bind(set)
+        .execute(&mut **tx)
+        .await?;
+    }
     Ok(())
 }

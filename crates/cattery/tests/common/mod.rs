@@ -109,6 +109,8 @@ pub struct Server {
     pub http: reqwest::Client,
     pub args: Vec<String>,
     pub tag: String,
+    /// Extra environment for the server process (e.g. `CATTERY_NO_CGROUPS=1`).
+    pub env: Vec<(String, String)>,
 }
 
 /// A response: status and JSON body (Null when not JSON).
@@ -122,6 +124,11 @@ pub struct Resp {
 impl Server {
     /// Starts a server with extra `serve` flags.
     pub async fn start(extra: &[&str]) -> Server {
+        Self::start_with_env(extra, &[]).await
+    }
+
+    /// Starts a server with extra `serve` flags and extra environment variables.
+    pub async fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut s = Server {
@@ -136,6 +143,10 @@ impl Server {
                 .unwrap(),
             args: extra.iter().map(|s| s.to_string()).collect(),
             tag: uuid::Uuid::new_v4().to_string(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             dir,
         };
         s.spawn().await;
@@ -164,6 +175,7 @@ impl Server {
             .arg(self.dir.path())
             .args(&self.args)
             .env("CATTERY_LOG", "info,cattery=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
@@ -359,7 +371,11 @@ impl Server {
                 None,
             )
             .await;
-        assert_eq!(r.status, 200, "get session: {:?}", r.body);
+        if r.status != 200 {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!("get session {sid}: {} {:?}\nserver log tail:\n{}", r.status, r.body, tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
         r.body
     }
 

@@ -1,0 +1,239 @@
+//! Agent logs (reference §A.4 and §E): `GET /v1/agents/{name}/logs` and the CLI's
+//! `GET /v1/organizations/{org}/services/{name}/logs`.
+//!
+//! Every line an instance writes to stdout or stderr is kept with its capture time, stream,
+//! deployment, instance and (once assigned) session; `stream: "platform"` lines are Cattery's
+//! own records (instance started, session delivered, how a session ended). Retention:
+//! `--log-retention-days` (age) and `--log-retention-max-lines` (size); see `docs/logs.md`.
+//!
+//! Query parameters, all optional:
+//!
+//! | name | meaning | default |
+//! |---|---|---|
+//! | `limit` | page size, 1 to [`MAX_LIMIT`] | 10 |
+//! | `offset` | lines to skip | 0 |
+//! | `order` | `asc` or `desc` by time | `desc` (newest first) |
+//! | `deploymentId`, `sessionId` | only lines of that deployment / session (UUIDs) | |
+//! | `query` | only lines containing this text (case-sensitive) | |
+//! | `startTime`, `endTime` | only lines captured in `[startTime, endTime]`, Unix seconds (an integer `endTime` includes its whole second) | |
+//!
+//! Answer: `{"total": {"value", "relation": "eq"}, "logs": [{"log", "timestamp" (ISO-8601,
+//! ns), "deploymentId", "sessionId", "instanceId", "stream"}]}`. Invalid parameters answer
+//! 400 `{error, code: "GENERIC_BAD_REQUEST"}`; an unknown agent 404 `NOT_FOUND`.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::auth::{OrgAuth, PrivateAuth};
+use super::error::{ApiError, ApiResult};
+use super::AppState;
+use crate::core::CoreError;
+use crate::model::iso_ns;
+use crate::store::LogFilter;
+
+/// Largest `limit`.
+pub const MAX_LIMIT: i64 = 10_000;
+/// Default `limit` (reference §A.4).
+pub const DEFAULT_LIMIT: i64 = 10;
+/// Latest accepted `startTime`/`endTime` (Unix s): beyond it nanoseconds overflow 64 bits.
+const MAX_UNIX_S: f64 = 9_000_000_000.0;
+
+fn bad(msg: String) -> ApiError {
+    ApiError::bad_request(msg)
+}
+
+fn count(q: &HashMap<String, String>, k: &str, default: i64, max: i64) -> ApiResult<i64> {
+    match q.get(k).map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (0..=max).contains(n))
+            .ok_or_else(|| bad(format!("{k} must be an integer between 0 and {max}, not {v:?}"))),
+    }
+}
+
+/// Parses a Unix-seconds time into ns: `(start of it, end of it)`; an integer covers its
+/// whole second.
+fn unix_time(q: &HashMap<String, String>, k: &str) -> ApiResult<Option<(i64, i64)>> {
+    let Some(v) = q.get(k).map(|s| s.trim()).filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    let invalid = || {
+        bad(format!(
+            "Invalid timestamp format: {k} must be Unix seconds (e.g. 1735689600), not {v:?}"
+        ))
+    };
+    if let Ok(s) = v.parse::<i64>() {
+        if !(0..=MAX_UNIX_S as i64).contains(&s) {
+            return Err(invalid());
+        }
+        return Ok(Some((s * 1_000_000_000, s * 1_000_000_000 + 999_999_999)));
+    }
+    let f = v.parse::<f64>().map_err(|_| invalid())?;
+    if !f.is_finite() || !(0.0..=MAX_UNIX_S).contains(&f) {
+        return Err(invalid());
+    }
+    let ns = (f * 1e9) as i64;
+    Ok(Some((ns, ns)))
+}
+
+fn uuid_param(q: &HashMap<String, String>, k: &str) -> ApiResult<Option<Uuid>> {
+    match q.get(k).map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(v) => Uuid::parse_str(v)
+            .map(Some)
+            .map_err(|_| bad(format!("{k} must be a UUID, not {v:?}"))),
+    }
+}
+
+/// Turns the query string into a [`LogFilter`]. Errors: 400 naming the parameter.
+pub fn parse_filter(q: &HashMap<String, String>) -> ApiResult<LogFilter> {
+    let limit = count(q, "limit", DEFAULT_LIMIT, MAX_LIMIT)?;
+    if limit == 0 {
+        return Err(bad(format!("limit must be between 1 and {MAX_LIMIT}")));
+    }
+    let desc = match q.get("order").map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("desc") => true,
+        Some("asc") => false,
+        Some(o) => return Err(bad(format!("order must be asc or desc, not {o:?}"))),
+    };
+    let start = unix_time(q, "startTime")?;
+    let end = unix_time(q, "endTime")?;
+    if let (Some(s), Some(e)) = (start, end) {
+        if s.0 > e.1 {
+            return Err(bad("startTime must not be after endTime".into()));
+        }
+    }
+    Ok(LogFilter {
+        limit,
+        offset: count(q, "offset", 0, i64::MAX / 2)?,
+        desc,
+        deployment_id: uuid_param(q, "deploymentId")?,
+        session_id: uuid_param(q, "sessionId")?,
+        query: q.get("query").filter(|s| !s.is_empty()).cloned(),
+        start_ns: start.map(|s| s.0),
+        end_ns: end.map(|e| e.1),
+    })
+}
+
+async fn logs_in(
+    st: &AppState,
+    org: &str,
+    name: &str,
+    q: &HashMap<String, String>,
+) -> ApiResult<Json<Value>> {
+    let f = parse_filter(q)?;
+    let agent = st
+        .store
+        .get_agent(org, name)
+        .await
+        .map_err(CoreError::from)?
+        .ok_or_else(|| ApiError::not_found("NOT_FOUND", format!("agent {name} not found")))?;
+    let (total, lines) = st
+        .store
+        .query_logs(agent.id, &f)
+        .await
+        .map_err(CoreError::from)?;
+    let logs: Vec<Value> = lines
+        .iter()
+        .map(|l| {
+            json!({
+                "log": l.line,
+                "timestamp": iso_ns(l.ts_ns),
+                "deploymentId": l.deployment_id,
+                "sessionId": l.session_id,
+                "instanceId": l.instance_id,
+                "stream": l.stream,
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({"total": {"value": total, "relation": "eq"}, "logs": logs}),
+    ))
+}
+
+/// Get an agent's logs.
+#[utoipa::path(get, path = "/v1/agents/{agent_name}/logs", tag = "agents", operation_id = "agent_logs",
+    params(("agent_name" = String, Path, description = "Agent name"),
+           ("limit" = Option<i64>, Query, description = "page size, 1..=10000, default 10"),
+           ("offset" = Option<i64>, Query, description = "lines to skip"),
+           ("order" = Option<String>, Query, description = "asc | desc (default)"),
+           ("deploymentId" = Option<String>, Query, description = "only this deployment"),
+           ("sessionId" = Option<String>, Query, description = "only this session"),
+           ("query" = Option<String>, Query, description = "only lines containing this text"),
+           ("startTime" = Option<i64>, Query, description = "captured at or after (Unix s)"),
+           ("endTime" = Option<i64>, Query, description = "captured at or before (Unix s)")),
+    responses((status = 200, description = "{\"total\": {value, relation}, \"logs\": [{log, timestamp, deploymentId, sessionId, stream}]}", body = Object),
+              (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody),
+              (status = 404, body = super::error::ErrorBody)),
+    security(("PrivateKeyAuth" = [])))]
+pub async fn agent_logs(
+    State(st): State<AppState>,
+    PrivateAuth(c): PrivateAuth,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    logs_in(&st, &c.org, &name, &q).await
+}
+
+/// `GET /v1/organizations/{org}/services/{name}/logs`.
+pub async fn org_agent_logs(
+    State(st): State<AppState>,
+    OrgAuth(c): OrgAuth,
+    Path((_org, name)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    logs_in(&st, &c.org, &name, &q).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_and_ranges() {
+        let f = parse_filter(&q(&[])).unwrap();
+        assert_eq!((f.limit, f.offset, f.desc), (DEFAULT_LIMIT, 0, true));
+        let f = parse_filter(&q(&[("order", "ASC"), ("limit", "100"), ("offset", "5")])).unwrap();
+        assert_eq!((f.limit, f.offset, f.desc), (100, 5, false));
+        let f = parse_filter(&q(&[("startTime", "10"), ("endTime", "20")])).unwrap();
+        assert_eq!(f.start_ns, Some(10_000_000_000));
+        assert_eq!(f.end_ns, Some(20_999_999_999));
+        let f = parse_filter(&q(&[("startTime", "10.5")])).unwrap();
+        assert_eq!(f.start_ns, Some(10_500_000_000));
+    }
+
+    #[test]
+    fn invalid_params_are_400() {
+        for bad in [
+            ("limit", "0"),
+            ("limit", "-1"),
+            ("limit", "10001"),
+            ("limit", "ten"),
+            ("offset", "-3"),
+            ("order", "up"),
+            ("sessionId", "nope"),
+            ("deploymentId", "1234"),
+            ("startTime", "yesterday"),
+            ("startTime", "-5"),
+            ("endTime", "1e300"),
+        ] {
+            let e = parse_filter(&q(&[bad])).unwrap_err();
+            assert_eq!(e.status, 400, "{bad:?}");
+        }
+        let e = parse_filter(&q(&[("startTime", "20"), ("endTime", "10")])).unwrap_err();
+        assert_eq!(e.status, 400);
+    }
+}

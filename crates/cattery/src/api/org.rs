@@ -1,0 +1,492 @@
+//! The org-scoped surface the official CLI uses (reference §A.2, §A.8-§A.10, §G, §I), plus
+//! the documented `/v1/regions` and `/v1/properties`.
+//!
+//! Every `/v1/organizations/{org}/...` route takes a user token (`pcc_pat_...`) or a private
+//! key of that org ([`OrgAuth`]); another org's name answers 404. The service, session, log
+//! and secret routes call the same code as the documented `/v1/agents` and `/v1/secrets`
+//! routes; the CLI-only differences are kept here:
+//!
+//! - `GET .../services/{name}` wraps the details as `{"body": {...}}` (the CLI reads
+//!   `result["body"]` and treats anything else as "no such agent");
+//! - update is `PUT .../services` with the name in `serviceName`;
+//! - `GET .../services/{name}/deployments` → `{"deployments": [...]}`, newest first;
+//! - `GET /v1/organizations` lists only the caller's org: `{"organizations": [{"name",
+//!   "verboseName"}]}`; `GET /v1/users` → `{"user": {"userId", "emails": []}}`;
+//! - `apiKeys`: `GET` → `{"public": [{"id", "key", "metadata": {"name"}, "createdAt",
+//!   "revoked"}]}`, `POST {"name", "type"?}` → the new key (`"key"`), `DELETE .../{id}` revokes
+//!   (soft: the record stays with `revoked: true`);
+//! - `GET .../daily` → `{"apiKey"}` when the server has a Daily key, else 404.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::agents;
+use super::auth::{generate_key, hash_key, OrgAuth, PrivateAuth};
+use super::error::{ApiError, ApiResult};
+use super::sessions;
+use super::{ApiJson, AppState};
+use crate::core::agents::AgentRequest;
+use crate::core::orgs;
+use crate::core::supervisor::PoolStatus;
+use crate::core::CoreError;
+use crate::model::{iso_ms, now_ms, ApiKeyRecord, KeyKind};
+
+fn nf(e: CoreError) -> ApiError {
+    ApiError::from(e).with_not_found_code("NOT_FOUND")
+}
+
+/// `GET /v1/organizations`: the caller's org only.
+pub async fn list_organizations(
+    State(st): State<AppState>,
+    PrivateAuth(c): PrivateAuth,
+) -> ApiResult<Json<Value>> {
+    let org = st
+        .store
+        .get_org(&c.org)
+        .await
+        .map_err(CoreError::from)?
+        .ok_or_else(|| ApiError::not_found("NOT_FOUND", "organization not found"))?;
+    Ok(Json(json!({"organizations": [{
+        "name": org.name,
+        "verboseName": org.verbose_name,
+        "createdAt": iso_ms(org.created_ms),
+    }]})))
+}
+
+/// `GET /v1/users`: the calling key or token as the "user".
+pub async fn current_user(PrivateAuth(c): PrivateAuth) -> Json<Value> {
+    Json(json!({"user": {
+        "userId": c.key_id,
+        "name": c.key_name,
+        "emails": [],
+        "organization": c.org,
+        "keyType": c.kind.as_str(),
+    }}))
+}
+
+/// `GET /v1/organizations/{org}/services`.
+pub async fn list_services(
+    State(st): State<AppState>,
+    OrgAuth(c): OrgAuth,
+    q: Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    agents::list_agents(State(st), PrivateAuth(c), q).await
+}
+
+/// `POST /v1/organizations/{org}/services`: create.
+pub async fn create_service(
+    State(st): State<AppState>,
+    OrgAuth(c): OrgAuth,
+    body: ApiJson<AgentRequest>,
+) -> ApiResult<Json<Value>> {
+    agents::create_agent(State(st), PrivateAuth(c), body).await
+}
+
+/// `PUT /v1/organizations/{org}/services`: update the agent named by `serviceName`.
+pub async fn update_service(
+    State(st): State<AppState>,
+    OrgAuth(c): OrgAuth,
+    ApiJson(req): ApiJson<AgentRequest>,
+) -> ApiResult<Json<Value>> {
+    let name = req
+        .service_name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ApiError::bad_request("serviceName is required"))?;
+    agents::update_agent(State(st), PrivateAuth(c), Path(name), ApiJson(req)).await
+}
+
+/// `GET /v1/organizations/{org}/services/{name}`: `{"body": ServiceDetailsResponse}`.
+pub async fn get_service(
+    State(st): State<AppState>,
+    OrgAuth(c): OrgAuth,
+    Path((_org, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let details = agents::load_details(&st, &c.org, &name, None).await?;
+    Ok(Json(json!({ "body": details })))
+}
+
+/// `DELETE /v1/organizations/{org}/services/{name}`.
+pub async fn delete_service(
+    State(st): State<AppState>,
+    OrgAuth(c): OrgAuth,
+    Path((_org, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    agents::delete_agent(State(st), PrivateAuth(c), Path(name)).await
+}
+
+async fn deployments_in(st: &AppState, org: &str, name: &str) -> ApiResult<Json<Value>> {
+    let a = st
+        .store
+        .get_agent(org, name)
+        .await
+        .map_err(CoreError::from)?
+        .ok_or_else(|| ApiError::not_found("NOT_FOUND", "Not found"))?;
+    let deps = st
+        .store
+        .list_deployments(a.id)
+        .await
+        .map_err(CoreError::from)?;
+    let grace = st.sup.default_stop_grace().as_secs_f64();
+    let list: Vec<Value> = deps
+        .iter()
+        .map(|d| {
+            let mut v =
+                agents::agent_details(&a, d, &PoolStatus::default(), grace, None)["deployment"]
+                    .take();
+            v["active"] = json!(d.id == a.desired_deployment_id);
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "deployments": list })))
+}
+
+/// `GET /v1/organizations/{org}/services/{name}/deployments`: `{"deployments": [{id,
+/// serviceId, manifest, createdAt, updatedAt, active}]}`, newest first.
+pub async fn list_deployments(
+    State(st): State<AppState>,
+    OrgAuth(c): OrgAuth,
+    Path((_org, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    deployments_in(&st, &c.org, &name).await
+}
+
+/// `GET /v1/agents/{name}/deployments` (Cattery's documented-form twin of the CLI route).
+pub async fn agent_deployments(
+    State(st): State<AppState>,
+    PrivateAuth(c): PrivateAuth,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    deployments_in(&st, &c.org, &name).await
+}
+
+/// `GET /v1/organizations/{org}/services/{name}/sessions`.
+pub async fn list_sessions(
+    State(st): State<AppState>,
+    OrgAuth(c): OrgAuth,
+    Path((_org, name)): Path<(String, String)>,
+    q: Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    sessions::list_sessions(State(st), PrivateAuth(c), Path(name), q).await
+}
+
+/// `GET /v1/organizations/{org}/services/{name}/sessions/{id}`.
+pub async fn get_session(
+    State(st): State<AppState>,
+    OrgAuth(c): OrgAuth,
+    Path((_org, name, sid)): Path<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    sessions::get_session(State(st), PrivateAuth(c), Path((name, sid))).await
+}
+
+/// `DELETE /v1/organizations/{org}/services/{name}/sessions/{id}`.
+pub async fn stop_session(
+    State(st): State<AppState>,
+    OrgAuth(c): OrgAuth,
+    Path((_org, name, sid)): Path<(String, String, String)>,
+) -> ApiResult<Json<sessions::StopResponse>> {
+    sessions::stop_session(State(st), PrivateAuth(c), Path((name, sid))).await
+}
+
+async fn regions_in(st: &AppState) -> Json<Value> {
+    Json(orgs::regions_json(&st.defaults))
+}
+
+/// List regions: `{"regions": [{"code", "display_name"}]}`.
+#[utoipa::path(get, path = "/v1/regions", tag = "organization", operation_id = "list_regions",
+    responses((status = 200, description = "{\"regions\": [{code, display_name}]}", body = Object),
+              (status = 401, body = super::error::ErrorBody)),
+    security(("PrivateKeyAuth" = [])))]
+pub async fn regions(State(st): State<AppState>, PrivateAuth(_c): PrivateAuth) -> Json<Value> {
+    regions_in(&st).await
+}
+
+/// `GET /v1/organizations/{org}/regions`.
+pub async fn org_regions(State(st): State<AppState>, OrgAuth(_c): OrgAuth) -> Json<Value> {
+    regions_in(&st).await
+}
+
+/// Organization properties: `{"properties": {"defaultRegion"}}`.
+#[utoipa::path(get, path = "/v1/properties", tag = "organization", operation_id = "get_properties",
+    responses((status = 200, description = "{\"properties\": {\"defaultRegion\"}}", body = Object),
+              (status = 401, body = super::error::ErrorBody)),
+    security(("PrivateKeyAuth" = [])))]
+pub async fn properties(
+    State(st): State<AppState>,
+    PrivateAuth(c): PrivateAuth,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(
+        orgs::properties(&st.store, &st.defaults, &c.org)
+            .await
+            .map_err(nf)?,
+    ))
+}
+
+/// Organization properties with their schema.
+#[utoipa::path(get, path = "/v1/properties/schema", tag = "organization",
+    operation_id = "get_properties_schema",
+    responses((status = 200, description = "{\"properties\": {name: {type, description, readOnly, currentValue, default, availableValues}}}", body = Object),
+              (status = 401, body = super::error::ErrorBody)),
+    security(("PrivateKeyAuth" = [])))]
+pub async fn properties_schema(
+    State(st): State<AppState>,
+    PrivateAuth(c): PrivateAuth,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(
+        orgs::properties_schema(&st.store, &st.defaults, &c.org)
+            .await
+            .map_err(nf)?,
+    ))
+}
+
+/// Update organization properties (`{"defaultRegion": "..."}`); answers the schema form.
+#[utoipa::path(patch, path = "/v1/properties", tag = "organization", operation_id = "update_properties",
+    request_body = Object,
+    responses((status = 200, description = "the schema form", body = Object),
+              (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody)),
+    security(("PrivateKeyAuth" = [])))]
+pub async fn update_properties(
+    State(st): State<AppState>,
+    PrivateAuth(c): PrivateAuth,
+    ApiJson(patch): ApiJson<Value>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(
+        orgs::update_properties(&st.store, &st.defaults, &c.org, &patch)
+            .await
+            .map_err(nf)?,
+    ))
+}
+
+/// `GET /v1/organizations/{org}/properties`.
+pub async fn org_properties(
+    State(st): State<AppState>,
+    OrgAuth(c): OrgAuth,
+) -> ApiResult<Json<Value>> {
+    properties(State(st), PrivateAuth(c)).await
+}
+
+/// `GET /v1/organizations/{org}/properties/schema`.
+pub async fn org_properties_schema(
+    State(st): State<AppState>,
+    OrgAuth(c): OrgAuth,
+) -> ApiResult<Json<Value>> {
+    properties_schema(State(st), PrivateAuth(c)).await
+}
+
+/// `PATCH /v1/organizations/{org}/properties`.
+pub async fn org_update_properties(
+    State(st): State<AppState>,
+    OrgAuth(c): OrgAuth,
+    body: ApiJson<Value>,
+) -> ApiResult<Json<Value>> {
+    update_properties(State(st), PrivateAuth(c), body).await
+}
+
+fn key_json(k: &ApiKeyRecord) -> Value {
+    json!({
+        "id": k.id,
+        "key": k.public_key.clone().unwrap_or_else(|| format!("{}...", k.prefix)),
+        "type": k.kind.as_str(),
+        "metadata": {"name": k.name},
+        "createdAt": iso_ms(k.created_ms),
+        "revoked": k.revoked_ms.is_some(),
+        "revokedAt": k.revoked_ms.map(iso_ms),
+    })
+}
+
+/// `GET /v1/organizations/{org}/apiKeys`: the org's public keys (with the whole key) and its
+/// private keys (prefix only); tokens are not listed.
+pub async fn list_api_keys(
+    State(st): State<AppState>,
+    OrgAuth(c): OrgAuth,
+) -> ApiResult<Json<Value>> {
+    let keys = st
+        .store
+        .list_keys(&c.org, None)
+        .await
+        .map_err(CoreError::from)?;
+    let of = |kind| {
+        keys.iter()
+            .filter(|k| k.kind == kind)
+            .map(key_json)
+            .collect::<Vec<_>>()
+    };
+    Ok(Json(
+        json!({"public": of(KeyKind::Public), "private": of(KeyKind::Private)}),
+    ))
+}
+
+/// Body of `POST .../apiKeys`.
+#[derive(Debug, Deserialize)]
+pub struct CreateKeyRequest {
+    /// Human name (1 to 100 characters).
+    pub name: Option<String>,
+    /// `public` (default) or `private`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+}
+
+/// `POST /v1/organizations/{org}/apiKeys`: creates a key and answers it once, whole, as
+/// `"key"`. Errors: 400 for a missing or long name or an unknown type.
+pub async fn create_api_key(
+    State(st): State<AppState>,
+    OrgAuth(c): OrgAuth,
+    ApiJson(req): ApiJson<CreateKeyRequest>,
+) -> ApiResult<Json<Value>> {
+    let name = req
+        .name
+        .as_deref()
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ApiError::bad_request("name is required"))?;
+    if name.chars().count() > 100 {
+        return Err(ApiError::bad_request("name must be at most 100 characters"));
+    }
+    let kind = match req.kind.as_deref() {
+        None | Some("") | Some("public") => KeyKind::Public,
+        Some("private") => KeyKind::Private,
+        Some(t) => {
+            return Err(ApiError::bad_request(format!(
+                "type must be public or private, not {t:?}"
+            )))
+        }
+    };
+    let key = generate_key(kind);
+    let rec = ApiKeyRecord {
+        id: Uuid::new_v4(),
+        org: c.org.clone(),
+        kind,
+        name: name.to_string(),
+        prefix: key[..kind.prefix().len() + 6].to_string(),
+        created_ms: now_ms(),
+        revoked_ms: None,
+        public_key: (kind == KeyKind::Public).then(|| key.clone()),
+    };
+    st.store
+        .insert_key(&rec, &hash_key(&key))
+        .await
+        .map_err(CoreError::from)?;
+    let mut v = key_json(&rec);
+    v["key"] = json!(key);
+    Ok(Json(v))
+}
+
+/// `DELETE /v1/organizations/{org}/apiKeys/{id}`: revokes (soft delete); the key fails at
+/// once. Errors: 400 for a malformed id, 404 for an unknown one.
+pub async fn revoke_api_key(
+    State(st): State<AppState>,
+    OrgAuth(c): OrgAuth,
+    Path((_org, id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let id = Uuid::parse_str(&id)
+        .map_err(|_| ApiError::bad_request(format!("invalid key id {id:?}: expected a UUID")))?;
+    if !st
+        .store
+        .revoke_key(&c.org, id)
+        .await
+        .map_err(CoreError::from)?
+    {
+        return Err(ApiError::not_found(
+            "NOT_FOUND",
+            format!("API key {id} not found"),
+        ));
+    }
+    Ok(Json(json!({"status": "OK", "id": id, "revoked": true})))
+}
+
+/// `GET /v1/organizations/{org}/daily`: `{"apiKey"}` when the server has a Daily API key.
+pub async fn daily_key(State(st): State<AppState>, OrgAuth(_c): OrgAuth) -> ApiResult<Json<Value>> {
+    st.sup
+        .daily_api_key()
+        .map(|k| Json(json!({ "apiKey": k })))
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "NOT_FOUND",
+                "this server has no Daily API key (cattery serve --daily-api-key)",
+            )
+        })
+}
+
+/// The routes of this module, `api::secrets` and `api::logs` (merged into [`super::router`]).
+pub fn routes() -> axum::Router<AppState> {
+    use super::{logs, secrets};
+    use axum::routing::get;
+    const S: &str = "/v1/organizations/{org}/services";
+    const SEC: &str = "/v1/organizations/{org}/secrets";
+    axum::Router::new()
+        .route("/v1/organizations", get(list_organizations))
+        .route("/v1/users", get(current_user))
+        .route("/v1/regions", get(regions))
+        .route("/v1/properties", get(properties).patch(update_properties))
+        .route("/v1/properties/schema", get(properties_schema))
+        .route(
+            "/v1/secrets",
+            get(secrets::list_secret_sets),
+        )
+        .route(
+            "/v1/secrets/{set_name}",
+            get(secrets::get_secret_set)
+                .put(secrets::put_secret_set)
+                .delete(secrets::delete_secret_set),
+        )
+        .route(
+            "/v1/secrets/{set_name}/{secret_key}",
+            axum::routing::delete(secrets::delete_secret),
+        )
+        .route("/v1/agents/{agent_name}/logs", get(logs::agent_logs))
+        .route(
+            "/v1/agents/{agent_name}/deployments",
+            get(agent_deployments),
+        )
+        .route(
+            S,
+            get(list_services)
+                .post(create_service)
+                .put(update_service),
+        )
+        .route(
+            &format!("{S}/{{name}}"),
+            get(get_service).delete(delete_service),
+        )
+        .route(&format!("{S}/{{name}}/deployments"), get(list_deployments))
+        .route(&format!("{S}/{{name}}/logs"), get(logs::org_agent_logs))
+        .route(&format!("{S}/{{name}}/sessions"), get(list_sessions))
+        .route(
+            &format!("{S}/{{name}}/sessions/{{session_id}}"),
+            get(get_session).delete(stop_session),
+        )
+        .route(SEC, get(secrets::org_list_secret_sets))
+        .route(
+            &format!("{SEC}/{{set_name}}"),
+            get(secrets::org_get_secret_set)
+                .put(secrets::org_put_secret_set)
+                .delete(secrets::org_delete_secret_set),
+        )
+        .route(
+            &format!("{SEC}/{{set_name}}/{{secret_key}}"),
+            axum::routing::delete(secrets::org_delete_secret),
+        )
+        .route("/v1/organizations/{org}/regions", get(org_regions))
+        .route(
+            "/v1/organizations/{org}/properties",
+            get(org_properties).patch(org_update_properties),
+        )
+        .route(
+            "/v1/organizations/{org}/properties/schema",
+            get(org_properties_schema),
+        )
+        .route(
+            "/v1/organizations/{org}/apiKeys",
+            get(list_api_keys).post(create_api_key),
+        )
+        .route(
+            "/v1/organizations/{org}/apiKeys/{id}",
+            axum::routing::delete(revoke_api_key),
+        )
+        .route("/v1/organizations/{org}/daily", get(daily_key))
+}

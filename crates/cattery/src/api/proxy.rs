@@ -1,0 +1,118 @@
+//! The Session API proxy (reference §A.5.5):
+//! `{GET,POST,PUT,PATCH,DELETE,OPTIONS,HEAD} /v1/public/{agent}/sessions/{sessionId}/{path}`.
+//!
+//! Forwards to `http://127.0.0.1:<instance port>/{path}` on the instance that runs the session:
+//! method, query and body unchanged (streamed); every header except `host`, `content-length`
+//! and `authorization`, plus `x-daily-session-id`; the instance's status, headers and body are
+//! streamed back unchanged. While the instance is still starting the request waits, up to
+//! [`PROXY_WAIT`]. A session that ended or never existed answers 404 `{error, code}`.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderName, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use uuid::Uuid;
+
+use super::auth::PublicAuth;
+use super::error::{ApiError, ApiResult};
+use super::AppState;
+use crate::core::CoreError;
+
+/// Longest a proxied request waits for a starting instance.
+pub const PROXY_WAIT: Duration = Duration::from_secs(30);
+
+static CLIENT: LazyLock<Client<HttpConnector, Body>> = LazyLock::new(|| {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(c)
+});
+
+/// Checks that a live session of `agent` in `org` exists; returns it.
+pub async fn live_session(st: &AppState, org: &str, agent: &str, sid: &str) -> ApiResult<Uuid> {
+    let id = Uuid::parse_str(sid)
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "400", format!("invalid session id {sid:?}")))?;
+    let s = st
+        .store
+        .get_session(id)
+        .await
+        .map_err(CoreError::from)?
+        .filter(|s| s.org == org)
+        .ok_or_else(|| ApiError::not_found("404", format!("session {id} not found")))?;
+    let a = st.store.get_agent_by_id(s.agent_id).await.map_err(CoreError::from)?;
+    if a.map(|a| a.name != agent).unwrap_or(true) {
+        return Err(ApiError::not_found("404", format!("session {id} not found for agent {agent}")));
+    }
+    if s.end.is_some() {
+        return Err(ApiError::not_found("404", format!("session {id} has ended")));
+    }
+    Ok(id)
+}
+
+/// Proxy with an empty sub-path.
+pub async fn proxy_root(
+    st: State<AppState>,
+    auth: PublicAuth,
+    Path((agent, sid)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    forward(st, auth, agent, sid, String::new(), req).await
+}
+
+/// Proxy with a sub-path.
+pub async fn proxy(
+    st: State<AppState>,
+    auth: PublicAuth,
+    Path((agent, sid, path)): Path<(String, String, String)>,
+    req: Request,
+) -> Response {
+    forward(st, auth, agent, sid, path, req).await
+}
+
+async fn forward(
+    State(st): State<AppState>,
+    PublicAuth(c): PublicAuth,
+    agent: String,
+    sid: String,
+    path: String,
+    req: Request,
+) -> Response {
+    match forward_inner(&st, &c.org, &agent, &sid, &path, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn forward_inner(st: &AppState, org: &str, agent: &str, sid: &str, path: &str, req: Request) -> ApiResult<Response> {
+    let id = live_session(st, org, agent, sid).await?;
+    let port = st
+        .sup
+        .session_port(id, PROXY_WAIT)
+        .await
+        .ok_or_else(|| ApiError::not_found("404", format!("session {id} is not running")))?;
+    let (mut parts, body) = req.into_parts();
+    let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    parts.uri = format!("http://127.0.0.1:{port}/{path}{query}")
+        .parse::<Uri>()
+        .map_err(|e| ApiError::bad_request(format!("invalid path: {e}")))?;
+    for h in ["host", "content-length", "authorization"] {
+        parts.headers.remove(h);
+    }
+    parts.headers.insert(
+        HeaderName::from_static("x-daily-session-id"),
+        id.to_string().parse().expect("uuid is a valid header value"),
+    );
+    let resp = CLIENT
+        .request(Request::from_parts(parts, body))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "502", format!("the session's instance did not answer: {e}")))?;
+    let (parts, body) = resp.into_parts();
+    Ok(Response::from_parts(parts, Body::new(body)))
+}

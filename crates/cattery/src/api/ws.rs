@@ -1,0 +1,322 @@
+//! The websocket transport (reference §A.5 "websocket", §F.3).
+//!
+//! `POST /start` with `transport: "websocket"` starts no bot: it answers a single-use token
+//! (valid [`TOKEN_TTL`], bound to agent and org), a `wsUrl` served by Cattery
+//! (`ws://<host>/ws/generic/<agent>.<org>`), the announced `sessionId`, and the body as
+//! base64 JSON. When a client connects there, Cattery assigns an instance (warm or cold),
+//! opens the instance's `/ws` with `x-daily-session-id` and `?body=`, and relays text and
+//! binary frames both ways until either side closes.
+//!
+//! The token may come as `Authorization: Bearer`, `?token=`, or a trailing path segment, in
+//! that order; a bad, expired or replayed token gets 403 at the handshake. Agents deployed with
+//! `websocketAuth: "none"` accept connections without a token (telephony providers); the
+//! default is `token`.
+//!
+//! Ending: a client close frame, a client that goes away (EOF or error), or a client silent
+//! for the idle timeout (Cattery pings it; any frame or pong counts) ends the session with
+//! `endReason: client_disconnected`; the agent closing ends it `completed`. Each close
+//! handshake is bounded by [`CLOSE_WAIT`], and a send to a client that stopped reading is
+//! bounded by [`SEND_WAIT`], so a half-closed peer can never keep a session alive.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame as AxCloseFrame, Message as AxMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use futures_util::{SinkExt, StreamExt};
+use parking_lot::Mutex;
+use rand::RngCore;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame as TCloseFrame;
+use tokio_tungstenite::tungstenite::Message as TMessage;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::core::instance_http::{BotOutcome, Deliver, OutcomeFuture};
+use crate::core::supervisor::StartParams;
+
+/// How long a websocket token stays valid.
+pub const TOKEN_TTL: Duration = Duration::from_secs(300);
+/// Bound on each close handshake.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// Bound on one frame send.
+pub const SEND_WAIT: Duration = Duration::from_secs(5);
+
+/// A pending websocket session announced by `/start`.
+#[derive(Debug, Clone)]
+pub struct WsTicket {
+    /// Org.
+    pub org: String,
+    /// Agent name.
+    pub agent: String,
+    /// Announced session id.
+    pub session_id: Uuid,
+    /// Start body as JSON bytes, if any.
+    pub body: Option<Vec<u8>>,
+    /// Expiry.
+    pub expires: Instant,
+}
+
+/// Websocket transport state.
+pub struct WsState {
+    tickets: Mutex<HashMap<String, WsTicket>>,
+    /// A client silent this long is treated as gone.
+    pub idle_timeout: Duration,
+}
+
+impl WsState {
+    /// New state with an idle timeout.
+    pub fn new(idle_timeout: Duration) -> Self {
+        WsState { tickets: Mutex::new(HashMap::new()), idle_timeout }
+    }
+
+    /// Issues a single-use token.
+    pub fn issue(&self, t: WsTicket) -> String {
+        let mut b = [0u8; 24];
+        rand::rng().fill_bytes(&mut b);
+        let tok = hex::encode(b);
+        let mut m = self.tickets.lock();
+        let now = Instant::now();
+        m.retain(|_, v| v.expires > now);
+        m.insert(tok.clone(), t);
+        tok
+    }
+
+    /// Redeems a token for `org`/`agent` (single use).
+    fn redeem(&self, tok: &str, org: &str, agent: &str) -> Option<WsTicket> {
+        let mut m = self.tickets.lock();
+        let t = m.remove(tok)?;
+        (t.expires > Instant::now() && t.org == org && t.agent == agent).then_some(t)
+    }
+}
+
+/// `/start` for the websocket transport: the answer's extra fields.
+pub fn announce(
+    st: &AppState,
+    host: &str,
+    org: &str,
+    agent: &str,
+    body: Option<&serde_json::Value>,
+) -> serde_json::Value {
+    let session_id = Uuid::new_v4();
+    let body_bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
+    let token = st.ws.issue(WsTicket {
+        org: org.to_string(),
+        agent: agent.to_string(),
+        session_id,
+        body: body_bytes.clone(),
+        expires: Instant::now() + TOKEN_TTL,
+    });
+    let mut v = serde_json::json!({
+        "sessionId": session_id,
+        "token": token,
+        "wsUrl": format!("ws://{host}/ws/generic/{agent}.{org}"),
+    });
+    if let Some(b) = body_bytes {
+        v["body"] = base64::engine::general_purpose::STANDARD.encode(b).into();
+    }
+    v
+}
+
+fn forbidden(msg: &str) -> Response {
+    ApiError::new(StatusCode::FORBIDDEN, "403", msg).into_response()
+}
+
+/// `GET /ws/generic/{agent}.{org}` (token in header or query).
+pub async fn connect(
+    State(st): State<AppState>,
+    Path(service): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    up: WebSocketUpgrade,
+) -> Response {
+    handle(st, service, None, q, headers, up).await
+}
+
+/// `GET /ws/generic/{agent}.{org}/{token}`.
+pub async fn connect_with_token(
+    State(st): State<AppState>,
+    Path((service, token)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    up: WebSocketUpgrade,
+) -> Response {
+    handle(st, service, Some(token), q, headers, up).await
+}
+
+async fn handle(
+    st: AppState,
+    service: String,
+    path_token: Option<String>,
+    q: HashMap<String, String>,
+    headers: HeaderMap,
+    up: WebSocketUpgrade,
+) -> Response {
+    let Some((agent, org)) = service.split_once('.') else {
+        return ApiError::not_found("404", "expected /ws/generic/<agent>.<org>").into_response();
+    };
+    let (agent, org) = (agent.to_string(), org.to_string());
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string)
+        .or_else(|| q.get("token").cloned())
+        .or(path_token);
+    let (session_id, body) = match token {
+        Some(t) => match st.ws.redeem(&t, &org, &agent) {
+            Some(ticket) => (Some(ticket.session_id), ticket.body),
+            None => return forbidden("invalid, expired or already used websocket token"),
+        },
+        None => {
+            if st.sup.websocket_auth(&org, &agent).as_deref() != Some("none") {
+                return forbidden("this agent needs a websocket token (websocketAuth: token)");
+            }
+            let body = q
+                .get("body")
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
+            (None, body)
+        }
+    };
+    let idle = st.ws.idle_timeout;
+    up.on_upgrade(move |socket| async move {
+        let body_b64 = body.as_ref().map(|b| base64::engine::general_purpose::STANDARD.encode(b));
+        let (socket_tx, socket_rx) = tokio::sync::oneshot::channel::<WebSocket>();
+        let deliver: Deliver = Box::new(move |port, headers| {
+            Box::pin(async move {
+                let client = socket_rx.await.map_err(|_| "client socket gone".to_string())?;
+                let mut url = format!("ws://127.0.0.1:{port}/ws");
+                if let Some(b) = body_b64 {
+                    url.push_str("?body=");
+                    url.push_str(&urlencode(&b));
+                }
+                let mut req = url.into_client_request().map_err(|e| e.to_string())?;
+                for (k, v) in headers {
+                    if let (Ok(k), Ok(v)) = (
+                        axum::http::HeaderName::from_bytes(k.as_bytes()),
+                        axum::http::HeaderValue::from_str(&v),
+                    ) {
+                        req.headers_mut().insert(k, v);
+                    }
+                }
+                let (inst, _) = tokio_tungstenite::connect_async(req)
+                    .await
+                    .map_err(|e| format!("instance /ws refused: {e}"))?;
+                Ok(Box::pin(relay(client, inst, idle)) as OutcomeFuture)
+            })
+        });
+        let _ = socket_tx.send(socket);
+        let params = StartParams {
+            body: bytes::Bytes::from(body.unwrap_or_else(|| b"{}".to_vec())),
+            deliver: Some(deliver),
+            session_id,
+            transport: Some("websocket".into()),
+            ..Default::default()
+        };
+        if let Err(e) = st.sup.start_session(&org, &agent, params).await {
+            tracing::info!(agent = %agent, error = %e, "websocket session could not start");
+        }
+    })
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn to_instance(m: AxMessage) -> Option<TMessage> {
+    match m {
+        AxMessage::Text(t) => Some(TMessage::Text(t.as_str().into())),
+        AxMessage::Binary(b) => Some(TMessage::Binary(b)),
+        _ => None,
+    }
+}
+
+fn to_client(m: TMessage) -> Option<AxMessage> {
+    match m {
+        TMessage::Text(t) => Some(AxMessage::Text(t.as_str().into())),
+        TMessage::Binary(b) => Some(AxMessage::Binary(b)),
+        _ => None,
+    }
+}
+
+/// Relays frames between the client and the instance until one side ends.
+async fn relay<S>(client: WebSocket, inst: tokio_tungstenite::WebSocketStream<S>, idle: Duration) -> BotOutcome
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    let (mut cs, mut cr) = client.split();
+    let (mut is, mut ir) = inst.split();
+    let mut last_heard = Instant::now();
+    let mut ping = tokio::time::interval((idle / 3).max(Duration::from_millis(100)));
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            m = cr.next() => match m {
+                Some(Ok(AxMessage::Close(f))) => {
+                    let frame = f.map(|f| TCloseFrame { code: CloseCode::from(f.code), reason: f.reason.as_str().into() });
+                    let _ = tokio::time::timeout(CLOSE_WAIT, is.send(TMessage::Close(frame))).await;
+                    let _ = tokio::time::timeout(CLOSE_WAIT, is.close()).await;
+                    return BotOutcome::WsClosed { by_client: true };
+                }
+                Some(Ok(m)) => {
+                    last_heard = Instant::now();
+                    if let Some(m) = to_instance(m) {
+                        match tokio::time::timeout(SEND_WAIT, is.send(m)).await {
+                            Ok(Ok(())) => {}
+                            _ => {
+                                let _ = tokio::time::timeout(CLOSE_WAIT, cs.send(AxMessage::Close(None))).await;
+                                return BotOutcome::WsClosed { by_client: false };
+                            }
+                        }
+                    }
+                }
+                None | Some(Err(_)) => {
+                    let _ = tokio::time::timeout(CLOSE_WAIT, is.close()).await;
+                    return BotOutcome::WsClosed { by_client: true };
+                }
+            },
+            m = ir.next() => match m {
+                Some(Ok(TMessage::Close(f))) => {
+                    let frame = f.map(|f| AxCloseFrame { code: u16::from(f.code), reason: f.reason.as_str().into() });
+                    let _ = tokio::time::timeout(CLOSE_WAIT, cs.send(AxMessage::Close(frame))).await;
+                    return BotOutcome::WsClosed { by_client: false };
+                }
+                Some(Ok(m)) => {
+                    if let Some(m) = to_client(m) {
+                        match tokio::time::timeout(SEND_WAIT, cs.send(m)).await {
+                            Ok(Ok(())) => {}
+                            _ => {
+                                let _ = tokio::time::timeout(CLOSE_WAIT, is.close()).await;
+                                return BotOutcome::WsClosed { by_client: true };
+                            }
+                        }
+                    }
+                }
+                None | Some(Err(_)) => {
+                    let _ = tokio::time::timeout(CLOSE_WAIT, cs.send(AxMessage::Close(None))).await;
+                    return BotOutcome::WsClosed { by_client: false };
+                }
+            },
+            _ = ping.tick() => {
+                if last_heard.elapsed() > idle {
+                    let _ = tokio::time::timeout(CLOSE_WAIT, is.close()).await;
+                    return BotOutcome::WsClosed { by_client: true };
+                }
+                if tokio::time::timeout(SEND_WAIT, cs.send(AxMessage::Ping(bytes::Bytes::new()))).await.map(|r| r.is_err()).unwrap_or(true) {
+                    let _ = tokio::time::timeout(CLOSE_WAIT, is.close()).await;
+                    return BotOutcome::WsClosed { by_client: true };
+                }
+            }
+        }
+    }
+}

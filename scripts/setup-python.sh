@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Creates the Python environments the tests use, under ~/.cache/cattery-py (idempotent):
+#   main/ : pipecat-ai[cli,webrtc] + pipecatcloud 1.x + fastapi + uvicorn: runs example bots
+#           through the Cattery runner, and the current official CLI (`pipecat cloud ...`).
+#   pcc/  : pipecatcloud==0.7.2, the legacy `pcc` CLI.
+# Prints the two interpreters' paths. Tests find them in the same place (or via
+# CATTERY_TEST_PYTHON / CATTERY_TEST_PCC_PYTHON).
+set -euo pipefail
+root="${CATTERY_PY_DIR:-$HOME/.cache/cattery-py}"
+mkdir -p "$root"
+
+if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+fi
+
+make_env() {
+  local name="$1"; shift
+  local stamp="$root/$name/.cattery-stamp"
+  local want="$*"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$root/$name/bin/python" -c 'import sys' 2>/dev/null; then
+    return 0
+  fi
+  rm -rf "$root/$name"
+  python3 -m venv "$root/$name"
+  "$root/$name/bin/pip" install -q --disable-pip-version-check "$@"
+  echo "$want" > "$stamp"
+}
+
+make_env main 'pipecat-ai[cli,webrtc]' 'pipecatcloud>=1.4,<2' fastapi uvicorn websockets
+make_env pcc 'pipecatcloud==0.7.2'
+echo "$root/main/bin/python"
+echo "$root/pcc/bin/python"
