@@ -12,63 +12,136 @@ use serde_json::json;
 
 /// The Python with pipecat-ai, pipecatcloud, fastapi and uvicorn.
 fn python() -> PathBuf {
-    let p = std::env::var_os("CATTERY_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cattery-py/main/bin/python")
-    });
-    assert!(p.exists(), "{} is missing: run scripts/setup-python.sh first", p.display());
+    let p = std::env::var_os("CATTERY_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cattery-py/main/bin/python")
+        });
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup-python.sh first",
+        p.display()
+    );
     p
 }
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn example(name: &str) -> String {
     format!("local:{}", repo().join("examples").join(name).display())
 }
 
+/// Runs a Python script from the repo with arguments; panics with its output unless it exits 0.
+async fn run_script(what: &str, script: &str, args: Vec<String>) {
+    let script = repo().join(script);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .arg(script)
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 async fn server() -> Server {
     let py = python();
-    Server::start(&["--python", py.to_str().unwrap(), "--stop-grace-seconds", "3"]).await
+    Server::start(&[
+        "--python",
+        py.to_str().unwrap(),
+        "--stop-grace-seconds",
+        "3",
+    ])
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn session_status_bot_runs_unchanged_with_its_session_api() {
     let s = server().await;
-    s.deploy("status-bot", &[], json!({"command": null, "image": example("session-status")})).await;
-    let r = s.start_session("status-bot", json!({"body": {"duration_secs": 60, "tick_secs": 0.05}})).await;
+    s.deploy(
+        "status-bot",
+        &[],
+        json!({"command": null, "image": example("session-status")}),
+    )
+    .await;
+    let r = s
+        .start_session(
+            "status-bot",
+            json!({"body": {"duration_secs": 60, "tick_secs": 0.05}}),
+        )
+        .await;
     assert_eq!(r.status, 200, "{:?}\n{}", r.body, s.log());
     let sid = r.body["sessionId"].as_str().unwrap().to_string();
 
     // The bot's own route, through the session proxy.
-    let st = common::wait_for(Duration::from_secs(20), "bot /status with frames", || async {
-        let r = s.req("GET", &format!("/v1/public/status-bot/sessions/{sid}/status"), Some(&s.pk), None).await;
-        (r.status == 200 && r.body["frames_processed"].as_u64().unwrap_or(0) > 0).then_some(r.body)
-    })
+    let st = common::wait_for(
+        Duration::from_secs(20),
+        "bot /status with frames",
+        || async {
+            let r = s
+                .req(
+                    "GET",
+                    &format!("/v1/public/status-bot/sessions/{sid}/status"),
+                    Some(&s.pk),
+                    None,
+                )
+                .await;
+            (r.status == 200 && r.body["frames_processed"].as_u64().unwrap_or(0) > 0)
+                .then_some(r.body)
+        },
+    )
     .await;
     assert_eq!(st["running"], true);
     assert_eq!(st["session_id"], sid.as_str());
 
     // Stop: the whole Python tree goes.
     let stop = s.stop("status-bot", &sid).await;
-    assert_eq!(stop.body, json!({"status": "terminated", "session_id": sid}));
-    assert!(s.agent_pids().is_empty(), "python processes survived the stop");
+    assert_eq!(
+        stop.body,
+        json!({"status": "terminated", "session_id": sid})
+    );
+    assert!(
+        s.agent_pids().is_empty(),
+        "python processes survived the stop"
+    );
     let g = s.session("status-bot", &sid).await;
     assert_eq!(g["endReason"], "stopped");
 
     // Natural end, and a bot that raises: recorded, not swallowed.
-    let a = s.start_session("status-bot", json!({"body": {"duration_secs": 0.5}})).await.body["sessionId"]
+    let a = s
+        .start_session("status-bot", json!({"body": {"duration_secs": 0.5}}))
+        .await
+        .body["sessionId"]
         .as_str()
         .unwrap()
         .to_string();
-    let ga = s.wait_ended("status-bot", &a, Duration::from_secs(30)).await;
+    let ga = s
+        .wait_ended("status-bot", &a, Duration::from_secs(30))
+        .await;
     assert_eq!(ga["endReason"], "completed", "{ga}");
     assert_eq!(ga["completionStatus"], "HTTP_COMPLETED");
-    let b = s.start_session("status-bot", json!({"body": {"fail": true}})).await.body["sessionId"]
+    let b = s
+        .start_session("status-bot", json!({"body": {"fail": true}}))
+        .await
+        .body["sessionId"]
         .as_str()
         .unwrap()
         .to_string();
-    let gb = s.wait_ended("status-bot", &b, Duration::from_secs(30)).await;
+    let gb = s
+        .wait_ended("status-bot", &b, Duration::from_secs(30))
+        .await;
     assert_eq!(gb["endReason"], "error", "{gb}");
     assert_eq!(gb["completionStatus"], "500");
     s.wait_no_agent_pids(Duration::from_secs(10)).await;
@@ -87,7 +160,14 @@ async fn session_status_bot_is_cancelled_at_max_session_duration() {
     // the cap; a full 60 s wait is left to the lifecycle suite.
     let sid = s.start_ok("capped-bot").await;
     let st = common::wait_for(Duration::from_secs(20), "bot running", || async {
-        let r = s.req("GET", &format!("/v1/public/capped-bot/sessions/{sid}/status"), Some(&s.pk), None).await;
+        let r = s
+            .req(
+                "GET",
+                &format!("/v1/public/capped-bot/sessions/{sid}/status"),
+                Some(&s.pk),
+                None,
+            )
+            .await;
         (r.status == 200 && r.body["running"] == true).then_some(r.body)
     })
     .await;
@@ -98,28 +178,31 @@ async fn session_status_bot_is_cancelled_at_max_session_duration() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ws_echo_bot_over_the_websocket_transport() {
     let s = server().await;
-    s.deploy("ws-echo", &[], json!({"command": null, "image": example("ws-echo")})).await;
-    let a = s.start_session("ws-echo", json!({"transport": "websocket", "body": {"hello": 1}})).await;
+    s.deploy(
+        "ws-echo",
+        &[],
+        json!({"command": null, "image": example("ws-echo")}),
+    )
+    .await;
+    let a = s
+        .start_session(
+            "ws-echo",
+            json!({"transport": "websocket", "body": {"hello": 1}}),
+        )
+        .await;
     assert_eq!(a.status, 200, "{:?}", a.body);
-    let url = format!("{}?token={}", a.body["wsUrl"].as_str().unwrap(), a.body["token"].as_str().unwrap());
-    let sid = a.body["sessionId"].as_str().unwrap().to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(repo().join("examples/ws-echo/client.py"))
-            .arg(&url)
-            .args(["--seconds", "2"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "ws-echo client failed:\n{}\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        s.log()
+    let url = format!(
+        "{}?token={}",
+        a.body["wsUrl"].as_str().unwrap(),
+        a.body["token"].as_str().unwrap()
     );
+    let sid = a.body["sessionId"].as_str().unwrap().to_string();
+    run_script(
+        "ws-echo client",
+        "examples/ws-echo/client.py",
+        vec![url, "--seconds".into(), "2".into()],
+    )
+    .await;
     let g = s.wait_ended("ws-echo", &sid, Duration::from_secs(30)).await;
     assert_eq!(g["completionStatus"], "WS_CONNECTION_CLOSED");
     s.wait_no_agent_pids(Duration::from_secs(10)).await;
@@ -128,48 +211,38 @@ async fn ws_echo_bot_over_the_websocket_transport() {
 #[tokio::test(flavor = "multi_thread")]
 async fn webrtc_echo_bot_signals_through_the_session_proxy() {
     let s = server().await;
-    s.deploy("rtc-echo", &[], json!({"command": null, "image": example("webrtc-echo")})).await;
-    let r = s.start_session("rtc-echo", json!({"transport": "webrtc"})).await;
+    s.deploy(
+        "rtc-echo",
+        &[],
+        json!({"command": null, "image": example("webrtc-echo")}),
+    )
+    .await;
+    let r = s
+        .start_session("rtc-echo", json!({"transport": "webrtc"}))
+        .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let sid = r.body["sessionId"].as_str().unwrap().to_string();
     let offer = format!("{}/v1/public/rtc-echo/sessions/{sid}/api/offer", s.base);
     let auth = format!("Authorization: Bearer {}", s.pk);
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(repo().join("examples/webrtc-echo/client.py"))
-            .arg(&offer)
-            .args(["--seconds", "3", "--header", &auth])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "webrtc client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args = vec![
+        offer,
+        "--seconds".into(),
+        "3".into(),
+        "--header".into(),
+        auth,
+    ];
+    run_script("webrtc client", "examples/webrtc-echo/client.py", args).await;
     assert_eq!(s.stop("rtc-echo", &sid).await.status, 200);
     s.wait_no_agent_pids(Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bundled_runner_smoke_test() {
-    let out = tokio::task::spawn_blocking(|| {
-        Command::new(python())
-            .arg(repo().join("crates/cattery/runner/smoke_test.py"))
-            .arg("--python")
-            .arg(python())
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "runner smoke test failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let py = python().display().to_string();
+    run_script(
+        "runner smoke test",
+        "crates/cattery/runner/smoke_test.py",
+        vec!["--python".into(), py],
+    )
+    .await;
 }

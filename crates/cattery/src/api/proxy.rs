@@ -22,7 +22,6 @@ use uuid::Uuid;
 use super::auth::PublicAuth;
 use super::error::{ApiError, ApiResult};
 use super::AppState;
-use crate::core::CoreError;
 
 /// Longest a proxied request waits for a starting instance.
 pub const PROXY_WAIT: Duration = Duration::from_secs(30);
@@ -35,23 +34,16 @@ static CLIENT: LazyLock<Client<HttpConnector, Body>> = LazyLock::new(|| {
         .build(c)
 });
 
-/// Checks that a live session of `agent` in `org` exists; returns it.
+/// Checks that a live session of `agent` in `org` exists; returns its id.
+/// Errors: 400 for a malformed id; 404 when unknown, another org's or agent's, or ended.
 pub async fn live_session(st: &AppState, org: &str, agent: &str, sid: &str) -> ApiResult<Uuid> {
-    let id = Uuid::parse_str(sid)
-        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "400", format!("invalid session id {sid:?}")))?;
-    let s = st
-        .store
-        .get_session(id)
-        .await
-        .map_err(CoreError::from)?
-        .filter(|s| s.org == org)
-        .ok_or_else(|| ApiError::not_found("404", format!("session {id} not found")))?;
-    let a = st.store.get_agent_by_id(s.agent_id).await.map_err(CoreError::from)?;
-    if a.map(|a| a.name != agent).unwrap_or(true) {
-        return Err(ApiError::not_found("404", format!("session {id} not found for agent {agent}")));
-    }
+    let id = super::sessions::parse_session_id(sid)?;
+    let (_, s) = super::sessions::session_of(st, org, agent, id).await?;
     if s.end.is_some() {
-        return Err(ApiError::not_found("404", format!("session {id} has ended")));
+        return Err(ApiError::not_found(
+            "404",
+            format!("session {id} has ended"),
+        ));
     }
     Ok(id)
 }
@@ -90,7 +82,14 @@ async fn forward(
     }
 }
 
-async fn forward_inner(st: &AppState, org: &str, agent: &str, sid: &str, path: &str, req: Request) -> ApiResult<Response> {
+async fn forward_inner(
+    st: &AppState,
+    org: &str,
+    agent: &str,
+    sid: &str,
+    path: &str,
+    req: Request,
+) -> ApiResult<Response> {
     let id = live_session(st, org, agent, sid).await?;
     let port = st
         .sup
@@ -98,7 +97,11 @@ async fn forward_inner(st: &AppState, org: &str, agent: &str, sid: &str, path: &
         .await
         .ok_or_else(|| ApiError::not_found("404", format!("session {id} is not running")))?;
     let (mut parts, body) = req.into_parts();
-    let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let query = parts
+        .uri
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
     parts.uri = format!("http://127.0.0.1:{port}/{path}{query}")
         .parse::<Uri>()
         .map_err(|e| ApiError::bad_request(format!("invalid path: {e}")))?;
@@ -107,12 +110,20 @@ async fn forward_inner(st: &AppState, org: &str, agent: &str, sid: &str, path: &
     }
     parts.headers.insert(
         HeaderName::from_static("x-daily-session-id"),
-        id.to_string().parse().expect("uuid is a valid header value"),
+        id.to_string()
+            .parse()
+            .expect("uuid is a valid header value"),
     );
     let resp = CLIENT
         .request(Request::from_parts(parts, body))
         .await
-        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "502", format!("the session's instance did not answer: {e}")))?;
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "502",
+                format!("the session's instance did not answer: {e}"),
+            )
+        })?;
     let (parts, body) = resp.into_parts();
     Ok(Response::from_parts(parts, Body::new(body)))
 }

@@ -89,7 +89,8 @@ pub fn session_json(s: &SessionRecord, agent: &AgentRecord) -> Value {
     })
 }
 
-fn parse_session_id(s: &str) -> ApiResult<Uuid> {
+/// Parses a session id path segment. Errors: 400 `"400"` (the seed's malformed-id case).
+pub fn parse_session_id(s: &str) -> ApiResult<Uuid> {
     Uuid::parse_str(s).map_err(|_| {
         ApiError::new(
             axum::http::StatusCode::BAD_REQUEST,
@@ -165,7 +166,13 @@ pub async fn start_session(
             .and_then(|h| h.to_str().ok())
             .unwrap_or("127.0.0.1:7870")
             .to_string();
-        return Ok(Json(super::ws::announce(&st, &host, &c.org, &name, req.body.as_ref())));
+        return Ok(Json(super::ws::announce(
+            &st,
+            &host,
+            &c.org,
+            &name,
+            req.body.as_ref(),
+        )));
     }
     let out = st
         .sup
@@ -262,7 +269,9 @@ pub async fn list_sessions(
     Ok(Json(json!({"total_count": total, "sessions": sessions})))
 }
 
-async fn session_of(
+/// A session of `org`'s agent `name`, with the agent. Errors: 404 `"404"` when it does not
+/// exist, or belongs to another org or agent.
+pub async fn session_of(
     st: &AppState,
     org: &str,
     name: &str,
