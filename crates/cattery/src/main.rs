@@ -61,7 +61,11 @@ struct ServeArgs {
     #[arg(long, env = "CATTERY_LOG_RETENTION_DAYS", default_value_t = 30)]
     log_retention_days: u64,
     /// At most this many log lines are kept (all agents together); the oldest go first. 0 = no cap.
-    #[arg(long, env = "CATTERY_LOG_RETENTION_MAX_LINES", default_value_t = 1_000_000)]
+    #[arg(
+        long,
+        env = "CATTERY_LOG_RETENTION_MAX_LINES",
+        default_value_t = 1_000_000
+    )]
     log_retention_max_lines: u64,
     /// Regions offered (comma-separated).
     #[arg(

@@ -115,7 +115,8 @@ async fn log_writer(
     max_lines: u64,
 ) {
     let prune_age = |store: Arc<dyn Store>| async move {
-        let cutoff = now_ns().saturating_sub(i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX));
+        let cutoff =
+            now_ns().saturating_sub(i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX));
         if let Err(e) = store.prune_logs(cutoff).await {
             tracing::warn!(error = %e, "could not prune old log lines");
         }
@@ -267,6 +268,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     };
     sup.drain(Duration::from_secs_f64(cfg.drain_timeout_seconds), force)
         .await;
+    runtime.remove_server_cgroups();
     let _ = stop_http_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
     drop(sup);

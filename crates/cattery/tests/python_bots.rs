@@ -246,3 +246,165 @@ async fn bundled_runner_smoke_test() {
     )
     .await;
 }
+
+/// Starts a session with the official SDK (`pipecatcloud.session.Session`) pointed at Cattery
+/// through `PIPECAT_API_HOST`; returns what `start()` returned.
+async fn sdk_start(s: &Server, agent: &str, data: serde_json::Value) -> serde_json::Value {
+    let code = r#"
+import asyncio, json, os, sys
+from pipecatcloud.session import Session, SessionParams
+async def main():
+    s = Session(agent_name=sys.argv[1], api_key=os.environ["CATTERY_TEST_PK"],
+                params=SessionParams(data=json.loads(sys.argv[2]), use_daily=False))
+    print(json.dumps(await s.start()))
+asyncio.run(main())
+"#;
+    let (agent, data, host, pk) = (
+        agent.to_string(),
+        data.to_string(),
+        s.base.clone(),
+        s.pk.clone(),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .args(["-c", code, &agent, &data])
+            .env("PIPECAT_API_HOST", host)
+            .env("CATTERY_TEST_PK", pk)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "SDK start failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("SDK printed JSON")
+}
+
+/// Logs of an agent for one session, oldest first.
+async fn session_logs(s: &Server, agent: &str, sid: &str) -> Vec<String> {
+    let r = s
+        .req(
+            "GET",
+            &format!("/v1/agents/{agent}/logs?sessionId={sid}&limit=1000&order=asc"),
+            Some(&s.sk),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["log"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn official_sdk_starts_an_example_bot() {
+    let s = server().await;
+    s.deploy(
+        "sdk-bot",
+        &[],
+        json!({"command": null, "image": example("session-status")}),
+    )
+    .await;
+    let started = sdk_start(&s, "sdk-bot", json!({"duration_secs": 60})).await;
+    let sid = started["sessionId"]
+        .as_str()
+        .expect("sessionId from the SDK")
+        .to_string();
+    let st = common::wait_for(Duration::from_secs(20), "bot /status", || async {
+        let r = s
+            .req(
+                "GET",
+                &format!("/v1/public/sdk-bot/sessions/{sid}/status"),
+                Some(&s.pk),
+                None,
+            )
+            .await;
+        (r.status == 200 && r.body["running"] == true).then_some(r.body)
+    })
+    .await;
+    assert_eq!(st["session_id"], sid.as_str());
+    assert_eq!(s.stop("sdk-bot", &sid).await.status, 200);
+    assert!(s.agent_pids().is_empty());
+}
+
+fn fixture_bot(dir: &std::path::Path, source: &str) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("bot.py"), source).unwrap();
+    format!("local:{}", dir.display())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn not_ready_bot_never_gets_a_session_and_raising_bot_leaves_its_traceback() {
+    let py = python();
+    let s = Server::start(&[
+        "--python",
+        py.to_str().unwrap(),
+        "--start-timeout-seconds",
+        "4",
+    ])
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let never = fixture_bot(
+        &tmp.path().join("never-ready"),
+        "def readyz():\n    return False\n\nasync def bot(args):\n    print('GOT A SESSION', flush=True)\n",
+    );
+    s.deploy("never-ready", &[], json!({"command": null, "image": never}))
+        .await;
+    let r = s.start_session("never-ready", json!({})).await;
+    assert_eq!(r.status, 504, "{:?}", r.body);
+    assert_eq!(r.body["code"], "START_TIMEOUT");
+    let l = s
+        .req("GET", "/v1/agents/never-ready/sessions", Some(&s.sk), None)
+        .await;
+    let sid = l.body["sessions"][0]["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        s.session("never-ready", &sid).await["endReason"],
+        "start_failed"
+    );
+    s.wait_no_agent_pids(Duration::from_secs(10)).await;
+    let all = s
+        .req(
+            "GET",
+            "/v1/agents/never-ready/logs?limit=1000",
+            Some(&s.sk),
+            None,
+        )
+        .await;
+    assert!(
+        !all.body.to_string().contains("GOT A SESSION"),
+        "a not-ready bot got a session"
+    );
+
+    let raiser = fixture_bot(
+        &tmp.path().join("raiser"),
+        "async def bot(args):\n    raise ValueError('the bot blew up on purpose')\n",
+    );
+    s.deploy("raiser", &[], json!({"command": null, "image": raiser}))
+        .await;
+    let sid = s.start_ok("raiser").await;
+    let g = s.wait_ended("raiser", &sid, Duration::from_secs(30)).await;
+    assert_eq!(g["endReason"], "error");
+    assert_eq!(g["completionStatus"], "500");
+    let logs = common::wait_for(
+        Duration::from_secs(10),
+        "traceback in the session's logs",
+        || async {
+            let l = session_logs(&s, "raiser", &sid).await;
+            (l.iter().any(|x| x.contains("Traceback"))
+                && l.iter().any(|x| x.contains("the bot blew up on purpose")))
+            .then_some(l)
+        },
+    )
+    .await;
+    assert!(logs.iter().any(|l| l.contains("ValueError")));
+}

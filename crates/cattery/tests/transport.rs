@@ -31,12 +31,18 @@ async fn session_proxy_forwards_and_404s_after_end() {
     assert_eq!(v["query"], "x=1&y=two");
     assert_eq!(v["headers"]["x-daily-session-id"], sid.as_str());
     assert_eq!(v["headers"]["x-custom"], "kept");
-    assert!(v["headers"].get("authorization").is_none(), "authorization must not be forwarded");
+    assert!(
+        v["headers"].get("authorization").is_none(),
+        "authorization must not be forwarded"
+    );
 
     for method in ["POST", "PUT", "PATCH", "DELETE"] {
         let r = s
             .http
-            .request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), format!("{base}/api/thing"))
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                format!("{base}/api/thing"),
+            )
             .bearer_auth(&s.pk)
             .body("{\"k\":1}")
             .send()
@@ -47,23 +53,62 @@ async fn session_proxy_forwards_and_404s_after_end() {
         assert_eq!(v["method"], method);
         assert_eq!(v["body"], "{\"k\":1}");
     }
-    let r = s.http.head(format!("{base}/x")).bearer_auth(&s.pk).send().await.unwrap();
+    let r = s
+        .http
+        .head(format!("{base}/x"))
+        .bearer_auth(&s.pk)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = s.http.request(reqwest::Method::OPTIONS, format!("{base}/x")).bearer_auth(&s.pk).send().await.unwrap();
+    let r = s
+        .http
+        .request(reqwest::Method::OPTIONS, format!("{base}/x"))
+        .bearer_auth(&s.pk)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 
     // Auth and unknown sessions.
-    let r = s.http.get(format!("{base}/x")).bearer_auth(&s.sk).send().await.unwrap();
+    let r = s
+        .http
+        .get(format!("{base}/x"))
+        .bearer_auth(&s.sk)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let unknown = uuid::Uuid::new_v4();
-    let r = s.req("GET", &format!("/v1/public/proxied/sessions/{unknown}/x"), Some(&s.pk), None).await;
+    let r = s
+        .req(
+            "GET",
+            &format!("/v1/public/proxied/sessions/{unknown}/x"),
+            Some(&s.pk),
+            None,
+        )
+        .await;
     assert_eq!(r.status, 404);
     assert!(r.body["error"].is_string());
-    let r = s.req("GET", "/v1/public/proxied/sessions/nope/x", Some(&s.pk), None).await;
+    let r = s
+        .req(
+            "GET",
+            "/v1/public/proxied/sessions/nope/x",
+            Some(&s.pk),
+            None,
+        )
+        .await;
     assert_eq!(r.status, 400);
 
     assert_eq!(s.stop("proxied", &sid).await.status, 200);
-    let r = s.req("GET", &format!("/v1/public/proxied/sessions/{sid}/status"), Some(&s.pk), None).await;
+    let r = s
+        .req(
+            "GET",
+            &format!("/v1/public/proxied/sessions/{sid}/status"),
+            Some(&s.pk),
+            None,
+        )
+        .await;
     assert_eq!(r.status, 404);
     assert_eq!(r.body["code"], "404");
 }
@@ -71,17 +116,28 @@ async fn session_proxy_forwards_and_404s_after_end() {
 #[tokio::test(flavor = "multi_thread")]
 async fn proxy_waits_for_a_starting_instance() {
     let s = Server::start(&[]).await;
-    s.deploy("slowproxy", &["--startup-delay", "1"], json!({})).await;
+    s.deploy("slowproxy", &["--startup-delay", "1"], json!({}))
+        .await;
     // Start in the background, find the session while it is still starting, and proxy to it.
     let s2 = &s;
     let start = async move { s2.start_session("slowproxy", json!({})).await };
     let probe = async {
         let sid = common::wait_for(Duration::from_secs(10), "session to appear", || async {
-            let l = s.req("GET", "/v1/agents/slowproxy/sessions", Some(&s.sk), None).await;
-            l.body["sessions"][0]["sessionId"].as_str().map(str::to_string)
+            let l = s
+                .req("GET", "/v1/agents/slowproxy/sessions", Some(&s.sk), None)
+                .await;
+            l.body["sessions"][0]["sessionId"]
+                .as_str()
+                .map(str::to_string)
         })
         .await;
-        s.req("GET", &format!("/v1/public/slowproxy/sessions/{sid}/hello"), Some(&s.pk), None).await
+        s.req(
+            "GET",
+            &format!("/v1/public/slowproxy/sessions/{sid}/hello"),
+            Some(&s.pk),
+            None,
+        )
+        .await
     };
     let (started, proxied) = tokio::join!(start, probe);
     assert_eq!(started.status, 200);
@@ -90,7 +146,9 @@ async fn proxy_waits_for_a_starting_instance() {
 }
 
 async fn ws_start(s: &Server, agent: &str, body: serde_json::Value) -> serde_json::Value {
-    let r = s.start_session(agent, json!({"transport": "websocket", "body": body})).await;
+    let r = s
+        .start_session(agent, json!({"transport": "websocket", "body": body}))
+        .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     r.body
 }
@@ -106,10 +164,20 @@ async fn websocket_transport_relays_and_ends_on_client_close() {
     let sid = a["sessionId"].as_str().unwrap().to_string();
     // No bot started at /start.
     assert!(s.agent_pids().is_empty());
-    assert_eq!(s.stop("wsagent", &sid).await.status, 404, "not a session until the client connects");
+    assert_eq!(
+        s.stop("wsagent", &sid).await.status,
+        404,
+        "not a session until the client connects"
+    );
 
-    let url = format!("{}?token={}", a["wsUrl"].as_str().unwrap(), a["token"].as_str().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("ws connect");
+    let url = format!(
+        "{}?token={}",
+        a["wsUrl"].as_str().unwrap(),
+        a["token"].as_str().unwrap()
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .expect("ws connect");
     // The agent streams 320-byte audio frames and echoes what we send.
     ws.send(Message::Text("hello agent".into())).await.unwrap();
     let mut saw_audio = false;
@@ -132,8 +200,15 @@ async fn websocket_transport_relays_and_ends_on_client_close() {
     let again = tokio_tungstenite::connect_async(url.as_str()).await;
     assert!(again.is_err(), "a replayed token must be refused");
     let bad = format!("{}?token=nope", a["wsUrl"].as_str().unwrap());
-    assert!(tokio_tungstenite::connect_async(bad.as_str()).await.is_err());
-    assert!(tokio_tungstenite::connect_async(a["wsUrl"].as_str().unwrap()).await.is_err(), "token required");
+    assert!(tokio_tungstenite::connect_async(bad.as_str())
+        .await
+        .is_err());
+    assert!(
+        tokio_tungstenite::connect_async(a["wsUrl"].as_str().unwrap())
+            .await
+            .is_err(),
+        "token required"
+    );
 
     ws.close(None).await.unwrap();
     let g = s.wait_ended("wsagent", &sid, Duration::from_secs(15)).await;
@@ -145,14 +220,26 @@ async fn websocket_transport_relays_and_ends_on_client_close() {
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_stop_and_agent_close() {
     let s = Server::start(&[]).await;
-    s.deploy("wsstop", &["--ignore-transport-close"], json!({})).await;
-    s.deploy("wsshort", &["--bot-seconds", "1"], json!({"websocketAuth": "none"})).await;
+    s.deploy("wsstop", &["--ignore-transport-close"], json!({}))
+        .await;
+    s.deploy(
+        "wsshort",
+        &["--bot-seconds", "1"],
+        json!({"websocketAuth": "none"}),
+    )
+    .await;
 
     // Stop through the API closes the client's socket.
     let a = ws_start(&s, "wsstop", json!({})).await;
     let sid = a["sessionId"].as_str().unwrap().to_string();
-    let url = format!("{}/{}", a["wsUrl"].as_str().unwrap(), a["token"].as_str().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+    let url = format!(
+        "{}/{}",
+        a["wsUrl"].as_str().unwrap(),
+        a["token"].as_str().unwrap()
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
     let st = s.stop("wsstop", &sid).await;
     assert_eq!(st.status, 200);
@@ -170,7 +257,9 @@ async fn websocket_stop_and_agent_close() {
 
     // websocketAuth none: no token; the agent ends the session after 1 s.
     let url = format!("ws://127.0.0.1:{}/ws/generic/wsshort.default", s.port);
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
     let mut got_close = false;
     while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
         if m.is_close() {
@@ -179,8 +268,13 @@ async fn websocket_stop_and_agent_close() {
         }
     }
     assert!(got_close);
-    let l = s.req("GET", "/v1/agents/wsshort/sessions", Some(&s.sk), None).await;
-    let sid = l.body["sessions"][0]["sessionId"].as_str().unwrap().to_string();
+    let l = s
+        .req("GET", "/v1/agents/wsshort/sessions", Some(&s.sk), None)
+        .await;
+    let sid = l.body["sessions"][0]["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let g = s.wait_ended("wsshort", &sid, Duration::from_secs(15)).await;
     assert_eq!(g["endReason"], "completed");
     assert_eq!(g["completionStatus"], "WS_CONNECTION_CLOSED");
@@ -190,14 +284,31 @@ async fn websocket_stop_and_agent_close() {
 /// the session alive: it ends within close-handshake timeout + idle timeout + stop grace.
 #[tokio::test(flavor = "multi_thread")]
 async fn l04_half_closed_and_vanished_websocket_clients() {
-    let s = Server::start(&["--ws-idle-timeout-seconds", "2", "--stop-grace-seconds", "1"]).await;
-    s.deploy("halfclose", &["--ignore-transport-close", "--ignore-sigterm"], json!({})).await;
+    let s = Server::start(&[
+        "--ws-idle-timeout-seconds",
+        "2",
+        "--stop-grace-seconds",
+        "1",
+    ])
+    .await;
+    s.deploy(
+        "halfclose",
+        &["--ignore-transport-close", "--ignore-sigterm"],
+        json!({}),
+    )
+    .await;
 
     // Variant 1: TCP FIN without a close frame while the agent is writing audio.
     let a = ws_start(&s, "halfclose", json!({})).await;
     let sid = a["sessionId"].as_str().unwrap().to_string();
-    let url = format!("{}?token={}", a["wsUrl"].as_str().unwrap(), a["token"].as_str().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+    let url = format!(
+        "{}?token={}",
+        a["wsUrl"].as_str().unwrap(),
+        a["token"].as_str().unwrap()
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
     let t0 = std::time::Instant::now();
     match ws.get_mut() {
@@ -207,28 +318,53 @@ async fn l04_half_closed_and_vanished_websocket_clients() {
         }
         _ => unreachable!(),
     }
-    let g = s.wait_ended("halfclose", &sid, Duration::from_secs(15)).await;
+    let g = s
+        .wait_ended("halfclose", &sid, Duration::from_secs(15))
+        .await;
     assert_eq!(g["endReason"], "client_disconnected");
-    assert!(t0.elapsed() < Duration::from_secs(2 + 2 + 1 + 3), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(2 + 2 + 1 + 3),
+        "took {:?}",
+        t0.elapsed()
+    );
     s.wait_no_agent_pids(Duration::from_secs(5)).await;
     drop(ws);
 
     // Variant 2: the client just goes silent (no FIN, no frames, no pongs).
     let a = ws_start(&s, "halfclose", json!({})).await;
     let sid = a["sessionId"].as_str().unwrap().to_string();
-    let url = format!("{}?token={}", a["wsUrl"].as_str().unwrap(), a["token"].as_str().unwrap());
-    let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+    let url = format!(
+        "{}?token={}",
+        a["wsUrl"].as_str().unwrap(),
+        a["token"].as_str().unwrap()
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
     // The session exists once the relay is set up (the upgrade answers before that).
     common::wait_for(Duration::from_secs(15), "ws session record", || async {
-        let r = s.req("GET", &format!("/v1/agents/halfclose/sessions/{sid}"), Some(&s.sk), None).await;
+        let r = s
+            .req(
+                "GET",
+                &format!("/v1/agents/halfclose/sessions/{sid}"),
+                Some(&s.sk),
+                None,
+            )
+            .await;
         (r.status == 200 && r.body["botStartSeconds"].is_number()).then_some(())
     })
     .await;
     let t0 = std::time::Instant::now();
     // Keep the socket open but never read or write it again.
-    let g = s.wait_ended("halfclose", &sid, Duration::from_secs(20)).await;
+    let g = s
+        .wait_ended("halfclose", &sid, Duration::from_secs(20))
+        .await;
     assert_eq!(g["endReason"], "client_disconnected");
-    assert!(t0.elapsed() < Duration::from_secs(2 + 2 + 1 + 5), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(2 + 2 + 1 + 5),
+        "took {:?}",
+        t0.elapsed()
+    );
     s.wait_no_agent_pids(Duration::from_secs(5)).await;
     drop(ws);
 }

@@ -53,7 +53,11 @@ fn count(q: &HashMap<String, String>, k: &str, default: i64, max: i64) -> ApiRes
             .parse::<i64>()
             .ok()
             .filter(|n| (0..=max).contains(n))
-            .ok_or_else(|| bad(format!("{k} must be an integer between 0 and {max}, not {v:?}"))),
+            .ok_or_else(|| {
+                bad(format!(
+                    "{k} must be an integer between 0 and {max}, not {v:?}"
+                ))
+            }),
     }
 }
 
@@ -97,7 +101,11 @@ pub fn parse_filter(q: &HashMap<String, String>) -> ApiResult<LogFilter> {
     if limit == 0 {
         return Err(bad(format!("limit must be between 1 and {MAX_LIMIT}")));
     }
-    let desc = match q.get("order").map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+    let desc = match q
+        .get("order")
+        .map(|s| s.trim().to_ascii_lowercase())
+        .as_deref()
+    {
         None | Some("") | Some("desc") => true,
         Some("asc") => false,
         Some(o) => return Err(bad(format!("order must be asc or desc, not {o:?}"))),

@@ -38,9 +38,16 @@ impl Modify for Security {
         super::agents::update_agent, super::agents::delete_agent,
         super::sessions::start_session, super::sessions::list_sessions, super::sessions::get_session,
         super::sessions::stop_session,
+        super::logs::agent_logs,
+        super::secrets::list_secret_sets, super::secrets::get_secret_set,
+        super::secrets::put_secret_set, super::secrets::delete_secret_set,
+        super::secrets::delete_secret,
+        super::org::regions, super::org::properties, super::org::properties_schema,
+        super::org::update_properties,
     ),
     components(schemas(super::error::ErrorBody, crate::core::agents::AgentRequest,
-        super::sessions::StartRequest, super::sessions::StartResponse, super::sessions::StopResponse)),
+        super::sessions::StartRequest, super::sessions::StartResponse, super::sessions::StopResponse,
+        crate::core::secrets::UpsertRequest, crate::core::secrets::SecretPair)),
     modifiers(&Security)
 )]
 pub struct ApiDoc;

@@ -136,9 +136,9 @@ async fn deployments_in(st: &AppState, org: &str, name: &str) -> ApiResult<Json<
     let list: Vec<Value> = deps
         .iter()
         .map(|d| {
-            let mut v =
-                agents::agent_details(&a, d, &PoolStatus::default(), grace, None)["deployment"]
-                    .take();
+            let mut v = agents::agent_details(&a, d, &PoolStatus::default(), grace, None)
+                ["deployment"]
+                .take();
             v["active"] = json!(d.id == a.desired_deployment_id);
             v
         })
@@ -424,10 +424,7 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/v1/regions", get(regions))
         .route("/v1/properties", get(properties).patch(update_properties))
         .route("/v1/properties/schema", get(properties_schema))
-        .route(
-            "/v1/secrets",
-            get(secrets::list_secret_sets),
-        )
+        .route("/v1/secrets", get(secrets::list_secret_sets))
         .route(
             "/v1/secrets/{set_name}",
             get(secrets::get_secret_set)
@@ -445,9 +442,7 @@ pub fn routes() -> axum::Router<AppState> {
         )
         .route(
             S,
-            get(list_services)
-                .post(create_service)
-                .put(update_service),
+            get(list_services).post(create_service).put(update_service),
         )
         .route(
             &format!("{S}/{{name}}"),

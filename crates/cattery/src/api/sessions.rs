@@ -240,8 +240,9 @@ pub async fn list_sessions(
     let mut f = SessionFilter {
         limit: int_param(&q, "limit")?.unwrap_or(10).clamp(1, 1000),
         offset: int_param(&q, "offset")?.unwrap_or(0),
-        start_ms: int_param(&q, "startTime")?.map(|s| s * 1000),
-        end_ms: int_param(&q, "endTime")?.map(|s| s * 1000 + 999),
+        // Saturating: a huge `startTime` (found by the API fuzz) must not overflow.
+        start_ms: int_param(&q, "startTime")?.map(|s| s.saturating_mul(1000)),
+        end_ms: int_param(&q, "endTime")?.map(|s| s.saturating_mul(1000).saturating_add(999)),
         ..Default::default()
     };
     if let Some(d) = q.get("deploymentId").filter(|s| !s.is_empty()) {

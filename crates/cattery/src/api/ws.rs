@@ -21,7 +21,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame as AxCloseFrame, Message as AxMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{
+    CloseFrame as AxCloseFrame, Message as AxMessage, WebSocket, WebSocketUpgrade,
+};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -72,7 +74,10 @@ pub struct WsState {
 impl WsState {
     /// New state with an idle timeout.
     pub fn new(idle_timeout: Duration) -> Self {
-        WsState { tickets: Mutex::new(HashMap::new()), idle_timeout }
+        WsState {
+            tickets: Mutex::new(HashMap::new()),
+            idle_timeout,
+        }
     }
 
     /// Issues a single-use token.
@@ -185,11 +190,23 @@ async fn handle(
     };
     let idle = st.ws.idle_timeout;
     up.on_upgrade(move |socket| async move {
-        let body_b64 = body.as_ref().map(|b| base64::engine::general_purpose::STANDARD.encode(b));
-        let (socket_tx, socket_rx) = tokio::sync::oneshot::channel::<WebSocket>();
+        let body_b64 = body
+            .as_ref()
+            .map(|b| base64::engine::general_purpose::STANDARD.encode(b));
+        // Until delivery the client socket is held by a watcher that keeps its early frames and
+        // reports a client that goes away, which cancels the start (docs/lifecycle.md, L18).
+        let (claim_tx, claim_rx) = tokio::sync::oneshot::channel::<Claim>();
+        let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(hold_client(socket, claim_rx, gone_tx));
         let deliver: Deliver = Box::new(move |port, headers| {
             Box::pin(async move {
-                let client = socket_rx.await.map_err(|_| "client socket gone".to_string())?;
+                let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+                claim_tx
+                    .send(reply_tx)
+                    .map_err(|_| "client socket gone".to_string())?;
+                let (client, early) = reply_rx.await.map_err(|_| {
+                    "the client went away before the session was delivered".to_string()
+                })?;
                 let mut url = format!("ws://127.0.0.1:{port}/ws");
                 if let Some(b) = body_b64 {
                     url.push_str("?body=");
@@ -207,15 +224,20 @@ async fn handle(
                 let (inst, _) = tokio_tungstenite::connect_async(req)
                     .await
                     .map_err(|e| format!("instance /ws refused: {e}"))?;
-                Ok(Box::pin(relay(client, inst, idle)) as OutcomeFuture)
+                Ok(Box::pin(relay(client, early, inst, idle)) as OutcomeFuture)
             })
         });
-        let _ = socket_tx.send(socket);
         let params = StartParams {
             body: bytes::Bytes::from(body.unwrap_or_else(|| b"{}".to_vec())),
             deliver: Some(deliver),
             session_id,
             transport: Some("websocket".into()),
+            client_gone: Some(Box::pin(async move {
+                if gone_rx.await.is_err() {
+                    // The watcher handed the socket over: from then on the relay watches it.
+                    std::future::pending::<()>().await;
+                }
+            })),
             ..Default::default()
         };
         if let Err(e) = st.sup.start_session(&org, &agent, params).await {
@@ -224,10 +246,57 @@ async fn handle(
     })
 }
 
+/// Most early client bytes kept while the instance starts; later frames are dropped.
+const MAX_EARLY_BYTES: usize = 4 * 1024 * 1024;
+
+/// A request for the client socket and the frames it sent before delivery.
+type Claim = tokio::sync::oneshot::Sender<(WebSocket, Vec<AxMessage>)>;
+
+/// Holds the client socket while its instance starts: keeps its frames (up to
+/// [`MAX_EARLY_BYTES`]), hands socket and frames over when the session is delivered, and
+/// signals `gone` if the client closes or drops first.
+async fn hold_client(
+    mut socket: WebSocket,
+    mut claim: tokio::sync::oneshot::Receiver<Claim>,
+    gone: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut early = Vec::new();
+    let mut bytes = 0usize;
+    loop {
+        tokio::select! {
+            c = &mut claim => {
+                if let Ok(reply) = c {
+                    let _ = reply.send((socket, early));
+                }
+                return;
+            }
+            m = socket.recv() => match m {
+                Some(Ok(AxMessage::Close(_))) | None | Some(Err(_)) => {
+                    let _ = gone.send(());
+                    return;
+                }
+                Some(Ok(m)) => {
+                    let n = match &m {
+                        AxMessage::Text(t) => t.len(),
+                        AxMessage::Binary(b) => b.len(),
+                        _ => 0,
+                    };
+                    if n > 0 && bytes + n <= MAX_EARLY_BYTES {
+                        bytes += n;
+                        early.push(m);
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -250,12 +319,26 @@ fn to_client(m: TMessage) -> Option<AxMessage> {
 }
 
 /// Relays frames between the client and the instance until one side ends.
-async fn relay<S>(client: WebSocket, inst: tokio_tungstenite::WebSocketStream<S>, idle: Duration) -> BotOutcome
+async fn relay<S>(
+    client: WebSocket,
+    early: Vec<AxMessage>,
+    inst: tokio_tungstenite::WebSocketStream<S>,
+    idle: Duration,
+) -> BotOutcome
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
     let (mut cs, mut cr) = client.split();
     let (mut is, mut ir) = inst.split();
+    for m in early.into_iter().filter_map(to_instance) {
+        if !matches!(
+            tokio::time::timeout(SEND_WAIT, is.send(m)).await,
+            Ok(Ok(()))
+        ) {
+            let _ = tokio::time::timeout(CLOSE_WAIT, cs.send(AxMessage::Close(None))).await;
+            return BotOutcome::WsClosed { by_client: false };
+        }
+    }
     let mut last_heard = Instant::now();
     let mut ping = tokio::time::interval((idle / 3).max(Duration::from_millis(100)));
     ping.tick().await;

@@ -31,8 +31,9 @@ pub type Deliver = Box<
     dyn FnOnce(
             u16,
             Vec<(String, String)>,
-        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<OutcomeFuture, String>> + Send>>
-        + Send,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<OutcomeFuture, String>> + Send>,
+        > + Send,
 >;
 
 async fn connect(port: u16) -> std::io::Result<TcpStream> {

@@ -343,13 +343,20 @@ pub async fn upsert(
             .as_deref()
             .map(str::trim)
             .filter(|h| !h.is_empty())
-            .ok_or_else(|| bad("an image pull secret needs isImagePullSecret, host and secretValue"))?;
+            .ok_or_else(|| {
+                bad("an image pull secret needs isImagePullSecret, host and secretValue")
+            })?;
         let value = r
             .secret_value
             .as_deref()
             .filter(|v| !v.is_empty())
-            .ok_or_else(|| bad("an image pull secret needs isImagePullSecret, host and secretValue"))?;
-        if base64::engine::general_purpose::STANDARD.decode(value).is_err() {
+            .ok_or_else(|| {
+                bad("an image pull secret needs isImagePullSecret, host and secretValue")
+            })?;
+        if base64::engine::general_purpose::STANDARD
+            .decode(value)
+            .is_err()
+        {
             return Err(bad(
                 "secretValue of an image pull secret must be base64 of user:token (illegal base64 data)",
             ));

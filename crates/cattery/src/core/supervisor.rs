@@ -8,7 +8,15 @@
 //! the store as well), and refills the warm pool. One instance serves at most one session.
 //!
 //! Capacity: every instance of an agent that is not yet gone (starting, idle, busy, ending)
-//! counts against `maxAgents`, so the cap bounds real processes (reference §B.4).
+//! counts against `maxAgents`, so the cap bounds real processes (reference §B.4). A start
+//! takes a ready warm instance (`coldStart: false`), else a warm instance that is still
+//! starting and not yet promised to anyone, else starts a new one below `maxAgents`
+//! (both `coldStart: true`), else answers 429 at once.
+//!
+//! Order of the cleanup path, chosen so that no observer sees a state that is not yet true:
+//! the tree is gone (terminate returns) -> the capacity slot is free -> the end is recorded
+//! (first end wins, also in the store) -> the session leaves the live set -> waiters (a
+//! `DELETE`, a pending start) are answered -> the pool is refilled. See `docs/lifecycle.md`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -75,6 +83,9 @@ type InstanceCommand = (String, Vec<String>, Option<PathBuf>, Vec<(String, Strin
 pub enum InstState {
     /// Process started, not yet ready.
     Starting,
+    /// A warm instance still starting that a session has claimed (it gets the session as
+    /// soon as it is ready; never trimmed, never taken by another start).
+    Claimed,
     /// Ready and waiting for a session (warm).
     Idle,
     /// Serving a session (or about to).
@@ -183,7 +194,20 @@ pub struct StartParams {
     pub transport: Option<String>,
     /// Extra headers for `/bot` (room url and token).
     pub extra_headers: Vec<(String, String)>,
+    /// Resolves when the client that asked for the session has gone away (the websocket
+    /// transport's client dropped while its instance was starting). If it resolves before
+    /// the session is delivered, the start is cancelled: the instance goes through the cleanup
+    /// path and the session is recorded with `endReason: client_disconnected`. Never
+    /// resolving is fine.
+    pub client_gone: Option<ClientGone>,
 }
+
+/// An instance found again after a restart: the instance, and its live session with that
+/// session's deadline (`None`: a warm instance).
+type Adopted = (Arc<dyn Instance>, Option<(Uuid, Instant)>);
+
+/// See [`StartParams::client_gone`].
+pub type ClientGone = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// A delivered session.
 #[derive(Debug, Clone)]
@@ -304,7 +328,10 @@ impl Supervisor {
             .filter(|p| p.agent.deleted_ms.is_none())
             .ok_or_else(|| CoreError::NotFound(format!("agent {name} not found")))?;
         if let Some(e) = &p.deploy_error {
-            return Err(CoreError::DeploymentNotReady(format!("deployment {} of agent {name} is not ready: {e}", p.deployment.id)));
+            return Err(CoreError::DeploymentNotReady(format!(
+                "deployment {} of agent {name} is not ready: {e}",
+                p.deployment.id
+            )));
         }
         Ok(())
     }
@@ -457,7 +484,9 @@ impl Supervisor {
         };
         for c in p.instances.values() {
             match *c.state.lock() {
-                InstState::Starting if c.deployment.id == dep => s.starting += 1,
+                InstState::Starting | InstState::Claimed if c.deployment.id == dep => {
+                    s.starting += 1
+                }
                 InstState::Idle if c.deployment.id == dep => s.idle += 1,
                 InstState::Busy => s.busy += 1,
                 _ => {}
@@ -473,27 +502,32 @@ impl Supervisor {
         Some(metrics_json(session, &samples))
     }
 
-    /// Starts a session on `org`'s agent `agent_name`: takes a ready warm instance, or starts a
-    /// new one below `maxAgents`, delivers the session with `POST /bot`, and answers once it is
-    /// delivered.
+    /// Starts a session on `org`'s agent `agent_name`: takes a ready warm instance, else a
+    /// warm instance that is still starting, else starts a new one below `maxAgents`; delivers
+    /// the session (`POST /bot`, or [`StartParams::deliver`]) and answers once it is delivered.
     ///
     /// Errors: `NotFound` (no such live agent), `DeploymentNotReady`, `AtCapacity` (429, at
-    /// once), `Draining` (503), `StartFailed` (the instance exited, timed out, or crash-loops),
-    /// `StoppedDuringStart`.
+    /// once), `Draining` (503, also for a start still in flight when the drain stops it),
+    /// `StartFailed` (`INSTANCE_EXITED`, `START_TIMEOUT` (504), `AGENT_CRASH_LOOP`,
+    /// `SPAWN_FAILED`, `DELIVERY_FAILED`), `StoppedDuringStart` (a `DELETE` or the client
+    /// going away before delivery).
     pub async fn start_session(
         self: &Arc<Self>,
         org: &str,
         agent_name: &str,
         p: StartParams,
     ) -> CoreResult<StartOutcome> {
-        if self.is_draining() {
-            return Err(CoreError::Draining);
-        }
         let requested = Instant::now();
         let created_ms = now_ms();
         let session = p.session_id.unwrap_or_else(Uuid::new_v4);
-        let (ctl, cold, agent_id) = {
+        // `Some(false)`: a ready warm instance; `Some(true)`: a claimed starting one; `None`: new.
+        let (ctl, cold, agent_id, via_cmd) = {
             let mut st = self.state.lock();
+            // Checked under the state lock: the drain sets the flag under it too, so a start
+            // either sees the drain or is seen by it (never a half-created instance).
+            if self.is_draining() {
+                return Err(CoreError::Draining);
+            }
             let agent_id = *st
                 .by_name
                 .get(&(org.to_string(), agent_name.to_string()))
@@ -531,32 +565,44 @@ impl Supervisor {
                     ),
                 });
             }
-            let idle = pool.instances.values().find(|c| {
-                c.deployment.id == dep.id && {
-                    let mut s = c.state.lock();
-                    if *s == InstState::Idle {
-                        *s = InstState::Busy;
-                        true
-                    } else {
-                        false
-                    }
-                }
-            });
-            let (ctl, cold) = match idle {
-                Some(c) => (c.clone(), false),
+            let take = |want: InstState, to: InstState| {
+                pool.instances
+                    .values()
+                    .find(|c| {
+                        c.deployment.id == dep.id && {
+                            let mut s = c.state.lock();
+                            let ok = *s == want
+                                && (want != InstState::Starting
+                                    || c.attribution.lock().session_id.is_none());
+                            if ok {
+                                *s = to;
+                            }
+                            ok
+                        }
+                    })
+                    .cloned()
+            };
+            let found = match take(InstState::Idle, InstState::Busy) {
+                Some(c) => Some((c, false)),
+                None => take(InstState::Starting, InstState::Claimed).map(|c| (c, true)),
+            };
+            let (ctl, cold, via_cmd) = match found {
+                Some((c, cold)) => (c, cold, true),
                 None => {
                     if pool.instances.len() as u32 >= pool.agent.max_agents {
                         return Err(CoreError::AtCapacity(agent_name.to_string()));
                     }
-                    let c = self.new_ctl(&pool.agent, dep, InstState::Starting);
+                    let c = self.new_ctl(&pool.agent, dep, InstState::Starting, None);
                     pool.instances.insert(c.id, c.clone());
-                    (c, true)
+                    (c, true, false)
                 }
             };
+            // Promised to this session from now on (also marks a starting instance as taken).
+            ctl.attribution.lock().session_id = Some(session);
             st.sessions.insert(session, ctl.clone());
-            (ctl, cold, agent_id)
+            self.live.send_replace(st.sessions.len());
+            (ctl, cold, agent_id, via_cmd)
         };
-        let _ = self.live.send(self.state.lock().sessions.len());
         let dep = ctl.deployment.clone();
         let rec = SessionRecord {
             id: session,
@@ -572,14 +618,27 @@ impl Supervisor {
             metrics: None,
         };
         if let Err(e) = self.store.insert_session(&rec).await {
-            let mut st = self.state.lock();
-            st.sessions.remove(&session);
-            if cold {
-                if let Some(pool) = st.pools.get_mut(&agent_id) {
+            {
+                let mut st = self.state.lock();
+                st.sessions.remove(&session);
+                self.live.send_replace(st.sessions.len());
+            }
+            if via_cmd {
+                // Give the instance back: it has not been told about the session yet.
+                ctl.attribution.lock().session_id = None;
+                let mut s = ctl.state.lock();
+                *s = match *s {
+                    InstState::Busy => InstState::Idle,
+                    InstState::Claimed => InstState::Starting,
+                    other => other,
+                };
+            } else {
+                let (rx, done_tx) = self.take_cmd_rx(&ctl);
+                drop(rx);
+                let _ = done_tx.send(true);
+                if let Some(pool) = self.state.lock().pools.get_mut(&agent_id) {
                     pool.instances.remove(&ctl.id);
                 }
-            } else {
-                *ctl.state.lock() = InstState::Idle;
             }
             return Err(e.into());
         }
@@ -592,7 +651,7 @@ impl Supervisor {
             headers.push(("x-daily-transport-type".into(), t.clone()));
         }
         headers.extend(p.extra_headers);
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         let delivery = Delivery {
             session,
             body: if p.body.is_empty() {
@@ -606,20 +665,25 @@ impl Supervisor {
             deadline: requested + Duration::from_secs(u64::from(max_s)),
             reply: Some(tx),
         };
-        if cold {
+        if !via_cmd {
             let (cmd_rx, me) = (self.take_cmd_rx(&ctl), self.clone());
-            tokio::spawn(me.run_instance(ctl, cmd_rx, Some(delivery), None));
+            tokio::spawn(me.run_instance(ctl.clone(), cmd_rx, Some(delivery), None));
         } else if let Err(mpsc::error::SendError(Cmd::Assign(mut d))) =
             ctl.cmd_tx.send(Cmd::Assign(delivery))
         {
-            if let Some(r) = d.reply.take() {
-                let _ = r.send(Err(CoreError::StartFailed {
-                    code: "INSTANCE_EXITED",
-                    message: "the warm instance went away".into(),
-                }));
-            }
+            reply_err(&mut d, "the warm instance went away");
         }
-        match rx.await {
+        let answer = match p.client_gone {
+            None => rx.await,
+            Some(mut gone) => tokio::select! {
+                r = &mut rx => r,
+                _ = &mut gone => {
+                    let _ = ctl.cmd_tx.send(Cmd::Stop(EndReason::ClientDisconnected));
+                    rx.await
+                }
+            },
+        };
+        match answer {
             Ok(Ok(bot_start_ms)) => Ok(StartOutcome {
                 session_id: session,
                 cold_start: cold,
@@ -675,15 +739,18 @@ impl Supervisor {
         Ok(())
     }
 
+    /// A new instance controller (id: a new one, or a recorded one when re-adopting). Its
+    /// command receiver waits in `PENDING` until the actor takes it.
     fn new_ctl(
         &self,
         agent: &AgentRecord,
         dep: Arc<DeploymentRecord>,
         state: InstState,
+        id: Option<Uuid>,
     ) -> Arc<InstanceCtl> {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (done_tx, done) = watch::channel(false);
-        let id = Uuid::new_v4();
+        let id = id.unwrap_or_else(Uuid::new_v4);
         let ctl = Arc::new(InstanceCtl {
             id,
             org: agent.org.clone(),
@@ -824,20 +891,25 @@ impl Supervisor {
     }
 
     /// The actor of one instance. See the module docs.
+    ///
+    /// `delivery`: the session a cold start is for. `adopted`: an instance found again after a
+    /// restart, with its live (delivered) session and that session's deadline, or without one
+    /// to be re-adopted as a warm instance.
     async fn run_instance(
         self: Arc<Self>,
         ctl: Arc<InstanceCtl>,
-        (mut rx, done_tx): (mpsc::UnboundedReceiver<Cmd>, watch::Sender<bool>),
+        (mut rx, done_tx): PendingRx,
         mut delivery: Option<Delivery>,
-        adopted: Option<(Arc<dyn Instance>, Uuid, Instant)>,
+        adopted: Option<Adopted>,
     ) {
-        let mut session: Option<(Uuid, Instant)> = adopted.as_ref().map(|a| (a.1, a.2));
+        let adopted_busy = adopted.as_ref().is_some_and(|a| a.1.is_some());
+        let mut session: Option<(Uuid, Instant)> = adopted.as_ref().and_then(|a| a.1);
         if let Some(d) = &delivery {
             session = Some((d.session, d.deadline));
             ctl.attribution.lock().session_id = Some(d.session);
         }
         let inst = match adopted {
-            Some((i, _, _)) => i,
+            Some((i, _)) => i,
             None => match self.spawn_instance(&ctl, session.map(|s| s.0)).await {
                 Ok(i) => i,
                 Err(e) => {
@@ -868,13 +940,15 @@ impl Supervisor {
             },
         };
         let _ = ctl.instance.set(inst.clone());
+        let port = inst.port();
         let ending = 'life: {
-            if session.is_none() || delivery.is_some() {
+            if !adopted_busy {
                 self.persist_instance(&ctl, &inst, session.map(|s| s.0))
                     .await;
-                // Starting: wait for /readyz 200, a stop, an exit, or a deadline.
+                // Starting: wait for /readyz 200, a stop, an exit, or a deadline. A warm
+                // instance may be claimed by a session meanwhile (it then gets the session as
+                // soon as it is ready).
                 let start_deadline = Instant::now() + self.cfg.start_timeout;
-                let port = inst.port();
                 let ready = async {
                     loop {
                         if instance_http::get_status(port, "/readyz", Duration::from_secs(2)).await
@@ -886,18 +960,26 @@ impl Supervisor {
                     }
                 };
                 tokio::pin!(ready);
-                let session_deadline = session
-                    .map(|s| s.1)
-                    .unwrap_or(start_deadline + Duration::from_secs(1 << 30));
                 loop {
+                    let session_deadline = session
+                        .map(|s| s.1)
+                        .unwrap_or(start_deadline + Duration::from_secs(1 << 30));
                     tokio::select! {
                         biased;
                         cmd = rx.recv() => match cmd {
                             Some(Cmd::Stop(r)) => {
-                                let reason = if session.is_some() { EndReason::StoppedDuringStart } else { r };
-                                break 'life Ending::new(reason, "HTTP_ERROR");
+                                let promised = session.is_some() || ctl.attribution.lock().session_id.is_some();
+                                break 'life Ending::new(during_start(r, promised), "HTTP_ERROR");
                             }
-                            Some(Cmd::Assign(mut d)) => reply_err(&mut d, "instance is still starting"),
+                            Some(Cmd::Assign(mut d)) => {
+                                if session.is_none() {
+                                    session = Some((d.session, d.deadline));
+                                    ctl.attribution.lock().session_id = Some(d.session);
+                                    delivery = Some(d);
+                                } else {
+                                    reply_err(&mut d, "instance is already promised to another session");
+                                }
+                            }
                             None => {}
                         },
                         ex = inst.wait_exit() => {
@@ -935,7 +1017,9 @@ impl Supervisor {
                         inst.record_parts().pid
                     ),
                 );
-                // Idle: wait for a session, a stop, an exit, or a failed health check.
+                // Idle: wait for a session, a stop, an exit, or a failed health check. The
+                // health check runs beside the command channel, so a slow `/readyz` never
+                // delays a session or a stop.
                 if delivery.is_none() {
                     {
                         let mut s = ctl.state.lock();
@@ -943,13 +1027,22 @@ impl Supervisor {
                             *s = InstState::Idle;
                         }
                     }
-                    let mut check =
-                        tokio::time::interval_at(Instant::now() + IDLE_CHECK, IDLE_CHECK);
+                    let health = move || -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> {
+                        Box::pin(async move {
+                            tokio::time::sleep(IDLE_CHECK).await;
+                            instance_http::get_status(port, "/readyz", Duration::from_secs(2)).await
+                                == Some(200)
+                        })
+                    };
+                    let mut check = health();
                     loop {
                         tokio::select! {
                             biased;
                             cmd = rx.recv() => match cmd {
-                                Some(Cmd::Stop(r)) => break 'life Ending::new(r, "HTTP_ERROR"),
+                                Some(Cmd::Stop(r)) => {
+                                    let promised = ctl.attribution.lock().session_id.is_some();
+                                    break 'life Ending::new(during_start(r, promised), "HTTP_ERROR");
+                                }
                                 Some(Cmd::Assign(d)) => {
                                     session = Some((d.session, d.deadline));
                                     ctl.attribution.lock().session_id = Some(d.session);
@@ -960,16 +1053,16 @@ impl Supervisor {
                             },
                             ex = inst.wait_exit() => {
                                 let tail = tail_of(&inst);
-                                self.record_failure(&ctl, StartFailure { reason: "exited", exit: Some(ex), stderr_tail: tail, at_ms: now_ms() });
-                                let mut e = Ending::new(EndReason::Error, "HTTP_ERROR");
+                                self.record_failure(&ctl, StartFailure { reason: "exited", exit: Some(ex), stderr_tail: tail.clone(), at_ms: now_ms() });
+                                let mut e = Ending::new(EndReason::StartFailed, "HTTP_ERROR");
                                 e.exit = Some(ex);
+                                let msg = format!("the warm instance exited ({})", ex.describe());
+                                e.message = Some(msg.clone());
+                                e.start_error = Some(("INSTANCE_EXITED", msg));
                                 break 'life e;
                             }
-                            _ = check.tick() => {
-                                if *ctl.state.lock() == InstState::Idle
-                                    && instance_http::get_status(port, "/readyz", Duration::from_secs(2)).await != Some(200)
-                                    && *ctl.state.lock() == InstState::Idle
-                                {
+                            ok = &mut check => {
+                                if !ok {
                                     let mut s = ctl.state.lock();
                                     if *s == InstState::Idle {
                                         *s = InstState::Ending;
@@ -978,27 +1071,79 @@ impl Supervisor {
                                         break 'life Ending::new(EndReason::Error, "HTTP_ERROR");
                                     }
                                 }
+                                check = health();
                             }
                         }
                     }
                 }
             }
-            // Busy.
+            // Delivering, then busy.
             *ctl.state.lock() = InstState::Busy;
             let (sid, deadline) = session.expect("busy instance has a session");
             let mut bot: OutcomeFuture = Box::pin(std::future::pending());
+            let mut _bot_task: Option<AbortOnDrop> = None;
             if let Some(mut d) = delivery.take() {
                 self.persist_instance(&ctl, &inst, Some(sid)).await;
                 let headers = std::mem::take(&mut d.headers);
-                let delivered = match d.deliver.take() {
-                    Some(f) => f(inst.port(), headers).await,
-                    None => instance_http::post_bot(inst.port(), headers, d.body.clone())
-                        .await
-                        .map(|f| Box::pin(f) as OutcomeFuture),
+                let mut fut: std::pin::Pin<
+                    Box<dyn std::future::Future<Output = Result<OutcomeFuture, String>> + Send>,
+                > = match d.deliver.take() {
+                    Some(f) => f(port, headers),
+                    None => {
+                        let body = d.body.clone();
+                        Box::pin(async move {
+                            instance_http::post_bot(port, headers, body)
+                                .await
+                                .map(|f| Box::pin(f) as OutcomeFuture)
+                        })
+                    }
                 };
+                // Delivery is bounded and interruptible like every other phase.
+                let delivery_deadline = Instant::now() + self.cfg.start_timeout;
+                let delivered: Result<OutcomeFuture, Ending> = loop {
+                    tokio::select! {
+                        biased;
+                        cmd = rx.recv() => match cmd {
+                            Some(Cmd::Stop(r)) => break Err(Ending::new(during_start(r, true), "HTTP_ERROR")),
+                            Some(Cmd::Assign(mut a)) => reply_err(&mut a, "instance is busy"),
+                            None => {}
+                        },
+                        r = &mut fut => break r.map_err(|err| {
+                            let msg = format!("could not deliver the session to the instance: {err}");
+                            let mut e = Ending::new(EndReason::StartFailed, "HTTP_ERROR");
+                            e.message = Some(msg.clone());
+                            e.start_error = Some(("DELIVERY_FAILED", msg));
+                            e
+                        }),
+                        ex = inst.wait_exit() => {
+                            let msg = format!("the instance exited before the session was delivered ({})", ex.describe());
+                            let mut e = Ending::new(EndReason::StartFailed, "HTTP_ERROR");
+                            e.exit = Some(ex);
+                            e.message = Some(msg.clone());
+                            e.start_error = Some(("INSTANCE_EXITED", msg));
+                            break Err(e);
+                        }
+                        _ = tokio::time::sleep_until(deadline) => break Err(Ending::new(EndReason::MaxDuration, "HTTP_ERROR")),
+                        _ = tokio::time::sleep_until(delivery_deadline) => {
+                            let msg = format!("the instance did not take the session within {} s", self.cfg.start_timeout.as_secs_f64());
+                            let mut e = Ending::new(EndReason::StartFailed, "HTTP_ERROR");
+                            e.message = Some(msg.clone());
+                            e.start_error = Some(("DELIVERY_FAILED", msg));
+                            break Err(e);
+                        }
+                    }
+                };
+                drop(fut);
                 match delivered {
-                    Ok(fut) => {
-                        bot = fut;
+                    Ok(outcome) => {
+                        // Drive the session's request on its own task from now on, so it is
+                        // sent at once whatever the actor does next; aborted when the session ends.
+                        let task = tokio::spawn(outcome);
+                        _bot_task = Some(AbortOnDrop(task.abort_handle()));
+                        bot = Box::pin(async move {
+                            task.await
+                                .unwrap_or_else(|e| BotOutcome::Broken(e.to_string()))
+                        });
                         let ms = d.requested.elapsed().as_millis() as i64;
                         if let Err(e) = self.store.mark_delivered(sid, ms).await {
                             tracing::error!(session = %sid, error = %e, "could not record delivery");
@@ -1011,11 +1156,7 @@ impl Supervisor {
                             let _ = r.send(Ok(ms));
                         }
                     }
-                    Err(err) => {
-                        let msg = format!("could not deliver the session to the instance: {err}");
-                        let mut e = Ending::new(EndReason::StartFailed, "HTTP_ERROR");
-                        e.message = Some(msg.clone());
-                        e.start_error = Some(("DELIVERY_FAILED", msg));
+                    Err(e) => {
                         delivery = Some(d);
                         break 'life e;
                     }
@@ -1100,7 +1241,12 @@ impl Supervisor {
         .await;
     }
 
-    /// The one cleanup path.
+    /// The one cleanup path: every end of every instance comes through here exactly once.
+    ///
+    /// Order: remove the whole tree (SIGTERM, grace, SIGKILL, wait until empty, remove cgroup,
+    /// files and port) -> free the capacity slot -> record the session's end (first end wins
+    /// in the store) and its metrics and end-of-session log record -> leave the live set ->
+    /// answer a pending start, wake `DELETE`s waiting for this instance -> refill the pool.
     #[allow(clippy::too_many_arguments)]
     async fn finish(
         self: &Arc<Self>,
@@ -1113,6 +1259,9 @@ impl Supervisor {
         done_tx: watch::Sender<bool>,
     ) {
         *ctl.state.lock() = InstState::Ending;
+        // A warm instance claimed by a start whose session it had not received yet: that
+        // session ends with it.
+        let session = session.or_else(|| ctl.attribution.lock().session_id);
         let grace = self.grace(ctl);
         let mut report = None;
         if let Some(i) = &inst {
@@ -1123,15 +1272,9 @@ impl Supervisor {
             report = Some(r);
         }
         let ended_ms = now_ms();
-        {
-            let mut st = self.state.lock();
-            if let Some(p) = st.pools.get_mut(&ctl.agent_id) {
-                p.instances.remove(&ctl.id);
-            }
-            if let Some(s) = session {
-                st.sessions.remove(&s);
-            }
-            let _ = self.live.send(st.sessions.len());
+        // The tree is gone: its capacity slot is free from now on.
+        if let Some(p) = self.state.lock().pools.get_mut(&ctl.agent_id) {
+            p.instances.remove(&ctl.id);
         }
         if let Err(e) = self.store.delete_instance(ctl.id).await {
             tracing::error!(instance = %ctl.id, error = %e, "could not forget instance");
@@ -1177,12 +1320,24 @@ impl Supervisor {
             );
             tracing::info!(session.id = %sid, agent.id = %ctl.agent_id, reason = ending.reason.as_str(), "session ended");
         }
+        // Recorded: the session leaves the live set (a `DELETE` arriving from now on finds
+        // the recorded end; one arriving before waits for `done` below).
+        {
+            let mut st = self.state.lock();
+            if let Some(s) = session {
+                if st.sessions.get(&s).is_some_and(|c| Arc::ptr_eq(c, ctl)) {
+                    st.sessions.remove(&s);
+                }
+            }
+            self.live.send_replace(st.sessions.len());
+        }
         if let Some(d) = delivery.as_mut() {
             if let Some(r) = d.reply.take() {
                 let err = match ending.reason {
-                    EndReason::StoppedDuringStart | EndReason::Stopped | EndReason::Drained => {
-                        CoreError::StoppedDuringStart(d.session)
-                    }
+                    EndReason::Drained => CoreError::Draining,
+                    EndReason::StoppedDuringStart
+                    | EndReason::Stopped
+                    | EndReason::ClientDisconnected => CoreError::StoppedDuringStart(d.session),
                     EndReason::MaxDuration => CoreError::StartFailed {
                         code: "START_TIMEOUT",
                         message: "maxSessionDuration was reached before the instance was ready"
@@ -1199,7 +1354,7 @@ impl Supervisor {
                 let _ = r.send(Err(err));
             }
         }
-        let _ = done_tx.send(true);
+        done_tx.send_replace(true);
         rx.close();
         while let Ok(cmd) = rx.try_recv() {
             if let Cmd::Assign(mut d) = cmd {
@@ -1249,7 +1404,7 @@ impl Supervisor {
                     .is_some_and(|b| Instant::now() < b);
                 let mut total = p.instances.len() as u32;
                 while warm < min && total < max && !backoff {
-                    let c = self.new_ctl(&p.agent, p.deployment.clone(), InstState::Starting);
+                    let c = self.new_ctl(&p.agent, p.deployment.clone(), InstState::Starting, None);
                     p.instances.insert(c.id, c.clone());
                     spawn.push(c);
                     warm += 1;
@@ -1283,9 +1438,20 @@ impl Supervisor {
         }
     }
 
-    /// Loads agents and re-adopts the instances a previous run left, after a restart (even
-    /// SIGKILL). Instances are found by pid plus start time (never by name); those gone get
-    /// their sessions recorded as `lost`; warm leftovers are removed and the pool refilled.
+    /// Loads agents and finds again the instances a previous run left, after a restart (even
+    /// a SIGKILL of the server). Instances are found from their durable records (pid plus
+    /// its start time, which defeats pid reuse; cgroup; port), never by name:
+    ///
+    /// - alive with a delivered, open session: re-adopted and supervised as before (stop,
+    ///   process exit, time limit from the session's `createdAt`);
+    /// - alive with a session that was still starting: the start request died with the old
+    ///   server, so the instance is removed and the session recorded `lost`;
+    /// - alive and warm: re-adopted as a warm instance if it belongs to its agent's current
+    ///   deployment, else removed;
+    /// - gone: its leftovers are removed and its open session is recorded `lost`.
+    ///
+    /// Then the runtime sweeps this server's cgroups and instance directories for anything
+    /// no record names (an instance spawned just before the crash), and the pools are refilled.
     pub async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
         for agent in self.store.list_all_agents().await? {
             let Some(dep) = self
@@ -1311,6 +1477,8 @@ impl Supervisor {
             );
         }
         let mut adopted_sessions = std::collections::HashSet::new();
+        let mut keep = std::collections::HashSet::new();
+        let mut remove: Vec<(Arc<dyn Instance>, Duration)> = Vec::new();
         for rec in self.store.list_instances().await? {
             let session = match rec.session_id {
                 Some(s) => self.store.get_session(s).await?.filter(|s| s.end.is_none()),
@@ -1319,62 +1487,55 @@ impl Supervisor {
             let dep = self.store.get_deployment(rec.deployment_id).await?;
             let agent = self.store.get_agent_by_id(rec.agent_id).await?;
             let (Some(dep), Some(agent)) = (dep, agent) else {
+                // Unknown owner: not kept, so the sweep below removes whatever is left.
                 let _ = self.store.delete_instance(rec.id).await;
                 continue;
             };
-            let attribution = Arc::new(Mutex::new(LogAttribution {
-                org: agent.org.clone(),
-                agent_id: agent.id,
-                deployment_id: dep.id,
-                instance_id: rec.id,
-                session_id: session.as_ref().map(|s| s.id),
-            }));
+            let grace = dep
+                .spec
+                .stop_grace_seconds
+                .map(|s| Duration::from_secs_f64(s.max(0.0)))
+                .unwrap_or(self.cfg.default_stop_grace);
+            let dep = Arc::new(dep);
+            // The controller exists before the adoption so that the log capture shares its
+            // attribution (a re-adopted warm instance's lines follow it into its session).
+            let ctl = self.new_ctl(&agent, dep.clone(), InstState::Starting, Some(rec.id));
+            ctl.attribution.lock().session_id = session.as_ref().map(|s| s.id);
             let sink = LogSink {
                 tx: self.logs.clone(),
-                attribution: attribution.clone(),
+                attribution: ctl.attribution.clone(),
             };
-            let inst = self.runtime.adopt(&rec, sink).await;
-            match (inst, session) {
-                (Some(inst), Some(sess)) => {
+            let Some(inst) = self.runtime.adopt(&rec, sink).await else {
+                // Gone while we were down; its open session is recorded `lost` below.
+                discard_ctl(&ctl);
+                let _ = self.store.delete_instance(rec.id).await;
+                continue;
+            };
+            match session {
+                Some(sess) if sess.bot_start_ms.is_some() => {
+                    *ctl.state.lock() = InstState::Busy;
                     {
                         let mut st = self.state.lock();
-                        st.pools.entry(agent.id).or_insert_with(|| AgentPool {
-                            agent: agent.clone(),
-                            deployment: Arc::new(dep.clone()),
-                            deploy_error: None,
-                            instances: HashMap::new(),
-                            health: HashMap::new(),
-                        });
+                        st.pools
+                            .entry(agent.id)
+                            .or_insert_with(|| AgentPool {
+                                agent: agent.clone(),
+                                deployment: dep.clone(),
+                                deploy_error: None,
+                                instances: HashMap::new(),
+                                health: HashMap::new(),
+                            })
+                            .instances
+                            .insert(ctl.id, ctl.clone());
+                        st.sessions.insert(sess.id, ctl.clone());
                     }
-                    let dep = Arc::new(dep);
-                    let ctl = self.new_ctl(&agent, dep.clone(), InstState::Busy);
-                    // Keep the recorded instance id so logs and records line up.
-                    let ctl = Arc::new(InstanceCtl {
-                        id: rec.id,
-                        org: ctl.org.clone(),
-                        agent_id: ctl.agent_id,
-                        deployment: dep.clone(),
-                        state: Mutex::new(InstState::Busy),
-                        cmd_tx: ctl.cmd_tx.clone(),
-                        done: ctl.done.clone(),
-                        attribution,
-                        samples: Mutex::new(Vec::new()),
-                        instance: OnceLock::new(),
-                    })
-                    .tap_pending_from(&ctl);
                     let remaining_ms = (sess.created_ms
                         + i64::from(dep.spec.max_session_duration_s()) * 1000
                         - now_ms())
                     .max(0);
                     let deadline = Instant::now() + Duration::from_millis(remaining_ms as u64);
-                    {
-                        let mut st = self.state.lock();
-                        if let Some(p) = st.pools.get_mut(&agent.id) {
-                            p.instances.insert(ctl.id, ctl.clone());
-                        }
-                        st.sessions.insert(sess.id, ctl.clone());
-                    }
                     adopted_sessions.insert(sess.id);
+                    keep.insert(rec.id);
                     self.platform_log(
                         &ctl,
                         format!(
@@ -1387,23 +1548,51 @@ impl Supervisor {
                         ctl,
                         rx,
                         None,
-                        Some((inst, sess.id, deadline)),
+                        Some((inst, Some((sess.id, deadline)))),
                     ));
                 }
-                (Some(inst), None) => {
-                    let grace = dep
-                        .spec
-                        .stop_grace_seconds
-                        .map(Duration::from_secs_f64)
-                        .unwrap_or(self.cfg.default_stop_grace);
-                    inst.terminate(grace).await;
+                Some(_) => {
+                    // Still starting: its start request died with the previous server.
+                    discard_ctl(&ctl);
                     let _ = self.store.delete_instance(rec.id).await;
+                    remove.push((inst, grace));
                 }
-                (None, _) => {
-                    let _ = self.store.delete_instance(rec.id).await;
+                None => {
+                    let adopted = {
+                        let mut st = self.state.lock();
+                        match st.pools.get_mut(&agent.id).filter(|p| {
+                            p.agent.deleted_ms.is_none()
+                                && p.deployment.id == dep.id
+                                && p.deploy_error.is_none()
+                        }) {
+                            Some(p) => {
+                                p.instances.insert(ctl.id, ctl.clone());
+                                true
+                            }
+                            None => false,
+                        }
+                    };
+                    if adopted {
+                        keep.insert(rec.id);
+                        self.platform_log(
+                            &ctl,
+                            format!(
+                                "[cattery] re-adopted warm instance {} after a restart",
+                                rec.id
+                            ),
+                        );
+                        let rx = self.take_cmd_rx(&ctl);
+                        tokio::spawn(self.clone().run_instance(ctl, rx, None, Some((inst, None))));
+                    } else {
+                        discard_ctl(&ctl);
+                        let _ = self.store.delete_instance(rec.id).await;
+                        remove.push((inst, grace));
+                    }
                 }
             }
         }
+        futures_util::future::join_all(remove.iter().map(|(i, g)| i.terminate(*g))).await;
+        self.runtime.sweep(&keep).await;
         for s in self.store.list_open_sessions().await? {
             if adopted_sessions.contains(&s.id) {
                 continue;
@@ -1414,11 +1603,15 @@ impl Supervisor {
                 completion_status: "HTTP_ERROR".into(),
                 exit_code: None,
                 exit_signal: None,
-                message: Some("the instance was gone when the control plane restarted".into()),
+                message: Some(if s.bot_start_ms.is_some() {
+                    "the instance was gone when the control plane restarted".into()
+                } else {
+                    "the control plane restarted before the session was delivered".into()
+                }),
             };
             self.store.end_session(s.id, &end).await?;
         }
-        let _ = self.live.send(self.state.lock().sessions.len());
+        self.live.send_replace(self.state.lock().sessions.len());
         let ids: Vec<Uuid> = self.state.lock().pools.keys().copied().collect();
         for id in ids {
             self.reconcile(id);
@@ -1426,16 +1619,20 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Graceful drain: new starts get 503 from now on; warm instances go at once; running
-    /// sessions may finish until `timeout` or until `force` resolves (a second SIGTERM), then
-    /// they are stopped through the cleanup path (`endReason: drained`). Returns when every
-    /// instance is gone.
+    /// Graceful drain: new starts get 503 `DRAINING` from now on; warm instances go at once;
+    /// running sessions (and starts in flight) may finish until `timeout` or until `force`
+    /// resolves (a second SIGTERM), then they are stopped through the cleanup path
+    /// (`endReason: drained`; a start still in flight answers 503 `DRAINING`). Returns when
+    /// every instance is gone.
     pub async fn drain(
         self: &Arc<Self>,
         timeout: Duration,
         force: impl std::future::Future<Output = ()>,
     ) {
-        self.draining.store(true, Ordering::SeqCst);
+        {
+            let _st = self.state.lock();
+            self.draining.store(true, Ordering::SeqCst);
+        }
         let ids: Vec<Uuid> = self.state.lock().pools.keys().copied().collect();
         for id in ids {
             self.reconcile(id);
@@ -1450,10 +1647,12 @@ impl Supervisor {
     }
 
     /// Stops every instance (sessions recorded with `reason`) and waits until all are gone.
+    /// No instance can be created from the moment this starts (the draining flag is set
+    /// under the state lock, where starts and the pool check it).
     pub async fn stop_everything(&self, reason: EndReason) {
-        self.draining.store(true, Ordering::SeqCst);
         let all: Vec<Arc<InstanceCtl>> = {
             let st = self.state.lock();
+            self.draining.store(true, Ordering::SeqCst);
             st.pools
                 .values()
                 .flat_map(|p| p.instances.values().cloned())
@@ -1469,27 +1668,35 @@ impl Supervisor {
     }
 }
 
-trait TapPending {
-    fn tap_pending_from(self, old: &Arc<InstanceCtl>) -> Self;
-}
-
-impl TapPending for Arc<InstanceCtl> {
-    /// Moves the pending command receiver registered for `old` to this ctl's id.
-    fn tap_pending_from(self, old: &Arc<InstanceCtl>) -> Self {
-        let mut p = PENDING.lock();
-        if let Some(v) = p.remove(&old.id) {
-            p.insert(self.id, v);
-        }
-        drop(p);
-        self
-    }
-}
-
 type PendingRx = (mpsc::UnboundedReceiver<Cmd>, watch::Sender<bool>);
 
 /// Command receivers of instances whose actor has not started yet.
 static PENDING: std::sync::LazyLock<Mutex<HashMap<Uuid, PendingRx>>> =
     std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// Forgets a controller whose actor will never run (its pending command receiver).
+fn discard_ctl(ctl: &InstanceCtl) {
+    PENDING.lock().remove(&ctl.id);
+}
+
+/// The reason recorded for a stop that arrives before the session was delivered: a plain
+/// stop (`DELETE`) becomes `stopped_during_start`; drain and client-gone keep their own.
+fn during_start(r: EndReason, promised: bool) -> EndReason {
+    if promised && r == EndReason::Stopped {
+        EndReason::StoppedDuringStart
+    } else {
+        r
+    }
+}
+
+/// Aborts a spawned task when dropped (the session's `/bot` request or websocket relay).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 fn reply_err(d: &mut Delivery, why: &str) {
     if let Some(r) = d.reply.take() {

@@ -154,6 +154,11 @@ pub trait Runtime: Send + Sync + 'static {
     /// Finds a recorded instance again after a restart; `None` when it is gone (its leftovers
     /// are removed).
     async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Option<Arc<dyn Instance>>;
+    /// After a restart, once every recorded instance was adopted or removed: removes every
+    /// instance of this server that `keep` does not name (processes, cgroups, directories),
+    /// e.g. one spawned just before a crash and never recorded. Only this server's own
+    /// instances are touched (its cgroup subtree and instance directory), never by name.
+    async fn sweep(&self, keep: &std::collections::HashSet<uuid::Uuid>);
     /// Whether `program` can be executed (deploy-time validation). Returns the reason if not.
     fn check_program(&self, program: &str, working_dir: Option<&str>) -> Result<(), String>;
     /// Describes how whole-tree cleanup works on this machine (for logs and status).

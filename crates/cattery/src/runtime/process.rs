@@ -54,6 +54,58 @@ impl ProcessRuntime {
         })
     }
 
+    /// Removes this server's own cgroup directories (`.../cattery/<server id>`) if they are
+    /// empty; called on a clean shutdown, after every instance is gone.
+    pub fn remove_server_cgroups(&self) {
+        for d in self
+            .cgroups
+            .v2_base
+            .iter()
+            .chain(self.cgroups.v1_bases.iter().map(|(_, b)| b))
+        {
+            let _ = fs::remove_dir(d);
+        }
+    }
+
+    /// Kills and removes instance `id` with nothing but its id: its cgroups (v2 `cgroup.kill`,
+    /// v1 members), and processes carrying `CATTERY_INSTANCE_ID=<id>`; then its directories.
+    async fn remove_unrecorded(&self, id: &str) {
+        let v2 = self
+            .cgroups
+            .v2_base
+            .as_ref()
+            .map(|b| b.join(id))
+            .filter(|d| d.exists());
+        let v1: Vec<PathBuf> = self
+            .cgroups
+            .v1_bases
+            .iter()
+            .map(|(_, b)| b.join(id))
+            .filter(|d| d.exists())
+            .collect();
+        let deadline = Instant::now() + KILL_WAIT;
+        loop {
+            if let Some(d) = &v2 {
+                let _ = cgroup::kill_all(d);
+            }
+            let mut pids: Vec<i32> = v1.iter().flat_map(|d| cgroup::procs(d)).collect();
+            pids.extend(pids_with_instance_env(id));
+            for p in &pids {
+                let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
+            }
+            self.reaper.reap_all();
+            let populated = v2.as_ref().is_some_and(|d| cgroup::populated(d));
+            if (pids.is_empty() && !populated) || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for d in v2.iter().chain(v1.iter()) {
+            cgroup::remove(d);
+        }
+        let _ = fs::remove_dir_all(self.instances_dir.join(id));
+    }
+
     fn alloc_port(&self) -> std::io::Result<u16> {
         for _ in 0..64 {
             let l = TcpListener::bind(("127.0.0.1", 0))?;
@@ -253,6 +305,28 @@ impl Runtime for ProcessRuntime {
             terminated: OnceCell::new(),
             last_cpu: Mutex::new(None),
         }))
+    }
+
+    async fn sweep(&self, keep: &HashSet<uuid::Uuid>) {
+        let mut found: HashSet<String> = HashSet::new();
+        let bases = std::iter::once(&self.instances_dir)
+            .chain(self.cgroups.v2_base.iter())
+            .chain(self.cgroups.v1_bases.iter().map(|(_, b)| b));
+        for base in bases {
+            let Ok(rd) = fs::read_dir(base) else { continue };
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Ok(id) = uuid::Uuid::parse_str(&name) {
+                    if !keep.contains(&id) && e.path().is_dir() {
+                        found.insert(name);
+                    }
+                }
+            }
+        }
+        for id in found {
+            tracing::warn!(instance = %id, "removing an unrecorded instance left by a previous run");
+            self.remove_unrecorded(&id).await;
+        }
     }
 
     async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Option<Arc<dyn Instance>> {

@@ -226,8 +226,7 @@ pub trait Store: Send + Sync + 'static {
     /// Whether a secret set of that name exists in the org.
     async fn secret_set_exists(&self, org: &str, name: &str) -> StoreResult<bool>;
     /// A secret set with its key names (never values).
-    async fn get_secret_set(&self, org: &str, name: &str)
-        -> StoreResult<Option<SecretSetRecord>>;
+    async fn get_secret_set(&self, org: &str, name: &str) -> StoreResult<Option<SecretSetRecord>>;
     /// The org's secret sets with their key names, by name.
     async fn list_secret_sets(&self, org: &str) -> StoreResult<Vec<SecretSetRecord>>;
     /// Creates the set if missing (with `set`'s kind, region and host) or touches it, then

@@ -19,10 +19,24 @@ use crate::model::{
 };
 
 /// SQLite-backed [`Store`].
+///
+/// Two pools on the same file: `pool` (several connections) for reads, and `writer` (one
+/// connection) for every write. WAL lets readers run beside the one writer; funnelling writes
+/// through a single connection means they queue in the pool (FIFO, async) instead of
+/// colliding on SQLite's write lock, where the busy handler sleeps 1 ms, 2 ms, 5 ms...
+/// between retries (which made p99 start latency at concurrency 8 cost ~10 ms).
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    writer: SqlitePool,
 }
+
+/// Bytes of the database file that connections map into memory (reads without `read(2)`).
+const MMAP_SIZE: &str = "268435456";
+/// Pages of page cache per connection (negative: KiB), 16 MiB.
+const CACHE_SIZE: &str = "-16384";
+/// Log lines per multi-row `INSERT` (8 bound values each, far below SQLite's 32,766 limit).
+const LOG_ROWS_PER_INSERT: usize = 128;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -57,17 +71,30 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true)
-            .statement_cache_capacity(256);
+            .statement_cache_capacity(256)
+            .pragma("mmap_size", MMAP_SIZE)
+            .pragma("cache_size", CACHE_SIZE)
+            .pragma("temp_store", "memory");
+        // No ping before each acquire (`test_before_acquire`): for SQLite it is a full round
+        // trip to the connection's worker thread, doubling the cost of every query.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .test_before_acquire(false)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts.clone())
+            .await?;
+        MIGRATOR
+            .run(&writer)
+            .await
+            .map_err(|e| StoreError::Backend(format!("migration failed: {e}")))?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
+            .test_before_acquire(false)
             .connect_with(opts)
             .await?;
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| StoreError::Backend(format!("migration failed: {e}")))?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore { pool, writer })
     }
 
     fn agent_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<AgentRecord> {
@@ -156,7 +183,7 @@ impl Store for SqliteStore {
         )
         .bind(name)
         .bind(crate::model::now_ms())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -182,7 +209,7 @@ impl Store for SqliteStore {
         .bind(rec.created_ms)
         .bind(rec.revoked_ms)
         .bind(rec.kind.eq(&KeyKind::Public).then_some(rec.public_key.as_deref()).flatten())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -216,13 +243,13 @@ impl Store for SqliteStore {
         .bind(org)
         .bind(id.to_string())
         .bind(crate::model::now_ms())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(r.rows_affected() > 0)
     }
 
     async fn create_agent(&self, a: &AgentRecord, dep: &DeploymentRecord) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         sqlx::query(
             "INSERT INTO agents (id, org, name, region, min_agents, max_agents, desired_deployment_id, \
              created_ms, updated_ms, deleted_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
@@ -248,7 +275,7 @@ impl Store for SqliteStore {
         a: &AgentRecord,
         dep: Option<&DeploymentRecord>,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         if let Some(dep) = dep {
             insert_dep(&mut tx, &a.org, dep).await?;
         }
@@ -307,7 +334,7 @@ impl Store for SqliteStore {
             .bind(at_ms)
             .bind(at_ms)
             .bind(id.to_string())
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -344,7 +371,7 @@ impl Store for SqliteStore {
         .bind(s.bot_start_ms)
         .bind(s.cold_start.map(|b| b as i64))
         .bind(&s.transport)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -356,7 +383,7 @@ impl Store for SqliteStore {
         .bind(bot_start_ms)
         .bind(crate::model::now_ms())
         .bind(id.to_string())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -374,7 +401,7 @@ impl Store for SqliteStore {
         .bind(e.exit_signal.map(i64::from))
         .bind(&e.message)
         .bind(id.to_string())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -383,7 +410,7 @@ impl Store for SqliteStore {
         sqlx::query("UPDATE sessions SET metrics = ? WHERE id = ?")
             .bind(m.to_string())
             .bind(id.to_string())
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -401,37 +428,67 @@ impl Store for SqliteStore {
         agent_id: Uuid,
         f: &SessionFilter,
     ) -> StoreResult<(i64, Vec<SessionRecord>)> {
-        let filter = "agent_id = ?1 AND (?2 IS NULL OR deployment_id = ?2) \
-            AND (?3 IS NULL OR (?3 = 1 AND ended_ms IS NULL) OR (?3 = 0 AND ended_ms IS NOT NULL)) \
-            AND (?4 IS NULL OR cold_start = ?4) \
-            AND (?5 IS NULL OR created_ms >= ?5) AND (?6 IS NULL OR created_ms <= ?6)";
-        let dep = f.deployment_id.map(|d| d.to_string());
-        let active = f.active.map(|b| b as i64);
-        let cold = f.cold.map(|b| b as i64);
-        let total: i64 =
-            sqlx::query_scalar(&format!("SELECT COUNT(*) FROM sessions WHERE {filter}"))
-                .bind(agent_id.to_string())
-                .bind(&dep)
-                .bind(active)
-                .bind(cold)
-                .bind(f.start_ms)
-                .bind(f.end_ms)
-                .fetch_one(&self.pool)
-                .await?;
-        let rows = sqlx::query(&format!(
-            "SELECT {SESSION_COLS} FROM sessions WHERE {filter} \
-             ORDER BY created_ms DESC, rowid DESC LIMIT ?7 OFFSET ?8"
-        ))
-        .bind(agent_id.to_string())
-        .bind(&dep)
-        .bind(active)
-        .bind(cold)
-        .bind(f.start_ms)
-        .bind(f.end_ms)
-        .bind(f.limit)
-        .bind(f.offset)
-        .fetch_all(&self.pool)
-        .await?;
+        // Only the filters that are set go into the SQL, so SQLite can use an index: an
+        // index-only count for the plain list, `sessions_active` for `status=active`. With
+        // `?n IS NULL OR ...` terms it read every row of the agent (100,000 stored sessions:
+        // 7 ms per list, 40-120 ms with `status=active`).
+        let mut filter = String::from("agent_id = ?");
+        if f.deployment_id.is_some() {
+            filter.push_str(" AND deployment_id = ?");
+        }
+        match f.active {
+            Some(true) => filter.push_str(" AND ended_ms IS NULL"),
+            Some(false) => filter.push_str(" AND ended_ms IS NOT NULL"),
+            None => {}
+        }
+        if f.cold.is_some() {
+            filter.push_str(" AND cold_start = ?");
+        }
+        if f.start_ms.is_some() {
+            filter.push_str(" AND created_ms >= ?");
+        }
+        if f.end_ms.is_some() {
+            filter.push_str(" AND created_ms <= ?");
+        }
+        // Binds in the order of the `?`s above.
+        macro_rules! bind_filter {
+            ($q:expr) => {{
+                let mut q = $q.bind(agent_id.to_string());
+                if let Some(d) = f.deployment_id {
+                    q = q.bind(d.to_string());
+                }
+                if let Some(c) = f.cold {
+                    q = q.bind(c as i64);
+                }
+                if let Some(t) = f.start_ms {
+                    q = q.bind(t);
+                }
+                if let Some(t) = f.end_ms {
+                    q = q.bind(t);
+                }
+                q
+            }};
+        }
+        let count_sql = format!("SELECT COUNT(*) FROM sessions WHERE {filter}");
+        let total: i64 = bind_filter!(sqlx::query_scalar(&count_sql))
+            .fetch_one(&self.pool)
+            .await?;
+        // Active sessions are few: read them through their partial index and sort them,
+        // rather than walking every session of the agent newest first to find them.
+        let index = if f.active == Some(true) {
+            " INDEXED BY sessions_active"
+        } else {
+            ""
+        };
+        let select_sql = format!(
+            "SELECT {SESSION_COLS} FROM sessions{index} WHERE {filter} \
+             ORDER BY created_ms DESC, rowid DESC LIMIT ? OFFSET ?"
+        );
+        let rows = bind_filter!(sqlx::query(&select_sql))
+            .bind(f.limit)
+            .bind(f.offset)
+            .fetch_all(&self.pool)
+            .await?;
         let list = rows
             .iter()
             .map(Self::session_from_row)
@@ -463,7 +520,7 @@ impl Store for SqliteStore {
         .bind(&i.cgroup)
         .bind(&i.dir)
         .bind(i.created_ms)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -471,7 +528,7 @@ impl Store for SqliteStore {
     async fn delete_instance(&self, id: Uuid) -> StoreResult<()> {
         sqlx::query("DELETE FROM instances WHERE id = ?")
             .bind(id.to_string())
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -511,11 +568,7 @@ impl Store for SqliteStore {
         Ok(n > 0)
     }
 
-    async fn get_secret_set(
-        &self,
-        org: &str,
-        name: &str,
-    ) -> StoreResult<Option<SecretSetRecord>> {
+    async fn get_secret_set(&self, org: &str, name: &str) -> StoreResult<Option<SecretSetRecord>> {
         let row = sqlx::query("SELECT * FROM secret_sets WHERE org = ? AND name = ?")
             .bind(org)
             .bind(name)
@@ -538,7 +591,10 @@ impl Store for SqliteStore {
             .bind(org)
             .fetch_all(&self.pool)
             .await?;
-        let mut sets = rows.iter().map(set_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let mut sets = rows
+            .iter()
+            .map(set_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
         let keys = sqlx::query("SELECT set_name, key FROM secrets WHERE org = ? ORDER BY key")
             .bind(org)
             .fetch_all(&self.pool)
@@ -558,7 +614,7 @@ impl Store for SqliteStore {
         values: &[SealedValue],
         replace_all: bool,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let r = sqlx::query(
             "INSERT INTO secret_sets (org, name, kind, region, host, created_ms, updated_ms) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) \
@@ -616,13 +672,13 @@ impl Store for SqliteStore {
         let r = sqlx::query("DELETE FROM secret_sets WHERE org = ? AND name = ?")
             .bind(org)
             .bind(name)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(r.rows_affected() > 0)
     }
 
     async fn delete_secret(&self, org: &str, name: &str, key: &str) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let r = sqlx::query("DELETE FROM secrets WHERE org = ? AND set_name = ? AND key = ?")
             .bind(org)
             .bind(name)
@@ -678,7 +734,7 @@ impl Store for SqliteStore {
         sqlx::query("UPDATE orgs SET properties = ? WHERE name = ?")
             .bind(props.to_string())
             .bind(name)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -687,22 +743,33 @@ impl Store for SqliteStore {
         if lines.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
-        for l in lines {
-            sqlx::query(
-                "INSERT INTO logs (org, agent_id, deployment_id, session_id, instance_id, ts_ns, stream, line) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&l.org)
-            .bind(l.agent_id.to_string())
-            .bind(l.deployment_id.map(|d| d.to_string()))
-            .bind(l.session_id.map(|d| d.to_string()))
-            .bind(l.instance_id.map(|d| d.to_string()))
-            .bind(l.ts_ns)
-            .bind(l.stream)
-            .bind(&l.line)
-            .execute(&mut *tx)
-            .await?;
+        // One multi-row INSERT per chunk: one round trip to the connection's worker thread
+        // per chunk instead of one per line, all in one transaction.
+        let mut tx = self.writer.begin().await?;
+        for chunk in lines.chunks(LOG_ROWS_PER_INSERT) {
+            let mut sql = String::from(
+                "INSERT INTO logs (org, agent_id, deployment_id, session_id, instance_id, ts_ns, stream, line) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                sql.push_str(if i == 0 {
+                    "(?, ?, ?, ?, ?, ?, ?, ?)"
+                } else {
+                    ", (?, ?, ?, ?, ?, ?, ?, ?)"
+                });
+            }
+            let mut q = sqlx::query(&sql);
+            for l in chunk {
+                q = q
+                    .bind(&l.org)
+                    .bind(l.agent_id.to_string())
+                    .bind(l.deployment_id.map(|d| d.to_string()))
+                    .bind(l.session_id.map(|d| d.to_string()))
+                    .bind(l.instance_id.map(|d| d.to_string()))
+                    .bind(l.ts_ns)
+                    .bind(l.stream)
+                    .bind(&l.line);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -770,7 +837,7 @@ impl Store for SqliteStore {
     async fn prune_logs(&self, before_ns: i64) -> StoreResult<u64> {
         let r = sqlx::query("DELETE FROM logs WHERE ts_ns < ?")
             .bind(before_ns)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(r.rows_affected())
     }
@@ -783,7 +850,7 @@ impl Store for SqliteStore {
             "DELETE FROM logs WHERE seq <= (SELECT COALESCE(MAX(seq), 0) FROM logs) - ?",
         )
         .bind(max_lines)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(r.rows_affected())
     }

@@ -374,7 +374,12 @@ impl Server {
         if r.status != 200 {
             let log = self.log();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            panic!("get session {sid}: {} {:?}\nserver log tail:\n{}", r.status, r.body, tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            panic!(
+                "get session {sid}: {} {:?}\nserver log tail:\n{}",
+                r.status,
+                r.body,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
         r.body
     }

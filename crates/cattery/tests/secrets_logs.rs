@@ -1,0 +1,777 @@
+//! Secrets (reference §A.6, lifecycle case L11), logs (§A.4, L12) and truthful agent status
+//! (issue #4 item 5) against the real binary.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{test_agent, wait_for, Resp, Server};
+use serde_json::{json, Value};
+
+fn assert_error(r: &Resp, status: u16, code: &str) {
+    assert_eq!(r.status, status, "body: {:?}", r.body);
+    assert!(
+        r.content_type.starts_with("application/json"),
+        "content-type {}",
+        r.content_type
+    );
+    assert!(r.body["error"].is_string(), "error missing: {:?}", r.body);
+    assert_eq!(r.body["code"], code, "body: {:?}", r.body);
+}
+
+fn unix_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+async fn put_secrets(s: &Server, set: &str, pairs: &[(&str, &str)]) -> Resp {
+    let secrets: Vec<Value> = pairs
+        .iter()
+        .map(|(k, v)| json!({"secretKey": k, "secretValue": v}))
+        .collect();
+    s.req(
+        "PUT",
+        &format!("/v1/secrets/{set}"),
+        Some(&s.sk),
+        Some(json!({ "secrets": secrets })),
+    )
+    .await
+}
+
+/// `GET /v1/agents/{name}/logs?{query}`; panics unless 200.
+async fn logs(s: &Server, agent: &str, query: &str) -> Value {
+    let r = s
+        .req(
+            "GET",
+            &format!("/v1/agents/{agent}/logs?{query}"),
+            Some(&s.sk),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "logs {query}: {:?}", r.body);
+    r.body
+}
+
+fn lines(v: &Value) -> Vec<String> {
+    v["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["log"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Waits until a session's logs contain `needle`; returns that log record.
+async fn wait_log(s: &Server, agent: &str, sid: &str, needle: &str) -> Value {
+    wait_for(Duration::from_secs(20), needle, || async {
+        let v = logs(
+            s,
+            agent,
+            &format!("sessionId={sid}&limit=1000&query={}", urlencode(needle)),
+        )
+        .await;
+        v["logs"].as_array().unwrap().first().cloned()
+    })
+    .await
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secret_sets_forms_validation_and_sealing() {
+    let s = Server::start(&["--regions", "local,edge"]).await;
+    let token = s.key("token", "default");
+    let value = "s3cr3t value with = and \"quotes\" MARKER-9f1c";
+
+    // Documented form: 202 {"status":"OK","region"}; the default region is the org's.
+    let r = put_secrets(&s, "app-secrets", &[("API_KEY", value), ("OTHER", "x")]).await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    assert_eq!(r.body, json!({"status": "OK", "region": "local"}));
+    // The CLI's flat form, on the org path with a token: merges one key.
+    let r = s
+        .req(
+            "PUT",
+            "/v1/organizations/default/secrets/app-secrets",
+            Some(&token),
+            Some(json!({"name": "app-secrets", "isImagePullSecret": false,
+                        "secretKey": "FLAT_KEY", "secretValue": "flat MARKER-9f1c"})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    assert_eq!(r.body["region"], "local");
+
+    // Keys, never values, on every read.
+    let one = s
+        .req("GET", "/v1/secrets/app-secrets", Some(&s.sk), None)
+        .await;
+    assert_eq!(one.status, 200);
+    assert_eq!(
+        one.body["secrets"],
+        json!([{"fieldName": "API_KEY"}, {"fieldName": "FLAT_KEY"}, {"fieldName": "OTHER"}])
+    );
+    assert_eq!(one.body["region"], "local");
+    assert_eq!(one.body["status"], "ready");
+    let list = s
+        .req(
+            "GET",
+            "/v1/organizations/default/secrets",
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(list.status, 200);
+    assert_eq!(
+        list.body["sets"],
+        json!([{"name": "app-secrets", "type": "secret", "region": "local", "status": "ready"}])
+    );
+    for body in [&one.body, &list.body] {
+        assert!(
+            !body.to_string().contains("MARKER-9f1c"),
+            "value leaked: {body}"
+        );
+    }
+    let filtered = s
+        .req("GET", "/v1/secrets?region=edge", Some(&s.sk), None)
+        .await;
+    assert_eq!(filtered.body["sets"], json!([]));
+
+    // Validation: clear 400s, never a 500.
+    let long = "a".repeat(64);
+    for bad_name in ["ab", "Bad_Name", "-abc", long.as_str(), "a..b"] {
+        let r = put_secrets(&s, bad_name, &[("K", "v")]).await;
+        assert_error(&r, 400, "GENERIC_BAD_REQUEST");
+    }
+    let long_key = "K".repeat(65);
+    for (k, v) in [
+        ("A=B", "v"),
+        (long_key.as_str(), "v"),
+        ("", "v"),
+        ("PORT", "1"),
+        ("CATTERY_INSTANCE_ID", "x"),
+        ("NUL", "a\u{0}b"),
+    ] {
+        let r = put_secrets(&s, "app-secrets", &[(k, v)]).await;
+        assert_error(&r, 400, "GENERIC_BAD_REQUEST");
+    }
+    for body in [
+        json!({}),
+        json!({"secrets": []}),
+        json!({"secretKey": "K"}),
+        json!({"secretValue": "v"}),
+        json!({"name": "other-name", "secretKey": "K", "secretValue": "v"}),
+        json!({"region": "edge", "secretKey": "K", "secretValue": "v"}),
+        json!({"isImagePullSecret": true, "host": "https://r.example/", "secretValue": "dXNlcjpwdw=="}),
+        json!({"secrets": "nope"}),
+    ] {
+        let r = s
+            .req(
+                "PUT",
+                "/v1/secrets/app-secrets",
+                Some(&s.sk),
+                Some(body.clone()),
+            )
+            .await;
+        assert_error(&r, 400, "GENERIC_BAD_REQUEST");
+    }
+    let r = s
+        .req(
+            "PUT",
+            "/v1/secrets/new-set",
+            Some(&s.sk),
+            Some(json!({"region": "mars", "secretKey": "K", "secretValue": "v"})),
+        )
+        .await;
+    assert_error(&r, 400, "GENERIC_BAD_REQUEST");
+    let r = s
+        .raw(
+            "PUT",
+            "/v1/secrets/new-set",
+            Some(&s.sk),
+            b"{not json".to_vec(),
+        )
+        .await;
+    assert_error(&r, 400, "GENERIC_BAD_REQUEST");
+
+    // Image pull secrets: host gets a trailing '/', the value must be base64, GET by name is
+    // the documented 400 with code "400", keys cannot be deleted one by one.
+    for body in [
+        json!({"isImagePullSecret": true, "secretValue": "dXNlcjpwdw=="}),
+        json!({"isImagePullSecret": true, "host": "https://r.example"}),
+        json!({"isImagePullSecret": true, "host": "https://r.example", "secretValue": "user:pw not base64"}),
+    ] {
+        let r = s
+            .req("PUT", "/v1/secrets/my-pull", Some(&s.sk), Some(body))
+            .await;
+        assert_error(&r, 400, "GENERIC_BAD_REQUEST");
+    }
+    let r = s
+        .req(
+            "PUT",
+            "/v1/secrets/my-pull",
+            Some(&s.sk),
+            Some(
+                json!({"isImagePullSecret": true, "host": "https://r.example",
+                        "secretValue": "dXNlcjpwdw==", "region": "edge"}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    assert_eq!(r.body["region"], "edge");
+    assert_error(
+        &s.req("GET", "/v1/secrets/my-pull", Some(&s.sk), None).await,
+        400,
+        "400",
+    );
+    assert_error(
+        &s.req(
+            "DELETE",
+            "/v1/secrets/my-pull/secretValue",
+            Some(&s.sk),
+            None,
+        )
+        .await,
+        400,
+        "GENERIC_BAD_REQUEST",
+    );
+    let r = s
+        .req(
+            "PUT",
+            "/v1/secrets/my-pull",
+            Some(&s.sk),
+            Some(json!({"secretKey": "K", "secretValue": "v"})),
+        )
+        .await;
+    assert_error(&r, 400, "GENERIC_BAD_REQUEST");
+    let all = s.req("GET", "/v1/secrets", Some(&s.sk), None).await;
+    assert_eq!(all.body["sets"][1]["type"], "imagePullSecret");
+    assert_eq!(all.body["sets"][1]["region"], "edge");
+
+    // Auth: public keys get 401; another org's token gets 404 on this org's paths and sees
+    // only its own org.
+    assert_error(
+        &s.req("GET", "/v1/secrets", Some(&s.pk), None).await,
+        401,
+        "401",
+    );
+    assert_error(
+        &s.req(
+            "GET",
+            "/v1/organizations/default/secrets",
+            Some(&s.pk),
+            None,
+        )
+        .await,
+        401,
+        "401",
+    );
+    let other = s.key("token", "other-org");
+    assert_error(
+        &s.req(
+            "GET",
+            "/v1/organizations/default/secrets",
+            Some(&other),
+            None,
+        )
+        .await,
+        404,
+        "NOT_FOUND",
+    );
+    let orgs = s.req("GET", "/v1/organizations", Some(&other), None).await;
+    assert_eq!(orgs.status, 200);
+    assert_eq!(orgs.body["organizations"].as_array().unwrap().len(), 1);
+    assert_eq!(orgs.body["organizations"][0]["name"], "other-org");
+    let theirs = s
+        .req(
+            "GET",
+            "/v1/organizations/other-org/secrets",
+            Some(&other),
+            None,
+        )
+        .await;
+    assert_eq!(theirs.body["sets"], json!([]), "sets leaked across orgs");
+
+    // Deletes answer non-empty JSON; a second delete is 404.
+    let r = s
+        .req("DELETE", "/v1/secrets/app-secrets/OTHER", Some(&s.sk), None)
+        .await;
+    assert_eq!((r.status, r.body.clone()), (200, json!({"status": "OK"})));
+    assert_error(
+        &s.req("DELETE", "/v1/secrets/app-secrets/OTHER", Some(&s.sk), None)
+            .await,
+        404,
+        "NOT_FOUND",
+    );
+    let r = s
+        .req(
+            "DELETE",
+            "/v1/organizations/default/secrets/my-pull",
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!((r.status, r.body.clone()), (200, json!({"status": "OK"})));
+    assert_error(
+        &s.req("DELETE", "/v1/secrets/my-pull", Some(&s.sk), None)
+            .await,
+        404,
+        "NOT_FOUND",
+    );
+    assert_error(
+        &s.req("GET", "/v1/secrets/never-was", Some(&s.sk), None)
+            .await,
+        404,
+        "NOT_FOUND",
+    );
+
+    // At rest: the key file is private, and no value appears in the database files.
+    use std::os::unix::fs::PermissionsExt;
+    let key_file = s.data_dir().join("secrets.key");
+    let meta = std::fs::metadata(&key_file).expect("secrets.key exists");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta.len(), 32);
+    for f in ["cattery.db", "cattery.db-wal"] {
+        if let Ok(bytes) = std::fs::read(s.data_dir().join(f)) {
+            assert!(
+                !bytes.windows(11).any(|w| w == b"MARKER-9f1c"),
+                "a secret value is stored in clear in {f}"
+            );
+        }
+    }
+}
+
+/// L11: a set resolvable by name, a missing set failing at deploy, values arriving as env
+/// vars, and a changed value reaching instances only with a new deployment, warm and cold
+/// alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_reach_instances_deterministically() {
+    let mut s = Server::start(&[]).await;
+    let v1 = "first value = \"one\"";
+    assert_eq!(
+        put_secrets(&s, "my-secrets", &[("MY_KEY", v1)])
+            .await
+            .status,
+        202
+    );
+    let got = s
+        .req("GET", "/v1/secrets/my-secrets", Some(&s.sk), None)
+        .await;
+    assert_eq!(got.body["secrets"], json!([{"fieldName": "MY_KEY"}]));
+
+    // A deploy naming a missing set fails at deploy time, naming it.
+    let cmd = vec![test_agent().display().to_string()];
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&s.sk),
+            Some(json!({"serviceName": "nosecrets", "command": cmd, "secretSet": "missing-set"})),
+        )
+        .await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    assert!(
+        r.body["error"].as_str().unwrap().contains("missing-set"),
+        "{:?}",
+        r.body
+    );
+    // An image pull secret cannot be bound as the secret set.
+    let r = s
+        .req(
+            "PUT",
+            "/v1/secrets/a-pull",
+            Some(&s.sk),
+            Some(json!({"isImagePullSecret": true, "host": "h", "secretValue": "dTpw"})),
+        )
+        .await;
+    assert_eq!(r.status, 202);
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&s.sk),
+            Some(json!({"serviceName": "wrongkind", "command": cmd, "secretSet": "a-pull"})),
+        )
+        .await;
+    assert_error(&r, 400, "GENERIC_BAD_REQUEST");
+
+    let d = s
+        .deploy(
+            "env-agent",
+            &["--print-env", "MY_KEY"],
+            json!({"secretSet": "my-secrets", "autoScaling": {"minAgents": 1, "maxAgents": 3}}),
+        )
+        .await;
+    let dep1 = d["desiredDeploymentId"].as_str().unwrap().to_string();
+    assert_eq!(
+        d["deployment"]["manifest"]["spec"]["envFromSecretNames"],
+        json!(["my-secrets"])
+    );
+    assert!(!d.to_string().contains(v1), "value in agent details");
+    s.wait_ready("env-agent", Duration::from_secs(20)).await;
+    wait_for(Duration::from_secs(20), "a warm instance", || async {
+        (s.agent("env-agent").await["warmInstances"]["idle"] == 1).then_some(())
+    })
+    .await;
+
+    // Change the value: not a new deployment, so nothing changes for instances.
+    let v2 = "second value";
+    assert_eq!(
+        put_secrets(&s, "my-secrets", &[("MY_KEY", v2)])
+            .await
+            .status,
+        202
+    );
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents/env-agent",
+            Some(&s.sk),
+            Some(json!({"secretSet": "my-secrets"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["desiredDeploymentId"], dep1.as_str());
+    assert!(r.body["warning"].is_string());
+
+    // A warm session and, while it runs, a cold one: both get the deployment's snapshot.
+    let warm = s.start_session("env-agent", json!({})).await;
+    assert_eq!(warm.status, 200, "{:?}", warm.body);
+    assert_eq!(warm.body["coldStart"], false);
+    let cold = s.start_session("env-agent", json!({})).await;
+    assert_eq!(cold.status, 200, "{:?}", cold.body);
+    assert_eq!(cold.body["coldStart"], true);
+    for r in [&warm, &cold] {
+        let sid = r.body["sessionId"].as_str().unwrap();
+        let rec = wait_log(&s, "env-agent", sid, "env MY_KEY=").await;
+        assert!(
+            rec["log"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("env MY_KEY={v1}")),
+            "{rec}"
+        );
+        assert_eq!(rec["deploymentId"], dep1.as_str());
+        assert_eq!(s.stop("env-agent", sid).await.status, 200);
+    }
+
+    // The snapshot is durable: after a restart, new instances still get the first value.
+    assert!(
+        s.terminate(Duration::from_secs(30)).is_some(),
+        "server did not stop"
+    );
+    s.spawn().await;
+    let sid = s.start_ok("env-agent").await;
+    let rec = wait_log(&s, "env-agent", &sid, "env MY_KEY=").await;
+    assert!(
+        rec["log"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("env MY_KEY={v1}")),
+        "{rec}"
+    );
+    assert_eq!(s.stop("env-agent", &sid).await.status, 200);
+
+    // forceRedeploy makes a new deployment, which takes the new value.
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents/env-agent",
+            Some(&s.sk),
+            Some(json!({"forceRedeploy": true})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let dep2 = r.body["desiredDeploymentId"].as_str().unwrap().to_string();
+    assert_ne!(dep1, dep2);
+    let sid = s.start_ok("env-agent").await;
+    let rec = wait_log(&s, "env-agent", &sid, "env MY_KEY=").await;
+    assert!(
+        rec["log"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("env MY_KEY={v2}")),
+        "{rec}"
+    );
+    assert_eq!(rec["deploymentId"], dep2.as_str());
+
+    // Deleting the set does not touch running deployments; deploying it again fails.
+    assert_eq!(
+        s.req("DELETE", "/v1/secrets/my-secrets", Some(&s.sk), None)
+            .await
+            .status,
+        200
+    );
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents/env-agent",
+            Some(&s.sk),
+            Some(json!({"forceRedeploy": true})),
+        )
+        .await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    assert!(r.body["error"].as_str().unwrap().contains("my-secrets"));
+    assert_eq!(s.stop("env-agent", &sid).await.status, 200);
+}
+
+/// L12: the last words of a SIGKILLed agent, on both streams, reachable by session and by a
+/// time window; raw bytes escaped; the query parameters and their 400s.
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_keep_last_words_and_filter() {
+    let s = Server::start(&[]).await;
+    let agent = test_agent().display().to_string();
+    let script = format!(
+        "printf 'raw bytes \\377\\376 end\\n' >&2; exec '{agent}' --last-words --ignore-sigterm --ignore-transport-close"
+    );
+    let d = s
+        .deploy(
+            "talker",
+            &[],
+            json!({"command": ["/bin/sh", "-c", script], "stopGraceSeconds": 1}),
+        )
+        .await;
+    let dep = d["desiredDeploymentId"].as_str().unwrap().to_string();
+    let t0 = unix_s();
+    let sid = s.start_ok("talker").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stop = s.stop("talker", &sid).await;
+    assert_eq!(stop.status, 200);
+    let t1 = unix_s();
+    let ended = s.session("talker", &sid).await;
+    assert_eq!(ended["exitSignal"], 9, "{ended}");
+
+    let out = wait_log(&s, "talker", &sid, "last words on stdout").await;
+    let err = wait_log(&s, "talker", &sid, "last words on stderr").await;
+    assert_eq!(out["stream"], "stdout");
+    assert_eq!(err["stream"], "stderr");
+    for rec in [&out, &err] {
+        assert_eq!(rec["sessionId"], sid.as_str());
+        assert_eq!(rec["deploymentId"], dep.as_str());
+        let ts = rec["timestamp"].as_str().unwrap();
+        assert!(
+            ts.ends_with('Z') && ts.len() == "2026-01-01T00:00:00.123456789Z".len(),
+            "{ts}"
+        );
+    }
+    let platform = wait_log(&s, "talker", &sid, "ended").await;
+    assert_eq!(platform["stream"], "platform");
+    assert!(platform["log"].as_str().unwrap().contains(&sid));
+    let raw = wait_log(&s, "talker", &sid, "raw bytes").await;
+    assert_eq!(raw["log"], "raw bytes \\xff\\xfe end");
+    assert_eq!(raw["stream"], "stderr");
+
+    // A window around the session finds the last words; one before it does not.
+    let win = logs(
+        &s,
+        "talker",
+        &format!("startTime={t0}&endTime={t1}&limit=1000"),
+    )
+    .await;
+    let text = lines(&win);
+    assert!(text.iter().any(|l| l.contains("last words on stdout")));
+    assert!(text.iter().any(|l| l.contains("last words on stderr")));
+    let before = logs(
+        &s,
+        "talker",
+        &format!("startTime={}&endTime={}", t0 - 100, t0 - 50),
+    )
+    .await;
+    assert_eq!(before["logs"], json!([]));
+    assert_eq!(before["total"], json!({"value": 0, "relation": "eq"}));
+
+    // Order, paging, totals, filters.
+    let all = logs(&s, "talker", "limit=1000&order=asc").await;
+    let total = all["total"]["value"].as_i64().unwrap();
+    assert_eq!(total as usize, all["logs"].as_array().unwrap().len());
+    let ts: Vec<&str> = all["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["timestamp"].as_str().unwrap())
+        .collect();
+    assert!(ts.windows(2).all(|w| w[0] <= w[1]), "asc order");
+    let desc = logs(&s, "talker", "limit=2").await;
+    assert_eq!(desc["logs"].as_array().unwrap().len(), 2);
+    assert_eq!(desc["total"]["value"], total);
+    assert_eq!(
+        desc["logs"][0],
+        all["logs"][total as usize - 1],
+        "desc is default"
+    );
+    let page = logs(&s, "talker", "limit=2&offset=1&order=asc").await;
+    assert_eq!(page["logs"][0], all["logs"][1]);
+    let by_dep = logs(&s, "talker", &format!("deploymentId={dep}&limit=1000")).await;
+    assert_eq!(by_dep["total"]["value"], total);
+    let other_dep = logs(
+        &s,
+        "talker",
+        "deploymentId=00000000-0000-0000-0000-000000000000",
+    )
+    .await;
+    assert_eq!(other_dep["total"]["value"], 0);
+    let token = s.key("token", "default");
+    let org_form = s
+        .req(
+            "GET",
+            &format!("/v1/organizations/default/services/talker/logs?sessionId={sid}&limit=1000"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(org_form.status, 200);
+    assert!(lines(&org_form.body)
+        .iter()
+        .any(|l| l.contains("last words on stderr")));
+
+    for bad in [
+        "limit=abc",
+        "limit=0",
+        "limit=100000",
+        "offset=-1",
+        "order=sideways",
+        "sessionId=not-a-uuid",
+        "deploymentId=42",
+        "startTime=yesterday",
+        "endTime=-1",
+        "startTime=200&endTime=100",
+    ] {
+        let r = s
+            .req(
+                "GET",
+                &format!("/v1/agents/talker/logs?{bad}"),
+                Some(&s.sk),
+                None,
+            )
+            .await;
+        assert_error(&r, 400, "GENERIC_BAD_REQUEST");
+    }
+    assert_error(
+        &s.req("GET", "/v1/agents/nobody/logs", Some(&s.sk), None)
+            .await,
+        404,
+        "NOT_FOUND",
+    );
+    assert_error(
+        &s.req("GET", "/v1/agents/talker/logs", Some(&s.pk), None)
+            .await,
+        401,
+        "401",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn log_retention_caps_lines() {
+    let s = Server::start(&["--log-retention-max-lines", "15"]).await;
+    s.deploy("chatty", &["--bot-seconds", "0.2"], json!({}))
+        .await;
+    let mut last = String::new();
+    for _ in 0..4 {
+        last = s.start_ok("chatty").await;
+        s.wait_ended("chatty", &last, Duration::from_secs(20)).await;
+    }
+    // The newest lines are kept (the last session's end record), and no more than the cap.
+    let v = wait_for(Duration::from_secs(20), "pruned logs", || async {
+        let v = logs(&s, "chatty", "limit=1000").await;
+        let has_end = lines(&v)
+            .iter()
+            .any(|l| l.contains(&last) && l.contains("ended"));
+        (v["total"]["value"].as_i64().unwrap() <= 15 && has_end).then_some(v)
+    })
+    .await;
+    assert!(v["total"]["value"].as_i64().unwrap() > 0);
+}
+
+/// Issue #4 item 5: a command that exits at once shows as crash-looping with its exit code
+/// and stderr, and a start fails fast with a specific error.
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_looping_agent_status_tells_the_truth() {
+    let s = Server::start(&[]).await;
+    s.deploy(
+        "crasher",
+        &["--exit-on-start", "3"],
+        json!({"autoScaling": {"minAgents": 1, "maxAgents": 2}}),
+    )
+    .await;
+    let a = wait_for(Duration::from_secs(30), "crash loop", || async {
+        let a = s.agent("crasher").await;
+        (a["healthState"] == "crash_loop").then_some(a)
+    })
+    .await;
+    assert_eq!(a["ready"], false, "{a}");
+    assert_eq!(a["available"], false);
+    assert_eq!(a["activeDeploymentReady"], false);
+    let h = &a["currentRevision"]["health"];
+    assert_eq!(h["reason"], "CrashLoopBackOff", "{h}");
+    assert_eq!(h["lastExitCode"], 3, "{h}");
+    assert_eq!(h["state"], "terminated");
+    assert!(h["restartCount"].as_u64().unwrap() >= 2);
+    assert!(
+        h["message"]
+            .as_str()
+            .unwrap()
+            .contains("fatal: crash on start"),
+        "{h}"
+    );
+    assert!(!a["errors"].as_array().unwrap().is_empty());
+    assert!(a["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["type"] == "Degraded" && c["status"] == "True"));
+    assert!(a["autoScaling"]["minReplicas"].is_number());
+    assert!(a["deployment"]["manifest"]["spec"].is_object());
+
+    let t = Instant::now();
+    let r = s.start_session("crasher", json!({})).await;
+    assert_error(&r, 503, "AGENT_CRASH_LOOP");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "start took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        r.body["error"].as_str().unwrap().contains("exit code 3"),
+        "{:?}",
+        r.body
+    );
+
+    // minAgents 0: the first start fails fast with the instance's exit, not a hang or a 429.
+    s.deploy("crasher0", &["--exit-on-start", "4"], json!({}))
+        .await;
+    let t = Instant::now();
+    let r = s.start_session("crasher0", json!({})).await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert!(
+        r.body["code"] == "INSTANCE_EXITED" || r.body["code"] == "AGENT_CRASH_LOOP",
+        "{:?}",
+        r.body
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "start took {:?}",
+        t.elapsed()
+    );
+    // Through the CLI's path the same truth, wrapped in {"body": ...}.
+    let token = s.key("token", "default");
+    let r = s
+        .req(
+            "GET",
+            "/v1/organizations/default/services/crasher",
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.body["body"]["currentRevision"]["health"]["lastExitCode"],
+        3
+    );
+}
