@@ -202,6 +202,9 @@ async fn agent_crud_validation_and_org_scoping() {
         json!({"serviceName": "ok-name", "command": ["/bin/true"], "maxSessionDuration": "long"}),
         json!({"serviceName": "ok-name", "command": ["/bin/true"], "stopGraceSeconds": -1}),
         json!([1, 2, 3]),
+        json!({"serviceName": "ok-name", "command": ["/bin/true"], "env": {"PORT": "1"}}),
+        json!({"serviceName": "ok-name", "command": ["/bin/true"], "env": {"CATTERY_INSTANCE_ID": "x"}}),
+        json!({"serviceName": "ok-name", "command": ["/bin/true"], "env": {"1BAD": "x"}}),
     ];
     for b in bad {
         let r = s

@@ -112,6 +112,15 @@ fn valid_env_name(k: &str) -> bool {
         && k.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
 }
 
+/// Variables the platform sets for every instance (docs/instance-contract.md); an agent's
+/// `env` may not override them.
+fn reserved_env_name(k: &str) -> bool {
+    matches!(
+        k,
+        "PORT" | "TMPDIR" | "CATTERY_INSTANCE_ID" | "CATTERY_SESSION_ID" | "CATTERY_BOT_DIR"
+    )
+}
+
 /// Applies the request's run-affecting fields onto `spec`. Errors: 400 with the offending field.
 fn apply(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
     if r.build_id.is_some() {
@@ -146,6 +155,11 @@ fn apply(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
     if let Some(env) = &r.env {
         if let Some(k) = env.keys().find(|k| !valid_env_name(k)) {
             return Err(bad(format!("env: invalid variable name {k:?}")));
+        }
+        if let Some(k) = env.keys().find(|k| reserved_env_name(k)) {
+            return Err(bad(format!(
+                "env: {k} is set by the platform (reserved: PORT, TMPDIR, CATTERY_INSTANCE_ID, CATTERY_SESSION_ID, CATTERY_BOT_DIR)"
+            )));
         }
         spec.env = env.clone();
     }
