@@ -82,6 +82,9 @@ struct ServeArgs {
     /// for this many seconds is treated as gone and its session ends.
     #[arg(long, env = "CATTERY_WS_IDLE_TIMEOUT_SECONDS", default_value_t = 30.0)]
     ws_idle_timeout_seconds: f64,
+    /// Seconds a websocket-transport token from `/start` stays valid (single use).
+    #[arg(long, env = "CATTERY_WS_TOKEN_TTL_SECONDS", default_value_t = 300.0)]
+    ws_token_ttl_seconds: f64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -174,6 +177,7 @@ fn main() -> std::process::ExitCode {
                     regions: a.regions,
                     default_region,
                     ws_idle_timeout_seconds: a.ws_idle_timeout_seconds,
+                    ws_token_ttl_seconds: a.ws_token_ttl_seconds,
                 })
                 .await
             }

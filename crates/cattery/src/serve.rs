@@ -52,6 +52,8 @@ pub struct ServeConfig {
     pub default_region: String,
     /// A websocket client silent this long is treated as gone, seconds (default 30).
     pub ws_idle_timeout_seconds: f64,
+    /// Lifetime of a websocket-transport token, seconds (default 300).
+    pub ws_token_ttl_seconds: f64,
 }
 
 /// Opens the store in a data directory (creating both).
@@ -235,9 +237,10 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             regions: cfg.regions.clone(),
             default_region: cfg.default_region.clone(),
         }),
-        ws: Arc::new(api::ws::WsState::new(Duration::from_secs_f64(
-            cfg.ws_idle_timeout_seconds,
-        ))),
+        ws: Arc::new(api::ws::WsState::new(
+            Duration::from_secs_f64(cfg.ws_idle_timeout_seconds),
+            Duration::from_secs_f64(cfg.ws_token_ttl_seconds),
+        )),
         secrets: cipher,
     };
     let app = api::router(state);

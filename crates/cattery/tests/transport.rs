@@ -368,3 +368,24 @@ async fn l04_half_closed_and_vanished_websocket_clients() {
     s.wait_no_agent_pids(Duration::from_secs(5)).await;
     drop(ws);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_websocket_token_is_refused() {
+    let s = Server::start(&["--ws-token-ttl-seconds", "1"]).await;
+    s.deploy("wsexpire", &[], json!({})).await;
+    let a = ws_start(&s, "wsexpire", json!({})).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let url = format!(
+        "{}?token={}",
+        a["wsUrl"].as_str().unwrap(),
+        a["token"].as_str().unwrap()
+    );
+    match tokio_tungstenite::connect_async(url.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        other => panic!("an expired token must get 403 at the handshake, got {other:?}"),
+    }
+    assert!(
+        s.agent_pids().is_empty(),
+        "no bot may start for a refused token"
+    );
+}

@@ -1,7 +1,7 @@
 //! The websocket transport (reference §A.5 "websocket", §F.3).
 //!
 //! `POST /start` with `transport: "websocket"` starts no bot: it answers a single-use token
-//! (valid [`TOKEN_TTL`], bound to agent and org), a `wsUrl` served by Cattery
+//! (valid `--ws-token-ttl-seconds`, default [`TOKEN_TTL`], bound to agent and org), a `wsUrl` served by Cattery
 //! (`ws://<host>/ws/generic/<agent>.<org>`), the announced `sessionId`, and the body as
 //! base64 JSON. When a client connects there, Cattery assigns an instance (warm or cold),
 //! opens the instance's `/ws` with `x-daily-session-id` and `?body=`, and relays text and
@@ -42,7 +42,7 @@ use super::AppState;
 use crate::core::instance_http::{BotOutcome, Deliver, OutcomeFuture};
 use crate::core::supervisor::StartParams;
 
-/// How long a websocket token stays valid.
+/// How long a websocket token stays valid by default (reference §A.5: 5 minutes).
 pub const TOKEN_TTL: Duration = Duration::from_secs(300);
 /// Bound on each close handshake.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -69,14 +69,17 @@ pub struct WsState {
     tickets: Mutex<HashMap<String, WsTicket>>,
     /// A client silent this long is treated as gone.
     pub idle_timeout: Duration,
+    /// How long a token stays valid.
+    pub token_ttl: Duration,
 }
 
 impl WsState {
-    /// New state with an idle timeout.
-    pub fn new(idle_timeout: Duration) -> Self {
+    /// New state with a client idle timeout and a token lifetime.
+    pub fn new(idle_timeout: Duration, token_ttl: Duration) -> Self {
         WsState {
             tickets: Mutex::new(HashMap::new()),
             idle_timeout,
+            token_ttl,
         }
     }
 
@@ -115,7 +118,7 @@ pub fn announce(
         agent: agent.to_string(),
         session_id,
         body: body_bytes.clone(),
-        expires: Instant::now() + TOKEN_TTL,
+        expires: Instant::now() + st.ws.token_ttl,
     });
     let mut v = serde_json::json!({
         "sessionId": session_id,
