@@ -419,6 +419,9 @@ class _SessionRun:
         self.task = task
         self.session_id = session_id
         self.cancel_reason: Optional[str] = None
+        # The platform's /bot request went away (a control-plane restart): nobody will read the
+        # answer, so the runner exits when bot() ends and the platform sees the process exit.
+        self.orphaned = False
 
     def cancel(self, reason: str) -> bool:
         if self.task.done():
@@ -536,8 +539,29 @@ async def _run_session(
 
 
 def _closed_by_client(run: "_SessionRun") -> None:
-    if run.cancel(CLOSED_REASON):
-        log.info("The /bot request was closed by the platform; cancelling bot()")
+    """The platform's /bot request went away while bot() runs (the control plane restarted).
+
+    The session goes on: a restarted Cattery re-adopts this process. Nobody will read the /bot
+    answer any more, so the end of bot() is reported by exiting the process instead (code 0
+    for a normal end, 1 for an error), which the platform watches.
+    """
+    if run.task.done():
+        return
+    run.orphaned = True
+    log.info("The /bot request was closed by the platform; the session goes on and the runner exits when bot() ends")
+    run.task.add_done_callback(lambda t: _exit_soon(0 if _task_ok(t) else 1))
+
+
+def _task_ok(task: "asyncio.Task") -> bool:
+    return task.cancelled() or task.exception() is None
+
+
+def _exit_soon(code: int) -> None:
+    log.info(f"No platform request is waiting for this session's end; exiting with code {code}")
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    asyncio.get_running_loop().call_later(0.2, os._exit, code)
 
 
 CLOSED_REASON = "the /bot request was closed"
@@ -776,6 +800,7 @@ async def _wait_for_webrtc(request: Request, session_id: Optional[str], body: di
         elif not pending.finished.done():
             log.info("The /bot request was closed by the platform; no longer waiting for an offer")
             pending.finished.set_result(Outcome("ok", reason=CLOSED_REASON))
+            _exit_soon(0)
 
     watcher = asyncio.ensure_future(_watch_disconnect(request, on_closed))
     try:

@@ -32,9 +32,9 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Address to listen on.
+    /// Address to listen on (`host:port`; a host name is resolved).
     #[arg(long, env = "CATTERY_LISTEN", default_value = "127.0.0.1:7870")]
-    listen: SocketAddr,
+    listen: String,
     /// Data directory (SQLite database, instance directories).
     #[arg(long, env = "CATTERY_DATA_DIR", default_value = "./.cattery")]
     data_dir: PathBuf,
@@ -155,6 +155,7 @@ fn main() -> std::process::ExitCode {
                             .unwrap_or_else(|_| "info".into()),
                     )
                     .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                     .init();
                 let default_region = a
                     .default_region
@@ -163,8 +164,19 @@ fn main() -> std::process::ExitCode {
                 if !(0.0..=3600.0).contains(&a.stop_grace_seconds) {
                     anyhow::bail!("--stop-grace-seconds must be between 0 and 3600");
                 }
+                if !a.regions.contains(&default_region) {
+                    anyhow::bail!(
+                        "--default-region {default_region} is not one of --regions ({})",
+                        a.regions.join(", ")
+                    );
+                }
+                let listen: SocketAddr = tokio::net::lookup_host(&a.listen)
+                    .await
+                    .ok()
+                    .and_then(|mut it| it.next())
+                    .ok_or_else(|| anyhow::anyhow!("--listen {}: expected host:port", a.listen))?;
                 serve::serve(ServeConfig {
-                    listen: a.listen,
+                    listen,
                     data_dir: a.data_dir,
                     stop_grace_seconds: a.stop_grace_seconds,
                     start_timeout_seconds: a.start_timeout_seconds,
@@ -210,7 +222,7 @@ async fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
             println!("{key}");
         }
         KeysCmd::List { data_dir, org } => {
-            let store = serve::open_store(&data_dir).await?;
+            let store = serve::open_existing_store(&data_dir).await?;
             for k in store.list_keys(&org, None).await? {
                 println!(
                     "{}\t{}\t{}\t{}...\t{}",
@@ -227,7 +239,7 @@ async fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
             }
         }
         KeysCmd::Revoke { data_dir, org, id } => {
-            let store = serve::open_store(&data_dir).await?;
+            let store = serve::open_existing_store(&data_dir).await?;
             if !store.revoke_key(&org, id).await? {
                 anyhow::bail!("no key {id} in org {org}");
             }

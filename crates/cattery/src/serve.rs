@@ -56,6 +56,46 @@ pub struct ServeConfig {
     pub ws_token_ttl_seconds: f64,
 }
 
+/// Takes the data directory's lock (`<data-dir>/serve.lock`, `flock`), so two servers never
+/// supervise the same instances. Errors: another `cattery serve` holds it.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("serve.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let mut holder = String::new();
+    let _ = f.read_to_string(&mut holder);
+    let mut lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!(
+            "another cattery serve (pid {}) is using the data dir {} ({e}); stop it or pick another --data-dir",
+            holder.trim(),
+            dir.display()
+        )
+    })?;
+    lock.set_len(0)?;
+    lock.rewind()?;
+    write!(lock, "{}", std::process::id())?;
+    Ok(lock)
+}
+
+/// Opens the store of an existing data directory (for `cattery keys`). Errors: the directory
+/// holds no Cattery database (a typo in `--data-dir` must not create an empty one).
+pub async fn open_existing_store(data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
+    if !data_dir.join("cattery.db").is_file() {
+        anyhow::bail!(
+            "{} is not a Cattery data dir (no cattery.db); start `cattery serve --data-dir {}` first, or pass the server's --data-dir",
+            data_dir.display(),
+            data_dir.display()
+        );
+    }
+    open_store(data_dir).await
+}
+
 /// Opens the store in a data directory (creating both).
 pub async fn open_store(data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
     std::fs::create_dir_all(data_dir)
@@ -74,7 +114,7 @@ pub async fn create_key(
     name: &str,
     org: &str,
 ) -> anyhow::Result<String> {
-    let store = open_store(data_dir).await?;
+    let store = open_existing_store(data_dir).await?;
     store.ensure_org(org).await?;
     let key = api::auth::generate_key(kind);
     let rec = ApiKeyRecord {
@@ -190,8 +230,13 @@ Next steps, in another terminal:
 }
 
 /// Runs the server until SIGTERM/SIGINT and a completed drain.
-pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+pub async fn serve(mut cfg: ServeConfig) -> anyhow::Result<()> {
     let mut signals = signal_stream().await;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    // Instances run in other directories: every path handed to them must be absolute.
+    cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)?;
+    let _lock = lock_data_dir(&cfg.data_dir)?;
     let store = open_store(&cfg.data_dir).await?;
     let sid = server_id(&cfg.data_dir)?;
     let runner_dir = cfg.data_dir.join("runner");

@@ -450,8 +450,9 @@ async fn start_errors_400_413_429() {
     // A request far over the limit: 413, or the server closes the connection after answering
     // 413 before the client finished sending (both are fine HTTP behaviour).
     let huge = vec![b'x'; 3 * 1024 * 1024];
-    let r = s
-        .http
+    // Its own client: the server may close this connection, which must not poison the
+    // shared pool used by the requests below.
+    let r = reqwest::Client::new()
         .post(format!("{}/v1/public/cap/start", s.base))
         .bearer_auth(&s.pk)
         .body(huge)
@@ -543,4 +544,192 @@ async fn openapi_and_unknown_routes() {
     let r = s.req("PATCH", "/v1/agents", Some(&s.sk), None).await;
     assert_eq!(r.status, 405);
     assert!(r.body["error"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relative_data_dir_one_server_per_data_dir_and_keys_need_a_real_data_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let mut first = std::process::Command::new(common::cattery_bin())
+        .args([
+            "serve",
+            "--data-dir",
+            "./rel",
+            "--listen",
+            &format!("localhost:{port}"),
+        ])
+        .current_dir(tmp.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    common::wait_for(Duration::from_secs(30), "server", || async {
+        http.get(format!("http://127.0.0.1:{port}/health"))
+            .send()
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let data = tmp.path().join("rel");
+    let key = |kind: &str| {
+        let out = std::process::Command::new(common::cattery_bin())
+            .args(["keys", "create", "--type", kind, "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let (sk, pk) = (key("private"), key("public"));
+    let agent = common::test_agent().display().to_string();
+    let r = http
+        .post(format!("http://127.0.0.1:{port}/v1/agents"))
+        .bearer_auth(&sk)
+        .json(&json!({"serviceName": "rel", "command": [agent, "--print-env", "TMPDIR"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .post(format!("http://127.0.0.1:{port}/v1/public/rel/start"))
+        .bearer_auth(&pk)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "a relative --data-dir must still start instances"
+    );
+    let sid = r.json::<Value>().await.unwrap()["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let line = common::wait_for(Duration::from_secs(10), "env line in the logs", || async {
+        let l: Value = http
+            .get(format!(
+                "http://127.0.0.1:{port}/v1/agents/rel/logs?sessionId={sid}&query=TMPDIR"
+            ))
+            .bearer_auth(&sk)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        l["logs"][0]["log"].as_str().map(str::to_string)
+    })
+    .await;
+    let tmpdir = line.split("TMPDIR=").nth(1).unwrap().trim();
+    assert!(tmpdir.starts_with('/'), "TMPDIR must be absolute: {line}");
+
+    // A second server on the same data dir is refused, and the first keeps its instances.
+    let out = std::process::Command::new(common::cattery_bin())
+        .args(["serve", "--data-dir"])
+        .arg(&data)
+        .args(["--listen", &format!("127.0.0.1:{}", common::free_port())])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another cattery serve"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let g: Value = http
+        .get(format!(
+            "http://127.0.0.1:{port}/v1/agents/rel/sessions/{sid}"
+        ))
+        .bearer_auth(&sk)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        g["endedAt"].is_null(),
+        "the first server's session must survive: {g}"
+    );
+
+    // keys commands never create a data dir.
+    let missing = tmp.path().join("typo");
+    let out = std::process::Command::new(common::cattery_bin())
+        .args(["keys", "create", "--type", "private", "--data-dir"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!missing.exists());
+
+    // Two SIGTERMs (apart, so they are not merged): stop every session now and exit.
+    common::unsafe_kill(first.id() as i32, 15);
+    std::thread::sleep(Duration::from_millis(200));
+    common::unsafe_kill(first.id() as i32, 15);
+    let _ = first.wait();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn edge_inputs_get_clear_4xx() {
+    let s = Server::start(&[]).await;
+    // Unknown fields are ignored and named in `warning`.
+    let a = s
+        .deploy(
+            "typos",
+            &[],
+            json!({"autoscaling": {"minAgents": 2}, "maxSessionDurationx": 5}),
+        )
+        .await;
+    let w = a["warning"].as_str().unwrap_or("");
+    assert!(
+        w.contains("autoscaling") && w.contains("maxSessionDurationx"),
+        "warning: {w}"
+    );
+    // A top-level array is not an object.
+    let r = s
+        .raw(
+            "POST",
+            "/v1/public/typos/start",
+            Some(&s.pk),
+            b"[1]".to_vec(),
+        )
+        .await;
+    assert_error_body(&r, 400, "GENERIC_BAD_REQUEST");
+    // Reserved instance paths are not proxied.
+    let sid = s.start_ok("typos").await;
+    for p in ["bot", "ws", "bot/extra"] {
+        let r = s
+            .req(
+                "POST",
+                &format!("/v1/public/typos/sessions/{sid}/{p}"),
+                Some(&s.pk),
+                Some(json!({})),
+            )
+            .await;
+        assert_error_body(&r, 404, "404");
+    }
+    assert_eq!(s.stop("typos", &sid).await.status, 200);
+    // A plain request to the websocket endpoint gets a JSON error.
+    let r = s.req("GET", "/ws/generic/typos.default", None, None).await;
+    assert_eq!(r.status, 400);
+    assert!(r.body["error"].is_string());
+    // Stopping an announced websocket session before its client connects revokes its token.
+    let r = s
+        .start_session("typos", json!({"transport": "websocket"}))
+        .await;
+    let sid = r.body["sessionId"].as_str().unwrap().to_string();
+    let st = s.stop("typos", &sid).await;
+    assert_eq!(st.status, 200);
+    assert_eq!(st.body["status"], "terminated");
+    let url = format!(
+        "{}?token={}",
+        r.body["wsUrl"].as_str().unwrap(),
+        r.body["token"].as_str().unwrap()
+    );
+    assert!(tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .is_err());
 }

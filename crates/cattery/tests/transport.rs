@@ -164,11 +164,10 @@ async fn websocket_transport_relays_and_ends_on_client_close() {
     let sid = a["sessionId"].as_str().unwrap().to_string();
     // No bot started at /start.
     assert!(s.agent_pids().is_empty());
-    assert_eq!(
-        s.stop("wsagent", &sid).await.status,
-        404,
-        "not a session until the client connects"
-    );
+    let g = s
+        .req("GET", &format!("/v1/agents/wsagent/sessions/{sid}"), Some(&s.sk), None)
+        .await;
+    assert_eq!(g.status, 404, "not a session until the client connects");
 
     let url = format!(
         "{}?token={}",

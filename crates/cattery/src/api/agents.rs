@@ -46,9 +46,10 @@ pub fn agent_details(
     if crash_loop {
         errors.push(json!({
             "code": "PCC_UNKNOWN_ERROR",
-            "message": format!("instances fail to start: {} ({})",
+            "message": format!("instances fail to start: {} ({}){}",
                 last.map(|f| f.reason).unwrap_or("unknown"),
-                last.and_then(|f| f.exit).map(|e| e.describe()).unwrap_or_default()),
+                last.and_then(|f| f.exit).map(|e| e.describe()).unwrap_or_default(),
+                last.map(|f| stderr_summary(&f.stderr_tail)).unwrap_or_default()),
         }));
     }
     let limits = profile_limits(&spec.agent_profile);
@@ -151,6 +152,28 @@ pub fn agent_details(
     })
 }
 
+/// The last non-empty stderr lines (at most 3, 400 chars), as `; stderr: ...`, or empty.
+fn stderr_summary(tail: &str) -> String {
+    let lines: Vec<&str> = tail
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let last = lines[lines.len().saturating_sub(3)..].join(" | ");
+    let cut: String = last
+        .chars()
+        .rev()
+        .take(400)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!("; stderr: {cut}")
+}
+
 /// Item of the agent list (reference §A.3 "List"): the six keys the CLI indexes, and more.
 pub fn agent_list_item(a: &AgentRecord) -> Value {
     json!({
@@ -179,7 +202,7 @@ pub async fn load_details(
         .get_agent(org, name)
         .await
         .map_err(crate::core::CoreError::from)?
-        .ok_or_else(|| ApiError::not_found("NOT_FOUND", "Not found"))?;
+        .ok_or_else(|| ApiError::not_found("NOT_FOUND", format!("Not found: agent {name}")))?;
     details_of(st, &a, warning).await
 }
 
@@ -219,7 +242,9 @@ pub async fn create_agent(
 ) -> ApiResult<Json<Value>> {
     let defaults = crate::core::orgs::org_defaults(&st.store, &st.defaults, &c.org).await?;
     let (a, _) = agents::create_agent(&st.store, &st.sup, &defaults, &c.org, &req).await?;
-    Ok(Json(details_of(&st, &a, None).await?))
+    Ok(Json(
+        details_of(&st, &a, req.unknown_fields_warning()).await?,
+    ))
 }
 
 /// Query of the agent list.
@@ -298,6 +323,10 @@ pub async fn update_agent(
     let (a, _, warning) = agents::update_agent(&st.store, &st.sup, &c.org, &name, &req)
         .await
         .map_err(|e| ApiError::from(e).with_not_found_code("NOT_FOUND"))?;
+    let warning = [warning, req.unknown_fields_warning()]
+        .into_iter()
+        .flatten()
+        .reduce(|a, b| format!("{a}; {b}"));
     Ok(Json(details_of(&st, &a, warning).await?))
 }
 

@@ -48,7 +48,7 @@ pub struct AppState {
     pub secrets: Arc<crate::core::secrets::SecretCipher>,
 }
 
-/// A JSON body whose rejections are `{error, code}` 4xx responses, never 5xx.
+/// A JSON object body whose rejections are `{error, code}` 4xx responses, never 5xx.
 pub struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
@@ -73,6 +73,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         } else {
             &bytes
         };
+        // Every request body of this API is a JSON object; serde would otherwise accept an
+        // array positionally for a struct.
+        if src.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::bad_request(
+                "invalid JSON body: expected a JSON object",
+            ));
+        }
         serde_json::from_slice(src)
             .map(ApiJson)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))

@@ -82,6 +82,10 @@ async fn forward(
     }
 }
 
+/// Paths of the instance contract that the proxy never forwards: they belong to the platform
+/// (reference §A.5.5 "Reserved paths"; `/api/offer` is forwarded on purpose, for SmallWebRTC).
+const RESERVED: &[&str] = &["bot", "ws"];
+
 async fn forward_inner(
     st: &AppState,
     org: &str,
@@ -90,6 +94,13 @@ async fn forward_inner(
     path: &str,
     req: Request,
 ) -> ApiResult<Response> {
+    let first = path.split('/').next().unwrap_or("");
+    if RESERVED.contains(&first) {
+        return Err(ApiError::not_found(
+            "404",
+            format!("/{first} is reserved for the platform and is not proxied"),
+        ));
+    }
     let id = live_session(st, org, agent, sid).await?;
     let port = st
         .sup

@@ -334,7 +334,12 @@ pub async fn stop_session(
     Path((name, sid)): Path<(String, String)>,
 ) -> ApiResult<Json<StopResponse>> {
     let id = parse_session_id(&sid)?;
-    st.sup.stop_session(&c.org, &name, id).await?;
+    match st.sup.stop_session(&c.org, &name, id).await {
+        // A websocket session announced by /start whose client never connected: its token
+        // is revoked, so it can never start.
+        Err(CoreError::NotFound(_)) if st.ws.revoke_session(&c.org, &name, id) => {}
+        r => r?,
+    }
     Ok(Json(StopResponse {
         status: "terminated".into(),
         session_id: id,

@@ -21,6 +21,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{
     CloseFrame as AxCloseFrame, Message as AxMessage, WebSocket, WebSocketUpgrade,
 };
@@ -101,6 +102,15 @@ impl WsState {
         let t = m.remove(tok)?;
         (t.expires > Instant::now() && t.org == org && t.agent == agent).then_some(t)
     }
+
+    /// Revokes the token announced for `session` (a stop before the client connected).
+    /// Returns whether there was one.
+    pub fn revoke_session(&self, org: &str, agent: &str, session: Uuid) -> bool {
+        let mut m = self.tickets.lock();
+        let before = m.len();
+        m.retain(|_, t| !(t.session_id == session && t.org == org && t.agent == agent));
+        m.len() != before
+    }
 }
 
 /// `/start` for the websocket transport: the answer's extra fields.
@@ -141,7 +151,7 @@ pub async fn connect(
     Path(service): Path<String>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
-    up: WebSocketUpgrade,
+    up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     handle(st, service, None, q, headers, up).await
 }
@@ -152,7 +162,7 @@ pub async fn connect_with_token(
     Path((service, token)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
-    up: WebSocketUpgrade,
+    up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     handle(st, service, Some(token), q, headers, up).await
 }
@@ -163,8 +173,19 @@ async fn handle(
     path_token: Option<String>,
     q: HashMap<String, String>,
     headers: HeaderMap,
-    up: WebSocketUpgrade,
+    up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let up = match up {
+        Ok(up) => up,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "400",
+                format!("expected a websocket upgrade: {e}"),
+            )
+            .into_response()
+        }
+    };
     let Some((agent, org)) = service.split_once('.') else {
         return ApiError::not_found("404", "expected /ws/generic/<agent>.<org>").into_response();
     };

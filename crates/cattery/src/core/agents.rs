@@ -91,6 +91,22 @@ pub struct AgentRequest {
     pub stop_grace_seconds: Option<f64>,
     /// Python interpreter for `local:` agents.
     pub python: Option<String>,
+    /// Fields this server does not know; ignored, and named in the answer's `warning`.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub unknown: BTreeMap<String, serde_json::Value>,
+}
+
+impl AgentRequest {
+    /// A warning naming ignored unknown fields (typos such as `autoscaling`), if any.
+    pub fn unknown_fields_warning(&self) -> Option<String> {
+        (!self.unknown.is_empty()).then(|| {
+            format!(
+                "unknown fields ignored: {}",
+                self.unknown.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
 }
 
 /// Server-side defaults for agents.
