@@ -378,7 +378,7 @@ async fn l14_every_start_under_the_cap_gets_an_instance() {
         assert_eq!(r.status, 200, "{:?}", r.body);
         let sid = r.body["sessionId"].as_str().unwrap();
         // Assigned: the instance answers through the session proxy right away.
-        let i = info(&s, "l14", sid).await;
+        let i = info_served(&s, "l14", sid).await;
         assert_eq!(i["sessionId"], sid);
         pids.push(i["pid"].as_i64().unwrap());
     }
@@ -441,7 +441,7 @@ async fn l15_scaled_to_zero_agent_wakes_on_start() {
     );
     let sid = r.body["sessionId"].as_str().unwrap();
     assert_eq!(
-        info(&s, "l15", sid).await["sessionId"],
+        info_served(&s, "l15", sid).await["sessionId"],
         sid,
         "assigned and running"
     );

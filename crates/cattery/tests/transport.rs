@@ -165,7 +165,12 @@ async fn websocket_transport_relays_and_ends_on_client_close() {
     // No bot started at /start.
     assert!(s.agent_pids().is_empty());
     let g = s
-        .req("GET", &format!("/v1/agents/wsagent/sessions/{sid}"), Some(&s.sk), None)
+        .req(
+            "GET",
+            &format!("/v1/agents/wsagent/sessions/{sid}"),
+            Some(&s.sk),
+            None,
+        )
         .await;
     assert_eq!(g.status, 404, "not a session until the client connects");
 

@@ -949,12 +949,21 @@ impl Supervisor {
                 // instance may be claimed by a session meanwhile (it then gets the session as
                 // soon as it is ready).
                 let start_deadline = Instant::now() + self.cfg.start_timeout;
+                // Ready = `/readyz` answers 200 *and* the listening socket is the instance's
+                // own (a foreign program on the port must never be taken for the agent).
                 let ready = async {
+                    let mut warned = false;
                     loop {
                         if instance_http::get_status(port, "/readyz", Duration::from_secs(2)).await
                             == Some(200)
                         {
-                            return;
+                            if inst.serves_port() {
+                                return;
+                            }
+                            if !warned {
+                                warned = true;
+                                self.platform_log(&ctl, format!("[cattery] port {port} answers /readyz but is not held by instance {}; waiting for the agent", ctl.id));
+                            }
                         }
                         tokio::time::sleep(READY_POLL).await;
                     }

@@ -6,6 +6,7 @@
 
 pub mod cgroup;
 pub mod logs;
+pub mod ports;
 pub mod process;
 pub mod reaper;
 
@@ -116,6 +117,12 @@ pub trait Instance: Send + Sync {
     async fn wait_exit(&self) -> ExitInfo;
     /// The main process's exit, if it already happened.
     fn exited(&self) -> Option<ExitInfo>;
+    /// Whether the listening socket on [`Instance::port`] belongs to this instance's own
+    /// processes (not to a foreign program that took the port). The supervisor trusts a
+    /// `/readyz` answer only then. Runtimes that cannot tell answer `true`.
+    fn serves_port(&self) -> bool {
+        true
+    }
     /// Removes the whole instance: SIGTERM to every process, wait up to `grace` (monotonic
     /// clock), SIGKILL what remains, wait until no process is left, then remove its cgroup,
     /// temp files and port. `grace` zero means SIGKILL at once. Idempotent: later and

@@ -8,7 +8,6 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -23,6 +22,7 @@ use tokio::sync::{watch, OnceCell};
 
 use super::cgroup::{self, CgroupSupport, InstanceCgroups};
 use super::logs::{read_offsets, Tailer};
+use super::ports::{listening_inodes, pids_hold_socket, PortBook};
 use super::reaper::Reaper;
 use super::{
     ExitInfo, Instance, InstancePlacement, InstanceSpec, LogSink, ResourceSample, Runtime,
@@ -37,7 +37,7 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 pub struct ProcessRuntime {
     instances_dir: PathBuf,
     cgroups: CgroupSupport,
-    ports: Arc<Mutex<HashSet<u16>>>,
+    ports: Arc<PortBook>,
     reaper: Arc<Reaper>,
 }
 
@@ -49,7 +49,7 @@ impl ProcessRuntime {
         Ok(ProcessRuntime {
             instances_dir,
             cgroups: CgroupSupport::detect(server_id),
-            ports: Arc::new(Mutex::new(HashSet::new())),
+            ports: Arc::new(PortBook::new()),
             reaper: Reaper::global(),
         })
     }
@@ -107,14 +107,7 @@ impl ProcessRuntime {
     }
 
     fn alloc_port(&self) -> std::io::Result<u16> {
-        for _ in 0..64 {
-            let l = TcpListener::bind(("127.0.0.1", 0))?;
-            let port = l.local_addr()?.port();
-            if self.ports.lock().insert(port) {
-                return Ok(port);
-            }
-        }
-        Err(std::io::Error::other("no free loopback port"))
+        self.ports.reserve()
     }
 }
 
@@ -229,7 +222,7 @@ impl Runtime for ProcessRuntime {
         let (out, err, cgs) = match setup {
             Ok(v) => v,
             Err(e) => {
-                self.ports.lock().remove(&port);
+                self.ports.release(port);
                 let _ = fs::remove_dir_all(&dir);
                 return Err(RuntimeError::Setup(e.to_string()));
             }
@@ -271,7 +264,7 @@ impl Runtime for ProcessRuntime {
         let (_child, pid, exit_rx) = match spawned {
             Ok(v) => v,
             Err(source) => {
-                self.ports.lock().remove(&port);
+                self.ports.release(port);
                 for d in v2.iter().chain(v1.iter()) {
                     cgroup::remove(d);
                 }
@@ -349,7 +342,7 @@ impl Runtime for ProcessRuntime {
             dir.join("offsets"),
             logs,
         );
-        self.ports.lock().insert(rec.port);
+        self.ports.adopt(rec.port);
         let inst = Arc::new(ProcessInstance {
             id,
             pid: rec.pid,
@@ -394,7 +387,7 @@ pub struct ProcessInstance {
     cg_v1: Vec<PathBuf>,
     exit_rx: watch::Receiver<Option<ExitInfo>>,
     tailer: Tailer,
-    ports: Arc<Mutex<HashSet<u16>>>,
+    ports: Arc<PortBook>,
     reaper: Arc<Reaper>,
     terminated: OnceCell<TerminateReport>,
     last_cpu: Mutex<Option<u64>>,
@@ -484,7 +477,7 @@ impl ProcessInstance {
             cgroup::remove(d);
         }
         let _ = fs::remove_dir_all(&self.dir);
-        self.ports.lock().remove(&self.port);
+        self.ports.release(self.port);
         report.took_ms = t0.elapsed().as_millis() as u64;
         report
     }
@@ -536,6 +529,10 @@ impl Instance for ProcessInstance {
 
     fn exited(&self) -> Option<ExitInfo> {
         *self.exit_rx.borrow()
+    }
+
+    fn serves_port(&self) -> bool {
+        pids_hold_socket(&self.members(), &listening_inodes(self.port))
     }
 
     async fn terminate(&self, grace: Duration) -> TerminateReport {

@@ -58,6 +58,30 @@ fn end_reason(s: &str) -> EndReason {
     }
 }
 
+/// How often the WAL is checkpointed into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// Checkpoints the WAL every [`CHECKPOINT_EVERY`] from a reader connection. `PASSIVE` never
+/// waits for the writer or readers, and the writer never waits for it, so its fsyncs stay
+/// off the write path; the writer restarts the WAL from the top once a checkpoint caught up.
+/// Runs for the life of the process.
+async fn checkpoints(pool: SqlitePool) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if pool.is_closed() {
+            return;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            tracing::debug!(error = %e, "WAL checkpoint failed; retrying later");
+        }
+    }
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) `<dir>/cattery.db` and applies migrations.
     ///
@@ -74,7 +98,11 @@ impl SqliteStore {
             .statement_cache_capacity(256)
             .pragma("mmap_size", MMAP_SIZE)
             .pragma("cache_size", CACHE_SIZE)
-            .pragma("temp_store", "memory");
+            .pragma("temp_store", "memory")
+            // No automatic checkpoints on commit: the commit that crossed the threshold paid
+            // for the checkpoint and its fsyncs (1-50 ms) on the one write path, stalling
+            // every start and stop behind it. `checkpoints` below does it off that path.
+            .pragma("wal_autocheckpoint", "0");
         // No ping before each acquire (`test_before_acquire`): for SQLite it is a full round
         // trip to the connection's worker thread, doubling the cost of every query.
         let writer = SqlitePoolOptions::new()
@@ -94,6 +122,7 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(opts)
             .await?;
+        tokio::spawn(checkpoints(pool.clone()));
         Ok(SqliteStore { pool, writer })
     }
 

@@ -1,0 +1,297 @@
+//! `cattery-bench`: measures a release `cattery serve` against the machine's floor, and runs
+//! load and fault soaks.
+//!
+//! ```text
+//! cargo build --release -p cattery -p cattery-test-agent -p cattery-bench
+//! target/release/cattery-bench --quick                  # about a minute on 2 cores
+//! target/release/cattery-bench --json bench/results/x.json   # the full run, under 10 minutes
+//! target/release/cattery-bench soak --cycles 2000       # load and fault run
+//! ```
+//!
+//! Every run starts its own `cattery serve` on a temporary data dir and a free loopback port,
+//! creates keys with `cattery keys create`, deploys `cattery-test-agent` (tagged with
+//! `CATTERY_BENCH_TAG=<uuid>` so its processes can be found in `/proc`), and drives it over
+//! HTTP. Figures are min / p50 / p99 / max in milliseconds over the stated number of runs
+//! (nearest-rank percentiles). The exit status is non-zero only on errors (5xx answers,
+//! failed calls, leaks, lost records, a crash), never on timings; missed targets are
+//! reported in the table and the JSON. See `docs/performance.md`.
+
+mod bench;
+mod floor;
+mod report;
+mod seed;
+mod server;
+mod soak;
+mod stats;
+mod sys;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+
+use bench::{Ctx, Plan};
+use report::Report;
+use server::{Bins, Server};
+
+#[derive(Parser)]
+#[command(
+    name = "cattery-bench",
+    about = "Benchmark and soak harness for Cattery",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load and fault run: start/stop cycles over cooperative, SIGTERM-ignoring,
+    /// grandchild-spawning and self-exiting agents, then an audit for leaks and lost records.
+    Soak(SoakArgs),
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// The `cattery` binary (default: next to this one).
+    #[arg(long)]
+    cattery: Option<PathBuf>,
+    /// The `cattery-test-agent` binary (default: next to this one).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Keep the temporary data dir (printed at the end).
+    #[arg(long)]
+    keep_data: bool,
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// The short plan: fewer runs, 5 s of churn, 100 concurrent sessions (about a minute).
+    #[arg(long)]
+    quick: bool,
+    /// Only these phases (comma-separated: floor,warm,cold,stop,churn,concurrency,api).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Concurrent churn workers (default 8).
+    #[arg(long)]
+    churn_workers: Option<usize>,
+    /// Churn duration, seconds (default 30, quick 5).
+    #[arg(long)]
+    churn_seconds: Option<f64>,
+    /// Active sessions to reach in the concurrency phase (default 1000, quick 100).
+    #[arg(long)]
+    sessions: Option<usize>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Clone)]
+struct SoakArgs {
+    /// Start/stop cycles.
+    #[arg(long, default_value_t = 2000)]
+    cycles: usize,
+    /// Concurrent workers.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Seed of the random mix.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[command(flatten)]
+    common: Common,
+}
+
+const PHASES: [&str; 7] = [
+    "floor",
+    "warm",
+    "cold",
+    "stop",
+    "churn",
+    "concurrency",
+    "api",
+];
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let res = rt.block_on(async move {
+        match cli.cmd {
+            Some(Cmd::Soak(a)) => run_soak(a).await,
+            None => run_bench(cli.run).await,
+        }
+    });
+    match res {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("cattery-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+struct Setup {
+    bins: Bins,
+    dir: tempfile::TempDir,
+    tag: String,
+    report: Report,
+}
+
+fn setup(mode: &str, common: &Common) -> anyhow::Result<Setup> {
+    let nofile = sys::raise_nofile();
+    if cfg!(debug_assertions) {
+        eprintln!("[bench] WARNING: debug build; timings are not representative (use --release)");
+    }
+    let bins = Bins::find(common.cattery.clone(), common.agent.clone())?;
+    let dir = tempfile::Builder::new()
+        .prefix("cattery-bench-")
+        .tempdir()?;
+    let tag = uuid::Uuid::new_v4().to_string();
+    eprintln!(
+        "[bench] {mode}: cattery {}, data dir {}, tag {tag}, open-file limit {nofile}",
+        bins.cattery.display(),
+        dir.path().display()
+    );
+    let report = Report::new(mode, sys::machine());
+    Ok(Setup {
+        bins,
+        dir,
+        tag,
+        report,
+    })
+}
+
+/// Final checks shared by both modes, output, and the verdict.
+async fn finish(
+    mut srv: Arc<Server>,
+    mut report: Report,
+    tag: &str,
+    t0: Instant,
+    common: &Common,
+    dir: tempfile::TempDir,
+) -> anyhow::Result<bool> {
+    if let Some(s) = Arc::get_mut(&mut srv) {
+        let (_, _, c5, tr) = s.counters.snapshot();
+        if c5 > 0 {
+            report.error(format!("{c5} answers were 5xx"));
+        }
+        if tr > 0 {
+            report.error(format!("{tr} requests got no answer"));
+        }
+        for l in s.log_errors().into_iter().take(5) {
+            report.error(format!("server log: {l}"));
+        }
+        match s.stop(Duration::from_secs(10)).await {
+            Ok(st) if st.contains("exit status: 0") || st == "not running" => {}
+            Ok(st) => report.error(format!("server exit: {st}")),
+            Err(e) => report.error(format!("server stop: {e}")),
+        }
+    }
+    drop(srv);
+    let left = sys::pids_with_env("CATTERY_BENCH_TAG", tag);
+    if !left.is_empty() {
+        report.error(format!(
+            "{} tagged processes outlived the server: {:?}",
+            left.len(),
+            left.iter()
+                .map(|p| (p, sys::cmdline(*p)))
+                .collect::<Vec<_>>()
+        ));
+        // Clean up after the failure: these carry this run's unique tag.
+        for p in left {
+            sys::signal(p, libc::SIGKILL);
+        }
+    }
+    report.duration_s = t0.elapsed().as_secs_f64();
+    report.finish();
+    println!("{}", report.table());
+    if let Some(p) = &common.json {
+        if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
+        eprintln!("[bench] wrote {}", p.display());
+    }
+    if common.keep_data {
+        eprintln!("[bench] kept data dir {}", dir.keep().display());
+    }
+    Ok(report.errors.is_empty())
+}
+
+async fn run_bench(a: RunArgs) -> anyhow::Result<bool> {
+    let t0 = Instant::now();
+    let mut plan = if a.quick { Plan::quick() } else { Plan::full() };
+    if let Some(w) = a.churn_workers {
+        plan.churn_workers = w.max(1);
+    }
+    if let Some(s) = a.churn_seconds {
+        plan.churn_seconds = s.max(0.5);
+    }
+    if let Some(n) = a.sessions {
+        let n = n.max(1);
+        plan.concurrency_checkpoints = [n / 10, n / 4, n / 2, n]
+            .into_iter()
+            .filter(|v| *v > 0)
+            .collect();
+        plan.concurrency_checkpoints.dedup();
+    }
+    for p in &a.only {
+        anyhow::ensure!(
+            PHASES.contains(&p.as_str()),
+            "unknown phase {p:?}; phases: {PHASES:?}"
+        );
+    }
+    let s = setup(plan.mode, &a.common)?;
+    let srv = Arc::new(Server::start(&s.bins, s.dir.path(), &[]).await?);
+    let mut ctx = Ctx {
+        srv,
+        bins: s.bins,
+        tag: s.tag.clone(),
+        plan,
+        report: s.report,
+    };
+    for phase in PHASES {
+        if !a.only.is_empty() && !a.only.iter().any(|p| p == phase) {
+            continue;
+        }
+        let t = Instant::now();
+        let r = match phase {
+            "floor" => ctx.floor().await,
+            "warm" => ctx.warm().await,
+            "cold" => ctx.cold().await,
+            "stop" => ctx.stop().await,
+            "churn" => ctx.churn().await,
+            "concurrency" => ctx.concurrency().await,
+            _ => ctx.api().await,
+        };
+        eprintln!("[bench] {phase} took {:.1} s", t.elapsed().as_secs_f64());
+        if let Err(e) = r {
+            ctx.report.error(format!("phase {phase} failed: {e:#}"));
+        }
+    }
+    finish(ctx.srv, ctx.report, &s.tag, t0, &a.common, s.dir).await
+}
+
+async fn run_soak(a: SoakArgs) -> anyhow::Result<bool> {
+    let t0 = Instant::now();
+    let mut s = setup("soak", &a.common)?;
+    let mut srv = Arc::new(Server::start(&s.bins, s.dir.path(), &[]).await?);
+    let plan = soak::SoakPlan {
+        cycles: a.cycles,
+        concurrency: a.concurrency.max(1),
+        seed: a.seed,
+    };
+    if let Err(e) = soak::run(&mut srv, &s.tag, &plan, &mut s.report).await {
+        s.report.error(format!("soak failed: {e:#}"));
+    }
+    finish(srv, s.report, &s.tag, t0, &a.common, s.dir).await
+}

@@ -1,0 +1,514 @@
+//! The soak: thousands of start/stop cycles over agents that misbehave in different ways, then
+//! an audit: leaked processes, directories and cgroups, lost or duplicated session records,
+//! sessions without an end, 5xx answers, zombies, and a clean server exit.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+use crate::report::{Report, Target};
+use crate::server::Server;
+use crate::sys;
+
+/// Soak settings.
+#[derive(Debug, Clone)]
+pub struct SoakPlan {
+    /// Start/stop cycles in total.
+    pub cycles: usize,
+    /// Concurrent workers.
+    pub concurrency: usize,
+    /// Seed of the random mix (same seed, same sequence per worker).
+    pub seed: u64,
+}
+
+/// One kind of agent in the mix.
+struct Kind {
+    name: &'static str,
+    switches: &'static [&'static str],
+    grace_s: f64,
+    /// End reasons that are fine for this kind.
+    expected: &'static [&'static str],
+}
+
+const KINDS: [Kind; 4] = [
+    Kind {
+        name: "soak-coop",
+        switches: &[],
+        grace_s: 5.0,
+        expected: &["stopped"],
+    },
+    Kind {
+        name: "soak-ignore",
+        switches: &["--ignore-sigterm", "--ignore-transport-close"],
+        grace_s: 0.1,
+        expected: &["stopped"],
+    },
+    Kind {
+        name: "soak-child",
+        switches: &["--spawn-child"],
+        grace_s: 2.0,
+        expected: &["stopped"],
+    },
+    Kind {
+        name: "soak-exit",
+        switches: &["--exit-after", "0.05"],
+        grace_s: 2.0,
+        expected: &["stopped", "completed"],
+    },
+];
+
+/// Counts answers by operation and status.
+#[derive(Default)]
+struct Tally(Mutex<BTreeMap<(String, u16), u64>>);
+
+impl Tally {
+    fn add(&self, op: &str, status: u16) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *g.entry((op.to_string(), status)).or_default() += 1;
+    }
+    fn snapshot(&self) -> BTreeMap<(String, u16), u64> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Runs the soak against `srv` and fills `report`. `srv` must be the only holder at the end
+/// (the server is stopped to check for a clean exit).
+pub async fn run(
+    srv: &mut Arc<Server>,
+    tag: &str,
+    plan: &SoakPlan,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let pool = 4u32;
+    for k in &KINDS {
+        srv.deploy(k.name, k.switches, pool, 1000, k.grace_s, tag)
+            .await?;
+    }
+    for k in &KINDS {
+        srv.wait_idle(k.name, u64::from(pool), Duration::from_secs(60))
+            .await?;
+    }
+    eprintln!(
+        "[bench] soak: {} cycles, {} workers, 4 agent kinds",
+        plan.cycles, plan.concurrency
+    );
+    let next = Arc::new(AtomicUsize::new(0));
+    let tally = Arc::new(Tally::default());
+    let t0 = Instant::now();
+    let workers = (0..plan.concurrency).map(|w| {
+        let srv = srv.clone();
+        let next = next.clone();
+        let tally = tally.clone();
+        let total = plan.cycles;
+        let seed = plan.seed.wrapping_add(w as u64);
+        tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut started: Vec<(usize, String)> = Vec::new();
+            let mut errors: Vec<String> = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < total {
+                let ki = rng.random_range(0..KINDS.len());
+                let k = &KINDS[ki];
+                let r = srv.start_session(k.name).await;
+                tally.add("start", r.status);
+                let Some(id) = r.body["sessionId"].as_str().filter(|_| r.ok()) else {
+                    if errors.len() < 10 {
+                        errors.push(format!("start {}: HTTP {} {}", k.name, r.status, r.body));
+                    }
+                    continue;
+                };
+                let id = id.to_string();
+                started.push((ki, id.clone()));
+                let roll: f64 = rng.random();
+                if k.name == "soak-exit" && roll < 0.4 {
+                    // Let it end on its own.
+                    continue;
+                }
+                let hold = if k.name == "soak-exit" {
+                    rng.random_range(0..100)
+                } else {
+                    rng.random_range(0..30)
+                };
+                tokio::time::sleep(Duration::from_millis(hold)).await;
+                if roll > 0.95 {
+                    // Fault: look at it, then two stops racing each other.
+                    let g = srv
+                        .get(&format!("/v1/agents/{}/sessions/{id}", k.name))
+                        .await;
+                    tally.add("get", g.status);
+                    let (a, b) =
+                        tokio::join!(srv.stop_session(k.name, &id), srv.stop_session(k.name, &id));
+                    for s in [a, b] {
+                        tally.add("stop", s.status);
+                        if !s.ok() && errors.len() < 10 {
+                            errors.push(format!(
+                                "double stop {}: HTTP {} {}",
+                                k.name, s.status, s.body
+                            ));
+                        }
+                    }
+                } else {
+                    let s = srv.stop_session(k.name, &id).await;
+                    tally.add("stop", s.status);
+                    if !s.ok() && errors.len() < 10 {
+                        errors.push(format!("stop {}: HTTP {} {}", k.name, s.status, s.body));
+                    }
+                }
+            }
+            (started, errors)
+        })
+    });
+    let mut started: Vec<(usize, String)> = Vec::new();
+    for r in join_all(workers).await {
+        let (s, e) = r?;
+        started.extend(s);
+        for e in e {
+            report.error(e);
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "[bench] soak: {} sessions started in {wall:.1} s; auditing",
+        started.len()
+    );
+
+    // Duplicated ids in the answers.
+    let mut seen = HashSet::new();
+    let dup_answers = started
+        .iter()
+        .filter(|(_, id)| !seen.insert(id.clone()))
+        .count();
+
+    // Every session ends (the exit-after ones on their own).
+    let t = Instant::now();
+    loop {
+        let mut active = 0;
+        for k in &KINDS {
+            active += srv.active_count(k.name).await.unwrap_or(u64::MAX / 8);
+        }
+        if active == 0 {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            report.error(format!(
+                "{active} sessions still active 60 s after the soak"
+            ));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Records: each started session exactly once, every one ended, end reasons as expected.
+    let (mut missing, mut dup_records, mut unended, mut extra, mut count_mismatch) =
+        (0, 0, 0, 0, 0);
+    let mut reasons: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut unexpected = 0u64;
+    for (ki, k) in KINDS.iter().enumerate() {
+        let (total, records) = srv.all_sessions(k.name).await?;
+        if total as usize != records.len() {
+            count_mismatch += 1;
+            report.error(format!(
+                "{}: total_count {total} but {} records listed",
+                k.name,
+                records.len()
+            ));
+        }
+        let mut by_id: HashMap<String, Vec<&Value>> = HashMap::new();
+        for r in &records {
+            if let Some(id) = r["sessionId"].as_str() {
+                by_id.entry(id.to_string()).or_default().push(r);
+            }
+        }
+        dup_records += by_id.values().filter(|v| v.len() > 1).count();
+        let mine: HashSet<&String> = started
+            .iter()
+            .filter(|(i, _)| *i == ki)
+            .map(|(_, id)| id)
+            .collect();
+        missing += mine
+            .iter()
+            .filter(|id| !by_id.contains_key(id.as_str()))
+            .count();
+        extra += by_id.keys().filter(|id| !mine.contains(id)).count();
+        for r in &records {
+            if r["endedAt"].is_null() {
+                unended += 1;
+                continue;
+            }
+            let reason = r["endReason"].as_str().unwrap_or("?").to_string();
+            if !k.expected.contains(&reason.as_str()) {
+                unexpected += 1;
+                if unexpected <= 5 {
+                    report.error(format!(
+                        "{}: session {} ended with {reason}: {}",
+                        k.name, r["sessionId"], r["endMessage"]
+                    ));
+                }
+            }
+            let m = reasons.entry(k.name.to_string()).or_default();
+            *m.entry(reason).or_default() += 1;
+            if r["exitSignal"].as_i64() == Some(libc::SIGKILL as i64) {
+                *m.entry("sigkill".into()).or_default() += 1;
+            }
+        }
+    }
+    let lost = missing + unended;
+    let duplicated = dup_records + dup_answers;
+
+    // Processes: delete the agents (warm instances go), then nothing tagged may be left.
+    for k in &KINDS {
+        let r = srv.undeploy(k.name).await;
+        if !r.ok() {
+            report.error(format!("deleting {}: HTTP {}", k.name, r.status));
+        }
+    }
+    let t = Instant::now();
+    let mut leaked = sys::pids_with_env("CATTERY_BENCH_TAG", tag);
+    while !leaked.is_empty() && t.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        leaked = sys::pids_with_env("CATTERY_BENCH_TAG", tag);
+    }
+    if !leaked.is_empty() {
+        report.error(format!(
+            "{} leaked processes: {:?}",
+            leaked.len(),
+            leaked
+                .iter()
+                .map(|p| (p, sys::cmdline(*p)))
+                .collect::<Vec<_>>()
+        ));
+    }
+    // Directories and cgroups go right after the processes (cleanup runs in order), so
+    // give the server a moment before counting leftovers.
+    let cg_base = sys::cgroup_base(&srv.server_id());
+    let count_left = || {
+        (
+            sys::dir_entries(&srv.data_dir.join("instances")),
+            cg_base
+                .as_ref()
+                .map(|b| sys::cgroup_children(b).len())
+                .unwrap_or(0),
+        )
+    };
+    let t = Instant::now();
+    let (mut dirs, mut cgroups) = count_left();
+    while (dirs > 0 || cgroups > 0) && t.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (dirs, cgroups) = count_left();
+    }
+    let zombies = sys::zombie_children(srv.pid).len();
+    let log_errors = srv.log_errors();
+    for l in log_errors.iter().take(5) {
+        report.error(format!("server log: {l}"));
+    }
+    let (ok, c4, c5, tr) = srv.counters.snapshot();
+
+    // A clean exit, and nothing of ours left after it.
+    let exit = match Arc::get_mut(srv) {
+        Some(s) => s.stop(Duration::from_secs(10)).await?,
+        None => "still shared".into(),
+    };
+    let after_exit = sys::pids_with_env("CATTERY_BENCH_TAG", tag).len();
+
+    let tally_rows: Vec<Value> = tally
+        .snapshot()
+        .into_iter()
+        .map(|((op, st), n)| json!({"op": op, "status": st, "count": n}))
+        .collect();
+    report
+        .tables
+        .insert("soak_answers".into(), Value::Array(tally_rows));
+    report.tables.insert(
+        "soak_end_reasons".into(),
+        Value::Array(
+            reasons
+                .into_iter()
+                .map(|(k, m)| {
+                    let mut o = serde_json::Map::new();
+                    o.insert("agent".into(), json!(k));
+                    for r in [
+                        "stopped",
+                        "completed",
+                        "error",
+                        "lost",
+                        "start_failed",
+                        "sigkill",
+                    ] {
+                        o.insert(r.into(), json!(m.get(r).copied().unwrap_or(0)));
+                    }
+                    Value::Object(o)
+                })
+                .collect(),
+        ),
+    );
+    let z = |v: f64| Some(Target::le("value", v));
+    let g = "soak";
+    report.scalar(
+        "soak_cycles",
+        g,
+        "sessions started",
+        started.len() as f64,
+        "sessions",
+        Some(Target::ge("value", plan.cycles as f64)),
+        Some(format!("{} workers, {wall:.1} s", plan.concurrency)),
+    );
+    report.scalar(
+        "soak_rate",
+        g,
+        "cycles per second",
+        started.len() as f64 / wall,
+        "cycles/s",
+        None,
+        None,
+    );
+    report.scalar(
+        "soak_5xx",
+        g,
+        "5xx answers",
+        c5 as f64,
+        "",
+        z(0.0),
+        Some(format!("2xx {ok}, 4xx {c4}, no answer {tr}")),
+    );
+    report.scalar("soak_4xx", g, "4xx answers", c4 as f64, "", z(0.0), None);
+    report.scalar(
+        "soak_no_answer",
+        g,
+        "requests without an answer",
+        tr as f64,
+        "",
+        z(0.0),
+        None,
+    );
+    report.scalar(
+        "soak_leaked_processes",
+        g,
+        "leaked processes (tagged, after agents deleted)",
+        leaked.len() as f64,
+        "",
+        z(0.0),
+        None,
+    );
+    report.scalar(
+        "soak_leaked_after_exit",
+        g,
+        "tagged processes after the server exited",
+        after_exit as f64,
+        "",
+        z(0.0),
+        None,
+    );
+    report.scalar(
+        "soak_leaked_dirs",
+        g,
+        "leftover instance directories",
+        dirs as f64,
+        "",
+        z(0.0),
+        None,
+    );
+    report.scalar(
+        "soak_leaked_cgroups",
+        g,
+        "leftover instance cgroups",
+        cgroups as f64,
+        "",
+        z(0.0),
+        None,
+    );
+    report.scalar(
+        "soak_zombies",
+        g,
+        "zombie children of the server",
+        zombies as f64,
+        "",
+        z(0.0),
+        None,
+    );
+    report.scalar(
+        "soak_lost",
+        g,
+        "lost records (missing or never ended)",
+        lost as f64,
+        "",
+        z(0.0),
+        Some(format!("{missing} missing, {unended} without an end")),
+    );
+    report.scalar(
+        "soak_duplicated",
+        g,
+        "duplicated records or ids",
+        duplicated as f64,
+        "",
+        z(0.0),
+        None,
+    );
+    report.scalar(
+        "soak_unexpected_end",
+        g,
+        "sessions with an unexpected end reason",
+        unexpected as f64,
+        "",
+        z(0.0),
+        None,
+    );
+    report.scalar(
+        "soak_extra_records",
+        g,
+        "records of failed starts",
+        extra as f64,
+        "",
+        None,
+        None,
+    );
+    report.scalar(
+        "soak_server_log_errors",
+        g,
+        "ERROR lines in the server log",
+        log_errors.len() as f64,
+        "",
+        z(0.0),
+        None,
+    );
+    for (cond, what) in [
+        (c5 > 0, format!("{c5} 5xx answers")),
+        (c4 > 0, format!("{c4} 4xx answers")),
+        (tr > 0, format!("{tr} requests without an answer")),
+        (
+            after_exit > 0,
+            format!("{after_exit} tagged processes after the server exited"),
+        ),
+        (dirs > 0, format!("{dirs} leftover instance directories")),
+        (cgroups > 0, format!("{cgroups} leftover instance cgroups")),
+        (
+            zombies > 0,
+            format!("{zombies} zombie children of the server"),
+        ),
+        (lost > 0, format!("{lost} lost session records")),
+        (
+            duplicated > 0,
+            format!("{duplicated} duplicated session records or ids"),
+        ),
+        (
+            count_mismatch > 0,
+            format!("{count_mismatch} agents with a wrong total_count"),
+        ),
+        (
+            started.len() < plan.cycles,
+            format!("only {} of {} cycles started", started.len(), plan.cycles),
+        ),
+        (
+            !exit.contains("exit status: 0"),
+            format!("server exit: {exit}"),
+        ),
+    ] {
+        if cond {
+            report.error(what);
+        }
+    }
+    Ok(())
+}
