@@ -558,6 +558,12 @@ def _task_ok(task: "asyncio.Task") -> bool:
 
 def _exit_soon(code: int) -> None:
     log.info(f"No platform request is waiting for this session's end; exiting with code {code}")
+    # A restarted platform is no longer this process's parent: it reads the code from here.
+    status_file = os.environ.get("CATTERY_EXIT_STATUS_FILE")
+    if status_file:
+        with contextlib.suppress(OSError):
+            with open(status_file, "w") as f:
+                f.write(f"{code}\n")
     with contextlib.suppress(Exception):
         sys.stdout.flush()
         sys.stderr.flush()

@@ -408,3 +408,60 @@ async fn not_ready_bot_never_gets_a_session_and_raising_bot_leaves_its_traceback
     .await;
     assert!(logs.iter().any(|l| l.contains("ValueError")));
 }
+
+/// A live call survives a SIGKILL of the control plane: the restarted server re-adopts the
+/// instance, and when `bot()` ends the runner (whose `/bot` request went away) exits with code 0
+/// and writes it to `$CATTERY_EXIT_STATUS_FILE`, so the end is recorded as completed.
+#[tokio::test(flavor = "multi_thread")]
+async fn python_session_survives_a_control_plane_sigkill_and_completes() {
+    let mut s = server().await;
+    s.deploy(
+        "survivor",
+        &[],
+        json!({"command": null, "image": example("session-status")}),
+    )
+    .await;
+    let r = s
+        .start_session("survivor", json!({"body": {"duration_secs": 4}}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sid = r.body["sessionId"].as_str().unwrap().to_string();
+    common::wait_for(Duration::from_secs(20), "bot running", || async {
+        let r = s
+            .req(
+                "GET",
+                &format!("/v1/public/survivor/sessions/{sid}/status"),
+                Some(&s.pk),
+                None,
+            )
+            .await;
+        (r.status == 200 && r.body["running"] == true).then_some(())
+    })
+    .await;
+    s.kill9();
+    s.spawn().await;
+    let g = s.session("survivor", &sid).await;
+    assert!(
+        g["endedAt"].is_null(),
+        "the session must still be live after the restart: {g}"
+    );
+    let st = s
+        .req(
+            "GET",
+            &format!("/v1/public/survivor/sessions/{sid}/status"),
+            Some(&s.pk),
+            None,
+        )
+        .await;
+    assert_eq!(
+        st.body["running"], true,
+        "bot() goes on through the restart: {:?}",
+        st.body
+    );
+    let g = s
+        .wait_ended("survivor", &sid, Duration::from_secs(30))
+        .await;
+    assert_eq!(g["endReason"], "completed", "{g}");
+    assert_eq!(g["exitCode"], 0, "{g}");
+    s.wait_no_agent_pids(Duration::from_secs(10)).await;
+}

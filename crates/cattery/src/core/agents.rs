@@ -133,7 +133,12 @@ fn valid_env_name(k: &str) -> bool {
 fn reserved_env_name(k: &str) -> bool {
     matches!(
         k,
-        "PORT" | "TMPDIR" | "CATTERY_INSTANCE_ID" | "CATTERY_SESSION_ID" | "CATTERY_BOT_DIR"
+        "PORT"
+            | "TMPDIR"
+            | "CATTERY_INSTANCE_ID"
+            | "CATTERY_SESSION_ID"
+            | "CATTERY_BOT_DIR"
+            | "CATTERY_EXIT_STATUS_FILE"
     )
 }
 
@@ -174,7 +179,7 @@ fn apply(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
         }
         if let Some(k) = env.keys().find(|k| reserved_env_name(k)) {
             return Err(bad(format!(
-                "env: {k} is set by the platform (reserved: PORT, TMPDIR, CATTERY_INSTANCE_ID, CATTERY_SESSION_ID, CATTERY_BOT_DIR)"
+                "env: {k} is set by the platform (reserved: PORT, TMPDIR, CATTERY_INSTANCE_ID, CATTERY_SESSION_ID, CATTERY_BOT_DIR, CATTERY_EXIT_STATUS_FILE)"
             )));
         }
         spec.env = env.clone();

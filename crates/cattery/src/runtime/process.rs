@@ -241,7 +241,8 @@ impl Runtime for ProcessRuntime {
         }
         cmd.env("TMPDIR", &tmp)
             .env("PORT", port.to_string())
-            .env("CATTERY_INSTANCE_ID", &id);
+            .env("CATTERY_INSTANCE_ID", &id)
+            .env("CATTERY_EXIT_STATUS_FILE", dir.join(EXIT_STATUS_FILE));
         for (k, v) in &spec.env {
             cmd.env(k, v);
         }
@@ -364,17 +365,27 @@ impl Runtime for ProcessRuntime {
             inst.terminate(Duration::ZERO).await;
             return None;
         }
-        // Not our child any more: watch the pid (and its start time) instead of waitpid.
+        // Not our child any more: watch the pid (and its start time) instead of waitpid; the
+        // exit code is only known if the agent wrote it to `$CATTERY_EXIT_STATUS_FILE`.
         let (pid, start) = (rec.pid, rec.pid_start);
+        let status_file = PathBuf::from(&rec.dir).join(EXIT_STATUS_FILE);
         tokio::spawn(async move {
             while same_process_alive(pid, start) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let _ = tx.send(Some(ExitInfo::default()));
+            let code = std::fs::read_to_string(&status_file)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok());
+            let _ = tx.send(Some(ExitInfo { code, signal: None }));
         });
         Some(inst)
     }
 }
+
+/// File in the instance directory where an agent may write its exit code before exiting
+/// (`$CATTERY_EXIT_STATUS_FILE`): the only way to learn it for an instance re-adopted after a
+/// restart, since the server is then no longer its parent.
+pub const EXIT_STATUS_FILE: &str = "exit-status";
 
 /// One local process tree.
 pub struct ProcessInstance {
