@@ -465,3 +465,31 @@ async fn python_session_survives_a_control_plane_sigkill_and_completes() {
     assert_eq!(g["exitCode"], 0, "{g}");
     s.wait_no_agent_pids(Duration::from_secs(10)).await;
 }
+
+/// A `local:` agent whose Python lacks the runner's dependencies is reported at deploy time.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_agent_without_runner_dependencies_is_not_ready_at_deploy() {
+    let s = server().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let venv = tmp.path().join("empty-venv");
+    let st = Command::new("python3")
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&venv)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let py = venv.join("bin/python").display().to_string();
+    let a = s
+        .deploy(
+            "bare-python",
+            &[],
+            json!({"command": null, "image": example("session-status"), "python": py}),
+        )
+        .await;
+    assert_eq!(a["ready"], false, "{a}");
+    let msg = a["errors"][0]["message"].as_str().unwrap_or("");
+    assert!(msg.contains("fastapi"), "{a}");
+    let r = s.start_session("bare-python", json!({})).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["code"], "PCC-1001");
+}

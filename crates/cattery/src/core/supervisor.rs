@@ -368,12 +368,28 @@ impl Supervisor {
 
     /// Why a deployment cannot run here, or `None` when it can (deploy-time validation:
     /// for `command`, the program exists and is executable).
+    ///
+    /// For `local:` agents it also checks that the chosen Python can import what the bundled
+    /// runner needs (`fastapi`, `uvicorn`), so a bot environment without them is reported at
+    /// deploy time (`errors[]`, `ready: false`) rather than at the first session.
     pub fn validate(&self, dep: &DeploymentRecord) -> Option<String> {
         match self.instance_command(dep) {
-            Ok((program, _, wd, _)) => self
-                .runtime
-                .check_program(&program, wd.as_ref().and_then(|p| p.to_str()))
-                .err(),
+            Ok((program, _, wd, _)) => {
+                let wd = wd.as_ref().and_then(|p| p.to_str());
+                if let Err(e) = self.runtime.check_program(&program, wd) {
+                    return Some(e);
+                }
+                let local = dep.spec.command.is_none()
+                    && dep
+                        .spec
+                        .image
+                        .as_deref()
+                        .is_some_and(|i| i.starts_with("local:"));
+                if local {
+                    return python_runner_deps_missing(&program);
+                }
+                None
+            }
             Err(e) => Some(e),
         }
     }
@@ -1723,6 +1739,54 @@ fn tail_of(inst: &Arc<dyn Instance>) -> String {
     };
     let start = b.len().saturating_sub(2048);
     crate::runtime::logs::escape_bytes(&b[start..])
+}
+
+/// Whether `python` can import the runner's own dependencies; `Some(reason)` when it cannot.
+/// Runs `python -c "import fastapi, uvicorn"` (a few hundred ms) off the async worker's
+/// scheduling slot (`block_in_place`); results are cached per interpreter for 60 s.
+fn python_runner_deps_missing(python: &str) -> Option<String> {
+    use std::collections::HashMap as Map;
+    static CACHE: std::sync::LazyLock<Mutex<Map<String, (std::time::Instant, Option<String>)>>> =
+        std::sync::LazyLock::new(|| Mutex::new(Map::new()));
+    if let Some((at, r)) = CACHE.lock().get(python) {
+        if at.elapsed() < Duration::from_secs(60) {
+            return r.clone();
+        }
+    }
+    let run = || {
+        std::process::Command::new(python)
+            .args(["-c", "import fastapi, uvicorn"])
+            .stdin(std::process::Stdio::null())
+            .output()
+    };
+    let out = match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(run)
+        }
+        _ => run(),
+    };
+    let r = match out {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            let last = err
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            Some(format!(
+                "{python} cannot import fastapi and uvicorn, which the Python runner needs ({last}); \
+                 install them in the bot's environment (docs/python-runner.md)"
+            ))
+        }
+        Err(e) => Some(format!("cannot run {python}: {e}")),
+    };
+    CACHE
+        .lock()
+        .insert(python.to_string(), (std::time::Instant::now(), r.clone()));
+    r
 }
 
 /// `resourceMetrics` JSON (reference §A.5.3) from samples `(t unix s, millicores, bytes)`.
