@@ -1745,9 +1745,9 @@ fn tail_of(inst: &Arc<dyn Instance>) -> String {
 /// Runs `python -c "import fastapi, uvicorn"` (a few hundred ms) off the async worker's
 /// scheduling slot (`block_in_place`); results are cached per interpreter for 60 s.
 fn python_runner_deps_missing(python: &str) -> Option<String> {
-    use std::collections::HashMap as Map;
-    static CACHE: std::sync::LazyLock<Mutex<Map<String, (std::time::Instant, Option<String>)>>> =
-        std::sync::LazyLock::new(|| Mutex::new(Map::new()));
+    type Checked = (std::time::Instant, Option<String>);
+    static CACHE: std::sync::LazyLock<Mutex<HashMap<String, Checked>>> =
+        std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
     if let Some((at, r)) = CACHE.lock().get(python) {
         if at.elapsed() < Duration::from_secs(60) {
             return r.clone();
