@@ -530,6 +530,8 @@ async fn openapi_and_unknown_routes() {
         "/v1/agents/{agent_name}/sessions",
         "/v1/agents/{agent_name}/sessions/{session_id}",
         "/v1/public/{agent_name}/start",
+        "/v1/public/{agent_name}/sessions/{session_id}/{path}",
+        "/ws/generic/{service}",
     ] {
         assert!(paths.contains_key(p), "openapi lacks {p}");
     }

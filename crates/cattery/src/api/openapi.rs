@@ -38,6 +38,7 @@ impl Modify for Security {
         super::agents::update_agent, super::agents::delete_agent,
         super::sessions::start_session, super::sessions::list_sessions, super::sessions::get_session,
         super::sessions::stop_session,
+        super::proxy::proxy, super::ws::connect,
         super::logs::agent_logs,
         super::secrets::list_secret_sets, super::secrets::get_secret_set,
         super::secrets::put_secret_set, super::secrets::delete_secret_set,

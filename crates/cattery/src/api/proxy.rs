@@ -59,6 +59,17 @@ pub async fn proxy_root(
 }
 
 /// Proxy with a sub-path.
+#[utoipa::path(method(get, post, put, patch, delete, head, options),
+    path = "/v1/public/{agent_name}/sessions/{session_id}/{path}", tag = "sessions",
+    operation_id = "session_proxy",
+    params(("agent_name" = String, Path, description = "Agent name"),
+           ("session_id" = String, Path, description = "Session UUID"),
+           ("path" = String, Path, description = "Path on the bot (not bot or ws)")),
+    responses((status = 200, description = "the bot's own answer, unchanged", body = Object),
+              (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody),
+              (status = 404, description = "unknown or ended session, or a reserved path", body = super::error::ErrorBody),
+              (status = 502, body = super::error::ErrorBody)),
+    security(("PublicKeyAuth" = [])))]
 pub async fn proxy(
     st: State<AppState>,
     auth: PublicAuth,

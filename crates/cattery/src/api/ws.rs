@@ -146,6 +146,14 @@ fn forbidden(msg: &str) -> Response {
 }
 
 /// `GET /ws/generic/{agent}.{org}` (token in header or query).
+#[utoipa::path(get, path = "/ws/generic/{service}", tag = "sessions", operation_id = "websocket_connect",
+    params(("service" = String, Path, description = "<agent>.<org>"),
+           ("token" = Option<String>, Query, description = "the token from /start (or Authorization: Bearer)"),
+           ("body" = Option<String>, Query, description = "base64 JSON body, for websocketAuth none")),
+    responses((status = 101, description = "websocket session; frames are relayed to the bot"),
+              (status = 400, description = "not a websocket upgrade", body = super::error::ErrorBody),
+              (status = 403, description = "bad, expired or used token", body = super::error::ErrorBody),
+              (status = 404, body = super::error::ErrorBody)))]
 pub async fn connect(
     State(st): State<AppState>,
     Path(service): Path<String>,
