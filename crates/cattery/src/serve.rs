@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::api::{self, AppState};
 use crate::core::agents::AgentDefaults;
 use crate::core::supervisor::{Supervisor, SupervisorConfig};
-use crate::model::{now_ms, now_ns, ApiKeyRecord, KeyKind, LogLine};
+use crate::model::{now_ns, KeyKind, LogLine};
 use crate::runtime::process::ProcessRuntime;
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
@@ -116,18 +116,7 @@ pub async fn create_key(
 ) -> anyhow::Result<String> {
     let store = open_existing_store(data_dir).await?;
     store.ensure_org(org).await?;
-    let key = api::auth::generate_key(kind);
-    let rec = ApiKeyRecord {
-        id: Uuid::new_v4(),
-        org: org.to_string(),
-        kind,
-        name: name.to_string(),
-        prefix: key[..kind.prefix().len() + 6].to_string(),
-        created_ms: now_ms(),
-        revoked_ms: None,
-        public_key: (kind == KeyKind::Public).then(|| key.clone()),
-    };
-    store.insert_key(&rec, &api::auth::hash_key(&key)).await?;
+    let (_, key) = api::auth::issue_key(store.as_ref(), org, kind, name).await?;
     Ok(key)
 }
 

@@ -56,6 +56,17 @@ async fn run_script(what: &str, script: &str, args: Vec<String>) {
     );
 }
 
+/// Waits until the session-status bot's own `/status` route, reached through the session
+/// proxy, reports `running: true`; returns that status.
+async fn wait_bot_running(s: &Server, agent: &str, sid: &str) -> serde_json::Value {
+    common::wait_for(Duration::from_secs(20), "bot /status running", || async {
+        let path = format!("/v1/public/{agent}/sessions/{sid}/status");
+        let r = s.req("GET", &path, Some(&s.pk), None).await;
+        (r.status == 200 && r.body["running"] == true).then_some(r.body)
+    })
+    .await
+}
+
 async fn server() -> Server {
     let py = python();
     Server::start(&[
@@ -159,18 +170,7 @@ async fn session_status_bot_is_cancelled_at_max_session_duration() {
     // Checked here: the header reaches the runner (its own budget) and the platform enforces
     // the cap; a full 60 s wait is left to the lifecycle suite.
     let sid = s.start_ok("capped-bot").await;
-    let st = common::wait_for(Duration::from_secs(20), "bot running", || async {
-        let r = s
-            .req(
-                "GET",
-                &format!("/v1/public/capped-bot/sessions/{sid}/status"),
-                Some(&s.pk),
-                None,
-            )
-            .await;
-        (r.status == 200 && r.body["running"] == true).then_some(r.body)
-    })
-    .await;
+    let st = wait_bot_running(&s, "capped-bot", &sid).await;
     assert_eq!(st["session_id"], sid.as_str());
     assert_eq!(s.stop("capped-bot", &sid).await.status, 200);
 }
@@ -317,18 +317,7 @@ async fn official_sdk_starts_an_example_bot() {
         .as_str()
         .expect("sessionId from the SDK")
         .to_string();
-    let st = common::wait_for(Duration::from_secs(20), "bot /status", || async {
-        let r = s
-            .req(
-                "GET",
-                &format!("/v1/public/sdk-bot/sessions/{sid}/status"),
-                Some(&s.pk),
-                None,
-            )
-            .await;
-        (r.status == 200 && r.body["running"] == true).then_some(r.body)
-    })
-    .await;
+    let st = wait_bot_running(&s, "sdk-bot", &sid).await;
     assert_eq!(st["session_id"], sid.as_str());
     assert_eq!(s.stop("sdk-bot", &sid).await.status, 200);
     assert!(s.agent_pids().is_empty());
@@ -426,18 +415,7 @@ async fn python_session_survives_a_control_plane_sigkill_and_completes() {
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let sid = r.body["sessionId"].as_str().unwrap().to_string();
-    common::wait_for(Duration::from_secs(20), "bot running", || async {
-        let r = s
-            .req(
-                "GET",
-                &format!("/v1/public/survivor/sessions/{sid}/status"),
-                Some(&s.pk),
-                None,
-            )
-            .await;
-        (r.status == 200 && r.body["running"] == true).then_some(())
-    })
-    .await;
+    wait_bot_running(&s, "survivor", &sid).await;
     s.kill9();
     s.spawn().await;
     let g = s.session("survivor", &sid).await;

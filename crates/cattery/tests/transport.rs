@@ -145,6 +145,15 @@ async fn proxy_waits_for_a_starting_instance() {
     assert_eq!(proxied.body["path"], "/hello");
 }
 
+/// The `wsUrl` of a websocket `/start` answer with its token as `?token=`.
+fn token_url(a: &serde_json::Value) -> String {
+    format!(
+        "{}?token={}",
+        a["wsUrl"].as_str().unwrap(),
+        a["token"].as_str().unwrap()
+    )
+}
+
 async fn ws_start(s: &Server, agent: &str, body: serde_json::Value) -> serde_json::Value {
     let r = s
         .start_session(agent, json!({"transport": "websocket", "body": body}))
@@ -174,11 +183,7 @@ async fn websocket_transport_relays_and_ends_on_client_close() {
         .await;
     assert_eq!(g.status, 404, "not a session until the client connects");
 
-    let url = format!(
-        "{}?token={}",
-        a["wsUrl"].as_str().unwrap(),
-        a["token"].as_str().unwrap()
-    );
+    let url = token_url(&a);
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
         .expect("ws connect");
@@ -305,11 +310,7 @@ async fn l04_half_closed_and_vanished_websocket_clients() {
     // Variant 1: TCP FIN without a close frame while the agent is writing audio.
     let a = ws_start(&s, "halfclose", json!({})).await;
     let sid = a["sessionId"].as_str().unwrap().to_string();
-    let url = format!(
-        "{}?token={}",
-        a["wsUrl"].as_str().unwrap(),
-        a["token"].as_str().unwrap()
-    );
+    let url = token_url(&a);
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
         .unwrap();
@@ -337,11 +338,7 @@ async fn l04_half_closed_and_vanished_websocket_clients() {
     // Variant 2: the client just goes silent (no FIN, no frames, no pongs).
     let a = ws_start(&s, "halfclose", json!({})).await;
     let sid = a["sessionId"].as_str().unwrap().to_string();
-    let url = format!(
-        "{}?token={}",
-        a["wsUrl"].as_str().unwrap(),
-        a["token"].as_str().unwrap()
-    );
+    let url = token_url(&a);
     let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
         .unwrap();
@@ -379,11 +376,7 @@ async fn expired_websocket_token_is_refused() {
     s.deploy("wsexpire", &[], json!({})).await;
     let a = ws_start(&s, "wsexpire", json!({})).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let url = format!(
-        "{}?token={}",
-        a["wsUrl"].as_str().unwrap(),
-        a["token"].as_str().unwrap()
-    );
+    let url = token_url(&a);
     match tokio_tungstenite::connect_async(url.as_str()).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
         other => panic!("an expired token must get 403 at the handshake, got {other:?}"),

@@ -26,6 +26,30 @@ pub fn generate_key(kind: KeyKind) -> String {
     format!("{}{}", kind.prefix(), hex::encode(b))
 }
 
+/// Creates and stores a new key of `kind` for `org`; returns its record and the key itself
+/// (shown once: only its hash is stored, and the whole key for public keys, which the CLI lists).
+/// Errors: the store failed.
+pub async fn issue_key(
+    store: &dyn crate::store::Store,
+    org: &str,
+    kind: KeyKind,
+    name: &str,
+) -> Result<(crate::model::ApiKeyRecord, String), crate::store::StoreError> {
+    let key = generate_key(kind);
+    let rec = crate::model::ApiKeyRecord {
+        id: uuid::Uuid::new_v4(),
+        org: org.to_string(),
+        kind,
+        name: name.to_string(),
+        prefix: key[..kind.prefix().len() + 6].to_string(),
+        created_ms: crate::model::now_ms(),
+        revoked_ms: None,
+        public_key: (kind == KeyKind::Public).then(|| key.clone()),
+    };
+    store.insert_key(&rec, &hash_key(&key)).await?;
+    Ok((rec, key))
+}
+
 /// The authenticated caller.
 #[derive(Debug, Clone)]
 pub struct Caller {

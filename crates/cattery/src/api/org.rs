@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::agents;
-use super::auth::{generate_key, hash_key, OrgAuth, PrivateAuth};
+use super::auth::{OrgAuth, PrivateAuth};
 use super::error::{ApiError, ApiResult};
 use super::sessions;
 use super::{ApiJson, AppState};
@@ -34,7 +34,7 @@ use crate::core::agents::AgentRequest;
 use crate::core::orgs;
 use crate::core::supervisor::PoolStatus;
 use crate::core::CoreError;
-use crate::model::{iso_ms, now_ms, ApiKeyRecord, KeyKind};
+use crate::model::{iso_ms, ApiKeyRecord, KeyKind};
 
 fn nf(e: CoreError) -> ApiError {
     ApiError::from(e).with_not_found_code("NOT_FOUND")
@@ -356,19 +356,7 @@ pub async fn create_api_key(
             )))
         }
     };
-    let key = generate_key(kind);
-    let rec = ApiKeyRecord {
-        id: Uuid::new_v4(),
-        org: c.org.clone(),
-        kind,
-        name: name.to_string(),
-        prefix: key[..kind.prefix().len() + 6].to_string(),
-        created_ms: now_ms(),
-        revoked_ms: None,
-        public_key: (kind == KeyKind::Public).then(|| key.clone()),
-    };
-    st.store
-        .insert_key(&rec, &hash_key(&key))
+    let (rec, key) = super::auth::issue_key(st.store.as_ref(), &c.org, kind, name)
         .await
         .map_err(CoreError::from)?;
     let mut v = key_json(&rec);
