@@ -88,6 +88,10 @@ struct RunArgs {
     /// Active sessions to reach in the concurrency phase (default 1000, quick 100).
     #[arg(long)]
     sessions: Option<usize>,
+    /// Warm start rounds per concurrency instead of the plan's, as `C:ROUNDS` pairs
+    /// (comma-separated; e.g. `8:200` for 1,600 starts at concurrency 8).
+    #[arg(long, value_delimiter = ',', value_parser = parse_warm)]
+    warm: Vec<(usize, usize)>,
     #[command(flatten)]
     common: Common,
 }
@@ -105,6 +109,18 @@ struct SoakArgs {
     seed: u64,
     #[command(flatten)]
     common: Common,
+}
+
+fn parse_warm(s: &str) -> Result<(usize, usize), String> {
+    let (c, r) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not C:ROUNDS"))?;
+    let c: usize = c.parse().map_err(|e| format!("{c:?}: {e}"))?;
+    let r: usize = r.parse().map_err(|e| format!("{r:?}: {e}"))?;
+    if c == 0 || r == 0 {
+        return Err("concurrency and rounds must be at least 1".into());
+    }
+    Ok((c, r))
 }
 
 const PHASES: [&str; 7] = [
@@ -243,6 +259,9 @@ async fn run_bench(a: RunArgs) -> anyhow::Result<bool> {
             .filter(|v| *v > 0)
             .collect();
         plan.concurrency_checkpoints.dedup();
+    }
+    if !a.warm.is_empty() {
+        plan.warm = a.warm.clone();
     }
     for p in &a.only {
         anyhow::ensure!(

@@ -56,9 +56,29 @@ async fn handshake(port: u16) -> Result<Sender, String> {
     Ok(sender)
 }
 
+/// How long after its last answer a kept connection may carry the session's `/bot`: well
+/// below any server's idle keep-alive timeout (uvicorn's default is 5 s), so the agent never
+/// closes it as idle just as the request goes out.
+pub const REUSE_WITHIN: Duration = Duration::from_secs(1);
+
+/// An open keep-alive connection to an instance, and when it last answered.
+pub struct Conn {
+    sender: Sender,
+    answered: std::time::Instant,
+}
+
 /// `GET path` on the instance; returns the status, or `None` when it does not answer within
 /// `timeout` (connection refused included).
 pub async fn get_status(port: u16, path: &str, timeout: Duration) -> Option<u16> {
+    get_status_keep(port, path, timeout).await.0
+}
+
+/// [`get_status`], also returning the connection when it can carry another request.
+pub async fn get_status_keep(
+    port: u16,
+    path: &str,
+    timeout: Duration,
+) -> (Option<u16>, Option<Conn>) {
     let fut = async {
         let mut sender = handshake(port).await.ok()?;
         let req = Request::get(path)
@@ -68,21 +88,40 @@ pub async fn get_status(port: u16, path: &str, timeout: Duration) -> Option<u16>
         let resp = sender.send_request(req).await.ok()?;
         let status = resp.status().as_u16();
         let _ = resp.into_body().collect().await;
-        Some(status)
+        Some((status, sender))
     };
-    tokio::time::timeout(timeout, fut).await.ok().flatten()
+    match tokio::time::timeout(timeout, fut).await.ok().flatten() {
+        Some((status, sender)) => {
+            let conn = (!sender.is_closed()).then(|| Conn {
+                sender,
+                answered: std::time::Instant::now(),
+            });
+            (Some(status), conn)
+        }
+        None => (None, None),
+    }
 }
 
-/// Delivers a session: opens a connection and sends `POST /bot`. Returns once the request is
-/// on its way, with a future that resolves when the agent answers (the session's natural end).
+/// Delivers a session: sends `POST /bot` on `conn` (the connection of the `/readyz` answer
+/// that found the instance ready) when it answered within [`REUSE_WITHIN`] and is still
+/// open, else on a new connection. Returns once the request is on its way, with a future that
+/// resolves when the agent answers (the session's natural end). Reusing the connection saves
+/// a TCP handshake and the agent's `accept` on the start's path.
 ///
 /// Errors: the instance does not accept a connection.
 pub async fn post_bot(
     port: u16,
     headers: Vec<(String, String)>,
     body: Bytes,
+    conn: Option<Conn>,
 ) -> Result<impl std::future::Future<Output = BotOutcome> + Send + 'static, String> {
-    let mut sender = handshake(port).await?;
+    let reusable = conn
+        .filter(|c| c.answered.elapsed() < REUSE_WITHIN && c.sender.is_ready())
+        .map(|c| c.sender);
+    let mut sender = match reusable {
+        Some(s) => s,
+        None => handshake(port).await?,
+    };
     let mut b = Request::post("/bot")
         .header("host", format!("127.0.0.1:{port}"))
         .header("content-type", "application/json");

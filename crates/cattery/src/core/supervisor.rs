@@ -41,8 +41,14 @@ use crate::store::Store;
 
 /// Consecutive failed starts after which a deployment counts as crash-looping.
 pub const CRASH_LOOP_THRESHOLD: u32 = 2;
-/// How often a starting instance's `/readyz` is polled.
+/// How often a starting instance's `/readyz` is polled, at most. The first polls come sooner
+/// (see [`FIRST_READY_POLL`]).
 pub const READY_POLL: Duration = Duration::from_millis(10);
+/// Wait before the second `/readyz` poll of a starting instance; it doubles up to
+/// [`READY_POLL`] (polls at about 0, 1, 3, 7, 15, 25, 35... ms). A native agent is ready
+/// within a few ms of its spawn: with a flat 10 ms it almost always waited one whole
+/// interval, most of the cold start overhead.
+pub const FIRST_READY_POLL: Duration = Duration::from_millis(1);
 /// How often an idle warm instance's `/readyz` is checked; a non-200 answer replaces it.
 pub const IDLE_CHECK: Duration = Duration::from_secs(2);
 
@@ -151,6 +157,9 @@ struct Delivery {
     requested: Instant,
     deadline: Instant,
     reply: Option<oneshot::Sender<CoreResult<i64>>>,
+    /// The instance's durable record already names this session (a warm start records the
+    /// session and the promise in one write, `Store::insert_session_for_instance`).
+    recorded: bool,
 }
 
 struct InstanceCtl {
@@ -164,6 +173,9 @@ struct InstanceCtl {
     attribution: Arc<Mutex<LogAttribution>>,
     samples: Mutex<Vec<(i64, u64, u64)>>,
     instance: OnceLock<Arc<dyn Instance>>,
+    /// The session promised to this instance is stored (its `insert` returned): from then
+    /// on a `DELETE` of it is answered from memory (`stop_session`).
+    session_stored: AtomicBool,
 }
 
 struct AgentPool {
@@ -633,31 +645,43 @@ impl Supervisor {
             end: None,
             metrics: None,
         };
-        if let Err(e) = self.store.insert_session(&rec).await {
-            {
-                let mut st = self.state.lock();
-                st.sessions.remove(&session);
-                self.live.send_replace(st.sessions.len());
-            }
-            if via_cmd {
-                // Give the instance back: it has not been told about the session yet.
-                ctl.attribution.lock().session_id = None;
-                let mut s = ctl.state.lock();
-                *s = match *s {
-                    InstState::Busy => InstState::Idle,
-                    InstState::Claimed => InstState::Starting,
-                    other => other,
-                };
-            } else {
-                let (rx, done_tx) = self.take_cmd_rx(&ctl);
-                drop(rx);
-                let _ = done_tx.send(true);
-                if let Some(pool) = self.state.lock().pools.get_mut(&agent_id) {
-                    pool.instances.remove(&ctl.id);
+        // A ready warm instance is already recorded: the session and the instance's promise
+        // to it go in one write. Otherwise (or if its record was missing) the actor records
+        // the instance with its session before delivering.
+        let inserted = if via_cmd && !cold {
+            self.store.insert_session_for_instance(&rec, ctl.id).await
+        } else {
+            self.store.insert_session(&rec).await.map(|()| false)
+        };
+        let recorded = match inserted {
+            Ok(r) => r,
+            Err(e) => {
+                {
+                    let mut st = self.state.lock();
+                    st.sessions.remove(&session);
+                    self.live.send_replace(st.sessions.len());
                 }
+                if via_cmd {
+                    // Give the instance back: it has not been told about the session yet.
+                    ctl.attribution.lock().session_id = None;
+                    let mut s = ctl.state.lock();
+                    *s = match *s {
+                        InstState::Busy => InstState::Idle,
+                        InstState::Claimed => InstState::Starting,
+                        other => other,
+                    };
+                } else {
+                    let (rx, done_tx) = self.take_cmd_rx(&ctl);
+                    drop(rx);
+                    let _ = done_tx.send(true);
+                    if let Some(pool) = self.state.lock().pools.get_mut(&agent_id) {
+                        pool.instances.remove(&ctl.id);
+                    }
+                }
+                return Err(e.into());
             }
-            return Err(e.into());
-        }
+        };
+        ctl.session_stored.store(true, Ordering::SeqCst);
         let max_s = dep.spec.max_session_duration_s();
         let mut headers = vec![
             ("x-daily-session-id".to_string(), session.to_string()),
@@ -680,6 +704,7 @@ impl Supervisor {
             requested,
             deadline: requested + Duration::from_secs(u64::from(max_s)),
             reply: Some(tx),
+            recorded,
         };
         if !via_cmd {
             let (cmd_rx, me) = (self.take_cmd_rx(&ctl), self.clone());
@@ -699,18 +724,39 @@ impl Supervisor {
                 }
             },
         };
-        match answer {
-            Ok(Ok(bot_start_ms)) => Ok(StartOutcome {
-                session_id: session,
-                cold_start: cold,
-                bot_start_ms,
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(CoreError::StartFailed {
+        let err = match answer {
+            Ok(Ok(bot_start_ms)) => {
+                return Ok(StartOutcome {
+                    session_id: session,
+                    cold_start: cold,
+                    bot_start_ms,
+                })
+            }
+            Ok(Err(e)) => e,
+            Err(_) => CoreError::StartFailed {
                 code: "INSTANCE_EXITED",
                 message: "the instance went away before the session was delivered".into(),
-            }),
+            },
+        };
+        // The instance's end was recorded before this answer; if it ended before the
+        // session's row existed (a warm instance exiting just as it was taken), that record
+        // missed the session: end it now (first wins, so otherwise this changes nothing).
+        let end = SessionEnd {
+            ended_ms: now_ms(),
+            reason: match &err {
+                CoreError::Draining => EndReason::Drained,
+                CoreError::StoppedDuringStart(_) => EndReason::StoppedDuringStart,
+                _ => EndReason::StartFailed,
+            },
+            completion_status: "HTTP_ERROR".into(),
+            exit_code: None,
+            exit_signal: None,
+            message: Some(err.to_string()),
+        };
+        if let Err(e) = self.store.end_session(session, &end).await {
+            tracing::error!(session = %session, error = %e, "could not record session end");
         }
+        Err(err)
     }
 
     /// Stops a session (the seed contract): the whole instance is removed and the end recorded
@@ -718,6 +764,41 @@ impl Supervisor {
     ///
     /// Errors: `NotFound` when the session does not exist, or belongs to another org or agent.
     pub async fn stop_session(&self, org: &str, agent_name: &str, session: Uuid) -> CoreResult<()> {
+        // A live, stored session is answered from memory: no store read before the stop is
+        // sent. (One whose record is still being inserted takes the store path below, as an
+        // unknown one.)
+        let live = {
+            let st = self.state.lock();
+            st.sessions
+                .get(&session)
+                .cloned()
+                .filter(|c| c.session_stored.load(Ordering::SeqCst))
+                .map(|ctl| {
+                    let agent_matches = st
+                        .pools
+                        .get(&ctl.agent_id)
+                        .is_some_and(|p| p.agent.name == agent_name);
+                    let owned = (ctl.org == org).then_some(agent_matches);
+                    (ctl, owned)
+                })
+        };
+        match live {
+            Some((ctl, Some(true))) => {
+                let _ = ctl.cmd_tx.send(Cmd::Stop(EndReason::Stopped));
+                let mut done = ctl.done.clone();
+                let _ = done.wait_for(|d| *d).await;
+                return Ok(());
+            }
+            Some((_, Some(false))) => {
+                return Err(CoreError::NotFound(format!(
+                    "session {session} not found for agent {agent_name}"
+                )))
+            }
+            Some((_, None)) => {
+                return Err(CoreError::NotFound(format!("session {session} not found")))
+            }
+            None => {}
+        }
         let rec = self
             .store
             .get_session(session)
@@ -784,6 +865,7 @@ impl Supervisor {
             done,
             samples: Mutex::new(Vec::new()),
             instance: OnceLock::new(),
+            session_stored: AtomicBool::new(false),
         });
         PENDING.lock().insert(id, (cmd_rx, done_tx));
         ctl
@@ -957,31 +1039,45 @@ impl Supervisor {
         };
         let _ = ctl.instance.set(inst.clone());
         let port = inst.port();
+        // The session the instance's durable record names (re-adopted busy: its own).
+        let mut recorded_session: Option<Uuid> = if adopted_busy {
+            session.map(|s| s.0)
+        } else {
+            None
+        };
+        // The keep-alive connection of the `/readyz` answer that found the instance ready.
+        let mut ready_conn: Option<instance_http::Conn> = None;
         let ending = 'life: {
             if !adopted_busy {
                 self.persist_instance(&ctl, &inst, session.map(|s| s.0))
                     .await;
+                recorded_session = session.map(|s| s.0);
                 // Starting: wait for /readyz 200, a stop, an exit, or a deadline. A warm
                 // instance may be claimed by a session meanwhile (it then gets the session as
                 // soon as it is ready).
                 let start_deadline = Instant::now() + self.cfg.start_timeout;
                 // Ready = `/readyz` answers 200 *and* the listening socket is the instance's
                 // own (a foreign program on the port must never be taken for the agent).
+                // Resolves to the connection of the answer that found it ready, which then
+                // carries `/bot` if the session comes soon (`instance_http::post_bot`).
                 let ready = async {
                     let mut warned = false;
+                    let mut wait = FIRST_READY_POLL;
                     loop {
-                        if instance_http::get_status(port, "/readyz", Duration::from_secs(2)).await
-                            == Some(200)
-                        {
+                        let (status, conn) =
+                            instance_http::get_status_keep(port, "/readyz", Duration::from_secs(2))
+                                .await;
+                        if status == Some(200) {
                             if inst.serves_port() {
-                                return;
+                                return conn;
                             }
                             if !warned {
                                 warned = true;
                                 self.platform_log(&ctl, format!("[cattery] port {port} answers /readyz but is not held by instance {}; waiting for the agent", ctl.id));
                             }
                         }
-                        tokio::time::sleep(READY_POLL).await;
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(READY_POLL);
                     }
                 };
                 tokio::pin!(ready);
@@ -1030,7 +1126,10 @@ impl Supervisor {
                         _ = tokio::time::sleep_until(session_deadline) => {
                             break 'life Ending::new(EndReason::MaxDuration, "HTTP_ERROR");
                         }
-                        _ = &mut ready => break,
+                        conn = &mut ready => {
+                            ready_conn = conn;
+                            break;
+                        }
                     }
                 }
                 self.record_ready(&ctl);
@@ -1108,8 +1207,13 @@ impl Supervisor {
             let mut bot: OutcomeFuture = Box::pin(std::future::pending());
             let mut _bot_task: Option<AbortOnDrop> = None;
             if let Some(mut d) = delivery.take() {
-                self.persist_instance(&ctl, &inst, Some(sid)).await;
+                // Durable before `/bot`: a restart must never hand this instance out as warm
+                // once it may have received a session.
+                if !d.recorded && recorded_session != Some(sid) {
+                    self.persist_instance(&ctl, &inst, Some(sid)).await;
+                }
                 let headers = std::mem::take(&mut d.headers);
+                let conn = ready_conn.take();
                 let mut fut: std::pin::Pin<
                     Box<dyn std::future::Future<Output = Result<OutcomeFuture, String>> + Send>,
                 > = match d.deliver.take() {
@@ -1117,7 +1221,7 @@ impl Supervisor {
                     None => {
                         let body = d.body.clone();
                         Box::pin(async move {
-                            instance_http::post_bot(port, headers, body)
+                            instance_http::post_bot(port, headers, body, conn)
                                 .await
                                 .map(|f| Box::pin(f) as OutcomeFuture)
                         })
@@ -1301,32 +1405,37 @@ impl Supervisor {
         if let Some(p) = self.state.lock().pools.get_mut(&ctl.agent_id) {
             p.instances.remove(&ctl.id);
         }
-        if let Err(e) = self.store.delete_instance(ctl.id).await {
-            tracing::error!(instance = %ctl.id, error = %e, "could not forget instance");
+        // One write: the instance record goes, the session's end (first wins) and its
+        // metrics are recorded.
+        let end = SessionEnd {
+            ended_ms,
+            reason: ending.reason,
+            completion_status: ending.completion.clone(),
+            exit_code: ending.exit.and_then(|e| e.code),
+            exit_signal: ending.exit.and_then(|e| e.signal),
+            message: ending.message.clone(),
+        };
+        let metrics = session.and_then(|sid| {
+            let samples = ctl.samples.lock().clone();
+            (!samples.is_empty()).then(|| metrics_json(sid, &samples))
+        });
+        match self
+            .store
+            .end_instance(ctl.id, session.map(|sid| (sid, &end, metrics.as_ref())))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) if session.is_some() => {
+                tracing::debug!(instance = %ctl.id, "session end was already recorded")
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(
+                instance = %ctl.id,
+                error = %e,
+                "could not record the end of the instance and its session"
+            ),
         }
         if let Some(sid) = session {
-            let end = SessionEnd {
-                ended_ms,
-                reason: ending.reason,
-                completion_status: ending.completion.clone(),
-                exit_code: ending.exit.and_then(|e| e.code),
-                exit_signal: ending.exit.and_then(|e| e.signal),
-                message: ending.message.clone(),
-            };
-            match self.store.end_session(sid, &end).await {
-                Ok(true) => {}
-                Ok(false) => tracing::debug!(session = %sid, "session end was already recorded"),
-                Err(e) => {
-                    tracing::error!(session = %sid, error = %e, "could not record session end")
-                }
-            }
-            let samples = ctl.samples.lock().clone();
-            if !samples.is_empty() {
-                let _ = self
-                    .store
-                    .set_session_metrics(sid, &metrics_json(sid, &samples))
-                    .await;
-            }
             let how = match report {
                 Some(r) if r.killed => format!("SIGKILL after {} ms", r.took_ms),
                 Some(r) if r.sent_sigterm => format!("SIGTERM, gone after {} ms", r.took_ms),
@@ -1539,6 +1648,7 @@ impl Supervisor {
             match session {
                 Some(sess) if sess.bot_start_ms.is_some() => {
                     *ctl.state.lock() = InstState::Busy;
+                    ctl.session_stored.store(true, Ordering::SeqCst);
                     {
                         let mut st = self.state.lock();
                         st.pools
@@ -1753,22 +1863,35 @@ fn python_runner_deps_missing(python: &str) -> Option<String> {
             return r.clone();
         }
     }
+    // Through the reaper: it reaps every child of this process, so a plain
+    // `Command::output()` could find its child already reaped (ECHILD).
     let run = || {
-        std::process::Command::new(python)
-            .args(["-c", "import fastapi, uvicorn"])
-            .stdin(std::process::Stdio::null())
-            .output()
+        let mut cmd = std::process::Command::new(python);
+        cmd.args(["-c", "import fastapi, uvicorn"])
+            .stdin(std::process::Stdio::null());
+        crate::runtime::reaper::Reaper::global().output(&mut cmd, Duration::from_secs(60))
     };
     let out = match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(run)
         }
-        _ => run(),
+        Ok(_) => run(),
+        Err(_) => std::process::Command::new(python)
+            .args(["-c", "import fastapi, uvicorn"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map(|o| {
+                let exit = crate::runtime::ExitInfo {
+                    code: o.status.code(),
+                    signal: std::os::unix::process::ExitStatusExt::signal(&o.status),
+                };
+                (exit, o.stderr)
+            }),
     };
     let r = match out {
-        Ok(o) if o.status.success() => None,
-        Ok(o) => {
-            let err = String::from_utf8_lossy(&o.stderr);
+        Ok((exit, _)) if exit.success() => None,
+        Ok((_, stderr)) => {
+            let err = String::from_utf8_lossy(&stderr);
             let last = err
                 .lines()
                 .rev()

@@ -4,8 +4,8 @@
 //! (`cgroup.kill`) and emptiness (`cgroup.events` `populated 0`); and, where cgroup v1
 //! controllers are writable, `<v1 root>/<memory|cpu|pids>/cattery/<server id>/<instance id>`
 //! for the `agentProfile` limits. The child joins every one of them before `exec` (it writes
-//! `0` to each `cgroup.procs` through descriptors opened by the parent), so no process of the
-//! instance ever runs outside them.
+//! `0` to each `cgroup.procs` through descriptors opened by the parent, `runtime/spawn.rs`), so
+//! no process of the instance ever runs outside them.
 
 use std::fs;
 use std::io::Write;
@@ -157,18 +157,6 @@ fn open_procs(dir: &Path) -> std::io::Result<OwnedFd> {
 pub fn write_file(p: &Path, s: &str) -> std::io::Result<()> {
     let mut f = fs::OpenOptions::new().write(true).open(p)?;
     f.write_all(s.as_bytes())
-}
-
-/// Called in the forked child before exec: joins every cgroup. Only async-signal-safe calls.
-pub fn join_in_child(fds: &[i32]) -> std::io::Result<()> {
-    for &fd in fds {
-        // SAFETY: writing a static 1-byte buffer to an fd the parent opened for us.
-        let rc = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
-        if rc != 1 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 /// Raw fds of open descriptors.

@@ -7,7 +7,7 @@
 //! attribution. On terminate the tailer drains both files to the end, so the last words of a
 //! killed process are kept.
 
-use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,26 +74,52 @@ pub fn escape_bytes(b: &[u8]) -> String {
     out
 }
 
+/// Bytes read per `pread` while catching up.
+const READ_CHUNK: usize = 64 * 1024;
+
 struct Tail {
     path: PathBuf,
+    /// Kept open for the tailer's life (opened on first use): a poll that finds nothing new is
+    /// one `pread`, not an open, a seek, a read and a close.
+    file: Option<std::fs::File>,
     stream: &'static str,
     offset: u64,
     partial: Vec<u8>,
 }
 
 impl Tail {
+    fn new(path: PathBuf, stream: &'static str, offset: u64) -> Tail {
+        Tail {
+            path,
+            file: None,
+            stream,
+            offset,
+            partial: Vec::new(),
+        }
+    }
+
     /// Reads what is new; returns whether anything was read.
     fn poll(&mut self, sink: &LogSink, flush_partial: bool) -> bool {
         let mut got = false;
-        if let Ok(mut f) = std::fs::File::open(&self.path) {
-            if f.seek(SeekFrom::Start(self.offset)).is_ok() {
-                let mut buf = Vec::new();
-                if let Ok(n) = f.read_to_end(&mut buf) {
-                    if n > 0 {
+        if self.file.is_none() {
+            self.file = std::fs::File::open(&self.path).ok();
+        }
+        if let Some(f) = &self.file {
+            // Small first read (usually nothing is new), larger ones while catching up.
+            let mut want = 4096;
+            loop {
+                let start = self.partial.len();
+                self.partial.resize(start + want, 0);
+                let r = f.read_at(&mut self.partial[start..], self.offset);
+                self.partial.truncate(start + *r.as_ref().unwrap_or(&0));
+                match r {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Ok(n) if n > 0 => {
                         got = true;
                         self.offset += n as u64;
-                        self.partial.extend_from_slice(&buf);
+                        want = READ_CHUNK;
                     }
+                    _ => break,
                 }
             }
         }
@@ -148,18 +174,8 @@ impl Tailer {
     ) -> Tailer {
         let (stop, mut stop_rx) = watch::channel(false);
         let mut tails = [
-            Tail {
-                path: stdout,
-                stream: "stdout",
-                offset: offsets.0,
-                partial: Vec::new(),
-            },
-            Tail {
-                path: stderr,
-                stream: "stderr",
-                offset: offsets.1,
-                partial: Vec::new(),
-            },
+            Tail::new(stdout, "stdout", offsets.0),
+            Tail::new(stderr, "stderr", offsets.1),
         ];
         let handle = tokio::spawn(async move {
             let mut idle = Duration::from_millis(10);
@@ -209,7 +225,69 @@ impl Tailer {
 
 #[cfg(test)]
 mod tests {
-    use super::escape_bytes;
+    use super::*;
+
+    #[tokio::test]
+    async fn tails_lines_partial_lines_and_the_rest_on_drain() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let (out, err) = (dir.path().join("stdout.log"), dir.path().join("stderr.log"));
+        let mut o = std::fs::File::create(&out).unwrap();
+        let mut e = std::fs::File::create(&err).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sink = LogSink {
+            tx,
+            attribution: Arc::new(Mutex::new(LogAttribution {
+                org: "o".into(),
+                agent_id: Uuid::nil(),
+                deployment_id: Uuid::nil(),
+                instance_id: Uuid::nil(),
+                session_id: None,
+            })),
+        };
+        o.write_all(b"skipped\n").unwrap();
+        let tailer = Tailer::start(out, err, (8, 0), dir.path().join("offsets"), sink);
+        o.write_all(b"one\r\ntw").unwrap();
+        e.write_all(b"err \xff\n").unwrap();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let l = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            got.push((l.stream, l.line));
+        }
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("stderr", "err \\xff".to_string()),
+                ("stdout", "one".to_string())
+            ]
+        );
+        // The partial line waits for its end; a big write arrives whole.
+        let big = "x".repeat(100_000);
+        o.write_all(format!("o\n{big}\nlast").as_bytes()).unwrap();
+        let l = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.line, "two");
+        let mut lens = 0;
+        while lens < big.len() {
+            let l = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(l.line.len() <= MAX_LINE_BYTES);
+            lens += l.line.len();
+        }
+        assert_eq!(lens, big.len());
+        tailer.drain().await;
+        assert_eq!(rx.recv().await.unwrap().line, "last");
+        let offsets = read_offsets(&dir.path().join("offsets")).unwrap();
+        assert_eq!(offsets, (8 + 7 + 2 + 100_001, 6), "complete lines only");
+    }
 
     #[test]
     fn escapes_invalid_utf8() {

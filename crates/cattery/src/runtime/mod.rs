@@ -9,6 +9,7 @@ pub mod logs;
 pub mod ports;
 pub mod process;
 pub mod reaper;
+pub mod spawn;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -7,10 +7,10 @@
 //! Nothing is ever killed by name.
 
 use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fs;
-use std::os::unix::process::CommandExt;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use super::cgroup::{self, CgroupSupport, InstanceCgroups};
 use super::logs::{read_offsets, Tailer};
 use super::ports::{listening_inodes, pids_hold_socket, PortBook};
 use super::reaper::Reaper;
+use super::spawn::{self, SpawnSpec};
 use super::{
     ExitInfo, Instance, InstancePlacement, InstanceSpec, LogSink, ResourceSample, Runtime,
     RuntimeError, TerminateReport,
@@ -46,6 +47,8 @@ impl ProcessRuntime {
     /// `server_id` names this server's cgroup subtree. Must run inside tokio.
     pub fn new(instances_dir: PathBuf, server_id: &str) -> std::io::Result<Self> {
         fs::create_dir_all(&instances_dir)?;
+        let nofile = spawn::raise_nofile_limit();
+        tracing::debug!(nofile, "open-files limit");
         Ok(ProcessRuntime {
             instances_dir,
             cgroups: CgroupSupport::detect(server_id),
@@ -228,41 +231,42 @@ impl Runtime for ProcessRuntime {
             }
         };
 
-        let mut cmd = Command::new(&spec.program);
-        cmd.args(&spec.args)
-            .current_dir(spec.working_dir.as_deref().unwrap_or(&dir))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err));
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("CATTERY_") {
-                cmd.env_remove(&k);
-            }
-        }
-        cmd.env("TMPDIR", &tmp)
-            .env("PORT", port.to_string())
-            .env("CATTERY_INSTANCE_ID", &id)
-            .env("CATTERY_EXIT_STATUS_FILE", dir.join(EXIT_STATUS_FILE));
+        // The child's environment: the server's own minus `CATTERY_*`, then the instance's.
+        let mut env: std::collections::BTreeMap<OsString, OsString> = std::env::vars_os()
+            .filter(|(k, _)| !k.to_string_lossy().starts_with("CATTERY_"))
+            .collect();
+        env.insert("TMPDIR".into(), tmp.clone().into_os_string());
+        env.insert("PORT".into(), port.to_string().into());
+        env.insert("CATTERY_INSTANCE_ID".into(), id.clone().into());
+        env.insert(
+            "CATTERY_EXIT_STATUS_FILE".into(),
+            dir.join(EXIT_STATUS_FILE).into_os_string(),
+        );
         for (k, v) in &spec.env {
-            cmd.env(k, v);
+            env.insert(k.into(), v.into());
         }
+        let env: Vec<(OsString, OsString)> = env.into_iter().collect();
+        let (out, err) = (OwnedFd::from(out), OwnedFd::from(err));
+        let cwd = spec.working_dir.clone().unwrap_or_else(|| dir.clone());
         let fds = cgroup::raw_fds(&cgs.procs_fds);
-        // SAFETY: the closure only calls async-signal-safe functions (setsid, write).
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::unistd::setsid().map_err(std::io::Error::from)?;
-                cgroup::join_in_child(&fds)
-            });
-        }
+        // posix_spawn-like (no fork of this process), joining the cgroups and a new session
+        // before exec: see `runtime/spawn.rs`.
         let spawned = self.reaper.spawn_registered(|| {
-            let child = cmd.spawn()?;
-            let pid = child.id() as i32;
-            Ok((child, pid))
+            let pid = spawn::spawn(&SpawnSpec {
+                program: &spec.program,
+                args: &spec.args,
+                env: &env,
+                cwd: &cwd,
+                stdout: &out,
+                stderr: &err,
+                cgroup_procs: &fds,
+            })?;
+            Ok(((), pid))
         });
-        drop(cmd);
+        drop((out, err));
         let InstanceCgroups { v2, v1, procs_fds } = cgs;
         drop(procs_fds);
-        let (_child, pid, exit_rx) = match spawned {
+        let ((), pid, exit_rx) = match spawned {
             Ok(v) => v,
             Err(source) => {
                 self.ports.release(port);

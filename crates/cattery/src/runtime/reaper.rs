@@ -76,6 +76,44 @@ impl Reaper {
         Ok((t, pid, rx))
     }
 
+    /// Runs a short helper program (not an instance) to completion and returns its exit and
+    /// its stderr; stdout is discarded. The program is spawned and registered under the
+    /// reaper's lock and its status collected here: a plain `Command::output()` in this
+    /// process races the reaper's `waitpid(-1)` and fails with `ECHILD`. Blocks the calling
+    /// thread (at most `timeout` after the program closed its stderr).
+    pub fn output(
+        &self,
+        cmd: &mut std::process::Command,
+        timeout: Duration,
+    ) -> std::io::Result<(ExitInfo, Vec<u8>)> {
+        use std::io::Read;
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let (mut child, _pid, rx) = self.spawn_registered(|| {
+            let c = cmd.spawn()?;
+            let pid = c.id() as i32;
+            Ok((c, pid))
+        })?;
+        let mut err = Vec::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_end(&mut err);
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            self.reap_all();
+            if let Some(x) = *rx.borrow() {
+                return Ok((x, err));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the program did not exit",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// Reaps every exited child now.
     pub fn reap_all(&self) {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());

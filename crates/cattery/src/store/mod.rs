@@ -223,6 +223,48 @@ pub trait Store: Send + Sync + 'static {
     /// All recorded live instances.
     async fn list_instances(&self) -> StoreResult<Vec<InstanceRecord>>;
 
+    /// Stores a new session taken by an already recorded (warm) instance and records the
+    /// instance as promised to it, atomically: one write on the warm start's path instead of
+    /// [`Store::insert_session`] plus [`Store::put_instance`]. Returns whether the instance's
+    /// record was found and updated (a missing one is left missing).
+    async fn insert_session_for_instance(
+        &self,
+        s: &SessionRecord,
+        instance_id: Uuid,
+    ) -> StoreResult<bool> {
+        self.insert_session(s).await?;
+        if let Some(mut rec) = self
+            .list_instances()
+            .await?
+            .into_iter()
+            .find(|i| i.id == instance_id)
+        {
+            rec.session_id = Some(s.id);
+            self.put_instance(&rec).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// The end of an instance, atomically: forgets its record and, for its session, records
+    /// the end (first wins, as [`Store::end_session`]) and the resource metrics when given.
+    /// Returns whether this call wrote the session's end.
+    async fn end_instance(
+        &self,
+        instance_id: Uuid,
+        session: Option<(Uuid, &SessionEnd, Option<&serde_json::Value>)>,
+    ) -> StoreResult<bool> {
+        self.delete_instance(instance_id).await?;
+        let Some((sid, end, metrics)) = session else {
+            return Ok(false);
+        };
+        let wrote = self.end_session(sid, end).await?;
+        if let Some(m) = metrics {
+            self.set_session_metrics(sid, m).await?;
+        }
+        Ok(wrote)
+    }
+
     /// Whether a secret set of that name exists in the org.
     async fn secret_set_exists(&self, org: &str, name: &str) -> StoreResult<bool>;
     /// A secret set with its key names (never values).

@@ -1,0 +1,477 @@
+//! Starting an instance's main process without `fork()`.
+//!
+//! The server is a multi-threaded process of tens of MiB. `fork()` (what `std::process::Command`
+//! does as soon as a `pre_exec` hook is set) copies its page tables and write-protects all of
+//! its memory: every server thread then takes copy-on-write faults, and the other cores get
+//! TLB-shootdown interrupts (18 % of the server's CPU in a start/stop churn). `posix_spawn` is
+//! `clone(CLONE_VM | CLONE_VFORK)` and costs none of that, but it cannot join the instance's
+//! cgroups before `exec`, and joining them from the parent afterwards leaves a window in which
+//! the agent runs (and could fork) outside them.
+//!
+//! So this does what `posix_spawn` does, plus the cgroup join: [`spawn`] calls glibc's
+//! `clone(CLONE_VM | CLONE_VFORK | SIGCHLD)` with a small stack of its own; the child shares
+//! the parent's memory (no copy) while the calling thread is suspended until the child has
+//! called `execve` or exited. Before `execve` the child, using only async-signal-safe system
+//! calls on data the parent prepared:
+//!
+//! 1. resets every signal the server handles to its default action (the child has its own
+//!    copy of the handler table, so the server's handlers can never run in it), and `SIGPIPE`
+//!    to default (Rust ignores it; an ignored signal would survive `exec`);
+//! 2. `setsid()`: a new session and process group, led by the child;
+//! 3. writes `0` to each `cgroup.procs` descriptor the parent opened (cgroup v2, plus the v1
+//!    limit controllers): from here on the child and everything it forks is inside;
+//! 4. sets up stdin (`/dev/null`), stdout and stderr, changes directory;
+//! 5. clears the signal mask, and `execve`s the program (a script without `#!` goes through
+//!    `/bin/sh`, as `execvp` does).
+//!
+//! A failing step reports its `errno` through memory shared with the parent and exits 127;
+//! the parent reaps that child at once and returns the error, so no process ever ran the
+//! agent outside its cgroups.
+//!
+//! All signals are blocked in the calling thread across the `clone` (the child starts with
+//! them blocked, so no handler can run before step 1), and restored right after.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// Stack of the child between `clone` and `execve` (it only makes system calls).
+const CHILD_STACK: usize = 64 * 1024;
+
+/// What to start.
+pub struct SpawnSpec<'a> {
+    /// The program as configured: a path (relative ones resolve against `cwd`), or a name
+    /// looked up in the child's `PATH`.
+    pub program: &'a str,
+    /// Arguments after `argv[0]` (which is `program`).
+    pub args: &'a [String],
+    /// The complete environment of the child.
+    pub env: &'a [(OsString, OsString)],
+    /// Working directory.
+    pub cwd: &'a Path,
+    /// Standard output.
+    pub stdout: &'a OwnedFd,
+    /// Standard error.
+    pub stderr: &'a OwnedFd,
+    /// Open `cgroup.procs` descriptors the child joins before `execve`.
+    pub cgroup_procs: &'a [RawFd],
+}
+
+/// Everything the child reads, prepared by the parent (the child must not allocate).
+struct ChildArgs {
+    path: CString,
+    argv: Vec<*const libc::c_char>,
+    sh_argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    cwd: CString,
+    stdin: RawFd,
+    stdout: RawFd,
+    stderr: RawFd,
+    cgroup_procs: Vec<RawFd>,
+    /// Highest signal number.
+    sig_max: libc::c_int,
+    /// The open-files limit the server started with, restored for the agent (see
+    /// [`raise_nofile_limit`]).
+    nofile: Option<libc::rlimit>,
+    /// Set by the child on failure: `errno`.
+    error: AtomicI32,
+    /// Which step failed (for the message).
+    stage: AtomicI32,
+}
+
+const STAGE_SETSID: i32 = 1;
+const STAGE_CGROUP: i32 = 2;
+const STAGE_STDIO: i32 = 3;
+const STAGE_CHDIR: i32 = 4;
+const STAGE_EXEC: i32 = 5;
+
+fn errno() -> i32 {
+    // SAFETY: reading the calling thread's errno.
+    unsafe { *libc::__errno_location() }
+}
+
+/// The child, on its own stack, sharing the parent's memory. Only system calls; never returns.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points to the parent's `ChildArgs`, alive until we exec or exit (the
+    // parent is suspended by CLONE_VFORK). Every call below is async-signal-safe.
+    unsafe {
+        let a = &*(arg as *const ChildArgs);
+        let fail = |stage: i32| -> ! {
+            a.stage.store(stage, Ordering::Relaxed);
+            a.error.store(errno().max(1), Ordering::Release);
+            libc::_exit(127)
+        };
+        // 1. Default signal actions (handlers of the parent must never run here).
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        for sig in 1..=a.sig_max {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            if libc::sigaction(sig, std::ptr::null(), &mut sa) != 0 {
+                continue;
+            }
+            let h = sa.sa_sigaction;
+            if (h != libc::SIG_DFL && h != libc::SIG_IGN) || sig == libc::SIGPIPE {
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+        // 2. Own session and process group.
+        if libc::setsid() < 0 {
+            fail(STAGE_SETSID);
+        }
+        // 3. Into the instance's cgroups, before anything of the agent runs.
+        for &fd in &a.cgroup_procs {
+            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                fail(STAGE_CGROUP);
+            }
+        }
+        // 4. stdio and working directory.
+        for (src, dst) in [(a.stdin, 0), (a.stdout, 1), (a.stderr, 2)] {
+            let ok = if src == dst {
+                libc::fcntl(src, libc::F_SETFD, 0) == 0
+            } else {
+                libc::dup2(src, dst) == dst
+            };
+            if !ok {
+                fail(STAGE_STDIO);
+            }
+        }
+        if libc::chdir(a.cwd.as_ptr()) != 0 {
+            fail(STAGE_CHDIR);
+        }
+        if let Some(l) = &a.nofile {
+            libc::setrlimit(libc::RLIMIT_NOFILE, l);
+        }
+        // 5. Empty signal mask (as std does), then exec.
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::execve(a.path.as_ptr(), a.argv.as_ptr(), a.envp.as_ptr());
+        if errno() == libc::ENOEXEC {
+            libc::execve(c"/bin/sh".as_ptr(), a.sh_argv.as_ptr(), a.envp.as_ptr());
+        }
+        fail(STAGE_EXEC)
+    }
+}
+
+static ORIGINAL_NOFILE: std::sync::OnceLock<Option<libc::rlimit>> = std::sync::OnceLock::new();
+
+/// Raises this process's soft open-files limit to its hard limit (once; later calls do
+/// nothing) and returns the new soft limit. Each live instance holds a few descriptors in the
+/// server (its log files, its `/bot` connection), so 1,000 sessions need more than the usual
+/// soft limit of 1,024. Agents started by [`spawn`] get the original limit back.
+pub fn raise_nofile_limit() -> u64 {
+    let get = || {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit into a local struct.
+        (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } == 0).then_some(l)
+    };
+    ORIGINAL_NOFILE.get_or_init(|| {
+        let orig = get()?;
+        if orig.rlim_cur >= orig.rlim_max {
+            return None;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: orig.rlim_max,
+            rlim_max: orig.rlim_max,
+        };
+        // SAFETY: setrlimit from a local struct.
+        (unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0).then_some(orig)
+    });
+    get().map(|l| l.rlim_cur).unwrap_or(0)
+}
+
+fn cstring(b: &[u8]) -> io::Result<CString> {
+    CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul byte in argument"))
+}
+
+/// Resolves `program` like `execvp`: as a path if it has a `/` (relative to `cwd`), else the
+/// first executable file of that name in `path_var` (the child's `PATH`).
+pub fn resolve(program: &str, cwd: &Path, path_var: Option<&OsStr>) -> io::Result<PathBuf> {
+    if program.is_empty() {
+        return Err(io::Error::from_raw_os_error(libc::ENOENT));
+    }
+    if program.contains('/') {
+        return Ok(PathBuf::from(program));
+    }
+    let default = OsString::from("/usr/local/bin:/usr/bin:/bin");
+    let path_var = path_var.unwrap_or(&default);
+    let mut denied = false;
+    for dir in std::env::split_paths(path_var) {
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+        let p = if dir.is_relative() {
+            cwd.join(&dir).join(program)
+        } else {
+            dir.join(program)
+        };
+        let Ok(c) = cstring(p.as_os_str().as_bytes()) else {
+            continue;
+        };
+        // SAFETY: access(2) on a NUL-terminated path.
+        if unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0 && p.is_file() {
+            return Ok(p);
+        }
+        denied |= p.exists();
+    }
+    Err(io::Error::from_raw_os_error(if denied {
+        libc::EACCES
+    } else {
+        libc::ENOENT
+    }))
+}
+
+/// Starts the process described by `spec` (see the module docs) and returns its pid. The
+/// caller reaps it. Errors: the program could not be executed, or a setup step failed (the
+/// failed child is already reaped).
+pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<i32> {
+    let path_var = spec
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_os_str());
+    let path = resolve(spec.program, spec.cwd, path_var)?;
+    let path = cstring(path.as_os_str().as_bytes())?;
+    let mut arg_strings = vec![cstring(spec.program.as_bytes())?];
+    for a in spec.args {
+        arg_strings.push(cstring(a.as_bytes())?);
+    }
+    let env_strings = spec
+        .env
+        .iter()
+        .map(|(k, v)| {
+            let mut b = k.as_bytes().to_vec();
+            b.push(b'=');
+            b.extend_from_slice(v.as_bytes());
+            cstring(&b)
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let sh = c"sh";
+    let mut argv: Vec<*const libc::c_char> = arg_strings.iter().map(|s| s.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    // `/bin/sh <path> <args...>` for a script without `#!`.
+    let mut sh_argv: Vec<*const libc::c_char> = vec![sh.as_ptr(), path.as_ptr()];
+    sh_argv.extend(arg_strings.iter().skip(1).map(|s| s.as_ptr()));
+    sh_argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = env_strings.iter().map(|s| s.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let devnull = std::fs::File::open("/dev/null")?;
+    let args = ChildArgs {
+        path,
+        argv,
+        sh_argv,
+        envp,
+        cwd: cstring(spec.cwd.as_os_str().as_bytes())?,
+        stdin: devnull.as_raw_fd(),
+        stdout: spec.stdout.as_raw_fd(),
+        stderr: spec.stderr.as_raw_fd(),
+        cgroup_procs: spec.cgroup_procs.to_vec(),
+        sig_max: libc::SIGRTMAX(),
+        nofile: ORIGINAL_NOFILE.get().copied().flatten(),
+        error: AtomicI32::new(0),
+        stage: AtomicI32::new(0),
+    };
+    let mut stack: Vec<u8> = Vec::with_capacity(CHILD_STACK);
+    // The stack grows down from its (16-byte aligned) top.
+    let top = ((stack.as_mut_ptr() as usize + CHILD_STACK) & !15) as *mut libc::c_void;
+    // SAFETY: all signals are blocked across the clone and the old mask restored; the child
+    // runs `child_main` on `stack` with `args`, both alive until it has exec'd or exited
+    // (CLONE_VFORK suspends this thread until then).
+    let pid = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let pid = libc::clone(
+            child_main,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&args as *const ChildArgs).cast_mut().cast(),
+        );
+        let clone_errno = errno();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        if pid < 0 {
+            return Err(io::Error::from_raw_os_error(clone_errno));
+        }
+        pid
+    };
+    drop(stack);
+    let err = args.error.load(Ordering::Acquire);
+    if err != 0 {
+        // The child exited without running the program: reap it now.
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let e = io::Error::from_raw_os_error(err);
+        return Err(match args.stage.load(Ordering::Relaxed) {
+            STAGE_EXEC => e,
+            STAGE_SETSID => io::Error::new(e.kind(), format!("setsid: {e}")),
+            STAGE_CGROUP => io::Error::new(e.kind(), format!("joining the instance's cgroup: {e}")),
+            STAGE_STDIO => io::Error::new(e.kind(), format!("setting up stdio: {e}")),
+            STAGE_CHDIR => {
+                io::Error::new(e.kind(), format!("changing to {}: {e}", spec.cwd.display()))
+            }
+            _ => e,
+        });
+    }
+    Ok(pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::OwnedFd;
+
+    fn wait(pid: i32) -> i32 {
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        status
+    }
+
+    #[test]
+    fn runs_in_a_new_session_with_env_cwd_and_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let out: OwnedFd = std::fs::File::create(dir.path().join("out"))
+            .unwrap()
+            .into();
+        let err: OwnedFd = std::fs::File::create(dir.path().join("err"))
+            .unwrap()
+            .into();
+        let env = vec![
+            (OsString::from("PATH"), OsString::from("/usr/bin:/bin")),
+            (OsString::from("X_TEST"), OsString::from("hello world")),
+        ];
+        let args = vec![
+            "-c".to_string(),
+            "echo \"$X_TEST\" $(pwd) $(cut -d' ' -f6 /proc/$$/stat) $$; read x || echo eof >&2"
+                .to_string(),
+        ];
+        let pid = spawn(&SpawnSpec {
+            program: "sh",
+            args: &args,
+            env: &env,
+            cwd: dir.path(),
+            stdout: &out,
+            stderr: &err,
+            cgroup_procs: &[],
+        })
+        .unwrap();
+        assert_eq!(wait(pid), 0);
+        let o = std::fs::read_to_string(dir.path().join("out")).unwrap();
+        let f: Vec<&str> = o.split_whitespace().collect();
+        assert_eq!(f[0..2], ["hello", "world"]);
+        assert_eq!(
+            std::fs::canonicalize(f[2]).unwrap(),
+            std::fs::canonicalize(dir.path()).unwrap()
+        );
+        assert_eq!(f[3], f[4], "session leader: sid == pid");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("err")).unwrap(),
+            "eof\n"
+        );
+    }
+
+    #[test]
+    fn errors_are_reported_and_the_child_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let out: OwnedFd = std::fs::File::create(dir.path().join("out"))
+            .unwrap()
+            .into();
+        let spec = |program: &'static str, cwd: PathBuf| (program, cwd);
+        for (program, cwd) in [
+            spec("/nonexistent/program", dir.path().to_path_buf()),
+            spec("no-such-program-anywhere", dir.path().to_path_buf()),
+            spec("/bin/true", dir.path().join("missing-dir")),
+        ] {
+            let r = spawn(&SpawnSpec {
+                program,
+                args: &[],
+                env: &[(OsString::from("PATH"), OsString::from("/usr/bin:/bin"))],
+                cwd: &cwd,
+                stdout: &out,
+                stderr: &out,
+                cgroup_procs: &[],
+            });
+            let e = r.expect_err(program);
+            assert_eq!(e.kind(), io::ErrorKind::NotFound, "{program}: {e}");
+        }
+    }
+
+    #[test]
+    fn agents_get_the_original_open_files_limit() {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit on local structs.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut l), 0);
+            l.rlim_cur = l.rlim_max.min(1000);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &l), 0);
+        }
+        let raised = raise_nofile_limit();
+        assert_eq!(raised, l.rlim_max);
+        let dir = tempfile::tempdir().unwrap();
+        let out: OwnedFd = std::fs::File::create(dir.path().join("out"))
+            .unwrap()
+            .into();
+        let pid = spawn(&SpawnSpec {
+            program: "/bin/sh",
+            args: &["-c".to_string(), "ulimit -n".to_string()],
+            env: &[],
+            cwd: dir.path(),
+            stdout: &out,
+            stderr: &out,
+            cgroup_procs: &[],
+        })
+        .unwrap();
+        assert_eq!(wait(pid), 0);
+        let got = std::fs::read_to_string(dir.path().join("out")).unwrap();
+        let want = if l.rlim_cur < l.rlim_max {
+            l.rlim_cur
+        } else {
+            l.rlim_max
+        };
+        assert_eq!(got.trim(), want.to_string());
+    }
+
+    #[test]
+    fn scripts_without_shebang_run_through_sh() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("s");
+        std::fs::write(&script, "echo from-script \"$1\"\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out: OwnedFd = std::fs::File::create(dir.path().join("out"))
+            .unwrap()
+            .into();
+        let pid = spawn(&SpawnSpec {
+            program: "./s",
+            args: &["arg1".to_string()],
+            env: &[],
+            cwd: dir.path(),
+            stdout: &out,
+            stderr: &out,
+            cgroup_procs: &[],
+        })
+        .unwrap();
+        assert_eq!(wait(pid), 0);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out")).unwrap(),
+            "from-script arg1\n"
+        );
+    }
+}
