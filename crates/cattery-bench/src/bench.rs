@@ -223,11 +223,13 @@ impl Ctx {
         let f = self.report.figure(
             "floor_fork_exec_preexec",
             "floor",
-            "fork/exec/wait /bin/true (fork + setsid, as Cattery)",
+            "fork/exec/wait /bin/true (fork + setsid via pre_exec)",
             summarize(&spawn.1),
         );
         f.note = Some(
-            "with a pre_exec setsid() hook, which forces fork() like Cattery's runtime".into(),
+            "with a pre_exec setsid() hook, which forces fork(); Cattery's runtime spawned this \
+             way until it moved to clone(CLONE_VM | CLONE_VFORK) (runtime/spawn.rs)"
+                .into(),
         );
 
         let port = floor::start_floor_server()?;

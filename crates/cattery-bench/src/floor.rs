@@ -24,8 +24,9 @@ pub fn true_program() -> &'static str {
 }
 
 /// Times `n` runs of fork/exec/wait of `/bin/true`. With `like_cattery`, the child runs a
-/// `pre_exec` hook calling `setsid()` as Cattery's runtime does, which forces the fork path
-/// (std otherwise uses `posix_spawn`/`vfork`). Blocking: call from a blocking thread.
+/// `pre_exec` hook calling `setsid()` (how Cattery's runtime spawned before it moved to
+/// `clone(CLONE_VM | CLONE_VFORK)`), which forces the fork path (std otherwise uses
+/// `posix_spawn`/`vfork`). Blocking: call from a blocking thread.
 pub fn fork_exec(n: usize, like_cattery: bool) -> Vec<f64> {
     let prog = true_program();
     let mut out = Vec::with_capacity(n);

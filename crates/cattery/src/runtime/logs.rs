@@ -98,30 +98,49 @@ impl Tail {
         }
     }
 
+    /// Reads everything after `offset` into `partial`, in [`READ_CHUNK`] pieces.
+    fn catch_up(&mut self, f: &std::fs::File) -> std::io::Result<()> {
+        loop {
+            let start = self.partial.len();
+            self.partial.resize(start + READ_CHUNK, 0);
+            let r = f.read_at(&mut self.partial[start..], self.offset);
+            self.partial.truncate(start + *r.as_ref().unwrap_or(&0));
+            match r {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+                Ok(0) => return Ok(()),
+                Ok(n) => self.offset += n as u64,
+            }
+        }
+    }
+
     /// Reads what is new; returns whether anything was read.
     fn poll(&mut self, sink: &LogSink, flush_partial: bool) -> bool {
         let mut got = false;
         if self.file.is_none() {
             self.file = std::fs::File::open(&self.path).ok();
         }
-        if let Some(f) = &self.file {
-            // Small first read (usually nothing is new), larger ones while catching up.
-            let mut want = 4096;
-            loop {
-                let start = self.partial.len();
-                self.partial.resize(start + want, 0);
-                let r = f.read_at(&mut self.partial[start..], self.offset);
-                self.partial.truncate(start + *r.as_ref().unwrap_or(&0));
-                match r {
+        if let Some(f) = self.file.take() {
+            // Usually nothing is new: one small read into a stack buffer, so an idle tail
+            // keeps no buffer of its own (1,000 sessions are 2,000 tails).
+            let mut small = [0u8; 2048];
+            let n = loop {
+                match f.read_at(&mut small, self.offset) {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Ok(n) if n > 0 => {
-                        got = true;
-                        self.offset += n as u64;
-                        want = READ_CHUNK;
-                    }
-                    _ => break,
+                    Ok(n) => break n,
+                    Err(_) => break 0,
+                }
+            };
+            if n > 0 {
+                got = true;
+                self.offset += n as u64;
+                self.partial.extend_from_slice(&small[..n]);
+                if n == small.len() {
+                    // More may be waiting: read it in large chunks.
+                    let _ = self.catch_up(&f);
                 }
             }
+            self.file = Some(f);
         }
         let mut start = 0;
         let data = std::mem::take(&mut self.partial);

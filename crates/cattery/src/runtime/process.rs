@@ -443,8 +443,13 @@ impl ProcessInstance {
         }
     }
 
+    /// Polls until the tree is empty (1, 2, 4... up to 20 ms apart), and at once when the
+    /// main process exits (usually the last one: a cooperative agent's stop then never waits
+    /// for the next poll).
     async fn wait_empty(&self, deadline: Instant) -> bool {
         let mut step = Duration::from_millis(1);
+        let mut exit_rx = self.exit_rx.clone();
+        let mut watch_exit = exit_rx.borrow_and_update().is_none();
         loop {
             self.reaper.reap_all();
             if self.tree_empty() {
@@ -454,7 +459,12 @@ impl ProcessInstance {
             if now >= deadline {
                 return false;
             }
-            tokio::time::sleep(step.min(deadline - now)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(step.min(deadline - now)) => {}
+                r = exit_rx.changed(), if watch_exit => {
+                    watch_exit = r.is_ok() && exit_rx.borrow_and_update().is_none();
+                }
+            }
             step = (step * 2).min(Duration::from_millis(20));
         }
     }

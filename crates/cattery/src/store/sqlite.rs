@@ -165,18 +165,21 @@ fn run_group(db: &mut raw::Conn, jobs: &mut Vec<Job>) -> Vec<(Done, Option<Store
         .collect()
 }
 
-/// SQLite connections driven directly (through `libsqlite3-sys`, the SQLite that sqlx bundles)
-/// on the calling thread, for the hot path: the group-committed writes and the key and
-/// session lookups. Through sqlx every statement is a round trip to the connection's worker
-/// thread (20-100 µs here, mostly wake-ups on 2 busy cores); these run in a few µs.
+/// SQLite connections driven directly through `rusqlite` (on the SQLite that sqlx bundles) on
+/// the calling thread, for the hot path: the group-committed writes and the key and session
+/// lookups. Through sqlx every statement is a round trip to the connection's worker thread
+/// (20-100 µs here, mostly wake-ups on 2 busy cores); these run in a few µs, with their
+/// statements prepared once per connection (`prepare_cached`).
 mod raw {
-    use std::collections::HashMap;
-    use std::ffi::{c_int, CStr, CString};
     use std::path::Path;
 
-    use libsqlite3_sys as ffi;
+    use rusqlite::types::{ToSqlOutput, ValueRef};
+    use rusqlite::{ErrorCode, OpenFlags, ToSql};
 
     use super::StoreError;
+
+    /// Prepared statements kept per connection (the hot path uses a few dozen shapes).
+    const STATEMENT_CACHE: usize = 64;
 
     /// A value bound to a statement parameter.
     pub enum Val<'a> {
@@ -184,6 +187,17 @@ mod raw {
         Int(i64),
         Text(&'a str),
         Blob(&'a [u8]),
+    }
+
+    impl ToSql for Val<'_> {
+        fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+            Ok(ToSqlOutput::Borrowed(match self {
+                Val::Null => ValueRef::Null,
+                Val::Int(v) => ValueRef::Integer(*v),
+                Val::Text(t) => ValueRef::Text(t.as_bytes()),
+                Val::Blob(b) => ValueRef::Blob(b),
+            }))
+        }
     }
 
     impl From<i64> for Val<'_> {
@@ -217,232 +231,88 @@ mod raw {
     }
 
     /// The current row of a query.
-    pub struct Row {
-        stmt: *mut ffi::sqlite3_stmt,
-    }
+    pub struct Row<'r>(&'r rusqlite::Row<'r>);
 
-    impl Row {
-        /// Column `i` as text (`None` for NULL).
-        pub fn text(&self, i: c_int) -> Option<String> {
-            // SAFETY: `stmt` is on a row; the text is copied before the next step.
-            unsafe {
-                let p = ffi::sqlite3_column_text(self.stmt, i);
-                if p.is_null() {
-                    return None;
-                }
-                let n = ffi::sqlite3_column_bytes(self.stmt, i) as usize;
-                let b = std::slice::from_raw_parts(p, n);
-                Some(String::from_utf8_lossy(b).into_owned())
-            }
+    impl Row<'_> {
+        /// Column `i` as text (`None` for NULL or a column that is not text).
+        pub fn text(&self, i: usize) -> Option<String> {
+            self.0.get(i).ok().flatten()
         }
 
         /// Column `i` as an integer (`None` for NULL).
-        pub fn int(&self, i: c_int) -> Option<i64> {
-            // SAFETY: `stmt` is on a row.
-            unsafe {
-                if ffi::sqlite3_column_type(self.stmt, i) == ffi::SQLITE_NULL {
-                    None
-                } else {
-                    Some(ffi::sqlite3_column_int64(self.stmt, i))
-                }
-            }
+        pub fn int(&self, i: usize) -> Option<i64> {
+            self.0.get(i).ok().flatten()
         }
 
         /// Column `i` as bytes (empty for NULL).
-        pub fn blob(&self, i: c_int) -> Vec<u8> {
-            // SAFETY: `stmt` is on a row; the bytes are copied before the next step.
-            unsafe {
-                let p = ffi::sqlite3_column_blob(self.stmt, i);
-                let n = ffi::sqlite3_column_bytes(self.stmt, i) as usize;
-                if p.is_null() || n == 0 {
-                    Vec::new()
-                } else {
-                    std::slice::from_raw_parts(p.cast::<u8>(), n).to_vec()
+        pub fn blob(&self, i: usize) -> Vec<u8> {
+            self.0
+                .get::<_, Option<Vec<u8>>>(i)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        }
+    }
+
+    impl From<rusqlite::Error> for StoreError {
+        fn from(e: rusqlite::Error) -> Self {
+            match e.sqlite_error_code() {
+                Some(ErrorCode::ConstraintViolation)
+                    if matches!(
+                        e.sqlite_error().map(|f| f.extended_code),
+                        Some(
+                            rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                                | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                        )
+                    ) =>
+                {
+                    StoreError::Conflict
                 }
+                _ => StoreError::Backend(format!("sqlite: {e}")),
             }
         }
     }
 
-    /// One connection with its prepared statements (kept until it closes).
-    pub struct Conn {
-        db: *mut ffi::sqlite3,
-        stmts: HashMap<String, *mut ffi::sqlite3_stmt>,
-    }
-
-    // SAFETY: a connection opened with SQLITE_OPEN_NOMUTEX may move between threads as long
-    // as one thread uses it at a time; every `Conn` lives behind a mutex or in one task.
-    unsafe impl Send for Conn {}
+    /// One connection with its prepared statements.
+    pub struct Conn(rusqlite::Connection);
 
     impl Conn {
-        /// Opens `path` (which must exist and be in WAL mode) with the store's settings.
+        /// Opens `path` (which must exist and be in WAL mode) with the store's settings;
+        /// `write: false` makes it refuse writes (`query_only`).
         pub fn open(path: &Path, write: bool) -> Result<Conn, StoreError> {
-            let c = CString::new(path.as_os_str().as_encoded_bytes())
-                .map_err(|e| StoreError::Backend(e.to_string()))?;
-            let flags = ffi::SQLITE_OPEN_NOMUTEX
-                | if write {
-                    ffi::SQLITE_OPEN_READWRITE
-                } else {
-                    ffi::SQLITE_OPEN_READONLY
-                };
-            let mut db = std::ptr::null_mut();
-            // SAFETY: opening a database; on failure the handle is still closed below.
-            let rc = unsafe { ffi::sqlite3_open_v2(c.as_ptr(), &mut db, flags, std::ptr::null()) };
-            let mut conn = Conn {
-                db,
-                stmts: HashMap::new(),
-            };
-            if rc != ffi::SQLITE_OK {
-                return Err(conn.error(rc));
-            }
-            // SAFETY: a live connection.
-            unsafe {
-                ffi::sqlite3_busy_timeout(db, 10_000);
-                ffi::sqlite3_extended_result_codes(db, 1);
-            }
-            for pragma in [
-                format!("PRAGMA mmap_size = {}", super::MMAP_SIZE),
-                format!("PRAGMA cache_size = {}", super::CACHE_SIZE),
-                "PRAGMA temp_store = memory".to_string(),
-                "PRAGMA foreign_keys = ON".to_string(),
-                "PRAGMA synchronous = NORMAL".to_string(),
+            // Read-write even for readers (a read-only connection cannot recover a WAL left
+            // by a crash); readers get `query_only` instead.
+            let db = rusqlite::Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                    | OpenFlags::SQLITE_OPEN_URI,
+            )?;
+            db.busy_timeout(std::time::Duration::from_secs(10))?;
+            db.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+            db.execute_batch(&format!(
+                "PRAGMA mmap_size = {mmap};
+                 PRAGMA cache_size = {cache};
+                 PRAGMA temp_store = memory;
+                 PRAGMA foreign_keys = ON;
+                 PRAGMA synchronous = NORMAL;
+                 PRAGMA wal_autocheckpoint = 0;
+                 PRAGMA query_only = {query_only};",
+                mmap = super::MMAP_SIZE,
+                cache = super::RAW_CACHE_SIZE,
                 // Checkpoints run off the write path (`checkpoints`).
-                "PRAGMA wal_autocheckpoint = 0".to_string(),
-            ] {
-                conn.exec_once(&pragma)?;
-            }
-            Ok(conn)
-        }
-
-        fn error(&self, rc: c_int) -> StoreError {
-            if self.db.is_null() {
-                return StoreError::Backend(format!("sqlite error {rc}"));
-            }
-            // SAFETY: `db` is a connection; errmsg points into it until the next call.
-            let (code, msg) = unsafe {
-                (
-                    ffi::sqlite3_extended_errcode(self.db),
-                    CStr::from_ptr(ffi::sqlite3_errmsg(self.db))
-                        .to_string_lossy()
-                        .into_owned(),
-                )
-            };
-            if code == ffi::SQLITE_CONSTRAINT_UNIQUE || code == ffi::SQLITE_CONSTRAINT_PRIMARYKEY {
-                StoreError::Conflict
-            } else {
-                StoreError::Backend(format!("sqlite error {code}: {msg}"))
-            }
-        }
-
-        /// Runs a statement once, without keeping it prepared (pragmas).
-        fn exec_once(&mut self, sql: &str) -> Result<(), StoreError> {
-            let c = CString::new(sql).map_err(|e| StoreError::Backend(e.to_string()))?;
-            // SAFETY: a live connection and a NUL-terminated statement.
-            let rc = unsafe {
-                ffi::sqlite3_exec(
-                    self.db,
-                    c.as_ptr(),
-                    None,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                )
-            };
-            if rc == ffi::SQLITE_OK {
-                Ok(())
-            } else {
-                Err(self.error(rc))
-            }
-        }
-
-        /// The prepared statement for `sql` with `params` bound.
-        fn prepare(
-            &mut self,
-            sql: &str,
-            params: &[Val<'_>],
-        ) -> Result<*mut ffi::sqlite3_stmt, StoreError> {
-            let stmt = match self.stmts.get(sql) {
-                Some(s) => *s,
-                None => {
-                    let mut s = std::ptr::null_mut();
-                    // SAFETY: preparing on a live connection from a buffer of known length.
-                    let rc = unsafe {
-                        ffi::sqlite3_prepare_v3(
-                            self.db,
-                            sql.as_ptr().cast(),
-                            sql.len() as c_int,
-                            ffi::SQLITE_PREPARE_PERSISTENT,
-                            &mut s,
-                            std::ptr::null_mut(),
-                        )
-                    };
-                    if rc != ffi::SQLITE_OK || s.is_null() {
-                        return Err(self.error(rc));
-                    }
-                    self.stmts.insert(sql.to_string(), s);
-                    s
-                }
-            };
-            // SAFETY: `stmt` belongs to this connection; values are copied (TRANSIENT).
-            unsafe {
-                for (i, p) in params.iter().enumerate() {
-                    let i = i as c_int + 1;
-                    let rc = match p {
-                        Val::Null => ffi::sqlite3_bind_null(stmt, i),
-                        Val::Int(v) => ffi::sqlite3_bind_int64(stmt, i, *v),
-                        Val::Text(t) => ffi::sqlite3_bind_text64(
-                            stmt,
-                            i,
-                            t.as_ptr().cast(),
-                            t.len() as u64,
-                            ffi::SQLITE_TRANSIENT(),
-                            ffi::SQLITE_UTF8 as u8,
-                        ),
-                        Val::Blob(b) => ffi::sqlite3_bind_blob64(
-                            stmt,
-                            i,
-                            b.as_ptr().cast(),
-                            b.len() as u64,
-                            ffi::SQLITE_TRANSIENT(),
-                        ),
-                    };
-                    if rc != ffi::SQLITE_OK {
-                        let e = self.error(rc);
-                        ffi::sqlite3_clear_bindings(stmt);
-                        return Err(e);
-                    }
-                }
-            }
-            Ok(stmt)
-        }
-
-        /// Steps `stmt` to its end, calling `row` on each row; then resets it.
-        fn run(
-            &mut self,
-            stmt: *mut ffi::sqlite3_stmt,
-            mut row: impl FnMut(&Row),
-        ) -> Result<Outcome, StoreError> {
-            // SAFETY: `stmt` belongs to this connection and is bound.
-            unsafe {
-                let result = loop {
-                    match ffi::sqlite3_step(stmt) {
-                        ffi::SQLITE_ROW => row(&Row { stmt }),
-                        ffi::SQLITE_DONE => {
-                            break Ok(Outcome {
-                                changes: ffi::sqlite3_changes(self.db).max(0) as u64,
-                            })
-                        }
-                        rc => break Err(self.error(rc)),
-                    }
-                };
-                ffi::sqlite3_reset(stmt);
-                ffi::sqlite3_clear_bindings(stmt);
-                result
-            }
+                query_only = if write { "OFF" } else { "ON" },
+            ))?;
+            Ok(Conn(db))
         }
 
         /// Runs one statement with `params` bound in order.
         pub fn exec(&mut self, sql: &str, params: &[Val<'_>]) -> Result<Outcome, StoreError> {
-            let stmt = self.prepare(sql, params)?;
-            self.run(stmt, |_| {})
+            let mut stmt = self.0.prepare_cached(sql)?;
+            let changes = stmt.execute(rusqlite::params_from_iter(params.iter()))?;
+            Ok(Outcome {
+                changes: changes as u64,
+            })
         }
 
         /// The first row of a query, mapped by `f`.
@@ -450,16 +320,11 @@ mod raw {
             &mut self,
             sql: &str,
             params: &[Val<'_>],
-            f: impl Fn(&Row) -> T,
+            f: impl Fn(&Row<'_>) -> T,
         ) -> Result<Option<T>, StoreError> {
-            let stmt = self.prepare(sql, params)?;
-            let mut out = None;
-            self.run(stmt, |r| {
-                if out.is_none() {
-                    out = Some(f(r));
-                }
-            })?;
-            Ok(out)
+            let mut stmt = self.0.prepare_cached(sql)?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
+            Ok(rows.next()?.map(|r| f(&Row(r))))
         }
 
         /// Runs `body` atomically: inside a savepoint, undone if it fails.
@@ -483,21 +348,7 @@ mod raw {
 
         /// Whether the connection is outside any transaction.
         pub fn autocommit(&self) -> bool {
-            // SAFETY: a live connection.
-            unsafe { ffi::sqlite3_get_autocommit(self.db) != 0 }
-        }
-    }
-
-    impl Drop for Conn {
-        fn drop(&mut self) {
-            // SAFETY: the statements were prepared on this connection and nothing uses them
-            // any more; with all of them finalized, `close` succeeds.
-            unsafe {
-                for (_, s) in self.stmts.drain() {
-                    ffi::sqlite3_finalize(s);
-                }
-                ffi::sqlite3_close(self.db);
-            }
+            self.0.is_autocommit()
         }
     }
 }
@@ -506,6 +357,10 @@ mod raw {
 const MMAP_SIZE: &str = "268435456";
 /// Pages of page cache per connection (negative: KiB), 16 MiB.
 const CACHE_SIZE: &str = "-16384";
+/// Page cache of each direct connection ([`raw`]), 2 MiB: they read through the memory map and
+/// look up single rows or write a few pages per statement; with 16 MiB each, the extra
+/// connections held tens of MiB of the control plane's RSS once the log table had grown.
+const RAW_CACHE_SIZE: &str = "-2048";
 /// Log lines per multi-row `INSERT` (8 bound values each, far below SQLite's 32,766 limit).
 const LOG_ROWS_PER_INSERT: usize = 128;
 
@@ -1361,7 +1216,20 @@ impl Store for SqliteStore {
         let lines = lines.to_vec();
         self.write(move |db| {
             db.atomic(|db| {
-                for chunk in lines.chunks(LOG_ROWS_PER_INSERT) {
+                // Chunks of 128, 64, 32... rows: at most eight statement shapes to keep
+                // prepared, instead of one per batch size.
+                let mut rest = &lines[..];
+                let mut chunks = Vec::new();
+                while !rest.is_empty() {
+                    let n = if rest.len() >= LOG_ROWS_PER_INSERT {
+                        LOG_ROWS_PER_INSERT
+                    } else {
+                        1 << rest.len().ilog2()
+                    };
+                    chunks.push(&rest[..n]);
+                    rest = &rest[n..];
+                }
+                for chunk in chunks {
                     let mut sql = String::from(
                         "INSERT INTO logs (org, agent_id, deployment_id, session_id, instance_id, ts_ns, stream, line) VALUES ",
                     );
@@ -1483,7 +1351,7 @@ impl Store for SqliteStore {
 }
 
 /// A session from a direct read of [`SESSION_COLS`] (in that order).
-fn session_from_raw(r: &raw::Row) -> StoreResult<SessionRecord> {
+fn session_from_raw(r: &raw::Row<'_>) -> StoreResult<SessionRecord> {
     let end = r.int(6).map(|ended_ms| SessionEnd {
         ended_ms,
         reason: end_reason(r.text(10).as_deref().unwrap_or("")),
@@ -1717,6 +1585,43 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(total, 181);
+    }
+
+    #[tokio::test]
+    async fn log_lines_in_any_batch_size_keep_their_order() {
+        let (_dir, store, agent) = store_with_agent().await;
+        let mut n = 0i64;
+        for batch in [1usize, 3, 128, 200, 7, 300] {
+            let lines: Vec<LogLine> = (0..batch)
+                .map(|_| {
+                    n += 1;
+                    LogLine {
+                        org: "o".into(),
+                        agent_id: agent.id,
+                        deployment_id: None,
+                        session_id: None,
+                        instance_id: None,
+                        ts_ns: n,
+                        stream: "stdout",
+                        line: format!("line {n}"),
+                    }
+                })
+                .collect();
+            store.append_logs(&lines).await.unwrap();
+        }
+        let (total, got) = store
+            .query_logs(
+                agent.id,
+                &LogFilter {
+                    limit: 1000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(total, n);
+        let want: Vec<String> = (1..=n).map(|i| format!("line {i}")).collect();
+        assert_eq!(got.into_iter().map(|l| l.line).collect::<Vec<_>>(), want);
     }
 
     #[tokio::test]
