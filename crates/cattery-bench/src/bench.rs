@@ -832,7 +832,13 @@ impl Ctx {
             rss as f64 / 1048576.0,
             "MiB",
             (target >= 1000).then(|| Target::le("value", 150.0)),
-            None,
+            sys::rss_split_bytes(self.srv.pid).map(|(a, f)| {
+                format!(
+                    "VmRSS: {:.1} MiB anonymous (heap, stacks) + {:.1} MiB mapped files (SQLite's mmap of cattery.db)",
+                    a as f64 / 1048576.0,
+                    f as f64 / 1048576.0
+                )
+            }),
         );
         if reached > 0 {
             self.report.scalar(
@@ -906,6 +912,7 @@ impl Ctx {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let pid = self.srv.pid;
         let rss = self.srv.rss();
+        let split = sys::rss_split_bytes(pid);
         let cpu = cpu_cores(pid, Duration::from_secs(2)).await * 100.0;
         let procs = sys::pids_with_env("CATTERY_BENCH_AGENT", name).len();
         let mut gets = Vec::new();
@@ -958,6 +965,8 @@ impl Ctx {
         json!({
             "active": n,
             "rss_mib": rss as f64 / 1048576.0,
+            "rss_anon_mib": split.map(|(a, _)| a as f64 / 1048576.0),
+            "rss_file_mib": split.map(|(_, f)| f as f64 / 1048576.0),
             "rss_per_session_kib": if n > 0 { Value::from(rss.saturating_sub(rss0) as f64 / n as f64 / 1024.0) } else { Value::Null },
             "threads": sys::threads(pid),
             "fds": sys::open_fds(pid),

@@ -118,6 +118,23 @@ pub fn rss_bytes(pid: i32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// `RssAnon` and `RssFile` of a process, bytes: heap and stacks, and mapped file pages (for
+/// Cattery mostly the pages of `cattery.db` that SQLite's `mmap` has touched).
+pub fn rss_split_bytes(pid: i32) -> Option<(u64, u64)> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let kib: u64 = s
+            .lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    };
+    Some((field("RssAnon:")?, field("RssFile:")?))
+}
+
 /// Number of threads of a process.
 pub fn threads(pid: i32) -> Option<u64> {
     stat_fields(pid)?.get(17)?.parse().ok()

@@ -406,6 +406,15 @@ fn main() {
         Ok(l) => l,
         Err(e) => {
             error!("cannot bind 127.0.0.1:{port}: {e}");
+            // Who holds it (diagnostics for port clashes): the kernel's socket table rows.
+            let hex = format!(":{port:04X} ");
+            for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+                for l in std::fs::read_to_string(file).unwrap_or_default().lines() {
+                    if l.contains(&hex) {
+                        error!("{file}: {}", l.trim());
+                    }
+                }
+            }
             std::process::exit(1);
         }
     };

@@ -18,9 +18,9 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::net::TcpListener;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
+use nix::fcntl::{Flock, FlockArg};
 use parking_lot::Mutex;
 
 /// Lowest port handed out (below it live well-known services).
@@ -29,7 +29,7 @@ pub const PORT_FLOOR: u16 = 20000;
 /// The ports of one server's live instances, each with its machine-wide lock.
 pub struct PortBook {
     lock_dir: Option<PathBuf>,
-    held: Mutex<HashMap<u16, Option<File>>>,
+    held: Mutex<HashMap<u16, Option<Flock<File>>>>,
     range: (u16, u16),
 }
 
@@ -44,16 +44,16 @@ fn ephemeral_range() -> (u16, u16) {
         .unwrap_or((32768, 60999))
 }
 
-fn try_lock(dir: &std::path::Path, port: u16) -> Option<File> {
+/// The machine-wide reservation of `port`: an exclusive `flock` on its lock file, held until
+/// the returned value is dropped. `None` when another server holds it.
+fn try_lock(dir: &std::path::Path, port: u16) -> Option<Flock<File>> {
     let f = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(dir.join(format!("{port}.lock")))
         .ok()?;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    (rc == 0).then_some(f)
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).ok()
 }
 
 impl PortBook {
@@ -176,146 +176,89 @@ pub fn proc_listening_inodes(port: u16) -> Vec<u64> {
     out
 }
 
-/// Netlink `sock_diag` (`NETLINK_SOCK_DIAG`, `SOCK_DIAG_BY_FAMILY`): a dump of the TCP
-/// sockets in state LISTEN whose source port is the one asked for.
+/// Netlink `sock_diag` (`NETLINK_SOCK_DIAG`, `SOCK_DIAG_BY_FAMILY`) through the
+/// `netlink-packet-sock-diag` and `netlink-sys` crates: a dump of the TCP sockets in state
+/// LISTEN whose source port is the one asked for (the kernel filters by that port).
 mod diag {
     use std::io;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-    const NETLINK_SOCK_DIAG: libc::c_int = 4;
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const NLM_F_REQUEST: u16 = 0x1;
-    const NLM_F_DUMP: u16 = 0x300;
-    const NLMSG_ERROR: u16 = 0x2;
-    const NLMSG_DONE: u16 = 0x3;
-    const TCP_LISTEN: u32 = 10;
-    /// `sizeof(struct nlmsghdr)`.
-    const NLMSG_HDR: usize = 16;
-    /// `sizeof(struct inet_diag_msg)`: family, state, timer, retrans (4), sockid (48),
-    /// expires, rqueue, wqueue, uid, inode (20).
-    const DIAG_MSG: usize = 72;
+    use netlink_packet_core::{
+        NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+    };
+    use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, TCP_LISTEN};
+    use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+    use netlink_packet_sock_diag::SockDiagMessage;
+    use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
 
-    #[repr(C)]
-    struct Request {
-        // struct nlmsghdr
-        len: u32,
-        kind: u16,
-        flags: u16,
-        seq: u32,
-        pid: u32,
-        // struct inet_diag_req_v2
-        family: u8,
-        protocol: u8,
-        ext: u8,
-        pad: u8,
-        states: u32,
-        // struct inet_diag_sockid
-        sport: u16,
-        dport: u16,
-        src: [u32; 4],
-        dst: [u32; 4],
-        ifindex: u32,
-        cookie: [u32; 2],
-    }
-
-    fn dump(sock: &OwnedFd, family: u8, port: u16, out: &mut Vec<u64>) -> io::Result<()> {
-        let req = Request {
-            len: std::mem::size_of::<Request>() as u32,
-            kind: SOCK_DIAG_BY_FAMILY,
-            flags: NLM_F_REQUEST | NLM_F_DUMP,
-            seq: u32::from(family),
-            pid: 0,
-            family,
-            protocol: libc::IPPROTO_TCP as u8,
-            ext: 0,
-            pad: 0,
-            states: 1 << TCP_LISTEN,
-            sport: port.to_be(),
-            dport: 0,
-            src: [0; 4],
-            dst: [0; 4],
-            ifindex: 0,
-            cookie: [0; 2],
+    fn dump(sock: &Socket, family: u8, port: u16, out: &mut Vec<u64>) -> io::Result<()> {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        header.sequence_number = u32::from(family);
+        let mut socket_id = if family == AF_INET6 {
+            SocketId::new_v6()
+        } else {
+            SocketId::new_v4()
         };
-        // SAFETY: sending a plain-old-data request from a live buffer of its own size.
-        let n = unsafe {
-            libc::send(
-                sock.as_raw_fd(),
-                (&req as *const Request).cast(),
-                std::mem::size_of::<Request>(),
-                0,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = vec![0u8; 16 * 1024];
+        socket_id.source_port = port;
+        let mut req = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol: IPPROTO_TCP,
+                extensions: ExtensionFlags::empty(),
+                states: StateFlags::LISTEN,
+                socket_id,
+            })
+            .into(),
+        );
+        req.finalize();
+        let mut buf = vec![0u8; req.buffer_len()];
+        req.serialize(&mut buf);
+        sock.send(&buf, 0)?;
+        let mut rx: Vec<u8> = Vec::with_capacity(16 * 1024);
         loop {
-            // SAFETY: receiving into a buffer we own, at most its length.
-            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            let data = &buf[..n as usize];
-            if data.is_empty() {
+            rx.clear();
+            let n = sock.recv(&mut rx, 0)?;
+            if n == 0 {
                 return Err(io::Error::other("netlink: empty answer"));
             }
             let mut off = 0;
-            while off + NLMSG_HDR <= data.len() {
-                let u32_at = |o: usize| u32::from_ne_bytes(data[o..o + 4].try_into().unwrap());
-                let len = u32_at(off) as usize;
-                let kind = u16::from_ne_bytes(data[off + 4..off + 6].try_into().unwrap());
-                if len < NLMSG_HDR || off + len > data.len() {
-                    return Err(io::Error::other("netlink: bad message length"));
-                }
-                match kind {
-                    NLMSG_DONE => return Ok(()),
-                    NLMSG_ERROR => {
-                        let errno = if len >= NLMSG_HDR + 4 {
-                            -(u32_at(off + NLMSG_HDR) as i32)
-                        } else {
-                            libc::EIO
-                        };
-                        return Err(io::Error::from_raw_os_error(errno));
+            while off < n {
+                let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&rx[off..n])
+                    .map_err(|e| io::Error::other(format!("netlink: {e}")))?;
+                let len = msg.header.length as usize;
+                match msg.payload {
+                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::Error(e) => {
+                        return Err(e
+                            .code
+                            .map(|c| io::Error::from_raw_os_error(-c.get()))
+                            .unwrap_or_else(|| io::Error::other("netlink: error")))
                     }
-                    SOCK_DIAG_BY_FAMILY if len >= NLMSG_HDR + DIAG_MSG => {
-                        let m = off + NLMSG_HDR;
-                        let state = data[m + 1];
-                        let sport = u16::from_be_bytes([data[m + 4], data[m + 5]]);
-                        let inode = u32_at(m + 68);
-                        if u32::from(state) == TCP_LISTEN && sport == port {
-                            out.push(u64::from(inode));
-                        }
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r))
+                        if r.header.state == TCP_LISTEN
+                            && r.header.socket_id.source_port == port =>
+                    {
+                        out.push(u64::from(r.header.inode));
                     }
                     _ => {}
                 }
-                off += (len + 3) & !3;
+                if len == 0 {
+                    break;
+                }
+                off += len;
             }
         }
     }
 
     /// Inodes of TCP sockets listening on `port`, IPv4 and IPv6.
     pub fn listening_inodes(port: u16) -> io::Result<Vec<u64>> {
-        // SAFETY: plain socket(2); the descriptor is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                NETLINK_SOCK_DIAG,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a new descriptor nobody else owns.
-        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut sock = Socket::new(NETLINK_SOCK_DIAG)?;
+        sock.bind_auto()?;
+        sock.connect(&SocketAddr::new(0, 0))?;
         let mut out = Vec::new();
-        dump(&sock, libc::AF_INET as u8, port, &mut out)?;
-        match dump(&sock, libc::AF_INET6 as u8, port, &mut out) {
+        dump(&sock, AF_INET, port, &mut out)?;
+        match dump(&sock, AF_INET6, port, &mut out) {
             Ok(()) => {}
             // A kernel without IPv6 has no AF_INET6 handler.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}

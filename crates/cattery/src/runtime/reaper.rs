@@ -34,9 +34,7 @@ impl Reaper {
     pub fn global() -> Arc<Reaper> {
         REAPER
             .get_or_init(|| {
-                // SAFETY-free: prctl through libc with plain integer arguments.
-                let rc = unsafe_prctl_subreaper();
-                if rc != 0 {
+                if nix::sys::prctl::set_child_subreaper(true).is_err() {
                     tracing::warn!(
                         "PR_SET_CHILD_SUBREAPER failed; orphaned grandchildren go to init"
                     );
@@ -147,10 +145,4 @@ fn deliver(g: &mut Inner, pid: i32, info: ExitInfo) {
         let _ = tx.send(Some(info));
     }
     // Otherwise: a re-parented grandchild; reaping it is all that was needed.
-}
-
-fn unsafe_prctl_subreaper() -> i32 {
-    nix::sys::prctl::set_child_subreaper(true)
-        .map(|_| 0)
-        .unwrap_or(-1)
 }
