@@ -43,7 +43,7 @@ use crate::store::Store;
 pub const CRASH_LOOP_THRESHOLD: u32 = 2;
 /// How often a starting instance's `/readyz` is polled, at most. The first polls come sooner
 /// (see [`FIRST_READY_POLL`]).
-pub const READY_POLL: Duration = Duration::from_millis(10);
+pub const READY_POLL: Duration = Duration::from_millis(5);
 /// Wait before the second `/readyz` poll of a starting instance; it doubles up to
 /// [`READY_POLL`] (polls at about 0, 1, 3, 7, 15, 25, 35... ms). A native agent is ready
 /// within a few ms of its spawn: with a flat 10 ms it almost always waited one whole
@@ -1302,31 +1302,23 @@ impl Supervisor {
                         None => {}
                     },
                     out = &mut bot => {
-                        let mut e = match out {
-                            BotOutcome::Answered(s) if (200..300).contains(&s) => Ending::new(EndReason::Completed, "HTTP_COMPLETED"),
-                            BotOutcome::WsClosed { by_client: true } => Ending::new(EndReason::ClientDisconnected, "WS_CONNECTION_CLOSED"),
-                            BotOutcome::WsClosed { by_client: false } => Ending::new(EndReason::Completed, "WS_CONNECTION_CLOSED"),
-                            BotOutcome::Answered(s) => {
-                                let mut e = Ending::new(EndReason::Error, &s.to_string());
-                                e.message = Some(format!("the agent answered /bot with HTTP {s}"));
-                                e
-                            }
-                            BotOutcome::Broken(err) => {
-                                // Usually the process died: give the exit status a moment to arrive.
-                                let ex = tokio::time::timeout(Duration::from_millis(500), inst.wait_exit()).await.ok();
-                                let mut e = match ex {
-                                    Some(x) if x.success() => Ending::new(EndReason::Completed, "HTTP_COMPLETED"),
-                                    _ => Ending::new(EndReason::Error, "HTTP_ERROR"),
-                                };
-                                e.exit = ex;
-                                e.message = Some(format!("the /bot connection broke: {err}"));
-                                e
-                            }
-                        };
+                        let mut e = ending_of_outcome(out, &inst).await;
                         if e.exit.is_none() { e.exit = inst.exited(); }
                         break 'life e;
                     }
                     ex = inst.wait_exit() => {
+                        // The session's own channel (the `/bot` answer, the websocket relay)
+                        // tells best how it ended, e.g. which side closed a websocket first;
+                        // it settles within moments of the exit.
+                        // (A broken `/bot` connection says less than the exit status.)
+                        match tokio::time::timeout(OUTCOME_AFTER_EXIT, &mut bot).await {
+                            Ok(BotOutcome::Broken(_)) | Err(_) => {}
+                            Ok(out) => {
+                                let mut e = ending_of_outcome(out, &inst).await;
+                                e.exit = Some(ex);
+                                break 'life e;
+                            }
+                        }
                         let mut e = if ex.success() {
                             Ending::new(EndReason::Completed, "HTTP_COMPLETED")
                         } else {
@@ -1810,6 +1802,45 @@ static PENDING: std::sync::LazyLock<Mutex<HashMap<Uuid, PendingRx>>> =
     std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// Forgets a controller whose actor will never run (its pending command receiver).
+/// How long an instance's exit waits for its session's outcome (see `run_instance`).
+const OUTCOME_AFTER_EXIT: Duration = Duration::from_millis(250);
+
+/// The ending of a delivered session from what its channel reported: the `/bot` answer
+/// (2xx: completed, else an error with the status as `completionStatus`, reference §C), a
+/// broken connection (completed only if the process exited 0 within 500 ms), or the end of
+/// a websocket relay (`WS_CONNECTION_CLOSED`; `client_disconnected` when the client closed).
+async fn ending_of_outcome(out: BotOutcome, inst: &Arc<dyn Instance>) -> Ending {
+    match out {
+        BotOutcome::Answered(s) if (200..300).contains(&s) => {
+            Ending::new(EndReason::Completed, "HTTP_COMPLETED")
+        }
+        BotOutcome::WsClosed { by_client: true } => {
+            Ending::new(EndReason::ClientDisconnected, "WS_CONNECTION_CLOSED")
+        }
+        BotOutcome::WsClosed { by_client: false } => {
+            Ending::new(EndReason::Completed, "WS_CONNECTION_CLOSED")
+        }
+        BotOutcome::Answered(s) => {
+            let mut e = Ending::new(EndReason::Error, &s.to_string());
+            e.message = Some(format!("the agent answered /bot with HTTP {s}"));
+            e
+        }
+        BotOutcome::Broken(err) => {
+            // Usually the process died: give the exit status a moment to arrive.
+            let ex = tokio::time::timeout(Duration::from_millis(500), inst.wait_exit())
+                .await
+                .ok();
+            let mut e = match ex {
+                Some(x) if x.success() => Ending::new(EndReason::Completed, "HTTP_COMPLETED"),
+                _ => Ending::new(EndReason::Error, "HTTP_ERROR"),
+            };
+            e.exit = ex;
+            e.message = Some(format!("the /bot connection broke: {err}"));
+            e
+        }
+    }
+}
+
 fn discard_ctl(ctl: &InstanceCtl) {
     PENDING.lock().remove(&ctl.id);
 }

@@ -35,9 +35,10 @@ use crate::model::InstanceRecord;
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
 /// Local process runtime.
+#[derive(Clone)]
 pub struct ProcessRuntime {
     instances_dir: PathBuf,
-    cgroups: CgroupSupport,
+    cgroups: Arc<CgroupSupport>,
     ports: Arc<PortBook>,
     reaper: Arc<Reaper>,
 }
@@ -51,7 +52,7 @@ impl ProcessRuntime {
         tracing::debug!(nofile, "open-files limit");
         Ok(ProcessRuntime {
             instances_dir,
-            cgroups: CgroupSupport::detect(server_id),
+            cgroups: Arc::new(CgroupSupport::detect(server_id)),
             ports: Arc::new(PortBook::new()),
             reaper: Reaper::global(),
         })
@@ -89,7 +90,7 @@ impl ProcessRuntime {
         let deadline = Instant::now() + KILL_WAIT;
         loop {
             if let Some(d) = &v2 {
-                let _ = cgroup::kill_all(d);
+                kill_cgroup(d).await;
             }
             let mut pids: Vec<i32> = v1.iter().flat_map(|d| cgroup::procs(d)).collect();
             pids.extend(pids_with_instance_env(id));
@@ -103,108 +104,20 @@ impl ProcessRuntime {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        for d in v2.iter().chain(v1.iter()) {
-            cgroup::remove(d);
-        }
-        let _ = fs::remove_dir_all(self.instances_dir.join(id));
+        remove_instance_files(
+            v2.into_iter().chain(v1).collect(),
+            self.instances_dir.join(id),
+        )
+        .await;
     }
 
-    fn alloc_port(&self) -> std::io::Result<u16> {
-        self.ports.reserve()
-    }
-}
-
-/// Start time of a process (field 22 of `/proc/<pid>/stat`, clock ticks since boot).
-pub fn pid_start_time(pid: i32) -> Option<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Whether `pid` is alive (and not a zombie) and still the process that started at `start`.
-fn same_process_alive(pid: i32, start: u64) -> bool {
-    let Ok(s) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let Some(close) = s.rfind(')') else {
-        return false;
-    };
-    let mut f = s[close + 2..].split_whitespace();
-    let state = f.next().unwrap_or("Z");
-    let st = f.nth(18).and_then(|v| v.parse::<u64>().ok());
-    state != "Z" && state != "X" && st == Some(start)
-}
-
-/// Pids of live processes whose environment carries `CATTERY_INSTANCE_ID=<id>`.
-fn pids_with_instance_env(id: &str) -> Vec<i32> {
-    let needle = format!("CATTERY_INSTANCE_ID={id}");
-    let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if let Ok(env) = fs::read(format!("/proc/{pid}/environ")) {
-            if env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()) {
-                out.push(pid);
-            }
-        }
-    }
-    out
-}
-
-fn resolve_program(program: &str, working_dir: Option<&str>) -> Result<PathBuf, String> {
-    let is_exec = |p: &Path| {
-        use std::os::unix::fs::PermissionsExt;
-        fs::metadata(p)
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    };
-    if program.contains('/') {
-        let p = match working_dir {
-            Some(d) if !program.starts_with('/') => Path::new(d).join(program),
-            _ => PathBuf::from(program),
-        };
-        return if is_exec(&p) {
-            Ok(p)
-        } else if p.exists() {
-            Err(format!("{} is not an executable file", p.display()))
-        } else {
-            Err(format!("{} does not exist", p.display()))
-        };
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        let p = dir.join(program);
-        if is_exec(&p) {
-            return Ok(p);
-        }
-    }
-    Err(format!("{program} was not found in PATH"))
-}
-
-#[async_trait]
-impl Runtime for ProcessRuntime {
-    fn kind(&self) -> &'static str {
-        "process"
-    }
-
-    fn isolation(&self) -> String {
-        self.cgroups.describe()
-    }
-
-    fn check_program(&self, program: &str, working_dir: Option<&str>) -> Result<(), String> {
-        if let Some(d) = working_dir {
-            if !Path::new(d).is_dir() {
-                return Err(format!("workingDir {d} is not a directory"));
-            }
-        }
-        resolve_program(program, working_dir).map(|_| ())
-    }
-
-    async fn start(
+    /// Creates the instance's directory, port reservation and cgroups, and spawns its main
+    /// process inside them (see [`spawn`]). Blocking: the cgroup join may wait for an RCU
+    /// grace period. Needs a tokio context (the log tailer is a task).
+    ///
+    /// Errors: [`RuntimeError::Setup`] (directory, port, cgroups) or
+    /// [`RuntimeError::Spawn`] (the program could not be started); nothing is left behind.
+    fn start_blocking(
         &self,
         spec: InstanceSpec,
         logs: LogSink,
@@ -303,6 +216,137 @@ impl Runtime for ProcessRuntime {
             terminated: OnceCell::new(),
             last_cpu: Mutex::new(None),
         }))
+    }
+
+    fn alloc_port(&self) -> std::io::Result<u16> {
+        self.ports.reserve()
+    }
+}
+
+/// Kills every process of a v2 cgroup (`cgroup.kill`) from tokio's blocking pool: the write
+/// waits for the kernel's `cgroup_mutex` (see [`remove_instance_files`]).
+async fn kill_cgroup(dir: &Path) {
+    let dir = dir.to_path_buf();
+    let _ = tokio::task::spawn_blocking(move || cgroup::kill_all(&dir)).await;
+}
+
+/// Removes an instance's cgroups and directory on tokio's blocking pool: `rmdir` of a cgroup
+/// waits for the kernel's `cgroup_mutex`, which a concurrent cgroup join holds for an RCU
+/// grace period (10 ms or more), and [`cgroup::remove`] retries with short sleeps.
+async fn remove_instance_files(cgroups: Vec<PathBuf>, dir: PathBuf) {
+    let work = move || {
+        for d in &cgroups {
+            cgroup::remove(d);
+        }
+        let _ = fs::remove_dir_all(&dir);
+    };
+    if let Err(e) = tokio::task::spawn_blocking(work).await {
+        tracing::warn!(error = %e, "instance cleanup task failed");
+    }
+}
+
+/// Start time of a process (field 22 of `/proc/<pid>/stat`, clock ticks since boot).
+pub fn pid_start_time(pid: i32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` is alive (and not a zombie) and still the process that started at `start`.
+fn same_process_alive(pid: i32, start: u64) -> bool {
+    let Ok(s) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(close) = s.rfind(')') else {
+        return false;
+    };
+    let mut f = s[close + 2..].split_whitespace();
+    let state = f.next().unwrap_or("Z");
+    let st = f.nth(18).and_then(|v| v.parse::<u64>().ok());
+    state != "Z" && state != "X" && st == Some(start)
+}
+
+/// Pids of live processes whose environment carries `CATTERY_INSTANCE_ID=<id>`.
+fn pids_with_instance_env(id: &str) -> Vec<i32> {
+    let needle = format!("CATTERY_INSTANCE_ID={id}");
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Ok(env) = fs::read(format!("/proc/{pid}/environ")) {
+            if env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+fn resolve_program(program: &str, working_dir: Option<&str>) -> Result<PathBuf, String> {
+    let is_exec = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if program.contains('/') {
+        let p = match working_dir {
+            Some(d) if !program.starts_with('/') => Path::new(d).join(program),
+            _ => PathBuf::from(program),
+        };
+        return if is_exec(&p) {
+            Ok(p)
+        } else if p.exists() {
+            Err(format!("{} is not an executable file", p.display()))
+        } else {
+            Err(format!("{} does not exist", p.display()))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let p = dir.join(program);
+        if is_exec(&p) {
+            return Ok(p);
+        }
+    }
+    Err(format!("{program} was not found in PATH"))
+}
+
+#[async_trait]
+impl Runtime for ProcessRuntime {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    fn isolation(&self) -> String {
+        self.cgroups.describe()
+    }
+
+    fn check_program(&self, program: &str, working_dir: Option<&str>) -> Result<(), String> {
+        if let Some(d) = working_dir {
+            if !Path::new(d).is_dir() {
+                return Err(format!("workingDir {d} is not a directory"));
+            }
+        }
+        resolve_program(program, working_dir).map(|_| ())
+    }
+
+    /// Runs [`ProcessRuntime::start_blocking`] on tokio's blocking pool: joining a cgroup
+    /// can keep the spawning thread in the kernel for a whole RCU grace period (10-13 ms
+    /// here, see `docs/performance.md`), which must not stall an async worker.
+    async fn start(
+        &self,
+        spec: InstanceSpec,
+        logs: LogSink,
+    ) -> Result<Arc<dyn Instance>, RuntimeError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.start_blocking(spec, logs))
+            .await
+            .map_err(|e| RuntimeError::Setup(format!("the spawning task failed: {e}")))?
     }
 
     async fn sweep(&self, keep: &HashSet<uuid::Uuid>) {
@@ -485,7 +529,7 @@ impl ProcessInstance {
             if grace.is_zero() || !self.wait_empty(t0 + grace).await {
                 report.killed = true;
                 if let Some(d) = &self.cg_v2 {
-                    let _ = cgroup::kill_all(d);
+                    kill_cgroup(d).await;
                 }
                 self.signal_all(Signal::SIGKILL);
                 if !self.wait_empty(Instant::now() + KILL_WAIT).await {
@@ -498,10 +542,15 @@ impl ProcessInstance {
         let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|v| v.is_some())).await;
         report.exit = *self.exit_rx.borrow();
         self.tailer.drain().await;
-        for d in self.cg_v2.iter().chain(self.cg_v1.iter()) {
-            cgroup::remove(d);
-        }
-        let _ = fs::remove_dir_all(&self.dir);
+        remove_instance_files(
+            self.cg_v2
+                .iter()
+                .chain(self.cg_v1.iter())
+                .cloned()
+                .collect(),
+            self.dir.clone(),
+        )
+        .await;
         self.ports.release(self.port);
         report.took_ms = t0.elapsed().as_millis() as u64;
         report

@@ -4,10 +4,13 @@
 //! `setsid` grandchildren of agents are re-parented to it when their parent dies. Every child
 //! is reaped here with `waitpid(-1, WNOHANG)` on SIGCHLD (and on a slow tick as a safety net),
 //! and its status is handed to whoever registered the pid. Spawning holds the same lock, so a
-//! status can never be reaped before its pid is registered.
+//! status can never be reaped before its pid is registered. Reaping never waits for that
+//! lock (a spawn may hold it for a cgroup join's RCU grace period, 10 ms or more): it marks
+//! the reap as pending and the spawner runs it when it lets go.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, TryLockError};
 use std::time::Duration;
 
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -19,6 +22,8 @@ use super::ExitInfo;
 /// Registry of child pids and their exit statuses.
 pub struct Reaper {
     inner: Mutex<Inner>,
+    /// A reap was asked for while the lock was held; whoever holds it reaps on release.
+    pending: AtomicBool,
 }
 
 #[derive(Default)]
@@ -41,6 +46,7 @@ impl Reaper {
                 }
                 let r = Arc::new(Reaper {
                     inner: Mutex::new(Inner::default()),
+                    pending: AtomicBool::new(false),
                 });
                 let r2 = r.clone();
                 tokio::spawn(async move {
@@ -68,10 +74,17 @@ impl Reaper {
         spawn: impl FnOnce() -> std::io::Result<(T, i32)>,
     ) -> std::io::Result<(T, i32, watch::Receiver<Option<ExitInfo>>)> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let (t, pid) = spawn()?;
-        let (tx, rx) = watch::channel(None);
-        g.waiters.insert(pid, tx);
-        Ok((t, pid, rx))
+        let spawned = spawn();
+        let out = spawned.map(|(t, pid)| {
+            let (tx, rx) = watch::channel(None);
+            g.waiters.insert(pid, tx);
+            (t, pid, rx)
+        });
+        drop(g);
+        if self.pending.load(Ordering::SeqCst) {
+            self.reap_all();
+        }
+        out
     }
 
     /// Runs a short helper program (not an instance) to completion and returns its exit and
@@ -112,30 +125,49 @@ impl Reaper {
         }
     }
 
-    /// Reaps every exited child now.
+    /// Reaps every exited child now, or, when a spawn holds the lock, right after that spawn
+    /// (never blocks on it).
     pub fn reap_all(&self) {
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) => deliver(
-                    &mut g,
-                    pid.as_raw(),
-                    ExitInfo {
-                        code: Some(code),
-                        signal: None,
-                    },
-                ),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => deliver(
-                    &mut g,
-                    pid.as_raw(),
-                    ExitInfo {
-                        code: None,
-                        signal: Some(sig as i32),
-                    },
-                ),
-                Ok(WaitStatus::StillAlive) | Err(_) => break,
-                Ok(_) => continue,
+            self.pending.store(true, Ordering::SeqCst);
+            let mut g = match self.inner.try_lock() {
+                Ok(g) => g,
+                Err(TryLockError::Poisoned(e)) => e.into_inner(),
+                // The holder sees `pending` once it lets go, and reaps.
+                Err(TryLockError::WouldBlock) => return,
+            };
+            self.pending.store(false, Ordering::SeqCst);
+            reap_locked(&mut g);
+            drop(g);
+            if !self.pending.load(Ordering::SeqCst) {
+                return;
             }
+        }
+    }
+}
+
+/// `waitpid(-1, WNOHANG)` until no exited child is left, delivering each status.
+fn reap_locked(g: &mut Inner) {
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => deliver(
+                g,
+                pid.as_raw(),
+                ExitInfo {
+                    code: Some(code),
+                    signal: None,
+                },
+            ),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => deliver(
+                g,
+                pid.as_raw(),
+                ExitInfo {
+                    code: None,
+                    signal: Some(sig as i32),
+                },
+            ),
+            Ok(WaitStatus::StillAlive) | Err(_) => break,
+            Ok(_) => continue,
         }
     }
 }
