@@ -134,10 +134,17 @@ enum KeysCmd {
     },
 }
 
+/// Most threads in tokio's blocking pool (see `main`).
+const BLOCKING_THREADS: usize = 8;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Blocking work is spawns and cgroup/directory removals, which the kernel serializes
+        // on its cgroup mutex anyway: more threads only add switches and stacks (with the
+        // default of 512, churn grew the pool past 100 threads).
+        .max_blocking_threads(BLOCKING_THREADS)
         .build()
     {
         Ok(rt) => rt,
