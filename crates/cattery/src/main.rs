@@ -135,15 +135,15 @@ enum KeysCmd {
 }
 
 /// Most threads in tokio's blocking pool (see `main`).
-const BLOCKING_THREADS: usize = 8;
+const BLOCKING_THREADS: usize = 32;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        // Blocking work is spawns and cgroup/directory removals, which the kernel serializes
-        // on its cgroup mutex anyway: more threads only add switches and stacks (with the
-        // default of 512, churn grew the pool past 100 threads).
+        // Blocking sections (spawns and cgroup removals in `block_in_place`, whose worker is
+        // replaced by a pool thread meanwhile) are few at a time: the kernel serializes them on
+        // its cgroup mutex. The default of 512 let a churn grow the pool past 100 threads.
         .max_blocking_threads(BLOCKING_THREADS)
         .build()
     {

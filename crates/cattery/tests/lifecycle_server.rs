@@ -526,3 +526,48 @@ async fn l19_long_grace_of_45_seconds_is_honoured() {
     assert!(took < Duration::from_secs(47), "DELETE took {took:?}");
     eprintln!("measured 45 s gap: {gap} ms");
 }
+
+/// A server that was SIGKILLed leaves its `cattery/<server id>` cgroup directories behind;
+/// the next server to start on the machine removes them (they are empty and the dead server's
+/// liveness lock is free), while a running server's directories stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn cgroups_of_a_killed_server_are_removed_by_the_next_server() {
+    let root = std::path::Path::new("/sys/fs/cgroup/unified/cattery");
+    let mut dead = Server::start(&[]).await;
+    let dead_id = std::fs::read_to_string(dead.data_dir().join("server-id"))
+        .unwrap()
+        .trim()
+        .to_string();
+    if !root.join(&dead_id).is_dir() {
+        eprintln!("no cgroup v2 directory for the server here; nothing to check");
+        return;
+    }
+    let live = Server::start(&[]).await;
+    let live_id = std::fs::read_to_string(live.data_dir().join("server-id"))
+        .unwrap()
+        .trim()
+        .to_string();
+    dead.kill9();
+    assert!(
+        root.join(&dead_id).is_dir(),
+        "a SIGKILLed server cannot clean up"
+    );
+    let next = Server::start(&[]).await;
+    assert!(
+        !root.join(&dead_id).exists(),
+        "the dead server's cgroup directory is still there"
+    );
+    for ctrl in ["memory", "cpu", "pids"] {
+        let d = std::path::Path::new("/sys/fs/cgroup")
+            .join(ctrl)
+            .join("cattery")
+            .join(&dead_id);
+        assert!(!d.exists(), "{} is still there", d.display());
+    }
+    assert!(
+        root.join(&live_id).is_dir(),
+        "a running server's cgroups stay"
+    );
+    drop(next);
+    drop(live);
+}

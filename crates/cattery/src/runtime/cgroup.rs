@@ -6,21 +6,93 @@
 //! for the `agentProfile` limits. The child joins every one of them before `exec` (it writes
 //! `0` to each `cgroup.procs` through descriptors opened by the parent, `runtime/spawn.rs`), so
 //! no process of the instance ever runs outside them.
+//!
+//! Each server holds an exclusive `flock` on `<temp dir>/cattery-servers/<server id>.lock` for
+//! its whole life. At start, a server removes the empty cgroup directories of every other
+//! server id whose lock it can take: a server that was `SIGKILL`ed and never restarted leaves
+//! its `<server id>` directories behind (a running server removes its own at exit). Cgroups
+//! that still hold processes stay: the instances of a killed server keep running until it is
+//! started again on its data dir and re-adopts them.
 
-use std::fs;
+use std::fs::{self, File};
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{Flock, FlockArg};
+
 use crate::model::ProfileLimits;
 
 /// What this machine allows.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CgroupSupport {
     /// Base v2 directory for this server's instances, with `cgroup.kill`.
     pub v2_base: Option<PathBuf>,
     /// Base v1 directories per controller (`memory`, `cpu`, `pids`).
     pub v1_bases: Vec<(&'static str, PathBuf)>,
+    /// This server's liveness lock (see the module docs), held while it runs.
+    _alive: Option<Flock<File>>,
+}
+
+/// Directory of the servers' liveness lock files.
+fn server_lock_dir() -> PathBuf {
+    std::env::temp_dir().join("cattery-servers")
+}
+
+/// Opens (creating) the liveness lock file of `server_id` and locks it; `wait` blocks until
+/// it is free, otherwise `None` when another process holds it.
+fn lock_server(server_id: &str, wait: bool) -> Option<Flock<File>> {
+    let dir = server_lock_dir();
+    fs::create_dir_all(&dir).ok()?;
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(format!("{server_id}.lock")))
+        .ok()?;
+    let how = if wait {
+        FlockArg::LockExclusive
+    } else {
+        FlockArg::LockExclusiveNonblock
+    };
+    Flock::lock(f, how).ok()
+}
+
+/// Removes the empty cgroup directories of servers that are not running (their liveness lock
+/// is free) under each `<root>/cattery`; returns how many server directories went away.
+fn sweep_dead_servers(own_id: &str, cattery_dirs: &[PathBuf]) -> usize {
+    let mut removed = 0;
+    let mut names: Vec<String> = cattery_dirs
+        .iter()
+        .filter_map(|d| fs::read_dir(d).ok())
+        .flat_map(|rd| rd.flatten())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n != own_id)
+        .collect();
+    names.sort();
+    names.dedup();
+    for name in names {
+        // Held by a running server: not ours to touch.
+        let Some(_lock) = lock_server(&name, false) else {
+            continue;
+        };
+        for root in cattery_dirs {
+            let dir = root.join(&name);
+            if let Ok(rd) = fs::read_dir(&dir) {
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        // Fails (EBUSY) while the instance still has processes.
+                        let _ = fs::remove_dir(e.path());
+                    }
+                }
+            }
+            if fs::remove_dir(&dir).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
 }
 
 /// The cgroups of one instance.
@@ -47,15 +119,19 @@ fn v2_root() -> Option<PathBuf> {
 }
 
 impl CgroupSupport {
-    /// Probes the machine. `server_id` separates servers sharing a machine (each data dir has one).
+    /// Probes the machine. `server_id` separates servers sharing a machine (each data dir has
+    /// one). Takes this server's liveness lock and removes what dead servers left behind (see
+    /// the module docs).
     pub fn detect(server_id: &str) -> CgroupSupport {
         let mut s = CgroupSupport {
             v2_base: None,
             v1_bases: Vec::new(),
+            _alive: None,
         };
         if std::env::var_os("CATTERY_NO_CGROUPS").is_some() {
             return s;
         }
+        s._alive = lock_server(server_id, true);
         if let Some(root) = v2_root() {
             let base = root.join("cattery").join(server_id);
             let probe = base.join("probe");
@@ -75,6 +151,21 @@ impl CgroupSupport {
             let base = root.join("cattery").join(server_id);
             if fs::create_dir_all(&base).is_ok() {
                 s.v1_bases.push((ctrl, base));
+            }
+        }
+        if s._alive.is_some() {
+            let dirs: Vec<PathBuf> = s
+                .v2_base
+                .iter()
+                .chain(s.v1_bases.iter().map(|(_, b)| b))
+                .filter_map(|b| b.parent().map(Path::to_path_buf))
+                .collect();
+            let n = sweep_dead_servers(server_id, &dirs);
+            if n > 0 {
+                tracing::info!(
+                    directories = n,
+                    "removed empty cgroups left by servers that are no longer running"
+                );
             }
         }
         s
