@@ -104,6 +104,12 @@ include-path = "/v1/public/{agent_name}/start"
 headers = { Authorization = "Bearer ${CATTERY_FUZZ_PK}" }
 parameters = { agent_name = "fuzz-agent" }
 
+# The session proxy takes the public key too (random session ids: 404s, bad paths: 4xx).
+[[operations]]
+include-path-regex = "^/v1/public/\\{agent_name\\}/sessions/"
+headers = { Authorization = "Bearer ${CATTERY_FUZZ_PK}" }
+parameters = { agent_name = "fuzz-agent" }
+
 # Reach past the 404s: these operations get the live agent's name (its delete is left
 # to random names, so the agent stays for the whole run).
 [[operations]]
