@@ -19,7 +19,7 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 
 use crate::model::ProfileLimits;
 
@@ -44,18 +44,7 @@ fn server_lock_dir() -> PathBuf {
 fn lock_server(server_id: &str, wait: bool) -> Option<Flock<File>> {
     let dir = server_lock_dir();
     fs::create_dir_all(&dir).ok()?;
-    let f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(format!("{server_id}.lock")))
-        .ok()?;
-    let how = if wait {
-        FlockArg::LockExclusive
-    } else {
-        FlockArg::LockExclusiveNonblock
-    };
-    Flock::lock(f, how).ok()
+    super::ports::lock_file(&dir.join(format!("{server_id}.lock")), wait)
 }
 
 /// Removes the empty cgroup directories of servers that are not running (their liveness lock

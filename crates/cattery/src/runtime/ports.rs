@@ -44,16 +44,28 @@ fn ephemeral_range() -> (u16, u16) {
         .unwrap_or((32768, 60999))
 }
 
-/// The machine-wide reservation of `port`: an exclusive `flock` on its lock file, held until
-/// the returned value is dropped. `None` when another server holds it.
-fn try_lock(dir: &std::path::Path, port: u16) -> Option<Flock<File>> {
+/// Opens (creating) the lock file `path` and takes an exclusive `flock` on it, held until the
+/// returned value is dropped (the kernel drops it if the process dies). `wait`: block until it
+/// is free; otherwise `None` when another process holds it. Used for the machine-wide port
+/// reservations here and for the servers' liveness locks ([`super::cgroup`]).
+pub fn lock_file(path: &std::path::Path, wait: bool) -> Option<Flock<File>> {
     let f = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(dir.join(format!("{port}.lock")))
+        .open(path)
         .ok()?;
-    Flock::lock(f, FlockArg::LockExclusiveNonblock).ok()
+    let how = if wait {
+        FlockArg::LockExclusive
+    } else {
+        FlockArg::LockExclusiveNonblock
+    };
+    Flock::lock(f, how).ok()
+}
+
+/// The machine-wide reservation of `port`; `None` when another server holds it.
+fn try_lock(dir: &std::path::Path, port: u16) -> Option<Flock<File>> {
+    lock_file(&dir.join(format!("{port}.lock")), false)
 }
 
 impl PortBook {

@@ -194,28 +194,54 @@ impl ProcessRuntime {
             }
         };
         let pid_start = pid_start_time(pid).unwrap_or(0);
+        Ok(self.instance(
+            id,
+            (pid, pid_start),
+            port,
+            dir,
+            (v2, v1),
+            exit_rx,
+            (0, 0),
+            logs,
+        ))
+    }
+
+    /// The handle of a started or re-adopted instance; starts tailing its output from
+    /// `offsets` (bytes already captured of stdout and stderr).
+    #[allow(clippy::too_many_arguments)]
+    fn instance(
+        &self,
+        id: String,
+        (pid, pid_start): (i32, u64),
+        port: u16,
+        dir: PathBuf,
+        (cg_v2, cg_v1): (Option<PathBuf>, Vec<PathBuf>),
+        exit_rx: watch::Receiver<Option<ExitInfo>>,
+        offsets: (u64, u64),
+        logs: LogSink,
+    ) -> Arc<ProcessInstance> {
         let tailer = Tailer::start(
             dir.join("stdout.log"),
             dir.join("stderr.log"),
-            (0, 0),
+            offsets,
             dir.join("offsets"),
             logs,
         );
-        Ok(Arc::new(ProcessInstance {
+        Arc::new(ProcessInstance {
             id,
             pid,
             pid_start,
             port,
             dir,
-            cg_v2: v2,
-            cg_v1: v1,
+            cg_v2,
+            cg_v1,
             exit_rx,
             tailer,
             ports: self.ports.clone(),
             reaper: self.reaper.clone(),
             terminated: OnceCell::new(),
             last_cpu: Mutex::new(None),
-        }))
+        })
     }
 
     fn alloc_port(&self) -> std::io::Result<u16> {
@@ -379,29 +405,17 @@ impl Runtime for ProcessRuntime {
         let alive = same_process_alive(rec.pid, rec.pid_start);
         let (tx, exit_rx) = watch::channel(None);
         let offsets = read_offsets(&dir.join("offsets")).unwrap_or((0, 0));
-        let tailer = Tailer::start(
-            dir.join("stdout.log"),
-            dir.join("stderr.log"),
+        self.ports.adopt(rec.port);
+        let inst = self.instance(
+            id,
+            (rec.pid, rec.pid_start),
+            rec.port,
+            dir,
+            (cg_v2, cg_v1),
+            exit_rx,
             offsets,
-            dir.join("offsets"),
             logs,
         );
-        self.ports.adopt(rec.port);
-        let inst = Arc::new(ProcessInstance {
-            id,
-            pid: rec.pid,
-            pid_start: rec.pid_start,
-            port: rec.port,
-            dir,
-            cg_v2,
-            cg_v1,
-            exit_rx,
-            tailer,
-            ports: self.ports.clone(),
-            reaper: self.reaper.clone(),
-            terminated: OnceCell::new(),
-            last_cpu: Mutex::new(None),
-        });
         if !alive {
             // Gone while we were down: remove whatever is left of it.
             let _ = tx.send(Some(ExitInfo::default()));
