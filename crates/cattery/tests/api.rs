@@ -735,3 +735,72 @@ async fn edge_inputs_get_clear_4xx() {
         .await
         .is_err());
 }
+
+/// A path segment that is not valid UTF-8 once percent-decoded gets the same `{error, code}`
+/// 400 as every other bad input, on every kind of route (axum's own answer is `text/plain`).
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_percent_encoding_in_paths_is_a_json_400() {
+    let s = Server::start(&[]).await;
+    s.deploy("pct", &[], json!({})).await;
+    let sid = "00000000-0000-0000-0000-000000000000";
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("GET", "/v1/agents/%FF".into(), s.sk.as_str()),
+        ("GET", "/v1/agents/%FF/sessions".into(), s.sk.as_str()),
+        (
+            "DELETE",
+            "/v1/agents/pct/sessions/%FF".into(),
+            s.sk.as_str(),
+        ),
+        ("GET", "/v1/secrets/%FF".into(), s.sk.as_str()),
+        ("POST", "/v1/public/%FF/start".into(), s.pk.as_str()),
+        (
+            "GET",
+            format!("/v1/public/pct/sessions/{sid}/%FF"),
+            s.pk.as_str(),
+        ),
+    ];
+    for (m, path, key) in cases {
+        let r = s.raw(m, &path, Some(key), b"{}".to_vec()).await;
+        assert_eq!(r.status, 400, "{m} {path}: {:?}", r.body);
+        assert!(
+            r.content_type.starts_with("application/json"),
+            "{m} {path}: {}",
+            r.content_type
+        );
+        assert!(
+            r.body["error"].is_string() && r.body["code"].is_string(),
+            "{m} {path}: {:?}",
+            r.body
+        );
+    }
+}
+
+/// Agent specs that would fail later are refused or flagged at once: a relative `local:`
+/// directory is a 400; `image` next to `command` is accepted with a warning (the command runs).
+#[tokio::test(flavor = "multi_thread")]
+async fn relative_local_dirs_are_refused_and_ignored_images_are_flagged() {
+    let s = Server::start(&[]).await;
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&s.sk),
+            Some(json!({"serviceName": "rel", "image": "local:bots/mine"})),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(
+        r.body["error"].as_str().unwrap().contains("absolute"),
+        "{:?}",
+        r.body
+    );
+    let a = s
+        .deploy("both", &[], json!({"image": "local:/nowhere"}))
+        .await;
+    assert!(
+        a["warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("image ignored")),
+        "{a}"
+    );
+}

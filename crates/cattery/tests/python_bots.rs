@@ -456,18 +456,42 @@ async fn local_agent_without_runner_dependencies_is_not_ready_at_deploy() {
         .status()
         .unwrap();
     assert!(st.success());
-    let py = venv.join("bin/python").display().to_string();
-    let a = s
-        .deploy(
-            "bare-python",
-            &[],
-            json!({"command": null, "image": example("session-status"), "python": py}),
+    // The agent's interpreter is a wrapper, so the test can "fix the environment" in place.
+    let py = tmp.path().join("python");
+    let write_wrapper = |target: &std::path::Path| {
+        std::fs::write(
+            &py,
+            format!("#!/bin/sh\nexec {} \"$@\"\n", target.display()),
         )
-        .await;
+        .unwrap();
+        std::fs::set_permissions(&py, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    };
+    write_wrapper(&venv.join("bin/python"));
+    let spec = json!({"command": null, "image": example("session-status"), "python": py});
+    let a = s.deploy("bare-python", &[], spec.clone()).await;
     assert_eq!(a["ready"], false, "{a}");
     let msg = a["errors"][0]["message"].as_str().unwrap_or("");
     assert!(msg.contains("fastapi"), "{a}");
     let r = s.start_session("bare-python", json!({})).await;
     assert_eq!(r.status, 400);
     assert_eq!(r.body["code"], "PCC-1001");
+
+    // Fixed environment, same spec: deploying again checks again and the agent becomes ready
+    // (no forceRedeploy needed).
+    write_wrapper(&python());
+    let r = s
+        .req("POST", "/v1/agents/bare-python", Some(&s.sk), Some(spec))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(
+        r.body["warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("checked again")),
+        "{:?}",
+        r.body
+    );
+    let a = s.wait_ready("bare-python", Duration::from_secs(20)).await;
+    assert!(a["errors"].as_array().is_none_or(|e| e.is_empty()), "{a}");
+    let sid = s.start_ok("bare-python").await;
+    assert_eq!(s.stop("bare-python", &sid).await.status, 200);
 }

@@ -1,12 +1,12 @@
 //! `/v1/agents`: create, list, get, update, delete (reference §A.3, response §B.2).
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::Json;
 use serde_json::{json, Value};
 
 use super::auth::PrivateAuth;
 use super::error::{ApiError, ApiResult};
-use super::{ApiJson, AppState};
+use super::{ApiJson, ApiPath, AppState};
 use crate::core::agents::{self, AgentRequest};
 use crate::core::supervisor::PoolStatus;
 use crate::model::{iso_ms, profile_limits, AgentRecord, DeploymentRecord};
@@ -242,9 +242,7 @@ pub async fn create_agent(
 ) -> ApiResult<Json<Value>> {
     let defaults = crate::core::orgs::org_defaults(&st.store, &st.defaults, &c.org).await?;
     let (a, _) = agents::create_agent(&st.store, &st.sup, &defaults, &c.org, &req).await?;
-    Ok(Json(
-        details_of(&st, &a, req.unknown_fields_warning()).await?,
-    ))
+    Ok(Json(details_of(&st, &a, req.request_warnings()).await?))
 }
 
 /// Query of the agent list.
@@ -301,7 +299,7 @@ pub async fn list_agents(
 pub async fn get_agent(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     Ok(Json(load_details(&st, &c.org, &name, None).await?))
 }
@@ -317,13 +315,13 @@ pub async fn get_agent(
 pub async fn update_agent(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<AgentRequest>,
 ) -> ApiResult<Json<Value>> {
     let (a, _, warning) = agents::update_agent(&st.store, &st.sup, &c.org, &name, &req)
         .await
         .map_err(|e| ApiError::from(e).with_not_found_code("NOT_FOUND"))?;
-    let warning = [warning, req.unknown_fields_warning()]
+    let warning = [warning, req.request_warnings()]
         .into_iter()
         .flatten()
         .reduce(|a, b| format!("{a}; {b}"));
@@ -339,7 +337,7 @@ pub async fn update_agent(
 pub async fn delete_agent(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     agents::delete_agent(&st.store, &st.sup, &c.org, &name)
         .await

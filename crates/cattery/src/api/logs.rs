@@ -23,14 +23,14 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::Json;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::auth::{OrgAuth, PrivateAuth};
 use super::error::{ApiError, ApiResult};
-use super::AppState;
+use super::{ApiPath, AppState};
 use crate::core::CoreError;
 use crate::model::iso_ns;
 use crate::store::LogFilter;
@@ -46,16 +46,23 @@ fn bad(msg: String) -> ApiError {
     ApiError::bad_request(msg)
 }
 
-fn count(q: &HashMap<String, String>, k: &str, default: i64, max: i64) -> ApiResult<i64> {
+/// Query parameter `k` as an integer in `min..=max` (`default` when absent). Errors: 400
+/// naming the parameter and its range.
+fn count(
+    q: &HashMap<String, String>,
+    k: &str,
+    default: i64,
+    (min, max): (i64, i64),
+) -> ApiResult<i64> {
     match q.get(k).map(|s| s.trim()).filter(|s| !s.is_empty()) {
         None => Ok(default),
         Some(v) => v
             .parse::<i64>()
             .ok()
-            .filter(|n| (0..=max).contains(n))
+            .filter(|n| (min..=max).contains(n))
             .ok_or_else(|| {
                 bad(format!(
-                    "{k} must be an integer between 0 and {max}, not {v:?}"
+                    "{k} must be an integer between {min} and {max}, not {v:?}"
                 ))
             }),
     }
@@ -97,10 +104,7 @@ fn uuid_param(q: &HashMap<String, String>, k: &str) -> ApiResult<Option<Uuid>> {
 
 /// Turns the query string into a [`LogFilter`]. Errors: 400 naming the parameter.
 pub fn parse_filter(q: &HashMap<String, String>) -> ApiResult<LogFilter> {
-    let limit = count(q, "limit", DEFAULT_LIMIT, MAX_LIMIT)?;
-    if limit == 0 {
-        return Err(bad(format!("limit must be between 1 and {MAX_LIMIT}")));
-    }
+    let limit = count(q, "limit", DEFAULT_LIMIT, (1, MAX_LIMIT))?;
     let desc = match q
         .get("order")
         .map(|s| s.trim().to_ascii_lowercase())
@@ -119,7 +123,7 @@ pub fn parse_filter(q: &HashMap<String, String>) -> ApiResult<LogFilter> {
     }
     Ok(LogFilter {
         limit,
-        offset: count(q, "offset", 0, i64::MAX / 2)?,
+        offset: count(q, "offset", 0, (0, i64::MAX / 2))?,
         desc,
         deployment_id: uuid_param(q, "deploymentId")?,
         session_id: uuid_param(q, "sessionId")?,
@@ -183,7 +187,7 @@ async fn logs_in(
 pub async fn agent_logs(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     logs_in(&st, &c.org, &name, &q).await
@@ -193,7 +197,7 @@ pub async fn agent_logs(
 pub async fn org_agent_logs(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
-    Path((_org, name)): Path<(String, String)>,
+    ApiPath((_org, name)): ApiPath<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     logs_in(&st, &c.org, &name, &q).await

@@ -17,7 +17,7 @@ pub mod ws;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{any, get, post};
@@ -83,6 +83,33 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         serde_json::from_slice(src)
             .map(ApiJson)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Path parameters whose rejections are `{error, code}` responses like every other error of
+/// this API (axum's own are `text/plain`): a segment that is not valid UTF-8 once
+/// percent-decoded (`/v1/agents/%FF`), or that does not parse, is a 400.
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            Err(e) if e.status().is_client_error() => Err(ApiError::bad_request(format!(
+                "invalid path: {}",
+                e.body_text()
+            ))),
+            Err(e) => Err(ApiError::new(e.status(), "500", e.body_text())),
+        }
     }
 }
 

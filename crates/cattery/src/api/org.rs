@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -29,7 +29,7 @@ use super::agents;
 use super::auth::{OrgAuth, PrivateAuth};
 use super::error::{ApiError, ApiResult};
 use super::sessions;
-use super::{ApiJson, AppState};
+use super::{ApiJson, ApiPath, AppState};
 use crate::core::agents::AgentRequest;
 use crate::core::orgs;
 use crate::core::supervisor::PoolStatus;
@@ -98,14 +98,14 @@ pub async fn update_service(
         .clone()
         .filter(|n| !n.is_empty())
         .ok_or_else(|| ApiError::bad_request("serviceName is required"))?;
-    agents::update_agent(State(st), PrivateAuth(c), Path(name), ApiJson(req)).await
+    agents::update_agent(State(st), PrivateAuth(c), ApiPath(name), ApiJson(req)).await
 }
 
 /// `GET /v1/organizations/{org}/services/{name}`: `{"body": ServiceDetailsResponse}`.
 pub async fn get_service(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
-    Path((_org, name)): Path<(String, String)>,
+    ApiPath((_org, name)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let details = agents::load_details(&st, &c.org, &name, None).await?;
     Ok(Json(json!({ "body": details })))
@@ -115,9 +115,9 @@ pub async fn get_service(
 pub async fn delete_service(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
-    Path((_org, name)): Path<(String, String)>,
+    ApiPath((_org, name)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    agents::delete_agent(State(st), PrivateAuth(c), Path(name)).await
+    agents::delete_agent(State(st), PrivateAuth(c), ApiPath(name)).await
 }
 
 async fn deployments_in(st: &AppState, org: &str, name: &str) -> ApiResult<Json<Value>> {
@@ -151,7 +151,7 @@ async fn deployments_in(st: &AppState, org: &str, name: &str) -> ApiResult<Json<
 pub async fn list_deployments(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
-    Path((_org, name)): Path<(String, String)>,
+    ApiPath((_org, name)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     deployments_in(&st, &c.org, &name).await
 }
@@ -160,7 +160,7 @@ pub async fn list_deployments(
 pub async fn agent_deployments(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     deployments_in(&st, &c.org, &name).await
 }
@@ -169,28 +169,28 @@ pub async fn agent_deployments(
 pub async fn list_sessions(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
-    Path((_org, name)): Path<(String, String)>,
+    ApiPath((_org, name)): ApiPath<(String, String)>,
     q: Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    sessions::list_sessions(State(st), PrivateAuth(c), Path(name), q).await
+    sessions::list_sessions(State(st), PrivateAuth(c), ApiPath(name), q).await
 }
 
 /// `GET /v1/organizations/{org}/services/{name}/sessions/{id}`.
 pub async fn get_session(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
-    Path((_org, name, sid)): Path<(String, String, String)>,
+    ApiPath((_org, name, sid)): ApiPath<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
-    sessions::get_session(State(st), PrivateAuth(c), Path((name, sid))).await
+    sessions::get_session(State(st), PrivateAuth(c), ApiPath((name, sid))).await
 }
 
 /// `DELETE /v1/organizations/{org}/services/{name}/sessions/{id}`.
 pub async fn stop_session(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
-    Path((_org, name, sid)): Path<(String, String, String)>,
+    ApiPath((_org, name, sid)): ApiPath<(String, String, String)>,
 ) -> ApiResult<Json<sessions::StopResponse>> {
-    sessions::stop_session(State(st), PrivateAuth(c), Path((name, sid))).await
+    sessions::stop_session(State(st), PrivateAuth(c), ApiPath((name, sid))).await
 }
 
 async fn regions_in(st: &AppState) -> Json<Value> {
@@ -369,7 +369,7 @@ pub async fn create_api_key(
 pub async fn revoke_api_key(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
-    Path((_org, id)): Path<(String, String)>,
+    ApiPath((_org, id)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let id = Uuid::parse_str(&id)
         .map_err(|_| ApiError::bad_request(format!("invalid key id {id:?}: expected a UUID")))?;

@@ -11,7 +11,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderName, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use super::auth::PublicAuth;
 use super::error::{ApiError, ApiResult};
-use super::AppState;
+use super::{ApiPath, AppState};
 
 /// Longest a proxied request waits for a starting instance.
 pub const PROXY_WAIT: Duration = Duration::from_secs(30);
@@ -52,7 +52,7 @@ pub async fn live_session(st: &AppState, org: &str, agent: &str, sid: &str) -> A
 pub async fn proxy_root(
     st: State<AppState>,
     auth: PublicAuth,
-    Path((agent, sid)): Path<(String, String)>,
+    ApiPath((agent, sid)): ApiPath<(String, String)>,
     req: Request,
 ) -> Response {
     forward(st, auth, agent, sid, String::new(), req).await
@@ -73,7 +73,7 @@ pub async fn proxy_root(
 pub async fn proxy(
     st: State<AppState>,
     auth: PublicAuth,
-    Path((agent, sid, path)): Path<(String, String, String)>,
+    ApiPath((agent, sid, path)): ApiPath<(String, String, String)>,
     req: Request,
 ) -> Response {
     forward(st, auth, agent, sid, path, req).await

@@ -13,14 +13,14 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
 
 use super::auth::{OrgAuth, PrivateAuth};
 use super::error::{ApiError, ApiResult};
-use super::{ApiJson, AppState};
+use super::{ApiJson, ApiPath, AppState};
 use crate::core::orgs;
 use crate::core::secrets::{self, UpsertRequest};
 use crate::store::SecretSetRecord;
@@ -115,7 +115,7 @@ pub async fn list_secret_sets(
 pub async fn get_secret_set(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     get_in(&st, &c.org, &name).await
 }
@@ -131,7 +131,7 @@ pub async fn get_secret_set(
 pub async fn put_secret_set(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<UpsertRequest>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     put_in(&st, &c.org, &name, &req).await
@@ -146,7 +146,7 @@ pub async fn put_secret_set(
 pub async fn delete_secret_set(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     delete_set_in(&st, &c.org, &name).await
 }
@@ -163,7 +163,7 @@ pub async fn delete_secret_set(
 pub async fn delete_secret(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
-    Path((name, key)): Path<(String, String)>,
+    ApiPath((name, key)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     delete_key_in(&st, &c.org, &name, &key).await
 }
@@ -181,7 +181,7 @@ pub async fn org_list_secret_sets(
 pub async fn org_get_secret_set(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
-    Path((_org, name)): Path<(String, String)>,
+    ApiPath((_org, name)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     get_in(&st, &c.org, &name).await
 }
@@ -190,7 +190,7 @@ pub async fn org_get_secret_set(
 pub async fn org_put_secret_set(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
-    Path((_org, name)): Path<(String, String)>,
+    ApiPath((_org, name)): ApiPath<(String, String)>,
     ApiJson(req): ApiJson<UpsertRequest>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     put_in(&st, &c.org, &name, &req).await
@@ -200,7 +200,7 @@ pub async fn org_put_secret_set(
 pub async fn org_delete_secret_set(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
-    Path((_org, name)): Path<(String, String)>,
+    ApiPath((_org, name)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     delete_set_in(&st, &c.org, &name).await
 }
@@ -209,7 +209,7 @@ pub async fn org_delete_secret_set(
 pub async fn org_delete_secret(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
-    Path((_org, name, key)): Path<(String, String, String)>,
+    ApiPath((_org, name, key)): ApiPath<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
     delete_key_in(&st, &c.org, &name, &key).await
 }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::Json;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::auth::{PrivateAuth, PublicAuth};
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::{ApiJson, AppState};
+use super::{ApiJson, ApiPath, AppState};
 use crate::core::supervisor::StartParams;
 use crate::core::CoreError;
 use crate::model::{iso_ms, AgentRecord, SessionRecord};
@@ -120,7 +120,7 @@ async fn agent_for(st: &AppState, org: &str, name: &str) -> ApiResult<AgentRecor
 pub async fn start_session(
     State(st): State<AppState>,
     PublicAuth(c): PublicAuth,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<StartRequest>,
 ) -> ApiResult<Json<Value>> {
@@ -233,7 +233,7 @@ fn int_param(q: &HashMap<String, String>, k: &str) -> ApiResult<Option<i64>> {
 pub async fn list_sessions(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     let agent = agent_for(&st, &c.org, &name).await?;
@@ -307,7 +307,7 @@ pub async fn session_of(
 pub async fn get_session(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
-    Path((name, sid)): Path<(String, String)>,
+    ApiPath((name, sid)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let id = parse_session_id(&sid)?;
     let (agent, s) = session_of(&st, &c.org, &name, id).await?;
@@ -331,7 +331,7 @@ pub async fn get_session(
 pub async fn stop_session(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
-    Path((name, sid)): Path<(String, String)>,
+    ApiPath((name, sid)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<StopResponse>> {
     let id = parse_session_id(&sid)?;
     match st.sup.stop_session(&c.org, &name, id).await {

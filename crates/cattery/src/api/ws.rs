@@ -25,7 +25,7 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{
     CloseFrame as AxCloseFrame, Message as AxMessage, WebSocket, WebSocketUpgrade,
 };
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -39,7 +39,7 @@ use tokio_tungstenite::tungstenite::Message as TMessage;
 use uuid::Uuid;
 
 use super::error::ApiError;
-use super::AppState;
+use super::{ApiPath, AppState};
 use crate::core::instance_http::{BotOutcome, Deliver, OutcomeFuture};
 use crate::core::supervisor::StartParams;
 
@@ -156,7 +156,7 @@ fn forbidden(msg: &str) -> Response {
               (status = 404, body = super::error::ErrorBody)))]
 pub async fn connect(
     State(st): State<AppState>,
-    Path(service): Path<String>,
+    ApiPath(service): ApiPath<String>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
     up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -167,7 +167,7 @@ pub async fn connect(
 /// `GET /ws/generic/{agent}.{org}/{token}`.
 pub async fn connect_with_token(
     State(st): State<AppState>,
-    Path((service, token)): Path<(String, String)>,
+    ApiPath((service, token)): ApiPath<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
     up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,

@@ -98,14 +98,21 @@ pub struct AgentRequest {
 }
 
 impl AgentRequest {
-    /// A warning naming ignored unknown fields (typos such as `autoscaling`), if any.
-    pub fn unknown_fields_warning(&self) -> Option<String> {
-        (!self.unknown.is_empty()).then(|| {
-            format!(
+    /// A warning about what this request sets that will not be used, if anything: unknown
+    /// fields (typos such as `autoscaling`), and `image` next to `command` (the command runs
+    /// the agent).
+    pub fn request_warnings(&self) -> Option<String> {
+        let mut w = Vec::new();
+        if !self.unknown.is_empty() {
+            w.push(format!(
                 "unknown fields ignored: {}",
                 self.unknown.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
-        })
+            ));
+        }
+        if self.image.is_some() && self.command.is_some() {
+            w.push("image ignored: command is set, and the command runs the agent".to_string());
+        }
+        (!w.is_empty()).then(|| w.join("; "))
     }
 }
 
@@ -237,6 +244,13 @@ fn apply(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
     }
     if spec.image.is_none() && spec.command.is_none() {
         return Err(bad("give an image (or local:<dir>) or a command"));
+    }
+    if let Some(dir) = spec.image.as_deref().and_then(|i| i.strip_prefix("local:")) {
+        if !dir.starts_with('/') {
+            return Err(bad(format!(
+                "image local:{dir}: the directory must be an absolute path (local:/path/to/bot)"
+            )));
+        }
     }
     Ok(())
 }
@@ -391,7 +405,7 @@ pub async fn update_agent(
     });
     let scaling_changed = (min, max) != (agent.min_agents, agent.max_agents);
     let warning = (new_dep.is_none() && !scaling_changed).then(|| {
-        "nothing changed; the current deployment was kept (use forceRedeploy to replace instances)".to_string()
+        "nothing changed; the current deployment was kept and checked again (use forceRedeploy, `--force` in the CLI, to replace its instances)".to_string()
     });
     agent.min_agents = min;
     agent.max_agents = max;

@@ -460,8 +460,10 @@ impl Supervisor {
                 Some(p) => {
                     if p.deployment.id != dep.id {
                         p.deployment = Arc::new(dep);
-                        p.deploy_error = deploy_error;
                     }
+                    // Checked again even for the same deployment: a redeploy after fixing
+                    // the environment (say, creating the bot's `.venv`) makes it ready.
+                    p.deploy_error = deploy_error;
                     p.agent = agent;
                 }
                 None => {
@@ -1884,7 +1886,8 @@ fn tail_of(inst: &Arc<dyn Instance>) -> String {
 
 /// Whether `python` can import the runner's own dependencies; `Some(reason)` when it cannot.
 /// Runs `python -c "import fastapi, uvicorn"` (a few hundred ms) off the async worker's
-/// scheduling slot (`block_in_place`); results are cached per interpreter for 60 s.
+/// scheduling slot (`block_in_place`); a success is cached per interpreter for 60 s (a
+/// failure is checked again).
 fn python_runner_deps_missing(python: &str) -> Option<String> {
     type Checked = (std::time::Instant, Option<String>);
     static CACHE: std::sync::LazyLock<Mutex<HashMap<String, Checked>>> =
@@ -1937,9 +1940,13 @@ fn python_runner_deps_missing(python: &str) -> Option<String> {
         }
         Err(e) => Some(format!("cannot run {python}: {e}")),
     };
-    CACHE
-        .lock()
-        .insert(python.to_string(), (std::time::Instant::now(), r.clone()));
+    // Only a success is remembered: after a failure the user fixes the environment and
+    // deploys again, which must check again.
+    if r.is_none() {
+        CACHE
+            .lock()
+            .insert(python.to_string(), (std::time::Instant::now(), None));
+    }
     r
 }
 
