@@ -568,6 +568,79 @@ async fn cgroups_of_a_killed_server_are_removed_by_the_next_server() {
         root.join(&live_id).is_dir(),
         "a running server's cgroups stay"
     );
+    // A clean exit removes the server's cgroups and its liveness lock file.
+    let mut live = live;
+    assert!(live.terminate(Duration::from_secs(10)).is_some());
+    assert!(!root.join(&live_id).exists());
+    let lock = std::env::temp_dir()
+        .join("cattery-servers")
+        .join(format!("{live_id}.lock"));
+    assert!(!lock.exists(), "{} is still there", lock.display());
     drop(next);
-    drop(live);
+}
+
+/// A restart whose recovery takes a while (it is removing an instance that ignores SIGTERM)
+/// must not refill warm pools meanwhile: the recovery's sweep would take those fresh instances
+/// for leftovers of the previous run, remove them, and count them as failed starts, so that a
+/// healthy agent answered 503 `AGENT_CRASH_LOOP` for seconds after the restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_pools_are_refilled_only_after_recovery() {
+    let mut s = Server::start(&[]).await;
+    s.deploy(
+        "ww",
+        &[],
+        json!({"autoScaling": {"minAgents": 2, "maxAgents": 4}, "env": {"WW_ROLE": "1"}}),
+    )
+    .await;
+    s.deploy(
+        "slow",
+        &["--startup-delay", "60", "--ignore-sigterm"],
+        json!({"stopGraceSeconds": 3}),
+    )
+    .await;
+    let ww_pids = |s: &Server| -> Vec<i32> {
+        s.agent_pids()
+            .into_iter()
+            .filter(|p| pid_env(*p, "WW_ROLE").as_deref() == Some("1"))
+            .collect()
+    };
+    wait_for(Duration::from_secs(10), "two warm ww instances", || async {
+        (ww_pids(&s).len() == 2).then_some(())
+    })
+    .await;
+    s.wait_ready("ww", Duration::from_secs(10)).await;
+    let inflight = spawn_start(&s, "slow");
+    wait_for(Duration::from_secs(10), "the slow instance", || async {
+        (s.agent_pids().len() == 3).then_some(())
+    })
+    .await;
+    // Recorded right after its spawn: then the restart has to remove it with its 3 s grace.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    s.kill9();
+    let _ = inflight.await;
+    // The warm instances die while the server is down: the restarted server must refill.
+    let dead = ww_pids(&s);
+    for p in &dead {
+        unsafe_kill(*p, 9);
+    }
+    wait_for(Duration::from_secs(5), "warm instances gone", || async {
+        dead.iter().all(|p| !pid_alive(*p)).then_some(())
+    })
+    .await;
+    s.spawn().await;
+
+    for _ in 0..3 {
+        let r = s.start_session("ww", json!({})).await;
+        assert_eq!(r.status, 200, "start after restart: {:?}", r.body);
+        let sid = r.body["sessionId"].as_str().unwrap().to_string();
+        assert_eq!(s.stop("ww", &sid).await.status, 200);
+    }
+    let a = s.agent("ww").await;
+    assert_ne!(a["healthState"], "crash_loop", "{a}");
+    assert!(
+        !s.log().contains("removing an unrecorded instance"),
+        "the recovery removed instances of the new server: {}",
+        s.log()
+    );
 }

@@ -261,6 +261,10 @@ pub struct Supervisor {
     state: Mutex<State>,
     logs: mpsc::UnboundedSender<LogLine>,
     draining: AtomicBool,
+    /// Set once [`Supervisor::recover`] has finished: until then no warm pool is refilled (an
+    /// instance spawned meanwhile would be unknown to the recovery's sweep and removed as a
+    /// leftover of the previous run, and counted as a failed start).
+    recovered: AtomicBool,
     live: watch::Sender<usize>,
     secrets: OnceLock<Arc<dyn SecretSource>>,
 }
@@ -288,6 +292,7 @@ impl Supervisor {
             state: Mutex::new(State::default()),
             logs,
             draining: AtomicBool::new(false),
+            recovered: AtomicBool::new(false),
             live: watch::channel(0).0,
             secrets: OnceLock::new(),
         });
@@ -1493,8 +1498,12 @@ impl Supervisor {
     }
 
     /// Brings an agent's warm pool to `minAgents` within `maxAgents`, replaces idle instances of
-    /// old deployments, and trims extra idle ones.
+    /// old deployments, and trims extra idle ones. Does nothing until [`Supervisor::recover`]
+    /// has finished (which then reconciles every agent).
     pub fn reconcile(self: &Arc<Self>, agent_id: Uuid) {
+        if !self.recovered.load(Ordering::SeqCst) {
+            return;
+        }
         let mut spawn = Vec::new();
         let mut stop = Vec::new();
         {
@@ -1741,6 +1750,7 @@ impl Supervisor {
             self.store.end_session(s.id, &end).await?;
         }
         self.live.send_replace(self.state.lock().sessions.len());
+        self.recovered.store(true, Ordering::SeqCst);
         let ids: Vec<Uuid> = self.state.lock().pools.keys().copied().collect();
         for id in ids {
             self.reconcile(id);

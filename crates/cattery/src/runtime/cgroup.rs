@@ -32,6 +32,8 @@ pub struct CgroupSupport {
     pub v1_bases: Vec<(&'static str, PathBuf)>,
     /// This server's liveness lock (see the module docs), held while it runs.
     _alive: Option<Flock<File>>,
+    /// This server's id.
+    server_id: String,
 }
 
 /// Directory of the servers' liveness lock files.
@@ -116,6 +118,7 @@ impl CgroupSupport {
             v2_base: None,
             v1_bases: Vec::new(),
             _alive: None,
+            server_id: server_id.to_string(),
         };
         if std::env::var_os("CATTERY_NO_CGROUPS").is_some() {
             return s;
@@ -158,6 +161,14 @@ impl CgroupSupport {
             }
         }
         s
+    }
+
+    /// Removes this server's liveness lock file; on a clean exit, after its cgroups are gone
+    /// (the lock itself goes with the process).
+    pub fn remove_liveness_lock(&self) {
+        if self._alive.is_some() {
+            let _ = fs::remove_file(server_lock_dir().join(format!("{}.lock", self.server_id)));
+        }
     }
 
     /// Human description for logs.

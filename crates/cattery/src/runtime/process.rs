@@ -69,6 +69,7 @@ impl ProcessRuntime {
         {
             let _ = fs::remove_dir(d);
         }
+        self.cgroups.remove_liveness_lock();
     }
 
     /// Kills and removes instance `id` with nothing but its id: its cgroups (v2 `cgroup.kill`,
