@@ -45,7 +45,7 @@ pub const CRASH_LOOP_THRESHOLD: u32 = 2;
 /// (see [`FIRST_READY_POLL`]).
 pub const READY_POLL: Duration = Duration::from_millis(5);
 /// Wait before the second `/readyz` poll of a starting instance; it doubles up to
-/// [`READY_POLL`] (polls at about 0, 1, 3, 7, 15, 25, 35... ms). A native agent is ready
+/// [`READY_POLL`] (polls at about 0, 1, 3, 7, 12, 17, 22... ms). A native agent is ready
 /// within a few ms of its spawn: with a flat 10 ms it almost always waited one whole
 /// interval, most of the cold start overhead.
 pub const FIRST_READY_POLL: Duration = Duration::from_millis(1);

@@ -341,6 +341,25 @@ mod tests {
         status
     }
 
+    /// Spawns `program` with an empty environment in `cwd`, stdout and stderr to one file;
+    /// waits, and returns its wait status and its output.
+    fn run_captured(program: &str, args: &[String], cwd: &Path) -> (i32, String) {
+        let path = cwd.join("out");
+        let out: OwnedFd = std::fs::File::create(&path).unwrap().into();
+        let pid = spawn(&SpawnSpec {
+            program,
+            args,
+            env: &[],
+            cwd,
+            stdout: &out,
+            stderr: &out,
+            cgroup_procs: &[],
+        })
+        .unwrap();
+        let status = wait(pid);
+        (status, std::fs::read_to_string(&path).unwrap())
+    }
+
     #[test]
     fn runs_in_a_new_session_with_env_cwd_and_output() {
         let dir = tempfile::tempdir().unwrap();
@@ -425,27 +444,13 @@ mod tests {
         let raised = raise_nofile_limit();
         assert_eq!(raised, l.rlim_max);
         let dir = tempfile::tempdir().unwrap();
-        let out: OwnedFd = std::fs::File::create(dir.path().join("out"))
-            .unwrap()
-            .into();
-        let pid = spawn(&SpawnSpec {
-            program: "/bin/sh",
-            args: &["-c".to_string(), "ulimit -n".to_string()],
-            env: &[],
-            cwd: dir.path(),
-            stdout: &out,
-            stderr: &out,
-            cgroup_procs: &[],
-        })
-        .unwrap();
-        assert_eq!(wait(pid), 0);
-        let got = std::fs::read_to_string(dir.path().join("out")).unwrap();
-        let want = if l.rlim_cur < l.rlim_max {
-            l.rlim_cur
-        } else {
-            l.rlim_max
-        };
-        assert_eq!(got.trim(), want.to_string());
+        let (status, got) = run_captured(
+            "/bin/sh",
+            &["-c".to_string(), "ulimit -n".to_string()],
+            dir.path(),
+        );
+        assert_eq!(status, 0);
+        assert_eq!(got.trim(), l.rlim_cur.min(l.rlim_max).to_string());
     }
 
     #[test]
@@ -455,23 +460,8 @@ mod tests {
         std::fs::write(&script, "echo from-script \"$1\"\n").unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let out: OwnedFd = std::fs::File::create(dir.path().join("out"))
-            .unwrap()
-            .into();
-        let pid = spawn(&SpawnSpec {
-            program: "./s",
-            args: &["arg1".to_string()],
-            env: &[],
-            cwd: dir.path(),
-            stdout: &out,
-            stderr: &out,
-            cgroup_procs: &[],
-        })
-        .unwrap();
-        assert_eq!(wait(pid), 0);
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join("out")).unwrap(),
-            "from-script arg1\n"
-        );
+        let (status, got) = run_captured("./s", &["arg1".to_string()], dir.path());
+        assert_eq!(status, 0);
+        assert_eq!(got, "from-script arg1\n");
     }
 }

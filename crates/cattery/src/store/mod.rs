@@ -224,9 +224,10 @@ pub trait Store: Send + Sync + 'static {
     async fn list_instances(&self) -> StoreResult<Vec<InstanceRecord>>;
 
     /// Stores a new session taken by an already recorded (warm) instance and records the
-    /// instance as promised to it, atomically: one write on the warm start's path instead of
+    /// instance as promised to it: one write on the warm start's path instead of
     /// [`Store::insert_session`] plus [`Store::put_instance`]. Returns whether the instance's
-    /// record was found and updated (a missing one is left missing).
+    /// record was found and updated (a missing one is left missing). A store should override
+    /// this to do both in one transaction (SQLite does); this default does them in turn.
     async fn insert_session_for_instance(
         &self,
         s: &SessionRecord,
@@ -246,9 +247,10 @@ pub trait Store: Send + Sync + 'static {
         Ok(false)
     }
 
-    /// The end of an instance, atomically: forgets its record and, for its session, records
-    /// the end (first wins, as [`Store::end_session`]) and the resource metrics when given.
-    /// Returns whether this call wrote the session's end.
+    /// The end of an instance: forgets its record and, for its session, records the end
+    /// (first wins, as [`Store::end_session`]) and the resource metrics when given. Returns
+    /// whether this call wrote the session's end. A store should override this to do it in one
+    /// transaction (SQLite does); this default does the steps in turn.
     async fn end_instance(
         &self,
         instance_id: Uuid,

@@ -528,35 +528,10 @@ impl SqliteStore {
     }
 
     fn session_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<SessionRecord> {
-        let ended_ms: Option<i64> = r.get("ended_ms");
-        let end = ended_ms.map(|ended_ms| SessionEnd {
-            ended_ms,
-            reason: end_reason(
-                r.get::<Option<String>, _>("end_reason")
-                    .as_deref()
-                    .unwrap_or(""),
-            ),
-            completion_status: r
-                .get::<Option<String>, _>("completion_status")
-                .unwrap_or_default(),
-            exit_code: r.get::<Option<i64>, _>("exit_code").map(|v| v as i32),
-            exit_signal: r.get::<Option<i64>, _>("exit_signal").map(|v| v as i32),
-            message: r.get("end_message"),
-        });
-        let metrics: Option<String> = r.get("metrics");
-        Ok(SessionRecord {
-            id: uuid_of(r.get("id"))?,
-            org: r.get("org"),
-            agent_id: uuid_of(r.get("agent_id"))?,
-            deployment_id: uuid_of(r.get("deployment_id"))?,
-            created_ms: r.get("created_ms"),
-            updated_ms: r.get("updated_ms"),
-            bot_start_ms: r.get("bot_start_ms"),
-            cold_start: r.get::<Option<i64>, _>("cold_start").map(|v| v != 0),
-            transport: r.get("transport"),
-            end,
-            metrics: metrics.and_then(|m| serde_json::from_str(&m).ok()),
-        })
+        session_from_cols(
+            |i| r.try_get::<Option<String>, _>(i).ok().flatten(),
+            |i| r.try_get::<Option<i64>, _>(i).ok().flatten(),
+        )
     }
 
     fn key_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<ApiKeyRecord> {
@@ -1352,26 +1327,35 @@ impl Store for SqliteStore {
 
 /// A session from a direct read of [`SESSION_COLS`] (in that order).
 fn session_from_raw(r: &raw::Row<'_>) -> StoreResult<SessionRecord> {
-    let end = r.int(6).map(|ended_ms| SessionEnd {
+    session_from_cols(|i| r.text(i), |i| r.int(i))
+}
+
+/// A session from a row of [`SESSION_COLS`] (in that order) of either driver, read by column
+/// index as text or integer (`None` for NULL).
+fn session_from_cols(
+    text: impl Fn(usize) -> Option<String>,
+    int: impl Fn(usize) -> Option<i64>,
+) -> StoreResult<SessionRecord> {
+    let end = int(6).map(|ended_ms| SessionEnd {
         ended_ms,
-        reason: end_reason(r.text(10).as_deref().unwrap_or("")),
-        completion_status: r.text(9).unwrap_or_default(),
-        exit_code: r.int(11).map(|v| v as i32),
-        exit_signal: r.int(12).map(|v| v as i32),
-        message: r.text(13),
+        reason: end_reason(text(10).as_deref().unwrap_or("")),
+        completion_status: text(9).unwrap_or_default(),
+        exit_code: int(11).map(|v| v as i32),
+        exit_signal: int(12).map(|v| v as i32),
+        message: text(13),
     });
     Ok(SessionRecord {
-        id: uuid_of(&r.text(0).unwrap_or_default())?,
-        org: r.text(1).unwrap_or_default(),
-        agent_id: uuid_of(&r.text(2).unwrap_or_default())?,
-        deployment_id: uuid_of(&r.text(3).unwrap_or_default())?,
-        created_ms: r.int(4).unwrap_or_default(),
-        updated_ms: r.int(5).unwrap_or_default(),
-        bot_start_ms: r.int(7),
-        cold_start: r.int(8).map(|v| v != 0),
-        transport: r.text(14),
+        id: uuid_of(&text(0).unwrap_or_default())?,
+        org: text(1).unwrap_or_default(),
+        agent_id: uuid_of(&text(2).unwrap_or_default())?,
+        deployment_id: uuid_of(&text(3).unwrap_or_default())?,
+        created_ms: int(4).unwrap_or_default(),
+        updated_ms: int(5).unwrap_or_default(),
+        bot_start_ms: int(7),
+        cold_start: int(8).map(|v| v != 0),
+        transport: text(14),
         end,
-        metrics: r.text(15).and_then(|m| serde_json::from_str(&m).ok()),
+        metrics: text(15).and_then(|m| serde_json::from_str(&m).ok()),
     })
 }
 
