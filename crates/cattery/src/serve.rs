@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::api::{self, AppState};
-use crate::core::agents::AgentDefaults;
+use crate::core::orgs::AgentDefaults;
 use crate::core::supervisor::{Supervisor, SupervisorConfig};
 use crate::model::{now_ns, KeyKind, LogLine};
 use crate::runtime::process::ProcessRuntime;
@@ -116,7 +116,7 @@ pub async fn create_key(
 ) -> anyhow::Result<String> {
     let store = open_existing_store(data_dir).await?;
     store.ensure_org(org).await?;
-    let (_, key) = api::auth::issue_key(store.as_ref(), org, kind, name).await?;
+    let (_, key) = crate::core::keys::issue_key(store.as_ref(), org, kind, name).await?;
     Ok(key)
 }
 
@@ -256,11 +256,11 @@ pub async fn serve(mut cfg: ServeConfig) -> anyhow::Result<()> {
             metrics_interval: Duration::from_millis(cfg.metrics_interval_ms.max(100)),
         },
         log_tx,
+        Arc::new(crate::core::secrets::DeploymentSecrets::new(
+            store.clone(),
+            cipher.clone(),
+        )),
     );
-    sup.set_secret_source(Arc::new(crate::core::secrets::DeploymentSecrets::new(
-        store.clone(),
-        cipher.clone(),
-    )));
     sup.recover()
         .await
         .context("recovering instances after restart")?;

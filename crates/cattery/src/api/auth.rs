@@ -1,54 +1,13 @@
-//! Bearer-key authentication (reference §A.1, §A.10).
-//!
-//! Keys are random; only their SHA-256 is stored and compared in constant time. Each request
-//! looks the key up again, so a revoked key fails at once, even one revoked by
-//! `cattery keys revoke` from another process.
+//! Bearer-key authentication (reference §A.1, §A.10): the extractors that turn a key into a
+//! [`Caller`]. Keys themselves (issuance, lookup, revocation) are `core::keys`.
 
 use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::request::Parts;
-use rand::RngCore;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::core::keys::{self, KeyRefusal};
 use crate::model::KeyKind;
-
-/// SHA-256 of a key.
-pub fn hash_key(key: &str) -> Vec<u8> {
-    Sha256::digest(key.as_bytes()).to_vec()
-}
-
-/// A new random key of a kind: prefix plus 40 hex characters (160 bits).
-pub fn generate_key(kind: KeyKind) -> String {
-    let mut b = [0u8; 20];
-    rand::rng().fill_bytes(&mut b);
-    format!("{}{}", kind.prefix(), hex::encode(b))
-}
-
-/// Creates and stores a new key of `kind` for `org`; returns its record and the key itself
-/// (shown once: only its hash is stored, and the whole key for public keys, which the CLI lists).
-/// Errors: the store failed.
-pub async fn issue_key(
-    store: &dyn crate::store::Store,
-    org: &str,
-    kind: KeyKind,
-    name: &str,
-) -> Result<(crate::model::ApiKeyRecord, String), crate::store::StoreError> {
-    let key = generate_key(kind);
-    let rec = crate::model::ApiKeyRecord {
-        id: uuid::Uuid::new_v4(),
-        org: org.to_string(),
-        kind,
-        name: name.to_string(),
-        prefix: key[..kind.prefix().len() + 6].to_string(),
-        created_ms: crate::model::now_ms(),
-        revoked_ms: None,
-        public_key: (kind == KeyKind::Public).then(|| key.clone()),
-    };
-    store.insert_key(&rec, &hash_key(&key)).await?;
-    Ok((rec, key))
-}
 
 /// The authenticated caller.
 #[derive(Debug, Clone)]
@@ -83,22 +42,19 @@ async fn authenticate(
         .ok_or_else(|| {
             ApiError::unauthorized("Unauthorized: expected Authorization: Bearer <key>")
         })?;
-    let hash = hash_key(key);
-    let found = state
-        .store
-        .find_key(&hash)
-        .await
-        .map_err(|e| ApiError::from(crate::core::CoreError::Store(e)))?;
-    let Some((rec, stored)) = found else {
-        return Err(ApiError::unauthorized(
-            "Unauthorized / token expired: unknown key",
-        ));
+    let rec = match keys::find_live_key(state.store.as_ref(), key).await? {
+        Ok(rec) => rec,
+        Err(KeyRefusal::Unknown) => {
+            return Err(ApiError::unauthorized(
+                "Unauthorized / token expired: unknown key",
+            ))
+        }
+        Err(KeyRefusal::Revoked) => {
+            return Err(ApiError::unauthorized(
+                "Unauthorized / token expired: key revoked",
+            ))
+        }
     };
-    if !bool::from(stored.ct_eq(&hash)) || rec.revoked_ms.is_some() {
-        return Err(ApiError::unauthorized(
-            "Unauthorized / token expired: key revoked",
-        ));
-    }
     if !allowed.contains(&rec.kind) {
         let want = allowed
             .iter()

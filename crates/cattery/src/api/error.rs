@@ -29,10 +29,23 @@ use crate::core::CoreError;
 /// The error body (reference `ErrorResponse`).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
-    /// Message.
-    pub error: String,
     /// Code, always a string.
     pub code: String,
+    /// Message.
+    pub error: String,
+}
+
+/// The capacity 429 body (reference §A.5): the error body plus `status` and `message`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RateLimitBody {
+    /// `"429"`.
+    pub code: String,
+    /// Message.
+    pub error: String,
+    /// `Rate limit exceeded. Please try again later (...)`.
+    pub message: String,
+    /// 429.
+    pub status: u16,
 }
 
 /// An HTTP error response.
@@ -112,15 +125,21 @@ impl From<CoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = if self.status == StatusCode::TOO_MANY_REQUESTS {
-            serde_json::json!({
-                "status": 429,
-                "code": self.code,
-                "message": format!("Rate limit exceeded. Please try again later ({})", self.message),
-                "error": self.message,
-            })
-        } else {
-            serde_json::json!({ "error": self.message, "code": self.code })
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            let body = RateLimitBody {
+                code: self.code,
+                message: format!(
+                    "Rate limit exceeded. Please try again later ({})",
+                    self.message
+                ),
+                error: self.message,
+                status: 429,
+            };
+            return (self.status, Json(body)).into_response();
+        }
+        let body = ErrorBody {
+            code: self.code,
+            error: self.message,
         };
         (self.status, Json(body)).into_response()
     }

@@ -25,14 +25,13 @@ use std::collections::HashMap;
 
 use axum::extract::{Query, State};
 use axum::Json;
-use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::auth::{OrgAuth, PrivateAuth};
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::schema::{LogItem, LogPage, LogTotal};
 use super::{ApiPath, AppState};
-use crate::core::CoreError;
-use crate::model::iso_ns;
+use crate::core::lookup;
 use crate::store::LogFilter;
 
 /// Largest `limit`.
@@ -138,35 +137,19 @@ async fn logs_in(
     org: &str,
     name: &str,
     q: &HashMap<String, String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<LogPage>> {
     let f = parse_filter(q)?;
-    let agent = st
-        .store
-        .get_agent(org, name)
+    let agent = lookup::agent_of(&st.store, org, name)
         .await
-        .map_err(CoreError::from)?
-        .ok_or_else(|| ApiError::not_found("NOT_FOUND", format!("agent {name} not found")))?;
-    let (total, lines) = st
-        .store
-        .query_logs(agent.id, &f)
-        .await
-        .map_err(CoreError::from)?;
-    let logs: Vec<Value> = lines
-        .iter()
-        .map(|l| {
-            json!({
-                "log": l.line,
-                "timestamp": iso_ns(l.ts_ns),
-                "deploymentId": l.deployment_id,
-                "sessionId": l.session_id,
-                "instanceId": l.instance_id,
-                "stream": l.stream,
-            })
-        })
-        .collect();
-    Ok(Json(
-        json!({"total": {"value": total, "relation": "eq"}, "logs": logs}),
-    ))
+        .map_err(|e| ApiError::from(e).with_not_found_code("NOT_FOUND"))?;
+    let (total, lines) = lookup::logs_of(&st.store, &agent, &f).await?;
+    Ok(Json(LogPage {
+        logs: lines.iter().map(LogItem::of).collect(),
+        total: LogTotal {
+            relation: "eq",
+            value: total,
+        },
+    }))
 }
 
 /// Get an agent's logs.
@@ -180,16 +163,16 @@ async fn logs_in(
            ("query" = Option<String>, Query, description = "only lines containing this text"),
            ("startTime" = Option<i64>, Query, description = "captured at or after (Unix s)"),
            ("endTime" = Option<i64>, Query, description = "captured at or before (Unix s)")),
-    responses((status = 200, description = "{\"total\": {value, relation}, \"logs\": [{log, timestamp, deploymentId, sessionId, stream}]}", body = Object),
-              (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody),
-              (status = 404, body = super::error::ErrorBody)),
+    responses((status = 200, description = "{\"total\": {value, relation}, \"logs\": [{log, timestamp, deploymentId, sessionId, stream}]}", body = LogPage),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 404, body = ErrorBody)),
     security(("PrivateKeyAuth" = [])))]
 pub async fn agent_logs(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
     ApiPath(name): ApiPath<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<LogPage>> {
     logs_in(&st, &c.org, &name, &q).await
 }
 
@@ -199,7 +182,7 @@ pub async fn org_agent_logs(
     OrgAuth(c): OrgAuth,
     ApiPath((_org, name)): ApiPath<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<LogPage>> {
     logs_in(&st, &c.org, &name, &q).await
 }
 

@@ -1,8 +1,9 @@
 //! The HTTP surface: axum handlers that translate between the wire and [`crate::core`].
 //!
-//! Routes (reference §A.2): the documented private API under `/v1/agents`, the public API
-//! under `/v1/public`, `/health`, and the OpenAPI description at `/v1/openapi.json`; the
-//! CLI's org-scoped surface, secrets, logs, regions and properties are in [`org::routes`].
+//! Every route is listed in [`router`] (reference §A.2): the documented private API under
+//! `/v1/agents`, the public API under `/v1/public`, secrets, logs, regions and properties,
+//! `/health`, the OpenAPI description at `/v1/openapi.json` (generated from that list), and
+//! the CLI's org-scoped surface. Response bodies are typed ([`schema`], [`error`]).
 
 pub mod agents;
 pub mod auth;
@@ -11,23 +12,23 @@ pub mod logs;
 pub mod openapi;
 pub mod org;
 pub mod proxy;
+pub mod router;
+pub mod schema;
 pub mod secrets;
 pub mod sessions;
 pub mod ws;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::{any, get, post};
-use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
-use crate::core::agents::AgentDefaults;
+use crate::core::orgs::AgentDefaults;
 use crate::core::supervisor::Supervisor;
 use crate::store::Store;
 use error::ApiError;
+pub use router::router;
 
 /// Largest request body accepted on any route (bytes). The start `body` limit (1 MiB) is
 /// checked separately so it can answer 413 with a precise message.
@@ -111,68 +112,4 @@ where
             Err(e) => Err(ApiError::new(e.status(), "500", e.body_text())),
         }
     }
-}
-
-async fn health() -> impl IntoResponse {
-    Json(serde_json::json!({"status": "ok"}))
-}
-
-async fn not_found() -> ApiError {
-    ApiError::not_found("404", "no such route")
-}
-
-async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "405",
-        "method not allowed on this route",
-    )
-}
-
-/// Builds the router.
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/v1/openapi.json", get(openapi::serve))
-        .route(
-            "/v1/agents",
-            get(agents::list_agents).post(agents::create_agent),
-        )
-        .route(
-            "/v1/agents/{agent_name}",
-            get(agents::get_agent)
-                .post(agents::update_agent)
-                .delete(agents::delete_agent),
-        )
-        .route(
-            "/v1/agents/{agent_name}/sessions",
-            get(sessions::list_sessions),
-        )
-        .route(
-            "/v1/agents/{agent_name}/sessions/{session_id}",
-            get(sessions::get_session).delete(sessions::stop_session),
-        )
-        .route(
-            "/v1/public/{agent_name}/start",
-            post(sessions::start_session),
-        )
-        .route(
-            "/v1/public/{agent_name}/sessions/{session_id}",
-            any(proxy::proxy_root),
-        )
-        .route(
-            "/v1/public/{agent_name}/sessions/{session_id}/{*path}",
-            any(proxy::proxy),
-        )
-        .route("/ws/generic/{service}", get(ws::connect))
-        .route("/ws/generic/{service}/{token}", get(ws::connect_with_token))
-        .merge(org::routes())
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "500", "internal error")
-                .into_response()
-        }))
-        .with_state(state)
 }

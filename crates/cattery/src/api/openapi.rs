@@ -1,6 +1,7 @@
-//! The OpenAPI 3 description, generated from the handlers' annotations.
+//! The OpenAPI 3 description's frame: info, security schemes, request schemas, and the one
+//! documented route that `api::router` registers as a plain route (the session proxy). The
+//! paths themselves come from the route list in `api::router` (`router::openapi`).
 
-use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -33,27 +34,10 @@ impl Modify for Security {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Cattery", description = "Self-hosted, Pipecat Cloud compatible session platform"),
-    paths(
-        super::agents::create_agent, super::agents::list_agents, super::agents::get_agent,
-        super::agents::update_agent, super::agents::delete_agent,
-        super::sessions::start_session, super::sessions::list_sessions, super::sessions::get_session,
-        super::sessions::stop_session,
-        super::proxy::proxy, super::ws::connect,
-        super::logs::agent_logs,
-        super::secrets::list_secret_sets, super::secrets::get_secret_set,
-        super::secrets::put_secret_set, super::secrets::delete_secret_set,
-        super::secrets::delete_secret,
-        super::org::regions, super::org::properties, super::org::properties_schema,
-        super::org::update_properties,
-    ),
+    paths(super::proxy::proxy),
     components(schemas(super::error::ErrorBody, crate::core::agents::AgentRequest,
         super::sessions::StartRequest, super::sessions::StartResponse, super::sessions::StopResponse,
         crate::core::secrets::UpsertRequest, crate::core::secrets::SecretPair)),
     modifiers(&Security)
 )]
 pub struct ApiDoc;
-
-/// `GET /v1/openapi.json`.
-pub async fn serve() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
-}

@@ -28,12 +28,15 @@ use uuid::Uuid;
 use super::agents;
 use super::auth::{OrgAuth, PrivateAuth};
 use super::error::{ApiError, ApiResult};
+use super::schema::{
+    AgentDetails, AgentList, Deployment, DeploymentList, Session, SessionList, StatusOk,
+    WrappedAgentDetails,
+};
 use super::sessions;
 use super::{ApiJson, ApiPath, AppState};
 use crate::core::agents::AgentRequest;
-use crate::core::orgs;
-use crate::core::supervisor::PoolStatus;
 use crate::core::CoreError;
+use crate::core::{keys, orgs};
 use crate::model::{iso_ms, ApiKeyRecord, KeyKind};
 
 fn nf(e: CoreError) -> ApiError {
@@ -45,12 +48,12 @@ pub async fn list_organizations(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
 ) -> ApiResult<Json<Value>> {
-    let org = st
-        .store
-        .get_org(&c.org)
+    let org = orgs::org_record(&st.store, &c.org)
         .await
-        .map_err(CoreError::from)?
-        .ok_or_else(|| ApiError::not_found("NOT_FOUND", "organization not found"))?;
+        .map_err(|e| match e {
+            CoreError::NotFound(_) => ApiError::not_found("NOT_FOUND", "organization not found"),
+            e => e.into(),
+        })?;
     Ok(Json(json!({"organizations": [{
         "name": org.name,
         "verboseName": org.verbose_name,
@@ -74,7 +77,7 @@ pub async fn list_services(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
     q: Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<AgentList>> {
     agents::list_agents(State(st), PrivateAuth(c), q).await
 }
 
@@ -83,7 +86,7 @@ pub async fn create_service(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
     body: ApiJson<AgentRequest>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<AgentDetails>> {
     agents::create_agent(State(st), PrivateAuth(c), body).await
 }
 
@@ -92,7 +95,7 @@ pub async fn update_service(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
     ApiJson(req): ApiJson<AgentRequest>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<AgentDetails>> {
     let name = req
         .service_name
         .clone()
@@ -106,9 +109,9 @@ pub async fn get_service(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
     ApiPath((_org, name)): ApiPath<(String, String)>,
-) -> ApiResult<Json<Value>> {
-    let details = agents::load_details(&st, &c.org, &name, None).await?;
-    Ok(Json(json!({ "body": details })))
+) -> ApiResult<Json<WrappedAgentDetails>> {
+    let body = agents::load_details(&st, &c.org, &name, None).await?;
+    Ok(Json(WrappedAgentDetails { body }))
 }
 
 /// `DELETE /v1/organizations/{org}/services/{name}`.
@@ -116,34 +119,22 @@ pub async fn delete_service(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
     ApiPath((_org, name)): ApiPath<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<StatusOk>> {
     agents::delete_agent(State(st), PrivateAuth(c), ApiPath(name)).await
 }
 
-async fn deployments_in(st: &AppState, org: &str, name: &str) -> ApiResult<Json<Value>> {
-    let a = st
-        .store
-        .get_agent(org, name)
-        .await
-        .map_err(CoreError::from)?
+async fn deployments_in(st: &AppState, org: &str, name: &str) -> ApiResult<Json<DeploymentList>> {
+    let (a, deps) = crate::core::agents::deployments(&st.store, org, name)
+        .await?
         .ok_or_else(|| ApiError::not_found("NOT_FOUND", "Not found"))?;
-    let deps = st
-        .store
-        .list_deployments(a.id)
-        .await
-        .map_err(CoreError::from)?;
-    let grace = st.sup.default_stop_grace().as_secs_f64();
-    let list: Vec<Value> = deps
+    let deployments = deps
         .iter()
-        .map(|d| {
-            let mut v = agents::agent_details(&a, d, &PoolStatus::default(), grace, None)
-                ["deployment"]
-                .take();
-            v["active"] = json!(d.id == a.desired_deployment_id);
-            v
+        .map(|d| Deployment {
+            active: Some(d.id == a.desired_deployment_id),
+            ..Deployment::of(&a, d)
         })
         .collect();
-    Ok(Json(json!({ "deployments": list })))
+    Ok(Json(DeploymentList { deployments }))
 }
 
 /// `GET /v1/organizations/{org}/services/{name}/deployments`: `{"deployments": [{id,
@@ -152,7 +143,7 @@ pub async fn list_deployments(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
     ApiPath((_org, name)): ApiPath<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DeploymentList>> {
     deployments_in(&st, &c.org, &name).await
 }
 
@@ -161,7 +152,7 @@ pub async fn agent_deployments(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
     ApiPath(name): ApiPath<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DeploymentList>> {
     deployments_in(&st, &c.org, &name).await
 }
 
@@ -171,7 +162,7 @@ pub async fn list_sessions(
     OrgAuth(c): OrgAuth,
     ApiPath((_org, name)): ApiPath<(String, String)>,
     q: Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SessionList>> {
     sessions::list_sessions(State(st), PrivateAuth(c), ApiPath(name), q).await
 }
 
@@ -180,7 +171,7 @@ pub async fn get_session(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
     ApiPath((_org, name, sid)): ApiPath<(String, String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Session>> {
     sessions::get_session(State(st), PrivateAuth(c), ApiPath((name, sid))).await
 }
 
@@ -305,11 +296,7 @@ pub async fn list_api_keys(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
 ) -> ApiResult<Json<Value>> {
-    let keys = st
-        .store
-        .list_keys(&c.org, None)
-        .await
-        .map_err(CoreError::from)?;
+    let keys = keys::list_keys(st.store.as_ref(), &c.org).await?;
     let of = |kind| {
         keys.iter()
             .filter(|k| k.kind == kind)
@@ -338,27 +325,8 @@ pub async fn create_api_key(
     OrgAuth(c): OrgAuth,
     ApiJson(req): ApiJson<CreateKeyRequest>,
 ) -> ApiResult<Json<Value>> {
-    let name = req
-        .name
-        .as_deref()
-        .map(str::trim)
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| ApiError::bad_request("name is required"))?;
-    if name.chars().count() > 100 {
-        return Err(ApiError::bad_request("name must be at most 100 characters"));
-    }
-    let kind = match req.kind.as_deref() {
-        None | Some("") | Some("public") => KeyKind::Public,
-        Some("private") => KeyKind::Private,
-        Some(t) => {
-            return Err(ApiError::bad_request(format!(
-                "type must be public or private, not {t:?}"
-            )))
-        }
-    };
-    let (rec, key) = super::auth::issue_key(st.store.as_ref(), &c.org, kind, name)
-        .await
-        .map_err(CoreError::from)?;
+    let (name, kind) = keys::check_new_key(req.name.as_deref(), req.kind.as_deref())?;
+    let (rec, key) = keys::issue_key(st.store.as_ref(), &c.org, kind, &name).await?;
     let mut v = key_json(&rec);
     v["key"] = json!(key);
     Ok(Json(v))
@@ -373,17 +341,9 @@ pub async fn revoke_api_key(
 ) -> ApiResult<Json<Value>> {
     let id = Uuid::parse_str(&id)
         .map_err(|_| ApiError::bad_request(format!("invalid key id {id:?}: expected a UUID")))?;
-    if !st
-        .store
-        .revoke_key(&c.org, id)
+    keys::revoke_key(st.store.as_ref(), &c.org, id)
         .await
-        .map_err(CoreError::from)?
-    {
-        return Err(ApiError::not_found(
-            "NOT_FOUND",
-            format!("API key {id} not found"),
-        ));
-    }
+        .map_err(|e| ApiError::from(e).with_not_found_code("NOT_FOUND"))?;
     Ok(Json(json!({"status": "OK", "id": id, "revoked": true})))
 }
 
@@ -398,78 +358,4 @@ pub async fn daily_key(State(st): State<AppState>, OrgAuth(_c): OrgAuth) -> ApiR
                 "this server has no Daily API key (cattery serve --daily-api-key)",
             )
         })
-}
-
-/// The routes of this module, `api::secrets` and `api::logs` (merged into [`super::router`]).
-pub fn routes() -> axum::Router<AppState> {
-    use super::{logs, secrets};
-    use axum::routing::get;
-    const S: &str = "/v1/organizations/{org}/services";
-    const SEC: &str = "/v1/organizations/{org}/secrets";
-    axum::Router::new()
-        .route("/v1/organizations", get(list_organizations))
-        .route("/v1/users", get(current_user))
-        .route("/v1/regions", get(regions))
-        .route("/v1/properties", get(properties).patch(update_properties))
-        .route("/v1/properties/schema", get(properties_schema))
-        .route("/v1/secrets", get(secrets::list_secret_sets))
-        .route(
-            "/v1/secrets/{set_name}",
-            get(secrets::get_secret_set)
-                .put(secrets::put_secret_set)
-                .delete(secrets::delete_secret_set),
-        )
-        .route(
-            "/v1/secrets/{set_name}/{secret_key}",
-            axum::routing::delete(secrets::delete_secret),
-        )
-        .route("/v1/agents/{agent_name}/logs", get(logs::agent_logs))
-        .route(
-            "/v1/agents/{agent_name}/deployments",
-            get(agent_deployments),
-        )
-        .route(
-            S,
-            get(list_services).post(create_service).put(update_service),
-        )
-        .route(
-            &format!("{S}/{{name}}"),
-            get(get_service).delete(delete_service),
-        )
-        .route(&format!("{S}/{{name}}/deployments"), get(list_deployments))
-        .route(&format!("{S}/{{name}}/logs"), get(logs::org_agent_logs))
-        .route(&format!("{S}/{{name}}/sessions"), get(list_sessions))
-        .route(
-            &format!("{S}/{{name}}/sessions/{{session_id}}"),
-            get(get_session).delete(stop_session),
-        )
-        .route(SEC, get(secrets::org_list_secret_sets))
-        .route(
-            &format!("{SEC}/{{set_name}}"),
-            get(secrets::org_get_secret_set)
-                .put(secrets::org_put_secret_set)
-                .delete(secrets::org_delete_secret_set),
-        )
-        .route(
-            &format!("{SEC}/{{set_name}}/{{secret_key}}"),
-            axum::routing::delete(secrets::org_delete_secret),
-        )
-        .route("/v1/organizations/{org}/regions", get(org_regions))
-        .route(
-            "/v1/organizations/{org}/properties",
-            get(org_properties).patch(org_update_properties),
-        )
-        .route(
-            "/v1/organizations/{org}/properties/schema",
-            get(org_properties_schema),
-        )
-        .route(
-            "/v1/organizations/{org}/apiKeys",
-            get(list_api_keys).post(create_api_key),
-        )
-        .route(
-            "/v1/organizations/{org}/apiKeys/{id}",
-            axum::routing::delete(revoke_api_key),
-        )
-        .route("/v1/organizations/{org}/daily", get(daily_key))
 }

@@ -6,16 +6,18 @@ use axum::extract::{Query, State};
 use axum::Json;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::auth::{PrivateAuth, PublicAuth};
-use super::error::{ApiError, ApiResult, ErrorBody};
+use super::error::{ApiError, ApiResult, ErrorBody, RateLimitBody};
+use super::schema::{Session, SessionList};
 use super::{ApiJson, ApiPath, AppState};
+use crate::core::lookup;
 use crate::core::supervisor::StartParams;
 use crate::core::CoreError;
-use crate::model::{iso_ms, AgentRecord, SessionRecord};
+use crate::model::{AgentRecord, SessionRecord};
 use crate::store::SessionFilter;
 
 /// Largest start `body` for daily/webrtc/plain sessions (bytes; reference §A.5).
@@ -43,50 +45,47 @@ pub struct StartRequest {
     pub flow_config: Option<String>,
 }
 
+/// `iceConfig` of a start answer (no ICE servers are configured).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IceConfig {
+    /// Always empty.
+    #[schema(value_type = Vec<Object>)]
+    pub ice_servers: Vec<Value>,
+}
+
 /// `StartResponse`: `sessionId`, plus Cattery's additive `coldStart` and `botStartSeconds`.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StartResponse {
-    /// Session id.
-    pub session_id: Uuid,
-    /// Whether a new instance was started for it.
-    pub cold_start: bool,
     /// Seconds from the start request to the delivered session.
     pub bot_start_seconds: f64,
+    /// Whether a new instance was started for it.
+    pub cold_start: bool,
+    /// With `enableDefaultIceServers: true` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ice_config: Option<IceConfig>,
+    /// Session id.
+    pub session_id: Uuid,
+}
+
+/// The answer of a start: a delivered session, or (websocket transport) where to connect.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum StartAnswer {
+    /// A delivered session.
+    Started(StartResponse),
+    /// A websocket session announced: the client connects to `wsUrl` with `token`.
+    Websocket(super::ws::WsAnnounce),
 }
 
 /// `StopResponse` (the seed): note the snake_case `session_id`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct StopResponse {
-    /// Always `terminated`.
-    pub status: String,
     /// The session.
     pub session_id: Uuid,
-}
-
-/// Session JSON (reference §A.5.2/§A.5.3): every key present, null when unknown, plus
-/// Cattery's additive `endReason`, `exitCode`, `exitSignal`, `endMessage`, `status`.
-pub fn session_json(s: &SessionRecord, agent: &AgentRecord) -> Value {
-    let end = s.end.as_ref();
-    json!({
-        "sessionId": s.id,
-        "serviceId": s.agent_id,
-        "serviceName": agent.name,
-        "organizationId": s.org,
-        "deploymentId": s.deployment_id,
-        "createdAt": iso_ms(s.created_ms),
-        "updatedAt": iso_ms(s.updated_ms),
-        "endedAt": end.map(|e| iso_ms(e.ended_ms)),
-        "botStartSeconds": s.bot_start_ms.map(|ms| ms as f64 / 1000.0),
-        "coldStart": s.cold_start,
-        "completionStatus": end.map(|e| e.completion_status.clone()),
-        "endReason": end.map(|e| e.reason.as_str()),
-        "exitCode": end.and_then(|e| e.exit_code),
-        "exitSignal": end.and_then(|e| e.exit_signal),
-        "endMessage": end.and_then(|e| e.message.clone()),
-        "transport": s.transport,
-        "status": if end.is_some() { "ended" } else { "active" },
-    })
+    /// Always `terminated`.
+    pub status: String,
 }
 
 /// Parses a session id path segment. Errors: 400 `"400"` (the seed's malformed-id case).
@@ -101,20 +100,16 @@ pub fn parse_session_id(s: &str) -> ApiResult<Uuid> {
 }
 
 async fn agent_for(st: &AppState, org: &str, name: &str) -> ApiResult<AgentRecord> {
-    st.store
-        .get_agent(org, name)
-        .await
-        .map_err(CoreError::from)?
-        .ok_or_else(|| ApiError::not_found("404", format!("agent {name} not found")))
+    Ok(lookup::agent_of(&st.store, org, name).await?)
 }
 
 /// Start a session.
 #[utoipa::path(post, path = "/v1/public/{agent_name}/start", request_body = StartRequest, tag = "sessions",
     operation_id = "start_session",
     params(("agent_name" = String, Path, description = "Agent name")),
-    responses((status = 200, body = StartResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+    responses((status = 200, body = StartAnswer), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
-              (status = 429, description = "at maxAgents", body = Object), (status = 503, body = ErrorBody),
+              (status = 429, description = "at maxAgents", body = RateLimitBody), (status = 503, body = ErrorBody),
               (status = 504, body = ErrorBody)),
     security(("PublicKeyAuth" = [])))]
 pub async fn start_session(
@@ -123,7 +118,7 @@ pub async fn start_session(
     ApiPath(name): ApiPath<String>,
     headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<StartRequest>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<StartAnswer>> {
     let transport = match req.transport.as_deref() {
         None | Some("") => None,
         Some(t @ ("daily" | "webrtc" | "websocket")) => Some(t.to_string()),
@@ -166,13 +161,13 @@ pub async fn start_session(
             .and_then(|h| h.to_str().ok())
             .unwrap_or("127.0.0.1:7870")
             .to_string();
-        return Ok(Json(super::ws::announce(
+        return Ok(Json(StartAnswer::Websocket(super::ws::announce(
             &st,
             &host,
             &c.org,
             &name,
             req.body.as_ref(),
-        )));
+        ))));
     }
     let out = st
         .sup
@@ -186,15 +181,14 @@ pub async fn start_session(
             },
         )
         .await?;
-    let mut resp = json!({
-        "sessionId": out.session_id,
-        "coldStart": out.cold_start,
-        "botStartSeconds": out.bot_start_ms as f64 / 1000.0,
-    });
-    if req.enable_default_ice_servers == Some(true) {
-        resp["iceConfig"] = json!({"iceServers": []});
-    }
-    Ok(Json(resp))
+    Ok(Json(StartAnswer::Started(StartResponse {
+        bot_start_seconds: out.bot_start_ms as f64 / 1000.0,
+        cold_start: out.cold_start,
+        ice_config: (req.enable_default_ice_servers == Some(true)).then(|| IceConfig {
+            ice_servers: Vec::new(),
+        }),
+        session_id: out.session_id,
+    })))
 }
 
 fn zod(field: &str, msg: &str) -> ApiError {
@@ -227,7 +221,7 @@ fn int_param(q: &HashMap<String, String>, k: &str) -> ApiResult<Option<i64>> {
            ("startType" = Option<String>, Query, description = "cold | warm | all"),
            ("startTime" = Option<i64>, Query, description = "created at or after (Unix s)"),
            ("endTime" = Option<i64>, Query, description = "created at or before (Unix s)")),
-    responses((status = 200, description = "{\"total_count\", \"sessions\"}", body = Object),
+    responses((status = 200, description = "{\"total_count\", \"sessions\"}", body = SessionList),
               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("PrivateKeyAuth" = [])))]
 pub async fn list_sessions(
@@ -235,7 +229,7 @@ pub async fn list_sessions(
     PrivateAuth(c): PrivateAuth,
     ApiPath(name): ApiPath<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SessionList>> {
     let agent = agent_for(&st, &c.org, &name).await?;
     let mut f = SessionFilter {
         limit: int_param(&q, "limit")?.unwrap_or(10).clamp(1, 1000),
@@ -261,62 +255,44 @@ pub async fn list_sessions(
         Some("warm") => Some(false),
         Some(_) => return Err(zod("startType", "expected cold, warm or all")),
     };
-    let (total, list) = st
-        .store
-        .list_sessions(agent.id, &f)
-        .await
-        .map_err(CoreError::from)?;
-    let sessions: Vec<Value> = list.iter().map(|s| session_json(s, &agent)).collect();
-    Ok(Json(json!({"total_count": total, "sessions": sessions})))
+    let (total_count, list) = lookup::sessions_of(&st.store, &agent, &f).await?;
+    Ok(Json(SessionList {
+        sessions: list.iter().map(|s| Session::of(s, &agent)).collect(),
+        total_count,
+    }))
 }
 
 /// A session of `org`'s agent `name`, with the agent. Errors: 404 `"404"` when it does not
-/// exist, or belongs to another org or agent.
+/// exist, or belongs to another org or agent (`core::lookup::session_of`).
 pub async fn session_of(
     st: &AppState,
     org: &str,
     name: &str,
     id: Uuid,
 ) -> ApiResult<(AgentRecord, SessionRecord)> {
-    let s = st
-        .store
-        .get_session(id)
-        .await
-        .map_err(CoreError::from)?
-        .filter(|s| s.org == org)
-        .ok_or_else(|| ApiError::not_found("404", format!("session {id} not found")))?;
-    let agent = st
-        .store
-        .get_agent_by_id(s.agent_id)
-        .await
-        .map_err(CoreError::from)?
-        .filter(|a| a.name == name)
-        .ok_or_else(|| {
-            ApiError::not_found("404", format!("session {id} not found for agent {name}"))
-        })?;
-    Ok((agent, s))
+    Ok(lookup::session_of(&st.store, org, name, id).await?)
 }
 
 /// Get one session, with `resourceMetrics`.
 #[utoipa::path(get, path = "/v1/agents/{agent_name}/sessions/{session_id}", tag = "sessions",
     operation_id = "get_session",
     params(("agent_name" = String, Path, description = "Agent name"), ("session_id" = String, Path, description = "Session UUID")),
-    responses((status = 200, description = "SessionResponse", body = Object), (status = 400, body = ErrorBody),
+    responses((status = 200, description = "SessionResponse", body = Session), (status = 400, body = ErrorBody),
               (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("PrivateKeyAuth" = [])))]
 pub async fn get_session(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
     ApiPath((name, sid)): ApiPath<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Session>> {
     let id = parse_session_id(&sid)?;
     let (agent, s) = session_of(&st, &c.org, &name, id).await?;
-    let mut v = session_json(&s, &agent);
-    v["resourceMetrics"] = match &s.metrics {
+    let mut v = Session::of(&s, &agent);
+    v.resource_metrics = Some(match &s.metrics {
         Some(m) => m.clone(),
         None => st.sup.live_metrics(id).unwrap_or(Value::Null),
-    };
-    v["meetingIds"] = json!([]);
+    });
+    v.meeting_ids = Some(Vec::new());
     Ok(Json(v))
 }
 
@@ -341,8 +317,8 @@ pub async fn stop_session(
         r => r?,
     }
     Ok(Json(StopResponse {
-        status: "terminated".into(),
         session_id: id,
+        status: "terminated".into(),
     }))
 }
 

@@ -113,14 +113,29 @@ impl WsState {
     }
 }
 
-/// `/start` for the websocket transport: the answer's extra fields.
+/// The `/start` answer of the websocket transport.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WsAnnounce {
+    /// The start `body`, base64 of its JSON (only when one was given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// The session the connection will start.
+    pub session_id: Uuid,
+    /// One-use token for the connection.
+    pub token: String,
+    /// Where to connect.
+    pub ws_url: String,
+}
+
+/// `/start` for the websocket transport: issues the token and answers where to connect.
 pub fn announce(
     st: &AppState,
     host: &str,
     org: &str,
     agent: &str,
     body: Option<&serde_json::Value>,
-) -> serde_json::Value {
+) -> WsAnnounce {
     let session_id = Uuid::new_v4();
     let body_bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
     let token = st.ws.issue(WsTicket {
@@ -130,15 +145,12 @@ pub fn announce(
         body: body_bytes.clone(),
         expires: Instant::now() + st.ws.token_ttl,
     });
-    let mut v = serde_json::json!({
-        "sessionId": session_id,
-        "token": token,
-        "wsUrl": format!("ws://{host}/ws/generic/{agent}.{org}"),
-    });
-    if let Some(b) = body_bytes {
-        v["body"] = base64::engine::general_purpose::STANDARD.encode(b).into();
+    WsAnnounce {
+        body: body_bytes.map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
+        session_id,
+        token,
+        ws_url: format!("ws://{host}/ws/generic/{agent}.{org}"),
     }
-    v
 }
 
 fn forbidden(msg: &str) -> Response {

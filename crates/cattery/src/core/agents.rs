@@ -11,8 +11,9 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::orgs::AgentDefaults;
 use super::supervisor::Supervisor;
-use super::{CoreError, CoreResult};
+use super::{env, exec_check, CoreError, CoreResult};
 use crate::model::{
     now_ms, profile_limits, valid_agent_name, AgentRecord, DeploymentRecord, DeploymentSpec,
     DEFAULT_MAX_AGENTS, MAX_MAX_SESSION_DURATION_S, MIN_MAX_SESSION_DURATION_S,
@@ -116,37 +117,8 @@ impl AgentRequest {
     }
 }
 
-/// Server-side defaults for agents.
-#[derive(Debug, Clone)]
-pub struct AgentDefaults {
-    /// Regions this server offers.
-    pub regions: Vec<String>,
-    /// Region used when none is given.
-    pub default_region: String,
-}
-
 fn bad(msg: impl Into<String>) -> CoreError {
     CoreError::bad_request(msg)
-}
-
-fn valid_env_name(k: &str) -> bool {
-    !k.is_empty()
-        && !k.as_bytes()[0].is_ascii_digit()
-        && k.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
-}
-
-/// Variables the platform sets for every instance (docs/instance-contract.md); an agent's
-/// `env` may not override them.
-fn reserved_env_name(k: &str) -> bool {
-    matches!(
-        k,
-        "PORT"
-            | "TMPDIR"
-            | "CATTERY_INSTANCE_ID"
-            | "CATTERY_SESSION_ID"
-            | "CATTERY_BOT_DIR"
-            | "CATTERY_EXIT_STATUS_FILE"
-    )
 }
 
 /// Applies the request's run-affecting fields onto `spec`. Errors: 400 with the offending field.
@@ -168,27 +140,20 @@ fn apply(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
             spec.command = None;
         }
     }
+    if let Some(wd) = &r.working_dir {
+        spec.working_dir = Some(exec_check::absolute_path("workingDir", wd)?);
+    }
     if let Some(cmd) = &r.command {
         if cmd.is_empty() || cmd[0].is_empty() {
             return Err(bad("command must be a non-empty array of strings"));
         }
-        spec.command = Some(cmd.clone());
+        spec.command = Some(exec_check::command(cmd, spec.working_dir.as_deref())?);
         if r.image.is_none() {
             spec.image = None;
         }
     }
-    if let Some(wd) = &r.working_dir {
-        spec.working_dir = Some(wd.clone());
-    }
     if let Some(env) = &r.env {
-        if let Some(k) = env.keys().find(|k| !valid_env_name(k)) {
-            return Err(bad(format!("env: invalid variable name {k:?}")));
-        }
-        if let Some(k) = env.keys().find(|k| reserved_env_name(k)) {
-            return Err(bad(format!(
-                "env: {k} is set by the platform (reserved: PORT, TMPDIR, CATTERY_INSTANCE_ID, CATTERY_SESSION_ID, CATTERY_BOT_DIR, CATTERY_EXIT_STATUS_FILE)"
-            )));
-        }
+        check_env(env)?;
         spec.env = env.clone();
     }
     if let Some(g) = r.stop_grace_seconds {
@@ -240,6 +205,7 @@ fn apply(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
         spec.image_pull_secret_set = Some(s.clone()).filter(|s| !s.is_empty());
     }
     if let Some(p) = &r.python {
+        exec_check::no_nul("python", p)?;
         spec.python = Some(p.clone());
     }
     if spec.image.is_none() && spec.command.is_none() {
@@ -251,8 +217,33 @@ fn apply(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
                 "image local:{dir}: the directory must be an absolute path (local:/path/to/bot)"
             )));
         }
+        if r.image.is_some() {
+            spec.image = Some(format!(
+                "local:{}",
+                exec_check::absolute_path("image (local: directory)", dir)?
+            ));
+        }
+    }
+    if r.command.is_some() || r.env.is_some() {
+        let args = spec.command.as_deref().unwrap_or_default();
+        exec_check::exec_fits(args, &spec.env)?;
     }
     Ok(())
+}
+
+/// Checks an agent's `env`: valid names, none the platform sets, values the kernel can pass.
+/// Errors: 400 naming the variable.
+fn check_env(env: &BTreeMap<String, String>) -> CoreResult<()> {
+    if let Some(k) = env.keys().find(|k| !env::valid_name(k)) {
+        return Err(bad(format!("env: invalid variable name {k:?}")));
+    }
+    if let Some(k) = env.keys().find(|k| env::is_platform_var(k)) {
+        return Err(bad(format!(
+            "env: {k} is set by the platform (reserved: {})",
+            env::PLATFORM_VARS.join(", ")
+        )));
+    }
+    exec_check::env_values(env)
 }
 
 fn scaling(r: &AgentRequest, cur: (u32, u32)) -> CoreResult<(u32, u32)> {
@@ -436,4 +427,41 @@ pub async fn delete_agent(
     store.delete_agent(agent.id, now_ms()).await?;
     sup.remove_agent(agent.id);
     Ok(())
+}
+
+/// `org`'s live agents (of one region when `region` is given and not empty).
+pub async fn list_agents(
+    store: &Arc<dyn Store>,
+    org: &str,
+    region: Option<&str>,
+) -> CoreResult<Vec<AgentRecord>> {
+    let mut list = store.list_agents(org).await?;
+    if let Some(r) = region.filter(|r| !r.is_empty()) {
+        list.retain(|a| a.region == r);
+    }
+    Ok(list)
+}
+
+/// The agent's current deployment. Errors: 404 `deployment not found`.
+pub async fn current_deployment(
+    store: &Arc<dyn Store>,
+    agent: &AgentRecord,
+) -> CoreResult<DeploymentRecord> {
+    store
+        .get_deployment(agent.desired_deployment_id)
+        .await?
+        .ok_or_else(|| CoreError::NotFound("deployment not found".into()))
+}
+
+/// `org`'s agent `name` (`None` when it does not exist) with its deployments, newest first.
+pub async fn deployments(
+    store: &Arc<dyn Store>,
+    org: &str,
+    name: &str,
+) -> CoreResult<Option<(AgentRecord, Vec<DeploymentRecord>)>> {
+    let Some(a) = super::lookup::find_agent(store, org, name).await? else {
+        return Ok(None);
+    };
+    let deps = store.list_deployments(a.id).await?;
+    Ok(Some((a, deps)))
 }

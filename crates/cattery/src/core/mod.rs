@@ -4,7 +4,12 @@
 //! responses in `api::error`, the one place that decides statuses and bodies.
 
 pub mod agents;
+pub mod env;
+pub mod exec_check;
+pub mod health;
 pub mod instance_http;
+pub mod keys;
+pub mod lookup;
 pub mod orgs;
 pub mod secrets;
 pub mod supervisor;

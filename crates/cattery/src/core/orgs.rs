@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
-use super::agents::AgentDefaults;
 use super::{CoreError, CoreResult};
 use crate::store::{OrgRecord, Store};
 
@@ -55,7 +54,17 @@ pub fn regions_json(defaults: &AgentDefaults) -> Value {
     json!({ "regions": list })
 }
 
-async fn org_record(store: &Arc<dyn Store>, org: &str) -> CoreResult<OrgRecord> {
+/// Server-side defaults for agents and secret sets.
+#[derive(Debug, Clone)]
+pub struct AgentDefaults {
+    /// Regions this server offers.
+    pub regions: Vec<String>,
+    /// Region used when none is given.
+    pub default_region: String,
+}
+
+/// The org's record. Errors: 404 `organization {org} not found`.
+pub async fn org_record(store: &Arc<dyn Store>, org: &str) -> CoreResult<OrgRecord> {
     store
         .get_org(org)
         .await?

@@ -27,7 +27,8 @@ use rand::RngCore;
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::agents::AgentDefaults;
+use super::env::reserved_for_secrets as reserved_key;
+use super::orgs::AgentDefaults;
 use super::supervisor::SecretSource;
 use super::{CoreError, CoreResult};
 use crate::model::{now_ms, DeploymentRecord};
@@ -39,10 +40,6 @@ pub const KEY_FILE: &str = "secrets.key";
 pub const MAX_VALUE_BYTES: usize = 32 * 1024;
 /// Most keys one set may hold (all of them become environment variables of one process).
 pub const MAX_KEYS_PER_SET: usize = 500;
-/// Environment variable names a secret cannot take: the platform sets them for every instance.
-pub const RESERVED_KEYS: &[&str] = &["PORT", "TMPDIR"];
-/// Prefix of environment variables reserved for the platform.
-pub const RESERVED_PREFIX: &str = "CATTERY_";
 
 /// Seals and opens secret values. Cheap to share behind an `Arc`.
 pub struct SecretCipher {
@@ -183,10 +180,6 @@ pub fn valid_secret_key(key: &str) -> bool {
         && key
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
-}
-
-fn reserved_key(key: &str) -> bool {
-    RESERVED_KEYS.contains(&key) || key.starts_with(RESERVED_PREFIX)
 }
 
 fn bad(msg: impl Into<String>) -> CoreError {

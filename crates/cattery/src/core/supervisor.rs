@@ -266,7 +266,7 @@ pub struct Supervisor {
     /// leftover of the previous run, and counted as a failed start).
     recovered: AtomicBool,
     live: watch::Sender<usize>,
-    secrets: OnceLock<Arc<dyn SecretSource>>,
+    secrets: Arc<dyn SecretSource>,
 }
 
 fn pct(sorted: &[u64], p: f64) -> u64 {
@@ -278,12 +278,14 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
 }
 
 impl Supervisor {
-    /// Creates the supervisor. `logs` receives captured and platform log lines.
+    /// Creates the supervisor. `logs` receives captured and platform log lines; `secrets`
+    /// gives instances their deployment's bound secrets.
     pub fn new(
         store: Arc<dyn Store>,
         runtime: Arc<dyn Runtime>,
         cfg: SupervisorConfig,
         logs: mpsc::UnboundedSender<LogLine>,
+        secrets: Arc<dyn SecretSource>,
     ) -> Arc<Self> {
         let sup = Arc::new(Supervisor {
             store,
@@ -294,7 +296,7 @@ impl Supervisor {
             draining: AtomicBool::new(false),
             recovered: AtomicBool::new(false),
             live: watch::channel(0).0,
-            secrets: OnceLock::new(),
+            secrets,
         });
         let weak = Arc::downgrade(&sup);
         tokio::spawn(async move {
@@ -309,11 +311,6 @@ impl Supervisor {
             }
         });
         sup
-    }
-
-    /// Installs the secret source (once, at startup).
-    pub fn set_secret_source(&self, s: Arc<dyn SecretSource>) {
-        let _ = self.secrets.set(s);
     }
 
     /// The runtime in use.
@@ -806,18 +803,7 @@ impl Supervisor {
             }
             None => {}
         }
-        let rec = self
-            .store
-            .get_session(session)
-            .await?
-            .filter(|s| s.org == org)
-            .ok_or_else(|| CoreError::NotFound(format!("session {session} not found")))?;
-        let agent = self.store.get_agent_by_id(rec.agent_id).await?;
-        if agent.map(|a| a.name != agent_name).unwrap_or(true) {
-            return Err(CoreError::NotFound(format!(
-                "session {session} not found for agent {agent_name}"
-            )));
-        }
+        let (_, rec) = super::lookup::session_of(&self.store, org, agent_name, session).await?;
         if rec.end.is_some() {
             return Ok(());
         }
@@ -939,9 +925,7 @@ impl Supervisor {
                 .map(|(k, v)| (k.clone(), v.clone())),
         );
         // The bound secret set's keys, from the deployment's snapshot (core::secrets).
-        if let Some(src) = self.secrets.get() {
-            env.extend(src.env_for(&ctl.org, &ctl.deployment).await?);
-        }
+        env.extend(self.secrets.env_for(&ctl.org, &ctl.deployment).await?);
         if let Some(s) = session {
             env.push(("CATTERY_SESSION_ID".into(), s.to_string()));
         }

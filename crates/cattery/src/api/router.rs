@@ -1,0 +1,168 @@
+//! Every route of the API, in one list, and the OpenAPI document generated from it.
+//!
+//! The documented routes are registered with `routes!`: each takes its path and methods from
+//! its handler's `#[utoipa::path]`, so a documented route cannot drift from its description.
+//! The others are plain axum routes: `/health`, the document itself, the proxy root and the
+//! websocket token form, and the CLI's org-scoped surface (reference §A.2; see `api::org`).
+//! One documented route is plain as well: the session proxy, whose axum path ends in a
+//! wildcard (`{*path}`) that OpenAPI cannot express; its description is listed in
+//! `api::openapi::ApiDoc`.
+
+use std::sync::LazyLock;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{any, delete, get};
+use axum::{Json, Router};
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::ApiError;
+use super::MAX_REQUEST_BYTES;
+use super::{agents, logs, openapi, org, proxy, secrets, sessions, ws, AppState};
+
+/// The CLI's agents ("services") of an org.
+const SERVICES: &str = "/v1/organizations/{org}/services";
+/// The CLI's secret sets of an org.
+const SECRETS: &str = "/v1/organizations/{org}/secrets";
+
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        // The documented API (reference §A.3-§A.9).
+        .routes(routes!(agents::list_agents, agents::create_agent))
+        .routes(routes!(
+            agents::get_agent,
+            agents::update_agent,
+            agents::delete_agent
+        ))
+        .routes(routes!(sessions::list_sessions))
+        .routes(routes!(sessions::get_session, sessions::stop_session))
+        .routes(routes!(sessions::start_session))
+        .routes(routes!(logs::agent_logs))
+        .routes(routes!(secrets::list_secret_sets))
+        .routes(routes!(
+            secrets::get_secret_set,
+            secrets::put_secret_set,
+            secrets::delete_secret_set
+        ))
+        .routes(routes!(secrets::delete_secret))
+        .routes(routes!(org::regions))
+        .routes(routes!(org::properties, org::update_properties))
+        .routes(routes!(org::properties_schema))
+        .routes(routes!(ws::connect))
+        // Plain routes.
+        .route("/health", get(health))
+        .route("/v1/openapi.json", get(serve_openapi))
+        .route(
+            "/v1/public/{agent_name}/sessions/{session_id}",
+            any(proxy::proxy_root),
+        )
+        .route(
+            "/v1/public/{agent_name}/sessions/{session_id}/{*path}",
+            any(proxy::proxy),
+        )
+        .route("/ws/generic/{service}/{token}", get(ws::connect_with_token))
+        .route(
+            "/v1/agents/{agent_name}/deployments",
+            get(org::agent_deployments),
+        )
+        .merge(org_routes())
+}
+
+/// The org-scoped surface of the official CLI (`api::org`), `/v1/users` and `/v1/organizations`.
+fn org_routes() -> OpenApiRouter<AppState> {
+    let s = |rest: &str| format!("{SERVICES}{rest}");
+    let sec = |rest: &str| format!("{SECRETS}{rest}");
+    OpenApiRouter::new()
+        .route("/v1/organizations", get(org::list_organizations))
+        .route("/v1/users", get(org::current_user))
+        .route(
+            SERVICES,
+            get(org::list_services)
+                .post(org::create_service)
+                .put(org::update_service),
+        )
+        .route(
+            &s("/{name}"),
+            get(org::get_service).delete(org::delete_service),
+        )
+        .route(&s("/{name}/deployments"), get(org::list_deployments))
+        .route(&s("/{name}/logs"), get(logs::org_agent_logs))
+        .route(&s("/{name}/sessions"), get(org::list_sessions))
+        .route(
+            &s("/{name}/sessions/{session_id}"),
+            get(org::get_session).delete(org::stop_session),
+        )
+        .route(SECRETS, get(secrets::org_list_secret_sets))
+        .route(
+            &sec("/{set_name}"),
+            get(secrets::org_get_secret_set)
+                .put(secrets::org_put_secret_set)
+                .delete(secrets::org_delete_secret_set),
+        )
+        .route(
+            &sec("/{set_name}/{secret_key}"),
+            delete(secrets::org_delete_secret),
+        )
+        .route("/v1/organizations/{org}/regions", get(org::org_regions))
+        .route(
+            "/v1/organizations/{org}/properties",
+            get(org::org_properties).patch(org::org_update_properties),
+        )
+        .route(
+            "/v1/organizations/{org}/properties/schema",
+            get(org::org_properties_schema),
+        )
+        .route(
+            "/v1/organizations/{org}/apiKeys",
+            get(org::list_api_keys).post(org::create_api_key),
+        )
+        .route(
+            "/v1/organizations/{org}/apiKeys/{id}",
+            delete(org::revoke_api_key),
+        )
+        .route("/v1/organizations/{org}/daily", get(org::daily_key))
+}
+
+/// The OpenAPI document, generated from [`routes`].
+pub fn openapi() -> &'static utoipa::openapi::OpenApi {
+    static DOC: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(|| routes().into_openapi());
+    &DOC
+}
+
+/// `GET /v1/openapi.json`.
+async fn serve_openapi() -> Json<&'static utoipa::openapi::OpenApi> {
+    Json(openapi())
+}
+
+async fn health() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("404", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "405",
+        "method not allowed on this route",
+    )
+}
+
+/// Builds the router.
+pub fn router(state: AppState) -> Router {
+    let (router, _) = routes().split_for_parts();
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "500", "internal error")
+                .into_response()
+        }))
+        .with_state(state)
+}

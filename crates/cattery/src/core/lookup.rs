@@ -1,0 +1,67 @@
+//! Reading an org's records, with the ownership check in one place: an agent by name, a
+//! session of an agent (the org and the agent must both match), an agent's sessions and logs.
+//! Another org's record is reported as missing, so a caller cannot learn that it exists.
+
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::{CoreError, CoreResult};
+use crate::model::{AgentRecord, LogLine, SessionRecord};
+use crate::store::{LogFilter, SessionFilter, Store};
+
+/// `org`'s live agent `name`, or `None`.
+pub async fn find_agent(
+    store: &Arc<dyn Store>,
+    org: &str,
+    name: &str,
+) -> CoreResult<Option<AgentRecord>> {
+    Ok(store.get_agent(org, name).await?)
+}
+
+/// `org`'s live agent `name`. Errors: 404 `agent {name} not found`.
+pub async fn agent_of(store: &Arc<dyn Store>, org: &str, name: &str) -> CoreResult<AgentRecord> {
+    find_agent(store, org, name)
+        .await?
+        .ok_or_else(|| CoreError::NotFound(format!("agent {name} not found")))
+}
+
+/// A session of `org`'s agent `name`, with the agent. Errors: 404 when it does not exist,
+/// or belongs to another org (`session {id} not found`) or agent (`... not found for agent
+/// {name}`).
+pub async fn session_of(
+    store: &Arc<dyn Store>,
+    org: &str,
+    name: &str,
+    id: Uuid,
+) -> CoreResult<(AgentRecord, SessionRecord)> {
+    let s = store
+        .get_session(id)
+        .await?
+        .filter(|s| s.org == org)
+        .ok_or_else(|| CoreError::NotFound(format!("session {id} not found")))?;
+    let agent = store
+        .get_agent_by_id(s.agent_id)
+        .await?
+        .filter(|a| a.name == name)
+        .ok_or_else(|| CoreError::NotFound(format!("session {id} not found for agent {name}")))?;
+    Ok((agent, s))
+}
+
+/// A page of an agent's sessions (newest first) and the total that match `f`.
+pub async fn sessions_of(
+    store: &Arc<dyn Store>,
+    agent: &AgentRecord,
+    f: &SessionFilter,
+) -> CoreResult<(i64, Vec<SessionRecord>)> {
+    Ok(store.list_sessions(agent.id, f).await?)
+}
+
+/// A page of an agent's log lines and the total that match `f`.
+pub async fn logs_of(
+    store: &Arc<dyn Store>,
+    agent: &AgentRecord,
+    f: &LogFilter,
+) -> CoreResult<(i64, Vec<LogLine>)> {
+    Ok(store.query_logs(agent.id, f).await?)
+}
