@@ -804,3 +804,135 @@ async fn relative_local_dirs_are_refused_and_ignored_images_are_flagged() {
         "{a}"
     );
 }
+
+/// What exec would refuse at every start is refused at create and update, as a 400 naming
+/// the field (issue 16 item 5): a relative program path without `workingDir`, a NUL byte in
+/// an argument or an `env` value or name, an argument or variable over the kernel's
+/// per-string limit, arguments plus `env` over `ARG_MAX`, and `..` in `workingDir`,
+/// `command` or `local:` paths. Accepted absolute paths are made canonical.
+#[tokio::test(flavor = "multi_thread")]
+async fn deploy_refuses_what_exec_would_refuse() {
+    let s = Server::start(&[]).await;
+    let big = "x".repeat(200_000);
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"command": ["bin/bot"]}), "command[0]"),
+        (json!({"command": ["./bot", "a"]}), "command[0]"),
+        (json!({"command": ["/bin/../bin/true"]}), "command[0]"),
+        (
+            json!({"command": ["../bot"], "workingDir": "/srv"}),
+            "command[0]",
+        ),
+        (json!({"command": ["/bin/true", "a\u{0}b"]}), "command[1]"),
+        (json!({"command": ["/bin/true", big]}), "command[1]"),
+        (
+            json!({"command": ["/bin/true"], "env": {"K": "a\u{0}b"}}),
+            "env.K",
+        ),
+        (
+            json!({"command": ["/bin/true"], "env": {"K\u{0}": "v"}}),
+            "env",
+        ),
+        (
+            json!({"command": ["/bin/true"], "env": {"K": big}}),
+            "env.K",
+        ),
+        (
+            json!({"command": ["/bin/true"], "workingDir": "/tmp/../etc"}),
+            "workingDir",
+        ),
+        (
+            json!({"command": ["/bin/true"], "workingDir": "tmp"}),
+            "workingDir",
+        ),
+        (json!({"image": "local:/tmp/../etc"}), "image"),
+    ];
+    for (body, field) in &cases {
+        let mut b = body.clone();
+        b["serviceName"] = json!("refused");
+        let r = s.req("POST", "/v1/agents", Some(&s.sk), Some(b)).await;
+        assert_error_body(&r, 400, "GENERIC_BAD_REQUEST");
+        let msg = r.body["error"].as_str().unwrap();
+        assert!(msg.contains(field), "{body}: {msg}");
+    }
+    // Arguments plus environment over ARG_MAX (empty arguments cost 1 byte and a pointer
+    // each), when the request can carry that many.
+    // SAFETY: sysconf has no preconditions.
+    let arg_max = unsafe { libc::sysconf(libc::_SC_ARG_MAX) } as usize;
+    let n = arg_max / (1 + std::mem::size_of::<usize>()) + 1;
+    if n * 3 < 1024 * 1024 {
+        let mut cmd = vec![String::new(); n];
+        cmd[0] = "/bin/true".into();
+        let r = s
+            .req(
+                "POST",
+                "/v1/agents",
+                Some(&s.sk),
+                Some(json!({"serviceName": "refused", "command": cmd})),
+            )
+            .await;
+        assert_error_body(&r, 400, "GENERIC_BAD_REQUEST");
+        assert!(
+            r.body["error"].as_str().unwrap().contains("ARG_MAX"),
+            "{:?}",
+            r.body
+        );
+    }
+    assert_eq!(
+        s.req("GET", "/v1/agents/refused", Some(&s.sk), None)
+            .await
+            .status,
+        404
+    );
+
+    // Update: the same refusals; the agent keeps its deployment.
+    let a = s.deploy("kept", &[], json!({})).await;
+    for (body, field) in &cases {
+        let r = s
+            .req("POST", "/v1/agents/kept", Some(&s.sk), Some(body.clone()))
+            .await;
+        assert_error_body(&r, 400, "GENERIC_BAD_REQUEST");
+        assert!(
+            r.body["error"].as_str().unwrap().contains(field),
+            "{body}: {:?}",
+            r.body
+        );
+    }
+    let now = s.agent("kept").await;
+    assert_eq!(now["deployment"]["id"], a["deployment"]["id"]);
+
+    // Canonical paths; a path relative to workingDir still works.
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&s.sk),
+            Some(
+                json!({"serviceName": "canon", "command": ["/usr//bin/./env", "a//b"],
+                        "workingDir": "/tmp//"}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["command"], json!(["/usr/bin/env", "a//b"]));
+    assert_eq!(r.body["workingDir"], "/tmp");
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents/canon",
+            Some(&s.sk),
+            Some(json!({"command": null, "image": "local:/srv//bot/"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["image"], "local:/srv/bot");
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&s.sk),
+            Some(json!({"serviceName": "relwd", "command": ["./true"], "workingDir": "/bin"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["errors"], json!([]), "{:?}", r.body);
+}

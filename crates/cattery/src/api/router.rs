@@ -166,3 +166,81 @@ pub fn router(state: AppState) -> Router {
         }))
         .with_state(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    /// The committed OpenAPI document (`openapi.snapshot.json` beside this file). A change of
+    /// the document fails here until the snapshot is regenerated on purpose:
+    /// `CATTERY_UPDATE_SNAPSHOTS=1 cargo test -p cattery --lib openapi_snapshot`.
+    #[test]
+    fn openapi_snapshot() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/api/openapi.snapshot.json");
+        let doc = serde_json::to_string_pretty(super::openapi()).unwrap() + "\n";
+        if std::env::var_os("CATTERY_UPDATE_SNAPSHOTS").is_some() {
+            std::fs::write(&path, &doc).unwrap();
+            return;
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            doc == want,
+            "the OpenAPI document differs from {}; if the change is intended, regenerate it with \
+             CATTERY_UPDATE_SNAPSHOTS=1 cargo test -p cattery --lib openapi_snapshot",
+            path.display()
+        );
+    }
+
+    /// The document describes the same 21 operations as before it was generated from the
+    /// route list.
+    #[test]
+    fn documented_operations() {
+        let mut ids: Vec<String> = super::openapi()
+            .paths
+            .paths
+            .values()
+            .flat_map(|item| {
+                [
+                    &item.get,
+                    &item.put,
+                    &item.post,
+                    &item.delete,
+                    &item.options,
+                    &item.head,
+                    &item.patch,
+                    &item.trace,
+                ]
+                .into_iter()
+                .flatten()
+                .filter_map(|op| op.operation_id.clone())
+                .collect::<Vec<_>>()
+            })
+            .collect();
+        ids.sort();
+        ids.dedup();
+        let want = [
+            "agent_logs",
+            "create_agent",
+            "delete_agent",
+            "delete_secret",
+            "delete_secret_set",
+            "get_agent",
+            "get_properties",
+            "get_properties_schema",
+            "get_secret_set",
+            "get_session",
+            "list_agents",
+            "list_regions",
+            "list_secret_sets",
+            "list_sessions",
+            "session_proxy",
+            "start_session",
+            "stop_session",
+            "update_agent",
+            "update_properties",
+            "upsert_secret_set",
+            "websocket_connect",
+        ];
+        assert_eq!(ids, want);
+    }
+}

@@ -656,7 +656,8 @@ mod equivalence {
         warning: Option<String>,
     ) -> Value {
         let spec = &d.spec;
-        let crash_loop = p.health.consecutive_failures >= crate::core::supervisor::CRASH_LOOP_THRESHOLD;
+        let crash_loop =
+            p.health.consecutive_failures >= crate::core::supervisor::CRASH_LOOP_THRESHOLD;
         // A crash-looping deployment is not ready, whatever minAgents is (issue #4 item 5).
         let ready =
             p.deploy_error.is_none() && !crash_loop && (a.min_agents == 0 || p.health.ever_ready);
@@ -824,7 +825,6 @@ mod equivalence {
             "deletedAt": a.deleted_ms.map(iso_ms),
         })
     }
-
 
     pub fn session_json(s: &SessionRecord, agent: &AgentRecord) -> Value {
         let end = s.end.as_ref();
