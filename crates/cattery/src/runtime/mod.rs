@@ -133,8 +133,8 @@ pub trait Instance: Send + Sync {
     fn sample(&self) -> Option<ResourceSample>;
 }
 
-/// Where an instance lives, as stored in [`InstanceRecord`].
-#[derive(Debug, Clone)]
+/// Where a process instance lives, stored as [`InstanceRecord::placement`] (its JSON form).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct InstancePlacement {
     /// Main pid.
     pub pid: i32,
