@@ -1903,7 +1903,7 @@ fn python_runner_deps_missing(python: &str) -> Option<String> {
         let mut cmd = std::process::Command::new(python);
         cmd.args(["-c", "import fastapi, uvicorn"])
             .stdin(std::process::Stdio::null());
-        crate::runtime::reaper::Reaper::global().output(&mut cmd, Duration::from_secs(60))
+        crate::runtime::process::reaper::Reaper::global().output(&mut cmd, Duration::from_secs(60))
     };
     let out = match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {

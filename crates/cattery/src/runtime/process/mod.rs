@@ -6,6 +6,11 @@
 //! child subreaper, and a scan for processes carrying the instance's `CATTERY_INSTANCE_ID`.
 //! Nothing is ever killed by name.
 
+pub mod cgroup;
+pub mod ports;
+pub mod reaper;
+pub mod spawn;
+
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs;
@@ -20,11 +25,11 @@ use nix::unistd::Pid;
 use parking_lot::Mutex;
 use tokio::sync::{watch, OnceCell};
 
-use super::cgroup::{self, CgroupSupport, InstanceCgroups};
+use self::cgroup::{CgroupSupport, InstanceCgroups};
+use self::ports::{listening_inodes, pids_hold_socket, PortBook};
+use self::reaper::Reaper;
+use self::spawn::SpawnSpec;
 use super::logs::{read_offsets, Tailer};
-use super::ports::{listening_inodes, pids_hold_socket, PortBook};
-use super::reaper::Reaper;
-use super::spawn::{self, SpawnSpec};
 use super::{
     ExitInfo, Instance, InstancePlacement, InstanceSpec, LogSink, ResourceSample, Runtime,
     RuntimeError, TerminateReport,
@@ -164,7 +169,7 @@ impl ProcessRuntime {
         let cwd = spec.working_dir.clone().unwrap_or_else(|| dir.clone());
         let fds = cgroup::raw_fds(&cgs.procs_fds);
         // posix_spawn-like (no fork of this process), joining the cgroups and a new session
-        // before exec: see `runtime/spawn.rs`.
+        // before exec: see `runtime/process/spawn.rs`.
         let spawned = self.reaper.spawn_registered(|| {
             let pid = spawn::spawn(&SpawnSpec {
                 program: &spec.program,
