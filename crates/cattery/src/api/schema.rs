@@ -9,14 +9,13 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::core::health::{self, HealthState};
 use crate::core::supervisor::PoolStatus;
-use crate::model::SessionRecord;
 use crate::model::{iso_ms, iso_ns, profile_limits, AgentRecord, DeploymentRecord, LogLine};
+use crate::model::{MetricSample, SessionRecord};
 
 /// `{"status": "OK"}`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -533,10 +532,9 @@ pub struct Session {
     pub meeting_ids: Option<Vec<String>>,
     /// Org.
     pub organization_id: String,
-    /// CPU and memory samples, null when none (single-session lookups only).
+    /// CPU and memory figures, null when none (single-session lookups only).
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
-    pub resource_metrics: Option<Value>,
+    pub resource_metrics: Option<Option<ResourceMetrics>>,
     /// Agent id.
     pub service_id: Uuid,
     /// Agent name.
@@ -638,355 +636,118 @@ pub struct LogPage {
     pub total: LogTotal,
 }
 
+/// One sample of `resourceMetrics.timeseries`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MetricPoint {
+    /// CPU, millicores.
+    pub c: u64,
+    /// Memory, bytes.
+    pub m: u64,
+    /// Unix time, s.
+    pub t: i64,
+}
+
+/// `resourceMetrics` of a session (reference §A.5.3), from its samples.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceMetrics {
+    /// CPU median, millicores.
+    pub cpu_millicores_p50: u64,
+    /// CPU 90th percentile.
+    pub cpu_millicores_p90: u64,
+    /// CPU 95th percentile.
+    pub cpu_millicores_p95: u64,
+    /// CPU 99th percentile.
+    pub cpu_millicores_p99: u64,
+    /// When the figures stand for (the session's end, or now while it runs).
+    pub created_at: String,
+    /// Same as `createdAt`.
+    pub event_ts: String,
+    /// The session.
+    pub id: Uuid,
+    /// Memory median, bytes.
+    pub memory_bytes_p50: u64,
+    /// Memory 90th percentile.
+    pub memory_bytes_p90: u64,
+    /// Memory 95th percentile.
+    pub memory_bytes_p95: u64,
+    /// Memory 99th percentile.
+    pub memory_bytes_p99: u64,
+    /// Samples taken.
+    pub sample_count: usize,
+    /// The session.
+    pub session_id: Uuid,
+    /// The samples.
+    pub timeseries: Vec<MetricPoint>,
+}
+
+/// Nearest-rank percentile `p` (0..=1) of sorted values; 0 when empty.
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+impl ResourceMetrics {
+    /// The figures of `session` from its samples; `at_ms` is the time they stand for.
+    pub fn of(session: Uuid, samples: &[MetricSample], at_ms: i64) -> Self {
+        let mut cpu: Vec<u64> = samples.iter().map(|s| s.cpu_millicores).collect();
+        let mut mem: Vec<u64> = samples.iter().map(|s| s.memory_bytes).collect();
+        cpu.sort_unstable();
+        mem.sort_unstable();
+        let at = iso_ms(at_ms);
+        ResourceMetrics {
+            cpu_millicores_p50: pct(&cpu, 0.50),
+            cpu_millicores_p90: pct(&cpu, 0.90),
+            cpu_millicores_p95: pct(&cpu, 0.95),
+            cpu_millicores_p99: pct(&cpu, 0.99),
+            created_at: at.clone(),
+            event_ts: at,
+            id: session,
+            memory_bytes_p50: pct(&mem, 0.50),
+            memory_bytes_p90: pct(&mem, 0.90),
+            memory_bytes_p95: pct(&mem, 0.95),
+            memory_bytes_p99: pct(&mem, 0.99),
+            sample_count: samples.len(),
+            session_id: session,
+            timeseries: samples
+                .iter()
+                .map(|s| MetricPoint {
+                    c: s.cpu_millicores,
+                    m: s.memory_bytes,
+                    t: s.t,
+                })
+                .collect(),
+        }
+    }
+}
+
 #[cfg(test)]
-mod equivalence {
-    //! The typed bodies serialise exactly as the `json!` maps they replaced (kept here as the
-    //! reference), byte for byte.
+mod tests {
     use super::*;
-    use crate::core::supervisor::{Health, StartFailure};
-    use crate::model::{DeploymentSpec, EndReason, SessionEnd};
-    use crate::runtime::ExitInfo;
-    use serde_json::json;
-
-    pub fn agent_details(
-        a: &AgentRecord,
-        d: &DeploymentRecord,
-        p: &PoolStatus,
-        default_grace_s: f64,
-        warning: Option<String>,
-    ) -> Value {
-        let spec = &d.spec;
-        let crash_loop =
-            p.health.consecutive_failures >= crate::core::supervisor::CRASH_LOOP_THRESHOLD;
-        // A crash-looping deployment is not ready, whatever minAgents is (issue #4 item 5).
-        let ready =
-            p.deploy_error.is_none() && !crash_loop && (a.min_agents == 0 || p.health.ever_ready);
-        let last = p.health.last_failure.as_ref();
-        let health_state = if p.deploy_error.is_some() {
-            "invalid"
-        } else if crash_loop {
-            "crash_loop"
-        } else if p.idle > 0 || p.busy > 0 {
-            "ready"
-        } else if p.starting > 0 {
-            "starting"
-        } else if a.min_agents == 0 {
-            "scaled_to_zero"
-        } else {
-            "pending"
-        };
-        let mut errors = Vec::new();
-        if let Some(e) = &p.deploy_error {
-            errors.push(json!({"code": "PCC_UNKNOWN_ERROR", "message": e}));
-        }
-        if crash_loop {
-            errors.push(json!({
-                "code": "PCC_UNKNOWN_ERROR",
-                "message": format!("instances fail to start: {} ({}){}",
-                    last.map(|f| f.reason).unwrap_or("unknown"),
-                    last.and_then(|f| f.exit).map(|e| e.describe()).unwrap_or_default(),
-                    last.map(|f| stderr_summary(&f.stderr_tail)).unwrap_or_default()),
-            }));
-        }
-        let limits = profile_limits(&spec.agent_profile);
-        let mut manifest_spec = json!({
-            "dailyNodeType": "arm",
-            "image": spec.image,
-            "command": spec.command,
-            "autoScaling": {"minReplicas": a.min_agents, "maxReplicas": a.max_agents},
-            "imagePullSecretName": spec.image_pull_secret_set,
-            "envFromSecretNames": spec.secret_set.iter().collect::<Vec<_>>(),
-            "resources": {"cpu": limits.map(|l| l.cpu_str), "memory": limits.map(|l| l.memory_str)},
-            "krispModels": {"enabled": spec.enable_krisp},
-            "krispViva": {"audioFilters": spec.krisp_viva_audio_filter.is_some()},
-        });
-        if let Some(m) = spec.max_session_duration {
-            manifest_spec["maxSessionDurationSeconds"] = json!(m);
-        }
-        let reason = if p.deploy_error.is_some() {
-            Some("Error")
-        } else if crash_loop {
-            Some("CrashLoopBackOff")
-        } else {
-            None
-        };
-        let phase = if p.deploy_error.is_some() {
-            "Failed"
-        } else if ready {
-            "Active"
-        } else {
-            "Creating"
-        };
-        let condition =
-            |t: &str, ok: bool| json!({"type": t, "status": if ok { "True" } else { "False" }});
-        json!({
-            "id": a.id,
-            "name": a.name,
-            "region": a.region,
-            "organizationId": a.org,
-            "createdAt": iso_ms(a.created_ms),
-            "updatedAt": iso_ms(a.updated_ms),
-            "deletedAt": a.deleted_ms.map(iso_ms),
-            "ready": ready,
-            "available": ready,
-            "desiredDeploymentId": a.desired_deployment_id,
-            "activeDeploymentId": a.desired_deployment_id,
-            "reconciledDeploymentId": a.desired_deployment_id,
-            "activeDeploymentReady": ready,
-            "autoScaling": {"minReplicas": a.min_agents, "maxReplicas": a.max_agents},
-            "activeSessionCount": p.busy,
-            "agentProfile": spec.agent_profile,
-            "krispViva": {"audioFilter": spec.krisp_viva_audio_filter},
-            "maxSessionDuration": spec.max_session_duration_s(),
-            "secretSet": spec.secret_set,
-            "imagePullSecretSet": spec.image_pull_secret_set,
-            "websocketAuth": spec.websocket_auth.as_deref().unwrap_or("none"),
-            "image": spec.image,
-            "command": spec.command,
-            "workingDir": spec.working_dir,
-            "env": spec.env,
-            "stopGraceSeconds": spec.stop_grace_seconds.unwrap_or(default_grace_s),
-            "python": spec.python,
-            "deployment": {
-                "id": d.id,
-                "serviceId": a.id,
-                "createdAt": iso_ms(d.created_ms),
-                "updatedAt": iso_ms(d.created_ms),
-                "manifest": {
-                    "apiVersion": "pipecatcloud.daily.co/v1",
-                    "kind": "PCService",
-                    "metadata": {"name": a.name, "namespace": a.org},
-                    "spec": manifest_spec,
-                }
-            },
-            "currentRevision": {
-                "deploymentID": d.id,
-                "phase": phase,
-                "readyReplicas": p.idle + p.busy,
-                "phaseStartedAt": iso_ms(d.created_ms),
-                "health": {
-                    "ready": ready,
-                    "state": if p.idle + p.busy > 0 { "running" } else if crash_loop || p.deploy_error.is_some() { "terminated" } else { "waiting" },
-                    "restartCount": p.health.restarts,
-                    "replicasStarted": p.starting + p.idle + p.busy,
-                    "reason": reason,
-                    "lastExitCode": last.and_then(|f| f.exit).and_then(|e| e.code),
-                    "lastTerminationReason": last.map(|f| f.reason),
-                    "message": p.deploy_error.clone().or_else(|| last.map(|f| f.stderr_tail.clone())),
-                },
-            },
-            "previousRevision": null,
-            "healthState": health_state,
-            "warmInstances": {"starting": p.starting, "idle": p.idle, "busy": p.busy, "total": p.total},
-            "errors": errors,
-            "conditions": [
-                condition("Available", ready),
-                condition("Progressing", p.starting > 0),
-                condition("Degraded", crash_loop),
-            ],
-            "warning": warning,
-        })
-    }
-
-    /// The last non-empty stderr lines (at most 3, 400 chars), as `; stderr: ...`, or empty.
-    fn stderr_summary(tail: &str) -> String {
-        let lines: Vec<&str> = tail
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect();
-        if lines.is_empty() {
-            return String::new();
-        }
-        let last = lines[lines.len().saturating_sub(3)..].join(" | ");
-        let cut: String = last
-            .chars()
-            .rev()
-            .take(400)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        format!("; stderr: {cut}")
-    }
-
-    /// Item of the agent list (reference §A.3 "List"): the six keys the CLI indexes, and more.
-    pub fn agent_list_item(a: &AgentRecord) -> Value {
-        json!({
-            "id": a.id,
-            "name": a.name,
-            "region": a.region,
-            "desiredDeploymentId": a.desired_deployment_id,
-            "activeDeploymentId": a.desired_deployment_id,
-            "reconciledDeploymentId": a.desired_deployment_id,
-            "organizationId": a.org,
-            "createdAt": iso_ms(a.created_ms),
-            "updatedAt": iso_ms(a.updated_ms),
-            "deletedAt": a.deleted_ms.map(iso_ms),
-        })
-    }
-
-    pub fn session_json(s: &SessionRecord, agent: &AgentRecord) -> Value {
-        let end = s.end.as_ref();
-        json!({
-            "sessionId": s.id,
-            "serviceId": s.agent_id,
-            "serviceName": agent.name,
-            "organizationId": s.org,
-            "deploymentId": s.deployment_id,
-            "createdAt": iso_ms(s.created_ms),
-            "updatedAt": iso_ms(s.updated_ms),
-            "endedAt": end.map(|e| iso_ms(e.ended_ms)),
-            "botStartSeconds": s.bot_start_ms.map(|ms| ms as f64 / 1000.0),
-            "coldStart": s.cold_start,
-            "completionStatus": end.map(|e| e.completion_status.clone()),
-            "endReason": end.map(|e| e.reason.as_str()),
-            "exitCode": end.and_then(|e| e.exit_code),
-            "exitSignal": end.and_then(|e| e.exit_signal),
-            "endMessage": end.and_then(|e| e.message.clone()),
-            "transport": s.transport,
-            "status": if end.is_some() { "ended" } else { "active" },
-        })
-    }
-
-    fn agent(min: u32) -> AgentRecord {
-        AgentRecord {
-            id: Uuid::new_v4(),
-            org: "org".into(),
-            name: "a1".into(),
-            region: "local".into(),
-            min_agents: min,
-            max_agents: 5,
-            desired_deployment_id: Uuid::new_v4(),
-            created_ms: 1_700_000_000_123,
-            updated_ms: 1_700_000_001_456,
-            deleted_ms: None,
-        }
-    }
-
-    fn deployment(a: &AgentRecord, full: bool) -> DeploymentRecord {
-        let mut spec = DeploymentSpec {
-            agent_profile: "agent-1x".into(),
-            command: Some(vec!["/bin/x".into(), "--y".into()]),
-            ..Default::default()
-        };
-        if full {
-            spec.image = Some("local:/srv/bot".into());
-            spec.env.insert("K".into(), "v".into());
-            spec.secret_set = Some("s1".into());
-            spec.image_pull_secret_set = Some("p1".into());
-            spec.max_session_duration = Some(600);
-            spec.krisp_viva_audio_filter = Some("tel".into());
-            spec.enable_krisp = true;
-            spec.websocket_auth = Some("token".into());
-            spec.working_dir = Some("/srv".into());
-            spec.python = Some("/usr/bin/python3".into());
-            spec.stop_grace_seconds = Some(2.5);
-            spec.agent_profile = "agent-9x".into();
-        }
-        DeploymentRecord {
-            id: a.desired_deployment_id,
-            agent_id: a.id,
-            spec,
-            created_ms: 1_700_000_000_999,
-        }
-    }
-
-    fn pools() -> Vec<PoolStatus> {
-        let mut out = vec![PoolStatus::default()];
-        let mut p = PoolStatus {
-            starting: 1,
-            idle: 2,
-            busy: 3,
-            total: 6,
-            ..Default::default()
-        };
-        p.health.ever_ready = true;
-        out.push(p.clone());
-        let mut h = Health::default();
-        h.consecutive_failures = 3;
-        h.restarts = 4;
-        h.last_failure = Some(StartFailure {
-            reason: "exited",
-            exit: Some(ExitInfo {
-                code: Some(3),
-                signal: None,
-            }),
-            stderr_tail: "line 1\nline 2".into(),
-            at_ms: 5,
-        });
-        p.health = h;
-        out.push(p.clone());
-        p.deploy_error = Some("nope".into());
-        out.push(p);
-        out
-    }
 
     #[test]
-    fn agent_bodies_are_unchanged() {
-        for min in [0, 2] {
-            let a = agent(min);
-            for full in [false, true] {
-                let d = deployment(&a, full);
-                for p in pools() {
-                    for w in [None, Some("w".to_string())] {
-                        let old = agent_details(&a, &d, &p, 5.0, w.clone());
-                        let new = AgentDetails::of(&a, &d, &p, 5.0, w);
-                        assert_eq!(
-                            serde_json::to_string(&new).unwrap(),
-                            serde_json::to_string(&old).unwrap()
-                        );
-                    }
-                }
-                let mut item = AgentListItem::of(&a);
-                let mut old = agent_list_item(&a);
-                assert_eq!(serde_json::to_string(&item).unwrap(), old.to_string());
-                item.deployment = Some(Deployment::of(&a, &d));
-                old["deployment"] =
-                    agent_details(&a, &d, &PoolStatus::default(), 1.0, None)["deployment"].take();
-                assert_eq!(serde_json::to_string(&item).unwrap(), old.to_string());
-            }
-        }
-    }
-
-    #[test]
-    fn session_bodies_are_unchanged() {
-        let a = agent(0);
-        let mut s = SessionRecord {
-            id: Uuid::new_v4(),
-            org: "org".into(),
-            agent_id: a.id,
-            deployment_id: a.desired_deployment_id,
-            created_ms: 1,
-            updated_ms: 2,
-            bot_start_ms: None,
-            cold_start: None,
-            transport: None,
-            end: None,
-            metrics: None,
-        };
+    fn resource_metrics() {
+        let id = Uuid::nil();
+        let samples: Vec<MetricSample> = (1..=10)
+            .map(|i| MetricSample {
+                t: i,
+                cpu_millicores: i as u64 * 10,
+                memory_bytes: i as u64 * 1000,
+            })
+            .collect();
+        let v = serde_json::to_value(ResourceMetrics::of(id, &samples, 0)).unwrap();
+        assert_eq!(v["sampleCount"], 10);
+        assert_eq!(v["cpuMillicoresP50"], 60);
+        assert_eq!(v["memoryBytesP99"], 10000);
         assert_eq!(
-            serde_json::to_string(&Session::of(&s, &a)).unwrap(),
-            session_json(&s, &a).to_string()
+            v["timeseries"][0],
+            serde_json::json!({"t": 1, "c": 10, "m": 1000})
         );
-        s.bot_start_ms = Some(1234);
-        s.cold_start = Some(true);
-        s.transport = Some("daily".into());
-        s.end = Some(SessionEnd {
-            ended_ms: 9,
-            reason: EndReason::Stopped,
-            completion_status: "HTTP_COMPLETE".into(),
-            exit_code: Some(0),
-            exit_signal: Some(15),
-            message: Some("m".into()),
-        });
-        let mut new = Session::of(&s, &a);
-        let mut old = session_json(&s, &a);
-        assert_eq!(serde_json::to_string(&new).unwrap(), old.to_string());
-        new.resource_metrics = Some(Value::Null);
-        new.meeting_ids = Some(Vec::new());
-        old["resourceMetrics"] = Value::Null;
-        old["meetingIds"] = json!([]);
-        assert_eq!(serde_json::to_string(&new).unwrap(), old.to_string());
+        assert_eq!(v["createdAt"], v["eventTs"]);
+        let empty = serde_json::to_value(ResourceMetrics::of(id, &[], 0)).unwrap();
+        assert_eq!(empty["cpuMillicoresP50"], 0);
     }
 }

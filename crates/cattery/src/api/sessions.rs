@@ -12,12 +12,12 @@ use uuid::Uuid;
 
 use super::auth::{PrivateAuth, PublicAuth};
 use super::error::{ApiError, ApiResult, ErrorBody, RateLimitBody};
-use super::schema::{Session, SessionList};
+use super::schema::{ResourceMetrics, Session, SessionList};
 use super::{ApiJson, ApiPath, AppState};
 use crate::core::lookup;
 use crate::core::supervisor::StartParams;
 use crate::core::CoreError;
-use crate::model::{AgentRecord, SessionRecord};
+use crate::model::{now_ms, AgentRecord, SessionRecord};
 use crate::store::SessionFilter;
 
 /// Largest start `body` for daily/webrtc/plain sessions (bytes; reference §A.5).
@@ -288,9 +288,13 @@ pub async fn get_session(
     let id = parse_session_id(&sid)?;
     let (agent, s) = session_of(&st, &c.org, &name, id).await?;
     let mut v = Session::of(&s, &agent);
-    v.resource_metrics = Some(match &s.metrics {
-        Some(m) => m.clone(),
-        None => st.sup.live_metrics(id).unwrap_or(Value::Null),
+    v.resource_metrics = Some(if !s.samples.is_empty() {
+        let at = s.end.as_ref().map_or_else(now_ms, |e| e.ended_ms);
+        Some(ResourceMetrics::of(id, &s.samples, at))
+    } else {
+        st.sup
+            .live_samples(id)
+            .map(|samples| ResourceMetrics::of(id, &samples, now_ms()))
     });
     v.meeting_ids = Some(Vec::new());
     Ok(Json(v))

@@ -34,7 +34,7 @@ use super::instance_http::{self, BotOutcome, Deliver, OutcomeFuture};
 use super::{CoreError, CoreResult};
 use crate::model::{
     iso_ms, now_ms, profile_limits, AgentRecord, DeploymentRecord, EndReason, InstanceRecord,
-    LogLine, SessionEnd, SessionRecord,
+    LogLine, MetricSample, SessionEnd, SessionRecord,
 };
 use crate::runtime::{ExitInfo, Instance, InstanceSpec, LogAttribution, LogSink, Runtime};
 use crate::store::Store;
@@ -171,7 +171,7 @@ struct InstanceCtl {
     cmd_tx: mpsc::UnboundedSender<Cmd>,
     done: watch::Receiver<bool>,
     attribution: Arc<Mutex<LogAttribution>>,
-    samples: Mutex<Vec<(i64, u64, u64)>>,
+    samples: Mutex<Vec<MetricSample>>,
     instance: OnceLock<Arc<dyn Instance>>,
     /// The session promised to this instance is stored (its `insert` returned): from then
     /// on a `DELETE` of it is answered from memory (`stop_session`).
@@ -267,14 +267,6 @@ pub struct Supervisor {
     recovered: AtomicBool,
     live: watch::Sender<usize>,
     secrets: Arc<dyn SecretSource>,
-}
-
-fn pct(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 impl Supervisor {
@@ -527,11 +519,11 @@ impl Supervisor {
         s
     }
 
-    /// Live resource metrics of a running session (reference §A.5.3 `resourceMetrics`).
-    pub fn live_metrics(&self, session: Uuid) -> Option<serde_json::Value> {
+    /// Resource samples of a running session so far (`None` when it is not running here).
+    pub fn live_samples(&self, session: Uuid) -> Option<Vec<MetricSample>> {
         let ctl = self.state.lock().sessions.get(&session).cloned()?;
         let samples = ctl.samples.lock().clone();
-        Some(metrics_json(session, &samples))
+        Some(samples)
     }
 
     /// Starts a session on `org`'s agent `agent_name`: takes a ready warm instance, else a
@@ -647,7 +639,7 @@ impl Supervisor {
             cold_start: Some(cold),
             transport: p.transport.clone(),
             end: None,
-            metrics: None,
+            samples: Vec::new(),
         };
         // A ready warm instance is already recorded: the session and the instance's promise
         // to it go in one write. Otherwise (or if its record was missing) the actor records
@@ -959,11 +951,8 @@ impl Supervisor {
             agent_id: ctl.agent_id,
             deployment_id: ctl.deployment.id,
             session_id: session,
-            pid: pl.pid,
-            pid_start: pl.pid_start,
-            port: pl.port,
-            cgroup: pl.cgroup,
-            dir: pl.dir,
+            runtime: self.runtime.kind().to_string(),
+            placement: serde_json::to_value(&pl).unwrap_or_default(),
             created_ms: now_ms(),
         };
         if let Err(e) = self.store.put_instance(&rec).await {
@@ -1335,7 +1324,11 @@ impl Supervisor {
                                 None => 0,
                             };
                             last_cpu = Some((now, s.cpu_ns));
-                            ctl.samples.lock().push((now_ms() / 1000, mc, s.memory_bytes));
+                            ctl.samples.lock().push(MetricSample {
+                                t: now_ms() / 1000,
+                                cpu_millicores: mc,
+                                memory_bytes: s.memory_bytes,
+                            });
                         }
                     }
                 }
@@ -1398,13 +1391,10 @@ impl Supervisor {
             exit_signal: ending.exit.and_then(|e| e.signal),
             message: ending.message.clone(),
         };
-        let metrics = session.and_then(|sid| {
-            let samples = ctl.samples.lock().clone();
-            (!samples.is_empty()).then(|| metrics_json(sid, &samples))
-        });
+        let samples = ctl.samples.lock().clone();
         match self
             .store
-            .end_instance(ctl.id, session.map(|sid| (sid, &end, metrics.as_ref())))
+            .end_instance(ctl.id, session.map(|sid| (sid, &end, &samples[..])))
             .await
         {
             Ok(true) => {}
@@ -1897,7 +1887,7 @@ fn python_runner_deps_missing(python: &str) -> Option<String> {
         let mut cmd = std::process::Command::new(python);
         cmd.args(["-c", "import fastapi, uvicorn"])
             .stdin(std::process::Stdio::null());
-        crate::runtime::reaper::Reaper::global().output(&mut cmd, Duration::from_secs(60))
+        crate::runtime::process::reaper::Reaper::global().output(&mut cmd, Duration::from_secs(60))
     };
     let out = match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
@@ -1942,29 +1932,4 @@ fn python_runner_deps_missing(python: &str) -> Option<String> {
             .insert(python.to_string(), (std::time::Instant::now(), None));
     }
     r
-}
-
-/// `resourceMetrics` JSON (reference §A.5.3) from samples `(t unix s, millicores, bytes)`.
-pub fn metrics_json(session: Uuid, samples: &[(i64, u64, u64)]) -> serde_json::Value {
-    let mut cpu: Vec<u64> = samples.iter().map(|s| s.1).collect();
-    let mut mem: Vec<u64> = samples.iter().map(|s| s.2).collect();
-    cpu.sort_unstable();
-    mem.sort_unstable();
-    let now = iso_ms(now_ms());
-    serde_json::json!({
-        "id": session,
-        "sessionId": session,
-        "sampleCount": samples.len(),
-        "cpuMillicoresP50": pct(&cpu, 0.50),
-        "cpuMillicoresP90": pct(&cpu, 0.90),
-        "cpuMillicoresP95": pct(&cpu, 0.95),
-        "cpuMillicoresP99": pct(&cpu, 0.99),
-        "memoryBytesP50": pct(&mem, 0.50),
-        "memoryBytesP90": pct(&mem, 0.90),
-        "memoryBytesP95": pct(&mem, 0.95),
-        "memoryBytesP99": pct(&mem, 0.99),
-        "timeseries": samples.iter().map(|(t, c, m)| serde_json::json!({"t": t, "c": c, "m": m})).collect::<Vec<_>>(),
-        "eventTs": now,
-        "createdAt": now,
-    })
 }

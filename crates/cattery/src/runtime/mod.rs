@@ -4,12 +4,8 @@
 //! and is then discarded. A runtime starts it, reports when its main process exits, and removes
 //! all of it (every process, its cgroup, its temp files, its port) in [`Instance::terminate`].
 
-pub mod cgroup;
 pub mod logs;
-pub mod ports;
 pub mod process;
-pub mod reaper;
-pub mod spawn;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -133,8 +129,8 @@ pub trait Instance: Send + Sync {
     fn sample(&self) -> Option<ResourceSample>;
 }
 
-/// Where an instance lives, as stored in [`InstanceRecord`].
-#[derive(Debug, Clone)]
+/// Where a process instance lives, stored as [`InstanceRecord::placement`] (its JSON form).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct InstancePlacement {
     /// Main pid.
     pub pid: i32,

@@ -13,7 +13,7 @@
 //!   one (the kernel drops the lock if the server dies; a restarted server takes it again when
 //!   it re-adopts the instance);
 //! - and the supervisor only trusts `/readyz` once the instance's own processes hold the
-//!   listening socket ([`super::Instance::serves_port`]).
+//!   listening socket ([`crate::runtime::Instance::serves_port`]).
 
 use std::collections::HashMap;
 use std::fs::{self, File};

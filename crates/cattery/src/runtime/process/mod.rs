@@ -6,6 +6,11 @@
 //! child subreaper, and a scan for processes carrying the instance's `CATTERY_INSTANCE_ID`.
 //! Nothing is ever killed by name.
 
+pub mod cgroup;
+pub mod ports;
+pub mod reaper;
+pub mod spawn;
+
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs;
@@ -20,11 +25,11 @@ use nix::unistd::Pid;
 use parking_lot::Mutex;
 use tokio::sync::{watch, OnceCell};
 
-use super::cgroup::{self, CgroupSupport, InstanceCgroups};
+use self::cgroup::{CgroupSupport, InstanceCgroups};
+use self::ports::{listening_inodes, pids_hold_socket, PortBook};
+use self::reaper::Reaper;
+use self::spawn::SpawnSpec;
 use super::logs::{read_offsets, Tailer};
-use super::ports::{listening_inodes, pids_hold_socket, PortBook};
-use super::reaper::Reaper;
-use super::spawn::{self, SpawnSpec};
 use super::{
     ExitInfo, Instance, InstancePlacement, InstanceSpec, LogSink, ResourceSample, Runtime,
     RuntimeError, TerminateReport,
@@ -164,7 +169,7 @@ impl ProcessRuntime {
         let cwd = spec.working_dir.clone().unwrap_or_else(|| dir.clone());
         let fds = cgroup::raw_fds(&cgs.procs_fds);
         // posix_spawn-like (no fork of this process), joining the cgroups and a new session
-        // before exec: see `runtime/spawn.rs`.
+        // before exec: see `runtime/process/spawn.rs`.
         let spawned = self.reaper.spawn_registered(|| {
             let pid = spawn::spawn(&SpawnSpec {
                 program: &spec.program,
@@ -395,22 +400,29 @@ impl Runtime for ProcessRuntime {
 
     async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Option<Arc<dyn Instance>> {
         let id = rec.id.to_string();
-        let dir = PathBuf::from(&rec.dir);
-        let cg_v2 = rec.cgroup.as_ref().map(PathBuf::from);
+        let pl: InstancePlacement = match serde_json::from_value(rec.placement.clone()) {
+            Ok(pl) if rec.runtime == self.kind() => pl,
+            _ => {
+                tracing::warn!(instance = %id, runtime = %rec.runtime, "cannot read the placement of a recorded instance; leaving it");
+                return None;
+            }
+        };
+        let dir = PathBuf::from(&pl.dir);
+        let cg_v2 = pl.cgroup.as_ref().map(PathBuf::from);
         let cg_v1: Vec<PathBuf> = self
             .cgroups
             .v1_bases
             .iter()
             .map(|(_, b)| b.join(&id))
             .collect();
-        let alive = same_process_alive(rec.pid, rec.pid_start);
+        let alive = same_process_alive(pl.pid, pl.pid_start);
         let (tx, exit_rx) = watch::channel(None);
         let offsets = read_offsets(&dir.join("offsets")).unwrap_or((0, 0));
-        self.ports.adopt(rec.port);
+        self.ports.adopt(pl.port);
         let inst = self.instance(
             id,
-            (rec.pid, rec.pid_start),
-            rec.port,
+            (pl.pid, pl.pid_start),
+            pl.port,
             dir,
             (cg_v2, cg_v1),
             exit_rx,
@@ -425,8 +437,8 @@ impl Runtime for ProcessRuntime {
         }
         // Not our child any more: watch the pid (and its start time) instead of waitpid; the
         // exit code is only known if the agent wrote it to `$CATTERY_EXIT_STATUS_FILE`.
-        let (pid, start) = (rec.pid, rec.pid_start);
-        let status_file = PathBuf::from(&rec.dir).join(EXIT_STATUS_FILE);
+        let (pid, start) = (pl.pid, pl.pid_start);
+        let status_file = PathBuf::from(&pl.dir).join(EXIT_STATUS_FILE);
         tokio::spawn(async move {
             while same_process_alive(pid, start) {
                 tokio::time::sleep(Duration::from_millis(100)).await;

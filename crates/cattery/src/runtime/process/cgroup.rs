@@ -4,7 +4,7 @@
 //! (`cgroup.kill`) and emptiness (`cgroup.events` `populated 0`); and, where cgroup v1
 //! controllers are writable, `<v1 root>/<memory|cpu|pids>/cattery/<server id>/<instance id>`
 //! for the `agentProfile` limits. The child joins every one of them before `exec` (it writes
-//! `0` to each `cgroup.procs` through descriptors opened by the parent, `runtime/spawn.rs`), so
+//! `0` to each `cgroup.procs` through descriptors opened by the parent, `runtime/process/spawn.rs`), so
 //! no process of the instance ever runs outside them.
 //!
 //! Each server holds an exclusive `flock` on `<temp dir>/cattery-servers/<server id>.lock` for
