@@ -331,78 +331,14 @@ pub async fn upsert(
         keys: Vec::new(),
     };
     let (values, replace_all) = if image_pull {
-        let host = r
-            .host
-            .as_deref()
-            .map(str::trim)
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| {
-                bad("an image pull secret needs isImagePullSecret, host and secretValue")
-            })?;
-        let value = r
-            .secret_value
-            .as_deref()
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| {
-                bad("an image pull secret needs isImagePullSecret, host and secretValue")
-            })?;
-        if base64::engine::general_purpose::STANDARD
-            .decode(value)
-            .is_err()
-        {
-            return Err(bad(
-                "secretValue of an image pull secret must be base64 of user:token (illegal base64 data)",
-            ));
-        }
-        if value.len() > MAX_VALUE_BYTES {
-            return Err(bad(format!(
-                "secretValue is {} bytes; the limit is {MAX_VALUE_BYTES}",
-                value.len()
-            )));
-        }
-        rec.host = Some(if host.ends_with('/') {
-            host.to_string()
-        } else {
-            format!("{host}/")
-        });
-        (vec![cipher.seal(org, name, "secretValue", value)], true)
+        let (value, host) = image_pull_value(cipher, org, name, r)?;
+        rec.host = Some(host);
+        (vec![value], true)
     } else {
-        let mut pairs: Vec<(&str, &str)> = Vec::new();
-        if let Some(list) = &r.secrets {
-            pairs.extend(
-                list.iter()
-                    .map(|p| (p.secret_key.as_str(), p.secret_value.as_str())),
-            );
-        }
-        match (&r.secret_key, &r.secret_value) {
-            (Some(k), Some(v)) => pairs.push((k, v)),
-            (Some(k), None) => return Err(bad(format!("secretValue is missing for {k}"))),
-            (None, Some(_)) => return Err(bad("secretKey is missing")),
-            (None, None) => {}
-        }
-        if pairs.is_empty() {
-            return Err(bad(
-                "give at least one secret: {\"secrets\":[{\"secretKey\",\"secretValue\"}]} or {\"secretKey\",\"secretValue\"}",
-            ));
-        }
-        for (k, v) in &pairs {
-            check_pair(k, v)?;
-        }
-        let mut keys: std::collections::BTreeSet<&str> = existing
-            .iter()
-            .flat_map(|s| s.keys.iter().map(String::as_str))
-            .collect();
-        keys.extend(pairs.iter().map(|p| p.0));
-        if keys.len() > MAX_KEYS_PER_SET {
-            return Err(bad(format!(
-                "a secret set holds at most {MAX_KEYS_PER_SET} keys"
-            )));
-        }
-        let values = pairs
-            .iter()
-            .map(|(k, v)| cipher.seal(org, name, k, v))
-            .collect();
-        (values, false)
+        (
+            sealed_pairs(cipher, org, name, r, existing.as_ref())?,
+            false,
+        )
     };
     match store.upsert_secret_set(&rec, &values, replace_all).await {
         Err(StoreError::Conflict) => Err(CoreError::Conflict(format!(
@@ -410,6 +346,94 @@ pub async fn upsert(
         ))),
         r => r.map(|_| region).map_err(CoreError::from),
     }
+}
+
+/// The sealed credential and the normalised host of an image pull secret upsert.
+/// Errors: 400 for a missing host or value, a value that is not base64, or one too long.
+fn image_pull_value(
+    cipher: &SecretCipher,
+    org: &str,
+    name: &str,
+    r: &UpsertRequest,
+) -> CoreResult<(SealedValue, String)> {
+    let missing = || bad("an image pull secret needs isImagePullSecret, host and secretValue");
+    let host = r
+        .host
+        .as_deref()
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .ok_or_else(missing)?;
+    let value = r
+        .secret_value
+        .as_deref()
+        .filter(|v| !v.is_empty())
+        .ok_or_else(missing)?;
+    if base64::engine::general_purpose::STANDARD
+        .decode(value)
+        .is_err()
+    {
+        return Err(bad(
+            "secretValue of an image pull secret must be base64 of user:token (illegal base64 data)",
+        ));
+    }
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(bad(format!(
+            "secretValue is {} bytes; the limit is {MAX_VALUE_BYTES}",
+            value.len()
+        )));
+    }
+    let host = if host.ends_with('/') {
+        host.to_string()
+    } else {
+        format!("{host}/")
+    };
+    Ok((cipher.seal(org, name, "secretValue", value), host))
+}
+
+/// The sealed pairs of a regular set upsert (documented and flat forms).
+/// Errors: 400 for no pairs, a half pair, an invalid pair, or too many keys in the set.
+fn sealed_pairs(
+    cipher: &SecretCipher,
+    org: &str,
+    name: &str,
+    r: &UpsertRequest,
+    existing: Option<&SecretSetRecord>,
+) -> CoreResult<Vec<SealedValue>> {
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    if let Some(list) = &r.secrets {
+        pairs.extend(
+            list.iter()
+                .map(|p| (p.secret_key.as_str(), p.secret_value.as_str())),
+        );
+    }
+    match (&r.secret_key, &r.secret_value) {
+        (Some(k), Some(v)) => pairs.push((k, v)),
+        (Some(k), None) => return Err(bad(format!("secretValue is missing for {k}"))),
+        (None, Some(_)) => return Err(bad("secretKey is missing")),
+        (None, None) => {}
+    }
+    if pairs.is_empty() {
+        return Err(bad(
+            "give at least one secret: {\"secrets\":[{\"secretKey\",\"secretValue\"}]} or {\"secretKey\",\"secretValue\"}",
+        ));
+    }
+    for (k, v) in &pairs {
+        check_pair(k, v)?;
+    }
+    let mut keys: std::collections::BTreeSet<&str> = existing
+        .iter()
+        .flat_map(|s| s.keys.iter().map(String::as_str))
+        .collect();
+    keys.extend(pairs.iter().map(|p| p.0));
+    if keys.len() > MAX_KEYS_PER_SET {
+        return Err(bad(format!(
+            "a secret set holds at most {MAX_KEYS_PER_SET} keys"
+        )));
+    }
+    Ok(pairs
+        .iter()
+        .map(|(k, v)| cipher.seal(org, name, k, v))
+        .collect())
 }
 
 /// The org's sets (optionally of one region), by name.
