@@ -22,14 +22,15 @@ use std::collections::HashMap;
 use axum::extract::{Query, State};
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::agents;
 use super::auth::{OrgAuth, PrivateAuth};
 use super::error::{ApiError, ApiResult};
 use super::schema::{
-    AgentDetails, AgentList, Deployment, DeploymentList, Session, SessionList, StatusOk,
+    AgentDetails, AgentList, ApiKey, ApiKeyList, CurrentUser, DailyKey, Deployment, DeploymentList,
+    KeyRevoked, Organization, OrganizationList, Session, SessionList, StatusOk, User,
     WrappedAgentDetails,
 };
 use super::sessions;
@@ -37,7 +38,7 @@ use super::{ApiJson, ApiPath, AppState};
 use crate::core::agents::AgentRequest;
 use crate::core::CoreError;
 use crate::core::{keys, orgs};
-use crate::model::{iso_ms, ApiKeyRecord, KeyKind};
+use crate::model::{iso_ms, KeyKind};
 
 fn nf(e: CoreError) -> ApiError {
     ApiError::from(e).with_not_found_code("NOT_FOUND")
@@ -47,29 +48,33 @@ fn nf(e: CoreError) -> ApiError {
 pub async fn list_organizations(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<OrganizationList>> {
     let org = orgs::org_record(&st.store, &c.org)
         .await
         .map_err(|e| match e {
             CoreError::NotFound(_) => ApiError::not_found("NOT_FOUND", "organization not found"),
             e => e.into(),
         })?;
-    Ok(Json(json!({"organizations": [{
-        "name": org.name,
-        "verboseName": org.verbose_name,
-        "createdAt": iso_ms(org.created_ms),
-    }]})))
+    Ok(Json(OrganizationList {
+        organizations: vec![Organization {
+            created_at: iso_ms(org.created_ms),
+            name: org.name,
+            verbose_name: org.verbose_name,
+        }],
+    }))
 }
 
 /// `GET /v1/users`: the calling key or token as the "user".
-pub async fn current_user(PrivateAuth(c): PrivateAuth) -> Json<Value> {
-    Json(json!({"user": {
-        "userId": c.key_id,
-        "name": c.key_name,
-        "emails": [],
-        "organization": c.org,
-        "keyType": c.kind.as_str(),
-    }}))
+pub async fn current_user(PrivateAuth(c): PrivateAuth) -> Json<CurrentUser> {
+    Json(CurrentUser {
+        user: User {
+            emails: Vec::new(),
+            key_type: c.kind.as_str(),
+            name: c.key_name,
+            organization: c.org,
+            user_id: c.key_id,
+        },
+    })
 }
 
 /// `GET /v1/organizations/{org}/services`.
@@ -278,34 +283,23 @@ pub async fn org_update_properties(
     update_properties(State(st), PrivateAuth(c), body).await
 }
 
-fn key_json(k: &ApiKeyRecord) -> Value {
-    json!({
-        "id": k.id,
-        "key": k.public_key.clone().unwrap_or_else(|| format!("{}...", k.prefix)),
-        "type": k.kind.as_str(),
-        "metadata": {"name": k.name},
-        "createdAt": iso_ms(k.created_ms),
-        "revoked": k.revoked_ms.is_some(),
-        "revokedAt": k.revoked_ms.map(iso_ms),
-    })
-}
-
 /// `GET /v1/organizations/{org}/apiKeys`: the org's public keys (with the whole key) and its
 /// private keys (prefix only); tokens are not listed.
 pub async fn list_api_keys(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ApiKeyList>> {
     let keys = keys::list_keys(st.store.as_ref(), &c.org).await?;
     let of = |kind| {
         keys.iter()
             .filter(|k| k.kind == kind)
-            .map(key_json)
+            .map(ApiKey::of)
             .collect::<Vec<_>>()
     };
-    Ok(Json(
-        json!({"public": of(KeyKind::Public), "private": of(KeyKind::Private)}),
-    ))
+    Ok(Json(ApiKeyList {
+        private: of(KeyKind::Private),
+        public: of(KeyKind::Public),
+    }))
 }
 
 /// Body of `POST .../apiKeys`.
@@ -324,12 +318,13 @@ pub async fn create_api_key(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
     ApiJson(req): ApiJson<CreateKeyRequest>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ApiKey>> {
     let (name, kind) = keys::check_new_key(req.name.as_deref(), req.kind.as_deref())?;
     let (rec, key) = keys::issue_key(st.store.as_ref(), &c.org, kind, &name).await?;
-    let mut v = key_json(&rec);
-    v["key"] = json!(key);
-    Ok(Json(v))
+    Ok(Json(ApiKey {
+        key,
+        ..ApiKey::of(&rec)
+    }))
 }
 
 /// `DELETE /v1/organizations/{org}/apiKeys/{id}`: revokes (soft delete); the key fails at
@@ -338,20 +333,27 @@ pub async fn revoke_api_key(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
     ApiPath((_org, id)): ApiPath<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<KeyRevoked>> {
     let id = Uuid::parse_str(&id)
         .map_err(|_| ApiError::bad_request(format!("invalid key id {id:?}: expected a UUID")))?;
     keys::revoke_key(st.store.as_ref(), &c.org, id)
         .await
         .map_err(|e| ApiError::from(e).with_not_found_code("NOT_FOUND"))?;
-    Ok(Json(json!({"status": "OK", "id": id, "revoked": true})))
+    Ok(Json(KeyRevoked {
+        id,
+        revoked: true,
+        status: "OK",
+    }))
 }
 
 /// `GET /v1/organizations/{org}/daily`: `{"apiKey"}` when the server has a Daily API key.
-pub async fn daily_key(State(st): State<AppState>, OrgAuth(_c): OrgAuth) -> ApiResult<Json<Value>> {
+pub async fn daily_key(
+    State(st): State<AppState>,
+    OrgAuth(_c): OrgAuth,
+) -> ApiResult<Json<DailyKey>> {
     st.sup
         .daily_api_key()
-        .map(|k| Json(json!({ "apiKey": k })))
+        .map(|api_key| Json(DailyKey { api_key }))
         .ok_or_else(|| {
             ApiError::not_found(
                 "NOT_FOUND",

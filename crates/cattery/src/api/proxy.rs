@@ -66,6 +66,7 @@ pub async fn proxy_root(
            ("session_id" = String, Path, description = "Session UUID"),
            ("path" = String, Path, description = "Path on the bot (not bot or ws)")),
     responses((status = 200, description = "the bot's own answer, unchanged", body = Object),
+              (status = "default", description = "the bot's own answer with any other status, unchanged"),
               (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody),
               (status = 404, description = "unknown or ended session, or a reserved path", body = super::error::ErrorBody),
               (status = 502, body = super::error::ErrorBody)),

@@ -15,7 +15,8 @@ use uuid::Uuid;
 use crate::core::health::{self, HealthState};
 use crate::core::supervisor::PoolStatus;
 use crate::model::{iso_ms, iso_ns, profile_limits, AgentRecord, DeploymentRecord, LogLine};
-use crate::model::{MetricSample, SessionRecord};
+use crate::model::{ApiKeyRecord, MetricSample, SessionRecord};
+use crate::store::SecretSetRecord;
 
 /// `{"status": "OK"}`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -722,6 +723,179 @@ impl ResourceMetrics {
                 .collect(),
         }
     }
+}
+
+/// A secret set in a listing, or with its key names (`secrets`, single-set lookups only).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SecretSet {
+    /// Set name.
+    pub name: String,
+    /// Region.
+    pub region: String,
+    /// Key names (values are never returned).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<Vec<SecretField>>,
+    /// Always `ready` (provisioning is synchronous).
+    pub status: &'static str,
+    /// `secret` or `imagePullSecret`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+}
+
+impl SecretSet {
+    /// The listing item of `s`.
+    pub fn of(s: &SecretSetRecord) -> Self {
+        SecretSet {
+            name: s.name.clone(),
+            region: s.region.clone(),
+            secrets: None,
+            status: "ready",
+            kind: s.kind.as_str(),
+        }
+    }
+}
+
+/// One key name of a secret set.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretField {
+    /// The key.
+    pub field_name: String,
+}
+
+/// `{"sets": [...]}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SecretSetList {
+    /// Sets, by name.
+    pub sets: Vec<SecretSet>,
+}
+
+/// `202 {"region", "status": "OK"}` of an upsert.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SecretUpserted {
+    /// The set's region.
+    pub region: String,
+    /// Always `OK`.
+    pub status: &'static str,
+}
+
+/// `metadata` of an API key.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyMetadata {
+    /// Human name.
+    pub name: String,
+}
+
+/// An API key as the CLI lists it (`key`: the whole key for public keys and a new key,
+/// the prefix and `...` otherwise).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKey {
+    /// Created.
+    pub created_at: String,
+    /// Key id.
+    pub id: Uuid,
+    /// The key, or its prefix.
+    pub key: String,
+    /// Name.
+    pub metadata: KeyMetadata,
+    /// Revoked.
+    pub revoked: bool,
+    /// When it was revoked.
+    pub revoked_at: Option<String>,
+    /// `public`, `private` or `token`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+}
+
+impl ApiKey {
+    /// The listing item of `k`.
+    pub fn of(k: &ApiKeyRecord) -> Self {
+        ApiKey {
+            created_at: iso_ms(k.created_ms),
+            id: k.id,
+            key: k
+                .public_key
+                .clone()
+                .unwrap_or_else(|| format!("{}...", k.prefix)),
+            metadata: KeyMetadata {
+                name: k.name.clone(),
+            },
+            revoked: k.revoked_ms.is_some(),
+            revoked_at: k.revoked_ms.map(iso_ms),
+            kind: k.kind.as_str(),
+        }
+    }
+}
+
+/// `{"private": [...], "public": [...]}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKeyList {
+    /// Private keys (prefix only).
+    pub private: Vec<ApiKey>,
+    /// Public keys (whole).
+    pub public: Vec<ApiKey>,
+}
+
+/// `{"id", "revoked": true, "status": "OK"}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyRevoked {
+    /// The key.
+    pub id: Uuid,
+    /// Always true.
+    pub revoked: bool,
+    /// Always `OK`.
+    pub status: &'static str,
+}
+
+/// An organization.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Organization {
+    /// Created.
+    pub created_at: String,
+    /// Name.
+    pub name: String,
+    /// Display name.
+    pub verbose_name: String,
+}
+
+/// `{"organizations": [...]}` (the caller's only).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrganizationList {
+    /// Organizations.
+    pub organizations: Vec<Organization>,
+}
+
+/// The calling key or token as the "user".
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct User {
+    /// Always empty.
+    pub emails: Vec<String>,
+    /// `public`, `private` or `token`.
+    pub key_type: &'static str,
+    /// Name of the key.
+    pub name: String,
+    /// Org of the key.
+    pub organization: String,
+    /// Id of the key.
+    pub user_id: Uuid,
+}
+
+/// `{"user": {...}}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CurrentUser {
+    /// The caller.
+    pub user: User,
+}
+
+/// `{"apiKey"}`: the server's Daily API key.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DailyKey {
+    /// The key.
+    pub api_key: String,
 }
 
 #[cfg(test)]
