@@ -15,7 +15,7 @@ use crate::core::supervisor::{Supervisor, SupervisorConfig};
 use crate::model::{now_ns, KeyKind, LogLine};
 use crate::runtime::process::ProcessRuntime;
 use crate::store::sqlite::SqliteStore;
-use crate::store::Store;
+use crate::store::{KeyStore, Store};
 
 /// The org every server has from its first start.
 pub const DEFAULT_ORG: &str = "default";

@@ -354,7 +354,7 @@ async fn server_sigkill_during_a_start_and_unrecorded_instances_are_cleaned_up()
     // Forget the plain instance's record, as if it had been spawned just before the crash.
     let inst = uuid::Uuid::parse_str(&pid_env(plain_pid, "CATTERY_INSTANCE_ID").unwrap()).unwrap();
     {
-        use cattery::store::Store;
+        use cattery::store::prelude::*;
         let store = cattery::store::sqlite::SqliteStore::open(s.data_dir())
             .await
             .unwrap();
