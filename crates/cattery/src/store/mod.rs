@@ -215,6 +215,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<(i64, Vec<SessionRecord>)>;
     /// Sessions without an end, across all agents.
     async fn list_open_sessions(&self) -> StoreResult<Vec<SessionRecord>>;
+    /// Records the intent to stop an open session, with the deadline (Unix ms) at which its
+    /// stop grace ends; durable when this returns. A deadline already recorded is kept (the
+    /// first stop's grace is never extended).
+    async fn request_stop(&self, id: Uuid, deadline_ms: i64) -> StoreResult<()>;
+    /// Open sessions whose stop was requested, with the recorded deadline.
+    async fn stop_requests(&self) -> StoreResult<Vec<(Uuid, i64)>>;
 
     /// Saves (inserts or replaces) a live instance.
     async fn put_instance(&self, rec: &InstanceRecord) -> StoreResult<()>;

@@ -380,6 +380,7 @@ fn end_reason(s: &str) -> EndReason {
         "client_disconnected" => EndReason::ClientDisconnected,
         "drained" => EndReason::Drained,
         "lost" => EndReason::Lost,
+        "out_of_memory" => EndReason::OutOfMemory,
         _ => EndReason::Error,
     }
 }
@@ -888,6 +889,31 @@ impl Store for SqliteStore {
         .fetch_all(&mut *self.read().await?)
         .await?;
         rows.iter().map(Self::session_from_row).collect()
+    }
+
+    async fn request_stop(&self, id: Uuid, deadline_ms: i64) -> StoreResult<()> {
+        self.write(move |db| {
+            db.exec(
+                "UPDATE sessions SET stop_deadline_ms = COALESCE(stop_deadline_ms, ?) \
+                 WHERE id = ? AND ended_ms IS NULL",
+                &[deadline_ms.into(), Val::Text(&id.to_string())],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn stop_requests(&self) -> StoreResult<Vec<(Uuid, i64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT id, stop_deadline_ms FROM sessions \
+             WHERE ended_ms IS NULL AND stop_deadline_ms IS NOT NULL",
+        )
+        .fetch_all(&mut *self.read().await?)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, d)| Some((Uuid::parse_str(&id).ok()?, d)))
+            .collect())
     }
 
     async fn put_instance(&self, i: &InstanceRecord) -> StoreResult<()> {
