@@ -33,8 +33,8 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{
-    ExitInfo, Instance, InstancePlacement, InstanceSpec, LogSink, Prepared, ResourceSample,
-    Runtime, RuntimeError, RuntimeKind, TerminateReport,
+    ExitInfo, Instance, InstanceSpec, LogSink, Prepared, ResourceSample, Runtime, RuntimeError,
+    RuntimeKind, TerminateReport,
 };
 use crate::model::{DeploymentRecord, InstanceRecord};
 
@@ -313,14 +313,8 @@ async fn bot(State(Srv(i)): State<Srv>) -> StatusCode {
 
 #[async_trait]
 impl Instance for FakeInstance {
-    fn record_parts(&self) -> InstancePlacement {
-        InstancePlacement {
-            pid: 0,
-            pid_start: 0,
-            port: self.addr.port(),
-            cgroup: None,
-            dir: String::new(),
-        }
+    fn placement(&self) -> serde_json::Value {
+        serde_json::json!({ "fake": self.id, "addr": self.addr.to_string() })
     }
 
     fn endpoint(&self) -> SocketAddr {

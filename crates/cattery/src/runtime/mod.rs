@@ -125,8 +125,10 @@ pub enum RuntimeError {
 ///   returned, when they answer their empty value).
 #[async_trait]
 pub trait Instance: Send + Sync {
-    /// Durable identity, to find it again after a restart.
-    fn record_parts(&self) -> InstancePlacement;
+    /// Where the instance lives, in the runtime's own terms (stored as
+    /// [`InstanceRecord::placement`], opaque to the engine and the store; handed back to
+    /// [`Runtime::adopt`] after a restart).
+    fn placement(&self) -> serde_json::Value;
     /// Where the instance serves the contract (see the trait docs).
     fn endpoint(&self) -> SocketAddr;
     /// Short human description for platform logs (`pid 1234`, `container 3f2a...`).
@@ -158,8 +160,8 @@ pub trait Instance: Send + Sync {
     }
 }
 
-/// Where an instance lives, as stored in [`InstanceRecord`].
-#[derive(Debug, Clone)]
+/// Where a process instance lives, stored as [`InstanceRecord::placement`] (its JSON form).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct InstancePlacement {
     /// Main pid.
     pub pid: i32,

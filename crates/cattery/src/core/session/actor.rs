@@ -16,7 +16,7 @@ use super::health::StartFailure;
 use super::state::{Cmd, Delivery, InstState, InstanceCtl, Mailbox};
 use super::{Supervisor, FIRST_READY_POLL, IDLE_CHECK, READY_POLL};
 use crate::core::instance_http::{self, BotOutcome, OutcomeFuture};
-use crate::model::{now_ms, profile_limits, EndReason, InstanceRecord};
+use crate::model::{now_ms, profile_limits, EndReason, InstanceRecord, MetricSample};
 use crate::runtime::{Instance, InstanceSpec, LogSink};
 
 /// How an actor begins.
@@ -373,7 +373,11 @@ impl Actor {
                             None => 0,
                         };
                         last_cpu = Some((now, s.cpu_ns));
-                        self.ctl.samples.lock().push((now_ms() / 1000, mc, s.memory_bytes));
+                        self.ctl.samples.lock().push(MetricSample {
+                            t: now_ms() / 1000,
+                            cpu_millicores: mc,
+                            memory_bytes: s.memory_bytes,
+                        });
                     }
                 }
             }
@@ -524,17 +528,13 @@ impl Supervisor {
         inst: &Arc<dyn Instance>,
         session: Option<Uuid>,
     ) {
-        let pl = inst.record_parts();
         let rec = InstanceRecord {
             id: ctl.id,
             agent_id: ctl.agent_id,
             deployment_id: ctl.deployment.id,
             session_id: session,
-            pid: pl.pid,
-            pid_start: pl.pid_start,
-            port: pl.port,
-            cgroup: pl.cgroup,
-            dir: pl.dir,
+            runtime: self.runtime.kind().as_str().to_string(),
+            placement: inst.placement(),
             created_ms: now_ms(),
         };
         if let Err(e) = self.store.put_instance(&rec).await {

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::actor::Actor;
 use super::ending::{reply_err, Ending};
 use super::state::{Cmd, InstState, InstanceCtl};
-use super::{metrics_json, Supervisor};
+use super::Supervisor;
 use crate::model::{iso_ms, now_ms, EndReason, SessionEnd};
 use crate::runtime::{Instance, TerminateReport};
 
@@ -96,7 +96,7 @@ impl Supervisor {
         grace
     }
 
-    /// One write: the instance record goes, the session's end (first wins) and its metrics
+    /// One write: the instance record goes, the session's end (first wins) and its samples
     /// are recorded; then the end-of-session platform log line.
     async fn record_end(
         &self,
@@ -114,13 +114,10 @@ impl Supervisor {
             exit_signal: ending.exit.and_then(|e| e.signal),
             message: ending.message.clone(),
         };
-        let metrics = session.and_then(|sid| {
-            let samples = ctl.samples.lock().clone();
-            (!samples.is_empty()).then(|| metrics_json(sid, &samples))
-        });
+        let samples = ctl.samples.lock().clone();
         match self
             .store
-            .end_instance(ctl.id, session.map(|sid| (sid, &end, metrics.as_ref())))
+            .end_instance(ctl.id, session.map(|sid| (sid, &end, &samples[..])))
             .await
         {
             Ok(true) => {}

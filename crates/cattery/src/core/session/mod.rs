@@ -49,7 +49,7 @@ use uuid::Uuid;
 
 use super::instance_http::Deliver;
 use super::{CoreError, CoreResult};
-use crate::model::{iso_ms, now_ms, AgentRecord, DeploymentRecord, LogLine};
+use crate::model::{now_ms, AgentRecord, DeploymentRecord, LogLine, MetricSample};
 use crate::runtime::Runtime;
 use crate::store::Store;
 
@@ -339,11 +339,11 @@ impl Supervisor {
         s
     }
 
-    /// Live resource metrics of a running session (reference §A.5.3 `resourceMetrics`).
-    pub fn live_metrics(&self, session: Uuid) -> Option<serde_json::Value> {
+    /// Resource samples of a running session so far (`None` when it is not running here).
+    pub fn live_samples(&self, session: Uuid) -> Option<Vec<MetricSample>> {
         let ctl = self.state.lock().sessions.get(&session).cloned()?;
         let samples = ctl.samples.lock().clone();
-        Some(metrics_json(session, &samples))
+        Some(samples)
     }
 
     /// The stop grace of an instance: its agent's `stopGraceSeconds`, else the default.
@@ -371,37 +371,4 @@ impl Supervisor {
     fn publish_live(&self, st: &State) {
         self.live.send_replace(st.sessions.len());
     }
-}
-
-fn pct(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
-/// `resourceMetrics` JSON (reference §A.5.3) from samples `(t unix s, millicores, bytes)`.
-pub fn metrics_json(session: Uuid, samples: &[(i64, u64, u64)]) -> serde_json::Value {
-    let mut cpu: Vec<u64> = samples.iter().map(|s| s.1).collect();
-    let mut mem: Vec<u64> = samples.iter().map(|s| s.2).collect();
-    cpu.sort_unstable();
-    mem.sort_unstable();
-    let now = iso_ms(now_ms());
-    serde_json::json!({
-        "id": session,
-        "sessionId": session,
-        "sampleCount": samples.len(),
-        "cpuMillicoresP50": pct(&cpu, 0.50),
-        "cpuMillicoresP90": pct(&cpu, 0.90),
-        "cpuMillicoresP95": pct(&cpu, 0.95),
-        "cpuMillicoresP99": pct(&cpu, 0.99),
-        "memoryBytesP50": pct(&mem, 0.50),
-        "memoryBytesP90": pct(&mem, 0.90),
-        "memoryBytesP95": pct(&mem, 0.95),
-        "memoryBytesP99": pct(&mem, 0.99),
-        "timeseries": samples.iter().map(|(t, c, m)| serde_json::json!({"t": t, "c": c, "m": m})).collect::<Vec<_>>(),
-        "eventTs": now,
-        "createdAt": now,
-    })
 }

@@ -175,7 +175,7 @@ impl Supervisor {
             cold_start: Some(placed.cold),
             transport,
             end: None,
-            metrics: None,
+            samples: Vec::new(),
         };
         if placed.mailbox.is_none() && !placed.cold {
             self.store

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use super::health::Health;
 use crate::core::instance_http::Deliver;
 use crate::core::CoreResult;
-use crate::model::{AgentRecord, DeploymentRecord, EndReason};
+use crate::model::{AgentRecord, DeploymentRecord, EndReason, MetricSample};
 use crate::runtime::{Instance, LogAttribution};
 
 /// Lifecycle state of an instance.
@@ -46,9 +46,6 @@ pub struct Slot {
     /// The session this instance is promised to or serves.
     pub session: Option<Uuid>,
 }
-
-/// A resource sample: (Unix s, CPU millicores, memory bytes).
-pub type Sample = (i64, u64, u64);
 
 /// A command to an instance's actor.
 pub(super) enum Cmd {
@@ -86,7 +83,7 @@ pub(super) struct InstanceCtl {
     pub done: watch::Receiver<bool>,
     /// Who the instance's log lines belong to; mirrors [`Slot::session`] for logs only.
     pub attribution: Arc<Mutex<LogAttribution>>,
-    pub samples: Mutex<Vec<Sample>>,
+    pub samples: Mutex<Vec<MetricSample>>,
     pub instance: OnceLock<Arc<dyn Instance>>,
     /// The session promised to this instance is stored (its `insert` returned): from then
     /// on a `DELETE` of it is answered from memory (`stop_session`).

@@ -367,21 +367,17 @@ async fn left_by_previous_run(e: &Env, a: &AgentRecord) -> (Uuid, Uuid) {
         cold_start: Some(true),
         transport: None,
         end: None,
-        metrics: None,
+        samples: Vec::new(),
     };
     e.store.insert_session(&s).await.unwrap();
     e.store.mark_delivered(sid, 5).await.unwrap();
-    let pl = inst.record_parts();
     let rec = InstanceRecord {
         id: iid,
         agent_id: a.id,
         deployment_id: dep.id,
         session_id: Some(sid),
-        pid: pl.pid,
-        pid_start: pl.pid_start,
-        port: pl.port,
-        cgroup: pl.cgroup,
-        dir: pl.dir,
+        runtime: e.fake.kind().as_str().to_string(),
+        placement: inst.placement(),
         created_ms: now,
     };
     e.store.put_instance(&rec).await.unwrap();

@@ -445,22 +445,29 @@ impl Runtime for ProcessRuntime {
 
     async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Option<Arc<dyn Instance>> {
         let id = rec.id.to_string();
-        let dir = PathBuf::from(&rec.dir);
-        let cg_v2 = rec.cgroup.as_ref().map(PathBuf::from);
+        let pl: InstancePlacement = match serde_json::from_value(rec.placement.clone()) {
+            Ok(pl) if rec.runtime == self.kind().as_str() => pl,
+            _ => {
+                tracing::warn!(instance = %id, runtime = %rec.runtime, "cannot read the placement of a recorded instance; leaving it");
+                return None;
+            }
+        };
+        let dir = PathBuf::from(&pl.dir);
+        let cg_v2 = pl.cgroup.as_ref().map(PathBuf::from);
         let cg_v1: Vec<PathBuf> = self
             .cgroups
             .v1_bases
             .iter()
             .map(|(_, b)| b.join(&id))
             .collect();
-        let alive = same_process_alive(rec.pid, rec.pid_start);
+        let alive = same_process_alive(pl.pid, pl.pid_start);
         let (tx, exit_rx) = watch::channel(None);
         let offsets = read_offsets(&dir.join("offsets")).unwrap_or((0, 0));
-        self.ports.adopt(rec.port);
+        self.ports.adopt(pl.port);
         let inst = self.instance(
             id,
-            (rec.pid, rec.pid_start),
-            rec.port,
+            (pl.pid, pl.pid_start),
+            pl.port,
             dir,
             (cg_v2, cg_v1),
             exit_rx,
@@ -475,8 +482,8 @@ impl Runtime for ProcessRuntime {
         }
         // Not our child any more: watch the pid (and its start time) instead of waitpid; the
         // exit code is only known if the agent wrote it to `$CATTERY_EXIT_STATUS_FILE`.
-        let (pid, start) = (rec.pid, rec.pid_start);
-        let status_file = PathBuf::from(&rec.dir).join(EXIT_STATUS_FILE);
+        let (pid, start) = (pl.pid, pl.pid_start);
+        let status_file = PathBuf::from(&pl.dir).join(EXIT_STATUS_FILE);
         tokio::spawn(async move {
             while same_process_alive(pid, start) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -638,14 +645,15 @@ fn proc_cpu_rss(pid: i32) -> Option<(u64, u64)> {
 
 #[async_trait]
 impl Instance for ProcessInstance {
-    fn record_parts(&self) -> InstancePlacement {
-        InstancePlacement {
+    fn placement(&self) -> serde_json::Value {
+        serde_json::to_value(InstancePlacement {
             pid: self.pid,
             pid_start: self.pid_start,
             port: self.port,
             cgroup: self.cg_v2.as_ref().map(|p| p.display().to_string()),
             dir: self.dir.display().to_string(),
-        }
+        })
+        .unwrap_or_default()
     }
 
     fn endpoint(&self) -> SocketAddr {
