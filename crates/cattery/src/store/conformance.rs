@@ -36,6 +36,7 @@ where
     case!(agents_and_deployments);
     case!(sessions);
     case!(session_lists);
+    case!(stop_requests);
     case!(instances);
     case!(sessions_with_instances);
     case!(secret_sets);
@@ -350,6 +351,41 @@ async fn sessions(s: &dyn Store) {
         &samples[1..]
     );
     assert!(s.get_session(Uuid::new_v4()).await.unwrap().is_none());
+}
+
+async fn stop_requests(s: &dyn Store) {
+    let a = with_agent(s, "a", "x").await;
+    let (s1, s2, ended) = (session(&a, 1), session(&a, 2), session(&a, 3));
+    for x in [&s1, &s2, &ended] {
+        s.insert_session(x).await.unwrap();
+    }
+    s.end_session(ended.id, &end(EndReason::OutOfMemory, 5))
+        .await
+        .unwrap();
+    assert!(s.stop_requests().await.unwrap().is_empty());
+    s.request_stop(s1.id, 100).await.unwrap();
+    s.request_stop(s1.id, 200).await.unwrap();
+    s.request_stop(ended.id, 100).await.unwrap();
+    s.request_stop(Uuid::new_v4(), 100).await.unwrap();
+    assert_eq!(
+        s.stop_requests().await.unwrap(),
+        [(s1.id, 100)],
+        "first deadline kept"
+    );
+    s.end_session(s1.id, &end(EndReason::Stopped, 150))
+        .await
+        .unwrap();
+    assert!(
+        s.stop_requests().await.unwrap().is_empty(),
+        "open sessions only"
+    );
+    let got = s.get_session(ended.id).await.unwrap().unwrap();
+    assert_eq!(
+        got.end.unwrap().reason,
+        EndReason::OutOfMemory,
+        "every end reason reads back"
+    );
+    assert!(s.get_session(s2.id).await.unwrap().unwrap().end.is_none());
 }
 
 async fn session_lists(s: &dyn Store) {

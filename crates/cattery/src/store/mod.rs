@@ -257,6 +257,13 @@ pub trait SessionStore: Send + Sync + 'static {
     ) -> StoreResult<(i64, Vec<SessionRecord>)>;
     /// Sessions without an end, across all agents and orgs, in no particular order.
     async fn list_open_sessions(&self) -> StoreResult<Vec<SessionRecord>>;
+    /// Records the intent to stop an open session, with the deadline (Unix ms) at which its
+    /// stop grace ends; durable when this returns. A deadline already recorded is kept (the
+    /// first stop's grace is never extended); no effect on an ended or unknown session.
+    async fn request_stop(&self, id: Uuid, deadline_ms: i64) -> StoreResult<()>;
+    /// Open sessions whose stop was requested, with the recorded deadline, in no particular
+    /// order.
+    async fn stop_requests(&self) -> StoreResult<Vec<(Uuid, i64)>>;
 }
 
 /// Records of live instances, so a restarted server finds them again. The placement is the

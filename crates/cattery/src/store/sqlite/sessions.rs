@@ -22,6 +22,7 @@ fn end_reason(s: &str) -> EndReason {
         "client_disconnected" => EndReason::ClientDisconnected,
         "drained" => EndReason::Drained,
         "lost" => EndReason::Lost,
+        "out_of_memory" => EndReason::OutOfMemory,
         _ => EndReason::Error,
     }
 }
@@ -209,6 +210,30 @@ impl SessionStore for SqliteStore {
             params.push(offset.into());
             let list = db.query_all(&select_sql, &params, session_from_row)?;
             Ok((total, list))
+        })
+        .await
+    }
+
+    async fn request_stop(&self, id: Uuid, deadline_ms: i64) -> StoreResult<()> {
+        self.write(move |db| {
+            db.exec(
+                "UPDATE sessions SET stop_deadline_ms = COALESCE(stop_deadline_ms, ?) \
+                 WHERE id = ? AND ended_ms IS NULL",
+                &[deadline_ms.into(), id.into()],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn stop_requests(&self) -> StoreResult<Vec<(Uuid, i64)>> {
+        self.scan(|db| {
+            db.query_all(
+                "SELECT id, stop_deadline_ms FROM sessions \
+                 WHERE ended_ms IS NULL AND stop_deadline_ms IS NOT NULL",
+                &[],
+                |r| Ok((r.uuid(0)?, r.int(1).unwrap_or_default())),
+            )
         })
         .await
     }
