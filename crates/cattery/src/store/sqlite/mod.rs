@@ -52,8 +52,10 @@ pub struct SqliteStore {
 
 struct Inner {
     path: PathBuf,
-    /// Idle read connections.
+    /// Idle read connections for point reads.
     readers: parking_lot::Mutex<Vec<Conn>>,
+    /// Idle read connections for scans (a larger page cache).
+    scanners: parking_lot::Mutex<Vec<Conn>>,
     /// Scans running at once.
     scans: Semaphore,
 }
@@ -64,10 +66,13 @@ const SCANS: usize = 4;
 const MAX_GROUP: usize = 64;
 /// Page cache of the write connection (negative: KiB), 16 MiB.
 const WRITER_CACHE_SIZE: &str = "-16384";
-/// Page cache of each read connection, 2 MiB: they read through the memory map and look up
-/// single rows or scan indexes; with 16 MiB each, the extra connections held tens of MiB of
-/// the control plane's RSS once the log table had grown.
+/// Page cache of each point-read connection, 2 MiB: they read through the memory map and
+/// look up single rows; with 16 MiB each, the extra connections held tens of MiB of the
+/// control plane's RSS once the log table had grown.
 const READER_CACHE_SIZE: &str = "-2048";
+/// Page cache of each scan connection (at most [`SCANS`]), 16 MiB: counts and pages over
+/// large tables (100,000 sessions) read whole indexes.
+const SCANNER_CACHE_SIZE: &str = "-16384";
 /// How often the WAL is checkpointed into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
@@ -195,6 +200,7 @@ impl SqliteStore {
         let inner = Arc::new(Inner {
             path,
             readers: parking_lot::Mutex::new(Vec::new()),
+            scanners: parking_lot::Mutex::new(Vec::new()),
             scans: Semaphore::new(SCANS),
         });
         let writer = Arc::new(AsyncMutex::new(writer));
@@ -211,7 +217,8 @@ impl SqliteStore {
     /// Runs `f` on an idle read connection (opened when none is idle), on this thread: for
     /// point lookups only.
     fn read_now<T>(&self, f: impl FnOnce(&mut Conn) -> StoreResult<T>) -> StoreResult<T> {
-        read_on(&self.inner, f)
+        let inner = &self.inner;
+        read_on(&inner.path, &inner.readers, READER_CACHE_SIZE, f)
     }
 
     /// Runs `f` on a read connection on a blocking thread: for scans.
@@ -227,9 +234,11 @@ impl SqliteStore {
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || read_on(&inner, f))
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            read_on(&inner.path, &inner.scanners, SCANNER_CACHE_SIZE, f)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
     }
 
     /// Runs `f` on the write connection as part of the next group commit (see the module
@@ -285,16 +294,21 @@ impl SqliteStore {
     }
 }
 
-/// Runs `f` on an idle read connection of `inner` (opened when none is idle).
-fn read_on<T>(inner: &Inner, f: impl FnOnce(&mut Conn) -> StoreResult<T>) -> StoreResult<T> {
-    let idle = inner.readers.lock().pop();
+/// Runs `f` on an idle read connection of `pool` (opened when none is idle).
+fn read_on<T>(
+    path: &Path,
+    pool: &parking_lot::Mutex<Vec<Conn>>,
+    cache_size: &str,
+    f: impl FnOnce(&mut Conn) -> StoreResult<T>,
+) -> StoreResult<T> {
+    let idle = pool.lock().pop();
     let mut c = match idle {
         Some(c) => c,
-        None => Conn::open(&inner.path, Mode::Read, READER_CACHE_SIZE)?,
+        None => Conn::open(path, Mode::Read, cache_size)?,
     };
     let r = f(&mut c);
     c.ensure_clean();
-    inner.readers.lock().push(c);
+    pool.lock().push(c);
     r
 }
 
