@@ -1,20 +1,25 @@
-//! Seeding ended session rows straight into `cattery.db` (server stopped), so API latency can
-//! be measured at 1,000 and 100,000 stored sessions without running that many sessions.
-//! Rows follow the `sessions` table of `crates/cattery/migrations/0001_init.sql`.
+//! Seeding ended sessions into a stopped server's store, so API latency can be measured at
+//! 1,000 and 100,000 stored sessions without running that many sessions. Writes go through
+//! the server's own store (`cattery::store`), never raw SQL.
 
 use std::path::Path;
-use std::str::FromStr;
-use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
-use sqlx::{Connection, SqliteConnection};
+use cattery::model::{EndReason, SessionEnd, SessionRecord};
+use cattery::store::prelude::*;
+use cattery::store::sqlite::SqliteStore;
+use cattery::store::SessionFilter;
+use futures_util::future::try_join_all;
+use uuid::Uuid;
 
-/// Rows per multi-row `INSERT` (13 bound values each; well under SQLite's variable limit).
-const ROWS_PER_INSERT: usize = 500;
+/// Sessions written at once (the store group-commits them).
+const IN_FLIGHT: usize = 256;
+/// Session ids returned for the lookups.
+const IDS: i64 = 2000;
 
 /// Adds ended sessions for `agent_id` until it has `upto` rows; returns `(rows now, up to
-/// 2,000 random session ids of the agent)`. The server must be stopped.
+/// 2,000 session ids of the agent from pages at random offsets)`. `db` is the server's
+/// `cattery.db`; the server must be stopped.
 pub async fn seed_sessions(
     db: &Path,
     org: &str,
@@ -22,74 +27,82 @@ pub async fn seed_sessions(
     deployment_id: &str,
     upto: u64,
 ) -> anyhow::Result<(u64, Vec<String>)> {
-    let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", db.display()))?
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
-        .busy_timeout(Duration::from_secs(10));
-    let mut conn = SqliteConnection::connect_with(&opts)
+    let dir = db.parent().context("data dir of the database")?;
+    let store = SqliteStore::open(dir)
         .await
-        .with_context(|| format!("opening {}", db.display()))?;
-    let have: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sessions WHERE agent_id = ?")
-        .bind(agent_id)
-        .fetch_one(&mut conn)
-        .await?;
-    let have = have.max(0) as u64;
+        .with_context(|| format!("opening the store in {}", dir.display()))?;
+    let agent = Uuid::parse_str(agent_id).context("agent id")?;
+    let deployment = Uuid::parse_str(deployment_id).context("deployment id")?;
+    let count = |store: SqliteStore| async move {
+        let f = SessionFilter {
+            limit: 0,
+            ..Default::default()
+        };
+        store
+            .list_sessions(agent, &f)
+            .await
+            .map(|(n, _)| n.max(0) as u64)
+    };
+    let have = count(store.clone()).await?;
     if upto > have {
         let now = chrono::Utc::now().timestamp_millis();
-        let n = (upto - have) as usize;
-        let mut tx = conn.begin().await?;
-        let mut done = 0usize;
-        while done < n {
-            let k = ROWS_PER_INSERT.min(n - done);
-            let mut sql = String::from(
-                "INSERT INTO sessions (id, org, agent_id, deployment_id, created_ms, updated_ms, \
-                 ended_ms, bot_start_ms, cold_start, completion_status, end_reason, exit_code, \
-                 transport) VALUES ",
-            );
-            for j in 0..k {
-                if j > 0 {
-                    sql.push(',');
-                }
-                sql.push_str("(?,?,?,?,?,?,?,?,?,?,?,?,?)");
-            }
-            let mut q = sqlx::query(&sql);
-            for j in 0..k {
-                let i = (done + j) as i64;
+        let n = (upto - have) as i64;
+        let mut i = 0i64;
+        while i < n {
+            let batch = (i..n.min(i + IN_FLIGHT as i64)).map(|i| {
                 // Spread over the past, 37 ms apart, older than anything live.
-                let created = now - 86_400_000 - (n as i64 - i) * 37;
-                q = q
-                    .bind(uuid::Uuid::new_v4().to_string())
-                    .bind(org)
-                    .bind(agent_id)
-                    .bind(deployment_id)
-                    .bind(created)
-                    .bind(created + 60_000)
-                    .bind(created + 60_000)
-                    .bind(4_i64)
-                    .bind((i % 10 == 0) as i64)
-                    .bind("HTTP_COMPLETED")
-                    .bind("completed")
-                    .bind(0_i64)
-                    .bind(Option::<String>::None);
-            }
-            q.execute(&mut *tx).await?;
-            done += k;
+                let created = now - 86_400_000 - (n - i) * 37;
+                let rec = SessionRecord {
+                    id: Uuid::new_v4(),
+                    org: org.to_string(),
+                    agent_id: agent,
+                    deployment_id: deployment,
+                    created_ms: created,
+                    updated_ms: created,
+                    bot_start_ms: Some(4),
+                    cold_start: Some(i % 10 == 0),
+                    transport: None,
+                    end: None,
+                    samples: Vec::new(),
+                };
+                let end = SessionEnd {
+                    ended_ms: created + 60_000,
+                    reason: EndReason::Completed,
+                    completion_status: "HTTP_COMPLETED".into(),
+                    exit_code: Some(0),
+                    exit_signal: None,
+                    message: None,
+                };
+                let store = store.clone();
+                async move {
+                    store.insert_session(&rec).await?;
+                    store.end_session(rec.id, &end).await
+                }
+            });
+            try_join_all(batch).await?;
+            i += IN_FLIGHT as i64;
         }
-        tx.commit().await?;
     }
-    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sessions WHERE agent_id = ?")
-        .bind(agent_id)
-        .fetch_one(&mut conn)
-        .await?;
-    let ids: Vec<String> = sqlx::query_scalar(
-        "SELECT id FROM sessions WHERE agent_id = ? ORDER BY random() LIMIT 2000",
-    )
-    .bind(agent_id)
-    .fetch_all(&mut conn)
-    .await?;
-    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-        .execute(&mut conn)
-        .await?;
-    conn.close().await?;
-    Ok((total.max(0) as u64, ids))
+    let total = count(store.clone()).await?;
+    let mut ids = Vec::new();
+    let pages = 20;
+    let per = IDS / pages;
+    for _ in 0..pages {
+        let max = (total as i64 - per).max(0);
+        let offset = if max > 0 {
+            rand::random_range(0..=max)
+        } else {
+            0
+        };
+        let f = SessionFilter {
+            limit: per,
+            offset,
+            ..Default::default()
+        };
+        let (_, page) = store.list_sessions(agent, &f).await?;
+        ids.extend(page.into_iter().map(|s| s.id.to_string()));
+    }
+    ids.sort();
+    ids.dedup();
+    Ok((total, ids))
 }

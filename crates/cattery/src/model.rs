@@ -234,6 +234,8 @@ pub enum EndReason {
     Drained,
     /// The instance vanished while the control plane was down.
     Lost,
+    /// The instance went over its `agentProfile` memory limit and the kernel killed it.
+    OutOfMemory,
 }
 
 impl EndReason {
@@ -249,6 +251,7 @@ impl EndReason {
             EndReason::ClientDisconnected => "client_disconnected",
             EndReason::Drained => "drained",
             EndReason::Lost => "lost",
+            EndReason::OutOfMemory => "out_of_memory",
         }
     }
 }

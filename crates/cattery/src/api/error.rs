@@ -14,7 +14,8 @@
 //! | 409 | `CONFLICT`, `STOPPED_DURING_START` | conflicting state |
 //! | 413 | `"413"` | start `body` over the transport's limit, or request too large |
 //! | 429 | `"429"` | agent at `maxAgents` |
-//! | 500 | `"500"` | storage failure or a bug (never a panic escaping) |
+//! | 500 | `"500"` | unreadable stored data or a bug (never a panic escaping) |
+//! | 503 | `STORAGE_FULL`, `STORAGE_UNAVAILABLE` | the storage cannot write now (full disk, I/O error, read-only); nothing was saved |
 //! | 503 | `DRAINING`, `INSTANCE_EXITED`, `AGENT_CRASH_LOOP`, `SPAWN_FAILED`, `DELIVERY_FAILED` | no instance could take the session |
 //! | 504 | `START_TIMEOUT` | the instance did not become ready in time |
 
@@ -25,6 +26,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::core::CoreError;
+use crate::store::StoreError;
 
 /// The error body (reference `ErrorResponse`).
 #[derive(Debug, Serialize, ToSchema)]
@@ -115,10 +117,44 @@ impl From<CoreError> for ApiError {
             CoreError::StoppedDuringStart(_) => {
                 ApiError::new(StatusCode::CONFLICT, "STOPPED_DURING_START", msg)
             }
-            CoreError::Store(_) => {
-                tracing::error!(error = %msg, "storage failure");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "500", msg)
-            }
+            CoreError::Store(e) => store_error(e),
+        }
+    }
+}
+
+/// A storage failure that reached a handler. The backend's text goes to the server's log
+/// only; the client gets a fixed message.
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "404", "not found"),
+        StoreError::Conflict => ApiError::new(
+            StatusCode::CONFLICT,
+            "CONFLICT",
+            "conflicts with a stored record (changed meanwhile); retry",
+        ),
+        StoreError::Full(_) => {
+            tracing::error!(error = %e, "storage full: writes fail until space is freed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "STORAGE_FULL",
+                "the server's storage is full; nothing was saved. Retry once space is freed",
+            )
+        }
+        StoreError::Unavailable(_) => {
+            tracing::error!(error = %e, "storage unavailable");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "STORAGE_UNAVAILABLE",
+                "the server's storage is unavailable; nothing was saved. Retry later",
+            )
+        }
+        StoreError::Invalid(_) => {
+            tracing::error!(error = %e, "bad stored data");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "500",
+                "internal error reading stored data",
+            )
         }
     }
 }

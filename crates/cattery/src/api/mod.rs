@@ -25,7 +25,7 @@ use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
 use crate::core::orgs::AgentDefaults;
-use crate::core::supervisor::Supervisor;
+use crate::core::session::Supervisor;
 use crate::store::Store;
 use error::ApiError;
 pub use router::router;

@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::core::health::{self, HealthState};
-use crate::core::supervisor::PoolStatus;
+use crate::core::session::PoolStatus;
 use crate::model::{iso_ms, iso_ns, profile_limits, AgentRecord, DeploymentRecord, LogLine};
 use crate::model::{ApiKeyRecord, MetricSample, SessionRecord};
 use crate::store::SecretSetRecord;

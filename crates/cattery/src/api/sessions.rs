@@ -15,7 +15,7 @@ use super::error::{ApiError, ApiResult, ErrorBody, RateLimitBody};
 use super::schema::{ResourceMetrics, Session, SessionList};
 use super::{ApiJson, ApiPath, AppState};
 use crate::core::lookup;
-use crate::core::supervisor::StartParams;
+use crate::core::session::StartParams;
 use crate::core::CoreError;
 use crate::model::{now_ms, AgentRecord, SessionRecord};
 use crate::store::SessionFilter;

@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::orgs::AgentDefaults;
-use super::supervisor::Supervisor;
+use super::session::Supervisor;
 use super::{env, exec_check, CoreError, CoreResult};
 use crate::model::{
     now_ms, profile_limits, valid_agent_name, AgentRecord, DeploymentRecord, DeploymentSpec,

@@ -13,11 +13,14 @@
 //! `ready` holds when the deployment can run, is not crash-looping, and either `minAgents` is
 //! 0 or an instance of it answered `/readyz` once (issue #4 item 5: a crash-looping
 //! deployment is never ready, whatever `minAgents` is).
+//!
+//! The counting itself (failed starts in a row, the backoff, the `AGENT_CRASH_LOOP` refusal)
+//! is the engine's, in `core::session::health`; this module only reads its [`PoolStatus`].
 
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::supervisor::{PoolStatus, CRASH_LOOP_THRESHOLD};
+use super::session::{PoolStatus, CRASH_LOOP_THRESHOLD};
 
 /// `healthState` of an agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
@@ -151,7 +154,7 @@ fn stderr_summary(tail: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::supervisor::{Health, StartFailure};
+    use crate::core::session::{Health, StartFailure};
 
     fn pool(starting: u32, idle: u32, busy: u32) -> PoolStatus {
         PoolStatus {

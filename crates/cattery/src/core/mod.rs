@@ -12,7 +12,12 @@ pub mod keys;
 pub mod lookup;
 pub mod orgs;
 pub mod secrets;
-pub mod supervisor;
+pub mod session;
+
+/// The session engine under its former name (kept so that callers need not change at once).
+pub mod supervisor {
+    pub use super::session::*;
+}
 
 use crate::store::StoreError;
 

@@ -29,7 +29,7 @@ use utoipa::ToSchema;
 
 use super::env::reserved_for_secrets as reserved_key;
 use super::orgs::AgentDefaults;
-use super::supervisor::SecretSource;
+use super::session::SecretSource;
 use super::{CoreError, CoreResult};
 use crate::model::{now_ms, DeploymentRecord};
 use crate::store::{SealedValue, SecretSetKind, SecretSetRecord, Store, StoreError};

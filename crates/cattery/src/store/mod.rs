@@ -1,13 +1,27 @@
-//! Durable state behind one trait, so a PostgreSQL store can follow the SQLite default.
+//! Durable state behind one trait per aggregate, so a PostgreSQL store can follow the SQLite
+//! default and be held to the same tests (`conformance`).
 //!
-//! Contract for every implementation:
-//! - each method is atomic; a method that returns `Ok` has made its write durable
-//!   (SQLite: WAL, `synchronous=NORMAL`, so a crash of the process loses nothing; a power
-//!   loss may lose the last transactions);
-//! - [`Store::end_session`] is first-wins: it only writes when the session has no end yet;
-//! - names are scoped to an org; another org's records are never returned.
+//! Contract for every implementation (each trait adds its own):
+//! - **Atomicity**: each method is one transaction: on `Err` nothing of it was written.
+//! - **Durability**: a method that returns `Ok` has committed its write (SQLite: WAL with
+//!   `synchronous=NORMAL`, so a crash of the process loses nothing; a power loss may lose the
+//!   last transactions). A write is never reported done unless it was committed.
+//! - **Faults**: a full disk is [`StoreError::Full`], any other storage fault
+//!   [`StoreError::Unavailable`]; both leave the store usable, and it heals by itself once the
+//!   fault is gone (no restart).
+//! - **Scoping**: names are scoped to an org; another org's records are never returned.
+//! - **Times** are Unix milliseconds unless named `*_ns`.
 
+#[cfg(test)]
+pub mod conformance;
 pub mod sqlite;
+
+/// The store traits, for `store.method()` calls on a concrete store.
+pub mod prelude {
+    pub use super::{
+        AgentStore, InstanceStore, KeyStore, LogStore, SecretStore, SessionStore, Store,
+    };
+}
 
 use async_trait::async_trait;
 use uuid::Uuid;
@@ -17,26 +31,28 @@ use crate::model::{
     SessionEnd, SessionRecord,
 };
 
-/// Errors from a store.
-#[derive(Debug, thiserror::Error)]
+/// Errors from a store. `Display` carries the backend's own text for the server's log; the
+/// API never shows it to a client (`api::error` answers a fixed message per variant).
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    /// A unique name is already taken.
+    /// The record to change does not exist.
+    #[error("not found")]
+    NotFound,
+    /// A unique name is already taken, or the record conflicts with a stored one.
     #[error("already exists")]
     Conflict,
-    /// The backend failed.
-    #[error("storage error: {0}")]
-    Backend(String),
-}
-
-impl From<sqlx::Error> for StoreError {
-    fn from(e: sqlx::Error) -> Self {
-        if let sqlx::Error::Database(db) = &e {
-            if db.is_unique_violation() {
-                return StoreError::Conflict;
-            }
-        }
-        StoreError::Backend(e.to_string())
-    }
+    /// The storage is full (no space left on its device): nothing was written. Heals by itself
+    /// once space is freed.
+    #[error("storage full: {0}")]
+    Full(String),
+    /// The storage cannot be used now (I/O error, read-only file system, locked, closed):
+    /// nothing was written. Worth retrying later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// A stored record cannot be read back (corrupt or from an unknown version): a bug or
+    /// damage, not a transient fault.
+    #[error("bad stored data: {0}")]
+    Invalid(String),
 }
 
 /// Result alias for store calls.
@@ -157,26 +173,44 @@ pub struct OrgRecord {
     pub created_ms: i64,
 }
 
-/// The durable state of Cattery.
+/// Orgs and API keys.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// Creates the org if missing.
+pub trait KeyStore: Send + Sync + 'static {
+    /// Creates the org if missing (idempotent; an existing org is left as it is).
     async fn ensure_org(&self, name: &str) -> StoreResult<()>;
-    /// All org names.
+    /// All org names, oldest first (then by name).
     async fn list_orgs(&self) -> StoreResult<Vec<String>>;
+    /// An org.
+    async fn get_org(&self, name: &str) -> StoreResult<Option<OrgRecord>>;
+    /// Replaces an org's properties object. Errors: `NotFound` when there is no such org.
+    async fn set_org_properties(&self, name: &str, props: &serde_json::Value) -> StoreResult<()>;
 
-    /// Stores a key by its SHA-256 hash.
+    /// Stores a key by its SHA-256 hash (the key itself is never stored; `public_key` is kept
+    /// for public keys only). Errors: `Conflict` for a taken id or hash.
     async fn insert_key(&self, rec: &ApiKeyRecord, hash: &[u8]) -> StoreResult<()>;
-    /// Finds a key by hash (revoked ones included; the caller checks).
+    /// Finds a key by hash (revoked ones included; the caller checks), with its stored hash.
     async fn find_key(&self, hash: &[u8]) -> StoreResult<Option<(ApiKeyRecord, Vec<u8>)>>;
-    /// Keys of an org.
+    /// Keys of an org (of one kind when given), oldest first.
     async fn list_keys(&self, org: &str, kind: Option<KeyKind>) -> StoreResult<Vec<ApiKeyRecord>>;
-    /// Revokes a key; false when no such key in that org.
+    /// Revokes a key (a second revocation keeps the first time); false when no such key in
+    /// that org.
     async fn revoke_key(&self, org: &str, id: Uuid) -> StoreResult<bool>;
+}
 
-    /// Creates an agent with its first deployment.
+/// Agents and their immutable deployments.
+#[async_trait]
+pub trait AgentStore: Send + Sync + 'static {
+    /// Creates an agent with its first deployment, in one transaction; the deployment's bound
+    /// secret set (if any) is snapshotted with it (see [`SecretStore::deployment_secrets`]).
+    ///
+    /// Errors: `Conflict` when a live agent of that org has that name (a deleted one frees
+    /// it), or when the bound secret set was deleted meanwhile.
     async fn create_agent(&self, agent: &AgentRecord, dep: &DeploymentRecord) -> StoreResult<()>;
-    /// Saves scaling/timestamps of an agent, plus a new deployment when given.
+    /// Saves scaling, desired deployment and update time of an agent, plus a new deployment
+    /// when given (snapshotted as in [`AgentStore::create_agent`]), in one transaction.
+    ///
+    /// Errors: `NotFound` when there is no such agent; `Conflict` when the bound secret set
+    /// was deleted meanwhile.
     async fn update_agent(
         &self,
         agent: &AgentRecord,
@@ -186,109 +220,111 @@ pub trait Store: Send + Sync + 'static {
     async fn get_agent(&self, org: &str, name: &str) -> StoreResult<Option<AgentRecord>>;
     /// An agent by id, deleted or not.
     async fn get_agent_by_id(&self, id: Uuid) -> StoreResult<Option<AgentRecord>>;
-    /// Live agents of an org.
+    /// Live agents of an org, oldest first (then by name).
     async fn list_agents(&self, org: &str) -> StoreResult<Vec<AgentRecord>>;
-    /// Every live agent of every org (for startup).
+    /// Every live agent of every org (for startup), in no particular order.
     async fn list_all_agents(&self) -> StoreResult<Vec<AgentRecord>>;
-    /// Marks an agent deleted.
+    /// Marks an agent deleted at `at_ms` (its name is free again; its records stay).
+    /// Errors: `NotFound` for an unknown id.
     async fn delete_agent(&self, id: Uuid, at_ms: i64) -> StoreResult<()>;
     /// A deployment.
     async fn get_deployment(&self, id: Uuid) -> StoreResult<Option<DeploymentRecord>>;
-    /// Deployments of an agent, newest first.
+    /// Deployments of an agent, newest first (same time: the later created first).
     async fn list_deployments(&self, agent_id: Uuid) -> StoreResult<Vec<DeploymentRecord>>;
+}
 
-    /// Stores a new session.
+/// Sessions. A session's end is written once: the first end wins.
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// Stores a new session. Errors: `Conflict` for a taken id.
     async fn insert_session(&self, s: &SessionRecord) -> StoreResult<()>;
-    /// Records delivery: time from request to delivered (ms).
+    /// Records delivery: time from request to delivered (ms). No effect on an ended or
+    /// unknown session.
     async fn mark_delivered(&self, id: Uuid, bot_start_ms: i64) -> StoreResult<()>;
-    /// Records the end if none is recorded yet; returns whether this call wrote it.
+    /// Records the end if none is recorded yet (first wins); returns whether this call wrote
+    /// it (false also for an unknown session).
     async fn end_session(&self, id: Uuid, end: &SessionEnd) -> StoreResult<bool>;
-    /// Saves a session's resource samples (replacing any saved before).
+    /// Saves a session's resource samples (replacing any saved before; ended or not).
     async fn set_session_samples(&self, id: Uuid, samples: &[MetricSample]) -> StoreResult<()>;
     /// A session by id.
     async fn get_session(&self, id: Uuid) -> StoreResult<Option<SessionRecord>>;
-    /// Sessions of an agent (newest first) and the total matching count.
+    /// Sessions of an agent, newest first (same time: the later inserted first), one page of
+    /// `f.limit` after `f.offset`, and the total count matching the filter.
     async fn list_sessions(
         &self,
         agent_id: Uuid,
         f: &SessionFilter,
     ) -> StoreResult<(i64, Vec<SessionRecord>)>;
-    /// Sessions without an end, across all agents.
+    /// Sessions without an end, across all agents and orgs, in no particular order.
     async fn list_open_sessions(&self) -> StoreResult<Vec<SessionRecord>>;
+    /// Records the intent to stop an open session, with the deadline (Unix ms) at which its
+    /// stop grace ends; durable when this returns. A deadline already recorded is kept (the
+    /// first stop's grace is never extended); no effect on an ended or unknown session.
+    async fn request_stop(&self, id: Uuid, deadline_ms: i64) -> StoreResult<()>;
+    /// Open sessions whose stop was requested, with the recorded deadline, in no particular
+    /// order.
+    async fn stop_requests(&self) -> StoreResult<Vec<(Uuid, i64)>>;
+}
 
+/// Records of live instances, so a restarted server finds them again. The placement is the
+/// runtime's own record, stored and returned unchanged.
+#[async_trait]
+pub trait InstanceStore: Send + Sync + 'static {
     /// Saves (inserts or replaces) a live instance.
     async fn put_instance(&self, rec: &InstanceRecord) -> StoreResult<()>;
-    /// Forgets an instance once it is cleaned up.
+    /// Forgets an instance once it is cleaned up (no error when there is none).
     async fn delete_instance(&self, id: Uuid) -> StoreResult<()>;
-    /// All recorded live instances.
+    /// All recorded live instances, in no particular order.
     async fn list_instances(&self) -> StoreResult<Vec<InstanceRecord>>;
-
     /// Stores a new session taken by an already recorded (warm) instance and records the
-    /// instance as promised to it: one write on the warm start's path instead of
-    /// [`Store::insert_session`] plus [`Store::put_instance`]. Returns whether the instance's
-    /// record was found and updated (a missing one is left missing). A store should override
-    /// this to do both in one transaction (SQLite does); this default does them in turn.
+    /// instance as promised to it, in one transaction (one write on the warm start's path).
+    /// Returns whether the instance's record was found and updated (a missing one stays
+    /// missing, and the session is stored all the same).
+    ///
+    /// Errors: `Conflict` for a taken session id (then the instance record is unchanged).
     async fn insert_session_for_instance(
         &self,
         s: &SessionRecord,
         instance_id: Uuid,
-    ) -> StoreResult<bool> {
-        self.insert_session(s).await?;
-        if let Some(mut rec) = self
-            .list_instances()
-            .await?
-            .into_iter()
-            .find(|i| i.id == instance_id)
-        {
-            rec.session_id = Some(s.id);
-            self.put_instance(&rec).await?;
-            return Ok(true);
-        }
-        Ok(false)
-    }
-
-    /// The end of an instance: forgets its record and, for its session, records the end
-    /// (first wins, as [`Store::end_session`]) and its resource samples when there are any. Returns
-    /// whether this call wrote the session's end. A store should override this to do it in one
-    /// transaction (SQLite does); this default does the steps in turn.
+    ) -> StoreResult<bool>;
+    /// The end of an instance, in one transaction: forgets its record and, for its session,
+    /// records the end (first wins, as [`SessionStore::end_session`]) and its resource samples
+    /// when there are any (even when the end was already recorded). Returns whether this call
+    /// wrote the session's end.
     async fn end_instance(
         &self,
         instance_id: Uuid,
         session: Option<(Uuid, &SessionEnd, &[MetricSample])>,
-    ) -> StoreResult<bool> {
-        self.delete_instance(instance_id).await?;
-        let Some((sid, end, samples)) = session else {
-            return Ok(false);
-        };
-        let wrote = self.end_session(sid, end).await?;
-        if !samples.is_empty() {
-            self.set_session_samples(sid, samples).await?;
-        }
-        Ok(wrote)
-    }
+    ) -> StoreResult<bool>;
+}
 
-    /// Whether a secret set of that name exists in the org.
+/// Secret sets (sealed values; the store never sees plaintext) and deployments' snapshots.
+#[async_trait]
+pub trait SecretStore: Send + Sync + 'static {
+    /// Whether a secret set of that name exists in the org (of any kind).
     async fn secret_set_exists(&self, org: &str, name: &str) -> StoreResult<bool>;
-    /// A secret set with its key names (never values).
+    /// A secret set with its key names, sorted (never values).
     async fn get_secret_set(&self, org: &str, name: &str) -> StoreResult<Option<SecretSetRecord>>;
-    /// The org's secret sets with their key names, by name.
+    /// The org's secret sets by name, each with its key names, sorted.
     async fn list_secret_sets(&self, org: &str) -> StoreResult<Vec<SecretSetRecord>>;
-    /// Creates the set if missing (with `set`'s kind, region and host) or touches it, then
-    /// writes `values` (add or overwrite per key); with `replace_all`, first drops every
-    /// value not in `values`. One transaction.
+    /// Creates the set if missing (with `set`'s kind, region and host) or touches it (update
+    /// time and host), then writes `values` (add or overwrite per key); with `replace_all`,
+    /// first drops every value not in `values`. One transaction.
     ///
-    /// Errors: `Conflict` when a set of that name exists with another kind or region.
+    /// Errors: `Conflict` when a set of that name exists with another kind or region (then
+    /// nothing is written).
     async fn upsert_secret_set(
         &self,
         set: &SecretSetRecord,
         values: &[SealedValue],
         replace_all: bool,
     ) -> StoreResult<()>;
-    /// The sealed values of a set (for image pull secrets: the one credential).
+    /// The sealed values of a set, by key (for image pull secrets: the one credential).
     async fn secret_values(&self, org: &str, name: &str) -> StoreResult<Vec<SealedValue>>;
-    /// Deletes a set and its values; false when there was none.
+    /// Deletes a set and its values; false when there was none. Deployments keep their
+    /// snapshots.
     async fn delete_secret_set(&self, org: &str, name: &str) -> StoreResult<bool>;
-    /// Deletes one key of a set; false when there was none.
+    /// Deletes one key of a set (touching the set); false when there was none.
     async fn delete_secret(&self, org: &str, name: &str, key: &str) -> StoreResult<bool>;
     /// The snapshot of the bound set's sealed values taken when a deployment was created
     /// (empty when it binds none): `(set name, value)` pairs, by key.
@@ -296,18 +332,31 @@ pub trait Store: Send + Sync + 'static {
         &self,
         deployment_id: Uuid,
     ) -> StoreResult<Vec<(String, SealedValue)>>;
+}
 
-    /// An org.
-    async fn get_org(&self, name: &str) -> StoreResult<Option<OrgRecord>>;
-    /// Replaces an org's properties object.
-    async fn set_org_properties(&self, name: &str, props: &serde_json::Value) -> StoreResult<()>;
-
-    /// Appends log lines.
+/// Captured log lines.
+#[async_trait]
+pub trait LogStore: Send + Sync + 'static {
+    /// Appends log lines, all or none, keeping their order (arrival order is the order of
+    /// calls, then of `lines`).
     async fn append_logs(&self, lines: &[LogLine]) -> StoreResult<()>;
-    /// Reads logs of an agent and the total matching count.
+    /// Reads logs of an agent: one page, ordered by time (`f.desc`: newest first; same time:
+    /// by arrival), and the total count matching the filter.
     async fn query_logs(&self, agent_id: Uuid, f: &LogFilter) -> StoreResult<(i64, Vec<LogLine>)>;
-    /// Deletes logs older than `before_ns`; returns rows removed.
+    /// Deletes logs older than `before_ns` (strictly); returns rows removed.
     async fn prune_logs(&self, before_ns: i64) -> StoreResult<u64>;
     /// Keeps only the newest `max_lines` log lines (by arrival); returns rows removed.
     async fn prune_logs_over(&self, max_lines: u64) -> StoreResult<u64>;
+}
+
+/// The durable state of Cattery: every aggregate's store. Implemented by any type that
+/// implements them all.
+pub trait Store:
+    KeyStore + AgentStore + SessionStore + InstanceStore + SecretStore + LogStore
+{
+}
+
+impl<T> Store for T where
+    T: KeyStore + AgentStore + SessionStore + InstanceStore + SecretStore + LogStore
+{
 }

@@ -8,12 +8,14 @@
 
 pub mod cgroup;
 pub mod ports;
+pub mod python;
 pub mod reaper;
 pub mod spawn;
 
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs;
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,14 +29,15 @@ use tokio::sync::{watch, OnceCell};
 
 use self::cgroup::{CgroupSupport, InstanceCgroups};
 use self::ports::{listening_inodes, pids_hold_socket, PortBook};
+use self::python::PythonRunner;
 use self::reaper::Reaper;
 use self::spawn::SpawnSpec;
 use super::logs::{read_offsets, Tailer};
 use super::{
-    ExitInfo, Instance, InstancePlacement, InstanceSpec, LogSink, ResourceSample, Runtime,
-    RuntimeError, TerminateReport,
+    ExitInfo, Instance, InstancePlacement, InstanceSpec, LogSink, Prepared, ResourceSample,
+    Runtime, RuntimeError, RuntimeKind, TerminateReport,
 };
-use crate::model::InstanceRecord;
+use crate::model::{DeploymentRecord, InstanceRecord};
 
 /// Upper bound on waiting for a SIGKILLed tree to disappear (it normally takes a few ms).
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -46,6 +49,7 @@ pub struct ProcessRuntime {
     cgroups: Arc<CgroupSupport>,
     ports: Arc<PortBook>,
     reaper: Arc<Reaper>,
+    python: Arc<PythonRunner>,
 }
 
 impl ProcessRuntime {
@@ -60,7 +64,24 @@ impl ProcessRuntime {
             cgroups: Arc::new(CgroupSupport::detect(server_id)),
             ports: Arc::new(PortBook::new()),
             reaper: Reaper::global(),
+            python: Arc::new(PythonRunner::default()),
         })
+    }
+
+    /// Sets the Python runner used for `image: "local:<dir>"` bots.
+    pub fn with_python_runner(mut self, runner: PythonRunner) -> Self {
+        self.python = Arc::new(runner);
+        self
+    }
+
+    /// Whether `program` can be executed (deploy-time validation). Returns the reason if not.
+    pub fn check_program(&self, program: &str, working_dir: Option<&str>) -> Result<(), String> {
+        if let Some(d) = working_dir {
+            if !Path::new(d).is_dir() {
+                return Err(format!("workingDir {d} is not a directory"));
+            }
+        }
+        resolve_program(program, working_dir).map(|_| ())
     }
 
     /// Removes this server's own cgroup directories (`.../cattery/<server id>`) if they are
@@ -346,21 +367,45 @@ fn resolve_program(program: &str, working_dir: Option<&str>) -> Result<PathBuf, 
 
 #[async_trait]
 impl Runtime for ProcessRuntime {
-    fn kind(&self) -> &'static str {
-        "process"
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Process
     }
 
     fn isolation(&self) -> String {
         self.cgroups.describe()
     }
 
-    fn check_program(&self, program: &str, working_dir: Option<&str>) -> Result<(), String> {
-        if let Some(d) = working_dir {
-            if !Path::new(d).is_dir() {
-                return Err(format!("workingDir {d} is not a directory"));
-            }
+    fn prepare(&self, dep: &DeploymentRecord) -> Result<Prepared, String> {
+        self.python.prepare(dep)
+    }
+
+    /// [`Runtime::prepare`], then: the program exists and is executable; for `local:` agents
+    /// also that the chosen Python can import what the bundled runner needs (`fastapi`,
+    /// `uvicorn`), so a bot environment without them is reported at deploy time (`errors[]`,
+    /// `ready: false`) rather than at the first session.
+    fn validate(&self, dep: &DeploymentRecord) -> Option<String> {
+        let p = match self.prepare(dep) {
+            Ok(p) => p,
+            Err(e) => return Some(e),
+        };
+        let wd = p.working_dir.as_ref().and_then(|p| p.to_str());
+        if let Err(e) = self.check_program(&p.program, wd) {
+            return Some(e);
         }
-        resolve_program(program, working_dir).map(|_| ())
+        let local = dep.spec.command.is_none()
+            && dep
+                .spec
+                .image
+                .as_deref()
+                .is_some_and(|i| i.starts_with("local:"));
+        if local {
+            return self.python.deps_missing(&p.program);
+        }
+        None
+    }
+
+    async fn shutdown(&self) {
+        self.remove_server_cgroups();
     }
 
     /// Runs [`ProcessRuntime::start_blocking`] in `block_in_place`: joining a cgroup can keep
@@ -401,7 +446,7 @@ impl Runtime for ProcessRuntime {
     async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Option<Arc<dyn Instance>> {
         let id = rec.id.to_string();
         let pl: InstancePlacement = match serde_json::from_value(rec.placement.clone()) {
-            Ok(pl) if rec.runtime == self.kind() => pl,
+            Ok(pl) if rec.runtime == self.kind().as_str() => pl,
             _ => {
                 tracing::warn!(instance = %id, runtime = %rec.runtime, "cannot read the placement of a recorded instance; leaving it");
                 return None;
@@ -600,18 +645,42 @@ fn proc_cpu_rss(pid: i32) -> Option<(u64, u64)> {
 
 #[async_trait]
 impl Instance for ProcessInstance {
-    fn record_parts(&self) -> InstancePlacement {
-        InstancePlacement {
+    fn placement(&self) -> serde_json::Value {
+        serde_json::to_value(InstancePlacement {
             pid: self.pid,
             pid_start: self.pid_start,
             port: self.port,
             cgroup: self.cg_v2.as_ref().map(|p| p.display().to_string()),
             dir: self.dir.display().to_string(),
-        }
+        })
+        .unwrap_or_default()
     }
 
-    fn port(&self) -> u16 {
-        self.port
+    fn endpoint(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn describe(&self) -> String {
+        format!("pid {}", self.pid)
+    }
+
+    async fn stderr_tail(&self) -> String {
+        let Ok(b) = fs::read(self.dir.join("stderr.log")) else {
+            return String::new();
+        };
+        let start = b.len().saturating_sub(2048);
+        super::logs::escape_bytes(&b[start..])
+    }
+
+    /// Reads the OOM-kill count of the instance's memory cgroup: v1 `memory.oom_control`
+    /// (`oom_kill N`), or v2 `memory.events` (`oom_kill N`) where the memory controller is on.
+    async fn out_of_memory(&self) -> bool {
+        let files = self
+            .cg_v1
+            .iter()
+            .map(|d| d.join("memory.oom_control"))
+            .chain(self.cg_v2.iter().map(|d| d.join("memory.events")));
+        files.into_iter().any(|f| oom_kills(&f) > 0)
     }
 
     async fn wait_exit(&self) -> ExitInfo {
@@ -638,7 +707,7 @@ impl Instance for ProcessInstance {
             .await
     }
 
-    fn sample(&self) -> Option<ResourceSample> {
+    async fn sample(&self) -> Option<ResourceSample> {
         if self.terminated.initialized() {
             return None;
         }
@@ -661,4 +730,17 @@ impl Instance for ProcessInstance {
             memory_bytes: mem,
         })
     }
+}
+
+/// The `oom_kill` count in a cgroup's `memory.oom_control` (v1) or `memory.events` (v2); 0
+/// when the file is missing.
+fn oom_kills(file: &Path) -> u64 {
+    fs::read_to_string(file)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("oom_kill "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }

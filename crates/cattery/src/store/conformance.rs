@@ -1,0 +1,820 @@
+//! The contract of [`Store`], as tests that run against any implementation: [`run_all`] takes
+//! a factory of fresh, empty stores. SQLite runs it in its unit tests; a new backend calls it
+//! the same way.
+
+use std::any::Any;
+use std::future::Future;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::{
+    LogFilter, SealedValue, SecretSetKind, SecretSetRecord, SessionFilter, Store, StoreError,
+};
+use crate::model::{
+    AgentRecord, ApiKeyRecord, DeploymentRecord, DeploymentSpec, EndReason, InstanceRecord,
+    KeyKind, LogLine, MetricSample, SessionEnd, SessionRecord,
+};
+
+/// A fresh store, and whatever must live as long as it (a temp dir).
+pub type Fresh = (Box<dyn Any + Send>, Arc<dyn Store>);
+
+/// Runs every case on its own fresh store from `factory`.
+pub async fn run_all<F, Fut>(factory: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Fresh>,
+{
+    macro_rules! case {
+        ($name:ident) => {{
+            let (_guard, store) = factory().await;
+            $name(store.as_ref()).await;
+        }};
+    }
+    case!(orgs);
+    case!(keys);
+    case!(agents_and_deployments);
+    case!(sessions);
+    case!(session_lists);
+    case!(stop_requests);
+    case!(instances);
+    case!(sessions_with_instances);
+    case!(secret_sets);
+    case!(deployment_secret_snapshots);
+    case!(logs);
+    case!(log_pruning);
+}
+
+fn agent(org: &str, name: &str, created_ms: i64) -> (AgentRecord, DeploymentRecord) {
+    let a = AgentRecord {
+        id: Uuid::new_v4(),
+        org: org.into(),
+        name: name.into(),
+        region: "local".into(),
+        min_agents: 0,
+        max_agents: 3,
+        desired_deployment_id: Uuid::new_v4(),
+        created_ms,
+        updated_ms: created_ms,
+        deleted_ms: None,
+    };
+    let d = DeploymentRecord {
+        id: a.desired_deployment_id,
+        agent_id: a.id,
+        spec: DeploymentSpec {
+            command: Some(vec!["/bin/true".into()]),
+            agent_profile: "agent-1x".into(),
+            ..Default::default()
+        },
+        created_ms,
+    };
+    (a, d)
+}
+
+async fn with_agent(s: &dyn Store, org: &str, name: &str) -> AgentRecord {
+    s.ensure_org(org).await.unwrap();
+    let (a, d) = agent(org, name, 1_000);
+    s.create_agent(&a, &d).await.unwrap();
+    a
+}
+
+fn session(a: &AgentRecord, created_ms: i64) -> SessionRecord {
+    SessionRecord {
+        id: Uuid::new_v4(),
+        org: a.org.clone(),
+        agent_id: a.id,
+        deployment_id: a.desired_deployment_id,
+        created_ms,
+        updated_ms: created_ms,
+        bot_start_ms: None,
+        cold_start: Some(false),
+        transport: Some("webrtc".into()),
+        end: None,
+        samples: Vec::new(),
+    }
+}
+
+fn end(reason: EndReason, at: i64) -> SessionEnd {
+    SessionEnd {
+        ended_ms: at,
+        reason,
+        completion_status: "HTTP_COMPLETED".into(),
+        exit_code: Some(0),
+        exit_signal: None,
+        message: Some(format!("{reason:?}")),
+    }
+}
+
+fn instance(a: &AgentRecord) -> InstanceRecord {
+    InstanceRecord {
+        id: Uuid::new_v4(),
+        agent_id: a.id,
+        deployment_id: a.desired_deployment_id,
+        session_id: None,
+        runtime: "process".into(),
+        placement: serde_json::json!({"pid": 42, "nested": {"port": 20001}, "list": [1, "x", null]}),
+        created_ms: 5,
+    }
+}
+
+fn key(org: &str, kind: KeyKind, created_ms: i64) -> (ApiKeyRecord, Vec<u8>) {
+    let id = Uuid::new_v4();
+    let rec = ApiKeyRecord {
+        id,
+        org: org.into(),
+        kind,
+        name: format!("k{created_ms}"),
+        prefix: format!("{}abc", kind.prefix()),
+        created_ms,
+        revoked_ms: None,
+        public_key: Some(format!("{}{id}", kind.prefix())),
+    };
+    (rec, id.as_bytes().to_vec())
+}
+
+fn sealed(key: &str, v: u8) -> SealedValue {
+    SealedValue {
+        key: key.into(),
+        nonce: vec![v; 24],
+        ciphertext: vec![v, v, v],
+    }
+}
+
+fn set(org: &str, name: &str, kind: SecretSetKind) -> SecretSetRecord {
+    SecretSetRecord {
+        org: org.into(),
+        name: name.into(),
+        kind,
+        region: "local".into(),
+        host: None,
+        created_ms: 10,
+        updated_ms: 10,
+        keys: Vec::new(),
+    }
+}
+
+fn line(a: &AgentRecord, ts_ns: i64, text: &str) -> LogLine {
+    LogLine {
+        org: a.org.clone(),
+        agent_id: a.id,
+        deployment_id: Some(a.desired_deployment_id),
+        session_id: None,
+        instance_id: None,
+        ts_ns,
+        stream: "stdout",
+        line: text.into(),
+    }
+}
+
+async fn orgs(s: &dyn Store) {
+    s.ensure_org("b").await.unwrap();
+    s.ensure_org("a").await.unwrap();
+    s.ensure_org("b").await.unwrap();
+    let orgs = s.list_orgs().await.unwrap();
+    assert_eq!(orgs.len(), 2, "ensure_org is idempotent: {orgs:?}");
+    let o = s.get_org("a").await.unwrap().unwrap();
+    assert_eq!(o.name, "a");
+    assert_eq!(o.properties, serde_json::json!({}));
+    let props = serde_json::json!({"defaultRegion": "local"});
+    s.set_org_properties("a", &props).await.unwrap();
+    s.ensure_org("a").await.unwrap();
+    assert_eq!(s.get_org("a").await.unwrap().unwrap().properties, props);
+    assert!(s.get_org("zz").await.unwrap().is_none());
+    assert!(matches!(
+        s.set_org_properties("zz", &props).await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+async fn keys(s: &dyn Store) {
+    s.ensure_org("a").await.unwrap();
+    s.ensure_org("b").await.unwrap();
+    let (k1, h1) = key("a", KeyKind::Private, 2);
+    let (k0, h0) = key("a", KeyKind::Public, 1);
+    let (kb, hb) = key("b", KeyKind::Private, 3);
+    s.insert_key(&k1, &h1).await.unwrap();
+    s.insert_key(&k0, &h0).await.unwrap();
+    s.insert_key(&kb, &hb).await.unwrap();
+    let (mut dup, _) = key("a", KeyKind::Token, 4);
+    dup.id = Uuid::new_v4();
+    assert!(matches!(
+        s.insert_key(&dup, &h1).await,
+        Err(StoreError::Conflict)
+    ));
+    let (got, hash) = s.find_key(&h1).await.unwrap().unwrap();
+    assert_eq!(
+        (got.id, got.kind, hash),
+        (k1.id, KeyKind::Private, h1.clone())
+    );
+    assert_eq!(got.public_key, None, "only public keys keep the key");
+    let (pk, _) = s.find_key(&h0).await.unwrap().unwrap();
+    assert_eq!(pk.public_key, k0.public_key);
+    assert!(s.find_key(b"nope").await.unwrap().is_none());
+    let ids = |v: Vec<ApiKeyRecord>| v.into_iter().map(|k| k.id).collect::<Vec<_>>();
+    assert_eq!(ids(s.list_keys("a", None).await.unwrap()), [k0.id, k1.id]);
+    assert_eq!(
+        ids(s.list_keys("a", Some(KeyKind::Private)).await.unwrap()),
+        [k1.id]
+    );
+    assert!(!s.revoke_key("b", k1.id).await.unwrap(), "org scoped");
+    assert!(s.revoke_key("a", k1.id).await.unwrap());
+    let first = s.find_key(&h1).await.unwrap().unwrap().0.revoked_ms;
+    assert!(first.is_some());
+    assert!(s.revoke_key("a", k1.id).await.unwrap());
+    assert_eq!(s.find_key(&h1).await.unwrap().unwrap().0.revoked_ms, first);
+    assert!(!s.revoke_key("a", Uuid::new_v4()).await.unwrap());
+}
+
+async fn agents_and_deployments(s: &dyn Store) {
+    s.ensure_org("a").await.unwrap();
+    s.ensure_org("b").await.unwrap();
+    let (a2, d2) = agent("a", "second", 20);
+    let (a1, d1) = agent("a", "first", 10);
+    s.create_agent(&a2, &d2).await.unwrap();
+    s.create_agent(&a1, &d1).await.unwrap();
+    let (same, same_d) = agent("a", "first", 30);
+    assert!(matches!(
+        s.create_agent(&same, &same_d).await,
+        Err(StoreError::Conflict)
+    ));
+    assert!(
+        s.get_deployment(same_d.id).await.unwrap().is_none(),
+        "nothing of a failed create is kept"
+    );
+    let (other, other_d) = agent("b", "first", 30);
+    s.create_agent(&other, &other_d).await.unwrap();
+    assert_eq!(s.get_agent("a", "first").await.unwrap().unwrap().id, a1.id);
+    assert_eq!(
+        s.get_agent("b", "first").await.unwrap().unwrap().id,
+        other.id
+    );
+    assert!(s.get_agent("c", "first").await.unwrap().is_none());
+    let names = |v: Vec<AgentRecord>| v.into_iter().map(|a| a.name).collect::<Vec<_>>();
+    assert_eq!(
+        names(s.list_agents("a").await.unwrap()),
+        ["first", "second"]
+    );
+    assert_eq!(s.list_all_agents().await.unwrap().len(), 3);
+    let got = s.get_deployment(d1.id).await.unwrap().unwrap();
+    assert_eq!((got.agent_id, got.spec), (a1.id, d1.spec.clone()));
+
+    // Update: scaling alone, then with a new deployment.
+    let mut up = a1.clone();
+    up.max_agents = 7;
+    up.updated_ms = 40;
+    s.update_agent(&up, None).await.unwrap();
+    let mut d3 = d1.clone();
+    d3.id = Uuid::new_v4();
+    d3.created_ms = 50;
+    d3.spec.revision = 1;
+    up.desired_deployment_id = d3.id;
+    s.update_agent(&up, Some(&d3)).await.unwrap();
+    let got = s.get_agent_by_id(a1.id).await.unwrap().unwrap();
+    assert_eq!((got.max_agents, got.desired_deployment_id), (7, d3.id));
+    let deps: Vec<Uuid> = s
+        .list_deployments(a1.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(deps, [d3.id, d1.id], "newest first");
+    let (ghost, _) = agent("a", "ghost", 1);
+    assert!(matches!(
+        s.update_agent(&ghost, None).await,
+        Err(StoreError::NotFound)
+    ));
+
+    // Delete frees the name; the record stays readable by id.
+    s.delete_agent(a1.id, 60).await.unwrap();
+    assert!(s.get_agent("a", "first").await.unwrap().is_none());
+    assert_eq!(names(s.list_agents("a").await.unwrap()), ["second"]);
+    let gone = s.get_agent_by_id(a1.id).await.unwrap().unwrap();
+    assert_eq!(gone.deleted_ms, Some(60));
+    s.create_agent(&same, &same_d).await.unwrap();
+    assert!(matches!(
+        s.delete_agent(Uuid::new_v4(), 1).await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+async fn sessions(s: &dyn Store) {
+    let a = with_agent(s, "a", "x").await;
+    let mut s1 = session(&a, 100);
+    s1.transport = None;
+    s.insert_session(&s1).await.unwrap();
+    assert!(matches!(
+        s.insert_session(&s1).await,
+        Err(StoreError::Conflict)
+    ));
+    s.mark_delivered(s1.id, 42).await.unwrap();
+    let got = s.get_session(s1.id).await.unwrap().unwrap();
+    assert_eq!(
+        (got.bot_start_ms, got.cold_start, got.end, got.transport),
+        (Some(42), Some(false), None, None)
+    );
+    assert!(got.samples.is_empty());
+
+    // First end wins.
+    let e1 = end(EndReason::Stopped, 200);
+    assert!(s.end_session(s1.id, &e1).await.unwrap());
+    assert!(!s
+        .end_session(s1.id, &end(EndReason::Error, 300))
+        .await
+        .unwrap());
+    assert!(!s.end_session(Uuid::new_v4(), &e1).await.unwrap());
+    s.mark_delivered(s1.id, 99).await.unwrap();
+    let got = s.get_session(s1.id).await.unwrap().unwrap();
+    assert_eq!(got.end, Some(e1));
+    assert_eq!(got.bot_start_ms, Some(42), "no delivery after the end");
+
+    let samples = vec![
+        MetricSample {
+            t: 1,
+            cpu_millicores: 10,
+            memory_bytes: 1 << 40,
+        },
+        MetricSample {
+            t: 2,
+            cpu_millicores: 0,
+            memory_bytes: 5,
+        },
+    ];
+    s.set_session_samples(s1.id, &samples).await.unwrap();
+    assert_eq!(
+        s.get_session(s1.id).await.unwrap().unwrap().samples,
+        samples
+    );
+    s.set_session_samples(s1.id, &samples[1..]).await.unwrap();
+    assert_eq!(
+        s.get_session(s1.id).await.unwrap().unwrap().samples,
+        &samples[1..]
+    );
+    assert!(s.get_session(Uuid::new_v4()).await.unwrap().is_none());
+}
+
+async fn stop_requests(s: &dyn Store) {
+    let a = with_agent(s, "a", "x").await;
+    let (s1, s2, ended) = (session(&a, 1), session(&a, 2), session(&a, 3));
+    for x in [&s1, &s2, &ended] {
+        s.insert_session(x).await.unwrap();
+    }
+    s.end_session(ended.id, &end(EndReason::OutOfMemory, 5))
+        .await
+        .unwrap();
+    assert!(s.stop_requests().await.unwrap().is_empty());
+    s.request_stop(s1.id, 100).await.unwrap();
+    s.request_stop(s1.id, 200).await.unwrap();
+    s.request_stop(ended.id, 100).await.unwrap();
+    s.request_stop(Uuid::new_v4(), 100).await.unwrap();
+    assert_eq!(
+        s.stop_requests().await.unwrap(),
+        [(s1.id, 100)],
+        "first deadline kept"
+    );
+    s.end_session(s1.id, &end(EndReason::Stopped, 150))
+        .await
+        .unwrap();
+    assert!(
+        s.stop_requests().await.unwrap().is_empty(),
+        "open sessions only"
+    );
+    let got = s.get_session(ended.id).await.unwrap().unwrap();
+    assert_eq!(
+        got.end.unwrap().reason,
+        EndReason::OutOfMemory,
+        "every end reason reads back"
+    );
+    assert!(s.get_session(s2.id).await.unwrap().unwrap().end.is_none());
+}
+
+async fn session_lists(s: &dyn Store) {
+    let a = with_agent(s, "a", "x").await;
+    let b = with_agent(s, "a", "y").await;
+    let mut all = Vec::new();
+    for i in 0..6 {
+        let mut x = session(&a, 100 + i / 2);
+        x.cold_start = Some(i % 2 == 0);
+        s.insert_session(&x).await.unwrap();
+        all.push(x);
+    }
+    s.insert_session(&session(&b, 100)).await.unwrap();
+    s.end_session(all[0].id, &end(EndReason::Completed, 500))
+        .await
+        .unwrap();
+    s.end_session(all[3].id, &end(EndReason::Completed, 500))
+        .await
+        .unwrap();
+    let page = |f: SessionFilter| async move {
+        let (n, v) = s.list_sessions(a.id, &f).await.unwrap();
+        (n, v.into_iter().map(|x| x.id).collect::<Vec<_>>())
+    };
+    let f = |limit, offset| SessionFilter {
+        limit,
+        offset,
+        ..Default::default()
+    };
+    // Newest first; same time: the later inserted first.
+    let newest: Vec<Uuid> = all.iter().rev().map(|x| x.id).collect();
+    assert_eq!(page(f(100, 0)).await, (6, newest.clone()));
+    assert_eq!(page(f(2, 1)).await, (6, newest[1..3].to_vec()));
+    let active = page(SessionFilter {
+        active: Some(true),
+        ..f(100, 0)
+    })
+    .await;
+    assert_eq!(active.0, 4);
+    assert_eq!(
+        active.1,
+        [all[5].id, all[4].id, all[2].id, all[1].id].to_vec()
+    );
+    let ended = page(SessionFilter {
+        active: Some(false),
+        ..f(100, 0)
+    })
+    .await;
+    assert_eq!(ended, (2, vec![all[3].id, all[0].id]));
+    let cold = page(SessionFilter {
+        cold: Some(true),
+        ..f(100, 0)
+    })
+    .await;
+    assert_eq!(cold, (3, vec![all[4].id, all[2].id, all[0].id]));
+    let range = page(SessionFilter {
+        start_ms: Some(101),
+        end_ms: Some(101),
+        ..f(100, 0)
+    })
+    .await;
+    assert_eq!(range, (2, vec![all[3].id, all[2].id]));
+    let other_dep = page(SessionFilter {
+        deployment_id: Some(Uuid::new_v4()),
+        ..f(100, 0)
+    })
+    .await;
+    assert_eq!(other_dep, (0, vec![]));
+    let open = s.list_open_sessions().await.unwrap();
+    assert_eq!(open.len(), 5, "across agents");
+    assert!(open.iter().all(|x| x.end.is_none()));
+}
+
+async fn instances(s: &dyn Store) {
+    let a = with_agent(s, "a", "x").await;
+    let i1 = instance(&a);
+    let mut i2 = instance(&a);
+    i2.runtime = "other".into();
+    s.put_instance(&i1).await.unwrap();
+    s.put_instance(&i2).await.unwrap();
+    let mut got = s.list_instances().await.unwrap();
+    got.sort_by_key(|i| i.id != i1.id);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].placement, i1.placement, "placement kept as given");
+    assert_eq!(
+        (got[0].runtime.as_str(), got[1].runtime.as_str()),
+        ("process", "other")
+    );
+    // Put replaces.
+    let mut again = i1.clone();
+    again.session_id = Some(Uuid::new_v4());
+    again.placement = serde_json::json!({"pid": 7});
+    s.put_instance(&again).await.unwrap();
+    let got = s.list_instances().await.unwrap();
+    let r = got.iter().find(|i| i.id == i1.id).unwrap();
+    assert_eq!(
+        (r.session_id, &r.placement),
+        (again.session_id, &again.placement)
+    );
+    s.delete_instance(i1.id).await.unwrap();
+    s.delete_instance(i1.id).await.unwrap();
+    let got = s.list_instances().await.unwrap();
+    assert_eq!(got.iter().map(|i| i.id).collect::<Vec<_>>(), [i2.id]);
+}
+
+async fn sessions_with_instances(s: &dyn Store) {
+    let a = with_agent(s, "a", "x").await;
+    let inst = instance(&a);
+    s.put_instance(&inst).await.unwrap();
+    let s1 = session(&a, 10);
+    assert!(s.insert_session_for_instance(&s1, inst.id).await.unwrap());
+    let rec = s.list_instances().await.unwrap().pop().unwrap();
+    assert_eq!(rec.session_id, Some(s1.id));
+    assert!(s.get_session(s1.id).await.unwrap().is_some());
+    // A taken session id: nothing changes.
+    let other = instance(&a);
+    s.put_instance(&other).await.unwrap();
+    assert!(matches!(
+        s.insert_session_for_instance(&s1, other.id).await,
+        Err(StoreError::Conflict)
+    ));
+    let recs = s.list_instances().await.unwrap();
+    assert_eq!(
+        recs.iter().find(|r| r.id == other.id).unwrap().session_id,
+        None
+    );
+    // A missing instance: the session is stored, no record appears.
+    let s2 = session(&a, 11);
+    assert!(!s
+        .insert_session_for_instance(&s2, Uuid::new_v4())
+        .await
+        .unwrap());
+    assert!(s.get_session(s2.id).await.unwrap().is_some());
+    assert_eq!(s.list_instances().await.unwrap().len(), 2);
+
+    // The end: the record goes, the end (first wins) and the samples are kept.
+    let samples = [MetricSample {
+        t: 3,
+        cpu_millicores: 250,
+        memory_bytes: 1 << 20,
+    }];
+    let e = end(EndReason::Stopped, 20);
+    assert!(s
+        .end_instance(inst.id, Some((s1.id, &e, &samples[..])))
+        .await
+        .unwrap());
+    let later = end(EndReason::Error, 30);
+    assert!(!s
+        .end_instance(inst.id, Some((s1.id, &later, &[])))
+        .await
+        .unwrap());
+    let got = s.get_session(s1.id).await.unwrap().unwrap();
+    assert_eq!(got.end, Some(e.clone()));
+    assert_eq!(got.samples, samples, "empty samples keep the stored ones");
+    assert!(s
+        .list_instances()
+        .await
+        .unwrap()
+        .iter()
+        .all(|r| r.id != inst.id));
+    assert!(!s.end_instance(other.id, None).await.unwrap());
+    assert!(s.list_instances().await.unwrap().is_empty());
+    // Samples are saved even when the end was recorded before.
+    s.end_session(s2.id, &e).await.unwrap();
+    assert!(!s
+        .end_instance(Uuid::new_v4(), Some((s2.id, &later, &samples[..])))
+        .await
+        .unwrap());
+    let got = s.get_session(s2.id).await.unwrap().unwrap();
+    assert_eq!((got.end, got.samples), (Some(e), samples.to_vec()));
+}
+
+async fn secret_sets(s: &dyn Store) {
+    s.ensure_org("a").await.unwrap();
+    s.ensure_org("b").await.unwrap();
+    let zeta = set("a", "zeta", SecretSetKind::Secret);
+    s.upsert_secret_set(&zeta, &[sealed("B", 1), sealed("A", 2)], false)
+        .await
+        .unwrap();
+    assert!(s.secret_set_exists("a", "zeta").await.unwrap());
+    assert!(
+        !s.secret_set_exists("b", "zeta").await.unwrap(),
+        "org scoped"
+    );
+    let got = s.get_secret_set("a", "zeta").await.unwrap().unwrap();
+    assert_eq!(got.keys, ["A", "B"]);
+    assert_eq!(got.kind, SecretSetKind::Secret);
+    // Upsert: add and overwrite, keep the rest.
+    let mut touch = zeta.clone();
+    touch.updated_ms = 20;
+    s.upsert_secret_set(&touch, &[sealed("B", 9), sealed("C", 3)], false)
+        .await
+        .unwrap();
+    let vals = s.secret_values("a", "zeta").await.unwrap();
+    assert_eq!(vals, [sealed("A", 2), sealed("B", 9), sealed("C", 3)]);
+    let got = s.get_secret_set("a", "zeta").await.unwrap().unwrap();
+    assert_eq!((got.created_ms, got.updated_ms), (10, 20));
+    // Replace all.
+    s.upsert_secret_set(&touch, &[sealed("D", 4)], true)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.secret_values("a", "zeta").await.unwrap(),
+        [sealed("D", 4)]
+    );
+    // Another kind or region under the same name: conflict, nothing written.
+    let mut pull = set("a", "zeta", SecretSetKind::ImagePullSecret);
+    pull.host = Some("registry.example/".into());
+    assert!(matches!(
+        s.upsert_secret_set(&pull, &[sealed("E", 5)], true).await,
+        Err(StoreError::Conflict)
+    ));
+    let mut far = touch.clone();
+    far.region = "elsewhere".into();
+    assert!(matches!(
+        s.upsert_secret_set(&far, &[], false).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(
+        s.secret_values("a", "zeta").await.unwrap(),
+        [sealed("D", 4)]
+    );
+    let mut pull = set("a", "alpha", SecretSetKind::ImagePullSecret);
+    pull.host = Some("registry.example/".into());
+    s.upsert_secret_set(&pull, &[sealed("credentials", 6)], true)
+        .await
+        .unwrap();
+    s.upsert_secret_set(&set("b", "beta", SecretSetKind::Secret), &[], false)
+        .await
+        .unwrap();
+    let list = s.list_secret_sets("a").await.unwrap();
+    let names: Vec<(&str, Vec<String>)> = list
+        .iter()
+        .map(|x| (x.name.as_str(), x.keys.clone()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("alpha", vec!["credentials".to_string()]),
+            ("zeta", vec!["D".to_string()])
+        ]
+    );
+    assert_eq!(list[0].host.as_deref(), Some("registry.example/"));
+    // Deletes.
+    assert!(!s.delete_secret("a", "zeta", "nope").await.unwrap());
+    assert!(s.delete_secret("a", "zeta", "D").await.unwrap());
+    assert!(s
+        .get_secret_set("a", "zeta")
+        .await
+        .unwrap()
+        .unwrap()
+        .keys
+        .is_empty());
+    assert!(
+        !s.delete_secret_set("b", "zeta").await.unwrap(),
+        "org scoped"
+    );
+    assert!(s.delete_secret_set("a", "zeta").await.unwrap());
+    assert!(!s.delete_secret_set("a", "zeta").await.unwrap());
+    assert!(s.get_secret_set("a", "zeta").await.unwrap().is_none());
+    assert!(s.secret_values("a", "zeta").await.unwrap().is_empty());
+}
+
+async fn deployment_secret_snapshots(s: &dyn Store) {
+    s.ensure_org("a").await.unwrap();
+    s.upsert_secret_set(
+        &set("a", "keys", SecretSetKind::Secret),
+        &[sealed("K", 1)],
+        false,
+    )
+    .await
+    .unwrap();
+    let (a, mut d) = agent("a", "x", 1);
+    d.spec.secret_set = Some("keys".into());
+    s.create_agent(&a, &d).await.unwrap();
+    s.upsert_secret_set(
+        &set("a", "keys", SecretSetKind::Secret),
+        &[sealed("K", 2), sealed("L", 3)],
+        false,
+    )
+    .await
+    .unwrap();
+    let snap = s.deployment_secrets(d.id).await.unwrap();
+    assert_eq!(
+        snap,
+        [("keys".to_string(), sealed("K", 1))],
+        "taken at creation"
+    );
+    let (_, plain) = agent("a", "y", 1);
+    assert!(s.deployment_secrets(plain.id).await.unwrap().is_empty());
+    // A redeploy snapshots the current values; deleting the set keeps the snapshots.
+    let mut d2 = d.clone();
+    d2.id = Uuid::new_v4();
+    d2.spec.revision = 1;
+    let mut up = a.clone();
+    up.desired_deployment_id = d2.id;
+    s.update_agent(&up, Some(&d2)).await.unwrap();
+    assert_eq!(s.deployment_secrets(d2.id).await.unwrap().len(), 2);
+    s.delete_secret_set("a", "keys").await.unwrap();
+    assert_eq!(s.deployment_secrets(d.id).await.unwrap().len(), 1);
+    // A deployment bound to a set that is gone is refused, and nothing of it is kept.
+    let mut d3 = d.clone();
+    d3.id = Uuid::new_v4();
+    up.desired_deployment_id = d3.id;
+    assert!(matches!(
+        s.update_agent(&up, Some(&d3)).await,
+        Err(StoreError::Conflict)
+    ));
+    assert!(s.get_deployment(d3.id).await.unwrap().is_none());
+    assert_eq!(
+        s.get_agent_by_id(a.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .desired_deployment_id,
+        d2.id
+    );
+}
+
+async fn logs(s: &dyn Store) {
+    let a = with_agent(s, "a", "x").await;
+    let b = with_agent(s, "a", "y").await;
+    let sid = Uuid::new_v4();
+    let mut lines = vec![
+        line(&a, 30, "third"),
+        line(&a, 10, "first"),
+        line(&a, 20, "second needle"),
+    ];
+    lines[2].session_id = Some(sid);
+    s.append_logs(&lines).await.unwrap();
+    s.append_logs(&[line(&a, 20, "second too"), line(&b, 15, "other agent")])
+        .await
+        .unwrap();
+    s.append_logs(&[]).await.unwrap();
+    let q = |f: LogFilter| async move {
+        let (n, v) = s.query_logs(a.id, &f).await.unwrap();
+        (n, v.into_iter().map(|l| l.line).collect::<Vec<_>>())
+    };
+    let all = LogFilter {
+        limit: 100,
+        ..Default::default()
+    };
+    // By time, then by arrival.
+    assert_eq!(
+        q(all.clone()).await,
+        (
+            4,
+            vec![
+                "first".into(),
+                "second needle".into(),
+                "second too".into(),
+                "third".into()
+            ]
+        )
+    );
+    assert_eq!(
+        q(LogFilter {
+            desc: true,
+            limit: 2,
+            offset: 1,
+            ..all.clone()
+        })
+        .await,
+        (4, vec!["second too".into(), "second needle".into()])
+    );
+    assert_eq!(
+        q(LogFilter {
+            session_id: Some(sid),
+            ..all.clone()
+        })
+        .await,
+        (1, vec!["second needle".into()])
+    );
+    assert_eq!(
+        q(LogFilter {
+            query: Some("needle".into()),
+            ..all.clone()
+        })
+        .await
+        .0,
+        1
+    );
+    assert_eq!(
+        q(LogFilter {
+            start_ns: Some(20),
+            end_ns: Some(20),
+            ..all.clone()
+        })
+        .await
+        .0,
+        2
+    );
+    assert_eq!(
+        q(LogFilter {
+            deployment_id: Some(Uuid::new_v4()),
+            ..all.clone()
+        })
+        .await
+        .0,
+        0
+    );
+    let (_, got) = s.query_logs(a.id, &all).await.unwrap();
+    assert_eq!(got[1].session_id, Some(sid));
+    assert_eq!(got[1].deployment_id, Some(a.desired_deployment_id));
+    assert_eq!(got[1].stream, "stdout");
+}
+
+async fn log_pruning(s: &dyn Store) {
+    let a = with_agent(s, "a", "x").await;
+    let lines: Vec<LogLine> = (0..10)
+        .map(|i| line(&a, i * 10, &format!("l{i}")))
+        .collect();
+    s.append_logs(&lines).await.unwrap();
+    assert_eq!(s.prune_logs(30).await.unwrap(), 3, "strictly older");
+    assert_eq!(s.prune_logs(30).await.unwrap(), 0);
+    assert_eq!(s.prune_logs_over(4).await.unwrap(), 3);
+    assert_eq!(s.prune_logs_over(4).await.unwrap(), 0);
+    let (n, got) = s
+        .query_logs(
+            a.id,
+            &LogFilter {
+                limit: 100,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 4);
+    assert_eq!(
+        got.into_iter().map(|l| l.line).collect::<Vec<_>>(),
+        ["l6", "l7", "l8", "l9"]
+    );
+}

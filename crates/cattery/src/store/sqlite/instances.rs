@@ -1,0 +1,110 @@
+//! Records of live instances, and the two writes that tie them to sessions.
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use super::conn::{Row, Val};
+use super::sessions::{end_session, insert_session, samples_json, set_samples};
+use super::SqliteStore;
+use crate::model::{InstanceRecord, MetricSample, SessionEnd, SessionRecord};
+use crate::store::{InstanceStore, StoreError, StoreResult};
+
+fn instance_from_row(r: &Row<'_>) -> StoreResult<InstanceRecord> {
+    Ok(InstanceRecord {
+        id: r.uuid(0)?,
+        agent_id: r.uuid(1)?,
+        deployment_id: r.uuid(2)?,
+        session_id: r.opt_uuid(3)?,
+        runtime: r.string(4),
+        placement: serde_json::from_str(&r.string(5))
+            .map_err(|e| StoreError::Invalid(format!("bad instance placement: {e}")))?,
+        created_ms: r.int(6).unwrap_or_default(),
+    })
+}
+
+#[async_trait]
+impl InstanceStore for SqliteStore {
+    async fn put_instance(&self, i: &InstanceRecord) -> StoreResult<()> {
+        let i = i.clone();
+        let placement = i.placement.to_string();
+        self.write(move |db| {
+            db.exec(
+                "INSERT OR REPLACE INTO instances (id, agent_id, deployment_id, session_id, runtime, \
+                 placement, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                &[
+                    i.id.into(),
+                    i.agent_id.into(),
+                    i.deployment_id.into(),
+                    i.session_id.into(),
+                    Val::Text(&i.runtime),
+                    Val::Text(&placement),
+                    i.created_ms.into(),
+                ],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn delete_instance(&self, id: Uuid) -> StoreResult<()> {
+        self.write(move |db| {
+            db.exec("DELETE FROM instances WHERE id = ?", &[id.into()])
+                .map(|_| ())
+        })
+        .await
+    }
+
+    async fn list_instances(&self) -> StoreResult<Vec<InstanceRecord>> {
+        self.scan(|db| {
+            db.query_all(
+                "SELECT id, agent_id, deployment_id, session_id, runtime, placement, created_ms \
+                 FROM instances",
+                &[],
+                instance_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn insert_session_for_instance(
+        &self,
+        s: &SessionRecord,
+        instance_id: Uuid,
+    ) -> StoreResult<bool> {
+        let s = s.clone();
+        self.write(move |db| {
+            db.atomic(|db| {
+                insert_session(db, &s)?;
+                let n = db.exec(
+                    "UPDATE instances SET session_id = ? WHERE id = ?",
+                    &[s.id.into(), instance_id.into()],
+                )?;
+                Ok(n == 1)
+            })
+        })
+        .await
+    }
+
+    async fn end_instance(
+        &self,
+        instance_id: Uuid,
+        session: Option<(Uuid, &SessionEnd, &[MetricSample])>,
+    ) -> StoreResult<bool> {
+        let session =
+            session.map(|(sid, e, m)| (sid, e.clone(), (!m.is_empty()).then(|| samples_json(m))));
+        self.write(move |db| {
+            db.atomic(|db| {
+                db.exec("DELETE FROM instances WHERE id = ?", &[instance_id.into()])?;
+                let Some((sid, e, samples)) = &session else {
+                    return Ok(false);
+                };
+                let wrote = end_session(db, *sid, e)?;
+                if let Some(m) = samples {
+                    set_samples(db, *sid, m)?;
+                }
+                Ok(wrote)
+            })
+        })
+        .await
+    }
+}

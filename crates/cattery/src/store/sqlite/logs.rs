@@ -1,0 +1,133 @@
+//! Captured log lines: group-committed appends, filtered pages, pruning by age and by count.
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use super::conn::{Row, Val};
+use super::SqliteStore;
+use crate::model::LogLine;
+use crate::store::{LogFilter, LogStore, StoreResult};
+
+/// Log lines per multi-row `INSERT` (8 bound values each, far below SQLite's 32,766 limit).
+const LOG_ROWS_PER_INSERT: usize = 128;
+
+fn line_from_row(r: &Row<'_>) -> StoreResult<LogLine> {
+    Ok(LogLine {
+        org: r.string(0),
+        agent_id: r.uuid(1)?,
+        deployment_id: r.opt_uuid(2)?,
+        session_id: r.opt_uuid(3)?,
+        instance_id: r.opt_uuid(4)?,
+        ts_ns: r.int(5).unwrap_or_default(),
+        stream: match r.string(6).as_str() {
+            "stdout" => "stdout",
+            "stderr" => "stderr",
+            _ => "platform",
+        },
+        line: r.string(7),
+    })
+}
+
+/// The SQL of one multi-row insert of `n` lines.
+fn insert_sql(n: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO logs (org, agent_id, deployment_id, session_id, instance_id, ts_ns, stream, \
+         line) VALUES ",
+    );
+    for i in 0..n {
+        sql.push_str(if i == 0 {
+            "(?, ?, ?, ?, ?, ?, ?, ?)"
+        } else {
+            ", (?, ?, ?, ?, ?, ?, ?, ?)"
+        });
+    }
+    sql
+}
+
+#[async_trait]
+impl LogStore for SqliteStore {
+    async fn append_logs(&self, lines: &[LogLine]) -> StoreResult<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        // One multi-row INSERT per chunk, all of them atomically.
+        let lines = lines.to_vec();
+        self.write(move |db| {
+            db.atomic(|db| {
+                // Chunks of 128, 64, 32... rows: at most eight statement shapes to keep
+                // prepared, instead of one per batch size.
+                let mut rest = &lines[..];
+                while !rest.is_empty() {
+                    let n = if rest.len() >= LOG_ROWS_PER_INSERT {
+                        LOG_ROWS_PER_INSERT
+                    } else {
+                        1 << rest.len().ilog2()
+                    };
+                    let (chunk, tail) = rest.split_at(n);
+                    rest = tail;
+                    let mut params = Vec::with_capacity(chunk.len() * 8);
+                    for l in chunk {
+                        params.push(Val::Text(&l.org));
+                        params.push(l.agent_id.into());
+                        params.push(l.deployment_id.into());
+                        params.push(l.session_id.into());
+                        params.push(l.instance_id.into());
+                        params.push(l.ts_ns.into());
+                        params.push(Val::Text(l.stream));
+                        params.push(Val::Text(&l.line));
+                    }
+                    db.exec(&insert_sql(chunk.len()), &params)?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn query_logs(&self, agent_id: Uuid, f: &LogFilter) -> StoreResult<(i64, Vec<LogLine>)> {
+        let filter = "agent_id = ?1 AND (?2 IS NULL OR deployment_id = ?2) \
+            AND (?3 IS NULL OR session_id = ?3) AND (?4 IS NULL OR instr(line, ?4) > 0) \
+            AND (?5 IS NULL OR ts_ns >= ?5) AND (?6 IS NULL OR ts_ns <= ?6)";
+        let count_sql = format!("SELECT COUNT(*) FROM logs WHERE {filter}");
+        let order = if f.desc { "DESC" } else { "ASC" };
+        let select_sql = format!(
+            "SELECT org, agent_id, deployment_id, session_id, instance_id, ts_ns, stream, line \
+             FROM logs WHERE {filter} ORDER BY ts_ns {order}, seq {order} LIMIT ?7 OFFSET ?8"
+        );
+        let f = f.clone();
+        self.scan(move |db| {
+            let mut params: Vec<Val<'_>> = vec![
+                agent_id.into(),
+                f.deployment_id.into(),
+                f.session_id.into(),
+                f.query.as_ref().into(),
+                f.start_ns.into(),
+                f.end_ns.into(),
+            ];
+            let total = db.query_int(&count_sql, &params)?;
+            params.push(f.limit.into());
+            params.push(f.offset.into());
+            let lines = db.query_all(&select_sql, &params, line_from_row)?;
+            Ok((total, lines))
+        })
+        .await
+    }
+
+    async fn prune_logs(&self, before_ns: i64) -> StoreResult<u64> {
+        self.write_tx(move |db| db.exec("DELETE FROM logs WHERE ts_ns < ?", &[before_ns.into()]))
+            .await
+    }
+
+    async fn prune_logs_over(&self, max_lines: u64) -> StoreResult<u64> {
+        // `seq` grows by arrival, so the newest `max_lines` rows are those with
+        // seq > max(seq) - max_lines: one index lookup and one range delete on the primary key.
+        let max_lines = i64::try_from(max_lines).unwrap_or(i64::MAX);
+        self.write_tx(move |db| {
+            db.exec(
+                "DELETE FROM logs WHERE seq <= (SELECT COALESCE(MAX(seq), 0) FROM logs) - ?",
+                &[max_lines.into()],
+            )
+        })
+        .await
+    }
+}

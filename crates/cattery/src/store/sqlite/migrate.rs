@@ -1,0 +1,52 @@
+//! Schema migrations: the `.sql` files of `crates/cattery/migrations/`, applied in order
+//! through `rusqlite_migration` (the version is SQLite's `user_version`).
+//!
+//! Databases made before this runner kept their migrations in sqlx's `_sqlx_migrations`
+//! table; their version is taken from it once, then that table is left alone.
+
+use rusqlite_migration::{Migrations, M};
+
+use super::conn::Conn;
+use crate::store::{StoreError, StoreResult};
+
+/// Every migration, oldest first. Append only: a released migration never changes.
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../../migrations/0001_init.sql"),
+    include_str!("../../../migrations/0002_opaque_placement_and_samples.sql"),
+    include_str!("../../../migrations/0003_stop_intent.sql"),
+];
+
+/// Brings the database to the latest schema.
+///
+/// Errors: `Invalid` when the database is newer than this binary or a migration fails.
+pub fn run(conn: &mut Conn) -> StoreResult<()> {
+    let db = conn.inner();
+    adopt_sqlx_ledger(db)?;
+    let ms: Vec<M<'static>> = MIGRATIONS.iter().map(|sql| M::up(sql)).collect();
+    Migrations::new(ms).to_latest(db).map_err(|e| match e {
+        rusqlite_migration::Error::RusqliteError { err, .. } => StoreError::from(err),
+        e => StoreError::Invalid(format!("migration failed: {e}")),
+    })
+}
+
+/// Sets `user_version` from sqlx's ledger when this database was migrated by sqlx.
+fn adopt_sqlx_ledger(db: &rusqlite::Connection) -> StoreResult<()> {
+    let version: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let has_ledger: bool = db.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')",
+        [],
+        |r| r.get(0),
+    )?;
+    if version != 0 || !has_ledger {
+        return Ok(());
+    }
+    let applied: i64 = db.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM _sqlx_migrations WHERE success",
+        [],
+        |r| r.get(0),
+    )?;
+    if applied > 0 {
+        db.pragma_update(None, "user_version", applied)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,295 @@
+//! Tests of the SQLite store's own machinery (group commits, batching); the contract of
+//! every method is in `store::conformance`.
+
+use uuid::Uuid;
+
+use super::SqliteStore;
+use crate::model::{
+    now_ms, AgentRecord, DeploymentRecord, DeploymentSpec, EndReason, InstanceRecord, LogLine,
+    MetricSample, SessionEnd, SessionRecord,
+};
+use crate::store::prelude::*;
+use crate::store::{LogFilter, SessionFilter, StoreError};
+
+async fn store_with_agent() -> (tempfile::TempDir, SqliteStore, AgentRecord) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).await.unwrap();
+    store.ensure_org("o").await.unwrap();
+    let now = now_ms();
+    let agent = AgentRecord {
+        id: Uuid::new_v4(),
+        org: "o".into(),
+        name: "a".into(),
+        region: "local".into(),
+        min_agents: 0,
+        max_agents: 1,
+        desired_deployment_id: Uuid::new_v4(),
+        created_ms: now,
+        updated_ms: now,
+        deleted_ms: None,
+    };
+    let dep = DeploymentRecord {
+        id: agent.desired_deployment_id,
+        agent_id: agent.id,
+        spec: DeploymentSpec::default(),
+        created_ms: now,
+    };
+    store.create_agent(&agent, &dep).await.unwrap();
+    (dir, store, agent)
+}
+
+fn session(agent: &AgentRecord) -> SessionRecord {
+    SessionRecord {
+        id: Uuid::new_v4(),
+        org: agent.org.clone(),
+        agent_id: agent.id,
+        deployment_id: agent.desired_deployment_id,
+        created_ms: now_ms(),
+        updated_ms: now_ms(),
+        bot_start_ms: None,
+        cold_start: Some(false),
+        transport: None,
+        end: None,
+        samples: Vec::new(),
+    }
+}
+
+fn instance(agent: &AgentRecord) -> InstanceRecord {
+    InstanceRecord {
+        id: Uuid::new_v4(),
+        agent_id: agent.id,
+        deployment_id: agent.desired_deployment_id,
+        session_id: None,
+        runtime: "process".into(),
+        placement: serde_json::json!({"pid": 1234, "pid_start": 5678, "port": 20001, "cgroup": null, "dir": "/tmp/x"}),
+        created_ms: now_ms(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commits_keep_each_write_apart() {
+    let (_dir, store, agent) = store_with_agent().await;
+    let dup = session(&agent);
+    store.insert_session(&dup).await.unwrap();
+    let mut handles = Vec::new();
+    for i in 0..200 {
+        let st = store.clone();
+        let s = if i % 10 == 0 {
+            dup.clone()
+        } else {
+            session(&agent)
+        };
+        handles.push(tokio::spawn(async move {
+            let r = st.insert_session(&s).await;
+            let r2 = st.mark_delivered(s.id, i).await;
+            (s.id, r, r2)
+        }));
+    }
+    let (mut ok, mut conflict) = (0, 0);
+    for h in handles {
+        let (id, r, r2) = h.await.unwrap();
+        r2.unwrap();
+        match r {
+            Ok(()) => {
+                ok += 1;
+                let got = store.get_session(id).await.unwrap().unwrap();
+                assert!(got.bot_start_ms.is_some());
+            }
+            Err(StoreError::Conflict) => conflict += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((ok, conflict), (180, 20));
+    let (total, _) = store
+        .list_sessions(
+            agent.id,
+            &SessionFilter {
+                limit: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(total, 181);
+}
+
+#[tokio::test]
+async fn log_lines_in_any_batch_size_keep_their_order() {
+    let (_dir, store, agent) = store_with_agent().await;
+    let mut n = 0i64;
+    for batch in [1usize, 3, 128, 200, 7, 300] {
+        let lines: Vec<LogLine> = (0..batch)
+            .map(|_| {
+                n += 1;
+                LogLine {
+                    org: "o".into(),
+                    agent_id: agent.id,
+                    deployment_id: None,
+                    session_id: None,
+                    instance_id: None,
+                    ts_ns: n,
+                    stream: "stdout",
+                    line: format!("line {n}"),
+                }
+            })
+            .collect();
+        store.append_logs(&lines).await.unwrap();
+    }
+    let (total, got) = store
+        .query_logs(
+            agent.id,
+            &LogFilter {
+                limit: 1000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(total, n);
+    let want: Vec<String> = (1..=n).map(|i| format!("line {i}")).collect();
+    assert_eq!(got.into_iter().map(|l| l.line).collect::<Vec<_>>(), want);
+}
+
+#[tokio::test]
+async fn combined_session_and_instance_writes() {
+    let (_dir, store, agent) = store_with_agent().await;
+    let inst = instance(&agent);
+    store.put_instance(&inst).await.unwrap();
+    let s = session(&agent);
+    store
+        .insert_session_for_instance(&s, inst.id)
+        .await
+        .unwrap();
+    let got = store.get_session(s.id).await.unwrap().unwrap();
+    assert_eq!(got.cold_start, Some(false));
+    assert!(got.end.is_none());
+    let recs = store.list_instances().await.unwrap();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].session_id, Some(s.id));
+
+    // A failing statement rolls the whole list back and leaves the connection usable.
+    let other = instance(&agent);
+    store.put_instance(&other).await.unwrap();
+    let err = store.insert_session_for_instance(&s, other.id).await;
+    assert!(matches!(err, Err(StoreError::Conflict)), "{err:?}");
+    let recs = store.list_instances().await.unwrap();
+    let o = recs.iter().find(|r| r.id == other.id).unwrap();
+    assert_eq!(
+        o.session_id, None,
+        "the instance is not promised to a failed insert"
+    );
+    // An instance without a record stays without one.
+    let s2 = session(&agent);
+    store
+        .insert_session_for_instance(&s2, Uuid::new_v4())
+        .await
+        .unwrap();
+    assert_eq!(store.list_instances().await.unwrap().len(), 2);
+
+    // The end: first wins, metrics are kept, the instance record goes.
+    let end = SessionEnd {
+        ended_ms: now_ms(),
+        reason: EndReason::Stopped,
+        completion_status: "HTTP_ERROR".into(),
+        exit_code: None,
+        exit_signal: Some(15),
+        message: Some("m".into()),
+    };
+    let samples = vec![MetricSample {
+        t: 1_700_000_000,
+        cpu_millicores: 250,
+        memory_bytes: 1 << 20,
+    }];
+    assert!(store
+        .end_instance(inst.id, Some((s.id, &end, &samples[..])))
+        .await
+        .unwrap());
+    let later = SessionEnd {
+        reason: EndReason::Error,
+        ..end.clone()
+    };
+    assert!(!store
+        .end_instance(inst.id, Some((s.id, &later, &[])))
+        .await
+        .unwrap());
+    let got = store.get_session(s.id).await.unwrap().unwrap();
+    let e = got.end.unwrap();
+    assert_eq!(e.reason, EndReason::Stopped);
+    assert_eq!(e.exit_signal, Some(15));
+    assert_eq!(got.samples, samples);
+    let recs = store.list_instances().await.unwrap();
+    assert!(recs.iter().all(|r| r.id != inst.id));
+    assert!(!store.end_instance(other.id, None).await.unwrap());
+    assert!(store.list_instances().await.unwrap().is_empty());
+    // Plain writes still work on the write connection afterwards.
+    store.mark_delivered(s2.id, 3).await.unwrap();
+    let got = store.get_session(s2.id).await.unwrap().unwrap();
+    assert_eq!(got.bot_start_ms, Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance() {
+    crate::store::conformance::run_all(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).await.unwrap();
+        let guard: Box<dyn std::any::Any + Send> = Box::new(dir);
+        (
+            guard,
+            std::sync::Arc::new(store) as std::sync::Arc<dyn crate::store::Store>,
+        )
+    })
+    .await;
+}
+
+/// A database made by an earlier version (schema 1, migrated by sqlx) is brought up to date:
+/// its version is read from sqlx's ledger, its instances keep their placement and its
+/// sessions their samples.
+#[tokio::test]
+async fn upgrades_a_database_of_schema_1() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = rusqlite::Connection::open(dir.path().join("cattery.db")).unwrap();
+        db.execute_batch(include_str!("../../../migrations/0001_init.sql"))
+            .unwrap();
+        db.execute_batch(
+            "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL,
+                 installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, success BOOLEAN NOT NULL,
+                 checksum BLOB NOT NULL, execution_time BIGINT NOT NULL);
+             INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+                 VALUES (1, 'init', TRUE, x'00', 1);
+             INSERT INTO orgs (name, verbose_name, created_ms) VALUES ('o', 'o', 1);
+             INSERT INTO agents VALUES ('6f1c1d3c-4a0b-4f7e-9a55-0c1d2e3f4a5b', 'o', 'a', 'local',
+                 0, 1, '7f1c1d3c-4a0b-4f7e-9a55-0c1d2e3f4a5b', 1, 1, NULL);
+             INSERT INTO sessions (id, org, agent_id, deployment_id, created_ms, updated_ms, metrics)
+                 VALUES ('8f1c1d3c-4a0b-4f7e-9a55-0c1d2e3f4a5b', 'o',
+                 '6f1c1d3c-4a0b-4f7e-9a55-0c1d2e3f4a5b', '7f1c1d3c-4a0b-4f7e-9a55-0c1d2e3f4a5b', 1, 1,
+                 '{\"sampleCount\": 1, \"timeseries\": [{\"t\": 5, \"c\": 10, \"m\": 100}]}');
+             INSERT INTO instances (id, agent_id, deployment_id, session_id, pid, pid_start, port,
+                 cgroup, dir, created_ms) VALUES ('9f1c1d3c-4a0b-4f7e-9a55-0c1d2e3f4a5b',
+                 '6f1c1d3c-4a0b-4f7e-9a55-0c1d2e3f4a5b', '7f1c1d3c-4a0b-4f7e-9a55-0c1d2e3f4a5b',
+                 '8f1c1d3c-4a0b-4f7e-9a55-0c1d2e3f4a5b', 42, 4242, 20001, NULL, '/tmp/x', 7);",
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(dir.path()).await.unwrap();
+    let inst = store.list_instances().await.unwrap().pop().unwrap();
+    assert_eq!(inst.runtime, "process");
+    assert_eq!(
+        inst.placement,
+        serde_json::json!({"pid": 42, "pid_start": 4242, "port": 20001, "cgroup": null, "dir": "/tmp/x"})
+    );
+    let sid = inst.session_id.unwrap();
+    let s = store.get_session(sid).await.unwrap().unwrap();
+    assert_eq!(
+        s.samples,
+        [MetricSample {
+            t: 5,
+            cpu_millicores: 10,
+            memory_bytes: 100
+        }]
+    );
+    drop(store);
+    // Opening again applies nothing twice.
+    let store = SqliteStore::open(dir.path()).await.unwrap();
+    assert_eq!(store.list_instances().await.unwrap().len(), 1);
+}
