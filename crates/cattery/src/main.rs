@@ -163,6 +163,9 @@ fn main() -> std::process::ExitCode {
                     )
                     .with_writer(std::io::stderr)
                     .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    // A log that cannot be written (its disk is full) must not panic the task
+                    // that logged (`eprintln!` of the write error does).
+                    .log_internal_errors(false)
                     .init();
                 let default_region = a
                     .default_region

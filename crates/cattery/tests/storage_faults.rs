@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 struct Tmpfs {
     dir: Option<tempfile::TempDir>,
     path: PathBuf,
-    /// Outside the tmpfs: the server's log (which must not fail with the disk).
+    /// Outside the tmpfs: the server's log with `CATTERY_TEST_LOG_OUTSIDE` set.
     logs: tempfile::TempDir,
 }
 
@@ -61,16 +61,19 @@ impl Drop for Tmpfs {
     }
 }
 
-/// A server whose data dir is on `fs` (the harness's own temp dir is replaced), its log
-/// outside.
+/// A server whose data dir is on `fs` (the harness's own temp dir is replaced), with its log
+/// (its stderr) on the same full disk, as an operator's `2>>` might put it.
 async fn server_in(fs: &Tmpfs) -> Server {
     let mut s = Server::start(&[]).await;
     s.terminate(Duration::from_secs(10));
     // Same port and settings, data dir on the tmpfs.
     s.dir = tempfile::Builder::new().tempdir_in(&fs.path).unwrap();
-    let log = fs.logs.path().join("server.log");
-    std::fs::File::create(&log).unwrap();
-    std::os::unix::fs::symlink(&log, s.dir.path().join("server.log")).unwrap();
+    if std::env::var_os("CATTERY_TEST_LOG_OUTSIDE").is_some() {
+        // For debugging: a log that survives the full disk.
+        let log = fs.logs.path().join("server.log");
+        std::fs::File::create(&log).unwrap();
+        std::os::unix::fs::symlink(&log, s.dir.path().join("server.log")).unwrap();
+    }
     s.spawn().await;
     s.sk = s.key("private", "default");
     s.pk = s.key("public", "default");
