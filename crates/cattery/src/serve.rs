@@ -54,6 +54,8 @@ pub struct ServeConfig {
     pub ws_idle_timeout_seconds: f64,
     /// Lifetime of a websocket-transport token, seconds (default 300).
     pub ws_token_ttl_seconds: f64,
+    /// Range of instance uids (default 2000000000-2000065535); `None`: the server's own.
+    pub instance_uids: Option<crate::runtime::process::uids::UidRange>,
 }
 
 /// Takes the data directory's lock (`<data-dir>/serve.lock`, `flock`), so two servers never
@@ -221,6 +223,7 @@ Next steps, in another terminal:
 /// Runs the server until SIGTERM/SIGINT and a completed drain.
 pub async fn serve(mut cfg: ServeConfig) -> anyhow::Result<()> {
     let mut signals = signal_stream().await;
+    crate::runtime::process::isolation::restrict_umask();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     // Instances run in other directories: every path handed to them must be absolute.
@@ -232,7 +235,11 @@ pub async fn serve(mut cfg: ServeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&runner_dir)?;
     let runner_path = runner_dir.join("cattery_runner.py");
     std::fs::write(&runner_path, RUNNER_PY)?;
-    let runtime = Arc::new(ProcessRuntime::new(cfg.data_dir.join("instances"), &sid)?);
+    let runtime = Arc::new(ProcessRuntime::new(
+        cfg.data_dir.join("instances"),
+        &sid,
+        cfg.instance_uids,
+    )?);
     let cipher = Arc::new(
         crate::core::secrets::SecretCipher::load_or_create(&cfg.data_dir)
             .context("opening the secrets key file")?,
