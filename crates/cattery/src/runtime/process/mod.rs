@@ -150,17 +150,17 @@ impl ProcessRuntime {
 
     /// Creates the instance's uid, directories, port reservation, output files and cgroups.
     /// Errors: a step failed; whatever was made is undone.
-    fn prepare(
+    fn set_up(
         &self,
         id: &str,
         spec: &InstanceSpec,
-    ) -> Result<(Prepared, InstanceCgroups), RuntimeError> {
+    ) -> Result<(InstanceSetup, InstanceCgroups), RuntimeError> {
         let setup = |e: std::io::Error| RuntimeError::Setup(e.to_string());
         let uid = match &self.isolation.uids {
             Some(pool) => Some(pool.allocate().map_err(setup)?),
             None => None,
         };
-        let p = Prepared {
+        let p = InstanceSetup {
             dirs: InstanceDirs::at(self.instances_dir.join(id)),
             uid,
             port: 0,
@@ -172,7 +172,7 @@ impl ProcessRuntime {
             Ok(port)
         })();
         let mut p = match made {
-            Ok(port) => Prepared { port, ..p },
+            Ok(port) => InstanceSetup { port, ..p },
             Err(e) => {
                 self.undo(&p, None);
                 return Err(setup(e));
@@ -196,8 +196,8 @@ impl ProcessRuntime {
         }
     }
 
-    /// Undoes [`ProcessRuntime::prepare`] after a failed start.
-    fn undo(&self, p: &Prepared, cgs: Option<(&Option<PathBuf>, &[PathBuf])>) {
+    /// Undoes [`ProcessRuntime::set_up`] after a failed start.
+    fn undo(&self, p: &InstanceSetup, cgs: Option<(&Option<PathBuf>, &[PathBuf])>) {
         if p.port != 0 {
             self.ports.release(p.port);
         }
@@ -224,8 +224,8 @@ impl ProcessRuntime {
         logs: LogSink,
     ) -> Result<Arc<dyn Instance>, RuntimeError> {
         let id = spec.instance_id.to_string();
-        let (mut p, cgs) = self.prepare(&id, &spec)?;
-        let (out, err) = p.out.take().expect("prepare opened the output files");
+        let (mut p, cgs) = self.set_up(&id, &spec)?;
+        let (out, err) = p.out.take().expect("set_up opened the output files");
         let env = isolation::instance_env(&self.base_env(&id, &p), &spec.env);
         let cwd = spec
             .working_dir
@@ -274,7 +274,7 @@ impl ProcessRuntime {
     }
 
     /// The platform's variables of an instance (the agent's env and secrets come on top).
-    fn base_env(&self, id: &str, p: &Prepared) -> Vec<(&'static str, std::ffi::OsString)> {
+    fn base_env(&self, id: &str, p: &InstanceSetup) -> Vec<(&'static str, std::ffi::OsString)> {
         let mut env = vec![
             ("HOME", p.dirs.home.clone().into_os_string()),
             ("TMPDIR", p.dirs.tmp.clone().into_os_string()),
@@ -337,8 +337,8 @@ impl ProcessRuntime {
     }
 }
 
-/// What [`ProcessRuntime::prepare`] made for an instance.
-struct Prepared {
+/// What [`ProcessRuntime::set_up`] made for an instance.
+struct InstanceSetup {
     dirs: InstanceDirs,
     uid: Option<u32>,
     port: u16,
