@@ -14,12 +14,14 @@ pub mod cgroup;
 pub mod isolation;
 pub mod locks;
 pub mod ports;
+pub mod python;
 pub mod reaper;
 pub mod spawn;
 pub mod uids;
 
 use std::collections::HashSet;
 use std::fs;
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,15 +36,16 @@ use tokio::sync::{watch, OnceCell};
 use self::cgroup::{CgroupSupport, InstanceCgroups};
 use self::isolation::{InstanceDirs, Isolation};
 use self::ports::{listening_inodes, pids_hold_socket, PortBook};
+use self::python::PythonRunner;
 use self::reaper::Reaper;
 use self::spawn::SpawnSpec;
 use self::uids::{UidPool, UidRange};
 use super::logs::{read_offsets, Tailer};
 use super::{
-    ExitInfo, Instance, InstancePlacement, InstanceSpec, LogSink, ResourceSample, Runtime,
-    RuntimeError, TerminateReport,
+    ExitInfo, Instance, InstancePlacement, InstanceSpec, LogSink, Prepared, ResourceSample,
+    Runtime, RuntimeError, RuntimeKind, TerminateReport,
 };
-use crate::model::InstanceRecord;
+use crate::model::{DeploymentRecord, InstanceRecord};
 
 /// Upper bound on waiting for a SIGKILLed tree to disappear (it normally takes a few ms).
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -55,6 +58,7 @@ pub struct ProcessRuntime {
     ports: Arc<PortBook>,
     reaper: Arc<Reaper>,
     isolation: Arc<Isolation>,
+    python: Arc<PythonRunner>,
 }
 
 impl ProcessRuntime {
@@ -91,7 +95,40 @@ impl ProcessRuntime {
             ports: Arc::new(PortBook::new()),
             reaper: Reaper::global(),
             isolation: Arc::new(isolation),
+            python: Arc::new(PythonRunner::default()),
         })
+    }
+
+    /// Sets the Python runner used for `image: "local:<dir>"` bots.
+    pub fn with_python_runner(mut self, runner: PythonRunner) -> Self {
+        self.python = Arc::new(runner);
+        self
+    }
+
+    /// Whether `program` can be executed (deploy-time validation). Returns the reason if not.
+    /// When instances run under uids of their own, also that such a uid can reach the working
+    /// directory and run the program.
+    pub fn check_program(&self, program: &str, working_dir: Option<&str>) -> Result<(), String> {
+        if let Some(d) = working_dir {
+            if !Path::new(d).is_dir() {
+                return Err(format!("workingDir {d} is not a directory"));
+            }
+        }
+        let path = resolve_program(program, working_dir)?;
+        if self.isolation.uids.is_some() {
+            let unreachable = |what: &str, e: String| {
+                format!(
+                    "instances run under unprivileged uids of their own and cannot reach the \
+                     {what}: {e} (docs/security.md)"
+                )
+            };
+            if let Some(d) = working_dir {
+                isolation::reachable_by_others(Path::new(d), true)
+                    .map_err(|e| unreachable("working directory", e))?;
+            }
+            isolation::reachable_by_others(&path, false).map_err(|e| unreachable("program", e))?;
+        }
+        Ok(())
     }
 
     /// Removes this server's own cgroup directories (`.../cattery/<server id>`) if they are
@@ -437,37 +474,45 @@ fn resolve_program(program: &str, working_dir: Option<&str>) -> Result<PathBuf, 
 
 #[async_trait]
 impl Runtime for ProcessRuntime {
-    fn kind(&self) -> &'static str {
-        "process"
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Process
     }
 
     fn isolation(&self) -> String {
         format!("{}; {}", self.cgroups.describe(), self.isolation.describe())
     }
 
-    /// Also checks, when instances run under uids of their own, that such a uid can reach
-    /// the working directory and run the program.
-    fn check_program(&self, program: &str, working_dir: Option<&str>) -> Result<(), String> {
-        if let Some(d) = working_dir {
-            if !Path::new(d).is_dir() {
-                return Err(format!("workingDir {d} is not a directory"));
-            }
+    fn prepare(&self, dep: &DeploymentRecord) -> Result<Prepared, String> {
+        self.python.prepare(dep)
+    }
+
+    /// [`Runtime::prepare`], then: the program exists and is executable; for `local:` agents
+    /// also that the chosen Python can import what the bundled runner needs (`fastapi`,
+    /// `uvicorn`), so a bot environment without them is reported at deploy time (`errors[]`,
+    /// `ready: false`) rather than at the first session.
+    fn validate(&self, dep: &DeploymentRecord) -> Option<String> {
+        let p = match self.prepare(dep) {
+            Ok(p) => p,
+            Err(e) => return Some(e),
+        };
+        let wd = p.working_dir.as_ref().and_then(|p| p.to_str());
+        if let Err(e) = self.check_program(&p.program, wd) {
+            return Some(e);
         }
-        let path = resolve_program(program, working_dir)?;
-        if self.isolation.uids.is_some() {
-            let unreachable = |what: &str, e: String| {
-                format!(
-                    "instances run under unprivileged uids of their own and cannot reach the \
-                     {what}: {e} (docs/security.md)"
-                )
-            };
-            if let Some(d) = working_dir {
-                isolation::reachable_by_others(Path::new(d), true)
-                    .map_err(|e| unreachable("working directory", e))?;
-            }
-            isolation::reachable_by_others(&path, false).map_err(|e| unreachable("program", e))?;
+        let local = dep.spec.command.is_none()
+            && dep
+                .spec
+                .image
+                .as_deref()
+                .is_some_and(|i| i.starts_with("local:"));
+        if local {
+            return self.python.deps_missing(&p.program);
         }
-        Ok(())
+        None
+    }
+
+    async fn shutdown(&self) {
+        self.remove_server_cgroups();
     }
 
     /// Runs [`ProcessRuntime::start_blocking`] in `block_in_place`: joining a cgroup can keep
@@ -507,18 +552,25 @@ impl Runtime for ProcessRuntime {
 
     async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Option<Arc<dyn Instance>> {
         let id = rec.id.to_string();
-        let dir = PathBuf::from(&rec.dir);
-        let cg_v2 = rec.cgroup.as_ref().map(PathBuf::from);
+        let pl: InstancePlacement = match serde_json::from_value(rec.placement.clone()) {
+            Ok(pl) if rec.runtime == self.kind().as_str() => pl,
+            _ => {
+                tracing::warn!(instance = %id, runtime = %rec.runtime, "cannot read the placement of a recorded instance; leaving it");
+                return None;
+            }
+        };
+        let dir = PathBuf::from(&pl.dir);
+        let cg_v2 = pl.cgroup.as_ref().map(PathBuf::from);
         let cg_v1: Vec<PathBuf> = self
             .cgroups
             .v1_bases
             .iter()
             .map(|(_, b)| b.join(&id))
             .collect();
-        let alive = same_process_alive(rec.pid, rec.pid_start);
+        let alive = same_process_alive(pl.pid, pl.pid_start);
         let (tx, exit_rx) = watch::channel(None);
         let offsets = read_offsets(&dir.join("offsets")).unwrap_or((0, 0));
-        self.ports.adopt(rec.port);
+        self.ports.adopt(pl.port);
         // The instance's uid is the owner of its home (none: it ran as the server's).
         let uid = match &self.isolation.uids {
             Some(pool) => InstanceDirs::at(dir.clone())
@@ -531,8 +583,8 @@ impl Runtime for ProcessRuntime {
         }
         let inst = self.instance(
             id,
-            (rec.pid, rec.pid_start),
-            (rec.port, uid),
+            (pl.pid, pl.pid_start),
+            (pl.port, uid),
             dir,
             (cg_v2, cg_v1),
             exit_rx,
@@ -547,8 +599,8 @@ impl Runtime for ProcessRuntime {
         }
         // Not our child any more: watch the pid (and its start time) instead of waitpid; the
         // exit code is only known if the agent wrote it to `$CATTERY_EXIT_STATUS_FILE`.
-        let (pid, start) = (rec.pid, rec.pid_start);
-        let status_file = PathBuf::from(&rec.dir).join(EXIT_STATUS_FILE);
+        let (pid, start) = (pl.pid, pl.pid_start);
+        let status_file = PathBuf::from(&pl.dir).join(EXIT_STATUS_FILE);
         tokio::spawn(async move {
             while same_process_alive(pid, start) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -713,18 +765,42 @@ fn proc_cpu_rss(pid: i32) -> Option<(u64, u64)> {
 
 #[async_trait]
 impl Instance for ProcessInstance {
-    fn record_parts(&self) -> InstancePlacement {
-        InstancePlacement {
+    fn placement(&self) -> serde_json::Value {
+        serde_json::to_value(InstancePlacement {
             pid: self.pid,
             pid_start: self.pid_start,
             port: self.port,
             cgroup: self.cg_v2.as_ref().map(|p| p.display().to_string()),
             dir: self.dir.display().to_string(),
-        }
+        })
+        .unwrap_or_default()
     }
 
-    fn port(&self) -> u16 {
-        self.port
+    fn endpoint(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn describe(&self) -> String {
+        format!("pid {}", self.pid)
+    }
+
+    async fn stderr_tail(&self) -> String {
+        let Ok(b) = fs::read(self.dir.join("stderr.log")) else {
+            return String::new();
+        };
+        let start = b.len().saturating_sub(2048);
+        super::logs::escape_bytes(&b[start..])
+    }
+
+    /// Reads the OOM-kill count of the instance's memory cgroup: v1 `memory.oom_control`
+    /// (`oom_kill N`), or v2 `memory.events` (`oom_kill N`) where the memory controller is on.
+    async fn out_of_memory(&self) -> bool {
+        let files = self
+            .cg_v1
+            .iter()
+            .map(|d| d.join("memory.oom_control"))
+            .chain(self.cg_v2.iter().map(|d| d.join("memory.events")));
+        files.into_iter().any(|f| oom_kills(&f) > 0)
     }
 
     async fn wait_exit(&self) -> ExitInfo {
@@ -751,7 +827,7 @@ impl Instance for ProcessInstance {
             .await
     }
 
-    fn sample(&self) -> Option<ResourceSample> {
+    async fn sample(&self) -> Option<ResourceSample> {
         if self.terminated.initialized() {
             return None;
         }
@@ -774,4 +850,17 @@ impl Instance for ProcessInstance {
             memory_bytes: mem,
         })
     }
+}
+
+/// The `oom_kill` count in a cgroup's `memory.oom_control` (v1) or `memory.events` (v2); 0
+/// when the file is missing.
+fn oom_kills(file: &Path) -> u64 {
+    fs::read_to_string(file)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("oom_kill "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
