@@ -7,9 +7,10 @@
 //! `0` to each `cgroup.procs` through descriptors opened by the parent, `runtime/process/spawn.rs`), so
 //! no process of the instance ever runs outside them.
 //!
-//! Each server holds an exclusive `flock` on `<lock root>/servers/<server id>.lock` (`/run/cattery` as root, see [`super::locks`]) for
-//! its whole life. At start, a server removes the empty cgroup directories of every other
-//! server id whose lock it can take: a server that was `SIGKILL`ed and never restarted leaves
+//! Each server holds an exclusive `flock` on `<lock root>/servers/<server id>.lock`
+//! (`/run/cattery` as root, see [`super::locks`]) for its whole life. At start, a server
+//! removes the empty cgroup directories of every other server id whose lock it can take: a
+//! server that was `SIGKILL`ed and never restarted leaves
 //! its `<server id>` directories behind (a running server removes its own at exit). Cgroups
 //! that still hold processes stay: the instances of a killed server keep running until it is
 //! started again on its data dir and re-adopts them.

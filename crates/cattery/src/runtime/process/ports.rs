@@ -9,9 +9,9 @@
 //! - ports are chosen at random **outside the ephemeral range** ([`PORT_FLOOR`] up to the
 //!   range's start, or above its end), and must be bindable at the moment of choice;
 //! - each is reserved **machine-wide** while its instance lives, by an exclusive `flock` on
-//!   `<lock root>/ports/<port>.lock` (`/run/cattery` as root, see [`super::locks`]), so servers sharing a machine never pick the same
-//!   one (the kernel drops the lock if the server dies; a restarted server takes it again when
-//!   it re-adopts the instance);
+//!   `<lock root>/ports/<port>.lock` (`/run/cattery` as root, see [`super::locks`]), so
+//!   servers sharing a machine never pick the same one (the kernel drops the lock if the
+//!   server dies; a restarted server takes it again when it re-adopts the instance);
 //! - and the supervisor only trusts `/readyz` once the instance's own processes hold the
 //!   listening socket ([`crate::runtime::Instance::serves_port`]).
 
