@@ -55,6 +55,8 @@ pub struct ServeConfig {
     pub ws_idle_timeout_seconds: f64,
     /// Lifetime of a websocket-transport token, seconds (default 300).
     pub ws_token_ttl_seconds: f64,
+    /// Range of instance uids (default 2000000000-2000065535); `None`: the server's own.
+    pub instance_uids: Option<crate::runtime::process::uids::UidRange>,
 }
 
 /// Takes the data directory's lock (`<data-dir>/serve.lock`, `flock`), so two servers never
@@ -222,6 +224,7 @@ Next steps, in another terminal:
 /// Runs the server until SIGTERM/SIGINT and a completed drain.
 pub async fn serve(mut cfg: ServeConfig) -> anyhow::Result<()> {
     let mut signals = signal_stream().await;
+    crate::runtime::process::isolation::restrict_umask();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     // Instances run in other directories: every path handed to them must be absolute.
@@ -239,6 +242,7 @@ pub async fn serve(mut cfg: ServeConfig) -> anyhow::Result<()> {
         server_id: sid.clone(),
         python: cfg.python.clone(),
         runner_path,
+        instance_uids: cfg.instance_uids,
     })?;
     let cipher = Arc::new(
         crate::core::secrets::SecretCipher::load_or_create(&cfg.data_dir)

@@ -20,15 +20,19 @@ pub struct RuntimeConfig {
     pub python: String,
     /// Path of the bundled Python runner.
     pub runner_path: PathBuf,
+    /// Range of instance uids; `None`: instances run as the server's uid (process runtime).
+    pub instance_uids: Option<super::process::uids::UidRange>,
 }
 
 /// Builds the configured runtime. Must run inside tokio.
 pub fn build(cfg: &RuntimeConfig) -> anyhow::Result<Arc<dyn Runtime>> {
     match cfg.kind {
         RuntimeKind::Process => Ok(Arc::new(
-            ProcessRuntime::new(cfg.instances_dir.clone(), &cfg.server_id)?.with_python_runner(
-                PythonRunner::new(cfg.python.clone(), cfg.runner_path.clone()),
-            ),
+            ProcessRuntime::new(cfg.instances_dir.clone(), &cfg.server_id, cfg.instance_uids)?
+                .with_python_runner(PythonRunner::new(
+                    cfg.python.clone(),
+                    cfg.runner_path.clone(),
+                )),
         )),
     }
 }

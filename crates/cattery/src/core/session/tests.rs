@@ -439,3 +439,153 @@ async fn recovery_finishes_a_stop_cut_off_by_a_restart() {
     assert!(e.fake.live().is_empty());
     assert!(e.fake.events().iter().any(|x| x.starts_with("sigkill")));
 }
+
+/// The plain decisions, without an engine: admission and the pool plan over a pool's state.
+mod decisions {
+    use std::sync::Arc;
+
+    use tokio::time::Instant;
+    use uuid::Uuid;
+
+    use super::super::admission::{admit, Admission};
+    use super::super::health::StartFailure;
+    use super::super::pool::plan;
+    use super::super::state::{AgentPool, InstState, InstanceCtl};
+    use crate::core::CoreError;
+    use crate::model::{now_ms, AgentRecord, DeploymentRecord, DeploymentSpec};
+
+    fn pool(min: u32, max: u32) -> AgentPool {
+        let agent = AgentRecord {
+            id: Uuid::new_v4(),
+            org: "o".into(),
+            name: "a".into(),
+            region: "local".into(),
+            min_agents: min,
+            max_agents: max,
+            desired_deployment_id: Uuid::new_v4(),
+            created_ms: now_ms(),
+            updated_ms: now_ms(),
+            deleted_ms: None,
+        };
+        let dep = DeploymentRecord {
+            id: agent.desired_deployment_id,
+            agent_id: agent.id,
+            spec: DeploymentSpec::default(),
+            created_ms: now_ms(),
+        };
+        AgentPool::new(agent, Arc::new(dep), None)
+    }
+
+    fn add(p: &mut AgentPool, state: InstState, current: bool) -> Arc<InstanceCtl> {
+        let dep = if current {
+            p.deployment.clone()
+        } else {
+            Arc::new(DeploymentRecord {
+                id: Uuid::new_v4(),
+                ..(*p.deployment).clone()
+            })
+        };
+        let session = matches!(state, InstState::Claimed | InstState::Busy).then(Uuid::new_v4);
+        let (c, _mb) = InstanceCtl::new(&p.agent, dep, state, session, None);
+        p.instances.insert(c.id, c.clone());
+        c
+    }
+
+    #[test]
+    fn admission_order_is_idle_then_starting_then_cold_then_429() {
+        let now = Instant::now();
+        let mut p = pool(0, 3);
+        let starting = add(&mut p, InstState::Starting, true);
+        let idle = add(&mut p, InstState::Idle, true);
+        add(&mut p, InstState::Idle, false);
+        let s1 = Uuid::new_v4();
+        match admit(&p, "a", s1, now).unwrap() {
+            Admission::Warm(c) => assert_eq!(c.id, idle.id),
+            _ => panic!("a ready warm instance of the current deployment first"),
+        }
+        assert_eq!(idle.state(), InstState::Busy);
+        assert_eq!(idle.session(), Some(s1));
+        match admit(&p, "a", Uuid::new_v4(), now).unwrap() {
+            Admission::Claimed(c) => assert_eq!(c.id, starting.id),
+            _ => panic!("then a starting one"),
+        }
+        assert_eq!(starting.state(), InstState::Claimed);
+        // Three instances at maxAgents 3 (the old deployment's idle one counts too).
+        assert!(matches!(
+            admit(&p, "a", Uuid::new_v4(), now),
+            Err(CoreError::AtCapacity(_))
+        ));
+        p.agent.max_agents = 4;
+        assert!(matches!(
+            admit(&p, "a", Uuid::new_v4(), now),
+            Ok(Admission::Cold)
+        ));
+    }
+
+    #[test]
+    fn admission_refuses_a_crash_looping_deployment_while_it_backs_off() {
+        let now = Instant::now();
+        let mut p = pool(0, 3);
+        let h = p.health.entry(p.deployment.id).or_default();
+        for _ in 0..2 {
+            h.failed(
+                StartFailure {
+                    reason: "exited",
+                    exit: None,
+                    stderr_tail: "boom".into(),
+                    at_ms: 0,
+                },
+                now,
+            );
+        }
+        let r = admit(&p, "a", Uuid::new_v4(), now);
+        assert!(matches!(
+            r,
+            Err(CoreError::StartFailed {
+                code: "AGENT_CRASH_LOOP",
+                ..
+            })
+        ));
+        let later = now + std::time::Duration::from_secs(60);
+        assert!(matches!(
+            admit(&p, "a", Uuid::new_v4(), later),
+            Ok(Admission::Cold)
+        ));
+    }
+
+    #[test]
+    fn the_pool_plan_fills_to_min_within_max_and_trims_the_rest() {
+        let now = Instant::now();
+        let mut p = pool(2, 3);
+        assert_eq!(plan(&p, false, now).spawn, 2);
+        add(&mut p, InstState::Busy, true);
+        add(&mut p, InstState::Claimed, true);
+        // Two slots used by sessions, one left under maxAgents.
+        assert_eq!(plan(&p, false, now).spawn, 1);
+        let mut p = pool(1, 5);
+        for _ in 0..3 {
+            add(&mut p, InstState::Idle, true);
+        }
+        let old = add(&mut p, InstState::Idle, false);
+        let pl = plan(&p, false, now);
+        assert_eq!(pl.spawn, 0);
+        assert_eq!(
+            pl.stop.len(),
+            3,
+            "two extra idle ones and the old deployment's"
+        );
+        assert!(pl.stop.iter().any(|c| c.id == old.id));
+        let pl = plan(&p, true, now);
+        assert_eq!(pl.stop.len(), 4, "a drain removes every idle instance");
+    }
+
+    #[test]
+    fn a_deleted_agent_without_instances_is_forgotten() {
+        let mut p = pool(1, 5);
+        p.agent.deleted_ms = Some(now_ms());
+        let pl = plan(&p, false, Instant::now());
+        assert!(pl.forget && pl.spawn == 0);
+        add(&mut p, InstState::Busy, true);
+        assert!(!plan(&p, false, Instant::now()).forget);
+    }
+}
