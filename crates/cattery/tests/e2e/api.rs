@@ -1,10 +1,9 @@
 //! The core contract over HTTP against the real binary: auth, agents, sessions, the stop seed.
 
-mod common;
-
+use crate::common;
 use std::time::Duration;
 
-use common::{pid_alive, Server};
+use crate::common::{pid_alive, Server};
 use serde_json::{json, Value};
 
 const SESSION_KEYS: &[&str] = &[

@@ -1,11 +1,9 @@
 //! Secrets (reference §A.6, lifecycle case L11), logs (§A.4, L12) and truthful agent status
 //! (issue #4 item 5) against the real binary.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{test_agent, wait_for, Resp, Server};
+use crate::common::{test_agent, wait_for, Resp, Server};
 use serde_json::{json, Value};
 
 fn assert_error(r: &Resp, status: u16, code: &str) {

@@ -16,14 +16,12 @@
 //! `docs/compatibility.md` must list exactly the same ones (checked by
 //! `compatibility_doc_matches_the_suite`).
 
-mod common;
-
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{wait_for, Server};
+use crate::common::{wait_for, Server};
 use serde_json::{json, Value};
 
 /// Every (client, command, mode) the suite runs. Keep `docs/compatibility.md` in step.
