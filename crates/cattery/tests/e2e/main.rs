@@ -9,6 +9,7 @@ mod lifecycle_util;
 
 mod api;
 mod cli_compat;
+mod connections;
 mod lifecycle;
 mod lifecycle_pool;
 mod lifecycle_server;
