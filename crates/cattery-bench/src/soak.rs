@@ -443,10 +443,6 @@ fn report_tables(
 fn report_scalars(report: &mut Report, plan: &SoakPlan, f: &Figures) {
     let (ok, c4, c5, tr) = f.counters;
     let (wall, after_exit) = (f.wall, f.after_exit);
-    let (dirs, cgroups, zombies) = (f.left.dirs, f.left.cgroups, f.left.zombies);
-    let (missing, unended) = (f.rec.missing, f.rec.unended);
-    let lost = missing + unended;
-    let duplicated = f.rec.dup_records + f.dup_answers;
     let z = |v: f64| Some(Target::le("value", v));
     let g = "soak";
     report.scalar(
@@ -504,6 +500,17 @@ fn report_scalars(report: &mut Report, plan: &SoakPlan, f: &Figures) {
         z(0.0),
         None,
     );
+    report_leftover_scalars(report, f);
+}
+
+/// The audit figures: leftovers, records, log errors (all must be 0 but `extra`).
+fn report_leftover_scalars(report: &mut Report, f: &Figures) {
+    let z = |v: f64| Some(Target::le("value", v));
+    let g = "soak";
+    let (dirs, cgroups, zombies) = (f.left.dirs, f.left.cgroups, f.left.zombies);
+    let (missing, unended) = (f.rec.missing, f.rec.unended);
+    let lost = missing + unended;
+    let duplicated = f.rec.dup_records + f.dup_answers;
     report.scalar(
         "soak_leaked_dirs",
         g,
