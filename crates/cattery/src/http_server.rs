@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -34,7 +35,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower::Service;
-use tower_http::timeout::TimeoutBody;
 
 /// Limits of the HTTP server (`[server]` section of the configuration).
 #[derive(Debug, Clone, Copy)]
@@ -112,6 +112,65 @@ impl hyper::body::Body for TrackedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body that fails when no frame arrives for `timeout` (the timer restarts after each
+/// frame). Unlike tower-http's `TimeoutBody` it keeps the body's size hint, so a proxied request
+/// keeps its `content-length`.
+struct ReadTimeoutBody {
+    inner: Incoming,
+    timeout: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl ReadTimeoutBody {
+    fn new(timeout: Duration, inner: Incoming) -> Self {
+        ReadTimeoutBody {
+            inner,
+            timeout,
+            sleep: None,
+        }
+    }
+}
+
+impl hyper::body::Body for ReadTimeoutBody {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(r) => {
+                this.sleep = None;
+                Poll::Ready(r.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let t = this.timeout;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                        "no request body data for {} s",
+                        t.as_secs_f64()
+                    )
+                    .into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -203,7 +262,7 @@ pub async fn serve(
             let body_timeout = limits.body_read_timeout;
             hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                 let guard = InFlight::enter(&in_flight);
-                let req = req.map(|b| TimeoutBody::new(body_timeout, b));
+                let req = req.map(|b| ReadTimeoutBody::new(body_timeout, b));
                 let mut app = app.clone();
                 async move {
                     let resp = app
