@@ -132,6 +132,38 @@ fn sid_of(v: &Value) -> Option<String> {
 }
 
 /// CPU used by a process over `window`, in cores (1.0 = one core busy).
+/// One churn worker: start then stop until `deadline`. Returns the start and stop round trips
+/// (ms) and the errors.
+async fn churn_worker(
+    srv: Arc<Server>,
+    name: &'static str,
+    deadline: Instant,
+    cycles: Arc<AtomicU64>,
+    colds: Arc<AtomicU64>,
+) -> (Vec<f64>, Vec<f64>, Vec<String>) {
+    let (mut starts, mut stops, mut errs) = (Vec::new(), Vec::new(), Vec::new());
+    while Instant::now() < deadline {
+        let r = srv.start_session(name).await;
+        let Some(sid) = sid_of(&r.body).filter(|_| r.ok()) else {
+            errs.push(format!("churn start: HTTP {} {}", r.status, r.body));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        if r.body["coldStart"].as_bool() == Some(true) {
+            colds.fetch_add(1, Ordering::Relaxed);
+        }
+        starts.push(r.ms);
+        let s = srv.stop_session(name, &sid).await;
+        if s.ok() {
+            stops.push(s.ms);
+            cycles.fetch_add(1, Ordering::Relaxed);
+        } else {
+            errs.push(format!("churn stop: HTTP {} {}", s.status, s.body));
+        }
+    }
+    (starts, stops, errs)
+}
+
 async fn cpu_cores(pid: i32, window: Duration) -> f64 {
     let c0 = sys::cpu_seconds(pid).unwrap_or(0.0);
     let t0 = Instant::now();
@@ -645,31 +677,13 @@ impl Ctx {
         let t0 = Instant::now();
         let deadline = t0 + Duration::from_secs_f64(secs);
         let tasks = (0..workers).map(|_| {
-            let srv = self.srv.clone();
-            let (cycles, colds) = (cycles.clone(), colds.clone());
-            tokio::spawn(async move {
-                let (mut starts, mut stops, mut errs) = (Vec::new(), Vec::new(), Vec::new());
-                while Instant::now() < deadline {
-                    let r = srv.start_session(name).await;
-                    let Some(sid) = sid_of(&r.body).filter(|_| r.ok()) else {
-                        errs.push(format!("churn start: HTTP {} {}", r.status, r.body));
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    };
-                    if r.body["coldStart"].as_bool() == Some(true) {
-                        colds.fetch_add(1, Ordering::Relaxed);
-                    }
-                    starts.push(r.ms);
-                    let s = srv.stop_session(name, &sid).await;
-                    if s.ok() {
-                        stops.push(s.ms);
-                        cycles.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        errs.push(format!("churn stop: HTTP {} {}", s.status, s.body));
-                    }
-                }
-                (starts, stops, errs)
-            })
+            tokio::spawn(churn_worker(
+                self.srv.clone(),
+                name,
+                deadline,
+                cycles.clone(),
+                colds.clone(),
+            ))
         });
         let results = join_all(tasks).await;
         let wall = t0.elapsed().as_secs_f64();
@@ -868,32 +882,38 @@ impl Ctx {
             "ramp start round trip (8 at a time, warm or cold)",
             summarize(&ramp_lat),
         );
-        log(format!("concurrency: stopping {reached} sessions"));
+        self.mass_stop(name, &active).await;
+        self.report
+            .tables
+            .insert("concurrency_scaling".into(), Value::Array(rows));
+        self.retire(name).await;
+        Ok(())
+    }
+
+    /// Stops `active` 16 at a time and reports the round trips and the rate.
+    async fn mass_stop(&mut self, name: &'static str, active: &[String]) {
+        let n = active.len();
+        log(format!("concurrency: stopping {n} sessions"));
         let t = Instant::now();
-        let stops = self.stop_many(name, &active, 16).await;
+        let stops = self.stop_many(name, active, 16).await;
         let secs = t.elapsed().as_secs_f64();
         self.report.figure(
             "concurrency_mass_stop",
             "concurrency",
-            &format!("stop round trip, {reached} sessions 16 at a time"),
+            &format!("stop round trip, {n} sessions 16 at a time"),
             summarize(&stops),
         );
         if secs > 0.0 {
             self.report.scalar(
                 "concurrency_mass_stop_rate",
                 "concurrency",
-                &format!("mass stop of {reached} sessions, 16 at a time"),
-                reached as f64 / secs,
+                &format!("mass stop of {n} sessions, 16 at a time"),
+                n as f64 / secs,
                 "stops/s",
                 None,
                 None,
             );
         }
-        self.report
-            .tables
-            .insert("concurrency_scaling".into(), Value::Array(rows));
-        self.retire(name).await;
-        Ok(())
     }
 
     /// Measures at a checkpoint: RSS, CPU while idle, warm start and stop, GET and list.

@@ -101,66 +101,14 @@ pub async fn run(
     let tally = Arc::new(Tally::default());
     let t0 = Instant::now();
     let workers = (0..plan.concurrency).map(|w| {
-        let srv = srv.clone();
-        let next = next.clone();
-        let tally = tally.clone();
-        let total = plan.cycles;
         let seed = plan.seed.wrapping_add(w as u64);
-        tokio::spawn(async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let mut started: Vec<(usize, String)> = Vec::new();
-            let mut errors: Vec<String> = Vec::new();
-            while next.fetch_add(1, Ordering::Relaxed) < total {
-                let ki = rng.random_range(0..KINDS.len());
-                let k = &KINDS[ki];
-                let r = srv.start_session(k.name).await;
-                tally.add("start", r.status);
-                let Some(id) = r.body["sessionId"].as_str().filter(|_| r.ok()) else {
-                    if errors.len() < 10 {
-                        errors.push(format!("start {}: HTTP {} {}", k.name, r.status, r.body));
-                    }
-                    continue;
-                };
-                let id = id.to_string();
-                started.push((ki, id.clone()));
-                let roll: f64 = rng.random();
-                if k.name == "soak-exit" && roll < 0.4 {
-                    // Let it end on its own.
-                    continue;
-                }
-                let hold = if k.name == "soak-exit" {
-                    rng.random_range(0..100)
-                } else {
-                    rng.random_range(0..30)
-                };
-                tokio::time::sleep(Duration::from_millis(hold)).await;
-                if roll > 0.95 {
-                    // Fault: look at it, then two stops racing each other.
-                    let g = srv
-                        .get(&format!("/v1/agents/{}/sessions/{id}", k.name))
-                        .await;
-                    tally.add("get", g.status);
-                    let (a, b) =
-                        tokio::join!(srv.stop_session(k.name, &id), srv.stop_session(k.name, &id));
-                    for s in [a, b] {
-                        tally.add("stop", s.status);
-                        if !s.ok() && errors.len() < 10 {
-                            errors.push(format!(
-                                "double stop {}: HTTP {} {}",
-                                k.name, s.status, s.body
-                            ));
-                        }
-                    }
-                } else {
-                    let s = srv.stop_session(k.name, &id).await;
-                    tally.add("stop", s.status);
-                    if !s.ok() && errors.len() < 10 {
-                        errors.push(format!("stop {}: HTTP {} {}", k.name, s.status, s.body));
-                    }
-                }
-            }
-            (started, errors)
-        })
+        tokio::spawn(worker(
+            srv.clone(),
+            next.clone(),
+            tally.clone(),
+            plan.cycles,
+            seed,
+        ))
     });
     let mut started: Vec<(usize, String)> = Vec::new();
     for r in join_all(workers).await {
@@ -183,7 +131,98 @@ pub async fn run(
         .filter(|(_, id)| !seen.insert(id.clone()))
         .count();
 
-    // Every session ends (the exit-after ones on their own).
+    wait_all_ended(srv, report).await;
+    let rec = audit_records(srv, &started, report).await?;
+    let left = audit_leftovers(srv, tag, report).await;
+    let (ok, c4, c5, tr) = srv.counters.snapshot();
+
+    // A clean exit, and nothing of ours left after it.
+    let exit = match Arc::get_mut(srv) {
+        Some(s) => s.stop(Duration::from_secs(10)).await?,
+        None => "still shared".into(),
+    };
+    let after_exit = sys::pids_with_env("CATTERY_BENCH_TAG", tag).len();
+    let f = Figures {
+        started: started.len(),
+        wall,
+        dup_answers,
+        rec,
+        left,
+        counters: (ok, c4, c5, tr),
+        after_exit,
+        exit,
+    };
+    report_tables(report, &tally, &f.rec.reasons);
+    report_scalars(report, plan, &f);
+    report_failures(report, plan, &f);
+    Ok(())
+}
+
+/// One soak worker: start, hold, stop (sometimes a double stop) until `total` cycles are
+/// taken. Returns the sessions it started (kind index, id) and its first errors.
+async fn worker(
+    srv: Arc<Server>,
+    next: Arc<AtomicUsize>,
+    tally: Arc<Tally>,
+    total: usize,
+    seed: u64,
+) -> (Vec<(usize, String)>, Vec<String>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut started: Vec<(usize, String)> = Vec::new();
+    let mut errors: Vec<String> = Vec::new();
+    while next.fetch_add(1, Ordering::Relaxed) < total {
+        let ki = rng.random_range(0..KINDS.len());
+        let k = &KINDS[ki];
+        let r = srv.start_session(k.name).await;
+        tally.add("start", r.status);
+        let Some(id) = r.body["sessionId"].as_str().filter(|_| r.ok()) else {
+            if errors.len() < 10 {
+                errors.push(format!("start {}: HTTP {} {}", k.name, r.status, r.body));
+            }
+            continue;
+        };
+        let id = id.to_string();
+        started.push((ki, id.clone()));
+        let roll: f64 = rng.random();
+        if k.name == "soak-exit" && roll < 0.4 {
+            // Let it end on its own.
+            continue;
+        }
+        let hold = if k.name == "soak-exit" {
+            rng.random_range(0..100)
+        } else {
+            rng.random_range(0..30)
+        };
+        tokio::time::sleep(Duration::from_millis(hold)).await;
+        if roll > 0.95 {
+            // Fault: look at it, then two stops racing each other.
+            let g = srv
+                .get(&format!("/v1/agents/{}/sessions/{id}", k.name))
+                .await;
+            tally.add("get", g.status);
+            let (a, b) = tokio::join!(srv.stop_session(k.name, &id), srv.stop_session(k.name, &id));
+            for s in [a, b] {
+                tally.add("stop", s.status);
+                if !s.ok() && errors.len() < 10 {
+                    errors.push(format!(
+                        "double stop {}: HTTP {} {}",
+                        k.name, s.status, s.body
+                    ));
+                }
+            }
+        } else {
+            let s = srv.stop_session(k.name, &id).await;
+            tally.add("stop", s.status);
+            if !s.ok() && errors.len() < 10 {
+                errors.push(format!("stop {}: HTTP {} {}", k.name, s.status, s.body));
+            }
+        }
+    }
+    (started, errors)
+}
+
+/// Waits (up to 60 s) until every session has ended (the exit-after ones on their own).
+async fn wait_all_ended(srv: &Server, report: &mut Report) {
     let t = Instant::now();
     loop {
         let mut active = 0;
@@ -201,8 +240,25 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
 
-    // Records: each started session exactly once, every one ended, end reasons as expected.
+/// What the session records say after the soak.
+struct RecordAudit {
+    missing: usize,
+    dup_records: usize,
+    unended: usize,
+    extra: usize,
+    count_mismatch: usize,
+    unexpected: u64,
+    reasons: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+/// Records: each started session exactly once, every one ended, end reasons as expected.
+async fn audit_records(
+    srv: &Server,
+    started: &[(usize, String)],
+    report: &mut Report,
+) -> anyhow::Result<RecordAudit> {
     let (mut missing, mut dup_records, mut unended, mut extra, mut count_mismatch) =
         (0, 0, 0, 0, 0);
     let mut reasons: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
@@ -256,10 +312,29 @@ pub async fn run(
             }
         }
     }
-    let lost = missing + unended;
-    let duplicated = dup_records + dup_answers;
+    Ok(RecordAudit {
+        missing,
+        dup_records,
+        unended,
+        extra,
+        count_mismatch,
+        unexpected,
+        reasons,
+    })
+}
 
-    // Processes: delete the agents (warm instances go), then nothing tagged may be left.
+/// What is left of the instances once the agents are deleted.
+struct Leftovers {
+    leaked: usize,
+    dirs: usize,
+    cgroups: usize,
+    zombies: usize,
+    log_errors: usize,
+}
+
+/// Processes: delete the agents (warm instances go), then nothing tagged may be left; nor
+/// instance directories, cgroups or zombies.
+async fn audit_leftovers(srv: &Server, tag: &str, report: &mut Report) -> Leftovers {
     for k in &KINDS {
         let r = srv.undeploy(k.name).await;
         if !r.ok() {
@@ -305,15 +380,33 @@ pub async fn run(
     for l in log_errors.iter().take(5) {
         report.error(format!("server log: {l}"));
     }
-    let (ok, c4, c5, tr) = srv.counters.snapshot();
+    Leftovers {
+        leaked: leaked.len(),
+        dirs,
+        cgroups,
+        zombies,
+        log_errors: log_errors.len(),
+    }
+}
 
-    // A clean exit, and nothing of ours left after it.
-    let exit = match Arc::get_mut(srv) {
-        Some(s) => s.stop(Duration::from_secs(10)).await?,
-        None => "still shared".into(),
-    };
-    let after_exit = sys::pids_with_env("CATTERY_BENCH_TAG", tag).len();
+/// Everything the soak measured.
+struct Figures {
+    started: usize,
+    wall: f64,
+    dup_answers: usize,
+    rec: RecordAudit,
+    left: Leftovers,
+    /// 2xx, 4xx, 5xx, no answer.
+    counters: (u64, u64, u64, u64),
+    after_exit: usize,
+    exit: String,
+}
 
+fn report_tables(
+    report: &mut Report,
+    tally: &Tally,
+    reasons: &BTreeMap<String, BTreeMap<String, u64>>,
+) {
     let tally_rows: Vec<Value> = tally
         .snapshot()
         .into_iter()
@@ -326,7 +419,7 @@ pub async fn run(
         "soak_end_reasons".into(),
         Value::Array(
             reasons
-                .into_iter()
+                .iter()
                 .map(|(k, m)| {
                     let mut o = serde_json::Map::new();
                     o.insert("agent".into(), json!(k));
@@ -345,13 +438,18 @@ pub async fn run(
                 .collect(),
         ),
     );
+}
+
+fn report_scalars(report: &mut Report, plan: &SoakPlan, f: &Figures) {
+    let (ok, c4, c5, tr) = f.counters;
+    let (wall, after_exit) = (f.wall, f.after_exit);
     let z = |v: f64| Some(Target::le("value", v));
     let g = "soak";
     report.scalar(
         "soak_cycles",
         g,
         "sessions started",
-        started.len() as f64,
+        f.started as f64,
         "sessions",
         Some(Target::ge("value", plan.cycles as f64)),
         Some(format!("{} workers, {wall:.1} s", plan.concurrency)),
@@ -360,7 +458,7 @@ pub async fn run(
         "soak_rate",
         g,
         "cycles per second",
-        started.len() as f64 / wall,
+        f.started as f64 / wall,
         "cycles/s",
         None,
         None,
@@ -388,7 +486,7 @@ pub async fn run(
         "soak_leaked_processes",
         g,
         "leaked processes (tagged, after agents deleted)",
-        leaked.len() as f64,
+        f.left.leaked as f64,
         "",
         z(0.0),
         None,
@@ -402,6 +500,17 @@ pub async fn run(
         z(0.0),
         None,
     );
+    report_leftover_scalars(report, f);
+}
+
+/// The audit figures: leftovers, records, log errors (all must be 0 but `extra`).
+fn report_leftover_scalars(report: &mut Report, f: &Figures) {
+    let z = |v: f64| Some(Target::le("value", v));
+    let g = "soak";
+    let (dirs, cgroups, zombies) = (f.left.dirs, f.left.cgroups, f.left.zombies);
+    let (missing, unended) = (f.rec.missing, f.rec.unended);
+    let lost = missing + unended;
+    let duplicated = f.rec.dup_records + f.dup_answers;
     report.scalar(
         "soak_leaked_dirs",
         g,
@@ -451,7 +560,7 @@ pub async fn run(
         "soak_unexpected_end",
         g,
         "sessions with an unexpected end reason",
-        unexpected as f64,
+        f.rec.unexpected as f64,
         "",
         z(0.0),
         None,
@@ -460,7 +569,7 @@ pub async fn run(
         "soak_extra_records",
         g,
         "records of failed starts",
-        extra as f64,
+        f.rec.extra as f64,
         "",
         None,
         None,
@@ -469,11 +578,21 @@ pub async fn run(
         "soak_server_log_errors",
         g,
         "ERROR lines in the server log",
-        log_errors.len() as f64,
+        f.left.log_errors as f64,
         "",
         z(0.0),
         None,
     );
+}
+
+fn report_failures(report: &mut Report, plan: &SoakPlan, f: &Figures) {
+    let (_, c4, c5, tr) = f.counters;
+    let (dirs, cgroups, zombies, after_exit) =
+        (f.left.dirs, f.left.cgroups, f.left.zombies, f.after_exit);
+    let lost = f.rec.missing + f.rec.unended;
+    let duplicated = f.rec.dup_records + f.dup_answers;
+    let count_mismatch = f.rec.count_mismatch;
+    let exit = &f.exit;
     for (cond, what) in [
         (c5 > 0, format!("{c5} 5xx answers")),
         (c4 > 0, format!("{c4} 4xx answers")),
@@ -498,8 +617,8 @@ pub async fn run(
             format!("{count_mismatch} agents with a wrong total_count"),
         ),
         (
-            started.len() < plan.cycles,
-            format!("only {} of {} cycles started", started.len(), plan.cycles),
+            f.started < plan.cycles,
+            format!("only {} of {} cycles started", f.started, plan.cycles),
         ),
         (
             !exit.contains("exit status: 0"),
@@ -510,5 +629,4 @@ pub async fn run(
             report.error(what);
         }
     }
-    Ok(())
 }

@@ -8,7 +8,9 @@
 #![recursion_limit = "256"]
 
 pub mod api;
+pub mod config;
 pub mod core;
+pub mod http_server;
 pub mod model;
 pub mod runtime;
 pub mod serve;

@@ -1,12 +1,12 @@
 //! The `cattery` binary: `cattery serve` runs the platform; `cattery keys ...` manages keys.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use cattery::config::{Config, ServeArgs};
 use cattery::model::KeyKind;
-use cattery::serve::{self, ServeConfig, DEFAULT_ORG};
+use cattery::serve::{self, DEFAULT_ORG};
 
 #[derive(Parser)]
 #[command(
@@ -22,77 +22,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the server (HTTP API, supervisor, local process runtime, SQLite store).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage API keys and user tokens (works while the server runs).
     Keys {
         #[command(subcommand)]
         cmd: KeysCmd,
     },
-}
-
-#[derive(clap::Args)]
-struct ServeArgs {
-    /// Address to listen on (`host:port`; a host name is resolved).
-    #[arg(long, env = "CATTERY_LISTEN", default_value = "127.0.0.1:7870")]
-    listen: String,
-    /// Data directory (SQLite database, instance directories).
-    #[arg(long, env = "CATTERY_DATA_DIR", default_value = "./.cattery")]
-    data_dir: PathBuf,
-    /// Seconds between SIGTERM and SIGKILL when an instance is removed, for agents that set no
-    /// `stopGraceSeconds`. 0 means SIGKILL at once.
-    #[arg(long, env = "CATTERY_STOP_GRACE_SECONDS", default_value_t = cattery::model::DEFAULT_STOP_GRACE_S)]
-    stop_grace_seconds: f64,
-    /// Seconds an instance may take to answer /readyz with 200.
-    #[arg(long, env = "CATTERY_START_TIMEOUT_SECONDS", default_value_t = 60.0)]
-    start_timeout_seconds: f64,
-    /// On SIGTERM, seconds running sessions may go on before they are stopped.
-    #[arg(long, env = "CATTERY_DRAIN_TIMEOUT_SECONDS", default_value_t = 30.0)]
-    drain_timeout_seconds: f64,
-    /// Python interpreter for `local:` agents (after the agent's `python` and `<dir>/.venv`).
-    #[arg(long, env = "CATTERY_PYTHON", default_value = "python3")]
-    python: String,
-    /// Daily API key, needed for `createDailyRoom`.
-    #[arg(long, env = "CATTERY_DAILY_API_KEY")]
-    daily_api_key: Option<String>,
-    /// Resource sampling interval for sessions, ms.
-    #[arg(long, env = "CATTERY_METRICS_INTERVAL_MS", default_value_t = 5000)]
-    metrics_interval_ms: u64,
-    /// Logs older than this many days are deleted.
-    #[arg(long, env = "CATTERY_LOG_RETENTION_DAYS", default_value_t = 30)]
-    log_retention_days: u64,
-    /// At most this many log lines are kept (all agents together); the oldest go first. 0 = no cap.
-    #[arg(
-        long,
-        env = "CATTERY_LOG_RETENTION_MAX_LINES",
-        default_value_t = 1_000_000
-    )]
-    log_retention_max_lines: u64,
-    /// Regions offered (comma-separated).
-    #[arg(
-        long,
-        env = "CATTERY_REGIONS",
-        default_value = "local",
-        value_delimiter = ','
-    )]
-    regions: Vec<String>,
-    /// Default region (default: the first of --regions).
-    #[arg(long, env = "CATTERY_DEFAULT_REGION")]
-    default_region: Option<String>,
-    /// A websocket-transport client that sends nothing (not even a pong to Cattery's pings)
-    /// for this many seconds is treated as gone and its session ends.
-    #[arg(long, env = "CATTERY_WS_IDLE_TIMEOUT_SECONDS", default_value_t = 30.0)]
-    ws_idle_timeout_seconds: f64,
-    /// Seconds a websocket-transport token from `/start` stays valid (single use).
-    #[arg(long, env = "CATTERY_WS_TOKEN_TTL_SECONDS", default_value_t = 300.0)]
-    ws_token_ttl_seconds: f64,
-    /// Range of uids (and gids) for instances, `START-END`: each instance runs under one of
-    /// its own (needs root), or `off` to run instances as the server's user. See docs/security.md.
-    #[arg(
-        long,
-        env = "CATTERY_INSTANCE_UIDS",
-        default_value = "2000000000-2000065535"
-    )]
-    instance_uids: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -175,48 +110,7 @@ fn main() -> std::process::ExitCode {
                     // that logged (`eprintln!` of the write error does).
                     .log_internal_errors(false)
                     .init();
-                let default_region = a
-                    .default_region
-                    .clone()
-                    .unwrap_or_else(|| a.regions[0].clone());
-                if !(0.0..=3600.0).contains(&a.stop_grace_seconds) {
-                    anyhow::bail!("--stop-grace-seconds must be between 0 and 3600");
-                }
-                if !a.regions.contains(&default_region) {
-                    anyhow::bail!(
-                        "--default-region {default_region} is not one of --regions ({})",
-                        a.regions.join(", ")
-                    );
-                }
-                let listen: SocketAddr = tokio::net::lookup_host(&a.listen)
-                    .await
-                    .ok()
-                    .and_then(|mut it| it.next())
-                    .ok_or_else(|| anyhow::anyhow!("--listen {}: expected host:port", a.listen))?;
-                serve::serve(ServeConfig {
-                    listen,
-                    data_dir: a.data_dir,
-                    stop_grace_seconds: a.stop_grace_seconds,
-                    start_timeout_seconds: a.start_timeout_seconds,
-                    drain_timeout_seconds: a.drain_timeout_seconds,
-                    python: a.python,
-                    daily_api_key: a.daily_api_key,
-                    metrics_interval_ms: a.metrics_interval_ms,
-                    log_retention_days: a.log_retention_days,
-                    log_retention_max_lines: a.log_retention_max_lines,
-                    regions: a.regions,
-                    default_region,
-                    ws_idle_timeout_seconds: a.ws_idle_timeout_seconds,
-                    ws_token_ttl_seconds: a.ws_token_ttl_seconds,
-                    instance_uids: match a.instance_uids.as_str() {
-                        "off" => None,
-                        r => Some(
-                            r.parse()
-                                .map_err(|e| anyhow::anyhow!("--instance-uids {e}"))?,
-                        ),
-                    },
-                })
-                .await
+                serve::serve(Config::load(*a)?).await
             }
             Cmd::Keys { cmd } => keys(cmd).await,
         }

@@ -10,11 +10,12 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::api::{self, AppState};
+use crate::config::Config;
 use crate::core::orgs::AgentDefaults;
 use crate::core::supervisor::{Supervisor, SupervisorConfig};
+use crate::http_server::{self, HttpLimits};
 use crate::model::{now_ns, KeyKind, LogLine};
 use crate::runtime::factory::{self, RuntimeConfig};
-use crate::runtime::RuntimeKind;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{KeyStore, Store};
 
@@ -24,39 +25,45 @@ pub const DEFAULT_ORG: &str = "default";
 /// The Python runner for `local:` agents, shipped inside the binary.
 pub const RUNNER_PY: &str = include_str!("../runner/cattery_runner.py");
 
-/// Settings of `cattery serve` (each has a flag and a `CATTERY_*` variable; see `cattery serve --help`).
-#[derive(Debug, Clone)]
-pub struct ServeConfig {
-    /// Listen address (default `127.0.0.1:7870`).
-    pub listen: SocketAddr,
-    /// Data directory (default `./.cattery`).
-    pub data_dir: PathBuf,
-    /// Default stop grace, seconds (default 5).
-    pub stop_grace_seconds: f64,
-    /// Instance start timeout, seconds (default 60).
-    pub start_timeout_seconds: f64,
-    /// Drain timeout on SIGTERM, seconds (default 30).
-    pub drain_timeout_seconds: f64,
-    /// Python for `local:` agents (default `python3`).
-    pub python: String,
-    /// Daily API key.
-    pub daily_api_key: Option<String>,
-    /// Resource sampling interval, ms (default 5000).
-    pub metrics_interval_ms: u64,
-    /// Log retention by age, days (default 30).
-    pub log_retention_days: u64,
-    /// Log retention by size: the newest this many lines are kept (default 1,000,000; 0 = no cap).
-    pub log_retention_max_lines: u64,
-    /// Regions offered (default `local`).
-    pub regions: Vec<String>,
-    /// Default region (default the first region).
-    pub default_region: String,
-    /// A websocket client silent this long is treated as gone, seconds (default 30).
-    pub ws_idle_timeout_seconds: f64,
-    /// Lifetime of a websocket-transport token, seconds (default 300).
-    pub ws_token_ttl_seconds: f64,
-    /// Range of instance uids (default 2000000000-2000065535); `None`: the server's own.
-    pub instance_uids: Option<crate::runtime::process::uids::UidRange>,
+/// The flat settings the wiring below reads, taken from the [`Config`] sections (the names the
+/// runtime and engine construction use).
+struct Settings {
+    data_dir: PathBuf,
+    stop_grace_seconds: f64,
+    start_timeout_seconds: f64,
+    drain_timeout_seconds: f64,
+    python: String,
+    daily_api_key: Option<String>,
+    metrics_interval_ms: u64,
+    log_retention_days: u64,
+    log_retention_max_lines: u64,
+    regions: Vec<String>,
+    default_region: String,
+    ws_idle_timeout_seconds: f64,
+    ws_token_ttl_seconds: f64,
+    instance_uids: Option<crate::runtime::process::uids::UidRange>,
+}
+
+impl Settings {
+    fn from_config(c: &Config, data_dir: PathBuf) -> Settings {
+        Settings {
+            // Instances run in other directories: every path handed to them must be absolute.
+            data_dir,
+            stop_grace_seconds: c.sessions.stop_grace_seconds,
+            start_timeout_seconds: c.sessions.start_timeout_seconds,
+            drain_timeout_seconds: c.sessions.drain_timeout_seconds,
+            python: c.runtime.python.clone(),
+            daily_api_key: c.sessions.daily_api_key.clone(),
+            metrics_interval_ms: c.sessions.metrics_interval_ms,
+            log_retention_days: c.logs.retention_days,
+            log_retention_max_lines: c.logs.retention_max_lines,
+            regions: c.server.regions.clone(),
+            default_region: c.default_region(),
+            ws_idle_timeout_seconds: c.websocket.idle_timeout_seconds,
+            ws_token_ttl_seconds: c.websocket.token_ttl_seconds,
+            instance_uids: c.runtime.instance_uid_range(),
+        }
+    }
 }
 
 /// Takes the data directory's lock (`<data-dir>/serve.lock`, `flock`), so two servers never
@@ -222,13 +229,19 @@ Next steps, in another terminal:
 }
 
 /// Runs the server until SIGTERM/SIGINT and a completed drain.
-pub async fn serve(mut cfg: ServeConfig) -> anyhow::Result<()> {
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    config.validate()?;
+    let listen: SocketAddr = tokio::net::lookup_host(&config.server.listen)
+        .await
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| anyhow::anyhow!("--listen {}: expected host:port", config.server.listen))?;
     let mut signals = signal_stream().await;
     crate::runtime::process::isolation::restrict_umask();
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
-    // Instances run in other directories: every path handed to them must be absolute.
-    cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)?;
+    let data_dir = &config.server.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let cfg = Settings::from_config(&config, std::fs::canonicalize(data_dir)?);
     let _lock = lock_data_dir(&cfg.data_dir)?;
     let store = open_store(&cfg.data_dir).await?;
     let sid = server_id(&cfg.data_dir)?;
@@ -237,7 +250,7 @@ pub async fn serve(mut cfg: ServeConfig) -> anyhow::Result<()> {
     let runner_path = runner_dir.join("cattery_runner.py");
     std::fs::write(&runner_path, RUNNER_PY)?;
     let runtime = factory::build(&RuntimeConfig {
-        kind: RuntimeKind::Process,
+        kind: config.runtime.kind,
         instances_dir: cfg.data_dir.join("instances"),
         server_id: sid.clone(),
         python: cfg.python.clone(),
@@ -287,21 +300,25 @@ pub async fn serve(mut cfg: ServeConfig) -> anyhow::Result<()> {
         secrets: cipher,
     };
     let app = api::router(state);
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), isolation = %runtime.isolation(), "cattery listening");
+    // After the runtime is made: it raises the soft open-files limit to the hard one.
+    let nofile = http_server::nofile_limit();
+    let limits = HttpLimits {
+        header_read_timeout: Duration::from_secs_f64(config.server.header_read_timeout_seconds),
+        body_read_timeout: Duration::from_secs_f64(config.server.body_read_timeout_seconds),
+        max_connections: config.connection_cap(nofile),
+    };
+    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), isolation = %runtime.isolation(),
+        nofile, max_connections = limits.max_connections, "cattery listening");
     print_banner(addr, &cfg.data_dir);
 
     let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_http_rx.await;
-            })
-            .await
-    });
+    let http = tokio::spawn(http_server::serve(listener, app, limits, async move {
+        let _ = stop_http_rx.await;
+    }));
     let first = signals.recv().await.unwrap_or("SIGTERM");
     tracing::info!(
         signal = first,

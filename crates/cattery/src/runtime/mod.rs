@@ -190,8 +190,9 @@ pub struct Prepared {
     pub env: Vec<(String, String)>,
 }
 
-/// The runtimes this server can be built with (`--runtime`; only `process` today).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// The runtimes this server can be built with (`--runtime`, `[runtime] kind`; only `process` today).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum RuntimeKind {
     /// Local process trees ([`process::ProcessRuntime`]).
     #[default]

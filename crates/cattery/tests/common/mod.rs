@@ -133,6 +133,8 @@ pub struct Server {
     pub tag: String,
     /// Extra environment for the server process (e.g. `CATTERY_NO_CGROUPS=1`).
     pub env: Vec<(String, String)>,
+    /// Open-files limit (soft and hard) of the server process, if set.
+    pub nofile: Option<u64>,
 }
 
 /// A response: status and JSON body (Null when not JSON).
@@ -151,6 +153,15 @@ impl Server {
 
     /// Starts a server with extra `serve` flags and extra environment variables.
     pub async fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_limited(extra, env, None).await
+    }
+
+    /// Starts a server with extra flags, environment, and an open-files limit (soft and hard).
+    pub async fn start_limited(
+        extra: &[&str],
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut s = Server {
@@ -169,6 +180,7 @@ impl Server {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            nofile,
             dir,
         };
         s.spawn().await;
@@ -189,7 +201,25 @@ impl Server {
             .append(true)
             .open(self.dir.path().join("server.log"))
             .unwrap();
-        let child = Command::new(cattery_bin())
+        let mut cmd = Command::new(cattery_bin());
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            let l = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe and reads a struct copied into the closure.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = cmd
             .arg("serve")
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))

@@ -6,14 +6,13 @@
 //! (`STORAGE_UNAVAILABLE`); a read-only remount cannot be tested here, as Linux refuses it
 //! while the server holds its files open for writing.
 
-mod common;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Resp, Server};
+use crate::common;
+use crate::common::{Resp, Server};
 use serde_json::{json, Value};
 
 /// A tmpfs mounted on a temp dir; unmounted (lazily, so a leftover process cannot block it)

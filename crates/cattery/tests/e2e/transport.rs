@@ -1,10 +1,9 @@
 //! Session API proxy and the websocket transport, against the real binary and test agent.
 
-mod common;
-
+use crate::common;
 use std::time::Duration;
 
-use common::Server;
+use crate::common::Server;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;

@@ -1,11 +1,9 @@
 //! Secrets (reference §A.6, lifecycle case L11), logs (§A.4, L12) and truthful agent status
 //! (issue #4 item 5) against the real binary.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{test_agent, wait_for, Resp, Server};
+use crate::common::{test_agent, wait_for, Resp, Server};
 use serde_json::{json, Value};
 
 fn assert_error(r: &Resp, status: u16, code: &str) {
@@ -144,10 +142,63 @@ async fn secret_sets_forms_validation_and_sealing() {
         .await;
     assert_eq!(filtered.body["sets"], json!([]));
 
+    refuses_invalid_secrets_and_image_pull_rules(&s).await;
+    secret_auth_and_org_scoping(&s).await;
+    // Deletes answer non-empty JSON; a second delete is 404.
+    let r = s
+        .req("DELETE", "/v1/secrets/app-secrets/OTHER", Some(&s.sk), None)
+        .await;
+    assert_eq!((r.status, r.body.clone()), (200, json!({"status": "OK"})));
+    assert_error(
+        &s.req("DELETE", "/v1/secrets/app-secrets/OTHER", Some(&s.sk), None)
+            .await,
+        404,
+        "NOT_FOUND",
+    );
+    let r = s
+        .req(
+            "DELETE",
+            "/v1/organizations/default/secrets/my-pull",
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!((r.status, r.body.clone()), (200, json!({"status": "OK"})));
+    assert_error(
+        &s.req("DELETE", "/v1/secrets/my-pull", Some(&s.sk), None)
+            .await,
+        404,
+        "NOT_FOUND",
+    );
+    assert_error(
+        &s.req("GET", "/v1/secrets/never-was", Some(&s.sk), None)
+            .await,
+        404,
+        "NOT_FOUND",
+    );
+
+    // At rest: the key file is private, and no value appears in the database files.
+    use std::os::unix::fs::PermissionsExt;
+    let key_file = s.data_dir().join("secrets.key");
+    let meta = std::fs::metadata(&key_file).expect("secrets.key exists");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta.len(), 32);
+    for f in ["cattery.db", "cattery.db-wal"] {
+        if let Ok(bytes) = std::fs::read(s.data_dir().join(f)) {
+            assert!(
+                !bytes.windows(11).any(|w| w == b"MARKER-9f1c"),
+                "a secret value is stored in clear in {f}"
+            );
+        }
+    }
+}
+
+/// Validation 400s, and the image pull secret rules.
+async fn refuses_invalid_secrets_and_image_pull_rules(s: &Server) {
     // Validation: clear 400s, never a 500.
     let long = "a".repeat(64);
     for bad_name in ["ab", "Bad_Name", "-abc", long.as_str(), "a..b"] {
-        let r = put_secrets(&s, bad_name, &[("K", "v")]).await;
+        let r = put_secrets(s, bad_name, &[("K", "v")]).await;
         assert_error(&r, 400, "GENERIC_BAD_REQUEST");
     }
     let long_key = "K".repeat(65);
@@ -159,7 +210,7 @@ async fn secret_sets_forms_validation_and_sealing() {
         ("CATTERY_INSTANCE_ID", "x"),
         ("NUL", "a\u{0}b"),
     ] {
-        let r = put_secrets(&s, "app-secrets", &[(k, v)]).await;
+        let r = put_secrets(s, "app-secrets", &[(k, v)]).await;
         assert_error(&r, 400, "GENERIC_BAD_REQUEST");
     }
     for body in [
@@ -254,7 +305,10 @@ async fn secret_sets_forms_validation_and_sealing() {
     let all = s.req("GET", "/v1/secrets", Some(&s.sk), None).await;
     assert_eq!(all.body["sets"][1]["type"], "imagePullSecret");
     assert_eq!(all.body["sets"][1]["region"], "edge");
+}
 
+/// Public keys get 401; another org sees only its own org.
+async fn secret_auth_and_org_scoping(s: &Server) {
     // Auth: public keys get 401; another org's token gets 404 on this org's paths and sees
     // only its own org.
     assert_error(
@@ -298,54 +352,6 @@ async fn secret_sets_forms_validation_and_sealing() {
         )
         .await;
     assert_eq!(theirs.body["sets"], json!([]), "sets leaked across orgs");
-
-    // Deletes answer non-empty JSON; a second delete is 404.
-    let r = s
-        .req("DELETE", "/v1/secrets/app-secrets/OTHER", Some(&s.sk), None)
-        .await;
-    assert_eq!((r.status, r.body.clone()), (200, json!({"status": "OK"})));
-    assert_error(
-        &s.req("DELETE", "/v1/secrets/app-secrets/OTHER", Some(&s.sk), None)
-            .await,
-        404,
-        "NOT_FOUND",
-    );
-    let r = s
-        .req(
-            "DELETE",
-            "/v1/organizations/default/secrets/my-pull",
-            Some(&token),
-            None,
-        )
-        .await;
-    assert_eq!((r.status, r.body.clone()), (200, json!({"status": "OK"})));
-    assert_error(
-        &s.req("DELETE", "/v1/secrets/my-pull", Some(&s.sk), None)
-            .await,
-        404,
-        "NOT_FOUND",
-    );
-    assert_error(
-        &s.req("GET", "/v1/secrets/never-was", Some(&s.sk), None)
-            .await,
-        404,
-        "NOT_FOUND",
-    );
-
-    // At rest: the key file is private, and no value appears in the database files.
-    use std::os::unix::fs::PermissionsExt;
-    let key_file = s.data_dir().join("secrets.key");
-    let meta = std::fs::metadata(&key_file).expect("secrets.key exists");
-    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-    assert_eq!(meta.len(), 32);
-    for f in ["cattery.db", "cattery.db-wal"] {
-        if let Ok(bytes) = std::fs::read(s.data_dir().join(f)) {
-            assert!(
-                !bytes.windows(11).any(|w| w == b"MARKER-9f1c"),
-                "a secret value is stored in clear in {f}"
-            );
-        }
-    }
 }
 
 /// L11: a set resolvable by name, a missing set failing at deploy, values arriving as env
@@ -479,6 +485,11 @@ async fn secrets_reach_instances_deterministically() {
     );
     assert_eq!(s.stop("env-agent", &sid).await.status, 200);
 
+    redeploy_takes_the_new_value_and_deleted_sets_fail(&s, &dep1, v2).await;
+}
+
+/// forceRedeploy takes the new value; a deleted set fails the next deploy.
+async fn redeploy_takes_the_new_value_and_deleted_sets_fail(s: &Server, dep1: &str, v2: &str) {
     // forceRedeploy makes a new deployment, which takes the new value.
     let r = s
         .req(
@@ -492,7 +503,7 @@ async fn secrets_reach_instances_deterministically() {
     let dep2 = r.body["desiredDeploymentId"].as_str().unwrap().to_string();
     assert_ne!(dep1, dep2);
     let sid = s.start_ok("env-agent").await;
-    let rec = wait_log(&s, "env-agent", &sid, "env MY_KEY=").await;
+    let rec = wait_log(s, "env-agent", &sid, "env MY_KEY=").await;
     assert!(
         rec["log"]
             .as_str()
@@ -587,8 +598,13 @@ async fn logs_keep_last_words_and_filter() {
     assert_eq!(before["logs"], json!([]));
     assert_eq!(before["total"], json!({"value": 0, "relation": "eq"}));
 
+    log_order_paging_and_filters(&s, &dep, &sid).await;
+}
+
+/// Order, paging, totals and filters of the logs of `talker`.
+async fn log_order_paging_and_filters(s: &Server, dep: &str, sid: &str) {
     // Order, paging, totals, filters.
-    let all = logs(&s, "talker", "limit=1000&order=asc").await;
+    let all = logs(s, "talker", "limit=1000&order=asc").await;
     let total = all["total"]["value"].as_i64().unwrap();
     assert_eq!(total as usize, all["logs"].as_array().unwrap().len());
     let ts: Vec<&str> = all["logs"]
@@ -598,7 +614,7 @@ async fn logs_keep_last_words_and_filter() {
         .map(|l| l["timestamp"].as_str().unwrap())
         .collect();
     assert!(ts.windows(2).all(|w| w[0] <= w[1]), "asc order");
-    let desc = logs(&s, "talker", "limit=2").await;
+    let desc = logs(s, "talker", "limit=2").await;
     assert_eq!(desc["logs"].as_array().unwrap().len(), 2);
     assert_eq!(desc["total"]["value"], total);
     assert_eq!(
@@ -606,12 +622,12 @@ async fn logs_keep_last_words_and_filter() {
         all["logs"][total as usize - 1],
         "desc is default"
     );
-    let page = logs(&s, "talker", "limit=2&offset=1&order=asc").await;
+    let page = logs(s, "talker", "limit=2&offset=1&order=asc").await;
     assert_eq!(page["logs"][0], all["logs"][1]);
-    let by_dep = logs(&s, "talker", &format!("deploymentId={dep}&limit=1000")).await;
+    let by_dep = logs(s, "talker", &format!("deploymentId={dep}&limit=1000")).await;
     assert_eq!(by_dep["total"]["value"], total);
     let other_dep = logs(
-        &s,
+        s,
         "talker",
         "deploymentId=00000000-0000-0000-0000-000000000000",
     )

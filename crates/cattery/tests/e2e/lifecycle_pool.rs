@@ -1,13 +1,11 @@
 //! Session lifecycle guarantees (issue 5, `docs/lifecycle.md`), part 2: the warm pool,
 //! capacity, start failures, redeploys, resource metrics and `agentProfile` limits.
 
-mod common;
-mod lifecycle_util;
-
+use crate::common;
 use std::time::{Duration, Instant};
 
-use common::{pid_alive, wait_for, Server};
-use lifecycle_util::*;
+use crate::common::{pid_alive, wait_for, Server};
+use crate::lifecycle_util::*;
 use serde_json::json;
 
 /// L07: agents that end by themselves free their slot as soon as they are reaped; 20 loops of

@@ -1,10 +1,9 @@
 //! The core contract over HTTP against the real binary: auth, agents, sessions, the stop seed.
 
-mod common;
-
+use crate::common;
 use std::time::Duration;
 
-use common::{pid_alive, Server};
+use crate::common::{pid_alive, Server};
 use serde_json::{json, Value};
 
 const SESSION_KEYS: &[&str] = &[
@@ -183,6 +182,46 @@ async fn agent_crud_validation_and_org_scoping() {
         "absent fields keep their value"
     );
 
+    refuses_invalid_agents(&s).await;
+    // Another org sees nothing of ours.
+    let other = s.key("private", "other-org");
+    assert_eq!(
+        s.req("GET", "/v1/agents/crud-agent", Some(&other), None)
+            .await
+            .status,
+        404
+    );
+    let l = s.req("GET", "/v1/agents", Some(&other), None).await;
+    assert_eq!(l.body["services"], json!([]));
+
+    // Delete: non-empty body; then 404 everywhere; start 404.
+    let d = s
+        .req("DELETE", "/v1/agents/crud-agent", Some(&s.sk), None)
+        .await;
+    assert_eq!(d.status, 200);
+    assert_eq!(d.body, json!({"status": "OK"}));
+    assert_error_body(
+        &s.req("GET", "/v1/agents/crud-agent", Some(&s.sk), None)
+            .await,
+        404,
+        "NOT_FOUND",
+    );
+    assert_error_body(
+        &s.req("DELETE", "/v1/agents/crud-agent", Some(&s.sk), None)
+            .await,
+        404,
+        "NOT_FOUND",
+    );
+    assert_error_body(&s.start_session("crud-agent", json!({})).await, 404, "404");
+    assert_error_body(
+        &s.start_session("never-existed", json!({})).await,
+        404,
+        "404",
+    );
+}
+
+/// Invalid agents get 4xx with {error, code}, never 5xx.
+async fn refuses_invalid_agents(s: &Server) {
     // Validation: 4xx with {error, code}, never 5xx.
     let bad: Vec<Value> = vec![
         json!({"serviceName": "A", "command": ["/bin/true"]}),
@@ -225,42 +264,6 @@ async fn agent_crud_validation_and_org_scoping() {
         .raw("POST", "/v1/agents/crud-agent", Some(&s.sk), b"[".to_vec())
         .await;
     assert_eq!(r.status, 400);
-
-    // Another org sees nothing of ours.
-    let other = s.key("private", "other-org");
-    assert_eq!(
-        s.req("GET", "/v1/agents/crud-agent", Some(&other), None)
-            .await
-            .status,
-        404
-    );
-    let l = s.req("GET", "/v1/agents", Some(&other), None).await;
-    assert_eq!(l.body["services"], json!([]));
-
-    // Delete: non-empty body; then 404 everywhere; start 404.
-    let d = s
-        .req("DELETE", "/v1/agents/crud-agent", Some(&s.sk), None)
-        .await;
-    assert_eq!(d.status, 200);
-    assert_eq!(d.body, json!({"status": "OK"}));
-    assert_error_body(
-        &s.req("GET", "/v1/agents/crud-agent", Some(&s.sk), None)
-            .await,
-        404,
-        "NOT_FOUND",
-    );
-    assert_error_body(
-        &s.req("DELETE", "/v1/agents/crud-agent", Some(&s.sk), None)
-            .await,
-        404,
-        "NOT_FOUND",
-    );
-    assert_error_body(&s.start_session("crud-agent", json!({})).await, 404, "404");
-    assert_error_body(
-        &s.start_session("never-existed", json!({})).await,
-        404,
-        "404",
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

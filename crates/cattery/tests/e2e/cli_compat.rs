@@ -16,14 +16,13 @@
 //! `docs/compatibility.md` must list exactly the same ones (checked by
 //! `compatibility_doc_matches_the_suite`).
 
-mod common;
-
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{wait_for, Server};
+use crate::common;
+use crate::common::{wait_for, Server};
 use serde_json::{json, Value};
 
 /// Every (client, command, mode) the suite runs. Keep `docs/compatibility.md` in step.
@@ -522,6 +521,12 @@ async fn current_cli_organizations_keys_properties_regions() {
     ok(&o, "keys list json");
     assert!(o.stdout.contains(&created), "{}", o.text());
 
+    cur_keys_start_revoke_properties(&s, &cli, &created).await;
+    cur_default_region(&s, &cli).await;
+}
+
+/// The created key starts sessions; keys revoke; properties.
+async fn cur_keys_start_revoke_properties(s: &Server, cli: &Cli, created: &str) {
     // The created key starts sessions. `keys revoke` opens a menu of the active keys; the
     // first is the server's own `pk` (created first), which then fails at once.
     s.deploy("keyed", &[], json!({})).await;
@@ -529,7 +534,7 @@ async fn current_cli_organizations_keys_properties_regions() {
         .req(
             "POST",
             "/v1/public/keyed/start",
-            Some(&created),
+            Some(created),
             Some(json!({})),
         )
         .await;
@@ -558,7 +563,7 @@ async fn current_cli_organizations_keys_properties_regions() {
         .req(
             "POST",
             "/v1/public/keyed/start",
-            Some(&created),
+            Some(created),
             Some(json!({})),
         )
         .await;
@@ -628,6 +633,10 @@ async fn current_cli_organizations_keys_properties_regions() {
     );
     ok(&o, "properties list json");
     assert!(o.stdout.contains("edge"), "{}", o.text());
+}
+
+/// New agents follow the org defaultRegion.
+async fn cur_default_region(s: &Server, cli: &Cli) {
     // New agents follow the org's defaultRegion.
     let d = s.deploy("in-edge", &[], json!({})).await;
     assert_eq!(d["region"], "edge");
@@ -699,6 +708,11 @@ async fn current_cli_secrets() {
     );
     ok(&o, "secrets set json");
     assert!(o.stderr.contains("Success"), "{}", o.text());
+    cur_secret_names_and_image_pull(&s, &cli).await;
+}
+
+/// The server is the stricter gate on names; image pull secrets.
+async fn cur_secret_names_and_image_pull(s: &Server, cli: &Cli) {
     // The server is the stricter gate on names (the CLI allows upper case and '_').
     let o = cli.run(
         "secrets set",
@@ -843,46 +857,7 @@ async fn current_cli_agent_lifecycle() {
         .to_string();
     assert_ne!(dep1, dep2, "--force makes a new deployment");
 
-    let o = cli.run("agent list", &["agent", "list"]);
-    ok(&o, "agent list");
-    assert!(
-        o.stdout.contains("cli-agent") && o.stdout.contains(&dep2),
-        "{}",
-        o.text()
-    );
-    let o = cli.run_json("agent list", &["agent", "list"]);
-    ok(&o, "agent list json");
-    assert_eq!(o.json()["agents"][0]["name"], "cli-agent");
-    let o = cli.run("agent status", &["agent", "status", "cli-agent"]);
-    ok(&o, "agent status");
-    assert!(
-        o.stdout.contains("Ready: True") && o.stdout.contains("Min Agents: 0"),
-        "{}",
-        o.text()
-    );
-    let o = cli.run_json("agent status", &["agent", "status", "cli-agent"]);
-    ok(&o, "agent status json");
-    assert_eq!(o.json()["ready"], true);
-    let o = cli.run_mode("agent status", "rich", &["agent", "status", "cli-agent"]);
-    ok(&o, "agent status rich");
-    assert!(o.stdout.contains("Ready"), "{}", o.text());
-    let o = cli.run("agent status", &["agent", "status", "no-such-agent"]);
-    assert_eq!(o.code, 1, "{}", o.text());
-    assert!(
-        o.text().contains("No deployment data found"),
-        "{}",
-        o.text()
-    );
-    let o = cli.run("agent deployments", &["agent", "deployments", "cli-agent"]);
-    ok(&o, "agent deployments");
-    assert!(
-        o.stdout.contains(&dep1) && o.stdout.contains(&dep2),
-        "{}",
-        o.text()
-    );
-    let o = cli.run_json("agent deployments", &["agent", "deployments", "cli-agent"]);
-    ok(&o, "agent deployments json");
-    assert_eq!(o.json()["deployments"].as_array().unwrap().len(), 2);
+    cur_agent_queries(&cli, &dep1, &dep2).await;
 
     // Sessions: one without data (runs 600 s), one with data (ends after 1 s), one in json.
     let o = cli.run(
@@ -952,6 +927,57 @@ async fn current_cli_agent_lifecycle() {
     assert_eq!(o.json()["sessionId"], short.as_str());
     assert!(o.json()["endedAt"].is_string());
 
+    cur_logs_and_stops(&s, &cli, &long, &short).await;
+
+    cur_json_deploy_and_delete(&s, &cli, &bot).await;
+}
+
+/// agent list, status and deployments, text, json and rich.
+async fn cur_agent_queries(cli: &Cli, dep1: &str, dep2: &str) {
+    let o = cli.run("agent list", &["agent", "list"]);
+    ok(&o, "agent list");
+    assert!(
+        o.stdout.contains("cli-agent") && o.stdout.contains(dep2),
+        "{}",
+        o.text()
+    );
+    let o = cli.run_json("agent list", &["agent", "list"]);
+    ok(&o, "agent list json");
+    assert_eq!(o.json()["agents"][0]["name"], "cli-agent");
+    let o = cli.run("agent status", &["agent", "status", "cli-agent"]);
+    ok(&o, "agent status");
+    assert!(
+        o.stdout.contains("Ready: True") && o.stdout.contains("Min Agents: 0"),
+        "{}",
+        o.text()
+    );
+    let o = cli.run_json("agent status", &["agent", "status", "cli-agent"]);
+    ok(&o, "agent status json");
+    assert_eq!(o.json()["ready"], true);
+    let o = cli.run_mode("agent status", "rich", &["agent", "status", "cli-agent"]);
+    ok(&o, "agent status rich");
+    assert!(o.stdout.contains("Ready"), "{}", o.text());
+    let o = cli.run("agent status", &["agent", "status", "no-such-agent"]);
+    assert_eq!(o.code, 1, "{}", o.text());
+    assert!(
+        o.text().contains("No deployment data found"),
+        "{}",
+        o.text()
+    );
+    let o = cli.run("agent deployments", &["agent", "deployments", "cli-agent"]);
+    ok(&o, "agent deployments");
+    assert!(
+        o.stdout.contains(dep1) && o.stdout.contains(dep2),
+        "{}",
+        o.text()
+    );
+    let o = cli.run_json("agent deployments", &["agent", "deployments", "cli-agent"]);
+    ok(&o, "agent deployments json");
+    assert_eq!(o.json()["deployments"].as_array().unwrap().len(), 2);
+}
+
+/// Logs (the secret arrived as an env var; lines found by session id), then stops.
+async fn cur_logs_and_stops(s: &Server, cli: &Cli, long: &str, short: &str) {
     // Logs: the secret arrived as an env var; the session's lines are found by its id.
     let o = wait_for(
         Duration::from_secs(20),
@@ -959,7 +985,7 @@ async fn current_cli_agent_lifecycle() {
         || async {
             let o = cli.run(
                 "agent logs --session-id",
-                &["agent", "logs", "cli-agent", "--session-id", &long],
+                &["agent", "logs", "cli-agent", "--session-id", long],
             );
             (o.code == 0 && o.stdout.contains("MY_SECRET=from-the-set")).then_some(o)
         },
@@ -967,13 +993,13 @@ async fn current_cli_agent_lifecycle() {
     .await;
     assert!(o.stdout.contains("bot started body={}"), "{}", o.text());
     assert!(
-        !o.stdout.contains(&short),
+        !o.stdout.contains(short),
         "another session's lines: {}",
         o.text()
     );
     let o = cli.run_json(
         "agent logs --session-id",
-        &["agent", "logs", "cli-agent", "--session-id", &short],
+        &["agent", "logs", "cli-agent", "--session-id", short],
     );
     ok(&o, "agent logs json");
     let logs = o.json();
@@ -981,7 +1007,7 @@ async fn current_cli_agent_lifecycle() {
         .as_array()
         .unwrap()
         .iter()
-        .all(|l| l["sessionId"] == short.as_str()));
+        .all(|l| l["sessionId"] == short));
     assert!(logs.to_string().contains("'seconds': 1"), "{logs}");
     let o = cli.run("agent logs", &["agent", "logs", "cli-agent", "-n", "5"]);
     ok(&o, "agent logs");
@@ -993,13 +1019,13 @@ async fn current_cli_agent_lifecycle() {
             "stop",
             "cli-agent",
             "--session-id",
-            &long,
+            long,
             "--force",
         ],
     );
     ok(&o, "agent stop");
     assert!(o.stdout.contains("stopped successfully"), "{}", o.text());
-    let ended = s.session("cli-agent", &long).await;
+    let ended = s.session("cli-agent", long).await;
     assert_eq!(ended["endReason"], "stopped", "{ended}");
 
     let o = cli.run(
@@ -1023,9 +1049,12 @@ async fn current_cli_agent_lifecycle() {
         &["agent", "start", "cli-agent", "--api-key", &s.pk, "--force"],
     );
     assert_eq!(o.code, 1, "{}", o.text());
+}
 
+/// json mode for deploy and delete.
+async fn cur_json_deploy_and_delete(s: &Server, cli: &Cli, bot: &Path) {
     // json mode for deploy and delete.
-    write_deploy_toml(cli.dir(), "json-agent", &bot, None, None);
+    write_deploy_toml(cli.dir(), "json-agent", bot, None, None);
     let o = cli.run_json("deploy --yes (create)", &["deploy", "--yes"]);
     ok(&o, "deploy json");
     assert_eq!(o.json()["ready"], true, "{}", o.text());
@@ -1036,7 +1065,7 @@ async fn current_cli_agent_lifecycle() {
     ok(&o, "deploy --force json");
     let dep = o.json()["deploymentId"].as_str().unwrap().to_string();
     assert_eq!(
-        agent_json(&s, "json-agent").await["desiredDeploymentId"],
+        agent_json(s, "json-agent").await["desiredDeploymentId"],
         dep.as_str()
     );
     let o = cli.run_json(
@@ -1230,6 +1259,11 @@ async fn legacy_pcc_full_flow() {
     );
     ok(&o, "image-pull-secret");
 
+    pcc_deploy_and_sessions(&s, &cli).await;
+}
+
+/// Deploy with a pull secret, sessions, keys and logs through pcc.
+async fn pcc_deploy_and_sessions(s: &Server, cli: &Cli) {
     // pcc's deploy checks the pull secret with GET .../secrets/pcc-pull, answered 400 "400".
     let bot = bot_dir(cli.dir());
     write_deploy_toml(
@@ -1242,7 +1276,7 @@ async fn legacy_pcc_full_flow() {
     let o = cli.run("deploy --yes (create)", &["deploy", "--yes"]);
     ok(&o, "deploy create");
     assert!(o.stdout.contains("is ready"), "{}", o.text());
-    let a = agent_json(&s, "pcc-agent").await;
+    let a = agent_json(s, "pcc-agent").await;
     assert_eq!(a["imagePullSecretSet"], "pcc-pull");
     let dep1 = a["desiredDeploymentId"].as_str().unwrap().to_string();
     let o = cli.run("deploy --yes (update)", &["deploy", "--yes"]);
@@ -1250,7 +1284,7 @@ async fn legacy_pcc_full_flow() {
     let o = cli.run("deploy --yes --force", &["deploy", "--yes", "--force"]);
     ok(&o, "deploy --force");
     assert_ne!(
-        agent_json(&s, "pcc-agent").await["desiredDeploymentId"],
+        agent_json(s, "pcc-agent").await["desiredDeploymentId"],
         dep1.as_str()
     );
 
@@ -1409,6 +1443,9 @@ async fn sdk_session_start() {
     }
 }
 
+/// The org-scoped services path of the default org.
+const S: &str = "/v1/organizations/default/services";
+
 /// Contract details the clients depend on, checked over plain HTTP.
 #[tokio::test(flavor = "multi_thread")]
 async fn org_surface_contract() {
@@ -1416,7 +1453,6 @@ async fn org_surface_contract() {
     let token = s.key("token", "default");
     let other = s.key("token", "elsewhere");
     s.deploy("svc", &[], json!({})).await;
-    const S: &str = "/v1/organizations/default/services";
 
     let r = s.req("GET", &format!("{S}/svc"), Some(&token), None).await;
     assert_eq!(r.status, 200);
@@ -1518,37 +1554,44 @@ async fn org_surface_contract() {
         404
     );
 
+    org_sessions(&s, &token).await;
+
+    org_regions_properties_users_daily(&s, &token).await;
+
+    org_api_keys(&s, &token).await;
+}
+
+/// Sessions through the org paths.
+async fn org_sessions(s: &Server, token: &str) {
     // Sessions through the org paths.
     let sid = s.start_ok("svc").await;
     let r = s
-        .req("GET", &format!("{S}/svc/sessions"), Some(&token), None)
+        .req("GET", &format!("{S}/svc/sessions"), Some(token), None)
         .await;
     assert_eq!(r.body["sessions"][0]["sessionId"], sid.as_str());
     let r = s
-        .req(
-            "GET",
-            &format!("{S}/svc/sessions/{sid}"),
-            Some(&token),
-            None,
-        )
+        .req("GET", &format!("{S}/svc/sessions/{sid}"), Some(token), None)
         .await;
     assert_eq!(r.body["sessionId"], sid.as_str());
     let r = s
         .req(
             "DELETE",
             &format!("{S}/svc/sessions/{sid}"),
-            Some(&token),
+            Some(token),
             None,
         )
         .await;
     assert_eq!(r.body, json!({"status": "terminated", "session_id": sid}));
+}
 
+/// Regions, properties, users, daily.
+async fn org_regions_properties_users_daily(s: &Server, token: &str) {
     // Regions, properties, users, daily.
     let r = s
         .req(
             "GET",
             "/v1/organizations/default/regions",
-            Some(&token),
+            Some(token),
             None,
         )
         .await;
@@ -1595,7 +1638,7 @@ async fn org_surface_contract() {
         .req(
             "PATCH",
             "/v1/organizations/default/properties",
-            Some(&token),
+            Some(token),
             Some(json!({"defaultRegion": "local"})),
         )
         .await;
@@ -1603,19 +1646,22 @@ async fn org_surface_contract() {
         r.body["properties"]["defaultRegion"]["currentValue"],
         "local"
     );
-    let r = s.req("GET", "/v1/users", Some(&token), None).await;
+    let r = s.req("GET", "/v1/users", Some(token), None).await;
     assert!(r.body["user"]["userId"].is_string());
     let r = s
-        .req("GET", "/v1/organizations/default/daily", Some(&token), None)
+        .req("GET", "/v1/organizations/default/daily", Some(token), None)
         .await;
     assert_eq!(r.status, 404);
+}
 
+/// apiKeys: create answers the key once; list shows public keys whole; revoke is soft.
+async fn org_api_keys(s: &Server, token: &str) {
     // apiKeys: create answers the key once; list shows public keys whole; revoke is soft.
     let r = s
         .req(
             "POST",
             "/v1/organizations/default/apiKeys",
-            Some(&token),
+            Some(token),
             Some(json!({"name": "k", "type": "public"})),
         )
         .await;
@@ -1631,7 +1677,7 @@ async fn org_surface_contract() {
             .req(
                 "POST",
                 "/v1/organizations/default/apiKeys",
-                Some(&token),
+                Some(token),
                 Some(bad),
             )
             .await;
@@ -1641,7 +1687,7 @@ async fn org_surface_contract() {
         .req(
             "GET",
             "/v1/organizations/default/apiKeys",
-            Some(&token),
+            Some(token),
             None,
         )
         .await;
@@ -1651,7 +1697,7 @@ async fn org_surface_contract() {
         .iter()
         .any(|k| k["key"] == key.as_str()));
     assert!(
-        !r.body.to_string().contains(&token),
+        !r.body.to_string().contains(token),
         "tokens are never listed"
     );
     assert!(
@@ -1662,7 +1708,7 @@ async fn org_surface_contract() {
         .req(
             "DELETE",
             &format!("/v1/organizations/default/apiKeys/{id}"),
-            Some(&token),
+            Some(token),
             None,
         )
         .await;
@@ -1678,7 +1724,7 @@ async fn org_surface_contract() {
         s.req(
             "DELETE",
             "/v1/organizations/default/apiKeys/not-a-uuid",
-            Some(&token),
+            Some(token),
             None
         )
         .await
@@ -1689,7 +1735,7 @@ async fn org_surface_contract() {
         s.req(
             "DELETE",
             &format!("/v1/organizations/default/apiKeys/{}", uuid::Uuid::new_v4()),
-            Some(&token),
+            Some(token),
             None
         )
         .await
@@ -1699,10 +1745,10 @@ async fn org_surface_contract() {
 
     // Deletes answer non-empty JSON.
     let r = s
-        .req("DELETE", &format!("{S}/svc"), Some(&token), None)
+        .req("DELETE", &format!("{S}/svc"), Some(token), None)
         .await;
     assert_eq!((r.status, r.body.clone()), (200, json!({"status": "OK"})));
-    let r = s.req("GET", &format!("{S}/svc"), Some(&token), None).await;
+    let r = s.req("GET", &format!("{S}/svc"), Some(token), None).await;
     assert_eq!(
         (r.status, r.body["code"].clone()),
         (404, json!("NOT_FOUND"))

@@ -3,14 +3,12 @@
 //! binary and the test agent. Timing bounds are generous: CI has 2 cores and runs tests in
 //! parallel.
 
-mod common;
-mod lifecycle_util;
-
+use crate::common;
 use std::time::{Duration, Instant};
 
-use common::{pid_alive, wait_for, Server};
+use crate::common::{pid_alive, wait_for, Server};
+use crate::lifecycle_util::*;
 use futures_util::{SinkExt, StreamExt};
-use lifecycle_util::*;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 

@@ -7,12 +7,11 @@
 //! Needs root (instances switch uids); as another user the test only checks that the server
 //! says at start that instances are not separated.
 
-mod common;
-
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
-use common::Server;
+use crate::common;
+use crate::common::Server;
 use serde_json::{json, Value};
 
 const RANGE: std::ops::RangeInclusive<u32> = 2_000_000_000..=2_000_065_535;
@@ -133,12 +132,7 @@ async fn an_agent_cannot_read_another_orgs_instance_nor_the_control_plane() {
         assert_eq!((m.uid(), m.mode() & 0o777), (uid_b as u32, 0o700), "{d}");
     }
 
-    // The control plane's files are closed.
-    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().mode() & 0o777;
-    assert_eq!(mode(&data), 0o711, "data dir");
-    for f in ["secrets.key", "cattery.db", "server-id"] {
-        assert_eq!(mode(&data.join(f)), 0o600, "{f}");
-    }
+    assert_control_plane_closed(&data);
 
     // A's own environment is readable to A (the probe works)...
     let own = try_read(&s, &s.pk, "aagent", &sid_a, "/proc/self/environ").await;
@@ -188,4 +182,14 @@ async fn an_agent_cannot_read_another_orgs_instance_nor_the_control_plane() {
     assert_eq!(r.status, 200);
     s.wait_no_agent_pids(Duration::from_secs(10)).await;
     assert!(!dir_b.exists(), "the instance directory is removed");
+}
+
+/// The control plane's files are closed: the data dir can only be passed through, and its files
+/// are the server's alone.
+fn assert_control_plane_closed(data: &std::path::Path) {
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+    assert_eq!(mode(data), 0o711, "data dir");
+    for f in ["secrets.key", "cattery.db", "server-id"] {
+        assert_eq!(mode(&data.join(f)), 0o600, "{f}");
+    }
 }

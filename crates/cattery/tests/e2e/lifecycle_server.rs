@@ -1,13 +1,11 @@
 //! Session lifecycle guarantees (issue 5, `docs/lifecycle.md`), part 3: the server process:
 //! graceful drain, SIGTERM during starts, SIGKILL and re-adoption, the stop grace.
 
-mod common;
-mod lifecycle_util;
-
+use crate::common;
 use std::time::{Duration, Instant};
 
-use common::{pid_alive, unsafe_kill, wait_for, Server};
-use lifecycle_util::*;
+use crate::common::{pid_alive, unsafe_kill, wait_for, Server};
+use crate::lifecycle_util::*;
 use serde_json::{json, Value};
 
 /// `POST /start` on an owned client, for starts that run while the test does other things.

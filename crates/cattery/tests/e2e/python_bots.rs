@@ -1,13 +1,12 @@
 //! Real, unchanged Pipecat bots (`examples/`) deployed as `local:` agents on the real binary,
 //! run through the bundled Python runner. Needs `scripts/setup-python.sh` (run by `.ci/run`).
 
-mod common;
-
+use crate::common;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::Server;
+use crate::common::Server;
 use serde_json::json;
 
 /// The Python with pipecat-ai, pipecatcloud, fastapi and uvicorn.

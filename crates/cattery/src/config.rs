@@ -1,0 +1,544 @@
+//! Configuration of `cattery serve`, in sections: `server`, `store`, `runtime`, `sessions`,
+//! `logs`, `websocket`.
+//!
+//! Each setting comes from, in order of precedence: a command-line flag, its `CATTERY_*`
+//! environment variable, the TOML file given by `--config` (`CATTERY_CONFIG`), the default.
+//! [`Config::validate`] checks the result once, before anything starts. A file holds any subset:
+//!
+//! ```toml
+//! [server]
+//! listen = "0.0.0.0:7870"
+//! data_dir = "/var/lib/cattery"
+//! max_connections = 2000
+//!
+//! [store]
+//! kind = "sqlite"
+//!
+//! [runtime]
+//! kind = "process"
+//! python = "/usr/bin/python3"
+//!
+//! [sessions]
+//! stop_grace_seconds = 10
+//!
+//! [logs]
+//! retention_days = 7
+//!
+//! [websocket]
+//! idle_timeout_seconds = 60
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// The whole configuration of `cattery serve`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// HTTP listener, data directory, regions and connection limits.
+    pub server: ServerConfig,
+    /// Where durable state lives.
+    pub store: StoreConfig,
+    /// How instances run.
+    pub runtime: RuntimeConfig,
+    /// Session lifecycle timings.
+    pub sessions: SessionsConfig,
+    /// Captured log retention.
+    pub logs: LogsConfig,
+    /// The websocket transport.
+    pub websocket: WebsocketConfig,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on, `host:port` (a host name is resolved).
+    pub listen: String,
+    /// Data directory: database, instance directories, secrets key.
+    pub data_dir: PathBuf,
+    /// Regions offered.
+    pub regions: Vec<String>,
+    /// Default region (`None`: the first of `regions`).
+    pub default_region: Option<String>,
+    /// Seconds a client has to send a request head, counted from the connection's opening or
+    /// the end of the previous response (so also the keep-alive idle timeout).
+    pub header_read_timeout_seconds: f64,
+    /// Longest silence, in seconds, inside a request body.
+    pub body_read_timeout_seconds: f64,
+    /// Most client connections at once; 0 = the open-file limit less `reserved_fds`.
+    pub max_connections: usize,
+    /// Descriptors kept free of client connections for instances, log files and the store.
+    pub reserved_fds: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7870".into(),
+            data_dir: PathBuf::from("./.cattery"),
+            regions: vec!["local".into()],
+            default_region: None,
+            header_read_timeout_seconds: 10.0,
+            body_read_timeout_seconds: 10.0,
+            max_connections: 0,
+            reserved_fds: 512,
+        }
+    }
+}
+
+/// Kinds of store.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// SQLite in the data directory.
+    #[default]
+    Sqlite,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Which store.
+    pub kind: StoreKind,
+}
+
+pub use crate::runtime::RuntimeKind;
+
+/// `[runtime]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Which runtime.
+    pub kind: RuntimeKind,
+    /// Python interpreter for `local:` agents (after the agent's `python` and `<dir>/.venv`).
+    pub python: String,
+    /// Range of uids (and gids) for instances, `START-END`, or `off` (docs/security.md).
+    pub instance_uids: String,
+}
+
+/// The default instance uid range: above the `/etc/subuid` and systemd container ranges.
+pub const DEFAULT_INSTANCE_UIDS: &str = "2000000000-2000065535";
+
+impl RuntimeConfig {
+    /// The parsed `instance_uids` (`None` for `off`); `validate` has checked it.
+    pub fn instance_uid_range(&self) -> Option<crate::runtime::process::uids::UidRange> {
+        match self.instance_uids.as_str() {
+            "off" => None,
+            r => r.parse().ok(),
+        }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            kind: RuntimeKind::Process,
+            python: "python3".into(),
+            instance_uids: DEFAULT_INSTANCE_UIDS.into(),
+        }
+    }
+}
+
+/// `[sessions]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionsConfig {
+    /// Seconds between SIGTERM and SIGKILL for agents that set no `stopGraceSeconds`.
+    pub stop_grace_seconds: f64,
+    /// Seconds an instance may take to answer `/readyz` with 200.
+    pub start_timeout_seconds: f64,
+    /// On SIGTERM, seconds running sessions may go on before they are stopped.
+    pub drain_timeout_seconds: f64,
+    /// Resource sampling interval, ms.
+    pub metrics_interval_ms: u64,
+    /// Daily API key, for `createDailyRoom`.
+    pub daily_api_key: Option<String>,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig {
+            stop_grace_seconds: crate::model::DEFAULT_STOP_GRACE_S,
+            start_timeout_seconds: 60.0,
+            drain_timeout_seconds: 30.0,
+            metrics_interval_ms: 5000,
+            daily_api_key: None,
+        }
+    }
+}
+
+/// `[logs]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogsConfig {
+    /// Lines older than this many days are deleted.
+    pub retention_days: u64,
+    /// At most this many lines are kept (all agents together); 0 = no cap.
+    pub retention_max_lines: u64,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        LogsConfig {
+            retention_days: 30,
+            retention_max_lines: 1_000_000,
+        }
+    }
+}
+
+/// `[websocket]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebsocketConfig {
+    /// A client silent this long (not even a pong) is treated as gone, seconds.
+    pub idle_timeout_seconds: f64,
+    /// Lifetime of a single-use websocket token from `/start`, seconds.
+    pub token_ttl_seconds: f64,
+}
+
+impl Default for WebsocketConfig {
+    fn default() -> Self {
+        WebsocketConfig {
+            idle_timeout_seconds: 30.0,
+            token_ttl_seconds: 300.0,
+        }
+    }
+}
+
+/// Flags of `cattery serve`. Every one is optional: an absent flag (and variable) leaves the
+/// file's value or the default (see [`Config`]).
+#[derive(Debug, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file (sections server, store, runtime, sessions, logs, websocket);
+    /// flags and environment variables override it.
+    #[arg(long, env = "CATTERY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on (`host:port`; a host name is resolved) [default: 127.0.0.1:7870].
+    #[arg(long, env = "CATTERY_LISTEN", help_heading = "Server")]
+    pub listen: Option<String>,
+    /// Data directory (SQLite database, instance directories) [default: ./.cattery].
+    #[arg(long, env = "CATTERY_DATA_DIR", help_heading = "Server")]
+    pub data_dir: Option<PathBuf>,
+    /// Regions offered (comma-separated) [default: local].
+    #[arg(
+        long,
+        env = "CATTERY_REGIONS",
+        value_delimiter = ',',
+        help_heading = "Server"
+    )]
+    pub regions: Option<Vec<String>>,
+    /// Default region [default: the first of --regions].
+    #[arg(long, env = "CATTERY_DEFAULT_REGION", help_heading = "Server")]
+    pub default_region: Option<String>,
+    /// Seconds a client has to send a request head, from the connection's opening or the end of
+    /// the previous response (also the keep-alive idle timeout) [default: 10].
+    #[arg(
+        long,
+        env = "CATTERY_HEADER_READ_TIMEOUT_SECONDS",
+        help_heading = "Server"
+    )]
+    pub header_read_timeout_seconds: Option<f64>,
+    /// Longest silence inside a request body, seconds [default: 10].
+    #[arg(
+        long,
+        env = "CATTERY_BODY_READ_TIMEOUT_SECONDS",
+        help_heading = "Server"
+    )]
+    pub body_read_timeout_seconds: Option<f64>,
+    /// Most client connections at once; at the cap the oldest idle one is closed. 0 = the
+    /// open-file limit less --reserved-fds [default: 0].
+    #[arg(long, env = "CATTERY_MAX_CONNECTIONS", help_heading = "Server")]
+    pub max_connections: Option<usize>,
+    /// Open files kept free of client connections for instances, logs and the store [default: 512].
+    #[arg(long, env = "CATTERY_RESERVED_FDS", help_heading = "Server")]
+    pub reserved_fds: Option<u64>,
+
+    /// Store kind [default: sqlite].
+    #[arg(long, env = "CATTERY_STORE", value_enum, help_heading = "Store")]
+    pub store: Option<StoreKind>,
+
+    /// Runtime kind [default: process].
+    #[arg(long, env = "CATTERY_RUNTIME", value_enum, help_heading = "Runtime")]
+    pub runtime: Option<RuntimeKind>,
+    /// Python interpreter for `local:` agents (after the agent's `python` and `<dir>/.venv`)
+    /// [default: python3].
+    #[arg(long, env = "CATTERY_PYTHON", help_heading = "Runtime")]
+    pub python: Option<String>,
+    /// Range of uids (and gids) for instances, `START-END`: each instance runs under one of its
+    /// own (needs root), or `off` to run instances as the server's user; see docs/security.md
+    /// [default: 2000000000-2000065535].
+    #[arg(long, env = "CATTERY_INSTANCE_UIDS", help_heading = "Runtime")]
+    pub instance_uids: Option<String>,
+
+    /// Seconds between SIGTERM and SIGKILL when an instance is removed, for agents that set no
+    /// `stopGraceSeconds`; 0 means SIGKILL at once [default: 5].
+    #[arg(long, env = "CATTERY_STOP_GRACE_SECONDS", help_heading = "Sessions")]
+    pub stop_grace_seconds: Option<f64>,
+    /// Seconds an instance may take to answer /readyz with 200 [default: 60].
+    #[arg(long, env = "CATTERY_START_TIMEOUT_SECONDS", help_heading = "Sessions")]
+    pub start_timeout_seconds: Option<f64>,
+    /// On SIGTERM, seconds running sessions may go on before they are stopped [default: 30].
+    #[arg(long, env = "CATTERY_DRAIN_TIMEOUT_SECONDS", help_heading = "Sessions")]
+    pub drain_timeout_seconds: Option<f64>,
+    /// Resource sampling interval for sessions, ms [default: 5000].
+    #[arg(long, env = "CATTERY_METRICS_INTERVAL_MS", help_heading = "Sessions")]
+    pub metrics_interval_ms: Option<u64>,
+    /// Daily API key, needed for `createDailyRoom`.
+    #[arg(long, env = "CATTERY_DAILY_API_KEY", help_heading = "Sessions")]
+    pub daily_api_key: Option<String>,
+
+    /// Logs older than this many days are deleted [default: 30].
+    #[arg(long, env = "CATTERY_LOG_RETENTION_DAYS", help_heading = "Logs")]
+    pub log_retention_days: Option<u64>,
+    /// At most this many log lines are kept (all agents together); the oldest go first. 0 = no
+    /// cap [default: 1000000].
+    #[arg(long, env = "CATTERY_LOG_RETENTION_MAX_LINES", help_heading = "Logs")]
+    pub log_retention_max_lines: Option<u64>,
+
+    /// A websocket-transport client that sends nothing (not even a pong to Cattery's pings)
+    /// for this many seconds is treated as gone and its session ends [default: 30].
+    #[arg(
+        long,
+        env = "CATTERY_WS_IDLE_TIMEOUT_SECONDS",
+        help_heading = "Websocket"
+    )]
+    pub ws_idle_timeout_seconds: Option<f64>,
+    /// Seconds a websocket-transport token from `/start` stays valid (single use) [default: 300].
+    #[arg(long, env = "CATTERY_WS_TOKEN_TTL_SECONDS", help_heading = "Websocket")]
+    pub ws_token_ttl_seconds: Option<f64>,
+}
+
+/// Sets `$dst` to `$src` when the flag (or its variable) was given.
+macro_rules! set_some {
+    ($($dst:expr => $src:expr),* $(,)?) => {
+        $(if let Some(v) = $src { $dst = v; })*
+    };
+}
+
+impl Config {
+    /// Reads a TOML configuration file. Errors: unreadable, not TOML, an unknown key or a
+    /// value of the wrong type (with the file's line).
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the config file {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("config file {}", path.display()))
+    }
+
+    /// Parses a TOML configuration.
+    pub fn from_toml(text: &str) -> anyhow::Result<Config> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Defaults, under the `--config` file, under the environment and flags; validated.
+    pub fn load(args: ServeArgs) -> anyhow::Result<Config> {
+        let mut cfg = match &args.config {
+            Some(p) => Self::from_file(p)?,
+            None => Config::default(),
+        };
+        cfg.apply(args);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Overrides with what the flags and environment gave.
+    pub fn apply(&mut self, a: ServeArgs) {
+        let (s, se, l, w) = (
+            &mut self.server,
+            &mut self.sessions,
+            &mut self.logs,
+            &mut self.websocket,
+        );
+        set_some! {
+            s.listen => a.listen,
+            s.data_dir => a.data_dir,
+            s.regions => a.regions,
+            s.header_read_timeout_seconds => a.header_read_timeout_seconds,
+            s.body_read_timeout_seconds => a.body_read_timeout_seconds,
+            s.max_connections => a.max_connections,
+            s.reserved_fds => a.reserved_fds,
+            self.store.kind => a.store,
+            self.runtime.kind => a.runtime,
+            self.runtime.python => a.python,
+            self.runtime.instance_uids => a.instance_uids,
+            se.stop_grace_seconds => a.stop_grace_seconds,
+            se.start_timeout_seconds => a.start_timeout_seconds,
+            se.drain_timeout_seconds => a.drain_timeout_seconds,
+            se.metrics_interval_ms => a.metrics_interval_ms,
+            l.retention_days => a.log_retention_days,
+            l.retention_max_lines => a.log_retention_max_lines,
+            w.idle_timeout_seconds => a.ws_idle_timeout_seconds,
+            w.token_ttl_seconds => a.ws_token_ttl_seconds,
+        }
+        if a.default_region.is_some() {
+            s.default_region = a.default_region;
+        }
+        if a.daily_api_key.is_some() {
+            se.daily_api_key = a.daily_api_key;
+        }
+    }
+
+    /// Checks every setting; the error names the flag.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let positive = |v: f64, flag: &str| -> anyhow::Result<()> {
+            if !(v.is_finite() && v > 0.0 && v <= 1e9) {
+                anyhow::bail!("--{flag} must be a positive number of seconds (got {v})");
+            }
+            Ok(())
+        };
+        let s = &self.server;
+        if s.listen.trim().is_empty() {
+            anyhow::bail!("--listen must be host:port");
+        }
+        if s.regions.is_empty() || s.regions.iter().any(|r| r.trim().is_empty()) {
+            anyhow::bail!("--regions must name at least one region, none empty");
+        }
+        let default_region = self.default_region();
+        if !s.regions.contains(&default_region) {
+            anyhow::bail!(
+                "--default-region {default_region} is not one of --regions ({})",
+                s.regions.join(", ")
+            );
+        }
+        positive(s.header_read_timeout_seconds, "header-read-timeout-seconds")?;
+        positive(s.body_read_timeout_seconds, "body-read-timeout-seconds")?;
+        let se = &self.sessions;
+        if !(0.0..=3600.0).contains(&se.stop_grace_seconds) {
+            anyhow::bail!("--stop-grace-seconds must be between 0 and 3600");
+        }
+        positive(se.start_timeout_seconds, "start-timeout-seconds")?;
+        if !(se.drain_timeout_seconds.is_finite() && se.drain_timeout_seconds >= 0.0) {
+            anyhow::bail!("--drain-timeout-seconds must be 0 or more");
+        }
+        positive(
+            self.websocket.idle_timeout_seconds,
+            "ws-idle-timeout-seconds",
+        )?;
+        positive(self.websocket.token_ttl_seconds, "ws-token-ttl-seconds")?;
+        if self.runtime.python.is_empty() {
+            anyhow::bail!("--python must not be empty");
+        }
+        if self.runtime.instance_uids != "off" {
+            self.runtime
+                .instance_uids
+                .parse::<crate::runtime::process::uids::UidRange>()
+                .map_err(|e| anyhow::anyhow!("--instance-uids {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The default region: the configured one, else the first region.
+    pub fn default_region(&self) -> String {
+        self.server
+            .default_region
+            .clone()
+            .or_else(|| self.server.regions.first().cloned())
+            .unwrap_or_default()
+    }
+
+    /// The connection cap for an open-file limit of `nofile`: `max_connections` if set, never
+    /// above `nofile - reserved_fds`, and at least 16.
+    pub fn connection_cap(&self, nofile: u64) -> usize {
+        let room = usize::try_from(nofile.saturating_sub(self.server.reserved_fds))
+            .unwrap_or(usize::MAX)
+            .max(16);
+        match self.server.max_connections {
+            0 => room.min(65_536),
+            n => n.min(room),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn args(v: &[&str]) -> ServeArgs {
+        Cli::try_parse_from(std::iter::once("cattery").chain(v.iter().copied()))
+            .unwrap()
+            .args
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+        assert_eq!(Config::default().default_region(), "local");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_the_file_overrides_defaults() {
+        let mut cfg = Config::from_toml(
+            "[server]\nlisten = \"0.0.0.0:9000\"\nmax_connections = 100\n\
+             [sessions]\nstop_grace_seconds = 2\n[logs]\nretention_days = 7\n\
+             [store]\nkind = \"sqlite\"\n[runtime]\nkind = \"process\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.server.listen, "0.0.0.0:9000");
+        assert_eq!(cfg.logs.retention_days, 7);
+        assert_eq!(
+            cfg.logs.retention_max_lines,
+            LogsConfig::default().retention_max_lines
+        );
+        cfg.apply(args(&[
+            "--listen",
+            "127.0.0.1:1",
+            "--stop-grace-seconds",
+            "3",
+        ]));
+        assert_eq!(cfg.server.listen, "127.0.0.1:1");
+        assert_eq!(cfg.sessions.stop_grace_seconds, 3.0);
+        assert_eq!(cfg.server.max_connections, 100);
+        assert_eq!(cfg.logs.retention_days, 7);
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_kinds_are_refused() {
+        assert!(Config::from_toml("[server]\nlisen = \"x\"\n").is_err());
+        assert!(Config::from_toml("[store]\nkind = \"postgres\"\n").is_err());
+        assert!(Config::from_toml("[nope]\n").is_err());
+    }
+
+    #[test]
+    fn validate_names_the_flag() {
+        let mut cfg = Config::default();
+        cfg.sessions.stop_grace_seconds = 4000.0;
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--stop-grace-seconds"));
+        let mut cfg = Config::default();
+        cfg.server.default_region = Some("mars".into());
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--default-region"));
+        let mut cfg = Config::default();
+        cfg.server.header_read_timeout_seconds = 0.0;
+        assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn connection_cap_leaves_room_below_the_open_file_limit() {
+        let mut cfg = Config::default();
+        assert_eq!(cfg.connection_cap(1024), 512);
+        assert_eq!(cfg.connection_cap(1_000_000), 65_536);
+        cfg.server.max_connections = 2000;
+        assert_eq!(cfg.connection_cap(1024), 512);
+        assert_eq!(cfg.connection_cap(100_000), 2000);
+        assert_eq!(cfg.connection_cap(100), 16);
+    }
+}

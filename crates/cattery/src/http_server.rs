@@ -1,0 +1,318 @@
+//! The HTTP accept loop: HTTP/1.1 connections served by hyper with the limits that keep the API
+//! answering while clients hold idle or slow connections (issue 16):
+//!
+//! - **header-read timeout**: a request head must arrive in full within this time after the
+//!   connection opens or after the previous response ends (hyper's timer, so it is also the
+//!   keep-alive idle timeout: an idle connection is closed when it runs out);
+//! - **body-read timeout**: a request body that sends nothing for this long fails (the handler
+//!   answers 400, the proxy 502); a body that keeps sending is never cut, so uploads streamed
+//!   through the session proxy go on;
+//! - **connection cap**: at most `max_connections` client connections at once, below the
+//!   open-file limit so that instances, log files and the store keep their descriptors. At the
+//!   cap, the oldest connection with no request in flight is closed to make room for a new one,
+//!   so idle connections cannot lock `/health`, start and stop out; connections that are
+//!   serving a request (a slow handler, a proxied stream) are never closed for this.
+//! - `TCP_NODELAY` on every accepted socket (no Nagle stalls on streamed answers).
+//!
+//! Upgraded connections (the websocket relay) leave hyper, and with it these timeouts and the
+//! cap, as soon as the upgrade is done.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::Router;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tower::Service;
+
+/// Limits of the HTTP server (`[server]` section of the configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Time allowed for a request head (also the keep-alive idle timeout).
+    pub header_read_timeout: Duration,
+    /// Longest silence inside a request body.
+    pub body_read_timeout: Duration,
+    /// Most client connections at once.
+    pub max_connections: usize,
+}
+
+/// One live connection, as the accept loop sees it.
+struct ConnEntry {
+    /// Requests whose handling or response body is not finished.
+    in_flight: Arc<AtomicUsize>,
+    /// Told to close the connection when it is idle.
+    close: Arc<Notify>,
+}
+
+/// Live connections by age (ids grow), for closing the oldest idle one at the cap.
+#[derive(Default)]
+struct Registry {
+    next: u64,
+    conns: BTreeMap<u64, ConnEntry>,
+}
+
+impl Registry {
+    /// Tells the oldest connection with no request in flight to close. Returns whether one was
+    /// found.
+    fn evict_oldest_idle(&mut self) -> bool {
+        let victim = self
+            .conns
+            .iter()
+            .find(|(_, c)| c.in_flight.load(Ordering::Acquire) == 0)
+            .map(|(id, _)| *id);
+        match victim.and_then(|id| self.conns.remove(&id)) {
+            Some(c) => {
+                c.close.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Decrements a connection's in-flight count when dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(n: &Arc<AtomicUsize>) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        InFlight(n.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is sent or dropped.
+struct TrackedBody {
+    inner: Body,
+    _guard: InFlight,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body that fails when no frame arrives for `timeout` (the timer restarts after each
+/// frame). Unlike tower-http's `TimeoutBody` it keeps the body's size hint, so a proxied request
+/// keeps its `content-length`.
+struct ReadTimeoutBody {
+    inner: Incoming,
+    timeout: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl ReadTimeoutBody {
+    fn new(timeout: Duration, inner: Incoming) -> Self {
+        ReadTimeoutBody {
+            inner,
+            timeout,
+            sleep: None,
+        }
+    }
+}
+
+impl hyper::body::Body for ReadTimeoutBody {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(r) => {
+                this.sleep = None;
+                Poll::Ready(r.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let t = this.timeout;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                        "no request body data for {} s",
+                        t.as_secs_f64()
+                    )
+                    .into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The soft open-files limit of this process.
+pub fn nofile_limit() -> u64 {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into a local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } == 0 {
+        l.rlim_cur
+    } else {
+        1024
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, lets
+/// connections finish their current request, and returns.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let registry = Arc::new(Mutex::new(Registry::default()));
+    let stopping = CancellationToken::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let http = Arc::new(http);
+    let mut shutdown = std::pin::pin!(shutdown);
+    'accept: loop {
+        // A free slot first: at the cap, make one by closing the oldest idle connection (again
+        // every 50 ms while every connection is busy).
+        let permit = loop {
+            if let Ok(p) = permits.clone().try_acquire_owned() {
+                break p;
+            }
+            registry.lock().evict_oldest_idle();
+            tokio::select! {
+                p = permits.clone().acquire_owned() => break p.expect("semaphore never closed"),
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                () = &mut shutdown => break 'accept,
+            }
+        };
+        let (stream, _peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of descriptors (or another transient error): free one and retry soon,
+                    // rather than sleeping for a second as connections pile up.
+                    tracing::warn!(error = %e, "accept failed");
+                    registry.lock().evict_oldest_idle();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break 'accept,
+        };
+        let _ = stream.set_nodelay(true);
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let close = Arc::new(Notify::new());
+        let id = {
+            let mut r = registry.lock();
+            let id = r.next;
+            r.next += 1;
+            r.conns.insert(
+                id,
+                ConnEntry {
+                    in_flight: in_flight.clone(),
+                    close: close.clone(),
+                },
+            );
+            id
+        };
+        let svc = {
+            let app = app.clone();
+            let in_flight = in_flight.clone();
+            let body_timeout = limits.body_read_timeout;
+            hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                let guard = InFlight::enter(&in_flight);
+                let req = req.map(|b| ReadTimeoutBody::new(body_timeout, b));
+                let mut app = app.clone();
+                async move {
+                    let resp = app
+                        .call(req)
+                        .await
+                        .unwrap_or_else(|e: Infallible| match e {});
+                    Ok::<_, Infallible>(resp.map(|inner| TrackedBody {
+                        inner,
+                        _guard: guard,
+                    }))
+                }
+            })
+        };
+        let conn = http
+            .serve_connection(TokioIo::new(stream), svc)
+            .with_upgrades();
+        let (registry, stopping) = (registry.clone(), stopping.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut conn = std::pin::pin!(conn);
+            let mut draining = false;
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    () = close.notified() => {
+                        // Evicted at the cap: nothing of ours is running on it.
+                        if in_flight.load(Ordering::Acquire) == 0 {
+                            break;
+                        }
+                    }
+                    () = stopping.cancelled(), if !draining => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+            registry.lock().conns.remove(&id);
+        });
+    }
+    // Shutting down: finish current requests, close idle connections.
+    stopping.cancel();
+    let all = limits.max_connections.max(1);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        permits.acquire_many(u32::try_from(all).unwrap_or(u32::MAX)),
+    )
+    .await;
+}

@@ -1,0 +1,20 @@
+//! End-to-end tests: each drives the real `cattery` binary over HTTP, with real agent processes
+//! and a real SQLite file (see `docs/TESTING.md`). One test binary for all of them: one link
+//! instead of one per file.
+
+#[path = "../common/mod.rs"]
+mod common;
+#[path = "../lifecycle_util/mod.rs"]
+mod lifecycle_util;
+
+mod api;
+mod cli_compat;
+mod connections;
+mod isolation;
+mod lifecycle;
+mod lifecycle_pool;
+mod lifecycle_server;
+mod python_bots;
+mod secrets_logs;
+mod storage_faults;
+mod transport;
