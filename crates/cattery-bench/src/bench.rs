@@ -260,7 +260,7 @@ impl Ctx {
         );
         f.note = Some(
             "with a pre_exec setsid() hook, which forces fork(); Cattery's runtime spawned this \
-             way until it moved to clone(CLONE_VM | CLONE_VFORK) (runtime/spawn.rs)"
+             way until it moved to clone(CLONE_VM | CLONE_VFORK) (runtime/process/spawn.rs)"
                 .into(),
         );
 

@@ -248,7 +248,7 @@ pub fn cgroup_children(p: &Path) -> Vec<String> {
 }
 
 /// Where this server's instance cgroups (v2) live, if the machine has them: the same layout
-/// as `crates/cattery/src/runtime/cgroup.rs`.
+/// as `crates/cattery/src/runtime/process/cgroup.rs`.
 pub fn cgroup_base(server_id: &str) -> Option<std::path::PathBuf> {
     for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
         let base = Path::new(root).join("cattery").join(server_id);

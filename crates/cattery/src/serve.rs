@@ -11,13 +11,14 @@ use uuid::Uuid;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::config::StoreConfig;
 use crate::core::orgs::AgentDefaults;
-use crate::core::supervisor::{Supervisor, SupervisorConfig};
+use crate::core::session::{Supervisor, SupervisorConfig};
 use crate::http_server::{self, HttpLimits};
 use crate::model::{now_ns, KeyKind, LogLine};
 use crate::runtime::factory::{self, RuntimeConfig};
-use crate::store::sqlite::SqliteStore;
-use crate::store::{KeyStore, Store};
+use crate::runtime::Runtime;
+use crate::store::{self, OpenMode, Store};
 
 /// The org every server has from its first start.
 pub const DEFAULT_ORG: &str = "default";
@@ -93,28 +94,22 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>>
     Ok(lock)
 }
 
-/// Opens the store of an existing data directory (for `cattery keys`). Errors: the directory
-/// holds no Cattery database (a typo in `--data-dir` must not create an empty one).
+/// Opens the store of an existing data directory (for `cattery keys`, with the default store
+/// configuration). Errors: the directory holds no Cattery store (a typo in `--data-dir` must
+/// not create an empty one).
 pub async fn open_existing_store(data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
-    if !data_dir.join("cattery.db").is_file() {
-        anyhow::bail!(
-            "{} is not a Cattery data dir (no cattery.db); start `cattery serve --data-dir {}` first, or pass the server's --data-dir",
-            data_dir.display(),
-            data_dir.display()
-        );
-    }
-    open_store(data_dir).await
+    let store = store::open(&StoreConfig::default(), data_dir, OpenMode::Existing).await?;
+    store.ensure_org(DEFAULT_ORG).await?;
+    Ok(store)
 }
 
-/// Opens the store in a data directory (creating both).
-pub async fn open_store(data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
+/// Opens the configured store in a data directory (creating both).
+pub async fn open_store(cfg: &StoreConfig, data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
-    let store = SqliteStore::open(data_dir)
-        .await
-        .context("cannot open the database")?;
+    let store = store::open(cfg, data_dir, OpenMode::Create).await?;
     store.ensure_org(DEFAULT_ORG).await?;
-    Ok(Arc::new(store))
+    Ok(store)
 }
 
 /// Creates a key and returns it (`cattery keys create`).
@@ -228,6 +223,51 @@ Next steps, in another terminal:
     );
 }
 
+/// The session engine over `store` and `runtime`, and the handlers' state around it: what
+/// [`serve`] runs, and what the in-process API tests build over the fake runtime. The engine
+/// has not recovered yet (`state.sup.recover()` comes next). `data_dir` holds the secrets key.
+pub fn app_state(
+    config: &Config,
+    data_dir: &Path,
+    store: Arc<dyn Store>,
+    runtime: Arc<dyn Runtime>,
+    logs: mpsc::UnboundedSender<LogLine>,
+) -> anyhow::Result<AppState> {
+    let cfg = Settings::from_config(config, data_dir.to_path_buf());
+    let cipher = Arc::new(
+        crate::core::secrets::SecretCipher::load_or_create(&cfg.data_dir)
+            .context("opening the secrets key file")?,
+    );
+    let sup = Supervisor::new(
+        store.clone(),
+        runtime,
+        SupervisorConfig {
+            default_stop_grace: Duration::from_secs_f64(cfg.stop_grace_seconds),
+            start_timeout: Duration::from_secs_f64(cfg.start_timeout_seconds),
+            daily_api_key: cfg.daily_api_key.clone(),
+            metrics_interval: Duration::from_millis(cfg.metrics_interval_ms.max(100)),
+        },
+        logs,
+        Arc::new(crate::core::secrets::DeploymentSecrets::new(
+            store.clone(),
+            cipher.clone(),
+        )),
+    );
+    Ok(AppState {
+        store,
+        sup,
+        defaults: Arc::new(AgentDefaults {
+            regions: cfg.regions.clone(),
+            default_region: cfg.default_region.clone(),
+        }),
+        ws: Arc::new(api::ws::WsState::new(
+            Duration::from_secs_f64(cfg.ws_idle_timeout_seconds),
+            Duration::from_secs_f64(cfg.ws_token_ttl_seconds),
+        )),
+        secrets: cipher,
+    })
+}
+
 /// Runs the server until SIGTERM/SIGINT and a completed drain.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
@@ -243,7 +283,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let cfg = Settings::from_config(&config, std::fs::canonicalize(data_dir)?);
     let _lock = lock_data_dir(&cfg.data_dir)?;
-    let store = open_store(&cfg.data_dir).await?;
+    let store = open_store(&config.store, &cfg.data_dir).await?;
     let sid = server_id(&cfg.data_dir)?;
     let runner_dir = cfg.data_dir.join("runner");
     std::fs::create_dir_all(&runner_dir)?;
@@ -257,10 +297,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         runner_path,
         instance_uids: cfg.instance_uids,
     })?;
-    let cipher = Arc::new(
-        crate::core::secrets::SecretCipher::load_or_create(&cfg.data_dir)
-            .context("opening the secrets key file")?,
-    );
     let (log_tx, log_rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(log_writer(
         store.clone(),
@@ -268,37 +304,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Duration::from_secs(cfg.log_retention_days.saturating_mul(86400)),
         cfg.log_retention_max_lines,
     ));
-    let sup = Supervisor::new(
+    let state = app_state(
+        &config,
+        &cfg.data_dir,
         store.clone(),
         runtime.clone(),
-        SupervisorConfig {
-            default_stop_grace: Duration::from_secs_f64(cfg.stop_grace_seconds),
-            start_timeout: Duration::from_secs_f64(cfg.start_timeout_seconds),
-            daily_api_key: cfg.daily_api_key.clone(),
-            metrics_interval: Duration::from_millis(cfg.metrics_interval_ms.max(100)),
-        },
         log_tx,
-        Arc::new(crate::core::secrets::DeploymentSecrets::new(
-            store.clone(),
-            cipher.clone(),
-        )),
-    );
+    )?;
+    let sup = state.sup.clone();
     sup.recover()
         .await
         .context("recovering instances after restart")?;
-    let state = AppState {
-        store: store.clone(),
-        sup: sup.clone(),
-        defaults: Arc::new(AgentDefaults {
-            regions: cfg.regions.clone(),
-            default_region: cfg.default_region.clone(),
-        }),
-        ws: Arc::new(api::ws::WsState::new(
-            Duration::from_secs_f64(cfg.ws_idle_timeout_seconds),
-            Duration::from_secs_f64(cfg.ws_token_ttl_seconds),
-        )),
-        secrets: cipher,
-    };
     let app = api::router(state);
     let listener = tokio::net::TcpListener::bind(listen)
         .await

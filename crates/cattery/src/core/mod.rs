@@ -14,11 +14,6 @@ pub mod orgs;
 pub mod secrets;
 pub mod session;
 
-/// The session engine under its former name (kept so that callers need not change at once).
-pub mod supervisor {
-    pub use super::session::*;
-}
-
 use crate::store::StoreError;
 
 /// Errors of domain operations. Each variant's doc says which HTTP status it becomes.
@@ -61,7 +56,10 @@ pub enum CoreError {
     /// 409 `STOPPED_DURING_START`: the session was stopped before it was delivered.
     #[error("session {0} was stopped before its instance was ready")]
     StoppedDuringStart(uuid::Uuid),
-    /// 500: storage failed.
+    /// 503 `STORAGE_FULL` (the disk is full) or `STORAGE_UNAVAILABLE` (any other storage
+    /// fault); 404/409 for a record that vanished or conflicts; 500 for a stored record that
+    /// cannot be read back. The driver's text goes to the server's log, never to the client
+    /// (`api::error`).
     #[error(transparent)]
     Store(#[from] StoreError),
 }

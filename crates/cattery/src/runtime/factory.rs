@@ -34,5 +34,35 @@ pub fn build(cfg: &RuntimeConfig) -> anyhow::Result<Arc<dyn Runtime>> {
                     cfg.runner_path.clone(),
                 )),
         )),
+        RuntimeKind::Fake => anyhow::bail!(
+            "the fake runtime is for tests (runtime::fake::FakeRuntime), not configurable"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fake runtime has a kind of its own (stored beside its instance records), but no
+    /// configuration source can choose it.
+    #[test]
+    fn the_fake_kind_is_not_configurable() {
+        use clap::ValueEnum;
+        assert!(crate::config::Config::from_toml("[runtime]\nkind = \"fake\"\n").is_err());
+        assert!(RuntimeKind::from_str("fake", true).is_err());
+        assert!(RuntimeKind::value_variants()
+            .iter()
+            .all(|k| *k != RuntimeKind::Fake));
+        assert!(RuntimeKind::parse("fake").is_none());
+        let cfg = RuntimeConfig {
+            kind: RuntimeKind::Fake,
+            instances_dir: PathBuf::from("/nonexistent"),
+            server_id: "t".into(),
+            python: "python3".into(),
+            runner_path: PathBuf::from("/nonexistent"),
+            instance_uids: None,
+        };
+        assert!(build(&cfg).is_err());
     }
 }

@@ -134,7 +134,7 @@ impl FakeRuntime {
 #[async_trait]
 impl Runtime for FakeRuntime {
     fn kind(&self) -> RuntimeKind {
-        RuntimeKind::Process
+        RuntimeKind::Fake
     }
 
     fn prepare(&self, dep: &DeploymentRecord) -> Result<Prepared, String> {

@@ -137,10 +137,10 @@ pub trait Instance: Send + Sync {
     async fn wait_exit(&self) -> ExitInfo;
     /// The main process's exit, if it already happened.
     fn exited(&self) -> Option<ExitInfo>;
-    /// Whether the listening socket at [`Instance::endpoint`] belongs to this instance's own
-    /// processes (not to a foreign program that took the port). The engine trusts a
-    /// `/readyz` answer only then. Runtimes that cannot tell answer `true`.
-    fn serves_port(&self) -> bool {
+    /// Whether what listens at [`Instance::endpoint`] is this instance itself (not a foreign
+    /// program that took its address, e.g. a port on a shared host). The engine trusts a
+    /// `/readyz` answer only then. Runtimes whose endpoints cannot be taken answer `true`.
+    fn owns_endpoint(&self) -> bool {
         true
     }
     /// Removes the whole instance: SIGTERM to every process, wait up to `grace` (monotonic
@@ -158,21 +158,6 @@ pub trait Instance: Send + Sync {
     async fn out_of_memory(&self) -> bool {
         false
     }
-}
-
-/// Where a process instance lives, stored as [`InstanceRecord::placement`] (its JSON form).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct InstancePlacement {
-    /// Main pid.
-    pub pid: i32,
-    /// Main process start time (clock ticks since boot).
-    pub pid_start: u64,
-    /// Port.
-    pub port: u16,
-    /// cgroup v2 directory.
-    pub cgroup: Option<String>,
-    /// Instance directory.
-    pub dir: String,
 }
 
 /// What a runtime makes of a deployment: the command an instance runs and the environment it
@@ -197,6 +182,11 @@ pub enum RuntimeKind {
     /// Local process trees ([`process::ProcessRuntime`]).
     #[default]
     Process,
+    /// The in-process test runtime ([`fake::FakeRuntime`]). Never chosen by configuration:
+    /// neither `--runtime` nor the config file accept it, and [`factory::build`] refuses it.
+    #[serde(skip)]
+    #[value(skip)]
+    Fake,
 }
 
 impl RuntimeKind {
@@ -204,6 +194,7 @@ impl RuntimeKind {
     pub fn as_str(self) -> &'static str {
         match self {
             RuntimeKind::Process => "process",
+            RuntimeKind::Fake => "fake",
         }
     }
 

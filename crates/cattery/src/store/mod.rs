@@ -23,8 +23,14 @@ pub mod prelude {
     };
 }
 
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
 use async_trait::async_trait;
 use uuid::Uuid;
+
+use crate::config::{StoreConfig, StoreKind};
 
 use crate::model::{
     AgentRecord, ApiKeyRecord, DeploymentRecord, InstanceRecord, KeyKind, LogLine, MetricSample,
@@ -57,6 +63,44 @@ pub enum StoreError {
 
 /// Result alias for store calls.
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Whether [`open`] may make a new, empty store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Open the store, creating it when there is none (`cattery serve`).
+    Create,
+    /// Open a store that must already exist (`cattery keys`: a typo in `--data-dir` must not
+    /// make an empty one).
+    Existing,
+}
+
+/// Opens the configured store and applies its migrations: the one place that chooses a
+/// backend from [`StoreKind`] (a new backend is one more arm here). `data_dir` is the
+/// server's data directory, which exists.
+///
+/// Errors: the store cannot be opened or migrated; with [`OpenMode::Existing`], there is none.
+pub async fn open(
+    cfg: &StoreConfig,
+    data_dir: &Path,
+    mode: OpenMode,
+) -> anyhow::Result<Arc<dyn Store>> {
+    match cfg.kind {
+        StoreKind::Sqlite => {
+            if mode == OpenMode::Existing && !data_dir.join(sqlite::DB_FILE).is_file() {
+                anyhow::bail!(
+                    "{} is not a Cattery data dir (no {}); start `cattery serve --data-dir {}` first, or pass the server's --data-dir",
+                    data_dir.display(),
+                    sqlite::DB_FILE,
+                    data_dir.display()
+                );
+            }
+            let store = sqlite::SqliteStore::open(data_dir)
+                .await
+                .context("cannot open the database")?;
+            Ok(Arc::new(store))
+        }
+    }
+}
 
 /// Filters for listing sessions (reference §A.5.2).
 #[derive(Debug, Clone, Default)]

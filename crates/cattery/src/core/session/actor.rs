@@ -412,8 +412,8 @@ async fn exited_while_serving(
     e
 }
 
-/// Ready = `/readyz` answers 200 *and* the listening socket is the instance's own (a foreign
-/// program on the port must never be taken for the agent). Resolves to the connection of the
+/// Ready = `/readyz` answers 200 *and* the runtime says the endpoint is the instance's own (a
+/// foreign program at its address must never be taken for the agent). Resolves to the connection of the
 /// answer that found it ready, which then carries `/bot` if the session comes soon
 /// (`instance_http::post_bot`).
 async fn wait_ready(
@@ -428,7 +428,7 @@ async fn wait_ready(
         let (status, conn) =
             instance_http::get_status_keep(addr, "/readyz", Duration::from_secs(2)).await;
         if status == Some(200) {
-            if inst.serves_port() {
+            if inst.owns_endpoint() {
                 return conn;
             }
             if !warned {
@@ -436,8 +436,7 @@ async fn wait_ready(
                 sup.platform_log(
                     ctl,
                     format!(
-                        "[cattery] port {} answers /readyz but is not held by instance {}; waiting for the agent",
-                        addr.port(),
+                        "[cattery] {addr} answers /readyz but is not served by instance {}; waiting for the agent",
                         ctl.id
                     ),
                 );

@@ -8,14 +8,14 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::{SecretSource, StartParams, Supervisor, SupervisorConfig};
+use crate::config::StoreConfig;
 use crate::core::CoreError;
 use crate::model::{
     now_ms, AgentRecord, DeploymentRecord, DeploymentSpec, EndReason, InstanceRecord, SessionRecord,
 };
 use crate::runtime::fake::FakeRuntime;
 use crate::runtime::{InstanceSpec, LogAttribution, LogSink, Runtime};
-use crate::store::sqlite::SqliteStore;
-use crate::store::Store;
+use crate::store::{self, OpenMode, Store};
 
 struct Env {
     _dir: tempfile::TempDir,
@@ -35,7 +35,10 @@ fn config() -> SupervisorConfig {
 
 async fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).await.unwrap());
+    // The store `cattery serve` opens by default; the engine sees only its traits.
+    let store = store::open(&StoreConfig::default(), dir.path(), OpenMode::Create)
+        .await
+        .unwrap();
     store.ensure_org("o").await.unwrap();
     let fake = FakeRuntime::new();
     let sup = engine(&store, &fake);

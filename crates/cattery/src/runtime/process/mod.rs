@@ -13,6 +13,7 @@
 pub mod cgroup;
 pub mod isolation;
 pub mod locks;
+pub mod placement;
 pub mod ports;
 pub mod python;
 pub mod reaper;
@@ -35,6 +36,7 @@ use tokio::sync::{watch, OnceCell};
 
 use self::cgroup::{CgroupSupport, InstanceCgroups};
 use self::isolation::{InstanceDirs, Isolation};
+use self::placement::ProcessPlacement;
 use self::ports::{listening_inodes, pids_hold_socket, PortBook};
 use self::python::PythonRunner;
 use self::reaper::Reaper;
@@ -42,8 +44,8 @@ use self::spawn::SpawnSpec;
 use self::uids::{UidPool, UidRange};
 use super::logs::{read_offsets, Tailer};
 use super::{
-    ExitInfo, Instance, InstancePlacement, InstanceSpec, LogSink, Prepared, ResourceSample,
-    Runtime, RuntimeError, RuntimeKind, TerminateReport,
+    ExitInfo, Instance, InstanceSpec, LogSink, Prepared, ResourceSample, Runtime, RuntimeError,
+    RuntimeKind, TerminateReport,
 };
 use crate::model::{DeploymentRecord, InstanceRecord};
 
@@ -552,7 +554,7 @@ impl Runtime for ProcessRuntime {
 
     async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Option<Arc<dyn Instance>> {
         let id = rec.id.to_string();
-        let pl: InstancePlacement = match serde_json::from_value(rec.placement.clone()) {
+        let pl: ProcessPlacement = match serde_json::from_value(rec.placement.clone()) {
             Ok(pl) if rec.runtime == self.kind().as_str() => pl,
             _ => {
                 tracing::warn!(instance = %id, runtime = %rec.runtime, "cannot read the placement of a recorded instance; leaving it");
@@ -766,7 +768,7 @@ fn proc_cpu_rss(pid: i32) -> Option<(u64, u64)> {
 #[async_trait]
 impl Instance for ProcessInstance {
     fn placement(&self) -> serde_json::Value {
-        serde_json::to_value(InstancePlacement {
+        serde_json::to_value(ProcessPlacement {
             pid: self.pid,
             pid_start: self.pid_start,
             port: self.port,
@@ -816,7 +818,7 @@ impl Instance for ProcessInstance {
         *self.exit_rx.borrow()
     }
 
-    fn serves_port(&self) -> bool {
+    fn owns_endpoint(&self) -> bool {
         pids_hold_socket(&self.members(), &listening_inodes(self.port))
     }
 

@@ -12,8 +12,8 @@
 //!   `<lock root>/ports/<port>.lock` (`/run/cattery` as root, see [`super::locks`]), so
 //!   servers sharing a machine never pick the same one (the kernel drops the lock if the
 //!   server dies; a restarted server takes it again when it re-adopts the instance);
-//! - and the supervisor only trusts `/readyz` once the instance's own processes hold the
-//!   listening socket ([`crate::runtime::Instance::serves_port`]).
+//! - and the session engine only trusts `/readyz` once the instance's own processes hold the
+//!   listening socket ([`crate::runtime::Instance::owns_endpoint`]).
 
 use std::collections::HashMap;
 use std::fs::{self, File};

@@ -183,12 +183,15 @@ async fn checkpoints(inner: Weak<Inner>) {
     }
 }
 
+/// The database file's name in the data directory.
+pub const DB_FILE: &str = "cattery.db";
+
 impl SqliteStore {
     /// Opens (creating if needed) `<dir>/cattery.db` and applies migrations.
     ///
     /// Errors: the file cannot be opened or a migration fails.
     pub async fn open(dir: &Path) -> StoreResult<Self> {
-        let path = dir.join("cattery.db");
+        let path = dir.join(DB_FILE);
         let p = path.clone();
         let writer = tokio::task::spawn_blocking(move || {
             let mut w = Conn::open(&p, Mode::Write, WRITER_CACHE_SIZE)?;
