@@ -30,8 +30,8 @@ use super::auth::{OrgAuth, PrivateAuth};
 use super::error::{ApiError, ApiResult};
 use super::schema::{
     AgentDetails, AgentList, ApiKey, ApiKeyList, CurrentUser, DailyKey, Deployment, DeploymentList,
-    KeyRevoked, Organization, OrganizationList, Session, SessionList, StatusOk, User,
-    WrappedAgentDetails,
+    KeyRevoked, Organization, OrganizationList, Properties, PropertiesSchema, RegionList, Session,
+    SessionList, StatusOk, User, WrappedAgentDetails,
 };
 use super::sessions;
 use super::{ApiJson, ApiPath, AppState};
@@ -189,80 +189,77 @@ pub async fn stop_session(
     sessions::stop_session(State(st), PrivateAuth(c), ApiPath((name, sid))).await
 }
 
-async fn regions_in(st: &AppState) -> Json<Value> {
-    Json(orgs::regions_json(&st.defaults))
+fn regions_in(st: &AppState) -> Json<RegionList> {
+    Json(RegionList::of(orgs::regions(&st.defaults)))
 }
 
-/// List regions: `{"regions": [{"code", "display_name"}]}`.
+/// List regions: `{"regions": [{"code", "display_name", ...}]}`.
 #[utoipa::path(get, path = "/v1/regions", tag = "organization", operation_id = "list_regions",
-    responses((status = 200, description = "{\"regions\": [{code, display_name}]}", body = Object),
+    responses((status = 200, description = "The regions this server offers", body = RegionList),
               (status = 401, body = super::error::ErrorBody)),
     security(("PrivateKeyAuth" = [])))]
-pub async fn regions(State(st): State<AppState>, PrivateAuth(_c): PrivateAuth) -> Json<Value> {
-    regions_in(&st).await
+pub async fn regions(State(st): State<AppState>, PrivateAuth(_c): PrivateAuth) -> Json<RegionList> {
+    regions_in(&st)
 }
 
 /// `GET /v1/organizations/{org}/regions`.
-pub async fn org_regions(State(st): State<AppState>, OrgAuth(_c): OrgAuth) -> Json<Value> {
-    regions_in(&st).await
+pub async fn org_regions(State(st): State<AppState>, OrgAuth(_c): OrgAuth) -> Json<RegionList> {
+    regions_in(&st)
 }
 
 /// Organization properties: `{"properties": {"defaultRegion"}}`.
 #[utoipa::path(get, path = "/v1/properties", tag = "organization", operation_id = "get_properties",
-    responses((status = 200, description = "{\"properties\": {\"defaultRegion\"}}", body = Object),
+    responses((status = 200, description = "The org's property values", body = Properties),
               (status = 401, body = super::error::ErrorBody)),
     security(("PrivateKeyAuth" = [])))]
 pub async fn properties(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(
-        orgs::properties(&st.store, &st.defaults, &c.org)
-            .await
-            .map_err(nf)?,
-    ))
+) -> ApiResult<Json<Properties>> {
+    let p = orgs::properties(&st.store, &st.defaults, &c.org)
+        .await
+        .map_err(nf)?;
+    Ok(Json(Properties::of(p)))
 }
 
 /// Organization properties with their schema.
 #[utoipa::path(get, path = "/v1/properties/schema", tag = "organization",
     operation_id = "get_properties_schema",
-    responses((status = 200, description = "{\"properties\": {name: {type, description, readOnly, currentValue, default, availableValues}}}", body = Object),
+    responses((status = 200, description = "The org's properties with their schemas", body = PropertiesSchema),
               (status = 401, body = super::error::ErrorBody)),
     security(("PrivateKeyAuth" = [])))]
 pub async fn properties_schema(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(
-        orgs::properties_schema(&st.store, &st.defaults, &c.org)
-            .await
-            .map_err(nf)?,
-    ))
+) -> ApiResult<Json<PropertiesSchema>> {
+    let p = orgs::properties(&st.store, &st.defaults, &c.org)
+        .await
+        .map_err(nf)?;
+    Ok(Json(PropertiesSchema::of(p)))
 }
 
 /// Update organization properties (`{"defaultRegion": "..."}`); answers the schema form.
 #[utoipa::path(patch, path = "/v1/properties", tag = "organization", operation_id = "update_properties",
     request_body = Object,
-    responses((status = 200, description = "the schema form", body = Object),
+    responses((status = 200, description = "the schema form", body = PropertiesSchema),
               (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody)),
     security(("PrivateKeyAuth" = [])))]
 pub async fn update_properties(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
     ApiJson(patch): ApiJson<Value>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(
-        orgs::update_properties(&st.store, &st.defaults, &c.org, &patch)
-            .await
-            .map_err(nf)?,
-    ))
+) -> ApiResult<Json<PropertiesSchema>> {
+    let p = orgs::update_properties(&st.store, &st.defaults, &c.org, &patch)
+        .await
+        .map_err(nf)?;
+    Ok(Json(PropertiesSchema::of(p)))
 }
 
 /// `GET /v1/organizations/{org}/properties`.
 pub async fn org_properties(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Properties>> {
     properties(State(st), PrivateAuth(c)).await
 }
 
@@ -270,7 +267,7 @@ pub async fn org_properties(
 pub async fn org_properties_schema(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<PropertiesSchema>> {
     properties_schema(State(st), PrivateAuth(c)).await
 }
 
@@ -279,7 +276,7 @@ pub async fn org_update_properties(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
     body: ApiJson<Value>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<PropertiesSchema>> {
     update_properties(State(st), PrivateAuth(c), body).await
 }
 

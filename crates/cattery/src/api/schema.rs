@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::core::health::{self, HealthState};
+use crate::core::orgs::{DefaultRegionProperty, RegionInfo};
 use crate::core::session::PoolStatus;
 use crate::model::{iso_ms, iso_ns, profile_limits, AgentRecord, DeploymentRecord, LogLine};
 use crate::model::{ApiKeyRecord, MetricSample, SessionRecord};
@@ -896,6 +897,125 @@ pub struct CurrentUser {
 pub struct DailyKey {
     /// The key.
     pub api_key: String,
+}
+
+/// One region (note the snake_case keys, reference §A.8).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Region {
+    /// Region code.
+    pub code: String,
+    /// The architecture instances get when they name none (the host's).
+    pub default_architecture: &'static str,
+    /// Display name.
+    pub display_name: String,
+    /// Architectures instances may run on (the host's only).
+    pub supported_architectures: Vec<&'static str>,
+}
+
+impl From<RegionInfo> for Region {
+    fn from(r: RegionInfo) -> Self {
+        Region {
+            code: r.code,
+            default_architecture: r.architecture,
+            display_name: r.display_name,
+            supported_architectures: vec![r.architecture],
+        }
+    }
+}
+
+/// `{"regions": [...]}`: the regions this server offers.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RegionList {
+    /// Regions, in configuration order.
+    pub regions: Vec<Region>,
+}
+
+impl RegionList {
+    /// The body of the regions a server offers.
+    pub fn of(regions: Vec<RegionInfo>) -> Self {
+        RegionList {
+            regions: regions.into_iter().map(Region::from).collect(),
+        }
+    }
+}
+
+/// An org's property values.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PropertyValues {
+    /// Region for new agents and secret sets that name none.
+    pub default_region: String,
+}
+
+/// `{"properties": {"defaultRegion"}}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Properties {
+    /// The values.
+    pub properties: PropertyValues,
+}
+
+impl Properties {
+    /// The values of an org's properties.
+    pub fn of(p: DefaultRegionProperty) -> Self {
+        Properties {
+            properties: PropertyValues {
+                default_region: p.current,
+            },
+        }
+    }
+}
+
+/// One property with its schema.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PropertySchema {
+    /// Values it may take.
+    pub available_values: Vec<String>,
+    /// Value in effect.
+    pub current_value: String,
+    /// Value when the org sets none.
+    pub default: String,
+    /// What it is for.
+    pub description: &'static str,
+    /// Whether it is read-only (false: the org may change it).
+    pub read_only: bool,
+    /// JSON type of its value (`string`).
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+}
+
+/// An org's properties with their schemas.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PropertySchemas {
+    /// `defaultRegion`.
+    pub default_region: PropertySchema,
+}
+
+/// `{"properties": {name: {availableValues, currentValue, default, description, readOnly,
+/// type}}}`: the answer of the properties schema and of a properties update.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PropertiesSchema {
+    /// The properties.
+    pub properties: PropertySchemas,
+}
+
+impl PropertiesSchema {
+    /// The schema form of an org's properties.
+    pub fn of(p: DefaultRegionProperty) -> Self {
+        PropertiesSchema {
+            properties: PropertySchemas {
+                default_region: PropertySchema {
+                    available_values: p.available,
+                    current_value: p.current,
+                    default: p.default,
+                    description: "Region used for new agents and secret sets that name none",
+                    read_only: false,
+                    kind: "string",
+                },
+            },
+        }
+    }
 }
 
 #[cfg(test)]

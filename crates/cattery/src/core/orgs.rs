@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use super::{CoreError, CoreResult};
 use crate::store::{OrgRecord, Store};
@@ -35,23 +35,29 @@ pub fn host_architecture() -> &'static str {
     }
 }
 
-/// `{"regions": [{"code", "display_name", "supported_architectures", "default_architecture"}]}`
-/// (note the snake_case keys, reference §A.8).
-pub fn regions_json(defaults: &AgentDefaults) -> Value {
-    let arch = host_architecture();
-    let list: Vec<Value> = defaults
+/// One region this server offers (the wire form is `api::schema::Region`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// Region code (`local`, `us-west`, ...).
+    pub code: String,
+    /// Display name ([`region_display_name`]).
+    pub display_name: String,
+    /// The one architecture instances run on ([`host_architecture`]).
+    pub architecture: &'static str,
+}
+
+/// The regions this server offers, in configuration order (reference §A.8).
+pub fn regions(defaults: &AgentDefaults) -> Vec<RegionInfo> {
+    let architecture = host_architecture();
+    defaults
         .regions
         .iter()
-        .map(|c| {
-            json!({
-                "code": c,
-                "display_name": region_display_name(c),
-                "supported_architectures": [arch],
-                "default_architecture": arch,
-            })
+        .map(|c| RegionInfo {
+            code: c.clone(),
+            display_name: region_display_name(c),
+            architecture,
         })
-        .collect();
-    json!({ "regions": list })
+        .collect()
 }
 
 /// Server-side defaults for agents and secret sets.
@@ -96,38 +102,37 @@ fn effective_default(rec: &OrgRecord, server: &AgentDefaults) -> String {
         .to_string()
 }
 
-/// `{"properties": {"defaultRegion": ...}}` (values only).
+/// An org's one property, `defaultRegion`: its value and what it may be (the wire forms are
+/// `api::schema::Properties` and `api::schema::PropertiesSchema`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefaultRegionProperty {
+    /// The region in effect for the org (its own choice, or the server's default).
+    pub current: String,
+    /// The server's default region.
+    pub default: String,
+    /// The regions the org may choose.
+    pub available: Vec<String>,
+}
+
+/// The org's properties. Errors: 404 for an unknown org; storage errors.
 pub async fn properties(
     store: &Arc<dyn Store>,
     server: &AgentDefaults,
     org: &str,
-) -> CoreResult<Value> {
+) -> CoreResult<DefaultRegionProperty> {
     let rec = org_record(store, org).await?;
-    Ok(json!({"properties": {"defaultRegion": effective_default(&rec, server)}}))
+    Ok(property_of(&rec, server))
 }
 
-/// `{"properties": {name: {type, description, readOnly, currentValue, default, availableValues}}}`.
-pub async fn properties_schema(
-    store: &Arc<dyn Store>,
-    server: &AgentDefaults,
-    org: &str,
-) -> CoreResult<Value> {
-    let rec = org_record(store, org).await?;
-    Ok(schema_of(&rec, server))
+fn property_of(rec: &OrgRecord, server: &AgentDefaults) -> DefaultRegionProperty {
+    DefaultRegionProperty {
+        current: effective_default(rec, server),
+        default: server.default_region.clone(),
+        available: server.regions.clone(),
+    }
 }
 
-fn schema_of(rec: &OrgRecord, server: &AgentDefaults) -> Value {
-    json!({"properties": {"defaultRegion": {
-        "type": "string",
-        "description": "Region used for new agents and secret sets that name none",
-        "readOnly": false,
-        "currentValue": effective_default(rec, server),
-        "default": server.default_region,
-        "availableValues": server.regions,
-    }}})
-}
-
-/// `PATCH .../properties`: sets the given properties and answers the schema form.
+/// `PATCH .../properties`: sets the given properties and answers them as they now are.
 ///
 /// Errors (400): not an object, empty update, unknown property (only `defaultRegion` exists),
 /// a value that is not a string, a region the server does not offer (the message lists them).
@@ -136,7 +141,7 @@ pub async fn update_properties(
     server: &AgentDefaults,
     org: &str,
     patch: &Value,
-) -> CoreResult<Value> {
+) -> CoreResult<DefaultRegionProperty> {
     let mut rec = org_record(store, org).await?;
     let obj = patch
         .as_object()
@@ -170,5 +175,5 @@ pub async fn update_properties(
     }
     rec.properties = Value::Object(props);
     store.set_org_properties(org, &rec.properties).await?;
-    Ok(schema_of(&rec, server))
+    Ok(property_of(&rec, server))
 }
