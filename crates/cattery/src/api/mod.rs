@@ -16,6 +16,8 @@ pub mod router;
 pub mod schema;
 pub mod secrets;
 pub mod sessions;
+#[cfg(test)]
+mod tests;
 pub mod ws;
 
 use std::sync::Arc;

@@ -1,0 +1,382 @@
+//! In-process API tests: the router built as `cattery serve` builds it ([`crate::serve::app_state`])
+//! over a real SQLite store in a temp dir and the fake runtime ([`crate::runtime::fake`]),
+//! driven with `tower::ServiceExt::oneshot`. No binary, no socket of its own, no process.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use axum::Router;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tower::ServiceExt;
+
+use crate::config::Config;
+use crate::core::keys::issue_key;
+use crate::model::KeyKind;
+use crate::runtime::fake::FakeRuntime;
+use crate::serve::{app_state, open_store, DEFAULT_ORG};
+
+/// A router over a fresh store and a fake runtime, with a private and a public key.
+struct Api {
+    _dir: tempfile::TempDir,
+    app: Router,
+    fake: FakeRuntime,
+    sk: String,
+    pk: String,
+}
+
+/// An answer: status and JSON body (`Value::Null` when the body is not JSON).
+struct Answer {
+    status: StatusCode,
+    body: Value,
+}
+
+async fn api() -> Api {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.server.data_dir = dir.path().to_path_buf();
+    config.sessions.stop_grace_seconds = 0.5;
+    config.sessions.start_timeout_seconds = 5.0;
+    let store = open_store(&config.store, dir.path()).await.unwrap();
+    let fake = FakeRuntime::new();
+    let (logs, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let state = app_state(
+        &config,
+        dir.path(),
+        store.clone(),
+        Arc::new(fake.clone()),
+        logs,
+    )
+    .unwrap();
+    state.sup.recover().await.unwrap();
+    let (_, sk) = issue_key(store.as_ref(), DEFAULT_ORG, KeyKind::Private, "sk")
+        .await
+        .unwrap();
+    let (_, pk) = issue_key(store.as_ref(), DEFAULT_ORG, KeyKind::Public, "pk")
+        .await
+        .unwrap();
+    Api {
+        _dir: dir,
+        app: super::router(state),
+        fake,
+        sk,
+        pk,
+    }
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> Answer {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let body = match body {
+            Some(b) => {
+                req = req.header("content-type", "application/json");
+                Body::from(serde_json::to_vec(&b).unwrap())
+            }
+            None => Body::empty(),
+        };
+        let resp = self
+            .app
+            .clone()
+            .oneshot(req.body(body).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        Answer {
+            status,
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        }
+    }
+
+    async fn get(&self, uri: &str) -> Answer {
+        self.call(Method::GET, uri, Some(&self.sk), None).await
+    }
+
+    /// Creates agent `name` running the fake script `script` with `extra` fields; asserts 200.
+    async fn deploy(&self, name: &str, script: &[&str], extra: Value) {
+        let mut body = json!({
+            "serviceName": name,
+            "command": std::iter::once("fake").chain(script.iter().copied()).collect::<Vec<_>>(),
+        });
+        if let (Some(b), Some(x)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(x.clone());
+        }
+        let r = self
+            .call(Method::POST, "/v1/agents", Some(&self.sk), Some(body))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+
+    async fn start(&self, name: &str) -> Answer {
+        let uri = format!("/v1/public/{name}/start");
+        self.call(Method::POST, &uri, Some(&self.pk), Some(json!({})))
+            .await
+    }
+
+    /// Starts a session of `name`; asserts 200 and returns its id.
+    async fn start_ok(&self, name: &str) -> String {
+        let r = self.start(name).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        r.body["sessionId"].as_str().unwrap().to_string()
+    }
+
+    async fn stop(&self, name: &str, id: &str) -> Answer {
+        let uri = format!("/v1/agents/{name}/sessions/{id}");
+        self.call(Method::DELETE, &uri, Some(&self.sk), None).await
+    }
+}
+
+/// Asserts the error body shape of this API: `{error, code}` with both strings.
+fn assert_error(r: &Answer, status: StatusCode, code: &str) {
+    assert_eq!(r.status, status, "{}", r.body);
+    assert_eq!(r.body["code"], code, "{}", r.body);
+    assert!(r.body["error"].is_string(), "{}", r.body);
+}
+
+/// Create an agent, start a session, read it, stop it: the stop answers 200 `terminated`
+/// only once the instance is gone, and the session reads as ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_start_get_stop() {
+    let a = api().await;
+    a.deploy("hello", &[], json!({})).await;
+    let r = a.get("/v1/agents/hello").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["name"], "hello", "{}", r.body);
+
+    let id = a.start_ok("hello").await;
+    assert_eq!(a.fake.starts(), 1);
+    let r = a.get(&format!("/v1/agents/hello/sessions/{id}")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["sessionId"], id.as_str());
+    assert_eq!(r.body["serviceName"], "hello");
+    assert!(r.body["endedAt"].is_null(), "{}", r.body);
+
+    let r = a.stop("hello", &id).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body, json!({"session_id": id, "status": "terminated"}));
+    // The answer came after the terminate: nothing of the instance is left.
+    assert!(a.fake.live().is_empty(), "{:?}", a.fake.events());
+    assert!(a.fake.events().iter().any(|e| e.starts_with("gone ")));
+    let r = a.get(&format!("/v1/agents/hello/sessions/{id}")).await;
+    assert!(r.body["endedAt"].is_string(), "{}", r.body);
+    assert!(r.body["endReason"].is_string(), "{}", r.body);
+    // Stopping an ended session answers the same 200 again.
+    let again = a.stop("hello", &id).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.body["status"], "terminated");
+}
+
+/// At `maxAgents` a start answers 429 with the rate-limit body; a stop makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_at_max_agents_is_429() {
+    let a = api().await;
+    a.deploy("cap", &[], json!({"autoScaling": {"maxAgents": 1}}))
+        .await;
+    let first = a.start_ok("cap").await;
+    let r = a.start("cap").await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
+    assert_eq!(r.body["status"], 429);
+    assert_eq!(r.body["code"], "429");
+    assert!(r.body["message"].is_string() && r.body["error"].is_string());
+    assert_eq!(a.fake.starts(), 1, "no instance started over the cap");
+    assert_eq!(a.stop("cap", &first).await.status, StatusCode::OK);
+    a.start_ok("cap").await;
+}
+
+/// 404 and 400 answers carry `{error, code}`, never a bare or text body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_bodies() {
+    let a = api().await;
+    assert_error(
+        &a.get("/v1/agents/nope").await,
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+    );
+    assert_error(
+        &a.get("/v1/no/such/route").await,
+        StatusCode::NOT_FOUND,
+        "404",
+    );
+    let r = a.start("nope").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    assert!(r.body["error"].is_string() && r.body["code"].is_string());
+    a.deploy("err", &[], json!({})).await;
+    assert_error(
+        &a.get("/v1/agents/err/sessions/not-a-uuid").await,
+        StatusCode::BAD_REQUEST,
+        "400",
+    );
+    let unknown = uuid::Uuid::new_v4();
+    assert_error(
+        &a.get(&format!("/v1/agents/err/sessions/{unknown}")).await,
+        StatusCode::NOT_FOUND,
+        "404",
+    );
+    let r = a
+        .call(Method::POST, "/v1/agents", Some(&a.sk), Some(json!([1])))
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+    let r = a
+        .call(
+            Method::POST,
+            "/v1/agents",
+            Some(&a.sk),
+            Some(json!({"serviceName": "Bad Name!", "command": ["fake"]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(r.body["error"].is_string() && r.body["code"].is_string());
+    let r = a.call(Method::GET, "/v1/agents", None, None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    assert!(r.body["error"].is_string() && r.body["code"].is_string());
+    let r = a.get("/v1/agents/err/sessions?status=sideways").await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "400");
+}
+
+/// `status`, `startType`, `deploymentId`, `limit` and `offset` filter the session list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_list_filters() {
+    let a = api().await;
+    a.deploy("filt", &[], json!({})).await;
+    let ended = a.start_ok("filt").await;
+    assert_eq!(a.stop("filt", &ended).await.status, StatusCode::OK);
+    let active = a.start_ok("filt").await;
+    let ids = |r: &Answer| -> Vec<String> {
+        r.body["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["sessionId"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let all = a.get("/v1/agents/filt/sessions").await;
+    assert_eq!(all.status, StatusCode::OK, "{}", all.body);
+    assert_eq!(all.body["total_count"], 2);
+    assert_eq!(
+        ids(&all),
+        vec![active.clone(), ended.clone()],
+        "newest first"
+    );
+    let r = a.get("/v1/agents/filt/sessions?status=active").await;
+    assert_eq!(
+        (ids(&r), &r.body["total_count"]),
+        (vec![active.clone()], &json!(1))
+    );
+    let r = a.get("/v1/agents/filt/sessions?status=ended").await;
+    assert_eq!(ids(&r), vec![ended.clone()]);
+    let r = a.get("/v1/agents/filt/sessions?startType=cold").await;
+    assert_eq!(
+        r.body["total_count"], 2,
+        "both started an instance: {}",
+        r.body
+    );
+    let r = a.get("/v1/agents/filt/sessions?startType=warm").await;
+    assert_eq!(r.body["total_count"], 0, "{}", r.body);
+    let r = a.get("/v1/agents/filt/sessions?limit=1&offset=1").await;
+    assert_eq!(
+        (ids(&r), &r.body["total_count"]),
+        (vec![ended.clone()], &json!(2))
+    );
+    let dep = all.body["sessions"][0]["deploymentId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = a
+        .get(&format!("/v1/agents/filt/sessions?deploymentId={dep}"))
+        .await;
+    assert_eq!(r.body["total_count"], 2, "{}", r.body);
+    let other = uuid::Uuid::new_v4();
+    let r = a
+        .get(&format!("/v1/agents/filt/sessions?deploymentId={other}"))
+        .await;
+    assert_eq!(r.body["total_count"], 0, "{}", r.body);
+    let r = a.get("/v1/agents/filt/sessions?startTime=4102444800").await;
+    assert_eq!(r.body["total_count"], 0, "nothing from 2100 on: {}", r.body);
+    assert_eq!(a.stop("filt", &active).await.status, StatusCode::OK);
+}
+
+/// The served document is the generated one (whatever the store holds), needs no key, and
+/// every documented operation is routed: a request to it never falls through to the
+/// router's "no such route" or "method not allowed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_is_served_and_routed() {
+    let a = api().await;
+    let r = a.call(Method::GET, "/v1/openapi.json", None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        r.body,
+        serde_json::to_value(super::router::openapi()).unwrap()
+    );
+    let paths = r.body["paths"].as_object().unwrap();
+    assert!(paths.len() >= 10, "{:?}", paths.keys());
+    for (path, item) in paths {
+        // Placeholders become plain segments; `{*path}`-like tails are not in the document.
+        let uri = path
+            .split('/')
+            .map(|seg| if seg.starts_with('{') { "x" } else { seg })
+            .collect::<Vec<_>>()
+            .join("/");
+        for method in ["get", "post", "put", "patch", "delete"] {
+            if item.get(method).is_none() {
+                continue;
+            }
+            let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let r = a.call(m, &uri, None, None).await;
+            assert_ne!(r.body["error"], "no such route", "{method} {path}");
+            assert_ne!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        }
+    }
+}
+
+/// Regions and properties keep their wire form (snake_case region keys; the schema form of
+/// a properties update).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regions_and_properties() {
+    let a = api().await;
+    let r = a.get("/v1/regions").await;
+    let arch = crate::core::orgs::host_architecture();
+    assert_eq!(
+        r.body,
+        json!({"regions": [{"code": "local", "display_name": "Local (this server)",
+            "supported_architectures": [arch], "default_architecture": arch}]})
+    );
+    let r = a.get("/v1/properties").await;
+    assert_eq!(r.body, json!({"properties": {"defaultRegion": "local"}}));
+    let schema = json!({"properties": {"defaultRegion": {
+        "type": "string",
+        "description": "Region used for new agents and secret sets that name none",
+        "readOnly": false, "currentValue": "local", "default": "local",
+        "availableValues": ["local"]}}});
+    assert_eq!(a.get("/v1/properties/schema").await.body, schema);
+    let r = a
+        .call(
+            Method::PATCH,
+            "/v1/properties",
+            Some(&a.sk),
+            Some(json!({"defaultRegion": "local"})),
+        )
+        .await;
+    assert_eq!((r.status, r.body), (StatusCode::OK, schema));
+    let r = a
+        .call(
+            Method::PATCH,
+            "/v1/properties",
+            Some(&a.sk),
+            Some(json!({"defaultRegion": "mars"})),
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+}
