@@ -265,7 +265,9 @@ async fn handle(
                         req.headers_mut().insert(k, v);
                     }
                 }
-                let (inst, _) = tokio_tungstenite::connect_async(req)
+                // Nagle off on the instance leg too (the client leg is set at accept): a voice
+                // frame must not wait for the ACK of the one before it.
+                let (inst, _) = tokio_tungstenite::connect_async_with_config(req, None, true)
                     .await
                     .map_err(|e| format!("instance /ws refused: {e}"))?;
                 Ok(Box::pin(relay(client, early, inst, idle)) as OutcomeFuture)
