@@ -91,6 +91,24 @@ impl PendingEnds {
         });
     }
 
+    /// Waits (up to `max` in all) until every end being written is committed; logs those that
+    /// are not (the next start records them `lost`).
+    pub async fn all_committed(&self, max: Duration) {
+        let all: Vec<(Uuid, watch::Receiver<Commit>)> = self
+            .map
+            .lock()
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        let deadline = tokio::time::Instant::now() + max;
+        for (sid, mut rx) in all {
+            let wait = rx.wait_for(|c| matches!(c, Commit::Done));
+            if tokio::time::timeout_at(deadline, wait).await.is_err() {
+                tracing::error!(session = %sid, "the end of the session could not be recorded before exiting");
+            }
+        }
+    }
+
     /// Whether the end of `session` is still being written.
     pub fn has(&self, session: Uuid) -> bool {
         self.map.lock().contains_key(&session)

@@ -296,5 +296,9 @@ impl Supervisor {
             let mut d = c.done.clone();
             let _ = d.wait_for(|v| *v).await;
         }
+        // Ends the store refused are written again meanwhile: give them a bounded chance.
+        self.pending_ends
+            .all_committed(super::pending::STOP_COMMIT_WAIT)
+            .await;
     }
 }
