@@ -215,6 +215,8 @@ impl Supervisor {
                 ),
             );
         }
+        // Its address is known from now on (`session_addr`), not only once the actor runs.
+        let _ = ctl.instance.set(inst.clone());
         tokio::spawn(actor::run(
             self.clone(),
             ctl,
