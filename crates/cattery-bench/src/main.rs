@@ -6,6 +6,7 @@
 //! target/release/cattery-bench --quick                  # about a minute on 2 cores
 //! target/release/cattery-bench --json bench/results/x.json   # the full run, under 10 minutes
 //! target/release/cattery-bench soak --cycles 2000       # load and fault run
+//! target/release/cattery-bench soak --cycles 20000 --crash-sessions 100   # the trial's size
 //! ```
 //!
 //! Every run starts its own `cattery serve` on a temporary data dir and a free loopback port,
@@ -107,6 +108,10 @@ struct SoakArgs {
     /// Seed of the random mix.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Live sessions held through a SIGKILL of the server and its restart (the crash test:
+    /// every one re-adopted, still active, then stopped); 0: no crash test.
+    #[arg(long, default_value_t = 0)]
+    crash_sessions: usize,
     #[command(flatten)]
     common: Common,
 }
@@ -308,6 +313,7 @@ async fn run_soak(a: SoakArgs) -> anyhow::Result<bool> {
         cycles: a.cycles,
         concurrency: a.concurrency.max(1),
         seed: a.seed,
+        crash_sessions: a.crash_sessions,
     };
     if let Err(e) = soak::run(&mut srv, &s.tag, &plan, &mut s.report).await {
         s.report.error(format!("soak failed: {e:#}"));

@@ -276,6 +276,16 @@ impl Server {
         }
     }
 
+    /// SIGKILLs the server (a crash: no drain, its instances live on), then starts it again
+    /// on the same data dir (new port).
+    pub async fn crash_and_restart(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        self.launch().await
+    }
+
     /// Starts the server again on the same data dir (new port).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         if self.child.is_some() {

@@ -1,6 +1,10 @@
 //! The soak: thousands of start/stop cycles over agents that misbehave in different ways, then
 //! an audit: leaked processes, directories and cgroups, lost or duplicated session records,
 //! sessions without an end, 5xx answers, zombies, and a clean server exit.
+//!
+//! With `--crash-sessions N` the crash test runs after the churn: N live sessions, a SIGKILL
+//! of the server, a restart on the same data dir; every session must still be active (its
+//! process the same), then stop with 200. Its sessions join the churn's audit.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,6 +28,8 @@ pub struct SoakPlan {
     pub concurrency: usize,
     /// Seed of the random mix (same seed, same sequence per worker).
     pub seed: u64,
+    /// Sessions held live through a SIGKILL of the server (0: no crash test).
+    pub crash_sessions: usize,
 }
 
 /// One kind of agent in the mix.
@@ -35,7 +41,10 @@ struct Kind {
     expected: &'static [&'static str],
 }
 
-const KINDS: [Kind; 4] = [
+/// The kinds the churn picks from (the last one of [`KINDS`] is the crash test's).
+const CHURN_KINDS: usize = 4;
+
+const KINDS: [Kind; 5] = [
     Kind {
         name: "soak-coop",
         switches: &[],
@@ -59,6 +68,13 @@ const KINDS: [Kind; 4] = [
         switches: &["--exit-after", "0.05"],
         grace_s: 2.0,
         expected: &["stopped", "completed"],
+    },
+    Kind {
+        name: "soak-crash",
+        // A session outlives the `/bot` connection the crash breaks, as a real bot's does.
+        switches: &["--ignore-transport-close"],
+        grace_s: 5.0,
+        expected: &["stopped"],
     },
 ];
 
@@ -85,11 +101,14 @@ pub async fn run(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let pool = 4u32;
-    for k in &KINDS {
+    for k in &KINDS[..CHURN_KINDS] {
         srv.deploy(k.name, k.switches, pool, 1000, k.grace_s, tag)
             .await?;
     }
-    for k in &KINDS {
+    let crash = &KINDS[CHURN_KINDS];
+    srv.deploy(crash.name, crash.switches, 0, 1000, crash.grace_s, tag)
+        .await?;
+    for k in &KINDS[..CHURN_KINDS] {
         srv.wait_idle(k.name, u64::from(pool), Duration::from_secs(60))
             .await?;
     }
@@ -132,6 +151,13 @@ pub async fn run(
         .count();
 
     wait_all_ended(srv, report).await;
+    let crashed = if plan.crash_sessions > 0 {
+        crash_test(srv, tag, plan.crash_sessions, &tally, report).await?
+    } else {
+        Vec::new()
+    };
+    let crash_started = crashed.len();
+    started.extend(crashed.into_iter().map(|id| (CHURN_KINDS, id)));
     let rec = audit_records(srv, &started, report).await?;
     let left = audit_leftovers(srv, tag, report).await;
     let (ok, c4, c5, tr) = srv.counters.snapshot();
@@ -143,7 +169,7 @@ pub async fn run(
     };
     let after_exit = sys::pids_with_env("CATTERY_BENCH_TAG", tag).len();
     let f = Figures {
-        started: started.len(),
+        started: started.len() - crash_started,
         wall,
         dup_answers,
         rec,
@@ -171,7 +197,7 @@ async fn worker(
     let mut started: Vec<(usize, String)> = Vec::new();
     let mut errors: Vec<String> = Vec::new();
     while next.fetch_add(1, Ordering::Relaxed) < total {
-        let ki = rng.random_range(0..KINDS.len());
+        let ki = rng.random_range(0..CHURN_KINDS);
         let k = &KINDS[ki];
         let r = srv.start_session(k.name).await;
         tally.add("start", r.status);
@@ -219,6 +245,113 @@ async fn worker(
         }
     }
     (started, errors)
+}
+
+/// The crash test: `n` live sessions, a SIGKILL of the server, a restart; every session must
+/// be re-adopted (still active, its process still there) and stoppable. Returns the sessions
+/// started (their records and leftovers are audited with the churn's).
+async fn crash_test(
+    srv: &mut Arc<Server>,
+    tag: &str,
+    n: usize,
+    tally: &Tally,
+    report: &mut Report,
+) -> anyhow::Result<Vec<String>> {
+    let name = KINDS[CHURN_KINDS].name;
+    let t0 = Instant::now();
+    let starts = join_all((0..n).map(|_| srv.start_session(name))).await;
+    let mut ids = Vec::new();
+    for r in starts {
+        tally.add("crash start", r.status);
+        match r.body["sessionId"].as_str().filter(|_| r.ok()) {
+            Some(id) => ids.push(id.to_string()),
+            None => report.error(format!("crash test start: HTTP {} {}", r.status, r.body)),
+        }
+    }
+    let live_before = agent_pids(tag, name);
+    let Some(s) = Arc::get_mut(srv) else {
+        anyhow::bail!("the server is still shared; cannot crash it");
+    };
+    s.crash_and_restart().await?;
+    let restarted = t0.elapsed().as_secs_f64();
+    let live_after = agent_pids(tag, name);
+    if live_after.len() < ids.len() || live_after != live_before {
+        report.error(format!(
+            "crash test: {} agent processes before the SIGKILL, {} after the restart",
+            live_before.len(),
+            live_after.len()
+        ));
+    }
+    let mut not_active = 0;
+    for id in &ids {
+        let g = srv.get(&format!("/v1/agents/{name}/sessions/{id}")).await;
+        tally.add("crash get", g.status);
+        if !g.ok() || !g.body["endedAt"].is_null() {
+            not_active += 1;
+            if not_active <= 5 {
+                report.error(format!(
+                    "crash test: session {id} not re-adopted: HTTP {} {}",
+                    g.status, g.body
+                ));
+            }
+        }
+    }
+    let stops = join_all(ids.iter().map(|id| srv.stop_session(name, id))).await;
+    let mut stop_failed = 0;
+    for s in stops {
+        tally.add("crash stop", s.status);
+        if !s.ok() {
+            stop_failed += 1;
+            if stop_failed <= 5 {
+                report.error(format!("crash test stop: HTTP {} {}", s.status, s.body));
+            }
+        }
+    }
+    eprintln!(
+        "[bench] crash test: {} sessions, server SIGKILLed and restarted at {restarted:.1} s, {not_active} not re-adopted, {stop_failed} stops failed, {:.1} s in all",
+        ids.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    let z = Some(Target::le("value", 0.0));
+    report.scalar(
+        "crash_sessions",
+        "soak",
+        "sessions held through a SIGKILL of the server",
+        ids.len() as f64,
+        "sessions",
+        Some(Target::ge("value", n as f64)),
+        None,
+    );
+    report.scalar(
+        "crash_not_readopted",
+        "soak",
+        "sessions not re-adopted after the restart",
+        not_active as f64,
+        "",
+        z.clone(),
+        None,
+    );
+    report.scalar(
+        "crash_stop_failed",
+        "soak",
+        "stops of re-adopted sessions that failed",
+        stop_failed as f64,
+        "",
+        z,
+        None,
+    );
+    Ok(ids)
+}
+
+/// The pids of `agent`'s processes of this run.
+fn agent_pids(tag: &str, agent: &str) -> Vec<i32> {
+    let mine = sys::pids_with_env("CATTERY_BENCH_AGENT", agent);
+    let mut v: Vec<i32> = sys::pids_with_env("CATTERY_BENCH_TAG", tag)
+        .into_iter()
+        .filter(|p| mine.contains(p))
+        .collect();
+    v.sort_unstable();
+    v
 }
 
 /// Waits (up to 60 s) until every session has ended (the exit-after ones on their own).

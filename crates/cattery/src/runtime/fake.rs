@@ -10,7 +10,10 @@
 //!   it answers only when the session ends);
 //! - `exit-ms=N[:CODE]`: the instance exits with CODE (default 0) N ms after `/bot` arrives;
 //! - `stubborn`: SIGTERM is ignored; only the SIGKILL at the end of the grace ends it;
-//! - `oom`: an exit counts as killed for going over the memory limit.
+//! - `oom`: an exit counts as killed for going over the memory limit;
+//! - `port-clash=N`: while the runtime has made at most N starts, a new instance exits at
+//!   once (code 1) with an address-in-use error on its stderr, as an agent whose port was
+//!   taken before it could bind it.
 //!
 //! Anything else in `command` makes [`Runtime::prepare`] fail (`spawn`-like errors are
 //! simulated with `fail-start`). The runtime keeps every live instance, so a test can see
@@ -55,6 +58,8 @@ pub struct Script {
     pub oom: bool,
     /// `start` fails.
     pub fail_start: bool,
+    /// The first this many starts of the runtime exit with an address-in-use error.
+    pub port_clash: u32,
 }
 
 fn ms_and<T: std::str::FromStr>(v: &str, default: T) -> Result<(Duration, T), String> {
@@ -85,6 +90,7 @@ impl Script {
                 "stubborn" => s.stubborn = true,
                 "oom" => s.oom = true,
                 "fail-start" => s.fail_start = true,
+                "port-clash" => s.port_clash = v.parse().map_err(|_| format!("bad count {v}"))?,
                 _ => return Err(format!("unknown fake instance option {a}")),
             }
         }
@@ -162,12 +168,17 @@ impl Runtime for FakeRuntime {
         spec: InstanceSpec,
         _logs: LogSink,
     ) -> Result<Arc<dyn Instance>, RuntimeError> {
-        let script = Script::parse(&spec.args).map_err(RuntimeError::Setup)?;
+        let mut script = Script::parse(&spec.args).map_err(RuntimeError::Setup)?;
         if script.fail_start {
             return Err(RuntimeError::Setup("simulated start failure".into()));
         }
-        self.inner.starts.fetch_add(1, Ordering::SeqCst);
-        let inst = FakeInstance::start(spec.instance_id, script, self.clone())
+        let n = self.inner.starts.fetch_add(1, Ordering::SeqCst) + 1;
+        let clashed = n <= script.port_clash;
+        if clashed {
+            script.crash = Some((Duration::ZERO, 1));
+            script.ready_after = None;
+        }
+        let inst = FakeInstance::start(spec.instance_id, script, clashed, self.clone())
             .await
             .map_err(|e| RuntimeError::Setup(e.to_string()))?;
         self.event(format!("start {}", spec.instance_id));
@@ -211,6 +222,8 @@ pub struct FakeInstance {
     id: Uuid,
     addr: SocketAddr,
     script: Script,
+    /// Exited for an address-in-use error (`port-clash`).
+    clashed: bool,
     started: Instant,
     exit_tx: watch::Sender<Option<ExitInfo>>,
     server: Mutex<Option<tokio::task::AbortHandle>>,
@@ -222,7 +235,12 @@ pub struct FakeInstance {
 struct Srv(Arc<FakeInstance>);
 
 impl FakeInstance {
-    async fn start(id: Uuid, script: Script, runtime: FakeRuntime) -> std::io::Result<Arc<Self>> {
+    async fn start(
+        id: Uuid,
+        script: Script,
+        clashed: bool,
+        runtime: FakeRuntime,
+    ) -> std::io::Result<Arc<Self>> {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let (exit_tx, _) = watch::channel(None);
@@ -230,6 +248,7 @@ impl FakeInstance {
             id,
             addr,
             script,
+            clashed,
             started: Instant::now(),
             exit_tx,
             server: Mutex::new(None),
@@ -390,7 +409,14 @@ impl Instance for FakeInstance {
     }
 
     async fn stderr_tail(&self) -> String {
-        String::new()
+        if self.clashed {
+            format!(
+                "cannot bind 127.0.0.1:{}: Address already in use (os error 98)\n",
+                self.addr.port()
+            )
+        } else {
+            String::new()
+        }
     }
 
     async fn out_of_memory(&self) -> bool {

@@ -292,15 +292,63 @@ async fn a_full_disk_refuses_writes_keeps_sessions_and_heals_by_itself() {
     acked.sessions.push(("base".into(), sid2));
     assert_eq!(s.stop("base", &running).await.status, 200);
 
-    // A second episode, then a restart and the audit.
+    // A second episode with a stop during it, then a restart and the audit.
+    let stopped_full = s.start_ok("base").await;
     let filler = fill(&fs.path);
     writes_during_fault(&s, &mut acked, "STORAGE_FULL", 1).await;
+    stop_during_full_disk(&s, &stopped_full).await;
     std::fs::remove_file(&filler).unwrap();
     wait_healed(&s, &mut acked, "b").await;
+    stop_recorded_after_healing(&s, &stopped_full).await;
     // A SIGKILL, not a drain: what was acknowledged must be on disk already.
     s.kill9();
     s.spawn().await;
     audit(&s, &acked).await;
     let g = s.session("base", &running).await;
     assert_eq!(g["endReason"], "stopped", "{g}");
+    // The end written after the disk healed survived the restart (not `lost`).
+    let g = s.session("base", &stopped_full).await;
+    assert_eq!(g["endReason"], "stopped", "{g}");
+}
+
+/// A stop while the disk is full: the instance goes, but the stop is not reported done
+/// unless its end was committed (a 503 `STORAGE_FULL` after a bounded wait), and the session
+/// is never recorded `lost` meanwhile.
+async fn stop_during_full_disk(s: &Server, sid: &str) {
+    let t0 = Instant::now();
+    let r = s.stop("base", sid).await;
+    let took = t0.elapsed();
+    eprintln!(
+        "a stop during a full disk: HTTP {} after {took:?}",
+        r.status
+    );
+    if r.status != 200 {
+        assert_refused(&r, "STORAGE_FULL", "a stop during a full disk");
+        assert!(took < Duration::from_secs(15), "the stop took {took:?}");
+        // A second stop waits for the same end: the same answer, never `lost`.
+        let r = s.stop("base", sid).await;
+        if r.status != 200 {
+            assert_refused(&r, "STORAGE_FULL", "a second stop during a full disk");
+        }
+    }
+    let g = s.session("base", sid).await;
+    assert_ne!(g["endReason"], "lost", "{g}");
+}
+
+/// Once the store heals, the kept end is written by itself: a `GET` sees it and a `DELETE`
+/// answers 200.
+async fn stop_recorded_after_healing(s: &Server, sid: &str) {
+    let t0 = Instant::now();
+    loop {
+        let g = s.session("base", sid).await;
+        if g["endReason"] == "stopped" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the end of the stop was not recorded after healing: {g}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(s.stop("base", sid).await.status, 200);
 }

@@ -89,8 +89,8 @@ pub(super) async fn run(sup: Arc<Supervisor>, ctl: Arc<InstanceCtl>, mb: Mailbox
             }
         }
     };
-    let _ = a.ctl.instance.set(inst.clone());
-    let mut ending = match a.life(&inst, adopted_busy).await {
+    let mut inst = inst;
+    let mut ending = match a.life(&mut inst, adopted_busy).await {
         Ok(e) | Err(e) => e,
     };
     ending
@@ -103,14 +103,14 @@ impl Actor {
     /// The phases in order; returns the ending (`Err` when a phase ended the instance early).
     async fn life(
         &mut self,
-        inst: &Arc<dyn Instance>,
+        inst: &mut Arc<dyn Instance>,
         adopted_busy: bool,
     ) -> Result<Ending, Ending> {
         if !adopted_busy {
             let sid = self.session.map(|s| s.0);
             self.sup.persist_instance(&self.ctl, inst, sid).await;
             self.recorded_session = sid;
-            self.starting(inst).await?;
+            self.start_until_ready(inst).await?;
             self.sup.record_ready(&self.ctl);
             self.sup.platform_log(
                 &self.ctl,
@@ -124,6 +124,8 @@ impl Actor {
                 self.idle(inst).await?;
             }
         }
+        let _ = self.ctl.instance.set(inst.clone());
+        let inst: &Arc<dyn Instance> = inst;
         self.ctl.set_state(InstState::Busy);
         let (sid, deadline) = self.session.expect("busy instance has a session");
         let bot = match self.delivery.take() {
@@ -140,9 +142,47 @@ impl Actor {
         self.delivery = Some(d);
     }
 
+    /// Starting, with a fresh port when the agent could not bind its own: an instance that
+    /// exits before it is ready with an address-in-use error (another program, or a server
+    /// not sharing this one's reservations, took the port between its reservation and the
+    /// agent's bind) is cleaned up and started again on a new port, up to
+    /// [`PORT_CLASH_RETRIES`] times, within the same start and unseen by its client.
+    async fn start_until_ready(&mut self, inst: &mut Arc<dyn Instance>) -> Result<(), Ending> {
+        let mut retries = 0;
+        while self.starting(inst, retries < PORT_CLASH_RETRIES).await? == Started::PortClash {
+            retries += 1;
+            let port = inst.endpoint().port();
+            inst.terminate(Duration::ZERO).await;
+            self.sup.platform_log(
+                &self.ctl,
+                format!(
+                    "[cattery] instance {} could not bind port {port} (address in use); starting it again on another port",
+                    self.ctl.id
+                ),
+            );
+            let sid = self.session.map(|s| s.0);
+            match self.sup.spawn_instance(&self.ctl, sid).await {
+                Ok(i) => *inst = i,
+                Err(e) => {
+                    self.sup
+                        .record_failure(&self.ctl, "spawn_failed", None, e.clone());
+                    return Err(Ending::start_failed("SPAWN_FAILED", e, None));
+                }
+            }
+            self.sup.persist_instance(&self.ctl, inst, sid).await;
+            self.recorded_session = sid;
+        }
+        Ok(())
+    }
+
     /// Starting: waits for `/readyz` 200, a stop, an exit, or a deadline. A warm instance
     /// may be claimed by a session meanwhile (it then gets the session as soon as it is ready).
-    async fn starting(&mut self, inst: &Arc<dyn Instance>) -> Result<(), Ending> {
+    /// With `may_retry`, an exit that says the port was taken is [`Started::PortClash`].
+    async fn starting(
+        &mut self,
+        inst: &Arc<dyn Instance>,
+        may_retry: bool,
+    ) -> Result<Started, Ending> {
         let start_deadline = Instant::now() + self.sup.cfg.start_timeout;
         let (sup, ctl) = (self.sup.clone(), self.ctl.clone());
         let ready = wait_ready(&sup, &ctl, inst);
@@ -170,6 +210,9 @@ impl Actor {
                 },
                 ex = inst.wait_exit() => {
                     let tail = inst.stderr_tail().await;
+                    if may_retry && is_port_clash(&tail) {
+                        return Ok(Started::PortClash);
+                    }
                     self.sup.record_failure(&self.ctl, "exited", Some(ex), tail.clone());
                     let msg = format!("instance exited before it was ready ({}){}", ex.describe(),
                         if tail.is_empty() { String::new() } else { format!("; stderr: {}", tail.trim()) });
@@ -186,7 +229,7 @@ impl Actor {
                 }
                 conn = &mut ready => {
                     self.ready_conn = conn;
-                    return Ok(());
+                    return Ok(Started::Ready);
                 }
             }
         }
@@ -410,6 +453,25 @@ async fn exited_while_serving(
     e.exit = Some(ex);
     e.message = Some(format!("the instance exited ({})", ex.describe()));
     e
+}
+
+/// How many times a start is tried again on a fresh port (see `Actor::start_until_ready`).
+const PORT_CLASH_RETRIES: u32 = 3;
+
+/// How the starting phase ended when it did not end the instance.
+#[derive(Debug, PartialEq, Eq)]
+enum Started {
+    Ready,
+    /// The instance exited because its port was taken; worth another port.
+    PortClash,
+}
+
+/// Whether an instance's stderr says it could not bind its port because it was in use (the
+/// messages of Rust, Python (`[Errno 98] ... address already in use`), Node (`EADDRINUSE`)
+/// and Go (`bind: address already in use`)).
+fn is_port_clash(stderr_tail: &str) -> bool {
+    let t = stderr_tail.to_ascii_lowercase();
+    t.contains("address already in use") || t.contains("eaddrinuse")
 }
 
 /// Ready = `/readyz` answers 200 *and* the runtime says the endpoint is the instance's own (a

@@ -125,11 +125,19 @@ impl Supervisor {
                 tracing::debug!(instance = %ctl.id, "session end was already recorded")
             }
             Ok(false) => {}
-            Err(e) => tracing::error!(
-                instance = %ctl.id,
-                error = %e,
-                "could not record the end of the instance and its session"
-            ),
+            Err(e) => {
+                tracing::warn!(
+                    instance = %ctl.id,
+                    error = %e,
+                    "could not record the end of the instance and its session; retrying until the store takes it"
+                );
+                self.pending_ends.retry(
+                    self.store.clone(),
+                    ctl.id,
+                    session.map(|sid| (sid, end.clone(), samples.clone())),
+                    e,
+                );
+            }
         }
         let Some(sid) = session else { return };
         let how = match report {

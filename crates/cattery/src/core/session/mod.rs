@@ -28,6 +28,7 @@ mod admission;
 mod cleanup;
 mod ending;
 mod health;
+mod pending;
 mod pool;
 mod recover;
 mod start;
@@ -159,6 +160,8 @@ pub struct Supervisor {
     recovered: AtomicBool,
     live: watch::Sender<usize>,
     secrets: Arc<dyn SecretSource>,
+    /// Ends the store has not accepted yet, written again until it does.
+    pending_ends: pending::PendingEnds,
 }
 
 impl Supervisor {
@@ -181,6 +184,7 @@ impl Supervisor {
             recovered: AtomicBool::new(false),
             live: watch::channel(0).0,
             secrets,
+            pending_ends: pending::PendingEnds::default(),
         });
         let weak = Arc::downgrade(&sup);
         tokio::spawn(async move {

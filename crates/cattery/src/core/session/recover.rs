@@ -215,6 +215,8 @@ impl Supervisor {
                 ),
             );
         }
+        // Its address is known from now on (`session_addr`), not only once the actor runs.
+        let _ = ctl.instance.set(inst.clone());
         tokio::spawn(actor::run(
             self.clone(),
             ctl,
@@ -296,5 +298,9 @@ impl Supervisor {
             let mut d = c.done.clone();
             let _ = d.wait_for(|v| *v).await;
         }
+        // Ends the store refused are written again meanwhile: give them a bounded chance.
+        self.pending_ends
+            .all_committed(super::pending::STOP_COMMIT_WAIT)
+            .await;
     }
 }

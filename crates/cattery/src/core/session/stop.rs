@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
+use super::pending::STOP_COMMIT_WAIT;
 use super::state::{Cmd, InstanceCtl};
 use super::Supervisor;
 use crate::core::{CoreError, CoreResult};
@@ -22,7 +23,9 @@ impl Supervisor {
     /// Stops a session (the seed contract): the whole instance is removed and the end recorded
     /// before this returns. A session that already ended is left as it is.
     ///
-    /// Errors: `NotFound` when the session does not exist, or belongs to another org or agent.
+    /// Errors: `NotFound` when the session does not exist, or belongs to another org or agent;
+    /// `Store` when the instance is gone but the store has not taken its end within
+    /// [`STOP_COMMIT_WAIT`] (the end is kept and written as soon as the store heals).
     pub async fn stop_session(&self, org: &str, agent_name: &str, session: Uuid) -> CoreResult<()> {
         // A live, stored session is answered from memory: no store read before the stop is
         // sent. (One whose record is still being inserted takes the store path below, as an
@@ -30,6 +33,9 @@ impl Supervisor {
         match self.live_owned(org, agent_name, session) {
             Some((ctl, Some(true))) => {
                 stop_and_wait(&ctl).await;
+                self.pending_ends
+                    .committed(session, STOP_COMMIT_WAIT)
+                    .await?;
                 return Ok(());
             }
             Some((_, Some(false))) => {
@@ -50,6 +56,8 @@ impl Supervisor {
         let ctl = self.state.lock().sessions.get(&session).cloned();
         match ctl {
             Some(ctl) => stop_and_wait(&ctl).await,
+            // Its instance is gone, its end not written yet: that end, never `lost`.
+            None if self.pending_ends.has(session) => {}
             None => {
                 let end = SessionEnd {
                     ended_ms: now_ms(),
@@ -62,6 +70,9 @@ impl Supervisor {
                 self.store.end_session(session, &end).await?;
             }
         }
+        self.pending_ends
+            .committed(session, STOP_COMMIT_WAIT)
+            .await?;
         Ok(())
     }
 

@@ -244,6 +244,26 @@ async fn exit_with_a_code_ends_in_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_taken_before_the_agent_binds_it_is_retried_on_another() {
+    let e = env().await;
+    // The first two instances find their port taken; the third starts: one answer, 200.
+    agent(&e, "a", &["port-clash=2"], 0, 1).await;
+    let s = start(&e, "a")
+        .await
+        .expect("the start is retried on a fresh port");
+    assert_eq!(e.fake.starts(), 3);
+    assert_eq!(end_reason(&e, s.session_id).await, None);
+    e.sup.stop_session("o", "a", s.session_id).await.unwrap();
+    // More clashes in a row than the retries: the start fails as the agent's exit.
+    let e = env().await;
+    agent(&e, "b", &["port-clash=10"], 0, 1).await;
+    let err = start(&e, "b").await.unwrap_err();
+    assert!(err.to_string().contains("in use"), "{err}");
+    assert_eq!(e.fake.starts(), 4);
+    until("no instance left", async || e.fake.live().is_empty()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oom_kill_is_named() {
     let e = env().await;
     let mut profile = |s: &mut DeploymentSpec| s.agent_profile = "agent-1x".into();
