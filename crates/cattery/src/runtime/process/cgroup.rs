@@ -49,6 +49,16 @@ fn lock_server(server_id: &str, wait: bool) -> Option<Flock<File>> {
     super::locks::lock_file(&dir.join(format!("{server_id}.lock")), wait)
 }
 
+/// Whether a server of an earlier version (its liveness lock under `<tmp>/cattery-servers`) is
+/// running: during an upgrade both may share the machine, and its fresh cgroups (empty until
+/// their first process joins) must not be taken for leftovers.
+fn legacy_server_alive(server_id: &str) -> bool {
+    let path = std::env::temp_dir()
+        .join("cattery-servers")
+        .join(format!("{server_id}.lock"));
+    path.exists() && super::locks::lock_file(&path, false).is_none()
+}
+
 /// Removes the empty cgroup directories of servers that are not running (their liveness lock
 /// is free) under each `<root>/cattery`; returns how many server directories went away.
 fn sweep_dead_servers(own_id: &str, cattery_dirs: &[PathBuf]) -> usize {
@@ -68,6 +78,9 @@ fn sweep_dead_servers(own_id: &str, cattery_dirs: &[PathBuf]) -> usize {
         let Some(_lock) = lock_server(&name, false) else {
             continue;
         };
+        if legacy_server_alive(&name) {
+            continue;
+        }
         for root in cattery_dirs {
             let dir = root.join(&name);
             if let Ok(rd) = fs::read_dir(&dir) {
