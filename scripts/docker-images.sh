@@ -68,6 +68,10 @@ while [ $# -gt 0 ]; do
 done
 [ ${#want[@]} -gt 0 ] || want=(rootfs agent pipecat-base bot)
 
+if ! "$DOCKER" info >/dev/null 2>&1; then
+  echo "docker-images: no Docker engine answers ($DOCKER info); start one with scripts/docker-ci.sh start" >&2
+  exit 1
+fi
 mkdir -p "$cache" "$pip_cache"
 # One build at a time per machine: concurrent runs would race on tags and the tarball.
 exec 9>"$cache/images.lock"

@@ -32,9 +32,9 @@ owned_pid() {
 }
 
 start() {
-  if ! command -v docker-registry >/dev/null || ! command -v htpasswd >/dev/null; then
+  if ! command -v docker-registry >/dev/null || ! command -v htpasswd >/dev/null || ! command -v curl >/dev/null; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        docker-registry apache2-utils; } >/tmp/docker-registry-apt.$$.log 2>&1 \
+        docker-registry apache2-utils curl; } >/tmp/docker-registry-apt.$$.log 2>&1 \
       || { cat /tmp/docker-registry-apt.$$.log >&2; exit 1; }
     rm -f /tmp/docker-registry-apt.$$.log
   fi
