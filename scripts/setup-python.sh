@@ -1,27 +1,37 @@
 #!/usr/bin/env bash
-# Creates the Python environments the tests use, under ~/.cache/cattery-py (idempotent):
+# Creates the Python environments the tests use (idempotent), under $CATTERY_PY_DIR, else
+# /var/cache/cattery-py as root, else ~/.cache/cattery-py. As root the server runs instances under
+# unprivileged uids of their own (docs/security.md), and those cannot enter /root: the bots'
+# interpreter must live where any user may read it.
 #   main/ : pipecat-ai[cli,webrtc] + pipecatcloud 1.x + fastapi + uvicorn: runs example bots
 #           through the Cattery runner, and the current official CLI (`pipecat cloud ...`).
 #   pcc/  : pipecatcloud==0.7.2, the legacy `pcc` CLI.
 # Prints the two interpreters' paths. Tests find them in the same place (or via
 # CATTERY_TEST_PYTHON / CATTERY_TEST_PCC_PYTHON).
 set -euo pipefail
-root="${CATTERY_PY_DIR:-$HOME/.cache/cattery-py}"
+default="$HOME/.cache/cattery-py"
+[ "$(id -u)" = 0 ] && default=/var/cache/cattery-py
+root="${CATTERY_PY_DIR:-$default}"
+umask 022
 mkdir -p "$root"
+chmod a+rx "$root"
+# The base interpreter must be reachable by instance uids too (a pyenv one under /root is not).
+base=python3
+[ "$(id -u)" = 0 ] && [ -x /usr/bin/python3 ] && base=/usr/bin/python3
 
-if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+if ! "$base" -m venv --help >/dev/null 2>&1 || ! "$base" -c 'import ensurepip' >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
 fi
 
 make_env() {
   local name="$1"; shift
   local stamp="$root/$name/.cattery-stamp"
-  local want="$*"
+  local want="$base $*"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$root/$name/bin/python" -c 'import sys' 2>/dev/null; then
     return 0
   fi
   rm -rf "$root/$name"
-  python3 -m venv "$root/$name"
+  "$base" -m venv "$root/$name"
   "$root/$name/bin/pip" install -q --disable-pip-version-check "$@"
   echo "$want" > "$stamp"
 }

@@ -16,8 +16,9 @@
 //! |---|---|
 //! | `GET /readyz` | `200 {"status":"ok","pid","startedAtUnixMs","readyAtUnixMs"}`; `503 {"status":"not ready"}` after `POST /control/not-ready` |
 //! | `POST /control/not-ready` | `200 {"status":"ok"}`; `/readyz` fails from then on |
+//! | `POST /control/read` | body: a path. Tries to read it as this process (a directory is listed, a file read): `200 {"path","ok":true,"bytes":N}` or `200 {"path","ok":false,"error"}`; isolation tests use it to try another instance's or the server's files |
 //! | `GET /livez` | `200 {"status":"ok"}` |
-//! | `GET /info` | `200 {"pid","pgid","startedAtUnixMs","readyAtUnixMs","sessionsServed","sessionId","childPid","rssBytes"}` |
+//! | `GET /info` | `200 {"pid","pgid","uid","gid","startedAtUnixMs","readyAtUnixMs","sessionsServed","sessionId","childPid","rssBytes"}` |
 //! | `POST /bot` | starts the session (see below) |
 //! | `GET /ws` + websocket upgrade | starts a websocket session (see below) |
 //! | anything else | `200 {"method","path","query","headers":{lower-case name: value},"body"}`, an echo of the request (the Session API a platform proxies to the bot); `HEAD` gets the same headers without a body |
@@ -649,6 +650,27 @@ fn route(reader: &mut BufReader<TcpStream>, req: &Request, close: bool) -> io::R
             info!("marked not ready");
             http::respond(out, 200, r#"{"status":"ok"}"#, false, close)?;
         }
+        ("POST", "/control/read") => {
+            let path = String::from_utf8_lossy(&req.body).into_owned();
+            let r = match std::fs::metadata(&path) {
+                Ok(m) if m.is_dir() => std::fs::read_dir(&path).map(|d| d.count()),
+                Ok(_) => std::fs::read(&path).map(|b| b.len()),
+                Err(e) => Err(e),
+            };
+            let body = match r {
+                Ok(n) => format!(
+                    r#"{{"path":{},"ok":true,"bytes":{n}}}"#,
+                    http::json_str(&path)
+                ),
+                Err(e) => format!(
+                    r#"{{"path":{},"ok":false,"error":{}}}"#,
+                    http::json_str(&path),
+                    http::json_str(&e.to_string())
+                ),
+            };
+            info!("read {path}: {body}");
+            http::respond(out, 200, &body, false, close)?;
+        }
         ("POST", "/bot") => return handle_bot(reader, req, close),
         ("GET", "/ws") => {
             let stream = reader.get_ref().try_clone()?;
@@ -673,11 +695,14 @@ fn info_json() -> String {
     let pgid = unsafe { libc::getpgrp() };
     format!(
         concat!(
-            r#"{{"pid":{},"pgid":{},"startedAtUnixMs":{},"readyAtUnixMs":{},"#,
+            r#"{{"pid":{},"pgid":{},"uid":{},"gid":{},"startedAtUnixMs":{},"readyAtUnixMs":{},"#,
             r#""sessionsServed":{},"sessionId":{},"childPid":{},"rssBytes":{}}}"#
         ),
         std::process::id(),
         pgid,
+        // SAFETY: getuid(2) and getgid(2) cannot fail.
+        unsafe { libc::getuid() },
+        unsafe { libc::getgid() },
         a.started_at_ms,
         a.ready_at_ms.load(Ordering::SeqCst),
         a.sessions_served.load(Ordering::SeqCst),

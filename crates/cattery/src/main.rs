@@ -85,6 +85,14 @@ struct ServeArgs {
     /// Seconds a websocket-transport token from `/start` stays valid (single use).
     #[arg(long, env = "CATTERY_WS_TOKEN_TTL_SECONDS", default_value_t = 300.0)]
     ws_token_ttl_seconds: f64,
+    /// Range of uids (and gids) for instances, `START-END`: each instance runs under one of
+    /// its own (needs root), or `off` to run instances as the server's user. See docs/security.md.
+    #[arg(
+        long,
+        env = "CATTERY_INSTANCE_UIDS",
+        default_value = "2000000000-2000065535"
+    )]
+    instance_uids: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -197,6 +205,13 @@ fn main() -> std::process::ExitCode {
                     default_region,
                     ws_idle_timeout_seconds: a.ws_idle_timeout_seconds,
                     ws_token_ttl_seconds: a.ws_token_ttl_seconds,
+                    instance_uids: match a.instance_uids.as_str() {
+                        "off" => None,
+                        r => Some(
+                            r.parse()
+                                .map_err(|e| anyhow::anyhow!("--instance-uids {e}"))?,
+                        ),
+                    },
                 })
                 .await
             }

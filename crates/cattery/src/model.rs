@@ -234,6 +234,8 @@ pub enum EndReason {
     Drained,
     /// The instance vanished while the control plane was down.
     Lost,
+    /// The instance went over its `agentProfile` memory limit and the kernel killed it.
+    OutOfMemory,
 }
 
 impl EndReason {
@@ -249,6 +251,7 @@ impl EndReason {
             EndReason::ClientDisconnected => "client_disconnected",
             EndReason::Drained => "drained",
             EndReason::Lost => "lost",
+            EndReason::OutOfMemory => "out_of_memory",
         }
     }
 }
@@ -293,8 +296,20 @@ pub struct SessionRecord {
     pub transport: Option<String>,
     /// End, once ended.
     pub end: Option<SessionEnd>,
-    /// Resource metrics JSON (`resourceMetrics`), once sampled.
-    pub metrics: Option<serde_json::Value>,
+    /// Resource samples taken while it ran (empty until its end is recorded with them);
+    /// the API builds `resourceMetrics` from them.
+    pub samples: Vec<MetricSample>,
+}
+
+/// One resource sample of a session's instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricSample {
+    /// Sample time, Unix seconds.
+    pub t: i64,
+    /// CPU use over the last interval, in millicores.
+    pub cpu_millicores: u64,
+    /// Memory in use, in bytes.
+    pub memory_bytes: u64,
 }
 
 /// Durable record of a live instance, used to find it again after a restart.
@@ -308,16 +323,11 @@ pub struct InstanceRecord {
     pub deployment_id: Uuid,
     /// Session it serves, if busy.
     pub session_id: Option<Uuid>,
-    /// Main process id.
-    pub pid: i32,
-    /// Main process start time (clock ticks since boot, `/proc/<pid>/stat` field 22): defeats PID reuse.
-    pub pid_start: u64,
-    /// Loopback port.
-    pub port: u16,
-    /// cgroup v2 directory, if any.
-    pub cgroup: Option<String>,
-    /// Instance directory (temp files, captured output).
-    pub dir: String,
+    /// Kind of the runtime that runs it (`process`).
+    pub runtime: String,
+    /// Where it lives: the runtime's own record (for the process runtime: pid, pid start
+    /// time, port, cgroup, directory), opaque to the core and the store.
+    pub placement: serde_json::Value,
     /// Creation time (ms).
     pub created_ms: i64,
 }

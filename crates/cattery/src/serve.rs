@@ -13,7 +13,8 @@ use crate::api::{self, AppState};
 use crate::core::agents::AgentDefaults;
 use crate::core::supervisor::{Supervisor, SupervisorConfig};
 use crate::model::{now_ns, KeyKind, LogLine};
-use crate::runtime::process::ProcessRuntime;
+use crate::runtime::factory::{self, RuntimeConfig};
+use crate::runtime::RuntimeKind;
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 
@@ -54,6 +55,8 @@ pub struct ServeConfig {
     pub ws_idle_timeout_seconds: f64,
     /// Lifetime of a websocket-transport token, seconds (default 300).
     pub ws_token_ttl_seconds: f64,
+    /// Range of instance uids (default 2000000000-2000065535); `None`: the server's own.
+    pub instance_uids: Option<crate::runtime::process::uids::UidRange>,
 }
 
 /// Takes the data directory's lock (`<data-dir>/serve.lock`, `flock`), so two servers never
@@ -221,6 +224,7 @@ Next steps, in another terminal:
 /// Runs the server until SIGTERM/SIGINT and a completed drain.
 pub async fn serve(mut cfg: ServeConfig) -> anyhow::Result<()> {
     let mut signals = signal_stream().await;
+    crate::runtime::process::isolation::restrict_umask();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     // Instances run in other directories: every path handed to them must be absolute.
@@ -232,7 +236,14 @@ pub async fn serve(mut cfg: ServeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&runner_dir)?;
     let runner_path = runner_dir.join("cattery_runner.py");
     std::fs::write(&runner_path, RUNNER_PY)?;
-    let runtime = Arc::new(ProcessRuntime::new(cfg.data_dir.join("instances"), &sid)?);
+    let runtime = factory::build(&RuntimeConfig {
+        kind: RuntimeKind::Process,
+        instances_dir: cfg.data_dir.join("instances"),
+        server_id: sid.clone(),
+        python: cfg.python.clone(),
+        runner_path,
+        instance_uids: cfg.instance_uids,
+    })?;
     let cipher = Arc::new(
         crate::core::secrets::SecretCipher::load_or_create(&cfg.data_dir)
             .context("opening the secrets key file")?,
@@ -250,8 +261,6 @@ pub async fn serve(mut cfg: ServeConfig) -> anyhow::Result<()> {
         SupervisorConfig {
             default_stop_grace: Duration::from_secs_f64(cfg.stop_grace_seconds),
             start_timeout: Duration::from_secs_f64(cfg.start_timeout_seconds),
-            python: cfg.python.clone(),
-            runner_path,
             daily_api_key: cfg.daily_api_key.clone(),
             metrics_interval: Duration::from_millis(cfg.metrics_interval_ms.max(100)),
         },
@@ -282,7 +291,6 @@ pub async fn serve(mut cfg: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    use crate::runtime::Runtime as _;
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), isolation = %runtime.isolation(), "cattery listening");
     print_banner(addr, &cfg.data_dir);
 
@@ -305,7 +313,7 @@ pub async fn serve(mut cfg: ServeConfig) -> anyhow::Result<()> {
     };
     sup.drain(Duration::from_secs_f64(cfg.drain_timeout_seconds), force)
         .await;
-    runtime.remove_server_cgroups();
+    runtime.shutdown().await;
     let _ = stop_http_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
     drop(sup);

@@ -3,8 +3,8 @@
 //! and output:
 //!
 //! - the current CLI, `pipecat cloud ...` (`pipecat-ai[cli]` + `pipecatcloud` 1.x, venv
-//!   `~/.cache/cattery-py/main`), in plain and `--output json` modes;
-//! - the legacy `pcc` (`pipecatcloud==0.7.2`, venv `~/.cache/cattery-py/pcc`);
+//!   `~/.cache/cattery-py/main`, `/var/cache/cattery-py/main` as root), in plain and `--output json` modes;
+//! - the legacy `pcc` (`pipecatcloud==0.7.2`, venv `pcc` beside it);
 //! - the SDK's `pipecatcloud.session.Session(...).start()` from both.
 //!
 //! Auth is exercised both ways the clients support: `PIPECAT_API_HOST` + `PIPECAT_TOKEN`
@@ -127,12 +127,9 @@ const CLI_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Python of a venv made by `scripts/setup-python.sh`; panics (fails the test) when missing.
 fn venv_python(var: &str, name: &str) -> PathBuf {
-    let py = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var("HOME").expect("HOME"))
-            .join(".cache/cattery-py")
-            .join(name)
-            .join("bin/python")
-    });
+    let py = std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| common::py_env_dir().join(name).join("bin/python"));
     assert!(
         py.exists(),
         "{} is missing: run scripts/setup-python.sh (the compatibility suite needs both client \
@@ -200,7 +197,7 @@ impl Cli {
             (vec![pcc_python().with_file_name("pcc")], false)
         };
         assert!(program[0].exists(), "{} missing", program[0].display());
-        let home = tempfile::tempdir().unwrap();
+        let home = common::open_tempdir();
         let mut env = vec![
             ("HOME".to_string(), home.path().display().to_string()),
             ("PIPECAT_API_HOST".into(), s.base.clone()),
@@ -1366,7 +1363,7 @@ asyncio.run(main())
 #[tokio::test(flavor = "multi_thread")]
 async fn sdk_session_start() {
     let s = start_server(&[]).await;
-    let home = tempfile::tempdir().unwrap();
+    let home = common::open_tempdir();
     let bot = bot_dir(home.path());
     let r = s
         .req(

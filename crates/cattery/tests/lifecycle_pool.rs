@@ -531,3 +531,31 @@ async fn agent_profile_limits_are_applied_through_cgroups() {
         assert!(!dir.exists(), "cgroup removed with the instance");
     }
 }
+
+/// An instance killed by the kernel for going over its `agentProfile` memory limit ends
+/// `out_of_memory`, with a message naming the profile and its limit (issue 16, item 6).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_over_its_memory_limit_ends_out_of_memory() {
+    let mem_root = std::path::Path::new("/sys/fs/cgroup/memory");
+    if !mem_root.join("cgroup.procs").exists() {
+        eprintln!("no cgroup v1 memory controller here: nothing to check");
+        return;
+    }
+    let s = Server::start(&[]).await;
+    // agent-1x holds 1 GiB: the agent touches 1.25 GiB at session start.
+    s.deploy(
+        "oom",
+        &["--rss-grow", "1280"],
+        json!({"agentProfile": "agent-1x"}),
+    )
+    .await;
+    let sid = s.start_ok("oom").await;
+    let g = s.wait_ended("oom", &sid, Duration::from_secs(60)).await;
+    assert_eq!(g["endReason"], "out_of_memory", "{g}");
+    let msg = g.to_string();
+    assert!(
+        msg.contains("out of memory") && msg.contains("agent-1x") && msg.contains("1024 MiB"),
+        "{g}"
+    );
+    s.wait_no_agent_pids(Duration::from_secs(10)).await;
+}

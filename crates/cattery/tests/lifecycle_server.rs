@@ -644,3 +644,69 @@ async fn warm_pools_are_refilled_only_after_recovery() {
         s.log()
     );
 }
+
+/// A stop cut off by a SIGKILL of the server is finished by the next server (issue 16, item
+/// 4): the agent ignores SIGTERM with a 20 s grace; `DELETE`; the server is killed 2 s later;
+/// after the restart the stop goes on with what is left of the grace (then SIGKILL), the
+/// session ends `stopped`, and a `DELETE` after the restart waits only for the rest of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_cut_off_by_a_server_sigkill_is_finished_after_the_restart() {
+    let mut s = Server::start(&[]).await;
+    s.deploy(
+        "stubborn",
+        &["--ignore-sigterm", "--ignore-transport-close"],
+        json!({"stopGraceSeconds": 20}),
+    )
+    .await;
+    let sid = s.start_ok("stubborn").await;
+    let pid = session_pid(&s, "stubborn", &sid).await;
+    let http = s.http.clone();
+    let url = format!("{}/v1/agents/stubborn/sessions/{sid}", s.base);
+    let sk = s.sk.clone();
+    let deleted_at = Instant::now();
+    let deleted_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let first_delete = tokio::spawn(async move {
+        let _ = http
+            .delete(url)
+            .bearer_auth(sk)
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await;
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    s.kill9();
+    let _ = first_delete.await;
+    assert!(
+        pid_alive(pid),
+        "the agent ignores SIGTERM and outlives the server"
+    );
+    s.spawn().await;
+    // A DELETE after the restart waits only for what is left of the grace.
+    let r = s.stop("stubborn", &sid).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let took = deleted_at.elapsed();
+    // The server was down for 2 s of the 20 s grace: a second full grace would end it
+    // 22 s or more after the first DELETE.
+    assert!(
+        took < Duration::from_millis(21_500),
+        "a second full grace was given: the stop took {took:?} from the first DELETE"
+    );
+    assert!(
+        took >= Duration::from_secs(19),
+        "the grace was cut short: {took:?}"
+    );
+    assert!(!pid_alive(pid), "the agent is gone");
+    let g = s.session("stubborn", &sid).await;
+    assert_eq!(g["endReason"], "stopped", "{g}");
+    let ended = iso_to_ms(g["endedAt"].as_str().unwrap());
+    assert!(
+        (19_000..21_500).contains(&(ended - deleted_ms)),
+        "ended {} ms after the first DELETE",
+        ended - deleted_ms
+    );
+    s.terminate(Duration::from_secs(30));
+    s.wait_no_agent_pids(Duration::from_secs(10)).await;
+}

@@ -14,9 +14,7 @@ use serde_json::json;
 fn python() -> PathBuf {
     let p = std::env::var_os("CATTERY_TEST_PYTHON")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cattery-py/main/bin/python")
-        });
+        .unwrap_or_else(|| common::py_env_dir().join("main/bin/python"));
     assert!(
         p.exists(),
         "{} is missing: run scripts/setup-python.sh first",
@@ -339,7 +337,7 @@ async fn not_ready_bot_never_gets_a_session_and_raising_bot_leaves_its_traceback
         "4",
     ])
     .await;
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::open_tempdir();
     let never = fixture_bot(
         &tmp.path().join("never-ready"),
         "def readyz():\n    return False\n\nasync def bot(args):\n    print('GOT A SESSION', flush=True)\n",
@@ -448,7 +446,7 @@ async fn python_session_survives_a_control_plane_sigkill_and_completes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn local_agent_without_runner_dependencies_is_not_ready_at_deploy() {
     let s = server().await;
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::open_tempdir();
     let venv = tmp.path().join("empty-venv");
     let st = Command::new("python3")
         .args(["-m", "venv", "--without-pip"])

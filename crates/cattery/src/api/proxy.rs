@@ -113,9 +113,9 @@ async fn forward_inner(
         ));
     }
     let id = live_session(st, org, agent, sid).await?;
-    let port = st
+    let addr = st
         .sup
-        .session_port(id, PROXY_WAIT)
+        .session_addr(id, PROXY_WAIT)
         .await
         .ok_or_else(|| ApiError::not_found("404", format!("session {id} is not running")))?;
     let (mut parts, body) = req.into_parts();
@@ -124,7 +124,7 @@ async fn forward_inner(
         .query()
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
-    parts.uri = format!("http://127.0.0.1:{port}/{path}{query}")
+    parts.uri = format!("http://{addr}/{path}{query}")
         .parse::<Uri>()
         .map_err(|e| ApiError::bad_request(format!("invalid path: {e}")))?;
     for h in ["host", "content-length", "authorization"] {

@@ -15,7 +15,7 @@ use super::error::{ApiError, ApiResult, ErrorBody};
 use super::{ApiJson, ApiPath, AppState};
 use crate::core::supervisor::StartParams;
 use crate::core::CoreError;
-use crate::model::{iso_ms, AgentRecord, SessionRecord};
+use crate::model::{iso_ms, now_ms, AgentRecord, MetricSample, SessionRecord};
 use crate::store::SessionFilter;
 
 /// Largest start `body` for daily/webrtc/plain sessions (bytes; reference §A.5).
@@ -312,9 +312,14 @@ pub async fn get_session(
     let id = parse_session_id(&sid)?;
     let (agent, s) = session_of(&st, &c.org, &name, id).await?;
     let mut v = session_json(&s, &agent);
-    v["resourceMetrics"] = match &s.metrics {
-        Some(m) => m.clone(),
-        None => st.sup.live_metrics(id).unwrap_or(Value::Null),
+    v["resourceMetrics"] = if !s.samples.is_empty() {
+        let at = s.end.as_ref().map_or_else(now_ms, |e| e.ended_ms);
+        metrics_json(id, &s.samples, at)
+    } else {
+        match st.sup.live_samples(id) {
+            Some(samples) => metrics_json(id, &samples, now_ms()),
+            None => Value::Null,
+        }
     };
     v["meetingIds"] = json!([]);
     Ok(Json(v))
@@ -350,4 +355,42 @@ impl AppState {
     fn sup_daily_key(&self) -> Option<String> {
         self.sup.daily_api_key()
     }
+}
+
+/// Nearest-rank percentile `p` (0..=1) of sorted values; 0 when empty.
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// `resourceMetrics` JSON (reference §A.5.3) of a session from its samples; `at_ms` is the
+/// time the figures stand for (the session's end, or now while it runs).
+pub fn metrics_json(session: Uuid, samples: &[MetricSample], at_ms: i64) -> Value {
+    let mut cpu: Vec<u64> = samples.iter().map(|s| s.cpu_millicores).collect();
+    let mut mem: Vec<u64> = samples.iter().map(|s| s.memory_bytes).collect();
+    cpu.sort_unstable();
+    mem.sort_unstable();
+    let at = iso_ms(at_ms);
+    json!({
+        "id": session,
+        "sessionId": session,
+        "sampleCount": samples.len(),
+        "cpuMillicoresP50": pct(&cpu, 0.50),
+        "cpuMillicoresP90": pct(&cpu, 0.90),
+        "cpuMillicoresP95": pct(&cpu, 0.95),
+        "cpuMillicoresP99": pct(&cpu, 0.99),
+        "memoryBytesP50": pct(&mem, 0.50),
+        "memoryBytesP90": pct(&mem, 0.90),
+        "memoryBytesP95": pct(&mem, 0.95),
+        "memoryBytesP99": pct(&mem, 0.99),
+        "timeseries": samples
+            .iter()
+            .map(|s| json!({"t": s.t, "c": s.cpu_millicores, "m": s.memory_bytes}))
+            .collect::<Vec<_>>(),
+        "eventTs": at,
+        "createdAt": at,
+    })
 }

@@ -230,7 +230,7 @@ async fn handle(
         let (claim_tx, claim_rx) = tokio::sync::oneshot::channel::<Claim>();
         let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(hold_client(socket, claim_rx, gone_tx));
-        let deliver: Deliver = Box::new(move |port, headers| {
+        let deliver: Deliver = Box::new(move |addr, headers| {
             Box::pin(async move {
                 let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
                 claim_tx
@@ -239,7 +239,7 @@ async fn handle(
                 let (client, early) = reply_rx.await.map_err(|_| {
                     "the client went away before the session was delivered".to_string()
                 })?;
-                let mut url = format!("ws://127.0.0.1:{port}/ws");
+                let mut url = format!("ws://{addr}/ws");
                 if let Some(b) = body_b64 {
                     url.push_str("?body=");
                     url.push_str(&urlencode(&b));

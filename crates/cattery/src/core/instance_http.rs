@@ -1,5 +1,6 @@
-//! Talking to an instance over loopback HTTP (the instance contract, `docs/instance-contract.md`).
+//! Talking to an instance over HTTP at its endpoint (the instance contract, `docs/instance-contract.md`).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,28 +25,28 @@ pub enum BotOutcome {
 /// A future resolving at a session's natural end.
 pub type OutcomeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = BotOutcome> + Send>>;
 
-/// How a session reaches its instance: called with the instance's loopback port and the
+/// How a session reaches its instance: called with the instance's address and the
 /// session headers (`x-daily-session-id`, ...); resolves once the session is delivered, to a
 /// future that resolves at the session's natural end. Errors: the instance refused it.
 pub type Deliver = Box<
     dyn FnOnce(
-            u16,
+            SocketAddr,
             Vec<(String, String)>,
         ) -> std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<OutcomeFuture, String>> + Send>,
         > + Send,
 >;
 
-async fn connect(port: u16) -> std::io::Result<TcpStream> {
-    let s = TcpStream::connect(("127.0.0.1", port)).await?;
+async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     Ok(s)
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-async fn handshake(port: u16) -> Result<Sender, String> {
-    let stream = connect(port).await.map_err(|e| e.to_string())?;
+async fn handshake(addr: SocketAddr) -> Result<Sender, String> {
+    let stream = connect(addr).await.map_err(|e| e.to_string())?;
     let io = hyper_util::rt::TokioIo::new(stream);
     let (sender, conn) = hyper::client::conn::http1::handshake(io)
         .await
@@ -69,20 +70,20 @@ pub struct Conn {
 
 /// `GET path` on the instance; returns the status, or `None` when it does not answer within
 /// `timeout` (connection refused included).
-pub async fn get_status(port: u16, path: &str, timeout: Duration) -> Option<u16> {
-    get_status_keep(port, path, timeout).await.0
+pub async fn get_status(addr: SocketAddr, path: &str, timeout: Duration) -> Option<u16> {
+    get_status_keep(addr, path, timeout).await.0
 }
 
 /// [`get_status`], also returning the connection when it can carry another request.
 pub async fn get_status_keep(
-    port: u16,
+    addr: SocketAddr,
     path: &str,
     timeout: Duration,
 ) -> (Option<u16>, Option<Conn>) {
     let fut = async {
-        let mut sender = handshake(port).await.ok()?;
+        let mut sender = handshake(addr).await.ok()?;
         let req = Request::get(path)
-            .header("host", format!("127.0.0.1:{port}"))
+            .header("host", addr.to_string())
             .body(Full::new(Bytes::new()))
             .ok()?;
         let resp = sender.send_request(req).await.ok()?;
@@ -110,7 +111,7 @@ pub async fn get_status_keep(
 ///
 /// Errors: the instance does not accept a connection.
 pub async fn post_bot(
-    port: u16,
+    addr: SocketAddr,
     headers: Vec<(String, String)>,
     body: Bytes,
     conn: Option<Conn>,
@@ -120,10 +121,10 @@ pub async fn post_bot(
         .map(|c| c.sender);
     let mut sender = match reusable {
         Some(s) => s,
-        None => handshake(port).await?,
+        None => handshake(addr).await?,
     };
     let mut b = Request::post("/bot")
-        .header("host", format!("127.0.0.1:{port}"))
+        .header("host", addr.to_string())
         .header("content-type", "application/json");
     for (k, v) in headers {
         b = b.header(k, v);

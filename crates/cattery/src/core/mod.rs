@@ -7,7 +7,12 @@ pub mod agents;
 pub mod instance_http;
 pub mod orgs;
 pub mod secrets;
-pub mod supervisor;
+pub mod session;
+
+/// The session engine under its former name (kept so that callers need not change at once).
+pub mod supervisor {
+    pub use super::session::*;
+}
 
 use crate::store::StoreError;
 

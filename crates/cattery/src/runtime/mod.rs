@@ -4,13 +4,12 @@
 //! and is then discarded. A runtime starts it, reports when its main process exits, and removes
 //! all of it (every process, its cgroup, its temp files, its port) in [`Instance::terminate`].
 
-pub mod cgroup;
+pub mod factory;
+pub mod fake;
 pub mod logs;
-pub mod ports;
 pub mod process;
-pub mod reaper;
-pub mod spawn;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use crate::model::{InstanceRecord, ProfileLimits};
+use crate::model::{DeploymentRecord, InstanceRecord, ProfileLimits};
 
 pub use logs::{LogAttribution, LogSink};
 
@@ -108,18 +107,38 @@ pub enum RuntimeError {
 }
 
 /// A started (or re-adopted) instance.
+///
+/// # Contract
+///
+/// - [`Instance::endpoint`] is the address where the instance serves the instance contract
+///   (`GET /readyz`, `POST /bot`, `/ws`, proxied paths), reachable from this control plane. It
+///   never changes during the instance's life. For the process runtime it is a loopback port.
+/// - [`Instance::wait_exit`] is cancel-safe and may be called any number of times, also
+///   concurrently; once the main process has exited it returns at once.
+/// - [`Instance::terminate`] is the one way an instance is removed. It is idempotent and safe
+///   to call concurrently: every call waits for the first one and returns its report. When it
+///   returns, nothing of the instance is left running (processes, containers), and its
+///   resources (cgroups, files, port, volumes) are released. It never fails: what cannot be
+///   removed is logged, and the instance is treated as gone.
+/// - [`Instance::sample`], [`Instance::stderr_tail`] and [`Instance::out_of_memory`] are
+///   best-effort reads and may be called before or after the exit (not after `terminate`
+///   returned, when they answer their empty value).
 #[async_trait]
 pub trait Instance: Send + Sync {
-    /// Durable identity, to find it again after a restart.
-    fn record_parts(&self) -> InstancePlacement;
-    /// Loopback port where the instance serves the contract.
-    fn port(&self) -> u16;
+    /// Where the instance lives, in the runtime's own terms (stored as
+    /// [`InstanceRecord::placement`], opaque to the engine and the store; handed back to
+    /// [`Runtime::adopt`] after a restart).
+    fn placement(&self) -> serde_json::Value;
+    /// Where the instance serves the contract (see the trait docs).
+    fn endpoint(&self) -> SocketAddr;
+    /// Short human description for platform logs (`pid 1234`, `container 3f2a...`).
+    fn describe(&self) -> String;
     /// Waits until the main process has exited. Cancel-safe; returns at once once exited.
     async fn wait_exit(&self) -> ExitInfo;
     /// The main process's exit, if it already happened.
     fn exited(&self) -> Option<ExitInfo>;
-    /// Whether the listening socket on [`Instance::port`] belongs to this instance's own
-    /// processes (not to a foreign program that took the port). The supervisor trusts a
+    /// Whether the listening socket at [`Instance::endpoint`] belongs to this instance's own
+    /// processes (not to a foreign program that took the port). The engine trusts a
     /// `/readyz` answer only then. Runtimes that cannot tell answer `true`.
     fn serves_port(&self) -> bool {
         true
@@ -130,11 +149,19 @@ pub trait Instance: Send + Sync {
     /// concurrent calls wait for the first one and return its report.
     async fn terminate(&self, grace: Duration) -> TerminateReport;
     /// Samples CPU and memory; `None` once gone.
-    fn sample(&self) -> Option<ResourceSample>;
+    async fn sample(&self) -> Option<ResourceSample>;
+    /// The last bytes (at most 2 KiB) of the instance's stderr, escaped for display; empty
+    /// when none is known.
+    async fn stderr_tail(&self) -> String;
+    /// Whether the kernel (or the container engine) killed a process of the instance for
+    /// going over its memory limit. Read after the exit, before `terminate`.
+    async fn out_of_memory(&self) -> bool {
+        false
+    }
 }
 
-/// Where an instance lives, as stored in [`InstanceRecord`].
-#[derive(Debug, Clone)]
+/// Where a process instance lives, stored as [`InstanceRecord::placement`] (its JSON form).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct InstancePlacement {
     /// Main pid.
     pub pid: i32,
@@ -148,11 +175,70 @@ pub struct InstancePlacement {
     pub dir: String,
 }
 
+/// What a runtime makes of a deployment: the command an instance runs and the environment it
+/// adds (before the agent's own env, secrets and the session's variables). Made by
+/// [`Runtime::prepare`]; the engine adds the rest and hands it back in an [`InstanceSpec`].
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// Program (a path, or a name looked up in `PATH`; an image for a container runtime).
+    pub program: String,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// Working directory; `None` = the runtime's default.
+    pub working_dir: Option<PathBuf>,
+    /// Environment the runtime itself adds (e.g. `CATTERY_BOT_DIR` for `local:` bots).
+    pub env: Vec<(String, String)>,
+}
+
+/// The runtimes this server can be built with (`--runtime`; only `process` today).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RuntimeKind {
+    /// Local process trees ([`process::ProcessRuntime`]).
+    #[default]
+    Process,
+}
+
+impl RuntimeKind {
+    /// Configuration and storage name (the `runtime` column of instance records).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Process => "process",
+        }
+    }
+
+    /// Parses a configuration name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "process" => Some(RuntimeKind::Process),
+            _ => None,
+        }
+    }
+}
+
 /// A kind of place to run instances.
+///
+/// # Contract (what a new runtime implements)
+///
+/// - [`Runtime::prepare`] turns a deployment into something runnable, or says why it cannot
+///   run here (an image on the process runtime, a missing `bot.py`). Cheap and pure enough to
+///   be called on every start. [`Runtime::validate`] is the deploy-time check: `prepare` plus
+///   whatever may be slow (the program exists, the Python runner's imports work).
+/// - [`Runtime::start`] returns once the instance exists and its main process runs (not once
+///   it is ready: the engine polls `/readyz` at [`Instance::endpoint`]). On error nothing is
+///   left behind.
+/// - After a restart the engine calls [`Runtime::adopt`] for every recorded instance, then
+///   [`Runtime::sweep`] exactly once with the ids it kept; only then does it start new
+///   instances (a sweep never sees an instance started by this run).
+/// - [`Runtime::shutdown`] runs once on a clean stop, after every instance is gone.
 #[async_trait]
 pub trait Runtime: Send + Sync + 'static {
-    /// Short name (`process`).
-    fn kind(&self) -> &'static str;
+    /// The kind (stored beside every instance record).
+    fn kind(&self) -> RuntimeKind;
+    /// What an instance of `dep` runs. Errors: the deployment cannot run on this runtime.
+    fn prepare(&self, dep: &DeploymentRecord) -> Result<Prepared, String>;
+    /// Why `dep` cannot run here, or `None` when it can (deploy-time validation). May block
+    /// for a moment (it may run the agent's interpreter).
+    fn validate(&self, dep: &DeploymentRecord) -> Option<String>;
     /// Starts an instance. Its stdout and stderr go to `logs`, line by line.
     async fn start(
         &self,
@@ -167,8 +253,9 @@ pub trait Runtime: Send + Sync + 'static {
     /// e.g. one spawned just before a crash and never recorded. Only this server's own
     /// instances are touched (its cgroup subtree and instance directory), never by name.
     async fn sweep(&self, keep: &std::collections::HashSet<uuid::Uuid>);
-    /// Whether `program` can be executed (deploy-time validation). Returns the reason if not.
-    fn check_program(&self, program: &str, working_dir: Option<&str>) -> Result<(), String>;
     /// Describes how whole-tree cleanup works on this machine (for logs and status).
     fn isolation(&self) -> String;
+    /// Releases what the runtime holds for this server (its cgroup directories, locks) on a
+    /// clean shutdown, after every instance is gone.
+    async fn shutdown(&self) {}
 }

@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::model::{
-    AgentRecord, ApiKeyRecord, DeploymentRecord, InstanceRecord, KeyKind, LogLine, SessionEnd,
-    SessionRecord,
+    AgentRecord, ApiKeyRecord, DeploymentRecord, InstanceRecord, KeyKind, LogLine, MetricSample,
+    SessionEnd, SessionRecord,
 };
 
 /// Errors from a store.
@@ -203,8 +203,8 @@ pub trait Store: Send + Sync + 'static {
     async fn mark_delivered(&self, id: Uuid, bot_start_ms: i64) -> StoreResult<()>;
     /// Records the end if none is recorded yet; returns whether this call wrote it.
     async fn end_session(&self, id: Uuid, end: &SessionEnd) -> StoreResult<bool>;
-    /// Saves resource metrics JSON.
-    async fn set_session_metrics(&self, id: Uuid, metrics: &serde_json::Value) -> StoreResult<()>;
+    /// Saves a session's resource samples (replacing any saved before).
+    async fn set_session_samples(&self, id: Uuid, samples: &[MetricSample]) -> StoreResult<()>;
     /// A session by id.
     async fn get_session(&self, id: Uuid) -> StoreResult<Option<SessionRecord>>;
     /// Sessions of an agent (newest first) and the total matching count.
@@ -215,6 +215,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<(i64, Vec<SessionRecord>)>;
     /// Sessions without an end, across all agents.
     async fn list_open_sessions(&self) -> StoreResult<Vec<SessionRecord>>;
+    /// Records the intent to stop an open session, with the deadline (Unix ms) at which its
+    /// stop grace ends; durable when this returns. A deadline already recorded is kept (the
+    /// first stop's grace is never extended).
+    async fn request_stop(&self, id: Uuid, deadline_ms: i64) -> StoreResult<()>;
+    /// Open sessions whose stop was requested, with the recorded deadline.
+    async fn stop_requests(&self) -> StoreResult<Vec<(Uuid, i64)>>;
 
     /// Saves (inserts or replaces) a live instance.
     async fn put_instance(&self, rec: &InstanceRecord) -> StoreResult<()>;
@@ -248,21 +254,21 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// The end of an instance: forgets its record and, for its session, records the end
-    /// (first wins, as [`Store::end_session`]) and the resource metrics when given. Returns
+    /// (first wins, as [`Store::end_session`]) and its resource samples when there are any. Returns
     /// whether this call wrote the session's end. A store should override this to do it in one
     /// transaction (SQLite does); this default does the steps in turn.
     async fn end_instance(
         &self,
         instance_id: Uuid,
-        session: Option<(Uuid, &SessionEnd, Option<&serde_json::Value>)>,
+        session: Option<(Uuid, &SessionEnd, &[MetricSample])>,
     ) -> StoreResult<bool> {
         self.delete_instance(instance_id).await?;
-        let Some((sid, end, metrics)) = session else {
+        let Some((sid, end, samples)) = session else {
             return Ok(false);
         };
         let wrote = self.end_session(sid, end).await?;
-        if let Some(m) = metrics {
-            self.set_session_metrics(sid, m).await?;
+        if !samples.is_empty() {
+            self.set_session_samples(sid, samples).await?;
         }
         Ok(wrote)
     }

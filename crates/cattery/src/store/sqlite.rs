@@ -18,7 +18,7 @@ use super::{
 };
 use crate::model::{
     AgentRecord, ApiKeyRecord, DeploymentRecord, DeploymentSpec, EndReason, InstanceRecord,
-    KeyKind, LogLine, SessionEnd, SessionRecord,
+    KeyKind, LogLine, MetricSample, SessionEnd, SessionRecord,
 };
 
 /// SQLite-backed [`Store`].
@@ -380,6 +380,7 @@ fn end_reason(s: &str) -> EndReason {
         "client_disconnected" => EndReason::ClientDisconnected,
         "drained" => EndReason::Drained,
         "lost" => EndReason::Lost,
+        "out_of_memory" => EndReason::OutOfMemory,
         _ => EndReason::Error,
     }
 }
@@ -551,7 +552,7 @@ impl SqliteStore {
 
 const SESSION_COLS: &str = "id, org, agent_id, deployment_id, created_ms, updated_ms, ended_ms, \
     bot_start_ms, cold_start, completion_status, end_reason, exit_code, exit_signal, end_message, \
-    transport, metrics";
+    transport, samples";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -789,11 +790,11 @@ impl Store for SqliteStore {
         self.write(move |db| end_session_raw(db, id, &e)).await
     }
 
-    async fn set_session_metrics(&self, id: Uuid, m: &serde_json::Value) -> StoreResult<()> {
-        let m = m.to_string();
+    async fn set_session_samples(&self, id: Uuid, samples: &[MetricSample]) -> StoreResult<()> {
+        let m = samples_json(samples);
         self.write(move |db| {
             db.exec(
-                "UPDATE sessions SET metrics = ? WHERE id = ?",
+                "UPDATE sessions SET samples = ? WHERE id = ?",
                 &[Val::Text(&m), Val::Text(&id.to_string())],
             )
             .map(|_| ())
@@ -890,22 +891,44 @@ impl Store for SqliteStore {
         rows.iter().map(Self::session_from_row).collect()
     }
 
+    async fn request_stop(&self, id: Uuid, deadline_ms: i64) -> StoreResult<()> {
+        self.write(move |db| {
+            db.exec(
+                "UPDATE sessions SET stop_deadline_ms = COALESCE(stop_deadline_ms, ?) \
+                 WHERE id = ? AND ended_ms IS NULL",
+                &[deadline_ms.into(), Val::Text(&id.to_string())],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn stop_requests(&self) -> StoreResult<Vec<(Uuid, i64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT id, stop_deadline_ms FROM sessions \
+             WHERE ended_ms IS NULL AND stop_deadline_ms IS NOT NULL",
+        )
+        .fetch_all(&mut *self.read().await?)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, d)| Some((Uuid::parse_str(&id).ok()?, d)))
+            .collect())
+    }
+
     async fn put_instance(&self, i: &InstanceRecord) -> StoreResult<()> {
         let i = i.clone();
         self.write(move |db| {
             db.exec(
-                "INSERT OR REPLACE INTO instances (id, agent_id, deployment_id, session_id, pid, \
-                 pid_start, port, cgroup, dir, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO instances (id, agent_id, deployment_id, session_id, runtime, \
+                 placement, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 &[
                     Val::Text(&i.id.to_string()),
                     Val::Text(&i.agent_id.to_string()),
                     Val::Text(&i.deployment_id.to_string()),
                     i.session_id.map(|s| s.to_string()).as_ref().into(),
-                    i64::from(i.pid).into(),
-                    (i.pid_start as i64).into(),
-                    i64::from(i.port).into(),
-                    i.cgroup.as_ref().into(),
-                    Val::Text(&i.dir),
+                    Val::Text(&i.runtime),
+                    Val::Text(&i.placement.to_string()),
                     i.created_ms.into(),
                 ],
             )
@@ -950,9 +973,10 @@ impl Store for SqliteStore {
     async fn end_instance(
         &self,
         instance_id: Uuid,
-        session: Option<(Uuid, &SessionEnd, Option<&serde_json::Value>)>,
+        session: Option<(Uuid, &SessionEnd, &[MetricSample])>,
     ) -> StoreResult<bool> {
-        let session = session.map(|(sid, e, m)| (sid, e.clone(), m.map(|m| m.to_string())));
+        let session =
+            session.map(|(sid, e, m)| (sid, e.clone(), (!m.is_empty()).then(|| samples_json(m))));
         self.write(move |db| {
             db.atomic(|db| {
                 db.exec(
@@ -965,7 +989,7 @@ impl Store for SqliteStore {
                 let wrote = end_session_raw(db, *sid, e)?;
                 if let Some(m) = metrics {
                     db.exec(
-                        "UPDATE sessions SET metrics = ? WHERE id = ?",
+                        "UPDATE sessions SET samples = ? WHERE id = ?",
                         &[Val::Text(m), Val::Text(&sid.to_string())],
                     )?;
                 }
@@ -989,11 +1013,9 @@ impl Store for SqliteStore {
                         .get::<Option<String>, _>("session_id")
                         .map(|s| uuid_of(&s))
                         .transpose()?,
-                    pid: r.get::<i64, _>("pid") as i32,
-                    pid_start: r.get::<i64, _>("pid_start") as u64,
-                    port: r.get::<i64, _>("port") as u16,
-                    cgroup: r.get("cgroup"),
-                    dir: r.get("dir"),
+                    runtime: r.get("runtime"),
+                    placement: serde_json::from_str(r.get("placement"))
+                        .map_err(|e| StoreError::Backend(format!("bad instance placement: {e}")))?,
                     created_ms: r.get("created_ms"),
                 })
             })
@@ -1325,6 +1347,31 @@ impl Store for SqliteStore {
     }
 }
 
+/// Stored form of samples: a JSON array of `{"t", "c", "m"}`.
+fn samples_json(samples: &[MetricSample]) -> String {
+    let v: Vec<serde_json::Value> = samples
+        .iter()
+        .map(|s| serde_json::json!({"t": s.t, "c": s.cpu_millicores, "m": s.memory_bytes}))
+        .collect();
+    serde_json::Value::from(v).to_string()
+}
+
+/// Samples from their stored form (an unreadable entry is skipped).
+fn samples_of(text: &str) -> Vec<MetricSample> {
+    let Ok(serde_json::Value::Array(a)) = serde_json::from_str(text) else {
+        return Vec::new();
+    };
+    a.iter()
+        .filter_map(|e| {
+            Some(MetricSample {
+                t: e["t"].as_i64()?,
+                cpu_millicores: e["c"].as_u64()?,
+                memory_bytes: e["m"].as_u64()?,
+            })
+        })
+        .collect()
+}
+
 /// A session from a direct read of [`SESSION_COLS`] (in that order).
 fn session_from_raw(r: &raw::Row<'_>) -> StoreResult<SessionRecord> {
     session_from_cols(|i| r.text(i), |i| r.int(i))
@@ -1355,7 +1402,7 @@ fn session_from_cols(
         cold_start: int(8).map(|v| v != 0),
         transport: text(14),
         end,
-        metrics: text(15).and_then(|m| serde_json::from_str(&m).ok()),
+        samples: text(15).map(|m| samples_of(&m)).unwrap_or_default(),
     })
 }
 
@@ -1505,7 +1552,7 @@ mod tests {
             cold_start: Some(false),
             transport: None,
             end: None,
-            metrics: None,
+            samples: Vec::new(),
         }
     }
 
@@ -1515,11 +1562,8 @@ mod tests {
             agent_id: agent.id,
             deployment_id: agent.desired_deployment_id,
             session_id: None,
-            pid: 1234,
-            pid_start: 5678,
-            port: 20001,
-            cgroup: None,
-            dir: "/tmp/x".into(),
+            runtime: "process".into(),
+            placement: serde_json::json!({"pid": 1234, "pid_start": 5678, "port": 20001, "cgroup": null, "dir": "/tmp/x"}),
             created_ms: now_ms(),
         }
     }
@@ -1653,9 +1697,13 @@ mod tests {
             exit_signal: Some(15),
             message: Some("m".into()),
         };
-        let metrics = serde_json::json!({"sampleCount": 1});
+        let samples = vec![MetricSample {
+            t: 1_700_000_000,
+            cpu_millicores: 250,
+            memory_bytes: 1 << 20,
+        }];
         assert!(store
-            .end_instance(inst.id, Some((s.id, &end, Some(&metrics))))
+            .end_instance(inst.id, Some((s.id, &end, &samples[..])))
             .await
             .unwrap());
         let later = SessionEnd {
@@ -1663,14 +1711,14 @@ mod tests {
             ..end.clone()
         };
         assert!(!store
-            .end_instance(inst.id, Some((s.id, &later, None)))
+            .end_instance(inst.id, Some((s.id, &later, &[])))
             .await
             .unwrap());
         let got = store.get_session(s.id).await.unwrap().unwrap();
         let e = got.end.unwrap();
         assert_eq!(e.reason, EndReason::Stopped);
         assert_eq!(e.exit_signal, Some(15));
-        assert_eq!(got.metrics, Some(metrics));
+        assert_eq!(got.samples, samples);
         let recs = store.list_instances().await.unwrap();
         assert!(recs.iter().all(|r| r.id != inst.id));
         assert!(!store.end_instance(other.id, None).await.unwrap());

@@ -41,6 +41,28 @@ pub fn test_agent() -> PathBuf {
     .clone()
 }
 
+/// A temporary directory other users may read (mode 0755): for bots and interpreters that
+/// instances, which run under uids of their own, must reach (`tempfile::tempdir` makes 0700).
+pub fn open_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+/// Where `scripts/setup-python.sh` puts its environments: `$CATTERY_PY_DIR`, else
+/// `/var/cache/cattery-py` as root (instance uids must reach it, and `/root` is private), else
+/// `~/.cache/cattery-py`.
+pub fn py_env_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CATTERY_PY_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/cache/cattery-py");
+    }
+    PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/cattery-py")
+}
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

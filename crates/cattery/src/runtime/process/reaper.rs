@@ -17,7 +17,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tokio::sync::watch;
 
-use super::ExitInfo;
+use crate::runtime::ExitInfo;
 
 /// Registry of child pids and their exit statuses.
 pub struct Reaper {

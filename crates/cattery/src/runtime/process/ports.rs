@@ -9,18 +9,18 @@
 //! - ports are chosen at random **outside the ephemeral range** ([`PORT_FLOOR`] up to the
 //!   range's start, or above its end), and must be bindable at the moment of choice;
 //! - each is reserved **machine-wide** while its instance lives, by an exclusive `flock` on
-//!   `<temp dir>/cattery-ports/<port>.lock`, so servers sharing a machine never pick the same
-//!   one (the kernel drops the lock if the server dies; a restarted server takes it again when
-//!   it re-adopts the instance);
+//!   `<lock root>/ports/<port>.lock` (`/run/cattery` as root, see [`super::locks`]), so
+//!   servers sharing a machine never pick the same one (the kernel drops the lock if the
+//!   server dies; a restarted server takes it again when it re-adopts the instance);
 //! - and the supervisor only trusts `/readyz` once the instance's own processes hold the
-//!   listening socket ([`super::Instance::serves_port`]).
+//!   listening socket ([`crate::runtime::Instance::serves_port`]).
 
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::net::TcpListener;
 use std::path::PathBuf;
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use parking_lot::Mutex;
 
 /// Lowest port handed out (below it live well-known services).
@@ -44,36 +44,16 @@ fn ephemeral_range() -> (u16, u16) {
         .unwrap_or((32768, 60999))
 }
 
-/// Opens (creating) the lock file `path` and takes an exclusive `flock` on it, held until the
-/// returned value is dropped (the kernel drops it if the process dies). `wait`: block until it
-/// is free; otherwise `None` when another process holds it. Used for the machine-wide port
-/// reservations here and for the servers' liveness locks ([`super::cgroup`]).
-pub fn lock_file(path: &std::path::Path, wait: bool) -> Option<Flock<File>> {
-    let f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .ok()?;
-    let how = if wait {
-        FlockArg::LockExclusive
-    } else {
-        FlockArg::LockExclusiveNonblock
-    };
-    Flock::lock(f, how).ok()
-}
-
 /// The machine-wide reservation of `port`; `None` when another server holds it.
 fn try_lock(dir: &std::path::Path, port: u16) -> Option<Flock<File>> {
-    lock_file(&dir.join(format!("{port}.lock")), false)
+    super::locks::lock_file(&dir.join(format!("{port}.lock")), false)
 }
 
 impl PortBook {
     /// A new book; the lock directory is created if possible (without it, ports are still
     /// chosen outside the ephemeral range, only without the cross-server reservation).
     pub fn new() -> PortBook {
-        let dir = std::env::temp_dir().join("cattery-ports");
-        let lock_dir = fs::create_dir_all(&dir).ok().map(|_| dir);
+        let lock_dir = super::locks::lock_dir("ports");
         let (lo, hi) = ephemeral_range();
         // The larger free stretch outside [lo, hi].
         let below = (PORT_FLOOR, lo.saturating_sub(1));

@@ -20,8 +20,15 @@
 //! 2. `setsid()`: a new session and process group, led by the child;
 //! 3. writes `0` to each `cgroup.procs` descriptor the parent opened (cgroup v2, plus the v1
 //!    limit controllers): from here on the child and everything it forks is inside;
-//! 4. sets up stdin (`/dev/null`), stdout and stderr, changes directory;
-//! 5. clears the signal mask, and `execve`s the program (a script without `#!` goes through
+//! 4. sets up stdin (`/dev/null`), stdout and stderr, restores the open-files limit;
+//! 5. when the instance has a uid of its own: drops every supplementary group and switches
+//!    to its gid and uid (raw `setgroups`/`setresgid`/`setresuid` system calls, which change
+//!    only this process: glibc's wrappers would signal every thread of the server, whose
+//!    memory the child shares), and sets `no_new_privs` (no setuid program or file
+//!    capability can give it privileges back);
+//! 6. sets the umask to 022 (the server's own is 077), changes directory (as the instance's
+//!    uid, so a directory it cannot enter fails here, with a clear error);
+//! 7. clears the signal mask, and `execve`s the program (a script without `#!` goes through
 //!    `/bin/sh`, as `execvp` does).
 //!
 //! A failing step reports its `errno` through memory shared with the parent and exits 127;
@@ -58,6 +65,8 @@ pub struct SpawnSpec<'a> {
     pub stderr: &'a OwnedFd,
     /// Open `cgroup.procs` descriptors the child joins before `execve`.
     pub cgroup_procs: &'a [RawFd],
+    /// The uid and gid to run as (`None`: the server's own).
+    pub ids: Option<(u32, u32)>,
 }
 
 /// Everything the child reads, prepared by the parent (the child must not allocate).
@@ -71,6 +80,8 @@ struct ChildArgs {
     stdout: RawFd,
     stderr: RawFd,
     cgroup_procs: Vec<RawFd>,
+    /// uid and gid to switch to.
+    ids: Option<(libc::uid_t, libc::gid_t)>,
     /// Highest signal number.
     sig_max: libc::c_int,
     /// The open-files limit the server started with, restored for the agent (see
@@ -87,6 +98,7 @@ const STAGE_CGROUP: i32 = 2;
 const STAGE_STDIO: i32 = 3;
 const STAGE_CHDIR: i32 = 4;
 const STAGE_EXEC: i32 = 5;
+const STAGE_IDS: i32 = 6;
 
 fn errno() -> i32 {
     // SAFETY: reading the calling thread's errno.
@@ -141,13 +153,26 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 fail(STAGE_STDIO);
             }
         }
-        if libc::chdir(a.cwd.as_ptr()) != 0 {
-            fail(STAGE_CHDIR);
-        }
         if let Some(l) = &a.nofile {
             libc::setrlimit(libc::RLIMIT_NOFILE, l);
         }
-        // 5. Empty signal mask (as std does), then exec.
+        // 5. The instance's own uid and gid, for good.
+        if let Some((uid, gid)) = a.ids {
+            let no_groups: *const libc::gid_t = std::ptr::null();
+            if libc::syscall(libc::SYS_setgroups, 0 as libc::size_t, no_groups) != 0
+                || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+                || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            {
+                fail(STAGE_IDS);
+            }
+        }
+        // 6. Usual umask, working directory.
+        libc::umask(0o022);
+        if libc::chdir(a.cwd.as_ptr()) != 0 {
+            fail(STAGE_CHDIR);
+        }
+        // 7. Empty signal mask (as std does), then exec.
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
@@ -278,6 +303,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<i32> {
         stdout: spec.stdout.as_raw_fd(),
         stderr: spec.stderr.as_raw_fd(),
         cgroup_procs: spec.cgroup_procs.to_vec(),
+        ids: spec.ids,
         sig_max: libc::SIGRTMAX(),
         nofile: ORIGINAL_NOFILE.get().copied().flatten(),
         error: AtomicI32::new(0),
@@ -320,6 +346,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<i32> {
             STAGE_SETSID => io::Error::new(e.kind(), format!("setsid: {e}")),
             STAGE_CGROUP => io::Error::new(e.kind(), format!("joining the instance's cgroup: {e}")),
             STAGE_STDIO => io::Error::new(e.kind(), format!("setting up stdio: {e}")),
+            STAGE_IDS => io::Error::new(e.kind(), format!("switching to the instance's uid: {e}")),
             STAGE_CHDIR => {
                 io::Error::new(e.kind(), format!("changing to {}: {e}", spec.cwd.display()))
             }
@@ -354,6 +381,7 @@ mod tests {
             stdout: &out,
             stderr: &out,
             cgroup_procs: &[],
+            ids: None,
         })
         .unwrap();
         let status = wait(pid);
@@ -386,6 +414,7 @@ mod tests {
             stdout: &out,
             stderr: &err,
             cgroup_procs: &[],
+            ids: None,
         })
         .unwrap();
         assert_eq!(wait(pid), 0);
@@ -423,6 +452,7 @@ mod tests {
                 stdout: &out,
                 stderr: &out,
                 cgroup_procs: &[],
+                ids: None,
             });
             let e = r.expect_err(program);
             assert_eq!(e.kind(), io::ErrorKind::NotFound, "{program}: {e}");
@@ -451,6 +481,45 @@ mod tests {
         );
         assert_eq!(status, 0);
         assert_eq!(got.trim(), l.rlim_cur.min(l.rlim_max).to_string());
+    }
+
+    #[test]
+    fn runs_under_its_own_uid_without_groups_or_privileges() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let path = dir.path().join("out");
+        let out: OwnedFd = std::fs::File::create(&path).unwrap().into();
+        let script = "echo $(id -u) $(id -g) $(id -G) $(grep NoNewPrivs /proc/self/status | cut -f2) $(umask); cat secret || echo refused";
+        let args = ["-c".to_string(), script.to_string()];
+        let pid = spawn(&SpawnSpec {
+            program: "/bin/sh",
+            args: &args,
+            env: &[(OsString::from("PATH"), OsString::from("/usr/bin:/bin"))],
+            cwd: dir.path(),
+            stdout: &out,
+            stderr: &out,
+            cgroup_procs: &[],
+            ids: Some((2_100_000_007, 2_100_000_008)),
+        })
+        .unwrap();
+        assert_eq!(wait(pid), 0);
+        let got = std::fs::read_to_string(&path).unwrap();
+        let mut lines = got.lines();
+        assert_eq!(
+            lines.next().unwrap(),
+            "2100000007 2100000008 2100000008 1 0022"
+        );
+        assert!(
+            got.contains("Permission denied") && got.ends_with("refused\n"),
+            "{got}"
+        );
     }
 
     #[test]

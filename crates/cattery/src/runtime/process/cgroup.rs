@@ -4,12 +4,13 @@
 //! (`cgroup.kill`) and emptiness (`cgroup.events` `populated 0`); and, where cgroup v1
 //! controllers are writable, `<v1 root>/<memory|cpu|pids>/cattery/<server id>/<instance id>`
 //! for the `agentProfile` limits. The child joins every one of them before `exec` (it writes
-//! `0` to each `cgroup.procs` through descriptors opened by the parent, `runtime/spawn.rs`), so
+//! `0` to each `cgroup.procs` through descriptors opened by the parent, `runtime/process/spawn.rs`), so
 //! no process of the instance ever runs outside them.
 //!
-//! Each server holds an exclusive `flock` on `<temp dir>/cattery-servers/<server id>.lock` for
-//! its whole life. At start, a server removes the empty cgroup directories of every other
-//! server id whose lock it can take: a server that was `SIGKILL`ed and never restarted leaves
+//! Each server holds an exclusive `flock` on `<lock root>/servers/<server id>.lock`
+//! (`/run/cattery` as root, see [`super::locks`]) for its whole life. At start, a server
+//! removes the empty cgroup directories of every other server id whose lock it can take: a
+//! server that was `SIGKILL`ed and never restarted leaves
 //! its `<server id>` directories behind (a running server removes its own at exit). Cgroups
 //! that still hold processes stay: the instances of a killed server keep running until it is
 //! started again on its data dir and re-adopts them.
@@ -37,16 +38,15 @@ pub struct CgroupSupport {
 }
 
 /// Directory of the servers' liveness lock files.
-fn server_lock_dir() -> PathBuf {
-    std::env::temp_dir().join("cattery-servers")
+fn server_lock_dir() -> Option<PathBuf> {
+    super::locks::lock_dir("servers")
 }
 
 /// Opens (creating) the liveness lock file of `server_id` and locks it; `wait` blocks until
 /// it is free, otherwise `None` when another process holds it.
 fn lock_server(server_id: &str, wait: bool) -> Option<Flock<File>> {
-    let dir = server_lock_dir();
-    fs::create_dir_all(&dir).ok()?;
-    super::ports::lock_file(&dir.join(format!("{server_id}.lock")), wait)
+    let dir = server_lock_dir()?;
+    super::locks::lock_file(&dir.join(format!("{server_id}.lock")), wait)
 }
 
 /// Removes the empty cgroup directories of servers that are not running (their liveness lock
@@ -166,8 +166,8 @@ impl CgroupSupport {
     /// Removes this server's liveness lock file; on a clean exit, after its cgroups are gone
     /// (the lock itself goes with the process).
     pub fn remove_liveness_lock(&self) {
-        if self._alive.is_some() {
-            let _ = fs::remove_file(server_lock_dir().join(format!("{}.lock", self.server_id)));
+        if let (Some(_), Some(dir)) = (&self._alive, server_lock_dir()) {
+            let _ = fs::remove_file(dir.join(format!("{}.lock", self.server_id)));
         }
     }
 

@@ -5,10 +5,23 @@
 //! cgroups, the instance's own session and process group (`setsid`) plus the server being a
 //! child subreaper, and a scan for processes carrying the instance's `CATTERY_INSTANCE_ID`.
 //! Nothing is ever killed by name.
+//!
+//! Separation (see [`isolation`] and `docs/security.md`): as root, each instance runs under a
+//! uid and gid of its own ([`uids`]), in directories only it can enter, with an environment
+//! built from an allowlist; the data directory is closed to it.
+
+pub mod cgroup;
+pub mod isolation;
+pub mod locks;
+pub mod ports;
+pub mod python;
+pub mod reaper;
+pub mod spawn;
+pub mod uids;
 
 use std::collections::HashSet;
-use std::ffi::OsString;
 use std::fs;
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,16 +33,19 @@ use nix::unistd::Pid;
 use parking_lot::Mutex;
 use tokio::sync::{watch, OnceCell};
 
-use super::cgroup::{self, CgroupSupport, InstanceCgroups};
+use self::cgroup::{CgroupSupport, InstanceCgroups};
+use self::isolation::{InstanceDirs, Isolation};
+use self::ports::{listening_inodes, pids_hold_socket, PortBook};
+use self::python::PythonRunner;
+use self::reaper::Reaper;
+use self::spawn::SpawnSpec;
+use self::uids::{UidPool, UidRange};
 use super::logs::{read_offsets, Tailer};
-use super::ports::{listening_inodes, pids_hold_socket, PortBook};
-use super::reaper::Reaper;
-use super::spawn::{self, SpawnSpec};
 use super::{
-    ExitInfo, Instance, InstancePlacement, InstanceSpec, LogSink, ResourceSample, Runtime,
-    RuntimeError, TerminateReport,
+    ExitInfo, Instance, InstancePlacement, InstanceSpec, LogSink, Prepared, ResourceSample,
+    Runtime, RuntimeError, RuntimeKind, TerminateReport,
 };
-use crate::model::InstanceRecord;
+use crate::model::{DeploymentRecord, InstanceRecord};
 
 /// Upper bound on waiting for a SIGKILLed tree to disappear (it normally takes a few ms).
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -41,21 +57,78 @@ pub struct ProcessRuntime {
     cgroups: Arc<CgroupSupport>,
     ports: Arc<PortBook>,
     reaper: Arc<Reaper>,
+    isolation: Arc<Isolation>,
+    python: Arc<PythonRunner>,
 }
 
 impl ProcessRuntime {
-    /// Creates the runtime. `instances_dir` holds one directory per live instance;
-    /// `server_id` names this server's cgroup subtree. Must run inside tokio.
-    pub fn new(instances_dir: PathBuf, server_id: &str) -> std::io::Result<Self> {
+    /// Creates the runtime. `instances_dir` (`<data dir>/instances`) holds one directory per
+    /// live instance; `server_id` names this server's cgroup subtree; `uids` is the range of
+    /// instance uids (`None`: instances run as the server's uid). Closes the data directory
+    /// (the parent of `instances_dir`) to instances, and logs how instances are separated.
+    /// Must run inside tokio.
+    pub fn new(
+        instances_dir: PathBuf,
+        server_id: &str,
+        uids: Option<UidRange>,
+    ) -> std::io::Result<Self> {
         fs::create_dir_all(&instances_dir)?;
         let nofile = spawn::raise_nofile_limit();
         tracing::debug!(nofile, "open-files limit");
+        let isolation = Isolation::configure(uids, &instances_dir);
+        if let Some(data_dir) = instances_dir.parent() {
+            isolation::secure_data_dir(data_dir, isolation.uids.is_some())?;
+        }
+        match &isolation.off_reason {
+            None => tracing::info!(separation = %isolation.describe(), "instance separation"),
+            Some(_) => tracing::warn!(
+                separation = %isolation.describe(),
+                "instances are NOT separated from each other or from the server's files (see docs/security.md)"
+            ),
+        }
+        if locks::lock_root().is_none() {
+            tracing::warn!("no private lock directory: ports are not reserved across servers");
+        }
         Ok(ProcessRuntime {
             instances_dir,
             cgroups: Arc::new(CgroupSupport::detect(server_id)),
             ports: Arc::new(PortBook::new()),
             reaper: Reaper::global(),
+            isolation: Arc::new(isolation),
+            python: Arc::new(PythonRunner::default()),
         })
+    }
+
+    /// Sets the Python runner used for `image: "local:<dir>"` bots.
+    pub fn with_python_runner(mut self, runner: PythonRunner) -> Self {
+        self.python = Arc::new(runner);
+        self
+    }
+
+    /// Whether `program` can be executed (deploy-time validation). Returns the reason if not.
+    /// When instances run under uids of their own, also that such a uid can reach the working
+    /// directory and run the program.
+    pub fn check_program(&self, program: &str, working_dir: Option<&str>) -> Result<(), String> {
+        if let Some(d) = working_dir {
+            if !Path::new(d).is_dir() {
+                return Err(format!("workingDir {d} is not a directory"));
+            }
+        }
+        let path = resolve_program(program, working_dir)?;
+        if self.isolation.uids.is_some() {
+            let unreachable = |what: &str, e: String| {
+                format!(
+                    "instances run under unprivileged uids of their own and cannot reach the \
+                     {what}: {e} (docs/security.md)"
+                )
+            };
+            if let Some(d) = working_dir {
+                isolation::reachable_by_others(Path::new(d), true)
+                    .map_err(|e| unreachable("working directory", e))?;
+            }
+            isolation::reachable_by_others(&path, false).map_err(|e| unreachable("program", e))?;
+        }
+        Ok(())
     }
 
     /// Removes this server's own cgroup directories (`.../cattery/<server id>`) if they are
@@ -112,11 +185,75 @@ impl ProcessRuntime {
         .await;
     }
 
-    /// Creates the instance's directory, port reservation and cgroups, and spawns its main
-    /// process inside them (see [`spawn`]). Blocking: the cgroup join may wait for an RCU
-    /// grace period. Needs a tokio context (the log tailer is a task).
+    /// Creates the instance's uid, directories, port reservation, output files and cgroups.
+    /// Errors: a step failed; whatever was made is undone.
+    fn set_up(
+        &self,
+        id: &str,
+        spec: &InstanceSpec,
+    ) -> Result<(InstanceSetup, InstanceCgroups), RuntimeError> {
+        let setup = |e: std::io::Error| RuntimeError::Setup(e.to_string());
+        let uid = match &self.isolation.uids {
+            Some(pool) => Some(pool.allocate().map_err(setup)?),
+            None => None,
+        };
+        let p = InstanceSetup {
+            dirs: InstanceDirs::at(self.instances_dir.join(id)),
+            uid,
+            port: 0,
+            out: None,
+        };
+        let made = (|| -> std::io::Result<_> {
+            p.dirs.create(uid.map(|u| (u, u)))?;
+            let port = self.alloc_port()?;
+            Ok(port)
+        })();
+        let mut p = match made {
+            Ok(port) => InstanceSetup { port, ..p },
+            Err(e) => {
+                self.undo(&p, None);
+                return Err(setup(e));
+            }
+        };
+        let files = (|| -> std::io::Result<_> {
+            let out = fs::File::create(p.dirs.dir.join("stdout.log"))?;
+            let err = fs::File::create(p.dirs.dir.join("stderr.log"))?;
+            let cgs = self.cgroups.create(id, spec.limits.as_ref())?;
+            Ok((out, err, cgs))
+        })();
+        match files {
+            Ok((out, err, cgs)) => {
+                p.out = Some((OwnedFd::from(out), OwnedFd::from(err)));
+                Ok((p, cgs))
+            }
+            Err(e) => {
+                self.undo(&p, None);
+                Err(setup(e))
+            }
+        }
+    }
+
+    /// Undoes [`ProcessRuntime::set_up`] after a failed start.
+    fn undo(&self, p: &InstanceSetup, cgs: Option<(&Option<PathBuf>, &[PathBuf])>) {
+        if p.port != 0 {
+            self.ports.release(p.port);
+        }
+        if let Some((v2, v1)) = cgs {
+            for d in v2.iter().chain(v1.iter()) {
+                cgroup::remove(d);
+            }
+        }
+        let _ = fs::remove_dir_all(&p.dirs.dir);
+        if let (Some(pool), Some(uid)) = (&self.isolation.uids, p.uid) {
+            pool.release(uid);
+        }
+    }
+
+    /// Creates the instance's uid, directories, port reservation and cgroups, and spawns its
+    /// main process inside them (see [`spawn`]). Blocking: the cgroup join may wait for an
+    /// RCU grace period. Needs a tokio context (the log tailer is a task).
     ///
-    /// Errors: [`RuntimeError::Setup`] (directory, port, cgroups) or
+    /// Errors: [`RuntimeError::Setup`] (uid, directory, port, cgroups) or
     /// [`RuntimeError::Spawn`] (the program could not be started); nothing is left behind.
     fn start_blocking(
         &self,
@@ -124,47 +261,16 @@ impl ProcessRuntime {
         logs: LogSink,
     ) -> Result<Arc<dyn Instance>, RuntimeError> {
         let id = spec.instance_id.to_string();
-        let dir = self.instances_dir.join(&id);
-        let tmp = dir.join("tmp");
-        fs::create_dir_all(&tmp).map_err(|e| RuntimeError::Setup(e.to_string()))?;
-        let port = self
-            .alloc_port()
-            .map_err(|e| RuntimeError::Setup(e.to_string()))?;
-        let setup = (|| -> std::io::Result<_> {
-            let out = fs::File::create(dir.join("stdout.log"))?;
-            let err = fs::File::create(dir.join("stderr.log"))?;
-            let cgs = self.cgroups.create(&id, spec.limits.as_ref())?;
-            Ok((out, err, cgs))
-        })();
-        let (out, err, cgs) = match setup {
-            Ok(v) => v,
-            Err(e) => {
-                self.ports.release(port);
-                let _ = fs::remove_dir_all(&dir);
-                return Err(RuntimeError::Setup(e.to_string()));
-            }
-        };
-
-        // The child's environment: the server's own minus `CATTERY_*`, then the instance's.
-        let mut env: std::collections::BTreeMap<OsString, OsString> = std::env::vars_os()
-            .filter(|(k, _)| !k.to_string_lossy().starts_with("CATTERY_"))
-            .collect();
-        env.insert("TMPDIR".into(), tmp.clone().into_os_string());
-        env.insert("PORT".into(), port.to_string().into());
-        env.insert("CATTERY_INSTANCE_ID".into(), id.clone().into());
-        env.insert(
-            "CATTERY_EXIT_STATUS_FILE".into(),
-            dir.join(EXIT_STATUS_FILE).into_os_string(),
-        );
-        for (k, v) in &spec.env {
-            env.insert(k.into(), v.into());
-        }
-        let env: Vec<(OsString, OsString)> = env.into_iter().collect();
-        let (out, err) = (OwnedFd::from(out), OwnedFd::from(err));
-        let cwd = spec.working_dir.clone().unwrap_or_else(|| dir.clone());
+        let (mut p, cgs) = self.set_up(&id, &spec)?;
+        let (out, err) = p.out.take().expect("set_up opened the output files");
+        let env = isolation::instance_env(&self.base_env(&id, &p), &spec.env);
+        let cwd = spec
+            .working_dir
+            .clone()
+            .unwrap_or_else(|| p.dirs.home.clone());
         let fds = cgroup::raw_fds(&cgs.procs_fds);
         // posix_spawn-like (no fork of this process), joining the cgroups and a new session
-        // before exec: see `runtime/spawn.rs`.
+        // and switching to the instance's uid before exec: see `runtime/process/spawn.rs`.
         let spawned = self.reaper.spawn_registered(|| {
             let pid = spawn::spawn(&SpawnSpec {
                 program: &spec.program,
@@ -174,6 +280,7 @@ impl ProcessRuntime {
                 stdout: &out,
                 stderr: &err,
                 cgroup_procs: &fds,
+                ids: p.uid.map(|u| (u, u)),
             })?;
             Ok(((), pid))
         });
@@ -183,11 +290,7 @@ impl ProcessRuntime {
         let ((), pid, exit_rx) = match spawned {
             Ok(v) => v,
             Err(source) => {
-                self.ports.release(port);
-                for d in v2.iter().chain(v1.iter()) {
-                    cgroup::remove(d);
-                }
-                let _ = fs::remove_dir_all(&dir);
+                self.undo(&p, Some((&v2, &v1)));
                 return Err(RuntimeError::Spawn {
                     program: spec.program.clone(),
                     source,
@@ -198,13 +301,33 @@ impl ProcessRuntime {
         Ok(self.instance(
             id,
             (pid, pid_start),
-            port,
-            dir,
+            (p.port, p.uid),
+            p.dirs.dir,
             (v2, v1),
             exit_rx,
             (0, 0),
             logs,
         ))
+    }
+
+    /// The platform's variables of an instance (the agent's env and secrets come on top).
+    fn base_env(&self, id: &str, p: &InstanceSetup) -> Vec<(&'static str, std::ffi::OsString)> {
+        let mut env = vec![
+            ("HOME", p.dirs.home.clone().into_os_string()),
+            ("TMPDIR", p.dirs.tmp.clone().into_os_string()),
+            ("PORT", p.port.to_string().into()),
+            ("CATTERY_INSTANCE_ID", id.into()),
+            (
+                "CATTERY_EXIT_STATUS_FILE",
+                p.dirs.exit_status.clone().into_os_string(),
+            ),
+        ];
+        if let Some(uid) = p.uid {
+            // No passwd entry names the uid: tools that ask for a user name read these.
+            env.push(("USER", format!("cattery-{uid}").into()));
+            env.push(("LOGNAME", format!("cattery-{uid}").into()));
+        }
+        env
     }
 
     /// The handle of a started or re-adopted instance; starts tailing its output from
@@ -214,7 +337,7 @@ impl ProcessRuntime {
         &self,
         id: String,
         (pid, pid_start): (i32, u64),
-        port: u16,
+        (port, uid): (u16, Option<u32>),
         dir: PathBuf,
         (cg_v2, cg_v1): (Option<PathBuf>, Vec<PathBuf>),
         exit_rx: watch::Receiver<Option<ExitInfo>>,
@@ -239,6 +362,7 @@ impl ProcessRuntime {
             exit_rx,
             tailer,
             ports: self.ports.clone(),
+            uid: uid.zip(self.isolation.uids.clone()),
             reaper: self.reaper.clone(),
             terminated: OnceCell::new(),
             last_cpu: Mutex::new(None),
@@ -248,6 +372,15 @@ impl ProcessRuntime {
     fn alloc_port(&self) -> std::io::Result<u16> {
         self.ports.reserve()
     }
+}
+
+/// What [`ProcessRuntime::set_up`] made for an instance.
+struct InstanceSetup {
+    dirs: InstanceDirs,
+    uid: Option<u32>,
+    port: u16,
+    /// stdout and stderr capture files.
+    out: Option<(OwnedFd, OwnedFd)>,
 }
 
 /// Kills every process of a v2 cgroup (`cgroup.kill`) in `block_in_place`: the write waits
@@ -341,21 +474,45 @@ fn resolve_program(program: &str, working_dir: Option<&str>) -> Result<PathBuf, 
 
 #[async_trait]
 impl Runtime for ProcessRuntime {
-    fn kind(&self) -> &'static str {
-        "process"
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Process
     }
 
     fn isolation(&self) -> String {
-        self.cgroups.describe()
+        format!("{}; {}", self.cgroups.describe(), self.isolation.describe())
     }
 
-    fn check_program(&self, program: &str, working_dir: Option<&str>) -> Result<(), String> {
-        if let Some(d) = working_dir {
-            if !Path::new(d).is_dir() {
-                return Err(format!("workingDir {d} is not a directory"));
-            }
+    fn prepare(&self, dep: &DeploymentRecord) -> Result<Prepared, String> {
+        self.python.prepare(dep)
+    }
+
+    /// [`Runtime::prepare`], then: the program exists and is executable; for `local:` agents
+    /// also that the chosen Python can import what the bundled runner needs (`fastapi`,
+    /// `uvicorn`), so a bot environment without them is reported at deploy time (`errors[]`,
+    /// `ready: false`) rather than at the first session.
+    fn validate(&self, dep: &DeploymentRecord) -> Option<String> {
+        let p = match self.prepare(dep) {
+            Ok(p) => p,
+            Err(e) => return Some(e),
+        };
+        let wd = p.working_dir.as_ref().and_then(|p| p.to_str());
+        if let Err(e) = self.check_program(&p.program, wd) {
+            return Some(e);
         }
-        resolve_program(program, working_dir).map(|_| ())
+        let local = dep.spec.command.is_none()
+            && dep
+                .spec
+                .image
+                .as_deref()
+                .is_some_and(|i| i.starts_with("local:"));
+        if local {
+            return self.python.deps_missing(&p.program);
+        }
+        None
+    }
+
+    async fn shutdown(&self) {
+        self.remove_server_cgroups();
     }
 
     /// Runs [`ProcessRuntime::start_blocking`] in `block_in_place`: joining a cgroup can keep
@@ -395,22 +552,39 @@ impl Runtime for ProcessRuntime {
 
     async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Option<Arc<dyn Instance>> {
         let id = rec.id.to_string();
-        let dir = PathBuf::from(&rec.dir);
-        let cg_v2 = rec.cgroup.as_ref().map(PathBuf::from);
+        let pl: InstancePlacement = match serde_json::from_value(rec.placement.clone()) {
+            Ok(pl) if rec.runtime == self.kind().as_str() => pl,
+            _ => {
+                tracing::warn!(instance = %id, runtime = %rec.runtime, "cannot read the placement of a recorded instance; leaving it");
+                return None;
+            }
+        };
+        let dir = PathBuf::from(&pl.dir);
+        let cg_v2 = pl.cgroup.as_ref().map(PathBuf::from);
         let cg_v1: Vec<PathBuf> = self
             .cgroups
             .v1_bases
             .iter()
             .map(|(_, b)| b.join(&id))
             .collect();
-        let alive = same_process_alive(rec.pid, rec.pid_start);
+        let alive = same_process_alive(pl.pid, pl.pid_start);
         let (tx, exit_rx) = watch::channel(None);
         let offsets = read_offsets(&dir.join("offsets")).unwrap_or((0, 0));
-        self.ports.adopt(rec.port);
+        self.ports.adopt(pl.port);
+        // The instance's uid is the owner of its home (none: it ran as the server's).
+        let uid = match &self.isolation.uids {
+            Some(pool) => InstanceDirs::at(dir.clone())
+                .owner()
+                .filter(|u| pool.range().contains(*u)),
+            None => None,
+        };
+        if let (Some(pool), Some(u)) = (&self.isolation.uids, uid) {
+            pool.adopt(u);
+        }
         let inst = self.instance(
             id,
-            (rec.pid, rec.pid_start),
-            rec.port,
+            (pl.pid, pl.pid_start),
+            (pl.port, uid),
             dir,
             (cg_v2, cg_v1),
             exit_rx,
@@ -425,15 +599,13 @@ impl Runtime for ProcessRuntime {
         }
         // Not our child any more: watch the pid (and its start time) instead of waitpid; the
         // exit code is only known if the agent wrote it to `$CATTERY_EXIT_STATUS_FILE`.
-        let (pid, start) = (rec.pid, rec.pid_start);
-        let status_file = PathBuf::from(&rec.dir).join(EXIT_STATUS_FILE);
+        let (pid, start) = (pl.pid, pl.pid_start);
+        let status_file = PathBuf::from(&pl.dir).join(EXIT_STATUS_FILE);
         tokio::spawn(async move {
             while same_process_alive(pid, start) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let code = std::fs::read_to_string(&status_file)
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok());
+            let code = isolation::read_exit_status(&status_file);
             let _ = tx.send(Some(ExitInfo { code, signal: None }));
         });
         Some(inst)
@@ -457,6 +629,8 @@ pub struct ProcessInstance {
     exit_rx: watch::Receiver<Option<ExitInfo>>,
     tailer: Tailer,
     ports: Arc<PortBook>,
+    /// The instance's own uid, released once it is gone.
+    uid: Option<(u32, Arc<UidPool>)>,
     reaper: Arc<Reaper>,
     terminated: OnceCell<TerminateReport>,
     last_cpu: Mutex<Option<u64>>,
@@ -562,6 +736,9 @@ impl ProcessInstance {
         )
         .await;
         self.ports.release(self.port);
+        if let Some((uid, pool)) = &self.uid {
+            pool.release(*uid);
+        }
         report.took_ms = t0.elapsed().as_millis() as u64;
         report
     }
@@ -588,18 +765,42 @@ fn proc_cpu_rss(pid: i32) -> Option<(u64, u64)> {
 
 #[async_trait]
 impl Instance for ProcessInstance {
-    fn record_parts(&self) -> InstancePlacement {
-        InstancePlacement {
+    fn placement(&self) -> serde_json::Value {
+        serde_json::to_value(InstancePlacement {
             pid: self.pid,
             pid_start: self.pid_start,
             port: self.port,
             cgroup: self.cg_v2.as_ref().map(|p| p.display().to_string()),
             dir: self.dir.display().to_string(),
-        }
+        })
+        .unwrap_or_default()
     }
 
-    fn port(&self) -> u16 {
-        self.port
+    fn endpoint(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn describe(&self) -> String {
+        format!("pid {}", self.pid)
+    }
+
+    async fn stderr_tail(&self) -> String {
+        let Ok(b) = fs::read(self.dir.join("stderr.log")) else {
+            return String::new();
+        };
+        let start = b.len().saturating_sub(2048);
+        super::logs::escape_bytes(&b[start..])
+    }
+
+    /// Reads the OOM-kill count of the instance's memory cgroup: v1 `memory.oom_control`
+    /// (`oom_kill N`), or v2 `memory.events` (`oom_kill N`) where the memory controller is on.
+    async fn out_of_memory(&self) -> bool {
+        let files = self
+            .cg_v1
+            .iter()
+            .map(|d| d.join("memory.oom_control"))
+            .chain(self.cg_v2.iter().map(|d| d.join("memory.events")));
+        files.into_iter().any(|f| oom_kills(&f) > 0)
     }
 
     async fn wait_exit(&self) -> ExitInfo {
@@ -626,7 +827,7 @@ impl Instance for ProcessInstance {
             .await
     }
 
-    fn sample(&self) -> Option<ResourceSample> {
+    async fn sample(&self) -> Option<ResourceSample> {
         if self.terminated.initialized() {
             return None;
         }
@@ -649,4 +850,17 @@ impl Instance for ProcessInstance {
             memory_bytes: mem,
         })
     }
+}
+
+/// The `oom_kill` count in a cgroup's `memory.oom_control` (v1) or `memory.events` (v2); 0
+/// when the file is missing.
+fn oom_kills(file: &Path) -> u64 {
+    fs::read_to_string(file)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("oom_kill "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }

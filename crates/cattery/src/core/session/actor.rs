@@ -1,0 +1,544 @@
+//! The actor of one instance: one function per phase (starting, idle, delivering, serving),
+//! each returning when its phase is over, or with the [`Ending`] that ends the instance.
+//! Every ending then goes through the one cleanup path ([`Supervisor::finish`]).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::ending::{during_start, ending_of_outcome, reply_err, Ending, OUTCOME_AFTER_EXIT};
+use super::health::StartFailure;
+use super::state::{Cmd, Delivery, InstState, InstanceCtl, Mailbox};
+use super::{Supervisor, FIRST_READY_POLL, IDLE_CHECK, READY_POLL};
+use crate::core::instance_http::{self, BotOutcome, OutcomeFuture};
+use crate::model::{now_ms, profile_limits, EndReason, InstanceRecord, MetricSample};
+use crate::runtime::{Instance, InstanceSpec, LogSink};
+
+/// How an actor begins.
+pub(super) enum Start {
+    /// Start a new instance, for this session (a cold start) or as a warm one.
+    New(Option<Delivery>),
+    /// An instance found again after a restart, with its live (delivered) session and that
+    /// session's deadline, or without one (re-adopted as a warm instance).
+    Adopted(Arc<dyn Instance>, Option<(Uuid, Instant)>),
+}
+
+/// Aborts a spawned task when dropped (the session's `/bot` request or websocket relay).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The actor's state between phases.
+pub(super) struct Actor {
+    pub sup: Arc<Supervisor>,
+    pub ctl: Arc<InstanceCtl>,
+    pub rx: mpsc::UnboundedReceiver<Cmd>,
+    pub done_tx: watch::Sender<bool>,
+    /// The session and its deadline, once there is one.
+    pub session: Option<(Uuid, Instant)>,
+    /// The session still to deliver (kept until delivered, so a failure can answer it).
+    pub delivery: Option<Delivery>,
+    /// The session the instance's durable record names.
+    recorded_session: Option<Uuid>,
+    /// The keep-alive connection of the `/readyz` answer that found the instance ready.
+    ready_conn: Option<instance_http::Conn>,
+}
+
+/// Runs an instance's whole life. See the module docs.
+pub(super) async fn run(sup: Arc<Supervisor>, ctl: Arc<InstanceCtl>, mb: Mailbox, start: Start) {
+    let (rx, done_tx) = mb;
+    let mut a = Actor {
+        sup,
+        ctl,
+        rx,
+        done_tx,
+        session: None,
+        delivery: None,
+        recorded_session: None,
+        ready_conn: None,
+    };
+    let (inst, adopted_busy) = match start {
+        Start::Adopted(i, s) => {
+            a.session = s;
+            a.recorded_session = s.map(|s| s.0);
+            (i, s.is_some())
+        }
+        Start::New(d) => {
+            if let Some(d) = &d {
+                a.session = Some((d.session, d.deadline));
+            }
+            a.delivery = d;
+            match a.sup.spawn_instance(&a.ctl, a.session.map(|s| s.0)).await {
+                Ok(i) => (i, false),
+                Err(e) => {
+                    a.sup
+                        .record_failure(&a.ctl, "spawn_failed", None, e.clone());
+                    let end = Ending::start_failed("SPAWN_FAILED", e, None);
+                    a.finish(None, end).await;
+                    return;
+                }
+            }
+        }
+    };
+    let _ = a.ctl.instance.set(inst.clone());
+    let mut ending = match a.life(&inst, adopted_busy).await {
+        Ok(e) | Err(e) => e,
+    };
+    ending
+        .name_oom(&inst, &a.ctl.deployment.spec.agent_profile)
+        .await;
+    a.finish(Some(inst), ending).await;
+}
+
+impl Actor {
+    /// The phases in order; returns the ending (`Err` when a phase ended the instance early).
+    async fn life(
+        &mut self,
+        inst: &Arc<dyn Instance>,
+        adopted_busy: bool,
+    ) -> Result<Ending, Ending> {
+        if !adopted_busy {
+            let sid = self.session.map(|s| s.0);
+            self.sup.persist_instance(&self.ctl, inst, sid).await;
+            self.recorded_session = sid;
+            self.starting(inst).await?;
+            self.sup.record_ready(&self.ctl);
+            self.sup.platform_log(
+                &self.ctl,
+                format!(
+                    "[cattery] instance {} ready ({})",
+                    self.ctl.id,
+                    inst.describe()
+                ),
+            );
+            if self.delivery.is_none() {
+                self.idle(inst).await?;
+            }
+        }
+        self.ctl.set_state(InstState::Busy);
+        let (sid, deadline) = self.session.expect("busy instance has a session");
+        let bot = match self.delivery.take() {
+            Some(d) => Some(self.deliver(inst, d, sid, deadline).await?),
+            None => None,
+        };
+        Ok(self.serving(inst, bot, deadline).await)
+    }
+
+    /// Takes a session for this instance (while starting or idle).
+    fn assign(&mut self, d: Delivery) {
+        self.session = Some((d.session, d.deadline));
+        self.ctl.set_session(d.session);
+        self.delivery = Some(d);
+    }
+
+    /// Starting: waits for `/readyz` 200, a stop, an exit, or a deadline. A warm instance
+    /// may be claimed by a session meanwhile (it then gets the session as soon as it is ready).
+    async fn starting(&mut self, inst: &Arc<dyn Instance>) -> Result<(), Ending> {
+        let start_deadline = Instant::now() + self.sup.cfg.start_timeout;
+        let (sup, ctl) = (self.sup.clone(), self.ctl.clone());
+        let ready = wait_ready(&sup, &ctl, inst);
+        tokio::pin!(ready);
+        loop {
+            let session_deadline = self
+                .session
+                .map(|s| s.1)
+                .unwrap_or(start_deadline + Duration::from_secs(1 << 30));
+            tokio::select! {
+                biased;
+                cmd = self.rx.recv() => match cmd {
+                    Some(Cmd::Stop(r)) => {
+                        let promised = self.session.is_some() || self.ctl.promised();
+                        return Err(Ending::new(during_start(r, promised), "HTTP_ERROR"));
+                    }
+                    Some(Cmd::Assign(mut d)) => {
+                        if self.session.is_none() {
+                            self.assign(d);
+                        } else {
+                            reply_err(&mut d, "instance is already promised to another session");
+                        }
+                    }
+                    None => {}
+                },
+                ex = inst.wait_exit() => {
+                    let tail = inst.stderr_tail().await;
+                    self.sup.record_failure(&self.ctl, "exited", Some(ex), tail.clone());
+                    let msg = format!("instance exited before it was ready ({}){}", ex.describe(),
+                        if tail.is_empty() { String::new() } else { format!("; stderr: {}", tail.trim()) });
+                    return Err(Ending::start_failed("INSTANCE_EXITED", msg, Some(ex)));
+                }
+                _ = tokio::time::sleep_until(start_deadline) => {
+                    let tail = inst.stderr_tail().await;
+                    self.sup.record_failure(&self.ctl, "start_timeout", None, tail);
+                    let msg = format!("instance did not answer /readyz within {} s", self.sup.cfg.start_timeout.as_secs_f64());
+                    return Err(Ending::start_failed("START_TIMEOUT", msg, None));
+                }
+                _ = tokio::time::sleep_until(session_deadline) => {
+                    return Err(Ending::new(EndReason::MaxDuration, "HTTP_ERROR"));
+                }
+                conn = &mut ready => {
+                    self.ready_conn = conn;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Idle (warm): waits for a session, a stop, an exit, or a failed health check. The
+    /// health check runs beside the command channel, so a slow `/readyz` never delays a
+    /// session or a stop.
+    async fn idle(&mut self, inst: &Arc<dyn Instance>) -> Result<(), Ending> {
+        self.ctl.transition(InstState::Starting, InstState::Idle);
+        let addr = inst.endpoint();
+        let health = move || -> Pin<Box<dyn Future<Output = bool> + Send>> {
+            Box::pin(async move {
+                tokio::time::sleep(IDLE_CHECK).await;
+                instance_http::get_status(addr, "/readyz", Duration::from_secs(2)).await
+                    == Some(200)
+            })
+        };
+        let mut check = health();
+        loop {
+            tokio::select! {
+                biased;
+                cmd = self.rx.recv() => match cmd {
+                    Some(Cmd::Stop(r)) => {
+                        let promised = self.ctl.promised();
+                        return Err(Ending::new(during_start(r, promised), "HTTP_ERROR"));
+                    }
+                    Some(Cmd::Assign(d)) => {
+                        self.assign(d);
+                        return Ok(());
+                    }
+                    None => {}
+                },
+                ex = inst.wait_exit() => {
+                    let tail = inst.stderr_tail().await;
+                    self.sup.record_failure(&self.ctl, "exited", Some(ex), tail);
+                    let msg = format!("the warm instance exited ({})", ex.describe());
+                    return Err(Ending::start_failed("INSTANCE_EXITED", msg, Some(ex)));
+                }
+                ok = &mut check => {
+                    if !ok && self.ctl.transition(InstState::Idle, InstState::Ending) {
+                        self.sup.platform_log(&self.ctl, "[cattery] warm instance not ready; replacing it".into());
+                        return Err(Ending::new(EndReason::Error, "HTTP_ERROR"));
+                    }
+                    check = health();
+                }
+            }
+        }
+    }
+
+    /// Delivering: `POST /bot` (or the session's own delivery), bounded and interruptible
+    /// like every other phase. Returns the session's outcome future, driven on its own task.
+    async fn deliver(
+        &mut self,
+        inst: &Arc<dyn Instance>,
+        mut d: Delivery,
+        sid: Uuid,
+        deadline: Instant,
+    ) -> Result<(OutcomeFuture, AbortOnDrop), Ending> {
+        // Durable before `/bot`: a restart must never hand this instance out as warm once it
+        // may have received a session.
+        if !d.recorded && self.recorded_session != Some(sid) {
+            self.sup.persist_instance(&self.ctl, inst, Some(sid)).await;
+        }
+        let addr = inst.endpoint();
+        let headers = std::mem::take(&mut d.headers);
+        let conn = self.ready_conn.take();
+        let fut: Pin<Box<dyn Future<Output = Result<OutcomeFuture, String>> + Send>> =
+            match d.deliver.take() {
+                Some(f) => f(addr, headers),
+                None => {
+                    let body = d.body.clone();
+                    Box::pin(async move {
+                        instance_http::post_bot(addr, headers, body, conn)
+                            .await
+                            .map(|f| Box::pin(f) as OutcomeFuture)
+                    })
+                }
+            };
+        match self.await_delivery(inst, fut, deadline).await {
+            Ok(outcome) => {
+                // Drive the session's request on its own task from now on, so it is sent at
+                // once whatever the actor does next; aborted when the session ends.
+                let task = tokio::spawn(outcome);
+                let guard = AbortOnDrop(task.abort_handle());
+                let bot: OutcomeFuture = Box::pin(async move {
+                    task.await
+                        .unwrap_or_else(|e| BotOutcome::Broken(e.to_string()))
+                });
+                let ms = d.requested.elapsed().as_millis() as i64;
+                if let Err(e) = self.sup.store.mark_delivered(sid, ms).await {
+                    tracing::error!(session = %sid, error = %e, "could not record delivery");
+                }
+                self.sup.platform_log(
+                    &self.ctl,
+                    format!("[cattery] session {sid} delivered after {ms} ms"),
+                );
+                if let Some(r) = d.reply.take() {
+                    let _ = r.send(Ok(ms));
+                }
+                Ok((bot, guard))
+            }
+            Err(e) => {
+                self.delivery = Some(d);
+                Err(e)
+            }
+        }
+    }
+
+    async fn await_delivery(
+        &mut self,
+        inst: &Arc<dyn Instance>,
+        mut fut: Pin<Box<dyn Future<Output = Result<OutcomeFuture, String>> + Send>>,
+        deadline: Instant,
+    ) -> Result<OutcomeFuture, Ending> {
+        let delivery_deadline = Instant::now() + self.sup.cfg.start_timeout;
+        let within = self.sup.cfg.start_timeout.as_secs_f64();
+        loop {
+            tokio::select! {
+                biased;
+                cmd = self.rx.recv() => match cmd {
+                    Some(Cmd::Stop(r)) => return Err(Ending::new(during_start(r, true), "HTTP_ERROR")),
+                    Some(Cmd::Assign(mut a)) => reply_err(&mut a, "instance is busy"),
+                    None => {}
+                },
+                r = &mut fut => return r.map_err(|err| {
+                    let msg = format!("could not deliver the session to the instance: {err}");
+                    Ending::start_failed("DELIVERY_FAILED", msg, None)
+                }),
+                ex = inst.wait_exit() => {
+                    let msg = format!("the instance exited before the session was delivered ({})", ex.describe());
+                    return Err(Ending::start_failed("INSTANCE_EXITED", msg, Some(ex)));
+                }
+                _ = tokio::time::sleep_until(deadline) => return Err(Ending::new(EndReason::MaxDuration, "HTTP_ERROR")),
+                _ = tokio::time::sleep_until(delivery_deadline) => {
+                    let msg = format!("the instance did not take the session within {within} s");
+                    return Err(Ending::start_failed("DELIVERY_FAILED", msg, None));
+                }
+            }
+        }
+    }
+
+    /// Serving: waits for the session's end (a stop, the agent's answer, the exit, the time
+    /// limit), sampling resources meanwhile.
+    async fn serving(
+        &mut self,
+        inst: &Arc<dyn Instance>,
+        bot: Option<(OutcomeFuture, AbortOnDrop)>,
+        deadline: Instant,
+    ) -> Ending {
+        let (mut bot, _guard): (OutcomeFuture, _) = match bot {
+            Some((b, g)) => (b, Some(g)),
+            None => (Box::pin(std::future::pending()), None),
+        };
+        let mut sample = tokio::time::interval(self.sup.cfg.metrics_interval);
+        let mut last_cpu: Option<(Instant, u64)> = None;
+        loop {
+            tokio::select! {
+                biased;
+                cmd = self.rx.recv() => match cmd {
+                    Some(Cmd::Stop(r)) => return Ending::new(r, "HTTP_ERROR"),
+                    Some(Cmd::Assign(mut d)) => reply_err(&mut d, "instance is busy"),
+                    None => {}
+                },
+                out = &mut bot => {
+                    let mut e = ending_of_outcome(out, inst).await;
+                    if e.exit.is_none() { e.exit = inst.exited(); }
+                    return e;
+                }
+                ex = inst.wait_exit() => return exited_while_serving(inst, &mut bot, ex).await,
+                _ = tokio::time::sleep_until(deadline) => {
+                    let mut e = Ending::new(EndReason::MaxDuration, "HTTP_ERROR");
+                    e.message = Some(format!("maxSessionDuration ({} s) reached", self.ctl.deployment.spec.max_session_duration_s()));
+                    return e;
+                }
+                _ = sample.tick() => {
+                    if let Some(s) = inst.sample().await {
+                        let now = Instant::now();
+                        let mc = match last_cpu {
+                            Some((t, c)) => {
+                                let dt = now.duration_since(t).as_nanos().max(1) as u64;
+                                s.cpu_ns.saturating_sub(c).saturating_mul(1000) / dt
+                            }
+                            None => 0,
+                        };
+                        last_cpu = Some((now, s.cpu_ns));
+                        self.ctl.samples.lock().push(MetricSample {
+                            t: now_ms() / 1000,
+                            cpu_millicores: mc,
+                            memory_bytes: s.memory_bytes,
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The ending of a session whose instance exited. The session's own channel (the `/bot`
+/// answer, the websocket relay) tells best how it ended, e.g. which side closed a websocket
+/// first; it settles within moments of the exit. (A broken `/bot` connection says less than
+/// the exit status.)
+async fn exited_while_serving(
+    inst: &Arc<dyn Instance>,
+    bot: &mut OutcomeFuture,
+    ex: crate::runtime::ExitInfo,
+) -> Ending {
+    match tokio::time::timeout(OUTCOME_AFTER_EXIT, bot).await {
+        Ok(BotOutcome::Broken(_)) | Err(_) => {}
+        Ok(out) => {
+            let mut e = ending_of_outcome(out, inst).await;
+            e.exit = Some(ex);
+            return e;
+        }
+    }
+    let mut e = if ex.success() {
+        Ending::new(EndReason::Completed, "HTTP_COMPLETED")
+    } else {
+        Ending::new(EndReason::Error, "HTTP_ERROR")
+    };
+    e.exit = Some(ex);
+    e.message = Some(format!("the instance exited ({})", ex.describe()));
+    e
+}
+
+/// Ready = `/readyz` answers 200 *and* the listening socket is the instance's own (a foreign
+/// program on the port must never be taken for the agent). Resolves to the connection of the
+/// answer that found it ready, which then carries `/bot` if the session comes soon
+/// (`instance_http::post_bot`).
+async fn wait_ready(
+    sup: &Supervisor,
+    ctl: &InstanceCtl,
+    inst: &Arc<dyn Instance>,
+) -> Option<instance_http::Conn> {
+    let addr = inst.endpoint();
+    let mut warned = false;
+    let mut wait = FIRST_READY_POLL;
+    loop {
+        let (status, conn) =
+            instance_http::get_status_keep(addr, "/readyz", Duration::from_secs(2)).await;
+        if status == Some(200) {
+            if inst.serves_port() {
+                return conn;
+            }
+            if !warned {
+                warned = true;
+                sup.platform_log(
+                    ctl,
+                    format!(
+                        "[cattery] port {} answers /readyz but is not held by instance {}; waiting for the agent",
+                        addr.port(),
+                        ctl.id
+                    ),
+                );
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(READY_POLL);
+    }
+}
+
+impl Supervisor {
+    /// Counts a failed start against the deployment's health.
+    pub(super) fn record_failure(
+        &self,
+        ctl: &InstanceCtl,
+        reason: &'static str,
+        exit: Option<crate::runtime::ExitInfo>,
+        stderr_tail: String,
+    ) {
+        let f = StartFailure {
+            reason,
+            exit,
+            stderr_tail,
+            at_ms: now_ms(),
+        };
+        let mut st = self.state.lock();
+        if let Some(p) = st.pools.get_mut(&ctl.agent_id) {
+            p.health
+                .entry(ctl.deployment.id)
+                .or_default()
+                .failed(f, Instant::now());
+        }
+    }
+
+    /// Counts a start that became ready.
+    pub(super) fn record_ready(&self, ctl: &InstanceCtl) {
+        let mut st = self.state.lock();
+        if let Some(p) = st.pools.get_mut(&ctl.agent_id) {
+            p.health.entry(ctl.deployment.id).or_default().ready();
+        }
+    }
+
+    /// Starts the instance: the runtime's command for the deployment, plus the agent's env,
+    /// its secrets and the session's id.
+    pub(super) async fn spawn_instance(
+        &self,
+        ctl: &InstanceCtl,
+        session: Option<Uuid>,
+    ) -> Result<Arc<dyn Instance>, String> {
+        let prepared = self.runtime.prepare(&ctl.deployment)?;
+        let mut env = prepared.env;
+        env.extend(
+            ctl.deployment
+                .spec
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        // The bound secret set's keys, from the deployment's snapshot (core::secrets).
+        if let Some(src) = self.secrets.get() {
+            env.extend(src.env_for(&ctl.org, &ctl.deployment).await?);
+        }
+        if let Some(s) = session {
+            env.push(("CATTERY_SESSION_ID".into(), s.to_string()));
+        }
+        let spec = InstanceSpec {
+            instance_id: ctl.id,
+            program: prepared.program,
+            args: prepared.args,
+            working_dir: prepared.working_dir,
+            env,
+            limits: profile_limits(&ctl.deployment.spec.agent_profile),
+        };
+        let sink = LogSink {
+            tx: self.logs.clone(),
+            attribution: ctl.attribution.clone(),
+        };
+        self.runtime
+            .start(spec, sink)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Records (or re-records) the instance, naming its session.
+    pub(super) async fn persist_instance(
+        &self,
+        ctl: &InstanceCtl,
+        inst: &Arc<dyn Instance>,
+        session: Option<Uuid>,
+    ) {
+        let rec = InstanceRecord {
+            id: ctl.id,
+            agent_id: ctl.agent_id,
+            deployment_id: ctl.deployment.id,
+            session_id: session,
+            runtime: self.runtime.kind().as_str().to_string(),
+            placement: inst.placement(),
+            created_ms: now_ms(),
+        };
+        if let Err(e) = self.store.put_instance(&rec).await {
+            tracing::error!(instance = %ctl.id, error = %e, "could not record instance");
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! Admission: who gets an instance. A plain function over one agent's pool.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::state::{AgentPool, InstState, InstanceCtl};
+use crate::core::{CoreError, CoreResult};
+
+/// Where a start's session goes.
+pub(super) enum Admission {
+    /// A ready warm instance, now `Busy` and promised to the session (`coldStart: false`).
+    Warm(Arc<InstanceCtl>),
+    /// A warm instance still starting, now `Claimed` by the session (`coldStart: true`).
+    Claimed(Arc<InstanceCtl>),
+    /// No instance to take, and room below `maxAgents`: start a new one (`coldStart: true`).
+    Cold,
+}
+
+/// Decides a start on `pool` for `session`, in order: a ready warm instance of the current
+/// deployment, else a starting one that nobody claimed, else a cold start below `maxAgents`,
+/// else 429. The instance taken is claimed in the same step (under its own lock), so two
+/// starts never get the same one.
+///
+/// Errors: `NotFound` (the agent is deleted), `DeploymentNotReady`, `AGENT_CRASH_LOOP`
+/// (failed starts in a row, still backing off), `AtCapacity`.
+pub(super) fn admit(
+    pool: &AgentPool,
+    agent_name: &str,
+    session: Uuid,
+    now: Instant,
+) -> CoreResult<Admission> {
+    if pool.agent.deleted_ms.is_some() {
+        return Err(CoreError::NotFound(format!("agent {agent_name} not found")));
+    }
+    if let Some(e) = &pool.deploy_error {
+        return Err(CoreError::DeploymentNotReady(format!(
+            "deployment {} of agent {agent_name} is not ready: {e}",
+            pool.deployment.id
+        )));
+    }
+    let dep = pool.deployment.id;
+    if let Some(e) = pool
+        .health
+        .get(&dep)
+        .and_then(|h| h.crash_loop(agent_name, now))
+    {
+        return Err(e);
+    }
+    let take = |from: InstState, to: InstState| {
+        pool.instances
+            .values()
+            .find(|c| c.deployment.id == dep && c.try_claim(from, to, session))
+            .cloned()
+    };
+    if let Some(c) = take(InstState::Idle, InstState::Busy) {
+        return Ok(Admission::Warm(c));
+    }
+    if let Some(c) = take(InstState::Starting, InstState::Claimed) {
+        return Ok(Admission::Claimed(c));
+    }
+    if pool.instances.len() as u32 >= pool.agent.max_agents {
+        return Err(CoreError::AtCapacity(agent_name.to_string()));
+    }
+    Ok(Admission::Cold)
+}

@@ -1,0 +1,153 @@
+//! The one cleanup path: every end of every instance comes through here exactly once.
+//!
+//! Order: record a stop's intent (durable before the SIGTERM) -> remove the whole instance
+//! ([`crate::runtime::Instance::terminate`]) -> free the capacity slot -> record the
+//! session's end (first end wins in the store) with its metrics and end-of-session log line
+//! -> leave the live set -> answer a pending start, wake `DELETE`s waiting for this instance
+//! -> refill the pool.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::actor::Actor;
+use super::ending::{reply_err, Ending};
+use super::state::{Cmd, InstState, InstanceCtl};
+use super::Supervisor;
+use crate::model::{iso_ms, now_ms, EndReason, SessionEnd};
+use crate::runtime::{Instance, TerminateReport};
+
+impl Actor {
+    /// See the module docs.
+    pub(super) async fn finish(mut self, inst: Option<Arc<dyn Instance>>, mut ending: Ending) {
+        let ctl = self.ctl.clone();
+        // A warm instance claimed by a start whose session it had not received yet: that
+        // session ends with it.
+        let session = self.session.map(|s| s.0).or_else(|| ctl.session());
+        ctl.set_state(InstState::Ending);
+        let mut report = None;
+        if let Some(i) = &inst {
+            let grace = self.sup.stop_grace(&ctl, i, &ending, session).await;
+            let r = i.terminate(grace).await;
+            if ending.exit.is_none() {
+                ending.exit = r.exit;
+            }
+            report = Some(r);
+        }
+        let ended_ms = now_ms();
+        // The tree is gone: its capacity slot is free from now on.
+        if let Some(p) = self.sup.state.lock().pools.get_mut(&ctl.agent_id) {
+            p.instances.remove(&ctl.id);
+        }
+        self.sup
+            .record_end(&ctl, &ending, session, ended_ms, report)
+            .await;
+        // Recorded: the session leaves the live set (a `DELETE` arriving from now on finds
+        // the recorded end; one arriving before waits for `done` below).
+        {
+            let mut st = self.sup.state.lock();
+            if let Some(s) = session {
+                if st.sessions.get(&s).is_some_and(|c| Arc::ptr_eq(c, &ctl)) {
+                    st.sessions.remove(&s);
+                }
+            }
+            self.sup.publish_live(&st);
+        }
+        if let Some(d) = self.delivery.as_mut() {
+            if let Some(r) = d.reply.take() {
+                let _ = r.send(Err(ending.start_answer(d)));
+            }
+        }
+        self.done_tx.send_replace(true);
+        self.rx.close();
+        while let Ok(cmd) = self.rx.try_recv() {
+            if let Cmd::Assign(mut d) = cmd {
+                reply_err(&mut d, "the instance went away");
+            }
+        }
+        self.sup.reconcile(ctl.agent_id);
+    }
+}
+
+impl Supervisor {
+    /// The grace for removing an instance. A stop of a live session is recorded first with
+    /// its deadline, so a restart during the grace finishes it; a stop recorded before a
+    /// restart gets only what is left of its grace.
+    async fn stop_grace(
+        &self,
+        ctl: &InstanceCtl,
+        inst: &Arc<dyn Instance>,
+        ending: &Ending,
+        session: Option<Uuid>,
+    ) -> Duration {
+        let grace = self.grace(&ctl.deployment);
+        if let Some(deadline) = *ctl.stop_deadline_ms.lock() {
+            return Duration::from_millis((deadline - now_ms()).max(0) as u64).min(grace);
+        }
+        let Some(sid) = session else { return grace };
+        if ending.reason != EndReason::Stopped || grace.is_zero() || inst.exited().is_some() {
+            return grace;
+        }
+        let deadline = now_ms() + grace.as_millis() as i64;
+        if let Err(e) = self.store.request_stop(sid, deadline).await {
+            tracing::error!(session = %sid, error = %e, "could not record the stop request");
+        }
+        grace
+    }
+
+    /// One write: the instance record goes, the session's end (first wins) and its samples
+    /// are recorded; then the end-of-session platform log line.
+    async fn record_end(
+        &self,
+        ctl: &InstanceCtl,
+        ending: &Ending,
+        session: Option<Uuid>,
+        ended_ms: i64,
+        report: Option<TerminateReport>,
+    ) {
+        let end = SessionEnd {
+            ended_ms,
+            reason: ending.reason,
+            completion_status: ending.completion.clone(),
+            exit_code: ending.exit.and_then(|e| e.code),
+            exit_signal: ending.exit.and_then(|e| e.signal),
+            message: ending.message.clone(),
+        };
+        let samples = ctl.samples.lock().clone();
+        match self
+            .store
+            .end_instance(ctl.id, session.map(|sid| (sid, &end, &samples[..])))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) if session.is_some() => {
+                tracing::debug!(instance = %ctl.id, "session end was already recorded")
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(
+                instance = %ctl.id,
+                error = %e,
+                "could not record the end of the instance and its session"
+            ),
+        }
+        let Some(sid) = session else { return };
+        let how = match report {
+            Some(r) if r.killed => format!("SIGKILL after {} ms", r.took_ms),
+            Some(r) if r.sent_sigterm => format!("SIGTERM, gone after {} ms", r.took_ms),
+            _ => "already gone".to_string(),
+        };
+        self.platform_log(
+            ctl,
+            format!(
+                "[cattery] session {sid} ended at {}: reason={} completionStatus={} exit={} cleanup={how}{}",
+                iso_ms(ended_ms),
+                ending.reason.as_str(),
+                ending.completion,
+                ending.exit.map(|e| e.describe()).unwrap_or_else(|| "none".into()),
+                ending.message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default(),
+            ),
+        );
+        tracing::info!(session.id = %sid, agent.id = %ctl.agent_id, reason = ending.reason.as_str(), "session ended");
+    }
+}

@@ -1,0 +1,139 @@
+//! How an instance ends: the reason recorded for its session, and what a start still waiting
+//! for that session is answered.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::core::instance_http::BotOutcome;
+use crate::core::CoreError;
+use crate::model::{profile_limits, EndReason};
+use crate::runtime::{ExitInfo, Instance};
+
+use super::state::Delivery;
+
+/// How long an instance's exit waits for its session's outcome (see `actor::serving`).
+pub(super) const OUTCOME_AFTER_EXIT: Duration = Duration::from_millis(250);
+
+/// Why the actor ends an instance.
+pub(super) struct Ending {
+    pub reason: EndReason,
+    pub completion: String,
+    pub message: Option<String>,
+    pub exit: Option<ExitInfo>,
+    /// The error code and message a start waiting for the session gets.
+    pub start_error: Option<(&'static str, String)>,
+}
+
+impl Ending {
+    pub fn new(reason: EndReason, completion: &str) -> Self {
+        Ending {
+            reason,
+            completion: completion.into(),
+            message: None,
+            exit: None,
+            start_error: None,
+        }
+    }
+
+    /// A failed start (`start_failed`) with the code a waiting start gets.
+    pub fn start_failed(code: &'static str, msg: String, exit: Option<ExitInfo>) -> Self {
+        let mut e = Ending::new(EndReason::StartFailed, "HTTP_ERROR");
+        e.exit = exit;
+        e.message = Some(msg.clone());
+        e.start_error = Some((code, msg));
+        e
+    }
+
+    /// The answer for a start whose session this ending ends before it was delivered.
+    pub fn start_answer(&mut self, d: &Delivery) -> CoreError {
+        match self.reason {
+            EndReason::Drained => CoreError::Draining,
+            EndReason::StoppedDuringStart | EndReason::Stopped | EndReason::ClientDisconnected => {
+                CoreError::StoppedDuringStart(d.session)
+            }
+            EndReason::MaxDuration => CoreError::StartFailed {
+                code: "START_TIMEOUT",
+                message: "maxSessionDuration was reached before the instance was ready".into(),
+            },
+            _ => {
+                let (code, message) = self.start_error.take().unwrap_or((
+                    "INSTANCE_EXITED",
+                    "the instance ended before the session was delivered".into(),
+                ));
+                CoreError::StartFailed { code, message }
+            }
+        }
+    }
+
+    /// Names an out-of-memory kill: an instance that ended in error after the kernel killed
+    /// a process of it for going over its memory limit.
+    pub async fn name_oom(&mut self, inst: &Arc<dyn Instance>, profile: &str) {
+        if self.reason != EndReason::Error || self.exit.is_none() || !inst.out_of_memory().await {
+            return;
+        }
+        let limit = profile_limits(profile)
+            .map(|l| format!("{} MiB", l.memory_bytes / (1024 * 1024)))
+            .unwrap_or_else(|| "its memory limit".into());
+        self.reason = EndReason::OutOfMemory;
+        self.message = Some(format!(
+            "out of memory: the instance went over the memory limit of agentProfile {profile} ({limit}) and was killed ({})",
+            self.exit.map(|e| e.describe()).unwrap_or_default()
+        ));
+    }
+}
+
+/// The reason recorded for a stop that arrives before the session was delivered: a plain
+/// stop (`DELETE`) becomes `stopped_during_start`; drain and client-gone keep their own.
+pub(super) fn during_start(r: EndReason, promised: bool) -> EndReason {
+    if promised && r == EndReason::Stopped {
+        EndReason::StoppedDuringStart
+    } else {
+        r
+    }
+}
+
+/// The ending of a delivered session from what its channel reported: the `/bot` answer
+/// (2xx: completed, else an error with the status as `completionStatus`, reference §C), a
+/// broken connection (completed only if the process exited 0 within 500 ms), or the end of
+/// a websocket relay (`WS_CONNECTION_CLOSED`; `client_disconnected` when the client closed).
+pub(super) async fn ending_of_outcome(out: BotOutcome, inst: &Arc<dyn Instance>) -> Ending {
+    match out {
+        BotOutcome::Answered(s) if (200..300).contains(&s) => {
+            Ending::new(EndReason::Completed, "HTTP_COMPLETED")
+        }
+        BotOutcome::WsClosed { by_client: true } => {
+            Ending::new(EndReason::ClientDisconnected, "WS_CONNECTION_CLOSED")
+        }
+        BotOutcome::WsClosed { by_client: false } => {
+            Ending::new(EndReason::Completed, "WS_CONNECTION_CLOSED")
+        }
+        BotOutcome::Answered(s) => {
+            let mut e = Ending::new(EndReason::Error, &s.to_string());
+            e.message = Some(format!("the agent answered /bot with HTTP {s}"));
+            e
+        }
+        BotOutcome::Broken(err) => {
+            // Usually the process died: give the exit status a moment to arrive.
+            let ex = tokio::time::timeout(Duration::from_millis(500), inst.wait_exit())
+                .await
+                .ok();
+            let mut e = match ex {
+                Some(x) if x.success() => Ending::new(EndReason::Completed, "HTTP_COMPLETED"),
+                _ => Ending::new(EndReason::Error, "HTTP_ERROR"),
+            };
+            e.exit = ex;
+            e.message = Some(format!("the /bot connection broke: {err}"));
+            e
+        }
+    }
+}
+
+/// Answers a start that this instance cannot serve.
+pub(super) fn reply_err(d: &mut Delivery, why: &str) {
+    if let Some(r) = d.reply.take() {
+        let _ = r.send(Err(CoreError::StartFailed {
+            code: "INSTANCE_EXITED",
+            message: why.into(),
+        }));
+    }
+}

@@ -1,0 +1,85 @@
+//! Crash-loop health of a deployment: failed starts in a row, with a backoff.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::core::CoreError;
+use crate::runtime::ExitInfo;
+
+/// Consecutive failed starts after which a deployment counts as crash-looping.
+pub const CRASH_LOOP_THRESHOLD: u32 = 2;
+
+/// A recent failed start, shown in agent status.
+#[derive(Debug, Clone)]
+pub struct StartFailure {
+    /// `exited`, `start_timeout`, `spawn_failed`.
+    pub reason: &'static str,
+    /// Exit of the main process, if it exited.
+    pub exit: Option<ExitInfo>,
+    /// Last lines of stderr.
+    pub stderr_tail: String,
+    /// When (ms).
+    pub at_ms: i64,
+}
+
+/// Health of one deployment.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    /// Some instance of it answered `/readyz` with 200 once.
+    pub ever_ready: bool,
+    /// Failed starts since the last successful one.
+    pub consecutive_failures: u32,
+    /// All failed starts.
+    pub restarts: u32,
+    /// Most recent failure.
+    pub last_failure: Option<StartFailure>,
+    pub(super) backoff_until: Option<Instant>,
+}
+
+impl Health {
+    /// Counts a failed start; the backoff doubles from 1 s up to 30 s.
+    pub(super) fn failed(&mut self, f: StartFailure, now: Instant) {
+        self.consecutive_failures += 1;
+        self.restarts += 1;
+        let n = self.consecutive_failures.min(6);
+        self.backoff_until =
+            Some(now + Duration::from_millis(500 << n).min(Duration::from_secs(30)));
+        self.last_failure = Some(f);
+    }
+
+    /// Counts a start that became ready.
+    pub(super) fn ready(&mut self) {
+        self.ever_ready = true;
+        self.consecutive_failures = 0;
+        self.backoff_until = None;
+    }
+
+    /// Whether the pool must not start instances of this deployment now.
+    pub(super) fn backing_off(&self, now: Instant) -> bool {
+        self.backoff_until.is_some_and(|b| now < b)
+    }
+
+    /// `AGENT_CRASH_LOOP` when the deployment failed [`CRASH_LOOP_THRESHOLD`] starts in a
+    /// row and is still backing off.
+    pub(super) fn crash_loop(&self, agent_name: &str, now: Instant) -> Option<CoreError> {
+        if self.consecutive_failures < CRASH_LOOP_THRESHOLD || !self.backing_off(now) {
+            return None;
+        }
+        let f = self.last_failure.as_ref();
+        Some(CoreError::StartFailed {
+            code: "AGENT_CRASH_LOOP",
+            message: format!(
+                "agent {agent_name} is crash-looping: {} failed starts in a row, last: {} ({}){}",
+                self.consecutive_failures,
+                f.map(|f| f.reason).unwrap_or("unknown"),
+                f.and_then(|f| f.exit)
+                    .map(|e| e.describe())
+                    .unwrap_or_default(),
+                f.filter(|f| !f.stderr_tail.is_empty())
+                    .map(|f| format!("; stderr: {}", f.stderr_tail.trim()))
+                    .unwrap_or_default()
+            ),
+        })
+    }
+}

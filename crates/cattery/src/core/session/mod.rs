@@ -1,0 +1,374 @@
+//! The session engine: warm pool, capacity, delivery, one terminal state, cleanup.
+//!
+//! Every instance is driven by one task (its *actor*, [`actor`]) that owns every decision
+//! about it, one phase after another (starting, idle, delivering, serving). Whatever happens
+//! first, a stop, the agent's answer to `/bot`, the process exiting, the time limit, a start
+//! timeout, decides the session's end; the actor then runs the one cleanup path
+//! ([`cleanup`]: SIGTERM, stop grace, SIGKILL, wait until the tree is empty, remove
+//! everything), frees the capacity slot, records the end (first wins in the store as well),
+//! and refills the warm pool. One instance serves at most one session.
+//!
+//! Capacity: every instance of an agent that is not yet gone (starting, idle, busy, ending)
+//! counts against `maxAgents`, so the cap bounds real processes (reference §B.4). A start
+//! takes a ready warm instance (`coldStart: false`), else a warm instance that is still
+//! starting and not yet promised to anyone, else starts a new one below `maxAgents`
+//! (both `coldStart: true`), else answers 429 at once ([`admission`]).
+//!
+//! Order of the cleanup path, chosen so that no observer sees a state that is not yet true:
+//! the tree is gone (terminate returns) -> the capacity slot is free -> the end is recorded
+//! (first end wins, also in the store) -> the session leaves the live set -> waiters (a
+//! `DELETE`, a pending start) are answered -> the pool is refilled. See `docs/lifecycle.md`.
+//!
+//! The engine knows instances only through [`crate::runtime::Runtime`] and
+//! [`crate::runtime::Instance`]: what a deployment runs, where an instance is reached and
+//! how it is found again after a restart are the runtime's.
+
+mod actor;
+mod admission;
+mod cleanup;
+mod ending;
+mod health;
+mod pool;
+mod recover;
+mod start;
+mod state;
+mod stop;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::instance_http::Deliver;
+use super::{CoreError, CoreResult};
+use crate::model::{now_ms, AgentRecord, DeploymentRecord, LogLine, MetricSample};
+use crate::runtime::Runtime;
+use crate::store::Store;
+
+pub use health::{Health, StartFailure, CRASH_LOOP_THRESHOLD};
+pub use state::InstState;
+use state::{AgentPool, InstanceCtl, State};
+
+/// How often a starting instance's `/readyz` is polled, at most. The first polls come sooner
+/// (see [`FIRST_READY_POLL`]).
+pub const READY_POLL: Duration = Duration::from_millis(5);
+/// Wait before the second `/readyz` poll of a starting instance; it doubles up to
+/// [`READY_POLL`] (polls at about 0, 1, 3, 7, 12, 17, 22... ms). A native agent is ready
+/// within a few ms of its spawn: with a flat 10 ms it almost always waited one whole
+/// interval, most of the cold start overhead.
+pub const FIRST_READY_POLL: Duration = Duration::from_millis(1);
+/// How often an idle warm instance's `/readyz` is checked; a non-200 answer replaces it.
+pub const IDLE_CHECK: Duration = Duration::from_secs(2);
+
+/// Engine settings (from `cattery serve` flags).
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// Stop grace used when the agent sets none (`--stop-grace-seconds`, default 5 s).
+    pub default_stop_grace: Duration,
+    /// How long an instance may take to answer `/readyz` with 200 (`--start-timeout-seconds`, default 60 s).
+    pub start_timeout: Duration,
+    /// Daily API key, needed for `createDailyRoom`.
+    pub daily_api_key: Option<String>,
+    /// Resource sampling interval (default 5 s).
+    pub metrics_interval: Duration,
+}
+
+/// Resolves the environment variables that a deployment's bound secret set gives its
+/// instances (reference §A.6 "Injection"). Implemented by the secrets module.
+#[async_trait::async_trait]
+pub trait SecretSource: Send + Sync {
+    /// Variables for instances of `dep` (owned by `org`). Errors: the set or its key is unusable.
+    async fn env_for(
+        &self,
+        org: &str,
+        dep: &DeploymentRecord,
+    ) -> Result<Vec<(String, String)>, String>;
+}
+
+/// Snapshot of an agent's pool for status responses.
+#[derive(Debug, Clone, Default)]
+pub struct PoolStatus {
+    /// Instances of the current deployment that are starting.
+    pub starting: u32,
+    /// Ready idle instances of the current deployment.
+    pub idle: u32,
+    /// Busy instances (any deployment).
+    pub busy: u32,
+    /// All instances not yet gone.
+    pub total: u32,
+    /// Health of the current deployment.
+    pub health: Health,
+    /// Why the current deployment cannot run, if it cannot.
+    pub deploy_error: Option<String>,
+}
+
+/// How a start request wants its session delivered.
+#[derive(Default)]
+pub struct StartParams {
+    /// JSON object sent as the `/bot` body (`{}` when absent).
+    pub body: Bytes,
+    /// Custom delivery (the websocket transport); `None` = `POST /bot` with `body`.
+    pub deliver: Option<Deliver>,
+    /// Use this session id (the websocket transport announces it at `/start`).
+    pub session_id: Option<Uuid>,
+    /// `x-daily-transport-type`.
+    pub transport: Option<String>,
+    /// Extra headers for `/bot` (room url and token).
+    pub extra_headers: Vec<(String, String)>,
+    /// Resolves when the client that asked for the session has gone away (the websocket
+    /// transport's client dropped while its instance was starting). If it resolves before
+    /// the session is delivered, the start is cancelled: the instance goes through the cleanup
+    /// path and the session is recorded with `endReason: client_disconnected`. Never
+    /// resolving is fine.
+    pub client_gone: Option<ClientGone>,
+}
+
+/// See [`StartParams::client_gone`].
+pub type ClientGone = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A delivered session.
+#[derive(Debug, Clone)]
+pub struct StartOutcome {
+    /// Session id.
+    pub session_id: Uuid,
+    /// Whether a new instance had to be started.
+    pub cold_start: bool,
+    /// Time from request to delivery, ms.
+    pub bot_start_ms: i64,
+}
+
+/// The session engine. One per server.
+pub struct Supervisor {
+    store: Arc<dyn Store>,
+    runtime: Arc<dyn Runtime>,
+    cfg: SupervisorConfig,
+    state: Mutex<State>,
+    logs: mpsc::UnboundedSender<LogLine>,
+    draining: AtomicBool,
+    /// Set once [`Supervisor::recover`] has finished: until then no warm pool is refilled (an
+    /// instance spawned meanwhile would be unknown to the recovery's sweep and removed as a
+    /// leftover of the previous run, and counted as a failed start).
+    recovered: AtomicBool,
+    live: watch::Sender<usize>,
+    secrets: std::sync::OnceLock<Arc<dyn SecretSource>>,
+}
+
+impl Supervisor {
+    /// Creates the engine. `logs` receives captured and platform log lines.
+    pub fn new(
+        store: Arc<dyn Store>,
+        runtime: Arc<dyn Runtime>,
+        cfg: SupervisorConfig,
+        logs: mpsc::UnboundedSender<LogLine>,
+    ) -> Arc<Self> {
+        let sup = Arc::new(Supervisor {
+            store,
+            runtime,
+            cfg,
+            state: Mutex::new(State::default()),
+            logs,
+            draining: AtomicBool::new(false),
+            recovered: AtomicBool::new(false),
+            live: watch::channel(0).0,
+            secrets: std::sync::OnceLock::new(),
+        });
+        let weak = Arc::downgrade(&sup);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(s) = weak.upgrade() else { break };
+                s.reconcile_all();
+            }
+        });
+        sup
+    }
+
+    /// Installs the secret source (once, at startup).
+    pub fn set_secret_source(&self, s: Arc<dyn SecretSource>) {
+        let _ = self.secrets.set(s);
+    }
+
+    /// The runtime in use.
+    pub fn runtime(&self) -> &Arc<dyn Runtime> {
+        &self.runtime
+    }
+
+    /// Default stop grace.
+    pub fn default_stop_grace(&self) -> Duration {
+        self.cfg.default_stop_grace
+    }
+
+    /// The Daily API key, if configured.
+    pub fn daily_api_key(&self) -> Option<String> {
+        self.cfg.daily_api_key.clone()
+    }
+
+    /// Whether the server is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Checks that `org`'s agent `name` could take a session now (exists, deployment valid,
+    /// not draining) without starting one. Errors as [`Supervisor::start_session`].
+    pub fn check_startable(&self, org: &str, name: &str) -> CoreResult<()> {
+        if self.is_draining() {
+            return Err(CoreError::Draining);
+        }
+        let st = self.state.lock();
+        let p = st
+            .by_name
+            .get(&(org.to_string(), name.to_string()))
+            .and_then(|id| st.pools.get(id))
+            .filter(|p| p.agent.deleted_ms.is_none())
+            .ok_or_else(|| CoreError::NotFound(format!("agent {name} not found")))?;
+        if let Some(e) = &p.deploy_error {
+            return Err(CoreError::DeploymentNotReady(format!(
+                "deployment {} of agent {name} is not ready: {e}",
+                p.deployment.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// The agent's `websocketAuth` (`None` when unset; the default is `token`).
+    pub fn websocket_auth(&self, org: &str, name: &str) -> Option<String> {
+        let st = self.state.lock();
+        let id = st.by_name.get(&(org.to_string(), name.to_string()))?;
+        st.pools.get(id)?.deployment.spec.websocket_auth.clone()
+    }
+
+    /// Address of a live session's instance, waiting (up to `wait`) while the instance is
+    /// still starting. `None` when the session is not live (ended or unknown).
+    pub async fn session_addr(&self, session: Uuid, wait: Duration) -> Option<SocketAddr> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let ctl = self.state.lock().sessions.get(&session).cloned()?;
+            if ctl.state() == InstState::Busy {
+                if let Some(i) = ctl.instance.get() {
+                    return Some(i.endpoint());
+                }
+            }
+            if *ctl.done.borrow() || Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Why a deployment cannot run here, or `None` when it can (the runtime's deploy-time
+    /// validation, [`Runtime::validate`]).
+    pub fn validate(&self, dep: &DeploymentRecord) -> Option<String> {
+        self.runtime.validate(dep)
+    }
+
+    /// Registers or refreshes an agent after create/update, then reconciles its pool.
+    pub fn upsert_agent(self: &Arc<Self>, agent: AgentRecord, dep: DeploymentRecord) {
+        let deploy_error = self.validate(&dep);
+        let id = agent.id;
+        {
+            let mut st = self.state.lock();
+            st.by_name
+                .insert((agent.org.clone(), agent.name.clone()), id);
+            match st.pools.get_mut(&id) {
+                Some(p) => {
+                    if p.deployment.id != dep.id {
+                        p.deployment = Arc::new(dep);
+                    }
+                    // Checked again even for the same deployment: a redeploy after fixing
+                    // the environment (say, creating the bot's `.venv`) makes it ready.
+                    p.deploy_error = deploy_error;
+                    p.agent = agent;
+                }
+                None => {
+                    st.pools
+                        .insert(id, AgentPool::new(agent, Arc::new(dep), deploy_error));
+                }
+            }
+        }
+        self.reconcile(id);
+    }
+
+    /// Marks an agent deleted: no new sessions; running sessions go on; idle instances go.
+    pub fn remove_agent(self: &Arc<Self>, agent_id: Uuid) {
+        {
+            let mut st = self.state.lock();
+            let Some(p) = st.pools.get_mut(&agent_id) else {
+                return;
+            };
+            p.agent.deleted_ms = Some(now_ms());
+            let key = (p.agent.org.clone(), p.agent.name.clone());
+            if st.by_name.get(&key) == Some(&agent_id) {
+                st.by_name.remove(&key);
+            }
+        }
+        self.reconcile(agent_id);
+    }
+
+    /// Pool snapshot for status.
+    pub fn pool_status(&self, agent_id: Uuid) -> PoolStatus {
+        let st = self.state.lock();
+        let Some(p) = st.pools.get(&agent_id) else {
+            return PoolStatus::default();
+        };
+        let dep = p.deployment.id;
+        let mut s = PoolStatus {
+            health: p.health.get(&dep).cloned().unwrap_or_default(),
+            deploy_error: p.deploy_error.clone(),
+            total: p.instances.len() as u32,
+            ..Default::default()
+        };
+        for c in p.instances.values() {
+            match c.state() {
+                InstState::Starting | InstState::Claimed if c.deployment.id == dep => {
+                    s.starting += 1
+                }
+                InstState::Idle if c.deployment.id == dep => s.idle += 1,
+                InstState::Busy => s.busy += 1,
+                _ => {}
+            }
+        }
+        s
+    }
+
+    /// Resource samples of a running session so far (`None` when it is not running here).
+    pub fn live_samples(&self, session: Uuid) -> Option<Vec<MetricSample>> {
+        let ctl = self.state.lock().sessions.get(&session).cloned()?;
+        let samples = ctl.samples.lock().clone();
+        Some(samples)
+    }
+
+    /// The stop grace of an instance: its agent's `stopGraceSeconds`, else the default.
+    fn grace(&self, dep: &DeploymentRecord) -> Duration {
+        dep.spec
+            .stop_grace_seconds
+            .map(|s| Duration::from_secs_f64(s.max(0.0)))
+            .unwrap_or(self.cfg.default_stop_grace)
+    }
+
+    fn platform_log(&self, ctl: &InstanceCtl, line: String) {
+        let a = ctl.attribution.lock().clone();
+        let _ = self.logs.send(LogLine {
+            org: a.org,
+            agent_id: a.agent_id,
+            deployment_id: Some(a.deployment_id),
+            session_id: a.session_id,
+            instance_id: Some(a.instance_id),
+            ts_ns: crate::model::now_ns(),
+            stream: "platform",
+            line,
+        });
+    }
+
+    fn publish_live(&self, st: &State) {
+        self.live.send_replace(st.sessions.len());
+    }
+}

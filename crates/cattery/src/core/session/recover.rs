@@ -1,0 +1,300 @@
+//! After a restart: re-adopting what the previous run left, finishing its interrupted stops;
+//! and at shutdown: the drain.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::actor::{self, Start};
+use super::state::{AgentPool, Cmd, InstState, InstanceCtl};
+use super::Supervisor;
+use crate::model::{now_ms, AgentRecord, EndReason, InstanceRecord, SessionEnd, SessionRecord};
+use crate::runtime::{Instance, LogSink};
+
+/// What the recovery found, as it goes.
+#[derive(Default)]
+struct Found {
+    /// Sessions whose instance was re-adopted.
+    adopted_sessions: HashSet<Uuid>,
+    /// Instances kept (the sweep removes the others).
+    keep: HashSet<Uuid>,
+    /// Instances to remove, with their grace.
+    remove: Vec<(Arc<dyn Instance>, Duration)>,
+    /// Stops requested before the restart: session -> deadline (Unix ms).
+    stops: HashMap<Uuid, i64>,
+}
+
+impl Supervisor {
+    /// Loads agents and finds again the instances a previous run left, after a restart (even
+    /// a SIGKILL of the server). Instances are found from their durable records through the
+    /// runtime ([`crate::runtime::Runtime::adopt`]), never by name:
+    ///
+    /// - alive with a delivered, open session: re-adopted and supervised as before (stop,
+    ///   process exit, time limit from the session's `createdAt`); if its stop was requested
+    ///   before the restart, the stop is finished (the rest of its grace, then SIGKILL);
+    /// - alive with a session that was still starting: the start request died with the old
+    ///   server, so the instance is removed and the session recorded `lost`;
+    /// - alive and warm: re-adopted as a warm instance if it belongs to its agent's current
+    ///   deployment, else removed;
+    /// - gone: its leftovers are removed and its open session is recorded `lost` (`stopped`
+    ///   when its stop had been requested).
+    ///
+    /// Then the runtime sweeps this server's instances for anything no record names (an
+    /// instance spawned just before the crash), and the pools are refilled.
+    pub async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
+        self.load_agents().await?;
+        let mut found = Found {
+            stops: self.store.stop_requests().await?.into_iter().collect(),
+            ..Found::default()
+        };
+        for rec in self.store.list_instances().await? {
+            self.recover_instance(rec, &mut found).await?;
+        }
+        futures_util::future::join_all(found.remove.iter().map(|(i, g)| i.terminate(*g))).await;
+        self.runtime.sweep(&found.keep).await;
+        for s in self.store.list_open_sessions().await? {
+            if !found.adopted_sessions.contains(&s.id) {
+                self.end_lost(&s, found.stops.contains_key(&s.id)).await?;
+            }
+        }
+        self.publish_live(&self.state.lock());
+        self.recovered.store(true, Ordering::SeqCst);
+        self.reconcile_all();
+        Ok(())
+    }
+
+    async fn load_agents(&self) -> anyhow::Result<()> {
+        for agent in self.store.list_all_agents().await? {
+            let Some(dep) = self
+                .store
+                .get_deployment(agent.desired_deployment_id)
+                .await?
+            else {
+                continue;
+            };
+            let deploy_error = self.validate(&dep);
+            let mut st = self.state.lock();
+            st.by_name
+                .insert((agent.org.clone(), agent.name.clone()), agent.id);
+            st.pools
+                .insert(agent.id, AgentPool::new(agent, Arc::new(dep), deploy_error));
+        }
+        Ok(())
+    }
+
+    /// Re-adopts or removes one recorded instance.
+    async fn recover_instance(
+        self: &Arc<Self>,
+        rec: InstanceRecord,
+        found: &mut Found,
+    ) -> anyhow::Result<()> {
+        let session = match rec.session_id {
+            Some(s) => self.store.get_session(s).await?.filter(|s| s.end.is_none()),
+            None => None,
+        };
+        let dep = self.store.get_deployment(rec.deployment_id).await?;
+        let agent = self.store.get_agent_by_id(rec.agent_id).await?;
+        let (Some(dep), Some(agent)) = (dep, agent) else {
+            // Unknown owner: not kept, so the sweep removes whatever is left.
+            let _ = self.store.delete_instance(rec.id).await;
+            return Ok(());
+        };
+        let grace = self.grace(&dep);
+        let dep = Arc::new(dep);
+        // The controller exists before the adoption so that the log capture shares its
+        // attribution (a re-adopted warm instance's lines follow it into its session).
+        let sid = session.as_ref().map(|s| s.id);
+        let state = if sid.is_some() {
+            InstState::Busy
+        } else {
+            InstState::Starting
+        };
+        let (ctl, mb) = InstanceCtl::new(&agent, dep.clone(), state, sid, Some(rec.id));
+        let sink = LogSink {
+            tx: self.logs.clone(),
+            attribution: ctl.attribution.clone(),
+        };
+        let Some(inst) = self.runtime.adopt(&rec, sink).await else {
+            // Gone while we were down; its open session is recorded below.
+            let _ = self.store.delete_instance(rec.id).await;
+            return Ok(());
+        };
+        match session {
+            Some(sess) if sess.bot_start_ms.is_some() => {
+                self.readopt_busy(&agent, (ctl, mb), inst, &sess, found);
+            }
+            Some(_) => {
+                // Still starting: its start request died with the previous server.
+                let _ = self.store.delete_instance(rec.id).await;
+                found.remove.push((inst, grace));
+            }
+            None => {
+                let adopted = {
+                    let mut st = self.state.lock();
+                    match st.pools.get_mut(&agent.id).filter(|p| {
+                        p.agent.deleted_ms.is_none()
+                            && p.deployment.id == dep.id
+                            && p.deploy_error.is_none()
+                    }) {
+                        Some(p) => {
+                            p.instances.insert(ctl.id, ctl.clone());
+                            true
+                        }
+                        None => false,
+                    }
+                };
+                if adopted {
+                    found.keep.insert(rec.id);
+                    let line = format!(
+                        "[cattery] re-adopted warm instance {} after a restart",
+                        rec.id
+                    );
+                    self.platform_log(&ctl, line);
+                    tokio::spawn(actor::run(
+                        self.clone(),
+                        ctl,
+                        mb,
+                        Start::Adopted(inst, None),
+                    ));
+                } else {
+                    let _ = self.store.delete_instance(rec.id).await;
+                    found.remove.push((inst, grace));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Supervises a re-adopted instance with its delivered session again; finishes its stop
+    /// if one was requested before the restart.
+    fn readopt_busy(
+        self: &Arc<Self>,
+        agent: &AgentRecord,
+        (ctl, mb): (Arc<InstanceCtl>, super::state::Mailbox),
+        inst: Arc<dyn Instance>,
+        sess: &SessionRecord,
+        found: &mut Found,
+    ) {
+        let dep = ctl.deployment.clone();
+        ctl.session_stored.store(true, Ordering::SeqCst);
+        {
+            let mut st = self.state.lock();
+            st.pools
+                .entry(agent.id)
+                .or_insert_with(|| AgentPool::new(agent.clone(), dep.clone(), None))
+                .instances
+                .insert(ctl.id, ctl.clone());
+            st.sessions.insert(sess.id, ctl.clone());
+        }
+        let remaining_ms = (sess.created_ms + i64::from(dep.spec.max_session_duration_s()) * 1000
+            - now_ms())
+        .max(0);
+        let deadline = Instant::now() + Duration::from_millis(remaining_ms as u64);
+        found.adopted_sessions.insert(sess.id);
+        found.keep.insert(ctl.id);
+        self.platform_log(
+            &ctl,
+            format!(
+                "[cattery] re-adopted instance {} of session {} after a restart",
+                ctl.id, sess.id
+            ),
+        );
+        if let Some(&d) = found.stops.get(&sess.id) {
+            *ctl.stop_deadline_ms.lock() = Some(d);
+            let _ = ctl.cmd_tx.send(Cmd::Stop(EndReason::Stopped));
+            self.platform_log(
+                &ctl,
+                format!(
+                    "[cattery] finishing the stop of session {} requested before the restart ({} ms of grace left)",
+                    sess.id,
+                    (d - now_ms()).max(0)
+                ),
+            );
+        }
+        tokio::spawn(actor::run(
+            self.clone(),
+            ctl,
+            mb,
+            Start::Adopted(inst, Some((sess.id, deadline))),
+        ));
+    }
+
+    /// Records the end of an open session that no instance serves any more.
+    async fn end_lost(&self, s: &SessionRecord, stop_requested: bool) -> anyhow::Result<()> {
+        let (reason, message) = if stop_requested {
+            (
+                EndReason::Stopped,
+                "the instance was gone when the control plane restarted during its stop",
+            )
+        } else if s.bot_start_ms.is_some() {
+            (
+                EndReason::Lost,
+                "the instance was gone when the control plane restarted",
+            )
+        } else {
+            (
+                EndReason::Lost,
+                "the control plane restarted before the session was delivered",
+            )
+        };
+        let end = SessionEnd {
+            ended_ms: now_ms(),
+            reason,
+            completion_status: "HTTP_ERROR".into(),
+            exit_code: None,
+            exit_signal: None,
+            message: Some(message.into()),
+        };
+        self.store.end_session(s.id, &end).await?;
+        Ok(())
+    }
+
+    /// Graceful drain: new starts get 503 `DRAINING` from now on; warm instances go at once;
+    /// running sessions (and starts in flight) may finish until `timeout` or until `force`
+    /// resolves (a second SIGTERM), then they are stopped through the cleanup path
+    /// (`endReason: drained`; a start still in flight answers 503 `DRAINING`). Returns when
+    /// every instance is gone.
+    pub async fn drain(
+        self: &Arc<Self>,
+        timeout: Duration,
+        force: impl std::future::Future<Output = ()>,
+    ) {
+        {
+            let _st = self.state.lock();
+            self.draining.store(true, Ordering::SeqCst);
+        }
+        self.reconcile_all();
+        let mut live = self.live.subscribe();
+        tokio::select! {
+            _ = live.wait_for(|n| *n == 0) => {}
+            _ = tokio::time::sleep(timeout) => {}
+            _ = force => {}
+        }
+        self.stop_everything(EndReason::Drained).await;
+    }
+
+    /// Stops every instance (sessions recorded with `reason`) and waits until all are gone.
+    /// No instance can be created from the moment this starts (the draining flag is set
+    /// under the state lock, where starts and the pool check it).
+    pub async fn stop_everything(&self, reason: EndReason) {
+        let all: Vec<Arc<InstanceCtl>> = {
+            let st = self.state.lock();
+            self.draining.store(true, Ordering::SeqCst);
+            st.pools
+                .values()
+                .flat_map(|p| p.instances.values().cloned())
+                .collect()
+        };
+        for c in &all {
+            let _ = c.cmd_tx.send(Cmd::Stop(reason));
+        }
+        for c in all {
+            let mut d = c.done.clone();
+            let _ = d.wait_for(|v| *v).await;
+        }
+    }
+}

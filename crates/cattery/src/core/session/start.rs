@@ -1,0 +1,251 @@
+//! Starting a session: admission under the state lock, the session's record, the hand-over
+//! to the instance's actor, and the answer.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::actor::{self, Start};
+use super::admission::{admit, Admission};
+use super::ending::reply_err;
+use super::state::{Cmd, Delivery, InstState, InstanceCtl, Mailbox};
+use super::{StartOutcome, StartParams, Supervisor};
+use crate::core::{CoreError, CoreResult};
+use crate::model::{now_ms, EndReason, SessionEnd, SessionRecord};
+use crate::store::StoreResult;
+
+/// Where admission put a start.
+struct Placed {
+    ctl: Arc<InstanceCtl>,
+    /// A new instance's mailbox (its actor is not running yet); `None`: a warm or claimed one.
+    mailbox: Option<Mailbox>,
+    cold: bool,
+    agent_id: Uuid,
+}
+
+impl Supervisor {
+    /// Starts a session on `org`'s agent `agent_name`: takes a ready warm instance, else a
+    /// warm instance that is still starting, else starts a new one below `maxAgents`; delivers
+    /// the session (`POST /bot`, or [`StartParams::deliver`]) and answers once it is delivered.
+    ///
+    /// Errors: `NotFound` (no such live agent), `DeploymentNotReady`, `AtCapacity` (429, at
+    /// once), `Draining` (503, also for a start still in flight when the drain stops it),
+    /// `StartFailed` (`INSTANCE_EXITED`, `START_TIMEOUT` (504), `AGENT_CRASH_LOOP`,
+    /// `SPAWN_FAILED`, `DELIVERY_FAILED`), `StoppedDuringStart` (a `DELETE` or the client
+    /// going away before delivery).
+    pub async fn start_session(
+        self: &Arc<Self>,
+        org: &str,
+        agent_name: &str,
+        p: StartParams,
+    ) -> CoreResult<StartOutcome> {
+        let requested = Instant::now();
+        let created_ms = now_ms();
+        let session = p.session_id.unwrap_or_else(Uuid::new_v4);
+        let placed = self.place(org, agent_name, session)?;
+        let recorded = match self
+            .record_start(&placed, org, session, created_ms, p.transport.clone())
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.unplace(placed, session);
+                return Err(e.into());
+            }
+        };
+        placed.ctl.session_stored.store(true, Ordering::SeqCst);
+        let max_s = placed.ctl.deployment.spec.max_session_duration_s();
+        let mut headers = vec![
+            ("x-daily-session-id".to_string(), session.to_string()),
+            ("x-pcc-max-session-seconds".to_string(), max_s.to_string()),
+        ];
+        if let Some(t) = &p.transport {
+            headers.push(("x-daily-transport-type".into(), t.clone()));
+        }
+        headers.extend(p.extra_headers);
+        let (tx, mut rx) = oneshot::channel();
+        let delivery = Delivery {
+            session,
+            body: if p.body.is_empty() {
+                Bytes::from_static(b"{}")
+            } else {
+                p.body
+            },
+            deliver: p.deliver,
+            headers,
+            requested,
+            deadline: requested + Duration::from_secs(u64::from(max_s)),
+            reply: Some(tx),
+            recorded,
+        };
+        let (ctl, cold) = (placed.ctl.clone(), placed.cold);
+        self.hand_over(placed, delivery);
+        let answer = match p.client_gone {
+            None => rx.await,
+            Some(mut gone) => tokio::select! {
+                r = &mut rx => r,
+                _ = &mut gone => {
+                    let _ = ctl.cmd_tx.send(Cmd::Stop(EndReason::ClientDisconnected));
+                    rx.await
+                }
+            },
+        };
+        let err = match answer {
+            Ok(Ok(bot_start_ms)) => {
+                return Ok(StartOutcome {
+                    session_id: session,
+                    cold_start: cold,
+                    bot_start_ms,
+                })
+            }
+            Ok(Err(e)) => e,
+            Err(_) => CoreError::StartFailed {
+                code: "INSTANCE_EXITED",
+                message: "the instance went away before the session was delivered".into(),
+            },
+        };
+        self.record_start_failed(session, &err).await;
+        Err(err)
+    }
+
+    /// Admission under the state lock; the session joins the live set at once.
+    fn place(&self, org: &str, agent_name: &str, session: Uuid) -> CoreResult<Placed> {
+        let mut st = self.state.lock();
+        // Checked under the state lock: the drain sets the flag under it too, so a start
+        // either sees the drain or is seen by it (never a half-created instance).
+        if self.is_draining() {
+            return Err(CoreError::Draining);
+        }
+        let not_found = || CoreError::NotFound(format!("agent {agent_name} not found"));
+        let agent_id = *st
+            .by_name
+            .get(&(org.to_string(), agent_name.to_string()))
+            .ok_or_else(not_found)?;
+        let pool = st.pools.get_mut(&agent_id).ok_or_else(not_found)?;
+        let (ctl, mailbox, cold) = match admit(pool, agent_name, session, Instant::now())? {
+            Admission::Warm(c) => (c, None, false),
+            Admission::Claimed(c) => (c, None, true),
+            Admission::Cold => {
+                let (c, mb) = InstanceCtl::new(
+                    &pool.agent,
+                    pool.deployment.clone(),
+                    InstState::Claimed,
+                    Some(session),
+                    None,
+                );
+                pool.instances.insert(c.id, c.clone());
+                (c, Some(mb), true)
+            }
+        };
+        st.sessions.insert(session, ctl.clone());
+        self.publish_live(&st);
+        Ok(Placed {
+            ctl,
+            mailbox,
+            cold,
+            agent_id,
+        })
+    }
+
+    /// Records the session. A ready warm instance is already recorded: the session and the
+    /// instance's promise to it go in one write. Otherwise (or if its record was missing) the
+    /// actor records the instance with its session before delivering. Returns whether the
+    /// instance's record names the session.
+    async fn record_start(
+        &self,
+        placed: &Placed,
+        org: &str,
+        session: Uuid,
+        created_ms: i64,
+        transport: Option<String>,
+    ) -> StoreResult<bool> {
+        let rec = SessionRecord {
+            id: session,
+            org: org.to_string(),
+            agent_id: placed.agent_id,
+            deployment_id: placed.ctl.deployment.id,
+            created_ms,
+            updated_ms: created_ms,
+            bot_start_ms: None,
+            cold_start: Some(placed.cold),
+            transport,
+            end: None,
+            samples: Vec::new(),
+        };
+        if placed.mailbox.is_none() && !placed.cold {
+            self.store
+                .insert_session_for_instance(&rec, placed.ctl.id)
+                .await
+        } else {
+            self.store.insert_session(&rec).await.map(|()| false)
+        }
+    }
+
+    /// Undoes [`Supervisor::place`] when the session could not be recorded.
+    fn unplace(&self, placed: Placed, session: Uuid) {
+        {
+            let mut st = self.state.lock();
+            st.sessions.remove(&session);
+            self.publish_live(&st);
+        }
+        match placed.mailbox {
+            // Give the instance back: it has not been told about the session yet.
+            None => placed.ctl.release(),
+            Some((rx, done_tx)) => {
+                drop(rx);
+                let _ = done_tx.send(true);
+                if let Some(pool) = self.state.lock().pools.get_mut(&placed.agent_id) {
+                    pool.instances.remove(&placed.ctl.id);
+                }
+            }
+        }
+    }
+
+    /// Gives the session to its instance: a new instance's actor starts with it; a warm or
+    /// claimed one gets it as a command.
+    fn hand_over(self: &Arc<Self>, placed: Placed, delivery: Delivery) {
+        match placed.mailbox {
+            Some(mb) => {
+                tokio::spawn(actor::run(
+                    self.clone(),
+                    placed.ctl,
+                    mb,
+                    Start::New(Some(delivery)),
+                ));
+            }
+            None => {
+                if let Err(mpsc::error::SendError(Cmd::Assign(mut d))) =
+                    placed.ctl.cmd_tx.send(Cmd::Assign(delivery))
+                {
+                    reply_err(&mut d, "the warm instance went away");
+                }
+            }
+        }
+    }
+
+    /// The instance's end was recorded before a failed start's answer; if it ended before
+    /// the session's row existed (a warm instance exiting just as it was taken), that record
+    /// missed the session: end it now (first wins, so otherwise this changes nothing).
+    async fn record_start_failed(&self, session: Uuid, err: &CoreError) {
+        let end = SessionEnd {
+            ended_ms: now_ms(),
+            reason: match err {
+                CoreError::Draining => EndReason::Drained,
+                CoreError::StoppedDuringStart(_) => EndReason::StoppedDuringStart,
+                _ => EndReason::StartFailed,
+            },
+            completion_status: "HTTP_ERROR".into(),
+            exit_code: None,
+            exit_signal: None,
+            message: Some(err.to_string()),
+        };
+        if let Err(e) = self.store.end_session(session, &end).await {
+            tracing::error!(session = %session, error = %e, "could not record session end");
+        }
+    }
+}

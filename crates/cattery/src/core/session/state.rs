@@ -1,0 +1,229 @@
+//! The engine's in-memory state: agents' pools, their instances' controllers, live sessions.
+//!
+//! Everything here sits under the engine's one state lock (`Supervisor::state`), except each
+//! controller's own slot (state and claim), which has a lock of its own so that the actor can
+//! move its instance along without the engine lock.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::health::Health;
+use crate::core::instance_http::Deliver;
+use crate::core::CoreResult;
+use crate::model::{AgentRecord, DeploymentRecord, EndReason, MetricSample};
+use crate::runtime::{Instance, LogAttribution};
+
+/// Lifecycle state of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstState {
+    /// Started, not yet ready, promised to no session (a warm instance in the making).
+    Starting,
+    /// Starting and promised to a session ([`Slot::session`]): a cold start, or a warm
+    /// instance a start claimed. It gets the session as soon as it is ready; never trimmed,
+    /// never taken by another start.
+    Claimed,
+    /// Ready and waiting for a session (warm).
+    Idle,
+    /// Serving a session ([`Slot::session`]), or about to.
+    Busy,
+    /// Being removed.
+    Ending,
+}
+
+/// A controller's state and the session it is promised to, under one lock: the one claim
+/// marker. Invariant: `Claimed` and `Busy` have a session; `Starting` and `Idle` have none.
+#[derive(Debug, Clone, Copy)]
+pub struct Slot {
+    /// Lifecycle state.
+    pub state: InstState,
+    /// The session this instance is promised to or serves.
+    pub session: Option<Uuid>,
+}
+
+/// A command to an instance's actor.
+pub(super) enum Cmd {
+    /// Deliver this session (to a warm or claimed instance).
+    Assign(Delivery),
+    /// End the instance (and its session) with this reason.
+    Stop(EndReason),
+}
+
+/// A session on its way to an instance.
+pub(super) struct Delivery {
+    pub session: Uuid,
+    pub body: Bytes,
+    pub deliver: Option<Deliver>,
+    pub headers: Vec<(String, String)>,
+    pub requested: Instant,
+    pub deadline: Instant,
+    pub reply: Option<oneshot::Sender<CoreResult<i64>>>,
+    /// The instance's durable record already names this session (a warm start records the
+    /// session and the promise in one write, `Store::insert_session_for_instance`).
+    pub recorded: bool,
+}
+
+/// The actor's end of a controller: its commands, and the flag it raises once gone.
+pub(super) type Mailbox = (mpsc::UnboundedReceiver<Cmd>, watch::Sender<bool>);
+
+/// The engine's handle on one instance; its actor owns the instance itself.
+pub(super) struct InstanceCtl {
+    pub id: Uuid,
+    pub org: String,
+    pub agent_id: Uuid,
+    pub deployment: Arc<DeploymentRecord>,
+    slot: Mutex<Slot>,
+    pub cmd_tx: mpsc::UnboundedSender<Cmd>,
+    pub done: watch::Receiver<bool>,
+    /// Who the instance's log lines belong to; mirrors [`Slot::session`] for logs only.
+    pub attribution: Arc<Mutex<LogAttribution>>,
+    pub samples: Mutex<Vec<MetricSample>>,
+    pub instance: OnceLock<Arc<dyn Instance>>,
+    /// The session promised to this instance is stored (its `insert` returned): from then
+    /// on a `DELETE` of it is answered from memory (`stop_session`).
+    pub session_stored: AtomicBool,
+    /// A stop recorded before a restart: its deadline (Unix ms), which bounds the grace.
+    pub stop_deadline_ms: Mutex<Option<i64>>,
+}
+
+impl InstanceCtl {
+    /// A new controller (id: a new one, or a recorded one when re-adopting) and its mailbox,
+    /// which goes to the actor.
+    pub fn new(
+        agent: &AgentRecord,
+        dep: Arc<DeploymentRecord>,
+        state: InstState,
+        session: Option<Uuid>,
+        id: Option<Uuid>,
+    ) -> (Arc<InstanceCtl>, Mailbox) {
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (done_tx, done) = watch::channel(false);
+        let id = id.unwrap_or_else(Uuid::new_v4);
+        let ctl = Arc::new(InstanceCtl {
+            id,
+            org: agent.org.clone(),
+            agent_id: agent.id,
+            attribution: Arc::new(Mutex::new(LogAttribution {
+                org: agent.org.clone(),
+                agent_id: agent.id,
+                deployment_id: dep.id,
+                instance_id: id,
+                session_id: session,
+            })),
+            deployment: dep,
+            slot: Mutex::new(Slot { state, session }),
+            cmd_tx,
+            done,
+            samples: Mutex::new(Vec::new()),
+            instance: OnceLock::new(),
+            session_stored: AtomicBool::new(false),
+            stop_deadline_ms: Mutex::new(None),
+        });
+        (ctl, (cmd_rx, done_tx))
+    }
+
+    /// Current state.
+    pub fn state(&self) -> InstState {
+        self.slot.lock().state
+    }
+
+    /// The session this instance is promised to or serves.
+    pub fn session(&self) -> Option<Uuid> {
+        self.slot.lock().session
+    }
+
+    /// Sets the state.
+    pub fn set_state(&self, s: InstState) {
+        self.slot.lock().state = s;
+    }
+
+    /// Moves `from` -> `to` if the state is `from`; returns whether it did.
+    pub fn transition(&self, from: InstState, to: InstState) -> bool {
+        let mut s = self.slot.lock();
+        let ok = s.state == from;
+        if ok {
+            s.state = to;
+        }
+        ok
+    }
+
+    /// Moves `from` -> `to` and promises the instance to `session`, if the state is `from`
+    /// (one atomic step: no two starts can claim the same instance).
+    pub fn try_claim(&self, from: InstState, to: InstState, session: Uuid) -> bool {
+        {
+            let mut s = self.slot.lock();
+            if s.state != from {
+                return false;
+            }
+            s.state = to;
+            s.session = Some(session);
+        }
+        self.attribution.lock().session_id = Some(session);
+        true
+    }
+
+    /// Takes a promise back (its session could not be recorded): `Busy` -> `Idle`,
+    /// `Claimed` -> `Starting`.
+    pub fn release(&self) {
+        {
+            let mut s = self.slot.lock();
+            s.state = match s.state {
+                InstState::Busy => InstState::Idle,
+                InstState::Claimed => InstState::Starting,
+                other => other,
+            };
+            s.session = None;
+        }
+        self.attribution.lock().session_id = None;
+    }
+
+    /// Records the session the actor now serves, keeping the state.
+    pub fn set_session(&self, session: Uuid) {
+        self.slot.lock().session = Some(session);
+        self.attribution.lock().session_id = Some(session);
+    }
+
+    /// Whether the instance is promised to a session (a stop then ends that session too).
+    pub fn promised(&self) -> bool {
+        self.slot.lock().session.is_some()
+    }
+}
+
+/// One agent's pool of instances.
+pub(super) struct AgentPool {
+    pub agent: AgentRecord,
+    pub deployment: Arc<DeploymentRecord>,
+    pub deploy_error: Option<String>,
+    pub instances: HashMap<Uuid, Arc<InstanceCtl>>,
+    pub health: HashMap<Uuid, Health>,
+}
+
+impl AgentPool {
+    pub fn new(
+        agent: AgentRecord,
+        deployment: Arc<DeploymentRecord>,
+        deploy_error: Option<String>,
+    ) -> Self {
+        AgentPool {
+            agent,
+            deployment,
+            deploy_error,
+            instances: HashMap::new(),
+            health: HashMap::new(),
+        }
+    }
+}
+
+/// Everything under the engine's state lock.
+#[derive(Default)]
+pub(super) struct State {
+    pub pools: HashMap<Uuid, AgentPool>,
+    pub by_name: HashMap<(String, String), Uuid>,
+    pub sessions: HashMap<Uuid, Arc<InstanceCtl>>,
+}

@@ -1,0 +1,100 @@
+//! Stopping a session (`DELETE`): answered only once the instance is gone and the end is
+//! recorded.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::state::{Cmd, InstanceCtl};
+use super::Supervisor;
+use crate::core::{CoreError, CoreResult};
+use crate::model::{now_ms, EndReason, SessionEnd};
+
+/// Sends a stop and waits until the instance is gone (its end recorded).
+async fn stop_and_wait(ctl: &InstanceCtl) {
+    let _ = ctl.cmd_tx.send(Cmd::Stop(EndReason::Stopped));
+    let mut done = ctl.done.clone();
+    let _ = done.wait_for(|d| *d).await;
+}
+
+impl Supervisor {
+    /// Stops a session (the seed contract): the whole instance is removed and the end recorded
+    /// before this returns. A session that already ended is left as it is.
+    ///
+    /// Errors: `NotFound` when the session does not exist, or belongs to another org or agent.
+    pub async fn stop_session(&self, org: &str, agent_name: &str, session: Uuid) -> CoreResult<()> {
+        // A live, stored session is answered from memory: no store read before the stop is
+        // sent. (One whose record is still being inserted takes the store path below, as an
+        // unknown one.)
+        match self.live_owned(org, agent_name, session) {
+            Some((ctl, Some(true))) => {
+                stop_and_wait(&ctl).await;
+                return Ok(());
+            }
+            Some((_, Some(false))) => {
+                return Err(CoreError::NotFound(format!(
+                    "session {session} not found for agent {agent_name}"
+                )))
+            }
+            Some((_, None)) => {
+                return Err(CoreError::NotFound(format!("session {session} not found")))
+            }
+            None => {}
+        }
+        let rec = self
+            .store
+            .get_session(session)
+            .await?
+            .filter(|s| s.org == org)
+            .ok_or_else(|| CoreError::NotFound(format!("session {session} not found")))?;
+        let agent = self.store.get_agent_by_id(rec.agent_id).await?;
+        if agent.map(|a| a.name != agent_name).unwrap_or(true) {
+            return Err(CoreError::NotFound(format!(
+                "session {session} not found for agent {agent_name}"
+            )));
+        }
+        if rec.end.is_some() {
+            return Ok(());
+        }
+        let ctl = self.state.lock().sessions.get(&session).cloned();
+        match ctl {
+            Some(ctl) => stop_and_wait(&ctl).await,
+            None => {
+                let end = SessionEnd {
+                    ended_ms: now_ms(),
+                    reason: EndReason::Lost,
+                    completion_status: "HTTP_ERROR".into(),
+                    exit_code: None,
+                    exit_signal: None,
+                    message: Some("no live instance was found for this session".into()),
+                };
+                self.store.end_session(session, &end).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A live, stored session's controller, and whether `org`'s agent `agent_name` owns it
+    /// (`None`: another org's; `Some(false)`: another agent's).
+    fn live_owned(
+        &self,
+        org: &str,
+        agent_name: &str,
+        session: Uuid,
+    ) -> Option<(Arc<InstanceCtl>, Option<bool>)> {
+        let st = self.state.lock();
+        st.sessions
+            .get(&session)
+            .cloned()
+            .filter(|c| c.session_stored.load(Ordering::SeqCst))
+            .map(|ctl| {
+                let agent_matches = st
+                    .pools
+                    .get(&ctl.agent_id)
+                    .is_some_and(|p| p.agent.name == agent_name);
+                let owned = (ctl.org == org).then_some(agent_matches);
+                (ctl, owned)
+            })
+    }
+}

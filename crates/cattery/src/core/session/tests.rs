@@ -1,0 +1,571 @@
+//! Unit tests of the session engine on the fake runtime (`runtime::fake`): the decisions
+//! (admission, pool plans, endings, health, recovery) without processes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::{StartParams, Supervisor, SupervisorConfig};
+use crate::core::CoreError;
+use crate::model::{
+    now_ms, AgentRecord, DeploymentRecord, DeploymentSpec, EndReason, InstanceRecord, SessionRecord,
+};
+use crate::runtime::fake::FakeRuntime;
+use crate::runtime::{InstanceSpec, LogAttribution, LogSink, Runtime};
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    fake: FakeRuntime,
+    sup: Arc<Supervisor>,
+}
+
+fn config() -> SupervisorConfig {
+    SupervisorConfig {
+        default_stop_grace: Duration::from_millis(500),
+        start_timeout: Duration::from_secs(5),
+        daily_api_key: None,
+        metrics_interval: Duration::from_millis(100),
+    }
+}
+
+async fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).await.unwrap());
+    store.ensure_org("o").await.unwrap();
+    let fake = FakeRuntime::new();
+    let sup = engine(&store, &fake);
+    sup.recover().await.unwrap();
+    Env {
+        _dir: dir,
+        store,
+        fake,
+        sup,
+    }
+}
+
+fn engine(store: &Arc<dyn Store>, fake: &FakeRuntime) -> Arc<Supervisor> {
+    let (logs, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    Supervisor::new(store.clone(), Arc::new(fake.clone()), config(), logs)
+}
+
+/// Creates agent `name` running the fake script `script`.
+async fn agent(e: &Env, name: &str, script: &[&str], min: u32, max: u32) -> AgentRecord {
+    agent_with(e, name, script, min, max, |_| {}).await
+}
+
+async fn agent_with(
+    e: &Env,
+    name: &str,
+    script: &[&str],
+    min: u32,
+    max: u32,
+    f: impl FnOnce(&mut DeploymentSpec),
+) -> AgentRecord {
+    let now = now_ms();
+    let agent = AgentRecord {
+        id: Uuid::new_v4(),
+        org: "o".into(),
+        name: name.into(),
+        region: "local".into(),
+        min_agents: min,
+        max_agents: max,
+        desired_deployment_id: Uuid::new_v4(),
+        created_ms: now,
+        updated_ms: now,
+        deleted_ms: None,
+    };
+    let mut spec = DeploymentSpec {
+        command: Some(
+            std::iter::once("fake")
+                .chain(script.iter().copied())
+                .map(String::from)
+                .collect(),
+        ),
+        ..DeploymentSpec::default()
+    };
+    f(&mut spec);
+    let dep = DeploymentRecord {
+        id: agent.desired_deployment_id,
+        agent_id: agent.id,
+        spec,
+        created_ms: now,
+    };
+    e.store.create_agent(&agent, &dep).await.unwrap();
+    e.sup.upsert_agent(agent.clone(), dep);
+    agent
+}
+
+async fn start(e: &Env, name: &str) -> Result<super::StartOutcome, CoreError> {
+    e.sup.start_session("o", name, StartParams::default()).await
+}
+
+async fn end_reason(e: &Env, id: Uuid) -> Option<EndReason> {
+    let s = e.store.get_session(id).await.unwrap()?;
+    s.end.map(|x| x.reason)
+}
+
+/// Waits (up to 5 s) until `f` holds.
+async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_answers_429_at_max_agents() {
+    let e = env().await;
+    agent(&e, "a", &[], 0, 1).await;
+    let first = start(&e, "a").await.unwrap();
+    assert!(first.cold_start);
+    let second = start(&e, "a").await;
+    assert!(
+        matches!(second, Err(CoreError::AtCapacity(_))),
+        "{second:?}"
+    );
+    assert_eq!(e.fake.starts(), 1);
+    e.sup
+        .stop_session("o", "a", first.session_id)
+        .await
+        .unwrap();
+    let third = start(&e, "a").await.unwrap();
+    assert_ne!(third.session_id, first.session_id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_instance_is_taken_then_refilled_to_min_agents() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 2, 5).await;
+    until("two warm instances", async || {
+        e.sup.pool_status(a.id).idle == 2
+    })
+    .await;
+    let s = start(&e, "a").await.unwrap();
+    assert!(!s.cold_start, "a ready warm instance was there");
+    until("refilled to minAgents", async || {
+        e.sup.pool_status(a.id).idle == 2
+    })
+    .await;
+    assert_eq!(e.fake.starts(), 3);
+    assert_eq!(e.sup.pool_status(a.id).busy, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_warm_instance_is_claimed() {
+    let e = env().await;
+    let a = agent(&e, "a", &["ready-ms=300"], 1, 1).await;
+    until("one starting instance", async || {
+        e.sup.pool_status(a.id).starting == 1
+    })
+    .await;
+    let s = start(&e, "a").await.unwrap();
+    assert!(s.cold_start);
+    assert_eq!(e.fake.starts(), 1, "the starting instance was claimed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_answers_only_after_the_instance_is_gone() {
+    let e = env().await;
+    let mut spec_grace = |s: &mut DeploymentSpec| s.stop_grace_seconds = Some(0.3);
+    agent_with(&e, "a", &["stubborn"], 0, 1, &mut spec_grace).await;
+    let s = start(&e, "a").await.unwrap();
+    let t0 = std::time::Instant::now();
+    e.sup.stop_session("o", "a", s.session_id).await.unwrap();
+    assert!(
+        t0.elapsed() >= Duration::from_millis(290),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(e.fake.live().is_empty(), "nothing runs after the stop");
+    let ev = e.fake.events();
+    assert!(ev.iter().any(|x| x.starts_with("sigkill")), "{ev:?}");
+    assert_eq!(end_reason(&e, s.session_id).await, Some(EndReason::Stopped));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_end_wins() {
+    let e = env().await;
+    agent(&e, "a", &["bot-ms=50"], 0, 1).await;
+    let s = start(&e, "a").await.unwrap();
+    until("completed", async || {
+        end_reason(&e, s.session_id).await.is_some()
+    })
+    .await;
+    e.sup.stop_session("o", "a", s.session_id).await.unwrap();
+    assert_eq!(
+        end_reason(&e, s.session_id).await,
+        Some(EndReason::Completed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_with_a_code_ends_in_error() {
+    let e = env().await;
+    agent(&e, "a", &["exit-ms=50:3"], 0, 1).await;
+    let s = start(&e, "a").await.unwrap();
+    until("ended", async || {
+        end_reason(&e, s.session_id).await.is_some()
+    })
+    .await;
+    let rec = e.store.get_session(s.session_id).await.unwrap().unwrap();
+    let end = rec.end.unwrap();
+    assert_eq!(end.reason, EndReason::Error);
+    assert_eq!(end.exit_code, Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oom_kill_is_named() {
+    let e = env().await;
+    let mut profile = |s: &mut DeploymentSpec| s.agent_profile = "agent-1x".into();
+    agent_with(&e, "a", &["exit-ms=50:137", "oom"], 0, 1, &mut profile).await;
+    let s = start(&e, "a").await.unwrap();
+    until("ended", async || {
+        end_reason(&e, s.session_id).await.is_some()
+    })
+    .await;
+    let end = e
+        .store
+        .get_session(s.session_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .end
+        .unwrap();
+    assert_eq!(end.reason, EndReason::OutOfMemory);
+    let msg = end.message.unwrap_or_default();
+    assert!(
+        msg.contains("agent-1x") && msg.contains("1024 MiB"),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_duration_ends_the_session() {
+    let e = env().await;
+    let mut short = |s: &mut DeploymentSpec| s.max_session_duration = Some(1);
+    agent_with(&e, "a", &[], 0, 1, &mut short).await;
+    let s = start(&e, "a").await.unwrap();
+    until("ended", async || {
+        end_reason(&e, s.session_id).await.is_some()
+    })
+    .await;
+    assert_eq!(
+        end_reason(&e, s.session_id).await,
+        Some(EndReason::MaxDuration)
+    );
+    assert!(e.fake.live().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_starts_in_a_row_answer_crash_loop() {
+    let e = env().await;
+    let a = agent(&e, "a", &["never-ready", "crash-ms=10:2"], 0, 3).await;
+    for _ in 0..2 {
+        let r = start(&e, "a").await;
+        assert!(
+            matches!(
+                r,
+                Err(CoreError::StartFailed {
+                    code: "INSTANCE_EXITED",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+    let r = start(&e, "a").await;
+    assert!(
+        matches!(
+            r,
+            Err(CoreError::StartFailed {
+                code: "AGENT_CRASH_LOOP",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let h = e.sup.pool_status(a.id).health;
+    assert_eq!(h.consecutive_failures, 2);
+    assert!(!h.ever_ready);
+    assert_eq!(e.fake.starts(), 2, "no start while backing off");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_during_start() {
+    let e = env().await;
+    agent(&e, "a", &["ready-ms=2000"], 0, 1).await;
+    let sid = Uuid::new_v4();
+    let sup = e.sup.clone();
+    let starting = tokio::spawn(async move {
+        let p = StartParams {
+            session_id: Some(sid),
+            ..StartParams::default()
+        };
+        sup.start_session("o", "a", p).await
+    });
+    until("session stored", async || {
+        e.store.get_session(sid).await.unwrap().is_some()
+    })
+    .await;
+    e.sup.stop_session("o", "a", sid).await.unwrap();
+    let r = starting.await.unwrap();
+    assert!(matches!(r, Err(CoreError::StoppedDuringStart(_))), "{r:?}");
+    assert_eq!(
+        end_reason(&e, sid).await,
+        Some(EndReason::StoppedDuringStart)
+    );
+    assert!(e.fake.live().is_empty());
+}
+
+/// An instance and its delivered session as a previous run left them.
+async fn left_by_previous_run(e: &Env, a: &AgentRecord) -> (Uuid, Uuid) {
+    let dep = e
+        .store
+        .get_deployment(a.desired_deployment_id)
+        .await
+        .unwrap()
+        .unwrap();
+    let p = e.fake.prepare(&dep).unwrap();
+    let iid = Uuid::new_v4();
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let sink = LogSink {
+        tx,
+        attribution: Arc::new(parking_lot::Mutex::new(LogAttribution {
+            org: "o".into(),
+            agent_id: a.id,
+            deployment_id: dep.id,
+            instance_id: iid,
+            session_id: None,
+        })),
+    };
+    let spec = InstanceSpec {
+        instance_id: iid,
+        program: p.program,
+        args: p.args,
+        working_dir: None,
+        env: vec![],
+        limits: None,
+    };
+    let inst = e.fake.start(spec, sink).await.unwrap();
+    let sid = Uuid::new_v4();
+    let now = now_ms();
+    let s = SessionRecord {
+        id: sid,
+        org: "o".into(),
+        agent_id: a.id,
+        deployment_id: dep.id,
+        created_ms: now,
+        updated_ms: now,
+        bot_start_ms: None,
+        cold_start: Some(true),
+        transport: None,
+        end: None,
+        samples: Vec::new(),
+    };
+    e.store.insert_session(&s).await.unwrap();
+    e.store.mark_delivered(sid, 5).await.unwrap();
+    let rec = InstanceRecord {
+        id: iid,
+        agent_id: a.id,
+        deployment_id: dep.id,
+        session_id: Some(sid),
+        runtime: e.fake.kind().as_str().to_string(),
+        placement: inst.placement(),
+        created_ms: now,
+    };
+    e.store.put_instance(&rec).await.unwrap();
+    (iid, sid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_re_adopts_a_live_session() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 0, 1).await;
+    let (iid, sid) = left_by_previous_run(&e, &a).await;
+    let sup = engine(&e.store, &e.fake);
+    sup.recover().await.unwrap();
+    assert!(sup.session_addr(sid, Duration::ZERO).await.is_some());
+    assert_eq!(e.fake.live(), vec![iid]);
+    sup.stop_session("o", "a", sid).await.unwrap();
+    assert_eq!(end_reason(&e, sid).await, Some(EndReason::Stopped));
+    assert!(e.fake.live().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_finishes_a_stop_cut_off_by_a_restart() {
+    let e = env().await;
+    let mut grace = |s: &mut DeploymentSpec| s.stop_grace_seconds = Some(20.0);
+    let a = agent_with(&e, "a", &["stubborn"], 0, 1, &mut grace).await;
+    let (_, sid) = left_by_previous_run(&e, &a).await;
+    // The previous run recorded the stop 19.7 s into a 20 s grace, then died.
+    e.store.request_stop(sid, now_ms() + 300).await.unwrap();
+    let sup = engine(&e.store, &e.fake);
+    let t0 = std::time::Instant::now();
+    sup.recover().await.unwrap();
+    sup.stop_session("o", "a", sid).await.unwrap();
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "no second full grace: {took:?}"
+    );
+    assert_eq!(end_reason(&e, sid).await, Some(EndReason::Stopped));
+    assert!(e.fake.live().is_empty());
+    assert!(e.fake.events().iter().any(|x| x.starts_with("sigkill")));
+}
+
+/// The plain decisions, without an engine: admission and the pool plan over a pool's state.
+mod decisions {
+    use std::sync::Arc;
+
+    use tokio::time::Instant;
+    use uuid::Uuid;
+
+    use super::super::admission::{admit, Admission};
+    use super::super::health::StartFailure;
+    use super::super::pool::plan;
+    use super::super::state::{AgentPool, InstState, InstanceCtl};
+    use crate::core::CoreError;
+    use crate::model::{now_ms, AgentRecord, DeploymentRecord, DeploymentSpec};
+
+    fn pool(min: u32, max: u32) -> AgentPool {
+        let agent = AgentRecord {
+            id: Uuid::new_v4(),
+            org: "o".into(),
+            name: "a".into(),
+            region: "local".into(),
+            min_agents: min,
+            max_agents: max,
+            desired_deployment_id: Uuid::new_v4(),
+            created_ms: now_ms(),
+            updated_ms: now_ms(),
+            deleted_ms: None,
+        };
+        let dep = DeploymentRecord {
+            id: agent.desired_deployment_id,
+            agent_id: agent.id,
+            spec: DeploymentSpec::default(),
+            created_ms: now_ms(),
+        };
+        AgentPool::new(agent, Arc::new(dep), None)
+    }
+
+    fn add(p: &mut AgentPool, state: InstState, current: bool) -> Arc<InstanceCtl> {
+        let dep = if current {
+            p.deployment.clone()
+        } else {
+            Arc::new(DeploymentRecord {
+                id: Uuid::new_v4(),
+                ..(*p.deployment).clone()
+            })
+        };
+        let session = matches!(state, InstState::Claimed | InstState::Busy).then(Uuid::new_v4);
+        let (c, _mb) = InstanceCtl::new(&p.agent, dep, state, session, None);
+        p.instances.insert(c.id, c.clone());
+        c
+    }
+
+    #[test]
+    fn admission_order_is_idle_then_starting_then_cold_then_429() {
+        let now = Instant::now();
+        let mut p = pool(0, 3);
+        let starting = add(&mut p, InstState::Starting, true);
+        let idle = add(&mut p, InstState::Idle, true);
+        add(&mut p, InstState::Idle, false);
+        let s1 = Uuid::new_v4();
+        match admit(&p, "a", s1, now).unwrap() {
+            Admission::Warm(c) => assert_eq!(c.id, idle.id),
+            _ => panic!("a ready warm instance of the current deployment first"),
+        }
+        assert_eq!(idle.state(), InstState::Busy);
+        assert_eq!(idle.session(), Some(s1));
+        match admit(&p, "a", Uuid::new_v4(), now).unwrap() {
+            Admission::Claimed(c) => assert_eq!(c.id, starting.id),
+            _ => panic!("then a starting one"),
+        }
+        assert_eq!(starting.state(), InstState::Claimed);
+        // Three instances at maxAgents 3 (the old deployment's idle one counts too).
+        assert!(matches!(
+            admit(&p, "a", Uuid::new_v4(), now),
+            Err(CoreError::AtCapacity(_))
+        ));
+        p.agent.max_agents = 4;
+        assert!(matches!(
+            admit(&p, "a", Uuid::new_v4(), now),
+            Ok(Admission::Cold)
+        ));
+    }
+
+    #[test]
+    fn admission_refuses_a_crash_looping_deployment_while_it_backs_off() {
+        let now = Instant::now();
+        let mut p = pool(0, 3);
+        let h = p.health.entry(p.deployment.id).or_default();
+        for _ in 0..2 {
+            h.failed(
+                StartFailure {
+                    reason: "exited",
+                    exit: None,
+                    stderr_tail: "boom".into(),
+                    at_ms: 0,
+                },
+                now,
+            );
+        }
+        let r = admit(&p, "a", Uuid::new_v4(), now);
+        assert!(matches!(
+            r,
+            Err(CoreError::StartFailed {
+                code: "AGENT_CRASH_LOOP",
+                ..
+            })
+        ));
+        let later = now + std::time::Duration::from_secs(60);
+        assert!(matches!(
+            admit(&p, "a", Uuid::new_v4(), later),
+            Ok(Admission::Cold)
+        ));
+    }
+
+    #[test]
+    fn the_pool_plan_fills_to_min_within_max_and_trims_the_rest() {
+        let now = Instant::now();
+        let mut p = pool(2, 3);
+        assert_eq!(plan(&p, false, now).spawn, 2);
+        add(&mut p, InstState::Busy, true);
+        add(&mut p, InstState::Claimed, true);
+        // Two slots used by sessions, one left under maxAgents.
+        assert_eq!(plan(&p, false, now).spawn, 1);
+        let mut p = pool(1, 5);
+        for _ in 0..3 {
+            add(&mut p, InstState::Idle, true);
+        }
+        let old = add(&mut p, InstState::Idle, false);
+        let pl = plan(&p, false, now);
+        assert_eq!(pl.spawn, 0);
+        assert_eq!(
+            pl.stop.len(),
+            3,
+            "two extra idle ones and the old deployment's"
+        );
+        assert!(pl.stop.iter().any(|c| c.id == old.id));
+        let pl = plan(&p, true, now);
+        assert_eq!(pl.stop.len(), 4, "a drain removes every idle instance");
+    }
+
+    #[test]
+    fn a_deleted_agent_without_instances_is_forgotten() {
+        let mut p = pool(1, 5);
+        p.agent.deleted_ms = Some(now_ms());
+        let pl = plan(&p, false, Instant::now());
+        assert!(pl.forget && pl.spawn == 0);
+        add(&mut p, InstState::Busy, true);
+        assert!(!plan(&p, false, Instant::now()).forget);
+    }
+}

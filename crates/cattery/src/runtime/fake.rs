@@ -1,0 +1,399 @@
+//! An in-process runtime for the session engine's unit tests: deterministic, no processes.
+//!
+//! A fake instance is an HTTP server on a loopback port inside this process that follows a
+//! script taken from the deployment's `command` (`["fake", "ready-ms=50", "stubborn"]`):
+//!
+//! - `ready-ms=N`: `/readyz` answers 200 from N ms after the start (default 0; `never-ready`:
+//!   never);
+//! - `crash-ms=N[:CODE]`: the instance exits with CODE (default 1) N ms after its start;
+//! - `bot-ms=N[:STATUS]`: `/bot` answers STATUS (default 200) N ms after it arrives (default:
+//!   it answers only when the session ends);
+//! - `exit-ms=N[:CODE]`: the instance exits with CODE (default 0) N ms after `/bot` arrives;
+//! - `stubborn`: SIGTERM is ignored; only the SIGKILL at the end of the grace ends it;
+//! - `oom`: an exit counts as killed for going over the memory limit.
+//!
+//! Anything else in `command` makes [`Runtime::prepare`] fail (`spawn`-like errors are
+//! simulated with `fail-start`). The runtime keeps every live instance, so a test can see
+//! what is still "running", and a second engine on the same runtime re-adopts them as after
+//! a restart.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use parking_lot::Mutex;
+use tokio::sync::{watch, OnceCell};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::{
+    ExitInfo, Instance, InstanceSpec, LogSink, Prepared, ResourceSample, Runtime, RuntimeError,
+    RuntimeKind, TerminateReport,
+};
+use crate::model::{DeploymentRecord, InstanceRecord};
+
+/// What a fake instance does (parsed from its arguments, see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct Script {
+    /// `/readyz` answers 200 from this long after the start; `None`: never.
+    pub ready_after: Option<Duration>,
+    /// Exits with this code this long after the start.
+    pub crash: Option<(Duration, i32)>,
+    /// `/bot` answers this status this long after it arrives.
+    pub bot_answer: Option<(Duration, u16)>,
+    /// Exits with this code this long after `/bot` arrives.
+    pub exit_after_bot: Option<(Duration, i32)>,
+    /// Ignores SIGTERM.
+    pub stubborn: bool,
+    /// Its exit is an out-of-memory kill.
+    pub oom: bool,
+    /// `start` fails.
+    pub fail_start: bool,
+}
+
+fn ms_and<T: std::str::FromStr>(v: &str, default: T) -> Result<(Duration, T), String> {
+    let (ms, rest) = v.split_once(':').map_or((v, None), |(a, b)| (a, Some(b)));
+    let ms: u64 = ms.parse().map_err(|_| format!("bad duration {ms}"))?;
+    let t = match rest {
+        Some(r) => r.parse().map_err(|_| format!("bad value {r}"))?,
+        None => default,
+    };
+    Ok((Duration::from_millis(ms), t))
+}
+
+impl Script {
+    /// Parses the arguments after `fake`.
+    pub fn parse(args: &[String]) -> Result<Script, String> {
+        let mut s = Script {
+            ready_after: Some(Duration::ZERO),
+            ..Script::default()
+        };
+        for a in args {
+            let (k, v) = a.split_once('=').unwrap_or((a.as_str(), ""));
+            match k {
+                "ready-ms" => s.ready_after = Some(ms_and(v, 0u8)?.0),
+                "never-ready" => s.ready_after = None,
+                "crash-ms" => s.crash = Some(ms_and(v, 1)?),
+                "bot-ms" => s.bot_answer = Some(ms_and(v, 200)?),
+                "exit-ms" => s.exit_after_bot = Some(ms_and(v, 0)?),
+                "stubborn" => s.stubborn = true,
+                "oom" => s.oom = true,
+                "fail-start" => s.fail_start = true,
+                _ => return Err(format!("unknown fake instance option {a}")),
+            }
+        }
+        Ok(s)
+    }
+}
+
+/// The fake runtime. Cheap to clone; clones share their instances.
+#[derive(Clone, Default)]
+pub struct FakeRuntime {
+    inner: Arc<FakeInner>,
+}
+
+#[derive(Default)]
+struct FakeInner {
+    live: Mutex<HashMap<Uuid, Arc<FakeInstance>>>,
+    starts: AtomicU32,
+    events: Mutex<Vec<String>>,
+}
+
+impl FakeRuntime {
+    /// A runtime with no instances.
+    pub fn new() -> Self {
+        FakeRuntime::default()
+    }
+
+    /// Instances started so far (adoptions not counted).
+    pub fn starts(&self) -> u32 {
+        self.inner.starts.load(Ordering::SeqCst)
+    }
+
+    /// Instances not yet terminated.
+    pub fn live(&self) -> Vec<Uuid> {
+        self.inner.live.lock().keys().copied().collect()
+    }
+
+    /// What happened, in order (`start <id>`, `sigterm <id>`, `sigkill <id>`, `gone <id>`).
+    pub fn events(&self) -> Vec<String> {
+        self.inner.events.lock().clone()
+    }
+
+    fn event(&self, e: String) {
+        self.inner.events.lock().push(e);
+    }
+}
+
+#[async_trait]
+impl Runtime for FakeRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Process
+    }
+
+    fn prepare(&self, dep: &DeploymentRecord) -> Result<Prepared, String> {
+        let cmd = dep.spec.command.as_deref().unwrap_or_default();
+        match cmd.split_first() {
+            Some((p, args)) if p == "fake" => {
+                Script::parse(args)?;
+                Ok(Prepared {
+                    program: p.clone(),
+                    args: args.to_vec(),
+                    working_dir: None,
+                    env: vec![],
+                })
+            }
+            _ => Err("the fake runtime runs only [\"fake\", ...] commands".into()),
+        }
+    }
+
+    fn validate(&self, dep: &DeploymentRecord) -> Option<String> {
+        self.prepare(dep).err()
+    }
+
+    async fn start(
+        &self,
+        spec: InstanceSpec,
+        _logs: LogSink,
+    ) -> Result<Arc<dyn Instance>, RuntimeError> {
+        let script = Script::parse(&spec.args).map_err(RuntimeError::Setup)?;
+        if script.fail_start {
+            return Err(RuntimeError::Setup("simulated start failure".into()));
+        }
+        self.inner.starts.fetch_add(1, Ordering::SeqCst);
+        let inst = FakeInstance::start(spec.instance_id, script, self.clone())
+            .await
+            .map_err(|e| RuntimeError::Setup(e.to_string()))?;
+        self.event(format!("start {}", spec.instance_id));
+        self.inner
+            .live
+            .lock()
+            .insert(spec.instance_id, inst.clone());
+        Ok(inst)
+    }
+
+    async fn adopt(&self, rec: &InstanceRecord, _logs: LogSink) -> Option<Arc<dyn Instance>> {
+        let i = self.inner.live.lock().get(&rec.id).cloned()?;
+        if i.exited().is_some() {
+            i.terminate(Duration::ZERO).await;
+            return None;
+        }
+        Some(i)
+    }
+
+    async fn sweep(&self, keep: &HashSet<Uuid>) {
+        let gone: Vec<Arc<FakeInstance>> = self
+            .inner
+            .live
+            .lock()
+            .iter()
+            .filter(|(id, _)| !keep.contains(id))
+            .map(|(_, i)| i.clone())
+            .collect();
+        for i in gone {
+            i.terminate(Duration::ZERO).await;
+        }
+    }
+
+    fn isolation(&self) -> String {
+        "fake (in-process)".into()
+    }
+}
+
+/// One fake instance.
+pub struct FakeInstance {
+    id: Uuid,
+    addr: SocketAddr,
+    script: Script,
+    started: Instant,
+    exit_tx: watch::Sender<Option<ExitInfo>>,
+    server: Mutex<Option<tokio::task::AbortHandle>>,
+    terminated: OnceCell<TerminateReport>,
+    runtime: FakeRuntime,
+}
+
+#[derive(Clone)]
+struct Srv(Arc<FakeInstance>);
+
+impl FakeInstance {
+    async fn start(id: Uuid, script: Script, runtime: FakeRuntime) -> std::io::Result<Arc<Self>> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let (exit_tx, _) = watch::channel(None);
+        let inst = Arc::new(FakeInstance {
+            id,
+            addr,
+            script,
+            started: Instant::now(),
+            exit_tx,
+            server: Mutex::new(None),
+            terminated: OnceCell::new(),
+            runtime,
+        });
+        let app = axum::Router::new()
+            .route("/readyz", get(readyz))
+            .route("/bot", post(bot))
+            .with_state(Srv(inst.clone()));
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        *inst.server.lock() = Some(server.abort_handle());
+        if let Some((after, code)) = inst.script.crash {
+            let me = Arc::downgrade(&inst);
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                if let Some(me) = me.upgrade() {
+                    me.exit(ExitInfo {
+                        code: Some(code),
+                        signal: None,
+                    });
+                }
+            });
+        }
+        Ok(inst)
+    }
+
+    fn exit(&self, e: ExitInfo) {
+        self.exit_tx.send_if_modified(|v| {
+            if v.is_none() {
+                *v = Some(e);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+async fn readyz(State(Srv(i)): State<Srv>) -> StatusCode {
+    let ready = i
+        .script
+        .ready_after
+        .is_some_and(|d| i.started.elapsed() >= d);
+    if ready && i.exited().is_none() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn bot(State(Srv(i)): State<Srv>) -> StatusCode {
+    if let Some((after, code)) = i.script.exit_after_bot {
+        let me = i.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            me.exit(ExitInfo {
+                code: Some(code),
+                signal: None,
+            });
+        });
+    }
+    let answer = async {
+        match i.script.bot_answer {
+            Some((after, status)) => {
+                tokio::time::sleep(after).await;
+                StatusCode::from_u16(status).unwrap_or(StatusCode::OK)
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let mut rx = i.exit_tx.subscribe();
+    tokio::select! {
+        s = answer => s,
+        // An exited instance never answers (as a dead process would not).
+        _ = async { let _ = rx.wait_for(|v| v.is_some()).await; } => std::future::pending().await,
+    }
+}
+
+#[async_trait]
+impl Instance for FakeInstance {
+    fn placement(&self) -> serde_json::Value {
+        serde_json::json!({ "fake": self.id, "addr": self.addr.to_string() })
+    }
+
+    fn endpoint(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn describe(&self) -> String {
+        format!("fake {}", self.id)
+    }
+
+    async fn wait_exit(&self) -> ExitInfo {
+        let mut rx = self.exit_tx.subscribe();
+        let r = rx.wait_for(|v| v.is_some()).await;
+        r.map(|v| v.unwrap_or_default()).unwrap_or_default()
+    }
+
+    fn exited(&self) -> Option<ExitInfo> {
+        *self.exit_tx.borrow()
+    }
+
+    async fn terminate(&self, grace: Duration) -> TerminateReport {
+        *self
+            .terminated
+            .get_or_init(|| async {
+                let t0 = Instant::now();
+                let mut report = TerminateReport {
+                    sent_sigterm: false,
+                    killed: false,
+                    exit: None,
+                    took_ms: 0,
+                };
+                if self.exited().is_none() {
+                    if !grace.is_zero() {
+                        report.sent_sigterm = true;
+                        self.runtime.event(format!("sigterm {}", self.id));
+                        if !self.script.stubborn {
+                            self.exit(ExitInfo {
+                                code: Some(0),
+                                signal: None,
+                            });
+                        }
+                    }
+                    let exited = tokio::time::timeout(grace, self.wait_exit()).await;
+                    if exited.is_err() || grace.is_zero() {
+                        report.killed = true;
+                        self.runtime.event(format!("sigkill {}", self.id));
+                        self.exit(ExitInfo {
+                            code: None,
+                            signal: Some(9),
+                        });
+                    }
+                }
+                report.exit = self.exited();
+                if let Some(s) = self.server.lock().take() {
+                    s.abort();
+                }
+                self.runtime.inner.live.lock().remove(&self.id);
+                self.runtime.event(format!("gone {}", self.id));
+                report.took_ms = t0.elapsed().as_millis() as u64;
+                report
+            })
+            .await
+    }
+
+    async fn sample(&self) -> Option<ResourceSample> {
+        if self.terminated.initialized() {
+            return None;
+        }
+        Some(ResourceSample {
+            cpu_ns: self.started.elapsed().as_nanos() as u64 / 10,
+            memory_bytes: 1 << 20,
+        })
+    }
+
+    async fn stderr_tail(&self) -> String {
+        String::new()
+    }
+
+    async fn out_of_memory(&self) -> bool {
+        self.script.oom && self.exited().is_some()
+    }
+}

@@ -1,0 +1,152 @@
+//! What the process runtime runs for a deployment: its `command`, or the bundled Python runner
+//! for `image: "local:<dir>"` bots, and the deploy-time check that the chosen Python can
+//! import what the runner needs.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::reaper::Reaper;
+use crate::model::DeploymentRecord;
+use crate::runtime::{ExitInfo, Prepared};
+
+/// How long a successful import check of one interpreter is remembered.
+const DEPS_OK_FOR: Duration = Duration::from_secs(60);
+
+/// The Python runner for `local:` bots: which interpreter by default, where the runner is,
+/// and the interpreters already found able to run it.
+#[derive(Debug)]
+pub struct PythonRunner {
+    /// Python interpreter for `local:` agents when neither the agent nor the bot dir names one.
+    pub python: String,
+    /// Path of the bundled Python runner.
+    pub runner_path: PathBuf,
+    /// Interpreters whose imports succeeded, and when (only successes are remembered).
+    checked: Mutex<HashMap<String, Instant>>,
+}
+
+impl Default for PythonRunner {
+    fn default() -> Self {
+        PythonRunner::new("python3".into(), PathBuf::from("cattery_runner.py"))
+    }
+}
+
+impl PythonRunner {
+    /// A runner setting: default interpreter and the runner's path.
+    pub fn new(python: String, runner_path: PathBuf) -> Self {
+        PythonRunner {
+            python,
+            runner_path,
+            checked: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Program, arguments, working directory and extra env of a deployment's instances.
+    pub fn prepare(&self, dep: &DeploymentRecord) -> Result<Prepared, String> {
+        let spec = &dep.spec;
+        if let Some(cmd) = &spec.command {
+            let (p, a) = cmd.split_first().ok_or("command is empty")?;
+            return Ok(Prepared {
+                program: p.clone(),
+                args: a.to_vec(),
+                working_dir: spec.working_dir.as_ref().map(PathBuf::from),
+                env: vec![],
+            });
+        }
+        match spec.image.as_deref() {
+            Some(img) if img.starts_with("local:") => {
+                let dir = PathBuf::from(&img["local:".len()..]);
+                if !dir.join("bot.py").is_file() {
+                    return Err(format!("{} has no bot.py", dir.display()));
+                }
+                let venv = dir.join(".venv/bin/python");
+                let python = spec
+                    .python
+                    .clone()
+                    .or_else(|| venv.is_file().then(|| venv.display().to_string()))
+                    .unwrap_or_else(|| self.python.clone());
+                Ok(Prepared {
+                    program: python,
+                    args: vec![self.runner_path.display().to_string()],
+                    working_dir: Some(dir.clone()),
+                    env: vec![
+                        ("CATTERY_BOT_DIR".into(), dir.display().to_string()),
+                        ("PYTHONUNBUFFERED".into(), "1".into()),
+                    ],
+                })
+            }
+            Some(img) => Err(format!(
+                "image {img} needs a container runtime; this server runs the process runtime \
+                 (use \"command\", or \"image\": \"local:<dir with bot.py>\")"
+            )),
+            None => Err("neither command nor image is set".into()),
+        }
+    }
+
+    /// Whether `python` can import the runner's own dependencies; `Some(reason)` when it
+    /// cannot. Runs `python -c "import fastapi, uvicorn"` (a few hundred ms) off the async
+    /// worker's scheduling slot (`block_in_place`); a success is remembered per interpreter
+    /// for [`DEPS_OK_FOR`] (a failure is checked again: the user fixes the environment and
+    /// deploys again).
+    pub fn deps_missing(&self, python: &str) -> Option<String> {
+        if let Some(at) = self.checked.lock().get(python) {
+            if at.elapsed() < DEPS_OK_FOR {
+                return None;
+            }
+        }
+        let r = match run_import_check(python) {
+            Ok((exit, _)) if exit.success() => None,
+            Ok((_, stderr)) => {
+                let err = String::from_utf8_lossy(&stderr);
+                let last = err
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+                    .trim()
+                    .to_string();
+                Some(format!(
+                    "{python} cannot import fastapi and uvicorn, which the Python runner needs ({last}); \
+                     install them in the bot's environment (docs/python-runner.md)"
+                ))
+            }
+            Err(e) => Some(format!("cannot run {python}: {e}")),
+        };
+        if r.is_none() {
+            self.checked
+                .lock()
+                .insert(python.to_string(), Instant::now());
+        }
+        r
+    }
+}
+
+/// Runs the import check. Through the reaper: it reaps every child of this process, so a
+/// plain `Command::output()` could find its child already reaped (ECHILD).
+fn run_import_check(python: &str) -> std::io::Result<(ExitInfo, Vec<u8>)> {
+    let run = || {
+        let mut cmd = std::process::Command::new(python);
+        cmd.args(["-c", "import fastapi, uvicorn"])
+            .stdin(std::process::Stdio::null());
+        Reaper::global().output(&mut cmd, Duration::from_secs(60))
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(run)
+        }
+        Ok(_) => run(),
+        Err(_) => std::process::Command::new(python)
+            .args(["-c", "import fastapi, uvicorn"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map(|o| {
+                let exit = ExitInfo {
+                    code: o.status.code(),
+                    signal: std::os::unix::process::ExitStatusExt::signal(&o.status),
+                };
+                (exit, o.stderr)
+            }),
+    }
+}

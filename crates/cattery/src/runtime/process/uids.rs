@@ -1,0 +1,223 @@
+//! One unprivileged uid (and gid, the same number) per instance, from a configured range.
+//!
+//! A uid is held machine-wide while its instance lives: an exclusive `flock` on
+//! `<lock root>/uids/<uid>.lock` (see [`super::locks`]), so servers sharing a machine never
+//! hand out the same one. The lock file says `in use` while held and is emptied on release.
+//! The kernel drops the lock when a server dies, but its instances may live on (waiting to
+//! be re-adopted): a lock that is free while its file still says `in use` is therefore only
+//! taken over once no process runs under that uid. A restarted server re-adopts its
+//! instances' uids (read from the owner of each instance's home directory).
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+use nix::fcntl::Flock;
+use parking_lot::Mutex;
+
+/// Default range: far above the users, `/etc/subuid` ranges (useradd hands out 100000 up to
+/// 600100000) and systemd's container ranges (524288..=1879048191), below its foreign range
+/// (2147352576..) and below 2^31 (some tools take uids as signed).
+pub const DEFAULT_RANGE: UidRange = UidRange {
+    start: 2_000_000_000,
+    end: 2_000_065_535,
+};
+
+const IN_USE: &[u8] = b"in use\n";
+
+/// An inclusive range of uids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UidRange {
+    /// First uid.
+    pub start: u32,
+    /// Last uid.
+    pub end: u32,
+}
+
+impl std::str::FromStr for UidRange {
+    type Err = String;
+
+    /// `START-END`, both inclusive, `0 < START <= END < 2^32 - 1`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?}: expected START-END, e.g. 2000000000-2000065535"))?;
+        let num = |v: &str| {
+            v.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("{s:?}: {v:?} is not a uid"))
+        };
+        let r = UidRange {
+            start: num(a)?,
+            end: num(b)?,
+        };
+        if r.start == 0 || r.start > r.end || r.end == u32::MAX {
+            return Err(format!(
+                "{s:?}: need 0 < START <= END < 4294967295 (root and -1 are never instance uids)"
+            ));
+        }
+        Ok(r)
+    }
+}
+
+impl UidRange {
+    /// Whether `uid` is in the range.
+    pub fn contains(&self, uid: u32) -> bool {
+        (self.start..=self.end).contains(&uid)
+    }
+}
+
+impl std::fmt::Display for UidRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.start, self.end)
+    }
+}
+
+/// The uids of one server's live instances, each with its machine-wide lock.
+pub struct UidPool {
+    range: UidRange,
+    lock_dir: PathBuf,
+    held: Mutex<HashMap<u32, Flock<File>>>,
+}
+
+/// Whether any process runs under `uid` (its `/proc/<pid>` directory is owned by it).
+fn uid_has_processes(uid: u32) -> bool {
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return true;
+    };
+    rd.flatten().any(|e| {
+        e.file_name()
+            .to_str()
+            .is_some_and(|n| n.parse::<u32>().is_ok())
+            && e.metadata().is_ok_and(|m| m.uid() == uid)
+    })
+}
+
+impl UidPool {
+    /// A pool over `range`, with its locks in `lock_dir`.
+    pub fn new(range: UidRange, lock_dir: PathBuf) -> UidPool {
+        UidPool {
+            range,
+            lock_dir,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The range.
+    pub fn range(&self) -> UidRange {
+        self.range
+    }
+
+    /// Takes `uid` if no live instance (of any server) has it.
+    fn try_take(&self, uid: u32, held: &mut HashMap<u32, Flock<File>>) -> bool {
+        if held.contains_key(&uid) {
+            return false;
+        }
+        let path = self.lock_dir.join(format!("{uid}.lock"));
+        let Some(mut lock) = super::locks::lock_file(&path, false) else {
+            return false;
+        };
+        let mut was = Vec::new();
+        let _ = lock.read_to_end(&mut was);
+        // Left `in use` by a server that died: its instance may still run.
+        if !was.is_empty() && uid_has_processes(uid) {
+            return false;
+        }
+        let ok = lock.set_len(0).is_ok()
+            && lock.rewind().is_ok()
+            && lock.write_all(IN_USE).is_ok()
+            && lock.sync_data().is_ok();
+        if ok {
+            held.insert(uid, lock);
+        }
+        ok
+    }
+
+    /// A uid no live instance has, chosen at random in the range. Errors: none is free.
+    pub fn allocate(&self) -> std::io::Result<u32> {
+        let span = u64::from(self.range.end - self.range.start) + 1;
+        let first = rand::random::<u64>() % span;
+        let mut held = self.held.lock();
+        // A stride coprime with most spans spreads the probes; then a plain scan.
+        for i in 0..256u64 {
+            let uid = self.range.start + ((first + i * 7919) % span) as u32;
+            if self.try_take(uid, &mut held) {
+                return Ok(uid);
+            }
+        }
+        for i in 0..span {
+            let uid = self.range.start + ((first + i) % span) as u32;
+            if self.try_take(uid, &mut held) {
+                return Ok(uid);
+            }
+        }
+        Err(std::io::Error::other(format!(
+            "no free instance uid in {}",
+            self.range
+        )))
+    }
+
+    /// Takes back the uid of a re-adopted instance (its processes already run under it).
+    pub fn adopt(&self, uid: u32) {
+        let path = self.lock_dir.join(format!("{uid}.lock"));
+        let mut held = self.held.lock();
+        if held.contains_key(&uid) {
+            return;
+        }
+        match super::locks::lock_file(&path, false) {
+            Some(lock) => {
+                held.insert(uid, lock);
+            }
+            None => tracing::warn!(uid, "an adopted instance's uid is held by another server"),
+        }
+    }
+
+    /// Releases `uid` once its instance is gone.
+    pub fn release(&self, uid: u32) {
+        if let Some(lock) = self.held.lock().remove(&uid) {
+            let _ = lock.set_len(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_parse_and_uids_are_never_shared() {
+        assert_eq!(
+            "10-20".parse::<UidRange>(),
+            Ok(UidRange { start: 10, end: 20 })
+        );
+        for bad in ["", "5", "0-10", "20-10", "a-b", "1-4294967295"] {
+            assert!(bad.parse::<UidRange>().is_err(), "{bad}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // A range of uids no process has (test processes never run there).
+        let range: UidRange = "2100000000-2100000002".parse().unwrap();
+        let a = UidPool::new(range, dir.path().to_path_buf());
+        let b = UidPool::new(range, dir.path().to_path_buf());
+        let mut got = vec![
+            a.allocate().unwrap(),
+            b.allocate().unwrap(),
+            a.allocate().unwrap(),
+        ];
+        assert!(b.allocate().is_err(), "three uids, three holders");
+        got.sort_unstable();
+        got.dedup();
+        assert_eq!(got.len(), 3);
+        a.release(got[0]);
+        b.release(got[0]);
+        // Released by whichever pool held it: free again.
+        let again = b.allocate().unwrap();
+        assert!(got.contains(&again));
+        // A server that died: its locks are gone but their files say `in use`; with no
+        // process under those uids they are taken over.
+        drop(b);
+        let c = UidPool::new(range, dir.path().to_path_buf());
+        assert!(c.allocate().is_ok());
+    }
+}

@@ -1,0 +1,191 @@
+//! Agents cannot read each other or the control plane (issue 16, item 3), on the real binary:
+//! org A's agent tries, through the test agent's `POST /control/read` route, to read org B's
+//! instance environment (where its secret is), the server's environment, `secrets.key`, the
+//! database, the data directory and B's instance directories. Everything is refused; the
+//! control plane's own checks (modes, uids, environment allowlist) hold too.
+//!
+//! Needs root (instances switch uids); as another user the test only checks that the server
+//! says at start that instances are not separated.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+
+use common::Server;
+use serde_json::{json, Value};
+
+const RANGE: std::ops::RangeInclusive<u32> = 2_000_000_000..=2_000_065_535;
+
+/// `GET /info` of a session's test agent through the Session API proxy.
+async fn info(s: &Server, pk: &str, agent: &str, sid: &str) -> Value {
+    let r = s
+        .req(
+            "GET",
+            &format!("/v1/public/{agent}/sessions/{sid}/info"),
+            Some(pk),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body
+}
+
+/// Asks a session's test agent to read `path`; returns its answer.
+async fn try_read(s: &Server, pk: &str, agent: &str, sid: &str, path: &str) -> Value {
+    let url = format!("/v1/public/{agent}/sessions/{sid}/control/read");
+    let r = s
+        .raw("POST", &url, Some(pk), path.as_bytes().to_vec())
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body
+}
+
+/// The environment of a process, as root reads it.
+fn environ(pid: i64) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    raw.split(|&b| b == 0)
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| String::from_utf8_lossy(kv).into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_cannot_read_another_orgs_instance_nor_the_control_plane() {
+    if !nix::unistd::geteuid().is_root() {
+        let s = Server::start(&[]).await;
+        assert!(s.log().contains("NOT separated"), "{}", s.log());
+        return;
+    }
+    let s = Server::start_with_env(&[], &[("SERVER_ONLY_SECRET", "server-env-value")]).await;
+    let data = s.data_dir().to_path_buf();
+
+    // Org B: a secret set and an agent bound to it, with a running session.
+    let (sk_b, pk_b) = (s.key("private", "org-b"), s.key("public", "org-b"));
+    let secret = "org-b-secret-value-7d1c";
+    let r = s
+        .req(
+            "PUT",
+            "/v1/secrets/b-secrets",
+            Some(&sk_b),
+            Some(json!({"secrets": [{"secretKey": "B_SECRET", "secretValue": secret}]})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let cmd = vec![common::test_agent().display().to_string()];
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&sk_b),
+            Some(
+                json!({"serviceName": "bagent", "command": cmd, "secretSet": "b-secrets",
+                         "env": {"CATTERY_TEST_TAG": s.tag}}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = s
+        .req(
+            "POST",
+            "/v1/public/bagent/start",
+            Some(&pk_b),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sid_b = r.body["sessionId"].as_str().unwrap().to_string();
+
+    // Org A (the default org): the would-be thief.
+    s.deploy("aagent", &[], json!({})).await;
+    let sid_a = s.start_ok("aagent").await;
+
+    let a = info(&s, &s.pk, "aagent", &sid_a).await;
+    let b = info(&s, &pk_b, "bagent", &sid_b).await;
+    let (uid_a, uid_b) = (a["uid"].as_u64().unwrap(), b["uid"].as_u64().unwrap());
+    assert_ne!(uid_a, uid_b, "two instances never share a uid");
+    for (uid, gid) in [(uid_a, a["gid"].as_u64()), (uid_b, b["gid"].as_u64())] {
+        assert!(RANGE.contains(&(uid as u32)), "uid {uid} outside the range");
+        assert_eq!(Some(uid), gid, "the gid is the uid's number");
+    }
+
+    // B's environment holds its secret and nothing of the server's; its HOME is private.
+    let pid_b = b["pid"].as_i64().unwrap();
+    let env_b = environ(pid_b);
+    assert!(env_b.contains(&format!("B_SECRET={secret}")), "{env_b:?}");
+    assert!(
+        !env_b.iter().any(|kv| kv.starts_with("SERVER_ONLY_SECRET=")),
+        "the server's environment leaked into the instance: {env_b:?}"
+    );
+    let get = |k: &str| {
+        env_b
+            .iter()
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")).map(str::to_string))
+            .unwrap()
+    };
+    let (home_b, tmp_b) = (get("HOME"), get("TMPDIR"));
+    let dir_b = std::path::Path::new(&home_b)
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    for d in [&home_b, &tmp_b] {
+        let m = std::fs::metadata(d).unwrap();
+        assert_eq!((m.uid(), m.mode() & 0o777), (uid_b as u32, 0o700), "{d}");
+    }
+
+    // The control plane's files are closed.
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+    assert_eq!(mode(&data), 0o711, "data dir");
+    for f in ["secrets.key", "cattery.db", "server-id"] {
+        assert_eq!(mode(&data.join(f)), 0o600, "{f}");
+    }
+
+    // A's own environment is readable to A (the probe works)...
+    let own = try_read(&s, &s.pk, "aagent", &sid_a, "/proc/self/environ").await;
+    assert_eq!(own["ok"], true, "{own}");
+    // ... and everything else is refused.
+    let server_pid = s.pid();
+    let targets = [
+        format!("/proc/{pid_b}/environ"),
+        format!("/proc/{server_pid}/environ"),
+        data.join("secrets.key").display().to_string(),
+        data.join("cattery.db").display().to_string(),
+        data.display().to_string(),
+        data.join("instances").display().to_string(),
+        dir_b.display().to_string(),
+        dir_b.join("stdout.log").display().to_string(),
+        dir_b.join("exit-status").display().to_string(),
+        home_b.clone(),
+        tmp_b.clone(),
+    ];
+    for t in &targets {
+        let r = try_read(&s, &s.pk, "aagent", &sid_a, t).await;
+        assert_eq!(r["ok"], false, "org A's agent read {t}: {r}");
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("ermission denied"),
+            "{t}: {r}"
+        );
+    }
+
+    // And nothing of B's reached A's logs.
+    let logs = s
+        .req("GET", "/v1/agents/aagent/logs", Some(&s.sk), None)
+        .await;
+    assert!(!logs.body.to_string().contains(secret));
+
+    assert_eq!(s.stop("aagent", &sid_a).await.status, 200);
+    let r = s
+        .req(
+            "DELETE",
+            &format!("/v1/agents/bagent/sessions/{sid_b}"),
+            Some(&sk_b),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    s.wait_no_agent_pids(Duration::from_secs(10)).await;
+    assert!(!dir_b.exists(), "the instance directory is removed");
+}
