@@ -93,6 +93,15 @@ struct ServeArgs {
         default_value = "2000000000-2000065535"
     )]
     instance_uids: String,
+    /// Docker engine for agents deployed from a container image (`unix:///path`,
+    /// `tcp://host:port`; same meaning as `DOCKER_HOST`, which is the default, then the local
+    /// socket). Without a reachable engine, image agents get a deployment error.
+    #[arg(long, env = "CATTERY_DOCKER_HOST")]
+    docker_host: Option<String>,
+    /// When an agent's image is pulled at deploy: `missing` (only when the engine lacks it),
+    /// `always`, or `never`.
+    #[arg(long, env = "CATTERY_IMAGE_PULL_POLICY", default_value = "missing")]
+    image_pull_policy: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -212,6 +221,13 @@ fn main() -> std::process::ExitCode {
                                 .map_err(|e| anyhow::anyhow!("--instance-uids {e}"))?,
                         ),
                     },
+                    docker_host: a.docker_host,
+                    image_pull_policy: cattery::runtime::docker::image::PullPolicy::parse(
+                        &a.image_pull_policy,
+                    )
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("--image-pull-policy must be missing, always or never")
+                    })?,
                 })
                 .await
             }

@@ -57,6 +57,10 @@ pub struct ServeConfig {
     pub ws_token_ttl_seconds: f64,
     /// Range of instance uids (default 2000000000-2000065535); `None`: the server's own.
     pub instance_uids: Option<crate::runtime::process::uids::UidRange>,
+    /// Docker engine for image agents (`--docker-host`); `None`: `DOCKER_HOST` or the local socket.
+    pub docker_host: Option<String>,
+    /// When images are pulled at deploy (`--image-pull-policy`, default `missing`).
+    pub image_pull_policy: crate::runtime::docker::image::PullPolicy,
 }
 
 /// Takes the data directory's lock (`<data-dir>/serve.lock`, `flock`), so two servers never
@@ -236,18 +240,27 @@ pub async fn serve(mut cfg: ServeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&runner_dir)?;
     let runner_path = runner_dir.join("cattery_runner.py");
     std::fs::write(&runner_path, RUNNER_PY)?;
-    let runtime = factory::build(&RuntimeConfig {
-        kind: RuntimeKind::Process,
+    let built = factory::build_all(&RuntimeConfig {
+        kind: RuntimeKind::Auto,
         instances_dir: cfg.data_dir.join("instances"),
         server_id: sid.clone(),
         python: cfg.python.clone(),
         runner_path,
         instance_uids: cfg.instance_uids,
+        docker_host: cfg.docker_host.clone(),
+        image_pull_policy: cfg.image_pull_policy,
     })?;
+    let runtime = built.runtime;
     let cipher = Arc::new(
         crate::core::secrets::SecretCipher::load_or_create(&cfg.data_dir)
             .context("opening the secrets key file")?,
     );
+    if let Some(d) = &built.docker {
+        d.set_pull_secrets(Arc::new(crate::core::secrets::ImagePullSecrets::new(
+            store.clone(),
+            cipher.clone(),
+        )));
+    }
     let (log_tx, log_rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(log_writer(
         store.clone(),

@@ -41,7 +41,17 @@ pub fn agent_details(
     };
     let mut errors = Vec::new();
     if let Some(e) = &p.deploy_error {
-        errors.push(json!({"code": "PCC_UNKNOWN_ERROR", "message": e}));
+        // A runtime may name Pipecat Cloud's code as a prefix (`PCC_IMAGE_NOT_FOUND: ...`).
+        let (code, message) = match e.split_once(": ") {
+            Some((c, m))
+                if c.starts_with("PCC_")
+                    && c.bytes().all(|b| b.is_ascii_uppercase() || b == b'_') =>
+            {
+                (c, m)
+            }
+            _ => ("PCC_UNKNOWN_ERROR", e.as_str()),
+        };
+        errors.push(json!({"code": code, "message": message}));
     }
     if crash_loop {
         errors.push(json!({

@@ -4,9 +4,11 @@
 //! and is then discarded. A runtime starts it, reports when its main process exits, and removes
 //! all of it (every process, its cgroup, its temp files, its port) in [`Instance::terminate`].
 
+pub mod docker;
 pub mod factory;
 pub mod fake;
 pub mod logs;
+pub mod multi;
 pub mod process;
 
 use std::net::SocketAddr;
@@ -190,12 +192,17 @@ pub struct Prepared {
     pub env: Vec<(String, String)>,
 }
 
-/// The runtimes this server can be built with (`--runtime`; only `process` today).
+/// The runtimes this server can be built with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RuntimeKind {
     /// Local process trees ([`process::ProcessRuntime`]).
     #[default]
     Process,
+    /// Containers on a Docker engine ([`docker::DockerRuntime`]).
+    Docker,
+    /// Both: image agents in containers, `local:` and `command` agents as processes
+    /// ([`multi::MultiRuntime`]); each record names the runtime that made it by its placement.
+    Auto,
 }
 
 impl RuntimeKind {
@@ -203,6 +210,8 @@ impl RuntimeKind {
     pub fn as_str(self) -> &'static str {
         match self {
             RuntimeKind::Process => "process",
+            RuntimeKind::Docker => "docker",
+            RuntimeKind::Auto => "auto",
         }
     }
 
@@ -210,6 +219,8 @@ impl RuntimeKind {
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "process" => Some(RuntimeKind::Process),
+            "docker" => Some(RuntimeKind::Docker),
+            "auto" => Some(RuntimeKind::Auto),
             _ => None,
         }
     }
