@@ -151,12 +151,14 @@ build_agent() {
   mkdir -p "$ctx"
   cp "$agent_bin" "$ctx/cattery-test-agent"
   # CATTERY_HOST=0.0.0.0: a published port reaches the container's own address, not its loopback.
+  # The agent's switches come from the command (CMD) or from $CATTERY_TEST_AGENT_ARGS (an
+  # agent's env, for deployments that can only set environment variables).
   cat >"$ctx/Dockerfile" <<'EOF'
 FROM cattery-test/rootfs:bookworm
 COPY cattery-test-agent /usr/local/bin/cattery-test-agent
 ENV PORT=8080 CATTERY_HOST=0.0.0.0
 EXPOSE 8080
-ENTRYPOINT ["/usr/local/bin/cattery-test-agent"]
+ENTRYPOINT ["/bin/sh", "-c", "exec /usr/local/bin/cattery-test-agent $CATTERY_TEST_AGENT_ARGS \"$@\"", "cattery-test-agent"]
 EOF
   hash="$( { cat "$ctx/Dockerfile"; file_sha "$ctx/cattery-test-agent"; image_hash "$ROOTFS_IMAGE"; } | sha)"
   if up_to_date "$AGENT_IMAGE" "$hash"; then log "agent: up to date"; return 0; fi
