@@ -387,3 +387,169 @@ async fn pipecat_bot_image_serves_through_the_session_proxy() {
     let g = s.session("bot", &sid).await;
     assert_eq!(g["endReason"], "stopped", "{g}");
 }
+
+/// Authenticated pulls from the local registry of `scripts/docker-registry.sh` (its settings in
+/// `CATTERY_TEST_REGISTRY*`, with `cattery-test/agent` pushed as `org/agent:0.3`): the
+/// `imagePullSecretSet` credentials pull the image; wrong or missing ones are
+/// `PCC_IMAGE_PULL_UNAUTHORIZED`, an unknown tag `PCC_IMAGE_NOT_FOUND`.
+#[tokio::test(flavor = "multi_thread")]
+async fn image_pull_secret_set_gives_the_registry_credentials() {
+    let Ok(reg) = std::env::var("CATTERY_TEST_REGISTRY") else {
+        eprintln!("SKIPPED: CATTERY_TEST_REGISTRY is unset (scripts/docker-registry.sh start --push cattery-test/agent:latest=org/agent:0.3)");
+        return;
+    };
+    if !have_docker(&[]) {
+        return;
+    }
+    use base64::Engine;
+    let user = std::env::var("CATTERY_TEST_REGISTRY_USER").unwrap();
+    let pass = std::env::var("CATTERY_TEST_REGISTRY_PASSWORD").unwrap();
+    let b64 = |s: String| base64::engine::general_purpose::STANDARD.encode(s);
+    let s = Server::start(&["--image-pull-policy", "always"]).await;
+    for (name, value) in [
+        ("good-pull", b64(format!("{user}:{pass}"))),
+        ("bad-pull", b64(format!("{user}:wrong"))),
+    ] {
+        let r = s
+            .req(
+                "PUT",
+                &format!("/v1/secrets/{name}"),
+                Some(&s.sk),
+                Some(json!({
+                "isImagePullSecret": true, "host": format!("http://{reg}"), "secretValue": value})),
+            )
+            .await;
+        assert!(r.status == 200 || r.status == 202, "{:?}", r.body);
+    }
+    let image = format!("{reg}/org/agent:0.3");
+    let cases = [
+        (
+            "no-creds",
+            image.clone(),
+            None,
+            "PCC_IMAGE_PULL_UNAUTHORIZED",
+        ),
+        (
+            "bad-creds",
+            image.clone(),
+            Some("bad-pull"),
+            "PCC_IMAGE_PULL_UNAUTHORIZED",
+        ),
+        (
+            "no-tag",
+            format!("{reg}/org/agent:0.9"),
+            Some("good-pull"),
+            "PCC_IMAGE_NOT_FOUND",
+        ),
+    ];
+    for (name, img, set, code) in cases {
+        s.deploy(
+            name,
+            &[],
+            json!({"command": null, "image": img, "imagePullSecretSet": set}),
+        )
+        .await;
+        let a = s.agent(name).await;
+        assert_eq!(a["ready"], false, "{a}");
+        assert_eq!(a["errors"][0]["code"], code, "{name}: {a}");
+    }
+    s.deploy(
+        "pulled",
+        &[],
+        json!({"command": null, "image": image, "imagePullSecretSet": "good-pull"}),
+    )
+    .await;
+    let a = s.wait_ready("pulled", Duration::from_secs(60)).await;
+    assert_eq!(a["errors"], json!([]), "{a}");
+    let sid = s.start_ok("pulled").await;
+    info_served(&s, "pulled", &sid).await;
+    assert_eq!(s.stop("pulled", &sid).await.status, 200);
+    assert!(containers(&s).is_empty());
+}
+
+/// Lifecycle cases in containers: stop during start, an exit of its own (code kept), the cap
+/// (429 at `maxAgents`), and a drain on SIGTERM that leaves no container behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn container_lifecycle_stop_during_start_own_exit_cap_and_drain() {
+    if !have_docker(&[AGENT_IMAGE]) {
+        return;
+    }
+    let mut s = Server::start(&["--drain-timeout-seconds", "2"]).await;
+    deploy_image(&s, "slow", "--startup-delay 5", json!({})).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/public/slow/start", s.base);
+    let pk = s.pk.clone();
+    let start = tokio::spawn(async move {
+        http.post(url)
+            .bearer_auth(pk)
+            .json(&json!({}))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    let sid = wait_active_session(&s, "slow").await;
+    let t0 = Instant::now();
+    let r = s.stop("slow", &sid).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "stop during start waited for the start"
+    );
+    assert!(containers(&s).is_empty());
+    assert_ne!(start.await.unwrap().unwrap_or(0), 200);
+    assert_eq!(
+        s.session("slow", &sid).await["endReason"],
+        "stopped_during_start"
+    );
+
+    deploy_image(&s, "quits", "--exit-after 0.5 --exit-code 7", json!({})).await;
+    let q = s.start_ok("quits").await;
+    let g = s.wait_ended("quits", &q, Duration::from_secs(30)).await;
+    assert_eq!(g["endReason"], "error", "{g}");
+    assert_eq!(g["exitCode"], 7, "{g}");
+
+    deploy_image(
+        &s,
+        "capped",
+        "--ignore-transport-close",
+        json!({"autoScaling": {"minAgents": 0, "maxAgents": 1}}),
+    )
+    .await;
+    let c1 = s.start_ok("capped").await;
+    let r2 = s.start_session("capped", json!({})).await;
+    assert_eq!(r2.status, 429, "{:?}", r2.body);
+    info_served(&s, "capped", &c1).await;
+
+    s.signal(libc::SIGTERM);
+    wait_server_exit(&mut s, Duration::from_secs(30)).await;
+    assert!(containers(&s).is_empty(), "containers left after the drain");
+}
+
+/// The image id is fixed at deploy: moving the tag later changes nothing for the deployment.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_moved_tag_does_not_change_a_deployment() {
+    if !have_docker(&[AGENT_IMAGE, "cattery-test/rootfs:bookworm"]) {
+        return;
+    }
+    let tag = format!("cattery-test/moving:{}", uuid::Uuid::new_v4().simple());
+    let agent_id = docker(&["image", "inspect", "--format", "{{.Id}}", AGENT_IMAGE]).unwrap();
+    docker(&["tag", AGENT_IMAGE, &tag]).unwrap();
+    let s = Server::start(&[]).await;
+    s.deploy("moving", &[], json!({"command": null, "image": tag}))
+        .await;
+    docker(&["tag", "cattery-test/rootfs:bookworm", &tag]).unwrap();
+    let sid = s.start_ok("moving").await;
+    info_served(&s, "moving", &sid).await;
+    let c = containers(&s);
+    let running = inspect(&c[0])["Image"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    docker(&["rmi", &tag]);
+    assert_eq!(
+        running,
+        agent_id.trim(),
+        "the container runs the image resolved at deploy"
+    );
+    assert_eq!(s.stop("moving", &sid).await.status, 200);
+}

@@ -55,6 +55,10 @@ fn docker(cfg: &RuntimeConfig) -> Arc<DockerRuntime> {
         host: cfg.docker_host.clone(),
         pull_policy: cfg.image_pull_policy,
         server_id: cfg.server_id.clone(),
+        images_file: cfg
+            .instances_dir
+            .parent()
+            .map(|d| d.join("docker-images.json")),
     }))
 }
 

@@ -13,6 +13,7 @@ mod container;
 pub mod image;
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,6 +83,9 @@ pub struct DockerConfig {
     pub pull_policy: PullPolicy,
     /// This server's id (the `org.cattery.server` label).
     pub server_id: String,
+    /// File where the image id resolved for each deployment is kept across restarts
+    /// (`<data dir>/docker-images.json`); `None`: memory only.
+    pub images_file: Option<PathBuf>,
 }
 
 /// Looks up the registry credentials of a deployment's `imagePullSecretSet`.
@@ -105,10 +109,16 @@ impl DockerRuntime {
     /// A runtime on the configured engine; it connects on first use (an engine that is down
     /// makes image deployments fail with a deploy error, nothing else).
     pub fn new(cfg: DockerConfig) -> Self {
+        let images = cfg
+            .images_file
+            .as_ref()
+            .and_then(|f| std::fs::read(f).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
         DockerRuntime {
             cfg,
             engine: tokio::sync::Mutex::new(None),
-            images: Mutex::new(HashMap::new()),
+            images: Mutex::new(images),
             secrets: Mutex::new(None),
         }
     }
@@ -153,9 +163,32 @@ impl DockerRuntime {
         Ok(d)
     }
 
+    /// Records the image id of a deployment (in memory and in the images file).
+    fn record_image(&self, dep: Uuid, id: &str) {
+        let mut m = self.images.lock();
+        m.insert(dep, id.to_string());
+        if let Some(f) = &self.cfg.images_file {
+            let tmp = f.with_extension("json.tmp");
+            let body = serde_json::to_vec(&*m).unwrap_or_default();
+            if let Err(e) = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, f)) {
+                tracing::warn!(file = %f.display(), error = %e, "cannot save resolved image ids");
+            }
+        }
+    }
+
+    /// The image id of a deployment: the one recorded at its first resolution while the engine
+    /// still has it (a tag moved since does not change the deployment), else the reference
+    /// resolved under the pull policy.
     async fn resolve(&self, dep: &DeploymentRecord) -> Result<String, String> {
         let reference = dep.spec.image.clone().ok_or("no image")?;
         let docker = self.engine().await?;
+        let known = self.images.lock().get(&dep.id).cloned();
+        if let Some(id) = known {
+            if docker.inspect_image(&id).await.is_ok() {
+                return Ok(id);
+            }
+            tracing::warn!(deployment = %dep.id, image_id = %id, "the deployment's image is gone from the engine; resolving its reference again");
+        }
         let source = self.secrets.lock().clone();
         let secret = match (&dep.spec.image_pull_secret_set, source) {
             (Some(_), Some(s)) => s.pull_secret(dep).await?,
@@ -163,7 +196,7 @@ impl DockerRuntime {
         };
         let id = image::resolve(&docker, &reference, self.cfg.pull_policy, secret.as_ref()).await?;
         tracing::info!(deployment = %dep.id, image = %reference, image_id = %id, "image resolved");
-        self.images.lock().insert(dep.id, id.clone());
+        self.record_image(dep.id, &id);
         Ok(id)
     }
 
