@@ -36,6 +36,8 @@ pub struct DockerInstance {
     /// Whether the engine reported an OOM kill (read when the exit is observed).
     oom: Arc<Mutex<Option<bool>>>,
     stderr_tail: Arc<Mutex<VecDeque<u8>>>,
+    /// True once the log stream ended (every line up to the exit was read).
+    logs_ended: watch::Receiver<bool>,
     logs_done: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     terminated: OnceCell<TerminateReport>,
 }
@@ -62,13 +64,18 @@ impl DockerInstance {
         let (tx, exit_rx) = watch::channel(None);
         let oom = Arc::new(Mutex::new(None));
         let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_BYTES)));
-        let log_task = tokio::spawn(follow_logs(
+        let (ended_tx, logs_ended) = watch::channel(false);
+        let follow = follow_logs(
             docker.clone(),
             pl.container_id.clone(),
             logs,
             stderr_tail.clone(),
             since,
-        ));
+        );
+        let log_task = tokio::spawn(async move {
+            follow.await;
+            let _ = ended_tx.send(true);
+        });
         tokio::spawn(watch_exit(
             docker.clone(),
             pl.container_id.clone(),
@@ -81,6 +88,7 @@ impl DockerInstance {
             exit_rx,
             oom,
             stderr_tail,
+            logs_ended,
             logs_done: tokio::sync::Mutex::new(Some(log_task)),
             terminated: OnceCell::new(),
         })
@@ -334,7 +342,13 @@ impl Instance for DockerInstance {
         })
     }
 
+    /// After the exit, waits (briefly) for the log stream to end, so the tail holds the
+    /// container's last words.
     async fn stderr_tail(&self) -> String {
+        if self.exited().is_some() {
+            let mut rx = self.logs_ended.clone();
+            let _ = tokio::time::timeout(DRAIN_WAIT, rx.wait_for(|v| *v)).await;
+        }
         let t = self.stderr_tail.lock();
         let (a, b) = t.as_slices();
         escape_bytes(&[a, b].concat())

@@ -282,7 +282,14 @@ impl DockerRuntime {
                 .inspect_container(&c.id, None::<InspectContainerOptions>)
                 .await
                 .map_err(|e| e.to_string())?;
-            published_port(&ins).ok_or_else(|| "the container has no published port".to_string())
+            let running = ins.state.as_ref().and_then(|s| s.running) == Some(true);
+            match published_port(&ins) {
+                Some(port) => Ok(port),
+                // Exited already (a crash at start): no port, but its exit code and output
+                // are the instance's to report, so it is handed over like any other.
+                None if !running => Ok(0),
+                None => Err("the container has no published port".to_string()),
+            }
         }
         .await;
         match started {
