@@ -94,3 +94,60 @@ impl Runtime for MultiRuntime {
         self.docker.shutdown().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::DeploymentSpec;
+
+    fn dep(image: Option<&str>, command: Option<Vec<String>>) -> DeploymentRecord {
+        DeploymentRecord {
+            id: Uuid::new_v4(),
+            agent_id: Uuid::new_v4(),
+            spec: DeploymentSpec {
+                image: image.map(str::to_string),
+                command,
+                ..Default::default()
+            },
+            created_ms: 0,
+        }
+    }
+
+    #[test]
+    fn images_go_to_containers_local_dirs_and_commands_to_processes() {
+        assert!(runs_in_container(&dep(Some("org/bot:0.3"), None)));
+        assert!(!runs_in_container(&dep(Some("local:/srv/bot"), None)));
+        assert!(!runs_in_container(&dep(
+            Some("org/bot:0.3"),
+            Some(vec!["/bin/agent".into()])
+        )));
+        assert!(!runs_in_container(&dep(
+            None,
+            Some(vec!["/bin/agent".into()])
+        )));
+    }
+
+    #[test]
+    fn records_go_back_to_the_runtime_that_made_them() {
+        let rec = |runtime: &str, placement: serde_json::Value| InstanceRecord {
+            id: Uuid::new_v4(),
+            agent_id: Uuid::new_v4(),
+            deployment_id: Uuid::new_v4(),
+            session_id: None,
+            runtime: runtime.into(),
+            placement,
+            created_ms: 0,
+        };
+        let container = serde_json::json!({"container_id": "abc", "name": "n", "port": 1,
+                                           "image_id": "sha256:0", "created_ms": 0});
+        let process =
+            serde_json::json!({"pid": 1, "pid_start": 2, "port": 3, "cgroup": null, "dir": "/x"});
+        assert!(MultiRuntime::is_container(&rec("auto", container)));
+        assert!(MultiRuntime::is_container(&rec(
+            "docker",
+            serde_json::json!({})
+        )));
+        assert!(!MultiRuntime::is_container(&rec("auto", process.clone())));
+        assert!(!MultiRuntime::is_container(&rec("process", process)));
+    }
+}
