@@ -155,6 +155,13 @@ pub trait Instance: Send + Sync {
     /// The last bytes (at most 2 KiB) of the instance's stderr, escaped for display; empty
     /// when none is known.
     async fn stderr_tail(&self) -> String;
+    /// How long the main process's exit may take to become known after the instance's
+    /// connections broke (the engine waits this long for the exit status before it calls a
+    /// broken `/bot` connection an error). A local process is reaped within moments; a
+    /// container's exit passes through the engine's event pipeline first.
+    fn exit_report_window(&self) -> Duration {
+        Duration::from_millis(500)
+    }
     /// Whether the kernel (or the container engine) killed a process of the instance for
     /// going over its memory limit. Read after the exit, before `terminate`.
     async fn out_of_memory(&self) -> bool {

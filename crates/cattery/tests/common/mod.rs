@@ -331,11 +331,18 @@ impl Server {
     }
 
     /// Deploys the test agent with switches and extra fields; panics unless 200.
+    /// With `CATTERY_TEST_RUNTIME=docker`, the agent is the `cattery-test/agent` image instead
+    /// (switches in `CATTERY_TEST_AGENT_ARGS`): the same test then runs against containers.
     pub async fn deploy(&self, name: &str, switches: &[&str], extra: Value) -> Value {
         let mut cmd = vec![test_agent().display().to_string()];
         cmd.extend(switches.iter().map(|s| s.to_string()));
         let mut body =
             json!({"serviceName": name, "command": cmd, "env": {"CATTERY_TEST_TAG": self.tag}});
+        if std::env::var("CATTERY_TEST_RUNTIME").as_deref() == Ok("docker") {
+            body["command"] = Value::Null;
+            body["image"] = json!("cattery-test/agent:latest");
+            body["env"]["CATTERY_TEST_AGENT_ARGS"] = json!(switches.join(" "));
+        }
         if let Value::Object(m) = extra {
             for (k, v) in m {
                 if k == "env" {

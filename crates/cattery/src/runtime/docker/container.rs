@@ -10,13 +10,14 @@ use bollard::container::LogOutput;
 use bollard::errors::Error;
 use bollard::query_parameters::{
     InspectContainerOptions, KillContainerOptionsBuilder, LogsOptionsBuilder,
-    RemoveContainerOptionsBuilder, StatsOptionsBuilder, WaitContainerOptionsBuilder,
+    RemoveContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::{watch, OnceCell};
 
+use super::stats::Sampler;
 use super::DockerPlacement;
 use crate::runtime::logs::{escape_bytes, MAX_LINE_BYTES};
 use crate::runtime::{ExitInfo, Instance, LogSink, ResourceSample, TerminateReport};
@@ -25,6 +26,8 @@ use crate::runtime::{ExitInfo, Instance, LogSink, ResourceSample, TerminateRepor
 const KILL_WAIT: Duration = Duration::from_secs(10);
 /// Upper bound on reading the last log lines after the container stopped.
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
+/// How long a container's exit may take to be reported after its connections broke.
+const EXIT_REPORT_WINDOW: Duration = Duration::from_secs(3);
 /// Bytes of stderr kept for [`Instance::stderr_tail`].
 const TAIL_BYTES: usize = 2048;
 
@@ -39,6 +42,7 @@ pub struct DockerInstance {
     /// True once the log stream ended (every line up to the exit was read).
     logs_ended: watch::Receiver<bool>,
     logs_done: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    sampler: Sampler,
     terminated: OnceCell<TerminateReport>,
 }
 
@@ -83,6 +87,7 @@ impl DockerInstance {
             oom.clone(),
         ));
         Arc::new(DockerInstance {
+            sampler: Sampler::new(docker.clone(), pl.container_id.clone()),
             docker,
             pl,
             exit_rx,
@@ -307,6 +312,12 @@ impl Instance for DockerInstance {
         *self.exit_rx.borrow()
     }
 
+    /// The engine reports an exit after containerd's event reached it: a few hundred ms on a
+    /// loaded machine.
+    fn exit_report_window(&self) -> Duration {
+        EXIT_REPORT_WINDOW
+    }
+
     async fn terminate(&self, grace: Duration) -> TerminateReport {
         *self
             .terminated
@@ -318,28 +329,7 @@ impl Instance for DockerInstance {
         if self.terminated.initialized() || self.exited().is_some() {
             return None;
         }
-        let opts = StatsOptionsBuilder::default()
-            .stream(false)
-            .one_shot(true)
-            .build();
-        let st = self
-            .docker
-            .stats(&self.pl.container_id, Some(opts))
-            .next()
-            .await?
-            .ok()?;
-        let cpu_ns = st.cpu_stats?.cpu_usage?.total_usage?;
-        let m = st.memory_stats?;
-        let stats = m.stats.unwrap_or_default();
-        let inactive = stats
-            .get("total_inactive_file")
-            .or_else(|| stats.get("inactive_file"))
-            .copied()
-            .unwrap_or(0);
-        Some(ResourceSample {
-            cpu_ns,
-            memory_bytes: m.usage?.saturating_sub(inactive),
-        })
+        self.sampler.sample()
     }
 
     /// After the exit, waits (briefly) for the log stream to end, so the tail holds the

@@ -11,6 +11,7 @@
 
 mod container;
 pub mod image;
+mod stats;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
