@@ -553,3 +553,58 @@ async fn a_moved_tag_does_not_change_a_deployment() {
     );
     assert_eq!(s.stop("moving", &sid).await.status, 200);
 }
+
+/// The official CLI (`pipecat cloud deploy`, pipecatcloud 1.x from `scripts/setup-python.sh`)
+/// deploys an image agent from `pcc-deploy.toml`, which becomes ready and serves a session.
+#[tokio::test(flavor = "multi_thread")]
+async fn official_cli_deploys_an_image_agent() {
+    if !have_docker(&[AGENT_IMAGE]) {
+        return;
+    }
+    let pipecat = common::py_env_dir().join("main/bin/pipecat");
+    if !pipecat.exists() {
+        eprintln!(
+            "SKIPPED: {} is missing (scripts/setup-python.sh)",
+            pipecat.display()
+        );
+        return;
+    }
+    let s = Server::start(&[]).await;
+    let home = common::open_tempdir();
+    std::fs::write(
+        home.path().join("pcc-deploy.toml"),
+        format!("agent_name = \"cli-image\"\nimage = \"{AGENT_IMAGE}\"\n\n[scaling]\nmin_agents = 1\nmax_agents = 2\n"),
+    )
+    .unwrap();
+    let mut c = Command::new(&pipecat);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PIPECAT_") || k.starts_with("PCC_") {
+            c.env_remove(k);
+        }
+    }
+    let out = c
+        .args(["cloud", "deploy", "--yes"])
+        .current_dir(home.path())
+        .env("HOME", home.path())
+        .env("PIPECAT_API_HOST", &s.base)
+        .env("PIPECAT_TOKEN", s.key("token", "default"))
+        .env("PIPECAT_ORG", "default")
+        .env("PIPECAT_CONFIG_PATH", home.path().join("creds.toml"))
+        .env("NO_COLOR", "1")
+        .env("COLUMNS", "250")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let a = s.wait_ready("cli-image", Duration::from_secs(60)).await;
+    assert_eq!(a["image"], AGENT_IMAGE, "{a}");
+    wait_warm_idle(&s, "cli-image", 1, Duration::from_secs(60)).await;
+    assert_eq!(containers(&s).len(), 1, "the warm container");
+    let sid = s.start_ok("cli-image").await;
+    info_served(&s, "cli-image", &sid).await;
+    assert_eq!(s.stop("cli-image", &sid).await.status, 200);
+}
