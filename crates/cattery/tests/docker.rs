@@ -93,8 +93,8 @@ async fn image_agent_runs_in_a_hardened_container_and_stop_removes_it() {
         return;
     }
     let s = Server::start(&["--stop-grace-seconds", "3"]).await;
-    deploy_image(&s, "img", "--print-env SECRET_ISH --last-words", json!({
-        "env": {"CATTERY_TEST_AGENT_ARGS": "--print-env SECRET_ISH --last-words", "SECRET_ISH": "v1"}
+    deploy_image(&s, "img", "--print-env SECRET_ISH --last-words --ignore-transport-close", json!({
+        "env": {"CATTERY_TEST_AGENT_ARGS": "--print-env SECRET_ISH --last-words --ignore-transport-close", "SECRET_ISH": "v1"}
     }))
     .await;
     // A process agent on the same server at the same time.

@@ -48,6 +48,8 @@ pub const LABEL_DEPLOYMENT: &str = "org.cattery.deployment";
 pub const LABEL_AGENT: &str = "org.cattery.agent";
 /// How long connecting to the engine may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A failed connection is tried again only this long after the last attempt.
+const RETRY_CONNECT_AFTER: Duration = Duration::from_secs(2);
 
 /// Whether a deployment runs in a container: an `image` that is not `local:<dir>`, and no
 /// `command` (a command runs on the process runtime and the image is ignored).
@@ -101,6 +103,9 @@ pub struct DockerRuntime {
     cfg: DockerConfig,
     /// The connected client (version negotiated); `None` until an engine answered.
     engine: tokio::sync::Mutex<Option<Docker>>,
+    /// The last failed connection attempt and its error: repeated within
+    /// [`RETRY_CONNECT_AFTER`] (a restart validating many image agents asks once).
+    last_failure: Mutex<Option<(std::time::Instant, String)>>,
     /// Image id resolved at deploy, by deployment.
     images: Mutex<HashMap<Uuid, String>>,
     secrets: Mutex<Option<Arc<dyn PullSecrets>>>,
@@ -119,6 +124,7 @@ impl DockerRuntime {
         DockerRuntime {
             cfg,
             engine: tokio::sync::Mutex::new(None),
+            last_failure: Mutex::new(None),
             images: Mutex::new(images),
             secrets: Mutex::new(None),
         }
@@ -144,11 +150,18 @@ impl DockerRuntime {
         if let Some(d) = g.as_ref() {
             return Ok(d.clone());
         }
+        if let Some((at, e)) = self.last_failure.lock().as_ref() {
+            if at.elapsed() < RETRY_CONNECT_AFTER {
+                return Err(e.clone());
+            }
+        }
         let name = self.engine_name();
         let no_engine = |e: String| {
-            format!(
+            let m = format!(
                 "no reachable Docker engine at {name} (--docker-host / CATTERY_DOCKER_HOST): {e}"
-            )
+            );
+            *self.last_failure.lock() = Some((std::time::Instant::now(), m.clone()));
+            m
         };
         let client = match &self.cfg.host {
             Some(h) => Docker::connect_with_host(h),
@@ -159,6 +172,7 @@ impl DockerRuntime {
             .await
             .map_err(|_| no_engine("no answer".into()))?
             .map_err(|e| no_engine(e.to_string()))?;
+        *self.last_failure.lock() = None;
         tracing::info!(engine = %name, version = ?d.client_version(), "connected to the Docker engine");
         *g = Some(d.clone());
         Ok(d)
