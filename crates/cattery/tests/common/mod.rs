@@ -478,5 +478,25 @@ impl Drop for Server {
         for pid in tagged_pids(&self.tag) {
             unsafe_kill(pid, 9);
         }
+        // And the containers of this server (Docker runtime) a killed server left, by label.
+        if self.log().contains("connected to the Docker engine") {
+            if let Ok(id) = std::fs::read_to_string(self.dir.path().join("server-id")) {
+                let f = format!("label=org.cattery.server={}", id.trim());
+                let docker = "/usr/bin/docker";
+                if let Ok(out) = Command::new(docker)
+                    .args(["ps", "-a", "-q", "--filter", &f])
+                    .output()
+                {
+                    let ids = String::from_utf8_lossy(&out.stdout).into_owned();
+                    let ids: Vec<&str> = ids.split_whitespace().collect();
+                    if !ids.is_empty() {
+                        let _ = Command::new(docker)
+                            .args(["rm", "-f", "-v"])
+                            .args(&ids)
+                            .output();
+                    }
+                }
+            }
+        }
     }
 }
