@@ -4,7 +4,8 @@
 //!
 //! # The instance contract (agent side)
 //!
-//! The agent listens on `127.0.0.1:$PORT` (env `PORT`, default 8080) and
+//! The agent listens on `127.0.0.1:$PORT` (env `PORT`, default 8080; env
+//! `CATTERY_HOST` changes the address, e.g. `0.0.0.0` inside a container) and
 //! speaks HTTP/1.1 with keep-alive. Request bodies need a `Content-Length`
 //! (chunked or unknown-length bodies on `POST`/`PUT`/`PATCH` get `411`;
 //! `Expect: 100-continue` is honoured).
@@ -403,10 +404,18 @@ fn main() {
         }
     }
 
-    let listener = match TcpListener::bind(("127.0.0.1", port)) {
+    // The runner's variable: a container's published port reaches only a non-loopback address.
+    let host: std::net::IpAddr = match std::env::var("CATTERY_HOST") {
+        Ok(h) => h.trim().parse().unwrap_or_else(|_| {
+            error!("CATTERY_HOST is not an IP address: {h:?}");
+            std::process::exit(2)
+        }),
+        Err(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+    };
+    let listener = match TcpListener::bind((host, port)) {
         Ok(l) => l,
         Err(e) => {
-            error!("cannot bind 127.0.0.1:{port}: {e}");
+            error!("cannot bind {host}:{port}: {e}");
             // Who holds it (diagnostics for port clashes): the kernel's socket table rows.
             let hex = format!(":{port:04X} ");
             for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
@@ -421,7 +430,7 @@ fn main() {
     };
     let ready_at = unix_ms();
     agent().ready_at_ms.store(ready_at, Ordering::SeqCst);
-    info!("listening on 127.0.0.1:{port}");
+    info!("listening on {host}:{port}");
     info!("ready in {} ms", ready_at.saturating_sub(started_at_ms));
 
     for conn in listener.incoming() {

@@ -118,6 +118,10 @@ pub struct RuntimeConfig {
     pub python: String,
     /// Range of uids (and gids) for instances, `START-END`, or `off` (docs/security.md).
     pub instance_uids: String,
+    /// Docker engine for image agents; `None`: `DOCKER_HOST`, then the local socket.
+    pub docker_host: Option<String>,
+    /// When an agent's image is pulled at deploy.
+    pub image_pull_policy: crate::runtime::docker::image::PullPolicy,
 }
 
 /// The default instance uid range: above the `/etc/subuid` and systemd container ranges.
@@ -136,9 +140,11 @@ impl RuntimeConfig {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
-            kind: RuntimeKind::Process,
+            kind: RuntimeKind::Auto,
             python: "python3".into(),
             instance_uids: DEFAULT_INSTANCE_UIDS.into(),
+            docker_host: None,
+            image_pull_policy: Default::default(),
         }
     }
 }
@@ -262,7 +268,8 @@ pub struct ServeArgs {
     #[arg(long, env = "CATTERY_STORE", value_enum, help_heading = "Store")]
     pub store: Option<StoreKind>,
 
-    /// Runtime kind [default: process].
+    /// Runtime kind: `auto` runs image agents in containers and `local:`/`command` agents as
+    /// processes, `process` or `docker` only one of them [default: auto].
     #[arg(long, env = "CATTERY_RUNTIME", value_enum, help_heading = "Runtime")]
     pub runtime: Option<RuntimeKind>,
     /// Python interpreter for `local:` agents (after the agent's `python` and `<dir>/.venv`)
@@ -274,6 +281,20 @@ pub struct ServeArgs {
     /// [default: 2000000000-2000065535].
     #[arg(long, env = "CATTERY_INSTANCE_UIDS", help_heading = "Runtime")]
     pub instance_uids: Option<String>,
+    /// Docker engine for agents deployed from a container image (`unix:///path`,
+    /// `tcp://host:port`; same meaning as `DOCKER_HOST`, which is the default, then the local
+    /// socket). Without a reachable engine, image agents get a deployment error.
+    #[arg(long, env = "CATTERY_DOCKER_HOST", help_heading = "Runtime")]
+    pub docker_host: Option<String>,
+    /// When an agent's image is pulled at deploy: `missing` (only when the engine lacks it),
+    /// `always`, or `never` [default: missing].
+    #[arg(
+        long,
+        env = "CATTERY_IMAGE_PULL_POLICY",
+        value_enum,
+        help_heading = "Runtime"
+    )]
+    pub image_pull_policy: Option<crate::runtime::docker::image::PullPolicy>,
 
     /// Seconds between SIGTERM and SIGKILL when an instance is removed, for agents that set no
     /// `stopGraceSeconds`; 0 means SIGKILL at once [default: 5].
@@ -365,6 +386,7 @@ impl Config {
             self.runtime.kind => a.runtime,
             self.runtime.python => a.python,
             self.runtime.instance_uids => a.instance_uids,
+            self.runtime.image_pull_policy => a.image_pull_policy,
             se.stop_grace_seconds => a.stop_grace_seconds,
             se.start_timeout_seconds => a.start_timeout_seconds,
             se.drain_timeout_seconds => a.drain_timeout_seconds,
@@ -376,6 +398,9 @@ impl Config {
         }
         if a.default_region.is_some() {
             s.default_region = a.default_region;
+        }
+        if a.docker_host.is_some() {
+            self.runtime.docker_host = a.docker_host;
         }
         if a.daily_api_key.is_some() {
             se.daily_api_key = a.daily_api_key;

@@ -289,14 +289,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&runner_dir)?;
     let runner_path = runner_dir.join("cattery_runner.py");
     std::fs::write(&runner_path, RUNNER_PY)?;
-    let runtime = factory::build(&RuntimeConfig {
+    let built = factory::build_all(&RuntimeConfig {
         kind: config.runtime.kind,
         instances_dir: cfg.data_dir.join("instances"),
         server_id: sid.clone(),
         python: cfg.python.clone(),
         runner_path,
         instance_uids: cfg.instance_uids,
+        docker_host: config.runtime.docker_host.clone(),
+        image_pull_policy: config.runtime.image_pull_policy,
     })?;
+    let runtime = built.runtime;
     let (log_tx, log_rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(log_writer(
         store.clone(),
@@ -311,6 +314,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         runtime.clone(),
         log_tx,
     )?;
+    if let Some(d) = &built.docker {
+        d.set_pull_secrets(Arc::new(crate::core::secrets::ImagePullSecrets::new(
+            store.clone(),
+            state.secrets.clone(),
+        )));
+    }
     let sup = state.sup.clone();
     sup.recover()
         .await

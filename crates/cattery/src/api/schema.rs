@@ -72,10 +72,30 @@ impl Condition {
 /// One entry of an agent's `errors`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AgentErrorItem {
-    /// Always `PCC_UNKNOWN_ERROR`.
-    pub code: &'static str,
+    /// Pipecat Cloud's code: the one a runtime names as a prefix of its deployment error
+    /// (`PCC_IMAGE_NOT_FOUND: ...`, `PCC_IMAGE_PULL_UNAUTHORIZED: ...`), else `PCC_UNKNOWN_ERROR`.
+    pub code: String,
     /// What is wrong.
     pub message: String,
+}
+
+impl AgentErrorItem {
+    /// Splits a `PCC_XXX: message` prefix off an error text.
+    pub fn of(e: &str) -> Self {
+        let (code, message) = match e.split_once(": ") {
+            Some((c, m))
+                if c.starts_with("PCC_")
+                    && c.bytes().all(|b| b.is_ascii_uppercase() || b == b'_') =>
+            {
+                (c, m)
+            }
+            _ => ("PCC_UNKNOWN_ERROR", e),
+        };
+        AgentErrorItem {
+            code: code.to_string(),
+            message: message.to_string(),
+        }
+    }
 }
 
 /// `krispViva` of an agent.
@@ -406,10 +426,7 @@ impl AgentDetails {
             errors: h
                 .errors
                 .into_iter()
-                .map(|message| AgentErrorItem {
-                    code: "PCC_UNKNOWN_ERROR",
-                    message,
-                })
+                .map(|e| AgentErrorItem::of(&e))
                 .collect(),
             health_state: h.state,
             id: a.id,

@@ -591,6 +591,60 @@ impl SecretSource for DeploymentSecrets {
     }
 }
 
+/// The Docker runtime's source of registry credentials: a deployment's `imagePullSecretSet`
+/// (the set's host and its one sealed value, base64 of `user:password`), read when the image
+/// is resolved at deploy.
+pub struct ImagePullSecrets {
+    store: Arc<dyn Store>,
+    cipher: Arc<SecretCipher>,
+}
+
+impl ImagePullSecrets {
+    /// A source over a store and the server's cipher.
+    pub fn new(store: Arc<dyn Store>, cipher: Arc<SecretCipher>) -> Self {
+        ImagePullSecrets { store, cipher }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::runtime::docker::PullSecrets for ImagePullSecrets {
+    /// Errors: the set is gone, is not an image pull secret, or cannot be opened.
+    async fn pull_secret(
+        &self,
+        dep: &DeploymentRecord,
+    ) -> Result<Option<crate::runtime::docker::image::PullSecret>, String> {
+        let Some(name) = dep.spec.image_pull_secret_set.as_deref() else {
+            return Ok(None);
+        };
+        let err = |e: String| format!("cannot read imagePullSecretSet {name}: {e}");
+        let agent = self
+            .store
+            .get_agent_by_id(dep.agent_id)
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .ok_or_else(|| err("the agent is gone".into()))?;
+        let set = self
+            .store
+            .get_secret_set(&agent.org, name)
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .filter(|s| s.kind == SecretSetKind::ImagePullSecret)
+            .ok_or_else(|| err("no image pull secret of that name".into()))?;
+        let values = self
+            .store
+            .secret_values(&agent.org, name)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let v = values
+            .first()
+            .ok_or_else(|| err("the set holds no credential".into()))?;
+        Ok(Some(crate::runtime::docker::image::PullSecret {
+            host: set.host.unwrap_or_default(),
+            value: self.cipher.open(&agent.org, name, v).map_err(err)?,
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::docker::image::PullPolicy;
+use super::docker::{DockerConfig, DockerRuntime};
+use super::multi::MultiRuntime;
 use super::process::python::PythonRunner;
 use super::process::ProcessRuntime;
 use super::{Runtime, RuntimeKind};
@@ -14,7 +17,7 @@ pub struct RuntimeConfig {
     pub kind: RuntimeKind,
     /// Directory of per-instance directories (the data dir's `instances`).
     pub instances_dir: PathBuf,
-    /// This server's id (names its cgroup subtree).
+    /// This server's id (names its cgroup subtree, labels its containers).
     pub server_id: String,
     /// Python interpreter for `local:` agents (default `python3`).
     pub python: String,
@@ -22,22 +25,73 @@ pub struct RuntimeConfig {
     pub runner_path: PathBuf,
     /// Range of instance uids; `None`: instances run as the server's uid (process runtime).
     pub instance_uids: Option<super::process::uids::UidRange>,
+    /// Docker engine address; `None`: `DOCKER_HOST` or the local socket.
+    pub docker_host: Option<String>,
+    /// When images are pulled at deploy.
+    pub image_pull_policy: PullPolicy,
+}
+
+/// The runtimes a configuration builds: the one the engine drives, and the Docker runtime in
+/// it (if any), which wants the server's pull-secret source once the store is open.
+pub struct Built {
+    /// The runtime for the engine.
+    pub runtime: Arc<dyn Runtime>,
+    /// The container runtime inside it.
+    pub docker: Option<Arc<DockerRuntime>>,
+}
+
+fn process(cfg: &RuntimeConfig) -> anyhow::Result<ProcessRuntime> {
+    Ok(
+        ProcessRuntime::new(cfg.instances_dir.clone(), &cfg.server_id, cfg.instance_uids)?
+            .with_python_runner(PythonRunner::new(
+                cfg.python.clone(),
+                cfg.runner_path.clone(),
+            )),
+    )
+}
+
+fn docker(cfg: &RuntimeConfig) -> Arc<DockerRuntime> {
+    Arc::new(DockerRuntime::new(DockerConfig {
+        host: cfg.docker_host.clone(),
+        pull_policy: cfg.image_pull_policy,
+        server_id: cfg.server_id.clone(),
+        images_file: cfg
+            .instances_dir
+            .parent()
+            .map(|d| d.join("docker-images.json")),
+    }))
 }
 
 /// Builds the configured runtime. Must run inside tokio.
 pub fn build(cfg: &RuntimeConfig) -> anyhow::Result<Arc<dyn Runtime>> {
-    match cfg.kind {
-        RuntimeKind::Process => Ok(Arc::new(
-            ProcessRuntime::new(cfg.instances_dir.clone(), &cfg.server_id, cfg.instance_uids)?
-                .with_python_runner(PythonRunner::new(
-                    cfg.python.clone(),
-                    cfg.runner_path.clone(),
-                )),
-        )),
+    Ok(build_all(cfg)?.runtime)
+}
+
+/// Builds the configured runtime and hands out its Docker part. Must run inside tokio.
+pub fn build_all(cfg: &RuntimeConfig) -> anyhow::Result<Built> {
+    Ok(match cfg.kind {
+        RuntimeKind::Process => Built {
+            runtime: Arc::new(process(cfg)?),
+            docker: None,
+        },
+        RuntimeKind::Docker => {
+            let d = docker(cfg);
+            Built {
+                runtime: d.clone(),
+                docker: Some(d),
+            }
+        }
+        RuntimeKind::Auto => {
+            let d = docker(cfg);
+            Built {
+                runtime: Arc::new(MultiRuntime::new(Arc::new(process(cfg)?), d.clone())),
+                docker: Some(d),
+            }
+        }
         RuntimeKind::Fake => anyhow::bail!(
             "the fake runtime is for tests (runtime::fake::FakeRuntime), not configurable"
         ),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -62,6 +116,8 @@ mod tests {
             python: "python3".into(),
             runner_path: PathBuf::from("/nonexistent"),
             instance_uids: None,
+            docker_host: None,
+            image_pull_policy: PullPolicy::Missing,
         };
         assert!(build(&cfg).is_err());
     }

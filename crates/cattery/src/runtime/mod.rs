@@ -4,9 +4,11 @@
 //! and is then discarded. A runtime starts it, reports when its main process exits, and removes
 //! all of it (every process, its cgroup, its temp files, its port) in [`Instance::terminate`].
 
+pub mod docker;
 pub mod factory;
 pub mod fake;
 pub mod logs;
+pub mod multi;
 pub mod process;
 
 use std::net::SocketAddr;
@@ -153,6 +155,13 @@ pub trait Instance: Send + Sync {
     /// The last bytes (at most 2 KiB) of the instance's stderr, escaped for display; empty
     /// when none is known.
     async fn stderr_tail(&self) -> String;
+    /// How long the main process's exit may take to become known after the instance's
+    /// connections broke (the engine waits this long for the exit status before it calls a
+    /// broken `/bot` connection an error). A local process is reaped within moments; a
+    /// container's exit passes through the engine's event pipeline first.
+    fn exit_report_window(&self) -> Duration {
+        Duration::from_millis(500)
+    }
     /// Whether the kernel (or the container engine) killed a process of the instance for
     /// going over its memory limit. Read after the exit, before `terminate`.
     async fn out_of_memory(&self) -> bool {
@@ -175,13 +184,18 @@ pub struct Prepared {
     pub env: Vec<(String, String)>,
 }
 
-/// The runtimes this server can be built with (`--runtime`, `[runtime] kind`; only `process` today).
+/// The runtimes this server can be built with (`--runtime`, `[runtime] kind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum RuntimeKind {
     /// Local process trees ([`process::ProcessRuntime`]).
     #[default]
     Process,
+    /// Containers on a Docker engine ([`docker::DockerRuntime`]).
+    Docker,
+    /// Both: image agents in containers, `local:` and `command` agents as processes
+    /// ([`multi::MultiRuntime`]); each record names the runtime that made it by its placement.
+    Auto,
     /// The in-process test runtime ([`fake::FakeRuntime`]). Never chosen by configuration:
     /// neither `--runtime` nor the config file accept it, and [`factory::build`] refuses it.
     #[serde(skip)]
@@ -195,6 +209,8 @@ impl RuntimeKind {
         match self {
             RuntimeKind::Process => "process",
             RuntimeKind::Fake => "fake",
+            RuntimeKind::Docker => "docker",
+            RuntimeKind::Auto => "auto",
         }
     }
 
@@ -202,6 +218,8 @@ impl RuntimeKind {
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "process" => Some(RuntimeKind::Process),
+            "docker" => Some(RuntimeKind::Docker),
+            "auto" => Some(RuntimeKind::Auto),
             _ => None,
         }
     }

@@ -361,11 +361,18 @@ impl Server {
     }
 
     /// Deploys the test agent with switches and extra fields; panics unless 200.
+    /// With `CATTERY_TEST_RUNTIME=docker`, the agent is the `cattery-test/agent` image instead
+    /// (switches in `CATTERY_TEST_AGENT_ARGS`): the same test then runs against containers.
     pub async fn deploy(&self, name: &str, switches: &[&str], extra: Value) -> Value {
         let mut cmd = vec![test_agent().display().to_string()];
         cmd.extend(switches.iter().map(|s| s.to_string()));
         let mut body =
             json!({"serviceName": name, "command": cmd, "env": {"CATTERY_TEST_TAG": self.tag}});
+        if std::env::var("CATTERY_TEST_RUNTIME").as_deref() == Ok("docker") {
+            body["command"] = Value::Null;
+            body["image"] = json!("cattery-test/agent:latest");
+            body["env"]["CATTERY_TEST_AGENT_ARGS"] = json!(switches.join(" "));
+        }
         if let Value::Object(m) = extra {
             for (k, v) in m {
                 if k == "env" {
@@ -500,6 +507,26 @@ impl Drop for Server {
         // Belt and braces: kill whatever an agent of this test left (by tag, never by name).
         for pid in tagged_pids(&self.tag) {
             unsafe_kill(pid, 9);
+        }
+        // And the containers of this server (Docker runtime) a killed server left, by label.
+        if self.log().contains("connected to the Docker engine") {
+            if let Ok(id) = std::fs::read_to_string(self.dir.path().join("server-id")) {
+                let f = format!("label=org.cattery.server={}", id.trim());
+                let docker = "/usr/bin/docker";
+                if let Ok(out) = Command::new(docker)
+                    .args(["ps", "-a", "-q", "--filter", &f])
+                    .output()
+                {
+                    let ids = String::from_utf8_lossy(&out.stdout).into_owned();
+                    let ids: Vec<&str> = ids.split_whitespace().collect();
+                    if !ids.is_empty() {
+                        let _ = Command::new(docker)
+                            .args(["rm", "-f", "-v"])
+                            .args(&ids)
+                            .output();
+                    }
+                }
+            }
         }
     }
 }

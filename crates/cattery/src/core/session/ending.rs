@@ -114,7 +114,7 @@ pub(super) async fn ending_of_outcome(out: BotOutcome, inst: &Arc<dyn Instance>)
         }
         BotOutcome::Broken(err) => {
             // Usually the process died: give the exit status a moment to arrive.
-            let ex = tokio::time::timeout(Duration::from_millis(500), inst.wait_exit())
+            let ex = tokio::time::timeout(inst.exit_report_window(), inst.wait_exit())
                 .await
                 .ok();
             let mut e = match ex {

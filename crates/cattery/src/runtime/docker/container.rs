@@ -1,0 +1,373 @@
+//! One container: its exit watch, log stream, stats, and removal.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bollard::container::LogOutput;
+use bollard::errors::Error;
+use bollard::query_parameters::{
+    InspectContainerOptions, KillContainerOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, WaitContainerOptionsBuilder,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use tokio::sync::{watch, OnceCell};
+
+use super::stats::Sampler;
+use super::DockerPlacement;
+use crate::runtime::logs::{escape_bytes, MAX_LINE_BYTES};
+use crate::runtime::{ExitInfo, Instance, LogSink, ResourceSample, TerminateReport};
+
+/// Upper bound on waiting for a SIGKILLed container to stop (it normally takes a few ms).
+const KILL_WAIT: Duration = Duration::from_secs(10);
+/// Upper bound on reading the last log lines after the container stopped.
+const DRAIN_WAIT: Duration = Duration::from_secs(5);
+/// How long a container's exit may take to be reported after its connections broke.
+const EXIT_REPORT_WINDOW: Duration = Duration::from_secs(3);
+/// Bytes of stderr kept for [`Instance::stderr_tail`].
+const TAIL_BYTES: usize = 2048;
+
+/// A started or re-adopted container.
+pub struct DockerInstance {
+    docker: Docker,
+    pl: DockerPlacement,
+    exit_rx: watch::Receiver<Option<ExitInfo>>,
+    /// Whether the engine reported an OOM kill (read when the exit is observed).
+    oom: Arc<Mutex<Option<bool>>>,
+    stderr_tail: Arc<Mutex<VecDeque<u8>>>,
+    /// True once the log stream ended (every line up to the exit was read).
+    logs_ended: watch::Receiver<bool>,
+    logs_done: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    sampler: Sampler,
+    terminated: OnceCell<TerminateReport>,
+}
+
+/// Exit code of a container (its init passes the child's code; 128+n is signal n).
+pub fn exit_info(code: i64) -> ExitInfo {
+    if (129..=128 + 64).contains(&code) {
+        ExitInfo {
+            code: None,
+            signal: Some((code - 128) as i32),
+        }
+    } else {
+        ExitInfo {
+            code: Some(code as i32),
+            signal: None,
+        }
+    }
+}
+
+impl DockerInstance {
+    /// Wraps a running container: starts its exit watch and log stream. `since` is the
+    /// earliest log time (unix s) to read; 0 = from its start.
+    pub fn watch(docker: Docker, pl: DockerPlacement, logs: LogSink, since: i32) -> Arc<Self> {
+        let (tx, exit_rx) = watch::channel(None);
+        let oom = Arc::new(Mutex::new(None));
+        let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_BYTES)));
+        let (ended_tx, logs_ended) = watch::channel(false);
+        let follow = follow_logs(
+            docker.clone(),
+            pl.container_id.clone(),
+            logs,
+            stderr_tail.clone(),
+            since,
+        );
+        let log_task = tokio::spawn(async move {
+            follow.await;
+            let _ = ended_tx.send(true);
+        });
+        tokio::spawn(watch_exit(
+            docker.clone(),
+            pl.container_id.clone(),
+            tx,
+            oom.clone(),
+        ));
+        Arc::new(DockerInstance {
+            sampler: Sampler::new(docker.clone(), pl.container_id.clone()),
+            docker,
+            pl,
+            exit_rx,
+            oom,
+            stderr_tail,
+            logs_ended,
+            logs_done: tokio::sync::Mutex::new(Some(log_task)),
+            terminated: OnceCell::new(),
+        })
+    }
+
+    async fn kill(&self, signal: &str) -> bool {
+        let opts = KillContainerOptionsBuilder::default()
+            .signal(signal)
+            .build();
+        match self
+            .docker
+            .kill_container(&self.pl.container_id, Some(opts))
+            .await
+        {
+            Ok(()) => true,
+            // 409: not running; 404: gone. Both mean nothing is left to signal.
+            Err(Error::DockerResponseServerError { status_code, .. })
+                if status_code == 409 || status_code == 404 =>
+            {
+                false
+            }
+            Err(e) => {
+                tracing::warn!(container = %self.pl.container_id, signal, error = %e, "cannot signal container");
+                false
+            }
+        }
+    }
+
+    async fn exit_within(&self, d: Duration) -> bool {
+        let mut rx = self.exit_rx.clone();
+        let r = tokio::time::timeout(d, rx.wait_for(|v| v.is_some())).await;
+        r.is_ok()
+    }
+
+    async fn remove(&self) {
+        let opts = RemoveContainerOptionsBuilder::default()
+            .v(true)
+            .force(true)
+            .build();
+        for attempt in 0..5 {
+            match self
+                .docker
+                .remove_container(&self.pl.container_id, Some(opts.clone()))
+                .await
+            {
+                Ok(())
+                | Err(Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => return,
+                Err(e) if attempt == 4 => {
+                    tracing::error!(container = %self.pl.container_id, error = %e, "cannot remove container");
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    async fn do_terminate(&self, grace: Duration) -> TerminateReport {
+        let t0 = Instant::now();
+        let mut report = TerminateReport {
+            sent_sigterm: false,
+            killed: false,
+            exit: None,
+            took_ms: 0,
+        };
+        if self.exited().is_none() {
+            // Our own timer, not the engine's stop: it takes whole seconds only, and its
+            // answer comes after the grace (a client timeout could cut a long one).
+            if !grace.is_zero() {
+                report.sent_sigterm = self.kill("SIGTERM").await;
+            }
+            if grace.is_zero() || !self.exit_within(grace).await {
+                report.killed = self.kill("SIGKILL").await;
+                if !self.exit_within(KILL_WAIT).await {
+                    tracing::error!(container = %self.pl.container_id, "container did not stop after SIGKILL");
+                }
+            }
+        }
+        report.exit = self.exited();
+        // The log stream ends when the container stops: every line up to the last words.
+        if let Some(h) = self.logs_done.lock().await.take() {
+            let abort = h.abort_handle();
+            if tokio::time::timeout(DRAIN_WAIT, h).await.is_err() {
+                abort.abort();
+            }
+        }
+        self.remove().await;
+        report.took_ms = t0.elapsed().as_millis() as u64;
+        report
+    }
+}
+
+/// Waits for the container's exit (one long request; re-inspected when the stream breaks,
+/// e.g. an engine restart) and records its exit and OOM flag.
+async fn watch_exit(
+    docker: Docker,
+    id: String,
+    tx: watch::Sender<Option<ExitInfo>>,
+    oom: Arc<Mutex<Option<bool>>>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let exit = loop {
+        let opts = WaitContainerOptionsBuilder::default()
+            .condition("not-running")
+            .build();
+        let mut w = docker.wait_container(&id, Some(opts));
+        match w.next().await {
+            Some(Ok(r)) => break Some(r.status_code),
+            Some(Err(Error::DockerContainerWaitError { code, .. })) => break Some(code),
+            Some(Err(Error::DockerResponseServerError {
+                status_code: 404, ..
+            })) => break None,
+            _ => {}
+        }
+        // The wait broke: ask again what state the container is in.
+        match docker
+            .inspect_container(&id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(c) => {
+                let st = c.state.unwrap_or_default();
+                if st.running != Some(true) && st.status.is_some() {
+                    *oom.lock() = st.oom_killed;
+                    break st.exit_code;
+                }
+            }
+            Err(Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => break None,
+            Err(_) => {}
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    };
+    if oom.lock().is_none() {
+        if let Ok(c) = docker
+            .inspect_container(&id, None::<InspectContainerOptions>)
+            .await
+        {
+            *oom.lock() = c.state.and_then(|s| s.oom_killed);
+        }
+    }
+    let _ = tx.send(Some(exit.map(exit_info).unwrap_or_default()));
+}
+
+/// Sends the container's stdout and stderr to `sink` line by line, keeping the last bytes of
+/// stderr; returns when the container stopped (the stream ends).
+async fn follow_logs(
+    docker: Docker,
+    id: String,
+    sink: LogSink,
+    tail: Arc<Mutex<VecDeque<u8>>>,
+    since: i32,
+) {
+    let opts = LogsOptionsBuilder::default()
+        .follow(true)
+        .stdout(true)
+        .stderr(true)
+        .since(since)
+        .build();
+    let mut s = docker.logs(&id, Some(opts));
+    while let Some(item) = s.next().await {
+        let (stream, bytes) = match item {
+            Ok(LogOutput::StdOut { message }) => ("stdout", message),
+            Ok(LogOutput::StdErr { message }) => ("stderr", message),
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::debug!(container = %id, error = %e, "log stream ended");
+                break;
+            }
+        };
+        if stream == "stderr" {
+            let mut t = tail.lock();
+            t.extend(bytes.iter().copied());
+            let excess = t.len().saturating_sub(TAIL_BYTES);
+            t.drain(..excess);
+        }
+        let mut line: &[u8] = &bytes;
+        if line.last() == Some(&b'\n') {
+            line = &line[..line.len() - 1];
+        }
+        if line.last() == Some(&b'\r') {
+            line = &line[..line.len() - 1];
+        }
+        for part in line.chunks(MAX_LINE_BYTES) {
+            sink.send(stream, escape_bytes(part));
+        }
+    }
+}
+
+#[async_trait]
+impl Instance for DockerInstance {
+    fn placement(&self) -> serde_json::Value {
+        serde_json::to_value(&self.pl).unwrap_or_default()
+    }
+
+    fn endpoint(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.pl.port))
+    }
+
+    fn describe(&self) -> String {
+        let short: String = self.pl.container_id.chars().take(12).collect();
+        format!("container {short}")
+    }
+
+    async fn wait_exit(&self) -> ExitInfo {
+        let mut rx = self.exit_rx.clone();
+        let r = match rx.wait_for(|v| v.is_some()).await {
+            Ok(v) => v.unwrap_or_default(),
+            Err(_) => ExitInfo::default(),
+        };
+        r
+    }
+
+    fn exited(&self) -> Option<ExitInfo> {
+        *self.exit_rx.borrow()
+    }
+
+    /// The engine reports an exit after containerd's event reached it: a few hundred ms on a
+    /// loaded machine.
+    fn exit_report_window(&self) -> Duration {
+        EXIT_REPORT_WINDOW
+    }
+
+    async fn terminate(&self, grace: Duration) -> TerminateReport {
+        *self
+            .terminated
+            .get_or_init(|| self.do_terminate(grace))
+            .await
+    }
+
+    async fn sample(&self) -> Option<ResourceSample> {
+        if self.terminated.initialized() || self.exited().is_some() {
+            return None;
+        }
+        self.sampler.sample()
+    }
+
+    /// After the exit, waits (briefly) for the log stream to end, so the tail holds the
+    /// container's last words.
+    async fn stderr_tail(&self) -> String {
+        if self.exited().is_some() {
+            let mut rx = self.logs_ended.clone();
+            let _ = tokio::time::timeout(DRAIN_WAIT, rx.wait_for(|v| *v)).await;
+        }
+        let t = self.stderr_tail.lock();
+        let (a, b) = t.as_slices();
+        escape_bytes(&[a, b].concat())
+    }
+
+    async fn out_of_memory(&self) -> bool {
+        if let Some(v) = *self.oom.lock() {
+            return v;
+        }
+        self.docker
+            .inspect_container(&self.pl.container_id, None::<InspectContainerOptions>)
+            .await
+            .ok()
+            .and_then(|c| c.state)
+            .and_then(|s| s.oom_killed)
+            .unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_exit_codes_above_128_are_signals() {
+        assert_eq!(exit_info(0).code, Some(0));
+        assert_eq!(exit_info(3).code, Some(3));
+        assert_eq!(exit_info(137).signal, Some(9));
+        assert_eq!(exit_info(143).signal, Some(15));
+        assert_eq!(exit_info(255).code, Some(255));
+    }
+}

@@ -1,0 +1,480 @@
+//! The Docker runtime: each instance is a container from the deployment's image, started
+//! through the engine API (bollard), published on a free `127.0.0.1` port.
+//!
+//! The base image's contract (Pipecat Cloud): the container's server listens on `PORT=8080`;
+//! the engine runs an init as PID 1 (`init: true`), so SIGTERM reaches a bot still importing.
+//! Isolation by default: no host mounts, not privileged, every capability dropped,
+//! `no-new-privileges`, CPU/memory/pids limits from the agent profile, bounded json-file logs.
+//! Every container carries labels naming this server, the instance, the deployment and the
+//! agent; the session binding lives in the store (labels cannot change after create, and a
+//! warm pool container gets its session later). See `docs/docker.md`.
+
+mod container;
+pub mod image;
+mod stats;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::errors::Error;
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, PortBinding};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder,
+};
+use bollard::Docker;
+use parking_lot::Mutex;
+use uuid::Uuid;
+
+pub use self::container::DockerInstance;
+use self::image::{PullPolicy, PullSecret};
+use super::{Instance, InstanceSpec, LogSink, Prepared, Runtime, RuntimeError, RuntimeKind};
+use crate::model::{now_ms, DeploymentRecord, InstanceRecord};
+
+/// Prefix of [`Prepared::program`] for a container: the image id follows.
+pub const IMAGE_PROGRAM_PREFIX: &str = "docker-image:";
+/// The port the base image's server listens on inside the container.
+pub const CONTAINER_PORT: u16 = 8080;
+/// Label: this server's id.
+pub const LABEL_SERVER: &str = "org.cattery.server";
+/// Label: instance id.
+pub const LABEL_INSTANCE: &str = "org.cattery.instance";
+/// Label: deployment id.
+pub const LABEL_DEPLOYMENT: &str = "org.cattery.deployment";
+/// Label: agent id.
+pub const LABEL_AGENT: &str = "org.cattery.agent";
+/// How long connecting to the engine may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A failed connection is tried again only this long after the last attempt.
+const RETRY_CONNECT_AFTER: Duration = Duration::from_secs(2);
+
+/// Whether a deployment runs in a container: an `image` that is not `local:<dir>`, and no
+/// `command` (a command runs on the process runtime and the image is ignored).
+pub fn runs_in_container(dep: &DeploymentRecord) -> bool {
+    dep.spec.command.is_none()
+        && dep
+            .spec
+            .image
+            .as_deref()
+            .is_some_and(|i| !i.starts_with("local:"))
+}
+
+/// Where a container instance lives ([`Instance::placement`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DockerPlacement {
+    /// Container id.
+    pub container_id: String,
+    /// Container name (`cattery-<instance id>`).
+    pub name: String,
+    /// Host port on 127.0.0.1.
+    pub port: u16,
+    /// Image id the container runs.
+    pub image_id: String,
+    /// Creation time, ms.
+    pub created_ms: i64,
+}
+
+/// Settings of the Docker runtime.
+#[derive(Debug, Clone, Default)]
+pub struct DockerConfig {
+    /// Engine address (`unix://...`, `tcp://...`); `None`: `DOCKER_HOST` or the local socket.
+    pub host: Option<String>,
+    /// Pull policy at deploy.
+    pub pull_policy: PullPolicy,
+    /// This server's id (the `org.cattery.server` label).
+    pub server_id: String,
+    /// File where the image id resolved for each deployment is kept across restarts
+    /// (`<data dir>/docker-images.json`); `None`: memory only.
+    pub images_file: Option<PathBuf>,
+}
+
+/// Looks up the registry credentials of a deployment's `imagePullSecretSet`.
+#[async_trait]
+pub trait PullSecrets: Send + Sync {
+    /// The credentials bound to `dep`, if any. Errors: they cannot be read.
+    async fn pull_secret(&self, dep: &DeploymentRecord) -> Result<Option<PullSecret>, String>;
+}
+
+/// Runs instances as containers on one Docker engine.
+pub struct DockerRuntime {
+    cfg: DockerConfig,
+    /// The connected client (version negotiated); `None` until an engine answered.
+    engine: tokio::sync::Mutex<Option<Docker>>,
+    /// The last failed connection attempt and its error: repeated within
+    /// [`RETRY_CONNECT_AFTER`] (a restart validating many image agents asks once).
+    last_failure: Mutex<Option<(std::time::Instant, String)>>,
+    /// Image id resolved at deploy, by deployment.
+    images: Mutex<HashMap<Uuid, String>>,
+    secrets: Mutex<Option<Arc<dyn PullSecrets>>>,
+}
+
+impl DockerRuntime {
+    /// A runtime on the configured engine; it connects on first use (an engine that is down
+    /// makes image deployments fail with a deploy error, nothing else).
+    pub fn new(cfg: DockerConfig) -> Self {
+        let images = cfg
+            .images_file
+            .as_ref()
+            .and_then(|f| std::fs::read(f).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        DockerRuntime {
+            cfg,
+            engine: tokio::sync::Mutex::new(None),
+            last_failure: Mutex::new(None),
+            images: Mutex::new(images),
+            secrets: Mutex::new(None),
+        }
+    }
+
+    /// Sets where `imagePullSecretSet` credentials come from.
+    pub fn set_pull_secrets(&self, s: Arc<dyn PullSecrets>) {
+        *self.secrets.lock() = Some(s);
+    }
+
+    fn engine_name(&self) -> String {
+        self.cfg
+            .host
+            .clone()
+            .or_else(|| std::env::var("DOCKER_HOST").ok())
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".into())
+    }
+
+    /// The engine client, connecting (and negotiating the API version) when not yet done.
+    /// Errors: no engine answers; the message says so and where it was looked for.
+    pub async fn engine(&self) -> Result<Docker, String> {
+        let mut g = self.engine.lock().await;
+        if let Some(d) = g.as_ref() {
+            return Ok(d.clone());
+        }
+        if let Some((at, e)) = self.last_failure.lock().as_ref() {
+            if at.elapsed() < RETRY_CONNECT_AFTER {
+                return Err(e.clone());
+            }
+        }
+        let name = self.engine_name();
+        let no_engine = |e: String| {
+            let m = format!(
+                "no reachable Docker engine at {name} (--docker-host / CATTERY_DOCKER_HOST): {e}"
+            );
+            *self.last_failure.lock() = Some((std::time::Instant::now(), m.clone()));
+            m
+        };
+        let client = match &self.cfg.host {
+            Some(h) => Docker::connect_with_host(h),
+            None => Docker::connect_with_defaults(),
+        }
+        .map_err(|e| no_engine(e.to_string()))?;
+        let d = tokio::time::timeout(CONNECT_TIMEOUT, client.negotiate_version())
+            .await
+            .map_err(|_| no_engine("no answer".into()))?
+            .map_err(|e| no_engine(e.to_string()))?;
+        *self.last_failure.lock() = None;
+        tracing::info!(engine = %name, version = ?d.client_version(), "connected to the Docker engine");
+        *g = Some(d.clone());
+        Ok(d)
+    }
+
+    /// Records the image id of a deployment (in memory and in the images file).
+    fn record_image(&self, dep: Uuid, id: &str) {
+        let mut m = self.images.lock();
+        m.insert(dep, id.to_string());
+        if let Some(f) = &self.cfg.images_file {
+            let tmp = f.with_extension("json.tmp");
+            let body = serde_json::to_vec(&*m).unwrap_or_default();
+            if let Err(e) = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, f)) {
+                tracing::warn!(file = %f.display(), error = %e, "cannot save resolved image ids");
+            }
+        }
+    }
+
+    /// The image id of a deployment: the one recorded at its first resolution while the engine
+    /// still has it (a tag moved since does not change the deployment), else the reference
+    /// resolved under the pull policy.
+    async fn resolve(&self, dep: &DeploymentRecord) -> Result<String, String> {
+        let reference = dep.spec.image.clone().ok_or("no image")?;
+        let docker = self.engine().await?;
+        let known = self.images.lock().get(&dep.id).cloned();
+        if let Some(id) = known {
+            if docker.inspect_image(&id).await.is_ok() {
+                return Ok(id);
+            }
+            tracing::warn!(deployment = %dep.id, image_id = %id, "the deployment's image is gone from the engine; resolving its reference again");
+        }
+        let source = self.secrets.lock().clone();
+        let secret = match (&dep.spec.image_pull_secret_set, source) {
+            (Some(_), Some(s)) => s.pull_secret(dep).await?,
+            _ => None,
+        };
+        let id = image::resolve(&docker, &reference, self.cfg.pull_policy, secret.as_ref()).await?;
+        tracing::info!(deployment = %dep.id, image = %reference, image_id = %id, "image resolved");
+        self.record_image(dep.id, &id);
+        Ok(id)
+    }
+
+    fn container_body(
+        &self,
+        spec: &InstanceSpec,
+        image_id: &str,
+        dep: &str,
+    ) -> ContainerCreateBody {
+        let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.push(format!("CATTERY_INSTANCE_ID={}", spec.instance_id));
+        let port_key = format!("{CONTAINER_PORT}/tcp");
+        let ports = HashMap::from([(
+            port_key.clone(),
+            Some(vec![PortBinding {
+                host_ip: Some("127.0.0.1".into()),
+                host_port: Some(String::new()),
+            }]),
+        )]);
+        let labels = HashMap::from([
+            (LABEL_SERVER.to_string(), self.cfg.server_id.clone()),
+            (LABEL_INSTANCE.to_string(), spec.instance_id.to_string()),
+            (LABEL_DEPLOYMENT.to_string(), dep.to_string()),
+        ]);
+        let l = spec.limits;
+        ContainerCreateBody {
+            image: Some(image_id.to_string()),
+            env: Some(env),
+            cmd: (!spec.args.is_empty()).then(|| spec.args.clone()),
+            labels: Some(labels),
+            exposed_ports: Some(vec![port_key]),
+            host_config: Some(HostConfig {
+                init: Some(true),
+                port_bindings: Some(ports),
+                memory: l.map(|l| l.memory_bytes as i64),
+                memory_swap: l.map(|l| l.memory_bytes as i64),
+                nano_cpus: l.map(|l| l.cpu_millicores as i64 * 1_000_000),
+                pids_limit: l.map(|l| l.pids as i64),
+                security_opt: Some(vec!["no-new-privileges:true".into()]),
+                cap_drop: Some(vec!["ALL".into()]),
+                privileged: Some(false),
+                auto_remove: Some(false),
+                log_config: Some(HostConfigLogConfig {
+                    typ: Some("json-file".into()),
+                    config: Some(HashMap::from([
+                        ("max-size".into(), "10m".into()),
+                        ("max-file".into(), "2".into()),
+                    ])),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Creates and starts the container; returns its id and published port. On error the
+    /// container (if created) is removed.
+    async fn create_and_start(
+        &self,
+        docker: &Docker,
+        spec: &InstanceSpec,
+        image_id: &str,
+        name: &str,
+    ) -> Result<(String, u16), String> {
+        let dep = spec
+            .env
+            .iter()
+            .find(|(k, _)| k == "CATTERY_DEPLOYMENT_ID")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let body = self.container_body(spec, image_id, &dep);
+        let opts = CreateContainerOptionsBuilder::default().name(name).build();
+        let c = docker
+            .create_container(Some(opts), body)
+            .await
+            .map_err(|e| format!("cannot create a container from {image_id}: {e}"))?;
+        let started = async {
+            docker
+                .start_container(&c.id, None)
+                .await
+                .map_err(|e| format!("cannot start container: {e}"))?;
+            let ins = docker
+                .inspect_container(&c.id, None::<InspectContainerOptions>)
+                .await
+                .map_err(|e| e.to_string())?;
+            let running = ins.state.as_ref().and_then(|s| s.running) == Some(true);
+            match published_port(&ins) {
+                Some(port) => Ok(port),
+                // Exited already (a crash at start): no port, but its exit code and output
+                // are the instance's to report, so it is handed over like any other.
+                None if !running => Ok(0),
+                None => Err("the container has no published port".to_string()),
+            }
+        }
+        .await;
+        match started {
+            Ok(port) => Ok((c.id, port)),
+            Err(e) => {
+                remove_quietly(docker, &c.id).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The host port the engine published the container's 8080 on, on 127.0.0.1.
+fn published_port(ins: &bollard::models::ContainerInspectResponse) -> Option<u16> {
+    let key = format!("{CONTAINER_PORT}/tcp");
+    ins.network_settings
+        .as_ref()?
+        .ports
+        .as_ref()?
+        .get(&key)?
+        .as_ref()?
+        .iter()
+        .find(|b| b.host_ip.as_deref() == Some("127.0.0.1"))?
+        .host_port
+        .as_ref()?
+        .parse()
+        .ok()
+}
+
+async fn remove_quietly(docker: &Docker, id: &str) {
+    let opts = RemoveContainerOptionsBuilder::default()
+        .v(true)
+        .force(true)
+        .build();
+    match docker.remove_container(id, Some(opts)).await {
+        Ok(())
+        | Err(Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => {}
+        Err(e) => tracing::error!(container = %id, error = %e, "cannot remove container"),
+    }
+}
+
+#[async_trait]
+impl Runtime for DockerRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Docker
+    }
+
+    fn prepare(&self, dep: &DeploymentRecord) -> Result<Prepared, String> {
+        if !runs_in_container(dep) {
+            return Err("the Docker runtime runs container images only".into());
+        }
+        let image = self
+            .images
+            .lock()
+            .get(&dep.id)
+            .cloned()
+            .or_else(|| dep.spec.image.clone())
+            .unwrap_or_default();
+        Ok(Prepared {
+            program: format!("{IMAGE_PROGRAM_PREFIX}{image}"),
+            args: vec![],
+            working_dir: None,
+            env: vec![
+                ("PORT".into(), CONTAINER_PORT.to_string()),
+                ("TINI_SUBREAPER".into(), "1".into()),
+                ("CATTERY_DEPLOYMENT_ID".into(), dep.id.to_string()),
+            ],
+        })
+    }
+
+    /// Connects to the engine and resolves the image (pulling it under the pull policy);
+    /// blocks the calling worker meanwhile (`block_in_place`), so it needs the multi-threaded
+    /// runtime.
+    fn validate(&self, dep: &DeploymentRecord) -> Option<String> {
+        if let Err(e) = self.prepare(dep) {
+            return Some(e);
+        }
+        let h = tokio::runtime::Handle::current();
+        tokio::task::block_in_place(|| h.block_on(self.resolve(dep))).err()
+    }
+
+    async fn start(
+        &self,
+        spec: InstanceSpec,
+        logs: LogSink,
+    ) -> Result<Arc<dyn Instance>, RuntimeError> {
+        let docker = self.engine().await.map_err(RuntimeError::Setup)?;
+        let image_id = spec
+            .program
+            .strip_prefix(IMAGE_PROGRAM_PREFIX)
+            .unwrap_or(&spec.program)
+            .to_string();
+        let name = format!("cattery-{}", spec.instance_id);
+        let (id, port) = self
+            .create_and_start(&docker, &spec, &image_id, &name)
+            .await
+            .map_err(RuntimeError::Setup)?;
+        let pl = DockerPlacement {
+            container_id: id,
+            name,
+            port,
+            image_id,
+            created_ms: now_ms(),
+        };
+        Ok(DockerInstance::watch(docker, pl, logs, 0))
+    }
+
+    async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Option<Arc<dyn Instance>> {
+        let pl: DockerPlacement = serde_json::from_value(rec.placement.clone()).ok()?;
+        let docker = match self.engine().await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(instance = %rec.id, error = %e, "cannot re-adopt a container");
+                return None;
+            }
+        };
+        let state = match docker
+            .inspect_container(&pl.container_id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(c) => c.state.unwrap_or_default(),
+            Err(_) => return None,
+        };
+        if state.running != Some(true) {
+            remove_quietly(&docker, &pl.container_id).await;
+            return None;
+        }
+        // Follows from one second ago: lines the container wrote while this server was down
+        // are not captured (the engine keeps them: `docker logs`).
+        let since = (now_ms() / 1000) as i32 - 1;
+        Some(DockerInstance::watch(docker, pl, logs, since))
+    }
+
+    async fn sweep(&self, keep: &HashSet<Uuid>) {
+        let Ok(docker) = self.engine().await else {
+            return;
+        };
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_SERVER}={}", self.cfg.server_id)],
+        )]);
+        let opts = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let Ok(all) = docker.list_containers(Some(opts)).await else {
+            return;
+        };
+        for c in all {
+            let inst = c
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_INSTANCE))
+                .and_then(|v| Uuid::parse_str(v).ok());
+            if inst.is_some_and(|i| keep.contains(&i)) {
+                continue;
+            }
+            if let Some(id) = c.id {
+                tracing::warn!(container = %id, instance = ?inst, "removing a container no record explains");
+                remove_quietly(&docker, &id).await;
+            }
+        }
+    }
+
+    fn isolation(&self) -> String {
+        format!(
+            "docker at {} (init, loopback port, no mounts, caps dropped, no-new-privileges, profile limits)",
+            self.engine_name()
+        )
+    }
+}
