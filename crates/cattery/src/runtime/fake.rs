@@ -332,6 +332,10 @@ async fn bot(State(Srv(i)): State<Srv>) -> StatusCode {
 
 #[async_trait]
 impl Instance for FakeInstance {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Fake
+    }
+
     fn placement(&self) -> serde_json::Value {
         serde_json::json!({ "fake": self.id, "addr": self.addr.to_string() })
     }

@@ -127,6 +127,9 @@ pub enum RuntimeError {
 ///   returned, when they answer their empty value).
 #[async_trait]
 pub trait Instance: Send + Sync {
+    /// The runtime that made this instance (recorded as [`InstanceRecord::runtime`], so a
+    /// server that runs several runtimes hands the record back to the right one).
+    fn kind(&self) -> RuntimeKind;
     /// Where the instance lives, in the runtime's own terms (stored as
     /// [`InstanceRecord::placement`], opaque to the engine and the store; handed back to
     /// [`Runtime::adopt`] after a restart).

@@ -273,6 +273,17 @@ async fn restart_readopts_containers_and_sweeps_unrecorded_ones() {
     let before = info_served(&s, "survivor", &sid).await;
     let c = containers(&s);
     assert_eq!(c.len(), 1);
+    // The record names the runtime that made the instance, not the server's `auto`.
+    let db = rusqlite::Connection::open(s.data_dir().join("cattery.db")).unwrap();
+    let kinds: Vec<String> = db
+        .prepare("SELECT runtime FROM instances")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(kinds, vec!["docker".to_string()], "instance records");
+    drop(db);
     s.kill9();
     // A container of this server that no record explains (as if started just before a crash).
     let label = format!("org.cattery.server={}", server_id(&s));
@@ -605,4 +616,101 @@ async fn official_cli_deploys_an_image_agent() {
     let sid = s.start_ok("cli-image").await;
     info_served(&s, "cli-image", &sid).await;
     assert_eq!(s.stop("cli-image", &sid).await.status, 200);
+}
+
+/// The legacy CLI (`pcc`, pipecatcloud 0.7.2) stores registry credentials with
+/// `pcc secrets image-pull-secret` and deploys an image from the authenticated local registry
+/// with `pcc deploy NAME IMAGE --credentials SET`; the agent becomes ready, `agent status`
+/// says so, and a session runs in the pulled image. A deploy with wrong credentials shows
+/// Pipecat Cloud's code in `agent status`.
+#[tokio::test(flavor = "multi_thread")]
+async fn legacy_cli_deploys_a_registry_image_with_credentials() {
+    let Ok(reg) = std::env::var("CATTERY_TEST_REGISTRY") else {
+        eprintln!("SKIPPED: CATTERY_TEST_REGISTRY is unset (scripts/docker-registry.sh start --push cattery-test/agent:latest=org/agent:0.3)");
+        return;
+    };
+    if !have_docker(&[]) {
+        return;
+    }
+    let pcc = common::py_env_dir().join("pcc/bin/pcc");
+    if !pcc.exists() {
+        eprintln!(
+            "SKIPPED: {} is missing (scripts/setup-python.sh)",
+            pcc.display()
+        );
+        return;
+    }
+    let user = std::env::var("CATTERY_TEST_REGISTRY_USER").unwrap();
+    let pass = std::env::var("CATTERY_TEST_REGISTRY_PASSWORD").unwrap();
+    let s = Server::start(&["--image-pull-policy", "always"]).await;
+    let home = common::open_tempdir();
+    let run = |args: &[&str]| {
+        let mut c = Command::new(&pcc);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("PIPECAT_") || k.starts_with("PCC_") {
+                c.env_remove(k);
+            }
+        }
+        let out = c
+            .args(args)
+            .current_dir(home.path())
+            .env("HOME", home.path())
+            .env("PIPECAT_API_HOST", &s.base)
+            .env("PIPECAT_TOKEN", s.key("token", "default"))
+            .env("PIPECAT_ORG", "default")
+            .env("PIPECAT_CONFIG_PATH", home.path().join("creds.toml"))
+            .env("NO_COLOR", "1")
+            .env("COLUMNS", "250")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let host = format!("http://{reg}");
+    for (set, creds) in [
+        ("reg-good", format!("{user}:{pass}")),
+        ("reg-bad", format!("{user}:wrong")),
+    ] {
+        let (ok, text) = run(&["secrets", "image-pull-secret", set, &host, &creds, "--skip"]);
+        assert!(ok, "image-pull-secret {set}: {text}");
+    }
+    let image = format!("{reg}/org/agent:0.3");
+    let (ok, text) = run(&[
+        "deploy",
+        "pcc-image",
+        &image,
+        "--credentials",
+        "reg-good",
+        "--force",
+    ]);
+    assert!(ok, "pcc deploy: {text}");
+    let a = s.wait_ready("pcc-image", Duration::from_secs(60)).await;
+    assert_eq!(a["imagePullSecretSet"], "reg-good", "{a}");
+    let (ok, text) = run(&["agent", "status", "pcc-image"]);
+    assert!(ok && text.contains("Ready"), "agent status: {text}");
+    let sid = s.start_ok("pcc-image").await;
+    info_served(&s, "pcc-image", &sid).await;
+    assert_eq!(s.stop("pcc-image", &sid).await.status, 200);
+
+    let (_, text) = run(&[
+        "deploy",
+        "pcc-denied",
+        &image,
+        "--credentials",
+        "reg-bad",
+        "--force",
+    ]);
+    let a = s.agent("pcc-denied").await;
+    assert_eq!(a["ready"], false, "{a}\n{text}");
+    assert_eq!(a["errors"][0]["code"], "PCC_IMAGE_PULL_UNAUTHORIZED", "{a}");
+    let (_, text) = run(&["agent", "status", "pcc-denied"]);
+    assert!(
+        text.contains("PCC_IMAGE_PULL_UNAUTHORIZED") || text.contains("unauthorized"),
+        "agent status shows the image error: {text}"
+    );
+    assert!(containers(&s).is_empty());
 }

@@ -592,7 +592,7 @@ impl Supervisor {
             agent_id: ctl.agent_id,
             deployment_id: ctl.deployment.id,
             session_id: session,
-            runtime: self.runtime.kind().as_str().to_string(),
+            runtime: inst.kind().as_str().to_string(),
             placement: inst.placement(),
             created_ms: now_ms(),
         };

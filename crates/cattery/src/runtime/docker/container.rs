@@ -20,7 +20,7 @@ use tokio::sync::{watch, OnceCell};
 use super::stats::Sampler;
 use super::DockerPlacement;
 use crate::runtime::logs::{escape_bytes, MAX_LINE_BYTES};
-use crate::runtime::{ExitInfo, Instance, LogSink, ResourceSample, TerminateReport};
+use crate::runtime::{ExitInfo, Instance, LogSink, ResourceSample, RuntimeKind, TerminateReport};
 
 /// Upper bound on waiting for a SIGKILLed container to stop (it normally takes a few ms).
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -286,6 +286,10 @@ async fn follow_logs(
 
 #[async_trait]
 impl Instance for DockerInstance {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Docker
+    }
+
     fn placement(&self) -> serde_json::Value {
         serde_json::to_value(&self.pl).unwrap_or_default()
     }

@@ -767,6 +767,10 @@ fn proc_cpu_rss(pid: i32) -> Option<(u64, u64)> {
 
 #[async_trait]
 impl Instance for ProcessInstance {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Process
+    }
+
     fn placement(&self) -> serde_json::Value {
         serde_json::to_value(ProcessPlacement {
             pid: self.pid,
