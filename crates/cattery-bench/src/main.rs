@@ -18,6 +18,7 @@
 //! reported in the table and the JSON. See `docs/performance.md`.
 
 mod bench;
+mod containers;
 mod floor;
 mod report;
 mod seed;
@@ -54,6 +55,34 @@ enum Cmd {
     /// Load and fault run: start/stop cycles over cooperative, SIGTERM-ignoring,
     /// grandchild-spawning and self-exiting agents, then an audit for leaks and lost records.
     Soak(SoakArgs),
+    /// The Docker runtime against the engine alone, same run: cold and warm start (warm next
+    /// to the process runtime's), stop, churn and control-plane memory per live container.
+    /// Needs an engine and the `cattery-test/agent` image (`scripts/docker-images.sh`).
+    Containers(ContainerArgs),
+}
+
+#[derive(Args, Clone)]
+struct ContainerArgs {
+    /// The image the agent runs.
+    #[arg(long, default_value = "cattery-test/agent:latest")]
+    image: String,
+    /// Cold starts, and floor runs of the engine alone.
+    #[arg(long, default_value_t = 20)]
+    cold_runs: usize,
+    /// Warm starts per runtime.
+    #[arg(long, default_value_t = 50)]
+    warm_runs: usize,
+    /// Churn duration, seconds.
+    #[arg(long, default_value_t = 20.0)]
+    churn_seconds: f64,
+    /// Churn workers.
+    #[arg(long, default_value_t = 4)]
+    churn_workers: usize,
+    /// Live containers for the memory figure.
+    #[arg(long, default_value_t = 20)]
+    live: usize,
+    #[command(flatten)]
+    common: Common,
 }
 
 #[derive(Args, Clone)]
@@ -147,6 +176,7 @@ fn main() -> std::process::ExitCode {
     let res = rt.block_on(async move {
         match cli.cmd {
             Some(Cmd::Soak(a)) => run_soak(a).await,
+            Some(Cmd::Containers(a)) => run_containers(a).await,
             None => run_bench(cli.run).await,
         }
     });
@@ -318,5 +348,21 @@ async fn run_soak(a: SoakArgs) -> anyhow::Result<bool> {
     if let Err(e) = soak::run(&mut srv, &s.tag, &plan, &mut s.report).await {
         s.report.error(format!("soak failed: {e:#}"));
     }
+    finish(srv, s.report, &s.tag, t0, &a.common, s.dir).await
+}
+
+async fn run_containers(a: ContainerArgs) -> anyhow::Result<bool> {
+    let t0 = Instant::now();
+    let mut s = setup("containers", &a.common)?;
+    let srv = Arc::new(Server::start(&s.bins, s.dir.path(), &["--runtime", "auto"]).await?);
+    let plan = containers::ContainerPlan {
+        image: a.image.clone(),
+        cold_runs: a.cold_runs.max(1),
+        warm_runs: a.warm_runs.max(1),
+        churn_seconds: a.churn_seconds.max(1.0),
+        churn_workers: a.churn_workers.max(1),
+        live: a.live.max(1),
+    };
+    containers::run(&srv, &s.tag, &plan, &mut s.report).await;
     finish(srv, s.report, &s.tag, t0, &a.common, s.dir).await
 }
