@@ -1,9 +1,9 @@
 //! The one cleanup path: every end of every instance comes through here exactly once.
 //!
-//! Order: record a stop's intent (durable before the SIGTERM) -> remove the whole instance
-//! ([`crate::runtime::Instance::terminate`]) -> free the capacity slot -> record the
-//! session's end (first end wins in the store) with its metrics and end-of-session log line
-//! -> leave the live set -> answer a pending start, wake `DELETE`s waiting for this instance
+//! Order: record a stop's intent (written while the SIGTERM goes out, durable before the stop
+//! is answered) and remove the whole instance ([`crate::runtime::Instance::terminate`]) ->
+//! free the capacity slot -> record the session's end (first end wins in the store) with its
+//! metrics and end-of-session log line -> leave the live set -> answer a pending start, wake `DELETE`s waiting for this instance
 //! -> refill the pool.
 
 use std::sync::Arc;
@@ -28,8 +28,10 @@ impl Actor {
         ctl.set_state(InstState::Ending);
         let mut report = None;
         if let Some(i) = &inst {
-            let grace = self.sup.stop_grace(&ctl, i, &ending, session).await;
-            let r = i.terminate(grace).await;
+            let (grace, intent) = self.sup.stop_grace(&ctl, i, &ending, session);
+            // The intent's write and the SIGTERM go out together: a commit is not added to
+            // every stop's latency, and the intent is durable before the stop is answered.
+            let (_, r) = tokio::join!(self.sup.record_stop_intent(intent), i.terminate(grace));
             if ending.exit.is_none() {
                 ending.exit = r.exit;
             }
@@ -71,29 +73,38 @@ impl Actor {
 }
 
 impl Supervisor {
-    /// The grace for removing an instance. A stop of a live session is recorded first with
-    /// its deadline, so a restart during the grace finishes it; a stop recorded before a
-    /// restart gets only what is left of its grace.
-    async fn stop_grace(
+    /// The grace for removing an instance, and the stop intent to record with it. A stop of
+    /// a live session is recorded with its deadline, so a restart during the grace finishes
+    /// it; a stop recorded before a restart gets only what is left of its grace.
+    fn stop_grace(
         &self,
         ctl: &InstanceCtl,
         inst: &Arc<dyn Instance>,
         ending: &Ending,
         session: Option<Uuid>,
-    ) -> Duration {
+    ) -> (Duration, Option<(Uuid, i64)>) {
         let grace = self.grace(&ctl.deployment);
         if let Some(deadline) = *ctl.stop_deadline_ms.lock() {
-            return Duration::from_millis((deadline - now_ms()).max(0) as u64).min(grace);
+            let left = Duration::from_millis((deadline - now_ms()).max(0) as u64).min(grace);
+            return (left, None);
         }
-        let Some(sid) = session else { return grace };
+        let Some(sid) = session else {
+            return (grace, None);
+        };
         if ending.reason != EndReason::Stopped || grace.is_zero() || inst.exited().is_some() {
-            return grace;
+            return (grace, None);
         }
-        let deadline = now_ms() + grace.as_millis() as i64;
+        (grace, Some((sid, now_ms() + grace.as_millis() as i64)))
+    }
+
+    /// Records a stop's intent (session, deadline of its grace); failures are logged.
+    async fn record_stop_intent(&self, intent: Option<(Uuid, i64)>) {
+        let Some((sid, deadline)) = intent else {
+            return;
+        };
         if let Err(e) = self.store.request_stop(sid, deadline).await {
             tracing::error!(session = %sid, error = %e, "could not record the stop request");
         }
-        grace
     }
 
     /// One write: the instance record goes, the session's end (first wins) and its samples
