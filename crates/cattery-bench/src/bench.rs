@@ -50,6 +50,10 @@ pub struct Plan {
     pub api_sizes: Vec<u64>,
     /// `GET session` runs per size.
     pub api_get_runs: usize,
+    /// Session proxy and direct load runs `(concurrency, requests per client)`.
+    pub proxy: Vec<(usize, usize)>,
+    /// Websocket runs: `(text echoes, 20 ms frames each way)`.
+    pub relay: (usize, usize),
     /// List runs per size.
     pub api_list_runs: usize,
 }
@@ -74,6 +78,8 @@ impl Plan {
             api_sizes: vec![1_000, 100_000],
             api_get_runs: 100,
             api_list_runs: 30,
+            proxy: vec![(1, 200), (8, 40), (64, 5)],
+            relay: (100, 100),
         }
     }
 
@@ -96,6 +102,8 @@ impl Plan {
             api_sizes: vec![1_000, 10_000, 100_000],
             api_get_runs: 500,
             api_list_runs: 200,
+            proxy: vec![(1, 3000), (8, 500), (64, 60)],
+            relay: (1000, 1500),
         }
     }
 }
@@ -200,7 +208,7 @@ impl Ctx {
     }
 
     /// Deletes an agent and waits (up to 30 s) until none of its processes is left.
-    async fn retire(&mut self, name: &str) {
+    pub(crate) async fn retire(&mut self, name: &str) {
         let r = self.srv.undeploy(name).await;
         if !r.ok() {
             self.report.error(format!(

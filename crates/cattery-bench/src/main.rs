@@ -20,6 +20,7 @@
 mod bench;
 mod containers;
 mod floor;
+mod live;
 mod report;
 mod seed;
 mod server;
@@ -106,7 +107,7 @@ struct RunArgs {
     /// The short plan: fewer runs, 5 s of churn, 100 concurrent sessions (about a minute).
     #[arg(long)]
     quick: bool,
-    /// Only these phases (comma-separated: floor,warm,cold,stop,churn,concurrency,api).
+    /// Only these phases (comma-separated: floor,live,warm,cold,stop,churn,concurrency,api).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Concurrent churn workers (default 8).
@@ -157,8 +158,9 @@ fn parse_warm(s: &str) -> Result<(usize, usize), String> {
     Ok((c, r))
 }
 
-const PHASES: [&str; 7] = [
+const PHASES: [&str; 8] = [
     "floor",
+    "live",
     "warm",
     "cold",
     "stop",
@@ -320,6 +322,7 @@ async fn run_bench(a: RunArgs) -> anyhow::Result<bool> {
         let t = Instant::now();
         let r = match phase {
             "floor" => ctx.floor().await,
+            "live" => ctx.live().await,
             "warm" => ctx.warm().await,
             "cold" => ctx.cold().await,
             "stop" => ctx.stop().await,

@@ -113,12 +113,21 @@ async fn forward_inner(
             format!("/{first} is reserved for the platform and is not proxied"),
         ));
     }
-    let id = live_session(st, org, agent, sid).await?;
-    let addr = st
-        .sup
-        .session_addr(id, PROXY_WAIT)
-        .await
-        .ok_or_else(|| ApiError::not_found("404", format!("session {id} is not running")))?;
+    // Fast path: a running session of this org's agent is answered from memory (two store
+    // reads less per request); anything else (starting, ended, unknown) asks the store.
+    let running = uuid::Uuid::parse_str(sid)
+        .ok()
+        .and_then(|id| Some((id, st.sup.running_session_addr(org, agent, id)?)));
+    let (id, addr) = match running {
+        Some(v) => v,
+        None => {
+            let id = live_session(st, org, agent, sid).await?;
+            let addr = st.sup.session_addr(id, PROXY_WAIT).await.ok_or_else(|| {
+                ApiError::not_found("404", format!("session {id} is not running"))
+            })?;
+            (id, addr)
+        }
+    };
     let (mut parts, body) = req.into_parts();
     let query = parts
         .uri

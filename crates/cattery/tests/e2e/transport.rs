@@ -98,6 +98,17 @@ async fn session_proxy_forwards_and_404s_after_end() {
         )
         .await;
     assert_eq!(r.status, 400);
+    // A running session named under another agent of the org is not found.
+    s.deploy("proxied-other", &[], json!({})).await;
+    let r = s
+        .req(
+            "GET",
+            &format!("/v1/public/proxied-other/sessions/{sid}/x"),
+            Some(&s.pk),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 404);
 
     assert_eq!(s.stop("proxied", &sid).await.status, 200);
     let r = s

@@ -247,6 +247,22 @@ impl Supervisor {
         st.pools.get(id)?.deployment.spec.websocket_auth.clone()
     }
 
+    /// Address of the instance running `org`'s session `session` of agent `name`, from memory
+    /// alone: `Some` only when the session is live, delivered (busy) and belongs to that org
+    /// and agent. The session proxy's fast path: `None` sends it to the store's answer.
+    pub fn running_session_addr(&self, org: &str, name: &str, session: Uuid) -> Option<SocketAddr> {
+        let st = self.state.lock();
+        let ctl = st.sessions.get(&session)?;
+        let agent = st.by_name.get(&(org.to_string(), name.to_string()))?;
+        if ctl.org != org || ctl.agent_id != *agent || ctl.state() != InstState::Busy {
+            return None;
+        }
+        if *ctl.done.borrow() {
+            return None;
+        }
+        ctl.instance.get().map(|i| i.endpoint())
+    }
+
     /// Address of a live session's instance, waiting (up to `wait`) while the instance is
     /// still starting. `None` when the session is not live (ended or unknown).
     pub async fn session_addr(&self, session: Uuid, wait: Duration) -> Option<SocketAddr> {
