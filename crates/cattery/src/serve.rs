@@ -178,6 +178,7 @@ async fn log_writer(
                     break;
                 }
                 if let Err(e) = store.append_logs(&buf).await {
+                    crate::telemetry::log_lines_dropped(buf.len());
                     tracing::error!(error = %e, lines = buf.len(), "could not store log lines");
                 }
                 buf.clear();
@@ -265,6 +266,9 @@ pub fn app_state(
             Duration::from_secs_f64(cfg.ws_token_ttl_seconds),
         )),
         secrets: cipher,
+        metrics: Arc::new(crate::telemetry::Metrics::new(
+            config.server.metrics_token.clone(),
+        )),
     })
 }
 
