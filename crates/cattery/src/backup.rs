@@ -173,6 +173,12 @@ mod tests {
         assert_eq!(info.schema, crate::store::sqlite::migrate::LATEST);
         assert!(out.join(MANIFEST).is_file());
         assert_eq!(std::fs::read(out.join(KEY_FILE)).unwrap(), [7u8; 32]);
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode =
+                |f: &str| std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
+            assert_eq!((mode(DB_FILE), mode(KEY_FILE)), (0o600, 0o600));
+        }
         assert!(backup(&data, &out).is_err(), "a backup never overwrites");
 
         let restored = tmp.path().join("restored");

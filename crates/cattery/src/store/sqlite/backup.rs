@@ -67,6 +67,10 @@ pub fn copy(src: &Path, dst: &Path) -> anyhow::Result<CopyInfo> {
     let _: String = to.query_row("PRAGMA journal_mode = DELETE", [], |r| r.get(0))?;
     let info = inspect(&to)?;
     drop(to);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o600))?;
+    }
     std::fs::File::open(dst)?.sync_all()?;
     Ok(info)
 }
