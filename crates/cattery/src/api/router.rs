@@ -2,8 +2,9 @@
 //!
 //! The documented routes are registered with `routes!`: each takes its path and methods from
 //! its handler's `#[utoipa::path]`, so a documented route cannot drift from its description.
-//! The others are plain axum routes: `/health`, `/metrics` (Prometheus), the document itself, the proxy root and the
-//! websocket token form, and the CLI's org-scoped surface (reference §A.2; see `api::org`).
+//! The others are plain axum routes: `/health`, `/metrics` (Prometheus, `api::metrics`), the
+//! document itself, the proxy root and the websocket token form, and the CLI's org-scoped
+//! surface (reference §A.2; see `api::org`).
 //! One documented route is plain as well: the session proxy, whose axum path ends in a
 //! wildcard (`{*path}`) that OpenAPI cannot express; its description is listed in
 //! `api::openapi::ApiDoc`.
