@@ -185,6 +185,11 @@ async fn cattery_image_serves_and_runs_agents_through_the_host_engine() {
         .args(["logs", &c.id])
         .output()
         .unwrap();
+    assert!(
+        all.stdout.is_empty(),
+        "with JSON logs nothing else is written: {}",
+        String::from_utf8_lossy(&all.stdout)
+    );
     let err = String::from_utf8_lossy(&all.stderr);
     assert!(err.lines().count() > 0);
     for line in err.lines() {
