@@ -6,6 +6,7 @@
 #   main/ : pipecat-ai[cli,webrtc] + pipecatcloud 1.x + fastapi + uvicorn: runs example bots
 #           through the Cattery runner, and the current official CLI (`pipecat cloud ...`).
 #   pcc/  : pipecatcloud==0.7.2, the legacy `pcc` CLI.
+#   ops/  : prometheus_client, whose text parser checks `GET /metrics` (tests/e2e/ops.rs).
 # Prints the two interpreters' paths. Tests find them in the same place (or via
 # CATTERY_TEST_PYTHON / CATTERY_TEST_PCC_PYTHON).
 set -euo pipefail
@@ -38,5 +39,6 @@ make_env() {
 
 make_env main 'pipecat-ai[cli,webrtc]' 'pipecatcloud>=1.4,<2' fastapi uvicorn websockets
 make_env pcc 'pipecatcloud==0.7.2'
+make_env ops prometheus_client
 echo "$root/main/bin/python"
 echo "$root/pcc/bin/python"

@@ -72,6 +72,22 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Descriptors kept free of client connections for instances, log files and the store.
     pub reserved_fds: u64,
+    /// Bearer token `GET /metrics` requires; `None`: open (docs/operations.md).
+    pub metrics_token: Option<String>,
+    /// Format of the server's own log on stderr.
+    pub log_format: LogFormat,
+}
+
+/// Formats of the server's own log.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (tracing's JSON formatter), with the request id of the HTTP
+    /// request a line was logged for.
+    Json,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +101,8 @@ impl Default for ServerConfig {
             body_read_timeout_seconds: 10.0,
             max_connections: 0,
             reserved_fds: 512,
+            metrics_token: None,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -263,6 +281,13 @@ pub struct ServeArgs {
     /// Open files kept free of client connections for instances, logs and the store [default: 512].
     #[arg(long, env = "CATTERY_RESERVED_FDS", help_heading = "Server")]
     pub reserved_fds: Option<u64>,
+    /// Bearer token that `GET /metrics` (Prometheus) requires; without it /metrics is open.
+    #[arg(long, env = "CATTERY_METRICS_TOKEN", help_heading = "Server")]
+    pub metrics_token: Option<String>,
+    /// Format of the server's own log on stderr: `text`, or `json` (one object per line, with
+    /// request ids) [default: text].
+    #[arg(long, env = "CATTERY_LOG_FORMAT", value_enum, help_heading = "Server")]
+    pub log_format: Option<LogFormat>,
 
     /// Store kind [default: sqlite].
     #[arg(long, env = "CATTERY_STORE", value_enum, help_heading = "Store")]
@@ -382,6 +407,7 @@ impl Config {
             s.body_read_timeout_seconds => a.body_read_timeout_seconds,
             s.max_connections => a.max_connections,
             s.reserved_fds => a.reserved_fds,
+            s.log_format => a.log_format,
             self.store.kind => a.store,
             self.runtime.kind => a.runtime,
             self.runtime.python => a.python,
@@ -398,6 +424,9 @@ impl Config {
         }
         if a.default_region.is_some() {
             s.default_region = a.default_region;
+        }
+        if a.metrics_token.is_some() {
+            s.metrics_token = a.metrics_token;
         }
         if a.docker_host.is_some() {
             self.runtime.docker_host = a.docker_host;

@@ -8,6 +8,7 @@
 #![recursion_limit = "256"]
 
 pub mod api;
+pub mod backup;
 pub mod config;
 pub mod core;
 pub mod http_server;
@@ -15,3 +16,4 @@ pub mod model;
 pub mod runtime;
 pub mod serve;
 pub mod store;
+pub mod telemetry;

@@ -1,4 +1,5 @@
-//! The `cattery` binary: `cattery serve` runs the platform; `cattery keys ...` manages keys.
+//! The `cattery` binary: `cattery serve` runs the platform; `cattery keys ...` manages keys;
+//! `cattery backup` and `cattery restore` copy a data directory's state out and back.
 
 use std::path::PathBuf;
 
@@ -27,6 +28,26 @@ enum Cmd {
     Keys {
         #[command(subcommand)]
         cmd: KeysCmd,
+    },
+    /// Copy the database (SQLite's online backup) and the secrets key into the new directory
+    /// OUT; works while the server runs (docs/operations.md).
+    Backup {
+        /// Data directory of the server.
+        #[arg(long, env = "CATTERY_DATA_DIR", default_value = "./.cattery")]
+        data_dir: PathBuf,
+        /// Directory to create for the backup.
+        out: PathBuf,
+    },
+    /// Put a backup made by `cattery backup` into the data directory of a stopped server.
+    Restore {
+        /// Data directory to restore into (created if missing).
+        #[arg(long, env = "CATTERY_DATA_DIR", default_value = "./.cattery")]
+        data_dir: PathBuf,
+        /// Replace the database the data directory already holds.
+        #[arg(long)]
+        force: bool,
+        /// The backup directory.
+        from: PathBuf,
     },
 }
 
@@ -99,20 +120,35 @@ fn main() -> std::process::ExitCode {
     let res = rt.block_on(async move {
         match cli.cmd {
             Cmd::Serve(a) => {
-                tracing_subscriber::fmt()
-                    .with_env_filter(
-                        tracing_subscriber::EnvFilter::try_from_env("CATTERY_LOG")
-                            .unwrap_or_else(|_| "info".into()),
-                    )
-                    .with_writer(std::io::stderr)
-                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                    // A log that cannot be written (its disk is full) must not panic the task
-                    // that logged (`eprintln!` of the write error does).
-                    .log_internal_errors(false)
-                    .init();
-                serve::serve(Config::load(*a)?).await
+                let config = Config::load(*a)?;
+                cattery::telemetry::init_log(config.server.log_format);
+                serve::serve(config).await
             }
             Cmd::Keys { cmd } => keys(cmd).await,
+            Cmd::Backup { data_dir, out } => cattery::backup::backup(&data_dir, &out).map(|i| {
+                println!(
+                    "backed up {} to {} (schema {}, {} agents, {} sessions)",
+                    data_dir.display(),
+                    out.display(),
+                    i.schema,
+                    i.agents,
+                    i.sessions
+                )
+            }),
+            Cmd::Restore {
+                data_dir,
+                force,
+                from,
+            } => cattery::backup::restore(&from, &data_dir, force).map(|i| {
+                println!(
+                    "restored {} into {} (schema {}, {} agents, {} sessions)",
+                    from.display(),
+                    data_dir.display(),
+                    i.schema,
+                    i.agents,
+                    i.sessions
+                )
+            }),
         }
     });
     match res {

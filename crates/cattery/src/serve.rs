@@ -178,6 +178,7 @@ async fn log_writer(
                     break;
                 }
                 if let Err(e) = store.append_logs(&buf).await {
+                    crate::telemetry::log_lines_dropped(buf.len());
                     tracing::error!(error = %e, lines = buf.len(), "could not store log lines");
                 }
                 buf.clear();
@@ -265,6 +266,9 @@ pub fn app_state(
             Duration::from_secs_f64(cfg.ws_token_ttl_seconds),
         )),
         secrets: cipher,
+        metrics: Arc::new(crate::telemetry::Metrics::new(
+            config.server.metrics_token.clone(),
+        )),
     })
 }
 
@@ -338,7 +342,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), isolation = %runtime.isolation(),
         nofile, max_connections = limits.max_connections, "cattery listening");
-    print_banner(addr, &cfg.data_dir);
+    // With JSON logs, stdout carries nothing but JSON either (journald mixes the two).
+    if config.server.log_format == crate::config::LogFormat::Text {
+        print_banner(addr, &cfg.data_dir);
+    }
 
     let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
     let http = tokio::spawn(http_server::serve(listener, app, limits, async move {

@@ -9,6 +9,7 @@ pub mod agents;
 pub mod auth;
 pub mod error;
 pub mod logs;
+pub mod metrics;
 pub mod openapi;
 pub mod org;
 pub mod proxy;
@@ -18,6 +19,7 @@ pub mod secrets;
 pub mod sessions;
 #[cfg(test)]
 mod tests;
+pub mod trace;
 pub mod ws;
 
 use std::sync::Arc;
@@ -49,6 +51,8 @@ pub struct AppState {
     pub ws: Arc<ws::WsState>,
     /// Seals and opens secret values (`core::secrets`).
     pub secrets: Arc<crate::core::secrets::SecretCipher>,
+    /// `GET /metrics` (`api::metrics`).
+    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 /// A JSON object body whose rejections are `{error, code}` 4xx responses, never 5xx.

@@ -2,8 +2,9 @@
 //!
 //! The documented routes are registered with `routes!`: each takes its path and methods from
 //! its handler's `#[utoipa::path]`, so a documented route cannot drift from its description.
-//! The others are plain axum routes: `/health`, the document itself, the proxy root and the
-//! websocket token form, and the CLI's org-scoped surface (reference §A.2; see `api::org`).
+//! The others are plain axum routes: `/health`, `/metrics` (Prometheus, `api::metrics`), the
+//! document itself, the proxy root and the websocket token form, and the CLI's org-scoped
+//! surface (reference §A.2; see `api::org`).
 //! One documented route is plain as well: the session proxy, whose axum path ends in a
 //! wildcard (`{*path}`) that OpenAPI cannot express; its description is listed in
 //! `api::openapi::ApiDoc`.
@@ -21,7 +22,7 @@ use utoipa_axum::routes;
 
 use super::error::ApiError;
 use super::MAX_REQUEST_BYTES;
-use super::{agents, logs, openapi, org, proxy, secrets, sessions, ws, AppState};
+use super::{agents, logs, metrics, openapi, org, proxy, secrets, sessions, ws, AppState};
 
 /// The CLI's agents ("services") of an org.
 const SERVICES: &str = "/v1/organizations/{org}/services";
@@ -54,6 +55,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(ws::connect))
         // Plain routes.
         .route("/health", get(health))
+        .route("/metrics", get(metrics::scrape))
         .route("/v1/openapi.json", get(serve_openapi))
         .route(
             "/v1/public/{agent_name}/sessions/{session_id}",
@@ -156,7 +158,8 @@ async fn method_not_allowed() -> ApiError {
 /// Builds the router.
 pub fn router(state: AppState) -> Router {
     let (router, _) = routes().split_for_parts();
-    router
+    let router = router
+        .route_layer(axum::middleware::from_fn(super::trace::record_route))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
@@ -164,7 +167,8 @@ pub fn router(state: AppState) -> Router {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "500", "internal error")
                 .into_response()
         }))
-        .with_state(state)
+        .with_state(state);
+    super::trace::with_request_ids(router)
 }
 
 #[cfg(test)]

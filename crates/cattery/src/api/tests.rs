@@ -380,3 +380,31 @@ async fn regions_and_properties() {
         .await;
     assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
 }
+
+/// `GET /metrics` is served (open without `--metrics-token`), and every answer carries a
+/// request id: the client's own, else a new one.
+#[tokio::test]
+async fn metrics_are_served_and_request_ids_answered() {
+    let a = api().await;
+    let get = |uri: &str, id: Option<&str>| {
+        let mut req = Request::builder().method(Method::GET).uri(uri);
+        if let Some(id) = id {
+            req = req.header("x-request-id", id);
+        }
+        a.app.clone().oneshot(req.body(Body::empty()).unwrap())
+    };
+    let r = get("/health", Some("client-id-1")).await.unwrap();
+    assert_eq!(r.headers()["x-request-id"], "client-id-1");
+    let r = get("/v1/agents", None).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers()["x-request-id"].len(), 36);
+    let r = get("/metrics", None).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(text.contains("cattery_build_info{version="), "{text}");
+}

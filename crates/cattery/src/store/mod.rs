@@ -94,6 +94,10 @@ pub async fn open(
                     data_dir.display()
                 );
             }
+            let db = data_dir.join(sqlite::DB_FILE);
+            if db.is_file() {
+                sqlite::migrate::refuse_newer(sqlite::migrate::version_of(&db)?, &db)?;
+            }
             let store = sqlite::SqliteStore::open(data_dir)
                 .await
                 .context("cannot open the database")?;

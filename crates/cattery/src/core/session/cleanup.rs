@@ -126,17 +126,25 @@ impl Supervisor {
             message: ending.message.clone(),
         };
         let samples = ctl.samples.lock().clone();
+        let count_end = || {
+            if session.is_some() {
+                let agent = self.agent_name(ctl.agent_id);
+                crate::telemetry::session_ended(&ctl.org, &agent, end.reason.as_str());
+            }
+        };
         match self
             .store
             .end_instance(ctl.id, session.map(|sid| (sid, &end, &samples[..])))
             .await
         {
-            Ok(true) => {}
+            Ok(true) => count_end(),
             Ok(false) if session.is_some() => {
                 tracing::debug!(instance = %ctl.id, "session end was already recorded")
             }
             Ok(false) => {}
             Err(e) => {
+                // Written again until the store takes it: counted now.
+                count_end();
                 tracing::warn!(
                     instance = %ctl.id,
                     error = %e,

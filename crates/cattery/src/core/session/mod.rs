@@ -28,6 +28,7 @@ mod admission;
 mod cleanup;
 mod ending;
 mod health;
+mod observe;
 mod pending;
 mod pool;
 mod recover;

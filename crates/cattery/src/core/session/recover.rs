@@ -251,7 +251,10 @@ impl Supervisor {
             exit_signal: None,
             message: Some(message.into()),
         };
-        self.store.end_session(s.id, &end).await?;
+        if self.store.end_session(s.id, &end).await? {
+            let agent = self.agent_name(s.agent_id);
+            crate::telemetry::session_ended(&s.org, &agent, reason.as_str());
+        }
         Ok(())
     }
 

@@ -47,7 +47,11 @@ impl Supervisor {
         let requested = Instant::now();
         let created_ms = now_ms();
         let session = p.session_id.unwrap_or_else(Uuid::new_v4);
-        let placed = self.place(org, agent_name, session)?;
+        let placed = self.place(org, agent_name, session).inspect_err(|e| {
+            if matches!(e, CoreError::AtCapacity(_)) {
+                crate::telemetry::session_at_capacity(org, agent_name);
+            }
+        })?;
         let recorded = match self
             .record_start(&placed, org, session, created_ms, p.transport.clone())
             .await
@@ -97,11 +101,12 @@ impl Supervisor {
         };
         let err = match answer {
             Ok(Ok(bot_start_ms)) => {
+                crate::telemetry::session_started(org, agent_name, cold, requested.elapsed());
                 return Ok(StartOutcome {
                     session_id: session,
                     cold_start: cold,
                     bot_start_ms,
-                })
+                });
             }
             Ok(Err(e)) => e,
             Err(_) => CoreError::StartFailed {
@@ -109,7 +114,8 @@ impl Supervisor {
                 message: "the instance went away before the session was delivered".into(),
             },
         };
-        self.record_start_failed(session, &err).await;
+        self.record_start_failed(org, agent_name, session, &err)
+            .await;
         Err(err)
     }
 
@@ -231,7 +237,7 @@ impl Supervisor {
     /// The instance's end was recorded before a failed start's answer; if it ended before
     /// the session's row existed (a warm instance exiting just as it was taken), that record
     /// missed the session: end it now (first wins, so otherwise this changes nothing).
-    async fn record_start_failed(&self, session: Uuid, err: &CoreError) {
+    async fn record_start_failed(&self, org: &str, agent: &str, session: Uuid, err: &CoreError) {
         let end = SessionEnd {
             ended_ms: now_ms(),
             reason: match err {
@@ -244,8 +250,12 @@ impl Supervisor {
             exit_signal: None,
             message: Some(err.to_string()),
         };
-        if let Err(e) = self.store.end_session(session, &end).await {
-            tracing::error!(session = %session, error = %e, "could not record session end");
+        match self.store.end_session(session, &end).await {
+            Ok(true) => crate::telemetry::session_ended(org, agent, end.reason.as_str()),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(session = %session, error = %e, "could not record session end")
+            }
         }
     }
 }

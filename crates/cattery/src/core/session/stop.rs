@@ -27,6 +27,18 @@ impl Supervisor {
     /// `Store` when the instance is gone but the store has not taken its end within
     /// [`STOP_COMMIT_WAIT`] (the end is kept and written as soon as the store heals).
     pub async fn stop_session(&self, org: &str, agent_name: &str, session: Uuid) -> CoreResult<()> {
+        let begun = std::time::Instant::now();
+        self.stop_session_inner(org, agent_name, session).await?;
+        crate::telemetry::session_stopped(org, agent_name, begun.elapsed());
+        Ok(())
+    }
+
+    async fn stop_session_inner(
+        &self,
+        org: &str,
+        agent_name: &str,
+        session: Uuid,
+    ) -> CoreResult<()> {
         // A live, stored session is answered from memory: no store read before the stop is
         // sent. (One whose record is still being inserted takes the store path below, as an
         // unknown one.)
@@ -67,7 +79,9 @@ impl Supervisor {
                     exit_signal: None,
                     message: Some("no live instance was found for this session".into()),
                 };
-                self.store.end_session(session, &end).await?;
+                if self.store.end_session(session, &end).await? {
+                    crate::telemetry::session_ended(org, agent_name, end.reason.as_str());
+                }
             }
         }
         self.pending_ends

@@ -16,12 +16,48 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0003_stop_intent.sql"),
 ];
 
+/// The schema version this binary brings a database to (SQLite's `user_version`).
+pub const LATEST: i64 = MIGRATIONS.len() as i64;
+
+/// Refuses a database whose schema version is newer than this binary's: a newer Cattery
+/// migrated it, and this one would misread it. The message says what to do.
+pub fn refuse_newer(version: i64, path: &std::path::Path) -> anyhow::Result<()> {
+    if version > LATEST {
+        anyhow::bail!(
+            "the database {} has schema version {version}, newer than this cattery {} knows \
+             (version {LATEST}): a newer Cattery has used it. Run that newer version, or restore \
+             a backup made with this one (`cattery restore`); a downgrade is not supported \
+             (docs/operations.md)",
+            path.display(),
+            env!("CARGO_PKG_VERSION"),
+        );
+    }
+    Ok(())
+}
+
+/// The schema version of the database file at `path` (0 for a new or empty one), read
+/// without changing it (read-write without creating: a WAL database may need its `-shm`).
+pub fn version_of(path: &std::path::Path) -> anyhow::Result<i64> {
+    let db = rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    db.pragma_update(None, "query_only", true)?;
+    Ok(db.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+}
+
 /// Brings the database to the latest schema.
 ///
 /// Errors: `Invalid` when the database is newer than this binary or a migration fails.
 pub fn run(conn: &mut Conn) -> StoreResult<()> {
     let db = conn.inner();
     adopt_sqlx_ledger(db)?;
+    let version: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > LATEST {
+        return Err(StoreError::Invalid(format!(
+            "schema version {version} is newer than this binary's ({LATEST})"
+        )));
+    }
     let ms: Vec<M<'static>> = MIGRATIONS.iter().map(|sql| M::up(sql)).collect();
     Migrations::new(ms).to_latest(db).map_err(|e| match e {
         rusqlite_migration::Error::RusqliteError { err, .. } => StoreError::from(err),

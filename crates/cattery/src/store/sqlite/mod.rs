@@ -23,11 +23,12 @@
 //! the store works again once the fault is gone. Reads go on through the fault.
 
 mod agents;
+pub mod backup;
 mod conn;
 mod instances;
 mod keys;
 mod logs;
-mod migrate;
+pub mod migrate;
 mod secrets;
 mod sessions;
 
@@ -221,7 +222,10 @@ impl SqliteStore {
     /// point lookups only.
     fn read_now<T>(&self, f: impl FnOnce(&mut Conn) -> StoreResult<T>) -> StoreResult<T> {
         let inner = &self.inner;
-        read_on(&inner.path, &inner.readers, READER_CACHE_SIZE, f)
+        let begun = std::time::Instant::now();
+        let r = read_on(&inner.path, &inner.readers, READER_CACHE_SIZE, f);
+        crate::telemetry::store_op("read", begun.elapsed());
+        r
     }
 
     /// Runs `f` on a read connection on a blocking thread: for scans.
@@ -230,6 +234,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&mut Conn) -> StoreResult<T> + Send + 'static,
     {
+        let begun = std::time::Instant::now();
         let _permit = self
             .inner
             .scans
@@ -237,11 +242,13 @@ impl SqliteStore {
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
+        let r = tokio::task::spawn_blocking(move || {
             read_on(&inner.path, &inner.scanners, SCANNER_CACHE_SIZE, f)
         })
         .await
-        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?;
+        crate::telemetry::store_op("scan", begun.elapsed());
+        r
     }
 
     /// Runs `f` on the write connection as part of the next group commit (see the module
@@ -252,6 +259,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&mut Conn) -> StoreResult<T> + Send + 'static,
     {
+        let begun = std::time::Instant::now();
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |db| {
             let r = match db {
@@ -270,8 +278,11 @@ impl SqliteStore {
         self.jobs
             .send(job)
             .map_err(|_| StoreError::Unavailable("the store's writer has stopped".into()))?;
-        rx.await
-            .map_err(|_| StoreError::Unavailable("the store's writer has stopped".into()))?
+        let r = rx
+            .await
+            .map_err(|_| StoreError::Unavailable("the store's writer has stopped".into()))?;
+        crate::telemetry::store_op("write", begun.elapsed());
+        r
     }
 
     /// Runs `f` in a transaction of its own on the write connection (between group commits),
@@ -281,8 +292,9 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&mut Conn) -> StoreResult<T> + Send + 'static,
     {
+        let begun = std::time::Instant::now();
         let mut w = self.writer.clone().lock_owned().await;
-        tokio::task::spawn_blocking(move || {
+        let r = tokio::task::spawn_blocking(move || {
             w.ensure_clean();
             let r = w.exec("BEGIN IMMEDIATE", &[]).and_then(|_| {
                 let v = f(&mut w)?;
@@ -293,7 +305,9 @@ impl SqliteStore {
             r
         })
         .await
-        .map_err(|e| StoreError::Unavailable(format!("write task failed: {e}")))?
+        .map_err(|e| StoreError::Unavailable(format!("write task failed: {e}")))?;
+        crate::telemetry::store_op("write_tx", begun.elapsed());
+        r
     }
 }
 

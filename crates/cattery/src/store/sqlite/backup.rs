@@ -1,0 +1,102 @@
+//! Copies of the database while the server runs: SQLite's online backup API, which copies
+//! every page inside one read transaction, so the copy is the database as of one commit (a
+//! WAL reader: the server's writes go on meanwhile).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use rusqlite::backup::StepResult;
+use rusqlite::{Connection, OpenFlags};
+
+use super::migrate;
+
+/// What a copy holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyInfo {
+    /// Its schema version (`user_version`).
+    pub schema: i64,
+    /// Sessions recorded in it.
+    pub sessions: i64,
+    /// Agents recorded in it (deleted ones included).
+    pub agents: i64,
+}
+
+/// Copies the database `src` (the server's `cattery.db`, which may be in use) to `dst` (a new
+/// file) in one consistent step, then checks the copy (`PRAGMA quick_check`). Errors: `src`
+/// is missing or not a database, `dst` exists, the copy fails its check.
+pub fn copy(src: &Path, dst: &Path) -> anyhow::Result<CopyInfo> {
+    if !src.is_file() {
+        anyhow::bail!("no database at {}", src.display());
+    }
+    if dst.exists() {
+        anyhow::bail!("{} exists already", dst.display());
+    }
+    // Read-write (a read-only connection cannot read a WAL database whose `-shm` it may not
+    // create), but it writes nothing.
+    let from = Connection::open_with_flags(
+        src,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open {}", src.display()))?;
+    from.busy_timeout(Duration::from_secs(30))?;
+    from.pragma_update(None, "query_only", true)?;
+    let mut to =
+        Connection::open(dst).with_context(|| format!("cannot create {}", dst.display()))?;
+    {
+        let b = rusqlite::backup::Backup::new(&from, &mut to)?;
+        // All pages in one step (-1): one read transaction, so one consistent state. A step
+        // that finds the database busy is retried, for up to 30 s.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match b.step(-1).context("online backup")? {
+                StepResult::Done => break,
+                StepResult::More => {}
+                StepResult::Busy | StepResult::Locked => {
+                    if std::time::Instant::now() > deadline {
+                        anyhow::bail!("online backup: the database stayed locked for 30 s");
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                _ => {}
+            }
+        }
+    }
+    drop(from);
+    // A copy that stands alone: no WAL beside it.
+    let _: String = to.query_row("PRAGMA journal_mode = DELETE", [], |r| r.get(0))?;
+    let info = inspect(&to)?;
+    drop(to);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o600))?;
+    }
+    std::fs::File::open(dst)?.sync_all()?;
+    Ok(info)
+}
+
+/// Checks a database file (`PRAGMA quick_check`) and says what it holds; also refuses one
+/// whose schema is newer than this binary's.
+pub fn verify(path: &Path) -> anyhow::Result<CopyInfo> {
+    let db = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open {}", path.display()))?;
+    let info =
+        inspect(&db).with_context(|| format!("{} is not a usable database", path.display()))?;
+    migrate::refuse_newer(info.schema, path)?;
+    Ok(info)
+}
+
+fn inspect(db: &Connection) -> anyhow::Result<CopyInfo> {
+    let check: String = db.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+    if check != "ok" {
+        anyhow::bail!("integrity check failed: {check}");
+    }
+    Ok(CopyInfo {
+        schema: db.query_row("PRAGMA user_version", [], |r| r.get(0))?,
+        sessions: db.query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))?,
+        agents: db.query_row("SELECT COUNT(*) FROM agents", [], |r| r.get(0))?,
+    })
+}

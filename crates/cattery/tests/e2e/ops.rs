@@ -1,0 +1,339 @@
+//! The operator's surface: `/metrics` (parsed with Python's `prometheus_client`, its counters
+//! moving as sessions start and end), `--log-format json` with request ids, and `cattery
+//! backup` / `cattery restore` during a churn of sessions.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+
+use crate::common::{cattery_bin, py_env_dir, wait_for, Server};
+
+/// The interpreter with `prometheus_client` (`scripts/setup-python.sh`: the `ops` env).
+fn ops_python() -> PathBuf {
+    let p = std::env::var_os("CATTERY_TEST_OPS_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| py_env_dir().join("ops/bin/python"));
+    assert!(
+        p.exists(),
+        "{} not found: run scripts/setup-python.sh (it makes the `ops` env with prometheus_client)",
+        p.display()
+    );
+    p
+}
+
+/// Parses an exposition with `prometheus_client`'s text parser; returns every sample as
+/// (name, labels, value). Panics if the parser rejects it.
+fn parse_exposition(text: &str) -> Vec<(String, HashMap<String, String>, f64)> {
+    const SCRIPT: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    for s in fam.samples:
+        out.append([s.name, s.labels, s.value])
+print(json.dumps(out))
+"#;
+    use std::io::Write;
+    let mut child = Command::new(ops_python())
+        .args(["-c", SCRIPT])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run python");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "prometheus_client rejected /metrics: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Vec<(String, HashMap<String, String>, f64)> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    v
+}
+
+struct Scrape(Vec<(String, HashMap<String, String>, f64)>);
+
+impl Scrape {
+    /// Sum of the samples named `name` whose labels include `want`.
+    fn sum(&self, name: &str, want: &[(&str, &str)]) -> f64 {
+        self.0
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && want
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|(n, _, _)| n == name)
+    }
+}
+
+async fn scrape(s: &Server, token: &str) -> Scrape {
+    let r = s
+        .http
+        .get(format!("{}/metrics", s.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("session_id"), "no session ids in labels");
+    Scrape(parse_exposition(&text))
+}
+
+#[tokio::test]
+async fn metrics_parse_and_move_with_sessions() {
+    let s = Server::start(&["--metrics-token", "scrape-me"]).await;
+    // The token is required.
+    let r = s
+        .http
+        .get(format!("{}/metrics", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = s
+        .http
+        .get(format!("{}/metrics", s.base))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    s.deploy(
+        "met",
+        &[],
+        json!({"autoScaling": {"minAgents": 0, "maxAgents": 2}}),
+    )
+    .await;
+    s.wait_ready("met", Duration::from_secs(30)).await;
+    let m = scrape(&s, "scrape-me").await;
+    assert!(m.has("cattery_build_info"));
+    let agent = [("agent", "met"), ("org", "default")];
+    assert_eq!(m.sum("cattery_sessions_started_total", &agent), 0.0);
+    assert_eq!(m.sum("cattery_pool_max_agents", &agent), 2.0);
+
+    let a = s.start_ok("met").await;
+    let b = s.start_ok("met").await;
+    // At maxAgents: a 429, counted.
+    let r = s.start_session("met", json!({})).await;
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    let m = scrape(&s, "scrape-me").await;
+    assert_eq!(m.sum("cattery_sessions_started_total", &agent), 2.0);
+    assert_eq!(m.sum("cattery_session_start_seconds_count", &agent), 2.0);
+    assert_eq!(m.sum("cattery_sessions_active", &agent), 2.0);
+    assert_eq!(
+        m.sum(
+            "cattery_pool_instances",
+            &[("agent", "met"), ("state", "busy")]
+        ),
+        2.0
+    );
+    assert_eq!(m.sum("cattery_sessions_at_capacity_total", &agent), 1.0);
+    assert!(m.sum("cattery_instances", &[("state", "busy")]) >= 2.0);
+    assert!(m.sum("cattery_store_operation_seconds_count", &[("op", "write")]) > 0.0);
+
+    assert_eq!(s.stop("met", &a).await.status, 200);
+    let m = scrape(&s, "scrape-me").await;
+    assert_eq!(
+        m.sum(
+            "cattery_sessions_ended_total",
+            &[("agent", "met"), ("reason", "stopped")]
+        ),
+        1.0
+    );
+    assert_eq!(m.sum("cattery_session_stop_seconds_count", &agent), 1.0);
+    assert_eq!(m.sum("cattery_sessions_active", &agent), 1.0);
+
+    assert_eq!(s.stop("met", &b).await.status, 200);
+    let m = scrape(&s, "scrape-me").await;
+    assert_eq!(m.sum("cattery_sessions_ended_total", &agent), 2.0);
+    assert_eq!(m.sum("cattery_sessions_active", &agent), 0.0);
+    assert_eq!(m.sum("cattery_log_lines_dropped_total", &[]), 0.0);
+}
+
+#[tokio::test]
+async fn json_log_lines_parse_and_carry_request_ids() {
+    let s = Server::start_with_env(
+        &["--log-format", "json"],
+        &[("CATTERY_LOG", "info,tower_http=debug")],
+    )
+    .await;
+    let r = s
+        .http
+        .get(format!("{}/v1/agents", s.base))
+        .bearer_auth(&s.sk)
+        .header("x-request-id", "req-from-client-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], "req-from-client-42");
+    // Without one, the server makes one and answers it.
+    let r = s
+        .http
+        .get(format!("{}/v1/agents/nope", s.base))
+        .bearer_auth(&s.sk)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let made = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(made.len(), 36, "a uuid: {made}");
+
+    let lines = wait_for(Duration::from_secs(10), "the request lines", || async {
+        let log = s.log();
+        (log.contains("req-from-client-42") && log.contains(&made)).then_some(log)
+    })
+    .await;
+    let mut ids = HashSet::new();
+    for line in lines.lines() {
+        let v: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string(),
+            "{line}"
+        );
+        if let Some(id) = v["span"]["request_id"].as_str() {
+            ids.insert(id.to_string());
+            assert_eq!(v["span"]["name"], "request");
+            assert!(v["span"]["route"].is_string(), "the route template: {line}");
+        }
+    }
+    assert!(ids.contains("req-from-client-42"), "{ids:?}");
+    assert!(ids.contains(&made), "{ids:?}");
+    // No key in any line.
+    assert!(!lines.contains(&s.sk));
+}
+
+/// Runs `cattery backup` or `cattery restore`; returns (success, stdout + stderr).
+fn cattery(args: &[&str]) -> (bool, String) {
+    let out = Command::new(cattery_bin()).args(args).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn backup_during_churn_holds_every_ended_session_and_restores() {
+    let s = Server::start(&[]).await;
+    s.deploy(
+        "churn",
+        &[],
+        json!({"autoScaling": {"minAgents": 2, "maxAgents": 6}}),
+    )
+    .await;
+    s.wait_ready("churn", Duration::from_secs(30)).await;
+    let s = Arc::new(s);
+    let ended: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let (s, ended, stop) = (s.clone(), ended.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            // Bounded: at most 60 sessions per worker.
+            for _ in 0..60 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let r = s.start_session("churn", json!({})).await;
+                if r.status != 200 {
+                    continue;
+                }
+                let sid = r.body["sessionId"].as_str().unwrap().to_string();
+                // A DELETE answered 200 means the end is recorded.
+                if s.stop("churn", &sid).await.status == 200 {
+                    ended.lock().push(sid);
+                }
+            }
+        }));
+    }
+    wait_for(Duration::from_secs(60), "20 sessions ended", || async {
+        (ended.lock().len() >= 20).then_some(())
+    })
+    .await;
+    let before: Vec<String> = ended.lock().clone();
+    let out = tempfile::tempdir().unwrap();
+    let bk = out.path().join("bk");
+    let data = s.data_dir().to_str().unwrap().to_string();
+    let (ok, text) = cattery(&["backup", "--data-dir", &data, bk.to_str().unwrap()]);
+    assert!(ok, "backup failed: {text}");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for w in workers {
+        w.await.unwrap();
+    }
+
+    // The copy opens and holds every session that had ended before the backup started.
+    let db = rusqlite::Connection::open(bk.join("cattery.db")).unwrap();
+    let check: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    for sid in &before {
+        let ended_ms: Option<i64> = db
+            .query_row("SELECT ended_ms FROM sessions WHERE id = ?1", [sid], |r| {
+                r.get(0)
+            })
+            .unwrap_or_else(|e| panic!("session {sid} missing from the backup: {e}"));
+        assert!(ended_ms.is_some(), "session {sid} has no end in the backup");
+    }
+    drop(db);
+    assert!(bk.join("secrets.key").is_file());
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(bk.join("backup.json")).unwrap()).unwrap();
+    assert_eq!(manifest["format"], 1);
+
+    // Restore: refused while the server runs, then into its data dir once stopped.
+    let (ok, text) = cattery(&[
+        "restore",
+        "--data-dir",
+        &data,
+        "--force",
+        bk.to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("stop it"), "{text}");
+    let mut s = Arc::into_inner(s).expect("workers are done");
+    assert!(s.terminate(Duration::from_secs(30)).is_some());
+    let (ok, text) = cattery(&["restore", "--data-dir", &data, bk.to_str().unwrap()]);
+    assert!(!ok && text.contains("--force"), "{text}");
+    let (ok, text) = cattery(&[
+        "restore",
+        "--data-dir",
+        &data,
+        "--force",
+        bk.to_str().unwrap(),
+    ]);
+    assert!(ok, "restore failed: {text}");
+    s.spawn().await;
+    s.wait_ready("churn", Duration::from_secs(30)).await;
+    for sid in &before {
+        let v = s.session("churn", sid).await;
+        assert!(!v["endedAt"].is_null(), "{v}");
+    }
+}
