@@ -10,6 +10,7 @@
 pub mod api;
 pub mod config;
 pub mod core;
+pub mod dashboard;
 pub mod http_server;
 pub mod model;
 pub mod runtime;

@@ -380,3 +380,115 @@ async fn regions_and_properties() {
         .await;
     assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
 }
+
+/// Reads server-sent events from `body` until one named `event` whose data contains `needle`
+/// arrives (its data is returned), or `None` after `wait`.
+async fn next_event(
+    body: &mut Body,
+    buf: &mut String,
+    event: &str,
+    needle: &str,
+    wait: std::time::Duration,
+) -> Option<String> {
+    use http_body_util::BodyExt;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        while let Some(i) = buf.find("\n\n") {
+            let block: String = buf.drain(..i + 2).collect();
+            let name = block.lines().find_map(|l| l.strip_prefix("event: "));
+            let data: String = block
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .collect();
+            if name == Some(event) && data.contains(needle) {
+                return Some(data);
+            }
+        }
+        let frame = tokio::time::timeout_at(deadline, body.frame())
+            .await
+            .ok()??;
+        if let Ok(data) = frame.unwrap().into_data() {
+            buf.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+}
+
+/// `GET /v1/sessions/events`: `ready` first, then each session of the caller's org when it
+/// starts and when it has ended; no key is a 401. (Another org's stream: the e2e test
+/// `dashboard::session_events_are_scoped_to_the_org`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_events_stream() {
+    use std::time::Duration;
+    let a = api().await;
+    a.deploy("live", &[], json!({})).await;
+    let open = |key: String| {
+        let app = a.app.clone();
+        async move {
+            let req = Request::builder()
+                .uri("/v1/sessions/events")
+                .header("authorization", format!("Bearer {key}"))
+                .body(Body::empty())
+                .unwrap();
+            app.oneshot(req).await.unwrap()
+        }
+    };
+    let r = a.call(Method::GET, "/v1/sessions/events", None, None).await;
+    assert_error(&r, StatusCode::UNAUTHORIZED, "401");
+    let r = open(a.sk.clone()).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut body = r.into_body();
+    let mut buf = String::new();
+    let wait = Duration::from_secs(5);
+    assert!(next_event(&mut body, &mut buf, "ready", "", wait)
+        .await
+        .is_some());
+    let id = a.start_ok("live").await;
+    let data = next_event(&mut body, &mut buf, "session", &id, wait)
+        .await
+        .expect("an event for the started session");
+    let s: Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(s["serviceName"], "live");
+    assert_eq!(s["status"], "active");
+    assert_eq!(a.stop("live", &id).await.status, StatusCode::OK);
+    let data = next_event(&mut body, &mut buf, "session", "\"ended\"", wait)
+        .await
+        .expect("an event for the ended session");
+    let s: Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(s["sessionId"], id.as_str());
+    assert_eq!(s["endReason"], "stopped");
+}
+
+/// `/` redirects to `/dashboard`; the page and its assets are served from the binary with a
+/// policy that allows this origin only and no framing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_is_served() {
+    let a = api().await;
+    let get = |uri: &'static str| {
+        let app = a.app.clone();
+        async move {
+            app.oneshot(Request::builder().uri(uri).body(Body::empty()).unwrap())
+                .await
+                .unwrap()
+        }
+    };
+    let r = get("/").await;
+    assert!(r.status().is_redirection(), "{}", r.status());
+    assert_eq!(r.headers()["location"], "/dashboard");
+    for (uri, ty) in [
+        ("/dashboard", "text/html"),
+        ("/dashboard/app.js", "text/javascript"),
+        ("/dashboard/app.css", "text/css"),
+    ] {
+        let r = get(uri).await;
+        assert_eq!(r.status(), StatusCode::OK, "{uri}");
+        let h = r.headers();
+        assert!(h["content-type"].to_str().unwrap().starts_with(ty), "{uri}");
+        let csp = h["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
+        assert_eq!(h["x-frame-options"], "DENY");
+    }
+}

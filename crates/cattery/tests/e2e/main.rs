@@ -10,6 +10,7 @@ mod lifecycle_util;
 mod api;
 mod cli_compat;
 mod connections;
+mod dashboard;
 mod docker;
 mod isolation;
 mod lifecycle;
