@@ -492,3 +492,25 @@ async fn dashboard_is_served() {
         assert_eq!(h["x-frame-options"], "DENY");
     }
 }
+
+/// `endReason` filters an agent's session list; an unknown reason is a 400 naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_list_by_end_reason() {
+    let a = api().await;
+    a.deploy("why", &[], json!({})).await;
+    let stopped = a.start_ok("why").await;
+    let running = a.start_ok("why").await;
+    assert_eq!(a.stop("why", &stopped).await.status, StatusCode::OK);
+    let r = a.get("/v1/agents/why/sessions?endReason=stopped").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["total_count"], 1, "{}", r.body);
+    assert_eq!(r.body["sessions"][0]["sessionId"], stopped.as_str());
+    let r = a.get("/v1/agents/why/sessions?endReason=completed").await;
+    assert_eq!(r.body["total_count"], 0, "{}", r.body);
+    let r = a.get("/v1/agents/why/sessions").await;
+    assert_eq!(r.body["total_count"], 2, "{}", r.body);
+    let r = a.get("/v1/agents/why/sessions?endReason=bored").await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "400");
+    assert!(r.body["error"].as_str().unwrap().contains("endReason"));
+    assert_eq!(a.stop("why", &running).await.status, StatusCode::OK);
+}

@@ -110,6 +110,11 @@ async function main() {
     step('the list shows it terminated');
     await page.click('header nav a[data-page="sessions"]');
     await page.locator(`#sessions-body tr[data-session="${sid}"][data-status="terminated"]`).waitFor(T);
+    await page.selectOption('#f-reason', 'completed');
+    await page.locator('#sessions-total').waitFor(T);
+    await page.waitForFunction((id) => location.hash.includes('endReason=completed') && !document.querySelector(`tr[data-session="${id}"]`) && /sessions/.test(document.querySelector('#sessions-total').textContent), sid, T);
+    await page.selectOption('#f-reason', 'stopped');
+    await page.locator(`#sessions-body tr[data-session="${sid}"]`).waitFor(T);
 
     step('the logs page tails the agent\'s logs');
     await page.evaluate((a) => { location.hash = `#/logs?agent=${encodeURIComponent(a)}`; }, AGENT);

@@ -339,15 +339,16 @@ async function sessionsPage(main, q) {
   const names = await agentNames();
   const agent = q.get('agent') || names[0] || '';
   const page = Math.max(0, parseInt(q.get('page') || '0', 10) || 0);
-  const f = { agent, status: q.get('status') || 'all', startType: q.get('startType') || 'all', from: q.get('from') || '', to: q.get('to') || '' };
+  const f = { agent, status: q.get('status') || 'all', startType: q.get('startType') || 'all', endReason: q.get('endReason') || 'any', from: q.get('from') || '', to: q.get('to') || '' };
   const sel = (id, opts, val) => h('select', { id }, opts.map((o) => h('option', { value: o, selected: o === val }, o)));
   const agentSel = sel('f-agent', names, agent);
   const statusSel = sel('f-status', ['all', 'active', 'ended'], f.status);
   const typeSel = sel('f-start', ['all', 'cold', 'warm'], f.startType);
+  const reasonSel = sel('f-reason', ['any', 'completed', 'error', 'stopped', 'stopped_during_start', 'max_duration', 'start_failed', 'client_disconnected', 'drained', 'lost', 'out_of_memory'], f.endReason);
   const from = h('input', { id: 'f-from', type: 'datetime-local', value: f.from });
   const to = h('input', { id: 'f-to', type: 'datetime-local', value: f.to });
-  const apply = () => go('sessions', { agent: agentSel.value, status: statusSel.value, startType: typeSel.value, from: from.value, to: to.value });
-  [agentSel, statusSel, typeSel, from, to].forEach((el) => el.addEventListener('change', apply));
+  const apply = () => go('sessions', { agent: agentSel.value, status: statusSel.value, startType: typeSel.value, endReason: reasonSel.value === 'any' ? '' : reasonSel.value, from: from.value, to: to.value });
+  [agentSel, statusSel, typeSel, reasonSel, from, to].forEach((el) => el.addEventListener('change', apply));
 
   const tbody = h('tbody', { id: 'sessions-body' });
   const total = h('span', { id: 'sessions-total' });
@@ -356,7 +357,7 @@ async function sessionsPage(main, q) {
   main.replaceChildren(
     h('h1', {}, 'Sessions'),
     h('div', { class: 'filters' },
-      h('label', {}, 'Agent', agentSel), h('label', {}, 'Status', statusSel), h('label', {}, 'Start', typeSel),
+      h('label', {}, 'Agent', agentSel), h('label', {}, 'Status', statusSel), h('label', {}, 'Start', typeSel), h('label', {}, 'End reason', reasonSel),
       h('label', {}, 'Created from', from), h('label', {}, 'Created to', to)),
     agent ? h('div', { class: 'card' },
       h('b', {}, 'Start a test session on ' + agent), ' (JSON body, passed to the bot as ', h('code', {}, 'args.body'), ')', body,
@@ -371,19 +372,21 @@ async function sessionsPage(main, q) {
       h('thead', {}, h('tr', {}, ['Session', 'Status', 'Created', 'Start', 'Bot start', 'Ended', 'End reason', 'Exit', ''].map((t) => h('th', {}, t)))),
       tbody),
     h('div', { class: 'pager' },
-      h('button', { type: 'button', disabled: page === 0, onclick: () => go('sessions', { ...f, agent, page: page - 1 }) }, '← Newer'),
+      h('button', { type: 'button', disabled: page === 0, onclick: () => go('sessions', { ...f, endReason: f.endReason === 'any' ? '' : f.endReason, agent, page: page - 1 }) }, '← Newer'),
       h('span', {}, 'page ' + (page + 1) + ' · '), total,
-      h('button', { type: 'button', id: 'older', onclick: () => go('sessions', { ...f, agent, page: page + 1 }) }, 'Older →')));
+      h('button', { type: 'button', id: 'older', onclick: () => go('sessions', { ...f, endReason: f.endReason === 'any' ? '' : f.endReason, agent, page: page + 1 }) }, 'Older →')));
   if (!agent) { tbody.replaceChildren(h('tr', {}, h('td', { colspan: 9 }, 'No agents.'))); return; }
 
   const params = new URLSearchParams({ limit: PAGE_SIZE, offset: page * PAGE_SIZE });
   if (f.status !== 'all') params.set('status', f.status);
   if (f.startType !== 'all') params.set('startType', f.startType);
+  if (f.endReason !== 'any') params.set('endReason', f.endReason);
   if (f.from) params.set('startTime', toUnix(f.from));
   if (f.to) params.set('endTime', toUnix(f.to));
   const matches = (s) => s.serviceName === agent
     && (f.status === 'all' || s.status === f.status)
     && (f.startType === 'all' || (s.coldStart ? 'cold' : 'warm') === f.startType)
+    && (f.endReason === 'any' || s.endReason === f.endReason)
     && (!f.from || new Date(s.createdAt) >= new Date(f.from))
     && (!f.to || new Date(s.createdAt) <= new Date(f.to));
   let count = 0;
