@@ -514,3 +514,53 @@ async fn session_list_by_end_reason() {
     assert!(r.body["error"].as_str().unwrap().contains("endReason"));
     assert_eq!(a.stop("why", &running).await.status, StatusCode::OK);
 }
+
+/// 1,000 sessions live at once on the fake runtime: the event stream tells each of them, once
+/// started, and each end. (Prints how long that took: a figure for docs/dashboard.md, not a
+/// check.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_events_with_1000_live() {
+    use std::collections::HashSet;
+    use std::time::{Duration, Instant};
+    const N: usize = 1000;
+    let a = api().await;
+    a.deploy("many", &[], json!({"autoScaling": {"maxAgents": N}}))
+        .await;
+    let req = Request::builder()
+        .uri("/v1/sessions/events")
+        .header("authorization", format!("Bearer {}", a.sk))
+        .body(Body::empty())
+        .unwrap();
+    let mut body = a.app.clone().oneshot(req).await.unwrap().into_body();
+    let mut buf = String::new();
+    let wait = Duration::from_secs(60);
+    assert!(next_event(&mut body, &mut buf, "ready", "", wait)
+        .await
+        .is_some());
+    let t0 = Instant::now();
+    let ids: Vec<String> = futures_util::future::join_all((0..N).map(|_| a.start_ok("many"))).await;
+    let started = t0.elapsed();
+    let mut seen = HashSet::new();
+    while seen.len() < N {
+        let data = next_event(&mut body, &mut buf, "session", "\"active\"", wait)
+            .await
+            .expect("an event for every started session");
+        let s: Value = serde_json::from_str(&data).unwrap();
+        seen.insert(s["sessionId"].as_str().unwrap().to_string());
+    }
+    let told = t0.elapsed();
+    assert!(ids.iter().all(|id| seen.contains(id)));
+    futures_util::future::join_all(ids.iter().map(|id| a.stop("many", id))).await;
+    let mut ended = HashSet::new();
+    while ended.len() < N {
+        let data = next_event(&mut body, &mut buf, "session", "\"ended\"", wait)
+            .await
+            .expect("an event for every ended session");
+        let s: Value = serde_json::from_str(&data).unwrap();
+        ended.insert(s["sessionId"].as_str().unwrap().to_string());
+    }
+    eprintln!(
+        "{N} sessions: started in {started:?}, all told by {told:?}, all ends told by {:?}",
+        t0.elapsed()
+    );
+}
