@@ -44,7 +44,7 @@ async function main() {
   page.on('console', (m) => { if (m.type() === 'error' && !/Failed to load resource/.test(m.text())) problems.push(`console: ${m.text()}`); });
   page.on('dialog', (d) => { step(`confirm: ${d.message()}`); d.accept(); });
   const shot = (name) => page.screenshot({ path: path.join(SHOTS, name), fullPage: true });
-  const T = { timeout: 15000 };
+  const T = { timeout: 30000 };
 
   try {
     step('/ redirects to the sign-in page');
