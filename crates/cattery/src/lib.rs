@@ -11,6 +11,7 @@ pub mod api;
 pub mod backup;
 pub mod config;
 pub mod core;
+pub mod dashboard;
 pub mod http_server;
 pub mod model;
 pub mod runtime;

@@ -239,6 +239,25 @@ pub enum EndReason {
 }
 
 impl EndReason {
+    /// Every reason.
+    pub const ALL: [EndReason; 10] = [
+        EndReason::Completed,
+        EndReason::Error,
+        EndReason::Stopped,
+        EndReason::StoppedDuringStart,
+        EndReason::MaxDuration,
+        EndReason::StartFailed,
+        EndReason::ClientDisconnected,
+        EndReason::Drained,
+        EndReason::Lost,
+        EndReason::OutOfMemory,
+    ];
+
+    /// The reason named `s` (its wire name).
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
     /// Wire/storage name.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -8,6 +8,7 @@
 pub mod agents;
 pub mod auth;
 pub mod error;
+pub mod events;
 pub mod logs;
 pub mod metrics;
 pub mod openapi;

@@ -22,7 +22,7 @@ use utoipa_axum::routes;
 
 use super::error::ApiError;
 use super::MAX_REQUEST_BYTES;
-use super::{agents, logs, metrics, openapi, org, proxy, secrets, sessions, ws, AppState};
+use super::{agents, events, logs, metrics, openapi, org, proxy, secrets, sessions, ws, AppState};
 
 /// The CLI's agents ("services") of an org.
 const SERVICES: &str = "/v1/organizations/{org}/services";
@@ -71,6 +71,8 @@ fn routes() -> OpenApiRouter<AppState> {
             get(org::agent_deployments),
         )
         .merge(org_routes())
+        // The dashboard's live session list (`api::events`).
+        .route("/v1/sessions/events", get(events::session_events))
 }
 
 /// The org-scoped surface of the official CLI (`api::org`), `/v1/users` and `/v1/organizations`.
@@ -160,6 +162,8 @@ pub fn router(state: AppState) -> Router {
     let (router, _) = routes().split_for_parts();
     let router = router
         .route_layer(axum::middleware::from_fn(super::trace::record_route))
+        // The dashboard: `/` redirects to `/dashboard` (`crate::dashboard`).
+        .merge(crate::dashboard::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))

@@ -17,7 +17,7 @@ use super::{ApiJson, ApiPath, AppState};
 use crate::core::lookup;
 use crate::core::session::StartParams;
 use crate::core::CoreError;
-use crate::model::{now_ms, AgentRecord, SessionRecord};
+use crate::model::{now_ms, AgentRecord, EndReason, SessionRecord};
 use crate::store::SessionFilter;
 
 /// Largest start `body` for daily/webrtc/plain sessions (bytes; reference §A.5).
@@ -220,7 +220,8 @@ fn int_param(q: &HashMap<String, String>, k: &str) -> ApiResult<Option<i64>> {
            ("status" = Option<String>, Query, description = "active | ended | all"),
            ("startType" = Option<String>, Query, description = "cold | warm | all"),
            ("startTime" = Option<i64>, Query, description = "created at or after (Unix s)"),
-           ("endTime" = Option<i64>, Query, description = "created at or before (Unix s)")),
+           ("endTime" = Option<i64>, Query, description = "created at or before (Unix s)"),
+           ("endReason" = Option<String>, Query, description = "only sessions that ended for this reason (completed, error, stopped, ...)")),
     responses((status = 200, description = "{\"total_count\", \"sessions\"}", body = SessionList),
               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("PrivateKeyAuth" = [])))]
@@ -249,6 +250,12 @@ pub async fn list_sessions(
         Some("ended") => Some(false),
         Some(_) => return Err(zod("status", "expected active, ended or all")),
     };
+    if let Some(r) = q.get("endReason").filter(|s| !s.is_empty()) {
+        f.end_reason = Some(EndReason::from_name(r).ok_or_else(|| {
+            let all: Vec<&str> = EndReason::ALL.iter().map(|r| r.as_str()).collect();
+            zod("endReason", &format!("expected one of {}", all.join(", ")))
+        })?);
+    }
     f.cold = match q.get("startType").map(String::as_str) {
         None | Some("") | Some("all") => None,
         Some("cold") => Some(true),

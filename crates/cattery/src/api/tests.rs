@@ -408,3 +408,187 @@ async fn metrics_are_served_and_request_ids_answered() {
     let text = String::from_utf8(body.to_vec()).unwrap();
     assert!(text.contains("cattery_build_info{version="), "{text}");
 }
+
+/// Reads server-sent events from `body` until one named `event` whose data contains `needle`
+/// arrives (its data is returned), or `None` after `wait`.
+async fn next_event(
+    body: &mut Body,
+    buf: &mut String,
+    event: &str,
+    needle: &str,
+    wait: std::time::Duration,
+) -> Option<String> {
+    use http_body_util::BodyExt;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        while let Some(i) = buf.find("\n\n") {
+            let block: String = buf.drain(..i + 2).collect();
+            let name = block.lines().find_map(|l| l.strip_prefix("event: "));
+            let data: String = block
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .collect();
+            if name == Some(event) && data.contains(needle) {
+                return Some(data);
+            }
+        }
+        let frame = tokio::time::timeout_at(deadline, body.frame())
+            .await
+            .ok()??;
+        if let Ok(data) = frame.unwrap().into_data() {
+            buf.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+}
+
+/// `GET /v1/sessions/events`: `ready` first, then each session of the caller's org when it
+/// starts and when it has ended; no key is a 401. (Another org's stream: the e2e test
+/// `dashboard::session_events_are_scoped_to_the_org`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_events_stream() {
+    use std::time::Duration;
+    let a = api().await;
+    a.deploy("live", &[], json!({})).await;
+    let open = |key: String| {
+        let app = a.app.clone();
+        async move {
+            let req = Request::builder()
+                .uri("/v1/sessions/events")
+                .header("authorization", format!("Bearer {key}"))
+                .body(Body::empty())
+                .unwrap();
+            app.oneshot(req).await.unwrap()
+        }
+    };
+    let r = a.call(Method::GET, "/v1/sessions/events", None, None).await;
+    assert_error(&r, StatusCode::UNAUTHORIZED, "401");
+    let r = open(a.sk.clone()).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut body = r.into_body();
+    let mut buf = String::new();
+    let wait = Duration::from_secs(5);
+    assert!(next_event(&mut body, &mut buf, "ready", "", wait)
+        .await
+        .is_some());
+    let id = a.start_ok("live").await;
+    let data = next_event(&mut body, &mut buf, "session", &id, wait)
+        .await
+        .expect("an event for the started session");
+    let s: Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(s["serviceName"], "live");
+    assert_eq!(s["status"], "active");
+    assert_eq!(a.stop("live", &id).await.status, StatusCode::OK);
+    let data = next_event(&mut body, &mut buf, "session", "\"ended\"", wait)
+        .await
+        .expect("an event for the ended session");
+    let s: Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(s["sessionId"], id.as_str());
+    assert_eq!(s["endReason"], "stopped");
+}
+
+/// `/` redirects to `/dashboard`; the page and its assets are served from the binary with a
+/// policy that allows this origin only and no framing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_is_served() {
+    let a = api().await;
+    let get = |uri: &'static str| {
+        let app = a.app.clone();
+        async move {
+            app.oneshot(Request::builder().uri(uri).body(Body::empty()).unwrap())
+                .await
+                .unwrap()
+        }
+    };
+    let r = get("/").await;
+    assert!(r.status().is_redirection(), "{}", r.status());
+    assert_eq!(r.headers()["location"], "/dashboard");
+    for (uri, ty) in [
+        ("/dashboard", "text/html"),
+        ("/dashboard/app.js", "text/javascript"),
+        ("/dashboard/app.css", "text/css"),
+    ] {
+        let r = get(uri).await;
+        assert_eq!(r.status(), StatusCode::OK, "{uri}");
+        let h = r.headers();
+        assert!(h["content-type"].to_str().unwrap().starts_with(ty), "{uri}");
+        let csp = h["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
+        assert_eq!(h["x-frame-options"], "DENY");
+    }
+}
+
+/// `endReason` filters an agent's session list; an unknown reason is a 400 naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_list_by_end_reason() {
+    let a = api().await;
+    a.deploy("why", &[], json!({})).await;
+    let stopped = a.start_ok("why").await;
+    let running = a.start_ok("why").await;
+    assert_eq!(a.stop("why", &stopped).await.status, StatusCode::OK);
+    let r = a.get("/v1/agents/why/sessions?endReason=stopped").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["total_count"], 1, "{}", r.body);
+    assert_eq!(r.body["sessions"][0]["sessionId"], stopped.as_str());
+    let r = a.get("/v1/agents/why/sessions?endReason=completed").await;
+    assert_eq!(r.body["total_count"], 0, "{}", r.body);
+    let r = a.get("/v1/agents/why/sessions").await;
+    assert_eq!(r.body["total_count"], 2, "{}", r.body);
+    let r = a.get("/v1/agents/why/sessions?endReason=bored").await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "400");
+    assert!(r.body["error"].as_str().unwrap().contains("endReason"));
+    assert_eq!(a.stop("why", &running).await.status, StatusCode::OK);
+}
+
+/// 1,000 sessions live at once on the fake runtime: the event stream tells each of them, once
+/// started, and each end. (Prints how long that took: a figure for docs/dashboard.md, not a
+/// check.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_events_with_1000_live() {
+    use std::collections::HashSet;
+    use std::time::{Duration, Instant};
+    const N: usize = 1000;
+    let a = api().await;
+    a.deploy("many", &[], json!({"autoScaling": {"maxAgents": N}}))
+        .await;
+    let req = Request::builder()
+        .uri("/v1/sessions/events")
+        .header("authorization", format!("Bearer {}", a.sk))
+        .body(Body::empty())
+        .unwrap();
+    let mut body = a.app.clone().oneshot(req).await.unwrap().into_body();
+    let mut buf = String::new();
+    let wait = Duration::from_secs(60);
+    assert!(next_event(&mut body, &mut buf, "ready", "", wait)
+        .await
+        .is_some());
+    let t0 = Instant::now();
+    let ids: Vec<String> = futures_util::future::join_all((0..N).map(|_| a.start_ok("many"))).await;
+    let started = t0.elapsed();
+    let mut seen = HashSet::new();
+    while seen.len() < N {
+        let data = next_event(&mut body, &mut buf, "session", "\"active\"", wait)
+            .await
+            .expect("an event for every started session");
+        let s: Value = serde_json::from_str(&data).unwrap();
+        seen.insert(s["sessionId"].as_str().unwrap().to_string());
+    }
+    let told = t0.elapsed();
+    assert!(ids.iter().all(|id| seen.contains(id)));
+    futures_util::future::join_all(ids.iter().map(|id| a.stop("many", id))).await;
+    let mut ended = HashSet::new();
+    while ended.len() < N {
+        let data = next_event(&mut body, &mut buf, "session", "\"ended\"", wait)
+            .await
+            .expect("an event for every ended session");
+        let s: Value = serde_json::from_str(&data).unwrap();
+        ended.insert(s["sessionId"].as_str().unwrap().to_string());
+    }
+    eprintln!(
+        "{N} sessions: started in {started:?}, all told by {told:?}, all ends told by {:?}",
+        t0.elapsed()
+    );
+}

@@ -65,3 +65,16 @@ pub async fn logs_of(
 ) -> CoreResult<(i64, Vec<LogLine>)> {
     Ok(store.query_logs(agent.id, f).await?)
 }
+
+/// Session `id` with its agent, if it exists and belongs to `org` (else `None`: another
+/// org's session is reported as missing).
+pub async fn org_session(
+    store: &Arc<dyn Store>,
+    org: &str,
+    id: Uuid,
+) -> CoreResult<Option<(AgentRecord, SessionRecord)>> {
+    let Some(s) = store.get_session(id).await?.filter(|s| s.org == org) else {
+        return Ok(None);
+    };
+    Ok(store.get_agent_by_id(s.agent_id).await?.map(|a| (a, s)))
+}

@@ -456,6 +456,21 @@ async fn session_lists(s: &dyn Store) {
     let open = s.list_open_sessions().await.unwrap();
     assert_eq!(open.len(), 5, "across agents");
     assert!(open.iter().all(|x| x.end.is_none()));
+    s.end_session(all[5].id, &end(EndReason::Stopped, 600))
+        .await
+        .unwrap();
+    let stopped = page(SessionFilter {
+        end_reason: Some(EndReason::Stopped),
+        ..f(100, 0)
+    })
+    .await;
+    assert_eq!(stopped, (1, vec![all[5].id]));
+    let completed = page(SessionFilter {
+        end_reason: Some(EndReason::Completed),
+        ..f(100, 0)
+    })
+    .await;
+    assert_eq!(completed, (2, vec![all[3].id, all[0].id]));
 }
 
 async fn instances(s: &dyn Store) {

@@ -33,8 +33,8 @@ use uuid::Uuid;
 use crate::config::{StoreConfig, StoreKind};
 
 use crate::model::{
-    AgentRecord, ApiKeyRecord, DeploymentRecord, InstanceRecord, KeyKind, LogLine, MetricSample,
-    SessionEnd, SessionRecord,
+    AgentRecord, ApiKeyRecord, DeploymentRecord, EndReason, InstanceRecord, KeyKind, LogLine,
+    MetricSample, SessionEnd, SessionRecord,
 };
 
 /// Errors from a store. `Display` carries the backend's own text for the server's log; the
@@ -123,6 +123,8 @@ pub struct SessionFilter {
     pub start_ms: Option<i64>,
     /// Created at or before (ms).
     pub end_ms: Option<i64>,
+    /// Only sessions that ended for this reason.
+    pub end_reason: Option<EndReason>,
 }
 
 /// Filters for reading logs (reference §A.4).

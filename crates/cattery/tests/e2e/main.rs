@@ -11,6 +11,7 @@ mod api;
 mod cli_compat;
 mod connections;
 mod container;
+mod dashboard;
 mod docker;
 mod isolation;
 mod lifecycle;

@@ -323,6 +323,7 @@ impl Actor {
                 if let Err(e) = self.sup.store.mark_delivered(sid, ms).await {
                     tracing::error!(session = %sid, error = %e, "could not record delivery");
                 }
+                self.sup.session_changed(&self.ctl.org, sid);
                 self.sup.platform_log(
                     &self.ctl,
                     format!("[cattery] session {sid} delivered after {ms} ms"),

@@ -56,6 +56,9 @@ impl Actor {
             }
             self.sup.publish_live(&st);
         }
+        if let Some(s) = session {
+            self.sup.session_changed(&ctl.org, s);
+        }
         if let Some(d) = self.delivery.as_mut() {
             if let Some(r) = d.reply.take() {
                 let _ = r.send(Err(ending.start_answer(d)));

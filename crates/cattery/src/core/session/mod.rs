@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -69,6 +69,9 @@ pub const READY_POLL: Duration = Duration::from_millis(5);
 pub const FIRST_READY_POLL: Duration = Duration::from_millis(1);
 /// How often an idle warm instance's `/readyz` is checked; a non-200 answer replaces it.
 pub const IDLE_CHECK: Duration = Duration::from_secs(2);
+
+/// Changes kept for a slow watcher of [`Supervisor::session_changes`] before it lags.
+const SESSION_CHANGES_BUFFER: usize = 4096;
 
 /// Engine settings (from `cattery serve` flags).
 #[derive(Debug, Clone)]
@@ -163,6 +166,9 @@ pub struct Supervisor {
     secrets: Arc<dyn SecretSource>,
     /// Ends the store has not accepted yet, written again until it does.
     pending_ends: pending::PendingEnds,
+    /// `(org, session)` each time a session's record changes: stored, delivered, ended
+    /// ([`Supervisor::session_changes`]).
+    changes: broadcast::Sender<(String, Uuid)>,
 }
 
 impl Supervisor {
@@ -186,6 +192,7 @@ impl Supervisor {
             live: watch::channel(0).0,
             secrets,
             pending_ends: pending::PendingEnds::default(),
+            changes: broadcast::channel(SESSION_CHANGES_BUFFER).0,
         });
         let weak = Arc::downgrade(&sup);
         tokio::spawn(async move {
@@ -362,6 +369,28 @@ impl Supervisor {
         let ctl = self.state.lock().sessions.get(&session).cloned()?;
         let samples = ctl.samples.lock().clone();
         Some(samples)
+    }
+
+    /// `(org, session)` each time a session's record changes: once stored, once delivered,
+    /// once its end is recorded (or its start failed). For live views (the dashboard's event
+    /// stream, `api::events`); a watcher that lags reads [`Supervisor::live_sessions`] again.
+    pub fn session_changes(&self) -> broadcast::Receiver<(String, Uuid)> {
+        self.changes.subscribe()
+    }
+
+    fn session_changed(&self, org: &str, session: Uuid) {
+        // No watcher is fine.
+        let _ = self.changes.send((org.to_string(), session));
+    }
+
+    /// `org`'s live sessions whose record is stored.
+    pub fn live_sessions(&self, org: &str) -> Vec<Uuid> {
+        let st = self.state.lock();
+        st.sessions
+            .iter()
+            .filter(|(_, c)| c.org == org && c.session_stored.load(Ordering::SeqCst))
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// The stop grace of an instance: its agent's `stopGraceSeconds`, else the default.

@@ -63,6 +63,7 @@ impl Supervisor {
             }
         };
         placed.ctl.session_stored.store(true, Ordering::SeqCst);
+        self.session_changed(org, session);
         let max_s = placed.ctl.deployment.spec.max_session_duration_s();
         let mut headers = vec![
             ("x-daily-session-id".to_string(), session.to_string()),
@@ -116,6 +117,7 @@ impl Supervisor {
         };
         self.record_start_failed(org, agent_name, session, &err)
             .await;
+        self.session_changed(org, session);
         Err(err)
     }
 

@@ -191,6 +191,10 @@ impl SessionStore for SqliteStore {
             filter.push_str(" AND created_ms <= ?");
             params.push(t.into());
         }
+        if let Some(r) = f.end_reason {
+            filter.push_str(" AND end_reason = ?");
+            params.push(r.as_str().into());
+        }
         let count_sql = format!("SELECT COUNT(*) FROM sessions WHERE {filter}");
         // Active sessions are few: read them through their partial index and sort them,
         // rather than walking every session of the agent newest first to find them.

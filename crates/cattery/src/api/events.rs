@@ -1,0 +1,134 @@
+//! `GET /v1/sessions/events`: a server-sent event stream of the caller's org's session changes
+//! (private key or user token), so a live list (the dashboard's) updates itself without
+//! reading the whole list again.
+//!
+//! Events:
+//! - `ready` (data `{}`), first: the stream is watching; a client that reads its list after
+//!   this event misses no change;
+//! - `session` (data: the session as `GET /v1/agents/{name}/sessions/{id}` answers it, without
+//!   `resourceMetrics`), once when a session starts, again once it is delivered, and once it
+//!   has ended (its end recorded).
+//!
+//! The engine names each session whose record changed (`Supervisor::session_changes`); the
+//! stream reads only those of the caller's org, and sends each state once. A stream that lags
+//! behind many changes reads the org's live sessions again.
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures_util::Stream;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::auth::PrivateAuth;
+use super::schema::Session;
+use super::AppState;
+use crate::core::lookup;
+
+/// Events buffered for a slow client before the stream waits for it.
+const BUFFER: usize = 256;
+
+/// `GET /v1/sessions/events`.
+pub async fn session_events(
+    State(st): State<AppState>,
+    PrivateAuth(c): PrivateAuth,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let (tx, rx) = mpsc::channel::<Event>(BUFFER);
+    tokio::spawn(watch_org(st, c.org, tx));
+    let stream =
+        futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
+        );
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// What the stream last told the client about a session that has not ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Told {
+    Started,
+    Delivered,
+}
+
+/// Ended sessions remembered so that a repeated change is not sent twice (cleared past this).
+const ENDED_MEMORY: usize = 10_000;
+
+/// Sends `org`'s session changes to `tx` until the client goes away.
+async fn watch_org(st: AppState, org: String, tx: mpsc::Sender<Event>) {
+    let mut changes = st.sup.session_changes();
+    if tx
+        .send(Event::default().event("ready").data("{}"))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut told: HashMap<Uuid, Told> = HashMap::new();
+    let mut ended: HashSet<Uuid> = HashSet::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let mut due: HashSet<Uuid> = HashSet::new();
+        tokio::select! {
+            r = changes.recv() => match r {
+                Ok((o, id)) => if o == org { due.insert(id); },
+                Err(RecvError::Lagged(_)) => {
+                    due.extend(st.sup.live_sessions(&org));
+                    due.extend(told.keys());
+                }
+                Err(RecvError::Closed) => return,
+            },
+            // Backstop: a session told about that left the live set whose end is written late
+            // (the store was failing), and one told only "started".
+            _ = tick.tick() => {
+                let live: HashSet<Uuid> = st.sup.live_sessions(&org).into_iter().collect();
+                due.extend(told.iter().filter(|(id, t)| !live.contains(id) || **t == Told::Started).map(|(id, _)| *id));
+            }
+            () = tx.closed() => return,
+        }
+        while let Ok((o, id)) = changes.try_recv() {
+            if o == org {
+                due.insert(id);
+            }
+        }
+        for id in due {
+            if ended.contains(&id) {
+                continue;
+            }
+            let Ok(Some((agent, s))) = lookup::org_session(&st.store, &org, id).await else {
+                continue;
+            };
+            let now = if s.end.is_some() {
+                None
+            } else if s.bot_start_ms.is_some() {
+                Some(Told::Delivered)
+            } else {
+                Some(Told::Started)
+            };
+            match now {
+                Some(t) if told.get(&id) == Some(&t) => continue,
+                Some(t) => {
+                    told.insert(id, t);
+                }
+                None => {
+                    told.remove(&id);
+                    if ended.len() >= ENDED_MEMORY {
+                        ended.clear();
+                    }
+                    ended.insert(id);
+                }
+            }
+            let data = serde_json::to_string(&Session::of(&s, &agent)).unwrap_or_default();
+            if tx
+                .send(Event::default().event("session").data(data))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}

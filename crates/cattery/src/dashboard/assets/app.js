@@ -1,0 +1,609 @@
+// Cattery dashboard: plain JavaScript over the Cattery API, no framework, no build step.
+// The signed-in key lives in sessionStorage (this tab only) and goes out as
+// `Authorization: Bearer`; nothing else keeps it. Every text from the server is put into the
+// page with textContent (never parsed as HTML).
+'use strict';
+
+const KEY = 'cattery.key';
+const PAGE_SIZE = 50;
+const $ = (id) => document.getElementById(id);
+
+// ---- DOM helper ----------------------------------------------------------------------
+function h(tag, attrs, ...kids) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
+    else if (k === 'class') el.className = v;
+    else el.setAttribute(k, v === true ? '' : String(v));
+  }
+  for (const kid of kids.flat()) {
+    if (kid === undefined || kid === null || kid === false) continue;
+    el.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
+  }
+  return el;
+}
+const fmtTime = (iso) => (iso ? new Date(iso).toLocaleString() : '');
+const fmtBytes = (b) => (b >= 1048576 ? (b / 1048576).toFixed(1) + ' MiB' : (b / 1024).toFixed(0) + ' KiB');
+const enc = encodeURIComponent;
+
+function flash(msg, isError) {
+  const f = $('flash');
+  f.textContent = msg || '';
+  f.className = isError ? 'error' : '';
+}
+
+// ---- API -----------------------------------------------------------------------------
+class ApiError extends Error {
+  constructor(status, body) {
+    super((body && body.error) || 'HTTP ' + status);
+    this.status = status;
+    this.body = body;
+  }
+}
+
+async function api(method, path, body, key) {
+  const k = key || sessionStorage.getItem(KEY);
+  const headers = { Authorization: 'Bearer ' + k };
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const r = await fetch(path, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+    credentials: 'omit',
+    cache: 'no-store',
+  });
+  let data = null;
+  try { data = await r.json(); } catch (_) { data = null; }
+  if (r.status === 401 && !key) {
+    signOut('Your key was refused: ' + ((data && data.error) || 'unauthorized'));
+    throw new ApiError(401, data);
+  }
+  if (!r.ok) throw new ApiError(r.status, data);
+  return data;
+}
+
+// ---- sign in / out -------------------------------------------------------------------
+const me = { org: null, name: null };
+
+async function signIn(key) {
+  const u = await api('GET', '/v1/users', undefined, key);
+  sessionStorage.setItem(KEY, key);
+  me.org = u.user.organization;
+  me.name = u.user.name;
+  $('org-name').textContent = me.org;
+  $('key-name').textContent = u.user.name + ' (' + u.user.keyType + ')';
+  $('signin').hidden = true;
+  $('app').hidden = false;
+  events.start();
+  route();
+}
+
+function signOut(msg) {
+  sessionStorage.removeItem(KEY);
+  events.stop();
+  stopTimers();
+  me.org = null;
+  $('app').hidden = true;
+  $('main').replaceChildren();
+  $('signin').hidden = false;
+  $('signin-key').value = '';
+  $('signin-error').textContent = msg || '';
+  if (location.hash) history.replaceState(null, '', '/dashboard');
+}
+
+$('signin-form').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  const key = $('signin-key').value.trim();
+  $('signin-error').textContent = '';
+  try {
+    await signIn(key);
+  } catch (err) {
+    $('signin-error').textContent = err.status === 401
+      ? 'This key was refused (' + err.message + ').'
+      : 'Could not sign in: ' + err.message;
+  }
+});
+$('signout').addEventListener('click', () => signOut(''));
+
+// ---- live session events (server-sent events over fetch, so the key stays in a header) --
+const events = {
+  ctl: null,
+  listeners: new Set(),
+  start() {
+    this.stop();
+    const ctl = new AbortController();
+    this.ctl = ctl;
+    this.run(ctl).catch(() => {});
+  },
+  stop() {
+    if (this.ctl) this.ctl.abort();
+    this.ctl = null;
+    $('live-state').textContent = '○';
+  },
+  async run(ctl) {
+    while (!ctl.signal.aborted) {
+      try {
+        const r = await fetch('/v1/sessions/events', {
+          headers: { Authorization: 'Bearer ' + sessionStorage.getItem(KEY), Accept: 'text/event-stream' },
+          signal: ctl.signal,
+          cache: 'no-store',
+        });
+        if (!r.ok) throw new Error('HTTP ' + r.status);
+        const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buf = '';
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buf += value;
+          let i;
+          while ((i = buf.indexOf('\n\n')) >= 0) {
+            this.dispatch(buf.slice(0, i));
+            buf = buf.slice(i + 2);
+          }
+        }
+      } catch (_) { /* reconnect below */ }
+      $('live-state').textContent = '○';
+      if (ctl.signal.aborted) return;
+      await new Promise((res) => setTimeout(res, 1000));
+    }
+  },
+  dispatch(block) {
+    let ev = 'message';
+    let data = '';
+    for (const line of block.split('\n')) {
+      if (line.startsWith('event:')) ev = line.slice(6).trim();
+      else if (line.startsWith('data:')) data += line.slice(5).trim();
+    }
+    if (ev === 'ready') {
+      $('live-state').textContent = '●';
+      document.body.dataset.live = 'on';
+      for (const l of this.listeners) l({ type: 'ready' });
+    } else if (ev === 'session') {
+      const s = JSON.parse(data);
+      for (const l of this.listeners) l({ type: 'session', session: s });
+    }
+  },
+};
+
+// ---- pages ---------------------------------------------------------------------------
+let timers = [];
+function every(ms, f) { timers.push(setInterval(f, ms)); }
+function stopTimers() {
+  timers.forEach(clearInterval);
+  timers = [];
+  events.listeners.clear();
+}
+
+function parseHash() {
+  const raw = location.hash.replace(/^#\/?/, '');
+  const [path, query] = raw.split('?');
+  return { parts: path.split('/').filter(Boolean).map(decodeURIComponent), q: new URLSearchParams(query || '') };
+}
+function go(path, q) {
+  const qs = q ? new URLSearchParams(Object.entries(q).filter(([, v]) => v !== '' && v != null)).toString() : '';
+  location.hash = '#/' + path + (qs ? '?' + qs : '');
+}
+
+async function route() {
+  if (!me.org) return;
+  stopTimers();
+  flash('');
+  const { parts, q } = parseHash();
+  const page = parts[0] || 'agents';
+  document.querySelectorAll('header nav a').forEach((a) => a.classList.toggle('active', a.dataset.page === page || (page === 'session' && a.dataset.page === 'sessions')));
+  const main = $('main');
+  main.replaceChildren(h('p', { class: 'hint' }, 'Loading…'));
+  try {
+    if (page === 'agents') await agentsPage(main);
+    else if (page === 'sessions') await sessionsPage(main, q);
+    else if (page === 'session') await sessionPage(main, parts[1], parts[2]);
+    else if (page === 'logs') await logsPage(main, q);
+    else if (page === 'keys') await keysPage(main);
+    else main.replaceChildren(h('p', {}, 'No such page.'));
+  } catch (err) {
+    if (err.status !== 401) main.replaceChildren(h('p', { class: 'error' }, 'Error: ' + err.message));
+  }
+}
+window.addEventListener('hashchange', route);
+
+async function agentNames() {
+  const l = await api('GET', '/v1/agents');
+  return l.services.map((s) => s.name).sort();
+}
+
+// A public key of the org, to start test sessions the way a client does (created once).
+async function publicKey() {
+  const keys = await api('GET', '/v1/organizations/' + enc(me.org) + '/apiKeys');
+  const k = (keys.public || []).find((k) => !k.revoked);
+  if (k) return k.key;
+  const made = await api('POST', '/v1/organizations/' + enc(me.org) + '/apiKeys', { name: 'dashboard', type: 'public' });
+  return made.key;
+}
+
+async function startTestSession(agent, bodyText) {
+  let body;
+  try {
+    body = bodyText.trim() ? JSON.parse(bodyText) : {};
+  } catch (e) {
+    throw new Error('the body is not valid JSON: ' + e.message);
+  }
+  const pk = await publicKey();
+  return api('POST', '/v1/public/' + enc(agent) + '/start', { body }, pk);
+}
+
+// -- agents --
+async function agentsPage(main) {
+  const names = await agentNames();
+  const tbody = h('tbody', {});
+  const table = h('table', { id: 'agents-table' },
+    h('thead', {}, h('tr', {}, ['Agent', 'Health', 'Warm pool (idle / starting / busy)', 'Min / max', 'Sessions', 'Runs', 'Deployment', ''].map((t) => h('th', {}, t)))),
+    tbody);
+  const detail = h('div', { id: 'agent-detail' });
+  main.replaceChildren(h('h1', {}, 'Agents'), names.length ? table : h('p', {}, 'No agents in this org yet (deploy one with the CLI or the API).'), detail);
+
+  async function refresh() {
+    const rows = await Promise.all(names.map(async (n) => {
+      try { return await api('GET', '/v1/agents/' + enc(n)); } catch (e) { return { name: n, error: e.message }; }
+    }));
+    tbody.replaceChildren(...rows.map(agentRow));
+  }
+  function agentRow(a) {
+    if (a.error) return h('tr', {}, h('td', {}, a.name), h('td', { colspan: 7, class: 'error' }, a.error));
+    const w = a.warmInstances;
+    const health = h('td', {}, h('span', { class: 'state-' + a.healthState, 'data-health': a.healthState }, a.healthState.replace(/_/g, ' ')),
+      a.errors.map((e) => h('div', { class: 'error' }, e.code + ': ' + e.message)),
+      a.currentRevision.health.lastExitCode != null ? h('div', { class: 'hint' }, 'last exit code ' + a.currentRevision.health.lastExitCode) : null,
+      a.currentRevision.health.message && a.healthState === 'crash_loop' ? h('pre', { class: 'logs' }, a.currentRevision.health.message) : null);
+    return h('tr', { 'data-agent': a.name },
+      h('td', {}, h('b', {}, a.name)),
+      health,
+      h('td', { class: 'pool' }, `${w.idle} / ${w.starting} / ${w.busy}`),
+      h('td', {}, `${a.autoScaling.minReplicas} / ${a.autoScaling.maxReplicas}`),
+      h('td', {}, String(a.activeSessionCount)),
+      h('td', { class: 'mono' }, a.image ? a.image : (a.command || []).join(' ')),
+      h('td', { class: 'mono' }, a.activeDeploymentId.slice(0, 8) + ' · ' + fmtTime(a.deployment.createdAt)),
+      h('td', {},
+        h('button', { type: 'button', onclick: () => showAgent(a.name) }, 'Details'), ' ',
+        h('a', { href: '#/sessions?agent=' + enc(a.name) }, 'Sessions'), ' ',
+        h('a', { href: '#/logs?agent=' + enc(a.name) }, 'Logs')));
+  }
+  async function showAgent(name) {
+    const deps = await api('GET', '/v1/agents/' + enc(name) + '/deployments');
+    const body = h('textarea', { id: 'agent-start-body', spellcheck: 'false' }, '{}');
+    const out = h('p', {});
+    detail.replaceChildren(h('div', { class: 'card' },
+      h('h2', {}, 'Agent ' + name),
+      h('h3', {}, 'Deployments (newest first)'),
+      h('table', {}, h('thead', {}, h('tr', {}, ['Deployment', 'Created', 'Runs', 'Current'].map((t) => h('th', {}, t)))),
+        h('tbody', {}, deps.deployments.map((d) => h('tr', {},
+          h('td', { class: 'mono' }, d.id),
+          h('td', {}, fmtTime(d.createdAt)),
+          h('td', { class: 'mono' }, d.manifest && d.manifest.spec ? (d.manifest.spec.image || JSON.stringify(d.manifest.spec.command || '')) : ''),
+          h('td', {}, d.active ? 'current' : 'previous'))))),
+      h('h3', {}, 'Start a test session'), body,
+      h('button', { type: 'button', class: 'primary', onclick: async () => {
+        try {
+          const r = await startTestSession(name, body.value);
+          out.replaceChildren('Started ', h('a', { href: '#/session/' + enc(name) + '/' + r.sessionId }, r.sessionId));
+        } catch (e) { out.replaceChildren(h('span', { class: 'error' }, 'Start refused: ' + e.message)); }
+      } }, 'Start'), out,
+      h('h3', {}, 'Delete'),
+      h('button', { type: 'button', class: 'danger', onclick: async () => {
+        if (!confirm('Delete agent ' + name + '? Running sessions go on; no new session can start.')) return;
+        try { await api('DELETE', '/v1/agents/' + enc(name)); flash('Agent ' + name + ' deleted.'); route(); } catch (e) { flash('Delete failed: ' + e.message, true); }
+      } }, 'Delete agent')));
+  }
+  await refresh();
+  every(2000, () => refresh().catch(() => {}));
+}
+
+// -- sessions --
+function sessionRow(s, agent) {
+  const active = s.status === 'active';
+  const stop = h('button', { type: 'button', class: 'danger stop', disabled: !active, onclick: () => stopSession(agent, s.sessionId) }, 'Stop');
+  return h('tr', { 'data-session': s.sessionId, 'data-status': active ? 'active' : 'terminated' },
+    h('td', { class: 'mono' }, h('a', { href: '#/session/' + enc(agent) + '/' + s.sessionId }, s.sessionId)),
+    h('td', {}, h('span', { class: 'status state-' + (active ? 'active' : 'terminated') }, active ? 'active' : 'terminated')),
+    h('td', {}, fmtTime(s.createdAt)),
+    h('td', {}, s.coldStart == null ? '' : s.coldStart ? 'cold' : 'warm'),
+    h('td', {}, s.botStartSeconds == null ? '' : s.botStartSeconds.toFixed(3) + ' s'),
+    h('td', {}, fmtTime(s.endedAt)),
+    h('td', {}, s.endReason || ''),
+    h('td', {}, s.exitCode != null ? 'exit ' + s.exitCode : s.exitSignal != null ? 'signal ' + s.exitSignal : ''),
+    h('td', {}, stop));
+}
+
+async function stopSession(agent, id) {
+  if (!confirm('Stop session ' + id + '? Its instance is terminated.')) return null;
+  try {
+    await api('DELETE', '/v1/agents/' + enc(agent) + '/sessions/' + id);
+    const s = await api('GET', '/v1/agents/' + enc(agent) + '/sessions/' + id);
+    flash('Session ' + id + ' stopped.');
+    updateSessionRow(s);
+    return s;
+  } catch (e) {
+    flash('Stop failed: ' + e.message, true);
+    return null;
+  }
+}
+
+function updateSessionRow(s) {
+  const old = document.querySelector(`tr[data-session="${s.sessionId}"]`);
+  if (old) old.replaceWith(sessionRow(s, s.serviceName));
+}
+
+function toUnix(v) { return v ? String(Math.floor(new Date(v).getTime() / 1000)) : ''; }
+
+async function sessionsPage(main, q) {
+  const names = await agentNames();
+  const agent = q.get('agent') || names[0] || '';
+  const page = Math.max(0, parseInt(q.get('page') || '0', 10) || 0);
+  const f = { agent, status: q.get('status') || 'all', startType: q.get('startType') || 'all', endReason: q.get('endReason') || 'any', from: q.get('from') || '', to: q.get('to') || '' };
+  const sel = (id, opts, val) => h('select', { id }, opts.map((o) => h('option', { value: o, selected: o === val }, o)));
+  const agentSel = sel('f-agent', names, agent);
+  const statusSel = sel('f-status', ['all', 'active', 'ended'], f.status);
+  const typeSel = sel('f-start', ['all', 'cold', 'warm'], f.startType);
+  const reasonSel = sel('f-reason', ['any', 'completed', 'error', 'stopped', 'stopped_during_start', 'max_duration', 'start_failed', 'client_disconnected', 'drained', 'lost', 'out_of_memory'], f.endReason);
+  const from = h('input', { id: 'f-from', type: 'datetime-local', value: f.from });
+  const to = h('input', { id: 'f-to', type: 'datetime-local', value: f.to });
+  const apply = () => go('sessions', { agent: agentSel.value, status: statusSel.value, startType: typeSel.value, endReason: reasonSel.value === 'any' ? '' : reasonSel.value, from: from.value, to: to.value });
+  [agentSel, statusSel, typeSel, reasonSel, from, to].forEach((el) => el.addEventListener('change', apply));
+
+  const tbody = h('tbody', { id: 'sessions-body' });
+  const total = h('span', { id: 'sessions-total' });
+  const body = h('textarea', { id: 'start-body', spellcheck: 'false' }, '{}');
+  const startOut = h('span', { id: 'start-result' });
+  main.replaceChildren(
+    h('h1', {}, 'Sessions'),
+    h('div', { class: 'filters' },
+      h('label', {}, 'Agent', agentSel), h('label', {}, 'Status', statusSel), h('label', {}, 'Start', typeSel), h('label', {}, 'End reason', reasonSel),
+      h('label', {}, 'Created from', from), h('label', {}, 'Created to', to)),
+    agent ? h('div', { class: 'card' },
+      h('b', {}, 'Start a test session on ' + agent), ' (JSON body, passed to the bot as ', h('code', {}, 'args.body'), ')', body,
+      h('button', { id: 'start-session', type: 'button', class: 'primary', onclick: async () => {
+        startOut.textContent = 'starting…';
+        try {
+          const r = await startTestSession(agent, body.value);
+          startOut.replaceChildren('started ', h('span', { class: 'mono', id: 'started-id' }, r.sessionId));
+        } catch (e) { startOut.replaceChildren(h('span', { class: 'error' }, 'start refused: ' + e.message)); }
+      } }, 'Start session'), ' ', startOut) : null,
+    h('table', { id: 'sessions-table' },
+      h('thead', {}, h('tr', {}, ['Session', 'Status', 'Created', 'Start', 'Bot start', 'Ended', 'End reason', 'Exit', ''].map((t) => h('th', {}, t)))),
+      tbody),
+    h('div', { class: 'pager' },
+      h('button', { type: 'button', disabled: page === 0, onclick: () => go('sessions', { ...f, endReason: f.endReason === 'any' ? '' : f.endReason, agent, page: page - 1 }) }, '← Newer'),
+      h('span', {}, 'page ' + (page + 1) + ' · '), total,
+      h('button', { type: 'button', id: 'older', onclick: () => go('sessions', { ...f, endReason: f.endReason === 'any' ? '' : f.endReason, agent, page: page + 1 }) }, 'Older →')));
+  if (!agent) { tbody.replaceChildren(h('tr', {}, h('td', { colspan: 9 }, 'No agents.'))); return; }
+
+  const params = new URLSearchParams({ limit: PAGE_SIZE, offset: page * PAGE_SIZE });
+  if (f.status !== 'all') params.set('status', f.status);
+  if (f.startType !== 'all') params.set('startType', f.startType);
+  if (f.endReason !== 'any') params.set('endReason', f.endReason);
+  if (f.from) params.set('startTime', toUnix(f.from));
+  if (f.to) params.set('endTime', toUnix(f.to));
+  const matches = (s) => s.serviceName === agent
+    && (f.status === 'all' || s.status === f.status)
+    && (f.startType === 'all' || (s.coldStart ? 'cold' : 'warm') === f.startType)
+    && (f.endReason === 'any' || s.endReason === f.endReason)
+    && (!f.from || new Date(s.createdAt) >= new Date(f.from))
+    && (!f.to || new Date(s.createdAt) <= new Date(f.to));
+  let count = 0;
+  const load = async () => {
+    const l = await api('GET', '/v1/agents/' + enc(agent) + '/sessions?' + params);
+    count = l.total_count;
+    total.textContent = count + ' sessions';
+    tbody.replaceChildren(...l.sessions.map((s) => sessionRow(s, agent)));
+    $('older').disabled = (page + 1) * PAGE_SIZE >= count;
+  };
+  // Changes arrive as events; the first page also takes new sessions at its top.
+  events.listeners.add((ev) => {
+    if (ev.type === 'ready') { load().catch(() => {}); return; }
+    const s = ev.session;
+    const row = tbody.querySelector(`tr[data-session="${s.sessionId}"]`);
+    if (row) {
+      if (matches(s)) row.replaceWith(sessionRow(s, agent));
+      else row.remove();
+    } else if (page === 0 && matches(s) && s.status === 'active') {
+      tbody.prepend(sessionRow(s, agent));
+      count += 1;
+      total.textContent = count + ' sessions';
+      while (tbody.children.length > PAGE_SIZE) tbody.lastChild.remove();
+    }
+  });
+  await load();
+}
+
+// -- one session --
+function drawChart(canvas, series) {
+  const ctx = canvas.getContext('2d');
+  const W = canvas.width, H = canvas.height, pad = 30;
+  ctx.clearRect(0, 0, W, H);
+  ctx.font = '11px sans-serif';
+  if (!series.length) { ctx.fillText('no samples yet', pad, H / 2); return; }
+  const t0 = series[0].t, t1 = Math.max(series[series.length - 1].t, t0 + 1);
+  const plot = (key, color, label, fmt) => {
+    const max = Math.max(1, ...series.map((p) => p[key]));
+    ctx.strokeStyle = color; ctx.beginPath();
+    series.forEach((p, i) => {
+      const x = pad + (W - 2 * pad) * (p.t - t0) / (t1 - t0);
+      const y = H - pad - (H - 2 * pad) * p[key] / max;
+      if (i) ctx.lineTo(x, y); else ctx.moveTo(x, y);
+    });
+    ctx.stroke();
+    ctx.fillStyle = color;
+    series.forEach((p) => {
+      const x = pad + (W - 2 * pad) * (p.t - t0) / (t1 - t0);
+      ctx.fillRect(x - 2, H - pad - (H - 2 * pad) * p[key] / max - 2, 4, 4);
+    });
+    ctx.fillText(label + ' (max ' + fmt(max) + ')', key === 'c' ? pad : W / 2, 14);
+  };
+  plot('c', '#3b5bdb', 'CPU', (v) => v + ' m');
+  plot('m', '#e67700', 'memory', fmtBytes);
+}
+
+async function sessionPage(main, agent, id) {
+  const base = '/v1/agents/' + enc(agent) + '/sessions/' + id;
+  const status = h('span', { id: 'session-status' });
+  const timeline = h('ol', { class: 'timeline', id: 'timeline' });
+  const canvas = h('canvas', { id: 'chart', width: 720, height: 180 });
+  const figures = h('p', { class: 'hint' });
+  const logs = h('pre', { class: 'logs', id: 'session-logs' });
+  const stop = h('button', { type: 'button', class: 'danger', id: 'stop-session', onclick: async () => {
+    const s = await stopSession(agent, id);
+    if (s) show(s);
+  } }, 'Stop session');
+  main.replaceChildren(
+    h('p', {}, h('a', { href: '#/sessions?agent=' + enc(agent) }, '← sessions of ' + agent)),
+    h('h1', {}, 'Session ', h('span', { class: 'mono' }, id)),
+    h('p', {}, 'Status: ', status, ' ', stop),
+    h('div', { class: 'card' }, h('h2', {}, 'Timeline'), timeline),
+    h('div', { class: 'card' }, h('h2', {}, 'CPU and memory'), canvas, figures),
+    h('div', { class: 'card' }, h('h2', {}, 'Logs'), logs));
+
+  let platform = [];
+  function show(s) {
+    const active = s.status === 'active';
+    status.textContent = active ? 'active' : 'terminated';
+    status.className = 'state-' + (active ? 'active' : 'terminated');
+    stop.disabled = !active;
+    const created = new Date(s.createdAt).getTime();
+    const items = [['requested', s.createdAt, 'cold start: ' + (s.coldStart ? 'yes' : 'no') + (s.transport ? ', transport ' + s.transport : '')]];
+    for (const p of platform) items.push(['instance', p.timestamp, p.log]);
+    if (s.botStartSeconds != null) items.push(['delivered', new Date(created + s.botStartSeconds * 1000).toISOString(), 'after ' + s.botStartSeconds.toFixed(3) + ' s']);
+    if (s.endedAt) items.push(['ended', s.endedAt, [s.endReason, s.completionStatus, s.exitCode != null ? 'exit ' + s.exitCode : '', s.exitSignal != null ? 'signal ' + s.exitSignal : '', s.endMessage || ''].filter(Boolean).join(' · ')]);
+    items.sort((a, b) => new Date(a[1]) - new Date(b[1]));
+    timeline.replaceChildren(...items.map(([what, at, more]) => h('li', { 'data-step': what }, h('b', {}, what), ' ', fmtTime(at), more ? ' — ' + more : '')));
+    const rm = s.resourceMetrics;
+    drawChart(canvas, rm ? rm.timeseries : []);
+    figures.textContent = rm ? `${rm.sampleCount} samples · CPU p50 ${rm.cpuMillicoresP50} m, p95 ${rm.cpuMillicoresP95} m · memory p50 ${fmtBytes(rm.memoryBytesP50)}, p95 ${fmtBytes(rm.memoryBytesP95)}` : 'No samples (sampled every few seconds while the session runs).';
+  }
+  const tail = logTail(logs, agent, { sessionId: id });
+  let last = null;
+  const refresh = async () => {
+    const s = await api('GET', base);
+    const lines = await tail.poll();
+    platform = lines.filter((l) => l.stream === 'platform');
+    last = s;
+    show(s);
+  };
+  events.listeners.add((ev) => { if (ev.type === 'session' && ev.session.sessionId === id) refresh().catch(() => {}); });
+  await refresh();
+  every(2000, () => { if (!last || last.status === 'active' || tail.recent()) refresh().catch(() => {}); });
+}
+
+// A live tail of an agent's logs into `pre`: the newest lines first, then only lines newer
+// than the last one seen (by time), with the filters of the logs API.
+function logTail(pre, agent, filters) {
+  const seen = new Set();
+  const all = [];
+  let lastNs = null;
+  let lastNew = Date.now();
+  const key = (l) => l.timestamp + '|' + l.instanceId + '|' + l.log;
+  return {
+    recent: () => Date.now() - lastNew < 10000,
+    async poll() {
+      const p = new URLSearchParams({ limit: 1000, order: lastNs ? 'asc' : 'desc' });
+      for (const [k, v] of Object.entries(filters)) if (v) p.set(k, v);
+      if (lastNs) p.set('startTime', lastNs);
+      const page = await api('GET', '/v1/agents/' + enc(agent) + '/logs?' + p);
+      const lines = lastNs ? page.logs : page.logs.reverse();
+      const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+      for (const l of lines) {
+        const k = key(l);
+        if (seen.has(k)) continue;
+        seen.add(k);
+        all.push(l);
+        lastNew = Date.now();
+        pre.append(h('div', { class: l.stream }, new Date(l.timestamp).toISOString().slice(11, 23) + ' ' + l.stream.padEnd(8) + ' ' + l.log));
+      }
+      if (all.length) {
+        const t = all[all.length - 1].timestamp;
+        // Seconds with the sub-second part of the ISO time: lines of that same instant come
+        // again and are skipped by `seen`.
+        const frac = (t.match(/\.(\d+)/) || ['', '0'])[1];
+        lastNs = Math.floor(new Date(t).getTime() / 1000) + '.' + frac.padEnd(9, '0').slice(0, 6);
+      }
+      while (pre.children.length > 5000) pre.firstChild.remove();
+      if (atBottom) pre.scrollTop = pre.scrollHeight;
+      return all;
+    },
+  };
+}
+
+// -- logs --
+async function logsPage(main, q) {
+  const names = await agentNames();
+  const agent = q.get('agent') || names[0] || '';
+  const agentSel = h('select', { id: 'l-agent' }, names.map((n) => h('option', { value: n, selected: n === agent }, n)));
+  const session = h('input', { id: 'l-session', placeholder: 'session id', value: q.get('sessionId') || '', size: 38 });
+  const query = h('input', { id: 'l-query', placeholder: 'contains text', value: q.get('query') || '' });
+  const deployment = h('input', { id: 'l-deployment', placeholder: 'deployment id', value: q.get('deploymentId') || '', size: 38 });
+  const apply = () => go('logs', { agent: agentSel.value, sessionId: session.value.trim(), query: query.value, deploymentId: deployment.value.trim() });
+  [agentSel, session, query, deployment].forEach((el) => el.addEventListener('change', apply));
+  const pre = h('pre', { class: 'logs', id: 'logs-tail' });
+  main.replaceChildren(h('h1', {}, 'Logs'),
+    h('div', { class: 'filters' }, h('label', {}, 'Agent', agentSel), h('label', {}, 'Session', session),
+      h('label', {}, 'Deployment', deployment), h('label', {}, 'Text', query)),
+    h('p', { class: 'hint' }, 'Live: new lines appear every two seconds.'), pre);
+  if (!agent) return;
+  const tail = logTail(pre, agent, { sessionId: q.get('sessionId'), query: q.get('query'), deploymentId: q.get('deploymentId') });
+  await tail.poll();
+  every(2000, () => tail.poll().catch(() => {}));
+}
+
+// -- keys and secrets --
+async function keysPage(main) {
+  const base = '/v1/organizations/' + enc(me.org) + '/apiKeys';
+  const keyTable = h('tbody', { id: 'keys-body' });
+  const name = h('input', { id: 'key-name-input', placeholder: 'name' });
+  const type = h('select', { id: 'key-type' }, h('option', { value: 'public' }, 'public'), h('option', { value: 'private' }, 'private'));
+  const made = h('div', { id: 'new-key' });
+  const sets = h('tbody', { id: 'secret-sets' });
+  main.replaceChildren(h('h1', {}, 'API keys'),
+    h('div', { class: 'filters' }, h('label', {}, 'Name', name), h('label', {}, 'Type', type),
+      h('button', { type: 'button', class: 'primary', id: 'create-key', onclick: async () => {
+        try {
+          const k = await api('POST', base, { name: name.value, type: type.value });
+          made.replaceChildren(h('p', { class: 'newkey' }, 'New ' + k.type + ' key (shown once): ', h('code', {}, k.key)));
+          name.value = '';
+          await loadKeys();
+        } catch (e) { made.replaceChildren(h('p', { class: 'error' }, 'Not created: ' + e.message)); }
+      } }, 'Create key')),
+    made,
+    h('table', {}, h('thead', {}, h('tr', {}, ['Name', 'Type', 'Key', 'Created', 'State', ''].map((t) => h('th', {}, t)))), keyTable),
+    h('h1', {}, 'Secret sets'),
+    h('p', { class: 'hint' }, 'Names only: values are never shown. Set values with the CLI or the API.'),
+    h('table', {}, h('thead', {}, h('tr', {}, ['Set', 'Type', 'Keys'].map((t) => h('th', {}, t)))), sets));
+  async function loadKeys() {
+    const l = await api('GET', base);
+    const rows = [...(l.private || []), ...(l.public || [])];
+    keyTable.replaceChildren(...rows.map((k) => h('tr', { 'data-key': k.id },
+      h('td', {}, k.metadata.name), h('td', {}, k.type),
+      h('td', { class: 'mono' }, k.type === 'public' ? k.key : k.key.slice(0, 12) + '…'),
+      h('td', {}, fmtTime(k.createdAt)),
+      h('td', {}, k.revoked ? 'revoked ' + fmtTime(k.revokedAt) : 'live'),
+      h('td', {}, k.revoked ? '' : h('button', { type: 'button', class: 'danger', onclick: async () => {
+        if (!confirm('Revoke key ' + k.metadata.name + '? It stops working at once.')) return;
+        try { await api('DELETE', base + '/' + k.id); await loadKeys(); } catch (e) { flash('Revoke failed: ' + e.message, true); }
+      } }, 'Revoke')))));
+  }
+  await loadKeys();
+  const l = await api('GET', '/v1/secrets');
+  const rows = await Promise.all(l.sets.map(async (s) => {
+    let fields = '';
+    if (s.type !== 'image-pull-secret') {
+      try { fields = ((await api('GET', '/v1/secrets/' + enc(s.name))).secrets || []).map((f) => f.fieldName).join(', '); } catch (_) { fields = ''; }
+    }
+    return h('tr', {}, h('td', {}, s.name), h('td', {}, s.type), h('td', { class: 'mono' }, fields));
+  }));
+  sets.replaceChildren(...rows);
+}
+
+// ---- start ---------------------------------------------------------------------------
+(async () => {
+  const k = sessionStorage.getItem(KEY);
+  if (!k) { signOut(''); return; }
+  try { await signIn(k); } catch (e) { signOut(e.status === 401 ? 'Your key was refused.' : ''); }
+})();

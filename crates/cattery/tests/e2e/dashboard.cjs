@@ -1,0 +1,162 @@
+// The dashboard in a real browser: Debian's chromium, headless, driven by playwright-core.
+// Run by the e2e test `dashboard::dashboard_in_a_browser` (dashboard.rs), which starts the
+// server, deploys the agents, and checks processes by pid; the two talk over stdio:
+//   this script prints `SESSION <id>` once the session it started is open, and waits for a
+//   line `go`; it prints `STOPPED <id>` once the page shows it terminated, and waits again.
+// Environment: CATTERY_URL, CATTERY_SK (org "default"), CATTERY_OTHER_SK (org "other"),
+// CATTERY_AGENT, CATTERY_OTHER_AGENT, CATTERY_SCREENSHOTS (a directory), NODE_PATH (where
+// playwright-core is installed), CATTERY_CHROMIUM (default /usr/bin/chromium).
+'use strict';
+
+const { chromium } = require('playwright-core');
+const path = require('path');
+const readline = require('readline');
+
+const env = (k) => {
+  const v = process.env[k];
+  if (!v) throw new Error(`${k} is not set`);
+  return v;
+};
+const BASE = env('CATTERY_URL');
+const SK = env('CATTERY_SK');
+const OTHER_SK = env('CATTERY_OTHER_SK');
+const AGENT = env('CATTERY_AGENT');
+const OTHER_AGENT = env('CATTERY_OTHER_AGENT');
+const SHOTS = env('CATTERY_SCREENSHOTS');
+
+const lines = readline.createInterface({ input: process.stdin });
+const waiting = [];
+lines.on('line', (l) => { const w = waiting.shift(); if (w) w(l.trim()); });
+const nextLine = () => new Promise((res) => waiting.push(res));
+function step(msg) { console.error(`[dashboard e2e] ${msg}`); }
+function check(cond, msg) { if (!cond) throw new Error(`check failed: ${msg}`); }
+
+async function main() {
+  const browser = await chromium.launch({
+    executablePath: process.env.CATTERY_CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update'],
+  });
+  const context = await browser.newContext({ viewport: { width: 1360, height: 900 } });
+  const page = await context.newPage();
+  const problems = [];
+  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  page.on('console', (m) => { if (m.type() === 'error' && !/Failed to load resource/.test(m.text())) problems.push(`console: ${m.text()}`); });
+  page.on('dialog', (d) => { step(`confirm: ${d.message()}`); d.accept(); });
+  const shot = (name) => page.screenshot({ path: path.join(SHOTS, name), fullPage: true });
+  const T = { timeout: 30000 };
+
+  try {
+    step('/ redirects to the sign-in page');
+    await page.goto(BASE + '/');
+    check(page.url() === BASE + '/dashboard', `landed on ${page.url()}`);
+    await page.locator('#signin').waitFor({ state: 'visible', ...T });
+
+    step('a wrong key is refused');
+    await page.fill('#signin-key', 'pk_not_a_real_key_0000');
+    await page.click('#signin-button');
+    await page.locator('#signin-error', { hasText: 'refused' }).waitFor(T);
+    check(await page.locator('#app').isHidden(), 'the app is hidden after a refused key');
+    await shot('01-signin-refused.png');
+
+    step('sign in with the private key');
+    await page.fill('#signin-key', SK);
+    await page.click('#signin-button');
+    await page.locator('#org-name', { hasText: 'default' }).waitFor(T);
+    check(!page.url().includes(SK), 'the key is not in the URL');
+    check((await page.evaluate(() => document.cookie)) === '', 'no cookie is set');
+    check((await context.cookies()).length === 0, 'no cookie in the browser context');
+
+    step('the agent is ready; the other org\'s agent is not listed');
+    const agentRow = page.locator(`tr[data-agent="${AGENT}"]`);
+    await agentRow.locator('[data-health="ready"]').waitFor(T);
+    check(!(await page.content()).includes(OTHER_AGENT), 'another org\'s agent is not visible');
+    await shot('02-agents.png');
+
+    step('start a session from the sessions page; it appears in the live list without reload');
+    await page.click('header nav a[data-page="sessions"]');
+    await page.locator('#sessions-table').waitFor(T);
+    await page.locator('body[data-live="on"]').waitFor(T);
+    await page.evaluate(() => { window.__noReload = true; });
+    await page.fill('#start-body', '{"hello": "dashboard"}');
+    await page.click('#start-session');
+    const sid = (await page.locator('#started-id').textContent(T)).trim();
+    check(/^[0-9a-f-]{36}$/.test(sid), `session id ${sid}`);
+    const row = page.locator(`#sessions-body tr[data-session="${sid}"]`);
+    await row.waitFor(T);
+    check(await page.evaluate(() => window.__noReload === true), 'the page was not reloaded');
+    check((await row.getAttribute('data-status')) === 'active', 'the new row is active');
+    await shot('03-sessions-live.png');
+
+    step('open the session');
+    await row.locator('a').first().click();
+    await page.locator('#session-status', { hasText: 'active' }).waitFor(T);
+    await page.locator('#timeline li[data-step="delivered"]').waitFor(T);
+    await page.locator('#session-logs', { hasText: `bot started session=${sid}` }).waitFor(T);
+    await shot('04-session-active.png');
+    console.log(`SESSION ${sid}`);
+    check((await nextLine()) === 'go', 'the test saw the session\'s process');
+
+    step('stop it with the button (after the confirmation)');
+    await page.click('#stop-session');
+    await page.locator('#session-status', { hasText: 'terminated' }).waitFor(T);
+    await page.locator('#timeline li[data-step="ended"]').waitFor(T);
+    console.log(`STOPPED ${sid}`);
+    check((await nextLine()) === 'go', 'the test saw the process gone');
+    await page.locator('#session-logs', { hasText: '"hello":"dashboard"' }).waitFor(T);
+    await page.locator('#session-logs .platform').first().waitFor(T);
+    await shot('05-session-ended.png');
+
+    step('the list shows it terminated');
+    await page.click('header nav a[data-page="sessions"]');
+    await page.locator(`#sessions-body tr[data-session="${sid}"][data-status="terminated"]`).waitFor(T);
+    await page.selectOption('#f-reason', 'completed');
+    await page.locator('#sessions-total').waitFor(T);
+    await page.waitForFunction((id) => location.hash.includes('endReason=completed') && !document.querySelector(`tr[data-session="${id}"]`) && /sessions/.test(document.querySelector('#sessions-total').textContent), sid, T);
+    await page.selectOption('#f-reason', 'stopped');
+    await page.locator(`#sessions-body tr[data-session="${sid}"]`).waitFor(T);
+
+    step('the logs page tails the agent\'s logs');
+    await page.evaluate((a) => { location.hash = `#/logs?agent=${encodeURIComponent(a)}`; }, AGENT);
+    await page.locator('#logs-tail', { hasText: `bot started session=${sid}` }).waitFor(T);
+    await shot('06-logs.png');
+
+    step('keys: create one (shown once), then revoke it');
+    await page.click('header nav a[data-page="keys"]');
+    await page.fill('#key-name-input', 'e2e-dashboard');
+    await page.click('#create-key');
+    await page.locator('#new-key code').waitFor(T);
+    const keyRow = page.locator('#keys-body tr', { hasText: 'e2e-dashboard' });
+    await keyRow.locator('button', { hasText: 'Revoke' }).click();
+    await keyRow.locator('td', { hasText: 'revoked' }).waitFor(T);
+    await shot('07-keys.png');
+
+    step('sign out forgets the key');
+    await page.click('#signout');
+    await page.locator('#signin').waitFor({ state: 'visible', ...T });
+    check((await page.evaluate(() => sessionStorage.length)) === 0, 'session storage is empty');
+    await page.reload();
+    await page.locator('#signin').waitFor({ state: 'visible', ...T });
+
+    step('the other org sees its own agent only');
+    await page.fill('#signin-key', OTHER_SK);
+    await page.click('#signin-button');
+    await page.locator('#org-name', { hasText: 'other' }).waitFor(T);
+    await page.locator(`tr[data-agent="${OTHER_AGENT}"]`).waitFor(T);
+    check((await page.locator(`tr[data-agent="${AGENT}"]`).count()) === 0, 'the first org\'s agent is not visible');
+    await page.evaluate((a) => { location.hash = `#/sessions?agent=${encodeURIComponent(a)}`; }, AGENT);
+    await page.locator('#main', { hasText: 'not found' }).waitFor(T);
+    await shot('08-other-org.png');
+
+    check(problems.length === 0, `no script errors: ${problems.join('; ')}`);
+    step('all checks passed');
+  } catch (e) {
+    await shot('failure.png').catch(() => {});
+    throw e;
+  } finally {
+    lines.close();
+    await browser.close();
+  }
+}
+
+main().then(() => process.exit(0), (e) => { console.error(e && e.stack ? e.stack : e); process.exit(1); });
