@@ -49,6 +49,8 @@ pub struct AppState {
     pub ws: Arc<ws::WsState>,
     /// Seals and opens secret values (`core::secrets`).
     pub secrets: Arc<crate::core::secrets::SecretCipher>,
+    /// Daily's REST API, for `createDailyRoom`.
+    pub daily: Arc<crate::core::daily::Daily>,
 }
 
 /// A JSON object body whose rejections are `{error, code}` 4xx responses, never 5xx.

@@ -247,5 +247,6 @@ impl Supervisor {
         if let Err(e) = self.store.end_session(session, &end).await {
             tracing::error!(session = %session, error = %e, "could not record session end");
         }
+        self.run_end_hook(session);
     }
 }
