@@ -33,23 +33,50 @@ pub struct DailyRoom {
     pub client_token: String,
 }
 
+type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
 /// Daily's REST API.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Daily {
-    http: reqwest::Client,
+    http: hyper_util::client::legacy::Client<Https, http_body_util::Full<bytes::Bytes>>,
     base: String,
     default_key: Option<String>,
 }
 
+impl std::fmt::Debug for Daily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daily")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Daily {
     /// A client of Daily at `base` (no trailing slash needed), with the server's default key.
+    /// HTTPS uses rustls (ring) with the system's root certificates; `http://` is for
+    /// stand-ins on loopback.
     pub fn new(base: &str, default_key: Option<String>) -> Self {
-        // reqwest is built without a bundled crypto provider: ring is the process default.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .timeout(DAILY_TIMEOUT)
-            .build()
-            .unwrap_or_default();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let https = match builder.with_provider_and_native_roots(provider.clone()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "no system root certificates: HTTPS to Daily will fail");
+                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
+                    rustls::ClientConfig::builder_with_provider(provider)
+                        .with_safe_default_protocol_versions()
+                        .expect("ring supports the default TLS versions")
+                        .with_root_certificates(rustls::RootCertStore::empty())
+                        .with_no_client_auth(),
+                )
+            }
+        }
+        .https_or_http()
+        .enable_http1()
+        .build();
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(https);
         Daily {
             http,
             base: base.trim_end_matches('/').to_string(),
@@ -95,7 +122,7 @@ impl Daily {
         let room = self
             .call(
                 key,
-                reqwest::Method::POST,
+                axum::http::Method::POST,
                 "/rooms",
                 Some(json!({"privacy": "private", "properties": props})),
             )
@@ -139,7 +166,7 @@ impl Daily {
         let v = self
             .call(
                 key,
-                reqwest::Method::POST,
+                axum::http::Method::POST,
                 "/meeting-tokens",
                 Some(json!({"properties": properties})),
             )
@@ -156,7 +183,10 @@ impl Daily {
     /// Deletes room `name`; a failure is logged (the room expires by itself at its `exp`).
     pub async fn delete_room(&self, key: &str, name: &str) {
         let path = format!("/rooms/{}", urlencode(name));
-        match self.call(key, reqwest::Method::DELETE, &path, None).await {
+        match self
+            .call(key, axum::http::Method::DELETE, &path, None)
+            .await
+        {
             Ok(_) => tracing::debug!(room = name, "Daily room deleted"),
             Err(CoreError::Daily { status: 404, .. }) => {}
             Err(e) => tracing::warn!(room = name, error = %e, "could not delete the Daily room"),
@@ -166,31 +196,47 @@ impl Daily {
     async fn call(
         &self,
         key: &str,
-        method: reqwest::Method,
+        method: axum::http::Method,
         path: &str,
         body: Option<Value>,
     ) -> CoreResult<Value> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(key);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.map_err(|e| CoreError::Daily {
+        let unreachable = |why: String| CoreError::Daily {
             status: 502,
-            message: if e.is_timeout() {
-                format!(
+            message: format!("could not reach Daily's API: {why}"),
+        };
+        let req = axum::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.map(|b| b.to_string()).unwrap_or_default(),
+            )))
+            .map_err(|e| unreachable(e.to_string()))?;
+        let exchange = async {
+            let resp = self.http.request(req).await.map_err(|e| {
+                // The error's source says why (refused, TLS, DNS); never the key.
+                let why =
+                    std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+                unreachable(why)
+            })?;
+            let status = resp.status().as_u16();
+            let bytes = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .map_err(|e| unreachable(e.to_string()))?
+                .to_bytes();
+            Ok::<_, CoreError>((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(DAILY_TIMEOUT, exchange)
+            .await
+            .map_err(|_| CoreError::Daily {
+                status: 502,
+                message: format!(
                     "Daily's API did not answer within {} s",
                     DAILY_TIMEOUT.as_secs()
-                )
-            } else {
-                // Without the URL: it is ours, and the error's text may repeat it.
-                format!("could not reach Daily's API: {}", e.without_url())
-            },
-        })?;
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
+                ),
+            })??;
+        let text = String::from_utf8_lossy(&bytes);
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         if (200..300).contains(&status) {
             return Ok(v);
