@@ -18,4 +18,5 @@ mod lifecycle_server;
 mod python_bots;
 mod secrets_logs;
 mod storage_faults;
+mod telephony;
 mod transport;
