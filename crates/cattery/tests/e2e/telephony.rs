@@ -168,3 +168,93 @@ async fn token_mode_refuses_missing_and_replayed_tokens() {
         other => panic!("a replayed token must close the socket: {other:?}"),
     }
 }
+
+/// A real Pipecat bot using pipecat's `parse_telephony_websocket` and `TwilioFrameSerializer`
+/// behind `/ws/twilio`: it reads the relayed `connected`/`start` (stream and call ids, custom
+/// parameters), and the caller's μ-law audio comes back as Twilio `media` messages.
+#[tokio::test(flavor = "multi_thread")]
+async fn twilio_media_stream_with_a_real_pipecat_bot() {
+    let py = crate::common::py_env_dir().join("main/bin/python");
+    assert!(
+        py.exists(),
+        "{} missing: run scripts/setup-python.sh",
+        py.display()
+    );
+    let s = Server::start(&["--python", py.to_str().unwrap()]).await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/bots/twilio-echo");
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&s.sk),
+            Some(json!({"serviceName": "pipephone", "websocketAuth": "none",
+                        "image": format!("local:{}", dir.display())})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let mut ws = connect(&s, "/ws/twilio").await.unwrap();
+    ws.send(Message::Text(CONNECTED.into())).await.unwrap();
+    ws.send(Message::Text(
+        twilio_start(Some("pipephone.default"), None).into(),
+    ))
+    .await
+    .unwrap();
+    // 20 ms of μ-law (160 bytes) per media message, for a second.
+    let payload = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [0x55u8; 160]);
+    let mut back = 0;
+    let t0 = Instant::now();
+    let mut sent = 0;
+    while back < 5 && t0.elapsed() < Duration::from_secs(90) {
+        if sent < 250 {
+            let m = json!({"event": "media", "streamSid": "MZ0001",
+                           "media": {"track": "inbound", "payload": payload}});
+            ws.send(Message::Text(m.to_string().into())).await.unwrap();
+            sent += 1;
+        }
+        match tokio::time::timeout(Duration::from_millis(20), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["event"] == "media" {
+                    assert_eq!(v["streamSid"], "MZ0001", "{v}");
+                    assert!(v["media"]["payload"]
+                        .as_str()
+                        .is_some_and(|p| !p.is_empty()));
+                    back += 1;
+                }
+            }
+            Ok(Some(Ok(_))) | Err(_) => {}
+            Ok(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        back >= 5,
+        "audio came back from the bot: {back} media messages (sent {sent})"
+    );
+    let list = s
+        .req("GET", "/v1/agents/pipephone/sessions", Some(&s.sk), None)
+        .await;
+    let sid = list.body["sessions"][0]["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = s
+        .req(
+            "GET",
+            &format!("/v1/public/pipephone/sessions/{sid}/call"),
+            Some(&s.pk),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["transport_type"], "twilio", "{:?}", r.body);
+    assert_eq!(r.body["call_data"]["stream_id"], "MZ0001");
+    assert_eq!(r.body["call_data"]["call_id"], "CA0001");
+    assert_eq!(
+        r.body["call_data"]["body"]["caller"], "+15550001111",
+        "{:?}",
+        r.body
+    );
+    assert!(r.body["audio_in"].as_u64().unwrap() > 0);
+    ws.close(None).await.unwrap();
+    s.wait_ended("pipephone", &sid, Duration::from_secs(20))
+        .await;
+}
