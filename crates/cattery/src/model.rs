@@ -496,6 +496,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn end_states_of_end_reasons() {
+        let end = |reason, message: Option<&str>| SessionEnd {
+            ended_ms: 1,
+            reason,
+            completion_status: "HTTP_ERROR".into(),
+            exit_code: None,
+            exit_signal: None,
+            message: message.map(str::to_string),
+        };
+        assert_eq!(EndState::of(None), EndState::Active);
+        let timeout = format!("{START_TIMEOUT_MESSAGE} 60 s");
+        for (reason, message, state) in [
+            (EndReason::Completed, None, "completed"),
+            (EndReason::ClientDisconnected, None, "completed"),
+            (EndReason::Error, None, "agent_error"),
+            (EndReason::OutOfMemory, None, "agent_error"),
+            (
+                EndReason::StartFailed,
+                Some("instance exited before it was ready"),
+                "agent_error",
+            ),
+            (EndReason::StartFailed, None, "agent_error"),
+            (
+                EndReason::StartFailed,
+                Some(timeout.as_str()),
+                "agent_start_timeout",
+            ),
+            (
+                EndReason::StoppedDuringStart,
+                None,
+                "ended_before_agent_start",
+            ),
+            (EndReason::Stopped, None, "terminated"),
+            (EndReason::MaxDuration, None, "terminated"),
+            (EndReason::Drained, None, "terminated"),
+            (EndReason::Lost, None, "unknown"),
+        ] {
+            let st = EndState::of(Some(&end(reason, message)));
+            assert_eq!(st.as_str(), state, "{reason:?} {message:?}");
+            assert!(st.reasons().contains(&reason), "{st:?} lists {reason:?}");
+            assert_eq!(EndState::parse(state), Some(st));
+        }
+        assert_eq!(EndState::parse("sleeping"), None);
+    }
+
+    #[test]
     fn agent_names() {
         assert!(valid_agent_name("ab"));
         assert!(valid_agent_name("my-agent-1"));

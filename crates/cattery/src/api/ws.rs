@@ -574,3 +574,30 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::twilio_service_host;
+
+    #[test]
+    fn twilio_start_names_the_agent() {
+        let start = r#"{"event":"start","start":{"streamSid":"MZ1","customParameters":
+            {"_pipecatCloudServiceHost":"bot.acme","_pipecatCloudToken":"t1"}}}"#;
+        assert_eq!(
+            twilio_service_host(start),
+            Some(("bot.acme".into(), Some("t1".into())))
+        );
+        let no_token = r#"{"event":"start","start":{"customParameters":{"_pipecatCloudServiceHost":"bot.acme"}}}"#;
+        assert_eq!(
+            twilio_service_host(no_token),
+            Some(("bot.acme".into(), None))
+        );
+        for other in [
+            r#"{"event":"connected","protocol":"Call"}"#,
+            r#"{"event":"start","start":{"customParameters":{}}}"#,
+            "not json",
+        ] {
+            assert_eq!(twilio_service_host(other), None, "{other}");
+        }
+    }
+}
