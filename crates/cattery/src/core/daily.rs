@@ -9,6 +9,10 @@
 //!
 //! The key is the org's `dailyApiKey` property, else the server's `--daily-api-key`. It is
 //! sent to Daily only and never logged; neither is a token.
+//!
+//! The deletion at the end is kept in memory ([`crate::core::session::Supervisor::on_session_end`]):
+//! a room whose session outlives a restart of the server is left to Daily, which removes
+//! everyone at its `exp` (never later than the session's `maxSessionDuration`).
 
 use std::time::Duration;
 
