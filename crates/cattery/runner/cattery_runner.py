@@ -605,10 +605,39 @@ def _header_session_id(headers) -> Optional[str]:
     return headers.get("x-daily-session-id") or ENV_SESSION_ID
 
 
+def _split_start_envelope(body, marker: Optional[str]):
+    """The base image's start envelope (X-Pcc-Start-Envelope: 1): ``{"body", "flow_config"}``.
+
+    Only the marker decides; a body shaped like an envelope without it is the session body.
+    Returns (body, flow_config) or raises ValueError for a malformed envelope.
+    """
+    if marker is None:
+        return body, None
+    if marker.strip() != "1":
+        raise ValueError(f"unknown start envelope version {marker!r}")
+    if not isinstance(body, dict) or "body" not in body or "flow_config" not in body:
+        raise ValueError("a start envelope needs both body and flow_config")
+    flow = body["flow_config"]
+    if not isinstance(flow, str) or not flow:
+        raise ValueError("flow_config must be non-empty text")
+    return body["body"], flow
+
+
+def _attach_flow_config(args, flow: Optional[str]):
+    """Assigned, not passed: older pipecat RunnerArguments have no flow_config field."""
+    if flow is not None:
+        with contextlib.suppress(Exception):
+            args.flow_config = flow
+
+
 async def handle_bot(request: Request, body: dict):
     headers = request.headers
     session_id = _header_session_id(headers)
     _SESSION.set(session_id)
+    try:
+        body, flow = _split_start_envelope(body, headers.get("x-pcc-start-envelope"))
+    except ValueError as exc:
+        return JSONResponse({"error": str(exc), "code": "GENERIC_BAD_REQUEST"}, status_code=400)
     budget = parse_budget(headers.get("x-pcc-max-session-seconds"))
     transport = (headers.get("x-daily-transport-type") or "").strip().lower()
     room_url = headers.get("x-daily-room-url")
@@ -617,7 +646,7 @@ async def handle_bot(request: Request, body: dict):
 
     if transport == "webrtc":
         if _WEBRTC.available:
-            return await _wait_for_webrtc(request, session_id, body, budget)
+            return await _wait_for_webrtc(request, session_id, body, budget, flow)
         log.warning(
             "x-daily-transport-type: webrtc, but SmallWebRTC is not available in this environment"
             " (needs pipecat-ai[webrtc]); running bot() with PipecatSessionArguments"
@@ -627,6 +656,7 @@ async def handle_bot(request: Request, body: dict):
             args = _make_args("daily", room_url=room_url, token=room_token, body=body, session_id=session_id)
         else:
             args = _make_args("pipecat", body=body, session_id=session_id)
+        _attach_flow_config(args, flow)
     except Exception as exc:  # pragma: no cover - only with an incompatible pipecatcloud
         _log_exception("Could not build the session arguments", exc)
         return JSONResponse({"error": f"{type(exc).__name__}: {exc}", "code": "RUNNER_ERROR"}, status_code=500)
@@ -706,6 +736,7 @@ class _PendingWebRTC:
     finished: asyncio.Future
     run: Optional["_SessionRun"] = None
     closed: bool = False  # the /bot request went away
+    flow_config: Optional[str] = None
 
 
 @dataclass
@@ -788,14 +819,16 @@ async def _ice_servers(mod) -> list:
     return [mod.IceServer(urls=DEFAULT_STUN)]
 
 
-async def _wait_for_webrtc(request: Request, session_id: Optional[str], body: dict, budget: Optional[float]):
+async def _wait_for_webrtc(
+    request: Request, session_id: Optional[str], body: dict, budget: Optional[float], flow: Optional[str] = None
+):
     """/bot with x-daily-transport-type: webrtc: wait for the offer, then for that bot() to end."""
     if _WEBRTC.pending is not None and not _WEBRTC.pending.finished.done():
         return JSONResponse(
             {"error": "already waiting for a WebRTC connection", "code": "SESSION_BUSY"}, status_code=409
         )
     loop = asyncio.get_running_loop()
-    pending = _PendingWebRTC(session_id, body, budget, loop.create_future(), loop.create_future())
+    pending = _PendingWebRTC(session_id, body, budget, loop.create_future(), loop.create_future(), flow_config=flow)
     _WEBRTC.pending = pending
     log.info("Will wait for the webrtc_connection to be set!")
 
@@ -842,6 +875,7 @@ def _start_webrtc_session(connection, request_data, header_session_id: Optional[
     body = request_data if request_data else (pending.body if pending else None)
     budget = pending.budget if pending else None
     args = _make_args("webrtc", webrtc_connection=connection, body=body, session_id=session_id)
+    _attach_flow_config(args, pending.flow_config if pending else None)
 
     def remember(run: _SessionRun) -> None:
         if pending is not None:

@@ -179,9 +179,19 @@ pub struct SessionsConfig {
     pub drain_timeout_seconds: f64,
     /// Resource sampling interval, ms.
     pub metrics_interval_ms: u64,
-    /// Daily API key, for `createDailyRoom`.
+    /// Daily API key, for `createDailyRoom` (an org's `dailyApiKey` property wins).
     pub daily_api_key: Option<String>,
+    /// Daily's REST API base URL.
+    pub daily_api_url: String,
+    /// ICE server URLs given to bots (`CATTERY_ICE_SERVERS`) and answered for
+    /// `enableDefaultIceServers`; empty = none (host candidates only).
+    pub ice_servers: Vec<String>,
 }
+
+/// Daily's REST API.
+pub const DEFAULT_DAILY_API_URL: &str = "https://api.daily.co/v1";
+/// The ICE server the Python runner used before `--ice-servers` existed.
+pub const DEFAULT_ICE_SERVER: &str = "stun:stun.l.google.com:19302";
 
 impl Default for SessionsConfig {
     fn default() -> Self {
@@ -191,6 +201,8 @@ impl Default for SessionsConfig {
             drain_timeout_seconds: 30.0,
             metrics_interval_ms: 5000,
             daily_api_key: None,
+            daily_api_url: DEFAULT_DAILY_API_URL.into(),
+            ice_servers: vec![DEFAULT_ICE_SERVER.into()],
         }
     }
 }
@@ -337,6 +349,18 @@ pub struct ServeArgs {
     /// Daily API key, needed for `createDailyRoom`.
     #[arg(long, env = "CATTERY_DAILY_API_KEY", help_heading = "Sessions")]
     pub daily_api_key: Option<String>,
+    /// Daily's REST API base URL [default: https://api.daily.co/v1].
+    #[arg(long, env = "CATTERY_DAILY_API_URL", help_heading = "Sessions")]
+    pub daily_api_url: Option<String>,
+    /// ICE server URLs (comma-separated) given to bots and answered for
+    /// `enableDefaultIceServers`; "" = none [default: stun:stun.l.google.com:19302].
+    #[arg(
+        long,
+        env = "CATTERY_ICE_SERVERS",
+        value_delimiter = ',',
+        help_heading = "Sessions"
+    )]
+    pub ice_servers: Option<Vec<String>>,
 
     /// Logs older than this many days are deleted [default: 30].
     #[arg(long, env = "CATTERY_LOG_RETENTION_DAYS", help_heading = "Logs")]
@@ -417,6 +441,7 @@ impl Config {
             se.start_timeout_seconds => a.start_timeout_seconds,
             se.drain_timeout_seconds => a.drain_timeout_seconds,
             se.metrics_interval_ms => a.metrics_interval_ms,
+            se.daily_api_url => a.daily_api_url,
             l.retention_days => a.log_retention_days,
             l.retention_max_lines => a.log_retention_max_lines,
             w.idle_timeout_seconds => a.ws_idle_timeout_seconds,
@@ -434,6 +459,13 @@ impl Config {
         if a.daily_api_key.is_some() {
             se.daily_api_key = a.daily_api_key;
         }
+        if let Some(v) = a.ice_servers {
+            se.ice_servers = v
+                .into_iter()
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty())
+                .collect();
+        }
     }
 
     /// Checks every setting; the error names the flag.
@@ -444,6 +476,18 @@ impl Config {
             }
             Ok(())
         };
+        let d = &self.sessions.daily_api_url;
+        if !(d.starts_with("http://") || d.starts_with("https://")) {
+            anyhow::bail!("--daily-api-url must be an http(s) URL (got {d:?})");
+        }
+        if let Some(u) = self.sessions.ice_servers.iter().find(|u| {
+            !["stun:", "stuns:", "turn:", "turns:"]
+                .iter()
+                .any(|p| u.starts_with(p))
+                || u.contains(',')
+        }) {
+            anyhow::bail!("--ice-servers takes stun:/turn: URLs (got {u:?})");
+        }
         let s = &self.server;
         if s.listen.trim().is_empty() {
             anyhow::bail!("--listen must be host:port");

@@ -275,6 +275,109 @@ impl EndReason {
     }
 }
 
+/// Start of the message of a start that failed because the instance never answered
+/// `/readyz` (`START_TIMEOUT`): what tells `agent_start_timeout` from other failed starts.
+pub const START_TIMEOUT_MESSAGE: &str = "instance did not answer /readyz within";
+
+/// A session's `endState`, Pipecat Cloud's summary of how it ended (the vocabulary of
+/// `pipecat cloud agent sessions --end-state`), derived from the [`EndReason`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndState {
+    /// Not ended.
+    Active,
+    /// The agent finished (its `/bot` answered, its process exited 0, or the websocket
+    /// client hung up).
+    Completed,
+    /// Stopped before the session reached the agent.
+    EndedBeforeAgentStart,
+    /// The instance did not become ready within the start timeout.
+    AgentStartTimeout,
+    /// Ended by the platform: a stop, `maxSessionDuration`, or a drain.
+    Terminated,
+    /// The agent failed: an error answer, a crash, a failed start, out of memory.
+    AgentError,
+    /// Unknown: the instance vanished while the control plane was down.
+    Unknown,
+}
+
+impl EndState {
+    /// Every state, in the CLI's order.
+    pub const ALL: [EndState; 7] = [
+        EndState::Active,
+        EndState::Completed,
+        EndState::EndedBeforeAgentStart,
+        EndState::AgentStartTimeout,
+        EndState::Terminated,
+        EndState::AgentError,
+        EndState::Unknown,
+    ];
+
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndState::Active => "active",
+            EndState::Completed => "completed",
+            EndState::EndedBeforeAgentStart => "ended_before_agent_start",
+            EndState::AgentStartTimeout => "agent_start_timeout",
+            EndState::Terminated => "terminated",
+            EndState::AgentError => "agent_error",
+            EndState::Unknown => "unknown",
+        }
+    }
+
+    /// From its wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == s)
+    }
+
+    /// The state of a session that ended with `end` (`None`: not ended).
+    pub fn of(end: Option<&SessionEnd>) -> Self {
+        let Some(e) = end else {
+            return EndState::Active;
+        };
+        match e.reason {
+            EndReason::Completed | EndReason::ClientDisconnected => EndState::Completed,
+            EndReason::Error | EndReason::OutOfMemory => EndState::AgentError,
+            EndReason::StartFailed
+                if e.message
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with(START_TIMEOUT_MESSAGE)) =>
+            {
+                EndState::AgentStartTimeout
+            }
+            EndReason::StartFailed => EndState::AgentError,
+            EndReason::StoppedDuringStart => EndState::EndedBeforeAgentStart,
+            EndReason::Stopped | EndReason::MaxDuration | EndReason::Drained => {
+                EndState::Terminated
+            }
+            EndReason::Lost => EndState::Unknown,
+        }
+    }
+
+    /// The end reasons whose sessions may have this state (`Active`: none, the session has
+    /// no end). `StartFailed` is in both `AgentError` and `AgentStartTimeout`: its message
+    /// tells them apart ([`START_TIMEOUT_MESSAGE`]).
+    pub fn reasons(self) -> &'static [EndReason] {
+        match self {
+            EndState::Active => &[],
+            EndState::Completed => &[EndReason::Completed, EndReason::ClientDisconnected],
+            EndState::EndedBeforeAgentStart => &[EndReason::StoppedDuringStart],
+            EndState::AgentStartTimeout => &[EndReason::StartFailed],
+            EndState::Terminated => &[
+                EndReason::Stopped,
+                EndReason::MaxDuration,
+                EndReason::Drained,
+            ],
+            EndState::AgentError => &[
+                EndReason::Error,
+                EndReason::OutOfMemory,
+                EndReason::StartFailed,
+            ],
+            EndState::Unknown => &[EndReason::Lost],
+        }
+    }
+}
+
 /// How a session ended, as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionEnd {
@@ -410,6 +513,52 @@ pub fn valid_agent_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn end_states_of_end_reasons() {
+        let end = |reason, message: Option<&str>| SessionEnd {
+            ended_ms: 1,
+            reason,
+            completion_status: "HTTP_ERROR".into(),
+            exit_code: None,
+            exit_signal: None,
+            message: message.map(str::to_string),
+        };
+        assert_eq!(EndState::of(None), EndState::Active);
+        let timeout = format!("{START_TIMEOUT_MESSAGE} 60 s");
+        for (reason, message, state) in [
+            (EndReason::Completed, None, "completed"),
+            (EndReason::ClientDisconnected, None, "completed"),
+            (EndReason::Error, None, "agent_error"),
+            (EndReason::OutOfMemory, None, "agent_error"),
+            (
+                EndReason::StartFailed,
+                Some("instance exited before it was ready"),
+                "agent_error",
+            ),
+            (EndReason::StartFailed, None, "agent_error"),
+            (
+                EndReason::StartFailed,
+                Some(timeout.as_str()),
+                "agent_start_timeout",
+            ),
+            (
+                EndReason::StoppedDuringStart,
+                None,
+                "ended_before_agent_start",
+            ),
+            (EndReason::Stopped, None, "terminated"),
+            (EndReason::MaxDuration, None, "terminated"),
+            (EndReason::Drained, None, "terminated"),
+            (EndReason::Lost, None, "unknown"),
+        ] {
+            let st = EndState::of(Some(&end(reason, message)));
+            assert_eq!(st.as_str(), state, "{reason:?} {message:?}");
+            assert!(st.reasons().contains(&reason), "{st:?} lists {reason:?}");
+            assert_eq!(EndState::parse(state), Some(st));
+        }
+        assert_eq!(EndState::parse("sleeping"), None);
+    }
 
     #[test]
     fn agent_names() {

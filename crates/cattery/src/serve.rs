@@ -247,6 +247,7 @@ pub fn app_state(
             start_timeout: Duration::from_secs_f64(cfg.start_timeout_seconds),
             daily_api_key: cfg.daily_api_key.clone(),
             metrics_interval: Duration::from_millis(cfg.metrics_interval_ms.max(100)),
+            ice_servers: config.sessions.ice_servers.clone(),
         },
         logs,
         Arc::new(crate::core::secrets::DeploymentSecrets::new(
@@ -268,6 +269,10 @@ pub fn app_state(
         secrets: cipher,
         metrics: Arc::new(crate::telemetry::Metrics::new(
             config.server.metrics_token.clone(),
+        )),
+        daily: Arc::new(crate::core::daily::Daily::new(
+            &config.sessions.daily_api_url,
+            config.sessions.daily_api_key.clone(),
         )),
     })
 }

@@ -117,6 +117,12 @@ impl From<CoreError> for ApiError {
             CoreError::StoppedDuringStart(_) => {
                 ApiError::new(StatusCode::CONFLICT, "STOPPED_DURING_START", msg)
             }
+            CoreError::Daily { status, .. } => match status {
+                400 => ApiError::new(StatusCode::BAD_REQUEST, "DAILY_BAD_REQUEST", msg),
+                429 => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "DAILY_RATE_LIMITED", msg),
+                401 | 403 => ApiError::new(StatusCode::BAD_GATEWAY, "DAILY_UNAUTHORIZED", msg),
+                _ => ApiError::new(StatusCode::BAD_GATEWAY, "DAILY_ERROR", msg),
+            },
             CoreError::Store(e) => store_error(e),
         }
     }

@@ -54,6 +54,8 @@ pub struct AppState {
     pub secrets: Arc<crate::core::secrets::SecretCipher>,
     /// `GET /metrics` (`api::metrics`).
     pub metrics: Arc<crate::telemetry::Metrics>,
+    /// Daily's REST API, for `createDailyRoom`.
+    pub daily: Arc<crate::core::daily::Daily>,
 }
 
 /// A JSON object body whose rejections are `{error, code}` 4xx responses, never 5xx.

@@ -343,13 +343,15 @@ pub async fn revoke_api_key(
     }))
 }
 
-/// `GET /v1/organizations/{org}/daily`: `{"apiKey"}` when the server has a Daily API key.
+/// `GET /v1/organizations/{org}/daily`: `{"apiKey"}`, the org's Daily API key (its
+/// `dailyApiKey` property, else the server's `--daily-api-key`).
 pub async fn daily_key(
     State(st): State<AppState>,
-    OrgAuth(_c): OrgAuth,
+    OrgAuth(c): OrgAuth,
 ) -> ApiResult<Json<DailyKey>> {
-    st.sup
-        .daily_api_key()
+    let rec = orgs::org_record(&st.store, &c.org).await.map_err(nf)?;
+    st.daily
+        .key_for(orgs::daily_api_key_of(&rec).as_deref())
         .map(|api_key| Json(DailyKey { api_key }))
         .ok_or_else(|| {
             ApiError::not_found(

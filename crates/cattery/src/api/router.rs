@@ -66,6 +66,8 @@ fn routes() -> OpenApiRouter<AppState> {
             any(proxy::proxy),
         )
         .route("/ws/generic/{service}/{token}", get(ws::connect_with_token))
+        // Telephony providers and the query form of the generic endpoint.
+        .route("/ws/{provider}", get(ws::telephony))
         .route(
             "/v1/agents/{agent_name}/deployments",
             get(org::agent_deployments),

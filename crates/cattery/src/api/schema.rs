@@ -453,7 +453,10 @@ impl AgentDetails {
                 total: p.total,
             },
             warning,
-            websocket_auth: spec.websocket_auth.clone().unwrap_or_else(|| "none".into()),
+            websocket_auth: spec
+                .websocket_auth
+                .clone()
+                .unwrap_or_else(|| "token".into()),
             working_dir: spec.working_dir.clone(),
         }
     }
@@ -540,6 +543,10 @@ pub struct Session {
     pub end_message: Option<String>,
     /// Why it ended (`stopped`, `completed`, `error`, ...).
     pub end_reason: Option<&'static str>,
+    /// How it ended in Pipecat Cloud's words: `active`, `completed`,
+    /// `ended_before_agent_start`, `agent_start_timeout`, `terminated`, `agent_error`,
+    /// `unknown` (derived from `endReason`).
+    pub end_state: &'static str,
     /// Ended.
     pub ended_at: Option<String>,
     /// Exit code of the instance, when known.
@@ -580,6 +587,7 @@ impl Session {
             deployment_id: s.deployment_id,
             end_message: end.and_then(|e| e.message.clone()),
             end_reason: end.map(|e| e.reason.as_str()),
+            end_state: crate::model::EndState::of(end).as_str(),
             ended_at: end.map(|e| iso_ms(e.ended_ms)),
             exit_code: end.and_then(|e| e.exit_code),
             exit_signal: end.and_then(|e| e.exit_signal),
@@ -962,6 +970,26 @@ impl RegionList {
 pub struct PropertyValues {
     /// Region for new agents and secret sets that name none.
     pub default_region: String,
+    /// The org's Daily API key, masked (present only when set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daily_api_key: Option<String>,
+}
+
+/// A key shown by its last four characters only.
+pub fn masked_key(k: &str) -> String {
+    let tail: String = k
+        .chars()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    if k.chars().count() <= 8 {
+        "****".into()
+    } else {
+        format!("****{tail}")
+    }
 }
 
 /// `{"properties": {"defaultRegion"}}`.
@@ -977,6 +1005,7 @@ impl Properties {
         Properties {
             properties: PropertyValues {
                 default_region: p.current,
+                daily_api_key: p.daily_api_key.as_deref().map(masked_key),
             },
         }
     }
@@ -1007,6 +1036,9 @@ pub struct PropertySchema {
 pub struct PropertySchemas {
     /// `defaultRegion`.
     pub default_region: PropertySchema,
+    /// `dailyApiKey` (present only when the org has set one; settable always).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daily_api_key: Option<PropertySchema>,
 }
 
 /// `{"properties": {name: {availableValues, currentValue, default, description, readOnly,
@@ -1030,6 +1062,14 @@ impl PropertiesSchema {
                     read_only: false,
                     kind: "string",
                 },
+                daily_api_key: p.daily_api_key.as_deref().map(|k| PropertySchema {
+                    available_values: Vec::new(),
+                    current_value: masked_key(k),
+                    default: String::new(),
+                    description: "Daily API key for createDailyRoom (else the server's --daily-api-key); \"\" unsets it",
+                    read_only: false,
+                    kind: "string",
+                }),
             },
         }
     }

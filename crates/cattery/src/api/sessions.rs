@@ -14,10 +14,11 @@ use super::auth::{PrivateAuth, PublicAuth};
 use super::error::{ApiError, ApiResult, ErrorBody, RateLimitBody};
 use super::schema::{ResourceMetrics, Session, SessionList};
 use super::{ApiJson, ApiPath, AppState};
+use crate::core::daily::DailyRoom;
 use crate::core::lookup;
 use crate::core::session::StartParams;
 use crate::core::CoreError;
-use crate::model::{now_ms, AgentRecord, EndReason, SessionRecord};
+use crate::model::{now_ms, AgentRecord, EndReason, EndState, SessionRecord};
 use crate::store::SessionFilter;
 
 /// Largest start `body` for daily/webrtc/plain sessions (bytes; reference §A.5).
@@ -29,11 +30,12 @@ pub const MAX_WS_START_BODY: usize = 4 * 1024;
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StartRequest {
-    /// Create a Daily room for the bot (needs a Daily API key on the server).
+    /// Create a Daily room for the session (needs the org's `dailyApiKey` property or the
+    /// server's `--daily-api-key`); the bot gets it as `x-daily-room-url`/`x-daily-room-token`.
     pub create_daily_room: Option<bool>,
-    /// Daily room properties.
+    /// Daily room properties, over the defaults (`exp` at most the session's end).
     pub daily_room_properties: Option<Value>,
-    /// Daily meeting token properties.
+    /// Daily meeting token properties of the client's token (`dailyToken`).
     pub daily_meeting_token_properties: Option<Value>,
     /// Include `iceConfig` in the answer.
     pub enable_default_ice_servers: Option<bool>,
@@ -41,17 +43,31 @@ pub struct StartRequest {
     pub transport: Option<String>,
     /// Passed to the bot as `args.body` (max 1 MiB; 4 KiB for websocket).
     pub body: Option<Value>,
-    /// Flow config text (accepted, not yet delivered).
+    /// Pipecat Flows config text: the bot gets it as `args.flow_config` (the base image's
+    /// start envelope, `X-Pcc-Start-Envelope: 1`).
+    #[serde(rename = "flow_config", alias = "flowConfig")]
     pub flow_config: Option<String>,
 }
 
-/// `iceConfig` of a start answer (no ICE servers are configured).
+/// `iceConfig` of a start answer: the server's `--ice-servers`, the ones bots use.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IceConfig {
-    /// Always empty.
+    /// `[{"urls": [...]}]`, one entry per configured URL.
     #[schema(value_type = Vec<Object>)]
     pub ice_servers: Vec<Value>,
+}
+
+impl IceConfig {
+    /// The answer for ICE server URLs `urls`.
+    pub fn of(urls: &[String]) -> Self {
+        IceConfig {
+            ice_servers: urls
+                .iter()
+                .map(|u| serde_json::json!({ "urls": [u] }))
+                .collect(),
+        }
+    }
 }
 
 /// `StartResponse`: `sessionId`, plus Cattery's additive `coldStart` and `botStartSeconds`.
@@ -62,6 +78,12 @@ pub struct StartResponse {
     pub bot_start_seconds: f64,
     /// Whether a new instance was started for it.
     pub cold_start: bool,
+    /// The Daily room's URL (`createDailyRoom: true` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daily_room: Option<String>,
+    /// A meeting token for the client (`createDailyRoom: true` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daily_token: Option<String>,
     /// With `enableDefaultIceServers: true` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ice_config: Option<IceConfig>,
@@ -144,12 +166,14 @@ pub async fn start_session(
         ))
         .into());
     }
-    if req.create_daily_room == Some(true) && st.sup_daily_key().is_none() {
-        return Err(ApiError::bad_request(
-            "createDailyRoom needs a Daily API key on the server (cattery serve --daily-api-key or CATTERY_DAILY_API_KEY)",
-        ));
-    }
+    let flow = req.flow_config.as_deref().filter(|f| !f.is_empty());
+    let daily = req.create_daily_room == Some(true);
     if transport.as_deref() == Some("websocket") {
+        if daily || flow.is_some() {
+            return Err(ApiError::bad_request(
+                "createDailyRoom and flow_config do not go with transport \"websocket\"",
+            ));
+        }
         st.sup.check_startable(&c.org, &name)?;
         if req.body.is_some() && st.sup.websocket_auth(&c.org, &name).as_deref() == Some("none") {
             return Err(ApiError::bad_request(
@@ -169,6 +193,30 @@ pub async fn start_session(
             req.body.as_ref(),
         ))));
     }
+    let session = Uuid::new_v4();
+    let mut extra_headers = Vec::new();
+    // The base image's start envelope: the bot gets `body` as `args.body` and the flow as
+    // `args.flow_config`.
+    let body = match flow {
+        Some(f) => {
+            extra_headers.push(("x-pcc-start-envelope".to_string(), "1".to_string()));
+            let inner = req.body.clone().unwrap_or_else(|| serde_json::json!({}));
+            Bytes::from(
+                serde_json::to_vec(&serde_json::json!({"body": inner, "flow_config": f}))
+                    .unwrap_or_default(),
+            )
+        }
+        None => body,
+    };
+    let room = if daily {
+        Some(daily_room(&st, &c.org, &name, session, &req).await?)
+    } else {
+        None
+    };
+    if let Some(r) = &room {
+        extra_headers.push(("x-daily-room-url".into(), r.url.clone()));
+        extra_headers.push(("x-daily-room-token".into(), r.bot_token.clone()));
+    }
     let out = st
         .sup
         .start_session(
@@ -176,19 +224,73 @@ pub async fn start_session(
             &name,
             StartParams {
                 body,
-                transport,
+                transport: transport.or_else(|| daily.then(|| "daily".to_string())),
+                session_id: Some(session),
+                extra_headers,
                 ..Default::default()
             },
         )
-        .await?;
+        .await;
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            // Nothing of the session remains: its room goes too.
+            st.sup.run_end_hook(session);
+            return Err(e.into());
+        }
+    };
     Ok(Json(StartAnswer::Started(StartResponse {
         bot_start_seconds: out.bot_start_ms as f64 / 1000.0,
         cold_start: out.cold_start,
-        ice_config: (req.enable_default_ice_servers == Some(true)).then(|| IceConfig {
-            ice_servers: Vec::new(),
-        }),
+        daily_room: room.as_ref().map(|r| r.url.clone()),
+        daily_token: room.map(|r| r.client_token),
+        ice_config: (req.enable_default_ice_servers == Some(true))
+            .then(|| IceConfig::of(st.sup.ice_servers())),
         session_id: out.session_id,
     })))
+}
+
+/// Creates the Daily room of a `createDailyRoom` start and arranges its deletion when the
+/// session ends (or its start fails). Errors: 400 without a Daily key; the agent's
+/// 404/400/503 before Daily is called; Daily's refusals ([`CoreError::Daily`]).
+async fn daily_room(
+    st: &AppState,
+    org: &str,
+    name: &str,
+    session: Uuid,
+    req: &StartRequest,
+) -> ApiResult<DailyRoom> {
+    let rec = crate::core::orgs::org_record(&st.store, org).await?;
+    let key = st
+        .daily
+        .key_for(crate::core::orgs::daily_api_key_of(&rec).as_deref())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "createDailyRoom needs a Daily API key: set the org's dailyApiKey property, or start the server with --daily-api-key (CATTERY_DAILY_API_KEY)",
+            )
+        })?;
+    st.sup.check_startable(org, name)?;
+    let max_s = st
+        .sup
+        .max_session_seconds(org, name)
+        .unwrap_or(crate::model::DEFAULT_MAX_SESSION_DURATION_S);
+    let room = st
+        .daily
+        .create_room(
+            &key,
+            max_s,
+            req.daily_room_properties.as_ref(),
+            req.daily_meeting_token_properties.as_ref(),
+        )
+        .await?;
+    let (daily, room_name) = (st.daily.clone(), room.name.clone());
+    st.sup.on_session_end(
+        session,
+        Box::new(move || {
+            tokio::spawn(async move { daily.delete_room(&key, &room_name).await });
+        }),
+    );
+    Ok(room)
 }
 
 fn zod(field: &str, msg: &str) -> ApiError {
@@ -211,6 +313,19 @@ fn int_param(q: &HashMap<String, String>, k: &str) -> ApiResult<Option<i64>> {
     }
 }
 
+/// A non-negative number of seconds, as ms (`startTimeMin`/`startTimeMax` may be fractional).
+fn seconds_param(q: &HashMap<String, String>, k: &str) -> ApiResult<Option<i64>> {
+    match q.get(k).map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(v) => v
+            .parse::<f64>()
+            .ok()
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f <= 1e9)
+            .map(|f| Some((f * 1000.0).round() as i64))
+            .ok_or_else(|| zod(k, "expected a non-negative number of seconds")),
+    }
+}
+
 /// List an agent's sessions: `{"total_count", "sessions"}`, newest first.
 #[utoipa::path(get, path = "/v1/agents/{agent_name}/sessions", tag = "sessions", operation_id = "list_sessions",
     params(("agent_name" = String, Path, description = "Agent name"),
@@ -221,7 +336,10 @@ fn int_param(q: &HashMap<String, String>, k: &str) -> ApiResult<Option<i64>> {
            ("startType" = Option<String>, Query, description = "cold | warm | all"),
            ("startTime" = Option<i64>, Query, description = "created at or after (Unix s)"),
            ("endTime" = Option<i64>, Query, description = "created at or before (Unix s)"),
-           ("endReason" = Option<String>, Query, description = "only sessions that ended for this reason (completed, error, stopped, ...)")),
+           ("endReason" = Option<String>, Query, description = "only sessions that ended for this reason (completed, error, stopped, ...)"),
+           ("endState" = Option<String>, Query, description = "active | completed | ended_before_agent_start | agent_start_timeout | terminated | agent_error | unknown"),
+           ("startTimeMin" = Option<f64>, Query, description = "botStartSeconds at least"),
+           ("startTimeMax" = Option<f64>, Query, description = "botStartSeconds at most")),
     responses((status = 200, description = "{\"total_count\", \"sessions\"}", body = SessionList),
               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("PrivateKeyAuth" = [])))]
@@ -262,6 +380,15 @@ pub async fn list_sessions(
         Some("warm") => Some(false),
         Some(_) => return Err(zod("startType", "expected cold, warm or all")),
     };
+    f.end_state = match q.get("endState").map(|s| s.trim()) {
+        None | Some("") => None,
+        Some(e) => Some(EndState::parse(e).ok_or_else(|| {
+            let all: Vec<_> = EndState::ALL.iter().map(|e| e.as_str()).collect();
+            zod("endState", &format!("expected one of {}", all.join(", ")))
+        })?),
+    };
+    f.bot_start_min_ms = seconds_param(&q, "startTimeMin")?;
+    f.bot_start_max_ms = seconds_param(&q, "startTimeMax")?;
     let (total_count, list) = lookup::sessions_of(&st.store, &agent, &f).await?;
     Ok(Json(SessionList {
         sessions: list.iter().map(|s| Session::of(s, &agent)).collect(),
@@ -331,10 +458,4 @@ pub async fn stop_session(
         session_id: id,
         status: "terminated".into(),
     }))
-}
-
-impl AppState {
-    fn sup_daily_key(&self) -> Option<String> {
-        self.sup.daily_api_key()
-    }
 }

@@ -32,12 +32,20 @@ struct Answer {
     body: Value,
 }
 
+mod daily;
+
 async fn api() -> Api {
+    api_with(|_| {}).await
+}
+
+/// [`api`] with `tune` applied to the configuration.
+async fn api_with(tune: impl FnOnce(&mut Config)) -> Api {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
     config.server.data_dir = dir.path().to_path_buf();
     config.sessions.stop_grace_seconds = 0.5;
     config.sessions.start_timeout_seconds = 5.0;
+    tune(&mut config);
     let store = open_store(&config.store, dir.path()).await.unwrap();
     let fake = FakeRuntime::new();
     let (logs, mut rx) = mpsc::unbounded_channel();

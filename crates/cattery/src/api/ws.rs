@@ -232,9 +232,23 @@ async fn handle(
             (None, body)
         }
     };
+    up.read_buffer_size(READ_BUFFER)
+        .on_upgrade(move |socket| run_session(st, socket, Vec::new(), org, agent, session_id, body))
+}
+
+/// The session of an accepted client socket: holds it (with `pre`, frames already read from
+/// it, relayed first) while an instance is assigned, then relays until either side ends.
+async fn run_session(
+    st: AppState,
+    socket: WebSocket,
+    pre: Vec<AxMessage>,
+    org: String,
+    agent: String,
+    session_id: Option<Uuid>,
+    body: Option<Vec<u8>>,
+) {
     let idle = st.ws.idle_timeout;
-    let up = up.read_buffer_size(READ_BUFFER);
-    up.on_upgrade(move |socket| async move {
+    {
         let body_b64 = body
             .as_ref()
             .map(|b| base64::engine::general_purpose::STANDARD.encode(b));
@@ -242,7 +256,7 @@ async fn handle(
         // reports a client that goes away, which cancels the start (docs/lifecycle.md, L18).
         let (claim_tx, claim_rx) = tokio::sync::oneshot::channel::<Claim>();
         let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(hold_client(socket, claim_rx, gone_tx));
+        tokio::spawn(hold_client(socket, pre, claim_rx, gone_tx));
         let deliver: Deliver = Box::new(move |addr, headers| {
             Box::pin(async move {
                 let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
@@ -294,7 +308,7 @@ async fn handle(
         if let Err(e) = st.sup.start_session(&org, &agent, params).await {
             tracing::info!(agent = %agent, error = %e, "websocket session could not start");
         }
-    })
+    }
 }
 
 /// Read buffer of each relay leg. tungstenite zero-fills its whole read buffer before every
@@ -320,11 +334,12 @@ type Claim = tokio::sync::oneshot::Sender<(WebSocket, Vec<AxMessage>)>;
 /// signals `gone` if the client closes or drops first.
 async fn hold_client(
     mut socket: WebSocket,
+    pre: Vec<AxMessage>,
     mut claim: tokio::sync::oneshot::Receiver<Claim>,
     gone: tokio::sync::oneshot::Sender<()>,
 ) {
-    let mut early = Vec::new();
-    let mut bytes = 0usize;
+    let mut bytes = pre.iter().map(frame_len).sum::<usize>();
+    let mut early = pre;
     loop {
         tokio::select! {
             c = &mut claim => {
@@ -339,11 +354,7 @@ async fn hold_client(
                     return;
                 }
                 Some(Ok(m)) => {
-                    let n = match &m {
-                        AxMessage::Text(t) => t.len(),
-                        AxMessage::Binary(b) => b.len(),
-                        _ => 0,
-                    };
+                    let n = frame_len(&m);
                     if n > 0 && bytes + n <= MAX_EARLY_BYTES {
                         bytes += n;
                         early.push(m);
@@ -352,6 +363,121 @@ async fn hold_client(
             }
         }
     }
+}
+
+fn frame_len(m: &AxMessage) -> usize {
+    match m {
+        AxMessage::Text(t) => t.len(),
+        AxMessage::Binary(b) => b.len(),
+        _ => 0,
+    }
+}
+
+/// Longest wait for a telephony connection to say which agent it wants (Twilio's `start`).
+pub const IDENTIFY_WAIT: Duration = Duration::from_secs(5);
+/// Most frames read while waiting for it.
+const IDENTIFY_FRAMES: usize = 8;
+
+/// `GET /ws/{provider}?serviceHost={agent}.{org}[&token=][&body=]` for `twilio`, `telnyx`,
+/// `plivo`, `exotel` and `generic` (reference §J "Telephony websockets"): the query form of
+/// the generic endpoint, every frame relayed, the provider's opening messages included.
+/// Twilio, which drops query strings, may instead name the agent as the
+/// `_pipecatCloudServiceHost` custom parameter of its `start` message (and a token as
+/// `_pipecatCloudToken`); a connection that does not say within [`IDENTIFY_WAIT`] is closed.
+pub async fn telephony(
+    State(st): State<AppState>,
+    ApiPath(provider): ApiPath<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if !matches!(
+        provider.as_str(),
+        "twilio" | "telnyx" | "plivo" | "exotel" | "generic"
+    ) {
+        return ApiError::not_found("404", format!("no websocket endpoint /ws/{provider}"))
+            .into_response();
+    }
+    if let Some(service) = q.get("serviceHost").filter(|s| !s.is_empty()).cloned() {
+        return handle(st, service, None, q, headers, up).await;
+    }
+    if provider != "twilio" {
+        return ApiError::bad_request(format!("/ws/{provider} needs ?serviceHost=<agent>.<org>"))
+            .into_response();
+    }
+    let up = match up {
+        Ok(up) => up,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "400",
+                format!("expected a websocket upgrade: {e}"),
+            )
+            .into_response()
+        }
+    };
+    up.read_buffer_size(READ_BUFFER)
+        .on_upgrade(move |socket| twilio_by_parameter(st, socket))
+}
+
+/// Reads Twilio's opening messages until its `start` names the agent, then runs the session
+/// with them relayed first; closes a connection that does not say in time (1008), or whose
+/// token is missing or bad for a `websocketAuth: token` agent.
+async fn twilio_by_parameter(st: AppState, mut socket: WebSocket) {
+    let mut pre = Vec::new();
+    let deadline = tokio::time::Instant::now() + IDENTIFY_WAIT;
+    let mut found = None;
+    while found.is_none() && pre.len() < IDENTIFY_FRAMES {
+        match tokio::time::timeout_at(deadline, socket.recv()).await {
+            Ok(Some(Ok(m @ AxMessage::Text(_)))) => {
+                if let AxMessage::Text(t) = &m {
+                    found = twilio_service_host(t.as_str());
+                }
+                pre.push(m);
+            }
+            Ok(Some(Ok(AxMessage::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return,
+            Ok(Some(Ok(_))) => {}
+            Err(_) => break,
+        }
+    }
+    let close = |socket: WebSocket, why: &'static str| async move {
+        let mut socket = socket;
+        let frame = AxCloseFrame {
+            code: 1008,
+            reason: why.into(),
+        };
+        let _ = tokio::time::timeout(CLOSE_WAIT, socket.send(AxMessage::Close(Some(frame)))).await;
+    };
+    let Some((service, token)) = found else {
+        return close(socket, "no _pipecatCloudServiceHost in the start message").await;
+    };
+    let Some((agent, org)) = service.split_once('.') else {
+        return close(socket, "_pipecatCloudServiceHost must be <agent>.<org>").await;
+    };
+    let (agent, org) = (agent.to_string(), org.to_string());
+    let (session_id, body) = match token {
+        Some(t) => match st.ws.redeem(&t, &org, &agent) {
+            Some(ticket) => (Some(ticket.session_id), ticket.body),
+            None => return close(socket, "invalid, expired or already used websocket token").await,
+        },
+        None if st.sup.websocket_auth(&org, &agent).as_deref() != Some("none") => {
+            return close(socket, "this agent needs a websocket token").await
+        }
+        None => (None, None),
+    };
+    run_session(st, socket, pre, org, agent, session_id, body).await;
+}
+
+/// `(service host, token)` from a Twilio `start` message's custom parameters.
+pub fn twilio_service_host(text: &str) -> Option<(String, Option<String>)> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    if v["event"] != "start" {
+        return None;
+    }
+    let p = &v["start"]["customParameters"];
+    let host = p["_pipecatCloudServiceHost"].as_str()?.to_string();
+    let token = p["_pipecatCloudToken"].as_str().map(str::to_string);
+    Some((host, token))
 }
 
 fn urlencode(s: &str) -> String {
@@ -463,6 +589,33 @@ where
                     return BotOutcome::WsClosed { by_client: true };
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::twilio_service_host;
+
+    #[test]
+    fn twilio_start_names_the_agent() {
+        let start = r#"{"event":"start","start":{"streamSid":"MZ1","customParameters":
+            {"_pipecatCloudServiceHost":"bot.acme","_pipecatCloudToken":"t1"}}}"#;
+        assert_eq!(
+            twilio_service_host(start),
+            Some(("bot.acme".into(), Some("t1".into())))
+        );
+        let no_token = r#"{"event":"start","start":{"customParameters":{"_pipecatCloudServiceHost":"bot.acme"}}}"#;
+        assert_eq!(
+            twilio_service_host(no_token),
+            Some(("bot.acme".into(), None))
+        );
+        for other in [
+            r#"{"event":"connected","protocol":"Call"}"#,
+            r#"{"event":"start","start":{"customParameters":{}}}"#,
+            "not json",
+        ] {
+            assert_eq!(twilio_service_host(other), None, "{other}");
         }
     }
 }

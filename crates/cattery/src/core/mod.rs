@@ -4,6 +4,7 @@
 //! responses in `api::error`, the one place that decides statuses and bodies.
 
 pub mod agents;
+pub mod daily;
 pub mod env;
 pub mod exec_check;
 pub mod health;
@@ -19,6 +20,16 @@ use crate::store::StoreError;
 /// Errors of domain operations. Each variant's doc says which HTTP status it becomes.
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
+    /// Daily's API refused or failed (`status`: Daily's HTTP status, 502 when it gave none):
+    /// 400 `DAILY_BAD_REQUEST` for its 400, 429 `DAILY_RATE_LIMITED`, else 502
+    /// (`DAILY_UNAUTHORIZED` for its 401/403, `DAILY_ERROR`).
+    #[error("{message}")]
+    Daily {
+        /// Daily's status.
+        status: u16,
+        /// What Daily said.
+        message: String,
+    },
     /// 404: the named thing does not exist (or belongs to another org).
     #[error("{0}")]
     NotFound(String),

@@ -112,6 +112,8 @@ pub struct DefaultRegionProperty {
     pub default: String,
     /// The regions the org may choose.
     pub available: Vec<String>,
+    /// The org's own Daily API key (`dailyApiKey`), when set.
+    pub daily_api_key: Option<String>,
 }
 
 /// The org's properties. Errors: 404 for an unknown org; storage errors.
@@ -129,8 +131,21 @@ fn property_of(rec: &OrgRecord, server: &AgentDefaults) -> DefaultRegionProperty
         current: effective_default(rec, server),
         default: server.default_region.clone(),
         available: server.regions.clone(),
+        daily_api_key: daily_api_key_of(rec),
     }
 }
+
+/// The org's `dailyApiKey` property (its Daily API key for `createDailyRoom`), when set.
+pub fn daily_api_key_of(rec: &OrgRecord) -> Option<String> {
+    rec.properties
+        .get(DAILY_API_KEY)
+        .and_then(Value::as_str)
+        .filter(|k| !k.is_empty())
+        .map(str::to_string)
+}
+
+/// The property holding an org's Daily API key.
+pub const DAILY_API_KEY: &str = "dailyApiKey";
 
 /// `PATCH .../properties`: sets the given properties and answers them as they now are.
 ///
@@ -166,9 +181,25 @@ pub async fn update_properties(
                 }
                 props.insert(k.clone(), Value::String(r.to_string()));
             }
+            DAILY_API_KEY => match v {
+                Value::Null => {
+                    props.remove(k);
+                }
+                Value::String(key) if key.trim().is_empty() => {
+                    props.remove(k);
+                }
+                Value::String(key) if key.len() <= 512 && !key.chars().any(char::is_control) => {
+                    props.insert(k.clone(), Value::String(key.trim().to_string()));
+                }
+                _ => {
+                    return Err(CoreError::bad_request(
+                        "dailyApiKey must be a Daily API key (a string; \"\" or null unsets it)",
+                    ))
+                }
+            },
             other => {
                 return Err(CoreError::bad_request(format!(
-                    "unknown property {other}; known: defaultRegion"
+                    "unknown property {other}; known: defaultRegion, dailyApiKey"
                 )))
             }
         }

@@ -125,6 +125,12 @@ pub struct SessionFilter {
     pub end_ms: Option<i64>,
     /// Only sessions that ended for this reason.
     pub end_reason: Option<EndReason>,
+    /// Only sessions in this `endState`.
+    pub end_state: Option<crate::model::EndState>,
+    /// Delivered in at least this many ms (`startTimeMin`).
+    pub bot_start_min_ms: Option<i64>,
+    /// Delivered in at most this many ms (`startTimeMax`).
+    pub bot_start_max_ms: Option<i64>,
 }
 
 /// Filters for reading logs (reference §A.4).

@@ -73,6 +73,9 @@ const COMMANDS: &[(&str, &str, &str)] = &[
     (CUR, "agent start --api-key --force --data", "plain"),
     (CUR, "agent start --api-key --force", "json"),
     (CUR, "agent start --api-key --force --data", "json"),
+    (CUR, "agent start --api-key --force --use-daily", "plain"),
+    (CUR, "agent sessions --end-state", "plain"),
+    (CUR, "organizations default-region", "plain"),
     (CUR, "agent sessions", "plain"),
     (CUR, "agent sessions", "json"),
     (CUR, "agent sessions --id", "plain"),
@@ -114,6 +117,7 @@ const COMMANDS: &[(&str, &str, &str)] = &[
     (PCC, "agent delete --force", "rich"),
     (SDK1, "Session(...).start()", "python"),
     (SDK0, "Session(...).start()", "python"),
+    (SDK1, "Session(use_daily=True).start()", "python"),
 ];
 
 const CUR: &str = "pipecat cloud (pipecatcloud 1.x)";
@@ -1790,4 +1794,376 @@ fn compatibility_doc_matches_the_suite() {
             "docs/compatibility.md lists {r:?}, which the suite does not run"
         );
     }
+}
+
+/// A stand-in for Daily's REST API on loopback: rooms, meeting tokens, room deletion, in
+/// Daily's documented shapes; `bad_key` makes every call a 401 `authentication-error`.
+struct DailyStandIn {
+    url: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String, Value)>>>,
+    bad_key: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DailyStandIn {
+    async fn start() -> DailyStandIn {
+        use axum::extract::{Path as AxPath, State};
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::routing::{delete, post};
+        use axum::Json;
+        type St = (
+            std::sync::Arc<std::sync::Mutex<Vec<(String, String, Value)>>>,
+            std::sync::Arc<std::sync::atomic::AtomicBool>,
+        );
+        type Reply = (StatusCode, Json<Value>);
+        fn check(st: &St, h: &HeaderMap, what: String, body: Value) -> Option<Reply> {
+            let auth = h
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            st.0.lock().unwrap().push((what, auth.clone(), body));
+            (st.1.load(std::sync::atomic::Ordering::SeqCst) || auth != "Bearer dk_e2e_key").then(
+                || {
+                    (
+                        StatusCode::UNAUTHORIZED,
+                        Json(json!({"error": "authentication-error", "info": "invalid API key"})),
+                    )
+                },
+            )
+        }
+        async fn room(State(st): State<St>, h: HeaderMap, Json(b): Json<Value>) -> Reply {
+            if let Some(e) = check(&st, &h, "POST /rooms".into(), b.clone()) {
+                return e;
+            }
+            let name = format!("r{}", st.0.lock().unwrap().len());
+            (
+                StatusCode::OK,
+                Json(json!({"id": "0b1d", "name": name, "api_created": true,
+                    "privacy": b["privacy"], "url": format!("https://cattery.daily.co/{name}"),
+                    "created_at": "2026-12-04T13:00:00.000Z", "config": b["properties"]})),
+            )
+        }
+        async fn token(State(st): State<St>, h: HeaderMap, Json(b): Json<Value>) -> Reply {
+            if let Some(e) = check(&st, &h, "POST /meeting-tokens".into(), b.clone()) {
+                return e;
+            }
+            let p = &b["properties"];
+            let who = if p["is_owner"] == true {
+                "bot"
+            } else {
+                "client"
+            };
+            let room = p["room_name"].as_str().unwrap_or("");
+            (
+                StatusCode::OK,
+                Json(json!({"token": format!("tok-{who}-{room}")})),
+            )
+        }
+        async fn del(State(st): State<St>, h: HeaderMap, AxPath(n): AxPath<String>) -> Reply {
+            if let Some(e) = check(&st, &h, format!("DELETE /rooms/{n}"), Value::Null) {
+                return e;
+            }
+            (StatusCode::OK, Json(json!({"deleted": true, "name": n})))
+        }
+        let st: St = Default::default();
+        let app = axum::Router::new()
+            .route("/v1/rooms", post(room))
+            .route("/v1/rooms/{name}", delete(del))
+            .route("/v1/meeting-tokens", post(token))
+            .with_state(st.clone());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        DailyStandIn {
+            url,
+            seen: st.0,
+            bad_key: st.1,
+        }
+    }
+
+    fn deleted(&self, room: &str) -> bool {
+        let want = format!("DELETE /rooms/{room}");
+        self.seen.lock().unwrap().iter().any(|(w, _, _)| *w == want)
+    }
+}
+
+/// A real Pipecat bot that reports the session arguments it was given through its own
+/// `/args` route (the Session API), then runs until stopped.
+fn daily_bot_dir(root: &Path) -> PathBuf {
+    let d = root.join("daily-bot");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join("bot.py"),
+        r#"import asyncio
+
+from pipecat.runner.types import DailyRunnerArguments
+from pipecatcloud_system import app
+
+SEEN = {}
+
+
+@app.get("/args")
+async def args_route():
+    return SEEN
+
+
+async def bot(args):
+    SEEN.clear()
+    SEEN.update(
+        kind=type(args).__name__,
+        daily=isinstance(args, DailyRunnerArguments),
+        room_url=getattr(args, "room_url", None),
+        token=getattr(args, "token", None),
+        body=getattr(args, "body", None),
+        flow_config=getattr(args, "flow_config", None),
+    )
+    await asyncio.sleep(600)
+"#,
+    )
+    .unwrap();
+    d
+}
+
+const SDK_DAILY_SCRIPT: &str = r#"
+import asyncio, json, sys
+from pipecatcloud.exception import AgentStartError
+from pipecatcloud.session import Session, SessionParams
+
+async def main():
+    try:
+        r = await Session(agent_name=sys.argv[1], api_key=sys.argv[2],
+                          params=SessionParams(data={"caller": "sdk"}, use_daily=True)).start()
+        print(json.dumps({"ok": r}))
+    except AgentStartError as e:
+        print(json.dumps({"error": str(e)}))
+
+asyncio.run(main())
+"#;
+
+/// What the bot of session `sid` reports through its `/args` route.
+async fn bot_args(s: &Server, agent: &str, sid: &str) -> Value {
+    wait_for(Duration::from_secs(60), "the bot's /args", || async {
+        let r = s
+            .req(
+                "GET",
+                &format!("/v1/public/{agent}/sessions/{sid}/args"),
+                Some(&s.pk),
+                None,
+            )
+            .await;
+        (r.status == 200 && r.body["kind"].is_string()).then_some(r.body)
+    })
+    .await
+}
+
+async fn wait_room_deleted(d: &DailyStandIn, room: &str) {
+    wait_for(Duration::from_secs(20), "the room's deletion", || async {
+        d.deleted(room).then_some(())
+    })
+    .await
+}
+
+/// `createDailyRoom` with the official clients: the SDK's `use_daily=True` and
+/// `pipecat cloud agent start --use-daily` get `dailyRoom` and `dailyToken`, a real Pipecat bot
+/// gets `DailySessionArguments` with that room and the bot's token, the room is deleted at
+/// the end, and Daily's 401 is a clear error with no session. Also `flow_config` reaching the
+/// bot, `agent sessions --end-state terminated` and `organizations default-region`.
+#[tokio::test(flavor = "multi_thread")]
+async fn daily_rooms_with_the_official_clients() {
+    let daily = DailyStandIn::start().await;
+    let s = start_server(&[
+        "--daily-api-key",
+        "dk_e2e_key",
+        "--daily-api-url",
+        &daily.url,
+    ])
+    .await;
+    let home = common::open_tempdir();
+    let bot = daily_bot_dir(home.path());
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&s.sk),
+            Some(
+                json!({"serviceName": "dbot", "image": format!("local:{}", bot.display()),
+                        "autoScaling": {"maxAgents": 4}}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
+    // The SDK.
+    assert!(COMMANDS.contains(&(SDK1, "Session(use_daily=True).start()", "python")));
+    let v = sdk_daily_start(&s, home.path());
+    let room_url = v["ok"]["dailyRoom"]
+        .as_str()
+        .expect("dailyRoom")
+        .to_string();
+    let room = room_url.rsplit('/').next().unwrap().to_string();
+    assert_eq!(v["ok"]["dailyToken"], format!("tok-client-{room}"), "{v}");
+    let sid = v["ok"]["sessionId"].as_str().unwrap().to_string();
+    let args = bot_args(&s, "dbot", &sid).await;
+    assert_eq!(args["kind"], "DailySessionArguments", "{args}");
+    assert_eq!(args["daily"], true, "{args}");
+    assert_eq!(args["room_url"], room_url.as_str());
+    assert_eq!(args["token"], format!("tok-bot-{room}"));
+    assert_eq!(args["body"], json!({"caller": "sdk"}));
+    assert!(!daily.deleted(&room));
+    assert_eq!(s.stop("dbot", &sid).await.status, 200);
+    wait_room_deleted(&daily, &room).await;
+
+    // The CLI.
+    let cli = Cli::new(CUR, &s, Auth::Env(s.key("token", "default"), None));
+    let o = cli.run(
+        "agent start --api-key --force --use-daily",
+        &[
+            "agent",
+            "start",
+            "dbot",
+            "--api-key",
+            &s.pk,
+            "--force",
+            "--use-daily",
+        ],
+    );
+    ok(&o, "agent start --use-daily");
+    let text = o.text();
+    let at = text
+        .find("https://cattery.daily.co/")
+        .expect("the room link");
+    let link: String = text[at..].split_whitespace().next().unwrap().to_string();
+    let (cli_room_url, cli_token) = link.split_once("?t=").expect("room?t=token");
+    let cli_room = cli_room_url.rsplit('/').next().unwrap().to_string();
+    assert_eq!(cli_token, format!("tok-client-{cli_room}"), "{text}");
+    let cli_sid = session_id_in(&o);
+    let args = bot_args(&s, "dbot", &cli_sid).await;
+    assert_eq!(
+        (args["room_url"].as_str(), args["daily"].as_bool()),
+        (Some(cli_room_url), Some(true))
+    );
+
+    let flow_sid = flow_config_reaches_the_bot(&s).await;
+
+    // `agent sessions --end-state terminated`: the stopped ones, not the running one.
+    let o = cli.run(
+        "agent sessions --end-state",
+        &["agent", "sessions", "dbot", "--end-state", "terminated"],
+    );
+    ok(&o, "agent sessions --end-state");
+    let text = o.text();
+    assert!(text.contains(&sid) && text.contains(&flow_sid), "{text}");
+    assert!(
+        !text.contains(&cli_sid),
+        "the running session is not terminated:\n{text}"
+    );
+    assert_eq!(s.stop("dbot", &cli_sid).await.status, 200);
+    wait_room_deleted(&daily, &cli_room).await;
+
+    daily_refusal_and_default_region(&s, &daily, home.path(), &cli).await;
+}
+
+/// The SDK's `Session(..., use_daily=True).start()` on agent `dbot`: `{"ok": answer}` or
+/// `{"error": str(AgentStartError)}`.
+fn sdk_daily_start(s: &Server, home: &Path) -> Value {
+    let mut c = Command::new(main_python());
+    c.arg("-c")
+        .arg(SDK_DAILY_SCRIPT)
+        .arg("dbot")
+        .arg(&s.pk)
+        .env("HOME", home)
+        .env("PIPECAT_API_HOST", &s.base);
+    let o = run_with_timeout(c, SDK1);
+    ok(&o, SDK1);
+    serde_json::from_str::<Value>(o.stdout.trim().lines().last().unwrap()).unwrap()
+}
+
+/// `flow_config` of a start reaches the bot as `args.flow_config`, its body as `args.body`;
+/// returns the (stopped) session.
+async fn flow_config_reaches_the_bot(s: &Server) -> String {
+    // flow_config reaches the bot as args.flow_config, its body as args.body.
+    let r = s
+        .req(
+            "POST",
+            "/v1/public/dbot/start",
+            Some(&s.pk),
+            Some(json!({"body": {"n": 1}, "flow_config": "initial_node: greet\n"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let flow_sid = r.body["sessionId"].as_str().unwrap().to_string();
+    let args = bot_args(s, "dbot", &flow_sid).await;
+    assert_eq!(args["kind"], "PipecatSessionArguments", "{args}");
+    assert_eq!(args["flow_config"], "initial_node: greet\n");
+    assert_eq!(args["body"], json!({"n": 1}));
+    assert_eq!(s.stop("dbot", &flow_sid).await.status, 200);
+
+    flow_sid
+}
+
+/// Daily refusing the key is a clear error with no session, from the SDK and the CLI; then
+/// `organizations default-region` shows and sets the region.
+async fn daily_refusal_and_default_region(
+    s: &Server,
+    daily: &DailyStandIn,
+    home: &Path,
+    cli: &Cli,
+) {
+    // Daily refuses the key: a clear error, no session, no instance.
+    daily
+        .bad_key
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let before = s
+        .req("GET", "/v1/agents/dbot/sessions", Some(&s.sk), None)
+        .await
+        .body["total_count"]
+        .clone();
+    let v = sdk_daily_start(s, home);
+    let e = v["error"].as_str().expect("an AgentStartError");
+    assert!(
+        e.starts_with("DAILY_UNAUTHORIZED - Daily API error 401"),
+        "{e}"
+    );
+    assert!(
+        e.contains("invalid API key") && !e.contains("dk_e2e_key"),
+        "{e}"
+    );
+    let after = s
+        .req("GET", "/v1/agents/dbot/sessions", Some(&s.sk), None)
+        .await
+        .body["total_count"]
+        .clone();
+    assert_eq!(before, after, "no session for a refused room");
+    let o = cli.run(
+        "agent start --api-key --force --use-daily",
+        &[
+            "agent",
+            "start",
+            "dbot",
+            "--api-key",
+            &s.pk,
+            "--force",
+            "--use-daily",
+        ],
+    );
+    assert_ne!(o.code, 0, "{}", o.text());
+    assert!(!o.text().contains("dk_e2e_key"));
+
+    // `organizations default-region`: shows, then sets.
+    let o = cli.run(
+        "organizations default-region",
+        &["organizations", "default-region"],
+    );
+    ok(&o, "organizations default-region");
+    assert!(o.text().contains("Default region: local"), "{}", o.text());
+    let o = cli.run(
+        "organizations default-region",
+        &["organizations", "default-region", "local"],
+    );
+    ok(&o, "organizations default-region local");
+    assert!(o.text().contains("local"), "{}", o.text());
+    assert!(
+        !s.log().contains("dk_e2e_key"),
+        "the Daily key is never logged"
+    );
 }

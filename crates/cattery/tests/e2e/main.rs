@@ -21,4 +21,5 @@ mod ops;
 mod python_bots;
 mod secrets_logs;
 mod storage_faults;
+mod telephony;
 mod transport;

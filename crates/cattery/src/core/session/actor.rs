@@ -221,7 +221,7 @@ impl Actor {
                 _ = tokio::time::sleep_until(start_deadline) => {
                     let tail = inst.stderr_tail().await;
                     self.sup.record_failure(&self.ctl, "start_timeout", None, tail);
-                    let msg = format!("instance did not answer /readyz within {} s", self.sup.cfg.start_timeout.as_secs_f64());
+                    let msg = format!("{} {} s", crate::model::START_TIMEOUT_MESSAGE, self.sup.cfg.start_timeout.as_secs_f64());
                     return Err(Ending::start_failed("START_TIMEOUT", msg, None));
                 }
                 _ = tokio::time::sleep_until(session_deadline) => {
@@ -560,6 +560,13 @@ impl Supervisor {
         );
         // The bound secret set's keys, from the deployment's snapshot (core::secrets).
         env.extend(self.secrets.env_for(&ctl.org, &ctl.deployment).await?);
+        // The ICE servers the start answer gives clients, unless the agent names its own.
+        if !env
+            .iter()
+            .any(|(k, _)| k == "CATTERY_ICE_SERVERS" || k == "ICE_CONFIG_URL")
+        {
+            env.push(("CATTERY_ICE_SERVERS".into(), self.cfg.ice_servers.join(",")));
+        }
         if let Some(s) = session {
             env.push(("CATTERY_SESSION_ID".into(), s.to_string()));
         }

@@ -162,6 +162,7 @@ impl Supervisor {
             }
         }
         let Some(sid) = session else { return };
+        self.run_end_hook(sid);
         let how = match report {
             Some(r) if r.killed => format!("SIGKILL after {} ms", r.took_ms),
             Some(r) if r.sent_sigterm => format!("SIGTERM, gone after {} ms", r.took_ms),

@@ -38,6 +38,7 @@ mod stop;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -84,7 +85,13 @@ pub struct SupervisorConfig {
     pub daily_api_key: Option<String>,
     /// Resource sampling interval (default 5 s).
     pub metrics_interval: Duration,
+    /// ICE server URLs given to every instance as `CATTERY_ICE_SERVERS` (unless its env
+    /// names its own ICE source) and answered for `enableDefaultIceServers`.
+    pub ice_servers: Vec<String>,
 }
+
+/// Work to do once a session has ended (see [`Supervisor::on_session_end`]).
+pub type EndHook = Box<dyn FnOnce() + Send + Sync>;
 
 /// Resolves the environment variables that a deployment's bound secret set gives its
 /// instances (reference §A.6 "Injection"). Implemented by the secrets module.
@@ -169,6 +176,8 @@ pub struct Supervisor {
     /// `(org, session)` each time a session's record changes: stored, delivered, ended
     /// ([`Supervisor::session_changes`]).
     changes: broadcast::Sender<(String, Uuid)>,
+    /// Work to run when a session ends ([`Supervisor::on_session_end`]).
+    end_hooks: Mutex<HashMap<Uuid, EndHook>>,
 }
 
 impl Supervisor {
@@ -193,6 +202,7 @@ impl Supervisor {
             secrets,
             pending_ends: pending::PendingEnds::default(),
             changes: broadcast::channel(SESSION_CHANGES_BUFFER).0,
+            end_hooks: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&sup);
         tokio::spawn(async move {
@@ -214,6 +224,26 @@ impl Supervisor {
     /// Default stop grace.
     pub fn default_stop_grace(&self) -> Duration {
         self.cfg.default_stop_grace
+    }
+
+    /// The ICE server URLs of `--ice-servers`.
+    pub fn ice_servers(&self) -> &[String] {
+        &self.cfg.ice_servers
+    }
+
+    /// Runs `hook` once session `session` has ended: when its end is recorded, or when its
+    /// start fails (the caller of a failed [`Supervisor::start_session`] may also run it at
+    /// once with [`Supervisor::run_end_hook`]). Register it before starting the session.
+    pub fn on_session_end(&self, session: Uuid, hook: EndHook) {
+        self.end_hooks.lock().insert(session, hook);
+    }
+
+    /// Runs and forgets `session`'s end hook, if it still has one.
+    pub fn run_end_hook(&self, session: Uuid) {
+        let hook = self.end_hooks.lock().remove(&session);
+        if let Some(h) = hook {
+            h();
+        }
     }
 
     /// The Daily API key, if configured.
@@ -246,6 +276,13 @@ impl Supervisor {
             )));
         }
         Ok(())
+    }
+
+    /// The `maxSessionDuration` (s) of the agent's current deployment.
+    pub fn max_session_seconds(&self, org: &str, name: &str) -> Option<u32> {
+        let st = self.state.lock();
+        let id = st.by_name.get(&(org.to_string(), name.to_string()))?;
+        Some(st.pools.get(id)?.deployment.spec.max_session_duration_s())
     }
 
     /// The agent's `websocketAuth` (`None` when unset; the default is `token`).

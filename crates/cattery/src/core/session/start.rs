@@ -259,5 +259,6 @@ impl Supervisor {
                 tracing::error!(session = %session, error = %e, "could not record session end")
             }
         }
+        self.run_end_hook(session);
     }
 }

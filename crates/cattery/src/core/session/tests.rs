@@ -30,6 +30,7 @@ fn config() -> SupervisorConfig {
         start_timeout: Duration::from_secs(5),
         daily_api_key: None,
         metrics_interval: Duration::from_millis(100),
+        ice_servers: Vec::new(),
     }
 }
 

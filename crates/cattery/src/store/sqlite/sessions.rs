@@ -5,7 +5,9 @@ use uuid::Uuid;
 
 use super::conn::{Conn, Row, Val};
 use super::SqliteStore;
-use crate::model::{EndReason, MetricSample, SessionEnd, SessionRecord};
+use crate::model::{
+    EndReason, EndState, MetricSample, SessionEnd, SessionRecord, START_TIMEOUT_MESSAGE,
+};
 use crate::store::{SessionFilter, SessionStore, StoreResult};
 
 pub(super) const SESSION_COLS: &str = "id, org, agent_id, deployment_id, created_ms, updated_ms, \
@@ -25,6 +27,29 @@ fn end_reason(s: &str) -> EndReason {
         "out_of_memory" => EndReason::OutOfMemory,
         _ => EndReason::Error,
     }
+}
+
+/// The SQL condition (with its parameters) for sessions in end state `e`
+/// ([`EndState::of`]'s mapping, by reason and, for failed starts, message).
+fn end_state_sql(e: EndState, params: &mut Vec<Val<'static>>) -> String {
+    if e == EndState::Active {
+        return " AND ended_ms IS NULL".into();
+    }
+    let reasons = e.reasons();
+    let marks = vec!["?"; reasons.len()].join(", ");
+    params.extend(reasons.iter().map(|r| Val::from(r.as_str())));
+    let timeout = format!("{START_TIMEOUT_MESSAGE}%");
+    let cond = match e {
+        EndState::AgentStartTimeout => " AND COALESCE(end_message, '') LIKE ?",
+        EndState::AgentError => {
+            " AND NOT (end_reason = 'start_failed' AND COALESCE(end_message, '') LIKE ?)"
+        }
+        _ => "",
+    };
+    if !cond.is_empty() {
+        params.push(Val::Str(timeout));
+    }
+    format!(" AND ended_ms IS NOT NULL AND end_reason IN ({marks}){cond}")
 }
 
 /// Stored form of samples: a JSON array of `{"t", "c", "m"}`.
@@ -194,6 +219,17 @@ impl SessionStore for SqliteStore {
         if let Some(r) = f.end_reason {
             filter.push_str(" AND end_reason = ?");
             params.push(r.as_str().into());
+        }
+        if let Some(t) = f.bot_start_min_ms {
+            filter.push_str(" AND bot_start_ms >= ?");
+            params.push(t.into());
+        }
+        if let Some(t) = f.bot_start_max_ms {
+            filter.push_str(" AND bot_start_ms <= ?");
+            params.push(t.into());
+        }
+        if let Some(e) = f.end_state {
+            filter.push_str(&end_state_sql(e, &mut params));
         }
         let count_sql = format!("SELECT COUNT(*) FROM sessions WHERE {filter}");
         // Active sessions are few: read them through their partial index and sort them,

@@ -1,0 +1,478 @@
+//! `createDailyRoom` against a stand-in for Daily's REST API on loopback: the requests Cattery
+//! makes (Bearer key, room and token properties), Daily's documented answers and errors,
+//! the room deleted when the session ends or its start fails; and the session surface
+//! around it (`endState`, `startTimeMin`/`startTimeMax`, `iceConfig`, `websocketAuth`).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::routing::{delete, post};
+use axum::{Json, Router};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+
+use super::{api_with, assert_error, Answer};
+
+/// One request Daily received: method, path, `Authorization`, JSON body.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    auth: String,
+    body: Value,
+}
+
+/// What the stand-in answers.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Ok,
+    /// Every call: 401 `authentication-error`, as Daily answers a bad key.
+    BadKey,
+    /// Rooms are made; tokens fail with 400.
+    TokenFails,
+}
+
+#[derive(Clone)]
+struct Daily {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    mode: Arc<Mutex<Mode>>,
+    url: String,
+}
+
+impl Daily {
+    async fn start() -> Daily {
+        let d = Daily {
+            seen: Arc::default(),
+            mode: Arc::new(Mutex::new(Mode::Ok)),
+            url: String::new(),
+        };
+        let app = Router::new()
+            .route("/v1/rooms", post(create_room))
+            .route("/v1/rooms/{name}", delete(delete_room))
+            .route("/v1/meeting-tokens", post(create_token))
+            .with_state(d.clone());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        Daily { url, ..d }
+    }
+
+    fn set(&self, m: Mode) {
+        *self.mode.lock() = m;
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().clone()
+    }
+
+    fn record(&self, method: &str, path: String, h: &HeaderMap, body: Value) -> Mode {
+        let auth = h
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        self.seen.lock().push(Seen {
+            method: method.into(),
+            path,
+            auth,
+            body,
+        });
+        *self.mode.lock()
+    }
+
+    /// Waits (bounded) for a `DELETE` of room `name`.
+    async fn wait_deleted(&self, name: &str) {
+        for _ in 0..200 {
+            if self.deleted(name) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("room {name} was not deleted: {:?}", self.seen());
+    }
+
+    fn deleted(&self, name: &str) -> bool {
+        self.seen()
+            .iter()
+            .any(|s| s.method == "DELETE" && s.path == format!("/rooms/{name}"))
+    }
+}
+
+type Reply = (StatusCode, Json<Value>);
+
+fn bad_key() -> Reply {
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(json!({"error": "authentication-error", "info": "the API key is not valid"})),
+    )
+}
+
+async fn create_room(State(d): State<Daily>, h: HeaderMap, Json(b): Json<Value>) -> Reply {
+    if d.record("POST", "/rooms".into(), &h, b.clone()) == Mode::BadKey {
+        return bad_key();
+    }
+    let n = d.seen().iter().filter(|s| s.path == "/rooms").count();
+    let name = format!("room{n}");
+    (
+        StatusCode::OK,
+        Json(json!({
+            "id": uuid::Uuid::new_v4(), "name": name, "api_created": true,
+            "privacy": b["privacy"], "url": format!("https://cattery.daily.co/{name}"),
+            "created_at": "2026-12-04T13:00:00.000Z", "config": b["properties"],
+        })),
+    )
+}
+
+async fn create_token(State(d): State<Daily>, h: HeaderMap, Json(b): Json<Value>) -> Reply {
+    match d.record("POST", "/meeting-tokens".into(), &h, b.clone()) {
+        Mode::BadKey => bad_key(),
+        Mode::TokenFails => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid-request-error", "info": "exp must be in the future"})),
+        ),
+        Mode::Ok => {
+            let owner = b["properties"]["is_owner"] == true;
+            let room = b["properties"]["room_name"].as_str().unwrap_or("");
+            let who = if owner { "bot" } else { "client" };
+            (
+                StatusCode::OK,
+                Json(json!({"token": format!("tok-{who}-{room}")})),
+            )
+        }
+    }
+}
+
+async fn delete_room(State(d): State<Daily>, h: HeaderMap, Path(name): Path<String>) -> Reply {
+    if d.record("DELETE", format!("/rooms/{name}"), &h, Value::Null) == Mode::BadKey {
+        return bad_key();
+    }
+    (StatusCode::OK, Json(json!({"deleted": true, "name": name})))
+}
+
+async fn start_daily(a: &super::Api, name: &str, extra: Value) -> Answer {
+    let mut body = json!({"createDailyRoom": true, "body": {"x": 1}});
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().cloned().unwrap_or_default());
+    a.call(
+        Method::POST,
+        &format!("/v1/public/{name}/start"),
+        Some(&a.pk),
+        Some(body),
+    )
+    .await
+}
+
+/// A room and two tokens per session, with the server's key; the properties merged and
+/// bounded by the session's length; the room deleted when the session is stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_daily_room_makes_a_room_and_deletes_it_at_the_end() {
+    let daily = Daily::start().await;
+    let url = daily.url.clone();
+    let a = api_with(|c| {
+        c.sessions.daily_api_key = Some("dk_server_key_0001".into());
+        c.sessions.daily_api_url = url;
+    })
+    .await;
+    a.deploy("room", &[], json!({"maxSessionDuration": 600}))
+        .await;
+    let before = crate::model::now_ms() / 1000;
+    let r = start_daily(
+        &a,
+        "room",
+        json!({"dailyRoomProperties": {"enable_dialout": true, "exp": 4102444800_i64,
+                                       "sip": {"display_name": "bot", "sip_mode": "dial-in"}},
+               "dailyMeetingTokenProperties": {"user_name": "caller"}}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["dailyRoom"], "https://cattery.daily.co/room1");
+    assert_eq!(r.body["dailyToken"], "tok-client-room1");
+    let sid = r.body["sessionId"].as_str().unwrap().to_string();
+    let seen = daily.seen();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(
+        seen.iter().all(|s| s.auth == "Bearer dk_server_key_0001"),
+        "{seen:?}"
+    );
+    let room = &seen[0].body;
+    assert_eq!(room["privacy"], "private");
+    let exp = room["properties"]["exp"].as_i64().unwrap();
+    assert!(
+        exp >= before + 600 && exp <= before + 602,
+        "exp {exp} is the session's end"
+    );
+    assert_eq!(room["properties"]["enable_dialout"], true);
+    assert_eq!(room["properties"]["sip"]["sip_mode"], "dial-in");
+    assert_eq!(room["properties"]["eject_at_room_exp"], true);
+    let bot = &seen[1].body["properties"];
+    assert_eq!(
+        (bot["room_name"].as_str(), bot["is_owner"].as_bool()),
+        (Some("room1"), Some(true))
+    );
+    let client = &seen[2].body["properties"];
+    assert_eq!(client["user_name"], "caller");
+    assert_eq!(client["room_name"], "room1");
+    assert_eq!(client["exp"].as_i64(), Some(exp));
+    let s = a.get(&format!("/v1/agents/room/sessions/{sid}")).await;
+    assert_eq!(s.body["transport"], "daily", "{}", s.body);
+    assert!(!daily.deleted("room1"));
+    assert_eq!(a.stop("room", &sid).await.status, StatusCode::OK);
+    daily.wait_deleted("room1").await;
+}
+
+/// The org's `dailyApiKey` property wins over the server's key, is shown masked, and
+/// `GET .../daily` answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_daily_api_key_property() {
+    let daily = Daily::start().await;
+    let url = daily.url.clone();
+    let a = api_with(|c| c.sessions.daily_api_url = url).await;
+    a.deploy("keyed", &[], json!({})).await;
+    let r = start_daily(&a, "keyed", json!({})).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+    assert!(
+        r.body["error"].as_str().unwrap().contains("dailyApiKey"),
+        "{}",
+        r.body
+    );
+    let r = a
+        .call(
+            Method::PATCH,
+            "/v1/properties",
+            Some(&a.sk),
+            Some(json!({"dailyApiKey": "dk_org_secret_9876"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        r.body["properties"]["dailyApiKey"]["currentValue"],
+        "****9876"
+    );
+    let r = a.get("/v1/properties").await;
+    assert_eq!(
+        r.body["properties"]["dailyApiKey"], "****9876",
+        "{}",
+        r.body
+    );
+    assert!(!r.body.to_string().contains("dk_org_secret"), "{}", r.body);
+    let r = a.get("/v1/organizations/default/daily").await;
+    assert_eq!(r.body["apiKey"], "dk_org_secret_9876", "{}", r.body);
+    let r = start_daily(&a, "keyed", json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(daily
+        .seen()
+        .iter()
+        .all(|s| s.auth == "Bearer dk_org_secret_9876"));
+    let r = a
+        .call(
+            Method::PATCH,
+            "/v1/properties",
+            Some(&a.sk),
+            Some(json!({"dailyApiKey": 5})),
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+    let r = a
+        .call(
+            Method::PATCH,
+            "/v1/properties",
+            Some(&a.sk),
+            Some(json!({"dailyApiKey": ""})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(
+        r.body["properties"].get("dailyApiKey").is_none(),
+        "{}",
+        r.body
+    );
+}
+
+/// Daily's 401 is a clear 502 quoting Daily, with no session and no instance; a failed
+/// token deletes the room it was for; a start refused after the room was made deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_errors_leave_nothing_behind() {
+    let daily = Daily::start().await;
+    let url = daily.url.clone();
+    let a = api_with(|c| {
+        c.sessions.daily_api_key = Some("dk_bad".into());
+        c.sessions.daily_api_url = url;
+    })
+    .await;
+    a.deploy("errs", &[], json!({"autoScaling": {"maxAgents": 1}}))
+        .await;
+    daily.set(Mode::BadKey);
+    let r = start_daily(&a, "errs", json!({})).await;
+    assert_error(&r, StatusCode::BAD_GATEWAY, "DAILY_UNAUTHORIZED");
+    let msg = r.body["error"].as_str().unwrap();
+    assert!(
+        msg.contains("401") && msg.contains("the API key is not valid"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("dk_bad"),
+        "the key stays out of answers: {msg}"
+    );
+    assert_eq!(a.fake.starts(), 0);
+    assert_eq!(
+        a.get("/v1/agents/errs/sessions").await.body["total_count"],
+        0
+    );
+
+    daily.set(Mode::TokenFails);
+    let r = start_daily(&a, "errs", json!({})).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "DAILY_BAD_REQUEST");
+    assert!(r.body["error"]
+        .as_str()
+        .unwrap()
+        .contains("exp must be in the future"));
+    daily.wait_deleted("room2").await;
+    assert_eq!(a.fake.starts(), 0);
+
+    daily.set(Mode::Ok);
+    let first = start_daily(&a, "errs", json!({})).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    let r = start_daily(&a, "errs", json!({})).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
+    daily.wait_deleted("room4").await;
+    assert!(
+        !daily.deleted("room3"),
+        "the running session keeps its room"
+    );
+    let r = start_daily(&a, "errs", json!({"dailyRoomProperties": "big"})).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+    let r = start_daily(&a, "nope", json!({})).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    assert_eq!(
+        daily.seen().iter().filter(|s| s.path == "/rooms").count(),
+        4
+    );
+}
+
+/// `endState` on every session and its filter; `startTimeMin`/`startTimeMax`;
+/// `iceConfig` from `--ice-servers`; `websocketAuth` shows the enforced default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_state_start_time_ice_and_websocket_auth() {
+    let a = api_with(|c| {
+        c.sessions.ice_servers = vec!["stun:stun.example.org:3478".into()];
+    })
+    .await;
+    a.deploy("es", &[], json!({})).await;
+    a.deploy("done", &["bot-ms=0", "exit-ms=0:0"], json!({}))
+        .await;
+    let stopped = a.start_ok("es").await;
+    assert_eq!(a.stop("es", &stopped).await.status, StatusCode::OK);
+    let r = a
+        .call(
+            Method::POST,
+            "/v1/public/es/start",
+            Some(&a.pk),
+            Some(json!({"enableDefaultIceServers": true})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        r.body["iceConfig"],
+        json!({"iceServers": [{"urls": ["stun:stun.example.org:3478"]}]})
+    );
+    let active = r.body["sessionId"].as_str().unwrap().to_string();
+    let states = |r: &Answer| -> Vec<(String, String)> {
+        r.body["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["sessionId"].as_str().unwrap().to_string(),
+                    s["endState"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let r = a.get("/v1/agents/es/sessions").await;
+    assert_eq!(
+        states(&r),
+        vec![
+            (active.clone(), "active".to_string()),
+            (stopped.clone(), "terminated".to_string())
+        ]
+    );
+    let r = a.get("/v1/agents/es/sessions?endState=terminated").await;
+    assert_eq!(
+        states(&r),
+        vec![(stopped.clone(), "terminated".to_string())]
+    );
+    assert_eq!(r.body["total_count"], 1);
+    let r = a
+        .get("/v1/organizations/default/services/es/sessions?endState=active")
+        .await;
+    assert_eq!(states(&r), vec![(active.clone(), "active".to_string())]);
+    let r = a.get("/v1/agents/es/sessions?endState=completed").await;
+    assert_eq!(r.body["total_count"], 0, "{}", r.body);
+    let r = a.get("/v1/agents/es/sessions?endState=sleeping").await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "400");
+    let r = a.get("/v1/agents/es/sessions?startTimeMin=3600").await;
+    assert_eq!(
+        r.body["total_count"], 0,
+        "nobody waited an hour: {}",
+        r.body
+    );
+    let r = a
+        .get("/v1/agents/es/sessions?startTimeMin=0&startTimeMax=3600")
+        .await;
+    assert_eq!(r.body["total_count"], 2, "{}", r.body);
+    let r = a.get("/v1/agents/es/sessions?startTimeMax=-1").await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "400");
+
+    let done = a.start_ok("done").await;
+    for _ in 0..200 {
+        let s = a.get(&format!("/v1/agents/done/sessions/{done}")).await;
+        if s.body["endState"] != "active" {
+            assert_eq!(s.body["endState"], "completed", "{}", s.body);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let r = a.get("/v1/agents/done/sessions?endState=completed").await;
+    assert_eq!(r.body["total_count"], 1, "{}", r.body);
+
+    let r = a.get("/v1/agents/es").await;
+    assert_eq!(r.body["websocketAuth"], "token", "{}", r.body);
+    assert_eq!(a.stop("es", &active).await.status, StatusCode::OK);
+}
+
+/// `flow_config` must be text; with the websocket transport it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_config_shape() {
+    let a = api_with(|_| {}).await;
+    a.deploy("flow", &[], json!({})).await;
+    let r = a
+        .call(
+            Method::POST,
+            "/v1/public/flow/start",
+            Some(&a.pk),
+            Some(json!({"flow_config": {"initial_node": "x"}})),
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+    let r = a
+        .call(
+            Method::POST,
+            "/v1/public/flow/start",
+            Some(&a.pk),
+            Some(json!({"flow_config": "initial_node: x", "transport": "websocket"})),
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+    let r = a
+        .call(
+            Method::POST,
+            "/v1/public/flow/start",
+            Some(&a.pk),
+            Some(json!({"flow_config": "initial_node: x", "body": {"a": 1}})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}

@@ -1,0 +1,380 @@
+//! Daily rooms for `createDailyRoom` (reference §J "Daily rooms"): a room per session, a
+//! meeting token for the bot and one for the client, and the room deleted when the session
+//! ends.
+//!
+//! Daily's REST API (`--daily-api-url`, default `https://api.daily.co/v1`; Bearer key):
+//! `POST /rooms` `{privacy, properties}` -> `{name, url, ...}`; `POST /meeting-tokens`
+//! `{properties}` -> `{token}`; `DELETE /rooms/{name}` -> `{deleted, name}`. Errors come as
+//! `{error, info}` with a 4xx/5xx status; they become [`CoreError::Daily`] quoting them.
+//!
+//! The key is the org's `dailyApiKey` property, else the server's `--daily-api-key`. It is
+//! sent to Daily only and never logged; neither is a token.
+//!
+//! The deletion at the end is kept in memory ([`crate::core::session::Supervisor::on_session_end`]):
+//! a room whose session outlives a restart of the server is left to Daily, which removes
+//! everyone at its `exp` (never later than the session's `maxSessionDuration`).
+
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+
+use super::{CoreError, CoreResult};
+use crate::model::now_ms;
+
+/// How long one call to Daily may take.
+pub const DAILY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A room made for a session, with its tokens.
+#[derive(Debug, Clone)]
+pub struct DailyRoom {
+    /// Room name (what deletes it).
+    pub name: String,
+    /// Room URL (`dailyRoom`, `x-daily-room-url`).
+    pub url: String,
+    /// The bot's owner token (`x-daily-room-token`).
+    pub bot_token: String,
+    /// The client's token (`dailyToken`).
+    pub client_token: String,
+}
+
+type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// Daily's REST API.
+#[derive(Clone)]
+pub struct Daily {
+    http: hyper_util::client::legacy::Client<Https, http_body_util::Full<bytes::Bytes>>,
+    base: String,
+    default_key: Option<String>,
+}
+
+impl std::fmt::Debug for Daily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daily")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Daily {
+    /// A client of Daily at `base` (no trailing slash needed), with the server's default key.
+    /// HTTPS uses rustls (ring) with the system's root certificates; `http://` is for
+    /// stand-ins on loopback.
+    pub fn new(base: &str, default_key: Option<String>) -> Self {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let https = match builder.with_provider_and_native_roots(provider.clone()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "no system root certificates: HTTPS to Daily will fail");
+                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
+                    rustls::ClientConfig::builder_with_provider(provider)
+                        .with_safe_default_protocol_versions()
+                        .expect("ring supports the default TLS versions")
+                        .with_root_certificates(rustls::RootCertStore::empty())
+                        .with_no_client_auth(),
+                )
+            }
+        }
+        .https_or_http()
+        .enable_http1()
+        .build();
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(https);
+        Daily {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            default_key: default_key.filter(|k| !k.trim().is_empty()),
+        }
+    }
+
+    /// The key in effect for an org whose `dailyApiKey` property is `org_key`.
+    pub fn key_for(&self, org_key: Option<&str>) -> Option<String> {
+        org_key
+            .filter(|k| !k.trim().is_empty())
+            .map(str::to_string)
+            .or_else(|| self.default_key.clone())
+    }
+
+    /// Whether the server has a default key.
+    pub fn has_default_key(&self) -> bool {
+        self.default_key.is_some()
+    }
+
+    /// The server's default key.
+    pub fn default_key(&self) -> Option<&str> {
+        self.default_key.as_deref()
+    }
+
+    /// Creates a private room for a session of at most `max_s` seconds and the two tokens.
+    /// `room_props` (`dailyRoomProperties`) go over the defaults, with `exp` no later than
+    /// the session's end; `token_props` (`dailyMeetingTokenProperties`) go into the client's
+    /// token. If a token cannot be made, the room is deleted again.
+    ///
+    /// Errors: [`CoreError::BadRequest`] for properties that are not objects,
+    /// [`CoreError::Daily`] for any failure of Daily.
+    pub async fn create_room(
+        &self,
+        key: &str,
+        max_s: u32,
+        room_props: Option<&Value>,
+        token_props: Option<&Value>,
+    ) -> CoreResult<DailyRoom> {
+        let exp_max = now_ms() / 1000 + i64::from(max_s);
+        let props = room_properties(room_props, exp_max)?;
+        let exp = props["exp"].as_i64().unwrap_or(exp_max);
+        let room = self
+            .call(
+                key,
+                axum::http::Method::POST,
+                "/rooms",
+                Some(json!({"privacy": "private", "properties": props})),
+            )
+            .await?;
+        let (Some(name), Some(url)) = (room["name"].as_str(), room["url"].as_str()) else {
+            return Err(CoreError::Daily {
+                status: 502,
+                message: "Daily created a room but its answer has no name or url".into(),
+            });
+        };
+        let (name, url) = (name.to_string(), url.to_string());
+        let tokens = async {
+            let bot = self
+                .token(
+                    key,
+                    json!({"room_name": name, "exp": exp, "is_owner": true,
+                           "user_name": "Pipecat bot", "eject_at_token_exp": true}),
+                )
+                .await?;
+            let client = self
+                .token(key, client_token_properties(token_props, &name, exp)?)
+                .await?;
+            Ok::<_, CoreError>((bot, client))
+        }
+        .await;
+        match tokens {
+            Ok((bot_token, client_token)) => Ok(DailyRoom {
+                name,
+                url,
+                bot_token,
+                client_token,
+            }),
+            Err(e) => {
+                self.delete_room(key, &name).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn token(&self, key: &str, properties: Value) -> CoreResult<String> {
+        let v = self
+            .call(
+                key,
+                axum::http::Method::POST,
+                "/meeting-tokens",
+                Some(json!({"properties": properties})),
+            )
+            .await?;
+        v["token"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| CoreError::Daily {
+                status: 502,
+                message: "Daily's meeting-token answer has no token".into(),
+            })
+    }
+
+    /// Deletes room `name`; a failure is logged (the room expires by itself at its `exp`).
+    pub async fn delete_room(&self, key: &str, name: &str) {
+        let path = format!("/rooms/{}", urlencode(name));
+        match self
+            .call(key, axum::http::Method::DELETE, &path, None)
+            .await
+        {
+            Ok(_) => tracing::debug!(room = name, "Daily room deleted"),
+            Err(CoreError::Daily { status: 404, .. }) => {}
+            Err(e) => tracing::warn!(room = name, error = %e, "could not delete the Daily room"),
+        }
+    }
+
+    async fn call(
+        &self,
+        key: &str,
+        method: axum::http::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> CoreResult<Value> {
+        let unreachable = |why: String| CoreError::Daily {
+            status: 502,
+            message: format!("could not reach Daily's API: {why}"),
+        };
+        let req = axum::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.map(|b| b.to_string()).unwrap_or_default(),
+            )))
+            .map_err(|e| unreachable(e.to_string()))?;
+        let exchange = async {
+            let resp = self.http.request(req).await.map_err(|e| {
+                // The error's source says why (refused, TLS, DNS); never the key.
+                let why =
+                    std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+                unreachable(why)
+            })?;
+            let status = resp.status().as_u16();
+            let bytes = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .map_err(|e| unreachable(e.to_string()))?
+                .to_bytes();
+            Ok::<_, CoreError>((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(DAILY_TIMEOUT, exchange)
+            .await
+            .map_err(|_| CoreError::Daily {
+                status: 502,
+                message: format!(
+                    "Daily's API did not answer within {} s",
+                    DAILY_TIMEOUT.as_secs()
+                ),
+            })??;
+        let text = String::from_utf8_lossy(&bytes);
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if (200..300).contains(&status) {
+            return Ok(v);
+        }
+        Err(CoreError::Daily {
+            status,
+            message: daily_message(status, &v, &text),
+        })
+    }
+}
+
+/// Daily's error in words: `Daily API error 401 (authentication-error): <info>`.
+fn daily_message(status: u16, v: &Value, text: &str) -> String {
+    let kind = v["error"].as_str().unwrap_or("error");
+    let info = v["info"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| text.chars().take(300).collect());
+    format!("Daily API error {status} ({kind}): {info}")
+}
+
+fn object(v: Option<&Value>, what: &str) -> CoreResult<Map<String, Value>> {
+    match v {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(m)) => Ok(m.clone()),
+        Some(_) => Err(CoreError::bad_request(format!(
+            "{what} must be a JSON object"
+        ))),
+    }
+}
+
+/// Room properties: the defaults (`exp` at the session's end, everyone ejected then), the
+/// given ones over them, and `exp` never later than `exp_max`.
+pub fn room_properties(given: Option<&Value>, exp_max: i64) -> CoreResult<Value> {
+    let mut m = Map::new();
+    m.insert("exp".into(), json!(exp_max));
+    m.insert("eject_at_room_exp".into(), json!(true));
+    m.extend(object(given, "dailyRoomProperties")?);
+    let exp = m["exp"]
+        .as_i64()
+        .filter(|e| *e <= exp_max)
+        .unwrap_or(exp_max);
+    m.insert("exp".into(), json!(exp));
+    Ok(Value::Object(m))
+}
+
+/// The client's token: the given properties, bound to the room and expiring with it.
+pub fn client_token_properties(given: Option<&Value>, room: &str, exp: i64) -> CoreResult<Value> {
+    let mut m = object(given, "dailyMeetingTokenProperties")?;
+    m.insert("room_name".into(), json!(room));
+    let e = m
+        .get("exp")
+        .and_then(Value::as_i64)
+        .filter(|e| *e <= exp)
+        .unwrap_or(exp);
+    m.insert("exp".into(), json!(e));
+    Ok(Value::Object(m))
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_exp_never_outlives_the_session() {
+        let p = room_properties(None, 1000).unwrap();
+        assert_eq!(p, json!({"exp": 1000, "eject_at_room_exp": true}));
+        let p = room_properties(
+            Some(&json!({"exp": 5000, "enable_dialout": true, "sip": {"sip_mode": "dial-in"}})),
+            1000,
+        )
+        .unwrap();
+        assert_eq!(p["exp"], 1000);
+        assert_eq!(p["enable_dialout"], true);
+        assert_eq!(p["sip"]["sip_mode"], "dial-in");
+        let p =
+            room_properties(Some(&json!({"exp": 900, "eject_at_room_exp": false})), 1000).unwrap();
+        assert_eq!(
+            (p["exp"].clone(), p["eject_at_room_exp"].clone()),
+            (json!(900), json!(false))
+        );
+        assert!(room_properties(Some(&json!([1])), 1000).is_err());
+    }
+
+    #[test]
+    fn client_token_is_bound_to_the_room() {
+        let p = client_token_properties(
+            Some(&json!({"user_name": "ann", "room_name": "other", "exp": 99999})),
+            "r1",
+            500,
+        )
+        .unwrap();
+        assert_eq!(
+            p,
+            json!({"user_name": "ann", "room_name": "r1", "exp": 500})
+        );
+        assert!(client_token_properties(Some(&json!("x")), "r1", 5).is_err());
+    }
+
+    #[test]
+    fn key_of_the_org_wins() {
+        let d = Daily::new("http://127.0.0.1:1/", Some("server".into()));
+        assert_eq!(d.key_for(Some("org")).as_deref(), Some("org"));
+        assert_eq!(d.key_for(Some(" ")).as_deref(), Some("server"));
+        assert_eq!(d.key_for(None).as_deref(), Some("server"));
+        assert_eq!(
+            Daily::new("http://x", Some(String::new())).key_for(None),
+            None
+        );
+    }
+
+    #[test]
+    fn daily_errors_are_quoted() {
+        let m = daily_message(
+            401,
+            &json!({"error": "authentication-error", "info": "bad key"}),
+            "",
+        );
+        assert_eq!(m, "Daily API error 401 (authentication-error): bad key");
+        assert_eq!(
+            daily_message(500, &Value::Null, "oops"),
+            "Daily API error 500 (error): oops"
+        );
+    }
+}
