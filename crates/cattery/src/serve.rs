@@ -144,11 +144,13 @@ const LOG_AGE_PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Writes captured lines in batches of up to 512, and enforces retention: after each batch the
 /// size cap (`max_lines`, cheap: a range delete on the primary key), and every minute the age
 /// limit (`retention`). Both also run once at start.
+/// Once `close` is cancelled, the writer stores what the channel holds and returns.
 async fn log_writer(
     store: Arc<dyn Store>,
     mut rx: mpsc::UnboundedReceiver<LogLine>,
     retention: Duration,
     max_lines: u64,
+    close: tokio_util::sync::CancellationToken,
 ) {
     let prune_age = |store: Arc<dyn Store>| async move {
         let cutoff =
@@ -184,6 +186,7 @@ async fn log_writer(
                 prune_size(store.clone()).await;
             }
             _ = age_tick.tick() => prune_age(store.clone()).await,
+            () = close.cancelled(), if !rx.is_closed() => rx.close(),
         }
     }
 }
@@ -207,18 +210,19 @@ async fn signal_stream() -> mpsc::UnboundedReceiver<&'static str> {
     rx
 }
 
-fn print_banner(addr: SocketAddr, data_dir: &Path) {
+fn print_banner(addr: SocketAddr, data_dir: &Path, tls: bool) {
     let d = data_dir.display();
+    let http = if tls { "https" } else { "http" };
     println!(
-        "cattery listening on http://{addr} (data dir {d})
+        "cattery listening on {http}://{addr} (data dir {d})
 
 Next steps, in another terminal:
   SK=$(cattery keys create --data-dir {d} --type private)   # management API key (sk_...)
   PK=$(cattery keys create --data-dir {d} --type public)    # session start key (pk_...)
-  curl -s -X POST http://{addr}/v1/agents -H \"Authorization: Bearer $SK\" \\
+  curl -s -X POST {http}://{addr}/v1/agents -H \"Authorization: Bearer $SK\" \\
        -d '{{\"serviceName\":\"hello\",\"command\":[\"/path/to/your/agent\"]}}'
-  curl -s -X POST http://{addr}/v1/public/hello/start -H \"Authorization: Bearer $PK\" -d '{{}}'
-  curl -s -X DELETE http://{addr}/v1/agents/hello/sessions/<sessionId> -H \"Authorization: Bearer $SK\"
+  curl -s -X POST {http}://{addr}/v1/public/hello/start -H \"Authorization: Bearer $PK\" -d '{{}}'
+  curl -s -X DELETE {http}://{addr}/v1/agents/hello/sessions/<sessionId> -H \"Authorization: Bearer $SK\"
 (with cargo: replace `cattery` by `cargo run -q --release -p cattery --`; the API is at /v1/openapi.json)"
     );
 }
@@ -260,10 +264,13 @@ pub fn app_state(
             regions: cfg.regions.clone(),
             default_region: cfg.default_region.clone(),
         }),
-        ws: Arc::new(api::ws::WsState::new(
-            Duration::from_secs_f64(cfg.ws_idle_timeout_seconds),
-            Duration::from_secs_f64(cfg.ws_token_ttl_seconds),
-        )),
+        ws: Arc::new(
+            api::ws::WsState::new(
+                Duration::from_secs_f64(cfg.ws_idle_timeout_seconds),
+                Duration::from_secs_f64(cfg.ws_token_ttl_seconds),
+            )
+            .with_public_url(crate::web::PublicUrl::new(&config.web)),
+        ),
         secrets: cipher,
     })
 }
@@ -301,11 +308,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     })?;
     let runtime = built.runtime;
     let (log_tx, log_rx) = mpsc::unbounded_channel();
+    let close_logs = tokio_util::sync::CancellationToken::new();
     let writer = tokio::spawn(log_writer(
         store.clone(),
         log_rx,
         Duration::from_secs(cfg.log_retention_days.saturating_mul(86400)),
         cfg.log_retention_max_lines,
+        close_logs.clone(),
     ));
     let state = app_state(
         &config,
@@ -324,7 +333,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     sup.recover()
         .await
         .context("recovering instances after restart")?;
-    let app = api::router(state);
+    let app = api::cors::wrap(api::router(state), &config.web);
+    let tls = crate::web::tls_acceptor(&config.web)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -338,13 +348,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), isolation = %runtime.isolation(),
         nofile, max_connections = limits.max_connections, "cattery listening");
-    print_banner(addr, &cfg.data_dir);
+    print_banner(addr, &cfg.data_dir, tls.is_some());
 
     let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
-    let http = tokio::spawn(http_server::serve(listener, app, limits, async move {
+    let http = tokio::spawn(http_server::serve(listener, app, limits, tls, async move {
         let _ = stop_http_rx.await;
     }));
     let first = signals.recv().await.unwrap_or("SIGTERM");
+    if config.sessions.on_stop == crate::config::OnStop::Detach {
+        let _ = stop_http_tx.send(());
+        return detach(first, &store, http, close_logs, writer).await;
+    }
     tracing::info!(
         signal = first,
         "draining: new sessions get 503; a second signal stops sessions now"
@@ -361,5 +375,35 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     drop(sup);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `--on-stop detach`: stops serving HTTP (requests in flight finish, so a start either
+/// records its session or fails), stores every captured log line, and returns leaving every
+/// instance and session record as it is, for the next `cattery serve` to re-adopt.
+async fn detach(
+    signal: &str,
+    store: &Arc<dyn Store>,
+    http: tokio::task::JoinHandle<()>,
+    close_logs: tokio_util::sync::CancellationToken,
+    writer: tokio::task::JoinHandle<()>,
+) -> anyhow::Result<()> {
+    tracing::info!(
+        signal,
+        "detaching: no new connections; sessions keep running for the next cattery serve"
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(10), http).await;
+    crate::runtime::logs::freeze_capture();
+    close_logs.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
+    let open = store
+        .list_open_sessions()
+        .await
+        .map(|s| s.len())
+        .unwrap_or(0);
+    tracing::info!(
+        open_sessions = open,
+        "detached: instances left running; start the next cattery serve on this data dir to re-adopt them"
+    );
     Ok(())
 }

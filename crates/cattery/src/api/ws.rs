@@ -2,7 +2,7 @@
 //!
 //! `POST /start` with `transport: "websocket"` starts no bot: it answers a single-use token
 //! (valid `--ws-token-ttl-seconds`, default [`TOKEN_TTL`], bound to agent and org), a `wsUrl` served by Cattery
-//! (`ws://<host>/ws/generic/<agent>.<org>`), the announced `sessionId`, and the body as
+//! (`ws://<host>/ws/generic/<agent>.<org>`, `wss://` behind TLS: see `crate::web`), the announced `sessionId`, and the body as
 //! base64 JSON. When a client connects there, Cattery assigns an instance (warm or cold),
 //! opens the instance's `/ws` with `x-daily-session-id` and `?body=`, and relays text and
 //! binary frames both ways until either side closes.
@@ -72,6 +72,8 @@ pub struct WsState {
     pub idle_timeout: Duration,
     /// How long a token stays valid.
     pub token_ttl: Duration,
+    /// Where clients reach this server (the scheme and host of `wsUrl`).
+    pub public_url: crate::web::PublicUrl,
 }
 
 impl WsState {
@@ -81,7 +83,15 @@ impl WsState {
             tickets: Mutex::new(HashMap::new()),
             idle_timeout,
             token_ttl,
+            public_url: crate::web::PublicUrl::default(),
         }
+    }
+
+    /// With the URL clients reach this server at (`--public-url`, TLS).
+    #[must_use]
+    pub fn with_public_url(mut self, public_url: crate::web::PublicUrl) -> Self {
+        self.public_url = public_url;
+        self
     }
 
     /// Issues a single-use token.
@@ -128,10 +138,11 @@ pub struct WsAnnounce {
     pub ws_url: String,
 }
 
-/// `/start` for the websocket transport: issues the token and answers where to connect.
+/// `/start` for the websocket transport: issues the token and answers where to connect
+/// (`base`: `ws://host` or `wss://host/prefix`, see [`crate::web::PublicUrl`]).
 pub fn announce(
     st: &AppState,
-    host: &str,
+    base: &str,
     org: &str,
     agent: &str,
     body: Option<&serde_json::Value>,
@@ -149,7 +160,7 @@ pub fn announce(
         body: body_bytes.map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
         session_id,
         token,
-        ws_url: format!("ws://{host}/ws/generic/{agent}.{org}"),
+        ws_url: format!("{base}/ws/generic/{agent}.{org}"),
     }
 }
 

@@ -19,3 +19,5 @@ mod python_bots;
 mod secrets_logs;
 mod storage_faults;
 mod transport;
+mod upgrade;
+mod web;
