@@ -289,7 +289,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let cfg = Settings::from_config(&config, std::fs::canonicalize(data_dir)?);
-    let _lock = lock_data_dir(&cfg.data_dir)?;
+    let lock = lock_data_dir(&cfg.data_dir)?;
     let store = open_store(&config.store, &cfg.data_dir).await?;
     let sid = server_id(&cfg.data_dir)?;
     let runner_dir = cfg.data_dir.join("runner");
@@ -357,7 +357,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let first = signals.recv().await.unwrap_or("SIGTERM");
     if config.sessions.on_stop == crate::config::OnStop::Detach {
         let _ = stop_http_tx.send(());
-        return detach(first, &store, http, close_logs, writer).await;
+        return detach(first, &store, &runtime, http, close_logs, writer, lock).await;
     }
     tracing::info!(
         signal = first,
@@ -384,9 +384,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 async fn detach(
     signal: &str,
     store: &Arc<dyn Store>,
+    runtime: &Arc<dyn Runtime>,
     http: tokio::task::JoinHandle<()>,
     close_logs: tokio_util::sync::CancellationToken,
     writer: tokio::task::JoinHandle<()>,
+    data_dir_lock: nix::fcntl::Flock<std::fs::File>,
 ) -> anyhow::Result<()> {
     tracing::info!(
         signal,
@@ -405,5 +407,22 @@ async fn detach(
         open_sessions = open,
         "detached: instances left running; start the next cattery serve on this data dir to re-adopt them"
     );
+    // Websocket calls relayed by this process go on through it: the data dir and the port are
+    // the next server's already, and this process exits when its last relay ends.
+    drop(data_dir_lock);
+    // Releases this server's liveness lock (the next server, of the same id, waits for it) and
+    // removes its cgroup directories only where they are empty: running instances keep theirs.
+    runtime.shutdown().await;
+    let relays = crate::api::ws::live_relays();
+    if relays > 0 {
+        tracing::info!(
+            relays,
+            "relaying the websocket calls already connected until they end"
+        );
+        while crate::api::ws::live_relays() > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::info!("the last relayed websocket call ended");
+    }
     Ok(())
 }

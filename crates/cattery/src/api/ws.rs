@@ -50,6 +50,30 @@ pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Bound on one frame send.
 pub const SEND_WAIT: Duration = Duration::from_secs(5);
 
+/// Websocket relays running in this process (a detached server waits for them to end).
+static LIVE_RELAYS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts one relay in [`LIVE_RELAYS`] while it lives.
+struct LiveRelay;
+
+impl LiveRelay {
+    fn enter() -> LiveRelay {
+        LIVE_RELAYS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        LiveRelay
+    }
+}
+
+impl Drop for LiveRelay {
+    fn drop(&mut self) {
+        LIVE_RELAYS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// How many websocket relays this process runs.
+pub fn live_relays() -> usize {
+    LIVE_RELAYS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// A pending websocket session announced by `/start`.
 #[derive(Debug, Clone)]
 pub struct WsTicket {
@@ -385,6 +409,7 @@ async fn relay<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
+    let _live = LiveRelay::enter();
     let (mut cs, mut cr) = client.split();
     let (mut is, mut ir) = inst.split();
     for m in early.into_iter().filter_map(to_instance) {

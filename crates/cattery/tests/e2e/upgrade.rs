@@ -71,3 +71,98 @@ async fn detach_then_restart_keeps_bot_session_and_its_logs() {
     assert_eq!(all, expected, "every tick captured exactly once");
     assert!(all.len() as u64 > last_before + 20);
 }
+
+/// A live websocket call survives an upgrade: the detached server keeps relaying the calls
+/// already connected (the data dir and the port go to the next server at once) and exits when
+/// the last one ends; the new server re-adopts the session, whose logs have no gap.
+#[tokio::test(flavor = "multi_thread")]
+async fn detach_then_restart_keeps_a_websocket_call() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let mut s = Server::start(&["--on-stop", "detach"]).await;
+    s.deploy(
+        "wsup",
+        &["--ignore-transport-close", "--tick-ms", "20"],
+        json!({"maxSessionDuration": 300, "stopGraceSeconds": 1}),
+    )
+    .await;
+    let r = s
+        .start_session("wsup", json!({"transport": "websocket"}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let url = format!(
+        "{}?token={}",
+        r.body["wsUrl"].as_str().unwrap(),
+        r.body["token"].as_str().unwrap()
+    );
+    let sid = r.body["sessionId"].as_str().unwrap().to_string();
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .expect("ws connect");
+    // Echo of a text frame, skipping the agent's audio frames.
+    async fn echo<S>(ws: &mut S, text: &str)
+    where
+        S: futures_util::Sink<Message>
+            + futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+            + Unpin,
+        <S as futures_util::Sink<Message>>::Error: std::fmt::Debug,
+    {
+        ws.send(Message::Text(text.into())).await.unwrap();
+        let t0 = std::time::Instant::now();
+        loop {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no echo of {text}");
+            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) if t.as_str() == text => return,
+                Ok(Some(Ok(_))) => {}
+                other => panic!("websocket ended waiting for {text}: {other:?}"),
+            }
+        }
+    }
+    echo(&mut ws, "before").await;
+    wait_log(&s, "wsup", &sid, "tick 10").await;
+    let pid = session_pid(&s, "wsup", &sid).await;
+
+    s.signal(15);
+    crate::common::wait_for(Duration::from_secs(20), "old server relaying", || async {
+        s.log()
+            .contains("relaying the websocket calls")
+            .then_some(())
+    })
+    .await;
+    let mut old = s.child.take().expect("old server");
+    s.spawn().await;
+    assert!(
+        s.log().contains("re-adopted a running session") && s.log().contains(&sid),
+        "{}",
+        s.log()
+    );
+    echo(&mut ws, "after").await;
+    assert!(pid_alive(pid));
+    assert!(
+        old.try_wait().unwrap().is_none(),
+        "the old server relays until the call ends"
+    );
+    let want = {
+        let t = ticks(&session_logs(&s, "wsup", &sid).await);
+        format!("tick {}", t.last().copied().unwrap_or(0) + 25)
+    };
+    wait_log(&s, "wsup", &sid, &want).await;
+    ws.close(None).await.unwrap();
+    let t0 = std::time::Instant::now();
+    while old.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the old server did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let g = s.wait_ended("wsup", &sid, Duration::from_secs(20)).await;
+    assert!(
+        !["lost", "drained"].contains(&g["endReason"].as_str().unwrap_or("")),
+        "{g}"
+    );
+    let t = ticks(&session_logs(&s, "wsup", &sid).await);
+    let expected: Vec<u64> = (1..=*t.last().unwrap()).collect();
+    assert_eq!(t, expected, "every tick captured exactly once");
+}
