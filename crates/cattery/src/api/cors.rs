@@ -4,6 +4,9 @@
 //! here; a private route's preflight from an origin not allowed carries no
 //! `Access-Control-Allow-*` header, so the browser refuses the call.
 //!
+//! Requests without `Origin` (not from a browser page) pass by untouched: a plain `OPTIONS`
+//! reaches its route as before.
+//!
 //! Browsers do not preflight websockets but send `Origin`: a websocket handshake from an
 //! origin the public list does not allow is refused with 403.
 
@@ -69,15 +72,25 @@ impl Origins {
 
 /// `router` with CORS by route, per `web`.
 pub fn wrap(router: Router, web: &WebConfig) -> Router {
+    let plain = router.clone();
     let public_origins = std::sync::Arc::new(Origins::new(&web.cors_public_origins));
     let public = public_origins.cors_layer().layer(router.clone());
     let private = Origins::new(&web.cors_private_origins)
         .cors_layer()
         .layer(router);
     let svc = tower::service_fn(move |req: Request| {
-        let (public, private, public_origins) =
-            (public.clone(), private.clone(), public_origins.clone());
+        let (plain, public, private, public_origins) = (
+            plain.clone(),
+            public.clone(),
+            private.clone(),
+            public_origins.clone(),
+        );
         async move {
+            // No `Origin`: not a browser's cross-origin call, nothing for CORS to do (an
+            // `OPTIONS` reaches its route, the session proxy forwards it to the bot).
+            if !req.headers().contains_key(header::ORIGIN) {
+                return plain.oneshot(req).await;
+            }
             if !is_public(req.uri().path()) {
                 return private.oneshot(req).await;
             }

@@ -609,3 +609,14 @@ async fn node_type_is_the_host_architecture() {
         assert_eq!(arch, "amd64");
     }
 }
+
+/// An `OPTIONS` without `Origin` is no preflight: it reaches its route as before (a JSON 405
+/// on the API's own routes).
+#[tokio::test]
+async fn options_without_origin_is_not_taken_for_a_preflight() {
+    let a = api().await;
+    let app = super::cors::wrap(a.app.clone(), &crate::web::WebConfig::default());
+    let (st, _, body) = raw(&app, Method::OPTIONS, "/v1/public/bot/start", &[], None).await;
+    assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED, "{body}");
+    assert_eq!(body["code"], "405", "{body}");
+}
