@@ -216,6 +216,7 @@ A test agent implementing the Cattery instance contract (listens on 127.0.0.1:$P
   --rss-grow MB             allocate and touch MB megabytes at session start
   --ignore-transport-close  keep running when the /bot connection or websocket closes
   --bot-seconds S           end the session naturally after S seconds
+  --tick-ms N               during a session, log `tick <n>` (n = 1, 2, ...) every N ms
   -h, --help                show this help
 ";
 
@@ -235,6 +236,7 @@ struct Options {
     rss_grow_mb: Option<u64>,
     ignore_transport_close: bool,
     bot_seconds: Option<f64>,
+    tick_ms: Option<u64>,
 }
 
 fn usage_error(msg: &str) -> ! {
@@ -281,6 +283,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Options {
             "--exit-on-start" => o.exit_on_start = Some(parse_num(&name, &value())),
             "--bind-port" => o.bind_port = Some(parse_num(&name, &value())),
             "--rss-grow" => o.rss_grow_mb = Some(parse_num(&name, &value())),
+            "--tick-ms" => o.tick_ms = Some(parse_num(&name, &value())),
             "--print-env" => o.print_env.push(value()),
             "--ignore-sigterm"
             | "--hang-on-exit"
@@ -780,6 +783,15 @@ fn start_session(req: &Request, body: &str) -> bool {
     }
     if let Some(mb) = a.opts.rss_grow_mb {
         grow_rss(mb);
+    }
+    if let Some(ms) = a.opts.tick_ms {
+        // Numbered lines: a test finds a gap in the captured logs by a missing number.
+        thread::spawn(move || {
+            for n in 1u64.. {
+                thread::sleep(Duration::from_millis(ms.max(1)));
+                info!("tick {n}");
+            }
+        });
     }
     if let Some(s) = a.opts.exit_after {
         let code = a.opts.exit_code;

@@ -49,6 +49,8 @@ pub struct Config {
     pub logs: LogsConfig,
     /// The websocket transport.
     pub websocket: WebsocketConfig,
+    /// CORS, TLS and the public URL (`crate::web`).
+    pub web: crate::web::WebConfig,
 }
 
 /// `[server]`.
@@ -186,6 +188,21 @@ pub struct SessionsConfig {
     /// ICE server URLs given to bots (`CATTERY_ICE_SERVERS`) and answered for
     /// `enableDefaultIceServers`; empty = none (host candidates only).
     pub ice_servers: Vec<String>,
+    /// What SIGTERM/SIGINT do to running sessions: drain them, or detach (leave them running
+    /// for the next `cattery serve`).
+    pub on_stop: OnStop,
+}
+
+/// What stopping the server does to running sessions (`--on-stop`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStop {
+    /// New sessions get 503; running ones may go on for the drain timeout, then are stopped.
+    #[default]
+    Drain,
+    /// Stop serving HTTP, store every captured log line, and exit leaving instances and their
+    /// session records as they are: the next `cattery serve` re-adopts them (an upgrade).
+    Detach,
 }
 
 /// Daily's REST API.
@@ -203,6 +220,7 @@ impl Default for SessionsConfig {
             daily_api_key: None,
             daily_api_url: DEFAULT_DAILY_API_URL.into(),
             ice_servers: vec![DEFAULT_ICE_SERVER.into()],
+            on_stop: OnStop::Drain,
         }
     }
 }
@@ -249,10 +267,15 @@ impl Default for WebsocketConfig {
 /// file's value or the default (see [`Config`]).
 #[derive(Debug, Default, clap::Args)]
 pub struct ServeArgs {
-    /// TOML configuration file (sections server, store, runtime, sessions, logs, websocket);
+    /// TOML configuration file (sections server, store, runtime, sessions, logs, websocket,
+    /// web);
     /// flags and environment variables override it.
     #[arg(long, env = "CATTERY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    /// The `[web]` section: CORS, TLS, public URL.
+    #[command(flatten)]
+    pub web: crate::web::WebArgs,
 
     /// Address to listen on (`host:port`; a host name is resolved) [default: 127.0.0.1:7870].
     #[arg(long, env = "CATTERY_LISTEN", help_heading = "Server")]
@@ -343,6 +366,10 @@ pub struct ServeArgs {
     /// On SIGTERM, seconds running sessions may go on before they are stopped [default: 30].
     #[arg(long, env = "CATTERY_DRAIN_TIMEOUT_SECONDS", help_heading = "Sessions")]
     pub drain_timeout_seconds: Option<f64>,
+    /// On SIGTERM/SIGINT: `drain` running sessions, or `detach` (exit leaving them running for
+    /// the next `cattery serve` to re-adopt: an upgrade without dropping calls) [default: drain].
+    #[arg(long, env = "CATTERY_ON_STOP", value_enum, help_heading = "Sessions")]
+    pub on_stop: Option<OnStop>,
     /// Resource sampling interval for sessions, ms [default: 5000].
     #[arg(long, env = "CATTERY_METRICS_INTERVAL_MS", help_heading = "Sessions")]
     pub metrics_interval_ms: Option<u64>,
@@ -442,6 +469,7 @@ impl Config {
             se.drain_timeout_seconds => a.drain_timeout_seconds,
             se.metrics_interval_ms => a.metrics_interval_ms,
             se.daily_api_url => a.daily_api_url,
+            se.on_stop => a.on_stop,
             l.retention_days => a.log_retention_days,
             l.retention_max_lines => a.log_retention_max_lines,
             w.idle_timeout_seconds => a.ws_idle_timeout_seconds,
@@ -466,6 +494,7 @@ impl Config {
                 .filter(|u| !u.is_empty())
                 .collect();
         }
+        self.web.apply(a.web);
     }
 
     /// Checks every setting; the error names the flag.
@@ -526,6 +555,7 @@ impl Config {
                 .parse::<crate::runtime::process::uids::UidRange>()
                 .map_err(|e| anyhow::anyhow!("--instance-uids {e}"))?;
         }
+        self.web.validate()?;
         Ok(())
     }
 

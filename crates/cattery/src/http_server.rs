@@ -13,6 +13,8 @@
 //!   so idle connections cannot lock `/health`, start and stop out; connections that are
 //!   serving a request (a slow handler, a proxied stream) are never closed for this.
 //! - `TCP_NODELAY` on every accepted socket (no Nagle stalls on streamed answers).
+//! - **TLS** (`--tls-cert`/`--tls-key`, rustls): the handshake runs in the connection's own
+//!   task, bounded by the header-read timeout, so a slow handshake never holds the accept loop.
 //!
 //! Upgraded connections (the websocket relay) leave hyper, and with it these timeouts and the
 //! cap, as soon as the upgrade is done.
@@ -33,6 +35,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
@@ -182,6 +185,33 @@ impl hyper::body::Body for ReadTimeoutBody {
     }
 }
 
+/// A client connection: plain TCP, or TLS over it.
+type ClientIo =
+    Either<tokio::net::TcpStream, tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+
+/// The connection as served: `stream` itself, or after a TLS handshake bounded by `limit`
+/// (`None` when the handshake fails or times out).
+async fn handshake(
+    stream: tokio::net::TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limit: Duration,
+) -> Option<ClientIo> {
+    let Some(acceptor) = tls else {
+        return Some(Either::Left(stream));
+    };
+    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => Some(Either::Right(s)),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            None
+        }
+    }
+}
+
 /// The soft open-files limit of this process.
 pub fn nofile_limit() -> u64 {
     let mut l = libc::rlimit {
@@ -196,12 +226,13 @@ pub fn nofile_limit() -> u64 {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, lets
-/// connections finish their current request, and returns.
+/// Serves `app` on `listener` (over TLS with `tls`) until `shutdown` resolves; then stops
+/// accepting, lets connections finish their current request, and returns.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: HttpLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -276,12 +307,19 @@ pub async fn serve(
                 }
             })
         };
-        let conn = http
-            .serve_connection(TokioIo::new(stream), svc)
-            .with_upgrades();
-        let (registry, stopping) = (registry.clone(), stopping.clone());
+        let (registry, stopping, http, tls) = (
+            registry.clone(),
+            stopping.clone(),
+            http.clone(),
+            tls.clone(),
+        );
         tokio::spawn(async move {
             let _permit = permit;
+            let Some(io) = handshake(stream, tls, limits.header_read_timeout).await else {
+                registry.lock().conns.remove(&id);
+                return;
+            };
+            let conn = http.serve_connection(TokioIo::new(io), svc).with_upgrades();
             let mut conn = std::pin::pin!(conn);
             let mut draining = false;
             loop {

@@ -144,11 +144,13 @@ const LOG_AGE_PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Writes captured lines in batches of up to 512, and enforces retention: after each batch the
 /// size cap (`max_lines`, cheap: a range delete on the primary key), and every minute the age
 /// limit (`retention`). Both also run once at start.
+/// Once `close` is cancelled, the writer stores what the channel holds and returns.
 async fn log_writer(
     store: Arc<dyn Store>,
     mut rx: mpsc::UnboundedReceiver<LogLine>,
     retention: Duration,
     max_lines: u64,
+    close: tokio_util::sync::CancellationToken,
 ) {
     let prune_age = |store: Arc<dyn Store>| async move {
         let cutoff =
@@ -185,6 +187,7 @@ async fn log_writer(
                 prune_size(store.clone()).await;
             }
             _ = age_tick.tick() => prune_age(store.clone()).await,
+            () = close.cancelled(), if !rx.is_closed() => rx.close(),
         }
     }
 }
@@ -208,18 +211,19 @@ async fn signal_stream() -> mpsc::UnboundedReceiver<&'static str> {
     rx
 }
 
-fn print_banner(addr: SocketAddr, data_dir: &Path) {
+fn print_banner(addr: SocketAddr, data_dir: &Path, tls: bool) {
     let d = data_dir.display();
+    let http = if tls { "https" } else { "http" };
     println!(
-        "cattery listening on http://{addr} (data dir {d})
+        "cattery listening on {http}://{addr} (data dir {d})
 
 Next steps, in another terminal:
   SK=$(cattery keys create --data-dir {d} --type private)   # management API key (sk_...)
   PK=$(cattery keys create --data-dir {d} --type public)    # session start key (pk_...)
-  curl -s -X POST http://{addr}/v1/agents -H \"Authorization: Bearer $SK\" \\
+  curl -s -X POST {http}://{addr}/v1/agents -H \"Authorization: Bearer $SK\" \\
        -d '{{\"serviceName\":\"hello\",\"command\":[\"/path/to/your/agent\"]}}'
-  curl -s -X POST http://{addr}/v1/public/hello/start -H \"Authorization: Bearer $PK\" -d '{{}}'
-  curl -s -X DELETE http://{addr}/v1/agents/hello/sessions/<sessionId> -H \"Authorization: Bearer $SK\"
+  curl -s -X POST {http}://{addr}/v1/public/hello/start -H \"Authorization: Bearer $PK\" -d '{{}}'
+  curl -s -X DELETE {http}://{addr}/v1/agents/hello/sessions/<sessionId> -H \"Authorization: Bearer $SK\"
 (with cargo: replace `cattery` by `cargo run -q --release -p cattery --`; the API is at /v1/openapi.json)"
     );
 }
@@ -262,10 +266,13 @@ pub fn app_state(
             regions: cfg.regions.clone(),
             default_region: cfg.default_region.clone(),
         }),
-        ws: Arc::new(api::ws::WsState::new(
-            Duration::from_secs_f64(cfg.ws_idle_timeout_seconds),
-            Duration::from_secs_f64(cfg.ws_token_ttl_seconds),
-        )),
+        ws: Arc::new(
+            api::ws::WsState::new(
+                Duration::from_secs_f64(cfg.ws_idle_timeout_seconds),
+                Duration::from_secs_f64(cfg.ws_token_ttl_seconds),
+            )
+            .with_public_url(crate::web::PublicUrl::new(&config.web)),
+        ),
         secrets: cipher,
         metrics: Arc::new(crate::telemetry::Metrics::new(
             config.server.metrics_token.clone(),
@@ -291,7 +298,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let cfg = Settings::from_config(&config, std::fs::canonicalize(data_dir)?);
-    let _lock = lock_data_dir(&cfg.data_dir)?;
+    let lock = lock_data_dir(&cfg.data_dir)?;
     let store = open_store(&config.store, &cfg.data_dir).await?;
     let sid = server_id(&cfg.data_dir)?;
     let runner_dir = cfg.data_dir.join("runner");
@@ -310,11 +317,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     })?;
     let runtime = built.runtime;
     let (log_tx, log_rx) = mpsc::unbounded_channel();
+    let close_logs = tokio_util::sync::CancellationToken::new();
     let writer = tokio::spawn(log_writer(
         store.clone(),
         log_rx,
         Duration::from_secs(cfg.log_retention_days.saturating_mul(86400)),
         cfg.log_retention_max_lines,
+        close_logs.clone(),
     ));
     let state = app_state(
         &config,
@@ -333,7 +342,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     sup.recover()
         .await
         .context("recovering instances after restart")?;
-    let app = api::router(state);
+    let app = api::cors::wrap(api::router(state), &config.web);
+    let tls = crate::web::tls_acceptor(&config.web)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -349,14 +359,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         nofile, max_connections = limits.max_connections, "cattery listening");
     // With JSON logs, stdout carries nothing but JSON either (journald mixes the two).
     if config.server.log_format == crate::config::LogFormat::Text {
-        print_banner(addr, &cfg.data_dir);
+        print_banner(addr, &cfg.data_dir, tls.is_some());
     }
 
     let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
-    let http = tokio::spawn(http_server::serve(listener, app, limits, async move {
+    let http = tokio::spawn(http_server::serve(listener, app, limits, tls, async move {
         let _ = stop_http_rx.await;
     }));
     let first = signals.recv().await.unwrap_or("SIGTERM");
+    if config.sessions.on_stop == crate::config::OnStop::Detach {
+        let _ = stop_http_tx.send(());
+        return detach(first, &store, &runtime, http, close_logs, writer, lock).await;
+    }
     tracing::info!(
         signal = first,
         "draining: new sessions get 503; a second signal stops sessions now"
@@ -373,5 +387,54 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     drop(sup);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `--on-stop detach`: stops serving HTTP (requests in flight finish, so a start either
+/// records its session or fails), stores every captured log line, and returns leaving every
+/// instance and session record as it is, for the next `cattery serve` to re-adopt.
+async fn detach(
+    signal: &str,
+    store: &Arc<dyn Store>,
+    runtime: &Arc<dyn Runtime>,
+    http: tokio::task::JoinHandle<()>,
+    close_logs: tokio_util::sync::CancellationToken,
+    writer: tokio::task::JoinHandle<()>,
+    data_dir_lock: nix::fcntl::Flock<std::fs::File>,
+) -> anyhow::Result<()> {
+    tracing::info!(
+        signal,
+        "detaching: no new connections; sessions keep running for the next cattery serve"
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(10), http).await;
+    crate::runtime::logs::freeze_capture();
+    close_logs.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
+    let open = store
+        .list_open_sessions()
+        .await
+        .map(|s| s.len())
+        .unwrap_or(0);
+    tracing::info!(
+        open_sessions = open,
+        "detached: instances left running; start the next cattery serve on this data dir to re-adopt them"
+    );
+    // Websocket calls relayed by this process go on through it: the data dir and the port are
+    // the next server's already, and this process exits when its last relay ends.
+    drop(data_dir_lock);
+    // Releases this server's liveness lock (the next server, of the same id, waits for it) and
+    // removes its cgroup directories only where they are empty: running instances keep theirs.
+    runtime.shutdown().await;
+    let relays = crate::api::ws::live_relays();
+    if relays > 0 {
+        tracing::info!(
+            relays,
+            "relaying the websocket calls already connected until they end"
+        );
+        while crate::api::ws::live_relays() > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::info!("the last relayed websocket call ended");
+    }
     Ok(())
 }

@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod auth;
+pub mod cors;
 pub mod error;
 pub mod events;
 pub mod logs;

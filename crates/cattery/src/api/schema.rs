@@ -190,7 +190,7 @@ pub struct ManifestSpec {
     pub auto_scaling: AutoScaling,
     /// Program and arguments.
     pub command: Option<Vec<String>>,
-    /// Always `arm`.
+    /// The architecture instances run on (this machine's: `amd64`, `arm64`).
     pub daily_node_type: &'static str,
     /// The bound secret set, if any.
     pub env_from_secret_names: Vec<String>,
@@ -270,7 +270,7 @@ impl Deployment {
                 spec: ManifestSpec {
                     auto_scaling: AutoScaling::of(a),
                     command: spec.command.clone(),
-                    daily_node_type: "arm",
+                    daily_node_type: crate::core::orgs::host_architecture(),
                     env_from_secret_names: spec.secret_set.iter().cloned().collect(),
                     image: spec.image.clone(),
                     image_pull_secret_name: spec.image_pull_secret_set.clone(),

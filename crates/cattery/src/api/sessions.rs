@@ -180,14 +180,10 @@ pub async fn start_session(
                 "a body needs websocketAuth \"token\"; this agent has websocketAuth \"none\"",
             ));
         }
-        let host = headers
-            .get("host")
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("127.0.0.1:7870")
-            .to_string();
+        let base = st.ws.public_url.ws_base(&headers);
         return Ok(Json(StartAnswer::Websocket(super::ws::announce(
             &st,
-            &host,
+            &base,
             &c.org,
             &name,
             req.body.as_ref(),

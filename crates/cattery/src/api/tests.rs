@@ -600,3 +600,243 @@ async fn session_events_with_1000_live() {
         t0.elapsed()
     );
 }
+
+/// One raw request through `app`: status and headers.
+async fn raw(
+    app: &Router,
+    method: Method,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (StatusCode, axum::http::HeaderMap, Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let body = body.map_or_else(Body::empty, |b| Body::from(b.to_string()));
+    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    (
+        parts.status,
+        parts.headers,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn preflight<'a>(origin: &'a str, method: &'a str) -> [(&'a str, &'a str); 3] {
+    [
+        ("origin", origin),
+        ("access-control-request-method", method),
+        (
+            "access-control-request-headers",
+            "authorization,content-type",
+        ),
+    ]
+}
+
+/// CORS with the defaults: any origin on the public routes (preflight and the call itself),
+/// none on the private ones.
+#[tokio::test]
+async fn cors_defaults_allow_public_routes_only() {
+    let a = api().await;
+    a.deploy("bot", &[], json!({})).await;
+    let app = super::cors::wrap(a.app.clone(), &crate::web::WebConfig::default());
+    let page = "http://127.0.0.1:9";
+    let (st, h, _) = raw(
+        &app,
+        Method::OPTIONS,
+        "/v1/public/bot/start",
+        &preflight(page, "POST"),
+        None,
+    )
+    .await;
+    assert!(st.is_success(), "preflight answered {st}");
+    assert_eq!(h["access-control-allow-origin"], "*");
+    let allowed = h["access-control-allow-headers"].to_str().unwrap();
+    assert!(allowed.contains("authorization"), "{allowed}");
+    assert!(h["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .contains("POST"));
+    let bearer = format!("Bearer {}", a.pk);
+    let (st, h, body) = raw(
+        &app,
+        Method::POST,
+        "/v1/public/bot/start",
+        &[
+            ("origin", page),
+            ("authorization", &bearer),
+            ("content-type", "application/json"),
+        ],
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(h["access-control-allow-origin"], "*");
+    // The session proxy is public too.
+    let (st, h, _) = raw(
+        &app,
+        Method::OPTIONS,
+        "/v1/public/bot/sessions/00000000-0000-0000-0000-000000000000/api/x",
+        &preflight(page, "PUT"),
+        None,
+    )
+    .await;
+    assert!(st.is_success());
+    assert_eq!(h["access-control-allow-origin"], "*");
+    // Private routes: no Allow-Origin, so a browser refuses the call.
+    for (method, uri) in [(Method::OPTIONS, "/v1/agents"), (Method::GET, "/v1/agents")] {
+        let sk = format!("Bearer {}", a.sk);
+        let mut hs = preflight(page, "GET").to_vec();
+        hs.push(("authorization", &sk));
+        let (_, h, _) = raw(&app, method.clone(), uri, &hs, None).await;
+        assert!(
+            !h.contains_key("access-control-allow-origin"),
+            "{method} {uri}: {h:?}"
+        );
+    }
+}
+
+/// CORS with configured origins: only those, on both kinds of route; a websocket handshake
+/// from another origin is refused.
+#[tokio::test]
+async fn cors_configured_origins() {
+    let a = api().await;
+    let web = crate::web::WebConfig {
+        cors_public_origins: vec!["https://app.example".into()],
+        cors_private_origins: vec!["https://admin.example".into()],
+        ..crate::web::WebConfig::default()
+    };
+    let app = super::cors::wrap(a.app.clone(), &web);
+    let origin_of = |h: &axum::http::HeaderMap| {
+        h.get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let start = "/v1/public/bot/start";
+    let (_, h, _) = raw(
+        &app,
+        Method::OPTIONS,
+        start,
+        &preflight("https://app.example", "POST"),
+        None,
+    )
+    .await;
+    assert_eq!(origin_of(&h).as_deref(), Some("https://app.example"));
+    let (_, h, _) = raw(
+        &app,
+        Method::OPTIONS,
+        start,
+        &preflight("https://evil.example", "POST"),
+        None,
+    )
+    .await;
+    assert_eq!(origin_of(&h), None);
+    let (_, h, _) = raw(
+        &app,
+        Method::OPTIONS,
+        "/v1/agents",
+        &preflight("https://admin.example", "GET"),
+        None,
+    )
+    .await;
+    assert_eq!(origin_of(&h).as_deref(), Some("https://admin.example"));
+    let (_, h, _) = raw(
+        &app,
+        Method::OPTIONS,
+        "/v1/agents",
+        &preflight("https://app.example", "GET"),
+        None,
+    )
+    .await;
+    assert_eq!(origin_of(&h), None);
+    let ws = [
+        ("connection", "upgrade"),
+        ("upgrade", "websocket"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    let mut evil = ws.to_vec();
+    evil.push(("origin", "https://evil.example"));
+    let (st, _, body) = raw(&app, Method::GET, "/ws/generic/bot.default", &evil, None).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("origin"), "{body}");
+    let mut good = ws.to_vec();
+    good.push(("origin", "https://app.example"));
+    let (st, _, body) = raw(&app, Method::GET, "/ws/generic/bot.default", &good, None).await;
+    assert!(
+        !body["error"].as_str().unwrap_or("").contains("origin"),
+        "{st} {body}"
+    );
+}
+
+/// The websocket URL from `/start` follows the proxy's headers and `--public-url`.
+#[tokio::test]
+async fn ws_url_follows_forwarded_proto() {
+    let a = api().await;
+    a.deploy("bot", &[], json!({})).await;
+    let bearer = format!("Bearer {}", a.pk);
+    let start = |extra: Vec<(&'static str, &'static str)>| {
+        let app = a.app.clone();
+        let bearer = bearer.clone();
+        async move {
+            let mut hs = vec![
+                ("authorization", bearer.as_str()),
+                ("host", "10.1.2.3:7870"),
+                ("content-type", "application/json"),
+            ];
+            hs.extend(extra);
+            let (st, _, body) = raw(
+                &app,
+                Method::POST,
+                "/v1/public/bot/start",
+                &hs,
+                Some(json!({"transport": "websocket"})),
+            )
+            .await;
+            assert_eq!(st, StatusCode::OK, "{body}");
+            body["wsUrl"].as_str().unwrap().to_string()
+        }
+    };
+    assert_eq!(
+        start(vec![]).await,
+        "ws://10.1.2.3:7870/ws/generic/bot.default"
+    );
+    assert_eq!(
+        start(vec![("x-forwarded-proto", "https")]).await,
+        "wss://10.1.2.3:7870/ws/generic/bot.default"
+    );
+    assert_eq!(
+        start(vec![("forwarded", "proto=https;host=voice.example")]).await,
+        "wss://voice.example/ws/generic/bot.default"
+    );
+}
+
+/// Deployments report the architecture instances really run on, not a fixed `arm`.
+#[tokio::test]
+async fn node_type_is_the_host_architecture() {
+    let a = api().await;
+    a.deploy("bot", &[], json!({})).await;
+    let r = a.get("/v1/agents/bot/deployments").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let arch = crate::core::orgs::host_architecture();
+    assert_eq!(
+        r.body["deployments"][0]["manifest"]["spec"]["dailyNodeType"], arch,
+        "{}",
+        r.body
+    );
+    if cfg!(target_arch = "x86_64") {
+        assert_eq!(arch, "amd64");
+    }
+}
+
+/// An `OPTIONS` without `Origin` is no preflight: it reaches its route as before (a JSON 405
+/// on the API's own routes).
+#[tokio::test]
+async fn options_without_origin_is_not_taken_for_a_preflight() {
+    let a = api().await;
+    let app = super::cors::wrap(a.app.clone(), &crate::web::WebConfig::default());
+    let (st, _, body) = raw(&app, Method::OPTIONS, "/v1/public/bot/start", &[], None).await;
+    assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED, "{body}");
+    assert_eq!(body["code"], "405", "{body}");
+}

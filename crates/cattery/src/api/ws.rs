@@ -2,7 +2,7 @@
 //!
 //! `POST /start` with `transport: "websocket"` starts no bot: it answers a single-use token
 //! (valid `--ws-token-ttl-seconds`, default [`TOKEN_TTL`], bound to agent and org), a `wsUrl` served by Cattery
-//! (`ws://<host>/ws/generic/<agent>.<org>`), the announced `sessionId`, and the body as
+//! (`ws://<host>/ws/generic/<agent>.<org>`, `wss://` behind TLS: see `crate::web`), the announced `sessionId`, and the body as
 //! base64 JSON. When a client connects there, Cattery assigns an instance (warm or cold),
 //! opens the instance's `/ws` with `x-daily-session-id` and `?body=`, and relays text and
 //! binary frames both ways until either side closes.
@@ -50,6 +50,30 @@ pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Bound on one frame send.
 pub const SEND_WAIT: Duration = Duration::from_secs(5);
 
+/// Websocket relays running in this process (a detached server waits for them to end).
+static LIVE_RELAYS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts one relay in [`LIVE_RELAYS`] while it lives.
+struct LiveRelay;
+
+impl LiveRelay {
+    fn enter() -> LiveRelay {
+        LIVE_RELAYS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        LiveRelay
+    }
+}
+
+impl Drop for LiveRelay {
+    fn drop(&mut self) {
+        LIVE_RELAYS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// How many websocket relays this process runs.
+pub fn live_relays() -> usize {
+    LIVE_RELAYS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// A pending websocket session announced by `/start`.
 #[derive(Debug, Clone)]
 pub struct WsTicket {
@@ -72,6 +96,8 @@ pub struct WsState {
     pub idle_timeout: Duration,
     /// How long a token stays valid.
     pub token_ttl: Duration,
+    /// Where clients reach this server (the scheme and host of `wsUrl`).
+    pub public_url: crate::web::PublicUrl,
 }
 
 impl WsState {
@@ -81,7 +107,15 @@ impl WsState {
             tickets: Mutex::new(HashMap::new()),
             idle_timeout,
             token_ttl,
+            public_url: crate::web::PublicUrl::default(),
         }
+    }
+
+    /// With the URL clients reach this server at (`--public-url`, TLS).
+    #[must_use]
+    pub fn with_public_url(mut self, public_url: crate::web::PublicUrl) -> Self {
+        self.public_url = public_url;
+        self
     }
 
     /// Issues a single-use token.
@@ -128,10 +162,11 @@ pub struct WsAnnounce {
     pub ws_url: String,
 }
 
-/// `/start` for the websocket transport: issues the token and answers where to connect.
+/// `/start` for the websocket transport: issues the token and answers where to connect
+/// (`base`: `ws://host` or `wss://host/prefix`, see [`crate::web::PublicUrl`]).
 pub fn announce(
     st: &AppState,
-    host: &str,
+    base: &str,
     org: &str,
     agent: &str,
     body: Option<&serde_json::Value>,
@@ -149,7 +184,7 @@ pub fn announce(
         body: body_bytes.map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
         session_id,
         token,
-        ws_url: format!("ws://{host}/ws/generic/{agent}.{org}"),
+        ws_url: format!("{base}/ws/generic/{agent}.{org}"),
     }
 }
 
@@ -517,6 +552,7 @@ async fn relay<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
+    let _live = LiveRelay::enter();
     let (mut cs, mut cr) = client.split();
     let (mut is, mut ir) = inst.split();
     for m in early.into_iter().filter_map(to_instance) {

@@ -49,7 +49,7 @@ pub struct HealthView {
     pub crash_loop: bool,
     /// `healthState`.
     pub state: HealthState,
-    /// Revision phase: `Failed`, `Active` or `Creating`.
+    /// Revision phase: `Failed` (invalid or crash-looping), `Active` or `Creating`.
     pub phase: &'static str,
     /// Revision reason: `Error` (invalid), `CrashLoopBackOff`, or none.
     pub reason: Option<&'static str>,
@@ -100,7 +100,9 @@ pub fn derive(p: &PoolStatus, min_agents: u32) -> HealthView {
         ready,
         crash_loop,
         state,
-        phase: if invalid {
+        // A crash loop is not "Creating" (what the CLI showed for it): nothing will come up
+        // until the agent is fixed.
+        phase: if invalid || crash_loop {
             "Failed"
         } else if ready {
             "Active"
@@ -221,7 +223,7 @@ mod tests {
         let h = derive(&p, 0);
         assert!(!h.ready && h.crash_loop);
         assert_eq!(h.state, HealthState::CrashLoop);
-        assert_eq!((h.phase, h.reason), ("Creating", Some("CrashLoopBackOff")));
+        assert_eq!((h.phase, h.reason), ("Failed", Some("CrashLoopBackOff")));
         assert_eq!(h.container_state, "terminated");
         assert_eq!(
             h.errors,

@@ -11,8 +11,9 @@ use tokio::net::TcpStream;
 /// Result of the `/bot` request, once the agent answers (at the end of the session).
 #[derive(Debug, Clone)]
 pub enum BotOutcome {
-    /// The agent answered with this HTTP status.
-    Answered(u16),
+    /// The agent answered with this HTTP status, and for an error, the `error` of its JSON
+    /// body (the runner puts the bot's exception there).
+    Answered(u16, Option<String>),
     /// The connection failed or broke before an answer.
     Broken(String),
     /// A websocket session ended; `by_client` when the client side closed or went away.
@@ -20,6 +21,28 @@ pub enum BotOutcome {
         /// Whether the client (not the agent) ended it.
         by_client: bool,
     },
+}
+
+/// Most of a `/bot` answer body read for its error text (the rest is not read).
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+/// Longest error text kept from a `/bot` answer (characters).
+const ERROR_TEXT_MAX: usize = 1000;
+
+/// The `error` (else `detail`, FastAPI's) string of a JSON error body, trimmed and bounded.
+pub fn error_of_body(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let text = v
+        .get("error")
+        .or_else(|| v.get("detail"))
+        .and_then(|e| e.as_str())?
+        .trim();
+    if text.is_empty() {
+        return None;
+    }
+    Some(match text.char_indices().nth(ERROR_TEXT_MAX) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text.to_string(),
+    })
 }
 
 /// A future resolving at a session's natural end.
@@ -136,8 +159,15 @@ pub async fn post_bot(
         match resp.await {
             Ok(r) => {
                 let status = r.status().as_u16();
-                let _ = r.into_body().collect().await;
-                BotOutcome::Answered(status)
+                let body = http_body_util::Limited::new(r.into_body(), ERROR_BODY_LIMIT)
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let error = (!(200..300).contains(&status))
+                    .then(|| error_of_body(&body))
+                    .flatten();
+                BotOutcome::Answered(status, error)
             }
             Err(e) => BotOutcome::Broken(e.to_string()),
         }

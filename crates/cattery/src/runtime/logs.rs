@@ -167,6 +167,17 @@ impl Tail {
     }
 }
 
+/// Whether tailers still read. A tailer holds it (shared) while it reads, sends and saves its
+/// offsets, so once [`freeze_capture`] returns, every line read is in the log channel and every
+/// saved offset names only lines sent.
+static CAPTURING: parking_lot::RwLock<bool> = parking_lot::const_rwlock(true);
+
+/// Stops every tailer of this process from reading (the server is detaching: the next server
+/// resumes from the saved offsets). Returns once no tailer is mid-read.
+pub fn freeze_capture() {
+    *CAPTURING.write() = false;
+}
+
 /// Reads offsets saved by a tailer; `None` if absent.
 pub fn read_offsets(file: &std::path::Path) -> Option<(u64, u64)> {
     let s = std::fs::read_to_string(file).ok()?;
@@ -200,18 +211,23 @@ impl Tailer {
             let mut idle = Duration::from_millis(10);
             loop {
                 let mut got = false;
-                for t in tails.iter_mut() {
-                    got |= t.poll(&sink, false);
-                }
-                if got {
-                    let _ = std::fs::write(
-                        &offsets_file,
-                        format!(
-                            "{} {}",
-                            tails[0].offset - tails[0].partial.len() as u64,
-                            tails[1].offset - tails[1].partial.len() as u64
-                        ),
-                    );
+                {
+                    let capturing = CAPTURING.read();
+                    if *capturing {
+                        for t in tails.iter_mut() {
+                            got |= t.poll(&sink, false);
+                        }
+                    }
+                    if got {
+                        let _ = std::fs::write(
+                            &offsets_file,
+                            format!(
+                                "{} {}",
+                                tails[0].offset - tails[0].partial.len() as u64,
+                                tails[1].offset - tails[1].partial.len() as u64
+                            ),
+                        );
+                    }
                 }
                 idle = if got {
                     Duration::from_millis(10)
@@ -223,9 +239,13 @@ impl Tailer {
                     _ = stop_rx.changed() => break,
                 }
             }
-            for t in tails.iter_mut() {
-                t.poll(&sink, true);
+            let capturing = CAPTURING.read();
+            if *capturing {
+                for t in tails.iter_mut() {
+                    t.poll(&sink, true);
+                }
             }
+            drop(capturing);
         });
         Tailer {
             stop,

@@ -1141,6 +1141,9 @@ async fn current_cli_status_of_a_crash_looping_agent() {
     ok(&o, "agent status rich");
     assert!(o.stdout.contains("CrashLoopBackOff"), "{}", o.text());
     assert!(o.stdout.contains("exit code 3"), "{}", o.text());
+    // The revision's phase says it failed, not that it is being created (issue 17).
+    assert!(o.stdout.contains("Failed"), "{}", o.text());
+    assert!(!o.stdout.contains("Creating"), "{}", o.text());
     let o = cli.run(
         "agent start --api-key --force",
         &["agent", "start", "crasher", "--api-key", &s.pk, "--force"],

@@ -23,3 +23,5 @@ mod secrets_logs;
 mod storage_faults;
 mod telephony;
 mod transport;
+mod upgrade;
+mod web;

@@ -381,6 +381,12 @@ async fn not_ready_bot_never_gets_a_session_and_raising_bot_leaves_its_traceback
     let g = s.wait_ended("raiser", &sid, Duration::from_secs(30)).await;
     assert_eq!(g["endReason"], "error");
     assert_eq!(g["completionStatus"], "500");
+    // The end message names the exception (issue 17).
+    assert_eq!(
+        g["endMessage"],
+        "the agent answered /bot with HTTP 500: ValueError: the bot blew up on purpose",
+        "{g}"
+    );
     let logs = common::wait_for(
         Duration::from_secs(10),
         "traceback in the session's logs",

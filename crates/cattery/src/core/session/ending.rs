@@ -98,7 +98,7 @@ pub(super) fn during_start(r: EndReason, promised: bool) -> EndReason {
 /// a websocket relay (`WS_CONNECTION_CLOSED`; `client_disconnected` when the client closed).
 pub(super) async fn ending_of_outcome(out: BotOutcome, inst: &Arc<dyn Instance>) -> Ending {
     match out {
-        BotOutcome::Answered(s) if (200..300).contains(&s) => {
+        BotOutcome::Answered(s, _) if (200..300).contains(&s) => {
             Ending::new(EndReason::Completed, "HTTP_COMPLETED")
         }
         BotOutcome::WsClosed { by_client: true } => {
@@ -107,9 +107,9 @@ pub(super) async fn ending_of_outcome(out: BotOutcome, inst: &Arc<dyn Instance>)
         BotOutcome::WsClosed { by_client: false } => {
             Ending::new(EndReason::Completed, "WS_CONNECTION_CLOSED")
         }
-        BotOutcome::Answered(s) => {
+        BotOutcome::Answered(s, error) => {
             let mut e = Ending::new(EndReason::Error, &s.to_string());
-            e.message = Some(format!("the agent answered /bot with HTTP {s}"));
+            e.message = Some(answered_message(s, error.as_deref()));
             e
         }
         BotOutcome::Broken(err) => {
@@ -128,6 +128,15 @@ pub(super) async fn ending_of_outcome(out: BotOutcome, inst: &Arc<dyn Instance>)
     }
 }
 
+/// The end message of a session whose `/bot` answered an error: the status and, when the body
+/// said, why (the bot's exception, from the runner).
+pub(super) fn answered_message(status: u16, error: Option<&str>) -> String {
+    match error {
+        Some(why) => format!("the agent answered /bot with HTTP {status}: {why}"),
+        None => format!("the agent answered /bot with HTTP {status}"),
+    }
+}
+
 /// Answers a start that this instance cannot serve.
 pub(super) fn reply_err(d: &mut Delivery, why: &str) {
     if let Some(r) = d.reply.take() {
@@ -135,5 +144,31 @@ pub(super) fn reply_err(d: &mut Delivery, why: &str) {
             code: "INSTANCE_EXITED",
             message: why.into(),
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::core::instance_http::error_of_body;
+
+    #[test]
+    fn the_end_message_carries_the_bots_exception() {
+        let body = br#"{"error": "RuntimeError: the LLM key is wrong", "code": "500"}"#;
+        let why = error_of_body(body);
+        assert_eq!(
+            super::answered_message(500, why.as_deref()),
+            "the agent answered /bot with HTTP 500: RuntimeError: the LLM key is wrong"
+        );
+        assert_eq!(
+            error_of_body(br#"{"detail": "Not Found"}"#).as_deref(),
+            Some("Not Found")
+        );
+        assert_eq!(error_of_body(b"<html>oops</html>"), None);
+        assert_eq!(
+            super::answered_message(502, None),
+            "the agent answered /bot with HTTP 502"
+        );
+        let long = format!(r#"{{"error": "{}"}}"#, "x".repeat(5000));
+        assert!(error_of_body(long.as_bytes()).unwrap().len() < 1100);
     }
 }

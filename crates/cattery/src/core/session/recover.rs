@@ -196,6 +196,8 @@ impl Supervisor {
         let deadline = Instant::now() + Duration::from_millis(remaining_ms as u64);
         found.adopted_sessions.insert(sess.id);
         found.keep.insert(ctl.id);
+        tracing::info!(session = %sess.id, instance = %ctl.id, agent = %agent.name,
+            remaining_s = remaining_ms / 1000, "re-adopted a running session after a restart");
         self.platform_log(
             &ctl,
             format!(
