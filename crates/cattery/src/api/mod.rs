@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod auth;
+pub mod cluster;
 pub mod error;
 pub mod logs;
 pub mod openapi;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub ws: Arc<ws::WsState>,
     /// Seals and opens secret values (`core::secrets`).
     pub secrets: Arc<crate::core::secrets::SecretCipher>,
+    /// This node (`core::cluster`).
+    pub node: Arc<crate::core::cluster::NodeIdentity>,
 }
 
 /// A JSON object body whose rejections are `{error, code}` 4xx responses, never 5xx.

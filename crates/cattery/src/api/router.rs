@@ -21,7 +21,7 @@ use utoipa_axum::routes;
 
 use super::error::ApiError;
 use super::MAX_REQUEST_BYTES;
-use super::{agents, logs, openapi, org, proxy, secrets, sessions, ws, AppState};
+use super::{agents, cluster, logs, openapi, org, proxy, secrets, sessions, ws, AppState};
 
 /// The CLI's agents ("services") of an org.
 const SERVICES: &str = "/v1/organizations/{org}/services";
@@ -52,6 +52,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(org::properties, org::update_properties))
         .routes(routes!(org::properties_schema))
         .routes(routes!(ws::connect))
+        .routes(routes!(cluster::nodes))
         // Plain routes.
         .route("/health", get(health))
         .route("/v1/openapi.json", get(serve_openapi))
@@ -230,6 +231,7 @@ mod tests {
             "get_secret_set",
             "get_session",
             "list_agents",
+            "list_cluster_nodes",
             "list_regions",
             "list_secret_sets",
             "list_sessions",

@@ -15,6 +15,7 @@ mod isolation;
 mod lifecycle;
 mod lifecycle_pool;
 mod lifecycle_server;
+mod postgres;
 mod python_bots;
 mod secrets_logs;
 mod storage_faults;

@@ -28,6 +28,7 @@ mod instances;
 mod keys;
 mod logs;
 mod migrate;
+mod nodes;
 mod secrets;
 mod sessions;
 
