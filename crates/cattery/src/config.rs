@@ -687,6 +687,49 @@ mod tests {
     }
 
     #[test]
+    fn store_and_cluster_settings_come_from_the_file_and_flags() {
+        let mut cfg = Config::from_toml(
+            "[store]\ndatabase_url = \"postgres://u:hunter2@db/c\"\ndatabase_pool_size = 4\n\
+             [cluster]\nnode_id = \"n1\"\nnode_timeout_seconds = 5\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.store.database_pool_size, 4);
+        assert_eq!(cfg.cluster.node_id.as_deref(), Some("n1"));
+        // The password never shows in Debug.
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+        cfg.apply(args(&[
+            "--database-pool-size",
+            "8",
+            "--node-id",
+            "n2",
+            "--advertise-url",
+            "http://10.0.0.2:7870",
+        ]));
+        assert_eq!(cfg.store.database_pool_size, 8);
+        assert_eq!(cfg.cluster.node_id.as_deref(), Some("n2"));
+        assert_eq!(cfg.cluster.node_timeout_seconds, 5.0);
+        cfg.validate().unwrap();
+        let bad = |f: fn(&mut Config), flag: &str| {
+            let mut c = Config::default();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
+        };
+        bad(
+            |c| c.store.database_url = Some("mysql://x".into()),
+            "--database-url",
+        );
+        bad(|c| c.store.database_pool_size = 0, "--database-pool-size");
+        bad(|c| c.cluster.node_id = Some("a b".into()), "--node-id");
+        bad(|c| c.cluster.node_timeout_seconds = 0.5, "--node-timeout");
+        bad(
+            |c| c.cluster.advertise_url = Some("10.0.0.2:7870".into()),
+            "--advertise-url",
+        );
+    }
+
+    #[test]
     fn connection_cap_leaves_room_below_the_open_file_limit() {
         let mut cfg = Config::default();
         assert_eq!(cfg.connection_cap(1024), 512);

@@ -328,3 +328,130 @@ async fn a_database_outage_answers_503_and_heals_with_nothing_lost() {
         assert!(!g["endedAt"].is_null(), "open after the drain: {g}");
     }
 }
+
+/// Nodes on one database: a node heartbeats and lists itself in `GET /v1/cluster/nodes`
+/// (default org only); a second node with another id is refused while the first one's
+/// heartbeat is fresh (until sessions record their owner node, docs/cluster.md); both nodes
+/// open secrets sealed by the other through `--secrets-key-file`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_heartbeats_and_a_second_node_is_refused_while_it_lives() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let keydir = tempfile::tempdir().unwrap();
+    let keyfile = keydir.path().join("secrets.key");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&keyfile)
+            .unwrap();
+        std::io::Write::write_all(&mut f, &[7u8; 32]).unwrap();
+    }
+    let keyfile = keyfile.to_str().unwrap().to_string();
+    let port = free_port();
+    let advertise = format!("http://127.0.0.1:{port}");
+    let mut a = Server::start_with_env(
+        &[
+            "--node-id",
+            "node-a",
+            "--advertise-url",
+            &advertise,
+            "--node-timeout",
+            "2",
+            "--secrets-key-file",
+            &keyfile,
+        ],
+        &[("CATTERY_DATABASE_URL", &pg.url())],
+    )
+    .await;
+    assert!(!a.data_dir().join("secrets.key").exists());
+    let nodes = wait_for(Duration::from_secs(5), "node a listed", || async {
+        let r = a.req("GET", "/v1/cluster/nodes", Some(&a.sk), None).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let n = r.body["nodes"].as_array().unwrap().clone();
+        (!n.is_empty()).then_some(n)
+    })
+    .await;
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    assert_eq!(nodes[0]["id"], "node-a");
+    assert_eq!(nodes[0]["advertiseUrl"], advertise.as_str());
+    assert_eq!(nodes[0]["alive"], true);
+    assert_eq!(nodes[0]["self"], true);
+    assert!(nodes[0]["heartbeatAgeMs"].as_i64().unwrap() < 2000);
+    // Operators only.
+    let other = a.key("private", "other");
+    let r = a.req("GET", "/v1/cluster/nodes", Some(&other), None).await;
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    assert!(r.body["code"].is_string());
+    let r = a.req("GET", "/v1/cluster/nodes", Some(&a.pk), None).await;
+    assert_eq!(r.status, 401, "{:?}", r.body);
+    // A secret sealed on node a.
+    let r = a
+        .req(
+            "PUT",
+            "/v1/secrets/shared",
+            Some(&a.sk),
+            Some(json!({"secrets": [{"secretKey": "K", "secretValue": "v"}]})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+
+    // Node b on the same database while a lives: refused, naming a.
+    let bdir = tempfile::tempdir().unwrap();
+    let out = tokio::task::spawn_blocking({
+        let (url, bdir, keyfile) = (pg.url(), bdir.path().to_path_buf(), keyfile.clone());
+        move || {
+            Command::new(crate::common::cattery_bin())
+                .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+                .arg("--data-dir")
+                .arg(&bdir)
+                .args(["--node-id", "node-b", "--node-timeout", "2"])
+                .args(["--secrets-key-file", &keyfile])
+                .env("CATTERY_DATABASE_URL", url)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("node-a") && err.contains("not supported yet"),
+        "{err}"
+    );
+
+    // Once a is stopped and its heartbeat is older than the timeout, b starts, lists a as
+    // dead, and opens a's secret with the shared key (a deployment binding it starts).
+    a.terminate(Duration::from_secs(20));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let b = Server::start_with_env(
+        &[
+            "--node-id",
+            "node-b",
+            "--node-timeout",
+            "2",
+            "--secrets-key-file",
+            &keyfile,
+        ],
+        &[("CATTERY_DATABASE_URL", &pg.url())],
+    )
+    .await;
+    let r = b.req("GET", "/v1/cluster/nodes", Some(&b.sk), None).await;
+    let nodes = r.body["nodes"].as_array().unwrap();
+    let by_id = |id: &str| nodes.iter().find(|n| n["id"] == id).unwrap().clone();
+    assert_eq!(by_id("node-a")["alive"], false, "{nodes:?}");
+    assert_eq!(by_id("node-b")["self"], true, "{nodes:?}");
+    b.deploy(
+        "sealed",
+        &["--print-env", "K"],
+        json!({"secretSet": "shared"}),
+    )
+    .await;
+    b.wait_ready("sealed", Duration::from_secs(20)).await;
+    let sid = b.start_ok("sealed").await;
+    assert_eq!(b.stop("sealed", &sid).await.status, 200);
+}
