@@ -9,8 +9,8 @@
 //!
 //! Faults: a database that cannot be reached (down, restarting, network) makes calls fail
 //! with [`StoreError::Unavailable`] after at most [`ACQUIRE_TIMEOUT`]; a connection broken by a
-//! restart is checked before use and replaced, so the store heals by itself once the database
-//! answers again. A full disk (`53100`) is [`StoreError::Full`].
+//! restart fails its next statement (also `Unavailable`) and is closed by the pool, so the
+//! store heals by itself once the database answers again. A full disk (`53100`) is [`StoreError::Full`].
 
 mod agents;
 mod instances;
@@ -75,6 +75,10 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(pool_size.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            // No ping before each use (a round trip on every call of the warm start's path):
+            // a connection broken by a database restart fails its next statement instead, is
+            // closed by the pool, and the call answers 503 like any other while it heals.
+            .test_before_acquire(false)
             .idle_timeout(Some(Duration::from_secs(300)))
             .connect_with(opts)
             .await?;
