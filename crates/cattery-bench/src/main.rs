@@ -100,6 +100,20 @@ struct Common {
     /// Keep the temporary data dir (printed at the end).
     #[arg(long)]
     keep_data: bool,
+    /// Run the server on this PostgreSQL database (`postgres://...`, an empty one) instead of
+    /// SQLite in the data dir.
+    #[arg(long)]
+    database_url: Option<String>,
+}
+
+impl Common {
+    /// The server's store flags.
+    fn store_args(&self) -> Vec<&str> {
+        match &self.database_url {
+            Some(u) => vec!["--database-url", u.as_str()],
+            None => Vec::new(),
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -307,7 +321,7 @@ async fn run_bench(a: RunArgs) -> anyhow::Result<bool> {
         );
     }
     let s = setup(plan.mode, &a.common)?;
-    let srv = Arc::new(Server::start(&s.bins, s.dir.path(), &[]).await?);
+    let srv = Arc::new(Server::start(&s.bins, s.dir.path(), &a.common.store_args()).await?);
     let mut ctx = Ctx {
         srv,
         bins: s.bins,
@@ -341,7 +355,7 @@ async fn run_bench(a: RunArgs) -> anyhow::Result<bool> {
 async fn run_soak(a: SoakArgs) -> anyhow::Result<bool> {
     let t0 = Instant::now();
     let mut s = setup("soak", &a.common)?;
-    let mut srv = Arc::new(Server::start(&s.bins, s.dir.path(), &[]).await?);
+    let mut srv = Arc::new(Server::start(&s.bins, s.dir.path(), &a.common.store_args()).await?);
     let plan = soak::SoakPlan {
         cycles: a.cycles,
         concurrency: a.concurrency.max(1),

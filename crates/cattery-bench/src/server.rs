@@ -135,10 +135,17 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-fn create_key(bins: &Bins, dir: &Path, kind: &str) -> anyhow::Result<String> {
+fn create_key(bins: &Bins, dir: &Path, kind: &str, extra: &[String]) -> anyhow::Result<String> {
+    // The server's store: its `--database-url`, if any.
+    let db = extra
+        .iter()
+        .position(|a| a == "--database-url")
+        .and_then(|i| extra.get(i..i + 2))
+        .unwrap_or_default();
     let out = Command::new(&bins.cattery)
         .args(["keys", "create", "--type", kind, "--data-dir"])
         .arg(dir)
+        .args(db)
         .env_remove("CATTERY_DATA_DIR")
         .stderr(Stdio::inherit())
         .output()
@@ -168,8 +175,8 @@ impl Server {
         };
         s.launch().await?;
         // Keys go into the database the server created (`keys create` works while it runs).
-        s.sk = create_key(bins, data_dir, "private")?;
-        s.pk = create_key(bins, data_dir, "public")?;
+        s.sk = create_key(bins, data_dir, "private", &s.extra_args)?;
+        s.pk = create_key(bins, data_dir, "public", &s.extra_args)?;
         Ok(s)
     }
 

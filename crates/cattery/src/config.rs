@@ -1,5 +1,5 @@
 //! Configuration of `cattery serve`, in sections: `server`, `store`, `runtime`, `sessions`,
-//! `logs`, `websocket`.
+//! `logs`, `websocket`, `cluster`.
 //!
 //! Each setting comes from, in order of precedence: a command-line flag, its `CATTERY_*`
 //! environment variable, the TOML file given by `--config` (`CATTERY_CONFIG`), the default.
@@ -51,6 +51,33 @@ pub struct Config {
     pub websocket: WebsocketConfig,
     /// CORS, TLS and the public URL (`crate::web`).
     pub web: crate::web::WebConfig,
+    /// This server as a node of a cluster (docs/cluster.md).
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Node id; `None`: generated once and kept in the data dir (`server-id`).
+    pub node_id: Option<String>,
+    /// URL where other nodes reach this one.
+    pub advertise_url: Option<String>,
+    /// A node whose last heartbeat is older than this many seconds is dead.
+    pub node_timeout_seconds: f64,
+    /// The secrets key (32 bytes), shared by every node; `None`: `<data-dir>/secrets.key`.
+    pub secrets_key_file: Option<PathBuf>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_id: None,
+            advertise_url: None,
+            node_timeout_seconds: 10.0,
+            secrets_key_file: None,
+        }
+    }
 }
 
 /// `[server]`.
@@ -119,11 +146,36 @@ pub enum StoreKind {
 }
 
 /// `[store]`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Which store.
+    /// Which store when no `database_url` is given.
     pub kind: StoreKind,
+    /// A `postgres://` URL: the PostgreSQL store instead of SQLite (docs/cluster.md). May hold
+    /// a password, so `Debug` never shows it.
+    pub database_url: Option<String>,
+    /// Connections in the PostgreSQL pool.
+    pub database_pool_size: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::default(),
+            database_url: None,
+            database_pool_size: crate::store::postgres::DEFAULT_POOL_SIZE,
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("kind", &self.kind)
+            .field("database_url", &self.database_url.as_ref().map(|_| "<set>"))
+            .field("database_pool_size", &self.database_pool_size)
+            .finish()
+    }
 }
 
 pub use crate::runtime::RuntimeKind;
@@ -268,7 +320,7 @@ impl Default for WebsocketConfig {
 #[derive(Debug, Default, clap::Args)]
 pub struct ServeArgs {
     /// TOML configuration file (sections server, store, runtime, sessions, logs, websocket,
-    /// web);
+    /// web, cluster);
     /// flags and environment variables override it.
     #[arg(long, env = "CATTERY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -327,6 +379,18 @@ pub struct ServeArgs {
     /// Store kind [default: sqlite].
     #[arg(long, env = "CATTERY_STORE", value_enum, help_heading = "Store")]
     pub store: Option<StoreKind>,
+    /// PostgreSQL database (`postgres://user:password@host:port/db`): selects the PostgreSQL
+    /// store instead of SQLite in the data dir; several nodes may share it (docs/cluster.md).
+    #[arg(
+        long,
+        env = "CATTERY_DATABASE_URL",
+        help_heading = "Store",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+    /// Connections in the PostgreSQL pool [default: 16].
+    #[arg(long, env = "CATTERY_DATABASE_POOL_SIZE", help_heading = "Store")]
+    pub database_pool_size: Option<u32>,
 
     /// Runtime kind: `auto` runs image agents in containers and `local:`/`command` agents as
     /// processes, `process` or `docker` only one of them [default: auto].
@@ -408,6 +472,21 @@ pub struct ServeArgs {
     /// Seconds a websocket-transport token from `/start` stays valid (single use) [default: 300].
     #[arg(long, env = "CATTERY_WS_TOKEN_TTL_SECONDS", help_heading = "Websocket")]
     pub ws_token_ttl_seconds: Option<f64>,
+
+    /// Node id: letters, digits, `-`, `_`, `.`, at most 63 [default: generated once, kept in
+    /// the data dir].
+    #[arg(long, env = "CATTERY_NODE_ID", help_heading = "Cluster")]
+    pub node_id: Option<String>,
+    /// URL where other nodes reach this one (`http://host:port`).
+    #[arg(long, env = "CATTERY_ADVERTISE_URL", help_heading = "Cluster")]
+    pub advertise_url: Option<String>,
+    /// A node whose last heartbeat is older than this many seconds is dead [default: 10].
+    #[arg(long, env = "CATTERY_NODE_TIMEOUT", help_heading = "Cluster")]
+    pub node_timeout: Option<f64>,
+    /// File holding the 32-byte secrets key, the same on every node of a cluster
+    /// (docs/secrets.md) [default: <data-dir>/secrets.key, made at first start].
+    #[arg(long, env = "CATTERY_SECRETS_KEY_FILE", help_heading = "Cluster")]
+    pub secrets_key_file: Option<PathBuf>,
 }
 
 /// Sets `$dst` to `$src` when the flag (or its variable) was given.
@@ -460,6 +539,7 @@ impl Config {
             s.reserved_fds => a.reserved_fds,
             s.log_format => a.log_format,
             self.store.kind => a.store,
+            self.store.database_pool_size => a.database_pool_size,
             self.runtime.kind => a.runtime,
             self.runtime.python => a.python,
             self.runtime.instance_uids => a.instance_uids,
@@ -495,6 +575,22 @@ impl Config {
                 .collect();
         }
         self.web.apply(a.web);
+        if a.database_url.is_some() {
+            self.store.database_url = a.database_url;
+        }
+        let c = &mut self.cluster;
+        set_some! { c.node_timeout_seconds => a.node_timeout }
+        for (dst, src) in [
+            (&mut c.node_id, a.node_id),
+            (&mut c.advertise_url, a.advertise_url),
+        ] {
+            if src.is_some() {
+                *dst = src;
+            }
+        }
+        if a.secrets_key_file.is_some() {
+            c.secrets_key_file = a.secrets_key_file;
+        }
     }
 
     /// Checks every setting; the error names the flag.
@@ -546,6 +642,15 @@ impl Config {
             "ws-idle-timeout-seconds",
         )?;
         positive(self.websocket.token_ttl_seconds, "ws-token-ttl-seconds")?;
+        if self.store.database_pool_size == 0 || self.store.database_pool_size > 1000 {
+            anyhow::bail!("--database-pool-size must be between 1 and 1000");
+        }
+        if let Some(u) = &self.store.database_url {
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                anyhow::bail!("--database-url must be a postgres:// URL");
+            }
+        }
+        self.validate_cluster()?;
         if self.runtime.python.is_empty() {
             anyhow::bail!("--python must not be empty");
         }
@@ -556,6 +661,31 @@ impl Config {
                 .map_err(|e| anyhow::anyhow!("--instance-uids {e}"))?;
         }
         self.web.validate()?;
+        Ok(())
+    }
+
+    /// Checks `[cluster]`.
+    fn validate_cluster(&self) -> anyhow::Result<()> {
+        let c = &self.cluster;
+        if !(c.node_timeout_seconds.is_finite() && (1.0..=3600.0).contains(&c.node_timeout_seconds))
+        {
+            anyhow::bail!("--node-timeout must be between 1 and 3600 seconds");
+        }
+        if let Some(id) = &c.node_id {
+            let ok = !id.is_empty()
+                && id.len() <= 63
+                && id
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+            if !ok {
+                anyhow::bail!("--node-id must be 1 to 63 letters, digits, '-', '_' or '.'");
+            }
+        }
+        if let Some(u) = &c.advertise_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                anyhow::bail!("--advertise-url must be an http:// or https:// URL");
+            }
+        }
         Ok(())
     }
 
@@ -657,6 +787,49 @@ mod tests {
         let mut cfg = Config::default();
         cfg.server.header_read_timeout_seconds = 0.0;
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn store_and_cluster_settings_come_from_the_file_and_flags() {
+        let mut cfg = Config::from_toml(
+            "[store]\ndatabase_url = \"postgres://u:hunter2@db/c\"\ndatabase_pool_size = 4\n\
+             [cluster]\nnode_id = \"n1\"\nnode_timeout_seconds = 5\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.store.database_pool_size, 4);
+        assert_eq!(cfg.cluster.node_id.as_deref(), Some("n1"));
+        // The password never shows in Debug.
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+        cfg.apply(args(&[
+            "--database-pool-size",
+            "8",
+            "--node-id",
+            "n2",
+            "--advertise-url",
+            "http://10.0.0.2:7870",
+        ]));
+        assert_eq!(cfg.store.database_pool_size, 8);
+        assert_eq!(cfg.cluster.node_id.as_deref(), Some("n2"));
+        assert_eq!(cfg.cluster.node_timeout_seconds, 5.0);
+        cfg.validate().unwrap();
+        let bad = |f: fn(&mut Config), flag: &str| {
+            let mut c = Config::default();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
+        };
+        bad(
+            |c| c.store.database_url = Some("mysql://x".into()),
+            "--database-url",
+        );
+        bad(|c| c.store.database_pool_size = 0, "--database-pool-size");
+        bad(|c| c.cluster.node_id = Some("a b".into()), "--node-id");
+        bad(|c| c.cluster.node_timeout_seconds = 0.5, "--node-timeout");
+        bad(
+            |c| c.cluster.advertise_url = Some("10.0.0.2:7870".into()),
+            "--advertise-url",
+        );
     }
 
     #[test]

@@ -65,6 +65,10 @@ enum KeysCmd {
         /// Data directory of the server.
         #[arg(long, env = "CATTERY_DATA_DIR", default_value = "./.cattery")]
         data_dir: PathBuf,
+        /// PostgreSQL database of the server (`postgres://...`), when it uses one instead of
+        /// SQLite in the data dir.
+        #[arg(long, env = "CATTERY_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
         /// `public` (pk_, starts sessions), `private` (sk_, the private API) or `token`
         /// (pcc_pat_, for the CLI).
         #[arg(long = "type", value_enum)]
@@ -81,6 +85,10 @@ enum KeysCmd {
         /// Data directory of the server.
         #[arg(long, env = "CATTERY_DATA_DIR", default_value = "./.cattery")]
         data_dir: PathBuf,
+        /// PostgreSQL database of the server (`postgres://...`), when it uses one instead of
+        /// SQLite in the data dir.
+        #[arg(long, env = "CATTERY_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
         /// Org.
         #[arg(long, default_value = DEFAULT_ORG)]
         org: String,
@@ -90,6 +98,10 @@ enum KeysCmd {
         /// Data directory of the server.
         #[arg(long, env = "CATTERY_DATA_DIR", default_value = "./.cattery")]
         data_dir: PathBuf,
+        /// PostgreSQL database of the server (`postgres://...`), when it uses one instead of
+        /// SQLite in the data dir.
+        #[arg(long, env = "CATTERY_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
         /// Org.
         #[arg(long, default_value = DEFAULT_ORG)]
         org: String,
@@ -160,10 +172,21 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The store of `cattery keys`: PostgreSQL when a database URL is given, else the data dir's.
+fn store_config(database_url: Option<String>) -> cattery::config::StoreConfig {
+    cattery::config::StoreConfig {
+        database_url,
+        // One command, a few statements.
+        database_pool_size: 1,
+        ..Default::default()
+    }
+}
+
 async fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
     match cmd {
         KeysCmd::Create {
             data_dir,
+            database_url,
             kind,
             name,
             org,
@@ -173,11 +196,16 @@ async fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
                 KeyType::Private => KeyKind::Private,
                 KeyType::Token => KeyKind::Token,
             };
-            let key = serve::create_key(&data_dir, kind, &name, &org).await?;
+            let key = serve::create_key(&store_config(database_url), &data_dir, kind, &name, &org)
+                .await?;
             println!("{key}");
         }
-        KeysCmd::List { data_dir, org } => {
-            let store = serve::open_existing_store(&data_dir).await?;
+        KeysCmd::List {
+            data_dir,
+            database_url,
+            org,
+        } => {
+            let store = serve::open_existing_store(&store_config(database_url), &data_dir).await?;
             for k in store.list_keys(&org, None).await? {
                 println!(
                     "{}\t{}\t{}\t{}...\t{}",
@@ -193,8 +221,13 @@ async fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
                 );
             }
         }
-        KeysCmd::Revoke { data_dir, org, id } => {
-            let store = serve::open_existing_store(&data_dir).await?;
+        KeysCmd::Revoke {
+            data_dir,
+            database_url,
+            org,
+            id,
+        } => {
+            let store = serve::open_existing_store(&store_config(database_url), &data_dir).await?;
             if !store.revoke_key(&org, id).await? {
                 anyhow::bail!("no key {id} in org {org}");
             }

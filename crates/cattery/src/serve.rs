@@ -94,11 +94,14 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>>
     Ok(lock)
 }
 
-/// Opens the store of an existing data directory (for `cattery keys`, with the default store
-/// configuration). Errors: the directory holds no Cattery store (a typo in `--data-dir` must
+/// Opens the store of an existing data directory, or the PostgreSQL database `cfg` names (for
+/// `cattery keys`). Errors: the directory holds no Cattery store (a typo in `--data-dir` must
 /// not create an empty one).
-pub async fn open_existing_store(data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
-    let store = store::open(&StoreConfig::default(), data_dir, OpenMode::Existing).await?;
+pub async fn open_existing_store(
+    cfg: &StoreConfig,
+    data_dir: &Path,
+) -> anyhow::Result<Arc<dyn Store>> {
+    let store = store::open(cfg, data_dir, OpenMode::Existing).await?;
     store.ensure_org(DEFAULT_ORG).await?;
     Ok(store)
 }
@@ -114,12 +117,13 @@ pub async fn open_store(cfg: &StoreConfig, data_dir: &Path) -> anyhow::Result<Ar
 
 /// Creates a key and returns it (`cattery keys create`).
 pub async fn create_key(
+    store_cfg: &StoreConfig,
     data_dir: &Path,
     kind: KeyKind,
     name: &str,
     org: &str,
 ) -> anyhow::Result<String> {
-    let store = open_existing_store(data_dir).await?;
+    let store = open_existing_store(store_cfg, data_dir).await?;
     store.ensure_org(org).await?;
     let (_, key) = crate::core::keys::issue_key(store.as_ref(), org, kind, name).await?;
     Ok(key)
@@ -240,9 +244,13 @@ pub fn app_state(
 ) -> anyhow::Result<AppState> {
     let cfg = Settings::from_config(config, data_dir.to_path_buf());
     let cipher = Arc::new(
-        crate::core::secrets::SecretCipher::load_or_create(&cfg.data_dir)
-            .context("opening the secrets key file")?,
+        match &config.cluster.secrets_key_file {
+            Some(f) => crate::core::secrets::SecretCipher::load_file(f),
+            None => crate::core::secrets::SecretCipher::load_or_create(&cfg.data_dir),
+        }
+        .context("opening the secrets key file")?,
     );
+    let node = Arc::new(node_identity(config, data_dir)?);
     let sup = Supervisor::new(
         store.clone(),
         runtime,
@@ -281,6 +289,24 @@ pub fn app_state(
             &config.sessions.daily_api_url,
             config.sessions.daily_api_key.clone(),
         )),
+        node,
+    })
+}
+
+/// This node (docs/cluster.md): `--node-id`, else the id generated once in the data dir.
+fn node_identity(
+    config: &Config,
+    data_dir: &Path,
+) -> anyhow::Result<crate::core::cluster::NodeIdentity> {
+    let c = &config.cluster;
+    Ok(crate::core::cluster::NodeIdentity {
+        id: match &c.node_id {
+            Some(id) => id.clone(),
+            None => server_id(data_dir)?,
+        },
+        advertise_url: c.advertise_url.clone(),
+        started_ms: crate::model::now_ms(),
+        timeout: Duration::from_secs_f64(c.node_timeout_seconds),
     })
 }
 
@@ -339,9 +365,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )));
     }
     let sup = state.sup.clone();
+    crate::core::cluster::check_alone(store.as_ref(), &state.node).await?;
     sup.recover()
         .await
         .context("recovering instances after restart")?;
+    let counted = Arc::downgrade(&sup);
+    let heartbeats =
+        crate::core::cluster::spawn_heartbeats(store.clone(), (*state.node).clone(), move || {
+            counted
+                .upgrade()
+                .map(|s| s.instance_counts())
+                .map_or((0, 0), |(n, b)| (i64::from(n), i64::from(b)))
+        });
     let app = api::cors::wrap(api::router(state), &config.web);
     let tls = crate::web::tls_acceptor(&config.web)?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -382,6 +417,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     sup.drain(Duration::from_secs_f64(cfg.drain_timeout_seconds), force)
         .await;
     runtime.shutdown().await;
+    heartbeats.abort();
     let _ = stop_http_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
     drop(sup);

@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod auth;
+pub mod cluster;
 pub mod cors;
 pub mod error;
 pub mod events;
@@ -57,6 +58,8 @@ pub struct AppState {
     pub metrics: Arc<crate::telemetry::Metrics>,
     /// Daily's REST API, for `createDailyRoom`.
     pub daily: Arc<crate::core::daily::Daily>,
+    /// This node (`core::cluster`).
+    pub node: Arc<crate::core::cluster::NodeIdentity>,
 }
 
 /// A JSON object body whose rejections are `{error, code}` 4xx responses, never 5xx.

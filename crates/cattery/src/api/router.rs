@@ -22,7 +22,9 @@ use utoipa_axum::routes;
 
 use super::error::ApiError;
 use super::MAX_REQUEST_BYTES;
-use super::{agents, events, logs, metrics, openapi, org, proxy, secrets, sessions, ws, AppState};
+use super::{
+    agents, cluster, events, logs, metrics, openapi, org, proxy, secrets, sessions, ws, AppState,
+};
 
 /// The CLI's agents ("services") of an org.
 const SERVICES: &str = "/v1/organizations/{org}/services";
@@ -53,6 +55,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(org::properties, org::update_properties))
         .routes(routes!(org::properties_schema))
         .routes(routes!(ws::connect))
+        .routes(routes!(cluster::nodes))
         // Plain routes.
         .route("/health", get(health))
         .route("/metrics", get(metrics::scrape))
@@ -240,6 +243,7 @@ mod tests {
             "get_secret_set",
             "get_session",
             "list_agents",
+            "list_cluster_nodes",
             "list_regions",
             "list_secret_sets",
             "list_sessions",

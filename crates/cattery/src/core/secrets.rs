@@ -64,6 +64,34 @@ impl SecretCipher {
         }
     }
 
+    /// Loads the key from `path`, a file that must exist (`--secrets-key-file`: the key every
+    /// node of a cluster shares, docs/secrets.md).
+    ///
+    /// Errors: the file cannot be read, is readable by group or others, or is not exactly 32
+    /// bytes.
+    pub fn load_file(path: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|e| {
+            anyhow::anyhow!("cannot read the secrets key file {}: {e}", path.display())
+        })?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            anyhow::bail!(
+                "the secrets key file {} is readable by others; `chmod 600` it",
+                path.display()
+            );
+        }
+        let bytes = std::fs::read(path)?;
+        let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+            anyhow::anyhow!(
+                "the secrets key file {} must hold exactly 32 bytes (it holds {}); make one with \
+                 `head -c 32 /dev/urandom > FILE`",
+                path.display(),
+                bytes.len()
+            )
+        })?;
+        Ok(Self::from_key(&key))
+    }
+
     /// Loads `<data_dir>/secrets.key`, or creates it (32 random bytes, mode 0600, created
     /// exclusively so two servers cannot race). An existing file readable by group or others
     /// is tightened to 0600 with a warning.

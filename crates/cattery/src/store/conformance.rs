@@ -9,7 +9,8 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::{
-    LogFilter, SealedValue, SecretSetKind, SecretSetRecord, SessionFilter, Store, StoreError,
+    LogFilter, NodeRecord, SealedValue, SecretSetKind, SecretSetRecord, SessionFilter, Store,
+    StoreError,
 };
 use crate::model::{
     AgentRecord, ApiKeyRecord, DeploymentRecord, DeploymentSpec, EndReason, InstanceRecord,
@@ -43,6 +44,7 @@ where
     case!(deployment_secret_snapshots);
     case!(logs);
     case!(log_pruning);
+    case!(nodes);
 }
 
 fn agent(org: &str, name: &str, created_ms: i64) -> (AgentRecord, DeploymentRecord) {
@@ -832,4 +834,31 @@ async fn log_pruning(s: &dyn Store) {
         got.into_iter().map(|l| l.line).collect::<Vec<_>>(),
         ["l6", "l7", "l8", "l9"]
     );
+}
+
+async fn nodes(s: &dyn Store) {
+    assert!(s.list_nodes().await.unwrap().is_empty());
+    let mut b = NodeRecord {
+        id: "node-b".into(),
+        advertise_url: Some("http://10.0.0.2:7870".into()),
+        version: "0.1.0".into(),
+        started_ms: 10,
+        heartbeat_ms: 11,
+        instances: 3,
+        busy: 1,
+    };
+    let a = NodeRecord {
+        id: "node-a".into(),
+        advertise_url: None,
+        ..b.clone()
+    };
+    s.heartbeat(&b).await.unwrap();
+    s.heartbeat(&a).await.unwrap();
+    // A later heartbeat replaces every field.
+    b.heartbeat_ms = 20;
+    b.instances = 0;
+    b.busy = 0;
+    b.advertise_url = None;
+    s.heartbeat(&b).await.unwrap();
+    assert_eq!(s.list_nodes().await.unwrap(), [a, b]);
 }

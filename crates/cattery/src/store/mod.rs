@@ -12,14 +12,16 @@
 //! - **Scoping**: names are scoped to an org; another org's records are never returned.
 //! - **Times** are Unix milliseconds unless named `*_ns`.
 
+pub(crate) mod codec;
 #[cfg(test)]
 pub mod conformance;
+pub mod postgres;
 pub mod sqlite;
 
 /// The store traits, for `store.method()` calls on a concrete store.
 pub mod prelude {
     pub use super::{
-        AgentStore, InstanceStore, KeyStore, LogStore, SecretStore, SessionStore, Store,
+        AgentStore, InstanceStore, KeyStore, LogStore, NodeStore, SecretStore, SessionStore, Store,
     };
 }
 
@@ -75,7 +77,7 @@ pub enum OpenMode {
 }
 
 /// Opens the configured store and applies its migrations: the one place that chooses a
-/// backend from [`StoreKind`] (a new backend is one more arm here). `data_dir` is the
+/// backend: PostgreSQL when a database URL is given, else by [`StoreKind`]. `data_dir` is the
 /// server's data directory, which exists.
 ///
 /// Errors: the store cannot be opened or migrated; with [`OpenMode::Existing`], there is none.
@@ -84,6 +86,14 @@ pub async fn open(
     data_dir: &Path,
     mode: OpenMode,
 ) -> anyhow::Result<Arc<dyn Store>> {
+    if let Some(url) = &cfg.database_url {
+        // `OpenMode::Existing` needs no check: the database is the operator's, and its
+        // schema is brought up to date either way.
+        let store = postgres::PgStore::open(url, cfg.database_pool_size, None)
+            .await
+            .context("cannot open the PostgreSQL database")?;
+        return Ok(Arc::new(store));
+    }
     match cfg.kind {
         StoreKind::Sqlite => {
             if mode == OpenMode::Existing && !data_dir.join(sqlite::DB_FILE).is_file() {
@@ -405,14 +415,42 @@ pub trait LogStore: Send + Sync + 'static {
     async fn prune_logs_over(&self, max_lines: u64) -> StoreResult<u64>;
 }
 
+/// A Cattery node (one `cattery serve`) as it last reported itself (docs/cluster.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRecord {
+    /// Node id (`--node-id`, else generated once and kept in the data dir).
+    pub id: String,
+    /// Where other nodes reach it (`--advertise-url`), if given.
+    pub advertise_url: Option<String>,
+    /// Cattery version of the node.
+    pub version: String,
+    /// When this run of the node started (ms).
+    pub started_ms: i64,
+    /// Last heartbeat (ms, the node's clock).
+    pub heartbeat_ms: i64,
+    /// Live instances of the node at its last heartbeat.
+    pub instances: i64,
+    /// Of them, serving a session.
+    pub busy: i64,
+}
+
+/// Nodes and their heartbeats.
+#[async_trait]
+pub trait NodeStore: Send + Sync + 'static {
+    /// Records a node's heartbeat: inserts its row or replaces every field of it.
+    async fn heartbeat(&self, node: &NodeRecord) -> StoreResult<()>;
+    /// Every node that ever heartbeat, by id.
+    async fn list_nodes(&self) -> StoreResult<Vec<NodeRecord>>;
+}
+
 /// The durable state of Cattery: every aggregate's store. Implemented by any type that
 /// implements them all.
 pub trait Store:
-    KeyStore + AgentStore + SessionStore + InstanceStore + SecretStore + LogStore
+    KeyStore + AgentStore + SessionStore + InstanceStore + SecretStore + LogStore + NodeStore
 {
 }
 
 impl<T> Store for T where
-    T: KeyStore + AgentStore + SessionStore + InstanceStore + SecretStore + LogStore
+    T: KeyStore + AgentStore + SessionStore + InstanceStore + SecretStore + LogStore + NodeStore
 {
 }

@@ -254,6 +254,8 @@ impl Server {
         let out = Command::new(cattery_bin())
             .args(["keys", "create", "--type", kind, "--org", org, "--data-dir"])
             .arg(self.dir.path())
+            // The server's environment: `CATTERY_DATABASE_URL` names its store.
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap();
         assert!(

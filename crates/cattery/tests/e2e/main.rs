@@ -18,6 +18,7 @@ mod lifecycle;
 mod lifecycle_pool;
 mod lifecycle_server;
 mod ops;
+mod postgres;
 mod python_bots;
 mod secrets_logs;
 mod storage_faults;

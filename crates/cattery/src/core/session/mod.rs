@@ -401,6 +401,20 @@ impl Supervisor {
         s
     }
 
+    /// Instances of this node not yet gone, and of them those serving a session (for the
+    /// node's heartbeat, `core::cluster`).
+    pub fn instance_counts(&self) -> (u32, u32) {
+        let st = self.state.lock();
+        let mut n = (0, 0);
+        for c in st.pools.values().flat_map(|p| p.instances.values()) {
+            n.0 += 1;
+            if matches!(c.state(), InstState::Busy) {
+                n.1 += 1;
+            }
+        }
+        n
+    }
+
     /// Resource samples of a running session so far (`None` when it is not running here).
     pub fn live_samples(&self, session: Uuid) -> Option<Vec<MetricSample>> {
         let ctl = self.state.lock().sessions.get(&session).cloned()?;

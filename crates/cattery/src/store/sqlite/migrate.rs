@@ -14,6 +14,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0001_init.sql"),
     include_str!("../../../migrations/0002_opaque_placement_and_samples.sql"),
     include_str!("../../../migrations/0003_stop_intent.sql"),
+    include_str!("../../../migrations/0004_nodes.sql"),
 ];
 
 /// The schema version this binary brings a database to (SQLite's `user_version`).

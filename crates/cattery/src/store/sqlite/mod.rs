@@ -29,6 +29,7 @@ mod instances;
 mod keys;
 mod logs;
 pub mod migrate;
+mod nodes;
 mod secrets;
 mod sessions;
 

@@ -5,29 +5,14 @@ use uuid::Uuid;
 
 use super::conn::{Conn, Row, Val};
 use super::SqliteStore;
-use crate::model::{
-    EndReason, EndState, MetricSample, SessionEnd, SessionRecord, START_TIMEOUT_MESSAGE,
-};
+use crate::model::{EndState, MetricSample, SessionEnd, SessionRecord, START_TIMEOUT_MESSAGE};
+pub(super) use crate::store::codec::samples_json;
+use crate::store::codec::{end_reason, samples_of};
 use crate::store::{SessionFilter, SessionStore, StoreResult};
 
 pub(super) const SESSION_COLS: &str = "id, org, agent_id, deployment_id, created_ms, updated_ms, \
     ended_ms, bot_start_ms, cold_start, completion_status, end_reason, exit_code, exit_signal, \
     end_message, transport, samples";
-
-fn end_reason(s: &str) -> EndReason {
-    match s {
-        "completed" => EndReason::Completed,
-        "stopped" => EndReason::Stopped,
-        "stopped_during_start" => EndReason::StoppedDuringStart,
-        "max_duration" => EndReason::MaxDuration,
-        "start_failed" => EndReason::StartFailed,
-        "client_disconnected" => EndReason::ClientDisconnected,
-        "drained" => EndReason::Drained,
-        "lost" => EndReason::Lost,
-        "out_of_memory" => EndReason::OutOfMemory,
-        _ => EndReason::Error,
-    }
-}
 
 /// The SQL condition (with its parameters) for sessions in end state `e`
 /// ([`EndState::of`]'s mapping, by reason and, for failed starts, message).
@@ -50,31 +35,6 @@ fn end_state_sql(e: EndState, params: &mut Vec<Val<'static>>) -> String {
         params.push(Val::Str(timeout));
     }
     format!(" AND ended_ms IS NOT NULL AND end_reason IN ({marks}){cond}")
-}
-
-/// Stored form of samples: a JSON array of `{"t", "c", "m"}`.
-pub(super) fn samples_json(samples: &[MetricSample]) -> String {
-    let v: Vec<serde_json::Value> = samples
-        .iter()
-        .map(|s| serde_json::json!({"t": s.t, "c": s.cpu_millicores, "m": s.memory_bytes}))
-        .collect();
-    serde_json::Value::from(v).to_string()
-}
-
-/// Samples from their stored form (an unreadable entry is skipped).
-fn samples_of(text: &str) -> Vec<MetricSample> {
-    let Ok(serde_json::Value::Array(a)) = serde_json::from_str(text) else {
-        return Vec::new();
-    };
-    a.iter()
-        .filter_map(|e| {
-            Some(MetricSample {
-                t: e["t"].as_i64()?,
-                cpu_millicores: e["c"].as_u64()?,
-                memory_bytes: e["m"].as_u64()?,
-            })
-        })
-        .collect()
 }
 
 /// A session from a row of [`SESSION_COLS`] (in that order).

@@ -1,0 +1,44 @@
+//! Stored forms shared by the backends: end reasons and resource samples as text.
+
+use crate::model::{EndReason, MetricSample};
+
+/// An end reason from its stored name (an unknown name reads as `error`).
+pub(crate) fn end_reason(s: &str) -> EndReason {
+    match s {
+        "completed" => EndReason::Completed,
+        "stopped" => EndReason::Stopped,
+        "stopped_during_start" => EndReason::StoppedDuringStart,
+        "max_duration" => EndReason::MaxDuration,
+        "start_failed" => EndReason::StartFailed,
+        "client_disconnected" => EndReason::ClientDisconnected,
+        "drained" => EndReason::Drained,
+        "lost" => EndReason::Lost,
+        "out_of_memory" => EndReason::OutOfMemory,
+        _ => EndReason::Error,
+    }
+}
+
+/// Stored form of samples: a JSON array of `{"t", "c", "m"}`.
+pub(crate) fn samples_json(samples: &[MetricSample]) -> String {
+    let v: Vec<serde_json::Value> = samples
+        .iter()
+        .map(|s| serde_json::json!({"t": s.t, "c": s.cpu_millicores, "m": s.memory_bytes}))
+        .collect();
+    serde_json::Value::from(v).to_string()
+}
+
+/// Samples from their stored form (an unreadable entry is skipped).
+pub(crate) fn samples_of(text: &str) -> Vec<MetricSample> {
+    let Ok(serde_json::Value::Array(a)) = serde_json::from_str(text) else {
+        return Vec::new();
+    };
+    a.iter()
+        .filter_map(|e| {
+            Some(MetricSample {
+                t: e["t"].as_i64()?,
+                cpu_millicores: e["c"].as_u64()?,
+                memory_bytes: e["m"].as_u64()?,
+            })
+        })
+        .collect()
+}
