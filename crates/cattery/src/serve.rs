@@ -377,6 +377,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 .map(|s| s.instance_counts())
                 .map_or((0, 0), |(n, b)| (i64::from(n), i64::from(b)))
         });
+    let node = state.node.clone();
     let app = api::cors::wrap(api::router(state), &config.web);
     let tls = crate::web::tls_acceptor(&config.web)?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -418,6 +419,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await;
     runtime.shutdown().await;
     heartbeats.abort();
+    crate::core::cluster::leave(store.as_ref(), &node).await;
     let _ = stop_http_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
     drop(sup);

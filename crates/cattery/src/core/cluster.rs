@@ -141,6 +141,18 @@ pub fn spawn_heartbeats(
     })
 }
 
+/// Records that this node left after a clean drain (no instance of it runs any more): its
+/// last heartbeat becomes 0, so every node sees it dead at once and another node may start on
+/// the database without waiting for the node timeout. Not used by `--on-stop detach`, whose
+/// instances live on for the next server of this node.
+pub async fn leave(store: &dyn Store, me: &NodeIdentity) {
+    let mut rec = me.record(0, 0);
+    rec.heartbeat_ms = 0;
+    if let Err(e) = store.heartbeat(&rec).await {
+        tracing::warn!(error = %e, node = %me.id, "could not record that this node left");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

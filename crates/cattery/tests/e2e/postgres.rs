@@ -424,16 +424,17 @@ async fn a_node_heartbeats_and_a_second_node_is_refused_while_it_lives() {
         "{err}"
     );
 
-    // Once a is stopped and its heartbeat is older than the timeout, b starts, lists a as
-    // dead, and opens a's secret with the shared key (a deployment binding it starts).
-    a.terminate(Duration::from_secs(20));
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Once a has stopped cleanly (drained), it has left: b starts at once, even with a node
+    // timeout far longer than the time since a's last heartbeat, lists a as dead, and opens
+    // a's secret with the shared key (a deployment binding it starts).
+    let st = a.terminate(Duration::from_secs(20));
+    assert!(st.is_some_and(|s| s.success()), "a clean stop: {st:?}");
     let b = Server::start_with_env(
         &[
             "--node-id",
             "node-b",
             "--node-timeout",
-            "2",
+            "60",
             "--secrets-key-file",
             &keyfile,
         ],
