@@ -532,3 +532,50 @@ impl Drop for Server {
         }
     }
 }
+
+/// Debian's chromium, for the browser tests.
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Where playwright-core is installed (`scripts/setup-playwright.sh`).
+pub fn playwright_dir() -> PathBuf {
+    std::env::var_os("CATTERY_PLAYWRIGHT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/cattery/playwright")
+        })
+}
+
+/// Whether node, chromium and playwright-core are there; otherwise skips (or fails under
+/// `CATTERY_REQUIRE_BROWSER`).
+pub fn have_browser() -> bool {
+    let node = Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let missing = if !node {
+        Some("node is not installed".to_string())
+    } else if !Path::new(CHROMIUM).exists() {
+        Some(format!("{CHROMIUM} is not installed"))
+    } else if !playwright_dir()
+        .join("node_modules/playwright-core")
+        .exists()
+    {
+        Some(format!(
+            "playwright-core is not installed in {}",
+            playwright_dir().display()
+        ))
+    } else {
+        None
+    };
+    match missing {
+        None => true,
+        Some(why) if std::env::var_os("CATTERY_REQUIRE_BROWSER").is_some() => {
+            panic!("CATTERY_REQUIRE_BROWSER is set, but {why} (.ci/run installs it)")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED: {why}");
+            false
+        }
+    }
+}

@@ -3,6 +3,7 @@
 //! (or without the images) these tests say so and pass, unless `CATTERY_REQUIRE_DOCKER` is
 //! set (CI sets it), when they fail instead.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -563,6 +564,36 @@ async fn a_moved_tag_does_not_change_a_deployment() {
     assert_eq!(s.stop("moving", &sid).await.status, 200);
 }
 
+/// Runs an official CLI (`pipecat` or `pcc`) against `s` with the default org's CLI token,
+/// its own HOME and config in `home`, and none of the caller's `PIPECAT_*`/`PCC_*` settings;
+/// returns whether it succeeded and its stdout and stderr.
+fn run_cli(program: &Path, s: &Server, home: &Path, args: &[&str]) -> (bool, String) {
+    let mut c = Command::new(program);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PIPECAT_") || k.starts_with("PCC_") {
+            c.env_remove(k);
+        }
+    }
+    let out = c
+        .args(args)
+        .current_dir(home)
+        .env("HOME", home)
+        .env("PIPECAT_API_HOST", &s.base)
+        .env("PIPECAT_TOKEN", s.key("token", "default"))
+        .env("PIPECAT_ORG", "default")
+        .env("PIPECAT_CONFIG_PATH", home.join("creds.toml"))
+        .env("NO_COLOR", "1")
+        .env("COLUMNS", "250")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// The official CLI (`pipecat cloud deploy`, pipecatcloud 1.x from `scripts/setup-python.sh`)
 /// deploys an image agent from `pcc-deploy.toml`, which becomes ready and serves a session.
 #[tokio::test(flavor = "multi_thread")]
@@ -585,30 +616,8 @@ async fn official_cli_deploys_an_image_agent() {
         format!("agent_name = \"cli-image\"\nimage = \"{AGENT_IMAGE}\"\n\n[scaling]\nmin_agents = 1\nmax_agents = 2\n"),
     )
     .unwrap();
-    let mut c = Command::new(&pipecat);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PIPECAT_") || k.starts_with("PCC_") {
-            c.env_remove(k);
-        }
-    }
-    let out = c
-        .args(["cloud", "deploy", "--yes"])
-        .current_dir(home.path())
-        .env("HOME", home.path())
-        .env("PIPECAT_API_HOST", &s.base)
-        .env("PIPECAT_TOKEN", s.key("token", "default"))
-        .env("PIPECAT_ORG", "default")
-        .env("PIPECAT_CONFIG_PATH", home.path().join("creds.toml"))
-        .env("NO_COLOR", "1")
-        .env("COLUMNS", "250")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let (ok, text) = run_cli(&pipecat, &s, home.path(), &["cloud", "deploy", "--yes"]);
+    assert!(ok, "{text}");
     let a = s.wait_ready("cli-image", Duration::from_secs(60)).await;
     assert_eq!(a["image"], AGENT_IMAGE, "{a}");
     wait_warm_idle(&s, "cli-image", 1, Duration::from_secs(60)).await;
@@ -644,32 +653,7 @@ async fn legacy_cli_deploys_a_registry_image_with_credentials() {
     let pass = std::env::var("CATTERY_TEST_REGISTRY_PASSWORD").unwrap();
     let s = Server::start(&["--image-pull-policy", "always"]).await;
     let home = common::open_tempdir();
-    let run = |args: &[&str]| {
-        let mut c = Command::new(&pcc);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("PIPECAT_") || k.starts_with("PCC_") {
-                c.env_remove(k);
-            }
-        }
-        let out = c
-            .args(args)
-            .current_dir(home.path())
-            .env("HOME", home.path())
-            .env("PIPECAT_API_HOST", &s.base)
-            .env("PIPECAT_TOKEN", s.key("token", "default"))
-            .env("PIPECAT_ORG", "default")
-            .env("PIPECAT_CONFIG_PATH", home.path().join("creds.toml"))
-            .env("NO_COLOR", "1")
-            .env("COLUMNS", "250")
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    };
+    let run = |args: &[&str]| run_cli(&pcc, &s, home.path(), args);
     let host = format!("http://{reg}");
     for (set, creds) in [
         ("reg-good", format!("{user}:{pass}")),

@@ -14,52 +14,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::common::{cattery_bin, free_port, py_env_dir, test_agent, wait_for, Server};
-
-const CHROMIUM: &str = "/usr/bin/chromium";
-
-fn playwright_dir() -> PathBuf {
-    std::env::var_os("CATTERY_PLAYWRIGHT_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                .join(".cache/cattery/playwright")
-        })
-}
-
-/// Whether node, chromium and playwright-core are there; otherwise skips (or fails under
-/// `CATTERY_REQUIRE_BROWSER`).
-fn have_browser() -> bool {
-    let node = Command::new("node")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let missing = if !node {
-        Some("node is not installed".to_string())
-    } else if !Path::new(CHROMIUM).exists() {
-        Some(format!("{CHROMIUM} is not installed"))
-    } else if !playwright_dir()
-        .join("node_modules/playwright-core")
-        .exists()
-    {
-        Some(format!(
-            "playwright-core is not installed in {}",
-            playwright_dir().display()
-        ))
-    } else {
-        None
-    };
-    match missing {
-        None => true,
-        Some(why) if std::env::var_os("CATTERY_REQUIRE_BROWSER").is_some() => {
-            panic!("CATTERY_REQUIRE_BROWSER is set, but {why}")
-        }
-        Some(why) => {
-            eprintln!("SKIPPED: {why}");
-            false
-        }
-    }
-}
+use crate::common::{
+    cattery_bin, free_port, have_browser, playwright_dir, py_env_dir, test_agent, wait_for, Server,
+    CHROMIUM,
+};
 
 /// A raw request to the server with extra headers: (status, headers).
 async fn call(
