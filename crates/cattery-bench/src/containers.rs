@@ -31,7 +31,7 @@ use bollard::Docker;
 use serde_json::{json, Value};
 
 use crate::report::{Report, Target};
-use crate::server::{Key, Server};
+use crate::server::Server;
 use crate::stats::{ms, summarize};
 
 /// Label on the floor's own containers (removed at the end, and by the next run if this one
@@ -238,18 +238,7 @@ async fn deploy_image(
         "stopGraceSeconds": 5,
         "env": {"CATTERY_BENCH_TAG": tag, "CATTERY_BENCH_AGENT": name},
     });
-    let r = srv
-        .call(
-            reqwest::Method::POST,
-            "/v1/agents",
-            Key::Private,
-            Some(&body),
-        )
-        .await;
-    if !r.ok() {
-        bail!("deploying {name} failed: HTTP {} {}", r.status, r.body);
-    }
-    Ok(())
+    srv.create_agent(name, &body).await
 }
 
 async fn wait_ready(srv: &Server, name: &str) -> anyhow::Result<()> {

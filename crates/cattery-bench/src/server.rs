@@ -379,12 +379,17 @@ impl Server {
             "stopGraceSeconds": grace_s,
             "env": {"CATTERY_BENCH_TAG": tag, "CATTERY_BENCH_AGENT": name},
         });
+        self.create_agent(name, &body).await
+    }
+
+    /// `POST /v1/agents` with `body`; an error unless 2xx.
+    pub async fn create_agent(&self, name: &str, body: &Value) -> anyhow::Result<()> {
         let r = self
             .call(
                 reqwest::Method::POST,
                 "/v1/agents",
                 Key::Private,
-                Some(&body),
+                Some(body),
             )
             .await;
         if !r.ok() {
