@@ -64,6 +64,7 @@ pub async fn seed_sessions(
                     transport: None,
                     end: None,
                     samples: Vec::new(),
+                    node_id: String::new(),
                 };
                 let end = SessionEnd {
                     ended_ms: created + 60_000,

@@ -67,6 +67,9 @@ pub struct ClusterConfig {
     pub node_timeout_seconds: f64,
     /// The secrets key (32 bytes), shared by every node; `None`: `<data-dir>/secrets.key`.
     pub secrets_key_file: Option<PathBuf>,
+    /// File holding the cluster secret, the same on every node: internal calls between nodes
+    /// carry it. `None`: this node forwards nothing and accepts no internal call.
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 impl Default for ClusterConfig {
@@ -76,6 +79,7 @@ impl Default for ClusterConfig {
             advertise_url: None,
             node_timeout_seconds: 10.0,
             secrets_key_file: None,
+            cluster_secret_file: None,
         }
     }
 }
@@ -487,6 +491,11 @@ pub struct ServeArgs {
     /// (docs/secrets.md) [default: <data-dir>/secrets.key, made at first start].
     #[arg(long, env = "CATTERY_SECRETS_KEY_FILE", help_heading = "Cluster")]
     pub secrets_key_file: Option<PathBuf>,
+    /// File holding the cluster secret (at least 32 characters), the same on every node:
+    /// internal calls between nodes (forwarded stops and proxied requests) carry it
+    /// (docs/cluster.md) [default: none; then this node forwards nothing].
+    #[arg(long, env = "CATTERY_CLUSTER_SECRET_FILE", help_heading = "Cluster")]
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 /// Sets `$dst` to `$src` when the flag (or its variable) was given.
@@ -590,6 +599,9 @@ impl Config {
         }
         if a.secrets_key_file.is_some() {
             c.secrets_key_file = a.secrets_key_file;
+        }
+        if a.cluster_secret_file.is_some() {
+            c.cluster_secret_file = a.cluster_secret_file;
         }
     }
 

@@ -421,6 +421,9 @@ pub struct SessionRecord {
     /// Resource samples taken while it ran (empty until its end is recorded with them);
     /// the API builds `resourceMetrics` from them.
     pub samples: Vec<MetricSample>,
+    /// The node that owns it (docs/cluster.md): the one whose instance serves it, which
+    /// stops, proxies and recovers it. Empty in records made before nodes owned sessions.
+    pub node_id: String,
 }
 
 /// One resource sample of a session's instance.
@@ -452,6 +455,9 @@ pub struct InstanceRecord {
     pub placement: serde_json::Value,
     /// Creation time (ms).
     pub created_ms: i64,
+    /// The node that owns it (docs/cluster.md). Empty in records made before nodes owned
+    /// instances.
+    pub node_id: String,
 }
 
 /// One captured output line.

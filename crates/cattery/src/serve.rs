@@ -260,6 +260,8 @@ pub fn app_state(
             daily_api_key: cfg.daily_api_key.clone(),
             metrics_interval: Duration::from_millis(cfg.metrics_interval_ms.max(100)),
             ice_servers: config.sessions.ice_servers.clone(),
+            node_id: node.id.clone(),
+            node_timeout: node.timeout,
         },
         logs,
         Arc::new(crate::core::secrets::DeploymentSecrets::new(
@@ -307,7 +309,51 @@ fn node_identity(
         advertise_url: c.advertise_url.clone(),
         started_ms: crate::model::now_ms(),
         timeout: Duration::from_secs_f64(c.node_timeout_seconds),
+        secret: c
+            .cluster_secret_file
+            .as_deref()
+            .map(crate::core::cluster::ClusterSecret::load_file)
+            .transpose()?,
     })
+}
+
+/// Joins the cluster on the store and recovers this node's instances: the peers for forwarded
+/// stops (with a cluster secret), then heartbeats (the first one written before the recovery:
+/// a node that restarts within the timeout is never taken over while it re-adopts, and one
+/// that was taken over sees what it lost, since the store makes its heartbeat wait for a
+/// takeover in progress), the recovery, and the watch over the other nodes. Returns the
+/// heartbeat and watch tasks.
+async fn join_cluster(
+    store: &Arc<dyn Store>,
+    state: &AppState,
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>)> {
+    let sup = &state.sup;
+    if let Some(secret) = &state.node.secret {
+        sup.set_peers(Arc::new(crate::core::cluster::HttpPeers::new(
+            secret.clone(),
+        )));
+    }
+    let counted = Arc::downgrade(sup);
+    let heartbeats =
+        crate::core::cluster::spawn_heartbeats(store.clone(), (*state.node).clone(), move || {
+            counted
+                .upgrade()
+                .map(|s| s.instance_counts())
+                .map_or((0, 0), |(n, b)| (i64::from(n), i64::from(b)))
+        });
+    store
+        .heartbeat(&state.node.record(0, 0))
+        .await
+        .context("recording this node's first heartbeat")?;
+    sup.recover()
+        .await
+        .context("recovering instances after restart")?;
+    let watch = crate::core::cluster::spawn_watch(
+        store.clone(),
+        Arc::downgrade(sup),
+        (*state.node).clone(),
+    );
+    Ok((heartbeats, watch))
 }
 
 /// Runs the server until SIGTERM/SIGINT and a completed drain.
@@ -365,18 +411,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )));
     }
     let sup = state.sup.clone();
-    crate::core::cluster::check_alone(store.as_ref(), &state.node).await?;
-    sup.recover()
-        .await
-        .context("recovering instances after restart")?;
-    let counted = Arc::downgrade(&sup);
-    let heartbeats =
-        crate::core::cluster::spawn_heartbeats(store.clone(), (*state.node).clone(), move || {
-            counted
-                .upgrade()
-                .map(|s| s.instance_counts())
-                .map_or((0, 0), |(n, b)| (i64::from(n), i64::from(b)))
-        });
+    let (heartbeats, watch) = join_cluster(&store, &state).await?;
     let node = state.node.clone();
     let app = api::cors::wrap(api::router(state), &config.web);
     let tls = crate::web::tls_acceptor(&config.web)?;
@@ -418,6 +453,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     sup.drain(Duration::from_secs_f64(cfg.drain_timeout_seconds), force)
         .await;
     runtime.shutdown().await;
+    watch.abort();
     heartbeats.abort();
     crate::core::cluster::leave(store.as_ref(), &node).await;
     let _ = stop_http_tx.send(());

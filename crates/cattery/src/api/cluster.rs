@@ -1,14 +1,15 @@
 //! `GET /v1/cluster/nodes` (docs/cluster.md): the nodes sharing this server's store.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde::Serialize;
 
 use super::auth::PrivateAuth;
 use super::error::{ApiError, ApiResult};
-use super::AppState;
+use super::{ApiPath, AppState};
 use crate::core::cluster::{self, NodeStatus};
+use crate::core::session::PeerStop;
 use crate::core::CoreError;
 use crate::model::now_ms;
 use crate::serve::DEFAULT_ORG;
@@ -43,4 +44,51 @@ pub async fn nodes(
     Ok(Json(NodeList {
         nodes: cluster::statuses(&st.node, nodes, now_ms()),
     }))
+}
+
+/// Whether a request is an internal call from another node: it carries the cluster secret
+/// ([`cluster::SECRET_HEADER`]). `false` when it carries none.
+///
+/// Errors: 401 `CLUSTER_UNAUTHORIZED` when it carries a wrong secret, or any while this node
+/// has none (an org's API key is never enough for an internal call).
+pub fn from_peer(st: &AppState, headers: &HeaderMap) -> ApiResult<bool> {
+    let Some(given) = headers.get(cluster::SECRET_HEADER) else {
+        return Ok(false);
+    };
+    match &st.node.secret {
+        Some(s) if s.matches(given.as_bytes()) => Ok(true),
+        _ => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "CLUSTER_UNAUTHORIZED",
+            "internal calls between nodes need the cluster secret (--cluster-secret-file)",
+        )),
+    }
+}
+
+/// `POST /internal/v1/sessions/{session_id}/stop`: another node forwards a stop of a session
+/// this node owns (it checked the caller's key, org and agent). Only with the cluster secret.
+/// 200 `{"status": "terminated"}` once the instance is gone (or the session had ended); 409
+/// `NOT_OWNER` when this node does not own the session (the caller asks the store again);
+/// 404 for an unknown session.
+pub async fn internal_stop(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(sid): ApiPath<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    if !from_peer(&st, &headers)? {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "CLUSTER_UNAUTHORIZED",
+            "internal calls between nodes need the cluster secret (--cluster-secret-file)",
+        ));
+    }
+    let id = super::sessions::parse_session_id(&sid)?;
+    match st.sup.stop_owned(id).await? {
+        PeerStop::Stopped => Ok(Json(serde_json::json!({"status": "terminated"}))),
+        PeerStop::NotOwner => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "NOT_OWNER",
+            format!("session {id} is not this node's"),
+        )),
+    }
 }

@@ -124,6 +124,9 @@ impl From<CoreError> for ApiError {
                 _ => ApiError::new(StatusCode::BAD_GATEWAY, "DAILY_ERROR", msg),
             },
             CoreError::Store(e) => store_error(e),
+            CoreError::NodeUnreachable(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NODE_UNREACHABLE", msg)
+            }
         }
     }
 }

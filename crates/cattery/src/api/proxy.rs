@@ -94,6 +94,67 @@ async fn forward(
     }
 }
 
+/// Sends a proxied request for another node's session to that node, unchanged (its own
+/// path, query, headers with the caller's key, and body) plus the cluster secret, and streams
+/// its answer back. The owner serves it from its instance and never forwards it again.
+/// Errors: 503 `NODE_UNREACHABLE` when the owner is not alive, has no advertise URL, or this
+/// node has no cluster secret; 502 when it does not answer.
+async fn to_owner(st: &AppState, owner: &str, id: Uuid, req: Request) -> ApiResult<Response> {
+    let unreachable = |why: String| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NODE_UNREACHABLE",
+            format!("session {id} runs on node {owner}, {why}"),
+        )
+    };
+    let nodes = st
+        .store
+        .list_nodes()
+        .await
+        .map_err(crate::core::CoreError::from)?;
+    let alive = crate::core::cluster::statuses(&st.node, nodes, crate::model::now_ms())
+        .into_iter()
+        .find(|n| n.id == owner && n.alive);
+    let Some(node) = alive else {
+        return Err(unreachable("which is not alive".into()));
+    };
+    let (Some(url), Some(secret)) = (node.advertise_url, st.node.secret.as_ref()) else {
+        return Err(unreachable(
+            "which this node cannot reach: give every node --advertise-url and --cluster-secret-file"
+                .into(),
+        ));
+    };
+    let (mut parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    parts.uri = format!("{}{path}", url.trim_end_matches('/'))
+        .parse::<Uri>()
+        .map_err(|e| unreachable(format!("whose advertise URL is unusable ({e})")))?;
+    parts.headers.remove("host");
+    parts.headers.insert(
+        HeaderName::from_static(crate::core::cluster::SECRET_HEADER),
+        secret
+            .expose()
+            .parse()
+            .expect("the cluster secret is a valid header value"),
+    );
+    let resp = CLIENT
+        .request(Request::from_parts(parts, body))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "502",
+                format!("node {owner}, which runs session {id}, did not answer: {e}"),
+            )
+        })?;
+    let (parts, body) = resp.into_parts();
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
 /// Paths of the instance contract that the proxy never forwards: they belong to the platform
 /// (reference §A.5.5 "Reserved paths"; `/api/offer` is forwarded on purpose, for SmallWebRTC).
 const RESERVED: &[&str] = &["bot", "ws"];
@@ -121,7 +182,20 @@ async fn forward_inner(
     let (id, addr) = match running {
         Some(v) => v,
         None => {
-            let id = live_session(st, org, agent, sid).await?;
+            let id = super::sessions::parse_session_id(sid)?;
+            let (_, rec) = super::sessions::session_of(st, org, agent, id).await?;
+            if rec.end.is_some() {
+                return Err(ApiError::not_found(
+                    "404",
+                    format!("session {id} has ended"),
+                ));
+            }
+            if !st.sup.owns(&rec.node_id)
+                && !st.sup.serves(id)
+                && !super::cluster::from_peer(st, req.headers())?
+            {
+                return to_owner(st, &rec.node_id, id, req).await;
+            }
             let addr = st.sup.session_addr(id, PROXY_WAIT).await.ok_or_else(|| {
                 ApiError::not_found("404", format!("session {id} is not running"))
             })?;

@@ -78,6 +78,11 @@ fn routes() -> OpenApiRouter<AppState> {
         .merge(org_routes())
         // The dashboard's live session list (`api::events`).
         .route("/v1/sessions/events", get(events::session_events))
+        // Internal calls between nodes (cluster secret only; docs/cluster.md).
+        .route(
+            "/internal/v1/sessions/{session_id}/stop",
+            axum::routing::post(cluster::internal_stop),
+        )
 }
 
 /// The org-scoped surface of the official CLI (`api::org`), `/v1/users` and `/v1/organizations`.

@@ -32,6 +32,7 @@ struct Answer {
     body: Value,
 }
 
+mod cluster_internal;
 mod daily;
 
 async fn api() -> Api {

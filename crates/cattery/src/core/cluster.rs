@@ -2,10 +2,10 @@
 //! address other nodes can reach. It heartbeats in the store; `GET /v1/cluster/nodes` lists
 //! the nodes with their heartbeat age and instance counts.
 //!
-//! What is not here yet: ownership of sessions and instances by node, forwarding, cluster-wide
-//! capacity. Until it is, a node refuses to start while another node with a fresh heartbeat
-//! uses the same database ([`check_alone`]): two nodes would end each other's sessions at
-//! recovery and each admit `maxAgents`.
+//! Ownership: every session and instance records the node that owns it. A stop of another
+//! node's session is forwarded to it ([`HttpPeers`], authenticated with the cluster secret);
+//! a node whose heartbeat is older than the node timeout is taken over by a live one
+//! ([`spawn_watch`], `Supervisor::take_over`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +26,71 @@ pub struct NodeIdentity {
     pub started_ms: i64,
     /// A node whose last heartbeat is older than this is dead.
     pub timeout: Duration,
+    /// The cluster secret (`--cluster-secret-file`), if given.
+    pub secret: Option<ClusterSecret>,
+}
+
+/// The header that carries the cluster secret on calls between nodes.
+pub const SECRET_HEADER: &str = "x-cattery-cluster-secret";
+
+/// The shared secret of a cluster's internal calls. Never printed (`Debug` hides it).
+#[derive(Clone)]
+pub struct ClusterSecret(Arc<str>);
+
+impl std::fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterSecret(..)")
+    }
+}
+
+impl ClusterSecret {
+    /// Shortest secret accepted.
+    pub const MIN_LEN: usize = 32;
+
+    /// Reads the secret from `path` (surrounding whitespace ignored).
+    ///
+    /// Errors: unreadable file; shorter than [`ClusterSecret::MIN_LEN`]; not a valid HTTP
+    /// header value (control characters).
+    pub fn load_file(path: &std::path::Path) -> anyhow::Result<ClusterSecret> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            anyhow::anyhow!("cannot read --cluster-secret-file {}: {e}", path.display())
+        })?;
+        Self::new(text.trim())
+    }
+
+    /// A secret from its text. Errors as [`ClusterSecret::load_file`].
+    pub fn new(text: &str) -> anyhow::Result<ClusterSecret> {
+        if text.len() < Self::MIN_LEN {
+            anyhow::bail!(
+                "the cluster secret must be at least {} characters (e.g. `openssl rand -hex 32`)",
+                Self::MIN_LEN
+            );
+        }
+        if axum::http::HeaderValue::from_str(text).is_err() {
+            anyhow::bail!(
+                "the cluster secret must be printable text (e.g. `openssl rand -hex 32`)"
+            );
+        }
+        Ok(ClusterSecret(text.into()))
+    }
+
+    /// The secret, to send.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `given` is the secret, in time independent of where they differ.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        let want = self.0.as_bytes();
+        if given.len() != want.len() {
+            return false;
+        }
+        given
+            .iter()
+            .zip(want)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
 }
 
 impl NodeIdentity {
@@ -103,21 +168,104 @@ pub fn other_live_nodes(me: &NodeIdentity, nodes: Vec<NodeRecord>, now: i64) -> 
         .collect()
 }
 
-/// Refuses to run beside another live node on the same store (see the module docs).
-///
-/// Errors: another node's heartbeat is within the timeout; the store cannot be read.
-pub async fn check_alone(store: &dyn Store, me: &NodeIdentity) -> anyhow::Result<()> {
-    let others = other_live_nodes(me, store.list_nodes().await?, now_ms());
-    if let Some(o) = others.first() {
-        anyhow::bail!(
-            "node {} heartbeat {} ms ago on this database: several nodes on one database are not \
-             supported yet (docs/cluster.md); stop it, or wait {} s after it stopped",
-            o.id,
-            o.heartbeat_age_ms,
-            me.timeout.as_secs_f64().ceil()
-        );
+/// The other nodes over HTTP (`http://` advertise URLs): a forwarded stop is
+/// `POST {url}/internal/v1/sessions/{id}/stop` with the cluster secret in [`SECRET_HEADER`].
+pub struct HttpPeers {
+    secret: ClusterSecret,
+    http: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+}
+
+impl HttpPeers {
+    /// Peers reached with `secret`.
+    pub fn new(secret: ClusterSecret) -> HttpPeers {
+        let mut c = hyper_util::client::legacy::connect::HttpConnector::new();
+        c.set_nodelay(true);
+        c.set_connect_timeout(Some(Duration::from_secs(1)));
+        HttpPeers {
+            secret,
+            http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(c),
+        }
     }
-    Ok(())
+}
+
+#[async_trait::async_trait]
+impl crate::core::session::Peers for HttpPeers {
+    async fn stop(
+        &self,
+        url: &str,
+        session: uuid::Uuid,
+    ) -> Result<crate::core::session::PeerStop, String> {
+        use crate::core::session::PeerStop;
+        use http_body_util::BodyExt;
+        let req = axum::http::Request::post(format!(
+            "{}/internal/v1/sessions/{session}/stop",
+            url.trim_end_matches('/')
+        ))
+        .header(SECRET_HEADER, self.secret.expose())
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .map_err(|e| e.to_string())?;
+        let r = self.http.request(req).await.map_err(|e| e.to_string())?;
+        let status = r.status().as_u16();
+        match status {
+            200 => Ok(PeerStop::Stopped),
+            409 => Ok(PeerStop::NotOwner),
+            s => {
+                let body = r
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                    .unwrap_or_default();
+                Err(format!("node at {url} answered {s}: {body}"))
+            }
+        }
+    }
+}
+
+/// Watches the other nodes until the returned handle is aborted: every heartbeat interval,
+/// each node whose last heartbeat is older than the timeout is taken over
+/// (`Supervisor::take_over`; the store lets one node at a time do it). A dead node is tried
+/// once per heartbeat it left (a node that is dead does not gain records).
+pub fn spawn_watch(
+    store: Arc<dyn Store>,
+    sup: std::sync::Weak<crate::core::session::Supervisor>,
+    me: NodeIdentity,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(me.heartbeat_every());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let timeout_ms = i64::try_from(me.timeout.as_millis()).unwrap_or(i64::MAX);
+        let mut done: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+        loop {
+            tick.tick().await;
+            let Some(sup) = sup.upgrade() else { break };
+            let Ok(nodes) = store.list_nodes().await else {
+                continue;
+            };
+            let stale_ms = now_ms() - timeout_ms;
+            for n in nodes {
+                if n.id == me.id
+                    || n.heartbeat_ms > stale_ms
+                    || done.get(&n.id) == Some(&n.heartbeat_ms)
+                {
+                    continue;
+                }
+                match sup.take_over(&n.id, stale_ms).await {
+                    Ok(_) => {
+                        done.insert(n.id, n.heartbeat_ms);
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %n.id, error = %e, "could not take over a dead node");
+                    }
+                }
+            }
+        }
+    })
 }
 
 /// Heartbeats until the returned handle is aborted: the first at once, then every
@@ -163,6 +311,7 @@ mod tests {
             advertise_url: None,
             started_ms: 0,
             timeout: Duration::from_secs(10),
+            secret: None,
         }
     }
 
@@ -194,6 +343,17 @@ mod tests {
         let others = other_live_nodes(&me, vec![at("a", now), at("b", now - 5)], now);
         assert_eq!(others.len(), 1);
         assert_eq!(others[0].id, "b");
+    }
+
+    #[test]
+    fn the_cluster_secret_is_long_printable_and_hidden() {
+        assert!(ClusterSecret::new("short").is_err());
+        assert!(ClusterSecret::new(&format!("{}\n", "a".repeat(40))).is_err());
+        let s = ClusterSecret::new(&"k".repeat(40)).unwrap();
+        assert!(s.matches("k".repeat(40).as_bytes()));
+        assert!(!s.matches("k".repeat(39).as_bytes()));
+        assert!(!s.matches(format!("{}j", "k".repeat(39)).as_bytes()));
+        assert_eq!(format!("{:?}", s), "ClusterSecret(..)");
     }
 
     #[test]

@@ -74,6 +74,10 @@ pub enum CoreError {
     /// (`api::error`).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// 503 `NODE_UNREACHABLE`: the session belongs to another node of the cluster, which
+    /// this node could not reach in time (docs/cluster.md).
+    #[error("{0}")]
+    NodeUnreachable(String),
 }
 
 impl CoreError {

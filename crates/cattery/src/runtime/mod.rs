@@ -266,6 +266,13 @@ pub trait Runtime: Send + Sync + 'static {
     /// e.g. one spawned just before a crash and never recorded. Only this server's own
     /// instances are touched (its cgroup subtree and instance directory), never by name.
     async fn sweep(&self, keep: &std::collections::HashSet<uuid::Uuid>);
+    /// Whether another node of a cluster may adopt this recorded instance when its node is
+    /// lost (docs/cluster.md): true where every node reaches the same engine by the record
+    /// alone (a shared Docker engine); false where the instance lives on its node's machine
+    /// (processes). Default false.
+    fn adoptable_by_any_node(&self, _rec: &InstanceRecord) -> bool {
+        false
+    }
     /// Describes how whole-tree cleanup works on this machine (for logs and status).
     fn isolation(&self) -> String;
     /// Releases what the runtime holds for this server (its cgroup directories, locks) on a

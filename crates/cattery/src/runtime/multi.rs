@@ -65,6 +65,10 @@ impl Runtime for MultiRuntime {
     }
 
     /// Hands the record to the runtime that made it, with its own kind as `runtime`.
+    fn adoptable_by_any_node(&self, rec: &InstanceRecord) -> bool {
+        Self::is_container(rec)
+    }
+
     async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Option<Arc<dyn Instance>> {
         let (rt, kind) = if Self::is_container(rec) {
             (&self.docker, RuntimeKind::Docker)
@@ -137,6 +141,7 @@ mod tests {
             runtime: runtime.into(),
             placement,
             created_ms: 0,
+            node_id: String::new(),
         };
         let container = serde_json::json!({"container_id": "abc", "name": "n", "port": 1,
                                            "image_id": "sha256:0", "created_ms": 0});

@@ -45,6 +45,7 @@ where
     case!(logs);
     case!(log_pruning);
     case!(nodes);
+    case!(node_takeover);
 }
 
 fn agent(org: &str, name: &str, created_ms: i64) -> (AgentRecord, DeploymentRecord) {
@@ -93,6 +94,7 @@ fn session(a: &AgentRecord, created_ms: i64) -> SessionRecord {
         transport: Some("webrtc".into()),
         end: None,
         samples: Vec::new(),
+        node_id: "n1".into(),
     }
 }
 
@@ -116,6 +118,7 @@ fn instance(a: &AgentRecord) -> InstanceRecord {
         runtime: "process".into(),
         placement: serde_json::json!({"pid": 42, "nested": {"port": 20001}, "list": [1, "x", null]}),
         created_ms: 5,
+        node_id: "n1".into(),
     }
 }
 
@@ -861,4 +864,90 @@ async fn nodes(s: &dyn Store) {
     b.advertise_url = None;
     s.heartbeat(&b).await.unwrap();
     assert_eq!(s.list_nodes().await.unwrap(), [a, b]);
+}
+
+/// Ownership: records keep their node; a stale node is taken over once, all its instances and
+/// open sessions at once (never its ended ones, never another node's); a fresh one never.
+async fn node_takeover(s: &dyn Store) {
+    let a = with_agent(s, "o", "a").await;
+    let node = |id: &str, hb: i64| NodeRecord {
+        id: id.into(),
+        advertise_url: None,
+        version: "0.1.0".into(),
+        started_ms: 1,
+        heartbeat_ms: hb,
+        instances: 0,
+        busy: 0,
+    };
+    s.heartbeat(&node("dead", 100)).await.unwrap();
+    s.heartbeat(&node("live", 10_000)).await.unwrap();
+    let mut open = session(&a, 1);
+    open.node_id = "dead".into();
+    let mut ended = session(&a, 2);
+    ended.node_id = "dead".into();
+    let mut other = session(&a, 3);
+    other.node_id = "live".into();
+    for x in [&open, &ended, &other] {
+        s.insert_session(x).await.unwrap();
+    }
+    s.end_session(ended.id, &end(EndReason::Completed, 5))
+        .await
+        .unwrap();
+    let mut inst = instance(&a);
+    inst.node_id = "dead".into();
+    inst.session_id = Some(open.id);
+    let mut theirs = instance(&a);
+    theirs.node_id = "live".into();
+    s.put_instance(&inst).await.unwrap();
+    s.put_instance(&theirs).await.unwrap();
+    assert_eq!(
+        s.get_session(open.id).await.unwrap().unwrap().node_id,
+        "dead"
+    );
+
+    // Not stale at 99: nothing moves.
+    assert!(s.take_over_node("dead", "me", 99).await.unwrap().is_none());
+    assert!(s
+        .take_over_node("nobody", "me", 1 << 40)
+        .await
+        .unwrap()
+        .is_none());
+    let t = s.take_over_node("dead", "me", 100).await.unwrap().unwrap();
+    assert_eq!(
+        t.instances
+            .iter()
+            .map(|i| (i.id, i.node_id.as_str()))
+            .collect::<Vec<_>>(),
+        [(inst.id, "me")]
+    );
+    assert_eq!(
+        t.sessions
+            .iter()
+            .map(|x| (x.id, x.node_id.as_str()))
+            .collect::<Vec<_>>(),
+        [(open.id, "me")]
+    );
+    assert_eq!(s.get_session(open.id).await.unwrap().unwrap().node_id, "me");
+    assert_eq!(
+        s.get_session(ended.id).await.unwrap().unwrap().node_id,
+        "dead"
+    );
+    assert_eq!(
+        s.get_session(other.id).await.unwrap().unwrap().node_id,
+        "live"
+    );
+    let mut owners: Vec<(Uuid, String)> = s
+        .list_instances()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.id, i.node_id))
+        .collect();
+    owners.sort();
+    let mut want = vec![(inst.id, "me".to_string()), (theirs.id, "live".to_string())];
+    want.sort();
+    assert_eq!(owners, want);
+    // A second taker finds nothing left.
+    let t = s.take_over_node("dead", "me2", 100).await.unwrap().unwrap();
+    assert!(t.instances.is_empty() && t.sessions.is_empty());
 }

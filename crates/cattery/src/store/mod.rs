@@ -441,6 +441,39 @@ pub trait NodeStore: Send + Sync + 'static {
     async fn heartbeat(&self, node: &NodeRecord) -> StoreResult<()>;
     /// Every node that ever heartbeat, by id.
     async fn list_nodes(&self) -> StoreResult<Vec<NodeRecord>>;
+    /// Takes over node `dead` for node `by`, in one transaction, if `dead`'s last heartbeat
+    /// is at or before `stale_ms`. The check holds a lock on `dead`'s row until the commit, so
+    /// two live nodes never take over the same records, and a node that heartbeats again is
+    /// not taken over (its heartbeat waits for the commit, then it sees what it lost). Every
+    /// instance record and every open session that `dead` owns then belongs to `by`; they
+    /// are returned. `None` when `dead` is unknown or not stale.
+    async fn take_over_node(
+        &self,
+        dead: &str,
+        by: &str,
+        stale_ms: i64,
+    ) -> StoreResult<Option<TakenOver>>;
+}
+
+/// What [`NodeStore::take_over_node`] moved to the taking node.
+#[derive(Debug, Clone, Default)]
+pub struct TakenOver {
+    /// The dead node's instance records (now the taker's).
+    pub instances: Vec<InstanceRecord>,
+    /// The dead node's open sessions (now the taker's).
+    pub sessions: Vec<SessionRecord>,
+}
+
+impl TakenOver {
+    /// Names `node` as the owner of every record (what the store wrote).
+    pub fn hand_to(&mut self, node: &str) {
+        for i in &mut self.instances {
+            i.node_id = node.to_string();
+        }
+        for s in &mut self.sessions {
+            s.node_id = node.to_string();
+        }
+    }
 }
 
 /// The durable state of Cattery: every aggregate's store. Implemented by any type that

@@ -603,6 +603,7 @@ impl Supervisor {
             runtime: inst.kind().as_str().to_string(),
             placement: inst.placement(),
             created_ms: now_ms(),
+            node_id: self.cfg.node_id.clone(),
         };
         if let Err(e) = self.store.put_instance(&rec).await {
             tracing::error!(instance = %ctl.id, error = %e, "could not record instance");

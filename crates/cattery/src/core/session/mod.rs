@@ -58,6 +58,7 @@ use crate::store::Store;
 
 pub use health::{Health, StartFailure, CRASH_LOOP_THRESHOLD};
 pub use state::InstState;
+
 use state::{AgentPool, InstanceCtl, State};
 
 /// How often a starting instance's `/readyz` is polled, at most. The first polls come sooner
@@ -88,6 +89,28 @@ pub struct SupervisorConfig {
     /// ICE server URLs given to every instance as `CATTERY_ICE_SERVERS` (unless its env
     /// names its own ICE source) and answered for `enableDefaultIceServers`.
     pub ice_servers: Vec<String>,
+    /// This node's id: the owner recorded on its sessions and instances (docs/cluster.md).
+    pub node_id: String,
+    /// A node whose last heartbeat is older than this is dead (`--node-timeout`).
+    pub node_timeout: Duration,
+}
+
+/// What another node answered to a forwarded stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerStop {
+    /// The session is ended (stopped now, or before); its instance is gone.
+    Stopped,
+    /// The session is not that node's (any more): ask the store who owns it now.
+    NotOwner,
+}
+
+/// The other nodes of a cluster, as the engine reaches them (implemented over HTTP with the
+/// cluster secret in `core::cluster`).
+#[async_trait::async_trait]
+pub trait Peers: Send + Sync {
+    /// Asks the node at `url` to stop its session `session`, and waits for its answer (given
+    /// only once the instance is gone). Errors: the node did not answer, or failed.
+    async fn stop(&self, url: &str, session: Uuid) -> Result<PeerStop, String>;
 }
 
 /// Work to do once a session has ended (see [`Supervisor::on_session_end`]).
@@ -178,6 +201,10 @@ pub struct Supervisor {
     changes: broadcast::Sender<(String, Uuid)>,
     /// Work to run when a session ends ([`Supervisor::on_session_end`]).
     end_hooks: Mutex<HashMap<Uuid, EndHook>>,
+    /// The other nodes, once the server has set them ([`Supervisor::set_peers`]).
+    peers: std::sync::OnceLock<Arc<dyn Peers>>,
+    /// The engine itself, for work started from `&self` that needs the `Arc`.
+    this: std::sync::Weak<Supervisor>,
 }
 
 impl Supervisor {
@@ -190,7 +217,8 @@ impl Supervisor {
         logs: mpsc::UnboundedSender<LogLine>,
         secrets: Arc<dyn SecretSource>,
     ) -> Arc<Self> {
-        let sup = Arc::new(Supervisor {
+        let sup = Arc::new_cyclic(|this| Supervisor {
+            this: this.clone(),
             store,
             runtime,
             cfg,
@@ -203,6 +231,7 @@ impl Supervisor {
             pending_ends: pending::PendingEnds::default(),
             changes: broadcast::channel(SESSION_CHANGES_BUFFER).0,
             end_hooks: Mutex::new(HashMap::new()),
+            peers: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&sup);
         tokio::spawn(async move {
@@ -214,6 +243,22 @@ impl Supervisor {
             }
         });
         sup
+    }
+
+    /// How this node reaches the other nodes of its cluster (for forwarded stops). Without
+    /// it, a stop of another live node's session answers 503 `NODE_UNREACHABLE`.
+    pub fn set_peers(&self, peers: Arc<dyn Peers>) {
+        let _ = self.peers.set(peers);
+    }
+
+    /// The engine's `Arc` (`None` once it is being dropped).
+    fn me(&self) -> Option<Arc<Supervisor>> {
+        self.this.upgrade()
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.cfg.node_id
     }
 
     /// The runtime in use.
@@ -306,6 +351,11 @@ impl Supervisor {
             return None;
         }
         ctl.instance.get().map(|i| i.endpoint())
+    }
+
+    /// Whether a session is live on this node (starting or running here).
+    pub fn serves(&self, session: Uuid) -> bool {
+        self.state.lock().sessions.contains_key(&session)
     }
 
     /// Address of a live session's instance, waiting (up to `wait`) while the instance is

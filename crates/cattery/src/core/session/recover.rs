@@ -45,6 +45,11 @@ impl Supervisor {
     ///
     /// Then the runtime sweeps this server's instances for anything no record names (an
     /// instance spawned just before the crash), and the pools are refilled.
+    ///
+    /// Only this node's records are touched (docs/cluster.md): instances and sessions that
+    /// another node owns are left to it. A node that was declared dead and taken over meanwhile
+    /// finds those records gone (or another node's): the sweep removes their instances, so a
+    /// session never has two lives; instances another node adopted are kept.
     pub async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
         self.load_agents().await?;
         let mut found = Found {
@@ -52,18 +57,104 @@ impl Supervisor {
             ..Found::default()
         };
         for rec in self.store.list_instances().await? {
-            self.recover_instance(rec, &mut found).await?;
+            if self.owns(&rec.node_id) {
+                self.recover_instance(rec, &mut found).await?;
+            } else {
+                // Another node's (maybe one it adopted from this node): never swept here.
+                found.keep.insert(rec.id);
+            }
         }
         futures_util::future::join_all(found.remove.iter().map(|(i, g)| i.terminate(*g))).await;
         self.runtime.sweep(&found.keep).await;
         for s in self.store.list_open_sessions().await? {
-            if !found.adopted_sessions.contains(&s.id) {
+            if self.owns(&s.node_id) && !found.adopted_sessions.contains(&s.id) {
                 self.end_lost(&s, found.stops.contains_key(&s.id)).await?;
             }
         }
         self.publish_live(&self.state.lock());
         self.recovered.store(true, Ordering::SeqCst);
         self.reconcile_all();
+        Ok(())
+    }
+
+    /// Whether a record owned by `node` is this node's: its own, or one made before nodes
+    /// owned records.
+    pub fn owns(&self, node: &str) -> bool {
+        node.is_empty() || node == self.cfg.node_id
+    }
+
+    /// Takes over node `dead`, whose last heartbeat is at or before `stale_ms`, if no other
+    /// node did (the store decides, one taker at a time: [`crate::store::NodeStore::take_over_node`]).
+    /// Its instances that this node's runtime reaches ([`crate::runtime::Runtime::adoptable_by_any_node`],
+    /// a shared Docker engine) are re-adopted as after a restart; its other sessions are
+    /// ended `lost`, saying the node was lost, and their instance records dropped, which
+    /// frees their capacity (the instances themselves live on the lost node's machine: it
+    /// removes them when it comes back, before anything else). Returns how many sessions
+    /// were taken over or ended, or `None` when `dead` was not taken over by this call.
+    pub async fn take_over(
+        self: &Arc<Self>,
+        dead: &str,
+        stale_ms: i64,
+    ) -> anyhow::Result<Option<usize>> {
+        let Some(taken) = self
+            .store
+            .take_over_node(dead, &self.cfg.node_id, stale_ms)
+            .await?
+        else {
+            return Ok(None);
+        };
+        if taken.instances.is_empty() && taken.sessions.is_empty() {
+            return Ok(Some(0));
+        }
+        let ids: HashSet<Uuid> = taken.sessions.iter().map(|s| s.id).collect();
+        let mut found = Found {
+            stops: self
+                .store
+                .stop_requests()
+                .await?
+                .into_iter()
+                .filter(|(s, _)| ids.contains(s))
+                .collect(),
+            ..Found::default()
+        };
+        for rec in taken.instances {
+            if self.runtime.adoptable_by_any_node(&rec) {
+                self.recover_instance(rec, &mut found).await?;
+            } else {
+                let _ = self.store.delete_instance(rec.id).await;
+            }
+        }
+        futures_util::future::join_all(found.remove.iter().map(|(i, g)| i.terminate(*g))).await;
+        let mut lost = 0;
+        for s in &taken.sessions {
+            if !found.adopted_sessions.contains(&s.id) {
+                self.end_node_lost(s, dead).await?;
+                lost += 1;
+            }
+        }
+        tracing::warn!(node = %dead, adopted = found.adopted_sessions.len(), lost,
+            "took over a node that stopped heartbeating");
+        self.publish_live(&self.state.lock());
+        Ok(Some(taken.sessions.len()))
+    }
+
+    /// Records the end of an open session whose node was lost with its instance.
+    async fn end_node_lost(&self, s: &SessionRecord, node: &str) -> anyhow::Result<()> {
+        let end = SessionEnd {
+            ended_ms: now_ms(),
+            reason: EndReason::Lost,
+            completion_status: "HTTP_ERROR".into(),
+            exit_code: None,
+            exit_signal: None,
+            message: Some(format!(
+                "node {node} was lost (no heartbeat within the node timeout) with this session's instance"
+            )),
+        };
+        if self.store.end_session(s.id, &end).await? {
+            let agent = self.agent_name(s.agent_id);
+            crate::telemetry::session_ended(&s.org, &agent, end.reason.as_str());
+            let _ = self.changes.send((s.org.clone(), s.id));
+        }
         Ok(())
     }
 

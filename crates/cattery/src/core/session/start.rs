@@ -184,6 +184,7 @@ impl Supervisor {
             transport,
             end: None,
             samples: Vec::new(),
+            node_id: self.cfg.node_id.clone(),
         };
         if placed.mailbox.is_none() && !placed.cold {
             self.store

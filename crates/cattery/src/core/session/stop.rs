@@ -3,12 +3,13 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use uuid::Uuid;
 
 use super::pending::STOP_COMMIT_WAIT;
 use super::state::{Cmd, InstanceCtl};
-use super::Supervisor;
+use super::{PeerStop, Supervisor};
 use crate::core::{CoreError, CoreResult};
 use crate::model::{now_ms, EndReason, SessionEnd};
 
@@ -65,6 +66,16 @@ impl Supervisor {
         if rec.end.is_some() {
             return Ok(());
         }
+        let here = self.state.lock().sessions.contains_key(&session);
+        if !here && !self.owns(&rec.node_id) {
+            return self.stop_elsewhere(rec.node_id, session).await;
+        }
+        self.stop_here(org, agent_name, session).await
+    }
+
+    /// Stops a session this node owns (or one no live instance serves), as a `DELETE` does
+    /// on a single node.
+    async fn stop_here(&self, org: &str, agent_name: &str, session: Uuid) -> CoreResult<()> {
         let ctl = self.state.lock().sessions.get(&session).cloned();
         match ctl {
             Some(ctl) => stop_and_wait(&ctl).await,
@@ -88,6 +99,100 @@ impl Supervisor {
             .committed(session, STOP_COMMIT_WAIT)
             .await?;
         Ok(())
+    }
+
+    /// A stop forwarded by another node of the cluster (it checked the caller's org and
+    /// agent): stops the session if this node owns it. Answered once the instance is gone.
+    ///
+    /// Errors: `NotFound` for an unknown session; `Store` as [`Supervisor::stop_session`].
+    pub async fn stop_owned(&self, session: Uuid) -> CoreResult<PeerStop> {
+        let live = self.state.lock().sessions.get(&session).cloned();
+        if let Some(ctl) = live {
+            stop_and_wait(&ctl).await;
+            self.pending_ends
+                .committed(session, STOP_COMMIT_WAIT)
+                .await?;
+            return Ok(PeerStop::Stopped);
+        }
+        let rec = self
+            .store
+            .get_session(session)
+            .await?
+            .ok_or_else(|| CoreError::NotFound(format!("session {session} not found")))?;
+        if rec.end.is_some() {
+            return Ok(PeerStop::Stopped);
+        }
+        if !self.owns(&rec.node_id) {
+            return Ok(PeerStop::NotOwner);
+        }
+        let agent = self.agent_name(rec.agent_id);
+        self.stop_here(&rec.org, &agent, session).await?;
+        Ok(PeerStop::Stopped)
+    }
+
+    /// Stops a session that node `owner` owns: forwarded to it while it is alive; once it is
+    /// dead (no heartbeat within the node timeout), this node takes it over first
+    /// ([`Supervisor::take_over`]) and stops what it adopted. Follows the session when its
+    /// owner changes meanwhile. Bounded by twice the node timeout plus 5 s.
+    async fn stop_elsewhere(&self, mut owner: String, session: Uuid) -> CoreResult<()> {
+        let timeout = self.cfg.node_timeout;
+        let give_up = std::time::Instant::now() + timeout * 2 + Duration::from_secs(5);
+        let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+        loop {
+            let node = self
+                .store
+                .list_nodes()
+                .await?
+                .into_iter()
+                .find(|n| n.id == owner);
+            let stale_ms = now_ms() - timeout_ms;
+            match node {
+                Some(n) if n.heartbeat_ms > stale_ms => {
+                    let (Some(peers), Some(url)) = (self.peers.get(), n.advertise_url.as_deref())
+                    else {
+                        return Err(CoreError::NodeUnreachable(format!(
+                            "session {session} runs on node {owner}, which this node cannot \
+                             reach: give every node --advertise-url and --cluster-secret-file"
+                        )));
+                    };
+                    match peers.stop(url, session).await {
+                        Ok(PeerStop::Stopped) => return Ok(()),
+                        Ok(PeerStop::NotOwner) => {}
+                        Err(e) => {
+                            tracing::warn!(node = %owner, %session, error = %e,
+                                "a forwarded stop failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+                _ => {
+                    if let Some(me) = self.me() {
+                        me.take_over(&owner, stale_ms)
+                            .await
+                            .map_err(|e| CoreError::NodeUnreachable(e.to_string()))?;
+                    }
+                }
+            }
+            let rec = self
+                .store
+                .get_session(session)
+                .await?
+                .ok_or_else(|| CoreError::NotFound(format!("session {session} not found")))?;
+            if rec.end.is_some() {
+                return Ok(());
+            }
+            if self.owns(&rec.node_id) {
+                let agent = self.agent_name(rec.agent_id);
+                return self.stop_here(&rec.org, &agent, session).await;
+            }
+            owner = rec.node_id;
+            if std::time::Instant::now() > give_up {
+                return Err(CoreError::NodeUnreachable(format!(
+                    "session {session} runs on node {owner}, which did not answer the stop in time"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// A live, stored session's controller, and whether `org`'s agent `agent_name` owns it

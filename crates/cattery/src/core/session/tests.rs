@@ -31,6 +31,8 @@ fn config() -> SupervisorConfig {
         daily_api_key: None,
         metrics_interval: Duration::from_millis(100),
         ice_servers: Vec::new(),
+        node_id: "n1".into(),
+        node_timeout: Duration::from_secs(2),
     }
 }
 
@@ -370,6 +372,11 @@ async fn stop_during_start() {
 
 /// An instance and its delivered session as a previous run left them.
 async fn left_by_previous_run(e: &Env, a: &AgentRecord) -> (Uuid, Uuid) {
+    left_by(e, a, "n1").await
+}
+
+/// An instance and its delivered session as node `node` left them.
+async fn left_by(e: &Env, a: &AgentRecord, node: &str) -> (Uuid, Uuid) {
     let dep = e
         .store
         .get_deployment(a.desired_deployment_id)
@@ -412,6 +419,7 @@ async fn left_by_previous_run(e: &Env, a: &AgentRecord) -> (Uuid, Uuid) {
         transport: None,
         end: None,
         samples: Vec::new(),
+        node_id: node.into(),
     };
     e.store.insert_session(&s).await.unwrap();
     e.store.mark_delivered(sid, 5).await.unwrap();
@@ -423,6 +431,7 @@ async fn left_by_previous_run(e: &Env, a: &AgentRecord) -> (Uuid, Uuid) {
         runtime: e.fake.kind().as_str().to_string(),
         placement: inst.placement(),
         created_ms: now,
+        node_id: node.into(),
     };
     e.store.put_instance(&rec).await.unwrap();
     (iid, sid)
@@ -462,6 +471,62 @@ async fn recovery_finishes_a_stop_cut_off_by_a_restart() {
     assert_eq!(end_reason(&e, sid).await, Some(EndReason::Stopped));
     assert!(e.fake.live().is_empty());
     assert!(e.fake.events().iter().any(|x| x.starts_with("sigkill")));
+}
+
+/// A node's recovery touches only its own records: another node's session stays open and
+/// its instance runs on (before ownership, a restarting node ended every session it found).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_leaves_another_nodes_sessions_alone() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 0, 1).await;
+    let (iid, sid) = left_by(&e, &a, "n2").await;
+    let sup = engine(&e.store, &e.fake);
+    sup.recover().await.unwrap();
+    assert_eq!(end_reason(&e, sid).await, None);
+    assert_eq!(e.fake.live(), vec![iid]);
+    assert_eq!(e.store.list_instances().await.unwrap().len(), 1);
+    assert!(!sup.serves(sid));
+}
+
+/// A dead node is taken over once: its sessions (whose instances this node cannot reach)
+/// end `lost` saying the node was lost, and its instance records go, freeing capacity. A node
+/// with a fresh heartbeat is never taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_sessions_end_lost_once() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 0, 1).await;
+    let (_, sid) = left_by(&e, &a, "n2").await;
+    let node = |id: &str, hb: i64| crate::store::NodeRecord {
+        id: id.into(),
+        advertise_url: None,
+        version: "t".into(),
+        started_ms: 0,
+        heartbeat_ms: hb,
+        instances: 1,
+        busy: 1,
+    };
+    let now = now_ms();
+    e.store.heartbeat(&node("n2", now)).await.unwrap();
+    assert_eq!(e.sup.take_over("n2", now - 2000).await.unwrap(), None);
+    assert_eq!(end_reason(&e, sid).await, None);
+    e.store.heartbeat(&node("n2", now - 5000)).await.unwrap();
+    assert_eq!(e.sup.take_over("n2", now - 2000).await.unwrap(), Some(1));
+    let s = e.store.get_session(sid).await.unwrap().unwrap();
+    let end = s.end.unwrap();
+    assert_eq!(end.reason, EndReason::Lost);
+    assert!(
+        end.message
+            .as_deref()
+            .unwrap_or("")
+            .contains("node n2 was lost"),
+        "{end:?}"
+    );
+    assert_eq!(s.node_id, "n1");
+    assert!(e.store.list_instances().await.unwrap().is_empty());
+    // A second taker finds nothing left.
+    assert_eq!(e.sup.take_over("n2", now - 2000).await.unwrap(), Some(0));
+    // Stopping it answers as for any ended session.
+    e.sup.stop_session("o", "a", sid).await.unwrap();
 }
 
 /// The plain decisions, without an engine: admission and the pool plan over a pool's state.

@@ -414,6 +414,12 @@ impl Runtime for DockerRuntime {
         Ok(DockerInstance::watch(docker, pl, logs, 0))
     }
 
+    /// Containers are found by id on the engine: a node on the same engine adopts them (one
+    /// on another engine does not find them, and ends their sessions).
+    fn adoptable_by_any_node(&self, _rec: &InstanceRecord) -> bool {
+        true
+    }
+
     async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Option<Arc<dyn Instance>> {
         let pl: DockerPlacement = serde_json::from_value(rec.placement.clone()).ok()?;
         let docker = match self.engine().await {

@@ -11,7 +11,11 @@ use crate::model::{InstanceRecord, MetricSample, SessionEnd, SessionRecord};
 use crate::store::codec::samples_json;
 use crate::store::{InstanceStore, StoreResult};
 
-fn instance_from_row(r: &PgRow) -> StoreResult<InstanceRecord> {
+/// The columns [`instance_from_row`] reads, in order.
+pub(super) const INSTANCE_COLS: &str =
+    "id, agent_id, deployment_id, session_id, runtime, placement, created_ms, node_id";
+
+pub(super) fn instance_from_row(r: &PgRow) -> StoreResult<InstanceRecord> {
     let placement: String = r.try_get(5)?;
     Ok(InstanceRecord {
         id: r.try_get(0)?,
@@ -21,6 +25,7 @@ fn instance_from_row(r: &PgRow) -> StoreResult<InstanceRecord> {
         runtime: r.try_get(4)?,
         placement: json_of(&placement, "instance placement")?,
         created_ms: r.try_get(6)?,
+        node_id: r.try_get(7)?,
     })
 }
 
@@ -29,11 +34,11 @@ impl InstanceStore for PgStore {
     async fn put_instance(&self, i: &InstanceRecord) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO instances (id, agent_id, deployment_id, session_id, runtime, placement, \
-             created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             created_ms, node_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT (id) DO UPDATE SET agent_id = EXCLUDED.agent_id, \
              deployment_id = EXCLUDED.deployment_id, session_id = EXCLUDED.session_id, \
              runtime = EXCLUDED.runtime, placement = EXCLUDED.placement, \
-             created_ms = EXCLUDED.created_ms",
+             created_ms = EXCLUDED.created_ms, node_id = EXCLUDED.node_id",
         )
         .bind(i.id)
         .bind(i.agent_id)
@@ -42,6 +47,7 @@ impl InstanceStore for PgStore {
         .bind(&i.runtime)
         .bind(i.placement.to_string())
         .bind(i.created_ms)
+        .bind(&i.node_id)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -56,12 +62,9 @@ impl InstanceStore for PgStore {
     }
 
     async fn list_instances(&self) -> StoreResult<Vec<InstanceRecord>> {
-        let rows = sqlx::query(
-            "SELECT id, agent_id, deployment_id, session_id, runtime, placement, created_ms \
-             FROM instances",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(&format!("SELECT {INSTANCE_COLS} FROM instances"))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(instance_from_row).collect()
     }
 

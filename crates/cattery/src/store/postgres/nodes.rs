@@ -4,8 +4,10 @@ use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::Row;
 
+use super::instances::{instance_from_row, INSTANCE_COLS};
+use super::sessions::{session_from_row, SESSION_COLS};
 use super::PgStore;
-use crate::store::{NodeRecord, NodeStore, StoreResult};
+use crate::store::{NodeRecord, NodeStore, StoreResult, TakenOver};
 
 fn node_from_row(r: &PgRow) -> StoreResult<NodeRecord> {
     Ok(NodeRecord {
@@ -49,5 +51,51 @@ impl NodeStore for PgStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(node_from_row).collect()
+    }
+
+    async fn take_over_node(
+        &self,
+        dead: &str,
+        by: &str,
+        stale_ms: i64,
+    ) -> StoreResult<Option<TakenOver>> {
+        let mut tx = self.pool.begin().await?;
+        // The row lock serializes takers, and holds back the dead node's next heartbeat
+        // until this commits.
+        let stale =
+            sqlx::query("SELECT id FROM nodes WHERE id = $1 AND heartbeat_ms <= $2 FOR UPDATE")
+                .bind(dead)
+                .bind(stale_ms)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if stale.is_none() {
+            return Ok(None);
+        }
+        let instances = sqlx::query(&format!(
+            "UPDATE instances SET node_id = $2 WHERE node_id = $1 RETURNING {INSTANCE_COLS}"
+        ))
+        .bind(dead)
+        .bind(by)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(instance_from_row)
+        .collect::<StoreResult<Vec<_>>>()?;
+        let sessions = sqlx::query(&format!(
+            "UPDATE sessions SET node_id = $2 WHERE node_id = $1 AND ended_ms IS NULL \
+             RETURNING {SESSION_COLS}"
+        ))
+        .bind(dead)
+        .bind(by)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(session_from_row)
+        .collect::<StoreResult<Vec<_>>>()?;
+        tx.commit().await?;
+        Ok(Some(TakenOver {
+            instances,
+            sessions,
+        }))
     }
 }

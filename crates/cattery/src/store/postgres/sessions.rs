@@ -10,11 +10,11 @@ use crate::model::{EndState, MetricSample, SessionEnd, SessionRecord, START_TIME
 use crate::store::codec::{end_reason, samples_json, samples_of};
 use crate::store::{SessionFilter, SessionStore, StoreResult};
 
-const SESSION_COLS: &str = "id, org, agent_id, deployment_id, created_ms, updated_ms, \
+pub(super) const SESSION_COLS: &str = "id, org, agent_id, deployment_id, created_ms, updated_ms, \
     ended_ms, bot_start_ms, cold_start, completion_status, end_reason, exit_code, exit_signal, \
-    end_message, transport, samples";
+    end_message, transport, samples, node_id";
 
-fn session_from_row(r: &PgRow) -> StoreResult<SessionRecord> {
+pub(super) fn session_from_row(r: &PgRow) -> StoreResult<SessionRecord> {
     let ended_ms: Option<i64> = r.try_get(6)?;
     let end = match ended_ms {
         Some(ended_ms) => Some(SessionEnd {
@@ -42,13 +42,15 @@ fn session_from_row(r: &PgRow) -> StoreResult<SessionRecord> {
             .try_get::<Option<String>, _>(15)?
             .map(|m| samples_of(&m))
             .unwrap_or_default(),
+        node_id: r.try_get(16)?,
     })
 }
 
 pub(super) async fn insert_session(db: &mut PgConnection, s: &SessionRecord) -> StoreResult<()> {
     sqlx::query(
         "INSERT INTO sessions (id, org, agent_id, deployment_id, created_ms, updated_ms, \
-         bot_start_ms, cold_start, transport) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+         bot_start_ms, cold_start, transport, node_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(s.id)
     .bind(&s.org)
@@ -59,6 +61,7 @@ pub(super) async fn insert_session(db: &mut PgConnection, s: &SessionRecord) -> 
     .bind(s.bot_start_ms)
     .bind(s.cold_start)
     .bind(&s.transport)
+    .bind(&s.node_id)
     .execute(db)
     .await?;
     Ok(())

@@ -9,7 +9,11 @@ use super::SqliteStore;
 use crate::model::{InstanceRecord, MetricSample, SessionEnd, SessionRecord};
 use crate::store::{InstanceStore, StoreError, StoreResult};
 
-fn instance_from_row(r: &Row<'_>) -> StoreResult<InstanceRecord> {
+/// The columns [`instance_from_row`] reads, in order.
+pub(super) const INSTANCE_COLS: &str =
+    "id, agent_id, deployment_id, session_id, runtime, placement, created_ms, node_id";
+
+pub(super) fn instance_from_row(r: &Row<'_>) -> StoreResult<InstanceRecord> {
     Ok(InstanceRecord {
         id: r.uuid(0)?,
         agent_id: r.uuid(1)?,
@@ -19,6 +23,7 @@ fn instance_from_row(r: &Row<'_>) -> StoreResult<InstanceRecord> {
         placement: serde_json::from_str(&r.string(5))
             .map_err(|e| StoreError::Invalid(format!("bad instance placement: {e}")))?,
         created_ms: r.int(6).unwrap_or_default(),
+        node_id: r.string(7),
     })
 }
 
@@ -30,7 +35,7 @@ impl InstanceStore for SqliteStore {
         self.write(move |db| {
             db.exec(
                 "INSERT OR REPLACE INTO instances (id, agent_id, deployment_id, session_id, runtime, \
-                 placement, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 placement, created_ms, node_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 &[
                     i.id.into(),
                     i.agent_id.into(),
@@ -39,6 +44,7 @@ impl InstanceStore for SqliteStore {
                     Val::Text(&i.runtime),
                     Val::Text(&placement),
                     i.created_ms.into(),
+                    Val::Text(&i.node_id),
                 ],
             )
             .map(|_| ())
@@ -57,8 +63,7 @@ impl InstanceStore for SqliteStore {
     async fn list_instances(&self) -> StoreResult<Vec<InstanceRecord>> {
         self.scan(|db| {
             db.query_all(
-                "SELECT id, agent_id, deployment_id, session_id, runtime, placement, created_ms \
-                 FROM instances",
+                &format!("SELECT {INSTANCE_COLS} FROM instances"),
                 &[],
                 instance_from_row,
             )

@@ -3,8 +3,10 @@
 use async_trait::async_trait;
 
 use super::conn::{Row, Val};
+use super::instances::INSTANCE_COLS;
+use super::sessions::SESSION_COLS;
 use super::SqliteStore;
-use crate::store::{NodeRecord, NodeStore, StoreResult};
+use crate::store::{NodeRecord, NodeStore, StoreResult, TakenOver};
 
 fn node_from_row(r: &Row<'_>) -> StoreResult<NodeRecord> {
     Ok(NodeRecord {
@@ -49,6 +51,54 @@ impl NodeStore for SqliteStore {
                 &[],
                 node_from_row,
             )
+        })
+        .await
+    }
+
+    async fn take_over_node(
+        &self,
+        dead: &str,
+        by: &str,
+        stale_ms: i64,
+    ) -> StoreResult<Option<TakenOver>> {
+        let (dead, by) = (dead.to_string(), by.to_string());
+        // One writer at a time: the check and the moves are one transaction.
+        self.write(move |db| {
+            db.atomic(|db| {
+                let stale = db.query_int(
+                    "SELECT COUNT(*) FROM nodes WHERE id = ? AND heartbeat_ms <= ?",
+                    &[Val::Text(&dead), stale_ms.into()],
+                )?;
+                if stale == 0 {
+                    return Ok(None);
+                }
+                let instances = db.query_all(
+                    &format!("SELECT {INSTANCE_COLS} FROM instances WHERE node_id = ?"),
+                    &[Val::Text(&dead)],
+                    super::instances::instance_from_row,
+                )?;
+                let sessions = db.query_all(
+                    &format!(
+                        "SELECT {SESSION_COLS} FROM sessions WHERE node_id = ? AND ended_ms IS NULL"
+                    ),
+                    &[Val::Text(&dead)],
+                    super::sessions::session_from_row,
+                )?;
+                db.exec(
+                    "UPDATE instances SET node_id = ? WHERE node_id = ?",
+                    &[Val::Text(&by), Val::Text(&dead)],
+                )?;
+                db.exec(
+                    "UPDATE sessions SET node_id = ? WHERE node_id = ? AND ended_ms IS NULL",
+                    &[Val::Text(&by), Val::Text(&dead)],
+                )?;
+                let mut taken = TakenOver {
+                    instances,
+                    sessions,
+                };
+                taken.hand_to(&by);
+                Ok(Some(taken))
+            })
         })
         .await
     }

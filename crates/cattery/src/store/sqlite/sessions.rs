@@ -12,7 +12,7 @@ use crate::store::{SessionFilter, SessionStore, StoreResult};
 
 pub(super) const SESSION_COLS: &str = "id, org, agent_id, deployment_id, created_ms, updated_ms, \
     ended_ms, bot_start_ms, cold_start, completion_status, end_reason, exit_code, exit_signal, \
-    end_message, transport, samples";
+    end_message, transport, samples, node_id";
 
 /// The SQL condition (with its parameters) for sessions in end state `e`
 /// ([`EndState::of`]'s mapping, by reason and, for failed starts, message).
@@ -59,13 +59,14 @@ pub(super) fn session_from_row(r: &Row<'_>) -> StoreResult<SessionRecord> {
         transport: r.text(14),
         end,
         samples: r.text(15).map(|m| samples_of(&m)).unwrap_or_default(),
+        node_id: r.string(16),
     })
 }
 
 pub(super) fn insert_session(db: &mut Conn, s: &SessionRecord) -> StoreResult<()> {
     db.exec(
         "INSERT INTO sessions (id, org, agent_id, deployment_id, created_ms, updated_ms, \
-         bot_start_ms, cold_start, transport) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         bot_start_ms, cold_start, transport, node_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         &[
             s.id.into(),
             Val::Text(&s.org),
@@ -76,6 +77,7 @@ pub(super) fn insert_session(db: &mut Conn, s: &SessionRecord) -> StoreResult<()
             s.bot_start_ms.into(),
             s.cold_start.into(),
             s.transport.as_ref().into(),
+            Val::Text(&s.node_id),
         ],
     )
     .map(|_| ())

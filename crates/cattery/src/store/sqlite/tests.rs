@@ -51,6 +51,7 @@ fn session(agent: &AgentRecord) -> SessionRecord {
         transport: None,
         end: None,
         samples: Vec::new(),
+        node_id: "n1".into(),
     }
 }
 
@@ -63,6 +64,7 @@ fn instance(agent: &AgentRecord) -> InstanceRecord {
         runtime: "process".into(),
         placement: serde_json::json!({"pid": 1234, "pid_start": 5678, "port": 20001, "cgroup": null, "dir": "/tmp/x"}),
         created_ms: now_ms(),
+        node_id: "n1".into(),
     }
 }
 

@@ -1,0 +1,419 @@
+//! Several `cattery serve` nodes on one PostgreSQL database (issue 12, `docs/cluster.md`):
+//! ownership of sessions, stops and proxied requests forwarded to the owner with the cluster
+//! secret, a node lost (SIGKILL) and taken over, a rolling restart. Process runtime, loopback.
+//! Without PostgreSQL's binaries these tests say so and pass (see `postgres::PgCluster`).
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common::{free_port, pid_alive, tagged_pids, wait_for, Server};
+use crate::postgres::PgCluster;
+
+/// The cluster secret every node of these tests reads.
+const SECRET: &str = "0123456789abcdef0123456789abcdef-test-cluster";
+
+/// The nodes' shared settings: the database, the secret file.
+struct Shared {
+    url: String,
+    secret_file: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Shared {
+    fn new(pg: &PgCluster) -> Shared {
+        let dir = tempfile::tempdir().unwrap();
+        let secret_file = dir.path().join("cluster.secret");
+        std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+        Shared {
+            url: pg.url(),
+            secret_file,
+            _dir: dir,
+        }
+    }
+}
+
+/// Starts node `id` on the shared database: its own port, data dir and advertise URL, the
+/// cluster secret, node timeout `timeout_s`, and `extra` flags.
+async fn start_node(sh: &Shared, id: &str, timeout_s: &str, extra: &[&str]) -> Server {
+    let port = free_port();
+    let mut args: Vec<String> = [
+        "--node-id",
+        id,
+        "--advertise-url",
+        &format!("http://127.0.0.1:{port}"),
+        "--cluster-secret-file",
+        &sh.secret_file.display().to_string(),
+        "--node-timeout",
+        timeout_s,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut s = Server {
+        child: None,
+        port,
+        base: format!("http://127.0.0.1:{port}"),
+        sk: String::new(),
+        pk: String::new(),
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(32)
+            .build()
+            .unwrap(),
+        args,
+        tag: uuid::Uuid::new_v4().to_string(),
+        env: vec![("CATTERY_DATABASE_URL".into(), sh.url.clone())],
+        nofile: None,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    s.spawn().await;
+    s.sk = s.key("private", "default");
+    s.pk = s.key("public", "default");
+    s
+}
+
+/// `n` nodes `n1..` on one database (distinct from the `start_cluster` helper of
+/// tests/common: this one sets the cluster secret and advertise URLs these tests need). The
+/// agent `agent` is deployed on the first node before the others start (so every node knows
+/// it from its start, whatever the propagation of agent changes).
+async fn start_nodes(
+    sh: &Shared,
+    n: usize,
+    timeout_s: &str,
+    extra: &[&str],
+    agent: (&str, Value),
+) -> Vec<Server> {
+    let first = start_node(sh, "n1", timeout_s, extra).await;
+    first.deploy(agent.0, &[], agent.1).await;
+    let mut nodes = vec![first];
+    for i in 2..=n {
+        nodes.push(start_node(sh, &format!("n{i}"), timeout_s, extra).await);
+    }
+    nodes
+}
+
+/// The pid of a session's agent process, through the session proxy of `via`.
+async fn session_pid(via: &Server, agent: &str, sid: &str) -> (u16, Value) {
+    let r = via
+        .req(
+            "GET",
+            &format!("/v1/public/{agent}/sessions/{sid}/info"),
+            Some(&via.pk),
+            None,
+        )
+        .await;
+    (r.status, r.body)
+}
+
+/// A session started on node 2 is listed on node 1, proxied through node 3, stopped through
+/// node 1 (the answer comes only once its process is gone), stopped again through node 2
+/// (the same 200), and ends once, `stopped`. Internal calls need the cluster secret: an org
+/// key, or a wrong secret, gets 401.
+#[tokio::test(flavor = "multi_thread")]
+async fn any_node_lists_proxies_and_stops_another_nodes_session() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let sh = Shared::new(&pg);
+    let nodes = start_nodes(&sh, 3, "2", &[], ("fwd", json!({}))).await;
+    let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
+    let sid = n2.start_ok("fwd").await;
+
+    let listed = n1
+        .req("GET", "/v1/agents/fwd/sessions", Some(&n1.sk), None)
+        .await;
+    assert_eq!(listed.status, 200, "{:?}", listed.body);
+    assert!(
+        listed.body.to_string().contains(&sid),
+        "node 1 does not list the session: {}",
+        listed.body
+    );
+
+    let (st, info) = session_pid(n3, "fwd", &sid).await;
+    assert_eq!(st, 200, "proxy through node 3: {info}");
+    assert_eq!(info["sessionId"], json!(sid), "{info}");
+    let pid = info["pid"].as_i64().unwrap() as i32;
+    assert!(pid_alive(pid));
+
+    // Internal calls: never with an org's key, never with a wrong secret.
+    let path = format!("/internal/v1/sessions/{sid}/stop");
+    let r = n1.req("POST", &path, Some(&n1.sk), None).await;
+    assert_eq!(r.status, 401, "{:?}", r.body);
+    assert_eq!(r.body["code"], "CLUSTER_UNAUTHORIZED");
+    for (base, header) in [
+        (&n2.base, "wrong-secret".to_string()),
+        (&n2.base, format!("{SECRET}x")),
+    ] {
+        let r = n1
+            .http
+            .post(format!("{base}{path}"))
+            .bearer_auth(&n1.sk)
+            .header("x-cattery-cluster-secret", header)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        let r = n1
+            .http
+            .get(format!("{base}/v1/public/fwd/sessions/{sid}/info"))
+            .bearer_auth(&n1.pk)
+            .header("x-cattery-cluster-secret", "wrong-secret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    assert!(
+        pid_alive(pid),
+        "a refused internal call stopped the session"
+    );
+
+    let t0 = Instant::now();
+    let r = n1.stop("fwd", &sid).await;
+    let took = t0.elapsed();
+    assert_eq!(r.status, 200, "stop through node 1: {:?}", r.body);
+    assert!(
+        !pid_alive(pid),
+        "DELETE answered while the process {pid} still runs"
+    );
+    let again = n2.stop("fwd", &sid).await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    assert_eq!(again.body, r.body);
+    eprintln!("forwarded stop took {took:?}");
+
+    for n in &nodes {
+        let s = n.session("fwd", &sid).await;
+        assert_eq!(s["endReason"], "stopped", "{s}");
+    }
+    let (st, _) = session_pid(n3, "fwd", &sid).await;
+    assert_eq!(st, 404);
+}
+
+/// SIGKILL of a node with live sessions: within the node timeout + 5 s another node ends each
+/// of them `lost`, saying the node was lost, and their capacity is free again; when the node
+/// restarts, no process of those sessions is left (it removes them before anything else).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_node_has_its_sessions_ended_and_leaves_no_process_on_return() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let sh = Shared::new(&pg);
+    let mut nodes = start_nodes(
+        &sh,
+        3,
+        "2",
+        &[],
+        (
+            "lose",
+            json!({"autoScaling": {"minAgents": 0, "maxAgents": 2}}),
+        ),
+    )
+    .await;
+    let mut sids = Vec::new();
+    let mut pids = Vec::new();
+    for _ in 0..2 {
+        let sid = nodes[1].start_ok("lose").await;
+        let (st, info) = session_pid(&nodes[1], "lose", &sid).await;
+        assert_eq!(st, 200, "{info}");
+        pids.push(info["pid"].as_i64().unwrap() as i32);
+        sids.push(sid);
+    }
+    nodes[1].kill9();
+    let killed = Instant::now();
+    // The processes outlive their server.
+    assert!(pids.iter().all(|&p| pid_alive(p)));
+    for sid in &sids {
+        let s = wait_for(
+            Duration::from_secs(7),
+            "the lost node's session to end",
+            || async {
+                let s = nodes[0].session("lose", sid).await;
+                (!s["endedAt"].is_null()).then_some(s)
+            },
+        )
+        .await;
+        assert_eq!(s["endReason"], "lost", "{s}");
+        assert!(
+            s.to_string().contains("node n2 was lost"),
+            "the end does not say the node was lost: {s}"
+        );
+    }
+    let ended_in = killed.elapsed();
+    eprintln!("sessions of the lost node ended in {ended_in:?}");
+    assert!(ended_in < Duration::from_secs(7));
+    // A second stop of a lost session answers 200 as well.
+    assert_eq!(nodes[2].stop("lose", &sids[0]).await.status, 200);
+    // Capacity: maxAgents sessions start again on the live nodes.
+    let mut fresh = Vec::new();
+    for n in [0, 2] {
+        fresh.push((n, nodes[n].start_ok("lose").await));
+    }
+    for (n, sid) in &fresh {
+        assert_eq!(nodes[*n].stop("lose", sid).await.status, 200);
+    }
+    // The node comes back: the processes of its lost sessions are gone (never two lives).
+    nodes[1].spawn().await;
+    for &p in &pids {
+        assert!(
+            !pid_alive(p),
+            "process {p} of a lost session runs on after its node came back"
+        );
+    }
+    let sid = nodes[1].start_ok("lose").await;
+    assert_eq!(nodes[0].stop("lose", &sid).await.status, 200);
+    for s in &sids {
+        assert_eq!(nodes[1].session("lose", s).await["endReason"], "lost");
+    }
+}
+
+/// One client's view of the trickle.
+#[derive(Default)]
+struct Trickle {
+    answers: Vec<(String, u16, Value)>,
+    started: Vec<String>,
+    stopped: Vec<String>,
+}
+
+/// Sends to node `first`, else the next that answers (a load balancer skipping a node that
+/// is down): the first HTTP answer.
+async fn send_any(
+    http: &reqwest::Client,
+    bases: &[String],
+    first: usize,
+    make: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+) -> (u16, Value) {
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let mut i = first;
+    loop {
+        match make(http, &bases[i % bases.len()])
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+        {
+            Ok(r) => {
+                let st = r.status().as_u16();
+                return (st, r.json::<Value>().await.unwrap_or(Value::Null));
+            }
+            Err(e) => {
+                assert!(Instant::now() < give_up, "no node answered: {e}");
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A rolling restart of all three nodes, one at a time (`--on-stop detach`: each comes back
+/// within the node timeout and re-adopts its sessions), under a steady trickle of starts and
+/// stops spread over the nodes: no 5xx, every session started is recorded and ends `stopped`
+/// (none `lost`), and nothing runs once everything is stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolling_restart_under_a_trickle_loses_nothing() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let sh = Shared::new(&pg);
+    let mut nodes = start_nodes(
+        &sh,
+        3,
+        "6",
+        &["--on-stop", "detach"],
+        (
+            "roll",
+            json!({"autoScaling": {"minAgents": 1, "maxAgents": 30}}),
+        ),
+    )
+    .await;
+    let tag = nodes[0].tag.clone();
+    let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
+    let (pk, sk, http) = (
+        nodes[0].pk.clone(),
+        nodes[0].sk.clone(),
+        nodes[0].http.clone(),
+    );
+    let stop_at = Instant::now() + Duration::from_secs(40);
+    let trickle = tokio::spawn(async move {
+        let mut t = Trickle::default();
+        let mut i = 0usize;
+        // Sessions kept running for a while, so restarts find live ones.
+        let mut held: std::collections::VecDeque<String> = Default::default();
+        while Instant::now() < stop_at && t.started.len() < 150 {
+            i += 1;
+            let (st, b) = send_any(&http, &bases, i, |h, base| {
+                h.post(format!("{base}/v1/public/roll/start"))
+                    .bearer_auth(&pk)
+                    .json(&json!({}))
+            })
+            .await;
+            t.answers.push(("start".into(), st, b.clone()));
+            if st == 200 {
+                let sid = b["sessionId"].as_str().unwrap().to_string();
+                t.started.push(sid.clone());
+                held.push_back(sid);
+            }
+            if held.len() > 4 {
+                let sid = held.pop_front().unwrap();
+                let (st, b) = send_any(&http, &bases, i + 1, |h, base| {
+                    h.delete(format!("{base}/v1/agents/roll/sessions/{sid}"))
+                        .bearer_auth(&sk)
+                })
+                .await;
+                t.answers.push((format!("stop {sid}"), st, b));
+                if st == 200 {
+                    t.stopped.push(sid);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for sid in held {
+            let (st, b) = send_any(&http, &bases, 0, |h, base| {
+                h.delete(format!("{base}/v1/agents/roll/sessions/{sid}"))
+                    .bearer_auth(&sk)
+            })
+            .await;
+            t.answers.push((format!("stop {sid}"), st, b));
+            if st == 200 {
+                t.stopped.push(sid);
+            }
+        }
+        t
+    });
+    for n in nodes.iter_mut() {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        n.terminate(Duration::from_secs(20));
+        n.spawn().await;
+    }
+    let t = trickle.await.unwrap();
+    eprintln!(
+        "{} answers, {} started, {} stopped",
+        t.answers.len(),
+        t.started.len(),
+        t.stopped.len()
+    );
+    for (what, st, b) in &t.answers {
+        assert!(*st < 500, "{what}: {st} {b}");
+    }
+    assert!(t.started.len() >= 20, "too few starts: {}", t.started.len());
+    assert_eq!(
+        t.started.len(),
+        t.stopped.len(),
+        "a stop did not answer 200"
+    );
+    for sid in &t.started {
+        let s = nodes[0].session("roll", sid).await;
+        assert_eq!(s["endReason"], "stopped", "{s}");
+    }
+    // No leak: each node comes back once more without `--on-stop detach` and drains; then
+    // nothing of the agent runs anywhere.
+    for n in nodes.iter_mut() {
+        n.terminate(Duration::from_secs(20));
+        n.args.retain(|a| a != "--on-stop" && a != "detach");
+        n.spawn().await;
+        n.terminate(Duration::from_secs(30));
+    }
+    wait_for(Duration::from_secs(10), "no agent process left", || async {
+        tagged_pids(&tag).is_empty().then_some(())
+    })
+    .await;
+}
