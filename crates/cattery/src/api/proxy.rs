@@ -174,6 +174,8 @@ async fn forward_inner(
             format!("/{first} is reserved for the platform and is not proxied"),
         ));
     }
+    // A request that claims to come from another node must carry the right secret.
+    let from_peer = super::cluster::from_peer(st, req.headers())?;
     // Fast path: a running session of this org's agent is answered from memory (two store
     // reads less per request); anything else (starting, ended, unknown) asks the store.
     let running = uuid::Uuid::parse_str(sid)
@@ -190,10 +192,7 @@ async fn forward_inner(
                     format!("session {id} has ended"),
                 ));
             }
-            if !st.sup.owns(&rec.node_id)
-                && !st.sup.serves(id)
-                && !super::cluster::from_peer(st, req.headers())?
-            {
+            if !st.sup.owns(&rec.node_id) && !st.sup.serves(id) && !from_peer {
                 return to_owner(st, &rec.node_id, id, req).await;
             }
             let addr = st.sup.session_addr(id, PROXY_WAIT).await.ok_or_else(|| {
