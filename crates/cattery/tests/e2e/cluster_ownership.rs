@@ -431,3 +431,48 @@ async fn a_rolling_restart_under_a_trickle_loses_nothing() {
     })
     .await;
 }
+
+/// The cost of forwarding a stop: sessions on node 2 stopped through node 2 (local) and
+/// through node 1 (forwarded), alternately; prints both medians. Only a loose bound is
+/// asserted (a debug build on a shared machine): forwarding must not cost a stop grace.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forwarded_stop_costs_about_a_local_one() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let sh = Shared::new(&pg);
+    let nodes = start_nodes(
+        &sh,
+        2,
+        "2",
+        &[],
+        (
+            "cost",
+            json!({"autoScaling": {"minAgents": 2, "maxAgents": 10}}),
+        ),
+    )
+    .await;
+    nodes[1].wait_ready("cost", Duration::from_secs(20)).await;
+    let (mut local, mut forwarded) = (Vec::new(), Vec::new());
+    for i in 0..30 {
+        let sid = nodes[1].start_ok("cost").await;
+        let via = if i % 2 == 0 { &nodes[1] } else { &nodes[0] };
+        let t0 = Instant::now();
+        let r = via.stop("cost", &sid).await;
+        let took = t0.elapsed();
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        if i % 2 == 0 {
+            local.push(took);
+        } else {
+            forwarded.push(took);
+        }
+    }
+    local.sort();
+    forwarded.sort();
+    let (l, f) = (local[local.len() / 2], forwarded[forwarded.len() / 2]);
+    eprintln!("stop p50: local {l:?}, forwarded {f:?} (15 each)");
+    assert!(
+        f < l + Duration::from_millis(500),
+        "local {l:?}, forwarded {f:?}"
+    );
+}
