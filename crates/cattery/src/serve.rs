@@ -365,10 +365,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )));
     }
     let sup = state.sup.clone();
-    crate::core::cluster::check_alone(store.as_ref(), &state.node).await?;
+    let shared = crate::core::shared::Shared::start(store.clone(), &state.node, &sup).await?;
     sup.recover()
         .await
         .context("recovering instances after restart")?;
+    let shared = shared.after_recovery(store.clone(), &state.node, &sup);
     let counted = Arc::downgrade(&sup);
     let heartbeats =
         crate::core::cluster::spawn_heartbeats(store.clone(), (*state.node).clone(), move || {
@@ -419,6 +420,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await;
     runtime.shutdown().await;
     heartbeats.abort();
+    shared.stop();
     crate::core::cluster::leave(store.as_ref(), &node).await;
     let _ = stop_http_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), http).await;

@@ -103,23 +103,6 @@ pub fn other_live_nodes(me: &NodeIdentity, nodes: Vec<NodeRecord>, now: i64) -> 
         .collect()
 }
 
-/// Refuses to run beside another live node on the same store (see the module docs).
-///
-/// Errors: another node's heartbeat is within the timeout; the store cannot be read.
-pub async fn check_alone(store: &dyn Store, me: &NodeIdentity) -> anyhow::Result<()> {
-    let others = other_live_nodes(me, store.list_nodes().await?, now_ms());
-    if let Some(o) = others.first() {
-        anyhow::bail!(
-            "node {} heartbeat {} ms ago on this database: several nodes on one database are not \
-             supported yet (docs/cluster.md); stop it, or wait {} s after it stopped",
-            o.id,
-            o.heartbeat_age_ms,
-            me.timeout.as_secs_f64().ceil()
-        );
-    }
-    Ok(())
-}
-
 /// Heartbeats until the returned handle is aborted: the first at once, then every
 /// [`NodeIdentity::heartbeat_every`]. `counts` gives the live and busy instances. A failed
 /// heartbeat (the database down) is logged and retried at the next tick.
