@@ -9,6 +9,7 @@ mod lifecycle_util;
 
 mod api;
 mod cli_compat;
+mod cluster_capacity;
 mod connections;
 mod container;
 mod dashboard;
