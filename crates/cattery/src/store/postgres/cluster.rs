@@ -163,19 +163,33 @@ impl ClusterStore for PgStore {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(CHANNEL).await?;
         let (tx, rx) = mpsc::channel(1024);
+        let keys = self.keys.clone();
+        keys.enable(true);
         tokio::spawn(async move {
             loop {
                 let change = match listener.try_recv().await {
-                    Ok(Some(n)) => change_of(n.payload()),
+                    Ok(Some(n)) => {
+                        // A notification came through: the feed is live (again).
+                        keys.enable(true);
+                        change_of(n.payload())
+                    }
                     // The connection was lost (and is made again at the next call):
-                    // whatever was sent meanwhile is missed.
-                    Ok(None) => Change::Resync,
+                    // whatever was sent meanwhile is missed, and the key cache is off until
+                    // a notification shows the feed works again.
+                    Ok(None) => {
+                        keys.enable(false);
+                        Change::Resync
+                    }
                     Err(e) => {
+                        keys.enable(false);
                         tracing::warn!(error = %e, "change feed: cannot listen; retrying");
                         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                         Change::Resync
                     }
                 };
+                if change == Change::Key {
+                    keys.clear();
+                }
                 let sent = match tx.try_send(change) {
                     Ok(()) => true,
                     // A slow reader: it rereads everything.
