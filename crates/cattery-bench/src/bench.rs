@@ -112,6 +112,8 @@ impl Plan {
 pub struct Ctx {
     /// The server (shared with spawned request tasks; unique again between phases).
     pub srv: Arc<Server>,
+    /// Every node on the database, `srv` first (one unless `--nodes`).
+    pub nodes: Vec<Arc<Server>>,
     /// Binaries.
     pub bins: Bins,
     /// This run's tag (`CATTERY_BENCH_TAG`).
@@ -205,6 +207,51 @@ impl Ctx {
             }
         }
         out
+    }
+
+    /// Stops sessions, each through the node that started it (`(node index, id)`).
+    async fn stop_on_nodes(&mut self, name: &str, ids: &[(usize, String)]) {
+        let futs = ids.iter().map(|(node, id)| {
+            let srv = self.nodes[*node].clone();
+            let (name, id) = (name.to_string(), id.clone());
+            tokio::spawn(async move { srv.stop_session(&name, &id).await })
+        });
+        for r in join_all(futs).await {
+            match r {
+                Ok(r) if r.ok() => {}
+                Ok(r) => self
+                    .report
+                    .error(format!("stop in {name}: HTTP {} {}", r.status, r.body)),
+                Err(e) => self.report.error(format!("stop task failed: {e}")),
+            }
+        }
+    }
+
+    /// Waits until the agent has at least `idle` ready warm instances over all nodes and none
+    /// starting (one node: [`Server::wait_idle`]).
+    async fn wait_idle_all(&self, name: &str, idle: u64, timeout: Duration) -> anyhow::Result<()> {
+        if self.nodes.len() == 1 {
+            return self.srv.wait_idle(name, idle, timeout).await;
+        }
+        let t0 = Instant::now();
+        loop {
+            let (mut starting, mut ready) = (0, 0);
+            for n in &self.nodes {
+                if let Some((s, i, _, _)) = n.pool(name).await {
+                    starting += s;
+                    ready += i;
+                }
+            }
+            if ready >= idle && starting == 0 {
+                return Ok(());
+            }
+            if t0.elapsed() > timeout {
+                anyhow::bail!(
+                    "agent {name}: warm pools not at {idle} idle within {timeout:?} ({ready} idle, {starting} starting)"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Deletes an agent and waits (up to 30 s) until none of its processes is left.
@@ -341,16 +388,15 @@ impl Ctx {
             let mut cold = 0usize;
             for _ in 0..rounds {
                 if let Err(e) = self
-                    .srv
-                    .wait_idle(&name, c as u64, Duration::from_secs(60))
+                    .wait_idle_all(&name, c as u64, Duration::from_secs(60))
                     .await
                 {
                     self.report.error(e.to_string());
                     break;
                 }
                 // Open `c` keep-alive connections so no start pays a TCP handshake.
-                let warmups = (0..c).map(|_| {
-                    let srv = self.srv.clone();
+                let warmups = (0..c).map(|i| {
+                    let srv = self.nodes[i % self.nodes.len()].clone();
                     tokio::spawn(async move {
                         srv.call(
                             reqwest::Method::GET,
@@ -363,21 +409,22 @@ impl Ctx {
                 });
                 join_all(warmups).await;
                 tokio::time::sleep(Duration::from_millis(10)).await;
-                let starts = (0..c).map(|_| {
-                    let srv = self.srv.clone();
+                let starts = (0..c).map(|i| {
+                    let node = i % self.nodes.len();
+                    let srv = self.nodes[node].clone();
                     let name = name.clone();
-                    tokio::spawn(async move { srv.start_session(&name).await })
+                    tokio::spawn(async move { (node, srv.start_session(&name).await) })
                 });
                 let mut ids = Vec::new();
                 for r in join_all(starts).await {
-                    let r = r?;
+                    let (node, r) = r?;
                     if !r.ok() {
                         self.report
                             .error(format!("warm start {name}: HTTP {} {}", r.status, r.body));
                         continue;
                     }
                     if let Some(id) = sid_of(&r.body) {
-                        ids.push(id);
+                        ids.push((node, id));
                     }
                     if r.body["coldStart"].as_bool() == Some(false) {
                         lat.push(r.ms);
@@ -388,7 +435,7 @@ impl Ctx {
                         cold += 1;
                     }
                 }
-                self.stop_many(&name, &ids, 64).await;
+                self.stop_on_nodes(&name, &ids).await;
             }
             let key = format!("warm_start_c{c}");
             let f = self.report.figure(
@@ -675,18 +722,23 @@ impl Ctx {
         self.srv
             .deploy(name, &[], min, 10_000, 1.0, &self.tag)
             .await?;
-        self.srv
-            .wait_idle(name, u64::from(min), Duration::from_secs(60))
+        self.wait_idle_all(name, u64::from(min), Duration::from_secs(60))
             .await?;
         let cycles = Arc::new(AtomicU64::new(0));
         let colds = Arc::new(AtomicU64::new(0));
-        let cpu0 = sys::cpu_seconds(self.srv.pid).unwrap_or(0.0);
+        let cpu_all = |nodes: &[Arc<Server>]| {
+            nodes
+                .iter()
+                .map(|n| sys::cpu_seconds(n.pid).unwrap_or(0.0))
+                .sum::<f64>()
+        };
+        let cpu0 = cpu_all(&self.nodes);
         let self0 = sys::cpu_seconds(std::process::id() as i32).unwrap_or(0.0);
         let t0 = Instant::now();
         let deadline = t0 + Duration::from_secs_f64(secs);
-        let tasks = (0..workers).map(|_| {
+        let tasks = (0..workers).map(|w| {
             tokio::spawn(churn_worker(
-                self.srv.clone(),
+                self.nodes[w % self.nodes.len()].clone(),
                 name,
                 deadline,
                 cycles.clone(),
@@ -695,7 +747,7 @@ impl Ctx {
         });
         let results = join_all(tasks).await;
         let wall = t0.elapsed().as_secs_f64();
-        let cpu = (sys::cpu_seconds(self.srv.pid).unwrap_or(cpu0) - cpu0) / wall;
+        let cpu = (cpu_all(&self.nodes) - cpu0) / wall;
         let bench_cpu =
             (sys::cpu_seconds(std::process::id() as i32).unwrap_or(self0) - self0) / wall;
         let (mut starts, mut stops) = (Vec::new(), Vec::new());

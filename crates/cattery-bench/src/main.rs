@@ -104,6 +104,11 @@ struct Common {
     /// SQLite in the data dir.
     #[arg(long)]
     database_url: Option<String>,
+    /// Nodes on the one database (needs `--database-url`): the warm and churn phases send each
+    /// start to a node in turn and its stop to the node that started it; the other phases
+    /// use the first node.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
 }
 
 impl Common {
@@ -320,9 +325,20 @@ async fn run_bench(a: RunArgs) -> anyhow::Result<bool> {
             "unknown phase {p:?}; phases: {PHASES:?}"
         );
     }
+    anyhow::ensure!(
+        a.common.nodes >= 1 && (a.common.nodes == 1 || a.common.database_url.is_some()),
+        "--nodes above 1 needs --database-url (nodes share one database)"
+    );
     let s = setup(plan.mode, &a.common)?;
     let srv = Arc::new(Server::start(&s.bins, s.dir.path(), &a.common.store_args()).await?);
+    let mut nodes = vec![srv.clone()];
+    for i in 2..=a.common.nodes {
+        let dir = s.dir.path().join(format!("node-{i}"));
+        let node = Server::start(&s.bins, &dir, &a.common.store_args()).await?;
+        nodes.push(Arc::new(node));
+    }
     let mut ctx = Ctx {
+        nodes,
         srv,
         bins: s.bins,
         tag: s.tag.clone(),
@@ -349,7 +365,12 @@ async fn run_bench(a: RunArgs) -> anyhow::Result<bool> {
             ctx.report.error(format!("phase {phase} failed: {e:#}"));
         }
     }
-    finish(ctx.srv, ctx.report, &s.tag, t0, &a.common, s.dir).await
+    // The other nodes stop first (drained by their drop); the first is stopped by `finish`.
+    let Ctx {
+        srv, report, nodes, ..
+    } = ctx;
+    drop(nodes);
+    finish(srv, report, &s.tag, t0, &a.common, s.dir).await
 }
 
 async fn run_soak(a: SoakArgs) -> anyhow::Result<bool> {

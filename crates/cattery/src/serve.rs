@@ -326,7 +326,11 @@ fn node_identity(
 async fn join_cluster(
     store: &Arc<dyn Store>,
     state: &AppState,
-) -> anyhow::Result<(tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>)> {
+) -> anyhow::Result<(
+    tokio::task::JoinHandle<()>,
+    tokio::task::JoinHandle<()>,
+    crate::core::shared::Shared,
+)> {
     let sup = &state.sup;
     if let Some(secret) = &state.node.secret {
         sup.set_peers(Arc::new(crate::core::cluster::HttpPeers::new(
@@ -345,15 +349,17 @@ async fn join_cluster(
         .heartbeat(&state.node.record(0, 0))
         .await
         .context("recording this node's first heartbeat")?;
+    let shared = crate::core::shared::Shared::start(store.clone(), &state.node, sup).await?;
     sup.recover()
         .await
         .context("recovering instances after restart")?;
+    let shared = shared.after_recovery(store.clone(), &state.node, sup);
     let watch = crate::core::cluster::spawn_watch(
         store.clone(),
         Arc::downgrade(sup),
         (*state.node).clone(),
     );
-    Ok((heartbeats, watch))
+    Ok((heartbeats, watch, shared))
 }
 
 /// Runs the server until SIGTERM/SIGINT and a completed drain.
@@ -411,7 +417,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )));
     }
     let sup = state.sup.clone();
-    let (heartbeats, watch) = join_cluster(&store, &state).await?;
+    let (heartbeats, watch, shared) = join_cluster(&store, &state).await?;
     let node = state.node.clone();
     let app = api::cors::wrap(api::router(state), &config.web);
     let tls = crate::web::tls_acceptor(&config.web)?;
@@ -455,6 +461,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     runtime.shutdown().await;
     watch.abort();
     heartbeats.abort();
+    shared.stop();
     crate::core::cluster::leave(store.as_ref(), &node).await;
     let _ = stop_http_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), http).await;

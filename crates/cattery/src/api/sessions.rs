@@ -181,13 +181,11 @@ pub async fn start_session(
             ));
         }
         let base = st.ws.public_url.ws_base(&headers);
-        return Ok(Json(StartAnswer::Websocket(super::ws::announce(
-            &st,
-            &base,
-            &c.org,
-            &name,
-            req.body.as_ref(),
-        ))));
+        return Ok(Json(StartAnswer::Websocket(
+            super::ws::announce(&st, &base, &c.org, &name, req.body.as_ref())
+                .await
+                .map_err(CoreError::from)?,
+        )));
     }
     let session = Uuid::new_v4();
     let mut extra_headers = Vec::new();
@@ -447,7 +445,16 @@ pub async fn stop_session(
     match st.sup.stop_session(&c.org, &name, id).await {
         // A websocket session announced by /start whose client never connected: its token
         // is revoked, so it can never start.
-        Err(CoreError::NotFound(_)) if st.ws.revoke_session(&c.org, &name, id) => {}
+        Err(CoreError::NotFound(e)) => {
+            if !st
+                .ws
+                .revoke_session(st.store.as_ref(), &c.org, &name, id)
+                .await
+                .map_err(CoreError::from)?
+            {
+                return Err(CoreError::NotFound(e).into());
+            }
+        }
         r => r?,
     }
     Ok(Json(StopResponse {

@@ -30,7 +30,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use futures_util::{SinkExt, StreamExt};
-use parking_lot::Mutex;
 use rand::RngCore;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -42,6 +41,7 @@ use super::error::ApiError;
 use super::{ApiPath, AppState};
 use crate::core::instance_http::{BotOutcome, Deliver, OutcomeFuture};
 use crate::core::session::StartParams;
+use crate::store::{Store, StoreResult, WsTokenRecord};
 
 /// How long a websocket token stays valid by default (reference §A.5: 5 minutes).
 pub const TOKEN_TTL: Duration = Duration::from_secs(300);
@@ -85,13 +85,13 @@ pub struct WsTicket {
     pub session_id: Uuid,
     /// Start body as JSON bytes, if any.
     pub body: Option<Vec<u8>>,
-    /// Expiry.
-    pub expires: Instant,
+    /// Expiry (Unix ms).
+    pub expires_ms: i64,
 }
 
-/// Websocket transport state.
+/// Websocket transport state. Tokens live in the store (hashed), so a token issued by one
+/// node is redeemed once on whichever node the client reaches (docs/cluster.md).
 pub struct WsState {
-    tickets: Mutex<HashMap<String, WsTicket>>,
     /// A client silent this long is treated as gone.
     pub idle_timeout: Duration,
     /// How long a token stays valid.
@@ -104,7 +104,6 @@ impl WsState {
     /// New state with a client idle timeout and a token lifetime.
     pub fn new(idle_timeout: Duration, token_ttl: Duration) -> Self {
         WsState {
-            tickets: Mutex::new(HashMap::new()),
             idle_timeout,
             token_ttl,
             public_url: crate::web::PublicUrl::default(),
@@ -118,32 +117,60 @@ impl WsState {
         self
     }
 
-    /// Issues a single-use token.
-    pub fn issue(&self, t: WsTicket) -> String {
+    /// Issues a single-use token, stored by its hash.
+    pub async fn issue(&self, store: &dyn Store, t: WsTicket) -> StoreResult<String> {
         let mut b = [0u8; 24];
         rand::rng().fill_bytes(&mut b);
         let tok = hex::encode(b);
-        let mut m = self.tickets.lock();
-        let now = Instant::now();
-        m.retain(|_, v| v.expires > now);
-        m.insert(tok.clone(), t);
-        tok
+        let rec = WsTokenRecord {
+            hash: crate::core::keys::hash_key(&tok),
+            org: t.org,
+            agent: t.agent,
+            session_id: t.session_id,
+            body: t.body,
+            expires_ms: t.expires_ms,
+        };
+        store.put_ws_token(&rec, crate::model::now_ms()).await?;
+        Ok(tok)
     }
 
-    /// Redeems a token for `org`/`agent` (single use).
-    fn redeem(&self, tok: &str, org: &str, agent: &str) -> Option<WsTicket> {
-        let mut m = self.tickets.lock();
-        let t = m.remove(tok)?;
-        (t.expires > Instant::now() && t.org == org && t.agent == agent).then_some(t)
+    /// Redeems a token for `org`/`agent` (single use across every node on the store).
+    async fn redeem(
+        &self,
+        store: &dyn Store,
+        tok: &str,
+        org: &str,
+        agent: &str,
+    ) -> StoreResult<Option<WsTicket>> {
+        let Some(t) = store
+            .take_ws_token(&crate::core::keys::hash_key(tok))
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(
+            (t.expires_ms > crate::model::now_ms() && t.org == org && t.agent == agent).then_some(
+                WsTicket {
+                    org: t.org,
+                    agent: t.agent,
+                    session_id: t.session_id,
+                    body: t.body,
+                    expires_ms: t.expires_ms,
+                },
+            ),
+        )
     }
 
     /// Revokes the token announced for `session` (a stop before the client connected).
     /// Returns whether there was one.
-    pub fn revoke_session(&self, org: &str, agent: &str, session: Uuid) -> bool {
-        let mut m = self.tickets.lock();
-        let before = m.len();
-        m.retain(|_, t| !(t.session_id == session && t.org == org && t.agent == agent));
-        m.len() != before
+    pub async fn revoke_session(
+        &self,
+        store: &dyn Store,
+        org: &str,
+        agent: &str,
+        session: Uuid,
+    ) -> StoreResult<bool> {
+        store.revoke_ws_tokens(org, agent, session).await
     }
 }
 
@@ -164,28 +191,35 @@ pub struct WsAnnounce {
 
 /// `/start` for the websocket transport: issues the token and answers where to connect
 /// (`base`: `ws://host` or `wss://host/prefix`, see [`crate::web::PublicUrl`]).
-pub fn announce(
+pub async fn announce(
     st: &AppState,
     base: &str,
     org: &str,
     agent: &str,
     body: Option<&serde_json::Value>,
-) -> WsAnnounce {
+) -> StoreResult<WsAnnounce> {
     let session_id = Uuid::new_v4();
     let body_bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
-    let token = st.ws.issue(WsTicket {
-        org: org.to_string(),
-        agent: agent.to_string(),
-        session_id,
-        body: body_bytes.clone(),
-        expires: Instant::now() + st.ws.token_ttl,
-    });
-    WsAnnounce {
+    let ttl = i64::try_from(st.ws.token_ttl.as_millis()).unwrap_or(i64::MAX);
+    let token = st
+        .ws
+        .issue(
+            st.store.as_ref(),
+            WsTicket {
+                org: org.to_string(),
+                agent: agent.to_string(),
+                session_id,
+                body: body_bytes.clone(),
+                expires_ms: crate::model::now_ms().saturating_add(ttl),
+            },
+        )
+        .await?;
+    Ok(WsAnnounce {
         body: body_bytes.map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
         session_id,
         token,
         ws_url: format!("{base}/ws/generic/{agent}.{org}"),
-    }
+    })
 }
 
 fn forbidden(msg: &str) -> Response {
@@ -253,9 +287,10 @@ async fn handle(
         .or_else(|| q.get("token").cloned())
         .or(path_token);
     let (session_id, body) = match token {
-        Some(t) => match st.ws.redeem(&t, &org, &agent) {
-            Some(ticket) => (Some(ticket.session_id), ticket.body),
-            None => return forbidden("invalid, expired or already used websocket token"),
+        Some(t) => match st.ws.redeem(st.store.as_ref(), &t, &org, &agent).await {
+            Ok(Some(ticket)) => (Some(ticket.session_id), ticket.body),
+            Ok(None) => return forbidden("invalid, expired or already used websocket token"),
+            Err(e) => return ApiError::from(crate::core::CoreError::from(e)).into_response(),
         },
         None => {
             if st.sup.websocket_auth(&org, &agent).as_deref() != Some("none") {
@@ -491,9 +526,12 @@ async fn twilio_by_parameter(st: AppState, mut socket: WebSocket) {
     };
     let (agent, org) = (agent.to_string(), org.to_string());
     let (session_id, body) = match token {
-        Some(t) => match st.ws.redeem(&t, &org, &agent) {
-            Some(ticket) => (Some(ticket.session_id), ticket.body),
-            None => return close(socket, "invalid, expired or already used websocket token").await,
+        Some(t) => match st.ws.redeem(st.store.as_ref(), &t, &org, &agent).await {
+            Ok(Some(ticket)) => (Some(ticket.session_id), ticket.body),
+            Ok(None) => {
+                return close(socket, "invalid, expired or already used websocket token").await
+            }
+            Err(_) => return close(socket, "storage unavailable, try again").await,
         },
         None if st.sup.websocket_auth(&org, &agent).as_deref() != Some("none") => {
             return close(socket, "this agent needs a websocket token").await

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{
     LogFilter, NodeRecord, SealedValue, SecretSetKind, SecretSetRecord, SessionFilter, Store,
-    StoreError,
+    StoreError, WsTokenRecord,
 };
 use crate::model::{
     AgentRecord, ApiKeyRecord, DeploymentRecord, DeploymentSpec, EndReason, InstanceRecord,
@@ -45,6 +45,10 @@ where
     case!(logs);
     case!(log_pruning);
     case!(nodes);
+    case!(capacity_slots);
+    case!(concurrent_reservations);
+    case!(instance_claims);
+    case!(ws_tokens);
     case!(node_takeover);
 }
 
@@ -864,6 +868,166 @@ async fn nodes(s: &dyn Store) {
     b.advertise_url = None;
     s.heartbeat(&b).await.unwrap();
     assert_eq!(s.list_nodes().await.unwrap(), [a, b]);
+}
+
+/// Slots: reserved below the maximum only, freed with the instance's record (its end or its
+/// delete) or alone, orphans of a node freed except those kept or recorded.
+async fn capacity_slots(s: &dyn Store) {
+    let a = with_agent(s, "o", "slots").await;
+    let b = with_agent(s, "o", "other").await;
+    let ids: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+    assert!(s.reserve_slot(a.id, 3, ids[0], "n1").await.unwrap());
+    assert!(s.reserve_slot(a.id, 3, ids[1], "n2").await.unwrap());
+    assert!(s.reserve_slot(a.id, 3, ids[2], "n1").await.unwrap());
+    assert!(!s.reserve_slot(a.id, 3, ids[3], "n2").await.unwrap());
+    assert_eq!(s.slots_held(a.id).await.unwrap(), 3);
+    // Per agent; a maximum of 0 admits none.
+    assert!(s.reserve_slot(b.id, 1, ids[3], "n2").await.unwrap());
+    assert!(!s.reserve_slot(b.id, 0, Uuid::new_v4(), "n2").await.unwrap());
+    assert_eq!(s.slots_held(b.id).await.unwrap(), 1);
+    // One slot per instance.
+    assert!(matches!(
+        s.reserve_slot(a.id, 9, ids[0], "n1").await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(s.slots_held(a.id).await.unwrap(), 3);
+    // A lowered maximum: no new slot until enough are freed.
+    assert!(!s.reserve_slot(a.id, 2, Uuid::new_v4(), "n1").await.unwrap());
+    // Freed by the instance's end, by its delete, or alone (twice is fine).
+    let mut inst = instance(&a);
+    inst.id = ids[0];
+    s.put_instance(&inst).await.unwrap();
+    s.end_instance(ids[0], None).await.unwrap();
+    assert_eq!(s.slots_held(a.id).await.unwrap(), 2);
+    inst.id = ids[1];
+    s.put_instance(&inst).await.unwrap();
+    s.delete_instance(ids[1]).await.unwrap();
+    assert_eq!(s.slots_held(a.id).await.unwrap(), 1);
+    s.release_slot(ids[2]).await.unwrap();
+    s.release_slot(ids[2]).await.unwrap();
+    assert_eq!(s.slots_held(a.id).await.unwrap(), 0);
+    // Orphans of node n1: those with no instance record and not kept.
+    let (recorded, kept, orphan, elsewhere) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+    );
+    for (id, node) in [
+        (recorded, "n1"),
+        (kept, "n1"),
+        (orphan, "n1"),
+        (elsewhere, "n2"),
+    ] {
+        assert!(s.reserve_slot(a.id, 9, id, node).await.unwrap());
+    }
+    inst.id = recorded;
+    s.put_instance(&inst).await.unwrap();
+    assert_eq!(s.release_orphan_slots("n1", &[kept]).await.unwrap(), 1);
+    assert_eq!(s.slots_held(a.id).await.unwrap(), 3);
+    assert_eq!(s.release_orphan_slots("n1", &[kept]).await.unwrap(), 0);
+}
+
+/// Reservers racing from many tasks (several nodes) never hold more than the maximum.
+async fn concurrent_reservations(s: &dyn Store) {
+    let a = with_agent(s, "o", "race").await;
+    for round in 0..3 {
+        let got = futures_util::future::join_all((0..24).map(|i| {
+            s.reserve_slot(
+                a.id,
+                8,
+                Uuid::new_v4(),
+                if i % 3 == 0 { "n1" } else { "n2" },
+            )
+        }))
+        .await;
+        let admitted = got.into_iter().filter(|r| *r.as_ref().unwrap()).count();
+        assert_eq!(admitted, if round == 0 { 8 } else { 0 }, "round {round}");
+        assert_eq!(s.slots_held(a.id).await.unwrap(), 8);
+    }
+}
+
+/// An instance is claimed by one session only: a second claim by another session is refused
+/// and writes nothing, also when both race.
+async fn instance_claims(s: &dyn Store) {
+    let a = with_agent(s, "o", "claims").await;
+    let inst = instance(&a);
+    s.put_instance(&inst).await.unwrap();
+    let (s1, s2) = (session(&a, 10), session(&a, 11));
+    assert!(s.insert_session_for_instance(&s1, inst.id).await.unwrap());
+    assert!(matches!(
+        s.insert_session_for_instance(&s2, inst.id).await,
+        Err(StoreError::Conflict)
+    ));
+    assert!(s.get_session(s2.id).await.unwrap().is_none());
+    let rec = s.list_instances().await.unwrap().pop().unwrap();
+    assert_eq!(rec.session_id, Some(s1.id));
+    // Racing claims of one idle instance: exactly one wins.
+    let inst = instance(&a);
+    s.put_instance(&inst).await.unwrap();
+    let sessions: Vec<_> = (0..8).map(|i| session(&a, 20 + i)).collect();
+    let got = futures_util::future::join_all(
+        sessions
+            .iter()
+            .map(|x| s.insert_session_for_instance(x, inst.id)),
+    )
+    .await;
+    let won: Vec<_> = got
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| matches!(r, Ok(true)))
+        .map(|(i, _)| sessions[i].id)
+        .collect();
+    assert_eq!(won.len(), 1, "{got:?}");
+    assert!(got
+        .iter()
+        .all(|r| matches!(r, Ok(true) | Err(StoreError::Conflict))));
+    let rec = s
+        .list_instances()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.id == inst.id)
+        .unwrap();
+    assert_eq!(rec.session_id, Some(won[0]));
+}
+
+/// A websocket token is taken once (also when takers race); expired ones are forgotten when
+/// another is stored; a session's tokens can be revoked.
+async fn ws_tokens(s: &dyn Store) {
+    let tok = |n: u8, expires_ms: i64| WsTokenRecord {
+        hash: vec![n; 32],
+        org: "o".into(),
+        agent: "a".into(),
+        session_id: Uuid::new_v4(),
+        body: (n % 2 == 0).then(|| b"{\"x\":1}".to_vec()),
+        expires_ms,
+    };
+    let t1 = tok(1, 10_000);
+    s.put_ws_token(&t1, 1_000).await.unwrap();
+    assert!(matches!(
+        s.put_ws_token(&t1, 1_000).await,
+        Err(StoreError::Conflict)
+    ));
+    let t2 = tok(2, 10_000);
+    s.put_ws_token(&t2, 1_000).await.unwrap();
+    let got = futures_util::future::join_all((0..6).map(|_| s.take_ws_token(&t2.hash))).await;
+    let taken: Vec<_> = got.into_iter().filter_map(|r| r.unwrap()).collect();
+    assert_eq!(taken, std::slice::from_ref(&t2));
+    assert_eq!(s.take_ws_token(&t2.hash).await.unwrap(), None);
+    // Revocation by session, org and agent.
+    assert!(!s
+        .revoke_ws_tokens("o", "other", t1.session_id)
+        .await
+        .unwrap());
+    assert!(s.revoke_ws_tokens("o", "a", t1.session_id).await.unwrap());
+    assert_eq!(s.take_ws_token(&t1.hash).await.unwrap(), None);
+    // Expired ones go when another is stored.
+    let t3 = tok(3, 5_000);
+    s.put_ws_token(&t3, 1_000).await.unwrap();
+    s.put_ws_token(&tok(4, 90_000), 6_000).await.unwrap();
+    assert_eq!(s.take_ws_token(&t3.hash).await.unwrap(), None);
+    assert!(s.take_ws_token(&[4; 32]).await.unwrap().is_some());
 }
 
 /// Ownership: records keep their node; a stale node is taken over once, all its instances and

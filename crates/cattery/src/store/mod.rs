@@ -21,7 +21,8 @@ pub mod sqlite;
 /// The store traits, for `store.method()` calls on a concrete store.
 pub mod prelude {
     pub use super::{
-        AgentStore, InstanceStore, KeyStore, LogStore, NodeStore, SecretStore, SessionStore, Store,
+        AgentStore, ClusterStore, InstanceStore, KeyStore, LogStore, NodeStore, SecretStore,
+        SessionStore, Store,
     };
 }
 
@@ -338,7 +339,8 @@ pub trait SessionStore: Send + Sync + 'static {
 pub trait InstanceStore: Send + Sync + 'static {
     /// Saves (inserts or replaces) a live instance.
     async fn put_instance(&self, rec: &InstanceRecord) -> StoreResult<()>;
-    /// Forgets an instance once it is cleaned up (no error when there is none).
+    /// Forgets an instance once it is cleaned up (no error when there is none), and frees its
+    /// capacity slot if it holds one ([`ClusterStore::reserve_slot`]), in one transaction.
     async fn delete_instance(&self, id: Uuid) -> StoreResult<()>;
     /// All recorded live instances, in no particular order.
     async fn list_instances(&self) -> StoreResult<Vec<InstanceRecord>>;
@@ -347,13 +349,18 @@ pub trait InstanceStore: Send + Sync + 'static {
     /// Returns whether the instance's record was found and updated (a missing one stays
     /// missing, and the session is stored all the same).
     ///
-    /// Errors: `Conflict` for a taken session id (then the instance record is unchanged).
+    /// The claim is conditional: an instance already promised to another session is never
+    /// taken (no instance serves two sessions, whichever node asks).
+    ///
+    /// Errors: `Conflict` for a taken session id, or an instance promised to another session
+    /// (then nothing is written).
     async fn insert_session_for_instance(
         &self,
         s: &SessionRecord,
         instance_id: Uuid,
     ) -> StoreResult<bool>;
-    /// The end of an instance, in one transaction: forgets its record and, for its session,
+    /// The end of an instance, in one transaction: forgets its record, frees its capacity slot
+    /// (if it holds one) and, for its session,
     /// records the end (first wins, as [`SessionStore::end_session`]) and its resource samples
     /// when there are any (even when the end was already recorded). Returns whether this call
     /// wrote the session's end.
@@ -476,14 +483,96 @@ impl TakenOver {
     }
 }
 
+/// A pending websocket session announced by `/start` (docs/cluster.md): redeemed once, on
+/// whichever node the client connects to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WsTokenRecord {
+    /// SHA-256 of the token (the token itself is never stored).
+    pub hash: Vec<u8>,
+    /// Org.
+    pub org: String,
+    /// Agent name.
+    pub agent: String,
+    /// Announced session id.
+    pub session_id: Uuid,
+    /// Start body as JSON bytes, if any.
+    pub body: Option<Vec<u8>>,
+    /// Expiry (Unix ms).
+    pub expires_ms: i64,
+}
+
+/// A change made by any node that other nodes must see (their caches and supervisors), from
+/// [`ClusterStore::watch_changes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// An agent was created, updated (scaling, deployment) or deleted.
+    Agent(Uuid),
+    /// An API key was created or revoked.
+    Key,
+    /// Changes may have been missed (the feed reconnected): reread everything cached.
+    Resync,
+}
+
+/// What several nodes on one store share beyond records: cluster-wide capacity, single-use
+/// websocket tokens, and a feed of changes (docs/cluster.md).
+#[async_trait]
+pub trait ClusterStore: Send + Sync + 'static {
+    /// Reserves one of an agent's `max` capacity slots for `instance_id` (started by `node`),
+    /// in one atomic step: true when it got one, false when `max` slots are held already (by
+    /// any node). The slot is freed with the instance's record ([`InstanceStore::end_instance`],
+    /// [`InstanceStore::delete_instance`]) or by [`ClusterStore::release_slot`].
+    ///
+    /// Errors: `Conflict` when `instance_id` holds a slot already (nothing written).
+    async fn reserve_slot(
+        &self,
+        agent_id: Uuid,
+        max: u32,
+        instance_id: Uuid,
+        node: &str,
+    ) -> StoreResult<bool>;
+    /// Frees an instance's slot (no error when it holds none).
+    async fn release_slot(&self, instance_id: Uuid) -> StoreResult<()>;
+    /// Capacity slots an agent holds now (all nodes).
+    async fn slots_held(&self, agent_id: Uuid) -> StoreResult<u32>;
+    /// Frees the slots of `node` whose instance has no record and is not in `keep`: a node
+    /// that stopped between a reservation and the instance's record (a crash) leaves such
+    /// slots. Returns how many were freed.
+    async fn release_orphan_slots(&self, node: &str, keep: &[Uuid]) -> StoreResult<u64>;
+    /// Stores a websocket token (and forgets expired ones). Errors: `Conflict` for a taken hash.
+    async fn put_ws_token(&self, t: &WsTokenRecord, now_ms: i64) -> StoreResult<()>;
+    /// Takes a token by hash, in one atomic step: the first caller gets it (expired or not;
+    /// the caller checks), every later one `None`.
+    async fn take_ws_token(&self, hash: &[u8]) -> StoreResult<Option<WsTokenRecord>>;
+    /// Forgets the tokens announced for `session` of `org`'s agent `agent`; whether there was one.
+    async fn revoke_ws_tokens(&self, org: &str, agent: &str, session: Uuid) -> StoreResult<bool>;
+    /// A feed of changes made through any node, or `None` when the store has one node only
+    /// (SQLite: this process made every change). Lagging or reconnecting sends
+    /// [`Change::Resync`].
+    async fn watch_changes(&self) -> StoreResult<Option<tokio::sync::mpsc::Receiver<Change>>>;
+}
+
 /// The durable state of Cattery: every aggregate's store. Implemented by any type that
 /// implements them all.
 pub trait Store:
-    KeyStore + AgentStore + SessionStore + InstanceStore + SecretStore + LogStore + NodeStore
+    KeyStore
+    + AgentStore
+    + SessionStore
+    + InstanceStore
+    + SecretStore
+    + LogStore
+    + NodeStore
+    + ClusterStore
 {
 }
 
 impl<T> Store for T where
-    T: KeyStore + AgentStore + SessionStore + InstanceStore + SecretStore + LogStore + NodeStore
+    T: KeyStore
+        + AgentStore
+        + SessionStore
+        + InstanceStore
+        + SecretStore
+        + LogStore
+        + NodeStore
+        + ClusterStore
 {
 }

@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod cluster;
+#[allow(unused_imports)]
+pub use cluster::{start_cluster, Cluster};
+
 /// Path of the `cattery` binary under test.
 pub fn cattery_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cattery"))

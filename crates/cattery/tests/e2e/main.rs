@@ -9,6 +9,7 @@ mod lifecycle_util;
 
 mod api;
 mod cli_compat;
+mod cluster_capacity;
 mod cluster_ownership;
 mod connections;
 mod container;

@@ -205,6 +205,40 @@ pub struct Supervisor {
     peers: std::sync::OnceLock<Arc<dyn Peers>>,
     /// The engine itself, for work started from `&self` that needs the `Arc`.
     this: std::sync::Weak<Supervisor>,
+    /// This node and its share of the warm pools ([`Supervisor::set_cluster_view`]).
+    cluster: Mutex<ClusterView>,
+}
+
+/// This node among the live nodes on the store (docs/cluster.md): its id (recorded with the
+/// capacity slots it reserves) and its place in the sorted list of live nodes, which decides
+/// its share of every agent's `minAgents`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterView {
+    /// This node's id.
+    pub node_id: String,
+    /// This node's index among the live nodes sorted by id.
+    pub index: u32,
+    /// Live nodes (at least 1).
+    pub nodes: u32,
+}
+
+impl Default for ClusterView {
+    fn default() -> Self {
+        ClusterView {
+            node_id: "local".into(),
+            index: 0,
+            nodes: 1,
+        }
+    }
+}
+
+impl ClusterView {
+    /// This node's share of `min` warm instances: `min / nodes`, plus one for the first
+    /// `min % nodes` nodes, so the shares of all live nodes add up to `min`.
+    pub fn share(&self, min: u32) -> u32 {
+        let n = self.nodes.max(1);
+        min / n + u32::from(self.index.min(n - 1) < min % n)
+    }
 }
 
 impl Supervisor {
@@ -232,6 +266,7 @@ impl Supervisor {
             changes: broadcast::channel(SESSION_CHANGES_BUFFER).0,
             end_hooks: Mutex::new(HashMap::new()),
             peers: std::sync::OnceLock::new(),
+            cluster: Mutex::new(ClusterView::default()),
         });
         let weak = Arc::downgrade(&sup);
         tokio::spawn(async move {
@@ -259,6 +294,25 @@ impl Supervisor {
     /// This node's id.
     pub fn node_id(&self) -> &str {
         &self.cfg.node_id
+    }
+
+    /// Sets this node's id and place among the live nodes; when its share of the warm pools
+    /// changed, every pool is reconciled to it.
+    pub fn set_cluster_view(self: &Arc<Self>, view: ClusterView) {
+        let changed = {
+            let mut c = self.cluster.lock();
+            let changed = *c != view;
+            *c = view;
+            changed
+        };
+        if changed {
+            self.reconcile_all();
+        }
+    }
+
+    /// This node's id and place among the live nodes.
+    pub fn cluster_view(&self) -> ClusterView {
+        self.cluster.lock().clone()
     }
 
     /// The runtime in use.
@@ -423,6 +477,16 @@ impl Supervisor {
             }
         }
         self.reconcile(agent_id);
+    }
+
+    /// Ids of the live (not deleted) agents this node knows.
+    pub fn agent_ids(&self) -> Vec<Uuid> {
+        let st = self.state.lock();
+        st.pools
+            .iter()
+            .filter(|(_, p)| p.agent.deleted_ms.is_none())
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Pool snapshot for status.

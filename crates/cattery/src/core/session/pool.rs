@@ -23,15 +23,16 @@ pub(super) struct PoolPlan {
     pub forget: bool,
 }
 
-/// Brings the pool to `minAgents` warm instances (ready or starting and unclaimed) of the
-/// current deployment within `maxAgents`, unless the deployment is backing off after failed
-/// starts or cannot run; removes idle instances of old deployments, and trims extra idle
-/// ones. A deleted agent's or a draining server's idle instances all go.
-pub(super) fn plan(p: &AgentPool, draining: bool, now: Instant) -> PoolPlan {
+/// Brings the pool to `min` warm instances (ready, starting and unclaimed, or having their
+/// slot reserved) of the current deployment within `maxAgents`, unless the deployment is
+/// backing off after failed starts or cannot run; removes idle instances of old deployments,
+/// and trims extra idle ones. A deleted agent's or a draining server's idle instances all go.
+/// `min` is this node's share of the agent's `minAgents` ([`super::ClusterView::share`]).
+pub(super) fn plan(p: &AgentPool, draining: bool, min: u32, now: Instant) -> PoolPlan {
     let dep = p.deployment.id;
     let deleted = p.agent.deleted_ms.is_some();
     let mut out = PoolPlan::default();
-    let mut warm = 0u32;
+    let mut warm = p.reserving;
     for c in p.instances.values() {
         let s = c.state();
         let current = c.deployment.id == dep;
@@ -48,9 +49,9 @@ pub(super) fn plan(p: &AgentPool, draining: bool, now: Instant) -> PoolPlan {
     if p.deploy_error.is_some() {
         return out;
     }
-    let (min, max) = (p.agent.min_agents, p.agent.max_agents);
+    let max = p.agent.max_agents;
     let backoff = p.health.get(&dep).is_some_and(|h| h.backing_off(now));
-    let total = p.instances.len() as u32;
+    let total = p.instances.len() as u32 + p.reserving;
     if !backoff {
         out.spawn = min.saturating_sub(warm).min(max.saturating_sub(total));
     }
@@ -69,12 +70,15 @@ pub(super) fn plan(p: &AgentPool, draining: bool, now: Instant) -> PoolPlan {
 }
 
 impl Supervisor {
-    /// Brings an agent's warm pool in line with its settings ([`plan`]). Does nothing until
-    /// [`Supervisor::recover`] has finished (which then reconciles every agent).
+    /// Brings an agent's warm pool in line with its settings and this node's share ([`plan`]).
+    /// Each new warm instance first reserves its capacity slot in the store (cluster-wide
+    /// `maxAgents`); one that gets none is not started (the next tick tries again). Does
+    /// nothing until [`Supervisor::recover`] has finished (which then reconciles every agent).
     pub fn reconcile(self: &Arc<Self>, agent_id: Uuid) {
         if !self.recovered.load(Ordering::SeqCst) {
             return;
         }
+        let view = self.cluster_view();
         let mut spawn = Vec::new();
         let stop = {
             let mut st = self.state.lock();
@@ -82,17 +86,10 @@ impl Supervisor {
             let Some(p) = st.pools.get_mut(&agent_id) else {
                 return;
             };
-            let plan = plan(p, draining, Instant::now());
+            let plan = plan(p, draining, view.share(p.agent.min_agents), Instant::now());
+            p.reserving += plan.spawn;
             for _ in 0..plan.spawn {
-                let (c, mb) = InstanceCtl::new(
-                    &p.agent,
-                    p.deployment.clone(),
-                    InstState::Starting,
-                    None,
-                    None,
-                );
-                p.instances.insert(c.id, c.clone());
-                spawn.push((c, mb));
+                spawn.push((Uuid::new_v4(), p.agent.max_agents));
             }
             if plan.forget {
                 st.pools.remove(&agent_id);
@@ -104,9 +101,69 @@ impl Supervisor {
                 let _ = c.cmd_tx.send(Cmd::Stop(EndReason::Stopped));
             }
         }
-        for (c, mb) in spawn {
-            tokio::spawn(actor::run(self.clone(), c, mb, Start::New(None)));
+        for (id, max) in spawn {
+            let (sup, node) = (self.clone(), view.node_id.clone());
+            tokio::spawn(async move {
+                let got = sup.store.reserve_slot(agent_id, max, id, &node).await;
+                if let Err(e) = &got {
+                    tracing::warn!(agent = %agent_id, error = %e, "could not reserve a warm instance's capacity slot");
+                }
+                sup.spawn_reserved(agent_id, id, got.unwrap_or(false));
+            });
         }
+    }
+
+    /// Starts the warm instance `id` whose slot reservation ended (`reserved`: it got one),
+    /// unless the pool no longer wants it (then the slot is freed).
+    fn spawn_reserved(self: &Arc<Self>, agent_id: Uuid, id: Uuid, reserved: bool) {
+        let started = {
+            let mut st = self.state.lock();
+            let draining = self.is_draining();
+            let Some(p) = st.pools.get_mut(&agent_id) else {
+                drop(st);
+                if reserved {
+                    self.free_slot(id);
+                }
+                return;
+            };
+            p.reserving = p.reserving.saturating_sub(1);
+            if !reserved {
+                return;
+            }
+            if draining || p.agent.deleted_ms.is_some() || p.deploy_error.is_some() {
+                None
+            } else {
+                let (c, mb) = InstanceCtl::new(
+                    &p.agent,
+                    p.deployment.clone(),
+                    InstState::Starting,
+                    None,
+                    Some(id),
+                );
+                p.instances.insert(c.id, c.clone());
+                Some((c, mb))
+            }
+        };
+        match started {
+            Some((c, mb)) => {
+                tokio::spawn(actor::run(self.clone(), c, mb, Start::New(None)));
+            }
+            None => {
+                self.free_slot(id);
+                self.reconcile(agent_id);
+            }
+        }
+    }
+
+    /// Frees the capacity slot of an instance that never started (in the background; a
+    /// failure is logged, and the slot is freed at this node's next start).
+    pub(super) fn free_slot(&self, id: Uuid) {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.release_slot(id).await {
+                tracing::warn!(instance = %id, error = %e, "could not free a capacity slot");
+            }
+        });
     }
 
     /// [`Supervisor::reconcile`] for every agent.

@@ -47,11 +47,14 @@ impl Supervisor {
         let requested = Instant::now();
         let created_ms = now_ms();
         let session = p.session_id.unwrap_or_else(Uuid::new_v4);
-        let placed = self.place(org, agent_name, session).inspect_err(|e| {
-            if matches!(e, CoreError::AtCapacity(_)) {
-                crate::telemetry::session_at_capacity(org, agent_name);
-            }
-        })?;
+        let placed = self
+            .place_reserved(org, agent_name, session)
+            .await
+            .inspect_err(|e| {
+                if matches!(e, CoreError::AtCapacity(_)) {
+                    crate::telemetry::session_at_capacity(org, agent_name);
+                }
+            })?;
         let recorded = match self
             .record_start(&placed, org, session, created_ms, p.transport.clone())
             .await
@@ -121,8 +124,52 @@ impl Supervisor {
         Err(err)
     }
 
-    /// Admission under the state lock; the session joins the live set at once.
-    fn place(&self, org: &str, agent_name: &str, session: Uuid) -> CoreResult<Placed> {
+    /// Admission ([`Supervisor::place`]); a cold start first reserves its capacity slot in
+    /// the store, one atomic step that holds `maxAgents` across every node on the store, and
+    /// answers `AtCapacity` when there is none.
+    async fn place_reserved(
+        &self,
+        org: &str,
+        agent_name: &str,
+        session: Uuid,
+    ) -> CoreResult<Placed> {
+        let (agent_id, max) = match self.place(org, agent_name, session, None)? {
+            Ok(placed) => return Ok(placed),
+            Err(need) => need,
+        };
+        let id = Uuid::new_v4();
+        let node = self.cluster_view().node_id;
+        if !self.store.reserve_slot(agent_id, max, id, &node).await? {
+            return Err(CoreError::AtCapacity(agent_name.to_string()));
+        }
+        match self.place(org, agent_name, session, Some(id)) {
+            Ok(Ok(placed)) if placed.mailbox.is_some() => Ok(placed),
+            Ok(Ok(placed)) => {
+                // A warm instance became free meanwhile and was taken instead.
+                self.free_slot(id);
+                Ok(placed)
+            }
+            Ok(Err(_)) => {
+                self.free_slot(id);
+                Err(CoreError::AtCapacity(agent_name.to_string()))
+            }
+            Err(e) => {
+                self.free_slot(id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Admission under the state lock; the session joins the live set at once. A cold start
+    /// needs a capacity slot: with `slot` (reserved for the new instance's id) it is placed,
+    /// without it the answer is `Ok(Err((agent, maxAgents)))`, to reserve one first.
+    fn place(
+        &self,
+        org: &str,
+        agent_name: &str,
+        session: Uuid,
+        slot: Option<Uuid>,
+    ) -> CoreResult<Result<Placed, (Uuid, u32)>> {
         let mut st = self.state.lock();
         // Checked under the state lock: the drain sets the flag under it too, so a start
         // either sees the drain or is seen by it (never a half-created instance).
@@ -139,12 +186,15 @@ impl Supervisor {
             Admission::Warm(c) => (c, None, false),
             Admission::Claimed(c) => (c, None, true),
             Admission::Cold => {
+                let Some(id) = slot else {
+                    return Ok(Err((agent_id, pool.agent.max_agents)));
+                };
                 let (c, mb) = InstanceCtl::new(
                     &pool.agent,
                     pool.deployment.clone(),
                     InstState::Claimed,
                     Some(session),
-                    None,
+                    Some(id),
                 );
                 pool.instances.insert(c.id, c.clone());
                 (c, Some(mb), true)
@@ -152,12 +202,12 @@ impl Supervisor {
         };
         st.sessions.insert(session, ctl.clone());
         self.publish_live(&st);
-        Ok(Placed {
+        Ok(Ok(Placed {
             ctl,
             mailbox,
             cold,
             agent_id,
-        })
+        }))
     }
 
     /// Records the session. A ready warm instance is already recorded: the session and the
@@ -211,6 +261,8 @@ impl Supervisor {
                 if let Some(pool) = self.state.lock().pools.get_mut(&placed.agent_id) {
                     pool.instances.remove(&placed.ctl.id);
                 }
+                // It never started: its capacity slot goes now.
+                self.free_slot(placed.ctl.id);
             }
         }
     }

@@ -202,6 +202,9 @@ pub(super) struct AgentPool {
     pub deploy_error: Option<String>,
     pub instances: HashMap<Uuid, Arc<InstanceCtl>>,
     pub health: HashMap<Uuid, Health>,
+    /// Warm instances planned whose capacity slot is being reserved in the store (not yet in
+    /// `instances`): counted as warm, so a plan does not ask for them twice.
+    pub reserving: u32,
 }
 
 impl AgentPool {
@@ -216,6 +219,7 @@ impl AgentPool {
             deploy_error,
             instances: HashMap::new(),
             health: HashMap::new(),
+            reserving: 0,
         }
     }
 }

@@ -646,17 +646,17 @@ mod decisions {
     fn the_pool_plan_fills_to_min_within_max_and_trims_the_rest() {
         let now = Instant::now();
         let mut p = pool(2, 3);
-        assert_eq!(plan(&p, false, now).spawn, 2);
+        assert_eq!(plan(&p, false, p.agent.min_agents, now).spawn, 2);
         add(&mut p, InstState::Busy, true);
         add(&mut p, InstState::Claimed, true);
         // Two slots used by sessions, one left under maxAgents.
-        assert_eq!(plan(&p, false, now).spawn, 1);
+        assert_eq!(plan(&p, false, p.agent.min_agents, now).spawn, 1);
         let mut p = pool(1, 5);
         for _ in 0..3 {
             add(&mut p, InstState::Idle, true);
         }
         let old = add(&mut p, InstState::Idle, false);
-        let pl = plan(&p, false, now);
+        let pl = plan(&p, false, p.agent.min_agents, now);
         assert_eq!(pl.spawn, 0);
         assert_eq!(
             pl.stop.len(),
@@ -664,7 +664,7 @@ mod decisions {
             "two extra idle ones and the old deployment's"
         );
         assert!(pl.stop.iter().any(|c| c.id == old.id));
-        let pl = plan(&p, true, now);
+        let pl = plan(&p, true, p.agent.min_agents, now);
         assert_eq!(pl.stop.len(), 4, "a drain removes every idle instance");
     }
 
@@ -672,9 +672,9 @@ mod decisions {
     fn a_deleted_agent_without_instances_is_forgotten() {
         let mut p = pool(1, 5);
         p.agent.deleted_ms = Some(now_ms());
-        let pl = plan(&p, false, Instant::now());
+        let pl = plan(&p, false, p.agent.min_agents, Instant::now());
         assert!(pl.forget && pl.spawn == 0);
         add(&mut p, InstState::Busy, true);
-        assert!(!plan(&p, false, Instant::now()).forget);
+        assert!(!plan(&p, false, p.agent.min_agents, Instant::now()).forget);
     }
 }

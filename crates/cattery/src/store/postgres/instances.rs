@@ -54,10 +54,13 @@ impl InstanceStore for PgStore {
     }
 
     async fn delete_instance(&self, id: Uuid) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM instances WHERE id = $1")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        super::cluster::release(&mut tx, id).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -75,14 +78,24 @@ impl InstanceStore for PgStore {
     ) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await?;
         insert_session(&mut tx, s).await?;
-        let n = sqlx::query("UPDATE instances SET session_id = $1 WHERE id = $2")
-            .bind(s.id)
-            .bind(instance_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        // The instance's row is locked by the update: a second claim waits for this one and
+        // then finds it promised (`session_id` set): never two sessions on one instance.
+        let (updated, exists): (i64, i64) = sqlx::query_as(
+            "WITH u AS (UPDATE instances SET session_id = $1 WHERE id = $2 \
+             AND (session_id IS NULL OR session_id = $1) RETURNING id) \
+             SELECT (SELECT COUNT(*) FROM u), (SELECT COUNT(*) FROM instances WHERE id = $2)",
+        )
+        .bind(s.id)
+        .bind(instance_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if updated == 0 && exists > 0 {
+            // Promised to another session: not taken (the transaction rolls back).
+            return Err(crate::store::StoreError::Conflict);
+        }
+        let claimed = updated == 1;
         tx.commit().await?;
-        Ok(n == 1)
+        Ok(claimed)
     }
 
     async fn end_instance(
@@ -95,6 +108,7 @@ impl InstanceStore for PgStore {
             .bind(instance_id)
             .execute(&mut *tx)
             .await?;
+        super::cluster::release(&mut tx, instance_id).await?;
         let mut wrote = false;
         if let Some((sid, e, samples)) = session {
             wrote = end_session(&mut tx, sid, e).await?;

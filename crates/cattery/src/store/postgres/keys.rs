@@ -101,17 +101,27 @@ impl KeyStore for PgStore {
         .bind(public)
         .execute(&self.pool)
         .await?;
+        self.keys.clear();
         Ok(())
     }
 
     async fn find_key(&self, hash: &[u8]) -> StoreResult<Option<(ApiKeyRecord, Vec<u8>)>> {
+        if let Some(hit) = self.keys.get(hash) {
+            return Ok(Some(hit));
+        }
+        let gen = self.keys.generation();
         let sql = format!("SELECT {KEY_COLS} FROM api_keys WHERE key_hash = $1");
         let row = sqlx::query(&sql)
             .bind(hash)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| Ok((key_from_row(&r)?, r.try_get(8)?)))
-            .transpose()
+        let found: Option<(ApiKeyRecord, Vec<u8>)> = row
+            .map(|r| Ok::<_, StoreError>((key_from_row(&r)?, r.try_get(8)?)))
+            .transpose()?;
+        if let Some((rec, stored)) = &found {
+            self.keys.put(gen, hash, rec, stored);
+        }
+        Ok(found)
     }
 
     async fn list_keys(&self, org: &str, kind: Option<KeyKind>) -> StoreResult<Vec<ApiKeyRecord>> {
@@ -137,6 +147,7 @@ impl KeyStore for PgStore {
         .execute(&self.pool)
         .await?
         .rows_affected();
+        self.keys.clear();
         Ok(n > 0)
     }
 }

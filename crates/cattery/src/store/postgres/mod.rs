@@ -13,6 +13,7 @@
 //! store heals by itself once the database answers again. A full disk (`53100`) is [`StoreError::Full`].
 
 mod agents;
+mod cluster;
 mod instances;
 mod keys;
 mod logs;
@@ -37,6 +38,77 @@ pub const DEFAULT_POOL_SIZE: u32 = 16;
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    keys: std::sync::Arc<KeyCache>,
+}
+
+/// Longest time a found API key is answered from memory (docs/cluster.md).
+pub const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// Live API keys found recently, so a request's key check costs no round trip. Used only
+/// while this store's change feed listens ([`super::ClusterStore::watch_changes`]): any key
+/// written anywhere (a revocation through another node or `cattery keys revoke`) clears it
+/// when its notification arrives, and an entry is never older than [`KEY_CACHE_TTL`] either.
+#[derive(Default)]
+pub(crate) struct KeyCache {
+    enabled: std::sync::atomic::AtomicBool,
+    /// Entries by key hash, and the generation (bumped by every clear).
+    map: parking_lot::Mutex<(u64, std::collections::HashMap<Vec<u8>, CachedKey>)>,
+}
+
+type CachedKey = (std::time::Instant, crate::model::ApiKeyRecord, Vec<u8>);
+
+impl KeyCache {
+    /// Entries beyond this clear the cache (bounded memory).
+    const MAX: usize = 10_000;
+
+    /// A live key found less than [`KEY_CACHE_TTL`] ago.
+    fn get(&self, hash: &[u8]) -> Option<(crate::model::ApiKeyRecord, Vec<u8>)> {
+        use std::sync::atomic::Ordering;
+        if !self.enabled.load(Ordering::SeqCst) {
+            return None;
+        }
+        let m = self.map.lock();
+        m.1.get(hash)
+            .filter(|(at, _, _)| at.elapsed() < KEY_CACHE_TTL)
+            .map(|(_, r, h)| (r.clone(), h.clone()))
+    }
+
+    /// The generation before a read from the database.
+    fn generation(&self) -> u64 {
+        self.map.lock().0
+    }
+
+    /// Keeps a live key read at generation `gen`, unless a clear came meanwhile.
+    fn put(&self, gen: u64, hash: &[u8], rec: &crate::model::ApiKeyRecord, stored: &[u8]) {
+        use std::sync::atomic::Ordering;
+        if !self.enabled.load(Ordering::SeqCst) || rec.revoked_ms.is_some() {
+            return;
+        }
+        let mut m = self.map.lock();
+        if m.0 != gen {
+            return;
+        }
+        if m.1.len() >= Self::MAX {
+            m.1.clear();
+        }
+        m.1.insert(
+            hash.to_vec(),
+            (std::time::Instant::now(), rec.clone(), stored.to_vec()),
+        );
+    }
+
+    /// Forgets every entry.
+    pub(crate) fn clear(&self) {
+        let mut m = self.map.lock();
+        m.0 += 1;
+        m.1.clear();
+    }
+
+    /// Turns the cache on (the change feed listens) or off (it lost its connection).
+    pub(crate) fn enable(&self, on: bool) {
+        self.enabled.store(on, std::sync::atomic::Ordering::SeqCst);
+        self.clear();
+    }
 }
 
 impl std::fmt::Debug for PgStore {
@@ -86,7 +158,10 @@ impl PgStore {
             sqlx::migrate::MigrateError::Execute(e) => StoreError::from(e),
             e => StoreError::Invalid(format!("migration failed: {e}")),
         })?;
-        Ok(PgStore { pool })
+        Ok(PgStore {
+            pool,
+            keys: std::sync::Arc::default(),
+        })
     }
 
     /// The pool (for the cluster's own tables, see `core::cluster`).

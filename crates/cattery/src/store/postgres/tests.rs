@@ -71,3 +71,110 @@ async fn a_bad_url_is_invalid_and_an_unreachable_database_unavailable() {
     assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
     assert!(!e.to_string().contains("hunter2"));
 }
+
+/// Two nodes on one database: a key revoked through one is refused by the other (whose key
+/// cache answered it a moment before) within 1 s, and an agent written through one is
+/// announced on the other's change feed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_through_one_node_reaches_the_other() {
+    use crate::model::{ApiKeyRecord, KeyKind};
+    use crate::store::{AgentStore, Change, ClusterStore, KeyStore};
+    let Some(url) = test_database_url() else {
+        return;
+    };
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let a = PgStore::open(&url, 4, Some(&schema)).await.unwrap();
+    let b = PgStore::open(&url, 4, Some(&schema)).await.unwrap();
+    let mut feed = b.watch_changes().await.unwrap().unwrap();
+    a.ensure_org("o").await.unwrap();
+    let rec = ApiKeyRecord {
+        id: uuid::Uuid::new_v4(),
+        org: "o".into(),
+        kind: KeyKind::Private,
+        name: "k".into(),
+        prefix: "sk_abc".into(),
+        created_ms: 1,
+        revoked_ms: None,
+        public_key: None,
+    };
+    let hash = vec![9u8; 32];
+    a.insert_key(&rec, &hash).await.unwrap();
+    // Seen (and kept) by b.
+    assert!(b
+        .find_key(&hash)
+        .await
+        .unwrap()
+        .unwrap()
+        .0
+        .revoked_ms
+        .is_none());
+    assert!(b
+        .find_key(&hash)
+        .await
+        .unwrap()
+        .unwrap()
+        .0
+        .revoked_ms
+        .is_none());
+    let t0 = std::time::Instant::now();
+    assert!(a.revoke_key("o", rec.id).await.unwrap());
+    loop {
+        if b.find_key(&hash)
+            .await
+            .unwrap()
+            .unwrap()
+            .0
+            .revoked_ms
+            .is_some()
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(1),
+            "revocation not seen in 1 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // An agent written through a: b's feed names it.
+    let (ag, dep) = {
+        let id = uuid::Uuid::new_v4();
+        let d = uuid::Uuid::new_v4();
+        (
+            crate::model::AgentRecord {
+                id,
+                org: "o".into(),
+                name: "n".into(),
+                region: "local".into(),
+                min_agents: 0,
+                max_agents: 1,
+                desired_deployment_id: d,
+                created_ms: 1,
+                updated_ms: 1,
+                deleted_ms: None,
+            },
+            crate::model::DeploymentRecord {
+                id: d,
+                agent_id: id,
+                spec: crate::model::DeploymentSpec {
+                    command: Some(vec!["/bin/true".into()]),
+                    agent_profile: "agent-1x".into(),
+                    ..Default::default()
+                },
+                created_ms: 1,
+            },
+        )
+    };
+    a.create_agent(&ag, &dep).await.unwrap();
+    let got = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        loop {
+            if feed.recv().await.unwrap() == Change::Agent(ag.id) {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        got.is_ok(),
+        "the agent's change did not reach the other node in 1 s"
+    );
+}

@@ -107,6 +107,11 @@ impl Row<'_> {
             .unwrap_or_default()
     }
 
+    /// Column `i` as bytes (`None` for NULL).
+    pub fn opt_blob(&self, i: usize) -> Option<Vec<u8>> {
+        self.0.get::<_, Option<Vec<u8>>>(i).ok().flatten()
+    }
+
     /// Column `i` as a uuid.
     pub fn uuid(&self, i: usize) -> StoreResult<Uuid> {
         uuid_of(&self.string(i))

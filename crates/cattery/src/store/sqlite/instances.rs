@@ -54,8 +54,10 @@ impl InstanceStore for SqliteStore {
 
     async fn delete_instance(&self, id: Uuid) -> StoreResult<()> {
         self.write(move |db| {
-            db.exec("DELETE FROM instances WHERE id = ?", &[id.into()])
-                .map(|_| ())
+            db.atomic(|db| {
+                db.exec("DELETE FROM instances WHERE id = ?", &[id.into()])?;
+                super::cluster::release(db, id)
+            })
         })
         .await
     }
@@ -81,9 +83,19 @@ impl InstanceStore for SqliteStore {
             db.atomic(|db| {
                 insert_session(db, &s)?;
                 let n = db.exec(
-                    "UPDATE instances SET session_id = ? WHERE id = ?",
-                    &[s.id.into(), instance_id.into()],
+                    "UPDATE instances SET session_id = ? WHERE id = ? \
+                     AND (session_id IS NULL OR session_id = ?)",
+                    &[s.id.into(), instance_id.into(), s.id.into()],
                 )?;
+                if n == 0
+                    && db.query_int(
+                        "SELECT COUNT(*) FROM instances WHERE id = ?",
+                        &[instance_id.into()],
+                    )? > 0
+                {
+                    // Promised to another session: not taken.
+                    return Err(StoreError::Conflict);
+                }
                 Ok(n == 1)
             })
         })
@@ -100,6 +112,7 @@ impl InstanceStore for SqliteStore {
         self.write(move |db| {
             db.atomic(|db| {
                 db.exec("DELETE FROM instances WHERE id = ?", &[instance_id.into()])?;
+                super::cluster::release(db, instance_id)?;
                 let Some((sid, e, samples)) = &session else {
                     return Ok(false);
                 };
