@@ -194,6 +194,9 @@ pub struct RuntimeConfig {
     pub docker_host: Option<String>,
     /// When an agent's image is pulled at deploy.
     pub image_pull_policy: crate::runtime::docker::image::PullPolicy,
+    /// `on`: instances of `local:` Python agents are forked from a per-agent fork server that
+    /// has imported the bot once (where the machine and the bot allow); `off`: spawned.
+    pub python_fork_server: String,
 }
 
 /// The default instance uid range: above the `/etc/subuid` and systemd container ranges.
@@ -217,6 +220,7 @@ impl Default for RuntimeConfig {
             instance_uids: DEFAULT_INSTANCE_UIDS.into(),
             docker_host: None,
             image_pull_policy: Default::default(),
+            python_fork_server: "on".into(),
         }
     }
 }
@@ -419,6 +423,11 @@ pub struct ServeArgs {
         help_heading = "Runtime"
     )]
     pub image_pull_policy: Option<crate::runtime::docker::image::PullPolicy>,
+    /// `on`: each instance of a `local:` Python agent is a fork of a per-agent process that has
+    /// imported the bot once (tens of ms instead of most of a second); `off`: every instance is
+    /// a fresh interpreter; see docs/instance-contract.md [default: on].
+    #[arg(long, env = "CATTERY_PYTHON_FORK_SERVER", help_heading = "Runtime")]
+    pub python_fork_server: Option<String>,
 
     /// Seconds between SIGTERM and SIGKILL when an instance is removed, for agents that set no
     /// `stopGraceSeconds`; 0 means SIGKILL at once [default: 5].
@@ -544,6 +553,7 @@ impl Config {
             self.runtime.python => a.python,
             self.runtime.instance_uids => a.instance_uids,
             self.runtime.image_pull_policy => a.image_pull_policy,
+            self.runtime.python_fork_server => a.python_fork_server,
             se.stop_grace_seconds => a.stop_grace_seconds,
             se.start_timeout_seconds => a.start_timeout_seconds,
             se.drain_timeout_seconds => a.drain_timeout_seconds,
@@ -660,6 +670,10 @@ impl Config {
                 .parse::<crate::runtime::process::uids::UidRange>()
                 .map_err(|e| anyhow::anyhow!("--instance-uids {e}"))?;
         }
+        self.runtime
+            .python_fork_server
+            .parse::<crate::runtime::process::zygote::ForkServerMode>()
+            .map_err(|e| anyhow::anyhow!("--python-fork-server {e}"))?;
         self.web.validate()?;
         Ok(())
     }

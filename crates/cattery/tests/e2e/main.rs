@@ -13,6 +13,7 @@ mod connections;
 mod container;
 mod dashboard;
 mod docker;
+mod fork_server;
 mod isolation;
 mod lifecycle;
 mod lifecycle_pool;

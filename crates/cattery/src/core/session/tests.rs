@@ -396,6 +396,7 @@ async fn left_by_previous_run(e: &Env, a: &AgentRecord) -> (Uuid, Uuid) {
         working_dir: None,
         env: vec![],
         limits: None,
+        agent: None,
     };
     let inst = e.fake.start(spec, sink).await.unwrap();
     let sid = Uuid::new_v4();
