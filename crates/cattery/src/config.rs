@@ -17,6 +17,7 @@
 //! [runtime]
 //! kind = "process"
 //! python = "/usr/bin/python3"
+//! python_fork_server = "on"
 //!
 //! [sessions]
 //! stop_grace_seconds = 10
@@ -773,6 +774,19 @@ mod tests {
         assert_eq!(cfg.server.max_connections, 100);
         assert_eq!(cfg.logs.retention_days, 7);
         cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn the_python_fork_server_is_on_by_default_and_can_be_turned_off() {
+        assert_eq!(Config::default().runtime.python_fork_server, "on");
+        let mut cfg = Config::from_toml("[runtime]\npython_fork_server = \"off\"\n").unwrap();
+        assert_eq!(cfg.runtime.python_fork_server, "off");
+        cfg.validate().unwrap();
+        cfg.apply(args(&["--python-fork-server", "on"]));
+        assert_eq!(cfg.runtime.python_fork_server, "on");
+        cfg.apply(args(&["--python-fork-server", "sometimes"]));
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("--python-fork-server"), "{e}");
     }
 
     #[test]
