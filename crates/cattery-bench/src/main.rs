@@ -7,6 +7,7 @@
 //! target/release/cattery-bench --json bench/results/x.json   # the full run, under 10 minutes
 //! target/release/cattery-bench soak --cycles 2000       # load and fault run
 //! target/release/cattery-bench soak --cycles 20000 --crash-sessions 100   # the trial's size
+//! target/release/cattery-bench python --python <venv>/bin/python   # a real Pipecat bot
 //! ```
 //!
 //! Every run starts its own `cattery serve` on a temporary data dir and a free loopback port,
@@ -21,6 +22,7 @@ mod bench;
 mod containers;
 mod floor;
 mod live;
+mod pybots;
 mod report;
 mod seed;
 mod server;
@@ -60,6 +62,34 @@ enum Cmd {
     /// to the process runtime's), stop, churn and control-plane memory per live container.
     /// Needs an engine and the `cattery-test/agent` image (`scripts/docker-images.sh`).
     Containers(ContainerArgs),
+    /// A real Pipecat bot (`examples/session-status` by default, run by the bundled Python
+    /// runner), with the fork server and without it, same run: cold start (start request to
+    /// session delivered), warm start, PSS per idle instance, and how many idle instances fit.
+    Python(PythonArgs),
+}
+
+#[derive(Args, Clone)]
+struct PythonArgs {
+    /// Python with pipecat-ai, fastapi and uvicorn (`scripts/setup-python.sh` makes one).
+    #[arg(long)]
+    python: PathBuf,
+    /// The bot directory (with `bot.py`).
+    #[arg(long, default_value = "examples/session-status")]
+    bot_dir: PathBuf,
+    /// The short plan: 3 starts of each kind, 3 idle instances (a smoke check).
+    #[arg(long)]
+    quick: bool,
+    /// Cold starts per mode.
+    #[arg(long, default_value_t = 30)]
+    cold_runs: usize,
+    /// Warm starts per mode.
+    #[arg(long, default_value_t = 30)]
+    warm_runs: usize,
+    /// Idle instances for the memory figure.
+    #[arg(long, default_value_t = 20)]
+    idle: usize,
+    #[command(flatten)]
+    common: Common,
 }
 
 #[derive(Args, Clone)]
@@ -198,6 +228,7 @@ fn main() -> std::process::ExitCode {
         match cli.cmd {
             Some(Cmd::Soak(a)) => run_soak(a).await,
             Some(Cmd::Containers(a)) => run_containers(a).await,
+            Some(Cmd::Python(a)) => run_python(a).await,
             None => run_bench(cli.run).await,
         }
     });
@@ -402,5 +433,22 @@ async fn run_containers(a: ContainerArgs) -> anyhow::Result<bool> {
         live: a.live.max(1),
     };
     containers::run(&srv, &s.tag, &plan, &mut s.report).await;
+    finish(srv, s.report, &s.tag, t0, &a.common, s.dir).await
+}
+
+async fn run_python(a: PythonArgs) -> anyhow::Result<bool> {
+    let t0 = Instant::now();
+    let mut s = setup("python", &a.common)?;
+    let bot_dir = std::fs::canonicalize(&a.bot_dir)?;
+    let plan = pybots::PyPlan {
+        python: a.python.clone(),
+        bot_dir,
+        cold_runs: if a.quick { 3 } else { a.cold_runs.max(1) },
+        warm_runs: if a.quick { 3 } else { a.warm_runs.max(1) },
+        idle: if a.quick { 3 } else { a.idle.max(1) },
+    };
+    pybots::run(&s.bins, s.dir.path(), &s.tag, &plan, &mut s.report).await;
+    // Every server of this run is stopped; the shared checks and the output.
+    let srv = Arc::new(Server::start(&s.bins, &s.dir.path().join("final"), &[]).await?);
     finish(srv, s.report, &s.tag, t0, &a.common, s.dir).await
 }

@@ -34,6 +34,7 @@ import base64
 import binascii
 import contextlib
 import contextvars
+import gc
 import importlib
 import importlib.util
 import inspect
@@ -87,14 +88,24 @@ def _env_float(name: str, default: float) -> float:
     return value if math.isfinite(value) and value >= 0 else default
 
 
-HOST = os.environ.get("CATTERY_HOST", "127.0.0.1")
-PORT = int(os.environ.get("PORT", "8080"))
 BOT_DIR = os.path.abspath(os.environ.get("CATTERY_BOT_DIR") or os.getcwd())
-ENV_SESSION_ID = os.environ.get("CATTERY_SESSION_ID") or None
-LOG_LEVEL = (os.environ.get("PIPECAT_LOG_LEVEL") or "DEBUG").strip().upper()
-SHUTDOWN_TIMEOUT = _env_float("CATTERY_SHUTDOWN_TIMEOUT", 10.0)
-WEBRTC_TIMEOUT = _env_float("CATTERY_WEBRTC_TIMEOUT", 120.0)
 DEFAULT_STUN = "stun:stun.l.google.com:19302"
+
+
+def _load_settings() -> None:
+    """Per-instance settings from the environment (again in each child of the fork server)."""
+    global HOST, PORT, ENV_SESSION_ID, LOG_LEVEL, SHUTDOWN_TIMEOUT, WEBRTC_TIMEOUT, _DEFAULT_TAG
+    HOST = os.environ.get("CATTERY_HOST", "127.0.0.1")
+    PORT = int(os.environ.get("PORT", "8080"))
+    ENV_SESSION_ID = os.environ.get("CATTERY_SESSION_ID") or None
+    LOG_LEVEL = (os.environ.get("PIPECAT_LOG_LEVEL") or "DEBUG").strip().upper()
+    SHUTDOWN_TIMEOUT = _env_float("CATTERY_SHUTDOWN_TIMEOUT", 10.0)
+    WEBRTC_TIMEOUT = _env_float("CATTERY_WEBRTC_TIMEOUT", 120.0)
+    _DEFAULT_TAG = ENV_SESSION_ID or "NONE"
+
+
+HOST = PORT = ENV_SESSION_ID = LOG_LEVEL = SHUTDOWN_TIMEOUT = WEBRTC_TIMEOUT = _DEFAULT_TAG = None
+_load_settings()
 
 # ---------------------------------------------------------------------------------------------
 # Logging: `<time> | <LEVEL> | <module>:<func>:<line> | <session_id or NONE> - <message>`
@@ -103,8 +114,6 @@ DEFAULT_STUN = "stun:stun.l.google.com:19302"
 # The session of the code that is logging. Set per request (from x-daily-session-id) and
 # inherited by every task bot() creates, since asyncio tasks copy the current context.
 _SESSION: contextvars.ContextVar = contextvars.ContextVar("cattery_session_id", default=None)
-_DEFAULT_TAG = ENV_SESSION_ID or "NONE"
-
 LOG_FORMAT = (
     "{time:YYYY-MM-DD HH:mm:ss.SSS} | "
     "{level: <8} | "
@@ -1035,7 +1044,8 @@ def _import_bot():
     return importlib.import_module("bot")
 
 
-def main() -> int:
+def _prepare() -> Optional[int]:
+    """Import bot.py and register the routes; an exit code when that fails."""
     global _BOT, _READYZ, _ARGS
     _configure_logging()
     log.info(f"Cattery runner starting (python {sys.version.split()[0]}, bot dir {BOT_DIR})")
@@ -1074,8 +1084,11 @@ def main() -> int:
         app.add_api_route("/api/offer", handle_offer_patch, methods=["PATCH"])
     else:
         log.debug("SmallWebRTC not available (pipecat-ai[webrtc] not installed): /api/offer disabled")
+    return None
 
-    config = uvicorn.Config(
+
+def _uvicorn_config() -> "uvicorn.Config":
+    return uvicorn.Config(
         _SessionContext(app),
         host=HOST,
         port=PORT,
@@ -1085,7 +1098,10 @@ def main() -> int:
         timeout_graceful_shutdown=SHUTDOWN_TIMEOUT,
         server_header=False,
     )
-    server = _Server(config)
+
+
+def _serve() -> int:
+    server = _Server(_uvicorn_config())
     _configure_stdlib_logging()
     try:
         server.run()
@@ -1101,5 +1117,220 @@ def main() -> int:
     return 0
 
 
+def main() -> int:
+    code = _prepare()
+    if code is not None:
+        return code
+    return _serve()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fork server (``cattery_runner.py --zygote``): import once, fork one child per instance
+# ---------------------------------------------------------------------------------------------
+#
+# Protocol on the SOCK_SEQPACKET socket the server passes as stdin, one message each:
+#   zygote -> server  ``ready`` | ``unsafe <reason>`` | ``failed <code>``   (once, after import)
+#   server -> zygote  JSON ``{"id", "env", "cwd"}`` with three descriptors: stdout, stderr, go
+#   zygote -> server  ``pid <id> <pid>`` | ``err <id> <message>``
+#   zygote -> server  ``exit <pid> <code or -> <signal or ->`` when a child ends
+# A child blocks reading ``go`` until the server has moved it into its instance's cgroups and
+# written one byte; end of file there means "never run": it exits 127 without touching the bot.
+
+
+def fork_unsafe_reason() -> Optional[str]:
+    """Why forking this interpreter would be unsafe now, or None.
+
+    A thread alive after the import (a bot or library that starts one at import time) does not
+    exist in a forked child, and any lock it held stays locked there forever.
+    """
+    threads = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    if threads:
+        names = ", ".join(sorted(t.name for t in threads))
+        return f"{len(threads) + 1} threads alive after importing bot.py ({names})"
+    return None
+
+
+def _zygote_prewarm() -> None:
+    """Import what every child would import on its first request (uvicorn's protocols, SmallWebRTC)."""
+    with contextlib.suppress(Exception):
+        _uvicorn_config().load()
+    if _WEBRTC.available:
+        with contextlib.suppress(Exception):
+            importlib.import_module("pipecat.transports.smallwebrtc.request_handler")
+            importlib.import_module("pipecat.transports.smallwebrtc.connection")
+
+
+def _zygote_child(env: dict, cwd: str, out_fd: int, err_fd: int, go_fd: int) -> int:
+    """In a fresh fork: wait for the server's go, then become one instance of the bot."""
+    global _SPAWNED_AT
+    os.setsid()
+    got = b""
+    with contextlib.suppress(OSError):
+        got = os.read(go_fd, 1)
+    if got != b"1":
+        os._exit(127)
+    os.close(go_fd)
+    _SPAWNED_AT = time.monotonic()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    for fd in (devnull, out_fd, err_fd):
+        os.close(fd)
+    os.umask(0o022)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    _load_settings()
+    _configure_logging()
+    log.info(f"Cattery runner forked from the fork server (python {sys.version.split()[0]}, bot dir {BOT_DIR})")
+    return _serve()
+
+
+def zygote_main() -> int:
+    import selectors
+    import socket
+
+    code = _prepare()
+    ctl = socket.socket(fileno=os.dup(0))
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    if code is not None:
+        ctl.send(f"failed {code}".encode())
+        return code
+    unsafe = fork_unsafe_reason()
+    if unsafe is None:
+        _zygote_prewarm()
+        unsafe = fork_unsafe_reason()
+    if unsafe is not None:
+        log.warning(f"Not forking instances of this bot: {unsafe}")
+        ctl.send(f"unsafe {unsafe}".encode())
+        return 0
+    # Everything imported so far is shared with the children copy-on-write; a collection in a
+    # child must not touch (and so copy) it: move it out of the collector's generations.
+    gc.collect()
+    gc.freeze()
+    idle = _env_float("CATTERY_ZYGOTE_IDLE_SECONDS", 600.0)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    os.set_blocking(wake_r, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    sel = selectors.DefaultSelector()
+    sel.register(ctl, selectors.EVENT_READ)
+    sel.register(wake_r, selectors.EVENT_READ)
+
+    def child(own: "socket.socket") -> None:
+        """A spare: forked ahead of a request (so the fork is off the start's path), it waits
+        for its request on ``own``; then the go pipe, then it becomes the instance."""
+        code = 1
+        try:
+            sel.close()
+            ctl.close()
+            signal.set_wakeup_fd(-1)
+            os.close(wake_r)
+            os.close(wake_w)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            data, fds, _flags, _addr = socket.recv_fds(own, 1 << 20, 3)
+            own.close()
+            if not data or len(fds) != 3:
+                os._exit(0)  # the fork server went away before using this spare
+            req = json.loads(data)
+            code = _zygote_child(req["env"], req["cwd"], fds[0], fds[1], fds[2])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException as exc:  # noqa: BLE001
+            with contextlib.suppress(Exception):
+                _log_exception(f"Runner failed: {type(exc).__name__}: {exc}", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+
+    def fork_spare():
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            child(theirs)
+        theirs.close()
+        return pid, ours
+
+    spare = fork_spare()
+    log.info(f"Fork server ready ({time.monotonic() - _SPAWNED_AT:.2f} s after spawn)")
+    ctl.send(b"ready")
+    last = time.monotonic()
+
+    def reap() -> None:
+        nonlocal spare
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if spare is not None and pid == spare[0]:
+                spare[1].close()
+                spare = None  # a spare died unused (killed from outside): not an instance
+                continue
+            if os.WIFEXITED(status):
+                msg = f"exit {pid} {os.WEXITSTATUS(status)} -"
+            elif os.WIFSIGNALED(status):
+                msg = f"exit {pid} - {os.WTERMSIG(status)}"
+            else:
+                continue
+            with contextlib.suppress(OSError):
+                ctl.send(msg.encode())
+
+    while True:
+        events = sel.select(timeout=max(1.0, idle / 4))
+        reap()
+        if not events and idle > 0 and time.monotonic() - last > idle:
+            log.info(f"Fork server idle for {idle:g} s; exiting")
+            return 0
+        for key, _ in events:
+            if key.fileobj == wake_r:
+                with contextlib.suppress(OSError):
+                    os.read(wake_r, 4096)
+                continue
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 20, 3)
+            except OSError:
+                return 0
+            if not data:
+                return 0  # the server went away; running children are not ours to end
+            last = time.monotonic()
+            req_id = "?"
+            try:
+                req = json.loads(data)
+                req_id = str(req["id"])
+                if len(fds) != 3:
+                    raise ValueError(f"expected 3 descriptors, got {len(fds)}")
+                if spare is None:
+                    spare = fork_spare()
+                pid, sock = spare
+                spare = None
+                socket.send_fds(sock, [data], fds)
+                sock.close()
+            except Exception as exc:  # noqa: BLE001 - reported to the server
+                with contextlib.suppress(OSError):
+                    ctl.send(f"err {req_id} {type(exc).__name__}: {exc}".encode())
+                continue
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            with contextlib.suppress(OSError):
+                ctl.send(f"pid {req_id} {pid}".encode())
+            with contextlib.suppress(OSError):
+                spare = fork_spare()
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--zygote"]:
+        sys.exit(zygote_main())
     sys.exit(main())

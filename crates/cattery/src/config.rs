@@ -17,6 +17,7 @@
 //! [runtime]
 //! kind = "process"
 //! python = "/usr/bin/python3"
+//! python_fork_server = "on"
 //!
 //! [sessions]
 //! stop_grace_seconds = 10
@@ -198,6 +199,9 @@ pub struct RuntimeConfig {
     pub docker_host: Option<String>,
     /// When an agent's image is pulled at deploy.
     pub image_pull_policy: crate::runtime::docker::image::PullPolicy,
+    /// `on`: instances of `local:` Python agents are forked from a per-agent fork server that
+    /// has imported the bot once (where the machine and the bot allow); `off`: spawned.
+    pub python_fork_server: String,
 }
 
 /// The default instance uid range: above the `/etc/subuid` and systemd container ranges.
@@ -221,6 +225,7 @@ impl Default for RuntimeConfig {
             instance_uids: DEFAULT_INSTANCE_UIDS.into(),
             docker_host: None,
             image_pull_policy: Default::default(),
+            python_fork_server: "on".into(),
         }
     }
 }
@@ -423,6 +428,11 @@ pub struct ServeArgs {
         help_heading = "Runtime"
     )]
     pub image_pull_policy: Option<crate::runtime::docker::image::PullPolicy>,
+    /// `on`: each instance of a `local:` Python agent is a fork of a per-agent process that has
+    /// imported the bot once (tens of ms instead of most of a second); `off`: every instance is
+    /// a fresh interpreter; see docs/instance-contract.md [default: on].
+    #[arg(long, env = "CATTERY_PYTHON_FORK_SERVER", help_heading = "Runtime")]
+    pub python_fork_server: Option<String>,
 
     /// Seconds between SIGTERM and SIGKILL when an instance is removed, for agents that set no
     /// `stopGraceSeconds`; 0 means SIGKILL at once [default: 5].
@@ -553,6 +563,7 @@ impl Config {
             self.runtime.python => a.python,
             self.runtime.instance_uids => a.instance_uids,
             self.runtime.image_pull_policy => a.image_pull_policy,
+            self.runtime.python_fork_server => a.python_fork_server,
             se.stop_grace_seconds => a.stop_grace_seconds,
             se.start_timeout_seconds => a.start_timeout_seconds,
             se.drain_timeout_seconds => a.drain_timeout_seconds,
@@ -672,6 +683,10 @@ impl Config {
                 .parse::<crate::runtime::process::uids::UidRange>()
                 .map_err(|e| anyhow::anyhow!("--instance-uids {e}"))?;
         }
+        self.runtime
+            .python_fork_server
+            .parse::<crate::runtime::process::zygote::ForkServerMode>()
+            .map_err(|e| anyhow::anyhow!("--python-fork-server {e}"))?;
         self.web.validate()?;
         Ok(())
     }
@@ -771,6 +786,19 @@ mod tests {
         assert_eq!(cfg.server.max_connections, 100);
         assert_eq!(cfg.logs.retention_days, 7);
         cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn the_python_fork_server_is_on_by_default_and_can_be_turned_off() {
+        assert_eq!(Config::default().runtime.python_fork_server, "on");
+        let mut cfg = Config::from_toml("[runtime]\npython_fork_server = \"off\"\n").unwrap();
+        assert_eq!(cfg.runtime.python_fork_server, "off");
+        cfg.validate().unwrap();
+        cfg.apply(args(&["--python-fork-server", "on"]));
+        assert_eq!(cfg.runtime.python_fork_server, "on");
+        cfg.apply(args(&["--python-fork-server", "sometimes"]));
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("--python-fork-server"), "{e}");
     }
 
     #[test]

@@ -392,6 +392,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         instance_uids: cfg.instance_uids,
         docker_host: config.runtime.docker_host.clone(),
         image_pull_policy: config.runtime.image_pull_policy,
+        python_fork_server: config
+            .runtime
+            .python_fork_server
+            .parse()
+            .unwrap_or(crate::runtime::process::zygote::ForkServerMode::On),
     })?;
     let runtime = built.runtime;
     let (log_tx, log_rx) = mpsc::unbounded_channel();

@@ -29,6 +29,8 @@ pub struct RuntimeConfig {
     pub docker_host: Option<String>,
     /// When images are pulled at deploy.
     pub image_pull_policy: PullPolicy,
+    /// Whether `local:` Python instances are forked from a fork server.
+    pub python_fork_server: super::process::zygote::ForkServerMode,
 }
 
 /// The runtimes a configuration builds: the one the engine drives, and the Docker runtime in
@@ -46,7 +48,8 @@ fn process(cfg: &RuntimeConfig) -> anyhow::Result<ProcessRuntime> {
             .with_python_runner(PythonRunner::new(
                 cfg.python.clone(),
                 cfg.runner_path.clone(),
-            )),
+            ))
+            .with_fork_server(cfg.python_fork_server),
     )
 }
 
@@ -118,6 +121,7 @@ mod tests {
             instance_uids: None,
             docker_host: None,
             image_pull_policy: PullPolicy::Missing,
+            python_fork_server: crate::runtime::process::zygote::ForkServerMode::On,
         };
         assert!(build(&cfg).is_err());
     }

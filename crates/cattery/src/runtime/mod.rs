@@ -38,6 +38,9 @@ pub struct InstanceSpec {
     pub env: Vec<(String, String)>,
     /// Resource limits, applied where the machine allows (cgroup v1 controllers here).
     pub limits: Option<ProfileLimits>,
+    /// The agent the instance belongs to: the process runtime keeps one Python fork server
+    /// per agent (`runtime/process/zygote.rs`), replaced when its deployment changes.
+    pub agent: Option<Uuid>,
 }
 
 /// How an instance's main process ended.

@@ -89,8 +89,23 @@ pub fn pid_alive(pid: i32) -> bool {
     }
 }
 
-/// Live (non-zombie) pids whose environment has `CATTERY_TEST_TAG=<tag>`.
+/// Whether `pid` is a Python fork server (its cgroup is a `zygote-*` one): it imports an
+/// agent's bot once and lives between sessions, so it is no instance process.
+pub fn is_fork_server(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .is_ok_and(|c| c.lines().any(|l| l.contains("/zygote-")))
+}
+
+/// Live (non-zombie) pids whose environment has `CATTERY_TEST_TAG=<tag>`, fork servers aside
+/// ([`is_fork_server`]; their instances, forked from them, carry the tag too).
 pub fn tagged_pids(tag: &str) -> Vec<i32> {
+    let mut out = tagged_pids_all(tag);
+    out.retain(|p| !is_fork_server(*p));
+    out
+}
+
+/// Live (non-zombie) pids whose environment has `CATTERY_TEST_TAG=<tag>`, fork servers included.
+pub fn tagged_pids_all(tag: &str) -> Vec<i32> {
     let needle = format!("CATTERY_TEST_TAG={tag}");
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -511,7 +526,7 @@ impl Drop for Server {
             let _ = self.terminate(Duration::from_secs(20));
         }
         // Belt and braces: kill whatever an agent of this test left (by tag, never by name).
-        for pid in tagged_pids(&self.tag) {
+        for pid in tagged_pids_all(&self.tag) {
             unsafe_kill(pid, 9);
         }
         // And the containers of this server (Docker runtime) a killed server left, by label.

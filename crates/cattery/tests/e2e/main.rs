@@ -15,6 +15,7 @@ mod connections;
 mod container;
 mod dashboard;
 mod docker;
+mod fork_server;
 mod isolation;
 mod lifecycle;
 mod lifecycle_pool;

@@ -10,7 +10,7 @@ use crate::common::Server;
 use serde_json::json;
 
 /// The Python with pipecat-ai, pipecatcloud, fastapi and uvicorn.
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     let p = std::env::var_os("CATTERY_TEST_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| common::py_env_dir().join("main/bin/python"));
@@ -29,7 +29,7 @@ fn repo() -> PathBuf {
         .unwrap()
 }
 
-fn example(name: &str) -> String {
+pub(crate) fn example(name: &str) -> String {
     format!("local:{}", repo().join("examples").join(name).display())
 }
 
@@ -55,7 +55,7 @@ async fn run_script(what: &str, script: &str, args: Vec<String>) {
 
 /// Waits until the session-status bot's own `/status` route, reached through the session
 /// proxy, reports `running: true`; returns that status.
-async fn wait_bot_running(s: &Server, agent: &str, sid: &str) -> serde_json::Value {
+pub(crate) async fn wait_bot_running(s: &Server, agent: &str, sid: &str) -> serde_json::Value {
     common::wait_for(Duration::from_secs(20), "bot /status running", || async {
         let path = format!("/v1/public/{agent}/sessions/{sid}/status");
         let r = s.req("GET", &path, Some(&s.pk), None).await;
@@ -64,7 +64,7 @@ async fn wait_bot_running(s: &Server, agent: &str, sid: &str) -> serde_json::Val
     .await
 }
 
-async fn server() -> Server {
+pub(crate) async fn server() -> Server {
     let py = python();
     Server::start(&[
         "--python",
@@ -282,7 +282,7 @@ asyncio.run(main())
 }
 
 /// Logs of an agent for one session, oldest first.
-async fn session_logs(s: &Server, agent: &str, sid: &str) -> Vec<String> {
+pub(crate) async fn session_logs(s: &Server, agent: &str, sid: &str) -> Vec<String> {
     let r = s
         .req(
             "GET",
@@ -320,7 +320,7 @@ async fn official_sdk_starts_an_example_bot() {
     assert!(s.agent_pids().is_empty());
 }
 
-fn fixture_bot(dir: &std::path::Path, source: &str) -> String {
+pub(crate) fn fixture_bot(dir: &std::path::Path, source: &str) -> String {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("bot.py"), source).unwrap();
     format!("local:{}", dir.display())

@@ -577,6 +577,7 @@ impl Supervisor {
             working_dir: prepared.working_dir,
             env,
             limits: profile_limits(&ctl.deployment.spec.agent_profile),
+            agent: Some(ctl.agent_id),
         };
         let sink = LogSink {
             tx: self.logs.clone(),

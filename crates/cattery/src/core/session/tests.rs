@@ -403,6 +403,7 @@ async fn left_by(e: &Env, a: &AgentRecord, node: &str) -> (Uuid, Uuid) {
         working_dir: None,
         env: vec![],
         limits: None,
+        agent: None,
     };
     let inst = e.fake.start(spec, sink).await.unwrap();
     let sid = Uuid::new_v4();

@@ -19,6 +19,7 @@ pub mod python;
 pub mod reaper;
 pub mod spawn;
 pub mod uids;
+pub mod zygote;
 
 use std::collections::HashSet;
 use std::fs;
@@ -42,6 +43,7 @@ use self::python::PythonRunner;
 use self::reaper::Reaper;
 use self::spawn::SpawnSpec;
 use self::uids::{UidPool, UidRange};
+use self::zygote::{ForkInputs, ForkServerMode, Started, Zygote};
 use super::logs::{read_offsets, Tailer};
 use super::{
     ExitInfo, Instance, InstanceSpec, LogSink, Prepared, ResourceSample, Runtime, RuntimeError,
@@ -61,7 +63,27 @@ pub struct ProcessRuntime {
     reaper: Arc<Reaper>,
     isolation: Arc<Isolation>,
     python: Arc<PythonRunner>,
+    zygotes: Arc<Zygotes>,
 }
+
+/// The fork servers of `local:` agents ([`zygote`]), one per agent.
+struct Zygotes {
+    mode: ForkServerMode,
+    by_agent: Mutex<std::collections::HashMap<uuid::Uuid, Arc<Mutex<AgentZygote>>>>,
+}
+
+/// One agent's fork server, or why it has none.
+#[derive(Default)]
+struct AgentZygote {
+    live: Option<Arc<Zygote>>,
+    /// The key whose zygote refused to fork, and why.
+    unsafe_: Option<(u64, String)>,
+    /// The key whose zygote failed to start, and when (retried after [`ZYGOTE_RETRY`]).
+    failed: Option<(u64, Instant)>,
+}
+
+/// How long after a failed fork-server start instances are spawned before trying again.
+const ZYGOTE_RETRY: Duration = Duration::from_secs(60);
 
 impl ProcessRuntime {
     /// Creates the runtime. `instances_dir` (`<data dir>/instances`) holds one directory per
@@ -98,7 +120,20 @@ impl ProcessRuntime {
             reaper: Reaper::global(),
             isolation: Arc::new(isolation),
             python: Arc::new(PythonRunner::default()),
+            zygotes: Arc::new(Zygotes {
+                mode: ForkServerMode::On,
+                by_agent: Mutex::new(Default::default()),
+            }),
         })
+    }
+
+    /// Sets whether `local:` Python instances are forked from a fork server.
+    pub fn with_fork_server(mut self, mode: ForkServerMode) -> Self {
+        self.zygotes = Arc::new(Zygotes {
+            mode,
+            by_agent: Mutex::new(Default::default()),
+        });
+        self
     }
 
     /// Sets the Python runner used for `image: "local:<dir>"` bots.
@@ -193,11 +228,16 @@ impl ProcessRuntime {
         &self,
         id: &str,
         spec: &InstanceSpec,
+        shared_uid: Option<u32>,
     ) -> Result<(InstanceSetup, InstanceCgroups), RuntimeError> {
         let setup = |e: std::io::Error| RuntimeError::Setup(e.to_string());
-        let uid = match &self.isolation.uids {
-            Some(pool) => Some(pool.allocate().map_err(setup)?),
-            None => None,
+        let uid = match (&self.isolation.uids, shared_uid) {
+            (Some(pool), Some(u)) => {
+                pool.share(u);
+                Some(u)
+            }
+            (Some(pool), None) => Some(pool.allocate().map_err(setup)?),
+            (None, _) => None,
         };
         let p = InstanceSetup {
             dirs: InstanceDirs::at(self.instances_dir.join(id)),
@@ -263,17 +303,42 @@ impl ProcessRuntime {
         logs: LogSink,
     ) -> Result<Arc<dyn Instance>, RuntimeError> {
         let id = spec.instance_id.to_string();
-        let (mut p, cgs) = self.set_up(&id, &spec)?;
+        let (zygote, note) = match self.zygote_for(&spec) {
+            Ok(z) => (Some(z), None),
+            Err(note) => (None, note),
+        };
+        let (mut p, cgs) = self.set_up(&id, &spec, zygote.as_ref().and_then(|z| z.uid))?;
         let (out, err) = p.out.take().expect("set_up opened the output files");
+        if let Some(n) = &note {
+            // In the instance's own log, so the agent's logs say why its start was slow.
+            let line = format!("cattery: this instance is spawned, not forked: {n}\n");
+            if let Ok(fd) = err.try_clone() {
+                let _ = std::io::Write::write_all(&mut fs::File::from(fd), line.as_bytes());
+            }
+        }
         let env = isolation::instance_env(&self.base_env(&id, &p), &spec.env);
         let cwd = spec
             .working_dir
             .clone()
             .unwrap_or_else(|| p.dirs.home.clone());
         let fds = cgroup::raw_fds(&cgs.procs_fds);
-        // posix_spawn-like (no fork of this process), joining the cgroups and a new session
-        // and switching to the instance's uid before exec: see `runtime/process/spawn.rs`.
         let spawned = self.reaper.spawn_registered(|| {
+            if let Some(z) = &zygote {
+                // A fork of the agent's fork server, moved into the instance's cgroups
+                // before it runs anything of the bot: see `runtime/process/zygote.rs`.
+                let pid = z.fork(&env, &cwd, &out, &err, |pid| {
+                    let pid = pid.to_string();
+                    for fd in &cgs.procs_fds {
+                        let mut f = fs::File::from(fd.try_clone()?);
+                        std::io::Write::write_all(&mut f, pid.as_bytes())?;
+                    }
+                    Ok(())
+                })?;
+                return Ok(((), pid));
+            }
+            // posix_spawn-like (no fork of this process), joining the cgroups and a new
+            // session and switching to the instance's uid before exec: see
+            // `runtime/process/spawn.rs`.
             let pid = spawn::spawn(&SpawnSpec {
                 program: &spec.program,
                 args: &spec.args,
@@ -283,6 +348,7 @@ impl ProcessRuntime {
                 stderr: &err,
                 cgroup_procs: &fds,
                 ids: p.uid.map(|u| (u, u)),
+                stdin: None,
             })?;
             Ok(((), pid))
         });
@@ -514,6 +580,14 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn shutdown(&self) {
+        let all: Vec<_> = self.zygotes.by_agent.lock().drain().collect();
+        for (_, slot) in all {
+            let live = slot.lock().live.take();
+            if let Some(z) = live {
+                let rt = self.clone();
+                let _ = tokio::task::spawn_blocking(move || rt.retire_zygote(&z)).await;
+            }
+        }
         self.remove_server_cgroups();
     }
 
@@ -550,6 +624,7 @@ impl Runtime for ProcessRuntime {
             tracing::warn!(instance = %id, "removing an unrecorded instance left by a previous run");
             self.remove_unrecorded(&id).await;
         }
+        self.sweep_zygotes().await;
     }
 
     async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Option<Arc<dyn Instance>> {
@@ -869,4 +944,304 @@ fn oom_kills(file: &Path) -> u64 {
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// A fork server's environment: the allowlist, its own `HOME` and `TMPDIR`, and the agent's
+/// (deployment env and secrets) without the per-session `CATTERY_SESSION_ID`.
+fn zygote_env(
+    dirs: &InstanceDirs,
+    uid: Option<u32>,
+    spec_env: &[(String, String)],
+) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    let mut base = vec![
+        ("HOME", dirs.home.clone().into_os_string()),
+        ("TMPDIR", dirs.tmp.clone().into_os_string()),
+        ("CATTERY_FORK_SERVER", "1".into()),
+    ];
+    if let Some(uid) = uid {
+        base.push(("USER", format!("cattery-{uid}").into()));
+        base.push(("LOGNAME", format!("cattery-{uid}").into()));
+    }
+    let own: Vec<(String, String)> = spec_env
+        .iter()
+        .filter(|(k, _)| k != "CATTERY_SESSION_ID")
+        .cloned()
+        .collect();
+    isolation::instance_env(&base, &own)
+}
+
+/// The last non-empty line of a file ("" when none).
+fn last_line(p: &Path) -> String {
+    let text = fs::read_to_string(p).unwrap_or_default();
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+/// The fork servers of `local:` Python agents (see [`zygote`]).
+impl ProcessRuntime {
+    /// The fork server to fork `spec`'s instance from, started if needed; or why the instance
+    /// is spawned instead (`None`: nothing worth saying, e.g. not a `local:` agent).
+    fn zygote_for(&self, spec: &InstanceSpec) -> Result<Arc<Zygote>, Option<String>> {
+        let runs_runner =
+            spec.args.len() == 1 && Path::new(&spec.args[0]) == self.python.runner_path;
+        let mut inputs = ForkInputs {
+            mode: self.zygotes.mode,
+            runs_runner,
+            has_agent: spec.agent.is_some(),
+            cgroup_v2: self.cgroups.v2_base.is_some(),
+            unsafe_reason: None,
+        };
+        zygote::fork_decision(&inputs)?;
+        let Some(agent) = spec.agent else {
+            return Err(None);
+        };
+        let key = zygote::zygote_key(
+            &spec.program,
+            &spec.args,
+            spec.working_dir.as_deref(),
+            &spec.env,
+        );
+        let slot = self
+            .zygotes
+            .by_agent
+            .lock()
+            .entry(agent)
+            .or_default()
+            .clone();
+        let mut st = slot.lock();
+        if let Some((k, r)) = &st.unsafe_ {
+            if *k == key {
+                let mut known = inputs;
+                known.unsafe_reason = Some(r);
+                zygote::fork_decision(&known)?;
+            }
+        }
+        if let Some(z) = &st.live {
+            if z.key == key && z.alive() {
+                return Ok(z.clone());
+            }
+        }
+        if let Some((k, at)) = st.failed {
+            if k == key && at.elapsed() < ZYGOTE_RETRY {
+                return Err(Some(
+                    "the fork server failed to start (see the server log); retried within a minute"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(old) = st.live.take() {
+            let rt = self.clone();
+            std::thread::spawn(move || rt.retire_zygote(&old));
+        }
+        st.unsafe_ = None;
+        st.failed = None;
+        let t0 = Instant::now();
+        match self.start_zygote(key, spec) {
+            Started::Ready(z) => {
+                tracing::info!(agent = %agent, pid = z.pid, took_ms = t0.elapsed().as_millis() as u64, "fork server ready");
+                let z = Arc::new(z);
+                st.live = Some(z.clone());
+                Ok(z)
+            }
+            Started::Unsafe(r) => {
+                tracing::warn!(agent = %agent, reason = %r, "the bot is not safe to fork: its instances are spawned");
+                inputs.unsafe_reason = Some(&r);
+                let e = zygote::fork_decision(&inputs).err().flatten();
+                st.unsafe_ = Some((key, r));
+                Err(e)
+            }
+            Started::Failed(r) => {
+                tracing::warn!(agent = %agent, reason = %r, "the fork server failed: instances are spawned");
+                st.failed = Some((key, Instant::now()));
+                Err(Some(format!("the fork server failed: {r}")))
+            }
+        }
+    }
+
+    /// Starts a fork server for `spec`'s agent and waits until it has imported the bot.
+    /// Blocking (an import takes most of a second).
+    fn start_zygote(&self, key: u64, spec: &InstanceSpec) -> Started {
+        let name = format!("zygote-{key:016x}");
+        let dirs = InstanceDirs::at(self.instances_dir.join(&name));
+        let _ = fs::remove_dir_all(&dirs.dir);
+        if let Some(d) = self.cgroups.v2_base.as_ref().map(|b| b.join(&name)) {
+            if d.exists() {
+                let _ = cgroup::kill_all(&d);
+                cgroup::remove(&d);
+            }
+        }
+        let uid = match &self.isolation.uids {
+            Some(pool) => match pool.allocate() {
+                Ok(u) => Some(u),
+                Err(e) => return Started::Failed(e.to_string()),
+            },
+            None => None,
+        };
+        let made = (|| -> std::io::Result<_> {
+            dirs.create(uid.map(|u| (u, u)))?;
+            let out = fs::File::create(dirs.dir.join("stdout.log"))?;
+            let err = fs::File::create(dirs.dir.join("stderr.log"))?;
+            let cgs = self.cgroups.create(&name, None)?;
+            let (ctl, child_ctl) = zygote::control_pair()?;
+            Ok((OwnedFd::from(out), OwnedFd::from(err), cgs, ctl, child_ctl))
+        })();
+        let cleanup = |cg: Option<&Path>| {
+            if let Some(cg) = cg {
+                let _ = cgroup::kill_all(cg);
+                for _ in 0..200 {
+                    self.reaper.reap_all();
+                    if !cgroup::populated(cg) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                cgroup::remove(cg);
+            }
+            let _ = fs::remove_dir_all(&dirs.dir);
+            if let (Some(pool), Some(u)) = (&self.isolation.uids, uid) {
+                pool.release(u);
+            }
+        };
+        let (out, err, cgs, ctl, child_ctl) = match made {
+            Ok(v) => v,
+            Err(e) => {
+                cleanup(None);
+                return Started::Failed(e.to_string());
+            }
+        };
+        let env = zygote_env(&dirs, uid, &spec.env);
+        let cwd = spec
+            .working_dir
+            .clone()
+            .unwrap_or_else(|| dirs.home.clone());
+        let mut args = spec.args.clone();
+        args.push("--zygote".into());
+        let fds = cgroup::raw_fds(&cgs.procs_fds);
+        let spawned = self.reaper.spawn_registered(|| {
+            let pid = spawn::spawn(&SpawnSpec {
+                program: &spec.program,
+                args: &args,
+                env: &env,
+                cwd: &cwd,
+                stdout: &out,
+                stderr: &err,
+                cgroup_procs: &fds,
+                ids: uid.map(|u| (u, u)),
+                stdin: Some(std::os::fd::AsRawFd::as_raw_fd(&child_ctl)),
+            })?;
+            Ok(((), pid))
+        });
+        drop((child_ctl, out, err));
+        let InstanceCgroups { v2, v1, procs_fds } = cgs;
+        drop(procs_fds);
+        for d in &v1 {
+            cgroup::remove(d);
+        }
+        let pid = match spawned {
+            Ok(((), pid, _exit)) => pid,
+            Err(e) => {
+                cleanup(v2.as_deref());
+                return Started::Failed(format!("cannot start {}: {e}", spec.program));
+            }
+        };
+        let started = Zygote::await_ready(
+            ctl,
+            key,
+            pid,
+            uid,
+            dirs.dir.clone(),
+            v2.clone(),
+            self.reaper.clone(),
+        );
+        match started {
+            Started::Ready(z) => Started::Ready(z),
+            Started::Unsafe(r) => {
+                cleanup(v2.as_deref());
+                Started::Unsafe(r)
+            }
+            Started::Failed(r) => {
+                let last = last_line(&dirs.dir.join("stderr.log"));
+                cleanup(v2.as_deref());
+                Started::Failed(if last.is_empty() {
+                    r
+                } else {
+                    format!("{r}: {last}")
+                })
+            }
+        }
+    }
+
+    /// Retires a fork server (see [`Zygote::retire`]) and removes what it had: its cgroup, its
+    /// directory, its hold on its uid (which its forked instances keep until they are gone).
+    /// Blocking.
+    fn retire_zygote(&self, z: &Zygote) {
+        z.retire();
+        if let Some(cg) = &z.cgroup {
+            for _ in 0..400 {
+                self.reaper.reap_all();
+                if !cgroup::populated(cg) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            cgroup::remove(cg);
+        }
+        let _ = fs::remove_dir_all(&z.dir);
+        if let (Some(pool), Some(u)) = (&self.isolation.uids, z.uid) {
+            pool.release(u);
+        }
+    }
+
+    /// Removes the directories and cgroups of fork servers a previous run left behind.
+    async fn sweep_zygotes(&self) {
+        let live: HashSet<String> = self
+            .zygotes
+            .by_agent
+            .lock()
+            .values()
+            .filter_map(|s| {
+                s.lock()
+                    .live
+                    .as_ref()
+                    .map(|z| format!("zygote-{:016x}", z.key))
+            })
+            .collect();
+        let mut dirs = Vec::new();
+        let mut cgroups = Vec::new();
+        for (base, is_cg) in std::iter::once((&self.instances_dir, false))
+            .chain(self.cgroups.v2_base.iter().map(|b| (b, true)))
+        {
+            let Ok(rd) = fs::read_dir(base) else { continue };
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("zygote-") && !live.contains(&name) {
+                    if is_cg {
+                        kill_cgroup(&e.path()).await;
+                        cgroups.push(e.path());
+                    } else {
+                        dirs.push(e.path());
+                    }
+                }
+            }
+        }
+        tokio::task::block_in_place(|| {
+            for cg in &cgroups {
+                for _ in 0..200 {
+                    self.reaper.reap_all();
+                    if !cgroup::populated(cg) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                cgroup::remove(cg);
+            }
+            for d in &dirs {
+                let _ = fs::remove_dir_all(d);
+            }
+        });
+    }
 }

@@ -24,6 +24,9 @@ pub struct Reaper {
     inner: Mutex<Inner>,
     /// A reap was asked for while the lock was held; whoever holds it reaps on release.
     pending: AtomicBool,
+    /// Exit statuses reaped by another process (a fork server reaps its children), delivered
+    /// with the next reap.
+    external: Mutex<Vec<(i32, ExitInfo)>>,
 }
 
 #[derive(Default)]
@@ -47,6 +50,7 @@ impl Reaper {
                 let r = Arc::new(Reaper {
                     inner: Mutex::new(Inner::default()),
                     pending: AtomicBool::new(false),
+                    external: Mutex::new(Vec::new()),
                 });
                 let r2 = r.clone();
                 tokio::spawn(async move {
@@ -125,6 +129,16 @@ impl Reaper {
         }
     }
 
+    /// Delivers the exit status of a registered pid that another process reaped (a fork
+    /// server's child). Never waits for a spawn in progress (see [`Reaper::reap_all`]).
+    pub fn deliver_external(&self, pid: i32, info: ExitInfo) {
+        self.external
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((pid, info));
+        self.reap_all();
+    }
+
     /// Reaps every exited child now, or, when a spawn holds the lock, right after that spawn
     /// (never blocks on it).
     pub fn reap_all(&self) {
@@ -138,6 +152,11 @@ impl Reaper {
             };
             self.pending.store(false, Ordering::SeqCst);
             reap_locked(&mut g);
+            let external =
+                std::mem::take(&mut *self.external.lock().unwrap_or_else(|e| e.into_inner()));
+            for (pid, info) in external {
+                deliver(&mut g, pid, info);
+            }
             drop(g);
             if !self.pending.load(Ordering::SeqCst) {
                 return;

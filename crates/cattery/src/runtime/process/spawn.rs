@@ -67,6 +67,8 @@ pub struct SpawnSpec<'a> {
     pub cgroup_procs: &'a [RawFd],
     /// The uid and gid to run as (`None`: the server's own).
     pub ids: Option<(u32, u32)>,
+    /// Standard input (`None`: `/dev/null`).
+    pub stdin: Option<RawFd>,
 }
 
 /// Everything the child reads, prepared by the parent (the child must not allocate).
@@ -299,7 +301,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<i32> {
         sh_argv,
         envp,
         cwd: cstring(spec.cwd.as_os_str().as_bytes())?,
-        stdin: devnull.as_raw_fd(),
+        stdin: spec.stdin.unwrap_or(devnull.as_raw_fd()),
         stdout: spec.stdout.as_raw_fd(),
         stderr: spec.stderr.as_raw_fd(),
         cgroup_procs: spec.cgroup_procs.to_vec(),
@@ -382,6 +384,7 @@ mod tests {
             stderr: &out,
             cgroup_procs: &[],
             ids: None,
+            stdin: None,
         })
         .unwrap();
         let status = wait(pid);
@@ -415,6 +418,7 @@ mod tests {
             stderr: &err,
             cgroup_procs: &[],
             ids: None,
+            stdin: None,
         })
         .unwrap();
         assert_eq!(wait(pid), 0);
@@ -453,6 +457,7 @@ mod tests {
                 stderr: &out,
                 cgroup_procs: &[],
                 ids: None,
+                stdin: None,
             });
             let e = r.expect_err(program);
             assert_eq!(e.kind(), io::ErrorKind::NotFound, "{program}: {e}");
@@ -507,6 +512,7 @@ mod tests {
             stderr: &out,
             cgroup_procs: &[],
             ids: Some((2_100_000_007, 2_100_000_008)),
+            stdin: None,
         })
         .unwrap();
         assert_eq!(wait(pid), 0);

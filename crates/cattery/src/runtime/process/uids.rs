@@ -80,6 +80,9 @@ pub struct UidPool {
     range: UidRange,
     lock_dir: PathBuf,
     held: Mutex<HashMap<u32, Flock<File>>>,
+    /// Extra holders of a held uid beyond the first: the instances forked from one
+    /// deployment's fork server share its uid (`runtime/process/zygote.rs`).
+    shares: Mutex<HashMap<u32, usize>>,
 }
 
 /// Whether any process runs under `uid` (its `/proc/<pid>` directory is owned by it).
@@ -102,6 +105,7 @@ impl UidPool {
             range,
             lock_dir,
             held: Mutex::new(HashMap::new()),
+            shares: Mutex::new(HashMap::new()),
         }
     }
 
@@ -159,11 +163,21 @@ impl UidPool {
         )))
     }
 
-    /// Takes back the uid of a re-adopted instance (its processes already run under it).
+    /// One more holder of `uid`, which this pool holds (an instance forked from a fork server
+    /// running under it). Each holder calls [`UidPool::release`] once.
+    pub fn share(&self, uid: u32) {
+        if self.held.lock().contains_key(&uid) {
+            *self.shares.lock().entry(uid).or_default() += 1;
+        }
+    }
+
+    /// Takes back the uid of a re-adopted instance (its processes already run under it). A
+    /// uid already held here (instances forked from one fork server) gains one more holder.
     pub fn adopt(&self, uid: u32) {
         let path = self.lock_dir.join(format!("{uid}.lock"));
         let mut held = self.held.lock();
         if held.contains_key(&uid) {
+            *self.shares.lock().entry(uid).or_default() += 1;
             return;
         }
         match super::locks::lock_file(&path, false) {
@@ -174,9 +188,20 @@ impl UidPool {
         }
     }
 
-    /// Releases `uid` once its instance is gone.
+    /// Releases `uid` once its instance is gone (once its last holder is, when shared).
     pub fn release(&self, uid: u32) {
-        if let Some(lock) = self.held.lock().remove(&uid) {
+        let mut held = self.held.lock();
+        {
+            let mut shares = self.shares.lock();
+            if let Some(n) = shares.get_mut(&uid) {
+                *n -= 1;
+                if *n == 0 {
+                    shares.remove(&uid);
+                }
+                return;
+            }
+        }
+        if let Some(lock) = held.remove(&uid) {
             let _ = lock.set_len(0);
         }
     }
@@ -219,5 +244,20 @@ mod tests {
         drop(b);
         let c = UidPool::new(range, dir.path().to_path_buf());
         assert!(c.allocate().is_ok());
+    }
+
+    #[test]
+    fn a_shared_uid_is_freed_by_its_last_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let range: UidRange = "2100000010-2100000010".parse().unwrap();
+        let pool = UidPool::new(range, dir.path().to_path_buf());
+        let u = pool.allocate().unwrap();
+        pool.share(u);
+        pool.adopt(u);
+        pool.release(u);
+        pool.release(u);
+        assert!(pool.allocate().is_err(), "one holder left");
+        pool.release(u);
+        assert_eq!(pool.allocate().unwrap(), u);
     }
 }

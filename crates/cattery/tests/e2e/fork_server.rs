@@ -1,0 +1,319 @@
+//! The Python fork server (`runtime/process/zygote.rs`): instances of `local:` bots forked from
+//! a per-agent process that imported the bot once, with every lifecycle rule unchanged. Needs
+//! `scripts/setup-python.sh` (as `python_bots`).
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::{self, Server};
+use crate::python_bots::{example, fixture_bot, python, server, session_logs, wait_bot_running};
+
+/// Every log line of an agent, oldest first.
+async fn agent_logs(s: &Server, agent: &str) -> Vec<String> {
+    let r = s
+        .req(
+            "GET",
+            &format!("/v1/agents/{agent}/logs?limit=1000&order=asc"),
+            Some(&s.sk),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["log"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// Waits for a log line of `agent` containing `needle`; returns it.
+async fn wait_log(s: &Server, agent: &str, needle: &str) -> String {
+    common::wait_for(Duration::from_secs(30), needle, || async {
+        agent_logs(s, agent)
+            .await
+            .into_iter()
+            .find(|l| l.contains(needle))
+    })
+    .await
+}
+
+/// The fork servers of this server's agents (not the spare child each keeps forked ahead,
+/// which waits in its cgroup too).
+fn fork_servers(s: &Server) -> Vec<i32> {
+    let all: Vec<i32> = common::tagged_pids_all(&s.tag)
+        .into_iter()
+        .filter(|p| common::is_fork_server(*p))
+        .collect();
+    all.iter()
+        .copied()
+        .filter(|p| !all.contains(&ppid_of(*p)))
+        .collect()
+}
+
+/// The real uid of a process.
+fn uid_of(pid: i32) -> u32 {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    st.lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Parent pid of a process.
+fn ppid_of(pid: i32) -> i32 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &s[s.rfind(')').unwrap() + 2..];
+    rest.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+const TREE_BOT: &str = r#"
+import asyncio, os, signal, subprocess
+
+async def bot(args):
+    # Deaf to SIGTERM: only the SIGKILL after the stop grace ends it, with its child.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = subprocess.Popen(["sleep", "600"])
+    print(f"PIDS {os.getpid()} {child.pid}", flush=True)
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass
+"#;
+
+/// An example bot's sessions are forks of the agent's fork server: they serve the bot's own
+/// routes through the session proxy, stop within the grace, and a deaf bot is killed after it
+/// with its whole tree. A redeploy starts a new fork server and retires the old one.
+#[tokio::test(flavor = "multi_thread")]
+async fn forked_sessions_deliver_serve_routes_stop_and_die_whole() {
+    let s = server().await;
+    s.deploy(
+        "forked",
+        &[],
+        json!({"command": null, "image": example("session-status")}),
+    )
+    .await;
+    let r = s
+        .start_session("forked", json!({"body": {"duration_secs": 60}}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sid = r.body["sessionId"].as_str().unwrap().to_string();
+    let st = wait_bot_running(&s, "forked", &sid).await;
+    assert_eq!(st["session_id"], sid.as_str());
+    let logs = session_logs(&s, "forked", &sid).await;
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("forked from the fork server")),
+        "{logs:?}"
+    );
+    let zygotes = fork_servers(&s);
+    assert_eq!(zygotes.len(), 1, "one fork server per agent");
+    let pids = s.agent_pids();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    assert_eq!(ppid_of(pids[0]), zygotes[0], "the instance is a fork");
+    // Cooperative stop: the runner exits by itself within the 3 s grace (code 0, no SIGKILL).
+    assert_eq!(s.stop("forked", &sid).await.status, 200);
+    s.wait_no_agent_pids(Duration::from_secs(10)).await;
+    let g = s.wait_ended("forked", &sid, Duration::from_secs(10)).await;
+    assert_eq!(g["exitCode"], 0, "{g}");
+
+    // A second session of the same deployment: the same fork server.
+    let sid2 = s.start_ok("forked").await;
+    wait_bot_running(&s, "forked", &sid2).await;
+    assert_eq!(fork_servers(&s), zygotes);
+    assert_eq!(s.stop("forked", &sid2).await.status, 200);
+
+    // A deaf bot and its child: SIGKILLed together once the grace is over.
+    let tmp = common::open_tempdir();
+    let tree = fixture_bot(&tmp.path().join("tree"), TREE_BOT);
+    s.deploy("tree", &[], json!({"command": null, "image": tree}))
+        .await;
+    let sid3 = s.start_ok("tree").await;
+    let line = wait_log(&s, "tree", "PIDS ").await;
+    let f: Vec<i32> = line
+        .split("PIDS ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .take(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert!(common::pid_alive(f[0]) && common::pid_alive(f[1]));
+    assert!(!fork_servers(&s).contains(&f[0]));
+    let t0 = Instant::now();
+    assert_eq!(s.stop("tree", &sid3).await.status, 200);
+    common::wait_for(Duration::from_secs(15), "the tree to be gone", || async {
+        (!common::pid_alive(f[0]) && !common::pid_alive(f[1])).then_some(())
+    })
+    .await;
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(20),
+        "killed after the 3 s grace: {took:?}"
+    );
+
+    // A redeploy (changed env): a new fork server; the old one is retired.
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents/forked",
+            Some(&s.sk),
+            Some(json!({"env": {"X_REDEPLOYED": "1", "CATTERY_TEST_TAG": s.tag}})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sid4 = s.start_ok("forked").await;
+    wait_bot_running(&s, "forked", &sid4).await;
+    common::wait_for(
+        Duration::from_secs(10),
+        "the old fork server to exit",
+        || async { (!common::pid_alive(zygotes[0])).then_some(()) },
+    )
+    .await;
+    assert_eq!(s.stop("forked", &sid4).await.status, 200);
+    s.wait_no_agent_pids(Duration::from_secs(10)).await;
+}
+
+/// A bot that starts a thread at import is not forked: its sessions are spawned as before,
+/// and the agent's logs say why. `--python-fork-server off` spawns every instance.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bot_unsafe_to_fork_is_spawned_with_the_reason_and_off_turns_forking_off() {
+    let s = server().await;
+    let tmp = common::open_tempdir();
+    let threaded = fixture_bot(
+        &tmp.path().join("threaded"),
+        "import threading, time\n\
+         threading.Thread(target=lambda: time.sleep(3600), name='import-time-worker', daemon=True).start()\n\
+         async def bot(args):\n    print('THREADED BOT RAN', flush=True)\n",
+    );
+    s.deploy("threaded", &[], json!({"command": null, "image": threaded}))
+        .await;
+    let sid = s.start_ok("threaded").await;
+    let g = s
+        .wait_ended("threaded", &sid, Duration::from_secs(30))
+        .await;
+    assert_eq!(g["endReason"], "completed", "{g}");
+    wait_log(&s, "threaded", "THREADED BOT RAN").await;
+    let why = wait_log(&s, "threaded", "spawned, not forked").await;
+    assert!(
+        why.contains(
+            "not safe to fork: 2 threads alive after importing bot.py (import-time-worker)"
+        ),
+        "{why}"
+    );
+    assert!(fork_servers(&s).is_empty());
+    assert!(s.log().contains("not safe to fork"));
+    drop(s);
+
+    let py = python();
+    let off = Server::start(&[
+        "--python",
+        py.to_str().unwrap(),
+        "--python-fork-server",
+        "off",
+    ])
+    .await;
+    off.deploy(
+        "plain",
+        &[],
+        json!({"command": null, "image": example("session-status")}),
+    )
+    .await;
+    let sid = off.start_ok("plain").await;
+    wait_bot_running(&off, "plain", &sid).await;
+    assert!(fork_servers(&off).is_empty());
+    let logs = session_logs(&off, "plain", &sid).await;
+    assert!(!logs.iter().any(|l| l.contains("forked")), "{logs:?}");
+    assert_eq!(off.stop("plain", &sid).await.status, 200);
+}
+
+const PEER_BOT: &str = r#"
+import asyncio, os
+
+async def bot(args):
+    body = args.body or {}
+    print(f"IDS {os.getpid()} {os.getuid()}", flush=True)
+    peer = body.get("peer")
+    if not peer:
+        await asyncio.sleep(60)
+        return
+    try:
+        open(f"/proc/{peer}/environ", "rb").read()
+        print("ENVIRON READ", flush=True)
+    except Exception as e:
+        print(f"ENVIRON {type(e).__name__}", flush=True)
+    try:
+        os.kill(int(peer), 0)
+        print("KILL OK", flush=True)
+    except Exception as e:
+        print(f"KILL {type(e).__name__}", flush=True)
+"#;
+
+/// As root with instance uids: each agent's fork server runs under an unprivileged uid of its
+/// own, and an instance of one agent can neither read another agent's instance's environment
+/// (its secrets) nor signal it.
+#[tokio::test(flavor = "multi_thread")]
+async fn fork_servers_are_unprivileged_and_agents_cannot_reach_each_other() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (instance uids)");
+        return;
+    }
+    let s = server().await;
+    let tmp = common::open_tempdir();
+    for name in ["peer-a", "peer-b"] {
+        let dir = tmp.path().join(name);
+        let img = fixture_bot(&dir, PEER_BOT);
+        use std::os::unix::fs::PermissionsExt;
+        for d in [tmp.path(), dir.as_path()] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::fs::set_permissions(dir.join("bot.py"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        s.deploy(
+            name,
+            &[],
+            json!({"command": null, "image": img, "env": {"SECRET_OF": name}}),
+        )
+        .await;
+    }
+    let sid_b = s.start_ok("peer-b").await;
+    let ids_b = wait_log(&s, "peer-b", "IDS ").await;
+    let b: Vec<u32> = ids_b
+        .split("IDS ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .take(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let r = s
+        .start_session("peer-a", json!({"body": {"peer": b[0]}}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let environ = wait_log(&s, "peer-a", "ENVIRON ").await;
+    let kill = wait_log(&s, "peer-a", "KILL ").await;
+    assert!(environ.contains("ENVIRON PermissionError"), "{environ}");
+    assert!(kill.contains("KILL PermissionError"), "{kill}");
+    let ids_a = wait_log(&s, "peer-a", "IDS ").await;
+    let uid_a: u32 = ids_a
+        .split("IDS ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(uid_a, 0);
+    assert_ne!(b[1], 0);
+    assert_ne!(uid_a, b[1], "agents never share a uid");
+    let zygotes = fork_servers(&s);
+    assert_eq!(zygotes.len(), 2, "{zygotes:?}");
+    for z in zygotes {
+        assert_ne!(uid_of(z), 0, "a fork server never runs as root");
+    }
+    assert_eq!(s.stop("peer-b", &sid_b).await.status, 200);
+}
