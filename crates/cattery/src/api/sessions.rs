@@ -181,13 +181,9 @@ pub async fn start_session(
             ));
         }
         let base = st.ws.public_url.ws_base(&headers);
-        return Ok(Json(StartAnswer::Websocket(super::ws::announce(
-            &st,
-            &base,
-            &c.org,
-            &name,
-            req.body.as_ref(),
-        ))));
+        return Ok(Json(StartAnswer::Websocket(
+            super::ws::announce(&st, &base, &c.org, &name, req.body.as_ref()).await?,
+        )));
     }
     let session = Uuid::new_v4();
     let mut extra_headers = Vec::new();
@@ -444,12 +440,11 @@ pub async fn stop_session(
     ApiPath((name, sid)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<StopResponse>> {
     let id = parse_session_id(&sid)?;
-    match st.sup.stop_session(&c.org, &name, id).await {
-        // A websocket session announced by /start whose client never connected: its token
-        // is revoked, so it can never start.
-        Err(CoreError::NotFound(_)) if st.ws.revoke_session(&c.org, &name, id) => {}
-        r => r?,
-    }
+    // A websocket session announced by /start whose client has not connected: its token is
+    // revoked first, so it can never start; the stop then ends its record
+    // (`stopped_during_start`).
+    st.ws.revoke_session(&c.org, &name, id);
+    st.sup.stop_session(&c.org, &name, id).await?;
     Ok(Json(StopResponse {
         session_id: id,
         status: "terminated".into(),

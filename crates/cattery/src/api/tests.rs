@@ -33,6 +33,7 @@ struct Answer {
 }
 
 mod daily;
+mod ws_waiting;
 
 async fn api() -> Api {
     api_with(|_| {}).await

@@ -1,6 +1,8 @@
 //! The websocket transport (reference §A.5 "websocket", §F.3).
 //!
-//! `POST /start` with `transport: "websocket"` starts no bot: it answers a single-use token
+//! `POST /start` with `transport: "websocket"` starts no bot: it records the session as
+//! waiting for its client (listed, stoppable; ended `client_never_connected` when the token
+//! expires unused, see `docs/lifecycle.md`) and answers a single-use token
 //! (valid `--ws-token-ttl-seconds`, default [`TOKEN_TTL`], bound to agent and org), a `wsUrl` served by Cattery
 //! (`ws://<host>/ws/generic/<agent>.<org>`, `wss://` behind TLS: see `crate::web`), the announced `sessionId`, and the body as
 //! base64 JSON. When a client connects there, Cattery assigns an instance (warm or cold),
@@ -130,15 +132,16 @@ impl WsState {
         tok
     }
 
-    /// Redeems a token for `org`/`agent` (single use).
+    /// Redeems a token for `org`/`agent` (single use: a token presented at another agent is
+    /// used up too, and its session ends `client_never_connected` when the token expires).
     fn redeem(&self, tok: &str, org: &str, agent: &str) -> Option<WsTicket> {
         let mut m = self.tickets.lock();
         let t = m.remove(tok)?;
         (t.expires > Instant::now() && t.org == org && t.agent == agent).then_some(t)
     }
 
-    /// Revokes the token announced for `session` (a stop before the client connected).
-    /// Returns whether there was one.
+    /// Revokes the token announced for `session` (a stop before the client connected), so
+    /// that no client can connect after the stop. Returns whether there was one.
     pub fn revoke_session(&self, org: &str, agent: &str, session: Uuid) -> bool {
         let mut m = self.tickets.lock();
         let before = m.len();
@@ -162,30 +165,46 @@ pub struct WsAnnounce {
     pub ws_url: String,
 }
 
-/// `/start` for the websocket transport: issues the token and answers where to connect
-/// (`base`: `ws://host` or `wss://host/prefix`, see [`crate::web::PublicUrl`]).
-pub fn announce(
+/// `/start` for the websocket transport: records the session as waiting for its client,
+/// issues the token, and answers where to connect (`base`: `ws://host` or
+/// `wss://host/prefix`, see [`crate::web::PublicUrl`]). When the token expires unused, the
+/// session ends `client_never_connected`.
+pub async fn announce(
     st: &AppState,
     base: &str,
     org: &str,
     agent: &str,
     body: Option<&serde_json::Value>,
-) -> WsAnnounce {
+) -> Result<WsAnnounce, crate::core::CoreError> {
     let session_id = Uuid::new_v4();
+    st.sup
+        .record_waiting_session(org, agent, session_id)
+        .await?;
     let body_bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
+    let ttl = st.ws.token_ttl;
     let token = st.ws.issue(WsTicket {
         org: org.to_string(),
         agent: agent.to_string(),
         session_id,
         body: body_bytes.clone(),
-        expires: Instant::now() + st.ws.token_ttl,
+        expires: Instant::now() + ttl,
     });
-    WsAnnounce {
+    let (sup, org_s, agent_s) = (st.sup.clone(), org.to_string(), agent.to_string());
+    tokio::spawn(async move {
+        tokio::time::sleep(ttl).await;
+        if let Err(e) = sup
+            .expire_waiting_session(&org_s, &agent_s, session_id, ttl)
+            .await
+        {
+            tracing::warn!(session = %session_id, error = %e, "could not record a websocket session whose client never connected");
+        }
+    });
+    Ok(WsAnnounce {
         body: body_bytes.map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
         session_id,
         token,
         ws_url: format!("{base}/ws/generic/{agent}.{org}"),
-    }
+    })
 }
 
 fn forbidden(msg: &str) -> Response {
