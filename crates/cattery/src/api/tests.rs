@@ -34,6 +34,7 @@ struct Answer {
 
 mod daily;
 mod ws_waiting;
+mod big_list;
 
 async fn api() -> Api {
     api_with(|_| {}).await
