@@ -32,9 +32,9 @@ struct Answer {
     body: Value,
 }
 
+mod big_list;
 mod daily;
 mod ws_waiting;
-mod big_list;
 
 async fn api() -> Api {
     api_with(|_| {}).await

@@ -117,3 +117,36 @@ async fn websocket_session_waits_is_stopped_and_expires() {
     let g = a.get(&format!("/v1/agents/wsw/sessions/{id}")).await;
     assert_eq!(g.body["waitingForClient"], true, "{}", g.body);
 }
+
+/// A server that restarts while a websocket session waits for its client (its token lived in
+/// the old server's memory) ends that session `client_never_connected` when it recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_websocket_session_ends_when_the_server_restarts() {
+    use std::sync::Arc;
+
+    use crate::config::Config;
+    use crate::runtime::fake::FakeRuntime;
+    use crate::serve::{app_state, open_store};
+
+    let a = api_with(|_| {}).await;
+    a.deploy("wsr", &[], json!({})).await;
+    let id = ws_start(&a, "wsr").await;
+
+    // The next server over the same data dir.
+    let dir = a._dir.path();
+    let mut config = Config::default();
+    config.server.data_dir = dir.to_path_buf();
+    let store = open_store(&config.store, dir).await.unwrap();
+    let (logs, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let next = app_state(&config, dir, store, Arc::new(FakeRuntime::new()), logs).unwrap();
+    next.sup.recover().await.unwrap();
+
+    let g = a.get(&format!("/v1/agents/wsr/sessions/{id}")).await;
+    assert_eq!(g.body["endReason"], "client_never_connected", "{}", g.body);
+    assert_eq!(g.body["endState"], "ended_before_agent_start");
+    assert!(g.body["endMessage"]
+        .as_str()
+        .unwrap()
+        .contains("restarted before the websocket client connected"));
+}
