@@ -211,6 +211,12 @@ async fn talk_to_a_webrtc_bot_in_a_browser() {
         .expect("target dir")
         .join("dashboard-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
+    // A websocket session whose client never connects: listed as waiting (issue 17).
+    let w = s
+        .start_session("rtc-talk", json!({"transport": "websocket"}))
+        .await;
+    assert_eq!(w.status, 200, "{:?}", w.body);
+    let waiting = w.body["sessionId"].as_str().unwrap().to_string();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/talk.cjs");
     let mut child = tokio::process::Command::new("node")
         .arg(&script)
@@ -218,6 +224,7 @@ async fn talk_to_a_webrtc_bot_in_a_browser() {
         .env("CATTERY_URL", &s.base)
         .env("CATTERY_SK", &s.sk)
         .env("CATTERY_AGENT", "rtc-talk")
+        .env("CATTERY_WAITING_SESSION", &waiting)
         .env("CATTERY_SCREENSHOTS", &shots)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -253,4 +260,6 @@ async fn talk_to_a_webrtc_bot_in_a_browser() {
         .await;
     assert_eq!(g["endReason"], "completed", "{g:?}");
     s.wait_no_agent_pids(Duration::from_secs(10)).await;
+    assert!(shots.join("07-sessions-waiting-client.png").exists());
+    assert_eq!(s.stop("rtc-talk", &waiting).await.status, 200);
 }

@@ -6,7 +6,10 @@
 // session proxy, and reports the call's state and the bot's audio (inbound-rtp stats).
 // This script prints `SESSION <id>` once the call is connected and audio came back, then
 // `PACKETS <n> LEVEL <x>`, hangs up, and prints `ENDED`.
-// Environment: CATTERY_URL, CATTERY_SK, CATTERY_AGENT, CATTERY_SCREENSHOTS, NODE_PATH,
+// First it checks that the sessions page marks CATTERY_WAITING_SESSION (a websocket session
+// whose client never connected) as waiting for its client.
+// Environment: CATTERY_URL, CATTERY_SK, CATTERY_AGENT, CATTERY_WAITING_SESSION,
+// CATTERY_SCREENSHOTS, NODE_PATH,
 // CATTERY_CHROMIUM (default /usr/bin/chromium).
 'use strict';
 
@@ -22,6 +25,7 @@ const BASE = env('CATTERY_URL');
 const SK = env('CATTERY_SK');
 const AGENT = env('CATTERY_AGENT');
 const SHOTS = env('CATTERY_SCREENSHOTS');
+const WAITING = env('CATTERY_WAITING_SESSION');
 function step(msg) { console.error(`[talk e2e] ${msg}`); }
 function check(cond, msg) { if (!cond) throw new Error(`check failed: ${msg}`); }
 
@@ -48,6 +52,13 @@ async function main() {
     await page.goto(BASE + '/dashboard');
     await page.fill('#signin-key', SK);
     await page.click('#signin-button');
+    await page.locator(`tr[data-agent="${AGENT}"] a.talk`).waitFor(T);
+
+    step('a websocket session announced by /start shows as waiting for its client');
+    await page.goto(`${BASE}/dashboard#/sessions?agent=${encodeURIComponent(AGENT)}`);
+    await page.locator(`tr[data-session="${WAITING}"] .waiting`).waitFor(T);
+    await shot('07-sessions-waiting-client.png');
+    await page.goto(`${BASE}/dashboard#/agents`);
     await page.locator(`tr[data-agent="${AGENT}"] a.talk`).waitFor(T);
 
     step('Talk: a webrtc session, the fake microphone, the session proxy');

@@ -350,7 +350,7 @@ async function sessionsPage(main, q) {
   const agentSel = sel('f-agent', names, agent);
   const statusSel = sel('f-status', ['all', 'active', 'ended'], f.status);
   const typeSel = sel('f-start', ['all', 'cold', 'warm'], f.startType);
-  const reasonSel = sel('f-reason', ['any', 'completed', 'error', 'stopped', 'stopped_during_start', 'max_duration', 'start_failed', 'client_disconnected', 'drained', 'lost', 'out_of_memory'], f.endReason);
+  const reasonSel = sel('f-reason', ['any', 'completed', 'error', 'stopped', 'stopped_during_start', 'max_duration', 'start_failed', 'client_disconnected', 'drained', 'lost', 'out_of_memory', 'client_never_connected'], f.endReason);
   const from = h('input', { id: 'f-from', type: 'datetime-local', value: f.from });
   const to = h('input', { id: 'f-to', type: 'datetime-local', value: f.to });
   const apply = () => go('sessions', { agent: agentSel.value, status: statusSel.value, startType: typeSel.value, endReason: reasonSel.value === 'any' ? '' : reasonSel.value, from: from.value, to: to.value });
@@ -471,11 +471,11 @@ async function sessionPage(main, agent, id) {
   let platform = [];
   function show(s) {
     const active = s.status === 'active';
-    status.textContent = active ? 'active' : 'terminated';
+    status.textContent = active ? (s.waitingForClient ? 'active (waiting for its websocket client)' : 'active') : 'terminated';
     status.className = 'state-' + (active ? 'active' : 'terminated');
     stop.disabled = !active;
     const created = new Date(s.createdAt).getTime();
-    const items = [['requested', s.createdAt, 'cold start: ' + (s.coldStart ? 'yes' : 'no') + (s.transport ? ', transport ' + s.transport : '')]];
+    const items = [['requested', s.createdAt, [s.coldStart == null ? '' : 'cold start: ' + (s.coldStart ? 'yes' : 'no'), s.transport ? 'transport ' + s.transport : ''].filter(Boolean).join(', ')]];
     for (const p of platform) items.push(['instance', p.timestamp, p.log]);
     if (s.botStartSeconds != null) items.push(['delivered', new Date(created + s.botStartSeconds * 1000).toISOString(), 'after ' + s.botStartSeconds.toFixed(3) + ' s']);
     if (s.endedAt) items.push(['ended', s.endedAt, [s.endReason, s.completionStatus, s.exitCode != null ? 'exit ' + s.exitCode : '', s.exitSignal != null ? 'signal ' + s.exitSignal : '', s.endMessage || ''].filter(Boolean).join(' · ')]);
