@@ -152,7 +152,9 @@ async function start(opts) {
     .startBotAndConnect({
       endpoint: `${location.origin}/v1/public/${encodeURIComponent(opts.agent)}/start`,
       headers: new Headers({ Authorization: `Bearer ${opts.publicKey}` }),
-      requestData: { transport: "webrtc", createDailyRoom: false },
+      // enableDefaultIceServers: the answer carries the server's --ice-servers as iceConfig,
+      // which the transport uses for its peer connection.
+      requestData: { transport: "webrtc", createDailyRoom: false, enableDefaultIceServers: true },
     })
     .catch((e) => {
       clearInterval(timer);
