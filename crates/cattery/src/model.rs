@@ -236,11 +236,14 @@ pub enum EndReason {
     Lost,
     /// The instance went over its `agentProfile` memory limit and the kernel killed it.
     OutOfMemory,
+    /// A websocket session announced by `/start` whose client never connected before its
+    /// token expired (or before the server restarted): no instance ever served it.
+    ClientNeverConnected,
 }
 
 impl EndReason {
     /// Every reason.
-    pub const ALL: [EndReason; 10] = [
+    pub const ALL: [EndReason; 11] = [
         EndReason::Completed,
         EndReason::Error,
         EndReason::Stopped,
@@ -251,6 +254,7 @@ impl EndReason {
         EndReason::Drained,
         EndReason::Lost,
         EndReason::OutOfMemory,
+        EndReason::ClientNeverConnected,
     ];
 
     /// The reason named `s` (its wire name).
@@ -271,6 +275,7 @@ impl EndReason {
             EndReason::Drained => "drained",
             EndReason::Lost => "lost",
             EndReason::OutOfMemory => "out_of_memory",
+            EndReason::ClientNeverConnected => "client_never_connected",
         }
     }
 }
@@ -288,7 +293,8 @@ pub enum EndState {
     /// The agent finished (its `/bot` answered, its process exited 0, or the websocket
     /// client hung up).
     Completed,
-    /// Stopped before the session reached the agent.
+    /// Ended before the session reached the agent: stopped while its instance started, or a
+    /// websocket client that never connected.
     EndedBeforeAgentStart,
     /// The instance did not become ready within the start timeout.
     AgentStartTimeout,
@@ -346,7 +352,9 @@ impl EndState {
                 EndState::AgentStartTimeout
             }
             EndReason::StartFailed => EndState::AgentError,
-            EndReason::StoppedDuringStart => EndState::EndedBeforeAgentStart,
+            EndReason::StoppedDuringStart | EndReason::ClientNeverConnected => {
+                EndState::EndedBeforeAgentStart
+            }
             EndReason::Stopped | EndReason::MaxDuration | EndReason::Drained => {
                 EndState::Terminated
             }
@@ -361,7 +369,10 @@ impl EndState {
         match self {
             EndState::Active => &[],
             EndState::Completed => &[EndReason::Completed, EndReason::ClientDisconnected],
-            EndState::EndedBeforeAgentStart => &[EndReason::StoppedDuringStart],
+            EndState::EndedBeforeAgentStart => &[
+                EndReason::StoppedDuringStart,
+                EndReason::ClientNeverConnected,
+            ],
             EndState::AgentStartTimeout => &[EndReason::StartFailed],
             EndState::Terminated => &[
                 EndReason::Stopped,
@@ -424,6 +435,18 @@ pub struct SessionRecord {
     /// The node that owns it (docs/cluster.md): the one whose instance serves it, which
     /// stops, proxies and recovers it. Empty in records made before nodes owned sessions.
     pub node_id: String,
+}
+
+impl SessionRecord {
+    /// A websocket session announced by `/start` whose client has not connected yet: it is
+    /// recorded at `/start` with no instance, so `coldStart` is unset until a client connects
+    /// and an instance is assigned (every other session is recorded with it).
+    pub fn waiting_for_client(&self) -> bool {
+        self.end.is_none()
+            && self.cold_start.is_none()
+            && self.bot_start_ms.is_none()
+            && self.transport.as_deref() == Some("websocket")
+    }
 }
 
 /// One resource sample of a session's instance.
@@ -557,6 +580,11 @@ mod tests {
             (EndReason::MaxDuration, None, "terminated"),
             (EndReason::Drained, None, "terminated"),
             (EndReason::Lost, None, "unknown"),
+            (
+                EndReason::ClientNeverConnected,
+                None,
+                "ended_before_agent_start",
+            ),
         ] {
             let st = EndState::of(Some(&end(reason, message)));
             assert_eq!(st.as_str(), state, "{reason:?} {message:?}");
@@ -564,6 +592,15 @@ mod tests {
             assert_eq!(EndState::parse(state), Some(st));
         }
         assert_eq!(EndState::parse("sleeping"), None);
+    }
+
+    /// Every reason reads back from its stored name (the stores keep the name).
+    #[test]
+    fn end_reason_names_round_trip() {
+        for r in EndReason::ALL {
+            assert_eq!(EndReason::from_name(r.as_str()), Some(r));
+            assert_eq!(crate::store::codec::end_reason(r.as_str()), r);
+        }
     }
 
     #[test]

@@ -525,7 +525,8 @@ pub struct AgentList {
 }
 
 /// A session (reference §A.5.2/§A.5.3): every key present, null when unknown, plus
-/// Cattery's additive `endReason`, `exitCode`, `exitSignal`, `endMessage`, `status`.
+/// Cattery's additive `endReason`, `exitCode`, `exitSignal`, `endMessage`, `status`,
+/// `waitingForClient`.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Session {
@@ -573,6 +574,9 @@ pub struct Session {
     pub transport: Option<String>,
     /// Last changed.
     pub updated_at: String,
+    /// A websocket session announced by `/start` whose client has not connected yet (no
+    /// instance serves it; it ends `client_never_connected` when its token expires).
+    pub waiting_for_client: bool,
 }
 
 impl Session {
@@ -600,6 +604,7 @@ impl Session {
             status: if end.is_some() { "ended" } else { "active" },
             transport: s.transport.clone(),
             updated_at: iso_ms(s.updated_ms),
+            waiting_for_client: s.waiting_for_client(),
         }
     }
 }

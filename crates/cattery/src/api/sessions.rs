@@ -182,9 +182,7 @@ pub async fn start_session(
         }
         let base = st.ws.public_url.ws_base(&headers);
         return Ok(Json(StartAnswer::Websocket(
-            super::ws::announce(&st, &base, &c.org, &name, req.body.as_ref())
-                .await
-                .map_err(CoreError::from)?,
+            super::ws::announce(&st, &base, &c.org, &name, req.body.as_ref()).await?,
         )));
     }
     let session = Uuid::new_v4();
@@ -442,21 +440,14 @@ pub async fn stop_session(
     ApiPath((name, sid)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<StopResponse>> {
     let id = parse_session_id(&sid)?;
-    match st.sup.stop_session(&c.org, &name, id).await {
-        // A websocket session announced by /start whose client never connected: its token
-        // is revoked, so it can never start.
-        Err(CoreError::NotFound(e)) => {
-            if !st
-                .ws
-                .revoke_session(st.store.as_ref(), &c.org, &name, id)
-                .await
-                .map_err(CoreError::from)?
-            {
-                return Err(CoreError::NotFound(e).into());
-            }
-        }
-        r => r?,
-    }
+    // A websocket session announced by /start whose client has not connected: its token is
+    // revoked first (in the store, on every node), so it can never start; the stop then ends
+    // its record (`stopped_during_start`).
+    st.ws
+        .revoke_session(st.store.as_ref(), &c.org, &name, id)
+        .await
+        .map_err(CoreError::from)?;
+    st.sup.stop_session(&c.org, &name, id).await?;
     Ok(Json(StopResponse {
         session_id: id,
         status: "terminated".into(),

@@ -33,7 +33,9 @@ struct Answer {
 }
 
 mod cluster_internal;
+mod big_list;
 mod daily;
+mod ws_waiting;
 
 async fn api() -> Api {
     api_with(|_| {}).await

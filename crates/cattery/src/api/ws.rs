@@ -1,6 +1,8 @@
 //! The websocket transport (reference §A.5 "websocket", §F.3).
 //!
-//! `POST /start` with `transport: "websocket"` starts no bot: it answers a single-use token
+//! `POST /start` with `transport: "websocket"` starts no bot: it records the session as
+//! waiting for its client (listed, stoppable; ended `client_never_connected` when the token
+//! expires unused, see `docs/lifecycle.md`) and answers a single-use token
 //! (valid `--ws-token-ttl-seconds`, default [`TOKEN_TTL`], bound to agent and org), a `wsUrl` served by Cattery
 //! (`ws://<host>/ws/generic/<agent>.<org>`, `wss://` behind TLS: see `crate::web`), the announced `sessionId`, and the body as
 //! base64 JSON. When a client connects there, Cattery assigns an instance (warm or cold),
@@ -189,18 +191,24 @@ pub struct WsAnnounce {
     pub ws_url: String,
 }
 
-/// `/start` for the websocket transport: issues the token and answers where to connect
-/// (`base`: `ws://host` or `wss://host/prefix`, see [`crate::web::PublicUrl`]).
+/// `/start` for the websocket transport: records the session as waiting for its client,
+/// issues the token, and answers where to connect (`base`: `ws://host` or
+/// `wss://host/prefix`, see [`crate::web::PublicUrl`]). When the token expires unused, the
+/// session ends `client_never_connected`.
 pub async fn announce(
     st: &AppState,
     base: &str,
     org: &str,
     agent: &str,
     body: Option<&serde_json::Value>,
-) -> StoreResult<WsAnnounce> {
+) -> Result<WsAnnounce, crate::core::CoreError> {
     let session_id = Uuid::new_v4();
+    st.sup
+        .record_waiting_session(org, agent, session_id)
+        .await?;
     let body_bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
-    let ttl = i64::try_from(st.ws.token_ttl.as_millis()).unwrap_or(i64::MAX);
+    let ttl = st.ws.token_ttl;
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
     let token = st
         .ws
         .issue(
@@ -210,10 +218,21 @@ pub async fn announce(
                 agent: agent.to_string(),
                 session_id,
                 body: body_bytes.clone(),
-                expires_ms: crate::model::now_ms().saturating_add(ttl),
+                expires_ms: crate::model::now_ms().saturating_add(ttl_ms),
             },
         )
-        .await?;
+        .await
+        .map_err(crate::core::CoreError::from)?;
+    let (sup, org_s, agent_s) = (st.sup.clone(), org.to_string(), agent.to_string());
+    tokio::spawn(async move {
+        tokio::time::sleep(ttl).await;
+        if let Err(e) = sup
+            .expire_waiting_session(&org_s, &agent_s, session_id, ttl)
+            .await
+        {
+            tracing::warn!(session = %session_id, error = %e, "could not record a websocket session whose client never connected");
+        }
+    });
     Ok(WsAnnounce {
         body: body_bytes.map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
         session_id,

@@ -1,7 +1,9 @@
 //! The dashboard: a browser UI at `/dashboard` over the API (see `docs/dashboard.md`).
 //!
 //! Three static files compiled into the binary (`include_str!`): no build step, no network
-//! at run time. The page keeps the signed-in key in the tab's `sessionStorage` and sends it
+//! at run time. A fourth, `talk.js`, is the "Talk to a bot" bundle of Pipecat's client
+//! packages, built from npm by `crates/cattery/dashboard-talk/build.sh` and committed (CI checks
+//! that it matches its sources); the page loads it only when Talk is pressed. The page keeps the signed-in key in the tab's `sessionStorage` and sends it
 //! as `Authorization: Bearer` to the same API the CLI uses; no cookie is ever set, so a
 //! request from another site carries no credential (nothing to forge: CSRF-safe by
 //! construction). Every answer here carries a strict Content-Security-Policy (scripts and
@@ -15,6 +17,7 @@ use axum::Router;
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
 const APP_CSS: &str = include_str!("assets/app.css");
+const TALK_JS: &str = include_str!("assets/talk.js");
 
 /// The policy of every dashboard answer.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
@@ -49,6 +52,10 @@ async fn app_js() -> Response {
     asset("text/javascript; charset=utf-8", APP_JS)
 }
 
+async fn talk_js() -> Response {
+    asset("text/javascript; charset=utf-8", TALK_JS)
+}
+
 async fn app_css() -> Response {
     asset("text/css; charset=utf-8", APP_CSS)
 }
@@ -62,6 +69,7 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route("/dashboard/", get(index))
         .route("/dashboard/app.js", get(app_js))
         .route("/dashboard/app.css", get(app_css))
+        .route("/dashboard/talk.js", get(talk_js))
 }
 
 #[cfg(test)]
@@ -81,5 +89,27 @@ mod tests {
         }
         assert!(super::INDEX_HTML.contains(r#"<script src="/dashboard/app.js""#));
         assert_eq!(super::INDEX_HTML.matches("<script").count(), 1);
+    }
+
+    /// The talk bundle loads nothing from elsewhere: Daily's call object (which fetches its
+    /// code from Daily's servers) is not in it, and the only URLs in its text are the
+    /// bundled packages' own project links (in license comments and error messages).
+    #[test]
+    fn talk_bundle_is_self_contained() {
+        let js = super::TALK_JS;
+        assert!(js.starts_with("// Built by crates/cattery/dashboard-talk/build.sh"));
+        assert!(js.contains("window.CatteryTalk"));
+        assert!(js.contains("SmallWebRTC"));
+        for bad in ["c.daily.co", "http://", "//cdn", "import(", "importScripts"] {
+            assert!(!js.contains(bad), "talk.js contains {bad:?}");
+        }
+        for (at, _) in js.match_indices("https://") {
+            let rest = &js[at..];
+            assert!(
+                rest.starts_with("https://github.com/"),
+                "talk.js names a URL that is not a project link: {}",
+                &rest[..rest.len().min(60)]
+            );
+        }
     }
 }

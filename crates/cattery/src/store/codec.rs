@@ -14,6 +14,7 @@ pub(crate) fn end_reason(s: &str) -> EndReason {
         "drained" => EndReason::Drained,
         "lost" => EndReason::Lost,
         "out_of_memory" => EndReason::OutOfMemory,
+        "client_never_connected" => EndReason::ClientNeverConnected,
         _ => EndReason::Error,
     }
 }

@@ -50,6 +50,7 @@ where
     case!(instance_claims);
     case!(ws_tokens);
     case!(node_takeover);
+    case!(waiting_websocket_sessions);
 }
 
 fn agent(org: &str, name: &str, created_ms: i64) -> (AgentRecord, DeploymentRecord) {
@@ -1114,4 +1115,83 @@ async fn node_takeover(s: &dyn Store) {
     // A second taker finds nothing left.
     let t = s.take_over_node("dead", "me2", 100).await.unwrap().unwrap();
     assert!(t.instances.is_empty() && t.sessions.is_empty());
+}
+
+/// A websocket session recorded at `/start` (no `coldStart`) is taken over by the insert of
+/// its start when the client connects: deployment and `coldStart` set, creation time kept;
+/// an ended one, or one of another agent, is not.
+async fn waiting_websocket_sessions(s: &dyn Store) {
+    let a = with_agent(s, "a", "x").await;
+    let mut w = session(&a, 100);
+    w.cold_start = None;
+    w.transport = Some("websocket".into());
+    s.insert_session(&w).await.unwrap();
+    let got = s.get_session(w.id).await.unwrap().unwrap();
+    assert!(got.waiting_for_client());
+    let f = SessionFilter {
+        active: Some(true),
+        ..Default::default()
+    };
+    assert_eq!(s.list_sessions(a.id, &f).await.unwrap().0, 1);
+
+    let mut started = w.clone();
+    started.created_ms = 500;
+    started.updated_ms = 500;
+    started.cold_start = Some(true);
+    started.deployment_id = Uuid::new_v4();
+    s.insert_session(&started).await.unwrap();
+    let got = s.get_session(w.id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            got.created_ms,
+            got.updated_ms,
+            got.cold_start,
+            got.deployment_id
+        ),
+        (100, 500, Some(true), started.deployment_id)
+    );
+    assert!(!got.waiting_for_client());
+    // Taken over once only.
+    assert!(matches!(
+        s.insert_session(&started).await,
+        Err(StoreError::Conflict)
+    ));
+
+    // Ended while waiting: never taken over.
+    let mut gone = session(&a, 200);
+    gone.cold_start = None;
+    gone.transport = Some("websocket".into());
+    s.insert_session(&gone).await.unwrap();
+    assert!(s
+        .end_session(gone.id, &end(EndReason::ClientNeverConnected, 300))
+        .await
+        .unwrap());
+    let mut late = gone.clone();
+    late.cold_start = Some(false);
+    assert!(matches!(
+        s.insert_session(&late).await,
+        Err(StoreError::Conflict)
+    ));
+    let got = s.get_session(gone.id).await.unwrap().unwrap();
+    assert_eq!(got.end.unwrap().reason, EndReason::ClientNeverConnected);
+    assert_eq!(got.cold_start, None);
+    let f = SessionFilter {
+        end_reason: Some(EndReason::ClientNeverConnected),
+        ..Default::default()
+    };
+    assert_eq!(s.list_sessions(a.id, &f).await.unwrap().0, 1);
+
+    // Another agent's start with the same id does not take it.
+    let b = with_agent(s, "a", "y").await;
+    let mut w2 = session(&a, 400);
+    w2.cold_start = None;
+    w2.transport = Some("websocket".into());
+    s.insert_session(&w2).await.unwrap();
+    let mut other = w2.clone();
+    other.agent_id = b.id;
+    other.cold_start = Some(true);
+    assert!(matches!(
+        s.insert_session(&other).await,
+        Err(StoreError::Conflict)
+    ));
 }

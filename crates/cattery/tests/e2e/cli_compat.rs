@@ -2170,3 +2170,46 @@ async fn daily_refusal_and_default_region(
         "the Daily key is never logged"
     );
 }
+
+/// A websocket session recorded at `/start` (issue 17) as the official CLI sees it: listed by
+/// `agent sessions` while it waits for its client, and found by `agent sessions --end-state
+/// ended_before_agent_start` once its token expired (`endReason: client_never_connected`).
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_session_waiting_then_never_connected_in_the_official_cli() {
+    let s = start_server(&["--ws-token-ttl-seconds", "2"]).await;
+    s.deploy("wscli", &[], json!({})).await;
+    let r = s
+        .start_session("wscli", json!({"transport": "websocket"}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sid = r.body["sessionId"].as_str().unwrap().to_string();
+    let cli = Cli::new(CUR, &s, Auth::Env(s.key("token", "default"), None));
+    let o = cli.run("agent sessions", &["agent", "sessions", "wscli"]);
+    ok(&o, "agent sessions");
+    assert!(
+        o.text().contains(&sid),
+        "listed while waiting:\n{}",
+        o.text()
+    );
+
+    let g = s.wait_ended("wscli", &sid, Duration::from_secs(15)).await;
+    assert_eq!(g["endReason"], "client_never_connected", "{g:?}");
+    let o = cli.run(
+        "agent sessions --end-state",
+        &[
+            "agent",
+            "sessions",
+            "wscli",
+            "--end-state",
+            "ended_before_agent_start",
+        ],
+    );
+    ok(&o, "agent sessions --end-state ended_before_agent_start");
+    assert!(o.text().contains(&sid), "{}", o.text());
+    let o = cli.run(
+        "agent sessions --end-state",
+        &["agent", "sessions", "wscli", "--end-state", "completed"],
+    );
+    ok(&o, "agent sessions --end-state completed");
+    assert!(!o.text().contains(&sid), "{}", o.text());
+}

@@ -169,3 +169,97 @@ async fn session_events_are_scoped_to_the_org() {
         "another org saw the session: {leaked}"
     );
 }
+
+/// "Talk to a bot" (issue 15): the dashboard's Talk page, in headless chromium with a fake
+/// microphone, calls the SmallWebRTC echo example (`examples/webrtc-echo`, a real Pipecat bot)
+/// with Pipecat's JavaScript client: a `webrtc` session, its offer through the session proxy,
+/// the call connected and the bot's audio received (inbound-rtp), then hung up. Needs
+/// `scripts/setup-python.sh` too (for the bot).
+#[tokio::test(flavor = "multi_thread")]
+async fn talk_to_a_webrtc_bot_in_a_browser() {
+    if !have_browser() {
+        return;
+    }
+    let python = std::env::var_os("CATTERY_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::common::py_env_dir().join("main/bin/python"));
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/setup-python.sh first",
+        python.display()
+    );
+    let s = Server::start(&[
+        "--python",
+        python.to_str().unwrap(),
+        "--stop-grace-seconds",
+        "3",
+    ])
+    .await;
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/webrtc-echo")
+        .canonicalize()
+        .unwrap();
+    s.deploy(
+        "rtc-talk",
+        &[],
+        json!({"command": null, "image": format!("local:{}", example.display())}),
+    )
+    .await;
+    let shots = cattery_bin()
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .join("dashboard-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    // A websocket session whose client never connects: listed as waiting (issue 17).
+    let w = s
+        .start_session("rtc-talk", json!({"transport": "websocket"}))
+        .await;
+    assert_eq!(w.status, 200, "{:?}", w.body);
+    let waiting = w.body["sessionId"].as_str().unwrap().to_string();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/talk.cjs");
+    let mut child = tokio::process::Command::new("node")
+        .arg(&script)
+        .env("NODE_PATH", playwright_dir().join("node_modules"))
+        .env("CATTERY_URL", &s.base)
+        .env("CATTERY_SK", &s.sk)
+        .env("CATTERY_AGENT", "rtc-talk")
+        .env("CATTERY_WAITING_SESSION", &waiting)
+        .env("CATTERY_SCREENSHOTS", &shots)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run node");
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(150), out.next_line())
+            .await
+            .expect("the browser script timed out")
+            .unwrap()
+            .expect("the browser script ended early (screenshot 06-talk-failed.png)")
+    };
+    let line = next().await;
+    let sid = line.strip_prefix("SESSION ").expect(&line).to_string();
+    let g = s.session("rtc-talk", &sid).await;
+    assert_eq!(g["transport"], "webrtc", "{g:?}");
+    assert!(g["botStartSeconds"].is_number(), "delivered: {g:?}");
+    let line = next().await;
+    assert!(line.starts_with("PACKETS "), "{line}");
+    eprintln!("talk: {line}");
+    assert_eq!(next().await, "ENDED");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the browser script timed out")
+        .unwrap();
+    assert!(status.success(), "the talk checks failed ({status})");
+    assert!(shots.join("06-talk-connected.png").exists());
+    // Hanging up ends the call; the bot sees its peer leave and the session ends.
+    let g = s
+        .wait_ended("rtc-talk", &sid, Duration::from_secs(30))
+        .await;
+    assert_eq!(g["endReason"], "completed", "{g:?}");
+    s.wait_no_agent_pids(Duration::from_secs(10)).await;
+    assert!(shots.join("07-sessions-waiting-client.png").exists());
+    assert_eq!(s.stop("rtc-talk", &waiting).await.status, 200);
+}

@@ -183,6 +183,7 @@ async fn websocket_transport_relays_and_ends_on_client_close() {
     let sid = a["sessionId"].as_str().unwrap().to_string();
     // No bot started at /start.
     assert!(s.agent_pids().is_empty());
+    // Recorded at /start, waiting for its client (issue 17).
     let g = s
         .req(
             "GET",
@@ -191,7 +192,10 @@ async fn websocket_transport_relays_and_ends_on_client_close() {
             None,
         )
         .await;
-    assert_eq!(g.status, 404, "not a session until the client connects");
+    assert_eq!(g.status, 200, "recorded from /start: {:?}", g.body);
+    assert_eq!(g.body["waitingForClient"], true, "{:?}", g.body);
+    assert!(g.body["endedAt"].is_null());
+    let created = g.body["createdAt"].clone();
 
     let url = token_url(&a);
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
@@ -214,6 +218,21 @@ async fn websocket_transport_relays_and_ends_on_client_close() {
     let g = s.session("wsagent", &sid).await;
     assert!(g["endedAt"].is_null());
     assert_eq!(g["transport"], "websocket");
+    // The same record, delivered: no longer waiting, an instance assigned.
+    assert_eq!(g["waitingForClient"], false, "{g:?}");
+    assert_eq!(g["createdAt"], created);
+    assert!(
+        g["botStartSeconds"].is_number() && g["coldStart"].is_boolean(),
+        "{g:?}"
+    );
+    let l = s
+        .req("GET", "/v1/agents/wsagent/sessions", Some(&s.sk), None)
+        .await;
+    assert_eq!(
+        l.body["total_count"], 1,
+        "one session, not two: {:?}",
+        l.body
+    );
 
     // The token was single use.
     let again = tokio_tungstenite::connect_async(url.as_str()).await;
@@ -395,4 +414,59 @@ async fn expired_websocket_token_is_refused() {
         s.agent_pids().is_empty(),
         "no bot may start for a refused token"
     );
+}
+
+/// A websocket session is recorded at `/start` (issue 17): listed as waiting for its client,
+/// stopped with the seed's `DELETE` (after which its token is refused), ended
+/// `client_never_connected` when its token expires; no bot starts for either.
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_session_recorded_from_start() {
+    let s = Server::start(&["--ws-token-ttl-seconds", "2"]).await;
+    s.deploy("wsrec", &[], json!({})).await;
+    let a = ws_start(&s, "wsrec", json!({})).await;
+    let sid = a["sessionId"].as_str().unwrap().to_string();
+    let l = s
+        .req(
+            "GET",
+            "/v1/agents/wsrec/sessions?status=active",
+            Some(&s.sk),
+            None,
+        )
+        .await;
+    assert_eq!(l.status, 200);
+    assert_eq!(
+        l.body["sessions"][0]["sessionId"],
+        sid.as_str(),
+        "{:?}",
+        l.body
+    );
+    assert_eq!(l.body["sessions"][0]["waitingForClient"], true);
+
+    let st = s.stop("wsrec", &sid).await;
+    assert_eq!(st.status, 200);
+    assert_eq!(st.body, json!({"status": "terminated", "session_id": sid}));
+    let g = s.session("wsrec", &sid).await;
+    assert_eq!(g["endReason"], "stopped_during_start", "{g:?}");
+    assert_eq!(g["endState"], "ended_before_agent_start");
+    match tokio_tungstenite::connect_async(token_url(&a).as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        other => panic!("a stopped session's token must be refused, got {other:?}"),
+    }
+
+    let a = ws_start(&s, "wsrec", json!({})).await;
+    let sid = a["sessionId"].as_str().unwrap().to_string();
+    let g = s.wait_ended("wsrec", &sid, Duration::from_secs(10)).await;
+    assert_eq!(g["endReason"], "client_never_connected", "{g:?}");
+    assert_eq!(g["endState"], "ended_before_agent_start");
+    assert_eq!(g["waitingForClient"], false);
+    let l = s
+        .req(
+            "GET",
+            "/v1/agents/wsrec/sessions?endReason=client_never_connected",
+            Some(&s.sk),
+            None,
+        )
+        .await;
+    assert_eq!(l.body["total_count"], 1, "{:?}", l.body);
+    assert!(s.agent_pids().is_empty(), "no bot started for either");
 }

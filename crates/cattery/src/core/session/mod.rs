@@ -37,6 +37,7 @@ mod state;
 mod stop;
 #[cfg(test)]
 mod tests;
+mod waiting;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

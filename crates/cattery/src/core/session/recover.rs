@@ -320,7 +320,12 @@ impl Supervisor {
 
     /// Records the end of an open session that no instance serves any more.
     async fn end_lost(&self, s: &SessionRecord, stop_requested: bool) -> anyhow::Result<()> {
-        let (reason, message) = if stop_requested {
+        let (reason, message) = if s.waiting_for_client() {
+            (
+                EndReason::ClientNeverConnected,
+                "the server restarted before the websocket client connected (its token is gone)",
+            )
+        } else if stop_requested {
             (
                 EndReason::Stopped,
                 "the instance was gone when the control plane restarted during its stop",

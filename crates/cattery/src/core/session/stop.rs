@@ -81,6 +81,18 @@ impl Supervisor {
             Some(ctl) => stop_and_wait(&ctl).await,
             // Its instance is gone, its end not written yet: that end, never `lost`.
             None if self.pending_ends.has(session) => {}
+            // A websocket session whose client has not connected: it never reaches one.
+            None if rec.waiting_for_client() => {
+                let end = super::waiting::waiting_end(
+                    EndReason::StoppedDuringStart,
+                    "stopped before its websocket client connected",
+                );
+                if self.store.end_session(session, &end).await? {
+                    crate::telemetry::session_ended(org, agent_name, end.reason.as_str());
+                    self.session_changed(org, session);
+                }
+                return Ok(());
+            }
             None => {
                 let end = SessionEnd {
                     ended_ms: now_ms(),

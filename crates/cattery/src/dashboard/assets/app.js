@@ -169,9 +169,12 @@ const events = {
 // ---- pages ---------------------------------------------------------------------------
 let timers = [];
 function every(ms, f) { timers.push(setInterval(f, ms)); }
+let leaving = [];
 function stopTimers() {
   timers.forEach(clearInterval);
   timers = [];
+  leaving.forEach((f) => f());
+  leaving = [];
   events.listeners.clear();
 }
 
@@ -200,6 +203,7 @@ async function route() {
     else if (page === 'session') await sessionPage(main, parts[1], parts[2]);
     else if (page === 'logs') await logsPage(main, q);
     else if (page === 'keys') await keysPage(main);
+    else if (page === 'talk') await talkPage(main, parts[1]);
     else main.replaceChildren(h('p', {}, 'No such page.'));
   } catch (err) {
     if (err.status !== 401) main.replaceChildren(h('p', { class: 'error' }, 'Error: ' + err.message));
@@ -266,7 +270,8 @@ async function agentsPage(main) {
       h('td', {},
         h('button', { type: 'button', onclick: () => showAgent(a.name) }, 'Details'), ' ',
         h('a', { href: '#/sessions?agent=' + enc(a.name) }, 'Sessions'), ' ',
-        h('a', { href: '#/logs?agent=' + enc(a.name) }, 'Logs')));
+        h('a', { href: '#/logs?agent=' + enc(a.name) }, 'Logs'),
+        a.image ? [' ', h('a', { href: '#/talk/' + enc(a.name), class: 'talk', title: 'a call from this browser (SmallWebRTC)' }, 'Talk')] : null));
   }
   async function showAgent(name) {
     const deps = await api('GET', '/v1/agents/' + enc(name) + '/deployments');
@@ -304,7 +309,8 @@ function sessionRow(s, agent) {
   const stop = h('button', { type: 'button', class: 'danger stop', disabled: !active, onclick: () => stopSession(agent, s.sessionId) }, 'Stop');
   return h('tr', { 'data-session': s.sessionId, 'data-status': active ? 'active' : 'terminated' },
     h('td', { class: 'mono' }, h('a', { href: '#/session/' + enc(agent) + '/' + s.sessionId }, s.sessionId)),
-    h('td', {}, h('span', { class: 'status state-' + (active ? 'active' : 'terminated') }, active ? 'active' : 'terminated')),
+    h('td', {}, h('span', { class: 'status state-' + (active ? 'active' : 'terminated') }, active ? 'active' : 'terminated'),
+      s.waitingForClient ? h('div', { class: 'hint waiting' }, 'waiting for its client') : null),
     h('td', {}, fmtTime(s.createdAt)),
     h('td', {}, s.coldStart == null ? '' : s.coldStart ? 'cold' : 'warm'),
     h('td', {}, s.botStartSeconds == null ? '' : s.botStartSeconds.toFixed(3) + ' s'),
@@ -344,7 +350,7 @@ async function sessionsPage(main, q) {
   const agentSel = sel('f-agent', names, agent);
   const statusSel = sel('f-status', ['all', 'active', 'ended'], f.status);
   const typeSel = sel('f-start', ['all', 'cold', 'warm'], f.startType);
-  const reasonSel = sel('f-reason', ['any', 'completed', 'error', 'stopped', 'stopped_during_start', 'max_duration', 'start_failed', 'client_disconnected', 'drained', 'lost', 'out_of_memory'], f.endReason);
+  const reasonSel = sel('f-reason', ['any', 'completed', 'error', 'stopped', 'stopped_during_start', 'max_duration', 'start_failed', 'client_disconnected', 'drained', 'lost', 'out_of_memory', 'client_never_connected'], f.endReason);
   const from = h('input', { id: 'f-from', type: 'datetime-local', value: f.from });
   const to = h('input', { id: 'f-to', type: 'datetime-local', value: f.to });
   const apply = () => go('sessions', { agent: agentSel.value, status: statusSel.value, startType: typeSel.value, endReason: reasonSel.value === 'any' ? '' : reasonSel.value, from: from.value, to: to.value });
@@ -465,11 +471,11 @@ async function sessionPage(main, agent, id) {
   let platform = [];
   function show(s) {
     const active = s.status === 'active';
-    status.textContent = active ? 'active' : 'terminated';
+    status.textContent = active ? (s.waitingForClient ? 'active (waiting for its websocket client)' : 'active') : 'terminated';
     status.className = 'state-' + (active ? 'active' : 'terminated');
     stop.disabled = !active;
     const created = new Date(s.createdAt).getTime();
-    const items = [['requested', s.createdAt, 'cold start: ' + (s.coldStart ? 'yes' : 'no') + (s.transport ? ', transport ' + s.transport : '')]];
+    const items = [['requested', s.createdAt, [s.coldStart == null ? '' : 'cold start: ' + (s.coldStart ? 'yes' : 'no'), s.transport ? 'transport ' + s.transport : ''].filter(Boolean).join(', ')]];
     for (const p of platform) items.push(['instance', p.timestamp, p.log]);
     if (s.botStartSeconds != null) items.push(['delivered', new Date(created + s.botStartSeconds * 1000).toISOString(), 'after ' + s.botStartSeconds.toFixed(3) + ' s']);
     if (s.endedAt) items.push(['ended', s.endedAt, [s.endReason, s.completionStatus, s.exitCode != null ? 'exit ' + s.exitCode : '', s.exitSignal != null ? 'signal ' + s.exitSignal : '', s.endMessage || ''].filter(Boolean).join(' · ')]);
@@ -607,3 +613,75 @@ async function keysPage(main) {
   if (!k) { signOut(''); return; }
   try { await signIn(k); } catch (e) { signOut(e.status === 401 ? 'Your key was refused.' : ''); }
 })();
+
+// -- talk to a bot --
+// A SmallWebRTC call from this browser to a new `webrtc` session of the agent, through the
+// session proxy, with Pipecat's client packages (talk.js, a bundle built by
+// crates/cattery/dashboard-talk/build.sh and loaded only here).
+let talkLoaded = null;
+function loadTalk() {
+  if (!talkLoaded) {
+    talkLoaded = new Promise((resolve, reject) => {
+      const el = h('script', { src: '/dashboard/talk.js' });
+      el.addEventListener('load', () => resolve(window.CatteryTalk));
+      el.addEventListener('error', () => { talkLoaded = null; reject(new Error('could not load talk.js')); });
+      document.head.append(el);
+    });
+  }
+  return talkLoaded;
+}
+
+async function talkPage(main, agent) {
+  const state = h('b', { id: 'talk-state', 'data-state': 'idle', 'data-connected': 'no' }, 'idle');
+  const stats = h('span', { id: 'talk-stats', 'data-packets': '0', 'data-samples': '0', 'data-level': '0' }, 'nothing received yet');
+  const session = h('span', { id: 'talk-session' });
+  const audio = h('audio', { id: 'talk-audio', autoplay: true });
+  const error = h('p', { id: 'talk-error', class: 'error' });
+  let call = null;
+  // `data-connected`: the call is up (the transport connected; a bot that speaks RTVI goes
+  // on to "ready" / "bot ready").
+  const setState = (t) => {
+    state.textContent = t;
+    state.dataset.state = t;
+    if (['connected', 'ready', 'bot ready'].includes(t)) state.dataset.connected = 'yes';
+    if (['disconnected', 'ended', 'error'].includes(t)) state.dataset.connected = 'no';
+  };
+  const hangUp = h('button', { id: 'talk-hangup', type: 'button', class: 'danger', disabled: true, onclick: async () => {
+    hangUp.disabled = true;
+    if (call) await call.hangUp();
+    call = null;
+    talk.disabled = false;
+  } }, 'Hang up');
+  const talk = h('button', { id: 'talk-start', type: 'button', class: 'primary', onclick: async () => {
+    talk.disabled = true;
+    error.textContent = '';
+    try {
+      const [lib, pk] = await Promise.all([loadTalk(), publicKey()]);
+      call = await lib.start({
+        agent,
+        publicKey: pk,
+        audio,
+        onState: setState,
+        onSession: (id) => { if (id) session.replaceChildren('session ', h('a', { href: '#/session/' + enc(agent) + '/' + id, class: 'mono' }, id)); },
+        onStats: (s) => {
+          stats.dataset.packets = s.packets;
+          stats.dataset.samples = s.samples;
+          stats.dataset.level = s.maxLevel.toFixed(4);
+          stats.textContent = `${s.packets} audio packets (${s.samples} samples) received from the bot, peak level ${s.maxLevel.toFixed(3)}`;
+        },
+        onError: (t) => { error.textContent = t; },
+      });
+      hangUp.disabled = false;
+    } catch (e) {
+      error.textContent = e.message;
+      talk.disabled = false;
+    }
+  } }, 'Talk');
+  leaving.push(() => { if (call) call.hangUp(); call = null; });
+  main.replaceChildren(
+    h('p', {}, h('a', { href: '#/agents' }, '← agents')),
+    h('h1', {}, 'Talk to ' + agent),
+    h('p', { class: 'hint' }, 'Starts a session with transport "webrtc" and connects this browser\'s microphone and speaker to the bot ' +
+      'through the session proxy (the bot must use Pipecat\'s SmallWebRTCTransport, like examples/webrtc-echo). Hang up ends the call; the session ends when the bot sees the peer leave.'),
+    h('div', { class: 'card' }, h('p', {}, talk, ' ', hangUp), h('p', {}, 'Call: ', state, ' ', session), h('p', {}, stats), error, audio));
+}

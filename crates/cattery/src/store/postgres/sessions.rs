@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::PgStore;
 use crate::model::{EndState, MetricSample, SessionEnd, SessionRecord, START_TIMEOUT_MESSAGE};
 use crate::store::codec::{end_reason, samples_json, samples_of};
-use crate::store::{SessionFilter, SessionStore, StoreResult};
+use crate::store::{SessionFilter, SessionStore, StoreError, StoreResult};
 
 pub(super) const SESSION_COLS: &str = "id, org, agent_id, deployment_id, created_ms, updated_ms, \
     ended_ms, bot_start_ms, cold_start, completion_status, end_reason, exit_code, exit_signal, \
@@ -46,11 +46,20 @@ pub(super) fn session_from_row(r: &PgRow) -> StoreResult<SessionRecord> {
     })
 }
 
+/// Inserts a session; a websocket session recorded at `/start` while it waits for its client
+/// ([`SessionRecord::waiting_for_client`]) is taken over instead: its deployment, `coldStart`
+/// and update time change, its creation time stays. An ended one is not: `Conflict`.
 pub(super) async fn insert_session(db: &mut PgConnection, s: &SessionRecord) -> StoreResult<()> {
-    sqlx::query(
+    let done = sqlx::query(
         "INSERT INTO sessions (id, org, agent_id, deployment_id, created_ms, updated_ms, \
          bot_start_ms, cold_start, transport, node_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+         ON CONFLICT (id) DO UPDATE SET deployment_id = excluded.deployment_id, \
+         cold_start = excluded.cold_start, updated_ms = excluded.updated_ms, \
+         node_id = excluded.node_id \
+         WHERE sessions.ended_ms IS NULL AND sessions.cold_start IS NULL \
+         AND sessions.bot_start_ms IS NULL AND sessions.org = excluded.org \
+         AND sessions.agent_id = excluded.agent_id",
     )
     .bind(s.id)
     .bind(&s.org)
@@ -64,6 +73,9 @@ pub(super) async fn insert_session(db: &mut PgConnection, s: &SessionRecord) -> 
     .bind(&s.node_id)
     .execute(db)
     .await?;
+    if done.rows_affected() == 0 {
+        return Err(StoreError::Conflict);
+    }
     Ok(())
 }
 

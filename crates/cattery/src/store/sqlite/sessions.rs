@@ -8,7 +8,7 @@ use super::SqliteStore;
 use crate::model::{EndState, MetricSample, SessionEnd, SessionRecord, START_TIMEOUT_MESSAGE};
 pub(super) use crate::store::codec::samples_json;
 use crate::store::codec::{end_reason, samples_of};
-use crate::store::{SessionFilter, SessionStore, StoreResult};
+use crate::store::{SessionFilter, SessionStore, StoreError, StoreResult};
 
 pub(super) const SESSION_COLS: &str = "id, org, agent_id, deployment_id, created_ms, updated_ms, \
     ended_ms, bot_start_ms, cold_start, completion_status, end_reason, exit_code, exit_signal, \
@@ -63,10 +63,19 @@ pub(super) fn session_from_row(r: &Row<'_>) -> StoreResult<SessionRecord> {
     })
 }
 
+/// Inserts a session; a websocket session recorded at `/start` while it waits for its client
+/// ([`SessionRecord::waiting_for_client`]) is taken over instead: its deployment, `coldStart`
+/// and update time change, its creation time stays. An ended one is not: `Conflict`.
 pub(super) fn insert_session(db: &mut Conn, s: &SessionRecord) -> StoreResult<()> {
-    db.exec(
+    let n = db.exec(
         "INSERT INTO sessions (id, org, agent_id, deployment_id, created_ms, updated_ms, \
-         bot_start_ms, cold_start, transport, node_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         bot_start_ms, cold_start, transport, node_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (id) DO UPDATE SET deployment_id = excluded.deployment_id, \
+         cold_start = excluded.cold_start, updated_ms = excluded.updated_ms, \
+         node_id = excluded.node_id \
+         WHERE sessions.ended_ms IS NULL AND sessions.cold_start IS NULL \
+         AND sessions.bot_start_ms IS NULL AND sessions.org = excluded.org \
+         AND sessions.agent_id = excluded.agent_id",
         &[
             s.id.into(),
             Val::Text(&s.org),
@@ -79,8 +88,11 @@ pub(super) fn insert_session(db: &mut Conn, s: &SessionRecord) -> StoreResult<()
             s.transport.as_ref().into(),
             Val::Text(&s.node_id),
         ],
-    )
-    .map(|_| ())
+    )?;
+    if n == 0 {
+        return Err(StoreError::Conflict);
+    }
+    Ok(())
 }
 
 /// Records the end if none is recorded yet (first wins); whether this call wrote it.
