@@ -32,8 +32,8 @@ struct Answer {
     body: Value,
 }
 
-mod cluster_internal;
 mod big_list;
+mod cluster_internal;
 mod daily;
 mod ws_waiting;
 

@@ -202,6 +202,7 @@ mod tests {
             advertise_url: None,
             started_ms: 0,
             timeout: Duration::from_secs(10),
+            secret: None,
         };
         let rec = |id: &str, hb: i64| crate::store::NodeRecord {
             heartbeat_ms: hb,

@@ -103,6 +103,9 @@ impl Supervisor {
         else {
             return Ok(None);
         };
+        // Slots the dead node reserved for instances it never recorded (it died between the
+        // two) are freed here; those of its recorded instances go with their records below.
+        self.store.release_orphan_slots(dead, &[]).await?;
         if taken.instances.is_empty() && taken.sessions.is_empty() {
             return Ok(Some(0));
         }

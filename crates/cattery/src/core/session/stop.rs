@@ -70,19 +70,26 @@ impl Supervisor {
         if !here && !self.owns(&rec.node_id) {
             return self.stop_elsewhere(rec.node_id, session).await;
         }
-        self.stop_here(org, agent_name, session).await
+        self.stop_here(org, agent_name, session, rec.waiting_for_client())
+            .await
     }
 
     /// Stops a session this node owns (or one no live instance serves), as a `DELETE` does
     /// on a single node.
-    async fn stop_here(&self, org: &str, agent_name: &str, session: Uuid) -> CoreResult<()> {
+    async fn stop_here(
+        &self,
+        org: &str,
+        agent_name: &str,
+        session: Uuid,
+        waiting: bool,
+    ) -> CoreResult<()> {
         let ctl = self.state.lock().sessions.get(&session).cloned();
         match ctl {
             Some(ctl) => stop_and_wait(&ctl).await,
             // Its instance is gone, its end not written yet: that end, never `lost`.
             None if self.pending_ends.has(session) => {}
             // A websocket session whose client has not connected: it never reaches one.
-            None if rec.waiting_for_client() => {
+            None if waiting => {
                 let end = super::waiting::waiting_end(
                     EndReason::StoppedDuringStart,
                     "stopped before its websocket client connected",
@@ -138,7 +145,8 @@ impl Supervisor {
             return Ok(PeerStop::NotOwner);
         }
         let agent = self.agent_name(rec.agent_id);
-        self.stop_here(&rec.org, &agent, session).await?;
+        self.stop_here(&rec.org, &agent, session, rec.waiting_for_client())
+            .await?;
         Ok(PeerStop::Stopped)
     }
 
@@ -195,7 +203,9 @@ impl Supervisor {
             }
             if self.owns(&rec.node_id) {
                 let agent = self.agent_name(rec.agent_id);
-                return self.stop_here(&rec.org, &agent, session).await;
+                return self
+                    .stop_here(&rec.org, &agent, session, rec.waiting_for_client())
+                    .await;
             }
             owner = rec.node_id;
             if std::time::Instant::now() > give_up {

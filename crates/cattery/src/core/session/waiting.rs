@@ -41,6 +41,7 @@ impl Supervisor {
                 transport: Some("websocket".into()),
                 end: None,
                 samples: Vec::new(),
+                node_id: self.node_id().to_string(),
             })
             .await?;
         self.session_changed(org, session);
