@@ -194,6 +194,13 @@ pub struct RuntimeConfig {
     pub docker_host: Option<String>,
     /// When an agent's image is pulled at deploy.
     pub image_pull_policy: crate::runtime::docker::image::PullPolicy,
+    /// Python environment a build's virtualenv is layered on (plays `dailyco/pipecat-base`);
+    /// `None`: `python`.
+    pub build_python: Option<String>,
+    /// Largest build context accepted for upload, in MiB.
+    pub build_max_context_mb: u64,
+    /// Seconds a build may run before it ends as `timeout`.
+    pub build_timeout_seconds: f64,
 }
 
 /// The default instance uid range: above the `/etc/subuid` and systemd container ranges.
@@ -217,6 +224,9 @@ impl Default for RuntimeConfig {
             instance_uids: DEFAULT_INSTANCE_UIDS.into(),
             docker_host: None,
             image_pull_policy: Default::default(),
+            build_python: None,
+            build_max_context_mb: 500,
+            build_timeout_seconds: 600.0,
         }
     }
 }
@@ -419,6 +429,18 @@ pub struct ServeArgs {
         help_heading = "Runtime"
     )]
     pub image_pull_policy: Option<crate::runtime::docker::image::PullPolicy>,
+    /// Python environment that builds (`pipecat cloud deploy` without an image) layer their
+    /// virtualenv on, as `dailyco/pipecat-base` is the base of a Pipecat Cloud image: its
+    /// packages are visible to the bot, `requirements.txt` adds to them (docs/builds.md)
+    /// [default: --python].
+    #[arg(long, env = "CATTERY_BUILD_PYTHON", help_heading = "Runtime")]
+    pub build_python: Option<String>,
+    /// Largest build context accepted for upload, in MiB [default: 500].
+    #[arg(long, env = "CATTERY_BUILD_MAX_CONTEXT_MB", help_heading = "Runtime")]
+    pub build_max_context_mb: Option<u64>,
+    /// Seconds a build may run before it ends as `timeout` [default: 600].
+    #[arg(long, env = "CATTERY_BUILD_TIMEOUT_SECONDS", help_heading = "Runtime")]
+    pub build_timeout_seconds: Option<f64>,
 
     /// Seconds between SIGTERM and SIGKILL when an instance is removed, for agents that set no
     /// `stopGraceSeconds`; 0 means SIGKILL at once [default: 5].
@@ -544,6 +566,8 @@ impl Config {
             self.runtime.python => a.python,
             self.runtime.instance_uids => a.instance_uids,
             self.runtime.image_pull_policy => a.image_pull_policy,
+            self.runtime.build_max_context_mb => a.build_max_context_mb,
+            self.runtime.build_timeout_seconds => a.build_timeout_seconds,
             se.stop_grace_seconds => a.stop_grace_seconds,
             se.start_timeout_seconds => a.start_timeout_seconds,
             se.drain_timeout_seconds => a.drain_timeout_seconds,
@@ -560,6 +584,9 @@ impl Config {
         }
         if a.metrics_token.is_some() {
             s.metrics_token = a.metrics_token;
+        }
+        if a.build_python.is_some() {
+            self.runtime.build_python = a.build_python;
         }
         if a.docker_host.is_some() {
             self.runtime.docker_host = a.docker_host;
@@ -653,6 +680,13 @@ impl Config {
         self.validate_cluster()?;
         if self.runtime.python.is_empty() {
             anyhow::bail!("--python must not be empty");
+        }
+        if self.runtime.build_max_context_mb == 0 {
+            anyhow::bail!("--build-max-context-mb must be at least 1");
+        }
+        let bt = self.runtime.build_timeout_seconds;
+        if !(bt.is_finite() && bt > 0.0) {
+            anyhow::bail!("--build-timeout-seconds must be a positive number");
         }
         if self.runtime.instance_uids != "off" {
             self.runtime

@@ -251,6 +251,7 @@ pub fn app_state(
         .context("opening the secrets key file")?,
     );
     let node = Arc::new(node_identity(config, data_dir)?);
+    let store_for_builds = store.clone();
     let sup = Supervisor::new(
         store.clone(),
         runtime,
@@ -290,6 +291,24 @@ pub fn app_state(
             config.sessions.daily_api_key.clone(),
         )),
         node,
+        builds: crate::core::builds::Builds::new(
+            store_for_builds,
+            Arc::new(crate::build::venv::VenvBuilder {
+                base_python: config
+                    .runtime
+                    .build_python
+                    .clone()
+                    .unwrap_or_else(|| cfg.python.clone()),
+            }),
+            crate::core::builds::BuildSettings {
+                dir: std::path::absolute(cfg.data_dir.join("builds"))?,
+                max_context_bytes: config
+                    .runtime
+                    .build_max_context_mb
+                    .saturating_mul(1024 * 1024),
+                timeout: Duration::from_secs_f64(config.runtime.build_timeout_seconds),
+            },
+        ),
     })
 }
 
@@ -369,6 +388,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     sup.recover()
         .await
         .context("recovering instances after restart")?;
+    state
+        .builds
+        .recover()
+        .await
+        .context("recovering builds after restart")?;
     let counted = Arc::downgrade(&sup);
     let heartbeats =
         crate::core::cluster::spawn_heartbeats(store.clone(), (*state.node).clone(), move || {

@@ -8,6 +8,7 @@ mod common;
 mod lifecycle_util;
 
 mod api;
+mod builds;
 mod cli_compat;
 mod connections;
 mod container;
