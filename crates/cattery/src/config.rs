@@ -201,6 +201,10 @@ pub struct RuntimeConfig {
     pub build_max_context_mb: u64,
     /// Seconds a build may run before it ends as `timeout`.
     pub build_timeout_seconds: f64,
+    /// `auto`, `venv` or `docker` (docs/builds.md).
+    pub builder: String,
+    /// What `FROM dailyco/pipecat-base...` becomes in a Docker build.
+    pub build_base_image: String,
 }
 
 /// The default instance uid range: above the `/etc/subuid` and systemd container ranges.
@@ -227,6 +231,8 @@ impl Default for RuntimeConfig {
             build_python: None,
             build_max_context_mb: 500,
             build_timeout_seconds: 600.0,
+            builder: "auto".into(),
+            build_base_image: "cattery-test/pipecat-base:latest".into(),
         }
     }
 }
@@ -441,6 +447,15 @@ pub struct ServeArgs {
     /// Seconds a build may run before it ends as `timeout` [default: 600].
     #[arg(long, env = "CATTERY_BUILD_TIMEOUT_SECONDS", help_heading = "Runtime")]
     pub build_timeout_seconds: Option<f64>,
+    /// Which builder builds a deploy without an image: `auto` (Docker when the context has a
+    /// Dockerfile and an engine answers, else a local virtualenv), `venv` or `docker`
+    /// [default: auto].
+    #[arg(long, env = "CATTERY_BUILDER", help_heading = "Runtime")]
+    pub builder: Option<String>,
+    /// The image `FROM dailyco/pipecat-base...` is built on in a Docker build: a local image
+    /// that follows the base image's contract [default: cattery-test/pipecat-base:latest].
+    #[arg(long, env = "CATTERY_BUILD_BASE_IMAGE", help_heading = "Runtime")]
+    pub build_base_image: Option<String>,
 
     /// Seconds between SIGTERM and SIGKILL when an instance is removed, for agents that set no
     /// `stopGraceSeconds`; 0 means SIGKILL at once [default: 5].
@@ -568,6 +583,8 @@ impl Config {
             self.runtime.image_pull_policy => a.image_pull_policy,
             self.runtime.build_max_context_mb => a.build_max_context_mb,
             self.runtime.build_timeout_seconds => a.build_timeout_seconds,
+            self.runtime.builder => a.builder,
+            self.runtime.build_base_image => a.build_base_image,
             se.stop_grace_seconds => a.stop_grace_seconds,
             se.start_timeout_seconds => a.start_timeout_seconds,
             se.drain_timeout_seconds => a.drain_timeout_seconds,
@@ -683,6 +700,12 @@ impl Config {
         }
         if self.runtime.build_max_context_mb == 0 {
             anyhow::bail!("--build-max-context-mb must be at least 1");
+        }
+        if crate::core::builds::BuilderMode::parse(&self.runtime.builder).is_none() {
+            anyhow::bail!("--builder must be auto, venv or docker");
+        }
+        if self.runtime.build_base_image.trim().is_empty() {
+            anyhow::bail!("--build-base-image must not be empty");
         }
         let bt = self.runtime.build_timeout_seconds;
         if !(bt.is_finite() && bt > 0.0) {

@@ -301,6 +301,8 @@ pub fn app_state(
                     .unwrap_or_else(|| cfg.python.clone()),
             }),
             crate::core::builds::BuildSettings {
+                mode: crate::core::builds::BuilderMode::parse(&config.runtime.builder)
+                    .unwrap_or(crate::core::builds::BuilderMode::Auto),
                 dir: std::path::absolute(cfg.data_dir.join("builds"))?,
                 max_context_bytes: config
                     .runtime
@@ -327,6 +329,28 @@ fn node_identity(
         started_ms: crate::model::now_ms(),
         timeout: Duration::from_secs_f64(c.node_timeout_seconds),
     })
+}
+
+/// Builds (`core::builds`): the Docker builder when there is a Docker runtime, and the
+/// recovery of builds a restart cut short.
+async fn start_builds(
+    state: &AppState,
+    docker: Option<&Arc<crate::runtime::docker::DockerRuntime>>,
+    config: &Config,
+) -> anyhow::Result<()> {
+    if let Some(d) = docker {
+        state
+            .builds
+            .set_docker_builder(Arc::new(crate::build::docker::DockerBuilder {
+                docker: d.clone(),
+                base_image: config.runtime.build_base_image.clone(),
+            }));
+    }
+    state
+        .builds
+        .recover()
+        .await
+        .context("recovering builds after restart")
 }
 
 /// Runs the server until SIGTERM/SIGINT and a completed drain.
@@ -388,11 +412,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     sup.recover()
         .await
         .context("recovering instances after restart")?;
-    state
-        .builds
-        .recover()
-        .await
-        .context("recovering builds after restart")?;
+    start_builds(&state, built.docker.as_ref(), &config).await?;
     let counted = Arc::downgrade(&sup);
     let heartbeats =
         crate::core::cluster::spawn_heartbeats(store.clone(), (*state.node).clone(), move || {

@@ -4,9 +4,12 @@
 //! writing its progress to the build's [`BuildLog`].
 //!
 //! - [`venv::VenvBuilder`]: a managed `local:` directory (the context) with its own
-//!   virtualenv, layered on a base Python environment (docs/builds.md).
+//!   virtualenv, layered on a base Python environment (docs/builds.md);
+//! - [`docker::DockerBuilder`]: the context's `Dockerfile` built into an image by the Docker
+//!   runtime's engine.
 
 pub mod context;
+pub mod docker;
 pub mod venv;
 
 use std::io::Write;
@@ -48,6 +51,10 @@ pub trait Builder: Send + Sync + 'static {
     /// `errorMessage` (one or a few lines: the details are in the log). Dropping the future
     /// (the time limit) stops whatever it started.
     async fn build(&self, job: &BuildJob, log: &BuildLog) -> Result<Artifact, String>;
+    /// Whether it can build now (for Docker: whether an engine answers).
+    async fn available(&self) -> bool {
+        true
+    }
 }
 
 /// A build's log: a file of lines, appended while it runs, read by `build logs`.

@@ -46,9 +46,55 @@ pub const LOGS_DEFAULT: usize = 500;
 /// Largest `limit` of build logs.
 pub const LOGS_MAX: usize = 10_000;
 
+/// Which builder builds (`--builder`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuilderMode {
+    /// Docker for a context with a Dockerfile when an engine answers, else the local builder.
+    Auto,
+    /// Always the local virtualenv builder.
+    Venv,
+    /// Always Docker; a build fails without an engine.
+    Docker,
+}
+
+impl BuilderMode {
+    /// From `auto`, `venv`, `docker`.
+    pub fn parse(s: &str) -> Option<BuilderMode> {
+        Some(match s {
+            "auto" => BuilderMode::Auto,
+            "venv" => BuilderMode::Venv,
+            "docker" => BuilderMode::Docker,
+            _ => return None,
+        })
+    }
+}
+
+/// Whether a build goes to Docker (`Ok(true)`) or the local builder (`Ok(false)`), or why it
+/// cannot be built.
+pub fn use_docker(
+    mode: BuilderMode,
+    has_dockerfile: bool,
+    docker_available: bool,
+) -> Result<bool, String> {
+    match mode {
+        BuilderMode::Venv => Ok(false),
+        BuilderMode::Auto => Ok(has_dockerfile && docker_available),
+        BuilderMode::Docker if !has_dockerfile => {
+            Err("the context has no Dockerfile (the server builds with Docker only)".into())
+        }
+        BuilderMode::Docker if !docker_available => Err(
+            "no Docker engine answers, and the server builds with Docker only (--builder docker)"
+                .into(),
+        ),
+        BuilderMode::Docker => Ok(true),
+    }
+}
+
 /// Settings of the build service.
 #[derive(Debug, Clone)]
 pub struct BuildSettings {
+    /// Which builder builds.
+    pub mode: BuilderMode,
     /// `<data-dir>/builds` (absolute).
     pub dir: PathBuf,
     /// Largest upload (bytes).
@@ -225,6 +271,8 @@ fn io_err(e: std::io::Error) -> CoreError {
 pub struct Builds {
     store: Arc<dyn Store>,
     builder: Arc<dyn Builder>,
+    /// The Docker builder, when the server has a Docker runtime.
+    docker: Mutex<Option<Arc<dyn Builder>>>,
     s: BuildSettings,
     uploads: Mutex<HashMap<Uuid, Upload>>,
     /// One build at a time: builds are CPU- and disk-heavy, and share the machine with calls.
@@ -237,10 +285,31 @@ impl Builds {
         Arc::new(Builds {
             store,
             builder,
+            docker: Mutex::new(None),
             s,
             uploads: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(1)),
         })
+    }
+
+    /// Adds the Docker builder (the server has a Docker runtime).
+    pub fn set_docker_builder(&self, b: Arc<dyn Builder>) {
+        *self.docker.lock() = Some(b);
+    }
+
+    /// The builder for a context (`has_dockerfile`) under the configured mode.
+    async fn pick(&self, has_dockerfile: bool) -> Result<Arc<dyn Builder>, String> {
+        let docker = self.docker.lock().clone();
+        let available = match &docker {
+            Some(d) if has_dockerfile && self.s.mode != BuilderMode::Venv => d.available().await,
+            _ => false,
+        };
+        Ok(
+            match (use_docker(self.s.mode, has_dockerfile, available)?, docker) {
+                (true, Some(d)) => d,
+                _ => self.builder.clone(),
+            },
+        )
     }
 
     /// The largest upload accepted (bytes).
@@ -504,11 +573,8 @@ impl Builds {
         let begun = std::time::Instant::now();
         tracing::info!(build = %b.id, org = %b.org, hash = %b.context_hash, "build started");
         log.line(&format!(
-            "Build {} of context {} ({} bytes), builder {}",
-            b.id,
-            b.context_hash,
-            b.context_size,
-            self.builder.kind()
+            "Build {} of context {} ({} bytes)",
+            b.id, b.context_hash, b.context_size
         ));
         let job = BuildJob {
             id: b.id,
@@ -532,10 +598,14 @@ impl Builds {
                 "Unpacked {} files ({} bytes)",
                 unpacked.files, unpacked.bytes
             ));
-            self.builder.build(&job, &log).await
+            let builder = self
+                .pick(job.context.join(&job.dockerfile_path).is_file())
+                .await?;
+            log.line(&format!("Builder: {}", builder.kind()));
+            builder.build(&job, &log).await.map(|a| (a, builder.kind()))
         };
         let ev = match tokio::time::timeout(self.s.timeout, work).await {
-            Ok(Ok(a)) => BuildEvent::Succeed(a, self.builder.kind()),
+            Ok(Ok((a, kind))) => BuildEvent::Succeed(a, kind),
             Ok(Err(msg)) => BuildEvent::Fail(msg),
             Err(_) => BuildEvent::TimedOut,
         };
@@ -680,6 +750,24 @@ mod tests {
             decide(&[rec(Failed), running.clone()]),
             CacheDecision::Join(running)
         );
+    }
+
+    #[test]
+    fn builder_choice() {
+        use BuilderMode::*;
+        assert_eq!(use_docker(Auto, true, true), Ok(true));
+        assert_eq!(use_docker(Auto, true, false), Ok(false));
+        assert_eq!(use_docker(Auto, false, true), Ok(false));
+        assert_eq!(use_docker(Venv, true, true), Ok(false));
+        assert_eq!(use_docker(Docker, true, true), Ok(true));
+        assert!(use_docker(Docker, false, true)
+            .unwrap_err()
+            .contains("no Dockerfile"));
+        assert!(use_docker(Docker, true, false)
+            .unwrap_err()
+            .contains("no Docker engine"));
+        assert_eq!(BuilderMode::parse("venv"), Some(Venv));
+        assert_eq!(BuilderMode::parse("kaniko"), None);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! server builds a virtualenv from `requirements.txt` (here a wheel shipped in the context,
 //! so pip needs no network) layered on the test Python; the agent runs the uploaded `bot.py`
 //! with it. A second deploy of the same context reuses the build; a broken `requirements.txt`
-//! fails the deploy with the build's message.
+//! fails the deploy with the build's message. With Docker there, the same deploy with the
+//! default `--builder auto` builds the Dockerfile into an image on the local base image.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,7 +34,8 @@ async def bot(args):
     logger.info(f"uploaded bot ran with marker {cattery_marker.MARKER}")
 "#;
 
-const DOCKERFILE: &str = "FROM dailyco/pipecat-base:latest\n\nCOPY ./requirements.txt requirements.txt\nRUN pip install -r requirements.txt\n\nCOPY ./bot.py bot.py\n";
+const DOCKERFILE: &str =
+    "FROM dailyco/pipecat-base:latest\n\nCOPY . .\nRUN pip install --no-cache-dir -r requirements.txt\n";
 
 /// A minimal wheel of package `cattery_marker` whose `MARKER` is `marker`, made with the
 /// test Python's zipfile (a wheel is a zip with metadata).
@@ -156,7 +158,8 @@ async fn agent_logs(s: &Server, agent: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn official_cli_deploys_without_an_image() {
     let py = main_python();
-    let s = Server::start(&["--python", py.to_str().unwrap()]).await;
+    // The local builder, also where Docker is there (the Docker builder has its own test).
+    let s = Server::start(&["--python", py.to_str().unwrap(), "--builder", "venv"]).await;
     let proj = project("built-bot", None, "m-41d7");
 
     // First deploy: no cached build, upload, build, deploy.
@@ -259,4 +262,83 @@ async fn official_cli_deploys_without_an_image() {
         "{:?}",
         r.body
     );
+}
+
+fn docker(args: &[&str]) -> Option<String> {
+    let out = Command::new("docker").args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// With Docker there (and the local base image, scripts/docker-images.sh), the same deploy
+/// builds the Dockerfile into an image, `FROM dailyco/pipecat-base` mapped to
+/// `cattery-test/pipecat-base`, and the agent runs it in a container.
+#[tokio::test(flavor = "multi_thread")]
+async fn official_cli_deploys_a_dockerfile_with_the_docker_builder() {
+    const BASE: &str = "cattery-test/pipecat-base:latest";
+    let required = std::env::var_os("CATTERY_REQUIRE_DOCKER").is_some();
+    if docker(&["image", "inspect", "--format", "{{.Id}}", BASE]).is_none() {
+        assert!(
+            !required,
+            "CATTERY_REQUIRE_DOCKER is set, but {BASE} is missing"
+        );
+        eprintln!("SKIPPED: no Docker engine or no {BASE} (scripts/docker-images.sh)");
+        return;
+    }
+    let s = Server::start(&["--build-base-image", BASE]).await;
+    let proj = project("docker-built", None, "d-9c2e");
+    let (ok, out) = pipecat(&s, proj.path(), &["deploy", "--yes"]).await;
+    let list = builds(&s).await;
+    let tag = list
+        .first()
+        .and_then(|b| b["imageUri"].as_str())
+        .map(str::to_string);
+    let cleanup = |tag: &Option<String>| {
+        if let Some(t) = tag {
+            let _ = docker(&["rmi", "-f", t]);
+        }
+    };
+    if !ok {
+        cleanup(&tag);
+        panic!("deploy failed:\n{out}\n{}", s.log());
+    }
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["builder"], "docker", "{list:?}");
+    assert!(
+        tag.as_deref().unwrap_or("").starts_with("cattery-build:"),
+        "{list:?}"
+    );
+    let (ok, logs) = pipecat(
+        &s,
+        proj.path(),
+        &["build", "logs", list[0]["id"].as_str().unwrap()],
+    )
+    .await;
+    assert!(
+        ok && logs.contains("dailyco/pipecat-base is built as"),
+        "{logs}"
+    );
+    s.wait_ready("docker-built", Duration::from_secs(90)).await;
+    let sid = s.start_ok("docker-built").await;
+    common::wait_for(
+        Duration::from_secs(60),
+        "the built image's log line",
+        || {
+            let s = &s;
+            async move {
+                agent_logs(s, "docker-built")
+                    .await
+                    .contains("uploaded bot ran with marker d-9c2e")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let _ = s.stop("docker-built", &sid).await;
+    let _ = s
+        .req("DELETE", "/v1/agents/docker-built", Some(&s.sk), None)
+        .await;
+    drop(s);
+    cleanup(&tag);
 }
