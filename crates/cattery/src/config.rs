@@ -202,6 +202,17 @@ pub struct RuntimeConfig {
     /// `on`: instances of `local:` Python agents are forked from a per-agent fork server that
     /// has imported the bot once (where the machine and the bot allow); `off`: spawned.
     pub python_fork_server: String,
+    /// Python environment a build's virtualenv is layered on (plays `dailyco/pipecat-base`);
+    /// `None`: `python`.
+    pub build_python: Option<String>,
+    /// Largest build context accepted for upload, in MiB.
+    pub build_max_context_mb: u64,
+    /// Seconds a build may run before it ends as `timeout`.
+    pub build_timeout_seconds: f64,
+    /// `auto`, `venv` or `docker` (docs/builds.md).
+    pub builder: String,
+    /// What `FROM dailyco/pipecat-base...` becomes in a Docker build.
+    pub build_base_image: String,
 }
 
 /// The default instance uid range: above the `/etc/subuid` and systemd container ranges.
@@ -226,6 +237,11 @@ impl Default for RuntimeConfig {
             docker_host: None,
             image_pull_policy: Default::default(),
             python_fork_server: "on".into(),
+            build_python: None,
+            build_max_context_mb: 500,
+            build_timeout_seconds: 600.0,
+            builder: "auto".into(),
+            build_base_image: "cattery-test/pipecat-base:latest".into(),
         }
     }
 }
@@ -433,6 +449,27 @@ pub struct ServeArgs {
     /// a fresh interpreter; see docs/instance-contract.md [default: on].
     #[arg(long, env = "CATTERY_PYTHON_FORK_SERVER", help_heading = "Runtime")]
     pub python_fork_server: Option<String>,
+    /// Python environment that builds (`pipecat cloud deploy` without an image) layer their
+    /// virtualenv on, as `dailyco/pipecat-base` is the base of a Pipecat Cloud image: its
+    /// packages are visible to the bot, `requirements.txt` adds to them (docs/builds.md)
+    /// [default: --python].
+    #[arg(long, env = "CATTERY_BUILD_PYTHON", help_heading = "Runtime")]
+    pub build_python: Option<String>,
+    /// Largest build context accepted for upload, in MiB [default: 500].
+    #[arg(long, env = "CATTERY_BUILD_MAX_CONTEXT_MB", help_heading = "Runtime")]
+    pub build_max_context_mb: Option<u64>,
+    /// Seconds a build may run before it ends as `timeout` [default: 600].
+    #[arg(long, env = "CATTERY_BUILD_TIMEOUT_SECONDS", help_heading = "Runtime")]
+    pub build_timeout_seconds: Option<f64>,
+    /// Which builder builds a deploy without an image: `auto` (Docker when the context has a
+    /// Dockerfile and an engine answers, else a local virtualenv), `venv` or `docker`
+    /// [default: auto].
+    #[arg(long, env = "CATTERY_BUILDER", help_heading = "Runtime")]
+    pub builder: Option<String>,
+    /// The image `FROM dailyco/pipecat-base...` is built on in a Docker build: a local image
+    /// that follows the base image's contract [default: cattery-test/pipecat-base:latest].
+    #[arg(long, env = "CATTERY_BUILD_BASE_IMAGE", help_heading = "Runtime")]
+    pub build_base_image: Option<String>,
 
     /// Seconds between SIGTERM and SIGKILL when an instance is removed, for agents that set no
     /// `stopGraceSeconds`; 0 means SIGKILL at once [default: 5].
@@ -564,6 +601,10 @@ impl Config {
             self.runtime.instance_uids => a.instance_uids,
             self.runtime.image_pull_policy => a.image_pull_policy,
             self.runtime.python_fork_server => a.python_fork_server,
+            self.runtime.build_max_context_mb => a.build_max_context_mb,
+            self.runtime.build_timeout_seconds => a.build_timeout_seconds,
+            self.runtime.builder => a.builder,
+            self.runtime.build_base_image => a.build_base_image,
             se.stop_grace_seconds => a.stop_grace_seconds,
             se.start_timeout_seconds => a.start_timeout_seconds,
             se.drain_timeout_seconds => a.drain_timeout_seconds,
@@ -580,6 +621,9 @@ impl Config {
         }
         if a.metrics_token.is_some() {
             s.metrics_token = a.metrics_token;
+        }
+        if a.build_python.is_some() {
+            self.runtime.build_python = a.build_python;
         }
         if a.docker_host.is_some() {
             self.runtime.docker_host = a.docker_host;
@@ -676,6 +720,19 @@ impl Config {
         self.validate_cluster()?;
         if self.runtime.python.is_empty() {
             anyhow::bail!("--python must not be empty");
+        }
+        if self.runtime.build_max_context_mb == 0 {
+            anyhow::bail!("--build-max-context-mb must be at least 1");
+        }
+        if crate::core::builds::BuilderMode::parse(&self.runtime.builder).is_none() {
+            anyhow::bail!("--builder must be auto, venv or docker");
+        }
+        if self.runtime.build_base_image.trim().is_empty() {
+            anyhow::bail!("--build-base-image must not be empty");
+        }
+        let bt = self.runtime.build_timeout_seconds;
+        if !(bt.is_finite() && bt > 0.0) {
+            anyhow::bail!("--build-timeout-seconds must be a positive number");
         }
         if self.runtime.instance_uids != "off" {
             self.runtime

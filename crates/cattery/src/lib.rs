@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod backup;
+pub mod build;
 pub mod config;
 pub mod core;
 pub mod dashboard;

@@ -120,6 +120,9 @@ pub struct DeploymentSpec {
     /// Bumped by `forceRedeploy` so an otherwise equal spec still gets a new deployment.
     #[serde(default)]
     pub revision: u64,
+    /// The build this deployment runs (`buildId`), if it came from one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_id: Option<Uuid>,
 }
 
 impl DeploymentSpec {

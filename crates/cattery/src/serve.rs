@@ -251,6 +251,7 @@ pub fn app_state(
         .context("opening the secrets key file")?,
     );
     let node = Arc::new(node_identity(config, data_dir)?);
+    let store_for_builds = store.clone();
     let sup = Supervisor::new(
         store.clone(),
         runtime,
@@ -292,6 +293,26 @@ pub fn app_state(
             config.sessions.daily_api_key.clone(),
         )),
         node,
+        builds: crate::core::builds::Builds::new(
+            store_for_builds,
+            Arc::new(crate::build::venv::VenvBuilder {
+                base_python: config
+                    .runtime
+                    .build_python
+                    .clone()
+                    .unwrap_or_else(|| cfg.python.clone()),
+            }),
+            crate::core::builds::BuildSettings {
+                mode: crate::core::builds::BuilderMode::parse(&config.runtime.builder)
+                    .unwrap_or(crate::core::builds::BuilderMode::Auto),
+                dir: std::path::absolute(cfg.data_dir.join("builds"))?,
+                max_context_bytes: config
+                    .runtime
+                    .build_max_context_mb
+                    .saturating_mul(1024 * 1024),
+                timeout: Duration::from_secs_f64(config.runtime.build_timeout_seconds),
+            },
+        ),
     })
 }
 
@@ -362,6 +383,28 @@ async fn join_cluster(
     Ok((heartbeats, watch, shared))
 }
 
+/// Builds (`core::builds`): the Docker builder when there is a Docker runtime, and the
+/// recovery of builds a restart cut short.
+async fn start_builds(
+    state: &AppState,
+    docker: Option<&Arc<crate::runtime::docker::DockerRuntime>>,
+    config: &Config,
+) -> anyhow::Result<()> {
+    if let Some(d) = docker {
+        state
+            .builds
+            .set_docker_builder(Arc::new(crate::build::docker::DockerBuilder {
+                docker: d.clone(),
+                base_image: config.runtime.build_base_image.clone(),
+            }));
+    }
+    state
+        .builds
+        .recover()
+        .await
+        .context("recovering builds after restart")
+}
+
 /// Runs the server until SIGTERM/SIGINT and a completed drain.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
@@ -423,6 +466,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let sup = state.sup.clone();
     let (heartbeats, watch, shared) = join_cluster(&store, &state).await?;
+    start_builds(&state, built.docker.as_ref(), &config).await?;
     let node = state.node.clone();
     let app = api::cors::wrap(api::router(state), &config.web);
     let tls = crate::web::tls_acceptor(&config.web)?;

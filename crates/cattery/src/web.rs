@@ -171,6 +171,16 @@ impl PublicUrl {
         }
     }
 
+    /// The HTTP base URL (`http://host` or `https://host/prefix`) for a request with
+    /// `headers`: where a client reaches this server (build upload URLs).
+    pub fn http_base(&self, headers: &HeaderMap) -> String {
+        let (secure, host) = match &self.fixed {
+            Some((s, h)) => (*s, h.clone()),
+            None => self.seen_by_client(headers),
+        };
+        format!("{}://{host}", if secure { "https" } else { "http" })
+    }
+
     /// The websocket base URL (`ws://host` or `wss://host/prefix`) for a request with
     /// `headers`.
     pub fn ws_base(&self, headers: &HeaderMap) -> String {

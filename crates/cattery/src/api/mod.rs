@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod auth;
+pub mod builds;
 pub mod cluster;
 pub mod cors;
 pub mod error;
@@ -60,6 +61,8 @@ pub struct AppState {
     pub daily: Arc<crate::core::daily::Daily>,
     /// This node (`core::cluster`).
     pub node: Arc<crate::core::cluster::NodeIdentity>,
+    /// Builds (`core::builds`).
+    pub builds: Arc<crate::core::builds::Builds>,
 }
 
 /// A JSON object body whose rejections are `{error, code}` 4xx responses, never 5xx.

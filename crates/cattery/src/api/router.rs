@@ -14,7 +14,7 @@ use std::sync::LazyLock;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{any, delete, get};
+use axum::routing::{any, delete, get, post};
 use axum::{Json, Router};
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
@@ -23,7 +23,8 @@ use utoipa_axum::routes;
 use super::error::ApiError;
 use super::MAX_REQUEST_BYTES;
 use super::{
-    agents, cluster, events, logs, metrics, openapi, org, proxy, secrets, sessions, ws, AppState,
+    agents, builds, cluster, events, logs, metrics, openapi, org, proxy, secrets, sessions, ws,
+    AppState,
 };
 
 /// The CLI's agents ("services") of an org.
@@ -138,6 +139,37 @@ fn org_routes() -> OpenApiRouter<AppState> {
             delete(org::revoke_api_key),
         )
         .route("/v1/organizations/{org}/daily", get(org::daily_key))
+        .merge(build_routes())
+}
+
+/// Builds (`api::builds`): the documented `/v1/builds` form, the CLI's org form, and the
+/// upload endpoint (its own size cap, enforced while it streams to disk).
+fn build_routes() -> OpenApiRouter<AppState> {
+    const ORG: &str = "/v1/organizations/{org}/builds";
+    OpenApiRouter::new()
+        .route(
+            "/v1/builds",
+            get(builds::list_builds).post(builds::create_build),
+        )
+        .route("/v1/builds/upload-url", post(builds::create_upload_url))
+        .route(
+            "/v1/builds/uploads/{upload_id}",
+            post(builds::upload_multipart)
+                .put(builds::upload_raw)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/builds/{id}", get(builds::get_build))
+        .route("/v1/builds/{id}/logs", get(builds::build_logs))
+        .route(
+            ORG,
+            get(builds::org_list_builds).post(builds::org_create_build),
+        )
+        .route(
+            &format!("{ORG}/upload-url"),
+            post(builds::org_create_upload_url),
+        )
+        .route(&format!("{ORG}/{{id}}"), get(builds::org_get_build))
+        .route(&format!("{ORG}/{{id}}/logs"), get(builds::org_build_logs))
 }
 
 /// The OpenAPI document, generated from [`routes`].

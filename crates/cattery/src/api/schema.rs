@@ -239,6 +239,9 @@ pub struct Deployment {
     /// Whether it is the agent's current deployment (deployment lists only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub active: Option<bool>,
+    /// The build it runs, when it was deployed from one (`buildId`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub build_id: Option<Uuid>,
     /// Created.
     pub created_at: String,
     /// Deployment id.
@@ -258,6 +261,7 @@ impl Deployment {
         let limits = profile_limits(&spec.agent_profile);
         Deployment {
             active: None,
+            build_id: spec.build_id,
             created_at: iso_ms(d.created_ms),
             id: d.id,
             manifest: Manifest {

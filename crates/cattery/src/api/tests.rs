@@ -843,3 +843,5 @@ async fn options_without_origin_is_not_taken_for_a_preflight() {
     assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED, "{body}");
     assert_eq!(body["code"], "405", "{body}");
 }
+
+mod builds;

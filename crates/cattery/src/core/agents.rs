@@ -56,7 +56,7 @@ pub struct AgentRequest {
     pub service_name: Option<String>,
     /// Container image, or `local:<dir>` for a directory with `bot.py`.
     pub image: Option<String>,
-    /// Cloud build id (not supported by this server).
+    /// A successful build's id (`POST /v1/builds`): the agent runs what it built.
     pub build_id: Option<String>,
     /// Region code (default: the org's `defaultRegion`).
     pub region: Option<String>,
@@ -124,12 +124,12 @@ fn bad(msg: impl Into<String>) -> CoreError {
 /// Applies the request's run-affecting fields onto `spec`. Errors: 400 with the offending field.
 fn apply(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
     if r.build_id.is_some() {
-        if r.image.is_some() {
-            return Err(bad("give either image or buildId, not both"));
-        }
         return Err(bad(
-            "cloud builds are not supported by this server; deploy an image or a command",
+            "buildId must be resolved before the deployment is made (core::agents::resolve_build)",
         ));
+    }
+    if r.image.is_some() {
+        spec.build_id = None;
     }
     if let Some(img) = &r.image {
         if img.trim().is_empty() {
@@ -231,6 +231,36 @@ fn apply(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
     Ok(())
 }
 
+/// A request whose `buildId` is replaced by what the build made (its `local:` directory and
+/// Python, or its image), and the build's id to record on the deployment. Errors: 400 as
+/// Pipecat Cloud words them (both image and buildId, build not found, another region, not
+/// ready).
+async fn resolve_build(
+    store: &Arc<dyn Store>,
+    org: &str,
+    region: &str,
+    r: &AgentRequest,
+) -> CoreResult<(AgentRequest, Option<Uuid>)> {
+    let Some(id) = r.build_id.as_deref() else {
+        return Ok((r.clone(), None));
+    };
+    if r.image.is_some() {
+        return Err(bad("give either image or buildId, not both"));
+    }
+    let found = match Uuid::parse_str(id) {
+        Ok(u) => store.get_build(org, u).await?,
+        Err(_) => None,
+    };
+    let art = super::builds::deployable(id, found.as_ref(), region)?;
+    let mut out = r.clone();
+    out.build_id = None;
+    out.image = Some(art.image);
+    if art.python.is_some() {
+        out.python = art.python;
+    }
+    Ok((out, found.map(|b| b.id)))
+}
+
 /// Checks an agent's `env`: valid names, none the platform sets, values the kernel can pass.
 /// Errors: 400 naming the variable.
 fn check_env(env: &BTreeMap<String, String>) -> CoreResult<()> {
@@ -321,7 +351,12 @@ pub async fn create_agent(
         agent_profile: "agent-1x".into(),
         ..Default::default()
     };
+    let (r, build) = resolve_build(store, org, &region, r).await?;
+    let r = &r;
     apply(&mut spec, r)?;
+    if build.is_some() {
+        spec.build_id = build;
+    }
     let (min, max) = scaling(r, (0, DEFAULT_MAX_AGENTS))?;
     check_sets(store, org, &region, &spec).await?;
     if store.get_agent(org, &name).await?.is_some() {
@@ -380,7 +415,12 @@ pub async fn update_agent(
         .await?
         .ok_or_else(|| CoreError::NotFound(format!("deployment of agent {name} not found")))?;
     let mut spec = cur.spec.clone();
+    let (r, build) = resolve_build(store, org, &agent.region, r).await?;
+    let r = &r;
     apply(&mut spec, r)?;
+    if build.is_some() {
+        spec.build_id = build;
+    }
     let (min, max) = scaling(r, (agent.min_agents, agent.max_agents))?;
     check_sets(store, org, &agent.region, &spec).await?;
     let force = r.force_redeploy.unwrap_or(false);

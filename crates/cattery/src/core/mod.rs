@@ -4,6 +4,7 @@
 //! responses in `api::error`, the one place that decides statuses and bodies.
 
 pub mod agents;
+pub mod builds;
 pub mod cluster;
 pub mod daily;
 pub mod env;

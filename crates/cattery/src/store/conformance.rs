@@ -9,8 +9,8 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::{
-    LogFilter, NodeRecord, SealedValue, SecretSetKind, SecretSetRecord, SessionFilter, Store,
-    StoreError, WsTokenRecord,
+    BuildFilter, BuildRecord, BuildStatus, LogFilter, NodeRecord, SealedValue, SecretSetKind,
+    SecretSetRecord, SessionFilter, Store, StoreError, WsTokenRecord,
 };
 use crate::model::{
     AgentRecord, ApiKeyRecord, DeploymentRecord, DeploymentSpec, EndReason, InstanceRecord,
@@ -51,6 +51,7 @@ where
     case!(ws_tokens);
     case!(node_takeover);
     case!(waiting_websocket_sessions);
+    case!(builds);
 }
 
 fn agent(org: &str, name: &str, created_ms: i64) -> (AgentRecord, DeploymentRecord) {
@@ -1194,4 +1195,99 @@ async fn waiting_websocket_sessions(s: &dyn Store) {
         s.insert_session(&other).await,
         Err(StoreError::Conflict)
     ));
+}
+
+async fn builds(s: &dyn Store) {
+    let build = |org: &str, hash: &str, created_ms: i64| BuildRecord {
+        id: Uuid::new_v4(),
+        org: org.into(),
+        status: BuildStatus::Pending,
+        region: "local".into(),
+        context_hash: hash.into(),
+        dockerfile_path: "Dockerfile".into(),
+        artifact: None,
+        python: None,
+        builder: None,
+        error_message: None,
+        context_size: 1234,
+        created_ms,
+        started_ms: None,
+        completed_ms: None,
+        updated_ms: created_ms,
+    };
+    let mut a = build("o1", "aaaa", 10);
+    let b = build("o1", "bbbb", 20);
+    let other = build("o2", "aaaa", 30);
+    for x in [&a, &b, &other] {
+        s.insert_build(x).await.unwrap();
+    }
+    assert!(matches!(
+        s.insert_build(&a).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(s.get_build("o1", a.id).await.unwrap().as_ref(), Some(&a));
+    assert_eq!(s.get_build("o2", a.id).await.unwrap(), None);
+    assert_eq!(s.unfinished_builds().await.unwrap().len(), 3);
+    // Every mutable field is replaced.
+    a.status = BuildStatus::Success;
+    a.artifact = Some("local:/x/app".into());
+    a.python = Some("/x/venv/bin/python".into());
+    a.builder = Some("venv".into());
+    a.started_ms = Some(11);
+    a.completed_ms = Some(12);
+    a.updated_ms = 12;
+    s.update_build(&a).await.unwrap();
+    assert_eq!(s.get_build("o1", a.id).await.unwrap().as_ref(), Some(&a));
+    let mut ghost = build("o1", "cccc", 1);
+    assert!(matches!(
+        s.update_build(&ghost).await,
+        Err(StoreError::NotFound)
+    ));
+    ghost.id = other.id;
+    assert!(
+        matches!(s.update_build(&ghost).await, Err(StoreError::NotFound)),
+        "another org's build is not changed"
+    );
+    let all = BuildFilter {
+        limit: 10,
+        ..Default::default()
+    };
+    let (list, total) = s.list_builds("o1", &all).await.unwrap();
+    assert_eq!(total, 2);
+    assert_eq!(list, [b.clone(), a.clone()], "newest first, one org only");
+    let (list, total) = s
+        .list_builds(
+            "o1",
+            &BuildFilter {
+                context_hash: Some("aaaa".into()),
+                status: Some(BuildStatus::Success),
+                region: Some("local".into()),
+                dockerfile_path: Some("Dockerfile".into()),
+                limit: 1,
+                offset: 0,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((list, total), (vec![a.clone()], 1));
+    let (list, total) = s
+        .list_builds(
+            "o1",
+            &BuildFilter {
+                limit: 1,
+                offset: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((list, total), (vec![a.clone()], 2));
+    let pending: Vec<Uuid> = s
+        .unfinished_builds()
+        .await
+        .unwrap()
+        .iter()
+        .map(|x| x.id)
+        .collect();
+    assert_eq!(pending, [b.id, other.id]);
 }

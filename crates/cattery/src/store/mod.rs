@@ -21,8 +21,8 @@ pub mod sqlite;
 /// The store traits, for `store.method()` calls on a concrete store.
 pub mod prelude {
     pub use super::{
-        AgentStore, ClusterStore, InstanceStore, KeyStore, LogStore, NodeStore, SecretStore,
-        SessionStore, Store,
+        AgentStore, BuildStore, ClusterStore, InstanceStore, KeyStore, LogStore, NodeStore,
+        SecretStore, SessionStore, Store,
     };
 }
 
@@ -551,6 +551,123 @@ pub trait ClusterStore: Send + Sync + 'static {
     async fn watch_changes(&self) -> StoreResult<Option<tokio::sync::mpsc::Receiver<Change>>>;
 }
 
+/// A build's state (reference §A.7): `pending` -> `building` -> `success` | `failed` |
+/// `timeout`. The transitions are decided in `core::builds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BuildStatus {
+    /// Accepted, not started.
+    Pending,
+    /// Running.
+    Building,
+    /// Done: `artifact` is deployable.
+    Success,
+    /// Failed: `error_message` says why.
+    Failed,
+    /// Ran past the build time limit.
+    Timeout,
+}
+
+impl BuildStatus {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildStatus::Pending => "pending",
+            BuildStatus::Building => "building",
+            BuildStatus::Success => "success",
+            BuildStatus::Failed => "failed",
+            BuildStatus::Timeout => "timeout",
+        }
+    }
+
+    /// From the wire name.
+    pub fn parse(s: &str) -> Option<BuildStatus> {
+        Some(match s {
+            "pending" => BuildStatus::Pending,
+            "building" => BuildStatus::Building,
+            "success" => BuildStatus::Success,
+            "failed" => BuildStatus::Failed,
+            "timeout" => BuildStatus::Timeout,
+            _ => return None,
+        })
+    }
+
+    /// Whether the build is over.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            BuildStatus::Success | BuildStatus::Failed | BuildStatus::Timeout
+        )
+    }
+}
+
+/// A build of an uploaded context (reference §A.7 `Build`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildRecord {
+    /// Build id.
+    pub id: Uuid,
+    /// Owning org.
+    pub org: String,
+    /// State.
+    pub status: BuildStatus,
+    /// Region it was built for.
+    pub region: String,
+    /// md5 of the uploaded tar.gz, first 16 hex digits (the CLI's `contextHash`).
+    pub context_hash: String,
+    /// Dockerfile path inside the context.
+    pub dockerfile_path: String,
+    /// What a deployment of it runs, once `success`: `local:<dir>` or a container image.
+    pub artifact: Option<String>,
+    /// Python interpreter of a `local:` artifact (its own virtualenv).
+    pub python: Option<String>,
+    /// Which builder made it (`venv`, `docker`).
+    pub builder: Option<String>,
+    /// Why it failed.
+    pub error_message: Option<String>,
+    /// Size of the uploaded context (bytes, compressed).
+    pub context_size: i64,
+    /// When it was accepted, started, finished, last changed (ms).
+    pub created_ms: i64,
+    /// When it started building.
+    pub started_ms: Option<i64>,
+    /// When it finished.
+    pub completed_ms: Option<i64>,
+    /// Last change.
+    pub updated_ms: i64,
+}
+
+/// Filters for listing builds, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct BuildFilter {
+    /// Only this context hash.
+    pub context_hash: Option<String>,
+    /// Only this region.
+    pub region: Option<String>,
+    /// Only this state.
+    pub status: Option<BuildStatus>,
+    /// Only this Dockerfile path.
+    pub dockerfile_path: Option<String>,
+    /// Page size.
+    pub limit: u32,
+    /// Skipped rows.
+    pub offset: u32,
+}
+
+/// Builds.
+#[async_trait]
+pub trait BuildStore: Send + Sync + 'static {
+    /// Inserts a new build. Errors: `Conflict` when the id exists.
+    async fn insert_build(&self, b: &BuildRecord) -> StoreResult<()>;
+    /// Replaces a build's mutable fields (status, artifact, times, error). Errors: `NotFound`.
+    async fn update_build(&self, b: &BuildRecord) -> StoreResult<()>;
+    /// `org`'s build `id`.
+    async fn get_build(&self, org: &str, id: Uuid) -> StoreResult<Option<BuildRecord>>;
+    /// `org`'s builds matching `f`, newest first, and how many match in all.
+    async fn list_builds(&self, org: &str, f: &BuildFilter)
+        -> StoreResult<(Vec<BuildRecord>, u64)>;
+    /// Every org's builds not yet over (pending or building), for recovery after a restart.
+    async fn unfinished_builds(&self) -> StoreResult<Vec<BuildRecord>>;
+}
+
 /// The durable state of Cattery: every aggregate's store. Implemented by any type that
 /// implements them all.
 pub trait Store:
@@ -562,6 +679,7 @@ pub trait Store:
     + LogStore
     + NodeStore
     + ClusterStore
+    + BuildStore
 {
 }
 
@@ -574,5 +692,6 @@ impl<T> Store for T where
         + LogStore
         + NodeStore
         + ClusterStore
+        + BuildStore
 {
 }

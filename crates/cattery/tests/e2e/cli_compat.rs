@@ -118,6 +118,19 @@ const COMMANDS: &[(&str, &str, &str)] = &[
     (SDK1, "Session(...).start()", "python"),
     (SDK0, "Session(...).start()", "python"),
     (SDK1, "Session(use_daily=True).start()", "python"),
+    // Builds, run by `builds::official_cli_deploys_without_an_image` and (Docker)
+    // `builds::official_cli_deploys_a_dockerfile_with_the_docker_builder`.
+    (CUR, "deploy --yes (no image: upload and build)", "plain"),
+    (
+        CUR,
+        "deploy --yes --force (no image: cached build)",
+        "plain",
+    ),
+    (CUR, "deploy --yes (no image: failed build)", "plain"),
+    (CUR, "build logs", "plain"),
+    (CUR, "build status", "plain"),
+    (CUR, "build list", "plain"),
+    (CUR, "deploy --yes (no image: Docker build)", "plain"),
 ];
 
 const CUR: &str = "pipecat cloud (pipecatcloud 1.x)";

@@ -8,6 +8,7 @@ mod common;
 mod lifecycle_util;
 
 mod api;
+mod builds;
 mod cli_compat;
 mod cluster_capacity;
 mod cluster_ownership;

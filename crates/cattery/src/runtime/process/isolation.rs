@@ -178,7 +178,7 @@ pub fn restrict_umask() {
 
 /// Closes the data directory to everyone but the server: the directory `0700` (`0711` when
 /// instances run under their own uids: they may pass through to their own directory, never
-/// list it), every file in it `0600`, every directory `0700`, except `instances` (`0711`) and
+/// list it), every file in it `0600`, every directory `0700`, except `instances` and `builds` (`0711`) and
 /// `runner` (the Python runner, `0755` and its files `0644`). Symlinks are left alone.
 pub fn secure_data_dir(data_dir: &Path, isolating: bool) -> std::io::Result<()> {
     let traverse = if isolating { 0o711 } else { 0o700 };
@@ -191,7 +191,8 @@ pub fn secure_data_dir(data_dir: &Path, isolating: bool) -> std::io::Result<()> 
             set_mode(&path, 0o600)?;
         } else if t.is_dir() {
             match name.to_str() {
-                Some("instances") => set_mode(&path, traverse)?,
+                // Builds: instances pass through to a build's `app` and `venv` (`core::builds`).
+                Some("instances" | "builds") => set_mode(&path, traverse)?,
                 Some("runner") => {
                     set_mode(&path, 0o755)?;
                     for f in fs::read_dir(&path)?.flatten() {

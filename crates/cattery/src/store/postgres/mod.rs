@@ -13,6 +13,7 @@
 //! store heals by itself once the database answers again. A full disk (`53100`) is [`StoreError::Full`].
 
 mod agents;
+mod builds;
 mod cluster;
 mod instances;
 mod keys;

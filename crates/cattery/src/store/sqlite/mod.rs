@@ -24,6 +24,7 @@
 
 mod agents;
 pub mod backup;
+mod builds;
 mod cluster;
 mod conn;
 mod instances;

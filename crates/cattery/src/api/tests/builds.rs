@@ -1,0 +1,318 @@
+//! The builds API in process (`api::builds`, `core::builds`): upload URLs and their
+//! single-use tokens, the size cap, create, the cache by `contextHash`, status, list filters
+//! and logs. The build here fails fast (its context has no `bot.py`), so no Python runs; the
+//! successful path is the end-to-end test `builds::official_cli_deploys_without_an_image`.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use md5::Digest as _;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use super::{api_with, assert_error, Api};
+
+/// A gzipped tar of `files`.
+fn context(files: &[(&str, &str)]) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut b = tar::Builder::new(gz);
+    for (name, text) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(text.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, text.as_bytes()).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+/// Posts `bytes` to `url` as the CLI does: a multipart form with the upload fields, then
+/// `file`.
+async fn post_upload(a: &Api, url: &str, fields: &Value, bytes: &[u8]) -> (StatusCode, Value) {
+    let boundary = "cattery-test-boundary";
+    let mut body = Vec::new();
+    for (k, v) in fields.as_object().unwrap() {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{}\r\n",
+                v.as_str().unwrap()
+            )
+            .as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"context.tar.gz\"\r\nContent-Type: application/gzip\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let path = url.split_once("://").unwrap().1;
+    let path = &path[path.find('/').unwrap()..];
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header("host", "cattery.test:7870")
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(Body::from(body))
+        .unwrap();
+    let resp = a.app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+async fn upload_url(a: &Api) -> Value {
+    let r = a
+        .call(
+            Method::POST,
+            "/v1/organizations/default/builds/upload-url",
+            Some(&a.sk),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    r.body
+}
+
+async fn wait_terminal(a: &Api, id: &str) -> Value {
+    for _ in 0..100 {
+        let r = a
+            .get(&format!("/v1/organizations/default/builds/{id}"))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let b = r.body["build"].clone();
+        if ["success", "failed", "timeout"].contains(&b["status"].as_str().unwrap()) {
+            return b;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("build {id} did not end");
+}
+
+#[tokio::test]
+async fn upload_build_status_cache_and_logs() {
+    let a = api_with(|c| c.runtime.build_max_context_mb = 1).await;
+    let ctx = context(&[
+        ("Dockerfile", "FROM dailyco/pipecat-base:latest\n"),
+        ("README", "no bot here\n"),
+    ]);
+    let want_hash = hex::encode(md5::Md5::digest(&ctx))[..16].to_string();
+
+    // An upload URL on this server, with a single-use token in its fields.
+    let u = upload_url(&a).await;
+    let url = u["uploadUrl"].as_str().unwrap();
+    assert!(
+        url.ends_with(&format!(
+            "/v1/builds/uploads/{}",
+            u["uploadId"].as_str().unwrap()
+        )),
+        "{u}"
+    );
+    assert!(u["expiresAt"].as_str().unwrap().ends_with('Z'));
+    // Creating a build before the upload is a 400.
+    let early = a
+        .call(
+            Method::POST,
+            "/v1/builds",
+            Some(&a.sk),
+            Some(json!({"uploadId": u["uploadId"]})),
+        )
+        .await;
+    assert_error(&early, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+    // A wrong token is refused without spending the right one.
+    let (st, body) = post_upload(&a, url, &json!({"token": "nope"}), &ctx).await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{body}");
+    let (st, body) = post_upload(&a, url, &u["uploadFields"], &ctx).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{body}");
+    // Single use.
+    let (st, _) = post_upload(&a, url, &u["uploadFields"], &ctx).await;
+    assert_eq!(st, StatusCode::CONFLICT);
+
+    let r = a
+        .call(
+            Method::POST,
+            "/v1/organizations/default/builds",
+            Some(&a.sk),
+            Some(json!({"uploadId": u["uploadId"], "dockerfilePath": "Dockerfile"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(r.body["cached"], false);
+    assert_eq!(r.body["contextHash"], want_hash.as_str());
+    let id = r.body["build"]["id"].as_str().unwrap().to_string();
+    assert_eq!(r.body["build"]["region"], "local");
+    // The upload was taken.
+    let again = a
+        .call(
+            Method::POST,
+            "/v1/builds",
+            Some(&a.sk),
+            Some(json!({"uploadId": u["uploadId"]})),
+        )
+        .await;
+    assert_error(&again, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+
+    let b = wait_terminal(&a, &id).await;
+    assert_eq!(b["status"], "failed", "{b}");
+    assert!(
+        b["errorMessage"].as_str().unwrap().contains("no bot.py"),
+        "{b}"
+    );
+    assert_eq!(b["contextHash"], want_hash.as_str());
+    assert!(b.get("imageUri").is_none(), "{b}");
+    let logs = a
+        .get(&format!(
+            "/v1/organizations/default/builds/{id}/logs?limit=500"
+        ))
+        .await;
+    assert_eq!(logs.status, StatusCode::OK);
+    let text = logs.body["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        text.contains("Unpacked 2 files") && text.contains("Build failed"),
+        "{text}"
+    );
+    let one = a.get(&format!("/v1/builds/{id}/logs?limit=1")).await;
+    assert_eq!(one.body["logs"].as_array().unwrap().len(), 1);
+
+    // The CLI's cache lookup finds no successful build; the failed one is listed.
+    let hit = a
+        .get(&format!(
+            "/v1/organizations/default/builds?contextHash={want_hash}&status=success&limit=1"
+        ))
+        .await;
+    assert_eq!(hit.body["builds"], json!([]), "{}", hit.body);
+    let all = a.get(&format!("/v1/builds?contextHash={want_hash}")).await;
+    assert_eq!(all.body["total"], 1);
+    assert_eq!(all.body["builds"][0]["id"], id.as_str());
+    assert_error(
+        &a.get("/v1/builds?status=sleeping").await,
+        StatusCode::BAD_REQUEST,
+        "GENERIC_BAD_REQUEST",
+    );
+}
+
+/// Uploads `ctx` through a new upload URL; returns the upload id.
+async fn upload(a: &Api, ctx: &[u8]) -> Value {
+    let u = upload_url(a).await;
+    let (st, body) =
+        post_upload(a, u["uploadUrl"].as_str().unwrap(), &u["uploadFields"], ctx).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{body}");
+    u["uploadId"].clone()
+}
+
+#[tokio::test]
+async fn failed_builds_are_rebuilt_and_not_deployable() {
+    let a = api_with(|c| c.runtime.build_max_context_mb = 1).await;
+    let ctx = context(&[("Dockerfile", "FROM dailyco/pipecat-base:latest\n")]);
+    let up = upload(&a, &ctx).await;
+    let r = a
+        .call(
+            Method::POST,
+            "/v1/builds",
+            Some(&a.sk),
+            Some(json!({"uploadId": up})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let id = r.body["build"]["id"].as_str().unwrap().to_string();
+    assert_eq!(wait_terminal(&a, &id).await["status"], "failed");
+
+    // The same bytes again: a failed build is not reused.
+    let u2 = upload_url(&a).await;
+    let (st, _) = post_upload(
+        &a,
+        u2["uploadUrl"].as_str().unwrap(),
+        &u2["uploadFields"],
+        &ctx,
+    )
+    .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let r2 = a
+        .call(
+            Method::POST,
+            "/v1/builds",
+            Some(&a.sk),
+            Some(json!({"uploadId": u2["uploadId"]})),
+        )
+        .await;
+    assert_eq!(r2.status, StatusCode::CREATED, "{}", r2.body);
+    assert_ne!(r2.body["build"]["id"], id.as_str());
+    wait_terminal(&a, r2.body["build"]["id"].as_str().unwrap()).await;
+
+    // A failed build cannot be deployed: Pipecat Cloud's 400.
+    let dep = a
+        .call(
+            Method::POST,
+            "/v1/agents",
+            Some(&a.sk),
+            Some(json!({"serviceName": "from-build", "buildId": id})),
+        )
+        .await;
+    assert_error(&dep, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+    assert!(
+        dep.body["error"].as_str().unwrap().contains("not ready"),
+        "{}",
+        dep.body
+    );
+    let dep = a
+        .call(Method::POST, "/v1/agents", Some(&a.sk), Some(json!({"serviceName": "from-build", "buildId": "0b6c8a3e-0000-4000-8000-000000000000"})))
+        .await;
+    assert!(
+        dep.body["error"].as_str().unwrap().contains("not found"),
+        "{}",
+        dep.body
+    );
+    let dep = a
+        .call(
+            Method::POST,
+            "/v1/agents",
+            Some(&a.sk),
+            Some(json!({"serviceName": "from-build", "buildId": id, "image": "x:1"})),
+        )
+        .await;
+    assert!(
+        dep.body["error"].as_str().unwrap().contains("not both"),
+        "{}",
+        dep.body
+    );
+
+    // Unknown ids are 404; no key, 401.
+    assert_eq!(
+        a.get("/v1/builds/not-a-uuid").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        a.call(Method::GET, "/v1/builds", None, None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Over the cap (1 MiB here): 413, and the URL is spent.
+    let u3 = upload_url(&a).await;
+    let big = vec![7u8; 1024 * 1024 + 10];
+    let (st, body) = post_upload(
+        &a,
+        u3["uploadUrl"].as_str().unwrap(),
+        &u3["uploadFields"],
+        &big,
+    )
+    .await;
+    assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert_eq!(body["code"], "413");
+}

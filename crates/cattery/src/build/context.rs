@@ -1,0 +1,148 @@
+//! Unpacking an uploaded build context: a gzipped tar as the CLI makes it (regular files
+//! and directories, relative paths). Anything else (links, devices, absolute or `..`
+//! paths) is refused, and the unpacked size is capped.
+
+use std::path::{Component, Path};
+
+/// Most files a context may hold.
+pub const MAX_FILES: usize = 50_000;
+
+/// What was unpacked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unpacked {
+    /// Regular files.
+    pub files: usize,
+    /// Their total size (bytes).
+    pub bytes: u64,
+}
+
+/// Unpacks the tar.gz at `archive` into `dest` (which exists). Errors: a message for the
+/// build's `errorMessage`.
+pub fn unpack(archive: &Path, dest: &Path, max_bytes: u64) -> Result<Unpacked, String> {
+    let f = std::fs::File::open(archive).map_err(|e| format!("cannot open the context: {e}"))?;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(f)));
+    tar.set_preserve_permissions(false);
+    tar.set_unpack_xattrs(false);
+    let mut out = Unpacked { files: 0, bytes: 0 };
+    let entries = tar
+        .entries()
+        .map_err(|e| format!("the context is not a gzipped tar: {e}"))?;
+    for e in entries {
+        let mut e = e.map_err(|e| format!("the context is not a valid gzipped tar: {e}"))?;
+        let path = e
+            .path()
+            .map_err(|e| format!("bad path in the context: {e}"))?
+            .into_owned();
+        let shown = path.display().to_string();
+        if path
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+        {
+            return Err(format!(
+                "the context holds {shown:?}: only relative paths are allowed"
+            ));
+        }
+        let kind = e.header().entry_type();
+        if kind.is_dir() {
+            std::fs::create_dir_all(dest.join(&path))
+                .map_err(|e| format!("cannot unpack {shown}: {e}"))?;
+            continue;
+        }
+        if !kind.is_file() {
+            return Err(format!(
+                "the context holds {shown:?}, which is not a regular file or directory"
+            ));
+        }
+        out.files += 1;
+        out.bytes += e.header().size().unwrap_or(0);
+        if out.files > MAX_FILES {
+            return Err(format!("the context holds more than {MAX_FILES} files"));
+        }
+        if out.bytes > max_bytes {
+            return Err(format!(
+                "the context unpacks to more than {} MiB",
+                max_bytes / (1024 * 1024)
+            ));
+        }
+        if !e
+            .unpack_in(dest)
+            .map_err(|e| format!("cannot unpack {shown}: {e}"))?
+        {
+            return Err(format!("the context holds {shown:?}, outside the context"));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tarball(entries: &[(&str, &[u8], tar::EntryType)]) -> Vec<u8> {
+        let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut b = tar::Builder::new(gz);
+        for (name, data, kind) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            if *kind == tar::EntryType::Symlink {
+                h.set_link_name("/etc/passwd").unwrap();
+            }
+            // `set_path` refuses `..`; write the raw name so the unpacker sees it.
+            let raw = &mut h.as_old_mut().name;
+            raw[..name.len()].copy_from_slice(name.as_bytes());
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap()
+    }
+
+    fn unpack_bytes(bytes: &[u8], max: u64) -> (tempfile::TempDir, Result<Unpacked, String>) {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("c.tar.gz");
+        std::fs::write(&a, bytes).unwrap();
+        let dest = d.path().join("app");
+        std::fs::create_dir(&dest).unwrap();
+        let r = unpack(&a, &dest, max);
+        (d, r)
+    }
+
+    #[test]
+    fn unpacks_files_and_dirs() {
+        let t = tarball(&[
+            ("bot.py", b"print(1)\n", tarball_file()),
+            ("pkg/x.py", b"x = 1\n", tarball_file()),
+        ]);
+        let (d, r) = unpack_bytes(&t, 1 << 20);
+        assert_eq!(
+            r.unwrap(),
+            Unpacked {
+                files: 2,
+                bytes: 15
+            }
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("app/pkg/x.py")).unwrap(),
+            "x = 1\n"
+        );
+    }
+
+    fn tarball_file() -> tar::EntryType {
+        tar::EntryType::Regular
+    }
+
+    #[test]
+    fn refuses_escapes_links_and_oversize() {
+        let (_d, r) = unpack_bytes(&tarball(&[("../evil.py", b"x", tarball_file())]), 1 << 20);
+        assert!(r.unwrap_err().contains("only relative paths"));
+        let (_d, r) = unpack_bytes(&tarball(&[("/abs.py", b"x", tarball_file())]), 1 << 20);
+        assert!(r.unwrap_err().contains("only relative paths"));
+        let (_d, r) = unpack_bytes(&tarball(&[("link", b"", tar::EntryType::Symlink)]), 1 << 20);
+        assert!(r.unwrap_err().contains("not a regular file"));
+        let (_d, r) = unpack_bytes(&tarball(&[("big", &[0u8; 100], tarball_file())]), 10);
+        assert!(r.unwrap_err().contains("unpacks to more than"));
+        let (_d, r) = unpack_bytes(b"not a tarball", 10);
+        assert!(r.is_err());
+    }
+}

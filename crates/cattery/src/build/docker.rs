@@ -1,0 +1,169 @@
+//! The Docker builder: the context's `Dockerfile` built into an image by the Docker runtime's
+//! engine, the image the agent then runs in a container (docs/docker.md).
+//!
+//! `FROM dailyco/pipecat-base[:tag]` (Pipecat Cloud's base image, which a public registry
+//! serves and this machine may not reach) is rewritten to `--build-base-image`, a local image
+//! that follows the same contract (scripts/docker-images.sh builds `cattery-test/pipecat-base`);
+//! every other line of the Dockerfile is built as written.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures_util::StreamExt as _;
+
+use super::{Artifact, BuildJob, BuildLog, Builder};
+use crate::runtime::docker::DockerRuntime;
+
+/// Pipecat Cloud's base image, as Dockerfiles name it.
+pub const PIPECAT_BASE: &str = "dailyco/pipecat-base";
+
+/// The Docker builder.
+pub struct DockerBuilder {
+    /// The runtime whose engine builds.
+    pub docker: Arc<DockerRuntime>,
+    /// What `FROM dailyco/pipecat-base...` becomes.
+    pub base_image: String,
+}
+
+/// `text` with every `FROM dailyco/pipecat-base[:tag|@digest]` naming `base` instead, and
+/// how many lines changed.
+pub fn map_base(text: &str, base: &str) -> (String, usize) {
+    let mut n = 0;
+    let out: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let t = l.trim_start();
+            let mut words = t.split_whitespace();
+            let (Some(kw), Some(img)) = (words.next(), words.next()) else {
+                return l.to_string();
+            };
+            let name = img.split(['@', ':']).next().unwrap_or(img);
+            let name = name.strip_prefix("docker.io/").unwrap_or(name);
+            if !kw.eq_ignore_ascii_case("FROM") || name != PIPECAT_BASE {
+                return l.to_string();
+            }
+            n += 1;
+            let rest: Vec<&str> = words.collect();
+            let mut line = format!("FROM {base}");
+            if !rest.is_empty() {
+                line.push(' ');
+                line.push_str(&rest.join(" "));
+            }
+            line
+        })
+        .collect();
+    (out.join("\n") + "\n", n)
+}
+
+/// Whether `p` names a file inside the context (relative, no `..`).
+fn inside(p: &str) -> bool {
+    let p = std::path::Path::new(p);
+    !p.as_os_str().is_empty()
+        && p.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        })
+}
+
+#[async_trait]
+impl Builder for DockerBuilder {
+    fn kind(&self) -> &'static str {
+        "docker"
+    }
+
+    async fn available(&self) -> bool {
+        self.docker.engine().await.is_ok()
+    }
+
+    async fn build(&self, job: &BuildJob, log: &BuildLog) -> Result<Artifact, String> {
+        if !inside(&job.dockerfile_path) {
+            return Err(format!(
+                "dockerfilePath {:?} must be a relative path inside the context",
+                job.dockerfile_path
+            ));
+        }
+        let df = job.context.join(&job.dockerfile_path);
+        let text = std::fs::read_to_string(&df)
+            .map_err(|e| format!("the context has no readable {}: {e}", job.dockerfile_path))?;
+        let (mapped, n) = map_base(&text, &self.base_image);
+        if n > 0 {
+            log.line(&format!(
+                "{PIPECAT_BASE} is built as {} (--build-base-image)",
+                self.base_image
+            ));
+            std::fs::write(&df, mapped).map_err(|e| format!("rewriting the Dockerfile: {e}"))?;
+        }
+        let engine = self.docker.engine().await?;
+        let ctx = job.context.clone();
+        let tarball = tokio::task::spawn_blocking(move || {
+            let mut b = tar::Builder::new(Vec::new());
+            b.follow_symlinks(false);
+            b.append_dir_all(".", &ctx)?;
+            b.into_inner()
+        })
+        .await
+        .map_err(|e| format!("packing the context: {e}"))?
+        .map_err(|e| format!("packing the context: {e}"))?;
+        let tag = format!("cattery-build:{}", job.id);
+        log.line(&format!(
+            "docker build -t {tag} -f {} .",
+            job.dockerfile_path
+        ));
+        let opts = bollard::query_parameters::BuildImageOptionsBuilder::default()
+            .dockerfile(&job.dockerfile_path)
+            .t(&tag)
+            .rm(true)
+            .forcerm(true)
+            .build();
+        let mut stream = engine.build_image(opts, None, Some(bollard::body_full(tarball.into())));
+        let mut last = Vec::new();
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(s) = info.stream.as_deref().or(info.status.as_deref()) {
+                        for l in s.lines().filter(|l| !l.trim().is_empty()) {
+                            log.line(l);
+                            last.push(l.to_string());
+                        }
+                    }
+                    if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                        log.line(&e);
+                        return Err(format!("docker build failed: {e}"));
+                    }
+                }
+                Err(e) => {
+                    let m = e.to_string();
+                    log.line(&m);
+                    return Err(format!("docker build failed: {m}"));
+                }
+            }
+        }
+        log.line(&format!("Built image {tag}"));
+        Ok(Artifact {
+            image: tag,
+            python: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_only_the_pipecat_base() {
+        let (t, n) = map_base(
+            "FROM dailyco/pipecat-base:latest\nRUN echo FROM dailyco/pipecat-base\nfrom docker.io/dailyco/pipecat-base@sha256:ab AS base\nFROM python:3.12\n",
+            "cattery-test/pipecat-base:latest",
+        );
+        assert_eq!(n, 2);
+        assert_eq!(
+            t,
+            "FROM cattery-test/pipecat-base:latest\nRUN echo FROM dailyco/pipecat-base\nFROM cattery-test/pipecat-base:latest AS base\nFROM python:3.12\n"
+        );
+        assert!(inside("Dockerfile") && inside("docker/Dockerfile.prod"));
+        assert!(!inside("../Dockerfile") && !inside("/etc/passwd") && !inside(""));
+    }
+}

@@ -1,0 +1,792 @@
+//! Builds (reference §A.7): `pipecat cloud deploy` without an image uploads its build
+//! context, asks for a build, polls it, and deploys the build's id.
+//!
+//! What is decided here:
+//! - **uploads**: an upload id with a single-use token (random, kept only as its SHA-256,
+//!   15 minutes), the size cap, the context hash (md5 of the uploaded bytes, first 16 hex
+//!   digits, as the CLI computes it);
+//! - **the cache** ([`decide`]): a build is keyed by (org, `contextHash`, region,
+//!   `dockerfilePath`); a successful one is reused (`cached: true`), one still running is
+//!   joined, a failed one is built again;
+//! - **the state machine** ([`next`]): `pending` -> `building` -> `success` | `failed` |
+//!   `timeout`, and nothing out of a terminal state; builds cut short by a restart end
+//!   `failed` ([`Builds::recover`]);
+//! - **what a deployment of a build runs** ([`deployable`]), with Pipecat Cloud's errors.
+//!
+//! Building itself is a [`Builder`]'s (`crate::build`). Files live under
+//! `<data-dir>/builds/`: `uploads/<id>.tar.gz` until a build takes it, then
+//! `<build-id>/{context.tar.gz, app/, venv/, build.log}`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use md5::Digest as _;
+use parking_lot::Mutex;
+use sha2::Sha256;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use super::orgs::AgentDefaults;
+use super::{CoreError, CoreResult};
+use crate::build::{Artifact, BuildJob, BuildLog, Builder};
+use crate::model::now_ms;
+use crate::store::{BuildFilter, BuildRecord, BuildStatus, Store};
+
+/// How long an upload URL stays valid (Pipecat Cloud: 15 minutes).
+pub const UPLOAD_TTL: Duration = Duration::from_secs(15 * 60);
+/// Default and largest page of `GET builds`.
+pub const LIST_DEFAULT: u32 = 20;
+/// Largest page of `GET builds`.
+pub const LIST_MAX: u32 = 100;
+/// Default and largest `limit` of build logs.
+pub const LOGS_DEFAULT: usize = 500;
+/// Largest `limit` of build logs.
+pub const LOGS_MAX: usize = 10_000;
+
+/// Which builder builds (`--builder`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuilderMode {
+    /// Docker for a context with a Dockerfile when an engine answers, else the local builder.
+    Auto,
+    /// Always the local virtualenv builder.
+    Venv,
+    /// Always Docker; a build fails without an engine.
+    Docker,
+}
+
+impl BuilderMode {
+    /// From `auto`, `venv`, `docker`.
+    pub fn parse(s: &str) -> Option<BuilderMode> {
+        Some(match s {
+            "auto" => BuilderMode::Auto,
+            "venv" => BuilderMode::Venv,
+            "docker" => BuilderMode::Docker,
+            _ => return None,
+        })
+    }
+}
+
+/// Whether a build goes to Docker (`Ok(true)`) or the local builder (`Ok(false)`), or why it
+/// cannot be built.
+pub fn use_docker(
+    mode: BuilderMode,
+    has_dockerfile: bool,
+    docker_available: bool,
+) -> Result<bool, String> {
+    match mode {
+        BuilderMode::Venv => Ok(false),
+        BuilderMode::Auto => Ok(has_dockerfile && docker_available),
+        BuilderMode::Docker if !has_dockerfile => {
+            Err("the context has no Dockerfile (the server builds with Docker only)".into())
+        }
+        BuilderMode::Docker if !docker_available => Err(
+            "no Docker engine answers, and the server builds with Docker only (--builder docker)"
+                .into(),
+        ),
+        BuilderMode::Docker => Ok(true),
+    }
+}
+
+/// Settings of the build service.
+#[derive(Debug, Clone)]
+pub struct BuildSettings {
+    /// Which builder builds.
+    pub mode: BuilderMode,
+    /// `<data-dir>/builds` (absolute).
+    pub dir: PathBuf,
+    /// Largest upload (bytes).
+    pub max_context_bytes: u64,
+    /// Time limit of one build.
+    pub timeout: Duration,
+}
+
+/// One event of a build's life.
+#[derive(Debug, Clone)]
+pub enum BuildEvent {
+    /// A builder took it.
+    Start,
+    /// It made `artifact` with builder `builder`.
+    Succeed(Artifact, &'static str),
+    /// It failed for this reason.
+    Fail(String),
+    /// It ran past the time limit.
+    TimedOut,
+}
+
+/// The build after `ev` at `now`, or `None` when `ev` cannot happen in its state.
+pub fn next(b: &BuildRecord, ev: BuildEvent, now: i64) -> Option<BuildRecord> {
+    use BuildStatus::*;
+    let mut n = b.clone();
+    n.updated_ms = now;
+    match (b.status, ev) {
+        (Pending, BuildEvent::Start) => {
+            n.status = Building;
+            n.started_ms = Some(now);
+        }
+        (Building, BuildEvent::Succeed(a, builder)) => {
+            n.status = Success;
+            n.artifact = Some(a.image);
+            n.python = a.python;
+            n.builder = Some(builder.to_string());
+            n.completed_ms = Some(now);
+        }
+        (Pending | Building, BuildEvent::Fail(msg)) => {
+            n.status = Failed;
+            n.error_message = Some(msg);
+            n.completed_ms = Some(now);
+        }
+        (Building, BuildEvent::TimedOut) => {
+            n.status = Timeout;
+            n.error_message = Some("the build ran past its time limit".into());
+            n.completed_ms = Some(now);
+        }
+        _ => return None,
+    }
+    Some(n)
+}
+
+/// What a build request does, given the builds of the same key (newest first).
+#[derive(Debug, Clone, PartialEq)]
+pub enum CacheDecision {
+    /// Reuse this successful build (`cached: true`).
+    Reuse(BuildRecord),
+    /// Join this build, still running.
+    Join(BuildRecord),
+    /// Build anew.
+    Build,
+}
+
+/// The cache: a success wins, then a running build; failed and timed-out builds are retried.
+pub fn decide(same_key: &[BuildRecord]) -> CacheDecision {
+    if let Some(b) = same_key.iter().find(|b| b.status == BuildStatus::Success) {
+        return CacheDecision::Reuse(b.clone());
+    }
+    if let Some(b) = same_key.iter().find(|b| !b.status.is_terminal()) {
+        return CacheDecision::Join(b.clone());
+    }
+    CacheDecision::Build
+}
+
+/// What a deployment of build `b` (looked up as `id` in the caller's org) runs in `region`.
+/// Errors: 400 `GENERIC_BAD_REQUEST` as Pipecat Cloud words them: not found, region mismatch,
+/// not ready.
+pub fn deployable(id: &str, b: Option<&BuildRecord>, region: &str) -> CoreResult<Artifact> {
+    let b = b.ok_or_else(|| CoreError::bad_request(format!("build {id} not found")))?;
+    if b.region != region {
+        return Err(CoreError::bad_request(format!(
+            "build {id} is in region {}, not the agent's region {region}",
+            b.region
+        )));
+    }
+    match (&b.status, &b.artifact) {
+        (BuildStatus::Success, Some(image)) => Ok(Artifact {
+            image: image.clone(),
+            python: b.python.clone(),
+        }),
+        (st, _) => Err(CoreError::bad_request(format!(
+            "build {id} is not ready (status {}{}): only successful builds can be deployed",
+            st.as_str(),
+            b.error_message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        ))),
+    }
+}
+
+fn token_digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// An upload URL's state.
+#[derive(Debug, Clone, PartialEq)]
+enum UploadState {
+    /// Waiting for its bytes.
+    Waiting,
+    /// Its bytes are arriving (the token is spent).
+    Receiving,
+    /// Uploaded.
+    Received { hash: String, size: u64 },
+    /// Taken by a build, or its upload failed.
+    Spent,
+}
+
+#[derive(Debug)]
+struct Upload {
+    org: String,
+    token: [u8; 32],
+    expires_ms: i64,
+    state: UploadState,
+}
+
+/// A new upload URL's parts.
+#[derive(Debug, Clone)]
+pub struct NewUpload {
+    /// Upload id.
+    pub id: Uuid,
+    /// Its single-use token.
+    pub token: String,
+    /// When it expires (ms).
+    pub expires_ms: i64,
+}
+
+/// The bytes of one upload on their way to disk, hashed and capped as they come.
+pub struct UploadSink {
+    id: Uuid,
+    path: PathBuf,
+    file: tokio::fs::File,
+    md5: md5::Md5,
+    size: u64,
+    cap: u64,
+}
+
+impl UploadSink {
+    /// Appends `chunk`. Errors: 413 past the cap; storage errors.
+    pub async fn write(&mut self, chunk: &[u8]) -> CoreResult<()> {
+        self.size += chunk.len() as u64;
+        if self.size > self.cap {
+            return Err(CoreError::PayloadTooLarge(format!(
+                "the build context is larger than this server accepts ({} MiB)",
+                self.cap / (1024 * 1024)
+            )));
+        }
+        self.md5.update(chunk);
+        self.file.write_all(chunk).await.map_err(io_err)
+    }
+}
+
+fn io_err(e: std::io::Error) -> CoreError {
+    let full = e.raw_os_error() == Some(libc::ENOSPC);
+    CoreError::Store(if full {
+        crate::store::StoreError::Full(e.to_string())
+    } else {
+        crate::store::StoreError::Unavailable(e.to_string())
+    })
+}
+
+/// The build service: uploads, builds and their logs.
+pub struct Builds {
+    store: Arc<dyn Store>,
+    builder: Arc<dyn Builder>,
+    /// The Docker builder, when the server has a Docker runtime.
+    docker: Mutex<Option<Arc<dyn Builder>>>,
+    s: BuildSettings,
+    uploads: Mutex<HashMap<Uuid, Upload>>,
+    /// One build at a time: builds are CPU- and disk-heavy, and share the machine with calls.
+    slots: Arc<Semaphore>,
+}
+
+impl Builds {
+    /// The service over `store`, building with `builder`.
+    pub fn new(store: Arc<dyn Store>, builder: Arc<dyn Builder>, s: BuildSettings) -> Arc<Builds> {
+        Arc::new(Builds {
+            store,
+            builder,
+            docker: Mutex::new(None),
+            s,
+            uploads: Mutex::new(HashMap::new()),
+            slots: Arc::new(Semaphore::new(1)),
+        })
+    }
+
+    /// Adds the Docker builder (the server has a Docker runtime).
+    pub fn set_docker_builder(&self, b: Arc<dyn Builder>) {
+        *self.docker.lock() = Some(b);
+    }
+
+    /// The builder for a context (`has_dockerfile`) under the configured mode.
+    async fn pick(&self, has_dockerfile: bool) -> Result<Arc<dyn Builder>, String> {
+        let docker = self.docker.lock().clone();
+        let available = match &docker {
+            Some(d) if has_dockerfile && self.s.mode != BuilderMode::Venv => d.available().await,
+            _ => false,
+        };
+        Ok(
+            match (use_docker(self.s.mode, has_dockerfile, available)?, docker) {
+                (true, Some(d)) => d,
+                _ => self.builder.clone(),
+            },
+        )
+    }
+
+    /// The largest upload accepted (bytes).
+    pub fn max_context_bytes(&self) -> u64 {
+        self.s.max_context_bytes
+    }
+
+    fn build_dir(&self, id: Uuid) -> PathBuf {
+        self.s.dir.join(id.to_string())
+    }
+
+    fn upload_path(&self, id: Uuid) -> PathBuf {
+        self.s.dir.join("uploads").join(format!("{id}.tar.gz"))
+    }
+
+    /// A new upload URL for `org`; forgets expired ones (and their files).
+    pub fn new_upload(&self, org: &str) -> NewUpload {
+        let now = now_ms();
+        let mut ups = self.uploads.lock();
+        let expired: Vec<Uuid> = ups
+            .iter()
+            .filter(|(_, u)| u.expires_ms < now && u.state != UploadState::Receiving)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            ups.remove(&id);
+            let _ = std::fs::remove_file(self.upload_path(id));
+        }
+        let token = hex::encode(rand::random::<[u8; 32]>());
+        let id = Uuid::new_v4();
+        let expires_ms = now + UPLOAD_TTL.as_millis() as i64;
+        ups.insert(
+            id,
+            Upload {
+                org: org.to_string(),
+                token: token_digest(&token),
+                expires_ms,
+                state: UploadState::Waiting,
+            },
+        );
+        NewUpload {
+            id,
+            token,
+            expires_ms,
+        }
+    }
+
+    /// Starts receiving upload `id` with `token`, which is spent by this call. Errors: 404 for
+    /// an unknown or expired upload or a wrong token (one answer for all three), 409 when it
+    /// was already used.
+    pub async fn begin_upload(&self, id: Uuid, token: &str) -> CoreResult<UploadSink> {
+        {
+            let mut ups = self.uploads.lock();
+            let u = ups
+                .get_mut(&id)
+                .filter(|u| {
+                    u.expires_ms >= now_ms()
+                        && subtle::ConstantTimeEq::ct_eq(&u.token[..], &token_digest(token)[..])
+                            .into()
+                })
+                .ok_or_else(|| {
+                    CoreError::NotFound("upload not found, expired, or its token is wrong".into())
+                })?;
+            if u.state != UploadState::Waiting {
+                return Err(CoreError::Conflict(
+                    "this upload URL was already used; ask for a new one".into(),
+                ));
+            }
+            u.state = UploadState::Receiving;
+        }
+        let path = self.upload_path(id);
+        let r = async {
+            tokio::fs::create_dir_all(path.parent().unwrap_or(&self.s.dir))
+                .await
+                .map_err(io_err)?;
+            tokio::fs::File::create(&path).await.map_err(io_err)
+        }
+        .await;
+        match r {
+            Ok(file) => Ok(UploadSink {
+                id,
+                path,
+                file,
+                md5: md5::Md5::new(),
+                size: 0,
+                cap: self.s.max_context_bytes,
+            }),
+            Err(e) => {
+                self.spend(id);
+                Err(e)
+            }
+        }
+    }
+
+    fn spend(&self, id: Uuid) {
+        if let Some(u) = self.uploads.lock().get_mut(&id) {
+            u.state = UploadState::Spent;
+        }
+    }
+
+    /// Completes an upload. Errors: an empty upload (400), storage errors.
+    pub async fn finish_upload(&self, mut sink: UploadSink) -> CoreResult<()> {
+        let r = async {
+            if sink.size == 0 {
+                return Err(CoreError::bad_request(
+                    "the uploaded build context is empty",
+                ));
+            }
+            sink.file.flush().await.map_err(io_err)?;
+            sink.file.sync_all().await.map_err(io_err)
+        }
+        .await;
+        if let Err(e) = r {
+            self.abort_upload(sink);
+            return Err(e);
+        }
+        let hash = hex::encode(sink.md5.finalize())[..16].to_string();
+        if let Some(u) = self.uploads.lock().get_mut(&sink.id) {
+            u.state = UploadState::Received {
+                hash,
+                size: sink.size,
+            };
+        }
+        Ok(())
+    }
+
+    /// Drops a failed upload: its file goes, its URL stays spent.
+    pub fn abort_upload(&self, sink: UploadSink) {
+        let _ = std::fs::remove_file(&sink.path);
+        self.spend(sink.id);
+    }
+
+    /// A build of `org`'s upload `upload_id` for `region` (the org default when `None`):
+    /// `(build, cached)`. Errors: 400 for an unknown upload, one not uploaded yet, or an
+    /// unknown region.
+    pub async fn create(
+        self: &Arc<Self>,
+        defaults: &AgentDefaults,
+        org: &str,
+        upload_id: &str,
+        region: Option<&str>,
+        dockerfile_path: Option<&str>,
+    ) -> CoreResult<(BuildRecord, bool)> {
+        let region = region
+            .filter(|r| !r.is_empty())
+            .unwrap_or(&defaults.default_region)
+            .to_string();
+        if !defaults.regions.contains(&region) {
+            return Err(CoreError::bad_request(format!(
+                "region {region} is not available; available: {}",
+                defaults.regions.join(", ")
+            )));
+        }
+        let dockerfile_path = dockerfile_path
+            .filter(|d| !d.is_empty())
+            .unwrap_or("Dockerfile")
+            .to_string();
+        let not_found = || CoreError::bad_request(format!("upload {upload_id} not found"));
+        let id = Uuid::parse_str(upload_id).map_err(|_| not_found())?;
+        let (hash, size) = {
+            let ups = self.uploads.lock();
+            let u = ups
+                .get(&id)
+                .filter(|u| u.org == org)
+                .ok_or_else(not_found)?;
+            match &u.state {
+                UploadState::Received { hash, size } => (hash.clone(), *size),
+                UploadState::Spent => {
+                    return Err(CoreError::bad_request(format!(
+                        "upload {upload_id} was already built or failed; upload again"
+                    )))
+                }
+                _ => {
+                    return Err(CoreError::bad_request(format!(
+                        "upload {upload_id} has not been uploaded yet"
+                    )))
+                }
+            }
+        };
+        let (same, _) = self
+            .store
+            .list_builds(
+                org,
+                &BuildFilter {
+                    context_hash: Some(hash.clone()),
+                    region: Some(region.clone()),
+                    dockerfile_path: Some(dockerfile_path.clone()),
+                    limit: LIST_MAX,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let decision = decide(&same);
+        if !matches!(decision, CacheDecision::Build) {
+            self.spend(id);
+            let _ = std::fs::remove_file(self.upload_path(id));
+        }
+        match decision {
+            CacheDecision::Reuse(b) => return Ok((b, true)),
+            CacheDecision::Join(b) => return Ok((b, false)),
+            CacheDecision::Build => {}
+        }
+        let now = now_ms();
+        let b = BuildRecord {
+            id: Uuid::new_v4(),
+            org: org.to_string(),
+            status: BuildStatus::Pending,
+            region,
+            context_hash: hash,
+            dockerfile_path,
+            artifact: None,
+            python: None,
+            builder: None,
+            error_message: None,
+            context_size: size as i64,
+            created_ms: now,
+            started_ms: None,
+            completed_ms: None,
+            updated_ms: now,
+        };
+        let dir = self.build_dir(b.id);
+        std::fs::create_dir_all(&dir).map_err(io_err)?;
+        open_dir(&self.s.dir);
+        open_dir(&dir);
+        std::fs::rename(self.upload_path(id), dir.join("context.tar.gz")).map_err(io_err)?;
+        self.spend(id);
+        self.store.insert_build(&b).await?;
+        let me = self.clone();
+        let run = b.clone();
+        tokio::spawn(async move { me.run(run).await });
+        Ok((b, false))
+    }
+
+    /// Applies `ev` to `b` and stores the result; `b` unchanged when `ev` cannot happen.
+    async fn step(&self, b: BuildRecord, ev: BuildEvent) -> BuildRecord {
+        let Some(n) = next(&b, ev, now_ms()) else {
+            return b;
+        };
+        if let Err(e) = self.store.update_build(&n).await {
+            tracing::warn!(build = %n.id, error = %e, "cannot record the build's state");
+        }
+        n
+    }
+
+    /// Runs a pending build to its end.
+    async fn run(self: Arc<Self>, b: BuildRecord) {
+        let _slot = self.slots.clone().acquire_owned().await;
+        let dir = self.build_dir(b.id);
+        let log = match BuildLog::create(&dir.join("build.log")) {
+            Ok(l) => l,
+            Err(e) => {
+                self.step(
+                    b,
+                    BuildEvent::Fail(format!("cannot write the build log: {e}")),
+                )
+                .await;
+                return;
+            }
+        };
+        let b = self.step(b, BuildEvent::Start).await;
+        let begun = std::time::Instant::now();
+        tracing::info!(build = %b.id, org = %b.org, hash = %b.context_hash, "build started");
+        log.line(&format!(
+            "Build {} of context {} ({} bytes)",
+            b.id, b.context_hash, b.context_size
+        ));
+        let job = BuildJob {
+            id: b.id,
+            dir: dir.clone(),
+            context: dir.join("app"),
+            dockerfile_path: b.dockerfile_path.clone(),
+        };
+        let work = async {
+            let (archive, app, cap) = (
+                dir.join("context.tar.gz"),
+                job.context.clone(),
+                self.s.max_context_bytes.saturating_mul(4),
+            );
+            let unpacked = tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&app).map_err(|e| e.to_string())?;
+                crate::build::context::unpack(&archive, &app, cap)
+            })
+            .await
+            .map_err(|e| format!("unpacking failed: {e}"))??;
+            log.line(&format!(
+                "Unpacked {} files ({} bytes)",
+                unpacked.files, unpacked.bytes
+            ));
+            let builder = self
+                .pick(job.context.join(&job.dockerfile_path).is_file())
+                .await?;
+            log.line(&format!("Builder: {}", builder.kind()));
+            builder.build(&job, &log).await.map(|a| (a, builder.kind()))
+        };
+        let ev = match tokio::time::timeout(self.s.timeout, work).await {
+            Ok(Ok((a, kind))) => BuildEvent::Succeed(a, kind),
+            Ok(Err(msg)) => BuildEvent::Fail(msg),
+            Err(_) => BuildEvent::TimedOut,
+        };
+        let secs = begun.elapsed().as_secs_f64();
+        match &ev {
+            BuildEvent::Succeed(..) => log.line(&format!("Build complete in {secs:.1} s")),
+            BuildEvent::Fail(m) => log.line(&format!("Build failed after {secs:.1} s: {m}")),
+            _ => log.line(&format!("Build timed out after {secs:.1} s")),
+        }
+        let ok = matches!(ev, BuildEvent::Succeed(..));
+        let b = self.step(b, ev).await;
+        tracing::info!(build = %b.id, status = b.status.as_str(), seconds = secs, "build ended");
+        let _ = std::fs::remove_file(dir.join("context.tar.gz"));
+        if !ok {
+            // Only the log is worth keeping of a failed build.
+            let _ = std::fs::remove_dir_all(dir.join("venv"));
+            let _ = std::fs::remove_dir_all(dir.join("app"));
+        }
+    }
+
+    /// After a restart: builds this node left running (their directory is in its data dir;
+    /// another node's are its own) end `failed`.
+    pub async fn recover(&self) -> CoreResult<()> {
+        for b in self.store.unfinished_builds().await? {
+            if !self.build_dir(b.id).exists() {
+                continue;
+            }
+            let msg = "the server stopped during the build; deploy again".to_string();
+            self.step(b, BuildEvent::Fail(msg)).await;
+        }
+        Ok(())
+    }
+
+    /// `org`'s build `id`. Errors: 404.
+    pub async fn get(&self, org: &str, id: &str) -> CoreResult<BuildRecord> {
+        let nf = || CoreError::NotFound(format!("build {id} not found"));
+        let id = Uuid::parse_str(id).map_err(|_| nf())?;
+        self.store.get_build(org, id).await?.ok_or_else(nf)
+    }
+
+    /// `org`'s builds matching `f` (limit clamped to 1..=100, default 20) and their total.
+    pub async fn list(&self, org: &str, mut f: BuildFilter) -> CoreResult<(Vec<BuildRecord>, u64)> {
+        f.limit = if f.limit == 0 {
+            LIST_DEFAULT
+        } else {
+            f.limit.min(LIST_MAX)
+        };
+        Ok(self.store.list_builds(org, &f).await?)
+    }
+
+    /// The last `limit` lines of build `id`'s log. Errors: 404.
+    pub async fn logs(&self, org: &str, id: &str, limit: usize) -> CoreResult<Vec<String>> {
+        let b = self.get(org, id).await?;
+        let path = self.build_dir(b.id).join("build.log");
+        let limit = limit.clamp(1, LOGS_MAX);
+        tokio::task::spawn_blocking(move || BuildLog::tail(&path, limit))
+            .await
+            .map_err(|e| CoreError::Store(crate::store::StoreError::Unavailable(e.to_string())))
+    }
+}
+
+/// Lets instances pass through a build directory (never list it).
+fn open_dir(p: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o711));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(status: BuildStatus) -> BuildRecord {
+        BuildRecord {
+            id: Uuid::new_v4(),
+            org: "o".into(),
+            status,
+            region: "local".into(),
+            context_hash: "0123456789abcdef".into(),
+            dockerfile_path: "Dockerfile".into(),
+            artifact: None,
+            python: None,
+            builder: None,
+            error_message: None,
+            context_size: 1,
+            created_ms: 1,
+            started_ms: None,
+            completed_ms: None,
+            updated_ms: 1,
+        }
+    }
+
+    fn art() -> Artifact {
+        Artifact {
+            image: "local:/b/app".into(),
+            python: Some("/b/venv/bin/python".into()),
+        }
+    }
+
+    #[test]
+    fn state_machine() {
+        use BuildStatus::*;
+        let p = rec(Pending);
+        let b = next(&p, BuildEvent::Start, 5).unwrap();
+        assert_eq!((b.status, b.started_ms), (Building, Some(5)));
+        let s = next(&b, BuildEvent::Succeed(art(), "venv"), 9).unwrap();
+        assert_eq!(s.status, Success);
+        assert_eq!(s.artifact.as_deref(), Some("local:/b/app"));
+        assert_eq!(s.completed_ms, Some(9));
+        let f = next(&b, BuildEvent::Fail("pip".into()), 9).unwrap();
+        assert_eq!(
+            (f.status, f.error_message.as_deref()),
+            (Failed, Some("pip"))
+        );
+        assert_eq!(next(&b, BuildEvent::TimedOut, 9).unwrap().status, Timeout);
+        assert_eq!(
+            next(&p, BuildEvent::Fail("x".into()), 9).unwrap().status,
+            Failed
+        );
+        // Nothing skips `building`, and nothing leaves a terminal state.
+        assert!(next(&p, BuildEvent::Succeed(art(), "venv"), 9).is_none());
+        assert!(next(&p, BuildEvent::TimedOut, 9).is_none());
+        for t in [&s, &f] {
+            assert!(next(t, BuildEvent::Start, 10).is_none());
+            assert!(next(t, BuildEvent::Fail("y".into()), 10).is_none());
+            assert!(next(t, BuildEvent::Succeed(art(), "venv"), 10).is_none());
+        }
+        assert!(next(&b, BuildEvent::Start, 10).is_none());
+    }
+
+    #[test]
+    fn cache_reuses_success_joins_running_retries_failures() {
+        use BuildStatus::*;
+        assert_eq!(decide(&[]), CacheDecision::Build);
+        assert_eq!(decide(&[rec(Failed), rec(Timeout)]), CacheDecision::Build);
+        let ok = rec(Success);
+        assert_eq!(
+            decide(&[rec(Failed), rec(Building), ok.clone()]),
+            CacheDecision::Reuse(ok)
+        );
+        let running = rec(Pending);
+        assert_eq!(
+            decide(&[rec(Failed), running.clone()]),
+            CacheDecision::Join(running)
+        );
+    }
+
+    #[test]
+    fn builder_choice() {
+        use BuilderMode::*;
+        assert_eq!(use_docker(Auto, true, true), Ok(true));
+        assert_eq!(use_docker(Auto, true, false), Ok(false));
+        assert_eq!(use_docker(Auto, false, true), Ok(false));
+        assert_eq!(use_docker(Venv, true, true), Ok(false));
+        assert_eq!(use_docker(Docker, true, true), Ok(true));
+        assert!(use_docker(Docker, false, true)
+            .unwrap_err()
+            .contains("no Dockerfile"));
+        assert!(use_docker(Docker, true, false)
+            .unwrap_err()
+            .contains("no Docker engine"));
+        assert_eq!(BuilderMode::parse("venv"), Some(Venv));
+        assert_eq!(BuilderMode::parse("kaniko"), None);
+    }
+
+    #[test]
+    fn deployable_checks_found_region_and_status() {
+        use BuildStatus::*;
+        let msg = |r: CoreResult<Artifact>| r.unwrap_err().to_string();
+        assert!(msg(deployable("x", None, "local")).contains("build x not found"));
+        let mut s = rec(Success);
+        s.artifact = Some("local:/b/app".into());
+        s.python = Some("/b/venv/bin/python".into());
+        assert_eq!(deployable("x", Some(&s), "local").unwrap(), art());
+        assert!(msg(deployable("x", Some(&s), "eu")).contains("region local"));
+        let mut f = rec(Failed);
+        f.error_message = Some("pip install failed".into());
+        let m = msg(deployable("x", Some(&f), "local"));
+        assert!(
+            m.contains("not ready (status failed: pip install failed)"),
+            "{m}"
+        );
+        assert!(msg(deployable("x", Some(&rec(Building)), "local")).contains("status building"));
+    }
+}

@@ -1,0 +1,339 @@
+//! Builds (docs/builds.md): the official CLI, `pipecat cloud deploy` with no image, run from
+//! a project directory the server knows nothing of. The CLI packs the directory, finds no
+//! cached build, uploads to the server's own upload URL, starts a build and polls it; the
+//! server builds a virtualenv from `requirements.txt` (here a wheel shipped in the context,
+//! so pip needs no network) layered on the test Python; the agent runs the uploaded `bot.py`
+//! with it. A second deploy of the same context reuses the build; a broken `requirements.txt`
+//! fails the deploy with the build's message. With Docker there, the same deploy with the
+//! default `--builder auto` builds the Dockerfile into an image on the local base image.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::{self, Server};
+
+fn main_python() -> PathBuf {
+    let p = std::env::var_os("CATTERY_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| common::py_env_dir().join("main/bin/python"));
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup-python.sh first",
+        p.display()
+    );
+    p
+}
+
+const BOT_PY: &str = r#"from loguru import logger
+
+import cattery_marker
+
+
+async def bot(args):
+    logger.info(f"uploaded bot ran with marker {cattery_marker.MARKER}")
+"#;
+
+const DOCKERFILE: &str =
+    "FROM dailyco/pipecat-base:latest\n\nCOPY . .\nRUN pip install --no-cache-dir -r requirements.txt\n";
+
+/// A minimal wheel of package `cattery_marker` whose `MARKER` is `marker`, made with the
+/// test Python's zipfile (a wheel is a zip with metadata).
+fn write_wheel(dir: &Path, marker: &str) -> String {
+    let name = "cattery_marker-0.1.0-py3-none-any.whl";
+    let script = r#"
+import sys, zipfile
+path, marker = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(path, "w") as z:
+    z.writestr("cattery_marker/__init__.py", f"MARKER = {marker!r}\n")
+    di = "cattery_marker-0.1.0.dist-info"
+    z.writestr(f"{di}/METADATA", "Metadata-Version: 2.1\nName: cattery-marker\nVersion: 0.1.0\n")
+    z.writestr(f"{di}/WHEEL", "Wheel-Version: 1.0\nGenerator: cattery-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+    z.writestr(f"{di}/RECORD", "")
+"#;
+    let out = Command::new(main_python())
+        .arg("-c")
+        .arg(script)
+        .arg(dir.join(name))
+        .arg(marker)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", out);
+    name.to_string()
+}
+
+/// A project directory: `bot.py`, `Dockerfile`, `requirements.txt` (the given text, or the
+/// marker wheel), `pcc-deploy.toml` with no image.
+fn project(agent: &str, requirements: Option<&str>, marker: &str) -> tempfile::TempDir {
+    let d = common::open_tempdir();
+    let p = d.path();
+    std::fs::write(p.join("bot.py"), BOT_PY).unwrap();
+    std::fs::write(p.join("Dockerfile"), DOCKERFILE).unwrap();
+    let req = match requirements {
+        Some(r) => r.to_string(),
+        None => {
+            std::fs::create_dir(p.join("wheels")).unwrap();
+            let w = write_wheel(&p.join("wheels"), marker);
+            format!("loguru\n./wheels/{w}\n")
+        }
+    };
+    std::fs::write(p.join("requirements.txt"), req).unwrap();
+    std::fs::write(
+        p.join("pcc-deploy.toml"),
+        format!("agent_name = \"{agent}\"\n\n[scaling]\nmin_agents = 0\nmax_agents = 2\n"),
+    )
+    .unwrap();
+    d
+}
+
+/// Runs `pipecat cloud ARGS` in `cwd` against `s` with a CLI token of the default org; returns
+/// whether it succeeded and its output.
+async fn pipecat(s: &Server, cwd: &Path, args: &[&str]) -> (bool, String) {
+    let program = main_python().with_file_name("pipecat");
+    let home = common::open_tempdir();
+    let token = s.key("token", "default");
+    let base = s.base.clone();
+    let cwd = cwd.to_path_buf();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let mut c = Command::new(program);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("PIPECAT_") || k.starts_with("PCC_") {
+                c.env_remove(k);
+            }
+        }
+        let out = c
+            .arg("cloud")
+            .arg("--output")
+            .arg("plain")
+            .args(&args)
+            .current_dir(&cwd)
+            .env("HOME", home.path())
+            .env("PIPECAT_API_HOST", &base)
+            .env("PIPECAT_TOKEN", token)
+            .env("PIPECAT_ORG", "default")
+            .env("PIPECAT_CONFIG_PATH", home.path().join("creds.toml"))
+            .env("NO_COLOR", "1")
+            .env("COLUMNS", "250")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    })
+    .await
+    .unwrap()
+}
+
+async fn builds(s: &Server) -> Vec<serde_json::Value> {
+    let r = s
+        .req("GET", "/v1/builds?limit=100", Some(&s.sk), None)
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body["builds"].as_array().unwrap().clone()
+}
+
+async fn agent_logs(s: &Server, agent: &str) -> String {
+    let r = s
+        .req(
+            "GET",
+            &format!("/v1/agents/{agent}/logs?limit=1000"),
+            Some(&s.sk),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["log"].as_str().unwrap_or("").to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn official_cli_deploys_without_an_image() {
+    let py = main_python();
+    // The local builder, also where Docker is there (the Docker builder has its own test).
+    let s = Server::start(&["--python", py.to_str().unwrap(), "--builder", "venv"]).await;
+    let proj = project("built-bot", None, "m-41d7");
+
+    // First deploy: no cached build, upload, build, deploy.
+    let (ok, out) = pipecat(&s, proj.path(), &["deploy", "--yes"]).await;
+    assert!(ok, "deploy failed:\n{out}\n{}", s.log());
+    assert!(out.contains("No cached build found"), "{out}");
+    assert!(out.contains("Build Complete"), "{out}");
+    let list = builds(&s).await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    let b = &list[0];
+    assert_eq!(b["status"], "success", "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    let hash = b["contextHash"].as_str().unwrap().to_string();
+    assert_eq!(hash.len(), 16, "{b}");
+
+    // `build logs` shows the build; `build status` its state and hash.
+    let (ok, logs) = pipecat(&s, proj.path(), &["build", "logs", &id]).await;
+    assert!(ok, "{logs}");
+    assert!(logs.contains("pip install -r requirements.txt"), "{logs}");
+    assert!(
+        logs.contains("cattery_marker") || logs.contains("cattery-marker"),
+        "{logs}"
+    );
+    assert!(logs.contains("Build complete"), "{logs}");
+    let (ok, st) = pipecat(&s, proj.path(), &["build", "status", &id]).await;
+    assert!(ok && st.contains("success") && st.contains(&hash), "{st}");
+    let (ok, ls) = pipecat(&s, proj.path(), &["build", "list"]).await;
+    assert!(ok && ls.contains(&id), "{ls}");
+
+    // The agent is ready and a session runs the uploaded bot.py in the built environment.
+    let a = s.wait_ready("built-bot", Duration::from_secs(60)).await;
+    assert_eq!(a["deployment"]["buildId"], id.as_str(), "{a}");
+    let sid = s.start_ok("built-bot").await;
+    common::wait_for(
+        Duration::from_secs(30),
+        "the uploaded bot's log line",
+        || {
+            let s = &s;
+            async move {
+                agent_logs(s, "built-bot")
+                    .await
+                    .contains("uploaded bot ran with marker m-41d7")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let _ = s.stop("built-bot", &sid).await;
+
+    // Second deploy of the same context: the cached build, nothing uploaded or built.
+    let (ok, out) = pipecat(&s, proj.path(), &["deploy", "--yes", "--force"]).await;
+    assert!(ok, "second deploy failed:\n{out}");
+    assert!(out.contains("Cached Build Found"), "{out}");
+    assert!(out.contains(&id), "{out}");
+    let list = builds(&s).await;
+    assert_eq!(list.len(), 1, "no second build: {list:?}");
+    assert_eq!(list[0]["contextHash"], hash.as_str());
+
+    // A broken requirements.txt fails the deploy with pip's reason; the agent is unchanged.
+    let bad = project("broken-bot", Some("this is not a requirement !!!\n"), "x");
+    let (ok, out) = pipecat(&s, bad.path(), &["deploy", "--yes"]).await;
+    assert!(
+        !ok,
+        "a broken requirements.txt must fail the deploy:\n{out}"
+    );
+    assert!(out.contains("Build failed"), "{out}");
+    assert!(
+        out.contains("pip install -r requirements.txt failed"),
+        "{out}"
+    );
+    assert!(out.contains("Invalid requirement"), "{out}");
+    let r = s
+        .req("GET", "/v1/agents/broken-bot", Some(&s.sk), None)
+        .await;
+    assert_eq!(r.status, 404, "no agent for a failed build: {:?}", r.body);
+    let failed: Vec<_> = builds(&s)
+        .await
+        .into_iter()
+        .filter(|b| b["status"] == "failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    // Deploying the failed build by id answers Pipecat Cloud's 400.
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&s.sk),
+            Some(serde_json::json!({"serviceName": "by-id", "buildId": failed[0]["id"]})),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert_eq!(r.body["code"], "GENERIC_BAD_REQUEST");
+    assert!(
+        r.body["error"].as_str().unwrap().contains("not ready"),
+        "{:?}",
+        r.body
+    );
+}
+
+fn docker(args: &[&str]) -> Option<String> {
+    let out = Command::new("docker").args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// With Docker there (and the local base image, scripts/docker-images.sh), the same deploy
+/// builds the Dockerfile into an image, `FROM dailyco/pipecat-base` mapped to
+/// `cattery-test/pipecat-base`, and the agent runs it in a container.
+#[tokio::test(flavor = "multi_thread")]
+async fn official_cli_deploys_a_dockerfile_with_the_docker_builder() {
+    const BASE: &str = "cattery-test/pipecat-base:latest";
+    let required = std::env::var_os("CATTERY_REQUIRE_DOCKER").is_some();
+    if docker(&["image", "inspect", "--format", "{{.Id}}", BASE]).is_none() {
+        assert!(
+            !required,
+            "CATTERY_REQUIRE_DOCKER is set, but {BASE} is missing"
+        );
+        eprintln!("SKIPPED: no Docker engine or no {BASE} (scripts/docker-images.sh)");
+        return;
+    }
+    let s = Server::start(&["--build-base-image", BASE]).await;
+    let proj = project("docker-built", None, "d-9c2e");
+    let (ok, out) = pipecat(&s, proj.path(), &["deploy", "--yes"]).await;
+    let list = builds(&s).await;
+    let tag = list
+        .first()
+        .and_then(|b| b["imageUri"].as_str())
+        .map(str::to_string);
+    let cleanup = |tag: &Option<String>| {
+        if let Some(t) = tag {
+            let _ = docker(&["rmi", "-f", t]);
+        }
+    };
+    if !ok {
+        cleanup(&tag);
+        panic!("deploy failed:\n{out}\n{}", s.log());
+    }
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["builder"], "docker", "{list:?}");
+    assert!(
+        tag.as_deref().unwrap_or("").starts_with("cattery-build:"),
+        "{list:?}"
+    );
+    let (ok, logs) = pipecat(
+        &s,
+        proj.path(),
+        &["build", "logs", list[0]["id"].as_str().unwrap()],
+    )
+    .await;
+    assert!(
+        ok && logs.contains("dailyco/pipecat-base is built as"),
+        "{logs}"
+    );
+    s.wait_ready("docker-built", Duration::from_secs(90)).await;
+    let sid = s.start_ok("docker-built").await;
+    common::wait_for(
+        Duration::from_secs(60),
+        "the built image's log line",
+        || {
+            let s = &s;
+            async move {
+                agent_logs(s, "docker-built")
+                    .await
+                    .contains("uploaded bot ran with marker d-9c2e")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let _ = s.stop("docker-built", &sid).await;
+    let _ = s
+        .req("DELETE", "/v1/agents/docker-built", Some(&s.sk), None)
+        .await;
+    drop(s);
+    cleanup(&tag);
+}
