@@ -120,6 +120,10 @@ pub struct DeploymentSpec {
     /// Bumped by `forceRedeploy` so an otherwise equal spec still gets a new deployment.
     #[serde(default)]
     pub revision: u64,
+    /// `keepDailyRooms`: keep the Daily rooms of this agent's sessions when they end (`None`:
+    /// the org's `keepDailyRooms` property decides; the default deletes them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_daily_rooms: Option<bool>,
 }
 
 impl DeploymentSpec {

@@ -267,7 +267,14 @@ pub fn app_state(
             cipher.clone(),
         )),
     );
+    let webhooks = crate::core::webhooks::Webhooks::start(
+        store.clone(),
+        cipher.clone(),
+        crate::core::webhooks::WebhookSettings::default(),
+    );
+    sup.set_event_sink(webhooks.clone());
     Ok(AppState {
+        webhooks,
         store,
         sup,
         defaults: Arc::new(AgentDefaults {
@@ -366,6 +373,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let sup = state.sup.clone();
     crate::core::cluster::check_alone(store.as_ref(), &state.node).await?;
+    state
+        .webhooks
+        .load()
+        .await
+        .context("reading the webhook endpoints")?;
     sup.recover()
         .await
         .context("recovering instances after restart")?;

@@ -9,6 +9,7 @@ pub mod agents;
 pub mod auth;
 pub mod cluster;
 pub mod cors;
+pub mod dialin;
 pub mod error;
 pub mod events;
 pub mod logs;
@@ -23,6 +24,7 @@ pub mod sessions;
 #[cfg(test)]
 mod tests;
 pub mod trace;
+pub mod webhooks;
 pub mod ws;
 
 use std::sync::Arc;
@@ -60,6 +62,8 @@ pub struct AppState {
     pub daily: Arc<crate::core::daily::Daily>,
     /// This node (`core::cluster`).
     pub node: Arc<crate::core::cluster::NodeIdentity>,
+    /// Outbound webhooks (`core::webhooks`).
+    pub webhooks: Arc<crate::core::webhooks::Webhooks>,
 }
 
 /// A JSON object body whose rejections are `{error, code}` 4xx responses, never 5xx.

@@ -23,7 +23,8 @@ use utoipa_axum::routes;
 use super::error::ApiError;
 use super::MAX_REQUEST_BYTES;
 use super::{
-    agents, cluster, events, logs, metrics, openapi, org, proxy, secrets, sessions, ws, AppState,
+    agents, cluster, dialin, events, logs, metrics, openapi, org, proxy, secrets, sessions,
+    webhooks, ws, AppState,
 };
 
 /// The CLI's agents ("services") of an org.
@@ -56,6 +57,11 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(org::properties_schema))
         .routes(routes!(ws::connect))
         .routes(routes!(cluster::nodes))
+        .routes(routes!(webhooks::list_webhooks, webhooks::create_webhook))
+        .routes(routes!(webhooks::get_webhook, webhooks::delete_webhook))
+        .routes(routes!(webhooks::webhook_secret))
+        .routes(routes!(webhooks::webhook_deliveries))
+        .routes(routes!(dialin::dialin))
         // Plain routes.
         .route("/health", get(health))
         .route("/metrics", get(metrics::scrape))
@@ -231,7 +237,7 @@ mod tests {
             .collect();
         ids.sort();
         ids.dedup();
-        let want = [
+        let mut want = [
             "agent_logs",
             "create_agent",
             "delete_agent",
@@ -254,7 +260,15 @@ mod tests {
             "update_properties",
             "upsert_secret_set",
             "websocket_connect",
+            "create_webhook",
+            "daily_dialin",
+            "delete_webhook",
+            "get_webhook",
+            "get_webhook_secret",
+            "list_webhook_deliveries",
+            "list_webhooks",
         ];
+        want.sort();
         assert_eq!(ids, want);
     }
 }

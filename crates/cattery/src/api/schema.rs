@@ -375,6 +375,9 @@ pub struct AgentDetails {
     pub websocket_auth: String,
     /// Working directory of `command`.
     pub working_dir: Option<String>,
+    /// The agent's own `keepDailyRooms` (absent: the org's property decides).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_daily_rooms: Option<bool>,
 }
 
 impl AgentDetails {
@@ -458,6 +461,7 @@ impl AgentDetails {
                 .clone()
                 .unwrap_or_else(|| "token".into()),
             working_dir: spec.working_dir.clone(),
+            keep_daily_rooms: spec.keep_daily_rooms,
         }
     }
 }
@@ -973,6 +977,8 @@ pub struct PropertyValues {
     /// The org's Daily API key, masked (present only when set).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub daily_api_key: Option<String>,
+    /// Whether the Daily rooms of ended sessions are kept (agents may say otherwise).
+    pub keep_daily_rooms: bool,
 }
 
 /// A key shown by its last four characters only.
@@ -1006,6 +1012,7 @@ impl Properties {
             properties: PropertyValues {
                 default_region: p.current,
                 daily_api_key: p.daily_api_key.as_deref().map(masked_key),
+                keep_daily_rooms: p.keep_daily_rooms,
             },
         }
     }
@@ -1039,6 +1046,8 @@ pub struct PropertySchemas {
     /// `dailyApiKey` (present only when the org has set one; settable always).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub daily_api_key: Option<PropertySchema>,
+    /// `keepDailyRooms`.
+    pub keep_daily_rooms: PropertySchema,
 }
 
 /// `{"properties": {name: {availableValues, currentValue, default, description, readOnly,
@@ -1070,6 +1079,14 @@ impl PropertiesSchema {
                     read_only: false,
                     kind: "string",
                 }),
+                keep_daily_rooms: PropertySchema {
+                    available_values: vec!["true".into(), "false".into()],
+                    current_value: p.keep_daily_rooms.to_string(),
+                    default: "false".into(),
+                    description: "Keep the Daily room of a createDailyRoom session when it ends (an agent's keepDailyRooms wins)",
+                    read_only: false,
+                    kind: "boolean",
+                },
             },
         }
     }

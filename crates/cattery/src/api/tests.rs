@@ -33,6 +33,7 @@ struct Answer {
 }
 
 mod daily;
+mod webhooks;
 
 async fn api() -> Api {
     api_with(|_| {}).await
@@ -58,6 +59,7 @@ async fn api_with(tune: impl FnOnce(&mut Config)) -> Api {
         logs,
     )
     .unwrap();
+    state.webhooks.load().await.unwrap();
     state.sup.recover().await.unwrap();
     let (_, sk) = issue_key(store.as_ref(), DEFAULT_ORG, KeyKind::Private, "sk")
         .await

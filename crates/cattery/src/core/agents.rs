@@ -92,6 +92,11 @@ pub struct AgentRequest {
     pub stop_grace_seconds: Option<f64>,
     /// Python interpreter for `local:` agents.
     pub python: Option<String>,
+    /// Keep the Daily room of a `createDailyRoom` session when the session ends (default: the
+    /// org's `keepDailyRooms` property, else false: the room is deleted). `null` unsets it.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<bool>)]
+    pub keep_daily_rooms: Option<Option<bool>>,
     /// Fields this server does not know; ignored, and named in the answer's `warning`.
     #[serde(flatten)]
     #[schema(ignore)]
@@ -115,6 +120,15 @@ impl AgentRequest {
         }
         (!w.is_empty()).then(|| w.join("; "))
     }
+}
+
+/// Deserializes a field that may be absent (`None`), `null` (`Some(None)`) or a value.
+pub fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 fn bad(msg: impl Into<String>) -> CoreError {
@@ -207,6 +221,9 @@ fn apply(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
     if let Some(p) = &r.python {
         exec_check::no_nul("python", p)?;
         spec.python = Some(p.clone());
+    }
+    if let Some(k) = r.keep_daily_rooms {
+        spec.keep_daily_rooms = k;
     }
     if spec.image.is_none() && spec.command.is_none() {
         return Err(bad("give an image (or local:<dir>) or a command"));

@@ -15,6 +15,7 @@ pub mod lookup;
 pub mod orgs;
 pub mod secrets;
 pub mod session;
+pub mod webhooks;
 
 use crate::store::StoreError;
 

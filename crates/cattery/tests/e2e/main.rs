@@ -26,3 +26,4 @@ mod telephony;
 mod transport;
 mod upgrade;
 mod web;
+mod webhooks;

@@ -324,6 +324,17 @@ impl Actor {
                     tracing::error!(session = %sid, error = %e, "could not record delivery");
                 }
                 self.sup.session_changed(&self.ctl.org, sid);
+                self.sup.emit(
+                    &self.ctl.org,
+                    "session.started",
+                    serde_json::json!({
+                        "session_id": sid,
+                        "service": self.sup.agent_name(self.ctl.agent_id),
+                        "service_id": self.ctl.agent_id,
+                        "deployment_id": self.ctl.deployment.id,
+                        "bot_start_seconds": ms as f64 / 1000.0,
+                    }),
+                );
                 self.sup.platform_log(
                     &self.ctl,
                     format!("[cattery] session {sid} delivered after {ms} ms"),
@@ -525,20 +536,36 @@ impl Supervisor {
             stderr_tail,
             at_ms: now_ms(),
         };
-        let mut st = self.state.lock();
-        if let Some(p) = st.pools.get_mut(&ctl.agent_id) {
-            p.health
-                .entry(ctl.deployment.id)
-                .or_default()
-                .failed(f, Instant::now());
+        let failed = {
+            let mut st = self.state.lock();
+            st.pools.get_mut(&ctl.agent_id).and_then(|p| {
+                let h = p.health.entry(ctl.deployment.id).or_default();
+                h.failed(f, Instant::now());
+                // Crash-looping before it ever started: the deployment failed.
+                (h.consecutive_failures >= super::CRASH_LOOP_THRESHOLD && !h.ever_ready)
+                    .then(|| p.agent.clone())
+            })
+        };
+        if let Some(agent) = failed {
+            let why = format!(
+                "{} failed starts in a row, last: {reason}",
+                super::CRASH_LOOP_THRESHOLD
+            );
+            self.announce_deployment(&agent, ctl.deployment.id, Some(&why));
         }
     }
 
     /// Counts a start that became ready.
     pub(super) fn record_ready(&self, ctl: &InstanceCtl) {
-        let mut st = self.state.lock();
-        if let Some(p) = st.pools.get_mut(&ctl.agent_id) {
-            p.health.entry(ctl.deployment.id).or_default().ready();
+        let agent = {
+            let mut st = self.state.lock();
+            st.pools.get_mut(&ctl.agent_id).map(|p| {
+                p.health.entry(ctl.deployment.id).or_default().ready();
+                p.agent.clone()
+            })
+        };
+        if let Some(agent) = agent {
+            self.announce_deployment(&agent, ctl.deployment.id, None);
         }
     }
 

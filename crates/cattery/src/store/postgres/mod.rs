@@ -19,6 +19,7 @@ mod logs;
 mod nodes;
 mod secrets;
 mod sessions;
+mod webhooks;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -15,6 +15,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0002_opaque_placement_and_samples.sql"),
     include_str!("../../../migrations/0003_stop_intent.sql"),
     include_str!("../../../migrations/0004_nodes.sql"),
+    include_str!("../../../migrations/0007_webhooks.sql"),
 ];
 
 /// The schema version this binary brings a database to (SQLite's `user_version`).
