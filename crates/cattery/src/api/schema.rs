@@ -977,8 +977,10 @@ pub struct PropertyValues {
     /// The org's Daily API key, masked (present only when set).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub daily_api_key: Option<String>,
-    /// Whether the Daily rooms of ended sessions are kept (agents may say otherwise).
-    pub keep_daily_rooms: bool,
+    /// Whether the Daily rooms of ended sessions are kept (present only when set; agents
+    /// may say otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_daily_rooms: Option<bool>,
 }
 
 /// A key shown by its last four characters only.
@@ -1046,8 +1048,9 @@ pub struct PropertySchemas {
     /// `dailyApiKey` (present only when the org has set one; settable always).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub daily_api_key: Option<PropertySchema>,
-    /// `keepDailyRooms`.
-    pub keep_daily_rooms: PropertySchema,
+    /// `keepDailyRooms` (present only when the org has set it; settable always).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_daily_rooms: Option<PropertySchema>,
 }
 
 /// `{"properties": {name: {availableValues, currentValue, default, description, readOnly,
@@ -1079,14 +1082,14 @@ impl PropertiesSchema {
                     read_only: false,
                     kind: "string",
                 }),
-                keep_daily_rooms: PropertySchema {
+                keep_daily_rooms: p.keep_daily_rooms.map(|k| PropertySchema {
                     available_values: vec!["true".into(), "false".into()],
-                    current_value: p.keep_daily_rooms.to_string(),
+                    current_value: k.to_string(),
                     default: "false".into(),
                     description: "Keep the Daily room of a createDailyRoom session when it ends (an agent's keepDailyRooms wins)",
                     read_only: false,
                     kind: "boolean",
-                },
+                }),
             },
         }
     }

@@ -117,8 +117,9 @@ pub struct DefaultRegionProperty {
     pub available: Vec<String>,
     /// The org's own Daily API key (`dailyApiKey`), when set.
     pub daily_api_key: Option<String>,
-    /// `keepDailyRooms`: keep Daily rooms when their sessions end (default false).
-    pub keep_daily_rooms: bool,
+    /// `keepDailyRooms`, when the org set it: keep Daily rooms when their sessions end
+    /// (unset: false).
+    pub keep_daily_rooms: Option<bool>,
 }
 
 /// The org's properties. Errors: 404 for an unknown org; storage errors.
@@ -142,7 +143,10 @@ fn property_of(
         default: server.default_region.clone(),
         available: server.regions.clone(),
         daily_api_key: daily_api_key_of(rec, cipher),
-        keep_daily_rooms: keep_daily_rooms_of(rec),
+        keep_daily_rooms: rec
+            .properties
+            .get(KEEP_DAILY_ROOMS)
+            .and_then(Value::as_bool),
     }
 }
 
