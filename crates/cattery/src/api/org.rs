@@ -360,3 +360,22 @@ pub async fn daily_key(
             )
         })
 }
+
+/// `GET /v1/organizations/{org}/agent-profiles` (`agent profiles list`): the fixed catalog,
+/// `agent-1x` to `agent-3x`, with the limits instances get (Cattery has no custom profiles).
+pub async fn agent_profiles(State(_st): State<AppState>, OrgAuth(_c): OrgAuth) -> Json<Value> {
+    let profiles: Vec<Value> = ["agent-1x", "agent-2x", "agent-3x"]
+        .iter()
+        .filter_map(|name| {
+            let l = crate::model::profile_limits(name)?;
+            Some(serde_json::json!({
+                "api_name": name,
+                "display_name": format!("Agent {}", name.trim_start_matches("agent-")),
+                "resources": {"cpu": l.cpu_str, "memory": l.memory_str},
+                "custom": false,
+                "enabled": true,
+            }))
+        })
+        .collect();
+    Json(serde_json::json!({ "agentProfiles": profiles }))
+}

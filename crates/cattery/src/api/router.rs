@@ -139,6 +139,10 @@ fn org_routes() -> OpenApiRouter<AppState> {
             delete(org::revoke_api_key),
         )
         .route("/v1/organizations/{org}/daily", get(org::daily_key))
+        .route(
+            "/v1/organizations/{org}/agent-profiles",
+            get(org::agent_profiles),
+        )
 }
 
 /// The OpenAPI document, generated from [`routes`].

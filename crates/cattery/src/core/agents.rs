@@ -97,6 +97,9 @@ pub struct AgentRequest {
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<bool>)]
     pub keep_daily_rooms: Option<Option<bool>>,
+    /// The CPU architecture the image needs (`amd64` or `arm64`): checked against this host's,
+    /// the only one instances run on (`GET /v1/regions`).
+    pub architecture: Option<String>,
     /// Fields this server does not know; ignored, and named in the answer's `warning`.
     #[serde(flatten)]
     #[schema(ignore)]
@@ -225,6 +228,9 @@ fn apply(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
     if let Some(k) = r.keep_daily_rooms {
         spec.keep_daily_rooms = k;
     }
+    if let Some(arch) = r.architecture.as_deref() {
+        check_architecture(arch)?;
+    }
     if spec.image.is_none() && spec.command.is_none() {
         return Err(bad("give an image (or local:<dir>) or a command"));
     }
@@ -244,6 +250,23 @@ fn apply(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
     if r.command.is_some() || r.env.is_some() {
         let args = spec.command.as_deref().unwrap_or_default();
         exec_check::exec_fits(args, &spec.env)?;
+    }
+    Ok(())
+}
+
+/// Checks a requested `architecture` against this host's. Errors: 400 for anything but
+/// `amd64`/`arm64`, and for the one this host is not.
+fn check_architecture(arch: &str) -> CoreResult<()> {
+    let host = super::orgs::host_architecture();
+    if arch != "amd64" && arch != "arm64" {
+        return Err(bad(format!(
+            "architecture must be amd64 or arm64, not {arch:?}"
+        )));
+    }
+    if arch != host {
+        return Err(bad(format!(
+            "architecture {arch} is not available: instances here run on {host} (GET /v1/regions lists it)"
+        )));
     }
     Ok(())
 }

@@ -76,6 +76,7 @@ const COMMANDS: &[(&str, &str, &str)] = &[
     (CUR, "agent start --api-key --force --use-daily", "plain"),
     (CUR, "agent sessions --end-state", "plain"),
     (CUR, "organizations default-region", "plain"),
+    (CUR, "agent profiles list", "plain"),
     (CUR, "agent sessions", "plain"),
     (CUR, "agent sessions", "json"),
     (CUR, "agent sessions --id", "plain"),
@@ -2165,6 +2166,15 @@ async fn daily_refusal_and_default_region(
     );
     ok(&o, "organizations default-region local");
     assert!(o.text().contains("local"), "{}", o.text());
+
+    // `agent profiles list`: the fixed catalog with its limits.
+    let o = cli.run("agent profiles list", &["agent", "profiles", "list"]);
+    ok(&o, "agent profiles list");
+    for want in [
+        "agent-1x", "agent-2x", "agent-3x", "1000m", "2Gi", "platform",
+    ] {
+        assert!(o.text().contains(want), "{want}: {}", o.text());
+    }
     assert!(
         !s.log().contains("dk_e2e_key"),
         "the Daily key is never logged"

@@ -656,3 +656,38 @@ async fn org_daily_api_key_is_stored_sealed() {
         );
     }
 }
+
+/// `agent profiles list`'s catalog, and `deploy --architecture`: the host's is accepted, the
+/// other one and nonsense are 400s naming the host's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_profiles_and_architecture() {
+    let a = api_with(|_| {}).await;
+    let r = a.get("/v1/organizations/default/agent-profiles").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let p = r.body["agentProfiles"].as_array().unwrap();
+    assert_eq!(p.len(), 3);
+    assert_eq!(
+        p[1],
+        json!({"api_name": "agent-2x", "display_name": "Agent 2x",
+               "resources": {"cpu": "1000m", "memory": "2Gi"}, "custom": false, "enabled": true})
+    );
+    let host = crate::core::orgs::host_architecture();
+    a.deploy("arch", &[], json!({"architecture": host})).await;
+    let other = if host == "amd64" { "arm64" } else { "amd64" };
+    for bad in [other, "sparc"] {
+        let r = a
+            .call(
+                Method::POST,
+                "/v1/agents",
+                Some(&a.sk),
+                Some(json!({"serviceName": "arch2", "command": ["fake"], "architecture": bad})),
+            )
+            .await;
+        assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+        assert!(
+            r.body["error"].as_str().unwrap().contains("architecture"),
+            "{}",
+            r.body
+        );
+    }
+}
