@@ -161,10 +161,10 @@ pub struct Revision {
 /// `resources` of a manifest.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Resources {
-    /// CPU of the profile.
-    pub cpu: Option<&'static str>,
-    /// Memory of the profile.
-    pub memory: Option<&'static str>,
+    /// CPU of the profile, or the explicit `resources.cpu`.
+    pub cpu: Option<String>,
+    /// Memory of the profile, or the explicit `resources.memory`.
+    pub memory: Option<String>,
 }
 
 /// `krispModels` of a manifest.
@@ -282,8 +282,14 @@ impl Deployment {
                     },
                     max_session_duration_seconds: spec.max_session_duration,
                     resources: Resources {
-                        cpu: limits.map(|l| l.cpu_str),
-                        memory: limits.map(|l| l.memory_str),
+                        cpu: match &spec.resources {
+                            Some(r) => Some(r.cpu.clone()),
+                            None => limits.map(|l| l.cpu_str.to_string()),
+                        },
+                        memory: match &spec.resources {
+                            Some(r) => Some(r.memory.clone()),
+                            None => limits.map(|l| l.memory_str.to_string()),
+                        },
                     },
                 },
             },
@@ -375,6 +381,11 @@ pub struct AgentDetails {
     pub websocket_auth: String,
     /// Working directory of `command`.
     pub working_dir: Option<String>,
+    /// Explicit `resources` (`{cpu, memory}`), when the agent has them instead of its
+    /// `agentProfile`'s limits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub resources: Option<serde_json::Value>,
     /// The agent's own `keepDailyRooms` (absent: the org's property decides).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_daily_rooms: Option<bool>,
@@ -462,6 +473,10 @@ impl AgentDetails {
                 .unwrap_or_else(|| "token".into()),
             working_dir: spec.working_dir.clone(),
             keep_daily_rooms: spec.keep_daily_rooms,
+            resources: spec
+                .resources
+                .as_ref()
+                .map(|r| serde_json::json!({"cpu": r.cpu, "memory": r.memory})),
         }
     }
 }

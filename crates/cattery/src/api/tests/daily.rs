@@ -691,3 +691,76 @@ async fn agent_profiles_and_architecture() {
         );
     }
 }
+
+/// `resources` (`deploy --resources`): explicit CPU and memory replace the profile's limits,
+/// shown in agent status and in the deployment's manifest; `agentProfile` alone clears them;
+/// malformed, out of bounds, half given or given with `agentProfile` is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_resources_replace_the_profile() {
+    let a = api_with(|_| {}).await;
+    a.deploy(
+        "sized",
+        &[],
+        json!({"resources": {"cpu": "2", "memory": "4Gi"}}),
+    )
+    .await;
+    let s = a.get("/v1/agents/sized").await;
+    assert_eq!(
+        s.body["resources"],
+        json!({"cpu": "2", "memory": "4Gi"}),
+        "{}",
+        s.body
+    );
+    assert!(s.body["warning"].is_null(), "{}", s.body);
+    let d = a.get("/v1/agents/sized/deployments").await;
+    let text = d.body.to_string();
+    assert!(
+        text.contains("\"cpu\":\"2\"") && text.contains("\"memory\":\"4Gi\""),
+        "{text}"
+    );
+    for (bad, why) in [
+        (json!({"resources": {"cpu": "2"}}), "both cpu and memory"),
+        (
+            json!({"resources": {"cpu": "lots", "memory": "1Gi"}}),
+            "resources.cpu",
+        ),
+        (
+            json!({"resources": {"cpu": "1", "memory": "1Pi"}}),
+            "resources.memory",
+        ),
+        (
+            json!({"resources": {"cpu": "1", "memory": "1Gi"}, "agentProfile": "agent-2x"}),
+            "not both",
+        ),
+    ] {
+        let r = a
+            .call(
+                Method::POST,
+                "/v1/agents/sized",
+                Some(&a.sk),
+                Some(bad.clone()),
+            )
+            .await;
+        assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+        assert!(
+            r.body["error"].as_str().unwrap().contains(why),
+            "{bad}: {}",
+            r.body
+        );
+    }
+    let r = a
+        .call(
+            Method::POST,
+            "/v1/agents/sized",
+            Some(&a.sk),
+            Some(json!({"agentProfile": "agent-2x"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(a
+        .get("/v1/agents/sized")
+        .await
+        .body
+        .get("resources")
+        .is_none());
+}

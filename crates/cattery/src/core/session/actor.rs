@@ -16,7 +16,7 @@ use super::health::StartFailure;
 use super::state::{Cmd, Delivery, InstState, InstanceCtl, Mailbox};
 use super::{Supervisor, FIRST_READY_POLL, IDLE_CHECK, READY_POLL};
 use crate::core::instance_http::{self, BotOutcome, OutcomeFuture};
-use crate::model::{now_ms, profile_limits, EndReason, InstanceRecord, MetricSample};
+use crate::model::{now_ms, EndReason, InstanceRecord, MetricSample};
 use crate::runtime::{Instance, InstanceSpec, LogSink};
 
 /// How an actor begins.
@@ -603,7 +603,7 @@ impl Supervisor {
             args: prepared.args,
             working_dir: prepared.working_dir,
             env,
-            limits: profile_limits(&ctl.deployment.spec.agent_profile),
+            limits: ctl.deployment.spec.limits(),
         };
         let sink = LogSink {
             tx: self.logs.clone(),
