@@ -93,9 +93,7 @@ pub(super) async fn run(sup: Arc<Supervisor>, ctl: Arc<InstanceCtl>, mb: Mailbox
     let mut ending = match a.life(&mut inst, adopted_busy).await {
         Ok(e) | Err(e) => e,
     };
-    ending
-        .name_oom(&inst, &a.ctl.deployment.spec.agent_profile)
-        .await;
+    ending.name_oom(&inst, &a.ctl.deployment.spec).await;
     a.finish(Some(inst), ending).await;
 }
 
