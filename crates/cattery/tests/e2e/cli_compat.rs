@@ -62,6 +62,7 @@ const COMMANDS: &[(&str, &str, &str)] = &[
     (CUR, "deploy --yes (create)", "json"),
     (CUR, "deploy --yes (update)", "json"),
     (CUR, "deploy --yes --force", "json"),
+    (CUR, "deploy --yes --resources --architecture", "json"),
     (CUR, "agent list", "plain"),
     (CUR, "agent list", "json"),
     (CUR, "agent status", "plain"),
@@ -1072,6 +1073,28 @@ async fn cur_json_deploy_and_delete(s: &Server, cli: &Cli, bot: &Path) {
     assert_eq!(
         agent_json(s, "json-agent").await["desiredDeploymentId"],
         dep.as_str()
+    );
+    // Explicit sizing and the host's architecture: honoured, and shown in status.
+    let host = if cfg!(target_arch = "aarch64") {
+        "arm64"
+    } else {
+        "amd64"
+    };
+    let o = cli.run_json(
+        "deploy --yes --resources --architecture",
+        &[
+            "deploy",
+            "--yes",
+            "--resources",
+            "cpu=500m,memory=1Gi",
+            "--architecture",
+            host,
+        ],
+    );
+    ok(&o, "deploy --resources --architecture json");
+    assert_eq!(
+        agent_json(s, "json-agent").await["resources"],
+        json!({"cpu": "500m", "memory": "1Gi"})
     );
     let o = cli.run_json(
         "agent start --api-key --force --data",
