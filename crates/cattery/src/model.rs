@@ -123,9 +123,83 @@ pub struct DeploymentSpec {
     /// The build this deployment runs (`buildId`), if it came from one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build_id: Option<Uuid>,
+    /// `keepDailyRooms`: keep the Daily rooms of this agent's sessions when they end (`None`:
+    /// the org's `keepDailyRooms` property decides; the default deletes them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_daily_rooms: Option<bool>,
+    /// Explicit CPU and memory (`resources`, the CLI's `deploy --resources`) in place of the
+    /// `agentProfile`'s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<CustomResources>,
+}
+
+/// Explicit sizing of a deployment: the quantities as given and what they mean.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CustomResources {
+    /// CPU as given (`500m`, `2`).
+    pub cpu: String,
+    /// Memory as given (`4Gi`).
+    pub memory: String,
+    /// CPU in millicores.
+    pub cpu_millicores: u32,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+}
+
+/// Parses a Kubernetes CPU quantity (`500m`, `2`, `1.5`) into millicores.
+pub fn parse_cpu(q: &str) -> Option<u32> {
+    let (num, scale) = match q.strip_suffix('m') {
+        Some(n) => (n, 1.0),
+        None => (q, 1000.0),
+    };
+    if num.is_empty() || !num.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return None;
+    }
+    let v = num.parse::<f64>().ok()? * scale;
+    (v.is_finite() && (1.0..=1e6).contains(&v)).then(|| v.round() as u32)
+}
+
+/// Parses a Kubernetes memory quantity (`512Mi`, `4Gi`, `1G`, `1000000`) into bytes.
+pub fn parse_memory(q: &str) -> Option<u64> {
+    const UNITS: [(&str, f64); 10] = [
+        ("Ki", 1024.0),
+        ("Mi", 1048576.0),
+        ("Gi", 1073741824.0),
+        ("Ti", 1099511627776.0),
+        ("k", 1e3),
+        ("K", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("", 1.0),
+    ];
+    let (num, mult) = UNITS
+        .iter()
+        .find_map(|(s, m)| q.strip_suffix(s).map(|n| (n, *m)))?;
+    if num.is_empty() || !num.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return None;
+    }
+    let v = num.parse::<f64>().ok()? * mult;
+    (v.is_finite() && (1.0..1e15).contains(&v)).then(|| v.round() as u64)
 }
 
 impl DeploymentSpec {
+    /// The limits instances of this deployment get: its explicit `resources` when set (with
+    /// 1024 processes per GiB, at least 1024), else its `agentProfile`'s.
+    pub fn limits(&self) -> Option<ProfileLimits> {
+        match &self.resources {
+            Some(r) => Some(ProfileLimits {
+                cpu_millicores: r.cpu_millicores,
+                memory_bytes: r.memory_bytes,
+                pids: ((r.memory_bytes >> 20) as u32).clamp(1024, 65536),
+                cpu_str: "",
+                memory_str: "",
+            }),
+            None => profile_limits(&self.agent_profile),
+        }
+    }
+
     /// Effective session time limit in seconds.
     pub fn max_session_duration_s(&self) -> u32 {
         self.max_session_duration
@@ -545,6 +619,43 @@ pub fn valid_agent_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kubernetes_quantities() {
+        assert_eq!(parse_cpu("500m"), Some(500));
+        assert_eq!(parse_cpu("2"), Some(2000));
+        assert_eq!(parse_cpu("1.5"), Some(1500));
+        for bad in ["", "m", "-1", "2 ", "1e3", "0"] {
+            assert_eq!(parse_cpu(bad), None, "{bad:?}");
+        }
+        assert_eq!(parse_memory("512Mi"), Some(512 << 20));
+        assert_eq!(parse_memory("4Gi"), Some(4 << 30));
+        assert_eq!(parse_memory("1G"), Some(1_000_000_000));
+        assert_eq!(parse_memory("1048576"), Some(1 << 20));
+        for bad in ["", "Gi", "4GB", "-1Mi", "1.5Xi"] {
+            assert_eq!(parse_memory(bad), None, "{bad:?}");
+        }
+        let spec = DeploymentSpec {
+            agent_profile: "agent-1x".into(),
+            resources: Some(CustomResources {
+                cpu: "2".into(),
+                memory: "4Gi".into(),
+                cpu_millicores: 2000,
+                memory_bytes: 4 << 30,
+            }),
+            ..Default::default()
+        };
+        let l = spec.limits().unwrap();
+        assert_eq!(
+            (l.cpu_millicores, l.memory_bytes, l.pids),
+            (2000, 4 << 30, 4096)
+        );
+        let plain = DeploymentSpec {
+            agent_profile: "agent-1x".into(),
+            ..Default::default()
+        };
+        assert_eq!(plain.limits(), profile_limits("agent-1x"));
+    }
 
     #[test]
     fn end_states_of_end_reasons() {

@@ -270,7 +270,14 @@ pub fn app_state(
             cipher.clone(),
         )),
     );
+    let webhooks = crate::core::webhooks::Webhooks::start(
+        store.clone(),
+        cipher.clone(),
+        crate::core::webhooks::WebhookSettings::default(),
+    );
+    sup.set_event_sink(webhooks.clone());
     Ok(AppState {
+        webhooks,
         store,
         sup,
         defaults: Arc::new(AgentDefaults {
@@ -465,6 +472,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )));
     }
     let sup = state.sup.clone();
+    state
+        .webhooks
+        .load()
+        .await
+        .context("reading the webhook endpoints")?;
     let (heartbeats, watch, shared) = join_cluster(&store, &state).await?;
     start_builds(&state, built.docker.as_ref(), &config).await?;
     let node = state.node.clone();

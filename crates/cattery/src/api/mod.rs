@@ -10,6 +10,7 @@ pub mod auth;
 pub mod builds;
 pub mod cluster;
 pub mod cors;
+pub mod dialin;
 pub mod error;
 pub mod events;
 pub mod logs;
@@ -24,6 +25,7 @@ pub mod sessions;
 #[cfg(test)]
 mod tests;
 pub mod trace;
+pub mod webhooks;
 pub mod ws;
 
 use std::sync::Arc;
@@ -63,6 +65,8 @@ pub struct AppState {
     pub node: Arc<crate::core::cluster::NodeIdentity>,
     /// Builds (`core::builds`).
     pub builds: Arc<crate::core::builds::Builds>,
+    /// Outbound webhooks (`core::webhooks`).
+    pub webhooks: Arc<crate::core::webhooks::Webhooks>,
 }
 
 /// A JSON object body whose rejections are `{error, code}` 4xx responses, never 5xx.

@@ -216,7 +216,7 @@ pub async fn properties(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
 ) -> ApiResult<Json<Properties>> {
-    let p = orgs::properties(&st.store, &st.defaults, &c.org)
+    let p = orgs::properties(&st.store, &st.defaults, &st.secrets, &c.org)
         .await
         .map_err(nf)?;
     Ok(Json(Properties::of(p)))
@@ -232,7 +232,7 @@ pub async fn properties_schema(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
 ) -> ApiResult<Json<PropertiesSchema>> {
-    let p = orgs::properties(&st.store, &st.defaults, &c.org)
+    let p = orgs::properties(&st.store, &st.defaults, &st.secrets, &c.org)
         .await
         .map_err(nf)?;
     Ok(Json(PropertiesSchema::of(p)))
@@ -249,7 +249,7 @@ pub async fn update_properties(
     PrivateAuth(c): PrivateAuth,
     ApiJson(patch): ApiJson<Value>,
 ) -> ApiResult<Json<PropertiesSchema>> {
-    let p = orgs::update_properties(&st.store, &st.defaults, &c.org, &patch)
+    let p = orgs::update_properties(&st.store, &st.defaults, &st.secrets, &c.org, &patch)
         .await
         .map_err(nf)?;
     Ok(Json(PropertiesSchema::of(p)))
@@ -351,7 +351,7 @@ pub async fn daily_key(
 ) -> ApiResult<Json<DailyKey>> {
     let rec = orgs::org_record(&st.store, &c.org).await.map_err(nf)?;
     st.daily
-        .key_for(orgs::daily_api_key_of(&rec).as_deref())
+        .key_for(orgs::daily_api_key_of(&rec, &st.secrets).as_deref())
         .map(|api_key| Json(DailyKey { api_key }))
         .ok_or_else(|| {
             ApiError::not_found(
@@ -359,4 +359,23 @@ pub async fn daily_key(
                 "this server has no Daily API key (cattery serve --daily-api-key)",
             )
         })
+}
+
+/// `GET /v1/organizations/{org}/agent-profiles` (`agent profiles list`): the fixed catalog,
+/// `agent-1x` to `agent-3x`, with the limits instances get (Cattery has no custom profiles).
+pub async fn agent_profiles(State(_st): State<AppState>, OrgAuth(_c): OrgAuth) -> Json<Value> {
+    let profiles: Vec<Value> = ["agent-1x", "agent-2x", "agent-3x"]
+        .iter()
+        .filter_map(|name| {
+            let l = crate::model::profile_limits(name)?;
+            Some(serde_json::json!({
+                "api_name": name,
+                "display_name": format!("Agent {}", name.trim_start_matches("agent-")),
+                "resources": {"cpu": l.cpu_str, "memory": l.memory_str},
+                "custom": false,
+                "enabled": true,
+            }))
+        })
+        .collect();
+    Json(serde_json::json!({ "agentProfiles": profiles }))
 }

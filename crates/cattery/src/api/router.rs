@@ -23,8 +23,8 @@ use utoipa_axum::routes;
 use super::error::ApiError;
 use super::MAX_REQUEST_BYTES;
 use super::{
-    agents, builds, cluster, events, logs, metrics, openapi, org, proxy, secrets, sessions, ws,
-    AppState,
+    agents, builds, cluster, dialin, events, logs, metrics, openapi, org, proxy, secrets, sessions,
+    webhooks, ws, AppState,
 };
 
 /// The CLI's agents ("services") of an org.
@@ -57,6 +57,11 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(org::properties_schema))
         .routes(routes!(ws::connect))
         .routes(routes!(cluster::nodes))
+        .routes(routes!(webhooks::list_webhooks, webhooks::create_webhook))
+        .routes(routes!(webhooks::get_webhook, webhooks::delete_webhook))
+        .routes(routes!(webhooks::webhook_secret))
+        .routes(routes!(webhooks::webhook_deliveries))
+        .routes(routes!(dialin::dialin))
         // Plain routes.
         .route("/health", get(health))
         .route("/metrics", get(metrics::scrape))
@@ -139,6 +144,10 @@ fn org_routes() -> OpenApiRouter<AppState> {
             delete(org::revoke_api_key),
         )
         .route("/v1/organizations/{org}/daily", get(org::daily_key))
+        .route(
+            "/v1/organizations/{org}/agent-profiles",
+            get(org::agent_profiles),
+        )
         .merge(build_routes())
 }
 
@@ -268,7 +277,7 @@ mod tests {
             .collect();
         ids.sort();
         ids.dedup();
-        let want = [
+        let mut want = [
             "agent_logs",
             "create_agent",
             "delete_agent",
@@ -291,7 +300,15 @@ mod tests {
             "update_properties",
             "upsert_secret_set",
             "websocket_connect",
+            "create_webhook",
+            "daily_dialin",
+            "delete_webhook",
+            "get_webhook",
+            "get_webhook_secret",
+            "list_webhook_deliveries",
+            "list_webhooks",
         ];
+        want.sort();
         assert_eq!(ids, want);
     }
 }

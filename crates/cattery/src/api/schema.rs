@@ -161,10 +161,10 @@ pub struct Revision {
 /// `resources` of a manifest.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Resources {
-    /// CPU of the profile.
-    pub cpu: Option<&'static str>,
-    /// Memory of the profile.
-    pub memory: Option<&'static str>,
+    /// CPU of the profile, or the explicit `resources.cpu`.
+    pub cpu: Option<String>,
+    /// Memory of the profile, or the explicit `resources.memory`.
+    pub memory: Option<String>,
 }
 
 /// `krispModels` of a manifest.
@@ -286,8 +286,14 @@ impl Deployment {
                     },
                     max_session_duration_seconds: spec.max_session_duration,
                     resources: Resources {
-                        cpu: limits.map(|l| l.cpu_str),
-                        memory: limits.map(|l| l.memory_str),
+                        cpu: match &spec.resources {
+                            Some(r) => Some(r.cpu.clone()),
+                            None => limits.map(|l| l.cpu_str.to_string()),
+                        },
+                        memory: match &spec.resources {
+                            Some(r) => Some(r.memory.clone()),
+                            None => limits.map(|l| l.memory_str.to_string()),
+                        },
                     },
                 },
             },
@@ -379,6 +385,14 @@ pub struct AgentDetails {
     pub websocket_auth: String,
     /// Working directory of `command`.
     pub working_dir: Option<String>,
+    /// Explicit `resources` (`{cpu, memory}`), when the agent has them instead of its
+    /// `agentProfile`'s limits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub resources: Option<serde_json::Value>,
+    /// The agent's own `keepDailyRooms` (absent: the org's property decides).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_daily_rooms: Option<bool>,
 }
 
 impl AgentDetails {
@@ -462,6 +476,11 @@ impl AgentDetails {
                 .clone()
                 .unwrap_or_else(|| "token".into()),
             working_dir: spec.working_dir.clone(),
+            keep_daily_rooms: spec.keep_daily_rooms,
+            resources: spec
+                .resources
+                .as_ref()
+                .map(|r| serde_json::json!({"cpu": r.cpu, "memory": r.memory})),
         }
     }
 }
@@ -982,6 +1001,10 @@ pub struct PropertyValues {
     /// The org's Daily API key, masked (present only when set).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub daily_api_key: Option<String>,
+    /// Whether the Daily rooms of ended sessions are kept (present only when set; agents
+    /// may say otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_daily_rooms: Option<bool>,
 }
 
 /// A key shown by its last four characters only.
@@ -1015,6 +1038,7 @@ impl Properties {
             properties: PropertyValues {
                 default_region: p.current,
                 daily_api_key: p.daily_api_key.as_deref().map(masked_key),
+                keep_daily_rooms: p.keep_daily_rooms,
             },
         }
     }
@@ -1048,6 +1072,9 @@ pub struct PropertySchemas {
     /// `dailyApiKey` (present only when the org has set one; settable always).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub daily_api_key: Option<PropertySchema>,
+    /// `keepDailyRooms` (present only when the org has set it; settable always).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_daily_rooms: Option<PropertySchema>,
 }
 
 /// `{"properties": {name: {availableValues, currentValue, default, description, readOnly,
@@ -1078,6 +1105,14 @@ impl PropertiesSchema {
                     description: "Daily API key for createDailyRoom (else the server's --daily-api-key); \"\" unsets it",
                     read_only: false,
                     kind: "string",
+                }),
+                keep_daily_rooms: p.keep_daily_rooms.map(|k| PropertySchema {
+                    available_values: vec!["true".into(), "false".into()],
+                    current_value: k.to_string(),
+                    default: "false".into(),
+                    description: "Keep the Daily room of a createDailyRoom session when it ends (an agent's keepDailyRooms wins)",
+                    read_only: false,
+                    kind: "boolean",
                 }),
             },
         }

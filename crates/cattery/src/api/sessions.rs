@@ -201,7 +201,18 @@ pub async fn start_session(
         None => body,
     };
     let room = if daily {
-        Some(daily_room(&st, &c.org, &name, session, &req).await?)
+        Some(
+            daily_room(
+                &st,
+                &c.org,
+                &name,
+                session,
+                req.daily_room_properties.as_ref(),
+                req.daily_meeting_token_properties.as_ref(),
+            )
+            .await?
+            .0,
+        )
     } else {
         None
     };
@@ -227,7 +238,7 @@ pub async fn start_session(
         Ok(o) => o,
         Err(e) => {
             // Nothing of the session remains: its room goes too.
-            st.sup.run_end_hook(session);
+            st.sup.run_end_hook(session, false);
             return Err(e.into());
         }
     };
@@ -242,20 +253,22 @@ pub async fn start_session(
     })))
 }
 
-/// Creates the Daily room of a `createDailyRoom` start and arranges its deletion when the
-/// session ends (or its start fails). Errors: 400 without a Daily key; the agent's
-/// 404/400/503 before Daily is called; Daily's refusals ([`CoreError::Daily`]).
-async fn daily_room(
+/// Creates the Daily room of a `createDailyRoom` start (or a dial-in) and arranges its
+/// deletion when the session ends (or its start fails); answers the room and the Daily key
+/// used. Errors: 400 without a Daily key; the agent's 404/400/503 before Daily is called;
+/// Daily's refusals ([`CoreError::Daily`]).
+pub(super) async fn daily_room(
     st: &AppState,
     org: &str,
     name: &str,
     session: Uuid,
-    req: &StartRequest,
-) -> ApiResult<DailyRoom> {
+    room_props: Option<&Value>,
+    token_props: Option<&Value>,
+) -> ApiResult<(DailyRoom, String)> {
     let rec = crate::core::orgs::org_record(&st.store, org).await?;
     let key = st
         .daily
-        .key_for(crate::core::orgs::daily_api_key_of(&rec).as_deref())
+        .key_for(crate::core::orgs::daily_api_key_of(&rec, &st.secrets).as_deref())
         .ok_or_else(|| {
             ApiError::bad_request(
                 "createDailyRoom needs a Daily API key: set the org's dailyApiKey property, or start the server with --daily-api-key (CATTERY_DAILY_API_KEY)",
@@ -268,21 +281,23 @@ async fn daily_room(
         .unwrap_or(crate::model::DEFAULT_MAX_SESSION_DURATION_S);
     let room = st
         .daily
-        .create_room(
-            &key,
-            max_s,
-            req.daily_room_properties.as_ref(),
-            req.daily_meeting_token_properties.as_ref(),
-        )
+        .create_room(&key, max_s, room_props, token_props)
         .await?;
-    let (daily, room_name) = (st.daily.clone(), room.name.clone());
+    let keep = crate::core::daily::keep_room(
+        st.sup.keep_daily_rooms(org, name),
+        crate::core::orgs::keep_daily_rooms_of(&rec),
+    );
+    let (daily, room_name, used) = (st.daily.clone(), room.name.clone(), key.clone());
     st.sup.on_session_end(
         session,
-        Box::new(move || {
-            tokio::spawn(async move { daily.delete_room(&key, &room_name).await });
+        Box::new(move |started| {
+            // A room kept for a session that never started would serve nobody.
+            if !keep || !started {
+                tokio::spawn(async move { daily.delete_room(&key, &room_name).await });
+            }
         }),
     );
-    Ok(room)
+    Ok((room, used))
 }
 
 fn zod(field: &str, msg: &str) -> ApiError {

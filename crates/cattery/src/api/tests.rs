@@ -35,6 +35,7 @@ struct Answer {
 mod big_list;
 mod cluster_internal;
 mod daily;
+mod webhooks;
 mod ws_waiting;
 
 async fn api() -> Api {
@@ -61,6 +62,7 @@ async fn api_with(tune: impl FnOnce(&mut Config)) -> Api {
         logs,
     )
     .unwrap();
+    state.webhooks.load().await.unwrap();
     state.sup.recover().await.unwrap();
     let (_, sk) = issue_key(store.as_ref(), DEFAULT_ORG, KeyKind::Private, "sk")
         .await

@@ -46,6 +46,15 @@ pub struct KrispVivaRequest {
     pub audio_filter: Option<String>,
 }
 
+/// `resources` in requests.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct ResourcesRequest {
+    /// CPU quantity (`500m`, `2`), between 10m and 64.
+    pub cpu: Option<String>,
+    /// Memory quantity (`512Mi`, `4Gi`), between 64Mi and 256Gi.
+    pub memory: Option<String>,
+}
+
 /// Body of create (`POST /v1/agents`) and update (`POST /v1/agents/{name}`, `PUT .../services`).
 /// Absent fields keep their value on update. `command`, `workingDir`, `env`,
 /// `stopGraceSeconds` and `python` are Cattery's additive fields for the process runtime.
@@ -92,6 +101,17 @@ pub struct AgentRequest {
     pub stop_grace_seconds: Option<f64>,
     /// Python interpreter for `local:` agents.
     pub python: Option<String>,
+    /// Keep the Daily room of a `createDailyRoom` session when the session ends (default: the
+    /// org's `keepDailyRooms` property, else false: the room is deleted). `null` unsets it.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<bool>)]
+    pub keep_daily_rooms: Option<Option<bool>>,
+    /// Explicit sizing, `{"cpu": "2", "memory": "4Gi"}` (the CLI's `deploy --resources`), in
+    /// place of `agentProfile`'s limits; giving `agentProfile` alone clears it.
+    pub resources: Option<ResourcesRequest>,
+    /// The CPU architecture the image needs (`amd64` or `arm64`): checked against this host's,
+    /// the only one instances run on (`GET /v1/regions`).
+    pub architecture: Option<String>,
     /// Fields this server does not know; ignored, and named in the answer's `warning`.
     #[serde(flatten)]
     #[schema(ignore)]
@@ -115,6 +135,15 @@ impl AgentRequest {
         }
         (!w.is_empty()).then(|| w.join("; "))
     }
+}
+
+/// Deserializes a field that may be absent (`None`), `null` (`Some(None)`) or a value.
+pub fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 fn bad(msg: impl Into<String>) -> CoreError {
@@ -208,6 +237,10 @@ fn apply(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
         exec_check::no_nul("python", p)?;
         spec.python = Some(p.clone());
     }
+    if let Some(k) = r.keep_daily_rooms {
+        spec.keep_daily_rooms = k;
+    }
+    apply_sizing(spec, r)?;
     if spec.image.is_none() && spec.command.is_none() {
         return Err(bad("give an image (or local:<dir>) or a command"));
     }
@@ -259,6 +292,68 @@ async fn resolve_build(
         out.python = art.python;
     }
     Ok((out, found.map(|b| b.id)))
+}
+
+/// Applies `architecture` (checked only) and `resources` (or its clearing by
+/// `agentProfile`). Errors: 400.
+fn apply_sizing(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
+    if let Some(arch) = r.architecture.as_deref() {
+        check_architecture(arch)?;
+    }
+    match &r.resources {
+        Some(res) => {
+            if r.agent_profile.is_some() {
+                return Err(bad("give agentProfile or resources, not both"));
+            }
+            spec.resources = Some(check_resources(res)?);
+        }
+        None if r.agent_profile.is_some() => spec.resources = None,
+        None => {}
+    }
+    Ok(())
+}
+
+/// Checks explicit `resources`. Errors: 400 naming what is missing, malformed or out of
+/// bounds.
+fn check_resources(r: &ResourcesRequest) -> CoreResult<crate::model::CustomResources> {
+    let (Some(cpu), Some(memory)) = (r.cpu.as_deref(), r.memory.as_deref()) else {
+        return Err(bad(
+            "resources needs both cpu and memory, e.g. {\"cpu\": \"2\", \"memory\": \"4Gi\"}",
+        ));
+    };
+    let cpu_millicores = crate::model::parse_cpu(cpu)
+        .filter(|m| (10..=64_000).contains(m))
+        .ok_or_else(|| {
+            bad(format!(
+                "resources.cpu {cpu:?}: a CPU quantity between 10m and 64 (e.g. 500m, 2)"
+            ))
+        })?;
+    let memory_bytes = crate::model::parse_memory(memory)
+        .filter(|b| (64 << 20..=256 << 30).contains(b))
+        .ok_or_else(|| bad(format!("resources.memory {memory:?}: a memory quantity between 64Mi and 256Gi (e.g. 512Mi, 4Gi)")))?;
+    Ok(crate::model::CustomResources {
+        cpu: cpu.to_string(),
+        memory: memory.to_string(),
+        cpu_millicores,
+        memory_bytes,
+    })
+}
+
+/// Checks a requested `architecture` against this host's. Errors: 400 for anything but
+/// `amd64`/`arm64`, and for the one this host is not.
+fn check_architecture(arch: &str) -> CoreResult<()> {
+    let host = super::orgs::host_architecture();
+    if arch != "amd64" && arch != "arm64" {
+        return Err(bad(format!(
+            "architecture must be amd64 or arm64, not {arch:?}"
+        )));
+    }
+    if arch != host {
+        return Err(bad(format!(
+            "architecture {arch} is not available: instances here run on {host} (GET /v1/regions lists it)"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks an agent's `env`: valid names, none the platform sets, values the kernel can pass.

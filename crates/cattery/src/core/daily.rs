@@ -10,6 +10,9 @@
 //! The key is the org's `dailyApiKey` property, else the server's `--daily-api-key`. It is
 //! sent to Daily only and never logged; neither is a token.
 //!
+//! A room is kept after its session when the agent's `keepDailyRooms` says so, else when the
+//! org's `keepDailyRooms` property does ([`keep_room`]); it then lasts until its `exp`.
+//!
 //! The deletion at the end is kept in memory ([`crate::core::session::Supervisor::on_session_end`]):
 //! a room whose session outlives a restart of the server is left to Daily, which removes
 //! everyone at its `exp` (never later than the session's `maxSessionDuration`).
@@ -39,6 +42,31 @@ pub struct DailyRoom {
 
 type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
 
+/// An HTTP/1 client for HTTPS (rustls on ring, the system's root certificates) and plain
+/// `http://` (stand-ins on loopback, webhook receivers).
+pub fn https_client(
+) -> hyper_util::client::legacy::Client<Https, http_body_util::Full<bytes::Bytes>> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let https = match builder.with_provider_and_native_roots(provider.clone()) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "no system root certificates: HTTPS requests will fail");
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
+                rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .expect("ring supports the default TLS versions")
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+            )
+        }
+    }
+    .https_or_http()
+    .enable_http1()
+    .build();
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https)
+}
+
 /// Daily's REST API.
 #[derive(Clone)]
 pub struct Daily {
@@ -60,27 +88,7 @@ impl Daily {
     /// HTTPS uses rustls (ring) with the system's root certificates; `http://` is for
     /// stand-ins on loopback.
     pub fn new(base: &str, default_key: Option<String>) -> Self {
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let builder = hyper_rustls::HttpsConnectorBuilder::new();
-        let https = match builder.with_provider_and_native_roots(provider.clone()) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(error = %e, "no system root certificates: HTTPS to Daily will fail");
-                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
-                    rustls::ClientConfig::builder_with_provider(provider)
-                        .with_safe_default_protocol_versions()
-                        .expect("ring supports the default TLS versions")
-                        .with_root_certificates(rustls::RootCertStore::empty())
-                        .with_no_client_auth(),
-                )
-            }
-        }
-        .https_or_http()
-        .enable_http1()
-        .build();
-        let http =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build(https);
+        let http = https_client();
         Daily {
             http,
             base: base.trim_end_matches('/').to_string(),
@@ -94,6 +102,11 @@ impl Daily {
             .filter(|k| !k.trim().is_empty())
             .map(str::to_string)
             .or_else(|| self.default_key.clone())
+    }
+
+    /// Daily's REST base URL in use (`--daily-api-url`).
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     /// Whether the server has a default key.
@@ -300,6 +313,48 @@ pub fn client_token_properties(given: Option<&Value>, room: &str, exp: i64) -> C
     Ok(Value::Object(m))
 }
 
+/// Whether a session's room outlives it: the agent's `keepDailyRooms` when set, else the
+/// org's property (default false: deleted at the session's end).
+pub fn keep_room(agent: Option<bool>, org: bool) -> bool {
+    agent.unwrap_or(org)
+}
+
+/// The room properties of a PSTN/SIP dial-in: SIP in `dial-in` mode, one SIP endpoint, the
+/// caller's number as its display name.
+pub fn dialin_room_properties(from: Option<&str>) -> Value {
+    json!({"sip": {"display_name": from.unwrap_or("sip-caller"), "sip_mode": "dial-in",
+                   "num_endpoints": 1}})
+}
+
+/// The `/bot` body of a dial-in session: pipecat's `DailyDialinRequest` (`dialin_settings`
+/// from Daily's webhook, and the key and URL the bot's `pinlessCallUpdate` needs).
+pub fn dialin_body(call: &Value, key: &str, api_url: &str) -> CoreResult<Value> {
+    let field = |a: &str, b: &str| call.get(a).or_else(|| call.get(b)).cloned();
+    let text = |a: &str, b: &str| {
+        field(a, b).and_then(|v| match v {
+            Value::String(s) if !s.is_empty() => Some(s),
+            _ => None,
+        })
+    };
+    let (Some(call_id), Some(call_domain)) =
+        (text("callId", "call_id"), text("callDomain", "call_domain"))
+    else {
+        return Err(CoreError::bad_request(
+            "a dial-in webhook needs callId and callDomain (Daily's pinless dial-in payload)",
+        ));
+    };
+    let mut settings = json!({"call_id": call_id, "call_domain": call_domain});
+    for k in ["To", "From"] {
+        if let Some(v) = text(k, &k.to_lowercase()) {
+            settings[k] = Value::String(v);
+        }
+    }
+    if let Some(h @ Value::Object(_)) = field("sipHeaders", "sip_headers") {
+        settings["sip_headers"] = h;
+    }
+    Ok(json!({"dialin_settings": settings, "daily_api_key": key, "daily_api_url": api_url}))
+}
+
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| {
@@ -350,6 +405,37 @@ mod tests {
             json!({"user_name": "ann", "room_name": "r1", "exp": 500})
         );
         assert!(client_token_properties(Some(&json!("x")), "r1", 5).is_err());
+    }
+
+    #[test]
+    fn the_agent_decides_whether_rooms_are_kept_then_the_org() {
+        assert!(!keep_room(None, false));
+        assert!(keep_room(None, true));
+        assert!(!keep_room(Some(false), true));
+        assert!(keep_room(Some(true), false));
+    }
+
+    #[test]
+    fn dialin_body_is_pipecats_daily_dialin_request() {
+        let call = json!({"To": "+15550001", "From": "+15550002", "callId": "c-1",
+                          "callDomain": "d-1", "sipHeaders": {"X-A": "1"}});
+        let b = dialin_body(&call, "dk", "https://api.daily.co/v1").unwrap();
+        assert_eq!(
+            b,
+            json!({"dialin_settings": {"call_id": "c-1", "call_domain": "d-1", "To": "+15550001",
+                                       "From": "+15550002", "sip_headers": {"X-A": "1"}},
+                   "daily_api_key": "dk", "daily_api_url": "https://api.daily.co/v1"})
+        );
+        let snake = dialin_body(&json!({"call_id": "c", "call_domain": "d"}), "k", "u").unwrap();
+        assert_eq!(
+            snake["dialin_settings"],
+            json!({"call_id": "c", "call_domain": "d"})
+        );
+        assert!(dialin_body(&json!({"callId": "c"}), "k", "u").is_err());
+        assert_eq!(
+            dialin_room_properties(Some("+1555"))["sip"],
+            json!({"display_name": "+1555", "sip_mode": "dial-in", "num_endpoints": 1})
+        );
     }
 
     #[test]

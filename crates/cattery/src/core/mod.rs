@@ -17,6 +17,7 @@ pub mod orgs;
 pub mod secrets;
 pub mod session;
 pub mod shared;
+pub mod webhooks;
 
 use crate::store::StoreError;
 

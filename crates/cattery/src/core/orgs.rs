@@ -9,8 +9,11 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use base64::Engine as _;
+
+use super::secrets::SecretCipher;
 use super::{CoreError, CoreResult};
-use crate::store::{OrgRecord, Store};
+use crate::store::{OrgRecord, SealedValue, Store};
 
 /// Display name of a region code: the Pipecat Cloud names for their codes, "Local (this
 /// server)" for `local`, otherwise the code itself.
@@ -114,34 +117,86 @@ pub struct DefaultRegionProperty {
     pub available: Vec<String>,
     /// The org's own Daily API key (`dailyApiKey`), when set.
     pub daily_api_key: Option<String>,
+    /// `keepDailyRooms`, when the org set it: keep Daily rooms when their sessions end
+    /// (unset: false).
+    pub keep_daily_rooms: Option<bool>,
 }
 
 /// The org's properties. Errors: 404 for an unknown org; storage errors.
 pub async fn properties(
     store: &Arc<dyn Store>,
     server: &AgentDefaults,
+    cipher: &SecretCipher,
     org: &str,
 ) -> CoreResult<DefaultRegionProperty> {
     let rec = org_record(store, org).await?;
-    Ok(property_of(&rec, server))
+    Ok(property_of(&rec, server, cipher))
 }
 
-fn property_of(rec: &OrgRecord, server: &AgentDefaults) -> DefaultRegionProperty {
+fn property_of(
+    rec: &OrgRecord,
+    server: &AgentDefaults,
+    cipher: &SecretCipher,
+) -> DefaultRegionProperty {
     DefaultRegionProperty {
         current: effective_default(rec, server),
         default: server.default_region.clone(),
         available: server.regions.clone(),
-        daily_api_key: daily_api_key_of(rec),
+        daily_api_key: daily_api_key_of(rec, cipher),
+        keep_daily_rooms: rec
+            .properties
+            .get(KEEP_DAILY_ROOMS)
+            .and_then(Value::as_bool),
     }
 }
 
+/// The property saying whether an org keeps the Daily rooms of ended sessions.
+pub const KEEP_DAILY_ROOMS: &str = "keepDailyRooms";
+
+/// The org's `keepDailyRooms` property (false when unset).
+pub fn keep_daily_rooms_of(rec: &OrgRecord) -> bool {
+    rec.properties.get(KEEP_DAILY_ROOMS) == Some(&Value::Bool(true))
+}
+
 /// The org's `dailyApiKey` property (its Daily API key for `createDailyRoom`), when set.
-pub fn daily_api_key_of(rec: &OrgRecord) -> Option<String> {
-    rec.properties
-        .get(DAILY_API_KEY)
-        .and_then(Value::as_str)
-        .filter(|k| !k.is_empty())
-        .map(str::to_string)
+/// It is stored sealed with the secrets key (`{"nonce", "ciphertext"}` in base64); a plain
+/// string, as written before keys were sealed, is read as it is. A sealed key that cannot be
+/// opened (another secrets key) counts as unset, with an error in the log.
+pub fn daily_api_key_of(rec: &OrgRecord, cipher: &SecretCipher) -> Option<String> {
+    match rec.properties.get(DAILY_API_KEY)? {
+        Value::String(k) if !k.is_empty() => Some(k.clone()),
+        Value::Object(sealed) => {
+            let b64 = |k: &str| {
+                sealed
+                    .get(k)
+                    .and_then(Value::as_str)
+                    .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+            };
+            let v = SealedValue {
+                key: DAILY_API_KEY.into(),
+                nonce: b64("nonce")?,
+                ciphertext: b64("ciphertext")?,
+            };
+            match cipher.open(&rec.name, SEALED_PROPERTIES, &v) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    tracing::error!(org = %rec.name, error = %e, "cannot open the org's dailyApiKey");
+                    None
+                }
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The sealing context of sealed org properties.
+const SEALED_PROPERTIES: &str = "org-properties";
+
+/// `dailyApiKey` sealed for storage in the org's properties.
+fn sealed_daily_key(org: &str, key: &str, cipher: &SecretCipher) -> Value {
+    let v = cipher.seal(org, SEALED_PROPERTIES, DAILY_API_KEY, key);
+    let b64 = |b: &[u8]| Value::String(base64::engine::general_purpose::STANDARD.encode(b));
+    serde_json::json!({"nonce": b64(&v.nonce), "ciphertext": b64(&v.ciphertext)})
 }
 
 /// The property holding an org's Daily API key.
@@ -154,6 +209,7 @@ pub const DAILY_API_KEY: &str = "dailyApiKey";
 pub async fn update_properties(
     store: &Arc<dyn Store>,
     server: &AgentDefaults,
+    cipher: &SecretCipher,
     org: &str,
     patch: &Value,
 ) -> CoreResult<DefaultRegionProperty> {
@@ -189,7 +245,7 @@ pub async fn update_properties(
                     props.remove(k);
                 }
                 Value::String(key) if key.len() <= 512 && !key.chars().any(char::is_control) => {
-                    props.insert(k.clone(), Value::String(key.trim().to_string()));
+                    props.insert(k.clone(), sealed_daily_key(org, key.trim(), cipher));
                 }
                 _ => {
                     return Err(CoreError::bad_request(
@@ -197,14 +253,30 @@ pub async fn update_properties(
                     ))
                 }
             },
+            KEEP_DAILY_ROOMS => match v {
+                Value::Null => {
+                    props.remove(k);
+                }
+                Value::Bool(b) => {
+                    props.insert(k.clone(), Value::Bool(*b));
+                }
+                Value::String(b) if b == "true" || b == "false" => {
+                    props.insert(k.clone(), Value::Bool(b == "true"));
+                }
+                _ => {
+                    return Err(CoreError::bad_request(
+                        "keepDailyRooms must be true or false (null unsets it)",
+                    ))
+                }
+            },
             other => {
                 return Err(CoreError::bad_request(format!(
-                    "unknown property {other}; known: defaultRegion, dailyApiKey"
+                    "unknown property {other}; known: defaultRegion, dailyApiKey, keepDailyRooms"
                 )))
             }
         }
     }
     rec.properties = Value::Object(props);
     store.set_org_properties(org, &rec.properties).await?;
-    Ok(property_of(&rec, server))
+    Ok(property_of(&rec, server, cipher))
 }

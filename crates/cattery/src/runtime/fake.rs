@@ -109,6 +109,16 @@ struct FakeInner {
     live: Mutex<HashMap<Uuid, Arc<FakeInstance>>>,
     starts: AtomicU32,
     events: Mutex<Vec<String>>,
+    delivered: Mutex<Vec<Delivered>>,
+}
+
+/// A session as an instance received it (`POST /bot`).
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    /// The request's headers.
+    pub headers: axum::http::HeaderMap,
+    /// Its body.
+    pub body: String,
 }
 
 impl FakeRuntime {
@@ -125,6 +135,11 @@ impl FakeRuntime {
     /// Instances not yet terminated.
     pub fn live(&self) -> Vec<Uuid> {
         self.inner.live.lock().keys().copied().collect()
+    }
+
+    /// Every `POST /bot` received, in order.
+    pub fn delivered(&self) -> Vec<Delivered> {
+        self.inner.delivered.lock().clone()
     }
 
     /// What happened, in order (`start <id>`, `sigterm <id>`, `sigkill <id>`, `gone <id>`).
@@ -302,7 +317,16 @@ async fn readyz(State(Srv(i)): State<Srv>) -> StatusCode {
     }
 }
 
-async fn bot(State(Srv(i)): State<Srv>) -> StatusCode {
+async fn bot(
+    State(Srv(i)): State<Srv>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> StatusCode {
+    i.runtime
+        .inner
+        .delivered
+        .lock()
+        .push(Delivered { headers, body });
     if let Some((after, code)) = i.script.exit_after_bot {
         let me = i.clone();
         tokio::spawn(async move {

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::{
-    BuildFilter, BuildRecord, BuildStatus, LogFilter, NodeRecord, SealedValue, SecretSetKind,
-    SecretSetRecord, SessionFilter, Store, StoreError, WsTokenRecord,
+    BuildFilter, BuildRecord, BuildStatus, DeliveryAttempt, DeliveryState, LogFilter, NodeRecord,
+    SealedValue, SecretSetKind, SecretSetRecord, SessionFilter, Store, StoreError, WebhookDelivery,
+    WebhookEndpointRecord, WsTokenRecord,
 };
 use crate::model::{
     AgentRecord, ApiKeyRecord, DeploymentRecord, DeploymentSpec, EndReason, InstanceRecord,
@@ -52,6 +53,7 @@ where
     case!(node_takeover);
     case!(waiting_websocket_sessions);
     case!(builds);
+    case!(webhooks);
 }
 
 fn agent(org: &str, name: &str, created_ms: i64) -> (AgentRecord, DeploymentRecord) {
@@ -1290,4 +1292,172 @@ async fn builds(s: &dyn Store) {
         .map(|x| x.id)
         .collect();
     assert_eq!(pending, [b.id, other.id]);
+}
+
+fn endpoint(org: &str, created_ms: i64) -> WebhookEndpointRecord {
+    WebhookEndpointRecord {
+        id: Uuid::new_v4(),
+        org: org.into(),
+        url: "http://127.0.0.1:9/hook?token=t".into(),
+        events: vec!["session.ended".into(), "session.started".into()],
+        description: "ops".into(),
+        secret: SealedValue {
+            key: "secret".into(),
+            nonce: vec![1; 24],
+            ciphertext: vec![2; 40],
+        },
+        created_ms,
+    }
+}
+
+fn delivery(e: &WebhookEndpointRecord, n: i64) -> WebhookDelivery {
+    WebhookDelivery {
+        id: Uuid::new_v4(),
+        seq: 0,
+        endpoint_id: e.id,
+        org: e.org.clone(),
+        event_type: "session.started".into(),
+        payload: format!("{{\"n\":{n}}}"),
+        created_ms: n,
+        state: DeliveryState::Pending,
+        attempts: 0,
+        next_attempt_ms: n,
+        last_status: None,
+        last_error: None,
+        finished_ms: None,
+    }
+}
+
+/// Endpoints by org; the queue: in order per endpoint, only each endpoint's oldest pending
+/// delivery claimed (leased), bounded, kept as the log once finished, pruned by age.
+async fn webhooks(s: &dyn Store) {
+    let a = endpoint("acme", 1);
+    let b = endpoint("acme", 2);
+    let other = endpoint("other", 3);
+    for e in [&a, &b, &other] {
+        s.insert_webhook_endpoint(e).await.unwrap();
+    }
+    assert!(matches!(
+        s.insert_webhook_endpoint(&a).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(
+        s.list_webhook_endpoints(Some("acme")).await.unwrap(),
+        [a.clone(), b.clone()]
+    );
+    assert_eq!(s.list_webhook_endpoints(None).await.unwrap().len(), 3);
+
+    let qa: Vec<_> = (1..=3).map(|n| delivery(&a, n)).collect();
+    let mut gone = delivery(&a, 4);
+    gone.endpoint_id = Uuid::new_v4();
+    let mut batch = qa.clone();
+    batch.push(delivery(&b, 5));
+    batch.push(gone);
+    // Bounded: at most 3 pending per endpoint; an unknown endpoint gets nothing.
+    assert_eq!(s.enqueue_webhook_deliveries(&batch, 3).await.unwrap(), 4);
+    assert_eq!(
+        s.enqueue_webhook_deliveries(&[delivery(&a, 6)], 3)
+            .await
+            .unwrap(),
+        0
+    );
+
+    // Heads only, due only; a claim leases them.
+    let c = s.claim_webhook_deliveries(4, 100, 10).await.unwrap();
+    let ids: Vec<_> = c.iter().map(|d| d.id).collect();
+    assert_eq!(ids, [qa[0].id]);
+    assert_eq!(c[0].payload, "{\"n\":1}");
+    assert_eq!(c[0].next_attempt_ms, 100);
+    assert!(c[0].seq > 0);
+    let c = s.claim_webhook_deliveries(5, 100, 10).await.unwrap();
+    assert_eq!(c.len(), 1, "a's head is leased; b's is due");
+    assert_eq!(c[0].endpoint_id, b.id);
+    assert!(s
+        .claim_webhook_deliveries(50, 200, 10)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // A failed attempt keeps it at the head; a success lets the next one go.
+    let fail = DeliveryAttempt {
+        state: DeliveryState::Pending,
+        next_attempt_ms: 150,
+        status: Some(503),
+        error: Some("503 Service Unavailable".into()),
+        at_ms: 101,
+    };
+    s.record_webhook_attempt(qa[0].id, &fail).await.unwrap();
+    assert!(s
+        .claim_webhook_deliveries(99, 300, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let c = s.claim_webhook_deliveries(150, 300, 10).await.unwrap();
+    assert_eq!(
+        c.iter().map(|d| d.id).collect::<Vec<_>>(),
+        [qa[0].id, batch[3].id],
+        "by queue order"
+    );
+    assert_eq!(c[0].attempts, 1);
+    let ok = DeliveryAttempt {
+        state: DeliveryState::Delivered,
+        next_attempt_ms: 0,
+        status: Some(200),
+        error: None,
+        at_ms: 160,
+    };
+    s.record_webhook_attempt(qa[0].id, &ok).await.unwrap();
+    let c = s.claim_webhook_deliveries(160, 400, 10).await.unwrap();
+    assert_eq!(c.iter().map(|d| d.id).collect::<Vec<_>>(), [qa[1].id]);
+
+    // The log: newest first, this org's only.
+    let log = s.list_webhook_deliveries("acme", a.id, 10).await.unwrap();
+    assert_eq!(
+        log.iter().map(|d| d.id).collect::<Vec<_>>(),
+        [qa[2].id, qa[1].id, qa[0].id]
+    );
+    let first = &log[2];
+    assert_eq!(
+        (
+            first.state,
+            first.attempts,
+            first.last_status,
+            first.finished_ms
+        ),
+        (DeliveryState::Delivered, 2, Some(200), Some(160))
+    );
+    assert_eq!(first.last_error, None);
+    assert!(s
+        .list_webhook_deliveries("other", a.id, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.list_webhook_deliveries("acme", a.id, 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Pruning takes finished deliveries only.
+    assert_eq!(s.prune_webhook_deliveries(161).await.unwrap(), 1);
+    assert_eq!(
+        s.list_webhook_deliveries("acme", a.id, 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // Deleting an endpoint takes its deliveries; another org cannot delete it.
+    assert!(!s.delete_webhook_endpoint("other", a.id).await.unwrap());
+    assert!(s.delete_webhook_endpoint("acme", a.id).await.unwrap());
+    assert!(!s.delete_webhook_endpoint("acme", a.id).await.unwrap());
+    assert!(s
+        .list_webhook_deliveries("acme", a.id, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(s.list_webhook_endpoints(Some("acme")).await.unwrap(), [b]);
 }

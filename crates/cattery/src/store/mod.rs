@@ -22,7 +22,7 @@ pub mod sqlite;
 pub mod prelude {
     pub use super::{
         AgentStore, BuildStore, ClusterStore, InstanceStore, KeyStore, LogStore, NodeStore,
-        SecretStore, SessionStore, Store,
+        SecretStore, SessionStore, Store, WebhookStore,
     };
 }
 
@@ -668,6 +668,151 @@ pub trait BuildStore: Send + Sync + 'static {
     async fn unfinished_builds(&self) -> StoreResult<Vec<BuildRecord>>;
 }
 
+/// An org's webhook endpoint (`core::webhooks`): where its events go, signed with a secret
+/// that is stored sealed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookEndpointRecord {
+    /// Endpoint id.
+    pub id: Uuid,
+    /// Owning org.
+    pub org: String,
+    /// Where events are POSTed (may hold a credential: never logged whole).
+    pub url: String,
+    /// Event types it receives, sorted.
+    pub events: Vec<String>,
+    /// What it is for (the org's words).
+    pub description: String,
+    /// The sealed `whsec_` signing secret.
+    pub secret: SealedValue,
+    /// Creation time (ms).
+    pub created_ms: i64,
+}
+
+/// Where a webhook delivery is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Queued: not yet answered with 2xx, still tried.
+    Pending,
+    /// The endpoint answered 2xx.
+    Delivered,
+    /// Given up (retries exhausted).
+    Failed,
+}
+
+impl DeliveryState {
+    /// Wire and storage name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Failed => "failed",
+        }
+    }
+
+    /// From its storage name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(DeliveryState::Pending),
+            "delivered" => Some(DeliveryState::Delivered),
+            "failed" => Some(DeliveryState::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// One event for one endpoint: queued until delivered or given up, then kept as the
+/// delivery log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookDelivery {
+    /// Message id (`webhook-id` is `msg_` and its simple form); the same on every attempt.
+    pub id: Uuid,
+    /// Queue order, assigned by the store (ignored by writes): an endpoint's deliveries go
+    /// out in this order.
+    pub seq: i64,
+    /// The endpoint.
+    pub endpoint_id: Uuid,
+    /// Owning org.
+    pub org: String,
+    /// `session.started`, ...
+    pub event_type: String,
+    /// The JSON body, exactly as signed and sent.
+    pub payload: String,
+    /// When the event happened (ms).
+    pub created_ms: i64,
+    /// Where it is.
+    pub state: DeliveryState,
+    /// Attempts made.
+    pub attempts: i64,
+    /// When it is due next (ms; also the lease of an attempt under way).
+    pub next_attempt_ms: i64,
+    /// HTTP status of the last attempt, if it got one.
+    pub last_status: Option<i64>,
+    /// Why the last attempt failed, if it did.
+    pub last_error: Option<String>,
+    /// When it was delivered or given up (ms).
+    pub finished_ms: Option<i64>,
+}
+
+/// What one delivery attempt came to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryAttempt {
+    /// The state after it.
+    pub state: DeliveryState,
+    /// When the next attempt is due (pending only).
+    pub next_attempt_ms: i64,
+    /// HTTP status, if one came.
+    pub status: Option<i64>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+    /// When it ended (ms).
+    pub at_ms: i64,
+}
+
+/// Webhook endpoints and their delivery queue (kept across restarts) and log.
+#[async_trait]
+pub trait WebhookStore: Send + Sync + 'static {
+    /// Stores a new endpoint. Errors: `Conflict` for a taken id.
+    async fn insert_webhook_endpoint(&self, e: &WebhookEndpointRecord) -> StoreResult<()>;
+    /// Endpoints of an org (`None`: of every org), oldest first.
+    async fn list_webhook_endpoints(
+        &self,
+        org: Option<&str>,
+    ) -> StoreResult<Vec<WebhookEndpointRecord>>;
+    /// Deletes an endpoint of `org` and all its deliveries; false when there was none.
+    async fn delete_webhook_endpoint(&self, org: &str, id: Uuid) -> StoreResult<bool>;
+    /// Queues deliveries (as given: pending, with their due time), all in one transaction,
+    /// in order; a delivery whose endpoint already has `max_pending` pending ones, or no
+    /// longer exists, is left out. Returns how many were queued.
+    async fn enqueue_webhook_deliveries(
+        &self,
+        ds: &[WebhookDelivery],
+        max_pending: i64,
+    ) -> StoreResult<u64>;
+    /// Claims what is due: the oldest pending delivery of each endpoint (never a later one
+    /// before it) whose `next_attempt_ms` is at most `now_ms`, at most `limit` of them, by
+    /// queue order; each claimed one is due again at `lease_until_ms` (so no one else takes
+    /// it meanwhile).
+    async fn claim_webhook_deliveries(
+        &self,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<WebhookDelivery>>;
+    /// Records an attempt: attempts + 1, the new state, due time, status, error and (when
+    /// no longer pending) the finish time. No effect on an unknown delivery.
+    async fn record_webhook_attempt(&self, id: Uuid, a: &DeliveryAttempt) -> StoreResult<()>;
+    /// The deliveries of `org`'s endpoint, newest first, at most `limit`.
+    async fn list_webhook_deliveries(
+        &self,
+        org: &str,
+        endpoint_id: Uuid,
+        limit: i64,
+    ) -> StoreResult<Vec<WebhookDelivery>>;
+    /// Deletes finished (delivered or failed) deliveries that finished before `before_ms`;
+    /// returns rows removed.
+    async fn prune_webhook_deliveries(&self, before_ms: i64) -> StoreResult<u64>;
+}
+
 /// The durable state of Cattery: every aggregate's store. Implemented by any type that
 /// implements them all.
 pub trait Store:
@@ -680,6 +825,7 @@ pub trait Store:
     + NodeStore
     + ClusterStore
     + BuildStore
+    + WebhookStore
 {
 }
 
@@ -693,5 +839,6 @@ impl<T> Store for T where
         + NodeStore
         + ClusterStore
         + BuildStore
+        + WebhookStore
 {
 }

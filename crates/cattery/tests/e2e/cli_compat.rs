@@ -62,6 +62,7 @@ const COMMANDS: &[(&str, &str, &str)] = &[
     (CUR, "deploy --yes (create)", "json"),
     (CUR, "deploy --yes (update)", "json"),
     (CUR, "deploy --yes --force", "json"),
+    (CUR, "deploy --yes --resources --architecture", "json"),
     (CUR, "agent list", "plain"),
     (CUR, "agent list", "json"),
     (CUR, "agent status", "plain"),
@@ -76,6 +77,7 @@ const COMMANDS: &[(&str, &str, &str)] = &[
     (CUR, "agent start --api-key --force --use-daily", "plain"),
     (CUR, "agent sessions --end-state", "plain"),
     (CUR, "organizations default-region", "plain"),
+    (CUR, "agent profiles list", "plain"),
     (CUR, "agent sessions", "plain"),
     (CUR, "agent sessions", "json"),
     (CUR, "agent sessions --id", "plain"),
@@ -1084,6 +1086,28 @@ async fn cur_json_deploy_and_delete(s: &Server, cli: &Cli, bot: &Path) {
     assert_eq!(
         agent_json(s, "json-agent").await["desiredDeploymentId"],
         dep.as_str()
+    );
+    // Explicit sizing and the host's architecture: honoured, and shown in status.
+    let host = if cfg!(target_arch = "aarch64") {
+        "arm64"
+    } else {
+        "amd64"
+    };
+    let o = cli.run_json(
+        "deploy --yes --resources --architecture",
+        &[
+            "deploy",
+            "--yes",
+            "--resources",
+            "cpu=500m,memory=1Gi",
+            "--architecture",
+            host,
+        ],
+    );
+    ok(&o, "deploy --resources --architecture json");
+    assert_eq!(
+        agent_json(s, "json-agent").await["resources"],
+        json!({"cpu": "500m", "memory": "1Gi"})
     );
     let o = cli.run_json(
         "agent start --api-key --force --data",
@@ -2178,6 +2202,15 @@ async fn daily_refusal_and_default_region(
     );
     ok(&o, "organizations default-region local");
     assert!(o.text().contains("local"), "{}", o.text());
+
+    // `agent profiles list`: the fixed catalog with its limits.
+    let o = cli.run("agent profiles list", &["agent", "profiles", "list"]);
+    ok(&o, "agent profiles list");
+    for want in [
+        "agent-1x", "agent-2x", "agent-3x", "1000m", "2Gi", "platform",
+    ] {
+        assert!(o.text().contains(want), "{want}: {}", o.text());
+    }
     assert!(
         !s.log().contains("dk_e2e_key"),
         "the Daily key is never logged"

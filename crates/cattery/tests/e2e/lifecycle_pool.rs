@@ -557,3 +557,30 @@ async fn an_instance_over_its_memory_limit_ends_out_of_memory() {
     );
     s.wait_no_agent_pids(Duration::from_secs(10)).await;
 }
+
+/// `resources` (`deploy --resources`) are the instance's limits: 128Mi of memory, and an
+/// agent touching 256 MiB ends `out_of_memory` naming them.
+#[tokio::test(flavor = "multi_thread")]
+async fn explicit_resources_are_the_memory_limit() {
+    let mem_root = std::path::Path::new("/sys/fs/cgroup/memory");
+    if !mem_root.join("cgroup.procs").exists() {
+        eprintln!("no cgroup v1 memory controller here: nothing to check");
+        return;
+    }
+    let s = Server::start(&[]).await;
+    s.deploy(
+        "sized",
+        &["--rss-grow", "256"],
+        json!({"resources": {"cpu": "500m", "memory": "128Mi"}}),
+    )
+    .await;
+    let sid = s.start_ok("sized").await;
+    let g = s.wait_ended("sized", &sid, Duration::from_secs(60)).await;
+    assert_eq!(g["endReason"], "out_of_memory", "{g}");
+    let msg = g.to_string();
+    assert!(
+        msg.contains("resources.memory 128Mi") && msg.contains("128 MiB"),
+        "{g}"
+    );
+    s.wait_no_agent_pids(Duration::from_secs(10)).await;
+}

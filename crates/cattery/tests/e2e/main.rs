@@ -30,3 +30,4 @@ mod telephony;
 mod transport;
 mod upgrade;
 mod web;
+mod webhooks;

@@ -476,3 +476,291 @@ async fn flow_config_shape() {
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
 }
+
+/// `keepDailyRooms`: the org's property keeps the rooms of ended sessions, an agent's own
+/// setting wins over it, and a start that fails still deletes its room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_daily_rooms_of_the_org_and_the_agent() {
+    let daily = Daily::start().await;
+    let url = daily.url.clone();
+    let a = api_with(|c| {
+        c.sessions.daily_api_key = Some("dk_server_key_0001".into());
+        c.sessions.daily_api_url = url;
+    })
+    .await;
+    let r = a
+        .call(
+            Method::PATCH,
+            "/v1/properties",
+            Some(&a.sk),
+            Some(json!({"keepDailyRooms": true})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        r.body["properties"]["keepDailyRooms"]["currentValue"],
+        "true"
+    );
+    assert_eq!(
+        a.get("/v1/properties").await.body["properties"]["keepDailyRooms"],
+        true
+    );
+    let r = a
+        .call(
+            Method::PATCH,
+            "/v1/properties",
+            Some(&a.sk),
+            Some(json!({"keepDailyRooms": "yes"})),
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+    a.deploy("kept", &[], json!({"autoScaling": {"maxAgents": 1}}))
+        .await;
+    a.deploy("gone", &[], json!({"keepDailyRooms": false}))
+        .await;
+    assert_eq!(a.get("/v1/agents/gone").await.body["keepDailyRooms"], false);
+    let kept = start_daily(&a, "kept", json!({})).await;
+    assert_eq!(kept.body["dailyRoom"], "https://cattery.daily.co/room1");
+    let gone = start_daily(&a, "gone", json!({})).await;
+    assert_eq!(gone.body["dailyRoom"], "https://cattery.daily.co/room2");
+    // A start refused at maxAgents deletes its room even though the org keeps rooms.
+    let r = start_daily(&a, "kept", json!({})).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
+    daily.wait_deleted("room3").await;
+    let sid = |r: &Answer| r.body["sessionId"].as_str().unwrap().to_string();
+    assert_eq!(a.stop("kept", &sid(&kept)).await.status, StatusCode::OK);
+    assert_eq!(a.stop("gone", &sid(&gone)).await.status, StatusCode::OK);
+    daily.wait_deleted("room2").await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!daily.deleted("room1"), "{:?}", daily.seen());
+}
+
+/// Daily's pinless dial-in webhook: Daily's configuration test answers 200 and starts
+/// nothing; a call makes a SIP dial-in room and a session whose body is pipecat's
+/// `DailyDialinRequest`, delivered with the room; bad payloads and unknown agents are 4xx
+/// and make no room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_dialin_webhook_starts_a_session_in_a_sip_room() {
+    let daily = Daily::start().await;
+    let url = daily.url.clone();
+    let a = api_with(|c| {
+        c.sessions.daily_api_key = Some("dk_server_key_0001".into());
+        c.sessions.daily_api_url = url.clone();
+    })
+    .await;
+    a.deploy("phone", &[], json!({})).await;
+    let a = &a;
+    let hook = |org: &str, agent: &str, body: Value| {
+        let path = format!("/v1/public/webhooks/{org}/{agent}/dialin");
+        async move { a.call(Method::POST, &path, None, Some(body)).await }
+    };
+    let r = hook("default", "phone", json!({"test": "test"})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body, json!({"status": "success"}));
+    assert_eq!(a.fake.starts(), 0);
+    let r = hook("default", "phone", json!({"To": "+1555"})).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+    assert_eq!(
+        hook(
+            "default",
+            "nobody",
+            json!({"callId": "c", "callDomain": "d"})
+        )
+        .await
+        .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        hook("nope", "phone", json!({"callId": "c", "callDomain": "d"}))
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert!(daily.seen().is_empty(), "{:?}", daily.seen());
+
+    let call = json!({"To": "+15550001111", "From": "+15550002222", "callId": "call-1",
+                      "callDomain": "dom-1", "sipHeaders": {"X-Tenant": "t1"}});
+    let r = hook("default", "phone", call).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["status"], "success");
+    assert_eq!(r.body["dailyRoom"], "https://cattery.daily.co/room1");
+    let sid = r.body["sessionId"].as_str().unwrap().to_string();
+    let room = &daily.seen()[0];
+    assert_eq!(room.path, "/rooms");
+    assert_eq!(
+        room.body["properties"]["sip"],
+        json!({"display_name": "+15550002222", "sip_mode": "dial-in", "num_endpoints": 1})
+    );
+    // The start answers once the session is handed over; its `/bot` request may still be
+    // on its way.
+    let mut got = a.fake.delivered();
+    for _ in 0..100 {
+        if !got.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        got = a.fake.delivered();
+    }
+    assert_eq!(got.len(), 1);
+    let body: Value = serde_json::from_str(&got[0].body).unwrap();
+    assert_eq!(
+        body,
+        json!({"dialin_settings": {"call_id": "call-1", "call_domain": "dom-1",
+                                   "To": "+15550001111", "From": "+15550002222",
+                                   "sip_headers": {"X-Tenant": "t1"}},
+               "daily_api_key": "dk_server_key_0001", "daily_api_url": url})
+    );
+    assert_eq!(
+        got[0].headers["x-daily-room-url"],
+        "https://cattery.daily.co/room1"
+    );
+    assert_eq!(got[0].headers["x-daily-room-token"], "tok-bot-room1");
+    let s = a.get(&format!("/v1/agents/phone/sessions/{sid}")).await;
+    assert_eq!(s.body["transport"], "daily", "{}", s.body);
+    assert_eq!(a.stop("phone", &sid).await.status, StatusCode::OK);
+    daily.wait_deleted("room1").await;
+}
+
+/// The org's `dailyApiKey` is stored sealed: no file of the data dir holds it, and it is
+/// still used and answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_daily_api_key_is_stored_sealed() {
+    let daily = Daily::start().await;
+    let url = daily.url.clone();
+    let a = api_with(|c| c.sessions.daily_api_url = url).await;
+    let r = a
+        .call(
+            Method::PATCH,
+            "/v1/properties",
+            Some(&a.sk),
+            Some(json!({"dailyApiKey": "dk_sealed_plaintext_5150"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    a.deploy("sealed", &[], json!({})).await;
+    let r = start_daily(&a, "sealed", json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(daily
+        .seen()
+        .iter()
+        .all(|s| s.auth == "Bearer dk_sealed_plaintext_5150"));
+    let r = a.get("/v1/organizations/default/daily").await;
+    assert_eq!(r.body["apiKey"], "dk_sealed_plaintext_5150");
+    for e in std::fs::read_dir(a._dir.path()).unwrap() {
+        let bytes = std::fs::read(e.unwrap().path()).unwrap_or_default();
+        assert!(
+            !bytes
+                .windows(b"dk_sealed_plaintext".len())
+                .any(|w| w == b"dk_sealed_plaintext"),
+            "the key is stored in plain text"
+        );
+    }
+}
+
+/// `agent profiles list`'s catalog, and `deploy --architecture`: the host's is accepted, the
+/// other one and nonsense are 400s naming the host's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_profiles_and_architecture() {
+    let a = api_with(|_| {}).await;
+    let r = a.get("/v1/organizations/default/agent-profiles").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let p = r.body["agentProfiles"].as_array().unwrap();
+    assert_eq!(p.len(), 3);
+    assert_eq!(
+        p[1],
+        json!({"api_name": "agent-2x", "display_name": "Agent 2x",
+               "resources": {"cpu": "1000m", "memory": "2Gi"}, "custom": false, "enabled": true})
+    );
+    let host = crate::core::orgs::host_architecture();
+    a.deploy("arch", &[], json!({"architecture": host})).await;
+    let other = if host == "amd64" { "arm64" } else { "amd64" };
+    for bad in [other, "sparc"] {
+        let r = a
+            .call(
+                Method::POST,
+                "/v1/agents",
+                Some(&a.sk),
+                Some(json!({"serviceName": "arch2", "command": ["fake"], "architecture": bad})),
+            )
+            .await;
+        assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+        assert!(
+            r.body["error"].as_str().unwrap().contains("architecture"),
+            "{}",
+            r.body
+        );
+    }
+}
+
+/// `resources` (`deploy --resources`): explicit CPU and memory replace the profile's limits,
+/// shown in agent status and in the deployment's manifest; `agentProfile` alone clears them;
+/// malformed, out of bounds, half given or given with `agentProfile` is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_resources_replace_the_profile() {
+    let a = api_with(|_| {}).await;
+    a.deploy(
+        "sized",
+        &[],
+        json!({"resources": {"cpu": "2", "memory": "4Gi"}}),
+    )
+    .await;
+    let s = a.get("/v1/agents/sized").await;
+    assert_eq!(
+        s.body["resources"],
+        json!({"cpu": "2", "memory": "4Gi"}),
+        "{}",
+        s.body
+    );
+    assert!(s.body["warning"].is_null(), "{}", s.body);
+    let d = a.get("/v1/agents/sized/deployments").await;
+    let text = d.body.to_string();
+    assert!(
+        text.contains("\"cpu\":\"2\"") && text.contains("\"memory\":\"4Gi\""),
+        "{text}"
+    );
+    for (bad, why) in [
+        (json!({"resources": {"cpu": "2"}}), "both cpu and memory"),
+        (
+            json!({"resources": {"cpu": "lots", "memory": "1Gi"}}),
+            "resources.cpu",
+        ),
+        (
+            json!({"resources": {"cpu": "1", "memory": "1Pi"}}),
+            "resources.memory",
+        ),
+        (
+            json!({"resources": {"cpu": "1", "memory": "1Gi"}, "agentProfile": "agent-2x"}),
+            "not both",
+        ),
+    ] {
+        let r = a
+            .call(
+                Method::POST,
+                "/v1/agents/sized",
+                Some(&a.sk),
+                Some(bad.clone()),
+            )
+            .await;
+        assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+        assert!(
+            r.body["error"].as_str().unwrap().contains(why),
+            "{bad}: {}",
+            r.body
+        );
+    }
+    let r = a
+        .call(
+            Method::POST,
+            "/v1/agents/sized",
+            Some(&a.sk),
+            Some(json!({"agentProfile": "agent-2x"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(a
+        .get("/v1/agents/sized")
+        .await
+        .body
+        .get("resources")
+        .is_none());
+}

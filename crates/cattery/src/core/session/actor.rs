@@ -16,7 +16,7 @@ use super::health::StartFailure;
 use super::state::{Cmd, Delivery, InstState, InstanceCtl, Mailbox};
 use super::{Supervisor, FIRST_READY_POLL, IDLE_CHECK, READY_POLL};
 use crate::core::instance_http::{self, BotOutcome, OutcomeFuture};
-use crate::model::{now_ms, profile_limits, EndReason, InstanceRecord, MetricSample};
+use crate::model::{now_ms, EndReason, InstanceRecord, MetricSample};
 use crate::runtime::{Instance, InstanceSpec, LogSink};
 
 /// How an actor begins.
@@ -93,9 +93,7 @@ pub(super) async fn run(sup: Arc<Supervisor>, ctl: Arc<InstanceCtl>, mb: Mailbox
     let mut ending = match a.life(&mut inst, adopted_busy).await {
         Ok(e) | Err(e) => e,
     };
-    ending
-        .name_oom(&inst, &a.ctl.deployment.spec.agent_profile)
-        .await;
+    ending.name_oom(&inst, &a.ctl.deployment.spec).await;
     a.finish(Some(inst), ending).await;
 }
 
@@ -324,6 +322,17 @@ impl Actor {
                     tracing::error!(session = %sid, error = %e, "could not record delivery");
                 }
                 self.sup.session_changed(&self.ctl.org, sid);
+                self.sup.emit(
+                    &self.ctl.org,
+                    "session.started",
+                    serde_json::json!({
+                        "session_id": sid,
+                        "service": self.sup.agent_name(self.ctl.agent_id),
+                        "service_id": self.ctl.agent_id,
+                        "deployment_id": self.ctl.deployment.id,
+                        "bot_start_seconds": ms as f64 / 1000.0,
+                    }),
+                );
                 self.sup.platform_log(
                     &self.ctl,
                     format!("[cattery] session {sid} delivered after {ms} ms"),
@@ -525,20 +534,36 @@ impl Supervisor {
             stderr_tail,
             at_ms: now_ms(),
         };
-        let mut st = self.state.lock();
-        if let Some(p) = st.pools.get_mut(&ctl.agent_id) {
-            p.health
-                .entry(ctl.deployment.id)
-                .or_default()
-                .failed(f, Instant::now());
+        let failed = {
+            let mut st = self.state.lock();
+            st.pools.get_mut(&ctl.agent_id).and_then(|p| {
+                let h = p.health.entry(ctl.deployment.id).or_default();
+                h.failed(f, Instant::now());
+                // Crash-looping before it ever started: the deployment failed.
+                (h.consecutive_failures >= super::CRASH_LOOP_THRESHOLD && !h.ever_ready)
+                    .then(|| p.agent.clone())
+            })
+        };
+        if let Some(agent) = failed {
+            let why = format!(
+                "{} failed starts in a row, last: {reason}",
+                super::CRASH_LOOP_THRESHOLD
+            );
+            self.announce_deployment(&agent, ctl.deployment.id, Some(&why));
         }
     }
 
     /// Counts a start that became ready.
     pub(super) fn record_ready(&self, ctl: &InstanceCtl) {
-        let mut st = self.state.lock();
-        if let Some(p) = st.pools.get_mut(&ctl.agent_id) {
-            p.health.entry(ctl.deployment.id).or_default().ready();
+        let agent = {
+            let mut st = self.state.lock();
+            st.pools.get_mut(&ctl.agent_id).map(|p| {
+                p.health.entry(ctl.deployment.id).or_default().ready();
+                p.agent.clone()
+            })
+        };
+        if let Some(agent) = agent {
+            self.announce_deployment(&agent, ctl.deployment.id, None);
         }
     }
 
@@ -576,7 +601,7 @@ impl Supervisor {
             args: prepared.args,
             working_dir: prepared.working_dir,
             env,
-            limits: profile_limits(&ctl.deployment.spec.agent_profile),
+            limits: ctl.deployment.spec.limits(),
             agent: Some(ctl.agent_id),
         };
         let sink = LogSink {

@@ -130,9 +130,16 @@ impl Supervisor {
         };
         let samples = ctl.samples.lock().clone();
         let count_end = || {
-            if session.is_some() {
+            if let Some(sid) = session {
                 let agent = self.agent_name(ctl.agent_id);
                 crate::telemetry::session_ended(&ctl.org, &agent, end.reason.as_str());
+                self.announce_session_end(
+                    &ctl.org,
+                    (Some(ctl.agent_id), &agent),
+                    Some(ctl.deployment.id),
+                    sid,
+                    &end,
+                );
             }
         };
         match self
@@ -162,7 +169,12 @@ impl Supervisor {
             }
         }
         let Some(sid) = session else { return };
-        self.run_end_hook(sid);
+        let started = !matches!(
+            crate::model::EndState::of(Some(&end)),
+            crate::model::EndState::EndedBeforeAgentStart
+                | crate::model::EndState::AgentStartTimeout
+        );
+        self.run_end_hook(sid, started);
         let how = match report {
             Some(r) if r.killed => format!("SIGKILL after {} ms", r.took_ms),
             Some(r) if r.sent_sigterm => format!("SIGTERM, gone after {} ms", r.took_ms),

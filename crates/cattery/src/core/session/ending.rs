@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::core::instance_http::BotOutcome;
 use crate::core::CoreError;
-use crate::model::{profile_limits, EndReason};
+use crate::model::EndReason;
 use crate::runtime::{ExitInfo, Instance};
 
 use super::state::Delivery;
@@ -67,16 +67,25 @@ impl Ending {
 
     /// Names an out-of-memory kill: an instance that ended in error after the kernel killed
     /// a process of it for going over its memory limit.
-    pub async fn name_oom(&mut self, inst: &Arc<dyn Instance>, profile: &str) {
+    pub async fn name_oom(
+        &mut self,
+        inst: &Arc<dyn Instance>,
+        spec: &crate::model::DeploymentSpec,
+    ) {
         if self.reason != EndReason::Error || self.exit.is_none() || !inst.out_of_memory().await {
             return;
         }
-        let limit = profile_limits(profile)
+        let limit = spec
+            .limits()
             .map(|l| format!("{} MiB", l.memory_bytes / (1024 * 1024)))
             .unwrap_or_else(|| "its memory limit".into());
+        let of = match &spec.resources {
+            Some(r) => format!("resources.memory {}", r.memory),
+            None => format!("agentProfile {}", spec.agent_profile),
+        };
         self.reason = EndReason::OutOfMemory;
         self.message = Some(format!(
-            "out of memory: the instance went over the memory limit of agentProfile {profile} ({limit}) and was killed ({})",
+            "out of memory: the instance went over the memory limit of {of} ({limit}) and was killed ({})",
             self.exit.map(|e| e.describe()).unwrap_or_default()
         ));
     }

@@ -114,8 +114,9 @@ pub trait Peers: Send + Sync {
     async fn stop(&self, url: &str, session: Uuid) -> Result<PeerStop, String>;
 }
 
-/// Work to do once a session has ended (see [`Supervisor::on_session_end`]).
-pub type EndHook = Box<dyn FnOnce() + Send + Sync>;
+/// Work to do once a session has ended (see [`Supervisor::on_session_end`]); its argument
+/// says whether the session had started (reached its agent) before it ended.
+pub type EndHook = Box<dyn FnOnce(bool) + Send + Sync>;
 
 /// Resolves the environment variables that a deployment's bound secret set gives its
 /// instances (reference §A.6 "Injection"). Implemented by the secrets module.
@@ -208,6 +209,11 @@ pub struct Supervisor {
     this: std::sync::Weak<Supervisor>,
     /// This node and its share of the warm pools ([`Supervisor::set_cluster_view`]).
     cluster: Mutex<ClusterView>,
+    /// Where session and deployment events go (webhooks), once set.
+    events: std::sync::OnceLock<Arc<dyn crate::core::webhooks::EventSink>>,
+    /// Deployments whose `deployment.ready`/`deployment.failed` was reported (or that were
+    /// running before this start of the server): each is reported once.
+    announced: Mutex<std::collections::HashSet<Uuid>>,
 }
 
 /// This node among the live nodes on the store (docs/cluster.md): its id (recorded with the
@@ -268,6 +274,8 @@ impl Supervisor {
             end_hooks: Mutex::new(HashMap::new()),
             peers: std::sync::OnceLock::new(),
             cluster: Mutex::new(ClusterView::default()),
+            events: std::sync::OnceLock::new(),
+            announced: Mutex::new(std::collections::HashSet::new()),
         });
         let weak = Arc::downgrade(&sup);
         tokio::spawn(async move {
@@ -338,11 +346,77 @@ impl Supervisor {
         self.end_hooks.lock().insert(session, hook);
     }
 
+    /// Sends session and deployment events to `sink` from now on (set once; later calls are
+    /// ignored).
+    pub fn set_event_sink(&self, sink: Arc<dyn crate::core::webhooks::EventSink>) {
+        let _ = self.events.set(sink);
+    }
+
+    /// Reports an event of `org`, if anyone listens.
+    pub(super) fn emit(&self, org: &str, event_type: &'static str, data: serde_json::Value) {
+        if let Some(s) = self.events.get() {
+            s.emit(org, event_type, data);
+        }
+    }
+
+    /// Reports `deployment.ready` (`failure` `None`) or `deployment.failed` for a deployment
+    /// of `agent`, once per deployment.
+    pub(super) fn announce_deployment(
+        &self,
+        agent: &AgentRecord,
+        deployment: Uuid,
+        failure: Option<&str>,
+    ) {
+        if self.events.get().is_none() || !self.announced.lock().insert(deployment) {
+            return;
+        }
+        let mut data = serde_json::json!({
+            "deployment_id": deployment,
+            "service_id": agent.id,
+            "service_name": agent.name,
+        });
+        let kind = match failure {
+            None => "deployment.ready",
+            Some(reason) => {
+                data["reason"] = serde_json::Value::String(reason.to_string());
+                "deployment.failed"
+            }
+        };
+        self.emit(&agent.org, kind, data);
+    }
+
+    /// Reports `session.ended` for session `session` of `org`'s agent `agent` (id, name).
+    pub(super) fn announce_session_end(
+        &self,
+        org: &str,
+        agent: (Option<Uuid>, &str),
+        deployment: Option<Uuid>,
+        session: Uuid,
+        end: &crate::model::SessionEnd,
+    ) {
+        let state = crate::model::EndState::of(Some(end));
+        self.emit(
+            org,
+            "session.ended",
+            serde_json::json!({
+                "session_id": session,
+                "service_id": agent.0,
+                "service_name": agent.1,
+                "deployment_id": deployment,
+                "end_state": state.as_str(),
+                "end_reason": end.reason.as_str(),
+                "completion_status": end.completion_status,
+                "exit_code": end.exit_code,
+                "ended_at": crate::model::iso_ms(end.ended_ms),
+            }),
+        );
+    }
+
     /// Runs and forgets `session`'s end hook, if it still has one.
-    pub fn run_end_hook(&self, session: Uuid) {
+    pub fn run_end_hook(&self, session: Uuid, started: bool) {
         let hook = self.end_hooks.lock().remove(&session);
         if let Some(h) = hook {
-            h();
+            h(started);
         }
     }
 
@@ -383,6 +457,13 @@ impl Supervisor {
         let st = self.state.lock();
         let id = st.by_name.get(&(org.to_string(), name.to_string()))?;
         Some(st.pools.get(id)?.deployment.spec.max_session_duration_s())
+    }
+
+    /// The agent's `keepDailyRooms` (`None` when unset: the org decides).
+    pub fn keep_daily_rooms(&self, org: &str, name: &str) -> Option<bool> {
+        let st = self.state.lock();
+        let id = st.by_name.get(&(org.to_string(), name.to_string()))?;
+        st.pools.get(id)?.deployment.spec.keep_daily_rooms
     }
 
     /// The agent's `websocketAuth` (`None` when unset; the default is `token`).
@@ -441,25 +522,38 @@ impl Supervisor {
     pub fn upsert_agent(self: &Arc<Self>, agent: AgentRecord, dep: DeploymentRecord) {
         let deploy_error = self.validate(&dep);
         let id = agent.id;
+        let (announce_agent, dep_id) = (agent.clone(), dep.id);
+        let mut new_deployment = true;
         {
             let mut st = self.state.lock();
             st.by_name
                 .insert((agent.org.clone(), agent.name.clone()), id);
             match st.pools.get_mut(&id) {
                 Some(p) => {
+                    new_deployment = p.deployment.id != dep.id;
                     if p.deployment.id != dep.id {
                         p.deployment = Arc::new(dep);
                     }
                     // Checked again even for the same deployment: a redeploy after fixing
                     // the environment (say, creating the bot's `.venv`) makes it ready.
-                    p.deploy_error = deploy_error;
+                    p.deploy_error = deploy_error.clone();
                     p.agent = agent;
                 }
                 None => {
-                    st.pools
-                        .insert(id, AgentPool::new(agent, Arc::new(dep), deploy_error));
+                    st.pools.insert(
+                        id,
+                        AgentPool::new(agent, Arc::new(dep), deploy_error.clone()),
+                    );
                 }
             }
+        }
+        match &deploy_error {
+            Some(e) => self.announce_deployment(&announce_agent, dep_id, Some(e)),
+            // Nothing to start: ready now. Otherwise its first ready instance says so.
+            None if new_deployment && announce_agent.min_agents == 0 => {
+                self.announce_deployment(&announce_agent, dep_id, None)
+            }
+            None => {}
         }
         self.reconcile(id);
     }

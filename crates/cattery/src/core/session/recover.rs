@@ -171,6 +171,8 @@ impl Supervisor {
                 continue;
             };
             let deploy_error = self.validate(&dep);
+            // Deployed before this start of the server: reported then, not again.
+            self.announced.lock().insert(dep.id);
             let mut st = self.state.lock();
             st.by_name
                 .insert((agent.org.clone(), agent.name.clone()), agent.id);

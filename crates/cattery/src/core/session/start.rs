@@ -306,12 +306,21 @@ impl Supervisor {
             message: Some(err.to_string()),
         };
         match self.store.end_session(session, &end).await {
-            Ok(true) => crate::telemetry::session_ended(org, agent, end.reason.as_str()),
+            Ok(true) => {
+                crate::telemetry::session_ended(org, agent, end.reason.as_str());
+                let agent_id = self
+                    .state
+                    .lock()
+                    .by_name
+                    .get(&(org.to_string(), agent.to_string()))
+                    .copied();
+                self.announce_session_end(org, (agent_id, agent), None, session, &end);
+            }
             Ok(false) => {}
             Err(e) => {
                 tracing::error!(session = %session, error = %e, "could not record session end")
             }
         }
-        self.run_end_hook(session);
+        self.run_end_hook(session, false);
     }
 }

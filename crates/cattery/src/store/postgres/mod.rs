@@ -21,6 +21,7 @@ mod logs;
 mod nodes;
 mod secrets;
 mod sessions;
+mod webhooks;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -17,6 +17,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0004_nodes.sql"),
     include_str!("../../../migrations/0005_capacity_and_tokens.sql"),
     include_str!("../../../migrations/0006_ownership.sql"),
+    include_str!("../../../migrations/0007_webhooks.sql"),
     include_str!("../../../migrations/0008_builds.sql"),
 ];
 

@@ -34,6 +34,7 @@ pub mod migrate;
 mod nodes;
 mod secrets;
 mod sessions;
+mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};

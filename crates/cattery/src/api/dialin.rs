@@ -1,0 +1,101 @@
+//! Daily PSTN/SIP dial-in (Pipecat Cloud's dial-in guide): Daily's pinless dial-in calls
+//! `room_creation_api` = `POST /v1/public/webhooks/{org}/{agent}/dialin` while the caller
+//! hears hold music. Cattery creates a SIP-enabled room (`sip_mode: dial-in`), starts a
+//! session whose body is pipecat's `DailyDialinRequest` (`dialin_settings`, and the Daily key
+//! and URL the bot's `pinlessCallUpdate` needs), and answers 200. The bot, on `dialin-ready`,
+//! has Daily forward the held call into its room.
+//!
+//! No API key: Daily cannot send one (as on Pipecat Cloud, the org and agent names address
+//! it). A start costs what any start costs (`maxAgents` bounds it) and needs the org's Daily
+//! key; Daily's configuration test (`{"test": ...}`) is answered without starting anything.
+
+use axum::extract::State;
+use axum::Json;
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::{ApiJson, ApiPath, AppState};
+use crate::core::daily;
+use crate::core::session::StartParams;
+
+/// The answer to Daily.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DialinAnswer {
+    /// `success`.
+    pub status: String,
+    /// The session started for the call (absent for Daily's configuration test).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<Uuid>,
+    /// The room the call is forwarded to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daily_room: Option<String>,
+}
+
+/// Daily's pinless dial-in webhook: a room with SIP dial-in, and a session for the call.
+#[utoipa::path(post, path = "/v1/public/webhooks/{org_id}/{agent_name}/dialin", tag = "sessions",
+    operation_id = "daily_dialin", request_body(content = Object, description = "Daily's pinless dial-in payload: To, From, callId, callDomain, sipHeaders"),
+    params(("org_id" = String, Path, description = "Organization"), ("agent_name" = String, Path, description = "Agent name")),
+    responses((status = 200, body = DialinAnswer), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 429, body = ErrorBody), (status = 502, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn dialin(
+    State(st): State<AppState>,
+    ApiPath((org, name)): ApiPath<(String, String)>,
+    ApiJson(call): ApiJson<Value>,
+) -> ApiResult<Json<DialinAnswer>> {
+    if !call.is_object() {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    }
+    // The org must exist before anything else is said (404 otherwise).
+    crate::core::orgs::org_record(&st.store, &org).await?;
+    if call.get("test").is_some() {
+        st.sup.check_startable(&org, &name)?;
+        return Ok(Json(DialinAnswer {
+            status: "success".into(),
+            session_id: None,
+            daily_room: None,
+        }));
+    }
+    // Checked before Daily is called: a bad payload makes no room.
+    daily::dialin_body(&call, "", "")?;
+    let session = Uuid::new_v4();
+    let from = call.get("From").and_then(Value::as_str);
+    let props = daily::dialin_room_properties(from);
+    let (room, key) =
+        super::sessions::daily_room(&st, &org, &name, session, Some(&props), None).await?;
+    let body = daily::dialin_body(&call, &key, st.daily.base())?;
+    let out = st
+        .sup
+        .start_session(
+            &org,
+            &name,
+            StartParams {
+                body: bytes::Bytes::from(body.to_string()),
+                transport: Some("daily".into()),
+                session_id: Some(session),
+                extra_headers: vec![
+                    ("x-daily-room-url".into(), room.url.clone()),
+                    ("x-daily-room-token".into(), room.bot_token.clone()),
+                ],
+                ..Default::default()
+            },
+        )
+        .await;
+    match out {
+        Ok(o) => {
+            tracing::info!(org, agent = name, session.id = %o.session_id, "dial-in call: session started");
+            Ok(Json(DialinAnswer {
+                status: "success".into(),
+                session_id: Some(o.session_id),
+                daily_room: Some(room.url),
+            }))
+        }
+        Err(e) => {
+            st.sup.run_end_hook(session, false);
+            Err(e.into())
+        }
+    }
+}
