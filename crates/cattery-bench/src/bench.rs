@@ -1065,8 +1065,19 @@ impl Ctx {
     // ----------------------------------------------------------------------------------
 
     /// `GET` session and list latency with 1,000 ... 100,000 stored sessions (seeded into the
-    /// store while the server is stopped).
+    /// store while the server is stopped). The phase stops and restarts the first server, so
+    /// the node list lets go of it meanwhile.
     pub async fn api(&mut self) -> anyhow::Result<()> {
+        let others: Vec<Arc<Server>> = std::mem::take(&mut self.nodes)
+            .into_iter()
+            .skip(1)
+            .collect();
+        let r = self.api_seeded().await;
+        self.nodes = std::iter::once(self.srv.clone()).chain(others).collect();
+        r
+    }
+
+    async fn api_seeded(&mut self) -> anyhow::Result<()> {
         let name = "api";
         self.srv.deploy(name, &[], 0, 1, 1.0, &self.tag).await?;
         let a = self.srv.get(&format!("/v1/agents/{name}")).await;
