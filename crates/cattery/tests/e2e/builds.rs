@@ -136,23 +136,9 @@ async fn builds(s: &Server) -> Vec<serde_json::Value> {
     r.body["builds"].as_array().unwrap().clone()
 }
 
+/// Every log line of an agent, one text.
 async fn agent_logs(s: &Server, agent: &str) -> String {
-    let r = s
-        .req(
-            "GET",
-            &format!("/v1/agents/{agent}/logs?limit=1000"),
-            Some(&s.sk),
-            None,
-        )
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    r.body["logs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["log"].as_str().unwrap_or("").to_string())
-        .collect::<Vec<_>>()
-        .join("\n")
+    crate::python_bots::agent_logs(s, agent).await.join("\n")
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -7,26 +7,9 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::common::{self, Server};
-use crate::python_bots::{example, fixture_bot, python, server, session_logs, wait_bot_running};
-
-/// Every log line of an agent, oldest first.
-async fn agent_logs(s: &Server, agent: &str) -> Vec<String> {
-    let r = s
-        .req(
-            "GET",
-            &format!("/v1/agents/{agent}/logs?limit=1000&order=asc"),
-            Some(&s.sk),
-            None,
-        )
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    r.body["logs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["log"].as_str().unwrap_or("").to_string())
-        .collect()
-}
+use crate::python_bots::{
+    agent_logs, example, fixture_bot, python, server, session_logs, wait_bot_running,
+};
 
 /// Waits for a log line of `agent` containing `needle`; returns it.
 async fn wait_log(s: &Server, agent: &str, needle: &str) -> String {

@@ -281,12 +281,12 @@ asyncio.run(main())
     serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("SDK printed JSON")
 }
 
-/// Logs of an agent for one session, oldest first.
-pub(crate) async fn session_logs(s: &Server, agent: &str, sid: &str) -> Vec<String> {
+/// Log lines of an agent, oldest first; `filter` adds query parameters (`sessionId=...&`).
+async fn log_lines(s: &Server, agent: &str, filter: &str) -> Vec<String> {
     let r = s
         .req(
             "GET",
-            &format!("/v1/agents/{agent}/logs?sessionId={sid}&limit=1000&order=asc"),
+            &format!("/v1/agents/{agent}/logs?{filter}limit=1000&order=asc"),
             Some(&s.sk),
             None,
         )
@@ -298,6 +298,16 @@ pub(crate) async fn session_logs(s: &Server, agent: &str, sid: &str) -> Vec<Stri
         .iter()
         .map(|l| l["log"].as_str().unwrap_or("").to_string())
         .collect()
+}
+
+/// Logs of an agent for one session, oldest first.
+pub(crate) async fn session_logs(s: &Server, agent: &str, sid: &str) -> Vec<String> {
+    log_lines(s, agent, &format!("sessionId={sid}&")).await
+}
+
+/// Every log line of an agent, oldest first.
+pub(crate) async fn agent_logs(s: &Server, agent: &str) -> Vec<String> {
+    log_lines(s, agent, "").await
 }
 
 #[tokio::test(flavor = "multi_thread")]
