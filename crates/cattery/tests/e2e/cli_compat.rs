@@ -191,6 +191,17 @@ struct Out {
 }
 
 impl Out {
+    /// Asserts that the command succeeded and that its stdout shows each of `needles`.
+    fn shows(&self, what: &str, needles: &[&str]) {
+        ok(self, what);
+        for n in needles {
+            assert!(
+                self.stdout.contains(n),
+                "{what}: no {n:?} in:\n{}",
+                self.text()
+            );
+        }
+    }
     fn text(&self) -> String {
         format!("{}\n{}", self.stdout, self.stderr)
     }
@@ -500,11 +511,9 @@ async fn current_cli_organizations_keys_properties_regions() {
     let cli = Cli::new(CUR, &s, Auth::Env(s.key("token", "default"), None));
 
     let o = cli.run("organizations list", &["organizations", "list"]);
-    ok(&o, "organizations list");
-    assert!(o.stdout.contains("default"), "{}", o.text());
+    o.shows("organizations list", &["default"]);
     let o = cli.run_json("organizations list", &["organizations", "list"]);
-    ok(&o, "organizations list json");
-    assert!(o.stdout.contains("\"default\""), "{}", o.text());
+    o.shows("organizations list json", &["\"default\""]);
 
     let o = cli.run(
         "organizations keys create",
@@ -527,18 +536,12 @@ async fn current_cli_organizations_keys_properties_regions() {
         "organizations keys list",
         &["organizations", "keys", "list"],
     );
-    ok(&o, "keys list");
-    assert!(
-        o.stdout.contains(&created) && o.stdout.contains("ci-key"),
-        "{}",
-        o.text()
-    );
+    o.shows("keys list", &[&created, "ci-key"]);
     let o = cli.run_json(
         "organizations keys list",
         &["organizations", "keys", "list"],
     );
-    ok(&o, "keys list json");
-    assert!(o.stdout.contains(&created), "{}", o.text());
+    o.shows("keys list json", &[&created]);
 
     cur_keys_start_revoke_properties(&s, &cli, &created).await;
     cur_default_region(&s, &cli).await;
@@ -563,12 +566,7 @@ async fn cur_keys_start_revoke_properties(s: &Server, cli: &Cli, created: &str) 
         &["\r"],
         &["organizations", "keys", "revoke"],
     );
-    ok(&o, "keys revoke");
-    assert!(
-        o.stdout.contains("Success") && o.stdout.contains("revoked"),
-        "{}",
-        o.text()
-    );
+    o.shows("keys revoke", &["Success", "revoked"]);
     let r = s
         .req(
             "POST",
@@ -599,22 +597,12 @@ async fn cur_keys_start_revoke_properties(s: &Server, cli: &Cli, created: &str) 
         "organizations properties list",
         &["organizations", "properties", "list"],
     );
-    ok(&o, "properties list");
-    assert!(
-        o.stdout.contains("defaultRegion") && o.stdout.contains("local"),
-        "{}",
-        o.text()
-    );
+    o.shows("properties list", &["defaultRegion", "local"]);
     let o = cli.run(
         "organizations properties schema",
         &["organizations", "properties", "schema"],
     );
-    ok(&o, "properties schema");
-    assert!(
-        o.stdout.contains("defaultRegion") && o.stdout.contains("string"),
-        "{}",
-        o.text()
-    );
+    o.shows("properties schema", &["defaultRegion", "string"]);
     let o = cli.run_json(
         "organizations properties schema",
         &["organizations", "properties", "schema"],
@@ -650,8 +638,7 @@ async fn cur_keys_start_revoke_properties(s: &Server, cli: &Cli, created: &str) 
         "organizations properties list",
         &["organizations", "properties", "list"],
     );
-    ok(&o, "properties list json");
-    assert!(o.stdout.contains("edge"), "{}", o.text());
+    o.shows("properties list json", &["edge"]);
 }
 
 /// New agents follow the org defaultRegion.
@@ -673,19 +660,12 @@ async fn cur_default_region(s: &Server, cli: &Cli) {
     assert!(o.text().contains("not available"), "{}", o.text());
 
     let o = cli.run("regions list", &["regions", "list"]);
-    ok(&o, "regions list");
-    assert!(
-        o.stdout.contains("local") && o.stdout.contains("edge"),
-        "{}",
-        o.text()
-    );
+    o.shows("regions list", &["local", "edge"]);
     let o = cli.run_json("regions list", &["regions", "list"]);
-    ok(&o, "regions list json");
-    assert!(o.stdout.contains("display_name"), "{}", o.text());
+    o.shows("regions list json", &["display_name"]);
 
     let o = cli.run("auth whoami", &["auth", "whoami"]);
-    ok(&o, "whoami");
-    assert!(o.stdout.contains("default"), "{}", o.text());
+    o.shows("whoami", &["default"]);
     let o = cli.run_json("auth whoami", &["auth", "whoami"]);
     ok(&o, "whoami json");
 }
@@ -709,18 +689,12 @@ async fn current_cli_secrets() {
             "--skip",
         ],
     );
-    ok(&o, "secrets set");
-    assert!(
-        o.stdout.contains("created successfully in local"),
-        "{}",
-        o.text()
-    );
+    o.shows("secrets set", &["created successfully in local"]);
     let o = cli.run(
         "secrets set",
         &["secrets", "set", "app-secrets", "THIRD=3", "--skip"],
     );
-    ok(&o, "secrets set (modify)");
-    assert!(o.stdout.contains("modified"), "{}", o.text());
+    o.shows("secrets set (modify)", &["modified"]);
     let o = cli.run_json(
         "secrets set",
         &["secrets", "set", "json-set", "J=1", "K=2", "--skip"],
@@ -741,8 +715,7 @@ async fn cur_secret_names_and_image_pull(s: &Server, cli: &Cli) {
     assert!(o.text().contains("invalid secret set name"), "{}", o.text());
 
     let o = cli.run("secrets list", &["secrets", "list"]);
-    ok(&o, "secrets list");
-    assert!(o.stdout.contains("app-secrets"), "{}", o.text());
+    o.shows("secrets list", &["app-secrets"]);
     let o = cli.run_json("secrets list", &["secrets", "list"]);
     ok(&o, "secrets list json");
     assert_eq!(o.json()["secretSets"][0]["name"], "app-secrets");
@@ -856,14 +829,12 @@ async fn current_cli_agent_lifecycle() {
     write_deploy_toml(cli.dir(), "cli-agent", &bot, Some("bot-secrets"), None);
 
     let o = cli.run("deploy --yes (create)", &["deploy", "--yes"]);
-    ok(&o, "deploy create");
-    assert!(o.stdout.contains("is ready"), "{}", o.text());
+    o.shows("deploy create", &["is ready"]);
     let a = agent_json(&s, "cli-agent").await;
     assert_eq!(a["secretSet"], "bot-secrets");
     let dep1 = a["desiredDeploymentId"].as_str().unwrap().to_string();
     let o = cli.run("deploy --yes (update)", &["deploy", "--yes"]);
-    ok(&o, "deploy update");
-    assert!(o.stdout.contains("nothing changed"), "{}", o.text());
+    o.shows("deploy update", &["nothing changed"]);
     assert_eq!(
         agent_json(&s, "cli-agent").await["desiredDeploymentId"],
         dep1.as_str()
@@ -913,18 +884,12 @@ async fn current_cli_agent_lifecycle() {
             "{\"seconds\": 0}",
         ],
     );
-    ok(&o, "agent start json");
-    assert!(o.stdout.contains("sessionId"), "{}", o.text());
+    o.shows("agent start json", &["sessionId"]);
     s.wait_ended("cli-agent", &short, Duration::from_secs(30))
         .await;
 
     let o = cli.run("agent sessions", &["agent", "sessions", "cli-agent"]);
-    ok(&o, "agent sessions");
-    assert!(
-        o.stdout.contains(&long) && o.stdout.contains(&short),
-        "{}",
-        o.text()
-    );
+    o.shows("agent sessions", &[&long, &short]);
     let o = cli.run_json("agent sessions", &["agent", "sessions", "cli-agent"]);
     ok(&o, "agent sessions json");
     assert_eq!(o.json()["sessions"].as_array().unwrap().len(), 3);
@@ -932,12 +897,7 @@ async fn current_cli_agent_lifecycle() {
         "agent sessions --id",
         &["agent", "sessions", "cli-agent", "--id", &long],
     );
-    ok(&o, "agent sessions --id");
-    assert!(
-        o.stdout.contains(&long) && o.stdout.contains("Active"),
-        "{}",
-        o.text()
-    );
+    o.shows("agent sessions --id", &[&long, "Active"]);
     let o = cli.run_json(
         "agent sessions --id",
         &["agent", "sessions", "cli-agent", "--id", &short],
@@ -954,28 +914,17 @@ async fn current_cli_agent_lifecycle() {
 /// agent list, status and deployments, text, json and rich.
 async fn cur_agent_queries(cli: &Cli, dep1: &str, dep2: &str) {
     let o = cli.run("agent list", &["agent", "list"]);
-    ok(&o, "agent list");
-    assert!(
-        o.stdout.contains("cli-agent") && o.stdout.contains(dep2),
-        "{}",
-        o.text()
-    );
+    o.shows("agent list", &["cli-agent", dep2]);
     let o = cli.run_json("agent list", &["agent", "list"]);
     ok(&o, "agent list json");
     assert_eq!(o.json()["agents"][0]["name"], "cli-agent");
     let o = cli.run("agent status", &["agent", "status", "cli-agent"]);
-    ok(&o, "agent status");
-    assert!(
-        o.stdout.contains("Ready: True") && o.stdout.contains("Min Agents: 0"),
-        "{}",
-        o.text()
-    );
+    o.shows("agent status", &["Ready: True", "Min Agents: 0"]);
     let o = cli.run_json("agent status", &["agent", "status", "cli-agent"]);
     ok(&o, "agent status json");
     assert_eq!(o.json()["ready"], true);
     let o = cli.run_mode("agent status", "rich", &["agent", "status", "cli-agent"]);
-    ok(&o, "agent status rich");
-    assert!(o.stdout.contains("Ready"), "{}", o.text());
+    o.shows("agent status rich", &["Ready"]);
     let o = cli.run("agent status", &["agent", "status", "no-such-agent"]);
     assert_eq!(o.code, 1, "{}", o.text());
     assert!(
@@ -984,12 +933,7 @@ async fn cur_agent_queries(cli: &Cli, dep1: &str, dep2: &str) {
         o.text()
     );
     let o = cli.run("agent deployments", &["agent", "deployments", "cli-agent"]);
-    ok(&o, "agent deployments");
-    assert!(
-        o.stdout.contains(dep1) && o.stdout.contains(dep2),
-        "{}",
-        o.text()
-    );
+    o.shows("agent deployments", &[dep1, dep2]);
     let o = cli.run_json("agent deployments", &["agent", "deployments", "cli-agent"]);
     ok(&o, "agent deployments json");
     assert_eq!(o.json()["deployments"].as_array().unwrap().len(), 2);
@@ -1042,8 +986,7 @@ async fn cur_logs_and_stops(s: &Server, cli: &Cli, long: &str, short: &str) {
             "--force",
         ],
     );
-    ok(&o, "agent stop");
-    assert!(o.stdout.contains("stopped successfully"), "{}", o.text());
+    o.shows("agent stop", &["stopped successfully"]);
     let ended = s.session("cli-agent", long).await;
     assert_eq!(ended["endReason"], "stopped", "{ended}");
 
@@ -1166,8 +1109,7 @@ async fn current_cli_status_of_a_crash_looping_agent() {
     })
     .await;
     let o = cli.run("agent status", &["agent", "status", "crasher"]);
-    ok(&o, "agent status");
-    assert!(o.stdout.contains("Ready: False"), "{}", o.text());
+    o.shows("agent status", &["Ready: False"]);
     assert!(
         o.stdout.contains("Error: PCC_UNKNOWN_ERROR"),
         "{}",
@@ -1175,8 +1117,7 @@ async fn current_cli_status_of_a_crash_looping_agent() {
     );
     assert!(o.stdout.contains("exit code 3"), "{}", o.text());
     let o = cli.run_mode("agent status", "rich", &["agent", "status", "crasher"]);
-    ok(&o, "agent status rich");
-    assert!(o.stdout.contains("CrashLoopBackOff"), "{}", o.text());
+    o.shows("agent status rich", &["CrashLoopBackOff"]);
     assert!(o.stdout.contains("exit code 3"), "{}", o.text());
     // The revision's phase says it failed, not that it is being created (issue 17).
     assert!(o.stdout.contains("Failed"), "{}", o.text());
@@ -1201,8 +1142,7 @@ async fn legacy_pcc_full_flow() {
     assert!(cfg.contains(&token) && cfg.contains("default"), "{cfg}");
 
     let o = cli.run("organizations list", &["organizations", "list"]);
-    ok(&o, "organizations list");
-    assert!(o.stdout.contains("default"), "{}", o.text());
+    o.shows("organizations list", &["default"]);
     let o = cli.run(
         "organizations keys create --default",
         &[
@@ -1221,16 +1161,14 @@ async fn legacy_pcc_full_flow() {
         "organizations keys list",
         &["organizations", "keys", "list"],
     );
-    ok(&o, "keys list");
-    assert!(o.stdout.contains("pcc-key"), "{}", o.text());
+    o.shows("keys list", &["pcc-key"]);
     // The menu's first active key is the server's own `pk`.
     let o = cli.run_tty(
         "organizations keys revoke",
         &["\r"],
         &["organizations", "keys", "revoke"],
     );
-    ok(&o, "keys revoke");
-    assert!(o.stdout.contains("revoked"), "{}", o.text());
+    o.shows("keys revoke", &["revoked"]);
     let listed = s
         .req(
             "GET",
@@ -1246,8 +1184,7 @@ async fn legacy_pcc_full_flow() {
         "organizations properties list",
         &["organizations", "properties", "list"],
     );
-    ok(&o, "properties list");
-    assert!(o.stdout.contains("defaultRegion"), "{}", o.text());
+    o.shows("properties list", &["defaultRegion"]);
     let o = cli.run(
         "organizations properties set",
         &[
@@ -1260,8 +1197,7 @@ async fn legacy_pcc_full_flow() {
     );
     ok(&o, "properties set");
     let o = cli.run("regions list", &["regions", "list"]);
-    ok(&o, "regions list");
-    assert!(o.stdout.contains("local"), "{}", o.text());
+    o.shows("regions list", &["local"]);
 
     let o = cli.run(
         "secrets set",
@@ -1276,15 +1212,9 @@ async fn legacy_pcc_full_flow() {
     );
     ok(&o, "secrets set");
     let o = cli.run("secrets list", &["secrets", "list"]);
-    ok(&o, "secrets list");
-    assert!(o.stdout.contains("pcc-secrets"), "{}", o.text());
+    o.shows("secrets list", &["pcc-secrets"]);
     let o = cli.run("secrets list NAME", &["secrets", "list", "pcc-secrets"]);
-    ok(&o, "secrets list NAME");
-    assert!(
-        o.stdout.contains("MY_SECRET") && o.stdout.contains("DROP"),
-        "{}",
-        o.text()
-    );
+    o.shows("secrets list NAME", &["MY_SECRET", "DROP"]);
     let o = cli.run(
         "secrets unset",
         &["secrets", "unset", "pcc-secrets", "DROP", "--skip"],
@@ -1318,8 +1248,7 @@ async fn pcc_deploy_and_sessions(s: &Server, cli: &Cli) {
         Some("pcc-pull"),
     );
     let o = cli.run("deploy --yes (create)", &["deploy", "--yes"]);
-    ok(&o, "deploy create");
-    assert!(o.stdout.contains("is ready"), "{}", o.text());
+    o.shows("deploy create", &["is ready"]);
     let a = agent_json(s, "pcc-agent").await;
     assert_eq!(a["imagePullSecretSet"], "pcc-pull");
     let dep1 = a["desiredDeploymentId"].as_str().unwrap().to_string();
@@ -1333,11 +1262,9 @@ async fn pcc_deploy_and_sessions(s: &Server, cli: &Cli) {
     );
 
     let o = cli.run("agent list", &["agent", "list"]);
-    ok(&o, "agent list");
-    assert!(o.stdout.contains("pcc-agent"), "{}", o.text());
+    o.shows("agent list", &["pcc-agent"]);
     let o = cli.run("agent status", &["agent", "status", "pcc-agent"]);
-    ok(&o, "agent status");
-    assert!(o.stdout.contains("Ready"), "{}", o.text());
+    o.shows("agent status", &["Ready"]);
     let o = cli.run("agent deployments", &["agent", "deployments", "pcc-agent"]);
     ok(&o, "agent deployments");
 
@@ -1373,8 +1300,7 @@ async fn pcc_deploy_and_sessions(s: &Server, cli: &Cli) {
         "agent sessions --id",
         &["agent", "sessions", "pcc-agent", "--id", &long],
     );
-    ok(&o, "agent sessions --id");
-    assert!(o.stdout.contains(&long), "{}", o.text());
+    o.shows("agent sessions --id", &[&long]);
     wait_for(
         Duration::from_secs(20),
         "the secret in the logs",

@@ -150,6 +150,19 @@ async fn delete_room(State(d): State<Daily>, h: HeaderMap, Path(name): Path<Stri
     (StatusCode::OK, Json(json!({"deleted": true, "name": name})))
 }
 
+/// A Daily stand-in and an API whose Daily calls go to it, with `key` as the server's Daily key.
+async fn with_daily(key: Option<&str>) -> (Daily, super::Api) {
+    let daily = Daily::start().await;
+    let url = daily.url.clone();
+    let key = key.map(str::to_string);
+    let a = api_with(|c| {
+        c.sessions.daily_api_key = key;
+        c.sessions.daily_api_url = url;
+    })
+    .await;
+    (daily, a)
+}
+
 async fn start_daily(a: &super::Api, name: &str, extra: Value) -> Answer {
     let mut body = json!({"createDailyRoom": true, "body": {"x": 1}});
     body.as_object_mut()
@@ -168,13 +181,7 @@ async fn start_daily(a: &super::Api, name: &str, extra: Value) -> Answer {
 /// bounded by the session's length; the room deleted when the session is stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_daily_room_makes_a_room_and_deletes_it_at_the_end() {
-    let daily = Daily::start().await;
-    let url = daily.url.clone();
-    let a = api_with(|c| {
-        c.sessions.daily_api_key = Some("dk_server_key_0001".into());
-        c.sessions.daily_api_url = url;
-    })
-    .await;
+    let (daily, a) = with_daily(Some("dk_server_key_0001")).await;
     a.deploy("room", &[], json!({"maxSessionDuration": 600}))
         .await;
     let before = crate::model::now_ms() / 1000;
@@ -226,9 +233,7 @@ async fn create_daily_room_makes_a_room_and_deletes_it_at_the_end() {
 /// `GET .../daily` answers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn org_daily_api_key_property() {
-    let daily = Daily::start().await;
-    let url = daily.url.clone();
-    let a = api_with(|c| c.sessions.daily_api_url = url).await;
+    let (daily, a) = with_daily(None).await;
     a.deploy("keyed", &[], json!({})).await;
     let r = start_daily(&a, "keyed", json!({})).await;
     assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
@@ -294,13 +299,7 @@ async fn org_daily_api_key_property() {
 /// token deletes the room it was for; a start refused after the room was made deletes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daily_errors_leave_nothing_behind() {
-    let daily = Daily::start().await;
-    let url = daily.url.clone();
-    let a = api_with(|c| {
-        c.sessions.daily_api_key = Some("dk_bad".into());
-        c.sessions.daily_api_url = url;
-    })
-    .await;
+    let (daily, a) = with_daily(Some("dk_bad")).await;
     a.deploy("errs", &[], json!({"autoScaling": {"maxAgents": 1}}))
         .await;
     daily.set(Mode::BadKey);
@@ -481,13 +480,7 @@ async fn flow_config_shape() {
 /// setting wins over it, and a start that fails still deletes its room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_daily_rooms_of_the_org_and_the_agent() {
-    let daily = Daily::start().await;
-    let url = daily.url.clone();
-    let a = api_with(|c| {
-        c.sessions.daily_api_key = Some("dk_server_key_0001".into());
-        c.sessions.daily_api_url = url;
-    })
-    .await;
+    let (daily, a) = with_daily(Some("dk_server_key_0001")).await;
     let r = a
         .call(
             Method::PATCH,
@@ -541,13 +534,8 @@ async fn keep_daily_rooms_of_the_org_and_the_agent() {
 /// and make no room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daily_dialin_webhook_starts_a_session_in_a_sip_room() {
-    let daily = Daily::start().await;
+    let (daily, a) = with_daily(Some("dk_server_key_0001")).await;
     let url = daily.url.clone();
-    let a = api_with(|c| {
-        c.sessions.daily_api_key = Some("dk_server_key_0001".into());
-        c.sessions.daily_api_url = url.clone();
-    })
-    .await;
     a.deploy("phone", &[], json!({})).await;
     let a = &a;
     let hook = |org: &str, agent: &str, body: Value| {
@@ -625,9 +613,7 @@ async fn daily_dialin_webhook_starts_a_session_in_a_sip_room() {
 /// still used and answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn org_daily_api_key_is_stored_sealed() {
-    let daily = Daily::start().await;
-    let url = daily.url.clone();
-    let a = api_with(|c| c.sessions.daily_api_url = url).await;
+    let (daily, a) = with_daily(None).await;
     let r = a
         .call(
             Method::PATCH,
