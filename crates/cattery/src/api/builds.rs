@@ -20,14 +20,16 @@ use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 
 use super::auth::{OrgAuth, PrivateAuth};
+use super::error::ErrorBody;
 use super::error::{ApiError, ApiResult};
 use super::{ApiJson, ApiPath, AppState};
 use crate::core::builds::{UploadSink, LOGS_DEFAULT};
 use crate::model::iso_ms;
 use crate::store::{BuildFilter, BuildRecord, BuildStatus};
+use utoipa::ToSchema;
 
 /// A build on the wire (reference §A.7 `Build`).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Build {
     id: String,
@@ -78,13 +80,13 @@ impl Build {
 }
 
 /// `{"build": Build}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct OneBuild {
     build: Build,
 }
 
 /// `{"build", "contextHash", "cached"}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreatedBuild {
     build: Build,
@@ -93,7 +95,7 @@ pub struct CreatedBuild {
 }
 
 /// `{"builds", "total", "limit", "offset"}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct BuildList {
     builds: Vec<Build>,
     total: u64,
@@ -102,13 +104,13 @@ pub struct BuildList {
 }
 
 /// `{"logs": [line]}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct BuildLogs {
     logs: Vec<String>,
 }
 
 /// `{"uploadId", "uploadUrl", "uploadFields", "expiresAt"}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UploadUrl {
     upload_id: String,
@@ -120,7 +122,7 @@ pub struct UploadUrl {
 }
 
 /// Body of `POST .../upload-url`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct UploadUrlRequest {
     /// Accepted; the build's region is given again at create.
     #[allow(dead_code)]
@@ -128,7 +130,7 @@ pub struct UploadUrlRequest {
 }
 
 /// Body of `POST .../builds`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateBuildRequest {
     upload_id: Option<String>,
@@ -149,6 +151,11 @@ async fn upload_url(st: &AppState, org: &str, headers: &HeaderMap) -> Json<Uploa
 }
 
 /// `POST /v1/builds/upload-url`.
+#[utoipa::path(post, path = "/v1/builds/upload-url", request_body = UploadUrlRequest, tag = "builds",
+    operation_id = "create_upload_url",
+    responses((status = 200, description = "where to upload the build context (one use)", body = UploadUrl),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("PrivateKeyAuth" = [])))]
 pub async fn create_upload_url(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
@@ -285,6 +292,12 @@ async fn create(
 }
 
 /// `POST /v1/builds`.
+#[utoipa::path(post, path = "/v1/builds", request_body = CreateBuildRequest, tag = "builds",
+    operation_id = "create_build",
+    responses((status = 201, description = "a new build of the uploaded context", body = CreatedBuild),
+              (status = 200, description = "a successful build of the same context (cached)", body = CreatedBuild),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("PrivateKeyAuth" = [])))]
 pub async fn create_build(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
@@ -346,6 +359,15 @@ async fn list(st: &AppState, org: &str, q: &HashMap<String, String>) -> ApiResul
 }
 
 /// `GET /v1/builds`.
+#[utoipa::path(get, path = "/v1/builds", tag = "builds", operation_id = "list_builds",
+    params(("contextHash" = Option<String>, Query, description = "only builds of this context"),
+           ("region" = Option<String>, Query, description = "only builds of this region"),
+           ("status" = Option<String>, Query, description = "pending, building, success, failed or timeout"),
+           ("dockerfilePath" = Option<String>, Query, description = "only builds with this Dockerfile path"),
+           ("limit" = Option<u32>, Query, description = "page size"),
+           ("offset" = Option<u32>, Query, description = "first row")),
+    responses((status = 200, body = BuildList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("PrivateKeyAuth" = [])))]
 pub async fn list_builds(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
@@ -364,6 +386,10 @@ pub async fn org_list_builds(
 }
 
 /// `GET /v1/builds/{id}`.
+#[utoipa::path(get, path = "/v1/builds/{id}", tag = "builds", operation_id = "get_build",
+    params(("id" = String, Path, description = "Build id")),
+    responses((status = 200, body = OneBuild), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("PrivateKeyAuth" = [])))]
 pub async fn get_build(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
@@ -397,6 +423,12 @@ async fn logs(
 }
 
 /// `GET /v1/builds/{id}/logs`.
+#[utoipa::path(get, path = "/v1/builds/{id}/logs", tag = "builds", operation_id = "build_logs",
+    params(("id" = String, Path, description = "Build id"),
+           ("limit" = Option<usize>, Query, description = "at most this many of the last lines")),
+    responses((status = 200, body = BuildLogs), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 404, body = ErrorBody)),
+    security(("PrivateKeyAuth" = [])))]
 pub async fn build_logs(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,

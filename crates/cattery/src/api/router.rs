@@ -156,19 +156,16 @@ fn org_routes() -> OpenApiRouter<AppState> {
 fn build_routes() -> OpenApiRouter<AppState> {
     const ORG: &str = "/v1/organizations/{org}/builds";
     OpenApiRouter::new()
-        .route(
-            "/v1/builds",
-            get(builds::list_builds).post(builds::create_build),
-        )
-        .route("/v1/builds/upload-url", post(builds::create_upload_url))
+        .routes(routes!(builds::list_builds, builds::create_build))
+        .routes(routes!(builds::create_upload_url))
         .route(
             "/v1/builds/uploads/{upload_id}",
             post(builds::upload_multipart)
                 .put(builds::upload_raw)
                 .layer(DefaultBodyLimit::disable()),
         )
-        .route("/v1/builds/{id}", get(builds::get_build))
-        .route("/v1/builds/{id}/logs", get(builds::build_logs))
+        .routes(routes!(builds::get_build))
+        .routes(routes!(builds::build_logs))
         .route(
             ORG,
             get(builds::org_list_builds).post(builds::org_create_build),
