@@ -89,6 +89,11 @@ impl Default for WebhookSettings {
 pub trait EventSink: Send + Sync {
     /// Reports event `event_type` of `org` with its `data`; returns at once.
     fn emit(&self, org: &str, event_type: &'static str, data: Value);
+
+    /// Like [`EventSink::emit`], for an event that happens once however many nodes (or
+    /// restarts) report it: `key` names it (e.g. the deployment id), and the store queues
+    /// it once per endpoint.
+    fn emit_once(&self, org: &str, event_type: &'static str, key: &str, data: Value);
 }
 
 /// One event on its way to the store.
@@ -97,6 +102,8 @@ struct Event {
     event_type: &'static str,
     data: Value,
     at_ms: i64,
+    /// For an event reported once: its name, which fixes each delivery's id.
+    once: Option<String>,
 }
 
 /// An endpoint as the dispatcher uses it: its secret opened.
@@ -421,7 +428,7 @@ impl Webhooks {
         targets
             .into_iter()
             .map(|endpoint_id| WebhookDelivery {
-                id: Uuid::new_v4(),
+                id: delivery_id(endpoint_id, ev.event_type, ev.once.as_deref()),
                 seq: 0,
                 endpoint_id,
                 org: ev.org.clone(),
@@ -534,8 +541,27 @@ impl Webhooks {
     }
 }
 
+/// A delivery's id: random, or for an event reported once, fixed by its endpoint, type and
+/// key (so a second report of it is a duplicate the store drops).
+fn delivery_id(endpoint: Uuid, event_type: &str, once: Option<&str>) -> Uuid {
+    match once {
+        None => Uuid::new_v4(),
+        Some(key) => Uuid::new_v5(&endpoint, format!("{event_type}/{key}").as_bytes()),
+    }
+}
+
 impl EventSink for Webhooks {
     fn emit(&self, org: &str, event_type: &'static str, data: Value) {
+        self.queue(org, event_type, None, data);
+    }
+
+    fn emit_once(&self, org: &str, event_type: &'static str, key: &str, data: Value) {
+        self.queue(org, event_type, Some(key.to_string()), data);
+    }
+}
+
+impl Webhooks {
+    fn queue(&self, org: &str, event_type: &'static str, once: Option<String>, data: Value) {
         let wanted = self
             .endpoints
             .read()
@@ -549,6 +575,7 @@ impl EventSink for Webhooks {
             event_type,
             data,
             at_ms: now_ms(),
+            once,
         };
         if self.tx.try_send(ev).is_err() {
             tracing::warn!(org, event = event_type, "webhook queue full: event dropped");
@@ -638,6 +665,26 @@ async fn dispatcher(w: Weak<Webhooks>, wake: Arc<Notify>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An event reported once has the same delivery id however often (and on whichever
+    /// node) it is reported, so the store queues it once (the store conformance suite checks
+    /// that a queued id is not queued again); other events get a new id every time.
+    #[test]
+    fn an_event_reported_once_has_one_delivery_id_per_endpoint() {
+        let (e1, e2) = (Uuid::new_v4(), Uuid::new_v4());
+        let ready = |e, key| delivery_id(e, "deployment.ready", Some(key));
+        assert_eq!(ready(e1, "d1"), ready(e1, "d1"));
+        assert_ne!(ready(e1, "d1"), ready(e2, "d1"));
+        assert_ne!(ready(e1, "d1"), ready(e1, "d2"));
+        assert_ne!(
+            ready(e1, "d1"),
+            delivery_id(e1, "deployment.failed", Some("d1"))
+        );
+        assert_ne!(
+            delivery_id(e1, "session.ended", None),
+            delivery_id(e1, "session.ended", None)
+        );
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

@@ -54,6 +54,7 @@ where
     case!(waiting_websocket_sessions);
     case!(builds);
     case!(webhooks);
+    case!(webhook_delivery_ids_are_queued_once);
 }
 
 fn agent(org: &str, name: &str, created_ms: i64) -> (AgentRecord, DeploymentRecord) {
@@ -1330,6 +1331,48 @@ fn delivery(e: &WebhookEndpointRecord, n: i64) -> WebhookDelivery {
 
 /// Endpoints by org; the queue: in order per endpoint, only each endpoint's oldest pending
 /// delivery claimed (leased), bounded, kept as the log once finished, pruned by age.
+/// A delivery whose id is already queued or delivered (an event reported once, reported
+/// again by a second node or after a restart) is dropped, alone or in a batch.
+async fn webhook_delivery_ids_are_queued_once(s: &dyn Store) {
+    let e = endpoint("acme", 1);
+    s.insert_webhook_endpoint(&e).await.unwrap();
+    let (d1, d2) = (delivery(&e, 1), delivery(&e, 2));
+    assert_eq!(
+        s.enqueue_webhook_deliveries(std::slice::from_ref(&d1), 10)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        s.enqueue_webhook_deliveries(std::slice::from_ref(&d1), 10)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        s.enqueue_webhook_deliveries(&[d1.clone(), d2.clone()], 10)
+            .await
+            .unwrap(),
+        1
+    );
+    let ok = DeliveryAttempt {
+        state: DeliveryState::Delivered,
+        next_attempt_ms: 0,
+        status: Some(200),
+        error: None,
+        at_ms: 5,
+    };
+    s.record_webhook_attempt(d1.id, &ok).await.unwrap();
+    assert_eq!(
+        s.enqueue_webhook_deliveries(std::slice::from_ref(&d1), 10)
+            .await
+            .unwrap(),
+        0
+    );
+    let log = s.list_webhook_deliveries("acme", e.id, 10).await.unwrap();
+    assert_eq!(log.iter().map(|d| d.id).collect::<Vec<_>>(), [d2.id, d1.id]);
+}
+
 async fn webhooks(s: &dyn Store) {
     let a = endpoint("acme", 1);
     let b = endpoint("acme", 2);

@@ -782,7 +782,8 @@ pub trait WebhookStore: Send + Sync + 'static {
     async fn delete_webhook_endpoint(&self, org: &str, id: Uuid) -> StoreResult<bool>;
     /// Queues deliveries (as given: pending, with their due time), all in one transaction,
     /// in order; a delivery whose endpoint already has `max_pending` pending ones, or no
-    /// longer exists, is left out. Returns how many were queued.
+    /// longer exists, or whose id is already queued (or was delivered), is left out.
+    /// Returns how many were queued.
     async fn enqueue_webhook_deliveries(
         &self,
         ds: &[WebhookDelivery],

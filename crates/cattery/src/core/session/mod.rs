@@ -360,7 +360,8 @@ impl Supervisor {
     }
 
     /// Reports `deployment.ready` (`failure` `None`) or `deployment.failed` for a deployment
-    /// of `agent`, once per deployment.
+    /// of `agent`, once per deployment: once per run here, and once in the store across
+    /// nodes and restarts ([`crate::core::webhooks::EventSink::emit_once`]).
     pub(super) fn announce_deployment(
         &self,
         agent: &AgentRecord,
@@ -382,7 +383,9 @@ impl Supervisor {
                 "deployment.failed"
             }
         };
-        self.emit(&agent.org, kind, data);
+        if let Some(s) = self.events.get() {
+            s.emit_once(&agent.org, kind, &deployment.to_string(), data);
+        }
     }
 
     /// Reports `session.ended` for session `session` of `org`'s agent `agent` (id, name).

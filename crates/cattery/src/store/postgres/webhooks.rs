@@ -122,7 +122,8 @@ impl WebhookStore for PgStore {
                  created_ms, state, attempts, next_attempt_ms) \
                  SELECT $1, e.id, $3, $4, $5, $6, 'pending', 0, $7 FROM e \
                  WHERE (SELECT COUNT(*) FROM webhook_deliveries \
-                        WHERE state = 'pending' AND endpoint_id = $2) < $8",
+                        WHERE state = 'pending' AND endpoint_id = $2) < $8 \
+                 ON CONFLICT (id) DO NOTHING",
             )
             .bind(d.id)
             .bind(d.endpoint_id)

@@ -133,7 +133,8 @@ impl WebhookStore for SqliteStore {
                          SELECT ?1, ?2, ?3, ?4, ?5, ?6, 'pending', 0, ?7 \
                          WHERE EXISTS (SELECT 1 FROM webhook_endpoints WHERE id = ?2) \
                          AND (SELECT COUNT(*) FROM webhook_deliveries \
-                              WHERE state = 'pending' AND endpoint_id = ?2) < ?8",
+                              WHERE state = 'pending' AND endpoint_id = ?2) < ?8 \
+                         ON CONFLICT (id) DO NOTHING",
                         &[
                             d.id.into(),
                             d.endpoint_id.into(),
