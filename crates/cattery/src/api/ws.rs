@@ -136,7 +136,8 @@ impl WsState {
         Ok(tok)
     }
 
-    /// Redeems a token for `org`/`agent` (single use across every node on the store).
+    /// Redeems a token for `org`/`agent` (single use across every node on the store; a
+    /// token presented at another agent is refused and stays valid for its own).
     async fn redeem(
         &self,
         store: &dyn Store,
@@ -145,22 +146,18 @@ impl WsState {
         agent: &str,
     ) -> StoreResult<Option<WsTicket>> {
         let Some(t) = store
-            .take_ws_token(&crate::core::keys::hash_key(tok))
+            .take_ws_token(&crate::core::keys::hash_key(tok), org, agent)
             .await?
         else {
             return Ok(None);
         };
-        Ok(
-            (t.expires_ms > crate::model::now_ms() && t.org == org && t.agent == agent).then_some(
-                WsTicket {
-                    org: t.org,
-                    agent: t.agent,
-                    session_id: t.session_id,
-                    body: t.body,
-                    expires_ms: t.expires_ms,
-                },
-            ),
-        )
+        Ok((t.expires_ms > crate::model::now_ms()).then_some(WsTicket {
+            org: t.org,
+            agent: t.agent,
+            session_id: t.session_id,
+            body: t.body,
+            expires_ms: t.expires_ms,
+        }))
     }
 
     /// Revokes the token announced for `session` (a stop before the client connected).

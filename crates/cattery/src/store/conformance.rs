@@ -997,7 +997,7 @@ async fn instance_claims(s: &dyn Store) {
     assert_eq!(rec.session_id, Some(won[0]));
 }
 
-/// A websocket token is taken once (also when takers race); expired ones are forgotten when
+/// A websocket token is taken once (also when takers race), only for its own org and agent; expired ones are forgotten when
 /// another is stored; a session's tokens can be revoked.
 async fn ws_tokens(s: &dyn Store) {
     let tok = |n: u8, expires_ms: i64| WsTokenRecord {
@@ -1016,23 +1016,27 @@ async fn ws_tokens(s: &dyn Store) {
     ));
     let t2 = tok(2, 10_000);
     s.put_ws_token(&t2, 1_000).await.unwrap();
-    let got = futures_util::future::join_all((0..6).map(|_| s.take_ws_token(&t2.hash))).await;
+    // Presented for another agent or org: refused, and still there for its own.
+    assert_eq!(s.take_ws_token(&t2.hash, "o", "other").await.unwrap(), None);
+    assert_eq!(s.take_ws_token(&t2.hash, "p", "a").await.unwrap(), None);
+    let got =
+        futures_util::future::join_all((0..6).map(|_| s.take_ws_token(&t2.hash, "o", "a"))).await;
     let taken: Vec<_> = got.into_iter().filter_map(|r| r.unwrap()).collect();
     assert_eq!(taken, std::slice::from_ref(&t2));
-    assert_eq!(s.take_ws_token(&t2.hash).await.unwrap(), None);
+    assert_eq!(s.take_ws_token(&t2.hash, "o", "a").await.unwrap(), None);
     // Revocation by session, org and agent.
     assert!(!s
         .revoke_ws_tokens("o", "other", t1.session_id)
         .await
         .unwrap());
     assert!(s.revoke_ws_tokens("o", "a", t1.session_id).await.unwrap());
-    assert_eq!(s.take_ws_token(&t1.hash).await.unwrap(), None);
+    assert_eq!(s.take_ws_token(&t1.hash, "o", "a").await.unwrap(), None);
     // Expired ones go when another is stored.
     let t3 = tok(3, 5_000);
     s.put_ws_token(&t3, 1_000).await.unwrap();
     s.put_ws_token(&tok(4, 90_000), 6_000).await.unwrap();
-    assert_eq!(s.take_ws_token(&t3.hash).await.unwrap(), None);
-    assert!(s.take_ws_token(&[4; 32]).await.unwrap().is_some());
+    assert_eq!(s.take_ws_token(&t3.hash, "o", "a").await.unwrap(), None);
+    assert!(s.take_ws_token(&[4; 32], "o", "a").await.unwrap().is_some());
 }
 
 /// Ownership: records keep their node; a stale node is taken over once, all its instances and

@@ -540,9 +540,15 @@ pub trait ClusterStore: Send + Sync + 'static {
     async fn release_orphan_slots(&self, node: &str, keep: &[Uuid]) -> StoreResult<u64>;
     /// Stores a websocket token (and forgets expired ones). Errors: `Conflict` for a taken hash.
     async fn put_ws_token(&self, t: &WsTokenRecord, now_ms: i64) -> StoreResult<()>;
-    /// Takes a token by hash, in one atomic step: the first caller gets it (expired or not;
-    /// the caller checks), every later one `None`.
-    async fn take_ws_token(&self, hash: &[u8]) -> StoreResult<Option<WsTokenRecord>>;
+    /// Takes a token by hash for `org`'s agent `agent`, in one atomic step: the first caller
+    /// gets it (expired or not; the caller checks), every later one `None`. A token of another
+    /// org or agent is left as it is (`None`).
+    async fn take_ws_token(
+        &self,
+        hash: &[u8],
+        org: &str,
+        agent: &str,
+    ) -> StoreResult<Option<WsTokenRecord>>;
     /// Forgets the tokens announced for `session` of `org`'s agent `agent`; whether there was one.
     async fn revoke_ws_tokens(&self, org: &str, agent: &str, session: Uuid) -> StoreResult<bool>;
     /// A feed of changes made through any node, or `None` when the store has one node only

@@ -136,12 +136,19 @@ impl ClusterStore for PgStore {
         Ok(())
     }
 
-    async fn take_ws_token(&self, hash: &[u8]) -> StoreResult<Option<WsTokenRecord>> {
+    async fn take_ws_token(
+        &self,
+        hash: &[u8],
+        org: &str,
+        agent: &str,
+    ) -> StoreResult<Option<WsTokenRecord>> {
         let row = sqlx::query(
-            "DELETE FROM ws_tokens WHERE hash = $1 \
+            "DELETE FROM ws_tokens WHERE hash = $1 AND org = $2 AND agent = $3 \
              RETURNING hash, org, agent, session_id, body, expires_ms",
         )
         .bind(hash)
+        .bind(org)
+        .bind(agent)
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(token_from_row).transpose()

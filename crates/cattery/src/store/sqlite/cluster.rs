@@ -129,15 +129,20 @@ impl ClusterStore for SqliteStore {
         .await
     }
 
-    async fn take_ws_token(&self, hash: &[u8]) -> StoreResult<Option<WsTokenRecord>> {
-        let hash = hash.to_vec();
+    async fn take_ws_token(
+        &self,
+        hash: &[u8],
+        org: &str,
+        agent: &str,
+    ) -> StoreResult<Option<WsTokenRecord>> {
+        let (hash, org, agent) = (hash.to_vec(), org.to_string(), agent.to_string());
         self.write(move |db| {
             db.atomic(|db| {
                 let t = db
                     .query_row(
                         "SELECT hash, org, agent, session_id, body, expires_ms FROM ws_tokens \
-                         WHERE hash = ?",
-                        &[Val::Blob(&hash)],
+                         WHERE hash = ? AND org = ? AND agent = ?",
+                        &[Val::Blob(&hash), Val::Text(&org), Val::Text(&agent)],
                         token_from_row,
                     )?
                     .transpose()?;
