@@ -415,6 +415,13 @@ async fn fleet_wait(
         }
         if last_log.elapsed() > Duration::from_secs(10) {
             last_log = Instant::now();
+            // An agent that cannot run (say, an interpreter the instances' uid cannot reach:
+            // pass `--instance-uids off` to the server through a wrapper) never fills up.
+            let errors = srv.get(&format!("/v1/agents/{name}")).await.body["errors"].clone();
+            if errors.as_array().is_some_and(|e| !e.is_empty()) {
+                report.error(format!("fleet: the agent cannot run: {errors}"));
+                return (false, peak);
+            }
             log(format!(
                 "fleet: {:.0} s: (starting, idle, busy, total) = {p:?}, MemAvailable {:.2} GiB",
                 t0.elapsed().as_secs_f64(),
