@@ -182,30 +182,6 @@ struct Driven {
     addr: SocketAddr,
 }
 
-impl Driven {
-    /// The exchange has ended: lets the connection take the end of the message in and keeps
-    /// it for the next request, unless it closed.
-    fn release(&mut self, cx: &mut Context<'_>) {
-        if let Some(mut l) = self.link.take() {
-            if l.conn.as_mut().poll(cx).is_pending() {
-                put(self.addr, l);
-            }
-        }
-    }
-}
-
-impl Drop for Driven {
-    fn drop(&mut self) {
-        // Dropped after its last bytes (without a poll that saw the end): still reusable.
-        // Dropped before: the connection closes with it (the instance sees a reset).
-        if self.link.is_some() && self.inner.is_end_stream() {
-            self.release(&mut Context::from_waker(
-                futures_util::task::noop_waker_ref(),
-            ));
-        }
-    }
-}
-
 impl HttpBody for Driven {
     type Data = axum::body::Bytes;
     type Error = hyper::Error;
@@ -221,15 +197,13 @@ impl HttpBody for Driven {
             }
         }
         let r = Pin::new(&mut this.inner).poll_frame(cx);
-        // The server stops polling once the body says it has ended (a `Content-Length`
-        // body after its last bytes), so the connection is kept as soon as that is so.
-        let ended = match &r {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
-            _ => false,
-        };
-        if ended {
-            this.release(cx);
+        if let Poll::Ready(None) = r {
+            if let Some(mut l) = this.link.take() {
+                // Let the connection take the end of the message in, then keep it.
+                if l.conn.as_mut().poll(cx).is_pending() {
+                    put(this.addr, l);
+                }
+            }
         }
         r
     }
@@ -240,74 +214,5 @@ impl HttpBody for Driven {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Arc;
-
-    /// A server answering `GET /n` with `n` bytes, recording the peer port of each request.
-    async fn server() -> (SocketAddr, Arc<Mutex<Vec<u16>>>) {
-        use axum::extract::{ConnectInfo, Path};
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let s = seen.clone();
-        let app = axum::Router::new().route(
-            "/{n}",
-            axum::routing::get(
-                move |ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(n): Path<usize>| {
-                    s.lock().push(peer.port());
-                    async move { "x".repeat(n) }
-                },
-            ),
-        );
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            axum::serve(l, app.into_make_service_with_connect_info::<SocketAddr>()).await
-        });
-        (addr, seen)
-    }
-
-    fn get(addr: SocketAddr, path: &str) -> Request<Body> {
-        Request::get(path)
-            .header("host", addr.to_string())
-            .body(Body::empty())
-            .unwrap()
-    }
-
-    /// Sequential exchanges read to their end share one connection; an answer dropped unread
-    /// closes its connection, and the next request opens a new one.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn connections_are_kept_after_a_whole_answer_and_closed_after_a_dropped_one() {
-        let (addr, seen) = server().await;
-        for n in [5, 100_000, 0, 7] {
-            let r = send(addr, get(addr, &format!("/{n}"))).await.unwrap();
-            assert_eq!(r.status(), 200);
-            let b = axum::body::to_bytes(r.into_body(), usize::MAX)
-                .await
-                .unwrap();
-            assert_eq!(b.len(), n);
-        }
-        let ports = seen.lock().clone();
-        assert_eq!(ports.len(), 4);
-        assert!(
-            ports.iter().all(|p| *p == ports[0]),
-            "one connection: {ports:?}"
-        );
-
-        let r = send(addr, get(addr, "/200000")).await.unwrap();
-        drop(r);
-        let r = send(addr, get(addr, "/3")).await.unwrap();
-        let b = axum::body::to_bytes(r.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        assert_eq!(&b[..], b"xxx");
-        let ports = seen.lock().clone();
-        assert_ne!(
-            ports[5], ports[0],
-            "a new connection after the dropped answer"
-        );
     }
 }
