@@ -18,7 +18,6 @@ pub mod metrics;
 pub mod openapi;
 pub mod org;
 pub mod proxy;
-mod proxy_link;
 pub mod router;
 pub mod schema;
 pub mod secrets;

@@ -207,25 +207,20 @@ async fn forward_inner(
         .query()
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
-    parts.uri = format!("/{path}{query}")
+    parts.uri = format!("http://{addr}/{path}{query}")
         .parse::<Uri>()
         .map_err(|e| ApiError::bad_request(format!("invalid path: {e}")))?;
-    for h in ["content-length", "authorization"] {
+    for h in ["host", "content-length", "authorization"] {
         parts.headers.remove(h);
     }
-    parts.headers.insert(
-        axum::http::header::HOST,
-        addr.to_string()
-            .parse()
-            .expect("an address is a valid header value"),
-    );
     parts.headers.insert(
         HeaderName::from_static("x-daily-session-id"),
         id.to_string()
             .parse()
             .expect("uuid is a valid header value"),
     );
-    super::proxy_link::send(addr, Request::from_parts(parts, body))
+    let resp = CLIENT
+        .request(Request::from_parts(parts, body))
         .await
         .map_err(|e| {
             ApiError::new(
@@ -233,5 +228,7 @@ async fn forward_inner(
                 "502",
                 format!("the session's instance did not answer: {e}"),
             )
-        })
+        })?;
+    let (parts, body) = resp.into_parts();
+    Ok(Response::from_parts(parts, Body::new(body)))
 }
