@@ -88,6 +88,16 @@ struct PythonArgs {
     /// Idle instances for the memory figure.
     #[arg(long, default_value_t = 20)]
     idle: usize,
+    /// Also start this many live idle instances at once with the fork server (the issue's
+    /// 1,000), measure memory and the time to get them all ready, then delete them all.
+    #[arg(long, default_value_t = 0)]
+    fleet: usize,
+    /// Only the `--fleet` run (no cold, warm or PSS figures).
+    #[arg(long)]
+    fleet_only: bool,
+    /// Longest wait for the `--fleet` instances to be ready, seconds.
+    #[arg(long, default_value_t = 900.0)]
+    fleet_timeout_seconds: f64,
     #[command(flatten)]
     common: Common,
 }
@@ -447,7 +457,25 @@ async fn run_python(a: PythonArgs) -> anyhow::Result<bool> {
         warm_runs: if a.quick { 3 } else { a.warm_runs.max(1) },
         idle: if a.quick { 3 } else { a.idle.max(1) },
     };
-    pybots::run(&s.bins, s.dir.path(), &s.tag, &plan, &mut s.report).await;
+    if !a.fleet_only {
+        pybots::run(&s.bins, s.dir.path(), &s.tag, &plan, &mut s.report).await;
+    }
+    if a.fleet > 0 {
+        let timeout = Duration::from_secs_f64(a.fleet_timeout_seconds.max(1.0));
+        let ran = pybots::fleet(
+            &s.bins,
+            s.dir.path(),
+            &s.tag,
+            &plan,
+            a.fleet,
+            timeout,
+            &mut s.report,
+        )
+        .await;
+        if let Err(e) = ran {
+            s.report.error(format!("fleet: {e:#}"));
+        }
+    }
     // Every server of this run is stopped; the shared checks and the output.
     let srv = Arc::new(Server::start(&s.bins, &s.dir.path().join("final"), &[]).await?);
     finish(srv, s.report, &s.tag, t0, &a.common, s.dir).await

@@ -345,3 +345,268 @@ pub async fn run(bins: &Bins, dir: &Path, tag: &str, plan: &PyPlan, report: &mut
         None,
     );
 }
+
+/// `--fleet N`: N live idle instances of the bot at once, forked from the fork server, on a
+/// server of their own. Reports the time until all N were ready, the instances' total PSS,
+/// `MemAvailable` before and with them, and the control plane's RSS, fds and threads; then
+/// deletes the agent and checks that no process of it is left. Bounded: `timeout` for the N
+/// to become ready, 5 min for them to go.
+pub async fn fleet(
+    bins: &Bins,
+    dir: &Path,
+    tag: &str,
+    plan: &PyPlan,
+    n: usize,
+    timeout: Duration,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let py = plan.python.display().to_string();
+    let mut srv = Server::start(
+        bins,
+        &dir.join("fleet"),
+        &["--python", &py, "--python-fork-server", "on"],
+    )
+    .await?;
+    let name = "fleet";
+    let before = (meminfo().0, srv.rss());
+    log(format!(
+        "fleet: {n} idle instances; MemAvailable {:.2} GiB, load {:.1}",
+        gib(before.0),
+        load1()
+    ));
+    let t0 = Instant::now();
+    deploy(&srv, name, &plan.bot_dir, n as u32, n as u32, tag).await?;
+    let (reached, peak_starting) = fleet_wait(&srv, name, n, timeout, report).await;
+    let took = t0.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet_measure(&srv, name, n, reached, took, peak_starting, before, report).await;
+    fleet_teardown(&mut srv, name, tag, report).await;
+    Ok(())
+}
+
+fn gib(b: u64) -> f64 {
+    b as f64 / 1_073_741_824.0
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / 1_048_576.0
+}
+
+const FLEET: &str = "real Pipecat bot: many idle instances";
+
+/// Waits until `n` instances of `name` are idle and none starts; `(reached, peak starting)`.
+async fn fleet_wait(
+    srv: &Server,
+    name: &str,
+    n: usize,
+    timeout: Duration,
+    report: &mut Report,
+) -> (bool, u64) {
+    let t0 = Instant::now();
+    let mut last_log = Instant::now();
+    let mut peak = 0;
+    loop {
+        let p = srv.pool(name).await;
+        if let Some((starting, idle, _, _)) = p {
+            peak = peak.max(starting);
+            if idle >= n as u64 && starting == 0 {
+                return (true, peak);
+            }
+        }
+        if last_log.elapsed() > Duration::from_secs(10) {
+            last_log = Instant::now();
+            // An agent that cannot run (say, an interpreter the instances' uid cannot reach:
+            // pass `--instance-uids off` to the server through a wrapper) never fills up.
+            let errors = srv.get(&format!("/v1/agents/{name}")).await.body["errors"].clone();
+            if errors.as_array().is_some_and(|e| !e.is_empty()) {
+                report.error(format!("fleet: the agent cannot run: {errors}"));
+                return (false, peak);
+            }
+            log(format!(
+                "fleet: {:.0} s: (starting, idle, busy, total) = {p:?}, MemAvailable {:.2} GiB",
+                t0.elapsed().as_secs_f64(),
+                gib(meminfo().0)
+            ));
+        }
+        if t0.elapsed() > timeout {
+            report.error(format!(
+                "fleet: {n} idle instances not ready within {timeout:?}: {p:?}"
+            ));
+            return (false, peak);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The fleet's figures: processes, PSS, `MemAvailable` (`before`: with the server's RSS, before
+/// the deploy), the control plane's RSS, fds and threads.
+#[allow(clippy::too_many_arguments)]
+async fn fleet_measure(
+    srv: &Server,
+    name: &str,
+    n: usize,
+    reached: bool,
+    took: f64,
+    peak_starting: u64,
+    before: (u64, u64),
+    report: &mut Report,
+) {
+    let pids = sys::pids_with_env("CATTERY_BENCH_AGENT", name);
+    let (zygotes, instances): (Vec<i32>, Vec<i32>) =
+        pids.into_iter().partition(|p| is_fork_server(*p));
+    let pss: Vec<u64> = instances.iter().filter_map(|p| pss_bytes(*p)).collect();
+    let zpss: u64 = zygotes.iter().filter_map(|p| pss_bytes(*p)).sum();
+    let total_pss = pss.iter().sum::<u64>() + zpss;
+    let (avail1, total) = meminfo();
+    let status = srv.get(&format!("/v1/agents/{name}")).await;
+    log(format!(
+        "fleet: {} instance processes ({} fork server processes), ready={reached} after {took:.1} s; forkServer {}",
+        instances.len(),
+        zygotes.len(),
+        status.body["forkServer"]
+    ));
+    let mean = (!pss.is_empty()).then(|| mib(pss.iter().sum::<u64>()) / pss.len() as f64);
+    let rows: [(&str, &str, f64, &'static str, Option<Target>); 10] = [
+        (
+            "py_fleet_ready",
+            "live idle instances, all ready at once (fork server)",
+            if reached { n as f64 } else { 0.0 },
+            "instances",
+            Some(Target::ge("value", 1000.0)),
+        ),
+        (
+            "py_fleet_processes",
+            "  instance processes found (by their environment)",
+            instances.len() as f64,
+            "processes",
+            None,
+        ),
+        (
+            "py_fleet_time_to_ready",
+            "  time from the deploy to all of them ready",
+            took,
+            "s",
+            None,
+        ),
+        (
+            "py_fleet_peak_starting",
+            "  most instances starting at once (as the API reported them)",
+            peak_starting as f64,
+            "instances",
+            None,
+        ),
+        (
+            "py_fleet_pss_total",
+            "  total PSS of the instances and the fork server",
+            gib(total_pss),
+            "GiB",
+            None,
+        ),
+        (
+            "py_fleet_pss_mean",
+            "  mean PSS per instance",
+            mean.unwrap_or(f64::NAN),
+            "MiB",
+            Some(Target::le("value", 20.0)),
+        ),
+        (
+            "py_fleet_memavailable_before",
+            "  MemAvailable before the deploy",
+            gib(before.0),
+            "GiB",
+            None,
+        ),
+        (
+            "py_fleet_memavailable_with",
+            "  MemAvailable with all of them running",
+            gib(avail1),
+            "GiB",
+            None,
+        ),
+        (
+            "py_fleet_memavailable_drop_per_instance",
+            "  MemAvailable drop per instance",
+            mib(before.0.saturating_sub(avail1)) / n.max(1) as f64,
+            "MiB",
+            None,
+        ),
+        (
+            "py_fleet_server_rss",
+            "  control-plane RSS with all of them",
+            mib(srv.rss()),
+            "MiB",
+            None,
+        ),
+    ];
+    for (id, what, v, unit, t) in rows {
+        report.scalar(id, FLEET, what, v, unit, t, None);
+    }
+    report.scalar(
+        "py_fleet_server_fds",
+        FLEET,
+        "  control-plane open fds",
+        sys::open_fds(srv.pid).unwrap_or(0) as f64,
+        "fds",
+        None,
+        Some(format!(
+            "threads {}; control-plane RSS before the deploy {:.1} MiB; MemTotal {:.1} GiB",
+            sys::threads(srv.pid).unwrap_or(0),
+            mib(before.1),
+            gib(total)
+        )),
+    );
+}
+
+/// Deletes the fleet's agent, waits (up to 5 min) for its last instance process, stops the
+/// server and checks that nothing tagged is left.
+async fn fleet_teardown(srv: &mut Server, name: &str, tag: &str, report: &mut Report) {
+    let t1 = Instant::now();
+    let r = srv.undeploy(name).await;
+    if !r.ok() {
+        report.error(format!("fleet: delete: HTTP {} {}", r.status, r.body));
+    }
+    let left = loop {
+        let left: Vec<i32> = sys::pids_with_env("CATTERY_BENCH_AGENT", name)
+            .into_iter()
+            .filter(|p| !is_fork_server(*p))
+            .collect();
+        if left.is_empty() || t1.elapsed() > Duration::from_secs(300) {
+            break left;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    report.scalar(
+        "py_fleet_stop_all",
+        FLEET,
+        "  time from the delete to the last instance process gone",
+        t1.elapsed().as_secs_f64(),
+        "s",
+        None,
+        None,
+    );
+    if !left.is_empty() {
+        report.error(format!(
+            "fleet: {} instance processes left 300 s after the delete",
+            left.len()
+        ));
+    }
+    for l in srv.log_errors().into_iter().take(5) {
+        report.error(format!("server log (fleet): {l}"));
+    }
+    match srv.stop(Duration::from_secs(60)).await {
+        Ok(st) if st.contains("exit status: 0") || st == "not running" => {}
+        Ok(st) => report.error(format!("server exit (fleet): {st}")),
+        Err(e) => report.error(format!("server stop (fleet): {e}")),
+    }
+    let after = sys::pids_with_env("CATTERY_BENCH_TAG", tag);
+    if !after.is_empty() {
+        report.error(format!(
+            "fleet: {} tagged processes left after the server stopped",
+            after.len()
+        ));
+    }
+    log(format!(
+        "fleet: done; MemAvailable {:.2} GiB",
+        gib(meminfo().0)
+    ));
+}

@@ -5,7 +5,7 @@ use axum::Json;
 
 use super::auth::PrivateAuth;
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::schema::{AgentDetails, AgentList, AgentListItem, StatusOk};
+use super::schema::{AgentDetails, AgentList, AgentListItem, ForkServer, StatusOk};
 use super::{ApiJson, ApiPath, AppState};
 use crate::core::agents::{self, AgentRequest};
 use crate::core::lookup;
@@ -34,12 +34,14 @@ pub async fn details_of(
         .await
         .map_err(|e| ApiError::from(e).with_not_found_code("NOT_FOUND"))?;
     let p = st.sup.pool_status(a.id);
+    let fork = st.sup.runtime().fork_server(a.id);
     Ok(AgentDetails::of(
         a,
         &d,
         &p,
         st.sup.default_stop_grace().as_secs_f64(),
         warning,
+        fork.as_ref().map(ForkServer::of),
     ))
 }
 

@@ -119,6 +119,32 @@ pub struct WarmInstances {
     pub total: u32,
 }
 
+/// `forkServer`: how this node starts the agent's instances (Cattery's addition; `local:`
+/// Python agents only).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ForkServer {
+    /// `starting` (importing the bot), `ready` (instances are forked from it), `fallback`
+    /// (instances are spawned as plain processes: see `reason`) or `off` (turned off on this
+    /// node).
+    pub state: &'static str,
+    /// Why instances are spawned instead of forked (`fallback`, `off`), e.g. a bot that starts
+    /// threads at import, or an import error.
+    pub reason: Option<String>,
+    /// The fork server's process id (`ready`).
+    pub pid: Option<i32>,
+}
+
+impl ForkServer {
+    /// The wire form of a runtime's fork-server status.
+    pub fn of(s: &crate::runtime::ForkServerStatus) -> Self {
+        ForkServer {
+            state: s.state.as_str(),
+            reason: s.reason.clone(),
+            pid: s.pid,
+        }
+    }
+}
+
 /// `currentRevision.health`.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -393,6 +419,10 @@ pub struct AgentDetails {
     /// The agent's own `keepDailyRooms` (absent: the org's property decides).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_daily_rooms: Option<bool>,
+    /// The Python fork server of a `local:` agent on the node that answered (absent for other
+    /// agents, and before this node started an instance of it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fork_server: Option<ForkServer>,
 }
 
 impl AgentDetails {
@@ -403,6 +433,7 @@ impl AgentDetails {
         p: &PoolStatus,
         default_grace_s: f64,
         warning: Option<String>,
+        fork_server: Option<ForkServer>,
     ) -> Self {
         let spec = &d.spec;
         let h = health::derive(p, a.min_agents);
@@ -481,6 +512,7 @@ impl AgentDetails {
                 .resources
                 .as_ref()
                 .map(|r| serde_json::json!({"cpu": r.cpu, "memory": r.memory})),
+            fork_server,
         }
     }
 }

@@ -35,6 +35,7 @@ struct Answer {
 mod big_list;
 mod cluster_internal;
 mod daily;
+mod fork_server;
 mod webhooks;
 mod ws_waiting;
 

@@ -13,7 +13,10 @@
 //! - `oom`: an exit counts as killed for going over the memory limit;
 //! - `port-clash=N`: while the runtime has made at most N starts, a new instance exits at
 //!   once (code 1) with an address-in-use error on its stderr, as an agent whose port was
-//!   taken before it could bind it.
+//!   taken before it could bind it;
+//! - `fork-fallback=REASON`: the runtime reports the agent's fork server as fallen back to
+//!   plain starts for REASON ([`Runtime::fork_server`]), as the process runtime does for a
+//!   Python bot that is unsafe to fork.
 //!
 //! Anything else in `command` makes [`Runtime::prepare`] fail (`spawn`-like errors are
 //! simulated with `fail-start`). The runtime keeps every live instance, so a test can see
@@ -60,6 +63,8 @@ pub struct Script {
     pub fail_start: bool,
     /// The first this many starts of the runtime exit with an address-in-use error.
     pub port_clash: u32,
+    /// The agent's fork server falls back to plain starts, for this reason.
+    pub fork_fallback: Option<String>,
 }
 
 fn ms_and<T: std::str::FromStr>(v: &str, default: T) -> Result<(Duration, T), String> {
@@ -91,6 +96,7 @@ impl Script {
                 "oom" => s.oom = true,
                 "fail-start" => s.fail_start = true,
                 "port-clash" => s.port_clash = v.parse().map_err(|_| format!("bad count {v}"))?,
+                "fork-fallback" => s.fork_fallback = Some(v.to_string()),
                 _ => return Err(format!("unknown fake instance option {a}")),
             }
         }
@@ -110,6 +116,7 @@ struct FakeInner {
     starts: AtomicU32,
     events: Mutex<Vec<String>>,
     delivered: Mutex<Vec<Delivered>>,
+    fork: Mutex<HashMap<Uuid, super::ForkServerStatus>>,
 }
 
 /// A session as an instance received it (`POST /bot`).
@@ -187,6 +194,14 @@ impl Runtime for FakeRuntime {
         if script.fail_start {
             return Err(RuntimeError::Setup("simulated start failure".into()));
         }
+        if let (Some(agent), Some(r)) = (spec.agent, &script.fork_fallback) {
+            let st = super::ForkServerStatus {
+                state: super::ForkServerState::Fallback,
+                reason: Some(r.clone()),
+                pid: None,
+            };
+            self.inner.fork.lock().insert(agent, st);
+        }
         let n = self.inner.starts.fetch_add(1, Ordering::SeqCst) + 1;
         let clashed = n <= script.port_clash;
         if clashed {
@@ -229,6 +244,10 @@ impl Runtime for FakeRuntime {
 
     fn isolation(&self) -> String {
         "fake (in-process)".into()
+    }
+
+    fn fork_server(&self, agent: Uuid) -> Option<super::ForkServerStatus> {
+        self.inner.fork.lock().get(&agent).cloned()
     }
 }
 

@@ -73,6 +73,42 @@ impl ExitInfo {
     }
 }
 
+/// The state of an agent's Python fork server on this node ([`process::zygote`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForkServerState {
+    /// Importing the bot; starts meanwhile wait for it.
+    Starting,
+    /// Instances are forked from it.
+    Ready,
+    /// Instances are spawned as plain processes; the status says why.
+    Fallback,
+    /// Turned off by the operator (`--python-fork-server off`).
+    Off,
+}
+
+impl ForkServerState {
+    /// Wire name: `starting`, `ready`, `fallback`, `off`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForkServerState::Starting => "starting",
+            ForkServerState::Ready => "ready",
+            ForkServerState::Fallback => "fallback",
+            ForkServerState::Off => "off",
+        }
+    }
+}
+
+/// An agent's fork server as the runtime last saw it ([`Runtime::fork_server`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForkServerStatus {
+    /// Its state.
+    pub state: ForkServerState,
+    /// Why instances are spawned (with [`ForkServerState::Fallback`] and `Off`).
+    pub reason: Option<String>,
+    /// The fork server's pid (with [`ForkServerState::Ready`]).
+    pub pid: Option<i32>,
+}
+
 /// What [`Instance::terminate`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TerminateReport {
@@ -275,6 +311,12 @@ pub trait Runtime: Send + Sync + 'static {
     /// (processes). Default false.
     fn adoptable_by_any_node(&self, _rec: &InstanceRecord) -> bool {
         false
+    }
+    /// Whether `agent`'s instances are forked from a Python fork server on this node, and if
+    /// not, why (`forkServer` in the agent's status). `None`: the runtime has no fork server
+    /// for this agent (not a `local:` agent, or no instance started here yet). Default `None`.
+    fn fork_server(&self, _agent: uuid::Uuid) -> Option<ForkServerStatus> {
+        None
     }
     /// Describes how whole-tree cleanup works on this machine (for logs and status).
     fn isolation(&self) -> String;

@@ -85,6 +85,10 @@ impl Runtime for MultiRuntime {
         self.docker.sweep(keep).await;
     }
 
+    fn fork_server(&self, agent: Uuid) -> Option<crate::runtime::ForkServerStatus> {
+        self.process.fork_server(agent)
+    }
+
     fn isolation(&self) -> String {
         format!(
             "processes: {}; containers: {}",

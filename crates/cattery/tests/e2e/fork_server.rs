@@ -35,6 +35,15 @@ fn fork_servers(s: &Server) -> Vec<i32> {
         .collect()
 }
 
+/// `forkServer` of an agent's status (`GET /v1/agents/{name}`).
+async fn fork_status(s: &Server, agent: &str) -> serde_json::Value {
+    let r = s
+        .req("GET", &format!("/v1/agents/{agent}"), Some(&s.sk), None)
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body["forkServer"].clone()
+}
+
 /// The real uid of a process.
 fn uid_of(pid: i32) -> u32 {
     let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -189,6 +198,48 @@ async fn a_bot_unsafe_to_fork_is_spawned_with_the_reason_and_off_turns_forking_o
     );
     assert!(fork_servers(&s).is_empty());
     assert!(s.log().contains("not safe to fork"));
+    // The reason is in the agent's status, as the official clients read it.
+    let fork = fork_status(&s, "threaded").await;
+    assert_eq!(fork["state"], "fallback", "{fork}");
+    assert_eq!(
+        fork["reason"],
+        "the bot is not safe to fork: 2 threads alive after importing bot.py (import-time-worker)",
+        "{fork}"
+    );
+
+    // A bot whose import fails: the fork server never becomes ready, its instances are
+    // spawned (and fail the same way), and the status says why with the bot's own error.
+    let broken = fixture_bot(
+        &tmp.path().join("broken"),
+        "raise RuntimeError('IMPORT BOOM')\nasync def bot(args):\n    pass\n",
+    );
+    s.deploy("broken", &[], json!({"command": null, "image": broken}))
+        .await;
+    let r = s.start_session("broken", json!({})).await;
+    assert_ne!(r.status, 200, "{:?}", r.body);
+    let fork = fork_status(&s, "broken").await;
+    assert_eq!(fork["state"], "fallback", "{fork}");
+    let reason = fork["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("the fork server failed") && reason.contains("IMPORT BOOM"),
+        "{fork}"
+    );
+    // An agent that forks reports its fork server ready, with its pid.
+    s.deploy(
+        "forking",
+        &[],
+        json!({"command": null, "image": example("session-status")}),
+    )
+    .await;
+    let sid = s.start_ok("forking").await;
+    wait_bot_running(&s, "forking", &sid).await;
+    let fork = fork_status(&s, "forking").await;
+    assert_eq!(fork["state"], "ready", "{fork}");
+    assert_eq!(
+        fork["pid"].as_i64(),
+        fork_servers(&s).first().map(|p| *p as i64)
+    );
+    assert_eq!(s.stop("forking", &sid).await.status, 200);
     drop(s);
 
     let py = python();
@@ -210,6 +261,7 @@ async fn a_bot_unsafe_to_fork_is_spawned_with_the_reason_and_off_turns_forking_o
     assert!(fork_servers(&off).is_empty());
     let logs = session_logs(&off, "plain", &sid).await;
     assert!(!logs.iter().any(|l| l.contains("forked")), "{logs:?}");
+    assert_eq!(fork_status(&off, "plain").await["state"], "off");
     assert_eq!(off.stop("plain", &sid).await.status, 200);
 }
 

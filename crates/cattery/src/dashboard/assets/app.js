@@ -258,7 +258,9 @@ async function agentsPage(main) {
     const health = h('td', {}, h('span', { class: 'state-' + a.healthState, 'data-health': a.healthState }, a.healthState.replace(/_/g, ' ')),
       a.errors.map((e) => h('div', { class: 'error' }, e.code + ': ' + e.message)),
       a.currentRevision.health.lastExitCode != null ? h('div', { class: 'hint' }, 'last exit code ' + a.currentRevision.health.lastExitCode) : null,
-      a.currentRevision.health.message && a.healthState === 'crash_loop' ? h('pre', { class: 'logs' }, a.currentRevision.health.message) : null);
+      a.currentRevision.health.message && a.healthState === 'crash_loop' ? h('pre', { class: 'logs' }, a.currentRevision.health.message) : null,
+      a.forkServer ? h('div', { class: a.forkServer.state === 'fallback' ? 'hint error' : 'hint', 'data-fork-server': a.forkServer.state },
+        'fork server: ' + a.forkServer.state + (a.forkServer.reason ? ' (' + a.forkServer.reason + ')' : '')) : null);
     return h('tr', { 'data-agent': a.name },
       h('td', {}, h('b', {}, a.name)),
       health,

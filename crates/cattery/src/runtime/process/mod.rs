@@ -70,6 +70,8 @@ pub struct ProcessRuntime {
 struct Zygotes {
     mode: ForkServerMode,
     by_agent: Mutex<std::collections::HashMap<uuid::Uuid, Arc<Mutex<AgentZygote>>>>,
+    /// What each agent's fork server is doing, for its status.
+    status: zygote::Statuses,
 }
 
 /// One agent's fork server, or why it has none.
@@ -123,6 +125,7 @@ impl ProcessRuntime {
             zygotes: Arc::new(Zygotes {
                 mode: ForkServerMode::On,
                 by_agent: Mutex::new(Default::default()),
+                status: Default::default(),
             }),
         })
     }
@@ -132,6 +135,7 @@ impl ProcessRuntime {
         self.zygotes = Arc::new(Zygotes {
             mode,
             by_agent: Mutex::new(Default::default()),
+            status: Default::default(),
         });
         self
     }
@@ -548,6 +552,10 @@ impl Runtime for ProcessRuntime {
 
     fn isolation(&self) -> String {
         format!("{}; {}", self.cgroups.describe(), self.isolation.describe())
+    }
+
+    fn fork_server(&self, agent: uuid::Uuid) -> Option<crate::runtime::ForkServerStatus> {
+        self.zygotes.status.get(agent)
     }
 
     fn prepare(&self, dep: &DeploymentRecord) -> Result<Prepared, String> {
@@ -984,13 +992,26 @@ fn last_line(p: &Path) -> String {
 /// The fork servers of `local:` Python agents (see [`zygote`]).
 impl ProcessRuntime {
     /// The fork server to fork `spec`'s instance from, started if needed; or why the instance
-    /// is spawned instead (`None`: nothing worth saying, e.g. not a `local:` agent).
+    /// is spawned instead (`None`: nothing worth saying, e.g. not a `local:` agent). The
+    /// outcome is kept for the agent's status ([`Runtime::fork_server`]).
     fn zygote_for(&self, spec: &InstanceSpec) -> Result<Arc<Zygote>, Option<String>> {
-        let runs_runner =
-            spec.args.len() == 1 && Path::new(&spec.args[0]) == self.python.runner_path;
+        let outcome = self.decide_zygote(spec);
+        if let (Some(agent), true) = (spec.agent, self.runs_runner(spec)) {
+            let view = outcome.as_ref().map_err(|e| e.as_deref());
+            self.zygotes.status.record(agent, self.zygotes.mode, view);
+        }
+        outcome
+    }
+
+    /// Whether `spec` runs the bundled Python runner (a `local:` agent).
+    fn runs_runner(&self, spec: &InstanceSpec) -> bool {
+        spec.args.len() == 1 && Path::new(&spec.args[0]) == self.python.runner_path
+    }
+
+    fn decide_zygote(&self, spec: &InstanceSpec) -> Result<Arc<Zygote>, Option<String>> {
         let mut inputs = ForkInputs {
             mode: self.zygotes.mode,
-            runs_runner,
+            runs_runner: self.runs_runner(spec),
             has_agent: spec.agent.is_some(),
             cgroup_v2: self.cgroups.v2_base.is_some(),
             unsafe_reason: None,
@@ -1040,6 +1061,7 @@ impl ProcessRuntime {
         st.unsafe_ = None;
         st.failed = None;
         let t0 = Instant::now();
+        self.zygotes.status.starting(agent);
         match self.start_zygote(key, spec) {
             Started::Ready(z) => {
                 tracing::info!(agent = %agent, pid = z.pid, took_ms = t0.elapsed().as_millis() as u64, "fork server ready");

@@ -119,6 +119,71 @@ pub fn fork_decision(i: &ForkInputs<'_>) -> Result<(), Option<String>> {
     Ok(())
 }
 
+/// What each agent's fork server is doing, for its status (`forkServer` in
+/// `GET /v1/agents/{name}`): written where the runtime decides how to start an instance.
+#[derive(Default)]
+pub struct Statuses {
+    by_agent: Mutex<HashMap<uuid::Uuid, Entry>>,
+}
+
+enum Entry {
+    Starting,
+    Ready(std::sync::Weak<Zygote>),
+    Fallback(String),
+    Off,
+}
+
+impl Statuses {
+    /// Records the outcome of [`fork_decision`] (or of a fork server's start) for `agent`:
+    /// `Ok` with the fork server instances are forked from; `Err(None)` only matters when the
+    /// fork server is turned off; `Err(Some(reason))` is a fallback.
+    pub fn record(
+        &self,
+        agent: uuid::Uuid,
+        mode: ForkServerMode,
+        outcome: Result<&Arc<Zygote>, Option<&str>>,
+    ) {
+        let e = match outcome {
+            Ok(z) => Entry::Ready(Arc::downgrade(z)),
+            Err(Some(r)) => Entry::Fallback(r.to_string()),
+            Err(None) if mode == ForkServerMode::Off => Entry::Off,
+            Err(None) => return,
+        };
+        self.by_agent.lock().insert(agent, e);
+    }
+
+    /// `agent`'s fork server is importing the bot.
+    pub fn starting(&self, agent: uuid::Uuid) {
+        self.by_agent.lock().insert(agent, Entry::Starting);
+    }
+
+    /// The status of `agent`'s fork server, if this runtime has decided anything about it.
+    pub fn get(&self, agent: uuid::Uuid) -> Option<crate::runtime::ForkServerStatus> {
+        use crate::runtime::{ForkServerState as S, ForkServerStatus};
+        let m = self.by_agent.lock();
+        let st = |state, reason: Option<String>, pid| ForkServerStatus { state, reason, pid };
+        Some(match m.get(&agent)? {
+            Entry::Starting => st(S::Starting, None, None),
+            Entry::Ready(z) => match z.upgrade() {
+                Some(z) if z.alive() => st(S::Ready, None, Some(z.pid)),
+                _ => st(
+                    S::Fallback,
+                    Some("the fork server exited; the next start starts a new one".into()),
+                    None,
+                ),
+            },
+            Entry::Fallback(r) => st(S::Fallback, Some(r.clone()), None),
+            Entry::Off => st(
+                S::Off,
+                Some(
+                    "the fork server is turned off on this node (--python-fork-server off)".into(),
+                ),
+                None,
+            ),
+        })
+    }
+}
+
 /// The zygote key of an instance: a hash of what its import can depend on (everything but the
 /// instance's own variables, which its child gets after the fork).
 pub fn zygote_key(

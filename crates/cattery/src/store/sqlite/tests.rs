@@ -295,3 +295,48 @@ async fn upgrades_a_database_of_schema_1() {
     let store = SqliteStore::open(dir.path()).await.unwrap();
     assert_eq!(store.list_instances().await.unwrap().len(), 1);
 }
+
+/// The key cache answers a live key from memory, but a revocation made by another process on
+/// the same file (`cattery keys revoke` while the server runs: here a second store) and one
+/// made through this store are both seen by the very next lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_key_is_refused_at_once_after_any_revocation() {
+    let (dir, store, _) = store_with_agent().await;
+    let (rec, key) = crate::core::keys::issue_key(&store, "o", crate::model::KeyKind::Public, "k")
+        .await
+        .unwrap();
+    let hash = crate::core::keys::hash_key(&key);
+    for _ in 0..3 {
+        let (found, _) = store.find_key(&hash).await.unwrap().unwrap();
+        assert_eq!(found.id, rec.id);
+        assert!(found.revoked_ms.is_none());
+    }
+    let other = SqliteStore::open(dir.path()).await.unwrap();
+    assert!(other.revoke_key("o", rec.id).await.unwrap());
+    let (found, _) = store.find_key(&hash).await.unwrap().unwrap();
+    assert!(found.revoked_ms.is_some(), "the other process's revocation");
+
+    let (rec2, key2) =
+        crate::core::keys::issue_key(&store, "o", crate::model::KeyKind::Private, "k2")
+            .await
+            .unwrap();
+    let hash2 = crate::core::keys::hash_key(&key2);
+    assert!(store
+        .find_key(&hash2)
+        .await
+        .unwrap()
+        .unwrap()
+        .0
+        .revoked_ms
+        .is_none());
+    assert!(store.revoke_key("o", rec2.id).await.unwrap());
+    assert!(store
+        .find_key(&hash2)
+        .await
+        .unwrap()
+        .unwrap()
+        .0
+        .revoked_ms
+        .is_some());
+    assert!(store.find_key(&[0u8; 32]).await.unwrap().is_none());
+}
