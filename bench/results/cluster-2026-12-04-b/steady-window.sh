@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # steady-state window: CPU ticks and context switches of the scratch cluster's backends and of the nodes
-cd /work/wt/pgfast; source /tmp/pgfast.env
+# Run from the repository root with CATTERY_TEST_DATABASE_URL set (scripts/postgres-ci.sh) and
+# release builds of main and of this version in target/ab-main and target/ab-new.
 pm=$(head -1 target/postgres-ci/data/postmaster.pid); hz=$(getconf CLK_TCK)
 snap() { # prints: pg_ticks pg_ctx node_ticks node_ctx
   local pt=0 pc=0 nt=0 nc=0 p
