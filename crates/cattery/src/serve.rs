@@ -183,12 +183,12 @@ async fn log_writer(
                 if n == 0 {
                     break;
                 }
-                if let Err(e) = store.append_logs(&buf).await {
+                // The batch and the size cap's prune: one round trip on PostgreSQL.
+                if let Err(e) = store.append_logs_capped(&buf, max_lines).await {
                     crate::telemetry::log_lines_dropped(buf.len());
                     tracing::error!(error = %e, lines = buf.len(), "could not store log lines");
                 }
                 buf.clear();
-                prune_size(store.clone()).await;
             }
             _ = age_tick.tick() => prune_age(store.clone()).await,
             () = close.cancelled(), if !rx.is_closed() => rx.close(),

@@ -846,6 +846,31 @@ async fn log_pruning(s: &dyn Store) {
         got.into_iter().map(|l| l.line).collect::<Vec<_>>(),
         ["l6", "l7", "l8", "l9"]
     );
+    // The log writer's step: a batch, then the cap (counting the batch's lines); a batch as
+    // large as the cap or larger; no cap.
+    let all = |s: &'static str| LogFilter {
+        limit: 100,
+        query: Some(s.into()),
+        ..Default::default()
+    };
+    let texts = |v: Vec<LogLine>| v.into_iter().map(|l| l.line).collect::<Vec<_>>();
+    s.append_logs_capped(&[line(&a, 100, "c0"), line(&a, 101, "c1")], 5)
+        .await
+        .unwrap();
+    let (_, got) = s.query_logs(a.id, &all("")).await.unwrap();
+    assert_eq!(texts(got), ["l7", "l8", "l9", "c0", "c1"]);
+    let big: Vec<LogLine> = (0..7)
+        .map(|i| line(&a, 200 + i, &format!("b{i}")))
+        .collect();
+    s.append_logs_capped(&big, 5).await.unwrap();
+    let (_, got) = s.query_logs(a.id, &all("")).await.unwrap();
+    assert_eq!(texts(got), ["b2", "b3", "b4", "b5", "b6"]);
+    s.append_logs_capped(&big[..3], 0).await.unwrap();
+    let (n, _) = s.query_logs(a.id, &all("")).await.unwrap();
+    assert_eq!(n, 8);
+    s.append_logs_capped(&[], 5).await.unwrap();
+    let (n, _) = s.query_logs(a.id, &all("")).await.unwrap();
+    assert_eq!(n, 5, "the cap holds after any batch, an empty one too");
 }
 
 async fn nodes(s: &dyn Store) {
@@ -995,6 +1020,10 @@ async fn instance_claims(s: &dyn Store) {
         .find(|r| r.id == inst.id)
         .unwrap();
     assert_eq!(rec.session_id, Some(won[0]));
+    // A refused claim wrote nothing: the losers' sessions are not recorded.
+    for x in sessions.iter().filter(|x| x.id != won[0]) {
+        assert!(s.get_session(x.id).await.unwrap().is_none());
+    }
 }
 
 /// A websocket token is taken once (also when takers race), only for its own org and agent; expired ones are forgotten when

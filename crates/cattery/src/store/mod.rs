@@ -420,6 +420,19 @@ pub trait LogStore: Send + Sync + 'static {
     async fn prune_logs(&self, before_ns: i64) -> StoreResult<u64>;
     /// Keeps only the newest `max_lines` log lines (by arrival); returns rows removed.
     async fn prune_logs_over(&self, max_lines: u64) -> StoreResult<u64>;
+    /// [`LogStore::append_logs`], then [`LogStore::prune_logs_over`] `max_lines` (0: no cap):
+    /// the log writer's step for every batch. A backend may do both in one round trip.
+    /// Errors only when the lines were not stored; a prune that fails after them is logged
+    /// and left to the next batch.
+    async fn append_logs_capped(&self, lines: &[LogLine], max_lines: u64) -> StoreResult<()> {
+        self.append_logs(lines).await?;
+        if max_lines > 0 {
+            if let Err(e) = self.prune_logs_over(max_lines).await {
+                tracing::warn!(error = %e, "could not prune log lines over the size cap");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A Cattery node (one `cattery serve`) as it last reported itself (docs/cluster.md).

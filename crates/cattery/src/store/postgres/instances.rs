@@ -5,7 +5,6 @@ use sqlx::postgres::PgRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::sessions::{end_session, insert_session, set_samples};
 use super::{json_of, PgStore};
 use crate::model::{InstanceRecord, MetricSample, SessionEnd, SessionRecord};
 use crate::store::codec::samples_json;
@@ -76,25 +75,27 @@ impl InstanceStore for PgStore {
         s: &SessionRecord,
         instance_id: Uuid,
     ) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
-        insert_session(&mut tx, s).await?;
-        // The instance's row is locked by the update: a second claim waits for this one and
-        // then finds it promised (`session_id` set): never two sessions on one instance.
-        let (updated, exists): (i64, i64) = sqlx::query_as(
-            "WITH u AS (UPDATE instances SET session_id = $1 WHERE id = $2 \
-             AND (session_id IS NULL OR session_id = $1) RETURNING id) \
-             SELECT (SELECT COUNT(*) FROM u), (SELECT COUNT(*) FROM instances WHERE id = $2)",
+        // One round trip (migrations/postgres/0008): the session's insert and the instance's
+        // promise in one statement, undone together when either is refused (`Conflict`). The
+        // instance's row is locked by the promise: a second claim waits for this one and then
+        // finds it promised, so never two sessions on one instance.
+        let claimed: bool = sqlx::query_scalar(
+            "SELECT cattery_insert_session_for_instance($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+             $10, $11)",
         )
         .bind(s.id)
+        .bind(&s.org)
+        .bind(s.agent_id)
+        .bind(s.deployment_id)
+        .bind(s.created_ms)
+        .bind(s.updated_ms)
+        .bind(s.bot_start_ms)
+        .bind(s.cold_start)
+        .bind(&s.transport)
+        .bind(&s.node_id)
         .bind(instance_id)
-        .fetch_one(&mut *tx)
+        .fetch_one(&self.pool)
         .await?;
-        if updated == 0 && exists > 0 {
-            // Promised to another session: not taken (the transaction rolls back).
-            return Err(crate::store::StoreError::Conflict);
-        }
-        let claimed = updated == 1;
-        tx.commit().await?;
         Ok(claimed)
     }
 
@@ -103,20 +104,42 @@ impl InstanceStore for PgStore {
         instance_id: Uuid,
         session: Option<(Uuid, &SessionEnd, &[MetricSample])>,
     ) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM instances WHERE id = $1")
-            .bind(instance_id)
-            .execute(&mut *tx)
-            .await?;
-        super::cluster::release(&mut tx, instance_id).await?;
-        let mut wrote = false;
-        if let Some((sid, e, samples)) = session {
-            wrote = end_session(&mut tx, sid, e).await?;
-            if !samples.is_empty() {
-                set_samples(&mut tx, sid, &samples_json(samples)).await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(wrote)
+        // One statement (one round trip, atomic): the record goes, the slot is freed with its
+        // agent's count, the session's end is written if none is yet (`e`), and the samples
+        // are written with it, or alone on an end written before (`s`: it runs only when `e`
+        // wrote nothing, so no row is updated twice).
+        let (sid, end, samples) = match session {
+            Some((sid, e, samples)) => (
+                Some(sid),
+                Some(e),
+                (!samples.is_empty()).then(|| samples_json(samples)),
+            ),
+            None => (None, None, None),
+        };
+        let wrote: i64 = sqlx::query_scalar(
+            "WITH i AS (DELETE FROM instances WHERE id = $1), \
+             d AS (DELETE FROM capacity_slots WHERE instance_id = $1 RETURNING agent_id), \
+             c AS (UPDATE agent_capacity a SET used = a.used - 1 FROM d \
+                   WHERE a.agent_id = d.agent_id), \
+             e AS (UPDATE sessions SET ended_ms = $3, updated_ms = $3, end_reason = $4, \
+                   completion_status = $5, exit_code = $6, exit_signal = $7, end_message = $8, \
+                   samples = COALESCE($9, samples) \
+                   WHERE id = $2 AND ended_ms IS NULL RETURNING id), \
+             s AS (UPDATE sessions SET samples = $9 WHERE id = $2 AND $9 IS NOT NULL \
+                   AND NOT EXISTS (SELECT 1 FROM e)) \
+             SELECT COUNT(*) FROM e",
+        )
+        .bind(instance_id)
+        .bind(sid)
+        .bind(end.map(|e| e.ended_ms))
+        .bind(end.map(|e| e.reason.as_str()))
+        .bind(end.map(|e| e.completion_status.as_str()))
+        .bind(end.and_then(|e| e.exit_code).map(i64::from))
+        .bind(end.and_then(|e| e.exit_signal).map(i64::from))
+        .bind(end.and_then(|e| e.message.as_deref()))
+        .bind(samples)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(wrote == 1)
     }
 }

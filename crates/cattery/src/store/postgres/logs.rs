@@ -9,9 +9,6 @@ use super::PgStore;
 use crate::model::LogLine;
 use crate::store::{LogFilter, LogStore, StoreResult};
 
-/// Log lines per multi-row `INSERT` (8 bound values each, far below PostgreSQL's 65,535).
-const LOG_ROWS_PER_INSERT: usize = 512;
-
 fn line_from_row(r: &PgRow) -> StoreResult<LogLine> {
     let stream: String = r.try_get(6)?;
     Ok(LogLine {
@@ -52,31 +49,66 @@ fn push_filter(q: &mut QueryBuilder<'_, Postgres>, agent_id: Uuid, f: &LogFilter
     }
 }
 
+/// Appends `lines` in one statement whatever their number (one array per column, unnested in
+/// order, so one prepared statement serves every batch size); with `prune_over`, in the same
+/// statement, the delete of every line but the newest `prune_over` (as
+/// [`LogStore::prune_logs_over`], counted from this batch's newest line; the delete cannot
+/// see the batch's own lines, so it never removes them).
+async fn insert(
+    pool: &sqlx::PgPool,
+    lines: &[LogLine],
+    prune_over: Option<i64>,
+) -> StoreResult<()> {
+    const INSERT: &str = "INSERT INTO logs (org, agent_id, deployment_id, session_id, \
+        instance_id, ts_ns, stream, line) \
+        SELECT o, a, d, s, i, t, st, l FROM unnest($1::TEXT[], $2::UUID[], $3::UUID[], \
+        $4::UUID[], $5::UUID[], $6::BIGINT[], $7::TEXT[], $8::TEXT[]) \
+        WITH ORDINALITY AS u(o, a, d, s, i, t, st, l, n) ORDER BY n";
+    let sql = match prune_over {
+        None => std::borrow::Cow::Borrowed(INSERT),
+        Some(_) => std::borrow::Cow::Owned(format!(
+            "WITH i AS ({INSERT} RETURNING seq) \
+             DELETE FROM logs WHERE seq <= (SELECT MAX(seq) FROM i) - $9"
+        )),
+    };
+    let mut q = sqlx::query(&sql)
+        .bind(lines.iter().map(|l| l.org.as_str()).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.agent_id).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.deployment_id).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.session_id).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.instance_id).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.ts_ns).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.stream).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.line.as_str()).collect::<Vec<_>>());
+    if let Some(max) = prune_over {
+        q = q.bind(max);
+    }
+    q.execute(pool).await?;
+    Ok(())
+}
+
 #[async_trait]
 impl LogStore for PgStore {
     async fn append_logs(&self, lines: &[LogLine]) -> StoreResult<()> {
         if lines.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
-        for chunk in lines.chunks(LOG_ROWS_PER_INSERT) {
-            let mut q = QueryBuilder::<Postgres>::new(
-                "INSERT INTO logs (org, agent_id, deployment_id, session_id, instance_id, ts_ns, \
-                 stream, line) ",
-            );
-            q.push_values(chunk, |mut b, l| {
-                b.push_bind(&l.org)
-                    .push_bind(l.agent_id)
-                    .push_bind(l.deployment_id)
-                    .push_bind(l.session_id)
-                    .push_bind(l.instance_id)
-                    .push_bind(l.ts_ns)
-                    .push_bind(l.stream)
-                    .push_bind(&l.line);
-            });
-            q.build().execute(&mut *tx).await?;
+        // One statement, atomic by itself.
+        insert(&self.pool, lines, None).await
+    }
+
+    async fn append_logs_capped(&self, lines: &[LogLine], max_lines: u64) -> StoreResult<()> {
+        let max = i64::try_from(max_lines).unwrap_or(i64::MAX);
+        if !lines.is_empty() && max > 0 && (lines.len() as u64) < max_lines {
+            // The batch and the prune in one statement (one round trip).
+            return insert(&self.pool, lines, Some(max)).await;
         }
-        tx.commit().await?;
+        self.append_logs(lines).await?;
+        if max_lines > 0 {
+            if let Err(e) = self.prune_logs_over(max_lines).await {
+                tracing::warn!(error = %e, "could not prune log lines over the size cap");
+            }
+        }
         Ok(())
     }
 
