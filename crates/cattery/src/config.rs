@@ -475,7 +475,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CATTERY_BUILD_BASE_IMAGE", help_heading = "Runtime")]
     pub build_base_image: Option<String>,
     /// Where the process runtime keeps instance directories (output files, `HOME`, `TMPDIR`):
-    /// `auto` puts them on a memory file system (`/run/cattery/instances` or
+    /// `auto` puts them on a memory file system (`/run/cattery-instances` or
     /// `/dev/shm/cattery-<uid>`, a tmpfs with at least 256 MiB free) behind a link at
     /// `<data dir>/instances`, else in the data dir; `data` keeps them in the data dir; or a
     /// directory of your choice [default: auto].

@@ -10,7 +10,7 @@
 //! `<data dir>/instances` stays the one path the rest of Cattery knows (recorded placements,
 //! restart re-adoption, the sweep of leftovers): it becomes a symbolic link to
 //! `<runtime dir>/<server id>`. The runtime dir is `--runtime-dir` when given; with `auto` (the
-//! default) the first of `/run/cattery/instances` (as root) and `/dev/shm/cattery-<uid>` whose
+//! default) the first of `/run/cattery-instances` (as root) and `/dev/shm/cattery-<uid>` whose
 //! file system is a `tmpfs` with at least [`MIN_FREE`] free; with `data` (or when none
 //! qualifies) instances stay in a real `<data dir>/instances` directory. A real directory that
 //! still holds instances (from a server that kept them there) is kept until it is empty, so
@@ -119,7 +119,8 @@ fn candidates() -> Vec<PathBuf> {
     let uid = nix::unistd::geteuid();
     let mut c = Vec::new();
     if uid.is_root() {
-        c.push(PathBuf::from("/run/cattery/instances"));
+        // Not under `/run/cattery`: that one is private to the server (the lock files).
+        c.push(PathBuf::from("/run/cattery-instances"));
     } else if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         c.push(PathBuf::from(d).join("cattery-instances"));
     }
