@@ -213,6 +213,9 @@ pub struct RuntimeConfig {
     pub builder: String,
     /// What `FROM dailyco/pipecat-base...` becomes in a Docker build.
     pub build_base_image: String,
+    /// Where instance directories live: `auto` (a tmpfs when one has room, else the data
+    /// dir), `data`, or a directory (`runtime/process/rundir.rs`).
+    pub runtime_dir: String,
 }
 
 /// The default instance uid range: above the `/etc/subuid` and systemd container ranges.
@@ -242,6 +245,7 @@ impl Default for RuntimeConfig {
             build_timeout_seconds: 600.0,
             builder: "auto".into(),
             build_base_image: "cattery-test/pipecat-base:latest".into(),
+            runtime_dir: "auto".into(),
         }
     }
 }
@@ -470,6 +474,13 @@ pub struct ServeArgs {
     /// that follows the base image's contract [default: cattery-test/pipecat-base:latest].
     #[arg(long, env = "CATTERY_BUILD_BASE_IMAGE", help_heading = "Runtime")]
     pub build_base_image: Option<String>,
+    /// Where the process runtime keeps instance directories (output files, `HOME`, `TMPDIR`):
+    /// `auto` puts them on a memory file system (`/run/cattery-instances` or
+    /// `/dev/shm/cattery-<uid>`, a tmpfs with at least 256 MiB free) behind a link at
+    /// `<data dir>/instances`, else in the data dir; `data` keeps them in the data dir; or a
+    /// directory of your choice [default: auto].
+    #[arg(long, env = "CATTERY_RUNTIME_DIR", help_heading = "Runtime")]
+    pub runtime_dir: Option<String>,
 
     /// Seconds between SIGTERM and SIGKILL when an instance is removed, for agents that set no
     /// `stopGraceSeconds`; 0 means SIGKILL at once [default: 5].
@@ -605,6 +616,7 @@ impl Config {
             self.runtime.build_timeout_seconds => a.build_timeout_seconds,
             self.runtime.builder => a.builder,
             self.runtime.build_base_image => a.build_base_image,
+            self.runtime.runtime_dir => a.runtime_dir,
             se.stop_grace_seconds => a.stop_grace_seconds,
             se.start_timeout_seconds => a.start_timeout_seconds,
             se.drain_timeout_seconds => a.drain_timeout_seconds,
@@ -744,6 +756,10 @@ impl Config {
             .python_fork_server
             .parse::<crate::runtime::process::zygote::ForkServerMode>()
             .map_err(|e| anyhow::anyhow!("--python-fork-server {e}"))?;
+        self.runtime
+            .runtime_dir
+            .parse::<crate::runtime::process::rundir::RuntimeDir>()
+            .map_err(|e| anyhow::anyhow!("--runtime-dir {e}"))?;
         self.web.validate()?;
         Ok(())
     }

@@ -447,6 +447,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .python_fork_server
             .parse()
             .unwrap_or(crate::runtime::process::zygote::ForkServerMode::On),
+        runtime_dir: config.runtime.runtime_dir.parse().unwrap_or_default(),
     })?;
     let runtime = built.runtime;
     let (log_tx, log_rx) = mpsc::unbounded_channel();

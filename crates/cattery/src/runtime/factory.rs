@@ -31,6 +31,8 @@ pub struct RuntimeConfig {
     pub image_pull_policy: PullPolicy,
     /// Whether `local:` Python instances are forked from a fork server.
     pub python_fork_server: super::process::zygote::ForkServerMode,
+    /// Where instance directories live (process runtime; `--runtime-dir`).
+    pub runtime_dir: super::process::rundir::RuntimeDir,
 }
 
 /// The runtimes a configuration builds: the one the engine drives, and the Docker runtime in
@@ -43,14 +45,17 @@ pub struct Built {
 }
 
 fn process(cfg: &RuntimeConfig) -> anyhow::Result<ProcessRuntime> {
-    Ok(
-        ProcessRuntime::new(cfg.instances_dir.clone(), &cfg.server_id, cfg.instance_uids)?
-            .with_python_runner(PythonRunner::new(
-                cfg.python.clone(),
-                cfg.runner_path.clone(),
-            ))
-            .with_fork_server(cfg.python_fork_server),
-    )
+    Ok(ProcessRuntime::new(
+        cfg.instances_dir.clone(),
+        &cfg.server_id,
+        cfg.instance_uids,
+        &cfg.runtime_dir,
+    )?
+    .with_python_runner(PythonRunner::new(
+        cfg.python.clone(),
+        cfg.runner_path.clone(),
+    ))
+    .with_fork_server(cfg.python_fork_server))
 }
 
 fn docker(cfg: &RuntimeConfig) -> Arc<DockerRuntime> {
@@ -122,6 +127,7 @@ mod tests {
             docker_host: None,
             image_pull_policy: PullPolicy::Missing,
             python_fork_server: crate::runtime::process::zygote::ForkServerMode::On,
+            runtime_dir: Default::default(),
         };
         assert!(build(&cfg).is_err());
     }

@@ -77,6 +77,12 @@ pub fn escape_bytes(b: &[u8]) -> String {
 /// Bytes read per `pread` while catching up.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// Output already captured (and its offset saved) is given back to the file system in steps
+/// of this size, by punching a hole over it: a chatty instance that lives for hours keeps at
+/// most about this much of its output in memory when instance directories are on a tmpfs
+/// (`runtime/process/rundir.rs`). The file's size and offsets stay as they were.
+const RELEASE_STEP: u64 = 1 << 20;
+
 struct Tail {
     path: PathBuf,
     /// Kept open for the tailer's life (opened on first use): a poll that finds nothing new is
@@ -85,6 +91,8 @@ struct Tail {
     stream: &'static str,
     offset: u64,
     partial: Vec<u8>,
+    /// Bytes from the start already given back ([`RELEASE_STEP`]).
+    released: u64,
 }
 
 impl Tail {
@@ -95,6 +103,23 @@ impl Tail {
             stream,
             offset,
             partial: Vec::new(),
+            released: 0,
+        }
+    }
+
+    /// Gives back whole [`RELEASE_STEP`]s of what was read, up to the offset last saved
+    /// (`saved`): a restarted server resumes from there and never reads the hole.
+    fn release_read(&mut self, saved: u64) {
+        let upto = saved & !(RELEASE_STEP - 1);
+        if upto <= self.released {
+            return;
+        }
+        if let Some(f) = &self.file {
+            use nix::fcntl::{fallocate, FallocateFlags};
+            let how = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+            if fallocate(f, how, 0, upto as i64).is_ok() {
+                self.released = upto;
+            }
         }
     }
 
@@ -118,7 +143,13 @@ impl Tail {
     fn poll(&mut self, sink: &LogSink, flush_partial: bool) -> bool {
         let mut got = false;
         if self.file.is_none() {
-            self.file = std::fs::File::open(&self.path).ok();
+            // Writable too, to give back what was read (`release_read`).
+            self.file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.path)
+                .or_else(|_| std::fs::File::open(&self.path))
+                .ok();
         }
         if let Some(f) = self.file.take() {
             // Usually nothing is new: one small read into a stack buffer, so an idle tail
@@ -219,14 +250,14 @@ impl Tailer {
                         }
                     }
                     if got {
-                        let _ = std::fs::write(
-                            &offsets_file,
-                            format!(
-                                "{} {}",
-                                tails[0].offset - tails[0].partial.len() as u64,
-                                tails[1].offset - tails[1].partial.len() as u64
-                            ),
-                        );
+                        let saved = tails.each_ref().map(|t| t.offset - t.partial.len() as u64);
+                        if std::fs::write(&offsets_file, format!("{} {}", saved[0], saved[1]))
+                            .is_ok()
+                        {
+                            for (t, s) in tails.iter_mut().zip(saved) {
+                                t.release_read(s);
+                            }
+                        }
                     }
                 }
                 idle = if got {
@@ -332,5 +363,66 @@ mod tests {
     fn escapes_invalid_utf8() {
         assert_eq!(escape_bytes(b"ok \xff\xfe end"), "ok \\xff\\xfe end");
         assert_eq!(escape_bytes("héllo".as_bytes()), "héllo");
+    }
+
+    #[tokio::test]
+    async fn captured_output_is_given_back_and_offsets_stay() {
+        use std::io::Write;
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (out, err) = (dir.path().join("stdout.log"), dir.path().join("stderr.log"));
+        let mut o = std::fs::File::create(&out).unwrap();
+        std::fs::File::create(&err).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sink = LogSink {
+            tx,
+            attribution: Arc::new(Mutex::new(LogAttribution {
+                org: "o".into(),
+                agent_id: Uuid::nil(),
+                deployment_id: Uuid::nil(),
+                instance_id: Uuid::nil(),
+                session_id: None,
+            })),
+        };
+        let tailer = Tailer::start(out.clone(), err, (0, 0), dir.path().join("offsets"), sink);
+        let line = format!("{}\n", "y".repeat(1023));
+        let lines = 3 * 1024 + 10;
+        for _ in 0..lines {
+            o.write_all(line.as_bytes()).unwrap();
+        }
+        o.sync_all().unwrap();
+        for _ in 0..lines {
+            let l = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(l.line.len(), 1023);
+        }
+        // The next poll saves the offsets and punches the hole: wait for it.
+        let total = (lines * 1024) as u64;
+        let t = std::time::Instant::now();
+        loop {
+            let m = std::fs::metadata(&out).unwrap();
+            assert_eq!(m.len(), total, "the size stays");
+            if m.blocks() * 512 < 2 << 20 || t.elapsed() > Duration::from_secs(5) {
+                assert!(
+                    m.blocks() * 512 < 2 << 20,
+                    "{} bytes still allocated",
+                    m.blocks() * 512
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Later output is still captured after the hole.
+        o.write_all(b"after\n").unwrap();
+        let l = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.line, "after");
+        tailer.drain().await;
+        let offsets = read_offsets(&dir.path().join("offsets")).unwrap();
+        assert_eq!(offsets.0, total + 6);
     }
 }

@@ -50,6 +50,21 @@ impl Isolation {
                  parent directories other users may traverse (mode o+x)"
             ));
         }
+        // Instance directories on a runtime dir (`super::rundir`): its parents too.
+        if fs::symlink_metadata(instances_dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            let target = fs::canonicalize(instances_dir);
+            if let Some(Err(why)) = target
+                .ok()
+                .as_deref()
+                .and_then(Path::parent)
+                .map(traversable_by_others)
+            {
+                return off(format!(
+                    "instances could not reach their directories: {why}; choose a --runtime-dir \
+                     whose parent directories other users may traverse (mode o+x)"
+                ));
+            }
+        }
         let Some(lock_dir) = super::locks::lock_dir("uids") else {
             return off("no private lock directory for the uid reservations".into());
         };

@@ -17,6 +17,7 @@ pub mod placement;
 pub mod ports;
 pub mod python;
 pub mod reaper;
+pub mod rundir;
 pub mod spawn;
 pub mod uids;
 pub mod zygote;
@@ -89,16 +90,18 @@ const ZYGOTE_RETRY: Duration = Duration::from_secs(60);
 
 impl ProcessRuntime {
     /// Creates the runtime. `instances_dir` (`<data dir>/instances`) holds one directory per
-    /// live instance; `server_id` names this server's cgroup subtree; `uids` is the range of
-    /// instance uids (`None`: instances run as the server's uid). Closes the data directory
-    /// (the parent of `instances_dir`) to instances, and logs how instances are separated.
-    /// Must run inside tokio.
+    /// live instance, itself or through a link to `runtime_dir` ([`rundir`]); `server_id`
+    /// names this server's cgroup subtree; `uids` is the range of instance uids (`None`:
+    /// instances run as the server's uid). Closes the data directory (the parent of
+    /// `instances_dir`) to instances, and logs how instances are separated. Must run inside
+    /// tokio.
     pub fn new(
         instances_dir: PathBuf,
         server_id: &str,
         uids: Option<UidRange>,
+        runtime_dir: &rundir::RuntimeDir,
     ) -> std::io::Result<Self> {
-        fs::create_dir_all(&instances_dir)?;
+        rundir::place(&instances_dir, server_id, runtime_dir)?;
         let nofile = spawn::raise_nofile_limit();
         tracing::debug!(nofile, "open-files limit");
         let isolation = Isolation::configure(uids, &instances_dir);
@@ -183,6 +186,7 @@ impl ProcessRuntime {
         {
             let _ = fs::remove_dir(d);
         }
+        rundir::remove_if_empty(&self.instances_dir);
         self.cgroups.remove_liveness_lock();
     }
 

@@ -129,10 +129,10 @@ impl UidPool {
         if !was.is_empty() && uid_has_processes(uid) {
             return false;
         }
-        let ok = lock.set_len(0).is_ok()
-            && lock.rewind().is_ok()
-            && lock.write_all(IN_USE).is_ok()
-            && lock.sync_data().is_ok();
+        // Not synced to disk: the mark only has to outlive this server (the page cache keeps
+        // it), not the machine; a reboot ends the instance too. (A sync here was a disk
+        // flush per instance start.)
+        let ok = lock.set_len(0).is_ok() && lock.rewind().is_ok() && lock.write_all(IN_USE).is_ok();
         if ok {
             held.insert(uid, lock);
         }
