@@ -269,21 +269,42 @@ pub fn spawn_watch(
 }
 
 /// Heartbeats until the returned handle is aborted: the first at once, then every
-/// [`NodeIdentity::heartbeat_every`]. `counts` gives the live and busy instances. A failed
-/// heartbeat (the database down) is logged and retried at the next tick.
+/// [`NodeIdentity::heartbeat_every`], with the engine's live and busy instance counts. A failed
+/// heartbeat (the database down) is logged and retried at the next tick. Each heartbeat the
+/// store takes is reported to the engine (`Supervisor::heartbeat_recorded`): after one that
+/// came later than the node timeout, the node may have been taken over, and it reconciles
+/// with the store (`Supervisor::rejoin`) before it takes new sessions again.
 pub fn spawn_heartbeats(
     store: Arc<dyn Store>,
     me: NodeIdentity,
-    counts: impl Fn() -> (i64, i64) + Send + 'static,
+    sup: std::sync::Weak<crate::core::session::Supervisor>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(me.heartbeat_every());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let (instances, busy) = counts();
-            if let Err(e) = store.heartbeat(&me.record(instances, busy)).await {
+            let Some(s) = sup.upgrade() else { break };
+            let (instances, busy) = s.instance_counts();
+            let made = tokio::time::Instant::now();
+            let rec = me.record(i64::from(instances), i64::from(busy));
+            if let Err(e) = store.heartbeat(&rec).await {
                 tracing::warn!(error = %e, node = %me.id, "heartbeat not recorded");
+                continue;
+            }
+            if s.heartbeat_recorded(made) {
+                tracing::warn!(node = %me.id,
+                    "this node's heartbeats were late (longer than the node timeout): it may have been taken over; reconciling with the store");
+                tokio::spawn(async move {
+                    let ok = match s.rejoin().await {
+                        Ok(_) => true,
+                        Err(e) => {
+                            tracing::error!(error = %e, "could not reconcile with the store after late heartbeats; trying again");
+                            false
+                        }
+                    };
+                    s.rejoined(ok);
+                });
             }
         }
     })

@@ -476,3 +476,155 @@ async fn a_forwarded_stop_costs_about_a_local_one() {
         "local {l:?}, forwarded {f:?}"
     );
 }
+
+/// A node cut off (SIGSTOP: alive, but silent) for longer than the node timeout is taken
+/// over: another node ends its process sessions `lost`. When it runs again (SIGCONT) it is
+/// fenced until it has reconciled with the store: it removes the processes of the sessions
+/// it lost (never two lives for one session) without writing a second end, then serves new
+/// sessions as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_cut_off_and_back_removes_what_it_lost_and_serves_again() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let sh = Shared::new(&pg);
+    let nodes = start_nodes(
+        &sh,
+        3,
+        "2",
+        &[],
+        (
+            "cut",
+            json!({"autoScaling": {"minAgents": 0, "maxAgents": 3}}),
+        ),
+    )
+    .await;
+    let mut sids = Vec::new();
+    let mut pids = Vec::new();
+    for _ in 0..2 {
+        let sid = nodes[1].start_ok("cut").await;
+        let (st, info) = session_pid(&nodes[1], "cut", &sid).await;
+        assert_eq!(st, 200, "{info}");
+        pids.push(info["pid"].as_i64().unwrap() as i32);
+        sids.push(sid);
+    }
+    nodes[1].signal(libc_sig::SIGSTOP);
+    let mut ends = Vec::new();
+    for sid in &sids {
+        let s = wait_for(
+            Duration::from_secs(10),
+            "the cut-off node's session to end",
+            || async {
+                let s = nodes[0].session("cut", sid).await;
+                (!s["endedAt"].is_null()).then_some(s)
+            },
+        )
+        .await;
+        assert_eq!(s["endReason"], "lost", "{s}");
+        assert!(s.to_string().contains("node n2 was lost"), "{s}");
+        ends.push(s);
+    }
+    // Its processes run on while their node is stopped.
+    assert!(pids.iter().all(|&p| pid_alive(p)));
+    nodes[1].signal(libc_sig::SIGCONT);
+    let t0 = Instant::now();
+    while pids.iter().any(|&p| pid_alive(p)) {
+        if t0.elapsed() > Duration::from_secs(15) {
+            let listed = nodes[0]
+                .req("GET", "/v1/cluster/nodes", Some(&nodes[0].sk), None)
+                .await;
+            panic!(
+                "the returning node did not remove the processes of its lost sessions: {}\n{}",
+                listed.body,
+                nodes[1].log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Fenced until reconciled (503 NODE_FENCED), then it serves new sessions.
+    let sid = wait_for(
+        Duration::from_secs(15),
+        "the returning node to take a new session",
+        || async {
+            let r = nodes[1].start_session("cut", json!({})).await;
+            if r.status == 200 {
+                return Some(r.body["sessionId"].as_str().unwrap().to_string());
+            }
+            assert_eq!(r.status, 503, "{:?}", r.body);
+            assert_eq!(r.body["code"], "NODE_FENCED", "{:?}", r.body);
+            None
+        },
+    )
+    .await;
+    let (st, info) = session_pid(&nodes[0], "cut", &sid).await;
+    assert_eq!(st, 200, "{info}");
+    let pid = info["pid"].as_i64().unwrap() as i32;
+    let r = nodes[0].stop("cut", &sid).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(!pid_alive(pid));
+    // One terminal state each: the first end stays, whatever node is asked.
+    for (sid, first) in sids.iter().zip(&ends) {
+        for n in &nodes {
+            let s = n.session("cut", sid).await;
+            assert_eq!(s["endReason"], "lost", "{s}");
+            assert_eq!(s["endedAt"], first["endedAt"], "{s}");
+        }
+        assert_eq!(nodes[1].stop("cut", sid).await.status, 200);
+    }
+    assert!(
+        nodes[1].agent_pids().is_empty(),
+        "{:?}",
+        nodes[1].agent_pids()
+    );
+}
+
+/// Signal numbers (Linux).
+mod libc_sig {
+    pub const SIGCONT: i32 = 18;
+    pub const SIGSTOP: i32 = 19;
+}
+
+/// A node alone on its database, cut off from it for longer than the node timeout: nobody
+/// takes it over, so once the database is back it finds every record still its own and
+/// keeps everything: its session runs on and ends normally, and it takes new sessions again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lone_node_cut_off_from_its_database_keeps_its_sessions() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let sh = Shared::new(&pg);
+    let nodes = start_nodes(&sh, 1, "1", &[], ("alone", json!({}))).await;
+    let n = &nodes[0];
+    let sid = n.start_ok("alone").await;
+    let (st, info) = session_pid(n, "alone", &sid).await;
+    assert_eq!(st, 200, "{info}");
+    let pid = info["pid"].as_i64().unwrap() as i32;
+    pg.pg_stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    pg.pg_start();
+    let fresh = wait_for(
+        Duration::from_secs(30),
+        "the node to take a new session after the outage",
+        || async {
+            let r = n.start_session("alone", json!({})).await;
+            if r.status == 200 {
+                return Some(r.body["sessionId"].as_str().unwrap().to_string());
+            }
+            assert_eq!(r.status, 503, "{:?}", r.body);
+            None
+        },
+    )
+    .await;
+    assert!(
+        pid_alive(pid),
+        "the outage ended a session nobody took over"
+    );
+    let s = n.session("alone", &sid).await;
+    assert!(s["endedAt"].is_null(), "{s}");
+    for id in [&sid, &fresh] {
+        let r = n.stop("alone", id).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(n.session("alone", id).await["endReason"], "stopped");
+    }
+    assert!(!pid_alive(pid));
+}

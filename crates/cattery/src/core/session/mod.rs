@@ -27,6 +27,7 @@ mod actor;
 mod admission;
 mod cleanup;
 mod ending;
+mod fence;
 mod health;
 mod observe;
 mod pending;
@@ -60,6 +61,7 @@ use crate::store::Store;
 pub use health::{Health, StartFailure, CRASH_LOOP_THRESHOLD};
 pub use state::InstState;
 
+pub use fence::Rejoined;
 use state::{AgentPool, InstanceCtl, State};
 
 /// How often a starting instance's `/readyz` is polled, at most. The first polls come sooner
@@ -214,6 +216,8 @@ pub struct Supervisor {
     /// Deployments whose `deployment.ready`/`deployment.failed` was reported (or that were
     /// running before this start of the server): each is reported once.
     announced: Mutex<std::collections::HashSet<Uuid>>,
+    /// Whether this node is fenced (its heartbeats were late): see `fence`.
+    fence: Mutex<fence::Fence>,
 }
 
 /// This node among the live nodes on the store (docs/cluster.md): its id (recorded with the
@@ -276,6 +280,7 @@ impl Supervisor {
             cluster: Mutex::new(ClusterView::default()),
             events: std::sync::OnceLock::new(),
             announced: Mutex::new(std::collections::HashSet::new()),
+            fence: Mutex::new(fence::Fence::default()),
         });
         let weak = Arc::downgrade(&sup);
         tokio::spawn(async move {
@@ -435,6 +440,9 @@ impl Supervisor {
     pub fn check_startable(&self, org: &str, name: &str) -> CoreResult<()> {
         if self.is_draining() {
             return Err(CoreError::Draining);
+        }
+        if self.is_fenced() {
+            return Err(CoreError::Fenced);
         }
         let st = self.state.lock();
         let p = st

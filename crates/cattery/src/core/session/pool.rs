@@ -75,7 +75,8 @@ impl Supervisor {
     /// `maxAgents`); one that gets none is not started (the next tick tries again). Does
     /// nothing until [`Supervisor::recover`] has finished (which then reconciles every agent).
     pub fn reconcile(self: &Arc<Self>, agent_id: Uuid) {
-        if !self.recovered.load(Ordering::SeqCst) {
+        // A fenced node changes nothing until it has reconciled with the store.
+        if !self.recovered.load(Ordering::SeqCst) || self.is_fenced() {
             return;
         }
         let view = self.cluster_view();

@@ -176,6 +176,9 @@ impl Supervisor {
         if self.is_draining() {
             return Err(CoreError::Draining);
         }
+        if self.is_fenced() {
+            return Err(CoreError::Fenced);
+        }
         let not_found = || CoreError::NotFound(format!("agent {agent_name} not found"));
         let agent_id = *st
             .by_name
