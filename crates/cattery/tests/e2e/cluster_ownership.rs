@@ -7,90 +7,29 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::{free_port, pid_alive, tagged_pids, wait_for, Server};
+use crate::common::cluster::CLUSTER_SECRET as SECRET;
+use crate::common::{pid_alive, tagged_pids, wait_for, Cluster, Server};
 use crate::postgres::PgCluster;
 
-/// The cluster secret every node of these tests reads.
-const SECRET: &str = "0123456789abcdef0123456789abcdef-test-cluster";
-
-/// The nodes' shared settings: the database, the secret file.
-struct Shared {
-    url: String,
-    secret_file: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Shared {
-    fn new(pg: &PgCluster) -> Shared {
-        let dir = tempfile::tempdir().unwrap();
-        let secret_file = dir.path().join("cluster.secret");
-        std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
-        Shared {
-            url: pg.url(),
-            secret_file,
-            _dir: dir,
-        }
-    }
-}
-
-/// Starts node `id` on the shared database: its own port, data dir and advertise URL, the
-/// cluster secret, node timeout `timeout_s`, and `extra` flags.
-async fn start_node(sh: &Shared, id: &str, timeout_s: &str, extra: &[&str]) -> Server {
-    let port = free_port();
-    let mut args: Vec<String> = [
-        "--node-id",
-        id,
-        "--advertise-url",
-        &format!("http://127.0.0.1:{port}"),
-        "--cluster-secret-file",
-        &sh.secret_file.display().to_string(),
-        "--node-timeout",
-        timeout_s,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut s = Server {
-        child: None,
-        port,
-        base: format!("http://127.0.0.1:{port}"),
-        sk: String::new(),
-        pk: String::new(),
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(32)
-            .build()
-            .unwrap(),
-        args,
-        tag: uuid::Uuid::new_v4().to_string(),
-        env: vec![("CATTERY_DATABASE_URL".into(), sh.url.clone())],
-        nofile: None,
-        dir: tempfile::tempdir().unwrap(),
-    };
-    s.spawn().await;
-    s.sk = s.key("private", "default");
-    s.pk = s.key("public", "default");
-    s
-}
-
-/// `n` nodes `n1..` on one database (distinct from the `start_cluster` helper of
-/// tests/common: this one sets the cluster secret and advertise URLs these tests need). The
-/// agent `agent` is deployed on the first node before the others start (so every node knows
-/// it from its start, whatever the propagation of agent changes).
+/// `n` nodes `n1..` on one database ([`Cluster`]: shared secrets key and cluster secret,
+/// advertise URLs), node timeout `timeout_s`, and `extra` flags. The agent `agent` is deployed
+/// on the first node before the others start (so every node knows it from its start,
+/// whatever the propagation of agent changes).
 async fn start_nodes(
-    sh: &Shared,
+    pg: &PgCluster,
     n: usize,
     timeout_s: &str,
     extra: &[&str],
     agent: (&str, Value),
-) -> Vec<Server> {
-    let first = start_node(sh, "n1", timeout_s, extra).await;
-    first.deploy(agent.0, &[], agent.1).await;
-    let mut nodes = vec![first];
-    for i in 2..=n {
-        nodes.push(start_node(sh, &format!("n{i}"), timeout_s, extra).await);
+) -> Cluster {
+    let mut flags = vec!["--node-timeout", timeout_s];
+    flags.extend_from_slice(extra);
+    let mut c = Cluster::new(&pg.url(), &flags);
+    c.add_node().await.deploy(agent.0, &[], agent.1).await;
+    for _ in 1..n {
+        c.add_node().await;
     }
-    nodes
+    c
 }
 
 /// The pid of a session's agent process, through the session proxy of `via`.
@@ -115,8 +54,8 @@ async fn any_node_lists_proxies_and_stops_another_nodes_session() {
     let Some(pg) = PgCluster::start() else {
         return;
     };
-    let sh = Shared::new(&pg);
-    let nodes = start_nodes(&sh, 3, "2", &[], ("fwd", json!({}))).await;
+    let cluster = start_nodes(&pg, 3, "2", &[], ("fwd", json!({}))).await;
+    let nodes = &cluster.nodes;
     let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
     let sid = n2.start_ok("fwd").await;
 
@@ -182,7 +121,7 @@ async fn any_node_lists_proxies_and_stops_another_nodes_session() {
     assert_eq!(again.body, r.body);
     eprintln!("forwarded stop took {took:?}");
 
-    for n in &nodes {
+    for n in nodes.iter() {
         let s = n.session("fwd", &sid).await;
         assert_eq!(s["endReason"], "stopped", "{s}");
     }
@@ -198,9 +137,8 @@ async fn a_lost_node_has_its_sessions_ended_and_leaves_no_process_on_return() {
     let Some(pg) = PgCluster::start() else {
         return;
     };
-    let sh = Shared::new(&pg);
-    let mut nodes = start_nodes(
-        &sh,
+    let mut cluster = start_nodes(
+        &pg,
         3,
         "2",
         &[],
@@ -210,6 +148,7 @@ async fn a_lost_node_has_its_sessions_ended_and_leaves_no_process_on_return() {
         ),
     )
     .await;
+    let nodes = &mut cluster.nodes;
     let mut sids = Vec::new();
     let mut pids = Vec::new();
     for _ in 0..2 {
@@ -319,9 +258,8 @@ async fn a_rolling_restart_under_a_trickle_loses_nothing() {
     let Some(pg) = PgCluster::start() else {
         return;
     };
-    let sh = Shared::new(&pg);
-    let mut nodes = start_nodes(
-        &sh,
+    let mut cluster = start_nodes(
+        &pg,
         3,
         "6",
         &[],
@@ -331,6 +269,7 @@ async fn a_rolling_restart_under_a_trickle_loses_nothing() {
         ),
     )
     .await;
+    let nodes = &mut cluster.nodes;
     let tag = nodes[0].tag.clone();
     let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
     let (pk, sk, http) = (
@@ -410,7 +349,7 @@ async fn a_rolling_restart_under_a_trickle_loses_nothing() {
     for sid in &t.started {
         let s = nodes[0].session("roll", sid).await;
         if s["endReason"] != "stopped" {
-            for n in &nodes {
+            for n in nodes.iter() {
                 let log = n.log();
                 let at = s["createdAt"].as_str().unwrap_or("")[..18].to_string();
                 let lines: Vec<&str> = log
@@ -440,9 +379,8 @@ async fn a_forwarded_stop_costs_about_a_local_one() {
     let Some(pg) = PgCluster::start() else {
         return;
     };
-    let sh = Shared::new(&pg);
-    let nodes = start_nodes(
-        &sh,
+    let cluster = start_nodes(
+        &pg,
         2,
         "2",
         &[],
@@ -452,6 +390,7 @@ async fn a_forwarded_stop_costs_about_a_local_one() {
         ),
     )
     .await;
+    let nodes = &cluster.nodes;
     nodes[1].wait_ready("cost", Duration::from_secs(20)).await;
     let (mut local, mut forwarded) = (Vec::new(), Vec::new());
     for i in 0..30 {
@@ -487,9 +426,8 @@ async fn a_node_cut_off_and_back_removes_what_it_lost_and_serves_again() {
     let Some(pg) = PgCluster::start() else {
         return;
     };
-    let sh = Shared::new(&pg);
-    let nodes = start_nodes(
-        &sh,
+    let cluster = start_nodes(
+        &pg,
         3,
         "2",
         &[],
@@ -499,6 +437,7 @@ async fn a_node_cut_off_and_back_removes_what_it_lost_and_serves_again() {
         ),
     )
     .await;
+    let nodes = &cluster.nodes;
     let mut sids = Vec::new();
     let mut pids = Vec::new();
     for _ in 0..2 {
@@ -564,7 +503,7 @@ async fn a_node_cut_off_and_back_removes_what_it_lost_and_serves_again() {
     assert!(!pid_alive(pid));
     // One terminal state each: the first end stays, whatever node is asked.
     for (sid, first) in sids.iter().zip(&ends) {
-        for n in &nodes {
+        for n in nodes.iter() {
             let s = n.session("cut", sid).await;
             assert_eq!(s["endReason"], "lost", "{s}");
             assert_eq!(s["endedAt"], first["endedAt"], "{s}");
@@ -592,8 +531,8 @@ async fn a_lone_node_cut_off_from_its_database_keeps_its_sessions() {
     let Some(pg) = PgCluster::start() else {
         return;
     };
-    let sh = Shared::new(&pg);
-    let nodes = start_nodes(&sh, 1, "1", &[], ("alone", json!({}))).await;
+    let cluster = start_nodes(&pg, 1, "1", &[], ("alone", json!({}))).await;
+    let nodes = &cluster.nodes;
     let n = &nodes[0];
     let sid = n.start_ok("alone").await;
     let (st, info) = session_pid(n, "alone", &sid).await;
