@@ -220,13 +220,11 @@ pub struct Supervisor {
     fence: Mutex<fence::Fence>,
 }
 
-/// This node among the live nodes on the store (docs/cluster.md): its id (recorded with the
-/// capacity slots it reserves) and its place in the sorted list of live nodes, which decides
-/// its share of every agent's `minAgents`.
+/// This node among the live nodes on the store (docs/cluster.md): its place in the sorted
+/// list of live nodes, which decides its share of every agent's `minAgents`. (Its id is the
+/// engine's, [`SupervisorConfig::node_id`].)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterView {
-    /// This node's id.
-    pub node_id: String,
     /// This node's index among the live nodes sorted by id.
     pub index: u32,
     /// Live nodes (at least 1).
@@ -235,11 +233,7 @@ pub struct ClusterView {
 
 impl Default for ClusterView {
     fn default() -> Self {
-        ClusterView {
-            node_id: "local".into(),
-            index: 0,
-            nodes: 1,
-        }
+        ClusterView { index: 0, nodes: 1 }
     }
 }
 
@@ -310,7 +304,7 @@ impl Supervisor {
         &self.cfg.node_id
     }
 
-    /// Sets this node's id and place among the live nodes; when its share of the warm pools
+    /// Sets this node's place among the live nodes; when its share of the warm pools
     /// changed, every pool is reconciled to it.
     pub fn set_cluster_view(self: &Arc<Self>, view: ClusterView) {
         let changed = {
@@ -324,7 +318,7 @@ impl Supervisor {
         }
     }
 
-    /// This node's id and place among the live nodes.
+    /// This node's place among the live nodes.
     pub fn cluster_view(&self) -> ClusterView {
         self.cluster.lock().clone()
     }

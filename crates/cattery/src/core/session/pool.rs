@@ -103,7 +103,7 @@ impl Supervisor {
             }
         }
         for (id, max) in spawn {
-            let (sup, node) = (self.clone(), view.node_id.clone());
+            let (sup, node) = (self.clone(), self.cfg.node_id.clone());
             tokio::spawn(async move {
                 let got = sup.store.reserve_slot(agent_id, max, id, &node).await;
                 if let Err(e) = &got {

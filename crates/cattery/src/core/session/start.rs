@@ -138,7 +138,7 @@ impl Supervisor {
             Err(need) => need,
         };
         let id = Uuid::new_v4();
-        let node = self.cluster_view().node_id;
+        let node = self.cfg.node_id.clone();
         if !self.store.reserve_slot(agent_id, max, id, &node).await? {
             return Err(CoreError::AtCapacity(agent_name.to_string()));
         }
