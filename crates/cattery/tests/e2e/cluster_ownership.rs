@@ -567,3 +567,29 @@ async fn a_lone_node_cut_off_from_its_database_keeps_its_sessions() {
     }
     assert!(!pid_alive(pid));
 }
+
+/// What a load balancer polls: `/ready` answers 200 while the node takes new sessions and 503
+/// `DRAINING` from the start of its drain, while `/health` (liveness) stays 200 and the
+/// draining node's session is still stoppable.
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_answers_503_while_the_node_drains_and_health_stays_200() {
+    let s = Server::start(&[]).await;
+    s.deploy("lb", &[], json!({})).await;
+    let r = s.req("GET", "/ready", None, None).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body, json!({"status": "ready"}));
+    let sid = s.start_ok("lb").await;
+    s.signal(15);
+    let r = wait_for(Duration::from_secs(10), "/ready to answer 503", || async {
+        let r = s.req("GET", "/ready", None, None).await;
+        (r.status != 200).then_some(r)
+    })
+    .await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert_eq!(r.body["code"], "DRAINING", "{:?}", r.body);
+    assert!(r.body["error"].is_string(), "{:?}", r.body);
+    assert_eq!(s.req("GET", "/health", None, None).await.status, 200);
+    let r = s.start_session("lb", json!({})).await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert_eq!(s.stop("lb", &sid).await.status, 200);
+}
