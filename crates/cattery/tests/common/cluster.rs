@@ -48,6 +48,11 @@ impl Cluster {
         }
     }
 
+    /// The environment every node gets (the database URL).
+    pub fn nodes_env(&self) -> Vec<(String, String)> {
+        vec![("CATTERY_DATABASE_URL".into(), self.url.clone())]
+    }
+
     /// Node `i` (0-based).
     pub fn node(&self, i: usize) -> &Server {
         &self.nodes[i]
@@ -84,7 +89,7 @@ impl Cluster {
                 .unwrap(),
             args,
             tag: uuid::Uuid::new_v4().to_string(),
-            env: vec![("CATTERY_DATABASE_URL".into(), self.url.clone())],
+            env: self.nodes_env(),
             nofile: None,
             dir: tempfile::tempdir().unwrap(),
         };

@@ -593,3 +593,216 @@ async fn ready_answers_503_while_the_node_drains_and_health_stays_200() {
     assert_eq!(r.status, 503, "{:?}", r.body);
     assert_eq!(s.stop("lb", &sid).await.status, 200);
 }
+
+/// `curl` with the test certificate trusted: (status, JSON body or `Null`).
+fn curl_tls(
+    cert: &std::path::Path,
+    method: &str,
+    url: &str,
+    key: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-s", "-m", "30", "-w", "\n%{http_code}", "-X", method])
+        .arg("--cacert")
+        .arg(cert)
+        .args(["-H", &format!("Authorization: Bearer {key}")]);
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "-d", &b.to_string()]);
+    }
+    let out = cmd.arg(url).output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+/// Node `n<i>` of `c` serving HTTPS only (`--tls-cert`/`--tls-key`), with an `https://`
+/// advertise URL; `SSL_CERT_FILE` makes it trust the test certificate when it calls a peer.
+async fn tls_node(
+    c: &Cluster,
+    i: usize,
+    (ca, cert, key): (&std::path::Path, &std::path::Path, &std::path::Path),
+) -> Server {
+    let port = crate::common::free_port();
+    let dir = c.key_dir.path();
+    let args: Vec<String> = vec![
+        "--node-id".into(),
+        format!("n{i}"),
+        "--advertise-url".into(),
+        format!("https://127.0.0.1:{port}"),
+        "--secrets-key-file".into(),
+        dir.join("secrets.key").display().to_string(),
+        "--cluster-secret-file".into(),
+        dir.join("cluster.secret").display().to_string(),
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ];
+    let mut s = Server {
+        child: None,
+        port,
+        base: format!("https://127.0.0.1:{port}"),
+        sk: String::new(),
+        pk: String::new(),
+        http: reqwest::Client::new(),
+        args,
+        tag: uuid::Uuid::new_v4().to_string(),
+        env: c.nodes_env(),
+        nofile: None,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let log = std::fs::File::create(s.dir.path().join("server.log")).unwrap();
+    let child = std::process::Command::new(crate::common::cattery_bin())
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(s.dir.path())
+        .args(&s.args)
+        .env("CATTERY_LOG", "info,cattery=debug")
+        .env("SSL_CERT_FILE", ca)
+        .envs(s.env.iter().map(|(k, v)| (k, v)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(log))
+        .spawn()
+        .unwrap();
+    s.child = Some(child);
+    wait_for(Duration::from_secs(30), "cattery listening", || async {
+        s.log().contains("cattery listening").then_some(())
+    })
+    .await;
+    s.sk = s.key("private", "default");
+    s.pk = s.key("public", "default");
+    s
+}
+
+/// `https://` advertise URLs: nodes serving TLS only forward a proxied request and a stop to
+/// each other over HTTPS (the stop answers 200 only once the process is gone).
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_with_https_advertise_urls_forward_over_tls() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    // A test CA and a certificate for 127.0.0.1 it signed (rustls refuses a CA certificate
+    // as a server's own).
+    let certs = tempfile::tempdir().unwrap();
+    let p = |f: &str| certs.path().join(f);
+    let (ca, cert, key) = (p("ca.pem"), p("cert.pem"), p("key.pem"));
+    std::fs::write(
+        p("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .current_dir(certs.path())
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=cattery-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "cert.csr",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "cert.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+        "-out",
+        "cert.pem",
+    ]);
+    let c = Cluster::new(&pg.url(), &[]);
+    let n1 = tls_node(&c, 1, (&ca, &cert, &key)).await;
+    let n2 = tls_node(&c, 2, (&ca, &cert, &key)).await;
+    let cmd = json!([crate::common::test_agent().display().to_string()]);
+    let body = json!({"serviceName": "tls", "command": cmd, "env": {"CATTERY_TEST_TAG": n2.tag}});
+    let (st, b) = curl_tls(
+        &ca,
+        "POST",
+        &format!("{}/v1/agents", n1.base),
+        &n1.sk,
+        Some(&body),
+    );
+    assert_eq!(st, 200, "{b}");
+    let sid = wait_for(
+        Duration::from_secs(15),
+        "node 2 to start a session",
+        || async {
+            let (st, b) = curl_tls(
+                &ca,
+                "POST",
+                &format!("{}/v1/public/tls/start", n2.base),
+                &n2.pk,
+                Some(&json!({})),
+            );
+            (st == 200).then(|| b["sessionId"].as_str().unwrap().to_string())
+        },
+    )
+    .await;
+    let (st, info) = curl_tls(
+        &ca,
+        "GET",
+        &format!("{}/v1/public/tls/sessions/{sid}/info", n1.base),
+        &n1.pk,
+        None,
+    );
+    assert_eq!(st, 200, "proxied through node 1 over https: {info}");
+    let pid = info["pid"].as_i64().unwrap() as i32;
+    assert!(pid_alive(pid));
+    let (st, b) = curl_tls(
+        &ca,
+        "DELETE",
+        &format!("{}/v1/agents/tls/sessions/{sid}", n1.base),
+        &n1.sk,
+        None,
+    );
+    assert_eq!(st, 200, "stop forwarded over https: {b}");
+    assert!(
+        !pid_alive(pid),
+        "DELETE answered while the process {pid} still runs"
+    );
+}
