@@ -365,14 +365,11 @@ async fn join_cluster(
             secret.clone(),
         )));
     }
-    let counted = Arc::downgrade(sup);
-    let heartbeats =
-        crate::core::cluster::spawn_heartbeats(store.clone(), (*state.node).clone(), move || {
-            counted
-                .upgrade()
-                .map(|s| s.instance_counts())
-                .map_or((0, 0), |(n, b)| (i64::from(n), i64::from(b)))
-        });
+    let heartbeats = crate::core::cluster::spawn_heartbeats(
+        store.clone(),
+        (*state.node).clone(),
+        Arc::downgrade(sup),
+    );
     store
         .heartbeat(&state.node.record(0, 0))
         .await

@@ -16,7 +16,7 @@
 //! | 429 | `"429"` | agent at `maxAgents` |
 //! | 500 | `"500"` | unreadable stored data or a bug (never a panic escaping) |
 //! | 503 | `STORAGE_FULL`, `STORAGE_UNAVAILABLE` | the storage cannot write now (full disk, I/O error, read-only); nothing was saved |
-//! | 503 | `DRAINING`, `INSTANCE_EXITED`, `AGENT_CRASH_LOOP`, `SPAWN_FAILED`, `DELIVERY_FAILED` | no instance could take the session |
+//! | 503 | `DRAINING`, `NODE_FENCED`, `INSTANCE_EXITED`, `AGENT_CRASH_LOOP`, `SPAWN_FAILED`, `DELIVERY_FAILED` | no instance could take the session |
 //! | 504 | `START_TIMEOUT` | the instance did not become ready in time |
 
 use axum::http::StatusCode;
@@ -103,6 +103,7 @@ impl From<CoreError> for ApiError {
             }
             CoreError::AtCapacity(_) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "429", msg),
             CoreError::Draining => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "DRAINING", msg),
+            CoreError::Fenced => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NODE_FENCED", msg),
             CoreError::DeploymentNotReady(_) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "PCC-1001", msg)
             }

@@ -34,6 +34,13 @@ static CLIENT: LazyLock<Client<HttpConnector, Body>> = LazyLock::new(|| {
         .build(c)
 });
 
+/// The client for requests forwarded to another node (`http://` or `https://`).
+static PEERS: LazyLock<Client<crate::core::cluster::PeerConnector, Body>> = LazyLock::new(|| {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(crate::core::cluster::peer_connector())
+});
+
 /// Checks that a live session of `agent` in `org` exists; returns its id.
 /// Errors: 400 for a malformed id; 404 when unknown, another org's or agent's, or ended.
 pub async fn live_session(st: &AppState, org: &str, agent: &str, sid: &str) -> ApiResult<Uuid> {
@@ -141,7 +148,7 @@ async fn to_owner(st: &AppState, owner: &str, id: Uuid, req: Request) -> ApiResu
             .parse()
             .expect("the cluster secret is a valid header value"),
     );
-    let resp = CLIENT
+    let resp = PEERS
         .request(Request::from_parts(parts, body))
         .await
         .map_err(|e| {

@@ -89,6 +89,8 @@ fn routes() -> OpenApiRouter<AppState> {
             "/internal/v1/sessions/{session_id}/stop",
             axum::routing::post(cluster::internal_stop),
         )
+        // Readiness for a load balancer (docs/cluster.md); `/health` stays liveness.
+        .route("/ready", get(ready))
 }
 
 /// The org-scoped surface of the official CLI (`api::org`), `/v1/users` and `/v1/organizations`.
@@ -191,6 +193,22 @@ async fn serve_openapi() -> Json<&'static utoipa::openapi::OpenApi> {
 
 async fn health() -> impl IntoResponse {
     Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Readiness, for a load balancer's health check: 200 `{"status": "ready"}` while this node
+/// takes new sessions; 503 `{"error", "code": "DRAINING"}` from the start of a drain (its
+/// sessions go on, stoppable through any node), 503 `NODE_FENCED` while it reconciles after
+/// late heartbeats. `/health` answers 200 as long as the process serves (liveness).
+async fn ready(
+    axum::extract::State(st): axum::extract::State<AppState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if st.sup.is_draining() {
+        return Err(crate::core::CoreError::Draining.into());
+    }
+    if st.sup.is_fenced() {
+        return Err(crate::core::CoreError::Fenced.into());
+    }
+    Ok(Json(serde_json::json!({"status": "ready"})))
 }
 
 async fn not_found() -> ApiError {

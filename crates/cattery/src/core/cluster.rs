@@ -168,27 +168,52 @@ pub fn other_live_nodes(me: &NodeIdentity, nodes: Vec<NodeRecord>, now: i64) -> 
         .collect()
 }
 
-/// The other nodes over HTTP (`http://` advertise URLs): a forwarded stop is
+/// How a node connects to another: `http://` or `https://` advertise URLs (TLS with rustls,
+/// trusting the system's root certificates, which `SSL_CERT_FILE` can replace), no delay,
+/// at most 1 s to connect.
+pub type PeerConnector =
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// A [`PeerConnector`].
+pub fn peer_connector() -> PeerConnector {
+    let mut c = hyper_util::client::legacy::connect::HttpConnector::new();
+    c.set_nodelay(true);
+    c.set_connect_timeout(Some(Duration::from_secs(1)));
+    c.enforce_http(false);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = match hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_native_roots(provider.clone())
+    {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "no system root certificates: https:// advertise URLs will fail");
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
+                rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .expect("ring supports the default TLS versions")
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+            )
+        }
+    };
+    tls.https_or_http().enable_http1().wrap_connector(c)
+}
+
+/// The other nodes over HTTP or HTTPS (their advertise URLs): a forwarded stop is
 /// `POST {url}/internal/v1/sessions/{id}/stop` with the cluster secret in [`SECRET_HEADER`].
 pub struct HttpPeers {
     secret: ClusterSecret,
-    http: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<bytes::Bytes>,
-    >,
+    http: hyper_util::client::legacy::Client<PeerConnector, http_body_util::Full<bytes::Bytes>>,
 }
 
 impl HttpPeers {
     /// Peers reached with `secret`.
     pub fn new(secret: ClusterSecret) -> HttpPeers {
-        let mut c = hyper_util::client::legacy::connect::HttpConnector::new();
-        c.set_nodelay(true);
-        c.set_connect_timeout(Some(Duration::from_secs(1)));
         HttpPeers {
             secret,
             http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
-                .build(c),
+                .build(peer_connector()),
         }
     }
 }
@@ -269,21 +294,42 @@ pub fn spawn_watch(
 }
 
 /// Heartbeats until the returned handle is aborted: the first at once, then every
-/// [`NodeIdentity::heartbeat_every`]. `counts` gives the live and busy instances. A failed
-/// heartbeat (the database down) is logged and retried at the next tick.
+/// [`NodeIdentity::heartbeat_every`], with the engine's live and busy instance counts. A failed
+/// heartbeat (the database down) is logged and retried at the next tick. Each heartbeat the
+/// store takes is reported to the engine (`Supervisor::heartbeat_recorded`): after one that
+/// came later than the node timeout, the node may have been taken over, and it reconciles
+/// with the store (`Supervisor::rejoin`) before it takes new sessions again.
 pub fn spawn_heartbeats(
     store: Arc<dyn Store>,
     me: NodeIdentity,
-    counts: impl Fn() -> (i64, i64) + Send + 'static,
+    sup: std::sync::Weak<crate::core::session::Supervisor>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(me.heartbeat_every());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let (instances, busy) = counts();
-            if let Err(e) = store.heartbeat(&me.record(instances, busy)).await {
+            let Some(s) = sup.upgrade() else { break };
+            let (instances, busy) = s.instance_counts();
+            let made = tokio::time::Instant::now();
+            let rec = me.record(i64::from(instances), i64::from(busy));
+            if let Err(e) = store.heartbeat(&rec).await {
                 tracing::warn!(error = %e, node = %me.id, "heartbeat not recorded");
+                continue;
+            }
+            if s.heartbeat_recorded(made) {
+                tracing::warn!(node = %me.id,
+                    "this node's heartbeats were late (longer than the node timeout): it may have been taken over; reconciling with the store");
+                tokio::spawn(async move {
+                    let ok = match s.rejoin().await {
+                        Ok(_) => true,
+                        Err(e) => {
+                            tracing::error!(error = %e, "could not reconcile with the store after late heartbeats; trying again");
+                            false
+                        }
+                    };
+                    s.rejoined(ok);
+                });
             }
         }
     })

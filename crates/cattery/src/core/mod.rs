@@ -57,6 +57,10 @@ pub enum CoreError {
     /// 503: the server is draining and takes no new sessions.
     #[error("server is shutting down; no new sessions")]
     Draining,
+    /// 503 `NODE_FENCED`: this node's heartbeats were late (it may have been taken over):
+    /// it takes no new session until it has reconciled with the store (docs/cluster.md).
+    #[error("this node's heartbeats were late; it takes no new session until it has reconciled with the store")]
+    Fenced,
     /// 400 `PCC-1001`: the deployment cannot run (reference §A.12).
     #[error("{0}")]
     DeploymentNotReady(String),

@@ -84,7 +84,6 @@ pub fn view_of(me: &NodeIdentity, nodes: Vec<crate::store::NodeRecord>, now: i64
     live.sort();
     live.dedup();
     ClusterView {
-        node_id: me.id.clone(),
         index: live.iter().position(|n| *n == me.id).unwrap_or(0) as u32,
         nodes: live.len() as u32,
     }

@@ -1,55 +1,81 @@
-//! Several `cattery serve` nodes on one database (docs/cluster.md): [`start_cluster`].
+//! Several `cattery serve` nodes on one database (docs/cluster.md): [`start_cluster`], or
+//! [`Cluster::new`] and [`Cluster::add_node`] to do something between two nodes' starts.
 
 use std::time::Duration;
 
 use super::{free_port, Server};
 
-/// Nodes on one PostgreSQL database, sharing one secrets key. Dropping it drains and stops
-/// every node (each [`Server`]'s drop).
+/// The cluster secret (`--cluster-secret-file`) every node of a [`Cluster`] reads.
+pub const CLUSTER_SECRET: &str = "0123456789abcdef0123456789abcdef-test-cluster";
+
+/// Nodes on one PostgreSQL database, sharing one secrets key and one cluster secret.
+/// Dropping it drains and stops every node (each [`Server`]'s drop).
 pub struct Cluster {
-    /// The nodes, `node-1`, `node-2`, ... in that order.
+    /// The nodes, `n1`, `n2`, ... in that order.
     pub nodes: Vec<Server>,
-    /// Holds the shared `--secrets-key-file`.
+    /// Holds the shared `--secrets-key-file` and `--cluster-secret-file`.
     pub key_dir: tempfile::TempDir,
+    url: String,
+    extra: Vec<String>,
 }
 
 impl Cluster {
+    /// A cluster with no node yet on the database at `database_url`; every node will get
+    /// `extra` flags after the shared ones.
+    pub fn new(database_url: &str, extra: &[&str]) -> Cluster {
+        let key_dir = tempfile::tempdir().unwrap();
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(key_dir.path().join("secrets.key"))
+                .unwrap();
+            let key: [u8; 32] = std::array::from_fn(|i| i as u8 ^ 0x5a);
+            std::io::Write::write_all(&mut f, &key).unwrap();
+        }
+        std::fs::write(
+            key_dir.path().join("cluster.secret"),
+            format!("{CLUSTER_SECRET}\n"),
+        )
+        .unwrap();
+        Cluster {
+            nodes: Vec::new(),
+            key_dir,
+            url: database_url.to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// The environment every node gets (the database URL).
+    pub fn nodes_env(&self) -> Vec<(String, String)> {
+        vec![("CATTERY_DATABASE_URL".into(), self.url.clone())]
+    }
+
     /// Node `i` (0-based).
     pub fn node(&self, i: usize) -> &Server {
         &self.nodes[i]
     }
-}
 
-/// Starts `n` nodes on the database at `database_url`, one after the other, each with its own
-/// data dir and port, `--node-id node-<i>` (1-based), `--advertise-url` its loopback address,
-/// one shared `--secrets-key-file`, and `extra` flags. Every node has its own default-org
-/// keys (`sk`, `pk`), valid on all nodes since they live in the database.
-pub async fn start_cluster(n: usize, database_url: &str, extra: &[&str]) -> Cluster {
-    let key_dir = tempfile::tempdir().unwrap();
-    let keyfile = key_dir.path().join("secrets.key");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&keyfile)
-            .unwrap();
-        let key: [u8; 32] = std::array::from_fn(|i| i as u8 ^ 0x5a);
-        std::io::Write::write_all(&mut f, &key).unwrap();
-    }
-    let mut nodes = Vec::with_capacity(n);
-    for i in 1..=n {
+    /// Starts the next node, `n<k>` (1-based), with its own data dir and port,
+    /// `--advertise-url` its loopback address, the shared `--secrets-key-file` and
+    /// `--cluster-secret-file`, and the cluster's extra flags. It has its own default-org keys
+    /// (`sk`, `pk`), valid on all nodes since they live in the database.
+    pub async fn add_node(&mut self) -> &Server {
         let port = free_port();
+        let dir = self.key_dir.path();
         let mut args: Vec<String> = vec![
             "--node-id".into(),
-            format!("node-{i}"),
+            format!("n{}", self.nodes.len() + 1),
             "--advertise-url".into(),
             format!("http://127.0.0.1:{port}"),
             "--secrets-key-file".into(),
-            keyfile.display().to_string(),
+            dir.join("secrets.key").display().to_string(),
+            "--cluster-secret-file".into(),
+            dir.join("cluster.secret").display().to_string(),
         ];
-        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(self.extra.iter().cloned());
         let mut s = Server {
             child: None,
             port,
@@ -63,14 +89,24 @@ pub async fn start_cluster(n: usize, database_url: &str, extra: &[&str]) -> Clus
                 .unwrap(),
             args,
             tag: uuid::Uuid::new_v4().to_string(),
-            env: vec![("CATTERY_DATABASE_URL".into(), database_url.into())],
+            env: self.nodes_env(),
             nofile: None,
             dir: tempfile::tempdir().unwrap(),
         };
         s.spawn().await;
         s.sk = s.key("private", "default");
         s.pk = s.key("public", "default");
-        nodes.push(s);
+        self.nodes.push(s);
+        self.nodes.last().unwrap()
     }
-    Cluster { nodes, key_dir }
+}
+
+/// Starts `n` nodes (`n1..`, see [`Cluster::add_node`]) on the database at `database_url`,
+/// one after the other, each with `extra` flags.
+pub async fn start_cluster(n: usize, database_url: &str, extra: &[&str]) -> Cluster {
+    let mut c = Cluster::new(database_url, extra);
+    for _ in 0..n {
+        c.add_node().await;
+    }
+    c
 }

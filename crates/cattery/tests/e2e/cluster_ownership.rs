@@ -7,90 +7,29 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::{free_port, pid_alive, tagged_pids, wait_for, Server};
+use crate::common::cluster::CLUSTER_SECRET as SECRET;
+use crate::common::{pid_alive, tagged_pids, wait_for, Cluster, Server};
 use crate::postgres::PgCluster;
 
-/// The cluster secret every node of these tests reads.
-const SECRET: &str = "0123456789abcdef0123456789abcdef-test-cluster";
-
-/// The nodes' shared settings: the database, the secret file.
-struct Shared {
-    url: String,
-    secret_file: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Shared {
-    fn new(pg: &PgCluster) -> Shared {
-        let dir = tempfile::tempdir().unwrap();
-        let secret_file = dir.path().join("cluster.secret");
-        std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
-        Shared {
-            url: pg.url(),
-            secret_file,
-            _dir: dir,
-        }
-    }
-}
-
-/// Starts node `id` on the shared database: its own port, data dir and advertise URL, the
-/// cluster secret, node timeout `timeout_s`, and `extra` flags.
-async fn start_node(sh: &Shared, id: &str, timeout_s: &str, extra: &[&str]) -> Server {
-    let port = free_port();
-    let mut args: Vec<String> = [
-        "--node-id",
-        id,
-        "--advertise-url",
-        &format!("http://127.0.0.1:{port}"),
-        "--cluster-secret-file",
-        &sh.secret_file.display().to_string(),
-        "--node-timeout",
-        timeout_s,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut s = Server {
-        child: None,
-        port,
-        base: format!("http://127.0.0.1:{port}"),
-        sk: String::new(),
-        pk: String::new(),
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(32)
-            .build()
-            .unwrap(),
-        args,
-        tag: uuid::Uuid::new_v4().to_string(),
-        env: vec![("CATTERY_DATABASE_URL".into(), sh.url.clone())],
-        nofile: None,
-        dir: tempfile::tempdir().unwrap(),
-    };
-    s.spawn().await;
-    s.sk = s.key("private", "default");
-    s.pk = s.key("public", "default");
-    s
-}
-
-/// `n` nodes `n1..` on one database (distinct from the `start_cluster` helper of
-/// tests/common: this one sets the cluster secret and advertise URLs these tests need). The
-/// agent `agent` is deployed on the first node before the others start (so every node knows
-/// it from its start, whatever the propagation of agent changes).
+/// `n` nodes `n1..` on one database ([`Cluster`]: shared secrets key and cluster secret,
+/// advertise URLs), node timeout `timeout_s`, and `extra` flags. The agent `agent` is deployed
+/// on the first node before the others start (so every node knows it from its start,
+/// whatever the propagation of agent changes).
 async fn start_nodes(
-    sh: &Shared,
+    pg: &PgCluster,
     n: usize,
     timeout_s: &str,
     extra: &[&str],
     agent: (&str, Value),
-) -> Vec<Server> {
-    let first = start_node(sh, "n1", timeout_s, extra).await;
-    first.deploy(agent.0, &[], agent.1).await;
-    let mut nodes = vec![first];
-    for i in 2..=n {
-        nodes.push(start_node(sh, &format!("n{i}"), timeout_s, extra).await);
+) -> Cluster {
+    let mut flags = vec!["--node-timeout", timeout_s];
+    flags.extend_from_slice(extra);
+    let mut c = Cluster::new(&pg.url(), &flags);
+    c.add_node().await.deploy(agent.0, &[], agent.1).await;
+    for _ in 1..n {
+        c.add_node().await;
     }
-    nodes
+    c
 }
 
 /// The pid of a session's agent process, through the session proxy of `via`.
@@ -115,8 +54,8 @@ async fn any_node_lists_proxies_and_stops_another_nodes_session() {
     let Some(pg) = PgCluster::start() else {
         return;
     };
-    let sh = Shared::new(&pg);
-    let nodes = start_nodes(&sh, 3, "2", &[], ("fwd", json!({}))).await;
+    let cluster = start_nodes(&pg, 3, "2", &[], ("fwd", json!({}))).await;
+    let nodes = &cluster.nodes;
     let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
     let sid = n2.start_ok("fwd").await;
 
@@ -182,7 +121,7 @@ async fn any_node_lists_proxies_and_stops_another_nodes_session() {
     assert_eq!(again.body, r.body);
     eprintln!("forwarded stop took {took:?}");
 
-    for n in &nodes {
+    for n in nodes.iter() {
         let s = n.session("fwd", &sid).await;
         assert_eq!(s["endReason"], "stopped", "{s}");
     }
@@ -198,9 +137,8 @@ async fn a_lost_node_has_its_sessions_ended_and_leaves_no_process_on_return() {
     let Some(pg) = PgCluster::start() else {
         return;
     };
-    let sh = Shared::new(&pg);
-    let mut nodes = start_nodes(
-        &sh,
+    let mut cluster = start_nodes(
+        &pg,
         3,
         "2",
         &[],
@@ -210,6 +148,7 @@ async fn a_lost_node_has_its_sessions_ended_and_leaves_no_process_on_return() {
         ),
     )
     .await;
+    let nodes = &mut cluster.nodes;
     let mut sids = Vec::new();
     let mut pids = Vec::new();
     for _ in 0..2 {
@@ -319,9 +258,8 @@ async fn a_rolling_restart_under_a_trickle_loses_nothing() {
     let Some(pg) = PgCluster::start() else {
         return;
     };
-    let sh = Shared::new(&pg);
-    let mut nodes = start_nodes(
-        &sh,
+    let mut cluster = start_nodes(
+        &pg,
         3,
         "6",
         &[],
@@ -331,6 +269,7 @@ async fn a_rolling_restart_under_a_trickle_loses_nothing() {
         ),
     )
     .await;
+    let nodes = &mut cluster.nodes;
     let tag = nodes[0].tag.clone();
     let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
     let (pk, sk, http) = (
@@ -410,7 +349,7 @@ async fn a_rolling_restart_under_a_trickle_loses_nothing() {
     for sid in &t.started {
         let s = nodes[0].session("roll", sid).await;
         if s["endReason"] != "stopped" {
-            for n in &nodes {
+            for n in nodes.iter() {
                 let log = n.log();
                 let at = s["createdAt"].as_str().unwrap_or("")[..18].to_string();
                 let lines: Vec<&str> = log
@@ -440,9 +379,8 @@ async fn a_forwarded_stop_costs_about_a_local_one() {
     let Some(pg) = PgCluster::start() else {
         return;
     };
-    let sh = Shared::new(&pg);
-    let nodes = start_nodes(
-        &sh,
+    let cluster = start_nodes(
+        &pg,
         2,
         "2",
         &[],
@@ -452,6 +390,7 @@ async fn a_forwarded_stop_costs_about_a_local_one() {
         ),
     )
     .await;
+    let nodes = &cluster.nodes;
     nodes[1].wait_ready("cost", Duration::from_secs(20)).await;
     let (mut local, mut forwarded) = (Vec::new(), Vec::new());
     for i in 0..30 {
@@ -474,5 +413,396 @@ async fn a_forwarded_stop_costs_about_a_local_one() {
     assert!(
         f < l + Duration::from_millis(500),
         "local {l:?}, forwarded {f:?}"
+    );
+}
+
+/// A node cut off (SIGSTOP: alive, but silent) for longer than the node timeout is taken
+/// over: another node ends its process sessions `lost`. When it runs again (SIGCONT) it is
+/// fenced until it has reconciled with the store: it removes the processes of the sessions
+/// it lost (never two lives for one session) without writing a second end, then serves new
+/// sessions as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_cut_off_and_back_removes_what_it_lost_and_serves_again() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let cluster = start_nodes(
+        &pg,
+        3,
+        "2",
+        &[],
+        (
+            "cut",
+            json!({"autoScaling": {"minAgents": 0, "maxAgents": 3}}),
+        ),
+    )
+    .await;
+    let nodes = &cluster.nodes;
+    let mut sids = Vec::new();
+    let mut pids = Vec::new();
+    for _ in 0..2 {
+        let sid = nodes[1].start_ok("cut").await;
+        let (st, info) = session_pid(&nodes[1], "cut", &sid).await;
+        assert_eq!(st, 200, "{info}");
+        pids.push(info["pid"].as_i64().unwrap() as i32);
+        sids.push(sid);
+    }
+    nodes[1].signal(libc_sig::SIGSTOP);
+    let mut ends = Vec::new();
+    for sid in &sids {
+        let s = wait_for(
+            Duration::from_secs(10),
+            "the cut-off node's session to end",
+            || async {
+                let s = nodes[0].session("cut", sid).await;
+                (!s["endedAt"].is_null()).then_some(s)
+            },
+        )
+        .await;
+        assert_eq!(s["endReason"], "lost", "{s}");
+        assert!(s.to_string().contains("node n2 was lost"), "{s}");
+        ends.push(s);
+    }
+    // Its processes run on while their node is stopped.
+    assert!(pids.iter().all(|&p| pid_alive(p)));
+    nodes[1].signal(libc_sig::SIGCONT);
+    let t0 = Instant::now();
+    while pids.iter().any(|&p| pid_alive(p)) {
+        if t0.elapsed() > Duration::from_secs(15) {
+            let listed = nodes[0]
+                .req("GET", "/v1/cluster/nodes", Some(&nodes[0].sk), None)
+                .await;
+            panic!(
+                "the returning node did not remove the processes of its lost sessions: {}\n{}",
+                listed.body,
+                nodes[1].log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Fenced until reconciled (503 NODE_FENCED), then it serves new sessions.
+    let sid = wait_for(
+        Duration::from_secs(15),
+        "the returning node to take a new session",
+        || async {
+            let r = nodes[1].start_session("cut", json!({})).await;
+            if r.status == 200 {
+                return Some(r.body["sessionId"].as_str().unwrap().to_string());
+            }
+            assert_eq!(r.status, 503, "{:?}", r.body);
+            assert_eq!(r.body["code"], "NODE_FENCED", "{:?}", r.body);
+            None
+        },
+    )
+    .await;
+    let (st, info) = session_pid(&nodes[0], "cut", &sid).await;
+    assert_eq!(st, 200, "{info}");
+    let pid = info["pid"].as_i64().unwrap() as i32;
+    let r = nodes[0].stop("cut", &sid).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(!pid_alive(pid));
+    // One terminal state each: the first end stays, whatever node is asked.
+    for (sid, first) in sids.iter().zip(&ends) {
+        for n in nodes.iter() {
+            let s = n.session("cut", sid).await;
+            assert_eq!(s["endReason"], "lost", "{s}");
+            assert_eq!(s["endedAt"], first["endedAt"], "{s}");
+        }
+        assert_eq!(nodes[1].stop("cut", sid).await.status, 200);
+    }
+    assert!(
+        nodes[1].agent_pids().is_empty(),
+        "{:?}",
+        nodes[1].agent_pids()
+    );
+}
+
+/// Signal numbers (Linux).
+mod libc_sig {
+    pub const SIGCONT: i32 = 18;
+    pub const SIGSTOP: i32 = 19;
+}
+
+/// A node alone on its database, cut off from it for longer than the node timeout: nobody
+/// takes it over, so once the database is back it finds every record still its own and
+/// keeps everything: its session runs on and ends normally, and it takes new sessions again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lone_node_cut_off_from_its_database_keeps_its_sessions() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let cluster = start_nodes(&pg, 1, "1", &[], ("alone", json!({}))).await;
+    let nodes = &cluster.nodes;
+    let n = &nodes[0];
+    let sid = n.start_ok("alone").await;
+    let (st, info) = session_pid(n, "alone", &sid).await;
+    assert_eq!(st, 200, "{info}");
+    let pid = info["pid"].as_i64().unwrap() as i32;
+    pg.pg_stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    pg.pg_start();
+    let fresh = wait_for(
+        Duration::from_secs(30),
+        "the node to take a new session after the outage",
+        || async {
+            let r = n.start_session("alone", json!({})).await;
+            if r.status == 200 {
+                return Some(r.body["sessionId"].as_str().unwrap().to_string());
+            }
+            assert_eq!(r.status, 503, "{:?}", r.body);
+            None
+        },
+    )
+    .await;
+    assert!(
+        pid_alive(pid),
+        "the outage ended a session nobody took over"
+    );
+    let s = n.session("alone", &sid).await;
+    assert!(s["endedAt"].is_null(), "{s}");
+    for id in [&sid, &fresh] {
+        let r = n.stop("alone", id).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(n.session("alone", id).await["endReason"], "stopped");
+    }
+    assert!(!pid_alive(pid));
+}
+
+/// What a load balancer polls: `/ready` answers 200 while the node takes new sessions and 503
+/// `DRAINING` from the start of its drain, while `/health` (liveness) stays 200 and the
+/// draining node's session is still stoppable.
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_answers_503_while_the_node_drains_and_health_stays_200() {
+    let s = Server::start(&[]).await;
+    s.deploy("lb", &[], json!({})).await;
+    let r = s.req("GET", "/ready", None, None).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body, json!({"status": "ready"}));
+    let sid = s.start_ok("lb").await;
+    s.signal(15);
+    let r = wait_for(Duration::from_secs(10), "/ready to answer 503", || async {
+        let r = s.req("GET", "/ready", None, None).await;
+        (r.status != 200).then_some(r)
+    })
+    .await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert_eq!(r.body["code"], "DRAINING", "{:?}", r.body);
+    assert!(r.body["error"].is_string(), "{:?}", r.body);
+    assert_eq!(s.req("GET", "/health", None, None).await.status, 200);
+    let r = s.start_session("lb", json!({})).await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert_eq!(s.stop("lb", &sid).await.status, 200);
+}
+
+/// `curl` with the test certificate trusted: (status, JSON body or `Null`).
+fn curl_tls(
+    cert: &std::path::Path,
+    method: &str,
+    url: &str,
+    key: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-s", "-m", "30", "-w", "\n%{http_code}", "-X", method])
+        .arg("--cacert")
+        .arg(cert)
+        .args(["-H", &format!("Authorization: Bearer {key}")]);
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "-d", &b.to_string()]);
+    }
+    let out = cmd.arg(url).output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+/// Node `n<i>` of `c` serving HTTPS only (`--tls-cert`/`--tls-key`), with an `https://`
+/// advertise URL; `SSL_CERT_FILE` makes it trust the test certificate when it calls a peer.
+async fn tls_node(
+    c: &Cluster,
+    i: usize,
+    (ca, cert, key): (&std::path::Path, &std::path::Path, &std::path::Path),
+) -> Server {
+    let port = crate::common::free_port();
+    let dir = c.key_dir.path();
+    let args: Vec<String> = vec![
+        "--node-id".into(),
+        format!("n{i}"),
+        "--advertise-url".into(),
+        format!("https://127.0.0.1:{port}"),
+        "--secrets-key-file".into(),
+        dir.join("secrets.key").display().to_string(),
+        "--cluster-secret-file".into(),
+        dir.join("cluster.secret").display().to_string(),
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ];
+    let mut s = Server {
+        child: None,
+        port,
+        base: format!("https://127.0.0.1:{port}"),
+        sk: String::new(),
+        pk: String::new(),
+        http: reqwest::Client::new(),
+        args,
+        tag: uuid::Uuid::new_v4().to_string(),
+        env: c.nodes_env(),
+        nofile: None,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let log = std::fs::File::create(s.dir.path().join("server.log")).unwrap();
+    let child = std::process::Command::new(crate::common::cattery_bin())
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(s.dir.path())
+        .args(&s.args)
+        .env("CATTERY_LOG", "info,cattery=debug")
+        .env("SSL_CERT_FILE", ca)
+        .envs(s.env.iter().map(|(k, v)| (k, v)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(log))
+        .spawn()
+        .unwrap();
+    s.child = Some(child);
+    wait_for(Duration::from_secs(30), "cattery listening", || async {
+        s.log().contains("cattery listening").then_some(())
+    })
+    .await;
+    s.sk = s.key("private", "default");
+    s.pk = s.key("public", "default");
+    s
+}
+
+/// `https://` advertise URLs: nodes serving TLS only forward a proxied request and a stop to
+/// each other over HTTPS (the stop answers 200 only once the process is gone).
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_with_https_advertise_urls_forward_over_tls() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    // A test CA and a certificate for 127.0.0.1 it signed (rustls refuses a CA certificate
+    // as a server's own).
+    let certs = tempfile::tempdir().unwrap();
+    let p = |f: &str| certs.path().join(f);
+    let (ca, cert, key) = (p("ca.pem"), p("cert.pem"), p("key.pem"));
+    std::fs::write(
+        p("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .current_dir(certs.path())
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=cattery-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "cert.csr",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "cert.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+        "-out",
+        "cert.pem",
+    ]);
+    let c = Cluster::new(&pg.url(), &[]);
+    let n1 = tls_node(&c, 1, (&ca, &cert, &key)).await;
+    let n2 = tls_node(&c, 2, (&ca, &cert, &key)).await;
+    let cmd = json!([crate::common::test_agent().display().to_string()]);
+    let body = json!({"serviceName": "tls", "command": cmd, "env": {"CATTERY_TEST_TAG": n2.tag}});
+    let (st, b) = curl_tls(
+        &ca,
+        "POST",
+        &format!("{}/v1/agents", n1.base),
+        &n1.sk,
+        Some(&body),
+    );
+    assert_eq!(st, 200, "{b}");
+    let sid = wait_for(
+        Duration::from_secs(15),
+        "node 2 to start a session",
+        || async {
+            let (st, b) = curl_tls(
+                &ca,
+                "POST",
+                &format!("{}/v1/public/tls/start", n2.base),
+                &n2.pk,
+                Some(&json!({})),
+            );
+            (st == 200).then(|| b["sessionId"].as_str().unwrap().to_string())
+        },
+    )
+    .await;
+    let (st, info) = curl_tls(
+        &ca,
+        "GET",
+        &format!("{}/v1/public/tls/sessions/{sid}/info", n1.base),
+        &n1.pk,
+        None,
+    );
+    assert_eq!(st, 200, "proxied through node 1 over https: {info}");
+    let pid = info["pid"].as_i64().unwrap() as i32;
+    assert!(pid_alive(pid));
+    let (st, b) = curl_tls(
+        &ca,
+        "DELETE",
+        &format!("{}/v1/agents/tls/sessions/{sid}", n1.base),
+        &n1.sk,
+        None,
+    );
+    assert_eq!(st, 200, "stop forwarded over https: {b}");
+    assert!(
+        !pid_alive(pid),
+        "DELETE answered while the process {pid} still runs"
     );
 }

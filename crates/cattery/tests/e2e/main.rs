@@ -11,6 +11,7 @@ mod api;
 mod builds;
 mod cli_compat;
 mod cluster_capacity;
+mod cluster_docker;
 mod cluster_ownership;
 mod connections;
 mod container;

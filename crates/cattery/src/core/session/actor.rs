@@ -631,8 +631,11 @@ impl Supervisor {
             created_ms: now_ms(),
             node_id: self.cfg.node_id.clone(),
         };
-        if let Err(e) = self.store.put_instance(&rec).await {
-            tracing::error!(instance = %ctl.id, error = %e, "could not record instance");
+        match self.store.put_instance(&rec).await {
+            Ok(()) => ctl
+                .recorded
+                .store(true, std::sync::atomic::Ordering::SeqCst),
+            Err(e) => tracing::error!(instance = %ctl.id, error = %e, "could not record instance"),
         }
     }
 }

@@ -26,6 +26,10 @@ impl Actor {
         // session ends with it.
         let session = self.session.map(|s| s.0).or_else(|| ctl.session());
         ctl.set_state(InstState::Ending);
+        if self.sup.adopted_elsewhere(&ctl, inst.as_ref()).await {
+            self.let_go(session);
+            return;
+        }
         let mut report = None;
         if let Some(i) = &inst {
             let (grace, intent) = self.sup.stop_grace(&ctl, i, &ending, session);
@@ -75,7 +79,66 @@ impl Actor {
     }
 }
 
+impl Actor {
+    /// Leaves an instance that another node adopted while this node was fenced: it is not
+    /// removed and nothing is recorded (its records are the adopter's); it only leaves this
+    /// node's memory.
+    fn let_go(mut self, session: Option<Uuid>) {
+        let ctl = self.ctl.clone();
+        {
+            let mut st = self.sup.state.lock();
+            if let Some(p) = st.pools.get_mut(&ctl.agent_id) {
+                p.instances.remove(&ctl.id);
+            }
+            if let Some(s) = session {
+                if st.sessions.get(&s).is_some_and(|c| Arc::ptr_eq(c, &ctl)) {
+                    st.sessions.remove(&s);
+                }
+            }
+            self.sup.publish_live(&st);
+        }
+        self.sup.platform_log(
+            &ctl,
+            format!(
+                "[cattery] instance {} was adopted by another node while this node was fenced: let go",
+                ctl.id
+            ),
+        );
+        if let Some(d) = self.delivery.as_mut() {
+            if let Some(r) = d.reply.take() {
+                let _ = r.send(Err(super::super::CoreError::Fenced));
+            }
+        }
+        self.done_tx.send_replace(true);
+        self.rx.close();
+        while let Ok(cmd) = self.rx.try_recv() {
+            if let Cmd::Assign(mut d) = cmd {
+                reply_err(&mut d, "the instance went away");
+            }
+        }
+    }
+}
+
 impl Supervisor {
+    /// Whether the instance ending now was adopted by another node and must be let go, not
+    /// removed: marked so by [`Supervisor::rejoin`], or (an end while this node is fenced)
+    /// its record now names another node that can reach it.
+    async fn adopted_elsewhere(&self, ctl: &InstanceCtl, inst: Option<&Arc<dyn Instance>>) -> bool {
+        use std::sync::atomic::Ordering;
+        if ctl.released.load(Ordering::SeqCst) {
+            return true;
+        }
+        if inst.is_none() || !self.is_fenced() {
+            return false;
+        }
+        let Ok(records) = self.store.list_instances().await else {
+            return false;
+        };
+        records.iter().any(|r| {
+            r.id == ctl.id && !self.owns(&r.node_id) && self.runtime.adoptable_by_any_node(r)
+        })
+    }
+
     /// The grace for removing an instance, and the stop intent to record with it. A stop of
     /// a live session is recorded with its deadline, so a restart during the grace finishes
     /// it; a stop recorded before a restart gets only what is left of its grace.

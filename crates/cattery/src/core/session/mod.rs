@@ -27,6 +27,7 @@ mod actor;
 mod admission;
 mod cleanup;
 mod ending;
+mod fence;
 mod health;
 mod observe;
 mod pending;
@@ -60,6 +61,7 @@ use crate::store::Store;
 pub use health::{Health, StartFailure, CRASH_LOOP_THRESHOLD};
 pub use state::InstState;
 
+pub use fence::Rejoined;
 use state::{AgentPool, InstanceCtl, State};
 
 /// How often a starting instance's `/readyz` is polled, at most. The first polls come sooner
@@ -214,15 +216,15 @@ pub struct Supervisor {
     /// Deployments whose `deployment.ready`/`deployment.failed` was reported (or that were
     /// running before this start of the server): each is reported once.
     announced: Mutex<std::collections::HashSet<Uuid>>,
+    /// Whether this node is fenced (its heartbeats were late): see `fence`.
+    fence: Mutex<fence::Fence>,
 }
 
-/// This node among the live nodes on the store (docs/cluster.md): its id (recorded with the
-/// capacity slots it reserves) and its place in the sorted list of live nodes, which decides
-/// its share of every agent's `minAgents`.
+/// This node among the live nodes on the store (docs/cluster.md): its place in the sorted
+/// list of live nodes, which decides its share of every agent's `minAgents`. (Its id is the
+/// engine's, [`SupervisorConfig::node_id`].)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterView {
-    /// This node's id.
-    pub node_id: String,
     /// This node's index among the live nodes sorted by id.
     pub index: u32,
     /// Live nodes (at least 1).
@@ -231,11 +233,7 @@ pub struct ClusterView {
 
 impl Default for ClusterView {
     fn default() -> Self {
-        ClusterView {
-            node_id: "local".into(),
-            index: 0,
-            nodes: 1,
-        }
+        ClusterView { index: 0, nodes: 1 }
     }
 }
 
@@ -276,6 +274,7 @@ impl Supervisor {
             cluster: Mutex::new(ClusterView::default()),
             events: std::sync::OnceLock::new(),
             announced: Mutex::new(std::collections::HashSet::new()),
+            fence: Mutex::new(fence::Fence::default()),
         });
         let weak = Arc::downgrade(&sup);
         tokio::spawn(async move {
@@ -305,7 +304,7 @@ impl Supervisor {
         &self.cfg.node_id
     }
 
-    /// Sets this node's id and place among the live nodes; when its share of the warm pools
+    /// Sets this node's place among the live nodes; when its share of the warm pools
     /// changed, every pool is reconciled to it.
     pub fn set_cluster_view(self: &Arc<Self>, view: ClusterView) {
         let changed = {
@@ -319,7 +318,7 @@ impl Supervisor {
         }
     }
 
-    /// This node's id and place among the live nodes.
+    /// This node's place among the live nodes.
     pub fn cluster_view(&self) -> ClusterView {
         self.cluster.lock().clone()
     }
@@ -438,6 +437,9 @@ impl Supervisor {
     pub fn check_startable(&self, org: &str, name: &str) -> CoreResult<()> {
         if self.is_draining() {
             return Err(CoreError::Draining);
+        }
+        if self.is_fenced() {
+            return Err(CoreError::Fenced);
         }
         let st = self.state.lock();
         let p = st

@@ -75,7 +75,8 @@ impl Supervisor {
     /// `maxAgents`); one that gets none is not started (the next tick tries again). Does
     /// nothing until [`Supervisor::recover`] has finished (which then reconciles every agent).
     pub fn reconcile(self: &Arc<Self>, agent_id: Uuid) {
-        if !self.recovered.load(Ordering::SeqCst) {
+        // A fenced node changes nothing until it has reconciled with the store.
+        if !self.recovered.load(Ordering::SeqCst) || self.is_fenced() {
             return;
         }
         let view = self.cluster_view();
@@ -102,7 +103,7 @@ impl Supervisor {
             }
         }
         for (id, max) in spawn {
-            let (sup, node) = (self.clone(), view.node_id.clone());
+            let (sup, node) = (self.clone(), self.cfg.node_id.clone());
             tokio::spawn(async move {
                 let got = sup.store.reserve_slot(agent_id, max, id, &node).await;
                 if let Err(e) = &got {

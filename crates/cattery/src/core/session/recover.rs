@@ -210,6 +210,7 @@ impl Supervisor {
             InstState::Starting
         };
         let (ctl, mb) = InstanceCtl::new(&agent, dep.clone(), state, sid, Some(rec.id));
+        ctl.recorded.store(true, Ordering::SeqCst);
         let sink = LogSink {
             tx: self.logs.clone(),
             attribution: ctl.attribution.clone(),

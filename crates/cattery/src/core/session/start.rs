@@ -138,7 +138,7 @@ impl Supervisor {
             Err(need) => need,
         };
         let id = Uuid::new_v4();
-        let node = self.cluster_view().node_id;
+        let node = self.cfg.node_id.clone();
         if !self.store.reserve_slot(agent_id, max, id, &node).await? {
             return Err(CoreError::AtCapacity(agent_name.to_string()));
         }
@@ -175,6 +175,9 @@ impl Supervisor {
         // either sees the drain or is seen by it (never a half-created instance).
         if self.is_draining() {
             return Err(CoreError::Draining);
+        }
+        if self.is_fenced() {
+            return Err(CoreError::Fenced);
         }
         let not_found = || CoreError::NotFound(format!("agent {agent_name} not found"));
         let agent_id = *st

@@ -90,6 +90,13 @@ pub(super) struct InstanceCtl {
     pub session_stored: AtomicBool,
     /// A stop recorded before a restart: its deadline (Unix ms), which bounds the grace.
     pub stop_deadline_ms: Mutex<Option<i64>>,
+    /// The instance's durable record was written by this node (or found at re-adoption).
+    pub recorded: AtomicBool,
+    /// Another node adopted the instance while this node was fenced: the actor lets it go
+    /// (no removal, no record written) when it ends ([`Supervisor::rejoin`]).
+    ///
+    /// [`Supervisor::rejoin`]: super::Supervisor::rejoin
+    pub released: AtomicBool,
 }
 
 impl InstanceCtl {
@@ -124,6 +131,8 @@ impl InstanceCtl {
             instance: OnceLock::new(),
             session_stored: AtomicBool::new(false),
             stop_deadline_ms: Mutex::new(None),
+            recorded: AtomicBool::new(false),
+            released: AtomicBool::new(false),
         });
         (ctl, (cmd_rx, done_tx))
     }

@@ -67,7 +67,9 @@ impl Supervisor {
             return Ok(());
         }
         let here = self.state.lock().sessions.contains_key(&session);
-        if !here && !self.owns(&rec.node_id) {
+        // A fenced node may still hold a session another node has adopted meanwhile: the
+        // adopter's record wins, and the stop goes to it.
+        if !self.owns(&rec.node_id) && (!here || self.is_fenced()) {
             return self.stop_elsewhere(rec.node_id, session).await;
         }
         self.stop_here(org, agent_name, session, rec.waiting_for_client())

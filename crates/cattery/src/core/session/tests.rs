@@ -530,6 +530,51 @@ async fn a_dead_nodes_sessions_end_lost_once() {
     e.sup.stop_session("o", "a", sid).await.unwrap();
 }
 
+/// A node that was fenced (its heartbeats late) reconciles with the store: the instance
+/// whose session another node ended `lost` (and whose record it dropped) is removed at once,
+/// with no second end written; the instance still its own is kept and its session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_node_removes_what_was_taken_over_and_keeps_the_rest() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 0, 2).await;
+    let (lost_iid, lost) = left_by_previous_run(&e, &a).await;
+    let (kept_iid, kept) = left_by_previous_run(&e, &a).await;
+    let sup = engine(&e.store, &e.fake);
+    sup.recover().await.unwrap();
+    assert_eq!(e.fake.live().len(), 2);
+    // What a taker does to a session it cannot reach: ends it, drops its instance record.
+    let end = crate::model::SessionEnd {
+        ended_ms: now_ms(),
+        reason: EndReason::Lost,
+        completion_status: "HTTP_ERROR".into(),
+        exit_code: None,
+        exit_signal: None,
+        message: Some("node n1 was lost".into()),
+    };
+    assert!(e.store.end_session(lost, &end).await.unwrap());
+    e.store.delete_instance(lost_iid).await.unwrap();
+    let done = sup.rejoin().await.unwrap();
+    assert_eq!(
+        done,
+        super::Rejoined {
+            removed: 1,
+            released: 0,
+            kept: 1
+        }
+    );
+    assert_eq!(e.fake.live(), vec![kept_iid]);
+    assert!(!sup.serves(lost));
+    assert!(sup.serves(kept));
+    let s = e.store.get_session(lost).await.unwrap().unwrap();
+    assert_eq!(
+        s.end.as_ref().unwrap().message.as_deref(),
+        Some("node n1 was lost")
+    );
+    assert_eq!(end_reason(&e, kept).await, None);
+    sup.stop_session("o", "a", kept).await.unwrap();
+    assert_eq!(end_reason(&e, kept).await, Some(EndReason::Stopped));
+}
+
 /// The plain decisions, without an engine: admission and the pool plan over a pool's state.
 mod decisions {
     use std::sync::Arc;
