@@ -25,86 +25,6 @@ fn key_from_row(r: &Row<'_>) -> StoreResult<ApiKeyRecord> {
     })
 }
 
-/// `SELECT` of one key by its hash.
-static FIND_KEY: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| format!("SELECT {KEY_COLS} FROM api_keys WHERE key_hash = ?"));
-
-/// Live API keys read since the database last changed, so that a request's key check costs
-/// no query. Its own read connection's `PRAGMA data_version` changes with every commit made
-/// by any other connection, this server's writer or another process (`cattery keys revoke`
-/// on the same data dir): the cache is emptied then, so a revocation, a deleted org or any
-/// other write is seen by the very next request, as without the cache. Writes are frequent
-/// (sessions, log lines), so in practice it serves the bursts of requests between them.
-#[derive(Default)]
-pub(super) struct KeyCache {
-    conn: Option<super::conn::Conn>,
-    version: Option<i64>,
-    keys: std::collections::HashMap<Vec<u8>, (ApiKeyRecord, Vec<u8>)>,
-}
-
-impl KeyCache {
-    /// Entries beyond this empty the cache (bounded memory).
-    const MAX: usize = 10_000;
-
-    /// The key stored under `hash` (its record and stored hash), from memory when the
-    /// database has not changed since it was read.
-    fn find(
-        &mut self,
-        path: &std::path::Path,
-        hash: &[u8],
-    ) -> StoreResult<Option<(ApiKeyRecord, Vec<u8>)>> {
-        let r = self.find_on_conn(path, hash);
-        if r.is_err() {
-            // A fresh connection next time (and nothing kept from this one).
-            self.conn = None;
-            self.version = None;
-            self.keys.clear();
-        }
-        r
-    }
-
-    fn find_on_conn(
-        &mut self,
-        path: &std::path::Path,
-        hash: &[u8],
-    ) -> StoreResult<Option<(ApiKeyRecord, Vec<u8>)>> {
-        if self.conn.is_none() {
-            self.conn = Some(super::conn::Conn::open(
-                path,
-                super::conn::Mode::Read,
-                super::READER_CACHE_SIZE,
-            )?);
-        }
-        let db = self.conn.as_mut().expect("opened above");
-        let version = db
-            .query_row("PRAGMA data_version", &[], |r| r.int(0))?
-            .flatten();
-        if version.is_none() || version != self.version {
-            self.keys.clear();
-            self.version = version;
-        }
-        if let Some(hit) = self.keys.get(hash) {
-            return Ok(Some(hit.clone()));
-        }
-        let found = db
-            .query_row(FIND_KEY.as_str(), &[Val::Blob(hash)], |r| {
-                key_from_row(r).map(|k| (k, r.blob(8)))
-            })?
-            .transpose()?;
-        db.ensure_clean();
-        if let (Some((rec, stored)), Some(_)) = (&found, version) {
-            if rec.revoked_ms.is_none() {
-                if self.keys.len() >= Self::MAX {
-                    self.keys.clear();
-                }
-                self.keys
-                    .insert(hash.to_vec(), (rec.clone(), stored.clone()));
-            }
-        }
-        Ok(found)
-    }
-}
-
 #[async_trait]
 impl KeyStore for SqliteStore {
     async fn ensure_org(&self, name: &str) -> StoreResult<()> {
@@ -191,12 +111,14 @@ impl KeyStore for SqliteStore {
     }
 
     async fn find_key(&self, hash: &[u8]) -> StoreResult<Option<(ApiKeyRecord, Vec<u8>)>> {
-        // Every API request: answered from the key cache while the database is unchanged
-        // (see [`KeyCache`]), else a direct read on this thread.
-        let begun = std::time::Instant::now();
-        let r = self.inner.keys.lock().find(&self.inner.path, hash);
-        crate::telemetry::store_op("read", begun.elapsed());
-        r
+        // Every API request: a direct read on this thread.
+        let sql = format!("SELECT {KEY_COLS} FROM api_keys WHERE key_hash = ?");
+        self.read_now(|db| {
+            db.query_row(&sql, &[Val::Blob(hash)], |r| {
+                key_from_row(r).map(|k| (k, r.blob(8)))
+            })
+        })?
+        .transpose()
     }
 
     async fn list_keys(&self, org: &str, kind: Option<KeyKind>) -> StoreResult<Vec<ApiKeyRecord>> {

@@ -63,8 +63,6 @@ struct Inner {
     scanners: parking_lot::Mutex<Vec<Conn>>,
     /// Scans running at once.
     scans: Semaphore,
-    /// Live API keys, valid while the database is unchanged.
-    keys: parking_lot::Mutex<keys::KeyCache>,
 }
 
 /// Scans run at once on blocking threads.
@@ -212,7 +210,6 @@ impl SqliteStore {
             readers: parking_lot::Mutex::new(Vec::new()),
             scanners: parking_lot::Mutex::new(Vec::new()),
             scans: Semaphore::new(SCANS),
-            keys: Default::default(),
         });
         let writer = Arc::new(AsyncMutex::new(writer));
         let (jobs, rx) = mpsc::unbounded_channel();
