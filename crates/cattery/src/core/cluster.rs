@@ -180,23 +180,7 @@ pub fn peer_connector() -> PeerConnector {
     c.set_nodelay(true);
     c.set_connect_timeout(Some(Duration::from_secs(1)));
     c.enforce_http(false);
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = match hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_native_roots(provider.clone())
-    {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::warn!(error = %e, "no system root certificates: https:// advertise URLs will fail");
-            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
-                rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .expect("ring supports the default TLS versions")
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth(),
-            )
-        }
-    };
-    tls.https_or_http().enable_http1().wrap_connector(c)
+    crate::core::daily::tls_over(c)
 }
 
 /// The other nodes over HTTP or HTTPS (their advertise URLs): a forwarded stop is

@@ -46,12 +46,23 @@ type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::H
 /// `http://` (stand-ins on loopback, webhook receivers).
 pub fn https_client(
 ) -> hyper_util::client::legacy::Client<Https, http_body_util::Full<bytes::Bytes>> {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(tls_over(http))
+}
+
+/// `http` with HTTPS on top (rustls on ring, trusting the system's root certificates, which
+/// `SSL_CERT_FILE` can replace; none when there are none, with a warning), HTTP/1, and plain
+/// `http://` URLs let through. `http` must not enforce the `http` scheme.
+pub fn tls_over(http: hyper_util::client::legacy::connect::HttpConnector) -> Https {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let https = match builder.with_provider_and_native_roots(provider.clone()) {
+    let tls = match hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_native_roots(provider.clone())
+    {
         Ok(b) => b,
         Err(e) => {
-            tracing::warn!(error = %e, "no system root certificates: HTTPS requests will fail");
+            tracing::warn!(error = %e, "no system root certificates: https:// requests will fail");
             hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
                 rustls::ClientConfig::builder_with_provider(provider)
                     .with_safe_default_protocol_versions()
@@ -60,11 +71,8 @@ pub fn https_client(
                     .with_no_client_auth(),
             )
         }
-    }
-    .https_or_http()
-    .enable_http1()
-    .build();
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https)
+    };
+    tls.https_or_http().enable_http1().wrap_connector(http)
 }
 
 /// Daily's REST API.
