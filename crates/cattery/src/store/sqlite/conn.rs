@@ -165,15 +165,49 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
+/// Routes SQLite's own error log (`SQLITE_CONFIG_LOG`) into the server's log, once per
+/// process, before the first connection: corruption, I/O errors and recoveries then say
+/// where SQLite saw them (`database corruption at line N`), not only that a statement
+/// failed. Statements carry their values as bound parameters, so no value reaches the log.
+pub fn install_error_log() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: called once, before this process opens its first connection (the store's
+        // open calls it first); SQLite refuses the call (SQLITE_MISUSE) if it was already
+        // initialised, which leaves the default (no log).
+        if let Err(e) = unsafe { rusqlite::trace::config_log(Some(sqlite_log)) } {
+            tracing::debug!(error = %e, "SQLite's error log stays off");
+        }
+    });
+}
+
+fn sqlite_log(code: std::os::raw::c_int, msg: &str) {
+    use rusqlite::ffi;
+    match code & 0xff {
+        ffi::SQLITE_CORRUPT
+        | ffi::SQLITE_NOTADB
+        | ffi::SQLITE_IOERR
+        | ffi::SQLITE_FULL
+        | ffi::SQLITE_CANTOPEN
+        | ffi::SQLITE_PROTOCOL => {
+            tracing::error!(target: "cattery::store::sqlite", code, "sqlite: {msg}")
+        }
+        ffi::SQLITE_NOTICE | ffi::SQLITE_WARNING => {
+            tracing::info!(target: "cattery::store::sqlite", code, "sqlite: {msg}")
+        }
+        _ => tracing::debug!(target: "cattery::store::sqlite", code, "sqlite: {msg}"),
+    }
+}
+
 /// How a connection is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// The one write connection: creates the file if missing.
     Write,
-    /// A read connection: `query_only`.
+    /// A read connection: `query_only`, and it never checkpoints, not even when it is the
+    /// last connection to close (only the write connection checkpoints: see
+    /// `checkpoints` in the store's module).
     Read,
-    /// The checkpointing connection: writes nothing but the WAL checkpoint.
-    Checkpoint,
 }
 
 /// One connection with its prepared statements.
@@ -181,7 +215,7 @@ pub struct Conn(rusqlite::Connection);
 
 impl Conn {
     /// Opens `path` with the store's settings (WAL, `synchronous=NORMAL`, no automatic
-    /// checkpoints: the store checkpoints off the write path).
+    /// checkpoints: the store checkpoints on the write connection between group commits).
     pub fn open(path: &Path, mode: Mode, cache_size: &str) -> StoreResult<Conn> {
         // Read-write even for readers (a read-only connection cannot recover a WAL left by a
         // crash); readers get `query_only` instead.
@@ -194,6 +228,12 @@ impl Conn {
         let db = rusqlite::Connection::open_with_flags(path, flags)?;
         db.busy_timeout(BUSY_TIMEOUT)?;
         db.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        if mode == Mode::Read {
+            db.set_db_config(
+                rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+                true,
+            )?;
+        }
         if mode == Mode::Write {
             // Persistent in the file; only the writer sets it (it needs the write lock).
             let _: String = db.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;

@@ -156,32 +156,38 @@ fn run_group(db: &mut Conn, jobs: &mut Vec<Job>) -> Vec<(Done, Option<StoreError
     done.into_iter().map(|d| (d, failed.clone())).collect()
 }
 
-/// Checkpoints the WAL every [`CHECKPOINT_EVERY`] on a connection of its own, on a blocking
-/// thread. `PASSIVE` never waits for the writer or readers, and the writer never waits for
-/// it, so its fsyncs stay off the write path; the writer restarts the WAL from the top once a
-/// checkpoint caught up. Runs until the store is dropped.
-async fn checkpoints(inner: Weak<Inner>) {
+/// Checkpoints the WAL every [`CHECKPOINT_EVERY`] on the write connection, between group
+/// commits, on a blocking thread; the writer restarts the WAL from the top once a checkpoint
+/// caught up. Runs until the store is dropped.
+///
+/// The checkpoint runs on the write connection, never on a connection of its own: SQLite
+/// before 3.51.3 has a race (the "WAL-reset bug", <https://sqlite.org/wal.html#walresetbug>)
+/// in which a checkpoint on one connection, concurrent with a commit on another that restarts
+/// the WAL, records frames as copied into the database file that were not, and the file is
+/// then corrupt ("database disk image is malformed"). With the one connection that writes
+/// also the one that checkpoints, a checkpoint and a WAL restart never overlap. Read
+/// connections never checkpoint, not even when closed ([`Mode::Read`]).
+async fn checkpoints(inner: Weak<Inner>, writer: Weak<AsyncMutex<Conn>>) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut conn: Option<Conn> = None;
     loop {
         tick.tick().await;
-        let Some(path) = inner.upgrade().map(|i| i.path.clone()) else {
+        if inner.strong_count() == 0 {
+            return;
+        }
+        let Some(writer) = writer.upgrade() else {
             return;
         };
-        let c = conn.take();
+        let mut w = writer.lock_owned().await;
         let res = tokio::task::spawn_blocking(move || {
-            let mut c = match c {
-                Some(c) => c,
-                None => Conn::open(&path, Mode::Checkpoint, READER_CACHE_SIZE)?,
-            };
-            let r = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", &[], |_| ());
-            c.ensure_clean();
-            r.map(|_| c)
+            w.ensure_clean();
+            let r = w.query_row("PRAGMA wal_checkpoint(PASSIVE)", &[], |_| ());
+            w.ensure_clean();
+            r
         })
         .await;
         match res {
-            Ok(Ok(c)) => conn = Some(c),
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::debug!(error = %e, "WAL checkpoint failed; retrying later"),
             Err(e) => tracing::debug!(error = %e, "WAL checkpoint task failed"),
         }
@@ -196,6 +202,7 @@ impl SqliteStore {
     ///
     /// Errors: the file cannot be opened or a migration fails.
     pub async fn open(dir: &Path) -> StoreResult<Self> {
+        conn::install_error_log();
         let path = dir.join(DB_FILE);
         let p = path.clone();
         let writer = tokio::task::spawn_blocking(move || {
@@ -214,7 +221,7 @@ impl SqliteStore {
         let writer = Arc::new(AsyncMutex::new(writer));
         let (jobs, rx) = mpsc::unbounded_channel();
         tokio::spawn(group_writer(writer.clone(), rx));
-        tokio::spawn(checkpoints(Arc::downgrade(&inner)));
+        tokio::spawn(checkpoints(Arc::downgrade(&inner), Arc::downgrade(&writer)));
         Ok(SqliteStore {
             inner,
             writer,

@@ -295,3 +295,70 @@ async fn upgrades_a_database_of_schema_1() {
     let store = SqliteStore::open(dir.path()).await.unwrap();
     assert_eq!(store.list_instances().await.unwrap().len(), 1);
 }
+
+/// The store checkpoints the WAL into the database file by itself (on its write connection,
+/// every second): a copy of the database file alone, without its WAL, holds what was
+/// committed a little earlier, under a steady stream of writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_is_checkpointed_into_the_database_file_under_writes() {
+    let (dir, store, agent) = store_with_agent().await;
+    let first = session(&agent);
+    store.insert_session(&first).await.unwrap();
+    let db = dir.path().join(super::DB_FILE);
+    let copy_dir = tempfile::tempdir().unwrap();
+    let copy = copy_dir.path().join("copy.db");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        // Keep writing meanwhile: each group commit may restart the WAL after a checkpoint.
+        for _ in 0..20 {
+            store.insert_session(&session(&agent)).await.unwrap();
+        }
+        std::fs::copy(&db, &copy).unwrap();
+        let c = rusqlite::Connection::open(&copy).unwrap();
+        let n: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM sessions WHERE id = ?1",
+                [first.id.to_string()],
+                |r| r.get(0),
+            )
+            .unwrap_or(0);
+        if n == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not checkpointed in 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Only the write connection checkpoints: a read connection never does, not even when it is
+/// the last one to close (a checkpoint on a second connection racing the writer's restart of
+/// the WAL is SQLite's "WAL-reset bug" before 3.51.3).
+#[test]
+fn read_connections_never_checkpoint_on_close() {
+    use super::conn::{Conn, Mode};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let mut w = Conn::open(&path, Mode::Write, "-1024").unwrap();
+    w.exec("CREATE TABLE t(x)", &[]).unwrap();
+    w.exec("INSERT INTO t VALUES (1)", &[]).unwrap();
+    let mut r = Conn::open(&path, Mode::Read, "-1024").unwrap();
+    assert!(r
+        .inner()
+        .db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE)
+        .unwrap());
+    assert!(!w
+        .inner()
+        .db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE)
+        .unwrap());
+    let wal = dir.path().join("t.db-wal");
+    assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+    // The writer goes first: the reader is then the last connection, and closing it leaves
+    // the WAL as it was (no checkpoint, no deletion).
+    drop(w);
+    assert_eq!(r.query_int("SELECT COUNT(*) FROM t", &[]).unwrap(), 1);
+    drop(r);
+    assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+}
