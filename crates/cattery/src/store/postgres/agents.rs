@@ -132,7 +132,7 @@ impl AgentStore for PgStore {
         let sql = format!(
             "SELECT {AGENT_COLS} FROM agents WHERE org = $1 AND name = $2 AND deleted_ms IS NULL"
         );
-        let row = sqlx::query(&sql)
+        let row = super::query_dyn(&sql)
             .bind(org)
             .bind(name)
             .fetch_optional(&self.pool)
@@ -142,7 +142,7 @@ impl AgentStore for PgStore {
 
     async fn get_agent_by_id(&self, id: Uuid) -> StoreResult<Option<AgentRecord>> {
         let sql = format!("SELECT {AGENT_COLS} FROM agents WHERE id = $1");
-        let row = sqlx::query(&sql)
+        let row = super::query_dyn(&sql)
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -154,13 +154,16 @@ impl AgentStore for PgStore {
             "SELECT {AGENT_COLS} FROM agents WHERE org = $1 AND deleted_ms IS NULL \
              ORDER BY created_ms, name"
         );
-        let rows = sqlx::query(&sql).bind(org).fetch_all(&self.pool).await?;
+        let rows = super::query_dyn(&sql)
+            .bind(org)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(agent_from_row).collect()
     }
 
     async fn list_all_agents(&self) -> StoreResult<Vec<AgentRecord>> {
         let sql = format!("SELECT {AGENT_COLS} FROM agents WHERE deleted_ms IS NULL");
-        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        let rows = super::query_dyn(&sql).fetch_all(&self.pool).await?;
         rows.iter().map(agent_from_row).collect()
     }
 
@@ -179,7 +182,7 @@ impl AgentStore for PgStore {
 
     async fn get_deployment(&self, id: Uuid) -> StoreResult<Option<DeploymentRecord>> {
         let sql = format!("SELECT {DEP_COLS} FROM deployments WHERE id = $1");
-        let row = sqlx::query(&sql)
+        let row = super::query_dyn(&sql)
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -191,7 +194,7 @@ impl AgentStore for PgStore {
             "SELECT {DEP_COLS} FROM deployments WHERE agent_id = $1 \
              ORDER BY created_ms DESC, seq DESC"
         );
-        let rows = sqlx::query(&sql)
+        let rows = super::query_dyn(&sql)
             .bind(agent_id)
             .fetch_all(&self.pool)
             .await?;

@@ -33,7 +33,7 @@ fn build_from_row(r: &PgRow) -> StoreResult<BuildRecord> {
     })
 }
 
-fn push_filter(q: &mut QueryBuilder<'_, Postgres>, org: &str, f: &BuildFilter) {
+fn push_filter(q: &mut QueryBuilder<Postgres>, org: &str, f: &BuildFilter) {
     q.push(" WHERE org = ").push_bind(org.to_string());
     if let Some(h) = &f.context_hash {
         q.push(" AND context_hash = ").push_bind(h.clone());
@@ -52,7 +52,7 @@ fn push_filter(q: &mut QueryBuilder<'_, Postgres>, org: &str, f: &BuildFilter) {
 #[async_trait]
 impl BuildStore for PgStore {
     async fn insert_build(&self, b: &BuildRecord) -> StoreResult<()> {
-        sqlx::query(&format!(
+        super::query_dyn(&format!(
             "INSERT INTO builds ({COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
              $12, $13, $14, $15)"
         ))
@@ -101,7 +101,7 @@ impl BuildStore for PgStore {
     }
 
     async fn get_build(&self, org: &str, id: Uuid) -> StoreResult<Option<BuildRecord>> {
-        let row = sqlx::query(&format!(
+        let row = super::query_dyn(&format!(
             "SELECT {COLS} FROM builds WHERE id = $1 AND org = $2"
         ))
         .bind(id)
@@ -134,7 +134,7 @@ impl BuildStore for PgStore {
     }
 
     async fn unfinished_builds(&self) -> StoreResult<Vec<BuildRecord>> {
-        let rows = sqlx::query(&format!(
+        let rows = super::query_dyn(&format!(
             "SELECT {COLS} FROM builds WHERE status IN ('pending', 'building') \
              ORDER BY created_ms"
         ))

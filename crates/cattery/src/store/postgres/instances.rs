@@ -64,7 +64,7 @@ impl InstanceStore for PgStore {
     }
 
     async fn list_instances(&self) -> StoreResult<Vec<InstanceRecord>> {
-        let rows = sqlx::query(&format!("SELECT {INSTANCE_COLS} FROM instances"))
+        let rows = super::query_dyn(&format!("SELECT {INSTANCE_COLS} FROM instances"))
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(instance_from_row).collect()

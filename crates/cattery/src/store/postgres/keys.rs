@@ -111,7 +111,7 @@ impl KeyStore for PgStore {
         }
         let gen = self.keys.generation();
         let sql = format!("SELECT {KEY_COLS} FROM api_keys WHERE key_hash = $1");
-        let row = sqlx::query(&sql)
+        let row = super::query_dyn(&sql)
             .bind(hash)
             .fetch_optional(&self.pool)
             .await?;
@@ -129,7 +129,7 @@ impl KeyStore for PgStore {
             "SELECT {KEY_COLS} FROM api_keys WHERE org = $1 AND ($2::text IS NULL OR kind = $2) \
              ORDER BY created_ms, seq"
         );
-        let rows = sqlx::query(&sql)
+        let rows = super::query_dyn(&sql)
             .bind(org)
             .bind(kind.map(|k| k.as_str()))
             .fetch_all(&self.pool)

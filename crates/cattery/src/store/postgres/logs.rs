@@ -28,7 +28,7 @@ fn line_from_row(r: &PgRow) -> StoreResult<LogLine> {
 }
 
 /// Appends the `WHERE` terms of a log query.
-fn push_filter(q: &mut QueryBuilder<'_, Postgres>, agent_id: Uuid, f: &LogFilter) {
+fn push_filter(q: &mut QueryBuilder<Postgres>, agent_id: Uuid, f: &LogFilter) {
     q.push(" WHERE agent_id = ").push_bind(agent_id);
     if let Some(d) = f.deployment_id {
         q.push(" AND deployment_id = ").push_bind(d);
@@ -71,7 +71,7 @@ async fn insert(
              DELETE FROM logs WHERE seq <= (SELECT MAX(seq) FROM i) - $9"
         )),
     };
-    let mut q = sqlx::query(&sql)
+    let mut q = super::query_dyn(&sql)
         .bind(lines.iter().map(|l| l.org.as_str()).collect::<Vec<_>>())
         .bind(lines.iter().map(|l| l.agent_id).collect::<Vec<_>>())
         .bind(lines.iter().map(|l| l.deployment_id).collect::<Vec<_>>())

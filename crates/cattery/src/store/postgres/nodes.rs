@@ -71,7 +71,7 @@ impl NodeStore for PgStore {
         if stale.is_none() {
             return Ok(None);
         }
-        let instances = sqlx::query(&format!(
+        let instances = super::query_dyn(&format!(
             "UPDATE instances SET node_id = $2 WHERE node_id = $1 RETURNING {INSTANCE_COLS}"
         ))
         .bind(dead)
@@ -81,7 +81,7 @@ impl NodeStore for PgStore {
         .iter()
         .map(instance_from_row)
         .collect::<StoreResult<Vec<_>>>()?;
-        let sessions = sqlx::query(&format!(
+        let sessions = super::query_dyn(&format!(
             "UPDATE sessions SET node_id = $2 WHERE node_id = $1 AND ended_ms IS NULL \
              RETURNING {SESSION_COLS}"
         ))

@@ -51,7 +51,7 @@ impl SecretStore for PgStore {
     async fn get_secret_set(&self, org: &str, name: &str) -> StoreResult<Option<SecretSetRecord>> {
         let sql = format!("SELECT {SET_COLS} FROM secret_sets WHERE org = $1 AND name = $2");
         let mut tx = self.pool.begin().await?;
-        let Some(row) = sqlx::query(&sql)
+        let Some(row) = super::query_dyn(&sql)
             .bind(org)
             .bind(name)
             .fetch_optional(&mut *tx)
@@ -77,7 +77,7 @@ impl SecretStore for PgStore {
     async fn list_secret_sets(&self, org: &str) -> StoreResult<Vec<SecretSetRecord>> {
         let sql = format!("SELECT {SET_COLS} FROM secret_sets WHERE org = $1 ORDER BY name");
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(&sql).bind(org).fetch_all(&mut *tx).await?;
+        let rows = super::query_dyn(&sql).bind(org).fetch_all(&mut *tx).await?;
         let mut sets = rows
             .iter()
             .map(set_from_row)

@@ -114,7 +114,7 @@ pub(super) async fn set_samples(db: &mut PgConnection, id: Uuid, samples: &str) 
 
 /// Appends the `WHERE` terms of a session list (only those that are set, so the planner
 /// can use an index).
-fn push_filter(q: &mut QueryBuilder<'_, Postgres>, agent_id: Uuid, f: &SessionFilter) {
+fn push_filter(q: &mut QueryBuilder<Postgres>, agent_id: Uuid, f: &SessionFilter) {
     q.push(" WHERE agent_id = ").push_bind(agent_id);
     if let Some(d) = f.deployment_id {
         q.push(" AND deployment_id = ").push_bind(d);
@@ -153,7 +153,7 @@ fn push_filter(q: &mut QueryBuilder<'_, Postgres>, agent_id: Uuid, f: &SessionFi
 
 /// The condition for sessions in end state `e` ([`EndState::of`]'s mapping, by reason and,
 /// for failed starts, message), as the SQLite store writes it.
-fn push_end_state(q: &mut QueryBuilder<'_, Postgres>, e: EndState) {
+fn push_end_state(q: &mut QueryBuilder<Postgres>, e: EndState) {
     if e == EndState::Active {
         q.push(" AND ended_ms IS NULL");
         return;
@@ -208,7 +208,7 @@ impl SessionStore for PgStore {
 
     async fn get_session(&self, id: Uuid) -> StoreResult<Option<SessionRecord>> {
         let sql = format!("SELECT {SESSION_COLS} FROM sessions WHERE id = $1");
-        let row = sqlx::query(&sql)
+        let row = super::query_dyn(&sql)
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -265,7 +265,7 @@ impl SessionStore for PgStore {
 
     async fn list_open_sessions(&self) -> StoreResult<Vec<SessionRecord>> {
         let sql = format!("SELECT {SESSION_COLS} FROM sessions WHERE ended_ms IS NULL");
-        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        let rows = super::query_dyn(&sql).fetch_all(&self.pool).await?;
         rows.iter().map(session_from_row).collect()
     }
 }

@@ -59,7 +59,7 @@ fn delivery_from_row(r: &PgRow) -> StoreResult<WebhookDelivery> {
 #[async_trait]
 impl WebhookStore for PgStore {
     async fn insert_webhook_endpoint(&self, e: &WebhookEndpointRecord) -> StoreResult<()> {
-        sqlx::query(&format!(
+        super::query_dyn(&format!(
             "INSERT INTO webhook_endpoints ({ENDPOINT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
         ))
         .bind(e.id)
@@ -79,7 +79,7 @@ impl WebhookStore for PgStore {
         &self,
         org: Option<&str>,
     ) -> StoreResult<Vec<WebhookEndpointRecord>> {
-        let rows = sqlx::query(&format!(
+        let rows = super::query_dyn(&format!(
             "SELECT {ENDPOINT_COLS} FROM webhook_endpoints WHERE $1::TEXT IS NULL OR org = $1 \
              ORDER BY created_ms, id"
         ))
@@ -149,7 +149,7 @@ impl WebhookStore for PgStore {
     ) -> StoreResult<Vec<WebhookDelivery>> {
         // `next_attempt_ms <= $1` is checked again on the locked row, so of two nodes
         // claiming at once only the first takes a delivery.
-        let rows = sqlx::query(&format!(
+        let rows = super::query_dyn(&format!(
             "UPDATE webhook_deliveries SET next_attempt_ms = $2 \
              WHERE next_attempt_ms <= $1 AND seq IN ( \
                SELECT d.seq FROM webhook_deliveries d \
@@ -195,7 +195,7 @@ impl WebhookStore for PgStore {
         endpoint_id: Uuid,
         limit: i64,
     ) -> StoreResult<Vec<WebhookDelivery>> {
-        let rows = sqlx::query(&format!(
+        let rows = super::query_dyn(&format!(
             "SELECT {DELIVERY_COLS} FROM webhook_deliveries \
              WHERE endpoint_id = $1 AND org = $2 ORDER BY seq DESC LIMIT $3"
         ))

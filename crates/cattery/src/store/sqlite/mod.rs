@@ -161,7 +161,7 @@ fn run_group(db: &mut Conn, jobs: &mut Vec<Job>) -> Vec<(Done, Option<StoreError
 /// caught up. Runs until the store is dropped.
 ///
 /// The checkpoint runs on the write connection, never on a connection of its own: SQLite
-/// before 3.51.3 has a race (the "WAL-reset bug", <https://sqlite.org/wal.html#walresetbug>)
+/// before 3.51.3 (the bundled one is 3.51.3; a system SQLite may be older) has a race (the "WAL-reset bug", <https://sqlite.org/wal.html#walresetbug>)
 /// in which a checkpoint on one connection, concurrent with a commit on another that restarts
 /// the WAL, records frames as copied into the database file that were not, and the file is
 /// then corrupt ("database disk image is malformed"). With the one connection that writes

@@ -362,3 +362,13 @@ fn read_connections_never_checkpoint_on_close() {
     drop(r);
     assert!(std::fs::metadata(&wal).unwrap().len() > 0);
 }
+
+/// The bundled SQLite has the WAL-reset bug fixed (3.51.3 and later).
+#[test]
+fn bundled_sqlite_has_the_wal_reset_fix() {
+    assert!(
+        rusqlite::version_number() >= 3_051_003,
+        "SQLite {}",
+        rusqlite::version()
+    );
+}
