@@ -648,6 +648,13 @@ impl Supervisor {
         let _ = self.changes.send((org.to_string(), session));
     }
 
+    /// Whether session `session` is live on this node (placed on an instance, stored or
+    /// being stored). Such a session holds no websocket token: a websocket session is only
+    /// started once its token was redeemed (taken from the store).
+    pub fn is_live_here(&self, session: Uuid) -> bool {
+        self.state.lock().sessions.contains_key(&session)
+    }
+
     /// `org`'s live sessions whose record is stored.
     pub fn live_sessions(&self, org: &str) -> Vec<Uuid> {
         let st = self.state.lock();

@@ -724,3 +724,17 @@ mod decisions {
         assert!(!plan(&p, false, p.agent.min_agents, Instant::now()).forget);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_live_here_from_its_start_until_its_stop_returns() {
+    let e = env().await;
+    agent(&e, "a", &[], 0, 1).await;
+    let s = start(&e, "a").await.unwrap();
+    assert!(e.sup.is_live_here(s.session_id));
+    assert!(!e.sup.is_live_here(Uuid::new_v4()));
+    e.sup.stop_session("o", "a", s.session_id).await.unwrap();
+    assert!(
+        !e.sup.is_live_here(s.session_id),
+        "gone once the stop answered"
+    );
+}

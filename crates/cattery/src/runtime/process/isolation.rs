@@ -168,14 +168,7 @@ pub fn instance_env(
     base: &[(&str, OsString)],
     spec: &[(String, String)],
 ) -> Vec<(OsString, OsString)> {
-    let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
-        .filter(|(k, _)| {
-            let k = k.to_string_lossy();
-            matches!(k.as_ref(), "PATH" | "LANG" | "LANGUAGE" | "TZ") || k.starts_with("LC_")
-        })
-        .collect();
-    env.entry("PATH".into())
-        .or_insert_with(|| DEFAULT_PATH.into());
+    let mut env: BTreeMap<OsString, OsString> = server_env().clone();
     for (k, v) in base {
         env.insert(k.into(), v.clone());
     }
@@ -183,6 +176,24 @@ pub fn instance_env(
         env.insert(k.into(), v.into());
     }
     env.into_iter().collect()
+}
+
+/// What instances get of the server's own environment (see [`instance_env`]), read once:
+/// the server never changes its environment, so it is not copied again (all of it, under
+/// the environment's lock) for every spawn.
+fn server_env() -> &'static BTreeMap<OsString, OsString> {
+    static ENV: std::sync::OnceLock<BTreeMap<OsString, OsString>> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
+            .filter(|(k, _)| {
+                let k = k.to_string_lossy();
+                matches!(k.as_ref(), "PATH" | "LANG" | "LANGUAGE" | "TZ") || k.starts_with("LC_")
+            })
+            .collect();
+        env.entry("PATH".into())
+            .or_insert_with(|| DEFAULT_PATH.into());
+        env
+    })
 }
 
 /// Makes files created from now on private to the server (umask 077): the database, the

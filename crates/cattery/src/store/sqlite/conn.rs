@@ -25,8 +25,10 @@ pub enum Val<'a> {
     Int(i64),
     /// Borrowed text.
     Text(&'a str),
-    /// Owned text (ids).
+    /// Owned text.
     Str(String),
+    /// An id as its text (lowercase, hyphenated), encoded without allocating.
+    Id([u8; uuid::fmt::Hyphenated::LENGTH]),
     /// Bytes.
     Blob(&'a [u8]),
 }
@@ -38,6 +40,7 @@ impl ToSql for Val<'_> {
             Val::Int(v) => ValueRef::Integer(*v),
             Val::Text(t) => ValueRef::Text(t.as_bytes()),
             Val::Str(t) => ValueRef::Text(t.as_bytes()),
+            Val::Id(b) => ValueRef::Text(b),
             Val::Blob(b) => ValueRef::Blob(b),
         }))
     }
@@ -69,7 +72,11 @@ impl<'a> From<&'a String> for Val<'a> {
 
 impl From<Uuid> for Val<'_> {
     fn from(v: Uuid) -> Self {
-        Val::Str(v.to_string())
+        // The same text as `to_string()`, without the formatter and the allocation (ids are
+        // bound several times per session write).
+        let mut b = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        v.hyphenated().encode_lower(&mut b);
+        Val::Id(b)
     }
 }
 

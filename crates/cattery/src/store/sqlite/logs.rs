@@ -44,39 +44,69 @@ fn insert_sql(n: usize) -> String {
     sql
 }
 
+/// Keeps the newest `?` lines: `seq` grows by arrival, so they are those with
+/// `seq > max(seq) - ?`: one index lookup and one range delete on the primary key.
+const PRUNE_OVER: &str =
+    "DELETE FROM logs WHERE seq <= (SELECT COALESCE(MAX(seq), 0) FROM logs) - ?";
+
+/// Inserts `lines`: one multi-row `INSERT` per chunk of 128, 64, 32... rows (at most eight
+/// statement shapes to keep prepared, instead of one per batch size). Not atomic by itself.
+fn insert_lines(db: &mut super::conn::Conn, lines: &[LogLine]) -> StoreResult<()> {
+    let mut rest = lines;
+    while !rest.is_empty() {
+        let n = if rest.len() >= LOG_ROWS_PER_INSERT {
+            LOG_ROWS_PER_INSERT
+        } else {
+            1 << rest.len().ilog2()
+        };
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        let mut params = Vec::with_capacity(chunk.len() * 8);
+        for l in chunk {
+            params.push(Val::Text(&l.org));
+            params.push(l.agent_id.into());
+            params.push(l.deployment_id.into());
+            params.push(l.session_id.into());
+            params.push(l.instance_id.into());
+            params.push(l.ts_ns.into());
+            params.push(Val::Text(l.stream));
+            params.push(Val::Text(&l.line));
+        }
+        db.exec(&insert_sql(chunk.len()), &params)?;
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl LogStore for SqliteStore {
     async fn append_logs(&self, lines: &[LogLine]) -> StoreResult<()> {
+        self.append_logs_capped(lines, 0).await
+    }
+
+    /// One group-committed write: the lines (atomically), then the size cap's prune in the
+    /// same transaction (not a transaction of its own on a blocking thread, as
+    /// [`LogStore::prune_logs_over`] is). A failed prune is logged and left to the next batch.
+    async fn append_logs_capped(&self, lines: &[LogLine], max_lines: u64) -> StoreResult<()> {
         if lines.is_empty() {
+            if max_lines > 0 {
+                if let Err(e) = self.prune_logs_over(max_lines).await {
+                    tracing::warn!(error = %e, "could not prune log lines over the size cap");
+                }
+            }
             return Ok(());
         }
-        // One multi-row INSERT per chunk, all of them atomically.
         let lines = lines.to_vec();
+        let max_lines = i64::try_from(max_lines).unwrap_or(i64::MAX);
         self.write(move |db| {
+            // One savepoint: the lines all or none, and alone (outside a group) one commit.
             db.atomic(|db| {
-                // Chunks of 128, 64, 32... rows: at most eight statement shapes to keep
-                // prepared, instead of one per batch size.
-                let mut rest = &lines[..];
-                while !rest.is_empty() {
-                    let n = if rest.len() >= LOG_ROWS_PER_INSERT {
-                        LOG_ROWS_PER_INSERT
-                    } else {
-                        1 << rest.len().ilog2()
-                    };
-                    let (chunk, tail) = rest.split_at(n);
-                    rest = tail;
-                    let mut params = Vec::with_capacity(chunk.len() * 8);
-                    for l in chunk {
-                        params.push(Val::Text(&l.org));
-                        params.push(l.agent_id.into());
-                        params.push(l.deployment_id.into());
-                        params.push(l.session_id.into());
-                        params.push(l.instance_id.into());
-                        params.push(l.ts_ns.into());
-                        params.push(Val::Text(l.stream));
-                        params.push(Val::Text(&l.line));
+                insert_lines(db, &lines)?;
+                if max_lines > 0 {
+                    // A failed statement undoes only itself; a fault that rolls the whole
+                    // transaction back fails the savepoint's release, and so the lines.
+                    if let Err(e) = db.exec(PRUNE_OVER, &[max_lines.into()]) {
+                        tracing::warn!(error = %e, "could not prune log lines over the size cap");
                     }
-                    db.exec(&insert_sql(chunk.len()), &params)?;
                 }
                 Ok(())
             })
@@ -122,12 +152,7 @@ impl LogStore for SqliteStore {
         // `seq` grows by arrival, so the newest `max_lines` rows are those with
         // seq > max(seq) - max_lines: one index lookup and one range delete on the primary key.
         let max_lines = i64::try_from(max_lines).unwrap_or(i64::MAX);
-        self.write_tx(move |db| {
-            db.exec(
-                "DELETE FROM logs WHERE seq <= (SELECT COALESCE(MAX(seq), 0) FROM logs) - ?",
-                &[max_lines.into()],
-            )
-        })
-        .await
+        self.write_tx(move |db| db.exec(PRUNE_OVER, &[max_lines.into()]))
+            .await
     }
 }
