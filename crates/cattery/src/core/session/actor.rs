@@ -199,7 +199,7 @@ impl Actor {
                     }
                     Some(Cmd::Assign(mut d)) => {
                         if self.session.is_none() {
-                            self.assign(d);
+                            self.assign(*d);
                         } else {
                             reply_err(&mut d, "instance is already promised to another session");
                         }
@@ -256,7 +256,7 @@ impl Actor {
                         return Err(Ending::new(during_start(r, promised), "HTTP_ERROR"));
                     }
                     Some(Cmd::Assign(d)) => {
-                        self.assign(d);
+                        self.assign(*d);
                         return Ok(());
                     }
                     None => {}
