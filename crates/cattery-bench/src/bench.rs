@@ -905,10 +905,10 @@ impl Ctx {
             &format!("control-plane RSS at {reached} active sessions"),
             rss as f64 / 1048576.0,
             "MiB",
-            (target >= 1000).then(|| Target::le("value", 150.0)),
+            rss_target(target),
             sys::rss_split_bytes(self.srv.pid).map(|(a, f)| {
                 format!(
-                    "VmRSS: {:.1} MiB anonymous (heap, stacks) + {:.1} MiB mapped files (SQLite's mmap of cattery.db)",
+                    "VmRSS: {:.1} MiB anonymous (heap, stacks) + {:.1} MiB mapped files (the binary's code; SQLite's mmap of cattery.db)",
                     a as f64 / 1048576.0,
                     f as f64 / 1048576.0
                 )
@@ -1181,5 +1181,15 @@ impl Ctx {
             .insert("api_scaling".into(), Value::Array(rows));
         self.retire(name).await;
         Ok(())
+    }
+}
+
+/// The RSS target for `sessions` active sessions, MiB: issue 14's 2,000 sessions at most
+/// 100 MB; below that, 1,000 at most 150 MB.
+fn rss_target(sessions: usize) -> Option<Target> {
+    if sessions >= 2000 {
+        Some(Target::le("value", 100e6 / 1048576.0))
+    } else {
+        (sessions >= 1000).then(|| Target::le("value", 150.0))
     }
 }

@@ -199,7 +199,7 @@ impl Actor {
                     }
                     Some(Cmd::Assign(mut d)) => {
                         if self.session.is_none() {
-                            self.assign(d);
+                            self.assign(*d);
                         } else {
                             reply_err(&mut d, "instance is already promised to another session");
                         }
@@ -256,7 +256,7 @@ impl Actor {
                         return Err(Ending::new(during_start(r, promised), "HTTP_ERROR"));
                     }
                     Some(Cmd::Assign(d)) => {
-                        self.assign(d);
+                        self.assign(*d);
                         return Ok(());
                     }
                     None => {}
@@ -286,7 +286,7 @@ impl Actor {
         mut d: Delivery,
         sid: Uuid,
         deadline: Instant,
-    ) -> Result<(OutcomeFuture, AbortOnDrop), Ending> {
+    ) -> Result<(OutcomeFuture, Option<AbortOnDrop>), Ending> {
         // Durable before `/bot`: a restart must never hand this instance out as warm once it
         // may have received a session.
         if !d.recorded && self.recorded_session != Some(sid) {
@@ -295,6 +295,7 @@ impl Actor {
         let addr = inst.endpoint();
         let headers = std::mem::take(&mut d.headers);
         let conn = self.ready_conn.take();
+        let relay = d.deliver.is_some();
         let fut: Pin<Box<dyn Future<Output = Result<OutcomeFuture, String>> + Send>> =
             match d.deliver.take() {
                 Some(f) => f(addr, headers),
@@ -309,14 +310,22 @@ impl Actor {
             };
         match self.await_delivery(inst, fut, deadline).await {
             Ok(outcome) => {
-                // Drive the session's request on its own task from now on, so it is sent at
-                // once whatever the actor does next; aborted when the session ends.
-                let task = tokio::spawn(outcome);
-                let guard = AbortOnDrop(task.abort_handle());
-                let bot: OutcomeFuture = Box::pin(async move {
-                    task.await
-                        .unwrap_or_else(|e| BotOutcome::Broken(e.to_string()))
-                });
+                let (bot, guard): (OutcomeFuture, _) = if relay {
+                    // The session's own channel (the websocket relay): driven on its own task
+                    // from now on, whatever the actor does next; aborted when the session ends.
+                    let task = tokio::spawn(outcome);
+                    let guard = AbortOnDrop(task.abort_handle());
+                    let bot = Box::pin(async move {
+                        task.await
+                            .unwrap_or_else(|e| BotOutcome::Broken(e.to_string()))
+                    });
+                    (bot, Some(guard))
+                } else {
+                    // `/bot` was written whole; what is left is reading its answer, which the
+                    // actor polls while serving (the socket keeps whatever arrives meanwhile):
+                    // no task of its own per session.
+                    (outcome, None)
+                };
                 let ms = d.requested.elapsed().as_millis() as i64;
                 if let Err(e) = self.sup.store.mark_delivered(sid, ms).await {
                     tracing::error!(session = %sid, error = %e, "could not record delivery");
@@ -387,11 +396,11 @@ impl Actor {
     async fn serving(
         &mut self,
         inst: &Arc<dyn Instance>,
-        bot: Option<(OutcomeFuture, AbortOnDrop)>,
+        bot: Option<(OutcomeFuture, Option<AbortOnDrop>)>,
         deadline: Instant,
     ) -> Ending {
         let (mut bot, _guard): (OutcomeFuture, _) = match bot {
-            Some((b, g)) => (b, Some(g)),
+            Some((b, g)) => (b, g),
             None => (Box::pin(std::future::pending()), None),
         };
         let mut sample = tokio::time::interval(self.sup.cfg.metrics_interval);

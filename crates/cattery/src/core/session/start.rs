@@ -284,7 +284,7 @@ impl Supervisor {
             }
             None => {
                 if let Err(mpsc::error::SendError(Cmd::Assign(mut d))) =
-                    placed.ctl.cmd_tx.send(Cmd::Assign(delivery))
+                    placed.ctl.cmd_tx.send(Cmd::Assign(Box::new(delivery)))
                 {
                     reply_err(&mut d, "the warm instance went away");
                 }

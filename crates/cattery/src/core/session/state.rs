@@ -49,8 +49,9 @@ pub struct Slot {
 
 /// A command to an instance's actor.
 pub(super) enum Cmd {
-    /// Deliver this session (to a warm or claimed instance).
-    Assign(Delivery),
+    /// Deliver this session (to a warm or claimed instance). Boxed: a mailbox's first block
+    /// holds 32 commands, and each instance has a mailbox.
+    Assign(Box<Delivery>),
     /// End the instance (and its session) with this reason.
     Stop(EndReason),
 }
