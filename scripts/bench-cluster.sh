@@ -6,6 +6,12 @@
 #
 #   scripts/bench-cluster.sh OUT_DIR ROUNDS NAME=CATTERY_BIN [NAME=CATTERY_BIN ...]
 #
+# CONFIGS (default "sqlite pg1 pg3") picks the configurations: sqlite, pgN (PostgreSQL, N
+# nodes: churn sends each start and each stop to any node, a stop landing on another node than
+# the owner is forwarded), pgNo (the same, each stop to the node that started the session).
+# The churn's JSON also holds the machine's CPU busy fraction, the nodes', their instances',
+# the bench's and PostgreSQL's CPU over the churn window (cattery-bench --postgres-pid).
+#
 # Needs a scratch PostgreSQL (eval "$(scripts/postgres-ci.sh start)") and a release
 # cattery-bench and cattery-test-agent in target/release (or CATTERY_BENCH=path).
 set -euo pipefail
@@ -31,21 +37,27 @@ n=0
 for r in $(seq 1 "$rounds"); do
   for side in "$@"; do
     name=${side%%=*} bin=${side#*=}
-    for cfg in sqlite pg1 pg3; do
+    for cfg in ${CONFIGS:-sqlite pg1 pg3}; do
       args=()
+      nodes=${cfg#pg} stops=any
+      case $nodes in *o) nodes=${nodes%o} stops=owner ;; esac
+      pgargs=(--database-url "$base/DB" --nodes "$nodes" --churn-stops "$stops"
+        --postgres-pid "$(head -1 "$pgdata/postmaster.pid")")
       if [ "$cfg" != sqlite ]; then
         n=$((n + 1)); db="bench_${$}_$n"
         psql -q "$url" -c "CREATE DATABASE $db" >/dev/null
-        args=(--database-url "$base/$db" --nodes "${cfg#pg}")
+        args=("${pgargs[@]/DB/$db}")
       fi
-      echo "== round $r $name $cfg (load $(cut -d' ' -f1 /proc/loadavg))" >&2
+      echo "== round $r $name $cfg (load $(cut -d' ' -f1 /proc/loadavg)) $(date +%T)" >&2
       "$bench" --cattery "$bin" --quick --only warm --warm 1:30,8:10 "${args[@]}" \
         --json "$out/$name-$cfg-$r-warm.json" >/dev/null 2>&1 || echo "warm run failed" >&2
       if [ "$cfg" != sqlite ]; then
         psql -q "$url" -c "DROP DATABASE $db" >/dev/null
         n=$((n + 1)); db="bench_${$}_$n"
         psql -q "$url" -c "CREATE DATABASE $db" >/dev/null
-        args=(--database-url "$base/$db" --nodes "${cfg#pg}")
+        args=("${pgargs[@]/DB/$db}")
+      else
+        args=(--postgres-pid "$(head -1 "$pgdata/postmaster.pid")")
       fi
       c0=$(pg_cpu)
       "$bench" --cattery "$bin" --quick --only churn "${args[@]}" \

@@ -114,6 +114,11 @@ pub struct Ctx {
     pub srv: Arc<Server>,
     /// Every node on the database, `srv` first (one unless `--nodes`).
     pub nodes: Vec<Arc<Server>>,
+    /// Churn sends each stop to the node that started the session (`--churn-stops owner`),
+    /// not to any node.
+    pub stops_to_owner: bool,
+    /// The PostgreSQL postmaster (`--postgres-pid`): its CPU is reported over the churn.
+    pub postgres_pid: Option<i32>,
     /// Binaries.
     pub bins: Bins,
     /// This run's tag (`CATTERY_BENCH_TAG`).
@@ -142,18 +147,32 @@ fn sid_of(v: &Value) -> Option<String> {
 }
 
 /// CPU used by a process over `window`, in cores (1.0 = one core busy).
-/// One churn worker: start then stop until `deadline`. Returns the start and stop round trips
-/// (ms) and the errors.
+/// One churn worker: start then stop until `deadline`. With several nodes, each start and
+/// each stop goes to a node picked at random (as a load balancer without stickiness), or the
+/// stop to the node that started the session (`to_owner`). Returns the start and stop round
+/// trips (ms), the stops that went to another node than the start, and the errors.
 async fn churn_worker(
-    srv: Arc<Server>,
+    nodes: Vec<Arc<Server>>,
+    seed: u64,
+    to_owner: bool,
     name: &'static str,
     deadline: Instant,
     cycles: Arc<AtomicU64>,
     colds: Arc<AtomicU64>,
-) -> (Vec<f64>, Vec<f64>, Vec<String>) {
+) -> (Vec<f64>, Vec<f64>, u64, Vec<String>) {
     let (mut starts, mut stops, mut errs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut forwarded = 0;
+    // xorshift64*: a fixed sequence per worker, the same for every build compared.
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut pick = |n: usize| {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % n
+    };
     while Instant::now() < deadline {
-        let r = srv.start_session(name).await;
+        let a = pick(nodes.len());
+        let r = nodes[a].start_session(name).await;
         let Some(sid) = sid_of(&r.body).filter(|_| r.ok()) else {
             errs.push(format!("churn start: HTTP {} {}", r.status, r.body));
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -163,7 +182,11 @@ async fn churn_worker(
             colds.fetch_add(1, Ordering::Relaxed);
         }
         starts.push(r.ms);
-        let s = srv.stop_session(name, &sid).await;
+        let b = if to_owner { a } else { pick(nodes.len()) };
+        if b != a {
+            forwarded += 1;
+        }
+        let s = nodes[b].stop_session(name, &sid).await;
         if s.ok() {
             stops.push(s.ms);
             cycles.fetch_add(1, Ordering::Relaxed);
@@ -171,7 +194,7 @@ async fn churn_worker(
             errs.push(format!("churn stop: HTTP {} {}", s.status, s.body));
         }
     }
-    (starts, stops, errs)
+    (starts, stops, forwarded, errs)
 }
 
 async fn cpu_cores(pid: i32, window: Duration) -> f64 {
@@ -732,13 +755,27 @@ impl Ctx {
                 .map(|n| sys::cpu_seconds(n.pid).unwrap_or(0.0))
                 .sum::<f64>()
         };
+        // The nodes with their instances (live and reaped), and the database's processes.
+        let tree_all = |nodes: &[Arc<Server>]| {
+            nodes
+                .iter()
+                .map(|n| sys::tree_cpu_seconds(n.pid))
+                .sum::<f64>()
+        };
+        let pg = self.postgres_pid;
+        let pg_cpu = || pg.map(sys::tree_cpu_seconds);
         let cpu0 = cpu_all(&self.nodes);
+        let tree0 = tree_all(&self.nodes);
+        let pg0 = pg_cpu();
+        let (busy0, total0) = sys::system_ticks();
         let self0 = sys::cpu_seconds(std::process::id() as i32).unwrap_or(0.0);
         let t0 = Instant::now();
         let deadline = t0 + Duration::from_secs_f64(secs);
         let tasks = (0..workers).map(|w| {
             tokio::spawn(churn_worker(
-                self.nodes[w % self.nodes.len()].clone(),
+                self.nodes.clone(),
+                w as u64 + 1,
+                self.stops_to_owner,
                 name,
                 deadline,
                 cycles.clone(),
@@ -748,13 +785,18 @@ impl Ctx {
         let results = join_all(tasks).await;
         let wall = t0.elapsed().as_secs_f64();
         let cpu = (cpu_all(&self.nodes) - cpu0) / wall;
+        let agents_cpu = (tree_all(&self.nodes) - tree0) / wall - cpu;
+        let pg_cores = pg_cpu().zip(pg0).map(|(b, a)| (b - a) / wall);
+        let (busy1, total1) = sys::system_ticks();
+        let machine_busy = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64;
         let bench_cpu =
             (sys::cpu_seconds(std::process::id() as i32).unwrap_or(self0) - self0) / wall;
-        let (mut starts, mut stops) = (Vec::new(), Vec::new());
+        let (mut starts, mut stops, mut forwarded) = (Vec::new(), Vec::new(), 0);
         for r in results {
-            let (s, t, e) = r?;
+            let (s, t, f, e) = r?;
             starts.extend(s);
             stops.extend(t);
+            forwarded += f;
             for e in e.into_iter().take(5) {
                 self.report.error(e);
             }
@@ -794,6 +836,28 @@ impl Ctx {
             None,
             None,
         );
+        self.report_churn_breakdown(
+            [cpu, bench_cpu, agents_cpu, machine_busy],
+            pg_cores,
+            wall,
+            forwarded,
+            n,
+        );
+        self.retire(name).await;
+        Ok(())
+    }
+
+    /// The churn's CPU by process (the nodes, the bench, the nodes' instances, PostgreSQL, the
+    /// whole machine: cores over the `wall` seconds of `n` cycles) and,
+    /// with several nodes, the fraction of stops sent to another node than the start.
+    fn report_churn_breakdown(
+        &mut self,
+        [cpu, bench_cpu, agents_cpu, machine_busy]: [f64; 4],
+        pg_cores: Option<f64>,
+        wall: f64,
+        forwarded: u64,
+        n: u64,
+    ) {
         self.report.scalar(
             "churn_server_cpu",
             "churn",
@@ -823,8 +887,57 @@ impl Ctx {
             None,
             None,
         );
-        self.retire(name).await;
-        Ok(())
+        self.report.scalar(
+            "churn_agents_cpu",
+            "churn",
+            "churn: the nodes' instances' CPU (test agents, live and exited)",
+            agents_cpu,
+            "cores",
+            None,
+            None,
+        );
+        if let Some(c) = pg_cores {
+            self.report.scalar(
+                "churn_postgres_cpu",
+                "churn",
+                "churn: PostgreSQL's CPU (postmaster and backends)",
+                c,
+                "cores",
+                None,
+                None,
+            );
+        }
+        self.report.scalar(
+            "churn_machine_busy",
+            "churn",
+            "churn: the whole machine's CPU busy (all cores; 1.0 = saturated)",
+            machine_busy,
+            "",
+            None,
+            Some(format!("{} cores", sys::machine().cpus)),
+        );
+        if self.nodes.len() > 1 {
+            self.report.scalar(
+                "churn_stops_forwarded",
+                "churn",
+                "churn: fraction of stops sent to another node than the start",
+                if n > 0 {
+                    forwarded as f64 / n as f64
+                } else {
+                    0.0
+                },
+                "",
+                None,
+                Some(
+                    if self.stops_to_owner {
+                        "each stop to the node that started the session"
+                    } else {
+                        "each start and each stop to a node picked at random"
+                    }
+                    .into(),
+                ),
+            );
+        }
     }
 
     // ----------------------------------------------------------------------------------

@@ -144,11 +144,22 @@ struct Common {
     /// SQLite in the data dir.
     #[arg(long)]
     database_url: Option<String>,
-    /// Nodes on the one database (needs `--database-url`): the warm and churn phases send each
-    /// start to a node in turn and its stop to the node that started it; the other phases
-    /// use the first node.
+    /// Nodes on the one database (needs `--database-url`): the warm phase sends each start to
+    /// a node in turn and its stop to the node that started it; the churn phase sends each
+    /// start and each stop to any node, as a load balancer does (a stop that lands on a node
+    /// that does not own the session is forwarded to its owner; see `--churn-stops`); the
+    /// other phases use the first node. The nodes share a cluster secret and a secrets key.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
+    /// With `--nodes` above 1: where churn sends a session's stop. `any` (default): a node
+    /// picked at random, like a load balancer without stickiness (about (n-1)/n of the stops
+    /// are forwarded to the owner); `owner`: the node that started it (no forwarding).
+    #[arg(long, default_value = "any", value_parser = ["any", "owner"])]
+    churn_stops: String,
+    /// The PostgreSQL server's postmaster pid: the churn phase then reports the database's CPU
+    /// over its window (the postmaster, its live backends, and those that exited meanwhile).
+    #[arg(long)]
+    postgres_pid: Option<i32>,
 }
 
 impl Common {
@@ -371,14 +382,42 @@ async fn run_bench(a: RunArgs) -> anyhow::Result<bool> {
         "--nodes above 1 needs --database-url (nodes share one database)"
     );
     let s = setup(plan.mode, &a.common)?;
-    let srv = Arc::new(Server::start(&s.bins, s.dir.path(), &a.common.store_args()).await?);
+    let mut store_args: Vec<String> = a
+        .common
+        .store_args()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    if a.common.nodes > 1 {
+        // One cluster: a shared cluster secret (forwarded stops) and secrets key; each node's
+        // advertise URL is added at launch (its port).
+        let secret = s.dir.path().join("cluster-secret");
+        let key = s.dir.path().join("secrets-key");
+        std::fs::write(&secret, "b".repeat(48))?;
+        std::fs::write(&key, rand::random::<[u8; 32]>())?;
+        for f in [&secret, &key] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600))?;
+        }
+        for (flag, f) in [
+            ("--cluster-secret-file", &secret),
+            ("--secrets-key-file", &key),
+        ] {
+            store_args.push(flag.into());
+            store_args.push(f.display().to_string());
+        }
+    }
+    let store_args: Vec<&str> = store_args.iter().map(String::as_str).collect();
+    let srv = Arc::new(Server::start(&s.bins, s.dir.path(), &store_args).await?);
     let mut nodes = vec![srv.clone()];
     for i in 2..=a.common.nodes {
         let dir = s.dir.path().join(format!("node-{i}"));
-        let node = Server::start(&s.bins, &dir, &a.common.store_args()).await?;
+        let node = Server::start(&s.bins, &dir, &store_args).await?;
         nodes.push(Arc::new(node));
     }
     let mut ctx = Ctx {
+        stops_to_owner: a.common.churn_stops == "owner",
+        postgres_pid: a.common.postgres_pid,
         nodes,
         srv,
         bins: s.bins,

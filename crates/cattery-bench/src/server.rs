@@ -193,6 +193,20 @@ impl Server {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.extra_args)
+            .args(
+                // A node of a cluster: where the other nodes reach it.
+                self.extra_args
+                    .iter()
+                    .any(|a| a == "--cluster-secret-file")
+                    .then(|| {
+                        [
+                            "--advertise-url".to_string(),
+                            format!("http://127.0.0.1:{port}"),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log));

@@ -154,6 +154,35 @@ pub fn cpu_seconds(pid: i32) -> Option<f64> {
     Some(ticks as f64 / hz)
 }
 
+/// CPU used by the children `pid` has reaped (`cutime + cstime`), in seconds.
+pub fn reaped_children_cpu_seconds(pid: i32) -> Option<f64> {
+    let f = stat_fields(pid)?;
+    let ticks: u64 = f.get(13)?.parse::<u64>().ok()? + f.get(14)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks as f64 / hz)
+}
+
+/// CPU of a process tree: `pid` and every live descendant, each with the children it reaped
+/// (e.g. a PostgreSQL postmaster and its backends, or a node and its instances), in seconds.
+pub fn tree_cpu_seconds(pid: i32) -> f64 {
+    let mut t = cpu_seconds(pid).unwrap_or(0.0) + reaped_children_cpu_seconds(pid).unwrap_or(0.0);
+    // Children are listed by the thread that made them.
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return t;
+    };
+    for task in tasks.flatten() {
+        let kids = fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for c in kids
+            .split_whitespace()
+            .filter_map(|c| c.parse::<i32>().ok())
+        {
+            t += tree_cpu_seconds(c);
+        }
+    }
+    t
+}
+
 /// Environment of a process as `KEY=VALUE` byte strings (empty when unreadable).
 pub fn environ(pid: i32) -> Vec<Vec<u8>> {
     fs::read(format!("/proc/{pid}/environ"))

@@ -455,16 +455,9 @@ pub async fn stop_session(
     ApiPath((name, sid)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<StopResponse>> {
     let id = parse_session_id(&sid)?;
-    // A websocket session announced by /start whose client has not connected: its token is
+    // A websocket session announced by /start whose client has not connected has its token
     // revoked first (in the store, on every node), so it can never start; the stop then ends
-    // its record (`stopped_during_start`). A session live on this node redeemed its token
-    // (or never had one): no store write on its stop's path.
-    if !st.sup.is_live_here(id) {
-        st.ws
-            .revoke_session(st.store.as_ref(), &c.org, &name, id)
-            .await
-            .map_err(CoreError::from)?;
-    }
+    // its record (`stopped_during_start`). See `Supervisor::stop_session`.
     st.sup.stop_session(&c.org, &name, id).await?;
     Ok(Json(StopResponse {
         session_id: id,

@@ -159,18 +159,6 @@ impl WsState {
             expires_ms: t.expires_ms,
         }))
     }
-
-    /// Revokes the token announced for `session` (a stop before the client connected).
-    /// Returns whether there was one.
-    pub async fn revoke_session(
-        &self,
-        store: &dyn Store,
-        org: &str,
-        agent: &str,
-        session: Uuid,
-    ) -> StoreResult<bool> {
-        store.revoke_ws_tokens(org, agent, session).await
-    }
 }
 
 /// The `/start` answer of the websocket transport.

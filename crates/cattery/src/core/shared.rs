@@ -89,14 +89,16 @@ pub fn view_of(me: &NodeIdentity, nodes: Vec<crate::store::NodeRecord>, now: i64
     }
 }
 
-/// Reads the node list once and gives the supervisor its view.
+/// Reads the node list once and gives the supervisor its view (and the list, for forwarded
+/// stops).
 pub async fn refresh_view(
     store: &dyn Store,
     me: &NodeIdentity,
     sup: &Arc<Supervisor>,
 ) -> StoreResult<()> {
-    let view = view_of(me, store.list_nodes().await?, now_ms());
-    sup.set_cluster_view(view);
+    let nodes = store.list_nodes().await?;
+    sup.remember_nodes(&nodes);
+    sup.set_cluster_view(view_of(me, nodes, now_ms()));
     Ok(())
 }
 

@@ -13,7 +13,8 @@ use crate::postgres::PgCluster;
 
 /// An agent created on node 1 starts on node 3 and is startable on node 2 within 1 s; a
 /// scaling change on node 2 is applied by node 1's warm pool; a websocket token announced on
-/// node 1 and used on node 2 is refused (403) when replayed on node 3 or node 1.
+/// node 1 and used on node 2 is refused (403) when replayed on node 3 or node 1; one stopped
+/// through node 2 before its client connects is refused on node 3.
 #[tokio::test(flavor = "multi_thread")]
 async fn changes_reach_every_node_and_ws_tokens_are_single_use_across_nodes() {
     let Some(pg) = PgCluster::start() else {
@@ -100,6 +101,28 @@ async fn changes_reach_every_node_and_ws_tokens_are_single_use_across_nodes() {
         }
     }
     drop(ws);
+
+    // Announced on node 1, stopped through node 2 before its client connects: its token is
+    // revoked for every node (refused on node 3), and it ends `stopped_during_start`.
+    let r = n1
+        .start_session("wsroam", json!({"transport": "websocket"}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let token = r.body["token"].as_str().unwrap().to_string();
+    let sid = r.body["sessionId"].as_str().unwrap().to_string();
+    let st = n2.stop("wsroam", &sid).await;
+    assert_eq!(st.status, 200, "{:?}", st.body);
+    assert_eq!(st.body["status"], "terminated");
+    let url3 = format!(
+        "ws://127.0.0.1:{}/ws/generic/wsroam.default?token={token}",
+        n3.port
+    );
+    match tokio_tungstenite::connect_async(url3.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        other => panic!("a revoked token was not refused with 403: {other:?}"),
+    }
+    let s = n3.session("wsroam", &sid).await;
+    assert_eq!(s["endReason"], "stopped_during_start", "{s}");
 }
 
 /// A burst of starts spread over three nodes at `maxAgents` 8 admits exactly 8 and answers

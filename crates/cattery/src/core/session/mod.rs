@@ -218,6 +218,10 @@ pub struct Supervisor {
     announced: Mutex<std::collections::HashSet<Uuid>>,
     /// Whether this node is fenced (its heartbeats were late): see `fence`.
     fence: Mutex<fence::Fence>,
+    /// The node list as last read from the store ([`Supervisor::remember_nodes`]: every
+    /// heartbeat period, and by every forwarded stop that had to read it), so a forwarded
+    /// stop finds its owner's address without a round trip.
+    nodes_seen: Mutex<HashMap<String, crate::store::NodeRecord>>,
 }
 
 /// This node among the live nodes on the store (docs/cluster.md): its place in the sorted
@@ -275,6 +279,7 @@ impl Supervisor {
             events: std::sync::OnceLock::new(),
             announced: Mutex::new(std::collections::HashSet::new()),
             fence: Mutex::new(fence::Fence::default()),
+            nodes_seen: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&sup);
         tokio::spawn(async move {
@@ -316,6 +321,17 @@ impl Supervisor {
         if changed {
             self.reconcile_all();
         }
+    }
+
+    /// Keeps the node list just read from the store (the whole list: nodes not in it are
+    /// forgotten), for forwarded stops.
+    pub fn remember_nodes(&self, nodes: &[crate::store::NodeRecord]) {
+        *self.nodes_seen.lock() = nodes.iter().map(|n| (n.id.clone(), n.clone())).collect();
+    }
+
+    /// Node `id` as last read from the store, if it was in the list.
+    fn node_seen(&self, id: &str) -> Option<crate::store::NodeRecord> {
+        self.nodes_seen.lock().get(id).cloned()
     }
 
     /// This node's place among the live nodes.
@@ -646,13 +662,6 @@ impl Supervisor {
     fn session_changed(&self, org: &str, session: Uuid) {
         // No watcher is fine.
         let _ = self.changes.send((org.to_string(), session));
-    }
-
-    /// Whether session `session` is live on this node (placed on an instance, stored or
-    /// being stored). Such a session holds no websocket token: a websocket session is only
-    /// started once its token was redeemed (taken from the store).
-    pub fn is_live_here(&self, session: Uuid) -> bool {
-        self.state.lock().sessions.contains_key(&session)
     }
 
     /// `org`'s live sessions whose record is stored.

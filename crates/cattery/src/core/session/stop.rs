@@ -13,6 +13,13 @@ use super::{PeerStop, Supervisor};
 use crate::core::{CoreError, CoreResult};
 use crate::model::{now_ms, EndReason, SessionEnd};
 
+/// Whether a websocket token may still be stored for the session: only for a websocket
+/// session that `/start` announced and no client has started (a start records `coldStart`
+/// after the token is taken, and a live session's token was taken before it started).
+pub(crate) fn may_hold_ws_token(rec: &crate::model::SessionRecord) -> bool {
+    rec.transport.as_deref() == Some("websocket") && rec.cold_start.is_none()
+}
+
 /// Sends a stop and waits until the instance is gone (its end recorded).
 async fn stop_and_wait(ctl: &InstanceCtl) {
     let _ = ctl.cmd_tx.send(Cmd::Stop(EndReason::Stopped));
@@ -22,7 +29,9 @@ async fn stop_and_wait(ctl: &InstanceCtl) {
 
 impl Supervisor {
     /// Stops a session (the seed contract): the whole instance is removed and the end recorded
-    /// before this returns. A session that already ended is left as it is.
+    /// before this returns. A session that already ended is left as it is. A websocket
+    /// session whose client has not connected has its token revoked first (every node), so it
+    /// can never start; its record then ends `stopped_during_start`.
     ///
     /// Errors: `NotFound` when the session does not exist, or belongs to another org or agent;
     /// `Store` when the instance is gone but the store has not taken its end within
@@ -61,8 +70,18 @@ impl Supervisor {
             }
             None => {}
         }
-        let (_, rec) =
-            crate::core::lookup::session_of(&self.store, org, agent_name, session).await?;
+        let mut rec = self.session_to_stop(org, agent_name, session).await?;
+        if may_hold_ws_token(&rec) {
+            // A websocket session announced by /start that has not started: its token is
+            // revoked first (in the store, for every node), so no client can start it any
+            // more; then its record is read again (a client may have taken the token just
+            // before). A session that started, or any other transport, holds no token:
+            // nothing to revoke, no round trip.
+            self.store
+                .revoke_ws_tokens(org, agent_name, session)
+                .await?;
+            rec = self.session_to_stop(org, agent_name, session).await?;
+        }
         if rec.end.is_some() {
             return Ok(());
         }
@@ -74,6 +93,40 @@ impl Supervisor {
         }
         self.stop_here(org, agent_name, session, rec.waiting_for_client())
             .await
+    }
+
+    /// The record of `org`'s session `session` of agent `agent_name`, as
+    /// [`crate::core::lookup::session_of`] finds it, in one read: the agent's name comes from
+    /// this node's agents (kept in step with the store by the change feed) when it knows the
+    /// agent, else from the store. Errors: `NotFound` as `session_of`.
+    async fn session_to_stop(
+        &self,
+        org: &str,
+        agent_name: &str,
+        session: Uuid,
+    ) -> CoreResult<crate::model::SessionRecord> {
+        let rec = self
+            .store
+            .get_session(session)
+            .await?
+            .filter(|s| s.org == org)
+            .ok_or_else(|| CoreError::NotFound(format!("session {session} not found")))?;
+        let known = (self.state.lock().pools.get(&rec.agent_id))
+            .map(|p| p.agent.org == org && p.agent.name == agent_name);
+        let matches = match known {
+            Some(m) => m,
+            None => self
+                .store
+                .get_agent_by_id(rec.agent_id)
+                .await?
+                .is_some_and(|a| a.name == agent_name),
+        };
+        if !matches {
+            return Err(CoreError::NotFound(format!(
+                "session {session} not found for agent {agent_name}"
+            )));
+        }
+        Ok(rec)
     }
 
     /// Stops a session this node owns (or one no live instance serves), as a `DELETE` does
@@ -156,18 +209,32 @@ impl Supervisor {
     /// dead (no heartbeat within the node timeout), this node takes it over first
     /// ([`Supervisor::take_over`]) and stops what it adopted. Follows the session when its
     /// owner changes meanwhile. Bounded by twice the node timeout plus 5 s.
+    ///
+    /// The first try takes the owner's address from the node list last read (refreshed every
+    /// heartbeat period), when that list has it alive: no round trip to the store. Anything
+    /// else (not in it, seen dead there, a failed or refused forward) reads the list from the
+    /// store, and only a list read from the store declares a node dead.
     async fn stop_elsewhere(&self, mut owner: String, session: Uuid) -> CoreResult<()> {
         let timeout = self.cfg.node_timeout;
         let give_up = std::time::Instant::now() + timeout * 2 + Duration::from_secs(5);
         let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+        let mut first = true;
         loop {
-            let node = self
-                .store
-                .list_nodes()
-                .await?
-                .into_iter()
-                .find(|n| n.id == owner);
             let stale_ms = now_ms() - timeout_ms;
+            let seen = first
+                .then(|| self.node_seen(&owner))
+                .flatten()
+                .filter(|n| n.heartbeat_ms > stale_ms && n.advertise_url.is_some());
+            first = false;
+            let (node, stale_ms) = match seen {
+                Some(n) => (Some(n), stale_ms),
+                None => {
+                    let nodes = self.store.list_nodes().await?;
+                    self.remember_nodes(&nodes);
+                    let n = nodes.into_iter().find(|n| n.id == owner);
+                    (n, now_ms() - timeout_ms)
+                }
+            };
             match node {
                 Some(n) if n.heartbeat_ms > stale_ms => {
                     let (Some(peers), Some(url)) = (self.peers.get(), n.advertise_url.as_deref())

@@ -725,16 +725,127 @@ mod decisions {
     }
 }
 
+/// The network between nodes as the engine sees it: records where each forwarded stop went;
+/// the node at `refuses` does not answer.
+struct Forwards {
+    calls: parking_lot::Mutex<Vec<String>>,
+    refuses: &'static str,
+}
+
+#[async_trait::async_trait]
+impl super::Peers for Forwards {
+    async fn stop(&self, url: &str, _session: Uuid) -> Result<super::PeerStop, String> {
+        self.calls.lock().push(url.to_string());
+        if url == self.refuses {
+            return Err("connection refused".into());
+        }
+        Ok(super::PeerStop::Stopped)
+    }
+}
+
+/// Node `n2`, alive, at `url`, as its heartbeat records it.
+fn n2_at(url: &str) -> crate::store::NodeRecord {
+    crate::store::NodeRecord {
+        id: "n2".into(),
+        advertise_url: Some(url.into()),
+        version: "test".into(),
+        started_ms: now_ms(),
+        heartbeat_ms: now_ms(),
+        instances: 1,
+        busy: 1,
+    }
+}
+
+/// A stop of another live node's session goes to the owner's address from the node list
+/// last read (refreshed every heartbeat period): no read of the node list on the stop's path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_is_live_here_from_its_start_until_its_stop_returns() {
+async fn a_forwarded_stop_takes_the_owners_address_from_the_node_list_seen() {
     let e = env().await;
-    agent(&e, "a", &[], 0, 1).await;
-    let s = start(&e, "a").await.unwrap();
-    assert!(e.sup.is_live_here(s.session_id));
-    assert!(!e.sup.is_live_here(Uuid::new_v4()));
-    e.sup.stop_session("o", "a", s.session_id).await.unwrap();
-    assert!(
-        !e.sup.is_live_here(s.session_id),
-        "gone once the stop answered"
-    );
+    let a = agent(&e, "a", &[], 0, 1).await;
+    let (_, sid) = left_by(&e, &a, "n2").await;
+    e.store.heartbeat(&n2_at("http://stored")).await.unwrap();
+    e.sup.remember_nodes(&[n2_at("http://seen")]);
+    let peers = Arc::new(Forwards {
+        calls: parking_lot::Mutex::default(),
+        refuses: "",
+    });
+    e.sup.set_peers(peers.clone());
+    // Named under another agent, or another org: not found, nothing forwarded.
+    agent(&e, "b", &[], 0, 1).await;
+    for (org, name) in [("o", "b"), ("o", "nope"), ("p", "a")] {
+        let r = e.sup.stop_session(org, name, sid).await;
+        assert!(
+            matches!(r, Err(CoreError::NotFound(_))),
+            "{org}/{name}: {r:?}"
+        );
+    }
+    assert!(peers.calls.lock().is_empty());
+    e.sup.stop_session("o", "a", sid).await.unwrap();
+    assert_eq!(*peers.calls.lock(), ["http://seen"]);
+}
+
+/// An address seen earlier that no longer answers (the owner restarted elsewhere) costs one
+/// failed try: the node list is then read from the store and the stop goes to the address
+/// there. A node the list seen has as dead, or does not have, is looked up in the store at
+/// once (only the store's list declares a node dead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_stop_reads_the_node_list_again_when_the_address_seen_fails() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 0, 1).await;
+    let (_, sid) = left_by(&e, &a, "n2").await;
+    e.store.heartbeat(&n2_at("http://new")).await.unwrap();
+    e.sup.remember_nodes(&[n2_at("http://old")]);
+    let peers = Arc::new(Forwards {
+        calls: parking_lot::Mutex::default(),
+        refuses: "http://old",
+    });
+    e.sup.set_peers(peers.clone());
+    e.sup.stop_session("o", "a", sid).await.unwrap();
+    assert_eq!(*peers.calls.lock(), ["http://old", "http://new"]);
+
+    // Seen dead (an old heartbeat) or not seen at all: the store's list, at once.
+    for seen in [
+        vec![crate::store::NodeRecord {
+            heartbeat_ms: 0,
+            ..n2_at("http://old")
+        }],
+        Vec::new(),
+    ] {
+        let (_, sid) = left_by(&e, &a, "n2").await;
+        e.sup.remember_nodes(&seen);
+        peers.calls.lock().clear();
+        e.sup.stop_session("o", "a", sid).await.unwrap();
+        assert_eq!(*peers.calls.lock(), ["http://new"]);
+    }
+}
+
+/// Only a websocket session that `/start` announced and nothing started may hold a token:
+/// every other stop revokes nothing (no round trip to the store).
+#[test]
+fn only_an_announced_websocket_session_may_hold_a_token() {
+    let now = now_ms();
+    let rec = |transport: Option<&str>, cold: Option<bool>| SessionRecord {
+        id: Uuid::new_v4(),
+        org: "o".into(),
+        agent_id: Uuid::new_v4(),
+        deployment_id: Uuid::new_v4(),
+        created_ms: now,
+        updated_ms: now,
+        bot_start_ms: None,
+        cold_start: cold,
+        transport: transport.map(String::from),
+        end: None,
+        samples: Vec::new(),
+        node_id: "n1".into(),
+    };
+    assert!(super::stop::may_hold_ws_token(&rec(
+        Some("websocket"),
+        None
+    )));
+    assert!(!super::stop::may_hold_ws_token(&rec(
+        Some("websocket"),
+        Some(false)
+    )));
+    assert!(!super::stop::may_hold_ws_token(&rec(Some("webrtc"), None)));
+    assert!(!super::stop::may_hold_ws_token(&rec(None, Some(true))));
 }
