@@ -710,6 +710,36 @@ impl Ctx {
     // Churn
     // ----------------------------------------------------------------------------------
 
+    /// The churn's CPU per cycle: the control plane's, and its reaped children's (seconds
+    /// over the run, `n` cycles).
+    fn report_cpu_per_cycle(&mut self, server_s: f64, children_s: f64, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.report.scalar(
+            "churn_server_cpu_per_cycle",
+            "churn",
+            "churn: control-plane CPU per cycle (load-independent)",
+            server_s * 1000.0 / n as f64,
+            "ms",
+            None,
+            Some("CPU time of cattery serve (user + system) divided by cycles".into()),
+        );
+        self.report.scalar(
+            "churn_children_cpu_per_cycle",
+            "churn",
+            "churn: CPU of the server's reaped children per cycle (agents, spare processes)",
+            children_s * 1000.0 / n as f64,
+            "ms",
+            None,
+            Some(
+                "cutime + cstime of cattery serve over the run divided by cycles (children \
+                 reaped after the run are not counted)"
+                    .into(),
+            ),
+        );
+    }
+
     /// Start-then-stop cycles from several workers for a fixed time, warm pool refilling.
     pub async fn churn(&mut self) -> anyhow::Result<()> {
         let workers = self.plan.churn_workers;
@@ -733,6 +763,7 @@ impl Ctx {
                 .sum::<f64>()
         };
         let cpu0 = cpu_all(&self.nodes);
+        let children0 = children_cpu(&self.nodes);
         let self0 = sys::cpu_seconds(std::process::id() as i32).unwrap_or(0.0);
         let t0 = Instant::now();
         let deadline = t0 + Duration::from_secs_f64(secs);
@@ -748,6 +779,7 @@ impl Ctx {
         let results = join_all(tasks).await;
         let wall = t0.elapsed().as_secs_f64();
         let cpu = (cpu_all(&self.nodes) - cpu0) / wall;
+        let children_cpu = children_cpu(&self.nodes) - children0;
         let bench_cpu =
             (sys::cpu_seconds(std::process::id() as i32).unwrap_or(self0) - self0) / wall;
         let (mut starts, mut stops) = (Vec::new(), Vec::new());
@@ -803,17 +835,7 @@ impl Ctx {
             None,
             None,
         );
-        if n > 0 {
-            self.report.scalar(
-                "churn_server_cpu_per_cycle",
-                "churn",
-                "churn: control-plane CPU per cycle (load-independent)",
-                cpu * wall * 1000.0 / n as f64,
-                "ms",
-                None,
-                Some("CPU time of cattery serve (user + system) divided by cycles".into()),
-            );
-        }
+        self.report_cpu_per_cycle(cpu * wall, children_cpu, n);
         self.report.scalar(
             "churn_bench_cpu",
             "churn",
@@ -1182,4 +1204,12 @@ impl Ctx {
         self.retire(name).await;
         Ok(())
     }
+}
+
+/// CPU seconds of the reaped children of every node.
+fn children_cpu(nodes: &[Arc<Server>]) -> f64 {
+    nodes
+        .iter()
+        .map(|n| sys::reaped_children_cpu_seconds(n.pid).unwrap_or(0.0))
+        .sum()
 }

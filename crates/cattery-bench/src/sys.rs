@@ -154,6 +154,16 @@ pub fn cpu_seconds(pid: i32) -> Option<f64> {
     Some(ticks as f64 / hz)
 }
 
+/// CPU time (user + system) of a process's children that it has reaped so far, seconds
+/// (for `cattery serve`: the agents, and the parked processes of spare cgroup slots).
+pub fn reaped_children_cpu_seconds(pid: i32) -> Option<f64> {
+    let f = stat_fields(pid)?;
+    let ticks: u64 = f.get(13)?.parse::<u64>().ok()? + f.get(14)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks as f64 / hz)
+}
+
 /// Environment of a process as `KEY=VALUE` byte strings (empty when unreadable).
 pub fn environ(pid: i32) -> Vec<Vec<u8>> {
     fs::read(format!("/proc/{pid}/environ"))

@@ -362,7 +362,9 @@ impl ProcessRuntime {
                 ids: p.uid.map(|u| (u, u)),
                 stdin: None,
             };
-            match self.start_from_spare(spare, &id, spec.limits.as_ref(), &sspec) {
+            let started = self.start_from_spare(spare, &id, spec.limits.as_ref(), &sspec);
+            self.spares.refill_soon();
+            match started {
                 Ok((pid, exit_rx, v2, v1)) => {
                     drop((out, err));
                     return Ok(self.started(id, pid, p, (v2, v1), exit_rx, logs));

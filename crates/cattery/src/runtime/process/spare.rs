@@ -729,7 +729,7 @@ impl Stock {
         }
     }
 
-    /// Takes a ready spare, if any, and asks for a new one. The first call starts the
+    /// Takes a ready spare, if any. The first call starts the
     /// stock's thread (a server that never starts an instance keeps no spares).
     pub fn take(&self) -> Option<Spare> {
         if self.shared.unsupported.load(Ordering::SeqCst) {
@@ -754,9 +754,16 @@ impl Stock {
                 }
             }
         }
-        let s = st.spares.pop();
+        // The stock's thread is woken by [`Stock::refill_soon`], once the start is done with
+        // cgroups: its migration holds the kernel's `cgroup_mutex` through the RCU wait, and
+        // the start's `mkdir`, `clone3` and `rename` need that mutex.
+        st.spares.pop()
+    }
+
+    /// Asks the stock's thread to make up for a spare that was taken (call once the start
+    /// that took it is done with cgroups).
+    pub fn refill_soon(&self) {
         self.shared.cv.notify_all();
-        s
     }
 
     /// Returns a spare that was taken but not used.
