@@ -1156,4 +1156,42 @@ mod real_tests {
         }
         super::super::cgroup::remove(&inst);
     }
+
+    #[test]
+    fn the_started_process_runs_under_the_instance_uid_without_groups_or_privileges() {
+        let Some(b) = Bases::new() else { return };
+        let mut spare = make(&b.v1).unwrap();
+        let inst = b.v2.join("inst");
+        fs::create_dir(&inst).unwrap();
+        let inst_fd = OwnedFd::from(fs::File::open(&inst).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let path = dir.path().join("out");
+        let out: OwnedFd = fs::File::create(&path).unwrap().into();
+        let script = "echo $(id -u) $(id -g) $(id -G) $(grep NoNewPrivs /proc/self/status | cut -f2) $(umask)";
+        let args = ["-c".to_string(), script.to_string()];
+        let env = [(OsString::from("PATH"), OsString::from("/usr/bin:/bin"))];
+        let plan = super::super::spawn::prepare(&super::super::spawn::SpawnSpec {
+            program: "/bin/sh",
+            args: &args,
+            env: &env,
+            cwd: dir.path(),
+            stdout: &out,
+            stderr: &out,
+            cgroup_procs: &[],
+            ids: Some((2_100_000_007, 2_100_000_008)),
+            stdin: None,
+        })
+        .unwrap();
+        let pid = spare.claim(&plan.args, &inst_fd).unwrap();
+        assert!(super::super::spawn::child_failure(&plan.args, dir.path()).is_none());
+        assert_eq!(wait(pid), 0);
+        spare.discard();
+        assert_eq!(
+            fs::read_to_string(&path).unwrap().trim(),
+            "2100000007 2100000008 2100000008 1 0022"
+        );
+        super::super::cgroup::remove(&inst);
+    }
 }
