@@ -733,6 +733,36 @@ impl Ctx {
     // Churn
     // ----------------------------------------------------------------------------------
 
+    /// The churn's CPU per cycle: the control plane's, and its reaped children's (seconds
+    /// over the run, `n` cycles).
+    fn report_cpu_per_cycle(&mut self, server_s: f64, children_s: f64, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.report.scalar(
+            "churn_server_cpu_per_cycle",
+            "churn",
+            "churn: control-plane CPU per cycle (load-independent)",
+            server_s * 1000.0 / n as f64,
+            "ms",
+            None,
+            Some("CPU time of cattery serve (user + system) divided by cycles".into()),
+        );
+        self.report.scalar(
+            "churn_children_cpu_per_cycle",
+            "churn",
+            "churn: CPU of the server's reaped children per cycle (agents, spare processes)",
+            children_s * 1000.0 / n as f64,
+            "ms",
+            None,
+            Some(
+                "cutime + cstime of cattery serve over the run divided by cycles (children \
+                 reaped after the run are not counted)"
+                    .into(),
+            ),
+        );
+    }
+
     /// Start-then-stop cycles from several workers for a fixed time, warm pool refilling.
     pub async fn churn(&mut self) -> anyhow::Result<()> {
         let workers = self.plan.churn_workers;
@@ -768,6 +798,7 @@ impl Ctx {
         let tree0 = tree_all(&self.nodes);
         let pg0 = pg_cpu();
         let (busy0, total0) = sys::system_ticks();
+        let children0 = children_cpu(&self.nodes);
         let self0 = sys::cpu_seconds(std::process::id() as i32).unwrap_or(0.0);
         let t0 = Instant::now();
         let deadline = t0 + Duration::from_secs_f64(secs);
@@ -789,6 +820,7 @@ impl Ctx {
         let pg_cores = pg_cpu().zip(pg0).map(|(b, a)| (b - a) / wall);
         let (busy1, total1) = sys::system_ticks();
         let machine_busy = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64;
+        let children_cpu = children_cpu(&self.nodes) - children0;
         let bench_cpu =
             (sys::cpu_seconds(std::process::id() as i32).unwrap_or(self0) - self0) / wall;
         let (mut starts, mut stops, mut forwarded) = (Vec::new(), Vec::new(), 0);
@@ -840,6 +872,7 @@ impl Ctx {
             [cpu, bench_cpu, agents_cpu, machine_busy],
             pg_cores,
             wall,
+            children_cpu,
             forwarded,
             n,
         );
@@ -848,13 +881,15 @@ impl Ctx {
     }
 
     /// The churn's CPU by process (the nodes, the bench, the nodes' instances, PostgreSQL, the
-    /// whole machine: cores over the `wall` seconds of `n` cycles) and,
+    /// whole machine: cores over the `wall` seconds of `n` cycles; `children_cpu`: CPU
+    /// seconds of the processes the nodes reaped) and,
     /// with several nodes, the fraction of stops sent to another node than the start.
     fn report_churn_breakdown(
         &mut self,
         [cpu, bench_cpu, agents_cpu, machine_busy]: [f64; 4],
         pg_cores: Option<f64>,
         wall: f64,
+        children_cpu: f64,
         forwarded: u64,
         n: u64,
     ) {
@@ -867,17 +902,7 @@ impl Ctx {
             None,
             None,
         );
-        if n > 0 {
-            self.report.scalar(
-                "churn_server_cpu_per_cycle",
-                "churn",
-                "churn: control-plane CPU per cycle (load-independent)",
-                cpu * wall * 1000.0 / n as f64,
-                "ms",
-                None,
-                Some("CPU time of cattery serve (user + system) divided by cycles".into()),
-            );
-        }
+        self.report_cpu_per_cycle(cpu * wall, children_cpu, n);
         self.report.scalar(
             "churn_bench_cpu",
             "churn",
@@ -1305,4 +1330,12 @@ fn rss_target(sessions: usize) -> Option<Target> {
     } else {
         (sessions >= 1000).then(|| Target::le("value", 150.0))
     }
+}
+
+/// CPU seconds of the reaped children of every node.
+fn children_cpu(nodes: &[Arc<Server>]) -> f64 {
+    nodes
+        .iter()
+        .map(|n| sys::reaped_children_cpu_seconds(n.pid).unwrap_or(0.0))
+        .sum()
 }

@@ -154,7 +154,8 @@ pub fn cpu_seconds(pid: i32) -> Option<f64> {
     Some(ticks as f64 / hz)
 }
 
-/// CPU used by the children `pid` has reaped (`cutime + cstime`), in seconds.
+/// CPU used by the children `pid` has reaped (`cutime + cstime`), in seconds (for
+/// `cattery serve`: the agents, and the parked processes of spare cgroup slots).
 pub fn reaped_children_cpu_seconds(pid: i32) -> Option<f64> {
     let f = stat_fields(pid)?;
     let ticks: u64 = f.get(13)?.parse::<u64>().ok()? + f.get(14)?.parse::<u64>().ok()?;

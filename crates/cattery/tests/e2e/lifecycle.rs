@@ -631,16 +631,40 @@ async fn start_stop_cycles_with_stubborn_agents_leave_nothing_behind() {
             .join("cattery")
             .join(server_id.trim());
         if let Ok(rd) = std::fs::read_dir(&base) {
-            let dirs: Vec<_> = rd
+            // The stock of spare cgroup slots (`runtime/process/spare.rs`, v1 only) lives
+            // next to the instances' cgroups while the server runs: at most two, each holding
+            // only its parked process (none of an instance). Nothing else may be left.
+            let (spares, dirs): (Vec<_>, Vec<_>) = rd
                 .flatten()
                 .filter(|e| e.path().is_dir())
-                .map(|e| e.file_name())
-                .collect();
+                .partition(|e| e.file_name().to_string_lossy().starts_with("spare-"));
+            let dirs: Vec<_> = dirs.iter().map(|e| e.file_name()).collect();
             assert!(
                 dirs.is_empty(),
                 "cgroups left under {}: {dirs:?}",
                 base.display()
             );
+            assert!(
+                spares.len() <= 2,
+                "spares under {}: {}",
+                base.display(),
+                spares.len()
+            );
+            for e in &spares {
+                let procs =
+                    std::fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
+                assert!(
+                    procs.lines().count() <= 1,
+                    "{}: {procs}",
+                    e.path().display()
+                );
+                for p in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    assert!(
+                        !s.agent_pids().contains(&p),
+                        "an agent process in a spare cgroup: {p}"
+                    );
+                }
+            }
         }
     }
 }

@@ -26,6 +26,7 @@ mod ops;
 mod postgres;
 mod python_bots;
 mod secrets_logs;
+mod spare_slots;
 mod storage_faults;
 mod telephony;
 mod transport;

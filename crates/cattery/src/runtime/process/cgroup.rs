@@ -226,20 +226,7 @@ impl CgroupSupport {
                 continue;
             }
             if let Some(l) = limits {
-                let _ = match *ctrl {
-                    "memory" => write_file(
-                        &dir.join("memory.limit_in_bytes"),
-                        &l.memory_bytes.to_string(),
-                    ),
-                    "cpu" => write_file(&dir.join("cpu.cfs_period_us"), "100000").and_then(|_| {
-                        write_file(
-                            &dir.join("cpu.cfs_quota_us"),
-                            &(u64::from(l.cpu_millicores) * 100).to_string(),
-                        )
-                    }),
-                    "pids" => write_file(&dir.join("pids.max"), &l.pids.to_string()),
-                    _ => Ok(()),
-                };
+                let _ = apply_limits(ctrl, &dir, l);
             }
             if let Ok(fd) = open_procs(&dir) {
                 out.procs_fds.push(fd);
@@ -247,6 +234,44 @@ impl CgroupSupport {
             out.v1.push(dir);
         }
         Ok(out)
+    }
+}
+
+/// Writes an agent profile's limits into a v1 cgroup of controller `ctrl`.
+pub fn apply_limits(ctrl: &str, dir: &Path, l: &ProfileLimits) -> std::io::Result<()> {
+    match ctrl {
+        "memory" => write_file(
+            &dir.join("memory.limit_in_bytes"),
+            &l.memory_bytes.to_string(),
+        ),
+        "cpu" => write_file(&dir.join("cpu.cfs_period_us"), "100000").and_then(|_| {
+            write_file(
+                &dir.join("cpu.cfs_quota_us"),
+                &(u64::from(l.cpu_millicores) * 100).to_string(),
+            )
+        }),
+        "pids" => write_file(&dir.join("pids.max"), &l.pids.to_string()),
+        _ => Ok(()),
+    }
+}
+
+impl CgroupSupport {
+    /// Creates the v2 cgroup of one instance and opens its directory (for `clone3`'s
+    /// `CLONE_INTO_CGROUP`). `None` without cgroup v2.
+    pub fn create_v2_dir(&self, instance: &str) -> std::io::Result<Option<(PathBuf, OwnedFd)>> {
+        let Some(base) = &self.v2_base else {
+            return Ok(None);
+        };
+        let dir = base.join(instance);
+        fs::create_dir_all(&dir)?;
+        let fd = fs::File::open(&dir).map(OwnedFd::from);
+        match fd {
+            Ok(fd) => Ok(Some((dir, fd))),
+            Err(e) => {
+                let _ = fs::remove_dir(&dir);
+                Err(e)
+            }
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub mod ports;
 pub mod python;
 pub mod reaper;
 pub mod rundir;
+pub mod spare;
 pub mod spawn;
 pub mod uids;
 pub mod zygote;
@@ -65,6 +66,8 @@ pub struct ProcessRuntime {
     isolation: Arc<Isolation>,
     python: Arc<PythonRunner>,
     zygotes: Arc<Zygotes>,
+    /// Spare cgroup slots: the v1 cgroup migration off the start path ([`spare`]).
+    spares: Arc<spare::Stock>,
 }
 
 /// The fork servers of `local:` agents ([`zygote`]), one per agent.
@@ -118,9 +121,12 @@ impl ProcessRuntime {
         if locks::lock_root().is_none() {
             tracing::warn!("no private lock directory: ports are not reserved across servers");
         }
+        let cgroups = CgroupSupport::detect(server_id);
+        let spares = spare::Stock::new(cgroups.v1_bases.clone(), cgroups.v2_base.is_some());
         Ok(ProcessRuntime {
             instances_dir,
-            cgroups: Arc::new(CgroupSupport::detect(server_id)),
+            cgroups: Arc::new(cgroups),
+            spares: Arc::new(spares),
             ports: Arc::new(PortBook::new()),
             reaper: Reaper::global(),
             isolation: Arc::new(isolation),
@@ -237,6 +243,7 @@ impl ProcessRuntime {
         id: &str,
         spec: &InstanceSpec,
         shared_uid: Option<u32>,
+        with_cgroups: bool,
     ) -> Result<(InstanceSetup, InstanceCgroups), RuntimeError> {
         let setup = |e: std::io::Error| RuntimeError::Setup(e.to_string());
         let uid = match (&self.isolation.uids, shared_uid) {
@@ -268,7 +275,11 @@ impl ProcessRuntime {
         let files = (|| -> std::io::Result<_> {
             let out = fs::File::create(p.dirs.dir.join("stdout.log"))?;
             let err = fs::File::create(p.dirs.dir.join("stderr.log"))?;
-            let cgs = self.cgroups.create(id, spec.limits.as_ref())?;
+            let cgs = if with_cgroups {
+                self.cgroups.create(id, spec.limits.as_ref())?
+            } else {
+                InstanceCgroups::default()
+            };
             Ok((out, err, cgs))
         })();
         match files {
@@ -315,7 +326,17 @@ impl ProcessRuntime {
             Ok(z) => (Some(z), None),
             Err(note) => (None, note),
         };
-        let (mut p, cgs) = self.set_up(&id, &spec, zygote.as_ref().and_then(|z| z.uid))?;
+        // A spare cgroup slot, when one is ready: no cgroup migration on this path.
+        let spare = match zygote {
+            None => self.spares.take(),
+            Some(_) => None,
+        };
+        let (mut p, mut cgs) = self.set_up(
+            &id,
+            &spec,
+            zygote.as_ref().and_then(|z| z.uid),
+            spare.is_none(),
+        )?;
         let (out, err) = p.out.take().expect("set_up opened the output files");
         if let Some(n) = &note {
             // In the instance's own log, so the agent's logs say why its start was slow.
@@ -329,6 +350,46 @@ impl ProcessRuntime {
             .working_dir
             .clone()
             .unwrap_or_else(|| p.dirs.home.clone());
+        if let Some(spare) = spare {
+            let sspec = SpawnSpec {
+                program: &spec.program,
+                args: &spec.args,
+                env: &env,
+                cwd: &cwd,
+                stdout: &out,
+                stderr: &err,
+                cgroup_procs: &[],
+                ids: p.uid.map(|u| (u, u)),
+                stdin: None,
+            };
+            let started = self.start_from_spare(spare, &id, spec.limits.as_ref(), &sspec);
+            self.spares.refill_soon();
+            match started {
+                Ok((pid, exit_rx, v2, v1)) => {
+                    drop((out, err));
+                    return Ok(self.started(id, pid, p, (v2, v1), exit_rx, logs));
+                }
+                Err(SpareFailed::Spawn { source, v2 }) => {
+                    drop((out, err));
+                    self.undo(&p, Some((&v2, &[])));
+                    return Err(RuntimeError::Spawn {
+                        program: spec.program.clone(),
+                        source,
+                    });
+                }
+                Err(SpareFailed::Unusable) => {
+                    match self.cgroups.create(&id, spec.limits.as_ref()) {
+                        Ok(c) => cgs = c,
+                        Err(e) => {
+                            drop((out, err));
+                            let v2 = self.cgroups.v2_base.as_ref().map(|b| b.join(&id));
+                            self.undo(&p, Some((&v2, &[])));
+                            return Err(RuntimeError::Setup(e.to_string()));
+                        }
+                    }
+                }
+            }
+        }
         let fds = cgroup::raw_fds(&cgs.procs_fds);
         let spawned = self.reaper.spawn_registered(|| {
             if let Some(z) = &zygote {
@@ -373,17 +434,110 @@ impl ProcessRuntime {
                 });
             }
         };
+        Ok(self.started(id, pid, p, (v2, v1), exit_rx, logs))
+    }
+
+    /// The handle of a newly started instance.
+    fn started(
+        &self,
+        id: String,
+        pid: i32,
+        p: InstanceSetup,
+        cgroups: (Option<PathBuf>, Vec<PathBuf>),
+        exit_rx: watch::Receiver<Option<ExitInfo>>,
+        logs: LogSink,
+    ) -> Arc<dyn Instance> {
         let pid_start = pid_start_time(pid).unwrap_or(0);
-        Ok(self.instance(
+        self.instance(
             id,
             (pid, pid_start),
             (p.port, p.uid),
             p.dirs.dir,
-            (v2, v1),
+            cgroups,
             exit_rx,
             (0, 0),
             logs,
-        ))
+        )
+    }
+
+    /// Starts an instance's main process from a spare cgroup slot (see [`spare`]): writes the
+    /// limits into the spare's v1 cgroups, creates the instance's v2 cgroup, has the parked
+    /// process clone the main process into it, and renames the spare's cgroups to the
+    /// instance id. Returns the pid, its exit watch and the instance's cgroups. Blocking (but
+    /// no cgroup migration).
+    ///
+    /// Errors: [`SpareFailed::Unusable`] (the caller spawns the old way; the spare is gone),
+    /// or [`SpareFailed::Spawn`] (the program could not be started; the spare is gone and the
+    /// v2 cgroup, returned, is the caller's to remove).
+    fn start_from_spare(
+        &self,
+        mut spare: spare::Spare,
+        id: &str,
+        limits: Option<&crate::model::ProfileLimits>,
+        sspec: &SpawnSpec<'_>,
+    ) -> Result<SpareStart, SpareFailed> {
+        let plan = match spawn::prepare(sspec) {
+            Ok(p) => p,
+            Err(source) => {
+                self.spares.give_back(spare);
+                return Err(SpareFailed::Spawn { source, v2: None });
+            }
+        };
+        if let Some(l) = limits {
+            for (ctrl, d) in &spare.v1 {
+                let _ = cgroup::apply_limits(ctrl, d, l);
+            }
+        }
+        let (v2, v2_fd) = match self.cgroups.create_v2_dir(id) {
+            Ok(Some(v)) => v,
+            Ok(None) | Err(_) => {
+                spare.discard();
+                return Err(SpareFailed::Unusable);
+            }
+        };
+        let mut unusable = None;
+        let spawned = self.reaper.spawn_registered(|| {
+            match spare.claim(&plan.args, &v2_fd) {
+                Ok(pid) => match spawn::child_failure(&plan.args, sspec.cwd) {
+                    None => Ok(((), pid)),
+                    Some(e) => {
+                        // It exited without running the program: reap it now.
+                        let mut status = 0;
+                        // SAFETY: waiting for our own child (CLONE_PARENT).
+                        unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+                        Err(e)
+                    }
+                },
+                Err(spare::ClaimError::Spawn(e)) => Err(e),
+                Err(spare::ClaimError::Unusable { unsupported }) => {
+                    unusable = Some(unsupported);
+                    Err(std::io::Error::other("the spare cgroup slot is unusable"))
+                }
+            }
+        });
+        drop(v2_fd);
+        match spawned {
+            Ok(((), pid, exit_rx)) => {
+                let v1 = spare.rename(id);
+                drop(spare);
+                Ok((pid, exit_rx, Some(v2), v1))
+            }
+            Err(source) => {
+                spare.discard();
+                match unusable {
+                    Some(unsupported) => {
+                        if unsupported {
+                            self.spares.disable();
+                        }
+                        Err(SpareFailed::Unusable)
+                    }
+                    None => Err(SpareFailed::Spawn {
+                        source,
+                        v2: Some(v2),
+                    }),
+                }
+            }
+        }
     }
 
     /// The platform's variables of an instance (the agent's env and secrets come on top).
@@ -448,6 +602,25 @@ impl ProcessRuntime {
     fn alloc_port(&self) -> std::io::Result<u16> {
         self.ports.reserve()
     }
+}
+
+/// A main process started from a spare: pid, exit watch, v2 and v1 cgroups.
+type SpareStart = (
+    i32,
+    watch::Receiver<Option<ExitInfo>>,
+    Option<PathBuf>,
+    Vec<PathBuf>,
+);
+
+/// Why [`ProcessRuntime::start_from_spare`] did not start the instance.
+enum SpareFailed {
+    /// Spawn the old way.
+    Unusable,
+    /// The program could not be started; `v2`: the instance's v2 cgroup, if made.
+    Spawn {
+        source: std::io::Error,
+        v2: Option<PathBuf>,
+    },
 }
 
 /// What [`ProcessRuntime::set_up`] made for an instance.
@@ -600,6 +773,8 @@ impl Runtime for ProcessRuntime {
                 let _ = tokio::task::spawn_blocking(move || rt.retire_zygote(&z)).await;
             }
         }
+        let spares = self.spares.clone();
+        let _ = tokio::task::spawn_blocking(move || spares.shutdown()).await;
         self.remove_server_cgroups();
     }
 
@@ -637,6 +812,12 @@ impl Runtime for ProcessRuntime {
             self.remove_unrecorded(&id).await;
         }
         self.sweep_zygotes().await;
+        let n = tokio::task::block_in_place(|| {
+            spare::sweep(&self.cgroups.v1_bases, &self.spares.names())
+        });
+        if n > 0 {
+            tracing::info!(cgroups = n, "removed spare cgroups left by a previous run");
+        }
     }
 
     async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Option<Arc<dyn Instance>> {

@@ -72,35 +72,35 @@ pub struct SpawnSpec<'a> {
 }
 
 /// Everything the child reads, prepared by the parent (the child must not allocate).
-struct ChildArgs {
-    path: CString,
-    argv: Vec<*const libc::c_char>,
-    sh_argv: Vec<*const libc::c_char>,
-    envp: Vec<*const libc::c_char>,
-    cwd: CString,
-    stdin: RawFd,
-    stdout: RawFd,
-    stderr: RawFd,
-    cgroup_procs: Vec<RawFd>,
+pub(super) struct ChildArgs {
+    pub(super) path: CString,
+    pub(super) argv: Vec<*const libc::c_char>,
+    pub(super) sh_argv: Vec<*const libc::c_char>,
+    pub(super) envp: Vec<*const libc::c_char>,
+    pub(super) cwd: CString,
+    pub(super) stdin: RawFd,
+    pub(super) stdout: RawFd,
+    pub(super) stderr: RawFd,
+    pub(super) cgroup_procs: Vec<RawFd>,
     /// uid and gid to switch to.
-    ids: Option<(libc::uid_t, libc::gid_t)>,
+    pub(super) ids: Option<(libc::uid_t, libc::gid_t)>,
     /// Highest signal number.
-    sig_max: libc::c_int,
+    pub(super) sig_max: libc::c_int,
     /// The open-files limit the server started with, restored for the agent (see
     /// [`raise_nofile_limit`]).
-    nofile: Option<libc::rlimit>,
+    pub(super) nofile: Option<libc::rlimit>,
     /// Set by the child on failure: `errno`.
-    error: AtomicI32,
+    pub(super) error: AtomicI32,
     /// Which step failed (for the message).
-    stage: AtomicI32,
+    pub(super) stage: AtomicI32,
 }
 
-const STAGE_SETSID: i32 = 1;
+pub(super) const STAGE_SETSID: i32 = 1;
 const STAGE_CGROUP: i32 = 2;
-const STAGE_STDIO: i32 = 3;
-const STAGE_CHDIR: i32 = 4;
-const STAGE_EXEC: i32 = 5;
-const STAGE_IDS: i32 = 6;
+pub(super) const STAGE_STDIO: i32 = 3;
+pub(super) const STAGE_CHDIR: i32 = 4;
+pub(super) const STAGE_EXEC: i32 = 5;
+pub(super) const STAGE_IDS: i32 = 6;
 
 fn errno() -> i32 {
     // SAFETY: reading the calling thread's errno.
@@ -259,10 +259,16 @@ pub fn resolve(program: &str, cwd: &Path, path_var: Option<&OsStr>) -> io::Resul
     }))
 }
 
-/// Starts the process described by `spec` (see the module docs) and returns its pid. The
-/// caller reaps it. Errors: the program could not be executed, or a setup step failed (the
-/// failed child is already reaped).
-pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<i32> {
+/// Everything the child of a spawn needs, owned: [`ChildPlan::args`] points into it.
+pub(super) struct ChildPlan {
+    pub(super) args: ChildArgs,
+    _strings: (Vec<CString>, Vec<CString>),
+    _devnull: std::fs::File,
+}
+
+/// Resolves the program and prepares what the child reads (see [`ChildArgs`]); allocates,
+/// so it runs in the parent.
+pub(super) fn prepare(spec: &SpawnSpec<'_>) -> io::Result<ChildPlan> {
     let path_var = spec
         .env
         .iter()
@@ -311,6 +317,37 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<i32> {
         error: AtomicI32::new(0),
         stage: AtomicI32::new(0),
     };
+    Ok(ChildPlan {
+        args,
+        _strings: (arg_strings, env_strings),
+        _devnull: devnull,
+    })
+}
+
+/// The error of a child that exited without running the program (`None`: it did run it).
+pub(super) fn child_failure(args: &ChildArgs, cwd: &Path) -> Option<io::Error> {
+    let err = args.error.load(Ordering::Acquire);
+    if err == 0 {
+        return None;
+    }
+    let e = io::Error::from_raw_os_error(err);
+    Some(match args.stage.load(Ordering::Relaxed) {
+        STAGE_EXEC => e,
+        STAGE_SETSID => io::Error::new(e.kind(), format!("setsid: {e}")),
+        STAGE_CGROUP => io::Error::new(e.kind(), format!("joining the instance's cgroup: {e}")),
+        STAGE_STDIO => io::Error::new(e.kind(), format!("setting up stdio: {e}")),
+        STAGE_IDS => io::Error::new(e.kind(), format!("switching to the instance's uid: {e}")),
+        STAGE_CHDIR => io::Error::new(e.kind(), format!("changing to {}: {e}", cwd.display())),
+        _ => e,
+    })
+}
+
+/// Starts the process described by `spec` (see the module docs) and returns its pid. The
+/// caller reaps it. Errors: the program could not be executed, or a setup step failed (the
+/// failed child is already reaped).
+pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<i32> {
+    let plan = prepare(spec)?;
+    let args = &plan.args;
     let mut stack: Vec<u8> = Vec::with_capacity(CHILD_STACK);
     // The stack grows down from its (16-byte aligned) top.
     let top = ((stack.as_mut_ptr() as usize + CHILD_STACK) & !15) as *mut libc::c_void;
@@ -326,7 +363,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<i32> {
             child_main,
             top,
             libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            (&args as *const ChildArgs).cast_mut().cast(),
+            (args as *const ChildArgs).cast_mut().cast(),
         );
         let clone_errno = errno();
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
@@ -336,24 +373,12 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<i32> {
         pid
     };
     drop(stack);
-    let err = args.error.load(Ordering::Acquire);
-    if err != 0 {
+    if let Some(e) = child_failure(args, spec.cwd) {
         // The child exited without running the program: reap it now.
         let mut status = 0;
         // SAFETY: waiting for our own child.
         unsafe { libc::waitpid(pid, &mut status, 0) };
-        let e = io::Error::from_raw_os_error(err);
-        return Err(match args.stage.load(Ordering::Relaxed) {
-            STAGE_EXEC => e,
-            STAGE_SETSID => io::Error::new(e.kind(), format!("setsid: {e}")),
-            STAGE_CGROUP => io::Error::new(e.kind(), format!("joining the instance's cgroup: {e}")),
-            STAGE_STDIO => io::Error::new(e.kind(), format!("setting up stdio: {e}")),
-            STAGE_IDS => io::Error::new(e.kind(), format!("switching to the instance's uid: {e}")),
-            STAGE_CHDIR => {
-                io::Error::new(e.kind(), format!("changing to {}: {e}", spec.cwd.display()))
-            }
-            _ => e,
-        });
+        return Err(e);
     }
     Ok(pid)
 }

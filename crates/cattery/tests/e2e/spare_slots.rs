@@ -1,0 +1,229 @@
+//! Spare cgroup slots (`runtime/process/spare.rs`): a cold start after an idle moment takes a
+//! spare (v1 cgroups with a parked process, made in the background) instead of migrating the
+//! new process into fresh cgroups. Checked on real processes: the instance is one fresh
+//! process in cgroups of its own, named by its instance id, with the agent's limits; stop
+//! removes the tree and the cgroups; a restart re-adopts it; no spare outlives the server.
+//! Skipped where there are no cgroup v1 controllers next to cgroup v2 (spares are off).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::common::{pid_alive, wait_for, Server};
+use crate::lifecycle_util::*;
+use serde_json::json;
+
+fn server_id(s: &Server) -> String {
+    std::fs::read_to_string(s.data_dir().join("server-id"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// `<v1 root>/<ctrl>/cattery/<server id>`.
+fn v1_base(ctrl: &str, server_id: &str) -> PathBuf {
+    Path::new("/sys/fs/cgroup")
+        .join(ctrl)
+        .join("cattery")
+        .join(server_id)
+}
+
+/// Names of the spare cgroups (memory controller) of a server.
+fn spares(server_id: &str) -> HashSet<String> {
+    std::fs::read_dir(v1_base("memory", server_id))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("spare-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether this machine uses spares: root, cgroup v2 (hybrid) and v1 controllers.
+fn machine_has_spares() -> bool {
+    let v1 = Path::new("/sys/fs/cgroup/memory/cgroup.procs").exists();
+    let v2 = Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists();
+    if !(v1 && v2 && cfg!(target_arch = "x86_64")) {
+        eprintln!("no cgroup v1 controllers next to cgroup v2 here: spares are off");
+        return false;
+    }
+    true
+}
+
+async fn wait_spares(server_id: &str, n: usize) -> HashSet<String> {
+    wait_for(Duration::from_secs(20), "spares ready", || async {
+        let s = spares(server_id);
+        (s.len() >= n).then_some(s)
+    })
+    .await
+}
+
+/// The v1 cgroup path (relative) of `pid` for controller `ctrl`, from `/proc/<pid>/cgroup`.
+fn cgroup_of(pid: i32, ctrl: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    text.lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, c, p) = (f.next()?, f.next()?, f.next()?);
+            (c.split(',').any(|c| c == ctrl) || (ctrl.is_empty() && c.is_empty()))
+                .then(|| p.to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// A cold start after an idle moment takes a spare; the instance is in cgroups of its own
+/// named by its instance id, with the agent's limits; the stock refills; a stop removes the
+/// process tree and every cgroup; a clean exit leaves no spare.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_start_after_idle_takes_a_spare_and_stop_removes_everything() {
+    if !machine_has_spares() {
+        return;
+    }
+    let mut s = Server::start(&[]).await;
+    let id = server_id(&s);
+    s.deploy(
+        "spare",
+        &["--spawn-child"],
+        json!({"agentProfile": "agent-2x"}),
+    )
+    .await;
+    // The first start runs the old way and starts the stock.
+    let first = s.start_ok("spare").await;
+    let before = wait_spares(&id, 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sid = s.start_ok("spare").await;
+    let pid = session_pid(&s, "spare", &sid).await;
+    let inst = pid_env(pid, "CATTERY_INSTANCE_ID").unwrap();
+    // One spare was used (its cgroups are now the instance's) and one made in its place.
+    let after = wait_spares(&id, 2).await;
+    let used: Vec<&String> = before.difference(&after).collect();
+    assert_eq!(used.len(), 1, "before {before:?} after {after:?}");
+    for ctrl in ["memory", "pids", "cpu"] {
+        let base = v1_base(ctrl, &id);
+        if !base.is_dir() {
+            continue;
+        }
+        assert_eq!(
+            cgroup_of(pid, ctrl),
+            format!("/cattery/{id}/{inst}"),
+            "{ctrl} cgroup of the instance"
+        );
+        assert!(
+            !base.join(used[0]).exists(),
+            "{ctrl}: the spare was renamed"
+        );
+        let procs = std::fs::read_to_string(base.join(&inst).join("cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|l| l.trim() == pid.to_string()),
+            "{ctrl}: {procs}"
+        );
+    }
+    assert!(
+        cgroup_of(pid, "").ends_with(&format!("/cattery/{id}/{inst}")),
+        "v2 cgroup: {}",
+        cgroup_of(pid, "")
+    );
+    let mem = v1_base("memory", &id).join(&inst);
+    let limit = std::fs::read_to_string(mem.join("memory.limit_in_bytes")).unwrap();
+    assert_eq!(limit.trim(), (2u64 << 30).to_string());
+    if let Ok(q) = std::fs::read_to_string(v1_base("cpu", &id).join(&inst).join("cpu.cfs_quota_us"))
+    {
+        assert_eq!(q.trim(), "100000");
+    }
+    // One fresh process tree: the main process leads its own session, its parent is the
+    // server, and its child (`--spawn-child`) is in the same cgroups.
+    assert_eq!(ppid(pid), Some(s.pid()));
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    assert_eq!(f[3], pid.to_string(), "session leader");
+    let members = wait_for(Duration::from_secs(5), "the agent's child", || async {
+        let p = std::fs::read_to_string(mem.join("cgroup.procs")).unwrap_or_default();
+        let v: Vec<i32> = p.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        (v.len() >= 2).then_some(v)
+    })
+    .await;
+    // Logs are captured as for any instance.
+    wait_log(&s, "spare", &sid, "bot started").await;
+    assert_eq!(s.stop("spare", &sid).await.status, 200);
+    for p in &members {
+        assert!(!pid_alive(*p), "{p} outlived the stop");
+    }
+    for ctrl in ["memory", "pids", "cpu"] {
+        assert!(
+            !v1_base(ctrl, &id).join(&inst).exists(),
+            "{ctrl} cgroup left"
+        );
+    }
+    assert!(!Path::new("/sys/fs/cgroup/unified/cattery")
+        .join(&id)
+        .join(&inst)
+        .exists());
+    assert_eq!(s.stop("spare", &first).await.status, 200);
+    // A clean exit discards the spares and removes the server's cgroup directories.
+    assert!(s.terminate(Duration::from_secs(20)).is_some());
+    for ctrl in ["memory", "pids", "cpu"] {
+        let b = v1_base(ctrl, &id);
+        assert!(!b.exists(), "{} left after a clean exit", b.display());
+    }
+    assert!(!s.log().contains("ERROR"), "{}", s.log());
+}
+
+/// An instance started from a spare is re-adopted after the server is SIGKILLed: found in
+/// its renamed cgroups, stoppable, its cgroups removed; the spares of the killed server
+/// (their parked processes died with it) are removed by the next run.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_from_a_spare_is_readopted_and_dead_spares_are_swept() {
+    if !machine_has_spares() {
+        return;
+    }
+    let mut s = Server::start(&[]).await;
+    let id = server_id(&s);
+    s.deploy(
+        "spare2",
+        &["--ignore-transport-close"],
+        json!({"agentProfile": "agent-1x"}),
+    )
+    .await;
+    let first = s.start_ok("spare2").await;
+    let before = wait_spares(&id, 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sid = s.start_ok("spare2").await;
+    let pid = session_pid(&s, "spare2", &sid).await;
+    let inst = pid_env(pid, "CATTERY_INSTANCE_ID").unwrap();
+    let left = wait_spares(&id, 2).await;
+    assert_eq!(before.difference(&left).count(), 1, "a spare was used");
+    s.kill9();
+    // The parked processes die with the server; their cgroups stay until the next run.
+    for name in &left {
+        let d = v1_base("memory", &id).join(name);
+        wait_for(Duration::from_secs(5), "parked process gone", || async {
+            std::fs::read_to_string(d.join("cgroup.procs"))
+                .map(|p| p.trim().is_empty())
+                .unwrap_or(true)
+                .then_some(())
+        })
+        .await;
+    }
+    assert!(pid_alive(pid), "the instance outlives the control plane");
+    s.spawn().await;
+    assert_eq!(session_pid(&s, "spare2", &sid).await, pid);
+    let now = spares(&id);
+    assert!(
+        now.is_disjoint(&left),
+        "spares of the killed run are swept: {left:?} {now:?}"
+    );
+    let mem = v1_base("memory", &id).join(&inst);
+    assert!(mem.is_dir());
+    assert_eq!(s.stop("spare2", &sid).await.status, 200);
+    assert!(!pid_alive(pid));
+    for ctrl in ["memory", "pids", "cpu"] {
+        assert!(
+            !v1_base(ctrl, &id).join(&inst).exists(),
+            "{ctrl} cgroup left"
+        );
+    }
+    let _ = s.stop("spare2", &first).await;
+    assert!(s.terminate(Duration::from_secs(20)).is_some());
+    assert!(spares(&id).is_empty());
+}
