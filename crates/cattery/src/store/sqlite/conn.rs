@@ -212,9 +212,11 @@ pub enum Mode {
     /// The one write connection: creates the file if missing.
     Write,
     /// A read connection: `query_only`, and it never checkpoints, not even when it is the
-    /// last connection to close (only the write connection checkpoints: see
+    /// last connection to close (only the store's checkpointing connection does: see
     /// `checkpoints` in the store's module).
     Read,
+    /// The checkpointing connection: writes nothing but the WAL checkpoint.
+    Checkpoint,
 }
 
 /// One connection with its prepared statements.
@@ -222,7 +224,7 @@ pub struct Conn(rusqlite::Connection);
 
 impl Conn {
     /// Opens `path` with the store's settings (WAL, `synchronous=NORMAL`, no automatic
-    /// checkpoints: the store checkpoints on the write connection between group commits).
+    /// checkpoints: the store checkpoints on a connection of its own, off the write path).
     pub fn open(path: &Path, mode: Mode, cache_size: &str) -> StoreResult<Conn> {
         // Read-write even for readers (a read-only connection cannot recover a WAL left by a
         // crash); readers get `query_only` instead.

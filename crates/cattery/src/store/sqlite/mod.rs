@@ -161,38 +161,40 @@ fn run_group(db: &mut Conn, jobs: &mut Vec<Job>) -> Vec<(Done, Option<StoreError
     done.into_iter().map(|d| (d, failed.clone())).collect()
 }
 
-/// Checkpoints the WAL every [`CHECKPOINT_EVERY`] on the write connection, between group
-/// commits, on a blocking thread; the writer restarts the WAL from the top once a checkpoint
-/// caught up. Runs until the store is dropped.
+/// Checkpoints the WAL every [`CHECKPOINT_EVERY`] on a connection of its own, on a blocking
+/// thread. `PASSIVE` never waits for the writer or readers, and the writer never waits for
+/// it, so its fsyncs stay off the write path; the writer restarts the WAL from the top once a
+/// checkpoint caught up. Runs until the store is dropped.
 ///
-/// The checkpoint runs on the write connection, never on a connection of its own: SQLite
-/// before 3.51.3 (the bundled one is 3.51.3; a system SQLite may be older) has a race (the "WAL-reset bug", <https://sqlite.org/wal.html#walresetbug>)
-/// in which a checkpoint on one connection, concurrent with a commit on another that restarts
-/// the WAL, records frames as copied into the database file that were not, and the file is
-/// then corrupt ("database disk image is malformed"). With the one connection that writes
-/// also the one that checkpoints, a checkpoint and a WAL restart never overlap. Read
-/// connections never checkpoint, not even when closed ([`Mode::Read`]).
-async fn checkpoints(inner: Weak<Inner>, writer: Weak<AsyncMutex<Conn>>) {
+/// A checkpoint on one connection concurrent with a commit on another that restarts the WAL
+/// is the pattern of SQLite's "WAL-reset bug" (<https://sqlite.org/wal.html#walresetbug>:
+/// frames recorded as copied into the database file that were not, so a corrupt file), fixed
+/// in SQLite 3.51.3; the bundled SQLite is 3.51.3 (a unit test keeps it so). Running the
+/// checkpoint on the write connection instead would avoid the pattern with any SQLite, but
+/// its fsync then stalls every write queued behind it: warm start p99 at concurrency 8 went
+/// from 3-4 ms to 15-18 ms (docs/performance.md).
+async fn checkpoints(inner: Weak<Inner>) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut conn: Option<Conn> = None;
     loop {
         tick.tick().await;
-        if inner.strong_count() == 0 {
-            return;
-        }
-        let Some(writer) = writer.upgrade() else {
+        let Some(path) = inner.upgrade().map(|i| i.path.clone()) else {
             return;
         };
-        let mut w = writer.lock_owned().await;
+        let c = conn.take();
         let res = tokio::task::spawn_blocking(move || {
-            w.ensure_clean();
-            let r = w.query_row("PRAGMA wal_checkpoint(PASSIVE)", &[], |_| ());
-            w.ensure_clean();
-            r
+            let mut c = match c {
+                Some(c) => c,
+                None => Conn::open(&path, Mode::Checkpoint, READER_CACHE_SIZE)?,
+            };
+            let r = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", &[], |_| ());
+            c.ensure_clean();
+            r.map(|_| c)
         })
         .await;
         match res {
-            Ok(Ok(_)) => {}
+            Ok(Ok(c)) => conn = Some(c),
             Ok(Err(e)) => tracing::debug!(error = %e, "WAL checkpoint failed; retrying later"),
             Err(e) => tracing::debug!(error = %e, "WAL checkpoint task failed"),
         }
@@ -226,7 +228,7 @@ impl SqliteStore {
         let writer = Arc::new(AsyncMutex::new(writer));
         let (jobs, rx) = mpsc::unbounded_channel();
         tokio::spawn(group_writer(writer.clone(), rx));
-        tokio::spawn(checkpoints(Arc::downgrade(&inner), Arc::downgrade(&writer)));
+        tokio::spawn(checkpoints(Arc::downgrade(&inner)));
         Ok(SqliteStore {
             inner,
             writer,
