@@ -142,8 +142,16 @@ async fn start_claims_a_warm_instance_that_is_still_starting() {
     wait_warm_idle(&s, "claim", 1, Duration::from_secs(20)).await;
     let first = s.start_ok("claim").await;
     assert_eq!(s.stop("claim", &first).await.status, 200);
-    // The refill is starting now (2 s).
-    let w = warm(&s, "claim").await;
+    // The refill is starting now (2 s): the pool keeper starts it once the instance is gone,
+    // which may be a moment after the stop's answer.
+    let mut w = warm(&s, "claim").await;
+    for _ in 0..100 {
+        if w["starting"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        w = warm(&s, "claim").await;
+    }
     assert_eq!(w["starting"], 1, "{w}");
     let t = Instant::now();
     let r = s.start_session("claim", json!({})).await;
