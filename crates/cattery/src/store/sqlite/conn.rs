@@ -206,6 +206,9 @@ fn sqlite_log(code: std::os::raw::c_int, msg: &str) {
     }
 }
 
+/// The size the writer truncates the WAL file back to when it restarts it, 64 MiB.
+pub(super) const WAL_SIZE_LIMIT: i64 = 64 << 20;
+
 /// How a connection is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -246,6 +249,13 @@ impl Conn {
         if mode == Mode::Write {
             // Persistent in the file; only the writer sets it (it needs the write lock).
             let _: String = db.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+            // When the writer restarts the WAL from the top, it truncates a file that a
+            // burst grew past this back to it.
+            let _: i64 = db.query_row(
+                &format!("PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}"),
+                [],
+                |r| r.get(0),
+            )?;
         }
         db.execute_batch(&format!(
             "PRAGMA mmap_size = {MMAP_SIZE};

@@ -78,8 +78,9 @@ const READER_CACHE_SIZE: &str = "-2048";
 /// Page cache of each scan connection (at most [`SCANS`]), 16 MiB: counts and pages over
 /// large tables (100,000 sessions) read whole indexes.
 const SCANNER_CACHE_SIZE: &str = "-16384";
-/// How often the WAL is checkpointed into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// How often the WAL is checkpointed into the database file (a pass with nothing to copy
+/// costs nothing: no fsync).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
 /// Called once the group transaction of a write ended, with the group's error if it failed
 /// as a whole (its `COMMIT`, or a fault that rolled the transaction back).
@@ -162,18 +163,29 @@ fn run_group(db: &mut Conn, jobs: &mut Vec<Job>) -> Vec<(Done, Option<StoreError
 }
 
 /// Checkpoints the WAL every [`CHECKPOINT_EVERY`] on a connection of its own, on a blocking
-/// thread. `PASSIVE` never waits for the writer or readers, and the writer never waits for
-/// it, so its fsyncs stay off the write path; the writer restarts the WAL from the top once a
-/// checkpoint caught up. Runs until the store is dropped.
+/// thread, and has the writer start the WAL again from the top once it grew past
+/// [`RESTART_FRAMES`]. Runs until the store is dropped.
+///
+/// - **The copy:** a `PASSIVE` checkpoint never waits for the writer or readers, and the writer
+///   never waits for it, so the copying and its fsyncs stay off the write path.
+/// - **The restart:** the writer writes from the top of the WAL again (instead of appending)
+///   only when its transaction begins while the WAL is wholly copied. Under a steady stream of
+///   commits that never happens by itself: every checkpoint ends with frames committed while it
+///   ran. The WAL then grew by every page the writer dirtied for as long as the writes went on
+///   (1 GB in 15 s of churn), each frame a page the kernel had to allocate anew. So when the
+///   WAL is past [`RESTART_FRAMES`], a second pass runs while it holds the write connection:
+///   no commit can run meanwhile, the pass copies only what the first one left (a few
+///   milliseconds' worth) and catches up, and the next group commit restarts the WAL.
 ///
 /// A checkpoint on one connection concurrent with a commit on another that restarts the WAL
 /// is the pattern of SQLite's "WAL-reset bug" (<https://sqlite.org/wal.html#walresetbug>:
 /// frames recorded as copied into the database file that were not, so a corrupt file), fixed
-/// in SQLite 3.51.3; the bundled SQLite is 3.51.3 (a unit test keeps it so). Running the
-/// checkpoint on the write connection instead would avoid the pattern with any SQLite, but
-/// its fsync then stalls every write queued behind it: warm start p99 at concurrency 8 went
-/// from 3-4 ms to 15-18 ms (docs/performance.md).
-async fn checkpoints(inner: Weak<Inner>) {
+/// in SQLite 3.51.3; the bundled SQLite is 3.51.3 (a unit test keeps it so). The second pass
+/// never races a commit. Running every checkpoint on the write connection instead would
+/// avoid the pattern with any SQLite, but the copy and its fsyncs then stall every write
+/// queued behind it: warm start p99 at concurrency 8 went from 3-4 ms to 15-18 ms
+/// (docs/performance.md).
+async fn checkpoints(inner: Weak<Inner>, writer: Weak<AsyncMutex<Conn>>) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut conn: Option<Conn> = None;
@@ -182,23 +194,53 @@ async fn checkpoints(inner: Weak<Inner>) {
         let Some(path) = inner.upgrade().map(|i| i.path.clone()) else {
             return;
         };
-        let c = conn.take();
-        let res = tokio::task::spawn_blocking(move || {
-            let mut c = match c {
-                Some(c) => c,
-                None => Conn::open(&path, Mode::Checkpoint, READER_CACHE_SIZE)?,
-            };
-            let r = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", &[], |_| ());
-            c.ensure_clean();
-            r.map(|_| c)
-        })
-        .await;
-        match res {
-            Ok(Ok(c)) => conn = Some(c),
-            Ok(Err(e)) => tracing::debug!(error = %e, "WAL checkpoint failed; retrying later"),
-            Err(e) => tracing::debug!(error = %e, "WAL checkpoint task failed"),
+        let res = checkpoint_pass(conn.take(), path.clone()).await;
+        let frames = match res {
+            Ok((c, frames)) => {
+                conn = Some(c);
+                frames
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "WAL checkpoint failed; retrying later");
+                continue;
+            }
+        };
+        if frames < RESTART_FRAMES {
+            continue;
         }
+        let Some(writer) = writer.upgrade() else {
+            return;
+        };
+        // No commit runs while this is held: the pass catches up.
+        let held = writer.lock().await;
+        match checkpoint_pass(conn.take(), path).await {
+            Ok((c, _)) => conn = Some(c),
+            Err(e) => tracing::debug!(error = %e, "WAL checkpoint failed; retrying later"),
+        }
+        drop(held);
     }
+}
+
+/// The WAL's size, in frames, past which the checkpoint task has the writer start it again
+/// from the top: 4,096 frames of 4 KiB pages, 16 MiB.
+const RESTART_FRAMES: i64 = 4096;
+
+/// One `PASSIVE` checkpoint on the checkpointing connection (opened when `conn` is `None`),
+/// on a blocking thread; returns the connection and the frames the WAL held.
+async fn checkpoint_pass(conn: Option<Conn>, path: PathBuf) -> StoreResult<(Conn, i64)> {
+    tokio::task::spawn_blocking(move || {
+        let mut c = match conn {
+            Some(c) => c,
+            None => Conn::open(&path, Mode::Checkpoint, READER_CACHE_SIZE)?,
+        };
+        let r = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", &[], |r| {
+            r.int(1).unwrap_or(0)
+        });
+        c.ensure_clean();
+        r.map(|frames| (c, frames.unwrap_or(0)))
+    })
+    .await
+    .map_err(|e| StoreError::Unavailable(format!("WAL checkpoint task: {e}")))?
 }
 
 /// The database file's name in the data directory.
@@ -228,7 +270,7 @@ impl SqliteStore {
         let writer = Arc::new(AsyncMutex::new(writer));
         let (jobs, rx) = mpsc::unbounded_channel();
         tokio::spawn(group_writer(writer.clone(), rx));
-        tokio::spawn(checkpoints(Arc::downgrade(&inner)));
+        tokio::spawn(checkpoints(Arc::downgrade(&inner), Arc::downgrade(&writer)));
         Ok(SqliteStore {
             inner,
             writer,
