@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::ending::{during_start, ending_of_outcome, reply_err, Ending, OUTCOME_AFTER_EXIT};
 use super::health::StartFailure;
 use super::state::{Cmd, Delivery, InstState, InstanceCtl, Mailbox};
-use super::{Supervisor, FIRST_READY_POLL, IDLE_CHECK, READY_POLL};
+use super::{next_ready_poll, Supervisor, IDLE_CHECK};
 use crate::core::instance_http::{self, BotOutcome, OutcomeFuture};
 use crate::model::{now_ms, EndReason, InstanceRecord, MetricSample};
 use crate::runtime::{Instance, InstanceSpec, LogSink};
@@ -504,7 +504,7 @@ async fn wait_ready(
 ) -> Option<instance_http::Conn> {
     let addr = inst.endpoint();
     let mut warned = false;
-    let mut wait = FIRST_READY_POLL;
+    let began = tokio::time::Instant::now();
     loop {
         let (status, conn) =
             instance_http::get_status_keep(addr, "/readyz", Duration::from_secs(2)).await;
@@ -523,8 +523,7 @@ async fn wait_ready(
                 );
             }
         }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(READY_POLL);
+        tokio::time::sleep(next_ready_poll(began.elapsed())).await;
     }
 }
 
