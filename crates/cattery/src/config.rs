@@ -272,6 +272,8 @@ pub struct SessionsConfig {
     /// What SIGTERM/SIGINT do to running sessions: drain them, or detach (leave them running
     /// for the next `cattery serve`).
     pub on_stop: OnStop,
+    /// At most this many warm instances of one agent start at once on a node; 0: no limit.
+    pub max_warm_starting: u32,
 }
 
 /// What stopping the server does to running sessions (`--on-stop`).
@@ -302,6 +304,7 @@ impl Default for SessionsConfig {
             daily_api_url: DEFAULT_DAILY_API_URL.into(),
             ice_servers: vec![DEFAULT_ICE_SERVER.into()],
             on_stop: OnStop::Drain,
+            max_warm_starting: crate::core::session::DEFAULT_MAX_WARM_STARTING,
         }
     }
 }
@@ -514,6 +517,11 @@ pub struct ServeArgs {
         help_heading = "Sessions"
     )]
     pub ice_servers: Option<Vec<String>>,
+    /// At most this many warm instances of one agent start at once on this node: a large
+    /// `minAgents` fills in waves, the next instance as each one gets ready. 0 = no limit
+    /// [default: 16].
+    #[arg(long, env = "CATTERY_MAX_WARM_STARTING", help_heading = "Sessions")]
+    pub max_warm_starting: Option<u32>,
 
     /// Logs older than this many days are deleted [default: 30].
     #[arg(long, env = "CATTERY_LOG_RETENTION_DAYS", help_heading = "Logs")]
@@ -623,6 +631,7 @@ impl Config {
             se.metrics_interval_ms => a.metrics_interval_ms,
             se.daily_api_url => a.daily_api_url,
             se.on_stop => a.on_stop,
+            se.max_warm_starting => a.max_warm_starting,
             l.retention_days => a.log_retention_days,
             l.retention_max_lines => a.log_retention_max_lines,
             w.idle_timeout_seconds => a.ws_idle_timeout_seconds,

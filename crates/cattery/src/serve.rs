@@ -263,6 +263,7 @@ pub fn app_state(
             ice_servers: config.sessions.ice_servers.clone(),
             node_id: node.id.clone(),
             node_timeout: node.timeout,
+            max_warm_starting: config.sessions.max_warm_starting,
         },
         logs,
         Arc::new(crate::core::secrets::DeploymentSecrets::new(

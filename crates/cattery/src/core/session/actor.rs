@@ -237,7 +237,11 @@ impl Actor {
     /// health check runs beside the command channel, so a slow `/readyz` never delays a
     /// session or a stop.
     async fn idle(&mut self, inst: &Arc<dyn Instance>) -> Result<(), Ending> {
-        self.ctl.transition(InstState::Starting, InstState::Idle);
+        if self.ctl.transition(InstState::Starting, InstState::Idle) {
+            // One start fewer under way: the pool may start the next warm instance at once
+            // (`max_warm_starting`), not at its next tick.
+            self.sup.reconcile(self.ctl.agent_id);
+        }
         let addr = inst.endpoint();
         let health = move || -> Pin<Box<dyn Future<Output = bool> + Send>> {
             Box::pin(async move {

@@ -106,7 +106,16 @@ pub struct SupervisorConfig {
     pub node_id: String,
     /// A node whose last heartbeat is older than this is dead (`--node-timeout`).
     pub node_timeout: Duration,
+    /// At most this many warm instances of one agent start at once on this node
+    /// (`--max-warm-starting`, default [`DEFAULT_MAX_WARM_STARTING`]); 0: no limit.
+    pub max_warm_starting: u32,
 }
+
+/// How many warm instances of one agent start at once on a node, by default. A large
+/// `minAgents` then fills in waves (the next one as each instance gets ready) instead of
+/// starting every instance at once: 1,000 Python bots started together on 2 cores would share
+/// the CPU until each took longer than the start timeout, and fail as a crash loop.
+pub const DEFAULT_MAX_WARM_STARTING: u32 = 16;
 
 /// What another node answered to a forwarded stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -28,14 +28,26 @@ pub(super) struct PoolPlan {
 /// backing off after failed starts or cannot run; removes idle instances of old deployments,
 /// and trims extra idle ones. A deleted agent's or a draining server's idle instances all go.
 /// `min` is this node's share of the agent's `minAgents` ([`super::ClusterView::share`]).
-pub(super) fn plan(p: &AgentPool, draining: bool, min: u32, now: Instant) -> PoolPlan {
+/// At most `max_starting` warm instances (0: no limit) are starting or reserving at once: the
+/// rest wait for the next plan (each instance that gets ready asks for one).
+pub(super) fn plan(
+    p: &AgentPool,
+    draining: bool,
+    min: u32,
+    max_starting: u32,
+    now: Instant,
+) -> PoolPlan {
     let dep = p.deployment.id;
     let deleted = p.agent.deleted_ms.is_some();
     let mut out = PoolPlan::default();
     let mut warm = p.reserving;
+    let mut starting = p.reserving;
     for c in p.instances.values() {
         let s = c.state();
         let current = c.deployment.id == dep;
+        if s == InstState::Starting {
+            starting += 1;
+        }
         if s == InstState::Idle && (!current || deleted || draining) {
             out.stop.push(c.clone());
         } else if current && matches!(s, InstState::Idle | InstState::Starting) {
@@ -54,6 +66,9 @@ pub(super) fn plan(p: &AgentPool, draining: bool, min: u32, now: Instant) -> Poo
     let total = p.instances.len() as u32 + p.reserving;
     if !backoff {
         out.spawn = min.saturating_sub(warm).min(max.saturating_sub(total));
+        if max_starting > 0 {
+            out.spawn = out.spawn.min(max_starting.saturating_sub(starting));
+        }
     }
     warm += out.spawn;
     let mut extra = warm.saturating_sub(min);
@@ -87,7 +102,13 @@ impl Supervisor {
             let Some(p) = st.pools.get_mut(&agent_id) else {
                 return;
             };
-            let plan = plan(p, draining, view.share(p.agent.min_agents), Instant::now());
+            let plan = plan(
+                p,
+                draining,
+                view.share(p.agent.min_agents),
+                self.cfg.max_warm_starting,
+                Instant::now(),
+            );
             p.reserving += plan.spawn;
             for _ in 0..plan.spawn {
                 spawn.push((Uuid::new_v4(), p.agent.max_agents));

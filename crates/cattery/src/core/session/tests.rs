@@ -33,6 +33,7 @@ fn config() -> SupervisorConfig {
         ice_servers: Vec::new(),
         node_id: "n1".into(),
         node_timeout: Duration::from_secs(2),
+        max_warm_starting: super::DEFAULT_MAX_WARM_STARTING,
     }
 }
 
@@ -181,6 +182,37 @@ async fn warm_instance_is_taken_then_refilled_to_min_agents() {
     .await;
     assert_eq!(e.fake.starts(), 3);
     assert_eq!(e.sup.pool_status(a.id).busy, 1);
+}
+
+/// A large `minAgents` fills in waves of at most `max_warm_starting` (16 here) starting
+/// instances, the next one as soon as one gets ready (not at the pool's 1 s tick).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_warm_pool_fills_in_waves_of_max_warm_starting() {
+    let e = env().await;
+    let began = tokio::time::Instant::now();
+    let a = agent(&e, "a", &["ready-ms=100"], 40, 50).await;
+    let mut most = 0;
+    loop {
+        let p = e.sup.pool_status(a.id);
+        most = most.max(p.starting);
+        if p.idle == 40 {
+            break;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "not filled: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(most <= 16, "{most} warm instances were starting at once");
+    assert!(most >= 8, "only {most} at once");
+    // Three waves of 100 ms; waiting for the 1 s tick between waves would take 2 s or more.
+    assert!(
+        began.elapsed() < Duration::from_millis(1800),
+        "filled in {:?}",
+        began.elapsed()
+    );
+    assert_eq!(e.fake.starts(), 40);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -718,17 +750,17 @@ mod decisions {
     fn the_pool_plan_fills_to_min_within_max_and_trims_the_rest() {
         let now = Instant::now();
         let mut p = pool(2, 3);
-        assert_eq!(plan(&p, false, p.agent.min_agents, now).spawn, 2);
+        assert_eq!(plan(&p, false, p.agent.min_agents, 0, now).spawn, 2);
         add(&mut p, InstState::Busy, true);
         add(&mut p, InstState::Claimed, true);
         // Two slots used by sessions, one left under maxAgents.
-        assert_eq!(plan(&p, false, p.agent.min_agents, now).spawn, 1);
+        assert_eq!(plan(&p, false, p.agent.min_agents, 0, now).spawn, 1);
         let mut p = pool(1, 5);
         for _ in 0..3 {
             add(&mut p, InstState::Idle, true);
         }
         let old = add(&mut p, InstState::Idle, false);
-        let pl = plan(&p, false, p.agent.min_agents, now);
+        let pl = plan(&p, false, p.agent.min_agents, 0, now);
         assert_eq!(pl.spawn, 0);
         assert_eq!(
             pl.stop.len(),
@@ -736,18 +768,41 @@ mod decisions {
             "two extra idle ones and the old deployment's"
         );
         assert!(pl.stop.iter().any(|c| c.id == old.id));
-        let pl = plan(&p, true, p.agent.min_agents, now);
+        let pl = plan(&p, true, p.agent.min_agents, 0, now);
         assert_eq!(pl.stop.len(), 4, "a drain removes every idle instance");
+    }
+
+    #[test]
+    fn the_pool_plan_starts_at_most_max_starting_warm_instances_at_once() {
+        let now = Instant::now();
+        let mut p = pool(100, 200);
+        assert_eq!(plan(&p, false, 100, 16, now).spawn, 16);
+        assert_eq!(plan(&p, false, 100, 0, now).spawn, 100, "0: no limit");
+        // Reserving and starting ones count; ready, busy and claimed ones do not.
+        p.reserving = 5;
+        for _ in 0..10 {
+            add(&mut p, InstState::Starting, true);
+        }
+        for _ in 0..20 {
+            add(&mut p, InstState::Idle, true);
+            add(&mut p, InstState::Busy, true);
+        }
+        add(&mut p, InstState::Claimed, true);
+        assert_eq!(plan(&p, false, 100, 16, now).spawn, 1);
+        p.reserving = 6;
+        assert_eq!(plan(&p, false, 100, 16, now).spawn, 0);
+        // Still within minAgents and maxAgents.
+        assert_eq!(plan(&p, false, 100, 1000, now).spawn, 100 - 36);
     }
 
     #[test]
     fn a_deleted_agent_without_instances_is_forgotten() {
         let mut p = pool(1, 5);
         p.agent.deleted_ms = Some(now_ms());
-        let pl = plan(&p, false, p.agent.min_agents, Instant::now());
+        let pl = plan(&p, false, p.agent.min_agents, 0, Instant::now());
         assert!(pl.forget && pl.spawn == 0);
         add(&mut p, InstState::Busy, true);
-        assert!(!plan(&p, false, p.agent.min_agents, Instant::now()).forget);
+        assert!(!plan(&p, false, p.agent.min_agents, 0, Instant::now()).forget);
     }
 }
 
