@@ -322,14 +322,20 @@ mod tests {
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
+    /// A listener on a free port of the loopback address, and that address.
+    async fn listen() -> (TcpListener, SocketAddr) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        (l, addr)
+    }
+
     /// A one-connection server: reads one request head (and a `content-length` body), answers
     /// `answer` and, with `close`, closes; returns what it received.
     async fn serve_once(
         answer: &'static [u8],
         close: bool,
     ) -> (SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
+        let (l, addr) = listen().await;
         let h = tokio::spawn(async move {
             let (mut s, _) = l.accept().await.unwrap();
             let mut got = Vec::new();
@@ -361,6 +367,17 @@ mod tests {
         (addr, h)
     }
 
+    /// Posts an empty `/bot` request to a [`serve_once`] server answering `answer`; returns
+    /// the server's address and the outcome.
+    async fn post_empty_bot(answer: &'static [u8], close: bool) -> (SocketAddr, BotOutcome) {
+        let (addr, _h) = serve_once(answer, close).await;
+        let out = post_bot(addr, vec![], Bytes::new(), None)
+            .await
+            .unwrap()
+            .await;
+        (addr, out)
+    }
+
     #[tokio::test]
     async fn bot_request_and_its_answers() {
         // A 2xx answer with a content-length body; the request carries the session headers.
@@ -379,42 +396,32 @@ mod tests {
         assert!(req.contains("content-length: 7\r\n"), "{req}");
         assert!(req.ends_with("\r\n\r\n{\"a\":1}"), "{req}");
 
-        // An error answer, chunked: the `error` of its body.
-        let (addr, _h) = serve_once(
-            b"HTTP/1.1 500 Internal Server Error\r\ntransfer-encoding: chunked\r\n\r\n6\r\n{\"erro\r\n9\r\nr\":\"boom\"\r\n1\r\n}\r\n0\r\n\r\n",
-            false,
-        )
-        .await;
-        let out = post_bot(addr, vec![], Bytes::new(), None)
-            .await
-            .unwrap()
-            .await;
-        assert!(
-            matches!(&out, BotOutcome::Answered(500, Some(e)) if e == "boom"),
-            "{out:?}"
-        );
-
-        // A body delimited by the close of the connection.
-        let (addr, _h) = serve_once(
-            b"HTTP/1.1 422 Unprocessable\r\n\r\n{\"detail\":\"bad\"}",
-            true,
-        )
-        .await;
-        let out = post_bot(addr, vec![], Bytes::new(), None)
-            .await
-            .unwrap()
-            .await;
-        assert!(
-            matches!(&out, BotOutcome::Answered(422, Some(e)) if e == "bad"),
-            "{out:?}"
-        );
+        // An error answer: the `error` of its body, whether chunked or delimited by the close
+        // of the connection.
+        let errors: [(&[u8], bool, u16, &str); 2] = [
+            (
+                b"HTTP/1.1 500 Internal Server Error\r\ntransfer-encoding: chunked\r\n\r\n6\r\n{\"erro\r\n9\r\nr\":\"boom\"\r\n1\r\n}\r\n0\r\n\r\n",
+                false,
+                500,
+                "boom",
+            ),
+            (
+                b"HTTP/1.1 422 Unprocessable\r\n\r\n{\"detail\":\"bad\"}",
+                true,
+                422,
+                "bad",
+            ),
+        ];
+        for (answer, close, status, error) in errors {
+            let (_, out) = post_empty_bot(answer, close).await;
+            assert!(
+                matches!(&out, BotOutcome::Answered(s, Some(e)) if *s == status && e == error),
+                "{out:?}"
+            );
+        }
 
         // The connection closes before an answer: broken.
-        let (addr, _h) = serve_once(b"", true).await;
-        let out = post_bot(addr, vec![], Bytes::new(), None)
-            .await
-            .unwrap()
-            .await;
+        let (addr, out) = post_empty_bot(b"", true).await;
         assert!(matches!(out, BotOutcome::Broken(_)), "{out:?}");
 
         // A header that is not valid HTTP is refused before anything is sent.
@@ -424,8 +431,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_readyz_connection_carries_the_bot_request() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
+        let (l, addr) = listen().await;
         let server = tokio::spawn(async move {
             let (mut s, _) = l.accept().await.unwrap();
             let mut got = Vec::new();
@@ -467,8 +473,7 @@ mod tests {
         let (status, conn) = get_status_keep(addr, "/readyz", Duration::from_secs(5)).await;
         assert_eq!(status, Some(503));
         assert!(conn.is_none());
-        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = silent.local_addr().unwrap();
+        let (_silent, addr) = listen().await;
         assert_eq!(
             get_status(addr, "/readyz", Duration::from_millis(200)).await,
             None

@@ -72,71 +72,110 @@ fn cgroup_of(pid: i32, ctrl: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Two sessions of an agent, on a fresh server: the first started the old way (which starts
+/// the stock of spares), the second from a spare.
+struct FromSpare {
+    /// The server's id (its cgroups are under `cattery/<id>`).
+    id: String,
+    /// The first session (not from a spare).
+    first: String,
+    /// The spares ready before the second start.
+    before: HashSet<String>,
+    /// The spares ready once the stock was full again after it.
+    after: HashSet<String>,
+    /// The second session (from a spare).
+    sid: String,
+    /// Its main process.
+    pid: i32,
+    /// Its instance id.
+    inst: String,
+}
+
+/// Starts a server, deploys agent `name` (`switches`, `profile`) and starts two sessions of
+/// it, the second once the stock of spares is full and idle for a moment; returns once the
+/// stock is full again. `None` where this machine uses no spares (the test is skipped).
+async fn start_from_spare(
+    name: &str,
+    switches: &[&str],
+    profile: &str,
+) -> Option<(Server, FromSpare)> {
+    if !machine_has_spares() {
+        return None;
+    }
+    let s = Server::start(&[]).await;
+    let id = server_id(&s);
+    s.deploy(name, switches, json!({"agentProfile": profile}))
+        .await;
+    // The first start runs the old way and starts the stock.
+    let first = s.start_ok(name).await;
+    let before = wait_spares(&id, 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sid = s.start_ok(name).await;
+    let pid = session_pid(&s, name, &sid).await;
+    let inst = pid_env(pid, "CATTERY_INSTANCE_ID").unwrap();
+    let after = wait_spares(&id, 2).await;
+    let t = FromSpare {
+        id,
+        first,
+        before,
+        after,
+        sid,
+        pid,
+        inst,
+    };
+    Some((s, t))
+}
+
 /// A cold start after an idle moment takes a spare; the instance is in cgroups of its own
 /// named by its instance id, with the agent's limits; the stock refills; a stop removes the
 /// process tree and every cgroup; a clean exit leaves no spare.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cold_start_after_idle_takes_a_spare_and_stop_removes_everything() {
-    if !machine_has_spares() {
+    let Some((mut s, t)) = start_from_spare("spare", &["--spawn-child"], "agent-2x").await else {
         return;
-    }
-    let mut s = Server::start(&[]).await;
-    let id = server_id(&s);
-    s.deploy(
-        "spare",
-        &["--spawn-child"],
-        json!({"agentProfile": "agent-2x"}),
-    )
-    .await;
-    // The first start runs the old way and starts the stock.
-    let first = s.start_ok("spare").await;
-    let before = wait_spares(&id, 2).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let sid = s.start_ok("spare").await;
-    let pid = session_pid(&s, "spare", &sid).await;
-    let inst = pid_env(pid, "CATTERY_INSTANCE_ID").unwrap();
+    };
     // One spare was used (its cgroups are now the instance's) and one made in its place.
-    let after = wait_spares(&id, 2).await;
-    let used: Vec<&String> = before.difference(&after).collect();
-    assert_eq!(used.len(), 1, "before {before:?} after {after:?}");
+    let used: Vec<&String> = t.before.difference(&t.after).collect();
+    assert_eq!(used.len(), 1, "before {:?} after {:?}", t.before, t.after);
     for ctrl in ["memory", "pids", "cpu"] {
-        let base = v1_base(ctrl, &id);
+        let base = v1_base(ctrl, &t.id);
         if !base.is_dir() {
             continue;
         }
         assert_eq!(
-            cgroup_of(pid, ctrl),
-            format!("/cattery/{id}/{inst}"),
+            cgroup_of(t.pid, ctrl),
+            format!("/cattery/{}/{}", t.id, t.inst),
             "{ctrl} cgroup of the instance"
         );
         assert!(
             !base.join(used[0]).exists(),
             "{ctrl}: the spare was renamed"
         );
-        let procs = std::fs::read_to_string(base.join(&inst).join("cgroup.procs")).unwrap();
+        let procs = std::fs::read_to_string(base.join(&t.inst).join("cgroup.procs")).unwrap();
         assert!(
-            procs.lines().any(|l| l.trim() == pid.to_string()),
+            procs.lines().any(|l| l.trim() == t.pid.to_string()),
             "{ctrl}: {procs}"
         );
     }
     assert!(
-        cgroup_of(pid, "").ends_with(&format!("/cattery/{id}/{inst}")),
+        cgroup_of(t.pid, "").ends_with(&format!("/cattery/{}/{}", t.id, t.inst)),
         "v2 cgroup: {}",
-        cgroup_of(pid, "")
+        cgroup_of(t.pid, "")
     );
-    let mem = v1_base("memory", &id).join(&inst);
+    let mem = v1_base("memory", &t.id).join(&t.inst);
     let limit = std::fs::read_to_string(mem.join("memory.limit_in_bytes")).unwrap();
     assert_eq!(limit.trim(), (2u64 << 30).to_string());
-    if let Ok(q) = std::fs::read_to_string(v1_base("cpu", &id).join(&inst).join("cpu.cfs_quota_us"))
+    if let Ok(q) =
+        std::fs::read_to_string(v1_base("cpu", &t.id).join(&t.inst).join("cpu.cfs_quota_us"))
     {
         assert_eq!(q.trim(), "100000");
     }
     // One fresh process tree: the main process leads its own session, its parent is the
     // server, and its child (`--spawn-child`) is in the same cgroups.
-    assert_eq!(ppid(pid), Some(s.pid()));
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    assert_eq!(ppid(t.pid), Some(s.pid()));
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", t.pid)).unwrap();
     let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    assert_eq!(f[3], pid.to_string(), "session leader");
+    assert_eq!(f[3], t.pid.to_string(), "session leader");
     let members = wait_for(Duration::from_secs(5), "the agent's child", || async {
         let p = std::fs::read_to_string(mem.join("cgroup.procs")).unwrap_or_default();
         let v: Vec<i32> = p.lines().filter_map(|l| l.trim().parse().ok()).collect();
@@ -144,26 +183,26 @@ async fn a_cold_start_after_idle_takes_a_spare_and_stop_removes_everything() {
     })
     .await;
     // Logs are captured as for any instance.
-    wait_log(&s, "spare", &sid, "bot started").await;
-    assert_eq!(s.stop("spare", &sid).await.status, 200);
+    wait_log(&s, "spare", &t.sid, "bot started").await;
+    assert_eq!(s.stop("spare", &t.sid).await.status, 200);
     for p in &members {
         assert!(!pid_alive(*p), "{p} outlived the stop");
     }
     for ctrl in ["memory", "pids", "cpu"] {
         assert!(
-            !v1_base(ctrl, &id).join(&inst).exists(),
+            !v1_base(ctrl, &t.id).join(&t.inst).exists(),
             "{ctrl} cgroup left"
         );
     }
     assert!(!Path::new("/sys/fs/cgroup/unified/cattery")
-        .join(&id)
-        .join(&inst)
+        .join(&t.id)
+        .join(&t.inst)
         .exists());
-    assert_eq!(s.stop("spare", &first).await.status, 200);
+    assert_eq!(s.stop("spare", &t.first).await.status, 200);
     // A clean exit discards the spares and removes the server's cgroup directories.
     assert!(s.terminate(Duration::from_secs(20)).is_some());
     for ctrl in ["memory", "pids", "cpu"] {
-        let b = v1_base(ctrl, &id);
+        let b = v1_base(ctrl, &t.id);
         assert!(!b.exists(), "{} left after a clean exit", b.display());
     }
     assert!(!s.log().contains("ERROR"), "{}", s.log());
@@ -174,29 +213,16 @@ async fn a_cold_start_after_idle_takes_a_spare_and_stop_removes_everything() {
 /// (their parked processes died with it) are removed by the next run.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_instance_from_a_spare_is_readopted_and_dead_spares_are_swept() {
-    if !machine_has_spares() {
+    let Some((mut s, t)) =
+        start_from_spare("spare2", &["--ignore-transport-close"], "agent-1x").await
+    else {
         return;
-    }
-    let mut s = Server::start(&[]).await;
-    let id = server_id(&s);
-    s.deploy(
-        "spare2",
-        &["--ignore-transport-close"],
-        json!({"agentProfile": "agent-1x"}),
-    )
-    .await;
-    let first = s.start_ok("spare2").await;
-    let before = wait_spares(&id, 2).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let sid = s.start_ok("spare2").await;
-    let pid = session_pid(&s, "spare2", &sid).await;
-    let inst = pid_env(pid, "CATTERY_INSTANCE_ID").unwrap();
-    let left = wait_spares(&id, 2).await;
-    assert_eq!(before.difference(&left).count(), 1, "a spare was used");
+    };
+    assert_eq!(t.before.difference(&t.after).count(), 1, "a spare was used");
     s.kill9();
     // The parked processes die with the server; their cgroups stay until the next run.
-    for name in &left {
-        let d = v1_base("memory", &id).join(name);
+    for name in &t.after {
+        let d = v1_base("memory", &t.id).join(name);
         wait_for(Duration::from_secs(5), "parked process gone", || async {
             std::fs::read_to_string(d.join("cgroup.procs"))
                 .map(|p| p.trim().is_empty())
@@ -205,25 +231,26 @@ async fn an_instance_from_a_spare_is_readopted_and_dead_spares_are_swept() {
         })
         .await;
     }
-    assert!(pid_alive(pid), "the instance outlives the control plane");
+    assert!(pid_alive(t.pid), "the instance outlives the control plane");
     s.spawn().await;
-    assert_eq!(session_pid(&s, "spare2", &sid).await, pid);
-    let now = spares(&id);
+    assert_eq!(session_pid(&s, "spare2", &t.sid).await, t.pid);
+    let now = spares(&t.id);
     assert!(
-        now.is_disjoint(&left),
-        "spares of the killed run are swept: {left:?} {now:?}"
+        now.is_disjoint(&t.after),
+        "spares of the killed run are swept: {:?} {now:?}",
+        t.after
     );
-    let mem = v1_base("memory", &id).join(&inst);
+    let mem = v1_base("memory", &t.id).join(&t.inst);
     assert!(mem.is_dir());
-    assert_eq!(s.stop("spare2", &sid).await.status, 200);
-    assert!(!pid_alive(pid));
+    assert_eq!(s.stop("spare2", &t.sid).await.status, 200);
+    assert!(!pid_alive(t.pid));
     for ctrl in ["memory", "pids", "cpu"] {
         assert!(
-            !v1_base(ctrl, &id).join(&inst).exists(),
+            !v1_base(ctrl, &t.id).join(&t.inst).exists(),
             "{ctrl} cgroup left"
         );
     }
-    let _ = s.stop("spare2", &first).await;
+    let _ = s.stop("spare2", &t.first).await;
     assert!(s.terminate(Duration::from_secs(20)).is_some());
-    assert!(spares(&id).is_empty());
+    assert!(spares(&t.id).is_empty());
 }

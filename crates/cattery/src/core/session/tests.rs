@@ -837,20 +837,32 @@ fn n2_at(url: &str) -> crate::store::NodeRecord {
     }
 }
 
+/// Agent `a` with a session left by node `n2`, which the store lists at `stored` and this
+/// node last saw at `seen`; forwarded stops are recorded by the returned [`Forwards`], whose
+/// node at `refuses` does not answer.
+async fn session_left_by_n2(
+    stored: &str,
+    seen: &str,
+    refuses: &'static str,
+) -> (Env, AgentRecord, Uuid, Arc<Forwards>) {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 0, 1).await;
+    let (_, sid) = left_by(&e, &a, "n2").await;
+    e.store.heartbeat(&n2_at(stored)).await.unwrap();
+    e.sup.remember_nodes(&[n2_at(seen)]);
+    let peers = Arc::new(Forwards {
+        calls: parking_lot::Mutex::default(),
+        refuses,
+    });
+    e.sup.set_peers(peers.clone());
+    (e, a, sid, peers)
+}
+
 /// A stop of another live node's session goes to the owner's address from the node list
 /// last read (refreshed every heartbeat period): no read of the node list on the stop's path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_stop_takes_the_owners_address_from_the_node_list_seen() {
-    let e = env().await;
-    let a = agent(&e, "a", &[], 0, 1).await;
-    let (_, sid) = left_by(&e, &a, "n2").await;
-    e.store.heartbeat(&n2_at("http://stored")).await.unwrap();
-    e.sup.remember_nodes(&[n2_at("http://seen")]);
-    let peers = Arc::new(Forwards {
-        calls: parking_lot::Mutex::default(),
-        refuses: "",
-    });
-    e.sup.set_peers(peers.clone());
+    let (e, _, sid, peers) = session_left_by_n2("http://stored", "http://seen", "").await;
     // Named under another agent, or another org: not found, nothing forwarded.
     agent(&e, "b", &[], 0, 1).await;
     for (org, name) in [("o", "b"), ("o", "nope"), ("p", "a")] {
@@ -871,16 +883,7 @@ async fn a_forwarded_stop_takes_the_owners_address_from_the_node_list_seen() {
 /// once (only the store's list declares a node dead).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_stop_reads_the_node_list_again_when_the_address_seen_fails() {
-    let e = env().await;
-    let a = agent(&e, "a", &[], 0, 1).await;
-    let (_, sid) = left_by(&e, &a, "n2").await;
-    e.store.heartbeat(&n2_at("http://new")).await.unwrap();
-    e.sup.remember_nodes(&[n2_at("http://old")]);
-    let peers = Arc::new(Forwards {
-        calls: parking_lot::Mutex::default(),
-        refuses: "http://old",
-    });
-    e.sup.set_peers(peers.clone());
+    let (e, a, sid, peers) = session_left_by_n2("http://new", "http://old", "http://old").await;
     e.sup.stop_session("o", "a", sid).await.unwrap();
     assert_eq!(*peers.calls.lock(), ["http://old", "http://new"]);
 

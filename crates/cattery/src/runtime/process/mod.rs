@@ -350,18 +350,20 @@ impl ProcessRuntime {
             .working_dir
             .clone()
             .unwrap_or_else(|| p.dirs.home.clone());
+        // One spawn for both paths. No cgroup descriptors yet: a spare's process is born in
+        // its cgroups; the plain path (and a spare's fallback to it) fills them in below.
+        let mut sspec = SpawnSpec {
+            program: &spec.program,
+            args: &spec.args,
+            env: &env,
+            cwd: &cwd,
+            stdout: &out,
+            stderr: &err,
+            cgroup_procs: &[],
+            ids: p.uid.map(|u| (u, u)),
+            stdin: None,
+        };
         if let Some(spare) = spare {
-            let sspec = SpawnSpec {
-                program: &spec.program,
-                args: &spec.args,
-                env: &env,
-                cwd: &cwd,
-                stdout: &out,
-                stderr: &err,
-                cgroup_procs: &[],
-                ids: p.uid.map(|u| (u, u)),
-                stdin: None,
-            };
             let started = self.start_from_spare(spare, &id, spec.limits.as_ref(), &sspec);
             self.spares.refill_soon();
             match started {
@@ -391,6 +393,7 @@ impl ProcessRuntime {
             }
         }
         let fds = cgroup::raw_fds(&cgs.procs_fds);
+        sspec.cgroup_procs = &fds;
         let spawned = self.reaper.spawn_registered(|| {
             if let Some(z) = &zygote {
                 // A fork of the agent's fork server, moved into the instance's cgroups
@@ -408,17 +411,7 @@ impl ProcessRuntime {
             // posix_spawn-like (no fork of this process), joining the cgroups and a new
             // session and switching to the instance's uid before exec: see
             // `runtime/process/spawn.rs`.
-            let pid = spawn::spawn(&SpawnSpec {
-                program: &spec.program,
-                args: &spec.args,
-                env: &env,
-                cwd: &cwd,
-                stdout: &out,
-                stderr: &err,
-                cgroup_procs: &fds,
-                ids: p.uid.map(|u| (u, u)),
-                stdin: None,
-            })?;
+            let pid = spawn::spawn(&sspec)?;
             Ok(((), pid))
         });
         drop((out, err));

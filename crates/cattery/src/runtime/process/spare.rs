@@ -399,7 +399,8 @@ extern "C" fn parked_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the spare's `Shared`, alive while this process lives.
     unsafe {
         let s = &*(arg as *const Shared);
-        // Default signal actions: the server's handlers must never run here.
+        // Default signal actions: the server's handlers must never run here (step 1 of
+        // `spawn.rs::child_main`, which must change with it).
         let mut sig = 1;
         while sig <= s.sig_max {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
@@ -463,6 +464,10 @@ extern "C" fn parked_main(arg: *mut libc::c_void) -> libc::c_int {
 
 /// The instance's main process, cloned by a parked process: what [`super::spawn`]'s child
 /// does (own session, stdio, uid, directory, `exec`) with raw system calls. Never returns.
+///
+/// These steps (and the signal reset in [`parked_main`]) restate `spawn.rs::child_main`: a
+/// step changed there must change here too, and the reverse. Kept apart on purpose: this
+/// process must not touch libc's `errno` or call libc's wrappers.
 extern "C" fn exec_main(arg: *mut libc::c_void) -> ! {
     use super::spawn::{STAGE_CHDIR, STAGE_EXEC, STAGE_IDS, STAGE_SETSID, STAGE_STDIO};
     // SAFETY: `arg` points to the `ChildArgs` the server keeps alive until this process has

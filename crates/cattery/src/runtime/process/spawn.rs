@@ -108,6 +108,12 @@ fn errno() -> i32 {
 }
 
 /// The child, on its own stack, sharing the parent's memory. Only system calls; never returns.
+///
+/// `spare.rs` restates these steps with raw system calls (`parked_main`: step 1;
+/// `exec_main`: steps 2 and 4 to 7; step 3 there is `CLONE_INTO_CGROUP` and the parked
+/// process's own v1 cgroups): a step changed here must change there too. Not shared on
+/// purpose: the spare's processes must not touch libc's `errno` or call libc's wrappers
+/// (they share the memory, `errno` included, of a server thread).
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` points to the parent's `ChildArgs`, alive until we exec or exit (the
     // parent is suspended by CLONE_VFORK). Every call below is async-signal-safe.
