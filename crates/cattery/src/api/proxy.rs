@@ -114,14 +114,34 @@ async fn to_owner(st: &AppState, owner: &str, id: Uuid, req: Request) -> ApiResu
             format!("session {id} runs on node {owner}, {why}"),
         )
     };
-    let nodes = st
-        .store
-        .list_nodes()
-        .await
-        .map_err(crate::core::CoreError::from)?;
-    let alive = crate::core::cluster::statuses(&st.node, nodes, crate::model::now_ms())
-        .into_iter()
-        .find(|n| n.id == owner && n.alive);
+    let status_of = |n: crate::store::NodeRecord| {
+        crate::core::cluster::statuses(&st.node, vec![n], crate::model::now_ms())
+            .pop()
+            .filter(|s| s.alive)
+    };
+    // The node list this node read in its last heartbeat period, as forwarded stops use it
+    // (a node alive there is alive in the store too); the store only when the owner is not
+    // alive and reachable there.
+    let cached = st
+        .sup
+        .node_seen(owner)
+        .and_then(status_of)
+        .filter(|s| s.advertise_url.is_some());
+    let alive = match cached {
+        Some(s) => Some(s),
+        None => {
+            let nodes = st
+                .store
+                .list_nodes()
+                .await
+                .map_err(crate::core::CoreError::from)?;
+            st.sup.remember_nodes(&nodes);
+            nodes
+                .into_iter()
+                .find(|n| n.id == owner)
+                .and_then(status_of)
+        }
+    };
     let Some(node) = alive else {
         return Err(unreachable("which is not alive".into()));
     };

@@ -343,13 +343,15 @@ impl Supervisor {
     }
 
     /// Keeps the node list just read from the store (the whole list: nodes not in it are
-    /// forgotten), for forwarded stops.
+    /// forgotten), for forwarded stops and proxied requests.
     pub fn remember_nodes(&self, nodes: &[crate::store::NodeRecord]) {
         *self.nodes_seen.lock() = nodes.iter().map(|n| (n.id.clone(), n.clone())).collect();
     }
 
-    /// Node `id` as last read from the store, if it was in the list.
-    fn node_seen(&self, id: &str) -> Option<crate::store::NodeRecord> {
+    /// Node `id` as last read from the store (at most one heartbeat period ago), if it was in
+    /// the list. Its heartbeat is at most as recent as the store's: a node alive by it is
+    /// alive by the store too.
+    pub fn node_seen(&self, id: &str) -> Option<crate::store::NodeRecord> {
         self.nodes_seen.lock().get(id).cloned()
     }
 
