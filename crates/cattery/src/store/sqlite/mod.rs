@@ -194,7 +194,7 @@ async fn checkpoints(inner: Weak<Inner>, writer: Weak<AsyncMutex<Conn>>) {
         let Some(path) = inner.upgrade().map(|i| i.path.clone()) else {
             return;
         };
-        let res = checkpoint_pass(conn.take(), path.clone()).await;
+        let res = checkpoint_pass(conn.take(), path.clone(), None).await;
         let frames = match res {
             Ok((c, frames)) => {
                 conn = Some(c);
@@ -211,13 +211,10 @@ async fn checkpoints(inner: Weak<Inner>, writer: Weak<AsyncMutex<Conn>>) {
         let Some(writer) = writer.upgrade() else {
             return;
         };
-        // No commit runs while this is held: the pass catches up.
-        let held = writer.lock().await;
-        match checkpoint_pass(conn.take(), path).await {
+        match checkpoint_pass(conn.take(), path, Some(writer)).await {
             Ok((c, _)) => conn = Some(c),
             Err(e) => tracing::debug!(error = %e, "WAL checkpoint failed; retrying later"),
         }
-        drop(held);
     }
 }
 
@@ -226,9 +223,17 @@ async fn checkpoints(inner: Weak<Inner>, writer: Weak<AsyncMutex<Conn>>) {
 const RESTART_FRAMES: i64 = 4096;
 
 /// One `PASSIVE` checkpoint on the checkpointing connection (opened when `conn` is `None`),
-/// on a blocking thread; returns the connection and the frames the WAL held.
-async fn checkpoint_pass(conn: Option<Conn>, path: PathBuf) -> StoreResult<(Conn, i64)> {
+/// on a blocking thread; returns the connection and the frames the WAL held. With `hold`, the
+/// pass holds the write connection while it runs (no commit meanwhile: it catches up). The
+/// lock is taken on the blocking thread, so a wait for a free blocking thread never holds up
+/// the writes.
+async fn checkpoint_pass(
+    conn: Option<Conn>,
+    path: PathBuf,
+    hold: Option<Arc<AsyncMutex<Conn>>>,
+) -> StoreResult<(Conn, i64)> {
     tokio::task::spawn_blocking(move || {
+        let _held = hold.as_ref().map(|w| w.blocking_lock());
         let mut c = match conn {
             Some(c) => c,
             None => Conn::open(&path, Mode::Checkpoint, READER_CACHE_SIZE)?,
