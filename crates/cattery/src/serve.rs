@@ -67,9 +67,27 @@ impl Settings {
     }
 }
 
+/// How long a start waits for the data directory's lock when the server that held it has
+/// exited (see [`lock_data_dir`]).
+const LOCK_HANDOVER: Duration = Duration::from_secs(10);
+
 /// Takes the data directory's lock (`<data-dir>/serve.lock`, `flock`), so two servers never
 /// supervise the same instances. Errors: another `cattery serve` holds it.
+///
+/// A server killed outright (SIGKILL, OOM) releases the lock only when the last process that
+/// shares or copied its descriptor table is gone: a parked spare (`runtime::process::spare`,
+/// killed by its parent-death signal) or a child between its `clone` and its `exec`. Those
+/// die within moments of the server, but a restart can come sooner. So while the pid the
+/// lock file names is no longer alive, the start waits for the lock, up to [`LOCK_HANDOVER`].
 fn lock_data_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    lock_data_dir_within(dir, LOCK_HANDOVER)
+}
+
+fn lock_data_dir_within(
+    dir: &Path,
+    handover: Duration,
+) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use nix::fcntl::{Flock, FlockArg};
     use std::io::{Read, Seek, Write};
     let path = dir.join("serve.lock");
     let mut f = std::fs::OpenOptions::new()
@@ -79,19 +97,53 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>>
         .truncate(false)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    let mut holder = String::new();
-    let _ = f.read_to_string(&mut holder);
-    let mut lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
-        anyhow::anyhow!(
-            "another cattery serve (pid {}) is using the data dir {} ({e}); stop it or pick another --data-dir",
-            holder.trim(),
-            dir.display()
-        )
-    })?;
+    let t0 = std::time::Instant::now();
+    let mut lock = loop {
+        let mut holder = String::new();
+        f.rewind()?;
+        let _ = f.read_to_string(&mut holder);
+        let holder = holder.trim().to_string();
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => break lock,
+            Err((back, e)) => {
+                let exited = holder_exited(&holder);
+                if e == nix::errno::Errno::EWOULDBLOCK && exited && t0.elapsed() < handover {
+                    f = back;
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                let why = if exited {
+                    format!(
+                        "the server (pid {holder}) has exited, but a process it started still \
+                         holds the lock after {} s",
+                        handover.as_secs_f64()
+                    )
+                } else {
+                    format!("another cattery serve (pid {holder}) is using it")
+                };
+                anyhow::bail!(
+                    "{why}: data dir {} ({e}); stop it or pick another --data-dir",
+                    dir.display()
+                );
+            }
+        }
+    };
     lock.set_len(0)?;
     lock.rewind()?;
     write!(lock, "{}", std::process::id())?;
     Ok(lock)
+}
+
+/// Whether the pid a lock file names is gone (an empty or unreadable name is taken as alive:
+/// a server that has just taken the lock writes its pid next).
+fn holder_exited(holder: &str) -> bool {
+    match holder.parse::<i32>() {
+        Ok(pid) if pid > 0 => {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                == Err(nix::errno::Errno::ESRCH)
+        }
+        _ => false,
+    }
 }
 
 /// Opens the store of an existing data directory, or the PostgreSQL database `cfg` names (for
@@ -578,4 +630,66 @@ async fn detach(
         tracing::info!("the last relayed websocket call ended");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::fcntl::{Flock, FlockArg};
+    use std::io::Write;
+
+    /// A pid that is surely not alive: a child that has exited and been reaped.
+    fn dead_pid() -> u32 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    }
+
+    /// Holds `dir`'s lock through a descriptor of its own (a process sharing the old
+    /// server's descriptors), naming `pid` as the server.
+    fn hold(dir: &Path, pid: u32) -> Flock<std::fs::File> {
+        let mut f = std::fs::File::create(dir.join("serve.lock")).unwrap();
+        write!(f, "{pid}").unwrap();
+        Flock::lock(f, FlockArg::LockExclusiveNonblock).unwrap()
+    }
+
+    #[test]
+    fn a_start_waits_for_the_lock_of_a_server_that_has_exited() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = hold(dir.path(), dead_pid());
+        let t0 = std::time::Instant::now();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(held);
+        });
+        let lock = lock_data_dir_within(dir.path(), Duration::from_secs(10)).unwrap();
+        assert!(
+            t0.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            t0.elapsed()
+        );
+        release.join().unwrap();
+        let me = std::fs::read_to_string(dir.path().join("serve.lock")).unwrap();
+        assert_eq!(me, std::process::id().to_string());
+        drop(lock);
+    }
+
+    #[test]
+    fn a_start_refuses_at_once_while_the_server_that_holds_the_lock_lives() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = hold(dir.path(), std::process::id());
+        let t0 = std::time::Instant::now();
+        let e = lock_data_dir_within(dir.path(), Duration::from_secs(10)).unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+        assert!(e.to_string().contains("another cattery serve"), "{e}");
+    }
+
+    #[test]
+    fn a_lock_kept_past_the_handover_by_an_exited_server_is_an_error_that_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = hold(dir.path(), dead_pid());
+        let e = lock_data_dir_within(dir.path(), Duration::from_millis(200)).unwrap_err();
+        assert!(e.to_string().contains("has exited"), "{e}");
+    }
 }
