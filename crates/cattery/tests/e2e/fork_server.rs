@@ -22,6 +22,24 @@ async fn wait_log(s: &Server, agent: &str, needle: &str) -> String {
     .await
 }
 
+/// A running session's logs, once the runner's "Starting bot session" line is in them: the
+/// instance's output reaches the log store a little after the bot answers, so one read right
+/// after [`wait_bot_running`] may not have its lines yet. Every line the runner printed before
+/// that one is in.
+async fn started_session_logs(s: &Server, agent: &str, sid: &str) -> Vec<String> {
+    common::wait_for(
+        Duration::from_secs(10),
+        "the bot's start in its logs",
+        || async {
+            let logs = session_logs(s, agent, sid).await;
+            logs.iter()
+                .any(|l| l.contains("Starting bot session"))
+                .then_some(logs)
+        },
+    )
+    .await
+}
+
 /// The fork servers of this server's agents (not the spare child each keeps forked ahead,
 /// which waits in its cgroup too).
 fn fork_servers(s: &Server) -> Vec<i32> {
@@ -95,7 +113,7 @@ async fn forked_sessions_deliver_serve_routes_stop_and_die_whole() {
     let sid = r.body["sessionId"].as_str().unwrap().to_string();
     let st = wait_bot_running(&s, "forked", &sid).await;
     assert_eq!(st["session_id"], sid.as_str());
-    let logs = session_logs(&s, "forked", &sid).await;
+    let logs = started_session_logs(&s, "forked", &sid).await;
     assert!(
         logs.iter()
             .any(|l| l.contains("forked from the fork server")),
@@ -259,7 +277,7 @@ async fn a_bot_unsafe_to_fork_is_spawned_with_the_reason_and_off_turns_forking_o
     let sid = off.start_ok("plain").await;
     wait_bot_running(&off, "plain", &sid).await;
     assert!(fork_servers(&off).is_empty());
-    let logs = session_logs(&off, "plain", &sid).await;
+    let logs = started_session_logs(&off, "plain", &sid).await;
     assert!(!logs.iter().any(|l| l.contains("forked")), "{logs:?}");
     assert_eq!(fork_status(&off, "plain").await["state"], "off");
     assert_eq!(off.stop("plain", &sid).await.status, 200);
