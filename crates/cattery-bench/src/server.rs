@@ -123,6 +123,9 @@ pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(1024)
+        // Never reuse a connection idle for the server's keep-alive timeout (10 s): the server
+        // may close it as the request goes out (a reset, not a retry).
+        .pool_idle_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .timeout(Duration::from_secs(120))
         .build()

@@ -191,6 +191,9 @@ impl Server {
             pk: String::new(),
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(32)
+                // Never reuse a connection idle for the server's keep-alive timeout (10 s): the
+                // server may close it as the request goes out (a reset, not a retry).
+                .pool_idle_timeout(Duration::from_secs(5))
                 .build()
                 .unwrap(),
             args: extra.iter().map(|s| s.to_string()).collect(),
