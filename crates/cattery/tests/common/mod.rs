@@ -255,20 +255,35 @@ impl Server {
             .spawn()
             .expect("spawn cattery serve");
         self.child = Some(child);
-        let http = self.http.clone();
+        // Until /health answers; a server that exits meanwhile fails at once, with its log.
         let url = format!("{}/health", self.base);
-        wait_for(Duration::from_secs(30), "cattery /health", || {
-            let (http, url) = (http.clone(), url.clone());
-            async move {
-                http.get(&url)
-                    .send()
-                    .await
-                    .ok()
-                    .filter(|r| r.status() == 200)
-                    .map(|_| ())
+        let t0 = Instant::now();
+        loop {
+            if let Ok(r) = self.http.get(&url).send().await {
+                if r.status() == 200 {
+                    return;
+                }
             }
-        })
-        .await;
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || t0.elapsed() > Duration::from_secs(30) {
+                let log =
+                    std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "cattery serve did not answer /health ({}); its log ends:\n{}",
+                    exited.map_or_else(
+                        || "timed out after 30 s".to_string(),
+                        |st| format!("exited: {st}")
+                    ),
+                    tail.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Runs `cattery keys create` and returns the key.
