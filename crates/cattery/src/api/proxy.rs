@@ -26,18 +26,23 @@ use super::{ApiPath, AppState};
 /// Longest a proxied request waits for a starting instance.
 pub const PROXY_WAIT: Duration = Duration::from_secs(30);
 
+/// The client for requests to instances. A pooled connection is dropped after 4 s idle:
+/// the base image's server (uvicorn) closes keep-alive connections idle for 5 s, and a
+/// request sent on a connection the server is closing fails (it is not retried).
 static CLIENT: LazyLock<Client<HttpConnector, Body>> = LazyLock::new(|| {
     let mut c = HttpConnector::new();
     c.set_nodelay(true);
     Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_idle_timeout(Duration::from_secs(4))
         .build(c)
 });
 
-/// The client for requests forwarded to another node (`http://` or `https://`).
+/// The client for requests forwarded to another node (`http://` or `https://`). A pooled
+/// connection is dropped after 5 s idle, within the peer's keep-alive timeout (its
+/// header-read timeout, 10 s by default), for the same reason as [`CLIENT`]'s.
 static PEERS: LazyLock<Client<crate::core::cluster::PeerConnector, Body>> = LazyLock::new(|| {
     Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_idle_timeout(Duration::from_secs(5))
         .build(crate::core::cluster::peer_connector())
 });
 
@@ -101,54 +106,65 @@ async fn forward(
     }
 }
 
+/// How often a request forwarded to another node checks, while it waits for the answer,
+/// that the owner is still alive.
+const OWNER_CHECK: Duration = Duration::from_secs(1);
+
+/// Owner `owner`'s status if it is alive: from the node list this node read in its last
+/// heartbeat period, as forwarded stops use it (a node alive there is alive in the store
+/// too); from the store only when the owner is not alive and reachable there.
+async fn alive_owner(
+    st: &AppState,
+    owner: &str,
+) -> ApiResult<Option<crate::core::cluster::NodeStatus>> {
+    let status_of = |n: crate::store::NodeRecord| {
+        crate::core::cluster::statuses(&st.node, vec![n], crate::model::now_ms())
+            .pop()
+            .filter(|s| s.alive)
+    };
+    let cached = st
+        .sup
+        .node_seen(owner)
+        .and_then(status_of)
+        .filter(|s| s.advertise_url.is_some());
+    if cached.is_some() {
+        return Ok(cached);
+    }
+    let nodes = st
+        .store
+        .list_nodes()
+        .await
+        .map_err(crate::core::CoreError::from)?;
+    st.sup.remember_nodes(&nodes);
+    Ok(nodes
+        .into_iter()
+        .find(|n| n.id == owner)
+        .and_then(status_of))
+}
+
 /// Sends a proxied request for another node's session to that node, unchanged (its own
 /// path, query, headers with the caller's key, and body) plus the cluster secret, and streams
 /// its answer back. The owner serves it from its instance and never forwards it again.
-/// Errors: 503 `NODE_UNREACHABLE` when the owner is not alive, has no advertise URL, or this
-/// node has no cluster secret; 502 when it does not answer.
+/// While it waits for the answer's head, it checks every [`OWNER_CHECK`] that the owner is
+/// alive: an owner that froze or lost its machine is declared dead after the node timeout,
+/// and the request ends then (a dead peer's TCP connection could hang for many minutes).
+/// Errors: 503 `NODE_UNREACHABLE` when the owner is not alive (before or while the request
+/// waits), has no advertise URL, or this node has no cluster secret; 502 when it does not
+/// answer.
 async fn to_owner(st: &AppState, owner: &str, id: Uuid, req: Request) -> ApiResult<Response> {
-    let unreachable = |why: String| {
+    let unreachable = |why: &str| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "NODE_UNREACHABLE",
             format!("session {id} runs on node {owner}, {why}"),
         )
     };
-    let status_of = |n: crate::store::NodeRecord| {
-        crate::core::cluster::statuses(&st.node, vec![n], crate::model::now_ms())
-            .pop()
-            .filter(|s| s.alive)
-    };
-    // The node list this node read in its last heartbeat period, as forwarded stops use it
-    // (a node alive there is alive in the store too); the store only when the owner is not
-    // alive and reachable there.
-    let cached = st
-        .sup
-        .node_seen(owner)
-        .and_then(status_of)
-        .filter(|s| s.advertise_url.is_some());
-    let alive = match cached {
-        Some(s) => Some(s),
-        None => {
-            let nodes = st
-                .store
-                .list_nodes()
-                .await
-                .map_err(crate::core::CoreError::from)?;
-            st.sup.remember_nodes(&nodes);
-            nodes
-                .into_iter()
-                .find(|n| n.id == owner)
-                .and_then(status_of)
-        }
-    };
-    let Some(node) = alive else {
-        return Err(unreachable("which is not alive".into()));
+    let Some(node) = alive_owner(st, owner).await? else {
+        return Err(unreachable("which is not alive"));
     };
     let (Some(url), Some(secret)) = (node.advertise_url, st.node.secret.as_ref()) else {
         return Err(unreachable(
-            "which this node cannot reach: give every node --advertise-url and --cluster-secret-file"
-                .into(),
+            "which this node cannot reach: give every node --advertise-url and --cluster-secret-file",
         ));
     };
     let (mut parts, body) = req.into_parts();
@@ -159,7 +175,7 @@ async fn to_owner(st: &AppState, owner: &str, id: Uuid, req: Request) -> ApiResu
         .to_string();
     parts.uri = format!("{}{path}", url.trim_end_matches('/'))
         .parse::<Uri>()
-        .map_err(|e| unreachable(format!("whose advertise URL is unusable ({e})")))?;
+        .map_err(|e| unreachable(&format!("whose advertise URL is unusable ({e})")))?;
     parts.headers.remove("host");
     parts.headers.insert(
         HeaderName::from_static(crate::core::cluster::SECRET_HEADER),
@@ -168,16 +184,25 @@ async fn to_owner(st: &AppState, owner: &str, id: Uuid, req: Request) -> ApiResu
             .parse()
             .expect("the cluster secret is a valid header value"),
     );
-    let resp = PEERS
-        .request(Request::from_parts(parts, body))
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "502",
-                format!("node {owner}, which runs session {id}, did not answer: {e}"),
-            )
-        })?;
+    let sent = PEERS.request(Request::from_parts(parts, body));
+    tokio::pin!(sent);
+    let resp = loop {
+        tokio::select! {
+            r = &mut sent => break r,
+            () = tokio::time::sleep(OWNER_CHECK) => {
+                if alive_owner(st, owner).await?.is_none() {
+                    return Err(unreachable("which stopped answering and is no longer alive"));
+                }
+            }
+        }
+    };
+    let resp = resp.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "502",
+            format!("node {owner}, which runs session {id}, did not answer: {e}"),
+        )
+    })?;
     let (parts, body) = resp.into_parts();
     Ok(Response::from_parts(parts, Body::new(body)))
 }

@@ -417,7 +417,8 @@ async fn a_forwarded_stop_costs_about_a_local_one() {
 }
 
 /// A node cut off (SIGSTOP: alive, but silent) for longer than the node timeout is taken
-/// over: another node ends its process sessions `lost`. When it runs again (SIGCONT) it is
+/// over: another node ends its process sessions `lost`, and a stop or a proxied request
+/// forwarded to it meanwhile answers then. When it runs again (SIGCONT) it is
 /// fenced until it has reconciled with the store: it removes the processes of the sessions
 /// it lost (never two lives for one session) without writing a second end, then serves new
 /// sessions as before.
@@ -448,6 +449,22 @@ async fn a_node_cut_off_and_back_removes_what_it_lost_and_serves_again() {
         sids.push(sid);
     }
     nodes[1].signal(libc_sig::SIGSTOP);
+    // A stop and a proxied request sent to it through another node while it is frozen (its
+    // kernel still takes the connections): both answer once it is declared dead, never hang.
+    let t0 = Instant::now();
+    let info = format!("/v1/public/cut/sessions/{}/info", sids[1]);
+    let (stop, proxied) = tokio::join!(
+        nodes[0].stop("cut", &sids[0]),
+        nodes[0].req("GET", &info, Some(&nodes[0].pk), None)
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert_eq!(stop.status, 200, "{:?}", stop.body);
+    assert_eq!(proxied.status, 503, "{:?}", proxied.body);
+    assert_eq!(
+        proxied.body["code"], "NODE_UNREACHABLE",
+        "{:?}",
+        proxied.body
+    );
     let mut ends = Vec::new();
     for sid in &sids {
         let s = wait_for(

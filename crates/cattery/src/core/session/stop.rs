@@ -13,6 +13,10 @@ use super::{PeerStop, Supervisor};
 use crate::core::{CoreError, CoreResult};
 use crate::model::{now_ms, EndReason, SessionEnd};
 
+/// How often a stop forwarded to another node checks, while it waits for the answer, that
+/// the owner still heartbeats.
+const OWNER_CHECK: Duration = Duration::from_secs(1);
+
 /// Whether a websocket token may still be stored for the session: only for a websocket
 /// session that `/start` announced and no client has started (a start records `coldStart`
 /// after the token is taken, and a live session's token was taken before it started).
@@ -244,13 +248,17 @@ impl Supervisor {
                              reach: give every node --advertise-url and --cluster-secret-file"
                         )));
                     };
-                    match peers.stop(url, session).await {
-                        Ok(PeerStop::Stopped) => return Ok(()),
-                        Ok(PeerStop::NotOwner) => {}
-                        Err(e) => {
+                    match self.stop_at_live_owner(peers, url, &owner, session).await? {
+                        Some(Ok(PeerStop::Stopped)) => return Ok(()),
+                        Some(Ok(PeerStop::NotOwner)) => {}
+                        Some(Err(e)) => {
                             tracing::warn!(node = %owner, %session, error = %e,
                                 "a forwarded stop failed; retrying");
                             tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        None => {
+                            tracing::warn!(node = %owner, %session,
+                                "the owner stopped heartbeating while it had the stop; taking over");
                         }
                     }
                 }
@@ -283,6 +291,36 @@ impl Supervisor {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends a stop to node `owner` at `url` and waits for its answer while the owner stays
+    /// alive: every second the store's node list says whether its heartbeat is still within
+    /// the node timeout. `None`: it is not (an owner that froze, or lost its machine, after
+    /// it took the request would otherwise hold the stop for as long as its TCP connection
+    /// lasts); the caller then takes it over.
+    async fn stop_at_live_owner(
+        &self,
+        peers: &Arc<dyn super::Peers>,
+        url: &str,
+        owner: &str,
+        session: Uuid,
+    ) -> CoreResult<Option<Result<PeerStop, String>>> {
+        let timeout_ms = i64::try_from(self.cfg.node_timeout.as_millis()).unwrap_or(i64::MAX);
+        let sent = peers.stop(url, session);
+        tokio::pin!(sent);
+        loop {
+            tokio::select! {
+                r = &mut sent => return Ok(Some(r)),
+                () = tokio::time::sleep(OWNER_CHECK) => {
+                    let nodes = self.store.list_nodes().await?;
+                    self.remember_nodes(&nodes);
+                    let stale_ms = now_ms() - timeout_ms;
+                    if !nodes.iter().any(|n| n.id == owner && n.heartbeat_ms > stale_ms) {
+                        return Ok(None);
+                    }
+                }
+            }
         }
     }
 

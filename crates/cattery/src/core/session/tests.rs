@@ -820,9 +820,16 @@ impl super::Peers for Forwards {
         if url == self.refuses {
             return Err("connection refused".into());
         }
+        if url == FROZEN {
+            // Took the request, never answers (a frozen process, a lost machine).
+            std::future::pending::<()>().await;
+        }
         Ok(super::PeerStop::Stopped)
     }
 }
+
+/// The address of a node that takes a forwarded stop and never answers.
+const FROZEN: &str = "http://frozen";
 
 /// Node `n2`, alive, at `url`, as its heartbeat records it.
 fn n2_at(url: &str) -> crate::store::NodeRecord {
@@ -901,6 +908,28 @@ async fn a_forwarded_stop_reads_the_node_list_again_when_the_address_seen_fails(
         e.sup.stop_session("o", "a", sid).await.unwrap();
         assert_eq!(*peers.calls.lock(), ["http://new"]);
     }
+}
+
+/// An owner that takes a forwarded stop and never answers (frozen, or its machine lost) holds
+/// it only until it misses its heartbeats for the node timeout (2 s here): this node then
+/// takes the session over and the stop answers, with the session ended once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_stop_to_an_owner_that_froze_ends_when_the_owner_is_declared_dead() {
+    let (e, _, sid, peers) = session_left_by_n2(FROZEN, FROZEN, "").await;
+    let t0 = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(8), e.sup.stop_session("o", "a", sid))
+        .await
+        .expect("the stop ends once the owner is dead")
+        .unwrap();
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(*peers.calls.lock(), [FROZEN]);
+    let rec = e.store.get_session(sid).await.unwrap().unwrap();
+    let end = rec.end.expect("ended");
+    assert_eq!(end.reason, crate::model::EndReason::Lost, "{end:?}");
 }
 
 /// Only a websocket session that `/start` announced and nothing started may hold a token:
