@@ -21,6 +21,8 @@ use crate::serve::{app_state, open_store, DEFAULT_ORG};
 struct Api {
     _dir: tempfile::TempDir,
     app: Router,
+    /// What the router serves (its store and engine), for tests that set the scene.
+    state: super::AppState,
     fake: FakeRuntime,
     sk: String,
     pk: String,
@@ -73,7 +75,8 @@ async fn api_with(tune: impl FnOnce(&mut Config)) -> Api {
         .unwrap();
     Api {
         _dir: dir,
-        app: super::router(state),
+        app: super::router(state.clone()),
+        state,
         fake,
         sk,
         pk,

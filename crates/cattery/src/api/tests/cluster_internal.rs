@@ -85,3 +85,119 @@ async fn a_node_without_a_secret_takes_no_internal_call() {
     let s = api.get(&format!("/v1/agents/ia/sessions/{sid}")).await;
     assert!(s.body["endedAt"].is_null(), "{}", s.body);
 }
+
+/// A loopback HTTP server that answers every request with `name`; its URL.
+async fn answering(name: &'static str) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let app = axum::Router::new().fallback(move || async move { name });
+    tokio::spawn(async move { axum::serve(l, app).await });
+    url
+}
+
+/// A loopback listener that takes connections and never answers (a frozen node); its URL.
+async fn frozen() -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = l.accept().await {
+            held.push(c);
+        }
+    });
+    url
+}
+
+/// Node `n2` at `url`, its heartbeat at `heartbeat_ms`.
+fn n2(url: &str, heartbeat_ms: i64) -> crate::store::NodeRecord {
+    crate::store::NodeRecord {
+        id: "n2".into(),
+        advertise_url: Some(url.into()),
+        version: "test".into(),
+        started_ms: heartbeat_ms,
+        heartbeat_ms,
+        instances: 1,
+        busy: 1,
+    }
+}
+
+/// A proxied request for a session of node n2 goes to n2's address from the node list this
+/// node read in its last heartbeat period (no store read per request), to the store's when
+/// that list has n2 dead, and answers 503 NODE_UNREACHABLE once an owner that took the
+/// request and went silent misses the node timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxied_request_finds_its_owner_in_the_node_list_seen_and_gives_up_on_a_frozen_one() {
+    let secret_dir = tempfile::tempdir().unwrap();
+    let file = secret_dir.path().join("cluster.secret");
+    std::fs::write(&file, format!("{SECRET}\n")).unwrap();
+    let api = api_with(|c| {
+        c.cluster.cluster_secret_file = Some(file.clone());
+        c.cluster.node_timeout_seconds = 2.0;
+    })
+    .await;
+    api.deploy("px", &[], serde_json::json!({})).await;
+    let store = api.state.store.clone();
+    let agent = store
+        .get_agent(super::DEFAULT_ORG, "px")
+        .await
+        .unwrap()
+        .unwrap();
+    let now = crate::model::now_ms();
+    let sid = uuid::Uuid::new_v4();
+    store
+        .insert_session(&crate::model::SessionRecord {
+            id: sid,
+            org: super::DEFAULT_ORG.into(),
+            agent_id: agent.id,
+            deployment_id: agent.desired_deployment_id,
+            created_ms: now,
+            updated_ms: now,
+            bot_start_ms: Some(1),
+            cold_start: Some(false),
+            transport: None,
+            end: None,
+            samples: Vec::new(),
+            node_id: "n2".into(),
+        })
+        .await
+        .unwrap();
+    let (seen, stored) = (answering("seen").await, answering("stored").await);
+    store.heartbeat(&n2(&stored, now)).await.unwrap();
+    let proxied = || async {
+        let req = Request::builder()
+            .uri(format!("/v1/public/px/sessions/{sid}/hello"))
+            .header("authorization", format!("Bearer {}", api.pk))
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let resp = api.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    };
+
+    api.state.sup.remember_nodes(&[n2(&seen, now)]);
+    assert_eq!(proxied().await, (StatusCode::OK, "seen".into()));
+    // Seen dead: the store's list (alive, at another address) decides.
+    api.state.sup.remember_nodes(&[n2(&seen, 0)]);
+    assert_eq!(proxied().await, (StatusCode::OK, "stored".into()));
+
+    // An owner that takes the request and never answers: 503 once its heartbeat is older
+    // than the node timeout (2 s), not a request held for as long as the connection lasts.
+    let silent = frozen().await;
+    let now = crate::model::now_ms();
+    store.heartbeat(&n2(&silent, now)).await.unwrap();
+    api.state.sup.remember_nodes(&[n2(&silent, now)]);
+    let t0 = std::time::Instant::now();
+    let (st, body) = tokio::time::timeout(std::time::Duration::from_secs(8), proxied())
+        .await
+        .expect("the request ends once the owner is dead");
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("NODE_UNREACHABLE"), "{body}");
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_millis(1500),
+        "{:?}",
+        t0.elapsed()
+    );
+}
