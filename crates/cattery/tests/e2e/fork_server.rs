@@ -99,7 +99,7 @@ async def bot(args):
 /// with its whole tree. A redeploy starts a new fork server and retires the old one.
 #[tokio::test(flavor = "multi_thread")]
 async fn forked_sessions_deliver_serve_routes_stop_and_die_whole() {
-    let s = server().await;
+    let mut s = server().await;
     s.deploy(
         "forked",
         &[],
@@ -185,6 +185,55 @@ async fn forked_sessions_deliver_serve_routes_stop_and_die_whole() {
     .await;
     assert_eq!(s.stop("forked", &sid4).await.status, 200);
     s.wait_no_agent_pids(Duration::from_secs(10)).await;
+    // The retired fork server's cgroups went with it: one set per live fork server is left.
+    let live = fork_servers(&s).len();
+    for (base, dirs) in zygote_cgroups(&s) {
+        assert_eq!(dirs.len(), live, "{}: {dirs:?}", base.display());
+    }
+
+    // A clean stop retires every fork server with its cgroups; a restart sweeps what an
+    // earlier run left (a v1 cgroup here).
+    assert!(s.terminate(Duration::from_secs(20)).is_some());
+    for (base, dirs) in zygote_cgroups(&s) {
+        assert!(dirs.is_empty(), "{}: {dirs:?}", base.display());
+    }
+    let planted: Vec<_> = zygote_cgroups(&s)
+        .into_iter()
+        .filter(|(base, _)| !base.starts_with("/sys/fs/cgroup/unified"))
+        .map(|(base, _)| base.join("zygote-00000000deadbeef"))
+        .collect();
+    for d in &planted {
+        std::fs::create_dir(d).unwrap();
+    }
+    s.spawn().await;
+    for d in &planted {
+        assert!(!d.exists(), "{} was not swept", d.display());
+    }
+}
+
+/// The `zygote-*` cgroups under each cgroup base of this server (v2, and the v1 controllers
+/// in use), by base.
+fn zygote_cgroups(s: &Server) -> Vec<(std::path::PathBuf, Vec<String>)> {
+    let id = std::fs::read_to_string(s.data_dir().join("server-id")).unwrap();
+    [
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup/pids",
+    ]
+    .iter()
+    .map(|root| std::path::Path::new(root).join("cattery").join(id.trim()))
+    .filter(|base| base.is_dir())
+    .map(|base| {
+        let dirs = std::fs::read_dir(&base)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("zygote-"))
+            .collect();
+        (base, dirs)
+    })
+    .collect()
 }
 
 /// A bot that starts a thread at import is not forked: its sessions are spawned as before,

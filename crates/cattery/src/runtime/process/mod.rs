@@ -1301,6 +1301,7 @@ impl ProcessRuntime {
                 }
                 cgroup::remove(cg);
             }
+            self.remove_zygote_v1_cgroups(key);
             let _ = fs::remove_dir_all(&dirs.dir);
             if let (Some(pool), Some(u)) = (&self.isolation.uids, uid) {
                 pool.release(u);
@@ -1336,11 +1337,10 @@ impl ProcessRuntime {
             Ok(((), pid))
         });
         drop((child_ctl, out, err));
-        let InstanceCgroups { v2, v1, procs_fds } = cgs;
+        // The fork server sits in its v1 cgroups until it is retired, which removes them
+        // ([`Self::remove_zygote_v1_cgroups`]); its instances join their own before bot code.
+        let InstanceCgroups { v2, procs_fds, .. } = cgs;
         drop(procs_fds);
-        for d in &v1 {
-            cgroup::remove(d);
-        }
         let pid = match spawned {
             Ok(((), pid, _exit)) => pid,
             Err(e) => {
@@ -1390,13 +1390,24 @@ impl ProcessRuntime {
             }
             cgroup::remove(cg);
         }
+        self.remove_zygote_v1_cgroups(z.key);
         let _ = fs::remove_dir_all(&z.dir);
         if let (Some(pool), Some(u)) = (&self.isolation.uids, z.uid) {
             pool.release(u);
         }
     }
 
-    /// Removes the directories and cgroups of fork servers a previous run left behind.
+    /// Removes the v1 cgroups of the fork server with `key` once it is gone (they hold no
+    /// instance: a forked instance joins its own before it runs bot code). Blocking.
+    fn remove_zygote_v1_cgroups(&self, key: u64) {
+        let name = format!("zygote-{key:016x}");
+        for (_, base) in &self.cgroups.v1_bases {
+            cgroup::remove(&base.join(&name));
+        }
+    }
+
+    /// Removes the directories and cgroups of fork servers a previous run left behind (v1
+    /// ones too: runs before fork servers had only a v2 cgroup left them in v1).
     async fn sweep_zygotes(&self) {
         let live: HashSet<String> = self
             .zygotes
@@ -1412,18 +1423,28 @@ impl ProcessRuntime {
             .collect();
         let mut dirs = Vec::new();
         let mut cgroups = Vec::new();
-        for (base, is_cg) in std::iter::once((&self.instances_dir, false))
-            .chain(self.cgroups.v2_base.iter().map(|b| (b, true)))
-        {
+        // (base, what it holds): instance dirs, v2 cgroups (killed whole), v1 cgroups (their
+        // processes are the v2 ones', removed after them).
+        enum Kind {
+            Dir,
+            V2,
+            V1,
+        }
+        let bases = std::iter::once((&self.instances_dir, Kind::Dir))
+            .chain(self.cgroups.v2_base.iter().map(|b| (b, Kind::V2)))
+            .chain(self.cgroups.v1_bases.iter().map(|(_, b)| (b, Kind::V1)));
+        for (base, kind) in bases {
             let Ok(rd) = fs::read_dir(base) else { continue };
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name.starts_with("zygote-") && !live.contains(&name) {
-                    if is_cg {
-                        kill_cgroup(&e.path()).await;
-                        cgroups.push(e.path());
-                    } else {
-                        dirs.push(e.path());
+                    match kind {
+                        Kind::Dir => dirs.push(e.path()),
+                        Kind::V2 => {
+                            kill_cgroup(&e.path()).await;
+                            cgroups.push(e.path());
+                        }
+                        Kind::V1 => cgroups.push(e.path()),
                     }
                 }
             }
