@@ -46,7 +46,8 @@ pub fn test_agent() -> PathBuf {
 }
 
 /// A temporary directory other users may read (mode 0755): for bots and interpreters that
-/// instances, which run under uids of their own, must reach (`tempfile::tempdir` makes 0700).
+/// instances, which run under uids of their own, must reach (`tempfile::tempdir`'s mode
+/// depends on the umask and the crate's version: set it).
 pub fn open_tempdir() -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
     let d = tempfile::tempdir().unwrap();

@@ -457,6 +457,45 @@ async fn python_session_survives_a_control_plane_sigkill_and_completes() {
     s.wait_no_agent_pids(Duration::from_secs(10)).await;
 }
 
+/// A `local:` agent whose Python the instances' own uids cannot reach (here in a `0700`
+/// directory, as a pyenv under `/root` is) is reported at deploy time with the interpreter's
+/// path and the ways to choose another one.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_agent_with_a_python_instances_cannot_reach_says_which_and_how_to_change_it() {
+    if unsafe { libc::geteuid() } != 0 {
+        return; // Instances get uids of their own only when the server runs as root.
+    }
+    let s = server().await;
+    let private = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        private.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let py = private.path().join("python");
+    std::fs::write(
+        &py,
+        format!("#!/bin/sh\nexec {} \"$@\"\n", python().display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&py, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let spec = json!({"command": null, "image": example("session-status"), "python": py});
+    let a = s.deploy("hidden-python", &[], spec).await;
+    assert_eq!(a["ready"], false, "{a}");
+    let msg = a["errors"][0]["message"].as_str().unwrap_or("");
+    let shown = py.display().to_string();
+    assert!(
+        msg.contains(&format!("cannot reach the program {shown}")),
+        "{msg}"
+    );
+    assert!(msg.contains("does not let other users through"), "{msg}");
+    assert!(
+        msg.contains(&format!("the bot's Python is {shown}")),
+        "{msg}"
+    );
+    assert!(msg.contains("`.venv`") && msg.contains("--python"), "{msg}");
+}
+
 /// A `local:` agent whose Python lacks the runner's dependencies is reported at deploy time.
 #[tokio::test(flavor = "multi_thread")]
 async fn local_agent_without_runner_dependencies_is_not_ready_at_deploy() {

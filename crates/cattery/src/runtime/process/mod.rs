@@ -176,7 +176,8 @@ impl ProcessRuntime {
                 isolation::reachable_by_others(Path::new(d), true)
                     .map_err(|e| unreachable("working directory", e))?;
             }
-            isolation::reachable_by_others(&path, false).map_err(|e| unreachable("program", e))?;
+            isolation::reachable_by_others(&path, false)
+                .map_err(|e| unreachable(&format!("program {}", path.display()), e))?;
         }
         Ok(())
     }
@@ -742,15 +743,25 @@ impl Runtime for ProcessRuntime {
             Err(e) => return Some(e),
         };
         let wd = p.working_dir.as_ref().and_then(|p| p.to_str());
-        if let Err(e) = self.check_program(&p.program, wd) {
-            return Some(e);
-        }
         let local = dep.spec.command.is_none()
             && dep
                 .spec
                 .image
                 .as_deref()
                 .is_some_and(|i| i.starts_with("local:"));
+        if let Err(e) = self.check_program(&p.program, wd) {
+            // For a `local:` bot the program is the Python chosen for it: say how to choose
+            // another.
+            return Some(if local {
+                format!(
+                    "{e}; the bot's Python is {}: choose another with the agent's `python` \
+                     field, a `.venv` in the bot directory, or --python (docs/python-runner.md)",
+                    p.program
+                )
+            } else {
+                e
+            });
+        }
         if local {
             return self.python.deps_missing(&p.program);
         }
