@@ -146,8 +146,9 @@ async fn alive_owner(
 /// path, query, headers with the caller's key, and body) plus the cluster secret, and streams
 /// its answer back. The owner serves it from its instance and never forwards it again.
 /// While it waits for the answer's head, it checks every [`OWNER_CHECK`] that the owner is
-/// alive: an owner that froze or lost its machine is declared dead after the node timeout,
-/// and the request ends then (a dead peer's TCP connection could hang for many minutes).
+/// alive (`Supervisor::owner_dead`): an owner that froze or lost its machine is declared dead
+/// after the node timeout, and the request ends then (a dead peer's TCP connection could hang
+/// for many minutes).
 /// Errors: 503 `NODE_UNREACHABLE` when the owner is not alive (before or while the request
 /// waits), has no advertise URL, or this node has no cluster secret; 502 when it does not
 /// answer.
@@ -190,7 +191,7 @@ async fn to_owner(st: &AppState, owner: &str, id: Uuid, req: Request) -> ApiResu
         tokio::select! {
             r = &mut sent => break r,
             () = tokio::time::sleep(OWNER_CHECK) => {
-                if alive_owner(st, owner).await?.is_none() {
+                if st.sup.owner_dead(owner).await {
                     return Err(unreachable("which stopped answering and is no longer alive"));
                 }
             }

@@ -295,10 +295,9 @@ impl Supervisor {
     }
 
     /// Sends a stop to node `owner` at `url` and waits for its answer while the owner stays
-    /// alive: every second the store's node list says whether its heartbeat is still within
-    /// the node timeout. `None`: it is not (an owner that froze, or lost its machine, after
-    /// it took the request would otherwise hold the stop for as long as its TCP connection
-    /// lasts); the caller then takes it over.
+    /// alive ([`Supervisor::owner_dead`], every [`OWNER_CHECK`]). `None`: it is dead (an
+    /// owner that froze, or lost its machine, after it took the request would otherwise hold
+    /// the stop for as long as its TCP connection lasts); the caller then takes it over.
     async fn stop_at_live_owner(
         &self,
         peers: &Arc<dyn super::Peers>,
@@ -306,20 +305,39 @@ impl Supervisor {
         owner: &str,
         session: Uuid,
     ) -> CoreResult<Option<Result<PeerStop, String>>> {
-        let timeout_ms = i64::try_from(self.cfg.node_timeout.as_millis()).unwrap_or(i64::MAX);
         let sent = peers.stop(url, session);
         tokio::pin!(sent);
         loop {
             tokio::select! {
                 r = &mut sent => return Ok(Some(r)),
                 () = tokio::time::sleep(OWNER_CHECK) => {
-                    let nodes = self.store.list_nodes().await?;
-                    self.remember_nodes(&nodes);
-                    let stale_ms = now_ms() - timeout_ms;
-                    if !nodes.iter().any(|n| n.id == owner && n.heartbeat_ms > stale_ms) {
+                    if self.owner_dead(owner).await {
                         return Ok(None);
                     }
                 }
+            }
+        }
+    }
+
+    /// Whether node `owner`, which has a forwarded call in hand, is known dead: its heartbeat
+    /// is older than the node timeout in the node list seen (refreshed every heartbeat period)
+    /// and in the store's. A store that cannot be read says nothing: the call waits on (a
+    /// database outage must not fail calls the owner is still answering).
+    pub async fn owner_dead(&self, owner: &str) -> bool {
+        let timeout_ms = i64::try_from(self.cfg.node_timeout.as_millis()).unwrap_or(i64::MAX);
+        let alive = |n: &crate::store::NodeRecord| n.heartbeat_ms > now_ms() - timeout_ms;
+        if self.node_seen(owner).is_some_and(|n| alive(&n)) {
+            return false;
+        }
+        match self.store.list_nodes().await {
+            Ok(nodes) => {
+                self.remember_nodes(&nodes);
+                !nodes.iter().any(|n| n.id == owner && alive(n))
+            }
+            Err(e) => {
+                tracing::warn!(node = %owner, error = %e,
+                    "cannot read the node list; waiting on for the owner's answer");
+                false
             }
         }
     }
