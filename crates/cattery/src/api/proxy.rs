@@ -110,38 +110,6 @@ async fn forward(
 /// that the owner is still alive.
 const OWNER_CHECK: Duration = Duration::from_secs(1);
 
-/// Owner `owner`'s status if it is alive: from the node list this node read in its last
-/// heartbeat period, as forwarded stops use it (a node alive there is alive in the store
-/// too); from the store only when the owner is not alive and reachable there.
-async fn alive_owner(
-    st: &AppState,
-    owner: &str,
-) -> ApiResult<Option<crate::core::cluster::NodeStatus>> {
-    let status_of = |n: crate::store::NodeRecord| {
-        crate::core::cluster::statuses(&st.node, vec![n], crate::model::now_ms())
-            .pop()
-            .filter(|s| s.alive)
-    };
-    let cached = st
-        .sup
-        .node_seen(owner)
-        .and_then(status_of)
-        .filter(|s| s.advertise_url.is_some());
-    if cached.is_some() {
-        return Ok(cached);
-    }
-    let nodes = st
-        .store
-        .list_nodes()
-        .await
-        .map_err(crate::core::CoreError::from)?;
-    st.sup.remember_nodes(&nodes);
-    Ok(nodes
-        .into_iter()
-        .find(|n| n.id == owner)
-        .and_then(status_of))
-}
-
 /// Sends a proxied request for another node's session to that node, unchanged (its own
 /// path, query, headers with the caller's key, and body) plus the cluster secret, and streams
 /// its answer back. The owner serves it from its instance and never forwards it again.
@@ -160,7 +128,7 @@ async fn to_owner(st: &AppState, owner: &str, id: Uuid, req: Request) -> ApiResu
             format!("session {id} runs on node {owner}, {why}"),
         )
     };
-    let Some(node) = alive_owner(st, owner).await? else {
+    let Some(node) = st.sup.live_node(owner).await? else {
         return Err(unreachable("which is not alive"));
     };
     let (Some(url), Some(secret)) = (node.advertise_url, st.node.secret.as_ref()) else {

@@ -319,21 +319,28 @@ impl Supervisor {
         }
     }
 
-    /// Whether node `owner`, which has a forwarded call in hand, is known dead: its heartbeat
-    /// is older than the node timeout in the node list seen (refreshed every heartbeat period)
-    /// and in the store's. A store that cannot be read says nothing: the call waits on (a
-    /// database outage must not fail calls the owner is still answering).
-    pub async fn owner_dead(&self, owner: &str) -> bool {
+    /// Node `id` if it is alive (its heartbeat within the node timeout) and has an advertise
+    /// URL: from the node list seen (refreshed every heartbeat period; a node alive there is
+    /// alive in the store too), else from the store's list, which is then remembered.
+    pub async fn live_node(&self, id: &str) -> CoreResult<Option<crate::store::NodeRecord>> {
         let timeout_ms = i64::try_from(self.cfg.node_timeout.as_millis()).unwrap_or(i64::MAX);
-        let alive = |n: &crate::store::NodeRecord| n.heartbeat_ms > now_ms() - timeout_ms;
-        if self.node_seen(owner).is_some_and(|n| alive(&n)) {
-            return false;
+        let live = |n: &crate::store::NodeRecord| n.heartbeat_ms > now_ms() - timeout_ms;
+        let usable = |n: &crate::store::NodeRecord| live(n) && n.advertise_url.is_some();
+        if let Some(n) = self.node_seen(id).filter(usable) {
+            return Ok(Some(n));
         }
-        match self.store.list_nodes().await {
-            Ok(nodes) => {
-                self.remember_nodes(&nodes);
-                !nodes.iter().any(|n| n.id == owner && alive(n))
-            }
+        let nodes = self.store.list_nodes().await?;
+        self.remember_nodes(&nodes);
+        Ok(nodes.into_iter().find(|n| n.id == id && live(n)))
+    }
+
+    /// Whether node `owner`, which has a forwarded call in hand, is known dead
+    /// ([`Supervisor::live_node`] finds it nowhere alive). A store that cannot be read says
+    /// nothing: the call waits on (a database outage must not fail calls the owner is still
+    /// answering).
+    pub async fn owner_dead(&self, owner: &str) -> bool {
+        match self.live_node(owner).await {
+            Ok(n) => n.is_none(),
             Err(e) => {
                 tracing::warn!(node = %owner, error = %e,
                     "cannot read the node list; waiting on for the owner's answer");

@@ -628,6 +628,11 @@ struct InstanceSetup {
 
 /// Kills every process of a v2 cgroup (`cgroup.kill`) in `block_in_place`: the write waits
 /// for the kernel's `cgroup_mutex` (see [`remove_instance_files`]).
+/// The name of the directory and cgroups of the fork server with `key`.
+fn zygote_name(key: u64) -> String {
+    format!("zygote-{key:016x}")
+}
+
 async fn kill_cgroup(dir: &Path) {
     let _ = tokio::task::block_in_place(|| cgroup::kill_all(dir));
 }
@@ -1276,7 +1281,7 @@ impl ProcessRuntime {
     /// Starts a fork server for `spec`'s agent and waits until it has imported the bot.
     /// Blocking (an import takes most of a second).
     fn start_zygote(&self, key: u64, spec: &InstanceSpec) -> Started {
-        let name = format!("zygote-{key:016x}");
+        let name = zygote_name(key);
         let dirs = InstanceDirs::at(self.instances_dir.join(&name));
         let _ = fs::remove_dir_all(&dirs.dir);
         if let Some(d) = self.cgroups.v2_base.as_ref().map(|b| b.join(&name)) {
@@ -1411,7 +1416,7 @@ impl ProcessRuntime {
     /// Removes the v1 cgroups of the fork server with `key` once it is gone (they hold no
     /// instance: a forked instance joins its own before it runs bot code). Blocking.
     fn remove_zygote_v1_cgroups(&self, key: u64) {
-        let name = format!("zygote-{key:016x}");
+        let name = zygote_name(key);
         for (_, base) in &self.cgroups.v1_bases {
             cgroup::remove(&base.join(&name));
         }
@@ -1425,12 +1430,7 @@ impl ProcessRuntime {
             .by_agent
             .lock()
             .values()
-            .filter_map(|s| {
-                s.lock()
-                    .live
-                    .as_ref()
-                    .map(|z| format!("zygote-{:016x}", z.key))
-            })
+            .filter_map(|s| s.lock().live.as_ref().map(|z| zygote_name(z.key)))
             .collect();
         let mut dirs = Vec::new();
         let mut cgroups = Vec::new();
