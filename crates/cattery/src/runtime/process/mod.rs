@@ -626,13 +626,13 @@ struct InstanceSetup {
     out: Option<(OwnedFd, OwnedFd)>,
 }
 
-/// Kills every process of a v2 cgroup (`cgroup.kill`) in `block_in_place`: the write waits
-/// for the kernel's `cgroup_mutex` (see [`remove_instance_files`]).
 /// The name of the directory and cgroups of the fork server with `key`.
 fn zygote_name(key: u64) -> String {
     format!("zygote-{key:016x}")
 }
 
+/// Kills every process of a v2 cgroup (`cgroup.kill`) in `block_in_place`: the write waits
+/// for the kernel's `cgroup_mutex` (see [`remove_instance_files`]).
 async fn kill_cgroup(dir: &Path) {
     let _ = tokio::task::block_in_place(|| cgroup::kill_all(dir));
 }
