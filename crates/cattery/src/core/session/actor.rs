@@ -527,7 +527,7 @@ async fn wait_ready(
                 );
             }
         }
-        tokio::time::sleep(next_ready_poll(began.elapsed())).await;
+        tokio::time::sleep(next_ready_poll(began.elapsed(), ctl.promised())).await;
     }
 }
 

@@ -76,10 +76,24 @@ pub const FIRST_READY_POLL: Duration = Duration::from_millis(1);
 /// of the start's length until the flat [`READY_POLL`] (about 200 for a 700 ms Python bot,
 /// each a refused connect or a short `GET` on loopback).
 pub const READY_POLL_SHARE: u32 = 40;
+/// The same three for an instance a session waits for (a cold start, or a warm instance
+/// claimed while it starts): its readiness unseen for at most 1 % of its start and 2 ms, since
+/// every moment of it is the caller's. A warm pool's refill, which nobody waits for, keeps the
+/// sparser schedule above (its polls are a churn's CPU).
+pub const WAITED_FIRST_READY_POLL: Duration = Duration::from_micros(500);
+/// See [`WAITED_FIRST_READY_POLL`].
+pub const WAITED_READY_POLL: Duration = Duration::from_millis(2);
+/// See [`WAITED_FIRST_READY_POLL`].
+pub const WAITED_READY_POLL_SHARE: u32 = 100;
 
-/// The wait before the next `/readyz` poll of an instance starting for `elapsed`.
-pub fn next_ready_poll(elapsed: Duration) -> Duration {
-    (elapsed / READY_POLL_SHARE).clamp(FIRST_READY_POLL, READY_POLL)
+/// The wait before the next `/readyz` poll of an instance starting for `elapsed`; `waited`:
+/// whether a session waits for it.
+pub fn next_ready_poll(elapsed: Duration, waited: bool) -> Duration {
+    if waited {
+        (elapsed / WAITED_READY_POLL_SHARE).clamp(WAITED_FIRST_READY_POLL, WAITED_READY_POLL)
+    } else {
+        (elapsed / READY_POLL_SHARE).clamp(FIRST_READY_POLL, READY_POLL)
+    }
 }
 
 /// How often an idle warm instance's `/readyz` is checked; a non-200 answer replaces it.
