@@ -76,13 +76,14 @@ pub const FIRST_READY_POLL: Duration = Duration::from_millis(1);
 /// of the start's length until the flat [`READY_POLL`] (about 200 for a 700 ms Python bot,
 /// each a refused connect or a short `GET` on loopback).
 pub const READY_POLL_SHARE: u32 = 40;
-/// The same three for an instance a session waits for (a cold start, or a warm instance
-/// claimed while it starts): its readiness unseen for at most 1 % of its start and 2 ms, since
-/// every moment of it is the caller's. A warm pool's refill, which nobody waits for, keeps the
+/// The same for an instance a session waits for (a cold start, or a warm instance claimed
+/// while it starts): polled every 0.5 ms at first, then every 1/`WAITED_READY_POLL_SHARE` of
+/// its time (its readiness unseen for at most 1 % of its start: 1 ms at 100 ms), at most
+/// every [`READY_POLL`], since every moment of it is the caller's. The same bound of 5 ms keeps
+/// a burst of slow starts (Python bots on a busy machine, each taking seconds) from spending
+/// the cores they share on polls. A warm pool's refill, which nobody waits for, keeps the
 /// sparser schedule above (its polls are a churn's CPU).
 pub const WAITED_FIRST_READY_POLL: Duration = Duration::from_micros(500);
-/// See [`WAITED_FIRST_READY_POLL`].
-pub const WAITED_READY_POLL: Duration = Duration::from_millis(2);
 /// See [`WAITED_FIRST_READY_POLL`].
 pub const WAITED_READY_POLL_SHARE: u32 = 100;
 
@@ -90,7 +91,7 @@ pub const WAITED_READY_POLL_SHARE: u32 = 100;
 /// whether a session waits for it.
 pub fn next_ready_poll(elapsed: Duration, waited: bool) -> Duration {
     if waited {
-        (elapsed / WAITED_READY_POLL_SHARE).clamp(WAITED_FIRST_READY_POLL, WAITED_READY_POLL)
+        (elapsed / WAITED_READY_POLL_SHARE).clamp(WAITED_FIRST_READY_POLL, READY_POLL)
     } else {
         (elapsed / READY_POLL_SHARE).clamp(FIRST_READY_POLL, READY_POLL)
     }
