@@ -394,3 +394,17 @@ async fn the_wal_is_restarted_under_a_steady_stream_of_writes() {
         "WAL grew to {size} bytes over {n} writes"
     );
 }
+
+/// No connection maps the database file: in WAL mode a mapped connection unmaps and maps the
+/// whole file again at its first read after another connection's commit, which under steady
+/// writes is every API request's key check (docs/performance.md, "A quiet machine").
+#[test]
+fn connections_do_not_map_the_database_file() {
+    use super::conn::{Conn, Mode};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    for mode in [Mode::Write, Mode::Read, Mode::Checkpoint] {
+        let mut c = Conn::open(&path, mode, "-1024").unwrap();
+        assert_eq!(c.query_int("PRAGMA mmap_size", &[]).unwrap(), 0);
+    }
+}
