@@ -185,7 +185,9 @@ EOF
 # (bind mounts are not committed). pip's own HTTP cache does not help on machines whose proxy
 # strips the Cache-Control headers of PyPI's files, so the wheels are kept explicitly: install
 # offline from the wheelhouse, and only when that fails (first run, or a new version wanted)
-# download the missing wheels into it with `pip wheel` and install offline again. The machine's
+# download the missing wheels into it with `pip wheel` and install offline again (`wheel` goes
+# into the venv first: Debian's venv has none, and without it pip cannot build the wheel of a
+# package published only as a `setup.py` source archive, such as docopt). The machine's
 # CA bundle is copied in and PIP_CERT points at it: on machines whose egress goes through a
 # TLS-inspecting proxy, the proxy's CA is only in that bundle, and pip (which uses certifi by
 # default) fails without it. The same holds for `pip install` in a bot's Dockerfile later.
@@ -205,6 +207,7 @@ build_pipecat_venv() {
     "$ROOTFS_IMAGE" sh -ec "python3 -m venv /opt/venv
       if ! $pip install -q $offline $pkgs 2>/dev/null; then
         echo 'wheelhouse incomplete: downloading'
+        $pip install -q wheel
         $pip wheel -q -w /wheels --find-links /wheels $pkgs
         $pip install -q $offline $pkgs
       fi" >/dev/null
