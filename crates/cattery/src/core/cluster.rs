@@ -239,7 +239,9 @@ impl crate::core::session::Peers for HttpPeers {
 /// Watches the other nodes until the returned handle is aborted: every heartbeat interval,
 /// each node whose last heartbeat is older than the timeout is taken over
 /// (`Supervisor::take_over`; the store lets one node at a time do it). A dead node is tried
-/// once per heartbeat it left (a node that is dead does not gain records).
+/// once per heartbeat it left (a node that is dead does not gain records). Nothing is taken
+/// over while this node cannot read the node list or is fenced, nor until a whole timeout
+/// after it last could not ([`may_take_over`]).
 pub fn spawn_watch(
     store: Arc<dyn Store>,
     sup: std::sync::Weak<crate::core::session::Supervisor>,
@@ -250,12 +252,22 @@ pub fn spawn_watch(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let timeout_ms = i64::try_from(me.timeout.as_millis()).unwrap_or(i64::MAX);
         let mut done: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+        let mut healthy_since: Option<std::time::Instant> = None;
         loop {
             tick.tick().await;
             let Some(sup) = sup.upgrade() else { break };
             let Ok(nodes) = store.list_nodes().await else {
+                healthy_since = None;
                 continue;
             };
+            if sup.is_fenced() {
+                healthy_since = None;
+                continue;
+            }
+            let since = *healthy_since.get_or_insert_with(std::time::Instant::now);
+            if !may_take_over(since, std::time::Instant::now(), me.timeout) {
+                continue;
+            }
             let stale_ms = now_ms() - timeout_ms;
             for n in nodes {
                 if n.id == me.id
@@ -275,6 +287,22 @@ pub fn spawn_watch(
             }
         }
     })
+}
+
+/// Whether a node that has reached the store and recorded its own heartbeats without a gap
+/// since `since` may take over dead nodes at `now`: only after a whole node `timeout` of it.
+/// After a database outage longer than the timeout every node's last heartbeat is stale, the
+/// living ones' too, and each needs a heartbeat interval or two to record a new one; a node
+/// still stale a whole timeout after this one got the store back is dead, one that is not
+/// lives. Without this, the first node back took the others over and ended their live
+/// sessions `lost`. A node that is really lost during an outage is taken over one timeout
+/// later than otherwise.
+pub fn may_take_over(
+    since: std::time::Instant,
+    now: std::time::Instant,
+    timeout: Duration,
+) -> bool {
+    now.saturating_duration_since(since) >= timeout
 }
 
 /// Heartbeats until the returned handle is aborted: the first at once, then every
@@ -389,5 +417,17 @@ mod tests {
     #[test]
     fn heartbeats_come_five_times_per_timeout() {
         assert_eq!(me().heartbeat_every(), Duration::from_secs(2));
+    }
+
+    /// A node takes others over only once it has had the store for a whole node timeout: the
+    /// live nodes' heartbeats, stale after a database outage, have had time to come back.
+    #[test]
+    fn no_takeover_until_a_whole_timeout_after_the_store_came_back() {
+        let t = Duration::from_secs(10);
+        let since = std::time::Instant::now();
+        assert!(!may_take_over(since, since, t));
+        assert!(!may_take_over(since, since + Duration::from_secs(9), t));
+        assert!(may_take_over(since, since + t, t));
+        assert!(may_take_over(since, since + Duration::from_secs(60), t));
     }
 }

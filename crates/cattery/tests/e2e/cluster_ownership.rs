@@ -585,6 +585,57 @@ async fn a_lone_node_cut_off_from_its_database_keeps_its_sessions() {
     assert!(!pid_alive(pid));
 }
 
+/// Two live nodes cut off from their database together, for longer than the node timeout:
+/// once it is back, neither takes the other over (both lived all along; their heartbeats were
+/// stale only because nobody could write one), so both sessions run on and stop normally.
+#[tokio::test(flavor = "multi_thread")]
+async fn live_nodes_cut_off_from_their_database_together_take_nothing_over() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let cluster = start_nodes(&pg, 2, "2", &[], ("both", json!({}))).await;
+    let nodes = &cluster.nodes;
+    let mut sessions = Vec::new();
+    for n in nodes {
+        let sid = n.start_ok("both").await;
+        let (st, info) = session_pid(n, "both", &sid).await;
+        assert_eq!(st, 200, "{info}");
+        sessions.push((sid, info["pid"].as_i64().unwrap() as i32));
+    }
+    pg.pg_stop();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    pg.pg_start();
+    for n in nodes {
+        let probe = wait_for(
+            Duration::from_secs(30),
+            "each node to take a new session after the outage",
+            || async {
+                let r = n.start_session("both", json!({})).await;
+                if r.status == 200 {
+                    return Some(r.body["sessionId"].as_str().unwrap().to_string());
+                }
+                assert_eq!(r.status, 503, "{:?}", r.body);
+                None
+            },
+        )
+        .await;
+        assert_eq!(n.stop("both", &probe).await.status, 200);
+    }
+    // Two and a half node timeouts more: long enough for a takeover to have happened.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for (sid, pid) in &sessions {
+        let s = nodes[0].session("both", sid).await;
+        assert!(s["endedAt"].is_null(), "a live node's session ended: {s}");
+        assert!(pid_alive(*pid), "a live node's session lost its process");
+    }
+    for (i, (sid, pid)) in sessions.iter().enumerate() {
+        let r = nodes[1 - i].stop("both", sid).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(nodes[i].session("both", sid).await["endReason"], "stopped");
+        assert!(!pid_alive(*pid));
+    }
+}
+
 /// What a load balancer polls: `/ready` answers 200 while the node takes new sessions and 503
 /// `DRAINING` from the start of its drain, while `/health` (liveness) stays 200 and the
 /// draining node's session is still stoppable.

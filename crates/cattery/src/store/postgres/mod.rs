@@ -9,8 +9,9 @@
 //!
 //! Faults: a database that cannot be reached (down, restarting, network) makes calls fail
 //! with [`StoreError::Unavailable`] after at most [`ACQUIRE_TIMEOUT`]; a connection broken by a
-//! restart fails its next statement (also `Unavailable`) and is closed by the pool, so the
-//! store heals by itself once the database answers again. A full disk (`53100`) is [`StoreError::Full`].
+//! restart fails its next statement (also `Unavailable`) and is closed by the pool, unless it
+//! sat idle for [`PING_IF_IDLE_FOR`] (then a ping finds it broken first), so the store heals
+//! by itself once the database answers again. A full disk (`53100`) is [`StoreError::Full`].
 
 mod agents;
 mod builds;
@@ -34,6 +35,8 @@ use super::{StoreError, StoreResult};
 /// Longest wait for a connection (the database down: the call fails with `Unavailable`).
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default pool size per node (`--database-pool-size`).
+/// A pooled connection idle for this long is pinged before use (see `open`).
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 pub const DEFAULT_POOL_SIZE: u32 = 16;
 
 /// PostgreSQL-backed [`super::Store`]. Cheap to clone: clones share the pool.
@@ -153,6 +156,16 @@ impl PgStore {
             // a connection broken by a database restart fails its next statement instead, is
             // closed by the pool, and the call answers 503 like any other while it heals.
             .test_before_acquire(false)
+            // ...except a connection idle for a while: a database restart breaks every pooled
+            // connection, and an idle node (a heartbeat every few seconds) would otherwise fail
+            // one call per broken connection, for longer than the node timeout, and be taken
+            // over although it lives. A busy path reuses its connections within milliseconds.
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    use sqlx::Connection;
+                    Ok(meta.idle_for < PING_IF_IDLE_FOR || conn.ping().await.is_ok())
+                })
+            })
             .idle_timeout(Some(Duration::from_secs(300)))
             .connect_with(opts)
             .await?;
