@@ -403,10 +403,12 @@ fn node_identity(
 /// a node that restarts within the timeout is never taken over while it re-adopts, and one
 /// that was taken over sees what it lost, since the store makes its heartbeat wait for a
 /// takeover in progress), the recovery, and the watch over the other nodes. Returns the
-/// heartbeat and watch tasks.
+/// heartbeat and watch tasks. On a shared database, first refuses an id another live node
+/// uses at another address (`core::cluster::id_in_use`).
 async fn join_cluster(
     store: &Arc<dyn Store>,
     state: &AppState,
+    shared_store: bool,
 ) -> anyhow::Result<(
     tokio::task::JoinHandle<()>,
     tokio::task::JoinHandle<()>,
@@ -417,6 +419,15 @@ async fn join_cluster(
         sup.set_peers(Arc::new(crate::core::cluster::HttpPeers::new(
             secret.clone(),
         )));
+    }
+    // Only a shared database can have another live node with this id (SQLite's data dir is
+    // locked to one server).
+    if shared_store {
+        let nodes = store.list_nodes().await.context("reading the node list")?;
+        let now = crate::model::now_ms();
+        if let Some(why) = crate::core::cluster::id_in_use(&state.node, &nodes, now) {
+            anyhow::bail!(why);
+        }
     }
     let heartbeats = crate::core::cluster::spawn_heartbeats(
         store.clone(),
@@ -528,7 +539,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .load()
         .await
         .context("reading the webhook endpoints")?;
-    let (heartbeats, watch, shared) = join_cluster(&store, &state).await?;
+    let shared_store = config.store.database_url.is_some();
+    let (heartbeats, watch, shared) = join_cluster(&store, &state, shared_store).await?;
     start_builds(&state, built.docker.as_ref(), &config).await?;
     let node = state.node.clone();
     let app = api::cors::wrap(api::router(state), &config.web);

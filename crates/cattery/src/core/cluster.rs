@@ -305,6 +305,33 @@ pub fn may_take_over(
     now.saturating_duration_since(since) >= timeout
 }
 
+/// Why this node may not start with its id: another live node (its heartbeat within the
+/// node timeout) already uses it at another address. Two processes with one node id would
+/// each take the other's records for their own (the second "re-adopts" the first's sessions,
+/// and a stop forwarded to it kills the first's process). A restart of the same node (same
+/// `--advertise-url`: two live processes cannot both serve one address) is not a conflict,
+/// nor is a node that left (heartbeat 0). `None`: the id is free.
+pub fn id_in_use(me: &NodeIdentity, nodes: &[NodeRecord], now: i64) -> Option<String> {
+    let timeout_ms = i64::try_from(me.timeout.as_millis()).unwrap_or(i64::MAX);
+    let n = nodes.iter().find(|n| n.id == me.id)?;
+    let age = now.saturating_sub(n.heartbeat_ms);
+    if n.heartbeat_ms == 0 || age > timeout_ms || n.advertise_url == me.advertise_url {
+        return None;
+    }
+    Some(format!(
+        "node id {} is in use by a live node at {} (its last heartbeat {} ms ago); give every \
+         node its own --node-id (or none: each data dir then has its own). If that was this \
+         node with another --advertise-url, start it again once its last heartbeat is older \
+         than the node timeout ({} s)",
+        me.id,
+        n.advertise_url
+            .as_deref()
+            .unwrap_or("an address it did not advertise"),
+        age.max(0),
+        me.timeout.as_secs_f64()
+    ))
+}
+
 /// Heartbeats until the returned handle is aborted: the first at once, then every
 /// [`NodeIdentity::heartbeat_every`], with the engine's live and busy instance counts. A failed
 /// heartbeat (the database down) is logged and retried at the next tick. Each heartbeat the
@@ -417,6 +444,37 @@ mod tests {
     #[test]
     fn heartbeats_come_five_times_per_timeout() {
         assert_eq!(me().heartbeat_every(), Duration::from_secs(2));
+    }
+
+    /// A second process with a live node's id and another address is refused; a restart of
+    /// the same node (same address), a node that left, or one dead for the timeout is not.
+    #[test]
+    fn a_live_nodes_id_at_another_address_is_in_use() {
+        let mut me = me();
+        me.advertise_url = Some("http://10.0.0.2:7860".into());
+        let now = 1_000_000;
+        let rec = |url: Option<&str>, hb: i64| NodeRecord {
+            id: me.id.clone(),
+            advertise_url: url.map(str::to_string),
+            version: String::new(),
+            started_ms: 0,
+            heartbeat_ms: hb,
+            instances: 0,
+            busy: 0,
+        };
+        let other = Some("http://10.0.0.1:7860");
+        let err = id_in_use(&me, &[rec(other, now - 500)], now).unwrap();
+        assert!(
+            err.contains("is in use by a live node at http://10.0.0.1:7860"),
+            "{err}"
+        );
+        assert!(id_in_use(&me, &[rec(Some("http://10.0.0.2:7860"), now - 500)], now).is_none());
+        assert!(id_in_use(&me, &[rec(other, 0)], now).is_none());
+        assert!(id_in_use(&me, &[rec(other, now - 10_001)], now).is_none());
+        assert!(id_in_use(&me, &[], now).is_none());
+        let mut stranger = rec(other, now);
+        stranger.id = "someone-else".into();
+        assert!(id_in_use(&me, &[stranger], now).is_none());
     }
 
     /// A node takes others over only once it has had the store for a whole node timeout: the

@@ -636,6 +636,69 @@ async fn live_nodes_cut_off_from_their_database_together_take_nothing_over() {
     }
 }
 
+/// A second `cattery serve` with a live node's `--node-id` and another address is refused at
+/// start, naming the node and its address, and the live node's session is untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_with_a_live_nodes_id_is_refused() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let cluster = start_nodes(&pg, 1, "10", &[], ("dup", json!({}))).await;
+    let n1 = &cluster.nodes[0];
+    let sid = n1.start_ok("dup").await;
+    let (st, info) = session_pid(n1, "dup", &sid).await;
+    assert_eq!(st, 200, "{info}");
+    let pid = info["pid"].as_i64().unwrap() as i32;
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::common::free_port();
+    let mut child = std::process::Command::new(crate::common::cattery_bin())
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .args([
+            "--node-id",
+            "n1",
+            "--advertise-url",
+            &format!("http://127.0.0.1:{port}"),
+        ])
+        .env("CATTERY_DATABASE_URL", pg.url())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let began = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if began.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("a second node n1 started (it should have been refused)");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains(&format!(
+            "node id n1 is in use by a live node at {}",
+            n1.base
+        )),
+        "{err}"
+    );
+    assert!(pid_alive(pid));
+    let s = n1.session("dup", &sid).await;
+    assert!(s["endedAt"].is_null(), "{s}");
+    assert_eq!(n1.stop("dup", &sid).await.status, 200);
+    assert_eq!(n1.session("dup", &sid).await["endReason"], "stopped");
+}
+
 /// What a load balancer polls: `/ready` answers 200 while the node takes new sessions and 503
 /// `DRAINING` from the start of its drain, while `/health` (liveness) stays 200 and the
 /// draining node's session is still stoppable.
