@@ -234,6 +234,9 @@ pub struct Supervisor {
     secrets: Arc<dyn SecretSource>,
     /// Ends the store has not accepted yet, written again until it does.
     pending_ends: pending::PendingEnds,
+    /// Sessions of a lost node this node took over and is ending `lost` or adopting: a stop
+    /// that reaches one meanwhile waits for that, instead of recording a vaguer end.
+    taking_over: Mutex<std::collections::HashSet<Uuid>>,
     /// `(org, session)` each time a session's record changes: stored, delivered, ended
     /// ([`Supervisor::session_changes`]).
     changes: broadcast::Sender<(String, Uuid)>,
@@ -306,6 +309,7 @@ impl Supervisor {
             live: watch::channel(0).0,
             secrets,
             pending_ends: pending::PendingEnds::default(),
+            taking_over: Mutex::default(),
             changes: broadcast::channel(SESSION_CHANGES_BUFFER).0,
             end_hooks: Mutex::new(HashMap::new()),
             peers: std::sync::OnceLock::new(),

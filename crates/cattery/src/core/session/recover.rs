@@ -103,6 +103,9 @@ impl Supervisor {
         else {
             return Ok(None);
         };
+        // A stop of one of these sessions that reaches this node before its end (or adoption)
+        // is written waits for it (`Supervisor::stop_here`).
+        let _guard = TakingOver::new(self, taken.sessions.iter().map(|s| s.id));
         // Slots the dead node reserved for instances it never recorded (it died between the
         // two) are freed here; those of its recorded instances go with their records below.
         self.store.release_orphan_slots(dead, &[]).await?;
@@ -139,6 +142,11 @@ impl Supervisor {
             "took over a node that stopped heartbeating");
         self.publish_live(&self.state.lock());
         Ok(Some(taken.sessions.len()))
+    }
+
+    /// Whether this node is ending (or adopting) `session` in a takeover of its lost node.
+    pub(super) fn taking_over(&self, session: Uuid) -> bool {
+        self.taking_over.lock().contains(&session)
     }
 
     /// Records the end of an open session whose node was lost with its instance.
@@ -409,5 +417,28 @@ impl Supervisor {
         self.pending_ends
             .all_committed(super::pending::STOP_COMMIT_WAIT)
             .await;
+    }
+}
+
+/// The sessions of one takeover, registered in [`Supervisor::taking_over`] while it runs.
+struct TakingOver<'a> {
+    sup: &'a Supervisor,
+    ids: Vec<Uuid>,
+}
+
+impl<'a> TakingOver<'a> {
+    fn new(sup: &'a Supervisor, ids: impl Iterator<Item = Uuid>) -> Self {
+        let ids: Vec<Uuid> = ids.collect();
+        sup.taking_over.lock().extend(ids.iter().copied());
+        TakingOver { sup, ids }
+    }
+}
+
+impl Drop for TakingOver<'_> {
+    fn drop(&mut self) {
+        let mut m = self.sup.taking_over.lock();
+        for id in &self.ids {
+            m.remove(id);
+        }
     }
 }

@@ -17,6 +17,10 @@ use crate::model::{now_ms, EndReason, SessionEnd};
 /// the owner still heartbeats.
 const OWNER_CHECK: Duration = Duration::from_secs(1);
 
+/// How long a stop waits for this node's takeover of the session's lost node to end or adopt
+/// it (a takeover writes its ends right after it took the records over).
+const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
+
 /// Whether a websocket token may still be stored for the session: only for a websocket
 /// session that `/start` announced and no client has started (a start records `coldStart`
 /// after the token is taken, and a live session's token was taken before it started).
@@ -142,6 +146,12 @@ impl Supervisor {
         session: Uuid,
         waiting: bool,
     ) -> CoreResult<()> {
+        // Taken over from a lost node by this node a moment ago: its end (`lost`, naming the
+        // node) or its adoption is being written; wait for it rather than record a vaguer end.
+        let began = std::time::Instant::now();
+        while self.taking_over(session) && began.elapsed() < TAKEOVER_WAIT {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let ctl = self.state.lock().sessions.get(&session).cloned();
         match ctl {
             Some(ctl) => stop_and_wait(&ctl).await,

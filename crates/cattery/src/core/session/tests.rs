@@ -975,3 +975,43 @@ fn only_an_announced_websocket_session_may_hold_a_token() {
     assert!(!super::stop::may_hold_ws_token(&rec(Some("webrtc"), None)));
     assert!(!super::stop::may_hold_ws_token(&rec(None, Some(true))));
 }
+
+/// A stop that reaches a session this node is taking over from a lost node (its record is
+/// already this node's, its end not yet written) waits for the takeover's end instead of
+/// recording a vaguer `lost` of its own first ("no live instance was found").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_takeover_waits_for_the_takeovers_end() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 0, 1).await;
+    let (_, sid) = left_by(&e, &a, "n1").await;
+    e.sup.taking_over.lock().insert(sid);
+    let stop = tokio::spawn({
+        let sup = e.sup.clone();
+        async move { sup.stop_session("o", "a", sid).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !stop.is_finished(),
+        "the stop did not wait for the takeover"
+    );
+    let end = crate::model::SessionEnd {
+        ended_ms: now_ms(),
+        reason: crate::model::EndReason::Lost,
+        completion_status: "HTTP_ERROR".into(),
+        exit_code: None,
+        exit_signal: None,
+        message: Some("node n2 was lost".into()),
+    };
+    assert!(e.store.end_session(sid, &end).await.unwrap());
+    e.sup.taking_over.lock().remove(&sid);
+    tokio::time::timeout(Duration::from_secs(5), stop)
+        .await
+        .expect("the stop ends with the takeover")
+        .unwrap()
+        .unwrap();
+    let rec = e.store.get_session(sid).await.unwrap().unwrap();
+    assert_eq!(
+        rec.end.unwrap().message.as_deref(),
+        Some("node n2 was lost")
+    );
+}
