@@ -57,11 +57,18 @@ pub fn from_peer(st: &AppState, headers: &HeaderMap) -> ApiResult<bool> {
     };
     match &st.node.secret {
         Some(s) if s.matches(given.as_bytes()) => Ok(true),
-        _ => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "CLUSTER_UNAUTHORIZED",
-            "internal calls between nodes need the cluster secret (--cluster-secret-file)",
-        )),
+        s => {
+            tracing::warn!(
+                has_secret = s.is_some(),
+                "refused an internal call from another node: its cluster secret is not this \
+                 node's (every node needs the same --cluster-secret-file)"
+            );
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "CLUSTER_UNAUTHORIZED",
+                "internal calls between nodes need the cluster secret (--cluster-secret-file)",
+            ))
+        }
     }
 }
 
@@ -85,7 +92,8 @@ pub async fn internal_stop(
     let id = super::sessions::parse_session_id(&sid)?;
     match st.sup.stop_owned(id).await? {
         PeerStop::Stopped => Ok(Json(serde_json::json!({"status": "terminated"}))),
-        PeerStop::NotOwner => Err(ApiError::new(
+        // `Refused` is a caller's view of a peer's answer; `stop_owned` never gives it.
+        PeerStop::NotOwner | PeerStop::Refused => Err(ApiError::new(
             StatusCode::CONFLICT,
             "NOT_OWNER",
             format!("session {id} is not this node's"),

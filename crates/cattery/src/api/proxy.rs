@@ -173,7 +173,48 @@ async fn to_owner(st: &AppState, owner: &str, id: Uuid, req: Request) -> ApiResu
         )
     })?;
     let (parts, body) = resp.into_parts();
+    // The owner refusing this node's cluster secret is this cluster's fault, not the caller's:
+    // its 401 `CLUSTER_UNAUTHORIZED` is not passed on (a bot's own 401 is).
+    if parts.status == StatusCode::UNAUTHORIZED && small_json(&parts.headers) {
+        use http_body_util::BodyExt;
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "502",
+                    format!("node {owner}, which runs session {id}, did not answer: {e}"),
+                )
+            })?
+            .to_bytes();
+        let code = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["code"].as_str().map(str::to_string));
+        if code.as_deref() == Some("CLUSTER_UNAUTHORIZED") {
+            return Err(unreachable(
+                "which refused this node's cluster secret: every node needs the same \
+                 --cluster-secret-file",
+            ));
+        }
+        return Ok(Response::from_parts(parts, Body::from(bytes)));
+    }
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Whether an answer is JSON with a `Content-Length` of at most 64 KiB (read whole to look
+/// at its `code`).
+fn small_json(h: &axum::http::HeaderMap) -> bool {
+    let json = h
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let small = h
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n <= 64 * 1024);
+    json && small
 }
 
 /// Paths of the instance contract that the proxy never forwards: they belong to the platform

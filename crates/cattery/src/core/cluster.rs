@@ -223,6 +223,7 @@ impl crate::core::session::Peers for HttpPeers {
         match status {
             200 => Ok(PeerStop::Stopped),
             409 => Ok(PeerStop::NotOwner),
+            401 => Ok(PeerStop::Refused),
             s => {
                 let body = r
                     .into_body()

@@ -201,3 +201,119 @@ async fn a_proxied_request_finds_its_owner_in_the_node_list_seen_and_gives_up_on
         t0.elapsed()
     );
 }
+
+/// A node that refuses this node's cluster secret (the nodes' secret files differ): a request
+/// proxied to it answers 503 `NODE_UNREACHABLE` saying so (not the owner's 401, which would
+/// blame the caller's key), and a stop forwarded to it answers the same at once instead of
+/// retrying until the stop's time is up. A bot's own 401 is passed on unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_refusing_this_nodes_cluster_secret_is_named_and_not_retried() {
+    let secret_dir = tempfile::tempdir().unwrap();
+    let file = secret_dir.path().join("cluster.secret");
+    std::fs::write(&file, format!("{SECRET}\n")).unwrap();
+    let api = api_with(|c| {
+        c.cluster.cluster_secret_file = Some(file.clone());
+        c.cluster.node_timeout_seconds = 10.0;
+    })
+    .await;
+    api.state
+        .sup
+        .set_peers(std::sync::Arc::new(crate::core::cluster::HttpPeers::new(
+            crate::core::cluster::ClusterSecret::new(SECRET).unwrap(),
+        )));
+    api.deploy("px", &[], serde_json::json!({})).await;
+    let store = api.state.store.clone();
+    let agent = store
+        .get_agent(super::DEFAULT_ORG, "px")
+        .await
+        .unwrap()
+        .unwrap();
+    let now = crate::model::now_ms();
+    let sid = uuid::Uuid::new_v4();
+    store
+        .insert_session(&crate::model::SessionRecord {
+            id: sid,
+            org: super::DEFAULT_ORG.into(),
+            agent_id: agent.id,
+            deployment_id: agent.desired_deployment_id,
+            created_ms: now,
+            updated_ms: now,
+            bot_start_ms: Some(1),
+            cold_start: Some(false),
+            transport: None,
+            end: None,
+            samples: Vec::new(),
+            node_id: "n2".into(),
+        })
+        .await
+        .unwrap();
+    // The owner: 401 CLUSTER_UNAUTHORIZED for every internal call, and a bot route of its own
+    // that answers 401 with another body.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let app = axum::Router::new()
+        .route(
+            "/v1/public/px/sessions/{sid}/mine",
+            axum::routing::get(|| async {
+                (
+                    StatusCode::UNAUTHORIZED,
+                    axum::Json(serde_json::json!({"detail": "the bot's own"})),
+                )
+            }),
+        )
+        .fallback(|| async {
+            (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(serde_json::json!({
+                    "error": "internal calls between nodes need the cluster secret",
+                    "code": "CLUSTER_UNAUTHORIZED"
+                })),
+            )
+        });
+    tokio::spawn(async move { axum::serve(l, app).await });
+    store.heartbeat(&n2(&url, now)).await.unwrap();
+    let call = |method: &'static str, path: String| {
+        let app = api.app.clone();
+        let pk = api.pk.clone();
+        let sk = api.sk.clone();
+        async move {
+            let key = if method == "DELETE" { sk } else { pk };
+            let req = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("authorization", format!("Bearer {key}"))
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let resp = app.oneshot(req).await.unwrap();
+            let status = resp.status();
+            let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            (status, String::from_utf8_lossy(&bytes).into_owned())
+        }
+    };
+    let (st, body) = call("GET", format!("/v1/public/px/sessions/{sid}/hello")).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("NODE_UNREACHABLE"), "{body}");
+    assert!(
+        body.contains("refused this node's cluster secret"),
+        "{body}"
+    );
+    let (st, body) = call("GET", format!("/v1/public/px/sessions/{sid}/mine")).await;
+    assert_eq!(
+        (st, body.as_str()),
+        (StatusCode::UNAUTHORIZED, r#"{"detail":"the bot's own"}"#)
+    );
+    let t0 = std::time::Instant::now();
+    let (st, body) = call("DELETE", format!("/v1/agents/px/sessions/{sid}")).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body.contains("refused this node's cluster secret"),
+        "{body}"
+    );
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        t0.elapsed()
+    );
+}

@@ -139,6 +139,9 @@ pub enum PeerStop {
     Stopped,
     /// The session is not that node's (any more): ask the store who owns it now.
     NotOwner,
+    /// That node refused this node's cluster secret (401: the nodes' `--cluster-secret-file`s
+    /// differ). Trying again cannot help.
+    Refused,
 }
 
 /// The other nodes of a cluster, as the engine reaches them (implemented over HTTP with the

@@ -261,6 +261,13 @@ impl Supervisor {
                     match self.stop_at_live_owner(peers, url, &owner, session).await? {
                         Some(Ok(PeerStop::Stopped)) => return Ok(()),
                         Some(Ok(PeerStop::NotOwner)) => {}
+                        Some(Ok(PeerStop::Refused)) => {
+                            return Err(CoreError::NodeUnreachable(format!(
+                                "session {session} runs on node {owner}, which refused this \
+                                 node's cluster secret: every node needs the same \
+                                 --cluster-secret-file"
+                            )));
+                        }
                         Some(Err(e)) => {
                             tracing::warn!(node = %owner, %session, error = %e,
                                 "a forwarded stop failed; retrying");
