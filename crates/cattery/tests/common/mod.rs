@@ -321,6 +321,34 @@ impl Server {
         unsafe_kill(self.pid(), sig);
     }
 
+    /// Stops the server with SIGSTOP and waits until every one of its threads is stopped: the
+    /// signal is delivered asynchronously, and a thread still running for a moment could
+    /// otherwise serve a request sent right after it.
+    pub async fn freeze(&self) {
+        const SIGSTOP: i32 = 19;
+        self.signal(SIGSTOP);
+        let all_stopped = || {
+            let Ok(rd) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+                return false;
+            };
+            rd.flatten().all(|t| {
+                std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                    s.rsplit_once(')')
+                        .and_then(|(_, r)| r.trim_start().chars().next())
+                        .is_some_and(|c| c == 'T' || c == 't')
+                })
+            })
+        };
+        let began = Instant::now();
+        while !all_stopped() {
+            assert!(
+                began.elapsed() < Duration::from_secs(10),
+                "the server's threads did not stop"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Kills the server with SIGKILL and reaps it (agents keep running).
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -221,7 +221,7 @@ async fn a_cut_off_node_lets_go_of_its_adopted_container() {
     let c = three_nodes(&pg).await;
     let (sid, container) = session_on_node_2(&c).await;
     let (_, started) = info(c.node(1), &sid).await;
-    c.node(1).signal(19); // SIGSTOP
+    c.node(1).freeze().await;
     wait_adopted(&c, &sid, &started).await;
     c.node(1).signal(18); // SIGCONT
     wait_for(

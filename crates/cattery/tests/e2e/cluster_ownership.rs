@@ -448,7 +448,7 @@ async fn a_node_cut_off_and_back_removes_what_it_lost_and_serves_again() {
         pids.push(info["pid"].as_i64().unwrap() as i32);
         sids.push(sid);
     }
-    nodes[1].signal(libc_sig::SIGSTOP);
+    nodes[1].freeze().await;
     // A stop and a proxied request sent to it through another node while it is frozen (its
     // kernel still takes the connections): both answer once it is declared dead, never hang.
     let t0 = Instant::now();
@@ -537,7 +537,6 @@ async fn a_node_cut_off_and_back_removes_what_it_lost_and_serves_again() {
 /// Signal numbers (Linux).
 mod libc_sig {
     pub const SIGCONT: i32 = 18;
-    pub const SIGSTOP: i32 = 19;
 }
 
 /// A node alone on its database, cut off from it for longer than the node timeout: nobody
