@@ -404,7 +404,8 @@ fn node_identity(
 /// that was taken over sees what it lost, since the store makes its heartbeat wait for a
 /// takeover in progress), the recovery, and the watch over the other nodes. Returns the
 /// heartbeat and watch tasks. On a shared database, first refuses an id another live node
-/// uses at another address (`core::cluster::id_in_use`).
+/// uses at another address (`core::cluster::id_in_use`) and a secrets key that does not open
+/// the secrets already stored (`core::secrets::check_key_opens_stored`).
 async fn join_cluster(
     store: &Arc<dyn Store>,
     state: &AppState,
@@ -428,6 +429,7 @@ async fn join_cluster(
         if let Some(why) = crate::core::cluster::id_in_use(&state.node, &nodes, now) {
             anyhow::bail!(why);
         }
+        crate::core::secrets::check_key_opens_stored(store.as_ref(), &state.secrets).await?;
     }
     let heartbeats = crate::core::cluster::spawn_heartbeats(
         store.clone(),

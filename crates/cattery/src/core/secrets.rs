@@ -186,6 +186,40 @@ impl SecretCipher {
     }
 }
 
+/// Checks that `cipher` opens the secret values already in `store`: the first value found
+/// (orgs and sets in the store's order) is opened. Nodes on one database must share one
+/// secrets key; a node started with another key would fail every secret it reads and, worse,
+/// seal new values that the other nodes cannot open. Nothing stored yet: nothing to check.
+///
+/// Errors: the value does not open (another key), or the store cannot be read.
+pub async fn check_key_opens_stored(
+    store: &dyn crate::store::Store,
+    cipher: &SecretCipher,
+) -> anyhow::Result<()> {
+    for org in store.list_orgs().await? {
+        for set in store.list_secret_sets(&org).await? {
+            let Some(v) = store
+                .secret_values(&org, &set.name)
+                .await?
+                .into_iter()
+                .next()
+            else {
+                continue;
+            };
+            return cipher.open(&org, &set.name, &v).map(|_| ()).map_err(|_| {
+                anyhow::anyhow!(
+                    "this node's secrets key does not open the secrets already in the database \
+                     (secret {} of set {} of org {org} was sealed with another key): give every \
+                     node the same --secrets-key-file",
+                    v.key,
+                    set.name
+                )
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Validates a set name: `^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$`,
 /// 3 to 63 characters (DNS style, reference §A.6).
 pub fn valid_set_name(name: &str) -> bool {
@@ -676,6 +710,48 @@ impl crate::runtime::docker::PullSecrets for ImagePullSecrets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node's key is checked against the values already stored: none stored passes, the
+    /// key that sealed them passes, another key is refused with a message naming the file.
+    #[tokio::test]
+    async fn a_key_that_does_not_open_the_stored_secrets_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open(
+            &crate::config::StoreConfig::default(),
+            dir.path(),
+            crate::store::OpenMode::Create,
+        )
+        .await
+        .unwrap();
+        store.ensure_org("o").await.unwrap();
+        let ours = SecretCipher::from_key(&[7u8; 32]);
+        let other = SecretCipher::from_key(&[8u8; 32]);
+        check_key_opens_stored(store.as_ref(), &other)
+            .await
+            .unwrap();
+        let set = crate::store::SecretSetRecord {
+            org: "o".into(),
+            name: "my-set".into(),
+            kind: crate::store::SecretSetKind::Secret,
+            region: "local".into(),
+            host: None,
+            created_ms: 1,
+            updated_ms: 1,
+            keys: Vec::new(),
+        };
+        let v = ours.seal("o", "my-set", "GREETING", "hello");
+        store.upsert_secret_set(&set, &[v], true).await.unwrap();
+        check_key_opens_stored(store.as_ref(), &ours).await.unwrap();
+        let err = check_key_opens_stored(store.as_ref(), &other)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("does not open the secrets already in the database"),
+            "{err}"
+        );
+        assert!(err.contains("--secrets-key-file"), "{err}");
+    }
 
     #[test]
     fn set_names() {

@@ -388,9 +388,13 @@ async fn the_wal_is_restarted_under_a_steady_stream_of_writes() {
         store.get_session(s.id).await.unwrap();
         n += 1;
     }
+    // Without the restart the WAL grew to 650 MB in these 4 s. With it, the file is cut back
+    // to the size limit at each restart; between two, it grows by what the writes add while
+    // the checkpoint waits for its turn, which on a machine busy with other tests (2 cores)
+    // was seen at 82 MB: twice the limit still tells the two apart.
     let size = std::fs::metadata(&wal).unwrap().len();
     assert!(
-        size <= super::conn::WAL_SIZE_LIMIT as u64 + (1 << 20),
+        size <= 2 * super::conn::WAL_SIZE_LIMIT as u64,
         "WAL grew to {size} bytes over {n} writes"
     );
 }
