@@ -108,6 +108,36 @@ async fn frozen() -> String {
     url
 }
 
+/// A delivered session of agent `agent` recorded as node `n2`'s; its id.
+async fn session_of_n2(api: &Api, agent: &str) -> uuid::Uuid {
+    let store = &api.state.store;
+    let agent = store
+        .get_agent(super::DEFAULT_ORG, agent)
+        .await
+        .unwrap()
+        .unwrap();
+    let now = crate::model::now_ms();
+    let sid = uuid::Uuid::new_v4();
+    store
+        .insert_session(&crate::model::SessionRecord {
+            id: sid,
+            org: super::DEFAULT_ORG.into(),
+            agent_id: agent.id,
+            deployment_id: agent.desired_deployment_id,
+            created_ms: now,
+            updated_ms: now,
+            bot_start_ms: Some(1),
+            cold_start: Some(false),
+            transport: None,
+            end: None,
+            samples: Vec::new(),
+            node_id: "n2".into(),
+        })
+        .await
+        .unwrap();
+    sid
+}
+
 /// Node `n2` at `url`, its heartbeat at `heartbeat_ms`.
 fn n2(url: &str, heartbeat_ms: i64) -> crate::store::NodeRecord {
     crate::store::NodeRecord {
@@ -137,30 +167,8 @@ async fn a_proxied_request_finds_its_owner_in_the_node_list_seen_and_gives_up_on
     .await;
     api.deploy("px", &[], serde_json::json!({})).await;
     let store = api.state.store.clone();
-    let agent = store
-        .get_agent(super::DEFAULT_ORG, "px")
-        .await
-        .unwrap()
-        .unwrap();
     let now = crate::model::now_ms();
-    let sid = uuid::Uuid::new_v4();
-    store
-        .insert_session(&crate::model::SessionRecord {
-            id: sid,
-            org: super::DEFAULT_ORG.into(),
-            agent_id: agent.id,
-            deployment_id: agent.desired_deployment_id,
-            created_ms: now,
-            updated_ms: now,
-            bot_start_ms: Some(1),
-            cold_start: Some(false),
-            transport: None,
-            end: None,
-            samples: Vec::new(),
-            node_id: "n2".into(),
-        })
-        .await
-        .unwrap();
+    let sid = session_of_n2(&api, "px").await;
     let (seen, stored) = (answering("seen").await, answering("stored").await);
     store.heartbeat(&n2(&stored, now)).await.unwrap();
     let proxied = || async {
@@ -223,30 +231,8 @@ async fn an_owner_refusing_this_nodes_cluster_secret_is_named_and_not_retried() 
         )));
     api.deploy("px", &[], serde_json::json!({})).await;
     let store = api.state.store.clone();
-    let agent = store
-        .get_agent(super::DEFAULT_ORG, "px")
-        .await
-        .unwrap()
-        .unwrap();
     let now = crate::model::now_ms();
-    let sid = uuid::Uuid::new_v4();
-    store
-        .insert_session(&crate::model::SessionRecord {
-            id: sid,
-            org: super::DEFAULT_ORG.into(),
-            agent_id: agent.id,
-            deployment_id: agent.desired_deployment_id,
-            created_ms: now,
-            updated_ms: now,
-            bot_start_ms: Some(1),
-            cold_start: Some(false),
-            transport: None,
-            end: None,
-            samples: Vec::new(),
-            node_id: "n2".into(),
-        })
-        .await
-        .unwrap();
+    let sid = session_of_n2(&api, "px").await;
     // The owner: 401 CLUSTER_UNAUTHORIZED for every internal call, and a bot route of its own
     // that answers 401 with another body.
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
