@@ -128,6 +128,13 @@ async fn to_owner(st: &AppState, owner: &str, id: Uuid, req: Request) -> ApiResu
             format!("session {id} runs on node {owner}, {why}"),
         )
     };
+    let no_answer = |e: &dyn std::fmt::Display| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "502",
+            format!("node {owner}, which runs session {id}, did not answer: {e}"),
+        )
+    };
     let Some(node) = st.sup.live_node(owner).await? else {
         return Err(unreachable("which is not alive"));
     };
@@ -165,29 +172,13 @@ async fn to_owner(st: &AppState, owner: &str, id: Uuid, req: Request) -> ApiResu
             }
         }
     };
-    let resp = resp.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "502",
-            format!("node {owner}, which runs session {id}, did not answer: {e}"),
-        )
-    })?;
+    let resp = resp.map_err(|e| no_answer(&e))?;
     let (parts, body) = resp.into_parts();
     // The owner refusing this node's cluster secret is this cluster's fault, not the caller's:
     // its 401 `CLUSTER_UNAUTHORIZED` is not passed on (a bot's own 401 is).
     if parts.status == StatusCode::UNAUTHORIZED && small_json(&parts.headers) {
         use http_body_util::BodyExt;
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "502",
-                    format!("node {owner}, which runs session {id}, did not answer: {e}"),
-                )
-            })?
-            .to_bytes();
+        let bytes = body.collect().await.map_err(|e| no_answer(&e))?.to_bytes();
         let code = serde_json::from_slice::<serde_json::Value>(&bytes)
             .ok()
             .and_then(|v| v["code"].as_str().map(str::to_string));

@@ -77,17 +77,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The state letter of a process or thread from its `stat` file (`/proc/<pid>/stat`,
+/// `/proc/<pid>/task/<tid>/stat`); `None` when it is gone.
+fn proc_state(stat: &std::path::Path) -> Option<char> {
+    let s = std::fs::read_to_string(stat).ok()?;
+    s.rsplit_once(')')
+        .map(|(_, r)| r.trim_start().chars().next().unwrap_or('Z'))
+}
+
 /// Whether a process is alive (not a zombie).
 pub fn pid_alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            let st = s
-                .rsplit_once(')')
-                .map(|(_, r)| r.trim_start().chars().next().unwrap_or('Z'));
-            !matches!(st, Some('Z') | Some('X') | None)
-        }
-        Err(_) => false,
-    }
+    let st = proc_state(std::path::Path::new(&format!("/proc/{pid}/stat")));
+    !matches!(st, Some('Z') | Some('X') | None)
 }
 
 /// Whether `pid` is a Python fork server (its cgroup is a `zygote-*` one): it imports an
@@ -331,13 +332,8 @@ impl Server {
             let Ok(rd) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
                 return false;
             };
-            rd.flatten().all(|t| {
-                std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
-                    s.rsplit_once(')')
-                        .and_then(|(_, r)| r.trim_start().chars().next())
-                        .is_some_and(|c| c == 'T' || c == 't')
-                })
-            })
+            rd.flatten()
+                .all(|t| matches!(proc_state(&t.path().join("stat")), Some('T' | 't')))
         };
         let began = Instant::now();
         while !all_stopped() {

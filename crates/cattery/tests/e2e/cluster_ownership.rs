@@ -539,6 +539,24 @@ mod libc_sig {
     pub const SIGCONT: i32 = 18;
 }
 
+/// A session of `agent` started on `n` once it serves again after a database outage (503s
+/// meanwhile, nothing else); its id.
+async fn start_after_outage(n: &Server, agent: &str) -> String {
+    wait_for(
+        Duration::from_secs(30),
+        "the node to take a new session after the outage",
+        || async {
+            let r = n.start_session(agent, json!({})).await;
+            if r.status == 200 {
+                return Some(r.body["sessionId"].as_str().unwrap().to_string());
+            }
+            assert_eq!(r.status, 503, "{:?}", r.body);
+            None
+        },
+    )
+    .await
+}
+
 /// A node alone on its database, cut off from it for longer than the node timeout: nobody
 /// takes it over, so once the database is back it finds every record still its own and
 /// keeps everything: its session runs on and ends normally, and it takes new sessions again.
@@ -557,19 +575,7 @@ async fn a_lone_node_cut_off_from_its_database_keeps_its_sessions() {
     pg.pg_stop();
     tokio::time::sleep(Duration::from_secs(3)).await;
     pg.pg_start();
-    let fresh = wait_for(
-        Duration::from_secs(30),
-        "the node to take a new session after the outage",
-        || async {
-            let r = n.start_session("alone", json!({})).await;
-            if r.status == 200 {
-                return Some(r.body["sessionId"].as_str().unwrap().to_string());
-            }
-            assert_eq!(r.status, 503, "{:?}", r.body);
-            None
-        },
-    )
-    .await;
+    let fresh = start_after_outage(n, "alone").await;
     assert!(
         pid_alive(pid),
         "the outage ended a session nobody took over"
@@ -605,19 +611,7 @@ async fn live_nodes_cut_off_from_their_database_together_take_nothing_over() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     pg.pg_start();
     for n in nodes {
-        let probe = wait_for(
-            Duration::from_secs(30),
-            "each node to take a new session after the outage",
-            || async {
-                let r = n.start_session("both", json!({})).await;
-                if r.status == 200 {
-                    return Some(r.body["sessionId"].as_str().unwrap().to_string());
-                }
-                assert_eq!(r.status, 503, "{:?}", r.body);
-                None
-            },
-        )
-        .await;
+        let probe = start_after_outage(n, "both").await;
         assert_eq!(n.stop("both", &probe).await.status, 200);
     }
     // Two and a half node timeouts more: long enough for a takeover to have happened.

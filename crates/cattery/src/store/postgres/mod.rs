@@ -34,9 +34,9 @@ use super::{StoreError, StoreResult};
 
 /// Longest wait for a connection (the database down: the call fails with `Unavailable`).
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Default pool size per node (`--database-pool-size`).
 /// A pooled connection idle for this long is pinged before use (see `open`).
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+/// Default pool size per node (`--database-pool-size`).
 pub const DEFAULT_POOL_SIZE: u32 = 16;
 
 /// PostgreSQL-backed [`super::Store`]. Cheap to clone: clones share the pool.
