@@ -267,15 +267,27 @@ async fn signal_stream() -> mpsc::UnboundedReceiver<&'static str> {
     rx
 }
 
-fn print_banner(addr: SocketAddr, data_dir: &Path, tls: bool) {
+fn print_banner(addr: SocketAddr, data_dir: &Path, tls: bool, postgres: bool) {
     let d = data_dir.display();
     let http = if tls { "https" } else { "http" };
+    // Keys live in the store: on PostgreSQL, `keys create` needs the same database (its URL
+    // may hold a password, so it is never printed).
+    let store = if postgres {
+        "--database-url \"$CATTERY_DATABASE_URL\"".to_string()
+    } else {
+        format!("--data-dir {d}")
+    };
+    let store_note = if postgres {
+        "\n(CATTERY_DATABASE_URL: the database URL this server was given)"
+    } else {
+        ""
+    };
     println!(
         "cattery listening on {http}://{addr} (data dir {d})
 
-Next steps, in another terminal:
-  SK=$(cattery keys create --data-dir {d} --type private)   # management API key (sk_...)
-  PK=$(cattery keys create --data-dir {d} --type public)    # session start key (pk_...)
+Next steps, in another terminal:{store_note}
+  SK=$(cattery keys create {store} --type private)   # management API key (sk_...)
+  PK=$(cattery keys create {store} --type public)    # session start key (pk_...)
   curl -s -X POST {http}://{addr}/v1/agents -H \"Authorization: Bearer $SK\" \\
        -d '{{\"serviceName\":\"hello\",\"command\":[\"/path/to/your/agent\"]}}'
   curl -s -X POST {http}://{addr}/v1/public/hello/start -H \"Authorization: Bearer $PK\" -d '{{}}'
@@ -429,6 +441,9 @@ async fn join_cluster(
         if let Some(why) = crate::core::cluster::id_in_use(&state.node, &nodes, now) {
             anyhow::bail!(why);
         }
+        if let Some(why) = crate::core::cluster::unreachable_by_peers(&state.node, &nodes, now) {
+            tracing::warn!("{why}");
+        }
         crate::core::secrets::check_key_opens_stored(store.as_ref(), &state.secrets).await?;
     }
     let heartbeats = crate::core::cluster::spawn_heartbeats(
@@ -562,7 +577,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         nofile, max_connections = limits.max_connections, "cattery listening");
     // With JSON logs, stdout carries nothing but JSON either (journald mixes the two).
     if config.server.log_format == crate::config::LogFormat::Text {
-        print_banner(addr, &cfg.data_dir, tls.is_some());
+        print_banner(addr, &cfg.data_dir, tls.is_some(), shared_store);
     }
 
     let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();

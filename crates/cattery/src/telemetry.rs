@@ -118,12 +118,17 @@ fn describe() {
     describe_counter!(LOG_LINES_DROPPED, "Captured log lines the store refused");
 }
 
-/// Installs the server's log on stderr, filtered by `CATTERY_LOG` (default `info`), as text
+/// The log filter when `CATTERY_LOG` is unset: `info`, but PostgreSQL's notices only from
+/// `WARNING` up (the NOTICE "relation \"_sqlx_migrations\" already exists, skipping" came at
+/// every start on PostgreSQL).
+pub const DEFAULT_LOG_FILTER: &str = "info,sqlx::postgres::notice=warn";
+
+/// Installs the server's log on stderr, filtered by `CATTERY_LOG` (default [`DEFAULT_LOG_FILTER`]), as text
 /// or as one JSON object per line (tracing's JSON formatter, with the current span's fields:
 /// the request id of the request a line was logged for, see `api::trace`).
 pub fn init_log(format: crate::config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CATTERY_LOG")
-        .unwrap_or_else(|_| "info".into());
+        .unwrap_or_else(|_| DEFAULT_LOG_FILTER.into());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -302,5 +307,25 @@ mod tests {
             text.contains(r#"cattery_pool_instances{org="t-org",agent="t-render",state="idle"} 0"#),
             "{text}"
         );
+    }
+}
+
+#[cfg(test)]
+mod log_filter_tests {
+    use super::DEFAULT_LOG_FILTER;
+    use tracing::Level;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// The default filter keeps the server's INFO lines and PostgreSQL's warnings, but not
+    /// its notices.
+    #[test]
+    fn the_default_filter_drops_postgres_notices_only() {
+        let sub = tracing_subscriber::registry()
+            .with(tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+        tracing::subscriber::with_default(sub, || {
+            assert!(tracing::enabled!(target: "cattery::serve", Level::INFO));
+            assert!(!tracing::enabled!(target: "sqlx::postgres::notice", Level::INFO));
+            assert!(tracing::enabled!(target: "sqlx::postgres::notice", Level::WARN));
+        });
     }
 }

@@ -125,10 +125,15 @@ pub struct NodeStatus {
     pub version: String,
     /// When its current run started (ms).
     pub started_ms: i64,
-    /// Milliseconds since its last heartbeat (by this node's clock).
-    pub heartbeat_age_ms: i64,
+    /// Milliseconds since its last heartbeat (by this node's clock); `null` for a node that
+    /// left.
+    pub heartbeat_age_ms: Option<i64>,
     /// Whether its last heartbeat is within the node timeout.
     pub alive: bool,
+    /// `alive`; `dead` (no heartbeat for the node timeout: lost, or stopped without a drain,
+    /// such as `--on-stop detach`); or `left` (drained and stopped cleanly).
+    #[schema(example = "alive")]
+    pub state: &'static str,
     /// Live instances at its last heartbeat.
     pub instances: i64,
     /// Of them, serving a session.
@@ -145,10 +150,17 @@ pub fn statuses(me: &NodeIdentity, nodes: Vec<NodeRecord>, now: i64) -> Vec<Node
         .into_iter()
         .map(|n| {
             let age = now.saturating_sub(n.heartbeat_ms).max(0);
+            let left = n.heartbeat_ms == 0;
+            let alive = !left && age <= timeout;
             NodeStatus {
                 this: n.id == me.id,
-                alive: age <= timeout,
-                heartbeat_age_ms: age,
+                alive,
+                state: match (left, alive) {
+                    (true, _) => "left",
+                    (false, true) => "alive",
+                    (false, false) => "dead",
+                },
+                heartbeat_age_ms: (!left).then_some(age),
                 id: n.id,
                 advertise_url: n.advertise_url,
                 version: n.version,
@@ -333,6 +345,37 @@ pub fn id_in_use(me: &NodeIdentity, nodes: &[NodeRecord], now: i64) -> Option<St
     ))
 }
 
+/// What this node lacks to be reached by the other live nodes among `nodes` (at `now`, ms):
+/// without `--advertise-url` they cannot forward a stop or a proxied request for its sessions
+/// to it, and without the cluster secret it forwards nothing and accepts no internal call, so
+/// such calls answer 503 `NODE_UNREACHABLE` on every node but the owner. `None` when it lacks
+/// nothing, or when no other node is alive (one node on PostgreSQL needs neither).
+pub fn unreachable_by_peers(me: &NodeIdentity, nodes: &[NodeRecord], now: i64) -> Option<String> {
+    let timeout_ms = i64::try_from(me.timeout.as_millis()).unwrap_or(i64::MAX);
+    let others = nodes
+        .iter()
+        .filter(|n| {
+            n.id != me.id && n.heartbeat_ms != 0 && now.saturating_sub(n.heartbeat_ms) <= timeout_ms
+        })
+        .count();
+    let mut missing = Vec::new();
+    if me.advertise_url.is_none() {
+        missing.push("--advertise-url");
+    }
+    if me.secret.is_none() {
+        missing.push("--cluster-secret-file");
+    }
+    if others == 0 || missing.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "{others} other live node(s) share this database, but this node has no {}: a stop or \
+         proxied request for one of its sessions that reaches another node answers 503 \
+         NODE_UNREACHABLE instead of reaching it (docs/cluster.md)",
+        missing.join(" and no ")
+    ))
+}
+
 /// Heartbeats until the returned handle is aborted: the first at once, then every
 /// [`NodeIdentity::heartbeat_every`], with the engine's live and busy instance counts. A failed
 /// heartbeat (the database down) is logged and retried at the next tick. Each heartbeat the
@@ -421,10 +464,20 @@ mod tests {
                 .collect::<Vec<_>>(),
             [("a", true, true), ("b", true, false), ("c", false, false)]
         );
+        assert_eq!(
+            st.iter().map(|n| n.state).collect::<Vec<_>>(),
+            ["alive", "alive", "dead"]
+        );
         // A clock behind ours reads as age 0, never negative.
         assert_eq!(
             statuses(&me, vec![at("b", now + 5)], now)[0].heartbeat_age_ms,
-            0
+            Some(0)
+        );
+        // A node that left (`leave`: heartbeat 0) is neither alive nor aged by the epoch.
+        let gone = &statuses(&me, vec![at("b", 0)], now)[0];
+        assert_eq!(
+            (gone.alive, gone.state, gone.heartbeat_age_ms),
+            (false, "left", None)
         );
         let others = other_live_nodes(&me, vec![at("a", now), at("b", now - 5)], now);
         assert_eq!(others.len(), 1);
@@ -476,6 +529,33 @@ mod tests {
         let mut stranger = rec(other, now);
         stranger.id = "someone-else".into();
         assert!(id_in_use(&me, &[stranger], now).is_none());
+    }
+
+    /// A node that other live nodes cannot reach is named at start with what it lacks; a
+    /// lone node on PostgreSQL (or one whose only peers are dead or left) lacks nothing.
+    #[test]
+    fn a_node_other_live_nodes_cannot_reach_says_what_it_lacks() {
+        let mut me = me();
+        let now = 1_000_000;
+        let peer = |id: &str, hb: i64| NodeRecord {
+            id: id.into(),
+            heartbeat_ms: hb,
+            ..me.record(0, 0)
+        };
+        let live = [peer("a", now), peer("b", now - 100)];
+        let err = unreachable_by_peers(&me, &live, now).unwrap();
+        assert!(
+            err.starts_with("1 other live node(s)")
+                && err.contains("no --advertise-url and no --cluster-secret-file"),
+            "{err}"
+        );
+        assert!(unreachable_by_peers(&me, &[peer("a", now)], now).is_none());
+        assert!(unreachable_by_peers(&me, &[peer("b", 0), peer("c", now - 10_001)], now).is_none());
+        me.advertise_url = Some("http://10.0.0.2:7860".into());
+        let err = unreachable_by_peers(&me, &live, now).unwrap();
+        assert!(err.contains("has no --cluster-secret-file:"), "{err}");
+        me.secret = Some(ClusterSecret::new(&"k".repeat(40)).unwrap());
+        assert!(unreachable_by_peers(&me, &live, now).is_none());
     }
 
     /// A node takes others over only once it has had the store for a whole node timeout: the

@@ -418,11 +418,17 @@ async fn a_node_heartbeats_and_a_second_node_joins_while_it_lives() {
         (n.len() == 2 && n.iter().all(|x| x["alive"] == true)).then_some(())
     })
     .await;
+    // b has neither an advertise URL nor the cluster secret while a lives: it says so.
+    let log = b0.log();
+    assert!(
+        log.contains("1 other live node(s) share this database, but this node has no --advertise-url and no --cluster-secret-file"),
+        "{log}"
+    );
     let st = b0.terminate(Duration::from_secs(20));
     assert!(st.is_some_and(|s| s.success()), "b's clean stop: {st:?}");
 
     // Once a has stopped cleanly (drained), it has left: b starts at once, even with a node
-    // timeout far longer than the time since a's last heartbeat, lists a as dead, and opens
+    // timeout far longer than the time since a's last heartbeat, lists a as left, and opens
     // a's secret with the shared key (a deployment binding it starts).
     let st = a.terminate(Duration::from_secs(20));
     assert!(st.is_some_and(|s| s.success()), "a clean stop: {st:?}");
@@ -442,7 +448,10 @@ async fn a_node_heartbeats_and_a_second_node_joins_while_it_lives() {
     let nodes = r.body["nodes"].as_array().unwrap();
     let by_id = |id: &str| nodes.iter().find(|n| n["id"] == id).unwrap().clone();
     assert_eq!(by_id("node-a")["alive"], false, "{nodes:?}");
+    assert_eq!(by_id("node-a")["state"], "left", "{nodes:?}");
+    assert!(by_id("node-a")["heartbeatAgeMs"].is_null(), "{nodes:?}");
     assert_eq!(by_id("node-b")["self"], true, "{nodes:?}");
+    assert_eq!(by_id("node-b")["state"], "alive", "{nodes:?}");
     b.deploy(
         "sealed",
         &["--print-env", "K"],
