@@ -267,7 +267,9 @@ async fn signal_stream() -> mpsc::UnboundedReceiver<&'static str> {
     rx
 }
 
-fn print_banner(addr: SocketAddr, data_dir: &Path, tls: bool, postgres: bool) {
+/// What a server started with text logs prints on stdout: where it listens, and the first
+/// steps (keys, an agent, a session) against this server's store.
+fn banner(addr: SocketAddr, data_dir: &Path, tls: bool, postgres: bool) -> String {
     let d = data_dir.display();
     let http = if tls { "https" } else { "http" };
     // Keys live in the store: on PostgreSQL, `keys create` needs the same database (its URL
@@ -282,7 +284,7 @@ fn print_banner(addr: SocketAddr, data_dir: &Path, tls: bool, postgres: bool) {
     } else {
         ""
     };
-    println!(
+    format!(
         "cattery listening on {http}://{addr} (data dir {d})
 
 Next steps, in another terminal:{store_note}
@@ -293,7 +295,7 @@ Next steps, in another terminal:{store_note}
   curl -s -X POST {http}://{addr}/v1/public/hello/start -H \"Authorization: Bearer $PK\" -d '{{}}'
   curl -s -X DELETE {http}://{addr}/v1/agents/hello/sessions/<sessionId> -H \"Authorization: Bearer $SK\"
 (with cargo: replace `cattery` by `cargo run -q --release -p cattery --`; the API is at /v1/openapi.json)"
-    );
+    )
 }
 
 /// The session engine over `store` and `runtime`, and the handlers' state around it: what
@@ -577,7 +579,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         nofile, max_connections = limits.max_connections, "cattery listening");
     // With JSON logs, stdout carries nothing but JSON either (journald mixes the two).
     if config.server.log_format == crate::config::LogFormat::Text {
-        print_banner(addr, &cfg.data_dir, tls.is_some(), shared_store);
+        println!(
+            "{}",
+            banner(addr, &cfg.data_dir, tls.is_some(), shared_store)
+        );
     }
 
     let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
@@ -666,6 +671,25 @@ mod tests {
     use super::*;
     use nix::fcntl::{Flock, FlockArg};
     use std::io::Write;
+
+    /// The banner's key commands name the store the keys live in: the data dir on SQLite,
+    /// the database on PostgreSQL (by its variable: the URL may hold a password).
+    #[test]
+    fn the_banner_creates_keys_in_this_servers_store() {
+        let addr: SocketAddr = "127.0.0.1:7860".parse().unwrap();
+        let dir = Path::new("/var/lib/cattery");
+        let b = banner(addr, dir, false, false);
+        assert!(b.contains("cattery keys create --data-dir /var/lib/cattery --type private"));
+        let b = banner(addr, dir, true, true);
+        assert!(
+            b.contains(
+                "cattery keys create --database-url \"$CATTERY_DATABASE_URL\" --type public"
+            ),
+            "{b}"
+        );
+        assert!(b.contains("https://127.0.0.1:7860/v1/agents"), "{b}");
+        assert!(!b.contains("--data-dir /var/lib/cattery --type"), "{b}");
+    }
 
     /// A pid that is surely not alive: a child that has exited and been reaped.
     fn dead_pid() -> u32 {
