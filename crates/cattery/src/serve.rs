@@ -579,12 +579,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         nofile, max_connections = limits.max_connections, "cattery listening");
     // With JSON logs, stdout carries nothing but JSON either (journald mixes the two).
     if config.server.log_format == crate::config::LogFormat::Text {
-        println!(
-            "{}",
-            banner(addr, &cfg.data_dir, tls.is_some(), shared_store)
-        );
+        let b = banner(addr, &cfg.data_dir, tls.is_some(), shared_store);
+        println!("{b}");
     }
-
     let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
     let http = tokio::spawn(http_server::serve(listener, app, limits, tls, async move {
         let _ = stop_http_rx.await;
@@ -592,7 +589,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let first = signals.recv().await.unwrap_or("SIGTERM");
     if config.sessions.on_stop == crate::config::OnStop::Detach {
         let _ = stop_http_tx.send(());
-        return detach(first, &store, &runtime, http, close_logs, writer, lock).await;
+        let tasks = (http, close_logs, writer);
+        return detach(first, &store, &runtime, tasks, lock, &node.id).await;
     }
     tracing::info!(
         signal = first,
@@ -619,15 +617,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
 /// `--on-stop detach`: stops serving HTTP (requests in flight finish, so a start either
 /// records its session or fails), stores every captured log line, and returns leaving every
-/// instance and session record as it is, for the next `cattery serve` to re-adopt.
+/// instance and session record as it is, for the next `cattery serve` to re-adopt. The
+/// tasks: the HTTP server's, and the log writer's stop token and task.
 async fn detach(
     signal: &str,
     store: &Arc<dyn Store>,
     runtime: &Arc<dyn Runtime>,
-    http: tokio::task::JoinHandle<()>,
-    close_logs: tokio_util::sync::CancellationToken,
-    writer: tokio::task::JoinHandle<()>,
+    (http, close_logs, writer): (
+        tokio::task::JoinHandle<()>,
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ),
     data_dir_lock: nix::fcntl::Flock<std::fs::File>,
+    node_id: &str,
 ) -> anyhow::Result<()> {
     tracing::info!(
         signal,
@@ -637,10 +639,11 @@ async fn detach(
     crate::runtime::logs::freeze_capture();
     close_logs.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
+    // This node's: on a shared database the others' sessions are theirs to keep.
     let open = store
         .list_open_sessions()
         .await
-        .map(|s| s.len())
+        .map(|s| s.iter().filter(|s| s.node_id == node_id).count())
         .unwrap_or(0);
     tracing::info!(
         open_sessions = open,

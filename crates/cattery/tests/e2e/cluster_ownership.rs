@@ -930,3 +930,43 @@ async fn nodes_with_https_advertise_urls_forward_over_tls() {
         "DELETE answered while the process {pid} still runs"
     );
 }
+
+/// A node detaching (`--on-stop detach`) on a shared database counts the sessions it leaves
+/// running for its next server: its own, not the other nodes'. The other node's session runs
+/// on, untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_detaching_node_counts_its_own_sessions_only() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let mut cluster = start_nodes(&pg, 2, "10", &["--on-stop", "detach"], ("det", json!({}))).await;
+    let on_n1 = cluster.nodes[0].start_ok("det").await;
+    let on_n1_too = cluster.nodes[0].start_ok("det").await;
+    let on_n2 = cluster.nodes[1].start_ok("det").await;
+    let (st, info) = session_pid(&cluster.nodes[1], "det", &on_n2).await;
+    assert_eq!(st, 200, "{info}");
+    let pid = info["pid"].as_i64().unwrap() as i32;
+    let n2 = &mut cluster.nodes[1];
+    let st = n2.terminate(Duration::from_secs(20));
+    assert!(st.is_some_and(|s| s.success()), "detach exits 0: {st:?}");
+    let log = n2.log();
+    assert!(
+        log.lines().any(
+            |l| l.contains("detached: instances left running") && l.contains("open_sessions=1")
+        ),
+        "{log}"
+    );
+    assert!(pid_alive(pid), "the detached node's instance runs on");
+    let n1 = &cluster.nodes[0];
+    for sid in [&on_n1, &on_n1_too] {
+        assert!(n1.session("det", sid).await["endedAt"].is_null());
+        assert_eq!(n1.stop("det", sid).await.status, 200);
+    }
+    // The detached node's instance is its next server's to re-adopt; stopped here by pid
+    // (this test's own process).
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
