@@ -22,6 +22,7 @@ mod isolation;
 mod lifecycle;
 mod lifecycle_pool;
 mod lifecycle_server;
+mod load_balancer;
 mod ops;
 mod postgres;
 mod python_bots;

@@ -1,0 +1,184 @@
+//! Nodes behind the load balancer recipe of `docs/cluster.md` (`deploy/haproxy/cattery.cfg`,
+//! with this test's addresses): two nodes on one PostgreSQL database, every request through
+//! HAProxy. Without `haproxy` installed the test says so and passes, unless
+//! `CATTERY_REQUIRE_HAPROXY` is set (as `.ci/run` does).
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common::{free_port, wait_for, Cluster};
+use crate::postgres::PgCluster;
+
+/// HAProxy running the recipe's configuration in front of `nodes` (base URLs); killed (by its
+/// pid) when dropped.
+struct Haproxy {
+    child: std::process::Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Haproxy {
+    fn start(nodes: &[String]) -> Option<Haproxy> {
+        let Some(bin) = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+        else {
+            assert!(
+                std::env::var_os("CATTERY_REQUIRE_HAPROXY").is_none(),
+                "CATTERY_REQUIRE_HAPROXY is set but haproxy is not installed"
+            );
+            eprintln!("haproxy is not installed: the load balancer test is skipped");
+            return None;
+        };
+        let recipe = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../deploy/haproxy/cattery.cfg"),
+        )
+        .unwrap();
+        let port = free_port();
+        // The recipe as written, but for its addresses: this test's port and nodes.
+        let mut cfg = String::new();
+        for line in recipe.lines() {
+            let t = line.trim_start();
+            if t.starts_with("server node-") {
+                continue;
+            }
+            if t.starts_with("bind :") {
+                cfg.push_str(&format!("    bind 127.0.0.1:{port}\n"));
+                continue;
+            }
+            cfg.push_str(line);
+            cfg.push('\n');
+            if t.starts_with("default-server ") {
+                for (i, n) in nodes.iter().enumerate() {
+                    let addr = n.trim_start_matches("http://");
+                    cfg.push_str(&format!("    server node-{} {addr} check\n", i + 1));
+                }
+            }
+        }
+        assert_eq!(
+            cfg.matches("\n    server node-").count(),
+            nodes.len(),
+            "{cfg}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, cfg).unwrap();
+        let child = std::process::Command::new(bin)
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Some(Haproxy {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A request through the balancer: status and JSON body (`Value::Null` when the body is not
+/// JSON).
+async fn via(lb: &Haproxy, method: &str, path: &str, key: &str) -> (u16, Value) {
+    let http = reqwest::Client::new();
+    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut rb = http
+        .request(m, format!("{}{path}", lb.base))
+        .bearer_auth(key)
+        .timeout(Duration::from_secs(60));
+    if method == "POST" {
+        rb = rb.json(&json!({}));
+    }
+    let r = rb.send().await.expect("request through the balancer");
+    let status = r.status().as_u16();
+    let body = r.json::<Value>().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// Through the recipe's HAProxy: starts spread over both nodes; while node 2 drains, every
+/// start succeeds (its 503s are sent on to node 1 and its `/ready` takes it out) and every
+/// stop answers 200, node 2's own sessions included; while the database is down a start gets
+/// Cattery's own 503 `{error, code}` and not a balancer's page; then service comes back.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_load_balancer_recipe_routes_around_a_drain_and_passes_an_outage_on() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let mut c = Cluster::new(&pg.url(), &["--node-timeout", "5"]);
+    c.add_node().await.deploy("lb", &[], json!({})).await;
+    c.add_node().await;
+    let bases: Vec<String> = c.nodes.iter().map(|n| n.base.clone()).collect();
+    let Some(lb) = Haproxy::start(&bases) else {
+        return;
+    };
+    let (pk, sk) = (c.nodes[0].pk.clone(), c.nodes[0].sk.clone());
+    wait_for(Duration::from_secs(10), "the balancer serving", || async {
+        let r = reqwest::get(format!("{}/ready", lb.base)).await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+
+    // Starts through the balancer land on both nodes.
+    let mut sessions = Vec::new();
+    for _ in 0..6 {
+        let (st, body) = via(&lb, "POST", "/v1/public/lb/start", &pk).await;
+        assert_eq!(st, 200, "{body}");
+        sessions.push(body["sessionId"].as_str().unwrap().to_string());
+    }
+    // Node 2's heartbeat (every second here) counts its busy instances.
+    wait_for(Duration::from_secs(10), "sessions on node 2", || async {
+        let r = c.nodes[0]
+            .req("GET", "/v1/cluster/nodes", Some(&sk), None)
+            .await;
+        let nodes = r.body["nodes"].as_array()?.clone();
+        let n2 = nodes.iter().find(|n| n["self"] == false)?;
+        (n2["busy"].as_i64()? >= 1).then_some(())
+    })
+    .await;
+
+    // Node 2 drains (its sessions keep it running): no start through the balancer fails.
+    c.nodes[1].signal(15); // SIGTERM
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_secs(3) {
+        let (st, body) = via(&lb, "POST", "/v1/public/lb/start", &pk).await;
+        assert_eq!(st, 200, "a start while node 2 drains: {body}");
+        sessions.push(body["sessionId"].as_str().unwrap().to_string());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every session stops with 200, node 2's too (forwarded to it while it drains).
+    for s in sessions.drain(..) {
+        let (st, body) = via(&lb, "DELETE", &format!("/v1/agents/lb/sessions/{s}"), &sk).await;
+        assert_eq!(st, 200, "stop {s}: {body}");
+    }
+    // Its sessions gone, node 2 leaves (a second SIGTERM finds nothing left to stop).
+    let st = c.nodes[1].terminate(Duration::from_secs(20));
+    assert!(st.is_some_and(|s| s.success()), "node 2's drain: {st:?}");
+
+    // The database down: Cattery's own 503, with its error body, through the balancer.
+    pg.pg_stop();
+    let (st, body) = via(&lb, "POST", "/v1/public/lb/start", &pk).await;
+    assert_eq!(st, 503, "{body}");
+    assert!(
+        body["error"].is_string() && body["code"].is_string(),
+        "a 503 of Cattery's: {body}"
+    );
+    pg.pg_start();
+    let sid = wait_for(Duration::from_secs(30), "service back", || async {
+        let (st, body) = via(&lb, "POST", "/v1/public/lb/start", &pk).await;
+        (st == 200).then(|| body["sessionId"].as_str().unwrap().to_string())
+    })
+    .await;
+    let (st, body) = via(&lb, "DELETE", &format!("/v1/agents/lb/sessions/{sid}"), &sk).await;
+    assert_eq!(st, 200, "{body}");
+}
