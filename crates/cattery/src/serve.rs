@@ -316,7 +316,7 @@ pub fn app_state(
         }
         .context("opening the secrets key file")?,
     );
-    let node = Arc::new(node_identity(config, data_dir)?);
+    let node = Arc::new(node_identity(config, data_dir, &cipher)?);
     let store_for_builds = store.clone();
     let sup = Supervisor::new(
         store.clone(),
@@ -390,10 +390,12 @@ pub fn app_state(
     })
 }
 
-/// This node (docs/cluster.md): `--node-id`, else the id generated once in the data dir.
+/// This node (docs/cluster.md): `--node-id`, else the id generated once in the data dir; its
+/// heartbeat shows its secrets key (`cipher`) by a value sealed with it.
 fn node_identity(
     config: &Config,
     data_dir: &Path,
+    cipher: &crate::core::secrets::SecretCipher,
 ) -> anyhow::Result<crate::core::cluster::NodeIdentity> {
     let c = &config.cluster;
     Ok(crate::core::cluster::NodeIdentity {
@@ -409,6 +411,7 @@ fn node_identity(
             .as_deref()
             .map(crate::core::cluster::ClusterSecret::load_file)
             .transpose()?,
+        key_check: Some(cipher.seal_check()),
     })
 }
 
@@ -441,6 +444,11 @@ async fn join_cluster(
         let nodes = store.list_nodes().await.context("reading the node list")?;
         let now = crate::model::now_ms();
         if let Some(why) = crate::core::cluster::id_in_use(&state.node, &nodes, now) {
+            anyhow::bail!(why);
+        }
+        let key =
+            crate::core::cluster::secrets_key_differs(&state.node, &nodes, now, &state.secrets);
+        if let Some(why) = key {
             anyhow::bail!(why);
         }
         if let Some(why) = crate::core::cluster::unreachable_by_peers(&state.node, &nodes, now) {

@@ -28,6 +28,9 @@ pub struct NodeIdentity {
     pub timeout: Duration,
     /// The cluster secret (`--cluster-secret-file`), if given.
     pub secret: Option<ClusterSecret>,
+    /// What it writes in its heartbeat to show its secrets key
+    /// (`SecretCipher::seal_check`), if anything.
+    pub key_check: Option<Vec<u8>>,
 }
 
 /// The header that carries the cluster secret on calls between nodes.
@@ -109,6 +112,7 @@ impl NodeIdentity {
             heartbeat_ms: now_ms(),
             instances,
             busy,
+            key_check: self.key_check.clone(),
         }
     }
 }
@@ -376,6 +380,34 @@ pub fn unreachable_by_peers(me: &NodeIdentity, nodes: &[NodeRecord], now: i64) -
     ))
 }
 
+/// Why this node may not start with the secrets key of `cipher`: a live node among `nodes` (at
+/// `now`, ms) sealed its heartbeat's key check with another key. Nodes on one database must
+/// share one secrets key (`--secrets-key-file`): a value one seals, the others cannot open.
+/// [`crate::core::secrets::check_key_opens_stored`] catches a key that differs from the one of
+/// the secrets already stored; this catches one that differs from a live node's before any
+/// secret is stored. `None`: no live node has another key.
+pub fn secrets_key_differs(
+    me: &NodeIdentity,
+    nodes: &[NodeRecord],
+    now: i64,
+    cipher: &crate::core::secrets::SecretCipher,
+) -> Option<String> {
+    let timeout_ms = i64::try_from(me.timeout.as_millis()).unwrap_or(i64::MAX);
+    let other = nodes.iter().find(|n| {
+        n.id != me.id
+            && n.heartbeat_ms != 0
+            && now.saturating_sub(n.heartbeat_ms) <= timeout_ms
+            && n.key_check
+                .as_deref()
+                .is_some_and(|c| !cipher.opens_check(c))
+    })?;
+    Some(format!(
+        "this node's secrets key is not the one of live node {}: give every node the same \
+         --secrets-key-file (a secret one node seals, the others cannot open)",
+        other.id
+    ))
+}
+
 /// Heartbeats until the returned handle is aborted: the first at once, then every
 /// [`NodeIdentity::heartbeat_every`], with the engine's live and busy instance counts. A failed
 /// heartbeat (the database down) is logged and retried at the next tick. Each heartbeat the
@@ -441,6 +473,7 @@ mod tests {
             started_ms: 0,
             timeout: Duration::from_secs(10),
             secret: None,
+            key_check: None,
         }
     }
 
@@ -515,6 +548,7 @@ mod tests {
             heartbeat_ms: hb,
             instances: 0,
             busy: 0,
+            key_check: None,
         };
         let other = Some("http://10.0.0.1:7860");
         let err = id_in_use(&me, &[rec(other, now - 500)], now).unwrap();
@@ -556,6 +590,43 @@ mod tests {
         assert!(err.contains("has no --cluster-secret-file:"), "{err}");
         me.secret = Some(ClusterSecret::new(&"k".repeat(40)).unwrap());
         assert!(unreachable_by_peers(&me, &live, now).is_none());
+    }
+
+    /// A node whose secrets key is not a live node's is named at start; a node that shows no
+    /// key, or is dead or left, or this node's own earlier run, is not compared.
+    #[test]
+    fn a_secrets_key_that_is_not_a_live_nodes_is_refused() {
+        use crate::core::secrets::SecretCipher;
+        let mine = SecretCipher::from_key(&[1; 32]);
+        let theirs = SecretCipher::from_key(&[2; 32]);
+        let me = me();
+        let now = 1_000_000;
+        let peer = |id: &str, hb: i64, c: Option<&SecretCipher>| NodeRecord {
+            id: id.into(),
+            heartbeat_ms: hb,
+            key_check: c.map(SecretCipher::seal_check),
+            ..me.record(0, 0)
+        };
+        let err = secrets_key_differs(
+            &me,
+            &[
+                peer("b", now, Some(&mine)),
+                peer("c", now - 100, Some(&theirs)),
+            ],
+            now,
+            &mine,
+        )
+        .unwrap();
+        assert!(err.contains("not the one of live node c"), "{err}");
+        for nodes in [
+            vec![peer("b", now, Some(&mine))],
+            vec![peer("b", now, None)],
+            vec![peer("b", 0, Some(&theirs))],
+            vec![peer("b", now - 10_001, Some(&theirs))],
+            vec![peer("a", now, Some(&theirs))],
+        ] {
+            assert!(secrets_key_differs(&me, &nodes, now, &mine).is_none());
+        }
     }
 
     /// A node takes others over only once it has had the store for a whole node timeout: the

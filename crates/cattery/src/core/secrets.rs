@@ -160,6 +160,28 @@ impl SecretCipher {
         }
     }
 
+    /// A value sealed with this key for no secret (nonce, then ciphertext): each node writes
+    /// one in its heartbeat, and another node opens it to check that both have one key
+    /// ([`SecretCipher::opens_check`]).
+    pub fn seal_check(&self) -> Vec<u8> {
+        let v = self.seal("", KEY_CHECK_SET, "", KEY_CHECK_TEXT);
+        [v.nonce, v.ciphertext].concat()
+    }
+
+    /// Whether `check` ([`SecretCipher::seal_check`]) was sealed with this key.
+    pub fn opens_check(&self, check: &[u8]) -> bool {
+        if check.len() < 24 {
+            return false;
+        }
+        let (nonce, ciphertext) = check.split_at(24);
+        let v = SealedValue {
+            key: String::new(),
+            nonce: nonce.to_vec(),
+            ciphertext: ciphertext.to_vec(),
+        };
+        self.open("", KEY_CHECK_SET, &v).as_deref() == Ok(KEY_CHECK_TEXT)
+    }
+
     /// Opens a value sealed for (org, set, `v.key`).
     ///
     /// Errors: wrong key file, tampered row, or a row moved to another org/set/key.
@@ -185,6 +207,11 @@ impl SecretCipher {
         String::from_utf8(plain).map_err(|_| format!("secret {} of set {set} is not UTF-8", v.key))
     }
 }
+
+/// The (set, text) of [`SecretCipher::seal_check`], sealed for the org "" (no org has that
+/// name), so no secret value can be taken for it, nor it for one.
+const KEY_CHECK_SET: &str = "cattery.node-key-check";
+const KEY_CHECK_TEXT: &str = "cattery secrets key check";
 
 /// Checks that `cipher` opens the secret values already in `store`: the first value found
 /// (orgs and sets in the store's order) is opened. Nodes on one database must share one
@@ -805,6 +832,22 @@ mod tests {
         assert!(SecretCipher::from_key(&[8u8; 32])
             .open("org", "set", &v)
             .is_err());
+    }
+
+    /// A key check opens with its own key only, never as a secret value, and garbage never
+    /// opens.
+    #[test]
+    fn a_key_check_opens_with_its_own_key_only() {
+        let c = SecretCipher::from_key(&[7u8; 32]);
+        let check = c.seal_check();
+        assert!(c.opens_check(&check));
+        assert_ne!(check, c.seal_check(), "a fresh nonce each time");
+        assert!(!SecretCipher::from_key(&[8u8; 32]).opens_check(&check));
+        assert!(!c.opens_check(&check[..20]));
+        assert!(!c.opens_check(&[0u8; 64]));
+        // A secret value is no key check, and a key check opens as no secret of any org.
+        let v = c.seal("org", KEY_CHECK_SET, "", KEY_CHECK_TEXT);
+        assert!(!c.opens_check(&[v.nonce, v.ciphertext].concat()));
     }
 
     #[test]

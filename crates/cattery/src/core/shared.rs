@@ -204,6 +204,7 @@ mod tests {
             started_ms: 0,
             timeout: Duration::from_secs(10),
             secret: None,
+            key_check: None,
         };
         let rec = |id: &str, hb: i64| crate::store::NodeRecord {
             heartbeat_ms: hb,

@@ -883,6 +883,7 @@ async fn nodes(s: &dyn Store) {
         heartbeat_ms: 11,
         instances: 3,
         busy: 1,
+        key_check: Some(vec![7; 40]),
     };
     let a = NodeRecord {
         id: "node-a".into(),
@@ -896,6 +897,7 @@ async fn nodes(s: &dyn Store) {
     b.instances = 0;
     b.busy = 0;
     b.advertise_url = None;
+    b.key_check = None;
     s.heartbeat(&b).await.unwrap();
     assert_eq!(s.list_nodes().await.unwrap(), [a, b]);
 }
@@ -1080,6 +1082,7 @@ async fn node_takeover(s: &dyn Store) {
         heartbeat_ms: hb,
         instances: 0,
         busy: 0,
+        key_check: None,
     };
     s.heartbeat(&node("dead", 100)).await.unwrap();
     s.heartbeat(&node("live", 10_000)).await.unwrap();

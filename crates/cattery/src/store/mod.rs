@@ -452,6 +452,9 @@ pub struct NodeRecord {
     pub instances: i64,
     /// Of them, serving a session.
     pub busy: i64,
+    /// A value the node sealed with its secrets key (`SecretCipher::seal_check`): a node that
+    /// cannot open it has another key. `None` from a node that wrote none.
+    pub key_check: Option<Vec<u8>>,
 }
 
 /// Nodes and their heartbeats.

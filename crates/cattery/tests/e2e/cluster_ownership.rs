@@ -642,8 +642,36 @@ async fn a_second_process_with_a_live_nodes_id_is_refused() {
     let (st, info) = session_pid(n1, "dup", &sid).await;
     assert_eq!(st, 200, "{info}");
     let pid = info["pid"].as_i64().unwrap() as i32;
-    let dir = tempfile::tempdir().unwrap();
     let port = crate::common::free_port();
+    let err = start_refused(
+        &pg,
+        port,
+        &[
+            "--node-id",
+            "n1",
+            "--advertise-url",
+            &format!("http://127.0.0.1:{port}"),
+        ],
+    )
+    .await;
+    assert!(
+        err.contains(&format!(
+            "node id n1 is in use by a live node at {}",
+            n1.base
+        )),
+        "{err}"
+    );
+    assert!(pid_alive(pid));
+    let s = n1.session("dup", &sid).await;
+    assert!(s["endedAt"].is_null(), "{s}");
+    assert_eq!(n1.stop("dup", &sid).await.status, 200);
+    assert_eq!(n1.session("dup", &sid).await["endReason"], "stopped");
+}
+
+/// Runs `cattery serve` on `port` with `args` on `pg`'s database and expects it to refuse to
+/// start (exit with an error within 60 s); returns its stderr.
+async fn start_refused(pg: &PgCluster, port: u16, args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(crate::common::cattery_bin())
         .args([
             "serve",
@@ -652,12 +680,7 @@ async fn a_second_process_with_a_live_nodes_id_is_refused() {
             "--data-dir",
         ])
         .arg(dir.path())
-        .args([
-            "--node-id",
-            "n1",
-            "--advertise-url",
-            &format!("http://127.0.0.1:{port}"),
-        ])
+        .args(args)
         .env("CATTERY_DATABASE_URL", pg.url())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -671,25 +694,64 @@ async fn a_second_process_with_a_live_nodes_id_is_refused() {
         if began.elapsed() > Duration::from_secs(60) {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("a second node n1 started (it should have been refused)");
+            panic!("cattery serve {args:?} started (it should have been refused)");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success());
+    assert!(!status.success(), "{err}");
+    err
+}
+
+/// A node started with another `--secrets-key-file` than a live node's is refused at start,
+/// naming that node, even before any secret is stored (nothing would show the difference
+/// until a secret one node sealed failed to open on the other).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_with_another_secrets_key_is_refused() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let mut cluster = start_nodes(&pg, 1, "10", &[], ("keyed", json!({}))).await;
+    let keys = tempfile::tempdir().unwrap();
+    let other = keys.path().join("other.key");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&other)
+            .unwrap();
+        std::io::Write::write_all(&mut f, &[0x42u8; 32]).unwrap();
+    }
+    let port = crate::common::free_port();
+    let err = start_refused(
+        &pg,
+        port,
+        &[
+            "--node-id",
+            "n2",
+            "--secrets-key-file",
+            other.to_str().unwrap(),
+        ],
+    )
+    .await;
     assert!(
-        err.contains(&format!(
-            "node id n1 is in use by a live node at {}",
-            n1.base
-        )),
+        err.contains("this node's secrets key is not the one of live node n1"),
         "{err}"
     );
-    assert!(pid_alive(pid));
-    let s = n1.session("dup", &sid).await;
-    assert!(s["endedAt"].is_null(), "{s}");
-    assert_eq!(n1.stop("dup", &sid).await.status, 200);
-    assert_eq!(n1.session("dup", &sid).await["endReason"], "stopped");
+    // The refused node wrote nothing: the cluster has one node. With the cluster's key, a
+    // second node joins.
+    assert_eq!(node_count(&cluster.nodes[0]).await, 1);
+    cluster.add_node().await;
+    assert_eq!(node_count(&cluster.nodes[0]).await, 2);
+}
+
+/// How many nodes `n` lists.
+async fn node_count(n: &Server) -> usize {
+    let r = n.req("GET", "/v1/cluster/nodes", Some(&n.sk), None).await;
+    r.body["nodes"].as_array().unwrap().len()
 }
 
 /// What a load balancer polls: `/ready` answers 200 while the node takes new sessions and 503

@@ -148,6 +148,7 @@ fn n2(url: &str, heartbeat_ms: i64) -> crate::store::NodeRecord {
         heartbeat_ms,
         instances: 1,
         busy: 1,
+        key_check: None,
     }
 }
 

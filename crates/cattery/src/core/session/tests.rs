@@ -537,6 +537,7 @@ async fn a_dead_nodes_sessions_end_lost_once() {
         heartbeat_ms: hb,
         instances: 1,
         busy: 1,
+        key_check: None,
     };
     let now = now_ms();
     e.store.heartbeat(&node("n2", now)).await.unwrap();
@@ -854,6 +855,7 @@ fn n2_at(url: &str) -> crate::store::NodeRecord {
         heartbeat_ms: now_ms(),
         instances: 1,
         busy: 1,
+        key_check: None,
     }
 }
 

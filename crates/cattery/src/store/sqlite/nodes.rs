@@ -17,6 +17,7 @@ fn node_from_row(r: &Row<'_>) -> StoreResult<NodeRecord> {
         heartbeat_ms: r.int(4).unwrap_or_default(),
         instances: r.int(5).unwrap_or_default(),
         busy: r.int(6).unwrap_or_default(),
+        key_check: r.opt_blob(7),
     })
 }
 
@@ -27,7 +28,7 @@ impl NodeStore for SqliteStore {
         self.write(move |db| {
             db.exec(
                 "INSERT OR REPLACE INTO nodes (id, advertise_url, version, started_ms, \
-                 heartbeat_ms, instances, busy) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 heartbeat_ms, instances, busy, key_check) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 &[
                     Val::Text(&n.id),
                     n.advertise_url.as_ref().into(),
@@ -36,6 +37,7 @@ impl NodeStore for SqliteStore {
                     n.heartbeat_ms.into(),
                     n.instances.into(),
                     n.busy.into(),
+                    n.key_check.as_deref().map(Val::Blob).unwrap_or(Val::Null),
                 ],
             )
             .map(|_| ())
@@ -46,8 +48,8 @@ impl NodeStore for SqliteStore {
     async fn list_nodes(&self) -> StoreResult<Vec<NodeRecord>> {
         self.scan(|db| {
             db.query_all(
-                "SELECT id, advertise_url, version, started_ms, heartbeat_ms, instances, busy \
-                 FROM nodes ORDER BY id",
+                "SELECT id, advertise_url, version, started_ms, heartbeat_ms, instances, busy, \
+                 key_check FROM nodes ORDER BY id",
                 &[],
                 node_from_row,
             )
