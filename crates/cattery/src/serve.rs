@@ -196,8 +196,14 @@ fn server_id(data_dir: &Path) -> anyhow::Result<String> {
 
 /// How often logs older than the age limit are deleted.
 const LOG_AGE_PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How long the log writer lets lines gather after the first of a batch before it writes them
+/// (unless 512 are waiting): a burst of starts and stops, each with a line or two, then costs
+/// the store one write after the burst instead of several during it, each competing with the
+/// burst's own session writes.
+const LOG_LINGER: Duration = Duration::from_millis(20);
 
-/// Writes captured lines in batches of up to 512, and enforces retention: after each batch the
+/// Writes captured lines in batches of up to 512, each written [`LOG_LINGER`] after its first
+/// line (or once 512 wait, or at once while closing), and enforces retention: after each batch the
 /// size cap (`max_lines`, cheap: a range delete on the primary key), and every minute the age
 /// limit (`retention`). Both also run once at start.
 /// Once `close` is cancelled, the writer stores what the channel holds and returns.
@@ -234,6 +240,16 @@ async fn log_writer(
             n = rx.recv_many(&mut buf, 512) => {
                 if n == 0 {
                     break;
+                }
+                if !close.is_cancelled() && buf.len() < 512 {
+                    let until = tokio::time::Instant::now() + LOG_LINGER;
+                    while buf.len() < 512 {
+                        let room = 512 - buf.len();
+                        let more = tokio::time::timeout_at(until, rx.recv_many(&mut buf, room));
+                        if !matches!(more.await, Ok(n) if n > 0) {
+                            break;
+                        }
+                    }
                 }
                 // The batch and the size cap's prune: one round trip on PostgreSQL.
                 if let Err(e) = store.append_logs_capped(&buf, max_lines).await {
