@@ -37,11 +37,27 @@ impl Haproxy {
         )
         .unwrap();
         let port = free_port();
-        // The recipe as written, but for its addresses: this test's port and nodes.
+        // The recipe as written, but for its addresses: this test's port, and each group of
+        // `server` lines (`node-N`, `alive-N`) for this test's nodes.
         let mut cfg = String::new();
+        let mut groups = Vec::new();
         for line in recipe.lines() {
             let t = line.trim_start();
-            if t.starts_with("server node-") {
+            if let Some(rest) = t.strip_prefix("server ") {
+                let mut words = rest.split_whitespace();
+                let name = words.next().unwrap();
+                let prefix = name
+                    .trim_end_matches(|c: char| c.is_ascii_digit())
+                    .to_string();
+                let _addr = words.next();
+                let flags = words.collect::<Vec<_>>().join(" ");
+                if !groups.contains(&prefix) {
+                    for (i, n) in nodes.iter().enumerate() {
+                        let addr = n.trim_start_matches("http://");
+                        cfg.push_str(&format!("    server {prefix}{} {addr} {flags}\n", i + 1));
+                    }
+                    groups.push(prefix);
+                }
                 continue;
             }
             if t.starts_with("bind :") {
@@ -50,18 +66,8 @@ impl Haproxy {
             }
             cfg.push_str(line);
             cfg.push('\n');
-            if t.starts_with("default-server ") {
-                for (i, n) in nodes.iter().enumerate() {
-                    let addr = n.trim_start_matches("http://");
-                    cfg.push_str(&format!("    server node-{} {addr} check\n", i + 1));
-                }
-            }
         }
-        assert_eq!(
-            cfg.matches("\n    server node-").count(),
-            nodes.len(),
-            "{cfg}"
-        );
+        assert_eq!(groups, ["node-", "alive-"], "{cfg}");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, cfg).unwrap();
@@ -109,7 +115,8 @@ async fn via(lb: &Haproxy, method: &str, path: &str, key: &str) -> (u16, Value) 
 /// Through the recipe's HAProxy: starts spread over both nodes; while node 2 drains, every
 /// start succeeds (its 503s are sent on to node 1 and its `/ready` takes it out) and every
 /// stop answers 200, node 2's own sessions included; while the database is down a start gets
-/// Cattery's own 503 `{error, code}` and not a balancer's page; then service comes back.
+/// Cattery's own 503 `{error, code}` and not a balancer's page, also once the outage outlasts
+/// the node timeout and no node is ready; then service comes back.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_load_balancer_recipe_routes_around_a_drain_and_passes_an_outage_on() {
     let Some(pg) = PgCluster::start() else {
@@ -165,13 +172,28 @@ async fn the_load_balancer_recipe_routes_around_a_drain_and_passes_an_outage_on(
     let st = c.nodes[1].terminate(Duration::from_secs(20));
     assert!(st.is_some_and(|s| s.success()), "node 2's drain: {st:?}");
 
-    // The database down: Cattery's own 503, with its error body, through the balancer.
+    // The database down: Cattery's own 503, with its error body, through the balancer; also
+    // once the outage outlasts the node timeout and the node fences itself (its `/ready`
+    // answers 503, so no node is in rotation and the nodes alive take the traffic).
     pg.pg_stop();
     let (st, body) = via(&lb, "POST", "/v1/public/lb/start", &pk).await;
     assert_eq!(st, 503, "{body}");
     assert!(
         body["error"].is_string() && body["code"].is_string(),
         "a 503 of Cattery's: {body}"
+    );
+    let n1 = &c.nodes[0];
+    wait_for(Duration::from_secs(30), "node 1 fenced", || async {
+        let r = reqwest::get(format!("{}/ready", n1.base)).await.ok()?;
+        (r.status() == 503).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // HAProxy's next checks
+    let (st, body) = via(&lb, "POST", "/v1/public/lb/start", &pk).await;
+    assert_eq!(st, 503, "{body}");
+    assert!(
+        body["error"].is_string() && body["code"].is_string(),
+        "a 503 of Cattery's while no node is ready: {body}"
     );
     pg.pg_start();
     let sid = wait_for(Duration::from_secs(30), "service back", || async {
