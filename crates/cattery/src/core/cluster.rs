@@ -422,6 +422,8 @@ pub fn spawn_heartbeats(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(me.heartbeat_every());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Whether this node said it is fenced since its last recorded heartbeat.
+        let mut said_fenced = false;
         loop {
             tick.tick().await;
             let Some(s) = sup.upgrade() else { break };
@@ -430,8 +432,14 @@ pub fn spawn_heartbeats(
             let rec = me.record(i64::from(instances), i64::from(busy));
             if let Err(e) = store.heartbeat(&rec).await {
                 tracing::warn!(error = %e, node = %me.id, "heartbeat not recorded");
+                if !said_fenced && s.is_fenced() {
+                    said_fenced = true;
+                    tracing::warn!(node = %me.id, timeout_s = me.timeout.as_secs_f64(),
+                        "fenced: no heartbeat recorded for longer than the node timeout; this node admits no start (503 NODE_FENCED) and /ready answers 503 until the store takes a heartbeat again and the node has reconciled");
+                }
                 continue;
             }
+            said_fenced = false;
             if s.heartbeat_recorded(made) {
                 tracing::warn!(node = %me.id,
                     "this node's heartbeats were late (longer than the node timeout): it may have been taken over; reconciling with the store");

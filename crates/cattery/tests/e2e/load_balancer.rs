@@ -188,6 +188,17 @@ async fn the_load_balancer_recipe_routes_around_a_drain_and_passes_an_outage_on(
         (r.status() == 503).then_some(())
     })
     .await;
+    // The node says so in its log, once.
+    wait_for(
+        Duration::from_secs(10),
+        "node 1 saying it is fenced",
+        || async {
+            n1.log()
+                .contains("fenced: no heartbeat recorded")
+                .then_some(())
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await; // HAProxy's next checks
     let (st, body) = via(&lb, "POST", "/v1/public/lb/start", &pk).await;
     assert_eq!(st, 503, "{body}");
@@ -203,4 +214,12 @@ async fn the_load_balancer_recipe_routes_around_a_drain_and_passes_an_outage_on(
     .await;
     let (st, body) = via(&lb, "DELETE", &format!("/v1/agents/lb/sessions/{sid}"), &sk).await;
     assert_eq!(st, 200, "{body}");
+    assert_eq!(
+        c.nodes[0]
+            .log()
+            .matches("fenced: no heartbeat recorded")
+            .count(),
+        1,
+        "said once per outage"
+    );
 }
