@@ -13,6 +13,7 @@
 //!
 //! [store]
 //! kind = "sqlite"
+//! # database_url = "postgres://cattery:PASSWORD@db.internal:5432/cattery"  # PostgreSQL instead
 //!
 //! [runtime]
 //! kind = "process"
@@ -27,6 +28,12 @@
 //!
 //! [websocket]
 //! idle_timeout_seconds = 60
+//!
+//! [cluster]   # docs/cluster.md: several nodes on one PostgreSQL database
+//! # node_id = "node-1"
+//! # advertise_url = "http://10.0.0.11:7870"
+//! # cluster_secret_file = "/etc/cattery/cluster.secret"
+//! # secrets_key_file = "/etc/cattery/secrets.key"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -888,6 +895,21 @@ mod tests {
         assert!(Config::from_toml("[server]\nlisen = \"x\"\n").is_err());
         assert!(Config::from_toml("[store]\nkind = \"postgres\"\n").is_err());
         assert!(Config::from_toml("[nope]\n").is_err());
+    }
+
+    /// The example at the top of this file is a valid configuration.
+    #[test]
+    fn the_example_file_parses() {
+        let src = include_str!("config.rs");
+        let body: String = src
+            .lines()
+            .skip_while(|l| !l.starts_with("//! ```toml"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| format!("{}\n", l.trim_start_matches("//!").trim_start()))
+            .collect();
+        assert!(body.contains("[cluster]"), "{body}");
+        Config::from_toml(&body).unwrap();
     }
 
     #[test]

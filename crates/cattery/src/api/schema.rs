@@ -612,6 +612,10 @@ pub struct Session {
     /// Always empty (single-session lookups only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub meeting_ids: Option<Vec<String>>,
+    /// The node that owns it (docs/cluster.md): the one whose instance serves it, which stops,
+    /// proxies and supervises it. Null in records made before nodes owned sessions. A
+    /// Cattery extension.
+    pub node_id: Option<String>,
     /// Org.
     pub organization_id: String,
     /// CPU and memory figures, null when none (single-session lookups only).
@@ -651,6 +655,7 @@ impl Session {
             exit_code: end.and_then(|e| e.exit_code),
             exit_signal: end.and_then(|e| e.exit_signal),
             meeting_ids: None,
+            node_id: Some(s.node_id.clone()).filter(|n| !n.is_empty()),
             organization_id: s.org.clone(),
             resource_metrics: None,
             service_id: s.agent_id,

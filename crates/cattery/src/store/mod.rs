@@ -99,7 +99,7 @@ pub async fn open(
         StoreKind::Sqlite => {
             if mode == OpenMode::Existing && !data_dir.join(sqlite::DB_FILE).is_file() {
                 anyhow::bail!(
-                    "{} is not a Cattery data dir (no {}); start `cattery serve --data-dir {}` first, or pass the server's --data-dir",
+                    "{} is not a Cattery data dir (no {}); start `cattery serve --data-dir {}` first, or pass the server's --data-dir (a server on PostgreSQL keeps its records in the database: pass its --database-url, or set CATTERY_DATABASE_URL)",
                     data_dir.display(),
                     sqlite::DB_FILE,
                     data_dir.display()

@@ -68,6 +68,10 @@ async fn any_node_lists_proxies_and_stops_another_nodes_session() {
         "node 1 does not list the session: {}",
         listed.body
     );
+    // Each session names its owner, on every node.
+    for n in [n1, n3] {
+        assert_eq!(n.session("fwd", &sid).await["nodeId"], "n2");
+    }
 
     let (st, info) = session_pid(n3, "fwd", &sid).await;
     assert_eq!(st, 200, "proxy through node 3: {info}");
