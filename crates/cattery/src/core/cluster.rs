@@ -138,7 +138,8 @@ pub struct NodeStatus {
     /// such as `--on-stop detach`); or `left` (drained and stopped cleanly).
     #[schema(example = "alive")]
     pub state: &'static str,
-    /// Live instances at its last heartbeat.
+    /// Live instances at its last heartbeat (a dead node's: what it had then, not what a
+    /// takeover left of them).
     pub instances: i64,
     /// Of them, serving a session.
     pub busy: i64,
