@@ -467,6 +467,7 @@ async fn join_cluster(
         if let Some(why) = key {
             anyhow::bail!(why);
         }
+        crate::core::cluster::check_secret_with_peers(&state.node, &nodes, now).await?;
         if let Some(why) = crate::core::cluster::unreachable_by_peers(&state.node, &nodes, now) {
             tracing::warn!("{why}");
         }

@@ -409,6 +409,53 @@ pub fn secrets_key_differs(
     ))
 }
 
+/// Checks this node's cluster secret with one live node among `nodes` (at `now`, ms) that has
+/// an advertise URL, by an internal call every node answers: the stop of the nil session,
+/// which no node has (404 once the secret is accepted). A node with another secret would
+/// otherwise be found only at the first stop or proxied request forwarded to or from it.
+/// Nothing to check without a secret or a live peer; a peer that does not answer within 2 s
+/// is logged and not held against this node.
+///
+/// Errors: the peer refused this node's secret (401).
+pub async fn check_secret_with_peers(
+    me: &NodeIdentity,
+    nodes: &[NodeRecord],
+    now: i64,
+) -> anyhow::Result<()> {
+    use crate::core::session::{PeerStop, Peers};
+    let Some(secret) = &me.secret else {
+        return Ok(());
+    };
+    let timeout_ms = i64::try_from(me.timeout.as_millis()).unwrap_or(i64::MAX);
+    let Some((peer, url)) = nodes.iter().find_map(|n| {
+        let live = n.heartbeat_ms != 0 && now.saturating_sub(n.heartbeat_ms) <= timeout_ms;
+        (n.id != me.id && live)
+            .then_some(n.advertise_url.as_deref())
+            .flatten()
+            .map(|u| (n.id.as_str(), u))
+    }) else {
+        return Ok(());
+    };
+    let peers = HttpPeers::new(secret.clone());
+    let probe = peers.stop(url, uuid::Uuid::nil());
+    match tokio::time::timeout(Duration::from_secs(2), probe).await {
+        Ok(Ok(PeerStop::Refused)) => anyhow::bail!(
+            "live node {peer} at {url} refused this node's cluster secret: every node needs \
+             the same --cluster-secret-file"
+        ),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) if e.contains(" answered 404") => Ok(()),
+        Ok(Err(e)) => {
+            tracing::warn!(node = peer, error = %e, "could not check the cluster secret with another node");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!(node = peer, %url, "could not check the cluster secret with another node: no answer within 2 s");
+            Ok(())
+        }
+    }
+}
+
 /// Heartbeats until the returned handle is aborted: the first at once, then every
 /// [`NodeIdentity::heartbeat_every`], with the engine's live and busy instance counts. A failed
 /// heartbeat (the database down) is logged and retried at the next tick. Each heartbeat the

@@ -752,6 +752,48 @@ async fn a_node_with_another_secrets_key_is_refused() {
     assert_eq!(node_count(&cluster.nodes[0]).await, 2);
 }
 
+/// A node whose `--cluster-secret-file` differs from the cluster's is refused at start by a
+/// live node it checks it with (which logs the refusal), instead of at the first forwarded
+/// call.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_with_another_cluster_secret_is_refused() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let cluster = start_nodes(&pg, 1, "10", &[], ("secret", json!({}))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("cluster.secret");
+    std::fs::write(&wrong, format!("{SECRET}-not-the-same\n")).unwrap();
+    let key = cluster.key_dir.path().join("secrets.key");
+    let port = crate::common::free_port();
+    let err = start_refused(
+        &pg,
+        port,
+        &[
+            "--node-id",
+            "n2",
+            "--advertise-url",
+            &format!("http://127.0.0.1:{port}"),
+            "--secrets-key-file",
+            key.to_str().unwrap(),
+            "--cluster-secret-file",
+            wrong.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(
+        err.contains(&format!(
+            "live node n1 at {} refused this node's cluster secret",
+            cluster.nodes[0].base
+        )),
+        "{err}"
+    );
+    assert!(cluster.nodes[0]
+        .log()
+        .contains("refused an internal call from another node"));
+    assert_eq!(node_count(&cluster.nodes[0]).await, 1);
+}
+
 /// How many nodes `n` lists.
 async fn node_count(n: &Server) -> usize {
     let r = n.req("GET", "/v1/cluster/nodes", Some(&n.sk), None).await;
