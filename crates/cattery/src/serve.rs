@@ -700,6 +700,67 @@ mod tests {
     use nix::fcntl::{Flock, FlockArg};
     use std::io::Write;
 
+    /// A captured line is stored a batch delay after its capture, never before, with the
+    /// lines captured meanwhile; closing writes what waits at once.
+    #[tokio::test]
+    async fn log_lines_are_written_in_batches_and_on_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::sqlite::SqliteStore::open(dir.path())
+                .await
+                .unwrap(),
+        );
+        let agent = uuid::Uuid::new_v4();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let close = tokio_util::sync::CancellationToken::new();
+        let writer = tokio::spawn(log_writer(
+            store.clone(),
+            rx,
+            Duration::from_secs(3600),
+            0,
+            close.clone(),
+        ));
+        let line = |n: i64| LogLine {
+            org: "default".into(),
+            agent_id: agent,
+            deployment_id: None,
+            session_id: None,
+            instance_id: None,
+            ts_ns: crate::model::now_ns() + n,
+            stream: "platform",
+            line: format!("line {n}"),
+        };
+        let stored = || {
+            let store = store.clone();
+            async move {
+                let f = crate::store::LogFilter {
+                    limit: 100,
+                    ..Default::default()
+                };
+                store.query_logs(agent, &f).await.unwrap().0
+            }
+        };
+        let sent = std::time::Instant::now();
+        tx.send(line(1)).unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        tx.send(line(2)).unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        if sent.elapsed() < LOG_LINGER {
+            assert_eq!(stored().await, 0, "written before the batch delay");
+        }
+        let began = std::time::Instant::now();
+        while stored().await < 2 {
+            assert!(began.elapsed() < Duration::from_secs(10), "never written");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(stored().await, 2, "both lines in the batch");
+        tx.send(line(3)).unwrap();
+        close.cancel();
+        drop(tx);
+        writer.await.unwrap();
+        assert_eq!(stored().await, 3, "written on close");
+    }
+
     /// The banner's key commands name the store the keys live in: the data dir on SQLite,
     /// the database on PostgreSQL (by its variable: the URL may hold a password).
     #[test]
