@@ -24,17 +24,8 @@ impl Cluster {
     /// `extra` flags after the shared ones.
     pub fn new(database_url: &str, extra: &[&str]) -> Cluster {
         let key_dir = tempfile::tempdir().unwrap();
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(key_dir.path().join("secrets.key"))
-                .unwrap();
-            let key: [u8; 32] = std::array::from_fn(|i| i as u8 ^ 0x5a);
-            std::io::Write::write_all(&mut f, &key).unwrap();
-        }
+        let key: [u8; 32] = std::array::from_fn(|i| i as u8 ^ 0x5a);
+        super::write_private(&key_dir.path().join("secrets.key"), &key);
         std::fs::write(
             key_dir.path().join("cluster.secret"),
             format!("{CLUSTER_SECRET}\n"),

@@ -68,6 +68,18 @@ pub fn py_env_dir() -> PathBuf {
     PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/cattery-py")
 }
 
+/// Writes `bytes` to a new file at `path` with mode 0600 (what the server asks of key files).
+pub fn write_private(path: &std::path::Path, bytes: &[u8]) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, bytes).unwrap();
+}
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

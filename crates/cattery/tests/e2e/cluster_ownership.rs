@@ -719,16 +719,7 @@ async fn a_node_with_another_secrets_key_is_refused() {
     let mut cluster = start_nodes(&pg, 1, "10", &[], ("keyed", json!({}))).await;
     let keys = tempfile::tempdir().unwrap();
     let other = keys.path().join("other.key");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&other)
-            .unwrap();
-        std::io::Write::write_all(&mut f, &[0x42u8; 32]).unwrap();
-    }
+    crate::common::write_private(&other, &[0x42u8; 32]);
     let port = crate::common::free_port();
     let err = start_refused(
         &pg,

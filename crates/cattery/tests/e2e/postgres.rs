@@ -339,16 +339,7 @@ async fn a_node_heartbeats_and_a_second_node_joins_while_it_lives() {
     };
     let keydir = tempfile::tempdir().unwrap();
     let keyfile = keydir.path().join("secrets.key");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&keyfile)
-            .unwrap();
-        std::io::Write::write_all(&mut f, &[7u8; 32]).unwrap();
-    }
+    crate::common::write_private(&keyfile, &[7u8; 32]);
     let keyfile = keyfile.to_str().unwrap().to_string();
     let port = free_port();
     let advertise = format!("http://127.0.0.1:{port}");
