@@ -102,6 +102,24 @@ impl NodeIdentity {
         (self.timeout / 5).max(Duration::from_millis(100))
     }
 
+    /// Whether node `n` is alive at `now` (ms) as this node sees it: it has not left
+    /// (heartbeat 0) and its last heartbeat is within the node timeout.
+    pub fn sees_alive(&self, n: &NodeRecord, now: i64) -> bool {
+        let timeout_ms = i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX);
+        n.heartbeat_ms != 0 && now.saturating_sub(n.heartbeat_ms) <= timeout_ms
+    }
+
+    /// The live nodes among `nodes` at `now` (ms), this one excepted.
+    pub fn live_peers<'a>(
+        &'a self,
+        nodes: &'a [NodeRecord],
+        now: i64,
+    ) -> impl Iterator<Item = &'a NodeRecord> + 'a {
+        nodes
+            .iter()
+            .filter(move |n| n.id != self.id && self.sees_alive(n, now))
+    }
+
     /// The heartbeat record with the given instance counts.
     pub fn record(&self, instances: i64, busy: i64) -> NodeRecord {
         NodeRecord {
@@ -150,13 +168,12 @@ pub struct NodeStatus {
 
 /// The nodes as seen from `me` at `now` (ms), by id.
 pub fn statuses(me: &NodeIdentity, nodes: Vec<NodeRecord>, now: i64) -> Vec<NodeStatus> {
-    let timeout = i64::try_from(me.timeout.as_millis()).unwrap_or(i64::MAX);
     nodes
         .into_iter()
         .map(|n| {
             let age = now.saturating_sub(n.heartbeat_ms).max(0);
             let left = n.heartbeat_ms == 0;
-            let alive = !left && age <= timeout;
+            let alive = me.sees_alive(&n, now);
             NodeStatus {
                 this: n.id == me.id,
                 alive,
@@ -330,12 +347,11 @@ pub fn may_take_over(
 /// `--advertise-url`: two live processes cannot both serve one address) is not a conflict,
 /// nor is a node that left (heartbeat 0). `None`: the id is free.
 pub fn id_in_use(me: &NodeIdentity, nodes: &[NodeRecord], now: i64) -> Option<String> {
-    let timeout_ms = i64::try_from(me.timeout.as_millis()).unwrap_or(i64::MAX);
     let n = nodes.iter().find(|n| n.id == me.id)?;
-    let age = now.saturating_sub(n.heartbeat_ms);
-    if n.heartbeat_ms == 0 || age > timeout_ms || n.advertise_url == me.advertise_url {
+    if !me.sees_alive(n, now) || n.advertise_url == me.advertise_url {
         return None;
     }
+    let age = now.saturating_sub(n.heartbeat_ms);
     Some(format!(
         "node id {} is in use by a live node at {} (its last heartbeat {} ms ago); give every \
          node its own --node-id (or none: each data dir then has its own). If that was this \
@@ -356,13 +372,7 @@ pub fn id_in_use(me: &NodeIdentity, nodes: &[NodeRecord], now: i64) -> Option<St
 /// such calls answer 503 `NODE_UNREACHABLE` on every node but the owner. `None` when it lacks
 /// nothing, or when no other node is alive (one node on PostgreSQL needs neither).
 pub fn unreachable_by_peers(me: &NodeIdentity, nodes: &[NodeRecord], now: i64) -> Option<String> {
-    let timeout_ms = i64::try_from(me.timeout.as_millis()).unwrap_or(i64::MAX);
-    let others = nodes
-        .iter()
-        .filter(|n| {
-            n.id != me.id && n.heartbeat_ms != 0 && now.saturating_sub(n.heartbeat_ms) <= timeout_ms
-        })
-        .count();
+    let others = me.live_peers(nodes, now).count();
     let mut missing = Vec::new();
     if me.advertise_url.is_none() {
         missing.push("--advertise-url");
@@ -393,14 +403,10 @@ pub fn secrets_key_differs(
     now: i64,
     cipher: &crate::core::secrets::SecretCipher,
 ) -> Option<String> {
-    let timeout_ms = i64::try_from(me.timeout.as_millis()).unwrap_or(i64::MAX);
-    let other = nodes.iter().find(|n| {
-        n.id != me.id
-            && n.heartbeat_ms != 0
-            && now.saturating_sub(n.heartbeat_ms) <= timeout_ms
-            && n.key_check
-                .as_deref()
-                .is_some_and(|c| !cipher.opens_check(c))
+    let other = me.live_peers(nodes, now).find(|n| {
+        n.key_check
+            .as_deref()
+            .is_some_and(|c| !cipher.opens_check(c))
     })?;
     Some(format!(
         "this node's secrets key is not the one of live node {}: give every node the same \
@@ -426,14 +432,10 @@ pub async fn check_secret_with_peers(
     let Some(secret) = &me.secret else {
         return Ok(());
     };
-    let timeout_ms = i64::try_from(me.timeout.as_millis()).unwrap_or(i64::MAX);
-    let Some((peer, url)) = nodes.iter().find_map(|n| {
-        let live = n.heartbeat_ms != 0 && now.saturating_sub(n.heartbeat_ms) <= timeout_ms;
-        (n.id != me.id && live)
-            .then_some(n.advertise_url.as_deref())
-            .flatten()
-            .map(|u| (n.id.as_str(), u))
-    }) else {
+    let Some((peer, url)) = me
+        .live_peers(nodes, now)
+        .find_map(|n| Some((n.id.as_str(), n.advertise_url.as_deref()?)))
+    else {
         return Ok(());
     };
     let peers = HttpPeers::new(secret.clone());

@@ -9,6 +9,21 @@ use super::{api_with, Api};
 
 const SECRET: &str = "an-internal-secret-of-at-least-32-chars";
 
+/// An API whose node has the cluster secret [`SECRET`] (read from a file at start) and the
+/// node timeout `timeout_s`, if given.
+async fn api_with_secret(timeout_s: Option<f64>) -> Api {
+    let secret_dir = tempfile::tempdir().unwrap();
+    let file = secret_dir.path().join("cluster.secret");
+    std::fs::write(&file, format!("{SECRET}\n")).unwrap();
+    api_with(|c| {
+        c.cluster.cluster_secret_file = Some(file.clone());
+        if let Some(t) = timeout_s {
+            c.cluster.node_timeout_seconds = t;
+        }
+    })
+    .await
+}
+
 async fn internal(
     api: &Api,
     path: &str,
@@ -40,10 +55,7 @@ async fn internal(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn internal_stop_takes_the_cluster_secret_and_nothing_else() {
-    let secret_dir = tempfile::tempdir().unwrap();
-    let file = secret_dir.path().join("cluster.secret");
-    std::fs::write(&file, format!("{SECRET}\n")).unwrap();
-    let api = api_with(|c| c.cluster.cluster_secret_file = Some(file.clone())).await;
+    let api = api_with_secret(None).await;
     api.deploy("ia", &[], serde_json::json!({})).await;
     let sid = api.start_ok("ia").await;
     let path = format!("/internal/v1/sessions/{sid}/stop");
@@ -158,14 +170,7 @@ fn n2(url: &str, heartbeat_ms: i64) -> crate::store::NodeRecord {
 /// request and went silent misses the node timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxied_request_finds_its_owner_in_the_node_list_seen_and_gives_up_on_a_frozen_one() {
-    let secret_dir = tempfile::tempdir().unwrap();
-    let file = secret_dir.path().join("cluster.secret");
-    std::fs::write(&file, format!("{SECRET}\n")).unwrap();
-    let api = api_with(|c| {
-        c.cluster.cluster_secret_file = Some(file.clone());
-        c.cluster.node_timeout_seconds = 2.0;
-    })
-    .await;
+    let api = api_with_secret(Some(2.0)).await;
     api.deploy("px", &[], serde_json::json!({})).await;
     let store = api.state.store.clone();
     let now = crate::model::now_ms();
@@ -217,14 +222,7 @@ async fn a_proxied_request_finds_its_owner_in_the_node_list_seen_and_gives_up_on
 /// retrying until the stop's time is up. A bot's own 401 is passed on unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_owner_refusing_this_nodes_cluster_secret_is_named_and_not_retried() {
-    let secret_dir = tempfile::tempdir().unwrap();
-    let file = secret_dir.path().join("cluster.secret");
-    std::fs::write(&file, format!("{SECRET}\n")).unwrap();
-    let api = api_with(|c| {
-        c.cluster.cluster_secret_file = Some(file.clone());
-        c.cluster.node_timeout_seconds = 10.0;
-    })
-    .await;
+    let api = api_with_secret(Some(10.0)).await;
     api.state
         .sup
         .set_peers(std::sync::Arc::new(crate::core::cluster::HttpPeers::new(
