@@ -322,7 +322,6 @@ impl ProcessRuntime {
         spec: InstanceSpec,
         logs: LogSink,
     ) -> Result<Arc<dyn Instance>, RuntimeError> {
-        let id = spec.instance_id.to_string();
         let (zygote, note) = match self.zygote_for(&spec) {
             Ok(z) => (Some(z), None),
             Err(note) => (None, note),
@@ -332,6 +331,20 @@ impl ProcessRuntime {
             None => self.spares.take(),
             Some(_) => None,
         };
+        self.start_with(spec, logs, zygote, note, spare)
+    }
+
+    /// [`ProcessRuntime::start_blocking`] once the fork server (or why there is none) and the
+    /// spare cgroup slot are decided.
+    fn start_with(
+        &self,
+        spec: InstanceSpec,
+        logs: LogSink,
+        zygote: Option<Arc<Zygote>>,
+        note: Option<String>,
+        spare: Option<spare::Spare>,
+    ) -> Result<Arc<dyn Instance>, RuntimeError> {
+        let id = spec.instance_id.to_string();
         let (mut p, mut cgs) = self.set_up(
             &id,
             &spec,
@@ -787,16 +800,26 @@ impl Runtime for ProcessRuntime {
         self.remove_server_cgroups();
     }
 
-    /// Runs [`ProcessRuntime::start_blocking`] in `block_in_place`: joining a cgroup can keep
-    /// the spawning thread in the kernel for a whole RCU grace period (10-13 ms here, see
-    /// `docs/performance.md`), so the worker's other tasks move to another thread first. (On
-    /// tokio's blocking pool instead, warm starts at concurrency 8 were 0.3-0.5 ms slower.)
-    /// Needs the multi-threaded runtime.
+    /// Starts from a spare cgroup slot on the calling worker when one is ready and no fork
+    /// server can be involved: that start is a few short system calls and the new process's
+    /// `exec` (no cgroup migration), and handing the worker's other tasks to another thread
+    /// first cost more CPU than that (0.3 ms per start under churn, `docs/performance.md`,
+    /// "Starts from a spare slot on the worker"). Every other start runs
+    /// [`ProcessRuntime::start_blocking`] in `block_in_place`: joining a cgroup can keep the
+    /// spawning thread in the kernel for a whole RCU grace period (10-13 ms here), and a fork
+    /// server may have to start first, so the worker's other tasks move to another thread
+    /// first. (On tokio's blocking pool instead, warm starts at concurrency 8 were 0.3-0.5 ms
+    /// slower.) Needs the multi-threaded runtime.
     async fn start(
         &self,
         spec: InstanceSpec,
         logs: LogSink,
     ) -> Result<Arc<dyn Instance>, RuntimeError> {
+        if !self.runs_runner(&spec) {
+            if let Some(spare) = self.spares.take() {
+                return self.start_with(spec, logs, None, None, Some(spare));
+            }
+        }
         tokio::task::block_in_place(|| self.start_blocking(spec, logs))
     }
 
