@@ -92,8 +92,9 @@ pub async fn internal_stop(
     let id = super::sessions::parse_session_id(&sid)?;
     match st.sup.stop_owned(id).await? {
         PeerStop::Stopped => Ok(Json(serde_json::json!({"status": "terminated"}))),
-        // `Refused` is a caller's view of a peer's answer; `stop_owned` never gives it.
-        PeerStop::NotOwner | PeerStop::Refused => Err(ApiError::new(
+        // `Refused` and `Unknown` are a caller's view of a peer's answer; `stop_owned` never
+        // gives them (an unknown session is its `NotFound`, 404).
+        PeerStop::NotOwner | PeerStop::Refused | PeerStop::Unknown => Err(ApiError::new(
             StatusCode::CONFLICT,
             "NOT_OWNER",
             format!("session {id} is not this node's"),

@@ -258,6 +258,7 @@ impl crate::core::session::Peers for HttpPeers {
             200 => Ok(PeerStop::Stopped),
             409 => Ok(PeerStop::NotOwner),
             401 => Ok(PeerStop::Refused),
+            404 => Ok(PeerStop::Unknown),
             s => {
                 let body = r
                     .into_body()
@@ -445,8 +446,8 @@ pub async fn check_secret_with_peers(
             "live node {peer} at {url} refused this node's cluster secret: every node needs \
              the same --cluster-secret-file"
         ),
+        // `Unknown`: the peer accepted the secret and has no nil session.
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) if e.contains(" answered 404") => Ok(()),
         Ok(Err(e)) => {
             tracing::warn!(node = peer, error = %e, "could not check the cluster secret with another node");
             Ok(())

@@ -302,3 +302,52 @@ async fn an_owner_refusing_this_nodes_cluster_secret_is_named_and_not_retried() 
         t0.elapsed()
     );
 }
+
+/// What a node hears from another node's real API through [`HttpPeers`] (the forwarded stop
+/// and the cluster secret check at start read it): a session it owns is stopped, an unknown
+/// one is `Unknown` (404), another secret is `Refused` (401). The secret check at start takes
+/// `Unknown` for the nil session as "secret accepted" and a refusal as an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_answers_the_forwarded_stop_as_the_engine_reads_it() {
+    use crate::core::cluster::{check_secret_with_peers, ClusterSecret, HttpPeers, NodeIdentity};
+    use crate::core::session::{PeerStop, Peers};
+    let api = api_with_secret(None).await;
+    api.deploy("hp", &[], serde_json::json!({})).await;
+    let sid = api.start_ok("hp").await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let app = api.app.clone();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let same = HttpPeers::new(ClusterSecret::new(SECRET).unwrap());
+    let other = HttpPeers::new(ClusterSecret::new(&SECRET.replace('a', "b")).unwrap());
+    let nil = uuid::Uuid::nil();
+    assert!(matches!(same.stop(&url, nil).await, Ok(PeerStop::Unknown)));
+    assert!(matches!(other.stop(&url, nil).await, Ok(PeerStop::Refused)));
+    let sid: uuid::Uuid = sid.parse().unwrap();
+    assert!(matches!(other.stop(&url, sid).await, Ok(PeerStop::Refused)));
+    assert!(matches!(same.stop(&url, sid).await, Ok(PeerStop::Stopped)));
+    let s = api.get(&format!("/v1/agents/hp/sessions/{sid}")).await;
+    assert_eq!(s.body["endReason"], "stopped", "{}", s.body);
+
+    // The check at start, as a node "n-new" joining with either secret.
+    let now = crate::model::now_ms();
+    let nodes = [n2(&url, now)];
+    let joining = |secret: &str| NodeIdentity {
+        id: "n-new".into(),
+        advertise_url: None,
+        started_ms: now,
+        timeout: std::time::Duration::from_secs(10),
+        secret: Some(ClusterSecret::new(secret).unwrap()),
+        key_check: None,
+    };
+    check_secret_with_peers(&joining(SECRET), &nodes, now)
+        .await
+        .unwrap();
+    let e = check_secret_with_peers(&joining(&SECRET.replace('a', "b")), &nodes, now)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("refused this node's cluster secret"),
+        "{e}"
+    );
+}

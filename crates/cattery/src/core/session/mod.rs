@@ -142,6 +142,10 @@ pub enum PeerStop {
     /// That node refused this node's cluster secret (401: the nodes' `--cluster-secret-file`s
     /// differ). Trying again cannot help.
     Refused,
+    /// That node knows no such session (404): the shared store has no record of it. Also what
+    /// a node answers to the probe of [`crate::core::cluster::check_secret_with_peers`] once it
+    /// accepted the secret.
+    Unknown,
 }
 
 /// The other nodes of a cluster, as the engine reaches them (implemented over HTTP with the

@@ -260,7 +260,8 @@ impl Supervisor {
                     };
                     match self.stop_at_live_owner(peers, url, &owner, session).await? {
                         Some(Ok(PeerStop::Stopped)) => return Ok(()),
-                        Some(Ok(PeerStop::NotOwner)) => {}
+                        // Not the owner's any more, or gone from the store: read it again.
+                        Some(Ok(PeerStop::NotOwner | PeerStop::Unknown)) => {}
                         Some(Ok(PeerStop::Refused)) => {
                             return Err(CoreError::NodeUnreachable(format!(
                                 "session {session} runs on node {owner}, which refused this \
