@@ -51,6 +51,40 @@ enum Cmd {
     },
 }
 
+/// Where `cattery keys` finds the server's store: the `--config` file's data dir and `[store]`,
+/// which `--data-dir` and `--database-url` override (as for `cattery serve`).
+#[derive(clap::Args)]
+struct KeyStoreArgs {
+    /// The server's TOML configuration file: its `[server] data_dir` and `[store]` are used.
+    #[arg(long, env = "CATTERY_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory of the server [default: the config file's, else ./.cattery].
+    #[arg(long, env = "CATTERY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// PostgreSQL database of the server (`postgres://...`), when it uses one instead of
+    /// SQLite in the data dir [default: the config file's `[store] database_url`].
+    #[arg(long, env = "CATTERY_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+}
+
+impl KeyStoreArgs {
+    /// The store's settings and the data dir. Errors: the config file is unreadable or
+    /// invalid.
+    fn resolve(self) -> anyhow::Result<(cattery::config::StoreConfig, PathBuf)> {
+        let cfg = match &self.config {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        let mut store = cfg.store;
+        if self.database_url.is_some() {
+            store.database_url = self.database_url;
+        }
+        // One command, a few statements.
+        store.database_pool_size = 1;
+        Ok((store, self.data_dir.unwrap_or(cfg.server.data_dir)))
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum KeyType {
     Public,
@@ -62,13 +96,9 @@ enum KeyType {
 enum KeysCmd {
     /// Create a key and print it (and nothing else) on stdout.
     Create {
-        /// Data directory of the server.
-        #[arg(long, env = "CATTERY_DATA_DIR", default_value = "./.cattery")]
-        data_dir: PathBuf,
-        /// PostgreSQL database of the server (`postgres://...`), when it uses one instead of
-        /// SQLite in the data dir.
-        #[arg(long, env = "CATTERY_DATABASE_URL", hide_env_values = true)]
-        database_url: Option<String>,
+        /// The server's store.
+        #[command(flatten)]
+        store: KeyStoreArgs,
         /// `public` (pk_, starts sessions), `private` (sk_, the private API) or `token`
         /// (pcc_pat_, for the CLI).
         #[arg(long = "type", value_enum)]
@@ -82,26 +112,18 @@ enum KeysCmd {
     },
     /// List keys (id, kind, name, prefix, revoked).
     List {
-        /// Data directory of the server.
-        #[arg(long, env = "CATTERY_DATA_DIR", default_value = "./.cattery")]
-        data_dir: PathBuf,
-        /// PostgreSQL database of the server (`postgres://...`), when it uses one instead of
-        /// SQLite in the data dir.
-        #[arg(long, env = "CATTERY_DATABASE_URL", hide_env_values = true)]
-        database_url: Option<String>,
+        /// The server's store.
+        #[command(flatten)]
+        store: KeyStoreArgs,
         /// Org.
         #[arg(long, default_value = DEFAULT_ORG)]
         org: String,
     },
     /// Revoke a key by id; it fails at once.
     Revoke {
-        /// Data directory of the server.
-        #[arg(long, env = "CATTERY_DATA_DIR", default_value = "./.cattery")]
-        data_dir: PathBuf,
-        /// PostgreSQL database of the server (`postgres://...`), when it uses one instead of
-        /// SQLite in the data dir.
-        #[arg(long, env = "CATTERY_DATABASE_URL", hide_env_values = true)]
-        database_url: Option<String>,
+        /// The server's store.
+        #[command(flatten)]
+        store: KeyStoreArgs,
         /// Org.
         #[arg(long, default_value = DEFAULT_ORG)]
         org: String,
@@ -172,21 +194,10 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// The store of `cattery keys`: PostgreSQL when a database URL is given, else the data dir's.
-fn store_config(database_url: Option<String>) -> cattery::config::StoreConfig {
-    cattery::config::StoreConfig {
-        database_url,
-        // One command, a few statements.
-        database_pool_size: 1,
-        ..Default::default()
-    }
-}
-
 async fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
     match cmd {
         KeysCmd::Create {
-            data_dir,
-            database_url,
+            store,
             kind,
             name,
             org,
@@ -196,16 +207,13 @@ async fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
                 KeyType::Private => KeyKind::Private,
                 KeyType::Token => KeyKind::Token,
             };
-            let key = serve::create_key(&store_config(database_url), &data_dir, kind, &name, &org)
-                .await?;
+            let (store, data_dir) = store.resolve()?;
+            let key = serve::create_key(&store, &data_dir, kind, &name, &org).await?;
             println!("{key}");
         }
-        KeysCmd::List {
-            data_dir,
-            database_url,
-            org,
-        } => {
-            let store = serve::open_existing_store(&store_config(database_url), &data_dir).await?;
+        KeysCmd::List { store, org } => {
+            let (store, data_dir) = store.resolve()?;
+            let store = serve::open_existing_store(&store, &data_dir).await?;
             for k in store.list_keys(&org, None).await? {
                 println!(
                     "{}\t{}\t{}\t{}...\t{}",
@@ -221,13 +229,9 @@ async fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
                 );
             }
         }
-        KeysCmd::Revoke {
-            data_dir,
-            database_url,
-            org,
-            id,
-        } => {
-            let store = serve::open_existing_store(&store_config(database_url), &data_dir).await?;
+        KeysCmd::Revoke { store, org, id } => {
+            let (store, data_dir) = store.resolve()?;
+            let store = serve::open_existing_store(&store, &data_dir).await?;
             if !store.revoke_key(&org, id).await? {
                 anyhow::bail!("no key {id} in org {org}");
             }

@@ -588,6 +588,7 @@ async fn relative_data_dir_one_server_per_data_dir_and_keys_need_a_real_data_dir
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     };
     let (sk, pk) = (key("private"), key("public"));
+    a_key_made_with_the_config_file_works(tmp.path(), &data, port).await;
     let agent = common::test_agent().display().to_string();
     let r = http
         .post(format!("http://127.0.0.1:{port}/v1/agents"))
@@ -675,6 +676,48 @@ async fn relative_data_dir_one_server_per_data_dir_and_keys_need_a_real_data_dir
     std::thread::sleep(Duration::from_millis(200));
     common::unsafe_kill(first.id() as i32, 15);
     let _ = first.wait();
+}
+
+/// The keys commands also read the server's config file (its data dir), as `serve` does: a
+/// key made with `--config` (a file naming `data`) works against the server on `port`.
+async fn a_key_made_with_the_config_file_works(
+    dir: &std::path::Path,
+    data: &std::path::Path,
+    port: u16,
+) {
+    let http = reqwest::Client::new();
+    let cfg = dir.join("cattery.toml");
+    std::fs::write(
+        &cfg,
+        format!("[server]\ndata_dir = {:?}\n", data.display().to_string()),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::cattery_bin())
+        .args([
+            "keys",
+            "create",
+            "--type",
+            "private",
+            "--name",
+            "by-config",
+            "--config",
+        ])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let by_config = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let r = http
+        .get(format!("http://127.0.0.1:{port}/v1/agents"))
+        .bearer_auth(&by_config)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "a key made with --config must work");
 }
 
 #[tokio::test(flavor = "multi_thread")]
