@@ -46,6 +46,88 @@ pub async fn nodes(
     }))
 }
 
+/// A node forgotten by `DELETE /v1/cluster/nodes/{node_id}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ForgottenNode {
+    /// The node's id.
+    pub id: String,
+    /// Always `forgotten`.
+    pub state: &'static str,
+}
+
+/// Forgets a node that left, or is dead and owns nothing any more (a live node takes a dead
+/// node's sessions and instances over within the node timeout): it leaves the node list. A
+/// node that heartbeats again afterwards is listed again. Operators only, as the list.
+#[utoipa::path(delete, path = "/v1/cluster/nodes/{node_id}", tag = "cluster",
+    operation_id = "forget_cluster_node",
+    params(("node_id" = String, Path, description = "The node's id")),
+    responses((status = 200, description = "The node is forgotten", body = ForgottenNode),
+              (status = 401, body = super::error::ErrorBody),
+              (status = 403, description = "not a key of the default org", body = super::error::ErrorBody),
+              (status = 404, description = "no such node (`NODE_NOT_FOUND`)", body = super::error::ErrorBody),
+              (status = 409, description = "the node is alive (`NODE_ALIVE`), or dead but still owns sessions or instances (`NODE_OWNS_RECORDS`)", body = super::error::ErrorBody),
+              (status = 503, description = "the store is unavailable", body = super::error::ErrorBody)),
+    security(("PrivateKeyAuth" = [])))]
+pub async fn forget_node(
+    State(st): State<AppState>,
+    PrivateAuth(c): PrivateAuth,
+    ApiPath(node_id): ApiPath<String>,
+) -> ApiResult<Json<ForgottenNode>> {
+    use crate::store::ForgetNode;
+    if c.org != DEFAULT_ORG {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN",
+            "the cluster's nodes are managed with keys of the default org only",
+        ));
+    }
+    let alive = || {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "NODE_ALIVE",
+            format!(
+                "node {node_id} is alive (it heartbeat within the node timeout); stop it \
+                 first, or wait for the timeout after it stopped"
+            ),
+        )
+    };
+    if node_id == st.node.id {
+        return Err(alive());
+    }
+    let timeout_ms = i64::try_from(st.node.timeout.as_millis()).unwrap_or(i64::MAX);
+    let stale_ms = now_ms().saturating_sub(timeout_ms);
+    match st
+        .store
+        .forget_node(&node_id, stale_ms)
+        .await
+        .map_err(CoreError::from)?
+    {
+        ForgetNode::Forgotten => {
+            tracing::info!(node = %node_id, by = %c.org, "forgot a node");
+            Ok(Json(ForgottenNode {
+                id: node_id,
+                state: "forgotten",
+            }))
+        }
+        ForgetNode::Unknown => Err(ApiError::not_found(
+            "NODE_NOT_FOUND",
+            format!("Not found: node {node_id}"),
+        )),
+        ForgetNode::Alive => Err(alive()),
+        ForgetNode::Owns {
+            instances,
+            sessions,
+        } => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "NODE_OWNS_RECORDS",
+            format!(
+                "node {node_id} is dead but still owns {sessions} open session(s) and \
+                 {instances} instance(s); a live node takes them over within the node timeout"
+            ),
+        )),
+    }
+}
+
 /// Whether a request is an internal call from another node: it carries the cluster secret
 /// ([`cluster::SECRET_HEADER`]). `false` when it carries none.
 ///

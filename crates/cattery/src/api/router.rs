@@ -57,6 +57,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(org::properties_schema))
         .routes(routes!(ws::connect))
         .routes(routes!(cluster::nodes))
+        .routes(routes!(cluster::forget_node))
         .routes(routes!(webhooks::list_webhooks, webhooks::create_webhook))
         .routes(routes!(webhooks::get_webhook, webhooks::delete_webhook))
         .routes(routes!(webhooks::webhook_secret))
@@ -298,6 +299,7 @@ mod tests {
             "delete_agent",
             "delete_secret",
             "delete_secret_set",
+            "forget_cluster_node",
             "get_agent",
             "get_properties",
             "get_properties_schema",

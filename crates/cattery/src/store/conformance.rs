@@ -9,9 +9,9 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::{
-    BuildFilter, BuildRecord, BuildStatus, DeliveryAttempt, DeliveryState, LogFilter, NodeRecord,
-    SealedValue, SecretSetKind, SecretSetRecord, SessionFilter, Store, StoreError, WebhookDelivery,
-    WebhookEndpointRecord, WsTokenRecord,
+    BuildFilter, BuildRecord, BuildStatus, DeliveryAttempt, DeliveryState, ForgetNode, LogFilter,
+    NodeRecord, SealedValue, SecretSetKind, SecretSetRecord, SessionFilter, Store, StoreError,
+    WebhookDelivery, WebhookEndpointRecord, WsTokenRecord,
 };
 use crate::model::{
     AgentRecord, ApiKeyRecord, DeploymentRecord, DeploymentSpec, EndReason, InstanceRecord,
@@ -51,6 +51,7 @@ where
     case!(instance_claims);
     case!(ws_tokens);
     case!(node_takeover);
+    case!(forgetting_nodes);
     case!(waiting_websocket_sessions);
     case!(builds);
     case!(webhooks);
@@ -1155,6 +1156,71 @@ async fn node_takeover(s: &dyn Store) {
     // A second taker finds nothing left.
     let t = s.take_over_node("dead", "me2", 100).await.unwrap().unwrap();
     assert!(t.instances.is_empty() && t.sessions.is_empty());
+}
+
+/// A node is forgotten only once it is stale (or left: heartbeat 0) and owns no instance
+/// record and no open session; a heartbeat afterwards records it again.
+async fn forgetting_nodes(s: &dyn Store) {
+    let a = with_agent(s, "o", "a").await;
+    let node = |id: &str, hb: i64| NodeRecord {
+        id: id.into(),
+        advertise_url: None,
+        version: "0.1.0".into(),
+        started_ms: 1,
+        heartbeat_ms: hb,
+        instances: 0,
+        busy: 0,
+        key_check: None,
+    };
+    for n in [node("left", 0), node("dead", 100), node("live", 10_000)] {
+        s.heartbeat(&n).await.unwrap();
+    }
+    let mut open = session(&a, 1);
+    open.node_id = "dead".into();
+    s.insert_session(&open).await.unwrap();
+    let mut inst = instance(&a);
+    inst.node_id = "dead".into();
+    s.put_instance(&inst).await.unwrap();
+    let ids = |v: Vec<NodeRecord>| v.into_iter().map(|n| n.id).collect::<Vec<_>>();
+
+    assert_eq!(
+        s.forget_node("nobody", 500).await.unwrap(),
+        ForgetNode::Unknown
+    );
+    assert_eq!(s.forget_node("live", 500).await.unwrap(), ForgetNode::Alive);
+    assert_eq!(s.forget_node("dead", 99).await.unwrap(), ForgetNode::Alive);
+    assert_eq!(
+        s.forget_node("dead", 500).await.unwrap(),
+        ForgetNode::Owns {
+            instances: 1,
+            sessions: 1
+        }
+    );
+    assert_eq!(
+        s.forget_node("left", 500).await.unwrap(),
+        ForgetNode::Forgotten
+    );
+    assert_eq!(ids(s.list_nodes().await.unwrap()), ["dead", "live"]);
+    // Once taken over (and its ended session is no longer open), it can go.
+    s.end_session(open.id, &end(EndReason::Completed, 5))
+        .await
+        .unwrap();
+    s.take_over_node("dead", "live", 500)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        s.forget_node("dead", 500).await.unwrap(),
+        ForgetNode::Forgotten
+    );
+    assert_eq!(ids(s.list_nodes().await.unwrap()), ["live"]);
+    assert_eq!(
+        s.forget_node("dead", 500).await.unwrap(),
+        ForgetNode::Unknown
+    );
+    // A forgotten node that heartbeats again is listed again.
+    s.heartbeat(&node("left", 20_000)).await.unwrap();
+    assert_eq!(ids(s.list_nodes().await.unwrap()), ["left", "live"]);
 }
 
 /// A websocket session recorded at `/start` (no `coldStart`) is taken over by the insert of

@@ -476,6 +476,29 @@ pub trait NodeStore: Send + Sync + 'static {
         by: &str,
         stale_ms: i64,
     ) -> StoreResult<Option<TakenOver>>;
+    /// Forgets node `id` (removes its row from the node list), in one transaction, if its last
+    /// heartbeat is at or before `stale_ms` (a node that left has 0) and it owns no instance
+    /// record and no open session. Holds `id`'s row until the commit, so a heartbeat of the
+    /// node meanwhile waits and then records it again.
+    async fn forget_node(&self, id: &str, stale_ms: i64) -> StoreResult<ForgetNode>;
+}
+
+/// What [`NodeStore::forget_node`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForgetNode {
+    /// Its row is gone.
+    Forgotten,
+    /// No such node.
+    Unknown,
+    /// Its last heartbeat is newer than the limit: it may be alive. Kept.
+    Alive,
+    /// It still owns records (a dead node not yet taken over). Kept.
+    Owns {
+        /// Instance records it owns.
+        instances: i64,
+        /// Open sessions it owns.
+        sessions: i64,
+    },
 }
 
 /// What [`NodeStore::take_over_node`] moved to the taking node.

@@ -351,3 +351,94 @@ async fn a_peer_answers_the_forwarded_stop_as_the_engine_reads_it() {
         "{e}"
     );
 }
+
+/// `DELETE /v1/cluster/nodes/{id}` forgets a node that left, and one that is dead and owns
+/// nothing; it keeps a live node (this one too) and a dead node that still owns a session,
+/// with a 409 that says which; an unknown id is 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_forgets_nodes_that_left_or_died_and_own_nothing() {
+    let api = api_with_secret(Some(10.0)).await;
+    api.deploy("fg", &[], serde_json::json!({})).await;
+    let store = api.state.store.clone();
+    let now = crate::model::now_ms();
+    let mut left = n2("http://127.0.0.1:9", 0);
+    left.id = "left".into();
+    let mut fresh = n2("http://127.0.0.1:9", now);
+    fresh.id = "fresh".into();
+    // n2: dead for a minute, and it owns an open session.
+    for n in [&left, &fresh, &n2("http://127.0.0.1:9", now - 60_000)] {
+        store.heartbeat(n).await.unwrap();
+    }
+    let sid = session_of_n2(&api, "fg").await;
+    let forget = |id: String| {
+        let api = &api;
+        async move {
+            api.call(
+                Method::DELETE,
+                &format!("/v1/cluster/nodes/{id}"),
+                Some(&api.sk),
+                None,
+            )
+            .await
+        }
+    };
+    let r = forget("nobody".into()).await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["code"].as_str()),
+        (404, Some("NODE_NOT_FOUND")),
+        "{}",
+        r.body
+    );
+    for id in [api.state.node.id.clone(), "fresh".into()] {
+        let r = forget(id).await;
+        assert_eq!(
+            (r.status.as_u16(), r.body["code"].as_str()),
+            (409, Some("NODE_ALIVE")),
+            "{}",
+            r.body
+        );
+    }
+    let r = forget("n2".into()).await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["code"].as_str()),
+        (409, Some("NODE_OWNS_RECORDS")),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.body["error"].as_str().unwrap().contains("1 open session"),
+        "{}",
+        r.body
+    );
+    let r = forget("left".into()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body,
+        serde_json::json!({"id": "left", "state": "forgotten"})
+    );
+    // Once n2's session ended, it goes too.
+    store
+        .end_session(
+            sid,
+            &crate::model::SessionEnd {
+                ended_ms: now,
+                reason: crate::model::EndReason::Stopped,
+                completion_status: "HTTP_COMPLETED".into(),
+                exit_code: None,
+                exit_signal: None,
+                message: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(forget("n2".into()).await.status, StatusCode::OK);
+    let listed = api.get("/v1/cluster/nodes").await;
+    let ids: Vec<&str> = listed.body["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
+    assert!(!ids.contains(&"left") && !ids.contains(&"n2"), "{ids:?}");
+    assert!(ids.contains(&"fresh"), "{ids:?}");
+}

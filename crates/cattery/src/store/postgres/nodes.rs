@@ -7,7 +7,7 @@ use sqlx::Row;
 use super::instances::{instance_from_row, INSTANCE_COLS};
 use super::sessions::{session_from_row, SESSION_COLS};
 use super::PgStore;
-use crate::store::{NodeRecord, NodeStore, StoreResult, TakenOver};
+use crate::store::{ForgetNode, NodeRecord, NodeStore, StoreResult, TakenOver};
 
 fn node_from_row(r: &PgRow) -> StoreResult<NodeRecord> {
     Ok(NodeRecord {
@@ -99,5 +99,40 @@ impl NodeStore for PgStore {
             instances,
             sessions,
         }))
+    }
+
+    async fn forget_node(&self, id: &str, stale_ms: i64) -> StoreResult<ForgetNode> {
+        let mut tx = self.pool.begin().await?;
+        // The row lock holds back the node's next heartbeat (and a takeover) until this
+        // commits.
+        let hb: Option<i64> =
+            sqlx::query_scalar("SELECT heartbeat_ms FROM nodes WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(hb) = hb else {
+            return Ok(ForgetNode::Unknown);
+        };
+        if hb > stale_ms {
+            return Ok(ForgetNode::Alive);
+        }
+        let (instances, sessions): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM instances WHERE node_id = $1),              (SELECT COUNT(*) FROM sessions WHERE node_id = $1 AND ended_ms IS NULL)",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if instances > 0 || sessions > 0 {
+            return Ok(ForgetNode::Owns {
+                instances,
+                sessions,
+            });
+        }
+        sqlx::query("DELETE FROM nodes WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(ForgetNode::Forgotten)
     }
 }

@@ -6,7 +6,7 @@ use super::conn::{Row, Val};
 use super::instances::INSTANCE_COLS;
 use super::sessions::SESSION_COLS;
 use super::SqliteStore;
-use crate::store::{NodeRecord, NodeStore, StoreResult, TakenOver};
+use crate::store::{ForgetNode, NodeRecord, NodeStore, StoreResult, TakenOver};
 
 fn node_from_row(r: &Row<'_>) -> StoreResult<NodeRecord> {
     Ok(NodeRecord {
@@ -100,6 +100,43 @@ impl NodeStore for SqliteStore {
                 };
                 taken.hand_to(&by);
                 Ok(Some(taken))
+            })
+        })
+        .await
+    }
+
+    async fn forget_node(&self, id: &str, stale_ms: i64) -> StoreResult<ForgetNode> {
+        let id = id.to_string();
+        // One writer at a time: the checks and the delete are one transaction.
+        self.write(move |db| {
+            db.atomic(|db| {
+                let hb = db.query_all(
+                    "SELECT heartbeat_ms FROM nodes WHERE id = ?",
+                    &[Val::Text(&id)],
+                    |r| Ok(r.int(0).unwrap_or_default()),
+                )?;
+                let Some(&hb) = hb.first() else {
+                    return Ok(ForgetNode::Unknown);
+                };
+                if hb > stale_ms {
+                    return Ok(ForgetNode::Alive);
+                }
+                let instances = db.query_int(
+                    "SELECT COUNT(*) FROM instances WHERE node_id = ?",
+                    &[Val::Text(&id)],
+                )?;
+                let sessions = db.query_int(
+                    "SELECT COUNT(*) FROM sessions WHERE node_id = ? AND ended_ms IS NULL",
+                    &[Val::Text(&id)],
+                )?;
+                if instances > 0 || sessions > 0 {
+                    return Ok(ForgetNode::Owns {
+                        instances,
+                        sessions,
+                    });
+                }
+                db.exec("DELETE FROM nodes WHERE id = ?", &[Val::Text(&id)])?;
+                Ok(ForgetNode::Forgotten)
             })
         })
         .await
