@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the server (HTTP API, supervisor, local process runtime, SQLite store).
+    /// Run the server (HTTP API, supervisor, runtimes for local processes and Docker images, SQLite
+    /// or PostgreSQL store).
     Serve(Box<ServeArgs>),
     /// Manage API keys and user tokens (works while the server runs).
     Keys {

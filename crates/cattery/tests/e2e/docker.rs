@@ -333,6 +333,29 @@ async fn missing_image_is_a_deploy_error_with_pipecat_cloud_code() {
     assert!(r.status >= 400);
 }
 
+/// An image with nothing to run (no `CMD`, no `ENTRYPOINT`) is a deploy error that says so,
+/// not an agent that reports ready and then fails every start.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_without_a_command_is_a_deploy_error() {
+    if !have_docker(&["cattery-test/rootfs:bookworm"]) {
+        return;
+    }
+    let s = Server::start(&[]).await;
+    s.deploy(
+        "no-cmd",
+        &[],
+        json!({"command": null, "image": "cattery-test/rootfs:bookworm"}),
+    )
+    .await;
+    let a = s.agent("no-cmd").await;
+    assert_eq!(a["ready"], false, "{a}");
+    assert_eq!(a["errors"][0]["code"], "PCC_UNKNOWN_ERROR", "{a}");
+    let m = a["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(m.contains("no command to run"), "{a}");
+    let r = s.start_session("no-cmd", json!({})).await;
+    assert!((400..500).contains(&r.status), "{:?}", r.body);
+}
+
 /// Needs no engine: a server pointed at none still runs process agents.
 #[tokio::test(flavor = "multi_thread")]
 async fn without_an_engine_image_agents_get_a_deploy_error_and_the_rest_works() {
@@ -475,6 +498,52 @@ async fn image_pull_secret_set_gives_the_registry_credentials() {
     info_served(&s, "pulled", &sid).await;
     assert_eq!(s.stop("pulled", &sid).await.status, 200);
     assert!(containers(&s).is_empty());
+
+    // The image is on the engine now. Under the default pull policy (`missing`) a deploy of
+    // it still proves with the registry that it may pull it: a copy pulled with one agent's
+    // credentials serves no deployment without them.
+    let m = Server::start(&[]).await;
+    for (name, value) in [
+        ("good-pull", b64(format!("{user}:{pass}"))),
+        ("bad-pull", b64(format!("{user}:wrong"))),
+    ] {
+        let r = m
+            .req(
+                "PUT",
+                &format!("/v1/secrets/{name}"),
+                Some(&m.sk),
+                Some(json!({
+                "isImagePullSecret": true, "host": format!("http://{reg}"), "secretValue": value})),
+            )
+            .await;
+        assert!(r.status == 200 || r.status == 202, "{:?}", r.body);
+    }
+    for (name, set) in [
+        ("cached-no-creds", None),
+        ("cached-bad-creds", Some("bad-pull")),
+    ] {
+        m.deploy(
+            name,
+            &[],
+            json!({"command": null, "image": image, "imagePullSecretSet": set}),
+        )
+        .await;
+        let a = m.agent(name).await;
+        assert_eq!(a["ready"], false, "{name}: {a}");
+        assert_eq!(
+            a["errors"][0]["code"], "PCC_IMAGE_PULL_UNAUTHORIZED",
+            "{name}: {a}"
+        );
+        assert!(m.start_session(name, json!({})).await.status >= 400);
+    }
+    m.deploy(
+        "cached-good",
+        &[],
+        json!({"command": null, "image": image, "imagePullSecretSet": "good-pull"}),
+    )
+    .await;
+    let a = m.wait_ready("cached-good", Duration::from_secs(60)).await;
+    assert_eq!(a["errors"], json!([]), "{a}");
 }
 
 /// Lifecycle cases in containers: stop during start, an exit of its own (code kept), the cap

@@ -147,6 +147,55 @@ async fn local_id(docker: &Docker, reference: &str) -> Result<Option<String>, St
     }
 }
 
+/// Whether the registry refused access (as opposed to not knowing the image, or not
+/// answering).
+fn refused(e: &Error) -> bool {
+    let (status, msg) = match e {
+        Error::DockerResponseServerError {
+            status_code,
+            message,
+        } => (Some(*status_code), message.to_ascii_lowercase()),
+        other => (None, other.to_string().to_ascii_lowercase()),
+    };
+    matches!(status, Some(401 | 403))
+        || [
+            "unauthorized",
+            "authentication required",
+            "no basic auth credentials",
+            "denied",
+        ]
+        .iter()
+        .any(|w| msg.contains(w))
+}
+
+/// For an image the engine already has (pull policy `missing`): asks the reference's registry
+/// for its manifest with the deployment's credentials, or none (no layer is downloaded), as
+/// a pull would have. So a private image that one agent pulled with its credentials serves
+/// no other deployment (of any org) that could not pull it itself. Not checked: references
+/// without a registry host (Docker Hub's, and images built on this machine); an image the
+/// registry does not know (a local build tagged with the registry's name); a registry that
+/// does not answer (logged, and the cached image is used). Errors: the registry refused (the
+/// deploy errors of [`pull_error`]).
+async fn check_access(
+    docker: &Docker,
+    reference: &str,
+    secret: Option<&PullSecret>,
+) -> Result<(), String> {
+    if registry_of(reference) == "docker.io" {
+        return Ok(());
+    }
+    let creds = credentials(secret);
+    let had = creds.is_some();
+    match docker.inspect_registry_image(reference, creds).await {
+        Ok(_) => Ok(()),
+        Err(e) if refused(&e) => Err(pull_error(reference, &e, had)),
+        Err(e) => {
+            tracing::warn!(image = %reference, error = %e, "could not check with the registry that this deployment may pull the image the engine has; using it");
+            Ok(())
+        }
+    }
+}
+
 /// Pulls `reference`; errors are deploy errors ([`pull_error`]).
 async fn pull(docker: &Docker, reference: &str, secret: Option<&PullSecret>) -> Result<(), String> {
     let (repo, tag) = split_reference(reference);
@@ -175,6 +224,7 @@ pub async fn resolve(
 ) -> Result<String, String> {
     if policy == PullPolicy::Missing {
         if let Some(id) = local_id(docker, reference).await? {
+            check_access(docker, reference, secret).await?;
             return Ok(id);
         }
     }
