@@ -68,6 +68,9 @@ pub struct ProcessRuntime {
     zygotes: Arc<Zygotes>,
     /// Spare cgroup slots: the v1 cgroup migration off the start path ([`spare`]).
     spares: Arc<spare::Stock>,
+    /// Held by the start that runs on an async worker ([`ProcessRuntime::start`]): one at a
+    /// time, and the next waits without holding its worker.
+    inline_start: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The fork servers of `local:` agents ([`zygote`]), one per agent.
@@ -127,6 +130,7 @@ impl ProcessRuntime {
             instances_dir,
             cgroups: Arc::new(cgroups),
             spares: Arc::new(spares),
+            inline_start: Arc::default(),
             ports: Arc::new(PortBook::new()),
             reaper: Reaper::global(),
             isolation: Arc::new(isolation),
@@ -801,10 +805,13 @@ impl Runtime for ProcessRuntime {
     }
 
     /// Starts from a spare cgroup slot on the calling worker when one is ready and no fork
-    /// server can be involved: that start is a few short system calls and the new process's
-    /// `exec` (no cgroup migration), and handing the worker's other tasks to another thread
-    /// first cost more CPU than that (0.3 ms per start under churn, `docs/performance.md`,
-    /// "Starts from a spare slot on the worker"). Every other start runs
+    /// server can be involved: that start is a few short
+    /// system calls and the new process's `exec` (no cgroup migration), and handing the
+    /// worker's other tasks to another thread first cost more CPU than that (0.3 ms per start
+    /// under churn, `docs/performance.md`, "Starts from a spare slot on the worker"). One at a
+    /// time (they queue on an async lock), so the other workers go on serving: a second start
+    /// would otherwise wait for the first's `exec` on the reaper's lock, holding its worker
+    /// too. Every other start runs
     /// [`ProcessRuntime::start_blocking`] in `block_in_place`: joining a cgroup can keep the
     /// spawning thread in the kernel for a whole RCU grace period (10-13 ms here), and a fork
     /// server may have to start first, so the worker's other tasks move to another thread
@@ -816,6 +823,7 @@ impl Runtime for ProcessRuntime {
         logs: LogSink,
     ) -> Result<Arc<dyn Instance>, RuntimeError> {
         if !self.runs_runner(&spec) {
+            let _one = self.inline_start.lock().await;
             if let Some(spare) = self.spares.take() {
                 return self.start_with(spec, logs, None, None, Some(spare));
             }
