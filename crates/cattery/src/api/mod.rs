@@ -98,7 +98,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         // array positionally for a struct.
         if src.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(ApiError::bad_request(
-                "invalid JSON body: expected a JSON object",
+                match serde_json::from_slice::<serde::de::IgnoredAny>(src) {
+                    Ok(_) => "invalid JSON body: expected a JSON object".to_string(),
+                    Err(e) => format!("invalid JSON body: {e}"),
+                },
             ));
         }
         serde_json::from_slice(src)

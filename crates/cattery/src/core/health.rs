@@ -86,13 +86,19 @@ pub fn derive(p: &PoolStatus, min_agents: u32) -> HealthView {
         errors.push(e.clone());
     }
     if crash_loop {
+        let exit = last
+            .and_then(|f| f.exit)
+            .map(|e| format!(" ({})", e.describe()))
+            .unwrap_or_default();
+        // A failed spawn has no output of the agent: its tail is the runtime's error.
+        let label = match last.map(|f| f.reason) {
+            Some("spawn_failed") => "error",
+            _ => "stderr",
+        };
         errors.push(format!(
-            "instances fail to start: {} ({}){}",
+            "instances fail to start: {}{exit}{}",
             last.map(|f| f.reason).unwrap_or("unknown"),
-            last.and_then(|f| f.exit)
-                .map(|e| e.describe())
-                .unwrap_or_default(),
-            last.map(|f| stderr_summary(&f.stderr_tail))
+            last.map(|f| stderr_summary(label, &f.stderr_tail))
                 .unwrap_or_default()
         ));
     }
@@ -132,7 +138,7 @@ pub fn derive(p: &PoolStatus, min_agents: u32) -> HealthView {
 }
 
 /// The last non-empty stderr lines (at most 3, 400 chars), as `; stderr: ...`, or empty.
-fn stderr_summary(tail: &str) -> String {
+fn stderr_summary(label: &str, tail: &str) -> String {
     let lines: Vec<&str> = tail
         .lines()
         .map(str::trim)
@@ -150,7 +156,7 @@ fn stderr_summary(tail: &str) -> String {
         .into_iter()
         .rev()
         .collect();
-    format!("; stderr: {cut}")
+    format!("; {label}: {cut}")
 }
 
 #[cfg(test)]
@@ -227,9 +233,38 @@ mod tests {
         assert_eq!(h.container_state, "terminated");
         assert_eq!(
             h.errors,
-            vec!["instances fail to start: exited (); stderr: b | c | d".to_string()]
+            vec!["instances fail to start: exited; stderr: b | c | d".to_string()]
         );
         assert_eq!(h.message.as_deref(), Some("a\n\nb\nc\nd\n"));
+        // With the exit, in parentheses; a failed spawn's tail is the runtime's error.
+        let f = p.health.last_failure.as_mut().unwrap();
+        f.exit = Some(crate::runtime::ExitInfo {
+            code: Some(3),
+            signal: None,
+        });
+        let with_exit = derive(&p, 0).errors;
+        let f = p.health.last_failure.as_mut().unwrap();
+        f.reason = "spawn_failed";
+        f.exit = None;
+        f.stderr_tail = "cannot create a container: No command specified".into();
+        assert_eq!(
+            (with_exit, derive(&p, 0).errors),
+            (
+                vec![format!(
+                    "instances fail to start: exited ({}); stderr: b | c | d",
+                    crate::runtime::ExitInfo {
+                        code: Some(3),
+                        signal: None
+                    }
+                    .describe()
+                )],
+                vec![
+                    "instances fail to start: spawn_failed; error: cannot create a container: \
+                     No command specified"
+                        .to_string()
+                ]
+            )
+        );
     }
 
     #[test]

@@ -746,6 +746,29 @@ async fn edge_inputs_get_clear_4xx() {
         )
         .await;
     assert_error_body(&r, 400, "GENERIC_BAD_REQUEST");
+    assert!(
+        r.body["error"]
+            .as_str()
+            .unwrap()
+            .contains("expected a JSON object"),
+        "{:?}",
+        r.body
+    );
+    // Text that is not JSON at all is named so (not "expected an object").
+    let r = s
+        .raw(
+            "PUT",
+            "/v1/secrets/not-json",
+            Some(&s.sk),
+            b"not json".to_vec(),
+        )
+        .await;
+    assert_error_body(&r, 400, "GENERIC_BAD_REQUEST");
+    let e = r.body["error"].as_str().unwrap();
+    assert!(
+        e.starts_with("invalid JSON body: expected ident") && !e.contains("object"),
+        "{e}"
+    );
     // Reserved instance paths are not proxied.
     let sid = s.start_ok("typos").await;
     for p in ["bot", "ws", "bot/extra"] {
