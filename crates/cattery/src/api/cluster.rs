@@ -14,6 +14,19 @@ use crate::core::CoreError;
 use crate::model::now_ms;
 use crate::serve::DEFAULT_ORG;
 
+/// The cluster's nodes are for operators: keys of the default org. Errors: 403 for another
+/// org's key.
+fn operators_only(c: &super::auth::Caller) -> ApiResult<()> {
+    if c.org != DEFAULT_ORG {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN",
+            "the cluster's nodes are for keys of the default org only",
+        ));
+    }
+    Ok(())
+}
+
 /// The nodes, by id.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct NodeList {
@@ -33,13 +46,7 @@ pub async fn nodes(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
 ) -> ApiResult<Json<NodeList>> {
-    if c.org != DEFAULT_ORG {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "FORBIDDEN",
-            "the cluster's nodes are listed for keys of the default org only",
-        ));
-    }
+    operators_only(&c)?;
     let nodes = st.store.list_nodes().await.map_err(CoreError::from)?;
     Ok(Json(NodeList {
         nodes: cluster::statuses(&st.node, nodes, now_ms()),
@@ -74,13 +81,7 @@ pub async fn forget_node(
     ApiPath(node_id): ApiPath<String>,
 ) -> ApiResult<Json<ForgottenNode>> {
     use crate::store::ForgetNode;
-    if c.org != DEFAULT_ORG {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "FORBIDDEN",
-            "the cluster's nodes are managed with keys of the default org only",
-        ));
-    }
+    operators_only(&c)?;
     let alive = || {
         ApiError::new(
             StatusCode::CONFLICT,

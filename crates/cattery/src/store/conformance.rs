@@ -1071,11 +1071,9 @@ async fn ws_tokens(s: &dyn Store) {
     assert!(s.take_ws_token(&[4; 32], "o", "a").await.unwrap().is_some());
 }
 
-/// Ownership: records keep their node; a stale node is taken over once, all its instances and
-/// open sessions at once (never its ended ones, never another node's); a fresh one never.
-async fn node_takeover(s: &dyn Store) {
-    let a = with_agent(s, "o", "a").await;
-    let node = |id: &str, hb: i64| NodeRecord {
+/// A node record `id` with its last heartbeat at `hb` (ms).
+fn node(id: &str, hb: i64) -> NodeRecord {
+    NodeRecord {
         id: id.into(),
         advertise_url: None,
         version: "0.1.0".into(),
@@ -1084,7 +1082,13 @@ async fn node_takeover(s: &dyn Store) {
         instances: 0,
         busy: 0,
         key_check: None,
-    };
+    }
+}
+
+/// Ownership: records keep their node; a stale node is taken over once, all its instances and
+/// open sessions at once (never its ended ones, never another node's); a fresh one never.
+async fn node_takeover(s: &dyn Store) {
+    let a = with_agent(s, "o", "a").await;
     s.heartbeat(&node("dead", 100)).await.unwrap();
     s.heartbeat(&node("live", 10_000)).await.unwrap();
     let mut open = session(&a, 1);
@@ -1162,16 +1166,6 @@ async fn node_takeover(s: &dyn Store) {
 /// record and no open session; a heartbeat afterwards records it again.
 async fn forgetting_nodes(s: &dyn Store) {
     let a = with_agent(s, "o", "a").await;
-    let node = |id: &str, hb: i64| NodeRecord {
-        id: id.into(),
-        advertise_url: None,
-        version: "0.1.0".into(),
-        started_ms: 1,
-        heartbeat_ms: hb,
-        instances: 0,
-        busy: 0,
-        key_check: None,
-    };
     for n in [node("left", 0), node("dead", 100), node("live", 10_000)] {
         s.heartbeat(&n).await.unwrap();
     }

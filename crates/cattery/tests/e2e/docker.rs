@@ -421,6 +421,28 @@ async fn pipecat_bot_image_serves_through_the_session_proxy() {
     assert_eq!(g["endReason"], "stopped", "{g}");
 }
 
+/// Image pull secrets `good-pull` and `bad-pull` (a wrong password) for the registry `reg` on
+/// `srv`.
+async fn put_pull_secrets(srv: &Server, reg: &str, user: &str, pass: &str) {
+    use base64::Engine;
+    let b64 = |s: String| base64::engine::general_purpose::STANDARD.encode(s);
+    for (name, value) in [
+        ("good-pull", b64(format!("{user}:{pass}"))),
+        ("bad-pull", b64(format!("{user}:wrong"))),
+    ] {
+        let r = srv
+            .req(
+                "PUT",
+                &format!("/v1/secrets/{name}"),
+                Some(&srv.sk),
+                Some(json!({
+                "isImagePullSecret": true, "host": format!("http://{reg}"), "secretValue": value})),
+            )
+            .await;
+        assert!(r.status == 200 || r.status == 202, "{:?}", r.body);
+    }
+}
+
 /// Authenticated pulls from the local registry of `scripts/docker-registry.sh` (its settings in
 /// `CATTERY_TEST_REGISTRY*`, with `cattery-test/agent` pushed as `org/agent:0.3`): the
 /// `imagePullSecretSet` credentials pull the image; wrong or missing ones are
@@ -434,26 +456,10 @@ async fn image_pull_secret_set_gives_the_registry_credentials() {
     if !have_docker(&[]) {
         return;
     }
-    use base64::Engine;
     let user = std::env::var("CATTERY_TEST_REGISTRY_USER").unwrap();
     let pass = std::env::var("CATTERY_TEST_REGISTRY_PASSWORD").unwrap();
-    let b64 = |s: String| base64::engine::general_purpose::STANDARD.encode(s);
     let s = Server::start(&["--image-pull-policy", "always"]).await;
-    for (name, value) in [
-        ("good-pull", b64(format!("{user}:{pass}"))),
-        ("bad-pull", b64(format!("{user}:wrong"))),
-    ] {
-        let r = s
-            .req(
-                "PUT",
-                &format!("/v1/secrets/{name}"),
-                Some(&s.sk),
-                Some(json!({
-                "isImagePullSecret": true, "host": format!("http://{reg}"), "secretValue": value})),
-            )
-            .await;
-        assert!(r.status == 200 || r.status == 202, "{:?}", r.body);
-    }
+    put_pull_secrets(&s, &reg, &user, &pass).await;
     let image = format!("{reg}/org/agent:0.3");
     let cases = [
         (
@@ -503,21 +509,7 @@ async fn image_pull_secret_set_gives_the_registry_credentials() {
     // it still proves with the registry that it may pull it: a copy pulled with one agent's
     // credentials serves no deployment without them.
     let m = Server::start(&[]).await;
-    for (name, value) in [
-        ("good-pull", b64(format!("{user}:{pass}"))),
-        ("bad-pull", b64(format!("{user}:wrong"))),
-    ] {
-        let r = m
-            .req(
-                "PUT",
-                &format!("/v1/secrets/{name}"),
-                Some(&m.sk),
-                Some(json!({
-                "isImagePullSecret": true, "host": format!("http://{reg}"), "secretValue": value})),
-            )
-            .await;
-        assert!(r.status == 200 || r.status == 202, "{:?}", r.body);
-    }
+    put_pull_secrets(&m, &reg, &user, &pass).await;
     for (name, set) in [
         ("cached-no-creds", None),
         ("cached-bad-creds", Some("bad-pull")),
