@@ -137,7 +137,8 @@ pub fn derive(p: &PoolStatus, min_agents: u32) -> HealthView {
     }
 }
 
-/// The last non-empty stderr lines (at most 3, 400 chars), as `; stderr: ...`, or empty.
+/// The last non-empty lines of a failed start's tail (at most 3, 400 chars), as
+/// `; <label>: ...`, or empty.
 fn stderr_summary(label: &str, tail: &str) -> String {
     let lines: Vec<&str> = tail
         .lines()

@@ -112,10 +112,7 @@ pub fn pull_error(reference: &str, e: &Error, had_credentials: bool) -> String {
     };
     let m = msg.to_ascii_lowercase();
     let ambiguous = m.contains("pull access denied") || m.contains("may require");
-    let unauthorized = m.contains("unauthorized")
-        || m.contains("authentication required")
-        || m.contains("no basic auth credentials")
-        || (m.contains("denied") && !ambiguous);
+    let unauthorized = says_unauthorized(&m) || (m.contains("denied") && !ambiguous);
     let not_found = status == Some(404)
         || m.contains("manifest unknown")
         || m.contains("not found")
@@ -136,15 +133,37 @@ pub fn pull_error(reference: &str, e: &Error, had_credentials: bool) -> String {
     }
 }
 
-/// The local image id of `reference`, `Ok(None)` when the engine does not have it.
+/// The local image id of `reference`, `Ok(None)` when the engine does not have it. Errors:
+/// the engine failed, or the image has nothing to run (neither `CMD` nor `ENTRYPOINT`: every
+/// container of it would fail to start).
 async fn local_id(docker: &Docker, reference: &str) -> Result<Option<String>, String> {
     match docker.inspect_image(reference).await {
-        Ok(img) => Ok(img.id),
+        Ok(img) => {
+            let runs_something = img.config.as_ref().is_none_or(|c| {
+                c.cmd.as_ref().is_some_and(|v| !v.is_empty())
+                    || c.entrypoint.as_ref().is_some_and(|v| !v.is_empty())
+            });
+            if !runs_something {
+                return Err(format!(
+                    "PCC_UNKNOWN_ERROR: image {reference} has no command to run (neither CMD \
+                     nor ENTRYPOINT): build it FROM a Pipecat base image, or give it a CMD"
+                ));
+            }
+            Ok(img.id)
+        }
         Err(Error::DockerResponseServerError {
             status_code: 404, ..
         }) => Ok(None),
         Err(e) => Err(format!("cannot inspect image {reference}: {e}")),
     }
+}
+
+/// Whether an engine's or registry's (lowercased) message says the credentials were refused
+/// or missing.
+fn says_unauthorized(m: &str) -> bool {
+    m.contains("unauthorized")
+        || m.contains("authentication required")
+        || m.contains("no basic auth credentials")
 }
 
 /// Whether the registry refused access (as opposed to not knowing the image, or not
@@ -157,15 +176,7 @@ fn refused(e: &Error) -> bool {
         } => (Some(*status_code), message.to_ascii_lowercase()),
         other => (None, other.to_string().to_ascii_lowercase()),
     };
-    matches!(status, Some(401 | 403))
-        || [
-            "unauthorized",
-            "authentication required",
-            "no basic auth credentials",
-            "denied",
-        ]
-        .iter()
-        .any(|w| msg.contains(w))
+    matches!(status, Some(401 | 403)) || says_unauthorized(&msg) || msg.contains("denied")
 }
 
 /// For an image the engine already has (pull policy `missing`): asks the reference's registry

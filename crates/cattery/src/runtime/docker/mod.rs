@@ -210,20 +210,6 @@ impl DockerRuntime {
             _ => None,
         };
         let id = image::resolve(&docker, &reference, self.cfg.pull_policy, secret.as_ref()).await?;
-        let runs_something = docker
-            .inspect_image(&id)
-            .await
-            .ok()
-            .and_then(|i| i.config)
-            .is_none_or(|c| {
-                c.cmd.is_some_and(|v| !v.is_empty()) || c.entrypoint.is_some_and(|v| !v.is_empty())
-            });
-        if !runs_something {
-            return Err(format!(
-                "PCC_UNKNOWN_ERROR: image {reference} has no command to run (neither CMD nor \
-                 ENTRYPOINT): build it FROM a Pipecat base image, or give it a CMD"
-            ));
-        }
         tracing::info!(deployment = %dep.id, image = %reference, image_id = %id, "image resolved");
         self.record_image(dep.id, &id);
         Ok(id)

@@ -805,18 +805,20 @@ impl Runtime for ProcessRuntime {
     }
 
     /// Starts from a spare cgroup slot on the calling worker when one is ready and no fork
-    /// server can be involved: that start is a few short
-    /// system calls and the new process's `exec` (no cgroup migration), and handing the
-    /// worker's other tasks to another thread first cost more CPU than that (0.3 ms per start
-    /// under churn, `docs/performance.md`, "Starts from a spare slot on the worker"). One at a
-    /// time (they queue on an async lock), so the other workers go on serving: a second start
-    /// would otherwise wait for the first's `exec` on the reaper's lock, holding its worker
-    /// too. Every other start runs
-    /// [`ProcessRuntime::start_blocking`] in `block_in_place`: joining a cgroup can keep the
-    /// spawning thread in the kernel for a whole RCU grace period (10-13 ms here), and a fork
-    /// server may have to start first, so the worker's other tasks move to another thread
-    /// first. (On tokio's blocking pool instead, warm starts at concurrency 8 were 0.3-0.5 ms
-    /// slower.) Needs the multi-threaded runtime.
+    /// server can be involved: that start is a few short system calls and the new process's
+    /// `exec` (no cgroup migration), and handing the worker's other tasks to another thread
+    /// first cost more CPU than that (0.3 ms per start under churn, `docs/performance.md`,
+    /// "Starts from a spare slot on the worker"). One at a time (they queue on an async lock),
+    /// so the other workers go on serving: a second start would otherwise wait for the first's
+    /// `exec` on the reaper's lock, holding its worker too. (A spare found unusable at its
+    /// claim, its parked process gone, falls back to joining cgroups on that worker: rare, and
+    /// it may wait an RCU grace period there.)
+    ///
+    /// Every other start runs [`ProcessRuntime::start_blocking`] in `block_in_place`: joining
+    /// a cgroup can keep the spawning thread in the kernel for a whole RCU grace period (10-13
+    /// ms here), and a fork server may have to start first, so the worker's other tasks move
+    /// to another thread first. (On tokio's blocking pool instead, warm starts at concurrency 8
+    /// were 0.3-0.5 ms slower.) Needs the multi-threaded runtime.
     async fn start(
         &self,
         spec: InstanceSpec,
