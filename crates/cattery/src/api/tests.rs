@@ -263,6 +263,55 @@ async fn error_bodies() {
     assert_error(&r, StatusCode::BAD_REQUEST, "400");
 }
 
+/// An `image` no engine could pull is a 400 at create and at update (not a deployment that
+/// fails later); references Docker accepts, with a registry, port, tag or digest, are taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_reference_no_engine_can_pull_is_a_400() {
+    let a = api().await;
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    for bad in [
+        "Trial/BOT:1",
+        "bot image",
+        "bot:",
+        "bot:-tag",
+        "https://registry.example.com/bot",
+        "bot@sha256:1234",
+        "/bot",
+        "bot//x",
+    ] {
+        let body = json!({"serviceName": "img", "image": bad});
+        let r = a
+            .call(Method::POST, "/v1/agents", Some(&a.sk), Some(body))
+            .await;
+        assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+        let msg = r.body["error"].as_str().unwrap();
+        assert!(msg.contains("not a valid image reference"), "{bad}: {msg}");
+    }
+    for good in [
+        "bot".to_string(),
+        "org/bot:1.2".to_string(),
+        "registry.example.com:5000/team/org/bot:v1_2-3".to_string(),
+        format!("ghcr.io/org/bot@{digest}"),
+        format!("bot:latest@{digest}"),
+    ] {
+        let body = json!({"serviceName": "img-ok", "image": good});
+        let r = a
+            .call(Method::POST, "/v1/agents", Some(&a.sk), Some(body))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{good}: {}", r.body);
+        let r = a
+            .call(Method::DELETE, "/v1/agents/img-ok", Some(&a.sk), None)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+    a.deploy("img-upd", &[], json!({})).await;
+    let body = json!({"image": "Org/Bot"});
+    let r = a
+        .call(Method::POST, "/v1/agents/img-upd", Some(&a.sk), Some(body))
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+}
+
 /// `status`, `startType`, `deploymentId`, `limit` and `offset` filter the session list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_list_filters() {

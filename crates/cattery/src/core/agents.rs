@@ -150,6 +150,23 @@ fn bad(msg: impl Into<String>) -> CoreError {
     CoreError::bad_request(msg)
 }
 
+/// An `image` other than `local:<dir>` must be a container image reference as Docker and
+/// registries read it (`[host[:port]/]name[:tag][@digest]`, the name in lowercase): a
+/// reference no engine can pull is a 400 at the request, not a failed deployment later.
+fn check_image_reference(img: &str) -> CoreResult<()> {
+    if img.starts_with("local:") {
+        return Ok(());
+    }
+    img.parse::<oci_spec::distribution::Reference>()
+        .map(|_| ())
+        .map_err(|e| {
+            bad(format!(
+                "image is not a valid image reference ({e}): give \
+                 [registry/]name[:tag][@digest], the name in lowercase, or local:/path/to/bot"
+            ))
+        })
+}
+
 /// Applies the request's run-affecting fields onto `spec`. Errors: 400 with the offending field.
 fn apply(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
     if r.build_id.is_some() {
@@ -164,6 +181,7 @@ fn apply(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
         if img.trim().is_empty() {
             return Err(bad("image must not be empty"));
         }
+        check_image_reference(img)?;
         spec.image = Some(img.clone());
         if r.command.is_none() {
             spec.command = None;
