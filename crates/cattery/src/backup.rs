@@ -9,7 +9,7 @@
 //! the backup as `lost`, like after any restart that finds their instances gone.
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
@@ -22,10 +22,34 @@ pub const MANIFEST: &str = "backup.json";
 /// What a backup or restore copied.
 pub type Summary = backup::CopyInfo;
 
-/// Copies `data_dir`'s database and secrets key into the new directory `out` (mode 0700).
-/// Works while a server uses `data_dir`. Errors: `data_dir` holds no database, `out` exists
-/// and is not an empty directory, a copy fails.
-pub fn backup(data_dir: &Path, out: &Path) -> anyhow::Result<Summary> {
+/// A server's durable state on disk: its data dir, and its secrets key file when the server
+/// is given one (`--secrets-key-file`; else the key is `<data_dir>/secrets.key`).
+pub struct Place {
+    pub data_dir: PathBuf,
+    pub key_file: Option<PathBuf>,
+}
+
+impl Place {
+    /// A data dir whose secrets key is its own `secrets.key`.
+    pub fn data_dir(data_dir: &Path) -> Self {
+        Place {
+            data_dir: data_dir.to_path_buf(),
+            key_file: None,
+        }
+    }
+
+    fn key(&self) -> PathBuf {
+        self.key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(KEY_FILE))
+    }
+}
+
+/// Copies the data dir's database and the secrets key into the new directory `out` (mode
+/// 0700). Works while a server uses the data dir. Errors: the data dir holds no database,
+/// `out` exists and is not an empty directory, a copy fails.
+pub fn backup(place: &Place, out: &Path) -> anyhow::Result<Summary> {
+    let data_dir = place.data_dir.as_path();
     let db = data_dir.join(DB_FILE);
     if !db.is_file() {
         anyhow::bail!(
@@ -52,9 +76,11 @@ pub fn backup(data_dir: &Path, out: &Path) -> anyhow::Result<Summary> {
     let _ = std::fs::remove_file(&tmp);
     let info = backup::copy(&db, &tmp)?;
     std::fs::rename(&tmp, out.join(DB_FILE))?;
-    let key = data_dir.join(KEY_FILE);
+    let key = place.key();
     if key.is_file() {
         copy_private(&key, &out.join(KEY_FILE))?;
+    } else if place.key_file.is_some() {
+        anyhow::bail!("cannot read the secrets key file {}", key.display());
     }
     let manifest = serde_json::json!({
         "format": 1,
@@ -73,15 +99,32 @@ pub fn backup(data_dir: &Path, out: &Path) -> anyhow::Result<Summary> {
     Ok(info)
 }
 
-/// Puts the backup `from` into `data_dir` (created if missing). Refuses while a server uses
-/// `data_dir`, when `data_dir` already holds a database (unless `force`: then it is replaced,
-/// its WAL files removed), and when the backup's schema is newer than this binary's.
-pub fn restore(from: &Path, data_dir: &Path, force: bool) -> anyhow::Result<Summary> {
+/// Puts the backup `from` into the data dir (created if missing). Refuses while a server uses
+/// the data dir, when it already holds a database (unless `force`: then it is replaced, its
+/// WAL files removed), when the backup's schema is newer than this binary's, and when the
+/// server is given a secrets key file (`Place::key_file`) that is not the backup's key (the
+/// restored secret values could not be opened; that file is never overwritten).
+pub fn restore(from: &Path, place: &Place, force: bool) -> anyhow::Result<Summary> {
+    let data_dir = place.data_dir.as_path();
     let src = from.join(DB_FILE);
     if !src.is_file() {
         anyhow::bail!("{} is not a Cattery backup (no {DB_FILE})", from.display());
     }
     let info = backup::verify(&src)?;
+    let key = from.join(KEY_FILE);
+    if let (Some(file), true) = (&place.key_file, key.is_file()) {
+        let same = std::fs::read(file)
+            .with_context(|| format!("cannot read the secrets key file {}", file.display()))?
+            == std::fs::read(&key)?;
+        if !same {
+            anyhow::bail!(
+                "the backup's secrets key is not the one in {}: the restored secret values \
+                 could not be opened; put the backup's {KEY_FILE} there first (on every node \
+                 that uses it)",
+                file.display()
+            );
+        }
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -122,8 +165,7 @@ pub fn restore(from: &Path, data_dir: &Path, force: bool) -> anyhow::Result<Summ
         }
     }
     std::fs::rename(&tmp, &dst)?;
-    let key = from.join(KEY_FILE);
-    if key.is_file() {
+    if key.is_file() && place.key_file.is_none() {
         let dst_key = data_dir.join(KEY_FILE);
         let _ = std::fs::remove_file(&dst_key);
         copy_private(&key, &dst_key)?;
@@ -169,7 +211,7 @@ mod tests {
         std::fs::write(data.join(KEY_FILE), [7u8; 32]).unwrap();
         // While the store is open (the server runs).
         let out = tmp.path().join("bk");
-        let info = backup(&data, &out).unwrap();
+        let info = backup(&Place::data_dir(&data), &out).unwrap();
         assert_eq!(info.schema, crate::store::sqlite::migrate::LATEST);
         assert!(out.join(MANIFEST).is_file());
         assert_eq!(std::fs::read(out.join(KEY_FILE)).unwrap(), [7u8; 32]);
@@ -179,12 +221,18 @@ mod tests {
                 |f: &str| std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
             assert_eq!((mode(DB_FILE), mode(KEY_FILE)), (0o600, 0o600));
         }
-        assert!(backup(&data, &out).is_err(), "a backup never overwrites");
+        assert!(
+            backup(&Place::data_dir(&data), &out).is_err(),
+            "a backup never overwrites"
+        );
 
         let restored = tmp.path().join("restored");
-        restore(&out, &restored, false).unwrap();
-        assert!(restore(&out, &restored, false).is_err(), "needs --force");
-        restore(&out, &restored, true).unwrap();
+        restore(&out, &Place::data_dir(&restored), false).unwrap();
+        assert!(
+            restore(&out, &Place::data_dir(&restored), false).is_err(),
+            "needs --force"
+        );
+        restore(&out, &Place::data_dir(&restored), true).unwrap();
         let r = store::open(&Default::default(), &restored, OpenMode::Existing)
             .await
             .unwrap();
@@ -207,7 +255,12 @@ mod tests {
             err.contains("schema version 99, newer than this cattery"),
             "{err}"
         );
-        let err = restore(&restored, &tmp.path().join("other"), false).unwrap_err();
+        let err = restore(
+            &restored,
+            &Place::data_dir(&tmp.path().join("other")),
+            false,
+        )
+        .unwrap_err();
         assert!(format!("{err:#}").contains("newer"), "{err:#}");
     }
 }

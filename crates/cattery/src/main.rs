@@ -33,23 +33,68 @@ enum Cmd {
     /// Copy the database (SQLite's online backup) and the secrets key into the new directory
     /// OUT; works while the server runs (docs/operations.md).
     Backup {
-        /// Data directory of the server.
-        #[arg(long, env = "CATTERY_DATA_DIR", default_value = "./.cattery")]
-        data_dir: PathBuf,
+        /// The server's data dir and secrets key.
+        #[command(flatten)]
+        dir: DataDirArgs,
         /// Directory to create for the backup.
         out: PathBuf,
     },
     /// Put a backup made by `cattery backup` into the data directory of a stopped server.
     Restore {
-        /// Data directory to restore into (created if missing).
-        #[arg(long, env = "CATTERY_DATA_DIR", default_value = "./.cattery")]
-        data_dir: PathBuf,
+        /// The data dir to restore into (created if missing), and the server's secrets key.
+        #[command(flatten)]
+        dir: DataDirArgs,
         /// Replace the database the data directory already holds.
         #[arg(long)]
         force: bool,
         /// The backup directory.
         from: PathBuf,
     },
+}
+
+/// Where `cattery backup` and `cattery restore` find the server's SQLite data dir and secrets
+/// key: the `--config` file's `[server] data_dir` and `[cluster] secrets_key_file`, which
+/// `--data-dir` overrides (as for `cattery serve`).
+#[derive(clap::Args)]
+struct DataDirArgs {
+    /// The server's TOML configuration file: its `[server] data_dir`, `[store]` and
+    /// `[cluster] secrets_key_file` are used.
+    #[arg(long, env = "CATTERY_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory of the server [default: the config file's, else ./.cattery].
+    #[arg(long, env = "CATTERY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The server's PostgreSQL database, if it uses one: these commands copy a SQLite data
+    /// dir and refuse it (PostgreSQL has its own tools).
+    #[arg(
+        long,
+        env = "CATTERY_DATABASE_URL",
+        hide_env_values = true,
+        hide = true
+    )]
+    database_url: Option<String>,
+}
+
+impl DataDirArgs {
+    /// The data dir and the secrets key file the server is configured with, if any. Errors:
+    /// the config file is unreadable or invalid; the server's store is PostgreSQL.
+    fn resolve(self) -> anyhow::Result<cattery::backup::Place> {
+        let cfg = match &self.config {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        if self.database_url.is_some() || cfg.store.database_url.is_some() {
+            anyhow::bail!(
+                "this server's store is PostgreSQL: back it up with PostgreSQL's own tools \
+                 (pg_dump, or the database's backups) and keep the --secrets-key-file with it \
+                 (docs/cluster.md, \"Backups\"); cattery backup and restore copy a SQLite data dir"
+            );
+        }
+        Ok(cattery::backup::Place {
+            data_dir: self.data_dir.unwrap_or(cfg.server.data_dir),
+            key_file: cfg.cluster.secrets_key_file,
+        })
+    }
 }
 
 /// Where `cattery keys` finds the server's store: the `--config` file's data dir and `[store]`,
@@ -160,30 +205,32 @@ fn main() -> std::process::ExitCode {
                 serve::serve(config).await
             }
             Cmd::Keys { cmd } => keys(cmd).await,
-            Cmd::Backup { data_dir, out } => cattery::backup::backup(&data_dir, &out).map(|i| {
+            Cmd::Backup { dir, out } => {
+                let place = dir.resolve()?;
+                let i = cattery::backup::backup(&place, &out)?;
                 println!(
                     "backed up {} to {} (schema {}, {} agents, {} sessions)",
-                    data_dir.display(),
+                    place.data_dir.display(),
                     out.display(),
                     i.schema,
                     i.agents,
                     i.sessions
-                )
-            }),
-            Cmd::Restore {
-                data_dir,
-                force,
-                from,
-            } => cattery::backup::restore(&from, &data_dir, force).map(|i| {
+                );
+                Ok(())
+            }
+            Cmd::Restore { dir, force, from } => {
+                let place = dir.resolve()?;
+                let i = cattery::backup::restore(&from, &place, force)?;
                 println!(
                     "restored {} into {} (schema {}, {} agents, {} sessions)",
                     from.display(),
-                    data_dir.display(),
+                    place.data_dir.display(),
                     i.schema,
                     i.agents,
                     i.sessions
-                )
-            }),
+                );
+                Ok(())
+            }
         }
     });
     match res {

@@ -337,3 +337,94 @@ async fn backup_during_churn_holds_every_ended_session_and_restores() {
         assert!(!v["endedAt"].is_null(), "{v}");
     }
 }
+
+/// `cattery backup` and `restore` read the server's `--config`: its data dir and its
+/// `[cluster] secrets_key_file` (copied into the backup; at restore, a configured key that is
+/// not the backup's is refused and never overwritten), and a PostgreSQL store is refused with
+/// what to use instead.
+#[tokio::test]
+async fn backup_and_restore_read_the_config_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, key) = (tmp.path().join("data"), tmp.path().join("secrets.key"));
+    std::fs::write(&key, [9u8; 32]).unwrap();
+    let cfg = tmp.path().join("cattery.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\ndata_dir = {:?}\n[cluster]\nsecrets_key_file = {:?}\n",
+            data.display().to_string(),
+            key.display().to_string()
+        ),
+    )
+    .unwrap();
+    let cfg_s = cfg.to_str().unwrap();
+    // A server's store in the config's data dir.
+    std::fs::create_dir_all(&data).unwrap();
+    let store = cattery::store::open(&Default::default(), &data, cattery::store::OpenMode::Create)
+        .await
+        .unwrap();
+    store.ensure_org("default").await.unwrap();
+    drop(store);
+
+    let bk = tmp.path().join("bk");
+    let (ok, text) = cattery(&["backup", "--config", cfg_s, bk.to_str().unwrap()]);
+    assert!(ok, "backup failed: {text}");
+    assert!(text.contains(&data.display().to_string()), "{text}");
+    assert_eq!(std::fs::read(bk.join("secrets.key")).unwrap(), [9u8; 32]);
+
+    // Restore into the (stopped) data dir: the configured key is the backup's.
+    let (ok, text) = cattery(&[
+        "restore",
+        "--config",
+        cfg_s,
+        "--force",
+        bk.to_str().unwrap(),
+    ]);
+    assert!(ok, "restore failed: {text}");
+    assert!(
+        !data.join("secrets.key").exists(),
+        "the key lives in its own file"
+    );
+    // Another key in the configured file: refused, the file untouched.
+    std::fs::write(&key, [1u8; 32]).unwrap();
+    let (ok, text) = cattery(&[
+        "restore",
+        "--config",
+        cfg_s,
+        "--force",
+        bk.to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("not the one in"), "{text}");
+    assert_eq!(std::fs::read(&key).unwrap(), [1u8; 32]);
+
+    // A PostgreSQL store (from the file or the environment): refused, naming what to use.
+    let pg_cfg = tmp.path().join("pg.toml");
+    std::fs::write(
+        &pg_cfg,
+        "[store]\ndatabase_url = \"postgres://cattery@db.example/cattery\"\n",
+    )
+    .unwrap();
+    let out2 = tmp.path().join("bk2");
+    for args in [
+        vec![
+            "backup",
+            "--config",
+            pg_cfg.to_str().unwrap(),
+            out2.to_str().unwrap(),
+        ],
+        vec![
+            "restore",
+            "--config",
+            pg_cfg.to_str().unwrap(),
+            bk.to_str().unwrap(),
+        ],
+    ] {
+        let (ok, text) = cattery(&args);
+        assert!(!ok && text.contains("pg_dump"), "{text}");
+        assert!(
+            !text.contains("db.example"),
+            "no database URL in the message: {text}"
+        );
+    }
+    assert!(!out2.exists());
+}
