@@ -39,8 +39,8 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{
-    ExitInfo, Instance, InstanceSpec, LogSink, Prepared, ResourceSample, Runtime, RuntimeError,
-    RuntimeKind, TerminateReport,
+    Adopted, ExitInfo, GoneExit, Instance, InstanceSpec, LogSink, Prepared, ResourceSample,
+    Runtime, RuntimeError, RuntimeKind, TerminateReport,
 };
 use crate::model::{DeploymentRecord, InstanceRecord};
 
@@ -144,6 +144,15 @@ impl FakeRuntime {
         self.inner.live.lock().keys().copied().collect()
     }
 
+    /// Removes instance `id` as if the machine had lost it: it ends, and the runtime no longer
+    /// knows it (an adoption finds nothing to say how it ended).
+    pub async fn forget(&self, id: Uuid) {
+        let i = self.inner.live.lock().get(&id).cloned();
+        if let Some(i) = i {
+            i.terminate(Duration::ZERO).await;
+        }
+    }
+
     /// Every `POST /bot` received, in order.
     pub fn delivered(&self) -> Vec<Delivered> {
         self.inner.delivered.lock().clone()
@@ -219,13 +228,20 @@ impl Runtime for FakeRuntime {
         Ok(inst)
     }
 
-    async fn adopt(&self, rec: &InstanceRecord, _logs: LogSink) -> Option<Arc<dyn Instance>> {
-        let i = self.inner.live.lock().get(&rec.id).cloned()?;
-        if i.exited().is_some() {
+    async fn adopt(&self, rec: &InstanceRecord, _logs: LogSink) -> Adopted {
+        let Some(i) = self.inner.live.lock().get(&rec.id).cloned() else {
+            return Adopted::Gone(None);
+        };
+        if let Some(exit) = i.exited() {
+            let out_of_memory = i.out_of_memory().await;
             i.terminate(Duration::ZERO).await;
-            return None;
+            return Adopted::Gone(Some(GoneExit {
+                exit,
+                out_of_memory,
+                ended_ms: None,
+            }));
         }
-        Some(i)
+        Adopted::Running(i)
     }
 
     async fn sweep(&self, keep: &HashSet<Uuid>) {

@@ -73,6 +73,26 @@ impl ExitInfo {
     }
 }
 
+/// What [`Runtime::adopt`] found of a recorded instance.
+pub enum Adopted {
+    /// It runs: supervised again.
+    Running(Arc<dyn Instance>),
+    /// It is gone, its leftovers removed; with how it ended when the runtime still knows
+    /// (a container's state; a process's `$CATTERY_EXIT_STATUS_FILE`), else `None`.
+    Gone(Option<GoneExit>),
+}
+
+/// How an instance that ended while no server watched it ended ([`Adopted::Gone`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GoneExit {
+    /// Its main process's exit.
+    pub exit: ExitInfo,
+    /// The kernel killed it for going over its memory limit.
+    pub out_of_memory: bool,
+    /// When it ended (Unix ms), when the runtime knows.
+    pub ended_ms: Option<i64>,
+}
+
 /// The state of an agent's Python fork server on this node ([`process::zygote`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ForkServerState {
@@ -297,9 +317,10 @@ pub trait Runtime: Send + Sync + 'static {
         spec: InstanceSpec,
         logs: LogSink,
     ) -> Result<Arc<dyn Instance>, RuntimeError>;
-    /// Finds a recorded instance again after a restart; `None` when it is gone (its leftovers
-    /// are removed).
-    async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Option<Arc<dyn Instance>>;
+    /// Finds a recorded instance again after a restart: [`Adopted::Running`], or
+    /// [`Adopted::Gone`] (its leftovers are removed) with how it ended when the runtime still
+    /// knows it.
+    async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Adopted;
     /// After a restart, once every recorded instance was adopted or removed: removes every
     /// instance of this server that `keep` does not name (processes, cgroups, directories),
     /// e.g. one spawned just before a crash and never recorded. Only this server's own

@@ -9,7 +9,9 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::docker::{runs_in_container, IMAGE_PROGRAM_PREFIX};
-use super::{Instance, InstanceSpec, LogSink, Prepared, Runtime, RuntimeError, RuntimeKind};
+use super::{
+    Adopted, Instance, InstanceSpec, LogSink, Prepared, Runtime, RuntimeError, RuntimeKind,
+};
 use crate::model::{DeploymentRecord, InstanceRecord};
 
 /// Dispatches to the process or the Docker runtime.
@@ -69,7 +71,7 @@ impl Runtime for MultiRuntime {
         Self::is_container(rec)
     }
 
-    async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Option<Arc<dyn Instance>> {
+    async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Adopted {
         let (rt, kind) = if Self::is_container(rec) {
             (&self.docker, RuntimeKind::Docker)
         } else {

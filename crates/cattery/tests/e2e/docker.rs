@@ -285,7 +285,17 @@ async fn restart_readopts_containers_and_sweeps_unrecorded_ones() {
         .unwrap();
     assert_eq!(kinds, vec!["docker".to_string()], "instance records");
     drop(db);
+    // A second session whose container ends while no server runs.
+    deploy_image(&s, "quitter", "--ignore-transport-close", json!({})).await;
+    let quitter = s.start_ok("quitter").await;
+    let qc = wait_containers(&s, 2, Duration::from_secs(30))
+        .await
+        .into_iter()
+        .find(|x| !c.contains(x))
+        .unwrap();
     s.kill9();
+    docker(&["kill", "--signal", "TERM", &qc]).expect("docker kill");
+    let code: i64 = docker(&["wait", &qc]).unwrap().trim().parse().unwrap();
     // A container of this server that no record explains (as if started just before a crash).
     let label = format!("org.cattery.server={}", server_id(&s));
     let stray = docker(&[
@@ -309,6 +319,19 @@ async fn restart_readopts_containers_and_sweeps_unrecorded_ones() {
         again["startedAtUnixMs"], before["startedAtUnixMs"],
         "same container"
     );
+    // The quitter's session is recorded as its container ended (Docker kept that), not lost.
+    let q = s.wait_ended("quitter", &quitter, Duration::from_secs(10)).await;
+    let msg = q["endMessage"].as_str().unwrap_or_default();
+    assert!(msg.contains("exited while no control plane watched it"), "{q}");
+    if (129..=192).contains(&code) {
+        assert_eq!(q["exitSignal"], code - 128, "{q}");
+        assert_eq!(q["endReason"], "error", "{q}");
+    } else {
+        assert_eq!(q["exitCode"], code, "{q}");
+        let reason = if code == 0 { "completed" } else { "error" };
+        assert_eq!(q["endReason"], reason, "{q}");
+    }
+    assert!(inspect(&qc).is_null(), "the ended container is removed");
     let r = s.stop("survivor", &sid).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert!(containers(&s).is_empty());

@@ -13,7 +13,7 @@ use super::actor::{self, Start};
 use super::state::{AgentPool, Cmd, InstState, InstanceCtl};
 use super::Supervisor;
 use crate::model::{now_ms, AgentRecord, EndReason, InstanceRecord, SessionEnd, SessionRecord};
-use crate::runtime::{Instance, LogSink};
+use crate::runtime::{Adopted, GoneExit, Instance, LogSink};
 
 /// What the recovery found, as it goes.
 #[derive(Default)]
@@ -26,6 +26,9 @@ struct Found {
     remove: Vec<(Arc<dyn Instance>, Duration)>,
     /// Stops requested before the restart: session -> deadline (Unix ms).
     stops: HashMap<Uuid, i64>,
+    /// Delivered sessions whose instance ended while no server watched it, and how (when the
+    /// runtime still knew).
+    exits: HashMap<Uuid, GoneExit>,
 }
 
 impl Supervisor {
@@ -68,7 +71,11 @@ impl Supervisor {
         self.runtime.sweep(&found.keep).await;
         for s in self.store.list_open_sessions().await? {
             if self.owns(&s.node_id) && !found.adopted_sessions.contains(&s.id) {
-                self.end_lost(&s, found.stops.contains_key(&s.id)).await?;
+                let stop_requested = found.stops.contains_key(&s.id);
+                match found.exits.get(&s.id) {
+                    Some(g) => self.end_unwatched(&s, g, stop_requested).await?,
+                    None => self.end_lost(&s, stop_requested).await?,
+                }
             }
         }
         self.publish_live(&self.state.lock());
@@ -133,10 +140,17 @@ impl Supervisor {
         futures_util::future::join_all(found.remove.iter().map(|(i, g)| i.terminate(*g))).await;
         let mut lost = 0;
         for s in &taken.sessions {
-            if !found.adopted_sessions.contains(&s.id) {
-                self.end_node_lost(s, dead).await?;
-                lost += 1;
+            if found.adopted_sessions.contains(&s.id) {
+                continue;
             }
+            match found.exits.get(&s.id) {
+                Some(g) => {
+                    let stop_requested = found.stops.contains_key(&s.id);
+                    self.end_unwatched(s, g, stop_requested).await?;
+                }
+                None => self.end_node_lost(s, dead).await?,
+            }
+            lost += 1;
         }
         tracing::warn!(node = %dead, adopted = found.adopted_sessions.len(), lost,
             "took over a node that stopped heartbeating");
@@ -223,10 +237,19 @@ impl Supervisor {
             tx: self.logs.clone(),
             attribution: ctl.attribution.clone(),
         };
-        let Some(inst) = self.runtime.adopt(&rec, sink).await else {
-            // Gone while we were down; its open session is recorded below.
-            let _ = self.store.delete_instance(rec.id).await;
-            return Ok(());
+        let inst = match self.runtime.adopt(&rec, sink).await {
+            Adopted::Running(inst) => inst,
+            Adopted::Gone(gone) => {
+                // Gone while we were down; its open session is recorded below, with how the
+                // instance ended if the runtime knows and the session was delivered.
+                if let (Some(g), Some(s)) = (gone, &session) {
+                    if s.bot_start_ms.is_some() {
+                        found.exits.insert(s.id, g);
+                    }
+                }
+                let _ = self.store.delete_instance(rec.id).await;
+                return Ok(());
+            }
         };
         match session {
             Some(sess) if sess.bot_start_ms.is_some() => {
@@ -370,6 +393,23 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Records the end of a delivered session whose instance ended while no server watched
+    /// it, as the runtime says it ended ([`unwatched_end`]).
+    async fn end_unwatched(
+        &self,
+        s: &SessionRecord,
+        g: &GoneExit,
+        stop_requested: bool,
+    ) -> anyhow::Result<()> {
+        let end = unwatched_end(s, g, stop_requested);
+        if self.store.end_session(s.id, &end).await? {
+            let agent = self.agent_name(s.agent_id);
+            crate::telemetry::session_ended(&s.org, &agent, end.reason.as_str());
+            let _ = self.changes.send((s.org.clone(), s.id));
+        }
+        Ok(())
+    }
+
     /// Graceful drain: new starts get 503 `DRAINING` from now on; warm instances go at once;
     /// running sessions (and starts in flight) may finish until `timeout` or until `force`
     /// resolves (a second SIGTERM), then they are stopped through the cleanup path
@@ -440,5 +480,40 @@ impl Drop for TakingOver<'_> {
         for id in &self.ids {
             m.remove(id);
         }
+    }
+}
+
+/// The end of a delivered session whose instance ended while no server watched it (the
+/// control plane down, or its node lost), from how the runtime says it ended: `stopped` if
+/// its stop had been requested, `out_of_memory` for an OOM kill, else `completed` (exit 0) or
+/// `error`; with the exit, and the time it ended when the runtime knows it.
+fn unwatched_end(s: &SessionRecord, g: &GoneExit, stop_requested: bool) -> SessionEnd {
+    let (reason, completion) = if stop_requested {
+        (EndReason::Stopped, "HTTP_ERROR")
+    } else if g.out_of_memory {
+        (EndReason::OutOfMemory, "HTTP_ERROR")
+    } else if g.exit.success() {
+        (EndReason::Completed, "HTTP_COMPLETED")
+    } else {
+        (EndReason::Error, "HTTP_ERROR")
+    };
+    let oom = if g.out_of_memory {
+        ", killed for going over its memory limit"
+    } else {
+        ""
+    };
+    SessionEnd {
+        ended_ms: g
+            .ended_ms
+            .unwrap_or_else(now_ms)
+            .clamp(s.created_ms, now_ms().max(s.created_ms)),
+        reason,
+        completion_status: completion.into(),
+        exit_code: g.exit.code,
+        exit_signal: g.exit.signal,
+        message: Some(format!(
+            "the instance exited while no control plane watched it ({}{oom})",
+            g.exit.describe()
+        )),
     }
 }

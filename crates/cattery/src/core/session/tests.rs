@@ -484,6 +484,77 @@ async fn recovery_re_adopts_a_live_session() {
     assert!(e.fake.live().is_empty());
 }
 
+/// An instance that ended while no control plane watched it, where the runtime still knows
+/// how (a container's state): its delivered session is recorded as it ended (exit code, OOM,
+/// a requested stop), not `lost`; one the runtime knows nothing of stays `lost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_records_how_an_unwatched_instance_ended() {
+    let e = env().await;
+    let cases = [
+        (
+            "err",
+            vec!["crash-ms=30:3"],
+            false,
+            EndReason::Error,
+            Some(3),
+        ),
+        (
+            "done",
+            vec!["crash-ms=30:0"],
+            false,
+            EndReason::Completed,
+            Some(0),
+        ),
+        (
+            "oom",
+            vec!["crash-ms=30:137", "oom"],
+            false,
+            EndReason::OutOfMemory,
+            Some(137),
+        ),
+        (
+            "stopped",
+            vec!["crash-ms=30:0"],
+            true,
+            EndReason::Stopped,
+            Some(0),
+        ),
+    ];
+    let mut left = Vec::new();
+    for (name, script, stop, ..) in &cases {
+        let a = agent(&e, name, script, 0, 1).await;
+        let (_, sid) = left_by_previous_run(&e, &a).await;
+        if *stop {
+            e.store.request_stop(sid, now_ms() + 60_000).await.unwrap();
+        }
+        left.push(sid);
+    }
+    // One whose instance the runtime has forgotten entirely.
+    let a = agent(&e, "forgotten", &[], 0, 1).await;
+    let (iid, forgotten) = left_by_previous_run(&e, &a).await;
+    e.fake.forget(iid).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sup = engine(&e.store, &e.fake);
+    sup.recover().await.unwrap();
+    for ((name, _, _, reason, code), sid) in cases.iter().zip(&left) {
+        let s = e.store.get_session(*sid).await.unwrap().unwrap();
+        let end = s.end.expect("ended");
+        assert_eq!(end.reason, *reason, "{name}");
+        assert_eq!(end.exit_code, *code, "{name}");
+        let msg = end.message.unwrap_or_default();
+        assert!(
+            msg.contains("exited while no control plane watched it"),
+            "{name}: {msg}"
+        );
+        assert!(
+            end.ended_ms >= s.created_ms && end.ended_ms <= now_ms(),
+            "{name}"
+        );
+    }
+    assert_eq!(end_reason(&e, forgotten).await, Some(EndReason::Lost));
+    assert!(e.fake.live().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_finishes_a_stop_cut_off_by_a_restart() {
     let e = env().await;

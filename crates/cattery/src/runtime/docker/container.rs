@@ -20,7 +20,9 @@ use tokio::sync::{watch, OnceCell};
 use super::stats::Sampler;
 use super::DockerPlacement;
 use crate::runtime::logs::{escape_bytes, MAX_LINE_BYTES};
-use crate::runtime::{ExitInfo, Instance, LogSink, ResourceSample, RuntimeKind, TerminateReport};
+use crate::runtime::{
+    ExitInfo, GoneExit, Instance, LogSink, ResourceSample, RuntimeKind, TerminateReport,
+};
 
 /// Upper bound on waiting for a SIGKILLed container to stop (it normally takes a few ms).
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -44,6 +46,25 @@ pub struct DockerInstance {
     logs_done: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     sampler: Sampler,
     terminated: OnceCell<TerminateReport>,
+}
+
+/// How a stopped container ended, from its state: its exit, OOM kill and end time (`None`: it
+/// never ran, or the engine does not say).
+pub fn gone_exit(state: &bollard::models::ContainerState) -> Option<GoneExit> {
+    let code = state.exit_code?;
+    // A container created but never started has code 0 and the zero time.
+    let ended_ms = state
+        .finished_at
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.timestamp_millis())
+        .filter(|ms| *ms > 0);
+    ended_ms?;
+    Some(GoneExit {
+        exit: exit_info(code),
+        out_of_memory: state.oom_killed == Some(true),
+        ended_ms,
+    })
 }
 
 /// Exit code of a container (its init passes the child's code; 128+n is signal n).
@@ -365,6 +386,25 @@ impl Instance for DockerInstance {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stopped_containers_state_says_how_it_ended() {
+        let st = |code: Option<i64>, oom: bool, at: &str| bollard::models::ContainerState {
+            exit_code: code,
+            oom_killed: Some(oom),
+            finished_at: Some(at.into()),
+            ..Default::default()
+        };
+        let g = gone_exit(&st(Some(3), false, "2026-12-05T10:00:01.5Z")).unwrap();
+        assert_eq!(g.exit.code, Some(3));
+        assert!(!g.out_of_memory);
+        assert_eq!(g.ended_ms, Some(1_796_464_801_500));
+        let g = gone_exit(&st(Some(137), true, "2026-12-05T10:00:01.123456789Z")).unwrap();
+        assert_eq!((g.exit.signal, g.out_of_memory), (Some(9), true));
+        // Created, never started: nothing to say.
+        assert_eq!(gone_exit(&st(Some(0), false, "0001-01-01T00:00:00Z")), None);
+        assert_eq!(gone_exit(&st(None, false, "2026-12-05T10:00:01Z")), None);
+    }
 
     #[test]
     fn init_exit_codes_above_128_are_signals() {

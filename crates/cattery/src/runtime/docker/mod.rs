@@ -31,7 +31,9 @@ use uuid::Uuid;
 
 pub use self::container::DockerInstance;
 use self::image::{PullPolicy, PullSecret};
-use super::{Instance, InstanceSpec, LogSink, Prepared, Runtime, RuntimeError, RuntimeKind};
+use super::{
+    Adopted, Instance, InstanceSpec, LogSink, Prepared, Runtime, RuntimeError, RuntimeKind,
+};
 use crate::model::{now_ms, DeploymentRecord, InstanceRecord};
 
 /// Prefix of [`Prepared::program`] for a container: the image id follows.
@@ -420,13 +422,15 @@ impl Runtime for DockerRuntime {
         true
     }
 
-    async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Option<Arc<dyn Instance>> {
-        let pl: DockerPlacement = serde_json::from_value(rec.placement.clone()).ok()?;
+    async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Adopted {
+        let Ok(pl) = serde_json::from_value::<DockerPlacement>(rec.placement.clone()) else {
+            return Adopted::Gone(None);
+        };
         let docker = match self.engine().await {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(instance = %rec.id, error = %e, "cannot re-adopt a container");
-                return None;
+                return Adopted::Gone(None);
             }
         };
         let state = match docker
@@ -434,16 +438,18 @@ impl Runtime for DockerRuntime {
             .await
         {
             Ok(c) => c.state.unwrap_or_default(),
-            Err(_) => return None,
+            Err(_) => return Adopted::Gone(None),
         };
         if state.running != Some(true) {
+            // It ended while no server watched it: the engine still has how.
+            let gone = container::gone_exit(&state);
             remove_quietly(&docker, &pl.container_id).await;
-            return None;
+            return Adopted::Gone(gone);
         }
         // Follows from one second ago: lines the container wrote while this server was down
         // are not captured (the engine keeps them: `docker logs`).
         let since = (now_ms() / 1000) as i32 - 1;
-        Some(DockerInstance::watch(docker, pl, logs, since))
+        Adopted::Running(DockerInstance::watch(docker, pl, logs, since))
     }
 
     async fn sweep(&self, keep: &HashSet<Uuid>) {

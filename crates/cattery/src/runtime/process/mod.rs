@@ -48,8 +48,8 @@ use self::uids::{UidPool, UidRange};
 use self::zygote::{ForkInputs, ForkServerMode, Started, Zygote};
 use super::logs::{read_offsets, Tailer};
 use super::{
-    ExitInfo, Instance, InstanceSpec, LogSink, Prepared, ResourceSample, Runtime, RuntimeError,
-    RuntimeKind, TerminateReport,
+    Adopted, ExitInfo, GoneExit, Instance, InstanceSpec, LogSink, Prepared, ResourceSample,
+    Runtime, RuntimeError, RuntimeKind, TerminateReport,
 };
 use crate::model::{DeploymentRecord, InstanceRecord};
 
@@ -862,13 +862,13 @@ impl Runtime for ProcessRuntime {
         }
     }
 
-    async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Option<Arc<dyn Instance>> {
+    async fn adopt(&self, rec: &InstanceRecord, logs: LogSink) -> Adopted {
         let id = rec.id.to_string();
         let pl: ProcessPlacement = match serde_json::from_value(rec.placement.clone()) {
             Ok(pl) if rec.runtime == self.kind().as_str() => pl,
             _ => {
                 tracing::warn!(instance = %id, runtime = %rec.runtime, "cannot read the placement of a recorded instance; leaving it");
-                return None;
+                return Adopted::Gone(None);
             }
         };
         let dir = PathBuf::from(&pl.dir);
@@ -903,16 +903,25 @@ impl Runtime for ProcessRuntime {
             offsets,
             logs,
         );
+        // Not our child any more: the exit code is only known if the agent wrote it to
+        // `$CATTERY_EXIT_STATUS_FILE`.
+        let status_file = PathBuf::from(&pl.dir).join(EXIT_STATUS_FILE);
         if !alive {
             // Gone while we were down: remove whatever is left of it.
-            let _ = tx.send(Some(ExitInfo::default()));
+            let code = isolation::read_exit_status(&status_file);
+            let _ = tx.send(Some(ExitInfo { code, signal: None }));
             inst.terminate(Duration::ZERO).await;
-            return None;
+            return Adopted::Gone(code.map(|code| GoneExit {
+                exit: ExitInfo {
+                    code: Some(code),
+                    signal: None,
+                },
+                out_of_memory: false,
+                ended_ms: None,
+            }));
         }
-        // Not our child any more: watch the pid (and its start time) instead of waitpid; the
-        // exit code is only known if the agent wrote it to `$CATTERY_EXIT_STATUS_FILE`.
+        // Watch the pid (and its start time) instead of waitpid.
         let (pid, start) = (pl.pid, pl.pid_start);
-        let status_file = PathBuf::from(&pl.dir).join(EXIT_STATUS_FILE);
         tokio::spawn(async move {
             while same_process_alive(pid, start) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -920,7 +929,7 @@ impl Runtime for ProcessRuntime {
             let code = isolation::read_exit_status(&status_file);
             let _ = tx.send(Some(ExitInfo { code, signal: None }));
         });
-        Some(inst)
+        Adopted::Running(inst)
     }
 }
 
