@@ -456,6 +456,7 @@ async fn join_cluster(
     }
     // Only a shared database can have another live node with this id (SQLite's data dir is
     // locked to one server).
+    let mut before = Vec::new();
     if shared_store {
         let nodes = store.list_nodes().await.context("reading the node list")?;
         let now = crate::model::now_ms();
@@ -472,16 +473,16 @@ async fn join_cluster(
             tracing::warn!("{why}");
         }
         crate::core::secrets::check_key_opens_stored(store.as_ref(), &state.secrets).await?;
+        before = nodes;
     }
+    // The first heartbeat; on a shared database, checked against the nodes that started
+    // meanwhile (`core::cluster::announce`).
+    crate::core::cluster::announce(store.as_ref(), &state.node, &state.secrets, &before).await?;
     let heartbeats = crate::core::cluster::spawn_heartbeats(
         store.clone(),
         (*state.node).clone(),
         Arc::downgrade(sup),
     );
-    store
-        .heartbeat(&state.node.record(0, 0))
-        .await
-        .context("recording this node's first heartbeat")?;
     let shared = crate::core::shared::Shared::start(store.clone(), &state.node, sup).await?;
     sup.recover()
         .await

@@ -416,6 +416,40 @@ pub fn secrets_key_differs(
     ))
 }
 
+/// Writes this node's first heartbeat (which shows its secrets key, `key_check`) and then
+/// reads the node list again: two nodes that start together with different keys each saw no
+/// other when they checked ([`secrets_key_differs`] on `before`, the list read then), but each
+/// writes its heartbeat before this second read, so at least one of them sees the other's
+/// here and refuses. A refused node takes its heartbeat back: the row it had in `before` is
+/// written again (a restart within the timeout keeps its records), else the row is removed.
+///
+/// Errors: a live node's key is not this node's (the message of [`secrets_key_differs`]); the
+/// store failed.
+pub async fn announce(
+    store: &dyn crate::store::Store,
+    me: &NodeIdentity,
+    cipher: &crate::core::secrets::SecretCipher,
+    before: &[NodeRecord],
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    store
+        .heartbeat(&me.record(0, 0))
+        .await
+        .context("recording this node's first heartbeat")?;
+    let nodes = store.list_nodes().await.context("reading the node list")?;
+    let Some(why) = secrets_key_differs(me, &nodes, now_ms(), cipher) else {
+        return Ok(());
+    };
+    let undo = match before.iter().find(|n| n.id == me.id) {
+        Some(prev) => store.heartbeat(prev).await.map(|_| ()),
+        None => store.forget_node(&me.id, i64::MAX).await.map(|_| ()),
+    };
+    if let Err(e) = undo {
+        tracing::warn!(error = %e, node = %me.id, "could not take back this node's heartbeat");
+    }
+    anyhow::bail!(why)
+}
+
 /// Checks this node's cluster secret with one live node among `nodes` (at `now`, ms) that has
 /// an advertise URL, by an internal call every node answers: the stop of the nil session,
 /// which no node has (404 once the secret is accepted). A node with another secret would
@@ -686,6 +720,64 @@ mod tests {
         ] {
             assert!(secrets_key_differs(&me, &nodes, now, &mine).is_none());
         }
+    }
+
+    /// Two nodes that start together with different secrets keys, each having checked an
+    /// empty node list: the first to announce itself runs, the second sees its heartbeat and
+    /// refuses, and takes its own heartbeat back (a new node's row goes; a restarting node's
+    /// earlier row is written again, so its records are not taken over).
+    #[tokio::test]
+    async fn of_two_nodes_starting_together_with_different_keys_one_refuses() {
+        use crate::core::secrets::SecretCipher;
+        use crate::store::{self, OpenMode};
+        let dir = tempfile::tempdir().unwrap();
+        let st = store::open(&Default::default(), dir.path(), OpenMode::Create)
+            .await
+            .unwrap();
+        let node = |id: &str, c: &SecretCipher| NodeIdentity {
+            id: id.into(),
+            key_check: Some(c.seal_check()),
+            ..me()
+        };
+        let (ka, kb) = (
+            SecretCipher::from_key(&[1; 32]),
+            SecretCipher::from_key(&[2; 32]),
+        );
+        let (a, b) = (node("a", &ka), node("b", &kb));
+        // Both checked before either heartbeat: nothing to refuse then.
+        let before = st.list_nodes().await.unwrap();
+        assert!(secrets_key_differs(&a, &before, now_ms(), &ka).is_none());
+        assert!(secrets_key_differs(&b, &before, now_ms(), &kb).is_none());
+        announce(st.as_ref(), &a, &ka, &before).await.unwrap();
+        let err = announce(st.as_ref(), &b, &kb, &before).await.unwrap_err();
+        assert!(
+            format!("{err}").contains("not the one of live node a"),
+            "{err}"
+        );
+        let ids: Vec<String> = st
+            .list_nodes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| n.id)
+            .collect();
+        assert_eq!(ids, ["a"], "the refused node's heartbeat is taken back");
+        // A restarting node refused the same way keeps its earlier row as it was.
+        let earlier = NodeRecord {
+            heartbeat_ms: now_ms() - 1_000,
+            ..b.record(0, 0)
+        };
+        st.heartbeat(&earlier).await.unwrap();
+        let before = st.list_nodes().await.unwrap();
+        assert!(announce(st.as_ref(), &b, &kb, &before).await.is_err());
+        let got = st.list_nodes().await.unwrap();
+        assert_eq!(got.iter().find(|n| n.id == "b"), Some(&earlier));
+        // A third node with a's key runs beside a, but not beside b's live row.
+        let c = node("c", &ka);
+        let err = announce(st.as_ref(), &c, &ka, &before).await.unwrap_err();
+        assert!(format!("{err}").contains("live node b"), "{err}");
+        st.forget_node("b", i64::MAX).await.unwrap();
+        announce(st.as_ref(), &c, &ka, &[]).await.unwrap();
     }
 
     /// A node takes others over only once it has had the store for a whole node timeout: the

@@ -320,9 +320,14 @@ async fn restart_readopts_containers_and_sweeps_unrecorded_ones() {
         "same container"
     );
     // The quitter's session is recorded as its container ended (Docker kept that), not lost.
-    let q = s.wait_ended("quitter", &quitter, Duration::from_secs(10)).await;
+    let q = s
+        .wait_ended("quitter", &quitter, Duration::from_secs(10))
+        .await;
     let msg = q["endMessage"].as_str().unwrap_or_default();
-    assert!(msg.contains("exited while no control plane watched it"), "{q}");
+    assert!(
+        msg.contains("exited while no control plane watched it"),
+        "{q}"
+    );
     if (129..=192).contains(&code) {
         assert_eq!(q["exitSignal"], code - 128, "{q}");
         assert_eq!(q["endReason"], "error", "{q}");
