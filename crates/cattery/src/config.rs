@@ -216,6 +216,9 @@ pub struct RuntimeConfig {
     pub build_max_context_mb: u64,
     /// Seconds a build may run before it ends as `timeout`.
     pub build_timeout_seconds: f64,
+    /// Hours a finished build that no deployment in use runs is kept (record, files, image);
+    /// 0: kept for ever (docs/builds.md, "Retention").
+    pub build_retention_hours: f64,
     /// `auto`, `venv` or `docker` (docs/builds.md).
     pub builder: String,
     /// What `FROM dailyco/pipecat-base...` becomes in a Docker build.
@@ -250,6 +253,7 @@ impl Default for RuntimeConfig {
             build_python: None,
             build_max_context_mb: 500,
             build_timeout_seconds: 600.0,
+            build_retention_hours: 168.0,
             builder: "auto".into(),
             build_base_image: "cattery-test/pipecat-base:latest".into(),
             runtime_dir: "auto".into(),
@@ -475,6 +479,10 @@ pub struct ServeArgs {
     /// Seconds a build may run before it ends as `timeout` [default: 600].
     #[arg(long, env = "CATTERY_BUILD_TIMEOUT_SECONDS", help_heading = "Runtime")]
     pub build_timeout_seconds: Option<f64>,
+    /// Hours a finished build that no deployment in use runs is kept before its record,
+    /// files and image are deleted; 0 keeps builds for ever [default: 168, a week].
+    #[arg(long, env = "CATTERY_BUILD_RETENTION_HOURS", help_heading = "Runtime")]
+    pub build_retention_hours: Option<f64>,
     /// Which builder builds a deploy without an image: `auto` (Docker when the context has a
     /// Dockerfile and an engine answers, else a local virtualenv), `venv` or `docker`
     /// [default: auto].
@@ -629,6 +637,7 @@ impl Config {
             self.runtime.python_fork_server => a.python_fork_server,
             self.runtime.build_max_context_mb => a.build_max_context_mb,
             self.runtime.build_timeout_seconds => a.build_timeout_seconds,
+            self.runtime.build_retention_hours => a.build_retention_hours,
             self.runtime.builder => a.builder,
             self.runtime.build_base_image => a.build_base_image,
             self.runtime.runtime_dir => a.runtime_dir,
@@ -761,6 +770,12 @@ impl Config {
         let bt = self.runtime.build_timeout_seconds;
         if !(bt.is_finite() && bt > 0.0) {
             anyhow::bail!("--build-timeout-seconds must be a positive number");
+        }
+        let br = self.runtime.build_retention_hours;
+        if !(br.is_finite() && (0.0..=1e6).contains(&br)) {
+            anyhow::bail!(
+                "--build-retention-hours must be a number of hours from 0 (keep for ever)"
+            );
         }
         if self.runtime.instance_uids != "off" {
             self.runtime

@@ -515,7 +515,26 @@ async fn start_builds(
         .builds
         .recover()
         .await
-        .context("recovering builds after restart")
+        .context("recovering builds after restart")?;
+    let hours = config.runtime.build_retention_hours;
+    if hours > 0.0 {
+        let keep = Duration::from_secs_f64(hours * 3600.0);
+        // A tenth of the retention, between 1 s and an hour.
+        let every = (keep / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+        let (builds, sup) = (state.builds.clone(), Arc::downgrade(&state.sup));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(s) = sup.upgrade() else { break };
+                if let Err(e) = builds.collect(keep, || s.deployments_in_use()).await {
+                    tracing::warn!(error = %e, "the build retention could not run; next try in {every:?}");
+                }
+            }
+        });
+    }
+    Ok(())
 }
 
 /// Runs the server until SIGTERM/SIGINT and a completed drain.

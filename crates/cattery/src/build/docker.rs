@@ -55,6 +55,11 @@ pub fn map_base(text: &str, base: &str) -> (String, usize) {
     (out.join("\n") + "\n", n)
 }
 
+/// The image a build makes.
+fn image_tag(build: uuid::Uuid) -> String {
+    format!("cattery-build:{build}")
+}
+
 /// Whether `p` names a file inside the context (relative, no `..`).
 fn inside(p: &str) -> bool {
     let p = std::path::Path::new(p);
@@ -75,6 +80,29 @@ impl Builder for DockerBuilder {
 
     async fn available(&self) -> bool {
         self.docker.engine().await.is_ok()
+    }
+
+    /// Removes the build's image, `cattery-build:<id>` (no other image: a build never made
+    /// one). An image already gone is not an error.
+    async fn remove(&self, build: uuid::Uuid, artifact: &str) -> Result<(), String> {
+        if artifact != image_tag(build) {
+            return Ok(());
+        }
+        let engine = self.docker.engine().await?;
+        match engine
+            .remove_image(
+                artifact,
+                None::<bollard::query_parameters::RemoveImageOptions>,
+                None,
+            )
+            .await
+        {
+            Ok(_)
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     async fn build(&self, job: &BuildJob, log: &BuildLog) -> Result<Artifact, String> {
@@ -106,7 +134,7 @@ impl Builder for DockerBuilder {
         .await
         .map_err(|e| format!("packing the context: {e}"))?
         .map_err(|e| format!("packing the context: {e}"))?;
-        let tag = format!("cattery-build:{}", job.id);
+        let tag = image_tag(job.id);
         log.line(&format!(
             "docker build -t {tag} -f {} .",
             job.dockerfile_path

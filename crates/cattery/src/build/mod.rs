@@ -55,6 +55,11 @@ pub trait Builder: Send + Sync + 'static {
     async fn available(&self) -> bool {
         true
     }
+    /// Removes what a build made outside its directory (which the caller removes), when the
+    /// build retention deletes it: the Docker builder's image. Errors: why it could not.
+    async fn remove(&self, _build: Uuid, _artifact: &str) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A build's log: a file of lines, appended while it runs, read by `build logs`.

@@ -17,7 +17,7 @@
 //! `<data-dir>/builds/`: `uploads/<id>.tar.gz` until a build takes it, then
 //! `<build-id>/{context.tar.gz, app/, venv/, build.log}`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -639,6 +639,88 @@ impl Builds {
         Ok(())
     }
 
+    /// The build retention: deletes the finished builds this node made (their directory is
+    /// in its data dir; another node's are its own) that completed at least `keep` ago and
+    /// that no deployment `in_use` gives runs ([`Builds::used_by`]): first the record, so no
+    /// deploy finds the build from then on; then, unless a deployment in use names it by now
+    /// (a deploy that found it just before), its directory and what its builder made
+    /// elsewhere (a Docker build's image). Returns how many records were deleted.
+    pub async fn collect(
+        &self,
+        keep: Duration,
+        in_use: impl Fn() -> Vec<Arc<crate::model::DeploymentRecord>>,
+    ) -> CoreResult<usize> {
+        let keep_ms = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+        let old = self
+            .store
+            .finished_builds_before(now_ms().saturating_sub(keep_ms))
+            .await?;
+        let mut used = self.used_by(&in_use());
+        let mut deleted = 0;
+        for b in old {
+            let dir = self.build_dir(b.id);
+            if used.contains(&b.id) || !dir.is_dir() {
+                continue;
+            }
+            if !self.store.delete_build(b.id).await? {
+                continue;
+            }
+            deleted += 1;
+            used = self.used_by(&in_use());
+            if used.contains(&b.id) {
+                tracing::warn!(build = %b.id, "a deployment took the build as it was deleted; its files are kept");
+                continue;
+            }
+            if let Some(art) = &b.artifact {
+                let builder = match b.builder.as_deref() {
+                    Some("docker") => self.docker.lock().clone(),
+                    _ => Some(self.builder.clone()),
+                };
+                if let Some(Err(e)) = match builder {
+                    Some(x) => Some(x.remove(b.id, art).await),
+                    None => None,
+                } {
+                    tracing::warn!(build = %b.id, error = %e, "could not remove a deleted build's image");
+                }
+            }
+            let d = dir.clone();
+            let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(d)).await;
+            if let Ok(Err(e)) = removed {
+                tracing::warn!(build = %b.id, dir = %dir.display(), error = %e, "could not remove a deleted build's directory");
+            }
+            tracing::info!(build = %b.id, org = %b.org, status = b.status.as_str(), "deleted a build past its retention");
+        }
+        Ok(deleted)
+    }
+
+    /// The builds that deployments `deps` run: their `buildId`, and any build of this node
+    /// whose directory their image (`local:`) or Python lies in.
+    fn used_by(&self, deps: &[Arc<crate::model::DeploymentRecord>]) -> HashSet<Uuid> {
+        let mut out = HashSet::new();
+        for d in deps {
+            out.extend(d.spec.build_id);
+            let paths = [
+                d.spec
+                    .image
+                    .as_deref()
+                    .and_then(|i| i.strip_prefix("local:")),
+                d.spec.python.as_deref(),
+            ];
+            for p in paths.into_iter().flatten() {
+                let Ok(rest) = std::path::Path::new(p).strip_prefix(&self.s.dir) else {
+                    continue;
+                };
+                let first = rest.components().next();
+                if let Some(id) =
+                    first.and_then(|c| Uuid::parse_str(&c.as_os_str().to_string_lossy()).ok())
+                {
+                    out.insert(id);
+                }
+            }
+        }
+        out
+    }
+
     /// `org`'s build `id`. Errors: 404.
     pub async fn get(&self, org: &str, id: &str) -> CoreResult<BuildRecord> {
         let nf = || CoreError::NotFound(format!("build {id} not found"));
@@ -788,5 +870,133 @@ mod tests {
             "{m}"
         );
         assert!(msg(deployable("x", Some(&rec(Building)), "local")).contains("status building"));
+    }
+
+    /// A builder that records what it was asked to remove.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(Uuid, String)>>);
+
+    #[async_trait::async_trait]
+    impl Builder for Recorder {
+        fn kind(&self) -> &'static str {
+            "docker"
+        }
+        async fn build(&self, _: &BuildJob, _: &BuildLog) -> Result<Artifact, String> {
+            Err("not in this test".into())
+        }
+        async fn remove(&self, build: Uuid, artifact: &str) -> Result<(), String> {
+            self.0.lock().push((build, artifact.to_string()));
+            Ok(())
+        }
+    }
+
+    /// The retention deletes finished builds of this node past `keep` that no deployment in
+    /// use runs (by `buildId`, or by its `local:` directory or Python), with their directory
+    /// and their builder's image; it keeps recent, unfinished, in-use and other nodes' builds.
+    #[tokio::test]
+    async fn retention_deletes_only_old_unused_builds_of_this_node() {
+        use crate::model::{DeploymentRecord, DeploymentSpec};
+        use crate::store::{self, OpenMode};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = store::open(&Default::default(), tmp.path(), OpenMode::Create)
+            .await
+            .unwrap();
+        let dir = tmp.path().join("builds");
+        let docker = Arc::new(Recorder::default());
+        let builds = Builds::new(
+            store.clone(),
+            Arc::new(Recorder::default()),
+            BuildSettings {
+                mode: BuilderMode::Auto,
+                dir: dir.clone(),
+                max_context_bytes: 1 << 20,
+                timeout: Duration::from_secs(60),
+            },
+        );
+        builds.set_docker_builder(docker.clone());
+        let now = now_ms();
+        let day = 86_400_000;
+        let made = |status, completed: Option<i64>, builder: &str, local_dir: bool| {
+            let mut b = rec(status);
+            b.completed_ms = completed;
+            b.builder = Some(builder.into());
+            b.artifact = Some(if builder == "docker" {
+                format!("cattery-build:{}", b.id)
+            } else {
+                format!("local:{}/{}/app", dir.display(), b.id)
+            });
+            if local_dir {
+                std::fs::create_dir_all(dir.join(b.id.to_string()).join("app")).unwrap();
+            }
+            b
+        };
+        use BuildStatus::*;
+        let old_docker = made(Success, Some(now - 10 * day), "docker", true);
+        let old_failed = made(Failed, Some(now - 10 * day), "venv", true);
+        let recent = made(Success, Some(now - day), "venv", true);
+        let running = made(Building, None, "venv", true);
+        let by_id = made(Success, Some(now - 10 * day), "venv", true);
+        let by_path = made(Success, Some(now - 10 * day), "venv", true);
+        let elsewhere = made(Success, Some(now - 10 * day), "venv", false);
+        for b in [
+            &old_docker,
+            &old_failed,
+            &recent,
+            &running,
+            &by_id,
+            &by_path,
+            &elsewhere,
+        ] {
+            store.insert_build(b).await.unwrap();
+        }
+        let dep = |spec: DeploymentSpec| {
+            Arc::new(DeploymentRecord {
+                id: Uuid::new_v4(),
+                agent_id: Uuid::new_v4(),
+                spec,
+                created_ms: now,
+            })
+        };
+        let in_use = vec![
+            dep(DeploymentSpec {
+                build_id: Some(by_id.id),
+                ..Default::default()
+            }),
+            dep(DeploymentSpec {
+                image: by_path.artifact.clone(),
+                ..Default::default()
+            }),
+        ];
+        let n = builds
+            .collect(Duration::from_secs(7 * 86_400), || in_use.clone())
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        for (b, kept) in [
+            (&old_docker, false),
+            (&old_failed, false),
+            (&recent, true),
+            (&running, true),
+            (&by_id, true),
+            (&by_path, true),
+            (&elsewhere, true),
+        ] {
+            let found = store.get_build("o", b.id).await.unwrap().is_some();
+            assert_eq!(found, kept, "record of {:?}", b.status);
+            if b.id != elsewhere.id {
+                assert_eq!(dir.join(b.id.to_string()).exists(), kept, "directory");
+            }
+        }
+        assert_eq!(
+            docker.0.lock().clone(),
+            [(old_docker.id, format!("cattery-build:{}", old_docker.id))],
+            "the Docker build's image, and nothing else"
+        );
+        // Nothing more to delete on a second pass.
+        let n = builds
+            .collect(Duration::from_secs(7 * 86_400), || in_use.clone())
+            .await
+            .unwrap();
+        assert_eq!(n, 0);
     }
 }

@@ -54,6 +54,7 @@ where
     case!(forgetting_nodes);
     case!(waiting_websocket_sessions);
     case!(builds);
+    case!(build_retention);
     case!(webhooks);
     case!(webhook_delivery_ids_are_queued_once);
 }
@@ -1296,8 +1297,8 @@ async fn waiting_websocket_sessions(s: &dyn Store) {
     ));
 }
 
-async fn builds(s: &dyn Store) {
-    let build = |org: &str, hash: &str, created_ms: i64| BuildRecord {
+fn build(org: &str, hash: &str, created_ms: i64) -> BuildRecord {
+    BuildRecord {
         id: Uuid::new_v4(),
         org: org.into(),
         status: BuildStatus::Pending,
@@ -1313,7 +1314,10 @@ async fn builds(s: &dyn Store) {
         started_ms: None,
         completed_ms: None,
         updated_ms: created_ms,
-    };
+    }
+}
+
+async fn builds(s: &dyn Store) {
     let mut a = build("o1", "aaaa", 10);
     let b = build("o1", "bbbb", 20);
     let other = build("o2", "aaaa", 30);
@@ -1389,6 +1393,45 @@ async fn builds(s: &dyn Store) {
         .map(|x| x.id)
         .collect();
     assert_eq!(pending, [b.id, other.id]);
+}
+
+/// Retention: finished builds completed by a time, every org, oldest first; then deleted.
+async fn build_retention(s: &dyn Store) {
+    let done = |x: &BuildRecord, status, at| BuildRecord {
+        status,
+        completed_ms: Some(at),
+        updated_ms: at,
+        ..x.clone()
+    };
+    let a = done(&build("o1", "aaaa", 10), BuildStatus::Success, 12);
+    let b = done(&build("o1", "bbbb", 20), BuildStatus::Failed, 40);
+    let other = done(&build("o2", "aaaa", 30), BuildStatus::Timeout, 50);
+    for x in [&a, &b, &other] {
+        s.insert_build(x).await.unwrap();
+    }
+    let ids = |v: Vec<BuildRecord>| v.into_iter().map(|x| x.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.finished_builds_before(40).await.unwrap()),
+        [a.id, b.id]
+    );
+    assert_eq!(
+        ids(s.finished_builds_before(11).await.unwrap()),
+        Vec::<Uuid>::new()
+    );
+    let running = build("o1", "dddd", 60);
+    s.insert_build(&running).await.unwrap();
+    assert_eq!(
+        ids(s.finished_builds_before(i64::MAX).await.unwrap()),
+        [a.id, b.id, other.id],
+        "an unfinished build is never listed"
+    );
+    assert!(s.delete_build(a.id).await.unwrap());
+    assert!(!s.delete_build(a.id).await.unwrap());
+    assert_eq!(s.get_build("o1", a.id).await.unwrap(), None);
+    assert_eq!(
+        ids(s.finished_builds_before(i64::MAX).await.unwrap()),
+        [b.id, other.id]
+    );
 }
 
 fn endpoint(org: &str, created_ms: i64) -> WebhookEndpointRecord {

@@ -711,6 +711,14 @@ pub trait BuildStore: Send + Sync + 'static {
         -> StoreResult<(Vec<BuildRecord>, u64)>;
     /// Every org's builds not yet over (pending or building), for recovery after a restart.
     async fn unfinished_builds(&self) -> StoreResult<Vec<BuildRecord>>;
+    /// Every org's finished builds (success, failed, timeout) completed at or before
+    /// `completed_before_ms`, oldest first: what the build retention may remove.
+    async fn finished_builds_before(
+        &self,
+        completed_before_ms: i64,
+    ) -> StoreResult<Vec<BuildRecord>>;
+    /// Removes build `id`'s record; whether there was one.
+    async fn delete_build(&self, id: Uuid) -> StoreResult<bool>;
 }
 
 /// An org's webhook endpoint (`core::webhooks`): where its events go, signed with a secret

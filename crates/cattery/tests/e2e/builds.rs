@@ -323,3 +323,48 @@ async fn official_cli_deploys_a_dockerfile_with_the_docker_builder() {
     drop(s);
     cleanup(&tag);
 }
+
+/// The build retention (`--build-retention-hours`): a build the agent's current deployment
+/// runs is kept past the retention; once the agent is deleted, the build's record and
+/// directory go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_no_deployment_runs_is_deleted_after_its_retention() {
+    let py = main_python();
+    // 0.0005 h = 1.8 s, looked at every second.
+    let s = Server::start(&[
+        "--python",
+        py.to_str().unwrap(),
+        "--builder",
+        "venv",
+        "--build-retention-hours",
+        "0.0005",
+    ])
+    .await;
+    let proj = project("kept-bot", None, "m-ret");
+    let (ok, out) = pipecat(&s, proj.path(), &["deploy", "--yes"]).await;
+    assert!(ok, "deploy failed:\n{out}\n{}", s.log());
+    let list = builds(&s).await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let dir = s.data_dir().join("builds").join(&id);
+    assert!(dir.join("venv").is_dir());
+    s.wait_ready("kept-bot", Duration::from_secs(60)).await;
+    // Past the retention (and a few looks), kept: the agent runs it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(builds(&s).await.len(), 1, "a build in use is kept");
+    assert!(dir.join("venv").is_dir());
+    let r = s
+        .req("DELETE", "/v1/agents/kept-bot", Some(&s.sk), None)
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    common::wait_for(Duration::from_secs(20), "the build deleted", || {
+        let (s, dir) = (&s, &dir);
+        async move { (builds(s).await.is_empty() && !dir.exists()).then_some(()) }
+    })
+    .await;
+    let r = s
+        .req("GET", &format!("/v1/builds/{id}"), Some(&s.sk), None)
+        .await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    assert!(s.log().contains("deleted a build past its retention"));
+}

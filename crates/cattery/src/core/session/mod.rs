@@ -295,6 +295,19 @@ impl ClusterView {
 }
 
 impl Supervisor {
+    /// Every deployment this node may run now: each agent's current one, and those its live
+    /// instances run (an old deployment's sessions go on after a redeploy). What the build
+    /// retention must keep (`core::builds::Builds::collect`).
+    pub fn deployments_in_use(&self) -> Vec<Arc<DeploymentRecord>> {
+        let st = self.state.lock();
+        let mut out: Vec<Arc<DeploymentRecord>> = Vec::new();
+        for p in st.pools.values() {
+            out.push(p.deployment.clone());
+            out.extend(p.instances.values().map(|c| c.deployment.clone()));
+        }
+        out
+    }
+
     /// Creates the engine. `logs` receives captured and platform log lines; `secrets`
     /// gives instances their deployment's bound secrets.
     pub fn new(

@@ -142,4 +142,26 @@ impl BuildStore for PgStore {
         .await?;
         rows.iter().map(build_from_row).collect()
     }
+
+    async fn finished_builds_before(
+        &self,
+        completed_before_ms: i64,
+    ) -> StoreResult<Vec<BuildRecord>> {
+        let rows = super::query_dyn(&format!(
+            "SELECT {COLS} FROM builds WHERE status NOT IN ('pending', 'building') \
+             AND completed_ms <= $1 ORDER BY completed_ms, id"
+        ))
+        .bind(completed_before_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(build_from_row).collect()
+    }
+
+    async fn delete_build(&self, id: Uuid) -> StoreResult<bool> {
+        let r = sqlx::query("DELETE FROM builds WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
 }

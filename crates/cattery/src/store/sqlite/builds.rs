@@ -168,4 +168,26 @@ impl BuildStore for SqliteStore {
         })
         .await
     }
+
+    async fn finished_builds_before(
+        &self,
+        completed_before_ms: i64,
+    ) -> StoreResult<Vec<BuildRecord>> {
+        self.scan(move |db| {
+            db.query_all(
+                &format!(
+                    "SELECT {COLS} FROM builds WHERE status NOT IN ('pending', 'building') \
+                     AND completed_ms <= ? ORDER BY completed_ms, id"
+                ),
+                &[completed_before_ms.into()],
+                build_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn delete_build(&self, id: Uuid) -> StoreResult<bool> {
+        self.write(move |db| Ok(db.exec("DELETE FROM builds WHERE id = ?", &[id.into()])? > 0))
+            .await
+    }
 }
