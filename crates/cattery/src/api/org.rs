@@ -343,15 +343,25 @@ pub async fn revoke_api_key(
     }))
 }
 
-/// `GET /v1/organizations/{org}/daily`: `{"apiKey"}`, the org's Daily API key (its
-/// `dailyApiKey` property, else the server's `--daily-api-key`).
+/// `GET /v1/organizations/{org}/daily`: `{"apiKey"}`, the org's Daily API key: its
+/// `dailyApiKey` property; for the default org (the operator's) without one, the server's
+/// `--daily-api-key`. Another org never reads the server's key (it holds the operator's
+/// whole Daily account), though its rooms are made with it: 404 instead.
 pub async fn daily_key(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
 ) -> ApiResult<Json<DailyKey>> {
     let rec = orgs::org_record(&st.store, &c.org).await.map_err(nf)?;
+    let own = orgs::daily_api_key_of(&rec, &st.secrets).filter(|k| !k.trim().is_empty());
+    if own.is_none() && c.org != crate::serve::DEFAULT_ORG {
+        return Err(ApiError::not_found(
+            "NOT_FOUND",
+            "this org has no Daily API key of its own (its dailyApiKey property); the \
+             server's key is not shown to orgs",
+        ));
+    }
     st.daily
-        .key_for(orgs::daily_api_key_of(&rec, &st.secrets).as_deref())
+        .key_for(own.as_deref())
         .map(|api_key| Json(DailyKey { api_key }))
         .ok_or_else(|| {
             ApiError::not_found(

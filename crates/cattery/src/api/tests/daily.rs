@@ -643,6 +643,56 @@ async fn org_daily_api_key_is_stored_sealed() {
     }
 }
 
+/// The server's `--daily-api-key` is the operator's whole Daily account: the default org
+/// reads it from `GET .../daily` (the official CLI's `whoami`), another org only its own
+/// `dailyApiKey` (404 without one), though its rooms are made with the server's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_org_never_reads_the_servers_daily_key() {
+    let (daily, a) = with_daily(Some("dk_server_operator_1234")).await;
+    let r = a.get("/v1/organizations/default/daily").await;
+    assert_eq!(r.body["apiKey"], "dk_server_operator_1234", "{}", r.body);
+    let store = a.state.store.clone();
+    store.ensure_org("acme").await.unwrap();
+    let (_, acme_sk) =
+        crate::core::keys::issue_key(store.as_ref(), "acme", crate::model::KeyKind::Private, "sk")
+            .await
+            .unwrap();
+    let r = a
+        .call(
+            Method::GET,
+            "/v1/organizations/acme/daily",
+            Some(&acme_sk),
+            None,
+        )
+        .await;
+    assert_error(&r, StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert!(!r.body.to_string().contains("dk_server"), "{}", r.body);
+    let r = a
+        .call(Method::GET, "/v1/properties", Some(&acme_sk), None)
+        .await;
+    assert!(!r.body.to_string().contains("dk_server"), "{}", r.body);
+    // Its own key, once set, is its to read.
+    let r = a
+        .call(
+            Method::PATCH,
+            "/v1/properties",
+            Some(&acme_sk),
+            Some(json!({"dailyApiKey": "dk_acme_own_5678"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = a
+        .call(
+            Method::GET,
+            "/v1/organizations/acme/daily",
+            Some(&acme_sk),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["apiKey"], "dk_acme_own_5678", "{}", r.body);
+    drop(daily);
+}
+
 /// `agent profiles list`'s catalog, and `deploy --architecture`: the host's is accepted, the
 /// other one and nonsense are 400s naming the host's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
