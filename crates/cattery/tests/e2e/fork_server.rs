@@ -291,6 +291,9 @@ async fn a_bot_unsafe_to_fork_is_spawned_with_the_reason_and_off_turns_forking_o
         reason.starts_with("the fork server failed") && reason.contains("IMPORT BOOM"),
         "{fork}"
     );
+    // The bot's output (which may print its secrets) is the org's: not in the server's log.
+    assert!(s.log().contains("the fork server failed"));
+    assert!(!s.log().contains("IMPORT BOOM"), "{}", s.log());
     // An agent that forks reports its fork server ready, with its pid.
     s.deploy(
         "forking",

@@ -212,9 +212,12 @@ impl Actor {
                         return Ok(Started::PortClash);
                     }
                     self.sup.record_failure(&self.ctl, "exited", Some(ex), tail.clone());
-                    let msg = format!("instance exited before it was ready ({}){}", ex.describe(),
-                        if tail.is_empty() { String::new() } else { format!("; stderr: {}", tail.trim()) });
-                    return Err(Ending::start_failed("INSTANCE_EXITED", msg, Some(ex)));
+                    let mut msg = format!("instance exited before it was ready ({})", ex.describe());
+                    if is_port_clash(&tail) {
+                        // Ours to say (the instance's output is not in the answer).
+                        msg.push_str(": the port it was given was in use, on every try");
+                    }
+                    return Err(Ending::start_failed_with_output("INSTANCE_EXITED", msg, &tail, Some(ex)));
                 }
                 _ = tokio::time::sleep_until(start_deadline) => {
                     let tail = inst.stderr_tail().await;

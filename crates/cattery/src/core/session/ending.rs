@@ -44,6 +44,23 @@ impl Ending {
         e
     }
 
+    /// [`Ending::start_failed`] with the instance's last stderr: in the session's recorded end
+    /// (the org's private API), never in the start's answer, which goes to public-key callers
+    /// (browsers) and unauthenticated webhooks: a bot may print its secrets.
+    pub fn start_failed_with_output(
+        code: &'static str,
+        msg: String,
+        stderr_tail: &str,
+        exit: Option<ExitInfo>,
+    ) -> Self {
+        let mut e = Ending::start_failed(code, msg.clone(), exit);
+        let tail = stderr_tail.trim();
+        if !tail.is_empty() {
+            e.message = Some(format!("{msg}; stderr: {tail}"));
+        }
+        e
+    }
+
     /// The answer for a start whose session this ending ends before it was delivered.
     pub fn start_answer(&mut self, d: &Delivery) -> CoreError {
         match self.reason {

@@ -67,18 +67,17 @@ impl Health {
             return None;
         }
         let f = self.last_failure.as_ref();
+        // No stderr here: this answers public-key callers; the agent's status (private) has it.
         Some(CoreError::StartFailed {
             code: "AGENT_CRASH_LOOP",
             message: format!(
-                "agent {agent_name} is crash-looping: {} failed starts in a row, last: {} ({}){}",
+                "agent {agent_name} is crash-looping: {} failed starts in a row, last: {} ({}); \
+                 its output is in the agent's status and logs",
                 self.consecutive_failures,
                 f.map(|f| f.reason).unwrap_or("unknown"),
                 f.and_then(|f| f.exit)
                     .map(|e| e.describe())
                     .unwrap_or_default(),
-                f.filter(|f| !f.stderr_tail.is_empty())
-                    .map(|f| format!("; stderr: {}", f.stderr_tail.trim()))
-                    .unwrap_or_default()
             ),
         })
     }

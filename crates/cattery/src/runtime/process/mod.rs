@@ -1306,16 +1306,21 @@ impl ProcessRuntime {
                 Ok(z)
             }
             Started::Unsafe(r) => {
-                tracing::warn!(agent = %agent, reason = %r, "the bot is not safe to fork: its instances are spawned");
+                // The reason names the bot's threads: the agent's status has it, not this log.
+                tracing::warn!(agent = %agent, "the bot is not safe to fork (threads alive after its import): its instances are spawned; the agent's status says which");
                 inputs.unsafe_reason = Some(&r);
                 let e = zygote::fork_decision(&inputs).err().flatten();
                 st.unsafe_ = Some((key, r));
                 Err(e)
             }
-            Started::Failed(r) => {
-                tracing::warn!(agent = %agent, reason = %r, "the fork server failed: instances are spawned");
+            Started::Failed(r, output) => {
+                // The bot's output stays out of the server's log (the agent's status has it).
+                tracing::warn!(agent = %agent, reason = %r, "the fork server failed: instances are spawned (the agent's status has the bot's output)");
                 st.failed = Some((key, Instant::now()));
-                Err(Some(format!("the fork server failed: {r}")))
+                Err(Some(match output {
+                    Some(o) => format!("the fork server failed: {r}: {o}"),
+                    None => format!("the fork server failed: {r}"),
+                }))
             }
         }
     }
@@ -1335,7 +1340,7 @@ impl ProcessRuntime {
         let uid = match &self.isolation.uids {
             Some(pool) => match pool.allocate() {
                 Ok(u) => Some(u),
-                Err(e) => return Started::Failed(e.to_string()),
+                Err(e) => return Started::Failed(e.to_string(), None),
             },
             None => None,
         };
@@ -1369,7 +1374,7 @@ impl ProcessRuntime {
             Ok(v) => v,
             Err(e) => {
                 cleanup(None);
-                return Started::Failed(e.to_string());
+                return Started::Failed(e.to_string(), None);
             }
         };
         let env = zygote_env(&dirs, uid, &spec.env);
@@ -1403,7 +1408,7 @@ impl ProcessRuntime {
             Ok(((), pid, _exit)) => pid,
             Err(e) => {
                 cleanup(v2.as_deref());
-                return Started::Failed(format!("cannot start {}: {e}", spec.program));
+                return Started::Failed(format!("cannot start {}: {e}", spec.program), None);
             }
         };
         let started = Zygote::await_ready(
@@ -1421,14 +1426,10 @@ impl ProcessRuntime {
                 cleanup(v2.as_deref());
                 Started::Unsafe(r)
             }
-            Started::Failed(r) => {
+            Started::Failed(r, _) => {
                 let last = last_line(&dirs.dir.join("stderr.log"));
                 cleanup(v2.as_deref());
-                Started::Failed(if last.is_empty() {
-                    r
-                } else {
-                    format!("{r}: {last}")
-                })
+                Started::Failed(r, Some(last).filter(|l| !l.is_empty()))
             }
         }
     }

@@ -233,8 +233,10 @@ pub enum Started {
     Ready(Zygote),
     /// It imported the bot but refuses to fork it (the reason); it has exited.
     Unsafe(String),
-    /// It failed (the reason); starts fall back to spawning, which reports the bot's error.
-    Failed(String),
+    /// It failed (the reason, and the bot's last line of stderr, if any); starts fall back to
+    /// spawning, which reports the bot's error. The bot's output goes to the agent's status,
+    /// never to the server's own log (it may hold what the bot printed of its secrets).
+    Failed(String, Option<String>),
 }
 
 /// Creates the control socket pair: (server end, zygote end). Both close-on-exec (the zygote's
@@ -283,24 +285,30 @@ impl Zygote {
         reaper: Arc<Reaper>,
     ) -> Started {
         if !wait_readable(&ctl, READY_TIMEOUT) {
-            return Started::Failed(format!(
-                "the fork server did not import the bot within {} s",
-                READY_TIMEOUT.as_secs()
-            ));
+            return Started::Failed(
+                format!(
+                    "the fork server did not import the bot within {} s",
+                    READY_TIMEOUT.as_secs()
+                ),
+                None,
+            );
         }
         let first = match recv_msg(ctl.as_raw_fd()) {
             Ok(m) => m,
-            Err(e) => return Started::Failed(format!("fork server: {e}")),
+            Err(e) => return Started::Failed(format!("fork server: {e}"), None),
         };
         if let Some(r) = first.strip_prefix("unsafe ") {
             return Started::Unsafe(r.to_string());
         }
         if first != "ready" {
-            return Started::Failed(if first.is_empty() {
-                "the fork server exited before it was ready".into()
-            } else {
-                format!("the fork server reported {first:?}")
-            });
+            return Started::Failed(
+                if first.is_empty() {
+                    "the fork server exited before it was ready".into()
+                } else {
+                    format!("the fork server reported {first:?}")
+                },
+                None,
+            );
         }
         let z = Zygote {
             key,
