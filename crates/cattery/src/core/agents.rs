@@ -71,10 +71,15 @@ pub struct AgentRequest {
     pub region: Option<String>,
     /// Node type; only `arm` is known, and ignored here.
     pub node_type: Option<String>,
-    /// Image pull secret set name.
-    pub image_pull_secret_set: Option<String>,
-    /// Secret set whose keys become environment variables.
-    pub secret_set: Option<String>,
+    /// Image pull secret set name; `null` or `""` unbinds it.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>)]
+    pub image_pull_secret_set: Option<Option<String>>,
+    /// Secret set whose keys become environment variables; `null` or `""` unbinds it (absent:
+    /// kept).
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>)]
+    pub secret_set: Option<Option<String>>,
     /// Scaling.
     pub auto_scaling: Option<AutoScalingRequest>,
     /// `agent-1x` (default), `agent-2x`, `agent-3x`.
@@ -246,10 +251,10 @@ fn apply(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
         spec.websocket_auth = Some(w.clone());
     }
     if let Some(s) = &r.secret_set {
-        spec.secret_set = Some(s.clone()).filter(|s| !s.is_empty());
+        spec.secret_set = s.clone().filter(|s| !s.is_empty());
     }
     if let Some(s) = &r.image_pull_secret_set {
-        spec.image_pull_secret_set = Some(s.clone()).filter(|s| !s.is_empty());
+        spec.image_pull_secret_set = s.clone().filter(|s| !s.is_empty());
     }
     if let Some(p) = &r.python {
         exec_check::no_nul("python", p)?;
@@ -535,8 +540,12 @@ pub async fn update_agent(
         spec.build_id = build;
     }
     let (min, max) = scaling(r, (agent.min_agents, agent.max_agents))?;
-    check_sets(store, org, &agent.region, &spec).await?;
     let force = r.force_redeploy.unwrap_or(false);
+    // The sets are checked only for a new deployment (which snapshots their values): a
+    // scaling change works on, though a set the current deployment bound was deleted since.
+    if force || spec != cur.spec {
+        check_sets(store, org, &agent.region, &spec).await?;
+    }
     if force {
         spec.revision += 1;
     }

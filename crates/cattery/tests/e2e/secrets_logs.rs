@@ -791,3 +791,51 @@ async fn crash_looping_agent_status_tells_the_truth() {
         3
     );
 }
+
+/// A secret set deleted while an agent's deployment binds it: the agent keeps the values its
+/// deployment took (sessions start), scaling changes still work, a new deployment that keeps
+/// the binding is refused naming the set, and `"secretSet": null` unbinds it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_secret_set_does_not_lock_its_agent() {
+    let s = Server::start(&[]).await;
+    assert_eq!(
+        put_secrets(&s, "temp-set", &[("MY_KEY", "v")]).await.status,
+        202
+    );
+    s.deploy(
+        "envbot",
+        &[],
+        json!({"secretSet": "temp-set", "autoScaling": {"minAgents": 0, "maxAgents": 2}}),
+    )
+    .await;
+    let r = s
+        .req("DELETE", "/v1/secrets/temp-set", Some(&s.sk), None)
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let update = |body: Value| {
+        let s = &s;
+        async move {
+            s.req("POST", "/v1/agents/envbot", Some(&s.sk), Some(body))
+                .await
+        }
+    };
+    let r = update(json!({"autoScaling": {"minAgents": 0, "maxAgents": 3}})).await;
+    assert_eq!(r.status, 200, "a scaling change works on: {:?}", r.body);
+    let sid = s.start_ok("envbot").await;
+    assert_eq!(s.stop("envbot", &sid).await.status, 200);
+    let r = update(json!({"forceRedeploy": true})).await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    assert!(
+        r.body["error"].as_str().unwrap().contains("temp-set"),
+        "{:?}",
+        r.body
+    );
+    let r = update(json!({"secretSet": null, "forceRedeploy": true})).await;
+    assert_eq!(r.status, 200, "null unbinds: {:?}", r.body);
+    let a = s.agent("envbot").await;
+    assert_eq!(
+        a["deployment"]["manifest"]["spec"]["envFromSecretNames"],
+        json!([]),
+        "{a}"
+    );
+}
