@@ -49,10 +49,18 @@ pub async fn dialin(
     if !call.is_object() {
         return Err(ApiError::bad_request("the body must be a JSON object"));
     }
-    // The org must exist before anything else is said (404 otherwise).
-    crate::core::orgs::org_record(&st.store, &org).await?;
+    // An unknown org and an unknown agent answer alike: this route has no key, and must not
+    // tell which orgs exist. Checked before Daily is called: no room for nobody.
+    let unknown = || ApiError::not_found("NOT_FOUND", "no such agent for this dial-in URL");
+    let not_found = |e: crate::core::CoreError| match e {
+        crate::core::CoreError::NotFound(_) => unknown(),
+        e => e.into(),
+    };
+    crate::core::orgs::org_record(&st.store, &org)
+        .await
+        .map_err(not_found)?;
+    st.sup.check_startable(&org, &name).map_err(not_found)?;
     if call.get("test").is_some() {
-        st.sup.check_startable(&org, &name)?;
         return Ok(Json(DialinAnswer {
             status: "success".into(),
             session_id: None,
@@ -95,7 +103,7 @@ pub async fn dialin(
         }
         Err(e) => {
             st.sup.run_end_hook(session, false);
-            Err(e.into())
+            Err(not_found(e))
         }
     }
 }
