@@ -139,7 +139,7 @@ async fn logs_in(
     q: &HashMap<String, String>,
 ) -> ApiResult<Json<LogPage>> {
     let f = parse_filter(q)?;
-    let agent = lookup::agent_of(&st.store, org, name)
+    let agent = lookup::agent_or_deleted(&st.store, org, name)
         .await
         .map_err(|e| ApiError::from(e).with_not_found_code("NOT_FOUND"))?;
     let (total, lines) = lookup::logs_of(&st.store, &agent, &f).await?;

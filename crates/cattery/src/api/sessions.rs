@@ -121,8 +121,9 @@ pub fn parse_session_id(s: &str) -> ApiResult<Uuid> {
     })
 }
 
+/// The agent whose sessions are listed: the live one, else the one of that name deleted last.
 async fn agent_for(st: &AppState, org: &str, name: &str) -> ApiResult<AgentRecord> {
-    Ok(lookup::agent_of(&st.store, org, name).await?)
+    Ok(lookup::agent_or_deleted(&st.store, org, name).await?)
 }
 
 /// Start a session.

@@ -312,6 +312,39 @@ async fn an_image_reference_no_engine_can_pull_is_a_400() {
     assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
 }
 
+/// A deleted agent's running sessions go on (reference §A.3) and stay listable by its name
+/// (and its logs readable) until an agent of that name is created again; one is stopped by id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_agents_sessions_stay_listable() {
+    let a = api().await;
+    a.deploy("gone", &[], json!({})).await;
+    let sid = a.start_ok("gone").await;
+    let r = a
+        .call(Method::DELETE, "/v1/agents/gone", Some(&a.sk), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = a.get("/v1/agents/gone/sessions?status=active").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        r.body["sessions"][0]["sessionId"],
+        sid.as_str(),
+        "{}",
+        r.body
+    );
+    let r = a.get("/v1/agents/gone/logs").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(a.stop("gone", &sid).await.status, StatusCode::OK);
+    assert_error(
+        &a.get("/v1/agents/never/sessions").await,
+        StatusCode::NOT_FOUND,
+        "404",
+    );
+    // A new agent of that name: its own sessions only.
+    a.deploy("gone", &[], json!({})).await;
+    let r = a.get("/v1/agents/gone/sessions").await;
+    assert_eq!(r.body["sessions"], json!([]), "{}", r.body);
+}
+
 /// `status`, `startType`, `deploymentId`, `limit` and `offset` filter the session list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_list_filters() {

@@ -26,6 +26,23 @@ pub async fn agent_of(store: &Arc<dyn Store>, org: &str, name: &str) -> CoreResu
         .ok_or_else(|| CoreError::NotFound(format!("agent {name} not found")))
 }
 
+/// What `org`'s agent `name` reads as for its sessions and logs: the live agent, else the one
+/// of that name deleted last (its sessions run on until they end, and stay listable).
+/// Errors: 404 `agent {name} not found` when neither exists.
+pub async fn agent_or_deleted(
+    store: &Arc<dyn Store>,
+    org: &str,
+    name: &str,
+) -> CoreResult<AgentRecord> {
+    if let Some(a) = store.get_agent(org, name).await? {
+        return Ok(a);
+    }
+    store
+        .last_deleted_agent(org, name)
+        .await?
+        .ok_or_else(|| CoreError::NotFound(format!("agent {name} not found")))
+}
+
 /// A session of `org`'s agent `name`, with the agent. Errors: 404 when it does not exist,
 /// or belongs to another org (`session {id} not found`) or agent (`... not found for agent
 /// {name}`).

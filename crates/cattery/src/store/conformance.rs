@@ -307,6 +307,12 @@ async fn agents_and_deployments(s: &dyn Store) {
     assert_eq!(names(s.list_agents("a").await.unwrap()), ["second"]);
     let gone = s.get_agent_by_id(a1.id).await.unwrap().unwrap();
     assert_eq!(gone.deleted_ms, Some(60));
+    let last = |org: &'static str, name: &'static str| async move {
+        s.last_deleted_agent(org, name).await.unwrap().map(|a| a.id)
+    };
+    assert_eq!(last("a", "first").await, Some(a1.id));
+    assert_eq!(last("a", "second").await, None, "live");
+    assert_eq!(last("b", "first").await, None, "another org");
     s.create_agent(&same, &same_d).await.unwrap();
     assert!(matches!(
         s.delete_agent(Uuid::new_v4(), 1).await,

@@ -287,6 +287,8 @@ pub trait AgentStore: Send + Sync + 'static {
     async fn get_agent(&self, org: &str, name: &str) -> StoreResult<Option<AgentRecord>>;
     /// An agent by id, deleted or not.
     async fn get_agent_by_id(&self, id: Uuid) -> StoreResult<Option<AgentRecord>>;
+    /// The agent of that org and name deleted last, if any (its sessions may still run).
+    async fn last_deleted_agent(&self, org: &str, name: &str) -> StoreResult<Option<AgentRecord>>;
     /// Live agents of an org, oldest first (then by name).
     async fn list_agents(&self, org: &str) -> StoreResult<Vec<AgentRecord>>;
     /// Every live agent of every org (for startup), in no particular order.

@@ -140,6 +140,19 @@ impl AgentStore for PgStore {
         row.as_ref().map(agent_from_row).transpose()
     }
 
+    async fn last_deleted_agent(&self, org: &str, name: &str) -> StoreResult<Option<AgentRecord>> {
+        let sql = format!(
+            "SELECT {AGENT_COLS} FROM agents WHERE org = $1 AND name = $2 \
+             AND deleted_ms IS NOT NULL ORDER BY deleted_ms DESC, created_ms DESC LIMIT 1"
+        );
+        let row = super::query_dyn(&sql)
+            .bind(org)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(agent_from_row).transpose()
+    }
+
     async fn get_agent_by_id(&self, id: Uuid) -> StoreResult<Option<AgentRecord>> {
         let sql = format!("SELECT {AGENT_COLS} FROM agents WHERE id = $1");
         let row = super::query_dyn(&sql)

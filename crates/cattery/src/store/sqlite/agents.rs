@@ -134,6 +134,15 @@ impl AgentStore for SqliteStore {
             .transpose()
     }
 
+    async fn last_deleted_agent(&self, org: &str, name: &str) -> StoreResult<Option<AgentRecord>> {
+        let sql = format!(
+            "SELECT {AGENT_COLS} FROM agents WHERE org = ? AND name = ? \
+             AND deleted_ms IS NOT NULL ORDER BY deleted_ms DESC, created_ms DESC LIMIT 1"
+        );
+        self.read_now(|db| db.query_row(&sql, &[Val::Text(org), Val::Text(name)], agent_from_row))?
+            .transpose()
+    }
+
     async fn get_agent_by_id(&self, id: Uuid) -> StoreResult<Option<AgentRecord>> {
         let sql = format!("SELECT {AGENT_COLS} FROM agents WHERE id = ?");
         self.read_now(|db| db.query_row(&sql, &[id.into()], agent_from_row))?
