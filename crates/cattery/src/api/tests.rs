@@ -345,6 +345,58 @@ async fn a_deleted_agents_sessions_stay_listable() {
     assert_eq!(r.body["sessions"], json!([]), "{}", r.body);
 }
 
+/// A secret set too large for the kernel's exec (with the agent's own environment) is a 400
+/// naming the set at deploy, not a deployment whose every start fails with E2BIG.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_set_too_large_to_exec_is_refused_at_deploy() {
+    let a = api().await;
+    let value = "x".repeat(32_000);
+    let n = crate::core::exec_check::exec_budget() / 32_000 + 2;
+    let keys: Vec<String> = (0..n).map(|i| format!("K{i}")).collect();
+    for chunk in keys.chunks(25) {
+        let secrets: Vec<Value> = chunk
+            .iter()
+            .map(|k| json!({"secretKey": k, "secretValue": value}))
+            .collect();
+        let r = a
+            .call(
+                Method::PUT,
+                "/v1/secrets/huge",
+                Some(&a.sk),
+                Some(json!({ "secrets": secrets })),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    }
+    let body = json!({"serviceName": "big", "command": ["fake"], "secretSet": "huge"});
+    let r = a
+        .call(Method::POST, "/v1/agents", Some(&a.sk), Some(body))
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+    let msg = r.body["error"].as_str().unwrap();
+    assert!(
+        msg.contains("secretSet huge") && msg.contains("ARG_MAX"),
+        "{msg}"
+    );
+    // The same set, made small enough, deploys.
+    for k in &keys[2..] {
+        let r = a
+            .call(
+                Method::DELETE,
+                &format!("/v1/secrets/huge/{k}"),
+                Some(&a.sk),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+    let body = json!({"serviceName": "big", "command": ["fake"], "secretSet": "huge"});
+    let r = a
+        .call(Method::POST, "/v1/agents", Some(&a.sk), Some(body))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
+
 /// `status`, `startType`, `deploymentId`, `limit` and `offset` filter the session list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_list_filters() {

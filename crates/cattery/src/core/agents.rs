@@ -432,7 +432,20 @@ async fn check_sets(
         spec.secret_set.as_deref(),
         spec.image_pull_secret_set.as_deref(),
     )
-    .await
+    .await?;
+    // Its variables join the agent's environment at exec: they must fit with the rest.
+    if let Some(set) = spec.secret_set.as_deref() {
+        // Sealed values carry a 16-byte tag.
+        let sizes: Vec<(usize, usize)> = store
+            .secret_values(org, set)
+            .await?
+            .iter()
+            .map(|v| (v.key.len(), v.ciphertext.len().saturating_sub(16)))
+            .collect();
+        let args = spec.command.as_deref().unwrap_or_default();
+        exec_check::exec_fits_with_secrets(args, &spec.env, set, &sizes)?;
+    }
+    Ok(())
 }
 
 /// Creates an agent with its first deployment.

@@ -142,6 +142,29 @@ pub fn exec_fits(args: &[String], env: &BTreeMap<String, String>) -> CoreResult<
     Ok(())
 }
 
+/// [`exec_fits`] with the variables of secret set `set` too, given as (name, value) lengths:
+/// a set too large for the kernel's exec is a 400 at deploy, not a start that fails every
+/// time (`Argument list too long`). Errors: 400 naming the set.
+pub fn exec_fits_with_secrets(
+    args: &[String],
+    env: &BTreeMap<String, String>,
+    set: &str,
+    secrets: &[(usize, usize)],
+) -> CoreResult<()> {
+    let ptr = std::mem::size_of::<usize>();
+    let of_set: usize = secrets.iter().map(|(k, v)| k + v + 2 + ptr).sum();
+    let (size, budget) = (exec_size(args, env) + of_set, exec_budget());
+    if size > budget {
+        return Err(bad(format!(
+            "secretSet {set} takes {of_set} bytes of environment, and with the command and env \
+             {size}; this server's kernel takes at most {} (ARG_MAX), of which {budget} are \
+             left for an agent: make the set smaller",
+            arg_max()
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
