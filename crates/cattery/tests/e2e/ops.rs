@@ -373,13 +373,16 @@ async fn backup_and_restore_read_the_config_file() {
     assert_eq!(std::fs::read(bk.join("secrets.key")).unwrap(), [9u8; 32]);
 
     // Restore into the (stopped) data dir: the configured key is the backup's.
-    let (ok, text) = cattery(&[
-        "restore",
-        "--config",
-        cfg_s,
-        "--force",
-        bk.to_str().unwrap(),
-    ]);
+    let restore = || {
+        cattery(&[
+            "restore",
+            "--config",
+            cfg_s,
+            "--force",
+            bk.to_str().unwrap(),
+        ])
+    };
+    let (ok, text) = restore();
     assert!(ok, "restore failed: {text}");
     assert!(
         !data.join("secrets.key").exists(),
@@ -387,13 +390,7 @@ async fn backup_and_restore_read_the_config_file() {
     );
     // Another key in the configured file: refused, the file untouched.
     std::fs::write(&key, [1u8; 32]).unwrap();
-    let (ok, text) = cattery(&[
-        "restore",
-        "--config",
-        cfg_s,
-        "--force",
-        bk.to_str().unwrap(),
-    ]);
+    let (ok, text) = restore();
     assert!(!ok && text.contains("not the one in"), "{text}");
     assert_eq!(std::fs::read(&key).unwrap(), [1u8; 32]);
 

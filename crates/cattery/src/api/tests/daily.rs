@@ -659,14 +659,15 @@ async fn another_org_never_reads_the_servers_daily_key() {
         crate::core::keys::issue_key(store.as_ref(), "acme", crate::model::KeyKind::Private, "sk")
             .await
             .unwrap();
-    let r = a
-        .call(
+    let acme_daily = || {
+        a.call(
             Method::GET,
             "/v1/organizations/acme/daily",
             Some(&acme_sk),
             None,
         )
-        .await;
+    };
+    let r = acme_daily().await;
     assert_error(&r, StatusCode::NOT_FOUND, "NOT_FOUND");
     assert!(!r.body.to_string().contains("dk_server"), "{}", r.body);
     let r = a
@@ -683,14 +684,7 @@ async fn another_org_never_reads_the_servers_daily_key() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    let r = a
-        .call(
-            Method::GET,
-            "/v1/organizations/acme/daily",
-            Some(&acme_sk),
-            None,
-        )
-        .await;
+    let r = acme_daily().await;
     assert_eq!(r.body["apiKey"], "dk_acme_own_5678", "{}", r.body);
     drop(daily);
 }
