@@ -689,6 +689,66 @@ async fn another_org_never_reads_the_servers_daily_key() {
     drop(daily);
 }
 
+/// Dial-in hands the Daily key to the bot (it forwards the held call with it): another org
+/// than the default one needs a key of its own, and its bot never gets the server's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialin_of_another_org_needs_its_own_daily_key() {
+    let (daily, a) = with_daily(Some("dk_server_operator_1234")).await;
+    let store = a.state.store.clone();
+    store.ensure_org("acme").await.unwrap();
+    let (_, acme_sk) =
+        crate::core::keys::issue_key(store.as_ref(), "acme", crate::model::KeyKind::Private, "sk")
+            .await
+            .unwrap();
+    let body = json!({"serviceName": "phone", "command": ["fake"]});
+    let r = a
+        .call(Method::POST, "/v1/agents", Some(&acme_sk), Some(body))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let call = json!({"callId": "c", "callDomain": "d"});
+    let hook = || {
+        a.call(
+            Method::POST,
+            "/v1/public/webhooks/acme/phone/dialin",
+            None,
+            Some(call.clone()),
+        )
+    };
+    let r = hook().await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+    assert!(
+        r.body["error"]
+            .as_str()
+            .unwrap()
+            .contains("own Daily API key"),
+        "{}",
+        r.body
+    );
+    assert!(daily.seen().is_empty(), "no room: {:?}", daily.seen());
+    assert!(a.fake.delivered().is_empty());
+    let r = a
+        .call(
+            Method::PATCH,
+            "/v1/properties",
+            Some(&acme_sk),
+            Some(json!({"dailyApiKey": "dk_acme_own_5678"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = hook().await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let mut got = a.fake.delivered();
+    for _ in 0..100 {
+        if !got.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        got = a.fake.delivered();
+    }
+    assert!(got[0].body.contains("dk_acme_own_5678"), "{}", got[0].body);
+    assert!(!got[0].body.contains("dk_server"), "{}", got[0].body);
+}
+
 /// `agent profiles list`'s catalog, and `deploy --architecture`: the host's is accepted, the
 /// other one and nonsense are 400s naming the host's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
