@@ -382,7 +382,7 @@ pub fn app_state(
             &config.sessions.daily_api_url,
             config.sessions.daily_api_key.clone(),
         )),
-        node,
+        node: node.clone(),
         builds: crate::core::builds::Builds::new(
             store_for_builds,
             Arc::new(crate::build::venv::VenvBuilder {
@@ -401,6 +401,7 @@ pub fn app_state(
                     .build_max_context_mb
                     .saturating_mul(1024 * 1024),
                 timeout: Duration::from_secs_f64(config.runtime.build_timeout_seconds),
+                node_id: node.id.clone(),
             },
         ),
     })

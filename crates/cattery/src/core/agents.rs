@@ -304,7 +304,9 @@ async fn resolve_build(
         return Err(bad("give either image or buildId, not both"));
     }
     let found = match Uuid::parse_str(id) {
-        Ok(u) => store.get_build(org, u).await?,
+        // Taken for this deployment: the build retention counts from now, and a build it
+        // deleted a moment ago is not found (`BuildStore::delete_unused_build`).
+        Ok(u) => store.use_build(org, u, now_ms()).await?,
         Err(_) => None,
     };
     let art = super::builds::deployable(id, found.as_ref(), region)?;

@@ -101,6 +101,8 @@ pub struct BuildSettings {
     pub max_context_bytes: u64,
     /// Time limit of one build.
     pub timeout: Duration,
+    /// This node's id, recorded on the builds it makes (their directory is in its data dir).
+    pub node_id: String,
 }
 
 /// One event of a build's life.
@@ -508,7 +510,11 @@ impl Builds {
             let _ = std::fs::remove_file(self.upload_path(id));
         }
         match decision {
-            CacheDecision::Reuse(b) => return Ok((b, true)),
+            CacheDecision::Reuse(b) => {
+                // Taken again: its retention counts from now.
+                self.store.use_build(org, b.id, now_ms()).await?;
+                return Ok((b, true));
+            }
             CacheDecision::Join(b) => return Ok((b, false)),
             CacheDecision::Build => {}
         }
@@ -529,6 +535,7 @@ impl Builds {
             started_ms: None,
             completed_ms: None,
             updated_ms: now,
+            node_id: self.s.node_id.clone(),
         };
         let dir = self.build_dir(b.id);
         std::fs::create_dir_all(&dir).map_err(io_err)?;
@@ -639,52 +646,62 @@ impl Builds {
         Ok(())
     }
 
-    /// The build retention: deletes the finished builds this node made (their directory is
-    /// in its data dir; another node's are its own) that completed at least `keep` ago and
-    /// that no deployment `in_use` gives runs ([`Builds::used_by`]): first the record, so no
-    /// deploy finds the build from then on; then, unless a deployment in use names it by now
-    /// (a deploy that found it just before), its directory and what its builder made
-    /// elsewhere (a Docker build's image). Returns how many records were deleted.
+    /// The build retention: deletes the finished builds this node made (recorded on the
+    /// build; for builds made before that, their directory is in its data dir) that no deploy
+    /// took and that did not complete within `keep`, unless a deployment runs them: one in
+    /// the store (an agent's current deployment, or one a recorded instance runs, on any node)
+    /// or one `in_use` gives (this node's live instances). The record goes first, in one step
+    /// that a deploy taking the build meanwhile prevents (`BuildStore::delete_unused_build`;
+    /// a deploy after it finds no build), then the directory and what the builder made
+    /// elsewhere (a Docker build's image). Returns how many were deleted.
     pub async fn collect(
         &self,
         keep: Duration,
         in_use: impl Fn() -> Vec<Arc<crate::model::DeploymentRecord>>,
     ) -> CoreResult<usize> {
         let keep_ms = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
-        let old = self
-            .store
-            .finished_builds_before(now_ms().saturating_sub(keep_ms))
-            .await?;
-        let mut used = self.used_by(&in_use());
+        let cutoff = now_ms().saturating_sub(keep_ms);
+        let old = self.store.unused_builds(cutoff).await?;
+        if old.is_empty() {
+            return Ok(0);
+        }
+        let mut deps = in_use();
+        deps.extend(self.deployments_in_store().await?);
+        let used = self.used_by(&deps);
         let mut deleted = 0;
         for b in old {
             let dir = self.build_dir(b.id);
-            if used.contains(&b.id) || !dir.is_dir() {
+            let ours = if b.node_id.is_empty() {
+                dir.is_dir()
+            } else {
+                b.node_id == self.s.node_id
+            };
+            if !ours || used.contains(&b.id) {
                 continue;
             }
-            if !self.store.delete_build(b.id).await? {
+            if !self.store.delete_unused_build(b.id, cutoff).await? {
                 continue;
             }
             deleted += 1;
-            used = self.used_by(&in_use());
-            if used.contains(&b.id) {
-                tracing::warn!(build = %b.id, "a deployment took the build as it was deleted; its files are kept");
-                continue;
-            }
             if let Some(art) = &b.artifact {
                 let builder = match b.builder.as_deref() {
                     Some("docker") => self.docker.lock().clone(),
                     _ => Some(self.builder.clone()),
                 };
-                if let Some(Err(e)) = match builder {
-                    Some(x) => Some(x.remove(b.id, art).await),
-                    None => None,
-                } {
-                    tracing::warn!(build = %b.id, error = %e, "could not remove a deleted build's image");
+                let removed = match builder {
+                    Some(x) => x.remove(b.id, art).await,
+                    None => Err("this server has no Docker runtime now".into()),
+                };
+                if let Err(e) = removed {
+                    tracing::warn!(build = %b.id, artifact = %art, error = %e, "could not remove a deleted build's image; remove it by hand");
                 }
             }
             let d = dir.clone();
-            let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(d)).await;
+            let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&d) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                r => r,
+            })
+            .await;
             if let Ok(Err(e)) = removed {
                 tracing::warn!(build = %b.id, dir = %dir.display(), error = %e, "could not remove a deleted build's directory");
             }
@@ -693,29 +710,56 @@ impl Builds {
         Ok(deleted)
     }
 
-    /// The builds that deployments `deps` run: their `buildId`, and any build of this node
-    /// whose directory their image (`local:`) or Python lies in.
+    /// The deployments the store says may run: every live agent's current one, and those of
+    /// the recorded instances (of every node).
+    async fn deployments_in_store(&self) -> CoreResult<Vec<Arc<crate::model::DeploymentRecord>>> {
+        let mut ids: HashSet<Uuid> = self
+            .store
+            .list_all_agents()
+            .await?
+            .iter()
+            .map(|a| a.desired_deployment_id)
+            .collect();
+        ids.extend(
+            self.store
+                .list_instances()
+                .await?
+                .iter()
+                .map(|i| i.deployment_id),
+        );
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(d) = self.store.get_deployment(id).await? {
+                out.push(Arc::new(d));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The builds that deployments `deps` run: their `buildId`, a Docker build's image
+    /// (`cattery-build:<id>`) given as `image`, and any build of this node whose directory
+    /// their image (`local:`) or Python lies in (also through a symlinked path).
     fn used_by(&self, deps: &[Arc<crate::model::DeploymentRecord>]) -> HashSet<Uuid> {
         let mut out = HashSet::new();
+        let under_builds = |p: &std::path::Path| -> Option<Uuid> {
+            let rest = p.strip_prefix(&self.s.dir).ok()?;
+            let first = rest.components().next()?;
+            Uuid::parse_str(&first.as_os_str().to_string_lossy()).ok()
+        };
         for d in deps {
             out.extend(d.spec.build_id);
-            let paths = [
-                d.spec
-                    .image
-                    .as_deref()
-                    .and_then(|i| i.strip_prefix("local:")),
-                d.spec.python.as_deref(),
-            ];
-            for p in paths.into_iter().flatten() {
-                let Ok(rest) = std::path::Path::new(p).strip_prefix(&self.s.dir) else {
-                    continue;
-                };
-                let first = rest.components().next();
-                if let Some(id) =
-                    first.and_then(|c| Uuid::parse_str(&c.as_os_str().to_string_lossy()).ok())
-                {
-                    out.insert(id);
-                }
+            let image = d.spec.image.as_deref().unwrap_or_default();
+            if let Some(id) = image
+                .strip_prefix("cattery-build:")
+                .and_then(|t| Uuid::parse_str(t).ok())
+            {
+                out.insert(id);
+            }
+            let paths = [image.strip_prefix("local:"), d.spec.python.as_deref()];
+            for p in paths.into_iter().flatten().map(std::path::Path::new) {
+                let id = under_builds(p)
+                    .or_else(|| std::fs::canonicalize(p).ok().and_then(|c| under_builds(&c)));
+                out.extend(id);
             }
         }
         out
@@ -776,6 +820,7 @@ mod tests {
             started_ms: None,
             completed_ms: None,
             updated_ms: 1,
+            node_id: "n1".into(),
         }
     }
 
@@ -890,17 +935,22 @@ mod tests {
         }
     }
 
-    /// The retention deletes finished builds of this node past `keep` that no deployment in
-    /// use runs (by `buildId`, or by its `local:` directory or Python), with their directory
-    /// and their builder's image; it keeps recent, unfinished, in-use and other nodes' builds.
+    /// The retention deletes finished builds of this node (by the record; by the directory
+    /// for builds made before nodes were recorded) neither used nor completed within `keep`
+    /// that no deployment runs (this node's in memory, or any in the store; by `buildId`, by
+    /// a Docker build's image, or by its `local:` directory), with their directory and their
+    /// builder's image. It keeps recent, recently used, unfinished, in-use and other nodes'
+    /// builds.
     #[tokio::test]
     async fn retention_deletes_only_old_unused_builds_of_this_node() {
-        use crate::model::{DeploymentRecord, DeploymentSpec};
+        use crate::model::{AgentRecord, DeploymentRecord, DeploymentSpec};
         use crate::store::{self, OpenMode};
+        use BuildStatus::*;
         let tmp = tempfile::tempdir().unwrap();
         let store = store::open(&Default::default(), tmp.path(), OpenMode::Create)
             .await
             .unwrap();
+        store.ensure_org("o").await.unwrap();
         let dir = tmp.path().join("builds");
         let docker = Arc::new(Recorder::default());
         let builds = Builds::new(
@@ -911,92 +961,98 @@ mod tests {
                 dir: dir.clone(),
                 max_context_bytes: 1 << 20,
                 timeout: Duration::from_secs(60),
+                node_id: "n1".into(),
             },
         );
         builds.set_docker_builder(docker.clone());
-        let now = now_ms();
-        let day = 86_400_000;
-        let made = |status, completed: Option<i64>, builder: &str, local_dir: bool| {
+        let (now, day) = (now_ms(), 86_400_000);
+        let made = |status, age_days: Option<i64>, builder: &str, node: &str, has_dir: bool| {
             let mut b = rec(status);
-            b.completed_ms = completed;
+            b.completed_ms = age_days.map(|d| now - d * day);
             b.builder = Some(builder.into());
+            b.node_id = node.into();
             b.artifact = Some(if builder == "docker" {
                 format!("cattery-build:{}", b.id)
             } else {
                 format!("local:{}/{}/app", dir.display(), b.id)
             });
-            if local_dir {
+            if has_dir {
                 std::fs::create_dir_all(dir.join(b.id.to_string()).join("app")).unwrap();
             }
             b
         };
-        use BuildStatus::*;
-        let old_docker = made(Success, Some(now - 10 * day), "docker", true);
-        let old_failed = made(Failed, Some(now - 10 * day), "venv", true);
-        let recent = made(Success, Some(now - day), "venv", true);
-        let running = made(Building, None, "venv", true);
-        let by_id = made(Success, Some(now - 10 * day), "venv", true);
-        let by_path = made(Success, Some(now - 10 * day), "venv", true);
-        let elsewhere = made(Success, Some(now - 10 * day), "venv", false);
-        for b in [
-            &old_docker,
-            &old_failed,
-            &recent,
-            &running,
-            &by_id,
-            &by_path,
-            &elsewhere,
-        ] {
+        let cases = [
+            // (build, kept)
+            (made(Success, Some(10), "docker", "n1", true), false),
+            (made(Failed, Some(10), "venv", "n1", true), false),
+            (made(Success, Some(10), "venv", "n1", false), false), // its directory already gone
+            (made(Success, Some(10), "venv", "", true), false), // made before nodes were recorded
+            (made(Success, Some(1), "venv", "n1", true), true), // recent
+            (made(Success, Some(10), "venv", "n1", true), true), // used a moment ago (below)
+            (made(Building, None, "venv", "n1", true), true),
+            (made(Success, Some(10), "venv", "n2", true), true), // another node's
+            (made(Success, Some(10), "venv", "", false), true),  // another node's, before nodes
+            (made(Success, Some(10), "venv", "n1", true), true), // buildId, this node's memory
+            (made(Success, Some(10), "venv", "n1", true), true), // local: path, memory
+            (made(Success, Some(10), "docker", "n1", true), true), // image, an agent in the store
+        ];
+        let had_dir: Vec<bool> = cases
+            .iter()
+            .map(|(b, _)| dir.join(b.id.to_string()).exists())
+            .collect();
+        for (b, _) in &cases {
             store.insert_build(b).await.unwrap();
         }
-        let dep = |spec: DeploymentSpec| {
-            Arc::new(DeploymentRecord {
-                id: Uuid::new_v4(),
-                agent_id: Uuid::new_v4(),
-                spec,
-                created_ms: now,
-            })
+        let id = |i: usize| cases[i].0.id;
+        store.use_build("o", id(5), now).await.unwrap().unwrap();
+        let dep = |spec: DeploymentSpec| DeploymentRecord {
+            id: Uuid::new_v4(),
+            agent_id: Uuid::new_v4(),
+            spec,
+            created_ms: now,
         };
-        let in_use = vec![
-            dep(DeploymentSpec {
-                build_id: Some(by_id.id),
+        let in_memory = vec![
+            Arc::new(dep(DeploymentSpec {
+                build_id: Some(id(9)),
                 ..Default::default()
-            }),
-            dep(DeploymentSpec {
-                image: by_path.artifact.clone(),
+            })),
+            Arc::new(dep(DeploymentSpec {
+                image: cases[10].0.artifact.clone(),
                 ..Default::default()
-            }),
+            })),
         ];
-        let n = builds
-            .collect(Duration::from_secs(7 * 86_400), || in_use.clone())
-            .await
-            .unwrap();
-        assert_eq!(n, 2);
-        for (b, kept) in [
-            (&old_docker, false),
-            (&old_failed, false),
-            (&recent, true),
-            (&running, true),
-            (&by_id, true),
-            (&by_path, true),
-            (&elsewhere, true),
-        ] {
+        let stored = dep(DeploymentSpec {
+            image: cases[11].0.artifact.clone(),
+            ..Default::default()
+        });
+        let agent = AgentRecord {
+            id: stored.agent_id,
+            org: "o".into(),
+            name: "a".into(),
+            region: "local".into(),
+            min_agents: 0,
+            max_agents: 1,
+            desired_deployment_id: stored.id,
+            created_ms: now,
+            updated_ms: now,
+            deleted_ms: None,
+        };
+        store.create_agent(&agent, &stored).await.unwrap();
+        let keep = Duration::from_secs(7 * 86_400);
+        let n = builds.collect(keep, || in_memory.clone()).await.unwrap();
+        assert_eq!(n, 4);
+        for (i, (b, kept)) in cases.iter().enumerate() {
             let found = store.get_build("o", b.id).await.unwrap().is_some();
-            assert_eq!(found, kept, "record of {:?}", b.status);
-            if b.id != elsewhere.id {
-                assert_eq!(dir.join(b.id.to_string()).exists(), kept, "directory");
-            }
+            assert_eq!(found, *kept, "record of case {i}");
+            let has = dir.join(b.id.to_string()).exists();
+            assert_eq!(has, *kept && had_dir[i], "directory of case {i}");
         }
         assert_eq!(
             docker.0.lock().clone(),
-            [(old_docker.id, format!("cattery-build:{}", old_docker.id))],
+            [(id(0), format!("cattery-build:{}", id(0)))],
             "the Docker build's image, and nothing else"
         );
         // Nothing more to delete on a second pass.
-        let n = builds
-            .collect(Duration::from_secs(7 * 86_400), || in_use.clone())
-            .await
-            .unwrap();
-        assert_eq!(n, 0);
+        assert_eq!(builds.collect(keep, || in_memory.clone()).await.unwrap(), 0);
     }
 }

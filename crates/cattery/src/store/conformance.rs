@@ -1305,6 +1305,7 @@ async fn waiting_websocket_sessions(s: &dyn Store) {
 
 fn build(org: &str, hash: &str, created_ms: i64) -> BuildRecord {
     BuildRecord {
+        node_id: "n1".into(),
         id: Uuid::new_v4(),
         org: org.into(),
         status: BuildStatus::Pending,
@@ -1401,7 +1402,8 @@ async fn builds(s: &dyn Store) {
     assert_eq!(pending, [b.id, other.id]);
 }
 
-/// Retention: finished builds completed by a time, every org, oldest first; then deleted.
+/// Retention: finished builds not used (else completed) since a time, every org, oldest
+/// first; a use (a deploy taking the build) moves it; a deletion is conditional on it.
 async fn build_retention(s: &dyn Store) {
     let done = |x: &BuildRecord, status, at| BuildRecord {
         status,
@@ -1415,27 +1417,41 @@ async fn build_retention(s: &dyn Store) {
     for x in [&a, &b, &other] {
         s.insert_build(x).await.unwrap();
     }
+    assert_eq!(
+        s.get_build("o1", a.id).await.unwrap().unwrap().node_id,
+        "n1"
+    );
     let ids = |v: Vec<BuildRecord>| v.into_iter().map(|x| x.id).collect::<Vec<_>>();
-    assert_eq!(
-        ids(s.finished_builds_before(40).await.unwrap()),
-        [a.id, b.id]
-    );
-    assert_eq!(
-        ids(s.finished_builds_before(11).await.unwrap()),
-        Vec::<Uuid>::new()
-    );
+    assert_eq!(ids(s.unused_builds(40).await.unwrap()), [a.id, b.id]);
+    assert_eq!(ids(s.unused_builds(11).await.unwrap()), Vec::<Uuid>::new());
     let running = build("o1", "dddd", 60);
     s.insert_build(&running).await.unwrap();
     assert_eq!(
-        ids(s.finished_builds_before(i64::MAX).await.unwrap()),
+        ids(s.unused_builds(i64::MAX).await.unwrap()),
         [a.id, b.id, other.id],
         "an unfinished build is never listed"
     );
-    assert!(s.delete_build(a.id).await.unwrap());
-    assert!(!s.delete_build(a.id).await.unwrap());
-    assert_eq!(s.get_build("o1", a.id).await.unwrap(), None);
+    assert!(!s.delete_unused_build(running.id, i64::MAX).await.unwrap());
+    // A use at 45 moves `a` after `b`, and keeps it from a deletion up to 44.
+    let got = s.use_build("o1", a.id, 45).await.unwrap().unwrap();
+    assert_eq!(got.id, a.id);
     assert_eq!(
-        ids(s.finished_builds_before(i64::MAX).await.unwrap()),
+        s.use_build("o2", a.id, 46).await.unwrap(),
+        None,
+        "another org's"
+    );
+    assert_eq!(ids(s.unused_builds(44).await.unwrap()), [b.id]);
+    assert_eq!(ids(s.unused_builds(45).await.unwrap()), [b.id, a.id]);
+    assert!(
+        !s.delete_unused_build(a.id, 44).await.unwrap(),
+        "used since"
+    );
+    assert!(s.delete_unused_build(a.id, 45).await.unwrap());
+    assert!(!s.delete_unused_build(a.id, 45).await.unwrap());
+    assert_eq!(s.get_build("o1", a.id).await.unwrap(), None);
+    assert_eq!(s.use_build("o1", a.id, 47).await.unwrap(), None, "deleted");
+    assert_eq!(
+        ids(s.unused_builds(i64::MAX).await.unwrap()),
         [b.id, other.id]
     );
 }

@@ -680,6 +680,9 @@ pub struct BuildRecord {
     pub completed_ms: Option<i64>,
     /// Last change.
     pub updated_ms: i64,
+    /// The node that made it, whose data dir holds its directory (`""` for builds made
+    /// before builds recorded it).
+    pub node_id: String,
 }
 
 /// Filters for listing builds, newest first.
@@ -713,14 +716,18 @@ pub trait BuildStore: Send + Sync + 'static {
         -> StoreResult<(Vec<BuildRecord>, u64)>;
     /// Every org's builds not yet over (pending or building), for recovery after a restart.
     async fn unfinished_builds(&self) -> StoreResult<Vec<BuildRecord>>;
-    /// Every org's finished builds (success, failed, timeout) completed at or before
-    /// `completed_before_ms`, oldest first: what the build retention may remove.
-    async fn finished_builds_before(
-        &self,
-        completed_before_ms: i64,
-    ) -> StoreResult<Vec<BuildRecord>>;
-    /// Removes build `id`'s record; whether there was one.
-    async fn delete_build(&self, id: Uuid) -> StoreResult<bool>;
+    /// Takes `org`'s build `id` for a deployment at `now_ms`: records the use (the build
+    /// retention counts from the last one) and returns the build; `None` when there is none.
+    async fn use_build(&self, org: &str, id: Uuid, now_ms: i64)
+        -> StoreResult<Option<BuildRecord>>;
+    /// Every org's finished builds (success, failed, timeout) neither used nor completed after
+    /// `cutoff_ms` (the last use, else the completion), oldest first: what the build
+    /// retention may remove.
+    async fn unused_builds(&self, cutoff_ms: i64) -> StoreResult<Vec<BuildRecord>>;
+    /// Deletes build `id`'s record if it is still finished and unused since `cutoff_ms`, in
+    /// one step: a deploy that took it meanwhile ([`BuildStore::use_build`]) keeps it, and a
+    /// deploy after the deletion finds no build. Returns whether it was deleted.
+    async fn delete_unused_build(&self, id: Uuid, cutoff_ms: i64) -> StoreResult<bool>;
 }
 
 /// An org's webhook endpoint (`core::webhooks`): where its events go, signed with a secret

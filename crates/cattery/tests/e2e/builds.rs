@@ -324,20 +324,21 @@ async fn official_cli_deploys_a_dockerfile_with_the_docker_builder() {
     cleanup(&tag);
 }
 
-/// The build retention (`--build-retention-hours`): a build the agent's current deployment
-/// runs is kept past the retention; once the agent is deleted, the build's record and
-/// directory go.
+/// The build retention (`--build-retention-hours`, counted from the build's last use): a
+/// build the agent's current deployment runs is kept past the retention; once the agent is
+/// deleted, the build's record and directory go.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_build_no_deployment_runs_is_deleted_after_its_retention() {
     let py = main_python();
-    // 0.0005 h = 1.8 s, looked at every second.
+    // 0.003 h = 10.8 s, looked at every 1.08 s: longer than the CLI takes between the end of
+    // the build (it polls every 5 s) and its deploy, which uses the build.
     let s = Server::start(&[
         "--python",
         py.to_str().unwrap(),
         "--builder",
         "venv",
         "--build-retention-hours",
-        "0.0005",
+        "0.003",
     ])
     .await;
     let proj = project("kept-bot", None, "m-ret");
@@ -350,14 +351,14 @@ async fn a_build_no_deployment_runs_is_deleted_after_its_retention() {
     assert!(dir.join("venv").is_dir());
     s.wait_ready("kept-bot", Duration::from_secs(60)).await;
     // Past the retention (and a few looks), kept: the agent runs it.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(13)).await;
     assert_eq!(builds(&s).await.len(), 1, "a build in use is kept");
     assert!(dir.join("venv").is_dir());
     let r = s
         .req("DELETE", "/v1/agents/kept-bot", Some(&s.sk), None)
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
-    common::wait_for(Duration::from_secs(20), "the build deleted", || {
+    common::wait_for(Duration::from_secs(30), "the build deleted", || {
         let (s, dir) = (&s, &dir);
         async move { (builds(s).await.is_empty() && !dir.exists()).then_some(()) }
     })

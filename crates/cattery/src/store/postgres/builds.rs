@@ -9,7 +9,10 @@ use super::PgStore;
 use crate::store::{BuildFilter, BuildRecord, BuildStatus, BuildStore, StoreError, StoreResult};
 
 const COLS: &str = "id, org, status, region, context_hash, dockerfile_path, artifact, python, \
-    builder, error_message, context_size, created_ms, started_ms, completed_ms, updated_ms";
+    builder, error_message, context_size, created_ms, started_ms, completed_ms, updated_ms, node_id";
+
+/// A finished build's last use, else its completion (the retention counts from it).
+const UNUSED_SINCE: &str = "COALESCE(last_used_ms, completed_ms, updated_ms)";
 
 fn build_from_row(r: &PgRow) -> StoreResult<BuildRecord> {
     let status: String = r.try_get(2)?;
@@ -30,6 +33,7 @@ fn build_from_row(r: &PgRow) -> StoreResult<BuildRecord> {
         started_ms: r.try_get(12)?,
         completed_ms: r.try_get(13)?,
         updated_ms: r.try_get(14)?,
+        node_id: r.try_get(15)?,
     })
 }
 
@@ -54,7 +58,7 @@ impl BuildStore for PgStore {
     async fn insert_build(&self, b: &BuildRecord) -> StoreResult<()> {
         super::query_dyn(&format!(
             "INSERT INTO builds ({COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
-             $12, $13, $14, $15)"
+             $12, $13, $14, $15, $16)"
         ))
         .bind(b.id)
         .bind(&b.org)
@@ -71,6 +75,7 @@ impl BuildStore for PgStore {
         .bind(b.started_ms)
         .bind(b.completed_ms)
         .bind(b.updated_ms)
+        .bind(&b.node_id)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -143,25 +148,43 @@ impl BuildStore for PgStore {
         rows.iter().map(build_from_row).collect()
     }
 
-    async fn finished_builds_before(
+    async fn use_build(
         &self,
-        completed_before_ms: i64,
-    ) -> StoreResult<Vec<BuildRecord>> {
+        org: &str,
+        id: Uuid,
+        now_ms: i64,
+    ) -> StoreResult<Option<BuildRecord>> {
+        let row = super::query_dyn(&format!(
+            "UPDATE builds SET last_used_ms = $1 WHERE id = $2 AND org = $3 RETURNING {COLS}"
+        ))
+        .bind(now_ms)
+        .bind(id)
+        .bind(org)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(build_from_row).transpose()
+    }
+
+    async fn unused_builds(&self, cutoff_ms: i64) -> StoreResult<Vec<BuildRecord>> {
         let rows = super::query_dyn(&format!(
             "SELECT {COLS} FROM builds WHERE status NOT IN ('pending', 'building') \
-             AND completed_ms <= $1 ORDER BY completed_ms, id"
+             AND {UNUSED_SINCE} <= $1 ORDER BY {UNUSED_SINCE}, id"
         ))
-        .bind(completed_before_ms)
+        .bind(cutoff_ms)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(build_from_row).collect()
     }
 
-    async fn delete_build(&self, id: Uuid) -> StoreResult<bool> {
-        let r = sqlx::query("DELETE FROM builds WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+    async fn delete_unused_build(&self, id: Uuid, cutoff_ms: i64) -> StoreResult<bool> {
+        let r = super::query_dyn(&format!(
+            "DELETE FROM builds WHERE id = $1 AND status NOT IN ('pending', 'building') \
+             AND {UNUSED_SINCE} <= $2"
+        ))
+        .bind(id)
+        .bind(cutoff_ms)
+        .execute(&self.pool)
+        .await?;
         Ok(r.rows_affected() > 0)
     }
 }

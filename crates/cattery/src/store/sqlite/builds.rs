@@ -8,7 +8,10 @@ use super::SqliteStore;
 use crate::store::{BuildFilter, BuildRecord, BuildStatus, BuildStore, StoreError, StoreResult};
 
 const COLS: &str = "id, org, status, region, context_hash, dockerfile_path, artifact, python, \
-    builder, error_message, context_size, created_ms, started_ms, completed_ms, updated_ms";
+    builder, error_message, context_size, created_ms, started_ms, completed_ms, updated_ms, node_id";
+
+/// A finished build's last use, else its completion (the retention counts from it).
+const UNUSED_SINCE: &str = "COALESCE(last_used_ms, completed_ms, updated_ms)";
 
 fn build_from_row(r: &Row<'_>) -> StoreResult<BuildRecord> {
     let status = r.string(2);
@@ -29,6 +32,7 @@ fn build_from_row(r: &Row<'_>) -> StoreResult<BuildRecord> {
         started_ms: r.int(12),
         completed_ms: r.int(13),
         updated_ms: r.int(14).unwrap_or_default(),
+        node_id: r.string(15),
     })
 }
 
@@ -63,7 +67,7 @@ impl BuildStore for SqliteStore {
             db.exec(
                 &format!(
                     "INSERT INTO builds ({COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
-                     ?, ?)"
+                     ?, ?, ?)"
                 ),
                 &[
                     b.id.into(),
@@ -81,6 +85,7 @@ impl BuildStore for SqliteStore {
                     b.started_ms.into(),
                     b.completed_ms.into(),
                     b.updated_ms.into(),
+                    Val::Text(&b.node_id),
                 ],
             )
             .map(|_| ())
@@ -169,25 +174,53 @@ impl BuildStore for SqliteStore {
         .await
     }
 
-    async fn finished_builds_before(
+    async fn use_build(
         &self,
-        completed_before_ms: i64,
-    ) -> StoreResult<Vec<BuildRecord>> {
+        org: &str,
+        id: Uuid,
+        now_ms: i64,
+    ) -> StoreResult<Option<BuildRecord>> {
+        let org = org.to_string();
+        self.write(move |db| {
+            db.exec(
+                "UPDATE builds SET last_used_ms = ? WHERE id = ? AND org = ?",
+                &[now_ms.into(), id.into(), Val::Text(&org)],
+            )?;
+            db.query_row(
+                &format!("SELECT {COLS} FROM builds WHERE id = ? AND org = ?"),
+                &[id.into(), Val::Text(&org)],
+                build_from_row,
+            )?
+            .transpose()
+        })
+        .await
+    }
+
+    async fn unused_builds(&self, cutoff_ms: i64) -> StoreResult<Vec<BuildRecord>> {
         self.scan(move |db| {
             db.query_all(
                 &format!(
                     "SELECT {COLS} FROM builds WHERE status NOT IN ('pending', 'building') \
-                     AND completed_ms <= ? ORDER BY completed_ms, id"
+                     AND {UNUSED_SINCE} <= ? ORDER BY {UNUSED_SINCE}, id"
                 ),
-                &[completed_before_ms.into()],
+                &[cutoff_ms.into()],
                 build_from_row,
             )
         })
         .await
     }
 
-    async fn delete_build(&self, id: Uuid) -> StoreResult<bool> {
-        self.write(move |db| Ok(db.exec("DELETE FROM builds WHERE id = ?", &[id.into()])? > 0))
-            .await
+    async fn delete_unused_build(&self, id: Uuid, cutoff_ms: i64) -> StoreResult<bool> {
+        self.write(move |db| {
+            let n = db.exec(
+                &format!(
+                    "DELETE FROM builds WHERE id = ? AND status NOT IN ('pending', 'building') \
+                     AND {UNUSED_SINCE} <= ?"
+                ),
+                &[id.into(), cutoff_ms.into()],
+            )?;
+            Ok(n > 0)
+        })
+        .await
     }
 }
