@@ -57,6 +57,19 @@ pub fn backup(place: &Place, out: &Path) -> anyhow::Result<Summary> {
             data_dir.display()
         );
     }
+    // A backup of sealed values without their key could never be opened.
+    let key = place.key();
+    if !key.is_file() {
+        let sealed = backup::verify(&db)?.sealed;
+        if sealed > 0 {
+            anyhow::bail!(
+                "the database holds {sealed} sealed secret value(s) but there is no secrets key \
+                 at {}: give the server's --secrets-key-file (or CATTERY_SECRETS_KEY_FILE, or \
+                 its --config)",
+                key.display()
+            );
+        }
+    }
     if out.exists() {
         let empty = out.is_dir() && std::fs::read_dir(out)?.next().is_none();
         if !empty {
@@ -76,11 +89,8 @@ pub fn backup(place: &Place, out: &Path) -> anyhow::Result<Summary> {
     let _ = std::fs::remove_file(&tmp);
     let info = backup::copy(&db, &tmp)?;
     std::fs::rename(&tmp, out.join(DB_FILE))?;
-    let key = place.key();
     if key.is_file() {
         copy_private(&key, &out.join(KEY_FILE))?;
-    } else if place.key_file.is_some() {
-        anyhow::bail!("cannot read the secrets key file {}", key.display());
     }
     let manifest = serde_json::json!({
         "format": 1,

@@ -64,6 +64,10 @@ struct DataDirArgs {
     /// Data directory of the server [default: the config file's, else ./.cattery].
     #[arg(long, env = "CATTERY_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// The server's secrets key file, when it is not `<data-dir>/secrets.key` [default: the
+    /// config file's `[cluster] secrets_key_file`].
+    #[arg(long, env = "CATTERY_SECRETS_KEY_FILE", value_name = "FILE")]
+    secrets_key_file: Option<PathBuf>,
     /// The server's PostgreSQL database, if it uses one: these commands copy a SQLite data
     /// dir and refuse it (PostgreSQL has its own tools).
     #[arg(
@@ -92,7 +96,7 @@ impl DataDirArgs {
         }
         Ok(cattery::backup::Place {
             data_dir: self.data_dir.unwrap_or(cfg.server.data_dir),
-            key_file: cfg.cluster.secrets_key_file,
+            key_file: self.secrets_key_file.or(cfg.cluster.secrets_key_file),
         })
     }
 }

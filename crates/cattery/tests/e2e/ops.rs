@@ -338,6 +338,34 @@ async fn backup_during_churn_holds_every_ended_session_and_restores() {
     }
 }
 
+/// Stores one (dummy) sealed secret value in the SQLite store of `data`.
+async fn put_a_sealed_secret(data: &std::path::Path) {
+    use cattery::store::{SealedValue, SecretSetKind, SecretSetRecord};
+    let store = cattery::store::open(
+        &Default::default(),
+        data,
+        cattery::store::OpenMode::Existing,
+    )
+    .await
+    .unwrap();
+    let set = SecretSetRecord {
+        org: "default".into(),
+        name: "s".into(),
+        kind: SecretSetKind::Secret,
+        region: "local".into(),
+        host: None,
+        created_ms: 1,
+        updated_ms: 1,
+        keys: Vec::new(),
+    };
+    let v = SealedValue {
+        key: "K".into(),
+        nonce: vec![0; 24],
+        ciphertext: vec![0; 20],
+    };
+    store.upsert_secret_set(&set, &[v], false).await.unwrap();
+}
+
 /// `cattery backup` and `restore` read the server's `--config`: its data dir and its
 /// `[cluster] secrets_key_file` (copied into the backup; at restore, a configured key that is
 /// not the backup's is refused and never overwritten), and a PostgreSQL store is refused with
@@ -393,6 +421,36 @@ async fn backup_and_restore_read_the_config_file() {
     let (ok, text) = restore();
     assert!(!ok && text.contains("not the one in"), "{text}");
     assert_eq!(std::fs::read(&key).unwrap(), [1u8; 32]);
+
+    // The key file from the environment, as `serve` reads it, without a config file.
+    let bk3 = tmp.path().join("bk3");
+    let out = Command::new(cattery_bin())
+        .args([
+            "backup",
+            "--data-dir",
+            data.to_str().unwrap(),
+            bk3.to_str().unwrap(),
+        ])
+        .env("CATTERY_SECRETS_KEY_FILE", &key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(bk3.join("secrets.key")).unwrap(), [1u8; 32]);
+    // Sealed values and no key found: refused (such a backup could never be opened).
+    put_a_sealed_secret(&data).await;
+    let bk4 = tmp.path().join("bk4");
+    let (ok, text) = cattery(&[
+        "backup",
+        "--data-dir",
+        data.to_str().unwrap(),
+        bk4.to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("no secrets key"), "{text}");
+    assert!(!bk4.exists(), "nothing half-made");
 
     // A PostgreSQL store (from the file or the environment): refused, naming what to use.
     let pg_cfg = tmp.path().join("pg.toml");

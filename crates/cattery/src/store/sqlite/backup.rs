@@ -20,6 +20,9 @@ pub struct CopyInfo {
     pub sessions: i64,
     /// Agents recorded in it (deleted ones included).
     pub agents: i64,
+    /// Values sealed with the secrets key in it (secrets, their deployment snapshots, webhook
+    /// endpoint secrets): without the key they cannot be opened.
+    pub sealed: i64,
 }
 
 /// Copies the database `src` (the server's `cattery.db`, which may be in use) to `dst` (a new
@@ -98,5 +101,11 @@ fn inspect(db: &Connection) -> anyhow::Result<CopyInfo> {
         schema: db.query_row("PRAGMA user_version", [], |r| r.get(0))?,
         sessions: db.query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))?,
         agents: db.query_row("SELECT COUNT(*) FROM agents", [], |r| r.get(0))?,
+        sealed: db.query_row(
+            "SELECT (SELECT COUNT(*) FROM secrets) + (SELECT COUNT(*) FROM deployment_secrets) \
+             + (SELECT COUNT(*) FROM webhook_endpoints)",
+            [],
+            |r| r.get(0),
+        )?,
     })
 }
