@@ -291,6 +291,12 @@ async fn a_bot_unsafe_to_fork_is_spawned_with_the_reason_and_off_turns_forking_o
         reason.starts_with("the fork server failed") && reason.contains("IMPORT BOOM"),
         "{fork}"
     );
+    // A start before the retry keeps the same reason in the status.
+    let r = s.start_session("broken", json!({})).await;
+    assert_ne!(r.status, 200, "{:?}", r.body);
+    let fork = fork_status(&s, "broken").await;
+    let reason = fork["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("IMPORT BOOM") && reason.contains("tried again"), "{fork}");
     // The bot's output (which may print its secrets) is the org's: not in the server's log.
     assert!(s.log().contains("the fork server failed"));
     assert!(!s.log().contains("IMPORT BOOM"), "{}", s.log());

@@ -87,8 +87,8 @@ struct AgentZygote {
     live: Option<Arc<Zygote>>,
     /// The key whose zygote refused to fork, and why.
     unsafe_: Option<(u64, String)>,
-    /// The key whose zygote failed to start, and when (retried after [`ZYGOTE_RETRY`]).
-    failed: Option<(u64, Instant)>,
+    /// The key whose zygote failed to start, when (retried after [`ZYGOTE_RETRY`]), and why.
+    failed: Option<(u64, Instant, String)>,
 }
 
 /// How long after a failed fork-server start instances are spawned before trying again.
@@ -1282,12 +1282,10 @@ impl ProcessRuntime {
                 return Ok(z.clone());
             }
         }
-        if let Some((k, at)) = st.failed {
-            if k == key && at.elapsed() < ZYGOTE_RETRY {
-                return Err(Some(
-                    "the fork server failed to start (see the server log); retried within a minute"
-                        .into(),
-                ));
+        if let Some((k, at, why)) = &st.failed {
+            if *k == key && at.elapsed() < ZYGOTE_RETRY {
+                // The same reason as at the failure, until the retry.
+                return Err(Some(format!("{why}; tried again within a minute")));
             }
         }
         if let Some(old) = st.live.take() {
@@ -1316,11 +1314,12 @@ impl ProcessRuntime {
             Started::Failed(r, output) => {
                 // The bot's output stays out of the server's log (the agent's status has it).
                 tracing::warn!(agent = %agent, reason = %r, "the fork server failed: instances are spawned (the agent's status has the bot's output)");
-                st.failed = Some((key, Instant::now()));
-                Err(Some(match output {
+                let why = match output {
                     Some(o) => format!("the fork server failed: {r}: {o}"),
                     None => format!("the fork server failed: {r}"),
-                }))
+                };
+                st.failed = Some((key, Instant::now(), why.clone()));
+                Err(Some(why))
             }
         }
     }
