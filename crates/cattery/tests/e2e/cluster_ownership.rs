@@ -1069,3 +1069,73 @@ async fn a_detaching_node_counts_its_own_sessions_only() {
     )
     .unwrap();
 }
+
+/// Two nodes started at the same moment with different secrets keys on an empty database:
+/// however their starts interleave, they never both run (each writes its heartbeat before it
+/// reads the others' again: `core::cluster::announce`).
+#[tokio::test(flavor = "multi_thread")]
+async fn two_nodes_started_together_with_different_keys_never_both_run() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        let key = d.path().join("secrets.key");
+        crate::common::write_private(&key, &[i as u8 + 1; 32]);
+        let port = crate::common::free_port();
+        let child = std::process::Command::new(crate::common::cattery_bin())
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--node-id",
+            ])
+            .arg(format!("n{i}"))
+            .arg("--data-dir")
+            .arg(d.path().join("data"))
+            .arg("--secrets-key-file")
+            .arg(&key)
+            .env("CATTERY_DATABASE_URL", pg.url())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        nodes.push((child, port));
+    }
+    // Each either exits (refused) or answers; bounded.
+    let began = Instant::now();
+    let (mut running, mut refused) = (Vec::new(), Vec::new());
+    for (mut child, port) in nodes {
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+                assert!(!st.success(), "{err}");
+                refused.push(err);
+                break;
+            }
+            let up = reqwest::get(format!("http://127.0.0.1:{port}/health")).await;
+            if up.is_ok_and(|r| r.status() == 200) {
+                running.push(child);
+                break;
+            }
+            assert!(
+                began.elapsed() < Duration::from_secs(60),
+                "a node neither ran nor exited"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let both = refused.is_empty();
+    // Stopped by pid (ours) before any failure.
+    for mut c in running {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert!(!both, "two nodes with different secrets keys both run");
+    assert!(
+        refused.iter().all(|e| e.contains("secrets key")),
+        "{refused:?}"
+    );
+}

@@ -296,7 +296,10 @@ async fn a_bot_unsafe_to_fork_is_spawned_with_the_reason_and_off_turns_forking_o
     assert_ne!(r.status, 200, "{:?}", r.body);
     let fork = fork_status(&s, "broken").await;
     let reason = fork["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("IMPORT BOOM") && reason.contains("tried again"), "{fork}");
+    assert!(
+        reason.contains("IMPORT BOOM") && reason.contains("tried again"),
+        "{fork}"
+    );
     // The bot's output (which may print its secrets) is the org's: not in the server's log.
     assert!(s.log().contains("the fork server failed"));
     assert!(!s.log().contains("IMPORT BOOM"), "{}", s.log());
