@@ -581,16 +581,7 @@ async fn daily_dialin_webhook_starts_a_session_in_a_sip_room() {
         room.body["properties"]["sip"],
         json!({"display_name": "+15550002222", "sip_mode": "dial-in", "num_endpoints": 1})
     );
-    // The start answers once the session is handed over; its `/bot` request may still be
-    // on its way.
-    let mut got = a.fake.delivered();
-    for _ in 0..100 {
-        if !got.is_empty() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        got = a.fake.delivered();
-    }
+    let got = delivered(a).await;
     assert_eq!(got.len(), 1);
     let body: Value = serde_json::from_str(&got[0].body).unwrap();
     assert_eq!(
@@ -645,6 +636,39 @@ async fn org_daily_api_key_is_stored_sealed() {
     }
 }
 
+/// What the fake runtime's instances received by `/bot`, once something did (a start answers
+/// once the session is handed over; its `/bot` request may still be on its way): up to 2 s.
+async fn delivered(a: &super::Api) -> Vec<crate::runtime::fake::Delivered> {
+    for _ in 0..100 {
+        let got = a.fake.delivered();
+        if !got.is_empty() {
+            return got;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    a.fake.delivered()
+}
+
+/// A private key of org `org`, made for the test.
+async fn org_private_key(a: &super::Api, org: &str) -> String {
+    let store = a.state.store.clone();
+    store.ensure_org(org).await.unwrap();
+    let (_, sk) =
+        crate::core::keys::issue_key(store.as_ref(), org, crate::model::KeyKind::Private, "sk")
+            .await
+            .unwrap();
+    sk
+}
+
+/// Sets the `dailyApiKey` property of the org of `sk`.
+async fn set_daily_key(a: &super::Api, sk: &str, key: &str) {
+    let body = json!({ "dailyApiKey": key });
+    let r = a
+        .call(Method::PATCH, "/v1/properties", Some(sk), Some(body))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
+
 /// The server's `--daily-api-key` is the operator's whole Daily account: the default org
 /// reads it from `GET .../daily` (the official CLI's `whoami`), another org only its own
 /// `dailyApiKey` (404 without one), though its rooms are made with the server's key.
@@ -653,12 +677,7 @@ async fn another_org_never_reads_the_servers_daily_key() {
     let (daily, a) = with_daily(Some("dk_server_operator_1234")).await;
     let r = a.get("/v1/organizations/default/daily").await;
     assert_eq!(r.body["apiKey"], "dk_server_operator_1234", "{}", r.body);
-    let store = a.state.store.clone();
-    store.ensure_org("acme").await.unwrap();
-    let (_, acme_sk) =
-        crate::core::keys::issue_key(store.as_ref(), "acme", crate::model::KeyKind::Private, "sk")
-            .await
-            .unwrap();
+    let acme_sk = org_private_key(&a, "acme").await;
     let acme_daily = || {
         a.call(
             Method::GET,
@@ -675,15 +694,7 @@ async fn another_org_never_reads_the_servers_daily_key() {
         .await;
     assert!(!r.body.to_string().contains("dk_server"), "{}", r.body);
     // Its own key, once set, is its to read.
-    let r = a
-        .call(
-            Method::PATCH,
-            "/v1/properties",
-            Some(&acme_sk),
-            Some(json!({"dailyApiKey": "dk_acme_own_5678"})),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    set_daily_key(&a, &acme_sk, "dk_acme_own_5678").await;
     let r = acme_daily().await;
     assert_eq!(r.body["apiKey"], "dk_acme_own_5678", "{}", r.body);
     drop(daily);
@@ -694,12 +705,7 @@ async fn another_org_never_reads_the_servers_daily_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dialin_of_another_org_needs_its_own_daily_key() {
     let (daily, a) = with_daily(Some("dk_server_operator_1234")).await;
-    let store = a.state.store.clone();
-    store.ensure_org("acme").await.unwrap();
-    let (_, acme_sk) =
-        crate::core::keys::issue_key(store.as_ref(), "acme", crate::model::KeyKind::Private, "sk")
-            .await
-            .unwrap();
+    let acme_sk = org_private_key(&a, "acme").await;
     let body = json!({"serviceName": "phone", "command": ["fake"]});
     let r = a
         .call(Method::POST, "/v1/agents", Some(&acme_sk), Some(body))
@@ -726,25 +732,10 @@ async fn dialin_of_another_org_needs_its_own_daily_key() {
     );
     assert!(daily.seen().is_empty(), "no room: {:?}", daily.seen());
     assert!(a.fake.delivered().is_empty());
-    let r = a
-        .call(
-            Method::PATCH,
-            "/v1/properties",
-            Some(&acme_sk),
-            Some(json!({"dailyApiKey": "dk_acme_own_5678"})),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    set_daily_key(&a, &acme_sk, "dk_acme_own_5678").await;
     let r = hook().await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    let mut got = a.fake.delivered();
-    for _ in 0..100 {
-        if !got.is_empty() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        got = a.fake.delivered();
-    }
+    let got = delivered(&a).await;
     assert!(got[0].body.contains("dk_acme_own_5678"), "{}", got[0].body);
     assert!(!got[0].body.contains("dk_server"), "{}", got[0].body);
 }
