@@ -52,6 +52,12 @@ enum Cmd {
     },
 }
 
+/// The server's `--config` file for the commands beside `serve`, or the defaults without one.
+/// Errors: the file is unreadable or invalid.
+fn config_file(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    path.map_or_else(|| Ok(Config::default()), Config::from_file)
+}
+
 /// Where `cattery backup` and `cattery restore` find the server's SQLite data dir and secrets
 /// key: the `--config` file's `[server] data_dir` and `[cluster] secrets_key_file`, which
 /// `--data-dir` overrides (as for `cattery serve`).
@@ -83,10 +89,7 @@ impl DataDirArgs {
     /// The data dir and the secrets key file the server is configured with, if any. Errors:
     /// the config file is unreadable or invalid; the server's store is PostgreSQL.
     fn resolve(self) -> anyhow::Result<cattery::backup::Place> {
-        let cfg = match &self.config {
-            Some(p) => Config::from_file(p)?,
-            None => Config::default(),
-        };
+        let cfg = config_file(self.config.as_deref())?;
         if self.database_url.is_some() || cfg.store.database_url.is_some() {
             anyhow::bail!(
                 "this server's store is PostgreSQL: back it up with PostgreSQL's own tools \
@@ -121,10 +124,7 @@ impl KeyStoreArgs {
     /// The store's settings and the data dir. Errors: the config file is unreadable or
     /// invalid.
     fn resolve(self) -> anyhow::Result<(cattery::config::StoreConfig, PathBuf)> {
-        let cfg = match &self.config {
-            Some(p) => Config::from_file(p)?,
-            None => Config::default(),
-        };
+        let cfg = config_file(self.config.as_deref())?;
         let mut store = cfg.store;
         if self.database_url.is_some() {
             store.database_url = self.database_url;

@@ -56,14 +56,13 @@ pub async fn dialin(
         crate::core::CoreError::NotFound(_) => unknown(),
         e => e.into(),
     };
-    crate::core::orgs::org_record(&st.store, &org)
+    let rec = crate::core::orgs::org_record(&st.store, &org)
         .await
         .map_err(not_found)?;
     st.sup.check_startable(&org, &name).map_err(not_found)?;
     // The bot gets the Daily key in its body (it forwards the held call with it): an org
     // other than the default one must bring its own, never the operator's account.
     if org != crate::serve::DEFAULT_ORG {
-        let rec = crate::core::orgs::org_record(&st.store, &org).await?;
         let own = crate::core::orgs::daily_api_key_of(&rec, &st.secrets);
         if own.is_none_or(|k| k.trim().is_empty()) {
             return Err(ApiError::bad_request(

@@ -125,8 +125,14 @@ pub fn exec_size(args: &[String], env: &BTreeMap<String, String>) -> usize {
     args.iter().map(|a| a.len() + 1 + ptr).sum::<usize>()
         + env
             .iter()
-            .map(|(k, v)| k.len() + v.len() + 2 + ptr)
+            .map(|(k, v)| env_entry_size(k.len(), v.len()))
             .sum::<usize>()
+}
+
+/// What one `NAME=value` variable takes of `ARG_MAX`: the string with its `=` and NUL, and a
+/// pointer.
+fn env_entry_size(name: usize, value: usize) -> usize {
+    name + value + 2 + std::mem::size_of::<usize>()
 }
 
 /// Checks that `args` and `env` fit in [`exec_budget`]. Errors: 400 naming both fields.
@@ -151,8 +157,7 @@ pub fn exec_fits_with_secrets(
     set: &str,
     secrets: &[(usize, usize)],
 ) -> CoreResult<()> {
-    let ptr = std::mem::size_of::<usize>();
-    let of_set: usize = secrets.iter().map(|(k, v)| k + v + 2 + ptr).sum();
+    let of_set: usize = secrets.iter().map(|&(k, v)| env_entry_size(k, v)).sum();
     let (size, budget) = (exec_size(args, env) + of_set, exec_budget());
     if size > budget {
         return Err(bad(format!(

@@ -229,7 +229,17 @@ async fn json_log_lines_parse_and_carry_request_ids() {
 
 /// Runs `cattery backup` or `cattery restore`; returns (success, stdout + stderr).
 fn cattery(args: &[&str]) -> (bool, String) {
-    let out = Command::new(cattery_bin()).args(args).output().unwrap();
+    cattery_env(args, &[])
+}
+
+/// [`cattery`] with these environment variables set.
+fn cattery_env(args: &[&str], env: &[(&str, &std::path::Path)]) -> (bool, String) {
+    let mut cmd = Command::new(cattery_bin());
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
     (
         out.status.success(),
         format!(
@@ -424,21 +434,16 @@ async fn backup_and_restore_read_the_config_file() {
 
     // The key file from the environment, as `serve` reads it, without a config file.
     let bk3 = tmp.path().join("bk3");
-    let out = Command::new(cattery_bin())
-        .args([
+    let (ok, text) = cattery_env(
+        &[
             "backup",
             "--data-dir",
             data.to_str().unwrap(),
             bk3.to_str().unwrap(),
-        ])
-        .env("CATTERY_SECRETS_KEY_FILE", &key)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &[("CATTERY_SECRETS_KEY_FILE", &key)],
     );
+    assert!(ok, "{text}");
     assert_eq!(std::fs::read(bk3.join("secrets.key")).unwrap(), [1u8; 32]);
     // Sealed values and no key found: refused (such a backup could never be opened).
     put_a_sealed_secret(&data).await;

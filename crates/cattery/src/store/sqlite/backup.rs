@@ -106,19 +106,27 @@ fn inspect(db: &Connection) -> anyhow::Result<CopyInfo> {
 }
 
 /// How many values sealed with the secrets key the database holds, in the tables of its
-/// schema (a backup made by an older Cattery may lack some).
+/// schema (a backup made by an older Cattery may lack some): secrets, their deployment
+/// snapshots, webhook endpoint secrets, and orgs' sealed `dailyApiKey` properties.
 fn sealed_values(db: &Connection) -> anyhow::Result<i64> {
     let mut n = 0;
-    for table in ["secrets", "deployment_secrets", "webhook_endpoints"] {
+    for (table, filter) in [
+        ("secrets", ""),
+        ("deployment_secrets", ""),
+        ("webhook_endpoints", ""),
+        (
+            "orgs",
+            " WHERE json_type(properties, '$.dailyApiKey') = 'object'",
+        ),
+    ] {
         let exists: bool = db.query_row(
             "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
             [table],
             |r| r.get(0),
         )?;
         if exists {
-            n += db.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| {
-                r.get::<_, i64>(0)
-            })?;
+            let sql = format!("SELECT COUNT(*) FROM {table}{filter}");
+            n += db.query_row(&sql, [], |r| r.get::<_, i64>(0))?;
         }
     }
     Ok(n)
@@ -138,11 +146,18 @@ mod tests {
         db.execute_batch(
             "CREATE TABLE sessions (id TEXT); CREATE TABLE agents (id TEXT);
              CREATE TABLE secrets (k TEXT); INSERT INTO secrets VALUES ('a'), ('b');
+             CREATE TABLE orgs (name TEXT, properties TEXT);
+             INSERT INTO orgs VALUES ('o1', '{\"dailyApiKey\": {\"nonce\": \"n\"}}'),
+                 ('o2', '{\"dailyApiKey\": \"plain, from before sealing\"}'), ('o3', '{}');
              PRAGMA user_version = 6;",
         )
         .unwrap();
         drop(db);
         let info = verify(&path).unwrap();
-        assert_eq!((info.schema, info.sealed), (6, 2));
+        assert_eq!(
+            (info.schema, info.sealed),
+            (6, 3),
+            "two secrets, one sealed Daily key"
+        );
     }
 }
