@@ -531,11 +531,17 @@ async fn sessions_with_instances(s: &dyn Store) {
     let a = with_agent(s, "a", "x").await;
     let inst = instance(&a);
     s.put_instance(&inst).await.unwrap();
-    let s1 = session(&a, 10);
+    let mut s1 = session(&a, 10);
+    s1.bot_start_ms = Some(2);
     assert!(s.insert_session_for_instance(&s1, inst.id).await.unwrap());
     let rec = s.list_instances().await.unwrap().pop().unwrap();
     assert_eq!(rec.session_id, Some(s1.id));
-    assert!(s.get_session(s1.id).await.unwrap().is_some());
+    let got = s.get_session(s1.id).await.unwrap().unwrap();
+    assert_eq!(
+        got.bot_start_ms,
+        Some(2),
+        "the claim marks the delivery as given"
+    );
     // A taken session id: nothing changes.
     let other = instance(&a);
     s.put_instance(&other).await.unwrap();
@@ -1287,6 +1293,24 @@ async fn waiting_websocket_sessions(s: &dyn Store) {
         ..Default::default()
     };
     assert_eq!(s.list_sessions(a.id, &f).await.unwrap().0, 1);
+
+    // Taken by a warm instance: the claim's delivery time is written with it (the warm
+    // start's one write marks the session delivered).
+    let inst = instance(&a);
+    s.put_instance(&inst).await.unwrap();
+    let mut w3 = session(&a, 600);
+    w3.cold_start = None;
+    w3.transport = Some("websocket".into());
+    s.insert_session(&w3).await.unwrap();
+    let mut claimed = w3.clone();
+    claimed.cold_start = Some(false);
+    claimed.bot_start_ms = Some(3);
+    assert!(s
+        .insert_session_for_instance(&claimed, inst.id)
+        .await
+        .unwrap());
+    let got = s.get_session(w3.id).await.unwrap().unwrap();
+    assert_eq!((got.bot_start_ms, got.cold_start), (Some(3), Some(false)));
 
     // Another agent's start with the same id does not take it.
     let b = with_agent(s, "a", "y").await;
