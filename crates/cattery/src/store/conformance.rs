@@ -582,6 +582,11 @@ async fn sessions_with_instances(s: &dyn Store) {
     let got = s.get_session(s1.id).await.unwrap().unwrap();
     assert_eq!(got.end, Some(e.clone()));
     assert_eq!(got.samples, samples, "empty samples keep the stored ones");
+    assert_eq!(
+        got.bot_start_ms,
+        Some(2),
+        "a delivered session keeps its delivery time"
+    );
     assert!(s
         .list_instances()
         .await
@@ -598,6 +603,39 @@ async fn sessions_with_instances(s: &dyn Store) {
         .unwrap());
     let got = s.get_session(s2.id).await.unwrap().unwrap();
     assert_eq!((got.end, got.samples), (Some(e), samples.to_vec()));
+
+    // A claim marks the delivery before `/bot`; an end that only comes before a delivery
+    // (the start failed, or was stopped) clears it, through either end write.
+    for (i, reason) in [EndReason::StartFailed, EndReason::StoppedDuringStart]
+        .into_iter()
+        .enumerate()
+    {
+        let inst = instance(&a);
+        s.put_instance(&inst).await.unwrap();
+        let mut by_instance = session(&a, 40);
+        by_instance.bot_start_ms = Some(1);
+        assert!(s
+            .insert_session_for_instance(&by_instance, inst.id)
+            .await
+            .unwrap());
+        let mut alone = session(&a, 41);
+        alone.bot_start_ms = Some(1);
+        s.insert_session(&alone).await.unwrap();
+        let e = end(reason, 50 + i as i64);
+        assert!(s
+            .end_instance(inst.id, Some((by_instance.id, &e, &[])))
+            .await
+            .unwrap());
+        assert!(s.end_session(alone.id, &e).await.unwrap());
+        for id in [by_instance.id, alone.id] {
+            let got = s.get_session(id).await.unwrap().unwrap();
+            assert_eq!(
+                (got.end, got.bot_start_ms),
+                (Some(e.clone()), None),
+                "{reason:?}"
+            );
+        }
+    }
 }
 
 async fn secret_sets(s: &dyn Store) {

@@ -87,7 +87,8 @@ pub(super) async fn end_session(
 ) -> StoreResult<bool> {
     let n = sqlx::query(
         "UPDATE sessions SET ended_ms = $1, updated_ms = $1, end_reason = $2, \
-         completion_status = $3, exit_code = $4, exit_signal = $5, end_message = $6 \
+         completion_status = $3, exit_code = $4, exit_signal = $5, end_message = $6, \
+         bot_start_ms = CASE WHEN $8 THEN NULL ELSE bot_start_ms END \
          WHERE id = $7 AND ended_ms IS NULL",
     )
     .bind(e.ended_ms)
@@ -97,6 +98,7 @@ pub(super) async fn end_session(
     .bind(e.exit_signal.map(i64::from))
     .bind(&e.message)
     .bind(id)
+    .bind(e.reason.before_delivery())
     .execute(db)
     .await?
     .rows_affected();

@@ -95,11 +95,14 @@ pub(super) fn insert_session(db: &mut Conn, s: &SessionRecord) -> StoreResult<()
     Ok(())
 }
 
-/// Records the end if none is recorded yet (first wins); whether this call wrote it.
+/// Records the end if none is recorded yet (first wins); whether this call wrote it. An end
+/// before delivery ([`EndReason::before_delivery`]) clears the delivery time.
 pub(super) fn end_session(db: &mut Conn, id: Uuid, e: &SessionEnd) -> StoreResult<bool> {
     let n = db.exec(
         "UPDATE sessions SET ended_ms = ?, updated_ms = ?, end_reason = ?, completion_status = ?, \
-         exit_code = ?, exit_signal = ?, end_message = ? WHERE id = ? AND ended_ms IS NULL",
+         exit_code = ?, exit_signal = ?, end_message = ?, \
+         bot_start_ms = CASE WHEN ? THEN NULL ELSE bot_start_ms END \
+         WHERE id = ? AND ended_ms IS NULL",
         &[
             e.ended_ms.into(),
             e.ended_ms.into(),
@@ -108,6 +111,7 @@ pub(super) fn end_session(db: &mut Conn, id: Uuid, e: &SessionEnd) -> StoreResul
             e.exit_code.map(i64::from).into(),
             e.exit_signal.map(i64::from).into(),
             e.message.as_ref().into(),
+            e.reason.before_delivery().into(),
             id.into(),
         ],
     )?;
