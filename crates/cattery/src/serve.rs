@@ -437,13 +437,15 @@ fn node_identity(
 /// a node that restarts within the timeout is never taken over while it re-adopts, and one
 /// that was taken over sees what it lost, since the store makes its heartbeat wait for a
 /// takeover in progress), the recovery, and the watch over the other nodes. Returns the
-/// heartbeat and watch tasks. On a shared database, first refuses an id another live node
+/// heartbeat and watch tasks. Then `builds` (their recovery). A node that fails after its
+/// first heartbeat takes it back (`core::cluster::take_back`). On a shared database, first refuses an id another live node
 /// uses at another address (`core::cluster::id_in_use`) and a secrets key that does not open
 /// the secrets already stored (`core::secrets::check_key_opens_stored`).
 async fn join_cluster(
     store: &Arc<dyn Store>,
     state: &AppState,
     shared_store: bool,
+    builds: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<(
     tokio::task::JoinHandle<()>,
     tokio::task::JoinHandle<()>,
@@ -484,17 +486,32 @@ async fn join_cluster(
         (*state.node).clone(),
         Arc::downgrade(sup),
     );
-    let shared = crate::core::shared::Shared::start(store.clone(), &state.node, sup).await?;
-    sup.recover()
-        .await
-        .context("recovering instances after restart")?;
-    let shared = shared.after_recovery(store.clone(), &state.node, sup);
-    let watch = crate::core::cluster::spawn_watch(
-        store.clone(),
-        Arc::downgrade(sup),
-        (*state.node).clone(),
-    );
-    Ok((heartbeats, watch, shared))
+    let rest = async {
+        let shared = crate::core::shared::Shared::start(store.clone(), &state.node, sup).await?;
+        sup.recover()
+            .await
+            .context("recovering instances after restart")?;
+        let shared = shared.after_recovery(store.clone(), &state.node, sup);
+        builds.await?;
+        anyhow::Ok(shared)
+    };
+    match rest.await {
+        Ok(shared) => {
+            let watch = crate::core::cluster::spawn_watch(
+                store.clone(),
+                Arc::downgrade(sup),
+                (*state.node).clone(),
+            );
+            Ok((heartbeats, watch, shared))
+        }
+        Err(e) => {
+            // Not started after all: no heartbeat of a node that never served stays behind.
+            heartbeats.abort();
+            let _ = heartbeats.await;
+            crate::core::cluster::take_back(store.as_ref(), &state.node, &before).await;
+            Err(e)
+        }
+    }
 }
 
 /// Builds (`core::builds`): the Docker builder when there is a Docker runtime, and the
@@ -546,6 +563,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .ok()
         .and_then(|mut it| it.next())
         .ok_or_else(|| anyhow::anyhow!("--listen {}: expected host:port", config.server.listen))?;
+    // Bound before anything is written or announced: a node that cannot listen leaves no
+    // heartbeat behind (another node would take it for a live one) and touches no instance.
+    // Connections wait in the backlog until the recovery is done and the server serves.
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
     let mut signals = signal_stream().await;
     crate::runtime::process::isolation::restrict_umask();
     let data_dir = &config.server.data_dir;
@@ -605,14 +628,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .context("reading the webhook endpoints")?;
     let shared_store = config.store.database_url.is_some();
-    let (heartbeats, watch, shared) = join_cluster(&store, &state, shared_store).await?;
-    start_builds(&state, built.docker.as_ref(), &config).await?;
+    let tls = crate::web::tls_acceptor(&config.web)?;
+    let builds = start_builds(&state, built.docker.as_ref(), &config);
+    let (heartbeats, watch, shared) = join_cluster(&store, &state, shared_store, builds).await?;
     let node = state.node.clone();
     let app = api::cors::wrap(api::router(state), &config.web);
-    let tls = crate::web::tls_acceptor(&config.web)?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     // After the runtime is made: it raises the soft open-files limit to the hard one.
     let nofile = http_server::nofile_limit();

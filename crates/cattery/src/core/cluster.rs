@@ -440,6 +440,14 @@ pub async fn announce(
     let Some(why) = secrets_key_differs(me, &nodes, now_ms(), cipher) else {
         return Ok(());
     };
+    take_back(store, me, before).await;
+    anyhow::bail!(why)
+}
+
+/// Takes back the heartbeat [`announce`] wrote, for a node that does not start after all:
+/// its row as it was in `before` (a restart: the heartbeat ages and the node is taken over
+/// in time), or none (a new node: no phantom live node is left behind).
+pub async fn take_back(store: &dyn crate::store::Store, me: &NodeIdentity, before: &[NodeRecord]) {
     let undo = match before.iter().find(|n| n.id == me.id) {
         Some(prev) => store.heartbeat(prev).await.map(|_| ()),
         None => store.forget_node(&me.id, i64::MAX).await.map(|_| ()),
@@ -447,7 +455,6 @@ pub async fn announce(
     if let Err(e) = undo {
         tracing::warn!(error = %e, node = %me.id, "could not take back this node's heartbeat");
     }
-    anyhow::bail!(why)
 }
 
 /// Checks this node's cluster secret with one live node among `nodes` (at `now`, ms) that has

@@ -672,6 +672,46 @@ async fn a_second_process_with_a_live_nodes_id_is_refused() {
     assert_eq!(n1.session("dup", &sid).await["endReason"], "stopped");
 }
 
+/// A node that cannot listen (its port is taken) exits before it writes a heartbeat: no
+/// phantom live node at another node's address stays listed (it would take a warm-pool share,
+/// and its id would be refused as in use), and the same id is not refused as in use.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_cannot_listen_leaves_no_heartbeat() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let cluster = start_nodes(&pg, 1, "10", &[], ("taken", json!({}))).await;
+    let n1 = &cluster.nodes[0];
+    let err = start_refused(
+        &pg,
+        n1.port,
+        &["--node-id", "n9", "--advertise-url", &n1.base],
+    )
+    .await;
+    assert!(err.contains("cannot listen on"), "{err}");
+    assert_eq!(
+        node_count(n1).await,
+        1,
+        "the node that never served is listed"
+    );
+    // The same id on a free port is not taken for a live node's (this node has its own
+    // secrets key, so it is refused for that, a check that comes after the id's).
+    let port = crate::common::free_port();
+    let err = start_refused(
+        &pg,
+        port,
+        &[
+            "--node-id",
+            "n9",
+            "--advertise-url",
+            &format!("http://127.0.0.1:{port}"),
+        ],
+    )
+    .await;
+    assert!(!err.contains("is in use by a live node"), "{err}");
+    assert!(err.contains("secrets key"), "{err}");
+}
+
 /// Runs `cattery serve` on `port` with `args` on `pg`'s database and expects it to refuse to
 /// start (exit with an error within 60 s); returns its stderr.
 async fn start_refused(pg: &PgCluster, port: u16, args: &[&str]) -> String {
