@@ -455,6 +455,7 @@ async fn join_cluster(
     if let Some(secret) = &state.node.secret {
         sup.set_peers(Arc::new(crate::core::cluster::HttpPeers::new(
             secret.clone(),
+            Some(state.node.run()),
         )));
     }
     // Only a shared database can have another live node with this id (SQLite's data dir is
@@ -471,7 +472,6 @@ async fn join_cluster(
         if let Some(why) = key {
             anyhow::bail!(why);
         }
-        crate::core::cluster::check_secret_with_peers(&state.node, &nodes, now).await?;
         if let Some(why) = crate::core::cluster::unreachable_by_peers(&state.node, &nodes, now) {
             tracing::warn!("{why}");
         }
@@ -481,6 +481,16 @@ async fn join_cluster(
     // The first heartbeat; on a shared database, checked against the nodes that started
     // meanwhile (`core::cluster::announce`).
     crate::core::cluster::announce(store.as_ref(), &state.node, &state.secrets, &before).await?;
+    if shared_store {
+        // After the first heartbeat: the peer looks this node's run up in its store.
+        let now = crate::model::now_ms();
+        if let Err(e) =
+            crate::core::cluster::check_secret_with_peers(&state.node, &before, now).await
+        {
+            crate::core::cluster::take_back(store.as_ref(), &state.node, &before).await;
+            return Err(e);
+        }
+    }
     let heartbeats = crate::core::cluster::spawn_heartbeats(
         store.clone(),
         (*state.node).clone(),

@@ -132,14 +132,44 @@ pub async fn forget_node(
 /// Whether a request is an internal call from another node: it carries the cluster secret
 /// ([`cluster::SECRET_HEADER`]). `false` when it carries none.
 ///
+/// The secret alone is not enough when the call names its node's run
+/// ([`cluster::NODE_HEADER`]): that run must be in this node's store, else the caller uses
+/// another database (a restored copy whose node list names this cluster's nodes).
+///
 /// Errors: 401 `CLUSTER_UNAUTHORIZED` when it carries a wrong secret, or any while this node
-/// has none (an org's API key is never enough for an internal call).
-pub fn from_peer(st: &AppState, headers: &HeaderMap) -> ApiResult<bool> {
+/// has none (an org's API key is never enough for an internal call); 403 `NODE_UNKNOWN` from
+/// a run this node's store does not know.
+pub async fn from_peer(st: &AppState, headers: &HeaderMap) -> ApiResult<bool> {
     let Some(given) = headers.get(cluster::SECRET_HEADER) else {
         return Ok(false);
     };
     match &st.node.secret {
-        Some(s) if s.matches(given.as_bytes()) => Ok(true),
+        Some(s) if s.matches(given.as_bytes()) => {
+            let Some(run) = headers.get(cluster::NODE_HEADER) else {
+                return Ok(true);
+            };
+            let run = run.to_str().unwrap_or_default();
+            let known = match run.rsplit_once(' ') {
+                Some((id, started)) => match started.parse::<i64>() {
+                    Ok(started) => st.sup.knows_node_run(id, started).await?,
+                    Err(_) => false,
+                },
+                None => false,
+            };
+            if known {
+                return Ok(true);
+            }
+            tracing::warn!(
+                caller = %run,
+                "refused an internal call from a node this node's database does not know: it \
+                 uses another database (a restored copy?) with the same cluster secret"
+            );
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "NODE_UNKNOWN",
+                "the calling node is not in this node's database: the two use different databases",
+            ))
+        }
         s => {
             tracing::warn!(
                 has_secret = s.is_some(),
@@ -165,7 +195,7 @@ pub async fn internal_stop(
     headers: HeaderMap,
     ApiPath(sid): ApiPath<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    if !from_peer(&st, &headers)? {
+    if !from_peer(&st, &headers).await? {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "CLUSTER_UNAUTHORIZED",
@@ -177,10 +207,12 @@ pub async fn internal_stop(
         PeerStop::Stopped => Ok(Json(serde_json::json!({"status": "terminated"}))),
         // `Refused` and `Unknown` are a caller's view of a peer's answer; `stop_owned` never
         // gives them (an unknown session is its `NotFound`, 404).
-        PeerStop::NotOwner | PeerStop::Refused | PeerStop::Unknown => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "NOT_OWNER",
-            format!("session {id} is not this node's"),
-        )),
+        PeerStop::NotOwner | PeerStop::Refused | PeerStop::Stranger | PeerStop::Unknown => {
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "NOT_OWNER",
+                format!("session {id} is not this node's"),
+            ))
+        }
     }
 }

@@ -160,6 +160,12 @@ async fn to_owner(st: &AppState, owner: &str, id: Uuid, req: Request) -> ApiResu
             .parse()
             .expect("the cluster secret is a valid header value"),
     );
+    if let Ok(run) = st.node.run().parse() {
+        parts.headers.insert(
+            HeaderName::from_static(crate::core::cluster::NODE_HEADER),
+            run,
+        );
+    }
     let sent = PEERS.request(Request::from_parts(parts, body));
     tokio::pin!(sent);
     let resp = loop {
@@ -174,19 +180,33 @@ async fn to_owner(st: &AppState, owner: &str, id: Uuid, req: Request) -> ApiResu
     };
     let resp = resp.map_err(|e| no_answer(&e))?;
     let (parts, body) = resp.into_parts();
-    // The owner refusing this node's cluster secret is this cluster's fault, not the caller's:
-    // its 401 `CLUSTER_UNAUTHORIZED` is not passed on (a bot's own 401 is).
-    if parts.status == StatusCode::UNAUTHORIZED && small_json(&parts.headers) {
+    // The owner refusing this node's cluster secret, or its run (another database), is this
+    // cluster's fault, not the caller's: its 401 `CLUSTER_UNAUTHORIZED` or 403 `NODE_UNKNOWN`
+    // is not passed on (a bot's own 401 or 403 is).
+    if matches!(
+        parts.status,
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+    ) && small_json(&parts.headers)
+    {
         use http_body_util::BodyExt;
         let bytes = body.collect().await.map_err(|e| no_answer(&e))?.to_bytes();
         let code = serde_json::from_slice::<serde_json::Value>(&bytes)
             .ok()
             .and_then(|v| v["code"].as_str().map(str::to_string));
-        if code.as_deref() == Some("CLUSTER_UNAUTHORIZED") {
-            return Err(unreachable(
-                "which refused this node's cluster secret: every node needs the same \
-                 --cluster-secret-file",
-            ));
+        match code.as_deref() {
+            Some("CLUSTER_UNAUTHORIZED") => {
+                return Err(unreachable(
+                    "which refused this node's cluster secret: every node needs the same \
+                     --cluster-secret-file",
+                ))
+            }
+            Some("NODE_UNKNOWN") => {
+                return Err(unreachable(
+                    "which does not find this node in its database: the two use different \
+                     databases",
+                ))
+            }
+            _ => {}
         }
         return Ok(Response::from_parts(parts, Body::from(bytes)));
     }
@@ -228,7 +248,7 @@ async fn forward_inner(
         ));
     }
     // A request that claims to come from another node must carry the right secret.
-    let from_peer = super::cluster::from_peer(st, req.headers())?;
+    let from_peer = super::cluster::from_peer(st, req.headers()).await?;
     // Fast path: a running session of this org's agent is answered from memory (two store
     // reads less per request); anything else (starting, ended, unknown) asks the store.
     let running = uuid::Uuid::parse_str(sid)

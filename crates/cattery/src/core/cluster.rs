@@ -36,6 +36,13 @@ pub struct NodeIdentity {
 /// The header that carries the cluster secret on calls between nodes.
 pub const SECRET_HEADER: &str = "x-cattery-cluster-secret";
 
+/// The header that names the calling node's run on calls between nodes: `<node id>
+/// <started_ms>` ([`NodeIdentity::run`]). The called node checks it against its own store's
+/// node list, so a node on another database (a restored copy) is refused even with the same
+/// cluster secret. A call without it (a node of an earlier version, in a rolling upgrade) is
+/// taken on the secret alone.
+pub const NODE_HEADER: &str = "x-cattery-node";
+
 /// The shared secret of a cluster's internal calls. Never printed (`Debug` hides it).
 #[derive(Clone)]
 pub struct ClusterSecret(Arc<str>);
@@ -97,6 +104,11 @@ impl ClusterSecret {
 }
 
 impl NodeIdentity {
+    /// This run of the node as [`NODE_HEADER`] names it: `<id> <started_ms>`.
+    pub fn run(&self) -> String {
+        format!("{} {}", self.id, self.started_ms)
+    }
+
     /// How often the node heartbeats: a fifth of the timeout, at least every 100 ms.
     pub fn heartbeat_every(&self) -> Duration {
         (self.timeout / 5).max(Duration::from_millis(100))
@@ -221,14 +233,18 @@ pub fn peer_connector() -> PeerConnector {
 /// `POST {url}/internal/v1/sessions/{id}/stop` with the cluster secret in [`SECRET_HEADER`].
 pub struct HttpPeers {
     secret: ClusterSecret,
+    /// This node's run ([`NODE_HEADER`]), when it has one to name.
+    run: Option<String>,
     http: hyper_util::client::legacy::Client<PeerConnector, http_body_util::Full<bytes::Bytes>>,
 }
 
 impl HttpPeers {
-    /// Peers reached with `secret`.
-    pub fn new(secret: ClusterSecret) -> HttpPeers {
+    /// Peers reached with `secret`, as the node run `run` ([`NodeIdentity::run`]; `None`
+    /// sends no [`NODE_HEADER`], as a node of an earlier version does).
+    pub fn new(secret: ClusterSecret, run: Option<String>) -> HttpPeers {
         HttpPeers {
             secret,
+            run,
             http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
                 .build(peer_connector()),
@@ -249,7 +265,11 @@ impl crate::core::session::Peers for HttpPeers {
             "{}/internal/v1/sessions/{session}/stop",
             url.trim_end_matches('/')
         ))
-        .header(SECRET_HEADER, self.secret.expose())
+        .header(SECRET_HEADER, self.secret.expose());
+        let req = match &self.run {
+            Some(run) => req.header(NODE_HEADER, run.as_str()),
+            None => req,
+        }
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .map_err(|e| e.to_string())?;
         let r = self.http.request(req).await.map_err(|e| e.to_string())?;
@@ -258,6 +278,7 @@ impl crate::core::session::Peers for HttpPeers {
             200 => Ok(PeerStop::Stopped),
             409 => Ok(PeerStop::NotOwner),
             401 => Ok(PeerStop::Refused),
+            403 => Ok(PeerStop::Stranger),
             404 => Ok(PeerStop::Unknown),
             s => {
                 let body = r
@@ -464,7 +485,11 @@ pub async fn take_back(store: &dyn crate::store::Store, me: &NodeIdentity, befor
 /// Nothing to check without a secret or a live peer; a peer that does not answer within 2 s
 /// is logged and not held against this node.
 ///
-/// Errors: the peer refused this node's secret (401).
+/// Called after this node's first heartbeat ([`announce`]), so that the peer finds this
+/// node's run in its store when both use the same database.
+///
+/// Errors: the peer refused this node's secret (401), or does not know this node's run
+/// (403: another database).
 pub async fn check_secret_with_peers(
     me: &NodeIdentity,
     nodes: &[NodeRecord],
@@ -480,12 +505,18 @@ pub async fn check_secret_with_peers(
     else {
         return Ok(());
     };
-    let peers = HttpPeers::new(secret.clone());
+    let peers = HttpPeers::new(secret.clone(), Some(me.run()));
     let probe = peers.stop(url, uuid::Uuid::nil());
     match tokio::time::timeout(Duration::from_secs(2), probe).await {
         Ok(Ok(PeerStop::Refused)) => anyhow::bail!(
             "live node {peer} at {url} refused this node's cluster secret: every node needs \
              the same --cluster-secret-file"
+        ),
+        Ok(Ok(PeerStop::Stranger)) => anyhow::bail!(
+            "live node {peer} at {url} does not find this node in its database: the two use \
+             different databases (this one's node list names another cluster's nodes, as a \
+             restored copy of its database does); give this node a database of its own \
+             cluster, or wait until those nodes' heartbeats are older than --node-timeout"
         ),
         // `Unknown`: the peer accepted the secret and has no nil session.
         Ok(Ok(_)) => Ok(()),

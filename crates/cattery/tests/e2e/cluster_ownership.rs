@@ -712,9 +712,54 @@ async fn a_node_that_cannot_listen_leaves_no_heartbeat() {
     assert!(err.contains("secrets key"), "{err}");
 }
 
+/// A node started on a restored copy of the cluster's database, with the same cluster secret
+/// and secrets key, while the cluster runs: the copy's node list names the live nodes, but
+/// they do not find the new node in their own database, so it is refused at start (before,
+/// it started, and its stops and proxied requests reached the live cluster's sessions).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_on_a_restored_copy_of_the_database_is_refused_by_the_live_cluster() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let cluster = start_nodes(&pg, 1, "10", &[], ("copied", json!({}))).await;
+    let n1 = &cluster.nodes[0];
+    let sid = n1.start_ok("copied").await;
+    let copy = pg.url_of("restored");
+    pg.psql(&["-c", "CREATE DATABASE restored"]);
+    pg.copy_database("postgres", "restored");
+    let dir = cluster.key_dir.path();
+    let port = crate::common::free_port();
+    let err = start_refused_on(
+        &copy,
+        port,
+        &[
+            "--node-id",
+            "restored-1",
+            "--advertise-url",
+            &format!("http://127.0.0.1:{port}"),
+            "--secrets-key-file",
+            &dir.join("secrets.key").display().to_string(),
+            "--cluster-secret-file",
+            &dir.join("cluster.secret").display().to_string(),
+        ],
+    )
+    .await;
+    assert!(
+        err.contains("does not find this node in its database"),
+        "{err}"
+    );
+    assert!(n1.session("copied", &sid).await["endedAt"].is_null());
+    assert_eq!(n1.stop("copied", &sid).await.status, 200);
+}
+
 /// Runs `cattery serve` on `port` with `args` on `pg`'s database and expects it to refuse to
 /// start (exit with an error within 60 s); returns its stderr.
 async fn start_refused(pg: &PgCluster, port: u16, args: &[&str]) -> String {
+    start_refused_on(&pg.url(), port, args).await
+}
+
+/// [`start_refused`] on the database at `url`.
+async fn start_refused_on(url: &str, port: u16, args: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(crate::common::cattery_bin())
         .args([
@@ -725,7 +770,7 @@ async fn start_refused(pg: &PgCluster, port: u16, args: &[&str]) -> String {
         ])
         .arg(dir.path())
         .args(args)
-        .env("CATTERY_DATABASE_URL", pg.url())
+        .env("CATTERY_DATABASE_URL", url)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

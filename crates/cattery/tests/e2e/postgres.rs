@@ -87,7 +87,12 @@ impl PgCluster {
 
     /// `postgres://` URL of the cluster's default database.
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        self.url_of("postgres")
+    }
+
+    /// `postgres://` URL of database `db` of the cluster.
+    pub fn url_of(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
     /// Starts the server (again), on the same port; waits until it accepts connections.
@@ -111,6 +116,35 @@ impl PgCluster {
             "pg_ctl start: {out:?}\n{}",
             std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
         );
+    }
+
+    /// Runs `psql` on the default database with `args`; panics if it fails.
+    pub fn psql(&self, args: &[&str]) {
+        let out = pg_cmd(&self.bin, "psql")
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-d", &self.url()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "psql {args:?}: {out:?}");
+    }
+
+    /// Copies database `from` into the existing, empty database `to`, as a restore of a
+    /// `pg_dump` does.
+    pub fn copy_database(&self, from: &str, to: &str) {
+        let dump = pg_cmd(&self.bin, "pg_dump")
+            .args(["-d", &self.url_of(from)])
+            .output()
+            .unwrap();
+        assert!(dump.status.success(), "pg_dump: {dump:?}");
+        let mut restore = pg_cmd(&self.bin, "psql")
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-d"])
+            .arg(self.url_of(to))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut restore.stdin.take().unwrap(), &dump.stdout).unwrap();
+        assert!(restore.wait().unwrap().success(), "psql restore");
     }
 
     /// Stops the server (`fast`: clients are disconnected, committed work is kept).

@@ -227,6 +227,7 @@ async fn an_owner_refusing_this_nodes_cluster_secret_is_named_and_not_retried() 
         .sup
         .set_peers(std::sync::Arc::new(crate::core::cluster::HttpPeers::new(
             crate::core::cluster::ClusterSecret::new(SECRET).unwrap(),
+            None,
         )));
     api.deploy("px", &[], serde_json::json!({})).await;
     let store = api.state.store.clone();
@@ -305,8 +306,9 @@ async fn an_owner_refusing_this_nodes_cluster_secret_is_named_and_not_retried() 
 
 /// What a node hears from another node's real API through [`HttpPeers`] (the forwarded stop
 /// and the cluster secret check at start read it): a session it owns is stopped, an unknown
-/// one is `Unknown` (404), another secret is `Refused` (401). The secret check at start takes
-/// `Unknown` for the nil session as "secret accepted" and a refusal as an error.
+/// one is `Unknown` (404), another secret is `Refused` (401), a run its store does not know
+/// (a node on another database) is `Stranger` (403) and stops nothing. The secret check at
+/// start takes `Unknown` for the nil session as "secret accepted" and a refusal as an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_answers_the_forwarded_stop_as_the_engine_reads_it() {
     use crate::core::cluster::{check_secret_with_peers, ClusterSecret, HttpPeers, NodeIdentity};
@@ -318,14 +320,39 @@ async fn a_peer_answers_the_forwarded_stop_as_the_engine_reads_it() {
     let url = format!("http://{}", l.local_addr().unwrap());
     let app = api.app.clone();
     tokio::spawn(async move { axum::serve(l, app).await });
-    let same = HttpPeers::new(ClusterSecret::new(SECRET).unwrap());
-    let other = HttpPeers::new(ClusterSecret::new(&SECRET.replace('a', "b")).unwrap());
+    // A node of an earlier version names no run: the secret is enough.
+    let same = HttpPeers::new(ClusterSecret::new(SECRET).unwrap(), None);
+    let other = HttpPeers::new(ClusterSecret::new(&SECRET.replace('a', "b")).unwrap(), None);
+    // A node with the same secret on another database (a restored copy): its run is not in
+    // this node's store.
+    let stranger = HttpPeers::new(ClusterSecret::new(SECRET).unwrap(), Some("n2 12345".into()));
     let nil = uuid::Uuid::nil();
     assert!(matches!(same.stop(&url, nil).await, Ok(PeerStop::Unknown)));
     assert!(matches!(other.stop(&url, nil).await, Ok(PeerStop::Refused)));
+    assert!(matches!(
+        stranger.stop(&url, nil).await,
+        Ok(PeerStop::Stranger)
+    ));
     let sid: uuid::Uuid = sid.parse().unwrap();
     assert!(matches!(other.stop(&url, sid).await, Ok(PeerStop::Refused)));
-    assert!(matches!(same.stop(&url, sid).await, Ok(PeerStop::Stopped)));
+    assert!(matches!(
+        stranger.stop(&url, sid).await,
+        Ok(PeerStop::Stranger)
+    ));
+    let s = api.get(&format!("/v1/agents/hp/sessions/{sid}")).await;
+    assert!(
+        s.body["endedAt"].is_null(),
+        "a stranger stopped it: {}",
+        s.body
+    );
+    // The same run once this node's store has it.
+    let mut rec = n2(&url, crate::model::now_ms());
+    rec.started_ms = 12345;
+    api.state.store.heartbeat(&rec).await.unwrap();
+    assert!(matches!(
+        stranger.stop(&url, sid).await,
+        Ok(PeerStop::Stopped)
+    ));
     let s = api.get(&format!("/v1/agents/hp/sessions/{sid}")).await;
     assert_eq!(s.body["endReason"], "stopped", "{}", s.body);
 
@@ -340,6 +367,19 @@ async fn a_peer_answers_the_forwarded_stop_as_the_engine_reads_it() {
         secret: Some(ClusterSecret::new(secret).unwrap()),
         key_check: None,
     };
+    // Not in the peer's store yet (its first heartbeat is what makes it known): refused as
+    // a node of another database.
+    let e = check_secret_with_peers(&joining(SECRET), &nodes, now)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("does not find this node in its database"),
+        "{e}"
+    );
+    let mut first = n2("", now);
+    first.id = "n-new".into();
+    api.state.store.heartbeat(&first).await.unwrap();
     check_secret_with_peers(&joining(SECRET), &nodes, now)
         .await
         .unwrap();

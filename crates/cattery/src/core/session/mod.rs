@@ -142,6 +142,9 @@ pub enum PeerStop {
     /// That node refused this node's cluster secret (401: the nodes' `--cluster-secret-file`s
     /// differ). Trying again cannot help.
     Refused,
+    /// That node's store has no record of this node's run (403 `NODE_UNKNOWN`): the two use
+    /// different databases (one is a restored copy). Trying again cannot help.
+    Stranger,
     /// That node knows no such session (404): the shared store has no record of it. Also what
     /// a node answers to the probe of [`crate::core::cluster::check_secret_with_peers`] once it
     /// accepted the secret.
@@ -392,6 +395,22 @@ impl Supervisor {
     /// alive by the store too.
     pub fn node_seen(&self, id: &str) -> Option<crate::store::NodeRecord> {
         self.nodes_seen.lock().get(id).cloned()
+    }
+
+    /// Whether this node's store knows node `id`'s run that started at `started_ms`: from the
+    /// list last read, else read again (a node that just started or restarted). An internal
+    /// call from a run the store does not know comes from a node on another database (a
+    /// restored copy of this one, whose node list still names this cluster's nodes).
+    ///
+    /// Errors: the store could not be read.
+    pub async fn knows_node_run(&self, id: &str, started_ms: i64) -> CoreResult<bool> {
+        let is = |n: &crate::store::NodeRecord| n.started_ms == started_ms;
+        if self.node_seen(id).is_some_and(|n| is(&n)) {
+            return Ok(true);
+        }
+        let nodes = self.store.list_nodes().await?;
+        self.remember_nodes(&nodes);
+        Ok(nodes.iter().any(|n| n.id == id && is(n)))
     }
 
     /// This node's place among the live nodes.

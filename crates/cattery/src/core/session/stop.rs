@@ -269,6 +269,12 @@ impl Supervisor {
                                  --cluster-secret-file"
                             )));
                         }
+                        Some(Ok(PeerStop::Stranger)) => {
+                            return Err(CoreError::NodeUnreachable(format!(
+                                "session {session} runs on node {owner}, which does not find \
+                                 this node in its database: the two use different databases"
+                            )));
+                        }
                         Some(Err(e)) => {
                             tracing::warn!(node = %owner, %session, error = %e,
                                 "a forwarded stop failed; retrying");
