@@ -662,6 +662,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let http = tokio::spawn(http_server::serve(listener, app, limits, tls, async move {
         let _ = stop_http_rx.await;
     }));
+    crate::core::cluster::spawn_advertise_check(&node, shared_store);
     let first = signals.recv().await.unwrap_or("SIGTERM");
     if config.sessions.on_stop == crate::config::OnStop::Detach {
         let _ = stop_http_tx.send(());

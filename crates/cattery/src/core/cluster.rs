@@ -531,6 +531,38 @@ pub async fn check_secret_with_peers(
     }
 }
 
+/// Checks, once this node serves, that its own `--advertise-url` reaches a node of this
+/// cluster, by the internal call the others make (the stop of the nil session, 404 once the
+/// secret and this node's run are accepted). A URL that does not (a wrong port, `https://`
+/// in front of a plain HTTP listener) would otherwise show only when another node forwards a
+/// stop to it and retries until the stop's time is up: it is logged as an ERROR naming the
+/// URL and what went wrong. Nothing to check without an advertise URL or a cluster secret.
+/// Only on a shared database (`shared`): a node alone on SQLite has no peers.
+pub fn spawn_advertise_check(me: &NodeIdentity, shared: bool) {
+    if shared {
+        let me = me.clone();
+        tokio::spawn(async move { check_own_advertise_url(&me).await });
+    }
+}
+
+/// [`spawn_advertise_check`]'s check.
+pub async fn check_own_advertise_url(me: &NodeIdentity) {
+    use crate::core::session::{PeerStop, Peers};
+    let (Some(url), Some(secret)) = (me.advertise_url.as_deref(), &me.secret) else {
+        return;
+    };
+    let peers = HttpPeers::new(secret.clone(), Some(me.run()));
+    let probe = peers.stop(url, uuid::Uuid::nil());
+    let why = match tokio::time::timeout(Duration::from_secs(5), probe).await {
+        Ok(Ok(PeerStop::Unknown)) => return,
+        Ok(Ok(other)) => format!("it answered the nil session's stop with {other:?}"),
+        Ok(Err(e)) => e,
+        Err(_) => "no answer within 5 s".into(),
+    };
+    tracing::error!(%url, reason = %why, "this node's --advertise-url does not reach it: other \
+        nodes cannot forward stops or requests for its sessions (check the scheme, host and port)");
+}
+
 /// Heartbeats until the returned handle is aborted: the first at once, then every
 /// [`NodeIdentity::heartbeat_every`], with the engine's live and busy instance counts. A failed
 /// heartbeat (the database down) is logged and retried at the next tick. Each heartbeat the

@@ -749,7 +749,40 @@ async fn a_node_on_a_restored_copy_of_the_database_is_refused_by_the_live_cluste
         "{err}"
     );
     assert!(n1.session("copied", &sid).await["endedAt"].is_null());
+    // Its own advertise URL reaches it: no error about it.
+    assert!(!n1.log().contains("does not reach it"), "{}", n1.log());
     assert_eq!(n1.stop("copied", &sid).await.status, 200);
+}
+
+/// A node whose `--advertise-url` does not reach it (here a port nothing listens on; in the
+/// trial, `https://` in front of a plain HTTP listener) says so in an ERROR once it serves,
+/// naming the URL, instead of leaving it to the first stop another node forwards to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_whose_advertise_url_does_not_reach_it_says_so() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let keys = Cluster::new(&pg.url(), &[]);
+    let dir = keys.key_dir.path();
+    let wrong = format!("http://127.0.0.1:{}", crate::common::free_port());
+    let s = Server::start_with_env(
+        &[
+            "--advertise-url",
+            &wrong,
+            "--secrets-key-file",
+            &dir.join("secrets.key").display().to_string(),
+            "--cluster-secret-file",
+            &dir.join("cluster.secret").display().to_string(),
+        ],
+        &[("CATTERY_DATABASE_URL", &pg.url())],
+    )
+    .await;
+    wait_for(Duration::from_secs(20), "the advertise URL's check", || {
+        let log = s.log();
+        async move { log.contains("does not reach it").then_some(()) }
+    })
+    .await;
+    assert!(s.log().contains(&wrong), "{}", s.log());
 }
 
 /// Runs `cattery serve` on `port` with `args` on `pg`'s database and expects it to refuse to

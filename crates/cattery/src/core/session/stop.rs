@@ -233,6 +233,8 @@ impl Supervisor {
         let give_up = std::time::Instant::now() + timeout * 2 + Duration::from_secs(5);
         let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
         let mut first = true;
+        // The last failure of a forward, for the answer when the stop's time is up.
+        let mut failed: Option<String> = None;
         loop {
             let stale_ms = now_ms() - timeout_ms;
             let seen = first
@@ -276,8 +278,16 @@ impl Supervisor {
                             )));
                         }
                         Some(Err(e)) => {
-                            tracing::warn!(node = %owner, %session, error = %e,
-                                "a forwarded stop failed; retrying");
+                            // Said once per stop (then at debug level): the retries come
+                            // every 150 ms or so until the stop's time is up.
+                            if failed.is_none() {
+                                tracing::warn!(node = %owner, %session, url = %url, error = %e,
+                                    "a forwarded stop failed; retrying until the owner answers or is dead");
+                            } else {
+                                tracing::debug!(node = %owner, %session, error = %e,
+                                    "a forwarded stop failed again; retrying");
+                            }
+                            failed = Some(e);
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                         None => {
@@ -310,8 +320,12 @@ impl Supervisor {
             }
             owner = rec.node_id;
             if std::time::Instant::now() > give_up {
+                let last = failed
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default();
                 return Err(CoreError::NodeUnreachable(format!(
-                    "session {session} runs on node {owner}, which did not answer the stop in time"
+                    "session {session} runs on node {owner}, which did not answer the stop in \
+                     time{last}"
                 )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
