@@ -170,6 +170,24 @@ pub struct StoreConfig {
     pub database_pool_size: u32,
 }
 
+impl StoreConfig {
+    /// Checks `database_url`, if given: a `postgres://` (or `postgresql://`) URL that parses.
+    /// The message never holds the URL, which may hold a password.
+    ///
+    /// Errors: another scheme, or a URL that does not parse.
+    pub fn check_url(&self) -> anyhow::Result<()> {
+        if let Some(u) = &self.database_url {
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                anyhow::bail!("--database-url must be a postgres:// URL");
+            }
+            if <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(u).is_err() {
+                anyhow::bail!("--database-url is not a valid postgres:// URL");
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
@@ -749,11 +767,7 @@ impl Config {
         if self.store.database_pool_size == 0 || self.store.database_pool_size > 1000 {
             anyhow::bail!("--database-pool-size must be between 1 and 1000");
         }
-        if let Some(u) = &self.store.database_url {
-            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
-                anyhow::bail!("--database-url must be a postgres:// URL");
-            }
-        }
+        self.store.check_url()?;
         self.validate_cluster()?;
         if self.runtime.python.is_empty() {
             anyhow::bail!("--python must not be empty");
@@ -981,6 +995,10 @@ mod tests {
         bad(
             |c| c.store.database_url = Some("mysql://x".into()),
             "--database-url",
+        );
+        bad(
+            |c| c.store.database_url = Some("postgres://u:hunter2@h:notaport/db".into()),
+            "--database-url is not a valid postgres:// URL",
         );
         bad(|c| c.store.database_pool_size = 0, "--database-pool-size");
         bad(|c| c.cluster.node_id = Some("a b".into()), "--node-id");

@@ -153,6 +153,7 @@ pub async fn open_existing_store(
     cfg: &StoreConfig,
     data_dir: &Path,
 ) -> anyhow::Result<Arc<dyn Store>> {
+    cfg.check_url()?;
     let store = store::open(cfg, data_dir, OpenMode::Existing).await?;
     store.ensure_org(DEFAULT_ORG).await?;
     Ok(store)

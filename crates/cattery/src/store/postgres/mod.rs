@@ -149,6 +149,21 @@ impl PgStore {
                 .await?;
             opts = opts.options([("search_path", schema)]);
         }
+        // One connection first, alone: the pool would report any failure to connect as a
+        // timeout ("pool timed out while waiting for an open connection"), where this gives
+        // the reason (refused, no such database, authentication).
+        {
+            use sqlx::{ConnectOptions, Connection};
+            let c = opts.connect().await.map_err(|e| {
+                let why = match &e {
+                    // The server's own words, without the source line sqlx appends.
+                    sqlx::Error::Database(db) => db.message().to_string(),
+                    e => e.to_string(),
+                };
+                StoreError::Unavailable(format!("cannot connect to the database: {why}"))
+            })?;
+            let _ = c.close().await;
+        }
         let pool = PgPoolOptions::new()
             .max_connections(pool_size.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)

@@ -70,6 +70,12 @@ async fn a_bad_url_is_invalid_and_an_unreachable_database_unavailable() {
     .unwrap_err();
     assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
     assert!(!e.to_string().contains("hunter2"));
+    // The reason, not the pool's "timed out".
+    assert!(
+        e.to_string().contains("cannot connect to the database"),
+        "{e}"
+    );
+    assert!(!e.to_string().contains("timed out"), "{e}");
 }
 
 /// Two nodes on one database: a key revoked through one is refused by the other (whose key
