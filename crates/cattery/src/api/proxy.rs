@@ -283,7 +283,15 @@ async fn forward_inner(
     parts.uri = format!("http://{addr}/{path}{query}")
         .parse::<Uri>()
         .map_err(|e| ApiError::bad_request(format!("invalid path: {e}")))?;
-    for h in ["host", "content-length", "authorization"] {
+    // Never to the bot: the caller's key, and what a forwarding node added to reach this one
+    // (with the cluster secret, tenant code could call any node's internal routes).
+    for h in [
+        "host",
+        "content-length",
+        "authorization",
+        crate::core::cluster::SECRET_HEADER,
+        crate::core::cluster::NODE_HEADER,
+    ] {
         parts.headers.remove(h);
     }
     parts.headers.insert(

@@ -78,6 +78,23 @@ async fn any_node_lists_proxies_and_stops_another_nodes_session() {
     assert_eq!(info["sessionId"], json!(sid), "{info}");
     let pid = info["pid"].as_i64().unwrap() as i32;
     assert!(pid_alive(pid));
+    // The bot's own route, through node 3: what reaches the bot never holds the cluster
+    // secret node 3 added to reach node 2, nor its run (tenant code could use the secret to
+    // call any node's internal routes).
+    let echo = n3
+        .req(
+            "GET",
+            &format!("/v1/public/fwd/sessions/{sid}/echo"),
+            Some(&n3.pk),
+            None,
+        )
+        .await;
+    assert_eq!(echo.status, 200, "{:?}", echo.body);
+    let seen = echo.body.to_string();
+    assert!(seen.contains("x-daily-session-id"), "{seen}");
+    assert!(!seen.contains("x-cattery-cluster-secret"), "{seen}");
+    assert!(!seen.contains(SECRET), "{seen}");
+    assert!(!seen.contains("x-cattery-node"), "{seen}");
 
     // Internal calls: never with an org's key, never with a wrong secret.
     let path = format!("/internal/v1/sessions/{sid}/stop");
