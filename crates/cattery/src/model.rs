@@ -334,13 +334,6 @@ impl EndReason {
         EndReason::ClientNeverConnected,
     ];
 
-    /// A reason that only ends a session before its delivery. A warm start records its
-    /// delivery time with its claim, before `/bot`: a store writing such an end clears it,
-    /// since the session never reached its bot.
-    pub fn before_delivery(self) -> bool {
-        matches!(self, EndReason::StartFailed | EndReason::StoppedDuringStart)
-    }
-
     /// The reason named `s` (its wire name).
     pub fn from_name(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|r| r.as_str() == s)

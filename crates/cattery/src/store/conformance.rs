@@ -531,17 +531,11 @@ async fn sessions_with_instances(s: &dyn Store) {
     let a = with_agent(s, "a", "x").await;
     let inst = instance(&a);
     s.put_instance(&inst).await.unwrap();
-    let mut s1 = session(&a, 10);
-    s1.bot_start_ms = Some(2);
+    let s1 = session(&a, 10);
     assert!(s.insert_session_for_instance(&s1, inst.id).await.unwrap());
     let rec = s.list_instances().await.unwrap().pop().unwrap();
     assert_eq!(rec.session_id, Some(s1.id));
-    let got = s.get_session(s1.id).await.unwrap().unwrap();
-    assert_eq!(
-        got.bot_start_ms,
-        Some(2),
-        "the claim marks the delivery as given"
-    );
+    assert!(s.get_session(s1.id).await.unwrap().is_some());
     // A taken session id: nothing changes.
     let other = instance(&a);
     s.put_instance(&other).await.unwrap();
@@ -582,11 +576,6 @@ async fn sessions_with_instances(s: &dyn Store) {
     let got = s.get_session(s1.id).await.unwrap().unwrap();
     assert_eq!(got.end, Some(e.clone()));
     assert_eq!(got.samples, samples, "empty samples keep the stored ones");
-    assert_eq!(
-        got.bot_start_ms,
-        Some(2),
-        "a delivered session keeps its delivery time"
-    );
     assert!(s
         .list_instances()
         .await
@@ -603,39 +592,6 @@ async fn sessions_with_instances(s: &dyn Store) {
         .unwrap());
     let got = s.get_session(s2.id).await.unwrap().unwrap();
     assert_eq!((got.end, got.samples), (Some(e), samples.to_vec()));
-
-    // A claim marks the delivery before `/bot`; an end that only comes before a delivery
-    // (the start failed, or was stopped) clears it, through either end write.
-    for (i, reason) in [EndReason::StartFailed, EndReason::StoppedDuringStart]
-        .into_iter()
-        .enumerate()
-    {
-        let inst = instance(&a);
-        s.put_instance(&inst).await.unwrap();
-        let mut by_instance = session(&a, 40);
-        by_instance.bot_start_ms = Some(1);
-        assert!(s
-            .insert_session_for_instance(&by_instance, inst.id)
-            .await
-            .unwrap());
-        let mut alone = session(&a, 41);
-        alone.bot_start_ms = Some(1);
-        s.insert_session(&alone).await.unwrap();
-        let e = end(reason, 50 + i as i64);
-        assert!(s
-            .end_instance(inst.id, Some((by_instance.id, &e, &[])))
-            .await
-            .unwrap());
-        assert!(s.end_session(alone.id, &e).await.unwrap());
-        for id in [by_instance.id, alone.id] {
-            let got = s.get_session(id).await.unwrap().unwrap();
-            assert_eq!(
-                (got.end, got.bot_start_ms),
-                (Some(e.clone()), None),
-                "{reason:?}"
-            );
-        }
-    }
 }
 
 async fn secret_sets(s: &dyn Store) {
@@ -1331,24 +1287,6 @@ async fn waiting_websocket_sessions(s: &dyn Store) {
         ..Default::default()
     };
     assert_eq!(s.list_sessions(a.id, &f).await.unwrap().0, 1);
-
-    // Taken by a warm instance: the claim's delivery time is written with it (the warm
-    // start's one write marks the session delivered).
-    let inst = instance(&a);
-    s.put_instance(&inst).await.unwrap();
-    let mut w3 = session(&a, 600);
-    w3.cold_start = None;
-    w3.transport = Some("websocket".into());
-    s.insert_session(&w3).await.unwrap();
-    let mut claimed = w3.clone();
-    claimed.cold_start = Some(false);
-    claimed.bot_start_ms = Some(3);
-    assert!(s
-        .insert_session_for_instance(&claimed, inst.id)
-        .await
-        .unwrap());
-    let got = s.get_session(w3.id).await.unwrap().unwrap();
-    assert_eq!((got.bot_start_ms, got.cold_start), (Some(3), Some(false)));
 
     // Another agent's start with the same id does not take it.
     let b = with_agent(s, "a", "y").await;

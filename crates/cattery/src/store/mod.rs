@@ -347,8 +347,7 @@ pub trait InstanceStore: Send + Sync + 'static {
     /// All recorded live instances, in no particular order.
     async fn list_instances(&self) -> StoreResult<Vec<InstanceRecord>>;
     /// Stores a new session taken by an already recorded (warm) instance and records the
-    /// instance as promised to it, in one transaction (the warm start's one write; the
-    /// session's `bot_start_ms` is written as given, which marks it delivered).
+    /// instance as promised to it, in one transaction (one write on the warm start's path).
     /// Returns whether the instance's record was found and updated (a missing one stays
     /// missing, and the session is stored all the same).
     ///

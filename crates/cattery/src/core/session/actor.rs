@@ -333,17 +333,10 @@ impl Actor {
                     // no task of its own per session.
                     (outcome, None)
                 };
-                let ms = match d.delivered_ms {
-                    // Written with the claim (`Supervisor::record_start`).
-                    Some(ms) => ms,
-                    None => {
-                        let ms = d.requested.elapsed().as_millis() as i64;
-                        if let Err(e) = self.sup.store.mark_delivered(sid, ms).await {
-                            tracing::error!(session = %sid, error = %e, "could not record delivery");
-                        }
-                        ms
-                    }
-                };
+                let ms = d.requested.elapsed().as_millis() as i64;
+                if let Err(e) = self.sup.store.mark_delivered(sid, ms).await {
+                    tracing::error!(session = %sid, error = %e, "could not record delivery");
+                }
                 self.sup.session_changed(&self.ctl.org, sid);
                 self.sup.emit(
                     &self.ctl.org,

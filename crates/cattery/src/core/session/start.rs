@@ -55,14 +55,8 @@ impl Supervisor {
                     crate::telemetry::session_at_capacity(org, agent_name);
                 }
             })?;
-        let (recorded, delivered_ms) = match self
-            .record_start(
-                &placed,
-                org,
-                session,
-                (created_ms, requested),
-                p.transport.clone(),
-            )
+        let recorded = match self
+            .record_start(&placed, org, session, created_ms, p.transport.clone())
             .await
         {
             Ok(r) => r,
@@ -96,7 +90,6 @@ impl Supervisor {
             deadline: requested + Duration::from_secs(u64::from(max_s)),
             reply: Some(tx),
             recorded,
-            delivered_ms,
         };
         let (ctl, cold) = (placed.ctl.clone(), placed.cold);
         self.hand_over(placed, delivery);
@@ -221,26 +214,18 @@ impl Supervisor {
     }
 
     /// Records the session. A ready warm instance is already recorded: the session and the
-    /// instance's promise to it go in one write, which also marks the session delivered (its
-    /// `botStartSeconds` is the time until then), so that a warm start makes one write, not
-    /// two. Otherwise (or if its record was missing) the actor records the instance with its
-    /// session before delivering, and the delivery after `/bot`. Returns whether the
-    /// instance's record names the session, and the delivery time written, if one was.
-    ///
-    /// Marking the delivery before `/bot` is safe for a restart: the promise is written in the
-    /// same step, so a restart never hands the instance out as warm again; it re-adopts it with
-    /// its session (a server killed between this write and `/bot`, a window of microseconds,
-    /// leaves a session that runs until it is stopped or reaches its time limit, rather than
-    /// one ended `lost`). The start is answered only after `/bot`, as before.
+    /// instance's promise to it go in one write. Otherwise (or if its record was missing) the
+    /// actor records the instance with its session before delivering. Returns whether the
+    /// instance's record names the session.
     async fn record_start(
         &self,
         placed: &Placed,
         org: &str,
         session: Uuid,
-        (created_ms, requested): (i64, Instant),
+        created_ms: i64,
         transport: Option<String>,
-    ) -> StoreResult<(bool, Option<i64>)> {
-        let mut rec = SessionRecord {
+    ) -> StoreResult<bool> {
+        let rec = SessionRecord {
             id: session,
             org: org.to_string(),
             agent_id: placed.agent_id,
@@ -255,17 +240,11 @@ impl Supervisor {
             node_id: self.cfg.node_id.clone(),
         };
         if placed.mailbox.is_none() && !placed.cold {
-            let ms = requested.elapsed().as_millis() as i64;
-            rec.bot_start_ms = Some(ms);
             self.store
                 .insert_session_for_instance(&rec, placed.ctl.id)
                 .await
-                .map(|named| (named, Some(ms)))
         } else {
-            self.store
-                .insert_session(&rec)
-                .await
-                .map(|()| (false, None))
+            self.store.insert_session(&rec).await.map(|()| false)
         }
     }
 

@@ -68,9 +68,6 @@ pub(super) struct Delivery {
     /// The instance's durable record already names this session (a warm start records the
     /// session and the promise in one write, `Store::insert_session_for_instance`).
     pub recorded: bool,
-    /// The session's row already records it as delivered, this many ms after the request: a
-    /// warm start's one write (the claim) marks it before `/bot`, so no second write follows.
-    pub delivered_ms: Option<i64>,
 }
 
 /// The actor's end of a controller: its commands, and the flag it raises once gone.

@@ -123,8 +123,7 @@ impl InstanceStore for PgStore {
                    WHERE a.agent_id = d.agent_id), \
              e AS (UPDATE sessions SET ended_ms = $3, updated_ms = $3, end_reason = $4, \
                    completion_status = $5, exit_code = $6, exit_signal = $7, end_message = $8, \
-                   samples = COALESCE($9, samples), \
-                   bot_start_ms = CASE WHEN $10 THEN NULL ELSE bot_start_ms END \
+                   samples = COALESCE($9, samples) \
                    WHERE id = $2 AND ended_ms IS NULL RETURNING id), \
              s AS (UPDATE sessions SET samples = $9 WHERE id = $2 AND $9 IS NOT NULL \
                    AND NOT EXISTS (SELECT 1 FROM e)) \
@@ -139,7 +138,6 @@ impl InstanceStore for PgStore {
         .bind(end.and_then(|e| e.exit_signal).map(i64::from))
         .bind(end.and_then(|e| e.message.as_deref()))
         .bind(samples)
-        .bind(end.is_some_and(|e| e.reason.before_delivery()))
         .fetch_one(&self.pool)
         .await?;
         Ok(wrote == 1)

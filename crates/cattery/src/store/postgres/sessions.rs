@@ -47,8 +47,8 @@ pub(super) fn session_from_row(r: &PgRow) -> StoreResult<SessionRecord> {
 }
 
 /// Inserts a session; a websocket session recorded at `/start` while it waits for its client
-/// ([`SessionRecord::waiting_for_client`]) is taken over instead: its deployment, `coldStart`,
-/// delivery time and update time change, its creation time stays. An ended one is not: `Conflict`.
+/// ([`SessionRecord::waiting_for_client`]) is taken over instead: its deployment, `coldStart`
+/// and update time change, its creation time stays. An ended one is not: `Conflict`.
 pub(super) async fn insert_session(db: &mut PgConnection, s: &SessionRecord) -> StoreResult<()> {
     let done = sqlx::query(
         "INSERT INTO sessions (id, org, agent_id, deployment_id, created_ms, updated_ms, \
@@ -56,7 +56,7 @@ pub(super) async fn insert_session(db: &mut PgConnection, s: &SessionRecord) -> 
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
          ON CONFLICT (id) DO UPDATE SET deployment_id = excluded.deployment_id, \
          cold_start = excluded.cold_start, updated_ms = excluded.updated_ms, \
-         node_id = excluded.node_id, bot_start_ms = excluded.bot_start_ms \
+         node_id = excluded.node_id \
          WHERE sessions.ended_ms IS NULL AND sessions.cold_start IS NULL \
          AND sessions.bot_start_ms IS NULL AND sessions.org = excluded.org \
          AND sessions.agent_id = excluded.agent_id",
@@ -87,8 +87,7 @@ pub(super) async fn end_session(
 ) -> StoreResult<bool> {
     let n = sqlx::query(
         "UPDATE sessions SET ended_ms = $1, updated_ms = $1, end_reason = $2, \
-         completion_status = $3, exit_code = $4, exit_signal = $5, end_message = $6, \
-         bot_start_ms = CASE WHEN $8 THEN NULL ELSE bot_start_ms END \
+         completion_status = $3, exit_code = $4, exit_signal = $5, end_message = $6 \
          WHERE id = $7 AND ended_ms IS NULL",
     )
     .bind(e.ended_ms)
@@ -98,7 +97,6 @@ pub(super) async fn end_session(
     .bind(e.exit_signal.map(i64::from))
     .bind(&e.message)
     .bind(id)
-    .bind(e.reason.before_delivery())
     .execute(db)
     .await?
     .rows_affected();

@@ -64,15 +64,15 @@ pub(super) fn session_from_row(r: &Row<'_>) -> StoreResult<SessionRecord> {
 }
 
 /// Inserts a session; a websocket session recorded at `/start` while it waits for its client
-/// ([`SessionRecord::waiting_for_client`]) is taken over instead: its deployment, `coldStart`,
-/// delivery time and update time change, its creation time stays. An ended one is not: `Conflict`.
+/// ([`SessionRecord::waiting_for_client`]) is taken over instead: its deployment, `coldStart`
+/// and update time change, its creation time stays. An ended one is not: `Conflict`.
 pub(super) fn insert_session(db: &mut Conn, s: &SessionRecord) -> StoreResult<()> {
     let n = db.exec(
         "INSERT INTO sessions (id, org, agent_id, deployment_id, created_ms, updated_ms, \
          bot_start_ms, cold_start, transport, node_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          ON CONFLICT (id) DO UPDATE SET deployment_id = excluded.deployment_id, \
          cold_start = excluded.cold_start, updated_ms = excluded.updated_ms, \
-         node_id = excluded.node_id, bot_start_ms = excluded.bot_start_ms \
+         node_id = excluded.node_id \
          WHERE sessions.ended_ms IS NULL AND sessions.cold_start IS NULL \
          AND sessions.bot_start_ms IS NULL AND sessions.org = excluded.org \
          AND sessions.agent_id = excluded.agent_id",
@@ -95,14 +95,11 @@ pub(super) fn insert_session(db: &mut Conn, s: &SessionRecord) -> StoreResult<()
     Ok(())
 }
 
-/// Records the end if none is recorded yet (first wins); whether this call wrote it. An end
-/// before delivery ([`EndReason::before_delivery`]) clears the delivery time.
+/// Records the end if none is recorded yet (first wins); whether this call wrote it.
 pub(super) fn end_session(db: &mut Conn, id: Uuid, e: &SessionEnd) -> StoreResult<bool> {
     let n = db.exec(
         "UPDATE sessions SET ended_ms = ?, updated_ms = ?, end_reason = ?, completion_status = ?, \
-         exit_code = ?, exit_signal = ?, end_message = ?, \
-         bot_start_ms = CASE WHEN ? THEN NULL ELSE bot_start_ms END \
-         WHERE id = ? AND ended_ms IS NULL",
+         exit_code = ?, exit_signal = ?, end_message = ? WHERE id = ? AND ended_ms IS NULL",
         &[
             e.ended_ms.into(),
             e.ended_ms.into(),
@@ -111,7 +108,6 @@ pub(super) fn end_session(db: &mut Conn, id: Uuid, e: &SessionEnd) -> StoreResul
             e.exit_code.map(i64::from).into(),
             e.exit_signal.map(i64::from).into(),
             e.message.as_ref().into(),
-            e.reason.before_delivery().into(),
             id.into(),
         ],
     )?;
