@@ -437,7 +437,8 @@ pub struct ServeArgs {
     #[arg(long, env = "CATTERY_LOG_FORMAT", value_enum, help_heading = "Server")]
     pub log_format: Option<LogFormat>,
 
-    /// Store kind [default: sqlite].
+    /// Store kind when no --database-url is given [default: sqlite]; a --database-url
+    /// (CATTERY_DATABASE_URL) selects PostgreSQL whatever this says.
     #[arg(long, env = "CATTERY_STORE", value_enum, help_heading = "Store")]
     pub store: Option<StoreKind>,
     /// PostgreSQL database (`postgres://user:password@host:port/db`): selects the PostgreSQL
