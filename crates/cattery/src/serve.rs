@@ -498,13 +498,14 @@ async fn join_cluster(
         Arc::downgrade(sup),
     );
     let rest = async {
+        // The builds first: the recovery refills warm pools (instance records this node then
+        // owns, which would keep its heartbeat from being taken back).
+        builds.await?;
         let shared = crate::core::shared::Shared::start(store.clone(), &state.node, sup).await?;
         sup.recover()
             .await
             .context("recovering instances after restart")?;
-        let shared = shared.after_recovery(store.clone(), &state.node, sup);
-        builds.await?;
-        anyhow::Ok(shared)
+        anyhow::Ok(shared.after_recovery(store.clone(), &state.node, sup))
     };
     match rest.await {
         Ok(shared) => {
@@ -574,12 +575,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .ok()
         .and_then(|mut it| it.next())
         .ok_or_else(|| anyhow::anyhow!("--listen {}: expected host:port", config.server.listen))?;
-    // Bound before anything is written or announced: a node that cannot listen leaves no
-    // heartbeat behind (another node would take it for a live one) and touches no instance.
-    // Connections wait in the backlog until the recovery is done and the server serves.
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
     let mut signals = signal_stream().await;
     crate::runtime::process::isolation::restrict_umask();
     let data_dir = &config.server.data_dir;
@@ -587,6 +582,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let cfg = Settings::from_config(&config, std::fs::canonicalize(data_dir)?);
     let lock = lock_data_dir(&cfg.data_dir)?;
+    // Bound once the data dir is ours (the previous server's listening socket may outlive it
+    // for the lock's hand-over), and before anything is written or announced: a node that
+    // cannot listen leaves no heartbeat behind (another node would take it for a live one)
+    // and touches no instance. Connections wait in the backlog until the recovery is done.
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
     let store = open_store(&config.store, &cfg.data_dir).await?;
     let sid = server_id(&cfg.data_dir)?;
     let runner_dir = cfg.data_dir.join("runner");

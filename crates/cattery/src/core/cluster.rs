@@ -275,21 +275,27 @@ impl crate::core::session::Peers for HttpPeers {
         let r = self.http.request(req).await.map_err(|e| e.to_string())?;
         let status = r.status().as_u16();
         match status {
-            200 => Ok(PeerStop::Stopped),
-            409 => Ok(PeerStop::NotOwner),
-            401 => Ok(PeerStop::Refused),
-            403 => Ok(PeerStop::Stranger),
-            404 => Ok(PeerStop::Unknown),
-            s => {
-                let body = r
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-                    .unwrap_or_default();
-                Err(format!("node at {url} answered {s}: {body}"))
-            }
+            200 => return Ok(PeerStop::Stopped),
+            409 => return Ok(PeerStop::NotOwner),
+            401 => return Ok(PeerStop::Refused),
+            404 => return Ok(PeerStop::Unknown),
+            _ => {}
         }
+        let body = r
+            .into_body()
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+            .unwrap_or_default();
+        // Only the peer's own refusal of this node's run; a 403 from something in between (a
+        // proxy, a firewall) is an error like any other, retried.
+        let code = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["code"].as_str().map(str::to_string));
+        if status == 403 && code.as_deref() == Some("NODE_UNKNOWN") {
+            return Ok(PeerStop::Stranger);
+        }
+        Err(format!("node at {url} answered {status}: {body}"))
     }
 }
 
@@ -470,11 +476,19 @@ pub async fn announce(
 /// in time), or none (a new node: no phantom live node is left behind).
 pub async fn take_back(store: &dyn crate::store::Store, me: &NodeIdentity, before: &[NodeRecord]) {
     let undo = match before.iter().find(|n| n.id == me.id) {
-        Some(prev) => store.heartbeat(prev).await.map(|_| ()),
-        None => store.forget_node(&me.id, i64::MAX).await.map(|_| ()),
+        Some(prev) => store.heartbeat(prev).await.map(|()| None),
+        None => store.forget_node(&me.id, i64::MAX).await.map(Some),
     };
-    if let Err(e) = undo {
-        tracing::warn!(error = %e, node = %me.id, "could not take back this node's heartbeat");
+    match undo {
+        Ok(
+            None | Some(crate::store::ForgetNode::Forgotten | crate::store::ForgetNode::Unknown),
+        ) => {}
+        Ok(Some(kept)) => tracing::warn!(node = %me.id, ?kept,
+            "could not take back this node's heartbeat: it stays listed until it is older than \
+             the node timeout, and then is taken over"),
+        Err(e) => {
+            tracing::warn!(error = %e, node = %me.id, "could not take back this node's heartbeat");
+        }
     }
 }
 
@@ -554,7 +568,10 @@ pub async fn check_own_advertise_url(me: &NodeIdentity) {
     let peers = HttpPeers::new(secret.clone(), Some(me.run()));
     let probe = peers.stop(url, uuid::Uuid::nil());
     let why = match tokio::time::timeout(Duration::from_secs(5), probe).await {
-        Ok(Ok(PeerStop::Unknown)) => return,
+        Ok(Ok(PeerStop::Unknown)) => {
+            tracing::info!(%url, "this node's --advertise-url reaches it");
+            return;
+        }
         Ok(Ok(other)) => format!("it answered the nil session's stop with {other:?}"),
         Ok(Err(e)) => e,
         Err(_) => "no answer within 5 s".into(),

@@ -766,7 +766,12 @@ async fn a_node_on_a_restored_copy_of_the_database_is_refused_by_the_live_cluste
         "{err}"
     );
     assert!(n1.session("copied", &sid).await["endedAt"].is_null());
-    // Its own advertise URL reaches it: no error about it.
+    // Its own advertise URL reaches it, and it says so.
+    wait_for(Duration::from_secs(20), "the advertise URL's check", || {
+        let log = n1.log();
+        async move { log.contains("--advertise-url reaches it").then_some(()) }
+    })
+    .await;
     assert!(!n1.log().contains("does not reach it"), "{}", n1.log());
     assert_eq!(n1.stop("copied", &sid).await.status, 200);
 }

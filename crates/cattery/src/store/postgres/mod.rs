@@ -152,17 +152,43 @@ impl PgStore {
         // One connection first, alone: the pool would report any failure to connect as a
         // timeout ("pool timed out while waiting for an open connection"), where this gives
         // the reason (refused, no such database, authentication).
+        // Like the pool, it tries again for up to ACQUIRE_TIMEOUT while the database refuses
+        // connections or is starting up.
         {
             use sqlx::{ConnectOptions, Connection};
-            let c = opts.connect().await.map_err(|e| {
-                let why = match &e {
-                    // The server's own words, without the source line sqlx appends.
-                    sqlx::Error::Database(db) => db.message().to_string(),
-                    e => e.to_string(),
-                };
+            let began = std::time::Instant::now();
+            let fail = |why: String| {
                 StoreError::Unavailable(format!("cannot connect to the database: {why}"))
-            })?;
-            let _ = c.close().await;
+            };
+            loop {
+                let left = ACQUIRE_TIMEOUT.saturating_sub(began.elapsed());
+                match tokio::time::timeout(left, opts.connect()).await {
+                    Ok(Ok(c)) => {
+                        let _ = c.close().await;
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        let again = match &e {
+                            sqlx::Error::Io(_) => true,
+                            // cannot_connect_now: starting up or shutting down
+                            sqlx::Error::Database(db) => db.code().as_deref() == Some("57P03"),
+                            _ => false,
+                        };
+                        if again && began.elapsed() + Duration::from_millis(100) < ACQUIRE_TIMEOUT {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                        return Err(fail(match &e {
+                            // The server's own words, without the source line sqlx appends.
+                            sqlx::Error::Database(db) => db.message().to_string(),
+                            e => e.to_string(),
+                        }));
+                    }
+                    Err(_) => {
+                        return Err(fail(format!("no answer within {ACQUIRE_TIMEOUT:?}")));
+                    }
+                }
+            }
         }
         let pool = PgPoolOptions::new()
             .max_connections(pool_size.max(1))
