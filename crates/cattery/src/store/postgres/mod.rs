@@ -122,8 +122,15 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-/// The embedded migrations of `migrations/postgres/`.
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+/// The embedded migrations of `migrations/postgres/`. Migrations a newer Cattery applied
+/// are not held against this one (sqlx refuses them by default): they are additive, and in a
+/// rolling upgrade a node of the previous version that restarts after the first new node
+/// migrated must still start (docs/cluster.md, "Rolling upgrade").
+fn migrator() -> sqlx::migrate::Migrator {
+    let mut m = sqlx::migrate!("migrations/postgres");
+    m.set_ignore_missing(true);
+    m
+}
 
 impl PgStore {
     /// Connects to `url` (a `postgres://` URL) with a pool of `pool_size` connections and
@@ -210,7 +217,7 @@ impl PgStore {
             .idle_timeout(Some(Duration::from_secs(300)))
             .connect_with(opts)
             .await?;
-        MIGRATOR.run(&pool).await.map_err(|e| match e {
+        migrator().run(&pool).await.map_err(|e| match e {
             sqlx::migrate::MigrateError::Execute(e) => StoreError::from(e),
             e => StoreError::Invalid(format!("migration failed: {e}")),
         })?;

@@ -184,3 +184,29 @@ async fn a_change_made_through_one_node_reaches_the_other() {
         "the agent's change did not reach the other node in 1 s"
     );
 }
+
+/// A database a newer Cattery migrated (a migration this binary does not know is recorded)
+/// still opens: in a rolling upgrade, a node of the previous version that restarts after the
+/// first new node migrated must start (sqlx refuses such a database by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_a_newer_cattery_migrated_still_opens() {
+    let Some(url) = test_database_url() else {
+        return;
+    };
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let store = PgStore::open(&url, 2, Some(&schema)).await.unwrap();
+    super::query_dyn(&format!(
+        "INSERT INTO \"{schema}\"._sqlx_migrations \
+         (version, description, success, checksum, execution_time) \
+         VALUES (99999, 'a newer one', true, '\\x00'::bytea, 0)"
+    ))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    drop(store);
+    let again = PgStore::open(&url, 2, Some(&schema)).await.unwrap();
+    assert!(crate::store::NodeStore::list_nodes(&again)
+        .await
+        .unwrap()
+        .is_empty());
+}
