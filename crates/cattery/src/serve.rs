@@ -469,7 +469,8 @@ async fn join_cluster(
             anyhow::bail!(why);
         }
         let key =
-            crate::core::cluster::secrets_key_differs(&state.node, &nodes, now, &state.secrets);
+            crate::core::cluster::secrets_key_differs(&state.node, &nodes, now, &state.secrets)
+                .or_else(|| crate::core::cluster::cluster_secret_differs(&state.node, &nodes, now));
         if let Some(why) = key {
             anyhow::bail!(why);
         }

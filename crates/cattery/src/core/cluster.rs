@@ -68,6 +68,20 @@ impl ClusterSecret {
         Self::new(text.trim())
     }
 
+    /// What this secret derives for node `id`, written in the node's heartbeat
+    /// (`NodeRecord::secret_check`): SHA-256 over a fixed label, the id and the secret. Another
+    /// node computes it with its own secret for that id: a different value means a different
+    /// secret. The secret cannot be read back from it (at least 32 characters, and a hash).
+    pub fn check_for(&self, id: &str) -> Vec<u8> {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"cattery cluster secret check\0");
+        h.update(id.as_bytes());
+        h.update(b"\0");
+        h.update(self.0.as_bytes());
+        h.finalize().to_vec()
+    }
+
     /// A secret from its text. Errors as [`ClusterSecret::load_file`].
     pub fn new(text: &str) -> anyhow::Result<ClusterSecret> {
         if text.len() < Self::MIN_LEN {
@@ -143,6 +157,7 @@ impl NodeIdentity {
             instances,
             busy,
             key_check: self.key_check.clone(),
+            secret_check: self.secret.as_ref().map(|s| s.check_for(&self.id)),
         }
     }
 }
@@ -443,15 +458,35 @@ pub fn secrets_key_differs(
     ))
 }
 
-/// Writes this node's first heartbeat (which shows its secrets key, `key_check`) and then
-/// reads the node list again: two nodes that start together with different keys each saw no
-/// other when they checked ([`secrets_key_differs`] on `before`, the list read then), but each
-/// writes its heartbeat before this second read, so at least one of them sees the other's
-/// here and refuses. A refused node takes its heartbeat back: the row it had in `before` is
-/// written again (a restart within the timeout keeps its records), else the row is removed.
+/// A live node among `nodes` (at `now`, ms) whose heartbeat shows another cluster secret
+/// than this node's ([`ClusterSecret::check_for`]), as the message this node refuses to start
+/// with; `None` if there is none. Only a node with a secret has one to compare; a node that
+/// shows none (no secret, or an earlier version) is not held against it.
+pub fn cluster_secret_differs(me: &NodeIdentity, nodes: &[NodeRecord], now: i64) -> Option<String> {
+    let mine = me.secret.as_ref()?;
+    let other = me.live_peers(nodes, now).find(|n| {
+        n.secret_check
+            .as_deref()
+            .is_some_and(|c| c != mine.check_for(&n.id).as_slice())
+    })?;
+    Some(format!(
+        "live node {} has another cluster secret than this node: every node needs the same \
+         --cluster-secret-file",
+        other.id
+    ))
+}
+
+/// Writes this node's first heartbeat (which shows its secrets key, `key_check`, and its
+/// cluster secret, `secret_check`) and then reads the node list again: two nodes that start
+/// together with different keys or secrets each saw no other when they checked
+/// ([`secrets_key_differs`] and [`cluster_secret_differs`] on `before`, the list read then),
+/// but each writes its heartbeat before this second read, so at least one of them sees the
+/// other's here and refuses. A refused node takes its heartbeat back: the row it had in
+/// `before` is written again (a restart within the timeout keeps its records), else the row
+/// is removed.
 ///
-/// Errors: a live node's key is not this node's (the message of [`secrets_key_differs`]); the
-/// store failed.
+/// Errors: a live node's key or secret is not this node's (the message of
+/// [`secrets_key_differs`] or [`cluster_secret_differs`]); the store failed.
 pub async fn announce(
     store: &dyn crate::store::Store,
     me: &NodeIdentity,
@@ -464,7 +499,10 @@ pub async fn announce(
         .await
         .context("recording this node's first heartbeat")?;
     let nodes = store.list_nodes().await.context("reading the node list")?;
-    let Some(why) = secrets_key_differs(me, &nodes, now_ms(), cipher) else {
+    let now = now_ms();
+    let Some(why) = secrets_key_differs(me, &nodes, now, cipher)
+        .or_else(|| cluster_secret_differs(me, &nodes, now))
+    else {
         return Ok(());
     };
     take_back(store, me, before).await;
@@ -729,6 +767,7 @@ mod tests {
             instances: 0,
             busy: 0,
             key_check: None,
+            secret_check: None,
         };
         let other = Some("http://10.0.0.1:7860");
         let err = id_in_use(&me, &[rec(other, now - 500)], now).unwrap();
@@ -865,6 +904,94 @@ mod tests {
         assert!(format!("{err}").contains("live node b"), "{err}");
         st.forget_node("b", i64::MAX).await.unwrap();
         announce(st.as_ref(), &c, &ka, &[]).await.unwrap();
+    }
+
+    /// A live node whose heartbeat shows another cluster secret is named at start; one that
+    /// shows the same, or none (no secret, an earlier version), or is dead, is not; a node
+    /// without a secret compares nothing. The check names the secret without holding it.
+    #[test]
+    fn a_cluster_secret_that_is_not_a_live_nodes_is_refused() {
+        let (s1, s2) = ("a".repeat(40), "b".repeat(40));
+        let me = NodeIdentity {
+            secret: Some(ClusterSecret::new(&s1).unwrap()),
+            ..me()
+        };
+        let now = 1_000_000;
+        let peer = |id: &str, hb: i64, secret: Option<&str>| NodeRecord {
+            id: id.into(),
+            heartbeat_ms: hb,
+            secret_check: secret.map(|s| ClusterSecret::new(s).unwrap().check_for(id)),
+            ..me.record(0, 0)
+        };
+        let err = cluster_secret_differs(
+            &me,
+            &[peer("b", now, Some(&s1)), peer("c", now, Some(&s2))],
+            now,
+        )
+        .unwrap();
+        assert!(
+            err.contains("live node c has another cluster secret"),
+            "{err}"
+        );
+        for nodes in [
+            vec![peer("b", now, Some(&s1))],
+            vec![peer("b", now, None)],
+            vec![peer("b", now - 10_001, Some(&s2))],
+        ] {
+            assert!(cluster_secret_differs(&me, &nodes, now).is_none());
+        }
+        let without = NodeIdentity {
+            secret: None,
+            ..me.clone()
+        };
+        assert!(cluster_secret_differs(&without, &[peer("c", now, Some(&s2))], now).is_none());
+        // Per node id, and never the secret itself.
+        let check = ClusterSecret::new(&s1).unwrap().check_for("b");
+        assert_ne!(check, ClusterSecret::new(&s1).unwrap().check_for("c"));
+        assert!(!check
+            .windows(8)
+            .any(|w| s1.as_bytes().windows(8).any(|x| x == w)));
+    }
+
+    /// Two nodes that start together with different cluster secrets, each having checked an
+    /// empty node list: the second to announce itself sees the first's heartbeat and refuses,
+    /// and takes its heartbeat back.
+    #[tokio::test]
+    async fn of_two_nodes_starting_together_with_different_cluster_secrets_one_refuses() {
+        use crate::core::secrets::SecretCipher;
+        use crate::store::{self, OpenMode};
+        let dir = tempfile::tempdir().unwrap();
+        let st = store::open(&Default::default(), dir.path(), OpenMode::Create)
+            .await
+            .unwrap();
+        let key = SecretCipher::from_key(&[1; 32]);
+        let node = |id: &str, secret: &str| NodeIdentity {
+            id: id.into(),
+            key_check: Some(key.seal_check()),
+            secret: Some(ClusterSecret::new(secret).unwrap()),
+            ..me()
+        };
+        let (a, b) = (node("a", &"a".repeat(40)), node("b", &"b".repeat(40)));
+        let before = st.list_nodes().await.unwrap();
+        assert!(cluster_secret_differs(&b, &before, now_ms()).is_none());
+        announce(st.as_ref(), &a, &key, &before).await.unwrap();
+        let err = announce(st.as_ref(), &b, &key, &before).await.unwrap_err();
+        assert!(
+            format!("{err}").contains("live node a has another cluster secret"),
+            "{err}"
+        );
+        let ids: Vec<String> = st
+            .list_nodes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| n.id)
+            .collect();
+        assert_eq!(ids, ["a"], "the refused node's heartbeat is taken back");
+        // A node with a's secret joins.
+        announce(st.as_ref(), &node("c", &"a".repeat(40)), &key, &before)
+            .await
+            .unwrap();
     }
 
     /// A node takes others over only once it has had the store for a whole node timeout: the

@@ -892,6 +892,7 @@ async fn nodes(s: &dyn Store) {
         instances: 3,
         busy: 1,
         key_check: Some(vec![7; 40]),
+        secret_check: Some(vec![9; 32]),
     };
     let a = NodeRecord {
         id: "node-a".into(),
@@ -906,6 +907,7 @@ async fn nodes(s: &dyn Store) {
     b.busy = 0;
     b.advertise_url = None;
     b.key_check = None;
+    b.secret_check = None;
     s.heartbeat(&b).await.unwrap();
     assert_eq!(s.list_nodes().await.unwrap(), [a, b]);
 }
@@ -1089,6 +1091,7 @@ fn node(id: &str, hb: i64) -> NodeRecord {
         instances: 0,
         busy: 0,
         key_check: None,
+        secret_check: None,
     }
 }
 

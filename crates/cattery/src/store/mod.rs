@@ -457,6 +457,10 @@ pub struct NodeRecord {
     /// A value the node sealed with its secrets key (`SecretCipher::seal_check`): a node that
     /// cannot open it has another key. `None` from a node that wrote none.
     pub key_check: Option<Vec<u8>>,
+    /// What the node derives from its cluster secret and its id
+    /// (`core::cluster::ClusterSecret::check_for`): a node whose secret derives another value
+    /// for that id has another secret. `None` from a node without a secret (or an older one).
+    pub secret_check: Option<Vec<u8>>,
 }
 
 /// Nodes and their heartbeats.

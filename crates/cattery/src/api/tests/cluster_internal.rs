@@ -161,6 +161,7 @@ fn n2(url: &str, heartbeat_ms: i64) -> crate::store::NodeRecord {
         instances: 1,
         busy: 1,
         key_check: None,
+        secret_check: None,
     }
 }
 

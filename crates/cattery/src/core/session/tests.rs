@@ -609,6 +609,7 @@ async fn a_dead_nodes_sessions_end_lost_once() {
         instances: 1,
         busy: 1,
         key_check: None,
+        secret_check: None,
     };
     let now = now_ms();
     e.store.heartbeat(&node("n2", now)).await.unwrap();
@@ -927,6 +928,7 @@ fn n2_at(url: &str) -> crate::store::NodeRecord {
         instances: 1,
         busy: 1,
         key_check: None,
+        secret_check: None,
     }
 }
 

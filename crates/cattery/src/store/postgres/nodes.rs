@@ -19,6 +19,7 @@ fn node_from_row(r: &PgRow) -> StoreResult<NodeRecord> {
         instances: r.try_get(5)?,
         busy: r.try_get(6)?,
         key_check: r.try_get(7)?,
+        secret_check: r.try_get(8)?,
     })
 }
 
@@ -27,10 +28,12 @@ impl NodeStore for PgStore {
     async fn heartbeat(&self, n: &NodeRecord) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO nodes (id, advertise_url, version, started_ms, heartbeat_ms, instances, \
-             busy, key_check) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE \
+             busy, key_check, secret_check) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (id) DO UPDATE \
              SET advertise_url = EXCLUDED.advertise_url, version = EXCLUDED.version, \
              started_ms = EXCLUDED.started_ms, heartbeat_ms = EXCLUDED.heartbeat_ms, \
-             instances = EXCLUDED.instances, busy = EXCLUDED.busy, key_check = EXCLUDED.key_check",
+             instances = EXCLUDED.instances, busy = EXCLUDED.busy, key_check = EXCLUDED.key_check, \
+             secret_check = EXCLUDED.secret_check",
         )
         .bind(&n.id)
         .bind(&n.advertise_url)
@@ -40,6 +43,7 @@ impl NodeStore for PgStore {
         .bind(n.instances)
         .bind(n.busy)
         .bind(&n.key_check)
+        .bind(&n.secret_check)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -48,7 +52,7 @@ impl NodeStore for PgStore {
     async fn list_nodes(&self) -> StoreResult<Vec<NodeRecord>> {
         let rows = sqlx::query(
             "SELECT id, advertise_url, version, started_ms, heartbeat_ms, instances, busy, \
-             key_check FROM nodes ORDER BY id",
+             key_check, secret_check FROM nodes ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await?;

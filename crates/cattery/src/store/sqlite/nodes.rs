@@ -18,6 +18,7 @@ fn node_from_row(r: &Row<'_>) -> StoreResult<NodeRecord> {
         instances: r.int(5).unwrap_or_default(),
         busy: r.int(6).unwrap_or_default(),
         key_check: r.opt_blob(7),
+        secret_check: r.opt_blob(8),
     })
 }
 
@@ -28,7 +29,8 @@ impl NodeStore for SqliteStore {
         self.write(move |db| {
             db.exec(
                 "INSERT OR REPLACE INTO nodes (id, advertise_url, version, started_ms, \
-                 heartbeat_ms, instances, busy, key_check) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 heartbeat_ms, instances, busy, key_check, secret_check) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 &[
                     Val::Text(&n.id),
                     n.advertise_url.as_ref().into(),
@@ -38,6 +40,10 @@ impl NodeStore for SqliteStore {
                     n.instances.into(),
                     n.busy.into(),
                     n.key_check.as_deref().map(Val::Blob).unwrap_or(Val::Null),
+                    n.secret_check
+                        .as_deref()
+                        .map(Val::Blob)
+                        .unwrap_or(Val::Null),
                 ],
             )
             .map(|_| ())
@@ -49,7 +55,7 @@ impl NodeStore for SqliteStore {
         self.scan(|db| {
             db.query_all(
                 "SELECT id, advertise_url, version, started_ms, heartbeat_ms, instances, busy, \
-                 key_check FROM nodes ORDER BY id",
+                 key_check, secret_check FROM nodes ORDER BY id",
                 &[],
                 node_from_row,
             )
