@@ -438,10 +438,12 @@ fn node_identity(
 /// a node that restarts within the timeout is never taken over while it re-adopts, and one
 /// that was taken over sees what it lost, since the store makes its heartbeat wait for a
 /// takeover in progress), the recovery, and the watch over the other nodes. Returns the
-/// heartbeat and watch tasks. Then `builds` (their recovery). A node that fails after its
-/// first heartbeat takes it back (`core::cluster::take_back`). On a shared database, first refuses an id another live node
-/// uses at another address (`core::cluster::id_in_use`) and a secrets key that does not open
-/// the secrets already stored (`core::secrets::check_key_opens_stored`).
+/// heartbeat and watch tasks. `builds` (their recovery) runs before the instances' recovery.
+/// A node that fails after its first heartbeat takes it back (`core::cluster::take_back`). On
+/// a shared database, first refuses an id another live node uses at another address
+/// (`core::cluster::id_in_use`), another secrets key or cluster secret than a live node's
+/// (`core::cluster::refusal`), and a secrets key that does not open the secrets already
+/// stored (`core::secrets::check_key_opens_stored`).
 async fn join_cluster(
     store: &Arc<dyn Store>,
     state: &AppState,
@@ -468,10 +470,7 @@ async fn join_cluster(
         if let Some(why) = crate::core::cluster::id_in_use(&state.node, &nodes, now) {
             anyhow::bail!(why);
         }
-        let key =
-            crate::core::cluster::secrets_key_differs(&state.node, &nodes, now, &state.secrets)
-                .or_else(|| crate::core::cluster::cluster_secret_differs(&state.node, &nodes, now));
-        if let Some(why) = key {
+        if let Some(why) = crate::core::cluster::refusal(&state.node, &nodes, now, &state.secrets) {
             anyhow::bail!(why);
         }
         if let Some(why) = crate::core::cluster::unreachable_by_peers(&state.node, &nodes, now) {

@@ -476,6 +476,19 @@ pub fn cluster_secret_differs(me: &NodeIdentity, nodes: &[NodeRecord], now: i64)
     ))
 }
 
+/// Why this node must not join the live nodes among `nodes` (at `now`, ms): another secrets
+/// key ([`secrets_key_differs`]) or another cluster secret ([`cluster_secret_differs`]), as
+/// the message it refuses to start with. Checked before the first heartbeat and again after
+/// it ([`announce`]).
+pub fn refusal(
+    me: &NodeIdentity,
+    nodes: &[NodeRecord],
+    now: i64,
+    cipher: &crate::core::secrets::SecretCipher,
+) -> Option<String> {
+    secrets_key_differs(me, nodes, now, cipher).or_else(|| cluster_secret_differs(me, nodes, now))
+}
+
 /// Writes this node's first heartbeat (which shows its secrets key, `key_check`, and its
 /// cluster secret, `secret_check`) and then reads the node list again: two nodes that start
 /// together with different keys or secrets each saw no other when they checked
@@ -499,10 +512,7 @@ pub async fn announce(
         .await
         .context("recording this node's first heartbeat")?;
     let nodes = store.list_nodes().await.context("reading the node list")?;
-    let now = now_ms();
-    let Some(why) = secrets_key_differs(me, &nodes, now, cipher)
-        .or_else(|| cluster_secret_differs(me, &nodes, now))
-    else {
+    let Some(why) = refusal(me, &nodes, now_ms(), cipher) else {
         return Ok(());
     };
     take_back(store, me, before).await;
@@ -547,7 +557,7 @@ pub async fn check_secret_with_peers(
     nodes: &[NodeRecord],
     now: i64,
 ) -> anyhow::Result<()> {
-    use crate::core::session::{PeerStop, Peers};
+    use crate::core::session::PeerStop;
     let Some(secret) = &me.secret else {
         return Ok(());
     };
@@ -557,9 +567,7 @@ pub async fn check_secret_with_peers(
     else {
         return Ok(());
     };
-    let peers = HttpPeers::new(secret.clone(), Some(me.run()));
-    let probe = peers.stop(url, uuid::Uuid::nil());
-    match tokio::time::timeout(Duration::from_secs(2), probe).await {
+    match probe(me, secret, url, Duration::from_secs(2)).await {
         Ok(Ok(PeerStop::Refused)) => anyhow::bail!(
             "live node {peer} at {url} refused this node's cluster secret: every node needs \
              the same --cluster-secret-file"
@@ -597,15 +605,27 @@ pub fn spawn_advertise_check(me: &NodeIdentity, shared: bool) {
     }
 }
 
+/// The internal call every node answers, as node `me` with `secret` to the node at `url`:
+/// the stop of the nil session, which no node has (`Unknown` once the secret and `me`'s run
+/// are accepted). `Err` when no answer came `within`.
+async fn probe(
+    me: &NodeIdentity,
+    secret: &ClusterSecret,
+    url: &str,
+    within: Duration,
+) -> Result<Result<crate::core::session::PeerStop, String>, tokio::time::error::Elapsed> {
+    use crate::core::session::Peers;
+    let peers = HttpPeers::new(secret.clone(), Some(me.run()));
+    tokio::time::timeout(within, peers.stop(url, uuid::Uuid::nil())).await
+}
+
 /// [`spawn_advertise_check`]'s check.
 pub async fn check_own_advertise_url(me: &NodeIdentity) {
-    use crate::core::session::{PeerStop, Peers};
+    use crate::core::session::PeerStop;
     let (Some(url), Some(secret)) = (me.advertise_url.as_deref(), &me.secret) else {
         return;
     };
-    let peers = HttpPeers::new(secret.clone(), Some(me.run()));
-    let probe = peers.stop(url, uuid::Uuid::nil());
-    let why = match tokio::time::timeout(Duration::from_secs(5), probe).await {
+    let why = match probe(me, secret, url, Duration::from_secs(5)).await {
         Ok(Ok(PeerStop::Unknown)) => {
             tracing::info!(%url, "this node's --advertise-url reaches it");
             return;
@@ -880,14 +900,11 @@ mod tests {
             format!("{err}").contains("not the one of live node a"),
             "{err}"
         );
-        let ids: Vec<String> = st
-            .list_nodes()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|n| n.id)
-            .collect();
-        assert_eq!(ids, ["a"], "the refused node's heartbeat is taken back");
+        assert_eq!(
+            node_ids(st.as_ref()).await,
+            ["a"],
+            "the refused node's heartbeat is taken back"
+        );
         // A restarting node refused the same way keeps its earlier row as it was.
         let earlier = NodeRecord {
             heartbeat_ms: now_ms() - 1_000,
@@ -980,18 +997,25 @@ mod tests {
             format!("{err}").contains("live node a has another cluster secret"),
             "{err}"
         );
-        let ids: Vec<String> = st
-            .list_nodes()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|n| n.id)
-            .collect();
-        assert_eq!(ids, ["a"], "the refused node's heartbeat is taken back");
+        assert_eq!(
+            node_ids(st.as_ref()).await,
+            ["a"],
+            "the refused node's heartbeat is taken back"
+        );
         // A node with a's secret joins.
         announce(st.as_ref(), &node("c", &"a".repeat(40)), &key, &before)
             .await
             .unwrap();
+    }
+
+    /// The ids of the nodes `st` lists.
+    async fn node_ids(st: &dyn crate::store::Store) -> Vec<String> {
+        st.list_nodes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| n.id)
+            .collect()
     }
 
     /// A node takes others over only once it has had the store for a whole node timeout: the

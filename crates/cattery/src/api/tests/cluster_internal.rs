@@ -223,6 +223,30 @@ async fn a_proxied_request_finds_its_owner_in_the_node_list_seen_and_gives_up_on
 /// retrying until the stop's time is up. A bot's own 401 is passed on unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_owner_refusing_this_nodes_cluster_secret_is_named_and_not_retried() {
+    owner_refusal_is_named_and_not_retried(
+        StatusCode::UNAUTHORIZED,
+        "CLUSTER_UNAUTHORIZED",
+        "refused this node's cluster secret",
+    )
+    .await;
+}
+
+/// The same for a node that does not find this node's run in its database (403
+/// `NODE_UNKNOWN`: the two use different databases); a bot's own 403 is passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_on_another_database_is_named_and_not_retried() {
+    owner_refusal_is_named_and_not_retried(
+        StatusCode::FORBIDDEN,
+        "NODE_UNKNOWN",
+        "does not find this node in its database",
+    )
+    .await;
+}
+
+/// The owner of a session answers every internal call with `status` and `code`, and a bot
+/// route of its own with `status` and another body: the proxied request and the forwarded
+/// stop answer 503 saying `says`, the stop at once; the bot's answer is passed on.
+async fn owner_refusal_is_named_and_not_retried(status: StatusCode, code: &str, says: &str) {
     let api = api_with_secret(Some(10.0)).await;
     api.state
         .sup
@@ -234,29 +258,20 @@ async fn an_owner_refusing_this_nodes_cluster_secret_is_named_and_not_retried() 
     let store = api.state.store.clone();
     let now = crate::model::now_ms();
     let sid = session_of_n2(&api, "px").await;
-    // The owner: 401 CLUSTER_UNAUTHORIZED for every internal call, and a bot route of its own
-    // that answers 401 with another body.
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
+    let refusal = serde_json::json!({"error": "refused", "code": code});
     let app = axum::Router::new()
         .route(
             "/v1/public/px/sessions/{sid}/mine",
-            axum::routing::get(|| async {
+            axum::routing::get(move || async move {
                 (
-                    StatusCode::UNAUTHORIZED,
+                    status,
                     axum::Json(serde_json::json!({"detail": "the bot's own"})),
                 )
             }),
         )
-        .fallback(|| async {
-            (
-                StatusCode::UNAUTHORIZED,
-                axum::Json(serde_json::json!({
-                    "error": "internal calls between nodes need the cluster secret",
-                    "code": "CLUSTER_UNAUTHORIZED"
-                })),
-            )
-        });
+        .fallback(move || async move { (status, axum::Json(refusal)) });
     tokio::spawn(async move { axum::serve(l, app).await });
     store.heartbeat(&n2(&url, now)).await.unwrap();
     let call = |method: &'static str, path: String| {
@@ -282,22 +297,16 @@ async fn an_owner_refusing_this_nodes_cluster_secret_is_named_and_not_retried() 
     let (st, body) = call("GET", format!("/v1/public/px/sessions/{sid}/hello")).await;
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body.contains("NODE_UNREACHABLE"), "{body}");
-    assert!(
-        body.contains("refused this node's cluster secret"),
-        "{body}"
-    );
+    assert!(body.contains(says), "{body}");
     let (st, body) = call("GET", format!("/v1/public/px/sessions/{sid}/mine")).await;
     assert_eq!(
         (st, body.as_str()),
-        (StatusCode::UNAUTHORIZED, r#"{"detail":"the bot's own"}"#)
+        (status, r#"{"detail":"the bot's own"}"#)
     );
     let t0 = std::time::Instant::now();
     let (st, body) = call("DELETE", format!("/v1/agents/px/sessions/{sid}")).await;
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert!(
-        body.contains("refused this node's cluster secret"),
-        "{body}"
-    );
+    assert!(body.contains(says), "{body}");
     assert!(
         t0.elapsed() < std::time::Duration::from_secs(2),
         "{:?}",
