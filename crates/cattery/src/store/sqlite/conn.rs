@@ -323,9 +323,23 @@ impl Conn {
             .unwrap_or(0))
     }
 
-    /// Runs `body` atomically: inside a savepoint, undone if it fails (inside a transaction
-    /// or alone, where the savepoint is the transaction).
+    /// Runs `body` atomically, undone if it fails: inside a transaction, in a savepoint.
+    ///
+    /// Alone, it is a `BEGIN IMMEDIATE` transaction: a savepoint there would begin a deferred
+    /// one, whose first write, after its reads, needs the write lock while a read is open,
+    /// and SQLite does not wait for the lock then (its busy handler is skipped, to avoid a
+    /// deadlock): `database is locked` at once whenever another connection writes (another
+    /// process on the same file, such as `cattery keys create`). `BEGIN IMMEDIATE` takes the
+    /// write lock first, waiting for it like any single statement.
     pub fn atomic<T>(&mut self, body: impl FnOnce(&mut Conn) -> StoreResult<T>) -> StoreResult<T> {
+        if self.autocommit() {
+            self.exec("BEGIN IMMEDIATE", &[])?;
+            let out = body(self).and_then(|v| self.exec("COMMIT", &[]).map(|_| v));
+            if out.is_err() {
+                self.ensure_clean();
+            }
+            return out;
+        }
         self.exec("SAVEPOINT w", &[])?;
         match body(self).and_then(|v| self.exec("RELEASE w", &[]).map(|_| v)) {
             Ok(v) => Ok(v),

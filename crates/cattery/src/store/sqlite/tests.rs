@@ -412,3 +412,22 @@ fn connections_do_not_map_the_database_file() {
         assert_eq!(c.query_int("PRAGMA mmap_size", &[]).unwrap(), 0);
     }
 }
+
+/// A write that reads before it writes (the capacity reservation: count, then insert) waits
+/// for another connection's write lock, as every write does, instead of failing at once with
+/// "database is locked": another process may write to the same file (`cattery keys create`
+/// while the server runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_reads_first_waits_for_another_writer() {
+    let (dir, store, agent) = store_with_agent().await;
+    let other = rusqlite::Connection::open(dir.path().join(super::DB_FILE)).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        other.execute_batch("COMMIT").unwrap();
+    });
+    let reserved = store.reserve_slot(agent.id, 1, Uuid::new_v4(), "n").await;
+    holder.join().unwrap();
+    assert!(reserved.unwrap(), "the reservation");
+    assert_eq!(store.slots_held(agent.id).await.unwrap(), 1);
+}
