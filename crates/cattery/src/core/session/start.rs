@@ -38,7 +38,28 @@ impl Supervisor {
     /// `StartFailed` (`INSTANCE_EXITED`, `START_TIMEOUT` (504), `AGENT_CRASH_LOOP`,
     /// `SPAWN_FAILED`, `DELIVERY_FAILED`), `StoppedDuringStart` (a `DELETE` or the client
     /// going away before delivery).
+    ///
+    /// Runs on a task of its own, to its end even when the caller goes away (hyper drops a
+    /// handler's future when its client closes the connection): cut between its steps, a
+    /// start would leave its capacity slot, its instance and its open record behind.
     pub async fn start_session(
+        self: &Arc<Self>,
+        org: &str,
+        agent_name: &str,
+        p: StartParams,
+    ) -> CoreResult<StartOutcome> {
+        let (sup, org, agent) = (self.clone(), org.to_string(), agent_name.to_string());
+        tokio::spawn(async move { sup.start_session_whole(&org, &agent, p).await })
+            .await
+            .unwrap_or_else(|e| {
+                Err(CoreError::StartFailed {
+                    code: "SPAWN_FAILED",
+                    message: format!("the start failed: {e}"),
+                })
+            })
+    }
+
+    async fn start_session_whole(
         self: &Arc<Self>,
         org: &str,
         agent_name: &str,
@@ -117,6 +138,24 @@ impl Supervisor {
                 code: "INSTANCE_EXITED",
                 message: "the instance went away before the session was delivered".into(),
             },
+        };
+        // A warm instance ended (drained, stopped) before its actor took the session: the
+        // session's recorded end says why, not "the instance went away".
+        let err = match err {
+            CoreError::StartFailed {
+                code: "INSTANCE_EXITED",
+                ..
+            } => match self.store.get_session(session).await {
+                Ok(Some(r)) => match r.end.map(|x| x.reason) {
+                    Some(EndReason::Drained) => CoreError::Draining,
+                    Some(EndReason::StoppedDuringStart | EndReason::ClientDisconnected) => {
+                        CoreError::StoppedDuringStart(session)
+                    }
+                    _ => err,
+                },
+                _ => err,
+            },
+            e => e,
         };
         self.record_start_failed(org, agent_name, session, &err)
             .await;

@@ -1090,3 +1090,121 @@ async fn a_stop_during_a_takeover_waits_for_the_takeovers_end() {
         Some("node n2 was lost")
     );
 }
+
+// ---- A start cut by its caller; a start the drain stops ----
+
+/// Polls `f` once; its output if that poll finished it.
+async fn poll_once<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+    std::future::poll_fn(|cx| match std::pin::Pin::new(&mut *f).poll(cx) {
+        std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await
+}
+
+/// Holds SQLite's write lock on the engine's database (another connection's `BEGIN
+/// IMMEDIATE`) until dropped, so that the store's writes meanwhile wait for it.
+struct WriteLock(Option<rusqlite::Connection>);
+
+impl WriteLock {
+    fn take(e: &Env) -> WriteLock {
+        let c =
+            rusqlite::Connection::open(e._dir.path().join(crate::store::sqlite::DB_FILE)).unwrap();
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        c.execute_batch("BEGIN IMMEDIATE").unwrap();
+        WriteLock(Some(c))
+    }
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.execute_batch("ROLLBACK").unwrap();
+        }
+    }
+}
+
+/// What is left of agent `a` once every open session of it is stopped (as `DELETE` does):
+/// (live sessions, instances in the pool, open records, slots held, processes).
+async fn left_after_stopping_all(e: &Env, a: &AgentRecord) -> (bool, u32, usize, u32, usize) {
+    let open: Vec<_> = e.store.list_open_sessions().await.unwrap();
+    let mut live = false;
+    for s in open.iter().filter(|s| s.agent_id == a.id) {
+        e.sup.stop_session("o", &a.name, s.id).await.unwrap();
+        live |= e.sup.serves(s.id);
+    }
+    let open = e.store.list_open_sessions().await.unwrap();
+    (
+        live,
+        e.sup.pool_status(a.id).total,
+        open.iter().filter(|s| s.agent_id == a.id).count(),
+        e.store.slots_held(a.id).await.unwrap(),
+        e.fake.live().len(),
+    )
+}
+
+/// A start whose caller goes away (hyper drops a handler's future when its client closes the
+/// connection) runs to its end on its own task: once its session is stopped, nothing of it is
+/// left and the next start of a `maxAgents: 1` agent fits. (Cut while it waited for its
+/// capacity slot, a start kept the slot until the server restarted: 429 meanwhile; cut while
+/// its session's record was written, it left an instance that never ran, a live session that
+/// a `DELETE` could not end and an open record.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_cut_by_its_caller_runs_to_its_end() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 0, 1).await;
+    let lock = WriteLock::take(&e);
+    let mut f = Box::pin(start(&e, "a"));
+    assert!(
+        poll_once(&mut f).await.is_none(),
+        "the start waits for the store"
+    );
+    drop(f); // the client went away
+    drop(lock);
+    until("the cut start's session is delivered", async || {
+        e.store
+            .list_open_sessions()
+            .await
+            .unwrap()
+            .iter()
+            .any(|s| s.agent_id == a.id && s.bot_start_ms.is_some())
+    })
+    .await;
+    assert_eq!(left_after_stopping_all(&e, &a).await, (false, 0, 0, 0, 0));
+    let next = start(&e, "a").await;
+    assert!(next.is_ok(), "the next start: {next:?}");
+}
+
+/// docs/lifecycle.md, "Graceful drain": a start still in flight when the drain stops it
+/// answers 503 `DRAINING`. Here the start took a ready warm instance and its session's
+/// record is being written when the drain's stop reaches the instance (it answered
+/// `INSTANCE_EXITED`, "the instance went away").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_start_in_flight_when_the_drain_stops_it_answers_draining() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 1, 1).await;
+    until("one warm instance", async || {
+        e.sup.pool_status(a.id).idle == 1
+    })
+    .await;
+    let lock = WriteLock::take(&e);
+    let mut f = Box::pin(start(&e, "a"));
+    assert!(
+        poll_once(&mut f).await.is_none(),
+        "the start waits for the store"
+    );
+    until("the warm instance is claimed", async || {
+        e.sup.pool_status(a.id).busy == 1
+    })
+    .await;
+    let sup = e.sup.clone();
+    let drain = tokio::spawn(async move { sup.stop_everything(EndReason::Drained).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(lock);
+    let r = f.as_mut().await;
+    drain.await.unwrap();
+    assert!(
+        matches!(r, Err(CoreError::Draining)),
+        "the start answered {r:?}"
+    );
+}
