@@ -957,6 +957,17 @@ pub struct ProcessInstance {
     last_cpu: Mutex<Option<u64>>,
 }
 
+/// The members (pid, process group) a signal sent to process group `group` did not reach.
+fn outside_group(
+    members: impl IntoIterator<Item = (i32, Option<i32>)>,
+    group: Option<i32>,
+) -> impl Iterator<Item = i32> {
+    members
+        .into_iter()
+        .filter(move |&(_, pgid)| group.is_none() || pgid != group)
+        .map(|(p, _)| p)
+}
+
 impl ProcessInstance {
     /// Every pid that belongs to the instance right now.
     fn members(&self) -> Vec<i32> {
@@ -983,11 +994,18 @@ impl ProcessInstance {
         }
     }
 
+    /// Sends `sig` once to every process of the tree: to the main process's group, then to
+    /// each member outside that group (one that made a session or group of its own). A member
+    /// signalled twice could read the second `SIGTERM` as "quit now" and skip its shutdown.
     fn signal_all(&self, sig: Signal) {
-        if self.exit_rx.borrow().is_none() {
-            let _ = killpg(Pid::from_raw(self.pid), sig);
-        }
-        for p in self.members() {
+        let group = (self.exit_rx.borrow().is_none()
+            && killpg(Pid::from_raw(self.pid), sig).is_ok())
+        .then_some(self.pid);
+        let members = self.members().into_iter().map(|p| {
+            let pgid = nix::unistd::getpgid(Some(Pid::from_raw(p))).ok();
+            (p, pgid.map(Pid::as_raw))
+        });
+        for p in outside_group(members, group) {
             let _ = kill(Pid::from_raw(p), sig);
         }
     }
@@ -1517,5 +1535,26 @@ impl ProcessRuntime {
                 let _ = fs::remove_dir_all(d);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::outside_group;
+
+    /// A signal to the main process's group (pid 10) reaches its members once: only the
+    /// members in other groups (a `setsid` child) are signalled one by one; when the group
+    /// could not be signalled (the main process is gone), every member is.
+    #[test]
+    fn a_signal_reaches_each_process_once() {
+        let members = [(10, Some(10)), (11, Some(10)), (12, Some(12)), (13, None)];
+        assert_eq!(
+            outside_group(members, Some(10)).collect::<Vec<_>>(),
+            [12, 13]
+        );
+        assert_eq!(
+            outside_group(members, None).collect::<Vec<_>>(),
+            [10, 11, 12, 13]
+        );
     }
 }
