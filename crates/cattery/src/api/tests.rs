@@ -339,10 +339,29 @@ async fn a_deleted_agents_sessions_stay_listable() {
         StatusCode::NOT_FOUND,
         "404",
     );
-    // A new agent of that name: its own sessions only.
+    // A new agent of that name: its own sessions only. A session of the deleted agent that
+    // still runs is no longer reachable, or stoppable, by the name (docs/lifecycle.md: "that
+    // agent's sessions are its own").
+    a.deploy("gone", &[], json!({})).await;
+    let running = a.start_ok("gone").await;
+    let r = a
+        .call(Method::DELETE, "/v1/agents/gone", Some(&a.sk), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     a.deploy("gone", &[], json!({})).await;
     let r = a.get("/v1/agents/gone/sessions").await;
     assert_eq!(r.body["sessions"], json!([]), "{}", r.body);
+    let path = format!("/v1/agents/gone/sessions/{running}");
+    assert_error(&a.get(&path).await, StatusCode::NOT_FOUND, "404");
+    assert_error(
+        &a.stop("gone", &running).await,
+        StatusCode::NOT_FOUND,
+        "404",
+    );
+    let proxied = format!("/v1/public/gone/sessions/{running}/x");
+    let r = a.call(Method::GET, &proxied, Some(&a.pk), None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    assert_eq!(a.fake.live().len(), 1, "the session runs on");
 }
 
 /// A secret set too large for the kernel's exec (with the agent's own environment) is a 400

@@ -43,9 +43,10 @@ pub async fn agent_or_deleted(
         .ok_or_else(|| CoreError::NotFound(format!("agent {name} not found")))
 }
 
-/// A session of `org`'s agent `name`, with the agent. Errors: 404 when it does not exist,
-/// or belongs to another org (`session {id} not found`) or agent (`... not found for agent
-/// {name}`).
+/// A session of `org`'s agent `name`, with the agent: the agent `name` names now
+/// ([`agent_or_deleted`]), so once an agent of that name is created again, a session of the
+/// deleted one is no longer its. Errors: 404 when it does not exist, or belongs to another
+/// org (`session {id} not found`) or agent (`... not found for agent {name}`).
 pub async fn session_of(
     store: &Arc<dyn Store>,
     org: &str,
@@ -57,12 +58,26 @@ pub async fn session_of(
         .await?
         .filter(|s| s.org == org)
         .ok_or_else(|| CoreError::NotFound(format!("session {id} not found")))?;
-    let agent = store
-        .get_agent_by_id(s.agent_id)
-        .await?
-        .filter(|a| a.name == name)
-        .ok_or_else(|| CoreError::NotFound(format!("session {id} not found for agent {name}")))?;
-    Ok((agent, s))
+    match names_agent(store, org, name, s.agent_id).await? {
+        Some(agent) => Ok((agent, s)),
+        None => Err(CoreError::NotFound(format!(
+            "session {id} not found for agent {name}"
+        ))),
+    }
+}
+
+/// The agent `org`'s name `name` stands for now ([`agent_or_deleted`]), if it is agent `id`.
+pub async fn names_agent(
+    store: &Arc<dyn Store>,
+    org: &str,
+    name: &str,
+    id: Uuid,
+) -> CoreResult<Option<AgentRecord>> {
+    match agent_or_deleted(store, org, name).await {
+        Ok(a) => Ok((a.id == id).then_some(a)),
+        Err(CoreError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// A page of an agent's sessions (newest first) and the total that match `f`.

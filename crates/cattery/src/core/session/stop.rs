@@ -119,15 +119,11 @@ impl Supervisor {
             .await?
             .filter(|s| s.org == org)
             .ok_or_else(|| CoreError::NotFound(format!("session {session} not found")))?;
-        let known = (self.state.lock().pools.get(&rec.agent_id))
-            .map(|p| p.agent.org == org && p.agent.name == agent_name);
-        let matches = match known {
+        let matches = match self.names_live_agent(org, agent_name, rec.agent_id) {
             Some(m) => m,
-            None => self
-                .store
-                .get_agent_by_id(rec.agent_id)
+            None => crate::core::lookup::names_agent(&self.store, org, agent_name, rec.agent_id)
                 .await?
-                .is_some_and(|a| a.name == agent_name),
+                .is_some(),
         };
         if !matches {
             return Err(CoreError::NotFound(format!(
@@ -388,7 +384,8 @@ impl Supervisor {
     }
 
     /// A live, stored session's controller, and whether `org`'s agent `agent_name` owns it
-    /// (`None`: another org's; `Some(false)`: another agent's).
+    /// (`None`: another org's; `Some(false)`: another agent's). `None` overall also when no
+    /// live agent has that name here: the store path decides then.
     fn live_owned(
         &self,
         org: &str,
@@ -400,13 +397,22 @@ impl Supervisor {
             .get(&session)
             .cloned()
             .filter(|c| c.session_stored.load(Ordering::SeqCst))
-            .map(|ctl| {
-                let agent_matches = st
-                    .pools
-                    .get(&ctl.agent_id)
-                    .is_some_and(|p| p.agent.name == agent_name);
-                let owned = (ctl.org == org).then_some(agent_matches);
-                (ctl, owned)
+            .and_then(|ctl| {
+                if ctl.org != org {
+                    return Some((ctl, None));
+                }
+                // Only a live agent's name is known here; a deleted agent's is the store's.
+                let key = (org.to_string(), agent_name.to_string());
+                let agent_matches = *st.by_name.get(&key)? == ctl.agent_id;
+                Some((ctl, Some(agent_matches)))
             })
+    }
+
+    /// Whether `org`'s live agent `name` is agent `id`; `None` when no live agent has that
+    /// name here (then the name may stand for a deleted agent: the store says which).
+    fn names_live_agent(&self, org: &str, name: &str, id: Uuid) -> Option<bool> {
+        let st = self.state.lock();
+        let live = st.by_name.get(&(org.to_string(), name.to_string()))?;
+        Some(*live == id)
     }
 }
