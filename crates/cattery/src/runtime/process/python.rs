@@ -3,7 +3,7 @@
 //! import what the runner needs.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -58,8 +58,8 @@ impl PythonRunner {
         match spec.image.as_deref() {
             Some(img) if img.starts_with("local:") => {
                 let dir = PathBuf::from(&img["local:".len()..]);
-                if !dir.join("bot.py").is_file() {
-                    return Err(format!("{} has no bot.py", dir.display()));
+                if let Some(problem) = local_dir_problem(&dir) {
+                    return Err(problem);
                 }
                 let venv = dir.join(".venv/bin/python");
                 let python = spec
@@ -148,5 +148,40 @@ fn run_import_check(python: &str) -> std::io::Result<(ExitInfo, Vec<u8>)> {
                 };
                 (exit, o.stderr)
             }),
+    }
+}
+
+/// Why `dir`, a `local:` image's directory, cannot run: it does not exist, is not a directory,
+/// or has no `bot.py`.
+fn local_dir_problem(dir: &Path) -> Option<String> {
+    let d = dir.display();
+    if dir.join("bot.py").is_file() {
+        None
+    } else if dir.is_file() {
+        Some(format!(
+            "{d} is a file: `local:` names the bot's directory, the one that holds bot.py"
+        ))
+    } else if !dir.is_dir() {
+        Some(format!("{d} does not exist (or is not a directory)"))
+    } else {
+        Some(format!("{d} has no bot.py"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_dir_problem;
+
+    /// A `local:` directory's problem is named as it is.
+    #[test]
+    fn a_local_dir_problem_says_what_is_wrong() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path();
+        let says = |p: &std::path::Path| local_dir_problem(p).unwrap_or_default();
+        assert!(says(&dir.join("nope")).ends_with("does not exist (or is not a directory)"));
+        assert!(says(dir).ends_with("has no bot.py"));
+        std::fs::write(dir.join("bot.py"), "").unwrap();
+        assert_eq!(local_dir_problem(dir), None);
+        assert!(says(&dir.join("bot.py")).contains("is a file"));
     }
 }
