@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::actor::Actor;
 use super::ending::{reply_err, Ending};
-use super::state::{Cmd, InstState, InstanceCtl};
+use super::state::{Cmd, InstanceCtl};
 use super::Supervisor;
 use crate::model::{iso_ms, now_ms, EndReason, SessionEnd};
 use crate::runtime::{Instance, TerminateReport};
@@ -24,8 +24,8 @@ impl Actor {
         let ctl = self.ctl.clone();
         // A warm instance claimed by a start whose session it had not received yet: that
         // session ends with it.
-        let session = self.session.map(|s| s.0).or_else(|| ctl.session());
-        ctl.set_state(InstState::Ending);
+        let promised = ctl.begin_ending();
+        let session = self.session.map(|s| s.0).or(promised);
         if self.sup.adopted_elsewhere(&ctl, inst.as_ref()).await {
             self.let_go(session);
             return;

@@ -153,6 +153,16 @@ impl InstanceCtl {
         self.slot.lock().state = s;
     }
 
+    /// Moves to `Ending` and returns the session the instance is promised to or serves, in
+    /// one step: a start claims it either before (and its session is returned, to end with
+    /// the instance) or not at all. (Read and set apart, a warm claim between them left its
+    /// session in the live set for good.)
+    pub fn begin_ending(&self) -> Option<Uuid> {
+        let mut s = self.slot.lock();
+        s.state = InstState::Ending;
+        s.session
+    }
+
     /// Moves `from` -> `to` if the state is `from`; returns whether it did.
     pub fn transition(&self, from: InstState, to: InstState) -> bool {
         let mut s = self.slot.lock();

@@ -770,6 +770,24 @@ mod decisions {
         c
     }
 
+    /// An instance that begins to end and a start that claims it at the same moment: the
+    /// claim either came first (and its session ends with the instance) or fails, from any
+    /// interleaving of the two threads.
+    #[test]
+    fn an_ending_instance_is_claimed_before_or_not_at_all() {
+        for _ in 0..2_000 {
+            let mut p = pool(1, 1);
+            let idle = add(&mut p, InstState::Idle, true);
+            let s1 = Uuid::new_v4();
+            let c = idle.clone();
+            let ending = std::thread::spawn(move || c.begin_ending());
+            let claimed = idle.try_claim(InstState::Idle, InstState::Busy, s1);
+            let ended_with = ending.join().unwrap();
+            assert_eq!(ended_with, claimed.then_some(s1));
+            assert_eq!(idle.state(), InstState::Ending);
+        }
+    }
+
     #[test]
     fn admission_order_is_idle_then_starting_then_cold_then_429() {
         let now = Instant::now();
