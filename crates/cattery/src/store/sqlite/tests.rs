@@ -390,11 +390,12 @@ async fn the_wal_is_restarted_under_a_steady_stream_of_writes() {
     }
     // Without the restart the WAL grew to 650 MB in these 4 s. With it, the file is cut back
     // to the size limit at each restart; between two, it grows by what the writes add while
-    // the checkpoint waits for its turn, which on a machine busy with other tests (2 cores)
-    // was seen at 82 MB: twice the limit still tells the two apart.
+    // the checkpoint waits for its turn: on a machine busy with other tests (2 cores) seen at
+    // 82 MB, and at 174 MB with two builds running beside the whole suite. Four times the
+    // limit (256 MiB) still tells the two apart.
     let size = std::fs::metadata(&wal).unwrap().len();
     assert!(
-        size <= 2 * super::conn::WAL_SIZE_LIMIT as u64,
+        size <= 4 * super::conn::WAL_SIZE_LIMIT as u64,
         "WAL grew to {size} bytes over {n} writes"
     );
 }
