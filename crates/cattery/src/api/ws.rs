@@ -16,9 +16,13 @@
 //!
 //! Ending: a client close frame, a client that goes away (EOF or error), or a client silent
 //! for the idle timeout (Cattery pings it; any frame or pong counts) ends the session with
-//! `endReason: client_disconnected`; the agent closing ends it `completed`. Each close
-//! handshake is bounded by [`CLOSE_WAIT`], and a send to a client that stopped reading is
-//! bounded by [`SEND_WAIT`], so a half-closed peer can never keep a session alive.
+//! `endReason: client_disconnected`; the agent closing ends it `completed` (its close frame is
+//! forwarded to the client). When the platform ends the session (a `DELETE`, the drain, the
+//! time limit), the relay sends the client a close frame before the connection goes: 1000
+//! after a stop or the time limit, 1001 (going away) in the drain; the instance gets the same
+//! close frame before its SIGTERM. Each close handshake is bounded by [`CLOSE_WAIT`], and a
+//! send to a client that stopped reading is bounded by [`SEND_WAIT`], so a half-closed peer
+//! can never keep a session alive (or hold a stop up).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -41,7 +45,7 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use super::{ApiPath, AppState};
-use crate::core::instance_http::{BotOutcome, Deliver, OutcomeFuture};
+use crate::core::instance_http::{BotOutcome, Deliver, OutcomeFuture, RelayStop};
 use crate::core::session::StartParams;
 use crate::store::{Store, StoreResult, WsTokenRecord};
 
@@ -331,7 +335,7 @@ async fn run_session(
         let (claim_tx, claim_rx) = tokio::sync::oneshot::channel::<Claim>();
         let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(hold_client(socket, pre, claim_rx, gone_tx));
-        let deliver: Deliver = Box::new(move |addr, headers| {
+        let deliver: Deliver = Box::new(move |addr, headers, stop| {
             Box::pin(async move {
                 let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
                 claim_tx
@@ -363,7 +367,7 @@ async fn run_session(
                 )
                 .await
                 .map_err(|e| format!("instance /ws refused: {e}"))?;
-                Ok(Box::pin(relay(client, early, inst, idle)) as OutcomeFuture)
+                Ok(Box::pin(relay(client, early, inst, idle, stop)) as OutcomeFuture)
             })
         });
         let params = StartParams {
@@ -584,17 +588,27 @@ fn to_client(m: TMessage) -> Option<AxMessage> {
     }
 }
 
-/// Relays frames between the client and the instance until one side ends.
+/// Relays frames between the client and the instance until one side ends, or until the
+/// platform ends the session (`stop`: [`close_both`]).
 async fn relay<S>(
     client: WebSocket,
     early: Vec<AxMessage>,
     inst: tokio_tungstenite::WebSocketStream<S>,
     idle: Duration,
+    stop: RelayStop,
 ) -> BotOutcome
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
     let _live = LiveRelay::enter();
+    // A dropped sender is no stop (the session's task is aborted then).
+    let stop = async move {
+        match stop.await {
+            Ok(why) => why,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop);
     let (mut cs, mut cr) = client.split();
     let (mut is, mut ir) = inst.split();
     for m in early.into_iter().filter_map(to_instance) {
@@ -657,6 +671,10 @@ where
                     return BotOutcome::WsClosed { by_client: false };
                 }
             },
+            (code, reason) = &mut stop => {
+                close_both((&mut cs, &mut cr), &mut is, code, reason).await;
+                return BotOutcome::WsClosed { by_client: false };
+            }
             _ = ping.tick() => {
                 if last_heard.elapsed() > idle {
                     let _ = tokio::time::timeout(CLOSE_WAIT, is.close()).await;
@@ -666,6 +684,41 @@ where
                     let _ = tokio::time::timeout(CLOSE_WAIT, is.close()).await;
                     return BotOutcome::WsClosed { by_client: true };
                 }
+            }
+        }
+    }
+}
+
+/// The platform ends a relayed session (a stop, the drain, the time limit): the client gets
+/// a close frame with `code` and `reason` (and its answer is read, so the close handshake
+/// completes), the instance a close frame with the same code; all within [`CLOSE_WAIT`],
+/// so a client that does not answer never holds the stop up for longer.
+async fn close_both<C, R, I>(
+    (cs, cr): (&mut C, &mut R),
+    is: &mut I,
+    code: u16,
+    reason: &'static str,
+) where
+    C: futures_util::Sink<AxMessage> + Unpin,
+    R: futures_util::Stream<Item = Result<AxMessage, axum::Error>> + Unpin,
+    I: futures_util::Sink<TMessage> + Unpin,
+{
+    let until = tokio::time::Instant::now() + CLOSE_WAIT;
+    let to_client = AxCloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let to_instance = TCloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    };
+    let sent = tokio::time::timeout_at(until, cs.send(AxMessage::Close(Some(to_client)))).await;
+    let _ = tokio::time::timeout_at(until, is.send(TMessage::Close(Some(to_instance)))).await;
+    if matches!(sent, Ok(Ok(()))) {
+        // The client's close frame in answer (frames it sent meanwhile are dropped).
+        while let Ok(Some(Ok(m))) = tokio::time::timeout_at(until, cr.next()).await {
+            if matches!(m, AxMessage::Close(_)) {
+                break;
             }
         }
     }

@@ -51,13 +51,20 @@ pub fn error_of_body(body: &[u8]) -> Option<String> {
 /// A future resolving at a session's natural end.
 pub type OutcomeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = BotOutcome> + Send>>;
 
-/// How a session reaches its instance: called with the instance's address and the
-/// session headers (`x-daily-session-id`, ...); resolves once the session is delivered, to a
-/// future that resolves at the session's natural end. Errors: the instance refused it.
+/// Why the platform ends a relayed session, sent to its relay before the instance is
+/// stopped: the websocket close code and reason the relay closes its client with.
+pub type RelayStop = tokio::sync::oneshot::Receiver<(u16, &'static str)>;
+
+/// How a session reaches its instance: called with the instance's address, the session
+/// headers (`x-daily-session-id`, ...) and the channel on which the platform's stop of the
+/// session arrives ([`RelayStop`]); resolves once the session is delivered, to a future that
+/// resolves at the session's natural end (or once it has closed its client after a stop).
+/// Errors: the instance refused it.
 pub type Deliver = Box<
     dyn FnOnce(
             SocketAddr,
             Vec<(String, String)>,
+            RelayStop,
         ) -> std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<OutcomeFuture, String>> + Send>,
         > + Send,

@@ -470,3 +470,85 @@ async fn websocket_session_recorded_from_start() {
     assert_eq!(l.body["total_count"], 1, "{:?}", l.body);
     assert!(s.agent_pids().is_empty(), "no bot started for either");
 }
+
+/// Reads a websocket client's stream until the server's close frame: its code, or a panic
+/// naming what came instead (an error such as a reset without a close frame, or the end).
+async fn close_code<S>(ws: &mut S) -> u16
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Close(Some(f))))) => return u16::from(f.code),
+            Ok(Some(Ok(Message::Close(None)))) => panic!("a close frame without a code"),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("the connection ended without a close frame: {other:?}"),
+        }
+    }
+}
+
+/// A websocket session the platform ends gets its client a close frame before the
+/// connection goes (before, a `DELETE` or the drain dropped the TCP connection: 1006 at the
+/// client): 1000 after a `DELETE`, 1001 (going away) in the drain. A client that does not
+/// answer the close does not hold the stop up beyond the close handshake's bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_client_gets_a_close_frame_when_the_platform_ends_its_session() {
+    let mut s = Server::start(&["--stop-grace-seconds", "1", "--drain-timeout-seconds", "1"]).await;
+    s.deploy("wsclose", &["--ignore-transport-close"], json!({}))
+        .await;
+
+    // DELETE: 1000, and the close handshake completes (the client's answer is read).
+    let a = ws_start(&s, "wsclose", json!({})).await;
+    let sid = a["sessionId"].as_str().unwrap().to_string();
+    let (mut ws, _) = tokio_tungstenite::connect_async(token_url(&a).as_str())
+        .await
+        .unwrap();
+    ws.send(Message::Text("hello".into())).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "hello" => break,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no echo: {other:?}"),
+        }
+    }
+    let reader = tokio::spawn(async move { close_code(&mut ws).await });
+    assert_eq!(s.stop("wsclose", &sid).await.status, 200);
+    assert_eq!(reader.await.unwrap(), 1000);
+    let g = s.session("wsclose", &sid).await;
+    assert_eq!(g["endReason"], "stopped", "{g}");
+    assert!(s.agent_pids().is_empty());
+
+    // A client that never reads again: the stop still answers, within the bounds of the
+    // close handshake and the stop grace (generous: a shared CI machine).
+    let a = ws_start(&s, "wsclose", json!({})).await;
+    let sid = a["sessionId"].as_str().unwrap().to_string();
+    let (silent, _) = tokio_tungstenite::connect_async(token_url(&a).as_str())
+        .await
+        .unwrap();
+    common::wait_for(Duration::from_secs(15), "session delivered", || async {
+        let g = s.session("wsclose", &sid).await;
+        g["botStartSeconds"].is_number().then_some(())
+    })
+    .await;
+    let t0 = std::time::Instant::now();
+    assert_eq!(s.stop("wsclose", &sid).await.status, 200);
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+    drop(silent);
+
+    // The drain: 1001.
+    let a = ws_start(&s, "wsclose", json!({})).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(token_url(&a).as_str())
+        .await
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    let sid = a["sessionId"].as_str().unwrap().to_string();
+    common::wait_for(Duration::from_secs(15), "session delivered", || async {
+        let g = s.session("wsclose", &sid).await;
+        g["botStartSeconds"].is_number().then_some(())
+    })
+    .await;
+    let reader = tokio::spawn(async move { close_code(&mut ws).await });
+    s.signal(15);
+    assert_eq!(reader.await.unwrap(), 1001);
+    assert!(s.terminate(Duration::from_secs(30)).is_some());
+}

@@ -28,12 +28,39 @@ pub(super) enum Start {
     Adopted(Arc<dyn Instance>, Option<(Uuid, Instant)>),
 }
 
-/// Aborts a spawned task when dropped (the session's `/bot` request or websocket relay).
-struct AbortOnDrop(tokio::task::AbortHandle);
+/// The task of a session's own channel (the websocket relay): told why when the platform
+/// ends the session ([`RelayTask::close`]), and aborted when dropped.
+struct RelayTask {
+    abort: tokio::task::AbortHandle,
+    stop: Option<tokio::sync::oneshot::Sender<(u16, &'static str)>>,
+}
 
-impl Drop for AbortOnDrop {
+/// Longest wait for a relay to close its client after a stop (the relay bounds its close
+/// handshake itself, `api::ws::CLOSE_WAIT`; this is the actor's own bound on top of it).
+const RELAY_CLOSE_WAIT: Duration = Duration::from_secs(3);
+
+impl RelayTask {
+    /// Tells the relay that the platform ends its session for `reason`, and waits (at most
+    /// [`RELAY_CLOSE_WAIT`]) while it sends its client a close frame: a websocket client
+    /// sees a close with a code, not a dropped connection. Drain: 1001 (going away: the
+    /// server is shutting down); a stop or the time limit: 1000 (normal closure: the session
+    /// is over and was ended on purpose, nothing to retry).
+    async fn close(&mut self, reason: EndReason, bot: &mut OutcomeFuture) {
+        let Some(stop) = self.stop.take() else { return };
+        let why = match reason {
+            EndReason::Drained => (1001, "the server is shutting down"),
+            EndReason::MaxDuration => (1000, "maxSessionDuration reached"),
+            _ => (1000, "the session was stopped"),
+        };
+        if stop.send(why).is_ok() {
+            let _ = tokio::time::timeout(RELAY_CLOSE_WAIT, bot).await;
+        }
+    }
+}
+
+impl Drop for RelayTask {
     fn drop(&mut self) {
-        self.0.abort();
+        self.abort.abort();
     }
 }
 
@@ -293,7 +320,7 @@ impl Actor {
         mut d: Delivery,
         sid: Uuid,
         deadline: Instant,
-    ) -> Result<(OutcomeFuture, Option<AbortOnDrop>), Ending> {
+    ) -> Result<(OutcomeFuture, Option<RelayTask>), Ending> {
         // Durable before `/bot`: a restart must never hand this instance out as warm once it
         // may have received a session.
         if !d.recorded && self.recorded_session != Some(sid) {
@@ -303,9 +330,10 @@ impl Actor {
         let headers = std::mem::take(&mut d.headers);
         let conn = self.ready_conn.take();
         let relay = d.deliver.is_some();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let fut: Pin<Box<dyn Future<Output = Result<OutcomeFuture, String>> + Send>> =
             match d.deliver.take() {
-                Some(f) => f(addr, headers),
+                Some(f) => f(addr, headers, stop_rx),
                 None => {
                     let body = d.body.clone();
                     Box::pin(async move {
@@ -321,7 +349,10 @@ impl Actor {
                     // The session's own channel (the websocket relay): driven on its own task
                     // from now on, whatever the actor does next; aborted when the session ends.
                     let task = tokio::spawn(outcome);
-                    let guard = AbortOnDrop(task.abort_handle());
+                    let guard = RelayTask {
+                        abort: task.abort_handle(),
+                        stop: Some(stop_tx),
+                    };
                     let bot = Box::pin(async move {
                         task.await
                             .unwrap_or_else(|e| BotOutcome::Broken(e.to_string()))
@@ -403,31 +434,47 @@ impl Actor {
     async fn serving(
         &mut self,
         inst: &Arc<dyn Instance>,
-        bot: Option<(OutcomeFuture, Option<AbortOnDrop>)>,
+        bot: Option<(OutcomeFuture, Option<RelayTask>)>,
         deadline: Instant,
     ) -> Ending {
-        let (mut bot, _guard): (OutcomeFuture, _) = match bot {
+        let (mut bot, mut relay): (OutcomeFuture, _) = match bot {
             Some((b, g)) => (b, g),
             None => (Box::pin(std::future::pending()), None),
         };
+        let ending = self.serve_until_end(inst, &mut bot, deadline).await;
+        // Ended by the platform (not by the session's own channel): the relay closes its
+        // client before the instance is stopped.
+        if let (Some(r), true) = (relay.as_mut(), ending.by_platform) {
+            r.close(ending.reason, &mut bot).await;
+        }
+        ending
+    }
+
+    /// The select loop of [`Actor::serving`].
+    async fn serve_until_end(
+        &mut self,
+        inst: &Arc<dyn Instance>,
+        bot: &mut OutcomeFuture,
+        deadline: Instant,
+    ) -> Ending {
         let mut sample = tokio::time::interval(self.sup.cfg.metrics_interval);
         let mut last_cpu: Option<(Instant, u64)> = None;
         loop {
             tokio::select! {
                 biased;
                 cmd = self.rx.recv() => match cmd {
-                    Some(Cmd::Stop(r)) => return Ending::new(r, "HTTP_ERROR"),
+                    Some(Cmd::Stop(r)) => return Ending::new(r, "HTTP_ERROR").by_platform(),
                     Some(Cmd::Assign(mut d)) => reply_err(&mut d, "instance is busy"),
                     None => {}
                 },
-                out = &mut bot => {
+                out = &mut *bot => {
                     let mut e = ending_of_outcome(out, inst).await;
                     if e.exit.is_none() { e.exit = inst.exited(); }
                     return e;
                 }
-                ex = inst.wait_exit() => return exited_while_serving(inst, &mut bot, ex).await,
+                ex = inst.wait_exit() => return exited_while_serving(inst, bot, ex).await,
                 _ = tokio::time::sleep_until(deadline) => {
-                    let mut e = Ending::new(EndReason::MaxDuration, "HTTP_ERROR");
+                    let mut e = Ending::new(EndReason::MaxDuration, "HTTP_ERROR").by_platform();
                     e.message = Some(format!("maxSessionDuration ({} s) reached", self.ctl.deployment.spec.max_session_duration_s()));
                     return e;
                 }

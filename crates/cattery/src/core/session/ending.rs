@@ -22,6 +22,9 @@ pub(super) struct Ending {
     pub exit: Option<ExitInfo>,
     /// The error code and message a start waiting for the session gets.
     pub start_error: Option<(&'static str, String)>,
+    /// Ended by the platform (a stop, the drain, the time limit), not by the session's own
+    /// channel or its process: a websocket relay then closes its client first.
+    pub by_platform: bool,
 }
 
 impl Ending {
@@ -32,7 +35,14 @@ impl Ending {
             message: None,
             exit: None,
             start_error: None,
+            by_platform: false,
         }
+    }
+
+    /// This ending, as one the platform decided ([`Ending::by_platform`]).
+    pub fn by_platform(mut self) -> Self {
+        self.by_platform = true;
+        self
     }
 
     /// A failed start (`start_failed`) with the code a waiting start gets.
