@@ -347,6 +347,7 @@ pub fn app_state(
             node_id: node.id.clone(),
             node_timeout: node.timeout,
             max_warm_starting: config.sessions.max_warm_starting,
+            relay_dir: Some(cfg.data_dir.join("relays")),
         },
         logs,
         Arc::new(crate::core::secrets::DeploymentSecrets::new(
@@ -735,13 +736,16 @@ async fn detach(
     // Releases this server's liveness lock (the next server, of the same id, waits for it) and
     // removes its cgroup directories only where they are empty: running instances keep theirs.
     runtime.shutdown().await;
-    let relays = crate::api::ws::live_relays();
+    // A relayed session is this process's until its end is recorded (its relay mark,
+    // `core::session::relays`), a moment after its relay ends.
+    let relaying = || crate::api::ws::live_relays().max(crate::core::session::relays::held());
+    let relays = relaying();
     if relays > 0 {
         tracing::info!(
             relays,
             "relaying the websocket calls already connected until they end"
         );
-        while crate::api::ws::live_relays() > 0 {
+        while relaying() > 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tracing::info!("the last relayed websocket call ended");

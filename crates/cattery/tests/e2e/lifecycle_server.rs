@@ -708,3 +708,62 @@ async fn a_stop_cut_off_by_a_server_sigkill_is_finished_after_the_restart() {
     s.terminate(Duration::from_secs(30));
     s.wait_no_agent_pids(Duration::from_secs(10)).await;
 }
+
+/// A websocket call ends with the server that relays it: after a SIGKILL of the server, the
+/// restarted server records the call `lost` and removes its instance, even one whose agent
+/// keeps running when its websocket goes (before, it was re-adopted as a live session and
+/// held its instance and capacity slot until `maxSessionDuration`). A `/bot` session of the
+/// same server is re-adopted as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn server_sigkill_ends_websocket_calls_and_removes_their_instances() {
+    use futures_util::StreamExt;
+    let mut s = Server::start(&[]).await;
+    s.deploy(
+        "wscall",
+        &["--ignore-transport-close"],
+        json!({"maxSessionDuration": 300, "stopGraceSeconds": 1}),
+    )
+    .await;
+    let r = s
+        .start_session("wscall", json!({"transport": "websocket"}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let url = format!(
+        "{}?token={}",
+        r.body["wsUrl"].as_str().unwrap(),
+        r.body["token"].as_str().unwrap()
+    );
+    let ws_sid = r.body["sessionId"].as_str().unwrap().to_string();
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .expect("ws connect");
+    let _ = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    let ws_pid = session_pid(&s, "wscall", &ws_sid).await;
+    let bot_sid = s.start_ok("wscall").await;
+    let bot_pid = session_pid(&s, "wscall", &bot_sid).await;
+
+    s.kill9();
+    s.spawn().await;
+    let g = s
+        .wait_ended("wscall", &ws_sid, Duration::from_secs(20))
+        .await;
+    assert_eq!(g["endReason"], "lost", "{g}");
+    assert!(
+        g["endMessage"].as_str().unwrap_or("").contains("relay"),
+        "{g}"
+    );
+    wait_pid_gone(ws_pid, Duration::from_secs(10)).await;
+    assert!(
+        !s.log()
+            .lines()
+            .any(|l| l.contains("re-adopted a running session") && l.contains(&ws_sid)),
+        "{}",
+        s.log()
+    );
+    // The /bot session lives on, and only its instance counts.
+    assert_eq!(s.session("wscall", &bot_sid).await["status"], "active");
+    assert!(pid_alive(bot_pid));
+    assert_eq!(s.agent_pids(), vec![bot_pid]);
+    assert_eq!(s.stop("wscall", &bot_sid).await.status, 200);
+    drop(ws);
+}

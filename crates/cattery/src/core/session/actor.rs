@@ -78,6 +78,9 @@ pub(super) struct Actor {
     recorded_session: Option<Uuid>,
     /// The keep-alive connection of the `/readyz` answer that found the instance ready.
     ready_conn: Option<instance_http::Conn>,
+    /// A relayed session's mark (`relays`), held until the actor is done, i.e. after the
+    /// session's end is recorded: a server started meanwhile leaves the session to this one.
+    relay_mark: Option<super::relays::RelayMark>,
 }
 
 /// Runs an instance's whole life. See the module docs.
@@ -92,6 +95,7 @@ pub(super) async fn run(sup: Arc<Supervisor>, ctl: Arc<InstanceCtl>, mb: Mailbox
         delivery: None,
         recorded_session: None,
         ready_conn: None,
+        relay_mark: None,
     };
     let (inst, adopted_busy) = match start {
         Start::Adopted(i, s) => {
@@ -345,6 +349,11 @@ impl Actor {
             };
         match self.await_delivery(inst, fut, deadline).await {
             Ok(outcome) => {
+                if relay {
+                    // Before the delivery is recorded: a delivered websocket session without
+                    // a mark is one whose relay is gone (`recover`).
+                    self.relay_mark = self.sup.relays.hold(sid);
+                }
                 let (bot, guard): (OutcomeFuture, _) = if relay {
                     // The session's own channel (the websocket relay): driven on its own task
                     // from now on, whatever the actor does next; aborted when the session ends.

@@ -33,6 +33,7 @@ mod observe;
 mod pending;
 mod pool;
 mod recover;
+pub mod relays;
 mod start;
 mod state;
 mod stop;
@@ -124,6 +125,10 @@ pub struct SupervisorConfig {
     /// At most this many warm instances of one agent start at once on this node
     /// (`--max-warm-starting`, default [`DEFAULT_MAX_WARM_STARTING`]); 0: no limit.
     pub max_warm_starting: u32,
+    /// Where relayed websocket sessions are marked while this process supervises them
+    /// (`<data dir>/relays`, [`relays`]); `None`: no marks (a restart ends every delivered
+    /// websocket session it finds).
+    pub relay_dir: Option<std::path::PathBuf>,
 }
 
 /// How many warm instances of one agent start at once on a node, by default. A large
@@ -269,6 +274,8 @@ pub struct Supervisor {
     /// heartbeat period, and by every forwarded stop that had to read it), so a forwarded
     /// stop finds its owner's address without a round trip.
     nodes_seen: Mutex<HashMap<String, crate::store::NodeRecord>>,
+    /// The relayed websocket sessions' marks ([`relays`]).
+    relays: relays::RelayMarks,
 }
 
 /// This node among the live nodes on the store (docs/cluster.md): its place in the sorted
@@ -320,8 +327,10 @@ impl Supervisor {
         logs: mpsc::UnboundedSender<LogLine>,
         secrets: Arc<dyn SecretSource>,
     ) -> Arc<Self> {
+        let relays = relays::RelayMarks::new(cfg.relay_dir.clone());
         let sup = Arc::new_cyclic(|this| Supervisor {
             this: this.clone(),
+            relays,
             store,
             runtime,
             cfg,

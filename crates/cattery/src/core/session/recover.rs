@@ -29,6 +29,10 @@ struct Found {
     /// Delivered sessions whose instance ended while no server watched it, and how (when the
     /// runtime still knew).
     exits: HashMap<Uuid, GoneExit>,
+    /// Delivered websocket sessions whose relay is gone (no live process relays them, see
+    /// `relays`): whether their instance was still running (and is removed), and how it
+    /// ended if it had and the runtime knows.
+    relay_gone: HashMap<Uuid, (bool, Option<GoneExit>)>,
 }
 
 impl Supervisor {
@@ -39,6 +43,9 @@ impl Supervisor {
     /// - alive with a delivered, open session: re-adopted and supervised as before (stop,
     ///   process exit, time limit from the session's `createdAt`); if its stop was requested
     ///   before the restart, the stop is finished (the rest of its grace, then SIGKILL);
+    /// - with a delivered websocket session that no live process relays any more (its relay
+    ///   died with the previous server; one detached for an upgrade still relays its calls):
+    ///   the session is over, so the instance is removed and the session recorded `lost`;
     /// - alive with a session that was still starting: the start request died with the old
     ///   server, so the instance is removed and the session recorded `lost`;
     /// - alive and warm: re-adopted as a warm instance if it belongs to its agent's current
@@ -72,6 +79,10 @@ impl Supervisor {
         for s in self.store.list_open_sessions().await? {
             if self.owns(&s.node_id) && !found.adopted_sessions.contains(&s.id) {
                 let stop_requested = found.stops.contains_key(&s.id);
+                if let Some(g) = found.relay_gone.get(&s.id) {
+                    self.end_relay_gone(&s, g, stop_requested).await?;
+                    continue;
+                }
                 match found.exits.get(&s.id) {
                     Some(g) => self.end_unwatched(&s, g, stop_requested).await?,
                     None => self.end_lost(&s, stop_requested).await?,
@@ -141,6 +152,12 @@ impl Supervisor {
         let mut lost = 0;
         for s in &taken.sessions {
             if found.adopted_sessions.contains(&s.id) {
+                continue;
+            }
+            if let Some(g) = found.relay_gone.get(&s.id) {
+                let stop_requested = found.stops.contains_key(&s.id);
+                self.end_relay_gone(s, g, stop_requested).await?;
+                lost += 1;
                 continue;
             }
             match found.exits.get(&s.id) {
@@ -237,21 +254,38 @@ impl Supervisor {
             tx: self.logs.clone(),
             attribution: ctl.attribution.clone(),
         };
+        // A delivered websocket session lives only as long as its relay, in the server
+        // process its client reached.
+        let relay_gone = session.as_ref().is_some_and(|s| {
+            s.bot_start_ms.is_some()
+                && s.transport.as_deref() == Some("websocket")
+                && !self.relays.relayed_elsewhere(s.id)
+        });
         let inst = match self.runtime.adopt(&rec, sink).await {
             Adopted::Running(inst) => inst,
             Adopted::Gone(gone) => {
                 // Gone while we were down; its open session is recorded below, with how the
                 // instance ended if the runtime knows and the session was delivered.
-                if let (Some(g), Some(s)) = (gone, &session) {
-                    if s.bot_start_ms.is_some() {
+                match (gone, &session) {
+                    (g, Some(s)) if relay_gone => {
+                        found.relay_gone.insert(s.id, (false, g));
+                    }
+                    (Some(g), Some(s)) if s.bot_start_ms.is_some() => {
                         found.exits.insert(s.id, g);
                     }
+                    _ => {}
                 }
                 let _ = self.store.delete_instance(rec.id).await;
                 return Ok(());
             }
         };
         match session {
+            Some(sess) if relay_gone => {
+                // Its client was cut with the relay: the session is over.
+                found.relay_gone.insert(sess.id, (true, None));
+                let _ = self.store.delete_instance(rec.id).await;
+                found.remove.push((inst, grace));
+            }
             Some(sess) if sess.bot_start_ms.is_some() => {
                 self.readopt_busy(&agent, (ctl, mb), inst, &sess, found);
             }
@@ -389,6 +423,46 @@ impl Supervisor {
         if self.store.end_session(s.id, &end).await? {
             let agent = self.agent_name(s.agent_id);
             crate::telemetry::session_ended(&s.org, &agent, reason.as_str());
+        }
+        Ok(())
+    }
+
+    /// Records the end of a delivered websocket session whose relay died with the previous
+    /// server: `lost` (the server lost it: its client's connection was cut with the relay;
+    /// neither the client nor the agent ended it), `stopped` if its stop had been requested;
+    /// with the instance's exit when it had exited and the runtime knows how.
+    async fn end_relay_gone(
+        &self,
+        s: &SessionRecord,
+        (removed, g): &(bool, Option<GoneExit>),
+        stop_requested: bool,
+    ) -> anyhow::Result<()> {
+        let g = g.as_ref();
+        let reason = if stop_requested {
+            EndReason::Stopped
+        } else {
+            EndReason::Lost
+        };
+        let how = match g {
+            Some(g) => format!("its instance had exited ({})", g.exit.describe()),
+            None if *removed => "its instance was removed".to_string(),
+            None => "its instance had exited".to_string(),
+        };
+        let end = SessionEnd {
+            ended_ms: now_ms(),
+            reason,
+            completion_status: "HTTP_ERROR".into(),
+            exit_code: g.and_then(|g| g.exit.code),
+            exit_signal: g.and_then(|g| g.exit.signal),
+            message: Some(format!(
+                "the server that relayed this websocket session ended, and the relay with it: \
+                 the client's connection was cut; {how}"
+            )),
+        };
+        if self.store.end_session(s.id, &end).await? {
+            let agent = self.agent_name(s.agent_id);
+            crate::telemetry::session_ended(&s.org, &agent, reason.as_str());
+            let _ = self.changes.send((s.org.clone(), s.id));
         }
         Ok(())
     }

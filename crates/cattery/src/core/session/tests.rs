@@ -34,6 +34,7 @@ fn config() -> SupervisorConfig {
         node_id: "n1".into(),
         node_timeout: Duration::from_secs(2),
         max_warm_starting: super::DEFAULT_MAX_WARM_STARTING,
+        relay_dir: None,
     }
 }
 
@@ -409,6 +410,11 @@ async fn left_by_previous_run(e: &Env, a: &AgentRecord) -> (Uuid, Uuid) {
 
 /// An instance and its delivered session as node `node` left them.
 async fn left_by(e: &Env, a: &AgentRecord, node: &str) -> (Uuid, Uuid) {
+    left_with(e, a, node, None).await
+}
+
+/// [`left_by`] for a session of `transport`.
+async fn left_with(e: &Env, a: &AgentRecord, node: &str, transport: Option<&str>) -> (Uuid, Uuid) {
     let dep = e
         .store
         .get_deployment(a.desired_deployment_id)
@@ -449,7 +455,7 @@ async fn left_by(e: &Env, a: &AgentRecord, node: &str) -> (Uuid, Uuid) {
         updated_ms: now,
         bot_start_ms: None,
         cold_start: Some(true),
-        transport: None,
+        transport: transport.map(str::to_string),
         end: None,
         samples: Vec::new(),
         node_id: node.into(),
@@ -482,6 +488,54 @@ async fn recovery_re_adopts_a_live_session() {
     sup.stop_session("o", "a", sid).await.unwrap();
     assert_eq!(end_reason(&e, sid).await, Some(EndReason::Stopped));
     assert!(e.fake.live().is_empty());
+}
+
+/// A delivered websocket session ends with the server process that relays it: after a
+/// restart, one that no live process relays any more (no relay mark held) is recorded `lost`
+/// and its instance removed, never re-adopted (it held its slot until its time limit); one a
+/// live process still relays (a server detached for an upgrade) is re-adopted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_ends_a_websocket_session_whose_relay_is_gone() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 0, 1).await;
+    let (_, gone) = left_with(&e, &a, "n1", Some("websocket")).await;
+    let (kept_iid, kept) = left_with(&e, &a, "n1", Some("websocket")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let relays = dir.path().join("relays");
+    // The detached server's mark (another open of the file: as another process holds it).
+    let _detached = super::relays::RelayMarks::new(Some(relays.clone()))
+        .hold(kept)
+        .unwrap();
+    let (logs, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let cfg = SupervisorConfig {
+        relay_dir: Some(relays),
+        ..config()
+    };
+    let sup = Supervisor::new(
+        e.store.clone(),
+        Arc::new(e.fake.clone()),
+        cfg,
+        logs,
+        Arc::new(NoSecrets),
+    );
+    sup.recover().await.unwrap();
+    let s = e.store.get_session(gone).await.unwrap().unwrap();
+    let end = s.end.expect("ended at the restart");
+    assert_eq!(end.reason, EndReason::Lost);
+    assert!(
+        end.message.unwrap_or_default().contains("relay"),
+        "says why"
+    );
+    assert!(!sup.serves(gone));
+    assert_eq!(
+        e.fake.live(),
+        vec![kept_iid],
+        "only the relayed one runs on"
+    );
+    assert_eq!(e.store.list_instances().await.unwrap().len(), 1);
+    assert_eq!(end_reason(&e, kept).await, None);
+    assert!(sup.serves(kept));
 }
 
 /// An instance that ended while no control plane watched it, where the runtime still knows
