@@ -697,6 +697,11 @@ async def handle_websocket(ws: WebSocket):
     if ws.application_state == WebSocketState.CONNECTED and ws.client_state == WebSocketState.CONNECTED:
         with contextlib.suppress(Exception):
             await ws.close(code=1000 if outcome.status == "ok" else 1011)
+    # The instance serves one session: once it is over the process exits (code 0, or 1 if
+    # bot() raised) and writes the code to $CATTERY_EXIT_STATUS_FILE, so a server that is not
+    # this process's parent (it re-adopted the instance in an upgrade) records how it ended.
+    if not _SHUTTING_DOWN:
+        _exit_soon(0 if outcome.status == "ok" else 1)
 
 
 async def _call_readyz():

@@ -12,6 +12,7 @@ check passes, 1 otherwise, and prints one line per check plus a closing ``N pass
 
 import argparse
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -606,7 +607,7 @@ def test_webrtc_echo(ctx):
 
 
 PROBE_BOT = '''
-import asyncio, os
+import asyncio, json, os
 from pipecatcloud_system import app
 
 LAST = {}
@@ -626,7 +627,7 @@ async def bot(args):
         token=getattr(args, "token", None),
     )
     if getattr(args, "websocket", None) is not None:
-        await args.websocket.send_text("hi")
+        await args.websocket.send_text(json.dumps(LAST))
 
 def readyz():
     mode = open(os.path.join(HERE, "mode")).read().strip()
@@ -695,22 +696,6 @@ def test_probe_bot(ctx):
         _, last = call_http(r.port, "GET", "/last")
         check("probe-bot: no x-daily-session-id -> CATTERY_SESSION_ID", last.get("session_id") == "env-session", f"{last}")
 
-        ws = WebSocketClient(r.port, "/ws", {"x-daily-session-id": SID_C})
-        msg = ws.recv()
-        closed = ws.recv()
-        ws.close()
-        _, last = call_http(r.port, "GET", "/last")
-        check(
-            "probe-bot: /ws -> WebSocketSessionArguments, body None, socket closed after bot()",
-            msg == (0x1, b"hi") and closed is None and ws.close_code == 1000
-            and last == {"cls": "WebSocketSessionArguments", "session_id": SID_C, "body": None, "room_url": None, "token": None},
-            f"{msg} close={ws.close_code} {last}",
-        )
-        ws = WebSocketClient(r.port, "/ws?body=%%%notbase64")
-        ws.recv()
-        ws.close()
-        _, last = call_http(r.port, "GET", "/last")
-        check("probe-bot: undecodable ?body= -> None", last.get("body") is None and last.get("cls") == "WebSocketSessionArguments", f"{last}")
         check_log_format("probe-bot", r.log())
         check(
             "probe-bot: lines outside a request use CATTERY_SESSION_ID",
@@ -718,6 +703,39 @@ def test_probe_bot(ctx):
         )
     finally:
         r.stop()
+    # A /ws session ends its instance: once bot() returns the runner closes the socket (1000),
+    # writes 0 to $CATTERY_EXIT_STATUS_FILE and exits 0. One runner per session.
+    status_file = os.path.join(bot_dir, "exit-status")
+    cases = [
+        ("/ws", {"x-daily-session-id": SID_C}, SID_C, "body None"),
+        ("/ws?body=%%%notbase64", {}, "env-session", "undecodable ?body= -> None"),
+    ]
+    for path, headers, sid, what in cases:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(status_file)
+        env = {"CATTERY_SESSION_ID": "env-session", "CATTERY_EXIT_STATUS_FILE": status_file}
+        r = Runner(ctx.python, ctx.runner, bot_dir, ctx.log_dir, "probe-bot-ws", env=env)
+        try:
+            if not check(f"probe-bot /ws: runner ready ({what})", r.wait_ready(), r.log()[-2000:]):
+                return
+            ws = WebSocketClient(r.port, path, headers)
+            msg = ws.recv()
+            closed = ws.recv()
+            ws.close()
+            try:
+                code = r.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                code = None
+            written = open(status_file).read().strip() if os.path.exists(status_file) else None
+            want = {"cls": "WebSocketSessionArguments", "session_id": sid, "body": None, "room_url": None, "token": None}
+            got = json.loads(msg[1]) if msg and msg[0] == 0x1 else msg
+            check(
+                f"probe-bot: /ws -> WebSocketSessionArguments, {what}, socket closed 1000 after bot(), runner exits 0",
+                got == want and closed is None and ws.close_code == 1000 and code == 0 and written == "0",
+                f"{got} close={ws.close_code} exit={code} status_file={written}",
+            )
+        finally:
+            r.stop()
 
 
 def test_broken_bots(ctx):

@@ -547,3 +547,95 @@ async fn local_agent_without_runner_dependencies_is_not_ready_at_deploy() {
     let sid = s.start_ok("bare-python").await;
     assert_eq!(s.stop("bare-python", &sid).await.status, 200);
 }
+
+/// Echoes text frames until `bye`, then returns (the runner closes the socket with 1000).
+const WS_BYE_BOT: &str = r#"
+async def bot(args):
+    ws = args.websocket
+    while True:
+        text = await ws.receive_text()
+        if text == "bye":
+            return
+        await ws.send_text(text)
+"#;
+
+/// A websocket call that ends normally after a detach upgrade is recorded `completed`: the
+/// runner exits 0 once `bot()` has returned and writes the code to
+/// `$CATTERY_EXIT_STATUS_FILE`, which the new server (no longer the instance's parent) reads.
+/// Before, the runner kept running after a `/ws` session, and the end was recorded `error`,
+/// "the instance exited (exit status unknown)".
+#[tokio::test(flavor = "multi_thread")]
+async fn python_websocket_call_ending_after_a_detach_upgrade_is_completed() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let py = python();
+    let mut s = Server::start(&[
+        "--python",
+        py.to_str().unwrap(),
+        "--stop-grace-seconds",
+        "3",
+        "--on-stop",
+        "detach",
+    ])
+    .await;
+    let tmp = common::open_tempdir();
+    let bot = fixture_bot(&tmp.path().join("ws-bye"), WS_BYE_BOT);
+    s.deploy("ws-bye", &[], json!({"command": null, "image": bot}))
+        .await;
+    let r = s
+        .start_session("ws-bye", json!({"transport": "websocket"}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let url = format!(
+        "{}?token={}",
+        r.body["wsUrl"].as_str().unwrap(),
+        r.body["token"].as_str().unwrap()
+    );
+    let sid = r.body["sessionId"].as_str().unwrap().to_string();
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .expect("ws connect");
+    type Ws = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+    async fn echo(ws: &mut Ws, text: &str) {
+        ws.send(Message::Text(text.into())).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => assert_eq!(t.as_str(), text),
+            other => panic!("no echo of {text}: {other:?}"),
+        }
+    }
+    echo(&mut ws, "before").await;
+
+    s.signal(15);
+    common::wait_for(Duration::from_secs(20), "old server relaying", || async {
+        s.log()
+            .contains("relaying the websocket calls")
+            .then_some(())
+    })
+    .await;
+    let mut old = s.child.take().expect("old server");
+    s.spawn().await;
+    assert!(
+        s.log().contains("re-adopted a running session") && s.log().contains(&sid),
+        "{}",
+        s.log()
+    );
+    echo(&mut ws, "after").await;
+    ws.send(Message::Text("bye".into())).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+        Ok(Some(Ok(Message::Close(Some(f))))) => assert_eq!(u16::from(f.code), 1000),
+        other => panic!("expected the bot's close: {other:?}"),
+    }
+    let g = s.wait_ended("ws-bye", &sid, Duration::from_secs(30)).await;
+    assert_eq!(g["endReason"], "completed", "{g}");
+    let t0 = std::time::Instant::now();
+    while old.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the old server did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.wait_no_agent_pids(Duration::from_secs(10)).await;
+}
