@@ -184,7 +184,15 @@ impl UidPool {
             Some(lock) => {
                 held.insert(uid, lock);
             }
-            None => tracing::warn!(uid, "an adopted instance's uid is held by another server"),
+            // Expected in an upgrade (`--on-stop detach`): the previous server of this data dir
+            // still runs while it relays its websocket calls, and holds the uids of the
+            // instances it started until it exits (a killed server's locks are gone before the
+            // data dir is free). The file still says `in use`, so no start takes the uid while
+            // the instance runs (`try_take`).
+            None => tracing::info!(
+                uid,
+                "an adopted instance's uid is still locked by the previous server (detached, relaying its websocket calls); it is free once that server exits"
+            ),
         }
     }
 
