@@ -357,9 +357,11 @@ impl EndReason {
     }
 }
 
-/// Start of the message of a start that failed because the instance never answered
-/// `/readyz` (`START_TIMEOUT`): what tells `agent_start_timeout` from other failed starts.
-pub const START_TIMEOUT_MESSAGE: &str = "instance did not answer /readyz within";
+/// Start of the message of a start that failed because the instance did not answer `/readyz`
+/// with 200 in time (`START_TIMEOUT`): what tells `agent_start_timeout` from other failed
+/// starts. The message goes on `with 200 within N s (why)`; earlier versions went on
+/// `within N s`, and the sessions they recorded start with the same words.
+pub const START_TIMEOUT_MESSAGE: &str = "instance did not answer /readyz";
 
 /// A session's `endState`, Pipecat Cloud's summary of how it ended (the vocabulary of
 /// `pipecat cloud agent sessions --end-state`), derived from the [`EndReason`].
@@ -668,7 +670,10 @@ mod tests {
             message: message.map(str::to_string),
         };
         assert_eq!(EndState::of(None), EndState::Active);
-        let timeout = format!("{START_TIMEOUT_MESSAGE} 60 s");
+        let timeout =
+            format!("{START_TIMEOUT_MESSAGE} with 200 within 60 s (its last answer was 503)");
+        // As versions before the message said "with 200" recorded it.
+        let earlier = "instance did not answer /readyz within 60 s";
         for (reason, message, state) in [
             (EndReason::Completed, None, "completed"),
             (EndReason::ClientDisconnected, None, "completed"),
@@ -685,6 +690,7 @@ mod tests {
                 Some(timeout.as_str()),
                 "agent_start_timeout",
             ),
+            (EndReason::StartFailed, Some(earlier), "agent_start_timeout"),
             (
                 EndReason::StoppedDuringStart,
                 None,

@@ -3,6 +3,10 @@
 //! A fake instance is an HTTP server on a loopback port inside this process that follows a
 //! script taken from the deployment's `command` (`["fake", "ready-ms=50", "stubborn"]`):
 //!
+//! - `start-ms=N`: making the instance takes N ms ([`Runtime::start`] returns after them), as
+//!   the process runtime waiting for an agent's fork server to import the bot; a start
+//!   abandoned meanwhile ([`InstanceSpec::abandoned`]) returns at once, with the event
+//!   `abandoned <id>`;
 //! - `ready-ms=N`: `/readyz` answers 200 from N ms after the start (default 0; `never-ready`:
 //!   never);
 //! - `crash-ms=N[:CODE]`: the instance exits with CODE (default 1) N ms after its start;
@@ -47,6 +51,8 @@ use crate::model::{DeploymentRecord, InstanceRecord};
 /// What a fake instance does (parsed from its arguments, see the module docs).
 #[derive(Debug, Clone, Default)]
 pub struct Script {
+    /// Making the instance takes this long.
+    pub making: Duration,
     /// `/readyz` answers 200 from this long after the start; `None`: never.
     pub ready_after: Option<Duration>,
     /// Exits with this code this long after the start.
@@ -87,6 +93,7 @@ impl Script {
         for a in args {
             let (k, v) = a.split_once('=').unwrap_or((a.as_str(), ""));
             match k {
+                "start-ms" => s.making = ms_and(v, 0u8)?.0,
                 "ready-ms" => s.ready_after = Some(ms_and(v, 0u8)?.0),
                 "never-ready" => s.ready_after = None,
                 "crash-ms" => s.crash = Some(ms_and(v, 1)?),
@@ -202,6 +209,15 @@ impl Runtime for FakeRuntime {
         let mut script = Script::parse(&spec.args).map_err(RuntimeError::Setup)?;
         if script.fail_start {
             return Err(RuntimeError::Setup("simulated start failure".into()));
+        }
+        if !script.making.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(script.making) => {}
+                _ = spec.abandoned.cancelled() => {
+                    self.event(format!("abandoned {}", spec.instance_id));
+                    return Err(RuntimeError::Abandoned);
+                }
+            }
         }
         if let (Some(agent), Some(r)) = (spec.agent, &script.fork_fallback) {
             let st = super::ForkServerStatus {

@@ -41,6 +41,11 @@ pub struct InstanceSpec {
     /// The agent the instance belongs to: the process runtime keeps one Python fork server
     /// per agent (`runtime/process/zygote.rs`), replaced when its deployment changes.
     pub agent: Option<Uuid>,
+    /// Cancelled when the engine no longer waits for this start (a stop, the start timeout):
+    /// a runtime that is still waiting for something long before it makes the instance (a
+    /// fork server importing the bot) returns [`RuntimeError::Abandoned`] at once. An
+    /// instance a runtime still returns is removed by the engine.
+    pub abandoned: tokio_util::sync::CancellationToken,
 }
 
 /// How an instance's main process ended.
@@ -165,6 +170,9 @@ pub enum RuntimeError {
     /// Setup (directories, cgroups, ports) failed.
     #[error("instance setup failed: {0}")]
     Setup(String),
+    /// [`InstanceSpec::abandoned`] was cancelled before the instance was made.
+    #[error("the start was abandoned before its instance was made")]
+    Abandoned,
 }
 
 /// A started (or re-adopted) instance.
@@ -311,7 +319,8 @@ pub trait Runtime: Send + Sync + 'static {
     /// Why `dep` cannot run here, or `None` when it can (deploy-time validation). May block
     /// for a moment (it may run the agent's interpreter).
     fn validate(&self, dep: &DeploymentRecord) -> Option<String>;
-    /// Starts an instance. Its stdout and stderr go to `logs`, line by line.
+    /// Starts an instance. Its stdout and stderr go to `logs`, line by line. Returns soon
+    /// after `spec.abandoned` is cancelled (see [`InstanceSpec::abandoned`]).
     async fn start(
         &self,
         spec: InstanceSpec,

@@ -4,11 +4,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::ending::{during_start, ending_of_outcome, reply_err, Ending, OUTCOME_AFTER_EXIT};
@@ -81,11 +83,16 @@ pub(super) struct Actor {
     /// A relayed session's mark (`relays`), held until the actor is done, i.e. after the
     /// session's end is recorded: a server started meanwhile leaves the session to this one.
     relay_mark: Option<super::relays::RelayMark>,
+    /// When the start times out (`START_TIMEOUT`): the start timeout after the actor began,
+    /// for the whole start (the runtime making the instance, a retry on another port, the
+    /// wait for `/readyz`).
+    start_deadline: Instant,
 }
 
 /// Runs an instance's whole life. See the module docs.
 pub(super) async fn run(sup: Arc<Supervisor>, ctl: Arc<InstanceCtl>, mb: Mailbox, start: Start) {
     let (rx, done_tx) = mb;
+    let start_deadline = Instant::now() + sup.cfg.start_timeout;
     let mut a = Actor {
         sup,
         ctl,
@@ -96,6 +103,7 @@ pub(super) async fn run(sup: Arc<Supervisor>, ctl: Arc<InstanceCtl>, mb: Mailbox
         recorded_session: None,
         ready_conn: None,
         relay_mark: None,
+        start_deadline,
     };
     let (inst, adopted_busy) = match start {
         Start::Adopted(i, s) => {
@@ -108,13 +116,10 @@ pub(super) async fn run(sup: Arc<Supervisor>, ctl: Arc<InstanceCtl>, mb: Mailbox
                 a.session = Some((d.session, d.deadline));
             }
             a.delivery = d;
-            match a.sup.spawn_instance(&a.ctl, a.session.map(|s| s.0)).await {
+            match a.spawn().await {
                 Ok(i) => (i, false),
-                Err(e) => {
-                    a.sup
-                        .record_failure(&a.ctl, "spawn_failed", None, e.clone());
-                    let end = Ending::start_failed("SPAWN_FAILED", e, None);
-                    a.finish(None, end).await;
+                Err((end, made)) => {
+                    a.finish(made, end).await;
                     return;
                 }
             }
@@ -190,18 +195,86 @@ impl Actor {
                 ),
             );
             let sid = self.session.map(|s| s.0);
-            match self.sup.spawn_instance(&self.ctl, sid).await {
+            match self.spawn().await {
                 Ok(i) => *inst = i,
-                Err(e) => {
-                    self.sup
-                        .record_failure(&self.ctl, "spawn_failed", None, e.clone());
-                    return Err(Ending::start_failed("SPAWN_FAILED", e, None));
+                Err((end, made)) => {
+                    if let Some(i) = made {
+                        *inst = i;
+                    }
+                    return Err(end);
                 }
             }
             self.sup.persist_instance(&self.ctl, inst, sid).await;
             self.recorded_session = sid;
         }
         Ok(())
+    }
+
+    /// Has the runtime make the instance, answering stops and claims meanwhile, within the
+    /// start's deadline and the session's: making it may take long (a fork server importing
+    /// the bot, `runtime/process/zygote.rs`), and a stop waits for nothing but the stop grace
+    /// (`docs/lifecycle.md`). When the actor stops waiting, the runtime is told to give up
+    /// ([`InstanceSpec::abandoned`](crate::runtime::InstanceSpec::abandoned)) and its answer
+    /// is awaited (at once, as a rule): an instance it made all the same comes back with the
+    /// ending, for the cleanup path, so that nothing of the start outlives its answer.
+    async fn spawn(&mut self) -> Result<Arc<dyn Instance>, (Ending, Option<Arc<dyn Instance>>)> {
+        let abandoned = CancellationToken::new();
+        let (sup, ctl, token) = (self.sup.clone(), self.ctl.clone(), abandoned.clone());
+        let sid = self.session.map(|s| s.0);
+        let mut making = Box::pin(async move { sup.spawn_instance(&ctl, sid, token).await });
+        let ending = loop {
+            let session_deadline = self
+                .session
+                .map(|s| s.1)
+                .unwrap_or(self.start_deadline + Duration::from_secs(1 << 30));
+            tokio::select! {
+                biased;
+                cmd = self.rx.recv() => match cmd {
+                    Some(Cmd::Stop(r)) => {
+                        let promised = self.session.is_some() || self.ctl.promised();
+                        break Ending::new(during_start(r, promised), "HTTP_ERROR");
+                    }
+                    Some(Cmd::Assign(mut d)) => {
+                        if self.session.is_none() {
+                            self.assign(*d);
+                        } else {
+                            reply_err(&mut d, "instance is already promised to another session");
+                        }
+                    }
+                    None => {}
+                },
+                made = &mut making => return made.map_err(|e| {
+                    self.sup.record_failure(&self.ctl, "spawn_failed", None, e.clone());
+                    (Ending::start_failed("SPAWN_FAILED", e, None), None)
+                }),
+                _ = tokio::time::sleep_until(self.start_deadline) => {
+                    self.sup.record_failure(&self.ctl, "start_timeout", None, String::new());
+                    let importing = self.sup.runtime.fork_server(self.ctl.agent_id).is_some_and(|f| {
+                        f.state == crate::runtime::ForkServerState::Starting
+                    });
+                    break self.start_timeout(if importing {
+                        "the instance was not made yet: its fork server was still importing the bot"
+                    } else {
+                        "the instance was not made yet"
+                    });
+                }
+                _ = tokio::time::sleep_until(session_deadline) => {
+                    break Ending::new(EndReason::MaxDuration, "HTTP_ERROR");
+                }
+            }
+        };
+        abandoned.cancel();
+        Err((ending, making.await.ok()))
+    }
+
+    /// The ending of a start that timed out (`START_TIMEOUT`); `detail` says how far it got.
+    fn start_timeout(&self, detail: &str) -> Ending {
+        let msg = format!(
+            "{} with 200 within {} s ({detail})",
+            crate::model::START_TIMEOUT_MESSAGE,
+            self.sup.cfg.start_timeout.as_secs_f64()
+        );
+        Ending::start_failed("START_TIMEOUT", msg, None)
     }
 
     /// Starting: waits for `/readyz` 200, a stop, an exit, or a deadline. A warm instance
@@ -212,9 +285,11 @@ impl Actor {
         inst: &Arc<dyn Instance>,
         may_retry: bool,
     ) -> Result<Started, Ending> {
-        let start_deadline = Instant::now() + self.sup.cfg.start_timeout;
+        let start_deadline = self.start_deadline;
         let (sup, ctl) = (self.sup.clone(), self.ctl.clone());
-        let ready = wait_ready(&sup, &ctl, inst);
+        // The last `/readyz` status the instance answered (0: none), for a timeout's message.
+        let last_status = AtomicU16::new(0);
+        let ready = wait_ready(&sup, &ctl, inst, &last_status);
         tokio::pin!(ready);
         loop {
             let session_deadline = self
@@ -253,8 +328,11 @@ impl Actor {
                 _ = tokio::time::sleep_until(start_deadline) => {
                     let tail = inst.stderr_tail().await;
                     self.sup.record_failure(&self.ctl, "start_timeout", None, tail);
-                    let msg = format!("{} {} s", crate::model::START_TIMEOUT_MESSAGE, self.sup.cfg.start_timeout.as_secs_f64());
-                    return Err(Ending::start_failed("START_TIMEOUT", msg, None));
+                    let detail = match last_status.load(Ordering::Relaxed) {
+                        0 => "it never answered".to_string(),
+                        s => format!("its last answer was {s}"),
+                    };
+                    return Err(self.start_timeout(&detail));
                 }
                 _ = tokio::time::sleep_until(session_deadline) => {
                     return Err(Ending::new(EndReason::MaxDuration, "HTTP_ERROR"));
@@ -564,6 +642,7 @@ async fn wait_ready(
     sup: &Supervisor,
     ctl: &InstanceCtl,
     inst: &Arc<dyn Instance>,
+    last_status: &AtomicU16,
 ) -> Option<instance_http::Conn> {
     let addr = inst.endpoint();
     let mut warned = false;
@@ -571,6 +650,9 @@ async fn wait_ready(
     loop {
         let (status, conn) =
             instance_http::get_status_keep(addr, "/readyz", Duration::from_secs(2)).await;
+        if let Some(s) = status {
+            last_status.store(s, Ordering::Relaxed);
+        }
         if status == Some(200) {
             if inst.owns_endpoint() {
                 return conn;
@@ -644,6 +726,7 @@ impl Supervisor {
         &self,
         ctl: &InstanceCtl,
         session: Option<Uuid>,
+        abandoned: CancellationToken,
     ) -> Result<Arc<dyn Instance>, String> {
         let prepared = self.runtime.prepare(&ctl.deployment)?;
         let mut env = prepared.env;
@@ -674,6 +757,7 @@ impl Supervisor {
             env,
             limits: ctl.deployment.spec.limits(),
             agent: Some(ctl.agent_id),
+            abandoned,
         };
         let sink = LogSink {
             tx: self.logs.clone(),

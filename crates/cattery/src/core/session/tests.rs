@@ -403,6 +403,97 @@ async fn stop_during_start() {
     assert!(e.fake.live().is_empty());
 }
 
+/// A stop while the runtime is still making the instance (the process runtime waiting for a
+/// fork server that imports the bot: `start-ms`) answers without waiting for it: the start
+/// gets `409 STOPPED_DURING_START`, the runtime is told to give up, nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_the_runtime_makes_the_instance_does_not_wait_for_it() {
+    let e = env().await;
+    agent(&e, "a", &["start-ms=600000"], 0, 1).await;
+    let sid = Uuid::new_v4();
+    let sup = e.sup.clone();
+    let starting = tokio::spawn(async move {
+        let p = StartParams {
+            session_id: Some(sid),
+            ..StartParams::default()
+        };
+        sup.start_session("o", "a", p).await
+    });
+    until("session stored", async || {
+        e.store.get_session(sid).await.unwrap().is_some()
+    })
+    .await;
+    // Generous bounds: without the fix both wait for the runtime's 600 s.
+    let stop = tokio::time::timeout(Duration::from_secs(20), e.sup.stop_session("o", "a", sid));
+    stop.await
+        .expect("the stop waited for the runtime's start")
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(20), starting)
+        .await
+        .expect("the start waited for the runtime")
+        .unwrap();
+    assert!(matches!(r, Err(CoreError::StoppedDuringStart(_))), "{r:?}");
+    assert_eq!(
+        end_reason(&e, sid).await,
+        Some(EndReason::StoppedDuringStart)
+    );
+    assert!(e.fake.live().is_empty());
+    assert_eq!(e.fake.starts(), 0);
+    let events = e.fake.events();
+    assert!(
+        events.iter().any(|ev| ev.starts_with("abandoned ")),
+        "{events:?}"
+    );
+}
+
+/// The start timeout (5 s here) bounds the whole start, the time the runtime takes to make the
+/// instance included: made in 4 s and ready 4 s later is too late, and a runtime that never
+/// makes it is given up at the timeout. The message says what was missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_timeout_counts_the_time_the_runtime_takes_to_make_the_instance() {
+    let e = env().await;
+    agent(&e, "slow", &["start-ms=4000", "ready-ms=4000"], 0, 1).await;
+    agent(&e, "hung", &["start-ms=600000"], 0, 1).await;
+    agent(&e, "never", &["never-ready"], 0, 1).await;
+    let timed_out = |r: Result<super::StartOutcome, CoreError>| match r {
+        Err(CoreError::StartFailed {
+            code: "START_TIMEOUT",
+            message,
+        }) => message,
+        other => panic!("expected START_TIMEOUT, got {other:?}"),
+    };
+    let bounded = |f| tokio::time::timeout(Duration::from_secs(30), f);
+    let slow = timed_out(bounded(start(&e, "slow")).await.expect("bounded"));
+    assert!(
+        slow.starts_with("instance did not answer /readyz with 200 within 5 s ("),
+        "{slow}"
+    );
+    let hung = timed_out(
+        bounded(start(&e, "hung"))
+            .await
+            .expect("the start waited for the runtime"),
+    );
+    assert_eq!(
+        hung,
+        "instance did not answer /readyz with 200 within 5 s (the instance was not made yet)"
+    );
+    let never = timed_out(bounded(start(&e, "never")).await.expect("bounded"));
+    assert_eq!(
+        never,
+        "instance did not answer /readyz with 200 within 5 s (its last answer was 503)"
+    );
+    until("every instance gone", async || e.fake.live().is_empty()).await;
+    let events = e.fake.events();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|ev| ev.starts_with("abandoned "))
+            .count(),
+        1,
+        "{events:?}"
+    );
+}
+
 /// An instance and its delivered session as a previous run left them.
 async fn left_by_previous_run(e: &Env, a: &AgentRecord) -> (Uuid, Uuid) {
     left_by(e, a, "n1").await
@@ -442,6 +533,7 @@ async fn left_with(e: &Env, a: &AgentRecord, node: &str, transport: Option<&str>
         env: vec![],
         limits: None,
         agent: None,
+        abandoned: Default::default(),
     };
     let inst = e.fake.start(spec, sink).await.unwrap();
     let sid = Uuid::new_v4();
