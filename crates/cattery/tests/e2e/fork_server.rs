@@ -431,3 +431,68 @@ async fn fork_servers_are_unprivileged_and_agents_cannot_reach_each_other() {
     }
     assert_eq!(s.stop("peer-b", &sid_b).await.status, 200);
 }
+
+/// A bot whose import never ends.
+const HANG_BOT: &str =
+    "import time\nwhile True:\n    time.sleep(0.05)\n\nasync def bot(args):\n    pass\n";
+
+/// A bot whose import never ends. Its start is bounded by the start timeout (8 s here): 504
+/// `START_TIMEOUT` once it is over, not after the fork server's own 120 s import limit and a
+/// fallback spawn with a fresh timeout. A stop while the fork server imports answers without
+/// waiting for it (409 `STOPPED_DURING_START` for the start). The fork server goes on
+/// importing for the starts that follow (`starting` in the status); no instance is made.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fork_server_still_importing_holds_neither_the_start_timeout_nor_a_stop() {
+    let py = python();
+    let s = Server::start(&[
+        "--python",
+        py.to_str().unwrap(),
+        "--stop-grace-seconds",
+        "3",
+        "--start-timeout-seconds",
+        "8",
+    ])
+    .await;
+    let tmp = common::open_tempdir();
+    let hang = fixture_bot(&tmp.path().join("hang"), HANG_BOT);
+    s.deploy("hang", &[], json!({"command": null, "image": hang}))
+        .await;
+    let t0 = Instant::now();
+    let r = s.start_session("hang", json!({})).await;
+    let took = t0.elapsed();
+    assert_eq!(r.status, 504, "{:?}", r.body);
+    assert_eq!(r.body["code"], "START_TIMEOUT");
+    assert!(
+        r.body["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("its fork server was still importing the bot")),
+        "{:?}",
+        r.body
+    );
+    // Generous: before, the fork server's 120 s import limit came first.
+    assert!(took < Duration::from_secs(60), "{took:?}");
+    assert_eq!(fork_status(&s, "hang").await["state"], "starting");
+    let importing = fork_servers(&s);
+    assert_eq!(importing.len(), 1, "{importing:?}");
+
+    let (started, (stop, took)) = tokio::join!(s.start_session("hang", json!({})), async {
+        let sid = common::wait_for(Duration::from_secs(20), "the start's session", || async {
+            let path = "/v1/agents/hang/sessions?status=active";
+            let r = s.req("GET", path, Some(&s.sk), None).await;
+            r.body["sessions"][0]["sessionId"]
+                .as_str()
+                .map(String::from)
+        })
+        .await;
+        let t0 = Instant::now();
+        (s.stop("hang", &sid).await, t0.elapsed())
+    });
+    assert_eq!(stop.status, 200, "{:?}", stop.body);
+    // Generous again: before, the stop waited for the import's 120 s.
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    assert_eq!(started.status, 409, "{:?}", started.body);
+    assert_eq!(started.body["code"], "STOPPED_DURING_START");
+    assert!(s.agent_pids().is_empty(), "{:?}", s.agent_pids());
+    assert_eq!(fork_servers(&s), importing, "the fork server imports on");
+    assert_eq!(fork_status(&s, "hang").await["state"], "starting");
+}

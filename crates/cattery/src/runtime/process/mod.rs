@@ -79,16 +79,40 @@ struct Zygotes {
     by_agent: Mutex<std::collections::HashMap<uuid::Uuid, Arc<Mutex<AgentZygote>>>>,
     /// What each agent's fork server is doing, for its status.
     status: zygote::Statuses,
+    /// The generation of the next import ([`Importing::generation`]).
+    next_generation: std::sync::atomic::AtomicU64,
 }
 
 /// One agent's fork server, or why it has none.
 #[derive(Default)]
 struct AgentZygote {
     live: Option<Arc<Zygote>>,
+    /// The fork server importing the bot, if one is.
+    importing: Option<Importing>,
     /// The key whose zygote refused to fork, and why.
     unsafe_: Option<(u64, String)>,
     /// The key whose zygote failed to start, when (retried after [`ZYGOTE_RETRY`]), and why.
     failed: Option<(u64, Instant, String)>,
+}
+
+/// A fork server importing the bot, on a thread of its own
+/// ([`ProcessRuntime::import_zygote`]): starts of its key wait for its outcome.
+struct Importing {
+    key: u64,
+    /// Tells it from an earlier import of the same key.
+    generation: u64,
+    outcome: watch::Receiver<Option<ZygoteOutcome>>,
+}
+
+/// A fork server to fork from, or why instances are spawned (`None`: nothing worth saying).
+type ZygoteOutcome = Result<Arc<Zygote>, Option<String>>;
+
+/// What [`ProcessRuntime::decide_zygote`] found.
+enum Decided {
+    /// The outcome, known at once.
+    Now(ZygoteOutcome),
+    /// A fork server is importing the bot: its outcome comes here.
+    Wait(watch::Receiver<Option<ZygoteOutcome>>),
 }
 
 /// How long after a failed fork-server start instances are spawned before trying again.
@@ -139,6 +163,7 @@ impl ProcessRuntime {
                 mode: ForkServerMode::On,
                 by_agent: Mutex::new(Default::default()),
                 status: Default::default(),
+                next_generation: Default::default(),
             }),
         })
     }
@@ -149,6 +174,7 @@ impl ProcessRuntime {
             mode,
             by_agent: Mutex::new(Default::default()),
             status: Default::default(),
+            next_generation: Default::default(),
         });
         self
     }
@@ -321,12 +347,15 @@ impl ProcessRuntime {
     ///
     /// Errors: [`RuntimeError::Setup`] (uid, directory, port, cgroups) or
     /// [`RuntimeError::Spawn`] (the program could not be started); nothing is left behind.
+    /// `decided`: the fork server to fork from, or why the instance is spawned
+    /// ([`ProcessRuntime::zygote_for`]).
     fn start_blocking(
         &self,
         spec: InstanceSpec,
         logs: LogSink,
+        decided: Result<Arc<Zygote>, Option<String>>,
     ) -> Result<Arc<dyn Instance>, RuntimeError> {
-        let (zygote, note) = match self.zygote_for(&spec) {
+        let (zygote, note) = match decided {
             Ok(z) => (Some(z), None),
             Err(note) => (None, note),
         };
@@ -793,6 +822,10 @@ impl Runtime for ProcessRuntime {
     async fn shutdown(&self) {
         let all: Vec<_> = self.zygotes.by_agent.lock().drain().collect();
         for (_, slot) in all {
+            if let Some(i) = slot.lock().importing.take() {
+                // Its thread retires it.
+                self.kill_importing(i.key);
+            }
             let live = slot.lock().live.take();
             if let Some(z) = live {
                 let rt = self.clone();
@@ -814,11 +847,13 @@ impl Runtime for ProcessRuntime {
     /// claim, its parked process gone, falls back to joining cgroups on that worker: rare, and
     /// it may wait an RCU grace period there.)
     ///
-    /// Every other start runs [`ProcessRuntime::start_blocking`] in `block_in_place`: joining
-    /// a cgroup can keep the spawning thread in the kernel for a whole RCU grace period (10-13
-    /// ms here), and a fork server may have to start first, so the worker's other tasks move
-    /// to another thread first. (On tokio's blocking pool instead, warm starts at concurrency 8
-    /// were 0.3-0.5 ms slower.) Needs the multi-threaded runtime.
+    /// Every other start first waits, without holding its worker, for its agent's fork server
+    /// when one is importing the bot ([`ProcessRuntime::zygote_for`]; an abandoned start stops
+    /// waiting at once: [`RuntimeError::Abandoned`]), then runs
+    /// [`ProcessRuntime::start_blocking`] in `block_in_place`: joining a cgroup can keep the
+    /// spawning thread in the kernel for a whole RCU grace period (10-13 ms here), so the
+    /// worker's other tasks move to another thread first. (On tokio's blocking pool instead,
+    /// warm starts at concurrency 8 were 0.3-0.5 ms slower.) Needs the multi-threaded runtime.
     async fn start(
         &self,
         spec: InstanceSpec,
@@ -830,7 +865,8 @@ impl Runtime for ProcessRuntime {
                 return self.start_with(spec, logs, None, None, Some(spare));
             }
         }
-        tokio::task::block_in_place(|| self.start_blocking(spec, logs))
+        let decided = self.zygote_for(&spec).await?;
+        tokio::task::block_in_place(|| self.start_blocking(spec, logs, decided))
     }
 
     async fn sweep(&self, keep: &HashSet<uuid::Uuid>) {
@@ -1246,15 +1282,32 @@ fn last_line(p: &Path) -> String {
 /// The fork servers of `local:` Python agents (see [`zygote`]).
 impl ProcessRuntime {
     /// The fork server to fork `spec`'s instance from, started if needed; or why the instance
-    /// is spawned instead (`None`: nothing worth saying, e.g. not a `local:` agent). The
-    /// outcome is kept for the agent's status ([`Runtime::fork_server`]).
-    fn zygote_for(&self, spec: &InstanceSpec) -> Result<Arc<Zygote>, Option<String>> {
-        let outcome = self.decide_zygote(spec);
-        if let (Some(agent), true) = (spec.agent, self.runs_runner(spec)) {
-            let view = outcome.as_ref().map_err(|e| e.as_deref());
-            self.zygotes.status.record(agent, self.zygotes.mode, view);
+    /// is spawned instead (`None`: nothing worth saying, e.g. not a `local:` agent). While the
+    /// agent's fork server imports the bot, every start of its key waits for it here, on no
+    /// thread of its own; a start abandoned meanwhile ([`InstanceSpec::abandoned`]: a stop,
+    /// the start timeout) stops waiting at once, with [`RuntimeError::Abandoned`], and the
+    /// fork server goes on importing for the starts that follow (up to its own limit,
+    /// [`zygote::READY_TIMEOUT`]). The outcome is kept for the agent's status
+    /// ([`Runtime::fork_server`]).
+    async fn zygote_for(&self, spec: &InstanceSpec) -> Result<ZygoteOutcome, RuntimeError> {
+        let mut rx = match self.decide_zygote(spec) {
+            Decided::Now(outcome) => {
+                if let (Some(agent), true) = (spec.agent, self.runs_runner(spec)) {
+                    let view = outcome.as_ref().map_err(|e| e.as_deref());
+                    self.zygotes.status.record(agent, self.zygotes.mode, view);
+                }
+                return Ok(outcome);
+            }
+            Decided::Wait(rx) => rx,
+        };
+        // The import's own thread records its outcome in the status.
+        tokio::select! {
+            r = rx.wait_for(Option::is_some) => Ok(match r {
+                Ok(o) => o.clone().unwrap_or(Err(None)),
+                Err(_) => Err(Some("the fork server's start ended without an outcome".into())),
+            }),
+            _ = spec.abandoned.cancelled() => Err(RuntimeError::Abandoned),
         }
-        outcome
     }
 
     /// Whether `spec` runs the bundled Python runner (a `local:` agent).
@@ -1262,17 +1315,23 @@ impl ProcessRuntime {
         spec.args.len() == 1 && Path::new(&spec.args[0]) == self.python.runner_path
     }
 
-    fn decide_zygote(&self, spec: &InstanceSpec) -> Result<Arc<Zygote>, Option<String>> {
-        let mut inputs = ForkInputs {
+    /// [`ProcessRuntime::zygote_for`]'s decision, under the agent's lock: the live fork
+    /// server of `spec`'s key, a known reason to spawn, or the import of its key (started
+    /// here if none is under way; a fork server of another key, live or importing, is
+    /// retired).
+    fn decide_zygote(&self, spec: &InstanceSpec) -> Decided {
+        let inputs = ForkInputs {
             mode: self.zygotes.mode,
             runs_runner: self.runs_runner(spec),
             has_agent: spec.agent.is_some(),
             cgroup_v2: self.cgroups.v2_base.is_some(),
             unsafe_reason: None,
         };
-        zygote::fork_decision(&inputs)?;
+        if let Err(e) = zygote::fork_decision(&inputs) {
+            return Decided::Now(Err(e));
+        }
         let Some(agent) = spec.agent else {
-            return Err(None);
+            return Decided::Now(Err(None));
         };
         let key = zygote::zygote_key(
             &spec.program,
@@ -1292,29 +1351,98 @@ impl ProcessRuntime {
             if *k == key {
                 let mut known = inputs;
                 known.unsafe_reason = Some(r);
-                zygote::fork_decision(&known)?;
+                return Decided::Now(Err(zygote::fork_decision(&known).err().flatten()));
             }
         }
         if let Some(z) = &st.live {
             if z.key == key && z.alive() {
-                return Ok(z.clone());
+                return Decided::Now(Ok(z.clone()));
+            }
+        }
+        if let Some(i) = &st.importing {
+            if i.key == key {
+                return Decided::Wait(i.outcome.clone());
             }
         }
         if let Some((k, at, why)) = &st.failed {
             if *k == key && at.elapsed() < ZYGOTE_RETRY {
                 // The same reason as at the failure, until the retry.
-                return Err(Some(format!("{why}; tried again within a minute")));
+                return Decided::Now(Err(Some(format!("{why}; tried again within a minute"))));
             }
         }
         if let Some(old) = st.live.take() {
             let rt = self.clone();
             std::thread::spawn(move || rt.retire_zygote(&old));
         }
+        if let Some(old) = st.importing.take() {
+            // Its thread retires it: killed, its import ends now.
+            self.kill_importing(old.key);
+        }
         st.unsafe_ = None;
         st.failed = None;
-        let t0 = Instant::now();
+        let generation = self
+            .zygotes
+            .next_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = watch::channel(None);
+        let (rt, slot2, spec2) = (self.clone(), slot.clone(), spec.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("zygote-import-{key:016x}"))
+            .spawn(move || rt.import_zygote(&slot2, agent, (key, generation), &spec2, &tx));
+        if let Err(e) = spawned {
+            return Decided::Now(Err(Some(format!(
+                "the fork server failed: cannot start a thread: {e}"
+            ))));
+        }
+        st.importing = Some(Importing {
+            key,
+            generation,
+            outcome: rx.clone(),
+        });
         self.zygotes.status.starting(agent);
-        match self.start_zygote(key, spec) {
+        Decided::Wait(rx)
+    }
+
+    /// Kills the fork server of `key` that is importing the bot (its import then fails at
+    /// once, and its thread removes what it had).
+    fn kill_importing(&self, key: u64) {
+        if let Some(cg) = self
+            .cgroups
+            .v2_base
+            .as_ref()
+            .map(|b| b.join(zygote_name(key)))
+        {
+            let _ = cgroup::kill_all(&cg);
+        }
+    }
+
+    /// The thread of one import (`generation` of `key`): starts the fork server, and once it
+    /// has imported the bot (or failed) records the outcome for `agent`'s starts and its
+    /// status. An import no longer the agent's current one (another key's started meanwhile,
+    /// or the runtime shut down) is retired instead, and its waiting starts are spawned.
+    fn import_zygote(
+        &self,
+        slot: &Mutex<AgentZygote>,
+        agent: uuid::Uuid,
+        (key, generation): (u64, u64),
+        spec: &InstanceSpec,
+        tx: &watch::Sender<Option<ZygoteOutcome>>,
+    ) {
+        let t0 = Instant::now();
+        let started = self.start_zygote(key, spec);
+        let mut st = slot.lock();
+        if st.importing.as_ref().map(|i| i.generation) != Some(generation) {
+            drop(st);
+            if let Started::Ready(z) = started {
+                self.retire_zygote(&z);
+            }
+            tx.send_replace(Some(Err(Some(
+                "the fork server was replaced by a newer one (a redeploy)".into(),
+            ))));
+            return;
+        }
+        st.importing = None;
+        let outcome = match started {
             Started::Ready(z) => {
                 tracing::info!(agent = %agent, pid = z.pid, took_ms = t0.elapsed().as_millis() as u64, "fork server ready");
                 let z = Arc::new(z);
@@ -1324,10 +1452,17 @@ impl ProcessRuntime {
             Started::Unsafe(r) => {
                 // The reason names the bot's threads: the agent's status has it, not this log.
                 tracing::warn!(agent = %agent, "the bot is not safe to fork (threads alive after its import): its instances are spawned; the agent's status says which");
-                inputs.unsafe_reason = Some(&r);
-                let e = zygote::fork_decision(&inputs).err().flatten();
+                let why = zygote::fork_decision(&ForkInputs {
+                    mode: self.zygotes.mode,
+                    runs_runner: true,
+                    has_agent: true,
+                    cgroup_v2: true,
+                    unsafe_reason: Some(&r),
+                })
+                .err()
+                .flatten();
                 st.unsafe_ = Some((key, r));
-                Err(e)
+                Err(why)
             }
             Started::Failed(r, output) => {
                 // The bot's output stays out of the server's log (the agent's status has it).
@@ -1339,7 +1474,11 @@ impl ProcessRuntime {
                 st.failed = Some((key, Instant::now(), why.clone()));
                 Err(Some(why))
             }
-        }
+        };
+        let view = outcome.as_ref().map_err(|e| e.as_deref());
+        self.zygotes.status.record(agent, self.zygotes.mode, view);
+        drop(st);
+        tx.send_replace(Some(outcome));
     }
 
     /// Starts a fork server for `spec`'s agent and waits until it has imported the bot.
@@ -1490,7 +1629,13 @@ impl ProcessRuntime {
             .by_agent
             .lock()
             .values()
-            .filter_map(|s| s.lock().live.as_ref().map(|z| zygote_name(z.key)))
+            .flat_map(|s| {
+                let st = s.lock();
+                let live = st.live.as_ref().map(|z| zygote_name(z.key));
+                live.into_iter()
+                    .chain(st.importing.as_ref().map(|i| zygote_name(i.key)))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         let mut dirs = Vec::new();
         let mut cgroups = Vec::new();

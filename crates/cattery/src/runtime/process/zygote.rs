@@ -27,8 +27,13 @@
 //! A zygote is keyed by everything that shapes its import: program, arguments, working
 //! directory and environment. A start whose key differs from its agent's zygote (a redeploy,
 //! changed secrets) starts a new zygote and retires the old one (its socket is shut, so it
-//! exits; its cgroup is killed and removed). A zygote also exits by itself after
-//! `CATTERY_ZYGOTE_IDLE_SECONDS` (600) without a start.
+//! exits; its cgroup is killed and removed; one still importing the bot is killed). A zygote
+//! also exits by itself after `CATTERY_ZYGOTE_IDLE_SECONDS` (600) without a start.
+//!
+//! A zygote imports the bot on a thread of its own, for up to [`READY_TIMEOUT`]; meanwhile the
+//! starts of its key wait for it (no thread each), every one only until the engine abandons
+//! it (its start timeout, a stop: `InstanceSpec::abandoned`). The import goes on for the
+//! starts that follow; if it fails or times out, they are spawned.
 //!
 //! Forking is refused, and the agent's instances are spawned as before, when: the fork server
 //! is turned off (`--python-fork-server off`); the machine has no writable cgroup v2 (a forked
@@ -62,8 +67,10 @@ use parking_lot::Mutex;
 use super::reaper::Reaper;
 use crate::runtime::ExitInfo;
 
-/// How long a zygote may take to import the bot before starts fall back to spawning.
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a zygote may take to import the bot before starts fall back to spawning. A start
+/// waits for it at most until its own start timeout (the engine then abandons it); the zygote
+/// goes on importing for the starts that follow.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a fork may take to be answered.
 const FORK_TIMEOUT: Duration = Duration::from_secs(10);
 
