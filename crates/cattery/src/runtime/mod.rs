@@ -41,6 +41,10 @@ pub struct InstanceSpec {
     /// The agent the instance belongs to: the process runtime keeps one Python fork server
     /// per agent (`runtime/process/zygote.rs`), replaced when its deployment changes.
     pub agent: Option<Uuid>,
+    /// The deployment the instance runs. Every deployment is new code (a redeploy of a
+    /// `local:` bot, forced or not, reads its directory again), so a fork server serves the
+    /// instances of one deployment only.
+    pub deployment: Option<Uuid>,
     /// Cancelled when the engine no longer waits for this start (a stop, the start timeout):
     /// a runtime that is still waiting for something long before it makes the instance (a
     /// fork server importing the bot) returns [`RuntimeError::Abandoned`] at once. An

@@ -496,3 +496,80 @@ async fn a_fork_server_still_importing_holds_neither_the_start_timeout_nor_a_sto
     assert_eq!(fork_servers(&s), importing, "the fork server imports on");
     assert_eq!(fork_status(&s, "hang").await["state"], "starting");
 }
+
+/// A bot that serves its `VERSION` on a route of its own, and keeps its session for 120 s.
+fn version_bot(version: &str) -> String {
+    format!(
+        r#"
+import asyncio
+from pipecatcloud_system import app
+
+VERSION = "{version}"
+
+@app.get("/version")
+async def version():
+    return {{"version": VERSION}}
+
+async def bot(args):
+    await asyncio.sleep(120)
+"#
+    )
+}
+
+/// The `VERSION` a session's bot serves, through the session proxy.
+async fn version_of(s: &Server, agent: &str, sid: &str) -> String {
+    common::wait_for(Duration::from_secs(20), "the bot's /version", || async {
+        let path = format!("/v1/public/{agent}/sessions/{sid}/version");
+        let r = s.req("GET", &path, Some(&s.pk), None).await;
+        (r.status == 200).then(|| r.body["version"].as_str().unwrap_or("?").to_string())
+    })
+    .await
+}
+
+/// A redeploy is new code, also when nothing else changed (`forceRedeploy`, the CLI's
+/// `deploy --force`, after an edit of bot.py): a new fork server imports the edited bot and
+/// the old one is retired, while the old deployment's session runs on with its own code.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forced_redeploy_forks_the_edited_bot_from_a_new_fork_server() {
+    let s = server().await;
+    let tmp = common::open_tempdir();
+    let dir = tmp.path().join("versioned");
+    let img = fixture_bot(&dir, &version_bot("v1"));
+    s.deploy("versioned", &[], json!({"command": null, "image": img}))
+        .await;
+    let sid1 = s.start_ok("versioned").await;
+    assert_eq!(version_of(&s, "versioned", &sid1).await, "v1");
+    let fork1 = fork_status(&s, "versioned").await;
+    assert_eq!(fork1["state"], "ready", "{fork1}");
+    let z1 = fork1["pid"].as_i64().unwrap() as i32;
+
+    std::fs::write(dir.join("bot.py"), version_bot("v2")).unwrap();
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents/versioned",
+            Some(&s.sk),
+            Some(json!({"forceRedeploy": true})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sid2 = s.start_ok("versioned").await;
+    assert_eq!(version_of(&s, "versioned", &sid2).await, "v2");
+    let fork2 = fork_status(&s, "versioned").await;
+    assert_eq!(fork2["state"], "ready", "{fork2}");
+    assert_ne!(fork2["pid"].as_i64(), Some(z1 as i64), "a new fork server");
+    common::wait_for(
+        Duration::from_secs(10),
+        "the old fork server to exit",
+        || async { (!common::pid_alive(z1)).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        version_of(&s, "versioned", &sid1).await,
+        "v1",
+        "the old deployment's session runs on"
+    );
+    assert_eq!(s.stop("versioned", &sid1).await.status, 200);
+    assert_eq!(s.stop("versioned", &sid2).await.status, 200);
+    s.wait_no_agent_pids(Duration::from_secs(10)).await;
+}

@@ -757,6 +757,7 @@ impl Supervisor {
             env,
             limits: ctl.deployment.spec.limits(),
             agent: Some(ctl.agent_id),
+            deployment: Some(ctl.deployment.id),
             abandoned,
         };
         let sink = LogSink {

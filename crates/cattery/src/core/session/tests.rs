@@ -533,6 +533,7 @@ async fn left_with(e: &Env, a: &AgentRecord, node: &str, transport: Option<&str>
         env: vec![],
         limits: None,
         agent: None,
+        deployment: None,
         abandoned: Default::default(),
     };
     let inst = e.fake.start(spec, sink).await.unwrap();

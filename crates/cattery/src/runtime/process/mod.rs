@@ -1334,6 +1334,7 @@ impl ProcessRuntime {
             return Decided::Now(Err(None));
         };
         let key = zygote::zygote_key(
+            spec.deployment,
             &spec.program,
             &spec.args,
             spec.working_dir.as_deref(),

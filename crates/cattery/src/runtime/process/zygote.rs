@@ -24,11 +24,13 @@
 //! Either way the status reaches the instance through [`Reaper`]. After a control-plane
 //! restart, forked instances are re-adopted like spawned ones (pid and start time).
 //!
-//! A zygote is keyed by everything that shapes its import: program, arguments, working
-//! directory and environment. A start whose key differs from its agent's zygote (a redeploy,
-//! changed secrets) starts a new zygote and retires the old one (its socket is shut, so it
-//! exits; its cgroup is killed and removed; one still importing the bot is killed). A zygote
-//! also exits by itself after `CATTERY_ZYGOTE_IDLE_SECONDS` (600) without a start.
+//! A zygote is keyed by everything that shapes its import: the deployment (every deployment is
+//! new code: a redeploy, forced or not, reads the bot directory again), program, arguments,
+//! working directory and environment. A start whose key differs from its agent's zygote (a
+//! redeploy, changed secrets) starts a new zygote and retires the old one (its socket is shut,
+//! so it exits; its cgroup is killed and removed; one still importing the bot is killed).
+//! Instances forked from the old one run on in their own cgroups. A zygote also exits by
+//! itself after `CATTERY_ZYGOTE_IDLE_SECONDS` (600) without a start.
 //!
 //! A zygote imports the bot on a thread of its own, for up to [`READY_TIMEOUT`]; meanwhile the
 //! starts of its key wait for it (no thread each), every one only until the engine abandons
@@ -192,14 +194,18 @@ impl Statuses {
 }
 
 /// The zygote key of an instance: a hash of what its import can depend on (everything but the
-/// instance's own variables, which its child gets after the fork).
+/// instance's own variables, which its child gets after the fork), and of its deployment: the
+/// bot's files are read at the import, and a new deployment of the same directory (a
+/// redeploy after an edit) must import them again.
 pub fn zygote_key(
+    deployment: Option<uuid::Uuid>,
     program: &str,
     args: &[String],
     working_dir: Option<&Path>,
     env: &[(String, String)],
 ) -> u64 {
     let mut h = DefaultHasher::new();
+    deployment.hash(&mut h);
     program.hash(&mut h);
     args.hash(&mut h);
     working_dir.hash(&mut h);
@@ -530,23 +536,37 @@ mod tests {
     }
 
     #[test]
-    fn the_key_ignores_the_session_id_and_env_order_but_not_secrets() {
+    fn the_key_ignores_the_session_id_and_env_order_but_not_secrets_or_the_deployment() {
         let env = |v: &[(&str, &str)]| -> Vec<(String, String)> {
             v.iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .collect()
         };
         let args = vec!["runner.py".to_string()];
-        let k = |e: &[(&str, &str)]| zygote_key("python", &args, None, &env(e));
+        let dep = Some(uuid::Uuid::from_u128(1));
+        let k = |e: &[(&str, &str)]| zygote_key(dep, "python", &args, None, &env(e));
         let base = k(&[("A", "1"), ("KEY", "s1")]);
         assert_eq!(
             base,
             k(&[("KEY", "s1"), ("CATTERY_SESSION_ID", "x"), ("A", "1")])
         );
         assert_ne!(base, k(&[("A", "1"), ("KEY", "s2")]));
+        // A redeploy, nothing else changed (`forceRedeploy`): new code to import.
+        let redeployed = Some(uuid::Uuid::from_u128(2));
         assert_ne!(
             base,
             zygote_key(
+                redeployed,
+                "python",
+                &args,
+                None,
+                &env(&[("A", "1"), ("KEY", "s1")])
+            )
+        );
+        assert_ne!(
+            base,
+            zygote_key(
+                dep,
                 "python3.12",
                 &args,
                 None,
