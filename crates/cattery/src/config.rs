@@ -285,7 +285,8 @@ impl Default for RuntimeConfig {
 pub struct SessionsConfig {
     /// Seconds between SIGTERM and SIGKILL for agents that set no `stopGraceSeconds`.
     pub stop_grace_seconds: f64,
-    /// Seconds an instance may take to answer `/readyz` with 200.
+    /// Seconds a start may take until its instance answers `/readyz` with 200 (making the
+    /// instance included: a Python fork server's import).
     pub start_timeout_seconds: f64,
     /// On SIGTERM, seconds running sessions may go on before they are stopped.
     pub drain_timeout_seconds: f64,
@@ -523,7 +524,8 @@ pub struct ServeArgs {
     /// `stopGraceSeconds`; 0 means SIGKILL at once [default: 5].
     #[arg(long, env = "CATTERY_STOP_GRACE_SECONDS", help_heading = "Sessions")]
     pub stop_grace_seconds: Option<f64>,
-    /// Seconds an instance may take to answer /readyz with 200 [default: 60].
+    /// Seconds a start may take until its instance answers /readyz with 200, making the
+    /// instance included (a Python fork server's import) [default: 60].
     #[arg(long, env = "CATTERY_START_TIMEOUT_SECONDS", help_heading = "Sessions")]
     pub start_timeout_seconds: Option<f64>,
     /// On SIGTERM, seconds running sessions may go on before they are stopped [default: 30].

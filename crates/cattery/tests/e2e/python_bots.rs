@@ -356,6 +356,11 @@ async fn not_ready_bot_never_gets_a_session_and_raising_bot_leaves_its_traceback
     let r = s.start_session("never-ready", json!({})).await;
     assert_eq!(r.status, 504, "{:?}", r.body);
     assert_eq!(r.body["code"], "START_TIMEOUT");
+    // Its readyz() said False: the message says so, not that /readyz went unanswered.
+    assert_eq!(
+        r.body["error"],
+        "instance did not answer /readyz with 200 within 4 s (its last answer was 503)"
+    );
     let l = s
         .req("GET", "/v1/agents/never-ready/sessions", Some(&s.sk), None)
         .await;

@@ -109,7 +109,8 @@ const SESSION_CHANGES_BUFFER: usize = 4096;
 pub struct SupervisorConfig {
     /// Stop grace used when the agent sets none (`--stop-grace-seconds`, default 5 s).
     pub default_stop_grace: Duration,
-    /// How long an instance may take to answer `/readyz` with 200 (`--start-timeout-seconds`, default 60 s).
+    /// How long a start may take until its instance answers `/readyz` with 200, making the
+    /// instance included (`--start-timeout-seconds`, default 60 s).
     pub start_timeout: Duration,
     /// Daily API key, needed for `createDailyRoom`.
     pub daily_api_key: Option<String>,
