@@ -76,6 +76,7 @@ impl Supervisor {
         }
         futures_util::future::join_all(found.remove.iter().map(|(i, g)| i.terminate(*g))).await;
         self.runtime.sweep(&found.keep).await;
+        self.relays.sweep();
         for s in self.store.list_open_sessions().await? {
             if self.owns(&s.node_id) && !found.adopted_sessions.contains(&s.id) {
                 let stop_requested = found.stops.contains_key(&s.id);
@@ -255,11 +256,12 @@ impl Supervisor {
             attribution: ctl.attribution.clone(),
         };
         // A delivered websocket session lives only as long as its relay, in the server
-        // process its client reached.
+        // process its client reached: on this machine, a live process holds its mark; a lost
+        // node's relays went with it.
         let relay_gone = session.as_ref().is_some_and(|s| {
             s.bot_start_ms.is_some()
                 && s.transport.as_deref() == Some("websocket")
-                && !self.relays.relayed_elsewhere(s.id)
+                && (!self.owns(&rec.node_id) || !self.relays.relayed_elsewhere(s.id))
         });
         let inst = match self.runtime.adopt(&rec, sink).await {
             Adopted::Running(inst) => inst,

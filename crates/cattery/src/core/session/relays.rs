@@ -32,6 +32,10 @@ pub fn held() -> usize {
 #[derive(Debug, Default)]
 pub struct RelayMarks {
     dir: Option<PathBuf>,
+    /// Whether the directory was there before this process: a server of a version that made
+    /// no marks leaves none (and may still relay its calls, detached for an upgrade), so a
+    /// mark's absence means nothing until a server of this version has run on the data dir.
+    trusted: bool,
 }
 
 /// One held mark; released (and its file removed) when dropped.
@@ -52,9 +56,34 @@ impl Drop for RelayMark {
 }
 
 impl RelayMarks {
-    /// Marks kept in `dir` (created when the first is taken).
+    /// Marks kept in `dir`, which is created now when missing (the next process on the data
+    /// dir then knows that marks are made here).
     pub fn new(dir: Option<PathBuf>) -> RelayMarks {
-        RelayMarks { dir }
+        let trusted = dir.as_ref().is_some_and(|d| d.is_dir());
+        if let Some(d) = dir.as_ref().filter(|_| !trusted) {
+            if let Err(e) = fs::create_dir_all(d) {
+                tracing::warn!(path = %d.display(), error = %e, "cannot make the relay marks' directory");
+            }
+        }
+        RelayMarks { dir, trusted }
+    }
+
+    /// Removes the marks no live process holds (their holder died; a mark whose session's
+    /// record recovery did not visit, e.g. one a takeover ended, would stay for good).
+    pub fn sweep(&self) {
+        let Some(entries) = self.dir.as_ref().and_then(|d| fs::read_dir(d).ok()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let Ok(f) = fs::OpenOptions::new().write(true).open(&path) else {
+                continue;
+            };
+            if let Ok(lock) = Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                let _ = fs::remove_file(&path);
+                drop(lock);
+            }
+        }
     }
 
     fn path(&self, session: Uuid) -> Option<PathBuf> {
@@ -96,11 +125,15 @@ impl RelayMarks {
     }
 
     /// Whether another live process holds `session`'s mark (it relays the session). A mark
-    /// left by a process that died is removed.
+    /// left by a process that died is removed. Before any server of this version ran on the
+    /// data dir (no marks' directory then), any session may still be relayed: `true`.
     pub fn relayed_elsewhere(&self, session: Uuid) -> bool {
         let Some(path) = self.path(session) else {
             return false;
         };
+        if !self.trusted {
+            return true;
+        }
         let Ok(f) = fs::OpenOptions::new().write(true).open(&path) else {
             return false;
         };
@@ -124,6 +157,7 @@ mod tests {
     #[test]
     fn a_mark_is_seen_while_held() {
         let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("relays")).unwrap();
         let marks = RelayMarks::new(Some(dir.path().join("relays")));
         let s = Uuid::new_v4();
         assert!(!marks.relayed_elsewhere(s));
@@ -143,5 +177,34 @@ mod tests {
         let none = RelayMarks::new(None);
         assert!(none.hold(s).is_none());
         assert!(!none.relayed_elsewhere(s));
+    }
+
+    /// On a data dir where no server of this version ran (no marks' directory: a server of an
+    /// earlier version, detached for the upgrade, may still relay its calls without marks),
+    /// every session counts as relayed elsewhere; the directory is made, so the next process
+    /// on the data dir trusts the marks.
+    #[test]
+    fn marks_count_only_once_a_server_that_makes_them_has_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = RelayMarks::new(Some(dir.path().join("relays")));
+        assert!(first.relayed_elsewhere(Uuid::new_v4()));
+        let next = RelayMarks::new(Some(dir.path().join("relays")));
+        assert!(!next.relayed_elsewhere(Uuid::new_v4()));
+    }
+
+    /// The sweep removes the marks nobody holds and keeps the held ones.
+    #[test]
+    fn the_sweep_keeps_only_held_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        let marks = RelayMarks::new(Some(dir.path().join("relays")));
+        let held = marks.hold(Uuid::new_v4()).expect("mark");
+        let stale = dir
+            .path()
+            .join("relays")
+            .join(format!("{}.lock", Uuid::new_v4()));
+        fs::write(&stale, b"").unwrap();
+        marks.sweep();
+        assert!(!stale.exists());
+        assert!(held.path.exists());
     }
 }
