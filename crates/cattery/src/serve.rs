@@ -671,7 +671,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if config.sessions.on_stop == crate::config::OnStop::Detach {
         let _ = stop_http_tx.send(());
         let tasks = (http, close_logs, writer);
-        return detach(first, &store, &runtime, tasks, lock, &node.id).await;
+        return detach(first, &sup, &store, &runtime, tasks, lock, &node.id).await;
     }
     tracing::info!(
         signal = first,
@@ -702,6 +702,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 /// tasks: the HTTP server's, and the log writer's stop token and task.
 async fn detach(
     signal: &str,
+    sup: &Arc<Supervisor>,
     store: &Arc<dyn Store>,
     runtime: &Arc<dyn Runtime>,
     (http, close_logs, writer): (
@@ -716,6 +717,7 @@ async fn detach(
         signal,
         "detaching: no new connections; sessions keep running for the next cattery serve"
     );
+    sup.detach();
     let _ = tokio::time::timeout(Duration::from_secs(10), http).await;
     crate::runtime::logs::freeze_capture();
     close_logs.cancel();

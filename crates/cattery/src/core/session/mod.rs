@@ -246,6 +246,8 @@ pub struct Supervisor {
     /// instance spawned meanwhile would be unknown to the recovery's sweep and removed as a
     /// leftover of the previous run, and counted as a failed start).
     recovered: AtomicBool,
+    /// Set by [`Supervisor::detach`]: no warm pool is refilled any more.
+    detached: AtomicBool,
     live: watch::Sender<usize>,
     secrets: Arc<dyn SecretSource>,
     /// Ends the store has not accepted yet, written again until it does.
@@ -339,6 +341,7 @@ impl Supervisor {
             logs,
             draining: AtomicBool::new(false),
             recovered: AtomicBool::new(false),
+            detached: AtomicBool::new(false),
             live: watch::channel(0).0,
             secrets,
             pending_ends: pending::PendingEnds::default(),
@@ -535,6 +538,13 @@ impl Supervisor {
     /// Whether the server is draining.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// `--on-stop detach`: the instances are left to the next server on the data dir, so this
+    /// process makes none any more (no warm refill after a session it still relays ends);
+    /// those it runs go on, and stay the next server's to re-adopt.
+    pub fn detach(&self) {
+        self.detached.store(true, Ordering::SeqCst);
     }
 
     /// Checks that `org`'s agent `name` could take a session now (exists, deployment valid,

@@ -90,8 +90,12 @@ impl Supervisor {
     /// `maxAgents`); one that gets none is not started (the next tick tries again). Does
     /// nothing until [`Supervisor::recover`] has finished (which then reconciles every agent).
     pub fn reconcile(self: &Arc<Self>, agent_id: Uuid) {
-        // A fenced node changes nothing until it has reconciled with the store.
-        if !self.recovered.load(Ordering::SeqCst) || self.is_fenced() {
+        // A fenced node changes nothing until it has reconciled with the store; a detached
+        // server leaves its instances to the next one.
+        if !self.recovered.load(Ordering::SeqCst)
+            || self.is_fenced()
+            || self.detached.load(Ordering::SeqCst)
+        {
             return;
         }
         let view = self.cluster_view();

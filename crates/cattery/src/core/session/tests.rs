@@ -185,6 +185,26 @@ async fn warm_instance_is_taken_then_refilled_to_min_agents() {
     assert_eq!(e.sup.pool_status(a.id).busy, 1);
 }
 
+/// A server detached for an upgrade (`--on-stop detach`) makes no instance any more: a warm
+/// instance taken (or a session that ends) is not replaced; the next server does that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_server_refills_no_warm_pool() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 1, 5).await;
+    until("one warm instance", async || {
+        e.sup.pool_status(a.id).idle == 1
+    })
+    .await;
+    e.sup.detach();
+    let s = start(&e, "a").await.unwrap();
+    assert!(!s.cold_start);
+    e.sup.stop_session("o", "a", s.session_id).await.unwrap();
+    e.sup.reconcile_all();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(e.fake.starts(), 1, "no refill after the detach");
+    assert_eq!(e.sup.pool_status(a.id).total, 0);
+}
+
 /// A large `minAgents` fills in waves of at most `max_warm_starting` (16 here) starting
 /// instances, the next one as soon as one gets ready (not at the pool's 1 s tick).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
