@@ -13,12 +13,6 @@
 //!   so idle connections cannot lock `/health`, start and stop out; connections that are
 //!   serving a request (a slow handler, a proxied stream) are never closed for this.
 //! - `TCP_NODELAY` on every accepted socket (no Nagle stalls on streamed answers).
-//! - **A request that may write runs to its end** (every method but `GET`, `HEAD` and
-//!   `OPTIONS`): hyper drops a request's handler when its client closes the connection
-//!   (EOF while the answer is pending), and a handler cut between two steps (a store write
-//!   and the engine's state, a room made and the session not yet started) would leave half a
-//!   change behind. Such a handler runs on a task of its own, and its answer is dropped if
-//!   nobody is left to read it. Reads are still cut with their connection.
 //! - **TLS** (`--tls-cert`/`--tls-key`, rustls): the handshake runs in the connection's own
 //!   task, bounded by the header-read timeout, so a slow handshake never holds the accept loop.
 //!
@@ -232,43 +226,6 @@ pub fn nofile_limit() -> u64 {
     }
 }
 
-/// Answers `req` with `app`: on a task of its own when the request may write (every method
-/// but `GET`, `HEAD` and `OPTIONS`), so that it runs to its end if its client leaves.
-async fn call<B>(mut app: Router, req: hyper::Request<B>) -> axum::response::Response
-where
-    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<axum::BoxError>,
-{
-    let writes = !matches!(
-        *req.method(),
-        hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
-    );
-    let call = app.call(req);
-    let resp = if writes {
-        // The router catches a handler's panic; the task fails only when the runtime shuts
-        // down.
-        tokio::spawn(call)
-            .await
-            .unwrap_or_else(|_| Ok(shutting_down()))
-    } else {
-        call.await
-    };
-    resp.unwrap_or_else(|e: Infallible| match e {})
-}
-
-/// The answer of a request whose task the runtime's shutdown cancelled.
-fn shutting_down() -> axum::response::Response {
-    let mut r = axum::response::Response::new(axum::body::Body::from(
-        r#"{"error":"the server is shutting down","code":"SHUTTING_DOWN"}"#,
-    ));
-    *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
 /// Serves `app` on `listener` (over TLS with `tls`) until `shutdown` resolves; then stops
 /// accepting, lets connections finish their current request, and returns.
 pub async fn serve(
@@ -337,9 +294,12 @@ pub async fn serve(
             hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                 let guard = InFlight::enter(&in_flight);
                 let req = req.map(|b| ReadTimeoutBody::new(body_timeout, b));
-                let app = app.clone();
+                let mut app = app.clone();
                 async move {
-                    let resp = call(app, req).await;
+                    let resp = app
+                        .call(req)
+                        .await
+                        .unwrap_or_else(|e: Infallible| match e {});
                     Ok::<_, Infallible>(resp.map(|inner| TrackedBody {
                         inner,
                         _guard: guard,
@@ -393,64 +353,4 @@ pub async fn serve(
         permits.acquire_many(u32::try_from(all).unwrap_or(u32::MAX)),
     )
     .await;
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::atomic::AtomicBool;
-
-    use axum::routing::{get, post};
-    use tokio::io::AsyncWriteExt;
-
-    use super::*;
-
-    /// A handler that takes 300 ms and then marks that it ran to its end.
-    fn slow(
-        done: Arc<AtomicBool>,
-    ) -> impl Fn() -> Pin<Box<dyn Future<Output = &'static str> + Send>> + Clone {
-        move || {
-            let done = done.clone();
-            Box::pin(async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                done.store(true, Ordering::SeqCst);
-                "done"
-            })
-        }
-    }
-
-    /// A client that sends a request and closes its connection at once: a `POST`'s handler
-    /// still runs to its end, a `GET`'s is cut.
-    #[tokio::test]
-    async fn a_request_that_may_write_runs_to_its_end_when_its_client_leaves() {
-        let (wrote, read) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let app = Router::new()
-            .route("/w", post(slow(wrote.clone())))
-            .route("/r", get(slow(read.clone())));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let limits = HttpLimits {
-            header_read_timeout: Duration::from_secs(5),
-            body_read_timeout: Duration::from_secs(5),
-            max_connections: 16,
-        };
-        tokio::spawn(serve(listener, app, limits, None, std::future::pending()));
-        for req in [
-            "POST /w HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",
-            "GET /r HTTP/1.1\r\nhost: x\r\n\r\n",
-        ] {
-            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-            c.write_all(req.as_bytes()).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            drop(c); // the client leaves before the answer
-        }
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        assert!(
-            wrote.load(Ordering::SeqCst),
-            "the POST's handler ran to its end"
-        );
-        assert!(!read.load(Ordering::SeqCst), "the GET's handler was cut");
-    }
 }

@@ -67,14 +67,6 @@ fn routes() -> OpenApiRouter<AppState> {
         .route("/health", get(health))
         .route("/metrics", get(metrics::scrape))
         .route("/v1/openapi.json", get(serve_openapi))
-        .route(
-            "/v1/public/{agent_name}/sessions/{session_id}",
-            any(proxy::proxy_root),
-        )
-        .route(
-            "/v1/public/{agent_name}/sessions/{session_id}/{*path}",
-            any(proxy::proxy),
-        )
         .route("/ws/generic/{service}/{token}", get(ws::connect_with_token))
         // Telephony providers and the query form of the generic endpoint.
         .route("/ws/{provider}", get(ws::telephony))
@@ -224,10 +216,60 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// The session proxy's routes: a request there is the bot's (it changes nothing of
+/// Cattery's), so it is cut with its client's connection ([`run_to_completion`]).
+fn proxy_routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/v1/public/{agent_name}/sessions/{session_id}",
+            any(proxy::proxy_root),
+        )
+        .route(
+            "/v1/public/{agent_name}/sessions/{session_id}/{*path}",
+            any(proxy::proxy),
+        )
+}
+
+/// Runs a request that may change Cattery's records (every method but `GET`, `HEAD` and
+/// `OPTIONS`) on a task of its own, to its end even when its client leaves: hyper drops a
+/// request's handler when its client closes the connection (EOF while the answer is
+/// pending), and a handler cut between two steps (a store write and the engine's state, a
+/// Daily room made and its session not yet started) would leave half a change behind. Its
+/// answer is dropped if nobody is left to read it. Reads, and the session proxy (whose
+/// requests are the bot's), are still cut with their connection, so the connection cap
+/// (`--max-connections`) bounds them.
+async fn run_to_completion(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::Method;
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return next.run(req).await;
+    }
+    // The router catches a handler's panic; the task fails only when the runtime shuts down.
+    tokio::spawn(next.run(req)).await.unwrap_or_else(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SHUTTING_DOWN",
+            "the server is shutting down",
+        )
+        .into_response()
+    })
+}
+
+/// `api` with its writes run to their end ([`run_to_completion`]), and `cut` beside it, as is.
+fn with_writes_run_to_completion<S: Clone + Send + Sync + 'static>(
+    api: Router<S>,
+    cut: Router<S>,
+) -> Router<S> {
+    api.route_layer(axum::middleware::from_fn(run_to_completion))
+        .merge(cut)
+}
+
 /// Builds the router.
 pub fn router(state: AppState) -> Router {
     let (router, _) = routes().split_for_parts();
-    let router = router
+    let router = with_writes_run_to_completion(router, proxy_routes())
         .route_layer(axum::middleware::from_fn(super::trace::record_route))
         // The dashboard: `/` redirects to `/dashboard` (`crate::dashboard`).
         .merge(crate::dashboard::routes())
@@ -245,6 +287,72 @@ pub fn router(state: AppState) -> Router {
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use axum::routing::{get, post};
+    use axum::Router;
+    use tokio::io::AsyncWriteExt;
+
+    use crate::http_server::{serve, HttpLimits};
+
+    /// A handler that takes 300 ms and then marks that it ran to its end.
+    fn slow(
+        done: &Arc<AtomicBool>,
+    ) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = &'static str> + Send>>
+           + Clone
+           + Send
+           + Sync
+           + 'static {
+        let done = done.clone();
+        move || {
+            let done = done.clone();
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                done.store(true, Ordering::SeqCst);
+                "done"
+            })
+        }
+    }
+
+    /// Clients that send a request and close their connection at once, on a real socket:
+    /// the API's `POST` runs to its end; a `GET`, and a `POST` through the routes kept apart
+    /// (the session proxy's), are cut.
+    #[tokio::test]
+    async fn a_request_that_may_write_runs_to_its_end_when_its_client_leaves() {
+        let flags: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::default()).collect();
+        let api = Router::new()
+            .route("/w", post(slow(&flags[0])))
+            .route("/r", get(slow(&flags[1])));
+        let cut = Router::new().route("/p", post(slow(&flags[2])));
+        let app = super::with_writes_run_to_completion(api, cut);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = HttpLimits {
+            header_read_timeout: Duration::from_secs(5),
+            body_read_timeout: Duration::from_secs(5),
+            max_connections: 16,
+        };
+        tokio::spawn(serve(listener, app, limits, None, std::future::pending()));
+        for req in [
+            "POST /w HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",
+            "GET /r HTTP/1.1\r\nhost: x\r\n\r\n",
+            "POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",
+        ] {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(req.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(c); // the client leaves before the answer
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let ran: Vec<bool> = flags.iter().map(|f| f.load(Ordering::SeqCst)).collect();
+        assert_eq!(
+            ran,
+            [true, false, false],
+            "ran to the end: POST /w, GET /r, POST /p"
+        );
+    }
 
     /// The committed OpenAPI document (`openapi.snapshot.json` beside this file). A change of
     /// the document fails here until the snapshot is regenerated on purpose:
