@@ -49,14 +49,13 @@ impl Supervisor {
         p: StartParams,
     ) -> CoreResult<StartOutcome> {
         let (sup, org, agent) = (self.clone(), org.to_string(), agent_name.to_string());
-        tokio::spawn(async move { sup.start_session_whole(&org, &agent, p).await })
-            .await
-            .unwrap_or_else(|e| {
-                Err(CoreError::StartFailed {
-                    code: "SPAWN_FAILED",
-                    message: format!("the start failed: {e}"),
-                })
-            })
+        match tokio::spawn(async move { sup.start_session_whole(&org, &agent, p).await }).await {
+            Ok(r) => r,
+            // A panic is the caller's, as if the start had run on its task (the API answers
+            // a generic 500); a task cancelled by the runtime's shutdown is a drain.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(CoreError::Draining),
+        }
     }
 
     async fn start_session_whole(
