@@ -151,37 +151,33 @@ fn run_import_check(python: &str) -> std::io::Result<(ExitInfo, Vec<u8>)> {
     }
 }
 
-/// Why `dir`, a `local:` image's directory, cannot run: it does not exist, is not a directory,
-/// or has no `bot.py`.
+/// Why `dir`, a `local:` image's directory, cannot run. One message whether it is missing, a
+/// file or a directory without `bot.py`: a deployer learns no more of the host's files.
 fn local_dir_problem(dir: &Path) -> Option<String> {
-    let d = dir.display();
-    if dir.join("bot.py").is_file() {
-        None
-    } else if dir.is_file() {
-        Some(format!(
-            "{d} is a file: `local:` names the bot's directory, the one that holds bot.py"
-        ))
-    } else if !dir.is_dir() {
-        Some(format!("{d} does not exist (or is not a directory)"))
-    } else {
-        Some(format!("{d} has no bot.py"))
-    }
+    (!dir.join("bot.py").is_file()).then(|| {
+        format!(
+            "{} is not a directory holding a bot.py (`local:` names the bot's directory)",
+            dir.display()
+        )
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::local_dir_problem;
 
-    /// A `local:` directory's problem is named as it is.
+    /// A missing path, a file and a directory without `bot.py` get the same message,
+    /// which says what `local:` needs (it said "has no bot.py" of a missing directory).
     #[test]
-    fn a_local_dir_problem_says_what_is_wrong() {
+    fn a_local_dir_problem_says_what_is_needed() {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path();
         let says = |p: &std::path::Path| local_dir_problem(p).unwrap_or_default();
-        assert!(says(&dir.join("nope")).ends_with("does not exist (or is not a directory)"));
-        assert!(says(dir).ends_with("has no bot.py"));
+        let want = "is not a directory holding a bot.py (`local:` names the bot's directory)";
+        assert!(says(&dir.join("nope")).ends_with(want));
+        assert!(says(dir).ends_with(want));
         std::fs::write(dir.join("bot.py"), "").unwrap();
         assert_eq!(local_dir_problem(dir), None);
-        assert!(says(&dir.join("bot.py")).contains("is a file"));
+        assert!(says(&dir.join("bot.py")).ends_with(want));
     }
 }
