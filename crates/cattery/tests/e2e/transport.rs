@@ -518,8 +518,9 @@ async fn websocket_client_gets_a_close_frame_when_the_platform_ends_its_session(
     assert_eq!(g["endReason"], "stopped", "{g}");
     assert!(s.agent_pids().is_empty());
 
-    // A client that never reads again: the stop still answers, within the bounds of the
-    // close handshake and the stop grace (generous: a shared CI machine).
+    // A client that never reads again: the stop still answers, within the bound of the close
+    // handshake (3 s at most) and the agent's own exit on SIGTERM, with slack for a shared CI
+    // machine.
     let a = ws_start(&s, "wsclose", json!({})).await;
     let sid = a["sessionId"].as_str().unwrap().to_string();
     let (silent, _) = tokio_tungstenite::connect_async(token_url(&a).as_str())
@@ -532,7 +533,7 @@ async fn websocket_client_gets_a_close_frame_when_the_platform_ends_its_session(
     .await;
     let t0 = std::time::Instant::now();
     assert_eq!(s.stop("wsclose", &sid).await.status, 200);
-    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(7), "{:?}", t0.elapsed());
     drop(silent);
 
     // The drain: 1001.
