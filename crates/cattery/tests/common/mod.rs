@@ -153,6 +153,10 @@ where
     }
 }
 
+/// A websocket client of a session (`Server::ws_call`).
+pub type WsClient =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 /// A running `cattery serve`.
 pub struct Server {
     pub child: Option<Child>,
@@ -483,6 +487,24 @@ impl Server {
         let r = self.start_session(agent, json!({})).await;
         assert_eq!(r.status, 200, "start {agent}: {:?}", r.body);
         r.body["sessionId"].as_str().unwrap().to_string()
+    }
+
+    /// Starts a websocket session of `agent` and connects its client (the start's `wsUrl`
+    /// with its token); returns the session id and the client. Panics unless both work.
+    pub async fn ws_call(&self, agent: &str) -> (String, WsClient) {
+        let r = self
+            .start_session(agent, json!({"transport": "websocket"}))
+            .await;
+        assert_eq!(r.status, 200, "start {agent}: {:?}", r.body);
+        let url = format!(
+            "{}?token={}",
+            r.body["wsUrl"].as_str().unwrap(),
+            r.body["token"].as_str().unwrap()
+        );
+        let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .expect("ws connect");
+        (r.body["sessionId"].as_str().unwrap().to_string(), ws)
     }
 
     /// `DELETE .../sessions/{id}`.

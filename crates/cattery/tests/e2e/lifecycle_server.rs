@@ -724,19 +724,7 @@ async fn server_sigkill_ends_websocket_calls_and_removes_their_instances() {
         json!({"maxSessionDuration": 300, "stopGraceSeconds": 1}),
     )
     .await;
-    let r = s
-        .start_session("wscall", json!({"transport": "websocket"}))
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    let url = format!(
-        "{}?token={}",
-        r.body["wsUrl"].as_str().unwrap(),
-        r.body["token"].as_str().unwrap()
-    );
-    let ws_sid = r.body["sessionId"].as_str().unwrap().to_string();
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
-        .await
-        .expect("ws connect");
+    let (ws_sid, mut ws) = s.ws_call("wscall").await;
     let _ = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
     let ws_pid = session_pid(&s, "wscall", &ws_sid).await;
     let bot_sid = s.start_ok("wscall").await;

@@ -587,23 +587,8 @@ async fn python_websocket_call_ending_after_a_detach_upgrade_is_completed() {
     let bot = fixture_bot(&tmp.path().join("ws-bye"), WS_BYE_BOT);
     s.deploy("ws-bye", &[], json!({"command": null, "image": bot}))
         .await;
-    let r = s
-        .start_session("ws-bye", json!({"transport": "websocket"}))
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    let url = format!(
-        "{}?token={}",
-        r.body["wsUrl"].as_str().unwrap(),
-        r.body["token"].as_str().unwrap()
-    );
-    let sid = r.body["sessionId"].as_str().unwrap().to_string();
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
-        .await
-        .expect("ws connect");
-    type Ws = tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >;
-    async fn echo(ws: &mut Ws, text: &str) {
+    let (sid, mut ws) = s.ws_call("ws-bye").await;
+    async fn echo(ws: &mut common::WsClient, text: &str) {
         ws.send(Message::Text(text.into())).await.unwrap();
         match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => assert_eq!(t.as_str(), text),

@@ -87,19 +87,7 @@ async fn detach_then_restart_keeps_a_websocket_call() {
         json!({"maxSessionDuration": 300, "stopGraceSeconds": 1}),
     )
     .await;
-    let r = s
-        .start_session("wsup", json!({"transport": "websocket"}))
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    let url = format!(
-        "{}?token={}",
-        r.body["wsUrl"].as_str().unwrap(),
-        r.body["token"].as_str().unwrap()
-    );
-    let sid = r.body["sessionId"].as_str().unwrap().to_string();
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
-        .await
-        .expect("ws connect");
+    let (sid, mut ws) = s.ws_call("wsup").await;
     // Echo of a text frame, skipping the agent's audio frames.
     async fn echo<S>(ws: &mut S, text: &str)
     where

@@ -169,6 +169,26 @@ impl Actor {
         Ok(self.serving(inst, bot, deadline).await)
     }
 
+    /// A command while the instance is being made or starts: a stop's ending (the start is
+    /// over), or a session taken (the first; a second is refused).
+    fn while_starting(&mut self, cmd: Option<Cmd>) -> Option<Ending> {
+        match cmd {
+            Some(Cmd::Stop(r)) => {
+                let promised = self.session.is_some() || self.ctl.promised();
+                Some(Ending::new(during_start(r, promised), "HTTP_ERROR"))
+            }
+            Some(Cmd::Assign(mut d)) => {
+                if self.session.is_none() {
+                    self.assign(*d);
+                } else {
+                    reply_err(&mut d, "instance is already promised to another session");
+                }
+                None
+            }
+            None => None,
+        }
+    }
+
     /// Takes a session for this instance (while starting or idle).
     fn assign(&mut self, d: Delivery) {
         self.session = Some((d.session, d.deadline));
@@ -229,19 +249,8 @@ impl Actor {
                 .unwrap_or(self.start_deadline + Duration::from_secs(1 << 30));
             tokio::select! {
                 biased;
-                cmd = self.rx.recv() => match cmd {
-                    Some(Cmd::Stop(r)) => {
-                        let promised = self.session.is_some() || self.ctl.promised();
-                        break Ending::new(during_start(r, promised), "HTTP_ERROR");
-                    }
-                    Some(Cmd::Assign(mut d)) => {
-                        if self.session.is_none() {
-                            self.assign(*d);
-                        } else {
-                            reply_err(&mut d, "instance is already promised to another session");
-                        }
-                    }
-                    None => {}
+                cmd = self.rx.recv() => if let Some(end) = self.while_starting(cmd) {
+                    break end;
                 },
                 made = &mut making => return made.map_err(|e| {
                     self.sup.record_failure(&self.ctl, "spawn_failed", None, e.clone());
@@ -298,19 +307,8 @@ impl Actor {
                 .unwrap_or(start_deadline + Duration::from_secs(1 << 30));
             tokio::select! {
                 biased;
-                cmd = self.rx.recv() => match cmd {
-                    Some(Cmd::Stop(r)) => {
-                        let promised = self.session.is_some() || self.ctl.promised();
-                        return Err(Ending::new(during_start(r, promised), "HTTP_ERROR"));
-                    }
-                    Some(Cmd::Assign(mut d)) => {
-                        if self.session.is_none() {
-                            self.assign(*d);
-                        } else {
-                            reply_err(&mut d, "instance is already promised to another session");
-                        }
-                    }
-                    None => {}
+                cmd = self.rx.recv() => if let Some(end) = self.while_starting(cmd) {
+                    return Err(end);
                 },
                 ex = inst.wait_exit() => {
                     let tail = inst.stderr_tail().await;
