@@ -489,6 +489,28 @@ impl Server {
         r.body["sessionId"].as_str().unwrap().to_string()
     }
 
+    /// A detach upgrade under a live websocket call (`--on-stop detach`): SIGTERMs this
+    /// server, waits until it says it relays its calls, starts the next server on the data
+    /// dir and checks that it re-adopted session `sid`. Returns the old process, which goes on
+    /// relaying the call.
+    pub async fn detach_relaying_and_restart(&mut self, sid: &str) -> Child {
+        self.signal(15);
+        wait_for(Duration::from_secs(20), "old server relaying", || async {
+            self.log()
+                .contains("relaying the websocket calls")
+                .then_some(())
+        })
+        .await;
+        let old = self.child.take().expect("old server");
+        self.spawn().await;
+        assert!(
+            self.log().contains("re-adopted a running session") && self.log().contains(sid),
+            "{}",
+            self.log()
+        );
+        old
+    }
+
     /// Starts a websocket session of `agent` and connects its client (the start's `wsUrl`
     /// with its token); returns the session id and the client. Panics unless both work.
     pub async fn ws_call(&self, agent: &str) -> (String, WsClient) {

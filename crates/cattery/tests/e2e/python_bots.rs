@@ -597,20 +597,7 @@ async fn python_websocket_call_ending_after_a_detach_upgrade_is_completed() {
     }
     echo(&mut ws, "before").await;
 
-    s.signal(15);
-    common::wait_for(Duration::from_secs(20), "old server relaying", || async {
-        s.log()
-            .contains("relaying the websocket calls")
-            .then_some(())
-    })
-    .await;
-    let mut old = s.child.take().expect("old server");
-    s.spawn().await;
-    assert!(
-        s.log().contains("re-adopted a running session") && s.log().contains(&sid),
-        "{}",
-        s.log()
-    );
+    let mut old = s.detach_relaying_and_restart(&sid).await;
     echo(&mut ws, "after").await;
     ws.send(Message::Text("bye".into())).await.unwrap();
     match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {

@@ -111,20 +111,7 @@ async fn detach_then_restart_keeps_a_websocket_call() {
     wait_log(&s, "wsup", &sid, "tick 10").await;
     let pid = session_pid(&s, "wsup", &sid).await;
 
-    s.signal(15);
-    crate::common::wait_for(Duration::from_secs(20), "old server relaying", || async {
-        s.log()
-            .contains("relaying the websocket calls")
-            .then_some(())
-    })
-    .await;
-    let mut old = s.child.take().expect("old server");
-    s.spawn().await;
-    assert!(
-        s.log().contains("re-adopted a running session") && s.log().contains(&sid),
-        "{}",
-        s.log()
-    );
+    let mut old = s.detach_relaying_and_restart(&sid).await;
     echo(&mut ws, "after").await;
     assert!(pid_alive(pid));
     assert!(

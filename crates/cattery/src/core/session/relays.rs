@@ -75,14 +75,7 @@ impl RelayMarks {
             return;
         };
         for e in entries.flatten() {
-            let path = e.path();
-            let Ok(f) = fs::OpenOptions::new().write(true).open(&path) else {
-                continue;
-            };
-            if let Ok(lock) = Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-                let _ = fs::remove_file(&path);
-                drop(lock);
-            }
+            held_else_removed(&e.path());
         }
     }
 
@@ -131,20 +124,23 @@ impl RelayMarks {
         let Some(path) = self.path(session) else {
             return false;
         };
-        if !self.trusted {
-            return true;
+        !self.trusted || held_else_removed(&path)
+    }
+}
+
+/// Whether a live process holds the mark at `path`; a mark nobody holds (its holder died) is
+/// removed. No file: not held.
+fn held_else_removed(path: &std::path::Path) -> bool {
+    let Ok(f) = fs::OpenOptions::new().write(true).open(path) else {
+        return false;
+    };
+    match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => {
+            let _ = fs::remove_file(path);
+            drop(lock);
+            false
         }
-        let Ok(f) = fs::OpenOptions::new().write(true).open(&path) else {
-            return false;
-        };
-        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => {
-                let _ = fs::remove_file(&path);
-                drop(lock);
-                false
-            }
-            Err((_, e)) => e == nix::errno::Errno::EWOULDBLOCK,
-        }
+        Err((_, e)) => e == nix::errno::Errno::EWOULDBLOCK,
     }
 }
 

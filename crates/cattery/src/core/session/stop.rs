@@ -8,7 +8,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::pending::STOP_COMMIT_WAIT;
-use super::state::{Cmd, InstanceCtl};
+use super::state::{Cmd, InstanceCtl, State};
 use super::{PeerStop, Supervisor};
 use crate::core::{CoreError, CoreResult};
 use crate::model::{now_ms, EndReason, SessionEnd};
@@ -119,7 +119,8 @@ impl Supervisor {
             .await?
             .filter(|s| s.org == org)
             .ok_or_else(|| CoreError::NotFound(format!("session {session} not found")))?;
-        let matches = match self.names_live_agent(org, agent_name, rec.agent_id) {
+        let live = names_live_agent(&self.state.lock(), org, agent_name, rec.agent_id);
+        let matches = match live {
             Some(m) => m,
             None => crate::core::lookup::names_agent(&self.store, org, agent_name, rec.agent_id)
                 .await?
@@ -401,18 +402,15 @@ impl Supervisor {
                 if ctl.org != org {
                     return Some((ctl, None));
                 }
-                // Only a live agent's name is known here; a deleted agent's is the store's.
-                let key = (org.to_string(), agent_name.to_string());
-                let agent_matches = *st.by_name.get(&key)? == ctl.agent_id;
+                let agent_matches = names_live_agent(&st, org, agent_name, ctl.agent_id)?;
                 Some((ctl, Some(agent_matches)))
             })
     }
+}
 
-    /// Whether `org`'s live agent `name` is agent `id`; `None` when no live agent has that
-    /// name here (then the name may stand for a deleted agent: the store says which).
-    fn names_live_agent(&self, org: &str, name: &str, id: Uuid) -> Option<bool> {
-        let st = self.state.lock();
-        let live = st.by_name.get(&(org.to_string(), name.to_string()))?;
-        Some(*live == id)
-    }
+/// Whether `org`'s live agent `name` is agent `id`; `None` when no live agent has that name
+/// here (then the name may stand for a deleted agent: the store says which).
+fn names_live_agent(st: &State, org: &str, name: &str, id: Uuid) -> Option<bool> {
+    let live = st.by_name.get(&(org.to_string(), name.to_string()))?;
+    Some(*live == id)
 }

@@ -396,23 +396,36 @@ async fn failed_starts_in_a_row_answer_crash_loop() {
     assert_eq!(e.fake.starts(), 2, "no start while backing off");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stop_during_start() {
-    let e = env().await;
-    agent(&e, "a", &["ready-ms=2000"], 0, 1).await;
+/// Starts a session of agent `name` on a task of its own and waits until its record is stored
+/// (the start still in flight); the session's id and the start's task.
+async fn start_until_stored(
+    e: &Env,
+    name: &str,
+) -> (
+    Uuid,
+    tokio::task::JoinHandle<Result<super::StartOutcome, CoreError>>,
+) {
     let sid = Uuid::new_v4();
-    let sup = e.sup.clone();
+    let (sup, name) = (e.sup.clone(), name.to_string());
     let starting = tokio::spawn(async move {
         let p = StartParams {
             session_id: Some(sid),
             ..StartParams::default()
         };
-        sup.start_session("o", "a", p).await
+        sup.start_session("o", &name, p).await
     });
     until("session stored", async || {
         e.store.get_session(sid).await.unwrap().is_some()
     })
     .await;
+    (sid, starting)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_during_start() {
+    let e = env().await;
+    agent(&e, "a", &["ready-ms=2000"], 0, 1).await;
+    let (sid, starting) = start_until_stored(&e, "a").await;
     e.sup.stop_session("o", "a", sid).await.unwrap();
     let r = starting.await.unwrap();
     assert!(matches!(r, Err(CoreError::StoppedDuringStart(_))), "{r:?}");
@@ -430,19 +443,7 @@ async fn stop_during_start() {
 async fn a_stop_while_the_runtime_makes_the_instance_does_not_wait_for_it() {
     let e = env().await;
     agent(&e, "a", &["start-ms=600000"], 0, 1).await;
-    let sid = Uuid::new_v4();
-    let sup = e.sup.clone();
-    let starting = tokio::spawn(async move {
-        let p = StartParams {
-            session_id: Some(sid),
-            ..StartParams::default()
-        };
-        sup.start_session("o", "a", p).await
-    });
-    until("session stored", async || {
-        e.store.get_session(sid).await.unwrap().is_some()
-    })
-    .await;
+    let (sid, starting) = start_until_stored(&e, "a").await;
     // Generous bounds: without the fix both wait for the runtime's 600 s.
     let stop = tokio::time::timeout(Duration::from_secs(20), e.sup.stop_session("o", "a", sid));
     stop.await
