@@ -6,10 +6,13 @@
 //! has Daily forward the held call into its room.
 //!
 //! No API key: Daily cannot send one (as on Pipecat Cloud, the org and agent names address
-//! it). A start costs what any start costs (`maxAgents` bounds it) and needs the org's Daily
+//! it). An org that sets `dailyDialinHmac` (the `hmac` of its `pinless_dialin` configuration)
+//! takes only requests Daily signed with it (`X-Pinless-Timestamp`, `X-Pinless-Signature`).
+//! A start costs what any start costs (`maxAgents` bounds it) and needs the org's Daily
 //! key; Daily's configuration test (`{"test": ...}`) is answered without starting anything.
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::Json;
 use serde::Serialize;
 use serde_json::Value;
@@ -17,7 +20,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::{ApiJson, ApiPath, AppState};
+use super::{ApiJsonBytes, ApiPath, AppState};
 use crate::core::daily;
 use crate::core::session::StartParams;
 
@@ -44,7 +47,8 @@ pub struct DialinAnswer {
 pub async fn dialin(
     State(st): State<AppState>,
     ApiPath((org, name)): ApiPath<(String, String)>,
-    ApiJson(call): ApiJson<Value>,
+    headers: HeaderMap,
+    ApiJsonBytes(call, raw): ApiJsonBytes<Value>,
 ) -> ApiResult<Json<DialinAnswer>> {
     if !call.is_object() {
         return Err(ApiError::bad_request("the body must be a JSON object"));
@@ -59,6 +63,22 @@ pub async fn dialin(
     let rec = crate::core::orgs::org_record(&st.store, &org)
         .await
         .map_err(not_found)?;
+    // An org that gave Daily's signing secret takes only signed requests. A refusal answers
+    // as an unknown agent does (the caller learns nothing), and says why in the log.
+    if let Some(secret) = crate::core::orgs::daily_dialin_hmac_of(&rec, &st.secrets) {
+        let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+        let checked = daily::check_dialin_signature(
+            &secret,
+            header("x-pinless-timestamp"),
+            header("x-pinless-signature"),
+            &raw,
+            crate::model::now_ms() / 1000,
+        );
+        if let Err(why) = checked {
+            tracing::warn!(org, agent = name, reason = why, "dial-in webhook refused");
+            return Err(unknown());
+        }
+    }
     st.sup.check_startable(&org, &name).map_err(not_found)?;
     // The bot gets the Daily key in its body (it forwards the held call with it): an org
     // other than the default one must bring its own, never the operator's account.

@@ -76,6 +76,18 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let ApiJsonBytes(v, _) = ApiJsonBytes::from_request(req, state).await?;
+        Ok(ApiJson(v))
+    }
+}
+
+/// [`ApiJson`] with the body's bytes as they came (for a signature over them).
+pub struct ApiJsonBytes<T>(pub T, pub axum::body::Bytes);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJsonBytes<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| {
@@ -104,9 +116,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                 },
             ));
         }
-        serde_json::from_slice(src)
-            .map(ApiJson)
-            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+        let v = serde_json::from_slice(src)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+        Ok(ApiJsonBytes(v, bytes))
     }
 }
 

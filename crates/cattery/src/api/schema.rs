@@ -1042,6 +1042,9 @@ pub struct PropertyValues {
     /// may say otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_daily_rooms: Option<bool>,
+    /// The secret Daily signs the org's dial-in webhooks with, masked (present only when set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daily_dialin_hmac: Option<String>,
 }
 
 /// A key shown by its last four characters only.
@@ -1076,6 +1079,7 @@ impl Properties {
                 default_region: p.current,
                 daily_api_key: p.daily_api_key.as_deref().map(masked_key),
                 keep_daily_rooms: p.keep_daily_rooms,
+                daily_dialin_hmac: p.daily_dialin_hmac.as_deref().map(masked_key),
             },
         }
     }
@@ -1112,6 +1116,9 @@ pub struct PropertySchemas {
     /// `keepDailyRooms` (present only when the org has set it; settable always).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_daily_rooms: Option<PropertySchema>,
+    /// `dailyDialinHmac` (present only when the org has set one; settable always).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daily_dialin_hmac: Option<PropertySchema>,
 }
 
 /// `{"properties": {name: {availableValues, currentValue, default, description, readOnly,
@@ -1150,6 +1157,14 @@ impl PropertiesSchema {
                     description: "Keep the Daily room of a createDailyRoom session when it ends (an agent's keepDailyRooms wins)",
                     read_only: false,
                     kind: "boolean",
+                }),
+                daily_dialin_hmac: p.daily_dialin_hmac.as_deref().map(|k| PropertySchema {
+                    available_values: Vec::new(),
+                    current_value: masked_key(k),
+                    default: String::new(),
+                    description: "The hmac of the pinless_dialin configuration: dial-in webhooks without Daily's signature are refused; \"\" unsets it",
+                    read_only: false,
+                    kind: "string",
                 }),
             },
         }

@@ -363,6 +363,62 @@ pub fn dialin_body(call: &Value, key: &str, api_url: &str) -> CoreResult<Value> 
     Ok(json!({"dialin_settings": settings, "daily_api_key": key, "daily_api_url": api_url}))
 }
 
+/// How far a signed dial-in request's `X-Pinless-Timestamp` may be from this machine's clock.
+pub const DIALIN_SIGNATURE_SKEW_S: i64 = 300;
+
+/// Checks the signature of a pinless dial-in request as Daily makes it: HMAC-SHA256, keyed
+/// with the base64-decoded `hmac` of the number's `pinless_dialin` configuration, over
+/// `"{X-Pinless-Timestamp}.{raw body}"`, sent base64 in `X-Pinless-Signature` (a hex digest
+/// is accepted too). A timestamp that is a number (seconds, or milliseconds) must be within
+/// [`DIALIN_SIGNATURE_SKEW_S`] of `now_s`, so a captured request cannot be replayed later.
+/// `Err` says why it is refused (for the log: never the secret or the signature).
+pub fn check_dialin_signature(
+    secret_b64: &str,
+    timestamp: Option<&str>,
+    signature: Option<&str>,
+    body: &[u8],
+    now_s: i64,
+) -> Result<(), &'static str> {
+    use base64::Engine as _;
+    let (Some(ts), Some(sig)) = (timestamp, signature) else {
+        return Err("no X-Pinless-Timestamp and X-Pinless-Signature headers");
+    };
+    let (ts, sig) = (ts.trim(), sig.trim());
+    if let Ok(mut t) = ts.parse::<i64>() {
+        if t > 10_000_000_000 {
+            t /= 1000;
+        }
+        if (now_s - t).abs() > DIALIN_SIGNATURE_SKEW_S {
+            return Err("X-Pinless-Timestamp is more than 5 minutes from this server's clock");
+        }
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key = b64
+        .decode(secret_b64.trim())
+        .map_err(|_| "the org's dailyDialinHmac is not base64")?;
+    let given = match b64.decode(sig) {
+        Ok(b) if b.len() == 32 => b,
+        _ => hex_digest(sig).ok_or("X-Pinless-Signature is not an HMAC-SHA256 digest")?,
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+    let mut msg = Vec::with_capacity(ts.len() + 1 + body.len());
+    msg.extend_from_slice(ts.as_bytes());
+    msg.push(b'.');
+    msg.extend_from_slice(body);
+    ring::hmac::verify(&key, &msg, &given)
+        .map_err(|_| "X-Pinless-Signature does not match the org's dailyDialinHmac")
+}
+
+/// A 64-character hex SHA-256 digest's bytes.
+fn hex_digest(s: &str) -> Option<Vec<u8>> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    (0..32)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
+        .collect()
+}
+
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| {
@@ -378,6 +434,63 @@ fn urlencode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Daily's signature: base64 HMAC-SHA256 over "timestamp.body" with the decoded secret.
+    fn daily_signs(secret_b64: &str, ts: &str, body: &[u8]) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &b64.decode(secret_b64).unwrap());
+        let msg = [ts.as_bytes(), b".", body].concat();
+        b64.encode(ring::hmac::sign(&key, &msg).as_ref())
+    }
+
+    #[test]
+    fn dialin_signatures_are_checked_as_daily_makes_them() {
+        let secret = "c2VjcmV0LW9mLXRoZS1udW1iZXI="; // "secret-of-the-number"
+        let body = br#"{"To":"+1555","From":"+1666","callId":"c","callDomain":"d"}"#;
+        let now = 1_800_000_000;
+        let ts = now.to_string();
+        let sig = daily_signs(secret, &ts, body);
+        let check = |ts: Option<&str>, sig: Option<&str>, body: &[u8], now: i64| {
+            check_dialin_signature(secret, ts, sig, body, now)
+        };
+        assert_eq!(check(Some(&ts), Some(&sig), body, now), Ok(()));
+        // The same signature as a hex digest, and a timestamp in milliseconds.
+        let hex: String = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &sig)
+            .unwrap()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(check(Some(&ts), Some(&hex), body, now), Ok(()));
+        let ms = format!("{now}123");
+        assert_eq!(
+            check(Some(&ms), Some(&daily_signs(secret, &ms, body)), body, now),
+            Ok(())
+        );
+        // Anything else is refused: no headers, another body, another timestamp, another
+        // secret, garbage, and a genuine request replayed 6 minutes later.
+        assert!(check(None, None, body, now).is_err());
+        assert!(check(Some(&ts), None, body, now).is_err());
+        assert!(check(
+            Some(&ts),
+            Some(&sig),
+            br#"{"callId":"x","callDomain":"d"}"#,
+            now
+        )
+        .is_err());
+        assert!(check(Some("1800000001"), Some(&sig), body, now).is_err());
+        let other = daily_signs("b3RoZXI=", &ts, body);
+        assert!(check(Some(&ts), Some(&other), body, now).is_err());
+        assert!(check(Some(&ts), Some("not-a-signature"), body, now).is_err());
+        assert!(check(Some(&ts), Some(&sig), body, now + 360).is_err());
+        assert_eq!(check(Some(&ts), Some(&sig), body, now + 240), Ok(()));
+        // A timestamp that is not a number is signed all the same, with no window.
+        let odd = "2027-01-15T08:00:00Z";
+        assert_eq!(
+            check(Some(odd), Some(&daily_signs(secret, odd, body)), body, now),
+            Ok(())
+        );
+    }
 
     #[test]
     fn room_exp_never_outlives_the_session() {

@@ -120,6 +120,9 @@ pub struct DefaultRegionProperty {
     /// `keepDailyRooms`, when the org set it: keep Daily rooms when their sessions end
     /// (unset: false).
     pub keep_daily_rooms: Option<bool>,
+    /// The org's `dailyDialinHmac` (the base64 secret Daily signs its dial-in webhooks
+    /// with), when set.
+    pub daily_dialin_hmac: Option<String>,
 }
 
 /// The org's properties. Errors: 404 for an unknown org; storage errors.
@@ -147,6 +150,7 @@ fn property_of(
             .properties
             .get(KEEP_DAILY_ROOMS)
             .and_then(Value::as_bool),
+        daily_dialin_hmac: daily_dialin_hmac_of(rec, cipher),
     }
 }
 
@@ -163,7 +167,19 @@ pub fn keep_daily_rooms_of(rec: &OrgRecord) -> bool {
 /// string, as written before keys were sealed, is read as it is. A sealed key that cannot be
 /// opened (another secrets key) counts as unset, with an error in the log.
 pub fn daily_api_key_of(rec: &OrgRecord, cipher: &SecretCipher) -> Option<String> {
-    match rec.properties.get(DAILY_API_KEY)? {
+    sealed_property_of(rec, DAILY_API_KEY, cipher)
+}
+
+/// The org's `dailyDialinHmac` property (the secret, base64 as Daily gives it, that Daily's
+/// pinless dial-in signs its `room_creation_api` requests with), when set. Stored sealed like
+/// `dailyApiKey`.
+pub fn daily_dialin_hmac_of(rec: &OrgRecord, cipher: &SecretCipher) -> Option<String> {
+    sealed_property_of(rec, DAILY_DIALIN_HMAC, cipher)
+}
+
+/// Sealed property `name` of an org, opened: see [`daily_api_key_of`].
+fn sealed_property_of(rec: &OrgRecord, name: &str, cipher: &SecretCipher) -> Option<String> {
+    match rec.properties.get(name)? {
         Value::String(k) if !k.is_empty() => Some(k.clone()),
         Value::Object(sealed) => {
             let b64 = |k: &str| {
@@ -173,14 +189,15 @@ pub fn daily_api_key_of(rec: &OrgRecord, cipher: &SecretCipher) -> Option<String
                     .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
             };
             let v = SealedValue {
-                key: DAILY_API_KEY.into(),
+                key: name.into(),
                 nonce: b64("nonce")?,
                 ciphertext: b64("ciphertext")?,
             };
             match cipher.open(&rec.name, SEALED_PROPERTIES, &v) {
                 Ok(k) => Some(k),
                 Err(e) => {
-                    tracing::error!(org = %rec.name, error = %e, "cannot open the org's dailyApiKey");
+                    tracing::error!(org = %rec.name, property = name, error = %e,
+                        "cannot open a sealed property of the org");
                     None
                 }
             }
@@ -192,12 +209,15 @@ pub fn daily_api_key_of(rec: &OrgRecord, cipher: &SecretCipher) -> Option<String
 /// The sealing context of sealed org properties.
 const SEALED_PROPERTIES: &str = "org-properties";
 
-/// `dailyApiKey` sealed for storage in the org's properties.
-fn sealed_daily_key(org: &str, key: &str, cipher: &SecretCipher) -> Value {
-    let v = cipher.seal(org, SEALED_PROPERTIES, DAILY_API_KEY, key);
+/// Property `name`'s value sealed for storage in the org's properties.
+fn sealed_property(org: &str, name: &str, value: &str, cipher: &SecretCipher) -> Value {
+    let v = cipher.seal(org, SEALED_PROPERTIES, name, value);
     let b64 = |b: &[u8]| Value::String(base64::engine::general_purpose::STANDARD.encode(b));
     serde_json::json!({"nonce": b64(&v.nonce), "ciphertext": b64(&v.ciphertext)})
 }
+
+/// The property holding the secret Daily signs an org's dial-in webhooks with.
+pub const DAILY_DIALIN_HMAC: &str = "dailyDialinHmac";
 
 /// The property holding an org's Daily API key.
 pub const DAILY_API_KEY: &str = "dailyApiKey";
@@ -245,11 +265,33 @@ pub async fn update_properties(
                     props.remove(k);
                 }
                 Value::String(key) if key.len() <= 512 && !key.chars().any(char::is_control) => {
-                    props.insert(k.clone(), sealed_daily_key(org, key.trim(), cipher));
+                    props.insert(k.clone(), sealed_property(org, k, key.trim(), cipher));
                 }
                 _ => {
                     return Err(CoreError::bad_request(
                         "dailyApiKey must be a Daily API key (a string; \"\" or null unsets it)",
+                    ))
+                }
+            },
+            DAILY_DIALIN_HMAC => match v {
+                Value::Null => {
+                    props.remove(k);
+                }
+                Value::String(h) if h.trim().is_empty() => {
+                    props.remove(k);
+                }
+                Value::String(h)
+                    if h.trim().len() <= 512
+                        && base64::engine::general_purpose::STANDARD
+                            .decode(h.trim())
+                            .is_ok_and(|b| !b.is_empty()) =>
+                {
+                    props.insert(k.clone(), sealed_property(org, k, h.trim(), cipher));
+                }
+                _ => {
+                    return Err(CoreError::bad_request(
+                        "dailyDialinHmac must be the base64 secret of the number's \
+                         pinless_dialin configuration (its hmac); \"\" or null unsets it",
                     ))
                 }
             },
@@ -271,7 +313,8 @@ pub async fn update_properties(
             },
             other => {
                 return Err(CoreError::bad_request(format!(
-                    "unknown property {other}; known: defaultRegion, dailyApiKey, keepDailyRooms"
+                    "unknown property {other}; known: defaultRegion, dailyApiKey, dailyDialinHmac, \
+                     keepDailyRooms"
                 )))
             }
         }

@@ -740,6 +740,128 @@ async fn dialin_of_another_org_needs_its_own_daily_key() {
     assert!(!got[0].body.contains("dk_server"), "{}", got[0].body);
 }
 
+/// An org that sets `dailyDialinHmac` takes only dial-in requests Daily signed with it: an
+/// unsigned, forged or replayed one answers as an unknown agent does and makes no room and
+/// no session; a signed one (the configuration test too) goes through. The secret is stored
+/// sealed and shown masked; one that is not base64 is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_dialin_when_the_org_has_dailys_hmac() {
+    use base64::Engine as _;
+    let (daily, a) = with_daily(Some("dk_server_key_0001")).await;
+    a.deploy("phone", &[], json!({})).await;
+    let secret = "ZGlhbGluLWhtYWMtcGxhaW50ZXh0LTQyNDI="; // "dialin-hmac-plaintext-4242"
+    let set = |v: Value| {
+        a.call(
+            Method::PATCH,
+            "/v1/properties",
+            Some(&a.sk),
+            Some(json!({ "dailyDialinHmac": v })),
+        )
+    };
+    for bad in [json!("not base64!"), json!(7), json!("=")] {
+        let r = set(bad.clone()).await;
+        assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+    }
+    let r = set(json!(secret)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        r.body["properties"]["dailyDialinHmac"]["currentValue"],
+        "****NDI="
+    );
+    let r = a.get("/v1/properties").await;
+    assert!(!r.body.to_string().contains(secret), "{}", r.body);
+
+    let sign = |ts: &str, body: &str| {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &b64.decode(secret).unwrap());
+        b64.encode(ring::hmac::sign(&key, format!("{ts}.{body}").as_bytes()).as_ref())
+    };
+    let now = (crate::model::now_ms() / 1000).to_string();
+    let hook = |agent: &'static str, body: Value, ts: String, sig: Option<String>| {
+        let app = a.app.clone();
+        async move {
+            let mut h = vec![("content-type", "application/json".to_string())];
+            if let Some(sig) = sig {
+                h.push(("x-pinless-timestamp", ts));
+                h.push(("x-pinless-signature", sig));
+            }
+            let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let path = format!("/v1/public/webhooks/default/{agent}/dialin");
+            let (status, _, body) = super::raw(&app, Method::POST, &path, &h, Some(body)).await;
+            Answer { status, body }
+        }
+    };
+    let call = json!({"To": "+15550001111", "From": "+15550002222", "callId": "call-1",
+                      "callDomain": "dom-1"});
+    let no_agent = hook("nobody", call.clone(), now.clone(), None).await;
+    assert_error(&no_agent, StatusCode::NOT_FOUND, "NOT_FOUND");
+    let stale = (crate::model::now_ms() / 1000 - 600).to_string();
+    let forged = json!({"To": "+1", "From": "+2", "callId": "x", "callDomain": "y"});
+    for (what, body, ts, sig) in [
+        ("unsigned", call.clone(), now.clone(), None),
+        ("unsigned test", json!({"test": "test"}), now.clone(), None),
+        (
+            "another body",
+            forged,
+            now.clone(),
+            Some(sign(&now, &call.to_string())),
+        ),
+        (
+            "replayed",
+            call.clone(),
+            stale.clone(),
+            Some(sign(&stale, &call.to_string())),
+        ),
+        (
+            "garbage",
+            call.clone(),
+            now.clone(),
+            Some("AAAA".to_string()),
+        ),
+    ] {
+        let r = hook("phone", body, ts, sig).await;
+        assert_eq!(
+            (r.status, &r.body),
+            (no_agent.status, &no_agent.body),
+            "{what}"
+        );
+    }
+    assert!(daily.seen().is_empty(), "{:?}", daily.seen());
+    assert_eq!(a.fake.starts(), 0);
+
+    let test = json!({"test": "test"});
+    let r = hook(
+        "phone",
+        test.clone(),
+        now.clone(),
+        Some(sign(&now, &test.to_string())),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = hook(
+        "phone",
+        call.clone(),
+        now.clone(),
+        Some(sign(&now, &call.to_string())),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(delivered(&a).await.len(), 1);
+    for e in std::fs::read_dir(a._dir.path()).unwrap() {
+        let bytes = std::fs::read(e.unwrap().path()).unwrap_or_default();
+        let plain = b"dialin-hmac-plaintext";
+        assert!(
+            !bytes.windows(plain.len()).any(|w| w == plain)
+                && !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the secret is stored in plain text"
+        );
+    }
+    // Unset, the route takes unsigned requests again.
+    assert_eq!(set(Value::Null).await.status, StatusCode::OK);
+    let r = hook("phone", test, now, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
+
 /// `agent profiles list`'s catalog, and `deploy --architecture`: the host's is accepted, the
 /// other one and nonsense are 400s naming the host's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
