@@ -342,6 +342,10 @@ pub fn spawn_watch(
                 healthy_since = None;
                 continue;
             }
+            // Takeovers a store error cut short: this node owns their records now.
+            if let Err(e) = sup.finish_takeovers().await {
+                tracing::warn!(error = %e, "could not finish a takeover; trying again");
+            }
             let since = *healthy_since.get_or_insert_with(std::time::Instant::now);
             if !may_take_over(since, std::time::Instant::now(), me.timeout) {
                 continue;

@@ -255,6 +255,10 @@ pub struct Supervisor {
     /// Sessions of a lost node this node took over and is ending `lost` or adopting: a stop
     /// that reaches one meanwhile waits for that, instead of recording a vaguer end.
     taking_over: Mutex<std::collections::HashSet<Uuid>>,
+    /// Takeovers whose records the store handed to this node and that a store error cut
+    /// short: finished by the next try (`recover::Takeover`). Held while one runs, so that
+    /// two takeovers on this node never do the same step.
+    takeovers: tokio::sync::Mutex<Vec<recover::Takeover>>,
     /// `(org, session)` each time a session's record changes: stored, delivered, ended
     /// ([`Supervisor::session_changes`]).
     changes: broadcast::Sender<(String, Uuid)>,
@@ -346,6 +350,7 @@ impl Supervisor {
             secrets,
             pending_ends: pending::PendingEnds::default(),
             taking_over: Mutex::default(),
+            takeovers: tokio::sync::Mutex::default(),
             changes: broadcast::channel(SESSION_CHANGES_BUFFER).0,
             end_hooks: Mutex::new(HashMap::new()),
             peers: std::sync::OnceLock::new(),

@@ -110,70 +110,135 @@ impl Supervisor {
     /// frees their capacity (the instances themselves live on the lost node's machine: it
     /// removes them when it comes back, before anything else). Returns how many sessions
     /// were taken over or ended, or `None` when `dead` was not taken over by this call.
+    ///
+    /// Once the store has handed the records over, they are this node's alone: a store error
+    /// after that leaves the rest of the takeover pending, and it is finished by the next
+    /// call (or [`Supervisor::finish_takeovers`], at every heartbeat period), never dropped.
     pub async fn take_over(
         self: &Arc<Self>,
         dead: &str,
         stale_ms: i64,
     ) -> anyhow::Result<Option<usize>> {
+        let mut pending = self.takeovers.lock().await;
+        // Takeovers a store error cut short go on first (their errors are this call's only
+        // when it takes nothing over itself).
+        let earlier = self.finish_pending(&mut pending).await;
         let Some(taken) = self
             .store
             .take_over_node(dead, &self.cfg.node_id, stale_ms)
             .await?
         else {
+            earlier?;
             return Ok(None);
         };
-        // A stop of one of these sessions that reaches this node before its end (or adoption)
-        // is written waits for it (`Supervisor::stop_here`).
-        let _guard = TakingOver::new(self, taken.sessions.iter().map(|s| s.id));
-        // Slots the dead node reserved for instances it never recorded (it died between the
-        // two) are freed here; those of its recorded instances go with their records below.
-        self.store.release_orphan_slots(dead, &[]).await?;
-        if taken.instances.is_empty() && taken.sessions.is_empty() {
-            return Ok(Some(0));
+        if let Err(e) = earlier {
+            tracing::warn!(error = %e, "could not finish an earlier takeover; trying again later");
         }
-        let ids: HashSet<Uuid> = taken.sessions.iter().map(|s| s.id).collect();
-        let mut found = Found {
-            stops: self
+        let n = taken.sessions.len();
+        let mut t = Takeover::new(self, dead, taken);
+        if let Err(e) = self.finish_takeover(&mut t).await {
+            pending.push(t);
+            return Err(e);
+        }
+        Ok(Some(n))
+    }
+
+    /// Finishes the takeovers a store error cut short ([`Supervisor::take_over`]). Errors:
+    /// the last store error; what is left stays pending.
+    pub async fn finish_takeovers(self: &Arc<Self>) -> anyhow::Result<()> {
+        let mut pending = self.takeovers.lock().await;
+        self.finish_pending(&mut pending).await
+    }
+
+    async fn finish_pending(self: &Arc<Self>, pending: &mut Vec<Takeover>) -> anyhow::Result<()> {
+        let mut err = None;
+        for mut t in std::mem::take(pending) {
+            if let Err(e) = self.finish_takeover(&mut t).await {
+                err = Some(e);
+                pending.push(t);
+            }
+        }
+        err.map_or(Ok(()), Err)
+    }
+
+    /// Does what is left of takeover `t`, step by step: each step done is never done again.
+    /// A takeover that was cut short reads its records again first: another node may hold
+    /// them by now (this node was itself taken over meanwhile), or they may be ended.
+    async fn finish_takeover(self: &Arc<Self>, t: &mut Takeover) -> anyhow::Result<()> {
+        let resumed = std::mem::replace(&mut t.tried, true);
+        if !t.orphans_freed {
+            // Slots the dead node reserved for instances it never recorded (it died between
+            // the two) are freed here; those of its recorded instances go with their records.
+            self.store.release_orphan_slots(&t.dead, &[]).await?;
+            t.orphans_freed = true;
+        }
+        if t.found.is_none() {
+            let ids: HashSet<Uuid> = t.sessions.iter().map(|s| s.id).collect();
+            let stops = if ids.is_empty() {
+                HashMap::new()
+            } else {
+                self.store
+                    .stop_requests()
+                    .await?
+                    .into_iter()
+                    .filter(|(s, _)| ids.contains(s))
+                    .collect()
+            };
+            t.found = Some(Found {
+                stops,
+                ..Found::default()
+            });
+        }
+        if resumed && !t.instances.is_empty() {
+            let mine: HashSet<Uuid> = self
                 .store
-                .stop_requests()
+                .list_instances()
                 .await?
                 .into_iter()
-                .filter(|(s, _)| ids.contains(s))
-                .collect(),
-            ..Found::default()
-        };
-        for rec in taken.instances {
+                .filter(|r| r.node_id == self.cfg.node_id)
+                .map(|r| r.id)
+                .collect();
+            t.instances.retain(|r| mine.contains(&r.id));
+        }
+        let found = t.found.as_mut().expect("set above");
+        while let Some(rec) = t.instances.last().cloned() {
             if self.runtime.adoptable_by_any_node(&rec) {
-                self.recover_instance(rec, &mut found).await?;
+                self.recover_instance(rec, found).await?;
             } else {
-                let _ = self.store.delete_instance(rec.id).await;
+                self.store.delete_instance(rec.id).await?;
             }
+            t.instances.pop();
         }
-        futures_util::future::join_all(found.remove.iter().map(|(i, g)| i.terminate(*g))).await;
-        let mut lost = 0;
-        for s in &taken.sessions {
-            if found.adopted_sessions.contains(&s.id) {
-                continue;
-            }
-            if let Some(g) = found.relay_gone.get(&s.id) {
+        let remove = std::mem::take(&mut found.remove);
+        futures_util::future::join_all(remove.iter().map(|(i, g)| i.terminate(*g))).await;
+        while let Some(s) = t.sessions.last().cloned() {
+            let still_mine = !resumed
+                || self
+                    .store
+                    .get_session(s.id)
+                    .await?
+                    .is_some_and(|r| r.end.is_none() && r.node_id == self.cfg.node_id);
+            if still_mine && !found.adopted_sessions.contains(&s.id) {
                 let stop_requested = found.stops.contains_key(&s.id);
-                self.end_relay_gone(s, g, stop_requested).await?;
-                lost += 1;
-                continue;
-            }
-            match found.exits.get(&s.id) {
-                Some(g) => {
-                    let stop_requested = found.stops.contains_key(&s.id);
-                    self.end_unwatched(s, g, stop_requested).await?;
+                if let Some(g) = found.relay_gone.get(&s.id) {
+                    self.end_relay_gone(&s, g, stop_requested).await?;
+                } else {
+                    match found.exits.get(&s.id) {
+                        Some(g) => self.end_unwatched(&s, g, stop_requested).await?,
+                        None => self.end_node_lost(&s, &t.dead).await?,
+                    }
                 }
-                None => self.end_node_lost(s, dead).await?,
+                t.lost += 1;
             }
-            lost += 1;
+            t.sessions.pop();
         }
-        tracing::warn!(node = %dead, adopted = found.adopted_sessions.len(), lost,
-            "took over a node that stopped heartbeating");
+        if t.records > 0 {
+            tracing::warn!(node = %t.dead, adopted = found.adopted_sessions.len(), lost = t.lost,
+                "took over a node that stopped heartbeating");
+        }
+        t.done(self);
         self.publish_live(&self.state.lock());
-        Ok(Some(taken.sessions.len()))
+        Ok(())
     }
 
     /// Whether this node is ending (or adopting) `session` in a takeover of its lost node.
@@ -536,23 +601,50 @@ impl Supervisor {
     }
 }
 
-/// The sessions of one takeover, registered in [`Supervisor::taking_over`] while it runs.
-struct TakingOver<'a> {
-    sup: &'a Supervisor,
+/// A takeover whose records the store handed to this node, and what is left to do of it. Its
+/// sessions are registered in [`Supervisor::taking_over`] until it is done.
+pub(super) struct Takeover {
+    /// The lost node.
+    dead: String,
+    /// Every session it took over.
     ids: Vec<Uuid>,
+    /// Whether a try ran already (then its records are read again before each step).
+    tried: bool,
+    /// Whether the lost node's slots without an instance record are freed.
+    orphans_freed: bool,
+    /// Instance records not yet adopted or dropped.
+    instances: Vec<InstanceRecord>,
+    /// Sessions not yet adopted or ended.
+    sessions: Vec<SessionRecord>,
+    /// What adopting its instances found, once its stop requests are read.
+    found: Option<Found>,
+    /// Sessions ended so far.
+    lost: usize,
+    /// How many records it took over.
+    records: usize,
 }
 
-impl<'a> TakingOver<'a> {
-    fn new(sup: &'a Supervisor, ids: impl Iterator<Item = Uuid>) -> Self {
-        let ids: Vec<Uuid> = ids.collect();
+impl Takeover {
+    fn new(sup: &Supervisor, dead: &str, taken: crate::store::TakenOver) -> Takeover {
+        let ids: Vec<Uuid> = taken.sessions.iter().map(|s| s.id).collect();
         sup.taking_over.lock().extend(ids.iter().copied());
-        TakingOver { sup, ids }
+        let records = taken.instances.len() + taken.sessions.len();
+        Takeover {
+            dead: dead.to_string(),
+            ids,
+            tried: false,
+            orphans_freed: false,
+            instances: taken.instances,
+            sessions: taken.sessions,
+            found: None,
+            lost: 0,
+            records,
+        }
     }
-}
 
-impl Drop for TakingOver<'_> {
-    fn drop(&mut self) {
-        let mut m = self.sup.taking_over.lock();
+    /// Its sessions are adopted or ended: a stop of one no longer waits for it.
+    fn done(&self, sup: &Supervisor) {
+        let mut m = sup.taking_over.lock();
         for id in &self.ids {
             m.remove(id);
         }

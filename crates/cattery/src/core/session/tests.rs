@@ -1394,3 +1394,65 @@ async fn a_warm_start_in_flight_when_the_drain_stops_it_answers_draining() {
         "the start answered {r:?}"
     );
 }
+
+/// Makes the engine's SQLite store refuse every write that matches `when` (a trigger on
+/// `table`'s `op`), until the returned connection drops it with `DROP TRIGGER refuse`.
+fn refuse_writes(e: &Env, op: &str, table: &str, when: &str) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(e._dir.path().join(crate::store::sqlite::DB_FILE)).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c.execute_batch(&format!(
+        "CREATE TRIGGER refuse BEFORE {op} ON {table} WHEN {when} \
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+    ))
+    .unwrap();
+    c
+}
+
+/// A takeover that a store error cuts short after the store moved the lost node's records
+/// to this node (the records are this node's, their deletes or ends not yet written) is
+/// finished by the next try: the session ends `lost` saying the node was lost, its instance
+/// record goes and its capacity slot is freed. (A refused delete was ignored, and a refused
+/// end left the session open: both owned by the live taker, with the slot held, until the
+/// taker restarted, since the next try found nothing left to take over.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_cut_by_a_store_error_is_finished_by_the_next_try() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 0, 2).await;
+    let now = now_ms();
+    for (dead, op, table, when) in [
+        ("n2", "DELETE", "instances", "1"),
+        ("n3", "UPDATE", "sessions", "NEW.ended_ms IS NOT NULL"),
+    ] {
+        let (iid, sid) = left_by(&e, &a, dead).await;
+        assert!(e.store.reserve_slot(a.id, 2, iid, dead).await.unwrap());
+        let mut node = n2_at("http://n2");
+        node.id = dead.into();
+        node.heartbeat_ms = now - 5000;
+        e.store.heartbeat(&node).await.unwrap();
+        let c = refuse_writes(&e, op, table, when);
+        let _ = e.sup.take_over(dead, now - 2000).await;
+        c.execute_batch("DROP TRIGGER refuse").unwrap();
+        let rec = e.store.get_session(sid).await.unwrap().unwrap();
+        assert_eq!(
+            rec.node_id, "n1",
+            "{op} {table}: the records are this node's"
+        );
+        // The watch tries again at its next tick.
+        let _ = e.sup.take_over(dead, now - 2000).await.unwrap();
+        let end = e.store.get_session(sid).await.unwrap().unwrap().end;
+        let end = end.unwrap_or_else(|| panic!("{op} {table}: the session is ended"));
+        assert_eq!(end.reason, EndReason::Lost);
+        assert!(
+            end.message
+                .as_deref()
+                .unwrap_or("")
+                .contains(&format!("node {dead} was lost")),
+            "{end:?}"
+        );
+        assert!(
+            e.store.list_instances().await.unwrap().is_empty(),
+            "{op} {table}: the instance record is gone"
+        );
+        assert_eq!(e.store.slots_held(a.id).await.unwrap(), 0, "{op} {table}");
+    }
+}
