@@ -142,7 +142,7 @@ impl Actor {
     ) -> Result<Ending, Ending> {
         if !adopted_busy {
             let sid = self.session.map(|s| s.0);
-            self.sup.persist_instance(&self.ctl, inst, sid).await;
+            let _ = self.sup.persist_instance(&self.ctl, inst, sid).await;
             self.recorded_session = sid;
             self.start_until_ready(inst).await?;
             self.sup.record_ready(&self.ctl);
@@ -224,7 +224,7 @@ impl Actor {
                     return Err(end);
                 }
             }
-            self.sup.persist_instance(&self.ctl, inst, sid).await;
+            let _ = self.sup.persist_instance(&self.ctl, inst, sid).await;
             self.recorded_session = sid;
         }
         Ok(())
@@ -402,9 +402,15 @@ impl Actor {
         deadline: Instant,
     ) -> Result<(OutcomeFuture, Option<RelayTask>), Ending> {
         // Durable before `/bot`: a restart must never hand this instance out as warm once it
-        // may have received a session.
+        // may have received a session. Not recorded, it is not delivered: its record would
+        // still say warm.
         if !d.recorded && self.recorded_session != Some(sid) {
-            self.sup.persist_instance(&self.ctl, inst, Some(sid)).await;
+            if let Err(e) = self.sup.persist_instance(&self.ctl, inst, Some(sid)).await {
+                self.delivery = Some(d);
+                let msg = format!("could not record the instance with its session: {e}");
+                return Err(Ending::start_failed("DELIVERY_FAILED", msg, None));
+            }
+            self.recorded_session = Some(sid);
         }
         let addr = inst.endpoint();
         let headers = std::mem::take(&mut d.headers);
@@ -768,13 +774,13 @@ impl Supervisor {
             .map_err(|e| e.to_string())
     }
 
-    /// Records (or re-records) the instance, naming its session.
+    /// Records (or re-records) the instance, naming its session. Errors: the store's (logged).
     pub(super) async fn persist_instance(
         &self,
         ctl: &InstanceCtl,
         inst: &Arc<dyn Instance>,
         session: Option<Uuid>,
-    ) {
+    ) -> crate::store::StoreResult<()> {
         let rec = InstanceRecord {
             id: ctl.id,
             agent_id: ctl.agent_id,
@@ -785,11 +791,13 @@ impl Supervisor {
             created_ms: now_ms(),
             node_id: self.cfg.node_id.clone(),
         };
-        match self.store.put_instance(&rec).await {
+        let r = self.store.put_instance(&rec).await;
+        match &r {
             Ok(()) => ctl
                 .recorded
                 .store(true, std::sync::atomic::Ordering::SeqCst),
             Err(e) => tracing::error!(instance = %ctl.id, error = %e, "could not record instance"),
         }
+        r
     }
 }

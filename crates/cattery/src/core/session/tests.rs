@@ -1456,3 +1456,35 @@ async fn a_takeover_cut_by_a_store_error_is_finished_by_the_next_try() {
         assert_eq!(e.store.slots_held(a.id).await.unwrap(), 0, "{op} {table}");
     }
 }
+
+/// A warm instance that a start claims while it is still starting is recorded with the
+/// session before `/bot`. When the store refuses that write, the session is not delivered:
+/// the record would still name no session, and a restart would take the instance for a warm
+/// one and hand it to the next session (it did: the start answered 200, and after a restart
+/// the instance, still serving the first session, sat in the warm pool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_instance_whose_session_cannot_be_recorded_is_not_delivered() {
+    let e = env().await;
+    let a = agent(&e, "a", &["ready-ms=300"], 1, 2).await;
+    until("one starting instance, recorded", async || {
+        e.sup.pool_status(a.id).starting == 1 && e.store.list_instances().await.unwrap().len() == 1
+    })
+    .await;
+    let iid = e.store.list_instances().await.unwrap()[0].id;
+    let c = refuse_writes(&e, "INSERT", "instances", "NEW.session_id IS NOT NULL");
+    let first = start(&e, "a").await;
+    c.execute_batch("DROP TRIGGER refuse").unwrap();
+    assert!(first.is_err(), "not delivered: {first:?}");
+    assert!(
+        !e.fake.live().contains(&iid),
+        "the instance of the failed start is removed"
+    );
+    // A restart (a previous server detached: its instances run on).
+    let sup = engine(&e.store, &e.fake);
+    sup.recover().await.unwrap();
+    let first = first.map(|s| s.session_id).unwrap_or_default();
+    assert!(
+        !e.fake.live().contains(&iid) || sup.serves(first),
+        "the instance that got the first session is never a warm instance again"
+    );
+}
