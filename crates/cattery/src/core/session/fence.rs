@@ -8,8 +8,9 @@
 //! node adopted is let go (not removed), the rest is kept. No end is written over another
 //! node's (the store keeps the first end).
 //!
-//! The signal is the node's own clock: the time between the records of two heartbeats the
-//! store took. It needs no answer from the store, so a node frozen (SIGSTOP, a VM paused)
+//! The signal is the node's own clock: the time from the record of one heartbeat the store
+//! took until the store took the next (a heartbeat made on time whose write stalls past the
+//! timeout counts as late: the store showed the previous one meanwhile). It needs no answer from the store, so a node frozen (SIGSTOP, a VM paused)
 //! or cut off from the database knows it is fenced as soon as it runs again, before its
 //! next heartbeat. A node alone on its database (nobody to take it over) finds every record
 //! still its own and keeps everything.
@@ -42,11 +43,14 @@ pub(super) struct Fence {
 }
 
 impl Fence {
-    /// Notes a heartbeat recorded at `at`; returns whether a reconciliation should start now.
-    fn recorded(&mut self, at: Instant, timeout: Duration) -> bool {
+    /// Notes a heartbeat whose record was made at `at` and that the store took by `now`;
+    /// returns whether a reconciliation should start now. Until the store took it, the
+    /// store showed the previous heartbeat: a takeover was possible once that one was older
+    /// than the timeout, however early this one was made (its write may have stalled).
+    fn recorded(&mut self, at: Instant, now: Instant, timeout: Duration) -> bool {
         if self
             .last_ok
-            .is_some_and(|prev| at.saturating_duration_since(prev) > timeout)
+            .is_some_and(|prev| now.max(at).saturating_duration_since(prev) > timeout)
         {
             self.pending = true;
         }
@@ -123,12 +127,15 @@ pub(super) fn verdict(
 }
 
 impl Supervisor {
-    /// Notes that the store took a heartbeat whose record was made at `at` (this node's
-    /// clock); returns whether [`Supervisor::rejoin`] should run now (the gap since the
-    /// previous one exceeded the node timeout, or a previous reconciliation failed). The
+    /// Notes that the store took (just now) a heartbeat whose record was made at `at` (this
+    /// node's clock); returns whether [`Supervisor::rejoin`] should run now (the store took
+    /// it more than the node timeout after the previous one was made, or a previous
+    /// reconciliation failed). The
     /// caller runs it, then reports with [`Supervisor::rejoined`].
     pub fn heartbeat_recorded(&self, at: Instant) -> bool {
-        self.fence.lock().recorded(at, self.cfg.node_timeout)
+        self.fence
+            .lock()
+            .recorded(at, Instant::now(), self.cfg.node_timeout)
     }
 
     /// Whether this node is fenced: its last heartbeat the store took is older than the
@@ -243,25 +250,42 @@ mod tests {
         let t0 = Instant::now();
         let mut f = Fence::default();
         assert!(!f.fenced(t0, t), "not fenced before the first heartbeat");
-        assert!(!f.recorded(t0, t));
+        assert!(!f.recorded(t0, t0, t));
         assert!(!f.fenced(t0 + t, t));
         assert!(f.fenced(t0 + t + Duration::from_millis(1), t));
         // On time: no reconciliation.
-        assert!(!f.recorded(t0 + Duration::from_secs(1), t));
+        assert!(!f.recorded(t0 + Duration::from_secs(1), t0 + Duration::from_secs(1), t));
         assert!(!f.fenced(t0 + Duration::from_secs(2), t));
         // Late: one reconciliation, fenced until it reports.
         let late = t0 + Duration::from_secs(4);
-        assert!(f.recorded(late, t));
+        assert!(f.recorded(late, late, t));
         assert!(f.fenced(late, t));
         assert!(
-            !f.recorded(late + Duration::from_millis(400), t),
+            !f.recorded(
+                late + Duration::from_millis(400),
+                late + Duration::from_millis(400),
+                t
+            ),
             "one at a time"
         );
         f.running = false; // failed: tried again at the next heartbeat
-        assert!(f.recorded(late + Duration::from_millis(800), t));
+        assert!(f.recorded(
+            late + Duration::from_millis(800),
+            late + Duration::from_millis(800),
+            t
+        ));
         f.running = false;
         f.pending = false;
         assert!(!f.fenced(late + Duration::from_millis(900), t));
+        // Made on time, taken by the store after the timeout (its write stalled): the store
+        // showed the previous heartbeat meanwhile, so a takeover was possible.
+        f.running = false;
+        let last = late + Duration::from_millis(800);
+        assert!(f.recorded(
+            last + Duration::from_millis(400),
+            last + Duration::from_millis(2500),
+            t
+        ));
     }
 
     #[test]

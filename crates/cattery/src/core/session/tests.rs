@@ -1488,3 +1488,24 @@ async fn a_claimed_instance_whose_session_cannot_be_recorded_is_not_delivered() 
         "the instance that got the first session is never a warm instance again"
     );
 }
+
+/// A heartbeat made on time but taken by the store only after the node timeout (its write
+/// stalled: a slow or cut connection) leaves the node open to a takeover meanwhile: the
+/// store's row still showed the heartbeat before it. So the node reconciles when the store
+/// takes it, as after a late one. (It reconciled only when the heartbeats were made late:
+/// taken over during the stall, it lifted its fence without reconciling, and its instances
+/// served on sessions the taker had ended `lost`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_the_store_took_after_the_node_timeout_makes_the_node_reconcile() {
+    let e = env().await;
+    let t0 = tokio::time::Instant::now();
+    assert!(!e.sup.heartbeat_recorded(t0));
+    // The next heartbeat is made 400 ms later, and its write returns after the timeout (2 s).
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert!(e.sup.is_fenced(), "fenced while the write stalls");
+    assert!(
+        e.sup.heartbeat_recorded(t0 + Duration::from_millis(400)),
+        "the node reconciles before it serves again"
+    );
+    assert!(e.sup.is_fenced(), "until it has reconciled");
+}
