@@ -1304,6 +1304,29 @@ async fn waiting_websocket_sessions(s: &dyn Store) {
         s.insert_session(&other).await,
         Err(StoreError::Conflict)
     ));
+
+    // The end of a session still waiting: written once; refused for one a start took over
+    // (its end comes from its instance), for any other session and for an unknown one.
+    let never = end(EndReason::ClientNeverConnected, 700);
+    assert!(s.end_waiting_session(w2.id, &never).await.unwrap());
+    assert!(!s.end_waiting_session(w2.id, &never).await.unwrap());
+    assert_eq!(
+        s.get_session(w2.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .end
+            .unwrap()
+            .reason,
+        EndReason::ClientNeverConnected
+    );
+    assert!(!s.end_waiting_session(w.id, &never).await.unwrap());
+    assert_eq!(s.get_session(w.id).await.unwrap().unwrap().end, None);
+    let plain = session(&a, 800);
+    s.insert_session(&plain).await.unwrap();
+    assert!(!s.end_waiting_session(plain.id, &never).await.unwrap());
+    assert_eq!(s.get_session(plain.id).await.unwrap().unwrap().end, None);
+    assert!(!s.end_waiting_session(Uuid::new_v4(), &never).await.unwrap());
 }
 
 fn build(org: &str, hash: &str, created_ms: i64) -> BuildRecord {

@@ -313,6 +313,13 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Records the end if none is recorded yet (first wins); returns whether this call wrote
     /// it (false also for an unknown session).
     async fn end_session(&self, id: Uuid, end: &SessionEnd) -> StoreResult<bool>;
+    /// Records the end of a session that still waits for its client
+    /// ([`SessionRecord::waiting_for_client`]: announced by a websocket `/start`, not taken
+    /// over by a start), in one step: the check and the end are one write, so a start that
+    /// takes the record over ([`SessionStore::insert_session`]) either comes first (then
+    /// nothing is written here) or is refused. Returns whether this call wrote the end (false
+    /// also for an ended, started or unknown session).
+    async fn end_waiting_session(&self, id: Uuid, end: &SessionEnd) -> StoreResult<bool>;
     /// Saves a session's resource samples (replacing any saved before; ended or not).
     async fn set_session_samples(&self, id: Uuid, samples: &[MetricSample]) -> StoreResult<()>;
     /// A session by id.

@@ -258,7 +258,13 @@ impl Supervisor {
                 "node {node} was lost (no heartbeat within the node timeout) with this session's instance"
             )),
         };
-        if self.store.end_session(s.id, &end).await? {
+        // One waiting for its client: its client may connect to another node at this moment.
+        let wrote = if s.waiting_for_client() {
+            self.store.end_waiting_session(s.id, &end).await?
+        } else {
+            self.store.end_session(s.id, &end).await?
+        };
+        if wrote {
             let agent = self.agent_name(s.agent_id);
             crate::telemetry::session_ended(&s.org, &agent, end.reason.as_str());
             let _ = self.changes.send((s.org.clone(), s.id));
@@ -487,7 +493,14 @@ impl Supervisor {
             exit_signal: None,
             message: Some(message.into()),
         };
-        if self.store.end_session(s.id, &end).await? {
+        // One waiting for its client: a client may take its token on another node at this
+        // moment (tokens are in the store), and then the start is its end's to write.
+        let wrote = if s.waiting_for_client() {
+            self.store.end_waiting_session(s.id, &end).await?
+        } else {
+            self.store.end_session(s.id, &end).await?
+        };
+        if wrote {
             let agent = self.agent_name(s.agent_id);
             crate::telemetry::session_ended(&s.org, &agent, reason.as_str());
         }

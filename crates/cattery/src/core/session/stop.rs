@@ -160,11 +160,25 @@ impl Supervisor {
                     EndReason::StoppedDuringStart,
                     "stopped before its websocket client connected",
                 );
-                if self.store.end_session(session, &end).await? {
+                if self.store.end_waiting_session(session, &end).await? {
                     crate::telemetry::session_ended(org, agent_name, end.reason.as_str());
                     self.session_changed(org, session);
+                    return Ok(());
                 }
-                return Ok(());
+                // Not waiting any more: ended, or a client that took its token just before
+                // the stop revoked it has started it (on this node or another): stopped as
+                // any started session, once its instance is gone.
+                let rec =
+                    self.store.get_session(session).await?.ok_or_else(|| {
+                        CoreError::NotFound(format!("session {session} not found"))
+                    })?;
+                if rec.end.is_some() {
+                    return Ok(());
+                }
+                if !self.owns(&rec.node_id) {
+                    return Box::pin(self.stop_elsewhere(rec.node_id, session)).await;
+                }
+                return Box::pin(self.stop_here(org, agent_name, session, false)).await;
             }
             None => {
                 let end = SessionEnd {

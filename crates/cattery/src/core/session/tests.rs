@@ -1509,3 +1509,51 @@ async fn a_heartbeat_the_store_took_after_the_node_timeout_makes_the_node_reconc
     );
     assert!(e.sup.is_fenced(), "until it has reconciled");
 }
+
+/// A websocket session whose token expires as its client connects: the expiry reads the
+/// record as still waiting while the start's write (which takes the record over) waits to be
+/// committed, and its end is written after it. Either the start fails and the session ends
+/// `client_never_connected`, or the session is served and stays active. (The expiry wrote
+/// its end over the started session: recorded ended while its instance served it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_expiring_as_its_client_connects_never_ends_a_started_session() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 1, 2).await;
+    until("one warm instance", async || {
+        e.sup.pool_status(a.id).idle == 1
+    })
+    .await;
+    let sid = Uuid::new_v4();
+    e.sup.record_waiting_session("o", "a", sid).await.unwrap();
+    let lock = WriteLock::take(&e);
+    let start = tokio::spawn({
+        let sup = e.sup.clone();
+        async move {
+            let p = StartParams {
+                session_id: Some(sid),
+                transport: Some("websocket".into()),
+                ..StartParams::default()
+            };
+            sup.start_session("o", "a", p).await
+        }
+    });
+    until("the start is placed", async || e.sup.serves(sid)).await;
+    // Its record's write waits for the lock; the expiry reads the record meanwhile.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let expire = tokio::spawn({
+        let sup = e.sup.clone();
+        async move {
+            sup.expire_waiting_session("o", "a", sid, Duration::from_secs(300))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(lock);
+    let started = start.await.unwrap();
+    expire.await.unwrap().unwrap();
+    let end = end_reason(&e, sid).await;
+    match started {
+        Ok(_) => assert_eq!(end, None, "a started session is not ended by its token"),
+        Err(err) => assert_eq!(end, Some(EndReason::ClientNeverConnected), "{err:?}"),
+    }
+}

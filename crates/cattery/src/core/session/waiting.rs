@@ -60,7 +60,9 @@ impl Supervisor {
         message: &str,
     ) -> CoreResult<bool> {
         let end = waiting_end(reason, message);
-        let wrote = self.store.end_session(session, &end).await?;
+        // Only while no start has taken the record over (one write): a client that connects
+        // at this moment either starts the session or is refused.
+        let wrote = self.store.end_waiting_session(session, &end).await?;
         if wrote {
             crate::telemetry::session_ended(org, agent_name, reason.as_str());
             self.session_changed(org, session);

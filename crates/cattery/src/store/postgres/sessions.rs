@@ -79,27 +79,50 @@ pub(super) async fn insert_session(db: &mut PgConnection, s: &SessionRecord) -> 
     Ok(())
 }
 
+/// Records the end of a session with `UPDATE ... WHERE id = $7 AND ended_ms IS NULL`, then
+/// the condition given (`AND ...`, or none).
+macro_rules! end_sql {
+    ($and:literal) => {
+        concat!(
+            "UPDATE sessions SET ended_ms = $1, updated_ms = $1, end_reason = $2, \
+             completion_status = $3, exit_code = $4, exit_signal = $5, end_message = $6 \
+             WHERE id = $7 AND ended_ms IS NULL",
+            $and
+        )
+    };
+}
+/// [`end_session`] of a session that waits for its client
+/// ([`crate::model::SessionRecord::waiting_for_client`]).
+const END_WAITING_SQL: &str =
+    end_sql!(" AND cold_start IS NULL AND bot_start_ms IS NULL AND transport = 'websocket'");
+
 /// Records the end if none is recorded yet (first wins); whether this call wrote it.
 pub(super) async fn end_session(
     db: &mut PgConnection,
     id: Uuid,
     e: &SessionEnd,
 ) -> StoreResult<bool> {
-    let n = sqlx::query(
-        "UPDATE sessions SET ended_ms = $1, updated_ms = $1, end_reason = $2, \
-         completion_status = $3, exit_code = $4, exit_signal = $5, end_message = $6 \
-         WHERE id = $7 AND ended_ms IS NULL",
-    )
-    .bind(e.ended_ms)
-    .bind(e.reason.as_str())
-    .bind(&e.completion_status)
-    .bind(e.exit_code.map(i64::from))
-    .bind(e.exit_signal.map(i64::from))
-    .bind(&e.message)
-    .bind(id)
-    .execute(db)
-    .await?
-    .rows_affected();
+    end_session_as(db, id, e, end_sql!("")).await
+}
+
+/// [`end_session`] with the statement `sql` ([`end_sql`]).
+async fn end_session_as(
+    db: &mut PgConnection,
+    id: Uuid,
+    e: &SessionEnd,
+    sql: &'static str,
+) -> StoreResult<bool> {
+    let n = sqlx::query(sql)
+        .bind(e.ended_ms)
+        .bind(e.reason.as_str())
+        .bind(&e.completion_status)
+        .bind(e.exit_code.map(i64::from))
+        .bind(e.exit_signal.map(i64::from))
+        .bind(&e.message)
+        .bind(id)
+        .execute(db)
+        .await?
+        .rows_affected();
     Ok(n == 1)
 }
 
@@ -199,6 +222,11 @@ impl SessionStore for PgStore {
     async fn end_session(&self, id: Uuid, e: &SessionEnd) -> StoreResult<bool> {
         let mut c = self.pool.acquire().await?;
         end_session(&mut c, id, e).await
+    }
+
+    async fn end_waiting_session(&self, id: Uuid, e: &SessionEnd) -> StoreResult<bool> {
+        let mut c = self.pool.acquire().await?;
+        end_session_as(&mut c, id, e, END_WAITING_SQL).await
     }
 
     async fn set_session_samples(&self, id: Uuid, samples: &[MetricSample]) -> StoreResult<()> {

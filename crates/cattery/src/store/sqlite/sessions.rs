@@ -95,11 +95,33 @@ pub(super) fn insert_session(db: &mut Conn, s: &SessionRecord) -> StoreResult<()
     Ok(())
 }
 
+/// Records the end of a session with `UPDATE ... WHERE id = ? AND ended_ms IS NULL`, then the
+/// condition given (`AND ...`, or none).
+macro_rules! end_sql {
+    ($and:literal) => {
+        concat!(
+            "UPDATE sessions SET ended_ms = ?, updated_ms = ?, end_reason = ?, \
+             completion_status = ?, exit_code = ?, exit_signal = ?, end_message = ? \
+             WHERE id = ? AND ended_ms IS NULL",
+            $and
+        )
+    };
+}
+
+/// [`end_session`] of a session that waits for its client
+/// ([`crate::model::SessionRecord::waiting_for_client`]).
+const END_WAITING_SQL: &str =
+    end_sql!(" AND cold_start IS NULL AND bot_start_ms IS NULL AND transport = 'websocket'");
+
 /// Records the end if none is recorded yet (first wins); whether this call wrote it.
 pub(super) fn end_session(db: &mut Conn, id: Uuid, e: &SessionEnd) -> StoreResult<bool> {
+    end_session_as(db, id, e, end_sql!(""))
+}
+
+/// [`end_session`] with the statement `sql` ([`end_sql`]).
+fn end_session_as(db: &mut Conn, id: Uuid, e: &SessionEnd, sql: &str) -> StoreResult<bool> {
     let n = db.exec(
-        "UPDATE sessions SET ended_ms = ?, updated_ms = ?, end_reason = ?, completion_status = ?, \
-         exit_code = ?, exit_signal = ?, end_message = ? WHERE id = ? AND ended_ms IS NULL",
+        sql,
         &[
             e.ended_ms.into(),
             e.ended_ms.into(),
@@ -144,6 +166,12 @@ impl SessionStore for SqliteStore {
     async fn end_session(&self, id: Uuid, e: &SessionEnd) -> StoreResult<bool> {
         let e = e.clone();
         self.write(move |db| end_session(db, id, &e)).await
+    }
+
+    async fn end_waiting_session(&self, id: Uuid, e: &SessionEnd) -> StoreResult<bool> {
+        let e = e.clone();
+        self.write(move |db| end_session_as(db, id, &e, END_WAITING_SQL))
+            .await
     }
 
     async fn set_session_samples(&self, id: Uuid, samples: &[MetricSample]) -> StoreResult<()> {
