@@ -49,7 +49,7 @@ impl Supervisor {
     /// - alive with a session that was still starting: the start request died with the old
     ///   server, so the instance is removed and the session recorded `lost`;
     /// - alive and warm: re-adopted as a warm instance if it belongs to its agent's current
-    ///   deployment, else removed;
+    ///   deployment, else removed; alive and promised to a session that is over: removed;
     /// - gone: its leftovers are removed and its open session is recorded `lost` (`stopped`
     ///   when its stop had been requested).
     ///
@@ -352,6 +352,13 @@ impl Supervisor {
                 return Ok(());
             }
         };
+        if session.is_none() && rec.session_id.is_some() {
+            // Promised to a session that is over (its end written while no server watched
+            // the instance): one session, one instance; never a warm instance again.
+            let _ = self.store.delete_instance(rec.id).await;
+            found.remove.push((inst, grace));
+            return Ok(());
+        }
         match session {
             Some(sess) if relay_gone => {
                 // Its client was cut with the relay: the session is over.

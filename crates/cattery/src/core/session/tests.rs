@@ -1557,3 +1557,34 @@ async fn a_token_expiring_as_its_client_connects_never_ends_a_started_session() 
         Err(err) => assert_eq!(end, Some(EndReason::ClientNeverConnected), "{err:?}"),
     }
 }
+
+/// An instance whose record names a session that is no longer open (its end was written
+/// while no server supervised the instance: a stop that found no live instance, a takeover)
+/// served or was promised to that session: recovery removes it and never re-adopts it as a
+/// warm instance for the next session (it did, when it belonged to the agent's current
+/// deployment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_never_makes_an_instance_of_an_ended_session_warm() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 1, 2).await;
+    let (iid, sid) = left_by_previous_run(&e, &a).await;
+    let end = crate::model::SessionEnd {
+        ended_ms: now_ms(),
+        reason: EndReason::Lost,
+        completion_status: "HTTP_ERROR".into(),
+        exit_code: None,
+        exit_signal: None,
+        message: Some("no live instance was found for this session".into()),
+    };
+    assert!(e.store.end_session(sid, &end).await.unwrap());
+    let sup = engine(&e.store, &e.fake);
+    sup.recover().await.unwrap();
+    assert!(!e.fake.live().contains(&iid), "removed");
+    assert!(e
+        .store
+        .list_instances()
+        .await
+        .unwrap()
+        .iter()
+        .all(|r| r.id != iid));
+}
