@@ -40,6 +40,8 @@ pub(super) struct Fence {
     pending: bool,
     /// A reconciliation runs.
     running: bool,
+    /// A heartbeat was late again while it ran (after it read the store): it lifts no fence.
+    late_again: bool,
 }
 
 impl Fence {
@@ -53,6 +55,7 @@ impl Fence {
             .is_some_and(|prev| now.max(at).saturating_duration_since(prev) > timeout)
         {
             self.pending = true;
+            self.late_again = self.running;
         }
         self.last_ok = Some(self.last_ok.map_or(at, |prev| prev.max(at)));
         if self.pending && !self.running {
@@ -60,6 +63,16 @@ impl Fence {
             return true;
         }
         false
+    }
+
+    /// Notes the end of a reconciliation: `ok` lifts the fence, unless a heartbeat was late
+    /// again meanwhile (then the next heartbeat starts another).
+    fn finished(&mut self, ok: bool) {
+        self.running = false;
+        if ok && !self.late_again {
+            self.pending = false;
+        }
+        self.late_again = false;
     }
 
     /// Whether the node is fenced at `now`.
@@ -151,14 +164,12 @@ impl Supervisor {
     /// [`Supervisor::heartbeat_recorded`]: `ok` lifts the fence (if no heartbeat since was
     /// late again), else it is tried again at the next heartbeat.
     pub fn rejoined(self: &Arc<Self>, ok: bool) {
-        {
+        let lifted = {
             let mut f = self.fence.lock();
-            f.running = false;
-            if ok {
-                f.pending = false;
-            }
-        }
-        if ok {
+            f.finished(ok);
+            !f.pending
+        };
+        if lifted {
             self.reconcile_all();
         }
     }
@@ -268,24 +279,29 @@ mod tests {
             ),
             "one at a time"
         );
-        f.running = false; // failed: tried again at the next heartbeat
+        f.finished(false); // failed: tried again at the next heartbeat
         assert!(f.recorded(
             late + Duration::from_millis(800),
             late + Duration::from_millis(800),
             t
         ));
-        f.running = false;
-        f.pending = false;
+        f.finished(true);
         assert!(!f.fenced(late + Duration::from_millis(900), t));
         // Made on time, taken by the store after the timeout (its write stalled): the store
         // showed the previous heartbeat meanwhile, so a takeover was possible.
-        f.running = false;
         let last = late + Duration::from_millis(800);
-        assert!(f.recorded(
-            last + Duration::from_millis(400),
-            last + Duration::from_millis(2500),
-            t
-        ));
+        let stalled = last + Duration::from_millis(400);
+        assert!(f.recorded(stalled, last + Duration::from_millis(2500), t));
+        // Late again while that reconciliation runs: it lifts no fence; the next heartbeat
+        // starts another.
+        let again = stalled + Duration::from_secs(3);
+        assert!(!f.recorded(again, again, t));
+        f.finished(true);
+        assert!(f.fenced(again, t));
+        let next = again + Duration::from_millis(400);
+        assert!(f.recorded(next, next, t));
+        f.finished(true);
+        assert!(!f.fenced(next, t));
     }
 
     #[test]

@@ -1588,3 +1588,30 @@ async fn recovery_never_makes_an_instance_of_an_ended_session_warm() {
         .iter()
         .all(|r| r.id != iid));
 }
+
+/// A heartbeat that comes late again while the node reconciles after a late one (the node
+/// froze or lost the store again, and may have been taken over again after the reconciliation
+/// read the store): the fence stays up when that reconciliation ends, and the next heartbeat
+/// starts another. (The first reconciliation lifted the fence, and what the second takeover
+/// ended ran on.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_late_again_during_a_reconciliation_makes_the_node_reconcile_again() {
+    let e = env().await;
+    let t0 = tokio::time::Instant::now();
+    assert!(!e.sup.heartbeat_recorded(t0));
+    let late = t0 + Duration::from_secs(3);
+    assert!(e.sup.heartbeat_recorded(late), "late: a reconciliation");
+    let again = late + Duration::from_secs(3);
+    assert!(!e.sup.heartbeat_recorded(again), "one at a time");
+    e.sup.rejoined(true);
+    assert!(
+        e.sup.is_fenced(),
+        "the reconciliation read the store before the second gap"
+    );
+    assert!(
+        e.sup.heartbeat_recorded(again + Duration::from_millis(400)),
+        "another reconciliation"
+    );
+    e.sup.rejoined(true);
+    assert!(!e.sup.is_fenced());
+}
