@@ -124,6 +124,8 @@ struct FakeInner {
     events: Mutex<Vec<String>>,
     delivered: Mutex<Vec<Delivered>>,
     fork: Mutex<HashMap<Uuid, super::ForkServerStatus>>,
+    /// Instances reachable from any node ([`FakeRuntime::set_shared`]).
+    shared: std::sync::atomic::AtomicBool,
 }
 
 /// A session as an instance received it (`POST /bot`).
@@ -158,6 +160,12 @@ impl FakeRuntime {
         if let Some(i) = i {
             i.terminate(Duration::ZERO).await;
         }
+    }
+
+    /// Makes its instances reachable from any node, as a shared container engine's are
+    /// ([`Runtime::adoptable_by_any_node`]): a takeover adopts them.
+    pub fn set_shared(&self, shared: bool) {
+        self.inner.shared.store(shared, Ordering::SeqCst);
     }
 
     /// Every `POST /bot` received, in order.
@@ -276,6 +284,10 @@ impl Runtime for FakeRuntime {
 
     fn isolation(&self) -> String {
         "fake (in-process)".into()
+    }
+
+    fn adoptable_by_any_node(&self, _rec: &InstanceRecord) -> bool {
+        self.inner.shared.load(Ordering::SeqCst)
     }
 
     fn fork_server(&self, agent: Uuid) -> Option<super::ForkServerStatus> {

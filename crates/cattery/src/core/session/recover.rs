@@ -33,6 +33,9 @@ struct Found {
     /// `relays`): whether their instance was still running (and is removed), and how it
     /// ended if it had and the runtime knows.
     relay_gone: HashMap<Uuid, (bool, Option<GoneExit>)>,
+    /// The records come from a lost node (a takeover): its relays went with it, whatever
+    /// this node's own relay marks say.
+    from_lost_node: bool,
 }
 
 impl Supervisor {
@@ -186,6 +189,7 @@ impl Supervisor {
             };
             t.found = Some(Found {
                 stops,
+                from_lost_node: true,
                 ..Found::default()
             });
         }
@@ -328,11 +332,14 @@ impl Supervisor {
         };
         // A delivered websocket session lives only as long as its relay, in the server
         // process its client reached: on this machine, a live process holds its mark; a lost
-        // node's relays went with it.
+        // node's relays went with it (its records name this node once taken over, and this
+        // node's marks say nothing of its relays).
         let relay_gone = session.as_ref().is_some_and(|s| {
             s.bot_start_ms.is_some()
                 && s.transport.as_deref() == Some("websocket")
-                && (!self.owns(&rec.node_id) || !self.relays.relayed_elsewhere(s.id))
+                && (found.from_lost_node
+                    || !self.owns(&rec.node_id)
+                    || !self.relays.relayed_elsewhere(s.id))
         });
         let inst = match self.runtime.adopt(&rec, sink).await {
             Adopted::Running(inst) => inst,

@@ -1615,3 +1615,42 @@ async fn a_heartbeat_late_again_during_a_reconciliation_makes_the_node_reconcile
     e.sup.rejoined(true);
     assert!(!e.sup.is_fenced());
 }
+
+/// A lost node's delivered websocket session whose instance this node reaches (a shared
+/// container engine): its relay went with the lost node, so the takeover ends it `lost` and
+/// removes the instance, whatever this node's own relay marks say. (A taker whose marks were
+/// not trusted yet, in its first run of a version that makes them, re-adopted it: listed
+/// active with nobody relaying it, its slot held until its time limit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_ends_a_lost_nodes_relayed_session_whose_instance_it_reaches() {
+    let e = env().await;
+    e.fake.set_shared(true);
+    let a = agent(&e, "a", &[], 0, 2).await;
+    let (iid, sid) = left_with(&e, &a, "n2", Some("websocket")).await;
+    let now = now_ms();
+    let mut n2 = n2_at("http://n2");
+    n2.heartbeat_ms = now - 5000;
+    e.store.heartbeat(&n2).await.unwrap();
+    // This node's first run with relay marks: its directory is made now, not trusted yet.
+    let dir = tempfile::tempdir().unwrap();
+    let (logs, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let cfg = SupervisorConfig {
+        relay_dir: Some(dir.path().join("relays")),
+        ..config()
+    };
+    let sup = Supervisor::new(
+        e.store.clone(),
+        Arc::new(e.fake.clone()),
+        cfg,
+        logs,
+        Arc::new(NoSecrets),
+    );
+    sup.recover().await.unwrap();
+    assert_eq!(sup.take_over("n2", now - 2000).await.unwrap(), Some(1));
+    let end = e.store.get_session(sid).await.unwrap().unwrap().end;
+    assert_eq!(end.map(|x| x.reason), Some(EndReason::Lost));
+    assert!(!sup.serves(sid));
+    assert!(!e.fake.live().contains(&iid), "its instance is removed");
+    assert!(e.store.list_instances().await.unwrap().is_empty());
+}
