@@ -456,8 +456,19 @@ impl Actor {
                     (outcome, None)
                 };
                 let ms = d.requested.elapsed().as_millis() as i64;
-                if let Err(e) = self.sup.store.mark_delivered(sid, ms).await {
-                    tracing::error!(session = %sid, error = %e, "could not record delivery");
+                match self.sup.store.mark_delivered(sid, ms).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!(session = %sid, error = %e, "could not record the delivery yet; trying again");
+                        let store = self.sup.store.clone();
+                        super::pending::write_again("a session's delivery", sid, move || {
+                            let store = store.clone();
+                            async move { store.mark_delivered(sid, ms).await }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::error!(session = %sid, error = %e, "could not record delivery")
+                    }
                 }
                 self.sup.session_changed(&self.ctl.org, sid);
                 self.sup.emit(

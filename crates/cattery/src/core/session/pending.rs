@@ -1,4 +1,5 @@
-//! Ends the store has not accepted yet.
+//! Ends the store has not accepted yet, and other writes that must land sooner or later
+//! ([`write_again`]).
 //!
 //! An instance is gone before its end is written. When that write fails (a full disk, an I/O
 //! error), the end is kept here and written again with backoff until the store takes it, so a
@@ -8,6 +9,7 @@
 //! recording the session `lost`.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +27,37 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// How long a stop waits for its end to be committed before answering the store's error.
 pub(super) const STOP_COMMIT_WAIT: Duration = Duration::from_secs(3);
+
+/// Writes again, with the ends' backoff, a write the store refused for now (`Full`,
+/// `Unavailable`), until it takes it or refuses it for good (logged). For writes that must
+/// land sooner or later and change nothing once landed: a delivery's time (without it, a
+/// restart takes the delivered session for one still starting and ends it `lost`), a freed
+/// capacity slot (else held until the server restarts), a failed start's end (else the
+/// session stays open until then). `what` names the write in the log.
+pub(super) fn write_again<F, Fut>(what: &'static str, subject: Uuid, mut write: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = StoreResult<()>> + Send,
+{
+    tokio::spawn(async move {
+        let mut wait = RETRY_FIRST;
+        loop {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(RETRY_MAX);
+            match write().await {
+                Ok(()) => {
+                    tracing::info!(id = %subject, "{what} is recorded after a storage fault");
+                    return;
+                }
+                Err(e) if e.is_transient() => {}
+                Err(e) => {
+                    tracing::error!(id = %subject, error = %e, "could not record {what}");
+                    return;
+                }
+            }
+        }
+    });
+}
 
 /// Where the write of one end stands.
 #[derive(Clone)]
@@ -71,7 +104,7 @@ impl PendingEnds {
                         tracing::info!(instance = %instance, "the end of the instance is recorded after a storage fault");
                         break;
                     }
-                    Err(e @ (StoreError::Full(_) | StoreError::Unavailable(_))) => {
+                    Err(e) if e.is_transient() => {
                         tx.send_replace(Commit::Pending(e));
                     }
                     Err(e) => {

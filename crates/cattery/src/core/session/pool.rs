@@ -133,6 +133,9 @@ impl Supervisor {
                 let got = sup.store.reserve_slot(agent_id, max, id, &node).await;
                 if let Err(e) = &got {
                     tracing::warn!(agent = %agent_id, error = %e, "could not reserve a warm instance's capacity slot");
+                    // The store may have taken it and lost only its answer (a connection
+                    // cut after the commit): freeing an untaken slot changes nothing.
+                    sup.free_slot(id);
                 }
                 sup.spawn_reserved(agent_id, id, got.unwrap_or(false));
             });
@@ -186,8 +189,18 @@ impl Supervisor {
     pub(super) fn free_slot(&self, id: Uuid) {
         let store = self.store.clone();
         tokio::spawn(async move {
-            if let Err(e) = store.release_slot(id).await {
-                tracing::warn!(instance = %id, error = %e, "could not free a capacity slot");
+            match store.release_slot(id).await {
+                Ok(()) => {}
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(instance = %id, error = %e, "could not free a capacity slot yet; trying again");
+                    super::pending::write_again("a freed capacity slot", id, move || {
+                        let store = store.clone();
+                        async move { store.release_slot(id).await }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %id, error = %e, "could not free a capacity slot")
+                }
             }
         });
     }

@@ -177,7 +177,16 @@ impl Supervisor {
         };
         let id = Uuid::new_v4();
         let node = self.cfg.node_id.clone();
-        if !self.store.reserve_slot(agent_id, max, id, &node).await? {
+        let reserved = match self.store.reserve_slot(agent_id, max, id, &node).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The store may have taken it and lost only its answer (a connection cut
+                // after the commit): freeing an untaken slot changes nothing.
+                self.free_slot(id);
+                return Err(e.into());
+            }
+        };
+        if !reserved {
             return Err(CoreError::AtCapacity(agent_name.to_string()));
         }
         match self.place(org, agent_name, session, Some(id)) {
@@ -332,8 +341,15 @@ impl Supervisor {
 
     /// The instance's end was recorded before a failed start's answer; if it ended before
     /// the session's row existed (a warm instance exiting just as it was taken), that record
-    /// missed the session: end it now (first wins, so otherwise this changes nothing).
-    async fn record_start_failed(&self, org: &str, agent: &str, session: Uuid, err: &CoreError) {
+    /// missed the session: end it now (first wins, so otherwise this changes nothing). A
+    /// write the store refuses for now is written again until it lands.
+    async fn record_start_failed(
+        self: &Arc<Self>,
+        org: &str,
+        agent: &str,
+        session: Uuid,
+        err: &CoreError,
+    ) {
         let end = SessionEnd {
             ended_ms: now_ms(),
             reason: match err {
@@ -347,21 +363,47 @@ impl Supervisor {
             message: Some(err.to_string()),
         };
         match self.store.end_session(session, &end).await {
-            Ok(true) => {
-                crate::telemetry::session_ended(org, agent, end.reason.as_str());
-                let agent_id = self
-                    .state
-                    .lock()
-                    .by_name
-                    .get(&(org.to_string(), agent.to_string()))
-                    .copied();
-                self.announce_session_end(org, (agent_id, agent), None, session, &end);
+            Ok(wrote) => self.start_failure_recorded(org, agent, session, &end, wrote),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(session = %session, error = %e, "could not record the failed start's end yet; trying again");
+                let (sup, org, agent) = (self.clone(), org.to_string(), agent.to_string());
+                super::pending::write_again("a failed start's end", session, move || {
+                    let (sup, org, agent, end) =
+                        (sup.clone(), org.clone(), agent.clone(), end.clone());
+                    async move {
+                        let wrote = sup.store.end_session(session, &end).await?;
+                        sup.start_failure_recorded(&org, &agent, session, &end, wrote);
+                        Ok(())
+                    }
+                });
             }
-            Ok(false) => {}
             Err(e) => {
                 tracing::error!(session = %session, error = %e, "could not record session end")
             }
         }
         self.run_end_hook(session, false);
+    }
+
+    /// What follows a failed start's end once the store took it (`wrote`: this write was
+    /// the session's end).
+    fn start_failure_recorded(
+        &self,
+        org: &str,
+        agent: &str,
+        session: Uuid,
+        end: &SessionEnd,
+        wrote: bool,
+    ) {
+        if !wrote {
+            return;
+        }
+        crate::telemetry::session_ended(org, agent, end.reason.as_str());
+        let agent_id = self
+            .state
+            .lock()
+            .by_name
+            .get(&(org.to_string(), agent.to_string()))
+            .copied();
+        self.announce_session_end(org, (agent_id, agent), None, session, end);
     }
 }

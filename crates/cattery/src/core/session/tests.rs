@@ -1654,3 +1654,65 @@ async fn a_takeover_ends_a_lost_nodes_relayed_session_whose_instance_it_reaches(
     assert!(!e.fake.live().contains(&iid), "its instance is removed");
     assert!(e.store.list_instances().await.unwrap().is_empty());
 }
+
+/// Makes the engine's SQLite store refuse, as an outage would (a plain SQLite error, which
+/// the store answers `Unavailable`), every write that matches `when` on `table`'s `op`,
+/// until the returned connection runs `DROP TRIGGER refuse_for_now`.
+fn refuse_writes_for_now(e: &Env, op: &str, table: &str, when: &str) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(e._dir.path().join(crate::store::sqlite::DB_FILE)).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c.execute_batch(&format!(
+        "CREATE TRIGGER refuse_for_now BEFORE {op} ON {table} WHEN {when} \
+         BEGIN SELECT abs(-9223372036854775808); END"
+    ))
+    .unwrap();
+    c
+}
+
+/// A delivery the store cannot record for now (an outage as `/bot` is answered) is written
+/// again until the store takes it. Lost, a restart would take the delivered session for one
+/// still starting, remove its instance and end it `lost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_the_store_refused_for_now_is_recorded_once_it_takes_it() {
+    let e = env().await;
+    agent(&e, "a", &[], 0, 2).await;
+    let c = refuse_writes_for_now(
+        &e,
+        "UPDATE",
+        "sessions",
+        "NEW.bot_start_ms IS NOT NULL AND OLD.bot_start_ms IS NULL",
+    );
+    let sid = start(&e, "a").await.unwrap().session_id;
+    let delivered = async || {
+        let s = e.store.get_session(sid).await.unwrap().unwrap();
+        s.bot_start_ms.is_some()
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!delivered().await, "the store refused it meanwhile");
+    c.execute_batch("DROP TRIGGER refuse_for_now").unwrap();
+    until("the delivery is recorded", delivered).await;
+    assert_eq!(end_reason(&e, sid).await, None);
+}
+
+/// A capacity slot the store cannot free for now is freed once it can; it stayed held, and
+/// counted against `maxAgents` on every node, until the server restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_slot_the_store_could_not_free_for_now_is_freed_once_it_can() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 0, 2).await;
+    let id = Uuid::new_v4();
+    assert!(e.store.reserve_slot(a.id, 2, id, "n1").await.unwrap());
+    let c = refuse_writes_for_now(&e, "DELETE", "capacity_slots", "1");
+    e.sup.free_slot(id);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        e.store.slots_held(a.id).await.unwrap(),
+        1,
+        "refused meanwhile"
+    );
+    c.execute_batch("DROP TRIGGER refuse_for_now").unwrap();
+    until("the slot is freed", async || {
+        e.store.slots_held(a.id).await.unwrap() == 0
+    })
+    .await;
+}
