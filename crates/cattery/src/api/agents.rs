@@ -35,10 +35,15 @@ pub async fn details_of(
         .map_err(|e| ApiError::from(e).with_not_found_code("NOT_FOUND"))?;
     let p = st.sup.pool_status(a.id);
     let fork = st.sup.runtime().fork_server(a.id);
+    // The pool is this node's: its health is judged against this node's share of
+    // `minAgents`, so a node that keeps none of them warm (several nodes, a small
+    // `minAgents`) answers ready rather than waiting forever for an instance it never starts.
+    let min_here = st.sup.cluster_view().share(a.min_agents);
     Ok(AgentDetails::of(
         a,
         &d,
         &p,
+        min_here,
         st.sup.default_stop_grace().as_secs_f64(),
         warning,
         fork.as_ref().map(ForkServer::of),

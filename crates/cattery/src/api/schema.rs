@@ -426,17 +426,20 @@ pub struct AgentDetails {
 }
 
 impl AgentDetails {
-    /// The details of agent `a` with its current deployment `d` and pool `p`.
+    /// The details of agent `a` with its current deployment `d` and pool `p`, on a node that
+    /// keeps `min_here` of the agent's `minAgents` warm (its share, docs/cluster.md: all of
+    /// them on one node).
     pub fn of(
         a: &AgentRecord,
         d: &DeploymentRecord,
         p: &PoolStatus,
+        min_here: u32,
         default_grace_s: f64,
         warning: Option<String>,
         fork_server: Option<ForkServer>,
     ) -> Self {
         let spec = &d.spec;
-        let h = health::derive(p, a.min_agents);
+        let h = health::derive(p, min_here);
         let last = p.health.last_failure.as_ref();
         AgentDetails {
             active_deployment_id: a.desired_deployment_id,

@@ -72,6 +72,28 @@ async fn changes_reach_every_node_and_ws_tokens_are_single_use_across_nodes() {
         || async { (n1.agent_pids().len() == 1).then_some(()) },
     )
     .await;
+    // An agent whose one warm instance is kept by one node and that never ran anywhere else:
+    // every node, behind a balancer, answers it as ready (what `pipecat cloud agent start`
+    // checks first), also the two whose share of `minAgents` is none.
+    n1.deploy(
+        "warmone",
+        &[],
+        json!({"autoScaling": {"minAgents": 1, "maxAgents": 2}}),
+    )
+    .await;
+    for n in [n1, n2, n3] {
+        let a = wait_for(
+            Duration::from_secs(10),
+            "the agent ready on a node",
+            || async {
+                let a = n.agent("warmone").await;
+                (a["ready"] == true).then_some(a)
+            },
+        )
+        .await;
+        assert_eq!(a["available"], true, "{a}");
+        assert_eq!(a["currentRevision"]["phase"], "Active", "{a}");
+    }
 
     // Websocket token: announced on node 1, used on node 2, refused on node 3 and node 1.
     n1.deploy("wsroam", &[], json!({})).await;
