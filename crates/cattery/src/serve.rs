@@ -568,6 +568,40 @@ async fn start_builds(
     Ok(())
 }
 
+/// The runtimes' configuration of a node with server id `sid`. Errors: its cluster secret
+/// file (which labels its containers, `ClusterSecret::container_label`) cannot be read or is
+/// invalid.
+fn runtime_config(
+    config: &Config,
+    cfg: &Settings,
+    sid: &str,
+    runner_path: PathBuf,
+) -> anyhow::Result<RuntimeConfig> {
+    Ok(RuntimeConfig {
+        kind: config.runtime.kind,
+        instances_dir: cfg.data_dir.join("instances"),
+        server_id: sid.to_string(),
+        cluster_label: config
+            .cluster
+            .cluster_secret_file
+            .as_deref()
+            .map(crate::core::cluster::ClusterSecret::load_file)
+            .transpose()?
+            .map(|s| s.container_label()),
+        python: cfg.python.clone(),
+        runner_path,
+        instance_uids: cfg.instance_uids,
+        docker_host: config.runtime.docker_host.clone(),
+        image_pull_policy: config.runtime.image_pull_policy,
+        python_fork_server: config
+            .runtime
+            .python_fork_server
+            .parse()
+            .unwrap_or(crate::runtime::process::zygote::ForkServerMode::On),
+        runtime_dir: config.runtime.runtime_dir.parse().unwrap_or_default(),
+    })
+}
+
 /// Runs the server until SIGTERM/SIGINT and a completed drain.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
@@ -596,22 +630,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&runner_dir)?;
     let runner_path = runner_dir.join("cattery_runner.py");
     std::fs::write(&runner_path, RUNNER_PY)?;
-    let built = factory::build_all(&RuntimeConfig {
-        kind: config.runtime.kind,
-        instances_dir: cfg.data_dir.join("instances"),
-        server_id: sid.clone(),
-        python: cfg.python.clone(),
-        runner_path,
-        instance_uids: cfg.instance_uids,
-        docker_host: config.runtime.docker_host.clone(),
-        image_pull_policy: config.runtime.image_pull_policy,
-        python_fork_server: config
-            .runtime
-            .python_fork_server
-            .parse()
-            .unwrap_or(crate::runtime::process::zygote::ForkServerMode::On),
-        runtime_dir: config.runtime.runtime_dir.parse().unwrap_or_default(),
-    })?;
+    let built = factory::build_all(&runtime_config(&config, &cfg, &sid, runner_path)?)?;
     let runtime = built.runtime;
     let (log_tx, log_rx) = mpsc::unbounded_channel();
     let close_logs = tokio_util::sync::CancellationToken::new();

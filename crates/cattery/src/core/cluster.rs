@@ -82,6 +82,19 @@ impl ClusterSecret {
         h.finalize().to_vec()
     }
 
+    /// What this secret derives for the `org.cattery.cluster` label of the containers a node
+    /// makes (`runtime::docker`): a node adopts another node's container only when its own
+    /// secret derives the same value, so a node of another cluster on the same engine (one
+    /// started on a restored copy of the database, with its own secret) never takes over a
+    /// live cluster's containers. A hash: the secret cannot be read back from it.
+    pub fn container_label(&self) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"cattery container cluster\0");
+        h.update(self.0.as_bytes());
+        hex::encode(&h.finalize()[..16])
+    }
+
     /// A secret from its text. Errors as [`ClusterSecret::load_file`].
     pub fn new(text: &str) -> anyhow::Result<ClusterSecret> {
         if text.len() < Self::MIN_LEN {

@@ -19,6 +19,9 @@ pub struct RuntimeConfig {
     pub instances_dir: PathBuf,
     /// This server's id (names its cgroup subtree, labels its containers).
     pub server_id: String,
+    /// What the node's cluster secret derives for its containers' cluster label, if it has
+    /// one (`ClusterSecret::container_label`).
+    pub cluster_label: Option<String>,
     /// Python interpreter for `local:` agents (default `python3`).
     pub python: String,
     /// Path of the bundled Python runner.
@@ -63,6 +66,7 @@ fn docker(cfg: &RuntimeConfig) -> Arc<DockerRuntime> {
         host: cfg.docker_host.clone(),
         pull_policy: cfg.image_pull_policy,
         server_id: cfg.server_id.clone(),
+        cluster_label: cfg.cluster_label.clone(),
         images_file: cfg
             .instances_dir
             .parent()
@@ -121,6 +125,7 @@ mod tests {
             kind: RuntimeKind::Fake,
             instances_dir: PathBuf::from("/nonexistent"),
             server_id: "t".into(),
+            cluster_label: None,
             python: "python3".into(),
             runner_path: PathBuf::from("/nonexistent"),
             instance_uids: None,

@@ -242,3 +242,67 @@ async fn a_cut_off_node_lets_go_of_its_adopted_container() {
     assert_eq!(i["startedAtUnixMs"], started["startedAtUnixMs"]);
     stop_through(&c, 2, &sid, &container).await;
 }
+
+/// A node of another cluster (its own cluster secret, as for a node on a restored copy of the
+/// database, docs/cluster.md "Backups") on the same engine takes over a lost node: it leaves
+/// that node's container alone (ends its session `lost` on its side, neither adopts nor
+/// removes it), so nothing it does later (a stop, its drain) can reach a container of the
+/// cluster the container belongs to.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_with_another_cluster_secret_does_not_adopt_the_clusters_containers() {
+    if !have_docker() {
+        return;
+    }
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let mut c = Cluster::new(&pg.url(), &["--node-timeout", "2"]);
+    let first = c.add_node().await;
+    first
+        .deploy(
+            "dock",
+            &[],
+            json!({"command": null, "image": AGENT_IMAGE,
+                   "env": {"CATTERY_TEST_AGENT_ARGS": "--ignore-transport-close"},
+                   "autoScaling": {"minAgents": 0, "maxAgents": 2}}),
+        )
+        .await;
+    first.wait_ready("dock", Duration::from_secs(60)).await;
+    let sid = first.start_ok("dock").await;
+    let ids = containers_of(first);
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let container = ids[0].clone();
+    // Removed at the end, also when the test fails: no node removes it.
+    struct RemoveOnDrop(String);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = docker(&["rm", "-f", &self.0]);
+        }
+    }
+    let _remove = RemoveOnDrop(container.clone());
+    c.nodes[0].kill9();
+    // Once n1 is dead (a live node with another secret would refuse the new one), a node
+    // with another cluster secret joins the database and takes n1 over.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    std::fs::write(
+        c.key_dir.path().join("cluster.secret"),
+        "another-cluster-secret-0123456789abcdef0123456789\n",
+    )
+    .unwrap();
+    c.add_node().await;
+    let s = wait_for(
+        Duration::from_secs(15),
+        "n2 to take n1's session over",
+        || async {
+            let s = c.node(1).session("dock", &sid).await;
+            (!s["endedAt"].is_null()).then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(s["endReason"], "lost", "{s}");
+    assert_eq!(
+        container_state(&container).as_deref(),
+        Some("running"),
+        "the other cluster's container was not left alone"
+    );
+}

@@ -48,6 +48,9 @@ pub const LABEL_INSTANCE: &str = "org.cattery.instance";
 pub const LABEL_DEPLOYMENT: &str = "org.cattery.deployment";
 /// Label: agent id.
 pub const LABEL_AGENT: &str = "org.cattery.agent";
+/// Label: what the node's cluster secret derives (`ClusterSecret::container_label`), on the
+/// containers of a node that has one.
+pub const LABEL_CLUSTER: &str = "org.cattery.cluster";
 /// How long connecting to the engine may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A failed connection is tried again only this long after the last attempt.
@@ -88,6 +91,9 @@ pub struct DockerConfig {
     pub pull_policy: PullPolicy,
     /// This server's id (the `org.cattery.server` label).
     pub server_id: String,
+    /// What this node's cluster secret derives for the `org.cattery.cluster` label, if it has
+    /// a secret: set on its containers, and compared before adopting another node's.
+    pub cluster_label: Option<String>,
     /// File where the image id resolved for each deployment is kept across restarts
     /// (`<data dir>/docker-images.json`); `None`: memory only.
     pub images_file: Option<PathBuf>,
@@ -114,6 +120,16 @@ pub struct DockerRuntime {
 }
 
 impl DockerRuntime {
+    /// Whether a container with these labels may be adopted by this node: its own (this
+    /// server's id), one made without a cluster label (a node without a cluster secret, or of
+    /// a version before the label), or one whose cluster label is this node's.
+    fn of_this_cluster(&self, labels: &HashMap<String, String>) -> bool {
+        labels.get(LABEL_SERVER) == Some(&self.cfg.server_id)
+            || labels
+                .get(LABEL_CLUSTER)
+                .is_none_or(|c| Some(c) == self.cfg.cluster_label.as_ref())
+    }
+
     /// A runtime on the configured engine; it connects on first use (an engine that is down
     /// makes image deployments fail with a deploy error, nothing else).
     pub fn new(cfg: DockerConfig) -> Self {
@@ -233,11 +249,14 @@ impl DockerRuntime {
                 host_port: Some(String::new()),
             }]),
         )]);
-        let labels = HashMap::from([
+        let mut labels = HashMap::from([
             (LABEL_SERVER.to_string(), self.cfg.server_id.clone()),
             (LABEL_INSTANCE.to_string(), spec.instance_id.to_string()),
             (LABEL_DEPLOYMENT.to_string(), dep.to_string()),
         ]);
+        if let Some(c) = &self.cfg.cluster_label {
+            labels.insert(LABEL_CLUSTER.to_string(), c.clone());
+        }
         let l = spec.limits;
         ContainerCreateBody {
             image: Some(image_id.to_string()),
@@ -433,13 +452,24 @@ impl Runtime for DockerRuntime {
                 return Adopted::Gone(None);
             }
         };
-        let state = match docker
+        let (state, labels) = match docker
             .inspect_container(&pl.container_id, None::<InspectContainerOptions>)
             .await
         {
-            Ok(c) => c.state.unwrap_or_default(),
+            Ok(c) => (
+                c.state.unwrap_or_default(),
+                c.config.and_then(|c| c.labels).unwrap_or_default(),
+            ),
             Err(_) => return Adopted::Gone(None),
         };
+        if !self.of_this_cluster(&labels) {
+            // Another cluster's container on a shared engine (this node runs on a copy of
+            // its database): left alone, neither adopted nor removed; the copy's session
+            // ends as one whose instance is gone.
+            tracing::warn!(instance = %rec.id, container = %pl.container_id,
+                "not adopting a container made by a node with another cluster secret");
+            return Adopted::Gone(None);
+        }
         if state.running != Some(true) {
             // It ended while no server watched it: the engine still has how.
             let gone = container::gone_exit(&state);
