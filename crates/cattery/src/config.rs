@@ -290,6 +290,11 @@ pub struct SessionsConfig {
     pub start_timeout_seconds: f64,
     /// On SIGTERM, seconds running sessions may go on before they are stopped.
     pub drain_timeout_seconds: f64,
+    /// On SIGTERM, the least number of seconds the drain lasts (new sessions answered 503,
+    /// `/ready` 503) even when no session is left, so that a load balancer's health check
+    /// sees the node draining before it exits; unset: 2 on a shared database, else 0
+    /// ([`SessionsConfig::drain_linger`]).
+    pub drain_linger_seconds: Option<f64>,
     /// Resource sampling interval, ms.
     pub metrics_interval_ms: u64,
     /// Daily API key, for `createDailyRoom` (an org's `dailyApiKey` property wins).
@@ -304,6 +309,17 @@ pub struct SessionsConfig {
     pub on_stop: OnStop,
     /// At most this many warm instances of one agent start at once on a node; 0: no limit.
     pub max_warm_starting: u32,
+}
+
+impl SessionsConfig {
+    /// The drain's least length: `drain_linger_seconds`, else 2 s on a shared database (its
+    /// nodes sit behind a load balancer), else none.
+    pub fn drain_linger(&self, shared_store: bool) -> std::time::Duration {
+        let s = self
+            .drain_linger_seconds
+            .unwrap_or(if shared_store { 2.0 } else { 0.0 });
+        std::time::Duration::from_secs_f64(s)
+    }
 }
 
 /// What stopping the server does to running sessions (`--on-stop`).
@@ -329,6 +345,7 @@ impl Default for SessionsConfig {
             stop_grace_seconds: crate::model::DEFAULT_STOP_GRACE_S,
             start_timeout_seconds: 60.0,
             drain_timeout_seconds: 30.0,
+            drain_linger_seconds: None,
             metrics_interval_ms: 5000,
             daily_api_key: None,
             daily_api_url: DEFAULT_DAILY_API_URL.into(),
@@ -531,6 +548,12 @@ pub struct ServeArgs {
     /// On SIGTERM, seconds running sessions may go on before they are stopped [default: 30].
     #[arg(long, env = "CATTERY_DRAIN_TIMEOUT_SECONDS", help_heading = "Sessions")]
     pub drain_timeout_seconds: Option<f64>,
+    /// On SIGTERM, the least number of seconds the drain lasts (new sessions get 503, /ready
+    /// 503) even with no session left, so a load balancer's health check sees the node
+    /// draining before it exits; a second signal cuts it short [default: 2 with
+    /// --database-url, else 0].
+    #[arg(long, env = "CATTERY_DRAIN_LINGER_SECONDS", help_heading = "Sessions")]
+    pub drain_linger_seconds: Option<f64>,
     /// On SIGTERM/SIGINT: `drain` running sessions, or `detach` (exit leaving them running for
     /// the next `cattery serve` to re-adopt: an upgrade without dropping calls) [default: drain].
     #[arg(long, env = "CATTERY_ON_STOP", value_enum, help_heading = "Sessions")]
@@ -689,6 +712,9 @@ impl Config {
         if a.daily_api_key.is_some() {
             se.daily_api_key = a.daily_api_key;
         }
+        if a.drain_linger_seconds.is_some() {
+            se.drain_linger_seconds = a.drain_linger_seconds;
+        }
         if let Some(v) = a.ice_servers {
             se.ice_servers = v
                 .into_iter()
@@ -761,6 +787,11 @@ impl Config {
         positive(se.start_timeout_seconds, "start-timeout-seconds")?;
         if !(se.drain_timeout_seconds.is_finite() && se.drain_timeout_seconds >= 0.0) {
             anyhow::bail!("--drain-timeout-seconds must be 0 or more");
+        }
+        if let Some(l) = se.drain_linger_seconds {
+            if !(l.is_finite() && (0.0..=600.0).contains(&l)) {
+                anyhow::bail!("--drain-linger-seconds must be between 0 and 600");
+            }
         }
         positive(
             self.websocket.idle_timeout_seconds,
@@ -907,6 +938,21 @@ mod tests {
         assert_eq!(cfg.server.max_connections, 100);
         assert_eq!(cfg.logs.retention_days, 7);
         cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn the_drain_lingers_on_a_shared_database_unless_told_otherwise() {
+        let d = std::time::Duration::from_secs_f64;
+        let mut cfg = Config::default();
+        assert_eq!(cfg.sessions.drain_linger(false), d(0.0));
+        assert_eq!(cfg.sessions.drain_linger(true), d(2.0));
+        cfg = Config::from_toml("[sessions]\ndrain_linger_seconds = 5\n").unwrap();
+        assert_eq!(cfg.sessions.drain_linger(false), d(5.0));
+        cfg.apply(args(&["--drain-linger-seconds", "0"]));
+        assert_eq!(cfg.sessions.drain_linger(true), d(0.0));
+        cfg.validate().unwrap();
+        cfg.apply(args(&["--drain-linger-seconds=-1"]));
+        assert!(cfg.validate().is_err());
     }
 
     #[test]

@@ -696,12 +696,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         signal = first,
         "draining: new sessions get 503; a second signal stops sessions now"
     );
-    let force = async move {
+    let drain_began = tokio::time::Instant::now();
+    let forced = tokio_util::sync::CancellationToken::new();
+    let second = forced.clone();
+    tokio::spawn(async move {
         let _ = signals.recv().await;
         tracing::info!("second signal: stopping every session now");
-    };
-    sup.drain(Duration::from_secs_f64(cfg.drain_timeout_seconds), force)
-        .await;
+        second.cancel();
+    });
+    sup.drain(
+        Duration::from_secs_f64(cfg.drain_timeout_seconds),
+        forced.clone().cancelled_owned(),
+    )
+    .await;
+    linger(
+        drain_began + config.sessions.drain_linger(shared_store),
+        &forced,
+    )
+    .await;
     runtime.shutdown().await;
     watch.abort();
     heartbeats.abort();
@@ -713,6 +725,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Goes on answering as a draining node (starts 503, `/ready` 503) until `until`, the drain's
+/// least length (`--drain-linger-seconds`), unless a second signal comes: a load balancer
+/// that checks `/ready` every second then takes the node out before it exits, instead of
+/// sending a start to a port that closes under it.
+async fn linger(until: tokio::time::Instant, forced: &tokio_util::sync::CancellationToken) {
+    if until <= tokio::time::Instant::now() || forced.is_cancelled() {
+        return;
+    }
+    tracing::info!(
+        seconds = (until - tokio::time::Instant::now()).as_secs_f64(),
+        "drained; answering as draining a little longer, for the load balancer's checks"
+    );
+    tokio::select! {
+        () = tokio::time::sleep_until(until) => {}
+        () = forced.cancelled() => {}
+    }
 }
 
 /// `--on-stop detach`: stops serving HTTP (requests in flight finish, so a start either

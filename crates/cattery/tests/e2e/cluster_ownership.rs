@@ -952,6 +952,28 @@ async fn ready_answers_503_while_the_node_drains_and_health_stays_200() {
     assert_eq!(s.stop("lb", &sid).await.status, 200);
 }
 
+/// A node whose drain finds no session left goes on answering as draining for its
+/// `--drain-linger-seconds` (starts and `/ready` 503, so a load balancer's check takes it out
+/// before its port closes under a start), and a second signal cuts that short.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drained_node_answers_draining_for_its_linger_and_a_second_signal_ends_it() {
+    let mut s = Server::start(&["--drain-linger-seconds", "60"]).await;
+    s.deploy("lb", &[], json!({})).await;
+    s.signal(15);
+    // With no session to wait for, the drain itself ends within a few hundred ms: without
+    // the linger the server is gone by now.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = s.req("GET", "/ready", None, None).await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert_eq!(r.body["code"], "DRAINING", "{:?}", r.body);
+    let r = s.start_session("lb", json!({})).await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert!(
+        s.terminate(Duration::from_secs(20)).is_some(),
+        "a second signal ends the linger"
+    );
+}
+
 /// `curl` with the test certificate trusted: (status, JSON body or `Null`).
 fn curl_tls(
     cert: &std::path::Path,
