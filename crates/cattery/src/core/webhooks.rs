@@ -531,13 +531,31 @@ impl Webhooks {
                 std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string())
             })?;
             let status = resp.status().as_u16();
-            // The body is read (and dropped) so the connection can be reused.
-            let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+            drain_answer(resp.into_body()).await;
             Ok::<_, String>(status)
         };
         tokio::time::timeout(self.cfg.timeout, exchange)
             .await
             .map_err(|_| format!("no answer within {} s", self.cfg.timeout.as_secs()))?
+    }
+}
+
+/// Most of an endpoint's answer body read: only its status counts.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// Reads an endpoint's answer body (and drops it) so that its connection can be reused, up
+/// to [`MAX_ANSWER_BYTES`]: a longer body (or one that never ends) is left unread, and its
+/// connection closed, so an endpoint cannot make the server hold what it sends.
+async fn drain_answer<B: hyper::body::Body + Unpin>(mut body: B) {
+    use http_body_util::BodyExt as _;
+    let mut read = 0;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(data) = frame.data_ref() {
+            read += bytes::Buf::remaining(data);
+            if read > MAX_ANSWER_BYTES {
+                return;
+            }
+        }
     }
 }
 
@@ -683,6 +701,71 @@ mod tests {
         assert_ne!(
             delivery_id(e1, "session.ended", None),
             delivery_id(e1, "session.ended", None)
+        );
+    }
+
+    /// A receiver that answers 200 and then streams a body without end: the attempt reads
+    /// a bounded part of it and answers the status at once, never holding (in memory) what
+    /// the endpoint sends until the timeout.
+    #[tokio::test]
+    async fn an_endless_answer_body_is_not_read_to_its_end() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            let _ = c.read(&mut buf).await;
+            let head =
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n";
+            c.write_all(head.as_bytes()).await.unwrap();
+            let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, "x".repeat(64 * 1024));
+            // 8 MiB, then silence (a body that never ends).
+            for _ in 0..128 {
+                if c.write_all(chunk.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await;
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::sqlite::SqliteStore::open(dir.path())
+                .await
+                .unwrap(),
+        );
+        let cfg = WebhookSettings {
+            timeout: Duration::from_secs(3),
+            ..Default::default()
+        };
+        let w = Webhooks::start(store, Arc::new(SecretCipher::from_key(&[1; 32])), cfg);
+        let ep = Live {
+            org: "acme".into(),
+            url: format!("http://{addr}/hook"),
+            secret: new_secret(),
+            events: vec!["session.ended".into()],
+        };
+        let d = WebhookDelivery {
+            id: Uuid::new_v4(),
+            seq: 0,
+            endpoint_id: Uuid::new_v4(),
+            org: "acme".into(),
+            event_type: "session.ended".into(),
+            payload: "{}".into(),
+            created_ms: now_ms(),
+            state: DeliveryState::Pending,
+            attempts: 0,
+            next_attempt_ms: 0,
+            last_status: None,
+            last_error: None,
+            finished_ms: None,
+        };
+        let begun = std::time::Instant::now();
+        assert_eq!(w.post(&ep, &d).await, Ok(200));
+        assert!(
+            begun.elapsed() < Duration::from_secs(2),
+            "the attempt waited for the body's end: {:?}",
+            begun.elapsed()
         );
     }
 
