@@ -16,6 +16,16 @@ pub struct Unpacked {
     pub bytes: u64,
 }
 
+/// Whether `p` names a path inside a context: relative, without `..`, without a NUL byte.
+pub fn is_inside(p: &str) -> bool {
+    let path = Path::new(p);
+    !p.is_empty()
+        && !p.contains('\0')
+        && path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
 /// Unpacks the tar.gz at `archive` into `dest` (which exists). Errors: a message for the
 /// build's `errorMessage`.
 pub fn unpack(archive: &Path, dest: &Path, max_bytes: u64) -> Result<Unpacked, String> {

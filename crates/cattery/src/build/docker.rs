@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt as _;
 
 use super::{Artifact, BuildJob, BuildLog, Builder};
+use crate::build::context::is_inside as inside;
 use crate::runtime::docker::DockerRuntime;
 
 /// Pipecat Cloud's base image, as Dockerfiles name it.
@@ -58,18 +59,6 @@ pub fn map_base(text: &str, base: &str) -> (String, usize) {
 /// The image a build makes.
 fn image_tag(build: uuid::Uuid) -> String {
     format!("cattery-build:{build}")
-}
-
-/// Whether `p` names a file inside the context (relative, no `..`).
-fn inside(p: &str) -> bool {
-    let p = std::path::Path::new(p);
-    !p.as_os_str().is_empty()
-        && p.components().all(|c| {
-            matches!(
-                c,
-                std::path::Component::Normal(_) | std::path::Component::CurDir
-            )
-        })
 }
 
 #[async_trait]

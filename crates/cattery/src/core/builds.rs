@@ -469,6 +469,12 @@ impl Builds {
             .filter(|d| !d.is_empty())
             .unwrap_or("Dockerfile")
             .to_string();
+        if !crate::build::context::is_inside(&dockerfile_path) || dockerfile_path.len() > 1024 {
+            return Err(CoreError::bad_request(
+                "dockerfilePath must be a relative path inside the context (no \"..\", at most \
+                 1024 bytes)",
+            ));
+        }
         let not_found = || CoreError::bad_request(format!("upload {upload_id} not found"));
         let id = Uuid::parse_str(upload_id).map_err(|_| not_found())?;
         let (hash, size) = {

@@ -217,6 +217,45 @@ async fn upload(a: &Api, ctx: &[u8]) -> Value {
     u["uploadId"].clone()
 }
 
+/// A `dockerfilePath` outside the context (absolute, with `..`, with a NUL byte) is a 400 at
+/// the request: the server never looks at a host path for it, and the upload stays usable.
+#[tokio::test]
+async fn a_dockerfile_path_outside_the_context_is_refused() {
+    let a = api_with(|c| c.runtime.build_max_context_mb = 1).await;
+    let ctx = context(&[("Dockerfile", "FROM dailyco/pipecat-base:latest\n")]);
+    let up = upload(&a, &ctx).await;
+    for bad in [
+        "/etc/passwd",
+        "../../../etc/passwd",
+        "a/../../x",
+        "Docker\u{0}file",
+    ] {
+        let r = a
+            .call(
+                Method::POST,
+                "/v1/builds",
+                Some(&a.sk),
+                Some(json!({"uploadId": up, "dockerfilePath": bad})),
+            )
+            .await;
+        assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+        assert!(
+            r.body["error"].as_str().unwrap().contains("dockerfilePath"),
+            "{bad}: {}",
+            r.body
+        );
+    }
+    let r = a
+        .call(
+            Method::POST,
+            "/v1/builds",
+            Some(&a.sk),
+            Some(json!({"uploadId": up, "dockerfilePath": "./Dockerfile"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+}
+
 #[tokio::test]
 async fn failed_builds_are_rebuilt_and_not_deployable() {
     let a = api_with(|c| c.runtime.build_max_context_mb = 1).await;
