@@ -257,6 +257,27 @@ async fn run_to_completion(
     })
 }
 
+/// Refuses a request whose path or query holds a NUL byte (`%00`) with 400: no name, id or
+/// filter of this API may hold one, and a store may not take it as text (PostgreSQL refuses
+/// the whole statement, which would answer 503). The session proxy's routes are not under it
+/// (their path and query are the bot's).
+async fn refuse_nul(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let has_nul = |s: &str| {
+        s.as_bytes()
+            .windows(3)
+            .any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0')
+    };
+    let uri = req.uri();
+    if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
+        return ApiError::bad_request("the request's path or query holds a NUL byte (%00)")
+            .into_response();
+    }
+    next.run(req).await
+}
+
 /// `api` with its writes run to their end ([`run_to_completion`]), and `cut` beside it, as is.
 fn with_writes_run_to_completion<S: Clone + Send + Sync + 'static>(
     api: Router<S>,
@@ -269,6 +290,7 @@ fn with_writes_run_to_completion<S: Clone + Send + Sync + 'static>(
 /// Builds the router.
 pub fn router(state: AppState) -> Router {
     let (router, _) = routes().split_for_parts();
+    let router = router.route_layer(axum::middleware::from_fn(refuse_nul));
     let router = with_writes_run_to_completion(router, proxy_routes())
         .route_layer(axum::middleware::from_fn(super::trace::record_route))
         // The dashboard: `/` redirects to `/dashboard` (`crate::dashboard`).

@@ -263,6 +263,51 @@ async fn error_bodies() {
     assert_error(&r, StatusCode::BAD_REQUEST, "400");
 }
 
+/// A NUL byte in a name, id or filter (path, query or a body's name field) is a 400 before
+/// any store is asked: PostgreSQL refuses text holding one, which answered 503.
+#[tokio::test]
+async fn a_nul_byte_in_a_name_or_filter_is_a_400() {
+    let a = api().await;
+    a.deploy("bot", &[], json!({})).await;
+    for uri in [
+        "/v1/agents/b%00t",
+        "/v1/agents/bot/logs?query=x%00",
+        "/v1/agents/bot/sessions?status=%00",
+        "/v1/builds?region=local%00",
+        "/v1/secrets/a%00b",
+        "/v1/organizations/default/services/b%00t",
+    ] {
+        assert_error(
+            &a.get(uri).await,
+            StatusCode::BAD_REQUEST,
+            "GENERIC_BAD_REQUEST",
+        );
+    }
+    for (uri, body) in [
+        (
+            "/v1/organizations/default/apiKeys",
+            json!({"name": "ci\u{0}", "type": "private"}),
+        ),
+        (
+            "/v1/webhooks",
+            json!({"url": "http://127.0.0.1:9/hook", "description": "ops\u{0}"}),
+        ),
+    ] {
+        let r = a.call(Method::POST, uri, Some(&a.sk), Some(body)).await;
+        assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+    }
+    // A set name no set can have is not found, as any missing set.
+    let r = a
+        .call(
+            Method::POST,
+            "/v1/agents",
+            Some(&a.sk),
+            Some(json!({"serviceName": "nul", "command": ["fake"], "secretSet": "a\u{0}b"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+}
+
 /// An `image` no engine could pull is a 400 at create and at update (not a deployment that
 /// fails later); references Docker accepts, with a registry, port, tag or digest, are taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

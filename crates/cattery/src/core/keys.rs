@@ -60,6 +60,9 @@ pub fn check_new_key(name: Option<&str>, kind: Option<&str>) -> CoreResult<(Stri
         .map(str::trim)
         .filter(|n| !n.is_empty())
         .ok_or_else(|| CoreError::bad_request("name is required"))?;
+    if name.contains('\0') {
+        return Err(CoreError::bad_request("name must not contain a NUL byte"));
+    }
     if name.chars().count() > MAX_NAME_CHARS {
         return Err(CoreError::bad_request(format!(
             "name must be at most {MAX_NAME_CHARS} characters"

@@ -616,9 +616,13 @@ pub async fn check_bindings(
         ),
     ] {
         let Some(name) = name else { continue };
-        let set = store
-            .get_secret_set(org, name)
-            .await?
+        // A name no set can have (a NUL byte, which a store may not even take) is not asked.
+        let found = if valid_set_name(name) {
+            store.get_secret_set(org, name).await?
+        } else {
+            None
+        };
+        let set = found
             .ok_or_else(|| CoreError::NotFound(format!("{field}: secret set {name} not found")))?;
         if set.kind != kind {
             return Err(bad(format!(

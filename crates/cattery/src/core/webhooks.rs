@@ -310,6 +310,11 @@ impl Webhooks {
         check_url(&req.url)?;
         let events = check_events(req.events.as_deref())?;
         let description = req.description.unwrap_or_default();
+        if description.contains('\0') {
+            return Err(CoreError::bad_request(
+                "description: must not contain a NUL byte",
+            ));
+        }
         if description.chars().count() > 500 {
             return Err(CoreError::bad_request(
                 "description: at most 500 characters",

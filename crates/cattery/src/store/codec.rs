@@ -43,3 +43,15 @@ pub(crate) fn samples_of(text: &str) -> Vec<MetricSample> {
         })
         .collect()
 }
+
+/// Free text as stored (log lines, end messages, build errors; a log query alike, so it finds
+/// them): a NUL byte, which PostgreSQL's text cannot hold (the whole statement fails, and with
+/// it every line of a batch, whichever org's), becomes `\x00`, as the runtimes show bytes that
+/// are not text. Every backend stores the same form.
+pub(crate) fn storable_text(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\\x00"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}

@@ -44,6 +44,7 @@ where
     case!(secret_sets);
     case!(deployment_secret_snapshots);
     case!(logs);
+    case!(text_with_nul);
     case!(log_pruning);
     case!(nodes);
     case!(capacity_slots);
@@ -827,6 +828,42 @@ async fn logs(s: &dyn Store) {
     assert_eq!(got[1].session_id, Some(sid));
     assert_eq!(got[1].deployment_id, Some(a.desired_deployment_id));
     assert_eq!(got[1].stream, "stdout");
+}
+
+/// Free text an instance or a bot wrote (a log line, a session's end message) may hold a NUL
+/// byte: it is stored as `\x00` on every backend, and never fails the write, nor the other
+/// lines of its batch (another org's among them).
+async fn text_with_nul(s: &dyn Store) {
+    let a = with_agent(s, "a", "x").await;
+    let b = with_agent(s, "b", "y").await;
+    s.append_logs(&[line(&a, 10, "bad\0byte"), line(&b, 20, "other org's")])
+        .await
+        .unwrap();
+    s.append_logs_capped(&[line(&a, 30, "\0"), line(&b, 40, "again")], 1000)
+        .await
+        .unwrap();
+    let texts = |org: &AgentRecord, query: Option<&str>| {
+        let (id, query) = (org.id, query.map(str::to_string));
+        async move {
+            let f = LogFilter {
+                limit: 100,
+                query,
+                ..Default::default()
+            };
+            let (_, v) = s.query_logs(id, &f).await.unwrap();
+            v.into_iter().map(|l| l.line).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(texts(&a, None).await, ["bad\\x00byte", "\\x00"]);
+    assert_eq!(texts(&b, None).await, ["other org's", "again"]);
+    assert_eq!(texts(&a, Some("d\0b")).await, ["bad\\x00byte"]);
+    let s1 = session(&a, 100);
+    s.insert_session(&s1).await.unwrap();
+    let mut e = end(EndReason::Error, 200);
+    e.message = Some("bot said \0".into());
+    assert!(s.end_session(s1.id, &e).await.unwrap());
+    let got = s.get_session(s1.id).await.unwrap().unwrap().end.unwrap();
+    assert_eq!(got.message.as_deref(), Some("bot said \\x00"));
 }
 
 async fn log_pruning(s: &dyn Store) {

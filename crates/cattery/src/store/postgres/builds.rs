@@ -69,7 +69,11 @@ impl BuildStore for PgStore {
         .bind(&b.artifact)
         .bind(&b.python)
         .bind(&b.builder)
-        .bind(&b.error_message)
+        .bind(
+            b.error_message
+                .as_deref()
+                .map(crate::store::codec::storable_text),
+        )
         .bind(b.context_size)
         .bind(b.created_ms)
         .bind(b.started_ms)
@@ -91,7 +95,11 @@ impl BuildStore for PgStore {
         .bind(&b.artifact)
         .bind(&b.python)
         .bind(&b.builder)
-        .bind(&b.error_message)
+        .bind(
+            b.error_message
+                .as_deref()
+                .map(crate::store::codec::storable_text),
+        )
         .bind(b.started_ms)
         .bind(b.completed_ms)
         .bind(b.updated_ms)

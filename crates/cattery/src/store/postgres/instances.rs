@@ -136,7 +136,10 @@ impl InstanceStore for PgStore {
         .bind(end.map(|e| e.completion_status.as_str()))
         .bind(end.and_then(|e| e.exit_code).map(i64::from))
         .bind(end.and_then(|e| e.exit_signal).map(i64::from))
-        .bind(end.and_then(|e| e.message.as_deref()))
+        .bind(
+            end.and_then(|e| e.message.as_deref())
+                .map(crate::store::codec::storable_text),
+        )
         .bind(samples)
         .fetch_one(&self.pool)
         .await?;

@@ -38,7 +38,7 @@ fn push_filter(q: &mut QueryBuilder<Postgres>, agent_id: Uuid, f: &LogFilter) {
     }
     if let Some(text) = &f.query {
         q.push(" AND strpos(line, ")
-            .push_bind(text.clone())
+            .push_bind(crate::store::codec::storable_text(text).into_owned())
             .push(") > 0");
     }
     if let Some(t) = f.start_ns {
@@ -79,7 +79,12 @@ async fn insert(
         .bind(lines.iter().map(|l| l.instance_id).collect::<Vec<_>>())
         .bind(lines.iter().map(|l| l.ts_ns).collect::<Vec<_>>())
         .bind(lines.iter().map(|l| l.stream).collect::<Vec<_>>())
-        .bind(lines.iter().map(|l| l.line.as_str()).collect::<Vec<_>>());
+        .bind(
+            lines
+                .iter()
+                .map(|l| crate::store::codec::storable_text(&l.line))
+                .collect::<Vec<_>>(),
+        );
     if let Some(max) = prune_over {
         q = q.bind(max);
     }

@@ -118,7 +118,7 @@ async fn end_session_as(
         .bind(&e.completion_status)
         .bind(e.exit_code.map(i64::from))
         .bind(e.exit_signal.map(i64::from))
-        .bind(&e.message)
+        .bind(e.message.as_deref().map(crate::store::codec::storable_text))
         .bind(id)
         .execute(db)
         .await?

@@ -62,7 +62,10 @@ fn filter_sql(org: &str, f: &BuildFilter) -> (String, Vec<Val<'static>>) {
 #[async_trait]
 impl BuildStore for SqliteStore {
     async fn insert_build(&self, b: &BuildRecord) -> StoreResult<()> {
-        let b = b.clone();
+        let mut b = b.clone();
+        b.error_message = b
+            .error_message
+            .map(|m| crate::store::codec::storable_text(&m).into_owned());
         self.write(move |db| {
             db.exec(
                 &format!(
@@ -94,7 +97,10 @@ impl BuildStore for SqliteStore {
     }
 
     async fn update_build(&self, b: &BuildRecord) -> StoreResult<()> {
-        let b = b.clone();
+        let mut b = b.clone();
+        b.error_message = b
+            .error_message
+            .map(|m| crate::store::codec::storable_text(&m).into_owned());
         self.write(move |db| {
             let n = db.exec(
                 "UPDATE builds SET status = ?, artifact = ?, python = ?, builder = ?, \

@@ -61,8 +61,12 @@ fn insert_lines(db: &mut super::conn::Conn, lines: &[LogLine]) -> StoreResult<()
         };
         let (chunk, tail) = rest.split_at(n);
         rest = tail;
+        let texts: Vec<_> = chunk
+            .iter()
+            .map(|l| crate::store::codec::storable_text(&l.line))
+            .collect();
         let mut params = Vec::with_capacity(chunk.len() * 8);
-        for l in chunk {
+        for (l, text) in chunk.iter().zip(&texts) {
             params.push(Val::Text(&l.org));
             params.push(l.agent_id.into());
             params.push(l.deployment_id.into());
@@ -70,7 +74,7 @@ fn insert_lines(db: &mut super::conn::Conn, lines: &[LogLine]) -> StoreResult<()
             params.push(l.instance_id.into());
             params.push(l.ts_ns.into());
             params.push(Val::Text(l.stream));
-            params.push(Val::Text(&l.line));
+            params.push(Val::Text(text));
         }
         db.exec(&insert_sql(chunk.len()), &params)?;
     }
@@ -126,11 +130,12 @@ impl LogStore for SqliteStore {
         );
         let f = f.clone();
         self.scan(move |db| {
+            let query = f.query.as_deref().map(crate::store::codec::storable_text);
             let mut params: Vec<Val<'_>> = vec![
                 agent_id.into(),
                 f.deployment_id.into(),
                 f.session_id.into(),
-                f.query.as_ref().into(),
+                query.as_deref().into(),
                 f.start_ns.into(),
                 f.end_ns.into(),
             ];

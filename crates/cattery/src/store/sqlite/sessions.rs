@@ -120,6 +120,7 @@ pub(super) fn end_session(db: &mut Conn, id: Uuid, e: &SessionEnd) -> StoreResul
 
 /// [`end_session`] with the statement `sql` ([`end_sql`]).
 fn end_session_as(db: &mut Conn, id: Uuid, e: &SessionEnd, sql: &str) -> StoreResult<bool> {
+    let message = e.message.as_deref().map(crate::store::codec::storable_text);
     let n = db.exec(
         sql,
         &[
@@ -129,7 +130,7 @@ fn end_session_as(db: &mut Conn, id: Uuid, e: &SessionEnd, sql: &str) -> StoreRe
             Val::Text(&e.completion_status),
             e.exit_code.map(i64::from).into(),
             e.exit_signal.map(i64::from).into(),
-            e.message.as_ref().into(),
+            message.as_deref().into(),
             id.into(),
         ],
     )?;
