@@ -232,6 +232,56 @@ fn small_json(h: &axum::http::HeaderMap) -> bool {
 /// (reference §A.5.5 "Reserved paths"; `/api/offer` is forwarded on purpose, for SmallWebRTC).
 const RESERVED: &[&str] = &["bot", "ws"];
 
+/// The part of a proxy request's path after `/v1/public/{agent}/sessions/{sessionId}`, as the
+/// client sent it (still percent-encoded), without its leading `/`: what the instance gets.
+fn raw_rest(path: &str) -> &str {
+    // "", "v1", "public", agent, "sessions", session id, rest
+    path.splitn(7, '/').nth(6).unwrap_or("")
+}
+
+/// Percent-decodes `s` (an invalid escape is kept as it is).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The reserved path a proxied path `raw` (as sent) could reach on an instance's server,
+/// whichever way that server reads it: percent-decoded, with empty and `.` segments dropped
+/// and `..` applied, cut at a `?`, `#` or `;`, in any case. `None` when it reaches none.
+fn reserved_target(raw: &str) -> Option<&'static str> {
+    let decoded = percent_decode(raw);
+    let mut segs: Vec<&str> = Vec::new();
+    for seg in decoded.split(['/', '\\']) {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segs.pop();
+            }
+            s => segs.push(s),
+        }
+    }
+    let first = segs.first()?;
+    let first = first.split(['?', '#', ';']).next().unwrap_or("");
+    RESERVED
+        .iter()
+        .find(|r| r.eq_ignore_ascii_case(first))
+        .copied()
+}
+
 async fn forward_inner(
     st: &AppState,
     org: &str,
@@ -240,11 +290,13 @@ async fn forward_inner(
     path: &str,
     req: Request,
 ) -> ApiResult<Response> {
-    let first = path.split('/').next().unwrap_or("");
-    if RESERVED.contains(&first) {
+    // What the instance gets is the path as the client sent it (still percent-encoded), not
+    // the decoded `path`, whose `%3F` or `%2F` would change what the instance reads.
+    let raw = raw_rest(req.uri().path()).to_string();
+    if let Some(r) = reserved_target(&raw).or_else(|| reserved_target(path)) {
         return Err(ApiError::not_found(
             "404",
-            format!("/{first} is reserved for the platform and is not proxied"),
+            format!("/{r} is reserved for the platform and is not proxied"),
         ));
     }
     // A request that claims to come from another node must carry the right secret.
@@ -280,7 +332,7 @@ async fn forward_inner(
         .query()
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
-    parts.uri = format!("http://{addr}/{path}{query}")
+    parts.uri = format!("http://{addr}/{raw}{query}")
         .parse::<Uri>()
         .map_err(|e| ApiError::bad_request(format!("invalid path: {e}")))?;
     // Never to the bot: the caller's key, and what a forwarding node added to reach this one

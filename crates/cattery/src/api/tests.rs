@@ -308,6 +308,58 @@ async fn a_nul_byte_in_a_name_or_filter_is_a_400() {
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
 }
 
+/// The session proxy never reaches the instance's reserved paths (`/bot`, `/ws`), however
+/// the path is spelled: a percent-encoded `?` (`bot%3F`), dot segments, empty segments or an
+/// encoded `bot` are refused with 404 like `bot` itself, and no second `POST /bot` arrives.
+/// Other paths reach the instance as the client spelled them.
+#[tokio::test]
+async fn the_session_proxy_never_reaches_reserved_paths() {
+    let a = api().await;
+    a.deploy("bot", &[], json!({})).await;
+    let sid = a.start_ok("bot").await;
+    assert_eq!(a.fake.delivered().len(), 1);
+    for p in [
+        "bot",
+        "bot%3F",
+        "bot%3Fx=1",
+        "%62ot",
+        "./bot",
+        "x/../bot",
+        "/bot",
+        "%2Fbot",
+        "ws%3F",
+        "bot%23",
+        "bot/extra",
+    ] {
+        let r = a
+            .call(
+                Method::POST,
+                &format!("/v1/public/bot/sessions/{sid}/{p}"),
+                Some(&a.pk),
+                Some(json!({"hijack": true})),
+            )
+            .await;
+        assert_error(&r, StatusCode::NOT_FOUND, "404");
+        assert!(
+            r.body["error"].as_str().unwrap().contains("reserved"),
+            "{p}: {}",
+            r.body
+        );
+    }
+    assert_eq!(a.fake.delivered().len(), 1, "a second POST /bot arrived");
+    // A path with characters a URI must encode reaches the instance (its own 404 here).
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/v1/public/bot/sessions/{sid}/a%20b%3Fc"),
+            Some(&a.pk),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    assert!(r.body.is_null(), "the instance's own answer: {}", r.body);
+}
+
 /// An `image` no engine could pull is a 400 at create and at update (not a deployment that
 /// fails later); references Docker accepts, with a registry, port, tag or digest, are taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
