@@ -12,10 +12,10 @@ use crate::common::{wait_for, Server};
 use crate::lifecycle_util::*;
 use serde_json::{json, Value};
 
-const AGENT_IMAGE: &str = "cattery-test/agent:latest";
+pub(crate) const AGENT_IMAGE: &str = "cattery-test/agent:latest";
 const BOT_IMAGE: &str = "cattery-test/bot:latest";
 
-fn docker(args: &[&str]) -> Option<String> {
+pub(crate) fn docker(args: &[&str]) -> Option<String> {
     let out = Command::new("/usr/bin/docker").args(args).output().ok()?;
     out.status
         .success()
@@ -24,7 +24,7 @@ fn docker(args: &[&str]) -> Option<String> {
 
 /// Whether the engine and `images` are there; otherwise skips (or fails under
 /// `CATTERY_REQUIRE_DOCKER`).
-fn have_docker(images: &[&str]) -> bool {
+pub(crate) fn have_docker(images: &[&str]) -> bool {
     let required = std::env::var_os("CATTERY_REQUIRE_DOCKER").is_some();
     let missing = if docker(&["info", "--format", "{{.ServerVersion}}"]).is_none() {
         Some("no Docker engine answers (scripts/docker-ci.sh start)".to_string())
@@ -44,7 +44,7 @@ fn have_docker(images: &[&str]) -> bool {
     }
 }
 
-fn server_id(s: &Server) -> String {
+pub(crate) fn server_id(s: &Server) -> String {
     std::fs::read_to_string(s.data_dir().join("server-id"))
         .unwrap()
         .trim()
@@ -52,7 +52,7 @@ fn server_id(s: &Server) -> String {
 }
 
 /// Ids of every container (running or not) of this server, by label.
-fn containers(s: &Server) -> Vec<String> {
+pub(crate) fn containers(s: &Server) -> Vec<String> {
     let f = format!("label=org.cattery.server={}", server_id(s));
     docker(&["ps", "-a", "-q", "--no-trunc", "--filter", &f])
         .unwrap_or_default()
@@ -61,7 +61,7 @@ fn containers(s: &Server) -> Vec<String> {
         .collect()
 }
 
-async fn wait_containers(s: &Server, n: usize, timeout: Duration) -> Vec<String> {
+pub(crate) async fn wait_containers(s: &Server, n: usize, timeout: Duration) -> Vec<String> {
     wait_for(timeout, &format!("{n} container(s)"), || async {
         let c = containers(s);
         (c.len() == n).then_some(c)
@@ -69,13 +69,13 @@ async fn wait_containers(s: &Server, n: usize, timeout: Duration) -> Vec<String>
     .await
 }
 
-fn inspect(id: &str) -> Value {
+pub(crate) fn inspect(id: &str) -> Value {
     let out = docker(&["inspect", id]).unwrap_or_else(|| "[null]".into());
     serde_json::from_str::<Value>(&out).unwrap()[0].clone()
 }
 
 /// Deploys the test agent image; `args` are its switches.
-async fn deploy_image(s: &Server, name: &str, args: &str, extra: Value) {
+pub(crate) async fn deploy_image(s: &Server, name: &str, args: &str, extra: Value) {
     let mut body = json!({"command": null, "image": AGENT_IMAGE,
                           "env": {"CATTERY_TEST_AGENT_ARGS": args}});
     if let Value::Object(m) = extra {

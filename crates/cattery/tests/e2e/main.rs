@@ -17,6 +17,7 @@ mod connections;
 mod container;
 mod dashboard;
 mod docker;
+mod docker_faults;
 mod fork_server;
 mod isolation;
 mod lifecycle;

@@ -288,52 +288,66 @@ impl DockerRuntime {
         }
     }
 
-    /// Creates and starts the container; returns its id and published port. On error the
-    /// container (if created) is removed.
-    async fn create_and_start(
-        &self,
-        docker: &Docker,
-        spec: &InstanceSpec,
-        image_id: &str,
-        name: &str,
-    ) -> Result<(String, u16), String> {
-        let dep = spec
-            .env
+    /// The `CATTERY_DEPLOYMENT_ID` of a spec (the deployment label).
+    fn deployment_of(spec: &InstanceSpec) -> String {
+        spec.env
             .iter()
             .find(|(k, _)| k == "CATTERY_DEPLOYMENT_ID")
             .map(|(_, v)| v.clone())
-            .unwrap_or_default();
-        let body = self.container_body(spec, image_id, &dep);
-        let opts = CreateContainerOptionsBuilder::default().name(name).build();
-        let c = docker
-            .create_container(Some(opts), body)
-            .await
-            .map_err(|e| format!("cannot create a container from {image_id}: {e}"))?;
-        let started = async {
-            docker
-                .start_container(&c.id, None)
-                .await
-                .map_err(|e| format!("cannot start container: {e}"))?;
-            let ins = docker
-                .inspect_container(&c.id, None::<InspectContainerOptions>)
-                .await
-                .map_err(|e| e.to_string())?;
-            let running = ins.state.as_ref().and_then(|s| s.running) == Some(true);
-            match published_port(&ins) {
-                Some(port) => Ok(port),
-                // Exited already (a crash at start): no port, but its exit code and output
-                // are the instance's to report, so it is handed over like any other.
-                None if !running => Ok(0),
-                None => Err("the container has no published port".to_string()),
+            .unwrap_or_default()
+    }
+}
+
+/// Creates and starts the container; returns its id and published port. On error the
+/// container (if created) is removed; so is a container created after `abandoned` was
+/// cancelled, which is never started.
+async fn create_and_start(
+    docker: Docker,
+    body: ContainerCreateBody,
+    image_id: String,
+    name: String,
+    abandoned: tokio_util::sync::CancellationToken,
+) -> Result<(String, u16), String> {
+    let opts = CreateContainerOptionsBuilder::default().name(&name).build();
+    let c = match docker.create_container(Some(opts), body).await {
+        Ok(c) => c,
+        Err(e) => {
+            // No answer (a broken connection, a timeout) does not mean nothing was made:
+            // the name is this instance's own.
+            if !matches!(e, Error::DockerResponseServerError { .. }) {
+                remove_quietly(&docker, &name).await;
             }
+            return Err(format!("cannot create a container from {image_id}: {e}"));
         }
-        .await;
-        match started {
-            Ok(port) => Ok((c.id, port)),
-            Err(e) => {
-                remove_quietly(docker, &c.id).await;
-                Err(e)
-            }
+    };
+    if abandoned.is_cancelled() {
+        remove_quietly(&docker, &c.id).await;
+        return Err("the start was abandoned".into());
+    }
+    let started = async {
+        docker
+            .start_container(&c.id, None)
+            .await
+            .map_err(|e| format!("cannot start container: {e}"))?;
+        let ins = docker
+            .inspect_container(&c.id, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| e.to_string())?;
+        let running = ins.state.as_ref().and_then(|s| s.running) == Some(true);
+        match published_port(&ins) {
+            Some(port) => Ok(port),
+            // Exited already (a crash at start): no port, but its exit code and output
+            // are the instance's to report, so it is handed over like any other.
+            None if !running => Ok(0),
+            None => Err("the container has no published port".to_string()),
+        }
+    }
+    .await;
+    match started {
+        Ok(port) => Ok((c.id, port)),
+        Err(e) => {
+            remove_quietly(&docker, &c.id).await;
+            Err(e)
         }
     }
 }
@@ -414,16 +428,44 @@ impl Runtime for DockerRuntime {
         spec: InstanceSpec,
         logs: LogSink,
     ) -> Result<Arc<dyn Instance>, RuntimeError> {
-        let docker = self.engine().await.map_err(RuntimeError::Setup)?;
+        let abandoned = spec.abandoned.clone();
+        let docker = tokio::select! {
+            biased;
+            () = abandoned.cancelled() => return Err(RuntimeError::Abandoned),
+            d = self.engine() => d.map_err(RuntimeError::Setup)?,
+        };
         let image_id = spec
             .program
             .strip_prefix(IMAGE_PROGRAM_PREFIX)
             .unwrap_or(&spec.program)
             .to_string();
         let name = format!("cattery-{}", spec.instance_id);
-        let (id, port) = self
-            .create_and_start(&docker, &spec, &image_id, &name)
-            .await
+        let body = self.container_body(&spec, &image_id, &Self::deployment_of(&spec));
+        // The engine's requests run to their end on a task of their own (the engine makes a
+        // container even when its client goes away): a start given up meanwhile returns at
+        // once, and that task removes whatever the engine made, never starting it after.
+        let mut making = tokio::spawn(create_and_start(
+            docker.clone(),
+            body,
+            image_id.clone(),
+            name.clone(),
+            abandoned.clone(),
+        ));
+        let made = tokio::select! {
+            biased;
+            r = &mut making => r,
+            () = abandoned.cancelled() => {
+                let docker = docker.clone();
+                tokio::spawn(async move {
+                    if let Ok(Ok((id, _))) = making.await {
+                        remove_quietly(&docker, &id).await;
+                    }
+                });
+                return Err(RuntimeError::Abandoned);
+            }
+        };
+        let (id, port) = made
+            .map_err(|e| RuntimeError::Setup(format!("container start task: {e}")))?
             .map_err(RuntimeError::Setup)?;
         let pl = DockerPlacement {
             container_id: id,

@@ -1,0 +1,259 @@
+//! The Docker runtime when the engine is slow or unreachable: the server talks to the real
+//! engine through a proxy on a socket of the test's own (`--docker-host unix://...`), which
+//! can hold requests (a slow container create or start) and cut every connection (an engine
+//! restarting or gone for a while). The real engine itself is never stopped.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use crate::common::{wait_for, Server};
+use crate::docker::{containers, deploy_image, have_docker, AGENT_IMAGE};
+use crate::lifecycle_util::*;
+
+const ENGINE: &str = "/var/run/docker.sock";
+
+struct ProxyState {
+    /// Requests whose line contains one of these wait until it is taken out.
+    hold: watch::Sender<Vec<String>>,
+    /// How many requests wait now.
+    held: AtomicUsize,
+    /// Every request line forwarded, in order.
+    seen: Mutex<Vec<String>>,
+    /// While set, connections are refused (accepted and closed at once).
+    down: AtomicBool,
+    /// The tasks of the open connections, aborted by [`EngineProxy::cut`].
+    conns: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+/// A proxy in front of the engine's socket (see the module docs).
+pub struct EngineProxy {
+    pub path: PathBuf,
+    st: Arc<ProxyState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for EngineProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut();
+    }
+}
+
+/// The request lines (`POST /v1.41/containers/create?name=... HTTP/1.1`) in a chunk of what a
+/// client sent (a client sends one request at a time, its head in one write).
+fn request_lines(chunk: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(chunk)
+        .split("\r\n")
+        .filter(|l| {
+            l.ends_with(" HTTP/1.1")
+                && ["GET ", "POST ", "DELETE ", "PUT ", "HEAD "]
+                    .iter()
+                    .any(|m| l.starts_with(m))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+impl EngineProxy {
+    pub async fn start(dir: &Path) -> EngineProxy {
+        let path = dir.join("engine.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let st = Arc::new(ProxyState {
+            hold: watch::channel(Vec::new()).0,
+            held: AtomicUsize::new(0),
+            seen: Mutex::new(Vec::new()),
+            down: AtomicBool::new(false),
+            conns: Mutex::new(Vec::new()),
+        });
+        let st2 = st.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if st2.down.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let h = tokio::spawn(Self::serve(st2.clone(), client));
+                st2.conns.lock().push(h.abort_handle());
+            }
+        });
+        EngineProxy { path, st, task }
+    }
+
+    async fn serve(st: Arc<ProxyState>, client: UnixStream) {
+        let Ok(engine) = UnixStream::connect(ENGINE).await else {
+            return;
+        };
+        let (mut cr, mut cw) = client.into_split();
+        let (mut er, mut ew) = engine.into_split();
+        let back = tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut er, &mut cw).await;
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match cr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            for line in request_lines(&buf[..n]) {
+                let mut rx = st.hold.subscribe();
+                let held = |v: &Vec<String>| v.iter().any(|h| line.contains(h.as_str()));
+                if held(&rx.borrow_and_update()) {
+                    st.held.fetch_add(1, Ordering::SeqCst);
+                    let _ = rx.wait_for(|v| !held(v)).await;
+                    st.held.fetch_sub(1, Ordering::SeqCst);
+                }
+                st.seen.lock().push(line);
+            }
+            if ew.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        back.abort();
+    }
+
+    /// The server's address for the proxy.
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.path.display())
+    }
+
+    /// Holds every request whose line contains `pattern` until [`EngineProxy::release`].
+    pub fn hold(&self, pattern: &str) {
+        self.st.hold.send_modify(|v| v.push(pattern.to_string()));
+    }
+
+    /// Lets every held request go.
+    pub fn release(&self) {
+        self.st.hold.send_replace(Vec::new());
+    }
+
+    pub fn held(&self) -> usize {
+        self.st.held.load(Ordering::SeqCst)
+    }
+
+    pub fn seen(&self) -> Vec<String> {
+        self.st.seen.lock().clone()
+    }
+
+    /// Cuts every open connection (as an engine restart does).
+    pub fn cut(&self) {
+        for h in self.st.conns.lock().drain(..) {
+            h.abort();
+        }
+    }
+
+    /// Waits until `n` requests are held.
+    pub async fn wait_held(&self, n: usize) {
+        wait_for(Duration::from_secs(30), "a held engine request", || async {
+            (self.held() >= n).then_some(())
+        })
+        .await
+    }
+}
+
+/// Starts a session in the background; its answer's status.
+fn start_in_background(s: &Server, agent: &str) -> tokio::task::JoinHandle<u16> {
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/public/{agent}/start", s.base);
+    let pk = s.pk.clone();
+    tokio::spawn(async move {
+        http.post(url)
+            .bearer_auth(pk)
+            .json(&json!({}))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    })
+}
+
+/// The lines of the requests that started a container.
+fn container_starts(p: &EngineProxy) -> Vec<String> {
+    p.seen()
+        .into_iter()
+        .filter(|l| l.starts_with("POST ") && l.contains("/containers/") && l.contains("/start "))
+        .collect()
+}
+
+/// A stop, or the start timeout, while the engine is slow to create or start the session's
+/// container answers at once (not when the engine is done); the container is never started
+/// once its start was given up, and whatever the engine made is removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_or_the_start_timeout_does_not_wait_for_a_slow_engine() {
+    if !have_docker(&[AGENT_IMAGE]) {
+        return;
+    }
+    let dir = crate::common::open_tempdir();
+    let proxy = EngineProxy::start(dir.path()).await;
+    let host = proxy.host();
+    let s = Server::start(&["--docker-host", &host, "--start-timeout-seconds", "4"]).await;
+    deploy_image(
+        &s,
+        "slow-engine",
+        "",
+        json!({"autoScaling": {"minAgents": 0, "maxAgents": 3}}),
+    )
+    .await;
+    s.wait_ready("slow-engine", Duration::from_secs(60)).await;
+
+    for step in ["/containers/create", "/start "] {
+        // A stop while the engine is creating (then: starting) the container.
+        proxy.hold(step);
+        let start = start_in_background(&s, "slow-engine");
+        proxy.wait_held(1).await;
+        let sid = wait_active_session(&s, "slow-engine").await;
+        let starts_before = container_starts(&proxy).len();
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(10), s.stop("slow-engine", &sid))
+            .await
+            .unwrap_or_else(|_| panic!("the stop waited for the engine's {step}"));
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(10), start)
+                .await
+                .expect("the start answers with its stop")
+                .unwrap(),
+            409
+        );
+        assert_eq!(
+            s.session("slow-engine", &sid).await["endReason"],
+            "stopped_during_start"
+        );
+        proxy.release();
+        wait_for(Duration::from_secs(30), "no container left", || async {
+            containers(&s).is_empty().then_some(())
+        })
+        .await;
+        if step == "/containers/create" {
+            assert_eq!(
+                container_starts(&proxy).len(),
+                starts_before,
+                "a container whose start was given up was started"
+            );
+        }
+    }
+
+    // The start timeout while the engine is creating the container.
+    proxy.hold("/containers/create");
+    let start = start_in_background(&s, "slow-engine");
+    proxy.wait_held(1).await;
+    let t0 = Instant::now();
+    let code = tokio::time::timeout(Duration::from_secs(20), start)
+        .await
+        .expect("the start timeout answers while the engine is slow")
+        .unwrap();
+    assert_eq!(code, 504);
+    assert!(t0.elapsed() < Duration::from_secs(12), "{:?}", t0.elapsed());
+    proxy.release();
+    wait_for(Duration::from_secs(30), "no container left", || async {
+        containers(&s).is_empty().then_some(())
+    })
+    .await;
+}
