@@ -95,6 +95,7 @@ impl EngineProxy {
         let back = tokio::spawn(async move {
             let _ = tokio::io::copy(&mut er, &mut cw).await;
         });
+        st.conns.lock().push(back.abort_handle());
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = match cr.read(&mut buf).await {
@@ -145,6 +146,14 @@ impl EngineProxy {
     pub fn cut(&self) {
         for h in self.st.conns.lock().drain(..) {
             h.abort();
+        }
+    }
+
+    /// Down: every open connection cut, new ones refused. Up again with `down(false)`.
+    pub fn down(&self, down: bool) {
+        self.st.down.store(down, Ordering::SeqCst);
+        if down {
+            self.cut();
         }
     }
 
@@ -255,5 +264,71 @@ async fn a_stop_or_the_start_timeout_does_not_wait_for_a_slow_engine() {
     wait_for(Duration::from_secs(30), "no container left", || async {
         containers(&s).is_empty().then_some(())
     })
+    .await;
+}
+
+/// An engine that does not answer while a session is stopped: the stop still answers (the
+/// container cannot be removed yet), and the container is removed as soon as the engine
+/// answers again, not left to the next restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_the_engine_could_not_remove_is_removed_once_it_answers() {
+    if !have_docker(&[AGENT_IMAGE]) {
+        return;
+    }
+    let dir = crate::common::open_tempdir();
+    let proxy = EngineProxy::start(dir.path()).await;
+    let host = proxy.host();
+    let s = Server::start(&["--docker-host", &host, "--stop-grace-seconds", "1"]).await;
+    deploy_image(&s, "unreachable", "--ignore-transport-close", json!({})).await;
+    let sid = s.start_ok("unreachable").await;
+    info_served(&s, "unreachable", &sid).await;
+    assert_eq!(containers(&s).len(), 1);
+    proxy.down(true);
+    let r = s.stop("unreachable", &sid).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(containers(&s).len(), 1, "the engine could not be reached");
+    proxy.down(false);
+    wait_for(Duration::from_secs(40), "the container removed", || async {
+        containers(&s).is_empty().then_some(())
+    })
+    .await;
+}
+
+/// A restart while the engine does not answer records the sessions `lost` (their containers
+/// cannot be found); once the engine answers, their containers are removed (not left to the
+/// next restart).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_without_an_engine_removes_the_lost_sessions_containers_later() {
+    if !have_docker(&[AGENT_IMAGE]) {
+        return;
+    }
+    let dir = crate::common::open_tempdir();
+    let proxy = EngineProxy::start(dir.path()).await;
+    let host = proxy.host();
+    let mut s = Server::start(&["--docker-host", &host]).await;
+    deploy_image(
+        &s,
+        "survivor",
+        "--ignore-transport-close",
+        json!({"autoScaling": {"minAgents": 0, "maxAgents": 3}}),
+    )
+    .await;
+    let sid = s.start_ok("survivor").await;
+    info_served(&s, "survivor", &sid).await;
+    let before = containers(&s);
+    assert_eq!(before.len(), 1);
+    s.kill9();
+    proxy.down(true);
+    s.spawn().await;
+    let g = s
+        .wait_ended("survivor", &sid, Duration::from_secs(30))
+        .await;
+    assert_eq!(g["endReason"], "lost", "{g}");
+    proxy.down(false);
+    wait_for(
+        Duration::from_secs(40),
+        "the lost session's container removed",
+        || async { containers(&s).is_empty().then_some(()) },
+    )
     .await;
 }

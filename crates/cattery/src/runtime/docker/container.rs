@@ -149,23 +149,20 @@ impl DockerInstance {
         r.is_ok()
     }
 
+    /// Removes the container (force: it is killed if it still runs). An engine that does not
+    /// answer gets a few tries; then the removal goes on in the background until the engine
+    /// takes it ([`remove_until_gone`]): no container outlives its instance for longer than
+    /// its engine is unreachable.
     async fn remove(&self) {
-        let opts = RemoveContainerOptionsBuilder::default()
-            .v(true)
-            .force(true)
-            .build();
         for attempt in 0..5 {
-            match self
-                .docker
-                .remove_container(&self.pl.container_id, Some(opts.clone()))
-                .await
-            {
-                Ok(())
-                | Err(Error::DockerResponseServerError {
-                    status_code: 404, ..
-                }) => return,
+            match remove_once(&self.docker, &self.pl.container_id).await {
+                Ok(()) => return,
                 Err(e) if attempt == 4 => {
-                    tracing::error!(container = %self.pl.container_id, error = %e, "cannot remove container");
+                    tracing::error!(container = %self.pl.container_id, error = %e, "cannot remove container; trying again in the background until the engine takes it");
+                    tokio::spawn(remove_until_gone(
+                        self.docker.clone(),
+                        self.pl.container_id.clone(),
+                    ));
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
@@ -204,6 +201,38 @@ impl DockerInstance {
         self.remove().await;
         report.took_ms = t0.elapsed().as_millis() as u64;
         report
+    }
+}
+
+/// Removes a container with its anonymous volumes (force: killed if it still runs); gone
+/// already is done too.
+pub(super) async fn remove_once(docker: &Docker, id: &str) -> Result<(), Error> {
+    let opts = RemoveContainerOptionsBuilder::default()
+        .v(true)
+        .force(true)
+        .build();
+    match docker.remove_container(id, Some(opts)).await {
+        Ok(())
+        | Err(Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes a container, trying again (1 s doubling to 30 s) until the engine takes it.
+pub(super) async fn remove_until_gone(docker: Docker, id: String) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        tokio::time::sleep(backoff).await;
+        match remove_once(&docker, &id).await {
+            Ok(()) => {
+                tracing::info!(container = %id, "removed a container the engine could not remove before");
+                return;
+            }
+            Err(e) => tracing::debug!(container = %id, error = %e, "cannot remove container yet"),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }
 

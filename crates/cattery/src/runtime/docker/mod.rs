@@ -23,7 +23,6 @@ use bollard::errors::Error;
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, PortBinding};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder,
 };
 use bollard::Docker;
 use parking_lot::Mutex;
@@ -117,6 +116,8 @@ pub struct DockerRuntime {
     /// Image id resolved at deploy, by deployment.
     images: Mutex<HashMap<Uuid, String>>,
     secrets: Mutex<Option<Arc<dyn PullSecrets>>>,
+    /// While a sweep waits for the engine: the instances this run started (never swept).
+    sweep_pending: Arc<Mutex<Option<HashSet<Uuid>>>>,
 }
 
 impl DockerRuntime {
@@ -145,6 +146,7 @@ impl DockerRuntime {
             last_failure: Mutex::new(None),
             images: Mutex::new(images),
             secrets: Mutex::new(None),
+            sweep_pending: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -181,15 +183,7 @@ impl DockerRuntime {
             *self.last_failure.lock() = Some((std::time::Instant::now(), m.clone()));
             m
         };
-        let client = match &self.cfg.host {
-            Some(h) => Docker::connect_with_host(h),
-            None => Docker::connect_with_defaults(),
-        }
-        .map_err(|e| no_engine(e.to_string()))?;
-        let d = tokio::time::timeout(CONNECT_TIMEOUT, client.negotiate_version())
-            .await
-            .map_err(|_| no_engine("no answer".into()))?
-            .map_err(|e| no_engine(e.to_string()))?;
+        let d = connect(self.cfg.host.as_deref()).await.map_err(no_engine)?;
         *self.last_failure.lock() = None;
         tracing::info!(engine = %name, version = ?d.client_version(), "connected to the Docker engine");
         *g = Some(d.clone());
@@ -369,18 +363,63 @@ fn published_port(ins: &bollard::models::ContainerInspectResponse) -> Option<u16
         .ok()
 }
 
+/// Removes a container (by id or name; gone already is fine); an engine that does not take
+/// the removal gets it again in the background until it does.
 async fn remove_quietly(docker: &Docker, id: &str) {
-    let opts = RemoveContainerOptionsBuilder::default()
-        .v(true)
-        .force(true)
-        .build();
-    match docker.remove_container(id, Some(opts)).await {
-        Ok(())
-        | Err(Error::DockerResponseServerError {
-            status_code: 404, ..
-        }) => {}
-        Err(e) => tracing::error!(container = %id, error = %e, "cannot remove container"),
+    if let Err(e) = container::remove_once(docker, id).await {
+        tracing::error!(container = %id, error = %e, "cannot remove container; trying again in the background until the engine takes it");
+        tokio::spawn(container::remove_until_gone(docker.clone(), id.to_string()));
     }
+}
+
+/// Connects to the engine at `host` (`None`: `DOCKER_HOST` or the local socket) and
+/// negotiates the API version.
+async fn connect(host: Option<&str>) -> Result<Docker, String> {
+    let client = match host {
+        Some(h) => Docker::connect_with_host(h),
+        None => Docker::connect_with_defaults(),
+    }
+    .map_err(|e| e.to_string())?;
+    tokio::time::timeout(CONNECT_TIMEOUT, client.negotiate_version())
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// Removes every container labelled with `server` whose instance `keep` does not name, nor
+/// `started` (the instances this run started, while a sweep waits for the engine).
+async fn sweep_with(
+    docker: &Docker,
+    server: &str,
+    keep: &HashSet<Uuid>,
+    started: &Mutex<Option<HashSet<Uuid>>>,
+) -> Result<(), Error> {
+    let filters = HashMap::from([(
+        "label".to_string(),
+        vec![format!("{LABEL_SERVER}={server}")],
+    )]);
+    let opts = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let all = docker.list_containers(Some(opts)).await?;
+    for c in all {
+        let inst = c
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_INSTANCE))
+            .and_then(|v| Uuid::parse_str(v).ok());
+        // Read after the listing: a container of this run was noted before it was created.
+        let ours_now = |i: &Uuid| started.lock().as_ref().is_some_and(|s| s.contains(i));
+        if inst.is_some_and(|i| keep.contains(&i) || ours_now(&i)) {
+            continue;
+        }
+        if let Some(id) = c.id {
+            tracing::warn!(container = %id, instance = ?inst, "removing a container no record explains");
+            remove_quietly(docker, &id).await;
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -439,6 +478,9 @@ impl Runtime for DockerRuntime {
             .strip_prefix(IMAGE_PROGRAM_PREFIX)
             .unwrap_or(&spec.program)
             .to_string();
+        if let Some(started) = self.sweep_pending.lock().as_mut() {
+            started.insert(spec.instance_id);
+        }
         let name = format!("cattery-{}", spec.instance_id);
         let body = self.container_body(&spec, &image_id, &Self::deployment_of(&spec));
         // The engine's requests run to their end on a task of their own (the engine makes a
@@ -524,35 +566,37 @@ impl Runtime for DockerRuntime {
         Adopted::Running(DockerInstance::watch(docker, pl, logs, since))
     }
 
+    /// Without an engine answering, the sweep goes on in the background (1 s doubling to
+    /// 30 s) until one does: the containers of the sessions a restart recorded `lost` are
+    /// removed then. Instances this run starts meanwhile are noted and left alone.
     async fn sweep(&self, keep: &HashSet<Uuid>) {
-        let Ok(docker) = self.engine().await else {
-            return;
-        };
-        let filters = HashMap::from([(
-            "label".to_string(),
-            vec![format!("{LABEL_SERVER}={}", self.cfg.server_id)],
-        )]);
-        let opts = ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let Ok(all) = docker.list_containers(Some(opts)).await else {
-            return;
-        };
-        for c in all {
-            let inst = c
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_INSTANCE))
-                .and_then(|v| Uuid::parse_str(v).ok());
-            if inst.is_some_and(|i| keep.contains(&i)) {
-                continue;
+        let e = match self.engine().await {
+            Ok(docker) => {
+                match sweep_with(&docker, &self.cfg.server_id, keep, &self.sweep_pending).await {
+                    Ok(()) => return,
+                    Err(e) => e.to_string(),
+                }
             }
-            if let Some(id) = c.id {
-                tracing::warn!(container = %id, instance = ?inst, "removing a container no record explains");
-                remove_quietly(&docker, &id).await;
+            Err(e) => e,
+        };
+        tracing::warn!(error = %e, "cannot sweep this server's containers now; trying again until the engine answers");
+        *self.sweep_pending.lock() = Some(HashSet::new());
+        let (host, server) = (self.cfg.host.clone(), self.cfg.server_id.clone());
+        let (keep, pending) = (keep.clone(), self.sweep_pending.clone());
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_secs(1);
+            loop {
+                tokio::time::sleep(backoff).await;
+                if let Ok(docker) = connect(host.as_deref()).await {
+                    if sweep_with(&docker, &server, &keep, &pending).await.is_ok() {
+                        *pending.lock() = None;
+                        tracing::info!("swept this server's containers once the engine answered");
+                        return;
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
-        }
+        });
     }
 
     fn isolation(&self) -> String {
