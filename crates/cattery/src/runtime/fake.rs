@@ -126,6 +126,8 @@ struct FakeInner {
     fork: Mutex<HashMap<Uuid, super::ForkServerStatus>>,
     /// Instances reachable from any node ([`FakeRuntime::set_shared`]).
     shared: std::sync::atomic::AtomicBool,
+    /// While set, validation fails as for an engine that does not answer.
+    unavailable: std::sync::atomic::AtomicBool,
 }
 
 /// A session as an instance received it (`POST /bot`).
@@ -168,6 +170,12 @@ impl FakeRuntime {
         self.inner.shared.store(shared, Ordering::SeqCst);
     }
 
+    /// Makes validation fail (`true`) as for an engine that does not answer, an error that
+    /// may clear by itself ([`Runtime::deploy_error_may_clear`]), or pass again (`false`).
+    pub fn set_unavailable(&self, on: bool) {
+        self.inner.unavailable.store(on, Ordering::SeqCst);
+    }
+
     /// Every `POST /bot` received, in order.
     pub fn delivered(&self) -> Vec<Delivered> {
         self.inner.delivered.lock().clone()
@@ -206,7 +214,14 @@ impl Runtime for FakeRuntime {
     }
 
     fn validate(&self, dep: &DeploymentRecord) -> Option<String> {
+        if self.inner.unavailable.load(Ordering::SeqCst) {
+            return Some("no reachable fake engine".into());
+        }
         self.prepare(dep).err()
+    }
+
+    fn deploy_error_may_clear(&self, _dep: &DeploymentRecord) -> bool {
+        self.inner.unavailable.load(Ordering::SeqCst)
     }
 
     async fn start(

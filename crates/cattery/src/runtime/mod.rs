@@ -339,6 +339,13 @@ pub trait Runtime: Send + Sync + 'static {
     /// e.g. one spawned just before a crash and never recorded. Only this server's own
     /// instances are touched (its cgroup subtree and instance directory), never by name.
     async fn sweep(&self, keep: &std::collections::HashSet<uuid::Uuid>);
+    /// Whether the last [`Runtime::validate`] of `dep` failed only for want of something that
+    /// may come back by itself (a Docker engine that did not answer): the engine validates
+    /// such a deployment again every few seconds until it passes or fails for another reason,
+    /// so its agent becomes ready without a redeploy. Default false.
+    fn deploy_error_may_clear(&self, _dep: &DeploymentRecord) -> bool {
+        false
+    }
     /// Whether another node of a cluster may adopt this recorded instance when its node is
     /// lost (docs/cluster.md): true where every node reaches the same engine by the record
     /// alone (a shared Docker engine); false where the instance lives on its node's machine

@@ -54,6 +54,10 @@ impl Runtime for MultiRuntime {
         self.for_deployment(dep).validate(dep)
     }
 
+    fn deploy_error_may_clear(&self, dep: &DeploymentRecord) -> bool {
+        self.for_deployment(dep).deploy_error_may_clear(dep)
+    }
+
     async fn start(
         &self,
         spec: InstanceSpec,

@@ -295,8 +295,9 @@ async fn a_container_the_engine_could_not_remove_is_removed_once_it_answers() {
 }
 
 /// A restart while the engine does not answer records the sessions `lost` (their containers
-/// cannot be found); once the engine answers, their containers are removed (not left to the
-/// next restart).
+/// cannot be found); once the engine answers, image agents are ready again without a
+/// redeploy, and the lost sessions' containers are removed (not left to the next restart),
+/// while a session started meanwhile keeps its own.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restart_without_an_engine_removes_the_lost_sessions_containers_later() {
     if !have_docker(&[AGENT_IMAGE]) {
@@ -325,10 +326,26 @@ async fn a_restart_without_an_engine_removes_the_lost_sessions_containers_later(
         .await;
     assert_eq!(g["endReason"], "lost", "{g}");
     proxy.down(false);
+    // The agent is ready again once the engine answers (no redeploy); a session of this run,
+    // started before the sweep reached the engine, keeps its container.
+    let fresh = wait_for(Duration::from_secs(30), "a start", || async {
+        let r = s.start_session("survivor", json!({})).await;
+        (r.status == 200).then(|| r.body["sessionId"].as_str().unwrap().to_string())
+    })
+    .await;
+    info_served(&s, "survivor", &fresh).await;
     wait_for(
         Duration::from_secs(40),
         "the lost session's container removed",
-        || async { containers(&s).is_empty().then_some(()) },
+        || async { (!containers(&s).contains(&before[0])).then_some(()) },
     )
     .await;
+    assert_eq!(
+        containers(&s).len(),
+        1,
+        "the new session's container is kept"
+    );
+    assert!(s.session("survivor", &fresh).await["endReason"].is_null());
+    assert_eq!(s.stop("survivor", &fresh).await.status, 200);
+    assert!(containers(&s).is_empty());
 }

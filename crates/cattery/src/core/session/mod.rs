@@ -101,6 +101,10 @@ pub fn next_ready_poll(elapsed: Duration, waited: bool) -> Duration {
 /// How often an idle warm instance's `/readyz` is checked; a non-200 answer replaces it.
 pub const IDLE_CHECK: Duration = Duration::from_secs(2);
 
+/// How often a deployment whose deploy error may clear by itself is validated again
+/// ([`Supervisor::recheck_deploy_errors`]).
+pub const DEPLOY_RECHECK: Duration = Duration::from_secs(2);
+
 /// Changes kept for a slow watcher of [`Supervisor::session_changes`] before it lags.
 const SESSION_CHANGES_BUFFER: usize = 4096;
 
@@ -369,7 +373,60 @@ impl Supervisor {
                 s.reconcile_all();
             }
         });
+        let weak = Arc::downgrade(&sup);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(DEPLOY_RECHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(s) = weak.upgrade() else { break };
+                s.recheck_deploy_errors();
+            }
+        });
         sup
+    }
+
+    /// Validates again every deployment whose deploy error may clear by itself
+    /// ([`crate::runtime::Runtime::deploy_error_may_clear`], e.g. a Docker engine that did not
+    /// answer at deploy or at this server's start): one that passes now makes its agent
+    /// ready, as a deploy would; one that fails for another reason keeps that error.
+    pub(super) fn recheck_deploy_errors(self: &Arc<Self>) {
+        let due: Vec<(Uuid, Arc<DeploymentRecord>)> = self
+            .state
+            .lock()
+            .pools
+            .iter()
+            .filter(|(_, p)| p.recheck && p.agent.deleted_ms.is_none())
+            .map(|(id, p)| (*id, p.deployment.clone()))
+            .collect();
+        for (id, dep) in due {
+            let error = self.validate(&dep);
+            let recheck = error.is_some() && self.runtime.deploy_error_may_clear(&dep);
+            let agent = {
+                let mut st = self.state.lock();
+                let Some(p) = st.pools.get_mut(&id) else {
+                    continue;
+                };
+                if p.deployment.id != dep.id || !p.recheck {
+                    // Redeployed meanwhile: that deploy validated its own.
+                    continue;
+                }
+                p.recheck = recheck;
+                p.deploy_error = error.clone();
+                p.agent.clone()
+            };
+            match &error {
+                Some(_) if recheck => continue,
+                Some(e) => self.announce_deployment(&agent, dep.id, Some(e)),
+                None => {
+                    tracing::info!(agent = %agent.name, deployment = %dep.id, "the deployment can run now");
+                    if agent.min_agents == 0 {
+                        self.announce_deployment(&agent, dep.id, None);
+                    }
+                }
+            }
+            self.reconcile(id);
+        }
     }
 
     /// How this node reaches the other nodes of its cluster (for forwarded stops). Without
@@ -646,6 +703,7 @@ impl Supervisor {
     /// Registers or refreshes an agent after create/update, then reconciles its pool.
     pub fn upsert_agent(self: &Arc<Self>, agent: AgentRecord, dep: DeploymentRecord) {
         let deploy_error = self.validate(&dep);
+        let recheck = deploy_error.is_some() && self.runtime.deploy_error_may_clear(&dep);
         let id = agent.id;
         let (announce_agent, dep_id) = (agent.clone(), dep.id);
         let mut new_deployment = true;
@@ -662,17 +720,19 @@ impl Supervisor {
                     // Checked again even for the same deployment: a redeploy after fixing
                     // the environment (say, creating the bot's `.venv`) makes it ready.
                     p.deploy_error = deploy_error.clone();
+                    p.recheck = recheck;
                     p.agent = agent;
                 }
                 None => {
-                    st.pools.insert(
-                        id,
-                        AgentPool::new(agent, Arc::new(dep), deploy_error.clone()),
-                    );
+                    let mut p = AgentPool::new(agent, Arc::new(dep), deploy_error.clone());
+                    p.recheck = recheck;
+                    st.pools.insert(id, p);
                 }
             }
         }
         match &deploy_error {
+            // Not final yet: announced once it passes or fails for good.
+            Some(_) if recheck => {}
             Some(e) => self.announce_deployment(&announce_agent, dep_id, Some(e)),
             // Nothing to start: ready now. Otherwise its first ready instance says so.
             None if new_deployment && announce_agent.min_agents == 0 => {

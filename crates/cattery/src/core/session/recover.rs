@@ -286,13 +286,16 @@ impl Supervisor {
                 continue;
             };
             let deploy_error = self.validate(&dep);
+            let recheck = deploy_error.is_some() && self.runtime.deploy_error_may_clear(&dep);
             // Deployed before this start of the server: reported then, not again.
             self.announced.lock().insert(dep.id);
             let mut st = self.state.lock();
             st.by_name
                 .insert((agent.org.clone(), agent.name.clone()), agent.id);
-            st.pools
-                .insert(agent.id, AgentPool::new(agent, Arc::new(dep), deploy_error));
+            let id = agent.id;
+            let mut pool = AgentPool::new(agent, Arc::new(dep), deploy_error);
+            pool.recheck = recheck;
+            st.pools.insert(id, pool);
         }
         Ok(())
     }

@@ -220,6 +220,9 @@ pub(super) struct AgentPool {
     pub agent: AgentRecord,
     pub deployment: Arc<DeploymentRecord>,
     pub deploy_error: Option<String>,
+    /// The deploy error may clear by itself (the runtime could not reach its engine): the
+    /// deployment is validated again until it passes or fails for another reason.
+    pub recheck: bool,
     pub instances: HashMap<Uuid, Arc<InstanceCtl>>,
     pub health: HashMap<Uuid, Health>,
     /// Warm instances planned whose capacity slot is being reserved in the store (not yet in
@@ -237,6 +240,7 @@ impl AgentPool {
             agent,
             deployment,
             deploy_error,
+            recheck: false,
             instances: HashMap::new(),
             health: HashMap::new(),
             reserving: 0,

@@ -1716,3 +1716,44 @@ async fn a_capacity_slot_the_store_could_not_free_for_now_is_freed_once_it_can()
     })
     .await;
 }
+
+/// A deployment whose validation failed only because its runtime's engine did not answer
+/// (at deploy, or at the server's start) is validated again and becomes ready once the engine
+/// answers, without a redeploy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_error_of_an_engine_that_did_not_answer_clears_once_it_answers() {
+    let e = env().await;
+    e.fake.set_unavailable(true);
+    agent(&e, "a", &[], 0, 2).await;
+    let r = start(&e, "a").await;
+    assert!(matches!(r, Err(CoreError::DeploymentNotReady(_))), "{r:?}");
+    e.fake.set_unavailable(false);
+    let ready = async |sup: &Arc<Supervisor>| {
+        let deadline = tokio::time::Instant::now() + 3 * super::DEPLOY_RECHECK;
+        loop {
+            match sup.start_session("o", "a", StartParams::default()).await {
+                Ok(s) => return s,
+                Err(CoreError::DeploymentNotReady(m)) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "still not ready: {m}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+    };
+    let s = ready(&e.sup).await;
+    e.sup.stop_session("o", "a", s.session_id).await.unwrap();
+
+    // A restart while the engine does not answer.
+    e.fake.set_unavailable(true);
+    let sup = engine(&e.store, &e.fake);
+    sup.recover().await.unwrap();
+    let r = sup.start_session("o", "a", StartParams::default()).await;
+    assert!(matches!(r, Err(CoreError::DeploymentNotReady(_))), "{r:?}");
+    e.fake.set_unavailable(false);
+    let s = ready(&sup).await;
+    sup.stop_session("o", "a", s.session_id).await.unwrap();
+}

@@ -116,6 +116,8 @@ pub struct DockerRuntime {
     /// Image id resolved at deploy, by deployment.
     images: Mutex<HashMap<Uuid, String>>,
     secrets: Mutex<Option<Arc<dyn PullSecrets>>>,
+    /// Deployments whose last validation failed while the engine did not answer.
+    unreachable: Mutex<HashSet<Uuid>>,
     /// While a sweep waits for the engine: the instances this run started (never swept).
     sweep_pending: Arc<Mutex<Option<HashSet<Uuid>>>>,
 }
@@ -146,6 +148,7 @@ impl DockerRuntime {
             last_failure: Mutex::new(None),
             images: Mutex::new(images),
             secrets: Mutex::new(None),
+            unreachable: Mutex::new(HashSet::new()),
             sweep_pending: Arc::new(Mutex::new(None)),
         }
     }
@@ -188,6 +191,17 @@ impl DockerRuntime {
         tracing::info!(engine = %name, version = ?d.client_version(), "connected to the Docker engine");
         *g = Some(d.clone());
         Ok(d)
+    }
+
+    /// Whether the engine answers a ping now.
+    async fn engine_answers(&self) -> bool {
+        let Ok(docker) = self.engine().await else {
+            return false;
+        };
+        matches!(
+            tokio::time::timeout(CONNECT_TIMEOUT, docker.ping()).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Records the image id of a deployment (in memory and in the images file).
@@ -459,7 +473,25 @@ impl Runtime for DockerRuntime {
             return Some(e);
         }
         let h = tokio::runtime::Handle::current();
-        tokio::task::block_in_place(|| h.block_on(self.resolve(dep))).err()
+        let error = tokio::task::block_in_place(|| {
+            h.block_on(async {
+                let error = self.resolve(dep).await.err();
+                // Failed while the engine does not answer: may pass once it does.
+                let unreachable = error.is_some() && !self.engine_answers().await;
+                let mut u = self.unreachable.lock();
+                if unreachable {
+                    u.insert(dep.id);
+                } else {
+                    u.remove(&dep.id);
+                }
+                error
+            })
+        });
+        error
+    }
+
+    fn deploy_error_may_clear(&self, dep: &DeploymentRecord) -> bool {
+        self.unreachable.lock().contains(&dep.id)
     }
 
     async fn start(
