@@ -349,3 +349,56 @@ async fn a_restart_without_an_engine_removes_the_lost_sessions_containers_later(
     assert_eq!(s.stop("survivor", &fresh).await.status, 200);
     assert!(containers(&s).is_empty());
 }
+
+/// The ticks (`tick <n>`) of a session's log, in order.
+async fn ticks(s: &Server, agent: &str, sid: &str) -> Vec<u64> {
+    session_logs(s, agent, sid)
+        .await
+        .iter()
+        .filter_map(|r| {
+            let (_, n) = r.log.split_once("tick ")?;
+            n.split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// The engine's connections break (an engine restart that keeps its containers, a socket
+/// proxy restarting): a running session's output is still captured afterwards, each line
+/// once, and its session goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sessions_logs_are_followed_again_after_the_engines_connections_break() {
+    if !have_docker(&[AGENT_IMAGE]) {
+        return;
+    }
+    let dir = crate::common::open_tempdir();
+    let proxy = EngineProxy::start(dir.path()).await;
+    let host = proxy.host();
+    let s = Server::start(&["--docker-host", &host]).await;
+    deploy_image(
+        &s,
+        "chatty",
+        "--tick-ms 200 --ignore-transport-close",
+        json!({}),
+    )
+    .await;
+    let sid = s.start_ok("chatty").await;
+    wait_log(&s, "chatty", &sid, "tick 3").await;
+    proxy.down(true);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.down(false);
+    let before = *ticks(&s, "chatty", &sid).await.last().unwrap();
+    let want = before + 15;
+    let got = wait_for(Duration::from_secs(20), "ticks after the break", || async {
+        let t = ticks(&s, "chatty", &sid).await;
+        t.contains(&want).then_some(t)
+    })
+    .await;
+    let mut seen = std::collections::HashSet::new();
+    assert!(
+        got.iter().all(|t| seen.insert(*t)),
+        "a line captured twice: {got:?}"
+    );
+    assert!(s.session("chatty", &sid).await["endReason"].is_null());
+    assert_eq!(s.stop("chatty", &sid).await.status, 200);
+    assert!(containers(&s).is_empty());
+}

@@ -96,6 +96,7 @@ impl DockerInstance {
             logs,
             stderr_tail.clone(),
             since,
+            exit_rx.clone(),
         );
         let log_task = tokio::spawn(async move {
             follow.await;
@@ -290,38 +291,95 @@ async fn watch_exit(
 }
 
 /// Sends the container's stdout and stderr to `sink` line by line, keeping the last bytes of
-/// stderr; returns when the container stopped (the stream ends).
+/// stderr; returns when the container stopped (the stream ends) or is gone. A stream that
+/// breaks while the container runs (an engine restart, a broken connection) is followed
+/// again from the last line read (by its engine timestamp: no line twice), once the engine
+/// answers.
 async fn follow_logs(
     docker: Docker,
     id: String,
     sink: LogSink,
     tail: Arc<Mutex<VecDeque<u8>>>,
     since: i32,
+    exited: watch::Receiver<Option<ExitInfo>>,
 ) {
+    let mut last_ns: Option<i64> = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let from = last_ns.map_or(since, |ns| (ns / 1_000_000_000) as i32);
+        match follow_once(&docker, &id, &sink, &tail, from, &mut last_ns).await {
+            // Ended with the container's exit: every line was read.
+            Ok(()) if exited.borrow().is_some() => return,
+            Ok(()) => match docker
+                .inspect_container(&id, None::<InspectContainerOptions>)
+                .await
+            {
+                Ok(c) if c.state.as_ref().and_then(|s| s.running) == Some(true) => {}
+                Ok(_)
+                | Err(Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => return,
+                Err(_) => {}
+            },
+            Err(Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return,
+            Err(e) => {
+                tracing::debug!(container = %id, error = %e, "log stream broke; following again")
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One log request, from `since` (unix s), skipping lines not after `last_ns` (engine
+/// timestamps, ns) and moving it on. `Ok`: the stream ended; `Err`: it broke.
+async fn follow_once(
+    docker: &Docker,
+    id: &str,
+    sink: &LogSink,
+    tail: &Mutex<VecDeque<u8>>,
+    since: i32,
+    last_ns: &mut Option<i64>,
+) -> Result<(), Error> {
     let opts = LogsOptionsBuilder::default()
         .follow(true)
         .stdout(true)
         .stderr(true)
+        .timestamps(true)
         .since(since)
         .build();
-    let mut s = docker.logs(&id, Some(opts));
+    let mut s = docker.logs(id, Some(opts));
     while let Some(item) = s.next().await {
-        let (stream, bytes) = match item {
-            Ok(LogOutput::StdOut { message }) => ("stdout", message),
-            Ok(LogOutput::StdErr { message }) => ("stderr", message),
-            Ok(_) => continue,
-            Err(e) => {
-                tracing::debug!(container = %id, error = %e, "log stream ended");
-                break;
-            }
+        let (stream, bytes) = match item? {
+            LogOutput::StdOut { message } => ("stdout", message),
+            LogOutput::StdErr { message } => ("stderr", message),
+            _ => continue,
         };
+        // `<RFC 3339 time with ns> <line>`
+        let (ts, mut line) = match bytes.iter().position(|b| *b == b' ') {
+            Some(i) => (
+                std::str::from_utf8(&bytes[..i])
+                    .ok()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .and_then(|t| t.timestamp_nanos_opt()),
+                &bytes[i + 1..],
+            ),
+            None => (None, &bytes[..]),
+        };
+        if let Some(ts) = ts {
+            if last_ns.is_some_and(|l| ts <= l) {
+                continue;
+            }
+            *last_ns = Some(ts);
+        }
         if stream == "stderr" {
             let mut t = tail.lock();
-            t.extend(bytes.iter().copied());
+            t.extend(line.iter().copied());
             let excess = t.len().saturating_sub(TAIL_BYTES);
             t.drain(..excess);
         }
-        let mut line: &[u8] = &bytes;
         if line.last() == Some(&b'\n') {
             line = &line[..line.len() - 1];
         }
@@ -332,6 +390,7 @@ async fn follow_logs(
             sink.send(stream, escape_bytes(part));
         }
     }
+    Ok(())
 }
 
 #[async_trait]
