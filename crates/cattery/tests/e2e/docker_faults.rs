@@ -402,3 +402,52 @@ async fn a_sessions_logs_are_followed_again_after_the_engines_connections_break(
     assert_eq!(s.stop("chatty", &sid).await.status, 200);
     assert!(containers(&s).is_empty());
 }
+/// A container removed behind the server's back (`docker rm -f`): a session on it ends (its
+/// slot is free at once for the next start), a warm one is replaced, and nothing is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_removed_behind_the_servers_back_ends_its_session() {
+    if !have_docker(&[AGENT_IMAGE]) {
+        return;
+    }
+    let s = Server::start(&[]).await;
+    deploy_image(
+        &s,
+        "removed",
+        "--ignore-transport-close",
+        json!({"autoScaling": {"minAgents": 0, "maxAgents": 1}}),
+    )
+    .await;
+    let sid = s.start_ok("removed").await;
+    info_served(&s, "removed", &sid).await;
+    let c = containers(&s);
+    assert_eq!(c.len(), 1);
+    crate::docker::docker(&["rm", "-f", &c[0]]).expect("docker rm -f");
+    let g = s.wait_ended("removed", &sid, Duration::from_secs(30)).await;
+    assert_eq!(g["endReason"], "error", "{g}");
+    let r = s.stop("removed", &sid).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let next = s.start_ok("removed").await;
+    info_served(&s, "removed", &next).await;
+    assert_eq!(s.stop("removed", &next).await.status, 200);
+    assert!(containers(&s).is_empty());
+
+    // A warm container removed: replaced.
+    deploy_image(
+        &s,
+        "warm",
+        "",
+        json!({"autoScaling": {"minAgents": 1, "maxAgents": 2}}),
+    )
+    .await;
+    let first = crate::docker::wait_containers(&s, 1, Duration::from_secs(30)).await;
+    s.wait_ready("warm", Duration::from_secs(30)).await;
+    crate::docker::docker(&["rm", "-f", &first[0]]).expect("docker rm -f");
+    wait_for(Duration::from_secs(30), "a new warm container", || async {
+        let now = containers(&s);
+        (now.len() == 1 && now[0] != first[0]).then_some(())
+    })
+    .await;
+    let w = s.start_ok("warm").await;
+    info_served(&s, "warm", &w).await;
+    assert_eq!(s.stop("warm", &w).await.status, 200);
+}
