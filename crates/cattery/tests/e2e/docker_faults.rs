@@ -451,3 +451,35 @@ async fn a_container_removed_behind_the_servers_back_ends_its_session() {
     info_served(&s, "warm", &w).await;
     assert_eq!(s.stop("warm", &w).await.status, 200);
 }
+
+/// An engine that takes requests but does not answer them (hung, overloaded) while a session
+/// is stopped: the stop answers within moments of its grace, not after the engine client's
+/// timeouts (two minutes per request), and the container is removed once the engine answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_does_not_wait_for_an_engine_that_does_not_answer() {
+    if !have_docker(&[AGENT_IMAGE]) {
+        return;
+    }
+    let dir = crate::common::open_tempdir();
+    let proxy = EngineProxy::start(dir.path()).await;
+    let host = proxy.host();
+    let s = Server::start(&["--docker-host", &host, "--stop-grace-seconds", "1"]).await;
+    deploy_image(&s, "hung", "--ignore-transport-close", json!({})).await;
+    let sid = s.start_ok("hung").await;
+    info_served(&s, "hung", &sid).await;
+    // Every request from now on waits (the ones in flight, the exit watch and the log
+    // stream, go on).
+    proxy.hold(" /");
+    let t0 = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(40), s.stop("hung", &sid))
+        .await
+        .expect("the stop waited for the engine");
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    assert_eq!(s.session("hung", &sid).await["endReason"], "stopped");
+    proxy.release();
+    wait_for(Duration::from_secs(40), "the container removed", || async {
+        containers(&s).is_empty().then_some(())
+    })
+    .await;
+}

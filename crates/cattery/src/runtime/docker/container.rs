@@ -26,6 +26,10 @@ use crate::runtime::{
 
 /// Upper bound on waiting for a SIGKILLed container to stop (it normally takes a few ms).
 const KILL_WAIT: Duration = Duration::from_secs(10);
+/// Upper bound on the engine's answer to a signal.
+const ENGINE_WAIT: Duration = Duration::from_secs(5);
+/// Upper bound on removing a container in [`Instance::terminate`] (then: in the background).
+const REMOVE_WAIT: Duration = Duration::from_secs(10);
 /// Upper bound on reading the last log lines after the container stopped.
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
 /// How long a container's exit may take to be reported after its connections broke.
@@ -121,25 +125,33 @@ impl DockerInstance {
         })
     }
 
-    async fn kill(&self, signal: &str) -> bool {
+    /// Signals the container: `Ok(true)` sent, `Ok(false)` nothing runs to signal, `Err`: the
+    /// engine did not take it (an error, or no answer within [`ENGINE_WAIT`]).
+    async fn kill(&self, signal: &str) -> Result<bool, ()> {
         let opts = KillContainerOptionsBuilder::default()
             .signal(signal)
             .build();
-        match self
-            .docker
-            .kill_container(&self.pl.container_id, Some(opts))
-            .await
-        {
-            Ok(()) => true,
+        let sent = tokio::time::timeout(
+            ENGINE_WAIT,
+            self.docker
+                .kill_container(&self.pl.container_id, Some(opts)),
+        )
+        .await;
+        match sent {
+            Ok(Ok(())) => Ok(true),
             // 409: not running; 404: gone. Both mean nothing is left to signal.
-            Err(Error::DockerResponseServerError { status_code, .. })
+            Ok(Err(Error::DockerResponseServerError { status_code, .. }))
                 if status_code == 409 || status_code == 404 =>
             {
-                false
+                Ok(false)
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(container = %self.pl.container_id, signal, error = %e, "cannot signal container");
-                false
+                Err(())
+            }
+            Err(_) => {
+                tracing::warn!(container = %self.pl.container_id, signal, "the engine did not answer a signal in time");
+                Err(())
             }
         }
     }
@@ -151,22 +163,30 @@ impl DockerInstance {
     }
 
     /// Removes the container (force: it is killed if it still runs). An engine that does not
-    /// answer gets a few tries; then the removal goes on in the background until the engine
-    /// takes it ([`remove_until_gone`]): no container outlives its instance for longer than
-    /// its engine is unreachable.
+    /// take it within [`REMOVE_WAIT`] (tried every 200 ms) gets it again in the background
+    /// until it does ([`remove_until_gone`]): no container outlives its instance for longer
+    /// than its engine is unreachable.
     async fn remove(&self) {
-        for attempt in 0..5 {
-            match remove_once(&self.docker, &self.pl.container_id).await {
-                Ok(()) => return,
-                Err(e) if attempt == 4 => {
-                    tracing::error!(container = %self.pl.container_id, error = %e, "cannot remove container; trying again in the background until the engine takes it");
-                    tokio::spawn(remove_until_gone(
-                        self.docker.clone(),
-                        self.pl.container_id.clone(),
-                    ));
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        let deadline = Instant::now() + REMOVE_WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let e =
+                match tokio::time::timeout(left, remove_once(&self.docker, &self.pl.container_id))
+                    .await
+                {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "no answer".to_string(),
+                };
+            if left < Duration::from_millis(400) {
+                tracing::error!(container = %self.pl.container_id, error = %e, "cannot remove container; trying again in the background until the engine takes it");
+                tokio::spawn(remove_until_gone(
+                    self.docker.clone(),
+                    self.pl.container_id.clone(),
+                ));
+                return;
             }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -178,24 +198,41 @@ impl DockerInstance {
             exit: None,
             took_ms: 0,
         };
+        // Whether the engine took every signal (one that does not answer is not waited for
+        // again: the forced removal kills the container once it answers).
+        let mut engine_ok = true;
         if self.exited().is_none() {
             // Our own timer, not the engine's stop: it takes whole seconds only, and its
             // answer comes after the grace (a client timeout could cut a long one).
             if !grace.is_zero() {
-                report.sent_sigterm = self.kill("SIGTERM").await;
+                report.sent_sigterm = self.kill("SIGTERM").await.unwrap_or_else(|()| {
+                    engine_ok = false;
+                    false
+                });
             }
             if grace.is_zero() || !self.exit_within(grace).await {
-                report.killed = self.kill("SIGKILL").await;
-                if !self.exit_within(KILL_WAIT).await {
-                    tracing::error!(container = %self.pl.container_id, "container did not stop after SIGKILL");
+                match self.kill("SIGKILL").await {
+                    Ok(killed) => {
+                        report.killed = killed;
+                        if !self.exit_within(KILL_WAIT).await {
+                            tracing::error!(container = %self.pl.container_id, "container did not stop after SIGKILL");
+                        }
+                    }
+                    Err(()) => engine_ok = false,
                 }
             }
         }
         report.exit = self.exited();
         // The log stream ends when the container stops: every line up to the last words.
+        // (While an engine that does not answer keeps it running, the lines so far are kept.)
         if let Some(h) = self.logs_done.lock().await.take() {
             let abort = h.abort_handle();
-            if tokio::time::timeout(DRAIN_WAIT, h).await.is_err() {
+            let wait = if engine_ok || report.exit.is_some() {
+                DRAIN_WAIT
+            } else {
+                Duration::ZERO
+            };
+            if tokio::time::timeout(wait, h).await.is_err() {
                 abort.abort();
             }
         }
@@ -461,10 +498,13 @@ impl Instance for DockerInstance {
         if let Some(v) = *self.oom.lock() {
             return v;
         }
-        self.docker
-            .inspect_container(&self.pl.container_id, None::<InspectContainerOptions>)
+        let ins = self
+            .docker
+            .inspect_container(&self.pl.container_id, None::<InspectContainerOptions>);
+        tokio::time::timeout(ENGINE_WAIT, ins)
             .await
             .ok()
+            .and_then(Result::ok)
             .and_then(|c| c.state)
             .and_then(|s| s.oom_killed)
             .unwrap_or(false)
