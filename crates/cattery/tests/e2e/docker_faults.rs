@@ -190,6 +190,29 @@ fn container_starts(p: &EngineProxy) -> Vec<String> {
         .collect()
 }
 
+/// Lets the held requests go, waits for the server's next container removal through the
+/// proxy (what the engine made of them is only there once they are answered), then for no
+/// container of the server to be left.
+async fn release_and_wait_removed(proxy: &EngineProxy, s: &Server) {
+    let removals = || {
+        proxy
+            .seen()
+            .iter()
+            .filter(|l| l.starts_with("DELETE ") && l.contains("/containers/"))
+            .count()
+    };
+    let before = removals();
+    proxy.release();
+    wait_for(Duration::from_secs(40), "a container removal", || async {
+        (removals() > before).then_some(())
+    })
+    .await;
+    wait_for(Duration::from_secs(30), "no container left", || async {
+        containers(s).is_empty().then_some(())
+    })
+    .await;
+}
+
 /// A stop, or the start timeout, while the engine is slow to create or start the session's
 /// container answers at once (not when the engine is done); the container is never started
 /// once its start was given up, and whatever the engine made is removed.
@@ -235,11 +258,7 @@ async fn a_stop_or_the_start_timeout_does_not_wait_for_a_slow_engine() {
             s.session("slow-engine", &sid).await["endReason"],
             "stopped_during_start"
         );
-        proxy.release();
-        wait_for(Duration::from_secs(30), "no container left", || async {
-            containers(&s).is_empty().then_some(())
-        })
-        .await;
+        release_and_wait_removed(&proxy, &s).await;
         if step == "/containers/create" {
             assert_eq!(
                 container_starts(&proxy).len(),
@@ -260,11 +279,7 @@ async fn a_stop_or_the_start_timeout_does_not_wait_for_a_slow_engine() {
         .unwrap();
     assert_eq!(code, 504);
     assert!(t0.elapsed() < Duration::from_secs(12), "{:?}", t0.elapsed());
-    proxy.release();
-    wait_for(Duration::from_secs(30), "no container left", || async {
-        containers(&s).is_empty().then_some(())
-    })
-    .await;
+    release_and_wait_removed(&proxy, &s).await;
 }
 
 /// An engine that does not answer while a session is stopped: the stop still answers (the
@@ -477,9 +492,5 @@ async fn a_stop_does_not_wait_for_an_engine_that_does_not_answer() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
     assert_eq!(s.session("hung", &sid).await["endReason"], "stopped");
-    proxy.release();
-    wait_for(Duration::from_secs(40), "the container removed", || async {
-        containers(&s).is_empty().then_some(())
-    })
-    .await;
+    release_and_wait_removed(&proxy, &s).await;
 }
