@@ -494,3 +494,41 @@ async fn a_stop_does_not_wait_for_an_engine_that_does_not_answer() {
     assert_eq!(s.session("hung", &sid).await["endReason"], "stopped");
     release_and_wait_removed(&proxy, &s).await;
 }
+
+/// A drain while the engine is still creating a session's container: the start answers
+/// `503 DRAINING`, and the server waits for the engine's answer and removes what it made
+/// before it exits (nothing left for a restart that may never come).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_removes_the_container_of_a_start_the_engine_was_still_making() {
+    if !have_docker(&[AGENT_IMAGE]) {
+        return;
+    }
+    let dir = crate::common::open_tempdir();
+    let proxy = EngineProxy::start(dir.path()).await;
+    let host = proxy.host();
+    let mut s = Server::start(&["--docker-host", &host, "--drain-timeout-seconds", "1"]).await;
+    deploy_image(&s, "draining", "", json!({})).await;
+    proxy.hold("/containers/create");
+    let start = start_in_background(&s, "draining");
+    proxy.wait_held(1).await;
+    s.signal(libc::SIGTERM);
+    let code = tokio::time::timeout(Duration::from_secs(20), start)
+        .await
+        .expect("the start answers at the drain")
+        .unwrap();
+    assert_eq!(code, 503);
+    proxy.release();
+    wait_server_exit(&mut s, Duration::from_secs(30)).await;
+    let seen = proxy.seen();
+    let created = seen
+        .iter()
+        .position(|l| l.contains("/containers/create"))
+        .expect("the create reached the engine");
+    assert!(
+        seen[created..]
+            .iter()
+            .any(|l| l.starts_with("DELETE ") && l.contains("/containers/")),
+        "the server exited without removing the container: {seen:?}"
+    );
+    assert!(containers(&s).is_empty());
+}

@@ -180,7 +180,7 @@ impl DockerInstance {
                 };
             if left < Duration::from_millis(400) {
                 tracing::error!(container = %self.pl.container_id, error = %e, "cannot remove container; trying again in the background until the engine takes it");
-                tokio::spawn(remove_until_gone(
+                super::spawn_cleanup(remove_until_gone(
                     self.docker.clone(),
                     self.pl.container_id.clone(),
                 ));

@@ -382,8 +382,26 @@ fn published_port(ins: &bollard::models::ContainerInspectResponse) -> Option<u16
 async fn remove_quietly(docker: &Docker, id: &str) {
     if let Err(e) = container::remove_once(docker, id).await {
         tracing::error!(container = %id, error = %e, "cannot remove container; trying again in the background until the engine takes it");
-        tokio::spawn(container::remove_until_gone(docker.clone(), id.to_string()));
+        spawn_cleanup(container::remove_until_gone(docker.clone(), id.to_string()));
     }
+}
+
+/// Removals running in the background (the container of a start given up while the engine
+/// made it, a container the engine could not remove yet).
+static CLEANUPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// How long a clean shutdown waits for the removals still running in the background.
+const CLEANUP_WAIT: Duration = Duration::from_secs(10);
+
+/// Runs a removal in the background, counted until it is done: a clean shutdown waits for it
+/// (at most [`CLEANUP_WAIT`]), so a container the engine makes after its start was given up
+/// is not left behind by a server that stops meanwhile.
+pub(super) fn spawn_cleanup(f: impl std::future::Future<Output = ()> + Send + 'static) {
+    use std::sync::atomic::Ordering;
+    CLEANUPS.fetch_add(1, Ordering::SeqCst);
+    tokio::spawn(async move {
+        f.await;
+        CLEANUPS.fetch_sub(1, Ordering::SeqCst);
+    });
 }
 
 /// Connects to the engine at `host` (`None`: `DOCKER_HOST` or the local socket) and
@@ -530,7 +548,7 @@ impl Runtime for DockerRuntime {
             r = &mut making => r,
             () = abandoned.cancelled() => {
                 let docker = docker.clone();
-                tokio::spawn(async move {
+                spawn_cleanup(async move {
                     if let Ok(Ok((id, _))) = making.await {
                         remove_quietly(&docker, &id).await;
                     }
@@ -629,6 +647,22 @@ impl Runtime for DockerRuntime {
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         });
+    }
+
+    /// Waits (at most [`CLEANUP_WAIT`]) for the removals still running in the background.
+    async fn shutdown(&self) {
+        use std::sync::atomic::Ordering;
+        let deadline = std::time::Instant::now() + CLEANUP_WAIT;
+        while CLEANUPS.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = CLEANUPS.load(Ordering::SeqCst);
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "containers still to remove at shutdown; the next start's sweep removes them"
+            );
+        }
     }
 
     fn isolation(&self) -> String {
