@@ -532,3 +532,35 @@ async fn a_drain_removes_the_container_of_a_start_the_engine_was_still_making() 
     );
     assert!(containers(&s).is_empty());
 }
+
+/// Two servers (two data dirs) on one engine: each only ever touches its own containers; a
+/// restart's sweep of one leaves the other's running sessions alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_servers_on_one_engine_touch_only_their_own_containers() {
+    if !have_docker(&[AGENT_IMAGE]) {
+        return;
+    }
+    let mut a = Server::start(&[]).await;
+    let b = Server::start(&[]).await;
+    assert_ne!(crate::docker::server_id(&a), crate::docker::server_id(&b));
+    for s in [&a, &b] {
+        deploy_image(s, "same-name", "--ignore-transport-close", json!({})).await;
+    }
+    let sa = a.start_ok("same-name").await;
+    let sb = b.start_ok("same-name").await;
+    info_served(&a, "same-name", &sa).await;
+    info_served(&b, "same-name", &sb).await;
+    let (ca, cb) = (containers(&a), containers(&b));
+    assert_eq!((ca.len(), cb.len()), (1, 1));
+    assert_ne!(ca, cb);
+    a.kill9();
+    a.spawn().await;
+    assert_eq!(containers(&a), ca, "a's session is re-adopted");
+    assert_eq!(containers(&b), cb, "b's container is not a's to sweep");
+    assert_eq!(a.stop("same-name", &sa).await.status, 200);
+    assert!(containers(&a).is_empty());
+    assert_eq!(containers(&b), cb);
+    assert!(b.session("same-name", &sb).await["endReason"].is_null());
+    assert_eq!(b.stop("same-name", &sb).await.status, 200);
+    assert!(containers(&b).is_empty());
+}
