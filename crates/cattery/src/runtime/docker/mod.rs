@@ -321,9 +321,12 @@ async fn create_and_start(
         Ok(c) => c,
         Err(e) => {
             // No answer (a broken connection, a timeout) does not mean nothing was made:
-            // the name is this instance's own.
+            // the name is this instance's own. (One try: an engine that refuses connections
+            // made nothing; one that made it and went away leaves it to the next sweep.)
             if !matches!(e, Error::DockerResponseServerError { .. }) {
-                remove_quietly(&docker, &name).await;
+                if let Err(e) = container::remove_once(&docker, &name).await {
+                    tracing::debug!(container = %name, error = %e, "cannot remove a container whose create got no answer");
+                }
             }
             return Err(format!("cannot create a container from {image_id}: {e}"));
         }
