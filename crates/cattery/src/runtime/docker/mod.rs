@@ -5,8 +5,8 @@
 //! the engine runs an init as PID 1 (`init: true`), so SIGTERM reaches a bot still importing.
 //! Isolation by default: no host mounts, not privileged, every capability dropped,
 //! `no-new-privileges`, CPU/memory/pids limits from the agent profile, bounded json-file logs.
-//! Every container carries labels naming this server, the instance, the deployment and the
-//! agent; the session binding lives in the store (labels cannot change after create, and a
+//! Every container carries labels naming this server, the instance and the deployment (and,
+//! on a node with a cluster secret, a hash of it); the session binding lives in the store (labels cannot change after create, and a
 //! warm pool container gets its session later). See `docs/docker.md`.
 
 mod container;
@@ -45,8 +45,6 @@ pub const LABEL_SERVER: &str = "org.cattery.server";
 pub const LABEL_INSTANCE: &str = "org.cattery.instance";
 /// Label: deployment id.
 pub const LABEL_DEPLOYMENT: &str = "org.cattery.deployment";
-/// Label: agent id.
-pub const LABEL_AGENT: &str = "org.cattery.agent";
 /// Label: what the node's cluster secret derives (`ClusterSecret::container_label`), on the
 /// containers of a node that has one.
 pub const LABEL_CLUSTER: &str = "org.cattery.cluster";
