@@ -175,8 +175,46 @@ fn build_routes() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document, generated from [`routes`].
 pub fn openapi() -> &'static utoipa::openapi::OpenApi {
-    static DOC: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(|| routes().into_openapi());
+    static DOC: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(|| {
+        let mut doc = routes().into_openapi();
+        document_bad_requests(&mut doc);
+        doc
+    });
     &DOC
+}
+
+/// Says on every operation that it may answer 400: a path or query none of its routes can
+/// take (a NUL byte, [`refuse_nul`]; a path parameter that does not parse) is refused so on
+/// every route, whatever else the operation documents.
+fn document_bad_requests(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{Content, Ref, ResponseBuilder};
+    for item in doc.paths.paths.values_mut() {
+        let ops = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.options,
+            &mut item.head,
+            &mut item.patch,
+            &mut item.trace,
+        ];
+        for op in ops.into_iter().flatten() {
+            op.responses
+                .responses
+                .entry("400".to_string())
+                .or_insert_with(|| {
+                    ResponseBuilder::new()
+                        .description("A path or query the route cannot take")
+                        .content(
+                            "application/json",
+                            Content::new(Some(Ref::from_schema_name("ErrorBody"))),
+                        )
+                        .build()
+                        .into()
+                });
+        }
+    }
 }
 
 /// `GET /v1/openapi.json`.
