@@ -327,11 +327,78 @@ async fn watch_exit(
     let _ = tx.send(Some(exit.map(exit_info).unwrap_or_default()));
 }
 
+/// Where a container's log stream stands, so that a stream followed again after it broke
+/// sends every entry once. The engine answers a request from a whole second with the
+/// entries of its log file stamped in that second or later, in file order, which is not
+/// stamp order: the parts of a line longer than the engine's buffer share one stamp, and
+/// stdout's and stderr's entries are stamped apart (one may be stamped after another that
+/// is written after it). So an entry is never judged by its stamp against the last one
+/// read; a request made again starts a second before the latest second read (for an entry
+/// written late), and the entries at its head that were read already are counted off.
+#[derive(Debug, Default)]
+struct LogResume {
+    /// The latest second (unix s) an entry read was stamped in.
+    second: Option<i64>,
+    /// How many entries read were stamped in `second`.
+    in_second: usize,
+    /// How many entries read were stamped in the second before `second`.
+    in_before: usize,
+    /// Entries at the head of this request that an earlier one read: not sent again.
+    skip: usize,
+}
+
+impl LogResume {
+    /// The `since` (unix s) of the next log request: `initial` for the first one.
+    fn next_request(&mut self, initial: i32) -> i32 {
+        let Some(second) = self.second else {
+            self.skip = 0;
+            return initial;
+        };
+        let from = i32::try_from(second - 1).unwrap_or(i32::MAX).max(initial);
+        // Every entry read stamped at `from` or later is at the head of the answer, in the
+        // order it was read (the first request's entries are all stamped at `initial` or
+        // later, so none was read from the second before when `from` is `initial`).
+        self.skip = self.in_second
+            + if i64::from(from) < second {
+                self.in_before
+            } else {
+                0
+            };
+        from
+    }
+
+    /// Whether the next entry of the stream, stamped `ts` (engine time, ns), is to be sent
+    /// (it was not read before).
+    fn admit(&mut self, ts: Option<i64>) -> bool {
+        // Without a stamp (never with `timestamps`), it cannot be placed: sent.
+        let Some(ts) = ts else { return true };
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        let sec = ts.div_euclid(1_000_000_000);
+        match self.second {
+            Some(s) if sec == s => self.in_second += 1,
+            Some(s) if sec == s - 1 => self.in_before += 1,
+            Some(s) if sec < s => {}
+            prev => {
+                self.in_before = if prev == Some(sec - 1) {
+                    self.in_second
+                } else {
+                    0
+                };
+                self.second = Some(sec);
+                self.in_second = 1;
+            }
+        }
+        true
+    }
+}
+
 /// Sends the container's stdout and stderr to `sink` line by line, keeping the last bytes of
 /// stderr; returns when the container stopped (the stream ends) or is gone. A stream that
 /// breaks while the container runs (an engine restart, a broken connection) is followed
-/// again from the last line read (by its engine timestamp: no line twice), once the engine
-/// answers.
+/// again from the last lines read ([`LogResume`]: no line twice), once the engine answers.
 async fn follow_logs(
     docker: Docker,
     id: String,
@@ -340,11 +407,11 @@ async fn follow_logs(
     since: i32,
     exited: watch::Receiver<Option<ExitInfo>>,
 ) {
-    let mut last_ns: Option<i64> = None;
+    let mut read = LogResume::default();
     let mut backoff = Duration::from_millis(100);
     loop {
-        let from = last_ns.map_or(since, |ns| (ns / 1_000_000_000) as i32);
-        match follow_once(&docker, &id, &sink, &tail, from, &mut last_ns).await {
+        let from = read.next_request(since);
+        match follow_once(&docker, &id, &sink, &tail, from, &mut read).await {
             // Ended with the container's exit: every line was read.
             Ok(()) if exited.borrow().is_some() => return,
             Ok(()) => match docker
@@ -370,15 +437,15 @@ async fn follow_logs(
     }
 }
 
-/// One log request, from `since` (unix s), skipping lines not after `last_ns` (engine
-/// timestamps, ns) and moving it on. `Ok`: the stream ended; `Err`: it broke.
+/// One log request, from `since` (unix s), skipping what `read` says was read before.
+/// `Ok`: the stream ended; `Err`: it broke.
 async fn follow_once(
     docker: &Docker,
     id: &str,
     sink: &LogSink,
     tail: &Mutex<VecDeque<u8>>,
     since: i32,
-    last_ns: &mut Option<i64>,
+    read: &mut LogResume,
 ) -> Result<(), Error> {
     let opts = LogsOptionsBuilder::default()
         .follow(true)
@@ -405,11 +472,8 @@ async fn follow_once(
             ),
             None => (None, &bytes[..]),
         };
-        if let Some(ts) = ts {
-            if last_ns.is_some_and(|l| ts <= l) {
-                continue;
-            }
-            *last_ns = Some(ts);
+        if !read.admit(ts) {
+            continue;
         }
         if stream == "stderr" {
             let mut t = tail.lock();
@@ -541,5 +605,65 @@ mod tests {
         assert_eq!(exit_info(137).signal, Some(9));
         assert_eq!(exit_info(143).signal, Some(15));
         assert_eq!(exit_info(255).code, Some(255));
+    }
+
+    /// What a log request from `since` (unix s) returns of an engine's log file: its entries
+    /// (their stamps, ns) in file order, those stamped before `since` left out.
+    fn replay(file: &[i64], since: i32) -> Vec<i64> {
+        let from = i64::from(since) * 1_000_000_000;
+        file.iter().copied().filter(|t| *t >= from).collect()
+    }
+
+    /// Every entry of a container's log is sent once, in a stream that never breaks and
+    /// across breaks: the parts of a line longer than the engine's buffer share one stamp,
+    /// and stdout's and stderr's entries are stamped apart, so the file is not in stamp
+    /// order.
+    #[test]
+    fn log_entries_are_sent_once_whatever_their_stamps() {
+        let s = 1_800_000_000_i64 * 1_000_000_000;
+        let file = vec![
+            s + 100,
+            s + 200,
+            s + 200, // the rest of a long line
+            s + 200, // and its end
+            s + 400, // stderr, stamped after...
+            s + 300, // ...stdout, written after it
+            s + 999_999_999,
+            s + 1_000_000_100, // the next second
+            s + 1_000_000_050,
+            s + 1_000_000_200,
+            s + 1_000_000_200,
+            s + 2_000_000_000,
+        ];
+        let initial = 1_799_999_990;
+        // Read whole.
+        let mut r = LogResume::default();
+        let since = r.next_request(initial);
+        let got: Vec<i64> = replay(&file, since)
+            .into_iter()
+            .filter(|t| r.admit(Some(*t)))
+            .collect();
+        assert_eq!(got, file, "one stream");
+        // Broken after each entry, then followed again (twice for the last cut).
+        for cut in 1..file.len() {
+            let mut r = LogResume::default();
+            let since = r.next_request(initial);
+            let mut got: Vec<i64> = replay(&file, since)[..cut]
+                .iter()
+                .copied()
+                .filter(|t| r.admit(Some(*t)))
+                .collect();
+            let since = r.next_request(initial);
+            let again = replay(&file, since);
+            let more = cut.min(again.len());
+            got.extend(again[..more].iter().copied().filter(|t| r.admit(Some(*t))));
+            let since = r.next_request(initial);
+            got.extend(
+                replay(&file, since)
+                    .into_iter()
+                    .filter(|t| r.admit(Some(*t))),
+            );
+            assert_eq!(got, file, "broken after {cut} entries");
+        }
     }
 }
