@@ -64,16 +64,25 @@ pub async fn dialin(
         .await
         .map_err(not_found)?;
     // An org that gave Daily's signing secret takes only signed requests. A refusal answers
-    // as an unknown agent does (the caller learns nothing), and says why in the log.
-    if let Some(secret) = crate::core::orgs::daily_dialin_hmac_of(&rec, &st.secrets) {
+    // as an unknown agent does (the caller learns nothing), and says why in the log. A
+    // secret stored but not readable (sealed under another secrets key) refuses every
+    // request: the org asked for signed requests only.
+    let hmac_set = rec
+        .properties
+        .get(crate::core::orgs::DAILY_DIALIN_HMAC)
+        .is_some_and(|v| !v.is_null() && v.as_str() != Some(""));
+    if hmac_set {
         let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-        let checked = daily::check_dialin_signature(
-            &secret,
-            header("x-pinless-timestamp"),
-            header("x-pinless-signature"),
-            &raw,
-            crate::model::now_ms() / 1000,
-        );
+        let checked = match crate::core::orgs::daily_dialin_hmac_of(&rec, &st.secrets) {
+            Some(secret) => daily::check_dialin_signature(
+                &secret,
+                header("x-pinless-timestamp"),
+                header("x-pinless-signature"),
+                &raw,
+                crate::model::now_ms() / 1000,
+            ),
+            None => Err("the org's dailyDialinHmac cannot be read (sealed under another secrets key?); set it again"),
+        };
         if let Err(why) = checked {
             tracing::warn!(org, agent = name, reason = why, "dial-in webhook refused");
             return Err(unknown());

@@ -862,6 +862,41 @@ async fn signed_dialin_when_the_org_has_dailys_hmac() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
 }
 
+/// An org whose `dailyDialinHmac` is stored but cannot be opened (sealed under another
+/// secrets key) takes no dial-in request at all: its webhooks stay refused, never open to
+/// anyone, until the secret is set again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_dialin_hmac_refuses_every_dialin() {
+    let (daily, a) = with_daily(Some("dk_server_key_0001")).await;
+    a.deploy("phone", &[], json!({})).await;
+    let sealed_elsewhere = json!({ "dailyDialinHmac": {
+        "nonce": "AAAAAAAAAAAAAAAA", "ciphertext": "c2VhbGVkIHVuZGVyIGFub3RoZXIga2V5IQ==" } });
+    a.state
+        .store
+        .set_org_properties(crate::serve::DEFAULT_ORG, &sealed_elsewhere)
+        .await
+        .unwrap();
+    let hook = |agent: &str, body: Value| {
+        let app = a.app.clone();
+        let path = format!("/v1/public/webhooks/default/{agent}/dialin");
+        async move {
+            let h = [("content-type", "application/json")];
+            let (status, _, body) = super::raw(&app, Method::POST, &path, &h, Some(body)).await;
+            Answer { status, body }
+        }
+    };
+    let no_agent = hook("nobody", json!({"test": "test"})).await;
+    assert_error(&no_agent, StatusCode::NOT_FOUND, "NOT_FOUND");
+    let call = json!({"To": "+15550001111", "From": "+15550002222", "callId": "call-1",
+                      "callDomain": "dom-1"});
+    for body in [json!({"test": "test"}), call] {
+        let r = hook("phone", body).await;
+        assert_eq!((r.status, &r.body), (no_agent.status, &no_agent.body));
+    }
+    assert!(daily.seen().is_empty(), "{:?}", daily.seen());
+    assert_eq!(a.fake.starts(), 0);
+}
+
 /// `agent profiles list`'s catalog, and `deploy --architecture`: the host's is accepted, the
 /// other one and nonsense are 400s naming the host's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
