@@ -86,6 +86,44 @@ pub(crate) async fn deploy_image(s: &Server, name: &str, args: &str, extra: Valu
     s.deploy(name, &[], body).await;
 }
 
+/// A line longer than the engine's 16 KiB log buffer, which the engine keeps in parts that
+/// share one timestamp, is captured whole, as is every line after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_line_longer_than_the_engines_buffer_is_captured_whole() {
+    if !have_docker(&[AGENT_IMAGE]) {
+        return;
+    }
+    let s = Server::start(&[]).await;
+    let big = format!("{}{}", "a".repeat(20_000), "b".repeat(20_000));
+    let args = "--print-env BIG --print-env AFTER --ignore-transport-close";
+    deploy_image(
+        &s,
+        "long",
+        args,
+        json!({"env": {"CATTERY_TEST_AGENT_ARGS": args, "BIG": big, "AFTER": "the-next-line"}}),
+    )
+    .await;
+    s.wait_ready("long", Duration::from_secs(60)).await;
+    let sid = s.start_ok("long").await;
+    let logs = wait_log(&s, "long", &sid, "env AFTER=the-next-line").await;
+    // The line's text, in the parts the engine and the server cut it into.
+    let mut text = String::new();
+    for r in &logs {
+        if let Some((_, v)) = r.log.split_once("env BIG=") {
+            text.push_str(v);
+        } else if !r.log.is_empty() && r.log.chars().all(|c| c == 'a' || c == 'b') {
+            text.push_str(&r.log);
+        }
+    }
+    let count = |c: char| text.chars().filter(|x| *x == c).count();
+    assert_eq!(
+        (count('a'), count('b')),
+        (20_000, 20_000),
+        "the long line's parts"
+    );
+    assert_eq!(s.stop("long", &sid).await.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn image_agent_runs_in_a_hardened_container_and_stop_removes_it() {
     if !have_docker(&[AGENT_IMAGE]) {

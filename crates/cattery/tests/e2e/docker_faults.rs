@@ -379,7 +379,7 @@ async fn ticks(s: &Server, agent: &str, sid: &str) -> Vec<u64> {
 
 /// The engine's connections break (an engine restart that keeps its containers, a socket
 /// proxy restarting): a running session's output is still captured afterwards, each line
-/// once, and its session goes on.
+/// once, none lost, and its session goes on.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sessions_logs_are_followed_again_after_the_engines_connections_break() {
     if !have_docker(&[AGENT_IMAGE]) {
@@ -412,6 +412,12 @@ async fn a_sessions_logs_are_followed_again_after_the_engines_connections_break(
     assert!(
         got.iter().all(|t| seen.insert(*t)),
         "a line captured twice: {got:?}"
+    );
+    // And none lost: the lines written while the stream was broken are read afterwards.
+    let first = got[0];
+    assert!(
+        (first..=want).all(|t| seen.contains(&t)),
+        "a line lost: {got:?}"
     );
     assert!(s.session("chatty", &sid).await["endReason"].is_null());
     assert_eq!(s.stop("chatty", &sid).await.status, 200);
