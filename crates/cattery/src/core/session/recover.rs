@@ -262,12 +262,7 @@ impl Supervisor {
                 "node {node} was lost (no heartbeat within the node timeout) with this session's instance"
             )),
         };
-        // One waiting for its client: its client may connect to another node at this moment.
-        let wrote = if s.waiting_for_client() {
-            self.store.end_waiting_session(s.id, &end).await?
-        } else {
-            self.store.end_session(s.id, &end).await?
-        };
+        let wrote = self.end_unless_started(s, &end).await?;
         if wrote {
             let agent = self.agent_name(s.agent_id);
             crate::telemetry::session_ended(&s.org, &agent, end.reason.as_str());
@@ -479,6 +474,21 @@ impl Supervisor {
         ));
     }
 
+    /// Writes the end of open session `s` (first wins). One that waits for its client is
+    /// ended only while it still waits: a client may take its token on any node at this
+    /// moment (tokens are in the store), and then the start is its end's to write.
+    async fn end_unless_started(
+        &self,
+        s: &SessionRecord,
+        end: &SessionEnd,
+    ) -> crate::store::StoreResult<bool> {
+        if s.waiting_for_client() {
+            self.store.end_waiting_session(s.id, end).await
+        } else {
+            self.store.end_session(s.id, end).await
+        }
+    }
+
     /// Records the end of an open session that no instance serves any more.
     async fn end_lost(&self, s: &SessionRecord, stop_requested: bool) -> anyhow::Result<()> {
         let (reason, message) = if s.waiting_for_client() {
@@ -510,13 +520,7 @@ impl Supervisor {
             exit_signal: None,
             message: Some(message.into()),
         };
-        // One waiting for its client: a client may take its token on another node at this
-        // moment (tokens are in the store), and then the start is its end's to write.
-        let wrote = if s.waiting_for_client() {
-            self.store.end_waiting_session(s.id, &end).await?
-        } else {
-            self.store.end_session(s.id, &end).await?
-        };
+        let wrote = self.end_unless_started(s, &end).await?;
         if wrote {
             let agent = self.agent_name(s.agent_id);
             crate::telemetry::session_ended(&s.org, &agent, reason.as_str());
