@@ -570,3 +570,19 @@ async fn two_servers_on_one_engine_touch_only_their_own_containers() {
     assert_eq!(b.stop("same-name", &sb).await.status, 200);
     assert!(containers(&b).is_empty());
 }
+
+/// A server that never ran a container (no image was ever resolved on its data dir: the
+/// embedded default on a machine without Docker) has nothing of its own to sweep from an
+/// engine: one that does not answer is not warned about at every start, and no background
+/// retry waits for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_never_ran_a_container_does_not_wait_for_an_engine() {
+    let dir = crate::common::open_tempdir();
+    let host = format!("unix://{}", dir.path().join("no-engine.sock").display());
+    let s = Server::start(&["--docker-host", &host]).await;
+    s.deploy("plain", &[], json!({})).await;
+    let sid = s.start_ok("plain").await;
+    assert_eq!(s.stop("plain", &sid).await.status, 200);
+    let log = s.log();
+    assert!(!log.contains("cannot sweep"), "{log}");
+}

@@ -630,6 +630,12 @@ impl Runtime for DockerRuntime {
             }
             Err(e) => e,
         };
+        // No image was ever resolved on this data dir, so no container of this server can
+        // exist anywhere: nothing to sweep (a machine without Docker, the embedded default).
+        if self.cfg.images_file.as_ref().is_some_and(|f| !f.exists()) {
+            tracing::debug!(error = %e, "no Docker engine answers, and this server never ran a container");
+            return;
+        }
         tracing::warn!(error = %e, "cannot sweep this server's containers now; trying again until the engine answers");
         *self.sweep_pending.lock() = Some(HashSet::new());
         let (host, server) = (self.cfg.host.clone(), self.cfg.server_id.clone());
