@@ -295,6 +295,31 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Deletes the record of an instance recovery does not keep. A delete the store refuses
+    /// for now is written again until it lands ([`super::pending::write_again`]): the record
+    /// would otherwise outlive its instance until the next restart.
+    async fn forget_record(&self, id: uuid::Uuid) {
+        match self.store.delete_instance(id).await {
+            Ok(()) | Err(crate::store::StoreError::NotFound) => {}
+            Err(e) if e.is_transient() => {
+                tracing::warn!(instance = %id, error = %e, "could not delete an instance record yet; trying again");
+                let store = self.store.clone();
+                super::pending::write_again("an instance record's removal", id, move || {
+                    let store = store.clone();
+                    async move {
+                        match store.delete_instance(id).await {
+                            Err(crate::store::StoreError::NotFound) => Ok(()),
+                            r => r,
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(instance = %id, error = %e, "could not delete an instance record")
+            }
+        }
+    }
+
     /// Re-adopts or removes one recorded instance.
     async fn recover_instance(
         self: &Arc<Self>,
@@ -309,7 +334,7 @@ impl Supervisor {
         let agent = self.store.get_agent_by_id(rec.agent_id).await?;
         let (Some(dep), Some(agent)) = (dep, agent) else {
             // Unknown owner: not kept, so the sweep removes whatever is left.
-            let _ = self.store.delete_instance(rec.id).await;
+            self.forget_record(rec.id).await;
             return Ok(());
         };
         let grace = self.grace(&dep);
@@ -353,14 +378,14 @@ impl Supervisor {
                     }
                     _ => {}
                 }
-                let _ = self.store.delete_instance(rec.id).await;
+                self.forget_record(rec.id).await;
                 return Ok(());
             }
         };
         if session.is_none() && rec.session_id.is_some() {
             // Promised to a session that is over (its end written while no server watched
             // the instance): one session, one instance; never a warm instance again.
-            let _ = self.store.delete_instance(rec.id).await;
+            self.forget_record(rec.id).await;
             found.remove.push((inst, grace));
             return Ok(());
         }
@@ -368,7 +393,7 @@ impl Supervisor {
             Some(sess) if relay_gone => {
                 // Its client was cut with the relay: the session is over.
                 found.relay_gone.insert(sess.id, (true, None));
-                let _ = self.store.delete_instance(rec.id).await;
+                self.forget_record(rec.id).await;
                 found.remove.push((inst, grace));
             }
             Some(sess) if sess.bot_start_ms.is_some() => {
@@ -376,7 +401,7 @@ impl Supervisor {
             }
             Some(_) => {
                 // Still starting: its start request died with the previous server.
-                let _ = self.store.delete_instance(rec.id).await;
+                self.forget_record(rec.id).await;
                 found.remove.push((inst, grace));
             }
             None => {
@@ -408,7 +433,7 @@ impl Supervisor {
                         Start::Adopted(inst, None),
                     ));
                 } else {
-                    let _ = self.store.delete_instance(rec.id).await;
+                    self.forget_record(rec.id).await;
                     found.remove.push((inst, grace));
                 }
             }

@@ -1757,3 +1757,33 @@ async fn a_deploy_error_of_an_engine_that_did_not_answer_clears_once_it_answers(
     let s = ready(&sup).await;
     sup.stop_session("o", "a", s.session_id).await.unwrap();
 }
+
+/// The record of an instance recovery removes (here one promised to a session that ended
+/// while no server watched it) is deleted once the store takes the delete, when it refused
+/// it for now at the recovery: it outlived its instance until the next restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_record_recovery_could_not_delete_for_now_is_deleted_once_it_can() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 0, 2).await;
+    let (iid, sid) = left_by_previous_run(&e, &a).await;
+    let end = crate::model::SessionEnd {
+        ended_ms: now_ms(),
+        reason: EndReason::Lost,
+        completion_status: "HTTP_ERROR".into(),
+        exit_code: None,
+        exit_signal: None,
+        message: Some("no live instance was found for this session".into()),
+    };
+    assert!(e.store.end_session(sid, &end).await.unwrap());
+    let c = refuse_writes_for_now(&e, "DELETE", "instances", "1");
+    let sup = engine(&e.store, &e.fake);
+    sup.recover().await.unwrap();
+    assert!(!e.fake.live().contains(&iid), "removed");
+    let recorded = async || {
+        let all = e.store.list_instances().await.unwrap();
+        all.iter().any(|r| r.id == iid)
+    };
+    assert!(recorded().await, "the store refused the delete meanwhile");
+    c.execute_batch("DROP TRIGGER refuse_for_now").unwrap();
+    until("the record is deleted", async || !recorded().await).await;
+}
