@@ -331,8 +331,8 @@ impl crate::core::session::Peers for HttpPeers {
 /// each node whose last heartbeat is older than the timeout is taken over
 /// (`Supervisor::take_over`; the store lets one node at a time do it). A dead node is tried
 /// once per heartbeat it left (a node that is dead does not gain records). Nothing is taken
-/// over while this node cannot read the node list or is fenced, nor until a whole timeout
-/// after it last could not ([`may_take_over`]).
+/// over while this node cannot read the node list, is fenced or drains, nor until a whole
+/// timeout after it last could not read it ([`may_take_over`]).
 pub fn spawn_watch(
     store: Arc<dyn Store>,
     sup: std::sync::Weak<crate::core::session::Supervisor>,
@@ -360,7 +360,9 @@ pub fn spawn_watch(
                 tracing::warn!(error = %e, "could not finish a takeover; trying again");
             }
             let since = *healthy_since.get_or_insert_with(std::time::Instant::now);
-            if !may_take_over(since, std::time::Instant::now(), me.timeout) {
+            // A draining node takes nothing over: it would stop what it adopted at its drain's
+            // end (a shared engine's containers included), or leave it to a later takeover.
+            if !may_take_over(since, std::time::Instant::now(), me.timeout) || sup.is_draining() {
                 continue;
             }
             let stale_ms = now_ms() - timeout_ms;

@@ -227,6 +227,44 @@ async fn a_lost_node_has_its_sessions_ended_and_leaves_no_process_on_return() {
     }
 }
 
+/// A draining node takes no lost node over: what it adopted would be stopped at its drain's
+/// end. The lost node's session stays open for a node that does not drain, here the lost
+/// node itself, which re-adopts it when it comes back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_draining_node_takes_no_lost_node_over() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let mut cluster = Cluster::new(&pg.url(), &["--node-timeout", "2"]);
+    // Its sessions outlive their node's connection (as upgrade.md asks of agents).
+    let limits = json!({"autoScaling": {"minAgents": 0, "maxAgents": 4}});
+    let first = cluster.add_node().await;
+    first
+        .deploy("keep", &["--ignore-transport-close"], limits)
+        .await;
+    cluster.add_node().await;
+    let nodes = &mut cluster.nodes;
+    // A session keeps node 1's drain going (the drain timeout is 30 s).
+    let busy = nodes[0].start_ok("keep").await;
+    let sid = nodes[1].start_ok("keep").await;
+    nodes[0].signal(15);
+    wait_for(Duration::from_secs(10), "node 1 to drain", || async {
+        let r = nodes[0].req("GET", "/ready", None, None).await;
+        (r.status == 503).then_some(())
+    })
+    .await;
+    nodes[1].kill9();
+    // Three node timeouts: a node that does not drain has taken it over by then.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let s = nodes[0].session("keep", &sid).await;
+    assert!(s["endedAt"].is_null(), "taken over by a draining node: {s}");
+    nodes[1].spawn().await;
+    let s = nodes[1].session("keep", &sid).await;
+    assert!(s["endedAt"].is_null(), "re-adopted by its node: {s}");
+    assert_eq!(nodes[1].stop("keep", &sid).await.status, 200);
+    assert_eq!(nodes[1].stop("keep", &busy).await.status, 200);
+}
+
 /// One client's view of the trickle.
 #[derive(Default)]
 struct Trickle {
