@@ -392,6 +392,9 @@ async fn remove_quietly(docker: &Docker, id: &str) {
 static CLEANUPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// How long a clean shutdown waits for the removals still running in the background.
 const CLEANUP_WAIT: Duration = Duration::from_secs(10);
+/// How long a given-up start waits for the engine to finish making its container and to
+/// remove it, before the removal goes on in the background.
+const ABANDON_WAIT: Duration = Duration::from_secs(10);
 
 /// Runs a removal in the background, counted until it is done: a clean shutdown waits for it
 /// (at most [`CLEANUP_WAIT`]), so a container the engine makes after its start was given up
@@ -548,12 +551,21 @@ impl Runtime for DockerRuntime {
             biased;
             r = &mut making => r,
             () = abandoned.cancelled() => {
+                // Given up (a stop, the start timeout): the answer waits until what the engine
+                // made is removed (a stop answers once its instance is gone), unless the
+                // engine has not answered within ABANDON_WAIT; then the removal goes on in
+                // the background (a shutdown waits for it).
                 let docker = docker.clone();
-                spawn_cleanup(async move {
+                let mut removal = Box::pin(async move {
                     if let Ok(Ok((id, _))) = making.await {
                         remove_quietly(&docker, &id).await;
                     }
                 });
+                if tokio::time::timeout(ABANDON_WAIT, &mut removal).await.is_err() {
+                    tracing::warn!(instance = %spec.instance_id,
+                        "the engine has not answered a given-up start; its container is removed once it does");
+                    spawn_cleanup(removal);
+                }
                 return Err(RuntimeError::Abandoned);
             }
         };
