@@ -1558,6 +1558,20 @@ async fn a_token_expiring_as_its_client_connects_never_ends_a_started_session() 
     }
 }
 
+/// Ends session `sid` in the store alone, as a stop that found no live instance does while
+/// no server supervises the session's instance.
+async fn end_while_unwatched(e: &Env, sid: Uuid) {
+    let end = crate::model::SessionEnd {
+        ended_ms: now_ms(),
+        reason: EndReason::Lost,
+        completion_status: "HTTP_ERROR".into(),
+        exit_code: None,
+        exit_signal: None,
+        message: Some("no live instance was found for this session".into()),
+    };
+    assert!(e.store.end_session(sid, &end).await.unwrap());
+}
+
 /// An instance whose record names a session that is no longer open (its end was written
 /// while no server supervised the instance: a stop that found no live instance, a takeover)
 /// served or was promised to that session: recovery removes it and never re-adopts it as a
@@ -1568,15 +1582,7 @@ async fn recovery_never_makes_an_instance_of_an_ended_session_warm() {
     let e = env().await;
     let a = agent(&e, "a", &[], 1, 2).await;
     let (iid, sid) = left_by_previous_run(&e, &a).await;
-    let end = crate::model::SessionEnd {
-        ended_ms: now_ms(),
-        reason: EndReason::Lost,
-        completion_status: "HTTP_ERROR".into(),
-        exit_code: None,
-        exit_signal: None,
-        message: Some("no live instance was found for this session".into()),
-    };
-    assert!(e.store.end_session(sid, &end).await.unwrap());
+    end_while_unwatched(&e, sid).await;
     let sup = engine(&e.store, &e.fake);
     sup.recover().await.unwrap();
     assert!(!e.fake.live().contains(&iid), "removed");
@@ -1766,15 +1772,7 @@ async fn an_instance_record_recovery_could_not_delete_for_now_is_deleted_once_it
     let e = env().await;
     let a = agent(&e, "a", &[], 0, 2).await;
     let (iid, sid) = left_by_previous_run(&e, &a).await;
-    let end = crate::model::SessionEnd {
-        ended_ms: now_ms(),
-        reason: EndReason::Lost,
-        completion_status: "HTTP_ERROR".into(),
-        exit_code: None,
-        exit_signal: None,
-        message: Some("no live instance was found for this session".into()),
-    };
-    assert!(e.store.end_session(sid, &end).await.unwrap());
+    end_while_unwatched(&e, sid).await;
     let c = refuse_writes_for_now(&e, "DELETE", "instances", "1");
     let sup = engine(&e.store, &e.fake);
     sup.recover().await.unwrap();
