@@ -166,6 +166,21 @@ impl EngineProxy {
     }
 }
 
+/// A server (with `extra` flags) whose Docker engine is the real one behind an
+/// [`EngineProxy`], and the directory of the proxy's socket; `None` without Docker.
+async fn behind_a_proxy(extra: &[&str]) -> Option<(tempfile::TempDir, EngineProxy, Server)> {
+    if !have_docker(&[AGENT_IMAGE]) {
+        return None;
+    }
+    let dir = crate::common::open_tempdir();
+    let proxy = EngineProxy::start(dir.path()).await;
+    let host = proxy.host();
+    let mut args = vec!["--docker-host", host.as_str()];
+    args.extend_from_slice(extra);
+    let s = Server::start(&args).await;
+    Some((dir, proxy, s))
+}
+
 /// Starts a session in the background; its answer's status.
 fn start_in_background(s: &Server, agent: &str) -> tokio::task::JoinHandle<u16> {
     let http = reqwest::Client::new();
@@ -222,13 +237,9 @@ async fn release_and_wait_removed(proxy: &EngineProxy, s: &Server) {
 /// the background, once the engine answers.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stop_or_the_start_timeout_does_not_wait_for_a_slow_engine() {
-    if !have_docker(&[AGENT_IMAGE]) {
+    let Some((_dir, proxy, s)) = behind_a_proxy(&["--start-timeout-seconds", "4"]).await else {
         return;
-    }
-    let dir = crate::common::open_tempdir();
-    let proxy = EngineProxy::start(dir.path()).await;
-    let host = proxy.host();
-    let s = Server::start(&["--docker-host", &host, "--start-timeout-seconds", "4"]).await;
+    };
     deploy_image(
         &s,
         "slow-engine",
@@ -325,13 +336,9 @@ async fn a_stop_or_the_start_timeout_does_not_wait_for_a_slow_engine() {
 /// answers again, not left to the next restart.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_the_engine_could_not_remove_is_removed_once_it_answers() {
-    if !have_docker(&[AGENT_IMAGE]) {
+    let Some((_dir, proxy, s)) = behind_a_proxy(&["--stop-grace-seconds", "1"]).await else {
         return;
-    }
-    let dir = crate::common::open_tempdir();
-    let proxy = EngineProxy::start(dir.path()).await;
-    let host = proxy.host();
-    let s = Server::start(&["--docker-host", &host, "--stop-grace-seconds", "1"]).await;
+    };
     deploy_image(&s, "unreachable", "--ignore-transport-close", json!({})).await;
     let sid = s.start_ok("unreachable").await;
     info_served(&s, "unreachable", &sid).await;
@@ -353,13 +360,9 @@ async fn a_container_the_engine_could_not_remove_is_removed_once_it_answers() {
 /// while a session started meanwhile keeps its own.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restart_without_an_engine_removes_the_lost_sessions_containers_later() {
-    if !have_docker(&[AGENT_IMAGE]) {
+    let Some((_dir, proxy, mut s)) = behind_a_proxy(&[]).await else {
         return;
-    }
-    let dir = crate::common::open_tempdir();
-    let proxy = EngineProxy::start(dir.path()).await;
-    let host = proxy.host();
-    let mut s = Server::start(&["--docker-host", &host]).await;
+    };
     deploy_image(
         &s,
         "survivor",
@@ -420,13 +423,9 @@ async fn ticks(s: &Server, agent: &str, sid: &str) -> Vec<u64> {
 /// once, none lost, and its session goes on.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sessions_logs_are_followed_again_after_the_engines_connections_break() {
-    if !have_docker(&[AGENT_IMAGE]) {
+    let Some((_dir, proxy, s)) = behind_a_proxy(&[]).await else {
         return;
-    }
-    let dir = crate::common::open_tempdir();
-    let proxy = EngineProxy::start(dir.path()).await;
-    let host = proxy.host();
-    let s = Server::start(&["--docker-host", &host]).await;
+    };
     deploy_image(
         &s,
         "chatty",
@@ -516,13 +515,9 @@ async fn a_container_removed_behind_the_servers_back_ends_its_session() {
 /// timeouts (two minutes per request), and the container is removed once the engine answers.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stop_does_not_wait_for_an_engine_that_does_not_answer() {
-    if !have_docker(&[AGENT_IMAGE]) {
+    let Some((_dir, proxy, s)) = behind_a_proxy(&["--stop-grace-seconds", "1"]).await else {
         return;
-    }
-    let dir = crate::common::open_tempdir();
-    let proxy = EngineProxy::start(dir.path()).await;
-    let host = proxy.host();
-    let s = Server::start(&["--docker-host", &host, "--stop-grace-seconds", "1"]).await;
+    };
     deploy_image(&s, "hung", "--ignore-transport-close", json!({})).await;
     let sid = s.start_ok("hung").await;
     info_served(&s, "hung", &sid).await;
@@ -544,13 +539,9 @@ async fn a_stop_does_not_wait_for_an_engine_that_does_not_answer() {
 /// before it exits (nothing left for a restart that may never come).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drain_removes_the_container_of_a_start_the_engine_was_still_making() {
-    if !have_docker(&[AGENT_IMAGE]) {
+    let Some((_dir, proxy, mut s)) = behind_a_proxy(&["--drain-timeout-seconds", "1"]).await else {
         return;
-    }
-    let dir = crate::common::open_tempdir();
-    let proxy = EngineProxy::start(dir.path()).await;
-    let host = proxy.host();
-    let mut s = Server::start(&["--docker-host", &host, "--drain-timeout-seconds", "1"]).await;
+    };
     deploy_image(&s, "draining", "", json!({})).await;
     proxy.hold("/containers/create");
     let start = start_in_background(&s, "draining");
