@@ -18,7 +18,8 @@ use crate::model::{now_ms, EndReason, SessionEnd};
 const OWNER_CHECK: Duration = Duration::from_secs(1);
 
 /// How long a stop waits for this node's takeover of the session's lost node to end or adopt
-/// it (a takeover writes its ends right after it took the records over).
+/// it (a takeover writes its ends right after it took the records over); past it the stop
+/// answers 503 `NODE_UNREACHABLE` and writes nothing.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// Whether a websocket token may still be stored for the session: only for a websocket
@@ -146,7 +147,15 @@ impl Supervisor {
         // Taken over from a lost node by this node a moment ago: its end (`lost`, naming the
         // node) or its adoption is being written; wait for it rather than record a vaguer end.
         let began = std::time::Instant::now();
-        while self.taking_over(session) && began.elapsed() < TAKEOVER_WAIT {
+        while self.taking_over(session) {
+            if began.elapsed() >= TAKEOVER_WAIT {
+                // The takeover may still be adopting the instance (a slow store or engine):
+                // a `lost` written now would answer while the instance runs on, adopted
+                // for a session already over. The caller tries again.
+                return Err(CoreError::NodeUnreachable(format!(
+                    "session {session} belonged to a lost node whose takeover is not finished yet; try again"
+                )));
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let ctl = self.state.lock().sessions.get(&session).cloned();

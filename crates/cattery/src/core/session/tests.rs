@@ -1277,6 +1277,26 @@ async fn a_stop_during_a_takeover_waits_for_the_takeovers_end() {
     );
 }
 
+/// A takeover that has not ended or adopted the session within the stop's wait (a slow
+/// store or engine) may still adopt its instance: the stop answers 503 `NODE_UNREACHABLE`
+/// and writes no end of its own, so no `lost` is answered while the instance runs on.
+/// (Waits the stop's whole 10 s bound.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_takeover_that_does_not_end_answers_503_and_writes_nothing() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 0, 1).await;
+    let (_, sid) = left_by(&e, &a, "n1").await;
+    e.sup.taking_over.lock().insert(sid);
+    let err = e.sup.stop_session("o", "a", sid).await.unwrap_err();
+    assert!(matches!(err, CoreError::NodeUnreachable(_)), "{err:?}");
+    let rec = e.store.get_session(sid).await.unwrap().unwrap();
+    assert!(rec.end.is_none(), "the stop wrote an end: {:?}", rec.end);
+    // Once the takeover has ended it, the same stop answers as usual.
+    e.sup.taking_over.lock().remove(&sid);
+    e.sup.stop_session("o", "a", sid).await.unwrap();
+    assert!(end_reason(&e, sid).await.is_some());
+}
+
 // ---- A start cut by its caller; a start the drain stops ----
 
 /// Polls `f` once; its output if that poll finished it.
