@@ -522,8 +522,26 @@ async fn instances(s: &dyn Store) {
         (r.session_id, &r.placement),
         (again.session_id, &again.placement)
     );
+    // A re-record updates its own record, never another node's, never a deleted one.
+    let mut moved = again.clone();
+    moved.placement = serde_json::json!({"pid": 8});
+    assert!(s.update_instance(&moved).await.unwrap());
+    let got = s.list_instances().await.unwrap();
+    let r = got.iter().find(|i| i.id == i1.id).unwrap();
+    assert_eq!(r.placement, moved.placement);
+    let mut other_node = moved.clone();
+    other_node.node_id = "n-other".into();
+    other_node.placement = serde_json::json!({"pid": 9});
+    assert!(!s.update_instance(&other_node).await.unwrap());
+    let got = s.list_instances().await.unwrap();
+    let r = got.iter().find(|i| i.id == i1.id).unwrap();
+    assert_eq!(
+        (&r.node_id, &r.placement),
+        (&moved.node_id, &moved.placement)
+    );
     s.delete_instance(i1.id).await.unwrap();
     s.delete_instance(i1.id).await.unwrap();
+    assert!(!s.update_instance(&moved).await.unwrap());
     let got = s.list_instances().await.unwrap();
     assert_eq!(got.iter().map(|i| i.id).collect::<Vec<_>>(), [i2.id]);
 }

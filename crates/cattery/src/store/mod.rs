@@ -353,8 +353,14 @@ pub trait SessionStore: Send + Sync + 'static {
 /// runtime's own record, stored and returned unchanged.
 #[async_trait]
 pub trait InstanceStore: Send + Sync + 'static {
-    /// Saves (inserts or replaces) a live instance.
+    /// Saves (inserts or replaces) a live instance: its first record.
     async fn put_instance(&self, rec: &InstanceRecord) -> StoreResult<()>;
+    /// Records again an instance recorded before (its session, runtime, placement and
+    /// time), only while its record exists and names `rec.node_id` (or no node). Returns
+    /// whether it did: `false` when a takeover deleted the record or gave it to another
+    /// node, which then decides the instance's fate (a re-record never re-creates a record
+    /// or takes one back).
+    async fn update_instance(&self, rec: &InstanceRecord) -> StoreResult<bool>;
     /// Forgets an instance once it is cleaned up (no error when there is none), and frees its
     /// capacity slot if it holds one ([`ClusterStore::reserve_slot`]), in one transaction.
     async fn delete_instance(&self, id: Uuid) -> StoreResult<()>;

@@ -785,13 +785,18 @@ impl Supervisor {
             .map_err(|e| e.to_string())
     }
 
-    /// Records (or re-records) the instance, naming its session. Errors: the store's (logged).
+    /// Records (or re-records) the instance, naming its session. A re-record (the instance
+    /// was recorded before) only updates a record that still names this node: a takeover
+    /// that deleted it or gave it to another node is never undone (that node, or this
+    /// node's reconciliation once fenced, decides the instance's fate). Errors (logged): the
+    /// store's, or the record taken over.
     pub(super) async fn persist_instance(
         &self,
         ctl: &InstanceCtl,
         inst: &Arc<dyn Instance>,
         session: Option<Uuid>,
-    ) -> crate::store::StoreResult<()> {
+    ) -> Result<(), String> {
+        use std::sync::atomic::Ordering;
         let rec = InstanceRecord {
             id: ctl.id,
             agent_id: ctl.agent_id,
@@ -802,11 +807,20 @@ impl Supervisor {
             created_ms: now_ms(),
             node_id: self.cfg.node_id.clone(),
         };
-        let r = self.store.put_instance(&rec).await;
+        let r = if ctl.recorded.load(Ordering::SeqCst) {
+            match self.store.update_instance(&rec).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err("its record was taken over by another node".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        } else {
+            self.store
+                .put_instance(&rec)
+                .await
+                .map_err(|e| e.to_string())
+        };
         match &r {
-            Ok(()) => ctl
-                .recorded
-                .store(true, std::sync::atomic::Ordering::SeqCst),
+            Ok(()) => ctl.recorded.store(true, Ordering::SeqCst),
             Err(e) => tracing::error!(instance = %ctl.id, error = %e, "could not record instance"),
         }
         r

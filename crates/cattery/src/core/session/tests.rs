@@ -1297,6 +1297,41 @@ async fn a_stop_during_a_takeover_that_does_not_end_answers_503_and_writes_nothi
     assert!(end_reason(&e, sid).await.is_some());
 }
 
+/// A warm instance whose record a takeover dropped (this node was declared dead meanwhile)
+/// is not recorded again by its delivery: a re-record never re-creates a record or takes one
+/// back from the node that took it over; the start fails and the instance is not delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_record_never_re_creates_a_record_a_takeover_dropped() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 1, 2).await;
+    until("one warm instance", async || {
+        e.sup.pool_status(a.id).idle == 1
+    })
+    .await;
+    let rec = e.store.list_instances().await.unwrap().pop().unwrap();
+    e.store.delete_instance(rec.id).await.unwrap();
+    let err = start(&e, "a").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CoreError::StartFailed {
+                code: "DELIVERY_FAILED",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        !e.store
+            .list_instances()
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.id == rec.id),
+        "the dropped record was re-created"
+    );
+}
+
 // ---- A start cut by its caller; a start the drain stops ----
 
 /// Polls `f` once; its output if that poll finished it.
@@ -1491,7 +1526,7 @@ async fn a_claimed_instance_whose_session_cannot_be_recorded_is_not_delivered() 
     })
     .await;
     let iid = e.store.list_instances().await.unwrap()[0].id;
-    let c = refuse_writes(&e, "INSERT", "instances", "NEW.session_id IS NOT NULL");
+    let c = refuse_writes(&e, "UPDATE", "instances", "NEW.session_id IS NOT NULL");
     let first = start(&e, "a").await;
     c.execute_batch("DROP TRIGGER refuse").unwrap();
     assert!(first.is_err(), "not delivered: {first:?}");

@@ -52,6 +52,23 @@ impl InstanceStore for PgStore {
         Ok(())
     }
 
+    async fn update_instance(&self, i: &InstanceRecord) -> StoreResult<bool> {
+        let n = sqlx::query(
+            "UPDATE instances SET session_id = $2, runtime = $3, placement = $4, \
+             created_ms = $5, node_id = $6 WHERE id = $1 AND (node_id = $6 OR node_id = '')",
+        )
+        .bind(i.id)
+        .bind(i.session_id)
+        .bind(&i.runtime)
+        .bind(i.placement.to_string())
+        .bind(i.created_ms)
+        .bind(&i.node_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n > 0)
+    }
+
     async fn delete_instance(&self, id: Uuid) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM instances WHERE id = $1")

@@ -52,6 +52,28 @@ impl InstanceStore for SqliteStore {
         .await
     }
 
+    async fn update_instance(&self, i: &InstanceRecord) -> StoreResult<bool> {
+        let i = i.clone();
+        let placement = i.placement.to_string();
+        self.write(move |db| {
+            db.exec(
+                "UPDATE instances SET session_id = ?, runtime = ?, placement = ?, created_ms = ?, \
+                 node_id = ? WHERE id = ? AND (node_id = ? OR node_id = '')",
+                &[
+                    i.session_id.into(),
+                    Val::Text(&i.runtime),
+                    Val::Text(&placement),
+                    i.created_ms.into(),
+                    Val::Text(&i.node_id),
+                    i.id.into(),
+                    Val::Text(&i.node_id),
+                ],
+            )
+            .map(|n| n > 0)
+        })
+        .await
+    }
+
     async fn delete_instance(&self, id: Uuid) -> StoreResult<()> {
         self.write(move |db| {
             db.atomic(|db| {
