@@ -118,6 +118,10 @@ pub enum BuildEvent {
     TimedOut,
 }
 
+/// Why a build still running when its server stopped ended `failed` (after a restart, and in
+/// `cattery store copy`).
+pub const STOPPED_DURING_BUILD: &str = "the server stopped during the build; deploy again";
+
 /// The build after `ev` at `now`, or `None` when `ev` cannot happen in its state.
 pub fn next(b: &BuildRecord, ev: BuildEvent, now: i64) -> Option<BuildRecord> {
     use BuildStatus::*;
@@ -646,8 +650,8 @@ impl Builds {
             if !self.build_dir(b.id).exists() {
                 continue;
             }
-            let msg = "the server stopped during the build; deploy again".to_string();
-            self.step(b, BuildEvent::Fail(msg)).await;
+            self.step(b, BuildEvent::Fail(STOPPED_DURING_BUILD.into()))
+                .await;
         }
         Ok(())
     }

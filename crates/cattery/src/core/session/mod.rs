@@ -63,6 +63,7 @@ pub use health::{Health, StartFailure, CRASH_LOOP_THRESHOLD};
 pub use state::InstState;
 
 pub use fence::Rejoined;
+pub use recover::lost_end;
 use state::{AgentPool, InstanceCtl, State};
 
 /// How often a starting instance's `/readyz` is polled, at most (see [`next_ready_poll`]).

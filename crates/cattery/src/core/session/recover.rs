@@ -38,6 +38,47 @@ struct Found {
     from_lost_node: bool,
 }
 
+/// The end recorded for an open session that no instance serves any more after a restart
+/// (its instance gone, or never delivered): `client_never_connected` for a websocket session
+/// still waiting for its client, `stopped` when its stop had been requested, else `lost`.
+/// `cattery store copy` records the same for the sessions a stopped server left open.
+pub fn lost_end(
+    waiting_for_client: bool,
+    stop_requested: bool,
+    delivered: bool,
+    now_ms: i64,
+) -> SessionEnd {
+    let (reason, message) = if waiting_for_client {
+        (
+            EndReason::ClientNeverConnected,
+            "the server restarted before the websocket client connected (its token is gone)",
+        )
+    } else if stop_requested {
+        (
+            EndReason::Stopped,
+            "the instance was gone when the control plane restarted during its stop",
+        )
+    } else if delivered {
+        (
+            EndReason::Lost,
+            "the instance was gone when the control plane restarted",
+        )
+    } else {
+        (
+            EndReason::Lost,
+            "the control plane restarted before the session was delivered",
+        )
+    };
+    SessionEnd {
+        ended_ms: now_ms,
+        reason,
+        completion_status: "HTTP_ERROR".into(),
+        exit_code: None,
+        exit_signal: None,
+        message: Some(message.into()),
+    }
+}
+
 impl Supervisor {
     /// Loads agents and finds again the instances a previous run left, after a restart (even
     /// a SIGKILL of the server). Instances are found from their durable records through the
@@ -516,35 +557,13 @@ impl Supervisor {
 
     /// Records the end of an open session that no instance serves any more.
     async fn end_lost(&self, s: &SessionRecord, stop_requested: bool) -> anyhow::Result<()> {
-        let (reason, message) = if s.waiting_for_client() {
-            (
-                EndReason::ClientNeverConnected,
-                "the server restarted before the websocket client connected (its token is gone)",
-            )
-        } else if stop_requested {
-            (
-                EndReason::Stopped,
-                "the instance was gone when the control plane restarted during its stop",
-            )
-        } else if s.bot_start_ms.is_some() {
-            (
-                EndReason::Lost,
-                "the instance was gone when the control plane restarted",
-            )
-        } else {
-            (
-                EndReason::Lost,
-                "the control plane restarted before the session was delivered",
-            )
-        };
-        let end = SessionEnd {
-            ended_ms: now_ms(),
-            reason,
-            completion_status: "HTTP_ERROR".into(),
-            exit_code: None,
-            exit_signal: None,
-            message: Some(message.into()),
-        };
+        let end = lost_end(
+            s.waiting_for_client(),
+            stop_requested,
+            s.bot_start_ms.is_some(),
+            now_ms(),
+        );
+        let reason = end.reason;
         let wrote = self.end_unless_started(s, &end).await?;
         if wrote {
             let agent = self.agent_name(s.agent_id);

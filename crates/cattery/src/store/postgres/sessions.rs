@@ -96,6 +96,16 @@ macro_rules! end_sql {
 const END_WAITING_SQL: &str =
     end_sql!(" AND cold_start IS NULL AND bot_start_ms IS NULL AND transport = 'websocket'");
 
+/// [`end_session`] of a session that waits for its client, as
+/// [`crate::store::SessionStore::end_waiting_session`].
+pub(super) async fn end_waiting_session(
+    db: &mut PgConnection,
+    id: Uuid,
+    e: &SessionEnd,
+) -> StoreResult<bool> {
+    end_session_as(db, id, e, END_WAITING_SQL).await
+}
+
 /// Records the end if none is recorded yet (first wins); whether this call wrote it.
 pub(super) async fn end_session(
     db: &mut PgConnection,
@@ -226,7 +236,7 @@ impl SessionStore for PgStore {
 
     async fn end_waiting_session(&self, id: Uuid, e: &SessionEnd) -> StoreResult<bool> {
         let mut c = self.pool.acquire().await?;
-        end_session_as(&mut c, id, e, END_WAITING_SQL).await
+        end_waiting_session(&mut c, id, e).await
     }
 
     async fn set_session_samples(&self, id: Uuid, samples: &[MetricSample]) -> StoreResult<()> {

@@ -108,7 +108,7 @@ fn inspect(db: &Connection) -> anyhow::Result<CopyInfo> {
 /// How many values sealed with the secrets key the database holds, in the tables of its
 /// schema (a backup made by an older Cattery may lack some): secrets, their deployment
 /// snapshots, webhook endpoint secrets, and orgs' sealed `dailyApiKey` properties.
-fn sealed_values(db: &Connection) -> anyhow::Result<i64> {
+pub(crate) fn sealed_values(db: &Connection) -> anyhow::Result<i64> {
     let mut n = 0;
     for (table, filter) in [
         ("secrets", ""),

@@ -58,7 +58,12 @@ pub fn version_of(path: &std::path::Path) -> anyhow::Result<i64> {
 ///
 /// Errors: `Invalid` when the database is newer than this binary or a migration fails.
 pub fn run(conn: &mut Conn) -> StoreResult<()> {
-    let db = conn.inner();
+    run_on(conn.inner())
+}
+
+/// [`run`] on a plain connection (`cattery store copy` brings an older database it reads, a
+/// copy in memory, to the latest schema).
+pub fn run_on(db: &mut rusqlite::Connection) -> StoreResult<()> {
     adopt_sqlx_ledger(db)?;
     let version: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version > LATEST {
