@@ -1,5 +1,6 @@
 //! The `cattery` binary: `cattery serve` runs the platform; `cattery keys ...` manages keys;
-//! `cattery backup` and `cattery restore` copy a data directory's state out and back.
+//! `cattery backup` and `cattery restore` copy a data directory's state out and back;
+//! `cattery store copy` moves a single node's SQLite records onto PostgreSQL.
 
 use std::path::PathBuf;
 
@@ -49,6 +50,41 @@ enum Cmd {
         force: bool,
         /// The backup directory.
         from: PathBuf,
+    },
+    /// Move a single node's records between stores (docs/cluster.md, "Moving from SQLite").
+    Store {
+        #[command(subcommand)]
+        cmd: StoreCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Copy the SQLite records of a stopped server (or of a `cattery backup`) into a new,
+    /// empty PostgreSQL database, in one transaction: orgs, keys, agents, deployments, secret
+    /// sets, webhooks, builds, sessions and their logs. Refuses while a server runs on the
+    /// data dir, and a database that already holds records.
+    Copy {
+        /// The server's TOML configuration file: its `[server] data_dir` and `[cluster]
+        /// secrets_key_file` are used.
+        #[arg(long, env = "CATTERY_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory of the stopped server [default: the config file's, else ./.cattery].
+        #[arg(long, env = "CATTERY_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Copy a backup directory made by `cattery backup` instead of a data dir (its
+        /// `secrets.key` is the key).
+        #[arg(long, value_name = "DIR")]
+        backup: Option<PathBuf>,
+        /// The server's secrets key file, when it is not `<data-dir>/secrets.key` [default:
+        /// the config file's `[cluster] secrets_key_file`]. Only its path is printed, never
+        /// its content.
+        #[arg(long, env = "CATTERY_SECRETS_KEY_FILE", value_name = "FILE")]
+        secrets_key_file: Option<PathBuf>,
+        /// The PostgreSQL database to fill (`postgres://...`): migrated to the current schema,
+        /// refused if it holds any record.
+        #[arg(long, value_name = "URL")]
+        to: String,
     },
 }
 
@@ -209,6 +245,7 @@ fn main() -> std::process::ExitCode {
                 serve::serve(config).await
             }
             Cmd::Keys { cmd } => keys(cmd).await,
+            Cmd::Store { cmd } => store(cmd).await,
             Cmd::Backup { dir, out } => {
                 let place = dir.resolve()?;
                 let i = cattery::backup::backup(&place, &out)?;
@@ -289,6 +326,50 @@ async fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
             }
             println!("revoked {id}");
         }
+    }
+    Ok(())
+}
+
+async fn store(cmd: StoreCmd) -> anyhow::Result<()> {
+    use cattery::store::postgres::import::{self, Source};
+    let StoreCmd::Copy {
+        config,
+        data_dir,
+        backup,
+        secrets_key_file,
+        to,
+    } = cmd;
+    let cfg = config_file(config.as_deref())?;
+    let source = match backup {
+        Some(dir) => Source::Backup(dir),
+        None => Source::DataDir {
+            dir: data_dir.unwrap_or(cfg.server.data_dir),
+            key_file: secrets_key_file.or(cfg.cluster.secrets_key_file),
+        },
+    };
+    let r = import::copy(&source, &to).await?;
+    let rows: Vec<String> = r.tables.iter().map(|(t, n)| format!("{t} {n}")).collect();
+    println!(
+        "copied the records (schema {}) into the PostgreSQL database: {}",
+        r.schema,
+        rows.join(", ")
+    );
+    println!(
+        "sessions the old server left open, now ended as after a restart: {}; builds it left \
+         running, now failed: {}",
+        r.ended_sessions, r.failed_builds
+    );
+    match &r.key_file {
+        Some(k) => println!(
+            "secrets: {} sealed value(s) copied; they open with the key in {}: give that file \
+             (mode 0600) to every node as --secrets-key-file (docs/secrets.md)",
+            r.sealed,
+            k.display()
+        ),
+        None => println!(
+            "secrets: no sealed values and no secrets key; give every node one new \
+             --secrets-key-file (docs/secrets.md)"
+        ),
     }
     Ok(())
 }

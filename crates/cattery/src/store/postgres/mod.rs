@@ -16,6 +16,7 @@
 mod agents;
 mod builds;
 mod cluster;
+pub mod import;
 mod instances;
 mod keys;
 mod logs;
