@@ -30,6 +30,7 @@ mod python_bots;
 mod secrets_logs;
 mod spare_slots;
 mod storage_faults;
+mod store_copy;
 mod telephony;
 mod transport;
 mod upgrade;
