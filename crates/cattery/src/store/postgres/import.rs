@@ -23,8 +23,9 @@
 //!
 //! Sealed values (secrets, deployment snapshots, webhook signing secrets, sealed org
 //! properties) are copied as they are: they open with the source's secrets key, which every
-//! new node must be given as `--secrets-key-file` (docs/secrets.md). The key itself is never
-//! read here, printed or written to the database.
+//! new node must be given as `--secrets-key-file` (docs/secrets.md). The copy checks that the
+//! key file is one a node accepts and that it opens a secret value (which is dropped unseen);
+//! the key is never printed or written to the database.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -32,7 +33,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use rusqlite::types::Value;
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 use uuid::Uuid;
 
@@ -175,6 +176,9 @@ pub(crate) async fn copy_into(
             key.display()
         );
     }
+    if let Some(k) = &key_file {
+        check_key(&db, k)?;
+    }
 
     let store = PgStore::open(url, 1, schema)
         .await
@@ -261,6 +265,40 @@ fn open_source(path: &Path) -> anyhow::Result<(Connection, i64)> {
     migrate::run_on(&mut mem).map_err(|e| anyhow::anyhow!("migrating a copy in memory: {e}"))?;
     mem.pragma_update(None, "query_only", true)?;
     Ok((mem, version))
+}
+
+/// Checks that the key file is one the nodes accept as `--secrets-key-file` (32 bytes, mode
+/// 0600) and that it opens the source's secret values (the first one is tried; its value is
+/// dropped unseen). Errors: it does not, with what to do.
+fn check_key(db: &Connection, path: &Path) -> anyhow::Result<()> {
+    let cipher = crate::core::secrets::SecretCipher::load_file(path)?;
+    let row = db
+        .query_row(
+            "SELECT org, set_name, key, nonce, ciphertext FROM secrets LIMIT 1",
+            [],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    crate::store::SealedValue {
+                        key: r.get(2)?,
+                        nonce: r.get(3)?,
+                        ciphertext: r.get(4)?,
+                    },
+                ))
+            },
+        )
+        .optional()?;
+    if let Some((org, set, v)) = row {
+        if cipher.open(&org, &set, &v).is_err() {
+            bail!(
+                "the secrets key in {} does not open the database's secret values: it is not \
+                 the key they were sealed with; give the server's own --secrets-key-file",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The source's tables (SQLite's own left out).

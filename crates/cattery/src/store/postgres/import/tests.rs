@@ -55,7 +55,6 @@ async fn data_dir_with_records(dir: &Path) {
              1003, NULL);
          INSERT INTO deployments VALUES ('{DEP}', '{AGENT}', '{{}}', 1002);
          INSERT INTO secret_sets VALUES ('{ORG}', 'set', 'secret', 'us-west', NULL, 1004, 1004);
-         INSERT INTO secrets VALUES ('{ORG}', 'set', 'K', x'aa', x'bb');
          INSERT INTO sessions (id, org, agent_id, deployment_id, created_ms, updated_ms, ended_ms,
              bot_start_ms, cold_start, completion_status, end_reason, exit_code, end_message,
              transport, samples, node_id)
@@ -85,6 +84,22 @@ async fn data_dir_with_records(dir: &Path) {
              VALUES ('n1', 'x', 1, 2, 1, 0);"
     ))
     .unwrap();
+    let v = crate::core::secrets::SecretCipher::from_key(&KEY_BYTES).seal(ORG, "set", "K", "v");
+    db.execute(
+        "INSERT INTO secrets VALUES (?1, 'set', 'K', ?2, ?3)",
+        rusqlite::params![ORG, v.nonce, v.ciphertext],
+    )
+    .unwrap();
+}
+
+/// The secrets key the test's values are sealed with.
+const KEY_BYTES: [u8; 32] = [7u8; 32];
+
+/// Writes a key file as the nodes accept it (mode 0600).
+fn write_key(path: &Path, key: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, key).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 /// A fresh schema's name in the test database.
@@ -110,7 +125,14 @@ async fn a_data_dir_is_copied_whole_once_and_open_sessions_end_as_after_a_restar
     // Sealed values without the key that opens them: refused before anything is written.
     let err = copy_into(&source, &url, Some(&schema)).await.unwrap_err();
     assert!(format!("{err:#}").contains("no secrets key"), "{err:#}");
-    std::fs::write(dir.join(KEY_FILE), [7u8; 32]).unwrap();
+    // Another key than the one the values are sealed with: refused.
+    write_key(&dir.join(KEY_FILE), &[8u8; 32]);
+    let err = copy_into(&source, &url, Some(&schema)).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("does not open the database's secret values"),
+        "{err:#}"
+    );
+    write_key(&dir.join(KEY_FILE), &KEY_BYTES);
 
     // A server holds the data dir: refused.
     {
@@ -179,7 +201,7 @@ async fn a_copy_that_fails_writes_nothing() {
     let dir = tmp.path().join("data");
     std::fs::create_dir_all(&dir).unwrap();
     data_dir_with_records(&dir).await;
-    std::fs::write(dir.join(KEY_FILE), [7u8; 32]).unwrap();
+    write_key(&dir.join(KEY_FILE), &KEY_BYTES);
     let db = Connection::open(dir.join(DB_FILE)).unwrap();
     db.execute_batch("UPDATE builds SET id = 'not a uuid'")
         .unwrap();
@@ -285,11 +307,19 @@ async fn rows_as_copied(pool: &sqlx::PgPool, before: i64) {
             .await
             .unwrap();
     assert_eq!((hash, kind.as_str()), (vec![1u8, 2], "private"));
-    let sealed: (Vec<u8>, Vec<u8>) = sqlx::query_as("SELECT nonce, ciphertext FROM secrets")
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    assert_eq!(sealed, (vec![0xaa], vec![0xbb]));
+    // The sealed value as it was, and the key opens it.
+    let (nonce, ciphertext): (Vec<u8>, Vec<u8>) =
+        sqlx::query_as("SELECT nonce, ciphertext FROM secrets")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    let v = crate::store::SealedValue {
+        key: "K".into(),
+        nonce,
+        ciphertext,
+    };
+    let cipher = crate::core::secrets::SecretCipher::from_key(&KEY_BYTES);
+    assert_eq!(cipher.open(ORG, "set", &v).as_deref(), Ok("v"));
     let props: String = sqlx::query_scalar("SELECT properties FROM orgs WHERE name = 'acme'")
         .fetch_one(pool)
         .await
