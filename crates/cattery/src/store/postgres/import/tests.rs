@@ -39,6 +39,8 @@ const WAITING: &str = "55555555-5555-4555-8555-555555555555";
 const STOPPING: &str = "66666666-6666-4666-8666-666666666666";
 const BUILD: &str = "77777777-7777-4777-8777-777777777777";
 const KEY: &str = "88888888-8888-4888-8888-888888888888";
+const HOOK: &str = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa";
+const DELIVERY: &str = "bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb";
 
 /// A data dir whose database holds one of most things, written as the SQLite store writes them.
 async fn data_dir_with_records(dir: &Path) {
@@ -80,6 +82,10 @@ async fn data_dir_with_records(dir: &Path) {
              4000, 'n1');
          INSERT INTO instances VALUES ('99999999-9999-4999-8999-999999999999', '{AGENT}',
              '{DEP}', '{LIVE}', 'process', '{{}}', 3000, 'n1');
+         INSERT INTO webhook_endpoints VALUES ('{HOOK}', '{ORG}', 'http://h/', '[\"*\"]', 'd',
+             x'01', x'02', 1005);
+         INSERT INTO webhook_deliveries VALUES (3, '{DELIVERY}', '{HOOK}', '{ORG}',
+             'session.ended', '{{}}', 2100, 'pending', 1, 2200, 500, 'boom', NULL);
          INSERT INTO nodes (id, version, started_ms, heartbeat_ms, instances, busy)
              VALUES ('n1', 'x', 1, 2, 1, 0);"
     ))
@@ -148,7 +154,10 @@ async fn a_data_dir_is_copied_whole_once_and_open_sessions_end_as_after_a_restar
     let before = crate::model::now_ms();
     let r = copy_into(&source, &url, Some(&schema)).await.unwrap();
     assert_eq!(r.schema, migrate::LATEST);
-    assert_eq!(r.sealed, 1);
+    assert_eq!(
+        r.sealed, 2,
+        "the secret and the webhook endpoint's signing secret"
+    );
     assert_eq!(r.key_file.as_deref(), Some(dir.join(KEY_FILE).as_path()));
     assert_eq!((r.ended_sessions, r.failed_builds), (3, 1));
     let count = |t: &str| r.tables.iter().find(|(n, _)| *n == t).unwrap().1;
@@ -307,6 +316,21 @@ async fn rows_as_copied(pool: &sqlx::PgPool, before: i64) {
             .await
             .unwrap();
     assert_eq!((hash, kind.as_str()), (vec![1u8, 2], "private"));
+    // A queued webhook delivery stays queued, with its seq; new ones follow it.
+    let d: (i64, String, i64, i64) = sqlx::query_as(
+        "SELECT seq, state, attempts, next_attempt_ms FROM webhook_deliveries WHERE id = $1",
+    )
+    .bind(Uuid::parse_str(DELIVERY).unwrap())
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(d, (3, "pending".to_string(), 1, 2200));
+    let next: i64 =
+        sqlx::query_scalar("SELECT nextval(pg_get_serial_sequence('webhook_deliveries', 'seq'))")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert!(next > 3, "{next}");
     // The sealed value as it was, and the key opens it.
     let (nonce, ciphertext): (Vec<u8>, Vec<u8>) =
         sqlx::query_as("SELECT nonce, ciphertext FROM secrets")
