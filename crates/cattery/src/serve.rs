@@ -168,6 +168,22 @@ pub async fn open_store(cfg: &StoreConfig, data_dir: &Path) -> anyhow::Result<Ar
     Ok(store)
 }
 
+/// [`open_store`] for the server: its connections name its node (`--node-id`, else `sid`, the
+/// data dir's id, as `node_identity` says), see `store::open_as`.
+async fn open_node_store(
+    config: &Config,
+    data_dir: &Path,
+    sid: &str,
+) -> anyhow::Result<Arc<dyn Store>> {
+    let node = config.cluster.node_id.as_deref().unwrap_or(sid);
+    let cfg = &config.store;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let store = store::open_as(cfg, data_dir, OpenMode::Create, Some(node)).await?;
+    store.ensure_org(DEFAULT_ORG).await?;
+    Ok(store)
+}
+
 /// Creates a key and returns it (`cattery keys create`).
 pub async fn create_key(
     store_cfg: &StoreConfig,
@@ -624,8 +640,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let store = open_store(&config.store, &cfg.data_dir).await?;
     let sid = server_id(&cfg.data_dir)?;
+    let store = open_node_store(&config, &cfg.data_dir, &sid).await?;
     let runner_dir = cfg.data_dir.join("runner");
     std::fs::create_dir_all(&runner_dir)?;
     let runner_path = runner_dir.join("cattery_runner.py");

@@ -7,10 +7,15 @@
 //!   this event misses no change;
 //! - `session` (data: the session as `GET /v1/agents/{name}/sessions/{id}` answers it, without
 //!   `resourceMetrics`), once when a session starts, again once it is delivered, and once it
-//!   has ended (its end recorded).
+//!   has ended (its end recorded);
+//! - `resync` (data `{}`), on several nodes only: changes made through other nodes may have
+//!   been missed (this node's change feed lost its connection and listens again): the client
+//!   reads its list again, as after `ready`.
 //!
-//! The engine names each session whose record changed (`Supervisor::session_changes`); the
-//! stream reads only those of the caller's org, and sends each state once. A stream that lags
+//! The engine names each session whose record changed (`Supervisor::session_changes`), and on
+//! PostgreSQL the store's change feed names those changed through other nodes
+//! (`Supervisor::changes_elsewhere`, docs/cluster.md); the stream reads only those of the
+//! caller's org, and sends each state once, whichever way it heard of it. A stream that lags
 //! behind many changes reads the org's live sessions again.
 
 use std::collections::{HashMap, HashSet};
@@ -28,6 +33,7 @@ use super::auth::PrivateAuth;
 use super::schema::Session;
 use super::AppState;
 use crate::core::lookup;
+use crate::core::session::Elsewhere;
 
 /// Events buffered for a slow client before the stream waits for it.
 const BUFFER: usize = 256;
@@ -49,7 +55,7 @@ pub async fn session_events(
 
 /// What the stream last told the client about a session that has not ended.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Told {
+enum Told1 {
     Started,
     Delivered,
 }
@@ -57,9 +63,24 @@ enum Told {
 /// Ended sessions remembered so that a repeated change is not sent twice (cleared past this).
 const ENDED_MEMORY: usize = 10_000;
 
+/// What a stream has told its client, to send each state once.
+#[derive(Default)]
+struct Told {
+    /// Sessions not ended, by what was told.
+    live: HashMap<Uuid, Told1>,
+    /// Ended sessions told about (cleared past [`ENDED_MEMORY`]).
+    ended: HashSet<Uuid>,
+    /// Sessions last named by another node's change (the backstop below leaves them to the
+    /// change feed: this node's engine knows nothing of them).
+    elsewhere: HashSet<Uuid>,
+}
+
 /// Sends `org`'s session changes to `tx` until the client goes away.
 async fn watch_org(st: AppState, org: String, tx: mpsc::Sender<Event>) {
     let mut changes = st.sup.session_changes();
+    let mut elsewhere = st.sup.changes_elsewhere();
+    // Before `ready`: from then on every node announces its changes to this one.
+    let _watching = st.sup.watch_sessions().await;
     if tx
         .send(Event::default().event("ready").data("{}"))
         .await
@@ -67,59 +88,65 @@ async fn watch_org(st: AppState, org: String, tx: mpsc::Sender<Event>) {
     {
         return;
     }
-    let mut told: HashMap<Uuid, Told> = HashMap::new();
-    let mut ended: HashSet<Uuid> = HashSet::new();
+    let mut told = Told::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let mut due: HashSet<Uuid> = HashSet::new();
         tokio::select! {
             r = changes.recv() => match r {
-                Ok((o, id)) => if o == org { due.insert(id); },
+                Ok((o, id)) => if o == org {
+                    due.insert(id);
+                    told.elsewhere.remove(&id);
+                },
                 Err(RecvError::Lagged(_)) => {
                     due.extend(st.sup.live_sessions(&org));
-                    due.extend(told.keys());
+                    due.extend(told.live.keys());
                 }
                 Err(RecvError::Closed) => return,
             },
-            // Backstop: a session told about that left the live set whose end is written late
-            // (the store was failing), and one told only "started".
+            r = elsewhere.recv() => match r {
+                Ok(Elsewhere::Changed { org: o, id }) => if o == org {
+                    due.insert(id);
+                    told.elsewhere.insert(id);
+                },
+                // Changes of other nodes may have been missed: the client reads its list again.
+                Ok(Elsewhere::Gap) | Err(RecvError::Lagged(_)) => {
+                    if tx.send(Event::default().event("resync").data("{}")).await.is_err() {
+                        return;
+                    }
+                }
+                Err(RecvError::Closed) => return,
+            },
+            // Backstop: a session of this node told about that left the live set whose end is
+            // written late (the store was failing), and one told only "started".
             _ = tick.tick() => {
                 let live: HashSet<Uuid> = st.sup.live_sessions(&org).into_iter().collect();
-                due.extend(told.iter().filter(|(id, t)| !live.contains(id) || **t == Told::Started).map(|(id, _)| *id));
+                due.extend(
+                    told.live
+                        .iter()
+                        .filter(|(id, t)| {
+                            !told.elsewhere.contains(id) && (!live.contains(id) || **t == Told1::Started)
+                        })
+                        .map(|(id, _)| *id),
+                );
             }
             () = tx.closed() => return,
         }
         while let Ok((o, id)) = changes.try_recv() {
             if o == org {
                 due.insert(id);
+                told.elsewhere.remove(&id);
             }
         }
         for id in due {
-            if ended.contains(&id) {
+            if told.ended.contains(&id) {
                 continue;
             }
             let Ok(Some((agent, s))) = lookup::org_session(&st.store, &org, id).await else {
                 continue;
             };
-            let now = if s.end.is_some() {
-                None
-            } else if s.bot_start_ms.is_some() {
-                Some(Told::Delivered)
-            } else {
-                Some(Told::Started)
-            };
-            match now {
-                Some(t) if told.get(&id) == Some(&t) => continue,
-                Some(t) => {
-                    told.insert(id, t);
-                }
-                None => {
-                    told.remove(&id);
-                    if ended.len() >= ENDED_MEMORY {
-                        ended.clear();
-                    }
-                    ended.insert(id);
-                }
+            if !told.tell(id, &s) {
+                continue;
             }
             let data = serde_json::to_string(&Session::of(&s, &agent)).unwrap_or_default();
             if tx
@@ -128,6 +155,34 @@ async fn watch_org(st: AppState, org: String, tx: mpsc::Sender<Event>) {
                 .is_err()
             {
                 return;
+            }
+        }
+    }
+}
+
+impl Told {
+    /// Whether session `id`, as read now, is news to the client (then it counts as told).
+    fn tell(&mut self, id: Uuid, s: &crate::model::SessionRecord) -> bool {
+        let now = if s.end.is_some() {
+            None
+        } else if s.bot_start_ms.is_some() {
+            Some(Told1::Delivered)
+        } else {
+            Some(Told1::Started)
+        };
+        match now {
+            Some(t) if self.live.get(&id) == Some(&t) => false,
+            Some(t) => {
+                self.live.insert(id, t);
+                true
+            }
+            None => {
+                self.live.remove(&id);
+                self.elsewhere.remove(&id);
+                if self.ended.len() >= ENDED_MEMORY {
+                    self.ended.clear();
+                }
+                self.ended.insert(id)
             }
         }
     }

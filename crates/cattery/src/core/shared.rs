@@ -123,7 +123,9 @@ pub fn spawn_view_refresh(
 }
 
 /// Applies the store's change feed to the supervisor until the feed ends: an agent changed
-/// through any node is read again and registered, updated or removed here. `None` when the
+/// through any node is read again and registered, updated or removed here; a session changed
+/// through another node is passed on to this node's event streams, and a feed that may have
+/// missed changes tells them so (`Supervisor::session_changes_missed`). `None` when the
 /// store has no feed (SQLite: one node). `on_key` runs for every key change (caches).
 pub async fn spawn_change_feed(
     store: Arc<dyn Store>,
@@ -133,6 +135,9 @@ pub async fn spawn_change_feed(
     let Some(mut rx) = store.watch_changes().await? else {
         return Ok(None);
     };
+    if let Some(s) = sup.upgrade() {
+        s.set_change_feed();
+    }
     Ok(Some(tokio::spawn(async move {
         while let Some(change) = rx.recv().await {
             let Some(sup) = sup.upgrade() else { break };
@@ -142,8 +147,13 @@ pub async fn spawn_change_feed(
                     on_key();
                     Ok(())
                 }
+                Change::Session { node, org, id } => {
+                    sup.session_changed_through(&node, org, id);
+                    Ok(())
+                }
                 Change::Resync => {
                     on_key();
+                    sup.session_changes_missed();
                     resync(store.as_ref(), &sup).await
                 }
             };

@@ -94,10 +94,23 @@ pub async fn open(
     data_dir: &Path,
     mode: OpenMode,
 ) -> anyhow::Result<Arc<dyn Store>> {
+    open_as(cfg, data_dir, mode, None).await
+}
+
+/// [`open`] for a server whose node id is `node`: on PostgreSQL its connections name the node
+/// (`PgStore::open_as`).
+///
+/// Errors: as [`open`].
+pub async fn open_as(
+    cfg: &StoreConfig,
+    data_dir: &Path,
+    mode: OpenMode,
+    node: Option<&str>,
+) -> anyhow::Result<Arc<dyn Store>> {
     if let Some(url) = &cfg.database_url {
         // `OpenMode::Existing` needs no check: the database is the operator's, and its
         // schema is brought up to date either way.
-        let store = postgres::PgStore::open(url, cfg.database_pool_size, None)
+        let store = postgres::PgStore::open_as(url, cfg.database_pool_size, None, node)
             .await
             .context("cannot open the PostgreSQL database")?;
         return Ok(Arc::new(store));
@@ -568,13 +581,26 @@ pub struct WsTokenRecord {
 
 /// A change made by any node that other nodes must see (their caches and supervisors), from
 /// [`ClusterStore::watch_changes`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// An agent was created, updated (scaling, deployment) or deleted.
     Agent(Uuid),
     /// An API key was created or revoked.
     Key,
-    /// Changes may have been missed (the feed reconnected): reread everything cached.
+    /// A session's record was stored, delivered or ended through node `node` (empty: a writer
+    /// that names no node). Sent only while some node watches sessions
+    /// ([`ClusterStore::watch_sessions`]).
+    Session {
+        /// The node whose connection wrote the change.
+        node: String,
+        /// The session's org.
+        org: String,
+        /// The session.
+        id: Uuid,
+    },
+    /// Changes may have been missed (the feed lost its connection and listens again, or its
+    /// reader lagged): reread everything cached. Sent once the feed listens again, so a
+    /// reread after it misses nothing.
     Resync,
 }
 
@@ -620,7 +646,16 @@ pub trait ClusterStore: Send + Sync + 'static {
     /// (SQLite: this process made every change). Lagging or reconnecting sends
     /// [`Change::Resync`].
     async fn watch_changes(&self) -> StoreResult<Option<tokio::sync::mpsc::Receiver<Change>>>;
+    /// Whether `node` has live session streams, so that the store announces every node's
+    /// session changes on the feed ([`Change::Session`]) while any node does. `true` holds for
+    /// at most [`SESSION_WATCH_LEASE`] unless said again (a node that died with a stream open);
+    /// `false` ends it at once. A store with one node (SQLite) announces nothing: its one
+    /// engine names every change itself.
+    async fn watch_sessions(&self, node: &str, on: bool) -> StoreResult<()>;
 }
+
+/// How long a [`ClusterStore::watch_sessions`] `true` holds unless said again.
+pub const SESSION_WATCH_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A build's state (reference §A.7): `pending` -> `building` -> `success` | `failed` |
 /// `timeout`. The transitions are decided in `core::builds`.

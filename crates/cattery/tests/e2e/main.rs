@@ -12,6 +12,7 @@ mod builds;
 mod cli_compat;
 mod cluster_capacity;
 mod cluster_docker;
+mod cluster_events;
 mod cluster_ownership;
 mod connections;
 mod container;

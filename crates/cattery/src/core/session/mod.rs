@@ -40,6 +40,7 @@ mod stop;
 #[cfg(test)]
 mod tests;
 mod waiting;
+mod watching;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -65,6 +66,7 @@ pub use state::InstState;
 pub use fence::Rejoined;
 pub use recover::lost_end;
 use state::{AgentPool, InstanceCtl, State};
+pub use watching::{Elsewhere, Watching};
 
 /// How often a starting instance's `/readyz` is polled, at most (see [`next_ready_poll`]).
 pub const READY_POLL: Duration = Duration::from_millis(5);
@@ -267,6 +269,8 @@ pub struct Supervisor {
     /// `(org, session)` each time a session's record changes: stored, delivered, ended
     /// ([`Supervisor::session_changes`]).
     changes: broadcast::Sender<(String, Uuid)>,
+    /// Session changes made through other nodes, and this node's registration for them.
+    watching: watching::SessionWatch,
     /// Work to run when a session ends ([`Supervisor::on_session_end`]).
     end_hooks: Mutex<HashMap<Uuid, EndHook>>,
     /// The other nodes, once the server has set them ([`Supervisor::set_peers`]).
@@ -357,6 +361,7 @@ impl Supervisor {
             taking_over: Mutex::default(),
             takeovers: tokio::sync::Mutex::default(),
             changes: broadcast::channel(SESSION_CHANGES_BUFFER).0,
+            watching: watching::SessionWatch::default(),
             end_hooks: Mutex::new(HashMap::new()),
             peers: std::sync::OnceLock::new(),
             cluster: Mutex::new(ClusterView::default()),

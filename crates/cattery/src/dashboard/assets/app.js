@@ -155,7 +155,8 @@ const events = {
       if (line.startsWith('event:')) ev = line.slice(6).trim();
       else if (line.startsWith('data:')) data += line.slice(5).trim();
     }
-    if (ev === 'ready') {
+    // `resync`: changes made through other nodes may have been missed; read again as after `ready`.
+    if (ev === 'ready' || ev === 'resync') {
       $('live-state').textContent = '●';
       document.body.dataset.live = 'on';
       for (const l of this.listeners) l({ type: 'ready' });
@@ -496,7 +497,7 @@ async function sessionPage(main, agent, id) {
     last = s;
     show(s);
   };
-  events.listeners.add((ev) => { if (ev.type === 'session' && ev.session.sessionId === id) refresh().catch(() => {}); });
+  events.listeners.add((ev) => { if (ev.type === 'ready' || (ev.type === 'session' && ev.session.sessionId === id)) refresh().catch(() => {}); });
   await refresh();
   every(2000, () => { if (!last || last.status === 'active' || tail.recent()) refresh().catch(() => {}); });
 }

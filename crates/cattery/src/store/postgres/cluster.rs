@@ -17,6 +17,8 @@ use crate::store::{Change, ClusterStore, StoreResult, WsTokenRecord};
 
 /// The channel of `migrations/postgres/0003`'s triggers.
 const CHANNEL: &str = "cattery_changes";
+/// The channel of `migrations/postgres/0012`'s session triggers (only while a node watches).
+const SESSIONS_CHANNEL: &str = "cattery_sessions";
 
 /// Frees the slot of instance `$1` and decrements its agent's count (one statement).
 pub(super) const RELEASE_SQL: &str =
@@ -38,6 +40,18 @@ fn token_from_row(r: &PgRow) -> StoreResult<WsTokenRecord> {
         session_id: r.try_get(3)?,
         body: r.try_get(4)?,
         expires_ms: r.try_get(5)?,
+    })
+}
+
+/// A notification of [`SESSIONS_CHANNEL`] (`<node>:<session id>:<org>`) as a change; `None`
+/// for a payload that does not parse (ignored: it names no session this node could read).
+fn session_change_of(payload: &str) -> Option<Change> {
+    let (node, rest) = payload.split_once(':')?;
+    let (id, org) = rest.split_once(':')?;
+    Some(Change::Session {
+        node: node.to_string(),
+        org: org.to_string(),
+        id: Uuid::parse_str(id).ok()?,
     })
 }
 
@@ -168,7 +182,7 @@ impl ClusterStore for PgStore {
 
     async fn watch_changes(&self) -> StoreResult<Option<mpsc::Receiver<Change>>> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen(CHANNEL).await?;
+        listener.listen_all([CHANNEL, SESSIONS_CHANNEL]).await?;
         let (tx, rx) = mpsc::channel(1024);
         let keys = self.keys.clone();
         keys.enable(true);
@@ -178,11 +192,19 @@ impl ClusterStore for PgStore {
                     Ok(Some(n)) => {
                         // A notification came through: the feed is live (again).
                         keys.enable(true);
-                        change_of(n.payload())
+                        if n.channel() == SESSIONS_CHANNEL {
+                            match session_change_of(n.payload()) {
+                                Some(c) => c,
+                                None => continue,
+                            }
+                        } else {
+                            change_of(n.payload())
+                        }
                     }
-                    // The connection was lost (and is made again at the next call):
-                    // whatever was sent meanwhile is missed, and the key cache is off until
-                    // a notification shows the feed works again.
+                    // The connection was lost and has been made again (sqlx reconnects and
+                    // listens again before it answers `None`): whatever was sent meanwhile is
+                    // missed, and the key cache is off until a notification shows the feed
+                    // works again.
                     Ok(None) => {
                         keys.enable(false);
                         Change::Resync
@@ -190,7 +212,7 @@ impl ClusterStore for PgStore {
                     Err(e) => {
                         keys.enable(false);
                         tracing::warn!(error = %e, "change feed: cannot listen; retrying");
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        listen_again(&mut listener).await;
                         Change::Resync
                     }
                 };
@@ -212,6 +234,40 @@ impl ClusterStore for PgStore {
         });
         Ok(Some(rx))
     }
+
+    async fn watch_sessions(&self, node: &str, on: bool) -> StoreResult<()> {
+        if on {
+            sqlx::query(
+                "INSERT INTO session_watchers (node_id, until) \
+                 VALUES ($1, now() + make_interval(secs => $2)) \
+                 ON CONFLICT (node_id) DO UPDATE SET until = EXCLUDED.until",
+            )
+            .bind(node)
+            .bind(crate::store::SESSION_WATCH_LEASE.as_secs_f64())
+            .execute(&self.pool)
+            .await?;
+        } else {
+            sqlx::query("DELETE FROM session_watchers WHERE node_id = $1")
+                .bind(node)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Waits until `listener` listens again (a statement on it makes its connection again and
+/// listens to its channels first), trying every second: a [`Change::Resync`] sent after this
+/// misses nothing, where one sent before the connection is back would miss what comes
+/// between.
+async fn listen_again(listener: &mut PgListener) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        match sqlx::query("SELECT 1").execute(&mut *listener).await {
+            Ok(_) => return,
+            Err(e) => tracing::debug!(error = %e, "change feed: still cannot listen"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -225,5 +281,29 @@ mod tests {
         assert_eq!(change_of("key"), Change::Key);
         assert_eq!(change_of("agent:nope"), Change::Resync);
         assert_eq!(change_of("other"), Change::Resync);
+    }
+
+    #[test]
+    fn session_notifications_name_the_writer_the_session_and_its_org() {
+        let id = Uuid::new_v4();
+        assert_eq!(
+            session_change_of(&format!("n1:{id}:acme:eu")),
+            Some(Change::Session {
+                node: "n1".into(),
+                org: "acme:eu".into(),
+                id
+            })
+        );
+        // A writer that names no node.
+        assert_eq!(
+            session_change_of(&format!(":{id}:o")),
+            Some(Change::Session {
+                node: String::new(),
+                org: "o".into(),
+                id
+            })
+        );
+        assert_eq!(session_change_of("n1:nope:o"), None);
+        assert_eq!(session_change_of("n1"), None);
     }
 }

@@ -141,6 +141,20 @@ impl PgStore {
     /// Errors: a bad URL (`Invalid`), the database cannot be reached (`Unavailable`), or a
     /// migration fails (`Invalid`).
     pub async fn open(url: &str, pool_size: u32, schema: Option<&str>) -> StoreResult<Self> {
+        Self::open_as(url, pool_size, schema, None).await
+    }
+
+    /// [`PgStore::open`] for node `node`: every connection names it (the `cattery.node`
+    /// setting), so that the session changes it writes are announced as this node's
+    /// (`migrations/postgres/0012`) and its own change feed can leave them out.
+    ///
+    /// Errors: as [`PgStore::open`].
+    pub async fn open_as(
+        url: &str,
+        pool_size: u32,
+        schema: Option<&str>,
+        node: Option<&str>,
+    ) -> StoreResult<Self> {
         // The URL may hold a password: never put it in an error.
         let bad = || StoreError::Invalid("the database URL is not a valid postgres:// URL".into());
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
@@ -156,6 +170,9 @@ impl PgStore {
                 .execute(&mut c)
                 .await?;
             opts = opts.options([("search_path", schema)]);
+        }
+        if let Some(node) = node {
+            opts = opts.options([("cattery.node", node)]);
         }
         // One connection first, alone: the pool would report any failure to connect as a
         // timeout ("pool timed out while waiting for an open connection"), where this gives

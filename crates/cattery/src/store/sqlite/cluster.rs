@@ -170,4 +170,8 @@ impl ClusterStore for SqliteStore {
     async fn watch_changes(&self) -> StoreResult<Option<tokio::sync::mpsc::Receiver<Change>>> {
         Ok(None)
     }
+
+    async fn watch_sessions(&self, _node: &str, _on: bool) -> StoreResult<()> {
+        Ok(())
+    }
 }
