@@ -83,20 +83,26 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>>
     lock_data_dir_within(dir, LOCK_HANDOVER)
 }
 
+/// Opens (creating it) the data dir's server lock file, `serve.lock`: whoever holds an
+/// exclusive `flock` on it uses the data dir (`cattery serve`, `cattery store copy`).
+pub(crate) fn open_lock_file(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join("serve.lock");
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))
+}
+
 fn lock_data_dir_within(
     dir: &Path,
     handover: Duration,
 ) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
     use nix::fcntl::{Flock, FlockArg};
     use std::io::{Read, Seek, Write};
-    let path = dir.join("serve.lock");
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f = open_lock_file(dir)?;
     let t0 = std::time::Instant::now();
     let mut lock = loop {
         let mut holder = String::new();

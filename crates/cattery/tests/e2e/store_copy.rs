@@ -13,23 +13,9 @@ use crate::postgres::PgCluster;
 
 /// The agent's log lines of session `sid` that contain `needle` (through the API).
 async fn session_lines(s: &Server, agent: &str, sid: &str, needle: &str) -> Vec<String> {
-    let r = s
-        .req(
-            "GET",
-            &format!("/v1/agents/{agent}/logs?sessionId={sid}&limit=1000"),
-            Some(&s.sk),
-            None,
-        )
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    r.body["logs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|l| l["log"].as_str())
-        .filter(|l| l.contains(needle))
-        .map(str::to_string)
-        .collect()
+    let mut lines = crate::python_bots::session_logs(s, agent, sid).await;
+    lines.retain(|l| l.contains(needle));
+    lines
 }
 
 /// Waits until session `sid`'s logs hold a line with `needle`; returns the lines.

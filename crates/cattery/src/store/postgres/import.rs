@@ -216,14 +216,7 @@ pub(crate) async fn copy_into(
 /// Takes the data dir's server lock (`serve.lock`, as `cattery serve` does). Errors: a server
 /// holds it.
 fn lock_stopped(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
-    let path = dir.join("serve.lock");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    let f = crate::serve::open_lock_file(dir)?;
     nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
         anyhow::anyhow!(
             "a cattery serve is using {}: stop it first (the copy must see its last state, and \
