@@ -63,7 +63,8 @@ pub async fn create_agent(
     ApiJson(req): ApiJson<AgentRequest>,
 ) -> ApiResult<Json<AgentDetails>> {
     let defaults = crate::core::orgs::org_defaults(&st.store, &st.defaults, &c.org).await?;
-    let (a, _) = agents::create_agent(&st.store, &st.sup, &defaults, &c.org, &req).await?;
+    let (a, _) =
+        agents::create_agent(&st.store, &st.sup, &defaults, st.builds.dir(), &c.org, &req).await?;
     Ok(Json(details_of(&st, &a, req.request_warnings()).await?))
 }
 
@@ -133,9 +134,10 @@ pub async fn update_agent(
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<AgentRequest>,
 ) -> ApiResult<Json<AgentDetails>> {
-    let (a, _, warning) = agents::update_agent(&st.store, &st.sup, &c.org, &name, &req)
-        .await
-        .map_err(|e| ApiError::from(e).with_not_found_code("NOT_FOUND"))?;
+    let (a, _, warning) =
+        agents::update_agent(&st.store, &st.sup, st.builds.dir(), &c.org, &name, &req)
+            .await
+            .map_err(|e| ApiError::from(e).with_not_found_code("NOT_FOUND"))?;
     let warning = [warning, req.request_warnings()]
         .into_iter()
         .flatten()

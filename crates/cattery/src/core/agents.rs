@@ -5,6 +5,7 @@
 //! scaling-only changes do not.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -319,6 +320,28 @@ async fn resolve_build(
     Ok((out, found.map(|b| b.id)))
 }
 
+/// Every build `spec` names directly ([`super::builds::named_builds`]: its image, `local:`
+/// directory, Python, working directory or command under `builds_dir`) must be one of
+/// `org`'s: another org's build is refused as an unknown one is, 400 `build <id> not found`,
+/// so the answer tells nothing of other orgs' builds.
+async fn check_builds(
+    store: &Arc<dyn Store>,
+    org: &str,
+    builds_dir: &Path,
+    spec: &DeploymentSpec,
+) -> CoreResult<()> {
+    for named in super::builds::named_builds(spec, builds_dir) {
+        let own = match Uuid::parse_str(&named) {
+            Ok(id) => store.get_build(org, id).await?.is_some(),
+            Err(_) => false,
+        };
+        if !own {
+            return Err(bad(format!("build {named} not found")));
+        }
+    }
+    Ok(())
+}
+
 /// Applies `architecture` (checked only) and `resources` (or its clearing by
 /// `agentProfile`). Errors: 400.
 fn apply_sizing(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
@@ -458,6 +481,7 @@ pub async fn create_agent(
     store: &Arc<dyn Store>,
     sup: &Arc<Supervisor>,
     defaults: &AgentDefaults,
+    builds_dir: &Path,
     org: &str,
     r: &AgentRequest,
 ) -> CoreResult<(AgentRecord, DeploymentRecord)> {
@@ -492,6 +516,7 @@ pub async fn create_agent(
     }
     let (min, max) = scaling(r, (0, DEFAULT_MAX_AGENTS))?;
     check_sets(store, org, &region, &spec).await?;
+    check_builds(store, org, builds_dir, &spec).await?;
     if store.get_agent(org, &name).await?.is_some() {
         return Err(bad(format!("service {name} already exists")));
     }
@@ -530,6 +555,7 @@ pub async fn create_agent(
 pub async fn update_agent(
     store: &Arc<dyn Store>,
     sup: &Arc<Supervisor>,
+    builds_dir: &Path,
     org: &str,
     name: &str,
     r: &AgentRequest,
@@ -560,6 +586,7 @@ pub async fn update_agent(
     // scaling change works on, though a set the current deployment bound was deleted since.
     if force || spec != cur.spec {
         check_sets(store, org, &agent.region, &spec).await?;
+        check_builds(store, org, builds_dir, &spec).await?;
     }
     if force {
         spec.revision += 1;

@@ -11,14 +11,16 @@
 //! - **the state machine** ([`next`]): `pending` -> `building` -> `success` | `failed` |
 //!   `timeout`, and nothing out of a terminal state; builds cut short by a restart end
 //!   `failed` ([`Builds::recover`]);
-//! - **what a deployment of a build runs** ([`deployable`]), with Pipecat Cloud's errors.
+//! - **what a deployment of a build runs** ([`deployable`]), with Pipecat Cloud's errors;
+//! - **which builds a deployment names directly** ([`named_builds`]): each must be its own
+//!   org's (`core::agents`).
 //!
 //! Building itself is a [`Builder`]'s (`crate::build`). Files live under
 //! `<data-dir>/builds/`: `uploads/<id>.tar.gz` until a build takes it, then
 //! `<build-id>/{context.tar.gz, app/, venv/, build.log}`.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +34,7 @@ use uuid::Uuid;
 use super::orgs::AgentDefaults;
 use super::{CoreError, CoreResult};
 use crate::build::{Artifact, BuildJob, BuildLog, Builder};
-use crate::model::now_ms;
+use crate::model::{now_ms, DeploymentSpec};
 use crate::store::{BuildFilter, BuildRecord, BuildStatus, Store};
 
 /// How long an upload URL stays valid (Pipecat Cloud: 15 minutes).
@@ -203,6 +205,73 @@ pub fn deployable(id: &str, b: Option<&BuildRecord>, region: &str) -> CoreResult
     }
 }
 
+/// The Docker builder's image repository (`cattery-build:<build-id>`, `crate::build::docker`).
+const BUILD_IMAGE_REPOSITORY: &str = "cattery-build";
+
+/// The builds deployment `spec` names directly, as it names them (a build id, or what
+/// stands in its place), whatever its `buildId` says: a Docker build's image
+/// (`cattery-build:<id>`, under any spelling of it: `docker.io/library/...`, a digest), and
+/// any path under this node's builds directory `dir` (the `local:` image, `python`,
+/// `workingDir`, the `command`'s program and its absolute-path arguments), lexically (`..`
+/// resolved) and through symlinks. A path in `dir` that is no build's (`uploads/`, `dir`
+/// itself) is named by its first component (or `dir`), which no build has as its id.
+pub fn named_builds(spec: &DeploymentSpec, dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(img) = spec.image.as_deref().filter(|i| !i.starts_with("local:")) {
+        if let Ok(r) = img.parse::<oci_spec::distribution::Reference>() {
+            if r.registry() == "docker.io"
+                && r.repository() == format!("library/{BUILD_IMAGE_REPOSITORY}")
+            {
+                out.push(match (r.digest(), r.tag()) {
+                    (None, Some(tag)) => tag.to_string(),
+                    _ => img.to_string(),
+                });
+            }
+        }
+    }
+    let dirs = [Some(dir.to_path_buf()), std::fs::canonicalize(dir).ok()];
+    let in_builds = |p: &Path| -> Option<String> {
+        dirs.iter().flatten().find_map(|d| {
+            let rest = p.strip_prefix(d).ok()?;
+            Some(match rest.components().next() {
+                Some(c) => c.as_os_str().to_string_lossy().into_owned(),
+                None => d.display().to_string(),
+            })
+        })
+    };
+    let local = spec.image.as_deref().and_then(|i| i.strip_prefix("local:"));
+    let args = spec.command.iter().flatten().map(String::as_str);
+    let paths = [local, spec.python.as_deref(), spec.working_dir.as_deref()]
+        .into_iter()
+        .flatten()
+        .chain(args)
+        .filter(|p| p.starts_with('/'))
+        .map(Path::new);
+    for p in paths {
+        let lexical = in_builds(&normalize(p));
+        let real = std::fs::canonicalize(p).ok().and_then(|c| in_builds(&c));
+        out.extend(lexical.into_iter().chain(real));
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// `p` with `.` and `..` resolved lexically (`/a/../b` is `/b`), symlinks left alone.
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn token_digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
@@ -316,6 +385,11 @@ impl Builds {
                 _ => self.builder.clone(),
             },
         )
+    }
+
+    /// `<data-dir>/builds`: where this node's builds live ([`named_builds`]).
+    pub fn dir(&self) -> &Path {
+        &self.s.dir
     }
 
     /// The largest upload accepted (bytes).

@@ -355,3 +355,130 @@ async fn failed_builds_are_rebuilt_and_not_deployable() {
     assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
     assert_eq!(body["code"], "413");
 }
+
+/// A successful local build of org `org`, recorded as the builder would leave it (its
+/// directory with `bot.py`, its virtualenv's Python); returns its id.
+async fn successful_build(a: &Api, org: &str) -> uuid::Uuid {
+    let id = uuid::Uuid::new_v4();
+    let dir = a.state.builds.dir().join(id.to_string());
+    std::fs::create_dir_all(dir.join("app")).unwrap();
+    std::fs::create_dir_all(dir.join("venv/bin")).unwrap();
+    std::fs::write(dir.join("app/bot.py"), "print('hi')\n").unwrap();
+    std::fs::write(dir.join("venv/bin/python"), "").unwrap();
+    a.state.store.ensure_org(org).await.unwrap();
+    let now = crate::model::now_ms();
+    let b = crate::store::BuildRecord {
+        id,
+        org: org.into(),
+        status: crate::store::BuildStatus::Success,
+        region: "local".into(),
+        context_hash: "0123456789abcdef".into(),
+        dockerfile_path: "Dockerfile".into(),
+        artifact: Some(format!("local:{}", dir.join("app").display())),
+        python: Some(dir.join("venv/bin/python").display().to_string()),
+        builder: Some("venv".into()),
+        error_message: None,
+        context_size: 1,
+        created_ms: now,
+        started_ms: Some(now),
+        completed_ms: Some(now),
+        updated_ms: now,
+        node_id: a.state.node.id.clone(),
+    };
+    a.state.store.insert_build(&b).await.unwrap();
+    id
+}
+
+/// An org runs only its own builds: a deployment that names another org's build (by its
+/// `buildId`, its Docker image under any spelling, its `local:` directory directly or
+/// through a link, its Python, a working directory or a program in it) is refused exactly as
+/// an unknown build is, 400 `build <id> not found`, on create and on update; the build's own
+/// org deploys it in each of these ways.
+#[tokio::test]
+async fn another_orgs_build_is_refused_as_an_unknown_one() {
+    let a = api_with(|c| c.runtime.build_max_context_mb = 1).await;
+    let other_sk = super::daily::org_private_key(&a, "other").await;
+    let theirs = successful_build(&a, "other").await;
+    let unknown = uuid::Uuid::new_v4();
+    let builds = a.state.builds.dir().to_path_buf();
+    // A directory without a record stands for an unknown build (made on another node, or
+    // whose record is gone), so that a link can point at it as at another org's build.
+    std::fs::create_dir_all(builds.join(unknown.to_string()).join("app")).unwrap();
+    for id in [theirs, unknown] {
+        let link = a._dir.path().join(format!("link-{id}"));
+        std::os::unix::fs::symlink(builds.join(id.to_string()), link).unwrap();
+    }
+    let naming = |id: uuid::Uuid| {
+        let d = builds.join(id.to_string());
+        let app = d.join("app").display().to_string();
+        let python = d.join("venv/bin/python").display().to_string();
+        vec![
+            json!({"buildId": id}),
+            json!({"image": format!("cattery-build:{id}")}),
+            json!({"image": format!("docker.io/library/cattery-build:{id}")}),
+            json!({"image": format!("local:{app}")}),
+            json!({"image": format!("local:{}/app", a._dir.path().join(format!("link-{id}")).display())}),
+            json!({"command": ["fake"], "python": python}),
+            json!({"command": ["fake", "/tmp/../".to_string() + &app[1..] + "/bot.py"]}),
+            json!({"command": ["fake"], "workingDir": app}),
+        ]
+    };
+    let with_name = |name: &str, mut body: Value| {
+        body["serviceName"] = json!(name);
+        body
+    };
+    a.deploy("mine", &["ready"], json!({})).await;
+    for (i, (theirs_body, unknown_body)) in
+        naming(theirs).into_iter().zip(naming(unknown)).enumerate()
+    {
+        let name = format!("b{i}");
+        let mut answers = Vec::new();
+        for (body, id) in [(theirs_body.clone(), theirs), (unknown_body, unknown)] {
+            let created = a
+                .call(
+                    Method::POST,
+                    "/v1/agents",
+                    Some(&a.sk),
+                    Some(with_name(&name, body.clone())),
+                )
+                .await;
+            let updated = a
+                .call(
+                    Method::POST,
+                    "/v1/agents/mine",
+                    Some(&a.sk),
+                    Some(body.clone()),
+                )
+                .await;
+            for r in [&created, &updated] {
+                assert_error(r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+                let msg = r.body["error"]
+                    .as_str()
+                    .unwrap()
+                    .replace(&id.to_string(), "<id>");
+                answers.push(msg);
+            }
+        }
+        // The same answers, whether the build is another org's or none at all.
+        assert_eq!(answers[..2], answers[2..], "{theirs_body}");
+        assert_eq!(answers[0], "build <id> not found", "{theirs_body}");
+        // Its own org deploys it.
+        let r = a
+            .call(
+                Method::POST,
+                "/v1/agents",
+                Some(&other_sk),
+                Some(with_name(&name, theirs_body.clone())),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{theirs_body}: {}", r.body);
+    }
+    // Nothing under the builds directory that is no build: uploads, the directory itself.
+    for dir in [builds.join("uploads"), builds.clone()] {
+        let body = json!({"serviceName": "u", "image": format!("local:{}", dir.display())});
+        let r = a
+            .call(Method::POST, "/v1/agents", Some(&other_sk), Some(body))
+            .await;
+        assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+    }
+}

@@ -650,7 +650,7 @@ async fn delivered(a: &super::Api) -> Vec<crate::runtime::fake::Delivered> {
 }
 
 /// A private key of org `org`, made for the test.
-async fn org_private_key(a: &super::Api, org: &str) -> String {
+pub(super) async fn org_private_key(a: &super::Api, org: &str) -> String {
     let store = a.state.store.clone();
     store.ensure_org(org).await.unwrap();
     let (_, sk) =
