@@ -93,7 +93,7 @@ impl Default for ClusterConfig {
 }
 
 /// `[server]`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(custom_debug::Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address to listen on, `host:port` (a host name is resolved).
@@ -114,6 +114,7 @@ pub struct ServerConfig {
     /// Descriptors kept free of client connections for instances, log files and the store.
     pub reserved_fds: u64,
     /// Bearer token `GET /metrics` requires; `None`: open (docs/operations.md).
+    #[debug(with = crate::redact::hidden_some)]
     pub metrics_token: Option<String>,
     /// Format of the server's own log on stderr.
     pub log_format: LogFormat,
@@ -280,7 +281,7 @@ impl Default for RuntimeConfig {
 }
 
 /// `[sessions]`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(custom_debug::Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SessionsConfig {
     /// Seconds between SIGTERM and SIGKILL for agents that set no `stopGraceSeconds`.
@@ -298,6 +299,7 @@ pub struct SessionsConfig {
     /// Resource sampling interval, ms.
     pub metrics_interval_ms: u64,
     /// Daily API key, for `createDailyRoom` (an org's `dailyApiKey` property wins).
+    #[debug(with = crate::redact::hidden_some)]
     pub daily_api_key: Option<String>,
     /// Daily's REST API base URL.
     pub daily_api_url: String,
@@ -396,7 +398,7 @@ impl Default for WebsocketConfig {
 
 /// Flags of `cattery serve`. Every one is optional: an absent flag (and variable) leaves the
 /// file's value or the default (see [`Config`]).
-#[derive(Debug, Default, clap::Args)]
+#[derive(custom_debug::Debug, Default, clap::Args)]
 pub struct ServeArgs {
     /// TOML configuration file (sections server, store, runtime, sessions, logs, websocket,
     /// web, cluster);
@@ -449,6 +451,7 @@ pub struct ServeArgs {
     pub reserved_fds: Option<u64>,
     /// Bearer token that `GET /metrics` (Prometheus) requires; without it /metrics is open.
     #[arg(long, env = "CATTERY_METRICS_TOKEN", help_heading = "Server")]
+    #[debug(with = crate::redact::hidden_some)]
     pub metrics_token: Option<String>,
     /// Format of the server's own log on stderr: `text`, or `json` (one object per line, with
     /// request ids) [default: text].
@@ -467,6 +470,7 @@ pub struct ServeArgs {
         help_heading = "Store",
         hide_env_values = true
     )]
+    #[debug(with = crate::redact::hidden_some)]
     pub database_url: Option<String>,
     /// Connections in the PostgreSQL pool [default: 16].
     #[arg(long, env = "CATTERY_DATABASE_POOL_SIZE", help_heading = "Store")]
@@ -563,6 +567,7 @@ pub struct ServeArgs {
     pub metrics_interval_ms: Option<u64>,
     /// Daily API key, needed for `createDailyRoom`.
     #[arg(long, env = "CATTERY_DAILY_API_KEY", help_heading = "Sessions")]
+    #[debug(with = crate::redact::hidden_some)]
     pub daily_api_key: Option<String>,
     /// Daily's REST API base URL [default: https://api.daily.co/v1].
     #[arg(long, env = "CATTERY_DAILY_API_URL", help_heading = "Sessions")]

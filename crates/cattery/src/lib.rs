@@ -15,6 +15,7 @@ pub mod core;
 pub mod dashboard;
 pub mod http_server;
 pub mod model;
+pub mod redact;
 pub mod runtime;
 pub mod serve;
 pub mod store;

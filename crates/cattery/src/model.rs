@@ -61,7 +61,7 @@ impl KeyKind {
 }
 
 /// A stored API key (the key itself is never stored, only its SHA-256).
-#[derive(Debug, Clone)]
+#[derive(custom_debug::Debug, Clone)]
 pub struct ApiKeyRecord {
     /// Key id (uuid).
     pub id: Uuid,
@@ -79,6 +79,7 @@ pub struct ApiKeyRecord {
     pub revoked_ms: Option<i64>,
     /// The whole key, kept for public keys only (`GET .../apiKeys` lists it, reference §A.10);
     /// always `None` for private keys and tokens.
+    #[debug(with = crate::redact::hidden_some)]
     pub public_key: Option<String>,
 }
 

@@ -882,7 +882,7 @@ pub struct KeyMetadata {
 
 /// An API key as the CLI lists it (`key`: the whole key for public keys and a new key,
 /// the prefix and `...` otherwise).
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(custom_debug::Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiKey {
     /// Created.
@@ -890,6 +890,7 @@ pub struct ApiKey {
     /// Key id.
     pub id: Uuid,
     /// The key, or its prefix.
+    #[debug(with = crate::redact::hidden)]
     pub key: String,
     /// Name.
     pub metadata: KeyMetadata,
@@ -985,10 +986,11 @@ pub struct CurrentUser {
 }
 
 /// `{"apiKey"}`: the server's Daily API key.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(custom_debug::Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DailyKey {
     /// The key.
+    #[debug(with = crate::redact::hidden)]
     pub api_key: String,
 }
 
@@ -1033,13 +1035,14 @@ impl RegionList {
 }
 
 /// An org's property values.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(custom_debug::Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PropertyValues {
     /// Region for new agents and secret sets that name none.
     pub default_region: String,
     /// The org's Daily API key, masked (present only when set).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[debug(with = crate::redact::hidden_some)]
     pub daily_api_key: Option<String>,
     /// Whether the Daily rooms of ended sessions are kept (present only when set; agents
     /// may say otherwise).
@@ -1047,6 +1050,7 @@ pub struct PropertyValues {
     pub keep_daily_rooms: Option<bool>,
     /// The secret Daily signs the org's dial-in webhooks with, masked (present only when set).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[debug(with = crate::redact::hidden_some)]
     pub daily_dialin_hmac: Option<String>,
 }
 

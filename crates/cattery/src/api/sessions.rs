@@ -71,7 +71,7 @@ impl IceConfig {
 }
 
 /// `StartResponse`: `sessionId`, plus Cattery's additive `coldStart` and `botStartSeconds`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(custom_debug::Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StartResponse {
     /// Seconds from the start request to the delivered session.
@@ -83,6 +83,7 @@ pub struct StartResponse {
     pub daily_room: Option<String>,
     /// A meeting token for the client (`createDailyRoom: true` only).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[debug(with = crate::redact::hidden_some)]
     pub daily_token: Option<String>,
     /// With `enableDefaultIceServers: true` only.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -18,7 +18,7 @@ use crate::model::iso_ms;
 use crate::store::WebhookDelivery;
 
 /// Body of `POST /v1/webhooks`.
-#[derive(Debug, Default, Deserialize, ToSchema)]
+#[derive(custom_debug::Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhook {
     /// `http://` or `https://` URL that receives the events (it may hold a credential: it
@@ -30,11 +30,12 @@ pub struct CreateWebhook {
     /// What the endpoint is for.
     pub description: Option<String>,
     /// A `whsec_` signing secret to use; a new one when absent.
+    #[debug(with = crate::redact::hidden_some)]
     pub secret: Option<String>,
 }
 
 /// A webhook endpoint (its secret only in the answer that creates it).
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(custom_debug::Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Webhook {
     /// Endpoint id.
@@ -49,6 +50,7 @@ pub struct Webhook {
     pub created_at: String,
     /// The `whsec_` signing secret (creation only; later `GET /v1/webhooks/{id}/secret`).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[debug(with = crate::redact::hidden_some)]
     pub secret: Option<String>,
 }
 
@@ -73,9 +75,10 @@ pub struct WebhookList {
 }
 
 /// `{"secret": "whsec_..."}`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(custom_debug::Debug, Serialize, ToSchema)]
 pub struct WebhookSecret {
     /// The signing secret.
+    #[debug(with = crate::redact::hidden)]
     pub secret: String,
 }
 

@@ -166,7 +166,7 @@ impl WsState {
 }
 
 /// The `/start` answer of the websocket transport.
-#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[derive(custom_debug::Debug, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WsAnnounce {
     /// The start `body`, base64 of its JSON (only when one was given).
@@ -175,6 +175,7 @@ pub struct WsAnnounce {
     /// The session the connection will start.
     pub session_id: Uuid,
     /// One-use token for the connection.
+    #[debug(with = crate::redact::hidden)]
     pub token: String,
     /// Where to connect.
     pub ws_url: String,

@@ -289,20 +289,22 @@ enum UploadState {
     Spent,
 }
 
-#[derive(Debug)]
+#[derive(custom_debug::Debug)]
 struct Upload {
     org: String,
+    #[debug(with = crate::redact::hidden)]
     token: [u8; 32],
     expires_ms: i64,
     state: UploadState,
 }
 
 /// A new upload URL's parts.
-#[derive(Debug, Clone)]
+#[derive(custom_debug::Debug, Clone)]
 pub struct NewUpload {
     /// Upload id.
     pub id: Uuid,
     /// Its single-use token.
+    #[debug(with = crate::redact::hidden)]
     pub token: String,
     /// When it expires (ms).
     pub expires_ms: i64,

@@ -16,7 +16,7 @@ use crate::model::now_ms;
 use crate::store::{NodeRecord, Store};
 
 /// This node: what it reports in its heartbeats.
-#[derive(Debug, Clone)]
+#[derive(custom_debug::Debug, Clone)]
 pub struct NodeIdentity {
     /// Node id.
     pub id: String,
@@ -30,6 +30,7 @@ pub struct NodeIdentity {
     pub secret: Option<ClusterSecret>,
     /// What it writes in its heartbeat to show its secrets key
     /// (`SecretCipher::seal_check`), if anything.
+    #[debug(with = crate::redact::hidden_some)]
     pub key_check: Option<Vec<u8>>,
 }
 

@@ -28,15 +28,17 @@ use crate::model::now_ms;
 pub const DAILY_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A room made for a session, with its tokens.
-#[derive(Debug, Clone)]
+#[derive(custom_debug::Debug, Clone)]
 pub struct DailyRoom {
     /// Room name (what deletes it).
     pub name: String,
     /// Room URL (`dailyRoom`, `x-daily-room-url`).
     pub url: String,
     /// The bot's owner token (`x-daily-room-token`).
+    #[debug(with = crate::redact::hidden)]
     pub bot_token: String,
     /// The client's token (`dailyToken`).
+    #[debug(with = crate::redact::hidden)]
     pub client_token: String,
 }
 

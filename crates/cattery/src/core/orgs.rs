@@ -107,7 +107,7 @@ fn effective_default(rec: &OrgRecord, server: &AgentDefaults) -> String {
 
 /// An org's one property, `defaultRegion`: its value and what it may be (the wire forms are
 /// `api::schema::Properties` and `api::schema::PropertiesSchema`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(custom_debug::Debug, Clone, PartialEq, Eq)]
 pub struct DefaultRegionProperty {
     /// The region in effect for the org (its own choice, or the server's default).
     pub current: String,
@@ -116,12 +116,14 @@ pub struct DefaultRegionProperty {
     /// The regions the org may choose.
     pub available: Vec<String>,
     /// The org's own Daily API key (`dailyApiKey`), when set.
+    #[debug(with = crate::redact::hidden_some)]
     pub daily_api_key: Option<String>,
     /// `keepDailyRooms`, when the org set it: keep Daily rooms when their sessions end
     /// (unset: false).
     pub keep_daily_rooms: Option<bool>,
     /// The org's `dailyDialinHmac` (the base64 secret Daily signs its dial-in webhooks
     /// with), when set.
+    #[debug(with = crate::redact::hidden_some)]
     pub daily_dialin_hmac: Option<String>,
 }
 

@@ -312,12 +312,13 @@ fn check_pair(key: &str, value: &str) -> CoreResult<()> {
 }
 
 /// One pair of the documented upsert form.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(custom_debug::Debug, Clone, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretPair {
     /// Key (the environment variable name).
     pub secret_key: String,
     /// Value, kept exactly (spaces, quotes, `=`).
+    #[debug(with = crate::redact::hidden)]
     pub secret_value: String,
 }
 
@@ -332,7 +333,7 @@ pub struct SecretPair {
 ///
 /// Forms 1 and 2 add or overwrite the given keys and keep the others; form 3 replaces the
 /// credential.
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[derive(custom_debug::Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UpsertRequest {
     /// Set name; when given it must equal the name in the path.
@@ -346,6 +347,7 @@ pub struct UpsertRequest {
     /// Flat form: one key.
     pub secret_key: Option<String>,
     /// Flat form: its value; image pull form: base64 credentials.
+    #[debug(with = crate::redact::hidden_some)]
     pub secret_value: Option<String>,
     /// Image pull form: registry host, e.g. `https://index.docker.io/v1/`.
     pub host: Option<String>,

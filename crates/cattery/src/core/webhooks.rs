@@ -142,7 +142,7 @@ impl EndpointView {
 }
 
 /// What creates an endpoint.
-#[derive(Debug, Clone, Default)]
+#[derive(custom_debug::Debug, Clone, Default)]
 pub struct NewEndpoint {
     /// `http://` or `https://` URL.
     pub url: String,
@@ -151,6 +151,7 @@ pub struct NewEndpoint {
     /// Description.
     pub description: Option<String>,
     /// A `whsec_` secret to use (`None`: a new one).
+    #[debug(with = crate::redact::hidden_some)]
     pub secret: Option<String>,
 }
 

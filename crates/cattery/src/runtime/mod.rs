@@ -24,7 +24,7 @@ use crate::model::{DeploymentRecord, InstanceRecord, ProfileLimits};
 pub use logs::{LogAttribution, LogSink};
 
 /// What to start.
-#[derive(Debug, Clone)]
+#[derive(custom_debug::Debug, Clone)]
 pub struct InstanceSpec {
     /// Instance id (also exported as `CATTERY_INSTANCE_ID`).
     pub instance_id: Uuid,
@@ -35,6 +35,7 @@ pub struct InstanceSpec {
     /// Working directory; `None` = the instance directory.
     pub working_dir: Option<PathBuf>,
     /// Environment added to the server's own (minus `CATTERY_*`): agent env, secrets, `PORT`...
+    #[debug(with = crate::redact::env_names)]
     pub env: Vec<(String, String)>,
     /// Resource limits, applied where the machine allows (cgroup v1 controllers here).
     pub limits: Option<ProfileLimits>,

@@ -237,13 +237,14 @@ pub struct SecretSetRecord {
 
 /// One sealed value: XChaCha20-Poly1305 nonce (24 bytes) and ciphertext with tag. Only
 /// `core::secrets` can open it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(custom_debug::Debug, Clone, PartialEq)]
 pub struct SealedValue {
     /// Secret key (the environment variable name).
     pub key: String,
     /// Nonce.
     pub nonce: Vec<u8>,
     /// Ciphertext and tag.
+    #[debug(with = crate::redact::hidden)]
     pub ciphertext: Vec<u8>,
 }
 
@@ -471,7 +472,7 @@ pub trait LogStore: Send + Sync + 'static {
 }
 
 /// A Cattery node (one `cattery serve`) as it last reported itself (docs/cluster.md).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(custom_debug::Debug, Clone, PartialEq)]
 pub struct NodeRecord {
     /// Node id (`--node-id`, else generated once and kept in the data dir).
     pub id: String,
@@ -489,10 +490,12 @@ pub struct NodeRecord {
     pub busy: i64,
     /// A value the node sealed with its secrets key (`SecretCipher::seal_check`): a node that
     /// cannot open it has another key. `None` from a node that wrote none.
+    #[debug(with = crate::redact::hidden_some)]
     pub key_check: Option<Vec<u8>>,
     /// What the node derives from its cluster secret and its id
     /// (`core::cluster::ClusterSecret::check_for`): a node whose secret derives another value
     /// for that id has another secret. `None` from a node without a secret (or an older one).
+    #[debug(with = crate::redact::hidden_some)]
     pub secret_check: Option<Vec<u8>>,
 }
 

@@ -112,7 +112,7 @@ pub const DEPLOY_RECHECK: Duration = Duration::from_secs(2);
 const SESSION_CHANGES_BUFFER: usize = 4096;
 
 /// Engine settings (from `cattery serve` flags).
-#[derive(Debug, Clone)]
+#[derive(custom_debug::Debug, Clone)]
 pub struct SupervisorConfig {
     /// Stop grace used when the agent sets none (`--stop-grace-seconds`, default 5 s).
     pub default_stop_grace: Duration,
@@ -120,6 +120,7 @@ pub struct SupervisorConfig {
     /// instance included (`--start-timeout-seconds`, default 60 s).
     pub start_timeout: Duration,
     /// Daily API key, needed for `createDailyRoom`.
+    #[debug(with = crate::redact::hidden_some)]
     pub daily_api_key: Option<String>,
     /// Resource sampling interval (default 5 s).
     pub metrics_interval: Duration,

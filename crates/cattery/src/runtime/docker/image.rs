@@ -34,11 +34,12 @@ impl PullPolicy {
 
 /// Registry credentials from an image pull secret set: the registry host and base64 of
 /// `user:password`.
-#[derive(Debug, Clone)]
+#[derive(custom_debug::Debug, Clone)]
 pub struct PullSecret {
     /// Registry host (`ghcr.io`, `127.0.0.1:5999`).
     pub host: String,
     /// base64 of `user:password`.
+    #[debug(with = crate::redact::hidden)]
     pub value: String,
 }
 
