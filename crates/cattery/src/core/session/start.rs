@@ -80,10 +80,22 @@ impl Supervisor {
             .await
         {
             Ok(r) => r,
-            Err(e) => {
-                self.unplace(placed, session);
-                return Err(e.into());
-            }
+            Err(e) => match self.written_after_all(&placed, session, &e).await {
+                // Written; only the answer was lost. The actor records the instance with its
+                // session again before delivering (`recorded: false`).
+                Some(true) => false,
+                Some(false) => {
+                    self.unplace(placed, session);
+                    return Err(e.into());
+                }
+                None => {
+                    let err = CoreError::from(e);
+                    self.abandon(placed, session);
+                    self.record_start_failed(org, agent_name, session, &err)
+                        .await;
+                    return Err(err);
+                }
+            },
         };
         placed.ctl.session_stored.store(true, Ordering::SeqCst);
         self.session_changed(org, session);
@@ -293,6 +305,48 @@ impl Supervisor {
         } else {
             self.store.insert_session(&rec).await.map(|()| false)
         }
+    }
+
+    /// Whether the start's record was written after all, though its write answered `e`: a
+    /// transient error may come after the commit (a connection cut before the reply), so the
+    /// record is read back. `None` when that cannot be told (the read failed too).
+    async fn written_after_all(
+        &self,
+        placed: &Placed,
+        session: Uuid,
+        e: &crate::store::StoreError,
+    ) -> Option<bool> {
+        if !e.is_transient() {
+            return Some(false);
+        }
+        match self.store.get_session(session).await {
+            // An insert that found the id taken answers `Conflict`, never a transient error:
+            // an open record of this agent made by this node is this start's.
+            Ok(r) => Some(r.is_some_and(|r| {
+                r.agent_id == placed.agent_id
+                    && r.deployment_id == placed.ctl.deployment.id
+                    && r.node_id == self.cfg.node_id
+                    && r.end.is_none()
+            })),
+            Err(_) => None,
+        }
+    }
+
+    /// Undoes [`Supervisor::place`] when whether the session was recorded is unknown: a warm
+    /// instance may be promised to it in the store, so it is never given back to the pool
+    /// (another session could take it while the store names this one): it is stopped, and
+    /// its cleanup ends the session it was promised to. Anything else is undone as
+    /// [`Supervisor::unplace`] does (no instance record was promised).
+    fn abandon(&self, placed: Placed, session: Uuid) {
+        if placed.mailbox.is_some() || placed.cold {
+            return self.unplace(placed, session);
+        }
+        {
+            let mut st = self.state.lock();
+            st.sessions.remove(&session);
+            self.publish_live(&st);
+        }
+        let _ = placed.ctl.cmd_tx.send(Cmd::Stop(EndReason::StartFailed));
     }
 
     /// Undoes [`Supervisor::place`] when the session could not be recorded.

@@ -1544,6 +1544,64 @@ async fn a_claimed_instance_whose_session_cannot_be_recorded_is_not_delivered() 
     );
 }
 
+/// A start whose record the store wrote but answered with an error (a connection cut after
+/// the commit, before the reply) is served: the engine reads the record back before deciding.
+/// (It took the error as the outcome: the instance went back to the warm pool, free for
+/// another session, while the store had it promised to this one, whose record stayed open.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_the_store_wrote_but_answered_an_error_for_is_served() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 1, 2).await;
+    until("one idle instance, recorded", async || {
+        e.sup.pool_status(a.id).idle == 1 && e.store.list_instances().await.unwrap().len() == 1
+    })
+    .await;
+    let iid = e.store.list_instances().await.unwrap()[0].id;
+    let dep = a.desired_deployment_id;
+    let sid = Uuid::new_v4();
+    let now = now_ms();
+    let rec = SessionRecord {
+        id: sid,
+        org: "o".into(),
+        agent_id: a.id,
+        deployment_id: dep,
+        created_ms: now,
+        updated_ms: now,
+        bot_start_ms: None,
+        cold_start: Some(false),
+        transport: None,
+        end: None,
+        samples: Vec::new(),
+        node_id: "n1".into(),
+    };
+    // The write the store committed, and the answer the engine gets: an outage's error.
+    assert!(e
+        .store
+        .insert_session_for_instance(&rec, iid)
+        .await
+        .unwrap());
+    let c = refuse_writes_for_now(&e, "INSERT", "sessions", "1");
+    let params = StartParams {
+        session_id: Some(sid),
+        ..Default::default()
+    };
+    let r = e.sup.start_session("o", "a", params).await;
+    c.execute_batch("DROP TRIGGER refuse_for_now").unwrap();
+    let out = r.expect("the session was recorded: it is served");
+    assert_eq!(out.session_id, sid);
+    assert!(e.sup.serves(sid));
+    until("its instance is the one the store promised", async || {
+        e.store
+            .list_instances()
+            .await
+            .unwrap()
+            .iter()
+            .any(|i| i.id == iid && i.session_id == Some(sid))
+    })
+    .await;
+    assert_eq!(end_reason(&e, sid).await, None);
+}
+
 /// A heartbeat made on time but taken by the store only after the node timeout (its write
 /// stalled: a slow or cut connection) leaves the node open to a takeover meanwhile: the
 /// store's row still showed the heartbeat before it. So the node reconciles when the store
