@@ -133,9 +133,7 @@ impl Supervisor {
                 let got = sup.store.reserve_slot(agent_id, max, id, &node).await;
                 if let Err(e) = &got {
                     tracing::warn!(agent = %agent_id, error = %e, "could not reserve a warm instance's capacity slot");
-                    // The store may have taken it and lost only its answer (a connection
-                    // cut after the commit): freeing an untaken slot changes nothing.
-                    sup.free_slot(id);
+                    sup.free_uncertain_slot(agent_id, max, id);
                 }
                 sup.spawn_reserved(agent_id, id, got.unwrap_or(false));
             });
@@ -201,6 +199,27 @@ impl Supervisor {
                 Err(e) => {
                     tracing::warn!(instance = %id, error = %e, "could not free a capacity slot")
                 }
+            }
+        });
+    }
+
+    /// Frees the capacity slot `id` of `agent_id` whose reservation answered an error. The
+    /// store may have taken it all the same and lost only its answer (a connection cut after
+    /// the commit), and that commit may land after a plain release, which would then free
+    /// nothing and leave the slot held. So the reservation is first made again with the same
+    /// instance id, which the store answers only once the first one has landed or failed
+    /// (`Conflict` when it holds the slot), and only then is the slot released; both are
+    /// retried while the store is unavailable ([`super::pending::write_again`]).
+    pub(super) fn free_uncertain_slot(&self, agent_id: Uuid, max: u32, id: Uuid) {
+        let (store, node) = (self.store.clone(), self.cfg.node_id.clone());
+        super::pending::write_again("an uncertain capacity slot's release", id, move || {
+            let (store, node) = (store.clone(), node.clone());
+            async move {
+                match store.reserve_slot(agent_id, max, id, &node).await {
+                    Err(e) if e.is_transient() => return Err(e),
+                    Ok(_) | Err(_) => {}
+                }
+                store.release_slot(id).await
             }
         });
     }

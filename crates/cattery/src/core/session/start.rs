@@ -192,9 +192,8 @@ impl Supervisor {
         let reserved = match self.store.reserve_slot(agent_id, max, id, &node).await {
             Ok(r) => r,
             Err(e) => {
-                // The store may have taken it and lost only its answer (a connection cut
-                // after the commit): freeing an untaken slot changes nothing.
-                self.free_slot(id);
+                // The store may have taken it and lost only its answer.
+                self.free_uncertain_slot(agent_id, max, id);
                 return Err(e.into());
             }
         };

@@ -1836,6 +1836,29 @@ async fn a_capacity_slot_the_store_could_not_free_for_now_is_freed_once_it_can()
     .await;
 }
 
+/// A capacity slot whose reservation answered an error but landed in the store later (its
+/// commit came after the answer, and after the release a failed reservation makes) is freed
+/// all the same: the engine settles the reservation before releasing. (A plain release ran
+/// first, freed nothing, and the slot stayed held, against `maxAgents` on every node, until
+/// the server restarted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_slot_whose_reservation_landed_after_its_error_is_freed() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 0, 2).await;
+    let id = Uuid::new_v4();
+    // This node's writes of slots fail for now; the reservation of `id` answered an error.
+    let c = refuse_writes_for_now(&e, "INSERT", "capacity_slots", "NEW.node_id = 'n1'");
+    e.sup.free_uncertain_slot(a.id, 2, id);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Its commit lands now, after the engine took the error.
+    assert!(e.store.reserve_slot(a.id, 2, id, "late").await.unwrap());
+    c.execute_batch("DROP TRIGGER refuse_for_now").unwrap();
+    until("the slot is freed", async || {
+        e.store.slots_held(a.id).await.unwrap() == 0
+    })
+    .await;
+}
+
 /// A deployment whose validation failed only because its runtime's engine did not answer
 /// (at deploy, or at the server's start) is validated again and becomes ready once the engine
 /// answers, without a redeploy.
