@@ -9,9 +9,9 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::{
-    BuildFilter, BuildRecord, BuildStatus, DeliveryAttempt, DeliveryState, ForgetNode, LogFilter,
-    NodeRecord, SealedValue, SecretSetKind, SecretSetRecord, SessionFilter, Store, StoreError,
-    WebhookDelivery, WebhookEndpointRecord, WsTokenRecord,
+    AgentCounts, BuildFilter, BuildRecord, BuildStatus, DeliveryAttempt, DeliveryState, ForgetNode,
+    LogFilter, NodeRecord, SealedValue, SecretSetKind, SecretSetRecord, SessionFilter, Store,
+    StoreError, WebhookDelivery, WebhookEndpointRecord, WsTokenRecord,
 };
 use crate::model::{
     AgentRecord, ApiKeyRecord, DeploymentRecord, DeploymentSpec, EndReason, InstanceRecord,
@@ -48,6 +48,7 @@ where
     case!(log_pruning);
     case!(nodes);
     case!(capacity_slots);
+    case!(agent_counts);
     case!(concurrent_reservations);
     case!(instance_claims);
     case!(ws_tokens);
@@ -965,6 +966,67 @@ async fn nodes(s: &dyn Store) {
     b.secret_check = None;
     s.heartbeat(&b).await.unwrap();
     assert_eq!(s.list_nodes().await.unwrap(), [a, b]);
+}
+
+/// An agent's counts: its open sessions on every node (ended ones and other agents' left
+/// out), and the instance records of the other nodes by promise (unpromised ones of the
+/// current deployment only), this node's own left out.
+async fn agent_counts(s: &dyn Store) {
+    let a = with_agent(s, "o", "counted").await;
+    let b = with_agent(s, "o", "other").await;
+    let dep = a.desired_deployment_id;
+    let none = AgentCounts::default();
+    assert_eq!(s.agent_counts(a.id, dep, "n1").await.unwrap(), none);
+    // Sessions: two open (on two nodes), one ended, one of another agent.
+    let mut open1 = session(&a, 10);
+    open1.node_id = "n1".into();
+    let mut open2 = session(&a, 11);
+    open2.node_id = "n2".into();
+    let ended = session(&a, 12);
+    for r in [&open1, &open2, &ended, &session(&b, 13)] {
+        s.insert_session(r).await.unwrap();
+    }
+    s.end_session(ended.id, &end(EndReason::Stopped, 20))
+        .await
+        .unwrap();
+    // Instances: on n2 one promised, two unpromised (one of an old deployment); on n3 one
+    // unpromised; on n1 (the asking node) two, which are not counted; another agent's on n2.
+    let on = |node: &str, session: Option<Uuid>, deployment: Uuid| {
+        let mut i = instance(&a);
+        i.node_id = node.into();
+        i.session_id = session;
+        i.deployment_id = deployment;
+        i
+    };
+    let old = Uuid::new_v4();
+    let mut other = instance(&b);
+    other.node_id = "n2".into();
+    for i in [
+        on("n2", Some(open2.id), dep),
+        on("n2", None, dep),
+        on("n2", None, old),
+        on("n3", None, dep),
+        on("n1", Some(open1.id), dep),
+        on("n1", None, dep),
+        other,
+    ] {
+        s.put_instance(&i).await.unwrap();
+    }
+    let want = AgentCounts {
+        open_sessions: 2,
+        others_promised: 1,
+        others_unpromised: 2,
+        others_total: 4,
+    };
+    assert_eq!(s.agent_counts(a.id, dep, "n1").await.unwrap(), want);
+    // Asked by n2: n1's and n3's records.
+    let want = AgentCounts {
+        open_sessions: 2,
+        others_promised: 1,
+        others_unpromised: 2,
+        others_total: 3,
+    };
+    assert_eq!(s.agent_counts(a.id, dep, "n2").await.unwrap(), want);
 }
 
 /// Slots: reserved below the maximum only, freed with the instance's record (its end or its

@@ -628,6 +628,16 @@ pub trait ClusterStore: Send + Sync + 'static {
     async fn release_slot(&self, instance_id: Uuid) -> StoreResult<()>;
     /// Capacity slots an agent holds now (all nodes).
     async fn slots_held(&self, agent_id: Uuid) -> StoreResult<u32>;
+    /// An agent's open sessions (every node's) and the instance records of the nodes other
+    /// than `node`, in one read: what an agent's status counts on a shared store
+    /// (docs/cluster.md). `deployment` is the agent's current one: only its unpromised
+    /// instances are warm.
+    async fn agent_counts(
+        &self,
+        agent_id: Uuid,
+        deployment: Uuid,
+        node: &str,
+    ) -> StoreResult<AgentCounts>;
     /// Frees the slots of `node` whose instance has no record and is not in `keep`: a node
     /// that stopped between a reservation and the instance's record (a crash) leaves such
     /// slots. Returns how many were freed.
@@ -655,6 +665,23 @@ pub trait ClusterStore: Send + Sync + 'static {
     /// `false` ends it at once. A store with one node (SQLite) announces nothing: its one
     /// engine names every change itself.
     async fn watch_sessions(&self, node: &str, on: bool) -> StoreResult<()>;
+}
+
+/// What [`ClusterStore::agent_counts`] read: an agent's open sessions on every node, and the
+/// instance records of the other nodes (only its owner knows whether an instance is ready:
+/// the records say whether it is promised to a session).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentCounts {
+    /// Sessions not ended (every node's, websocket sessions waiting for their client
+    /// included).
+    pub open_sessions: u32,
+    /// The other nodes' instance records promised to a session (any deployment).
+    pub others_promised: u32,
+    /// The other nodes' instance records of the given deployment promised to none (idle, or
+    /// still starting: the record does not say).
+    pub others_unpromised: u32,
+    /// Every instance record of the other nodes.
+    pub others_total: u32,
 }
 
 /// How long a [`ClusterStore::watch_sessions`] `true` holds unless said again.

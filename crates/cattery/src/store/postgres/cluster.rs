@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::PgStore;
-use crate::store::{Change, ClusterStore, StoreResult, WsTokenRecord};
+use crate::store::{AgentCounts, Change, ClusterStore, StoreResult, WsTokenRecord};
 
 /// The channel of `migrations/postgres/0003`'s triggers.
 const CHANNEL: &str = "cattery_changes";
@@ -109,6 +109,36 @@ impl ClusterStore for PgStore {
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(u32::try_from(n.unwrap_or(0)).unwrap_or(u32::MAX))
+    }
+
+    async fn agent_counts(
+        &self,
+        agent_id: Uuid,
+        deployment: Uuid,
+        node: &str,
+    ) -> StoreResult<AgentCounts> {
+        // One statement: the open sessions through the partial index `sessions_active`, the
+        // other nodes' instance records (live instances only: a few rows per node) counted in
+        // one pass.
+        let (open, promised, unpromised, total): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM sessions WHERE agent_id = $1 AND ended_ms IS NULL), \
+             COUNT(*) FILTER (WHERE session_id IS NOT NULL), \
+             COUNT(*) FILTER (WHERE session_id IS NULL AND deployment_id = $2), \
+             COUNT(*) \
+             FROM instances WHERE agent_id = $1 AND node_id <> $3",
+        )
+        .bind(agent_id)
+        .bind(deployment)
+        .bind(node)
+        .fetch_one(&self.pool)
+        .await?;
+        let n = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
+        Ok(AgentCounts {
+            open_sessions: n(open),
+            others_promised: n(promised),
+            others_unpromised: n(unpromised),
+            others_total: n(total),
+        })
     }
 
     async fn release_orphan_slots(&self, node: &str, keep: &[Uuid]) -> StoreResult<u64> {

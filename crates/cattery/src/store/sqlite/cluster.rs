@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::conn::{Conn, Row, Val};
 use super::SqliteStore;
-use crate::store::{Change, ClusterStore, StoreResult, WsTokenRecord};
+use crate::store::{AgentCounts, Change, ClusterStore, StoreResult, WsTokenRecord};
 
 /// Frees `instance`'s slot; part of the instance's end and delete.
 pub(super) fn release(db: &mut Conn, instance: Uuid) -> StoreResult<()> {
@@ -77,6 +77,37 @@ impl ClusterStore for SqliteStore {
         })
         .await
         .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    async fn agent_counts(
+        &self,
+        agent_id: Uuid,
+        deployment: Uuid,
+        node: &str,
+    ) -> StoreResult<AgentCounts> {
+        let node = node.to_string();
+        self.scan(move |db| {
+            let row = db.query_row(
+                "SELECT (SELECT COUNT(*) FROM sessions INDEXED BY sessions_active \
+                 WHERE agent_id = ?1 AND ended_ms IS NULL), \
+                 COUNT(*) FILTER (WHERE session_id IS NOT NULL), \
+                 COUNT(*) FILTER (WHERE session_id IS NULL AND deployment_id = ?2), \
+                 COUNT(*) \
+                 FROM instances WHERE agent_id = ?1 AND node_id <> ?3",
+                &[agent_id.into(), deployment.into(), Val::Text(&node)],
+                |r| {
+                    let n = |i| u32::try_from(r.int(i).unwrap_or(0)).unwrap_or(u32::MAX);
+                    AgentCounts {
+                        open_sessions: n(0),
+                        others_promised: n(1),
+                        others_unpromised: n(2),
+                        others_total: n(3),
+                    }
+                },
+            )?;
+            Ok(row.unwrap_or_default())
+        })
+        .await
     }
 
     async fn release_orphan_slots(&self, node: &str, keep: &[Uuid]) -> StoreResult<u64> {
