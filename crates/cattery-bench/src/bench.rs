@@ -251,18 +251,24 @@ impl Ctx {
     }
 
     /// Waits until the agent has at least `idle` ready warm instances over all nodes and none
-    /// starting (one node: [`Server::wait_idle`]).
+    /// starting (one node: [`Server::wait_idle`]). Each node's status counts the cluster's
+    /// idle instances, but only its own starting ones (another node's instance that still
+    /// starts counts as idle there: docs/cluster.md), so: no node has one starting, and every
+    /// node sees `idle`.
     async fn wait_idle_all(&self, name: &str, idle: u64, timeout: Duration) -> anyhow::Result<()> {
         if self.nodes.len() == 1 {
             return self.srv.wait_idle(name, idle, timeout).await;
         }
         let t0 = Instant::now();
         loop {
-            let (mut starting, mut ready) = (0, 0);
+            let (mut starting, mut ready) = (0, u64::MAX);
             for n in &self.nodes {
-                if let Some((s, i, _, _)) = n.pool(name).await {
-                    starting += s;
-                    ready += i;
+                match n.pool(name).await {
+                    Some((s, i, _, _)) => {
+                        starting += s;
+                        ready = ready.min(i);
+                    }
+                    None => ready = 0,
                 }
             }
             if ready >= idle && starting == 0 {

@@ -5,7 +5,7 @@ use axum::Json;
 
 use super::auth::PrivateAuth;
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::schema::{AgentDetails, AgentList, AgentListItem, ForkServer, StatusOk};
+use super::schema::{AgentDetails, AgentList, AgentListItem, Deployment, ForkServer, StatusOk};
 use super::{ApiJson, ApiPath, AppState};
 use crate::core::agents::{self, AgentRequest};
 use crate::core::lookup;
@@ -33,17 +33,12 @@ pub async fn details_of(
     let d = agents::current_deployment(&st.store, a)
         .await
         .map_err(|e| ApiError::from(e).with_not_found_code("NOT_FOUND"))?;
-    let p = st.sup.pool_status(a.id);
+    let p = st.sup.agent_pool_status(a, d.id).await?;
     let fork = st.sup.runtime().fork_server(a.id);
-    // The pool is this node's: its health is judged against this node's share of
-    // `minAgents`, so a node that keeps none of them warm (several nodes, a small
-    // `minAgents`) answers ready rather than waiting forever for an instance it never starts.
-    let min_here = st.sup.cluster_view().share(a.min_agents);
     Ok(AgentDetails::of(
         a,
         &d,
         &p,
-        min_here,
         st.sup.default_stop_grace().as_secs_f64(),
         warning,
         fork.as_ref().map(ForkServer::of),
@@ -97,8 +92,9 @@ pub async fn list_agents(
     for a in &list {
         let mut item = AgentListItem::of(a);
         if include {
-            if let Ok(d) = details_of(&st, a, None).await {
-                item.deployment = Some(d.deployment);
+            // The deployment alone: no pool, no counts (the list carries none).
+            if let Ok(d) = agents::current_deployment(&st.store, a).await {
+                item.deployment = Some(Deployment::of(a, &d));
             }
         }
         services.push(item);

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::core::health::{self, HealthState};
 use crate::core::orgs::{DefaultRegionProperty, RegionInfo};
-use crate::core::session::PoolStatus;
+use crate::core::session::AgentPoolStatus;
 use crate::model::{iso_ms, iso_ns, profile_limits, AgentRecord, DeploymentRecord, LogLine};
 use crate::model::{ApiKeyRecord, MetricSample, SessionRecord};
 use crate::store::SecretSetRecord;
@@ -106,14 +106,15 @@ pub struct KrispViva {
     pub audio_filter: Option<String>,
 }
 
-/// `warmInstances`: the agent's instances by state (Cattery's addition).
+/// `warmInstances`: the agent's instances by state (Cattery's addition), on every node of a
+/// shared store (docs/cluster.md).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct WarmInstances {
-    /// Serving a session.
+    /// Serving a session (other nodes: promised to one).
     pub busy: u32,
-    /// Ready and waiting.
+    /// Ready and waiting (other nodes: promised to none, ready or still starting).
     pub idle: u32,
-    /// Starting.
+    /// Starting (the answering node's).
     pub starting: u32,
     /// All instances not yet gone.
     pub total: u32,
@@ -345,7 +346,7 @@ pub struct AgentDetails {
     pub active_deployment_id: Uuid,
     /// Same as `ready`.
     pub active_deployment_ready: bool,
-    /// Sessions being served.
+    /// Sessions being served (several nodes: the cluster's open sessions).
     pub active_session_count: u32,
     /// `agent-1x`, `agent-2x`, `agent-3x`.
     pub agent_profile: String,
@@ -426,25 +427,28 @@ pub struct AgentDetails {
 }
 
 impl AgentDetails {
-    /// The details of agent `a` with its current deployment `d` and pool `p`, on a node that
-    /// keeps `min_here` of the agent's `minAgents` warm (its share, docs/cluster.md: all of
-    /// them on one node).
+    /// The details of agent `a` with its current deployment `d` and pool `ps`: health from
+    /// this node's pool, judged against its share of `minAgents` (docs/cluster.md: all of
+    /// them on one node), so a node that keeps none of them warm answers ready rather than
+    /// waiting forever for an instance it never starts; the counts from `ps.counts` (the
+    /// cluster's on several nodes).
     pub fn of(
         a: &AgentRecord,
         d: &DeploymentRecord,
-        p: &PoolStatus,
-        min_here: u32,
+        ps: &AgentPoolStatus,
         default_grace_s: f64,
         warning: Option<String>,
         fork_server: Option<ForkServer>,
     ) -> Self {
         let spec = &d.spec;
-        let h = health::derive(p, min_here);
+        let p = &ps.pool;
+        let n = &ps.counts;
+        let h = health::derive(p, ps.min_here);
         let last = p.health.last_failure.as_ref();
         AgentDetails {
             active_deployment_id: a.desired_deployment_id,
             active_deployment_ready: h.ready,
-            active_session_count: p.busy,
+            active_session_count: n.active_sessions,
             agent_profile: spec.agent_profile.clone(),
             auto_scaling: AutoScaling::of(a),
             available: h.ready,
@@ -463,13 +467,13 @@ impl AgentDetails {
                     message: h.message,
                     ready: h.ready,
                     reason: h.reason,
-                    replicas_started: p.starting + p.idle + p.busy,
+                    replicas_started: n.starting + n.idle + n.busy,
                     restart_count: p.health.restarts,
                     state: h.container_state,
                 },
                 phase: h.phase,
                 phase_started_at: iso_ms(d.created_ms),
-                ready_replicas: p.idle + p.busy,
+                ready_replicas: n.idle + n.busy,
             },
             deleted_at: a.deleted_ms.map(iso_ms),
             deployment: Deployment::of(a, d),
@@ -499,10 +503,10 @@ impl AgentDetails {
             stop_grace_seconds: spec.stop_grace_seconds.unwrap_or(default_grace_s),
             updated_at: iso_ms(a.updated_ms),
             warm_instances: WarmInstances {
-                busy: p.busy,
-                idle: p.idle,
-                starting: p.starting,
-                total: p.total,
+                busy: n.busy,
+                idle: n.idle,
+                starting: n.starting,
+                total: n.total,
             },
             warning,
             websocket_auth: spec

@@ -11,6 +11,7 @@ mod api;
 mod builds;
 mod cli_compat;
 mod cluster_capacity;
+mod cluster_counts;
 mod cluster_docker;
 mod cluster_events;
 mod cluster_ownership;

@@ -26,6 +26,7 @@
 mod actor;
 mod admission;
 mod cleanup;
+mod counts;
 mod ending;
 mod fence;
 mod health;
@@ -63,6 +64,7 @@ use crate::store::Store;
 pub use health::{Health, StartFailure, CRASH_LOOP_THRESHOLD};
 pub use state::InstState;
 
+pub use counts::{status_counts, AgentPoolStatus, StatusCounts};
 pub use fence::Rejoined;
 pub use recover::lost_end;
 use state::{AgentPool, InstanceCtl, State};

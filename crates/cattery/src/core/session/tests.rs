@@ -1921,3 +1921,81 @@ async fn an_instance_record_recovery_could_not_delete_for_now_is_deleted_once_it
     c.execute_batch("DROP TRIGGER refuse_for_now").unwrap();
     until("the record is deleted", async || !recorded().await).await;
 }
+
+/// An agent's status counts this node's pool alone while it is the only live node (the other
+/// nodes' records in the store are not read), and the cluster's once several nodes are live:
+/// the store's open sessions, the other nodes' instance records added to this node's pool;
+/// health keeps this node's share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_counts_the_cluster_only_with_several_live_nodes() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 1, 5).await;
+    until("one warm instance", async || {
+        e.sup.pool_status(a.id).idle == 1
+    })
+    .await;
+    // Node n2 serves a session; node n3 keeps a warm instance.
+    let now = now_ms();
+    let s = SessionRecord {
+        id: Uuid::new_v4(),
+        org: "o".into(),
+        agent_id: a.id,
+        deployment_id: a.desired_deployment_id,
+        created_ms: now,
+        updated_ms: now,
+        bot_start_ms: Some(5),
+        cold_start: Some(false),
+        transport: None,
+        end: None,
+        samples: Vec::new(),
+        node_id: "n2".into(),
+    };
+    e.store.insert_session(&s).await.unwrap();
+    for (node, session) in [("n2", Some(s.id)), ("n3", None)] {
+        let rec = InstanceRecord {
+            id: Uuid::new_v4(),
+            agent_id: a.id,
+            deployment_id: a.desired_deployment_id,
+            session_id: session,
+            runtime: "fake".into(),
+            placement: serde_json::json!({}),
+            created_ms: now,
+            node_id: node.into(),
+        };
+        e.store.put_instance(&rec).await.unwrap();
+    }
+    let one = e
+        .sup
+        .agent_pool_status(&a, a.desired_deployment_id)
+        .await
+        .unwrap();
+    let mine = super::StatusCounts {
+        active_sessions: 0,
+        starting: 0,
+        idle: 1,
+        busy: 0,
+        total: 1,
+    };
+    assert_eq!(one.counts, mine, "one node: its own pool");
+    assert_eq!(one.min_here, 1);
+    e.sup
+        .set_cluster_view(super::ClusterView { index: 0, nodes: 3 });
+    let three = e
+        .sup
+        .agent_pool_status(&a, a.desired_deployment_id)
+        .await
+        .unwrap();
+    let cluster = super::StatusCounts {
+        active_sessions: 1,
+        starting: 0,
+        idle: 2,
+        busy: 1,
+        total: 3,
+    };
+    assert_eq!(three.counts, cluster, "three nodes: the cluster's");
+    assert_eq!(three.min_here, 1, "health keeps this node's share");
+    assert_eq!(
+        three.pool.idle, 1,
+        "the pool health is judged on stays this node's"
+    );
+}
