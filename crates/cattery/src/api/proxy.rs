@@ -118,8 +118,9 @@ const OWNER_CHECK: Duration = Duration::from_secs(1);
 /// after the node timeout, and the request ends then (a dead peer's TCP connection could hang
 /// for many minutes).
 /// Errors: 503 `NODE_UNREACHABLE` when the owner is not alive (before or while the request
-/// waits), has no advertise URL, or this node has no cluster secret; 502 when it does not
-/// answer.
+/// waits), has no advertise URL, does not take the connection (a node that died and is not
+/// declared dead yet), or this node has no cluster secret; 502 when the request was sent and
+/// no answer came.
 async fn to_owner(st: &AppState, owner: &str, id: Uuid, req: Request) -> ApiResult<Response> {
     let unreachable = |why: &str| {
         ApiError::new(
@@ -178,7 +179,18 @@ async fn to_owner(st: &AppState, owner: &str, id: Uuid, req: Request) -> ApiResu
             }
         }
     };
-    let resp = resp.map_err(|e| no_answer(&e))?;
+    // A connection the owner never took carried nothing: a 503 (a balancer may retry it),
+    // not the 502 of a request that may have reached the owner.
+    let resp = resp.map_err(|e| {
+        if e.is_connect() {
+            unreachable(&format!(
+                "which did not take the connection ({e}; nothing was sent): it may be down, \
+                 and is taken over once it misses the node timeout"
+            ))
+        } else {
+            no_answer(&e)
+        }
+    })?;
     let (parts, body) = resp.into_parts();
     // The owner refusing this node's cluster secret, or its run (another database), is this
     // cluster's fault, not the caller's: its 401 `CLUSTER_UNAUTHORIZED` or 403 `NODE_UNKNOWN`

@@ -492,3 +492,38 @@ async fn an_operator_forgets_nodes_that_left_or_died_and_own_nothing() {
     assert!(!ids.contains(&"left") && !ids.contains(&"n2"), "{ids:?}");
     assert!(ids.contains(&"fresh"), "{ids:?}");
 }
+
+/// A proxied request for a session of a node that died a moment ago (still alive in the node
+/// list, its port closed) answers 503 NODE_UNREACHABLE, as for a node declared dead: the
+/// connection was refused, so nothing reached it. Before, 502 with the code "502".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxied_request_to_an_owner_that_refuses_the_connection_answers_503() {
+    let api = api_with_secret(None).await;
+    api.deploy("pr", &[], serde_json::json!({})).await;
+    let sid = session_of_n2(&api, "pr").await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let now = crate::model::now_ms();
+    api.state.store.heartbeat(&n2(&closed, now)).await.unwrap();
+    api.state.sup.remember_nodes(&[n2(&closed, now)]);
+    let req = Request::builder()
+        .uri(format!("/v1/public/pr/sessions/{sid}/status"))
+        .header("authorization", format!("Bearer {}", api.pk))
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let resp = api.app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["code"], "NODE_UNREACHABLE", "{body}");
+    let msg = body["error"].as_str().unwrap();
+    assert!(
+        msg.contains("n2") && msg.contains("nothing was sent"),
+        "{msg}"
+    );
+}
