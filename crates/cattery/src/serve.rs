@@ -384,6 +384,7 @@ pub fn app_state(
     );
     sup.set_event_sink(webhooks.clone());
     Ok(AppState {
+        closing: tokio_util::sync::CancellationToken::new(),
         webhooks,
         store,
         sup,
@@ -687,6 +688,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let builds = start_builds(&state, built.docker.as_ref(), &config);
     let (heartbeats, watch, shared) = join_cluster(&store, &state, shared_store, builds).await?;
     let node = state.node.clone();
+    let closing = state.closing.clone();
     let app = api::cors::wrap(api::router(state), &config.web);
     let addr = listener.local_addr()?;
     // After the runtime is made: it raises the soft open-files limit to the hard one.
@@ -704,8 +706,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         println!("{b}");
     }
     let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
+    // Event streams end when HTTP stops: the graceful close would otherwise wait out its
+    // bound for every dashboard left open.
     let http = tokio::spawn(http_server::serve(listener, app, limits, tls, async move {
         let _ = stop_http_rx.await;
+        closing.cancel();
     }));
     crate::core::cluster::spawn_advertise_check(&node, shared_store);
     let first = signals.recv().await.unwrap_or("SIGTERM");

@@ -75,7 +75,8 @@ struct Told {
     elsewhere: HashSet<Uuid>,
 }
 
-/// Sends `org`'s session changes to `tx` until the client goes away.
+/// Sends `org`'s session changes to `tx` until the client goes away or the server stops
+/// serving ([`AppState::closing`]).
 async fn watch_org(st: AppState, org: String, tx: mpsc::Sender<Event>) {
     let mut changes = st.sup.session_changes();
     let mut elsewhere = st.sup.changes_elsewhere();
@@ -131,6 +132,8 @@ async fn watch_org(st: AppState, org: String, tx: mpsc::Sender<Event>) {
                 );
             }
             () = tx.closed() => return,
+            // The server stops serving: end the stream (the client reconnects elsewhere).
+            () = st.closing.cancelled() => return,
         }
         while let Ok((o, id)) = changes.try_recv() {
             if o == org {

@@ -67,6 +67,10 @@ pub struct AppState {
     pub builds: Arc<crate::core::builds::Builds>,
     /// Outbound webhooks (`core::webhooks`).
     pub webhooks: Arc<crate::core::webhooks::Webhooks>,
+    /// Cancelled when the server stops serving HTTP: answers that never end by themselves
+    /// (`GET /v1/sessions/events`) end then, so the server's graceful close does not wait for
+    /// them.
+    pub closing: tokio_util::sync::CancellationToken,
 }
 
 /// A JSON object body whose rejections are `{error, code}` 4xx responses, never 5xx.

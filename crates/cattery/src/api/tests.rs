@@ -757,6 +757,39 @@ async fn session_events_stream() {
     assert_eq!(s["endReason"], "stopped");
 }
 
+/// A session event stream ends when the server stops serving HTTP (`AppState::closing`), so
+/// the graceful close of a draining node does not wait out its bound for a dashboard left
+/// open (seen: 7 s more per stop of a node with one stream open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_events_stream_ends_when_the_server_closes() {
+    use http_body_util::BodyExt;
+    use std::time::Duration;
+    let a = api().await;
+    let req = Request::builder()
+        .uri("/v1/sessions/events")
+        .header("authorization", format!("Bearer {}", a.sk))
+        .body(Body::empty())
+        .unwrap();
+    let mut body = a.app.clone().oneshot(req).await.unwrap().into_body();
+    let mut buf = String::new();
+    let wait = Duration::from_secs(10);
+    assert!(next_event(&mut body, &mut buf, "ready", "", wait)
+        .await
+        .is_some());
+    a.state.closing.cancel();
+    // The body ends (no more frames); keep-alive comments may come before that.
+    let ended = tokio::time::timeout(wait, async {
+        while let Some(f) = body.frame().await {
+            f.unwrap();
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the stream still runs after the server closed"
+    );
+}
+
 /// `/` redirects to `/dashboard`; the page and its assets are served from the binary with a
 /// policy that allows this origin only and no framing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
