@@ -212,7 +212,8 @@ const BUILD_IMAGE_REPOSITORY: &str = "cattery-build";
 /// stands in its place), whatever its `buildId` says: a Docker build's image
 /// (`cattery-build:<id>`, under any spelling of it: `docker.io/library/...`, a digest), and
 /// any path under this node's builds directory `dir` (the `local:` image, `python`,
-/// `workingDir`, the `command`'s program and its absolute-path arguments), lexically (`..`
+/// `workingDir`, the `command`'s program, also a relative one under `workingDir`, and its
+/// absolute-path arguments), lexically (`..`
 /// resolved) and through symlinks. A path in `dir` that is no build's (`uploads/`, `dir`
 /// itself) is named by its first component (or `dir`), which no build has as its id.
 pub fn named_builds(spec: &DeploymentSpec, dir: &Path) -> Vec<String> {
@@ -241,13 +242,24 @@ pub fn named_builds(spec: &DeploymentSpec, dir: &Path) -> Vec<String> {
     };
     let local = spec.image.as_deref().and_then(|i| i.strip_prefix("local:"));
     let args = spec.command.iter().flatten().map(String::as_str);
+    // A relative program path runs from the working directory (`runtime::process`): the
+    // path it names is that directory's.
+    let program = spec
+        .command
+        .as_ref()
+        .and_then(|c| c.first())
+        .filter(|p| !p.starts_with('/') && p.contains('/'))
+        .zip(spec.working_dir.as_deref())
+        .map(|(p, wd)| Path::new(wd).join(p));
     let paths = [local, spec.python.as_deref(), spec.working_dir.as_deref()]
         .into_iter()
         .flatten()
         .chain(args)
         .filter(|p| p.starts_with('/'))
-        .map(Path::new);
+        .map(PathBuf::from)
+        .chain(program);
     for p in paths {
+        let p = p.as_path();
         let lexical = in_builds(&normalize(p));
         let real = std::fs::canonicalize(p).ok().and_then(|c| in_builds(&c));
         out.extend(lexical.into_iter().chain(real));
@@ -888,6 +900,29 @@ fn open_dir(p: &std::path::Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A relative program runs from `workingDir`: under the builds directory that way, it
+    /// names its build as an absolute path there does.
+    #[test]
+    fn a_relative_program_under_the_working_directory_names_its_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let builds = dir.path().join("builds");
+        let id = Uuid::new_v4();
+        std::fs::create_dir_all(builds.join(id.to_string()).join("app")).unwrap();
+        let spec = DeploymentSpec {
+            command: Some(vec![format!("builds/{id}/app/run.sh")]),
+            working_dir: Some(dir.path().display().to_string()),
+            ..DeploymentSpec::default()
+        };
+        assert_eq!(named_builds(&spec, &builds), [id.to_string()]);
+        // Outside the builds directory, it names none.
+        let spec = DeploymentSpec {
+            command: Some(vec!["bin/run.sh".into()]),
+            working_dir: Some(dir.path().display().to_string()),
+            ..DeploymentSpec::default()
+        };
+        assert!(named_builds(&spec, &builds).is_empty());
+    }
 
     fn rec(status: BuildStatus) -> BuildRecord {
         BuildRecord {
