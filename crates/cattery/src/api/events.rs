@@ -110,6 +110,12 @@ async fn watch_org(st: AppState, org: String, tx: mpsc::Sender<Event>) {
                     due.insert(id);
                     told.elsewhere.insert(id);
                 },
+                // Written through this node: its engine named it, except a session it serves
+                // no instance of (a takeover's or a stop's `lost` end), which the backstop
+                // leaves to the feed when the stream heard of it from another node.
+                Ok(Elsewhere::Own { org: o, id }) => if o == org && told.elsewhere.contains(&id) {
+                    due.insert(id);
+                },
                 // Changes of other nodes may have been missed: the client reads its list again.
                 Ok(Elsewhere::Gap) | Err(RecvError::Lagged(_)) => {
                     if tx.send(Event::default().event("resync").data("{}")).await.is_err() {

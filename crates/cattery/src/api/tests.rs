@@ -790,6 +790,70 @@ async fn session_events_stream_ends_when_the_server_closes() {
     );
 }
 
+/// On several nodes: a session the stream heard of from another node's change, whose end
+/// this node then writes (a takeover's `lost` end, which no engine names), is told ended: the
+/// feed's announcement of this node's own write reaches the stream for such a session. (It
+/// was left out as "named by the engine already", and the stream's backstop skips sessions
+/// of other nodes: the end was never told.) The feed is played by hand on SQLite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_events_tell_an_end_this_node_wrote_for_another_nodes_session() {
+    use std::time::Duration;
+    let a = api().await;
+    a.deploy("remote", &[], json!({})).await;
+    let sup = a.state.sup.clone();
+    sup.set_change_feed();
+    let req = Request::builder()
+        .uri("/v1/sessions/events")
+        .header("authorization", format!("Bearer {}", a.sk))
+        .body(Body::empty())
+        .unwrap();
+    let mut body = a.app.clone().oneshot(req).await.unwrap().into_body();
+    let mut buf = String::new();
+    let wait = Duration::from_secs(10);
+    assert!(next_event(&mut body, &mut buf, "ready", "", wait)
+        .await
+        .is_some());
+    let store = &a.state.store;
+    let agent = store
+        .get_agent(DEFAULT_ORG, "remote")
+        .await
+        .unwrap()
+        .unwrap();
+    let now = crate::model::now_ms();
+    let sid = uuid::Uuid::new_v4();
+    store
+        .insert_session(&crate::model::SessionRecord {
+            id: sid,
+            org: DEFAULT_ORG.into(),
+            agent_id: agent.id,
+            deployment_id: agent.desired_deployment_id,
+            created_ms: now,
+            updated_ms: now,
+            bot_start_ms: Some(now),
+            cold_start: Some(false),
+            transport: None,
+            end: None,
+            samples: Vec::new(),
+            node_id: "n2".into(),
+        })
+        .await
+        .unwrap();
+    sup.session_changed_through("n2", DEFAULT_ORG.into(), sid);
+    next_event(&mut body, &mut buf, "session", &sid.to_string(), wait)
+        .await
+        .expect("an event for node n2's session");
+    // This node takes n2 over and ends the session `lost`.
+    let end = crate::core::session::lost_end(false, false, true, now + 1);
+    assert!(store.end_session(sid, &end).await.unwrap());
+    sup.session_changed_through(&a.state.node.id, DEFAULT_ORG.into(), sid);
+    let data = next_event(&mut body, &mut buf, "session", "\"ended\"", wait)
+        .await
+        .expect("an event for the end this node wrote");
+    let s: Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(s["sessionId"], sid.to_string());
+    assert_eq!(s["endReason"], "lost");
+}
+
 /// `/` redirects to `/dashboard`; the page and its assets are served from the binary with a
 /// policy that allows this origin only and no framing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

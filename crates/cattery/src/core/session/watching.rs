@@ -33,6 +33,17 @@ pub enum Elsewhere {
         /// The session.
         id: Uuid,
     },
+    /// Session `id` of `org` was changed through this node. Its engine names most such
+    /// changes itself ([`Supervisor::session_changes`]), but not all (the `lost` end a
+    /// takeover or a restart writes for a session no instance serves here): news only to a
+    /// stream that heard of the session from another node, which this node's engine never
+    /// names to it.
+    Own {
+        /// The session's org.
+        org: String,
+        /// The session.
+        id: Uuid,
+    },
     /// Changes may have been missed (the feed reconnected, or this node's registration was
     /// written late): a stream's client reads its list again.
     Gap,
@@ -112,12 +123,17 @@ impl Supervisor {
     }
 
     /// From the change feed: session `id` of `org` was changed through node `writer`. Passed
-    /// on to the streams unless this node wrote it (its engine named it already).
+    /// on to the streams as another node's change, or as this node's own
+    /// ([`Elsewhere::Own`]: its engine named it already, unless it was a session this node
+    /// serves no instance of).
     pub fn session_changed_through(&self, writer: &str, org: String, id: Uuid) {
-        if from_elsewhere(&self.cfg.node_id, writer) {
-            // No stream is fine.
-            let _ = self.watching.elsewhere.send(Elsewhere::Changed { org, id });
-        }
+        let change = if from_elsewhere(&self.cfg.node_id, writer) {
+            Elsewhere::Changed { org, id }
+        } else {
+            Elsewhere::Own { org, id }
+        };
+        // No stream is fine.
+        let _ = self.watching.elsewhere.send(change);
     }
 
     /// From the change feed: changes may have been missed (it listens again).
