@@ -209,10 +209,10 @@ fn sealed_property_of(rec: &OrgRecord, name: &str, cipher: &SecretCipher) -> Opt
 }
 
 /// The sealing context of sealed org properties.
-const SEALED_PROPERTIES: &str = "org-properties";
+pub(crate) const SEALED_PROPERTIES: &str = "org-properties";
 
 /// Property `name`'s value sealed for storage in the org's properties.
-fn sealed_property(org: &str, name: &str, value: &str, cipher: &SecretCipher) -> Value {
+pub(crate) fn sealed_property(org: &str, name: &str, value: &str, cipher: &SecretCipher) -> Value {
     let v = cipher.seal(org, SEALED_PROPERTIES, name, value);
     let b64 = |b: &[u8]| Value::String(base64::engine::general_purpose::STANDARD.encode(b));
     serde_json::json!({"nonce": b64(&v.nonce), "ciphertext": b64(&v.ciphertext)})

@@ -24,7 +24,8 @@
 //! Sealed values (secrets, deployment snapshots, webhook signing secrets, sealed org
 //! properties) are copied as they are: they open with the source's secrets key, which every
 //! new node must be given as `--secrets-key-file` (docs/secrets.md). The copy checks that the
-//! key file is one a node accepts and that it opens a secret value (which is dropped unseen);
+//! key file is one a node accepts and that it opens one sealed value of each kind (each
+//! dropped unseen);
 //! the key is never printed or written to the database.
 
 use std::collections::{HashMap, HashSet};
@@ -261,37 +262,99 @@ fn open_source(path: &Path) -> anyhow::Result<(Connection, i64)> {
 }
 
 /// Checks that the key file is one the nodes accept as `--secrets-key-file` (32 bytes, mode
-/// 0600) and that it opens the source's secret values (the first one is tried; its value is
-/// dropped unseen). Errors: it does not, with what to do.
+/// 0600) and that it opens the source's sealed values: the first of each kind is tried (a
+/// secret set's value, a deployment's snapshot of one, a webhook endpoint's signing secret,
+/// an org's sealed `dailyApiKey`), each value dropped unseen. Errors: it does not, with what
+/// to do.
 fn check_key(db: &Connection, path: &Path) -> anyhow::Result<()> {
     let cipher = crate::core::secrets::SecretCipher::load_file(path)?;
-    let row = db
-        .query_row(
-            "SELECT org, set_name, key, nonce, ciphertext FROM secrets LIMIT 1",
-            [],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    crate::store::SealedValue {
-                        key: r.get(2)?,
-                        nonce: r.get(3)?,
-                        ciphertext: r.get(4)?,
-                    },
-                ))
-            },
-        )
-        .optional()?;
-    if let Some((org, set, v)) = row {
+    for (what, (org, set, v)) in first_sealed_values(db)? {
         if cipher.open(&org, &set, &v).is_err() {
             bail!(
-                "the secrets key in {} does not open the database's secret values: it is not \
-                 the key they were sealed with; give the server's own --secrets-key-file",
+                "the secrets key in {} does not open the database's {what}: it is not the key \
+                 they were sealed with; give the server's own --secrets-key-file",
                 path.display()
             );
         }
     }
     Ok(())
+}
+
+/// The first sealed value of each kind the source holds, as `(what, (org, set, value))`
+/// ready for [`crate::core::secrets::SecretCipher::open`] (the contexts `core::webhooks` and
+/// `core::orgs` seal them for).
+#[allow(clippy::type_complexity)]
+fn first_sealed_values(
+    db: &Connection,
+) -> anyhow::Result<Vec<(&'static str, (String, String, crate::store::SealedValue))>> {
+    use base64::Engine;
+    let sealed = |key: String, nonce: Vec<u8>, ciphertext: Vec<u8>| crate::store::SealedValue {
+        key,
+        nonce,
+        ciphertext,
+    };
+    let mut out = Vec::new();
+    for (what, sql) in [
+        (
+            "secret values",
+            "SELECT org, set_name, key, nonce, ciphertext FROM secrets LIMIT 1",
+        ),
+        (
+            "deployments' secret values",
+            "SELECT org, set_name, key, nonce, ciphertext FROM deployment_secrets LIMIT 1",
+        ),
+        (
+            "webhook signing secrets",
+            "SELECT org, 'webhook:' || id, 'secret', nonce, ciphertext FROM webhook_endpoints \
+             LIMIT 1",
+        ),
+    ] {
+        let row = db
+            .query_row(sql, [], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    sealed(r.get(2)?, r.get(3)?, r.get(4)?),
+                ))
+            })
+            .optional()?;
+        out.extend(row.map(|r| (what, r)));
+    }
+    let org = db
+        .query_row(
+            "SELECT name, json_extract(properties, '$.dailyApiKey.nonce'), \
+             json_extract(properties, '$.dailyApiKey.ciphertext') FROM orgs \
+             WHERE json_type(properties, '$.dailyApiKey') = 'object' LIMIT 1",
+            [],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                ))
+            },
+        )
+        .optional()?;
+    if let Some((name, nonce, ciphertext)) = org {
+        let b64 = |s: Option<String>| {
+            base64::engine::general_purpose::STANDARD
+                .decode(s.unwrap_or_default())
+                .unwrap_or_default()
+        };
+        out.push((
+            "sealed org properties",
+            (
+                name,
+                crate::core::orgs::SEALED_PROPERTIES.to_string(),
+                sealed(
+                    crate::core::orgs::DAILY_API_KEY.to_string(),
+                    b64(nonce),
+                    b64(ciphertext),
+                ),
+            ),
+        ));
+    }
+    Ok(out)
 }
 
 /// The source's tables (SQLite's own left out).

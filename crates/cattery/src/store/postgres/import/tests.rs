@@ -82,18 +82,23 @@ async fn data_dir_with_records(dir: &Path) {
              4000, 'n1');
          INSERT INTO instances VALUES ('99999999-9999-4999-8999-999999999999', '{AGENT}',
              '{DEP}', '{LIVE}', 'process', '{{}}', 3000, 'n1');
-         INSERT INTO webhook_endpoints VALUES ('{HOOK}', '{ORG}', 'http://h/', '[\"*\"]', 'd',
-             x'01', x'02', 1005);
          INSERT INTO webhook_deliveries VALUES (3, '{DELIVERY}', '{HOOK}', '{ORG}',
              'session.ended', '{{}}', 2100, 'pending', 1, 2200, 500, 'boom', NULL);
          INSERT INTO nodes (id, version, started_ms, heartbeat_ms, instances, busy)
              VALUES ('n1', 'x', 1, 2, 1, 0);"
     ))
     .unwrap();
-    let v = crate::core::secrets::SecretCipher::from_key(&KEY_BYTES).seal(ORG, "set", "K", "v");
+    let cipher = crate::core::secrets::SecretCipher::from_key(&KEY_BYTES);
+    let v = cipher.seal(ORG, "set", "K", "v");
     db.execute(
         "INSERT INTO secrets VALUES (?1, 'set', 'K', ?2, ?3)",
         rusqlite::params![ORG, v.nonce, v.ciphertext],
+    )
+    .unwrap();
+    let w = cipher.seal(ORG, &format!("webhook:{HOOK}"), "secret", "whsec_x");
+    db.execute(
+        "INSERT INTO webhook_endpoints VALUES (?1, ?2, 'http://h/', '[\"*\"]', 'd', ?3, ?4, 1005)",
+        rusqlite::params![HOOK, ORG, w.nonce, w.ciphertext],
     )
     .unwrap();
 }
@@ -417,4 +422,48 @@ async fn a_backup_of_an_older_schema_is_migrated_in_memory_and_left_as_it_was() 
         e.message.as_deref(),
         Some("the control plane restarted before the session was delivered")
     );
+}
+
+/// The key is checked against every kind of sealed value, not only secret sets' values: a
+/// database whose only sealed value is a webhook endpoint's signing secret (or an org's
+/// sealed `dailyApiKey`) refuses another key and takes its own. (Only the `secrets` table was
+/// tried, so another key passed, making a database whose webhooks the nodes cannot sign for.)
+#[test]
+fn the_key_is_checked_against_webhook_secrets_and_org_properties_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (right, wrong) = (tmp.path().join("right.key"), tmp.path().join("wrong.key"));
+    write_key(&right, &KEY_BYTES);
+    write_key(&wrong, &[9u8; 32]);
+    let cipher = crate::core::secrets::SecretCipher::from_key(&KEY_BYTES);
+
+    let mut db = Connection::open_in_memory().unwrap();
+    migrate::run_on(&mut db).unwrap();
+    let v = cipher.seal(ORG, &format!("webhook:{HOOK}"), "secret", "whsec_x");
+    db.execute(
+        "INSERT INTO webhook_endpoints VALUES (?1, ?2, 'http://h/', '[\"*\"]', 'd', ?3, ?4, 1)",
+        rusqlite::params![HOOK, ORG, v.nonce, v.ciphertext],
+    )
+    .unwrap();
+    check_key(&db, &right).unwrap();
+    let err = check_key(&db, &wrong).unwrap_err().to_string();
+    assert!(err.contains("webhook signing secrets"), "{err}");
+
+    let mut db = Connection::open_in_memory().unwrap();
+    migrate::run_on(&mut db).unwrap();
+    let props = serde_json::json!({
+        crate::core::orgs::DAILY_API_KEY: crate::core::orgs::sealed_property(
+            ORG,
+            crate::core::orgs::DAILY_API_KEY,
+            "daily-key",
+            &cipher,
+        )
+    });
+    db.execute(
+        "INSERT INTO orgs VALUES (?1, 'Acme', 1, ?2)",
+        rusqlite::params![ORG, props.to_string()],
+    )
+    .unwrap();
+    check_key(&db, &right).unwrap();
+    let err = check_key(&db, &wrong).unwrap_err().to_string();
+    assert!(err.contains("sealed org properties"), "{err}");
 }
