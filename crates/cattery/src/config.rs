@@ -1,5 +1,5 @@
 //! Configuration of `cattery serve`, in sections: `server`, `store`, `runtime`, `sessions`,
-//! `logs`, `websocket`, `cluster`.
+//! `logs`, `websocket`, `web`, `limits`, `cluster`.
 //!
 //! Each setting comes from, in order of precedence: a command-line flag, its `CATTERY_*`
 //! environment variable, the TOML file given by `--config` (`CATTERY_CONFIG`), the default.
@@ -28,6 +28,10 @@
 //!
 //! [websocket]
 //! idle_timeout_seconds = 60
+//!
+//! [limits]    # per org; 0 = no limit
+//! agents_per_org = 200
+//! api_keys_per_org = 20
 //!
 //! [cluster]   # docs/cluster.md: several nodes on one PostgreSQL database
 //! # node_id = "node-1"
@@ -59,8 +63,49 @@ pub struct Config {
     pub websocket: WebsocketConfig,
     /// CORS, TLS and the public URL (`crate::web`).
     pub web: crate::web::WebConfig,
+    /// Per-org limits (`core::limits`).
+    pub limits: LimitsConfig,
     /// This server as a node of a cluster (docs/cluster.md).
     pub cluster: ClusterConfig,
+}
+
+/// `[limits]`: per-org limits (`core::limits`, docs/operations.md#per-org-limits); 0 = no
+/// limit.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Live agents per org.
+    pub agents_per_org: u32,
+    /// API keys not revoked per org (both kinds).
+    pub api_keys_per_org: u32,
+    /// Secret sets per org.
+    pub secret_sets_per_org: u32,
+    /// Open session event streams per org, on each node.
+    pub event_streams_per_org: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let d = crate::core::limits::Limits::default();
+        LimitsConfig {
+            agents_per_org: d.agents,
+            api_keys_per_org: d.api_keys,
+            secret_sets_per_org: d.secret_sets,
+            event_streams_per_org: d.event_streams,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The limits `core` enforces.
+    pub fn get(&self) -> crate::core::limits::Limits {
+        crate::core::limits::Limits {
+            agents: self.agents_per_org,
+            api_keys: self.api_keys_per_org,
+            secret_sets: self.secret_sets_per_org,
+            event_streams: self.event_streams_per_org,
+        }
+    }
 }
 
 /// `[cluster]`.
@@ -401,7 +446,7 @@ impl Default for WebsocketConfig {
 #[derive(custom_debug::Debug, Default, clap::Args)]
 pub struct ServeArgs {
     /// TOML configuration file (sections server, store, runtime, sessions, logs, websocket,
-    /// web, cluster);
+    /// web, limits, cluster);
     /// flags and environment variables override it.
     #[arg(long, env = "CATTERY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -607,6 +652,20 @@ pub struct ServeArgs {
     #[arg(long, env = "CATTERY_WS_TOKEN_TTL_SECONDS", help_heading = "Websocket")]
     pub ws_token_ttl_seconds: Option<f64>,
 
+    /// Most live agents an org may have; 0 = no limit [default: 1000].
+    #[arg(long, env = "CATTERY_AGENTS_PER_ORG", help_heading = "Limits")]
+    pub agents_per_org: Option<u32>,
+    /// Most API keys (not revoked, both kinds) an org may have; 0 = no limit [default: 100].
+    #[arg(long, env = "CATTERY_API_KEYS_PER_ORG", help_heading = "Limits")]
+    pub api_keys_per_org: Option<u32>,
+    /// Most secret sets an org may have; 0 = no limit [default: 1000].
+    #[arg(long, env = "CATTERY_SECRET_SETS_PER_ORG", help_heading = "Limits")]
+    pub secret_sets_per_org: Option<u32>,
+    /// Most session event streams (GET /v1/sessions/events) an org may keep open on this node;
+    /// 0 = no limit [default: 100].
+    #[arg(long, env = "CATTERY_EVENT_STREAMS_PER_ORG", help_heading = "Limits")]
+    pub event_streams_per_org: Option<u32>,
+
     /// Node id: letters, digits, `-`, `_`, `.`, at most 63 [default: generated once, kept in
     /// the data dir].
     #[arg(long, env = "CATTERY_NODE_ID", help_heading = "Cluster")]
@@ -701,6 +760,10 @@ impl Config {
             l.retention_max_lines => a.log_retention_max_lines,
             w.idle_timeout_seconds => a.ws_idle_timeout_seconds,
             w.token_ttl_seconds => a.ws_token_ttl_seconds,
+            self.limits.agents_per_org => a.agents_per_org,
+            self.limits.api_keys_per_org => a.api_keys_per_org,
+            self.limits.secret_sets_per_org => a.secret_sets_per_org,
+            self.limits.event_streams_per_org => a.event_streams_per_org,
         }
         if a.default_region.is_some() {
             s.default_region = a.default_region;
@@ -1061,6 +1124,29 @@ mod tests {
             |c| c.cluster.advertise_url = Some("10.0.0.2:7870".into()),
             "--advertise-url",
         );
+    }
+
+    #[test]
+    fn limits_come_from_the_file_and_flags() {
+        let d = crate::core::limits::Limits::default();
+        assert_eq!(Config::default().limits.get(), d);
+        let mut cfg =
+            Config::from_toml("[limits]\nagents_per_org = 5\napi_keys_per_org = 0\n").unwrap();
+        assert_eq!(cfg.limits.agents_per_org, 5);
+        assert_eq!(cfg.limits.api_keys_per_org, 0, "0 is kept: no limit");
+        assert_eq!(cfg.limits.secret_sets_per_org, d.secret_sets);
+        cfg.apply(args(&[
+            "--agents-per-org",
+            "7",
+            "--event-streams-per-org",
+            "3",
+        ]));
+        let l = cfg.limits.get();
+        assert_eq!((l.agents, l.api_keys, l.event_streams), (7, 0, 3));
+        assert_eq!(l.secret_sets, d.secret_sets);
+        cfg.validate().unwrap();
+        assert!(Config::from_toml("[limits]\nagents = 5\n").is_err());
+        assert!(Config::from_toml("[limits]\nagents_per_org = -1\n").is_err());
     }
 
     #[test]

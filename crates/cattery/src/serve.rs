@@ -386,6 +386,7 @@ pub fn app_state(
     Ok(AppState {
         closing: tokio_util::sync::CancellationToken::new(),
         webhooks,
+        limits: Arc::new(crate::core::limits::OrgLimits::new(config.limits.get())),
         store,
         sup,
         defaults: Arc::new(AgentDefaults {

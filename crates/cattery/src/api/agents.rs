@@ -50,6 +50,7 @@ pub async fn details_of(
     operation_id = "create_agent",
     responses((status = 200, description = "ServiceDetailsResponse", body = AgentDetails),
               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, description = "ORG_LIMIT_REACHED: the org has agents_per_org agents", body = ErrorBody),
               (status = 404, description = "secret set not found", body = ErrorBody)),
     security(("PrivateKeyAuth" = [])))]
 pub async fn create_agent(
@@ -58,8 +59,16 @@ pub async fn create_agent(
     ApiJson(req): ApiJson<AgentRequest>,
 ) -> ApiResult<Json<AgentDetails>> {
     let defaults = crate::core::orgs::org_defaults(&st.store, &st.defaults, &c.org).await?;
-    let (a, _) =
-        agents::create_agent(&st.store, &st.sup, &defaults, st.builds.dir(), &c.org, &req).await?;
+    let (a, _) = agents::create_agent(
+        &st.store,
+        &st.sup,
+        &st.limits,
+        &defaults,
+        st.builds.dir(),
+        &c.org,
+        &req,
+    )
+    .await?;
     Ok(Json(details_of(&st, &a, req.request_warnings()).await?))
 }
 

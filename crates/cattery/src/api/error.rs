@@ -102,6 +102,9 @@ impl From<CoreError> for ApiError {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "413", msg)
             }
             CoreError::AtCapacity(_) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "429", msg),
+            CoreError::OrgLimit(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, "ORG_LIMIT_REACHED", msg)
+            }
             CoreError::Draining => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "DRAINING", msg),
             CoreError::Fenced => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NODE_FENCED", msg),
             CoreError::DeploymentNotReady(_) => {

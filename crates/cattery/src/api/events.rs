@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::auth::PrivateAuth;
+use super::error::ApiError;
 use super::schema::Session;
 use super::AppState;
 use crate::core::lookup;
@@ -38,19 +39,25 @@ use crate::core::session::Elsewhere;
 /// Events buffered for a slow client before the stream waits for it.
 const BUFFER: usize = 256;
 
-/// `GET /v1/sessions/events`.
+/// `GET /v1/sessions/events`. Errors: 403 `ORG_LIMIT_REACHED` when the org has
+/// `event_streams_per_org` streams open on this node (`core::limits`).
 pub async fn session_events(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let permit = st.limits.open_stream(&c.org)?;
     let (tx, rx) = mpsc::channel::<Event>(BUFFER);
-    tokio::spawn(watch_org(st, c.org, tx));
+    tokio::spawn(async move {
+        // The stream counts against its org until its watcher ends (the client went away).
+        let _permit = permit;
+        watch_org(st, c.org, tx).await;
+    });
     let stream =
         futures_util::stream::unfold(
             rx,
             |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
         );
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 /// What the stream last told the client about a session that has not ended.

@@ -71,6 +71,8 @@ pub struct AppState {
     /// (`GET /v1/sessions/events`) end then, so the server's graceful close does not wait for
     /// them.
     pub closing: tokio_util::sync::CancellationToken,
+    /// Per-org limits (`core::limits`).
+    pub limits: Arc<crate::core::limits::OrgLimits>,
 }
 
 /// A JSON object body whose rejections are `{error, code}` 4xx responses, never 5xx.

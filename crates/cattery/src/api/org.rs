@@ -310,14 +310,15 @@ pub struct CreateKeyRequest {
 }
 
 /// `POST /v1/organizations/{org}/apiKeys`: creates a key and answers it once, whole, as
-/// `"key"`. Errors: 400 for a missing or long name or an unknown type.
+/// `"key"`. Errors: 400 for a missing or long name or an unknown type; 403
+/// `ORG_LIMIT_REACHED` when the org has `api_keys_per_org` keys not revoked.
 pub async fn create_api_key(
     State(st): State<AppState>,
     OrgAuth(c): OrgAuth,
     ApiJson(req): ApiJson<CreateKeyRequest>,
 ) -> ApiResult<Json<ApiKey>> {
     let (name, kind) = keys::check_new_key(req.name.as_deref(), req.kind.as_deref())?;
-    let (rec, key) = keys::issue_key(st.store.as_ref(), &c.org, kind, &name).await?;
+    let (rec, key) = keys::create_key(st.store.as_ref(), &st.limits, &c.org, kind, &name).await?;
     Ok(Json(ApiKey {
         key,
         ..ApiKey::of(&rec)

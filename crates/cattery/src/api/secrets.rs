@@ -65,9 +65,17 @@ async fn put_in(
     let defaults = orgs::org_defaults(&st.store, &st.defaults, org)
         .await
         .map_err(nf)?;
-    let region = secrets::upsert(&st.store, &st.secrets, &defaults, org, name, req)
-        .await
-        .map_err(nf)?;
+    let region = secrets::upsert(
+        &st.store,
+        &st.limits,
+        &st.secrets,
+        &defaults,
+        org,
+        name,
+        req,
+    )
+    .await
+    .map_err(nf)?;
     Ok((
         StatusCode::ACCEPTED,
         Json(SecretUpserted {
@@ -131,6 +139,7 @@ pub async fn get_secret_set(
     params(("set_name" = String, Path, description = "Secret set name")),
     responses((status = 202, description = "{\"status\": \"OK\", \"region\"}", body = SecretUpserted),
               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, description = "ORG_LIMIT_REACHED: a new set past secret_sets_per_org", body = ErrorBody),
               (status = 409, body = ErrorBody)),
     security(("PrivateKeyAuth" = [])))]
 pub async fn put_secret_set(

@@ -38,6 +38,7 @@ mod big_list;
 mod cluster_internal;
 mod daily;
 mod fork_server;
+mod limits;
 mod webhooks;
 mod ws_waiting;
 

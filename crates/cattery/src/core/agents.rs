@@ -12,6 +12,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::limits::{Kind, OrgLimits};
 use super::orgs::AgentDefaults;
 use super::session::Supervisor;
 use super::{env, exec_check, CoreError, CoreResult};
@@ -476,10 +477,11 @@ async fn check_sets(
 /// Creates an agent with its first deployment.
 ///
 /// Errors: 400 for an invalid or taken name, bad fields or an unknown region; 404 for a
-/// missing secret set.
+/// missing secret set; 403 `ORG_LIMIT_REACHED` past the org's `agents_per_org`.
 pub async fn create_agent(
     store: &Arc<dyn Store>,
     sup: &Arc<Supervisor>,
+    limits: &OrgLimits,
     defaults: &AgentDefaults,
     builds_dir: &Path,
     org: &str,
@@ -520,6 +522,8 @@ pub async fn create_agent(
     if store.get_agent(org, &name).await?.is_some() {
         return Err(bad(format!("service {name} already exists")));
     }
+    // Held until the agent is written: creates through this node cannot overshoot.
+    let _room = limits.room(store.as_ref(), org, Kind::Agents).await?;
     let now = now_ms();
     let id = Uuid::new_v4();
     let dep = DeploymentRecord {

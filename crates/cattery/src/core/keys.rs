@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
+use super::limits::{Kind, OrgLimits};
 use super::{CoreError, CoreResult};
 use crate::model::{now_ms, ApiKeyRecord, KeyKind};
 use crate::store::Store;
@@ -51,6 +52,20 @@ pub async fn issue_key(
     };
     store.insert_key(&rec, &hash_key(&key)).await?;
     Ok((rec, key))
+}
+
+/// [`issue_key`] for an org's own request (`POST .../apiKeys`): within the org's
+/// `api_keys_per_org`. (The operator's `cattery keys create` is not limited.)
+/// Errors: 403 `ORG_LIMIT_REACHED` at the limit; the store failed.
+pub async fn create_key(
+    store: &dyn Store,
+    limits: &OrgLimits,
+    org: &str,
+    kind: KeyKind,
+    name: &str,
+) -> CoreResult<(ApiKeyRecord, String)> {
+    let _room = limits.room(store, org, Kind::ApiKeys).await?;
+    issue_key(store, org, kind, name).await
 }
 
 /// Checks a key name and type of `POST .../apiKeys` (`type`: `public`, the default, or

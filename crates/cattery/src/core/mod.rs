@@ -12,6 +12,7 @@ pub mod exec_check;
 pub mod health;
 pub mod instance_http;
 pub mod keys;
+pub mod limits;
 pub mod lookup;
 pub mod orgs;
 pub mod secrets;
@@ -54,6 +55,10 @@ pub enum CoreError {
     /// 429: the agent is at `maxAgents` (reference §A.5 / §B.4).
     #[error("agent {0} is at capacity (maxAgents)")]
     AtCapacity(String),
+    /// 403 `ORG_LIMIT_REACHED`: the org is at one of its per-org limits (`core::limits`); the
+    /// message names the limit and its value.
+    #[error("{0}")]
+    OrgLimit(String),
     /// 503: the server is draining and takes no new sessions.
     #[error("server is shutting down; no new sessions")]
     Draining,

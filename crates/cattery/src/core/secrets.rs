@@ -28,6 +28,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::env::reserved_for_secrets as reserved_key;
+use super::limits::{Kind, OrgLimits};
 use super::orgs::AgentDefaults;
 use super::session::SecretSource;
 use super::{CoreError, CoreResult};
@@ -361,9 +362,11 @@ pub struct UpsertRequest {
 /// Errors (400 unless noted): invalid name, key or value; no pairs; `name` differing from the
 /// path; unknown region; a region or kind change of an existing set; an image pull secret
 /// without `host` or with a `secretValue` that is not base64; more than
-/// [`MAX_KEYS_PER_SET`] keys; 409 when the set changed kind or region concurrently.
+/// [`MAX_KEYS_PER_SET`] keys; 409 when the set changed kind or region concurrently; 403
+/// `ORG_LIMIT_REACHED` for a new set past the org's `secret_sets_per_org`.
 pub async fn upsert(
     store: &Arc<dyn Store>,
+    limits: &OrgLimits,
     cipher: &SecretCipher,
     defaults: &AgentDefaults,
     org: &str,
@@ -430,6 +433,11 @@ pub async fn upsert(
             sealed_pairs(cipher, org, name, r, existing.as_ref())?,
             false,
         )
+    };
+    // A new set needs room under the org's `secret_sets_per_org`, held until it is written.
+    let _room = match &existing {
+        None => Some(limits.room(store.as_ref(), org, Kind::SecretSets).await?),
+        Some(_) => None,
     };
     match store.upsert_secret_set(&rec, &values, replace_all).await {
         Err(StoreError::Conflict) => Err(CoreError::Conflict(format!(
