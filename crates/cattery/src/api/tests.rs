@@ -709,6 +709,27 @@ async fn next_event(
     }
 }
 
+/// `GET /v1/sessions/events` with `key`; the answer as it comes (its body is the stream).
+async fn open_events(a: &Api, key: &str) -> axum::response::Response {
+    let req = Request::builder()
+        .uri("/v1/sessions/events")
+        .header("authorization", format!("Bearer {key}"))
+        .body(Body::empty())
+        .unwrap();
+    a.app.clone().oneshot(req).await.unwrap()
+}
+
+/// A stream opened with the private key, read up to its `ready` event.
+async fn events_after_ready(a: &Api) -> (Body, String) {
+    let mut body = open_events(a, &a.sk).await.into_body();
+    let mut buf = String::new();
+    let wait = std::time::Duration::from_secs(10);
+    assert!(next_event(&mut body, &mut buf, "ready", "", wait)
+        .await
+        .is_some());
+    (body, buf)
+}
+
 /// `GET /v1/sessions/events`: `ready` first, then each session of the caller's org when it
 /// starts and when it has ended; no key is a 401. (Another org's stream: the e2e test
 /// `dashboard::session_events_are_scoped_to_the_org`.)
@@ -718,15 +739,8 @@ async fn session_events_stream() {
     let a = api().await;
     a.deploy("live", &[], json!({})).await;
     let open = |key: String| {
-        let app = a.app.clone();
-        async move {
-            let req = Request::builder()
-                .uri("/v1/sessions/events")
-                .header("authorization", format!("Bearer {key}"))
-                .body(Body::empty())
-                .unwrap();
-            app.oneshot(req).await.unwrap()
-        }
+        let a = &a;
+        async move { open_events(a, &key).await }
     };
     let r = a.call(Method::GET, "/v1/sessions/events", None, None).await;
     assert_error(&r, StatusCode::UNAUTHORIZED, "401");
@@ -766,17 +780,8 @@ async fn session_events_stream_ends_when_the_server_closes() {
     use http_body_util::BodyExt;
     use std::time::Duration;
     let a = api().await;
-    let req = Request::builder()
-        .uri("/v1/sessions/events")
-        .header("authorization", format!("Bearer {}", a.sk))
-        .body(Body::empty())
-        .unwrap();
-    let mut body = a.app.clone().oneshot(req).await.unwrap().into_body();
-    let mut buf = String::new();
+    let (mut body, _) = events_after_ready(&a).await;
     let wait = Duration::from_secs(10);
-    assert!(next_event(&mut body, &mut buf, "ready", "", wait)
-        .await
-        .is_some());
     a.state.closing.cancel();
     // The body ends (no more frames); keep-alive comments may come before that.
     let ended = tokio::time::timeout(wait, async {
@@ -803,42 +808,11 @@ async fn session_events_tell_an_end_this_node_wrote_for_another_nodes_session() 
     a.deploy("remote", &[], json!({})).await;
     let sup = a.state.sup.clone();
     sup.set_change_feed();
-    let req = Request::builder()
-        .uri("/v1/sessions/events")
-        .header("authorization", format!("Bearer {}", a.sk))
-        .body(Body::empty())
-        .unwrap();
-    let mut body = a.app.clone().oneshot(req).await.unwrap().into_body();
-    let mut buf = String::new();
+    let (mut body, mut buf) = events_after_ready(&a).await;
     let wait = Duration::from_secs(10);
-    assert!(next_event(&mut body, &mut buf, "ready", "", wait)
-        .await
-        .is_some());
     let store = &a.state.store;
-    let agent = store
-        .get_agent(DEFAULT_ORG, "remote")
-        .await
-        .unwrap()
-        .unwrap();
     let now = crate::model::now_ms();
-    let sid = uuid::Uuid::new_v4();
-    store
-        .insert_session(&crate::model::SessionRecord {
-            id: sid,
-            org: DEFAULT_ORG.into(),
-            agent_id: agent.id,
-            deployment_id: agent.desired_deployment_id,
-            created_ms: now,
-            updated_ms: now,
-            bot_start_ms: Some(now),
-            cold_start: Some(false),
-            transport: None,
-            end: None,
-            samples: Vec::new(),
-            node_id: "n2".into(),
-        })
-        .await
-        .unwrap();
+    let sid = cluster_internal::session_of_n2(&a, "remote").await;
     sup.session_changed_through("n2", DEFAULT_ORG.into(), sid);
     next_event(&mut body, &mut buf, "session", &sid.to_string(), wait)
         .await

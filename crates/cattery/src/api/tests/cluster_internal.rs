@@ -121,7 +121,7 @@ async fn frozen() -> String {
 }
 
 /// A delivered session of agent `agent` recorded as node `n2`'s; its id.
-async fn session_of_n2(api: &Api, agent: &str) -> uuid::Uuid {
+pub(super) async fn session_of_n2(api: &Api, agent: &str) -> uuid::Uuid {
     let store = &api.state.store;
     let agent = store
         .get_agent(super::DEFAULT_ORG, agent)

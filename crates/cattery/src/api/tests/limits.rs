@@ -2,10 +2,8 @@
 //! `ORG_LIMIT_REACHED` naming the limit and its value; removing one makes room again; another
 //! org is unaffected.
 
-use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
+use axum::http::{Method, StatusCode};
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 use super::daily::org_private_key;
 use super::{api_with, assert_error, Answer, Api};
@@ -137,15 +135,8 @@ async fn secret_sets_per_org_limits_new_sets_only() {
 async fn event_streams_per_org_counts_open_streams() {
     let a = api_with(|c| c.limits.event_streams_per_org = 1).await;
     let open = |key: String| {
-        let app = a.app.clone();
-        async move {
-            let req = Request::builder()
-                .uri("/v1/sessions/events")
-                .header("authorization", format!("Bearer {key}"))
-                .body(Body::empty())
-                .unwrap();
-            app.oneshot(req).await.unwrap()
-        }
+        let a = &a;
+        async move { super::open_events(a, &key).await }
     };
     let first = open(a.sk.clone()).await;
     assert_eq!(first.status(), StatusCode::OK);
