@@ -87,7 +87,7 @@ pub struct ApiKeyRecord {
 ///
 /// Scaling (`minAgents`/`maxAgents`) is deliberately absent: changing it never creates a
 /// new deployment (reference §A.3, "Update" semantics).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(custom_debug::Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct DeploymentSpec {
     /// Container image, or `local:<dir>` for a Python bot directory.
@@ -96,8 +96,10 @@ pub struct DeploymentSpec {
     pub command: Option<Vec<String>>,
     /// Working directory for `command`.
     pub working_dir: Option<String>,
-    /// Extra environment for instances.
+    /// Extra environment for instances (its values may be credentials: `Debug` shows the
+    /// names alone).
     #[serde(default)]
+    #[debug(with = crate::redact::map_keys)]
     pub env: BTreeMap<String, String>,
     /// SIGTERM-to-SIGKILL gap in seconds; `None` uses the server default.
     pub stop_grace_seconds: Option<f64>,

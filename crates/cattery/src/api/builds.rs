@@ -110,11 +110,13 @@ pub struct BuildLogs {
 }
 
 /// `{"uploadId", "uploadUrl", "uploadFields", "expiresAt"}`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(custom_debug::Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UploadUrl {
     upload_id: String,
     upload_url: String,
+    // `{"token": ...}`: `Debug` shows the names alone.
+    #[debug(with = crate::redact::map_keys)]
     upload_fields: HashMap<String, String>,
     expires_at: String,
     /// Cattery: the largest context accepted (bytes).
@@ -446,4 +448,26 @@ pub async fn org_build_logs(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<BuildLogs>> {
     logs(&st, &c.org, &id, &q).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_upload_urls_debug_hides_its_token() {
+        let u = super::UploadUrl {
+            upload_id: "u1".into(),
+            upload_url: "http://h/v1/builds/uploads/u1".into(),
+            upload_fields: std::collections::HashMap::from([(
+                "token".to_string(),
+                "upl-token-never-printed".to_string(),
+            )]),
+            expires_at: String::new(),
+            max_size_bytes: 1,
+        };
+        let text = format!("{u:?}");
+        assert!(
+            !text.contains("upl-token") && text.contains("\"token\""),
+            "{text}"
+        );
+    }
 }

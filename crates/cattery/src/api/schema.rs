@@ -339,7 +339,7 @@ pub struct DeploymentList {
 
 /// `ServiceDetailsResponse` (reference §B.2) plus Cattery's additive fields (`healthState`,
 /// `command`, `stopGraceSeconds`, `warmInstances`...).
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(custom_debug::Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentDetails {
     /// The current deployment.
@@ -369,6 +369,7 @@ pub struct AgentDetails {
     /// The current deployment.
     pub desired_deployment_id: Uuid,
     /// Extra environment variables.
+    #[debug(with = crate::redact::map_keys)]
     pub env: BTreeMap<String, String>,
     /// Why it cannot run or keeps failing.
     pub errors: Vec<AgentErrorItem>,

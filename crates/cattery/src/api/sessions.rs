@@ -27,7 +27,7 @@ pub const MAX_START_BODY: usize = 1024 * 1024;
 pub const MAX_WS_START_BODY: usize = 4 * 1024;
 
 /// `StartRequest` (reference §A.5).
-#[derive(Debug, Default, Deserialize, ToSchema)]
+#[derive(custom_debug::Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StartRequest {
     /// Create a Daily room for the session (needs the org's `dailyApiKey` property or the
@@ -42,10 +42,13 @@ pub struct StartRequest {
     /// `daily`, `webrtc` or `websocket`.
     pub transport: Option<String>,
     /// Passed to the bot as `args.body` (max 1 MiB; 4 KiB for websocket).
+    // The caller's data: `Debug` shows whether it is there, not what.
+    #[debug(with = crate::redact::hidden_some)]
     pub body: Option<Value>,
     /// Pipecat Flows config text: the bot gets it as `args.flow_config` (the base image's
     /// start envelope, `X-Pcc-Start-Envelope: 1`).
     #[serde(rename = "flow_config", alias = "flowConfig")]
+    #[debug(with = crate::redact::hidden_some)]
     pub flow_config: Option<String>,
 }
 

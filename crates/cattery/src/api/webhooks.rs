@@ -23,6 +23,7 @@ use crate::store::WebhookDelivery;
 pub struct CreateWebhook {
     /// `http://` or `https://` URL that receives the events (it may hold a credential: it
     /// is never logged).
+    #[debug(with = crate::redact::url)]
     pub url: String,
     /// Event types (`session.started`, `session.ended`, `deployment.ready`,
     /// `deployment.failed`); all when absent.
@@ -41,6 +42,7 @@ pub struct Webhook {
     /// Endpoint id.
     pub id: Uuid,
     /// Where events go.
+    #[debug(with = crate::redact::url)]
     pub url: String,
     /// Event types it receives.
     pub events: Vec<String>,

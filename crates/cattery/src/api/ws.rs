@@ -81,7 +81,7 @@ pub fn live_relays() -> usize {
 }
 
 /// A pending websocket session announced by `/start`.
-#[derive(Debug, Clone)]
+#[derive(custom_debug::Debug, Clone)]
 pub struct WsTicket {
     /// Org.
     pub org: String,
@@ -90,6 +90,7 @@ pub struct WsTicket {
     /// Announced session id.
     pub session_id: Uuid,
     /// Start body as JSON bytes, if any.
+    #[debug(with = crate::redact::hidden_some)]
     pub body: Option<Vec<u8>>,
     /// Expiry (Unix ms).
     pub expires_ms: i64,
@@ -171,6 +172,7 @@ impl WsState {
 pub struct WsAnnounce {
     /// The start `body`, base64 of its JSON (only when one was given).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[debug(with = crate::redact::hidden_some)]
     pub body: Option<String>,
     /// The session the connection will start.
     pub session_id: Uuid,

@@ -60,7 +60,7 @@ pub struct ResourcesRequest {
 /// Body of create (`POST /v1/agents`) and update (`POST /v1/agents/{name}`, `PUT .../services`).
 /// Absent fields keep their value on update. `command`, `workingDir`, `env`,
 /// `stopGraceSeconds` and `python` are Cattery's additive fields for the process runtime.
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[derive(custom_debug::Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentRequest {
     /// Agent name, `^[a-z0-9]([-a-z0-9]*[a-z0-9])$`, at most 54 chars. Required on create.
@@ -103,6 +103,8 @@ pub struct AgentRequest {
     /// Working directory for `command`.
     pub working_dir: Option<String>,
     /// Extra environment variables.
+    // Their values may be credentials: `Debug` shows the names alone.
+    #[debug(with = crate::redact::map_keys_some)]
     pub env: Option<BTreeMap<String, String>>,
     /// Seconds between SIGTERM and SIGKILL when an instance is removed, 0..=3600; 0 = SIGKILL at once.
     pub stop_grace_seconds: Option<f64>,

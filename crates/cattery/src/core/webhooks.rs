@@ -115,11 +115,12 @@ struct Live {
 }
 
 /// An endpoint as the API shows it (never its secret).
-#[derive(Debug, Clone)]
+#[derive(custom_debug::Debug, Clone)]
 pub struct EndpointView {
     /// Id.
     pub id: Uuid,
-    /// URL.
+    /// URL (may hold a credential: `Debug` shows its scheme and host).
+    #[debug(with = crate::redact::url)]
     pub url: String,
     /// Event types it receives.
     pub events: Vec<String>,
@@ -145,6 +146,7 @@ impl EndpointView {
 #[derive(custom_debug::Debug, Clone, Default)]
 pub struct NewEndpoint {
     /// `http://` or `https://` URL.
+    #[debug(with = crate::redact::url)]
     pub url: String,
     /// Event types (`None`: all of them).
     pub events: Option<Vec<String>>,

@@ -247,7 +247,7 @@ pub trait Instance: Send + Sync {
 /// What a runtime makes of a deployment: the command an instance runs and the environment it
 /// adds (before the agent's own env, secrets and the session's variables). Made by
 /// [`Runtime::prepare`]; the engine adds the rest and hands it back in an [`InstanceSpec`].
-#[derive(Debug, Clone)]
+#[derive(custom_debug::Debug, Clone)]
 pub struct Prepared {
     /// Program (a path, or a name looked up in `PATH`; an image for a container runtime).
     pub program: String,
@@ -256,6 +256,7 @@ pub struct Prepared {
     /// Working directory; `None` = the runtime's default.
     pub working_dir: Option<PathBuf>,
     /// Environment the runtime itself adds (e.g. `CATTERY_BOT_DIR` for `local:` bots).
+    #[debug(with = crate::redact::env_names)]
     pub env: Vec<(String, String)>,
 }
 

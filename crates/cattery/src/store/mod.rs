@@ -249,13 +249,15 @@ pub struct SealedValue {
 }
 
 /// An org and its settings.
-#[derive(Debug, Clone)]
+#[derive(custom_debug::Debug, Clone)]
 pub struct OrgRecord {
     /// Slug used in `/v1/organizations/{org}/...`.
     pub name: String,
     /// Display name.
     pub verbose_name: String,
-    /// Properties JSON object (reference §A.9), e.g. `{"defaultRegion": "local"}`.
+    /// Properties JSON object (reference §A.9), e.g. `{"defaultRegion": "local"}`. `Debug`
+    /// hides the secret ones (`dailyApiKey`, `dailyDialinHmac`).
+    #[debug(with = crate::redact::org_properties)]
     pub properties: serde_json::Value,
     /// Creation time (ms).
     pub created_ms: i64,
@@ -566,7 +568,7 @@ impl TakenOver {
 
 /// A pending websocket session announced by `/start` (docs/cluster.md): redeemed once, on
 /// whichever node the client connects to.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(custom_debug::Debug, Clone, PartialEq)]
 pub struct WsTokenRecord {
     /// SHA-256 of the token (the token itself is never stored).
     pub hash: Vec<u8>,
@@ -577,6 +579,7 @@ pub struct WsTokenRecord {
     /// Announced session id.
     pub session_id: Uuid,
     /// Start body as JSON bytes, if any.
+    #[debug(with = crate::redact::hidden_some)]
     pub body: Option<Vec<u8>>,
     /// Expiry (Unix ms).
     pub expires_ms: i64,
@@ -821,13 +824,14 @@ pub trait BuildStore: Send + Sync + 'static {
 
 /// An org's webhook endpoint (`core::webhooks`): where its events go, signed with a secret
 /// that is stored sealed.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(custom_debug::Debug, Clone, PartialEq)]
 pub struct WebhookEndpointRecord {
     /// Endpoint id.
     pub id: Uuid,
     /// Owning org.
     pub org: String,
     /// Where events are POSTed (may hold a credential: never logged whole).
+    #[debug(with = crate::redact::url)]
     pub url: String,
     /// Event types it receives, sorted.
     pub events: Vec<String>,
