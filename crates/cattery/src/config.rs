@@ -234,6 +234,21 @@ impl StoreConfig {
     }
 }
 
+/// A TOML error without the excerpt of the file that `toml`'s own `Display` adds (the line
+/// at fault, which may be a secret's): its line and column, and its message.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim_end();
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("TOML error at line {line}, column {column}: {msg}")
+        }
+        None => format!("TOML error: {msg}"),
+    }
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
@@ -495,7 +510,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CATTERY_RESERVED_FDS", help_heading = "Server")]
     pub reserved_fds: Option<u64>,
     /// Bearer token that `GET /metrics` (Prometheus) requires; without it /metrics is open.
-    #[arg(long, env = "CATTERY_METRICS_TOKEN", help_heading = "Server")]
+    #[arg(
+        long,
+        env = "CATTERY_METRICS_TOKEN",
+        help_heading = "Server",
+        hide_env_values = true
+    )]
     #[debug(with = crate::redact::hidden_some)]
     pub metrics_token: Option<String>,
     /// Format of the server's own log on stderr: `text`, or `json` (one object per line, with
@@ -611,7 +631,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CATTERY_METRICS_INTERVAL_MS", help_heading = "Sessions")]
     pub metrics_interval_ms: Option<u64>,
     /// Daily API key, needed for `createDailyRoom`.
-    #[arg(long, env = "CATTERY_DAILY_API_KEY", help_heading = "Sessions")]
+    #[arg(
+        long,
+        env = "CATTERY_DAILY_API_KEY",
+        help_heading = "Sessions",
+        hide_env_values = true
+    )]
     #[debug(with = crate::redact::hidden_some)]
     pub daily_api_key: Option<String>,
     /// Daily's REST API base URL [default: https://api.daily.co/v1].
@@ -704,8 +729,12 @@ impl Config {
     }
 
     /// Parses a TOML configuration.
+    ///
+    /// Errors: the TOML does not parse or does not fit; the message says where (line and
+    /// column) and why, never quoting the file, whose lines may hold a secret
+    /// (`database_url`, `daily_api_key`, `metrics_token`).
     pub fn from_toml(text: &str) -> anyhow::Result<Config> {
-        Ok(toml::from_str(text)?)
+        toml::from_str(text).map_err(|e| anyhow::anyhow!(toml_error(text, &e)))
     }
 
     /// Defaults, under the `--config` file, under the environment and flags; validated.
@@ -1077,6 +1106,48 @@ mod tests {
         let mut cfg = Config::default();
         cfg.server.header_read_timeout_seconds = 0.0;
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn help_never_shows_a_secret_variables_value() {
+        // clap's --help shows `[env: NAME=value]` for a variable that is set, unless hidden.
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let secret = |n: &str| {
+            n.ends_with("_TOKEN") || n.ends_with("_API_KEY") || n.ends_with("DATABASE_URL")
+        };
+        let mut seen = 0;
+        for a in cmd.get_arguments() {
+            let Some(env) = a.get_env().and_then(|e| e.to_str()) else {
+                continue;
+            };
+            if secret(env) {
+                seen += 1;
+                assert!(a.is_hide_env_values_set(), "--help would show ${env}");
+            }
+        }
+        assert_eq!(
+            seen, 3,
+            "CATTERY_METRICS_TOKEN, _DAILY_API_KEY, _DATABASE_URL"
+        );
+    }
+
+    #[test]
+    fn file_errors_say_where_without_quoting_the_file() {
+        // A misspelt key, an unterminated string, a bad value: toml's own message quotes the
+        // line at fault, here a password or key.
+        for (text, line) in [
+            ("[store]\ndatabse_url = \"postgres://u:hunter2@db/c\"\n", 2),
+            ("[store]\ndatabase_url = \"postgres://u:hunter2@db/c\n", 2),
+            ("[sessions]\n\ndaily_api_key = hunter2\n", 3),
+            ("[server]\nmetrics_token = \"hunter2\" 5\n", 2),
+        ] {
+            let e = format!("{:#}", Config::from_toml(text).unwrap_err());
+            assert!(!e.contains("hunter2"), "{e}");
+            assert!(e.contains(&format!("line {line}")), "{e}");
+        }
+        let e = Config::from_toml("[server]\nlisen = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("unknown field `lisen`"), "{e}");
     }
 
     #[test]

@@ -839,3 +839,121 @@ async fn a_deleted_secret_set_does_not_lock_its_agent() {
         "{a}"
     );
 }
+
+/// No secret the server is given or serves reaches its output: `cattery serve --help` with
+/// the secret variables set, the error of a config file that does not parse, and the log of
+/// a server at debug level that serves each kind of secret (the database URL's password,
+/// `--daily-api-key`, `--metrics-token`, a secret set's value, an org's `dailyApiKey`, an
+/// agent's `env`, a start `body`, a webhook URL's token, its failed deliveries). On
+/// PostgreSQL when its binaries are installed (trust auth ignores the URL's password).
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_reaches_the_servers_output() {
+    use crate::common::{cattery_bin, free_port};
+    const MARK: &str = "LEAKMARK-7d2e";
+    let val = |what: &str| format!("{what}-{MARK}");
+    let pg = crate::postgres::PgCluster::start();
+    let db_url = pg.as_ref().map(|pg| {
+        pg.url()
+            .replacen("postgres@", &format!("postgres:{}@", val("pw")), 1)
+    });
+    let (daily, metrics) = (val("dk"), val("mt"));
+    let mut env = vec![
+        ("CATTERY_DAILY_API_KEY", daily.as_str()),
+        ("CATTERY_METRICS_TOKEN", metrics.as_str()),
+    ];
+    if let Some(u) = &db_url {
+        env.push(("CATTERY_DATABASE_URL", u));
+    }
+
+    // --help names the variables that are set, never their values.
+    let out = std::process::Command::new(cattery_bin())
+        .args(["serve", "--help"])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("CATTERY_DAILY_API_KEY"), "{text}");
+    assert!(!text.contains(MARK), "{text}");
+
+    // A config file that does not parse: where and why, without the line at fault.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cattery.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[store]\ndatabse_url = \"postgres://u:{}@db/c\"\n",
+            val("pw")
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(cattery_bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        text.contains("line 2") && text.contains("databse_url"),
+        "{text}"
+    );
+    assert!(!text.contains(MARK), "{text}");
+
+    let mut s = Server::start_with_env(&[], &env).await;
+    let r = put_secrets(&s, "leak-set", &[("SET_KEY", &val("set"))]).await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let r = s
+        .req(
+            "PATCH",
+            "/v1/properties",
+            Some(&s.sk),
+            Some(json!({"dailyApiKey": val("org")})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    // Nothing listens there: every delivery fails, and says so in the log.
+    let hook = format!(
+        "http://127.0.0.1:{}/hooks/{}?token={}",
+        free_port(),
+        val("path"),
+        val("query")
+    );
+    let r = s
+        .req(
+            "POST",
+            "/v1/webhooks",
+            Some(&s.sk),
+            Some(json!({"url": hook})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    s.deploy(
+        "leaky",
+        &[],
+        json!({"secretSet": "leak-set", "env": {"AGENT_KEY": val("env")}}),
+    )
+    .await;
+    s.wait_ready("leaky", Duration::from_secs(20)).await;
+    let r = s
+        .start_session("leaky", json!({"body": {"apiKey": val("body")}}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sid = r.body["sessionId"].as_str().unwrap().to_string();
+    assert_eq!(s.stop("leaky", &sid).await.status, 200);
+    wait_for(
+        Duration::from_secs(20),
+        "a failed webhook delivery",
+        || async { s.log().contains("webhook delivery failed").then_some(()) },
+    )
+    .await;
+    s.terminate(Duration::from_secs(20));
+    let log = s.log();
+    assert!(log.contains("cattery listening"), "{log}");
+    let leaks: Vec<&str> = log.lines().filter(|l| l.contains(MARK)).collect();
+    assert!(
+        leaks.is_empty(),
+        "secrets in the server's log:\n{}",
+        leaks.join("\n")
+    );
+}
