@@ -158,17 +158,22 @@ async fn a_lost_node_has_its_sessions_ended_and_leaves_no_process_on_return() {
     let Some(pg) = PgCluster::start() else {
         return;
     };
-    let mut cluster = start_nodes(
-        &pg,
-        3,
-        "2",
-        &[],
-        (
+    // The agents outlive their node's connection (as upgrade.md asks of agents): without
+    // `--ignore-transport-close` they end themselves when the killed node's `/bot` socket
+    // closes, and the node's return would find nothing to remove.
+    let mut cluster = Cluster::new(&pg.url(), &["--node-timeout", "2"]);
+    cluster
+        .add_node()
+        .await
+        .deploy(
             "lose",
+            &["--ignore-transport-close"],
             json!({"autoScaling": {"minAgents": 0, "maxAgents": 2}}),
-        ),
-    )
-    .await;
+        )
+        .await;
+    for _ in 1..3 {
+        cluster.add_node().await;
+    }
     let nodes = &mut cluster.nodes;
     let mut sids = Vec::new();
     let mut pids = Vec::new();

@@ -288,14 +288,17 @@ async fn server_sigkill_and_restart_readopts_live_sessions() {
         wpid, warm_pid,
         "the live warm instance was re-adopted, not replaced"
     );
-    assert_eq!(s.stop("warmed", &wsid).await.status, 200);
-    // Its output follows it into the session it got after the restart.
-    let logs = wait_log(&s, "warmed", &wsid, "reason=stopped").await;
+    // Its output follows it into the session it got after the restart. Waited for before
+    // the stop: the start answers once `/bot` is written to the agent, and a SIGTERM that
+    // arrives before the agent's thread has read it ends the process first.
+    let logs = wait_log(&s, "warmed", &wsid, "bot started").await;
     assert!(
         logs.iter()
             .any(|l| l.stream == "stdout" && l.log.contains("bot started")),
         "{logs:?}"
     );
+    assert_eq!(s.stop("warmed", &wsid).await.status, 200);
+    wait_log(&s, "warmed", &wsid, "reason=stopped").await;
 
     // Supervised: the time limit still holds after the restart.
     let g = s
