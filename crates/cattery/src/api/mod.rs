@@ -26,6 +26,7 @@ pub mod sessions;
 mod tests;
 pub mod trace;
 pub mod webhooks;
+pub mod whatsapp;
 pub mod ws;
 
 use std::sync::Arc;

@@ -29,7 +29,7 @@ pub const PROXY_WAIT: Duration = Duration::from_secs(30);
 /// The client for requests to instances. A pooled connection is dropped after 4 s idle:
 /// the base image's server (uvicorn) closes keep-alive connections idle for 5 s, and a
 /// request sent on a connection the server is closing fails (it is not retried).
-static CLIENT: LazyLock<Client<HttpConnector, Body>> = LazyLock::new(|| {
+pub(super) static CLIENT: LazyLock<Client<HttpConnector, Body>> = LazyLock::new(|| {
     let mut c = HttpConnector::new();
     c.set_nodelay(true);
     Client::builder(TokioExecutor::new())
@@ -121,7 +121,12 @@ const OWNER_CHECK: Duration = Duration::from_secs(1);
 /// waits), has no advertise URL, does not take the connection (a node that died and is not
 /// declared dead yet), or this node has no cluster secret; 502 when the request was sent and
 /// no answer came.
-async fn to_owner(st: &AppState, owner: &str, id: Uuid, req: Request) -> ApiResult<Response> {
+pub(super) async fn to_owner(
+    st: &AppState,
+    owner: &str,
+    id: Uuid,
+    req: Request,
+) -> ApiResult<Response> {
     let unreachable = |why: &str| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -24,7 +24,7 @@ use super::error::ApiError;
 use super::MAX_REQUEST_BYTES;
 use super::{
     agents, builds, cluster, dialin, events, logs, metrics, openapi, org, proxy, secrets, sessions,
-    webhooks, ws, AppState,
+    webhooks, whatsapp, ws, AppState,
 };
 
 /// The CLI's agents ("services") of an org.
@@ -63,6 +63,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(webhooks::webhook_secret))
         .routes(routes!(webhooks::webhook_deliveries))
         .routes(routes!(dialin::dialin))
+        .routes(routes!(whatsapp::whatsapp_verify, whatsapp::whatsapp_event))
         // Plain routes.
         .route("/health", get(health))
         .route("/metrics", get(metrics::scrape))
@@ -435,7 +436,7 @@ mod tests {
     }
 
     /// The document describes exactly these operations (the 21 of before it was generated
-    /// from the route list, then the webhooks, dial-in and builds routes).
+    /// from the route list, then the webhooks, dial-in, WhatsApp and builds routes).
     #[test]
     fn documented_operations() {
         let mut ids: Vec<String> = super::openapi()
@@ -487,6 +488,8 @@ mod tests {
             "websocket_connect",
             "create_webhook",
             "daily_dialin",
+            "whatsapp_event",
+            "whatsapp_verify",
             "delete_webhook",
             "get_webhook",
             "get_webhook_secret",

@@ -40,6 +40,7 @@ mod daily;
 mod fork_server;
 mod limits;
 mod webhooks;
+mod whatsapp;
 mod ws_waiting;
 
 async fn api() -> Api {

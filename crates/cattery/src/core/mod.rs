@@ -19,6 +19,7 @@ pub mod secrets;
 pub mod session;
 pub mod shared;
 pub mod webhooks;
+pub mod whatsapp;
 
 use crate::store::StoreError;
 

@@ -123,6 +123,7 @@ struct FakeInner {
     starts: AtomicU32,
     events: Mutex<Vec<String>>,
     delivered: Mutex<Vec<Delivered>>,
+    whatsapp: Mutex<Vec<Delivered>>,
     fork: Mutex<HashMap<Uuid, super::ForkServerStatus>>,
     /// Instances reachable from any node ([`FakeRuntime::set_shared`]).
     shared: std::sync::atomic::AtomicBool,
@@ -179,6 +180,11 @@ impl FakeRuntime {
     /// Every `POST /bot` received, in order.
     pub fn delivered(&self) -> Vec<Delivered> {
         self.inner.delivered.lock().clone()
+    }
+
+    /// WhatsApp events instances received (`POST /whatsapp`), in order.
+    pub fn whatsapp(&self) -> Vec<Delivered> {
+        self.inner.whatsapp.lock().clone()
     }
 
     /// What happened, in order (`start <id>`, `sigterm <id>`, `sigkill <id>`, `gone <id>`).
@@ -351,6 +357,7 @@ impl FakeInstance {
         let app = axum::Router::new()
             .route("/readyz", get(readyz))
             .route("/bot", post(bot))
+            .route("/whatsapp", post(whatsapp))
             .with_state(Srv(inst.clone()));
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -393,6 +400,22 @@ async fn readyz(State(Srv(i)): State<Srv>) -> StatusCode {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     }
+}
+
+/// Records a WhatsApp event and answers as the base image does.
+async fn whatsapp(
+    State(Srv(i)): State<Srv>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> axum::Json<serde_json::Value> {
+    i.runtime
+        .inner
+        .whatsapp
+        .lock()
+        .push(Delivered { headers, body });
+    axum::Json(
+        serde_json::json!({"status": "success", "message": "Webhook processed successfully"}),
+    )
 }
 
 async fn bot(

@@ -1,0 +1,191 @@
+//! Meta's WhatsApp webhook: the verification handshake (the org's public key as verify
+//! token) and call events (a session per call, events forwarded to the instance's
+//! `/whatsapp` with `x-daily-session-id`, an ended call's events refused).
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use super::{api, assert_error, Answer};
+
+/// A GET answered as status, content type and raw body.
+async fn get_raw(a: &super::Api, uri: &str) -> (StatusCode, String, String) {
+    let req = Request::builder().uri(uri).body(Body::empty()).unwrap();
+    let resp = a.app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (status, ct, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn as_answer((status, _, body): (StatusCode, String, String)) -> Answer {
+    Answer {
+        status,
+        body: serde_json::from_str(&body).unwrap_or(Value::Null),
+    }
+}
+
+fn call_event(event: &str, id: &str) -> Value {
+    json!({"object": "whatsapp_business_account", "entry": [{"id": "waba-1", "changes": [{
+        "field": "calls", "value": {"messaging_product": "whatsapp", "calls": [{
+            "id": id, "event": event, "from": "15550001111", "to": "15550002222",
+            "timestamp": "1700000000", "direction": "USER_INITIATED",
+            "session": {"sdp": "v=0", "sdp_type": "offer"}}]}}]}]})
+}
+
+/// A POST with Meta's signature header.
+async fn post_event(a: &super::Api, org: &str, agent: &str, body: &Value) -> Answer {
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("/v1/public/webhooks/{org}/{agent}/whatsapp"))
+        .header("content-type", "application/json")
+        .header("x-hub-signature-256", "sha256=abc")
+        .body(Body::from(serde_json::to_vec(body).unwrap()))
+        .unwrap();
+    let resp = a.app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    Answer {
+        status,
+        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatsapp_verification_takes_the_orgs_public_key() {
+    let a = api().await;
+    a.deploy("wa", &[], json!({})).await;
+    let url =
+        |org: &str, agent: &str, q: &str| format!("/v1/public/webhooks/{org}/{agent}/whatsapp?{q}");
+    let ok = format!(
+        "hub.mode=subscribe&hub.verify_token={}&hub.challenge=1158201444",
+        a.pk
+    );
+    let (status, ct, body) = get_raw(&a, &url("default", "wa", &ok)).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "1158201444"));
+    assert!(ct.starts_with("text/plain"), "{ct}");
+
+    // A wrong token, the private key, and an unknown org answer alike: 403.
+    let wrong = "hub.mode=subscribe&hub.verify_token=pk_nope&hub.challenge=1";
+    let private = format!(
+        "hub.mode=subscribe&hub.verify_token={}&hub.challenge=1",
+        a.sk
+    );
+    for uri in [
+        url("default", "wa", wrong),
+        url("default", "wa", &private),
+        url("nope", "wa", &ok),
+    ] {
+        assert_error(
+            &as_answer(get_raw(&a, &uri).await),
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN",
+        );
+    }
+    // The right key for an agent that does not exist.
+    assert_error(
+        &as_answer(get_raw(&a, &url("default", "nobody", &ok)).await),
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+    );
+    // Missing or wrong parameters.
+    let no_challenge = format!("hub.mode=subscribe&hub.verify_token={}", a.pk);
+    let bad_mode = format!(
+        "hub.mode=unsubscribe&hub.verify_token={}&hub.challenge=1",
+        a.pk
+    );
+    for q in ["", "hub.mode=subscribe", &no_challenge, &bad_mode] {
+        assert_error(
+            &as_answer(get_raw(&a, &url("default", "wa", q)).await),
+            StatusCode::BAD_REQUEST,
+            "GENERIC_BAD_REQUEST",
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatsapp_call_gets_a_session_and_its_events() {
+    let a = api().await;
+    a.deploy("wa", &[], json!({})).await;
+
+    // Not a WhatsApp payload; unknown org or agent; a payload about no call.
+    let r = post_event(&a, "default", "wa", &json!({"object": "page", "entry": []})).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+    let connect = call_event("connect", "wacid.AAA");
+    for (org, agent) in [("nope", "wa"), ("default", "nobody")] {
+        let r = post_event(&a, org, agent, &connect).await;
+        assert_error(&r, StatusCode::NOT_FOUND, "NOT_FOUND");
+    }
+    let messages = json!({"object": "whatsapp_business_account", "entry": [{"changes": [{
+        "field": "messages", "value": {"messages": [{"id": "m1"}]}}]}]});
+    let r = post_event(&a, "default", "wa", &messages).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["status"], "ignored");
+    // A terminate for a call never seen starts nothing.
+    let r = post_event(&a, "default", "wa", &call_event("terminate", "wacid.ZZZ")).await;
+    assert_error(&r, StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_eq!(a.fake.starts(), 0);
+    assert!(a.fake.whatsapp().is_empty());
+
+    // A new call: one session (a webrtc start), the event forwarded with its session id.
+    let r = post_event(&a, "default", "wa", &connect).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["status"], "success", "{}", r.body);
+    assert_eq!(a.fake.starts(), 1);
+    let bot = a.fake.delivered();
+    assert_eq!(bot.len(), 1);
+    assert_eq!(bot[0].headers["x-daily-transport-type"], "webrtc");
+    let sid = bot[0].headers["x-daily-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let seen = a.fake.whatsapp();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].headers["x-daily-session-id"], sid.as_str());
+    assert_eq!(seen[0].headers["x-hub-signature-256"], "sha256=abc");
+    assert_eq!(
+        serde_json::from_str::<Value>(&seen[0].body).unwrap(),
+        connect
+    );
+    let s = a.get(&format!("/v1/agents/wa/sessions/{sid}")).await;
+    assert_eq!(s.status, StatusCode::OK, "{}", s.body);
+    assert_eq!(s.body["transport"], "webrtc", "{}", s.body);
+
+    // Meta re-sends the connect: no second session. The terminate reaches the same one.
+    let r = post_event(&a, "default", "wa", &connect).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let terminate = call_event("terminate", "wacid.AAA");
+    let r = post_event(&a, "default", "wa", &terminate).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(a.fake.starts(), 1);
+    let seen = a.fake.whatsapp();
+    assert_eq!(seen.len(), 3);
+    assert!(seen
+        .iter()
+        .all(|d| d.headers["x-daily-session-id"] == sid.as_str()));
+
+    // Once the session has ended, the call maps to nothing live.
+    assert_eq!(a.stop("wa", &sid).await.status, StatusCode::OK);
+    let r = post_event(&a, "default", "wa", &terminate).await;
+    assert_error(&r, StatusCode::NOT_FOUND, "NOT_FOUND");
+    let r = post_event(&a, "default", "wa", &connect).await;
+    assert_error(&r, StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_eq!(a.fake.starts(), 1);
+    assert_eq!(a.fake.whatsapp().len(), 3);
+
+    // Another call is another session.
+    let r = post_event(&a, "default", "wa", &call_event("connect", "wacid.BBB")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(a.fake.starts(), 2);
+    let last = a.fake.whatsapp().pop().unwrap();
+    assert_ne!(last.headers["x-daily-session-id"], sid.as_str());
+}

@@ -1,0 +1,219 @@
+//! WhatsApp Business calling (Pipecat Cloud's WhatsApp guide): Meta's webhook for an agent,
+//! `/v1/public/webhooks/{org}/{agent}/whatsapp`. No API key: Meta cannot send one.
+//!
+//! - `GET` is Meta's verification: `hub.mode=subscribe`, `hub.verify_token` = one of the
+//!   org's live public API keys, `hub.challenge` echoed as `text/plain`; a wrong token (or
+//!   an unknown org, which answers the same) is a 403.
+//! - `POST` is a call event. A `connect` starts a session for the call (a start like any
+//!   other: capacity, warm pool, `maxAgents`), with `x-daily-transport-type: webrtc` and body
+//!   `{}`, as a SmallWebRTC start; then the event, and every later event of the call, is
+//!   forwarded unchanged (body and `x-hub-signature-256`) to the instance's `POST /whatsapp`
+//!   with `x-daily-session-id`, and the instance's answer is returned. The bot answers the
+//!   call through pipecat's `WhatsAppClient` and ends on `terminate`, which ends the session
+//!   and so the call's mapping (see `core::whatsapp`). A payload about no call (messages,
+//!   message statuses) is answered 200 and not forwarded: Meta re-sends any event it sees
+//!   refused. Meta's signature is checked by the bot (it holds `WHATSAPP_APP_SECRET`), not
+//!   by the platform.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::extract::{OriginalUri, Query, Request, State};
+use axum::http::{HeaderMap, HeaderName, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::{ApiJsonBytes, ApiPath, AppState};
+use crate::core::session::StartParams;
+use crate::core::whatsapp::{self, CallEvent};
+use crate::core::CoreError;
+
+/// An unknown org and an unknown agent answer alike: this route has no key, and must not
+/// tell which orgs exist.
+fn unknown() -> ApiError {
+    ApiError::not_found("NOT_FOUND", "no such agent for this WhatsApp URL")
+}
+
+fn not_found(e: CoreError) -> ApiError {
+    match e {
+        CoreError::NotFound(_) => unknown(),
+        e => e.into(),
+    }
+}
+
+/// Meta's webhook verification: the challenge back when the verify token is a public API
+/// key of the org.
+#[utoipa::path(get, path = "/v1/public/webhooks/{org_id}/{agent_name}/whatsapp", tag = "sessions",
+    operation_id = "whatsapp_verify",
+    params(("org_id" = String, Path, description = "Organization"), ("agent_name" = String, Path, description = "Agent name"),
+           ("hub.mode" = String, Query, description = "subscribe"),
+           ("hub.verify_token" = String, Query, description = "A public API key of the org"),
+           ("hub.challenge" = String, Query, description = "Echoed back")),
+    responses((status = 200, description = "the challenge, as text/plain", body = String, content_type = "text/plain"),
+              (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn whatsapp_verify(
+    State(st): State<AppState>,
+    ApiPath((org, name)): ApiPath<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let get = |k: &str| q.get(k).map(String::as_str);
+    let (token, challenge) = whatsapp::verification(
+        get("hub.mode"),
+        get("hub.verify_token"),
+        get("hub.challenge"),
+    )
+    .map_err(ApiError::bad_request)?;
+    let refused = || {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN",
+            "verification failed: hub.verify_token must be a public API key of the org",
+        )
+    };
+    let key = crate::core::keys::find_live_key(st.store.as_ref(), token).await?;
+    match key {
+        Ok(k) if k.org == org && k.kind == crate::model::KeyKind::Public => {}
+        _ => return Err(refused()),
+    }
+    // The caller holds the org's key: it may learn that the agent does not exist.
+    crate::core::lookup::agent_of(&st.store, &org, &name)
+        .await
+        .map_err(not_found)?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        challenge.to_string(),
+    )
+        .into_response())
+}
+
+/// Meta's call events: a session for a new call, and every event of the call forwarded to
+/// its instance's `POST /whatsapp`.
+#[utoipa::path(post, path = "/v1/public/webhooks/{org_id}/{agent_name}/whatsapp", tag = "sessions",
+    operation_id = "whatsapp_event",
+    request_body(content = Object, description = "Meta's WhatsApp Business webhook payload (object, entry[].changes[].value.calls[])"),
+    params(("org_id" = String, Path, description = "Organization"), ("agent_name" = String, Path, description = "Agent name")),
+    responses((status = 200, description = "the bot's own answer, unchanged, or {\"status\":\"ignored\"} for a payload about no call", body = Object),
+              (status = "default", description = "the bot's own answer with any other status, unchanged"),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 429, body = ErrorBody),
+              (status = 502, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn whatsapp_event(
+    State(st): State<AppState>,
+    ApiPath((org, name)): ApiPath<(String, String)>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    ApiJsonBytes(body, raw): ApiJsonBytes<Value>,
+) -> ApiResult<Response> {
+    let event = whatsapp::call_event(&body).map_err(ApiError::bad_request)?;
+    crate::core::orgs::org_record(&st.store, &org)
+        .await
+        .map_err(not_found)?;
+    crate::core::lookup::agent_of(&st.store, &org, &name)
+        .await
+        .map_err(not_found)?;
+    let Some(event) = event else {
+        return Ok(
+            Json(json!({"status": "ignored", "reason": "the event is about no call"}))
+                .into_response(),
+        );
+    };
+    let call = event.call_id().to_string();
+    let sid = whatsapp::session_of_call(&org, &name, &call);
+    let existing = match crate::core::lookup::session_of(&st.store, &org, &name, sid).await {
+        Ok((_, rec)) => Some(rec),
+        Err(CoreError::NotFound(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let from_peer = super::cluster::from_peer(&st, &headers).await?;
+    match (&event, existing) {
+        (_, Some(rec)) if rec.end.is_none() => {
+            if !from_peer && !st.sup.owns(&rec.node_id) && !st.sup.serves(sid) {
+                let mut req = Request::new(Body::from(raw));
+                *req.method_mut() = Method::POST;
+                *req.uri_mut() = uri;
+                *req.headers_mut() = headers;
+                return super::proxy::to_owner(&st, &rec.node_id, sid, req).await;
+            }
+        }
+        (CallEvent::Connect(_), None) => {
+            st.sup.check_startable(&org, &name).map_err(not_found)?;
+            let out = st
+                .sup
+                .start_session(
+                    &org,
+                    &name,
+                    StartParams {
+                        body: bytes::Bytes::from_static(b"{}"),
+                        transport: Some("webrtc".into()),
+                        session_id: Some(sid),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(not_found)?;
+            tracing::info!(org, agent = name, session.id = %out.session_id, call, "WhatsApp call: session started");
+        }
+        (_, ended) => {
+            let why = if ended.is_some() {
+                "has ended"
+            } else {
+                "was never started"
+            };
+            return Err(ApiError::not_found(
+                "NOT_FOUND",
+                format!("the session of WhatsApp call {call} {why}"),
+            ));
+        }
+    }
+    to_instance(&st, sid, headers, raw).await
+}
+
+/// Posts the event to the instance's `/whatsapp`, as Meta sent it plus `x-daily-session-id`,
+/// and returns the instance's answer unchanged.
+async fn to_instance(
+    st: &AppState,
+    sid: Uuid,
+    mut headers: HeaderMap,
+    raw: bytes::Bytes,
+) -> ApiResult<Response> {
+    let addr = st
+        .sup
+        .session_addr(sid, super::proxy::PROXY_WAIT)
+        .await
+        .ok_or_else(|| ApiError::not_found("NOT_FOUND", format!("session {sid} is not running")))?;
+    for h in [
+        "host",
+        "content-length",
+        "authorization",
+        crate::core::cluster::SECRET_HEADER,
+        crate::core::cluster::NODE_HEADER,
+    ] {
+        headers.remove(h);
+    }
+    headers.insert(
+        HeaderName::from_static("x-daily-session-id"),
+        sid.to_string()
+            .parse()
+            .expect("uuid is a valid header value"),
+    );
+    let mut req = Request::new(Body::from(raw));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = format!("http://{addr}/whatsapp")
+        .parse::<Uri>()
+        .expect("a socket address makes a valid URI");
+    *req.headers_mut() = headers;
+    let resp = super::proxy::CLIENT.request(req).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "502",
+            format!("the session's instance did not answer: {e}"),
+        )
+    })?;
+    let (parts, body) = resp.into_parts();
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
