@@ -12,8 +12,12 @@
 //!   call through pipecat's `WhatsAppClient` and ends on `terminate`, which ends the session
 //!   and so the call's mapping (see `core::whatsapp`). A payload about no call (messages,
 //!   message statuses) is answered 200 and not forwarded: Meta re-sends any event it sees
-//!   refused. Meta's signature is checked by the bot (it holds `WHATSAPP_APP_SECRET`), not
-//!   by the platform.
+//!   refused.
+//! - Meta signs every `POST` (`x-hub-signature-256`, HMAC-SHA256 of the body with the app
+//!   secret). When the agent's secret set holds `WHATSAPP_APP_SECRET` (as the base image
+//!   needs to serve `/whatsapp`), the platform checks the signature before it starts or
+//!   forwards anything: without it, anyone who knows the URL could start sessions. The bot
+//!   checks it again. An agent without that secret gets its events unchecked.
 
 use std::collections::HashMap;
 
@@ -113,9 +117,30 @@ pub async fn whatsapp_event(
     crate::core::orgs::org_record(&st.store, &org)
         .await
         .map_err(not_found)?;
-    crate::core::lookup::agent_of(&st.store, &org, &name)
+    let agent = crate::core::lookup::agent_of(&st.store, &org, &name)
         .await
         .map_err(not_found)?;
+    // An agent whose secrets hold its app's secret takes only events Meta signed with it,
+    // checked before anything starts. A refusal answers as an unknown agent does, and says
+    // why in the log; a secret that cannot be read refuses every event.
+    let secret = whatsapp::app_secret(&st.store, &st.secrets, &agent).await;
+    let checked = match &secret {
+        Ok(None) => Ok(()),
+        Ok(Some(s)) => whatsapp::check_signature(
+            s,
+            headers
+                .get("x-hub-signature-256")
+                .and_then(|v| v.to_str().ok()),
+            &raw,
+        ),
+        Err(_) => Err(
+            "the agent's WHATSAPP_APP_SECRET cannot be read (sealed under another secrets key?)",
+        ),
+    };
+    if let Err(why) = checked {
+        tracing::warn!(org, agent = name, reason = why, "WhatsApp webhook refused");
+        return Err(unknown());
+    }
     let Some(event) = event else {
         return Ok(
             Json(json!({"status": "ignored", "reason": "the event is about no call"}))

@@ -413,7 +413,7 @@ pub fn check_dialin_signature(
 }
 
 /// A 64-character hex SHA-256 digest's bytes.
-fn hex_digest(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn hex_digest(s: &str) -> Option<Vec<u8>> {
     if s.len() != 64 || !s.is_ascii() {
         return None;
     }

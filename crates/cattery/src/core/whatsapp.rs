@@ -91,6 +91,47 @@ pub fn call_event(body: &Value) -> Result<Option<CallEvent>, String> {
     Ok(None)
 }
 
+/// The secret of the agent's WhatsApp app, as its bot reads it.
+pub const APP_SECRET: &str = "WHATSAPP_APP_SECRET";
+
+/// The agent's `WHATSAPP_APP_SECRET`, from the secrets of its latest deployment (what its
+/// instances get). `Ok(None)` when that deployment has none.
+///
+/// Errors: the snapshot cannot be read, or the value cannot be opened (sealed under another
+/// secrets key).
+pub async fn app_secret(
+    store: &std::sync::Arc<dyn crate::store::Store>,
+    cipher: &crate::core::secrets::SecretCipher,
+    agent: &crate::model::AgentRecord,
+) -> Result<Option<String>, String> {
+    let snap = store
+        .deployment_secrets(agent.desired_deployment_id)
+        .await
+        .map_err(|e| format!("cannot read the agent's secrets: {e}"))?;
+    match snap.iter().find(|(_, v)| v.key == APP_SECRET) {
+        Some((set, v)) => cipher.open(&agent.org, set, v).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Checks Meta's `X-Hub-Signature-256` (`sha256=` and the hex HMAC-SHA256 of the body, keyed
+/// with the app secret).
+pub fn check_signature(
+    secret: &str,
+    header: Option<&str>,
+    body: &[u8],
+) -> Result<(), &'static str> {
+    let given = header.ok_or("no X-Hub-Signature-256 header")?.trim();
+    let hex = given
+        .strip_prefix("sha256=")
+        .ok_or("X-Hub-Signature-256 does not start with sha256=")?;
+    let given = crate::core::daily::hex_digest(&hex.to_ascii_lowercase())
+        .ok_or("X-Hub-Signature-256 is not an HMAC-SHA256 digest")?;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    ring::hmac::verify(&key, body, &given)
+        .map_err(|_| "X-Hub-Signature-256 does not match the agent's WHATSAPP_APP_SECRET")
+}
+
 /// The session id of call `call_id` to agent `agent` of org `org`.
 pub fn session_of_call(org: &str, agent: &str, call_id: &str) -> Uuid {
     let name = format!("{org}\n{agent}\n{call_id}");
@@ -137,6 +178,23 @@ mod tests {
         assert_ne!(a, session_of_call("o", "b", "wacid.1"));
         assert_ne!(a, session_of_call("p", "a", "wacid.1"));
         assert_ne!(a, session_of_call("o", "a", "wacid.2"));
+    }
+
+    #[test]
+    fn signatures() {
+        let body = br#"{"object":"whatsapp_business_account"}"#;
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"app-secret");
+        let tag = ring::hmac::sign(&key, body);
+        let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let good = format!("sha256={hex}");
+        assert_eq!(check_signature("app-secret", Some(&good), body), Ok(()));
+        let upper = format!("sha256={}", hex.to_uppercase());
+        assert_eq!(check_signature("app-secret", Some(&upper), body), Ok(()));
+        assert!(check_signature("other", Some(&good), body).is_err());
+        assert!(check_signature("app-secret", Some(&good), b"{}").is_err());
+        assert!(check_signature("app-secret", Some(&hex), body).is_err());
+        assert!(check_signature("app-secret", Some("sha256=zz"), body).is_err());
+        assert!(check_signature("app-secret", None, body).is_err());
     }
 
     #[test]

@@ -40,15 +40,36 @@ fn call_event(event: &str, id: &str) -> Value {
             "session": {"sdp": "v=0", "sdp_type": "offer"}}]}}]}]})
 }
 
-/// A POST with Meta's signature header.
+/// A POST with a stand-in for Meta's signature header (the agent has no app secret).
 async fn post_event(a: &super::Api, org: &str, agent: &str, body: &Value) -> Answer {
-    let req = Request::builder()
+    let raw = serde_json::to_vec(body).unwrap();
+    post_signed(a, org, agent, &raw, Some("sha256=abc")).await
+}
+
+/// Meta's signature of `body` with app secret `secret`.
+fn sign(secret: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let tag = ring::hmac::sign(&key, body);
+    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={hex}")
+}
+
+/// A POST of `raw` with signature header `sig`.
+async fn post_signed(
+    a: &super::Api,
+    org: &str,
+    agent: &str,
+    raw: &[u8],
+    sig: Option<&str>,
+) -> Answer {
+    let mut req = Request::builder()
         .method(Method::POST)
         .uri(format!("/v1/public/webhooks/{org}/{agent}/whatsapp"))
-        .header("content-type", "application/json")
-        .header("x-hub-signature-256", "sha256=abc")
-        .body(Body::from(serde_json::to_vec(body).unwrap()))
-        .unwrap();
+        .header("content-type", "application/json");
+    if let Some(sig) = sig {
+        req = req.header("x-hub-signature-256", sig);
+    }
+    let req = req.body(Body::from(raw.to_vec())).unwrap();
     let resp = a.app.clone().oneshot(req).await.unwrap();
     let status = resp.status();
     let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
@@ -188,4 +209,48 @@ async fn whatsapp_call_gets_a_session_and_its_events() {
     assert_eq!(a.fake.starts(), 2);
     let last = a.fake.whatsapp().pop().unwrap();
     assert_ne!(last.headers["x-daily-session-id"], sid.as_str());
+}
+
+/// An agent whose secret set holds `WHATSAPP_APP_SECRET` takes only events Meta signed with
+/// it: anything else starts nothing and reaches no instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatsapp_events_are_checked_against_the_agents_app_secret() {
+    let a = api().await;
+    let secrets = json!({"secrets": [
+        {"secretKey": "WHATSAPP_APP_SECRET", "secretValue": "meta-app-secret"},
+        {"secretKey": "WHATSAPP_TOKEN", "secretValue": "t"}]});
+    let r = a
+        .call(
+            Method::PUT,
+            "/v1/secrets/wa-secrets",
+            Some(&a.sk),
+            Some(secrets),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    a.deploy("wa", &[], json!({"secretSet": "wa-secrets"}))
+        .await;
+    let raw = serde_json::to_vec(&call_event("connect", "wacid.S")).unwrap();
+    let unknown = post_signed(&a, "default", "nobody", &raw, None).await;
+    assert_error(&unknown, StatusCode::NOT_FOUND, "NOT_FOUND");
+    let wrong = sign("another-secret", &raw);
+    for sig in [None, Some("sha256=abc"), Some(wrong.as_str())] {
+        let r = post_signed(&a, "default", "wa", &raw, sig).await;
+        assert_eq!(
+            (r.status, &r.body),
+            (unknown.status, &unknown.body),
+            "{sig:?}"
+        );
+    }
+    assert_eq!(a.fake.starts(), 0);
+    assert!(a.fake.whatsapp().is_empty());
+
+    let good = sign("meta-app-secret", &raw);
+    let r = post_signed(&a, "default", "wa", &raw, Some(&good)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(a.fake.starts(), 1);
+    let seen = a.fake.whatsapp();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].headers["x-hub-signature-256"], good.as_str());
+    assert_eq!(seen[0].body.as_bytes(), raw.as_slice());
 }
