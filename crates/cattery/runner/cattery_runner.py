@@ -9,6 +9,9 @@ container:
 * ``POST /bot``       start an HTTP-initiated session and block until ``bot()`` returns
 * ``WS   /ws``        start a WebSocket session (``WebSocketSessionArguments``)
 * ``POST /api/offer`` SmallWebRTC signalling (``PATCH`` for trickle ICE), when aiortc is installed
+* ``POST /whatsapp``  WhatsApp call events, when SmallWebRTC and pipecat's ``WhatsAppClient`` are
+                      importable and ``WHATSAPP_TOKEN``, ``WHATSAPP_PHONE_NUMBER_ID`` and
+                      ``WHATSAPP_APP_SECRET`` are set
 * ``GET  /readyz``    the bot's optional ``readyz()``; ``GET /livez`` always ok
 * any route the bot adds to ``pipecatcloud_system.app`` (the Session API)
 
@@ -268,9 +271,12 @@ def add_lifespan_to_app(new_lifespan) -> None:
         app.router.lifespan_context = new_lifespan
 
 
+_WHATSAPP_CLIENT = None
+
+
 def get_whatsapp_client():
-    """Present in older base images; WhatsApp is not served by Cattery."""
-    return None
+    """The WhatsApp client once ``/whatsapp`` is served (inside the app's lifespan), else None."""
+    return _WHATSAPP_CLIENT
 
 
 _system = types.ModuleType("pipecatcloud_system")
@@ -964,6 +970,111 @@ async def handle_offer_patch(request: Request):
 
 
 # ---------------------------------------------------------------------------------------------
+# WhatsApp calling (the base image's /whatsapp): Meta's call events, forwarded by the platform
+# ---------------------------------------------------------------------------------------------
+
+WHATSAPP_ENV = ("WHATSAPP_TOKEN", "WHATSAPP_PHONE_NUMBER_ID", "WHATSAPP_APP_SECRET")
+
+
+def _whatsapp_signature_ok(secret: str, raw: bytes, header: Optional[str]) -> bool:
+    import hashlib
+    import hmac
+
+    if not header or not header.startswith("sha256="):
+        return False
+    want = hmac.new(secret.encode("utf-8"), raw, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(want, header[len("sha256="):].strip().lower())
+
+
+def _setup_whatsapp() -> None:
+    """Serve ``POST /whatsapp`` as the base image does: only with SmallWebRTC, pipecat's
+    ``WhatsAppClient`` (one that checks the app secret) and the three ``WHATSAPP_*`` secrets."""
+    global _WHATSAPP_CLIENT
+    missing = [k for k in WHATSAPP_ENV if not os.environ.get(k)]
+    if missing:
+        log.debug(f"WhatsApp disabled: {', '.join(missing)} not set")
+        return
+    if not _WEBRTC.available:
+        log.warning("WhatsApp disabled: it needs SmallWebRTC (pipecat-ai[webrtc])")
+        return
+    try:
+        from pipecat.transports.whatsapp.api import WhatsAppWebhookRequest
+        from pipecat.transports.whatsapp.client import WhatsAppClient
+    except Exception as exc:  # noqa: BLE001 - an old or broken pipecat
+        log.warning(f"WhatsApp disabled: pipecat's WhatsApp client cannot be imported ({exc})")
+        return
+    if "whatsapp_secret" not in inspect.signature(WhatsAppClient).parameters:
+        log.warning("WhatsApp disabled: it needs pipecat-ai >= 0.0.89")
+        return
+    token, phone_number_id, secret = (os.environ[k] for k in WHATSAPP_ENV)
+
+    @contextlib.asynccontextmanager
+    async def whatsapp_lifespan(_app):
+        global _WHATSAPP_CLIENT
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            _WHATSAPP_CLIENT = WhatsAppClient(
+                whatsapp_token=token, phone_number_id=phone_number_id, whatsapp_secret=secret, session=session
+            )
+            try:
+                yield
+            finally:
+                client, _WHATSAPP_CLIENT = _WHATSAPP_CLIENT, None
+                with contextlib.suppress(Exception):
+                    await client.terminate_all_calls()
+
+    add_lifespan_to_app(whatsapp_lifespan)
+
+    async def handle_whatsapp(request: Request):
+        raw = await request.body()
+        try:
+            body = WhatsAppWebhookRequest.model_validate_json(raw)
+        except Exception as exc:  # noqa: BLE001
+            return JSONResponse({"error": f"invalid WhatsApp webhook: {exc}", "code": "GENERIC_BAD_REQUEST"}, status_code=400)
+        if body.object != "whatsapp_business_account":
+            return JSONResponse({"error": "Invalid object type", "code": "GENERIC_BAD_REQUEST"}, status_code=400)
+        signature = request.headers.get("x-hub-signature-256")
+        if not _whatsapp_signature_ok(secret, raw, signature):
+            return JSONResponse(
+                {"error": "x-hub-signature-256 does not match WHATSAPP_APP_SECRET", "code": "INVALID_SIGNATURE"},
+                status_code=403,
+            )
+        client = _WHATSAPP_CLIENT
+        if client is None:
+            return JSONResponse({"error": "the WhatsApp client is not running", "code": "NOT_READY"}, status_code=503)
+        mod = await _load_webrtc()
+        servers = await _ice_servers(mod)
+        if hasattr(client, "update_ice_servers"):
+            client.update_ice_servers(servers)
+        else:
+            client._ice_servers = servers  # noqa: SLF001 - older pipecat
+        header_session_id = request.headers.get("x-daily-session-id")
+
+        async def on_connection(connection, call=None):  # (connection, call) on pipecat >= 1.4
+            _start_webrtc_session(connection, None, header_session_id)
+
+        try:
+            result = await client.handle_webhook_request(
+                body, on_connection, raw_body=raw, sha256_signature=signature
+            )
+        except ValueError as exc:
+            log.warning(f"Invalid webhook request format: {exc}")
+            return JSONResponse({"error": f"Invalid request: {exc}", "code": "GENERIC_BAD_REQUEST"}, status_code=400)
+        except Exception as exc:  # noqa: BLE001
+            log.error(f"Internal error processing webhook: {exc}")
+            return JSONResponse(
+                {"error": "Internal server error processing webhook", "code": "500"}, status_code=500
+            )
+        log.debug(f"Webhook processed successfully: {result}")
+        return {"status": "success", "message": "Webhook processed successfully"}
+
+    app.add_api_route("/whatsapp", handle_whatsapp, methods=["POST"])
+    _system.WHATSAPP_AVAILABLE = True
+    log.info("WhatsApp route enabled.")
+
+
+# ---------------------------------------------------------------------------------------------
 # ASGI wrapper: every request logs under the session named by its x-daily-session-id header
 # ---------------------------------------------------------------------------------------------
 
@@ -1089,6 +1200,7 @@ def _prepare() -> Optional[int]:
         app.add_api_route("/api/offer", handle_offer_patch, methods=["PATCH"])
     else:
         log.debug("SmallWebRTC not available (pipecat-ai[webrtc] not installed): /api/offer disabled")
+    _setup_whatsapp()
     return None
 
 
