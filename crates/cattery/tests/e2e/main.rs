@@ -38,3 +38,4 @@ mod transport;
 mod upgrade;
 mod web;
 mod webhooks;
+mod whatsapp;
