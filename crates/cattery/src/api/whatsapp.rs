@@ -20,6 +20,9 @@
 //!   checks it again. An agent without that secret gets its events unchecked.
 
 use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
+
+use parking_lot::Mutex;
 
 use axum::body::Body;
 use axum::extract::{OriginalUri, Query, Request, State};
@@ -149,6 +152,9 @@ pub async fn whatsapp_event(
     };
     let call = event.call_id().to_string();
     let sid = whatsapp::session_of_call(&org, &name, &call);
+    // Meta re-sends a connect it has no answer for yet: the copies of a call's events wait
+    // for each other here, so the first one starts the session and the others find it.
+    let _one_at_a_time = CallGate::enter(sid).await;
     let existing = match crate::core::lookup::session_of(&st.store, &org, &name, sid).await {
         Ok((_, rec)) => Some(rec),
         Err(CoreError::NotFound(_)) => None,
@@ -196,6 +202,36 @@ pub async fn whatsapp_event(
         }
     }
     to_instance(&st, sid, headers, raw).await
+}
+
+/// The events of a call taken one at a time on this node (two starts of one session id
+/// would collide); an entry lives while someone holds or waits for it.
+static CALLS: LazyLock<Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>> =
+    LazyLock::new(Mutex::default);
+
+struct CallGate {
+    sid: Uuid,
+    gate: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl CallGate {
+    async fn enter(sid: Uuid) -> CallGate {
+        let gate = CALLS.lock().entry(sid).or_default().clone();
+        let guard = Some(gate.clone().lock_owned().await);
+        CallGate { sid, gate, guard }
+    }
+}
+
+impl Drop for CallGate {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut calls = CALLS.lock();
+        // Ours and the map's: nobody else holds or waits for this call.
+        if Arc::strong_count(&self.gate) == 2 {
+            calls.remove(&self.sid);
+        }
+    }
 }
 
 /// Posts the event to the instance's `/whatsapp`, as Meta sent it plus `x-daily-session-id`,

@@ -32,6 +32,18 @@ fn as_answer((status, _, body): (StatusCode, String, String)) -> Answer {
     }
 }
 
+/// The sessions delivered so far, once there is one (or after 2 s).
+async fn delivered(a: &super::Api) -> Vec<crate::runtime::fake::Delivered> {
+    for _ in 0..100 {
+        let got = a.fake.delivered();
+        if !got.is_empty() {
+            return got;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    a.fake.delivered()
+}
+
 fn call_event(event: &str, id: &str) -> Value {
     json!({"object": "whatsapp_business_account", "entry": [{"id": "waba-1", "changes": [{
         "field": "calls", "value": {"messaging_product": "whatsapp", "calls": [{
@@ -162,7 +174,8 @@ async fn whatsapp_call_gets_a_session_and_its_events() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.body["status"], "success", "{}", r.body);
     assert_eq!(a.fake.starts(), 1);
-    let bot = a.fake.delivered();
+    // `/bot` is written before the start answers; the instance records it when it reads it.
+    let bot = delivered(&a).await;
     assert_eq!(bot.len(), 1);
     assert_eq!(bot[0].headers["x-daily-transport-type"], "webrtc");
     let sid = bot[0].headers["x-daily-session-id"]
@@ -253,4 +266,26 @@ async fn whatsapp_events_are_checked_against_the_agents_app_secret() {
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].headers["x-hub-signature-256"], good.as_str());
     assert_eq!(seen[0].body.as_bytes(), raw.as_slice());
+}
+
+/// Meta re-sending a connect while the first one's session is still starting: one session,
+/// every copy forwarded to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_connects_of_a_call_start_one_session() {
+    let a = api().await;
+    a.deploy("wa", &["start-ms=300"], json!({"maxAgents": 10}))
+        .await;
+    let connect = call_event("connect", "wacid.RACE");
+    let answers =
+        futures_util::future::join_all((0..4).map(|_| post_event(&a, "default", "wa", &connect)))
+            .await;
+    for r in &answers {
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+    assert_eq!(a.fake.starts(), 1, "{:?}", a.fake.events());
+    assert_eq!(delivered(&a).await.len(), 1);
+    let seen = a.fake.whatsapp();
+    assert_eq!(seen.len(), 4);
+    let sid = &seen[0].headers["x-daily-session-id"];
+    assert!(seen.iter().all(|d| d.headers["x-daily-session-id"] == sid));
 }
