@@ -352,6 +352,19 @@ async fn forward_inner(
     parts.uri = format!("http://{addr}/{raw}{query}")
         .parse::<Uri>()
         .map_err(|e| ApiError::bad_request(format!("invalid path: {e}")))?;
+    to_instance(id, parts, body).await
+}
+
+/// Sends a request to session `id`'s instance (`parts.uri` already names it) and returns the
+/// instance's answer unchanged. Every proxied request leaves for an instance here: the
+/// headers the bot must never see are removed and `x-daily-session-id` is set.
+///
+/// Errors: 502 when the instance does not answer.
+pub async fn to_instance(
+    id: uuid::Uuid,
+    mut parts: axum::http::request::Parts,
+    body: Body,
+) -> ApiResult<Response> {
     // Never to the bot: the caller's key, and what a forwarding node added to reach this one
     // (with the cluster secret, tenant code could call any node's internal routes).
     for h in [

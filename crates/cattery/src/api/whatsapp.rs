@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 
 use axum::body::Body;
 use axum::extract::{OriginalUri, Query, Request, State};
-use axum::http::{HeaderMap, HeaderName, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
@@ -239,7 +239,7 @@ impl Drop for CallGate {
 async fn to_instance(
     st: &AppState,
     sid: Uuid,
-    mut headers: HeaderMap,
+    headers: HeaderMap,
     raw: bytes::Bytes,
 ) -> ApiResult<Response> {
     let addr = st
@@ -247,34 +247,12 @@ async fn to_instance(
         .session_addr(sid, super::proxy::PROXY_WAIT)
         .await
         .ok_or_else(|| ApiError::not_found("NOT_FOUND", format!("session {sid} is not running")))?;
-    for h in [
-        "host",
-        "content-length",
-        "authorization",
-        crate::core::cluster::SECRET_HEADER,
-        crate::core::cluster::NODE_HEADER,
-    ] {
-        headers.remove(h);
-    }
-    headers.insert(
-        HeaderName::from_static("x-daily-session-id"),
-        sid.to_string()
-            .parse()
-            .expect("uuid is a valid header value"),
-    );
     let mut req = Request::new(Body::from(raw));
     *req.method_mut() = Method::POST;
     *req.uri_mut() = format!("http://{addr}/whatsapp")
         .parse::<Uri>()
         .expect("a socket address makes a valid URI");
     *req.headers_mut() = headers;
-    let resp = super::proxy::CLIENT.request(req).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "502",
-            format!("the session's instance did not answer: {e}"),
-        )
-    })?;
-    let (parts, body) = resp.into_parts();
-    Ok(Response::from_parts(parts, Body::new(body)))
+    let (parts, body) = req.into_parts();
+    super::proxy::to_instance(sid, parts, body).await
 }
