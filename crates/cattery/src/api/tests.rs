@@ -34,6 +34,19 @@ struct Answer {
     body: Value,
 }
 
+/// What the fake runtime's instances received by `/bot`, once something did (a start answers
+/// once the session is handed over; its `/bot` request may still be on its way): up to 2 s.
+async fn delivered(a: &Api) -> Vec<crate::runtime::fake::Delivered> {
+    for _ in 0..100 {
+        let got = a.fake.delivered();
+        if !got.is_empty() {
+            return got;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    a.fake.delivered()
+}
+
 mod big_list;
 mod cluster_internal;
 mod daily;

@@ -581,7 +581,7 @@ async fn daily_dialin_webhook_starts_a_session_in_a_sip_room() {
         room.body["properties"]["sip"],
         json!({"display_name": "+15550002222", "sip_mode": "dial-in", "num_endpoints": 1})
     );
-    let got = delivered(a).await;
+    let got = super::delivered(a).await;
     assert_eq!(got.len(), 1);
     let body: Value = serde_json::from_str(&got[0].body).unwrap();
     assert_eq!(
@@ -634,19 +634,6 @@ async fn org_daily_api_key_is_stored_sealed() {
             "the key is stored in plain text"
         );
     }
-}
-
-/// What the fake runtime's instances received by `/bot`, once something did (a start answers
-/// once the session is handed over; its `/bot` request may still be on its way): up to 2 s.
-async fn delivered(a: &super::Api) -> Vec<crate::runtime::fake::Delivered> {
-    for _ in 0..100 {
-        let got = a.fake.delivered();
-        if !got.is_empty() {
-            return got;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    a.fake.delivered()
 }
 
 /// A private key of org `org`, made for the test.
@@ -735,7 +722,7 @@ async fn dialin_of_another_org_needs_its_own_daily_key() {
     set_daily_key(&a, &acme_sk, "dk_acme_own_5678").await;
     let r = hook().await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    let got = delivered(&a).await;
+    let got = super::delivered(&a).await;
     assert!(got[0].body.contains("dk_acme_own_5678"), "{}", got[0].body);
     assert!(!got[0].body.contains("dk_server"), "{}", got[0].body);
 }
@@ -846,7 +833,7 @@ async fn signed_dialin_when_the_org_has_dailys_hmac() {
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    assert_eq!(delivered(&a).await.len(), 1);
+    assert_eq!(super::delivered(&a).await.len(), 1);
     for e in std::fs::read_dir(a._dir.path()).unwrap() {
         let bytes = std::fs::read(e.unwrap().path()).unwrap_or_default();
         let plain = b"dialin-hmac-plaintext";

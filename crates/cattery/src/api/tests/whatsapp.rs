@@ -32,18 +32,6 @@ fn as_answer((status, _, body): (StatusCode, String, String)) -> Answer {
     }
 }
 
-/// The sessions delivered so far, once there is one (or after 2 s).
-async fn delivered(a: &super::Api) -> Vec<crate::runtime::fake::Delivered> {
-    for _ in 0..100 {
-        let got = a.fake.delivered();
-        if !got.is_empty() {
-            return got;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    a.fake.delivered()
-}
-
 fn call_event(event: &str, id: &str) -> Value {
     json!({"object": "whatsapp_business_account", "entry": [{"id": "waba-1", "changes": [{
         "field": "calls", "value": {"messaging_product": "whatsapp", "calls": [{
@@ -175,7 +163,7 @@ async fn whatsapp_call_gets_a_session_and_its_events() {
     assert_eq!(r.body["status"], "success", "{}", r.body);
     assert_eq!(a.fake.starts(), 1);
     // `/bot` is written before the start answers; the instance records it when it reads it.
-    let bot = delivered(&a).await;
+    let bot = super::delivered(&a).await;
     assert_eq!(bot.len(), 1);
     assert_eq!(bot[0].headers["x-daily-transport-type"], "webrtc");
     let sid = bot[0].headers["x-daily-session-id"]
@@ -283,7 +271,7 @@ async fn concurrent_connects_of_a_call_start_one_session() {
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     }
     assert_eq!(a.fake.starts(), 1, "{:?}", a.fake.events());
-    assert_eq!(delivered(&a).await.len(), 1);
+    assert_eq!(super::delivered(&a).await.len(), 1);
     let seen = a.fake.whatsapp();
     assert_eq!(seen.len(), 4);
     let sid = &seen[0].headers["x-daily-session-id"];
