@@ -423,7 +423,8 @@ impl Server {
         Self::resp(rb.send().await.expect("request")).await
     }
 
-    async fn resp(r: reqwest::Response) -> Resp {
+    /// An answer as a [`Resp`]: status, content type, JSON body (`Null` when not JSON).
+    pub async fn resp(r: reqwest::Response) -> Resp {
         let status = r.status().as_u16();
         let content_type = r
             .headers()

@@ -4,7 +4,7 @@
 //! and signature unchanged, a terminate that reaches the same session, and nothing once the
 //! session has ended.
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::common::{Resp, Server};
 
@@ -30,19 +30,7 @@ async fn post(s: &Server, agent: &str, raw: &[u8]) -> Resp {
         .send()
         .await
         .expect("request");
-    let status = r.status().as_u16();
-    let content_type = r
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let body = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap_or(Value::Null);
-    Resp {
-        status,
-        body,
-        content_type,
-    }
+    Server::resp(r).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
