@@ -82,9 +82,16 @@ enum StoreCmd {
         #[arg(long, env = "CATTERY_SECRETS_KEY_FILE", value_name = "FILE")]
         secrets_key_file: Option<PathBuf>,
         /// The PostgreSQL database to fill (`postgres://...`): migrated to the current schema,
-        /// refused if it holds any record.
-        #[arg(long, value_name = "URL")]
-        to: String,
+        /// refused if it holds any record [default: $CATTERY_DATABASE_URL, else the config
+        /// file's `[store] database_url`]. A URL with a password is better given through the
+        /// environment or the config file: arguments are visible to every user in `ps`.
+        #[arg(
+            long,
+            env = "CATTERY_DATABASE_URL",
+            hide_env_values = true,
+            value_name = "URL"
+        )]
+        to: Option<String>,
     },
 }
 
@@ -346,6 +353,12 @@ async fn store(cmd: StoreCmd) -> anyhow::Result<()> {
             dir: data_dir.unwrap_or(cfg.server.data_dir),
             key_file: secrets_key_file.or(cfg.cluster.secrets_key_file),
         },
+    };
+    let Some(to) = to.or(cfg.store.database_url) else {
+        anyhow::bail!(
+            "say which PostgreSQL database to copy into: --to postgres://..., \
+             CATTERY_DATABASE_URL, or [store] database_url in the --config file"
+        );
     };
     let r = import::copy(&source, &to).await?;
     let rows: Vec<String> = r.tables.iter().map(|(t, n)| format!("{t} {n}")).collect();

@@ -27,16 +27,30 @@ async fn wait_line(s: &Server, agent: &str, sid: &str, needle: &str) -> Vec<Stri
     .await
 }
 
-/// Runs `cattery store copy` from `data_dir` into `url`.
-fn store_copy(data_dir: &std::path::Path, url: &str) -> std::process::Output {
-    Command::new(cattery_bin())
-        .args(["store", "copy", "--data-dir"])
+/// How a `cattery store copy` is told its target database.
+enum To<'a> {
+    /// `--to URL`.
+    Arg(&'a str),
+    /// `CATTERY_DATABASE_URL` (keeps a password out of `ps`).
+    Env(&'a str),
+    /// Not at all.
+    Nothing,
+}
+
+/// Runs `cattery store copy` from `data_dir` into `to`.
+fn store_copy(data_dir: &std::path::Path, to: To<'_>) -> std::process::Output {
+    let mut c = Command::new(cattery_bin());
+    c.args(["store", "copy", "--data-dir"])
         .arg(data_dir)
-        .args(["--to", url])
         .env_remove("CATTERY_DATABASE_URL")
         .env_remove("CATTERY_SECRETS_KEY_FILE")
-        .output()
-        .unwrap()
+        .env_remove("CATTERY_CONFIG");
+    match to {
+        To::Arg(url) => c.args(["--to", url]),
+        To::Env(url) => c.env("CATTERY_DATABASE_URL", url),
+        To::Nothing => &mut c,
+    };
+    c.output().unwrap()
 }
 
 /// The default org's secret sets and the agent's sessions, as the API shows them (records
@@ -86,7 +100,7 @@ async fn a_sqlite_server_moves_onto_postgres_and_carries_on() {
     old.wait_ended("moved", &sid, Duration::from_secs(20)).await;
 
     // A running server is refused.
-    let out = store_copy(old.data_dir(), &pg.url());
+    let out = store_copy(old.data_dir(), To::Arg(&pg.url()));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("a cattery serve is using"), "{err}");
@@ -95,7 +109,16 @@ async fn a_sqlite_server_moves_onto_postgres_and_carries_on() {
         old.terminate(Duration::from_secs(30)).is_some(),
         "server did not stop"
     );
-    let out = store_copy(old.data_dir(), &pg.url());
+    // No target: refused, saying how to give one.
+    let out = store_copy(old.data_dir(), To::Nothing);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--to postgres://..., CATTERY_DATABASE_URL"),
+        "{err}"
+    );
+    // The target through the environment, where `ps` does not show its password.
+    let out = store_copy(old.data_dir(), To::Env(&pg.url()));
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -153,7 +176,7 @@ async fn a_sqlite_server_moves_onto_postgres_and_carries_on() {
 
     // A second copy into the database that now holds records: refused, nothing changed.
     let before = snapshot(&new).await;
-    let out = store_copy(old.data_dir(), &pg.url());
+    let out = store_copy(old.data_dir(), To::Arg(&pg.url()));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
