@@ -20,9 +20,6 @@
 //!   checks it again. An agent without that secret gets its events unchecked.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock};
-
-use parking_lot::Mutex;
 
 use axum::body::Body;
 use axum::extract::{OriginalUri, Query, Request, State};
@@ -34,8 +31,7 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::{ApiJsonBytes, ApiPath, AppState};
-use crate::core::session::StartParams;
-use crate::core::whatsapp::{self, CallEvent};
+use crate::core::whatsapp::{self, Inbound, Refused, Route};
 use crate::core::CoreError;
 
 /// An unknown org and an unknown agent answer alike: this route has no key, and must not
@@ -116,118 +112,48 @@ pub async fn whatsapp_event(
     headers: HeaderMap,
     ApiJsonBytes(body, raw): ApiJsonBytes<Value>,
 ) -> ApiResult<Response> {
-    let event = whatsapp::call_event(&body).map_err(ApiError::bad_request)?;
-    // An unknown org has no agents: the agent's lookup answers for both.
-    let agent = crate::core::lookup::agent_of(&st.store, &org, &name)
-        .await
-        .map_err(not_found)?;
-    // An agent whose secrets hold its app's secret takes only events Meta signed with it,
-    // checked before anything starts. A refusal answers as an unknown agent does, and says
-    // why in the log; a secret that cannot be read refuses every event.
-    let secret = whatsapp::app_secret(&st.store, &st.secrets, &agent).await;
-    let checked = match &secret {
-        Ok(None) => Ok(()),
-        Ok(Some(s)) => whatsapp::check_signature(
-            s,
-            headers
-                .get("x-hub-signature-256")
-                .and_then(|v| v.to_str().ok()),
-            &raw,
-        ),
-        Err(_) => Err(
-            "the agent's WHATSAPP_APP_SECRET cannot be read (sealed under another secrets key?)",
-        ),
-    };
-    if let Err(why) = checked {
-        tracing::warn!(org, agent = name, reason = why, "WhatsApp webhook refused");
-        return Err(unknown());
-    }
-    let Some(event) = event else {
-        return Ok(
-            Json(json!({"status": "ignored", "reason": "the event is about no call"}))
-                .into_response(),
-        );
-    };
-    let call = event.call_id().to_string();
-    let sid = whatsapp::session_of_call(&org, &name, &call);
-    // Meta re-sends a connect it has no answer for yet: the copies of a call's events wait
-    // for each other here, so the first one starts the session and the others find it.
-    let _one_at_a_time = CallGate::enter(sid).await;
-    let existing = match crate::core::lookup::session_of(&st.store, &org, &name, sid).await {
-        Ok((_, rec)) => Some(rec),
-        Err(CoreError::NotFound(_)) => None,
-        Err(e) => return Err(e.into()),
-    };
     let from_peer = super::cluster::from_peer(&st, &headers).await?;
-    match (&event, existing) {
-        (_, Some(rec)) if rec.end.is_none() => {
-            if !from_peer && !st.sup.owns(&rec.node_id) && !st.sup.serves(sid) {
-                let mut req = Request::new(Body::from(raw));
-                *req.method_mut() = Method::POST;
-                *req.uri_mut() = uri;
-                *req.headers_mut() = headers;
-                return super::proxy::to_owner(&st, &rec.node_id, sid, req).await;
-            }
-        }
-        (CallEvent::Connect(_), None) => {
-            st.sup.check_startable(&org, &name).map_err(not_found)?;
-            let out = st
-                .sup
-                .start_session(
-                    &org,
-                    &name,
-                    StartParams {
-                        body: bytes::Bytes::from_static(b"{}"),
-                        transport: Some("webrtc".into()),
-                        session_id: Some(sid),
-                        ..Default::default()
-                    },
+    let inbound = Inbound {
+        org: &org,
+        agent: &name,
+        body: &body,
+        raw: &raw,
+        signature: headers
+            .get("x-hub-signature-256")
+            .and_then(|v| v.to_str().ok()),
+        from_peer,
+    };
+    let routed = whatsapp::route_event(&st.sup, &st.store, &st.secrets, &inbound)
+        .await
+        .map_err(|r| match r {
+            Refused::NotWhatsApp(why) => ApiError::bad_request(why),
+            Refused::Unknown => unknown(),
+            Refused::NoSession { call, ended } => {
+                let why = if ended {
+                    "has ended"
+                } else {
+                    "was never started"
+                };
+                ApiError::not_found(
+                    "NOT_FOUND",
+                    format!("the session of WhatsApp call {call} {why}"),
                 )
-                .await
-                .map_err(not_found)?;
-            tracing::info!(org, agent = name, session.id = %out.session_id, call, "WhatsApp call: session started");
-        }
-        (_, ended) => {
-            let why = if ended.is_some() {
-                "has ended"
-            } else {
-                "was never started"
-            };
-            return Err(ApiError::not_found(
-                "NOT_FOUND",
-                format!("the session of WhatsApp call {call} {why}"),
-            ));
-        }
-    }
-    to_instance(&st, sid, headers, raw).await
-}
-
-/// The events of a call taken one at a time on this node (two starts of one session id
-/// would collide); an entry lives while someone holds or waits for it.
-static CALLS: LazyLock<Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>> =
-    LazyLock::new(Mutex::default);
-
-struct CallGate {
-    sid: Uuid,
-    gate: Arc<tokio::sync::Mutex<()>>,
-    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
-}
-
-impl CallGate {
-    async fn enter(sid: Uuid) -> CallGate {
-        let gate = CALLS.lock().entry(sid).or_default().clone();
-        let guard = Some(gate.clone().lock_owned().await);
-        CallGate { sid, gate, guard }
-    }
-}
-
-impl Drop for CallGate {
-    fn drop(&mut self) {
-        self.guard.take();
-        let mut calls = CALLS.lock();
-        // Ours and the map's: nobody else holds or waits for this call.
-        if Arc::strong_count(&self.gate) == 2 {
-            calls.remove(&self.sid);
+            }
+            Refused::Core(e) => not_found(e),
+        })?;
+    // The call's gate stays held (in `routed`) until the event is forwarded.
+    match &routed.route {
+        Route::Ignored => Ok(Json(
+            json!({"status": "ignored", "reason": "the event is about no call"}),
+        )
+        .into_response()),
+        Route::Here(sid) => to_instance(&st, *sid, headers, raw).await,
+        Route::Owner { node, session } => {
+            let mut req = Request::new(Body::from(raw));
+            *req.method_mut() = Method::POST;
+            *req.uri_mut() = uri;
+            *req.headers_mut() = headers;
+            super::proxy::to_owner(&st, node, *session, req).await
         }
     }
 }

@@ -1,14 +1,25 @@
 //! WhatsApp Business calling (Pipecat Cloud's WhatsApp guide): Meta's webhook for an agent,
-//! `/v1/public/webhooks/{org}/{agent}/whatsapp`. The pure part: Meta's verification
-//! handshake, which call an event is about, and which session a call gets.
+//! `/v1/public/webhooks/{org}/{agent}/whatsapp`. Meta's verification handshake, which call
+//! an event is about, which session a call gets, and what becomes of an event
+//! ([`route_event`]): the handler only translates HTTP.
 //!
 //! A call's session id is derived from the org, the agent and Meta's call id (a UUIDv5), so
 //! every node of a cluster finds the session of a call without a shared table: a `connect`
 //! starts it, every later event of the call is forwarded to it, and once it has ended
 //! (the bot ends the call on `terminate`) the call maps to nothing live.
 
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
+
+use parking_lot::Mutex;
 use serde_json::Value;
 use uuid::Uuid;
+
+use crate::core::secrets::SecretCipher;
+use crate::core::session::{StartParams, Supervisor};
+use crate::core::CoreError;
+use crate::model::SessionRecord;
+use crate::store::Store;
 
 /// The `object` of every WhatsApp Business webhook payload.
 pub const OBJECT: &str = "whatsapp_business_account";
@@ -94,22 +105,23 @@ pub fn call_event(body: &Value) -> Result<Option<CallEvent>, String> {
 /// The secret of the agent's WhatsApp app, as its bot reads it.
 pub const APP_SECRET: &str = "WHATSAPP_APP_SECRET";
 
-/// The agent's `WHATSAPP_APP_SECRET`, from the secrets of its latest deployment (what its
-/// instances get). `Ok(None)` when that deployment has none.
+/// The `WHATSAPP_APP_SECRET` of deployment `deployment` of an agent of `org`, from the
+/// secrets snapshotted with it (what its instances get). `Ok(None)` when it has none.
 ///
 /// Errors: the snapshot cannot be read, or the value cannot be opened (sealed under another
 /// secrets key).
 pub async fn app_secret(
-    store: &std::sync::Arc<dyn crate::store::Store>,
-    cipher: &crate::core::secrets::SecretCipher,
-    agent: &crate::model::AgentRecord,
+    store: &Arc<dyn Store>,
+    cipher: &SecretCipher,
+    org: &str,
+    deployment: Uuid,
 ) -> Result<Option<String>, String> {
     let snap = store
-        .deployment_secrets(agent.desired_deployment_id)
+        .deployment_secrets(deployment)
         .await
         .map_err(|e| format!("cannot read the agent's secrets: {e}"))?;
     match snap.iter().find(|(_, v)| v.key == APP_SECRET) {
-        Some((set, v)) => cipher.open(&agent.org, set, v).map(Some),
+        Some((set, v)) => cipher.open(org, set, v).map(Some),
         None => Ok(None),
     }
 }
@@ -136,6 +148,199 @@ pub fn check_signature(
 pub fn session_of_call(org: &str, agent: &str, call_id: &str) -> Uuid {
     let name = format!("{org}\n{agent}\n{call_id}");
     Uuid::new_v5(&NAMESPACE, name.as_bytes())
+}
+
+/// A call event as it came to an agent's URL: Meta's payload, parsed and raw, and its
+/// `x-hub-signature-256`.
+pub struct Inbound<'a> {
+    pub org: &'a str,
+    pub agent: &'a str,
+    pub body: &'a Value,
+    pub raw: &'a [u8],
+    pub signature: Option<&'a str>,
+    /// Passed on by another node that found the call's session on this one: it is served
+    /// here, never passed on again.
+    pub from_peer: bool,
+}
+
+/// Where an event goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// A payload about no call: answered `{"status": "ignored"}`, forwarded nowhere.
+    Ignored,
+    /// To the instance of session `0`, which runs on this node.
+    Here(Uuid),
+    /// Unchanged to `node`, which runs `session`.
+    Owner { node: String, session: Uuid },
+}
+
+/// An event's route, with the call's gate held until it is dropped: the caller keeps it
+/// while it forwards the event, so a call's events reach its instance one at a time.
+pub struct Routed {
+    pub route: Route,
+    _gate: Option<CallGate>,
+}
+
+/// Why an event goes nowhere.
+#[derive(Debug)]
+pub enum Refused {
+    /// Not a WhatsApp Business payload.
+    NotWhatsApp(String),
+    /// No such org or agent, or an event it does not take (unsigned or wrongly signed): the
+    /// route has no key and must not tell which orgs exist, so both answer alike.
+    Unknown,
+    /// The call has no live session: it has `ended`, or never started.
+    NoSession { call: String, ended: bool },
+    /// From a start or the store (a 429 at `maxAgents`, a store that cannot answer; a
+    /// `NotFound` is an agent that went away meanwhile).
+    Core(CoreError),
+}
+
+impl From<CoreError> for Refused {
+    fn from(e: CoreError) -> Self {
+        Refused::Core(e)
+    }
+}
+
+/// Decides what becomes of a call event: checks the org, the agent and Meta's signature,
+/// maps the call to its session, starts that session for a `connect` of a new call, and
+/// says where the event goes.
+///
+/// - A live session: to it, on this node or the node that runs it.
+/// - A `connect` of a call without a session: a new session (a start like any other,
+///   `transport: webrtc`, body `{}`), then to it.
+/// - Anything else: [`Refused::NoSession`].
+///
+/// The signature is checked with the `WHATSAPP_APP_SECRET` of the agent's latest
+/// deployment, before anything starts or is forwarded.
+pub async fn route_event(
+    sup: &Arc<Supervisor>,
+    store: &Arc<dyn Store>,
+    cipher: &SecretCipher,
+    ev: &Inbound<'_>,
+) -> Result<Routed, Refused> {
+    let event = call_event(ev.body).map_err(Refused::NotWhatsApp)?;
+    let unknown = |e: CoreError| match e {
+        CoreError::NotFound(_) => Refused::Unknown,
+        e => Refused::Core(e),
+    };
+    // An unknown org has no agents: the agent's lookup answers for both.
+    let agent = crate::core::lookup::agent_of(store, ev.org, ev.agent)
+        .await
+        .map_err(unknown)?;
+    check_signed(store, cipher, ev, agent.desired_deployment_id).await?;
+    let Some(event) = event else {
+        return Ok(Routed {
+            route: Route::Ignored,
+            _gate: None,
+        });
+    };
+    let call = event.call_id();
+    let sid = session_of_call(ev.org, ev.agent, call);
+    // Meta re-sends a connect it has no answer for yet: the copies of a call's events wait
+    // for each other here, so the first one starts the session and the others find it.
+    let gate = CallGate::enter(sid).await;
+    match (&event, session_record(store, ev, sid).await?) {
+        (_, Some(rec)) if rec.end.is_none() => {
+            let route = if !ev.from_peer && !sup.owns(&rec.node_id) && !sup.serves(sid) {
+                Route::Owner {
+                    node: rec.node_id,
+                    session: sid,
+                }
+            } else {
+                Route::Here(sid)
+            };
+            Ok(Routed {
+                route,
+                _gate: Some(gate),
+            })
+        }
+        (CallEvent::Connect(_), None) => {
+            sup.check_startable(ev.org, ev.agent)?;
+            let params = StartParams {
+                body: bytes::Bytes::from_static(b"{}"),
+                transport: Some("webrtc".into()),
+                session_id: Some(sid),
+                ..Default::default()
+            };
+            let out = sup.start_session(ev.org, ev.agent, params).await?;
+            tracing::info!(org = ev.org, agent = ev.agent, session.id = %out.session_id, call, "WhatsApp call: session started");
+            Ok(Routed {
+                route: Route::Here(sid),
+                _gate: Some(gate),
+            })
+        }
+        (_, ended) => Err(Refused::NoSession {
+            call: call.to_string(),
+            ended: ended.is_some(),
+        }),
+    }
+}
+
+/// The record of session `sid` of the event's agent, if there is one.
+async fn session_record(
+    store: &Arc<dyn Store>,
+    ev: &Inbound<'_>,
+    sid: Uuid,
+) -> Result<Option<SessionRecord>, Refused> {
+    match crate::core::lookup::session_of(store, ev.org, ev.agent, sid).await {
+        Ok((_, rec)) => Ok(Some(rec)),
+        Err(CoreError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// An agent whose deployment `deployment` holds `WHATSAPP_APP_SECRET` takes only events
+/// Meta signed with it. A refusal answers as an unknown agent does and says why in the log;
+/// a secret that cannot be read refuses every event.
+async fn check_signed(
+    store: &Arc<dyn Store>,
+    cipher: &SecretCipher,
+    ev: &Inbound<'_>,
+    deployment: Uuid,
+) -> Result<(), Refused> {
+    let why = match app_secret(store, cipher, ev.org, deployment).await {
+        Ok(None) => return Ok(()),
+        Ok(Some(s)) => match check_signature(&s, ev.signature, ev.raw) {
+            Ok(()) => return Ok(()),
+            Err(why) => why,
+        },
+        Err(_) => {
+            "the agent's WHATSAPP_APP_SECRET cannot be read (sealed under another secrets key?)"
+        }
+    };
+    tracing::warn!(org = ev.org, agent = ev.agent, %deployment, reason = why, "WhatsApp webhook refused");
+    Err(Refused::Unknown)
+}
+
+/// The events of a call taken one at a time on this node (two starts of one session id
+/// would collide); an entry lives while someone holds or waits for it.
+static CALLS: LazyLock<Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>> =
+    LazyLock::new(Mutex::default);
+
+struct CallGate {
+    sid: Uuid,
+    gate: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl CallGate {
+    async fn enter(sid: Uuid) -> CallGate {
+        let gate = CALLS.lock().entry(sid).or_default().clone();
+        let guard = Some(gate.clone().lock_owned().await);
+        CallGate { sid, gate, guard }
+    }
+}
+
+impl Drop for CallGate {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut calls = CALLS.lock();
+        // Ours and the map's: nobody else holds or waits for this call.
+        if Arc::strong_count(&self.gate) == 2 {
+            calls.remove(&self.sid);
+        }
+    }
 }
 
 #[cfg(test)]
