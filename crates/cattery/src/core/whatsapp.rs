@@ -19,7 +19,7 @@ use crate::core::secrets::SecretCipher;
 use crate::core::session::{StartParams, Supervisor};
 use crate::core::CoreError;
 use crate::model::SessionRecord;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// The `object` of every WhatsApp Business webhook payload.
 pub const OBJECT: &str = "whatsapp_business_account";
@@ -208,7 +208,10 @@ impl From<CoreError> for Refused {
 ///
 /// - A live session: to it, on this node or the node that runs it.
 /// - A `connect` of a call without a session: a new session (a start like any other,
-///   `transport: webrtc`, body `{}`), then to it.
+///   `transport: webrtc`, body `{}`), then to it. When another node started the same
+///   session meanwhile (two copies of one `connect` at two nodes at once: both found no
+///   session, and the other's record came first), this start is undone and the event goes
+///   to the other's session, as a copy that came later would.
 /// - Anything else: [`Refused::NoSession`].
 ///
 /// The signature is checked with the `WHATSAPP_APP_SECRET` of the agent's latest
@@ -240,40 +243,62 @@ pub async fn route_event(
     // Meta re-sends a connect it has no answer for yet: the copies of a call's events wait
     // for each other here, so the first one starts the session and the others find it.
     let gate = CallGate::enter(sid).await;
-    match (&event, session_record(store, ev, sid).await?) {
-        (_, Some(rec)) if rec.end.is_none() => {
-            let route = if !ev.from_peer && !sup.owns(&rec.node_id) && !sup.serves(sid) {
-                Route::Owner {
-                    node: rec.node_id,
-                    session: sid,
+    let mut session = session_record(store, ev, sid).await?;
+    loop {
+        match (&event, session) {
+            (_, Some(rec)) if rec.end.is_none() => {
+                let route = if !ev.from_peer && !sup.owns(&rec.node_id) && !sup.serves(sid) {
+                    Route::Owner {
+                        node: rec.node_id,
+                        session: sid,
+                    }
+                } else {
+                    Route::Here(sid)
+                };
+                return Ok(Routed {
+                    route,
+                    _gate: Some(gate),
+                });
+            }
+            (CallEvent::Connect(_), None) => {
+                sup.check_startable(ev.org, ev.agent)?;
+                #[cfg(test)]
+                test_hooks::before_start_of(sid).await;
+                let params = StartParams {
+                    body: bytes::Bytes::from_static(b"{}"),
+                    transport: Some("webrtc".into()),
+                    session_id: Some(sid),
+                    ..Default::default()
+                };
+                match sup.start_session(ev.org, ev.agent, params).await {
+                    Ok(out) => {
+                        tracing::info!(org = ev.org, agent = ev.agent, session.id = %out.session_id, call, "WhatsApp call: session started");
+                        return Ok(Routed {
+                            route: Route::Here(sid),
+                            _gate: Some(gate),
+                        });
+                    }
+                    // The session's record is there already: another node's copy of this
+                    // connect started it after this one looked (the gate is per node). The
+                    // start undid itself (no instance, no slot); the event goes to that
+                    // session.
+                    Err(e @ CoreError::Store(StoreError::Conflict)) => {
+                        session = session_record(store, ev, sid).await?;
+                        if session.is_none() {
+                            return Err(e.into());
+                        }
+                        tracing::info!(org = ev.org, agent = ev.agent, session.id = %sid, call, "WhatsApp call: session started by another node meanwhile");
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-            } else {
-                Route::Here(sid)
-            };
-            Ok(Routed {
-                route,
-                _gate: Some(gate),
-            })
+            }
+            (_, ended) => {
+                return Err(Refused::NoSession {
+                    call: call.to_string(),
+                    ended: ended.is_some(),
+                })
+            }
         }
-        (CallEvent::Connect(_), None) => {
-            sup.check_startable(ev.org, ev.agent)?;
-            let params = StartParams {
-                body: bytes::Bytes::from_static(b"{}"),
-                transport: Some("webrtc".into()),
-                session_id: Some(sid),
-                ..Default::default()
-            };
-            let out = sup.start_session(ev.org, ev.agent, params).await?;
-            tracing::info!(org = ev.org, agent = ev.agent, session.id = %out.session_id, call, "WhatsApp call: session started");
-            Ok(Routed {
-                route: Route::Here(sid),
-                _gate: Some(gate),
-            })
-        }
-        (_, ended) => Err(Refused::NoSession {
-            call: call.to_string(),
-            ended: ended.is_some(),
-        }),
     }
 }
 
@@ -339,6 +364,29 @@ impl Drop for CallGate {
         // Ours and the map's: nobody else holds or waits for this call.
         if Arc::strong_count(&self.gate) == 2 {
             calls.remove(&self.sid);
+        }
+    }
+}
+
+/// Tests' hooks into [`route_event`].
+#[cfg(test)]
+pub(crate) mod test_hooks {
+    use super::*;
+    use futures_util::future::BoxFuture;
+
+    static BEFORE_START: LazyLock<Mutex<HashMap<Uuid, BoxFuture<'static, ()>>>> =
+        LazyLock::new(Mutex::default);
+
+    /// Runs `f` once, when a `connect` of session `sid` found no session and is about to
+    /// start one (another node's start landing in between).
+    pub(crate) fn before_start(sid: Uuid, f: BoxFuture<'static, ()>) {
+        BEFORE_START.lock().insert(sid, f);
+    }
+
+    pub(super) async fn before_start_of(sid: Uuid) {
+        let f = BEFORE_START.lock().remove(&sid);
+        if let Some(f) = f {
+            f.await;
         }
     }
 }

@@ -11,7 +11,7 @@ const SECRET: &str = "an-internal-secret-of-at-least-32-chars";
 
 /// An API whose node has the cluster secret [`SECRET`] (read from a file at start) and the
 /// node timeout `timeout_s`, if given.
-async fn api_with_secret(timeout_s: Option<f64>) -> Api {
+pub(super) async fn api_with_secret(timeout_s: Option<f64>) -> Api {
     let secret_dir = tempfile::tempdir().unwrap();
     let file = secret_dir.path().join("cluster.secret");
     std::fs::write(&file, format!("{SECRET}\n")).unwrap();
@@ -151,7 +151,7 @@ pub(super) async fn session_of_n2(api: &Api, agent: &str) -> uuid::Uuid {
 }
 
 /// Node `n2` at `url`, its heartbeat at `heartbeat_ms`.
-fn n2(url: &str, heartbeat_ms: i64) -> crate::store::NodeRecord {
+pub(super) fn n2(url: &str, heartbeat_ms: i64) -> crate::store::NodeRecord {
     crate::store::NodeRecord {
         id: "n2".into(),
         advertise_url: Some(url.into()),

@@ -268,3 +268,87 @@ async fn concurrent_connects_of_a_call_start_one_session() {
     let sid = &seen[0].headers["x-daily-session-id"];
     assert!(seen.iter().all(|d| d.headers["x-daily-session-id"] == sid));
 }
+
+/// Two copies of one `connect` at two nodes at once: both find no session and start the same
+/// one. Node n2's record lands between this node's look and its start (played by a hook and
+/// a stand-in for n2): this node's start finds the id taken, undoes itself (no instance, no
+/// capacity slot) and passes the event to n2, whose answer is Meta's. It answered 409
+/// CONFLICT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_that_another_node_started_meanwhile_goes_to_its_session() {
+    use std::sync::{Arc, Mutex};
+    let a = super::cluster_internal::api_with_secret(None).await;
+    a.deploy("wa", &[], json!({"autoScaling": {"maxAgents": 1}}))
+        .await;
+    // Node n2: records what reaches it, answers as the instance would.
+    let heard: Arc<Mutex<Vec<(String, axum::http::HeaderMap, String)>>> = Arc::default();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let log = heard.clone();
+    let n2 = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let log = log.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let body = String::from_utf8_lossy(&body).into_owned();
+            log.lock()
+                .unwrap()
+                .push((parts.uri.to_string(), parts.headers, body));
+            axum::Json(json!({"status": "success", "from": "n2"}))
+        }
+    });
+    tokio::spawn(async move { axum::serve(l, n2).await });
+    let now = crate::model::now_ms();
+    let store = a.state.store.clone();
+    store
+        .heartbeat(&super::cluster_internal::n2(&url, now))
+        .await
+        .unwrap();
+    a.state
+        .sup
+        .remember_nodes(&[super::cluster_internal::n2(&url, now)]);
+
+    let agent = store.get_agent("default", "wa").await.unwrap().unwrap();
+    let sid = crate::core::whatsapp::session_of_call("default", "wa", "wacid.TWIN");
+    let rec = crate::model::SessionRecord {
+        id: sid,
+        org: "default".into(),
+        agent_id: agent.id,
+        deployment_id: agent.desired_deployment_id,
+        created_ms: now,
+        updated_ms: now,
+        bot_start_ms: None,
+        cold_start: Some(true),
+        transport: Some("webrtc".into()),
+        end: None,
+        samples: Vec::new(),
+        node_id: "n2".into(),
+    };
+    let n2_store = store.clone();
+    crate::core::whatsapp::test_hooks::before_start(
+        sid,
+        Box::pin(async move { n2_store.insert_session(&rec).await.unwrap() }),
+    );
+    let connect = call_event("connect", "wacid.TWIN");
+    let r = post_event(&a, "default", "wa", &connect).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body, json!({"status": "success", "from": "n2"}));
+    let heard = heard.lock().unwrap().clone();
+    assert_eq!(heard.len(), 1);
+    let (path, headers, body) = &heard[0];
+    assert_eq!(path, "/v1/public/webhooks/default/wa/whatsapp");
+    assert_eq!(headers["x-hub-signature-256"], "sha256=abc");
+    assert!(headers.contains_key("x-cattery-cluster-secret"));
+    assert_eq!(serde_json::from_str::<Value>(body).unwrap(), connect);
+
+    // Nothing of this node's start is left: no instance, no session here, no slot held (the
+    // agent's one slot starts another call).
+    assert_eq!(a.fake.starts(), 0, "{:?}", a.fake.events());
+    assert!(!a.state.sup.serves(sid));
+    assert_eq!(store.slots_held(agent.id).await.unwrap(), 0);
+    let s = store.get_session(sid).await.unwrap().unwrap();
+    assert_eq!((s.node_id.as_str(), s.end.is_none()), ("n2", true));
+    let r = post_event(&a, "default", "wa", &call_event("connect", "wacid.NEXT")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(a.fake.starts(), 1);
+}
