@@ -14,10 +14,14 @@
 //!   message statuses) is answered 200 and not forwarded: Meta re-sends any event it sees
 //!   refused.
 //! - Meta signs every `POST` (`x-hub-signature-256`, HMAC-SHA256 of the body with the app
-//!   secret). When the agent's secret set holds `WHATSAPP_APP_SECRET` (as the base image
+//!   secret). When the deployment that serves the event (the one the call's session runs,
+//!   else the one a new session would run) holds `WHATSAPP_APP_SECRET` (as the base image
 //!   needs to serve `/whatsapp`), the platform checks the signature before it starts or
 //!   forwards anything: without it, anyone who knows the URL could start sessions. The bot
 //!   checks it again. An agent without that secret gets its events unchecked.
+//!
+//! What becomes of an event is `core::whatsapp::route_event`'s to decide; this handler
+//! translates HTTP.
 
 use std::collections::HashMap;
 

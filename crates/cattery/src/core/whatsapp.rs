@@ -214,8 +214,10 @@ impl From<CoreError> for Refused {
 ///   to the other's session, as a copy that came later would.
 /// - Anything else: [`Refused::NoSession`].
 ///
-/// The signature is checked with the `WHATSAPP_APP_SECRET` of the agent's latest
-/// deployment, before anything starts or is forwarded.
+/// The signature is checked with the `WHATSAPP_APP_SECRET` of the deployment that serves
+/// the event: the one the call's session runs (a redeploy with a new app secret does not
+/// refuse a live call's events), else the one a session started now would run. A payload
+/// about no call is checked against the latter.
 pub async fn route_event(
     sup: &Arc<Supervisor>,
     store: &Arc<dyn Store>,
@@ -231,8 +233,11 @@ pub async fn route_event(
     let agent = crate::core::lookup::agent_of(store, ev.org, ev.agent)
         .await
         .map_err(unknown)?;
-    check_signed(store, cipher, ev, agent.desired_deployment_id).await?;
+    let for_new = sup
+        .current_deployment(ev.org, ev.agent)
+        .unwrap_or(agent.desired_deployment_id);
     let Some(event) = event else {
+        check_signed(store, cipher, ev, for_new).await?;
         return Ok(Routed {
             route: Route::Ignored,
             _gate: None,
@@ -244,7 +249,13 @@ pub async fn route_event(
     // for each other here, so the first one starts the session and the others find it.
     let gate = CallGate::enter(sid).await;
     let mut session = session_record(store, ev, sid).await?;
+    let mut checked = None;
     loop {
+        let deployment = session.as_ref().map_or(for_new, |s| s.deployment_id);
+        if checked != Some(deployment) {
+            check_signed(store, cipher, ev, deployment).await?;
+            checked = Some(deployment);
+        }
         match (&event, session) {
             (_, Some(rec)) if rec.end.is_none() => {
                 let route = if !ev.from_peer && !sup.owns(&rec.node_id) && !sup.serves(sid) {
@@ -281,7 +292,7 @@ pub async fn route_event(
                     // The session's record is there already: another node's copy of this
                     // connect started it after this one looked (the gate is per node). The
                     // start undid itself (no instance, no slot); the event goes to that
-                    // session.
+                    // session, checked against its deployment.
                     Err(e @ CoreError::Store(StoreError::Conflict)) => {
                         session = session_record(store, ev, sid).await?;
                         if session.is_none() {

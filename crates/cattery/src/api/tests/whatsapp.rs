@@ -352,3 +352,78 @@ async fn a_connect_that_another_node_started_meanwhile_goes_to_its_session() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(a.fake.starts(), 1);
 }
+
+/// A redeploy with a new `WHATSAPP_APP_SECRET` while a call is live: the call's events are
+/// still checked against the secret of the deployment its session runs (signed with the old
+/// one: forwarded; with the new one: refused), a new call's against the new deployment's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_calls_events_are_checked_against_its_own_deployments_app_secret() {
+    let a = api().await;
+    let put_secret = |value: &'static str| {
+        let body = json!({"secrets": [
+            {"secretKey": "WHATSAPP_APP_SECRET", "secretValue": value}]});
+        a.call(
+            Method::PUT,
+            "/v1/secrets/wa-secrets",
+            Some(&a.sk),
+            Some(body),
+        )
+    };
+    let r = put_secret("old-secret").await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    a.deploy("wa", &[], json!({"secretSet": "wa-secrets"}))
+        .await;
+    let raw = serde_json::to_vec(&call_event("connect", "wacid.LIVE")).unwrap();
+    let r = post_signed(&a, "default", "wa", &raw, Some(&sign("old-secret", &raw))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(a.fake.starts(), 1);
+
+    let store = a.state.store.clone();
+    let before = store.get_agent("default", "wa").await.unwrap().unwrap();
+    let r = put_secret("new-secret").await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let r = a
+        .call(
+            Method::POST,
+            "/v1/agents/wa",
+            Some(&a.sk),
+            Some(json!({"secretSet": "wa-secrets", "command": ["fake", "start-ms=1"]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let after = store.get_agent("default", "wa").await.unwrap().unwrap();
+    assert_ne!(before.desired_deployment_id, after.desired_deployment_id);
+
+    // The live call's next event: its deployment's (old) secret.
+    let ringing = serde_json::to_vec(&call_event("ringing", "wacid.LIVE")).unwrap();
+    let r = post_signed(
+        &a,
+        "default",
+        "wa",
+        &ringing,
+        Some(&sign("new-secret", &ringing)),
+    )
+    .await;
+    assert_error(&r, StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_eq!(a.fake.whatsapp().len(), 1);
+    let r = post_signed(
+        &a,
+        "default",
+        "wa",
+        &ringing,
+        Some(&sign("old-secret", &ringing)),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(a.fake.whatsapp().len(), 2);
+
+    // A new call: the new deployment's secret.
+    let raw = serde_json::to_vec(&call_event("connect", "wacid.NEW")).unwrap();
+    let r = post_signed(&a, "default", "wa", &raw, Some(&sign("old-secret", &raw))).await;
+    assert_error(&r, StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_eq!(a.fake.starts(), 1);
+    let r = post_signed(&a, "default", "wa", &raw, Some(&sign("new-secret", &raw))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(a.fake.starts(), 2);
+    assert_eq!(a.fake.whatsapp().len(), 3);
+}

@@ -643,6 +643,14 @@ impl Supervisor {
         Ok(())
     }
 
+    /// The agent's current deployment here: the one a session started now runs (admission
+    /// takes only its instances).
+    pub fn current_deployment(&self, org: &str, name: &str) -> Option<Uuid> {
+        let st = self.state.lock();
+        let id = st.by_name.get(&(org.to_string(), name.to_string()))?;
+        Some(st.pools.get(id)?.deployment.id)
+    }
+
     /// The `maxSessionDuration` (s) of the agent's current deployment.
     pub fn max_session_seconds(&self, org: &str, name: &str) -> Option<u32> {
         let st = self.state.lock();
