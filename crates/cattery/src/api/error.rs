@@ -161,6 +161,12 @@ fn store_error(e: StoreError) -> ApiError {
                 "the server's storage is unavailable; nothing was saved. Retry later",
             )
         }
+        // `core` names the limit (`OrgLimits::refusal`); this is only a fallback.
+        StoreError::LimitReached => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "ORG_LIMIT_REACHED",
+            "the organization has reached one of its limits",
+        ),
         StoreError::Invalid(_) => {
             tracing::error!(error = %e, "bad stored data");
             ApiError::new(

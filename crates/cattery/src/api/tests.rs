@@ -62,13 +62,29 @@ async fn api() -> Api {
 
 /// [`api`] with `tune` applied to the configuration.
 async fn api_with(tune: impl FnOnce(&mut Config)) -> Api {
+    api_on(None, tune).await
+}
+
+/// [`api_with`] over `store` when given (one that another [`Api`] shares, as two nodes share a
+/// PostgreSQL database), else over a fresh SQLite store.
+async fn api_on(
+    store: Option<Arc<dyn crate::store::Store>>,
+    tune: impl FnOnce(&mut Config),
+) -> Api {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
     config.server.data_dir = dir.path().to_path_buf();
     config.sessions.stop_grace_seconds = 0.5;
     config.sessions.start_timeout_seconds = 5.0;
     tune(&mut config);
-    let store = open_store(&config.store, dir.path()).await.unwrap();
+    let store = match store {
+        Some(s) => {
+            // What `open_store` does for a store it opens.
+            s.ensure_org(DEFAULT_ORG).await.unwrap();
+            s
+        }
+        None => open_store(&config.store, dir.path()).await.unwrap(),
+    };
     let fake = FakeRuntime::new();
     let (logs, mut rx) = mpsc::unbounded_channel();
     tokio::spawn(async move { while rx.recv().await.is_some() {} });

@@ -524,8 +524,6 @@ pub async fn create_agent(
     if store.get_agent(org, &name).await?.is_some() {
         return Err(bad(format!("service {name} already exists")));
     }
-    // Held until the agent is written: creates through this node cannot overshoot.
-    let _room = limits.room(store.as_ref(), org, Kind::Agents).await?;
     let now = now_ms();
     let id = Uuid::new_v4();
     let dep = DeploymentRecord {
@@ -546,9 +544,14 @@ pub async fn create_agent(
         updated_ms: now,
         deleted_ms: None,
     };
-    match store.create_agent(&agent, &dep).await {
+    // The store counts the org's agents and inserts in one step (`agents_per_org` holds
+    // across nodes).
+    match store
+        .create_agent(&agent, &dep, limits.of(Kind::Agents))
+        .await
+    {
         Err(StoreError::Conflict) => return Err(bad(format!("service {name} already exists"))),
-        r => r?,
+        r => r.map_err(|e| limits.refusal(org, Kind::Agents, e))?,
     }
     sup.upsert_agent(agent.clone(), dep.clone());
     Ok((agent, dep))

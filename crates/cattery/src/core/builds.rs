@@ -1158,7 +1158,7 @@ mod tests {
             updated_ms: now,
             deleted_ms: None,
         };
-        store.create_agent(&agent, &stored).await.unwrap();
+        store.create_agent(&agent, &stored, None).await.unwrap();
         let keep = Duration::from_secs(7 * 86_400);
         let n = builds.collect(keep, || in_memory.clone()).await.unwrap();
         assert_eq!(n, 4);

@@ -32,13 +32,25 @@ pub fn generate_key(kind: KeyKind) -> String {
 
 /// Creates and stores a new key of `kind` for `org`; returns its record and the key itself
 /// (shown once: only its hash is stored, and the whole key for public keys, which the CLI
-/// lists). Errors: the store failed.
+/// lists). Not limited (the operator's `cattery keys create`). Errors: the store failed.
 pub async fn issue_key(
     store: &dyn Store,
     org: &str,
     kind: KeyKind,
     name: &str,
 ) -> CoreResult<(ApiKeyRecord, String)> {
+    Ok(issue_key_within(store, org, kind, name, None).await?)
+}
+
+/// [`issue_key`] while `org` holds fewer than `limit` keys not revoked, counted by the store
+/// in the same step as the insert. Errors: the store failed (`LimitReached` at the limit).
+async fn issue_key_within(
+    store: &dyn Store,
+    org: &str,
+    kind: KeyKind,
+    name: &str,
+    limit: Option<u32>,
+) -> Result<(ApiKeyRecord, String), crate::store::StoreError> {
     let key = generate_key(kind);
     let rec = ApiKeyRecord {
         id: Uuid::new_v4(),
@@ -50,7 +62,7 @@ pub async fn issue_key(
         revoked_ms: None,
         public_key: (kind == KeyKind::Public).then(|| key.clone()),
     };
-    store.insert_key(&rec, &hash_key(&key)).await?;
+    store.insert_key(&rec, &hash_key(&key), limit).await?;
     Ok((rec, key))
 }
 
@@ -64,8 +76,9 @@ pub async fn create_key(
     kind: KeyKind,
     name: &str,
 ) -> CoreResult<(ApiKeyRecord, String)> {
-    let _room = limits.room(store, org, Kind::ApiKeys).await?;
-    issue_key(store, org, kind, name).await
+    issue_key_within(store, org, kind, name, limits.of(Kind::ApiKeys))
+        .await
+        .map_err(|e| limits.refusal(org, Kind::ApiKeys, e))
 }
 
 /// Checks a key name and type of `POST .../apiKeys` (`type`: `public`, the default, or

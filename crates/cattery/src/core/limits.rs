@@ -2,20 +2,19 @@
 //! agents, API keys and secret sets an org may hold, and how many session event streams
 //! (`GET /v1/sessions/events`) it may keep open on one node.
 //!
-//! Durable records are counted from the store, so the count is the cluster's on PostgreSQL:
-//! live agents (not deleted), keys not revoked, secret sets. A create takes its org's lock
-//! on this node from the count until its insert is done, so creates through one node never
-//! overshoot; two creates through two nodes at the same moment may overshoot by one each.
-//! Event streams are counted in memory, per node. Past a limit the answer is 403
-//! `ORG_LIMIT_REACHED`, naming the limit and its value ([`CoreError::OrgLimit`]).
+//! Durable records are counted by the store, in the same step as the create's insert, so the
+//! limit holds for the whole cluster on PostgreSQL: live agents (not deleted), keys not
+//! revoked, secret sets. The store serializes the creates of one org and kind (SQLite: its one
+//! writer; PostgreSQL: a transaction-scoped advisory lock), so concurrent creates through any
+//! number of nodes never overshoot ([`crate::store`], "per-org limits"). Event streams are
+//! counted in memory, per node. Past a limit the answer is 403 `ORG_LIMIT_REACHED`, naming the
+//! limit and its value ([`CoreError::OrgLimit`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::OwnedMutexGuard;
-
 use super::{CoreError, CoreResult};
-use crate::store::Store;
+use crate::store::StoreError;
 
 /// Default most live agents per org.
 pub const DEFAULT_AGENTS_PER_ORG: u32 = 1000;
@@ -92,15 +91,9 @@ fn refused(org: &str, setting: &str, what: &str, limit: u32) -> CoreError {
 #[derive(Debug, Default)]
 pub struct OrgLimits {
     limits: Limits,
-    /// One lock per org, held from a create's count to its insert.
-    creating: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Open event streams by org, on this node.
     streams: Arc<Mutex<HashMap<String, u32>>>,
 }
-
-/// Room for one more record of an org: hold it until the record is inserted (or not).
-#[must_use = "the room is only held while this lives"]
-pub struct Room(#[allow(dead_code)] Option<OwnedMutexGuard<()>>);
 
 impl OrgLimits {
     /// Limits as configured.
@@ -116,44 +109,26 @@ impl OrgLimits {
         self.limits
     }
 
-    fn limit(&self, kind: Kind) -> u32 {
-        match kind {
+    /// The limit on `kind` records per org, for the store's create (`None`: no limit).
+    pub fn of(&self, kind: Kind) -> Option<u32> {
+        let limit = match kind {
             Kind::Agents => self.limits.agents,
             Kind::ApiKeys => self.limits.api_keys,
             Kind::SecretSets => self.limits.secret_sets,
-        }
+        };
+        (limit != 0).then_some(limit)
     }
 
-    /// Room for one more `kind` record of `org`: counts the org's records in the store under
-    /// the org's lock on this node, and keeps the lock in the answer until it is dropped
-    /// (after the insert). Errors: 403 `ORG_LIMIT_REACHED` at the limit; storage errors.
-    pub async fn room(&self, store: &dyn Store, org: &str, kind: Kind) -> CoreResult<Room> {
-        let limit = self.limit(kind);
-        if limit == 0 {
-            return Ok(Room(None));
+    /// A store error of a create of `org`'s `kind` record given [`OrgLimits::of`]: the store's
+    /// `LimitReached` is the 403 `ORG_LIMIT_REACHED` naming the limit; any other error stays
+    /// a store error.
+    pub fn refusal(&self, org: &str, kind: Kind, e: StoreError) -> CoreError {
+        match (e, self.of(kind)) {
+            (StoreError::LimitReached, Some(limit)) => {
+                refused(org, kind.setting(), kind.what(), limit)
+            }
+            (e, _) => CoreError::Store(e),
         }
-        let lock = self
-            .creating
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(org.to_string())
-            .or_default()
-            .clone();
-        let guard = lock.lock_owned().await;
-        let n = match kind {
-            Kind::Agents => store.list_agents(org).await?.len(),
-            Kind::ApiKeys => store
-                .list_keys(org, None)
-                .await?
-                .iter()
-                .filter(|k| k.revoked_ms.is_none())
-                .count(),
-            Kind::SecretSets => store.list_secret_sets(org).await?.len(),
-        };
-        if n >= limit as usize {
-            return Err(refused(org, kind.setting(), kind.what(), limit));
-        }
-        Ok(Room(Some(guard)))
     }
 
     /// Opens one event stream of `org` on this node; it counts until the answer is dropped.
@@ -199,6 +174,27 @@ impl Drop for StreamPermit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stores_refusal_names_the_limit() {
+        let l = OrgLimits::new(Limits {
+            agents: 3,
+            api_keys: 0,
+            ..Limits::default()
+        });
+        assert_eq!(l.of(Kind::Agents), Some(3));
+        assert_eq!(l.of(Kind::ApiKeys), None, "0 = no limit");
+        let e = l.refusal("acme", Kind::Agents, StoreError::LimitReached);
+        assert!(matches!(e, CoreError::OrgLimit(_)), "{e:?}");
+        assert!(
+            e.to_string().contains(
+                "organization acme has reached its limit of 3 agents (agents_per_org = 3)"
+            ),
+            "{e}"
+        );
+        let e = l.refusal("acme", Kind::Agents, StoreError::Conflict);
+        assert!(matches!(e, CoreError::Store(StoreError::Conflict)), "{e:?}");
+    }
 
     #[test]
     fn streams_count_per_org_until_dropped() {

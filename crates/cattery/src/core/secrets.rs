@@ -434,16 +434,18 @@ pub async fn upsert(
             false,
         )
     };
-    // A new set needs room under the org's `secret_sets_per_org`, held until it is written.
-    let _room = match &existing {
-        None => Some(limits.room(store.as_ref(), org, Kind::SecretSets).await?),
-        Some(_) => None,
-    };
-    match store.upsert_secret_set(&rec, &values, replace_all).await {
+    // A new set must fit under the org's `secret_sets_per_org`: the store counts and writes in
+    // one step (it knows whether the set is new by then).
+    match store
+        .upsert_secret_set(&rec, &values, replace_all, limits.of(Kind::SecretSets))
+        .await
+    {
         Err(StoreError::Conflict) => Err(CoreError::Conflict(format!(
             "secret set {name} was changed concurrently; retry"
         ))),
-        r => r.map(|_| region).map_err(CoreError::from),
+        r => r
+            .map(|_| region)
+            .map_err(|e| limits.refusal(org, Kind::SecretSets, e)),
     }
 }
 
@@ -781,7 +783,10 @@ mod tests {
             keys: Vec::new(),
         };
         let v = ours.seal("o", "my-set", "GREETING", "hello");
-        store.upsert_secret_set(&set, &[v], true).await.unwrap();
+        store
+            .upsert_secret_set(&set, &[v], true, None)
+            .await
+            .unwrap();
         check_key_opens_stored(store.as_ref(), &ours).await.unwrap();
         let err = check_key_opens_stored(store.as_ref(), &other)
             .await

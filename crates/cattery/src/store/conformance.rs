@@ -59,6 +59,7 @@ where
     case!(build_retention);
     case!(webhooks);
     case!(webhook_delivery_ids_are_queued_once);
+    case!(org_limits);
 }
 
 fn agent(org: &str, name: &str, created_ms: i64) -> (AgentRecord, DeploymentRecord) {
@@ -90,7 +91,7 @@ fn agent(org: &str, name: &str, created_ms: i64) -> (AgentRecord, DeploymentReco
 async fn with_agent(s: &dyn Store, org: &str, name: &str) -> AgentRecord {
     s.ensure_org(org).await.unwrap();
     let (a, d) = agent(org, name, 1_000);
-    s.create_agent(&a, &d).await.unwrap();
+    s.create_agent(&a, &d, None).await.unwrap();
     a
 }
 
@@ -210,13 +211,13 @@ async fn keys(s: &dyn Store) {
     let (k1, h1) = key("a", KeyKind::Private, 2);
     let (k0, h0) = key("a", KeyKind::Public, 1);
     let (kb, hb) = key("b", KeyKind::Private, 3);
-    s.insert_key(&k1, &h1).await.unwrap();
-    s.insert_key(&k0, &h0).await.unwrap();
-    s.insert_key(&kb, &hb).await.unwrap();
+    s.insert_key(&k1, &h1, None).await.unwrap();
+    s.insert_key(&k0, &h0, None).await.unwrap();
+    s.insert_key(&kb, &hb, None).await.unwrap();
     let (mut dup, _) = key("a", KeyKind::Token, 4);
     dup.id = Uuid::new_v4();
     assert!(matches!(
-        s.insert_key(&dup, &h1).await,
+        s.insert_key(&dup, &h1, None).await,
         Err(StoreError::Conflict)
     ));
     let (got, hash) = s.find_key(&h1).await.unwrap().unwrap();
@@ -248,11 +249,11 @@ async fn agents_and_deployments(s: &dyn Store) {
     s.ensure_org("b").await.unwrap();
     let (a2, d2) = agent("a", "second", 20);
     let (a1, d1) = agent("a", "first", 10);
-    s.create_agent(&a2, &d2).await.unwrap();
-    s.create_agent(&a1, &d1).await.unwrap();
+    s.create_agent(&a2, &d2, None).await.unwrap();
+    s.create_agent(&a1, &d1, None).await.unwrap();
     let (same, same_d) = agent("a", "first", 30);
     assert!(matches!(
-        s.create_agent(&same, &same_d).await,
+        s.create_agent(&same, &same_d, None).await,
         Err(StoreError::Conflict)
     ));
     assert!(
@@ -260,7 +261,7 @@ async fn agents_and_deployments(s: &dyn Store) {
         "nothing of a failed create is kept"
     );
     let (other, other_d) = agent("b", "first", 30);
-    s.create_agent(&other, &other_d).await.unwrap();
+    s.create_agent(&other, &other_d, None).await.unwrap();
     assert_eq!(s.get_agent("a", "first").await.unwrap().unwrap().id, a1.id);
     assert_eq!(
         s.get_agent("b", "first").await.unwrap().unwrap().id,
@@ -315,7 +316,7 @@ async fn agents_and_deployments(s: &dyn Store) {
     assert_eq!(last("a", "first").await, Some(a1.id));
     assert_eq!(last("a", "second").await, None, "live");
     assert_eq!(last("b", "first").await, None, "another org");
-    s.create_agent(&same, &same_d).await.unwrap();
+    s.create_agent(&same, &same_d, None).await.unwrap();
     assert!(matches!(
         s.delete_agent(Uuid::new_v4(), 1).await,
         Err(StoreError::NotFound)
@@ -618,7 +619,7 @@ async fn secret_sets(s: &dyn Store) {
     s.ensure_org("a").await.unwrap();
     s.ensure_org("b").await.unwrap();
     let zeta = set("a", "zeta", SecretSetKind::Secret);
-    s.upsert_secret_set(&zeta, &[sealed("B", 1), sealed("A", 2)], false)
+    s.upsert_secret_set(&zeta, &[sealed("B", 1), sealed("A", 2)], false, None)
         .await
         .unwrap();
     assert!(s.secret_set_exists("a", "zeta").await.unwrap());
@@ -632,7 +633,7 @@ async fn secret_sets(s: &dyn Store) {
     // Upsert: add and overwrite, keep the rest.
     let mut touch = zeta.clone();
     touch.updated_ms = 20;
-    s.upsert_secret_set(&touch, &[sealed("B", 9), sealed("C", 3)], false)
+    s.upsert_secret_set(&touch, &[sealed("B", 9), sealed("C", 3)], false, None)
         .await
         .unwrap();
     let vals = s.secret_values("a", "zeta").await.unwrap();
@@ -640,7 +641,7 @@ async fn secret_sets(s: &dyn Store) {
     let got = s.get_secret_set("a", "zeta").await.unwrap().unwrap();
     assert_eq!((got.created_ms, got.updated_ms), (10, 20));
     // Replace all.
-    s.upsert_secret_set(&touch, &[sealed("D", 4)], true)
+    s.upsert_secret_set(&touch, &[sealed("D", 4)], true, None)
         .await
         .unwrap();
     assert_eq!(
@@ -651,13 +652,14 @@ async fn secret_sets(s: &dyn Store) {
     let mut pull = set("a", "zeta", SecretSetKind::ImagePullSecret);
     pull.host = Some("registry.example/".into());
     assert!(matches!(
-        s.upsert_secret_set(&pull, &[sealed("E", 5)], true).await,
+        s.upsert_secret_set(&pull, &[sealed("E", 5)], true, None)
+            .await,
         Err(StoreError::Conflict)
     ));
     let mut far = touch.clone();
     far.region = "elsewhere".into();
     assert!(matches!(
-        s.upsert_secret_set(&far, &[], false).await,
+        s.upsert_secret_set(&far, &[], false, None).await,
         Err(StoreError::Conflict)
     ));
     assert_eq!(
@@ -666,10 +668,10 @@ async fn secret_sets(s: &dyn Store) {
     );
     let mut pull = set("a", "alpha", SecretSetKind::ImagePullSecret);
     pull.host = Some("registry.example/".into());
-    s.upsert_secret_set(&pull, &[sealed("credentials", 6)], true)
+    s.upsert_secret_set(&pull, &[sealed("credentials", 6)], true, None)
         .await
         .unwrap();
-    s.upsert_secret_set(&set("b", "beta", SecretSetKind::Secret), &[], false)
+    s.upsert_secret_set(&set("b", "beta", SecretSetKind::Secret), &[], false, None)
         .await
         .unwrap();
     let list = s.list_secret_sets("a").await.unwrap();
@@ -711,16 +713,18 @@ async fn deployment_secret_snapshots(s: &dyn Store) {
         &set("a", "keys", SecretSetKind::Secret),
         &[sealed("K", 1)],
         false,
+        None,
     )
     .await
     .unwrap();
     let (a, mut d) = agent("a", "x", 1);
     d.spec.secret_set = Some("keys".into());
-    s.create_agent(&a, &d).await.unwrap();
+    s.create_agent(&a, &d, None).await.unwrap();
     s.upsert_secret_set(
         &set("a", "keys", SecretSetKind::Secret),
         &[sealed("K", 2), sealed("L", 3)],
         false,
+        None,
     )
     .await
     .unwrap();
@@ -1807,4 +1811,144 @@ async fn webhooks(s: &dyn Store) {
         .unwrap()
         .is_empty());
     assert_eq!(s.list_webhook_endpoints(Some("acme")).await.unwrap(), [b]);
+}
+
+/// Per-org limits: a create given a limit is refused at it (nothing written), counts only what
+/// the limit counts (live agents, keys not revoked, sets: a new set only), one org's records
+/// only; without one it is not limited. Then [`org_limits_across`] on this one store.
+async fn org_limits(s: &dyn Store) {
+    s.ensure_org("a").await.unwrap();
+    s.ensure_org("b").await.unwrap();
+    // Keys: both kinds count, revoked ones do not.
+    let (k1, h1) = key("a", KeyKind::Private, 1);
+    let (k2, h2) = key("a", KeyKind::Public, 2);
+    let (k3, h3) = key("a", KeyKind::Private, 3);
+    s.insert_key(&k1, &h1, Some(2)).await.unwrap();
+    s.insert_key(&k2, &h2, Some(2)).await.unwrap();
+    assert!(matches!(
+        s.insert_key(&k3, &h3, Some(2)).await,
+        Err(StoreError::LimitReached)
+    ));
+    assert!(s.find_key(&h3).await.unwrap().is_none(), "nothing written");
+    let (kb, hb) = key("b", KeyKind::Private, 4);
+    s.insert_key(&kb, &hb, Some(1)).await.unwrap();
+    assert!(s.revoke_key("a", k1.id).await.unwrap());
+    s.insert_key(&k3, &h3, Some(2)).await.unwrap();
+    let (k4, h4) = key("a", KeyKind::Private, 5);
+    s.insert_key(&k4, &h4, None).await.unwrap();
+    assert_eq!(s.list_keys("a", None).await.unwrap().len(), 4);
+
+    // Agents: deleted ones do not count.
+    let (a1, d1) = agent("a", "one", 1);
+    let (a2, d2) = agent("a", "two", 2);
+    s.create_agent(&a1, &d1, Some(1)).await.unwrap();
+    assert!(matches!(
+        s.create_agent(&a2, &d2, Some(1)).await,
+        Err(StoreError::LimitReached)
+    ));
+    assert!(s.get_agent("a", "two").await.unwrap().is_none());
+    assert!(s.get_deployment(d2.id).await.unwrap().is_none());
+    let (b1, bd1) = agent("b", "one", 3);
+    s.create_agent(&b1, &bd1, Some(1)).await.unwrap();
+    s.delete_agent(a1.id, 10).await.unwrap();
+    s.create_agent(&a2, &d2, Some(1)).await.unwrap();
+    let (a3, d3) = agent("a", "three", 4);
+    s.create_agent(&a3, &d3, None).await.unwrap();
+    assert_eq!(s.list_agents("a").await.unwrap().len(), 2);
+
+    // Secret sets: an existing set is written at the limit, a new one is refused.
+    let x = set("a", "x", SecretSetKind::Secret);
+    let y = set("a", "y", SecretSetKind::Secret);
+    s.upsert_secret_set(&x, &[sealed("K", 1)], false, Some(1))
+        .await
+        .unwrap();
+    s.upsert_secret_set(&x, &[sealed("L", 2)], false, Some(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.get_secret_set("a", "x").await.unwrap().unwrap().keys,
+        ["K", "L"]
+    );
+    assert!(matches!(
+        s.upsert_secret_set(&y, &[sealed("K", 3)], false, Some(1))
+            .await,
+        Err(StoreError::LimitReached)
+    ));
+    assert!(!s.secret_set_exists("a", "y").await.unwrap());
+    assert!(s.secret_values("a", "y").await.unwrap().is_empty());
+    s.upsert_secret_set(&set("b", "x", SecretSetKind::Secret), &[], false, Some(1))
+        .await
+        .unwrap();
+    assert!(s.delete_secret_set("a", "x").await.unwrap());
+    s.upsert_secret_set(&y, &[sealed("K", 3)], false, Some(1))
+        .await
+        .unwrap();
+    s.upsert_secret_set(&x, &[], false, None).await.unwrap();
+    assert_eq!(s.list_secret_sets("a").await.unwrap().len(), 2);
+
+    org_limits_across(&[s, s]).await;
+}
+
+/// Concurrent creates of one org at limit N, spread over `stores` (nodes on one database),
+/// admit exactly N of each kind; the others are refused with `LimitReached` and write nothing.
+pub async fn org_limits_across(stores: &[&dyn Store]) {
+    const LIMIT: u32 = 5;
+    const TRIES: usize = 16;
+    let org = "racing";
+    stores[0].ensure_org(org).await.unwrap();
+    let on = |i: usize| stores[i % stores.len()];
+    let admitted = |got: Vec<Result<(), StoreError>>, what: &str| {
+        assert!(
+            got.iter()
+                .all(|r| matches!(r, Ok(()) | Err(StoreError::LimitReached))),
+            "{what}: {got:?}"
+        );
+        got.iter().filter(|r| r.is_ok()).count()
+    };
+
+    let keys: Vec<_> = (0..TRIES)
+        .map(|i| key(org, KeyKind::Private, i as i64))
+        .collect();
+    let got = futures_util::future::join_all(
+        keys.iter()
+            .enumerate()
+            .map(|(i, (k, h))| on(i).insert_key(k, h, Some(LIMIT))),
+    )
+    .await;
+    assert_eq!(admitted(got, "keys"), LIMIT as usize);
+    assert_eq!(
+        stores[0].list_keys(org, None).await.unwrap().len(),
+        LIMIT as usize
+    );
+
+    let agents: Vec<_> = (0..TRIES)
+        .map(|i| agent(org, &format!("a{i}"), i as i64))
+        .collect();
+    let got = futures_util::future::join_all(
+        agents
+            .iter()
+            .enumerate()
+            .map(|(i, (a, d))| on(i).create_agent(a, d, Some(LIMIT))),
+    )
+    .await;
+    assert_eq!(admitted(got, "agents"), LIMIT as usize);
+    assert_eq!(
+        stores[0].list_agents(org).await.unwrap().len(),
+        LIMIT as usize
+    );
+
+    let sets: Vec<_> = (0..TRIES)
+        .map(|i| set(org, &format!("s{i}"), SecretSetKind::Secret))
+        .collect();
+    let got = futures_util::future::join_all(
+        sets.iter()
+            .enumerate()
+            .map(|(i, x)| on(i).upsert_secret_set(x, &[], false, Some(LIMIT))),
+    )
+    .await;
+    assert_eq!(admitted(got, "secret sets"), LIMIT as usize);
+    assert_eq!(
+        stores[0].list_secret_sets(org).await.unwrap().len(),
+        LIMIT as usize
+    );
 }

@@ -10,6 +10,11 @@
 //!   [`StoreError::Unavailable`]; both leave the store usable, and it heals by itself once the
 //!   fault is gone (no restart).
 //! - **Scoping**: names are scoped to an org; another org's records are never returned.
+//! - **Per-org limits**: a create that takes a `limit` (agents, API keys, secret sets) counts
+//!   the org's records of that kind and inserts in one step, serialized with every other
+//!   limited create of that org and kind through any store on the same database: at limit N,
+//!   concurrent creates (through any number of nodes) admit exactly as many as fit under N.
+//!   At the limit it fails with [`StoreError::LimitReached`]. `None`: no limit.
 //! - **Times** are Unix milliseconds unless named `*_ns`.
 
 pub(crate) mod codec;
@@ -62,6 +67,10 @@ pub enum StoreError {
     /// damage, not a transient fault.
     #[error("bad stored data: {0}")]
     Invalid(String),
+    /// A create given a per-org limit found the org at it (it holds that many records of the
+    /// kind already, counted in the same transaction): nothing was written.
+    #[error("the org's limit is reached")]
+    LimitReached,
 }
 
 impl StoreError {
@@ -276,8 +285,16 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn set_org_properties(&self, name: &str, props: &serde_json::Value) -> StoreResult<()>;
 
     /// Stores a key by its SHA-256 hash (the key itself is never stored; `public_key` is kept
-    /// for public keys only). Errors: `Conflict` for a taken id or hash.
-    async fn insert_key(&self, rec: &ApiKeyRecord, hash: &[u8]) -> StoreResult<()>;
+    /// for public keys only). With `limit`, only while the org holds fewer than `limit` keys
+    /// not revoked (of both kinds), counted in the same step (see the module's per-org limits).
+    ///
+    /// Errors: `Conflict` for a taken id or hash; `LimitReached` at the limit.
+    async fn insert_key(
+        &self,
+        rec: &ApiKeyRecord,
+        hash: &[u8],
+        limit: Option<u32>,
+    ) -> StoreResult<()>;
     /// Finds a key by hash (revoked ones included; the caller checks), with its stored hash.
     async fn find_key(&self, hash: &[u8]) -> StoreResult<Option<(ApiKeyRecord, Vec<u8>)>>;
     /// Keys of an org (of one kind when given), oldest first.
@@ -292,10 +309,17 @@ pub trait KeyStore: Send + Sync + 'static {
 pub trait AgentStore: Send + Sync + 'static {
     /// Creates an agent with its first deployment, in one transaction; the deployment's bound
     /// secret set (if any) is snapshotted with it (see [`SecretStore::deployment_secrets`]).
+    /// With `limit`, only while the org holds fewer than `limit` live agents, counted in the
+    /// same transaction (see the module's per-org limits).
     ///
     /// Errors: `Conflict` when a live agent of that org has that name (a deleted one frees
-    /// it), or when the bound secret set was deleted meanwhile.
-    async fn create_agent(&self, agent: &AgentRecord, dep: &DeploymentRecord) -> StoreResult<()>;
+    /// it), or when the bound secret set was deleted meanwhile; `LimitReached` at the limit.
+    async fn create_agent(
+        &self,
+        agent: &AgentRecord,
+        dep: &DeploymentRecord,
+        limit: Option<u32>,
+    ) -> StoreResult<()>;
     /// Saves scaling, desired deployment and update time of an agent, plus a new deployment
     /// when given (snapshotted as in [`AgentStore::create_agent`]), in one transaction.
     ///
@@ -420,15 +444,19 @@ pub trait SecretStore: Send + Sync + 'static {
     async fn list_secret_sets(&self, org: &str) -> StoreResult<Vec<SecretSetRecord>>;
     /// Creates the set if missing (with `set`'s kind, region and host) or touches it (update
     /// time and host), then writes `values` (add or overwrite per key); with `replace_all`,
-    /// first drops every value not in `values`. One transaction.
+    /// first drops every value not in `values`. One transaction. With `limit`, a set that is
+    /// missing is created only while the org holds fewer than `limit` sets, counted in the
+    /// same transaction (see the module's per-org limits); an existing set is always written.
     ///
-    /// Errors: `Conflict` when a set of that name exists with another kind or region (then
-    /// nothing is written).
+    /// Errors: `Conflict` when a set of that name exists with another kind or region;
+    /// `LimitReached` when the set is new and the org is at the limit (nothing written either
+    /// way).
     async fn upsert_secret_set(
         &self,
         set: &SecretSetRecord,
         values: &[SealedValue],
         replace_all: bool,
+        limit: Option<u32>,
     ) -> StoreResult<()>;
     /// The sealed values of a set, by key (for image pull secrets: the one credential).
     async fn secret_values(&self, org: &str, name: &str) -> StoreResult<Vec<SealedValue>>;

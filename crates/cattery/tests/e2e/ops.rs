@@ -373,7 +373,10 @@ async fn put_a_sealed_secret(data: &std::path::Path) {
         nonce: vec![0; 24],
         ciphertext: vec![0; 20],
     };
-    store.upsert_secret_set(&set, &[v], false).await.unwrap();
+    store
+        .upsert_secret_set(&set, &[v], false, None)
+        .await
+        .unwrap();
 }
 
 /// `cattery backup` and `restore` read the server's `--config`: its data dir and its

@@ -6,7 +6,7 @@ use axum::http::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use super::daily::org_private_key;
-use super::{api_with, assert_error, Answer, Api};
+use super::{api_on, api_with, assert_error, Answer, Api};
 
 /// Asserts the refusal of one more, naming `setting = limit`.
 fn assert_limit(r: &Answer, setting: &str, limit: u32) {
@@ -171,8 +171,8 @@ async fn event_streams_per_org_counts_open_streams() {
     }
 }
 
-/// Creates at the same moment through one node do not overshoot: the count and the insert
-/// happen under the org's lock.
+/// Creates at the same moment through one node do not overshoot: the store counts and inserts
+/// in one step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_creates_through_one_node_stop_at_the_limit() {
     let a = api_with(|c| c.limits.agents_per_org = 3).await;
@@ -185,4 +185,39 @@ async fn concurrent_creates_through_one_node_stop_at_the_limit() {
     let refused = got.iter().filter(|s| **s == StatusCode::FORBIDDEN).count();
     assert_eq!((ok, refused), (3, 7), "{got:?}");
     assert_eq!(a.state.store.list_agents("default").await.unwrap().len(), 3);
+}
+
+/// Creates at the same moment through two nodes on one PostgreSQL database do not overshoot
+/// either: each node has its own engine, and only the store's one step holds the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_through_two_nodes_stop_at_the_limit() {
+    use std::sync::Arc;
+
+    use crate::store::postgres::{tests::test_database_url, PgStore};
+    use crate::store::Store;
+    let Some(url) = test_database_url() else {
+        return;
+    };
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let store = PgStore::open(&url, 4, Some(&schema)).await.unwrap();
+        let store: Arc<dyn Store> = Arc::new(store);
+        nodes.push(api_on(Some(store), |c| c.limits.agents_per_org = 3).await);
+    }
+    let tries = (0..16).map(|i| {
+        let a = &nodes[i % 2];
+        async move { create_agent(a, &a.sk, &format!("c{i}")).await.status }
+    });
+    let got = futures_util::future::join_all(tries).await;
+    let ok = got.iter().filter(|s| **s == StatusCode::OK).count();
+    let refused = got.iter().filter(|s| **s == StatusCode::FORBIDDEN).count();
+    assert_eq!((ok, refused), (3, 13), "{got:?}");
+    let store = &nodes[0].state.store;
+    assert_eq!(store.list_agents("default").await.unwrap().len(), 3);
+    assert_limit(
+        &create_agent(&nodes[1], &nodes[1].sk, "one-more").await,
+        "agents_per_org",
+        3,
+    );
 }

@@ -124,7 +124,7 @@ async fn agent_with(
         spec,
         created_ms: now,
     };
-    e.store.create_agent(&agent, &dep).await.unwrap();
+    e.store.create_agent(&agent, &dep, None).await.unwrap();
     e.sup.upsert_agent(agent.clone(), dep);
     agent
 }

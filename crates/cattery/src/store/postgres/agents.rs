@@ -5,7 +5,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::{json_of, PgStore};
+use super::{json_of, Limited, PgStore};
 use crate::model::{AgentRecord, DeploymentRecord};
 use crate::store::{AgentStore, StoreError, StoreResult};
 
@@ -77,8 +77,17 @@ async fn insert_dep(db: &mut PgConnection, org: &str, dep: &DeploymentRecord) ->
 
 #[async_trait]
 impl AgentStore for PgStore {
-    async fn create_agent(&self, a: &AgentRecord, dep: &DeploymentRecord) -> StoreResult<()> {
+    async fn create_agent(
+        &self,
+        a: &AgentRecord,
+        dep: &DeploymentRecord,
+        limit: Option<u32>,
+    ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
+        if let Some(limit) = limit {
+            super::lock_org_creates(&mut tx, Limited::Agents, &a.org).await?;
+            super::within_limit(&mut tx, Limited::Agents, &a.org, limit).await?;
+        }
         sqlx::query(
             "INSERT INTO agents (id, org, name, region, min_agents, max_agents, \
              desired_deployment_id, created_ms, updated_ms, deleted_ms) \

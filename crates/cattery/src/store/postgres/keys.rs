@@ -5,7 +5,7 @@ use sqlx::postgres::PgRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::PgStore;
+use super::{Limited, PgStore};
 use crate::model::{now_ms, ApiKeyRecord, KeyKind};
 use crate::store::{KeyStore, OrgRecord, StoreError, StoreResult};
 
@@ -82,7 +82,17 @@ impl KeyStore for PgStore {
         Ok(())
     }
 
-    async fn insert_key(&self, rec: &ApiKeyRecord, hash: &[u8]) -> StoreResult<()> {
+    async fn insert_key(
+        &self,
+        rec: &ApiKeyRecord,
+        hash: &[u8],
+        limit: Option<u32>,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(limit) = limit {
+            super::lock_org_creates(&mut tx, Limited::ApiKeys, &rec.org).await?;
+            super::within_limit(&mut tx, Limited::ApiKeys, &rec.org, limit).await?;
+        }
         let public = (rec.kind == KeyKind::Public)
             .then_some(rec.public_key.as_ref())
             .flatten();
@@ -99,8 +109,9 @@ impl KeyStore for PgStore {
         .bind(rec.created_ms)
         .bind(rec.revoked_ms)
         .bind(public)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         self.keys.clear();
         Ok(())
     }

@@ -5,7 +5,8 @@
 //! implements its trait.
 //!
 //! Each method is one statement or one transaction (READ COMMITTED; the writes that must not
-//! race name their rows, e.g. the bound secret set is read `FOR SHARE`).
+//! race name their rows, e.g. the bound secret set is read `FOR SHARE`, and a create under a
+//! per-org limit takes an advisory lock on its org and kind before it counts).
 //!
 //! Faults: a database that cannot be reached (down, restarting, network) makes calls fail
 //! with [`StoreError::Unavailable`] after at most [`ACQUIRE_TIMEOUT`]; a connection broken by a
@@ -29,7 +30,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use super::{StoreError, StoreResult};
 
@@ -286,6 +287,78 @@ pub(crate) fn query_dyn(
     sql: &str,
 ) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
     sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+}
+
+/// What a per-org limit counts ([`super::KeyStore::insert_key`], [`super::AgentStore::create_agent`],
+/// [`super::SecretStore::upsert_secret_set`] given a limit).
+#[derive(Debug, Clone, Copy)]
+enum Limited {
+    Agents,
+    ApiKeys,
+    SecretSets,
+}
+
+impl Limited {
+    /// The first key of the kind's advisory locks (the second is the org's hash): arbitrary,
+    /// distinct values ("Cat" and a number), unlikely to be another user's of the database.
+    /// The two-key form never meets sqlx's migration lock, which takes the one-key form.
+    fn lock_class(self) -> i32 {
+        match self {
+            Limited::Agents => 0x4361_7401,
+            Limited::ApiKeys => 0x4361_7402,
+            Limited::SecretSets => 0x4361_7403,
+        }
+    }
+
+    /// Counts an org's records of the kind (`$1`: the org), through the index on `org`.
+    fn count_sql(self) -> &'static str {
+        match self {
+            Limited::Agents => "SELECT count(*) FROM agents WHERE org = $1 AND deleted_ms IS NULL",
+            Limited::ApiKeys => {
+                "SELECT count(*) FROM api_keys WHERE org = $1 AND revoked_ms IS NULL"
+            }
+            Limited::SecretSets => "SELECT count(*) FROM secret_sets WHERE org = $1",
+        }
+    }
+}
+
+/// Serializes the limited creates of `org`'s records of one kind, from here to the end of the
+/// transaction `db` is in, across every node: a transaction-scoped advisory lock on (kind,
+/// hash of the org), released by the commit or rollback. A second create of that org and kind
+/// waits here until the first one's transaction is over; its count (a later statement, so a
+/// fresh READ COMMITTED snapshot) then sees the first one's insert.
+///
+/// Why an advisory lock rather than `SELECT ... FOR UPDATE` of the org's row: every insert into
+/// `agents`, `api_keys` and `secret_sets` checks its foreign key with `FOR KEY SHARE` on that
+/// row, which `FOR UPDATE` blocks, so the row lock would serialize all of an org's writes of
+/// every kind (and its property changes) instead of one kind's creates; the advisory lock
+/// needs no row and names just the org and kind. Two orgs whose names hash alike share a lock,
+/// which only makes one wait for the other.
+async fn lock_org_creates(db: &mut PgConnection, kind: Limited, org: &str) -> StoreResult<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+        .bind(kind.lock_class())
+        .bind(org)
+        .execute(&mut *db)
+        .await?;
+    Ok(())
+}
+
+/// A limited create's count, inside its transaction after [`lock_org_creates`]. Errors:
+/// `LimitReached` when `org` holds `limit` or more records of the kind.
+async fn within_limit(
+    db: &mut PgConnection,
+    kind: Limited,
+    org: &str,
+    limit: u32,
+) -> StoreResult<()> {
+    let n: i64 = sqlx::query_scalar(kind.count_sql())
+        .bind(org)
+        .fetch_one(&mut *db)
+        .await?;
+    if n >= i64::from(limit) {
+        return Err(StoreError::LimitReached);
+    }
+    Ok(())
 }
 
 fn json_of<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> StoreResult<T> {

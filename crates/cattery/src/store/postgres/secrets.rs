@@ -5,7 +5,7 @@ use sqlx::postgres::PgRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::PgStore;
+use super::{Limited, PgStore};
 use crate::model::now_ms;
 use crate::store::{
     SealedValue, SecretSetKind, SecretSetRecord, SecretStore, StoreError, StoreResult,
@@ -101,8 +101,23 @@ impl SecretStore for PgStore {
         set: &SecretSetRecord,
         values: &[SealedValue],
         replace_all: bool,
+        limit: Option<u32>,
     ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
+        if let Some(limit) = limit {
+            // Under the lock, so a create of the same set meanwhile is seen here (then this
+            // is an update), and a set deleted meanwhile is counted as new.
+            super::lock_org_creates(&mut tx, Limited::SecretSets, &set.org).await?;
+            let exists = sqlx::query("SELECT 1 FROM secret_sets WHERE org = $1 AND name = $2")
+                .bind(&set.org)
+                .bind(&set.name)
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some();
+            if !exists {
+                super::within_limit(&mut tx, Limited::SecretSets, &set.org, limit).await?;
+            }
+        }
         let n = sqlx::query(
             "INSERT INTO secret_sets AS s (org, name, kind, region, host, created_ms, updated_ms) \
              VALUES ($1, $2, $3, $4, $5, $6, $6) \

@@ -50,6 +50,19 @@ async fn conformance() {
     .await;
 }
 
+/// Per-org limits hold across nodes: creates of one org through two stores on one database
+/// (two nodes), at the same moment, admit exactly the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_limits_hold_across_two_nodes() {
+    let Some(url) = test_database_url() else {
+        return;
+    };
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let a = PgStore::open(&url, 4, Some(&schema)).await.unwrap();
+    let b = PgStore::open(&url, 4, Some(&schema)).await.unwrap();
+    crate::store::conformance::org_limits_across(&[&a, &b]).await;
+}
+
 #[tokio::test]
 async fn a_bad_url_is_invalid_and_an_unreachable_database_unavailable() {
     use crate::store::StoreError;
@@ -104,7 +117,7 @@ async fn a_change_made_through_one_node_reaches_the_other() {
         public_key: None,
     };
     let hash = vec![9u8; 32];
-    a.insert_key(&rec, &hash).await.unwrap();
+    a.insert_key(&rec, &hash, None).await.unwrap();
     // Seen (and kept) by b.
     assert!(b
         .find_key(&hash)
@@ -170,7 +183,7 @@ async fn a_change_made_through_one_node_reaches_the_other() {
             },
         )
     };
-    a.create_agent(&ag, &dep).await.unwrap();
+    a.create_agent(&ag, &dep, None).await.unwrap();
     let got = tokio::time::timeout(std::time::Duration::from_secs(1), async {
         loop {
             if feed.recv().await.unwrap() == Change::Agent(ag.id) {

@@ -73,9 +73,23 @@ fn insert_dep(db: &mut Conn, org: &str, dep: &DeploymentRecord) -> StoreResult<(
 
 #[async_trait]
 impl AgentStore for SqliteStore {
-    async fn create_agent(&self, a: &AgentRecord, dep: &DeploymentRecord) -> StoreResult<()> {
+    async fn create_agent(
+        &self,
+        a: &AgentRecord,
+        dep: &DeploymentRecord,
+        limit: Option<u32>,
+    ) -> StoreResult<()> {
         let (a, dep) = (a.clone(), dep.clone());
         self.write_tx(move |db| {
+            // The one writer serializes the count with every other create.
+            if let Some(limit) = limit {
+                super::within_limit(
+                    db,
+                    "SELECT COUNT(*) FROM agents WHERE org = ? AND deleted_ms IS NULL",
+                    &a.org,
+                    limit,
+                )?;
+            }
             db.exec(
                 "INSERT INTO agents (id, org, name, region, min_agents, max_agents, \
                  desired_deployment_id, created_ms, updated_ms, deleted_ms) \

@@ -84,9 +84,23 @@ impl KeyStore for SqliteStore {
         .await
     }
 
-    async fn insert_key(&self, rec: &ApiKeyRecord, hash: &[u8]) -> StoreResult<()> {
+    async fn insert_key(
+        &self,
+        rec: &ApiKeyRecord,
+        hash: &[u8],
+        limit: Option<u32>,
+    ) -> StoreResult<()> {
         let (rec, hash) = (rec.clone(), hash.to_vec());
         self.write_tx(move |db| {
+            // The one writer serializes the count with every other create.
+            if let Some(limit) = limit {
+                super::within_limit(
+                    db,
+                    "SELECT COUNT(*) FROM api_keys WHERE org = ? AND revoked_ms IS NULL",
+                    &rec.org,
+                    limit,
+                )?;
+            }
             let public = (rec.kind == KeyKind::Public)
                 .then_some(rec.public_key.as_ref())
                 .flatten();

@@ -376,6 +376,16 @@ impl SqliteStore {
     }
 }
 
+/// A limited create's check, inside its write transaction (the one writer serializes it with
+/// every other create): `count_sql` counts `org`'s records of the kind (its one parameter is
+/// the org). Errors: `LimitReached` when there are `limit` or more.
+fn within_limit(db: &mut Conn, count_sql: &str, org: &str, limit: u32) -> StoreResult<()> {
+    if db.query_int(count_sql, &[conn::Val::Text(org)])? >= i64::from(limit) {
+        return Err(StoreError::LimitReached);
+    }
+    Ok(())
+}
+
 /// Runs `f` on an idle read connection of `pool` (opened when none is idle).
 fn read_on<T>(
     path: &Path,

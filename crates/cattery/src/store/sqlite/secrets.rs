@@ -89,9 +89,26 @@ impl SecretStore for SqliteStore {
         set: &SecretSetRecord,
         values: &[SealedValue],
         replace_all: bool,
+        limit: Option<u32>,
     ) -> StoreResult<()> {
         let (set, values) = (set.clone(), values.to_vec());
         self.write_tx(move |db| {
+            // A new set counts against the limit; the one writer serializes the count with
+            // every other create.
+            if let Some(limit) = limit {
+                let exists = db.query_int(
+                    "SELECT COUNT(*) FROM secret_sets WHERE org = ? AND name = ?",
+                    &[Val::Text(&set.org), Val::Text(&set.name)],
+                )? > 0;
+                if !exists {
+                    super::within_limit(
+                        db,
+                        "SELECT COUNT(*) FROM secret_sets WHERE org = ?",
+                        &set.org,
+                        limit,
+                    )?;
+                }
+            }
             let n = db.exec(
                 "INSERT INTO secret_sets (org, name, kind, region, host, created_ms, updated_ms) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) \

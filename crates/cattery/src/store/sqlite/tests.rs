@@ -34,7 +34,7 @@ async fn store_with_agent() -> (tempfile::TempDir, SqliteStore, AgentRecord) {
         spec: DeploymentSpec::default(),
         created_ms: now,
     };
-    store.create_agent(&agent, &dep).await.unwrap();
+    store.create_agent(&agent, &dep, None).await.unwrap();
     (dir, store, agent)
 }
 
