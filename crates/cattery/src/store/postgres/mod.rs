@@ -279,7 +279,6 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// A JSON text column read back.
 /// A statement whose text is put together at run time from this module's own constants
 /// (column lists, filters with `$n` placeholders): never from a caller's input, whose values
 /// are always bound.
@@ -361,6 +360,7 @@ async fn within_limit(
     Ok(())
 }
 
+/// A JSON text column read back.
 fn json_of<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> StoreResult<T> {
     serde_json::from_str(text).map_err(|e| StoreError::Invalid(format!("bad {what}: {e}")))
 }
