@@ -68,8 +68,9 @@ pub struct ProcessRuntime {
     zygotes: Arc<Zygotes>,
     /// Spare cgroup slots: the v1 cgroup migration off the start path ([`spare`]).
     spares: Arc<spare::Stock>,
-    /// Held by the start that runs on an async worker ([`ProcessRuntime::start`]): one at a
-    /// time, and the next waits without holding its worker.
+    /// Held by a start from a spare slot while it claims the spare
+    /// ([`ProcessRuntime::start_spare`]): one claim at a time, and the next waits without
+    /// holding its worker.
     inline_start: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -477,6 +478,73 @@ impl ProcessRuntime {
         Ok(self.started(id, pid, p, (v2, v1), exit_rx, logs))
     }
 
+    /// [`ProcessRuntime::start`] from a spare cgroup slot, on the calling worker. The
+    /// instance's uid, directories, files, port and environment are made first, alongside
+    /// other starts; only the claim of the spare (the parked process clones the main process,
+    /// which `exec`s; the reaper's lock is held meanwhile) goes one at a time, on an async
+    /// lock, so a second start never holds its worker waiting for the first's `exec`.
+    /// Measured under churn: the whole start held that lock 2.5-2.7 ms, of which the claim
+    /// 1.7 ms, and starts queued 15-17 ms for it (`docs/performance.md`, "The spare claim's
+    /// queue").
+    ///
+    /// A spare found unusable at its claim (its parked process gone) is discarded and the
+    /// start made again the plain way, in `block_in_place`. The future is not cancelled
+    /// between the two steps (the session engine signals an abandoned start instead); if the
+    /// server drops it at shutdown, the next start's sweep removes what it made.
+    async fn start_spare(
+        &self,
+        spec: InstanceSpec,
+        logs: LogSink,
+        spare: spare::Spare,
+    ) -> Result<Arc<dyn Instance>, RuntimeError> {
+        let id = spec.instance_id.to_string();
+        let (mut p, _) = match self.set_up(&id, &spec, None, false) {
+            Ok(v) => v,
+            Err(e) => {
+                self.spares.give_back(spare);
+                return Err(e);
+            }
+        };
+        let (out, err) = p.out.take().expect("set_up opened the output files");
+        let env = isolation::instance_env(&self.base_env(&id, &p), &spec.env);
+        let cwd = spec
+            .working_dir
+            .clone()
+            .unwrap_or_else(|| p.dirs.home.clone());
+        let started = {
+            let _one = self.inline_start.lock().await;
+            let sspec = SpawnSpec {
+                program: &spec.program,
+                args: &spec.args,
+                env: &env,
+                cwd: &cwd,
+                stdout: &out,
+                stderr: &err,
+                cgroup_procs: &[],
+                ids: p.uid.map(|u| (u, u)),
+                stdin: None,
+            };
+            self.start_from_spare(spare, &id, spec.limits.as_ref(), &sspec)
+        };
+        self.spares.refill_soon();
+        drop((out, err));
+        match started {
+            Ok((pid, exit_rx, v2, v1)) => Ok(self.started(id, pid, p, (v2, v1), exit_rx, logs)),
+            Err(SpareFailed::Spawn { source, v2 }) => {
+                self.undo(&p, Some((&v2, &[])));
+                Err(RuntimeError::Spawn {
+                    program: spec.program.clone(),
+                    source,
+                })
+            }
+            Err(SpareFailed::Unusable) => {
+                let v2 = self.cgroups.v2_base.as_ref().map(|b| b.join(&id));
+                self.undo(&p, Some((&v2, &[])));
+                tokio::task::block_in_place(|| self.start_blocking(spec, logs, Err(None)))
+            }
+        }
+    }
+
     /// The handle of a newly started instance.
     fn started(
         &self,
@@ -841,11 +909,11 @@ impl Runtime for ProcessRuntime {
     /// server can be involved: that start is a few short system calls and the new process's
     /// `exec` (no cgroup migration), and handing the worker's other tasks to another thread
     /// first cost more CPU than that (0.3 ms per start under churn, `docs/performance.md`,
-    /// "Starts from a spare slot on the worker"). One at a time (they queue on an async lock),
-    /// so the other workers go on serving: a second start would otherwise wait for the first's
-    /// `exec` on the reaper's lock, holding its worker too. (A spare found unusable at its
-    /// claim, its parked process gone, falls back to joining cgroups on that worker: rare, and
-    /// it may wait an RCU grace period there.)
+    /// "Starts from a spare slot on the worker"). Its claim of the spare goes one at a time
+    /// ([`ProcessRuntime::start_spare`]), so the other workers go on serving: a second start
+    /// would otherwise wait for the first's `exec` on the reaper's lock, holding its worker
+    /// too. (A spare found unusable at its claim, its parked process gone, makes the start
+    /// again the plain way: rare.)
     ///
     /// Every other start first waits, without holding its worker, for its agent's fork server
     /// when one is importing the bot ([`ProcessRuntime::zygote_for`]; an abandoned start stops
@@ -860,9 +928,8 @@ impl Runtime for ProcessRuntime {
         logs: LogSink,
     ) -> Result<Arc<dyn Instance>, RuntimeError> {
         if !self.runs_runner(&spec) {
-            let _one = self.inline_start.lock().await;
             if let Some(spare) = self.spares.take() {
-                return self.start_with(spec, logs, None, None, Some(spare));
+                return self.start_spare(spec, logs, spare).await;
             }
         }
         let decided = self.zygote_for(&spec).await?;
