@@ -400,17 +400,7 @@ impl ProcessRuntime {
             .unwrap_or_else(|| p.dirs.home.clone());
         // One spawn for both paths. No cgroup descriptors yet: a spare's process is born in
         // its cgroups; the plain path (and a spare's fallback to it) fills them in below.
-        let mut sspec = SpawnSpec {
-            program: &spec.program,
-            args: &spec.args,
-            env: &env,
-            cwd: &cwd,
-            stdout: &out,
-            stderr: &err,
-            cgroup_procs: &[],
-            ids: p.uid.map(|u| (u, u)),
-            stdin: None,
-        };
+        let mut sspec = spawn_spec(&spec, &env, &cwd, (&out, &err), p.uid);
         if let Some(spare) = spare {
             let started = self.start_from_spare(spare, &id, spec.limits.as_ref(), &sspec);
             self.spares.refill_soon();
@@ -513,17 +503,7 @@ impl ProcessRuntime {
             .unwrap_or_else(|| p.dirs.home.clone());
         let started = {
             let _one = self.inline_start.lock().await;
-            let sspec = SpawnSpec {
-                program: &spec.program,
-                args: &spec.args,
-                env: &env,
-                cwd: &cwd,
-                stdout: &out,
-                stderr: &err,
-                cgroup_procs: &[],
-                ids: p.uid.map(|u| (u, u)),
-                stdin: None,
-            };
+            let sspec = spawn_spec(&spec, &env, &cwd, (&out, &err), p.uid);
             self.start_from_spare(spare, &id, spec.limits.as_ref(), &sspec)
         };
         self.spares.refill_soon();
@@ -738,6 +718,28 @@ struct InstanceSetup {
     port: u16,
     /// stdout and stderr capture files.
     out: Option<(OwnedFd, OwnedFd)>,
+}
+
+/// The spawn of an instance's main process, with no cgroup descriptors yet: a spare's
+/// process is born in its cgroups, and the plain path fills them in.
+fn spawn_spec<'a>(
+    spec: &'a InstanceSpec,
+    env: &'a [(std::ffi::OsString, std::ffi::OsString)],
+    cwd: &'a Path,
+    (stdout, stderr): (&'a OwnedFd, &'a OwnedFd),
+    uid: Option<u32>,
+) -> SpawnSpec<'a> {
+    SpawnSpec {
+        program: &spec.program,
+        args: &spec.args,
+        env,
+        cwd,
+        stdout,
+        stderr,
+        cgroup_procs: &[],
+        ids: uid.map(|u| (u, u)),
+        stdin: None,
+    }
 }
 
 /// The name of the directory and cgroups of the fork server with `key`.
