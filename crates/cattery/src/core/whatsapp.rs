@@ -19,7 +19,7 @@ use crate::core::secrets::SecretCipher;
 use crate::core::session::{StartParams, Supervisor};
 use crate::core::CoreError;
 use crate::model::SessionRecord;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 /// The `object` of every WhatsApp Business webhook payload.
 pub const OBJECT: &str = "whatsapp_business_account";
@@ -210,7 +210,8 @@ impl From<CoreError> for Refused {
 /// - A `connect` of a call without a session: a new session (a start like any other,
 ///   `transport: webrtc`, body `{}`), then to it. When another node started the same
 ///   session meanwhile (two copies of one `connect` at two nodes at once: both found no
-///   session, and the other's record came first), this start is undone and the event goes
+///   session, and the other's record came first), this start fails (the id is taken, or
+///   that node holds the agent's last slot) and leaves nothing behind, and the event goes
 ///   to the other's session, as a copy that came later would.
 /// - Anything else: [`Refused::NoSession`].
 ///
@@ -272,16 +273,21 @@ pub async fn route_event(
                 });
             }
             (CallEvent::Connect(_), None) => {
-                sup.check_startable(ev.org, ev.agent)?;
-                #[cfg(test)]
-                test_hooks::before_start_of(sid).await;
                 let params = StartParams {
                     body: bytes::Bytes::from_static(b"{}"),
                     transport: Some("webrtc".into()),
                     session_id: Some(sid),
                     ..Default::default()
                 };
-                match sup.start_session(ev.org, ev.agent, params).await {
+                let started = match sup.check_startable(ev.org, ev.agent) {
+                    Ok(()) => {
+                        #[cfg(test)]
+                        test_hooks::before_start_of(sid).await;
+                        sup.start_session(ev.org, ev.agent, params).await
+                    }
+                    Err(e) => Err(e),
+                };
+                match started {
                     Ok(out) => {
                         tracing::info!(org = ev.org, agent = ev.agent, session.id = %out.session_id, call, "WhatsApp call: session started");
                         return Ok(Routed {
@@ -289,18 +295,19 @@ pub async fn route_event(
                             _gate: Some(gate),
                         });
                     }
-                    // The session's record is there already: another node's copy of this
-                    // connect started it after this one looked (the gate is per node). The
-                    // start undid itself (no instance, no slot); the event goes to that
-                    // session, checked against its deployment.
-                    Err(e @ CoreError::Store(StoreError::Conflict)) => {
+                    // Another node's copy of this connect may have started the session after
+                    // this one looked (the gate is per node): then this start failed on the
+                    // session's id, or at `maxAgents` because that node holds the slot, or
+                    // here for a reason of this node's own (draining). A failed start leaves
+                    // nothing behind; if the session is there now, the event goes to it,
+                    // checked against its deployment.
+                    Err(e) => {
                         session = session_record(store, ev, sid).await?;
                         if session.is_none() {
                             return Err(e.into());
                         }
                         tracing::info!(org = ev.org, agent = ev.agent, session.id = %sid, call, "WhatsApp call: session started by another node meanwhile");
                     }
-                    Err(e) => return Err(e.into()),
                 }
             }
             (_, ended) => {

@@ -276,6 +276,20 @@ async fn concurrent_connects_of_a_call_start_one_session() {
 /// CONFLICT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_that_another_node_started_meanwhile_goes_to_its_session() {
+    connect_raced_by_another_node("wacid.TWIN", false).await;
+}
+
+/// The same race when the other node's start also holds the agent's one capacity slot
+/// (`maxAgents: 1`): this node's start fails at capacity, not on the session's id, and the
+/// event still goes to the other node's session. It answered 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_that_another_node_started_meanwhile_goes_to_it_at_capacity() {
+    connect_raced_by_another_node("wacid.FULL", true).await;
+}
+
+/// A `connect` of call `call` that finds no session, and, just before its start, another
+/// node (n2) records the call's session (and takes the agent's one slot when `slot`).
+async fn connect_raced_by_another_node(call: &str, slot: bool) {
     use std::sync::{Arc, Mutex};
     let a = super::cluster_internal::api_with_secret(None).await;
     a.deploy("wa", &[], json!({"autoScaling": {"maxAgents": 1}}))
@@ -309,7 +323,7 @@ async fn a_connect_that_another_node_started_meanwhile_goes_to_its_session() {
         .remember_nodes(&[super::cluster_internal::n2(&url, now)]);
 
     let agent = store.get_agent("default", "wa").await.unwrap().unwrap();
-    let sid = crate::core::whatsapp::session_of_call("default", "wa", "wacid.TWIN");
+    let sid = crate::core::whatsapp::session_of_call("default", "wa", call);
     let rec = crate::model::SessionRecord {
         id: sid,
         org: "default".into(),
@@ -325,11 +339,21 @@ async fn a_connect_that_another_node_started_meanwhile_goes_to_its_session() {
         node_id: "n2".into(),
     };
     let n2_store = store.clone();
+    let n2_instance = uuid::Uuid::new_v4();
+    let agent_id = agent.id;
     crate::core::whatsapp::test_hooks::before_start(
         sid,
-        Box::pin(async move { n2_store.insert_session(&rec).await.unwrap() }),
+        Box::pin(async move {
+            if slot {
+                assert!(n2_store
+                    .reserve_slot(agent_id, 1, n2_instance, "n2")
+                    .await
+                    .unwrap());
+            }
+            n2_store.insert_session(&rec).await.unwrap();
+        }),
     );
-    let connect = call_event("connect", "wacid.TWIN");
+    let connect = call_event("connect", call);
     let r = post_event(&a, "default", "wa", &connect).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.body, json!({"status": "success", "from": "n2"}));
@@ -345,9 +369,14 @@ async fn a_connect_that_another_node_started_meanwhile_goes_to_its_session() {
     // agent's one slot starts another call).
     assert_eq!(a.fake.starts(), 0, "{:?}", a.fake.events());
     assert!(!a.state.sup.serves(sid));
-    assert_eq!(store.slots_held(agent.id).await.unwrap(), 0);
     let s = store.get_session(sid).await.unwrap().unwrap();
     assert_eq!((s.node_id.as_str(), s.end.is_none()), ("n2", true));
+    if slot {
+        // Only n2's slot is held; once it is free, this node starts the next call.
+        assert_eq!(store.slots_held(agent.id).await.unwrap(), 1);
+        store.release_slot(n2_instance).await.unwrap();
+    }
+    assert_eq!(store.slots_held(agent.id).await.unwrap(), 0);
     let r = post_event(&a, "default", "wa", &call_event("connect", "wacid.NEXT")).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(a.fake.starts(), 1);
