@@ -161,9 +161,13 @@ impl PgStore {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(bad());
         }
+        // Every transaction here is written for READ COMMITTED (each statement sees what
+        // committed before it: the per-org limits count after their advisory lock, for one),
+        // so a database, role or URL that defaults to another level does not apply to ours.
         let mut opts = PgConnectOptions::from_str(url)
             .map_err(|_| bad())?
-            .application_name("cattery");
+            .application_name("cattery")
+            .options([("default_transaction_isolation", "read committed")]);
         if let Some(schema) = schema {
             use sqlx::ConnectOptions;
             let mut c = opts.clone().connect().await?;
