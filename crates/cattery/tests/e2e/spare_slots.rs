@@ -254,3 +254,50 @@ async fn an_instance_from_a_spare_is_readopted_and_dead_spares_are_swept() {
     assert!(s.terminate(Duration::from_secs(20)).is_some());
     assert!(spares(&t.id).is_empty());
 }
+
+/// A spare whose parked process died (killed here, by its pid, with the stock full) is found
+/// unusable when a start claims it: the spare is discarded (its cgroups removed) and the start
+/// is made again the plain way, in cgroups named by its instance id; the session runs and its
+/// stop removes everything.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_that_claims_a_dead_spare_is_made_again_the_plain_way() {
+    if !machine_has_spares() {
+        return;
+    }
+    let s = Server::start(&[]).await;
+    let id = server_id(&s);
+    s.deploy("deadspare", &[], json!({})).await;
+    // The first start runs the old way and starts the stock.
+    let first = s.start_ok("deadspare").await;
+    let ready = wait_spares(&id, 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for name in &ready {
+        let procs = std::fs::read_to_string(v1_base("memory", &id).join(name).join("cgroup.procs"))
+            .unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: a signal to a parked process of this test's own server.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            wait_for(Duration::from_secs(5), "parked process gone", || async {
+                (!pid_alive(pid)).then_some(())
+            })
+            .await;
+        }
+    }
+    let sid = s.start_ok("deadspare").await;
+    let pid = session_pid(&s, "deadspare", &sid).await;
+    let inst = pid_env(pid, "CATTERY_INSTANCE_ID").unwrap();
+    assert_eq!(
+        cgroup_of(pid, "memory"),
+        format!("/cattery/{id}/{inst}"),
+        "the instance's own cgroup"
+    );
+    // The claimed spare was discarded: one of the two is gone (the other is still stocked).
+    let left: HashSet<String> = spares(&id).intersection(&ready).cloned().collect();
+    assert!(left.len() < ready.len(), "ready {ready:?}, left {left:?}");
+    wait_log(&s, "deadspare", &sid, "bot started").await;
+    assert_eq!(s.stop("deadspare", &sid).await.status, 200);
+    assert!(!pid_alive(pid));
+    assert!(!v1_base("memory", &id).join(&inst).exists());
+    assert_eq!(s.stop("deadspare", &first).await.status, 200);
+    assert!(!s.log().contains("ERROR"), "{}", s.log());
+}

@@ -478,7 +478,7 @@ impl ProcessRuntime {
     /// queue").
     ///
     /// A spare found unusable at its claim (its parked process gone) is discarded and the
-    /// start made again the plain way, in `block_in_place`. The future is not cancelled
+    /// start made again the plain way (joining its cgroups, no spare), in `block_in_place`. The future is not cancelled
     /// between the two steps (the session engine signals an abandoned start instead); if the
     /// server drops it at shutdown, the next start's sweep removes what it made.
     async fn start_spare(
@@ -520,7 +520,8 @@ impl ProcessRuntime {
             Err(SpareFailed::Unusable) => {
                 let v2 = self.cgroups.v2_base.as_ref().map(|b| b.join(&id));
                 self.undo(&p, Some((&v2, &[])));
-                tokio::task::block_in_place(|| self.start_blocking(spec, logs, Err(None)))
+                // No spare this time (no fork server either: the agent runs no runner).
+                tokio::task::block_in_place(|| self.start_with(spec, logs, None, None, None))
             }
         }
     }
