@@ -478,9 +478,10 @@ impl ProcessRuntime {
     /// queue").
     ///
     /// A spare found unusable at its claim (its parked process gone) is discarded and the
-    /// start made again the plain way (joining its cgroups, no spare), in `block_in_place`. The future is not cancelled
-    /// between the two steps (the session engine signals an abandoned start instead); if the
-    /// server drops it at shutdown, the next start's sweep removes what it made.
+    /// start made again the plain way (joining its cgroups, no spare), in `block_in_place`.
+    /// The future is not cancelled between the two steps (the session engine signals an
+    /// abandoned start instead); if the server drops it at shutdown, the next start's sweep
+    /// removes what it made.
     async fn start_spare(
         &self,
         spec: InstanceSpec,
