@@ -68,10 +68,6 @@ pub struct ProcessRuntime {
     zygotes: Arc<Zygotes>,
     /// Spare cgroup slots: the v1 cgroup migration off the start path ([`spare`]).
     spares: Arc<spare::Stock>,
-    /// Held by a start from a spare slot while it claims the spare
-    /// ([`ProcessRuntime::start_spare`]): one claim at a time, and the next waits without
-    /// holding its worker.
-    inline_start: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The fork servers of `local:` agents ([`zygote`]), one per agent.
@@ -155,7 +151,6 @@ impl ProcessRuntime {
             instances_dir,
             cgroups: Arc::new(cgroups),
             spares: Arc::new(spares),
-            inline_start: Arc::default(),
             ports: Arc::new(PortBook::new()),
             reaper: Reaper::global(),
             isolation: Arc::new(isolation),
@@ -469,19 +464,16 @@ impl ProcessRuntime {
     }
 
     /// [`ProcessRuntime::start`] from a spare cgroup slot, on the calling worker. The
-    /// instance's uid, directories, files, port and environment are made first, alongside
-    /// other starts; only the claim of the spare (the parked process clones the main process,
-    /// which `exec`s; the reaper's lock is held meanwhile) goes one at a time, on an async
-    /// lock, so a second start never holds its worker waiting for the first's `exec`.
-    /// Measured under churn: the whole start held that lock 2.5-2.7 ms, of which the claim
-    /// 1.7 ms, and starts queued 15-17 ms for it (`docs/performance.md`, "The spare claim's
-    /// queue").
+    /// instance's uid, directories, files, port and environment are made first, then the
+    /// spare is claimed ([`ProcessRuntime::begin_spare_claim`]) and the start waits, without
+    /// holding its worker, for the parked process's pidfd: it is readable once the new
+    /// process has `exec`'d. Starts go side by side; no step waits for another start.
     ///
     /// A spare found unusable at its claim (its parked process gone) is discarded and the
     /// start made again the plain way (joining its cgroups, no spare), in `block_in_place`.
-    /// The future is not cancelled between the two steps (the session engine signals an
-    /// abandoned start instead); if the server drops it at shutdown, the next start's sweep
-    /// removes what it made.
+    /// The future is not cancelled by the session engine (it signals an abandoned start
+    /// instead); if it is dropped while it waits, the claim's guard kills what was started
+    /// (see [`SpareClaim`]) and the next start's sweep removes the instance's directory.
     async fn start_spare(
         &self,
         spec: InstanceSpec,
@@ -502,10 +494,16 @@ impl ProcessRuntime {
             .working_dir
             .clone()
             .unwrap_or_else(|| p.dirs.home.clone());
-        let started = {
-            let _one = self.inline_start.lock().await;
-            let sspec = spawn_spec(&spec, &env, &cwd, (&out, &err), p.uid);
-            self.start_from_spare(spare, &id, spec.limits.as_ref(), &sspec)
+        let sspec = spawn_spec(&spec, &env, &cwd, (&out, &err), p.uid);
+        let started = match self.begin_spare_claim(spare, &id, spec.limits.as_ref(), &sspec) {
+            Ok(claim) => {
+                if let Some(spare) = &claim.spare {
+                    // SAFETY: the claim owns the pidfd and outlives the wait.
+                    unsafe { exited(spare.pidfd()) }.await;
+                }
+                self.finish_spare_claim(claim)
+            }
+            Err(e) => Err(e),
         };
         self.spares.refill_soon();
         drop((out, err));
@@ -550,24 +548,40 @@ impl ProcessRuntime {
         )
     }
 
-    /// Starts an instance's main process from a spare cgroup slot (see [`spare`]): writes the
-    /// limits into the spare's v1 cgroups, creates the instance's v2 cgroup, has the parked
-    /// process clone the main process into it, and renames the spare's cgroups to the
-    /// instance id. Returns the pid, its exit watch and the instance's cgroups. Blocking (but
-    /// no cgroup migration).
+    /// Starts an instance's main process from a spare cgroup slot (see [`spare`]):
+    /// [`ProcessRuntime::begin_spare_claim`], then [`ProcessRuntime::finish_spare_claim`],
+    /// blocking while the new process `exec`s.
+    fn start_from_spare<'a>(
+        &'a self,
+        spare: spare::Spare,
+        id: &str,
+        limits: Option<&crate::model::ProfileLimits>,
+        sspec: &SpawnSpec<'a>,
+    ) -> Result<SpareStart, SpareFailed> {
+        let claim = self.begin_spare_claim(spare, id, limits, sspec)?;
+        self.finish_spare_claim(claim)
+    }
+
+    /// Begins the start of an instance's main process from a spare cgroup slot (see
+    /// [`spare`]): writes the limits into the spare's v1 cgroups, creates the instance's v2
+    /// cgroup and tells the parked process to clone the main process into it. No lock is
+    /// held: claims go side by side (the reaper keeps a status it reaps before the pid is
+    /// registered, `reaper::Unlocked`). Measured under churn, one claim took 1.7 ms, mostly
+    /// the new process's `exec`, and starts queued 15-17 ms when claims went one at a time
+    /// (`docs/performance.md`, "The spare claim's queue").
     ///
     /// Errors: [`SpareFailed::Unusable`] (the caller spawns the old way; the spare is gone),
     /// or [`SpareFailed::Spawn`] (the program could not be started; the spare is gone and the
     /// v2 cgroup, returned, is the caller's to remove).
-    fn start_from_spare(
-        &self,
+    fn begin_spare_claim<'a>(
+        &'a self,
         mut spare: spare::Spare,
         id: &str,
         limits: Option<&crate::model::ProfileLimits>,
-        sspec: &SpawnSpec<'_>,
-    ) -> Result<SpareStart, SpareFailed> {
+        sspec: &SpawnSpec<'a>,
+    ) -> Result<SpareClaim<'a>, SpareFailed> {
         let plan = match spawn::prepare(sspec) {
-            Ok(p) => p,
+            Ok(p) => Box::new(p),
             Err(source) => {
                 self.spares.give_back(spare);
                 return Err(SpareFailed::Spawn { source, v2: None });
@@ -585,30 +599,53 @@ impl ProcessRuntime {
                 return Err(SpareFailed::Unusable);
             }
         };
-        let mut unusable = None;
-        let spawned = self.reaper.spawn_registered(|| {
-            match spare.claim(&plan.args, &v2_fd) {
-                Ok(pid) => match spawn::child_failure(&plan.args, sspec.cwd) {
-                    None => Ok(((), pid)),
-                    Some(e) => {
-                        // It exited without running the program: reap it now.
-                        let mut status = 0;
-                        // SAFETY: waiting for our own child (CLONE_PARENT).
-                        unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
-                        Err(e)
-                    }
-                },
-                Err(spare::ClaimError::Spawn(e)) => Err(e),
-                Err(spare::ClaimError::Unusable { unsupported }) => {
-                    unusable = Some(unsupported);
-                    Err(std::io::Error::other("the spare cgroup slot is unusable"))
+        let window = self.reaper.open_unlocked();
+        match spare.claim_begin(&plan.args, &v2_fd) {
+            Ok(()) => Ok(SpareClaim {
+                id: id.to_string(),
+                spare: Some(spare),
+                plan,
+                v2,
+                _v2_fd: v2_fd,
+                window: Some(window),
+                cwd: sspec.cwd,
+            }),
+            Err(e) => {
+                spare.discard();
+                if matches!(e, spare::ClaimError::Unusable { unsupported: true }) {
+                    self.spares.disable();
                 }
+                Err(SpareFailed::Unusable)
             }
-        });
-        drop(v2_fd);
+        }
+    }
+
+    /// Ends a claim begun by [`ProcessRuntime::begin_spare_claim`]: waits for the parked
+    /// process to exit (blocking until the new process has `exec`'d or failed; at once when
+    /// its pidfd is readable), registers the new pid and renames the spare's cgroups to the
+    /// instance id. Returns the pid, its exit watch and the instance's cgroups.
+    fn finish_spare_claim(&self, mut claim: SpareClaim<'_>) -> Result<SpareStart, SpareFailed> {
+        let mut spare = claim.spare.take().expect("a claim is finished once");
+        let window = claim.window.take().expect("a claim is finished once");
+        let mut unusable = None;
+        let spawned = match spare.claim_end() {
+            // A process that failed before its `exec` exits at once: the reaper reaps it.
+            Ok(pid) => match spawn::child_failure(&claim.plan.args, claim.cwd) {
+                None => Ok((pid, window.register(pid))),
+                Some(e) => Err(e),
+            },
+            Err(spare::ClaimError::Spawn(e)) => Err(e),
+            Err(spare::ClaimError::Unusable { unsupported }) => {
+                unusable = Some(unsupported);
+                Err(std::io::Error::other("the spare cgroup slot is unusable"))
+            }
+        };
+        let v2 = std::mem::take(&mut claim.v2);
+        let id = std::mem::take(&mut claim.id);
+        drop(claim);
         match spawned {
-            Ok(((), pid, exit_rx)) => {
-                let v1 = spare.rename(id);
+            Ok((pid, exit_rx)) => {
+                let v1 = spare.rename(&id);
                 drop(spare);
                 Ok((pid, exit_rx, Some(v2), v1))
             }
@@ -702,6 +739,44 @@ type SpareStart = (
     Vec<PathBuf>,
 );
 
+/// A spare's claim in flight ([`ProcessRuntime::begin_spare_claim`]): the parked process
+/// has been told to start the instance, whose main process reads the prepared spawn (boxed:
+/// it must not move), the v2 cgroup's descriptor and the descriptors and paths the spawn
+/// borrows (lifetime `'a`) until it has `exec`'d. Finished by
+/// [`ProcessRuntime::finish_spare_claim`]; dropped before that (a start's future dropped
+/// while it waits), it waits for the parked process there, blocking, so nothing it reads is
+/// freed early, then kills what was started and removes its cgroups.
+struct SpareClaim<'a> {
+    id: String,
+    spare: Option<spare::Spare>,
+    plan: Box<spawn::ChildPlan>,
+    v2: PathBuf,
+    /// Open until the new process is born in it.
+    _v2_fd: OwnedFd,
+    window: Option<reaper::Unlocked<'a>>,
+    cwd: &'a Path,
+}
+
+// SAFETY: the plan's raw pointers point into strings the plan owns; the only other reader
+// is the process the claim starts, whatever thread the claim is finished or dropped on.
+unsafe impl Send for SpareClaim<'_> {}
+
+impl Drop for SpareClaim<'_> {
+    fn drop(&mut self) {
+        let Some(mut spare) = self.spare.take() else {
+            return;
+        };
+        if let Ok(pid) = spare.claim_end() {
+            // Started, but nobody will own it: the whole instance goes.
+            let _ = cgroup::kill_all(&self.v2);
+            // SAFETY: a signal to our own child, not reaped yet (the window is open).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        spare.discard();
+        cgroup::remove(&self.v2);
+    }
+}
+
 /// Why [`ProcessRuntime::start_from_spare`] did not start the instance.
 enum SpareFailed {
     /// Spawn the old way.
@@ -741,6 +816,22 @@ fn spawn_spec<'a>(
         cgroup_procs: &[],
         ids: uid.map(|u| (u, u)),
         stdin: None,
+    }
+}
+
+/// Waits, without blocking the thread, until the process of `pidfd` has exited (a spare's
+/// parked process, once the new process has `exec`'d or failed). If the pidfd cannot be
+/// watched, returns at once (the caller's reap then blocks instead).
+///
+/// # Safety
+/// `pidfd` stays open until the returned future is done or dropped.
+async unsafe fn exited(pidfd: std::os::fd::RawFd) {
+    // SAFETY: the caller keeps `pidfd` open while this watch lives.
+    let watched = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+    };
+    if let Ok(w) = watched {
+        let _ = w.readable().await;
     }
 }
 

@@ -7,8 +7,13 @@
 //! status can never be reaped before its pid is registered. Reaping never waits for that
 //! lock (a spawn may hold it for a cgroup join's RCU grace period, 10 ms or more): it marks
 //! the reap as pending and the spawner runs it when it lets go.
+//!
+//! A start that cannot hold the lock while its process is born (a spare's claim waits for
+//! another process's `exec`, and claims must not queue behind each other) opens an
+//! [`Unlocked`] window instead: while one is open, the status of a pid nobody registered is
+//! kept, and the start's registration takes it if it is its own (see [`Unlocked::register`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, TryLockError};
 use std::time::Duration;
@@ -32,6 +37,79 @@ pub struct Reaper {
 #[derive(Default)]
 struct Inner {
     waiters: HashMap<i32, watch::Sender<Option<ExitInfo>>>,
+    /// Counts reaps and openings of [`Unlocked`] windows, to order them.
+    seq: u64,
+    /// The sequence numbers of the open [`Unlocked`] windows.
+    open: BTreeSet<u64>,
+    /// Statuses of pids nobody had registered, reaped while a window was open: pid to (the
+    /// reap's sequence number, status). Pruned as windows close.
+    kept: HashMap<i32, (u64, ExitInfo)>,
+}
+
+impl Inner {
+    /// Drops the kept statuses no open window can claim (reaped before the oldest opened).
+    fn prune(&mut self) {
+        match self.open.first() {
+            None => self.kept.clear(),
+            Some(&oldest) => self.kept.retain(|_, (s, _)| *s > oldest),
+        }
+    }
+}
+
+/// A window in which a process is started without the reaper's lock; see
+/// [`Reaper::open_unlocked`]. Dropped without [`Unlocked::register`], it closes with no pid.
+pub struct Unlocked<'a> {
+    reaper: &'a Reaper,
+    seq: u64,
+}
+
+impl Unlocked<'_> {
+    /// Registers the pid started in this window and returns the receiver of its exit status.
+    ///
+    /// The process may have exited and been reaped before this call. Its status was then
+    /// kept: reaped after the window opened, under this pid, and the pid names no process
+    /// now (checked under the lock, so no reap can come between). A kept status whose pid
+    /// names a process again belongs to an earlier holder of the pid (freed after the window
+    /// opened and reused for this start), and is dropped: the live process's own status will
+    /// come through the registration.
+    pub fn register(self, pid: i32) -> watch::Receiver<Option<ExitInfo>> {
+        let mut g = self.reaper.lock();
+        let kept = g.kept.remove(&pid).filter(|(s, _)| *s > self.seq);
+        let rx = if pid_exists(pid) {
+            let (tx, rx) = watch::channel(None);
+            g.waiters.insert(pid, tx);
+            rx
+        } else {
+            let info = match kept {
+                Some((_, info)) => info,
+                None => {
+                    // Not reachable while only the reaper reaps the server's children.
+                    tracing::warn!(pid, "a started process was gone with no status on record");
+                    ExitInfo::default()
+                }
+            };
+            watch::channel(Some(info)).1
+        };
+        g.open.remove(&self.seq);
+        g.prune();
+        std::mem::forget(self);
+        rx
+    }
+}
+
+impl Drop for Unlocked<'_> {
+    fn drop(&mut self) {
+        let mut g = self.reaper.lock();
+        g.open.remove(&self.seq);
+        g.prune();
+    }
+}
+
+/// Whether `pid` names a process or a zombie.
+fn pid_exists(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the pid exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 static REAPER: OnceLock<Arc<Reaper>> = OnceLock::new();
@@ -69,6 +147,22 @@ impl Reaper {
                 r
             })
             .clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens a window in which a process is started without holding the reaper's lock
+    /// (reaping goes on meanwhile): the caller registers the started pid through the
+    /// returned [`Unlocked`], or drops it if nothing was started. Windows are meant to be
+    /// short (one process's birth): statuses of unregistered pids are kept while one is open.
+    pub fn open_unlocked(&self) -> Unlocked<'_> {
+        let mut g = self.lock();
+        g.seq += 1;
+        let seq = g.seq;
+        g.open.insert(seq);
+        Unlocked { reaper: self, seq }
     }
 
     /// Runs `spawn` while no reaping can happen, then registers the returned pid.
@@ -194,6 +288,111 @@ fn reap_locked(g: &mut Inner) {
 fn deliver(g: &mut Inner, pid: i32, info: ExitInfo) {
     if let Some(tx) = g.waiters.remove(&pid) {
         let _ = tx.send(Some(info));
+    } else if !g.open.is_empty() {
+        // Maybe a process started in an open window, not registered yet.
+        g.seq += 1;
+        let seq = g.seq;
+        g.kept.insert(pid, (seq, info));
     }
     // Otherwise: a re-parented grandchild; reaping it is all that was needed.
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A child of this process that exits with `code`, not registered with the reaper.
+    #[allow(clippy::zombie_processes)] // The reaper reaps it.
+    fn exited_child(code: i32) -> i32 {
+        let child = std::process::Command::new("/bin/sh")
+            .args(["-c", &format!("exit {code}")])
+            .spawn()
+            .expect("spawn sh");
+        child.id() as i32
+    }
+
+    async fn reaped(pid: i32) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pid_exists(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pid {pid} never reaped"
+            );
+            Reaper::global().reap_all();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_process_reaped_before_its_registration_in_a_window_keeps_its_status() {
+        let r = Reaper::global();
+        let window = r.open_unlocked();
+        let pid = exited_child(7);
+        reaped(pid).await;
+        let rx = window.register(pid);
+        assert_eq!(
+            *rx.borrow(),
+            Some(ExitInfo {
+                code: Some(7),
+                signal: None
+            })
+        );
+        // With no window open, nothing is kept.
+        let other = exited_child(3);
+        reaped(other).await;
+        assert!(!r.lock().kept.contains_key(&other));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::zombie_processes)] // The reaper reaps it.
+    async fn a_kept_status_of_a_pid_that_names_a_live_process_again_is_not_taken() {
+        let r = Reaper::global();
+        // A live child stands for a process that reused the pid of one reaped in the window.
+        let mut live = std::process::Command::new("/bin/sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = live.id() as i32;
+        let window = r.open_unlocked();
+        {
+            let mut g = r.lock();
+            g.seq += 1;
+            let seq = g.seq;
+            g.kept.insert(
+                pid,
+                (
+                    seq,
+                    ExitInfo {
+                        code: Some(9),
+                        signal: None,
+                    },
+                ),
+            );
+        }
+        let rx = window.register(pid);
+        assert_eq!(*rx.borrow(), None, "the earlier holder's status was taken");
+        live.kill().expect("kill sleep");
+        reaped(pid).await;
+        assert_eq!(rx.borrow().and_then(|e| e.signal), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn kept_statuses_go_once_no_window_can_claim_them() {
+        let r = Reaper {
+            inner: Mutex::new(Inner::default()),
+            pending: AtomicBool::new(false),
+            external: Mutex::new(Vec::new()),
+        };
+        let info = ExitInfo::default();
+        let first = r.open_unlocked();
+        deliver(&mut r.lock(), 100, info);
+        let second = r.open_unlocked();
+        deliver(&mut r.lock(), 101, info);
+        drop(first);
+        // 100 was reaped before the second window opened: only the first could claim it.
+        let kept: Vec<i32> = r.lock().kept.keys().copied().collect();
+        assert_eq!(kept, vec![101]);
+        drop(second);
+        assert!(r.lock().kept.is_empty());
+    }
 }

@@ -159,33 +159,54 @@ impl Spare {
         n == 0
     }
 
-    /// Starts the instance prepared in `args` (the caller keeps it alive and holds the
-    /// reaper's lock) inside the v2 cgroup open at `cgroup_dir`. Returns the pid of the
-    /// instance's main process, a child of the server; the parked process is reaped. On
-    /// success or [`ClaimError::Spawn`] the spare is used up.
+    /// Starts the instance prepared in `args` inside the v2 cgroup open at `cgroup_dir`:
+    /// [`Spare::claim_begin`], then [`Spare::claim_end`]. Blocking.
+    #[cfg(test)]
     pub(super) fn claim(
         &mut self,
         args: &ChildArgs,
         cgroup_dir: &OwnedFd,
     ) -> Result<i32, ClaimError> {
+        self.claim_begin(args, cgroup_dir)?;
+        self.claim_end()
+    }
+
+    /// Tells the parked process to start the instance prepared in `args` inside the v2
+    /// cgroup open at `cgroup_dir`. On success the parked process clones the instance's
+    /// main process, which reads `args`, the descriptors it names and `cgroup_dir` until it
+    /// has `exec`'d or failed: the caller keeps them alive and in place (not moved) until
+    /// [`Spare::claim_end`] has returned. Its parked process exits then: its pidfd
+    /// ([`Spare::pidfd`]) becomes readable. An error leaves the spare unused.
+    pub(super) fn claim_begin(
+        &mut self,
+        args: &ChildArgs,
+        cgroup_dir: &OwnedFd,
+    ) -> Result<(), ClaimError> {
         if !self.alive() {
             return Err(ClaimError::Unusable { unsupported: false });
         }
+        let Some(w) = &self.ctl_w else {
+            return Err(ClaimError::Unusable { unsupported: false });
+        };
         self.shared
             .args
             .store((args as *const ChildArgs).cast_mut(), Ordering::SeqCst);
         self.shared
             .cgroup_fd
             .store(cgroup_dir.as_raw_fd(), Ordering::SeqCst);
-        let Some(w) = &self.ctl_w else {
-            return Err(ClaimError::Unusable { unsupported: false });
-        };
         // SAFETY: one byte to our own pipe.
         let n = unsafe { libc::write(w.as_raw_fd(), b"g".as_ptr().cast(), 1) };
         if n != 1 {
             return Err(ClaimError::Unusable { unsupported: false });
         }
-        // The parked process exits once the new process has exec'd or failed (CLONE_VFORK).
+        Ok(())
+    }
+
+    /// Waits for the parked process told to go by [`Spare::claim_begin`] to exit (it does
+    /// once the new process has `exec`'d or failed: `CLONE_VFORK`; blocking until then) and
+    /// returns the pid of the instance's main process, a child of the server. The spare is
+    /// used up either way.
+    pub(super) fn claim_end(&mut self) -> Result<i32, ClaimError> {
         self.wait_gone();
         let r = self.shared.result.load(Ordering::SeqCst);
         if r == 0 {
@@ -199,6 +220,11 @@ impl Spare {
             return Err(ClaimError::Spawn(io::Error::from_raw_os_error(-r)));
         }
         Ok(r)
+    }
+
+    /// The parked process's pidfd: readable once it has exited.
+    pub(super) fn pidfd(&self) -> std::os::fd::RawFd {
+        self.pidfd.as_raw_fd()
     }
 
     /// Reaps the parked process (it is exiting or killed); returns once it is gone.
