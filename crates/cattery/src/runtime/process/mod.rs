@@ -1004,10 +1004,9 @@ impl Runtime for ProcessRuntime {
     /// server can be involved: that start is a few short system calls and the new process's
     /// `exec` (no cgroup migration), and handing the worker's other tasks to another thread
     /// first cost more CPU than that (0.3 ms per start under churn, `docs/performance.md`,
-    /// "Starts from a spare slot on the worker"). Its claim of the spare goes one at a time
-    /// ([`ProcessRuntime::start_spare`]), so the other workers go on serving: a second start
-    /// would otherwise wait for the first's `exec` on the reaper's lock, holding its worker
-    /// too. (A spare found unusable at its claim, its parked process gone, makes the start
+    /// "Starts from a spare slot on the worker"). It waits for the new process's `exec`
+    /// without holding its worker ([`ProcessRuntime::start_spare`]), so starts go side by
+    /// side. (A spare found unusable at its claim, its parked process gone, makes the start
     /// again the plain way: rare.)
     ///
     /// Every other start first waits, without holding its worker, for its agent's fork server
@@ -1848,7 +1847,7 @@ impl ProcessRuntime {
 
 #[cfg(test)]
 mod tests {
-    use super::outside_group;
+    use super::*;
 
     /// A signal to the main process's group (pid 10) reaches its members once: only the
     /// members in other groups (a `setsid` child) are signalled one by one; when the group
@@ -1864,5 +1863,74 @@ mod tests {
             outside_group(members, None).collect::<Vec<_>>(),
             [10, 11, 12, 13]
         );
+    }
+
+    /// A spare's claim dropped before it was finished (a start's future dropped while it
+    /// waits for the `exec`) waits for the parked process, kills the started process and
+    /// removes the instance's cgroups; nothing it started lives on. Skipped without spares
+    /// (root, cgroup v2 next to v1 controllers).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_dropped_before_it_is_finished_leaves_nothing_running() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let server_id = format!("claim-drop-{}", uuid::Uuid::new_v4().simple());
+        let rt = ProcessRuntime::new(
+            data.path().join("instances"),
+            &server_id,
+            None,
+            &rundir::RuntimeDir::Data,
+        )
+        .expect("runtime");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let spare = loop {
+            if let Some(s) = rt.spares.take() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                eprintln!("no spare cgroup slots on this machine: skipped");
+                rt.shutdown().await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let v1: Vec<PathBuf> = spare.v1.iter().map(|(_, d)| d.clone()).collect();
+        let id = uuid::Uuid::new_v4().to_string();
+        let files = (
+            OwnedFd::from(fs::File::create(data.path().join("out")).expect("out")),
+            OwnedFd::from(fs::File::create(data.path().join("err")).expect("err")),
+        );
+        let program = "/bin/sleep".to_string();
+        let args = vec!["30".to_string()];
+        let env = vec![("CATTERY_INSTANCE_ID".into(), id.clone().into())];
+        let cwd = data.path().to_path_buf();
+        let sspec = SpawnSpec {
+            program: &program,
+            args: &args,
+            env: &env,
+            cwd: &cwd,
+            stdout: &files.0,
+            stderr: &files.1,
+            cgroup_procs: &[],
+            ids: None,
+            stdin: None,
+        };
+        let claim = match rt.begin_spare_claim(spare, &id, None, &sspec) {
+            Ok(c) => c,
+            Err(_) => panic!("the spare could not be claimed"),
+        };
+        let v2 = claim.v2.clone();
+        drop(claim);
+        assert!(
+            !v2.exists(),
+            "the instance's v2 cgroup is left: {}",
+            v2.display()
+        );
+        for d in &v1 {
+            assert!(!d.exists(), "a v1 cgroup is left: {}", d.display());
+        }
+        assert!(
+            pids_with_instance_env(&id).is_empty(),
+            "the started process lives on"
+        );
+        rt.shutdown().await;
     }
 }
