@@ -17,7 +17,7 @@ use super::state::{Cmd, Delivery, InstState, InstanceCtl, Mailbox};
 use super::{StartOutcome, StartParams, Supervisor};
 use crate::core::{CoreError, CoreResult};
 use crate::model::{now_ms, EndReason, SessionEnd, SessionRecord};
-use crate::store::StoreResult;
+use crate::store::{StoreError, StoreResult};
 
 /// Where admission put a start.
 struct Placed {
@@ -37,7 +37,8 @@ impl Supervisor {
     /// once), `Draining` (503, also for a start still in flight when the drain stops it),
     /// `StartFailed` (`INSTANCE_EXITED`, `START_TIMEOUT` (504), `AGENT_CRASH_LOOP`,
     /// `SPAWN_FAILED`, `DELIVERY_FAILED`), `StoppedDuringStart` (a `DELETE` or the client
-    /// going away before delivery).
+    /// going away before delivery), the store's `Conflict` (409) for a taken session id
+    /// ([`StartParams::session_id`] live here or recorded).
     ///
     /// Runs on a task of its own, to its end even when the caller goes away (hyper drops a
     /// handler's future when its client closes the connection): cut between its steps, a
@@ -221,6 +222,9 @@ impl Supervisor {
     /// Admission under the state lock; the session joins the live set at once. A cold start
     /// needs a capacity slot: with `slot` (reserved for the new instance's id) it is placed,
     /// without it the answer is `Ok(Err((agent, maxAgents)))`, to reserve one first.
+    ///
+    /// Errors: those of [`admit`], `Draining`, `Fenced`, and the store's `Conflict` (409) for
+    /// a session id already live here.
     fn place(
         &self,
         org: &str,
@@ -236,6 +240,13 @@ impl Supervisor {
         }
         if self.is_fenced() {
             return Err(CoreError::Fenced);
+        }
+        // A session id is live here once: a second start of a held id (a caller-given or
+        // derived one, its first start not recorded yet) would take its entry, and the first
+        // instance would outlive its session or never be stopped. Refused before anything is
+        // admitted, as the store refuses a taken id.
+        if st.sessions.contains_key(&session) {
+            return Err(CoreError::Store(StoreError::Conflict));
         }
         let not_found = || CoreError::NotFound(format!("agent {agent_name} not found"));
         let agent_id = *st

@@ -436,6 +436,79 @@ async fn stop_during_start() {
     assert!(e.fake.live().is_empty());
 }
 
+/// A second start of a session id that is live here (an id the caller gives or the start
+/// derives, its first start not recorded yet, or delivered) is refused at once with the
+/// store's answer for a taken id, and takes nothing: no warm instance, no capacity slot, no
+/// store write. The first start goes on and its stop removes its instance. (The second start
+/// took the live set's entry: its undo removed it, and the first instance was never stopped.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_start_of_a_live_session_id_is_refused_and_takes_nothing() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 2, 2).await;
+    until("two warm instances", async || {
+        e.sup.pool_status(a.id).idle == 2
+    })
+    .await;
+    let counts = || {
+        let p = e.sup.pool_status(a.id);
+        (p.idle, p.starting, p.busy, p.total)
+    };
+    let sid = Uuid::new_v4();
+    let start_as = |sid| {
+        let sup = e.sup.clone();
+        async move {
+            let p = StartParams {
+                session_id: Some(sid),
+                ..StartParams::default()
+            };
+            sup.start_session("o", "a", p).await
+        }
+    };
+    // The first start takes a warm instance; its record's write waits for the lock.
+    let lock = WriteLock::take(&e);
+    let first = tokio::spawn(start_as(sid));
+    until("the first start is placed", async || e.sup.serves(sid)).await;
+    let placed = counts();
+    assert_eq!(placed, (1, 0, 1, 2), "(idle, starting, busy, total)");
+    let r = tokio::time::timeout(Duration::from_secs(2), start_as(sid))
+        .await
+        .expect("refused at once, without waiting for the store");
+    assert!(
+        matches!(r, Err(CoreError::Store(store::StoreError::Conflict))),
+        "{r:?}"
+    );
+    assert_eq!(counts(), placed);
+    drop(lock);
+    assert_eq!(first.await.unwrap().unwrap().session_id, sid);
+    // Delivered: refused alike.
+    let r = start_as(sid).await;
+    assert!(
+        matches!(r, Err(CoreError::Store(store::StoreError::Conflict))),
+        "{r:?}"
+    );
+    assert_eq!(counts(), placed);
+    assert_eq!(e.fake.starts(), 2);
+    assert_eq!(e.store.slots_held(a.id).await.unwrap(), 2);
+    assert_eq!(end_reason(&e, sid).await, None);
+    let iid = e
+        .store
+        .list_instances()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|i| i.session_id == Some(sid))
+        .expect("the first start's instance")
+        .id;
+    assert!(e.sup.serves(sid));
+    e.sup.stop_session("o", "a", sid).await.unwrap();
+    assert_eq!(end_reason(&e, sid).await, Some(EndReason::Stopped));
+    assert!(!e.sup.serves(sid));
+    assert!(
+        !e.fake.live().contains(&iid),
+        "its stop removed its instance"
+    );
+}
+
 /// A stop while the runtime is still making the instance (the process runtime waiting for a
 /// fork server that imports the bot: `start-ms`) answers without waiting for it: the start
 /// gets `409 STOPPED_DURING_START`, the runtime is told to give up, nothing is left.
