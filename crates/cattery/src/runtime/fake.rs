@@ -129,6 +129,10 @@ struct FakeInner {
     shared: std::sync::atomic::AtomicBool,
     /// While set, validation fails as for an engine that does not answer.
     unavailable: std::sync::atomic::AtomicBool,
+    /// Adoptions wait while its write side is held ([`FakeRuntime::hold_adoptions`]).
+    adoptions: Arc<tokio::sync::RwLock<()>>,
+    /// Adoptions asked for so far.
+    adopts: AtomicU32,
 }
 
 /// A session as an instance received it (`POST /bot`).
@@ -175,6 +179,17 @@ impl FakeRuntime {
     /// may clear by itself ([`Runtime::deploy_error_may_clear`]), or pass again (`false`).
     pub fn set_unavailable(&self, on: bool) {
         self.inner.unavailable.store(on, Ordering::SeqCst);
+    }
+
+    /// Holds every adoption ([`Runtime::adopt`]) until the guard is dropped: a recovery or a
+    /// takeover waits there, its store steps before it done.
+    pub async fn hold_adoptions(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.inner.adoptions.clone().write_owned().await
+    }
+
+    /// Adoptions asked for so far (held ones included).
+    pub fn adopts(&self) -> u32 {
+        self.inner.adopts.load(Ordering::SeqCst)
     }
 
     /// Every `POST /bot` received, in order.
@@ -274,6 +289,8 @@ impl Runtime for FakeRuntime {
     }
 
     async fn adopt(&self, rec: &InstanceRecord, _logs: LogSink) -> Adopted {
+        self.inner.adopts.fetch_add(1, Ordering::SeqCst);
+        drop(self.inner.adoptions.read().await);
         let Some(i) = self.inner.live.lock().get(&rec.id).cloned() else {
             return Adopted::Gone(None);
         };

@@ -501,7 +501,15 @@ impl Supervisor {
                 .or_insert_with(|| AgentPool::new(agent.clone(), dep.clone(), None))
                 .instances
                 .insert(ctl.id, ctl.clone());
-            st.sessions.insert(sess.id, ctl.clone());
+            // A start of this id may hold the entry: placed here before this takeover handed
+            // the session over, its record not written yet. The store refuses that write (the
+            // session is recorded delivered), so the entry is the recorded instance's, and the
+            // start's undo leaves it alone (`Supervisor::unplace`). Left to the start, the
+            // adopted instance would have no entry: never stopped, outliving its session.
+            if let Some(held) = st.sessions.insert(sess.id, ctl.clone()) {
+                tracing::warn!(session = %sess.id, instance = %ctl.id, start_instance = %held.id,
+                    "a start of a re-adopted session's id was placed here; the adopted instance keeps the session");
+            }
         }
         let remaining_ms = (sess.created_ms + i64::from(dep.spec.max_session_duration_s()) * 1000
             - now_ms())

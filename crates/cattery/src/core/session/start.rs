@@ -351,21 +351,28 @@ impl Supervisor {
         if placed.mailbox.is_some() || placed.cold {
             return self.unplace(placed, session);
         }
-        {
-            let mut st = self.state.lock();
-            st.sessions.remove(&session);
-            self.publish_live(&st);
-        }
+        self.leave_live_set(&placed, session);
         let _ = placed.ctl.cmd_tx.send(Cmd::Stop(EndReason::StartFailed));
+    }
+
+    /// Takes the start's session out of the live set, if the entry is still this start's: a
+    /// re-adoption in a takeover may have put the session's recorded instance there since
+    /// (`readopt_busy`), and that entry stays.
+    fn leave_live_set(&self, placed: &Placed, session: Uuid) {
+        let mut st = self.state.lock();
+        if st
+            .sessions
+            .get(&session)
+            .is_some_and(|c| Arc::ptr_eq(c, &placed.ctl))
+        {
+            st.sessions.remove(&session);
+        }
+        self.publish_live(&st);
     }
 
     /// Undoes [`Supervisor::place`] when the session could not be recorded.
     fn unplace(&self, placed: Placed, session: Uuid) {
-        {
-            let mut st = self.state.lock();
-            st.sessions.remove(&session);
-            self.publish_live(&st);
-        }
+        self.leave_live_set(&placed, session);
         match placed.mailbox {
             // Give the instance back: it has not been told about the session yet.
             None => placed.ctl.release(),

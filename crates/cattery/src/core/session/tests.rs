@@ -1847,6 +1847,64 @@ async fn a_takeover_ends_a_lost_nodes_relayed_session_whose_instance_it_reaches(
     assert!(e.store.list_instances().await.unwrap().is_empty());
 }
 
+/// A start of a session id placed here just before a takeover re-adopts that session (its
+/// lost node's instance, reachable from here): the store refuses the start's record (the
+/// session is recorded delivered), and the undo of the start leaves the live set's entry to
+/// the adopted instance, which its stop removes. (The undo removed the entry whoever held
+/// it: the adopted instance served on with no entry, never stopped.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_start_leaves_a_re_adopted_session_live() {
+    let e = env().await;
+    e.fake.set_shared(true);
+    let a = agent(&e, "a", &[], 1, 2).await;
+    until("one warm instance", async || {
+        e.sup.pool_status(a.id).idle == 1
+    })
+    .await;
+    let (iid, sid) = left_by(&e, &a, "n2").await;
+    let now = now_ms();
+    let mut n2 = n2_at("http://n2");
+    n2.heartbeat_ms = now - 5000;
+    e.store.heartbeat(&n2).await.unwrap();
+    // The takeover hands the records over, then waits to adopt the instance.
+    let held = e.fake.hold_adoptions().await;
+    let taking = tokio::spawn({
+        let sup = e.sup.clone();
+        async move { sup.take_over("n2", now - 2000).await.unwrap() }
+    });
+    until("the takeover is adopting", async || e.fake.adopts() == 1).await;
+    // The start takes the warm instance; its record's write waits for the lock.
+    let lock = WriteLock::take(&e);
+    let starting = tokio::spawn({
+        let sup = e.sup.clone();
+        async move {
+            let p = StartParams {
+                session_id: Some(sid),
+                ..StartParams::default()
+            };
+            sup.start_session("o", "a", p).await
+        }
+    });
+    until("the start is placed", async || e.sup.serves(sid)).await;
+    drop(held);
+    assert_eq!(taking.await.unwrap(), Some(1));
+    drop(lock);
+    let r = starting.await.unwrap();
+    assert!(
+        matches!(r, Err(CoreError::Store(store::StoreError::Conflict))),
+        "{r:?}"
+    );
+    assert!(e.sup.serves(sid), "the adopted instance keeps the session");
+    assert_eq!(end_reason(&e, sid).await, None);
+    e.sup.stop_session("o", "a", sid).await.unwrap();
+    assert_eq!(end_reason(&e, sid).await, Some(EndReason::Stopped));
+    assert!(!e.sup.serves(sid));
+    assert!(
+        !e.fake.live().contains(&iid),
+        "its stop removed the adopted instance"
+    );
+}
+
 /// Makes the engine's SQLite store refuse, as an outage would (a plain SQLite error, which
 /// the store answers `Unavailable`), every write that matches `when` on `table`'s `op`,
 /// until the returned connection runs `DROP TRIGGER refuse_for_now`.
