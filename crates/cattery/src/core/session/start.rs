@@ -331,12 +331,17 @@ impl Supervisor {
         }
         match self.store.get_session(session).await {
             // An insert that found the id taken answers `Conflict`, never a transient error:
-            // an open record of this agent made by this node is this start's.
+            // an open record of this agent made by this node, as this start writes it (its
+            // `coldStart`, not delivered), is this start's. A websocket session's record still
+            // waiting for its client has no `coldStart` (the write did not take it over); a
+            // delivered one is another start's (a lost node's, this node's since a takeover).
             Ok(r) => Some(r.is_some_and(|r| {
                 r.agent_id == placed.agent_id
                     && r.deployment_id == placed.ctl.deployment.id
                     && r.node_id == self.cfg.node_id
                     && r.end.is_none()
+                    && r.cold_start == Some(placed.cold)
+                    && r.bot_start_ms.is_none()
             })),
             Err(_) => None,
         }

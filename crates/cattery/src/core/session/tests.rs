@@ -1919,6 +1919,89 @@ fn refuse_writes_for_now(e: &Env, op: &str, table: &str, when: &str) -> rusqlite
     c
 }
 
+/// A start whose record's write the store refused for now (an outage's error, which may come
+/// after the commit) reads the record back: a websocket session's record still waiting for
+/// its client is not the start's (its write sets `coldStart`). The start fails and delivers
+/// nothing. (It took the record for its own and delivered: the record stayed waiting, and
+/// the token's expiry could end the session its instance served.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_never_takes_a_waiting_record_it_could_not_write_for_its_own() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 1, 2).await;
+    until("one warm instance", async || {
+        e.sup.pool_status(a.id).idle == 1
+    })
+    .await;
+    let sid = Uuid::new_v4();
+    e.sup.record_waiting_session("o", "a", sid).await.unwrap();
+    let c = refuse_writes_for_now(&e, "INSERT", "sessions", "1");
+    let p = StartParams {
+        session_id: Some(sid),
+        transport: Some("websocket".into()),
+        ..StartParams::default()
+    };
+    let r = e.sup.start_session("o", "a", p).await;
+    c.execute_batch("DROP TRIGGER refuse_for_now").unwrap();
+    assert!(
+        matches!(r, Err(CoreError::Store(store::StoreError::Unavailable(_)))),
+        "{r:?}"
+    );
+    assert!(e.fake.delivered().is_empty());
+    assert!(!e.sup.serves(sid));
+    let s = e.store.get_session(sid).await.unwrap().unwrap();
+    assert!(s.waiting_for_client(), "{s:?}");
+    assert_eq!(
+        e.sup.pool_status(a.id).idle,
+        1,
+        "the warm instance is given back"
+    );
+}
+
+/// A start of a session id whose record a takeover has just handed to this node (delivered
+/// on the lost node; its instance not adopted yet), whose write the store refused for now:
+/// the record read back is not the start's (it is delivered), so the start fails and delivers
+/// nothing; the adopted instance keeps the session. (The start took the record for its own
+/// and delivered the session to a second instance.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_never_takes_a_taken_over_record_for_its_own() {
+    let e = env().await;
+    e.fake.set_shared(true);
+    let a = agent(&e, "a", &[], 0, 2).await;
+    let (iid, sid) = left_by(&e, &a, "n2").await;
+    let now = now_ms();
+    let mut n2 = n2_at("http://n2");
+    n2.heartbeat_ms = now - 5000;
+    e.store.heartbeat(&n2).await.unwrap();
+    let held = e.fake.hold_adoptions().await;
+    let taking = tokio::spawn({
+        let sup = e.sup.clone();
+        async move { sup.take_over("n2", now - 2000).await.unwrap() }
+    });
+    until("the takeover is adopting", async || e.fake.adopts() == 1).await;
+    let c = refuse_writes_for_now(&e, "INSERT", "sessions", "1");
+    let p = StartParams {
+        session_id: Some(sid),
+        ..StartParams::default()
+    };
+    let r = e.sup.start_session("o", "a", p).await;
+    c.execute_batch("DROP TRIGGER refuse_for_now").unwrap();
+    assert!(
+        matches!(r, Err(CoreError::Store(store::StoreError::Unavailable(_)))),
+        "{r:?}"
+    );
+    drop(held);
+    assert_eq!(taking.await.unwrap(), Some(1));
+    assert!(e.fake.delivered().is_empty(), "no second delivery");
+    assert_eq!(
+        e.fake.live(),
+        vec![iid],
+        "the cold start's instance is gone"
+    );
+    e.sup.stop_session("o", "a", sid).await.unwrap();
+    assert_eq!(end_reason(&e, sid).await, Some(EndReason::Stopped));
+    assert!(e.fake.live().is_empty());
+}
+
 /// A delivery the store cannot record for now (an outage as `/bot` is answered) is written
 /// again until the store takes it. Lost, a restart would take the delivered session for one
 /// still starting, remove its instance and end it `lost`.
