@@ -105,6 +105,37 @@ impl Drop for Unlocked<'_> {
     }
 }
 
+/// The reaper's lock held outside a spawn or a reap ([`Reaper::lock`]). A reap asked for
+/// meanwhile ([`Reaper::reap_all`] never waits for the lock: it marks the reap as pending)
+/// runs once it is let go, as after [`Reaper::spawn_registered`]; otherwise it would wait
+/// for the next SIGCHLD or the 500 ms tick.
+struct Held<'a> {
+    reaper: &'a Reaper,
+    guard: Option<std::sync::MutexGuard<'a, Inner>>,
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        self.guard.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        self.guard.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        if self.reaper.pending.load(Ordering::SeqCst) {
+            self.reaper.reap_all();
+        }
+    }
+}
+
 /// Whether `pid` names a process or a zombie.
 fn pid_exists(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the pid exists.
@@ -149,8 +180,13 @@ impl Reaper {
             .clone()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    /// The lock, for a window's opening, registration and closing: a reap asked for while
+    /// it is held runs when it is let go (see [`Held`]).
+    fn lock(&self) -> Held<'_> {
+        Held {
+            reaper: self,
+            guard: Some(self.inner.lock().unwrap_or_else(|e| e.into_inner())),
+        }
     }
 
     /// Opens a window in which a process is started without holding the reaper's lock
@@ -374,6 +410,32 @@ mod tests {
         live.kill().expect("kill sleep");
         reaped(pid).await;
         assert_eq!(rx.borrow().and_then(|e| e.signal), Some(libc::SIGKILL));
+    }
+
+    /// A reap asked for while a window's opening, registration or closing holds the lock
+    /// (here a fork server's report) runs when the lock is let go, as after a spawn: not at
+    /// the next SIGCHLD or tick.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reap_asked_for_while_a_window_holds_the_lock_runs_when_it_is_let_go() {
+        let r = Reaper::global();
+        // Above any pid_max: registered, never a real process.
+        let pid = 0x3fff_0000;
+        let (_, _, rx) = r.spawn_registered(|| Ok(((), pid))).expect("register");
+        let info = ExitInfo {
+            code: Some(4),
+            signal: None,
+        };
+        let held = r.lock();
+        // Returns at once: its reap is left to the lock's holder.
+        std::thread::scope(|s| {
+            s.spawn(|| r.deliver_external(pid, info));
+        });
+        drop(held);
+        assert_eq!(
+            *rx.borrow(),
+            Some(info),
+            "the status waits for another reap"
+        );
     }
 
     #[test]
