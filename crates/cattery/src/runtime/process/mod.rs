@@ -610,11 +610,10 @@ impl ProcessRuntime {
                 window: Some(window),
                 cwd: sspec.cwd,
             }),
-            Err(e) => {
+            Err(_) => {
+                // Its parked process is gone (`clone3`'s support shows only in the claim's
+                // end, below).
                 spare.discard();
-                if matches!(e, spare::ClaimError::Unusable { unsupported: true }) {
-                    self.spares.disable();
-                }
                 Err(SpareFailed::Unusable)
             }
         }
@@ -767,10 +766,13 @@ impl Drop for SpareClaim<'_> {
             return;
         };
         if let Ok(pid) = spare.claim_end() {
-            // Started, but nobody will own it: the whole instance goes.
-            let _ = cgroup::kill_all(&self.v2);
-            // SAFETY: a signal to our own child, not reaped yet (the window is open).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // Started, but nobody will own it: the whole instance goes, by its cgroup. Only
+            // without `cgroup.kill` (kernels before 5.14) by its pid, which the reaper may
+            // have freed already if the process exited at once.
+            if cgroup::kill_all(&self.v2).is_err() {
+                // SAFETY: a signal to the process just started, as a last resort.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
         }
         spare.discard();
         cgroup::remove(&self.v2);

@@ -71,10 +71,17 @@ impl Unlocked<'_> {
     /// now (checked under the lock, so no reap can come between). A kept status whose pid
     /// names a process again belongs to an earlier holder of the pid (freed after the window
     /// opened and reused for this start), and is dropped: the live process's own status will
-    /// come through the registration.
+    /// come through the registration. Not told apart: this start's process reaped and its
+    /// pid reused by another process before this call (the pid cycles through 32,768 or more
+    /// numbers; the window lasts one `exec`); its waiter then never fires.
     pub fn register(self, pid: i32) -> watch::Receiver<Option<ExitInfo>> {
         let mut g = self.reaper.lock();
-        let kept = g.kept.remove(&pid).filter(|(s, _)| *s > self.seq);
+        // A status kept from before this window opened is not this start's (an older
+        // window may still need it): it stays.
+        let kept = match g.kept.get(&pid) {
+            Some((s, _)) if *s > self.seq => g.kept.remove(&pid),
+            _ => None,
+        };
         let rx = if pid_exists(pid) {
             let (tx, rx) = watch::channel(None);
             g.waiters.insert(pid, tx);
