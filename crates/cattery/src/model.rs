@@ -134,6 +134,12 @@ pub struct DeploymentSpec {
     /// `agentProfile`'s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<CustomResources>,
+    /// The fingerprint of a `local:` bot directory's files when the deployment was made
+    /// (`core::local_dir`): a deploy of a changed directory makes a new deployment, one of an
+    /// unchanged directory keeps the current one. `None` for other deployments, those from a
+    /// `buildId`, and those recorded before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_fingerprint: Option<String>,
 }
 
 /// Explicit sizing of a deployment: the quantities as given and what they mean.

@@ -52,6 +52,7 @@ mod cluster_internal;
 mod daily;
 mod fork_server;
 mod limits;
+mod local_redeploy;
 mod webhooks;
 mod whatsapp;
 mod ws_waiting;

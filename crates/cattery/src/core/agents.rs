@@ -1,8 +1,9 @@
 //! Agents and deployments: validation, create, partial update, delete.
 //!
 //! Rules come from reference §A.3 (create/update fields and ranges) and §B.1 (what a
-//! deployment is): every change that alters how instances run creates a new deployment id;
-//! scaling-only changes do not.
+//! deployment is): every change that alters how instances run creates a new deployment id,
+//! an edit of a `local:` bot's directory seen by the next deploy that names it included
+//! ([`fingerprint_local_dir`]); scaling-only changes do not.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,7 +16,7 @@ use uuid::Uuid;
 use super::limits::{Kind, OrgLimits};
 use super::orgs::AgentDefaults;
 use super::session::Supervisor;
-use super::{env, exec_check, CoreError, CoreResult};
+use super::{env, exec_check, local_dir, CoreError, CoreResult};
 use crate::model::{
     now_ms, profile_limits, valid_agent_name, AgentRecord, DeploymentRecord, DeploymentSpec,
     DEFAULT_MAX_AGENTS, MAX_MAX_SESSION_DURATION_S, MIN_MAX_SESSION_DURATION_S,
@@ -345,6 +346,29 @@ async fn check_builds(
     Ok(())
 }
 
+/// Records in `spec` the fingerprint of its bot directory ([`local_dir::fingerprint`]) when
+/// that directory is its code: a `local:` image the Python runner runs (no `command`), not a
+/// build's (a `buildId` names what it runs, and a new build is a new directory). `None`
+/// otherwise, and when the directory cannot be read: the deployment's validation says why.
+async fn fingerprint_local_dir(spec: &mut DeploymentSpec) {
+    spec.local_fingerprint = None;
+    if spec.command.is_some() || spec.build_id.is_some() {
+        return;
+    }
+    let Some(dir) = spec
+        .image
+        .as_deref()
+        .and_then(|i| i.strip_prefix("local:"))
+        .map(std::path::PathBuf::from)
+    else {
+        return;
+    };
+    spec.local_fingerprint = tokio::task::spawn_blocking(move || local_dir::fingerprint(&dir))
+        .await
+        .ok()
+        .flatten();
+}
+
 /// Applies `architecture` (checked only) and `resources` (or its clearing by
 /// `agentProfile`). Errors: 400.
 fn apply_sizing(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
@@ -518,6 +542,7 @@ pub async fn create_agent(
     if build.is_some() {
         spec.build_id = build;
     }
+    fingerprint_local_dir(&mut spec).await;
     let (min, max) = scaling(r, (0, DEFAULT_MAX_AGENTS))?;
     check_sets(store, org, &region, &spec).await?;
     check_builds(store, org, builds_dir, &spec).await?;
@@ -591,6 +616,12 @@ pub async fn update_agent(
     }
     let (min, max) = scaling(r, (agent.min_agents, agent.max_agents))?;
     let force = r.force_redeploy.unwrap_or(false);
+    // A `local:` bot's directory is its code: a deploy that names it (the CLI's always does)
+    // or makes a new deployment anyway reads it again, and an edited directory makes a new
+    // deployment. A change of scaling alone keeps what the current deployment recorded.
+    if r.image.is_some() || force || spec != cur.spec {
+        fingerprint_local_dir(&mut spec).await;
+    }
     // The sets are checked only for a new deployment (which snapshots their values): a
     // scaling change works on, though a set the current deployment bound was deleted since.
     if force || spec != cur.spec {

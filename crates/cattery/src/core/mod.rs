@@ -13,6 +13,7 @@ pub mod health;
 pub mod instance_http;
 pub mod keys;
 pub mod limits;
+pub mod local_dir;
 pub mod lookup;
 pub mod orgs;
 pub mod secrets;
