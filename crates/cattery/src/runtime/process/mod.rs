@@ -192,18 +192,12 @@ impl ProcessRuntime {
         }
         let path = resolve_program(program, working_dir)?;
         if self.isolation.uids.is_some() {
-            let unreachable = |what: &str, e: String| {
-                format!(
-                    "instances run under unprivileged uids of their own and cannot reach the \
-                     {what}: {e} (docs/security.md)"
-                )
-            };
             if let Some(d) = working_dir {
                 isolation::reachable_by_others(Path::new(d), true)
-                    .map_err(|e| unreachable("working directory", e))?;
+                    .map_err(|e| unreachable("working directory", &e))?;
             }
             isolation::reachable_by_others(&path, false)
-                .map_err(|e| unreachable(&format!("program {}", path.display()), e))?;
+                .map_err(|e| unreachable(&format!("program {}", shown_resolved(&path)), &e))?;
         }
         Ok(())
     }
@@ -901,6 +895,26 @@ fn pids_with_instance_env(id: &str) -> Vec<i32> {
     out
 }
 
+/// Why instances cannot reach `what` (`e`: what blocks it).
+fn unreachable(what: &str, e: &str) -> String {
+    format!(
+        "instances run under unprivileged uids of their own and cannot reach the {what}: {e} \
+         (docs/security.md)"
+    )
+}
+
+/// `path` with what it resolves to when that is elsewhere: `/b/.venv/bin/python (a link to
+/// /root/.pyenv/versions/3.11.7/bin/python3.11)`. A venv's `python` is such a link, and the
+/// directory that blocks it is often on the link's side only.
+fn shown_resolved(path: &Path) -> String {
+    let link = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    match fs::canonicalize(path) {
+        Ok(c) if c != path && link => format!("{} (a link to {})", path.display(), c.display()),
+        Ok(c) if c != path => format!("{} (which resolves to {})", path.display(), c.display()),
+        _ => path.display().to_string(),
+    }
+}
+
 fn resolve_program(program: &str, working_dir: Option<&str>) -> Result<PathBuf, String> {
     let is_exec = |p: &Path| {
         use std::os::unix::fs::PermissionsExt;
@@ -969,9 +983,18 @@ impl Runtime for ProcessRuntime {
             // For a `local:` bot the program is the Python chosen for it: say how to choose
             // another.
             return Some(if local {
+                // A venv's `python` is a link to the Python it was made with: that one must
+                // be reachable too.
+                let venv = if self.isolation.uids.is_some() {
+                    " (made with a Python other users can reach, e.g. `/usr/bin/python3 -m venv \
+                     .venv`)"
+                } else {
+                    ""
+                };
                 format!(
                     "{e}; the bot's Python is {}: choose another with the agent's `python` \
-                     field, a `.venv` in the bot directory, or --python (docs/python-runner.md)",
+                     field, a `.venv` in the bot directory{venv}, or --python \
+                     (docs/python-runner.md)",
                     p.program
                 )
             } else {
@@ -1850,6 +1873,53 @@ impl ProcessRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A program that cannot be reached is named with what it resolves to when that is
+    /// elsewhere (a venv's `python` linking into a pyenv under `/root`), so that the
+    /// directory named as blocking it is explained; a plain path is named alone.
+    #[test]
+    fn an_unreachable_program_is_named_with_where_it_leads() {
+        let t = tempfile::tempdir().unwrap();
+        let real = t.path().join("pyenv/versions/3.11/bin");
+        fs::create_dir_all(&real).unwrap();
+        let python = real.join("python3.11");
+        fs::write(&python, "").unwrap();
+        let bin = t.path().join("bot/.venv/bin");
+        fs::create_dir_all(&bin).unwrap();
+        std::os::unix::fs::symlink(&python, bin.join("python3")).unwrap();
+        std::os::unix::fs::symlink("python3", bin.join("python")).unwrap();
+        let real = fs::canonicalize(&python).unwrap();
+        let venv_python = bin.join("python");
+        let msg = unreachable(
+            &format!("program {}", shown_resolved(&venv_python)),
+            "/root (mode 700) does not let other users through",
+        );
+        assert_eq!(
+            msg,
+            format!(
+                "instances run under unprivileged uids of their own and cannot reach the program \
+                 {} (a link to {}): /root (mode 700) does not let other users through \
+                 (docs/security.md)",
+                venv_python.display(),
+                real.display()
+            )
+        );
+        assert_eq!(shown_resolved(&real), real.display().to_string());
+        // A path through a linked directory resolves elsewhere without being a link itself.
+        let linked_dir = t.path().join("venv-link");
+        std::os::unix::fs::symlink(real.parent().unwrap(), &linked_dir).unwrap();
+        assert_eq!(
+            shown_resolved(&linked_dir.join("python3.11")),
+            format!(
+                "{} (which resolves to {})",
+                linked_dir.join("python3.11").display(),
+                real.display()
+            )
+        );
+        // What does not exist is named as given.
+        let gone = t.path().join("gone");
+        assert_eq!(shown_resolved(&gone), gone.display().to_string());
+    }
 
     /// A signal to the main process's group (pid 10) reaches its members once: only the
     /// members in other groups (a `setsid` child) are signalled one by one; when the group
