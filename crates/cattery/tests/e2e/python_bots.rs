@@ -499,6 +499,31 @@ async fn local_agent_with_a_python_instances_cannot_reach_says_which_and_how_to_
         "{msg}"
     );
     assert!(msg.contains("`.venv`") && msg.contains("--python"), "{msg}");
+
+    // A venv's `python` is a link to the Python it was made with: the message names where it
+    // leads, which is where the blocking directory is.
+    let public = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        public.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let venv_python = public.path().join("python");
+    std::os::unix::fs::symlink(&py, &venv_python).unwrap();
+    let spec = json!({"command": null, "image": example("session-status"), "python": venv_python});
+    let a = s.deploy("linked-python", &[], spec).await;
+    assert_eq!(a["ready"], false, "{a}");
+    let msg = a["errors"][0]["message"].as_str().unwrap_or("");
+    let target = std::fs::canonicalize(&py).unwrap();
+    assert!(
+        msg.contains(&format!(
+            "cannot reach the program {} (a link to {}): ",
+            venv_python.display(),
+            target.display()
+        )),
+        "{msg}"
+    );
+    assert!(msg.contains("/usr/bin/python3 -m venv .venv"), "{msg}");
 }
 
 /// A `local:` agent whose Python lacks the runner's dependencies is reported at deploy time.
