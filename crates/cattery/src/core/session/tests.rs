@@ -1861,18 +1861,7 @@ async fn a_refused_start_leaves_a_re_adopted_session_live() {
         e.sup.pool_status(a.id).idle == 1
     })
     .await;
-    let (iid, sid) = left_by(&e, &a, "n2").await;
-    let now = now_ms();
-    let mut n2 = n2_at("http://n2");
-    n2.heartbeat_ms = now - 5000;
-    e.store.heartbeat(&n2).await.unwrap();
-    // The takeover hands the records over, then waits to adopt the instance.
-    let held = e.fake.hold_adoptions().await;
-    let taking = tokio::spawn({
-        let sup = e.sup.clone();
-        async move { sup.take_over("n2", now - 2000).await.unwrap() }
-    });
-    until("the takeover is adopting", async || e.fake.adopts() == 1).await;
+    let (iid, sid, held, taking) = take_over_held_at_adoption(&e, &a).await;
     // The start takes the warm instance; its record's write waits for the lock.
     let lock = WriteLock::take(&e);
     let starting = tokio::spawn({
@@ -1957,17 +1946,20 @@ async fn a_start_never_takes_a_waiting_record_it_could_not_write_for_its_own() {
     );
 }
 
-/// A start of a session id whose record a takeover has just handed to this node (delivered
-/// on the lost node; its instance not adopted yet), whose write the store refused for now:
-/// the record read back is not the start's (it is delivered), so the start fails and delivers
-/// nothing; the adopted instance keeps the session. (The start took the record for its own
-/// and delivered the session to a second instance.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_start_never_takes_a_taken_over_record_for_its_own() {
-    let e = env().await;
-    e.fake.set_shared(true);
-    let a = agent(&e, "a", &[], 0, 2).await;
-    let (iid, sid) = left_by(&e, &a, "n2").await;
+/// A session of `a` delivered on node n2 (its record and instance left by n2), n2's heartbeat
+/// stale, and a takeover of n2 that has handed the records over and waits to adopt the
+/// instance until the returned hold is dropped. Returns the instance and session ids, the
+/// hold and the takeover's task.
+async fn take_over_held_at_adoption(
+    e: &Env,
+    a: &AgentRecord,
+) -> (
+    Uuid,
+    Uuid,
+    tokio::sync::OwnedRwLockWriteGuard<()>,
+    tokio::task::JoinHandle<Option<usize>>,
+) {
+    let (iid, sid) = left_by(e, a, "n2").await;
     let now = now_ms();
     let mut n2 = n2_at("http://n2");
     n2.heartbeat_ms = now - 5000;
@@ -1978,6 +1970,20 @@ async fn a_start_never_takes_a_taken_over_record_for_its_own() {
         async move { sup.take_over("n2", now - 2000).await.unwrap() }
     });
     until("the takeover is adopting", async || e.fake.adopts() == 1).await;
+    (iid, sid, held, taking)
+}
+
+/// A start of a session id whose record a takeover has just handed to this node (delivered
+/// on the lost node; its instance not adopted yet), whose write the store refused for now:
+/// the record read back is not the start's (it is delivered), so the start fails and delivers
+/// nothing; the adopted instance keeps the session. (The start took the record for its own
+/// and delivered the session to a second instance.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_never_takes_a_taken_over_record_for_its_own() {
+    let e = env().await;
+    e.fake.set_shared(true);
+    let a = agent(&e, "a", &[], 0, 2).await;
+    let (iid, sid, held, taking) = take_over_held_at_adoption(&e, &a).await;
     let c = refuse_writes_for_now(&e, "INSERT", "sessions", "1");
     let p = StartParams {
         session_id: Some(sid),
