@@ -291,11 +291,22 @@ async fn a_database_outage_answers_503_and_heals_with_nothing_lost() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     pg.pg_stop();
     let down_at = t0.elapsed();
+    // One start sent as soon as the database is down: it fails within the store's 2 s
+    // connection timeout, well inside the outage. (The churning clients may all be in stops
+    // then, which answer without the database; a start they send in the outage's last 2 s
+    // can wait for the database to come back and succeed.)
+    let probe = tokio::spawn(churn(
+        s.http.clone(),
+        s.base.clone(),
+        s.pk.clone(),
+        s.sk.clone(),
+        Instant::now() + Duration::from_millis(1),
+    ));
     tokio::time::sleep(Duration::from_secs(5)).await;
     pg.pg_start();
     let up_at = t0.elapsed();
     let mut all = Seen::default();
-    for c in clients {
+    for c in clients.into_iter().chain(std::iter::once(probe)) {
         let seen = c.await.unwrap();
         all.statuses.extend(seen.statuses);
         all.started.extend(seen.started);
@@ -318,6 +329,7 @@ async fn a_database_outage_answers_503_and_heals_with_nothing_lost() {
             _ => panic!("unexpected answer {st}: {b}"),
         }
     }
+    eprintln!("{unavailable} answers were 503");
     assert!(unavailable > 0, "no 503 while the database was down");
     // Full service again, by itself.
     let sid = wait_for(
