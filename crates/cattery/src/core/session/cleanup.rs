@@ -54,9 +54,7 @@ impl Actor {
         {
             let mut st = self.sup.state.lock();
             if let Some(s) = session {
-                if st.sessions.get(&s).is_some_and(|c| Arc::ptr_eq(c, &ctl)) {
-                    st.sessions.remove(&s);
-                }
+                st.leave_live_set(s, &ctl);
             }
             self.sup.publish_live(&st);
         }
@@ -91,9 +89,7 @@ impl Actor {
                 p.instances.remove(&ctl.id);
             }
             if let Some(s) = session {
-                if st.sessions.get(&s).is_some_and(|c| Arc::ptr_eq(c, &ctl)) {
-                    st.sessions.remove(&s);
-                }
+                st.leave_live_set(s, &ctl);
             }
             self.sup.publish_live(&st);
         }

@@ -365,13 +365,7 @@ impl Supervisor {
     /// (`readopt_busy`), and that entry stays.
     fn leave_live_set(&self, placed: &Placed, session: Uuid) {
         let mut st = self.state.lock();
-        if st
-            .sessions
-            .get(&session)
-            .is_some_and(|c| Arc::ptr_eq(c, &placed.ctl))
-        {
-            st.sessions.remove(&session);
-        }
+        st.leave_live_set(session, &placed.ctl);
         self.publish_live(&st);
     }
 

@@ -255,3 +255,17 @@ pub(super) struct State {
     pub by_name: HashMap<(String, String), Uuid>,
     pub sessions: HashMap<Uuid, Arc<InstanceCtl>>,
 }
+
+impl State {
+    /// Takes `session` out of the live set if its entry is `ctl`'s: another instance may hold
+    /// it since (a takeover's re-adoption), and that entry stays.
+    pub fn leave_live_set(&mut self, session: Uuid, ctl: &Arc<InstanceCtl>) {
+        if self
+            .sessions
+            .get(&session)
+            .is_some_and(|c| Arc::ptr_eq(c, ctl))
+        {
+            self.sessions.remove(&session);
+        }
+    }
+}
