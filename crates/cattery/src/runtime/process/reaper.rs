@@ -97,9 +97,8 @@ impl Unlocked<'_> {
             };
             watch::channel(Some(info)).1
         };
-        g.open.remove(&self.seq);
-        g.prune();
-        std::mem::forget(self);
+        drop(g);
+        // Dropping `self` closes the window.
         rx
     }
 }
@@ -112,10 +111,10 @@ impl Drop for Unlocked<'_> {
     }
 }
 
-/// The reaper's lock held outside a spawn or a reap ([`Reaper::lock`]). A reap asked for
-/// meanwhile ([`Reaper::reap_all`] never waits for the lock: it marks the reap as pending)
-/// runs once it is let go, as after [`Reaper::spawn_registered`]; otherwise it would wait
-/// for the next SIGCHLD or the 500 ms tick.
+/// The reaper's lock held outside a reap ([`Reaper::lock`]): by a spawn or a window's step.
+/// A reap asked for meanwhile ([`Reaper::reap_all`] never waits for the lock: it marks the
+/// reap as pending) runs once it is let go; otherwise it would wait for the next SIGCHLD or
+/// the 500 ms tick.
 struct Held<'a> {
     reaper: &'a Reaper,
     guard: Option<std::sync::MutexGuard<'a, Inner>>,
@@ -187,8 +186,8 @@ impl Reaper {
             .clone()
     }
 
-    /// The lock, for a window's opening, registration and closing: a reap asked for while
-    /// it is held runs when it is let go (see [`Held`]).
+    /// The lock, for a spawn and for a window's opening, registration and closing: a reap
+    /// asked for while it is held runs when it is let go (see [`Held`]).
     fn lock(&self) -> Held<'_> {
         Held {
             reaper: self,
@@ -214,18 +213,14 @@ impl Reaper {
         &self,
         spawn: impl FnOnce() -> std::io::Result<(T, i32)>,
     ) -> std::io::Result<(T, i32, watch::Receiver<Option<ExitInfo>>)> {
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.lock();
         let spawned = spawn();
-        let out = spawned.map(|(t, pid)| {
+        spawned.map(|(t, pid)| {
             let (tx, rx) = watch::channel(None);
             g.waiters.insert(pid, tx);
             (t, pid, rx)
-        });
-        drop(g);
-        if self.pending.load(Ordering::SeqCst) {
-            self.reap_all();
-        }
-        out
+        })
+        // Letting go of the lock runs a reap asked for meanwhile (`Held`).
     }
 
     /// Runs a short helper program (not an instance) to completion and returns its exit and
