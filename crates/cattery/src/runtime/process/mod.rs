@@ -60,6 +60,8 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct ProcessRuntime {
     instances_dir: PathBuf,
+    /// Where instance directories really are, and this server's hold on its runtime dir.
+    rundir: Arc<rundir::Placed>,
     cgroups: Arc<CgroupSupport>,
     ports: Arc<PortBook>,
     reaper: Arc<Reaper>,
@@ -128,7 +130,7 @@ impl ProcessRuntime {
         uids: Option<UidRange>,
         runtime_dir: &rundir::RuntimeDir,
     ) -> std::io::Result<Self> {
-        rundir::place(&instances_dir, server_id, runtime_dir)?;
+        let placed = rundir::place(&instances_dir, server_id, runtime_dir)?;
         let nofile = spawn::raise_nofile_limit();
         tracing::debug!(nofile, "open-files limit");
         let isolation = Isolation::configure(uids, &instances_dir);
@@ -149,6 +151,7 @@ impl ProcessRuntime {
         let spares = spare::Stock::new(cgroups.v1_bases.clone(), cgroups.v2_base.is_some());
         Ok(ProcessRuntime {
             instances_dir,
+            rundir: Arc::new(placed),
             cgroups: Arc::new(cgroups),
             spares: Arc::new(spares),
             ports: Arc::new(PortBook::new()),
@@ -213,7 +216,7 @@ impl ProcessRuntime {
         {
             let _ = fs::remove_dir(d);
         }
-        rundir::remove_if_empty(&self.instances_dir);
+        self.rundir.release();
         self.cgroups.remove_liveness_lock();
     }
 

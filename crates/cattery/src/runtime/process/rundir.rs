@@ -18,14 +18,41 @@
 //! server, mode `0711` (instances pass through to their own directory, never list it), and
 //! refused if another user owns them. A `tmpfs` is emptied by a reboot, which also ends every
 //! instance, so nothing is lost that re-adoption could use.
+//!
+//! A server that goes away without its data dir (a deleted install, a test's temporary data
+//! dir) would leave `<runtime dir>/<server id>` behind for good, so each server sweeps the
+//! leftovers of others when it places its own. Liveness is a lock, not a guess: a server holds
+//! an exclusive `flock` on `<runtime dir>/<server id>.lock` while it runs, taken before it
+//! creates `<server id>` (so a sweep by another server starting at the same moment cannot take
+//! its fresh, empty directory for a leftover). The sweep takes every other server's lock
+//! without waiting; only when it gets it is that server not running, and then it removes its
+//! directory if empty (`rmdir`, never anything inside: a server killed with `SIGKILL` finds
+//! its instances there when it starts again and re-adopts them) and, once the directory is
+//! gone, the lock file. Whoever takes a lock checks afterwards that the file is still the one
+//! at its path (a sweep may have removed it meanwhile) and takes the new one if not. A
+//! directory without a lock file (a server of an earlier version, which took none) goes only
+//! if it is empty, untouched for [`LOCKLESS_AGE`] (such a server may be starting right now)
+//! and that server's cgroup liveness lock (`<lock root>/servers/<server id>.lock`, see
+//! [`super::cgroup`]) is free. A server's shutdown removes its own directory if empty, then
+//! its lock file, and gives up the lock: the next server of its id (after a detach, while the
+//! old process still relays calls) does not wait for the old process to end.
 
-use std::fs;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::fs::{self, File};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use nix::fcntl::{Flock, FlockArg};
 
 /// The least free space a `tmpfs` must have to hold instance directories (their output files
 /// grow with what agents print until the tailer has read it).
 pub const MIN_FREE: u64 = 256 << 20;
+
+/// How long a server directory without a lock file must have been left untouched before a
+/// sweep removes it (if empty): a server of an earlier version takes no lock, and one starting
+/// now has just made its directory.
+pub const LOCKLESS_AGE: Duration = Duration::from_secs(600);
 
 /// `--runtime-dir`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -53,21 +80,50 @@ impl std::str::FromStr for RuntimeDir {
     }
 }
 
+/// Where a server's instance directories are ([`place`]), and its hold on them.
+#[derive(Debug)]
+pub struct Placed {
+    /// Where instance directories really are.
+    pub dir: PathBuf,
+    /// Behind a link: the liveness lock on `<runtime dir>/<server id>.lock` and its path,
+    /// held until [`Placed::release`] or the end of the process (see the module docs).
+    alive: Mutex<Option<(Flock<File>, PathBuf)>>,
+}
+
+impl Placed {
+    /// At shutdown: removes this server's runtime directory if it is empty, and gives up its
+    /// lock, removing the lock file first. The next server of this id (after a detach, while
+    /// this process still relays calls) takes a new one at once and re-adopts what the
+    /// directory holds. The link in the data dir stays, and the directory is made again at the
+    /// next start. A real directory in the data dir stays.
+    pub fn release(&self) {
+        let Some((lock, path)) = self.alive.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        let _ = fs::remove_dir(&self.dir);
+        let _ = fs::remove_file(path);
+        drop(lock);
+    }
+}
+
 /// Makes `instances_dir` (`<data dir>/instances`) usable, as a link into the chosen runtime
-/// dir or as a real directory (see the module docs). Returns where instance directories
-/// really are. Errors: `instances_dir` could not be made at all.
+/// dir or as a real directory, and sweeps the runtime dir (see the module docs). Returns
+/// where instance directories really are. Errors: `instances_dir` could not be made at all.
 pub fn place(
     instances_dir: &Path,
     server_id: &str,
     choice: &RuntimeDir,
-) -> std::io::Result<PathBuf> {
-    let real_dir = |why: &str| -> std::io::Result<PathBuf> {
+) -> std::io::Result<Placed> {
+    let real_dir = |why: &str| -> std::io::Result<Placed> {
         if fs::symlink_metadata(instances_dir).is_ok_and(|m| m.file_type().is_symlink()) {
             fs::remove_file(instances_dir)?;
         }
         fs::create_dir_all(instances_dir)?;
         tracing::info!(dir = %instances_dir.display(), reason = why, "instance directories on the data dir");
-        Ok(instances_dir.to_path_buf())
+        Ok(Placed {
+            dir: instances_dir.to_path_buf(),
+            alive: Mutex::new(None),
+        })
     };
     let base = match choice {
         RuntimeDir::Data => return real_dir("--runtime-dir data"),
@@ -88,9 +144,24 @@ pub fn place(
         _ => {}
     }
     let target = base.join(server_id);
-    if let Err(e) = owned_dir(&base).and_then(|()| owned_dir(&target)) {
-        tracing::warn!(dir = %target.display(), error = %e, "unusable runtime directory");
-        return real_dir("the runtime directory is unusable");
+    let lock_path = lock_path(&base, server_id);
+    let alive = owned_dir(&base)
+        .and_then(|()| lock_own(&lock_path))
+        .and_then(|lock| owned_dir(&target).map(|()| lock));
+    let alive = match alive {
+        Ok(lock) => lock,
+        Err(e) => {
+            tracing::warn!(dir = %target.display(), error = %e, "unusable runtime directory");
+            return real_dir("the runtime directory is unusable");
+        }
+    };
+    let swept = sweep(&base, server_id, LOCKLESS_AGE);
+    if swept > 0 {
+        tracing::info!(
+            directories = swept,
+            dir = %base.display(),
+            "removed empty instance directories left by servers that are no longer running"
+        );
     }
     match fs::read_link(instances_dir) {
         Ok(t) if t == target => {}
@@ -101,17 +172,138 @@ pub fn place(
         Err(_) => std::os::unix::fs::symlink(&target, instances_dir)?,
     }
     tracing::info!(dir = %target.display(), link = %instances_dir.display(), "instance directories");
-    Ok(target)
+    Ok(Placed {
+        dir: target,
+        alive: Mutex::new(Some((alive, lock_path))),
+    })
 }
 
-/// Removes the runtime directory of this server if it is empty (a clean shutdown); the link in
-/// the data dir stays and the directory is made again at the next start.
-pub fn remove_if_empty(instances_dir: &Path) {
-    if fs::symlink_metadata(instances_dir).is_ok_and(|m| m.file_type().is_symlink()) {
-        if let Ok(target) = fs::read_link(instances_dir) {
-            let _ = fs::remove_dir(target);
+/// `<runtime dir>/<server id>.lock`.
+fn lock_path(base: &Path, server_id: &str) -> PathBuf {
+    base.join(format!("{server_id}.lock"))
+}
+
+/// Takes this server's liveness lock at `path`, waiting while a sweep holds it; if a sweep
+/// removed the file meanwhile, takes the new one.
+fn lock_own(path: &Path) -> std::io::Result<Flock<File>> {
+    loop {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
+        let lock = Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| e)?;
+        if is_at(&lock, path) {
+            return Ok(lock);
         }
     }
+}
+
+/// Whether `f` is still the file at `path`.
+fn is_at(f: &File, path: &Path) -> bool {
+    match (f.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Removes the empty directories of the servers under `base` that are not running, and their
+/// lock files (see the module docs); `own_id` is left alone. Returns how many directories went
+/// away.
+fn sweep(base: &Path, own_id: &str, lockless_age: Duration) -> usize {
+    let Ok(entries) = fs::read_dir(base) else {
+        return 0;
+    };
+    let mut ids: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let kind = e.file_type().ok()?;
+            if kind.is_dir() {
+                Some(name)
+            } else if kind.is_file() {
+                name.strip_suffix(".lock").map(str::to_string)
+            } else {
+                None
+            }
+        })
+        .filter(|id| id != own_id && !id.is_empty())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids.iter()
+        .filter(|id| sweep_one(base, id, lockless_age))
+        .count()
+}
+
+/// Sweeps server `id` (see [`sweep`]); whether its directory was removed.
+fn sweep_one(base: &Path, id: &str, lockless_age: Duration) -> bool {
+    let dir = base.join(id);
+    let path = lock_path(base, id);
+    // A directory without a lock file gets one for the time of the sweep, so that a server of
+    // this version starting with this id waits for it.
+    let open = |new: bool| {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(new)
+            .mode(0o600)
+            .open(&path)
+    };
+    let (f, lockless) = match open(true) {
+        Ok(f) => (f, true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match open(false) {
+            Ok(f) => (f, false),
+            Err(_) => return false,
+        },
+        Err(_) => return false,
+    };
+    let Ok(lock) = Flock::lock(f, FlockArg::LockExclusiveNonblock) else {
+        // A running server.
+        return false;
+    };
+    if !is_at(&lock, &path) {
+        // Removed and made again meanwhile: by a server that is starting, or by another sweep.
+        return false;
+    }
+    let may_remove = !lockless || (untouched_for(&dir, lockless_age) && !legacy_alive(id));
+    let (removed, gone) = if may_remove {
+        match fs::remove_dir(&dir) {
+            Ok(()) => (true, true),
+            Err(e) => (false, e.kind() == std::io::ErrorKind::NotFound),
+        }
+    } else {
+        (false, !dir.exists())
+    };
+    // A lock file stays only beside the directory of a server that had one (a killed server's
+    // instances, for when it starts again).
+    if gone || lockless {
+        let _ = fs::remove_file(&path);
+    }
+    removed
+}
+
+/// Whether `dir` was last changed at least `age` ago (`false` when unknown).
+fn untouched_for(dir: &Path, age: Duration) -> bool {
+    fs::metadata(dir)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .is_some_and(|d| d >= age)
+}
+
+/// Whether a server of an earlier version with this id runs: it holds its cgroup liveness
+/// lock ([`super::cgroup`]) for its whole life, unless cgroups are turned off.
+fn legacy_alive(id: &str) -> bool {
+    let Some(root) = super::locks::lock_root() else {
+        return false;
+    };
+    let Ok(f) = File::open(root.join("servers").join(format!("{id}.lock"))) else {
+        return false;
+    };
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).is_err()
 }
 
 /// The `auto` candidates, best first.
@@ -177,37 +369,134 @@ mod tests {
 
     #[test]
     fn instances_go_behind_a_link_and_a_busy_real_directory_is_kept() {
-        let data = tempfile::tempdir().unwrap();
-        let run = tempfile::tempdir().unwrap();
-        let base = run.path().join("rt");
-        let inst = data.path().join("instances");
-        // A fresh data dir: a link to <base>/<server id>.
-        let got = place(&inst, "srv", &RuntimeDir::Path(base.clone())).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let (base, inst) = (tmp.path().join("rt"), tmp.path().join("instances"));
+        let at = |choice: &RuntimeDir| place(&inst, "srv", choice).unwrap();
+        // A fresh data dir: a link to <base>/<server id>, and the server's lock beside it.
+        let placed = at(&RuntimeDir::Path(base.clone()));
+        let got = placed.dir.clone();
         assert_eq!(got, base.join("srv"));
         assert_eq!(fs::read_link(&inst).unwrap(), base.join("srv"));
         let m = fs::metadata(&got).unwrap();
         assert_eq!(m.mode() & 0o7777, 0o711);
-        // Again: unchanged; after the target vanished (a reboot): made again.
-        assert_eq!(
-            place(&inst, "srv", &RuntimeDir::Path(base.clone())).unwrap(),
-            got
-        );
-        remove_if_empty(&inst);
+        assert!(base.join("srv.lock").is_file());
+        drop(placed);
+        // Again: unchanged; after a clean shutdown (or a reboot): made again.
+        let placed = at(&RuntimeDir::Path(base.clone()));
+        assert_eq!(placed.dir, got);
+        placed.release();
         assert!(!got.exists());
-        assert_eq!(
-            place(&inst, "srv", &RuntimeDir::Path(base.clone())).unwrap(),
-            got
-        );
+        assert!(!base.join("srv.lock").exists());
+        drop(placed);
+        assert_eq!(at(&RuntimeDir::Path(base.clone())).dir, got);
         // `data`: a real directory again.
-        assert_eq!(place(&inst, "srv", &RuntimeDir::Data).unwrap(), inst);
+        assert_eq!(at(&RuntimeDir::Data).dir, inst);
         assert!(fs::symlink_metadata(&inst).unwrap().is_dir());
         // A real directory with an instance in it is kept.
         fs::create_dir(inst.join("x")).unwrap();
-        assert_eq!(
-            place(&inst, "srv", &RuntimeDir::Path(base.clone())).unwrap(),
-            inst
-        );
+        assert_eq!(at(&RuntimeDir::Path(base.clone())).dir, inst);
         fs::remove_dir(inst.join("x")).unwrap();
-        assert_eq!(place(&inst, "srv", &RuntimeDir::Path(base)).unwrap(), got);
+        assert_eq!(at(&RuntimeDir::Path(base)).dir, got);
+    }
+
+    /// A server directory (mode 0711, like `owned_dir`'s) last changed `age` ago.
+    fn server_dir(base: &Path, id: &str, age: Duration) -> PathBuf {
+        let d = base.join(id);
+        fs::DirBuilder::new().mode(0o711).create(&d).unwrap();
+        File::open(&d)
+            .unwrap()
+            .set_modified(SystemTime::now() - age)
+            .unwrap();
+        d
+    }
+
+    #[test]
+    fn placing_sweeps_the_empty_directories_of_servers_that_are_not_running() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("rt");
+        fs::DirBuilder::new().mode(0o711).create(&base).unwrap();
+        let old = LOCKLESS_AGE + Duration::from_secs(60);
+        let lock = |id: &str| base.join(format!("{id}.lock"));
+        // Running: its lock is held (here by this test), its empty directory stays.
+        let live = server_dir(&base, "live", old);
+        let _held = lock_own(&lock("live")).unwrap();
+        // Not running, empty: goes, with its lock file.
+        let dead = server_dir(&base, "dead", old);
+        fs::write(lock("dead"), "").unwrap();
+        // Not running, instances inside (a killed server's, re-adopted when it starts
+        // again): stays, lock file and all.
+        let killed = server_dir(&base, "killed", old);
+        fs::create_dir(killed.join("instance")).unwrap();
+        fs::write(lock("killed"), "").unwrap();
+        // A lock file without a directory (killed before it made it): goes.
+        fs::write(lock("orphan"), "").unwrap();
+        // No lock file (an earlier version): goes when empty and long untouched; stays when
+        // fresh (such a server may be starting) or not empty.
+        let stale = server_dir(&base, "stale", old);
+        let fresh = server_dir(&base, "fresh", Duration::ZERO);
+        let busy = server_dir(&base, "busy", old);
+        fs::create_dir(busy.join("instance")).unwrap();
+        // Not a server directory: a symbolic link is left alone.
+        std::os::unix::fs::symlink(&live, base.join("link")).unwrap();
+
+        let placed = place(
+            &tmp.path().join("instances"),
+            "me",
+            &RuntimeDir::Path(base.clone()),
+        )
+        .unwrap();
+        assert!(placed.dir.is_dir());
+        assert!(live.is_dir() && lock("live").exists());
+        assert!(!dead.exists() && !lock("dead").exists());
+        assert!(killed.join("instance").is_dir() && lock("killed").exists());
+        assert!(!lock("orphan").exists());
+        assert!(!stale.exists() && !lock("stale").exists());
+        assert!(fresh.is_dir() && !lock("fresh").exists());
+        assert!(busy.join("instance").is_dir() && !lock("busy").exists());
+        assert!(fs::symlink_metadata(base.join("link")).is_ok());
+        // The server's own lock is held while it runs: another sweep leaves it alone.
+        assert_eq!(sweep(&base, "other", Duration::ZERO), 1); // `fresh`, now old enough
+        assert!(placed.dir.is_dir() && lock("me").exists());
+        drop(placed);
+        assert_eq!(sweep(&base, "other", Duration::ZERO), 1);
+        assert!(!base.join("me").exists() && !lock("me").exists());
+    }
+
+    /// A server that shut down leaving instances (a detach) gives up its lock while its
+    /// process lives on: the next server of its id places its directory at once, instances
+    /// and all.
+    #[test]
+    fn a_released_directory_is_the_next_servers_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (base, inst) = (tmp.path().join("rt"), tmp.path().join("instances"));
+        let old = place(&inst, "srv", &RuntimeDir::Path(base.clone())).unwrap();
+        fs::create_dir(old.dir.join("instance")).unwrap();
+        old.release();
+        assert!(old.dir.join("instance").is_dir());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(place(&inst, "srv", &RuntimeDir::Path(base)).map(|p| p.dir));
+        });
+        let new = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("placed without waiting for the old process")
+            .unwrap();
+        assert_eq!(new, old.dir);
+        assert!(new.join("instance").is_dir());
+    }
+
+    #[test]
+    fn a_lock_removed_by_a_sweep_meanwhile_is_taken_again() {
+        let run = tempfile::tempdir().unwrap();
+        let path = run.path().join("srv.lock");
+        fs::write(&path, "").unwrap();
+        let stale = File::open(&path).unwrap();
+        fs::remove_file(&path).unwrap();
+        assert!(!is_at(&stale, &path));
+        let lock = lock_own(&path).unwrap();
+        assert!(is_at(&lock, &path));
+        // Held: a sweep cannot take it.
+        assert!(!sweep_one(run.path(), "srv", Duration::ZERO));
+        assert!(path.exists());
     }
 }
