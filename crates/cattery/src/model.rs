@@ -193,7 +193,25 @@ pub fn parse_memory(q: &str) -> Option<u64> {
     (v.is_finite() && (1.0..1e15).contains(&v)).then(|| v.round() as u64)
 }
 
+/// The bot directory an `image` names when it is `local:<dir>` (as given, not checked);
+/// `None` for a container image.
+pub fn local_image_dir(image: &str) -> Option<&str> {
+    image.strip_prefix("local:")
+}
+
 impl DeploymentSpec {
+    /// The bot directory of an `image: "local:<dir>"` deployment ([`local_image_dir`]).
+    pub fn local_dir(&self) -> Option<&str> {
+        self.image.as_deref().and_then(local_image_dir)
+    }
+
+    /// The `image` when it is a container image (not `local:<dir>`).
+    pub fn container_image(&self) -> Option<&str> {
+        self.image
+            .as_deref()
+            .filter(|i| local_image_dir(i).is_none())
+    }
+
     /// The limits instances of this deployment get: its explicit `resources` when set (with
     /// 1024 processes per GiB, at least 1024), else its `agentProfile`'s.
     pub fn limits(&self) -> Option<ProfileLimits> {
@@ -630,6 +648,25 @@ pub fn valid_agent_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_image_is_a_local_bot_directory_or_a_container_image() {
+        let spec = |image: Option<&str>| DeploymentSpec {
+            image: image.map(str::to_string),
+            ..Default::default()
+        };
+        let local = spec(Some("local:/srv/bot"));
+        assert_eq!(local.local_dir(), Some("/srv/bot"));
+        assert_eq!(local.container_image(), None);
+        let image = spec(Some("ghcr.io/acme/bot:1"));
+        assert_eq!(image.local_dir(), None);
+        assert_eq!(image.container_image(), Some("ghcr.io/acme/bot:1"));
+        assert_eq!(spec(None).local_dir(), None);
+        assert_eq!(spec(None).container_image(), None);
+        // The prefix is exact: anything else is an image reference to check as one.
+        assert_eq!(local_image_dir("Local:/srv/bot"), None);
+        assert_eq!(local_image_dir("local:"), Some(""));
+    }
 
     #[test]
     fn kubernetes_quantities() {

@@ -164,7 +164,7 @@ fn bad(msg: impl Into<String>) -> CoreError {
 /// registries read it (`[host[:port]/]name[:tag][@digest]`, the name in lowercase): a
 /// reference no engine can pull is a 400 at the request, not a failed deployment later.
 fn check_image_reference(img: &str) -> CoreResult<()> {
-    if img.starts_with("local:") {
+    if crate::model::local_image_dir(img).is_some() {
         return Ok(());
     }
     img.parse::<oci_spec::distribution::Reference>()
@@ -272,7 +272,7 @@ fn apply(spec: &mut DeploymentSpec, r: &AgentRequest) -> CoreResult<()> {
     if spec.image.is_none() && spec.command.is_none() {
         return Err(bad("give an image (or local:<dir>) or a command"));
     }
-    if let Some(dir) = spec.image.as_deref().and_then(|i| i.strip_prefix("local:")) {
+    if let Some(dir) = spec.local_dir() {
         if !dir.starts_with('/') {
             return Err(bad(format!(
                 "image local:{dir}: the directory must be an absolute path (local:/path/to/bot)"
@@ -355,12 +355,7 @@ async fn fingerprint_local_dir(spec: &mut DeploymentSpec) {
     if spec.command.is_some() || spec.build_id.is_some() {
         return;
     }
-    let Some(dir) = spec
-        .image
-        .as_deref()
-        .and_then(|i| i.strip_prefix("local:"))
-        .map(std::path::PathBuf::from)
-    else {
+    let Some(dir) = spec.local_dir().map(std::path::PathBuf::from) else {
         return;
     };
     spec.local_fingerprint = tokio::task::spawn_blocking(move || local_dir::fingerprint(&dir))

@@ -218,7 +218,7 @@ const BUILD_IMAGE_REPOSITORY: &str = "cattery-build";
 /// itself) is named by its first component (or `dir`), which no build has as its id.
 pub fn named_builds(spec: &DeploymentSpec, dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
-    if let Some(img) = spec.image.as_deref().filter(|i| !i.starts_with("local:")) {
+    if let Some(img) = spec.container_image() {
         if let Ok(r) = img.parse::<oci_spec::distribution::Reference>() {
             if r.registry() == "docker.io"
                 && r.repository() == format!("library/{BUILD_IMAGE_REPOSITORY}")
@@ -240,7 +240,7 @@ pub fn named_builds(spec: &DeploymentSpec, dir: &Path) -> Vec<String> {
             })
         })
     };
-    let local = spec.image.as_deref().and_then(|i| i.strip_prefix("local:"));
+    let local = spec.local_dir();
     let args = spec.command.iter().flatten().map(String::as_str);
     // A relative program path runs from the working directory (`runtime::process`): the
     // path it names is that directory's.
@@ -853,7 +853,7 @@ impl Builds {
             {
                 out.insert(id);
             }
-            let paths = [image.strip_prefix("local:"), d.spec.python.as_deref()];
+            let paths = [d.spec.local_dir(), d.spec.python.as_deref()];
             for p in paths.into_iter().flatten().map(std::path::Path::new) {
                 let id = under_builds(p)
                     .or_else(|| std::fs::canonicalize(p).ok().and_then(|c| under_builds(&c)));

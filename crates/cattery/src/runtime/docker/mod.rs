@@ -56,12 +56,7 @@ const RETRY_CONNECT_AFTER: Duration = Duration::from_secs(2);
 /// Whether a deployment runs in a container: an `image` that is not `local:<dir>`, and no
 /// `command` (a command runs on the process runtime and the image is ignored).
 pub fn runs_in_container(dep: &DeploymentRecord) -> bool {
-    dep.spec.command.is_none()
-        && dep
-            .spec
-            .image
-            .as_deref()
-            .is_some_and(|i| !i.starts_with("local:"))
+    dep.spec.command.is_none() && dep.spec.container_image().is_some()
 }
 
 /// Where a container instance lives ([`Instance::placement`]).

@@ -976,12 +976,7 @@ impl Runtime for ProcessRuntime {
             Err(e) => return Some(e),
         };
         let wd = p.working_dir.as_ref().and_then(|p| p.to_str());
-        let local = dep.spec.command.is_none()
-            && dep
-                .spec
-                .image
-                .as_deref()
-                .is_some_and(|i| i.starts_with("local:"));
+        let local = dep.spec.command.is_none() && dep.spec.local_dir().is_some();
         if let Err(e) = self.check_program(&p.program, wd) {
             // For a `local:` bot the program is the Python chosen for it: say how to choose
             // another.

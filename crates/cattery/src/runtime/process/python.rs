@@ -55,9 +55,9 @@ impl PythonRunner {
                 env: vec![],
             });
         }
-        match spec.image.as_deref() {
-            Some(img) if img.starts_with("local:") => {
-                let dir = PathBuf::from(&img["local:".len()..]);
+        match (spec.local_dir(), spec.image.as_deref()) {
+            (Some(dir), _) => {
+                let dir = PathBuf::from(dir);
                 if let Some(problem) = local_dir_problem(&dir) {
                     return Err(problem);
                 }
@@ -77,11 +77,11 @@ impl PythonRunner {
                     ],
                 })
             }
-            Some(img) => Err(format!(
+            (None, Some(img)) => Err(format!(
                 "image {img} needs a container runtime; this server runs the process runtime \
                  (use \"command\", or \"image\": \"local:<dir with bot.py>\")"
             )),
-            None => Err("neither command nor image is set".into()),
+            (None, None) => Err("neither command nor image is set".into()),
         }
     }
 
