@@ -87,6 +87,16 @@ async fn agent(e: &Env, name: &str, script: &[&str], min: u32, max: u32) -> Agen
     agent_with(e, name, script, min, max, |_| {}).await
 }
 
+/// Agent `name` keeping `warm` warm instances (`minAgents`, up to `max`), once they are ready.
+async fn warm_agent(e: &Env, name: &str, warm: u32, max: u32) -> AgentRecord {
+    let a = agent(e, name, &[], warm, max).await;
+    until(&format!("{warm} warm instances"), async || {
+        e.sup.pool_status(a.id).idle == warm
+    })
+    .await;
+    a
+}
+
 async fn agent_with(
     e: &Env,
     name: &str,
@@ -170,11 +180,7 @@ async fn admission_answers_429_at_max_agents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_instance_is_taken_then_refilled_to_min_agents() {
     let e = env().await;
-    let a = agent(&e, "a", &[], 2, 5).await;
-    until("two warm instances", async || {
-        e.sup.pool_status(a.id).idle == 2
-    })
-    .await;
+    let a = warm_agent(&e, "a", 2, 5).await;
     let s = start(&e, "a").await.unwrap();
     assert!(!s.cold_start, "a ready warm instance was there");
     until("refilled to minAgents", async || {
@@ -190,11 +196,7 @@ async fn warm_instance_is_taken_then_refilled_to_min_agents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_detached_server_refills_no_warm_pool() {
     let e = env().await;
-    let a = agent(&e, "a", &[], 1, 5).await;
-    until("one warm instance", async || {
-        e.sup.pool_status(a.id).idle == 1
-    })
-    .await;
+    let a = warm_agent(&e, "a", 1, 5).await;
     e.sup.detach();
     let s = start(&e, "a").await.unwrap();
     assert!(!s.cold_start);
@@ -396,6 +398,23 @@ async fn failed_starts_in_a_row_answer_crash_loop() {
     assert_eq!(e.fake.starts(), 2, "no start while backing off");
 }
 
+/// A start of session `sid` of agent `name` on `e`'s engine (to await or spawn), over
+/// `transport` (`None`: the default).
+fn start_of(
+    e: &Env,
+    name: &str,
+    sid: Uuid,
+    transport: Option<&str>,
+) -> impl std::future::Future<Output = Result<super::StartOutcome, CoreError>> + 'static {
+    let (sup, name) = (e.sup.clone(), name.to_string());
+    let p = StartParams {
+        session_id: Some(sid),
+        transport: transport.map(str::to_string),
+        ..StartParams::default()
+    };
+    async move { sup.start_session("o", &name, p).await }
+}
+
 /// Starts a session of agent `name` on a task of its own and waits until its record is stored
 /// (the start still in flight); the session's id and the start's task.
 async fn start_until_stored(
@@ -406,14 +425,7 @@ async fn start_until_stored(
     tokio::task::JoinHandle<Result<super::StartOutcome, CoreError>>,
 ) {
     let sid = Uuid::new_v4();
-    let (sup, name) = (e.sup.clone(), name.to_string());
-    let starting = tokio::spawn(async move {
-        let p = StartParams {
-            session_id: Some(sid),
-            ..StartParams::default()
-        };
-        sup.start_session("o", &name, p).await
-    });
+    let starting = tokio::spawn(start_of(e, name, sid, None));
     until("session stored", async || {
         e.store.get_session(sid).await.unwrap().is_some()
     })
@@ -444,33 +456,19 @@ async fn stop_during_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_start_of_a_live_session_id_is_refused_and_takes_nothing() {
     let e = env().await;
-    let a = agent(&e, "a", &[], 2, 2).await;
-    until("two warm instances", async || {
-        e.sup.pool_status(a.id).idle == 2
-    })
-    .await;
+    let a = warm_agent(&e, "a", 2, 2).await;
     let counts = || {
         let p = e.sup.pool_status(a.id);
         (p.idle, p.starting, p.busy, p.total)
     };
     let sid = Uuid::new_v4();
-    let start_as = |sid| {
-        let sup = e.sup.clone();
-        async move {
-            let p = StartParams {
-                session_id: Some(sid),
-                ..StartParams::default()
-            };
-            sup.start_session("o", "a", p).await
-        }
-    };
     // The first start takes a warm instance; its record's write waits for the lock.
     let lock = WriteLock::take(&e);
-    let first = tokio::spawn(start_as(sid));
+    let first = tokio::spawn(start_of(&e, "a", sid, None));
     until("the first start is placed", async || e.sup.serves(sid)).await;
     let placed = counts();
     assert_eq!(placed, (1, 0, 1, 2), "(idle, starting, busy, total)");
-    let r = tokio::time::timeout(Duration::from_secs(2), start_as(sid))
+    let r = tokio::time::timeout(Duration::from_secs(2), start_of(&e, "a", sid, None))
         .await
         .expect("refused at once, without waiting for the store");
     assert!(
@@ -481,7 +479,7 @@ async fn a_second_start_of_a_live_session_id_is_refused_and_takes_nothing() {
     drop(lock);
     assert_eq!(first.await.unwrap().unwrap().session_id, sid);
     // Delivered: refused alike.
-    let r = start_as(sid).await;
+    let r = start_of(&e, "a", sid, None).await;
     assert!(
         matches!(r, Err(CoreError::Store(store::StoreError::Conflict))),
         "{r:?}"
@@ -500,8 +498,14 @@ async fn a_second_start_of_a_live_session_id_is_refused_and_takes_nothing() {
         .expect("the first start's instance")
         .id;
     assert!(e.sup.serves(sid));
+    stop_removes(&e, sid, iid).await;
+}
+
+/// Stops session `sid` of agent `a`: it ends `stopped`, is no longer served here, and its
+/// instance `iid` is removed.
+async fn stop_removes(e: &Env, sid: Uuid, iid: Uuid) {
     e.sup.stop_session("o", "a", sid).await.unwrap();
-    assert_eq!(end_reason(&e, sid).await, Some(EndReason::Stopped));
+    assert_eq!(end_reason(e, sid).await, Some(EndReason::Stopped));
     assert!(!e.sup.serves(sid));
     assert!(
         !e.fake.live().contains(&iid),
@@ -1376,11 +1380,7 @@ async fn a_stop_during_a_takeover_that_does_not_end_answers_503_and_writes_nothi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_re_record_never_re_creates_a_record_a_takeover_dropped() {
     let e = env().await;
-    let a = agent(&e, "a", &[], 1, 2).await;
-    until("one warm instance", async || {
-        e.sup.pool_status(a.id).idle == 1
-    })
-    .await;
+    warm_agent(&e, "a", 1, 2).await;
     let rec = e.store.list_instances().await.unwrap().pop().unwrap();
     e.store.delete_instance(rec.id).await.unwrap();
     let err = start(&e, "a").await.unwrap_err();
@@ -1496,11 +1496,7 @@ async fn a_start_cut_by_its_caller_runs_to_its_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_start_in_flight_when_the_drain_stops_it_answers_draining() {
     let e = env().await;
-    let a = agent(&e, "a", &[], 1, 1).await;
-    until("one warm instance", async || {
-        e.sup.pool_status(a.id).idle == 1
-    })
-    .await;
+    let a = warm_agent(&e, "a", 1, 1).await;
     let lock = WriteLock::take(&e);
     let mut f = Box::pin(start(&e, "a"));
     assert!(
@@ -1654,11 +1650,7 @@ async fn a_start_the_store_wrote_but_answered_an_error_for_is_served() {
         .await
         .unwrap());
     let c = refuse_writes_for_now(&e, "INSERT", "sessions", "1");
-    let params = StartParams {
-        session_id: Some(sid),
-        ..Default::default()
-    };
-    let r = e.sup.start_session("o", "a", params).await;
+    let r = start_of(&e, "a", sid, None).await;
     c.execute_batch("DROP TRIGGER refuse_for_now").unwrap();
     let out = r.expect("the session was recorded: it is served");
     assert_eq!(out.session_id, sid);
@@ -1704,25 +1696,11 @@ async fn a_heartbeat_the_store_took_after_the_node_timeout_makes_the_node_reconc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_expiring_as_its_client_connects_never_ends_a_started_session() {
     let e = env().await;
-    let a = agent(&e, "a", &[], 1, 2).await;
-    until("one warm instance", async || {
-        e.sup.pool_status(a.id).idle == 1
-    })
-    .await;
+    warm_agent(&e, "a", 1, 2).await;
     let sid = Uuid::new_v4();
     e.sup.record_waiting_session("o", "a", sid).await.unwrap();
     let lock = WriteLock::take(&e);
-    let start = tokio::spawn({
-        let sup = e.sup.clone();
-        async move {
-            let p = StartParams {
-                session_id: Some(sid),
-                transport: Some("websocket".into()),
-                ..StartParams::default()
-            };
-            sup.start_session("o", "a", p).await
-        }
-    });
+    let start = tokio::spawn(start_of(&e, "a", sid, Some("websocket")));
     until("the start is placed", async || e.sup.serves(sid)).await;
     // Its record's write waits for the lock; the expiry reads the record meanwhile.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1856,24 +1834,11 @@ async fn a_takeover_ends_a_lost_nodes_relayed_session_whose_instance_it_reaches(
 async fn a_refused_start_leaves_a_re_adopted_session_live() {
     let e = env().await;
     e.fake.set_shared(true);
-    let a = agent(&e, "a", &[], 1, 2).await;
-    until("one warm instance", async || {
-        e.sup.pool_status(a.id).idle == 1
-    })
-    .await;
+    let a = warm_agent(&e, "a", 1, 2).await;
     let (iid, sid, held, taking) = take_over_held_at_adoption(&e, &a).await;
     // The start takes the warm instance; its record's write waits for the lock.
     let lock = WriteLock::take(&e);
-    let starting = tokio::spawn({
-        let sup = e.sup.clone();
-        async move {
-            let p = StartParams {
-                session_id: Some(sid),
-                ..StartParams::default()
-            };
-            sup.start_session("o", "a", p).await
-        }
-    });
+    let starting = tokio::spawn(start_of(&e, "a", sid, None));
     until("the start is placed", async || e.sup.serves(sid)).await;
     drop(held);
     assert_eq!(taking.await.unwrap(), Some(1));
@@ -1885,13 +1850,7 @@ async fn a_refused_start_leaves_a_re_adopted_session_live() {
     );
     assert!(e.sup.serves(sid), "the adopted instance keeps the session");
     assert_eq!(end_reason(&e, sid).await, None);
-    e.sup.stop_session("o", "a", sid).await.unwrap();
-    assert_eq!(end_reason(&e, sid).await, Some(EndReason::Stopped));
-    assert!(!e.sup.serves(sid));
-    assert!(
-        !e.fake.live().contains(&iid),
-        "its stop removed the adopted instance"
-    );
+    stop_removes(&e, sid, iid).await;
 }
 
 /// Makes the engine's SQLite store refuse, as an outage would (a plain SQLite error, which
@@ -1916,20 +1875,11 @@ fn refuse_writes_for_now(e: &Env, op: &str, table: &str, when: &str) -> rusqlite
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_never_takes_a_waiting_record_it_could_not_write_for_its_own() {
     let e = env().await;
-    let a = agent(&e, "a", &[], 1, 2).await;
-    until("one warm instance", async || {
-        e.sup.pool_status(a.id).idle == 1
-    })
-    .await;
+    let a = warm_agent(&e, "a", 1, 2).await;
     let sid = Uuid::new_v4();
     e.sup.record_waiting_session("o", "a", sid).await.unwrap();
     let c = refuse_writes_for_now(&e, "INSERT", "sessions", "1");
-    let p = StartParams {
-        session_id: Some(sid),
-        transport: Some("websocket".into()),
-        ..StartParams::default()
-    };
-    let r = e.sup.start_session("o", "a", p).await;
+    let r = start_of(&e, "a", sid, Some("websocket")).await;
     c.execute_batch("DROP TRIGGER refuse_for_now").unwrap();
     assert!(
         matches!(r, Err(CoreError::Store(store::StoreError::Unavailable(_)))),
@@ -1985,11 +1935,7 @@ async fn a_start_never_takes_a_taken_over_record_for_its_own() {
     let a = agent(&e, "a", &[], 0, 2).await;
     let (iid, sid, held, taking) = take_over_held_at_adoption(&e, &a).await;
     let c = refuse_writes_for_now(&e, "INSERT", "sessions", "1");
-    let p = StartParams {
-        session_id: Some(sid),
-        ..StartParams::default()
-    };
-    let r = e.sup.start_session("o", "a", p).await;
+    let r = start_of(&e, "a", sid, None).await;
     c.execute_batch("DROP TRIGGER refuse_for_now").unwrap();
     assert!(
         matches!(r, Err(CoreError::Store(store::StoreError::Unavailable(_)))),
@@ -2149,11 +2095,7 @@ async fn an_instance_record_recovery_could_not_delete_for_now_is_deleted_once_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_counts_the_cluster_only_with_several_live_nodes() {
     let e = env().await;
-    let a = agent(&e, "a", &[], 1, 5).await;
-    until("one warm instance", async || {
-        e.sup.pool_status(a.id).idle == 1
-    })
-    .await;
+    let a = warm_agent(&e, "a", 1, 5).await;
     // Node n2 serves a session; node n3 keeps a warm instance.
     let now = now_ms();
     let s = SessionRecord {
