@@ -2,7 +2,7 @@
 //! run through the bundled Python runner. Needs `scripts/setup-python.sh` (run by `.ci/run`).
 
 use crate::common;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -462,6 +462,35 @@ async fn python_session_survives_a_control_plane_sigkill_and_completes() {
     s.wait_no_agent_pids(Duration::from_secs(10)).await;
 }
 
+/// A temporary directory with mode `mode`.
+fn dir_with_mode(mode: u32) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    d
+}
+
+/// Writes at `path` an executable script that runs the Python at `target`.
+fn write_python_wrapper(path: &Path, target: &Path) {
+    std::fs::write(
+        path,
+        format!("#!/bin/sh\nexec {} \"$@\"\n", target.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+/// Deploys agent `name`, the `session-status` example run by `python`, which must not be
+/// ready; the message of its first error.
+async fn not_ready_with_python(s: &Server, name: &str, python: &Path) -> String {
+    let spec = json!({"command": null, "image": example("session-status"), "python": python});
+    let a = s.deploy(name, &[], spec).await;
+    assert_eq!(a["ready"], false, "{a}");
+    a["errors"][0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// A `local:` agent whose Python the instances' own uids cannot reach (here in a `0700`
 /// directory, as a pyenv under `/root` is) is reported at deploy time with the interpreter's
 /// path and the ways to choose another one.
@@ -471,23 +500,10 @@ async fn local_agent_with_a_python_instances_cannot_reach_says_which_and_how_to_
         return; // Instances get uids of their own only when the server runs as root.
     }
     let s = server().await;
-    let private = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        private.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    )
-    .unwrap();
+    let private = dir_with_mode(0o700);
     let py = private.path().join("python");
-    std::fs::write(
-        &py,
-        format!("#!/bin/sh\nexec {} \"$@\"\n", python().display()),
-    )
-    .unwrap();
-    std::fs::set_permissions(&py, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let spec = json!({"command": null, "image": example("session-status"), "python": py});
-    let a = s.deploy("hidden-python", &[], spec).await;
-    assert_eq!(a["ready"], false, "{a}");
-    let msg = a["errors"][0]["message"].as_str().unwrap_or("");
+    write_python_wrapper(&py, &python());
+    let msg = not_ready_with_python(&s, "hidden-python", &py).await;
     let shown = py.display().to_string();
     assert!(
         msg.contains(&format!("cannot reach the program {shown}")),
@@ -502,18 +518,10 @@ async fn local_agent_with_a_python_instances_cannot_reach_says_which_and_how_to_
 
     // A venv's `python` is a link to the Python it was made with: the message names where it
     // leads, which is where the blocking directory is.
-    let public = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        public.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let public = dir_with_mode(0o755);
     let venv_python = public.path().join("python");
     std::os::unix::fs::symlink(&py, &venv_python).unwrap();
-    let spec = json!({"command": null, "image": example("session-status"), "python": venv_python});
-    let a = s.deploy("linked-python", &[], spec).await;
-    assert_eq!(a["ready"], false, "{a}");
-    let msg = a["errors"][0]["message"].as_str().unwrap_or("");
+    let msg = not_ready_with_python(&s, "linked-python", &venv_python).await;
     let target = std::fs::canonicalize(&py).unwrap();
     assert!(
         msg.contains(&format!(
@@ -540,14 +548,7 @@ async fn local_agent_without_runner_dependencies_is_not_ready_at_deploy() {
     assert!(st.success());
     // The agent's interpreter is a wrapper, so the test can "fix the environment" in place.
     let py = tmp.path().join("python");
-    let write_wrapper = |target: &std::path::Path| {
-        std::fs::write(
-            &py,
-            format!("#!/bin/sh\nexec {} \"$@\"\n", target.display()),
-        )
-        .unwrap();
-        std::fs::set_permissions(&py, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    };
+    let write_wrapper = |target: &Path| write_python_wrapper(&py, target);
     write_wrapper(&venv.join("bin/python"));
     let spec = json!({"command": null, "image": example("session-status"), "python": py});
     let a = s.deploy("bare-python", &[], spec.clone()).await;
