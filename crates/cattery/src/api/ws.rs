@@ -233,6 +233,17 @@ pub async fn announce(
     })
 }
 
+/// The 403 of a connection without a token to an agent that is not `websocketAuth: "none"`,
+/// unknown agents included (the answer does not tell which agents exist): how to get past it.
+const NEEDS_TOKEN: &str =
+    "this agent needs a websocket token (websocketAuth: token): pass ?token= \
+     from a /start with transport websocket, or Twilio's customParameters _pipecatCloudToken, \
+     or set the agent's websocketAuth to none (docs/daily.md, Telephony websockets)";
+
+/// [`NEEDS_TOKEN`] as a close reason, which a close frame bounds to 123 bytes.
+const NEEDS_TOKEN_TWILIO: &str =
+    "this agent needs a websocket token: pass _pipecatCloudToken, or set websocketAuth none";
+
 fn forbidden(msg: &str) -> Response {
     ApiError::new(StatusCode::FORBIDDEN, "403", msg).into_response()
 }
@@ -305,7 +316,7 @@ async fn handle(
         },
         None => {
             if st.sup.websocket_auth(&org, &agent).as_deref() != Some("none") {
-                return forbidden("this agent needs a websocket token (websocketAuth: token)");
+                return forbidden(NEEDS_TOKEN);
             }
             let body = q
                 .get("body")
@@ -545,7 +556,7 @@ async fn twilio_by_parameter(st: AppState, mut socket: WebSocket) {
             Err(_) => return close(socket, "storage unavailable, try again").await,
         },
         None if st.sup.websocket_auth(&org, &agent).as_deref() != Some("none") => {
-            return close(socket, "this agent needs a websocket token").await
+            return close(socket, NEEDS_TOKEN_TWILIO).await
         }
         None => (None, None),
     };

@@ -64,6 +64,18 @@ async fn connect(s: &Server, path: &str) -> Result<Ws, String> {
         .map_err(|e| e.to_string())
 }
 
+/// The `(status, body)` of a refused handshake.
+async fn refused(s: &Server, path: &str) -> (u16, serde_json::Value) {
+    let url = format!("ws://127.0.0.1:{}{path}", s.port);
+    match tokio_tungstenite::connect_async(url.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            let body = r.body().as_deref().unwrap_or_default();
+            (r.status().as_u16(), serde_json::from_slice(body).unwrap())
+        }
+        other => panic!("{path}: expected a refused handshake, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn twilio_and_telnyx_media_streams_reach_the_agent() {
     let s = Server::start(&[]).await;
@@ -128,10 +140,36 @@ async fn twilio_and_telnyx_media_streams_reach_the_agent() {
 async fn token_mode_refuses_missing_and_replayed_tokens() {
     let s = Server::start(&[]).await;
     s.deploy("tokphone", &[], json!({})).await;
-    let e = connect(&s, "/ws/twilio?serviceHost=tokphone.default")
-        .await
-        .unwrap_err();
-    assert!(e.contains("403"), "{e}");
+    // The refusal says how to get past it; an unknown agent gets the very same answer.
+    let (status, body) = refused(&s, "/ws/twilio?serviceHost=tokphone.default").await;
+    assert_eq!(status, 403);
+    assert_eq!(body["code"], "403", "{body}");
+    let msg = body["error"].as_str().unwrap();
+    for hint in [
+        "?token=",
+        "_pipecatCloudToken",
+        "websocketAuth to none",
+        "docs/daily.md",
+    ] {
+        assert!(msg.contains(hint), "{hint}: {msg}");
+    }
+    let unknown = refused(&s, "/ws/twilio?serviceHost=nosuchphone.default").await;
+    assert_eq!(unknown, (status, body));
+    // Twilio naming the agent without a token: the close reason says the same, shortly.
+    let mut ws = connect(&s, "/ws/twilio").await.unwrap();
+    ws.send(Message::Text(
+        twilio_start(Some("tokphone.default"), None).into(),
+    ))
+    .await
+    .unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+        Ok(Some(Ok(Message::Close(Some(f))))) => {
+            assert_eq!(u16::from(f.code), 1008);
+            assert!(f.reason.contains("_pipecatCloudToken"), "{}", f.reason);
+            assert!(f.reason.contains("websocketAuth none"), "{}", f.reason);
+        }
+        other => panic!("a start without a token must close the socket: {other:?}"),
+    }
     let start = |body: serde_json::Value| {
         let s = &s;
         async move {
