@@ -439,6 +439,50 @@ async fn an_image_reference_no_engine_can_pull_is_a_400() {
         .call(Method::POST, "/v1/agents/img-upd", Some(&a.sk), Some(body))
         .await;
     assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+
+    // An uppercase name is named as the fault, with one message on every route that takes
+    // an image (the API's and the CLI's create and update).
+    let lowercase = "image is not a valid image reference (repository name must be lowercase): \
+                     give [registry/]name[:tag][@digest], the name in lowercase, or local:/path/to/bot";
+    let services = "/v1/organizations/default/services";
+    for (method, path, body) in [
+        (
+            Method::POST,
+            "/v1/agents",
+            json!({"serviceName": "img", "image": "Trial/BOT:1"}),
+        ),
+        (
+            Method::POST,
+            "/v1/agents/img-upd",
+            json!({"image": "Org/Bot"}),
+        ),
+        (
+            Method::POST,
+            services,
+            json!({"serviceName": "img", "image": "Trial/BOT:1"}),
+        ),
+        (
+            Method::PUT,
+            services,
+            json!({"serviceName": "img-upd", "image": "trial/Bot:V1"}),
+        ),
+    ] {
+        let r = a.call(method, path, Some(&a.sk), Some(body)).await;
+        assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+        assert_eq!(r.body["error"], lowercase, "{path}");
+    }
+    // An uppercase tag is a tag; another fault keeps the parser's words.
+    let body = json!({"serviceName": "img-tag", "image": "trial/bot:V1"});
+    let r = a
+        .call(Method::POST, "/v1/agents", Some(&a.sk), Some(body))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let body = json!({"serviceName": "img", "image": "bot image"});
+    let r = a
+        .call(Method::POST, "/v1/agents", Some(&a.sk), Some(body))
+        .await;
+    let msg = r.body["error"].as_str().unwrap();
+    assert!(!msg.contains("lowercase)"), "{msg}");
 }
 
 /// A deleted agent's running sessions go on (reference §A.3) and stay listable by its name

@@ -170,8 +170,19 @@ fn check_image_reference(img: &str) -> CoreResult<()> {
     img.parse::<oci_spec::distribution::Reference>()
         .map(|_| ())
         .map_err(|e| {
+            // oci-spec calls an uppercase name an invalid format; say what is wrong (as
+            // Docker does: the reference would parse in lowercase, and tags may be uppercase).
+            let fault = if img
+                .to_lowercase()
+                .parse::<oci_spec::distribution::Reference>()
+                .is_ok()
+            {
+                "repository name must be lowercase".to_string()
+            } else {
+                e.to_string()
+            };
             bad(format!(
-                "image is not a valid image reference ({e}): give \
+                "image is not a valid image reference ({fault}): give \
                  [registry/]name[:tag][@digest], the name in lowercase, or local:/path/to/bot"
             ))
         })
