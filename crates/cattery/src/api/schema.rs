@@ -154,7 +154,8 @@ pub struct RevisionHealth {
     pub last_exit_code: Option<i32>,
     /// Why the last start failed (`exited`, `start_timeout`, `spawn_failed`).
     pub last_termination_reason: Option<&'static str>,
-    /// The deployment error, else the last failure's stderr tail.
+    /// The deployment error, else the last failure's output (its stderr tail, or its stdout's
+    /// when it wrote nothing to stderr).
     pub message: Option<String>,
     /// Ready to take sessions.
     pub ready: bool,

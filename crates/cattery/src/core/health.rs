@@ -57,7 +57,7 @@ pub struct HealthView {
     pub container_state: &'static str,
     /// Messages of the agent's `errors` (the deployment error, then the crash loop's).
     pub errors: Vec<String>,
-    /// Revision health message: the deployment error, else the last failure's stderr tail.
+    /// Revision health message: the deployment error, else the last failure's output.
     pub message: Option<String>,
 }
 
@@ -91,14 +91,10 @@ pub fn derive(p: &PoolStatus, min_agents: u32) -> HealthView {
             .map(|e| format!(" ({})", e.describe()))
             .unwrap_or_default();
         // A failed spawn has no output of the agent: its tail is the runtime's error.
-        let label = match last.map(|f| f.reason) {
-            Some("spawn_failed") => "error",
-            _ => "stderr",
-        };
         errors.push(format!(
             "instances fail to start: {}{exit}{}",
             last.map(|f| f.reason).unwrap_or("unknown"),
-            last.map(|f| stderr_summary(label, &f.stderr_tail))
+            last.map(|f| stderr_summary(f.stream, &f.stderr_tail))
                 .unwrap_or_default()
         ));
     }
@@ -184,6 +180,7 @@ mod tests {
             reason: "exited",
             exit: None,
             stderr_tail: stderr.into(),
+            stream: "stderr",
             at_ms: 0,
         });
         p
@@ -246,6 +243,7 @@ mod tests {
         let with_exit = derive(&p, 0).errors;
         let f = p.health.last_failure.as_mut().unwrap();
         f.reason = "spawn_failed";
+        f.stream = "error";
         f.exit = None;
         f.stderr_tail = "cannot create a container: No command specified".into();
         assert_eq!(

@@ -180,6 +180,19 @@ pub enum RuntimeError {
     Abandoned,
 }
 
+/// What [`Instance::last_output`] answers, from an instance's stderr tail and (read only when
+/// that is blank) its stdout tail.
+pub(crate) fn last_words(
+    stderr: String,
+    stdout: impl FnOnce() -> String,
+) -> (&'static str, String) {
+    if stderr.trim().is_empty() {
+        ("stdout", stdout())
+    } else {
+        ("stderr", stderr)
+    }
+}
+
 /// A started (or re-adopted) instance.
 ///
 /// # Contract
@@ -230,6 +243,11 @@ pub trait Instance: Send + Sync {
     /// The last bytes (at most 2 KiB) of the instance's stderr, escaped for display; empty
     /// when none is known.
     async fn stderr_tail(&self) -> String;
+    /// The instance's last words, for the agent's status: `("stderr", its tail)`, or
+    /// `("stdout", the last bytes of stdout)` when nothing (but blanks) came on stderr.
+    async fn last_output(&self) -> (&'static str, String) {
+        ("stderr", self.stderr_tail().await)
+    }
     /// How long the main process's exit may take to become known after the instance's
     /// connections broke (the engine waits this long for the exit status before it calls a
     /// broken `/bot` connection an error). A local process is reaped within moments; a

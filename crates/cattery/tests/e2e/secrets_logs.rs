@@ -792,6 +792,40 @@ async fn crash_looping_agent_status_tells_the_truth() {
     );
 }
 
+/// A program that says why it dies on stdout (nothing on stderr): the agent's status carries
+/// those last words, as the crash loop's 503 promises.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_loop_on_stdout_shows_its_output_in_status() {
+    let s = Server::start(&[]).await;
+    let cmd = json!(["/bin/sh", "-c", "echo dying; exit 7"]);
+    s.deploy(
+        "stdoutcrash",
+        &[],
+        json!({"command": cmd, "autoScaling": {"minAgents": 1, "maxAgents": 1}}),
+    )
+    .await;
+    let a = wait_for(Duration::from_secs(30), "crash loop", || async {
+        let a = s.agent("stdoutcrash").await;
+        (a["healthState"] == "crash_loop").then_some(a)
+    })
+    .await;
+    let h = &a["currentRevision"]["health"];
+    assert_eq!(h["lastExitCode"], 7, "{h}");
+    assert_eq!(h["message"].as_str().unwrap().trim(), "dying", "{h}");
+    let errors = a["errors"].to_string();
+    assert!(errors.contains("stdout: dying"), "{errors}");
+    let r = s.start_session("stdoutcrash", json!({})).await;
+    assert_error(&r, 503, "AGENT_CRASH_LOOP");
+    assert!(
+        r.body["error"]
+            .as_str()
+            .unwrap()
+            .contains("in the agent's status"),
+        "{:?}",
+        r.body
+    );
+}
+
 /// A secret set deleted while an agent's deployment binds it: the agent keeps the values its
 /// deployment took (sessions start), scaling changes still work, a new deployment that keeps
 /// the binding is refused naming the set, and `"secretSet": null` unbinds it.

@@ -253,11 +253,11 @@ impl Actor {
                     break end;
                 },
                 made = &mut making => return made.map_err(|e| {
-                    self.sup.record_failure(&self.ctl, "spawn_failed", None, e.clone());
+                    self.sup.record_failure(&self.ctl, "spawn_failed", None, ("error", e.clone()));
                     (Ending::start_failed("SPAWN_FAILED", e, None), None)
                 }),
                 _ = tokio::time::sleep_until(self.start_deadline) => {
-                    self.sup.record_failure(&self.ctl, "start_timeout", None, String::new());
+                    self.sup.record_failure(&self.ctl, "start_timeout", None, ("stderr", String::new()));
                     let importing = self.sup.runtime.fork_server(self.ctl.agent_id).is_some_and(|f| {
                         f.state == crate::runtime::ForkServerState::Starting
                     });
@@ -315,7 +315,7 @@ impl Actor {
                     if may_retry && is_port_clash(&tail) {
                         return Ok(Started::PortClash);
                     }
-                    self.sup.record_failure(&self.ctl, "exited", Some(ex), tail.clone());
+                    self.sup.record_failure(&self.ctl, "exited", Some(ex), inst.last_output().await);
                     let mut msg = format!("instance exited before it was ready ({})", ex.describe());
                     if is_port_clash(&tail) {
                         // Ours to say (the instance's output is not in the answer).
@@ -324,8 +324,8 @@ impl Actor {
                     return Err(Ending::start_failed_with_output("INSTANCE_EXITED", msg, &tail, Some(ex)));
                 }
                 _ = tokio::time::sleep_until(start_deadline) => {
-                    let tail = inst.stderr_tail().await;
-                    self.sup.record_failure(&self.ctl, "start_timeout", None, tail);
+                    let output = inst.last_output().await;
+                    self.sup.record_failure(&self.ctl, "start_timeout", None, output);
                     let detail = match last_status.load(Ordering::Relaxed) {
                         0 => "it never answered".to_string(),
                         s => format!("its last answer was {s}"),
@@ -376,8 +376,8 @@ impl Actor {
                     None => {}
                 },
                 ex = inst.wait_exit() => {
-                    let tail = inst.stderr_tail().await;
-                    self.sup.record_failure(&self.ctl, "exited", Some(ex), tail);
+                    let output = inst.last_output().await;
+                    self.sup.record_failure(&self.ctl, "exited", Some(ex), output);
                     let msg = format!("the warm instance exited ({})", ex.describe());
                     return Err(Ending::start_failed("INSTANCE_EXITED", msg, Some(ex)));
                 }
@@ -694,12 +694,13 @@ impl Supervisor {
         ctl: &InstanceCtl,
         reason: &'static str,
         exit: Option<crate::runtime::ExitInfo>,
-        stderr_tail: String,
+        (stream, stderr_tail): (&'static str, String),
     ) {
         let f = StartFailure {
             reason,
             exit,
             stderr_tail,
+            stream,
             at_ms: now_ms(),
         };
         let failed = {

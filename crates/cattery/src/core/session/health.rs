@@ -17,8 +17,11 @@ pub struct StartFailure {
     pub reason: &'static str,
     /// Exit of the main process, if it exited.
     pub exit: Option<ExitInfo>,
-    /// Last lines of stderr.
+    /// The instance's last output ([`crate::runtime::Instance::last_output`]), or the
+    /// runtime's error for a failed spawn.
     pub stderr_tail: String,
+    /// Which output `stderr_tail` is: `stderr`, `stdout`, or `error` (a failed spawn's).
+    pub stream: &'static str,
     /// When (ms).
     pub at_ms: i64,
 }

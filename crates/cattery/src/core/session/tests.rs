@@ -1075,6 +1075,7 @@ mod decisions {
                     reason: "exited",
                     exit: None,
                     stderr_tail: "boom".into(),
+                    stream: "stderr",
                     at_ms: 0,
                 },
                 now,

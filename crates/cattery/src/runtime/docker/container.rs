@@ -34,8 +34,21 @@ const REMOVE_WAIT: Duration = Duration::from_secs(10);
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
 /// How long a container's exit may take to be reported after its connections broke.
 const EXIT_REPORT_WINDOW: Duration = Duration::from_secs(3);
-/// Bytes of stderr kept for [`Instance::stderr_tail`].
+/// Bytes of stderr (and of stdout) kept for [`Instance::stderr_tail`] and
+/// [`Instance::last_output`].
 const TAIL_BYTES: usize = 2048;
+
+/// The last [`TAIL_BYTES`] of a container's stderr and of its stdout.
+#[derive(Default)]
+struct Tails {
+    stderr: VecDeque<u8>,
+    stdout: VecDeque<u8>,
+}
+
+fn escaped(t: &VecDeque<u8>) -> String {
+    let (a, b) = t.as_slices();
+    escape_bytes(&[a, b].concat())
+}
 
 /// A started or re-adopted container.
 pub struct DockerInstance {
@@ -44,7 +57,7 @@ pub struct DockerInstance {
     exit_rx: watch::Receiver<Option<ExitInfo>>,
     /// Whether the engine reported an OOM kill (read when the exit is observed).
     oom: Arc<Mutex<Option<bool>>>,
-    stderr_tail: Arc<Mutex<VecDeque<u8>>>,
+    tails: Arc<Mutex<Tails>>,
     /// True once the log stream ended (every line up to the exit was read).
     logs_ended: watch::Receiver<bool>,
     logs_done: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -87,18 +100,27 @@ pub fn exit_info(code: i64) -> ExitInfo {
 }
 
 impl DockerInstance {
+    /// After the exit, waits (briefly) for the log stream to end, so the tails hold the
+    /// container's last words.
+    async fn drained(&self) {
+        if self.exited().is_some() {
+            let mut rx = self.logs_ended.clone();
+            let _ = tokio::time::timeout(DRAIN_WAIT, rx.wait_for(|v| *v)).await;
+        }
+    }
+
     /// Wraps a running container: starts its exit watch and log stream. `since` is the
     /// earliest log time (unix s) to read; 0 = from its start.
     pub fn watch(docker: Docker, pl: DockerPlacement, logs: LogSink, since: i32) -> Arc<Self> {
         let (tx, exit_rx) = watch::channel(None);
         let oom = Arc::new(Mutex::new(None));
-        let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_BYTES)));
+        let tails = Arc::new(Mutex::new(Tails::default()));
         let (ended_tx, logs_ended) = watch::channel(false);
         let follow = follow_logs(
             docker.clone(),
             pl.container_id.clone(),
             logs,
-            stderr_tail.clone(),
+            tails.clone(),
             since,
             exit_rx.clone(),
         );
@@ -118,7 +140,7 @@ impl DockerInstance {
             pl,
             exit_rx,
             oom,
-            stderr_tail,
+            tails,
             logs_ended,
             logs_done: tokio::sync::Mutex::new(Some(log_task)),
             terminated: OnceCell::new(),
@@ -403,7 +425,7 @@ async fn follow_logs(
     docker: Docker,
     id: String,
     sink: LogSink,
-    tail: Arc<Mutex<VecDeque<u8>>>,
+    tail: Arc<Mutex<Tails>>,
     since: i32,
     exited: watch::Receiver<Option<ExitInfo>>,
 ) {
@@ -443,7 +465,7 @@ async fn follow_once(
     docker: &Docker,
     id: &str,
     sink: &LogSink,
-    tail: &Mutex<VecDeque<u8>>,
+    tail: &Mutex<Tails>,
     since: i32,
     read: &mut LogResume,
 ) -> Result<(), Error> {
@@ -475,8 +497,13 @@ async fn follow_once(
         if !read.admit(ts) {
             continue;
         }
-        if stream == "stderr" {
-            let mut t = tail.lock();
+        {
+            let mut tails = tail.lock();
+            let t = if stream == "stderr" {
+                &mut tails.stderr
+            } else {
+                &mut tails.stdout
+            };
             t.extend(line.iter().copied());
             let excess = t.len().saturating_sub(TAIL_BYTES);
             t.drain(..excess);
@@ -549,13 +576,14 @@ impl Instance for DockerInstance {
     /// After the exit, waits (briefly) for the log stream to end, so the tail holds the
     /// container's last words.
     async fn stderr_tail(&self) -> String {
-        if self.exited().is_some() {
-            let mut rx = self.logs_ended.clone();
-            let _ = tokio::time::timeout(DRAIN_WAIT, rx.wait_for(|v| *v)).await;
-        }
-        let t = self.stderr_tail.lock();
-        let (a, b) = t.as_slices();
-        escape_bytes(&[a, b].concat())
+        self.drained().await;
+        escaped(&self.tails.lock().stderr)
+    }
+
+    async fn last_output(&self) -> (&'static str, String) {
+        self.drained().await;
+        let t = self.tails.lock();
+        crate::runtime::last_words(escaped(&t.stderr), || escaped(&t.stdout))
     }
 
     async fn out_of_memory(&self) -> bool {

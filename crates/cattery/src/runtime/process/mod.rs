@@ -1348,11 +1348,13 @@ impl Instance for ProcessInstance {
     }
 
     async fn stderr_tail(&self) -> String {
-        let Ok(b) = fs::read(self.dir.join("stderr.log")) else {
-            return String::new();
-        };
-        let start = b.len().saturating_sub(2048);
-        super::logs::escape_bytes(&b[start..])
+        file_tail(&self.dir.join("stderr.log"))
+    }
+
+    async fn last_output(&self) -> (&'static str, String) {
+        crate::runtime::last_words(file_tail(&self.dir.join("stderr.log")), || {
+            file_tail(&self.dir.join("stdout.log"))
+        })
     }
 
     /// Reads the OOM-kill count of the instance's memory cgroup: v1 `memory.oom_control`
@@ -1417,6 +1419,15 @@ impl Instance for ProcessInstance {
 
 /// The `oom_kill` count in a cgroup's `memory.oom_control` (v1) or `memory.events` (v2); 0
 /// when the file is missing.
+/// The last 2 KiB of a captured output file, escaped for display; empty when unreadable.
+fn file_tail(path: &Path) -> String {
+    let Ok(b) = fs::read(path) else {
+        return String::new();
+    };
+    let start = b.len().saturating_sub(2048);
+    super::logs::escape_bytes(&b[start..])
+}
+
 fn oom_kills(file: &Path) -> u64 {
     fs::read_to_string(file)
         .ok()
