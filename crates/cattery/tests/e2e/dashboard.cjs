@@ -4,7 +4,8 @@
 //   this script prints `SESSION <id>` once the session it started is open, and waits for a
 //   line `go`; it prints `STOPPED <id>` once the page shows it terminated, and waits again.
 // Environment: CATTERY_URL, CATTERY_SK (org "default"), CATTERY_OTHER_SK (org "other"),
-// CATTERY_AGENT, CATTERY_OTHER_AGENT, CATTERY_SCREENSHOTS (a directory), NODE_PATH (where
+// CATTERY_AGENT, CATTERY_OTHER_AGENT, CATTERY_DELETED_AGENT and CATTERY_DELETED_SESSION (an
+// agent deleted after one session), CATTERY_SCREENSHOTS (a directory), NODE_PATH (where
 // playwright-core is installed), CATTERY_CHROMIUM (default /usr/bin/chromium).
 'use strict';
 
@@ -23,6 +24,8 @@ const OTHER_SK = env('CATTERY_OTHER_SK');
 const AGENT = env('CATTERY_AGENT');
 const OTHER_AGENT = env('CATTERY_OTHER_AGENT');
 const SHOTS = env('CATTERY_SCREENSHOTS');
+const DELETED_AGENT = env('CATTERY_DELETED_AGENT');
+const DELETED_SESSION = env('CATTERY_DELETED_SESSION');
 
 const lines = readline.createInterface({ input: process.stdin });
 const waiting = [];
@@ -120,6 +123,16 @@ async function main() {
     await page.evaluate((a) => { location.hash = `#/logs?agent=${encodeURIComponent(a)}`; }, AGENT);
     await page.locator('#logs-tail', { hasText: `bot started session=${sid}` }).waitFor(T);
     await shot('06-logs.png');
+
+    step('a deleted agent\'s sessions: the selector names it, marked deleted; no start offered');
+    await page.evaluate((a) => { location.hash = `#/sessions?agent=${encodeURIComponent(a)}`; }, DELETED_AGENT);
+    await page.locator(`#sessions-body tr[data-session="${DELETED_SESSION}"]`).waitFor(T);
+    check((await page.locator('#f-agent').inputValue()) === DELETED_AGENT, 'the selector shows the deleted agent');
+    const picked = (await page.locator('#f-agent option:checked').textContent()).trim();
+    check(picked === `${DELETED_AGENT} (deleted)`, `the selected option reads ${picked}`);
+    await page.locator('#agent-deleted').waitFor(T);
+    check((await page.locator('#start-session').count()) === 0, 'no start is offered for a deleted agent');
+    check(!(await page.content()).includes('Start a test session on ' + DELETED_AGENT), 'no start text for it');
 
     step('keys: create one (shown once), then revoke it');
     await page.click('header nav a[data-page="keys"]');

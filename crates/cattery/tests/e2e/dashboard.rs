@@ -56,6 +56,12 @@ async fn dashboard_in_a_browser() {
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     s.wait_ready("dash", Duration::from_secs(30)).await;
+    // An agent deleted after a session: its sessions stay listable by its name.
+    s.deploy("hubot", &[], json!({})).await;
+    let deleted_sid = s.start_ok("hubot").await;
+    assert_eq!(s.stop("hubot", &deleted_sid).await.status, 200);
+    let r = s.req("DELETE", "/v1/agents/hubot", Some(&s.sk), None).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
 
     let shots = cattery_bin()
         .parent()
@@ -72,6 +78,8 @@ async fn dashboard_in_a_browser() {
         .env("CATTERY_OTHER_SK", &other_sk)
         .env("CATTERY_AGENT", "dash")
         .env("CATTERY_OTHER_AGENT", "elsewhere")
+        .env("CATTERY_DELETED_AGENT", "hubot")
+        .env("CATTERY_DELETED_SESSION", &deleted_sid)
         .env("CATTERY_SCREENSHOTS", &shots)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -350,7 +350,10 @@ async function sessionsPage(main, q) {
   const page = Math.max(0, parseInt(q.get('page') || '0', 10) || 0);
   const f = { agent, status: q.get('status') || 'all', startType: q.get('startType') || 'all', endReason: q.get('endReason') || 'any', from: q.get('from') || '', to: q.get('to') || '' };
   const sel = (id, opts, val) => h('select', { id }, opts.map((o) => h('option', { value: o, selected: o === val }, o)));
+  // A deleted agent's sessions stay listable by its name: the selector shows it, marked.
+  const deleted = !!agent && !names.includes(agent);
   const agentSel = sel('f-agent', names, agent);
+  if (deleted) agentSel.prepend(h('option', { value: agent, selected: true, 'data-deleted': '' }, agent + ' (deleted)'));
   const statusSel = sel('f-status', ['all', 'active', 'ended'], f.status);
   const typeSel = sel('f-start', ['all', 'cold', 'warm'], f.startType);
   const reasonSel = sel('f-reason', ['any', 'completed', 'error', 'stopped', 'stopped_during_start', 'max_duration', 'start_failed', 'client_disconnected', 'drained', 'lost', 'out_of_memory', 'client_never_connected'], f.endReason);
@@ -368,7 +371,8 @@ async function sessionsPage(main, q) {
     h('div', { class: 'filters' },
       h('label', {}, 'Agent', agentSel), h('label', {}, 'Status', statusSel), h('label', {}, 'Start', typeSel), h('label', {}, 'End reason', reasonSel),
       h('label', {}, 'Created from', from), h('label', {}, 'Created to', to)),
-    agent ? h('div', { class: 'card' },
+    deleted ? h('p', { class: 'hint', id: 'agent-deleted' }, 'Agent ' + agent + ' is deleted: its sessions are listed here; no new session can start.')
+    : agent ? h('div', { class: 'card' },
       h('b', {}, 'Start a test session on ' + agent), ' (JSON body, passed to the bot as ', h('code', {}, 'args.body'), ')', body,
       h('button', { id: 'start-session', type: 'button', class: 'primary', onclick: async () => {
         startOut.textContent = 'starting…';
