@@ -15,7 +15,8 @@
 #
 # usage: scripts/docker-images.sh [--agent-bin PATH] [--example NAME] [--force] [IMAGE...]
 #   IMAGE is rootfs, agent, pipecat-base or bot (default: all four, in that order; an image
-#   builds what it is based on first). --agent-bin defaults to target/debug/cattery-test-agent;
+#   builds what it is based on first). --agent-bin defaults to cattery-test-agent in
+#   ${CARGO_TARGET_DIR:-target}/debug, else (after only a release build) in .../release;
 #   --example (default session-status) is a directory under examples/.
 #
 # Every image carries the label org.cattery.input-hash: a hash of everything it is built from
@@ -52,7 +53,7 @@ BOT_IMAGE=cattery-test/bot:latest
 PIP_PACKAGES=('pipecat-ai[webrtc,websocket]' 'pipecatcloud>=1.4,<2' fastapi uvicorn websockets)
 DEBOOTSTRAP_INCLUDE=python3,python3-venv,ca-certificates
 
-agent_bin="target/debug/cattery-test-agent"
+agent_bin=""
 example="session-status"
 force=0
 want=()
@@ -67,6 +68,12 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ ${#want[@]} -gt 0 ] || want=(rootfs agent pipecat-base bot)
+if [ -z "$agent_bin" ]; then
+  target="${CARGO_TARGET_DIR:-target}"
+  agent_bin="$target/debug/cattery-test-agent"
+  [ -x "$agent_bin" ] || [ ! -x "$target/release/cattery-test-agent" ] \
+    || agent_bin="$target/release/cattery-test-agent"
+fi
 
 if ! "$DOCKER" info >/dev/null 2>&1; then
   echo "docker-images: no Docker engine answers ($DOCKER info); start one with scripts/docker-ci.sh start" >&2
@@ -146,7 +153,7 @@ import_rootfs() {
 # --- agent ------------------------------------------------------------------------------------
 build_agent() {
   local ctx hash t0 missing
-  [ -x "$agent_bin" ] || { log "agent: $agent_bin is missing (cargo build -p cattery-test-agent)"; return 1; }
+  [ -x "$agent_bin" ] || { log "agent: $agent_bin is missing (cargo build -p cattery-test-agent, or --release; or give --agent-bin PATH)"; return 1; }
   ctx="$tmp/agent"
   mkdir -p "$ctx"
   cp "$agent_bin" "$ctx/cattery-test-agent"
