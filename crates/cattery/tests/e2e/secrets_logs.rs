@@ -824,6 +824,25 @@ async fn a_crash_loop_on_stdout_shows_its_output_in_status() {
         "{:?}",
         r.body
     );
+    // Scaled to zero, a session's start meets the exit itself: its record (private) names the
+    // output the same way, and the start's answer (public) does not carry it.
+    s.deploy(
+        "stdoutcrash0",
+        &[],
+        json!({"command": cmd, "autoScaling": {"minAgents": 0, "maxAgents": 1}}),
+    )
+    .await;
+    let r = s.start_session("stdoutcrash0", json!({})).await;
+    assert_error(&r, 503, "INSTANCE_EXITED");
+    assert!(!r.body.to_string().contains("dying"), "{:?}", r.body);
+    let list = s
+        .req("GET", "/v1/agents/stdoutcrash0/sessions", Some(&s.sk), None)
+        .await;
+    let ended = list.body["sessions"][0]["endMessage"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(ended.ends_with("; stdout: dying"), "{:?}", list.body);
 }
 
 /// A secret set deleted while an agent's deployment binds it: the agent keeps the values its

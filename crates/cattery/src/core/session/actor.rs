@@ -315,13 +315,14 @@ impl Actor {
                     if may_retry && is_port_clash(&tail) {
                         return Ok(Started::PortClash);
                     }
-                    self.sup.record_failure(&self.ctl, "exited", Some(ex), inst.last_output().await);
+                    let output = inst.last_output().await;
+                    self.sup.record_failure(&self.ctl, "exited", Some(ex), output.clone());
                     let mut msg = format!("instance exited before it was ready ({})", ex.describe());
                     if is_port_clash(&tail) {
                         // Ours to say (the instance's output is not in the answer).
                         msg.push_str(": the port it was given was in use, on every try");
                     }
-                    return Err(Ending::start_failed_with_output("INSTANCE_EXITED", msg, &tail, Some(ex)));
+                    return Err(Ending::start_failed_with_output("INSTANCE_EXITED", msg, output, Some(ex)));
                 }
                 _ = tokio::time::sleep_until(start_deadline) => {
                     let output = inst.last_output().await;

@@ -54,19 +54,20 @@ impl Ending {
         e
     }
 
-    /// [`Ending::start_failed`] with the instance's last stderr: in the session's recorded end
+    /// [`Ending::start_failed`] with the instance's last output ([`Instance::last_output`]:
+    /// its stderr tail, or stdout's when stderr is blank, named by `stream`): in the session's recorded end
     /// (the org's private API), never in the start's answer, which goes to public-key callers
     /// (browsers) and unauthenticated webhooks: a bot may print its secrets.
     pub fn start_failed_with_output(
         code: &'static str,
         msg: String,
-        stderr_tail: &str,
+        (stream, output): (&'static str, String),
         exit: Option<ExitInfo>,
     ) -> Self {
         let mut e = Ending::start_failed(code, msg.clone(), exit);
-        let tail = stderr_tail.trim();
+        let tail = output.trim();
         if !tail.is_empty() {
-            e.message = Some(format!("{msg}; stderr: {tail}"));
+            e.message = Some(format!("{msg}; {stream}: {tail}"));
         }
         e
     }
