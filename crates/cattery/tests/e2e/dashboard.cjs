@@ -133,6 +133,10 @@ async function main() {
     await page.locator('#agent-deleted').waitFor(T);
     check((await page.locator('#start-session').count()) === 0, 'no start is offered for a deleted agent');
     check(!(await page.content()).includes('Start a test session on ' + DELETED_AGENT), 'no start text for it');
+    await page.evaluate((a) => { location.hash = `#/logs?agent=${encodeURIComponent(a)}`; }, DELETED_AGENT);
+    await page.locator('#l-agent option[data-deleted]').waitFor({ state: 'attached', ...T });
+    check((await page.locator('#l-agent').inputValue()) === DELETED_AGENT, 'the logs selector shows the deleted agent');
+    await page.waitForFunction(() => document.querySelector('#logs-tail').textContent.includes('[cattery] session'), null, T);
 
     step('keys: create one (shown once), then revoke it');
     await page.click('header nav a[data-page="keys"]');

@@ -550,6 +550,8 @@ async function logsPage(main, q) {
   const names = await agentNames();
   const agent = q.get('agent') || names[0] || '';
   const agentSel = h('select', { id: 'l-agent' }, names.map((n) => h('option', { value: n, selected: n === agent }, n)));
+  // A deleted agent's logs stay readable by its name, as its sessions do.
+  if (agent && !names.includes(agent)) agentSel.prepend(h('option', { value: agent, selected: true, 'data-deleted': '' }, agent + ' (deleted)'));
   const session = h('input', { id: 'l-session', placeholder: 'session id', value: q.get('sessionId') || '', size: 38 });
   const query = h('input', { id: 'l-query', placeholder: 'contains text', value: q.get('query') || '' });
   const deployment = h('input', { id: 'l-deployment', placeholder: 'deployment id', value: q.get('deploymentId') || '', size: 38 });
