@@ -27,14 +27,18 @@
 //! its fresh, empty directory for a leftover). The sweep takes every other server's lock
 //! without waiting; only when it gets it is that server not running, and then it removes its
 //! directory if empty (`rmdir`, never anything inside: a server killed with `SIGKILL` finds
-//! its instances there when it starts again and re-adopts them) and, once the directory is
-//! gone, the lock file. Whoever takes a lock checks afterwards that the file is still the one
-//! at its path (a sweep may have removed it meanwhile) and takes the new one if not. A
-//! directory without a lock file (a server of an earlier version, which took none) goes only
-//! if it is empty, untouched for [`LOCKLESS_AGE`] (such a server may be starting right now)
-//! and that server's cgroup liveness lock (`<lock root>/servers/<server id>.lock`, see
-//! [`super::cgroup`]) is free. A server's shutdown removes its own directory if empty, then
-//! its lock file, and gives up the lock: the next server of its id (after a detach, while the
+//! its instances there when it starts again and re-adopts them), untouched for
+//! [`UNTOUCHED_AGE`] and that server's cgroup liveness lock (`<lock root>/servers/<server
+//! id>.lock`, see [`super::cgroup`]) is free (a server of an earlier version, which takes no
+//! lock here, may run on that id after a rollback), and, once the directory is gone, the lock
+//! file. Whoever takes a lock checks afterwards that the file is still the one at its path (a
+//! sweep may have removed it meanwhile) and takes the new one if not. Only names shaped like
+//! server ids are looked at: a runtime dir given with `--runtime-dir` may be shared with other
+//! programs (`/run`, `/dev/shm`), and such a directory's mode is never changed either. A
+//! directory without a lock file (left by a server of an earlier version) is never removed:
+//! its server's liveness cannot be known; a reboot empties the `tmpfs`. A server's shutdown
+//! removes its own directory if empty, then its lock file, and gives up the lock: the next
+//! server of its id (after a detach, while the
 //! old process still relays calls) does not wait for the old process to end.
 
 use std::fs::{self, File};
@@ -49,10 +53,10 @@ use nix::fcntl::{Flock, FlockArg};
 /// grow with what agents print until the tailer has read it).
 pub const MIN_FREE: u64 = 256 << 20;
 
-/// How long a server directory without a lock file must have been left untouched before a
-/// sweep removes it (if empty): a server of an earlier version takes no lock, and one starting
-/// now has just made its directory.
-pub const LOCKLESS_AGE: Duration = Duration::from_secs(600);
+/// How long a stopped server's directory must have been left untouched before a sweep
+/// removes it (if empty): a server of an earlier version, which takes no lock, may be using a
+/// directory whose lock file a killed server of this version left (a rollback).
+pub const UNTOUCHED_AGE: Duration = Duration::from_secs(600);
 
 /// `--runtime-dir`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -145,7 +149,11 @@ pub fn place(
     }
     let target = base.join(server_id);
     let lock_path = lock_path(&base, server_id);
-    let alive = owned_dir(&base)
+    let base_ok = match choice {
+        RuntimeDir::Path(_) => given_base(&base),
+        _ => owned_dir(&base),
+    };
+    let alive = base_ok
         .and_then(|()| lock_own(&lock_path))
         .and_then(|lock| owned_dir(&target).map(|()| lock));
     let alive = match alive {
@@ -155,7 +163,7 @@ pub fn place(
             return real_dir("the runtime directory is unusable");
         }
     };
-    let swept = sweep(&base, server_id, LOCKLESS_AGE);
+    let swept = sweep(&base, server_id, UNTOUCHED_AGE);
     if swept > 0 {
         tracing::info!(
             directories = swept,
@@ -212,7 +220,7 @@ fn is_at(f: &File, path: &Path) -> bool {
 /// Removes the empty directories of the servers under `base` that are not running, and their
 /// lock files (see the module docs); `own_id` is left alone. Returns how many directories went
 /// away.
-fn sweep(base: &Path, own_id: &str, lockless_age: Duration) -> usize {
+fn sweep(base: &Path, own_id: &str, untouched: Duration) -> usize {
     let Ok(entries) = fs::read_dir(base) else {
         return 0;
     };
@@ -229,36 +237,29 @@ fn sweep(base: &Path, own_id: &str, lockless_age: Duration) -> usize {
                 None
             }
         })
-        .filter(|id| id != own_id && !id.is_empty())
+        .filter(|id| id != own_id && is_server_id(id))
         .collect();
     ids.sort();
     ids.dedup();
     ids.iter()
-        .filter(|id| sweep_one(base, id, lockless_age))
+        .filter(|id| sweep_one(base, id, untouched))
         .count()
 }
 
+/// Whether `name` has the shape of a server id (12 lowercase hex digits, `serve.rs`): a
+/// runtime dir given with `--runtime-dir` may be shared with other programs (`/run`,
+/// `/dev/shm`), whose files and directories are never the sweep's.
+fn is_server_id(name: &str) -> bool {
+    name.len() == 12 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// Sweeps server `id` (see [`sweep`]); whether its directory was removed.
-fn sweep_one(base: &Path, id: &str, lockless_age: Duration) -> bool {
+fn sweep_one(base: &Path, id: &str, untouched: Duration) -> bool {
     let dir = base.join(id);
     let path = lock_path(base, id);
-    // A directory without a lock file gets one for the time of the sweep, so that a server of
-    // this version starting with this id waits for it.
-    let open = |new: bool| {
-        fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(new)
-            .mode(0o600)
-            .open(&path)
-    };
-    let (f, lockless) = match open(true) {
-        Ok(f) => (f, true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match open(false) {
-            Ok(f) => (f, false),
-            Err(_) => return false,
-        },
-        Err(_) => return false,
+    // No lock file: a server of an earlier version, whose liveness cannot be known.
+    let Ok(f) = fs::OpenOptions::new().read(true).write(true).open(&path) else {
+        return false;
     };
     let Ok(lock) = Flock::lock(f, FlockArg::LockExclusiveNonblock) else {
         // A running server.
@@ -268,7 +269,9 @@ fn sweep_one(base: &Path, id: &str, lockless_age: Duration) -> bool {
         // Removed and made again meanwhile: by a server that is starting, or by another sweep.
         return false;
     }
-    let may_remove = !lockless || (untouched_for(&dir, lockless_age) && !legacy_alive(id));
+    // A server of an earlier version may run on this id after a rollback: it holds its cgroup
+    // liveness lock, and its directory changes as its instances come and go.
+    let may_remove = untouched_for(&dir, untouched) && !legacy_alive(id);
     let (removed, gone) = if may_remove {
         match fs::remove_dir(&dir) {
             Ok(()) => (true, true),
@@ -277,9 +280,9 @@ fn sweep_one(base: &Path, id: &str, lockless_age: Duration) -> bool {
     } else {
         (false, !dir.exists())
     };
-    // A lock file stays only beside the directory of a server that had one (a killed server's
-    // instances, for when it starts again).
-    if gone || lockless {
+    // A lock file stays beside a directory that stays (a killed server's instances, for when
+    // it starts again).
+    if gone {
         let _ = fs::remove_file(&path);
     }
     removed
@@ -334,6 +337,26 @@ fn usable_tmpfs(dir: &Path) -> bool {
 
 /// Creates `dir` (mode 0711) if missing, and checks it is a real directory owned by this
 /// user that no one else may write to.
+/// Checks a runtime dir given with `--runtime-dir` (made, mode `0711`, when missing). An
+/// existing one is the operator's and may be shared (`/run`, `/dev/shm`): its mode is never
+/// changed, and it must be this user's or sticky (so that no other user can rename or replace
+/// the server's directory in it).
+fn given_base(dir: &Path) -> std::io::Result<()> {
+    match fs::DirBuilder::new().mode(0o711).create(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let m = fs::symlink_metadata(dir)?;
+    let mine = m.uid() == nix::unistd::geteuid().as_raw();
+    if !m.is_dir() || !(mine || m.mode() & 0o1000 != 0) {
+        return Err(std::io::Error::other(
+            "not a directory of this user's, nor a sticky one like /tmp",
+        ));
+    }
+    Ok(())
+}
+
 fn owned_dir(dir: &Path) -> std::io::Result<()> {
     match fs::DirBuilder::new().mode(0o711).create(dir) {
         Ok(()) => {}
@@ -415,51 +438,104 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let base = tmp.path().join("rt");
         fs::DirBuilder::new().mode(0o711).create(&base).unwrap();
-        let old = LOCKLESS_AGE + Duration::from_secs(60);
+        let old = UNTOUCHED_AGE + Duration::from_secs(60);
         let lock = |id: &str| base.join(format!("{id}.lock"));
         // Running: its lock is held (here by this test), its empty directory stays.
-        let live = server_dir(&base, "live", old);
-        let _held = lock_own(&lock("live")).unwrap();
-        // Not running, empty: goes, with its lock file.
-        let dead = server_dir(&base, "dead", old);
-        fs::write(lock("dead"), "").unwrap();
+        let live = server_dir(&base, "a00000000001", old);
+        let _held = lock_own(&lock("a00000000001")).unwrap();
+        // Not running, empty, long untouched: goes, with its lock file.
+        let dead = server_dir(&base, "a00000000002", old);
+        fs::write(lock("a00000000002"), "").unwrap();
         // Not running, instances inside (a killed server's, re-adopted when it starts
         // again): stays, lock file and all.
-        let killed = server_dir(&base, "killed", old);
+        let killed = server_dir(&base, "a00000000003", old);
         fs::create_dir(killed.join("instance")).unwrap();
-        fs::write(lock("killed"), "").unwrap();
+        fs::write(lock("a00000000003"), "").unwrap();
         // A lock file without a directory (killed before it made it): goes.
-        fs::write(lock("orphan"), "").unwrap();
-        // No lock file (an earlier version): goes when empty and long untouched; stays when
-        // fresh (such a server may be starting) or not empty.
-        let stale = server_dir(&base, "stale", old);
-        let fresh = server_dir(&base, "fresh", Duration::ZERO);
-        let busy = server_dir(&base, "busy", old);
+        fs::write(lock("a00000000004"), "").unwrap();
+        // Not running but changed a moment ago (a server of an earlier version may use it
+        // after a rollback): stays, lock file and all.
+        let fresh = server_dir(&base, "a00000000005", Duration::ZERO);
+        fs::write(lock("a00000000005"), "").unwrap();
+        // No lock file (an earlier version's): stays, empty and old or not.
+        let stale = server_dir(&base, "a00000000006", old);
+        let busy = server_dir(&base, "a00000000007", old);
         fs::create_dir(busy.join("instance")).unwrap();
         // Not a server directory: a symbolic link is left alone.
-        std::os::unix::fs::symlink(&live, base.join("link")).unwrap();
+        std::os::unix::fs::symlink(&live, base.join("a00000000008")).unwrap();
+        fs::write(lock("a00000000008"), "").unwrap();
 
         let placed = place(
             &tmp.path().join("instances"),
-            "me",
+            "a0000000000f",
             &RuntimeDir::Path(base.clone()),
         )
         .unwrap();
         assert!(placed.dir.is_dir());
-        assert!(live.is_dir() && lock("live").exists());
-        assert!(!dead.exists() && !lock("dead").exists());
-        assert!(killed.join("instance").is_dir() && lock("killed").exists());
-        assert!(!lock("orphan").exists());
-        assert!(!stale.exists() && !lock("stale").exists());
-        assert!(fresh.is_dir() && !lock("fresh").exists());
-        assert!(busy.join("instance").is_dir() && !lock("busy").exists());
-        assert!(fs::symlink_metadata(base.join("link")).is_ok());
+        assert!(live.is_dir() && lock("a00000000001").exists());
+        assert!(!dead.exists() && !lock("a00000000002").exists());
+        assert!(killed.join("instance").is_dir() && lock("a00000000003").exists());
+        assert!(!lock("a00000000004").exists());
+        assert!(fresh.is_dir() && lock("a00000000005").exists());
+        assert!(stale.is_dir() && !lock("a00000000006").exists());
+        assert!(busy.join("instance").is_dir() && !lock("a00000000007").exists());
+        assert!(fs::symlink_metadata(base.join("a00000000008")).is_ok());
         // The server's own lock is held while it runs: another sweep leaves it alone.
-        assert_eq!(sweep(&base, "other", Duration::ZERO), 1); // `fresh`, now old enough
-        assert!(placed.dir.is_dir() && lock("me").exists());
+        assert_eq!(sweep(&base, "b00000000000", Duration::ZERO), 1); // now old enough
+        assert!(!fresh.exists() && !lock("a00000000005").exists());
+        assert!(placed.dir.is_dir() && lock("a0000000000f").exists());
         drop(placed);
-        assert_eq!(sweep(&base, "other", Duration::ZERO), 1);
-        assert!(!base.join("me").exists() && !lock("me").exists());
+        assert_eq!(sweep(&base, "b00000000000", Duration::ZERO), 1);
+        assert!(!base.join("a0000000000f").exists() && !lock("a0000000000f").exists());
+    }
+
+    /// `--runtime-dir PATH` naming a directory other programs use too (`/run`, `/dev/shm`,
+    /// `$XDG_RUNTIME_DIR`): what is not a server's is not the sweep's, and the directory's
+    /// mode stays as it was.
+    #[test]
+    fn a_shared_runtime_dir_keeps_what_is_not_a_servers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("run");
+        fs::DirBuilder::new().mode(0o1777).create(&base).unwrap();
+        fs::set_permissions(&base, fs::Permissions::from_mode(0o1777)).unwrap();
+        // sshd's privilege separation directory: empty, long untouched.
+        let sshd = server_dir(&base, "sshd", UNTOUCHED_AGE + Duration::from_secs(60));
+        // A lock file another program creates and flocks only while it works.
+        fs::write(base.join("xtables.lock"), "").unwrap();
+        let _placed = place(
+            &tmp.path().join("instances"),
+            "c00000000000",
+            &RuntimeDir::Path(base.clone()),
+        )
+        .unwrap();
+        assert_eq!(
+            (base.join("xtables.lock").exists(), sshd.is_dir()),
+            (true, true),
+            "(another program's lock file, its empty directory) kept"
+        );
+        let mode = fs::metadata(&base).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o1777, "the shared directory's mode changed");
+    }
+
+    /// A server of the earlier version (no lock of its own) running on a data dir whose
+    /// server of this version was killed (its lock file left): its fresh, empty directory
+    /// stays.
+    #[test]
+    fn an_earlier_version_after_a_killed_one_keeps_its_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("rt");
+        fs::DirBuilder::new().mode(0o711).create(&base).unwrap();
+        // The killed server's lock file, free.
+        fs::write(base.join("d00000000000.lock"), "").unwrap();
+        // The earlier version's server of that id, started a moment ago.
+        let dir = server_dir(&base, "d00000000000", Duration::ZERO);
+        let _placed = place(
+            &tmp.path().join("instances"),
+            "d00000000001",
+            &RuntimeDir::Path(base.clone()),
+        )
+        .unwrap();
+        assert!(dir.is_dir(), "a running server's directory removed");
     }
 
     /// A server that shut down leaving instances (a detach) gives up its lock while its
