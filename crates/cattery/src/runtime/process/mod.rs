@@ -216,8 +216,11 @@ impl ProcessRuntime {
         {
             let _ = fs::remove_dir(d);
         }
-        self.rundir.release();
+        // The cgroup liveness lock's file goes first: the next server of this id (after a
+        // detach) waits for the runtime dir's lock, and must then make a new file rather than
+        // wait on this one, which this process holds until it exits.
         self.cgroups.remove_liveness_lock();
+        self.rundir.release();
     }
 
     /// Kills and removes instance `id` with nothing but its id: its cgroups (v2 `cgroup.kill`,
@@ -1417,17 +1420,29 @@ impl Instance for ProcessInstance {
     }
 }
 
-/// The `oom_kill` count in a cgroup's `memory.oom_control` (v1) or `memory.events` (v2); 0
-/// when the file is missing.
-/// The last 2 KiB of a captured output file, escaped for display; empty when unreadable.
+/// The last 2 KiB of a captured output file, escaped for display; empty when unreadable. Only
+/// those bytes are read: the file keeps its whole length after the tailer gave back what it
+/// read (a hole, read as zeros, which are left out).
 fn file_tail(path: &Path) -> String {
-    let Ok(b) = fs::read(path) else {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL: u64 = 2048;
+    let read = || -> std::io::Result<Vec<u8>> {
+        let mut f = fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(TAIL)))?;
+        let mut b = Vec::with_capacity(TAIL as usize);
+        f.take(TAIL).read_to_end(&mut b)?;
+        Ok(b)
+    };
+    let Ok(b) = read() else {
         return String::new();
     };
-    let start = b.len().saturating_sub(2048);
+    let start = b.iter().position(|&c| c != 0).unwrap_or(b.len());
     super::logs::escape_bytes(&b[start..])
 }
 
+/// The `oom_kill` count in a cgroup's `memory.oom_control` (v1) or `memory.events` (v2); 0
+/// when the file is missing.
 fn oom_kills(file: &Path) -> u64 {
     fs::read_to_string(file)
         .ok()
@@ -1881,6 +1896,27 @@ impl ProcessRuntime {
 
 #[cfg(test)]
 mod tests {
+    /// A captured output file's tail: its last 2 KiB only, read from the end of a file much
+    /// longer than that, and without the zeros of a hole the tailer punched.
+    #[test]
+    fn an_output_tail_is_the_files_last_bytes_without_its_hole() {
+        use std::io::{Seek, SeekFrom, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("stdout.log");
+        let mut f = fs::File::create(&p).unwrap();
+        f.write_all(&vec![b'x'; 1 << 20]).unwrap();
+        f.write_all(b"last words\n").unwrap();
+        let tail = super::file_tail(&p);
+        assert_eq!(tail.len(), 2048);
+        assert!(tail.ends_with("xlast words\n"), "{tail}");
+        // A hole up to the end but for a few bytes (read back as zeros).
+        let mut g = fs::File::create(dir.path().join("h")).unwrap();
+        g.seek(SeekFrom::Start(1 << 20)).unwrap();
+        g.write_all(b"bye").unwrap();
+        assert_eq!(super::file_tail(&dir.path().join("h")), "bye");
+        assert_eq!(super::file_tail(&dir.path().join("missing")), "");
+    }
+
     use super::*;
 
     /// A program that cannot be reached is named with what it resolves to when that is
