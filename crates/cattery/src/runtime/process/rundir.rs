@@ -202,7 +202,7 @@ fn lock_own(path: &Path) -> std::io::Result<Flock<File>> {
             .truncate(false)
             .mode(0o600)
             .open(path)?;
-        let lock = Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| e)?;
+        let lock = super::locks::lock_waiting(f, path, super::locks::WARN_AFTER)?;
         if is_at(&lock, path) {
             return Ok(lock);
         }
