@@ -564,6 +564,21 @@ impl Server {
         r.body
     }
 
+    /// The newest session of `agent`: the first of `GET /v1/agents/{agent}/sessions` (newest
+    /// first), `null` when it has none; panics unless the list answers 200.
+    pub async fn latest_session(&self, agent: &str) -> Value {
+        let r = self
+            .req(
+                "GET",
+                &format!("/v1/agents/{agent}/sessions"),
+                Some(&self.sk),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200, "list {agent}'s sessions: {:?}", r.body);
+        r.body["sessions"][0].clone()
+    }
+
     /// Waits until a session has ended and returns it.
     pub async fn wait_ended(&self, agent: &str, sid: &str, timeout: Duration) -> Value {
         wait_for(timeout, "session end", || async {

@@ -216,10 +216,7 @@ async fn l09_start_timeout_is_a_distinct_error_and_leaves_no_orphan() {
         s.agent_pids()
     );
     assert_eq!(warm(&s, "l09t").await["total"], 0);
-    let list = s
-        .req("GET", "/v1/agents/l09t/sessions", Some(&s.sk), None)
-        .await;
-    let sess = &list.body["sessions"][0];
+    let sess = s.latest_session("l09t").await;
     assert_eq!(sess["endReason"], "start_failed", "{sess}");
     assert!(sess["botStartSeconds"].is_null());
     assert!(!sess["endedAt"].is_null());
@@ -312,14 +309,9 @@ async fn l10_crash_loop_starting_and_ready_are_distinct() {
         "{:?}",
         r.body
     );
-    let list = s
-        .req("GET", "/v1/agents/l10-x0/sessions", Some(&s.sk), None)
-        .await;
-    let ended = list.body["sessions"][0]["endMessage"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(ended.contains("fatal: crash on start"), "{:?}", list.body);
+    let sess = s.latest_session("l10-x0").await;
+    let ended = sess["endMessage"].as_str().unwrap_or_default();
+    assert!(ended.contains("fatal: crash on start"), "{sess}");
     let r = s.start_session("l10-x0", json!({})).await;
     assert_eq!(r.status, 503);
     let r = s.start_session("l10-x0", json!({})).await;

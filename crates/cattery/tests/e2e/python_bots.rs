@@ -361,15 +361,10 @@ async fn not_ready_bot_never_gets_a_session_and_raising_bot_leaves_its_traceback
         r.body["error"],
         "instance did not answer /readyz with 200 within 4 s (its last answer was 503)"
     );
-    let l = s
-        .req("GET", "/v1/agents/never-ready/sessions", Some(&s.sk), None)
-        .await;
-    let sid = l.body["sessions"][0]["sessionId"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let sess = s.latest_session("never-ready").await;
+    let sid = sess["sessionId"].as_str().unwrap();
     assert_eq!(
-        s.session("never-ready", &sid).await["endReason"],
+        s.session("never-ready", sid).await["endReason"],
         "start_failed"
     );
     s.wait_no_agent_pids(Duration::from_secs(10)).await;

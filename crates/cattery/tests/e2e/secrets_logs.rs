@@ -835,14 +835,9 @@ async fn a_crash_loop_on_stdout_shows_its_output_in_status() {
     let r = s.start_session("stdoutcrash0", json!({})).await;
     assert_error(&r, 503, "INSTANCE_EXITED");
     assert!(!r.body.to_string().contains("dying"), "{:?}", r.body);
-    let list = s
-        .req("GET", "/v1/agents/stdoutcrash0/sessions", Some(&s.sk), None)
-        .await;
-    let ended = list.body["sessions"][0]["endMessage"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(ended.ends_with("; stdout: dying"), "{:?}", list.body);
+    let sess = s.latest_session("stdoutcrash0").await;
+    let ended = sess["endMessage"].as_str().unwrap_or_default();
+    assert!(ended.ends_with("; stdout: dying"), "{sess}");
 }
 
 /// A secret set deleted while an agent's deployment binds it: the agent keeps the values its

@@ -90,16 +90,11 @@ async fn twilio_and_telnyx_media_streams_reach_the_agent() {
         MEDIA.to_string(),
     ];
     relayed_both_ways(&mut ws, &frames).await;
-    let list = s
-        .req("GET", "/v1/agents/phone/sessions", Some(&s.sk), None)
-        .await;
-    let sid = list.body["sessions"][0]["sessionId"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(list.body["sessions"][0]["transport"], "websocket");
+    let sess = s.latest_session("phone").await;
+    let sid = sess["sessionId"].as_str().unwrap();
+    assert_eq!(sess["transport"], "websocket");
     ws.close(None).await.unwrap();
-    let g = s.wait_ended("phone", &sid, Duration::from_secs(15)).await;
+    let g = s.wait_ended("phone", sid, Duration::from_secs(15)).await;
     assert_eq!(g["endState"], "completed", "{g}");
 
     // Telnyx: the agent in the query.
@@ -268,13 +263,8 @@ async fn twilio_media_stream_with_a_real_pipecat_bot() {
         back >= 5,
         "audio came back from the bot: {back} media messages (sent {sent})"
     );
-    let list = s
-        .req("GET", "/v1/agents/pipephone/sessions", Some(&s.sk), None)
-        .await;
-    let sid = list.body["sessions"][0]["sessionId"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let sess = s.latest_session("pipephone").await;
+    let sid = sess["sessionId"].as_str().unwrap();
     let r = s
         .req(
             "GET",
@@ -293,6 +283,6 @@ async fn twilio_media_stream_with_a_real_pipecat_bot() {
     );
     assert!(r.body["audio_in"].as_u64().unwrap() > 0);
     ws.close(None).await.unwrap();
-    s.wait_ended("pipephone", &sid, Duration::from_secs(20))
+    s.wait_ended("pipephone", sid, Duration::from_secs(20))
         .await;
 }

@@ -133,10 +133,7 @@ async fn proxy_waits_for_a_starting_instance() {
     let start = async move { s2.start_session("slowproxy", json!({})).await };
     let probe = async {
         let sid = common::wait_for(Duration::from_secs(10), "session to appear", || async {
-            let l = s
-                .req("GET", "/v1/agents/slowproxy/sessions", Some(&s.sk), None)
-                .await;
-            l.body["sessions"][0]["sessionId"]
+            s.latest_session("slowproxy").await["sessionId"]
                 .as_str()
                 .map(str::to_string)
         })
@@ -306,14 +303,9 @@ async fn websocket_stop_and_agent_close() {
         }
     }
     assert!(got_close);
-    let l = s
-        .req("GET", "/v1/agents/wsshort/sessions", Some(&s.sk), None)
-        .await;
-    let sid = l.body["sessions"][0]["sessionId"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let g = s.wait_ended("wsshort", &sid, Duration::from_secs(15)).await;
+    let sess = s.latest_session("wsshort").await;
+    let sid = sess["sessionId"].as_str().unwrap();
+    let g = s.wait_ended("wsshort", sid, Duration::from_secs(15)).await;
     assert_eq!(g["endReason"], "completed");
     assert_eq!(g["completionStatus"], "WS_CONNECTION_CLOSED");
 }
