@@ -243,9 +243,9 @@ pub trait Instance: Send + Sync {
     /// The last bytes (at most 2 KiB) of the instance's stderr, escaped for display; empty
     /// when none is known.
     async fn stderr_tail(&self) -> String;
-    /// The instance's last words, for the agent's status and a failed start's recorded end:
-    /// `("stderr", its tail)`, or `("stdout", the last bytes of stdout)` when nothing (but
-    /// blanks) came on stderr.
+    /// The instance's last words, for the agent's status, a failed start's recorded end and
+    /// the engine's reading of an exit as a port clash: `("stderr", its tail)`, or `("stdout",
+    /// the last bytes of stdout)` when nothing (but blanks) came on stderr.
     async fn last_output(&self) -> (&'static str, String) {
         ("stderr", self.stderr_tail().await)
     }

@@ -311,14 +311,14 @@ impl Actor {
                     return Err(end);
                 },
                 ex = inst.wait_exit() => {
-                    let tail = inst.stderr_tail().await;
-                    if may_retry && is_port_clash(&tail) {
+                    let output = inst.last_output().await;
+                    let clash = is_port_clash(&output);
+                    if may_retry && clash {
                         return Ok(Started::PortClash);
                     }
-                    let output = inst.last_output().await;
                     self.sup.record_failure(&self.ctl, "exited", Some(ex), output.clone());
                     let mut msg = format!("instance exited before it was ready ({})", ex.describe());
-                    if is_port_clash(&tail) {
+                    if clash {
                         // Ours to say (the instance's output is not in the answer).
                         msg.push_str(": the port it was given was in use, on every try");
                     }
@@ -642,11 +642,15 @@ enum Started {
     PortClash,
 }
 
-/// Whether an instance's stderr says it could not bind its port because it was in use (the
-/// messages of Rust, Python (`[Errno 98] ... address already in use`), Node (`EADDRINUSE`)
-/// and Go (`bind: address already in use`)).
-fn is_port_clash(stderr_tail: &str) -> bool {
-    let t = stderr_tail.to_ascii_lowercase();
+/// Whether an instance's last output ([`Instance::last_output`]) is its stderr and says it
+/// could not bind its port because it was in use (the messages of Rust, Python (`[Errno 98]
+/// ... address already in use`), Node (`EADDRINUSE`) and Go (`bind: address already in
+/// use`)). Stdout, the output only when stderr is blank, never counts.
+fn is_port_clash((stream, tail): &(&'static str, String)) -> bool {
+    if *stream != "stderr" {
+        return false;
+    }
+    let t = tail.to_ascii_lowercase();
     t.contains("address already in use") || t.contains("eaddrinuse")
 }
 
@@ -826,5 +830,20 @@ impl Supervisor {
             Err(e) => tracing::error!(instance = %ctl.id, error = %e, "could not record instance"),
         }
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_port_clash;
+
+    #[test]
+    fn a_port_clash_is_read_from_stderr_only() {
+        let said = |stream, tail: &str| is_port_clash(&(stream, tail.to_string()));
+        assert!(said("stderr", "OSError: [Errno 98] Address already in use"));
+        assert!(said("stderr", "Error: listen EADDRINUSE: address :::8080"));
+        assert!(!said("stderr", "Traceback: ImportError"));
+        // Stdout is the last output only when stderr is blank, and a blank stderr is no clash.
+        assert!(!said("stdout", "bind: address already in use"));
     }
 }
