@@ -263,8 +263,10 @@ impl ProcessRuntime {
         .await;
     }
 
-    /// Creates the instance's uid, directories, port reservation, output files and cgroups.
-    /// Errors: a step failed; whatever was made is undone.
+    /// Creates the instance's uid, directories, port reservation, output files and cgroups,
+    /// held by the returned [`InstanceSetup`] until [`ProcessRuntime::started`] hands them to
+    /// the instance (dropped before that, it gives them back). Errors: a step failed; whatever
+    /// was made is given back.
     fn set_up(
         &self,
         id: &str,
@@ -281,60 +283,47 @@ impl ProcessRuntime {
             (Some(pool), None) => Some(pool.allocate().map_err(setup)?),
             (None, _) => None,
         };
-        let p = InstanceSetup {
+        let mut p = InstanceSetup {
             dirs: InstanceDirs::at(self.instances_dir.join(id)),
             uid,
             port: 0,
             out: None,
+            cgroups: Vec::new(),
+            ports: self.ports.clone(),
+            uids: self.isolation.uids.clone(),
+            handed_over: false,
         };
-        let made = (|| -> std::io::Result<_> {
-            p.dirs.create(uid.map(|u| (u, u)))?;
-            let port = self.alloc_port()?;
-            Ok(port)
-        })();
-        let mut p = match made {
-            Ok(port) => InstanceSetup { port, ..p },
-            Err(e) => {
-                self.undo(&p, None);
-                return Err(setup(e));
-            }
+        p.dirs.create(uid.map(|u| (u, u))).map_err(setup)?;
+        p.port = self.alloc_port().map_err(setup)?;
+        let out = fs::File::create(p.dirs.dir.join("stdout.log")).map_err(setup)?;
+        let err = fs::File::create(p.dirs.dir.join("stderr.log")).map_err(setup)?;
+        p.out = Some((OwnedFd::from(out), OwnedFd::from(err)));
+        let cgs = if with_cgroups {
+            self.create_cgroups(&mut p, id, spec)?
+        } else {
+            InstanceCgroups::default()
         };
-        let files = (|| -> std::io::Result<_> {
-            let out = fs::File::create(p.dirs.dir.join("stdout.log"))?;
-            let err = fs::File::create(p.dirs.dir.join("stderr.log"))?;
-            let cgs = if with_cgroups {
-                self.cgroups.create(id, spec.limits.as_ref())?
-            } else {
-                InstanceCgroups::default()
-            };
-            Ok((out, err, cgs))
-        })();
-        match files {
-            Ok((out, err, cgs)) => {
-                p.out = Some((OwnedFd::from(out), OwnedFd::from(err)));
-                Ok((p, cgs))
-            }
-            Err(e) => {
-                self.undo(&p, None);
-                Err(setup(e))
-            }
-        }
+        Ok((p, cgs))
     }
 
-    /// Undoes [`ProcessRuntime::set_up`] after a failed start.
-    fn undo(&self, p: &InstanceSetup, cgs: Option<(&Option<PathBuf>, &[PathBuf])>) {
-        if p.port != 0 {
-            self.ports.release(p.port);
-        }
-        if let Some((v2, v1)) = cgs {
-            for d in v2.iter().chain(v1.iter()) {
-                cgroup::remove(d);
-            }
-        }
-        let _ = fs::remove_dir_all(&p.dirs.dir);
-        if let (Some(pool), Some(uid)) = (&self.isolation.uids, p.uid) {
-            pool.release(uid);
-        }
+    /// Creates the instance's cgroups, which `p` holds from then on (all of them, even when
+    /// the creation fails part-way).
+    fn create_cgroups(
+        &self,
+        p: &mut InstanceSetup,
+        id: &str,
+        spec: &InstanceSpec,
+    ) -> Result<InstanceCgroups, RuntimeError> {
+        p.cgroups.extend(
+            self.cgroups
+                .v2_base
+                .iter()
+                .chain(self.cgroups.v1_bases.iter().map(|(_, b)| b))
+                .map(|b| b.join(id)),
+        );
+        self.cgroups
+            .create(id, spec.limits.as_ref())
+            .map_err(|e| RuntimeError::Setup(e.to_string()))
     }
 
     /// Creates the instance's uid, directories, port reservation and cgroups, and spawns its
@@ -406,22 +395,15 @@ impl ProcessRuntime {
                 }
                 Err(SpareFailed::Spawn { source, v2 }) => {
                     drop((out, err));
-                    self.undo(&p, Some((&v2, &[])));
+                    p.cgroups.extend(v2);
                     return Err(RuntimeError::Spawn {
                         program: spec.program.clone(),
                         source,
                     });
                 }
                 Err(SpareFailed::Unusable) => {
-                    match self.cgroups.create(&id, spec.limits.as_ref()) {
-                        Ok(c) => cgs = c,
-                        Err(e) => {
-                            drop((out, err));
-                            let v2 = self.cgroups.v2_base.as_ref().map(|b| b.join(&id));
-                            self.undo(&p, Some((&v2, &[])));
-                            return Err(RuntimeError::Setup(e.to_string()));
-                        }
-                    }
+                    // Its v2 cgroup, if made, is gone with the claim.
+                    cgs = self.create_cgroups(&mut p, &id, &spec)?;
                 }
             }
         }
@@ -453,7 +435,6 @@ impl ProcessRuntime {
         let ((), pid, exit_rx) = match spawned {
             Ok(v) => v,
             Err(source) => {
-                self.undo(&p, Some((&v2, &v1)));
                 return Err(RuntimeError::Spawn {
                     program: spec.program.clone(),
                     source,
@@ -472,8 +453,9 @@ impl ProcessRuntime {
     /// A spare found unusable at its claim (its parked process gone) is discarded and the
     /// start made again the plain way (joining its cgroups, no spare), in `block_in_place`.
     /// The future is not cancelled by the session engine (it signals an abandoned start
-    /// instead); if it is dropped while it waits, the claim's guard kills what was started
-    /// (see [`SpareClaim`]) and the next start's sweep removes the instance's directory.
+    /// instead); if it is dropped while it waits (a task aborted at shutdown, a timeout
+    /// around the start), the claim's guard kills what was started (see [`SpareClaim`]) and
+    /// the setup's guard gives back the port, uid, directory and cgroups ([`InstanceSetup`]).
     async fn start_spare(
         &self,
         spec: InstanceSpec,
@@ -510,15 +492,17 @@ impl ProcessRuntime {
         match started {
             Ok((pid, exit_rx, v2, v1)) => Ok(self.started(id, pid, p, (v2, v1), exit_rx, logs)),
             Err(SpareFailed::Spawn { source, v2 }) => {
-                self.undo(&p, Some((&v2, &[])));
+                p.cgroups.extend(v2);
                 Err(RuntimeError::Spawn {
                     program: spec.program.clone(),
                     source,
                 })
             }
             Err(SpareFailed::Unusable) => {
-                let v2 = self.cgroups.v2_base.as_ref().map(|b| b.join(&id));
-                self.undo(&p, Some((&v2, &[])));
+                p.cgroups
+                    .extend(self.cgroups.v2_base.as_ref().map(|b| b.join(&id)));
+                // Given back before the start is made again the plain way.
+                drop(p);
                 // No spare this time (no fork server either: the agent runs no runner).
                 tokio::task::block_in_place(|| self.start_with(spec, logs, None, None, None))
             }
@@ -536,11 +520,12 @@ impl ProcessRuntime {
         logs: LogSink,
     ) -> Arc<dyn Instance> {
         let pid_start = pid_start_time(pid).unwrap_or(0);
+        let (dir, port, uid) = p.hand_over();
         self.instance(
             id,
             (pid, pid_start),
-            (p.port, p.uid),
-            p.dirs.dir,
+            (port, uid),
+            dir,
             cgroups,
             exit_rx,
             (0, 0),
@@ -790,13 +775,52 @@ enum SpareFailed {
     },
 }
 
-/// What [`ProcessRuntime::set_up`] made for an instance.
+/// What [`ProcessRuntime::set_up`] made for an instance: its uid, directory, port and
+/// cgroups. A guard: dropped before [`ProcessRuntime::started`] handed it all to the
+/// instance (a start that failed, or whose future was dropped at an await), it gives back
+/// everything it holds, so nothing a start took outlives it. Its process is not its to
+/// kill: a start's process is either handed over too or killed by what started it (a
+/// failed spawn has none, [`SpareClaim`] kills its own).
 struct InstanceSetup {
     dirs: InstanceDirs,
     uid: Option<u32>,
+    /// 0 until reserved.
     port: u16,
     /// stdout and stderr capture files.
     out: Option<(OwnedFd, OwnedFd)>,
+    /// Cgroups made for the instance, removed if it is not handed over.
+    cgroups: Vec<PathBuf>,
+    ports: Arc<PortBook>,
+    uids: Option<Arc<UidPool>>,
+    /// Set by [`InstanceSetup::hand_over`]: nothing is given back.
+    handed_over: bool,
+}
+
+impl InstanceSetup {
+    /// Disarms the guard: the instance holds it all now.
+    fn hand_over(mut self) -> (PathBuf, u16, Option<u32>) {
+        self.handed_over = true;
+        (std::mem::take(&mut self.dirs.dir), self.port, self.uid)
+    }
+}
+
+impl Drop for InstanceSetup {
+    fn drop(&mut self) {
+        if self.handed_over {
+            return;
+        }
+        self.out.take();
+        for d in &self.cgroups {
+            cgroup::remove(d);
+        }
+        let _ = fs::remove_dir_all(&self.dirs.dir);
+        if self.port != 0 {
+            self.ports.release(self.port);
+        }
+        if let (Some(pool), Some(uid)) = (&self.uids, self.uid) {
+            pool.release(uid);
+        }
+    }
 }
 
 /// The spawn of an instance's main process, with no cgroup descriptors yet: a spare's
@@ -2048,6 +2072,112 @@ mod tests {
             pids_with_instance_env(&id).is_empty(),
             "the started process lives on"
         );
+        rt.shutdown().await;
+    }
+
+    fn test_sink() -> LogSink {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        LogSink {
+            tx,
+            attribution: Arc::new(Mutex::new(crate::runtime::logs::LogAttribution {
+                org: "o".into(),
+                agent_id: uuid::Uuid::nil(),
+                deployment_id: uuid::Uuid::nil(),
+                instance_id: uuid::Uuid::nil(),
+                session_id: None,
+            })),
+        }
+    }
+
+    /// A start's future dropped while it waits for its process's `exec` (a start from a
+    /// spare: the session engine's task aborted, a timeout around the start) gives back all
+    /// it took: its port and uid can be taken again, its directory and cgroups are gone, its
+    /// process is killed. A start let finish keeps them. Skipped without spares (root,
+    /// cgroup v2 next to v1 controllers).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_start_dropped_while_it_waits_gives_back_all_it_took() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let server_id = format!("start-drop-{}", uuid::Uuid::new_v4().simple());
+        // Instance uids where this machine allows them (root, a mapped range).
+        let uids = Some("1900000-1999999".parse::<UidRange>().expect("range"));
+        let rt = ProcessRuntime::new(
+            data.path().join("instances"),
+            &server_id,
+            uids,
+            &rundir::RuntimeDir::Data,
+        )
+        .expect("runtime");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = rt.spares.take() {
+                rt.spares.give_back(s);
+                break;
+            }
+            if Instant::now() > deadline {
+                eprintln!("no spare cgroup slots on this machine: skipped");
+                rt.shutdown().await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let spec = |id: uuid::Uuid| InstanceSpec {
+            instance_id: id,
+            program: "/bin/sleep".into(),
+            args: vec!["30".into()],
+            working_dir: None,
+            env: vec![],
+            limits: None,
+            agent: None,
+            deployment: None,
+            abandoned: Default::default(),
+        };
+        let held = |rt: &ProcessRuntime| {
+            (
+                rt.ports.held_count(),
+                rt.isolation.uids.as_ref().map_or(0, |p| p.held_count()),
+            )
+        };
+        let id = uuid::Uuid::new_v4();
+        let v2 = rt.cgroups.v2_base.as_ref().map(|b| b.join(id.to_string()));
+        {
+            let mut start = std::pin::pin!(rt.start(spec(id), test_sink()));
+            // One poll: set up, spare claimed, waiting for the pidfd (never readable at the
+            // first poll: tokio learns readiness from its driver).
+            let polled = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(std::future::Future::poll(start.as_mut(), cx))
+            })
+            .await;
+            assert!(polled.is_pending(), "the start did not wait");
+            let taken = held(&rt);
+            assert_eq!(taken.0, 1, "the start reserved no port");
+            if rt.isolation.uids.is_some() {
+                assert_eq!(taken.1, 1, "the start took no uid");
+            }
+            assert!(data.path().join("instances").join(id.to_string()).exists());
+        }
+        assert_eq!(held(&rt), (0, 0), "a port or uid is still held");
+        assert!(
+            !data.path().join("instances").join(id.to_string()).exists(),
+            "the instance's directory is left"
+        );
+        if let Some(v2) = &v2 {
+            assert!(!v2.exists(), "the v2 cgroup is left: {}", v2.display());
+        }
+        for (_, b) in &rt.cgroups.v1_bases {
+            assert!(!b.join(id.to_string()).exists(), "a v1 cgroup is left");
+        }
+        assert!(
+            pids_with_instance_env(&id.to_string()).is_empty(),
+            "the started process lives on"
+        );
+        // Started to the end, the instance keeps what it was handed.
+        let inst = rt.start(spec(uuid::Uuid::new_v4()), test_sink()).await;
+        let inst = inst.expect("start");
+        let kept = held(&rt);
+        assert_eq!(kept.0, 1);
+        assert!(inst.exited().is_none());
+        inst.terminate(Duration::ZERO).await;
+        assert_eq!(held(&rt), (0, 0));
         rt.shutdown().await;
     }
 }

@@ -119,6 +119,12 @@ impl PortBook {
     pub fn release(&self, port: u16) {
         self.held.lock().remove(&port);
     }
+
+    /// How many ports are held.
+    #[cfg(test)]
+    pub fn held_count(&self) -> usize {
+        self.held.lock().len()
+    }
 }
 
 impl Default for PortBook {

@@ -196,6 +196,12 @@ impl UidPool {
         }
     }
 
+    /// How many uids are held.
+    #[cfg(test)]
+    pub fn held_count(&self) -> usize {
+        self.held.lock().len()
+    }
+
     /// Releases `uid` once its instance is gone (once its last holder is, when shared).
     pub fn release(&self, uid: u32) {
         let mut held = self.held.lock();
