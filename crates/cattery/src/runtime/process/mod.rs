@@ -18,6 +18,7 @@ pub mod ports;
 pub mod python;
 pub mod reaper;
 pub mod rundir;
+pub mod signals;
 pub mod spare;
 pub mod spawn;
 pub mod uids;
@@ -32,7 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use parking_lot::Mutex;
 use tokio::sync::{watch, OnceCell};
@@ -246,8 +247,12 @@ impl ProcessRuntime {
             }
             let mut pids: Vec<i32> = v1.iter().flat_map(|d| cgroup::procs(d)).collect();
             pids.extend(pids_with_instance_env(id));
-            for p in &pids {
-                let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
+            for &p in &pids {
+                // Through a pidfd, once the pid is seen in the cgroups or with the id
+                // (`signals`, rule 2): not ours, it may be reaped and its pid reused any time.
+                signals::send_checked(p, Signal::SIGKILL, || {
+                    v1.iter().any(|d| cgroup::procs(d).contains(&p)) || has_instance_env(p, id)
+                });
             }
             self.reaper.reap_all();
             let populated = v2.as_ref().is_some_and(|d| cgroup::populated(d));
@@ -391,7 +396,7 @@ impl ProcessRuntime {
             match started {
                 Ok((pid, exit_rx, v2, v1)) => {
                     drop((out, err));
-                    return Ok(self.started(id, pid, p, (v2, v1), exit_rx, logs));
+                    return Ok(self.started(id, (pid, true), p, (v2, v1), exit_rx, logs));
                 }
                 Err(SpareFailed::Spawn { source, v2 }) => {
                     drop((out, err));
@@ -441,7 +446,8 @@ impl ProcessRuntime {
                 });
             }
         };
-        Ok(self.started(id, pid, p, (v2, v1), exit_rx, logs))
+        let child = zygote.is_none();
+        Ok(self.started(id, (pid, child), p, (v2, v1), exit_rx, logs))
     }
 
     /// [`ProcessRuntime::start`] from a spare cgroup slot, on the calling worker. The
@@ -490,7 +496,9 @@ impl ProcessRuntime {
         self.spares.refill_soon();
         drop((out, err));
         match started {
-            Ok((pid, exit_rx, v2, v1)) => Ok(self.started(id, pid, p, (v2, v1), exit_rx, logs)),
+            Ok((pid, exit_rx, v2, v1)) => {
+                Ok(self.started(id, (pid, true), p, (v2, v1), exit_rx, logs))
+            }
             Err(SpareFailed::Spawn { source, v2 }) => {
                 p.cgroups.extend(v2);
                 Err(RuntimeError::Spawn {
@@ -509,21 +517,31 @@ impl ProcessRuntime {
         }
     }
 
-    /// The handle of a newly started instance.
+    /// The handle of a newly started instance. `child`: its main process is this server's
+    /// child, reaped by the reaper alone (not a fork server's).
+    #[allow(clippy::too_many_arguments)]
     fn started(
         &self,
         id: String,
-        pid: i32,
+        (pid, child): (i32, bool),
         p: InstanceSetup,
         cgroups: (Option<PathBuf>, Vec<PathBuf>),
         exit_rx: watch::Receiver<Option<ExitInfo>>,
         logs: LogSink,
     ) -> Arc<dyn Instance> {
-        let pid_start = pid_start_time(pid).unwrap_or(0);
+        // Read while the pid provably names the new process (not reaped yet), when it is this
+        // server's child.
+        let pid_start = match child {
+            true => self
+                .reaper
+                .while_unreaped(pid, || pid_start_time(pid))
+                .flatten(),
+            false => pid_start_time(pid),
+        };
         let (dir, port, uid) = p.hand_over();
         self.instance(
             id,
-            (pid, pid_start),
+            (pid, pid_start.unwrap_or(0), child),
             (port, uid),
             dir,
             cgroups,
@@ -677,7 +695,7 @@ impl ProcessRuntime {
     fn instance(
         &self,
         id: String,
-        (pid, pid_start): (i32, u64),
+        (pid, pid_start, child): (i32, u64, bool),
         (port, uid): (u16, Option<u32>),
         dir: PathBuf,
         (cg_v2, cg_v1): (Option<PathBuf>, Vec<PathBuf>),
@@ -696,6 +714,7 @@ impl ProcessRuntime {
             id,
             pid,
             pid_start,
+            child,
             port,
             dir,
             cg_v2,
@@ -752,11 +771,12 @@ impl Drop for SpareClaim<'_> {
         };
         if let Ok(pid) = spare.claim_end() {
             // Started, but nobody will own it: the whole instance goes, by its cgroup. Only
-            // without `cgroup.kill` (kernels before 5.14) by its pid, which the reaper may
-            // have freed already if the process exited at once.
+            // without `cgroup.kill` (kernels before 5.14) by its pid, unless the reaper has
+            // reaped it already (it may have exited at once): `signals`, rule 3.
             if cgroup::kill_all(&self.v2).is_err() {
-                // SAFETY: a signal to the process just started, as a last resort.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                if let Some(w) = &self.window {
+                    w.signal_unreaped(pid, Signal::SIGKILL);
+                }
             }
         }
         spare.discard();
@@ -903,6 +923,13 @@ fn same_process_alive(pid: i32, start: u64) -> bool {
     let state = f.next().unwrap_or("Z");
     let st = f.nth(18).and_then(|v| v.parse::<u64>().ok());
     state != "Z" && state != "X" && st == Some(start)
+}
+
+/// Whether the environment of process `pid` carries `CATTERY_INSTANCE_ID=<id>`.
+fn has_instance_env(pid: i32, id: &str) -> bool {
+    let needle = format!("CATTERY_INSTANCE_ID={id}");
+    fs::read(format!("/proc/{pid}/environ"))
+        .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()))
 }
 
 /// Pids of live processes whose environment carries `CATTERY_INSTANCE_ID=<id>`.
@@ -1142,7 +1169,8 @@ impl Runtime for ProcessRuntime {
         }
         let inst = self.instance(
             id,
-            (pl.pid, pl.pid_start),
+            // Not this server's child: its parent died with the previous server.
+            (pl.pid, pl.pid_start, false),
             (pl.port, uid),
             dir,
             (cg_v2, cg_v1),
@@ -1190,6 +1218,10 @@ pub struct ProcessInstance {
     id: String,
     pid: i32,
     pid_start: u64,
+    /// The main process is this server's child, reaped by the reaper alone: it and its
+    /// process group may be signalled under the reaper's lock until it is reaped
+    /// ([`signals`], rule 3). Not so for a fork server's child or an adopted instance.
+    child: bool,
     port: u16,
     dir: PathBuf,
     cg_v2: Option<PathBuf>,
@@ -1234,6 +1266,7 @@ impl ProcessInstance {
             None => {
                 let leader_gone = self.exit_rx.borrow().is_some()
                     || !same_process_alive(self.pid, self.pid_start);
+                // Signal 0 sends nothing: a stranger's group of that number only delays this.
                 leader_gone
                     && killpg(Pid::from_raw(self.pid), None).is_err()
                     && pids_with_instance_env(&self.id).is_empty()
@@ -1244,16 +1277,43 @@ impl ProcessInstance {
     /// Sends `sig` once to every process of the tree: to the main process's group, then to
     /// each member outside that group (one that made a session or group of its own). A member
     /// signalled twice could read the second `SIGTERM` as "quit now" and skip its shutdown.
+    ///
+    /// Nothing goes to a pid that may have been reaped and reused ([`signals`]): the group
+    /// only while its leader, this server's child, is not reaped, under the reaper's lock
+    /// (rule 3); every other member, and the main process of a fork server or of a previous
+    /// server, through a pidfd once it is seen to be a member ([`ProcessInstance::is_member`],
+    /// rule 2).
     fn signal_all(&self, sig: Signal) {
-        let group = (self.exit_rx.borrow().is_none()
-            && killpg(Pid::from_raw(self.pid), sig).is_ok())
-        .then_some(self.pid);
+        let group = self
+            .child
+            .then(|| {
+                self.reaper
+                    .while_unreaped(self.pid, || killpg(Pid::from_raw(self.pid), sig).is_ok())
+            })
+            .flatten()
+            .unwrap_or(false)
+            .then_some(self.pid);
         let members = self.members().into_iter().map(|p| {
             let pgid = nix::unistd::getpgid(Some(Pid::from_raw(p))).ok();
             (p, pgid.map(Pid::as_raw))
         });
         for p in outside_group(members, group) {
-            let _ = kill(Pid::from_raw(p), sig);
+            signals::send_checked(p, sig, || self.is_member(p));
+        }
+    }
+
+    /// Whether `pid` names one of the instance's processes now: one in its v2 cgroup;
+    /// without one, a process carrying its id in its environment, or its main process (by
+    /// its start time).
+    fn is_member(&self, pid: i32) -> bool {
+        match &self.cg_v2 {
+            Some(d) => cgroup::procs(d).contains(&pid),
+            None => {
+                has_instance_env(pid, &self.id)
+                    || (pid == self.pid
+                        && self.pid_start != 0
+                        && same_process_alive(pid, self.pid_start))
+            }
         }
     }
 
@@ -2178,6 +2238,80 @@ mod tests {
         assert!(inst.exited().is_none());
         inst.terminate(Duration::ZERO).await;
         assert_eq!(held(&rt), (0, 0));
+        rt.shutdown().await;
+    }
+
+    /// A stranger that took the pid of an instance's main process after it was reaped (here
+    /// a process group leader of ours, standing for it, with no status delivered to the
+    /// instance yet: the moment between a check and a signal) gets no signal from the
+    /// instance's stop, with or without a v2 cgroup. It blocks `SIGTERM`, so a signal sent
+    /// would stay pending, for all to see.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_sends_nothing_to_a_stranger_with_a_reaped_main_processs_pid() {
+        use std::os::unix::process::CommandExt;
+        let data = tempfile::tempdir().expect("tempdir");
+        let server_id = format!("pid-reuse-{}", uuid::Uuid::new_v4().simple());
+        let rt = ProcessRuntime::new(
+            data.path().join("instances"),
+            &server_id,
+            None,
+            &rundir::RuntimeDir::Data,
+        )
+        .expect("runtime");
+        let mut stranger = std::process::Command::new("/bin/sleep");
+        stranger.arg("30").process_group(0);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            stranger.pre_exec(|| {
+                let mut set = nix::sys::signal::SigSet::empty();
+                set.add(Signal::SIGTERM);
+                set.thread_block().map_err(std::io::Error::from)
+            })
+        };
+        let mut stranger = stranger.spawn().expect("spawn sleep");
+        let pid = stranger.id() as i32;
+        // Whether a SIGTERM is pending for it (sent, blocked).
+        let sigterm_pending = |pid: i32| {
+            let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+            status.lines().any(|l| {
+                let mask = l
+                    .strip_prefix("ShdPnd:")
+                    .or_else(|| l.strip_prefix("SigPnd:"));
+                mask.and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+                    .is_some_and(|m| m & (1 << (libc::SIGTERM - 1)) != 0)
+            })
+        };
+        assert!(!sigterm_pending(pid));
+        let cg = data.path().join("cgroup");
+        fs::create_dir_all(&cg).expect("cgroup dir");
+        fs::write(cg.join("cgroup.procs"), "").expect("cgroup.procs");
+        for (cg_v2, child) in [(None, true), (Some(cg.clone()), true), (None, false)] {
+            let id = uuid::Uuid::new_v4().to_string();
+            let dir = data.path().join(&id);
+            fs::create_dir_all(&dir).expect("dir");
+            // Its status was not delivered (the sender stays), but no waiter is registered:
+            // the reaper reaped it.
+            let (_tx, exit_rx) = watch::channel(None);
+            let inst = rt.instance(
+                id,
+                // Its own start time, not the stranger's.
+                (pid, 1, child),
+                (0, None),
+                dir,
+                (cg_v2.clone(), vec![]),
+                exit_rx,
+                (0, 0),
+                test_sink(),
+            );
+            inst.signal_all(Signal::SIGTERM);
+            assert!(
+                !sigterm_pending(pid),
+                "the stranger was signalled (v2 cgroup: {}, child: {child})",
+                cg_v2.is_some()
+            );
+        }
+        let _ = stranger.kill();
+        let _ = stranger.wait();
         rt.shutdown().await;
     }
 }

@@ -103,6 +103,23 @@ impl Unlocked<'_> {
     }
 }
 
+impl Unlocked<'_> {
+    /// Sends `sig` to `pid`, a child of this server started in this window and not
+    /// registered yet, unless the reaper has reaped it: under the lock, where no reap runs,
+    /// and only if no status of `pid` was kept since the window opened (every reap of an
+    /// unregistered pid while the window is open is kept). Rule 3 of [`super::signals`].
+    /// Returns whether it was sent.
+    pub fn signal_unreaped(&self, pid: i32, sig: nix::sys::signal::Signal) -> bool {
+        let g = self.reaper.lock();
+        if g.kept.get(&pid).is_some_and(|(s, _)| *s > self.seq) {
+            return false;
+        }
+        let sent = nix::sys::signal::kill(Pid::from_raw(pid), sig).is_ok();
+        drop(g);
+        sent
+    }
+}
+
 impl Drop for Unlocked<'_> {
     fn drop(&mut self) {
         let mut g = self.reaper.lock();
@@ -221,6 +238,21 @@ impl Reaper {
             (t, pid, rx)
         })
         // Letting go of the lock runs a reap asked for meanwhile (`Held`).
+    }
+
+    /// Runs `f` while `pid`, a child of this server registered here, provably is not reaped:
+    /// under the lock (no reap runs meanwhile) and only if its status was not delivered yet.
+    /// `f` may then signal `pid`, or the process group it leads: the number names it and
+    /// nothing else (rule 3 of [`super::signals`]). Returns `None` (and `f` does not run)
+    /// once it is reaped.
+    ///
+    /// Only for pids the reaper alone reaps: not for a fork server's children (registered
+    /// here, reaped by the fork server, [`Reaper::deliver_external`]).
+    pub fn while_unreaped<R>(&self, pid: i32, f: impl FnOnce() -> R) -> Option<R> {
+        let g = self.lock();
+        let r = g.waiters.contains_key(&pid).then(f);
+        drop(g);
+        r
     }
 
     /// Runs a short helper program (not an instance) to completion and returns its exit and
@@ -458,5 +490,58 @@ mod tests {
         assert_eq!(kept, vec![101]);
         drop(second);
         assert!(r.lock().kept.is_empty());
+    }
+
+    /// While `while_unreaped` runs its closure no reap can deliver the pid's status (a reap
+    /// asked for meanwhile waits for the lock's release); once delivered, the closure no
+    /// longer runs: a signal sent from it goes to a pid not reaped yet.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_is_reaped_while_a_pid_is_known_unreaped() {
+        let r = Reaper::global();
+        // Above any pid_max: registered, never a real process.
+        let pid = 0x3fff_0001;
+        let (_, _, rx) = r.spawn_registered(|| Ok(((), pid))).expect("register");
+        let info = ExitInfo {
+            code: Some(5),
+            signal: None,
+        };
+        let ran = r.while_unreaped(pid, || {
+            std::thread::scope(|s| {
+                s.spawn(|| r.deliver_external(pid, info));
+            });
+            // Asked for, not delivered: the lock is held.
+            rx.borrow().is_none()
+        });
+        assert_eq!(ran, Some(true));
+        assert_eq!(
+            *rx.borrow(),
+            Some(info),
+            "delivered when the lock was let go"
+        );
+        assert_eq!(r.while_unreaped(pid, || ()), None, "ran after the reap");
+        // A pid never registered is never taken for unreaped.
+        assert_eq!(r.while_unreaped(0x3fff_0002, || ()), None);
+    }
+
+    /// A window's signal to the pid it started goes nowhere once the reaper reaped that pid
+    /// (its status kept for the window), and reaches it while it is not reaped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::zombie_processes)] // The reaper reaps it.
+    async fn a_windows_signal_goes_only_to_its_unreaped_process() {
+        let r = Reaper::global();
+        let window = r.open_unlocked();
+        let gone = exited_child(0);
+        reaped(gone).await;
+        assert!(r.lock().kept.contains_key(&gone));
+        assert!(!window.signal_unreaped(gone, nix::sys::signal::Signal::SIGKILL));
+        let live = std::process::Command::new("/bin/sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = live.id() as i32;
+        assert!(window.signal_unreaped(pid, nix::sys::signal::Signal::SIGKILL));
+        reaped(pid).await;
+        let rx = window.register(pid);
+        assert_eq!(rx.borrow().and_then(|e| e.signal), Some(libc::SIGKILL));
     }
 }

@@ -933,8 +933,11 @@ pub fn sweep(v1_bases: &[(&'static str, PathBuf)], keep: &[String]) -> usize {
             }
             let dir = e.path();
             for pid in super::cgroup::procs(&dir) {
-                // SAFETY: kill(2) of a process found in our own spare cgroup.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                // Not our child: through a pidfd, once seen in the cgroup
+                // (`super::signals`, rule 2).
+                super::signals::send_checked(pid, nix::sys::signal::Signal::SIGKILL, || {
+                    super::cgroup::procs(&dir).contains(&pid)
+                });
             }
             remove_when_empty(&dir);
             removed += 1;

@@ -449,10 +449,10 @@ impl Zygote {
             }
         };
         if let Err(e) = join(pid) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            // No signal by pid (the fork server reaps its children, so the pid may be reused
+            // by the time it would arrive): closing `go` unwritten tells the child never to
+            // run, and it exits 127 without touching the bot.
+            drop(go_w);
             return Err(std::io::Error::new(
                 e.kind(),
                 format!("joining the instance's cgroup: {e}"),
