@@ -925,6 +925,24 @@ fn same_process_alive(pid: i32, start: u64) -> bool {
     state != "Z" && state != "X" && st == Some(start)
 }
 
+/// The process group of process `pid` (field 5 of `/proc/<pid>/stat`).
+fn process_group(pid: i32) -> Option<i32> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    rest.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Pids of the processes in process group `pgid` (zombies included).
+fn pids_in_group(pgid: i32) -> Vec<i32> {
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter(|&p| process_group(p) == Some(pgid))
+        .collect()
+}
+
 /// Whether the environment of process `pid` carries `CATTERY_INSTANCE_ID=<id>`.
 fn has_instance_env(pid: i32, id: &str) -> bool {
     let needle = format!("CATTERY_INSTANCE_ID={id}");
@@ -1297,9 +1315,47 @@ impl ProcessInstance {
             let pgid = nix::unistd::getpgid(Some(Pid::from_raw(p))).ok();
             (p, pgid.map(Pid::as_raw))
         });
-        for p in outside_group(members, group) {
+        let led = match (group, &self.cg_v2) {
+            (None, None) => self.signal_group_members(sig),
+            _ => Vec::new(),
+        };
+        for p in outside_group(members, group).filter(|p| !led.contains(p)) {
             signals::send_checked(p, sig, || self.is_member(p));
         }
+    }
+
+    /// Without a v2 cgroup and with the main process's group not signalled under the
+    /// reaper's lock (an adopted instance, or one whose main process was reaped), sends
+    /// `sig` to each process of that group through a pidfd (rule 2 of [`signals`]), once it
+    /// is seen in the group while the main process is not reaped (the pid, holding the
+    /// group's number, has its start time): a member that carries no instance id (one that
+    /// cleared its environment) is reached as `killpg` reached it. Scans again until no new
+    /// member shows (one forked meanwhile), the main process last in each scan. Returns the
+    /// pids signalled.
+    fn signal_group_members(&self, sig: Signal) -> Vec<i32> {
+        let (mut seen, mut sent) = (Vec::new(), Vec::new());
+        if self.pid_start == 0 {
+            return sent;
+        }
+        let leader_unreaped = || pid_start_time(self.pid) == Some(self.pid_start);
+        for _ in 0..8 {
+            let mut found = pids_in_group(self.pid);
+            found.retain(|p| !seen.contains(p));
+            if found.is_empty() || !leader_unreaped() {
+                break;
+            }
+            seen.extend(&found);
+            // The main process last: while it is not reaped, the group is its.
+            found.sort_by_key(|&p| p == self.pid);
+            for p in found {
+                if signals::send_checked(p, sig, || {
+                    process_group(p) == Some(self.pid) && leader_unreaped()
+                }) {
+                    sent.push(p);
+                }
+            }
+        }
+        sent
     }
 
     /// Whether `pid` names one of the instance's processes now: one in its v2 cgroup;
@@ -2312,6 +2368,77 @@ mod tests {
         }
         let _ = stranger.kill();
         let _ = stranger.wait();
+        rt.shutdown().await;
+    }
+
+    /// Without a v2 cgroup, the stop of an instance whose main process is not this server's
+    /// child (adopted after a restart) reaches the members of the main process's group that
+    /// carry no instance id (here a `sleep` of a shell that leads the group), as `killpg`
+    /// did: each through a pidfd, only while the main process, with its start time, holds
+    /// the group. With another start time (a stranger holding the number) none is signalled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::zombie_processes)] // The reaper reaps it.
+    async fn a_stop_reaches_the_untagged_group_members_of_an_adopted_instance_without_cgroup() {
+        use std::os::unix::process::CommandExt;
+        let data = tempfile::tempdir().expect("tempdir");
+        let server_id = format!("adopted-group-{}", uuid::Uuid::new_v4().simple());
+        let rt = ProcessRuntime::new(
+            data.path().join("instances"),
+            &server_id,
+            None,
+            &rundir::RuntimeDir::Data,
+        )
+        .expect("runtime");
+        let leader = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30 & wait"])
+            .env_remove("CATTERY_INSTANCE_ID")
+            .process_group(0)
+            .spawn()
+            .expect("spawn sh");
+        let lead = leader.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let member = loop {
+            if let Some(&p) = pids_in_group(lead).iter().find(|&&p| p != lead) {
+                break p;
+            }
+            assert!(Instant::now() < deadline, "the shell started no sleep");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let runs = |pid: i32| {
+            fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with(['Z', 'X'])))
+                .is_some_and(|dead| !dead)
+        };
+        let start = pid_start_time(lead).expect("start time");
+        for (pid_start, reached) in [(start + 1, false), (start, true)] {
+            let id = uuid::Uuid::new_v4().to_string();
+            let dir = data.path().join(&id);
+            fs::create_dir_all(&dir).expect("dir");
+            let (_tx, exit_rx) = watch::channel(None);
+            let inst = rt.instance(
+                id,
+                (lead, pid_start, false),
+                (0, None),
+                dir,
+                (None, vec![]),
+                exit_rx,
+                (0, 0),
+                test_sink(),
+            );
+            inst.signal_all(Signal::SIGKILL);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while reached && runs(member) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_eq!(
+                !runs(member),
+                reached,
+                "the group's member was {}signalled (start time {pid_start}, the leader's {start})",
+                if reached { "not " } else { "" }
+            );
+            assert_eq!(!runs(lead), reached);
+        }
         rt.shutdown().await;
     }
 }
