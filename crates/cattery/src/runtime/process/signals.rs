@@ -59,15 +59,17 @@ fn pidfd_send(pidfd: &OwnedFd, sig: Signal) -> io::Result<()> {
 /// through that pidfd, so it reaches the process `ours` looked at or nothing. Returns whether
 /// it was sent.
 ///
-/// On a kernel without pidfds (before 5.3), `pid` is signalled after `ours` by `kill(2)`, with
-/// the reuse window between the two left open: nothing better exists there.
+/// On a kernel without pidfds (before 5.3), or where a seccomp filter refuses `pidfd_open`
+/// (`EPERM`, which the call itself never returns: older container engines' default
+/// profiles), `pid` is signalled after `ours` by `kill(2)`, with the reuse window between the
+/// two left open: nothing better exists there.
 pub fn send_checked(pid: i32, sig: Signal, ours: impl FnOnce() -> bool) -> bool {
     if pid <= 0 {
         return false;
     }
     match pidfd_open(pid) {
         Ok(fd) => ours() && pidfd_send(&fd, sig).is_ok(),
-        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
             ours() && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).is_ok()
         }
         Err(_) => false,
@@ -114,5 +116,85 @@ mod tests {
         assert!(!send_checked(0x3fff_0000, Signal::SIGKILL, || panic!(
             "checked"
         )));
+    }
+
+    /// Where a seccomp filter refuses `pidfd_open` with `EPERM` (here on this test's thread
+    /// alone), a member is still signalled once checked, by `kill(2)`; not when its check
+    /// fails.
+    #[test]
+    fn a_signal_goes_by_pid_where_pidfd_open_is_filtered_out() {
+        let mut child = std::process::Command::new("/bin/sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id() as i32;
+        let (checked, sent) = std::thread::spawn(move || {
+            // ld [nr]; jeq pidfd_open ? errno(EPERM) : allow. Filters this thread only.
+            let mut prog = [
+                libc::sock_filter {
+                    code: 0x20,
+                    jt: 0,
+                    jf: 0,
+                    k: 0,
+                },
+                libc::sock_filter {
+                    code: 0x15,
+                    jt: 0,
+                    jf: 1,
+                    k: libc::SYS_pidfd_open as u32,
+                },
+                libc::sock_filter {
+                    code: 0x06,
+                    jt: 0,
+                    jf: 0,
+                    k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+                },
+                libc::sock_filter {
+                    code: 0x06,
+                    jt: 0,
+                    jf: 0,
+                    k: libc::SECCOMP_RET_ALLOW,
+                },
+            ];
+            let fprog = libc::sock_fprog {
+                len: prog.len() as u16,
+                filter: prog.as_mut_ptr(),
+            };
+            // SAFETY: prctl and seccomp with a valid program, on this thread.
+            unsafe {
+                assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+                assert_eq!(
+                    libc::syscall(
+                        libc::SYS_seccomp,
+                        libc::SECCOMP_SET_MODE_FILTER,
+                        0,
+                        &fprog as *const libc::sock_fprog
+                    ),
+                    0
+                );
+            }
+            assert_eq!(
+                pidfd_open(pid).err().and_then(|e| e.raw_os_error()),
+                Some(libc::EPERM)
+            );
+            let refused = send_checked(pid, Signal::SIGKILL, || false);
+            assert!(!refused && runs(pid), "signalled though its check failed");
+            let mut checked = false;
+            let sent = send_checked(pid, Signal::SIGKILL, || {
+                checked = true;
+                true
+            });
+            (checked, sent)
+        })
+        .join()
+        .expect("filtered thread");
+        assert!(checked, "never checked");
+        assert!(sent, "not signalled");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while runs(pid) {
+            assert!(std::time::Instant::now() < deadline, "not killed");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let _ = child.wait();
     }
 }
