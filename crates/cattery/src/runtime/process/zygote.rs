@@ -17,7 +17,8 @@
 //!    limit controllers), then writes one byte to the go pipe. Only then does the child take
 //!    its stdio, working directory and environment and run the bot's code: no code of the
 //!    instance runs outside its cgroups. If the join fails the server closes the pipe unwritten
-//!    and kills the pid: the child exits 127 on end of file without running anything.
+//!    (no signal by pid: the zygote reaps the child, so its pid may be reused): the child exits
+//!    127 on end of file without running anything.
 //!
 //! The zygote reaps its children and reports `exit <pid> <code> <signal>`; a child whose zygote
 //! is gone is re-parented to the server (a child subreaper), whose reaper then sees its exit.
@@ -395,7 +396,8 @@ impl Zygote {
 
     /// Forks one instance: sends the request, waits for the child's pid, calls `join(pid)`
     /// (which moves it into the instance's cgroups), then lets the child run. Errors: the
-    /// zygote failed, or `join` did (the child is then killed and never runs the bot).
+    /// zygote failed, or `join` did (the child is then told never to run the bot: its go pipe is
+    /// closed unwritten).
     pub fn fork(
         &self,
         env: &[(OsString, OsString)],
