@@ -248,8 +248,31 @@ impl Reaper {
     ///
     /// Only for pids the reaper alone reaps: not for a fork server's children (registered
     /// here, reaped by the fork server, [`Reaper::deliver_external`]).
+    ///
+    /// Called on a stop's async worker: a spawn holds the lock through a cgroup join (an RCU
+    /// grace period, 10 ms or more) or a fork server's answer, so when the lock is taken the
+    /// wait for it runs in `block_in_place` (on a multi-threaded runtime), never on the worker.
     pub fn while_unreaped<R>(&self, pid: i32, f: impl FnOnce() -> R) -> Option<R> {
-        let g = self.lock();
+        let g = match self.inner.try_lock() {
+            Ok(guard) => Held {
+                reaper: self,
+                guard: Some(guard),
+            },
+            Err(TryLockError::Poisoned(e)) => Held {
+                reaper: self,
+                guard: Some(e.into_inner()),
+            },
+            Err(TryLockError::WouldBlock) => {
+                let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|h| {
+                    h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+                });
+                if multi_thread {
+                    tokio::task::block_in_place(|| self.lock())
+                } else {
+                    self.lock()
+                }
+            }
+        };
         let r = g.waiters.contains_key(&pid).then(f);
         drop(g);
         r
@@ -521,6 +544,45 @@ mod tests {
         assert_eq!(r.while_unreaped(pid, || ()), None, "ran after the reap");
         // A pid never registered is never taken for unreaped.
         assert_eq!(r.while_unreaped(0x3fff_0002, || ()), None);
+    }
+
+    /// A stop that finds the lock held by a spawn (through a cgroup join or a fork server's
+    /// answer) waits for it off its async worker: the worker's other tasks run meanwhile.
+    /// One worker, so a wait on it would hold up every other task until the lock is let go.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_wait_for_the_lock_does_not_hold_up_the_async_worker() {
+        let r = Reaper::global();
+        let held = Arc::new(AtomicBool::new(true));
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let (held, r) = (held.clone(), r.clone());
+            std::thread::spawn(move || {
+                let g = r.lock();
+                let _ = locked_tx.send(());
+                // Let go when told, or after 5 s if nothing tells it to.
+                let _ = release_rx.recv_timeout(Duration::from_secs(5));
+                held.store(false, Ordering::SeqCst);
+                drop(g);
+            })
+        };
+        locked_rx.recv().expect("the holder took the lock");
+        let waiter = tokio::spawn(async move { r.while_unreaped(0x3fff_0003, || ()) });
+        let other = {
+            let held = held.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let ran_while_held = held.load(Ordering::SeqCst);
+                let _ = release_tx.send(());
+                ran_while_held
+            })
+        };
+        assert!(
+            other.await.expect("other task"),
+            "the worker waited for the reaper's lock"
+        );
+        assert_eq!(waiter.await.expect("waiter"), None);
+        holder.join().expect("holder");
     }
 
     /// A window's signal to the pid it started goes nowhere once the reaper reaped that pid
