@@ -134,11 +134,16 @@ pub(super) async fn to_owner(
             format!("session {id} runs on node {owner}, {why}"),
         )
     };
-    let no_answer = |e: &dyn std::fmt::Display| {
+    let no_answer = |e: &(dyn std::error::Error + 'static)| {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
             "502",
-            format!("node {owner}, which runs session {id}, did not answer: {e}"),
+            format!(
+                "node {owner}, which runs session {id}, did not answer ({}): the request may \
+                 have reached it; a node that stopped is taken over once it misses the node \
+                 timeout (--node-timeout), and its sessions are then ended",
+                crate::core::cluster::error_chain(e)
+            ),
         )
     };
     let Some(node) = st.sup.live_node(owner).await? else {
@@ -189,8 +194,9 @@ pub(super) async fn to_owner(
     let resp = resp.map_err(|e| {
         if e.is_connect() {
             unreachable(&format!(
-                "which did not take the connection ({e}; nothing was sent): it may be down, \
-                 and is taken over once it misses the node timeout"
+                "which did not take the connection ({}; nothing was sent): it may be down, \
+                 and is taken over once it misses the node timeout",
+                crate::core::cluster::error_chain(&e)
             ))
         } else {
             no_answer(&e)
@@ -389,7 +395,10 @@ pub async fn to_instance(
             ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "502",
-                format!("the session's instance did not answer: {e}"),
+                format!(
+                    "the session's instance did not answer: {}",
+                    crate::core::cluster::error_chain(&e)
+                ),
             )
         })?;
     let (parts, body) = resp.into_parts();

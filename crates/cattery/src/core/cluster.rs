@@ -258,6 +258,23 @@ pub fn peer_connector() -> PeerConnector {
     crate::core::daily::tls_over(c)
 }
 
+/// An HTTP client's error with its causes, `outer: cause: cause`: hyper's own text alone
+/// (`client error (SendRequest)`) does not say what happened (a refused connection, one closed
+/// before the answer, a TLS failure).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
 /// The other nodes over HTTP or HTTPS (their advertise URLs): a forwarded stop is
 /// `POST {url}/internal/v1/sessions/{id}/stop` with the cluster secret in [`SECRET_HEADER`].
 pub struct HttpPeers {
@@ -301,7 +318,7 @@ impl crate::core::session::Peers for HttpPeers {
         }
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .map_err(|e| e.to_string())?;
-        let r = self.http.request(req).await.map_err(|e| e.to_string())?;
+        let r = self.http.request(req).await.map_err(|e| error_chain(&e))?;
         let status = r.status().as_u16();
         match status {
             200 => return Ok(PeerStop::Stopped),

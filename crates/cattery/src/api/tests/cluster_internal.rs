@@ -527,3 +527,43 @@ async fn a_proxied_request_to_an_owner_that_refuses_the_connection_answers_503()
         "{msg}"
     );
 }
+
+/// A proxied request whose owner takes the connection and closes it without an answer (a node
+/// killed while the request was on its way, over a pooled connection) answers 502 with a
+/// message that names what happened and what comes next. Before, the message ended with
+/// hyper's own "client error (SendRequest)", which said neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxied_request_whose_owner_closes_the_connection_says_what_happened() {
+    let api = api_with_secret(None).await;
+    api.deploy("pc", &[], serde_json::json!({})).await;
+    let sid = session_of_n2(&api, "pc").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            drop(conn);
+        }
+    });
+    let now = crate::model::now_ms();
+    api.state.store.heartbeat(&n2(&url, now)).await.unwrap();
+    api.state.sup.remember_nodes(&[n2(&url, now)]);
+    let req = Request::builder()
+        .uri(format!("/v1/public/pc/sessions/{sid}/status"))
+        .header("authorization", format!("Bearer {}", api.pk))
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let resp = api.app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    let msg = body["error"].as_str().unwrap();
+    assert!(msg.contains("n2"), "{msg}");
+    assert!(msg.contains("connection closed"), "{msg}");
+    assert!(msg.contains("--node-timeout"), "{msg}");
+}
