@@ -83,6 +83,40 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>>
     lock_data_dir_within(dir, LOCK_HANDOVER)
 }
 
+/// Binds `--listen`. The previous server's listening socket can outlive its data dir lock: a
+/// server that stops cleanly gives the lock back itself, while a process it started that
+/// still shares or copied its descriptors (see [`lock_data_dir`]) keeps the socket open a
+/// moment longer. So an address in use is tried again, for up to `wait` (logged after 3 s),
+/// and then named with what to do.
+async fn bind_within(
+    listen: SocketAddr,
+    wait: Duration,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    let t0 = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && t0.elapsed() < wait => {
+                if !said && t0.elapsed() >= Duration::from_secs(3) {
+                    said = true;
+                    tracing::warn!(%listen, "waiting for the address: another process still \
+                        listens on it (often a process the previous server on this port started, \
+                        which exits with it)");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => anyhow::bail!(
+                "cannot listen on {listen}: {e}, still after {} s: another process listens on \
+                 it (`ss -ltnp 'sport = :{}'` names it); stop it or pick another --listen",
+                wait.as_secs_f64(),
+                listen.port()
+            ),
+            Err(e) => return Err(e).with_context(|| format!("cannot listen on {listen}")),
+        }
+    }
+}
+
 /// Opens (creating it) the data dir's server lock file, `serve.lock`: whoever holds an
 /// exclusive `flock` on it uses the data dir (`cattery serve`, `cattery store copy`).
 pub(crate) fn open_lock_file(dir: &Path) -> anyhow::Result<std::fs::File> {
@@ -645,9 +679,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // for the lock's hand-over), and before anything is written or announced: a node that
     // cannot listen leaves no heartbeat behind (another node would take it for a live one)
     // and touches no instance. Connections wait in the backlog until the recovery is done.
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = bind_within(listen, LOCK_HANDOVER).await?;
     let sid = server_id(&cfg.data_dir)?;
     let store = open_node_store(&config, &cfg.data_dir, &sid).await?;
     let runner_dir = cfg.data_dir.join("runner");
@@ -963,6 +995,28 @@ mod tests {
         let e = lock_data_dir_within(dir.path(), Duration::from_secs(10)).unwrap_err();
         assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
         assert!(e.to_string().contains("another cattery serve"), "{e}");
+    }
+
+    /// A restart right after a clean stop may find the previous server's listening socket
+    /// still open in a process it started: the bind waits for it, and names what to do when
+    /// it does not go. Before, the start failed at once with "Address already in use".
+    #[tokio::test]
+    async fn a_listen_address_still_in_use_is_waited_for_and_then_named() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(held);
+        });
+        let l = bind_within(addr, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(l.local_addr().unwrap(), addr);
+        release.join().unwrap();
+        let e = bind_within(addr, Duration::from_millis(100))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("another process listens on it"), "{e}");
+        assert!(e.contains(&format!("sport = :{}", addr.port())), "{e}");
     }
 
     #[test]
