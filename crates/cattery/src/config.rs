@@ -1132,6 +1132,27 @@ mod tests {
         );
     }
 
+    /// `--help` is for operators: rustdoc's links (`[`Type`]`) in a doc comment that clap
+    /// reads as help text are noise there. Before, `cattery serve --help` listed
+    /// `--runtime process` as "Local process trees ([`process::ProcessRuntime`])".
+    #[test]
+    fn help_shows_no_rustdoc_links() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let mut texts = Vec::new();
+        for a in cmd.get_arguments() {
+            texts.extend(a.get_help().map(ToString::to_string));
+            texts.extend(a.get_long_help().map(ToString::to_string));
+            for v in a.get_possible_values() {
+                texts.extend(v.get_help().map(ToString::to_string));
+            }
+        }
+        assert!(texts.len() > 50, "{}", texts.len());
+        for text in texts {
+            assert!(!text.contains("[`"), "{text}");
+        }
+    }
+
     #[test]
     fn file_errors_say_where_without_quoting_the_file() {
         // A misspelt key, an unterminated string, a bad value: toml's own message quotes the

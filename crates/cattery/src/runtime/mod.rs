@@ -285,11 +285,17 @@ pub struct Prepared {
 pub enum RuntimeKind {
     /// Local process trees ([`process::ProcessRuntime`]).
     #[default]
+    #[value(help = "Local process trees")]
     Process,
     /// Containers on a Docker engine ([`docker::DockerRuntime`]).
+    #[value(help = "Containers on a Docker engine")]
     Docker,
     /// Both: image agents in containers, `local:` and `command` agents as processes
     /// ([`multi::MultiRuntime`]); each record names the runtime that made it by its placement.
+    #[value(
+        help = "Both: image agents in containers, `local:` and `command` agents as processes; \
+                each record names the runtime that made it by its placement"
+    )]
     Auto,
     /// The in-process test runtime ([`fake::FakeRuntime`]). Never chosen by configuration:
     /// neither `--runtime` nor the config file accept it, and [`factory::build`] refuses it.
