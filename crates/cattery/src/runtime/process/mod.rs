@@ -2128,26 +2128,10 @@ mod tests {
     /// (root, cgroup v2 next to v1 controllers).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_claim_dropped_before_it_is_finished_leaves_nothing_running() {
-        let data = tempfile::tempdir().expect("tempdir");
-        let server_id = format!("claim-drop-{}", uuid::Uuid::new_v4().simple());
-        let rt = ProcessRuntime::new(
-            data.path().join("instances"),
-            &server_id,
-            None,
-            &rundir::RuntimeDir::Data,
-        )
-        .expect("runtime");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let spare = loop {
-            if let Some(s) = rt.spares.take() {
-                break s;
-            }
-            if Instant::now() > deadline {
-                eprintln!("no spare cgroup slots on this machine: skipped");
-                rt.shutdown().await;
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let (data, rt) = test_runtime("claim-drop", None);
+        let Some(spare) = first_spare(&rt).await else {
+            rt.shutdown().await;
+            return;
         };
         let v1: Vec<PathBuf> = spare.v1.iter().map(|(_, d)| d.clone()).collect();
         let id = uuid::Uuid::new_v4().to_string();
@@ -2191,6 +2175,37 @@ mod tests {
         rt.shutdown().await;
     }
 
+    /// A process runtime on a fresh data dir (kept alive by the returned `TempDir`), its
+    /// server id made of `prefix` and a random suffix.
+    fn test_runtime(prefix: &str, uids: Option<UidRange>) -> (tempfile::TempDir, ProcessRuntime) {
+        let data = tempfile::tempdir().expect("tempdir");
+        let server_id = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+        let rt = ProcessRuntime::new(
+            data.path().join("instances"),
+            &server_id,
+            uids,
+            &rundir::RuntimeDir::Data,
+        )
+        .expect("runtime");
+        (data, rt)
+    }
+
+    /// The runtime's first spare, waited for up to 20 s; `None` (and a note that the test is
+    /// skipped) where this machine makes none (not root, no cgroup v2 next to v1 controllers).
+    async fn first_spare(rt: &ProcessRuntime) -> Option<spare::Spare> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = rt.spares.take() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                eprintln!("no spare cgroup slots on this machine: skipped");
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn test_sink() -> LogSink {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         LogSink {
@@ -2212,30 +2227,14 @@ mod tests {
     /// cgroup v2 next to v1 controllers).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_start_dropped_while_it_waits_gives_back_all_it_took() {
-        let data = tempfile::tempdir().expect("tempdir");
-        let server_id = format!("start-drop-{}", uuid::Uuid::new_v4().simple());
         // Instance uids where this machine allows them (root, a mapped range).
         let uids = Some("1900000-1999999".parse::<UidRange>().expect("range"));
-        let rt = ProcessRuntime::new(
-            data.path().join("instances"),
-            &server_id,
-            uids,
-            &rundir::RuntimeDir::Data,
-        )
-        .expect("runtime");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = rt.spares.take() {
-                rt.spares.give_back(s);
-                break;
-            }
-            if Instant::now() > deadline {
-                eprintln!("no spare cgroup slots on this machine: skipped");
-                rt.shutdown().await;
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let (data, rt) = test_runtime("start-drop", uids);
+        let Some(spare) = first_spare(&rt).await else {
+            rt.shutdown().await;
+            return;
+        };
+        rt.spares.give_back(spare);
         let spec = |id: uuid::Uuid| InstanceSpec {
             instance_id: id,
             program: "/bin/sleep".into(),
@@ -2305,15 +2304,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stop_sends_nothing_to_a_stranger_with_a_reaped_main_processs_pid() {
         use std::os::unix::process::CommandExt;
-        let data = tempfile::tempdir().expect("tempdir");
-        let server_id = format!("pid-reuse-{}", uuid::Uuid::new_v4().simple());
-        let rt = ProcessRuntime::new(
-            data.path().join("instances"),
-            &server_id,
-            None,
-            &rundir::RuntimeDir::Data,
-        )
-        .expect("runtime");
+        let (data, rt) = test_runtime("pid-reuse", None);
         let mut stranger = std::process::Command::new("/bin/sleep");
         stranger.arg("30").process_group(0);
         // SAFETY: only async-signal-safe calls between fork and exec.
@@ -2380,15 +2371,7 @@ mod tests {
     #[allow(clippy::zombie_processes)] // The reaper reaps it.
     async fn a_stop_reaches_the_untagged_group_members_of_an_adopted_instance_without_cgroup() {
         use std::os::unix::process::CommandExt;
-        let data = tempfile::tempdir().expect("tempdir");
-        let server_id = format!("adopted-group-{}", uuid::Uuid::new_v4().simple());
-        let rt = ProcessRuntime::new(
-            data.path().join("instances"),
-            &server_id,
-            None,
-            &rundir::RuntimeDir::Data,
-        )
-        .expect("runtime");
+        let (data, rt) = test_runtime("adopted-group", None);
         let leader = std::process::Command::new("/bin/sh")
             .args(["-c", "sleep 30 & wait"])
             .env_remove("CATTERY_INSTANCE_ID")
