@@ -178,19 +178,7 @@ async fn a_proxied_request_finds_its_owner_in_the_node_list_seen_and_gives_up_on
     let sid = session_of_n2(&api, "px").await;
     let (seen, stored) = (answering("seen").await, answering("stored").await);
     store.heartbeat(&n2(&stored, now)).await.unwrap();
-    let proxied = || async {
-        let req = Request::builder()
-            .uri(format!("/v1/public/px/sessions/{sid}/hello"))
-            .header("authorization", format!("Bearer {}", api.pk))
-            .body(axum::body::Body::empty())
-            .unwrap();
-        let resp = api.app.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        (status, String::from_utf8_lossy(&bytes).into_owned())
-    };
+    let proxied = || proxied(&api, "px", &sid, "hello");
 
     api.state.sup.remember_nodes(&[n2(&seen, now)]);
     assert_eq!(proxied().await, (StatusCode::OK, "seen".into()));
@@ -493,6 +481,28 @@ async fn an_operator_forgets_nodes_that_left_or_died_and_own_nothing() {
     assert!(ids.contains(&"fresh"), "{ids:?}");
 }
 
+/// `GET /v1/public/{agent}/sessions/{sid}/{route}` through this node's session proxy, with
+/// the public key: its status and body.
+async fn proxied(api: &Api, agent: &str, sid: &uuid::Uuid, route: &str) -> (StatusCode, String) {
+    let req = Request::builder()
+        .uri(format!("/v1/public/{agent}/sessions/{sid}/{route}"))
+        .header("authorization", format!("Bearer {}", api.pk))
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let resp = api.app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// [`proxied`] `status`, its body read as JSON.
+async fn proxied_status(api: &Api, agent: &str, sid: &uuid::Uuid) -> (StatusCode, Value) {
+    let (status, body) = proxied(api, agent, sid, "status").await;
+    (status, serde_json::from_str(&body).unwrap())
+}
+
 /// A proxied request for a session of a node that died a moment ago (still alive in the node
 /// list, its port closed) answers 503 NODE_UNREACHABLE, as for a node declared dead: the
 /// connection was refused, so nothing reached it. Before, 502 with the code "502".
@@ -508,17 +518,7 @@ async fn a_proxied_request_to_an_owner_that_refuses_the_connection_answers_503()
     let now = crate::model::now_ms();
     api.state.store.heartbeat(&n2(&closed, now)).await.unwrap();
     api.state.sup.remember_nodes(&[n2(&closed, now)]);
-    let req = Request::builder()
-        .uri(format!("/v1/public/pr/sessions/{sid}/status"))
-        .header("authorization", format!("Bearer {}", api.pk))
-        .body(axum::body::Body::empty())
-        .unwrap();
-    let resp = api.app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-        .await
-        .unwrap();
-    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    let (status, body) = proxied_status(&api, "pr", &sid).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["code"], "NODE_UNREACHABLE", "{body}");
     let msg = body["error"].as_str().unwrap();
@@ -550,17 +550,7 @@ async fn a_proxied_request_whose_owner_closes_the_connection_says_what_happened(
     let now = crate::model::now_ms();
     api.state.store.heartbeat(&n2(&url, now)).await.unwrap();
     api.state.sup.remember_nodes(&[n2(&url, now)]);
-    let req = Request::builder()
-        .uri(format!("/v1/public/pc/sessions/{sid}/status"))
-        .header("authorization", format!("Bearer {}", api.pk))
-        .body(axum::body::Body::empty())
-        .unwrap();
-    let resp = api.app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-        .await
-        .unwrap();
-    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    let (status, body) = proxied_status(&api, "pc", &sid).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     let msg = body["error"].as_str().unwrap();
     assert!(msg.contains("n2"), "{msg}");
