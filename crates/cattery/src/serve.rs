@@ -117,6 +117,18 @@ async fn bind_within(
     }
 }
 
+/// Logs a warning when `listen`'s port lies among the ports the process runtime gives
+/// instances ([`crate::runtime::process::ports::listen_port_warning`]).
+fn warn_of_a_listen_port_among_instance_ports(config: &Config, listen: SocketAddr) {
+    if config.runtime.kind == crate::runtime::RuntimeKind::Docker {
+        return;
+    }
+    let ports = crate::runtime::process::ports::instance_ports();
+    if let Some(w) = crate::runtime::process::ports::listen_port_warning(listen.port(), ports) {
+        tracing::warn!("{w}");
+    }
+}
+
 /// Opens (creating it) the data dir's server lock file, `serve.lock`: whoever holds an
 /// exclusive `flock` on it uses the data dir (`cattery serve`, `cattery store copy`).
 pub(crate) fn open_lock_file(dir: &Path) -> anyhow::Result<std::fs::File> {
@@ -680,6 +692,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // cannot listen leaves no heartbeat behind (another node would take it for a live one)
     // and touches no instance. Connections wait in the backlog until the recovery is done.
     let listener = bind_within(listen, LOCK_HANDOVER).await?;
+    warn_of_a_listen_port_among_instance_ports(&config, listen);
     let sid = server_id(&cfg.data_dir)?;
     let store = open_node_store(&config, &cfg.data_dir, &sid).await?;
     let runner_dir = cfg.data_dir.join("runner");

@@ -44,6 +44,40 @@ fn ephemeral_range() -> (u16, u16) {
         .unwrap_or((32768, 60999))
 }
 
+/// `[lo, hi]` of the ports instances are given on this machine: the larger stretch outside
+/// the kernel's ephemeral range, from [`PORT_FLOOR`] up (20000..=32767 with Linux's default).
+pub fn instance_ports() -> (u16, u16) {
+    instance_range(ephemeral_range())
+}
+
+/// The larger stretch outside the ephemeral range `[lo, hi]`, from [`PORT_FLOOR`] up.
+fn instance_range((lo, hi): (u16, u16)) -> (u16, u16) {
+    let below = (PORT_FLOOR, lo.saturating_sub(1));
+    let above = (hi.saturating_add(1), u16::MAX);
+    let size = |r: (u16, u16)| u32::from(r.1).saturating_sub(u32::from(r.0));
+    if size(below) >= size(above) {
+        below
+    } else {
+        above
+    }
+}
+
+/// What to tell the operator when a server's `--listen` port lies among the instance ports
+/// `range`: while the server is down (a restart), an instance of another server on this
+/// machine may be given that port and hold it for its whole session, and the server then
+/// cannot listen again. `None` outside the range.
+pub fn listen_port_warning(port: u16, range: (u16, u16)) -> Option<String> {
+    (range.0..=range.1).contains(&port).then(|| {
+        format!(
+            "--listen port {port} is among the ports instances are given on this machine \
+             ({}-{}): while this server is down (a restart), an instance of another server \
+             here may take it and hold it for its session; listen on a port outside that \
+             range (the default is 7870)",
+            range.0, range.1
+        )
+    })
+}
+
 /// The machine-wide reservation of `port`; `None` when another server holds it.
 fn try_lock(dir: &std::path::Path, port: u16) -> Option<Flock<File>> {
     super::locks::lock_file(&dir.join(format!("{port}.lock")), false)
@@ -53,21 +87,10 @@ impl PortBook {
     /// A new book; the lock directory is created if possible (without it, ports are still
     /// chosen outside the ephemeral range, only without the cross-server reservation).
     pub fn new() -> PortBook {
-        let lock_dir = super::locks::lock_dir("ports");
-        let (lo, hi) = ephemeral_range();
-        // The larger free stretch outside [lo, hi].
-        let below = (PORT_FLOOR, lo.saturating_sub(1));
-        let above = (hi.saturating_add(1), u16::MAX);
-        let size = |r: (u16, u16)| u32::from(r.1).saturating_sub(u32::from(r.0));
-        let range = if size(below) >= size(above) {
-            below
-        } else {
-            above
-        };
         PortBook {
-            lock_dir,
+            lock_dir: super::locks::lock_dir("ports"),
             held: Mutex::new(HashMap::new()),
-            range,
+            range: instance_range(ephemeral_range()),
         }
     }
 
@@ -296,6 +319,23 @@ pub fn pids_hold_socket(pids: &[i32], inodes: &[u64]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listen_port_among_the_instance_ports_is_warned_about() {
+        let range = instance_range((32768, 60999));
+        assert_eq!(range, (PORT_FLOOR, 32767));
+        assert_eq!(instance_range((10000, 60999)), (60999 + 1, u16::MAX));
+        for port in [7870, 19999, 32768, 45000] {
+            assert_eq!(listen_port_warning(port, range), None, "{port}");
+        }
+        for port in [20000, 21873, 32767] {
+            let w = listen_port_warning(port, range).expect("warned");
+            assert!(
+                w.contains(&port.to_string()) && w.contains("20000-32767"),
+                "{w}"
+            );
+        }
+    }
 
     #[test]
     fn ports_are_outside_the_ephemeral_range_and_ownership_is_seen() {
