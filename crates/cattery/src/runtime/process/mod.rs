@@ -483,6 +483,9 @@ impl ProcessRuntime {
             .clone()
             .unwrap_or_else(|| p.dirs.home.clone());
         let sspec = spawn_spec(&spec, &env, &cwd, (&out, &err), p.uid);
+        // The stock makes up for the spare once the claim is done with cgroups, or once the
+        // start is dropped during its wait.
+        let refill = RefillOnDrop(&self.spares);
         let started = match self.begin_spare_claim(spare, &id, spec.limits.as_ref(), &sspec) {
             Ok(claim) => {
                 if let Some(spare) = &claim.spare {
@@ -493,7 +496,7 @@ impl ProcessRuntime {
             }
             Err(e) => Err(e),
         };
-        self.spares.refill_soon();
+        drop(refill);
         drop((out, err));
         match started {
             Ok((pid, exit_rx, v2, v1)) => {
@@ -793,6 +796,15 @@ enum SpareFailed {
         source: std::io::Error,
         v2: Option<PathBuf>,
     },
+}
+
+/// Asks the spare stock for a refill when dropped ([`spare::Stock::refill_soon`]).
+struct RefillOnDrop<'a>(&'a spare::Stock);
+
+impl Drop for RefillOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.refill_soon();
+    }
 }
 
 /// What [`ProcessRuntime::set_up`] made for an instance: its uid, directory, port and
@@ -2235,6 +2247,13 @@ mod tests {
             return;
         };
         rt.spares.give_back(spare);
+        // A full stock, its thread waiting to be asked for more.
+        let full = |rt: &ProcessRuntime| rt.spares.ready() == spare::STOCK;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !full(&rt) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(full(&rt), "the stock never filled");
         let spec = |id: uuid::Uuid| InstanceSpec {
             instance_id: id,
             program: "/bin/sleep".into(),
@@ -2284,6 +2303,15 @@ mod tests {
         assert!(
             pids_with_instance_env(&id.to_string()).is_empty(),
             "the started process lives on"
+        );
+        // The stock made up for the spare the dropped start took.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !full(&rt) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            full(&rt),
+            "the stock was not refilled after the dropped start"
         );
         // Started to the end, the instance keeps what it was handed.
         let inst = rt.start(spec(uuid::Uuid::new_v4()), test_sink()).await;
