@@ -916,70 +916,66 @@ async fn remove_instance_files(cgroups: Vec<PathBuf>, dir: PathBuf) {
     });
 }
 
+/// The fields of `/proc/<pid>/stat` after the command name, which may hold spaces and
+/// parentheses: the state is field 0 of the list, the process group 2, the start time 19.
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = s.get(s.rfind(')')? + 2..)?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 /// Start time of a process (field 22 of `/proc/<pid>/stat`, clock ticks since boot).
 pub fn pid_start_time(pid: i32) -> Option<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    stat_fields(pid)?.get(19)?.parse().ok()
 }
 
 /// Whether `pid` is alive (and not a zombie) and still the process that started at `start`.
 fn same_process_alive(pid: i32, start: u64) -> bool {
-    let Ok(s) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    let Some(f) = stat_fields(pid) else {
         return false;
     };
-    let Some(close) = s.rfind(')') else {
-        return false;
-    };
-    let mut f = s[close + 2..].split_whitespace();
-    let state = f.next().unwrap_or("Z");
-    let st = f.nth(18).and_then(|v| v.parse::<u64>().ok());
-    state != "Z" && state != "X" && st == Some(start)
+    let state = f.first().map_or("Z", String::as_str);
+    state != "Z" && state != "X" && f.get(19).and_then(|v| v.parse::<u64>().ok()) == Some(start)
 }
 
 /// The process group of process `pid` (field 5 of `/proc/<pid>/stat`).
 fn process_group(pid: i32) -> Option<i32> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    rest.split_whitespace().nth(2)?.parse().ok()
+    stat_fields(pid)?.get(2)?.parse().ok()
+}
+
+/// Pids of every process `/proc` lists now.
+fn proc_pids() -> impl Iterator<Item = i32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
 }
 
 /// Pids of the processes in process group `pgid` (zombies included).
 fn pids_in_group(pgid: i32) -> Vec<i32> {
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+    proc_pids()
         .filter(|&p| process_group(p) == Some(pgid))
         .collect()
 }
 
 /// Whether the environment of process `pid` carries `CATTERY_INSTANCE_ID=<id>`.
 fn has_instance_env(pid: i32, id: &str) -> bool {
-    let needle = format!("CATTERY_INSTANCE_ID={id}");
+    environ_has(pid, format!("CATTERY_INSTANCE_ID={id}").as_bytes())
+}
+
+/// Whether the environment of process `pid` holds the entry `kv` (a zombie's is empty).
+fn environ_has(pid: i32, kv: &[u8]) -> bool {
     fs::read(format!("/proc/{pid}/environ"))
-        .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()))
+        .is_ok_and(|env| env.split(|&b| b == 0).any(|e| e == kv))
 }
 
 /// Pids of live processes whose environment carries `CATTERY_INSTANCE_ID=<id>`.
 fn pids_with_instance_env(id: &str) -> Vec<i32> {
     let needle = format!("CATTERY_INSTANCE_ID={id}");
-    let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if let Ok(env) = fs::read(format!("/proc/{pid}/environ")) {
-            if env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()) {
-                out.push(pid);
-            }
-        }
-    }
-    out
+    proc_pids()
+        .filter(|&p| environ_has(p, needle.as_bytes()))
+        .collect()
 }
 
 /// Why instances cannot reach `what` (`e`: what blocks it).

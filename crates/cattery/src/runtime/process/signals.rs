@@ -37,7 +37,7 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 }
 
 /// Sends `sig` to the process of `pidfd`. Errors: `ESRCH` once it is reaped.
-fn pidfd_send(pidfd: &OwnedFd, sig: Signal) -> io::Result<()> {
+pub(super) fn pidfd_send(pidfd: &OwnedFd, sig: Signal) -> io::Result<()> {
     // SAFETY: pidfd_send_signal on a descriptor we own, with no siginfo.
     let rc = unsafe {
         libc::syscall(

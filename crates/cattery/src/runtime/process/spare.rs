@@ -264,16 +264,7 @@ impl Spare {
     }
 
     fn kill(&self) {
-        // SAFETY: pidfd_send_signal on our own pidfd.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
+        let _ = super::signals::pidfd_send(&self.pidfd, nix::sys::signal::Signal::SIGKILL);
     }
 
     /// Kills the parked process (if still there) and removes the spare's cgroups.
