@@ -83,11 +83,12 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>>
     lock_data_dir_within(dir, LOCK_HANDOVER)
 }
 
-/// Binds `--listen`. The previous server's listening socket can outlive its data dir lock: a
-/// server that stops cleanly gives the lock back itself, while a process it started that
-/// still shares or copied its descriptors (see [`lock_data_dir`]) keeps the socket open a
-/// moment longer. So an address in use is tried again, for up to `wait` (logged after 3 s),
-/// and then named with what to do.
+/// Binds `--listen`. The previous server's listening socket can outlive it for a moment: a
+/// server killed outright leaves processes that shared or copied its descriptors (see
+/// [`lock_data_dir`]) until they die with it. So an address in use is tried again, for up to
+/// `wait` (logged after 3 s), and then named with what to do. Another program on the port
+/// (an instance of another server given it while this one was down: a `--listen` port among
+/// the instance ports is warned about at start) is not waited out.
 async fn bind_within(
     listen: SocketAddr,
     wait: Duration,
@@ -101,8 +102,8 @@ async fn bind_within(
                 if !said && t0.elapsed() >= Duration::from_secs(3) {
                     said = true;
                     tracing::warn!(%listen, "waiting for the address: another process still \
-                        listens on it (often a process the previous server on this port started, \
-                        which exits with it)");
+                        listens on it (a process the previous server on this port started exits \
+                        with it; any other holder stays)");
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
