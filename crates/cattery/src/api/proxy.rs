@@ -38,11 +38,11 @@ pub(super) static CLIENT: LazyLock<Client<HttpConnector, Body>> = LazyLock::new(
 });
 
 /// The client for requests forwarded to another node (`http://` or `https://`). A pooled
-/// connection is dropped after 5 s idle, within the peer's keep-alive timeout (its
-/// header-read timeout, 10 s by default), for the same reason as [`CLIENT`]'s.
+/// connection is dropped after [`PEER_POOL_IDLE`](crate::core::cluster::PEER_POOL_IDLE),
+/// within the peer's keep-alive timeout, for the same reason as [`CLIENT`]'s.
 static PEERS: LazyLock<Client<crate::core::cluster::PeerConnector, Body>> = LazyLock::new(|| {
     Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(crate::core::cluster::PEER_POOL_IDLE)
         .build(crate::core::cluster::peer_connector())
 });
 

@@ -249,6 +249,12 @@ pub fn other_live_nodes(me: &NodeIdentity, nodes: Vec<NodeRecord>, now: i64) -> 
 pub type PeerConnector =
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
 
+/// How long a pooled connection to another node may sit idle before it is dropped: within
+/// the peer's keep-alive timeout (its header-read timeout, 10 s by default), since a request
+/// sent on a connection the peer is closing fails without a retry (a forwarded stop would
+/// answer 502). Every client to other nodes (forwarded stops, the session proxy) uses it.
+pub const PEER_POOL_IDLE: Duration = Duration::from_secs(5);
+
 /// A [`PeerConnector`].
 pub fn peer_connector() -> PeerConnector {
     let mut c = hyper_util::client::legacy::connect::HttpConnector::new();
@@ -292,10 +298,54 @@ impl HttpPeers {
             secret,
             run,
             http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_idle_timeout(PEER_POOL_IDLE)
                 .build(peer_connector()),
         }
     }
+}
+
+impl HttpPeers {
+    fn stop_request(
+        &self,
+        url: &str,
+        session: uuid::Uuid,
+    ) -> Result<axum::http::Request<http_body_util::Full<bytes::Bytes>>, String> {
+        let req = axum::http::Request::post(format!(
+            "{}/internal/v1/sessions/{session}/stop",
+            url.trim_end_matches('/')
+        ))
+        .header(SECRET_HEADER, self.secret.expose());
+        match &self.run {
+            Some(run) => req.header(NODE_HEADER, run.as_str()),
+            None => req,
+        }
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// Whether a request failed because its connection was closed before any answer came: the
+/// peer closed it (hyper's incomplete message) or reset it. A connection that could not be
+/// opened is not this: nothing was sent, and another attempt would meet the same refusal.
+fn closed_before_answer(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() {
+                return true;
+            }
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionReset {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    false
 }
 
 #[async_trait::async_trait]
@@ -307,18 +357,17 @@ impl crate::core::session::Peers for HttpPeers {
     ) -> Result<crate::core::session::PeerStop, String> {
         use crate::core::session::PeerStop;
         use http_body_util::BodyExt;
-        let req = axum::http::Request::post(format!(
-            "{}/internal/v1/sessions/{session}/stop",
-            url.trim_end_matches('/')
-        ))
-        .header(SECRET_HEADER, self.secret.expose());
-        let req = match &self.run {
-            Some(run) => req.header(NODE_HEADER, run.as_str()),
-            None => req,
-        }
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .map_err(|e| e.to_string())?;
-        let r = self.http.request(req).await.map_err(|e| error_chain(&e))?;
+        let mut resent = false;
+        let r = loop {
+            match self.http.request(self.stop_request(url, session)?).await {
+                Ok(r) => break r,
+                // A pooled connection the peer closed as the request went out (its keep-alive
+                // timeout ran out, or it was restarted): a stop is idempotent (a second one
+                // answers the same), so it is sent once more, on a new connection.
+                Err(e) if !resent && closed_before_answer(&e) => resent = true,
+                Err(e) => return Err(error_chain(&e)),
+            }
+        };
         let status = r.status().as_u16();
         match status {
             200 => return Ok(PeerStop::Stopped),
@@ -740,6 +789,72 @@ pub async fn leave(store: &dyn Store, me: &NodeIdentity) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::session::{PeerStop, Peers};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A peer that reads each request on a new connection and, for the first `close`
+    /// connections, closes it without an answer (as a node whose keep-alive timeout ends as
+    /// the request arrives); then answers 200. Returns its URL and the connections it saw.
+    async fn closing_peer(close: usize) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut c, _) = l.accept().await.unwrap();
+                let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let k = c.read(&mut buf).await.unwrap();
+                    if k == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..k]);
+                }
+                if i >= close {
+                    let _ = c
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                }
+                drop(c);
+            }
+        });
+        (url, seen)
+    }
+
+    fn peers() -> HttpPeers {
+        HttpPeers::new(ClusterSecret::new(&"s".repeat(32)).unwrap(), None)
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_stop_whose_connection_is_closed_unanswered_is_sent_once_more() {
+        let (url, seen) = closing_peer(1).await;
+        let r = peers().stop(&url, uuid::Uuid::new_v4()).await;
+        assert!(matches!(r, Ok(PeerStop::Stopped)), "{r:?}");
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // Only once: a peer that keeps closing is an error that names what happened.
+        let (url, seen) = closing_peer(usize::MAX).await;
+        let r = peers().stop(&url, uuid::Uuid::new_v4()).await;
+        let e = r.expect_err("closed twice");
+        assert!(
+            e.contains("connection closed before message completed"),
+            "{e}"
+        );
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // A refused connection is not sent again.
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", free.local_addr().unwrap());
+        drop(free);
+        assert!(peers().stop(&url, uuid::Uuid::new_v4()).await.is_err());
+    }
+
+    #[test]
+    fn pooled_peer_connections_are_dropped_within_the_default_keep_alive() {
+        let keep_alive = crate::config::ServerConfig::default().header_read_timeout_seconds;
+        assert!(PEER_POOL_IDLE.as_secs_f64() < keep_alive);
+    }
 
     fn me() -> NodeIdentity {
         NodeIdentity {
