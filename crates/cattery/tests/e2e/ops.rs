@@ -491,3 +491,53 @@ async fn backup_and_restore_read_the_config_file() {
     }
     assert!(!out2.exists());
 }
+
+/// A `--listen` port among the ports instances are given (from 20000 up to the start of the
+/// kernel's ephemeral range) is warned about when the server starts; the ephemeral ports every
+/// other test's server listens on are not.
+#[tokio::test]
+async fn a_listen_port_among_instance_ports_is_warned_about_at_start() {
+    const WARNING: &str = "is among the ports instances are given";
+    let plain = Server::start(&[]).await;
+    assert!(!plain.log().contains(WARNING), "{}", plain.log());
+    drop(plain);
+
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let lo: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(lo > 20_100, "the ephemeral range starts at {lo}");
+    // A port near the top of the instance ports, free now (instances pick theirs at random).
+    let port = (lo - 100..lo)
+        .rev()
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below the ephemeral range");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let mut child = Command::new(cattery_bin())
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let health = format!("http://127.0.0.1:{port}/health");
+    let t0 = std::time::Instant::now();
+    let mut up = false;
+    while !up && t0.elapsed() < Duration::from_secs(30) {
+        up = reqwest::get(&health)
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // SAFETY: kill(2) on the pid of our own child, not yet waited for.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(up, "the server did not answer on {port}: {text}");
+    assert!(text.contains(WARNING), "no warning for {port}: {text}");
+    assert!(text.contains(&format!("--listen port {port}")), "{text}");
+}
