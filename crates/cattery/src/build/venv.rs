@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::{Artifact, BuildJob, BuildLog, Builder};
 use crate::runtime::process::reaper::Reaper;
+use crate::runtime::process::signals;
 
 /// The local virtualenv builder.
 #[derive(Debug, Clone)]
@@ -32,18 +33,26 @@ struct Ran {
     lines: Vec<String>,
 }
 
+/// The environment entry that marks a step's processes: `CATTERY_BUILD_STEP=<id>`.
+const STEP_MARKER: &str = "CATTERY_BUILD_STEP";
+
 /// Kills a step's process group unless it exited: a build cut short (its time limit)
-/// leaves nothing running.
+/// leaves nothing running. The group goes as a whole while its leader is not reaped; after,
+/// each process still in it that carries the step's marker
+/// ([`signals::signal_marked_group`]): never a stranger given a freed number.
 struct KillGroup {
     pgid: i32,
+    marker: String,
     exited: bool,
 }
 
 impl Drop for KillGroup {
     fn drop(&mut self) {
-        if !self.exited && self.pgid > 0 {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(self.pgid),
+        if !self.exited {
+            signals::signal_marked_group(
+                &Reaper::global(),
+                self.pgid,
+                self.marker.as_bytes(),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
@@ -55,8 +64,10 @@ impl Drop for KillGroup {
 /// the process (a plain wait would find it already reaped).
 async fn run(log: &BuildLog, cwd: &Path, program: &str, args: &[String]) -> Result<Ran, String> {
     log.line(&format!("$ {program} {}", args.join(" ")));
+    let step = uuid::Uuid::new_v4().to_string();
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
+        .env(STEP_MARKER, &step)
         .current_dir(cwd)
         .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
         .env("PIP_NO_INPUT", "1")
@@ -75,6 +86,7 @@ async fn run(log: &BuildLog, cwd: &Path, program: &str, args: &[String]) -> Resu
         .map_err(|e| format!("cannot run {program}: {e}"))?;
     let mut guard = KillGroup {
         pgid: pid,
+        marker: format!("{STEP_MARKER}={step}"),
         exited: false,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -291,6 +303,46 @@ impl Builder for VenvBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A step cut short (its future dropped, as the build's time limit does) leaves none of
+    /// its processes running: the leader's group while the leader runs, and a member it left
+    /// behind after it exited.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_step_cut_short_leaves_nothing_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = BuildLog::create(&dir.path().join("build.log")).unwrap();
+        let pid_file = dir.path().join("pids");
+        // The leader prints nothing and so never returns; then one whose leader exits but whose
+        // member keeps the output pipe open (the step waits for its lines).
+        for script in [
+            format!(
+                "/bin/sleep 30 & echo $! > {0}; echo $$ >> {0}; wait",
+                pid_file.display()
+            ),
+            format!("/bin/sleep 30 & echo $! > {0}; exit 0", pid_file.display()),
+        ] {
+            let _ = std::fs::remove_file(&pid_file);
+            let args = ["-c".to_string(), script];
+            let step = run(&log, dir.path(), "/bin/sh", &args);
+            let cut = tokio::time::timeout(std::time::Duration::from_millis(500), step).await;
+            assert!(cut.is_err(), "the step ended by itself");
+            let pids: Vec<i32> = std::fs::read_to_string(&pid_file)
+                .unwrap()
+                .lines()
+                .map(|l| l.trim().parse().unwrap())
+                .collect();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while pids.iter().any(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .ok()
+                    .and_then(|s| s.rfind(')').map(|i| !s[i + 2..].starts_with(['Z', 'X'])))
+                    .unwrap_or(false)
+            }) {
+                assert!(std::time::Instant::now() < deadline, "{pids:?} still run");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    }
 
     #[test]
     fn pyproject_deps() {

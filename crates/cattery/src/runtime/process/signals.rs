@@ -16,6 +16,9 @@
 //!    ([`super::reaper::Reaper::while_unreaped`]): only the reaper reaps the server's
 //!    children, under that lock, so the pid (and the group it leads) still names it.
 //!
+//! A build step's process group ([`signal_marked_group`]) follows rule 3 while its leader is
+//! not reaped and rule 2 after, each member checked for the step's environment marker.
+//!
 //! A fork server's child that could not join its instance's cgroups is not signalled at all:
 //! its `go` pipe closed unwritten tells it never to run ([`super::zygote`]). Signal 0 (an
 //! existence probe) sends nothing and is not bound by these rules.
@@ -74,6 +77,38 @@ pub fn send_checked(pid: i32, sig: Signal, ours: impl FnOnce() -> bool) -> bool 
         }
         Err(_) => false,
     }
+}
+
+/// Sends `sig` to process group `pgid`, led by a child of this server registered with the
+/// reaper whose every process carries the environment entry `marker` (`NAME=value`, set when
+/// the leader was spawned, for a step that is not an instance: a build's `pip`): the whole
+/// group while the leader is not reaped (rule 3), else each process still in the group that
+/// carries `marker`, through a pidfd (rule 2). A process of the group that cleared its
+/// environment is then out of reach, as an instance's is without a v2 cgroup. Returns the
+/// pids signalled (the leader's for the whole group).
+pub fn signal_marked_group(
+    reaper: &super::reaper::Reaper,
+    pgid: i32,
+    marker: &[u8],
+    sig: Signal,
+) -> Vec<i32> {
+    if pgid <= 0 {
+        return Vec::new();
+    }
+    let whole = reaper.while_unreaped(pgid, || {
+        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig).is_ok()
+    });
+    if whole == Some(true) {
+        return vec![pgid];
+    }
+    super::pids_in_group(pgid)
+        .into_iter()
+        .filter(|&p| {
+            send_checked(p, sig, || {
+                super::process_group(p) == Some(pgid) && super::environ_has(p, marker)
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -196,5 +231,79 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let _ = child.wait();
+    }
+
+    /// A build step's group: while its leader is not reaped the whole group is signalled;
+    /// once it is, only the members that carry the step's marker (a member that cleared its
+    /// environment cannot be told from a stranger that took a freed number, and is left).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_marked_group_is_signalled_whole_then_by_its_marked_members() {
+        use std::os::unix::process::CommandExt;
+        let reaper = super::super::reaper::Reaper::global();
+        let step = uuid::Uuid::new_v4().to_string();
+        let marker = format!("CATTERY_TEST_STEP={step}");
+        let spawn = |script: &str| {
+            let mut cmd = std::process::Command::new("/bin/sh");
+            cmd.args(["-c", script])
+                .env("CATTERY_TEST_STEP", &step)
+                .process_group(0);
+            reaper
+                .spawn_registered(|| {
+                    let c = cmd.spawn()?;
+                    let pid = c.id() as i32;
+                    Ok((c, pid))
+                })
+                .expect("spawn")
+        };
+        let gone = |pids: &[i32]| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while pids.iter().any(|&p| runs(p)) {
+                assert!(std::time::Instant::now() < deadline, "{pids:?} still run");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        let members = |pgid: i32, n: usize| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let m: Vec<i32> = super::super::pids_in_group(pgid)
+                    .into_iter()
+                    .filter(|&p| runs(p))
+                    .collect();
+                if m.len() >= n {
+                    return m;
+                }
+                assert!(std::time::Instant::now() < deadline, "{m:?}");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+
+        // The leader runs: the group as a whole.
+        let (_c, pgid, _exit) = spawn("/bin/sleep 30 & wait");
+        let all = members(pgid, 2);
+        let sent = signal_marked_group(&reaper, pgid, marker.as_bytes(), Signal::SIGKILL);
+        assert_eq!(sent, [pgid]);
+        gone(&all);
+
+        // The leader exited and is reaped: the marked member, not the one without the marker.
+        let (_c, pgid, mut exit) = spawn("/bin/sleep 30 & env -i /bin/sleep 31 & exit 0");
+        while exit.borrow_and_update().is_none() {
+            exit.changed().await.expect("exit status");
+        }
+        let left = members(pgid, 2);
+        let marked: Vec<i32> = left
+            .iter()
+            .copied()
+            .filter(|&p| super::super::environ_has(p, marker.as_bytes()))
+            .collect();
+        assert_eq!(marked.len(), 1, "{left:?}");
+        let sent = signal_marked_group(&reaper, pgid, marker.as_bytes(), Signal::SIGKILL);
+        assert_eq!(sent, marked);
+        gone(&marked);
+        let cleared: Vec<i32> = left.into_iter().filter(|p| !marked.contains(p)).collect();
+        assert!(cleared.iter().all(|&p| runs(p)), "signalled {cleared:?}");
+        for p in &cleared {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), Signal::SIGKILL);
+        }
+        gone(&cleared);
     }
 }
