@@ -404,6 +404,7 @@ pub fn app_state(
     );
     let node = Arc::new(node_identity(config, data_dir, &cipher)?);
     let store_for_builds = store.clone();
+    let build_uids = runtime.instance_uids();
     let sup = Supervisor::new(
         store.clone(),
         runtime,
@@ -464,6 +465,7 @@ pub fn app_state(
                     .build_python
                     .clone()
                     .unwrap_or_else(|| cfg.python.clone()),
+                uids: build_uids,
             }),
             crate::core::builds::BuildSettings {
                 mode: crate::core::builds::BuilderMode::parse(&config.runtime.builder)

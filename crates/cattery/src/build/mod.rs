@@ -105,7 +105,8 @@ pub fn open_for_all(root: &Path) -> std::io::Result<()> {
     if meta.file_type().is_symlink() {
         return Ok(());
     }
-    let mode = meta.permissions().mode() & 0o7777;
+    // No set-id or sticky bit survives.
+    let mode = meta.permissions().mode() & 0o777;
     if meta.is_dir() {
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(mode | 0o755))?;
         for e in std::fs::read_dir(root)? {

@@ -6,11 +6,21 @@
 //! `--python`) the way a Pipecat Cloud image is layered on `dailyco/pipecat-base`: a `.pth`
 //! file puts the base's site-packages after the venv's own, so what the base has (pipecat,
 //! the runner's fastapi and uvicorn) is there without a download, and pip installs only what
-//! the base lacks or pins differently. pip keeps its usual download cache (`PIP_CACHE_DIR`,
-//! else `~/.cache/pip` of the server's user).
+//! the base lacks or pins differently.
+//!
+//! Every step runs the org's code (pip runs a source package's build, and `python -m` finds
+//! modules in the context first), so no step runs as the server: with an environment built
+//! from an allowlist (never the server's, which may hold its database URL or Daily key), and,
+//! when instances get uids of their own, under an unprivileged uid of that pool with no
+//! supplementary groups and `no_new_privs`, owning only the context, the virtualenv and a
+//! home of its own for the build. Afterwards every process left under that uid is killed and
+//! the results are given back to the server's user before they are opened to all, so a later
+//! instance drawing the same uid cannot change them.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -18,12 +28,61 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use super::{Artifact, BuildJob, BuildLog, Builder};
 use crate::runtime::process::reaper::Reaper;
 use crate::runtime::process::signals;
+use crate::runtime::process::uids::UidPool;
 
 /// The local virtualenv builder.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct VenvBuilder {
     /// The base environment's interpreter.
     pub base_python: String,
+    /// The instance uid pool, when instances run under uids of their own: each build's steps
+    /// then run under one of them. `None`: steps run as the server's user (which is then no
+    /// more than its instances' either).
+    pub uids: Option<Arc<UidPool>>,
+}
+
+impl std::fmt::Debug for VenvBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VenvBuilder")
+            .field("base_python", &self.base_python)
+            .field("uids", &self.uids.as_ref().map(|p| p.range()))
+            .finish()
+    }
+}
+
+/// How a build's steps run: the environment they get, and the uid they run under.
+struct Steps {
+    env: Vec<(OsString, OsString)>,
+    uid: Option<u32>,
+}
+
+/// What a build step gets of the server's environment: the locale, `PATH`, pip's own
+/// configuration (`PIP_*`, but not a shared `PIP_CACHE_DIR` when steps run under uids of
+/// their own: one org's build would fill the cache another's takes wheels from) and the
+/// proxy and CA settings pip needs to reach an index; then `HOME` and `TMPDIR` of the build.
+fn step_env(home: &Path, isolated: bool) -> Vec<(OsString, OsString)> {
+    let mut env: std::collections::BTreeMap<OsString, OsString> = std::env::vars_os()
+        .filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            let up = k.to_ascii_uppercase();
+            matches!(k.as_ref(), "PATH" | "LANG" | "LANGUAGE" | "TZ")
+                || k.starts_with("LC_")
+                || (k.starts_with("PIP_") && !(isolated && k == "PIP_CACHE_DIR"))
+                || matches!(
+                    up.as_str(),
+                    "HTTP_PROXY" | "HTTPS_PROXY" | "NO_PROXY" | "ALL_PROXY"
+                )
+                || matches!(
+                    k.as_ref(),
+                    "SSL_CERT_FILE" | "SSL_CERT_DIR" | "REQUESTS_CA_BUNDLE"
+                )
+        })
+        .collect();
+    env.entry("PATH".into())
+        .or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
+    env.insert("HOME".into(), home.into());
+    env.insert("TMPDIR".into(), home.join("tmp").into());
+    env.into_iter().collect()
 }
 
 /// What one command printed, and how it ended.
@@ -62,10 +121,31 @@ impl Drop for KillGroup {
 /// Runs `program args` in `cwd` in a process group of its own, every output line to `log`.
 /// The child is spawned and collected through the server's reaper, which reaps every child of
 /// the process (a plain wait would find it already reaped).
-async fn run(log: &BuildLog, cwd: &Path, program: &str, args: &[String]) -> Result<Ran, String> {
+async fn run(
+    log: &BuildLog,
+    steps: &Steps,
+    cwd: &Path,
+    program: &str,
+    args: &[String],
+) -> Result<Ran, String> {
     log.line(&format!("$ {program} {}", args.join(" ")));
     let step = uuid::Uuid::new_v4().to_string();
     let mut cmd = tokio::process::Command::new(program);
+    cmd.env_clear().envs(steps.env.iter().map(|(k, v)| (k, v)));
+    if let Some(uid) = steps.uid {
+        // std drops the supplementary groups when it switches uid as root.
+        cmd.uid(uid).gid(uid);
+        // SAFETY: only async-signal-safe system calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::umask(0o022);
+                Ok(())
+            });
+        }
+    }
     cmd.args(args)
         .env(STEP_MARKER, &step)
         .current_dir(cwd)
@@ -175,11 +255,12 @@ pub fn pyproject_dependencies(text: &str) -> Result<Vec<String>, String> {
 /// `python -c code`'s output lines. Errors: it fails.
 async fn python_says(
     log: &BuildLog,
+    steps: &Steps,
     cwd: &Path,
     python: &str,
     code: &str,
 ) -> Result<Vec<String>, String> {
-    let r = run(log, cwd, python, &["-c".into(), code.into()]).await?;
+    let r = run(log, steps, cwd, python, &["-c".into(), code.into()]).await?;
     if !r.ok {
         return Err(format!(
             "{python} failed ({}): {}",
@@ -192,6 +273,288 @@ async fn python_says(
 
 const SITE: &str =
     "import sysconfig; p = sysconfig.get_paths(); print(p['purelib']); print(p['platlib'])";
+
+/// Writes `argv[2]` to the file `argv[1]`: the venv's `.pth`, written by a step (the server
+/// never writes into a directory a step owns, whose paths the step could redirect).
+const WRITE_FILE: &str = "import sys; open(sys.argv[1], 'w').write(sys.argv[2])";
+
+/// The uid a build's steps run under, held while they may run. [`StepUid::reclaim`] ends its
+/// processes, gives the build's files back to the server's user and frees it; dropped
+/// without that (a build cut by its time limit), it does so on a task of its own.
+struct StepUid {
+    pool: Arc<UidPool>,
+    uid: u32,
+    /// What the steps were given: taken back afterwards.
+    dirs: Vec<PathBuf>,
+    /// The steps' home: removed afterwards.
+    home: PathBuf,
+    done: bool,
+}
+
+impl StepUid {
+    async fn reclaim(mut self) -> Result<(), String> {
+        self.done = true;
+        let dirs = std::mem::take(&mut self.dirs);
+        reclaim(self.pool.clone(), self.uid, dirs, self.home.clone()).await
+    }
+}
+
+impl Drop for StepUid {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (pool, uid, dirs, home) = (
+            self.pool.clone(),
+            self.uid,
+            std::mem::take(&mut self.dirs),
+            self.home.clone(),
+        );
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                if let Err(e) = reclaim(pool, uid, dirs, home).await {
+                    tracing::warn!(uid, error = %e, "could not take back a cut build's files");
+                }
+            });
+        }
+    }
+}
+
+/// Ends every process under `uid`, gives `dirs` back to the server's user (recursively,
+/// links not followed), removes `home`, and only then frees the uid: an instance given it
+/// next finds nothing of the build's that it owns. The uid stays held when a process under
+/// it would not end. Errors: what could not be done.
+async fn reclaim(
+    pool: Arc<UidPool>,
+    uid: u32,
+    dirs: Vec<PathBuf>,
+    home: PathBuf,
+) -> Result<(), String> {
+    kill_all_of(uid).await?;
+    let (me, my_gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    let given = tokio::task::spawn_blocking(move || {
+        for d in &dirs {
+            give_back(d, me, my_gid)?;
+        }
+        let _ = std::fs::remove_dir_all(&home);
+        Ok(())
+    })
+    .await
+    .map_err(|e| e.to_string());
+    // A build whose files could not all be given back fails, and its directory goes.
+    pool.release(uid);
+    given?
+}
+
+/// Kills every process of `uid` (a step may leave one behind, detached into a session of its
+/// own): `kill(-1, SIGKILL)` sent by a process running as `uid` reaches exactly that uid's
+/// processes, all at once; repeated until `/proc` shows none. Errors: some still run after
+/// a few seconds.
+async fn kill_all_of(uid: u32) -> Result<(), String> {
+    for _ in 0..200 {
+        if !crate::runtime::process::uids::uid_has_processes(uid) {
+            return Ok(());
+        }
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.env_clear()
+            .args(["-c", "kill -9 -1"])
+            .uid(uid)
+            .gid(uid)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let (_child, _, mut exit) = Reaper::global()
+            .spawn_registered(|| {
+                let c = cmd.spawn()?;
+                let pid = c.id().map_or(0, |p| p as i32);
+                Ok((c, pid))
+            })
+            .map_err(|e| format!("cannot end the processes of build uid {uid}: {e}"))?;
+        while exit.borrow_and_update().is_none() {
+            if exit.changed().await.is_err() {
+                break;
+            }
+        }
+        // Killed processes are reaped by their parents (the server's reaper, for a step
+        // whose parent died): their `/proc` entries go soon after.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Err(format!(
+        "processes of build uid {uid} still run after SIGKILL"
+    ))
+}
+
+/// Gives `p` and everything under it to `uid`:`gid`, links not followed (each link itself
+/// changes owner). A path that went meanwhile is skipped.
+fn give_back(p: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    use std::io::ErrorKind::NotFound;
+    let err = |e: std::io::Error| format!("{}: {e}", p.display());
+    let meta = match std::fs::symlink_metadata(p) {
+        Ok(m) => m,
+        Err(e) if e.kind() == NotFound => return Ok(()),
+        Err(e) => return Err(err(e)),
+    };
+    // A second name of a file elsewhere (a step that links what it may not read, where the
+    // kernel lets it) would be opened to all with the build: refused.
+    if meta.file_type().is_file() && std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
+        return Err(format!(
+            "{} is a hard link, which a build may not make",
+            p.display()
+        ));
+    }
+    match std::os::unix::fs::lchown(p, Some(uid), Some(gid)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == NotFound => return Ok(()),
+        Err(e) => return Err(err(e)),
+    }
+    if meta.is_dir() {
+        let rd = match std::fs::read_dir(p) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == NotFound => return Ok(()),
+            Err(e) => return Err(err(e)),
+        };
+        for e in rd {
+            give_back(&e.map_err(err)?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+/// What a build installs: `(what, pip install arguments)`, or `None`.
+type Install = Option<(&'static str, Vec<String>)>;
+
+/// What to install, read before any step runs (from then on a step, the org's code, may
+/// change the context).
+fn what_to_install(app: &Path, log: &BuildLog) -> Result<Install, String> {
+    let pip = |args: Vec<String>| {
+        let mut a = vec!["-m".to_string(), "pip".into(), "install".into()];
+        a.extend(args);
+        a
+    };
+    Ok(if app.join("requirements.txt").is_file() {
+        Some((
+            "pip install -r requirements.txt",
+            pip(vec!["-r".into(), "requirements.txt".into()]),
+        ))
+    } else if app.join("pyproject.toml").is_file() {
+        let text = std::fs::read_to_string(app.join("pyproject.toml"))
+            .map_err(|e| format!("reading pyproject.toml: {e}"))?;
+        let deps = pyproject_dependencies(&text)?;
+        if deps.is_empty() {
+            log.line("pyproject.toml lists no [project] dependencies");
+            None
+        } else {
+            Some(("pip install (pyproject.toml dependencies)", pip(deps)))
+        }
+    } else {
+        log.line("No requirements.txt or pyproject.toml: nothing to install");
+        None
+    })
+}
+
+impl VenvBuilder {
+    /// The steps of a build: the virtualenv, its base `.pth`, the install, the runner's
+    /// check. Returns the venv's `python`.
+    async fn steps(
+        &self,
+        log: &BuildLog,
+        steps: &Steps,
+        app: &Path,
+        venv: &Path,
+        install: Install,
+    ) -> Result<String, String> {
+        let base = self.base_python.as_str();
+        log.line(&format!("Base environment: {base}"));
+        let base_site = python_says(log, steps, app, base, SITE).await?;
+        let r = run(
+            log,
+            steps,
+            app,
+            base,
+            &["-m".into(), "venv".into(), venv.display().to_string()],
+        )
+        .await?;
+        if !r.ok {
+            return Err(format!(
+                "creating the virtualenv failed ({}): {}",
+                r.status,
+                reason(&r.lines)
+            ));
+        }
+        let python = venv.join("bin/python").display().to_string();
+        let own_site = python_says(log, steps, app, &python, SITE).await?;
+        let own = own_site
+            .first()
+            .ok_or("the virtualenv has no site-packages")?;
+        let mut pth: Vec<&str> = base_site.iter().map(String::as_str).collect();
+        pth.dedup();
+        let w = run(
+            log,
+            steps,
+            app,
+            &python,
+            &[
+                "-c".into(),
+                WRITE_FILE.into(),
+                Path::new(own)
+                    .join("_cattery_base.pth")
+                    .display()
+                    .to_string(),
+                pth.join("\n") + "\n",
+            ],
+        )
+        .await?;
+        if !w.ok {
+            return Err(format!(
+                "writing the virtualenv's base path failed ({}): {}",
+                w.status,
+                reason(&w.lines)
+            ));
+        }
+        if let Some((what, args)) = install {
+            let r = run(log, steps, app, &python, &args).await?;
+            if !r.ok {
+                return Err(format!(
+                    "{what} failed ({}): {}",
+                    r.status,
+                    reason(&r.lines)
+                ));
+            }
+        }
+        let check = run(
+            log,
+            steps,
+            app,
+            &python,
+            &["-c".into(), "import fastapi, uvicorn".into()],
+        )
+        .await?;
+        if !check.ok {
+            return Err(format!(
+                "the built environment cannot import fastapi and uvicorn, which Cattery's runner \
+                 needs (the base image has them): add them to requirements.txt, or start the \
+                 server with a --build-python that has them ({})",
+                reason(&check.lines)
+            ));
+        }
+        Ok(python)
+    }
+}
+
+/// Creates `p` (a directory) for a step under `uid`: owned by it, `mode`.
+fn step_dir(p: &Path, uid: Option<u32>, mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |e: std::io::Error| format!("preparing {}: {e}", p.display());
+    std::fs::create_dir_all(p).map_err(err)?;
+    if let Some(u) = uid {
+        std::os::unix::fs::lchown(p, Some(u), Some(u)).map_err(err)?;
+    }
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(err)
+}
 
 #[async_trait]
 impl Builder for VenvBuilder {
@@ -208,86 +571,45 @@ impl Builder for VenvBuilder {
                     .into(),
             );
         }
-        let base = self.base_python.as_str();
-        log.line(&format!("Base environment: {base}"));
-        let base_site = python_says(log, app, base, SITE).await?;
+        let install = what_to_install(app, log)?;
         let venv: PathBuf = job.dir.join("venv");
-        let r = run(
-            log,
-            app,
-            base,
-            &["-m".into(), "venv".into(), venv.display().to_string()],
-        )
-        .await?;
-        if !r.ok {
-            return Err(format!(
-                "creating the virtualenv failed ({}): {}",
-                r.status,
-                reason(&r.lines)
-            ));
+        let home: PathBuf = job.dir.join("home");
+        let held = match &self.uids {
+            Some(pool) => Some(StepUid {
+                pool: pool.clone(),
+                uid: pool
+                    .allocate()
+                    .map_err(|e| format!("no uid for the build's steps: {e}"))?,
+                dirs: vec![app.clone(), venv.clone()],
+                home: home.clone(),
+                done: false,
+            }),
+            None => None,
+        };
+        let uid = held.as_ref().map(|h| h.uid);
+        if let Some(u) = uid {
+            // The context was unpacked by the server (regular files and directories only).
+            give_back(app, u, u)?;
+            log.line(&format!("Build steps run as uid {u}"));
         }
-        let python = venv.join("bin/python").display().to_string();
-        let own_site = python_says(log, app, &python, SITE).await?;
-        let own = own_site
-            .first()
-            .ok_or("the virtualenv has no site-packages")?;
-        let mut pth: Vec<&str> = base_site.iter().map(String::as_str).collect();
-        pth.dedup();
-        std::fs::write(
-            Path::new(own).join("_cattery_base.pth"),
-            pth.join("\n") + "\n",
-        )
-        .map_err(|e| format!("writing the virtualenv's base path: {e}"))?;
-
-        let pip = |args: Vec<String>| {
-            let mut a = vec!["-m".to_string(), "pip".into(), "install".into()];
-            a.extend(args);
-            a
+        step_dir(&home, uid, 0o700)?;
+        step_dir(&home.join("tmp"), uid, 0o700)?;
+        step_dir(&venv, uid, 0o755)?;
+        let steps = Steps {
+            env: step_env(&home, uid.is_some()),
+            uid,
         };
-        let (what, args) = if app.join("requirements.txt").is_file() {
-            (
-                "pip install -r requirements.txt",
-                Some(pip(vec!["-r".into(), "requirements.txt".into()])),
-            )
-        } else if app.join("pyproject.toml").is_file() {
-            let text = std::fs::read_to_string(app.join("pyproject.toml"))
-                .map_err(|e| format!("reading pyproject.toml: {e}"))?;
-            let deps = pyproject_dependencies(&text)?;
-            if deps.is_empty() {
-                log.line("pyproject.toml lists no [project] dependencies");
-                ("", None)
-            } else {
-                ("pip install (pyproject.toml dependencies)", Some(pip(deps)))
-            }
-        } else {
-            log.line("No requirements.txt or pyproject.toml: nothing to install");
-            ("", None)
-        };
-        if let Some(args) = args {
-            let r = run(log, app, &python, &args).await?;
-            if !r.ok {
-                return Err(format!(
-                    "{what} failed ({}): {}",
-                    r.status,
-                    reason(&r.lines)
-                ));
+        let built = self.steps(log, &steps, app, &venv, install).await;
+        match held {
+            Some(h) => h
+                .reclaim()
+                .await
+                .map_err(|e| format!("taking the build's files back from its steps: {e}"))?,
+            None => {
+                let _ = std::fs::remove_dir_all(&home);
             }
         }
-        let check = run(
-            log,
-            app,
-            &python,
-            &["-c".into(), "import fastapi, uvicorn".into()],
-        )
-        .await?;
-        if !check.ok {
-            return Err(format!(
-                "the built environment cannot import fastapi and uvicorn, which Cattery's runner \
-                 needs (the base image has them): add them to requirements.txt, or start the \
-                 server with a --build-python that has them ({})",
-                reason(&check.lines)
-            ));
-        }
+        let python = built?;
         for d in [app.as_path(), venv.as_path()] {
             super::open_for_all(d)
                 .map_err(|e| format!("opening {} to instances: {e}", d.display()))?;
@@ -323,7 +645,11 @@ mod tests {
         ] {
             let _ = std::fs::remove_file(&pid_file);
             let args = ["-c".to_string(), script];
-            let step = run(&log, dir.path(), "/bin/sh", &args);
+            let steps = Steps {
+                env: step_env(dir.path(), false),
+                uid: None,
+            };
+            let step = run(&log, &steps, dir.path(), "/bin/sh", &args);
             let cut = tokio::time::timeout(std::time::Duration::from_millis(500), step).await;
             assert!(cut.is_err(), "the step ended by itself");
             let pids: Vec<i32> = std::fs::read_to_string(&pid_file)

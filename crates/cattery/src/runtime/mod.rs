@@ -386,6 +386,11 @@ pub trait Runtime: Send + Sync + 'static {
     fn fork_server(&self, _agent: uuid::Uuid) -> Option<ForkServerStatus> {
         None
     }
+    /// The uids instances run under, when each gets its own: a build's steps (the org's code,
+    /// `build::venv`) run under one of them too. Default `None`.
+    fn instance_uids(&self) -> Option<Arc<crate::runtime::process::uids::UidPool>> {
+        None
+    }
     /// Describes how whole-tree cleanup works on this machine (for logs and status).
     fn isolation(&self) -> String;
     /// Releases what the runtime holds for this server (its cgroup directories, locks) on a

@@ -95,6 +95,10 @@ impl Runtime for MultiRuntime {
         self.process.fork_server(agent)
     }
 
+    fn instance_uids(&self) -> Option<Arc<crate::runtime::process::uids::UidPool>> {
+        self.process.instance_uids()
+    }
+
     fn isolation(&self) -> String {
         format!(
             "processes: {}; containers: {}",

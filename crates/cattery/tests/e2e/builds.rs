@@ -369,3 +369,163 @@ async fn a_build_no_deployment_runs_is_deleted_after_its_retention() {
     assert_eq!(r.status, 404, "{:?}", r.body);
     assert!(s.log().contains("deleted a build past its retention"));
 }
+
+/// The `venv` module of a build context: `python -m venv`, run in the context, finds it
+/// first (the way pip runs a source package's own build code). It reports what the build
+/// step may do, leaves a detached process behind, then hands over to the real `venv`.
+const STEP_PROBE: &str = r#"import os, subprocess, sys
+print(f"STEP uid={os.getuid()}", flush=True)
+try:
+    open(os.path.join(os.getcwd(), "..", "..", "..", "secrets.key"), "rb").read()
+    print("STEP secrets.key read", flush=True)
+except OSError as e:
+    print(f"STEP secrets.key refused ({e.__class__.__name__})", flush=True)
+mine = ("CATTERY_BUILD_STEP",)  # the platform's marker of the step's processes
+print("STEP env=[" + ",".join(sorted(k for k in os.environ if k.startswith("CATTERY_") and k not in mine)) + "]", flush=True)
+p = subprocess.Popen(["sleep", "300"], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(f"STEP left pid={p.pid}", flush=True)
+here = os.getcwd()
+sys.path[:] = [x for x in sys.path if x not in ("", here)]
+for m in [m for m in sys.modules if m == "venv" or m.startswith("venv.")]:
+    del sys.modules[m]
+import runpy
+runpy.run_module("venv", run_name="__main__", alter_sys=True)
+"#;
+
+/// A gzipped tar of `files` (path, text).
+fn tar_gz(files: &[(&str, &str)]) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut b = tar::Builder::new(gz);
+    for (path, text) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(text.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, path, text.as_bytes()).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+/// Uploads `context` and builds it through the API (as the CLI does); returns the finished
+/// build and its log.
+async fn build_through_the_api(s: &Server, context: Vec<u8>) -> (serde_json::Value, String) {
+    let r = s
+        .req(
+            "POST",
+            "/v1/builds/upload-url",
+            Some(&s.sk),
+            Some(serde_json::json!({})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let upload = r.body["uploadId"].as_str().unwrap().to_string();
+    let token = r.body["uploadFields"]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = s
+        .raw(
+            "PUT",
+            &format!("/v1/builds/uploads/{upload}?token={token}"),
+            None,
+            context,
+        )
+        .await;
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    let r = s
+        .req(
+            "POST",
+            "/v1/builds",
+            Some(&s.sk),
+            Some(serde_json::json!({"uploadId": upload})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let id = r.body["build"]["id"].as_str().unwrap().to_string();
+    let build = common::wait_for(Duration::from_secs(120), "the build to end", || {
+        let (s, id) = (s, &id);
+        async move {
+            let r = s
+                .req("GET", &format!("/v1/builds/{id}"), Some(&s.sk), None)
+                .await;
+            let b = r.body["build"].clone();
+            (!matches!(b["status"].as_str(), Some("pending" | "building"))).then_some(b)
+        }
+    })
+    .await;
+    let r = s
+        .req(
+            "GET",
+            &format!("/v1/builds/{id}/logs?limit=1000"),
+            Some(&s.sk),
+            None,
+        )
+        .await;
+    let log = r.body["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap_or_default().to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    (build, log)
+}
+
+/// A build's steps run the org's code (here a `venv` module in the context, found first by
+/// `python -m venv`; pip runs a source package's setup code the same way). Run by a root
+/// server, they get an unprivileged uid of the instance pool, not the server's (so neither
+/// the secrets key nor the database), nothing of the server's environment (its Daily key),
+/// and nothing they leave running outlives the build; the built files then belong to the
+/// server, so a later instance that draws the same uid cannot change them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_builds_steps_run_unprivileged_without_the_servers_environment() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (steps run under instance uids only for a root server)");
+        return;
+    }
+    let py = main_python();
+    let s = Server::start_with_env(
+        &["--python", py.to_str().unwrap(), "--builder", "venv"],
+        &[("CATTERY_DAILY_API_KEY", "daily-key-of-the-server")],
+    )
+    .await;
+    let context = tar_gz(&[
+        ("bot.py", "async def bot(args):\n    pass\n"),
+        ("venv/__init__.py", ""),
+        ("venv/__main__.py", STEP_PROBE),
+    ]);
+    let (build, log) = build_through_the_api(&s, context).await;
+    assert_eq!(build["status"], "success", "{build}\n{log}");
+    let line = |what: &str| {
+        log.lines()
+            .find_map(|l| l.strip_prefix(&format!("STEP {what}")))
+            .unwrap_or_else(|| panic!("no `STEP {what}` line in the build log:\n{log}"))
+            .to_string()
+    };
+    let uid: u32 = line("uid=").parse().unwrap();
+    assert!(uid >= 2_000_000_000, "the step ran as uid {uid}:\n{log}");
+    assert!(
+        log.contains("STEP secrets.key refused"),
+        "a build step read the server's secrets key:\n{log}"
+    );
+    assert_eq!(
+        line("env="),
+        "[]",
+        "the step saw the server's variables:\n{log}"
+    );
+    let left: i32 = line("left pid=").parse().unwrap();
+    assert!(
+        !common::pid_alive(left),
+        "a process the build left behind still runs (pid {left})"
+    );
+    let dir = s
+        .data_dir()
+        .join("builds")
+        .join(build["id"].as_str().unwrap());
+    use std::os::unix::fs::MetadataExt;
+    for p in ["app", "app/bot.py", "venv", "venv/bin/python"] {
+        let m = std::fs::symlink_metadata(dir.join(p)).unwrap();
+        assert_eq!(m.uid(), 0, "{p} belongs to uid {}, not the server", m.uid());
+    }
+    assert!(!dir.join("home").exists(), "the steps' home is removed");
+}

@@ -1034,6 +1034,10 @@ impl Runtime for ProcessRuntime {
         RuntimeKind::Process
     }
 
+    fn instance_uids(&self) -> Option<Arc<uids::UidPool>> {
+        self.isolation.uids.clone()
+    }
+
     fn isolation(&self) -> String {
         format!("{}; {}", self.cgroups.describe(), self.isolation.describe())
     }

@@ -86,7 +86,7 @@ pub struct UidPool {
 }
 
 /// Whether any process runs under `uid` (its `/proc/<pid>` directory is owned by it).
-fn uid_has_processes(uid: u32) -> bool {
+pub(crate) fn uid_has_processes(uid: u32) -> bool {
     let Ok(rd) = fs::read_dir("/proc") else {
         return true;
     };
