@@ -135,14 +135,12 @@ impl Builder for DockerBuilder {
             .forcerm(true)
             .build();
         let mut stream = engine.build_image(opts, None, Some(bollard::body_full(tarball.into())));
-        let mut last = Vec::new();
         while let Some(item) = stream.next().await {
             match item {
                 Ok(info) => {
                     if let Some(s) = info.stream.as_deref().or(info.status.as_deref()) {
                         for l in s.lines().filter(|l| !l.trim().is_empty()) {
-                            log.line(l);
-                            last.push(l.to_string());
+                            log.output(l);
                         }
                     }
                     if let Some(e) = info.error_detail.and_then(|d| d.message) {

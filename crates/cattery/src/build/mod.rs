@@ -62,10 +62,19 @@ pub trait Builder: Send + Sync + 'static {
     }
 }
 
+/// Most bytes of a build's output (its steps', the engine's) its log keeps; later lines are
+/// dropped, and the log says so once. The server's own lines are always written.
+pub const MAX_OUTPUT_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Longest line of a build's output kept (bytes): the rest of a longer line is dropped.
+pub const MAX_LINE_BYTES: usize = 16 * 1024;
+
 /// A build's log: a file of lines, appended while it runs, read by `build logs`.
 #[derive(Clone)]
 pub struct BuildLog {
     file: Arc<Mutex<Option<std::fs::File>>>,
+    /// Bytes of output written so far.
+    output: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl BuildLog {
@@ -74,7 +83,29 @@ impl BuildLog {
         let f = std::fs::File::create(path)?;
         Ok(BuildLog {
             file: Arc::new(Mutex::new(Some(f))),
+            output: Arc::default(),
         })
+    }
+
+    /// Appends one line of the build's output (a step's, the engine's), cut at
+    /// [`MAX_LINE_BYTES`], while the output stays within [`MAX_OUTPUT_BYTES`].
+    pub fn output(&self, s: &str) {
+        use std::sync::atomic::Ordering;
+        let mut end = s.len().min(MAX_LINE_BYTES);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let s = &s[..end];
+        let n = s.len() as u64 + 1;
+        let before = self.output.fetch_add(n, Ordering::SeqCst);
+        if before + n <= MAX_OUTPUT_BYTES {
+            self.line(s);
+        } else if before <= MAX_OUTPUT_BYTES {
+            self.line(&format!(
+                "[cattery] the build's output passed {} MiB: later lines are not kept",
+                MAX_OUTPUT_BYTES / (1024 * 1024)
+            ));
+        }
     }
 
     /// Appends one line (without its newline); best-effort.

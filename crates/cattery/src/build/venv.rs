@@ -89,7 +89,85 @@ fn step_env(home: &Path, isolated: bool) -> Vec<(OsString, OsString)> {
 struct Ran {
     ok: bool,
     status: String,
+    /// Its first [`KEPT_LINES`] lines.
     lines: Vec<String>,
+    /// Why it failed, as [`reason`] picks it from all its lines.
+    reason: String,
+}
+
+/// Most lines of a step's output kept in memory (what `python -c` printed is read from them;
+/// the rest only goes to the build's log).
+const KEPT_LINES: usize = 200;
+
+/// [`reason`] over lines as they come, in bounded memory: the first five `ERROR:` lines and
+/// the last three lines that are not blank.
+#[derive(Default)]
+struct Reason {
+    errors: Vec<String>,
+    last: std::collections::VecDeque<String>,
+}
+
+impl Reason {
+    fn push(&mut self, line: &str) {
+        let l = line.trim();
+        if (l.starts_with("ERROR:") || l.starts_with("error:")) && self.errors.len() < 5 {
+            self.errors.push(l.to_string());
+        }
+        if !l.is_empty() {
+            if self.last.len() == 3 {
+                self.last.pop_front();
+            }
+            self.last.push_back(l.to_string());
+        }
+    }
+
+    fn text(&self) -> String {
+        if self.errors.is_empty() {
+            self.last.iter().cloned().collect::<Vec<_>>().join("\n")
+        } else {
+            self.errors.join("\n")
+        }
+    }
+}
+
+/// Sends the lines read from `pipe` to `tx`, each cut at [`super::MAX_LINE_BYTES`] (the rest
+/// of a longer line is dropped; invalid UTF-8 is replaced): a step that prints without end
+/// costs the server no more memory than one line.
+async fn send_lines(
+    pipe: impl tokio::io::AsyncRead + Unpin,
+    tx: tokio::sync::mpsc::Sender<String>,
+) {
+    let mut r = BufReader::new(pipe);
+    let mut line: Vec<u8> = Vec::new();
+    while let Ok(buf) = r.fill_buf().await {
+        if buf.is_empty() {
+            if !line.is_empty() {
+                let _ = tx.send(String::from_utf8_lossy(&line).into_owned()).await;
+            }
+            break;
+        }
+        let (take, ends) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        let room = super::MAX_LINE_BYTES.saturating_sub(line.len());
+        let part = &buf[..take - usize::from(ends)];
+        line.extend_from_slice(&part[..part.len().min(room)]);
+        r.consume(take);
+        if ends {
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            if tx
+                .send(String::from_utf8_lossy(&line).into_owned())
+                .await
+                .is_err()
+            {
+                break;
+            }
+            line.clear();
+        }
+    }
 }
 
 /// The environment entry that marks a step's processes: `CATTERY_BUILD_STEP=<id>`.
@@ -169,28 +247,25 @@ async fn run(
         marker: format!("{STEP_MARKER}={step}"),
         exited: false,
     };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    // Bounded: a step that prints faster than its log is written waits.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
     type Pipe = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
     let pipes: [Option<Pipe>; 2] = [
         child.stdout.take().map(|p| Box::new(p) as Pipe),
         child.stderr.take().map(|p| Box::new(p) as Pipe),
     ];
     for pipe in pipes.into_iter().flatten() {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(pipe).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
+        tokio::spawn(send_lines(pipe, tx.clone()));
     }
     drop(tx);
     let mut lines = Vec::new();
+    let mut why = Reason::default();
     while let Some(l) = rx.recv().await {
-        log.line(&l);
-        lines.push(l);
+        log.output(&l);
+        why.push(&l);
+        if lines.len() < KEPT_LINES {
+            lines.push(l);
+        }
     }
     let st = loop {
         if let Some(x) = *exit.borrow_and_update() {
@@ -210,32 +285,19 @@ async fn run(
         ok: st.code == Some(0),
         status,
         lines,
+        reason: why.text(),
     })
 }
 
-/// The lines worth showing as a failed step's reason: pip's `ERROR:` lines, else the last
-/// few lines.
+/// The lines worth showing as a failed step's reason: pip's `ERROR:` lines (the first five),
+/// else the last three lines that are not blank.
+#[cfg(test)]
 fn reason(lines: &[String]) -> String {
-    let errors: Vec<&str> = lines
-        .iter()
-        .map(|l| l.trim())
-        .filter(|l| l.starts_with("ERROR:") || l.starts_with("error:"))
-        .collect();
-    let picked: Vec<&str> = if errors.is_empty() {
-        lines
-            .iter()
-            .map(|l| l.trim())
-            .filter(|l| !l.is_empty())
-            .rev()
-            .take(3)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect()
-    } else {
-        errors.into_iter().take(5).collect()
-    };
-    picked.join("\n")
+    let mut why = Reason::default();
+    for l in lines {
+        why.push(l);
+    }
+    why.text()
 }
 
 /// The `[project] dependencies` of a `pyproject.toml`. Errors: it does not parse.
@@ -262,11 +324,7 @@ async fn python_says(
 ) -> Result<Vec<String>, String> {
     let r = run(log, steps, cwd, python, &["-c".into(), code.into()]).await?;
     if !r.ok {
-        return Err(format!(
-            "{python} failed ({}): {}",
-            r.status,
-            reason(&r.lines)
-        ));
+        return Err(format!("{python} failed ({}): {}", r.status, r.reason));
     }
     Ok(r.lines)
 }
@@ -481,8 +539,7 @@ impl VenvBuilder {
         if !r.ok {
             return Err(format!(
                 "creating the virtualenv failed ({}): {}",
-                r.status,
-                reason(&r.lines)
+                r.status, r.reason
             ));
         }
         let python = venv.join("bin/python").display().to_string();
@@ -511,18 +568,13 @@ impl VenvBuilder {
         if !w.ok {
             return Err(format!(
                 "writing the virtualenv's base path failed ({}): {}",
-                w.status,
-                reason(&w.lines)
+                w.status, w.reason
             ));
         }
         if let Some((what, args)) = install {
             let r = run(log, steps, app, &python, &args).await?;
             if !r.ok {
-                return Err(format!(
-                    "{what} failed ({}): {}",
-                    r.status,
-                    reason(&r.lines)
-                ));
+                return Err(format!("{what} failed ({}): {}", r.status, r.reason));
             }
         }
         let check = run(
@@ -538,7 +590,7 @@ impl VenvBuilder {
                 "the built environment cannot import fastapi and uvicorn, which Cattery's runner \
                  needs (the base image has them): add them to requirements.txt, or start the \
                  server with a --build-python that has them ({})",
-                reason(&check.lines)
+                check.reason
             ));
         }
         Ok(python)
@@ -668,6 +720,41 @@ mod tests {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
         }
+    }
+
+    /// A step that prints more than the log keeps (40 MiB in lines of 1 KiB, then one line
+    /// of 1 MiB): the log stops at its cap (16 MiB) and says so, and the server keeps a
+    /// bounded part of the output.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_steps_output_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("build.log");
+        let log = BuildLog::create(&path).unwrap();
+        let steps = Steps {
+            env: step_env(dir.path(), false),
+            uid: None,
+        };
+        let script = "yes \"$(head -c 1023 /dev/zero | tr '\\0' x)\" | head -n 40960; \
+                      head -c 1048576 /dev/zero | tr '\\0' y; exit 3";
+        let r = run(
+            &log,
+            &steps,
+            dir.path(),
+            "/bin/sh",
+            &["-c".into(), script.into()],
+        )
+        .await
+        .unwrap();
+        assert!(!r.ok);
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size <= (16 << 20) + 4096, "the log holds {size} bytes");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("later lines are not kept"),
+            "{}",
+            &text[text.len() - 200..]
+        );
+        assert!(r.lines.len() <= 200, "{} lines kept", r.lines.len());
     }
 
     #[test]
