@@ -204,6 +204,31 @@ where
     Ok(())
 }
 
+/// Longest `token` field read from an upload form (a token is 64 hex digits): the upload
+/// route has no body limit, and the field is read before any token is checked, so a longer
+/// one is refused as it arrives rather than held in memory whole.
+const MAX_TOKEN_FIELD: usize = 1024;
+
+/// The text of an upload form's `token` field. Errors: 400 past [`MAX_TOKEN_FIELD`] bytes,
+/// not UTF-8, or a broken form.
+async fn token_field(mut field: axum::extract::multipart::Field<'_>) -> ApiResult<String> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| ApiError::bad_request(format!("bad token field: {e}")))?
+    {
+        if buf.len() + chunk.len() > MAX_TOKEN_FIELD {
+            return Err(ApiError::bad_request(format!(
+                "the upload form's token field is longer than {MAX_TOKEN_FIELD} bytes"
+            )));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    String::from_utf8(buf)
+        .map_err(|_| ApiError::bad_request("the upload form's token field is not UTF-8"))
+}
+
 /// `POST /v1/builds/uploads/{uploadId}`: the CLI's presigned-POST-style multipart upload
 /// (`token` field, then the `file` field). No bearer key: the single-use token is the
 /// authorization. 204 on success, as S3 answers.
@@ -222,14 +247,7 @@ pub async fn upload_multipart(
             .map_err(|e| ApiError::bad_request(format!("bad multipart upload: {e}")))?
             .ok_or_else(|| ApiError::bad_request("the upload form has no `file` field"))?;
         match field.name() {
-            Some("token") => {
-                token = Some(
-                    field
-                        .text()
-                        .await
-                        .map_err(|e| ApiError::bad_request(format!("bad token field: {e}")))?,
-                )
-            }
+            Some("token") => token = Some(token_field(field).await?),
             Some("file") => {
                 let token = token.ok_or_else(|| {
                     ApiError::unauthorized("the upload form has no `token` field before `file`")

@@ -72,6 +72,30 @@ async fn post_upload(a: &Api, url: &str, fields: &Value, bytes: &[u8]) -> (Statu
     )
 }
 
+/// An upload form's `token` field is read before any token is checked, on a route without a
+/// body limit: one longer than a token can be is refused (400) as it arrives, never held
+/// whole (a 300 MB field once took 650 MB of the server's memory, with no key at all).
+#[tokio::test]
+async fn an_upload_forms_token_field_is_bounded() {
+    let a = api_with(|_| {}).await;
+    let u = upload_url(&a).await;
+    let url = u["uploadUrl"].as_str().unwrap();
+    let long = "a".repeat(64 * 1024);
+    let (st, body) = post_upload(&a, url, &json!({"token": long}), b"x").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("token field is longer"),
+        "{body}"
+    );
+    // The right token still works: nothing was spent.
+    let ctx = context(&[("README", "x\n")]);
+    let (st, body) = post_upload(&a, url, &u["uploadFields"], &ctx).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{body}");
+}
+
 async fn upload_url(a: &Api) -> Value {
     let r = a
         .call(
