@@ -6,7 +6,9 @@
 //! commit, checked), `secrets.key` (without it the sealed secret values in the copy cannot be
 //! opened), and `backup.json` (what made it). Instance directories, captured-output files and
 //! the server id are not part of it: a restored server ends the sessions that were live at
-//! the backup as `lost`, like after any restart that finds their instances gone.
+//! the backup as `lost`, like after any restart that finds their instances gone. The warm
+//! instances a backup records are forgotten at restore (`forget_warm_instances`): one that
+//! still runs may have taken a session the backup does not hold since.
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -165,6 +167,7 @@ pub fn restore(from: &Path, place: &Place, force: bool) -> anyhow::Result<Summar
     let tmp = data_dir.join(format!("{DB_FILE}.restoring"));
     let _ = std::fs::remove_file(&tmp);
     copy_private(&src, &tmp)?;
+    backup::forget_warm_instances(&tmp)?;
     // The replaced database's WAL must not be applied to the restored one.
     for suffix in ["-wal", "-shm"] {
         let p = data_dir.join(format!("{DB_FILE}{suffix}"));

@@ -11,7 +11,8 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 
-use crate::common::{cattery_bin, py_env_dir, wait_for, Server};
+use crate::common::{cattery_bin, pid_alive, py_env_dir, wait_for, Server};
+use crate::lifecycle_util::session_pid;
 
 /// The interpreter with `prometheus_client` (`scripts/setup-python.sh`: the `ops` env).
 fn ops_python() -> PathBuf {
@@ -346,6 +347,64 @@ async fn backup_during_churn_holds_every_ended_session_and_restores() {
         let v = s.session("churn", sid).await;
         assert!(!v["endedAt"].is_null(), "{v}");
     }
+}
+
+/// A restore after a stop with `--on-stop detach` (the upgrade unit of docs/upgrade.md),
+/// from a backup taken while an instance was warm, when that instance took a session after
+/// the backup: the restored database still records it as warm, but it is busy with a session
+/// the database no longer knows. The next server must not put it back into the warm pool,
+/// where the next start would be delivered into the same process as a second session: it is
+/// removed, and the next start gets a process of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn restore_after_a_detach_never_hands_out_a_warm_instance_that_took_a_session() {
+    let mut s = Server::start(&["--on-stop", "detach"]).await;
+    s.deploy(
+        "warm",
+        &["--ignore-transport-close"],
+        json!({"autoScaling": {"minAgents": 1, "maxAgents": 3}, "stopGraceSeconds": 1}),
+    )
+    .await;
+    wait_for(Duration::from_secs(30), "a warm idle instance", || async {
+        (s.agent("warm").await["warmInstances"]["idle"] == 1).then_some(())
+    })
+    .await;
+    let out = tempfile::tempdir().unwrap();
+    let bk = out.path().join("bk");
+    let data = s.data_dir().to_str().unwrap().to_string();
+    let (ok, text) = cattery(&["backup", "--data-dir", &data, bk.to_str().unwrap()]);
+    assert!(ok, "backup failed: {text}");
+    // The warm instance takes a session after the backup.
+    let sid = s.start_ok("warm").await;
+    assert_eq!(s.session("warm", &sid).await["coldStart"], false);
+    let pid = session_pid(&s, "warm", &sid).await;
+
+    let st = s
+        .terminate(Duration::from_secs(30))
+        .expect("the server exits");
+    assert!(st.success(), "detach exits 0: {st:?}");
+    assert!(pid_alive(pid), "a detach leaves the instance running");
+    let (ok, text) = cattery(&[
+        "restore",
+        "--data-dir",
+        &data,
+        "--force",
+        bk.to_str().unwrap(),
+    ]);
+    assert!(ok, "restore failed: {text}");
+    s.spawn().await;
+
+    // The instance of the session the restored database does not hold is removed, not
+    // re-adopted as warm; the next start runs in another process.
+    wait_for(
+        Duration::from_secs(30),
+        "the stray instance removed",
+        || async { (!pid_alive(pid)).then_some(()) },
+    )
+    .await;
+    s.wait_ready("warm", Duration::from_secs(30)).await;
+    let next = s.start_ok("warm").await;
+    assert_ne!(session_pid(&s, "warm", &next).await, pid);
+    assert_eq!(s.stop("warm", &next).await.status, 200);
 }
 
 /// Stores one (dummy) sealed secret value in the SQLite store of `data`.

@@ -105,6 +105,24 @@ fn inspect(db: &Connection) -> anyhow::Result<CopyInfo> {
     })
 }
 
+/// Forgets, in a database about to be restored (`path`, not in use), the instances it records
+/// as warm (promised to no session). A backup holds the instances of its moment, and what was
+/// warm then may have taken a session since, one the restored database does not know: a
+/// server that stopped with `--on-stop detach` leaves it running. Re-adopted from its record,
+/// it would go back into the warm pool and be handed a second session in the same process.
+/// Forgotten, it is a process no record names, which the next server removes at start; an
+/// instance recorded with its session is kept, since it serves that session or is gone.
+/// Returns how many were forgotten.
+pub fn forget_warm_instances(path: &Path) -> anyhow::Result<usize> {
+    let db = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open {}", path.display()))?;
+    let n = db.execute("DELETE FROM instances WHERE session_id IS NULL", [])?;
+    Ok(n)
+}
+
 /// How many values sealed with the secrets key the database holds, in the tables of its
 /// schema (a backup made by an older Cattery may lack some): secrets, their deployment
 /// snapshots, webhook endpoint secrets, and orgs' sealed `dailyApiKey` properties.
