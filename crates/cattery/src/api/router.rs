@@ -243,7 +243,17 @@ async fn ready(
     Ok(Json(serde_json::json!({"status": "ready"})))
 }
 
-async fn not_found() -> ApiError {
+/// 404 for a path no route takes. A path that starts with `//` is what a client makes of an
+/// API host given with a trailing slash (`PIPECAT_API_HOST=http://host:7870/`: the clients
+/// append `/v1/...` as is), so its answer says so.
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    if uri.path().starts_with("//") {
+        return ApiError::not_found(
+            "404",
+            "no such route: the path starts with // (is the client's API host, such as \
+             PIPECAT_API_HOST, given with a trailing slash? give it without one)",
+        );
+    }
     ApiError::not_found("404", "no such route")
 }
 

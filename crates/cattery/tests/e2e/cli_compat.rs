@@ -1411,6 +1411,69 @@ async fn sdk_session_start() {
             "{v}"
         );
     }
+    sdk_at_capacity_and_a_trailing_slash(&s, home.path()).await;
+}
+
+/// One SDK start (`Session(agent, key).start()`); prints the answer or the `AgentStartError`.
+const SDK_ONE_START: &str = r#"
+import asyncio, json, sys
+from pipecatcloud.exception import AgentStartError
+from pipecatcloud.session import Session
+
+async def main():
+    try:
+        print(json.dumps({"ok": await Session(agent_name=sys.argv[1], api_key=sys.argv[2]).start()}))
+    except AgentStartError as e:
+        print(json.dumps({"error": str(e), "code": e.error_code}))
+
+asyncio.run(main())
+"#;
+
+/// What a user's code gets from the current SDK at `maxAgents` (an `AgentStartError` with
+/// code `429`), and with `PIPECAT_API_HOST` given with a trailing slash (a 404 that says so).
+async fn sdk_at_capacity_and_a_trailing_slash(s: &Server, home: &Path) {
+    let sdk = |host: String| {
+        let mut c = Command::new(main_python());
+        c.arg("-c")
+            .arg(SDK_ONE_START)
+            .arg("sdk-agent")
+            .arg(&s.pk)
+            .env("HOME", home)
+            .env("PIPECAT_API_HOST", host);
+        let o = run_with_timeout(c, SDK1);
+        ok(&o, SDK1);
+        serde_json::from_str::<Value>(o.stdout.trim().lines().last().unwrap()).unwrap()
+    };
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents/sdk-agent",
+            Some(&s.sk),
+            Some(json!({"autoScaling": {"minAgents": 0, "maxAgents": 1}})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let busy = s
+        .start_session("sdk-agent", json!({"body": {"seconds": 120}}))
+        .await;
+    assert_eq!(busy.status, 200, "{:?}", busy.body);
+    let v = sdk(s.base.clone());
+    assert_eq!(v["code"], "429", "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("429 - agent sdk-agent is at capacity"),
+        "{v}"
+    );
+    let v = sdk(format!("{}/", s.base));
+    assert_eq!(v["code"], "404", "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("trailing slash"),
+        "{v}"
+    );
+    let sid = busy.body["sessionId"].as_str().unwrap();
+    assert_eq!(s.stop("sdk-agent", sid).await.status, 200);
 }
 
 /// The org-scoped services path of the default org.
