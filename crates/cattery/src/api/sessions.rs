@@ -279,7 +279,10 @@ pub(super) async fn daily_room(
                 "createDailyRoom needs a Daily API key: set the org's dailyApiKey property, or start the server with --daily-api-key (CATTERY_DAILY_API_KEY)",
             )
         })?;
-    st.sup.check_startable(org, name)?;
+    crate::core::daily::check_properties(room_props, token_props)?;
+    // At maxAgents (or crash-looping) the start is refused before Daily is asked for anything:
+    // a room made for a refused start costs three calls to Daily's API and its deletion.
+    st.sup.check_admissible(org, name)?;
     let max_s = st
         .sup
         .max_session_seconds(org, name)

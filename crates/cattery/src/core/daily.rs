@@ -285,6 +285,14 @@ fn daily_message(status: u16, v: &Value, text: &str) -> String {
     format!("Daily API error {status} ({kind}): {info}")
 }
 
+/// Checks a start's `dailyRoomProperties` and `dailyMeetingTokenProperties` (objects, or
+/// absent) before anything else is done for it. Errors: [`CoreError::BadRequest`].
+pub fn check_properties(room_props: Option<&Value>, token_props: Option<&Value>) -> CoreResult<()> {
+    object(room_props, "dailyRoomProperties")?;
+    object(token_props, "dailyMeetingTokenProperties")?;
+    Ok(())
+}
+
 fn object(v: Option<&Value>, what: &str) -> CoreResult<Map<String, Value>> {
     match v {
         None | Some(Value::Null) => Ok(Map::new()),

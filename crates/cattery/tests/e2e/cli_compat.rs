@@ -1985,6 +1985,39 @@ async fn bot_args(s: &Server, agent: &str, sid: &str) -> Value {
     .await
 }
 
+/// A `createDailyRoom` start (the SDK's `use_daily=True`) at `maxAgents` is answered 429
+/// before Daily is asked for anything: no room, no tokens, no deletion for a refused start.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daily_start_at_max_agents_asks_nothing_of_daily() {
+    let daily = DailyStandIn::start().await;
+    let s = Server::start(&[
+        "--daily-api-key",
+        "dk_e2e_key",
+        "--daily-api-url",
+        &daily.url,
+    ])
+    .await;
+    s.deploy(
+        "dcap",
+        &[],
+        json!({"autoScaling": {"minAgents": 0, "maxAgents": 1}}),
+    )
+    .await;
+    let start = json!({"createDailyRoom": true, "body": {}});
+    let first = s.start_session("dcap", start.clone()).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let calls = || daily.seen.lock().unwrap().len();
+    let before = calls();
+    assert_eq!(before, 3, "a room and its two tokens");
+    let r = s.start_session("dcap", start).await;
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    assert_eq!(r.body["code"], "429");
+    assert_eq!(r.body["status"], 429);
+    assert_eq!(calls(), before, "{:?}", daily.seen.lock().unwrap());
+    let sid = first.body["sessionId"].as_str().unwrap();
+    assert_eq!(s.stop("dcap", sid).await.status, 200);
+}
+
 async fn wait_room_deleted(d: &DailyStandIn, room: &str) {
     wait_for(Duration::from_secs(20), "the room's deletion", || async {
         d.deleted(room).then_some(())

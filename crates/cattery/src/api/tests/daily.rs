@@ -296,7 +296,7 @@ async fn org_daily_api_key_property() {
 }
 
 /// Daily's 401 is a clear 502 quoting Daily, with no session and no instance; a failed
-/// token deletes the room it was for; a start refused after the room was made deletes it.
+/// token deletes the room it was for; a start at maxAgents makes no room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daily_errors_leave_nothing_behind() {
     let (daily, a) = with_daily(Some("dk_bad")).await;
@@ -333,9 +333,9 @@ async fn daily_errors_leave_nothing_behind() {
     daily.set(Mode::Ok);
     let first = start_daily(&a, "errs", json!({})).await;
     assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    // At maxAgents the start is refused before Daily is asked for a room.
     let r = start_daily(&a, "errs", json!({})).await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
-    daily.wait_deleted("room4").await;
     assert!(
         !daily.deleted("room3"),
         "the running session keeps its room"
@@ -346,7 +346,7 @@ async fn daily_errors_leave_nothing_behind() {
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
     assert_eq!(
         daily.seen().iter().filter(|s| s.path == "/rooms").count(),
-        4
+        3
     );
 }
 
@@ -516,10 +516,13 @@ async fn keep_daily_rooms_of_the_org_and_the_agent() {
     assert_eq!(kept.body["dailyRoom"], "https://cattery.daily.co/room1");
     let gone = start_daily(&a, "gone", json!({})).await;
     assert_eq!(gone.body["dailyRoom"], "https://cattery.daily.co/room2");
-    // A start refused at maxAgents deletes its room even though the org keeps rooms.
+    // A start refused at maxAgents makes no room (none to keep).
     let r = start_daily(&a, "kept", json!({})).await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
-    daily.wait_deleted("room3").await;
+    assert_eq!(
+        daily.seen().iter().filter(|s| s.path == "/rooms").count(),
+        2
+    );
     let sid = |r: &Answer| r.body["sessionId"].as_str().unwrap().to_string();
     assert_eq!(a.stop("kept", &sid(&kept)).await.status, StatusCode::OK);
     assert_eq!(a.stop("gone", &sid(&gone)).await.status, StatusCode::OK);

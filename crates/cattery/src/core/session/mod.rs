@@ -618,6 +618,22 @@ impl Supervisor {
         self.detached.store(true, Ordering::SeqCst);
     }
 
+    /// [`Supervisor::check_startable`], and that the agent is not crash-looping nor at
+    /// `maxAgents` on this node right now (`admission::precheck`): for a start with costly work
+    /// before its admission (a Daily room). Errors as [`Supervisor::start_session`].
+    pub fn check_admissible(&self, org: &str, name: &str) -> CoreResult<()> {
+        self.check_startable(org, name)?;
+        let st = self.state.lock();
+        let Some(p) = st
+            .by_name
+            .get(&(org.to_string(), name.to_string()))
+            .and_then(|id| st.pools.get(id))
+        else {
+            return Err(CoreError::NotFound(format!("agent {name} not found")));
+        };
+        admission::precheck(p, name, Instant::now())
+    }
+
     /// Checks that `org`'s agent `name` could take a session now (exists, deployment valid,
     /// not draining) without starting one. Errors as [`Supervisor::start_session`].
     pub fn check_startable(&self, org: &str, name: &str) -> CoreResult<()> {
