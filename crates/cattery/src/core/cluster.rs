@@ -748,6 +748,7 @@ pub fn spawn_heartbeats(
             let rec = me.record(i64::from(instances), i64::from(busy));
             if let Err(e) = store.heartbeat(&rec).await {
                 tracing::warn!(error = %e, node = %me.id, "heartbeat not recorded");
+                s.heartbeat_failed();
                 if !said_fenced && s.is_fenced() {
                     said_fenced = true;
                     tracing::warn!(node = %me.id, timeout_s = me.timeout.as_secs_f64(),

@@ -42,6 +42,12 @@ pub(super) struct Fence {
     running: bool,
     /// A heartbeat was late again while it ran (after it read the store): it lifts no fence.
     late_again: bool,
+    /// Since when the store has taken every heartbeat of this node without a gap (none
+    /// failed, none late): [`Fence::may_declare_dead`].
+    steady_since: Option<Instant>,
+    /// A heartbeat failed since the last one the store took: the next one starts a new
+    /// steady period.
+    broken: bool,
 }
 
 impl Fence {
@@ -50,13 +56,17 @@ impl Fence {
     /// store showed the previous heartbeat: a takeover was possible once that one was older
     /// than the timeout, however early this one was made (its write may have stalled).
     fn recorded(&mut self, at: Instant, now: Instant, timeout: Duration) -> bool {
-        if self
+        let late = self
             .last_ok
-            .is_some_and(|prev| now.max(at).saturating_duration_since(prev) > timeout)
-        {
+            .is_some_and(|prev| now.max(at).saturating_duration_since(prev) > timeout);
+        if late {
             self.pending = true;
             self.late_again = self.running;
         }
+        if late || self.broken || self.steady_since.is_none() {
+            self.steady_since = Some(at);
+        }
+        self.broken = false;
         self.last_ok = Some(self.last_ok.map_or(at, |prev| prev.max(at)));
         if self.pending && !self.running {
             self.running = true;
@@ -73,6 +83,29 @@ impl Fence {
             self.pending = false;
         }
         self.late_again = false;
+    }
+
+    /// Notes a heartbeat the store did not take (the database unreachable).
+    fn failed(&mut self) {
+        self.broken = true;
+        self.steady_since = None;
+    }
+
+    /// Whether this node may declare another node dead at `now` from the age of its last
+    /// heartbeat: only once the store has taken this node's own heartbeats without a gap for
+    /// a whole node `timeout`. After a database outage every node's last heartbeat is stale,
+    /// the living ones' too, and each needs a heartbeat period or two to record a new one: a
+    /// node still stale a whole timeout after this one got the store back is dead, one that
+    /// is not lives (the same rule as the watch's, `core::cluster::may_take_over`). Before the
+    /// first heartbeat (no cluster bookkeeping) nothing restrains it, as for the fence.
+    fn may_declare_dead(&self, now: Instant, timeout: Duration) -> bool {
+        if self.last_ok.is_none() && !self.broken {
+            return true;
+        }
+        !self.fenced(now, timeout)
+            && self
+                .steady_since
+                .is_some_and(|s| now.saturating_duration_since(s) >= timeout)
     }
 
     /// Whether the node is fenced at `now`.
@@ -149,6 +182,24 @@ impl Supervisor {
         self.fence
             .lock()
             .recorded(at, Instant::now(), self.cfg.node_timeout)
+    }
+
+    /// Notes a heartbeat the store did not take: this node declares no other node dead
+    /// until its own heartbeats have been taken again without a gap for a node timeout
+    /// ([`Supervisor::may_declare_dead`]).
+    pub fn heartbeat_failed(&self) {
+        self.fence.lock().failed();
+    }
+
+    /// Whether this node may take another node whose heartbeat is stale for dead (a stop of
+    /// its session takes it over at once): only once the store has taken this node's own
+    /// heartbeats without a gap (none failed, none late) for a whole node timeout, so that a
+    /// database outage, which leaves every node's heartbeat stale, is not taken for the loss
+    /// of the nodes that live through it.
+    pub fn may_declare_dead(&self) -> bool {
+        self.fence
+            .lock()
+            .may_declare_dead(Instant::now(), self.cfg.node_timeout)
     }
 
     /// Whether this node is fenced: its last heartbeat the store took is older than the

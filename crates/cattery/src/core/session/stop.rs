@@ -316,6 +316,19 @@ impl Supervisor {
                         }
                     }
                 }
+                // Stale, but this node's own heartbeats were not taken steadily for a node
+                // timeout (a database outage just ended): the owner may live and not have
+                // heartbeated again yet. Asked again until it does or the wait says it is dead.
+                _ if !self.may_declare_dead() => {
+                    failed.get_or_insert_with(|| {
+                        format!(
+                            "node {owner}'s heartbeat is stale, but this node's own heartbeats \
+                             were not recorded steadily for the node timeout, so it cannot tell \
+                             a lost node from a database outage yet"
+                        )
+                    });
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 _ => {
                     if let Some(me) = self.me() {
                         me.take_over(&owner, stale_ms)

@@ -1284,6 +1284,65 @@ async fn a_forwarded_stop_to_an_owner_that_froze_ends_when_the_owner_is_declared
     assert_eq!(end.reason, crate::model::EndReason::Lost, "{end:?}");
 }
 
+/// Right after a database outage every node's last heartbeat is stale, the living ones' too:
+/// a stop of another node's session does not take that node over (and end its sessions
+/// `lost`) before this node's own heartbeats have been taken steadily for a node timeout. The
+/// owner heartbeats again meanwhile and gets the stop. Once this node's heartbeats have been
+/// steady for the timeout, a stop of a node still stale takes it over at once. (Found by a
+/// three-node trial: PostgreSQL stopped 5 s with `--node-timeout 3`; a stop through another
+/// node right after ended four sessions of a live node `lost` and killed their processes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_right_after_a_database_outage_does_not_take_a_live_owner_over() {
+    let (e, a, sid, peers) = session_left_by_n2("http://n2", "http://n2", "").await;
+    let stale = crate::store::NodeRecord {
+        heartbeat_ms: now_ms() - 5000,
+        ..n2_at("http://n2")
+    };
+    e.store.heartbeat(&stale).await.unwrap();
+    e.sup.remember_nodes(&[]);
+    // This node heartbeated, then the database went away, and it just came back.
+    assert!(!e.sup.heartbeat_recorded(tokio::time::Instant::now()));
+    e.sup.heartbeat_failed();
+    assert!(!e.sup.heartbeat_recorded(tokio::time::Instant::now()));
+    assert!(!e.sup.may_declare_dead());
+    let stop = tokio::spawn({
+        let sup = e.sup.clone();
+        async move { sup.stop_session("o", "a", sid).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The owner's next heartbeat after the outage.
+    e.store.heartbeat(&n2_at("http://n2")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), stop)
+        .await
+        .expect("the stop ends once the owner heartbeats")
+        .unwrap()
+        .unwrap();
+    assert_eq!(*peers.calls.lock(), ["http://n2"], "forwarded to the owner");
+    let rec = e.store.get_session(sid).await.unwrap().unwrap();
+    assert!(rec.end.is_none(), "ended by this node: {:?}", rec.end);
+    assert_eq!(rec.node_id, "n2", "taken over");
+
+    // Steady heartbeats for the node timeout (2 s): a node still stale is dead.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!e.sup.heartbeat_recorded(tokio::time::Instant::now()));
+    }
+    assert!(e.sup.may_declare_dead());
+    let (_, sid3) = left_by(&e, &a, "n3").await;
+    e.store
+        .heartbeat(&crate::store::NodeRecord {
+            id: "n3".into(),
+            ..stale
+        })
+        .await
+        .unwrap();
+    e.sup.stop_session("o", "a", sid3).await.unwrap();
+    assert_eq!(
+        end_reason(&e, sid3).await,
+        Some(crate::model::EndReason::Lost)
+    );
+}
+
 /// Only a websocket session that `/start` announced and nothing started may hold a token:
 /// every other stop revokes nothing (no round trip to the store).
 #[test]
