@@ -693,6 +693,38 @@ async fn live_nodes_cut_off_from_their_database_together_take_nothing_over() {
     }
 }
 
+/// A stop sent through another node as soon as the database is back from an outage longer
+/// than the node timeout: the owner's heartbeat is stale then only because nobody could write
+/// one, so the stop waits for it to heartbeat again and is carried out by it (`stopped`, the
+/// process gone at the 200), instead of taking the live owner over and ending its session
+/// `lost` with its process still running. (Found by a three-node fault-injection trial.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_through_another_node_right_after_an_outage_reaches_the_live_owner() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let cluster = start_nodes(&pg, 2, "2", &[], ("owned", json!({}))).await;
+    let nodes = &cluster.nodes;
+    let sid = nodes[0].start_ok("owned").await;
+    let (st, info) = session_pid(&nodes[0], "owned", &sid).await;
+    assert_eq!(st, 200, "{info}");
+    let pid = info["pid"].as_i64().unwrap() as i32;
+    pg.pg_stop();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    pg.pg_start();
+    // A connection the restart broke fails once (503 STORAGE_UNAVAILABLE); anything else is
+    // the stop's answer.
+    let r = wait_for(Duration::from_secs(20), "the stop's answer", || async {
+        let r = nodes[1].stop("owned", &sid).await;
+        (r.status != 503 || r.body["code"] != "STORAGE_UNAVAILABLE").then_some(r)
+    })
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(!pid_alive(pid), "the 200 came while the process ran");
+    let s = nodes[0].session("owned", &sid).await;
+    assert_eq!(s["endReason"], "stopped", "{s}");
+}
+
 /// A second `cattery serve` with a live node's `--node-id` and another address is refused at
 /// start, naming the node and its address, and the live node's session is untouched.
 #[tokio::test(flavor = "multi_thread")]
