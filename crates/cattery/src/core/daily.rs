@@ -288,9 +288,34 @@ fn daily_message(status: u16, v: &Value, text: &str) -> String {
 /// Checks a start's `dailyRoomProperties` and `dailyMeetingTokenProperties` (objects, or
 /// absent) before anything else is done for it. Errors: [`CoreError::BadRequest`].
 pub fn check_properties(room_props: Option<&Value>, token_props: Option<&Value>) -> CoreResult<()> {
-    object(room_props, "dailyRoomProperties")?;
-    object(token_props, "dailyMeetingTokenProperties")?;
+    exp_of(
+        &object(room_props, "dailyRoomProperties")?,
+        "dailyRoomProperties",
+    )?;
+    exp_of(
+        &object(token_props, "dailyMeetingTokenProperties")?,
+        "dailyMeetingTokenProperties",
+    )?;
     Ok(())
+}
+
+/// The `exp` of room or token properties `m` (of `what`), in whole seconds: a Unix time,
+/// given as a JSON number (pipecat's `DailyRoomProperties` sends `time.time() + ...`, a
+/// float); `None` when absent. Errors: not a number, or not after 1970.
+fn exp_of(m: &Map<String, Value>, what: &str) -> CoreResult<Option<i64>> {
+    match m.get("exp") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|e| e.is_finite() && *e >= 1.0)
+            // Whole seconds; a time past i64's range saturates (and is capped anyway).
+            .map(|e| Some(e as i64))
+            .ok_or_else(|| {
+                CoreError::bad_request(format!(
+                    "{what}.exp must be a Unix time in seconds (a positive number), not {v}"
+                ))
+            }),
+    }
 }
 
 fn object(v: Option<&Value>, what: &str) -> CoreResult<Map<String, Value>> {
@@ -309,11 +334,9 @@ pub fn room_properties(given: Option<&Value>, exp_max: i64) -> CoreResult<Value>
     let mut m = Map::new();
     m.insert("exp".into(), json!(exp_max));
     m.insert("eject_at_room_exp".into(), json!(true));
-    m.extend(object(given, "dailyRoomProperties")?);
-    let exp = m["exp"]
-        .as_i64()
-        .filter(|e| *e <= exp_max)
-        .unwrap_or(exp_max);
+    let given = object(given, "dailyRoomProperties")?;
+    let exp = exp_of(&given, "dailyRoomProperties")?.map_or(exp_max, |e| e.min(exp_max));
+    m.extend(given);
     m.insert("exp".into(), json!(exp));
     Ok(Value::Object(m))
 }
@@ -322,11 +345,7 @@ pub fn room_properties(given: Option<&Value>, exp_max: i64) -> CoreResult<Value>
 pub fn client_token_properties(given: Option<&Value>, room: &str, exp: i64) -> CoreResult<Value> {
     let mut m = object(given, "dailyMeetingTokenProperties")?;
     m.insert("room_name".into(), json!(room));
-    let e = m
-        .get("exp")
-        .and_then(Value::as_i64)
-        .filter(|e| *e <= exp)
-        .unwrap_or(exp);
+    let e = exp_of(&m, "dailyMeetingTokenProperties")?.map_or(exp, |e| e.min(exp));
     m.insert("exp".into(), json!(e));
     Ok(Value::Object(m))
 }
@@ -519,6 +538,27 @@ mod tests {
             (json!(900), json!(false))
         );
         assert!(room_properties(Some(&json!([1])), 1000).is_err());
+        // A float (`time.time() + 600`, as pipecat's helpers send it) is whole seconds.
+        let p = room_properties(Some(&json!({"exp": 900.75})), 1000).unwrap();
+        assert_eq!(p["exp"], 900);
+        // Not a Unix time: refused, never passed on nor silently replaced.
+        for bad in [
+            json!(-5),
+            json!(0),
+            json!("soon"),
+            json!(true),
+            json!({"at": 1}),
+        ] {
+            let given = json!({ "exp": bad });
+            assert!(room_properties(Some(&given), 1000).is_err(), "{given}");
+            assert!(check_properties(Some(&given), None).is_err(), "{given}");
+            assert!(check_properties(None, Some(&given)).is_err(), "{given}");
+            assert!(
+                client_token_properties(Some(&given), "r1", 5).is_err(),
+                "{given}"
+            );
+        }
+        assert!(check_properties(Some(&json!({"exp": null})), None).is_ok());
     }
 
     #[test]
