@@ -128,16 +128,18 @@ impl BuildLog {
 }
 
 /// Makes `root` and everything under it readable (and directories passable) by every user, so
-/// instances under their own uids can run a built bot and its virtualenv. Symlinks are left
-/// alone.
+/// instances under their own uids can run a built bot and its virtualenv, and writable by no
+/// one but their owner. Symlinks are left alone.
 pub fn open_for_all(root: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::symlink_metadata(root)?;
     if meta.file_type().is_symlink() {
         return Ok(());
     }
-    // No set-id or sticky bit survives.
-    let mode = meta.permissions().mode() & 0o777;
+    // No set-id or sticky bit survives, nor write access for anyone but the owner (the
+    // server's user): no instance may change a build, nor swap an entry of a directory
+    // for a link while this walk goes on (each directory is closed before it is read).
+    let mode = meta.permissions().mode() & 0o755;
     if meta.is_dir() {
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(mode | 0o755))?;
         for e in std::fs::read_dir(root)? {

@@ -447,9 +447,13 @@ async fn kill_all_of(uid: u32) -> Result<(), String> {
 }
 
 /// Gives `p` and everything under it to `uid`:`gid`, links not followed (each link itself
-/// changes owner). A path that went meanwhile is skipped.
+/// changes owner), and takes every directory's write bits from its group and others (and its
+/// set-id and sticky bits) before reading it: from then on no uid but the server's may add,
+/// rename or swap an entry in it while the walk goes on. A path that went meanwhile is
+/// skipped.
 fn give_back(p: &Path, uid: u32, gid: u32) -> Result<(), String> {
     use std::io::ErrorKind::NotFound;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
     let err = |e: std::io::Error| format!("{}: {e}", p.display());
     let meta = match std::fs::symlink_metadata(p) {
         Ok(m) => m,
@@ -458,26 +462,37 @@ fn give_back(p: &Path, uid: u32, gid: u32) -> Result<(), String> {
     };
     // A second name of a file elsewhere (a step that links what it may not read, where the
     // kernel lets it) would be opened to all with the build: refused.
-    if meta.file_type().is_file() && std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
+    if meta.file_type().is_file() && meta.nlink() > 1 {
         return Err(format!(
             "{} is a hard link, which a build may not make",
             p.display()
         ));
     }
-    match std::os::unix::fs::lchown(p, Some(uid), Some(gid)) {
-        Ok(()) => {}
+    if !meta.is_dir() {
+        return match std::os::unix::fs::lchown(p, Some(uid), Some(gid)) {
+            Err(e) if e.kind() != NotFound => Err(err(e)),
+            _ => Ok(()),
+        };
+    }
+    // The directory itself, never what a link in its place would name.
+    let d = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(p)
+    {
+        Ok(d) => d,
         Err(e) if e.kind() == NotFound => return Ok(()),
         Err(e) => return Err(err(e)),
+    };
+    let now = d.metadata().map_err(err)?;
+    if (now.dev(), now.ino()) != (meta.dev(), meta.ino()) {
+        return Err(format!("{} changed while it was given back", p.display()));
     }
-    if meta.is_dir() {
-        let rd = match std::fs::read_dir(p) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == NotFound => return Ok(()),
-            Err(e) => return Err(err(e)),
-        };
-        for e in rd {
-            give_back(&e.map_err(err)?.path(), uid, gid)?;
-        }
+    std::os::unix::fs::fchown(&d, Some(uid), Some(gid)).map_err(err)?;
+    d.set_permissions(std::fs::Permissions::from_mode(now.mode() & 0o755))
+        .map_err(err)?;
+    for e in std::fs::read_dir(p).map_err(err)? {
+        give_back(&e.map_err(err)?.path(), uid, gid)?;
     }
     Ok(())
 }

@@ -529,3 +529,81 @@ async fn a_builds_steps_run_unprivileged_without_the_servers_environment() {
     }
     assert!(!dir.join("home").exists(), "the steps' home is removed");
 }
+
+/// A `venv` module for a build context that runs `code` (Python, with `os` imported) and
+/// then hands over to the real `venv`, as [`STEP_PROBE`] does.
+fn step_running(code: &str) -> String {
+    format!(
+        "import os, sys\n{code}\nhere = os.getcwd()\nsys.path[:] = [x for x in sys.path if x not in (\"\", here)]\n\
+         for m in [m for m in sys.modules if m == \"venv\" or m.startswith(\"venv.\")]:\n    del sys.modules[m]\n\
+         import runpy\nrunpy.run_module(\"venv\", run_name=\"__main__\", alter_sys=True)\n"
+    )
+}
+
+/// The build's own directory on the server.
+fn build_dir(s: &Server, build: &serde_json::Value) -> PathBuf {
+    s.data_dir()
+        .join("builds")
+        .join(build["id"].as_str().unwrap())
+}
+
+/// Every path under `root` (itself included), links not followed.
+fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut out = vec![root.to_path_buf()];
+    if std::fs::symlink_metadata(root).is_ok_and(|m| m.is_dir()) {
+        for e in std::fs::read_dir(root).unwrap() {
+            out.extend(walk(&e.unwrap().path()));
+        }
+    }
+    out
+}
+
+/// A build's steps may make a file or directory writable by every user; what the build
+/// leaves (given back to the server, opened to all) is writable by no uid but the server's,
+/// so no instance (the next one to draw the build's uid, or any other) can change the built
+/// bot or its virtualenv, nor swap an entry for a symlink while the server walks the tree.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_built_tree_is_left_writable_by_no_other_uid() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (steps run under instance uids only for a root server)");
+        return;
+    }
+    let py = main_python();
+    let s = Server::start(&["--python", py.to_str().unwrap(), "--builder", "venv"]).await;
+    let probe = step_running(
+        "os.makedirs('shared/deeper', exist_ok=True)\n\
+         open('shared/deeper/f', 'w').write('x')\n\
+         open('bot2.py', 'w').write('x')\n\
+         for p, m in [('shared', 0o3777), ('shared/deeper', 0o777), ('shared/deeper/f', 0o666), ('bot2.py', 0o777)]:\n    os.chmod(p, m)",
+    );
+    let context = tar_gz(&[
+        ("bot.py", "async def bot(args):\n    pass\n"),
+        ("venv/__init__.py", ""),
+        ("venv/__main__.py", &probe),
+    ]);
+    let (build, log) = build_through_the_api(&s, context).await;
+    assert_eq!(build["status"], "success", "{build}\n{log}");
+    let dir = build_dir(&s, &build);
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mode = |p: &str| std::fs::metadata(dir.join(p)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode("app/shared"), 0o755);
+    assert_eq!(mode("app/shared/deeper/f"), 0o644);
+    assert_eq!(mode("app/bot2.py"), 0o755);
+    for p in walk(&dir.join("app"))
+        .into_iter()
+        .chain(walk(&dir.join("venv")))
+    {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        if m.file_type().is_symlink() {
+            continue;
+        }
+        assert_eq!(m.uid(), 0, "{} belongs to uid {}", p.display(), m.uid());
+        assert_eq!(
+            m.mode() & 0o7022,
+            0,
+            "{} is left with mode {:o}",
+            p.display(),
+            m.mode() & 0o7777
+        );
+    }
+}
