@@ -394,15 +394,19 @@ async fn reclaim(
         nix::unistd::getegid().as_raw(),
     );
     let given = tokio::task::spawn_blocking(move || {
-        for d in &dirs {
-            give_back(d, me, my_gid)?;
+        let given = dirs.iter().try_for_each(|d| give_back(d, me, my_gid));
+        // A build whose files could not all be given back fails: what the uid may still own
+        // goes before the uid is freed (the home always does).
+        if given.is_err() {
+            for d in &dirs {
+                let _ = std::fs::remove_dir_all(d);
+            }
         }
         let _ = std::fs::remove_dir_all(&home);
-        Ok(())
+        given
     })
     .await
     .map_err(|e| e.to_string());
-    // A build whose files could not all be given back fails, and its directory goes.
     pool.release(uid);
     given?
 }

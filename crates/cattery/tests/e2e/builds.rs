@@ -607,3 +607,54 @@ async fn a_built_tree_is_left_writable_by_no_other_uid() {
         );
     }
 }
+
+/// A build whose files cannot all be given back (a hard link among them) fails, and leaves
+/// nothing its uid owns: not its home (what the steps wrote there, pip's cache), nor its
+/// context or virtualenv; the next instance to draw that uid finds nothing of the build.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_refused_for_a_hard_link_leaves_nothing_its_uid_owns() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (steps run under instance uids only for a root server)");
+        return;
+    }
+    let py = main_python();
+    let s = Server::start(&["--python", py.to_str().unwrap(), "--builder", "venv"]).await;
+    let probe = step_running(
+        "open(os.path.join(os.environ['HOME'], 'private'), 'w').write('the org\\'s own')\n\
+         os.link('bot.py', 'zz-second-name.py')\n\
+         print(f'STEP uid={os.getuid()}', flush=True)",
+    );
+    let context = tar_gz(&[
+        ("bot.py", "async def bot(args):\n    pass\n"),
+        ("venv/__init__.py", ""),
+        ("venv/__main__.py", &probe),
+    ]);
+    let (build, log) = build_through_the_api(&s, context).await;
+    assert_eq!(build["status"], "failed", "{build}\n{log}");
+    assert!(
+        build["errorMessage"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("hard link"),
+        "{build}"
+    );
+    let uid: u32 = log
+        .lines()
+        .find_map(|l| l.strip_prefix("STEP uid="))
+        .unwrap_or_else(|| panic!("no `STEP uid=` line in the build log:\n{log}"))
+        .parse()
+        .unwrap();
+    let dir = build_dir(&s, &build);
+    use std::os::unix::fs::MetadataExt;
+    let left: Vec<PathBuf> = walk(&dir)
+        .into_iter()
+        .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.uid() == uid))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the failed build left {} files of its uid {uid}: {:?}",
+        left.len(),
+        &left[..left.len().min(5)]
+    );
+    assert!(!dir.join("home").exists(), "the steps' home is removed");
+}
