@@ -353,7 +353,16 @@ impl StepUid {
     async fn reclaim(mut self) -> Result<(), String> {
         self.done = true;
         let dirs = std::mem::take(&mut self.dirs);
-        reclaim(self.pool.clone(), self.uid, dirs, self.home.clone()).await
+        // On a task of its own: a build cut by its time limit meanwhile (this future
+        // dropped) neither leaves processes of the uid running nor keeps the uid held.
+        tokio::spawn(reclaim(
+            self.pool.clone(),
+            self.uid,
+            dirs,
+            self.home.clone(),
+        ))
+        .await
+        .map_err(|e| e.to_string())?
     }
 }
 
@@ -696,6 +705,44 @@ impl Builder for VenvBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A build cut by its time limit while its files are being taken back (the walk of a
+    /// large virtualenv takes a while) still frees its uid once that is done: the taking
+    /// back is not dropped with the build.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_build_cut_while_its_files_are_taken_back_still_frees_its_uid() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("venv");
+        for i in 0..100 {
+            let d = tree.join(format!("d{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            for j in 0..20 {
+                std::fs::write(d.join(format!("f{j}")), "").unwrap();
+            }
+        }
+        // One uid no process has: the pool can give it once.
+        let range: crate::runtime::process::uids::UidRange =
+            "2100000030-2100000030".parse().unwrap();
+        std::fs::create_dir(dir.path().join("locks")).unwrap();
+        let pool = Arc::new(UidPool::new(range, dir.path().join("locks")));
+        let held = StepUid {
+            pool: pool.clone(),
+            uid: pool.allocate().unwrap(),
+            dirs: vec![tree],
+            home: dir.path().join("home"),
+            done: false,
+        };
+        let cut = tokio::time::timeout(std::time::Duration::from_millis(1), held.reclaim()).await;
+        assert!(cut.is_err(), "the taking back ended within 1 ms");
+        let freed = async {
+            while pool.allocate().is_err() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(30), freed)
+            .await
+            .expect("the cut build's uid is never freed");
+    }
 
     /// A step cut short (its future dropped, as the build's time limit does) leaves none of
     /// its processes running: the leader's group while the leader runs, and a member it left
