@@ -170,6 +170,11 @@ async fn send_lines(
     }
 }
 
+/// The most processes and threads a build's uid may have at once (`RLIMIT_NPROC` of its
+/// steps): pip and a compiler need a few dozen; a fork bomb in a package's build code is
+/// refused more at this many instead of filling the machine's pid space.
+pub const STEP_MAX_TASKS: libc::rlim_t = 512;
+
 /// The environment entry that marks a step's processes: `CATTERY_BUILD_STEP=<id>`.
 const STEP_MARKER: &str = "CATTERY_BUILD_STEP";
 
@@ -217,6 +222,15 @@ async fn run(
         unsafe {
             cmd.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The uid is the build's alone: this caps every process and thread of the
+                // build (a fork bomb in a package's setup code stops here, not at pid_max).
+                let cap = libc::rlimit {
+                    rlim_cur: STEP_MAX_TASKS,
+                    rlim_max: STEP_MAX_TASKS,
+                };
+                if libc::setrlimit(libc::RLIMIT_NPROC, &cap) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 libc::umask(0o022);

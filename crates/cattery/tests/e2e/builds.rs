@@ -373,8 +373,9 @@ async fn a_build_no_deployment_runs_is_deleted_after_its_retention() {
 /// The `venv` module of a build context: `python -m venv`, run in the context, finds it
 /// first (the way pip runs a source package's own build code). It reports what the build
 /// step may do, leaves a detached process behind, then hands over to the real `venv`.
-const STEP_PROBE: &str = r#"import os, subprocess, sys
+const STEP_PROBE: &str = r#"import os, resource, subprocess, sys
 print(f"STEP uid={os.getuid()}", flush=True)
+print(f"STEP nproc={resource.getrlimit(resource.RLIMIT_NPROC)[0]}", flush=True)
 try:
     open(os.path.join(os.getcwd(), "..", "..", "..", "secrets.key"), "rb").read()
     print("STEP secrets.key read", flush=True)
@@ -504,6 +505,11 @@ async fn a_builds_steps_run_unprivileged_without_the_servers_environment() {
     };
     let uid: u32 = line("uid=").parse().unwrap();
     assert!(uid >= 2_000_000_000, "the step ran as uid {uid}:\n{log}");
+    assert_eq!(
+        line("nproc="),
+        "512",
+        "a step's processes and threads are capped (a fork bomb):\n{log}"
+    );
     assert!(
         log.contains("STEP secrets.key refused"),
         "a build step read the server's secrets key:\n{log}"
