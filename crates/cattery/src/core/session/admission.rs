@@ -31,23 +31,8 @@ pub(super) fn admit(
     session: Uuid,
     now: Instant,
 ) -> CoreResult<Admission> {
-    if pool.agent.deleted_ms.is_some() {
-        return Err(CoreError::NotFound(format!("agent {agent_name} not found")));
-    }
-    if let Some(e) = &pool.deploy_error {
-        return Err(CoreError::DeploymentNotReady(format!(
-            "deployment {} of agent {agent_name} is not ready: {e}",
-            pool.deployment.id
-        )));
-    }
+    refused_whatever_its_instances(pool, agent_name, now)?;
     let dep = pool.deployment.id;
-    if let Some(e) = pool
-        .health
-        .get(&dep)
-        .and_then(|h| h.crash_loop(agent_name, now))
-    {
-        return Err(e);
-    }
     let take = |from: InstState, to: InstState| {
         pool.instances
             .values()
@@ -66,15 +51,13 @@ pub(super) fn admit(
     Ok(Admission::Cold)
 }
 
-/// Whether [`admit`] would refuse a start on `pool` now, without claiming anything: for a
-/// start that must do costly work before it is admitted (a Daily room, with three calls to
-/// Daily's API), so that a start at `maxAgents` is answered 429 before any of it. A start this
-/// lets through may still be refused by `admit` (the pool changes meanwhile); a refusal here
-/// is one `admit` would give too: the instances counted are this node's, a part of what
-/// `maxAgents` bounds.
-///
-/// Errors: as [`admit`].
-pub(super) fn precheck(pool: &AgentPool, agent_name: &str, now: Instant) -> CoreResult<()> {
+/// What refuses a start on `pool` whatever its instances: the agent deleted, its deployment
+/// not ready, or crash-looping (still backing off).
+fn refused_whatever_its_instances(
+    pool: &AgentPool,
+    agent_name: &str,
+    now: Instant,
+) -> CoreResult<()> {
     if pool.agent.deleted_ms.is_some() {
         return Err(CoreError::NotFound(format!("agent {agent_name} not found")));
     }
@@ -84,14 +67,27 @@ pub(super) fn precheck(pool: &AgentPool, agent_name: &str, now: Instant) -> Core
             pool.deployment.id
         )));
     }
-    let dep = pool.deployment.id;
     if let Some(e) = pool
         .health
-        .get(&dep)
+        .get(&pool.deployment.id)
         .and_then(|h| h.crash_loop(agent_name, now))
     {
         return Err(e);
     }
+    Ok(())
+}
+
+/// Whether [`admit`] would refuse a start on `pool` now, without claiming anything: for a
+/// start that must do costly work before it is admitted (a Daily room, with three calls to
+/// Daily's API), so that a start at `maxAgents` is answered 429 before any of it. A start this
+/// lets through may still be refused by `admit` (the pool changes meanwhile); a refusal here
+/// is one `admit` would give too: the instances counted are this node's, a part of what
+/// `maxAgents` bounds.
+///
+/// Errors: as [`admit`].
+pub(super) fn precheck(pool: &AgentPool, agent_name: &str, now: Instant) -> CoreResult<()> {
+    refused_whatever_its_instances(pool, agent_name, now)?;
+    let dep = pool.deployment.id;
     let free = pool.instances.values().any(|c| {
         c.deployment.id == dep
             && match c.state() {
