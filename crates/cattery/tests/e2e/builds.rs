@@ -480,16 +480,11 @@ async fn build_through_the_api(s: &Server, context: Vec<u8>) -> (serde_json::Val
 /// server, so a later instance that draws the same uid cannot change them.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_builds_steps_run_unprivileged_without_the_servers_environment() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root (steps run under instance uids only for a root server)");
+    let Some(s) =
+        isolated_builds_server(&[("CATTERY_DAILY_API_KEY", "daily-key-of-the-server")]).await
+    else {
         return;
-    }
-    let py = main_python();
-    let s = Server::start_with_env(
-        &["--python", py.to_str().unwrap(), "--builder", "venv"],
-        &[("CATTERY_DAILY_API_KEY", "daily-key-of-the-server")],
-    )
-    .await;
+    };
     let context = tar_gz(&[
         ("bot.py", "async def bot(args):\n    pass\n"),
         ("venv/__init__.py", ""),
@@ -536,6 +531,24 @@ async fn a_builds_steps_run_unprivileged_without_the_servers_environment() {
     assert!(!dir.join("home").exists(), "the steps' home is removed");
 }
 
+/// A server building with the venv builder, whose steps run under instance uids (with
+/// `env`), or `None` (the test is skipped) when not run as root: only a root server gives
+/// steps uids of their own.
+async fn isolated_builds_server(env: &[(&str, &str)]) -> Option<Server> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (steps run under instance uids only for a root server)");
+        return None;
+    }
+    let py = main_python();
+    Some(
+        Server::start_with_env(
+            &["--python", py.to_str().unwrap(), "--builder", "venv"],
+            env,
+        )
+        .await,
+    )
+}
+
 /// A `venv` module for a build context that runs `code` (Python, with `os` imported) and
 /// then hands over to the real `venv`, as [`STEP_PROBE`] does.
 fn step_running(code: &str) -> String {
@@ -570,12 +583,9 @@ fn walk(root: &Path) -> Vec<PathBuf> {
 /// bot or its virtualenv, nor swap an entry for a symlink while the server walks the tree.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_built_tree_is_left_writable_by_no_other_uid() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root (steps run under instance uids only for a root server)");
+    let Some(s) = isolated_builds_server(&[]).await else {
         return;
-    }
-    let py = main_python();
-    let s = Server::start(&["--python", py.to_str().unwrap(), "--builder", "venv"]).await;
+    };
     let probe = step_running(
         "os.makedirs('shared/deeper', exist_ok=True)\n\
          open('shared/deeper/f', 'w').write('x')\n\
@@ -619,12 +629,9 @@ async fn a_built_tree_is_left_writable_by_no_other_uid() {
 /// context or virtualenv; the next instance to draw that uid finds nothing of the build.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_build_refused_for_a_hard_link_leaves_nothing_its_uid_owns() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root (steps run under instance uids only for a root server)");
+    let Some(s) = isolated_builds_server(&[]).await else {
         return;
-    }
-    let py = main_python();
-    let s = Server::start(&["--python", py.to_str().unwrap(), "--builder", "venv"]).await;
+    };
     let probe = step_running(
         "open(os.path.join(os.environ['HOME'], 'private'), 'w').write('the org\\'s own')\n\
          os.link('bot.py', 'zz-second-name.py')\n\

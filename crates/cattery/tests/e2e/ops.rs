@@ -233,6 +233,18 @@ fn cattery(args: &[&str]) -> (bool, String) {
     cattery_env(args, &[])
 }
 
+/// Runs `cattery restore --force` of backup `bk` into data dir `data`; panics if it fails.
+fn restore_forced(data: &str, bk: &std::path::Path) {
+    let (ok, text) = cattery(&[
+        "restore",
+        "--data-dir",
+        data,
+        "--force",
+        bk.to_str().unwrap(),
+    ]);
+    assert!(ok, "restore failed: {text}");
+}
+
 /// [`cattery`] with these environment variables set.
 fn cattery_env(args: &[&str], env: &[(&str, &std::path::Path)]) -> (bool, String) {
     let mut cmd = Command::new(cattery_bin());
@@ -333,14 +345,7 @@ async fn backup_during_churn_holds_every_ended_session_and_restores() {
     assert!(s.terminate(Duration::from_secs(30)).is_some());
     let (ok, text) = cattery(&["restore", "--data-dir", &data, bk.to_str().unwrap()]);
     assert!(!ok && text.contains("--force"), "{text}");
-    let (ok, text) = cattery(&[
-        "restore",
-        "--data-dir",
-        &data,
-        "--force",
-        bk.to_str().unwrap(),
-    ]);
-    assert!(ok, "restore failed: {text}");
+    restore_forced(&data, &bk);
     s.spawn().await;
     s.wait_ready("churn", Duration::from_secs(30)).await;
     for sid in &before {
@@ -383,14 +388,7 @@ async fn restore_after_a_detach_never_hands_out_a_warm_instance_that_took_a_sess
         .expect("the server exits");
     assert!(st.success(), "detach exits 0: {st:?}");
     assert!(pid_alive(pid), "a detach leaves the instance running");
-    let (ok, text) = cattery(&[
-        "restore",
-        "--data-dir",
-        &data,
-        "--force",
-        bk.to_str().unwrap(),
-    ]);
-    assert!(ok, "restore failed: {text}");
+    restore_forced(&data, &bk);
     s.spawn().await;
 
     // The instance of the session the restored database does not hold is removed, not
