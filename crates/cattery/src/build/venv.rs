@@ -439,31 +439,24 @@ async fn reclaim(
 /// processes, all at once; repeated until `/proc` shows none. Errors: some still run after
 /// a few seconds.
 async fn kill_all_of(uid: u32) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
     for _ in 0..200 {
         if !crate::runtime::process::uids::uid_has_processes(uid) {
             return Ok(());
         }
-        let mut cmd = tokio::process::Command::new("/bin/sh");
-        cmd.env_clear()
-            .args(["-c", "kill -9 -1"])
-            .uid(uid)
-            .gid(uid)
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let (_child, _, mut exit) = Reaper::global()
-            .spawn_registered(|| {
-                let c = cmd.spawn()?;
-                let pid = c.id().map_or(0, |p| p as i32);
-                Ok((c, pid))
-            })
-            .map_err(|e| format!("cannot end the processes of build uid {uid}: {e}"))?;
-        while exit.borrow_and_update().is_none() {
-            if exit.changed().await.is_err() {
-                break;
-            }
-        }
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new("/bin/sh");
+            cmd.env_clear()
+                .args(["-c", "kill -9 -1"])
+                .uid(uid)
+                .gid(uid)
+                .current_dir("/")
+                .stdin(Stdio::null());
+            Reaper::global().output(&mut cmd, std::time::Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot end the processes of build uid {uid}: {e}"))?;
         // Killed processes are reaped by their parents (the server's reaper, for a step
         // whose parent died): their `/proc` entries go soon after.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
