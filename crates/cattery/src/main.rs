@@ -228,7 +228,40 @@ enum KeysCmd {
 /// Most threads in tokio's blocking pool (see `main`).
 const BLOCKING_THREADS: usize = 32;
 
+/// Marks every descriptor the server inherited above stderr close-on-exec, before any thread
+/// starts. What the server opens itself is close-on-exec already (the standard library, tokio,
+/// SQLite); a descriptor its parent left open (a shell's, a supervisor's, a socket a service
+/// manager passed) would otherwise reach every instance and build step, which run an org's code.
+/// The server itself keeps using them (`--secrets-key-file /dev/fd/3` still reads).
+fn keep_inherited_fds_from_children() {
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets a flag on descriptors; no memory
+    // is touched.
+    let r = unsafe { libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) };
+    if r == 0 {
+        return;
+    }
+    // Kernels before 5.11: one fcntl per open descriptor.
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: F_GETFD/F_SETFD on a descriptor number; one that closed meanwhile (the
+        // directory's own) just fails.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    keep_inherited_fds_from_children();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

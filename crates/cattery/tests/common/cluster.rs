@@ -85,6 +85,7 @@ impl Cluster {
             tag: uuid::Uuid::new_v4().to_string(),
             env: self.nodes_env(),
             nofile: None,
+            inherited_fd: None,
             dir: tempfile::tempdir().unwrap(),
         };
         s.spawn().await;

@@ -172,6 +172,9 @@ pub struct Server {
     pub env: Vec<(String, String)>,
     /// Open-files limit (soft and hard) of the server process, if set.
     pub nofile: Option<u64>,
+    /// A descriptor the server process inherits (open, not close-on-exec) under the given
+    /// number, as a shell or a service manager may leave one: `(descriptor here, number there)`.
+    pub inherited_fd: Option<(std::os::fd::RawFd, i32)>,
 }
 
 /// A response: status and JSON body (Null when not JSON).
@@ -199,9 +202,14 @@ impl Server {
         env: &[(&str, &str)],
         nofile: Option<u64>,
     ) -> Server {
+        Self::unstarted(extra, env, nofile).start_now().await
+    }
+
+    /// A server set up but not started yet: set its fields, then `start_now`.
+    pub fn unstarted(extra: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let mut s = Server {
+        Server {
             child: None,
             port,
             base: format!("http://127.0.0.1:{port}"),
@@ -221,12 +229,17 @@ impl Server {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             nofile,
+            inherited_fd: None,
             dir,
-        };
-        s.spawn().await;
-        s.sk = s.key("private", "default");
-        s.pk = s.key("public", "default");
-        s
+        }
+    }
+
+    /// Starts a server made by `unstarted` and makes its default org's keys.
+    pub async fn start_now(mut self) -> Server {
+        self.spawn().await;
+        self.sk = self.key("private", "default");
+        self.pk = self.key("public", "default");
+        self
     }
 
     /// Data dir path.
@@ -242,6 +255,20 @@ impl Server {
             .open(self.dir.path().join("server.log"))
             .unwrap();
         let mut cmd = Command::new(cattery_bin());
+        if let Some((fd, to)) = self.inherited_fd {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: dup2 and fcntl are async-signal-safe; the closure holds two integers.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if fd == to {
+                        libc::fcntl(fd, libc::F_SETFD, 0);
+                    } else if libc::dup2(fd, to) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         if let Some(n) = self.nofile {
             use std::os::unix::process::CommandExt;
             let l = libc::rlimit {

@@ -1108,6 +1108,7 @@ async fn tls_node(
         tag: uuid::Uuid::new_v4().to_string(),
         env: c.nodes_env(),
         nofile: None,
+        inherited_fd: None,
         dir: tempfile::tempdir().unwrap(),
     };
     let log = std::fs::File::create(s.dir.path().join("server.log")).unwrap();

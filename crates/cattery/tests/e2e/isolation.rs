@@ -193,3 +193,33 @@ fn assert_control_plane_closed(data: &std::path::Path) {
         assert_eq!(mode(&data.join(f)), 0o600, "{f}");
     }
 }
+
+/// A descriptor the server inherited from whoever started it (a shell's redirect, a service
+/// manager's socket) stays the server's: no instance, which runs an org's code, gets it.
+#[tokio::test(flavor = "multi_thread")]
+async fn descriptors_the_server_inherited_do_not_reach_instances() {
+    use std::os::fd::AsRawFd;
+    const FD: i32 = 97;
+    let held = tempfile::tempdir().unwrap();
+    let path = held.path().join("held-by-the-server");
+    std::fs::write(&path, "only for the server").unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let mut s = Server::unstarted(&[], &[], None);
+    s.inherited_fd = Some((file.as_raw_fd(), FD));
+    let s = s.start_now().await;
+    // The server has it...
+    let link = std::fs::read_link(format!("/proc/{}/fd/{FD}", s.pid())).unwrap();
+    assert_eq!(link, path);
+
+    // ... its instance has not.
+    s.deploy("fds", &[], json!({})).await;
+    let sid = s.start_ok("fds").await;
+    let seen = try_read(&s, &s.pk, "fds", &sid, &format!("/proc/self/fd/{FD}")).await;
+    assert_eq!(
+        seen["ok"], false,
+        "the instance got the server's fd {FD}: {seen}"
+    );
+    let error = seen["error"].as_str().unwrap();
+    assert!(error.contains("No such file"), "not absent: {seen}");
+    assert_eq!(s.stop("fds", &sid).await.status, 200);
+}

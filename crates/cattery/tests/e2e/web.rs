@@ -207,6 +207,7 @@ async fn tls_sdk_start_and_wss_url() {
         tag: uuid::Uuid::new_v4().to_string(),
         env: Vec::new(),
         nofile: None,
+        inherited_fd: None,
     };
     let log = std::fs::File::create(s.dir.path().join("server.log")).unwrap();
     let child = Command::new(cattery_bin())
