@@ -32,13 +32,17 @@ const ERROR_BODY_LIMIT: usize = 64 * 1024;
 const ERROR_TEXT_MAX: usize = 1000;
 
 /// The `error` (else `detail`, FastAPI's) string of a JSON error body, trimmed and bounded.
+/// A `detail` list (FastAPI's validation error, e.g. the 422 of a `/bot` whose body is not a
+/// JSON object) is told as `<loc>: <msg>` per item; the items' `input` (the body sent) is left
+/// out.
 pub fn error_of_body(body: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let text = v
-        .get("error")
-        .or_else(|| v.get("detail"))
-        .and_then(|e| e.as_str())?
-        .trim();
+    let text = match v.get("error").or_else(|| v.get("detail"))? {
+        serde_json::Value::String(s) => s.trim().to_string(),
+        serde_json::Value::Array(items) => validation_errors(items),
+        _ => return None,
+    };
+    let text = text.as_str();
     if text.is_empty() {
         return None;
     }
@@ -46,6 +50,34 @@ pub fn error_of_body(body: &[u8]) -> Option<String> {
         Some((i, _)) => format!("{}...", &text[..i]),
         None => text.to_string(),
     })
+}
+
+/// FastAPI's validation `detail` items as `body: Input should be a valid dictionary; ...`.
+fn validation_errors(items: &[serde_json::Value]) -> String {
+    let told: Vec<String> = items
+        .iter()
+        .filter_map(|item| {
+            let msg = item.get("msg")?.as_str()?.trim();
+            let loc: Vec<String> = item
+                .get("loc")
+                .and_then(|l| l.as_array())
+                .map(|l| {
+                    l.iter()
+                        .map(|p| match p {
+                            serde_json::Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Some(if loc.is_empty() {
+                msg.to_string()
+            } else {
+                format!("{}: {msg}", loc.join("."))
+            })
+        })
+        .collect();
+    told.join("; ")
 }
 
 /// A future resolving at a session's natural end.

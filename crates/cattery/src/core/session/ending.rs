@@ -201,6 +201,17 @@ mod tests {
             Some("Not Found")
         );
         assert_eq!(error_of_body(b"<html>oops</html>"), None);
+        // FastAPI's 422 for a /bot body that is not a JSON object: what was wrong, not the
+        // body itself.
+        let not_an_object = br#"{"detail": [{"type": "dict_type", "loc": ["body"],
+            "msg": "Input should be a valid dictionary", "input": ["secret-ish"]}]}"#;
+        assert_eq!(
+            super::answered_message(422, error_of_body(not_an_object).as_deref()),
+            "the agent answered /bot with HTTP 422: body: Input should be a valid dictionary"
+        );
+        let two = br#"{"detail": [{"loc": ["body", "a", 0], "msg": "bad"}, {"msg": "worse"}]}"#;
+        assert_eq!(error_of_body(two).as_deref(), Some("body.a.0: bad; worse"));
+        assert_eq!(error_of_body(br#"{"detail": [{"type": "x"}]}"#), None);
         assert_eq!(
             super::answered_message(502, None),
             "the agent answered /bot with HTTP 502"
