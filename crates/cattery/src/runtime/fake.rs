@@ -13,6 +13,9 @@
 //! - `bot-ms=N[:STATUS]`: `/bot` answers STATUS (default 200) N ms after it arrives (default:
 //!   it answers only when the session ends);
 //! - `exit-ms=N[:CODE]`: the instance exits with CODE (default 0) N ms after `/bot` arrives;
+//! - `die-ms=N[:CODE]`: N ms after `/bot` arrives its connection drops unanswered, and the
+//!   exit (CODE, default 1) is reported a little later, as a process that died mid-session
+//!   (the platform may see either first);
 //! - `stubborn`: SIGTERM is ignored; only the SIGKILL at the end of the grace ends it;
 //! - `oom`: an exit counts as killed for going over the memory limit;
 //! - `port-clash=N`: while the runtime has made at most N starts, a new instance exits at
@@ -61,6 +64,8 @@ pub struct Script {
     pub bot_answer: Option<(Duration, u16)>,
     /// Exits with this code this long after `/bot` arrives.
     pub exit_after_bot: Option<(Duration, i32)>,
+    /// Drops the `/bot` connection this long after it arrives, then exits with this code.
+    pub die_after_bot: Option<(Duration, i32)>,
     /// Ignores SIGTERM.
     pub stubborn: bool,
     /// Its exit is an out-of-memory kill.
@@ -99,6 +104,7 @@ impl Script {
                 "crash-ms" => s.crash = Some(ms_and(v, 1)?),
                 "bot-ms" => s.bot_answer = Some(ms_and(v, 200)?),
                 "exit-ms" => s.exit_after_bot = Some(ms_and(v, 0)?),
+                "die-ms" => s.die_after_bot = Some(ms_and(v, 1)?),
                 "stubborn" => s.stubborn = true,
                 "oom" => s.oom = true,
                 "fail-start" => s.fail_start = true,
@@ -454,6 +460,19 @@ async fn bot(
                 signal: None,
             });
         });
+    }
+    if let Some((after, code)) = i.script.die_after_bot {
+        tokio::time::sleep(after).await;
+        let me = i.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            me.exit(ExitInfo {
+                code: Some(code),
+                signal: None,
+            });
+        });
+        // Unwinding the connection's task closes it without an answer.
+        std::panic::resume_unwind(Box::new("fake instance died during /bot (die-ms)"));
     }
     let answer = async {
         match i.script.bot_answer {

@@ -159,7 +159,12 @@ pub(super) async fn ending_of_outcome(out: BotOutcome, inst: &Arc<dyn Instance>)
                 _ => Ending::new(EndReason::Error, "HTTP_ERROR"),
             };
             e.exit = ex;
-            e.message = Some(format!("the /bot connection broke: {err}"));
+            // A process that died mid-session breaks the connection just before its exit
+            // arrives: say so as when the exit is seen first (`exited_while_serving`).
+            e.message = Some(match ex {
+                Some(x) => format!("the instance exited ({})", x.describe()),
+                None => format!("the /bot connection broke: {err}"),
+            });
             e
         }
     }

@@ -299,6 +299,38 @@ async fn exit_with_a_code_ends_in_error() {
     let end = rec.end.unwrap();
     assert_eq!(end.reason, EndReason::Error);
     assert_eq!(end.exit_code, Some(3));
+    assert_eq!(
+        end.message.as_deref(),
+        Some("the instance exited (exit code 3)")
+    );
+}
+
+/// A bot process that dies mid-session (a crash, `os._exit`) closes its `/bot` connection a
+/// moment before its exit is reaped: the session's end says that it exited and how, as when
+/// the exit is seen first, not that "the /bot connection broke".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_dying_mid_session_is_told_by_its_exit() {
+    let e = env().await;
+    agent(&e, "a", &["die-ms=50:7"], 0, 1).await;
+    let s = start(&e, "a").await.unwrap();
+    until("ended", async || {
+        end_reason(&e, s.session_id).await.is_some()
+    })
+    .await;
+    let end = e
+        .store
+        .get_session(s.session_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .end
+        .unwrap();
+    assert_eq!(end.reason, EndReason::Error);
+    assert_eq!(end.exit_code, Some(7));
+    assert_eq!(
+        end.message.as_deref(),
+        Some("the instance exited (exit code 7)")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
