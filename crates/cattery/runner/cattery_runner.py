@@ -721,21 +721,40 @@ async def _call_readyz():
         return {"ready": False, "error": str(exc)}
 
 
+# The last /readyz answer, as (status, body): a change is logged (the access lines of /readyz
+# are not), so a start that times out on "not ready" has the bot's reason in its logs.
+_LAST_READYZ: Optional[tuple] = None
+
+
+def _readyz_answer(response: JSONResponse) -> JSONResponse:
+    global _LAST_READYZ
+    seen = (response.status_code, bytes(response.body))
+    if seen != _LAST_READYZ:
+        text = seen[1].decode("utf-8", "replace")
+        if seen[0] == 200:
+            if _LAST_READYZ is not None:
+                log.info(f"/readyz answers 200 (ready): {text}")
+        else:
+            log.warning(f"/readyz answers {seen[0]} (not ready, no session is sent here until it answers 200): {text}")
+        _LAST_READYZ = seen
+    return response
+
+
 async def handle_readyz():
     if _READYZ is None:
         return JSONResponse({"status": "ok"}, status_code=200)
     result = await _call_readyz()
     if isinstance(result, bool):
         if result:
-            return JSONResponse({"status": "ok"}, status_code=200)
-        return JSONResponse({"status": "not ready"}, status_code=503)
+            return _readyz_answer(JSONResponse({"status": "ok"}, status_code=200))
+        return _readyz_answer(JSONResponse({"status": "not ready"}, status_code=503))
     if isinstance(result, dict):
         try:
-            return JSONResponse(result, status_code=200 if result.get("ready", False) else 503)
+            return _readyz_answer(JSONResponse(result, status_code=200 if result.get("ready", False) else 503))
         except (TypeError, ValueError) as exc:  # not JSON-serialisable
-            return JSONResponse({"ready": False, "error": f"readyz() result: {exc}"}, status_code=503)
+            return _readyz_answer(JSONResponse({"ready": False, "error": f"readyz() result: {exc}"}, status_code=503))
     log.warning(f"readyz() returned unexpected type: {type(result)}")
-    return JSONResponse({"status": "error", "error": "invalid readyz return type"}, status_code=503)
+    return _readyz_answer(JSONResponse({"status": "error", "error": "invalid readyz return type"}, status_code=503))
 
 
 async def handle_livez():

@@ -673,6 +673,14 @@ def test_probe_bot(ctx):
             status, body = call_http(r.port, "GET", "/readyz")
             ok = status == want_status and (want_body is None or body == want_body)
             check(f"probe-bot: readyz() {mode} -> {want_status}", ok, f"{status} {body}")
+        # The access lines of /readyz are dropped: a not-ready answer is logged when it changes,
+        # with the bot's reason, once.
+        said = [line for line in r.log().splitlines() if "/readyz answers 503" in line]
+        check(
+            "probe-bot: a not-ready /readyz is logged with its reason, once per change",
+            any('"why":"warming"' in line for line in said) and any("db down" in line for line in said) and len(said) == 4,
+            "; ".join(said[-5:]),
+        )
 
         status, _ = call_http(
             r.port, "POST", "/bot", {"k": 1},
