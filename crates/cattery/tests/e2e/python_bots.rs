@@ -380,6 +380,16 @@ async fn not_ready_bot_never_gets_a_session_and_raising_bot_leaves_its_traceback
         !all.body.to_string().contains("GOT A SESSION"),
         "a not-ready bot got a session"
     );
+    // Why it was not ready is in the session's logs (the runner logs each change of the
+    // /readyz answer; its access lines are dropped).
+    assert!(
+        session_logs(&s, "never-ready", sid)
+            .await
+            .iter()
+            .any(|l| l.contains(r#"/readyz answers 503 (not ready"#)
+                && l.contains(r#"{"status":"not ready"}"#)),
+        "no /readyz answer in the session's logs"
+    );
 
     let raiser = fixture_bot(
         &tmp.path().join("raiser"),
