@@ -205,6 +205,13 @@ impl DeploymentSpec {
         self.image.as_deref().and_then(local_image_dir)
     }
 
+    /// Whether its instances are Cattery's Python runner serving a `bot.py` (an `image:
+    /// "local:<dir>"` without a `command`), whose exit code 3 means that `bot.py` could not be
+    /// loaded (docs/python-runner.md).
+    pub fn runs_the_python_runner(&self) -> bool {
+        self.command.is_none() && self.local_dir().is_some()
+    }
+
     /// The `image` when it is a container image (not `local:<dir>`).
     pub fn container_image(&self) -> Option<&str> {
         self.image

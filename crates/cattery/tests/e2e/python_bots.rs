@@ -421,6 +421,34 @@ async fn not_ready_bot_never_gets_a_session_and_raising_bot_leaves_its_traceback
     assert!(logs.iter().any(|l| l.contains("ValueError")));
 }
 
+/// A bot that cannot be imported (here a syntax error) fails its first start with a message
+/// that says so (the runner's exit code 3), not only "exit code 3"; the traceback stays out of
+/// the public answer and is in the agent's status.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bot_that_cannot_be_imported_says_so_at_its_first_start() {
+    let s = server().await;
+    let tmp = common::open_tempdir();
+    let broken = fixture_bot(
+        &tmp.path().join("broken"),
+        "async def bot(runner_args:\n    pass\n",
+    );
+    s.deploy("broken", &[], json!({"command": null, "image": broken}))
+        .await;
+    let r = s.start_session("broken", json!({})).await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert_eq!(r.body["code"], "INSTANCE_EXITED", "{:?}", r.body);
+    assert_eq!(
+        r.body["error"],
+        "instance exited before it was ready (exit code 3): the Python runner could not load \
+         bot.py (an error while importing it, or no bot function); the traceback is in the \
+         agent's status and logs"
+    );
+    assert!(!r.body.to_string().contains("SyntaxError"), "{:?}", r.body);
+    let a = s.req("GET", "/v1/agents/broken", Some(&s.sk), None).await;
+    let msg = a.body["currentRevision"]["health"]["message"].to_string();
+    assert!(msg.contains("SyntaxError"), "{msg}");
+}
+
 /// A live call survives a SIGKILL of the control plane: the restarted server re-adopts the
 /// instance, and when `bot()` ends the runner (whose `/bot` request went away) exits with code 0
 /// and writes it to `$CATTERY_EXIT_STATUS_FILE`, so the end is recorded as completed.

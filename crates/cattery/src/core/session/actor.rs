@@ -321,6 +321,12 @@ impl Actor {
                     if clash {
                         // Ours to say (the instance's output is not in the answer).
                         msg.push_str(": the port it was given was in use, on every try");
+                    } else if ex.code == Some(3) && self.ctl.deployment.spec.runs_the_python_runner() {
+                        // The runner's own code, ours to name; the traceback stays private.
+                        msg.push_str(
+                            ": the Python runner could not load bot.py (an error while importing it, \
+                             or no bot function); the traceback is in the agent's status and logs",
+                        );
                     }
                     return Err(Ending::start_failed_with_output("INSTANCE_EXITED", msg, output, Some(ex)));
                 }
