@@ -17,6 +17,7 @@
 //! | `GET /readyz` | `200 {"status":"ok","pid","startedAtUnixMs","readyAtUnixMs"}`; `503 {"status":"not ready"}` after `POST /control/not-ready` |
 //! | `POST /control/not-ready` | `200 {"status":"ok"}`; `/readyz` fails from then on |
 //! | `POST /control/read` | body: a path. Tries to read it as this process (a directory is listed, a file read): `200 {"path","ok":true,"bytes":N}` or `200 {"path","ok":false,"error"}`; isolation tests use it to try another instance's or the server's files |
+//! | `POST /control/write` | body: a path. Writes a small file there as this process (`cattery-test-agent <pid>`): `200 {"path","ok":true,"bytes":N}` or `200 {"path","ok":false,"error"}`; isolation tests leave files in shared places with it |
 //! | `GET /livez` | `200 {"status":"ok"}` |
 //! | `GET /info` | `200 {"pid","pgid","uid","gid","startedAtUnixMs","readyAtUnixMs","sessionsServed","sessionId","childPid","rssBytes"}` |
 //! | `POST /bot` | starts the session (see below) |
@@ -672,6 +673,24 @@ fn route(reader: &mut BufReader<TcpStream>, req: &Request, close: bool) -> io::R
                 ),
             };
             info!("read {path}: {body}");
+            http::respond(out, 200, &body, false, close)?;
+        }
+        ("POST", "/control/write") => {
+            let path = String::from_utf8_lossy(&req.body).into_owned();
+            let text = format!("cattery-test-agent {}\n", std::process::id());
+            let body = match std::fs::write(&path, &text) {
+                Ok(()) => format!(
+                    r#"{{"path":{},"ok":true,"bytes":{}}}"#,
+                    http::json_str(&path),
+                    text.len()
+                ),
+                Err(e) => format!(
+                    r#"{{"path":{},"ok":false,"error":{}}}"#,
+                    http::json_str(&path),
+                    http::json_str(&e.to_string())
+                ),
+            };
+            info!("write {path}: {body}");
             http::respond(out, 200, &body, false, close)?;
         }
         ("POST", "/bot") => return handle_bot(reader, req, close),
