@@ -355,8 +355,14 @@ async def bot(args):
     print(f"IDS {os.getpid()} {os.getuid()}", flush=True)
     peer = body.get("peer")
     if not peer:
+        for d in ("/tmp", "/dev/shm"):
+            with open(f"{d}/cattery-fork-peer-{os.getpid()}", "w") as f:
+                f.write("left by the peer")
+        print("TMP WRITTEN", flush=True)
         await asyncio.sleep(60)
         return
+    seen = [d for d in ("/tmp", "/dev/shm") if os.path.exists(f"{d}/cattery-fork-peer-{peer}")]
+    print(f"TMP SEEN {seen}" if seen else "TMP NONE", flush=True)
     try:
         open(f"/proc/{peer}/environ", "rb").read()
         print("ENVIRON READ", flush=True)
@@ -371,7 +377,8 @@ async def bot(args):
 
 /// As root with instance uids: each agent's fork server runs under an unprivileged uid of its
 /// own, and an instance of one agent can neither read another agent's instance's environment
-/// (its secrets) nor signal it.
+/// (its secrets) nor signal it, nor see what it left in `/tmp` or `/dev/shm` (each fork
+/// server's namespace, which its forks share, has its own; the host gets none of it).
 #[tokio::test(flavor = "multi_thread")]
 async fn fork_servers_are_unprivileged_and_agents_cannot_reach_each_other() {
     if !nix::unistd::geteuid().is_root() {
@@ -410,9 +417,26 @@ async fn fork_servers_are_unprivileged_and_agents_cannot_reach_each_other() {
         .start_session("peer-a", json!({"body": {"peer": b[0]}}))
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
+    wait_log(&s, "peer-b", "TMP WRITTEN").await;
     let environ = wait_log(&s, "peer-a", "ENVIRON ").await;
     let kill = wait_log(&s, "peer-a", "KILL ").await;
-    assert!(environ.contains("ENVIRON PermissionError"), "{environ}");
+    let tmp_seen = wait_log(&s, "peer-a", "TMP ").await;
+    let on_host: Vec<String> = ["/tmp", "/dev/shm"]
+        .iter()
+        .map(|d| format!("{d}/cattery-fork-peer-{}", b[0]))
+        .filter(|p| std::fs::remove_file(p).is_ok())
+        .collect();
+    assert!(tmp_seen.contains("TMP NONE"), "{tmp_seen}");
+    assert!(
+        on_host.is_empty(),
+        "a forked instance's files reached the host: {on_host:?}"
+    );
+    // Refused, or (with the private /proc) not even listed.
+    assert!(
+        environ.contains("ENVIRON PermissionError")
+            || environ.contains("ENVIRON FileNotFoundError"),
+        "{environ}"
+    );
     assert!(kill.contains("KILL PermissionError"), "{kill}");
     let ids_a = wait_log(&s, "peer-a", "IDS ").await;
     let uid_a: u32 = ids_a

@@ -155,13 +155,10 @@ async fn an_agent_cannot_read_another_orgs_instance_nor_the_control_plane() {
     for t in &targets {
         let r = try_read(&s, &s.pk, "aagent", &sid_a, t).await;
         assert_eq!(r["ok"], false, "org A's agent read {t}: {r}");
-        assert!(
-            r["error"]
-                .as_str()
-                .unwrap_or("")
-                .contains("ermission denied"),
-            "{t}: {r}"
-        );
+        // Another uid's process is not even listed in the instance's own /proc.
+        let e = r["error"].as_str().unwrap_or("");
+        let hidden = t.starts_with("/proc/") && e.contains("No such file");
+        assert!(e.contains("ermission denied") || hidden, "{t}: {r}");
     }
 
     // And nothing of B's reached A's logs.
@@ -222,4 +219,122 @@ async fn descriptors_the_server_inherited_do_not_reach_instances() {
     let error = seen["error"].as_str().unwrap();
     assert!(error.contains("No such file"), "not absent: {seen}");
     assert_eq!(s.stop("fds", &sid).await.status, 200);
+}
+
+/// Asks a session's test agent to write a small file at `path`; returns its answer.
+async fn try_write(s: &Server, pk: &str, agent: &str, sid: &str, path: &str) -> Value {
+    let url = format!("/v1/public/{agent}/sessions/{sid}/control/write");
+    let r = s
+        .raw("POST", &url, Some(pk), path.as_bytes().to_vec())
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body
+}
+
+/// The shared world-writable places are each instance's own: org A's agent writes to `/tmp`,
+/// `/var/tmp` and `/dev/shm` (not `$TMPDIR`) and ends; org B's agent, given the same uid (a
+/// one-uid range), finds none of it, and nothing reached the host's own directories. Nor does
+/// an agent see processes of other uids in `/proc` (the server's command line).
+#[tokio::test(flavor = "multi_thread")]
+async fn what_an_agent_leaves_in_tmp_or_dev_shm_is_gone_for_the_next_instance_of_its_uid() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    // One uid for every instance, outside the default range other tests draw from.
+    let uid = 2_000_100_000 + (std::process::id() % 500);
+    let range = format!("{uid}-{uid}");
+    let s = Server::start(&["--instance-uids", &range]).await;
+    let places: Vec<String> = ["/tmp", "/var/tmp", "/dev/shm"]
+        .iter()
+        .map(|d| format!("{d}/cattery-leftover-{}", s.tag))
+        .collect();
+
+    // Org A (the default org) leaves files in each place, then ends.
+    s.deploy("aagent", &[], json!({})).await;
+    let sid_a = s.start_ok("aagent").await;
+    let a = info(&s, &s.pk, "aagent", &sid_a).await;
+    assert_eq!(a["uid"].as_u64(), Some(u64::from(uid)));
+    for p in &places {
+        let w = try_write(&s, &s.pk, "aagent", &sid_a, p).await;
+        assert_eq!(w["ok"], true, "{w}");
+        let r = try_read(&s, &s.pk, "aagent", &sid_a, p).await;
+        assert_eq!(r["ok"], true, "A reads back its own file: {r}");
+    }
+    let leaked: Vec<&String> = places
+        .iter()
+        .filter(|p| std::path::Path::new(p).exists())
+        .collect();
+    assert_eq!(s.stop("aagent", &sid_a).await.status, 200);
+    s.wait_no_agent_pids(Duration::from_secs(10)).await;
+
+    // Org B, under the same uid (once A's is given back).
+    let (sk_b, pk_b) = (s.key("private", "org-b"), s.key("public", "org-b"));
+    let cmd = vec![common::test_agent().display().to_string()];
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&sk_b),
+            Some(json!({"serviceName": "bagent", "command": cmd,
+                        "env": {"CATTERY_TEST_TAG": s.tag}})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sid_b = common::wait_for(
+        Duration::from_secs(10),
+        "a start under the freed uid",
+        || {
+            let s = &s;
+            let pk_b = &pk_b;
+            async move {
+                let r = s
+                    .req(
+                        "POST",
+                        "/v1/public/bagent/start",
+                        Some(pk_b),
+                        Some(json!({})),
+                    )
+                    .await;
+                (r.status == 200).then(|| r.body["sessionId"].as_str().unwrap().to_string())
+            }
+        },
+    )
+    .await;
+    let b = info(&s, &pk_b, "bagent", &sid_b).await;
+    assert_eq!(b["uid"].as_u64(), Some(u64::from(uid)), "the same uid as A");
+    let mut seen = Vec::new();
+    for p in &places {
+        let r = try_read(&s, &pk_b, "bagent", &sid_b, p).await;
+        if r["ok"] != false {
+            seen.push(r);
+        }
+    }
+    // The server's command line (and any other uid's process) is hidden.
+    let server = format!("/proc/{}/cmdline", s.pid());
+    let proc_r = try_read(&s, &pk_b, "bagent", &sid_b, &server).await;
+    let own = try_read(&s, &pk_b, "bagent", &sid_b, "/proc/self/cmdline").await;
+    let _ = s
+        .req(
+            "DELETE",
+            &format!("/v1/agents/bagent/sessions/{sid_b}"),
+            Some(&sk_b),
+            None,
+        )
+        .await;
+    s.wait_no_agent_pids(Duration::from_secs(10)).await;
+    for p in &places {
+        let _ = std::fs::remove_file(p);
+    }
+    assert!(seen.is_empty(), "org B read org A's leftovers: {seen:?}");
+    assert!(leaked.is_empty(), "A's files reached the host: {leaked:?}");
+    assert_eq!(own["ok"], true, "{own}");
+    assert_eq!(
+        proc_r["ok"], false,
+        "B sees the server's command line: {proc_r}"
+    );
+    assert!(
+        s.log().contains("private /tmp, /var/tmp and /dev/shm"),
+        "{}",
+        s.log()
+    );
 }

@@ -1,6 +1,7 @@
 //! What keeps instances away from each other and from the control plane (see
-//! `docs/security.md`): a uid of their own ([`super::uids`]), private directories, an
-//! environment built from an allowlist, and a data directory closed to them.
+//! `docs/security.md`): a uid of their own ([`super::uids`]), a private `/tmp`, `/var/tmp`,
+//! `/dev/shm` and `/proc` ([`super::namespace`]), private directories, an environment built
+//! from an allowlist, and a data directory closed to them.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -9,6 +10,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::namespace::Namespaces;
 use super::uids::{UidPool, UidRange};
 
 /// `PATH` for instances when the server has none.
@@ -20,6 +22,12 @@ pub struct Isolation {
     pub uids: Option<Arc<UidPool>>,
     /// Why instances share the server's uid, when they do.
     pub off_reason: Option<String>,
+    /// What each instance's private mount namespace is made of, when instances run under uids
+    /// of their own and the machine allows namespaces.
+    pub namespaces: Option<Arc<Namespaces>>,
+    /// Why instances under uids of their own share the host's `/tmp`, `/var/tmp` and
+    /// `/dev/shm`, when they do.
+    pub namespaces_off: Option<String>,
 }
 
 impl Isolation {
@@ -30,6 +38,8 @@ impl Isolation {
         let off = |why: String| Isolation {
             uids: None,
             off_reason: Some(why),
+            namespaces: None,
+            namespaces_off: None,
         };
         let Some(range) = range else {
             return off("turned off (--instance-uids off)".into());
@@ -68,18 +78,41 @@ impl Isolation {
         let Some(lock_dir) = super::locks::lock_dir("uids") else {
             return off("no private lock directory for the uid reservations".into());
         };
+        // The server's directories instances reach: bound back into their namespaces when
+        // they lie in a private place (a data dir under /tmp, a runtime dir on /dev/shm).
+        let roots: Vec<PathBuf> = [instances_dir.parent(), Some(instances_dir)]
+            .into_iter()
+            .flatten()
+            .filter_map(|d| fs::canonicalize(d).ok())
+            .collect();
+        let (namespaces, namespaces_off) = match Namespaces::probe(&roots, range) {
+            Ok(n) => (Some(Arc::new(n)), None),
+            Err(why) => (None, Some(why)),
+        };
         Isolation {
             uids: Some(Arc::new(UidPool::new(range, lock_dir))),
             off_reason: None,
+            namespaces,
+            namespaces_off,
         }
     }
 
     /// One line for the start log.
     pub fn describe(&self) -> String {
+        const SHARED: &str = "/tmp, /var/tmp and /dev/shm are the host's, shared by all instances";
         match (&self.uids, &self.off_reason) {
-            (Some(p), _) => format!("one uid per instance from {}", p.range()),
-            (None, Some(r)) => format!("instances run as the server's own uid: {r}"),
-            (None, None) => "instances run as the server's own uid".into(),
+            (Some(p), _) => match (&self.namespaces, &self.namespaces_off) {
+                (Some(n), _) => {
+                    format!("one uid per instance from {}; {}", p.range(), n.describe())
+                }
+                (None, why) => format!(
+                    "one uid per instance from {}; {SHARED} ({})",
+                    p.range(),
+                    why.as_deref().unwrap_or("no private mount namespace")
+                ),
+            },
+            (None, Some(r)) => format!("instances run as the server's own uid: {r}; {SHARED}"),
+            (None, None) => format!("instances run as the server's own uid; {SHARED}"),
         }
     }
 }

@@ -13,6 +13,7 @@
 pub mod cgroup;
 pub mod isolation;
 pub mod locks;
+pub mod namespace;
 pub mod placement;
 pub mod ports;
 pub mod python;
@@ -138,9 +139,15 @@ impl ProcessRuntime {
         if let Some(data_dir) = instances_dir.parent() {
             isolation::secure_data_dir(data_dir, isolation.uids.is_some())?;
         }
-        match &isolation.off_reason {
-            None => tracing::info!(separation = %isolation.describe(), "instance separation"),
-            Some(_) => tracing::warn!(
+        match (&isolation.off_reason, &isolation.namespaces_off) {
+            (None, None) => {
+                tracing::info!(separation = %isolation.describe(), "instance separation")
+            }
+            (None, Some(_)) => tracing::warn!(
+                separation = %isolation.describe(),
+                "instances share /tmp, /var/tmp and /dev/shm: what one leaves there, a later instance of its uid can read (see docs/security.md)"
+            ),
+            (Some(_), _) => tracing::warn!(
                 separation = %isolation.describe(),
                 "instances are NOT separated from each other or from the server's files (see docs/security.md)"
             ),
@@ -389,7 +396,14 @@ impl ProcessRuntime {
             .unwrap_or_else(|| p.dirs.home.clone());
         // One spawn for both paths. No cgroup descriptors yet: a spare's process is born in
         // its cgroups; the plain path (and a spare's fallback to it) fills them in below.
-        let mut sspec = spawn_spec(&spec, &env, &cwd, (&out, &err), p.uid);
+        let mut sspec = spawn_spec(
+            &spec,
+            &env,
+            &cwd,
+            (&out, &err),
+            p.uid,
+            self.isolation.namespaces.as_deref(),
+        );
         if let Some(spare) = spare {
             let started = self.start_from_spare(spare, &id, spec.limits.as_ref(), &sspec);
             self.spares.refill_soon();
@@ -482,7 +496,14 @@ impl ProcessRuntime {
             .working_dir
             .clone()
             .unwrap_or_else(|| p.dirs.home.clone());
-        let sspec = spawn_spec(&spec, &env, &cwd, (&out, &err), p.uid);
+        let sspec = spawn_spec(
+            &spec,
+            &env,
+            &cwd,
+            (&out, &err),
+            p.uid,
+            self.isolation.namespaces.as_deref(),
+        );
         // The stock makes up for the spare once the claim is done with cgroups, or once the
         // start is dropped during its wait.
         let refill = RefillOnDrop(&self.spares);
@@ -863,6 +884,7 @@ fn spawn_spec<'a>(
     cwd: &'a Path,
     (stdout, stderr): (&'a OwnedFd, &'a OwnedFd),
     uid: Option<u32>,
+    namespaces: Option<&'a namespace::Namespaces>,
 ) -> SpawnSpec<'a> {
     SpawnSpec {
         program: &spec.program,
@@ -874,6 +896,7 @@ fn spawn_spec<'a>(
         cgroup_procs: &[],
         ids: uid.map(|u| (u, u)),
         stdin: None,
+        namespaces: uid.and(namespaces),
     }
 }
 
@@ -1915,6 +1938,9 @@ impl ProcessRuntime {
                 cgroup_procs: &fds,
                 ids: uid.map(|u| (u, u)),
                 stdin: Some(std::os::fd::AsRawFd::as_raw_fd(&child_ctl)),
+                // The fork server's namespace is its instances' too (they are its forks, of
+                // one deployment and one uid): a tmpfs, alive while one of them is.
+                namespaces: uid.and(self.isolation.namespaces.as_deref()),
             })?;
             Ok(((), pid))
         });
@@ -2165,6 +2191,7 @@ mod tests {
             cgroup_procs: &[],
             ids: None,
             stdin: None,
+            namespaces: None,
         };
         let claim = match rt.begin_spare_claim(spare, &id, None, &sspec) {
             Ok(c) => c,

@@ -486,7 +486,7 @@ extern "C" fn parked_main(arg: *mut libc::c_void) -> libc::c_int {
 /// step changed there must change here too, and the reverse. Kept apart on purpose: this
 /// process must not touch libc's `errno` or call libc's wrappers.
 extern "C" fn exec_main(arg: *mut libc::c_void) -> ! {
-    use super::spawn::{STAGE_CHDIR, STAGE_EXEC, STAGE_IDS, STAGE_SETSID, STAGE_STDIO};
+    use super::spawn::{STAGE_CHDIR, STAGE_EXEC, STAGE_IDS, STAGE_NS, STAGE_SETSID, STAGE_STDIO};
     // SAFETY: `arg` points to the `ChildArgs` the server keeps alive until this process has
     // exec'd or exited (the server waits for the parked process, which CLONE_VFORK suspends
     // until then).
@@ -531,6 +531,12 @@ extern "C" fn exec_main(arg: *mut libc::c_void) -> ! {
                     0,
                 ],
             );
+        }
+        // The instance's own /tmp, /var/tmp, /dev/shm and /proc, while still root.
+        if let Some(plan) = a.ns.as_ref() {
+            if let Err(e) = super::namespace::enter(plan, &sys::Raw) {
+                fail(STAGE_NS, -(e as isize));
+            }
         }
         if let Some((uid, gid)) = a.ids {
             for (nr, args) in [
@@ -657,6 +663,101 @@ mod sys {
     #[cfg(not(target_arch = "x86_64"))]
     pub unsafe fn call(_nr: libc::c_long, _a: [usize; 6]) -> isize {
         -(libc::ENOSYS as isize)
+    }
+
+    /// [`super::super::namespace::Sys`] through raw calls (no `errno`).
+    pub struct Raw;
+
+    /// `-errno` of a raw call as `Err(errno)`.
+    fn ok(rc: isize) -> Result<isize, i32> {
+        if rc < 0 {
+            Err((-rc) as i32)
+        } else {
+            Ok(rc)
+        }
+    }
+
+    fn p(s: Option<&std::ffi::CStr>) -> usize {
+        s.map_or(0, |s| s.as_ptr() as usize)
+    }
+
+    impl super::super::namespace::Sys for Raw {
+        fn unshare_mounts(&self) -> Result<(), i32> {
+            // SAFETY: a system call with no pointer.
+            ok(unsafe {
+                call(
+                    libc::SYS_unshare,
+                    [libc::CLONE_NEWNS as usize, 0, 0, 0, 0, 0],
+                )
+            })
+            .map(drop)
+        }
+
+        fn mount(
+            &self,
+            src: Option<&std::ffi::CStr>,
+            target: &std::ffi::CStr,
+            fstype: Option<&std::ffi::CStr>,
+            flags: libc::c_ulong,
+            data: Option<&std::ffi::CStr>,
+        ) -> Result<(), i32> {
+            let a = [
+                p(src),
+                p(Some(target)),
+                p(fstype),
+                flags as usize,
+                p(data),
+                0,
+            ];
+            // SAFETY: NUL-terminated strings alive for the call.
+            ok(unsafe { call(libc::SYS_mount, a) }).map(drop)
+        }
+
+        fn open_dir(&self, path: &std::ffi::CStr) -> Result<i32, i32> {
+            let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
+            let a = [
+                libc::AT_FDCWD as usize,
+                path.as_ptr() as usize,
+                flags as usize,
+                0,
+                0,
+                0,
+            ];
+            // SAFETY: a NUL-terminated path alive for the call.
+            ok(unsafe { call(libc::SYS_openat, a) }).map(|fd| fd as i32)
+        }
+
+        fn fchdir(&self, fd: i32) -> Result<(), i32> {
+            // SAFETY: a system call with no pointer.
+            ok(unsafe { call(libc::SYS_fchdir, [fd as usize, 0, 0, 0, 0, 0]) }).map(drop)
+        }
+
+        fn mkdir(&self, path: &std::ffi::CStr) -> Result<(), i32> {
+            let a = [path.as_ptr() as usize, 0o755, 0, 0, 0, 0];
+            // SAFETY: a NUL-terminated path alive for the call.
+            ok(unsafe { call(libc::SYS_mkdir, a) }).map(drop)
+        }
+
+        fn create(&self, path: &std::ffi::CStr) -> Result<(), i32> {
+            let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC;
+            let a = [
+                libc::AT_FDCWD as usize,
+                path.as_ptr() as usize,
+                flags as usize,
+                0o644,
+                0,
+                0,
+            ];
+            // SAFETY: a NUL-terminated path alive for the call.
+            let fd = ok(unsafe { call(libc::SYS_openat, a) })?;
+            self.close(fd as i32);
+            Ok(())
+        }
+
+        fn close(&self, fd: i32) {
+            // SAFETY: closing a descriptor this process opened.
+            unsafe { call(libc::SYS_close, [fd as usize, 0, 0, 0, 0, 0]) };
+        }
     }
 
     pub unsafe fn rt_sigaction(sig: i32, new: *const KSigaction, old: *mut KSigaction) -> isize {
@@ -1078,6 +1179,7 @@ mod real_tests {
             cgroup_procs: &[],
             ids: None,
             stdin: None,
+            namespaces: None,
         })
         .unwrap();
         let t0 = std::time::Instant::now();
@@ -1142,6 +1244,7 @@ mod real_tests {
             cgroup_procs: &[],
             ids: None,
             stdin: None,
+            namespaces: None,
         })
         .unwrap();
         let pid = spare.claim(&plan.args, &inst_fd).unwrap();
@@ -1183,6 +1286,27 @@ mod real_tests {
     }
 
     #[test]
+    fn the_started_process_has_its_own_tmp_var_tmp_dev_shm_and_proc() {
+        let Some(b) = Bases::new() else { return };
+        let mut spare = make(&b.v1).unwrap();
+        let inst = b.v2.join("inst");
+        fs::create_dir(&inst).unwrap();
+        let inst_fd = OwnedFd::from(fs::File::open(&inst).unwrap());
+        let r = super::super::namespace::tests::run_in_namespace(|spec| {
+            let plan = super::super::spawn::prepare(spec).unwrap();
+            let pid = spare.claim(&plan.args, &inst_fd).unwrap();
+            let failed = super::super::spawn::child_failure(&plan.args, spec.cwd);
+            assert!(failed.is_none(), "{failed:?}");
+            pid
+        });
+        spare.discard();
+        super::super::cgroup::remove(&inst);
+        if let Some((_, leaked)) = r {
+            assert_eq!(leaked, "", "the host got the instance's files");
+        }
+    }
+
+    #[test]
     fn the_started_process_runs_under_the_instance_uid_without_groups_or_privileges() {
         let Some(b) = Bases::new() else { return };
         let mut spare = make(&b.v1).unwrap();
@@ -1207,6 +1331,7 @@ mod real_tests {
             cgroup_procs: &[],
             ids: Some((2_100_000_007, 2_100_000_008)),
             stdin: None,
+            namespaces: None,
         })
         .unwrap();
         let pid = spare.claim(&plan.args, &inst_fd).unwrap();

@@ -21,6 +21,9 @@
 //! 3. writes `0` to each `cgroup.procs` descriptor the parent opened (cgroup v2, plus the v1
 //!    limit controllers): from here on the child and everything it forks is inside;
 //! 4. sets up stdin (`/dev/null`), stdout and stderr, restores the open-files limit;
+//!    When the instance gets a namespace of its own ([`super::namespace`]: a private `/tmp`,
+//!    `/var/tmp`, `/dev/shm` and `/proc`), it is made here, as root, before anything of the
+//!    agent runs;
 //! 5. when the instance has a uid of its own: drops every supplementary group and switches
 //!    to its gid and uid (raw `setgroups`/`setresgid`/`setresuid` system calls, which change
 //!    only this process: glibc's wrappers would signal every thread of the server, whose
@@ -44,6 +47,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
+
+use super::namespace::{self, Namespaces, NixSys, Plan};
 
 /// Stack of the child between `clone` and `execve` (it only makes system calls).
 const CHILD_STACK: usize = 64 * 1024;
@@ -69,6 +74,8 @@ pub struct SpawnSpec<'a> {
     pub ids: Option<(u32, u32)>,
     /// Standard input (`None`: `/dev/null`).
     pub stdin: Option<RawFd>,
+    /// A private mount namespace to make before the uid switch (`None`: the host's view).
+    pub namespaces: Option<&'a Namespaces>,
 }
 
 /// Everything the child reads, prepared by the parent (the child must not allocate).
@@ -93,6 +100,8 @@ pub(super) struct ChildArgs {
     pub(super) error: AtomicI32,
     /// Which step failed (for the message).
     pub(super) stage: AtomicI32,
+    /// The namespace to make (null: none), owned by the [`ChildPlan`].
+    pub(super) ns: *const Plan,
 }
 
 pub(super) const STAGE_SETSID: i32 = 1;
@@ -101,6 +110,7 @@ pub(super) const STAGE_STDIO: i32 = 3;
 pub(super) const STAGE_CHDIR: i32 = 4;
 pub(super) const STAGE_EXEC: i32 = 5;
 pub(super) const STAGE_IDS: i32 = 6;
+pub(super) const STAGE_NS: i32 = 7;
 
 fn errno() -> i32 {
     // SAFETY: reading the calling thread's errno.
@@ -163,6 +173,13 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         }
         if let Some(l) = &a.nofile {
             libc::setrlimit(libc::RLIMIT_NOFILE, l);
+        }
+        // 4b. The instance's own /tmp, /var/tmp, /dev/shm and /proc, while still root.
+        if let Some(plan) = a.ns.as_ref() {
+            if let Err(e) = namespace::enter(plan, &NixSys) {
+                *libc::__errno_location() = e;
+                fail(STAGE_NS);
+            }
         }
         // 5. The instance's own uid and gid, for good.
         if let Some((uid, gid)) = a.ids {
@@ -270,6 +287,8 @@ pub(super) struct ChildPlan {
     pub(super) args: ChildArgs,
     _strings: (Vec<CString>, Vec<CString>),
     _devnull: std::fs::File,
+    /// What [`ChildArgs::ns`] points to (boxed: the plan moves, the namespace's plan not).
+    _ns: Option<Box<Plan>>,
 }
 
 /// Resolves the program and prepares what the child reads (see [`ChildArgs`]); allocates,
@@ -307,6 +326,13 @@ pub(super) fn prepare(spec: &SpawnSpec<'_>) -> io::Result<ChildPlan> {
     let mut envp: Vec<*const libc::c_char> = env_strings.iter().map(|s| s.as_ptr()).collect();
     envp.push(std::ptr::null());
     let devnull = std::fs::File::open("/dev/null")?;
+    // Every path the process is given: what of them lies in a private place is bound back.
+    let ns = spec.namespaces.map(|n| {
+        let given = [spec.cwd.as_os_str(), OsStr::from_bytes(path.as_bytes())];
+        let args = spec.args.iter().map(OsStr::new);
+        let env = spec.env.iter().map(|(_, v)| v.as_os_str());
+        Box::new(n.plan(given.into_iter().chain(args).chain(env)))
+    });
     let args = ChildArgs {
         path,
         argv,
@@ -322,11 +348,13 @@ pub(super) fn prepare(spec: &SpawnSpec<'_>) -> io::Result<ChildPlan> {
         nofile: ORIGINAL_NOFILE.get().copied().flatten(),
         error: AtomicI32::new(0),
         stage: AtomicI32::new(0),
+        ns: ns.as_deref().map_or(std::ptr::null(), |p| p as *const Plan),
     };
     Ok(ChildPlan {
         args,
         _strings: (arg_strings, env_strings),
         _devnull: devnull,
+        _ns: ns,
     })
 }
 
@@ -343,6 +371,10 @@ pub(super) fn child_failure(args: &ChildArgs, cwd: &Path) -> Option<io::Error> {
         STAGE_CGROUP => io::Error::new(e.kind(), format!("joining the instance's cgroup: {e}")),
         STAGE_STDIO => io::Error::new(e.kind(), format!("setting up stdio: {e}")),
         STAGE_IDS => io::Error::new(e.kind(), format!("switching to the instance's uid: {e}")),
+        STAGE_NS => io::Error::new(
+            e.kind(),
+            format!("making the instance's private /tmp, /var/tmp, /dev/shm and /proc: {e}"),
+        ),
         STAGE_CHDIR => io::Error::new(e.kind(), format!("changing to {}: {e}", cwd.display())),
         _ => e,
     })
@@ -416,6 +448,7 @@ mod tests {
             cgroup_procs: &[],
             ids: None,
             stdin: None,
+            namespaces: None,
         })
         .unwrap();
         let status = wait(pid);
@@ -450,6 +483,7 @@ mod tests {
             cgroup_procs: &[],
             ids: None,
             stdin: None,
+            namespaces: None,
         })
         .unwrap();
         assert_eq!(wait(pid), 0);
@@ -489,6 +523,7 @@ mod tests {
                 cgroup_procs: &[],
                 ids: None,
                 stdin: None,
+                namespaces: None,
             });
             let e = r.expect_err(program);
             assert_eq!(e.kind(), io::ErrorKind::NotFound, "{program}: {e}");
@@ -544,6 +579,7 @@ mod tests {
             cgroup_procs: &[],
             ids: Some((2_100_000_007, 2_100_000_008)),
             stdin: None,
+            namespaces: None,
         })
         .unwrap();
         assert_eq!(wait(pid), 0);
