@@ -405,6 +405,7 @@ pub fn app_state(
     let node = Arc::new(node_identity(config, data_dir, &cipher)?);
     let store_for_builds = store.clone();
     let build_uids = runtime.instance_uids();
+    let build_namespaces = runtime.instance_namespaces();
     let sup = Supervisor::new(
         store.clone(),
         runtime,
@@ -466,6 +467,7 @@ pub fn app_state(
                     .clone()
                     .unwrap_or_else(|| cfg.python.clone()),
                 uids: build_uids,
+                namespaces: build_namespaces,
             }),
             crate::core::builds::BuildSettings {
                 mode: crate::core::builds::BuilderMode::parse(&config.runtime.builder)

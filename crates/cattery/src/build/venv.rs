@@ -17,7 +17,8 @@
 //! the results are given back to the server's user before they are opened to all, so a later
 //! instance drawing the same uid cannot change them.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use async_trait::async_trait;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::{Artifact, BuildJob, BuildLog, Builder};
+use crate::runtime::process::namespace::{self, Namespaces, NixSys};
 use crate::runtime::process::reaper::Reaper;
 use crate::runtime::process::signals;
 use crate::runtime::process::uids::UidPool;
@@ -39,6 +41,10 @@ pub struct VenvBuilder {
     /// then run under one of them. `None`: steps run as the server's user (which is then no
     /// more than its instances' either).
     pub uids: Option<Arc<UidPool>>,
+    /// What each step's private mount namespace is made of (a private `/tmp`, `/var/tmp`,
+    /// `/dev/shm` and `/proc`, as instances get), when steps run under a uid of the pool and
+    /// the machine allows namespaces.
+    pub namespaces: Option<Arc<Namespaces>>,
 }
 
 impl std::fmt::Debug for VenvBuilder {
@@ -54,6 +60,8 @@ impl std::fmt::Debug for VenvBuilder {
 struct Steps {
     env: Vec<(OsString, OsString)>,
     uid: Option<u32>,
+    /// Each step's namespace, with `uid` only.
+    namespaces: Option<Arc<Namespaces>>,
 }
 
 /// What a build step gets of the server's environment: the locale, `PATH`, pip's own
@@ -175,6 +183,29 @@ async fn send_lines(
 /// refused more at this many instead of filling the machine's pid space.
 pub const STEP_MAX_TASKS: libc::rlim_t = 512;
 
+/// What a step's process sets for itself once it runs under the build's uid, before `exec`:
+/// `no_new_privs`, at most [`STEP_MAX_TASKS`] processes and threads, umask 022. Only
+/// async-signal-safe system calls (it runs between `fork` and `exec`).
+fn step_limits() -> std::io::Result<()> {
+    // SAFETY: plain system calls on local data.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // The uid is the build's alone: this caps every process and thread of the build (a
+        // fork bomb in a package's setup code stops here, not at pid_max).
+        let cap = libc::rlimit {
+            rlim_cur: STEP_MAX_TASKS,
+            rlim_max: STEP_MAX_TASKS,
+        };
+        if libc::setrlimit(libc::RLIMIT_NPROC, &cap) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        libc::umask(0o022);
+    }
+    Ok(())
+}
+
 /// The environment entry that marks a step's processes: `CATTERY_BUILD_STEP=<id>`.
 const STEP_MARKER: &str = "CATTERY_BUILD_STEP";
 
@@ -215,27 +246,37 @@ async fn run(
     let step = uuid::Uuid::new_v4().to_string();
     let mut cmd = tokio::process::Command::new(program);
     cmd.env_clear().envs(steps.env.iter().map(|(k, v)| (k, v)));
-    if let Some(uid) = steps.uid {
+    if let (Some(uid), Some(ns)) = (steps.uid, &steps.namespaces) {
+        // The step's own /tmp, /var/tmp, /dev/shm and /proc are made as root, so the switch
+        // to its uid comes after them, here rather than by std (which switches before any
+        // `pre_exec`).
+        let given = [cwd.as_os_str(), OsStr::new(program)];
+        let values = given
+            .into_iter()
+            .chain(args.iter().map(OsStr::new))
+            .chain(steps.env.iter().map(|(_, v)| v.as_os_str()));
+        let plan = ns.plan(values);
+        let dir = std::ffi::CString::new(cwd.as_os_str().as_bytes())
+            .map_err(|_| format!("cannot run {program}: nul byte in {}", cwd.display()))?;
+        // SAFETY: only async-signal-safe system calls between fork and exec, on data made
+        // before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                namespace::enter(&plan, &NixSys).map_err(std::io::Error::from_raw_os_error)?;
+                let id = uid;
+                nix::unistd::setgroups(&[])?;
+                nix::unistd::setresgid(id.into(), id.into(), id.into())?;
+                nix::unistd::setresuid(id.into(), id.into(), id.into())?;
+                nix::unistd::chdir(dir.as_c_str())?;
+                step_limits()
+            });
+        }
+    } else if let Some(uid) = steps.uid {
         // std drops the supplementary groups when it switches uid as root.
         cmd.uid(uid).gid(uid);
         // SAFETY: only async-signal-safe system calls between fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The uid is the build's alone: this caps every process and thread of the
-                // build (a fork bomb in a package's setup code stops here, not at pid_max).
-                let cap = libc::rlimit {
-                    rlim_cur: STEP_MAX_TASKS,
-                    rlim_max: STEP_MAX_TASKS,
-                };
-                if libc::setrlimit(libc::RLIMIT_NPROC, &cap) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::umask(0o022);
-                Ok(())
-            });
+            cmd.pre_exec(step_limits);
         }
     }
     cmd.args(args)
@@ -685,6 +726,7 @@ impl Builder for VenvBuilder {
         let steps = Steps {
             env: step_env(&home, uid.is_some()),
             uid,
+            namespaces: uid.and(self.namespaces.clone()),
         };
         let built = self.steps(log, &steps, app, &venv, install).await;
         match held {
@@ -751,6 +793,57 @@ mod tests {
             .expect("the cut build's uid is never freed");
     }
 
+    /// A step under a build uid has its own `/tmp`, `/var/tmp` and `/dev/shm` (what it
+    /// leaves there is gone with it, never seen by a later holder of the uid) and a `/proc`
+    /// without other uids' processes, and still runs in its directory under that uid.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_step_under_a_build_uid_has_its_own_tmp_and_proc() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir_in("/tmp").unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let app = dir.path().join("app");
+        let uid = 2_000_000_011;
+        step_dir(&app, Some(uid), 0o755).unwrap();
+        let range = "2000000000-2000065535".parse().unwrap();
+        let ns = Namespaces::probe(&[], range).unwrap();
+        let proc_line = match ns.hides_pids() {
+            true => "pid-1-hidden",
+            false => "sees-pid-1",
+        };
+        let log = BuildLog::create(&dir.path().join("build.log")).unwrap();
+        let steps = Steps {
+            env: step_env(&app, true),
+            uid: Some(uid),
+            namespaces: Some(Arc::new(ns)),
+        };
+        let name = format!("cattery-step-test-{}", uuid::Uuid::new_v4());
+        let script = format!(
+            "for d in /tmp /var/tmp /dev/shm; do echo x > $d/{name} || echo cannot-write; done; \
+             cat /proc/1/cmdline > /dev/null 2>&1 && echo sees-pid-1 || echo pid-1-hidden; \
+             echo $(id -u) $(pwd)"
+        );
+        let r = run(&log, &steps, &app, "/bin/sh", &["-c".into(), script])
+            .await
+            .unwrap();
+        let leaked: Vec<String> = namespace::PLACES
+            .iter()
+            .map(|d| format!("{d}/{name}"))
+            .filter(|p| std::fs::remove_file(p).is_ok())
+            .collect();
+        assert!(r.ok, "{:?}", r.lines);
+        assert_eq!(
+            r.lines,
+            [proc_line.to_string(), format!("{uid} {}", app.display())]
+        );
+        assert!(
+            leaked.is_empty(),
+            "the host got the step's files: {leaked:?}"
+        );
+    }
+
     /// A step cut short (its future dropped, as the build's time limit does) leaves none of
     /// its processes running: the leader's group while the leader runs, and a member it left
     /// behind after it exited.
@@ -773,6 +866,7 @@ mod tests {
             let steps = Steps {
                 env: step_env(dir.path(), false),
                 uid: None,
+                namespaces: None,
             };
             let step = run(&log, &steps, dir.path(), "/bin/sh", &args);
             let cut = tokio::time::timeout(std::time::Duration::from_millis(500), step).await;
@@ -806,6 +900,7 @@ mod tests {
         let steps = Steps {
             env: step_env(dir.path(), false),
             uid: None,
+            namespaces: None,
         };
         let script = "yes \"$(head -c 1023 /dev/zero | tr '\\0' x)\" | head -n 40960; \
                       head -c 1048576 /dev/zero | tr '\\0' y; exit 3";

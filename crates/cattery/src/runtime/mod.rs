@@ -391,6 +391,11 @@ pub trait Runtime: Send + Sync + 'static {
     fn instance_uids(&self) -> Option<Arc<crate::runtime::process::uids::UidPool>> {
         None
     }
+    /// What each instance's private mount namespace is made of, when instances get one
+    /// ([`crate::runtime::process::namespace`]): a build's steps get one too. Default `None`.
+    fn instance_namespaces(&self) -> Option<Arc<crate::runtime::process::namespace::Namespaces>> {
+        None
+    }
     /// Describes how whole-tree cleanup works on this machine (for logs and status).
     fn isolation(&self) -> String;
     /// Releases what the runtime holds for this server (its cgroup directories, locks) on a

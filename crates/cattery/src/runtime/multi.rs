@@ -99,6 +99,10 @@ impl Runtime for MultiRuntime {
         self.process.instance_uids()
     }
 
+    fn instance_namespaces(&self) -> Option<Arc<crate::runtime::process::namespace::Namespaces>> {
+        self.process.instance_namespaces()
+    }
+
     fn isolation(&self) -> String {
         format!(
             "processes: {}; containers: {}",

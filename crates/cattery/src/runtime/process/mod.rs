@@ -1061,6 +1061,10 @@ impl Runtime for ProcessRuntime {
         self.isolation.uids.clone()
     }
 
+    fn instance_namespaces(&self) -> Option<Arc<namespace::Namespaces>> {
+        self.isolation.namespaces.clone()
+    }
+
     fn isolation(&self) -> String {
         format!("{}; {}", self.cgroups.describe(), self.isolation.describe())
     }
