@@ -7,8 +7,9 @@
 //! Nothing is ever killed by name.
 //!
 //! Separation (see [`isolation`] and `docs/security.md`): as root, each instance runs under a
-//! uid and gid of its own ([`uids`]), in directories only it can enter, with an environment
-//! built from an allowlist; the data directory is closed to it.
+//! uid and gid of its own ([`uids`]), with its own `/tmp`, `/var/tmp`, `/dev/shm` and `/proc`
+//! ([`namespace`]), in directories only it can enter, with an environment built from an
+//! allowlist; the data directory is closed to it.
 
 pub mod cgroup;
 pub mod isolation;

@@ -20,7 +20,8 @@
 //! 3. the parked process `clone3`s the instance's main process with
 //!    `CLONE_VM | CLONE_VFORK | CLONE_PARENT | CLONE_INTO_CGROUP`: a new process, born in the
 //!    instance's v2 cgroup, in the spare's v1 cgroups (inherited), a child of the server. It
-//!    does what a spawned child does (own session, stdio, uid, directory) and `exec`s; the
+//!    does what a spawned child does (own session, stdio, private mount namespace, uid,
+//!    directory) and `exec`s; the
 //!    parked process then exits;
 //! 4. the spare's v1 directories are renamed to the instance id (cgroup v1 allows `rename(2)`
 //!    within a parent; v2 does not, which is why the v2 cgroup is made at start), so
