@@ -77,6 +77,7 @@
 //! | `--print-env K` | (repeatable) log `env K=<value or <unset>>` at session start |
 //! | `--last-words` | on `SIGTERM` write `last words on stdout` to stdout and `last words on stderr` to stderr, then act per the other switches |
 //! | `--rss-grow MB` | at session start allocate MB megabytes, touch every page and keep them |
+//! | `--flood-seconds S` | at session start write lines `flood <n> xxx...` (about 200 bytes) to stdout as fast as it can for S seconds |
 //! | `--ignore-transport-close` | when the `/bot` connection or the websocket closes, log `transport closed, ignoring` and keep running |
 //! | `--bot-seconds S` | the session's natural length: answer `POST /bot` with `200 {}` (or close the websocket) after S seconds; the process stays up |
 
@@ -215,6 +216,7 @@ A test agent implementing the Cattery instance contract (listens on 127.0.0.1:$P
   --print-env K             log `env K=<value>` at session start (repeatable)
   --last-words              on SIGTERM write a line to stdout and to stderr
   --rss-grow MB             allocate and touch MB megabytes at session start
+  --flood-seconds S         write lines to stdout as fast as possible for S seconds
   --ignore-transport-close  keep running when the /bot connection or websocket closes
   --bot-seconds S           end the session naturally after S seconds
   --tick-ms N               during a session, log `tick <n>` (n = 1, 2, ...) every N ms
@@ -235,6 +237,7 @@ struct Options {
     print_env: Vec<String>,
     last_words: bool,
     rss_grow_mb: Option<u64>,
+    flood_seconds: Option<f64>,
     ignore_transport_close: bool,
     bot_seconds: Option<f64>,
     tick_ms: Option<u64>,
@@ -280,6 +283,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Options {
             "--startup-delay" => o.startup_delay = Some(parse_seconds(&name, &value())),
             "--exit-after" => o.exit_after = Some(parse_seconds(&name, &value())),
             "--bot-seconds" => o.bot_seconds = Some(parse_seconds(&name, &value())),
+            "--flood-seconds" => o.flood_seconds = Some(parse_seconds(&name, &value())),
             "--exit-code" => o.exit_code = parse_num(&name, &value()),
             "--exit-on-start" => o.exit_on_start = Some(parse_num(&name, &value())),
             "--bind-port" => o.bind_port = Some(parse_num(&name, &value())),
@@ -802,6 +806,22 @@ fn start_session(req: &Request, body: &str) -> bool {
     }
     if let Some(mb) = a.opts.rss_grow_mb {
         grow_rss(mb);
+    }
+    if let Some(s) = a.opts.flood_seconds {
+        // A flood of output, written straight to stdout in large writes.
+        thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs_f64(s);
+            let pad = "x".repeat(190);
+            let mut out = io::BufWriter::with_capacity(1 << 20, io::stdout().lock());
+            let mut n = 0u64;
+            while Instant::now() < until {
+                for _ in 0..1000 {
+                    n += 1;
+                    let _ = writeln!(out, "flood {n} {pad}");
+                }
+            }
+            let _ = out.flush();
+        });
     }
     if let Some(ms) = a.opts.tick_ms {
         // Numbered lines: a test finds a gap in the captured logs by a missing number.

@@ -426,6 +426,10 @@ pub struct LogsConfig {
     pub retention_days: u64,
     /// At most this many lines are kept (all agents together); 0 = no cap.
     pub retention_max_lines: u64,
+    /// Lines of one instance's output captured per second, on average; 0 = no limit.
+    pub rate_lines: u64,
+    /// Bytes of one instance's output captured per second, on average; 0 = no limit.
+    pub rate_bytes: u64,
 }
 
 impl Default for LogsConfig {
@@ -433,6 +437,8 @@ impl Default for LogsConfig {
         LogsConfig {
             retention_days: 30,
             retention_max_lines: 1_000_000,
+            rate_lines: crate::runtime::logs::LogRate::DEFAULT.lines,
+            rate_bytes: crate::runtime::logs::LogRate::DEFAULT.bytes,
         }
     }
 }
@@ -664,6 +670,14 @@ pub struct ServeArgs {
     /// cap [default: 1000000].
     #[arg(long, env = "CATTERY_LOG_RETENTION_MAX_LINES", help_heading = "Logs")]
     pub log_retention_max_lines: Option<u64>,
+    /// Each instance's output is captured at up to this many lines a second on average (bursts
+    /// of 10 s worth); past it lines are dropped, and a platform line says how many. 0 = no
+    /// limit [default: 1000].
+    #[arg(long, env = "CATTERY_LOG_RATE_LINES", help_heading = "Logs")]
+    pub log_rate_lines: Option<u64>,
+    /// As `--log-rate-lines`, in bytes a second [default: 1048576].
+    #[arg(long, env = "CATTERY_LOG_RATE_BYTES", help_heading = "Logs")]
+    pub log_rate_bytes: Option<u64>,
 
     /// A websocket-transport client that sends nothing (not even a pong to Cattery's pings)
     /// for this many seconds is treated as gone and its session ends [default: 30].
@@ -787,6 +801,8 @@ impl Config {
             se.max_warm_starting => a.max_warm_starting,
             l.retention_days => a.log_retention_days,
             l.retention_max_lines => a.log_retention_max_lines,
+            l.rate_lines => a.log_rate_lines,
+            l.rate_bytes => a.log_rate_bytes,
             w.idle_timeout_seconds => a.ws_idle_timeout_seconds,
             w.token_ttl_seconds => a.ws_token_ttl_seconds,
             self.limits.agents_per_org => a.agents_per_org,

@@ -311,13 +311,15 @@ async fn log_writer(
                 if n == 0 {
                     break;
                 }
+                crate::runtime::logs::LogSink::written(n);
                 if !close.is_cancelled() && buf.len() < 512 {
                     let until = tokio::time::Instant::now() + LOG_LINGER;
                     while buf.len() < 512 {
                         let room = 512 - buf.len();
                         let more = tokio::time::timeout_at(until, rx.recv_many(&mut buf, room));
-                        if !matches!(more.await, Ok(n) if n > 0) {
-                            break;
+                        match more.await {
+                            Ok(n) if n > 0 => crate::runtime::logs::LogSink::written(n),
+                            _ => break,
                         }
                     }
                 }
@@ -419,6 +421,10 @@ pub fn app_state(
             node_timeout: node.timeout,
             max_warm_starting: config.sessions.max_warm_starting,
             relay_dir: Some(cfg.data_dir.join("relays")),
+            log_rate: crate::runtime::logs::LogRate {
+                lines: config.logs.rate_lines,
+                bytes: config.logs.rate_bytes,
+            },
         },
         logs,
         Arc::new(crate::core::secrets::DeploymentSecrets::new(

@@ -36,6 +36,133 @@ pub struct LogAttribution {
     pub session_id: Option<Uuid>,
 }
 
+/// How much of an instance's output is captured per second, on average: `lines` lines and
+/// `bytes` bytes (`--log-rate-lines`, `--log-rate-bytes`; 0 = no limit). An instance may
+/// write [`LOG_RATE_BURST_SECONDS`] seconds' worth at once; past that its lines are dropped
+/// (and a tailer skips what waits unread) until the budget refills, and a `platform` line
+/// says how much was dropped. One org's chatty or flooding instance so cannot fill the
+/// server's memory, hold every other org's lines back behind its own in the store's queue,
+/// or push their lines out of the retention cap at the store's full speed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRate {
+    /// Lines per second; 0: no limit.
+    pub lines: u64,
+    /// Bytes per second (of the stored text); 0: no limit.
+    pub bytes: u64,
+}
+
+impl LogRate {
+    /// No limit (tests, and `0` for both settings).
+    pub const UNLIMITED: LogRate = LogRate { lines: 0, bytes: 0 };
+    /// The defaults: 1,000 lines and 1 MiB a second.
+    pub const DEFAULT: LogRate = LogRate {
+        lines: 1000,
+        bytes: 1 << 20,
+    };
+}
+
+/// How many seconds of its [`LogRate`] an instance may write in one burst.
+pub const LOG_RATE_BURST_SECONDS: f64 = 10.0;
+
+/// An instance's budget against its [`LogRate`] (two token buckets), and what was dropped
+/// since the last note.
+#[derive(Debug)]
+struct LogBudget {
+    rate: LogRate,
+    lines: f64,
+    bytes: f64,
+    at: std::time::Instant,
+    dropped_lines: u64,
+    dropped_bytes: u64,
+    /// When the last note was sent.
+    noted: Option<std::time::Instant>,
+}
+
+/// At most one note of dropped output per instance this often (and one when its output ends).
+const NOTE_EVERY: Duration = Duration::from_secs(10);
+
+impl LogBudget {
+    fn new(rate: LogRate) -> LogBudget {
+        LogBudget {
+            rate,
+            lines: rate.lines as f64 * LOG_RATE_BURST_SECONDS,
+            bytes: rate.bytes as f64 * LOG_RATE_BURST_SECONDS,
+            at: std::time::Instant::now(),
+            dropped_lines: 0,
+            dropped_bytes: 0,
+            noted: None,
+        }
+    }
+
+    fn refill(&mut self) {
+        let now = std::time::Instant::now();
+        let dt = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        let fill =
+            |v: f64, rate: u64| (v + dt * rate as f64).min(rate as f64 * LOG_RATE_BURST_SECONDS);
+        self.lines = fill(self.lines, self.rate.lines);
+        self.bytes = fill(self.bytes, self.rate.bytes);
+    }
+
+    /// Whether a line may be captured now (a long line may take the byte budget below 0: it
+    /// is paid back before the next one).
+    fn open(&mut self) -> bool {
+        self.refill();
+        (self.rate.lines == 0 || self.lines >= 1.0) && (self.rate.bytes == 0 || self.bytes > 0.0)
+    }
+
+    fn take(&mut self, len: usize) -> bool {
+        if !self.open() {
+            self.dropped_lines += 1;
+            self.dropped_bytes += len as u64;
+            return false;
+        }
+        self.lines -= 1.0;
+        self.bytes -= len as f64;
+        true
+    }
+
+    /// The note for what was dropped since the last one, if anything was and the last note
+    /// is [`NOTE_EVERY`] old (or `now`).
+    fn note(&mut self, now: bool) -> Option<String> {
+        if self.dropped_lines == 0 && self.dropped_bytes == 0 {
+            return None;
+        }
+        if !now && self.noted.is_some_and(|t| t.elapsed() < NOTE_EVERY) {
+            return None;
+        }
+        self.noted = Some(std::time::Instant::now());
+        let (lines, bytes) = (self.dropped_lines, self.dropped_bytes);
+        self.dropped_lines = 0;
+        self.dropped_bytes = 0;
+        let r = self.rate;
+        let limit = |v: u64, unit: &str| {
+            if v == 0 {
+                "no limit".to_string()
+            } else {
+                format!("{v} {unit}/s")
+            }
+        };
+        Some(format!(
+            "[cattery] {lines} line(s), {bytes} byte(s) of this instance's output dropped: over \
+             the log rate limit ({} and {}, bursts of {LOG_RATE_BURST_SECONDS} s; \
+             --log-rate-lines, --log-rate-bytes)",
+            limit(r.lines, "lines"),
+            limit(r.bytes, "bytes"),
+        ))
+    }
+}
+
+/// Captured lines waiting for the log writer, all instances together: past
+/// [`MAX_QUEUED_LINES`] a line is dropped (and counted in `cattery_log_lines_dropped_total`)
+/// instead of queued, so a store that cannot keep up with every instance's output together
+/// costs lines, never the server's memory. Counted by [`LogSink::send_bytes`] and the writer's
+/// [`LogSink::written`].
+static QUEUED_LINES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// See [`QUEUED_LINES`]: about 100 MiB of lines of 1 KiB.
+pub const MAX_QUEUED_LINES: usize = 100_000;
+
 /// Where captured lines go.
 #[derive(Clone)]
 pub struct LogSink {
@@ -43,13 +170,69 @@ pub struct LogSink {
     pub tx: mpsc::UnboundedSender<LogLine>,
     /// Attribution, shared with the supervisor.
     pub attribution: Arc<Mutex<LogAttribution>>,
+    /// The instance's budget against its [`LogRate`].
+    budget: Arc<Mutex<LogBudget>>,
 }
 
 impl LogSink {
-    /// Sends one line with the current attribution.
-    pub fn send(&self, stream: &'static str, line: String) {
+    /// A sink for one instance's lines, at most `rate`.
+    pub fn new(
+        tx: mpsc::UnboundedSender<LogLine>,
+        attribution: Arc<Mutex<LogAttribution>>,
+        rate: LogRate,
+    ) -> LogSink {
+        LogSink {
+            tx,
+            attribution,
+            budget: Arc::new(Mutex::new(LogBudget::new(rate))),
+        }
+    }
+
+    /// Sends one line of `stream` (its raw bytes, escaped by [`escape_bytes`]) with the
+    /// current attribution, if the instance's budget allows it (else it is counted, for the
+    /// next note) and the writer's queue has room.
+    pub fn send_bytes(&self, stream: &'static str, line: &[u8]) {
+        let note = {
+            let mut b = self.budget.lock();
+            if !b.take(line.len()) {
+                return;
+            }
+            b.note(false)
+        };
+        if let Some(n) = note {
+            self.queue("platform", n);
+        }
+        self.queue(stream, escape_bytes(line));
+    }
+
+    /// Whether the instance's budget lets a line through now: a tailer skips what waits
+    /// unread while it does not.
+    pub fn open(&self) -> bool {
+        self.budget.lock().open()
+    }
+
+    /// Counts `bytes` of output skipped unread as dropped.
+    fn skipped(&self, bytes: u64) {
+        self.budget.lock().dropped_bytes += bytes;
+    }
+
+    /// Sends the note for what was dropped since the last one, whatever the budget (the
+    /// instance's output ends).
+    pub fn flush_note(&self) {
+        let note = self.budget.lock().note(true);
+        if let Some(n) = note {
+            self.queue("platform", n);
+        }
+    }
+
+    fn queue(&self, stream: &'static str, line: String) {
+        use std::sync::atomic::Ordering;
+        if QUEUED_LINES.load(Ordering::Relaxed) >= MAX_QUEUED_LINES {
+            crate::telemetry::log_lines_dropped(1);
+            return;
+        }
         let a = self.attribution.lock();
-        let _ = self.tx.send(LogLine {
+        let sent = self.tx.send(LogLine {
             org: a.org.clone(),
             agent_id: a.agent_id,
             deployment_id: Some(a.deployment_id),
@@ -58,6 +241,18 @@ impl LogSink {
             ts_ns: now_ns(),
             stream,
             line,
+        });
+        if sent.is_ok() {
+            QUEUED_LINES.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The writer took `n` lines off the channel. Lines sent by others than a sink (the
+    /// platform's own) are not counted, so the count never goes below 0.
+    pub fn written(n: usize) {
+        use std::sync::atomic::Ordering;
+        let _ = QUEUED_LINES.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
+            Some(q.saturating_sub(n))
         });
     }
 }
@@ -77,6 +272,10 @@ pub fn escape_bytes(b: &[u8]) -> String {
 /// Bytes read per `pread` while catching up.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// Most bytes one poll of a tail reads (a backlog is read over several polls, 10 ms apart):
+/// bounds what a tailer holds in memory at once.
+const READ_MAX: usize = 4 << 20;
+
 /// Output already captured (and its offset saved) is given back to the file system in steps
 /// of this size, by punching a hole over it: a chatty instance that lives for hours keeps at
 /// most about this much of its output in memory when instance directories are on a tmpfs
@@ -93,6 +292,8 @@ struct Tail {
     partial: Vec<u8>,
     /// Bytes from the start already given back ([`RELEASE_STEP`]).
     released: u64,
+    /// Whether the last poll read to the end of the file.
+    at_end: bool,
 }
 
 impl Tail {
@@ -104,6 +305,7 @@ impl Tail {
             offset,
             partial: Vec::new(),
             released: 0,
+            at_end: true,
         }
     }
 
@@ -123,9 +325,10 @@ impl Tail {
         }
     }
 
-    /// Reads everything after `offset` into `partial`, in [`READ_CHUNK`] pieces.
-    fn catch_up(&mut self, f: &std::fs::File) -> std::io::Result<()> {
-        loop {
+    /// Reads what is after `offset` into `partial`, in [`READ_CHUNK`] pieces, at most
+    /// [`READ_MAX`] at a time (the rest at the next poll). Returns whether it read to the end.
+    fn catch_up(&mut self, f: &std::fs::File) -> std::io::Result<bool> {
+        while self.partial.len() < READ_MAX {
             let start = self.partial.len();
             self.partial.resize(start + READ_CHUNK, 0);
             let r = f.read_at(&mut self.partial[start..], self.offset);
@@ -133,10 +336,11 @@ impl Tail {
             match r {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
-                Ok(0) => return Ok(()),
+                Ok(0) => return Ok(true),
                 Ok(n) => self.offset += n as u64,
             }
         }
+        Ok(false)
     }
 
     /// Reads what is new; returns whether anything was read.
@@ -152,6 +356,20 @@ impl Tail {
                 .ok();
         }
         if let Some(f) = self.file.take() {
+            if !sink.open() {
+                // Over its log rate: what waits is skipped unread (neither read into memory nor
+                // cut into lines), and counted for the note.
+                let len = f.metadata().map(|m| m.len()).unwrap_or(self.offset);
+                if len > self.offset {
+                    sink.skipped(len - self.offset + self.partial.len() as u64);
+                    self.offset = len;
+                    self.partial.clear();
+                    got = true;
+                }
+                self.at_end = true;
+                self.file = Some(f);
+                return got;
+            }
             // Usually nothing is new: one small read into a stack buffer, so an idle tail
             // keeps no buffer of its own (1,000 sessions are 2,000 tails).
             let mut small = [0u8; 2048];
@@ -162,13 +380,14 @@ impl Tail {
                     Err(_) => break 0,
                 }
             };
+            self.at_end = true;
             if n > 0 {
                 got = true;
                 self.offset += n as u64;
                 self.partial.extend_from_slice(&small[..n]);
                 if n == small.len() {
                     // More may be waiting: read it in large chunks.
-                    let _ = self.catch_up(&f);
+                    self.at_end = self.catch_up(&f).unwrap_or(true);
                 }
             }
             self.file = Some(f);
@@ -181,16 +400,16 @@ impl Tail {
                 if line.last() == Some(&b'\r') {
                     line = &line[..line.len() - 1];
                 }
-                sink.send(self.stream, escape_bytes(line));
+                sink.send_bytes(self.stream, line);
                 start = i + 1;
             } else if i + 1 - start >= MAX_LINE_BYTES {
-                sink.send(self.stream, escape_bytes(&data[start..=i]));
+                sink.send_bytes(self.stream, &data[start..=i]);
                 start = i + 1;
             }
         }
         let rest = &data[start..];
-        if flush_partial && !rest.is_empty() {
-            sink.send(self.stream, escape_bytes(rest));
+        if flush_partial && self.at_end && !rest.is_empty() {
+            sink.send_bytes(self.stream, rest);
         } else {
             self.partial = rest.to_vec();
         }
@@ -273,8 +492,16 @@ impl Tailer {
             let capturing = CAPTURING.read();
             if *capturing {
                 for t in tails.iter_mut() {
-                    t.poll(&sink, true);
+                    // The rest, over the rate limit or not: it is bounded by what the last
+                    // polls left (at most a poll's worth, or a burst).
+                    for _ in 0..1024 {
+                        t.poll(&sink, true);
+                        if t.at_end {
+                            break;
+                        }
+                    }
                 }
+                sink.flush_note();
             }
             drop(capturing);
         });
@@ -305,16 +532,17 @@ mod tests {
         let mut o = std::fs::File::create(&out).unwrap();
         let mut e = std::fs::File::create(&err).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let sink = LogSink {
+        let sink = LogSink::new(
             tx,
-            attribution: Arc::new(Mutex::new(LogAttribution {
+            Arc::new(Mutex::new(LogAttribution {
                 org: "o".into(),
                 agent_id: Uuid::nil(),
                 deployment_id: Uuid::nil(),
                 instance_id: Uuid::nil(),
                 session_id: None,
             })),
-        };
+            LogRate::UNLIMITED,
+        );
         o.write_all(b"skipped\n").unwrap();
         let tailer = Tailer::start(out, err, (8, 0), dir.path().join("offsets"), sink);
         o.write_all(b"one\r\ntw").unwrap();
@@ -359,6 +587,64 @@ mod tests {
         assert_eq!(offsets, (8 + 7 + 2 + 100_001, 6), "complete lines only");
     }
 
+    /// Output past an instance's log rate is dropped, and what waits unread in its files is
+    /// skipped without being read; the note of what was dropped comes at the end.
+    #[tokio::test]
+    async fn output_over_the_rate_is_skipped_and_noted() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let (out, err) = (dir.path().join("stdout.log"), dir.path().join("stderr.log"));
+        let mut o = std::fs::File::create(&out).unwrap();
+        std::fs::File::create(&err).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let rate = LogRate {
+            lines: 10,
+            bytes: 0,
+        };
+        let sink = LogSink::new(
+            tx,
+            Arc::new(Mutex::new(LogAttribution {
+                org: "o".into(),
+                agent_id: Uuid::nil(),
+                deployment_id: Uuid::nil(),
+                instance_id: Uuid::nil(),
+                session_id: None,
+            })),
+            rate,
+        );
+        // 200,000 lines (20 MB) at once, then the tailer.
+        let line = format!("{}\n", "z".repeat(99));
+        let chunk = line.repeat(1000);
+        for _ in 0..200 {
+            o.write_all(chunk.as_bytes()).unwrap();
+        }
+        let size = std::fs::metadata(&out).unwrap().len();
+        let tailer = Tailer::start(out, err, (0, 0), dir.path().join("offsets"), sink);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tailer.drain().await;
+        let mut lines = 0;
+        let mut note = None;
+        while let Ok(l) = rx.try_recv() {
+            if l.stream == "platform" {
+                note = Some(l.line);
+            } else {
+                lines += 1;
+            }
+        }
+        // The burst (10 s of 10 lines), and a few more as the budget refills.
+        assert!((100..=110).contains(&lines), "{lines} lines sent");
+        let note = note.expect("a note of what was dropped");
+        assert!(
+            note.contains("dropped: over the log rate limit (10 lines/s and no limit"),
+            "{note}"
+        );
+        assert_eq!(
+            read_offsets(&dir.path().join("offsets")).unwrap().0,
+            size,
+            "all of it was taken"
+        );
+    }
+
     #[test]
     fn escapes_invalid_utf8() {
         assert_eq!(escape_bytes(b"ok \xff\xfe end"), "ok \\xff\\xfe end");
@@ -374,16 +660,17 @@ mod tests {
         let mut o = std::fs::File::create(&out).unwrap();
         std::fs::File::create(&err).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let sink = LogSink {
+        let sink = LogSink::new(
             tx,
-            attribution: Arc::new(Mutex::new(LogAttribution {
+            Arc::new(Mutex::new(LogAttribution {
                 org: "o".into(),
                 agent_id: Uuid::nil(),
                 deployment_id: Uuid::nil(),
                 instance_id: Uuid::nil(),
                 session_id: None,
             })),
-        };
+            LogRate::UNLIMITED,
+        );
         let tailer = Tailer::start(out.clone(), err, (0, 0), dir.path().join("offsets"), sink);
         let line = format!("{}\n", "y".repeat(1023));
         let lines = 3 * 1024 + 10;

@@ -1005,3 +1005,82 @@ async fn no_secret_reaches_the_servers_output() {
         leaks.join("\n")
     );
 }
+
+/// One org's instance flooding its stdout is held to its log rate: the server stores no more
+/// than the rate's burst and its rate of that output, and says what it dropped; another org's
+/// lines arrive as quickly as ever meanwhile (not queued behind the flood).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flooding_instance_is_held_to_its_log_rate() {
+    let s = Server::start(&["--log-rate-lines", "100", "--log-rate-bytes", "0"]).await;
+    s.deploy("flood", &["--flood-seconds", "6"], json!({}))
+        .await;
+    let (nsk, npk) = (s.key("private", "neighbour"), s.key("public", "neighbour"));
+    let cmd = vec![test_agent().display().to_string()];
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&nsk),
+            Some(json!({"serviceName": "quiet", "command": cmd})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let t0 = Instant::now();
+    let flood = s.start_ok("flood").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..3 {
+        let r = s
+            .req(
+                "POST",
+                "/v1/public/quiet/start",
+                Some(&npk),
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let sid = r.body["sessionId"].as_str().unwrap().to_string();
+        let t = Instant::now();
+        wait_for(Duration::from_secs(60), "the neighbour's line", || async {
+            let r = s
+                .req(
+                    "GET",
+                    &format!("/v1/agents/quiet/logs?sessionId={sid}&query=bot%20started"),
+                    Some(&nsk),
+                    None,
+                )
+                .await;
+            (r.body["total"]["value"].as_i64() > Some(0)).then_some(())
+        })
+        .await;
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the neighbour's line was stored {:?} after its session started",
+            t.elapsed()
+        );
+        let r = s
+            .req(
+                "DELETE",
+                &format!("/v1/agents/quiet/sessions/{sid}"),
+                Some(&nsk),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(t0.elapsed())).await;
+    assert_eq!(s.stop("flood", &flood).await.status, 200);
+    s.wait_ended("flood", &flood, Duration::from_secs(30)).await;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let note = wait_log(&s, "flood", &flood, "dropped: over the log rate limit").await;
+    assert_eq!(note["stream"], "platform", "{note:?}");
+    let total = logs(&s, "flood", &format!("sessionId={flood}&query=flood%20")).await["total"]
+        ["value"]
+        .as_i64()
+        .unwrap();
+    // A burst of 10 s worth, then 100 a second.
+    let most = (100.0 * (10.0 + elapsed)) as i64;
+    assert!(
+        total > 100 && total <= most,
+        "{total} flood lines stored in {elapsed:.1} s (at most {most})"
+    );
+}

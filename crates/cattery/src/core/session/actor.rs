@@ -787,10 +787,11 @@ impl Supervisor {
             deployment: Some(ctl.deployment.id),
             abandoned,
         };
-        let sink = LogSink {
-            tx: self.logs.clone(),
-            attribution: ctl.attribution.clone(),
-        };
+        let sink = LogSink::new(
+            self.logs.clone(),
+            ctl.attribution.clone(),
+            self.cfg.log_rate,
+        );
         self.runtime
             .start(spec, sink)
             .await

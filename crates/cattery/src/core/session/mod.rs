@@ -140,6 +140,9 @@ pub struct SupervisorConfig {
     /// (`<data dir>/relays`, [`relays`]); `None`: no marks (a restart ends every delivered
     /// websocket session it finds).
     pub relay_dir: Option<std::path::PathBuf>,
+    /// How much of each instance's output is captured per second (`--log-rate-lines`,
+    /// `--log-rate-bytes`).
+    pub log_rate: crate::runtime::logs::LogRate,
 }
 
 /// How many warm instances of one agent start at once on a node, by default. A large

@@ -390,10 +390,11 @@ impl Supervisor {
         };
         let (ctl, mb) = InstanceCtl::new(&agent, dep.clone(), state, sid, Some(rec.id));
         ctl.recorded.store(true, Ordering::SeqCst);
-        let sink = LogSink {
-            tx: self.logs.clone(),
-            attribution: ctl.attribution.clone(),
-        };
+        let sink = LogSink::new(
+            self.logs.clone(),
+            ctl.attribution.clone(),
+            self.cfg.log_rate,
+        );
         // A delivered websocket session lives only as long as its relay, in the server
         // process its client reached: on this machine, a live process holds its mark; a lost
         // node's relays went with it (its records name this node once taken over, and this

@@ -35,6 +35,7 @@ fn config() -> SupervisorConfig {
         node_timeout: Duration::from_secs(2),
         max_warm_starting: super::DEFAULT_MAX_WARM_STARTING,
         relay_dir: None,
+        log_rate: crate::runtime::logs::LogRate::UNLIMITED,
     }
 }
 
@@ -645,16 +646,17 @@ async fn left_with(e: &Env, a: &AgentRecord, node: &str, transport: Option<&str>
     let p = e.fake.prepare(&dep).unwrap();
     let iid = Uuid::new_v4();
     let (tx, _rx) = mpsc::unbounded_channel();
-    let sink = LogSink {
+    let sink = LogSink::new(
         tx,
-        attribution: Arc::new(parking_lot::Mutex::new(LogAttribution {
+        Arc::new(parking_lot::Mutex::new(LogAttribution {
             org: "o".into(),
             agent_id: a.id,
             deployment_id: dep.id,
             instance_id: iid,
             session_id: None,
         })),
-    };
+        crate::runtime::logs::LogRate::UNLIMITED,
+    );
     let spec = InstanceSpec {
         instance_id: iid,
         program: p.program,

@@ -515,7 +515,7 @@ async fn follow_once(
             line = &line[..line.len() - 1];
         }
         for part in line.chunks(MAX_LINE_BYTES) {
-            sink.send(stream, escape_bytes(part));
+            sink.send_bytes(stream, part);
         }
     }
     Ok(())

@@ -2252,16 +2252,17 @@ mod tests {
 
     fn test_sink() -> LogSink {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        LogSink {
+        LogSink::new(
             tx,
-            attribution: Arc::new(Mutex::new(crate::runtime::logs::LogAttribution {
+            Arc::new(Mutex::new(crate::runtime::logs::LogAttribution {
                 org: "o".into(),
                 agent_id: uuid::Uuid::nil(),
                 deployment_id: uuid::Uuid::nil(),
                 instance_id: uuid::Uuid::nil(),
                 session_id: None,
             })),
-        }
+            crate::runtime::logs::LogRate::UNLIMITED,
+        )
     }
 
     /// A start's future dropped while it waits for its process's `exec` (a start from a
