@@ -357,16 +357,7 @@ impl Tail {
         }
         if let Some(f) = self.file.take() {
             if !sink.open() {
-                // Over its log rate: what waits is skipped unread (neither read into memory nor
-                // cut into lines), and counted for the note.
-                let len = f.metadata().map(|m| m.len()).unwrap_or(self.offset);
-                if len > self.offset {
-                    sink.skipped(len - self.offset + self.partial.len() as u64);
-                    self.offset = len;
-                    self.partial.clear();
-                    got = true;
-                }
-                self.at_end = true;
+                got |= self.skip(&f, sink);
                 self.file = Some(f);
                 return got;
             }
@@ -413,7 +404,30 @@ impl Tail {
         } else {
             self.partial = rest.to_vec();
         }
+        if !sink.open() {
+            // This read went over the rate: what was written meanwhile goes too, or an
+            // instance writing faster than a tail reads would keep its output in memory (its
+            // own, on a tmpfs) until killed for it.
+            if let Some(f) = self.file.take() {
+                self.skip(&f, sink);
+                self.file = Some(f);
+            }
+        }
         got
+    }
+
+    /// Over the log rate: what waits is skipped unread (neither read into memory nor cut
+    /// into lines), and counted for the note. Returns whether anything was skipped.
+    fn skip(&mut self, f: &std::fs::File, sink: &LogSink) -> bool {
+        self.at_end = true;
+        let len = f.metadata().map(|m| m.len()).unwrap_or(self.offset);
+        if len <= self.offset {
+            return false;
+        }
+        sink.skipped(len - self.offset + self.partial.len() as u64);
+        self.offset = len;
+        self.partial.clear();
+        true
     }
 }
 
@@ -643,6 +657,47 @@ mod tests {
             size,
             "all of it was taken"
         );
+    }
+
+    /// A read that goes over the rate skips what waits behind it at once: an instance that
+    /// writes faster than a tail reads does not keep its output (in its own memory, on a
+    /// tmpfs) until it is killed for it.
+    #[test]
+    fn a_read_over_the_rate_skips_the_rest() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("stdout.log");
+        let mut o = std::fs::File::create(&out).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let attribution = Arc::new(Mutex::new(LogAttribution {
+            org: "o".into(),
+            agent_id: Uuid::nil(),
+            deployment_id: Uuid::nil(),
+            instance_id: Uuid::nil(),
+            session_id: None,
+        }));
+        let sink = LogSink::new(
+            tx,
+            attribution,
+            LogRate {
+                lines: 10,
+                bytes: 0,
+            },
+        );
+        let chunk = format!("{}\n", "z".repeat(99)).repeat(1000);
+        for _ in 0..(3 * READ_MAX / chunk.len()) {
+            o.write_all(chunk.as_bytes()).unwrap();
+        }
+        let size = std::fs::metadata(&out).unwrap().len();
+        let mut t = Tail::new(out, "stdout", 0);
+        assert!(t.poll(&sink, false));
+        assert_eq!(t.offset, size, "nothing waits unread");
+        let mut lines = 0;
+        while let Ok(l) = rx.try_recv() {
+            lines += usize::from(l.stream == "stdout");
+        }
+        // The burst, and what the budget refilled while the poll went on.
+        assert!((100..=110).contains(&lines), "{lines} lines");
     }
 
     #[test]
