@@ -211,6 +211,18 @@ impl LogSink {
         self.budget.lock().open()
     }
 
+    /// How much a tail may read at once: [`READ_MAX`], or [`READ_CHUNK`] while the instance
+    /// is over its rate (it dropped output since its last note), so that a flood costs the
+    /// server a small read and a skip per poll, not a large read cut into lines it drops.
+    fn read_allowance(&self) -> usize {
+        let b = self.budget.lock();
+        if b.dropped_lines > 0 || b.dropped_bytes > 0 {
+            READ_CHUNK
+        } else {
+            READ_MAX
+        }
+    }
+
     /// Counts `bytes` of output skipped unread as dropped.
     fn skipped(&self, bytes: u64) {
         self.budget.lock().dropped_bytes += bytes;
@@ -326,9 +338,9 @@ impl Tail {
     }
 
     /// Reads what is after `offset` into `partial`, in [`READ_CHUNK`] pieces, at most
-    /// [`READ_MAX`] at a time (the rest at the next poll). Returns whether it read to the end.
-    fn catch_up(&mut self, f: &std::fs::File) -> std::io::Result<bool> {
-        while self.partial.len() < READ_MAX {
+    /// `max` bytes at a time (the rest at the next poll). Returns whether it read to the end.
+    fn catch_up(&mut self, f: &std::fs::File, max: usize) -> std::io::Result<bool> {
+        while self.partial.len() < max {
             let start = self.partial.len();
             self.partial.resize(start + READ_CHUNK, 0);
             let r = f.read_at(&mut self.partial[start..], self.offset);
@@ -378,7 +390,8 @@ impl Tail {
                 self.partial.extend_from_slice(&small[..n]);
                 if n == small.len() {
                     // More may be waiting: read it in large chunks.
-                    self.at_end = self.catch_up(&f).unwrap_or(true);
+                    let max = sink.read_allowance();
+                    self.at_end = self.catch_up(&f, max).unwrap_or(true);
                 }
             }
             self.file = Some(f);
