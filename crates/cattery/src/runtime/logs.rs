@@ -711,6 +711,32 @@ mod tests {
         }
         // The burst, and what the budget refilled while the poll went on.
         assert!((100..=110).contains(&lines), "{lines} lines");
+        // Still over the rate: the next poll cuts a chunk (and its first small read) into
+        // lines, to let through what the budget refilled, not 4 MiB, and skips the rest.
+        let before = {
+            let mut b = sink.budget.lock();
+            if b.note(true).is_some() {
+                b.dropped_lines = 1;
+            }
+            b.noted = Some(std::time::Instant::now());
+            b.dropped_lines
+        };
+        for _ in 0..(3 * READ_MAX / chunk.len()) {
+            o.write_all(chunk.as_bytes()).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(t.poll(&sink, false));
+        let cut = sink.budget.lock().dropped_lines - before;
+        assert!(
+            cut <= ((2048 + READ_CHUNK) / 100 + 1) as u64,
+            "{cut} lines cut and dropped"
+        );
+        assert_eq!(
+            t.offset,
+            std::fs::metadata(dir.path().join("stdout.log"))
+                .unwrap()
+                .len()
+        );
     }
 
     #[test]
