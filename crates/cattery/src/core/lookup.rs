@@ -80,12 +80,35 @@ pub async fn names_agent(
     }
 }
 
+/// Scans (session lists and log queries, which may read an agent's every line) of one org
+/// that run at once on this node; the org's others wait for one of them to finish. The store
+/// runs a few scans at once for everyone (four on SQLite), so one org hammering its logs with
+/// queries that read a million lines each leaves the others a free slot instead of a queue
+/// behind its own.
+pub const SCANS_PER_ORG: usize = 2;
+
+/// One org's turn to scan ([`SCANS_PER_ORG`]).
+async fn org_scan(org: &str) -> tokio::sync::OwnedSemaphorePermit {
+    static ORGS: std::sync::LazyLock<
+        parking_lot::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    > = std::sync::LazyLock::new(Default::default);
+    let gate = ORGS
+        .lock()
+        .entry(org.to_string())
+        .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(SCANS_PER_ORG)))
+        .clone();
+    gate.acquire_owned()
+        .await
+        .expect("an org's scan gate is never closed")
+}
+
 /// A page of an agent's sessions (newest first) and the total that match `f`.
 pub async fn sessions_of(
     store: &Arc<dyn Store>,
     agent: &AgentRecord,
     f: &SessionFilter,
 ) -> CoreResult<(i64, Vec<SessionRecord>)> {
+    let _turn = org_scan(&agent.org).await;
     Ok(store.list_sessions(agent.id, f).await?)
 }
 
@@ -95,6 +118,7 @@ pub async fn logs_of(
     agent: &AgentRecord,
     f: &LogFilter,
 ) -> CoreResult<(i64, Vec<LogLine>)> {
+    let _turn = org_scan(&agent.org).await;
     Ok(store.query_logs(agent.id, f).await?)
 }
 

@@ -1084,3 +1084,83 @@ async fn a_flooding_instance_is_held_to_its_log_rate() {
         "{total} flood lines stored in {elapsed:.1} s (at most {most})"
     );
 }
+
+/// One org hammering the logs API with queries that each read all of its agent's lines
+/// takes at most its share of the store's scans: another org's queries are answered as
+/// quickly as ever meanwhile, not queued behind them.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_orgs_heavy_log_queries_leave_the_others_a_turn() {
+    let s = Server::start(&["--log-rate-lines", "0", "--log-rate-bytes", "0"]).await;
+    s.deploy("loud", &["--flood-seconds", "1"], json!({})).await;
+    let loud = s.start_ok("loud").await;
+    // Many lines to read: each query below reads them all.
+    wait_for(Duration::from_secs(120), "the flood stored", || async {
+        let n = logs(&s, "loud", &format!("sessionId={loud}&limit=1")).await["total"]["value"]
+            .as_i64()
+            .unwrap();
+        (n >= 200_000).then_some(())
+    })
+    .await;
+    let (nsk, npk) = (s.key("private", "neighbour"), s.key("public", "neighbour"));
+    let cmd = vec![test_agent().display().to_string()];
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&nsk),
+            Some(json!({"serviceName": "quiet", "command": cmd})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = s
+        .req(
+            "POST",
+            "/v1/public/quiet/start",
+            Some(&npk),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let until = Instant::now() + Duration::from_secs(10);
+    let hammer: Vec<_> = (0..16)
+        .map(|_| {
+            let (http, base, sk) = (s.http.clone(), s.base.clone(), s.sk.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while Instant::now() < until {
+                    let r = http
+                        .get(format!(
+                            "{base}/v1/agents/loud/logs?query=no-such-text&limit=1"
+                        ))
+                        .bearer_auth(&sk)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let r = s
+            .req("GET", "/v1/agents/quiet/logs?limit=10", Some(&nsk), None)
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        slowest = slowest.max(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut queries = 0;
+    for h in hammer {
+        queries += h.await.unwrap();
+    }
+    assert!(queries > 16, "{queries} heavy queries");
+    assert!(
+        slowest < Duration::from_millis(1500),
+        "the neighbour's log query took {slowest:?} while another org's heavy queries ran"
+    );
+}
