@@ -1159,8 +1159,9 @@ async fn one_orgs_heavy_log_queries_leave_the_others_a_turn() {
         queries += h.await.unwrap();
     }
     assert!(queries > 16, "{queries} heavy queries");
+    // Without the per-org turn it took 6 to 11 s; a loaded test machine stays far below 3 s.
     assert!(
-        slowest < Duration::from_millis(1500),
+        slowest < Duration::from_secs(3),
         "the neighbour's log query took {slowest:?} while another org's heavy queries ran"
     );
 }
