@@ -551,15 +551,9 @@ impl Tailer {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn tails_lines_partial_lines_and_the_rest_on_drain() {
-        use std::io::Write;
-        let dir = tempfile::tempdir().unwrap();
-        let (out, err) = (dir.path().join("stdout.log"), dir.path().join("stderr.log"));
-        let mut o = std::fs::File::create(&out).unwrap();
-        let mut e = std::fs::File::create(&err).unwrap();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let sink = LogSink::new(
+    /// A sink into `tx` for lines of no particular instance, at `rate`.
+    fn sink_of(tx: mpsc::UnboundedSender<LogLine>, rate: LogRate) -> LogSink {
+        LogSink::new(
             tx,
             Arc::new(Mutex::new(LogAttribution {
                 org: "o".into(),
@@ -568,8 +562,19 @@ mod tests {
                 instance_id: Uuid::nil(),
                 session_id: None,
             })),
-            LogRate::UNLIMITED,
-        );
+            rate,
+        )
+    }
+
+    #[tokio::test]
+    async fn tails_lines_partial_lines_and_the_rest_on_drain() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let (out, err) = (dir.path().join("stdout.log"), dir.path().join("stderr.log"));
+        let mut o = std::fs::File::create(&out).unwrap();
+        let mut e = std::fs::File::create(&err).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sink = sink_of(tx, LogRate::UNLIMITED);
         o.write_all(b"skipped\n").unwrap();
         let tailer = Tailer::start(out, err, (8, 0), dir.path().join("offsets"), sink);
         o.write_all(b"one\r\ntw").unwrap();
@@ -628,17 +633,7 @@ mod tests {
             lines: 10,
             bytes: 0,
         };
-        let sink = LogSink::new(
-            tx,
-            Arc::new(Mutex::new(LogAttribution {
-                org: "o".into(),
-                agent_id: Uuid::nil(),
-                deployment_id: Uuid::nil(),
-                instance_id: Uuid::nil(),
-                session_id: None,
-            })),
-            rate,
-        );
+        let sink = sink_of(tx, rate);
         // 200,000 lines (20 MB) at once, then the tailer.
         let line = format!("{}\n", "z".repeat(99));
         let chunk = line.repeat(1000);
@@ -754,17 +749,7 @@ mod tests {
         let mut o = std::fs::File::create(&out).unwrap();
         std::fs::File::create(&err).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let sink = LogSink::new(
-            tx,
-            Arc::new(Mutex::new(LogAttribution {
-                org: "o".into(),
-                agent_id: Uuid::nil(),
-                deployment_id: Uuid::nil(),
-                instance_id: Uuid::nil(),
-                session_id: None,
-            })),
-            LogRate::UNLIMITED,
-        );
+        let sink = sink_of(tx, LogRate::UNLIMITED);
         let tailer = Tailer::start(out.clone(), err, (0, 0), dir.path().join("offsets"), sink);
         let line = format!("{}\n", "y".repeat(1023));
         let lines = 3 * 1024 + 10;

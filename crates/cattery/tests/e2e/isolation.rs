@@ -30,14 +30,20 @@ async fn info(s: &Server, pk: &str, agent: &str, sid: &str) -> Value {
     r.body
 }
 
-/// Asks a session's test agent to read `path`; returns its answer.
-async fn try_read(s: &Server, pk: &str, agent: &str, sid: &str, path: &str) -> Value {
-    let url = format!("/v1/public/{agent}/sessions/{sid}/control/read");
+/// Asks a session's test agent to act on `path` as the agent (`POST /control/{what}`: `read`,
+/// or `write` a small file); returns its answer.
+async fn as_agent(s: &Server, pk: &str, agent: &str, sid: &str, what: &str, path: &str) -> Value {
+    let url = format!("/v1/public/{agent}/sessions/{sid}/control/{what}");
     let r = s
         .raw("POST", &url, Some(pk), path.as_bytes().to_vec())
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     r.body
+}
+
+/// Asks a session's test agent to read `path`; returns its answer.
+async fn try_read(s: &Server, pk: &str, agent: &str, sid: &str, path: &str) -> Value {
+    as_agent(s, pk, agent, sid, "read", path).await
 }
 
 /// The environment of a process, as root reads it.
@@ -223,12 +229,7 @@ async fn descriptors_the_server_inherited_do_not_reach_instances() {
 
 /// Asks a session's test agent to write a small file at `path`; returns its answer.
 async fn try_write(s: &Server, pk: &str, agent: &str, sid: &str, path: &str) -> Value {
-    let url = format!("/v1/public/{agent}/sessions/{sid}/control/write");
-    let r = s
-        .raw("POST", &url, Some(pk), path.as_bytes().to_vec())
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    r.body
+    as_agent(s, pk, agent, sid, "write", path).await
 }
 
 /// The shared world-writable places are each instance's own: org A's agent writes to `/tmp`,

@@ -1006,14 +1006,8 @@ async fn no_secret_reaches_the_servers_output() {
     );
 }
 
-/// One org's instance flooding its stdout is held to its log rate: the server stores no more
-/// than the rate's burst and its rate of that output, and says what it dropped; another org's
-/// lines arrive as quickly as ever meanwhile (not queued behind the flood).
-#[tokio::test(flavor = "multi_thread")]
-async fn a_flooding_instance_is_held_to_its_log_rate() {
-    let s = Server::start(&["--log-rate-lines", "100", "--log-rate-bytes", "0"]).await;
-    s.deploy("flood", &["--flood-seconds", "6"], json!({}))
-        .await;
+/// Another org, `neighbour`, with a well-behaved agent `quiet`: its private and public keys.
+async fn quiet_neighbour(s: &Server) -> (String, String) {
     let (nsk, npk) = (s.key("private", "neighbour"), s.key("public", "neighbour"));
     let cmd = vec![test_agent().display().to_string()];
     let r = s
@@ -1025,20 +1019,32 @@ async fn a_flooding_instance_is_held_to_its_log_rate() {
         )
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
+    (nsk, npk)
+}
+
+/// Starts a session of the neighbour's `quiet` agent; returns its id.
+async fn start_quiet(s: &Server, npk: &str) -> String {
+    let r = s
+        .req("POST", "/v1/public/quiet/start", Some(npk), Some(json!({})))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body["sessionId"].as_str().unwrap().to_string()
+}
+
+/// One org's instance flooding its stdout is held to its log rate: the server stores no more
+/// than the rate's burst and its rate of that output, and says what it dropped; another org's
+/// lines arrive as quickly as ever meanwhile (not queued behind the flood).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flooding_instance_is_held_to_its_log_rate() {
+    let s = Server::start(&["--log-rate-lines", "100", "--log-rate-bytes", "0"]).await;
+    s.deploy("flood", &["--flood-seconds", "6"], json!({}))
+        .await;
+    let (nsk, npk) = quiet_neighbour(&s).await;
     let t0 = Instant::now();
     let flood = s.start_ok("flood").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     for _ in 0..3 {
-        let r = s
-            .req(
-                "POST",
-                "/v1/public/quiet/start",
-                Some(&npk),
-                Some(json!({})),
-            )
-            .await;
-        assert_eq!(r.status, 200, "{:?}", r.body);
-        let sid = r.body["sessionId"].as_str().unwrap().to_string();
+        let sid = start_quiet(&s, &npk).await;
         let t = Instant::now();
         wait_for(Duration::from_secs(60), "the neighbour's line", || async {
             let r = s
@@ -1101,26 +1107,8 @@ async fn one_orgs_heavy_log_queries_leave_the_others_a_turn() {
         (n >= 200_000).then_some(())
     })
     .await;
-    let (nsk, npk) = (s.key("private", "neighbour"), s.key("public", "neighbour"));
-    let cmd = vec![test_agent().display().to_string()];
-    let r = s
-        .req(
-            "POST",
-            "/v1/agents",
-            Some(&nsk),
-            Some(json!({"serviceName": "quiet", "command": cmd})),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    let r = s
-        .req(
-            "POST",
-            "/v1/public/quiet/start",
-            Some(&npk),
-            Some(json!({})),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
+    let (nsk, npk) = quiet_neighbour(&s).await;
+    start_quiet(&s, &npk).await;
     let until = Instant::now() + Duration::from_secs(10);
     let hammer: Vec<_> = (0..16)
         .map(|_| {
