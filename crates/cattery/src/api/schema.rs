@@ -186,6 +186,37 @@ pub struct Revision {
     pub ready_replicas: u32,
 }
 
+impl Revision {
+    /// `previousRevision`: the previous deployment of a rollout, this node's instances of it.
+    fn previous(v: &crate::core::session::PreviousStatus) -> Self {
+        let last = v.health.last_failure.as_ref();
+        let serves = v.serves();
+        let running = v.idle + v.busy > 0;
+        Revision {
+            deployment_id: v.deployment_id,
+            health: RevisionHealth {
+                last_exit_code: last.and_then(|f| f.exit).and_then(|e| e.code),
+                last_termination_reason: last.map(|f| f.reason),
+                message: last.map(|f| f.stderr_tail.clone()),
+                ready: serves,
+                reason: (!serves).then_some("CrashLoopBackOff"),
+                replicas_started: v.starting + v.idle + v.busy,
+                restart_count: v.health.restarts,
+                state: if running {
+                    "running"
+                } else if serves {
+                    "waiting"
+                } else {
+                    "terminated"
+                },
+            },
+            phase: if serves { "Active" } else { "Failed" },
+            phase_started_at: iso_ms(v.created_ms),
+            ready_replicas: v.idle + v.busy,
+        }
+    }
+}
+
 /// `resources` of a manifest.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Resources {
@@ -353,7 +384,7 @@ pub struct AgentDetails {
     pub agent_profile: String,
     /// Scaling.
     pub auto_scaling: AutoScaling,
-    /// Same as `ready`.
+    /// Takes sessions now: `ready`, or during a rollout the previous deployment serves.
     pub available: bool,
     /// Program and arguments.
     pub command: Option<Vec<String>>,
@@ -390,7 +421,8 @@ pub struct AgentDetails {
     pub name: String,
     /// Org.
     pub organization_id: String,
-    /// Always null.
+    /// During a rollout, the previous deployment, which serves until the current one has
+    /// an instance ready (on this node); null otherwise.
     pub previous_revision: Option<Revision>,
     /// Python interpreter for `local:` agents.
     pub python: Option<String>,
@@ -447,16 +479,19 @@ impl AgentDetails {
         let n = &ps.counts;
         let h = health::derive(p, ps.min_here);
         let last = p.health.last_failure.as_ref();
+        // During a rollout the previous deployment serves while the current one proves
+        // itself: available, not (yet) ready (reference §B.2, §B.3).
+        let available = h.ready || p.previous.as_ref().is_some_and(|v| v.serves());
         AgentDetails {
             active_deployment_id: a.desired_deployment_id,
             active_deployment_ready: h.ready,
             active_session_count: n.active_sessions,
             agent_profile: spec.agent_profile.clone(),
             auto_scaling: AutoScaling::of(a),
-            available: h.ready,
+            available,
             command: spec.command.clone(),
             conditions: vec![
-                Condition::new("Available", h.ready),
+                Condition::new("Available", available),
                 Condition::new("Progressing", p.starting > 0),
                 Condition::new("Degraded", h.crash_loop),
             ],
@@ -496,7 +531,7 @@ impl AgentDetails {
             max_session_duration: spec.max_session_duration_s(),
             name: a.name.clone(),
             organization_id: a.org.clone(),
-            previous_revision: None,
+            previous_revision: p.previous.as_ref().map(Revision::previous),
             python: spec.python.clone(),
             ready: h.ready,
             reconciled_deployment_id: a.desired_deployment_id,
@@ -1209,5 +1244,70 @@ mod tests {
         assert_eq!(v["createdAt"], v["eventTs"]);
         let empty = serde_json::to_value(ResourceMetrics::of(id, &[], 0)).unwrap();
         assert_eq!(empty["cpuMillicoresP50"], 0);
+    }
+
+    /// During a rollout the agent is available (the previous deployment serves) and not
+    /// ready (the new one has no ready instance yet), and `previousRevision` names what
+    /// serves. A failing new deployment still shows in `errors` (the CLI's deploy fails on
+    /// them); a crash-looping previous one makes the agent unavailable.
+    #[test]
+    fn a_rollout_is_available_not_ready_with_its_previous_revision() {
+        use crate::core::session::{Health, PoolStatus, PreviousStatus};
+        let a = AgentRecord {
+            id: Uuid::new_v4(),
+            org: "o".into(),
+            name: "a".into(),
+            region: "local".into(),
+            min_agents: 1,
+            max_agents: 3,
+            desired_deployment_id: Uuid::new_v4(),
+            created_ms: 0,
+            updated_ms: 0,
+            deleted_ms: None,
+        };
+        let d = DeploymentRecord {
+            id: a.desired_deployment_id,
+            agent_id: a.id,
+            spec: crate::model::DeploymentSpec::default(),
+            created_ms: 0,
+        };
+        let prev = Uuid::new_v4();
+        let mut ps = AgentPoolStatus {
+            pool: PoolStatus {
+                starting: 1,
+                previous: Some(PreviousStatus {
+                    deployment_id: prev,
+                    idle: 1,
+                    busy: 1,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            min_here: 1,
+            ..Default::default()
+        };
+        let show = |ps: &AgentPoolStatus| {
+            serde_json::to_value(AgentDetails::of(&a, &d, ps, 5.0, None, None)).unwrap()
+        };
+        let v = show(&ps);
+        assert_eq!(v["available"], true, "{v}");
+        assert_eq!(v["ready"], false, "{v}");
+        assert_eq!(v["conditions"][0]["status"], "True", "{v}");
+        assert_eq!(v["previousRevision"]["deploymentID"], prev.to_string());
+        assert_eq!(v["previousRevision"]["readyReplicas"], 2);
+        assert_eq!(v["previousRevision"]["phase"], "Active");
+        assert_eq!(v["currentRevision"]["deploymentID"], d.id.to_string());
+        let mut failing = Health::default();
+        failing.consecutive_failures = 2;
+        ps.pool.health = failing.clone();
+        let v = show(&ps);
+        assert_eq!(v["available"], true);
+        assert!(!v["errors"].as_array().unwrap().is_empty(), "{v}");
+        ps.pool.previous.as_mut().unwrap().health = failing;
+        let v = show(&ps);
+        assert_eq!(v["available"], false);
+        assert_eq!(v["previousRevision"]["phase"], "Failed");
+        ps.pool.previous = None;
+        assert!(show(&ps)["previousRevision"].is_null());
     }
 }

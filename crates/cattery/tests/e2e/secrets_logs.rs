@@ -502,6 +502,8 @@ async fn redeploy_takes_the_new_value_and_deleted_sets_fail(s: &Server, dep1: &s
     assert_eq!(r.status, 200);
     let dep2 = r.body["desiredDeploymentId"].as_str().unwrap().to_string();
     assert_ne!(dep1, dep2);
+    // The previous deployment serves until the new one has a ready instance.
+    s.wait_ready("env-agent", Duration::from_secs(20)).await;
     let sid = s.start_ok("env-agent").await;
     let rec = wait_log(s, "env-agent", &sid, "env MY_KEY=").await;
     assert!(

@@ -733,17 +733,25 @@ impl Supervisor {
         }
     }
 
-    /// Counts a start that became ready.
+    /// Counts a start that became ready. The current deployment's first ready instance ends
+    /// a rollout: from then on starts take the new deployment, and the previous one's idle
+    /// instances go.
     pub(super) fn record_ready(&self, ctl: &InstanceCtl) {
-        let agent = {
+        let (agent, proven) = {
             let mut st = self.state.lock();
-            st.pools.get_mut(&ctl.agent_id).map(|p| {
-                p.health.entry(ctl.deployment.id).or_default().ready();
-                p.agent.clone()
-            })
+            match st.pools.get_mut(&ctl.agent_id) {
+                Some(p) => {
+                    p.health.entry(ctl.deployment.id).or_default().ready();
+                    (Some(p.agent.clone()), p.proven(ctl.deployment.id))
+                }
+                None => (None, false),
+            }
         };
         if let Some(agent) = agent {
             self.announce_deployment(&agent, ctl.deployment.id, None);
+        }
+        if let Some(sup) = self.me().filter(|_| proven) {
+            sup.reconcile(ctl.agent_id);
         }
     }
 

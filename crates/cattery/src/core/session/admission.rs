@@ -18,10 +18,11 @@ pub(super) enum Admission {
     Cold,
 }
 
-/// Decides a start on `pool` for `session`, in order: a ready warm instance of the current
-/// deployment, else a starting one that nobody claimed, else a cold start below `maxAgents`,
-/// else 429. The instance taken is claimed in the same step (under its own lock), so two
-/// starts never get the same one.
+/// Decides a start on `pool` for `session`, in order: a ready warm instance of the deployment
+/// that serves ([`AgentPool::serving`]: the current one, or the previous one during a
+/// rollout), else a starting one that nobody claimed, else a cold start (of that deployment)
+/// below `maxAgents`, else 429. The instance taken is claimed in the same step (under its own
+/// lock), so two starts never get the same one.
 ///
 /// Errors: `NotFound` (the agent is deleted), `DeploymentNotReady`, `AGENT_CRASH_LOOP`
 /// (failed starts in a row, still backing off), `AtCapacity`.
@@ -32,7 +33,7 @@ pub(super) fn admit(
     now: Instant,
 ) -> CoreResult<Admission> {
     refused_whatever_its_instances(pool, agent_name, now)?;
-    let dep = pool.deployment.id;
+    let dep = pool.serving().id;
     let take = |from: InstState, to: InstState| {
         pool.instances
             .values()
@@ -51,8 +52,9 @@ pub(super) fn admit(
     Ok(Admission::Cold)
 }
 
-/// What refuses a start on `pool` whatever its instances: the agent deleted, its deployment
-/// not ready, or crash-looping (still backing off).
+/// What refuses a start on `pool` whatever its instances: the agent deleted, the deployment
+/// that serves not ready, or crash-looping (still backing off). During a rollout only the
+/// previous deployment's crash loop refuses: the new one's failures leave it serving.
 fn refused_whatever_its_instances(
     pool: &AgentPool,
     agent_name: &str,
@@ -61,7 +63,7 @@ fn refused_whatever_its_instances(
     if pool.agent.deleted_ms.is_some() {
         return Err(CoreError::NotFound(format!("agent {agent_name} not found")));
     }
-    if let Some(e) = &pool.deploy_error {
+    if let Some(e) = pool.serving_error() {
         return Err(CoreError::DeploymentNotReady(format!(
             "deployment {} of agent {agent_name} is not ready: {e}",
             pool.deployment.id
@@ -69,7 +71,7 @@ fn refused_whatever_its_instances(
     }
     if let Some(e) = pool
         .health
-        .get(&pool.deployment.id)
+        .get(&pool.serving().id)
         .and_then(|h| h.crash_loop(agent_name, now))
     {
         return Err(e);
@@ -87,7 +89,7 @@ fn refused_whatever_its_instances(
 /// Errors: as [`admit`].
 pub(super) fn precheck(pool: &AgentPool, agent_name: &str, now: Instant) -> CoreResult<()> {
     refused_whatever_its_instances(pool, agent_name, now)?;
-    let dep = pool.deployment.id;
+    let dep = pool.serving().id;
     let free = pool.instances.values().any(|c| {
         c.deployment.id == dep
             && match c.state() {

@@ -210,6 +210,33 @@ pub struct PoolStatus {
     pub health: Health,
     /// Why the current deployment cannot run, if it cannot.
     pub deploy_error: Option<String>,
+    /// During a rollout, the previous deployment, which serves until the current one is
+    /// proven (its first instance ready here).
+    pub previous: Option<PreviousStatus>,
+}
+
+/// The previous deployment of a rollout, as an agent's status shows it (`previousRevision`).
+#[derive(Debug, Clone, Default)]
+pub struct PreviousStatus {
+    /// Its id.
+    pub deployment_id: Uuid,
+    /// When it was created (ms).
+    pub created_ms: i64,
+    /// Its ready idle instances.
+    pub idle: u32,
+    /// Its instances serving a session.
+    pub busy: u32,
+    /// Its instances starting (cold starts, which sessions wait for).
+    pub starting: u32,
+    /// Its health.
+    pub health: Health,
+}
+
+impl PreviousStatus {
+    /// Whether it takes sessions now: not crash-looping.
+    pub fn serves(&self) -> bool {
+        self.health.consecutive_failures < CRASH_LOOP_THRESHOLD
+    }
 }
 
 /// How a start request wants its session delivered.
@@ -327,14 +354,16 @@ impl ClusterView {
 }
 
 impl Supervisor {
-    /// Every deployment this node may run now: each agent's current one, and those its live
-    /// instances run (an old deployment's sessions go on after a redeploy). What the build
-    /// retention must keep (`core::builds::Builds::collect`).
+    /// Every deployment this node may run now: each agent's current one, the previous one
+    /// still serving during a rollout, and those its live instances run (an old deployment's
+    /// sessions go on after a redeploy). What the build retention must keep
+    /// (`core::builds::Builds::collect`).
     pub fn deployments_in_use(&self) -> Vec<Arc<DeploymentRecord>> {
         let st = self.state.lock();
         let mut out: Vec<Arc<DeploymentRecord>> = Vec::new();
         for p in st.pools.values() {
             out.push(p.deployment.clone());
+            out.extend(p.previous.clone());
             out.extend(p.instances.values().map(|c| c.deployment.clone()));
         }
         out
@@ -653,7 +682,7 @@ impl Supervisor {
             .and_then(|id| st.pools.get(id))
             .filter(|p| p.agent.deleted_ms.is_none())
             .ok_or_else(|| CoreError::NotFound(format!("agent {name} not found")))?;
-        if let Some(e) = &p.deploy_error {
+        if let Some(e) = p.serving_error() {
             return Err(CoreError::DeploymentNotReady(format!(
                 "deployment {} of agent {name} is not ready: {e}",
                 p.deployment.id
@@ -662,19 +691,19 @@ impl Supervisor {
         Ok(())
     }
 
-    /// The agent's current deployment here: the one a session started now runs (admission
-    /// takes only its instances).
+    /// The deployment a session started now on the agent runs here (admission takes only
+    /// its instances): the current one, or the previous one during a rollout.
     pub fn current_deployment(&self, org: &str, name: &str) -> Option<Uuid> {
         let st = self.state.lock();
         let id = st.by_name.get(&(org.to_string(), name.to_string()))?;
-        Some(st.pools.get(id)?.deployment.id)
+        Some(st.pools.get(id)?.serving().id)
     }
 
-    /// The `maxSessionDuration` (s) of the agent's current deployment.
+    /// The `maxSessionDuration` (s) of the deployment a session started now runs.
     pub fn max_session_seconds(&self, org: &str, name: &str) -> Option<u32> {
         let st = self.state.lock();
         let id = st.by_name.get(&(org.to_string(), name.to_string()))?;
-        Some(st.pools.get(id)?.deployment.spec.max_session_duration_s())
+        Some(st.pools.get(id)?.serving().spec.max_session_duration_s())
     }
 
     /// The agent's `keepDailyRooms` (`None` when unset: the org decides).
@@ -743,6 +772,7 @@ impl Supervisor {
         let id = agent.id;
         let (announce_agent, dep_id) = (agent.clone(), dep.id);
         let mut new_deployment = true;
+        let min_here = self.cluster_view().share(agent.min_agents);
         {
             let mut st = self.state.lock();
             st.by_name
@@ -750,12 +780,14 @@ impl Supervisor {
             match st.pools.get_mut(&id) {
                 Some(p) => {
                     new_deployment = p.deployment.id != dep.id;
-                    if p.deployment.id != dep.id {
-                        p.deployment = Arc::new(dep);
+                    if new_deployment {
+                        p.redeploy(Arc::new(dep), deploy_error.clone(), min_here);
+                    } else {
+                        // Checked again even for the same deployment: a redeploy after
+                        // fixing the environment (say, creating the bot's `.venv`) makes it
+                        // ready.
+                        p.deploy_error = deploy_error.clone();
                     }
-                    // Checked again even for the same deployment: a redeploy after fixing
-                    // the environment (say, creating the bot's `.venv`) makes it ready.
-                    p.deploy_error = deploy_error.clone();
                     p.recheck = recheck;
                     p.agent = agent;
                 }
@@ -816,16 +848,35 @@ impl Supervisor {
             health: p.health.get(&dep).cloned().unwrap_or_default(),
             deploy_error: p.deploy_error.clone(),
             total: p.instances.len() as u32,
+            previous: p.previous.as_ref().map(|d| PreviousStatus {
+                deployment_id: d.id,
+                created_ms: d.created_ms,
+                health: p.health.get(&d.id).cloned().unwrap_or_default(),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         for c in p.instances.values() {
-            match c.state() {
+            let state = c.state();
+            match state {
                 InstState::Starting | InstState::Claimed if c.deployment.id == dep => {
                     s.starting += 1
                 }
                 InstState::Idle if c.deployment.id == dep => s.idle += 1,
                 InstState::Busy => s.busy += 1,
                 _ => {}
+            }
+            if let Some(prev) = s
+                .previous
+                .as_mut()
+                .filter(|v| v.deployment_id == c.deployment.id)
+            {
+                match state {
+                    InstState::Starting | InstState::Claimed => prev.starting += 1,
+                    InstState::Idle => prev.idle += 1,
+                    InstState::Busy => prev.busy += 1,
+                    InstState::Ending => {}
+                }
             }
         }
         s

@@ -27,6 +27,10 @@ pub(super) struct PoolPlan {
 /// slot reserved) of the current deployment within `maxAgents`, unless the deployment is
 /// backing off after failed starts or cannot run; removes idle instances of old deployments,
 /// and trims extra idle ones. A deleted agent's or a draining server's idle instances all go.
+/// During a rollout ([`AgentPool::previous`]) the previous deployment's idle instances stay,
+/// to serve until the current one is proven, except one when the pool is at `maxAgents` with
+/// no instance of the current deployment: it makes room for the first one, so that a rollout
+/// progresses even at `minAgents == maxAgents`.
 /// `min` is this node's share of the agent's `minAgents` ([`super::ClusterView::share`]).
 /// At most `max_starting` warm instances (0: no limit) are starting or reserving at once: the
 /// rest wait for the next plan (each instance that gets ready asks for one).
@@ -38,20 +42,32 @@ pub(super) fn plan(
     now: Instant,
 ) -> PoolPlan {
     let dep = p.deployment.id;
+    let previous = p.previous.as_ref().map(|d| d.id);
     let deleted = p.agent.deleted_ms.is_some();
     let mut out = PoolPlan::default();
     let mut warm = p.reserving;
     let mut starting = p.reserving;
+    // Instances of the current deployment in any state, and the previous one's idle ones.
+    let mut of_current = p.reserving;
+    let mut previous_idle = None;
+    let mut ending = false;
     for c in p.instances.values() {
         let s = c.state();
         let current = c.deployment.id == dep;
+        let serves = previous == Some(c.deployment.id);
         if s == InstState::Starting {
             starting += 1;
         }
-        if s == InstState::Idle && (!current || deleted || draining) {
+        if current {
+            of_current += 1;
+        }
+        ending |= s == InstState::Ending;
+        if s == InstState::Idle && (deleted || draining || !(current || serves)) {
             out.stop.push(c.clone());
         } else if current && matches!(s, InstState::Idle | InstState::Starting) {
             warm += 1;
+        } else if serves && s == InstState::Idle {
+            previous_idle = Some(c);
         }
     }
     if deleted || draining {
@@ -68,6 +84,11 @@ pub(super) fn plan(
         out.spawn = min.saturating_sub(warm).min(max.saturating_sub(total));
         if max_starting > 0 {
             out.spawn = out.spawn.min(max_starting.saturating_sub(starting));
+        }
+        if min > warm && total >= max && of_current == 0 && !ending {
+            // Room for the rollout's first instance: the next plan starts it, once this
+            // one is gone (until then an instance ending makes room already).
+            out.stop.extend(previous_idle.cloned());
         }
     }
     warm += out.spawn;
@@ -106,13 +127,13 @@ impl Supervisor {
             let Some(p) = st.pools.get_mut(&agent_id) else {
                 return;
             };
-            let plan = plan(
-                p,
-                draining,
-                view.share(p.agent.min_agents),
-                self.cfg.max_warm_starting,
-                Instant::now(),
-            );
+            let min = view.share(p.agent.min_agents);
+            if min == 0 {
+                // Nothing of the current deployment will start here to prove it (minAgents
+                // lowered to 0, or this node's share gone to others): it serves at once.
+                p.previous = None;
+            }
+            let plan = plan(p, draining, min, self.cfg.max_warm_starting, Instant::now());
             p.reserving += plan.spawn;
             for _ in 0..plan.spawn {
                 spawn.push((Uuid::new_v4(), p.agent.max_agents));

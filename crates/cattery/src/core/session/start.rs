@@ -261,9 +261,11 @@ impl Supervisor {
                 let Some(id) = slot else {
                     return Ok(Err((agent_id, pool.agent.max_agents)));
                 };
+                // The previous deployment during a rollout: the new one has not proven
+                // itself yet.
                 let (c, mb) = InstanceCtl::new(
                     &pool.agent,
-                    pool.deployment.clone(),
+                    pool.serving().clone(),
                     InstState::Claimed,
                     Some(session),
                     Some(id),

@@ -218,7 +218,13 @@ impl InstanceCtl {
 /// One agent's pool of instances.
 pub(super) struct AgentPool {
     pub agent: AgentRecord,
+    /// The current deployment: the agent's desired one, which the pool keeps warm.
     pub deployment: Arc<DeploymentRecord>,
+    /// During a rollout, the deployment that served before the current one and serves
+    /// until the current one has proven itself (its first instance ready on this node):
+    /// starts take its idle instances and cold-start it ([`AgentPool::serving`]). Memory
+    /// only: a restart forgets it (docs/lifecycle.md, redeploys).
+    pub previous: Option<Arc<DeploymentRecord>>,
     pub deploy_error: Option<String>,
     /// The deploy error may clear by itself (the runtime could not reach its engine): the
     /// deployment is validated again until it passes or fails for another reason.
@@ -239,12 +245,63 @@ impl AgentPool {
         AgentPool {
             agent,
             deployment,
+            previous: None,
             deploy_error,
             recheck: false,
             instances: HashMap::new(),
             health: HashMap::new(),
             reserving: 0,
         }
+    }
+
+    /// The deployment a start runs now: the previous one during a rollout, else the current
+    /// one.
+    pub fn serving(&self) -> &Arc<DeploymentRecord> {
+        self.previous.as_ref().unwrap_or(&self.deployment)
+    }
+
+    /// Why the deployment a start runs now cannot run: the current one's deploy error, or
+    /// none during a rollout (the previous one could run when it was replaced).
+    pub fn serving_error(&self) -> Option<&String> {
+        match self.previous {
+            Some(_) => None,
+            None => self.deploy_error.as_ref(),
+        }
+    }
+
+    /// Whether the current deployment could serve now: it can run here and is not
+    /// crash-looping.
+    fn current_can_serve(&self) -> bool {
+        self.deploy_error.is_none()
+            && self
+                .health
+                .get(&self.deployment.id)
+                .is_none_or(|h| h.consecutive_failures < super::CRASH_LOOP_THRESHOLD)
+    }
+
+    /// Makes `dep` the current deployment (a redeploy: a new id) and decides what serves
+    /// meanwhile. When `dep` has something to prove here (`min`, this node's share of
+    /// `minAgents`, is above 0: it starts warm instances), the deployment that served until
+    /// now keeps serving ([`AgentPool::previous`]) until `dep`'s first instance is ready
+    /// ([`AgentPool::proven`]): the previous one of a rollout still under way, else the
+    /// replaced one if it could serve (no deploy error, not crash-looping). Otherwise `dep`
+    /// serves at once. A redeploy back to the previous deployment ends the rollout.
+    /// `deploy_error` is `dep`'s.
+    pub fn redeploy(&mut self, dep: Arc<DeploymentRecord>, deploy_error: Option<String>, min: u32) {
+        let before = match self.previous.take() {
+            Some(p) => Some(p),
+            None => self.current_can_serve().then(|| self.deployment.clone()),
+        };
+        self.previous = before.filter(|b| min > 0 && b.id != dep.id);
+        self.deployment = dep;
+        self.deploy_error = deploy_error;
+    }
+
+    /// An instance of deployment `dep` became ready: if it is the current one, the rollout
+    /// is over (the previous deployment's idle instances go at the next plan). Returns
+    /// whether it ended one.
+    pub fn proven(&mut self, dep: Uuid) -> bool {
+        dep == self.deployment.id && self.previous.take().is_some()
     }
 }
 

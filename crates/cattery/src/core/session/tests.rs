@@ -431,6 +431,154 @@ async fn failed_starts_in_a_row_answer_crash_loop() {
     assert_eq!(e.fake.starts(), 2, "no start while backing off");
 }
 
+/// Redeploys agent `a`: a new deployment running the fake script `script`, with `min` and
+/// `max` as its `minAgents` and `maxAgents`. Returns the agent as updated.
+async fn redeploy(e: &Env, a: &AgentRecord, script: &[&str], min: u32, max: u32) -> AgentRecord {
+    let mut agent = a.clone();
+    agent.min_agents = min;
+    agent.max_agents = max;
+    agent.desired_deployment_id = Uuid::new_v4();
+    agent.updated_ms = now_ms();
+    let dep = DeploymentRecord {
+        id: agent.desired_deployment_id,
+        agent_id: agent.id,
+        spec: DeploymentSpec {
+            command: Some(
+                std::iter::once("fake")
+                    .chain(script.iter().copied())
+                    .map(String::from)
+                    .collect(),
+            ),
+            ..DeploymentSpec::default()
+        },
+        created_ms: now_ms(),
+    };
+    e.store.update_agent(&agent, Some(&dep)).await.unwrap();
+    e.sup.upsert_agent(agent.clone(), dep);
+    agent
+}
+
+/// The deployment session `sid` ran.
+async fn deployment_of(e: &Env, sid: Uuid) -> Uuid {
+    e.store
+        .get_session(sid)
+        .await
+        .unwrap()
+        .unwrap()
+        .deployment_id
+}
+
+/// A redeploy to a deployment whose instances never get ready takes nothing down: the
+/// previous deployment serves every start, its warm instance first, then cold starts of it,
+/// while the new one crash-loops (which shows in the status, not in the starts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redeploy_that_fails_at_start_leaves_the_previous_deployment_serving() {
+    let e = env().await;
+    let a = warm_agent(&e, "a", 1, 10).await;
+    let old = a.desired_deployment_id;
+    let b = redeploy(&e, &a, &["never-ready", "crash-ms=10:2"], 1, 10).await;
+    let r = start(&e, "a").await.unwrap();
+    assert!(!r.cold_start, "the previous deployment's warm instance");
+    assert_eq!(deployment_of(&e, r.session_id).await, old);
+    until("the new deployment crash-loops", async || {
+        e.sup.pool_status(a.id).health.consecutive_failures >= super::CRASH_LOOP_THRESHOLD
+    })
+    .await;
+    for _ in 0..3 {
+        let r = start(&e, "a").await;
+        let r = r.expect("served by the previous deployment, not AGENT_CRASH_LOOP");
+        assert!(r.cold_start);
+        assert_eq!(deployment_of(&e, r.session_id).await, old);
+    }
+    let s = e.sup.pool_status(a.id);
+    assert_eq!(s.previous.map(|p| p.deployment_id), Some(old));
+    assert_eq!(e.sup.current_deployment("o", "a"), Some(old));
+    assert_ne!(b.desired_deployment_id, old);
+}
+
+/// Once the new deployment has a ready instance the rollout is over: starts get the new
+/// deployment's instances, and the previous one's idle instances go. Until then, starts take
+/// the previous deployment's warm instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redeploy_serves_the_new_deployment_once_it_has_a_ready_instance() {
+    let e = env().await;
+    let a = warm_agent(&e, "a", 2, 5).await;
+    let old = a.desired_deployment_id;
+    let b = redeploy(&e, &a, &["ready-ms=300"], 2, 5).await;
+    let new = b.desired_deployment_id;
+    let r = start(&e, "a").await.unwrap();
+    assert!(!r.cold_start, "the previous deployment's warm instance");
+    assert_eq!(deployment_of(&e, r.session_id).await, old);
+    until(
+        "the new deployment ready, the previous one's idle instance gone",
+        async || {
+            let s = e.sup.pool_status(a.id);
+            // Its busy instance stays; two of the new one are warm.
+            s.previous.is_none() && s.idle == 2 && s.total == 3
+        },
+    )
+    .await;
+    let r = start(&e, "a").await.unwrap();
+    assert!(!r.cold_start);
+    assert_eq!(deployment_of(&e, r.session_id).await, new);
+    assert_eq!(e.sup.current_deployment("o", "a"), Some(new));
+}
+
+/// At `minAgents == maxAgents` the previous deployment's idle instance makes room for the new
+/// one's first instance, so that the rollout goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redeploy_at_min_agents_equal_to_max_agents_rolls_over() {
+    let e = env().await;
+    let a = warm_agent(&e, "a", 1, 1).await;
+    let b = redeploy(&e, &a, &["ready-ms=50"], 1, 1).await;
+    until("the new deployment ready", async || {
+        let s = e.sup.pool_status(a.id);
+        s.previous.is_none() && s.idle == 1 && s.total == 1
+    })
+    .await;
+    let r = start(&e, "a").await.unwrap();
+    assert!(!r.cold_start);
+    assert_eq!(
+        deployment_of(&e, r.session_id).await,
+        b.desired_deployment_id
+    );
+}
+
+/// With `minAgents` 0 the new deployment has nothing to prove: it serves at once, failing or
+/// not, and the previous one's idle instances go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redeploy_with_min_agents_0_switches_at_once() {
+    let e = env().await;
+    let a = warm_agent(&e, "a", 1, 3).await;
+    let b = redeploy(&e, &a, &[], 0, 3).await;
+    assert!(e.sup.pool_status(a.id).previous.is_none());
+    assert_eq!(
+        e.sup.current_deployment("o", "a"),
+        Some(b.desired_deployment_id)
+    );
+    let r = start(&e, "a").await.unwrap();
+    assert!(
+        r.cold_start,
+        "the previous deployment's idle instance is not taken"
+    );
+    assert_eq!(
+        deployment_of(&e, r.session_id).await,
+        b.desired_deployment_id
+    );
+    redeploy(&e, &b, &["never-ready", "crash-ms=10:2"], 0, 3).await;
+    let r = start(&e, "a").await;
+    assert!(
+        matches!(
+            r,
+            Err(CoreError::StartFailed {
+                code: "INSTANCE_EXITED",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+}
+
 /// A start of session `sid` of agent `name` on `e`'s engine (to await or spawn), over
 /// `transport` (`None`: the default).
 fn start_of(
@@ -1177,6 +1325,124 @@ mod decisions {
         assert_eq!(plan(&p, false, 100, 16, now).spawn, 0);
         // Still within minAgents and maxAgents.
         assert_eq!(plan(&p, false, 100, 1000, now).spawn, 100 - 36);
+    }
+
+    /// During a rollout the previous deployment's idle instances stay (another old one's go),
+    /// except one that makes room at `maxAgents` for the current deployment's first instance.
+    #[test]
+    fn the_pool_plan_keeps_the_previous_deployment_during_a_rollout() {
+        let now = Instant::now();
+        let mut p = pool(1, 3);
+        let prev = add(&mut p, InstState::Idle, false);
+        p.previous = Some(prev.deployment.clone());
+        let other = add(&mut p, InstState::Idle, false);
+        let pl = plan(&p, false, 1, 0, now);
+        assert_eq!(pl.spawn, 1);
+        assert_eq!(pl.stop.len(), 1);
+        assert_eq!(pl.stop[0].id, other.id, "only the older deployment's");
+        // At maxAgents with nothing of the current deployment: the previous one makes room.
+        p.instances.remove(&other.id);
+        p.agent.max_agents = 1;
+        let pl = plan(&p, false, 1, 0, now);
+        assert_eq!(pl.spawn, 0);
+        assert_eq!(pl.stop.len(), 1);
+        assert_eq!(pl.stop[0].id, prev.id);
+        // Not while an instance is ending (room is being made), nor once the current
+        // deployment has one.
+        let ending = add(&mut p, InstState::Ending, false);
+        assert!(plan(&p, false, 1, 0, now).stop.is_empty());
+        p.instances.remove(&ending.id);
+        p.agent.max_agents = 2;
+        add(&mut p, InstState::Starting, true);
+        let pl = plan(&p, false, 1, 0, now);
+        assert!(pl.stop.is_empty() && pl.spawn == 0);
+        // A drain takes them all the same.
+        assert_eq!(plan(&p, true, 1, 0, now).stop.len(), 1);
+    }
+
+    /// A start during a rollout runs the previous deployment, whatever the current one's
+    /// health; the previous one's crash loop refuses.
+    #[test]
+    fn admission_during_a_rollout_takes_the_previous_deployment() {
+        let now = Instant::now();
+        let mut p = pool(1, 3);
+        let prev = add(&mut p, InstState::Idle, false);
+        let starting = add(&mut p, InstState::Starting, true);
+        p.previous = Some(prev.deployment.clone());
+        p.deploy_error = Some("broken".into());
+        let fail = |h: &mut super::super::health::Health| {
+            for _ in 0..2 {
+                h.failed(
+                    StartFailure {
+                        reason: "exited",
+                        exit: None,
+                        stderr_tail: "boom".into(),
+                        stream: "stderr",
+                        at_ms: 0,
+                    },
+                    now,
+                );
+            }
+        };
+        fail(p.health.entry(p.deployment.id).or_default());
+        match admit(&p, "a", Uuid::new_v4(), now).unwrap() {
+            Admission::Warm(c) => assert_eq!(c.id, prev.id),
+            _ => panic!("the previous deployment's idle instance"),
+        }
+        assert!(
+            matches!(admit(&p, "a", Uuid::new_v4(), now), Ok(Admission::Cold)),
+            "a cold start, not the current deployment's starting instance"
+        );
+        assert_eq!(starting.state(), InstState::Starting);
+        fail(p.health.entry(prev.deployment.id).or_default());
+        assert!(matches!(
+            admit(&p, "a", Uuid::new_v4(), now),
+            Err(CoreError::StartFailed {
+                code: "AGENT_CRASH_LOOP",
+                ..
+            })
+        ));
+    }
+
+    /// A redeploy keeps the deployment that could serve as the previous one while the new one
+    /// has warm instances to prove itself with; not at `minAgents` 0, not a failing one, and a
+    /// redeploy back to the previous deployment ends the rollout.
+    #[test]
+    fn a_redeploy_keeps_what_served_until_the_new_deployment_is_proven() {
+        let dep = |p: &AgentPool| {
+            Arc::new(DeploymentRecord {
+                id: Uuid::new_v4(),
+                ..(*p.deployment).clone()
+            })
+        };
+        let mut p = pool(1, 3);
+        p.redeploy(dep(&p), None, 0);
+        assert!(
+            p.previous.is_none(),
+            "minAgents 0: the new one serves at once"
+        );
+        let mut p = pool(1, 3);
+        let a = p.deployment.clone();
+        let b = dep(&p);
+        p.redeploy(b.clone(), None, 1);
+        assert_eq!(p.previous.as_ref().map(|d| d.id), Some(a.id));
+        assert_eq!(p.serving().id, a.id);
+        // Another redeploy before `b` is proven: `a` still serves.
+        let c = dep(&p);
+        p.redeploy(c.clone(), None, 1);
+        assert_eq!(p.previous.as_ref().map(|d| d.id), Some(a.id));
+        assert!(!p.proven(b.id));
+        assert!(p.proven(c.id));
+        assert!(p.previous.is_none() && p.serving().id == c.id);
+        // A failing deployment is not kept serving.
+        p.deploy_error = Some("broken".into());
+        p.redeploy(dep(&p), None, 1);
+        assert!(p.previous.is_none());
+        // Back to the deployment that serves: nothing to roll out.
+        let d = p.deployment.clone();
+        p.redeploy(dep(&p), None, 1);
+        p.redeploy(d.clone(), None, 1);
+        assert!(p.previous.is_none() && p.serving().id == d.id);
     }
 
     #[test]
