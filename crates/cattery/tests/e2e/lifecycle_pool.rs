@@ -603,3 +603,83 @@ async fn explicit_resources_are_the_memory_limit() {
     );
     s.wait_no_agent_pids(Duration::from_secs(10)).await;
 }
+
+/// A redeploy whose instances crash at start does not take the agent down: the previous
+/// deployment serves every start meanwhile (its warm instance, then cold starts), the agent is
+/// `available` but not `ready`, and the new deployment's failure is what the status reports.
+/// The next redeploy that gets ready serves from then on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_redeploy_leaves_the_previous_deployment_serving() {
+    let s = Server::start(&[]).await;
+    let v1 = s
+        .deploy(
+            "roll",
+            &[],
+            json!({"env": {"VERSION": "v1"}, "autoScaling": {"minAgents": 1, "maxAgents": 4}}),
+        )
+        .await;
+    let dep1 = v1["desiredDeploymentId"].as_str().unwrap().to_string();
+    wait_warm_idle(&s, "roll", 1, Duration::from_secs(20)).await;
+    let redeploy = |switches: Vec<&str>, version: &str| {
+        let mut cmd = vec![agent_bin()];
+        cmd.extend(switches.iter().map(|s| s.to_string()));
+        json!({"command": cmd, "env": {"VERSION": version, "CATTERY_TEST_TAG": s.tag}})
+    };
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents/roll",
+            Some(&s.sk),
+            Some(redeploy(vec!["--exit-on-start", "3"], "v2")),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let dep2 = r.body["desiredDeploymentId"].as_str().unwrap().to_string();
+    assert_ne!(dep1, dep2);
+
+    // The new deployment fails its starts until it backs off as a crash loop.
+    let a = wait_for(Duration::from_secs(30), "v2 crash-looping", || async {
+        let a = s.agent("roll").await;
+        (a["healthState"] == "crash_loop").then_some(a)
+    })
+    .await;
+    assert_eq!(a["ready"], false, "{a}");
+    assert_eq!(a["available"], true, "the previous deployment serves: {a}");
+    assert_eq!(a["previousRevision"]["deploymentID"], dep1.as_str(), "{a}");
+
+    // Every start meanwhile runs v1: first its warm instance, then cold starts.
+    let mut sids = Vec::new();
+    for i in 0..3 {
+        let r = s.start_session("roll", json!({})).await;
+        assert_eq!(
+            r.status, 200,
+            "start {i} during a broken rollout: {:?}",
+            r.body
+        );
+        assert_eq!(r.body["coldStart"], i > 0, "{:?}", r.body);
+        let sid = r.body["sessionId"].as_str().unwrap().to_string();
+        assert_eq!(s.session("roll", &sid).await["deploymentId"], dep1.as_str());
+        let pid = session_pid(&s, "roll", &sid).await;
+        assert_eq!(pid_env(pid, "VERSION").as_deref(), Some("v1"));
+        sids.push(sid);
+    }
+    for sid in &sids {
+        assert_eq!(s.stop("roll", sid).await.status, 200);
+    }
+
+    // A fixed redeploy gets ready and serves from then on.
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents/roll",
+            Some(&s.sk),
+            Some(redeploy(vec![], "v3")),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let dep3 = r.body["desiredDeploymentId"].as_str().unwrap().to_string();
+    s.wait_ready("roll", Duration::from_secs(30)).await;
+    let sid = s.start_ok("roll").await;
+    assert_eq!(s.session("roll", &sid).await["deploymentId"], dep3.as_str());
+    assert_eq!(s.stop("roll", &sid).await.status, 200);
+}
