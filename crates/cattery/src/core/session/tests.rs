@@ -149,6 +149,12 @@ async fn end_reason(e: &Env, id: Uuid) -> Option<EndReason> {
     s.end.map(|x| x.reason)
 }
 
+/// Waits (up to 5 s) until session `id` has ended; returns how.
+async fn ended(e: &Env, id: Uuid) -> crate::model::SessionEnd {
+    until("ended", async || end_reason(e, id).await.is_some()).await;
+    e.store.get_session(id).await.unwrap().unwrap().end.unwrap()
+}
+
 /// Waits (up to 5 s) until `f` holds.
 async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -292,12 +298,7 @@ async fn exit_with_a_code_ends_in_error() {
     let e = env().await;
     agent(&e, "a", &["exit-ms=50:3"], 0, 1).await;
     let s = start(&e, "a").await.unwrap();
-    until("ended", async || {
-        end_reason(&e, s.session_id).await.is_some()
-    })
-    .await;
-    let rec = e.store.get_session(s.session_id).await.unwrap().unwrap();
-    let end = rec.end.unwrap();
+    let end = ended(&e, s.session_id).await;
     assert_eq!(end.reason, EndReason::Error);
     assert_eq!(end.exit_code, Some(3));
     assert_eq!(
@@ -314,18 +315,7 @@ async fn a_process_dying_mid_session_is_told_by_its_exit() {
     let e = env().await;
     agent(&e, "a", &["die-ms=50:7"], 0, 1).await;
     let s = start(&e, "a").await.unwrap();
-    until("ended", async || {
-        end_reason(&e, s.session_id).await.is_some()
-    })
-    .await;
-    let end = e
-        .store
-        .get_session(s.session_id)
-        .await
-        .unwrap()
-        .unwrap()
-        .end
-        .unwrap();
+    let end = ended(&e, s.session_id).await;
     assert_eq!(end.reason, EndReason::Error);
     assert_eq!(end.exit_code, Some(7));
     assert_eq!(
@@ -360,18 +350,7 @@ async fn an_oom_kill_is_named() {
     let mut profile = |s: &mut DeploymentSpec| s.agent_profile = "agent-1x".into();
     agent_with(&e, "a", &["exit-ms=50:137", "oom"], 0, 1, &mut profile).await;
     let s = start(&e, "a").await.unwrap();
-    until("ended", async || {
-        end_reason(&e, s.session_id).await.is_some()
-    })
-    .await;
-    let end = e
-        .store
-        .get_session(s.session_id)
-        .await
-        .unwrap()
-        .unwrap()
-        .end
-        .unwrap();
+    let end = ended(&e, s.session_id).await;
     assert_eq!(end.reason, EndReason::OutOfMemory);
     let msg = end.message.unwrap_or_default();
     assert!(
