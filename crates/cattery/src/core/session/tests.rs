@@ -295,16 +295,20 @@ async fn first_end_wins() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_with_a_code_ends_in_error() {
+    ends_in_error_with_its_exit_code("exit-ms=50:3", 3).await;
+}
+
+/// A session of an agent run with the fake runtime's `option` (which makes it exit with
+/// `code`) ends in error, saying that it exited and how.
+async fn ends_in_error_with_its_exit_code(option: &str, code: i32) {
     let e = env().await;
-    agent(&e, "a", &["exit-ms=50:3"], 0, 1).await;
+    agent(&e, "a", &[option], 0, 1).await;
     let s = start(&e, "a").await.unwrap();
     let end = ended(&e, s.session_id).await;
     assert_eq!(end.reason, EndReason::Error);
-    assert_eq!(end.exit_code, Some(3));
-    assert_eq!(
-        end.message.as_deref(),
-        Some("the instance exited (exit code 3)")
-    );
+    assert_eq!(end.exit_code, Some(code));
+    let told = format!("the instance exited (exit code {code})");
+    assert_eq!(end.message.as_deref(), Some(told.as_str()));
 }
 
 /// A bot process that dies mid-session (a crash, `os._exit`) closes its `/bot` connection a
@@ -312,16 +316,7 @@ async fn exit_with_a_code_ends_in_error() {
 /// the exit is seen first, not that "the /bot connection broke".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_dying_mid_session_is_told_by_its_exit() {
-    let e = env().await;
-    agent(&e, "a", &["die-ms=50:7"], 0, 1).await;
-    let s = start(&e, "a").await.unwrap();
-    let end = ended(&e, s.session_id).await;
-    assert_eq!(end.reason, EndReason::Error);
-    assert_eq!(end.exit_code, Some(7));
-    assert_eq!(
-        end.message.as_deref(),
-        Some("the instance exited (exit code 7)")
-    );
+    ends_in_error_with_its_exit_code("die-ms=50:7", 7).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
