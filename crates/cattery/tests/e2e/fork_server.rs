@@ -600,3 +600,51 @@ async fn a_forced_redeploy_forks_the_edited_bot_from_a_new_fork_server() {
     assert_eq!(s.stop("versioned", &sid2).await.status, 200);
     s.wait_no_agent_pids(Duration::from_secs(10)).await;
 }
+
+/// A redeploy of a `local:` bot edited in place so that it cannot be imported: the previous
+/// deployment serves during the rollout, and since the bot's directory now holds the broken
+/// code, its cold starts are forked from the fork server that imported the previous bot.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollout_forks_the_previous_deployment_from_its_own_fork_server() {
+    let s = server().await;
+    let tmp = common::open_tempdir();
+    let dir = tmp.path().join("rolling");
+    let img = fixture_bot(&dir, &version_bot("v1"));
+    let scaling = json!({"minAgents": 1, "maxAgents": 3});
+    s.deploy(
+        "rolling",
+        &[],
+        json!({"command": null, "image": img, "autoScaling": scaling}),
+    )
+    .await;
+    s.wait_ready("rolling", Duration::from_secs(60)).await;
+
+    let broken = format!("import no_such_module_here\n{}", version_bot("v2"));
+    std::fs::write(dir.join("bot.py"), broken).unwrap();
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents/rolling",
+            Some(&s.sk),
+            Some(json!({"forceRedeploy": true})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    common::wait_for(Duration::from_secs(60), "v2 crash-looping", || async {
+        (s.agent("rolling").await["healthState"] == "crash_loop").then_some(())
+    })
+    .await;
+
+    let mut sids = Vec::new();
+    for i in 0..2 {
+        let r = s.start_session("rolling", json!({})).await;
+        assert_eq!(r.status, 200, "start {i} during the rollout: {:?}", r.body);
+        assert_eq!(r.body["coldStart"], i > 0, "{:?}", r.body);
+        let sid = r.body["sessionId"].as_str().unwrap().to_string();
+        assert_eq!(version_of(&s, "rolling", &sid).await, "v1");
+        sids.push(sid);
+    }
+    for sid in &sids {
+        assert_eq!(s.stop("rolling", sid).await.status, 200);
+    }
+}

@@ -89,6 +89,12 @@ struct Zygotes {
 #[derive(Default)]
 struct AgentZygote {
     live: Option<Arc<Zygote>>,
+    /// The fork server that was `live` when the latest import began (a redeploy's new bot),
+    /// kept until that import has succeeded: during a rollout the previous deployment serves
+    /// (`core::session`, `AgentPool::previous`), and a `local:` bot's directory already holds
+    /// the new code, so the previous deployment's cold starts must fork from the bot this
+    /// process imported before. Retired once the new one is ready or found unsafe to fork.
+    previous: Option<Arc<Zygote>>,
     /// The fork server importing the bot, if one is.
     importing: Option<Importing>,
     /// The key whose zygote refused to fork, and why.
@@ -1124,8 +1130,15 @@ impl Runtime for ProcessRuntime {
                 // Its thread retires it.
                 self.kill_importing(i.key);
             }
-            let live = slot.lock().live.take();
-            if let Some(z) = live {
+            let kept: Vec<_> = {
+                let mut st = slot.lock();
+                st.live
+                    .take()
+                    .into_iter()
+                    .chain(st.previous.take())
+                    .collect()
+            };
+            for z in kept {
                 let rt = self.clone();
                 let _ = tokio::task::spawn_blocking(move || rt.retire_zygote(&z)).await;
             }
@@ -1745,7 +1758,7 @@ impl ProcessRuntime {
                 return Decided::Now(Err(zygote::fork_decision(&known).err().flatten()));
             }
         }
-        if let Some(z) = &st.live {
+        for z in st.live.iter().chain(&st.previous) {
             if z.key == key && z.alive() {
                 return Decided::Now(Ok(z.clone()));
             }
@@ -1762,8 +1775,11 @@ impl ProcessRuntime {
             }
         }
         if let Some(old) = st.live.take() {
-            let rt = self.clone();
-            std::thread::spawn(move || rt.retire_zygote(&old));
+            // Kept until this import succeeds; the one kept before it goes.
+            if let Some(older) = st.previous.replace(old) {
+                let rt = self.clone();
+                std::thread::spawn(move || rt.retire_zygote(&older));
+            }
         }
         if let Some(old) = st.importing.take() {
             // Its thread retires it: killed, its import ends now.
@@ -1833,11 +1849,13 @@ impl ProcessRuntime {
             return;
         }
         st.importing = None;
+        let mut retire = None;
         let outcome = match started {
             Started::Ready(z) => {
                 tracing::info!(agent = %agent, pid = z.pid, took_ms = t0.elapsed().as_millis() as u64, "fork server ready");
                 let z = Arc::new(z);
                 st.live = Some(z.clone());
+                retire = st.previous.take();
                 Ok(z)
             }
             Started::Unsafe(r) => {
@@ -1853,6 +1871,8 @@ impl ProcessRuntime {
                 .err()
                 .flatten();
                 st.unsafe_ = Some((key, r));
+                // The new bot runs (spawned): nothing forks from the previous one any more.
+                retire = st.previous.take();
                 Err(why)
             }
             Started::Failed(r, output) => {
@@ -1870,6 +1890,9 @@ impl ProcessRuntime {
         self.zygotes.status.record(agent, self.zygotes.mode, view);
         drop(st);
         tx.send_replace(Some(outcome));
+        if let Some(old) = retire {
+            self.retire_zygote(&old);
+        }
     }
 
     /// Starts a fork server for `spec`'s agent and waits until it has imported the bot.
@@ -2025,9 +2048,12 @@ impl ProcessRuntime {
             .values()
             .flat_map(|s| {
                 let st = s.lock();
-                let live = st.live.as_ref().map(|z| zygote_name(z.key));
-                live.into_iter()
-                    .chain(st.importing.as_ref().map(|i| zygote_name(i.key)))
+                let live = st
+                    .live
+                    .iter()
+                    .chain(&st.previous)
+                    .map(|z| zygote_name(z.key));
+                live.chain(st.importing.as_ref().map(|i| zygote_name(i.key)))
                     .collect::<Vec<_>>()
             })
             .collect();
