@@ -188,6 +188,23 @@ impl LogSink {
         }
     }
 
+    /// A sink into `tx` for lines of no particular instance (org `o`, nil ids), at `rate`:
+    /// for tests.
+    #[cfg(test)]
+    pub(crate) fn of_no_instance(tx: mpsc::UnboundedSender<LogLine>, rate: LogRate) -> LogSink {
+        LogSink::new(
+            tx,
+            Arc::new(Mutex::new(LogAttribution {
+                org: "o".into(),
+                agent_id: Uuid::nil(),
+                deployment_id: Uuid::nil(),
+                instance_id: Uuid::nil(),
+                session_id: None,
+            })),
+            rate,
+        )
+    }
+
     /// Sends one line of `stream` (its raw bytes, escaped by [`escape_bytes`]) with the
     /// current attribution, if the instance's budget allows it (else it is counted, for the
     /// next note) and the writer's queue has room.
@@ -551,21 +568,6 @@ impl Tailer {
 mod tests {
     use super::*;
 
-    /// A sink into `tx` for lines of no particular instance, at `rate`.
-    fn sink_of(tx: mpsc::UnboundedSender<LogLine>, rate: LogRate) -> LogSink {
-        LogSink::new(
-            tx,
-            Arc::new(Mutex::new(LogAttribution {
-                org: "o".into(),
-                agent_id: Uuid::nil(),
-                deployment_id: Uuid::nil(),
-                instance_id: Uuid::nil(),
-                session_id: None,
-            })),
-            rate,
-        )
-    }
-
     #[tokio::test]
     async fn tails_lines_partial_lines_and_the_rest_on_drain() {
         use std::io::Write;
@@ -574,7 +576,7 @@ mod tests {
         let mut o = std::fs::File::create(&out).unwrap();
         let mut e = std::fs::File::create(&err).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let sink = sink_of(tx, LogRate::UNLIMITED);
+        let sink = LogSink::of_no_instance(tx, LogRate::UNLIMITED);
         o.write_all(b"skipped\n").unwrap();
         let tailer = Tailer::start(out, err, (8, 0), dir.path().join("offsets"), sink);
         o.write_all(b"one\r\ntw").unwrap();
@@ -633,7 +635,7 @@ mod tests {
             lines: 10,
             bytes: 0,
         };
-        let sink = sink_of(tx, rate);
+        let sink = LogSink::of_no_instance(tx, rate);
         // 200,000 lines (20 MB) at once, then the tailer.
         let line = format!("{}\n", "z".repeat(99));
         let chunk = line.repeat(1000);
@@ -677,16 +679,8 @@ mod tests {
         let out = dir.path().join("stdout.log");
         let mut o = std::fs::File::create(&out).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let attribution = Arc::new(Mutex::new(LogAttribution {
-            org: "o".into(),
-            agent_id: Uuid::nil(),
-            deployment_id: Uuid::nil(),
-            instance_id: Uuid::nil(),
-            session_id: None,
-        }));
-        let sink = LogSink::new(
+        let sink = LogSink::of_no_instance(
             tx,
-            attribution,
             LogRate {
                 lines: 10,
                 bytes: 0,
@@ -749,7 +743,7 @@ mod tests {
         let mut o = std::fs::File::create(&out).unwrap();
         std::fs::File::create(&err).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let sink = sink_of(tx, LogRate::UNLIMITED);
+        let sink = LogSink::of_no_instance(tx, LogRate::UNLIMITED);
         let tailer = Tailer::start(out.clone(), err, (0, 0), dir.path().join("offsets"), sink);
         let line = format!("{}\n", "y".repeat(1023));
         let lines = 3 * 1024 + 10;

@@ -2278,17 +2278,7 @@ mod tests {
 
     fn test_sink() -> LogSink {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        LogSink::new(
-            tx,
-            Arc::new(Mutex::new(crate::runtime::logs::LogAttribution {
-                org: "o".into(),
-                agent_id: uuid::Uuid::nil(),
-                deployment_id: uuid::Uuid::nil(),
-                instance_id: uuid::Uuid::nil(),
-                session_id: None,
-            })),
-            crate::runtime::logs::LogRate::UNLIMITED,
-        )
+        LogSink::of_no_instance(tx, crate::runtime::logs::LogRate::UNLIMITED)
     }
 
     /// A start's future dropped while it waits for its process's `exec` (a start from a
