@@ -246,37 +246,35 @@ async fn run(
     let step = uuid::Uuid::new_v4().to_string();
     let mut cmd = tokio::process::Command::new(program);
     cmd.env_clear().envs(steps.env.iter().map(|(k, v)| (k, v)));
-    if let (Some(uid), Some(ns)) = (steps.uid, &steps.namespaces) {
-        // The step's own /tmp, /var/tmp, /dev/shm and /proc are made as root, so the switch
-        // to its uid comes after them, here rather than by std (which switches before any
-        // `pre_exec`).
-        let given = [cwd.as_os_str(), OsStr::new(program)];
-        let values = given
-            .into_iter()
-            .chain(args.iter().map(OsStr::new))
-            .chain(steps.env.iter().map(|(_, v)| v.as_os_str()));
-        let plan = ns.plan(values);
+    if let Some(uid) = steps.uid {
+        // The step's own /tmp, /var/tmp, /dev/shm and /proc (where the machine allows them)
+        // are made as root, so the switch to its uid comes after them, here rather than by
+        // std (which switches before any `pre_exec`).
+        let plan = steps.namespaces.as_ref().map(|ns| {
+            let given = [cwd.as_os_str(), OsStr::new(program)];
+            ns.plan(
+                given
+                    .into_iter()
+                    .chain(args.iter().map(OsStr::new))
+                    .chain(steps.env.iter().map(|(_, v)| v.as_os_str())),
+            )
+        });
         let dir = std::ffi::CString::new(cwd.as_os_str().as_bytes())
             .map_err(|_| format!("cannot run {program}: nul byte in {}", cwd.display()))?;
         // SAFETY: only async-signal-safe system calls between fork and exec, on data made
         // before the fork.
         unsafe {
             cmd.pre_exec(move || {
-                namespace::enter(&plan, &NixSys).map_err(std::io::Error::from_raw_os_error)?;
-                let id = uid;
+                if let Some(plan) = &plan {
+                    namespace::enter(plan, &NixSys).map_err(std::io::Error::from_raw_os_error)?;
+                }
                 nix::unistd::setgroups(&[])?;
-                nix::unistd::setresgid(id.into(), id.into(), id.into())?;
-                nix::unistd::setresuid(id.into(), id.into(), id.into())?;
+                nix::unistd::setresgid(uid.into(), uid.into(), uid.into())?;
+                nix::unistd::setresuid(uid.into(), uid.into(), uid.into())?;
+                // Again, now in the namespace (std's change of directory came before it).
                 nix::unistd::chdir(dir.as_c_str())?;
                 step_limits()
             });
-        }
-    } else if let Some(uid) = steps.uid {
-        // std drops the supplementary groups when it switches uid as root.
-        cmd.uid(uid).gid(uid);
-        // SAFETY: only async-signal-safe system calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(step_limits);
         }
     }
     cmd.args(args)
