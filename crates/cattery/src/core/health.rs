@@ -20,7 +20,7 @@
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::session::{PoolStatus, CRASH_LOOP_THRESHOLD};
+use super::session::PoolStatus;
 
 /// `healthState` of an agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
@@ -64,7 +64,7 @@ pub struct HealthView {
 /// Derives the health of an agent with `min_agents` warm instances from its pool.
 pub fn derive(p: &PoolStatus, min_agents: u32) -> HealthView {
     let invalid = p.deploy_error.is_some();
-    let crash_loop = p.health.consecutive_failures >= CRASH_LOOP_THRESHOLD;
+    let crash_loop = p.health.crash_looping();
     let ready = !invalid && !crash_loop && (min_agents == 0 || p.health.ever_ready);
     let running = p.idle + p.busy > 0;
     let state = if invalid {
@@ -159,7 +159,7 @@ fn stderr_summary(label: &str, tail: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::session::{Health, StartFailure};
+    use crate::core::session::{Health, StartFailure, CRASH_LOOP_THRESHOLD};
 
     fn pool(starting: u32, idle: u32, busy: u32) -> PoolStatus {
         PoolStatus {

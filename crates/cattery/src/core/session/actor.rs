@@ -720,8 +720,7 @@ impl Supervisor {
                 let h = p.health.entry(ctl.deployment.id).or_default();
                 h.failed(f, Instant::now());
                 // Crash-looping before it ever started: the deployment failed.
-                (h.consecutive_failures >= super::CRASH_LOOP_THRESHOLD && !h.ever_ready)
-                    .then(|| p.agent.clone())
+                (h.crash_looping() && !h.ever_ready).then(|| p.agent.clone())
             })
         };
         if let Some(agent) = failed {

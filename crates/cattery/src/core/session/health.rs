@@ -58,6 +58,11 @@ impl Health {
         self.backoff_until = None;
     }
 
+    /// Whether it counts as crash-looping: [`CRASH_LOOP_THRESHOLD`] failed starts in a row.
+    pub fn crash_looping(&self) -> bool {
+        self.consecutive_failures >= CRASH_LOOP_THRESHOLD
+    }
+
     /// Whether the pool must not start instances of this deployment now.
     pub(super) fn backing_off(&self, now: Instant) -> bool {
         self.backoff_until.is_some_and(|b| now < b)
@@ -66,7 +71,7 @@ impl Health {
     /// `AGENT_CRASH_LOOP` when the deployment failed [`CRASH_LOOP_THRESHOLD`] starts in a
     /// row and is still backing off.
     pub(super) fn crash_loop(&self, agent_name: &str, now: Instant) -> Option<CoreError> {
-        if self.consecutive_failures < CRASH_LOOP_THRESHOLD || !self.backing_off(now) {
+        if !self.crash_looping() || !self.backing_off(now) {
             return None;
         }
         let f = self.last_failure.as_ref();

@@ -235,7 +235,7 @@ pub struct PreviousStatus {
 impl PreviousStatus {
     /// Whether it takes sessions now: not crash-looping.
     pub fn serves(&self) -> bool {
-        self.health.consecutive_failures < CRASH_LOOP_THRESHOLD
+        !self.health.crash_looping()
     }
 }
 

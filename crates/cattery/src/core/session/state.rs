@@ -276,7 +276,7 @@ impl AgentPool {
             && self
                 .health
                 .get(&self.deployment.id)
-                .is_none_or(|h| h.consecutive_failures < super::CRASH_LOOP_THRESHOLD)
+                .is_none_or(|h| !h.crash_looping())
     }
 
     /// Makes `dep` the current deployment (a redeploy: a new id) and decides what serves
