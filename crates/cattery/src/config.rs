@@ -424,7 +424,8 @@ impl Default for SessionsConfig {
 pub struct LogsConfig {
     /// Lines older than this many days are deleted.
     pub retention_days: u64,
-    /// At most this many lines are kept (all agents together); 0 = no cap.
+    /// At most this many lines are kept (all orgs together; over it, the orgs holding the most
+    /// lose their oldest lines first); 0 = no cap.
     pub retention_max_lines: u64,
     /// Lines of one instance's output captured per second, on average; 0 = no limit.
     pub rate_lines: u64,
@@ -666,8 +667,9 @@ pub struct ServeArgs {
     /// Logs older than this many days are deleted [default: 30].
     #[arg(long, env = "CATTERY_LOG_RETENTION_DAYS", help_heading = "Logs")]
     pub log_retention_days: Option<u64>,
-    /// At most this many log lines are kept (all agents together); the oldest go first. 0 = no
-    /// cap [default: 1000000].
+    /// At most this many log lines are kept (all orgs together); over it, the orgs holding the
+    /// most lose their oldest lines first, so an org within its share (this cap divided by
+    /// the orgs with lines) keeps all of its lines. 0 = no cap [default: 1000000].
     #[arg(long, env = "CATTERY_LOG_RETENTION_MAX_LINES", help_heading = "Logs")]
     pub log_retention_max_lines: Option<u64>,
     /// Each instance's output is captured at up to this many lines a second on average (bursts

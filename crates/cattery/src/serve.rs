@@ -274,7 +274,9 @@ const LOG_LINGER: Duration = Duration::from_millis(20);
 
 /// Writes captured lines in batches of up to 512, each written [`LOG_LINGER`] after its first
 /// line (or once 512 wait, or at once while closing), and enforces retention: after each batch the
-/// size cap (`max_lines`, cheap: a range delete on the primary key), and every minute the age
+/// size cap (`max_lines`, shared fairly between orgs: the orgs holding the most lose their
+/// oldest lines first, found on the `(org, seq)` index from a count kept per org), and every
+/// minute the age
 /// limit (`retention`). Both also run once at start.
 /// Once `close` is cancelled, the writer stores what the channel holds and returns.
 async fn log_writer(

@@ -46,6 +46,7 @@ where
     case!(logs);
     case!(text_with_nul);
     case!(log_pruning);
+    case!(log_cap_shared_between_orgs);
     case!(nodes);
     case!(capacity_slots);
     case!(agent_counts);
@@ -939,6 +940,88 @@ async fn log_pruning(s: &dyn Store) {
     s.append_logs_capped(&[], 5).await.unwrap();
     let (n, _) = s.query_logs(a.id, &all("")).await.unwrap();
     assert_eq!(n, 5, "the cap holds after any batch, an empty one too");
+}
+
+/// The log cap is shared: over it, the org holding the most loses its oldest lines, so an org
+/// within its share keeps every line whatever another logs; the counts the prune decides on
+/// follow every write that adds or deletes lines (batches, the age limit, the cap itself).
+async fn log_cap_shared_between_orgs(s: &dyn Store) {
+    let quiet = with_agent(s, "quiet", "q").await;
+    let loud = with_agent(s, "loud", "l").await;
+    let mid = with_agent(s, "mid", "m").await;
+    let all = LogFilter {
+        limit: 1000,
+        ..Default::default()
+    };
+    let texts = |a: &AgentRecord| {
+        let id = a.id;
+        let all = all.clone();
+        async move {
+            let (n, v) = s.query_logs(id, &all).await.unwrap();
+            assert_eq!(n as usize, v.len());
+            v.into_iter().map(|l| l.line).collect::<Vec<_>>()
+        }
+    };
+    let batch = |a: &AgentRecord, from: i64, n: i64| -> Vec<LogLine> {
+        (from..from + n)
+            .map(|i| line(a, i, &format!("{}{i}", a.org)))
+            .collect()
+    };
+    // Cap 30, three orgs: a share of 10. The quiet org writes 4 lines, the middle one 12.
+    s.append_logs_capped(&batch(&quiet, 0, 4), 30)
+        .await
+        .unwrap();
+    s.append_logs_capped(&batch(&mid, 10, 12), 30)
+        .await
+        .unwrap();
+    // The loud org writes 400 lines in batches of 20, 7 and 1 (some mixed with the others').
+    for i in 0..20 {
+        let mut b = batch(&loud, 100 + i * 20, 20);
+        if i == 5 {
+            b.extend(batch(&quiet, 50, 1));
+        }
+        s.append_logs_capped(&b, 30).await.unwrap();
+    }
+    for i in 0..5 {
+        s.append_logs_capped(&batch(&loud, 600 + i * 7, 7), 30)
+            .await
+            .unwrap();
+    }
+    s.append_logs_capped(&batch(&loud, 700, 1), 30)
+        .await
+        .unwrap();
+    assert_eq!(
+        texts(&quiet).await,
+        ["quiet0", "quiet1", "quiet2", "quiet3", "quiet50"]
+    );
+    // The loud org came down to 13 lines, its newest; the middle one (12, over the share
+    // of 10 but under the loud one's level) lost none.
+    assert_eq!(
+        texts(&mid).await,
+        batch(&mid, 10, 12)
+            .into_iter()
+            .map(|l| l.line)
+            .collect::<Vec<_>>()
+    );
+    let l = texts(&loud).await;
+    assert_eq!(l.len(), 13, "{l:?}");
+    assert_eq!(
+        l.first().map(String::as_str),
+        Some("loud623"),
+        "the oldest went first"
+    );
+    // The age limit deletes lines of every org (all but the loud org's 13, captured at 600 and
+    // later), and the counts follow: the cap then counts only what is left.
+    assert_eq!(s.prune_logs(600).await.unwrap(), 17);
+    assert!(texts(&quiet).await.is_empty() && texts(&mid).await.is_empty());
+    assert_eq!(s.prune_logs_over(13).await.unwrap(), 0);
+    s.append_logs_capped(&batch(&quiet, 800, 2), 15)
+        .await
+        .unwrap();
+    assert_eq!(texts(&loud).await.len(), 13);
+    assert_eq!(s.prune_logs_over(14).await.unwrap(), 1);
+    assert_eq!(texts(&quiet).await.len(), 2);
+    assert_eq!(texts(&loud).await.len(), 12);
 }
 
 async fn nodes(s: &dyn Store) {

@@ -20,6 +20,7 @@
 pub(crate) mod codec;
 #[cfg(test)]
 pub mod conformance;
+pub mod log_cap;
 pub mod postgres;
 pub mod sqlite;
 

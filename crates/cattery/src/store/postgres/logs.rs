@@ -50,28 +50,33 @@ fn push_filter(q: &mut QueryBuilder<Postgres>, agent_id: Uuid, f: &LogFilter) {
 }
 
 /// Appends `lines` in one statement whatever their number (one array per column, unnested in
-/// order, so one prepared statement serves every batch size); with `prune_over`, in the same
-/// statement, the delete of every line but the newest `prune_over` (as
-/// [`LogStore::prune_logs_over`], counted from this batch's newest line; the delete cannot
-/// see the batch's own lines, so it never removes them).
+/// order, so one prepared statement serves every batch size); the statement's trigger adds
+/// them to their orgs' counts in `log_counts` (migration 0013). With `counts`, the statement
+/// answers every org's count of lines with this batch's (what the log cap's prune decides on,
+/// read without a second round trip); else nothing.
 async fn insert(
     pool: &sqlx::PgPool,
     lines: &[LogLine],
-    prune_over: Option<i64>,
-) -> StoreResult<()> {
+    counts: bool,
+) -> StoreResult<Vec<(String, i64)>> {
     const INSERT: &str = "INSERT INTO logs (org, agent_id, deployment_id, session_id, \
         instance_id, ts_ns, stream, line) \
         SELECT o, a, d, s, i, t, st, l FROM unnest($1::TEXT[], $2::UUID[], $3::UUID[], \
         $4::UUID[], $5::UUID[], $6::BIGINT[], $7::TEXT[], $8::TEXT[]) \
         WITH ORDINALITY AS u(o, a, d, s, i, t, st, l, n) ORDER BY n";
-    let sql = match prune_over {
-        None => std::borrow::Cow::Borrowed(INSERT),
-        Some(_) => std::borrow::Cow::Owned(format!(
-            "WITH i AS ({INSERT} RETURNING seq) \
-             DELETE FROM logs WHERE seq <= (SELECT MAX(seq) FROM i) - $9"
-        )),
+    let sql = if counts {
+        // The statement's snapshot sees neither its lines nor its trigger's counts: the
+        // stored counts plus the batch's.
+        std::borrow::Cow::Owned(format!(
+            "WITH i AS ({INSERT} RETURNING org), \
+             b AS (SELECT org, COUNT(*) AS n FROM i GROUP BY org) \
+             SELECT COALESCE(k.org, b.org), COALESCE(k.lines, 0) + COALESCE(b.n, 0) \
+             FROM log_counts k FULL JOIN b ON b.org = k.org"
+        ))
+    } else {
+        std::borrow::Cow::Borrowed(INSERT)
     };
-    let mut q = super::query_dyn(&sql)
+    let rows = super::query_dyn(&sql)
         .bind(lines.iter().map(|l| l.org.as_str()).collect::<Vec<_>>())
         .bind(lines.iter().map(|l| l.agent_id).collect::<Vec<_>>())
         .bind(lines.iter().map(|l| l.deployment_id).collect::<Vec<_>>())
@@ -84,12 +89,38 @@ async fn insert(
                 .iter()
                 .map(|l| crate::store::codec::storable_text(&l.line))
                 .collect::<Vec<_>>(),
-        );
-    if let Some(max) = prune_over {
-        q = q.bind(max);
+        )
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}
+
+/// The log cap's prune (docs/logs.md, "Retention") on `counts` (lines per org): deletes the
+/// oldest lines of the orgs holding the most ([`crate::store::log_cap::cuts`]), one statement
+/// per org cut (its trigger takes them off the org's count). Returns the lines deleted.
+///
+/// Two nodes that prune at once may both cut the same org for the same excess: it then keeps
+/// fewer lines than the cap allows until the next batches fill it again; never more.
+async fn prune_counted(
+    pool: &sqlx::PgPool,
+    counts: &[(String, i64)],
+    max_lines: u64,
+) -> StoreResult<u64> {
+    let mut removed = 0;
+    for (org, n) in crate::store::log_cap::cuts(counts, max_lines) {
+        removed += sqlx::query(
+            "DELETE FROM logs WHERE seq IN \
+             (SELECT seq FROM logs WHERE org = $1 ORDER BY seq LIMIT $2)",
+        )
+        .bind(&org)
+        .bind(n)
+        .execute(pool)
+        .await?
+        .rows_affected();
     }
-    q.execute(pool).await?;
-    Ok(())
+    Ok(removed)
 }
 
 #[async_trait]
@@ -99,20 +130,23 @@ impl LogStore for PgStore {
             return Ok(());
         }
         // One statement, atomic by itself.
-        insert(&self.pool, lines, None).await
+        insert(&self.pool, lines, false).await.map(drop)
     }
 
+    /// The batch and the counts in one statement; a second only when over the cap.
     async fn append_logs_capped(&self, lines: &[LogLine], max_lines: u64) -> StoreResult<()> {
-        let max = i64::try_from(max_lines).unwrap_or(i64::MAX);
-        if !lines.is_empty() && max > 0 && (lines.len() as u64) < max_lines {
-            // The batch and the prune in one statement (one round trip).
-            return insert(&self.pool, lines, Some(max)).await;
-        }
-        self.append_logs(lines).await?;
-        if max_lines > 0 {
-            if let Err(e) = self.prune_logs_over(max_lines).await {
-                tracing::warn!(error = %e, "could not prune log lines over the size cap");
+        if lines.is_empty() || max_lines == 0 {
+            self.append_logs(lines).await?;
+            if max_lines > 0 {
+                if let Err(e) = self.prune_logs_over(max_lines).await {
+                    tracing::warn!(error = %e, "could not prune log lines over the size cap");
+                }
             }
+            return Ok(());
+        }
+        let counts = insert(&self.pool, lines, true).await?;
+        if let Err(e) = prune_counted(&self.pool, &counts, max_lines).await {
+            tracing::warn!(error = %e, "could not prune log lines over the size cap");
         }
         Ok(())
     }
@@ -146,13 +180,12 @@ impl LogStore for PgStore {
     }
 
     async fn prune_logs_over(&self, max_lines: u64) -> StoreResult<u64> {
-        let max_lines = i64::try_from(max_lines).unwrap_or(i64::MAX);
-        Ok(sqlx::query(
-            "DELETE FROM logs WHERE seq <= (SELECT COALESCE(MAX(seq), 0) FROM logs) - $1",
-        )
-        .bind(max_lines)
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
+        if max_lines == 0 {
+            return Ok(0);
+        }
+        let counts: Vec<(String, i64)> = sqlx::query_as("SELECT org, lines FROM log_counts")
+            .fetch_all(&self.pool)
+            .await?;
+        prune_counted(&self.pool, &counts, max_lines).await
     }
 }

@@ -315,6 +315,24 @@ impl Conn {
         Ok(out)
     }
 
+    /// Runs a query (or a statement with `RETURNING`), handing each row to `f` as it comes
+    /// instead of collecting them; returns the number of rows.
+    pub fn for_each(
+        &mut self,
+        sql: &str,
+        params: &[Val<'_>],
+        mut f: impl FnMut(&Row<'_>),
+    ) -> StoreResult<u64> {
+        let mut stmt = self.0.prepare_cached(sql)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
+        let mut n = 0;
+        while let Some(r) = rows.next()? {
+            f(&Row(r));
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// A single integer (`COUNT(*)`...); 0 for no row or NULL.
     pub fn query_int(&mut self, sql: &str, params: &[Val<'_>]) -> StoreResult<i64> {
         Ok(self

@@ -44,10 +44,48 @@ fn insert_sql(n: usize) -> String {
     sql
 }
 
-/// Keeps the newest `?` lines: `seq` grows by arrival, so they are those with
-/// `seq > max(seq) - ?`: one index lookup and one range delete on the primary key.
-const PRUNE_OVER: &str =
-    "DELETE FROM logs WHERE seq <= (SELECT COALESCE(MAX(seq), 0) FROM logs) - ?";
+/// Adds `n` lines to `org`'s count.
+const COUNT_ADD: &str = "INSERT INTO log_counts (org, lines) VALUES (?1, ?2) \
+    ON CONFLICT (org) DO UPDATE SET lines = lines + excluded.lines";
+
+/// Deletes `org`'s `?2` oldest lines (by arrival, on the `(org, seq)` index).
+const DELETE_OLDEST: &str = "DELETE FROM logs WHERE seq IN \
+    (SELECT seq FROM logs WHERE org = ?1 ORDER BY seq LIMIT ?2)";
+
+/// Adds each org's lines in `lines` to its count in `log_counts`.
+fn count_added(db: &mut super::conn::Conn, lines: &[LogLine]) -> StoreResult<()> {
+    let mut per_org: Vec<(&str, i64)> = Vec::new();
+    for l in lines {
+        match per_org.iter_mut().find(|(o, _)| *o == l.org) {
+            Some((_, n)) => *n += 1,
+            None => per_org.push((&l.org, 1)),
+        }
+    }
+    for (org, n) in per_org {
+        db.exec(COUNT_ADD, &[Val::Text(org), n.into()])?;
+    }
+    Ok(())
+}
+
+/// The log cap's prune (docs/logs.md, "Retention"): if the lines of all orgs together are
+/// more than `max_lines`, deletes the oldest lines of the orgs holding the most
+/// ([`crate::store::log_cap::cuts`]), keeping their counts. Returns the lines deleted.
+fn prune_over(db: &mut super::conn::Conn, max_lines: u64) -> StoreResult<u64> {
+    if max_lines == 0 {
+        return Ok(0);
+    }
+    let counts = db.query_all("SELECT org, lines FROM log_counts", &[], |r| {
+        Ok((r.string(0), r.int(1).unwrap_or_default()))
+    })?;
+    let mut removed = 0;
+    for (org, n) in crate::store::log_cap::cuts(&counts, max_lines) {
+        let gone = db.exec(DELETE_OLDEST, &[Val::Text(&org), n.into()])?;
+        let gone_i = i64::try_from(gone).unwrap_or(i64::MAX);
+        db.exec(COUNT_ADD, &[Val::Text(&org), (-gone_i).into()])?;
+        removed += gone;
+    }
+    Ok(removed)
+}
 
 /// Inserts `lines`: one multi-row `INSERT` per chunk of 128, 64, 32... rows (at most eight
 /// statement shapes to keep prepared, instead of one per batch size). Not atomic by itself.
@@ -100,17 +138,16 @@ impl LogStore for SqliteStore {
             return Ok(());
         }
         let lines = lines.to_vec();
-        let max_lines = i64::try_from(max_lines).unwrap_or(i64::MAX);
         self.write(move |db| {
             // One savepoint: the lines all or none, and alone (outside a group) one commit.
             db.atomic(|db| {
                 insert_lines(db, &lines)?;
-                if max_lines > 0 {
-                    // A failed statement undoes only itself; a fault that rolls the whole
-                    // transaction back fails the savepoint's release, and so the lines.
-                    if let Err(e) = db.exec(PRUNE_OVER, &[max_lines.into()]) {
-                        tracing::warn!(error = %e, "could not prune log lines over the size cap");
-                    }
+                count_added(db, &lines)?;
+                // A failed prune is undone alone; a fault that rolls the whole transaction
+                // back fails the savepoint's release, and so the lines.
+                let pruned = db.atomic(|db| prune_over(db, max_lines));
+                if let Err(e) = pruned {
+                    tracing::warn!(error = %e, "could not prune log lines over the size cap");
                 }
                 Ok(())
             })
@@ -149,15 +186,24 @@ impl LogStore for SqliteStore {
     }
 
     async fn prune_logs(&self, before_ns: i64) -> StoreResult<u64> {
-        self.write_tx(move |db| db.exec("DELETE FROM logs WHERE ts_ns < ?", &[before_ns.into()]))
-            .await
+        // The deleted lines' orgs, counted as they are deleted, keep `log_counts` exact.
+        self.write_tx(move |db| {
+            let mut per_org: std::collections::HashMap<String, i64> = Default::default();
+            let removed = db.for_each(
+                "DELETE FROM logs WHERE ts_ns < ? RETURNING org",
+                &[before_ns.into()],
+                |r| *per_org.entry(r.string(0)).or_default() += 1,
+            )?;
+            for (org, n) in per_org {
+                db.exec(COUNT_ADD, &[Val::Text(&org), (-n).into()])?;
+            }
+            db.exec("DELETE FROM log_counts WHERE lines <= 0", &[])?;
+            Ok(removed)
+        })
+        .await
     }
 
     async fn prune_logs_over(&self, max_lines: u64) -> StoreResult<u64> {
-        // `seq` grows by arrival, so the newest `max_lines` rows are those with
-        // seq > max(seq) - max_lines: one index lookup and one range delete on the primary key.
-        let max_lines = i64::try_from(max_lines).unwrap_or(i64::MAX);
-        self.write_tx(move |db| db.exec(PRUNE_OVER, &[max_lines.into()]))
-            .await
+        self.write_tx(move |db| prune_over(db, max_lines)).await
     }
 }
