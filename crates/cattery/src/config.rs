@@ -82,6 +82,10 @@ pub struct LimitsConfig {
     pub secret_sets_per_org: u32,
     /// Open session event streams per org, on each node.
     pub event_streams_per_org: u32,
+    /// Builds per org pending or building at once, on each node.
+    pub builds_per_org: u32,
+    /// Upload URLs per org neither built nor expired, on each node.
+    pub build_uploads_per_org: u32,
 }
 
 impl Default for LimitsConfig {
@@ -92,6 +96,8 @@ impl Default for LimitsConfig {
             api_keys_per_org: d.api_keys,
             secret_sets_per_org: d.secret_sets,
             event_streams_per_org: d.event_streams,
+            builds_per_org: d.builds,
+            build_uploads_per_org: d.build_uploads,
         }
     }
 }
@@ -104,6 +110,8 @@ impl LimitsConfig {
             api_keys: self.api_keys_per_org,
             secret_sets: self.secret_sets_per_org,
             event_streams: self.event_streams_per_org,
+            builds: self.builds_per_org,
+            build_uploads: self.build_uploads_per_org,
         }
     }
 }
@@ -706,6 +714,15 @@ pub struct ServeArgs {
     /// 0 = no limit [default: 100].
     #[arg(long, env = "CATTERY_EVENT_STREAMS_PER_ORG", help_heading = "Limits")]
     pub event_streams_per_org: Option<u32>,
+    /// Most builds (`pipecat cloud deploy` without an image) an org may have pending or
+    /// building at once on this node; past it, 429. 0 = no limit [default: 4].
+    #[arg(long, env = "CATTERY_BUILDS_PER_ORG", help_heading = "Limits")]
+    pub builds_per_org: Option<u32>,
+    /// Most build upload URLs an org may hold at once on this node (neither built nor
+    /// expired; each may take --build-max-context-mb of disk); past it, 429. 0 = no limit
+    /// [default: 10].
+    #[arg(long, env = "CATTERY_BUILD_UPLOADS_PER_ORG", help_heading = "Limits")]
+    pub build_uploads_per_org: Option<u32>,
 
     /// Node id: letters, digits, `-`, `_`, `.`, at most 63 [default: generated once, kept in
     /// the data dir].
@@ -811,6 +828,8 @@ impl Config {
             self.limits.api_keys_per_org => a.api_keys_per_org,
             self.limits.secret_sets_per_org => a.secret_sets_per_org,
             self.limits.event_streams_per_org => a.event_streams_per_org,
+            self.limits.builds_per_org => a.builds_per_org,
+            self.limits.build_uploads_per_org => a.build_uploads_per_org,
         }
         if a.default_region.is_some() {
             s.default_region = a.default_region;
@@ -1250,9 +1269,14 @@ mod tests {
             "7",
             "--event-streams-per-org",
             "3",
+            "--builds-per-org",
+            "1",
+            "--build-uploads-per-org",
+            "0",
         ]));
         let l = cfg.limits.get();
         assert_eq!((l.agents, l.api_keys, l.event_streams), (7, 0, 3));
+        assert_eq!((l.builds, l.build_uploads), (1, 0));
         assert_eq!(l.secret_sets, d.secret_sets);
         cfg.validate().unwrap();
         assert!(Config::from_toml("[limits]\nagents = 5\n").is_err());

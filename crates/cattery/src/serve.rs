@@ -487,6 +487,8 @@ pub fn app_state(
                     .saturating_mul(1024 * 1024),
                 timeout: Duration::from_secs_f64(config.runtime.build_timeout_seconds),
                 node_id: node.id.clone(),
+                uploads_per_org: config.limits.build_uploads_per_org,
+                builds_per_org: config.limits.builds_per_org,
             },
         ),
     })

@@ -140,30 +140,31 @@ pub struct CreateBuildRequest {
     dockerfile_path: Option<String>,
 }
 
-async fn upload_url(st: &AppState, org: &str, headers: &HeaderMap) -> Json<UploadUrl> {
-    let u = st.builds.new_upload(org);
+async fn upload_url(st: &AppState, org: &str, headers: &HeaderMap) -> ApiResult<Json<UploadUrl>> {
+    let u = st.builds.new_upload(org)?;
     let base = st.ws.public_url.http_base(headers);
-    Json(UploadUrl {
+    Ok(Json(UploadUrl {
         upload_id: u.id.to_string(),
         upload_url: format!("{base}/v1/builds/uploads/{}", u.id),
         upload_fields: HashMap::from([("token".to_string(), u.token)]),
         expires_at: iso_ms(u.expires_ms),
         max_size_bytes: st.builds.max_context_bytes(),
-    })
+    }))
 }
 
 /// `POST /v1/builds/upload-url`.
 #[utoipa::path(post, path = "/v1/builds/upload-url", request_body = UploadUrlRequest, tag = "builds",
     operation_id = "create_upload_url",
     responses((status = 200, description = "where to upload the build context (one use)", body = UploadUrl),
-              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 429, description = "the org holds build_uploads_per_org upload URLs not yet built", body = ErrorBody)),
     security(("PrivateKeyAuth" = [])))]
 pub async fn create_upload_url(
     State(st): State<AppState>,
     PrivateAuth(c): PrivateAuth,
     headers: HeaderMap,
     ApiJson(_r): ApiJson<UploadUrlRequest>,
-) -> Json<UploadUrl> {
+) -> ApiResult<Json<UploadUrl>> {
     upload_url(&st, &c.org, &headers).await
 }
 
@@ -173,7 +174,7 @@ pub async fn org_create_upload_url(
     OrgAuth(c): OrgAuth,
     headers: HeaderMap,
     ApiJson(_r): ApiJson<UploadUrlRequest>,
-) -> Json<UploadUrl> {
+) -> ApiResult<Json<UploadUrl>> {
     upload_url(&st, &c.org, &headers).await
 }
 
@@ -316,7 +317,8 @@ async fn create(
     operation_id = "create_build",
     responses((status = 201, description = "a new build of the uploaded context", body = CreatedBuild),
               (status = 200, description = "a successful build of the same context (cached)", body = CreatedBuild),
-              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 429, description = "the org has builds_per_org builds pending or building", body = ErrorBody)),
     security(("PrivateKeyAuth" = [])))]
 pub async fn create_build(
     State(st): State<AppState>,

@@ -13,7 +13,7 @@
 //! | 405 | `"405"` | method not allowed on a route |
 //! | 409 | `CONFLICT`, `STOPPED_DURING_START` | conflicting state |
 //! | 413 | `"413"` | start `body` over the transport's limit, or request too large |
-//! | 429 | `"429"` | agent at `maxAgents` |
+//! | 429 | `"429"` | agent at `maxAgents`; an org at its uploads or builds at once |
 //! | 500 | `"500"` | unreadable stored data or a bug (never a panic escaping) |
 //! | 503 | `STORAGE_FULL`, `STORAGE_UNAVAILABLE` | the storage cannot write now (full disk, I/O error, read-only); nothing was saved |
 //! | 503 | `DRAINING`, `NODE_FENCED`, `INSTANCE_EXITED`, `AGENT_CRASH_LOOP`, `SPAWN_FAILED`, `DELIVERY_FAILED` | no instance could take the session |
@@ -101,7 +101,9 @@ impl From<CoreError> for ApiError {
             CoreError::PayloadTooLarge(_) => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "413", msg)
             }
-            CoreError::AtCapacity(_) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "429", msg),
+            CoreError::AtCapacity(_) | CoreError::OrgBusy(_) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "429", msg)
+            }
             CoreError::OrgLimit(_) => {
                 ApiError::new(StatusCode::FORBIDDEN, "ORG_LIMIT_REACHED", msg)
             }

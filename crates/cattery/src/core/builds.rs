@@ -105,6 +105,13 @@ pub struct BuildSettings {
     pub timeout: Duration,
     /// This node's id, recorded on the builds it makes (their directory is in its data dir).
     pub node_id: String,
+    /// Most upload URLs one org may hold at once on this node (not expired, not yet built):
+    /// each may take `max_context_bytes` of disk. 0 = no limit.
+    pub uploads_per_org: u32,
+    /// Most builds of one org pending or building at once on this node: each holds its
+    /// context and unpacked tree on disk, and builds run one at a time, so one org's queue
+    /// would delay every other org's. 0 = no limit.
+    pub builds_per_org: u32,
 }
 
 /// One event of a build's life.
@@ -366,6 +373,26 @@ pub struct Builds {
     uploads: Mutex<HashMap<Uuid, Upload>>,
     /// One build at a time: builds are CPU- and disk-heavy, and share the machine with calls.
     slots: Arc<Semaphore>,
+    /// Builds pending or building on this node, by org (`BuildSettings::builds_per_org`).
+    active: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+/// One of an org's builds pending or building on this node: counted until dropped.
+struct ActiveBuild {
+    org: String,
+    active: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl Drop for ActiveBuild {
+    fn drop(&mut self) {
+        let mut active = self.active.lock();
+        if let Some(n) = active.get_mut(&self.org) {
+            *n -= 1;
+            if *n == 0 {
+                active.remove(&self.org);
+            }
+        }
+    }
 }
 
 impl Builds {
@@ -378,6 +405,7 @@ impl Builds {
             s,
             uploads: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(1)),
+            active: Arc::default(),
         })
     }
 
@@ -419,8 +447,9 @@ impl Builds {
         self.s.dir.join("uploads").join(format!("{id}.tar.gz"))
     }
 
-    /// A new upload URL for `org`; forgets expired ones (and their files).
-    pub fn new_upload(&self, org: &str) -> NewUpload {
+    /// A new upload URL for `org`; forgets expired ones (and their files). Errors: 429 when
+    /// the org holds `uploads_per_org` upload URLs neither expired nor built.
+    pub fn new_upload(&self, org: &str) -> CoreResult<NewUpload> {
         let now = now_ms();
         let mut ups = self.uploads.lock();
         let expired: Vec<Uuid> = ups
@@ -431,6 +460,19 @@ impl Builds {
         for id in expired {
             ups.remove(&id);
             let _ = std::fs::remove_file(self.upload_path(id));
+        }
+        let limit = self.s.uploads_per_org;
+        let held = ups
+            .values()
+            .filter(|u| u.org == org && u.state != UploadState::Spent)
+            .count();
+        if limit != 0 && held >= limit as usize {
+            return Err(CoreError::OrgBusy(format!(
+                "organization {org} already has {held} upload URLs waiting to be built, as many \
+                 as one org may hold at once (build_uploads_per_org = {limit}); build one, or \
+                 wait for one to expire ({} minutes after it was given)",
+                UPLOAD_TTL.as_secs() / 60
+            )));
         }
         let token = hex::encode(rand::random::<[u8; 32]>());
         let id = Uuid::new_v4();
@@ -444,11 +486,11 @@ impl Builds {
                 state: UploadState::Waiting,
             },
         );
-        NewUpload {
+        Ok(NewUpload {
             id,
             token,
             expires_ms,
-        }
+        })
     }
 
     /// Starts receiving upload `id` with `token`, which is spent by this call. Errors: 404 for
@@ -616,6 +658,9 @@ impl Builds {
             CacheDecision::Join(b) => return Ok((b, false)),
             CacheDecision::Build => {}
         }
+        // Refused before the upload is spent: the same upload can be built once another
+        // build of the org has ended.
+        let slot = self.count_active(org)?;
         let now = now_ms();
         let b = BuildRecord {
             id: Uuid::new_v4(),
@@ -644,8 +689,30 @@ impl Builds {
         self.store.insert_build(&b).await?;
         let me = self.clone();
         let run = b.clone();
-        tokio::spawn(async move { me.run(run).await });
+        tokio::spawn(async move {
+            me.run(run).await;
+            drop(slot);
+        });
         Ok((b, false))
+    }
+
+    /// Counts one more build of `org` pending or building. Errors: 429 at `builds_per_org`.
+    fn count_active(&self, org: &str) -> CoreResult<ActiveBuild> {
+        let limit = self.s.builds_per_org;
+        let mut active = self.active.lock();
+        let n = active.entry(org.to_string()).or_insert(0);
+        if limit != 0 && *n >= limit {
+            return Err(CoreError::OrgBusy(format!(
+                "organization {org} already has {n} builds pending or building, as many as one \
+                 org may have at once (builds_per_org = {limit}); deploy again once one has \
+                 ended"
+            )));
+        }
+        *n += 1;
+        Ok(ActiveBuild {
+            org: org.to_string(),
+            active: self.active.clone(),
+        })
     }
 
     /// Applies `ev` to `b` and stores the result; `b` unchanged when `ev` cannot happen.
@@ -732,14 +799,35 @@ impl Builds {
     }
 
     /// After a restart: builds this node left running (their directory is in its data dir;
-    /// another node's are its own) end `failed`.
+    /// another node's are its own) end `failed`, and keep only their log, as a failed build
+    /// does: what the stopped build's steps made (the context, the virtualenv, the build's
+    /// home), which its build uid may own, goes, so a later holder of that uid finds nothing
+    /// of it.
     pub async fn recover(&self) -> CoreResult<()> {
         for b in self.store.unfinished_builds().await? {
-            if !self.build_dir(b.id).exists() {
+            let dir = self.build_dir(b.id);
+            if !dir.exists() {
                 continue;
             }
+            let id = b.id;
             self.step(b, BuildEvent::Fail(STOPPED_DURING_BUILD.into()))
                 .await;
+            let left = tokio::task::spawn_blocking(move || {
+                for sub in ["app", "venv", "home"] {
+                    match std::fs::remove_dir_all(dir.join(sub)) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
+                }
+                match std::fs::remove_file(dir.join("context.tar.gz")) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                }
+            })
+            .await;
+            if let Ok(Err(e)) = left {
+                tracing::warn!(build = %id, error = %e, "could not remove what a build stopped by the server left");
+            }
         }
         Ok(())
     }
@@ -1083,6 +1171,8 @@ mod tests {
                 max_context_bytes: 1 << 20,
                 timeout: Duration::from_secs(60),
                 node_id: "n1".into(),
+                uploads_per_org: 0,
+                builds_per_org: 0,
             },
         );
         builds.set_docker_builder(docker.clone());
@@ -1175,5 +1265,198 @@ mod tests {
         );
         // Nothing more to delete on a second pass.
         assert_eq!(builds.collect(keep, || in_memory.clone()).await.unwrap(), 0);
+    }
+
+    /// A builder whose builds each wait for a permit, then fail.
+    struct Held(Semaphore);
+
+    #[async_trait::async_trait]
+    impl Builder for Held {
+        fn kind(&self) -> &'static str {
+            "venv"
+        }
+        async fn build(&self, _: &BuildJob, _: &BuildLog) -> Result<Artifact, String> {
+            let _ = self.0.acquire().await.map_err(|e| e.to_string())?.forget();
+            Err("released".into())
+        }
+    }
+
+    /// An org may hold `uploads_per_org` upload URLs not yet built and have `builds_per_org`
+    /// builds pending or building on a node: past either, 429 (`OrgBusy`), other orgs
+    /// unaffected; a build refused keeps its upload, which builds once one of the org's
+    /// builds ended, and a built or expired upload no longer counts.
+    #[tokio::test]
+    async fn uploads_and_builds_at_once_are_bounded_per_org() {
+        use crate::store::{self, OpenMode};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = store::open(&Default::default(), tmp.path(), OpenMode::Create)
+            .await
+            .unwrap();
+        for org in ["a", "b"] {
+            store.ensure_org(org).await.unwrap();
+        }
+        let held = Arc::new(Held(Semaphore::new(0)));
+        let builds = Builds::new(
+            store.clone(),
+            held.clone(),
+            BuildSettings {
+                mode: BuilderMode::Venv,
+                dir: tmp.path().join("builds"),
+                max_context_bytes: 1 << 20,
+                timeout: Duration::from_secs(60),
+                node_id: "n1".into(),
+                uploads_per_org: 3,
+                builds_per_org: 2,
+            },
+        );
+        let defaults = AgentDefaults {
+            regions: vec!["local".into()],
+            default_region: "local".into(),
+        };
+        // An uploaded context (each different, so none is a cached build of another).
+        let uploaded = |org: &'static str, n: u8| {
+            let builds = builds.clone();
+            async move {
+                let u = builds.new_upload(org)?;
+                let mut sink = builds.begin_upload(u.id, &u.token).await?;
+                let gz = flate2::write::GzEncoder::new(Vec::new(), Default::default());
+                let mut tar = tar::Builder::new(gz);
+                let mut h = tar::Header::new_gnu();
+                h.set_size(1);
+                h.set_mode(0o644);
+                h.set_cksum();
+                tar.append_data(&mut h, "bot.py", &[b'0' + n][..]).unwrap();
+                sink.write(&tar.into_inner().unwrap().finish().unwrap())
+                    .await?;
+                builds.finish_upload(sink).await?;
+                CoreResult::Ok(u.id.to_string())
+            }
+        };
+        let busy = |r: CoreResult<_>, what: &str| match r {
+            Err(CoreError::OrgBusy(m)) => assert!(m.contains(what), "{m}"),
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => panic!("not refused"),
+        };
+        let mut ups = Vec::new();
+        for n in 0..3 {
+            ups.push(uploaded("a", n).await.unwrap());
+        }
+        busy(
+            builds.new_upload("a").map(drop),
+            "build_uploads_per_org = 3",
+        );
+        uploaded("b", 9).await.unwrap();
+        // Two builds of org a: the first builds (held), the second waits for the slot.
+        let first = builds
+            .create(&defaults, "a", &ups[0], None, None)
+            .await
+            .unwrap()
+            .0;
+        builds
+            .create(&defaults, "a", &ups[1], None, None)
+            .await
+            .unwrap();
+        busy(
+            builds
+                .create(&defaults, "a", &ups[2], None, None)
+                .await
+                .map(drop),
+            "builds_per_org = 2",
+        );
+        // The built uploads count no more; the refused one still does.
+        let fourth = uploaded("a", 3).await.unwrap();
+        uploaded("a", 4).await.unwrap();
+        busy(
+            builds.new_upload("a").map(drop),
+            "build_uploads_per_org = 3",
+        );
+        // Another org builds meanwhile (it waits for the one slot, it is not refused).
+        let other = uploaded("b", 8).await.unwrap();
+        builds
+            .create(&defaults, "b", &other, None, None)
+            .await
+            .unwrap();
+        // Once org a's first build ends, the refused upload builds.
+        held.0.add_permits(1);
+        for _ in 0..500 {
+            let b = store.get_build("a", first.id).await.unwrap().unwrap();
+            if b.status == BuildStatus::Failed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut again = Err(CoreError::Conflict("not tried".into()));
+        for _ in 0..500 {
+            again = builds.create(&defaults, "a", &ups[2], None, None).await;
+            if !matches!(again, Err(CoreError::OrgBusy(_))) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        again.unwrap();
+        busy(
+            builds
+                .create(&defaults, "a", &fourth, None, None)
+                .await
+                .map(drop),
+            "builds_per_org = 2",
+        );
+        held.0.add_permits(100);
+    }
+
+    /// A build the server stopped (it crashed or was killed mid-build) ends `failed` at the
+    /// next start and keeps only its log: its context, virtualenv and home (which its build
+    /// uid owned) go. Another node's build, and a finished one, are left alone.
+    #[tokio::test]
+    async fn a_build_cut_by_a_server_stop_keeps_only_its_log() {
+        use crate::store::{self, OpenMode};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = store::open(&Default::default(), tmp.path(), OpenMode::Create)
+            .await
+            .unwrap();
+        store.ensure_org("o").await.unwrap();
+        let dir = tmp.path().join("builds");
+        let builds = Builds::new(
+            store.clone(),
+            Arc::new(Recorder::default()),
+            BuildSettings {
+                mode: BuilderMode::Venv,
+                dir: dir.clone(),
+                max_context_bytes: 1 << 20,
+                timeout: Duration::from_secs(60),
+                node_id: "n1".into(),
+                uploads_per_org: 0,
+                builds_per_org: 0,
+            },
+        );
+        let made = |status| {
+            let mut b = rec(status);
+            b.node_id = "n1".into();
+            let d = dir.join(b.id.to_string());
+            for sub in ["app/pkg", "venv/lib", "home/.cache"] {
+                std::fs::create_dir_all(d.join(sub)).unwrap();
+                std::fs::write(d.join(sub).join("f"), "x").unwrap();
+            }
+            std::fs::write(d.join("context.tar.gz"), "x").unwrap();
+            std::fs::write(d.join("build.log"), "Build ...\n").unwrap();
+            b
+        };
+        let (cut, done) = (made(BuildStatus::Building), made(BuildStatus::Success));
+        for b in [&cut, &done] {
+            store.insert_build(b).await.unwrap();
+        }
+        builds.recover().await.unwrap();
+        let got = store.get_build("o", cut.id).await.unwrap().unwrap();
+        assert_eq!(got.status, BuildStatus::Failed);
+        let names = |id: Uuid| {
+            let mut v: Vec<String> = std::fs::read_dir(dir.join(id.to_string()))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(cut.id), ["build.log"]);
+        assert_eq!(names(done.id).len(), 5, "a finished build is left alone");
     }
 }

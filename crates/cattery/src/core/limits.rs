@@ -1,6 +1,7 @@
 //! Per-org limits on a shared server (`[limits]`, docs/operations.md#per-org-limits): how many
 //! agents, API keys and secret sets an org may hold, and how many session event streams
-//! (`GET /v1/sessions/events`) it may keep open on one node.
+//! (`GET /v1/sessions/events`) it may keep open on one node, and how many builds and upload
+//! URLs it may have at once on one node (counted by `core::builds`, answered 429: they pass).
 //!
 //! Durable records are counted by the store, in the same step as the create's insert, so the
 //! limit holds for the whole cluster on PostgreSQL: live agents (not deleted), keys not
@@ -24,6 +25,10 @@ pub const DEFAULT_API_KEYS_PER_ORG: u32 = 100;
 pub const DEFAULT_SECRET_SETS_PER_ORG: u32 = 1000;
 /// Default most open session event streams per org, on one node.
 pub const DEFAULT_EVENT_STREAMS_PER_ORG: u32 = 100;
+/// Default most builds per org pending or building at once, on one node (`core::builds`).
+pub const DEFAULT_BUILDS_PER_ORG: u32 = 4;
+/// Default most upload URLs per org not yet built nor expired, on one node (`core::builds`).
+pub const DEFAULT_BUILD_UPLOADS_PER_ORG: u32 = 10;
 
 /// The limits in force; 0 = no limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +41,10 @@ pub struct Limits {
     pub secret_sets: u32,
     /// Open session event streams per org on one node.
     pub event_streams: u32,
+    /// Builds per org pending or building at once on one node (429 past it).
+    pub builds: u32,
+    /// Upload URLs per org neither built nor expired on one node (429 past it).
+    pub build_uploads: u32,
 }
 
 impl Default for Limits {
@@ -45,6 +54,8 @@ impl Default for Limits {
             api_keys: DEFAULT_API_KEYS_PER_ORG,
             secret_sets: DEFAULT_SECRET_SETS_PER_ORG,
             event_streams: DEFAULT_EVENT_STREAMS_PER_ORG,
+            builds: DEFAULT_BUILDS_PER_ORG,
+            build_uploads: DEFAULT_BUILD_UPLOADS_PER_ORG,
         }
     }
 }

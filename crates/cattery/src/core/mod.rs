@@ -57,6 +57,10 @@ pub enum CoreError {
     /// 429: the agent is at `maxAgents` (reference §A.5 / §B.4).
     #[error("agent {0} is at capacity (maxAgents)")]
     AtCapacity(String),
+    /// 429 `"429"`: the org already has as many of something that passes (uploads waiting to
+    /// be built, builds running) as one org may have at once; the message names the limit.
+    #[error("{0}")]
+    OrgBusy(String),
     /// 403 `ORG_LIMIT_REACHED`: the org is at one of its per-org limits (`core::limits`); the
     /// message names the limit and its value.
     #[error("{0}")]

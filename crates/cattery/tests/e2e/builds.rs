@@ -671,3 +671,111 @@ async fn a_build_refused_for_a_hard_link_leaves_nothing_its_uid_owns() {
     );
     assert!(!dir.join("home").exists(), "the steps' home is removed");
 }
+
+/// Uploads `context` through the API as the CLI does (an upload URL, then its bytes): the
+/// upload id.
+async fn uploaded(s: &Server, context: Vec<u8>) -> String {
+    let r = s
+        .req(
+            "POST",
+            "/v1/builds/upload-url",
+            Some(&s.sk),
+            Some(serde_json::json!({})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let upload = r.body["uploadId"].as_str().unwrap().to_string();
+    let token = r.body["uploadFields"]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!("/v1/builds/uploads/{upload}?token={token}");
+    let r = s.raw("PUT", &path, None, context).await;
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    upload
+}
+
+/// One org cannot take the build machinery from the others: it holds at most
+/// `--build-uploads-per-org` upload URLs not yet built and has at most `--builds-per-org`
+/// builds pending or building, past which it is answered 429 `{error, code}` (the refused
+/// upload stays usable). A build cut by the server's death (SIGKILL mid-build) ends `failed`
+/// at the next start and keeps only its log: nothing its steps made (which its build uid
+/// owned) is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_orgs_uploads_and_builds_are_bounded_and_a_killed_build_is_cleared() {
+    let py = main_python();
+    let mut s = Server::start(&[
+        "--python",
+        py.to_str().unwrap(),
+        "--builder",
+        "venv",
+        "--builds-per-org",
+        "1",
+        "--build-uploads-per-org",
+        "2",
+    ])
+    .await;
+    // A build whose first step (`python -m venv`, the context's own `venv` found first) takes
+    // 20 s: it stays `building` for the test.
+    let slow = tar_gz(&[
+        ("bot.py", "async def bot(args):\n    pass\n"),
+        ("venv/__init__.py", ""),
+        ("venv/__main__.py", "import time\ntime.sleep(20)\n"),
+    ]);
+    let first = uploaded(&s, slow).await;
+    let second = uploaded(&s, tar_gz(&[("bot.py", "# another context\n")])).await;
+    let r = s
+        .req(
+            "POST",
+            "/v1/builds/upload-url",
+            Some(&s.sk),
+            Some(serde_json::json!({})),
+        )
+        .await;
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    assert_eq!(r.body["code"], "429");
+    let msg = r.body["error"].as_str().unwrap();
+    assert!(msg.contains("build_uploads_per_org = 2"), "{msg}");
+    let r = s
+        .req(
+            "POST",
+            "/v1/builds",
+            Some(&s.sk),
+            Some(serde_json::json!({"uploadId": first})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let build = r.body["build"].clone();
+    let id = build["id"].as_str().unwrap().to_string();
+    let r = s
+        .req(
+            "POST",
+            "/v1/builds",
+            Some(&s.sk),
+            Some(serde_json::json!({"uploadId": second})),
+        )
+        .await;
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    assert_eq!(r.body["code"], "429");
+    let msg = r.body["error"].as_str().unwrap();
+    assert!(msg.contains("builds_per_org = 1"), "{msg}");
+    // Mid-build (its steps have made the virtualenv's directory and the build's home), the
+    // server dies; at its next start the build has failed and only its log is left.
+    let dir = build_dir(&s, &build);
+    common::wait_for(Duration::from_secs(60), "the build's steps to run", || {
+        let dir = dir.clone();
+        async move { (dir.join("venv").exists() && dir.join("home").exists()).then_some(()) }
+    })
+    .await;
+    s.kill9();
+    s.spawn().await;
+    let r = s
+        .req("GET", &format!("/v1/builds/{id}"), Some(&s.sk), None)
+        .await;
+    assert_eq!(r.body["build"]["status"], "failed", "{:?}", r.body);
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["build.log"]);
+}
