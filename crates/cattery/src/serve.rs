@@ -528,8 +528,8 @@ fn node_identity(
 /// A node that fails after its first heartbeat takes it back (`core::cluster::take_back`). On
 /// a shared database, first refuses an id another live node uses at another address
 /// (`core::cluster::id_in_use`), another secrets key or cluster secret than a live node's
-/// (`core::cluster::refusal`), and a secrets key that does not open the secrets already
-/// stored (`core::secrets::check_key_opens_stored`).
+/// (`core::cluster::refusal`); on any store, refuses a secrets key that does not open the
+/// secrets already stored (`core::secrets::check_key_opens_stored`).
 async fn join_cluster(
     store: &Arc<dyn Store>,
     state: &AppState,
@@ -562,9 +562,12 @@ async fn join_cluster(
         if let Some(why) = crate::core::cluster::unreachable_by_peers(&state.node, &nodes, now) {
             tracing::warn!("{why}");
         }
-        crate::core::secrets::check_key_opens_stored(store.as_ref(), &state.secrets).await?;
         before = nodes;
     }
+    // Also on SQLite: a lost or replaced `secrets.key` would otherwise be replaced by a new
+    // key at start, every secret-bound start would fail, and values written since would be
+    // sealed under a key the older ones do not share.
+    crate::core::secrets::check_key_opens_stored(store.as_ref(), &state.secrets).await?;
     // The first heartbeat; on a shared database, checked against the nodes that started
     // meanwhile (`core::cluster::announce`).
     crate::core::cluster::announce(store.as_ref(), &state.node, &state.secrets, &before).await?;

@@ -237,8 +237,10 @@ pub async fn check_key_opens_stored(
             return cipher.open(&org, &set.name, &v).map(|_| ()).map_err(|_| {
                 anyhow::anyhow!(
                     "this node's secrets key does not open the secrets already in the database \
-                     (secret {} of set {} of org {org} was sealed with another key): give every \
-                     node the same --secrets-key-file",
+                     (secret {} of set {} of org {org} was sealed with another key): give it the \
+                     key they were sealed with (the data dir's {KEY_FILE} from a backup, or the \
+                     --secrets-key-file every node shares); a server given a new key would \
+                     fail every start of an agent with a secret set",
                     v.key,
                     set.name
                 )

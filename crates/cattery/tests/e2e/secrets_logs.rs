@@ -1155,3 +1155,63 @@ async fn one_orgs_heavy_log_queries_leave_the_others_a_turn() {
         "the neighbour's log query took {slowest:?} while another org's heavy queries ran"
     );
 }
+
+/// A single server (SQLite) whose `secrets.key` was lost or replaced refuses to start, saying
+/// which key it needs, instead of making a new key, failing every start of an agent with a
+/// secret set, and sealing values written since under a key the stored ones do not share.
+/// With its key back, it starts and the values open.
+#[tokio::test]
+async fn a_server_whose_secrets_key_was_replaced_refuses_to_start() {
+    let mut s = Server::start(&[]).await;
+    assert_eq!(
+        put_secrets(&s, "kept", &[("GREETING", "hello")])
+            .await
+            .status,
+        202
+    );
+    assert!(s.terminate(Duration::from_secs(30)).is_some());
+    let key = s.data_dir().join("secrets.key");
+    let old = std::fs::read(&key).unwrap();
+    std::fs::remove_file(&key).unwrap();
+
+    let port = crate::common::free_port().to_string();
+    let mut child = std::process::Command::new(crate::common::cattery_bin())
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(s.data_dir())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let status = status.unwrap_or_else(|| panic!("served with a new secrets key: {err}"));
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("does not open the secrets already in the database")
+            && err.contains("secrets.key"),
+        "{err}"
+    );
+
+    std::fs::write(&key, &old).unwrap();
+    s.spawn().await;
+    s.deploy("keyed", &[], json!({"secretSet": "kept"})).await;
+    let sid = s.start_ok("keyed").await;
+    assert_eq!(s.session("keyed", &sid).await["status"], "active");
+}
