@@ -246,6 +246,10 @@ pub async fn create_key(
     org: &str,
 ) -> anyhow::Result<String> {
     let store = open_existing_store(store_cfg, data_dir).await?;
+    // Orgs made before names were checked keep working; a new one must be addressable.
+    if store.get_org(org).await?.is_none() {
+        crate::core::orgs::check_new_org_name(org)?;
+    }
     store.ensure_org(org).await?;
     let (_, key) = crate::core::keys::issue_key(store.as_ref(), org, kind, name).await?;
     Ok(key)
@@ -900,6 +904,35 @@ mod tests {
     use super::*;
     use nix::fcntl::{Flock, FlockArg};
     use std::io::Write;
+
+    /// `cattery keys create --org` refuses to create an org whose name no client can put in
+    /// `/v1/organizations/{org}/...` or `{agent}.{org}` (empty, a `/`, a space, ...): the
+    /// key would be printed, and every CLI call with it would then fail. Good names work.
+    #[tokio::test]
+    async fn keys_create_refuses_a_new_org_name_no_client_can_address() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(
+            crate::store::sqlite::SqliteStore::open(dir.path())
+                .await
+                .unwrap(),
+        );
+        let cfg = StoreConfig::default();
+        let long = "a".repeat(64);
+        for bad in ["", "acme/eu", "my team", "a?b", "\u{e9}quipe", "-x", &long] {
+            let e = create_key(&cfg, dir.path(), KeyKind::Public, "k", bad)
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("invalid org name"), "{bad:?}: {e}");
+        }
+        for good in ["default", "acme", "org-b", "lab_org.eu", "Acme2"] {
+            let key = create_key(&cfg, dir.path(), KeyKind::Public, "k", good).await;
+            assert!(key.is_ok(), "{good:?}: {key:?}");
+        }
+        let store = open_existing_store(&cfg, dir.path()).await.unwrap();
+        let mut orgs = store.list_orgs().await.unwrap();
+        orgs.sort();
+        assert_eq!(orgs, ["Acme2", "acme", "default", "lab_org.eu", "org-b"]);
+    }
 
     /// A captured line is stored a batch delay after its capture, never before, with the
     /// lines captured meanwhile; closing writes what waits at once.

@@ -15,6 +15,34 @@ use super::secrets::SecretCipher;
 use super::{CoreError, CoreResult};
 use crate::store::{OrgRecord, SealedValue, Store};
 
+/// Longest org name a new org may have (a DNS label, as Pipecat Cloud's org slugs).
+pub const MAX_ORG_NAME_CHARS: usize = 63;
+
+/// Checks the name of an org about to be created (`cattery keys create --org`). An org's name
+/// is a path segment of every `/v1/organizations/{org}/...` call the official CLI makes (it
+/// takes it from `GET /v1/organizations`) and the second half of the websocket service host
+/// `{agent}.{org}`, so it must be 1 to 63 characters of ASCII letters, digits, `-`, `_` and
+/// `.`, starting with a letter or digit. An empty name, a `/`, a space or a `?` would give an
+/// org that no client can address. Errors: 400 naming the rule.
+pub fn check_new_org_name(name: &str) -> CoreResult<()> {
+    let ok = name.len() <= MAX_ORG_NAME_CHARS
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        return Ok(());
+    }
+    Err(CoreError::bad_request(format!(
+        "invalid org name {name:?}: 1 to {MAX_ORG_NAME_CHARS} characters of ASCII letters, \
+         digits, '-', '_' and '.', starting with a letter or digit (it goes into the CLI's \
+         /v1/organizations/{{org}}/... paths and the websocket host {{agent}}.{{org}})"
+    )))
+}
+
 /// Display name of a region code: the Pipecat Cloud names for their codes, "Local (this
 /// server)" for `local`, otherwise the code itself.
 pub fn region_display_name(code: &str) -> String {
