@@ -487,6 +487,8 @@ async fn an_image_reference_no_engine_can_pull_is_a_400() {
 
 /// A deleted agent's running sessions go on (reference §A.3) and stay listable by its name
 /// (and its logs readable) until an agent of that name is created again; one is stopped by id.
+/// Once an agent of that name is created again, a session of the deleted one that still runs
+/// is still reachable, and stoppable, by the name and its id (not listed with the new agent's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_agents_sessions_stay_listable() {
     let a = api().await;
@@ -512,9 +514,9 @@ async fn a_deleted_agents_sessions_stay_listable() {
         StatusCode::NOT_FOUND,
         "404",
     );
-    // A new agent of that name: its own sessions only. A session of the deleted agent that
-    // still runs is no longer reachable, or stoppable, by the name (docs/lifecycle.md: "that
-    // agent's sessions are its own").
+    // A new agent of that name lists its own sessions only. A session of the deleted agent
+    // that still runs stays reachable by the name and its id: else nothing could stop it
+    // before its time limit (the CLI's `agent stop` would even say it stopped it).
     a.deploy("gone", &[], json!({})).await;
     let running = a.start_ok("gone").await;
     let r = a
@@ -525,16 +527,26 @@ async fn a_deleted_agents_sessions_stay_listable() {
     let r = a.get("/v1/agents/gone/sessions").await;
     assert_eq!(r.body["sessions"], json!([]), "{}", r.body);
     let path = format!("/v1/agents/gone/sessions/{running}");
-    assert_error(&a.get(&path).await, StatusCode::NOT_FOUND, "404");
+    let r = a.get(&path).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["sessionId"], running.as_str(), "{}", r.body);
+    assert!(r.body["endedAt"].is_null(), "{}", r.body);
+    let proxied = format!("/v1/public/gone/sessions/{running}/x");
+    let r = a.call(Method::GET, &proxied, Some(&a.pk), None).await;
+    assert!(r.body.is_null(), "the instance's own answer: {}", r.body);
+    // Another name does not reach it.
+    let other = format!("/v1/agents/never/sessions/{running}");
+    assert_error(&a.get(&other).await, StatusCode::NOT_FOUND, "404");
     assert_error(
-        &a.stop("gone", &running).await,
+        &a.stop("never", &running).await,
         StatusCode::NOT_FOUND,
         "404",
     );
-    let proxied = format!("/v1/public/gone/sessions/{running}/x");
-    let r = a.call(Method::GET, &proxied, Some(&a.pk), None).await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
     assert_eq!(a.fake.live().len(), 1, "the session runs on");
+    assert_eq!(a.stop("gone", &running).await.status, StatusCode::OK);
+    assert_eq!(a.fake.live().len(), 0, "the stop removed its instance");
+    let r = a.get(&path).await;
+    assert!(!r.body["endedAt"].is_null(), "{}", r.body);
 }
 
 /// A secret set too large for the kernel's exec (with the agent's own environment) is a 400

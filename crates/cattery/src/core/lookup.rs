@@ -43,10 +43,11 @@ pub async fn agent_or_deleted(
         .ok_or_else(|| CoreError::NotFound(format!("agent {name} not found")))
 }
 
-/// A session of `org`'s agent `name`, with the agent: the agent `name` names now
-/// ([`agent_or_deleted`]), so once an agent of that name is created again, a session of the
-/// deleted one is no longer its. Errors: 404 when it does not exist, or belongs to another
-/// org (`session {id} not found`) or agent (`... not found for agent {name}`).
+/// A session of `org`'s agent `name`, with the agent that ran it: the live agent of that
+/// name, or a deleted one that had it ([`names_agent`]), so a session that outlived its
+/// agent stays reachable (and stoppable) by the name even once an agent of that name is
+/// created again. Errors: 404 when it does not exist, or belongs to another org (`session
+/// {id} not found`) or to an agent of another name (`... not found for agent {name}`).
 pub async fn session_of(
     store: &Arc<dyn Store>,
     org: &str,
@@ -66,18 +67,20 @@ pub async fn session_of(
     }
 }
 
-/// The agent `org`'s name `name` stands for now ([`agent_or_deleted`]), if it is agent `id`.
+/// Agent `id` (live or deleted), if it is `org`'s and is (or was, when deleted) named `name`.
+/// A deleted agent's sessions run on until they end (reference §A.3); an agent of the same
+/// name created meanwhile does not make them unreachable by that name, or they could not be
+/// stopped until their time limit.
 pub async fn names_agent(
     store: &Arc<dyn Store>,
     org: &str,
     name: &str,
     id: Uuid,
 ) -> CoreResult<Option<AgentRecord>> {
-    match agent_or_deleted(store, org, name).await {
-        Ok(a) => Ok((a.id == id).then_some(a)),
-        Err(CoreError::NotFound(_)) => Ok(None),
-        Err(e) => Err(e),
-    }
+    Ok(store
+        .get_agent_by_id(id)
+        .await?
+        .filter(|a| a.org == org && a.name == name))
 }
 
 /// Scans (session lists and log queries, which may read an agent's every line) of one org

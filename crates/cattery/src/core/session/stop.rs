@@ -69,15 +69,12 @@ impl Supervisor {
                     .await?;
                 return Ok(());
             }
-            Some((_, Some(false))) => {
-                return Err(CoreError::NotFound(format!(
-                    "session {session} not found for agent {agent_name}"
-                )))
-            }
             Some((_, None)) => {
                 return Err(CoreError::NotFound(format!("session {session} not found")))
             }
-            None => {}
+            // Another agent has the name now: the session may be of a deleted agent that had
+            // it, which the store says (below).
+            Some((_, Some(false))) | None => {}
         }
         let mut rec = self.session_to_stop(org, agent_name, session).await?;
         if may_hold_ws_token(&rec) {
@@ -105,9 +102,9 @@ impl Supervisor {
     }
 
     /// The record of `org`'s session `session` of agent `agent_name`, as
-    /// [`crate::core::lookup::session_of`] finds it, in one read: the agent's name comes from
-    /// this node's agents (kept in step with the store by the change feed) when it knows the
-    /// agent, else from the store. Errors: `NotFound` as `session_of`.
+    /// [`crate::core::lookup::session_of`] finds it: the live agent of that name comes from
+    /// this node's agents (kept in step with the store by the change feed); any other agent
+    /// (a deleted one of that name) from the store. Errors: `NotFound` as `session_of`.
     async fn session_to_stop(
         &self,
         org: &str,
@@ -120,10 +117,12 @@ impl Supervisor {
             .await?
             .filter(|s| s.org == org)
             .ok_or_else(|| CoreError::NotFound(format!("session {session} not found")))?;
+        // The live agent of that name is known here; a session of a deleted agent of that
+        // name (one created again since, too) is checked against the store.
         let live = names_live_agent(&self.state.lock(), org, agent_name, rec.agent_id);
         let matches = match live {
-            Some(m) => m,
-            None => crate::core::lookup::names_agent(&self.store, org, agent_name, rec.agent_id)
+            Some(true) => true,
+            _ => crate::core::lookup::names_agent(&self.store, org, agent_name, rec.agent_id)
                 .await?
                 .is_some(),
         };
