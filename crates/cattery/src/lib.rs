@@ -17,6 +17,7 @@ pub mod http_server;
 pub mod model;
 pub mod redact;
 pub mod runtime;
+pub mod secrets_key;
 pub mod serve;
 pub mod store;
 pub mod telemetry;

@@ -1,6 +1,7 @@
 //! The `cattery` binary: `cattery serve` runs the platform; `cattery keys ...` manages keys;
 //! `cattery backup` and `cattery restore` copy a data directory's state out and back;
-//! `cattery store copy` moves a single node's SQLite records onto PostgreSQL.
+//! `cattery store copy` moves a single node's SQLite records onto PostgreSQL; `cattery
+//! secrets-key rotate` re-seals the stored secrets with a new key.
 
 use std::path::PathBuf;
 
@@ -51,10 +52,44 @@ enum Cmd {
         /// The backup directory.
         from: PathBuf,
     },
+    /// Manage the key that seals secret values at rest (docs/secrets.md).
+    SecretsKey {
+        #[command(subcommand)]
+        cmd: SecretsKeyCmd,
+    },
     /// Move a single node's records between stores (docs/cluster.md, "Moving from SQLite").
     Store {
         #[command(subcommand)]
         cmd: StoreCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum SecretsKeyCmd {
+    /// Re-seal every stored secret value (secret sets, image pull secrets, deployments'
+    /// snapshots, webhook secrets, sealed org properties) with a new key, in one transaction,
+    /// while no server runs; then replace the data dir's `secrets.key` with it (with
+    /// `--secrets-key-file`, give every node the new file yourself). Refuses while a server
+    /// holds the data dir (SQLite) or a node's heartbeat is live (PostgreSQL).
+    Rotate {
+        /// The server's TOML configuration file: its `[server] data_dir`, `[store]` and
+        /// `[cluster]` are used.
+        #[arg(long, env = "CATTERY_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory of the server [default: the config file's, else ./.cattery].
+        #[arg(long, env = "CATTERY_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// The server's current secrets key file, when it is not `<data-dir>/secrets.key`
+        /// [default: the config file's `[cluster] secrets_key_file`].
+        #[arg(long, env = "CATTERY_SECRETS_KEY_FILE", value_name = "FILE")]
+        secrets_key_file: Option<PathBuf>,
+        /// PostgreSQL database of the server (`postgres://...`), when it uses one [default:
+        /// the config file's `[store] database_url`].
+        #[arg(long, env = "CATTERY_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+        /// The new key: 32 bytes, mode 0600 (`head -c 32 /dev/urandom > FILE`).
+        #[arg(long, value_name = "FILE")]
+        new_key_file: PathBuf,
     },
 }
 
@@ -286,6 +321,7 @@ fn main() -> std::process::ExitCode {
             }
             Cmd::Keys { cmd } => keys(cmd).await,
             Cmd::Store { cmd } => store(cmd).await,
+            Cmd::SecretsKey { cmd } => secrets_key(cmd).await,
             Cmd::Backup { dir, out } => {
                 let place = dir.resolve()?;
                 let i = cattery::backup::backup(&place, &out)?;
@@ -366,6 +402,44 @@ async fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
             }
             println!("revoked {id}");
         }
+    }
+    Ok(())
+}
+
+async fn secrets_key(cmd: SecretsKeyCmd) -> anyhow::Result<()> {
+    let SecretsKeyCmd::Rotate {
+        config,
+        data_dir,
+        secrets_key_file,
+        database_url,
+        new_key_file,
+    } = cmd;
+    let cfg = config_file(config.as_deref())?;
+    let mut store = cfg.store;
+    if database_url.is_some() {
+        store.database_url = database_url;
+    }
+    store.database_pool_size = 1;
+    let r = cattery::secrets_key::rotate(&cattery::secrets_key::Rotate {
+        store,
+        data_dir: data_dir.unwrap_or(cfg.server.data_dir),
+        key_file: secrets_key_file.or(cfg.cluster.secrets_key_file),
+        new_key_file: new_key_file.clone(),
+        node_timeout: std::time::Duration::from_secs_f64(cfg.cluster.node_timeout_seconds),
+    })
+    .await?;
+    match r.replaced {
+        Some(path) => println!(
+            "re-sealed {} secret value(s) with the new key and replaced {} with it",
+            r.values,
+            path.display()
+        ),
+        None => println!(
+            "re-sealed {} secret value(s) with the new key: give every node {} as its \
+             --secrets-key-file before starting it",
+            r.values,
+            new_key_file.display()
+        ),
     }
     Ok(())
 }

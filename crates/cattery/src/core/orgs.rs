@@ -211,29 +211,38 @@ pub fn daily_dialin_hmac_of(rec: &OrgRecord, cipher: &SecretCipher) -> Option<St
 fn sealed_property_of(rec: &OrgRecord, name: &str, cipher: &SecretCipher) -> Option<String> {
     match rec.properties.get(name)? {
         Value::String(k) if !k.is_empty() => Some(k.clone()),
-        Value::Object(sealed) => {
-            let b64 = |k: &str| {
-                sealed
-                    .get(k)
-                    .and_then(Value::as_str)
-                    .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
-            };
-            let v = SealedValue {
-                key: name.into(),
-                nonce: b64("nonce")?,
-                ciphertext: b64("ciphertext")?,
-            };
-            match cipher.open(&rec.name, SEALED_PROPERTIES, &v) {
-                Ok(k) => Some(k),
-                Err(e) => {
-                    tracing::error!(org = %rec.name, property = name, error = %e,
-                        "cannot open a sealed property of the org");
-                    None
-                }
+        v @ Value::Object(_) => {
+            let k = open_sealed_property(&rec.name, name, v, cipher);
+            if k.is_none() {
+                tracing::error!(org = %rec.name, property = name,
+                    "cannot open a sealed property of the org");
             }
+            k
         }
         _ => None,
     }
+}
+
+/// `sealed` ([`sealed_property`]'s `{"nonce", "ciphertext"}`) opened; `None` when it is not
+/// one or does not open with `cipher`.
+pub(crate) fn open_sealed_property(
+    org: &str,
+    name: &str,
+    sealed: &Value,
+    cipher: &SecretCipher,
+) -> Option<String> {
+    let b64 = |k: &str| {
+        sealed
+            .get(k)
+            .and_then(Value::as_str)
+            .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+    };
+    let v = SealedValue {
+        key: name.into(),
+        nonce: b64("nonce")?,
+        ciphertext: b64("ciphertext")?,
+    };
+    cipher.open(org, SEALED_PROPERTIES, &v).ok()
 }
 
 /// The sealing context of sealed org properties.

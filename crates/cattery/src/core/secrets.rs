@@ -250,6 +250,98 @@ pub async fn check_key_opens_stored(
     Ok(())
 }
 
+/// Opens every sealed value with the old key and seals it with the new one
+/// ([`crate::store::SecretStore::reseal_all`]).
+struct Rotation {
+    old: SecretCipher,
+    new: SecretCipher,
+}
+
+impl crate::store::Resealer for Rotation {
+    fn reseal(
+        &self,
+        of: crate::store::SealedOf<'_>,
+        v: &SealedValue,
+    ) -> Result<SealedValue, String> {
+        use crate::store::SealedOf;
+        let (org, set, what) = match of {
+            SealedOf::SecretSet { org, set } => (
+                org,
+                set.to_string(),
+                format!("secret {} of set {set}", v.key),
+            ),
+            SealedOf::Deployment { org, set } => (
+                org,
+                set.to_string(),
+                format!("secret {} of a deployment's snapshot of set {set}", v.key),
+            ),
+            SealedOf::Webhook { org, id } => (
+                org,
+                super::webhooks::sealed_as(id),
+                format!("the signing secret of webhook endpoint {id}"),
+            ),
+        };
+        let plain = self.old.open(org, &set, v).map_err(|_| {
+            format!("{what} of org {org} does not open with the current secrets key")
+        })?;
+        Ok(self.new.seal(org, &set, &v.key, &plain))
+    }
+
+    fn reseal_properties(
+        &self,
+        org: &str,
+        props: &serde_json::Value,
+    ) -> Result<Option<serde_json::Value>, String> {
+        use super::orgs::{open_sealed_property, sealed_property};
+        let Some(obj) = props.as_object() else {
+            return Ok(None);
+        };
+        let mut out = obj.clone();
+        let mut changed = false;
+        for (name, v) in obj {
+            // A sealed property is `{"nonce", "ciphertext"}` (`orgs::sealed_property`).
+            if v.get("nonce").is_none() || v.get("ciphertext").is_none() {
+                continue;
+            }
+            let plain = open_sealed_property(org, name, v, &self.old).ok_or_else(|| {
+                format!(
+                    "sealed property {name} of org {org} does not open with the current secrets key"
+                )
+            })?;
+            out.insert(name.clone(), sealed_property(org, name, &plain, &self.new));
+            changed = true;
+        }
+        Ok(changed.then_some(serde_json::Value::Object(out)))
+    }
+
+    fn key_check(&self) -> Vec<u8> {
+        self.new.seal_check()
+    }
+}
+
+/// Re-seals every secret value in `store` (secret sets, image pull secrets, deployments'
+/// snapshots, webhook secrets, sealed org properties) from `old` to `new`, and the nodes' key
+/// checks, in one transaction: a value that does not open with `old` fails the whole
+/// rotation and nothing changes. For `cattery secrets-key rotate`, with no server running.
+/// Returns how many values were re-sealed.
+///
+/// Errors: a value does not open with `old` (naming it, never its value); the store fails.
+pub async fn rotate_key(
+    store: &dyn Store,
+    old: SecretCipher,
+    new: SecretCipher,
+) -> anyhow::Result<u64> {
+    store
+        .reseal_all(Arc::new(Rotation { old, new }))
+        .await
+        .map_err(|e| match e {
+            StoreError::Invalid(m) => anyhow::anyhow!(
+                "{m}: nothing was changed (is the current key the one the server runs with?)"
+            ),
+            e => anyhow::anyhow!("re-sealing the secrets failed, nothing was changed: {e}"),
+        })
+}
+
 /// Validates a set name: `^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$`,
 /// 3 to 63 characters (DNS style, reference §A.6).
 pub fn valid_set_name(name: &str) -> bool {

@@ -178,7 +178,7 @@ impl std::fmt::Debug for Webhooks {
 }
 
 /// The sealing context of an endpoint's secret.
-fn sealed_as(id: Uuid) -> String {
+pub(crate) fn sealed_as(id: Uuid) -> String {
     format!("webhook:{id}")
 }
 

@@ -61,6 +61,7 @@ where
     case!(webhooks);
     case!(webhook_delivery_ids_are_queued_once);
     case!(org_limits);
+    case!(secrets_key_rotation);
 }
 
 fn agent(org: &str, name: &str, created_ms: i64) -> (AgentRecord, DeploymentRecord) {
@@ -2034,4 +2035,132 @@ pub async fn org_limits_across(stores: &[&dyn Store]) {
         stores[0].list_secret_sets(org).await.unwrap().len(),
         LIMIT as usize
     );
+}
+
+/// `reseal_all` through `core::secrets::rotate_key`: every kind of sealed value (a secret
+/// set's, an image pull secret's, a deployment's snapshot, a webhook secret, a sealed org
+/// property, the nodes' key checks) opens with the new key and not the old one after a
+/// rotation; a value that does not open with the old key, found after others were re-sealed,
+/// fails the rotation and leaves every row as it was.
+async fn secrets_key_rotation(s: &dyn Store) {
+    use crate::core::orgs::{open_sealed_property, sealed_property};
+    use crate::core::secrets::{rotate_key, SecretCipher};
+    use crate::core::webhooks::sealed_as;
+    let key = |b: u8| SecretCipher::from_key(&[b; 32]);
+    let (old, new) = (key(1), key(2));
+    s.ensure_org("a").await.unwrap();
+    s.upsert_secret_set(
+        &set("a", "keys", SecretSetKind::Secret),
+        &[
+            old.seal("a", "keys", "K", "kv"),
+            old.seal("a", "keys", "L", "lv"),
+        ],
+        false,
+        None,
+    )
+    .await
+    .unwrap();
+    s.upsert_secret_set(
+        &set("a", "pull", SecretSetKind::ImagePullSecret),
+        &[old.seal("a", "pull", "secretValue", "user:pass")],
+        false,
+        None,
+    )
+    .await
+    .unwrap();
+    let (ag, mut d) = agent("a", "x", 1);
+    d.spec.secret_set = Some("keys".into());
+    s.create_agent(&ag, &d, None).await.unwrap();
+    let did = d.id;
+    let mut hook = endpoint("a", 1);
+    hook.secret = old.seal("a", &sealed_as(hook.id), "secret", "whsec_x");
+    s.insert_webhook_endpoint(&hook).await.unwrap();
+    let props = serde_json::json!({
+        "defaultRegion": "local",
+        "dailyApiKey": sealed_property("a", "dailyApiKey", "daily-k", &old),
+    });
+    s.set_org_properties("a", &props).await.unwrap();
+    let node = |id: &str, check: Option<Vec<u8>>| NodeRecord {
+        id: id.into(),
+        advertise_url: None,
+        version: "0.1.0".into(),
+        started_ms: 1,
+        heartbeat_ms: 2,
+        instances: 0,
+        busy: 0,
+        key_check: check,
+        secret_check: None,
+    };
+    s.heartbeat(&node("n1", Some(old.seal_check())))
+        .await
+        .unwrap();
+    s.heartbeat(&node("n2", None)).await.unwrap();
+
+    // Opens every value with `c`: the plaintexts, or None if any does not open.
+    let open_all = |c: SecretCipher| async move {
+        let mut out = Vec::new();
+        for v in s.secret_values("a", "keys").await.unwrap() {
+            out.push(c.open("a", "keys", &v).ok()?);
+        }
+        let pull = &s.secret_values("a", "pull").await.unwrap()[0];
+        out.push(c.open("a", "pull", pull).ok()?);
+        for (set, v) in s.deployment_secrets(did).await.unwrap() {
+            out.push(c.open("a", &set, &v).ok()?);
+        }
+        let h = s.list_webhook_endpoints(Some("a")).await.unwrap();
+        out.push(c.open("a", &sealed_as(h[0].id), &h[0].secret).ok()?);
+        let o = s.get_org("a").await.unwrap().unwrap();
+        assert_eq!(o.properties["defaultRegion"], "local", "plain ones kept");
+        out.push(open_sealed_property(
+            "a",
+            "dailyApiKey",
+            &o.properties["dailyApiKey"],
+            &c,
+        )?);
+        let nodes = s.list_nodes().await.unwrap();
+        assert!(
+            nodes[1].key_check.is_none(),
+            "a node without a check keeps none"
+        );
+        if !c.opens_check(nodes[0].key_check.as_deref()?) {
+            return None;
+        }
+        Some(out)
+    };
+    let plain: Vec<String> = ["kv", "lv", "user:pass", "kv", "lv", "whsec_x", "daily-k"]
+        .map(String::from)
+        .into();
+    assert_eq!(open_all(key(1)).await.as_ref(), Some(&plain));
+
+    // A value sealed with a third key (a webhook's, re-sealed after the sets and snapshots)
+    // fails the whole rotation: every value still opens with the old key.
+    let mut stray = endpoint("a", 2);
+    stray.secret = key(3).seal("a", &sealed_as(stray.id), "secret", "whsec_y");
+    s.insert_webhook_endpoint(&stray).await.unwrap();
+    let before = s.secret_values("a", "keys").await.unwrap();
+    let err = rotate_key(s, key(1), key(2)).await.unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("webhook endpoint {}", stray.id)),
+        "{err}"
+    );
+    assert!(err.contains("nothing was changed"), "{err}");
+    assert!(!err.contains("whsec_"), "no value in the message: {err}");
+    assert_eq!(s.secret_values("a", "keys").await.unwrap(), before);
+    assert_eq!(open_all(key(1)).await.as_ref(), Some(&plain));
+    assert!(open_all(key(2)).await.is_none());
+    assert!(s.delete_webhook_endpoint("a", stray.id).await.unwrap());
+
+    let n = rotate_key(s, old, new).await.unwrap();
+    assert_eq!(
+        n, 7,
+        "3 set values, 2 snapshot values, 1 webhook, 1 org's properties"
+    );
+    assert_eq!(open_all(key(2)).await.as_ref(), Some(&plain));
+    assert!(
+        open_all(key(1)).await.is_none(),
+        "the old key opens nothing"
+    );
+    assert!(key(1)
+        .open("a", "keys", &s.secret_values("a", "keys").await.unwrap()[0])
+        .is_err());
 }

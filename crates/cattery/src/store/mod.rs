@@ -472,6 +472,58 @@ pub trait SecretStore: Send + Sync + 'static {
         &self,
         deployment_id: Uuid,
     ) -> StoreResult<Vec<(String, SealedValue)>>;
+    /// Re-seals every sealed value the store holds, in one transaction (`cattery secrets-key
+    /// rotate`, with no server running): each value of a secret set, of a deployment's
+    /// snapshot and of a webhook endpoint goes through [`Resealer::reseal`], each org's
+    /// properties through [`Resealer::reseal_properties`], and every node's `key_check` that
+    /// is set becomes [`Resealer::key_check`]. Returns how many values were re-sealed.
+    ///
+    /// Errors: `Invalid` with the resealer's message when it refuses one value (then nothing
+    /// was written); the store's own faults (nothing written either).
+    async fn reseal_all(&self, with: Arc<dyn Resealer>) -> StoreResult<u64>;
+}
+
+/// Where a sealed value is stored, which is what it was sealed for (the associated data).
+#[derive(Debug, Clone, Copy)]
+pub enum SealedOf<'a> {
+    /// A value of secret set `set` of `org` (table `secrets`).
+    SecretSet {
+        /// Org.
+        org: &'a str,
+        /// Set name.
+        set: &'a str,
+    },
+    /// A deployment's snapshot of a value of set `set` (sealed as that set's value).
+    Deployment {
+        /// Org.
+        org: &'a str,
+        /// Set name.
+        set: &'a str,
+    },
+    /// The signing secret of webhook endpoint `id` of `org`.
+    Webhook {
+        /// Org.
+        org: &'a str,
+        /// Endpoint id.
+        id: Uuid,
+    },
+}
+
+/// Opens a sealed value with one key and seals it again with another
+/// ([`SecretStore::reseal_all`]); `core::secrets` implements it.
+pub trait Resealer: Send + Sync + 'static {
+    /// `v` re-sealed for the same place. Errors: `v` does not open (a message naming it,
+    /// never its value).
+    fn reseal(&self, of: SealedOf<'_>, v: &SealedValue) -> Result<SealedValue, String>;
+    /// Org `org`'s properties with their sealed values re-sealed; `None` when none is sealed
+    /// (nothing to write). Errors: as [`Resealer::reseal`].
+    fn reseal_properties(
+        &self,
+        org: &str,
+        props: &serde_json::Value,
+    ) -> Result<Option<serde_json::Value>, String>;
+    /// A node key check sealed with the new key.
+    fn key_check(&self) -> Vec<u8>;
 }
 
 /// Captured log lines.

@@ -1215,3 +1215,170 @@ async fn a_server_whose_secrets_key_was_replaced_refuses_to_start() {
     let sid = s.start_ok("keyed").await;
     assert_eq!(s.session("keyed", &sid).await["status"], "active");
 }
+
+/// `cattery secrets-key rotate` on a single server (SQLite): refused while the server runs;
+/// once it is stopped, it re-seals the stored values with the new key and replaces
+/// `secrets.key` with it, and after a restart the secret set bound to an agent still reaches
+/// a new instance. A new key file readable by others is refused first, changing nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_secrets_key_still_opens_the_bound_set_after_a_restart() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut s = Server::start(&[]).await;
+    let value = "rotated = \"kept\"";
+    assert_eq!(
+        put_secrets(&s, "rot-secrets", &[("MY_KEY", value)])
+            .await
+            .status,
+        202
+    );
+    s.deploy(
+        "rot-agent",
+        &["--print-env", "MY_KEY"],
+        json!({"secretSet": "rot-secrets"}),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let new_key = dir.path().join("new.key");
+    std::fs::write(&new_key, [42u8; 32]).unwrap();
+    std::fs::set_permissions(&new_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let data = s.data_dir().to_path_buf();
+    let rotate = || {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--data-dir".as_ref(), data.as_ref()];
+        args.extend(["--new-key-file".as_ref(), new_key.as_os_str()]);
+        rotate_secrets_key(&args, &[])
+    };
+    let key = data.join("secrets.key");
+    let old = std::fs::read(&key).unwrap();
+
+    let (ok, text) = rotate();
+    assert!(!ok && text.contains("cattery serve is using"), "{text}");
+    assert!(s.terminate(Duration::from_secs(30)).is_some());
+    std::fs::set_permissions(&new_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, text) = rotate();
+    assert!(!ok && text.contains("readable by others"), "{text}");
+    assert_eq!(std::fs::read(&key).unwrap(), old, "nothing changed");
+    std::fs::set_permissions(&new_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (ok, text) = rotate();
+    assert!(ok, "{text}");
+    assert!(text.contains("re-sealed 2 secret value(s)"), "{text}");
+    assert!(!text.contains(value), "{text}");
+    assert_eq!(std::fs::read(&key).unwrap(), [42u8; 32]);
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let (ok, text) = rotate();
+    assert!(!ok && text.contains("holds the current key"), "{text}");
+
+    s.spawn().await;
+    let sid = s.start_ok("rot-agent").await;
+    let rec = wait_log(&s, "rot-agent", &sid, "env MY_KEY=").await;
+    assert!(
+        rec["log"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("env MY_KEY={value}")),
+        "{rec}"
+    );
+    assert_eq!(s.stop("rot-agent", &sid).await.status, 200);
+}
+
+/// Runs `cattery secrets-key rotate` with `args` and the environment `env`; returns (success,
+/// stdout + stderr).
+fn rotate_secrets_key(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> (bool, String) {
+    let out = std::process::Command::new(crate::common::cattery_bin())
+        .args(["secrets-key", "rotate"])
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The rotation on PostgreSQL with `--secrets-key-file`: refused while the node's heartbeat
+/// is live (naming the node); once the node stopped, the values are re-sealed and the key file
+/// is left to the operator, who gives the node the new one; the bound set reaches a new
+/// instance after the restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_secrets_key_on_postgres_reaches_instances_once_nodes_get_the_new_file() {
+    let Some(pg) = crate::postgres::PgCluster::start() else {
+        return;
+    };
+    let keydir = tempfile::tempdir().unwrap();
+    let (keyfile, new_key) = (
+        keydir.path().join("secrets.key"),
+        keydir.path().join("new.key"),
+    );
+    crate::common::write_private(&keyfile, &[7u8; 32]);
+    crate::common::write_private(&new_key, &[8u8; 32]);
+    let url = pg.url();
+    let mut s = Server::start_with_env(
+        &[
+            "--node-id",
+            "rot-node",
+            "--node-timeout",
+            "2",
+            "--secrets-key-file",
+            keyfile.to_str().unwrap(),
+        ],
+        &[("CATTERY_DATABASE_URL", &url)],
+    )
+    .await;
+    let value = "pg rotated";
+    assert_eq!(
+        put_secrets(&s, "rot-secrets", &[("MY_KEY", value)])
+            .await
+            .status,
+        202
+    );
+    s.deploy(
+        "rot-agent",
+        &["--print-env", "MY_KEY"],
+        json!({"secretSet": "rot-secrets"}),
+    )
+    .await;
+    let data = s.data_dir().to_path_buf();
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "--data-dir".as_ref(),
+        data.as_ref(),
+        "--secrets-key-file".as_ref(),
+        keyfile.as_ref(),
+        "--new-key-file".as_ref(),
+        new_key.as_ref(),
+    ];
+    let env = [("CATTERY_DATABASE_URL", url.as_str())];
+    let (ok, text) = rotate_secrets_key(&args, &env);
+    assert!(
+        !ok && text.contains("rot-node") && text.contains("still run"),
+        "{text}"
+    );
+
+    assert!(s.terminate(Duration::from_secs(30)).is_some());
+    let (ok, text) = rotate_secrets_key(&args, &env);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("re-sealed 2 secret value(s)") && text.contains("every node"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read(&keyfile).unwrap(),
+        [7u8; 32],
+        "the operator's file"
+    );
+    // The operator gives the node the new file; it serves the set.
+    std::fs::copy(&new_key, &keyfile).unwrap();
+    s.spawn().await;
+    let sid = s.start_ok("rot-agent").await;
+    let rec = wait_log(&s, "rot-agent", &sid, "env MY_KEY=").await;
+    assert!(
+        rec["log"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("env MY_KEY={value}")),
+        "{rec}"
+    );
+    assert_eq!(s.stop("rot-agent", &sid).await.status, 200);
+}

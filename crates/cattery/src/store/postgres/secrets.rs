@@ -1,5 +1,7 @@
 //! Secret sets, their sealed values, and deployments' snapshots of them.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::Row;
@@ -8,7 +10,8 @@ use uuid::Uuid;
 use super::{Limited, PgStore};
 use crate::model::now_ms;
 use crate::store::{
-    SealedValue, SecretSetKind, SecretSetRecord, SecretStore, StoreError, StoreResult,
+    Resealer, SealedOf, SealedValue, SecretSetKind, SecretSetRecord, SecretStore, StoreError,
+    StoreResult,
 };
 
 const SET_COLS: &str = "org, name, kind, region, host, created_ms, updated_ms";
@@ -220,4 +223,124 @@ impl SecretStore for PgStore {
             .map(|r| Ok((r.try_get(0)?, sealed_from_row(r, 1)?)))
             .collect()
     }
+
+    async fn reseal_all(&self, with: Arc<dyn Resealer>) -> StoreResult<u64> {
+        let with = with.as_ref();
+        let mut tx = self.pool.begin().await?;
+        let mut n = 0;
+        let rows = sqlx::query("SELECT org, set_name, key, nonce, ciphertext FROM secrets")
+            .fetch_all(&mut *tx)
+            .await?;
+        for r in &rows {
+            let (org, set): (String, String) = (r.try_get(0)?, r.try_get(1)?);
+            let v = sealed_from_row(r, 2)?;
+            let s = with
+                .reseal(
+                    SealedOf::SecretSet {
+                        org: &org,
+                        set: &set,
+                    },
+                    &v,
+                )
+                .map_err(StoreError::Invalid)?;
+            sqlx::query(
+                "UPDATE secrets SET nonce = $1, ciphertext = $2 \
+                 WHERE org = $3 AND set_name = $4 AND key = $5",
+            )
+            .bind(&s.nonce)
+            .bind(&s.ciphertext)
+            .bind(&org)
+            .bind(&set)
+            .bind(&v.key)
+            .execute(&mut *tx)
+            .await?;
+            n += 1;
+        }
+        let rows = sqlx::query(
+            "SELECT deployment_id, org, set_name, key, nonce, ciphertext FROM deployment_secrets",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for r in &rows {
+            let (dep, org, set): (Uuid, String, String) =
+                (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+            let v = sealed_from_row(r, 3)?;
+            let s = with
+                .reseal(
+                    SealedOf::Deployment {
+                        org: &org,
+                        set: &set,
+                    },
+                    &v,
+                )
+                .map_err(StoreError::Invalid)?;
+            sqlx::query(
+                "UPDATE deployment_secrets SET nonce = $1, ciphertext = $2 \
+                 WHERE deployment_id = $3 AND key = $4",
+            )
+            .bind(&s.nonce)
+            .bind(&s.ciphertext)
+            .bind(dep)
+            .bind(&v.key)
+            .execute(&mut *tx)
+            .await?;
+            n += 1;
+        }
+        n += reseal_webhooks_and_orgs(&mut tx, with).await?;
+        sqlx::query("UPDATE nodes SET key_check = $1 WHERE key_check IS NOT NULL")
+            .bind(with.key_check())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+}
+
+/// The webhook and org-property part of [`SecretStore::reseal_all`], inside its transaction.
+async fn reseal_webhooks_and_orgs(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    with: &dyn Resealer,
+) -> StoreResult<u64> {
+    let mut n = 0;
+    let rows = sqlx::query("SELECT id, org, nonce, ciphertext FROM webhook_endpoints")
+        .fetch_all(&mut **tx)
+        .await?;
+    for r in &rows {
+        let (id, org): (Uuid, String) = (r.try_get(0)?, r.try_get(1)?);
+        let v = SealedValue {
+            key: "secret".into(),
+            nonce: r.try_get(2)?,
+            ciphertext: r.try_get(3)?,
+        };
+        let s = with
+            .reseal(SealedOf::Webhook { org: &org, id }, &v)
+            .map_err(StoreError::Invalid)?;
+        sqlx::query("UPDATE webhook_endpoints SET nonce = $1, ciphertext = $2 WHERE id = $3")
+            .bind(&s.nonce)
+            .bind(&s.ciphertext)
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        n += 1;
+    }
+    let rows = sqlx::query("SELECT name, properties FROM orgs")
+        .fetch_all(&mut **tx)
+        .await?;
+    for r in &rows {
+        let (org, props): (String, String) = (r.try_get(0)?, r.try_get(1)?);
+        let props: serde_json::Value = serde_json::from_str(&props)
+            .map_err(|e| StoreError::Invalid(format!("properties of org {org}: {e}")))?;
+        if let Some(p) = with
+            .reseal_properties(&org, &props)
+            .map_err(StoreError::Invalid)?
+        {
+            sqlx::query("UPDATE orgs SET properties = $1 WHERE name = $2")
+                .bind(p.to_string())
+                .bind(&org)
+                .execute(&mut **tx)
+                .await?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }

@@ -1,5 +1,7 @@
 //! Secret sets, their sealed values, and deployments' snapshots of them.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use uuid::Uuid;
 
@@ -7,7 +9,8 @@ use super::conn::{Row, Val};
 use super::SqliteStore;
 use crate::model::now_ms;
 use crate::store::{
-    SealedValue, SecretSetKind, SecretSetRecord, SecretStore, StoreError, StoreResult,
+    Resealer, SealedOf, SealedValue, SecretSetKind, SecretSetRecord, SecretStore, StoreError,
+    StoreResult,
 };
 
 const SET_COLS: &str = "org, name, kind, region, host, created_ms, updated_ms";
@@ -205,4 +208,121 @@ impl SecretStore for SqliteStore {
             )
         })
     }
+
+    async fn reseal_all(&self, with: Arc<dyn Resealer>) -> StoreResult<u64> {
+        self.write_tx(move |db| {
+            let with = with.as_ref();
+            let fail = StoreError::Invalid;
+            let mut n = 0;
+            let rows = db.query_all(
+                "SELECT org, set_name, key, nonce, ciphertext FROM secrets",
+                &[],
+                |r| Ok((r.string(0), r.string(1), sealed_from_row(r, 2))),
+            )?;
+            for (org, set, v) in rows {
+                let s = with
+                    .reseal(
+                        SealedOf::SecretSet {
+                            org: &org,
+                            set: &set,
+                        },
+                        &v,
+                    )
+                    .map_err(fail)?;
+                db.exec(
+                    "UPDATE secrets SET nonce = ?, ciphertext = ? \
+                     WHERE org = ? AND set_name = ? AND key = ?",
+                    &[
+                        Val::Blob(&s.nonce),
+                        Val::Blob(&s.ciphertext),
+                        Val::Text(&org),
+                        Val::Text(&set),
+                        Val::Text(&v.key),
+                    ],
+                )?;
+                n += 1;
+            }
+            let rows = db.query_all(
+                "SELECT deployment_id, org, set_name, key, nonce, ciphertext \
+                 FROM deployment_secrets",
+                &[],
+                |r| Ok((r.string(0), r.string(1), r.string(2), sealed_from_row(r, 3))),
+            )?;
+            for (dep, org, set, v) in rows {
+                let s = with
+                    .reseal(
+                        SealedOf::Deployment {
+                            org: &org,
+                            set: &set,
+                        },
+                        &v,
+                    )
+                    .map_err(fail)?;
+                db.exec(
+                    "UPDATE deployment_secrets SET nonce = ?, ciphertext = ? \
+                     WHERE deployment_id = ? AND key = ?",
+                    &[
+                        Val::Blob(&s.nonce),
+                        Val::Blob(&s.ciphertext),
+                        Val::Text(&dep),
+                        Val::Text(&v.key),
+                    ],
+                )?;
+                n += 1;
+            }
+            n += reseal_webhooks_and_orgs(db, with)?;
+            let check = with.key_check();
+            db.exec(
+                "UPDATE nodes SET key_check = ? WHERE key_check IS NOT NULL",
+                &[Val::Blob(&check)],
+            )?;
+            Ok(n)
+        })
+        .await
+    }
+}
+
+/// The webhook and org-property part of [`SecretStore::reseal_all`], inside its transaction.
+fn reseal_webhooks_and_orgs(db: &mut super::conn::Conn, with: &dyn Resealer) -> StoreResult<u64> {
+    let mut n = 0;
+    let rows = db.query_all(
+        "SELECT id, org, nonce, ciphertext FROM webhook_endpoints",
+        &[],
+        |r| {
+            let v = SealedValue {
+                key: "secret".into(),
+                nonce: r.blob(2),
+                ciphertext: r.blob(3),
+            };
+            Ok((r.uuid(0)?, r.string(1), v))
+        },
+    )?;
+    for (id, org, v) in rows {
+        let s = with
+            .reseal(SealedOf::Webhook { org: &org, id }, &v)
+            .map_err(StoreError::Invalid)?;
+        db.exec(
+            "UPDATE webhook_endpoints SET nonce = ?, ciphertext = ? WHERE id = ?",
+            &[Val::Blob(&s.nonce), Val::Blob(&s.ciphertext), id.into()],
+        )?;
+        n += 1;
+    }
+    let rows = db.query_all("SELECT name, properties FROM orgs", &[], |r| {
+        Ok((r.string(0), r.string(1)))
+    })?;
+    for (org, props) in rows {
+        let props: serde_json::Value = serde_json::from_str(&props)
+            .map_err(|e| StoreError::Invalid(format!("properties of org {org}: {e}")))?;
+        if let Some(p) = with
+            .reseal_properties(&org, &props)
+            .map_err(StoreError::Invalid)?
+        {
+            db.exec(
+                "UPDATE orgs SET properties = ? WHERE name = ?",
+                &[Val::Str(p.to_string()), Val::Text(&org)],
+            )?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
