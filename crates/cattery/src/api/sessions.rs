@@ -39,7 +39,8 @@ pub struct StartRequest {
     pub daily_meeting_token_properties: Option<Value>,
     /// Include `iceConfig` in the answer.
     pub enable_default_ice_servers: Option<bool>,
-    /// `daily`, `webrtc` or `websocket`.
+    /// `daily`, `webrtc` or `websocket`. `daily` makes a room as `createDailyRoom: true` does,
+    /// unless `createDailyRoom` is `false` (the caller's own room, passed in `body`).
     pub transport: Option<String>,
     /// Passed to the bot as `args.body` (max 1 MiB; 4 KiB for websocket).
     // The caller's data: `Debug` shows whether it is there, not what.
@@ -172,7 +173,11 @@ pub async fn start_session(
         .into());
     }
     let flow = req.flow_config.as_deref().filter(|f| !f.is_empty());
-    let daily = req.create_daily_room == Some(true);
+    // The daily transport makes a room as `createDailyRoom: true` does, unless the start
+    // says `createDailyRoom: false` (a room of the caller's own, passed in `body`).
+    let daily = req
+        .create_daily_room
+        .unwrap_or(transport.as_deref() == Some("daily"));
     if transport.as_deref() == Some("websocket") {
         if daily || flow.is_some() {
             return Err(ApiError::bad_request(
@@ -276,7 +281,7 @@ pub(super) async fn daily_room(
         .key_for(crate::core::orgs::daily_api_key_of(&rec, &st.secrets).as_deref())
         .ok_or_else(|| {
             ApiError::bad_request(
-                "createDailyRoom needs a Daily API key: set the org's dailyApiKey property, or start the server with --daily-api-key (CATTERY_DAILY_API_KEY)",
+                "a Daily room (createDailyRoom, or transport \"daily\") needs a Daily API key: set the org's dailyApiKey property, or start the server with --daily-api-key (CATTERY_DAILY_API_KEY)",
             )
         })?;
     crate::core::daily::check_properties(room_props, token_props)?;

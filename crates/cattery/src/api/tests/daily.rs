@@ -229,6 +229,32 @@ async fn create_daily_room_makes_a_room_and_deletes_it_at_the_end() {
     daily.wait_deleted("room1").await;
 }
 
+/// `transport: "daily"` makes a room as `createDailyRoom: true` does (the contract: "daily
+/// (or createDailyRoom:true)"); an explicit `createDailyRoom: false` with it joins no new room
+/// (the caller passes its own room in the body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_transport_makes_a_room_unless_told_not_to() {
+    let (daily, a) = with_daily(Some("dk_server_key_0001")).await;
+    a.deploy("dt", &[], json!({})).await;
+    let start = |body: Value| a.call(Method::POST, "/v1/public/dt/start", Some(&a.pk), Some(body));
+    let r = start(json!({"transport": "daily", "body": {"x": 1}})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        r.body["dailyRoom"], "https://cattery.daily.co/room1",
+        "{}",
+        r.body
+    );
+    assert_eq!(r.body["dailyToken"], "tok-client-room1", "{}", r.body);
+    let sid = r.body["sessionId"].as_str().unwrap().to_string();
+    assert_eq!(daily.seen().len(), 3, "a room and two tokens");
+    let r = start(json!({"transport": "daily", "createDailyRoom": false, "body": {}})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.get("dailyRoom").is_none(), "{}", r.body);
+    assert_eq!(daily.seen().len(), 3, "no room made");
+    assert_eq!(a.stop("dt", &sid).await.status, StatusCode::OK);
+    daily.wait_deleted("room1").await;
+}
+
 /// The org's `dailyApiKey` property wins over the server's key, is shown masked, and
 /// `GET .../daily` answers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
