@@ -102,7 +102,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJsonBytes<T> {
                     ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "413",
-                        "request body is too large",
+                        format!(
+                            "request body is too large: the limit is {MAX_REQUEST_BYTES} bytes"
+                        ),
                     )
                 } else {
                     ApiError::bad_request(format!("could not read the request body: {e}"))

@@ -297,6 +297,27 @@ async fn error_bodies() {
 
 /// A NUL byte in a name, id or filter (path, query or a body's name field) is a 400 before
 /// any store is asked: PostgreSQL refuses text holding one, which answered 503.
+/// A JSON body over the API's limit is a 413 that says the limit, on any route that reads one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_is_a_413_naming_the_limit() {
+    let a = api().await;
+    let big = "x".repeat(super::MAX_REQUEST_BYTES);
+    for (method, uri) in [
+        (Method::POST, "/v1/agents"),
+        (Method::PUT, "/v1/secrets/big"),
+    ] {
+        let r = a
+            .call(method, uri, Some(&a.sk), Some(json!({"serviceName": big})))
+            .await;
+        assert_error(&r, StatusCode::PAYLOAD_TOO_LARGE, "413");
+        let msg = r.body["error"].as_str().unwrap();
+        assert!(
+            msg.contains(&format!("{} bytes", super::MAX_REQUEST_BYTES)),
+            "{msg}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_nul_byte_in_a_name_or_filter_is_a_400() {
     let a = api().await;
