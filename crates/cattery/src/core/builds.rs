@@ -395,6 +395,24 @@ impl Drop for ActiveBuild {
     }
 }
 
+/// What a build that did not succeed leaves in its directory `dir` besides its log: the
+/// context, the unpacked tree, the virtualenv and the build uid's home (which that uid may
+/// own, so a later holder of the uid must not find them). Parts already gone are fine; every
+/// part is tried, and the first error is returned.
+fn remove_all_but_the_log(dir: &std::path::Path) -> std::io::Result<()> {
+    let gone = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    };
+    let tried = [
+        gone(std::fs::remove_dir_all(dir.join("app"))),
+        gone(std::fs::remove_dir_all(dir.join("venv"))),
+        gone(std::fs::remove_dir_all(dir.join("home"))),
+        gone(std::fs::remove_file(dir.join("context.tar.gz"))),
+    ];
+    tried.into_iter().collect()
+}
+
 impl Builds {
     /// The service over `store`, building with `builder`.
     pub fn new(store: Arc<dyn Store>, builder: Arc<dyn Builder>, s: BuildSettings) -> Arc<Builds> {
@@ -792,9 +810,7 @@ impl Builds {
         tracing::info!(build = %b.id, status = b.status.as_str(), seconds = secs, "build ended");
         let _ = std::fs::remove_file(dir.join("context.tar.gz"));
         if !ok {
-            // Only the log is worth keeping of a failed build.
-            let _ = std::fs::remove_dir_all(dir.join("venv"));
-            let _ = std::fs::remove_dir_all(dir.join("app"));
+            let _ = remove_all_but_the_log(&dir);
         }
     }
 
@@ -812,19 +828,7 @@ impl Builds {
             let id = b.id;
             self.step(b, BuildEvent::Fail(STOPPED_DURING_BUILD.into()))
                 .await;
-            let left = tokio::task::spawn_blocking(move || {
-                for sub in ["app", "venv", "home"] {
-                    match std::fs::remove_dir_all(dir.join(sub)) {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                        _ => {}
-                    }
-                }
-                match std::fs::remove_file(dir.join("context.tar.gz")) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                    _ => Ok(()),
-                }
-            })
-            .await;
+            let left = tokio::task::spawn_blocking(move || remove_all_but_the_log(&dir)).await;
             if let Ok(Err(e)) = left {
                 tracing::warn!(build = %id, error = %e, "could not remove what a build stopped by the server left");
             }
