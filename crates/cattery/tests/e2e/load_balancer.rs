@@ -1,13 +1,16 @@
 //! Nodes behind the load balancer recipe of `docs/cluster.md` (`deploy/haproxy/cattery.cfg`,
 //! with this test's addresses): two nodes on one PostgreSQL database, every request through
-//! HAProxy. Without `haproxy` installed the test says so and passes, unless
-//! `CATTERY_REQUIRE_HAPROXY` is set (as `.ci/run` does).
+//! HAProxy; and one node behind the recipe with TLS ended at the balancer. Without `haproxy`
+//! installed the tests say so and pass, unless `CATTERY_REQUIRE_HAPROXY` is set (as `.ci/run`
+//! does).
 
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::{free_port, wait_for, Cluster};
+use crate::common::{free_port, py_env_dir, test_agent, wait_for, Cluster, Server};
 use crate::postgres::PgCluster;
 
 /// HAProxy running the recipe's configuration in front of `nodes` (base URLs); killed (by its
@@ -19,7 +22,9 @@ struct Haproxy {
 }
 
 impl Haproxy {
-    fn start(nodes: &[String]) -> Option<Haproxy> {
+    /// With `tls` (a file holding a certificate and its key), the recipe's TLS `bind` line
+    /// instead of its plain one.
+    fn start(nodes: &[String], tls: Option<&Path>) -> Option<Haproxy> {
         let Some(bin) = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
@@ -41,6 +46,7 @@ impl Haproxy {
         // `server` lines (`node-N`, `alive-N`) for this test's nodes.
         let mut cfg = String::new();
         let mut groups = Vec::new();
+        let mut bound = false;
         for line in recipe.lines() {
             let t = line.trim_start();
             if let Some(rest) = t.strip_prefix("server ") {
@@ -60,14 +66,28 @@ impl Haproxy {
                 }
                 continue;
             }
-            if t.starts_with("bind :") {
+            if t.starts_with("bind :") && tls.is_none() {
                 cfg.push_str(&format!("    bind 127.0.0.1:{port}\n"));
+                bound = true;
+                continue;
+            }
+            if t.starts_with("bind :") {
+                continue;
+            }
+            if let (Some(pem), Some(rest)) = (tls, t.strip_prefix("# bind :443 ssl crt ")) {
+                let (_path, flags) = rest.split_once(' ').unwrap();
+                let pem = pem.display();
+                cfg.push_str(&format!(
+                    "    bind 127.0.0.1:{port} ssl crt {pem} {flags}\n"
+                ));
+                bound = true;
                 continue;
             }
             cfg.push_str(line);
             cfg.push('\n');
         }
         assert_eq!(groups, ["node-", "alive-"], "{cfg}");
+        assert!(bound, "the recipe's bind line: {cfg}");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, cfg).unwrap();
@@ -79,9 +99,10 @@ impl Haproxy {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         Some(Haproxy {
             child,
-            base: format!("http://127.0.0.1:{port}"),
+            base: format!("{scheme}://127.0.0.1:{port}"),
             _dir: dir,
         })
     }
@@ -126,7 +147,7 @@ async fn the_load_balancer_recipe_routes_around_a_drain_and_passes_an_outage_on(
     c.add_node().await.deploy("lb", &[], json!({})).await;
     c.add_node().await;
     let bases: Vec<String> = c.nodes.iter().map(|n| n.base.clone()).collect();
-    let Some(lb) = Haproxy::start(&bases) else {
+    let Some(lb) = Haproxy::start(&bases, None) else {
         return;
     };
     let (pk, sk) = (c.nodes[0].pk.clone(), c.nodes[0].sk.clone());
@@ -221,5 +242,106 @@ async fn the_load_balancer_recipe_routes_around_a_drain_and_passes_an_outage_on(
             .count(),
         1,
         "said once per outage"
+    );
+}
+
+/// A start through the balancer over https that sends its own `Forwarded`,
+/// `X-Forwarded-Proto` and `X-Forwarded-Host`: prints the `wsUrl` it is handed, or the status
+/// of `GET /ready` with `ready` as the fourth argument.
+const SPOOF_SCRIPT: &str = r#"
+import json, ssl, sys, urllib.request
+base, pk, cafile = sys.argv[1:4]
+ctx = ssl.create_default_context(cafile=cafile)
+if sys.argv[4:] == ["ready"]:
+    try:
+        print(urllib.request.urlopen(base + "/ready", context=ctx, timeout=5).status)
+    except Exception as e:
+        print(e)
+    sys.exit(0)
+req = urllib.request.Request(base + "/v1/public/tls/start", method="POST",
+                             data=json.dumps({"transport": "websocket"}).encode(),
+                             headers={"Authorization": "Bearer " + pk,
+                                      "Content-Type": "application/json",
+                                      "Forwarded": "proto=http;host=evil.example",
+                                      "X-Forwarded-Proto": "http",
+                                      "X-Forwarded-Host": "evil.example"})
+with urllib.request.urlopen(req, context=ctx) as r:
+    print(json.load(r)["wsUrl"])
+"#;
+
+/// The recipe with TLS ended at the balancer (its commented `bind ... ssl` line): the official
+/// SDK starts a session through it over https; the `wsUrl` Cattery hands out is `wss://` on the
+/// balancer's address and frames pass through it; a client's own `Forwarded` and
+/// `X-Forwarded-*` headers do not change that URL.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_load_balancer_recipe_ends_tls_and_hands_out_wss_urls() {
+    let py = py_env_dir().join("main/bin/python");
+    assert!(
+        py.exists(),
+        "{} is missing: run scripts/setup-python.sh",
+        py.display()
+    );
+    let s = Server::start(&[]).await;
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = crate::web::test_certificate(certs.path());
+    let pem = certs.path().join("haproxy.pem");
+    let chain = std::fs::read_to_string(&cert).unwrap() + &std::fs::read_to_string(&key).unwrap();
+    std::fs::write(&pem, chain).unwrap();
+    let Some(lb) = Haproxy::start(std::slice::from_ref(&s.base), Some(&pem)) else {
+        return;
+    };
+    let python = |args: &[&str]| {
+        let home = tempfile::tempdir().unwrap();
+        let out = Command::new(&py)
+            .args(args)
+            .env("HOME", home.path())
+            .env("PIPECAT_API_HOST", &lb.base)
+            .env("SSL_CERT_FILE", &cert)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let cafile = cert.display().to_string();
+    wait_for(
+        Duration::from_secs(20),
+        "the balancer serving https",
+        || async {
+            let out = python(&["-c", SPOOF_SCRIPT, &lb.base, "", &cafile, "ready"]);
+            (out == "200").then_some(())
+        },
+    )
+    .await;
+    let cmd = json!([
+        test_agent().display().to_string(),
+        "--ignore-transport-close"
+    ]);
+    let out = python(&[
+        "-c",
+        crate::web::TLS_SCRIPT,
+        &lb.base,
+        &s.sk,
+        &s.pk,
+        &cmd.to_string(),
+        &cafile,
+    ]);
+    let v: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let wss = format!(
+        "wss://{}/ws/generic/tls.",
+        lb.base.trim_start_matches("https://")
+    );
+    assert!(v["wsUrl"].as_str().unwrap().starts_with(&wss), "{v}");
+    assert!(v["frame_bytes"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["sdk_session"]["endedAt"].is_null(), "{v}");
+
+    let url = python(&["-c", SPOOF_SCRIPT, &lb.base, &s.pk, &cafile]);
+    assert!(
+        url.starts_with(&wss),
+        "a client's own forwarding headers: {url}"
     );
 }

@@ -124,7 +124,7 @@ async fn browser_cross_origin_start() {
 }
 
 /// A self-signed certificate for 127.0.0.1 (openssl): (cert, key).
-fn test_certificate(dir: &Path) -> (PathBuf, PathBuf) {
+pub(crate) fn test_certificate(dir: &Path) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let out = Command::new("openssl")
         .args([
@@ -149,7 +149,7 @@ fn test_certificate(dir: &Path) -> (PathBuf, PathBuf) {
 /// Deploys over https, starts a `/bot` session with the official SDK, then a websocket
 /// session: its `wsUrl` must be `wss://`, and a client trusting the certificate gets frames
 /// through it. Prints one JSON line.
-const TLS_SCRIPT: &str = r#"
+pub(crate) const TLS_SCRIPT: &str = r#"
 import asyncio, json, ssl, sys, urllib.request
 import websockets
 from pipecatcloud.session import Session, SessionParams
