@@ -148,6 +148,16 @@ async function main() {
     await keyRow.locator('td', { hasText: 'revoked' }).waitFor(T);
     await shot('07-keys.png');
 
+    step('nodes: the default org\'s private key sees this node, alive, with no Forget button');
+    await page.locator('#nav-nodes').waitFor({ state: 'visible', ...T });
+    await page.click('#nav-nodes');
+    const self = page.locator('#nodes-body tr', { hasText: 'this node' });
+    await self.locator('[data-state="alive"]').waitFor(T);
+    check((await page.locator('#nodes-body tr').count()) === 1, 'one node listed');
+    check((await self.locator('button').count()) === 0, 'a live node cannot be forgotten');
+    await page.waitForFunction(() => /s ago/.test(document.querySelector('#nodes-body').textContent), null, T);
+    await shot('07b-nodes.png');
+
     step('sign out forgets the key');
     await page.click('#signout');
     await page.locator('#signin').waitFor({ state: 'visible', ...T });
@@ -160,6 +170,11 @@ async function main() {
     await page.click('#signin-button');
     await page.locator('#org-name', { hasText: 'other' }).waitFor(T);
     await page.locator(`tr[data-agent="${OTHER_AGENT}"]`).waitFor(T);
+    check(await page.locator('#nav-nodes').isHidden(), 'another org is not offered the nodes page');
+    await page.evaluate(() => { location.hash = '#/nodes'; });
+    await page.locator('#main .error').waitFor(T);
+    check((await page.locator('#nodes-body tr').count()) === 0, 'another org sees no node');
+    await page.evaluate(() => { location.hash = '#/agents'; });
     check((await page.locator(`tr[data-agent="${AGENT}"]`).count()) === 0, 'the first org\'s agent is not visible');
     await page.evaluate((a) => { location.hash = `#/sessions?agent=${encodeURIComponent(a)}`; }, AGENT);
     await page.locator('#main', { hasText: 'not found' }).waitFor(T);

@@ -75,6 +75,10 @@ async function signIn(key) {
   $('key-name').textContent = u.user.name + ' (' + u.user.keyType + ')';
   $('signin').hidden = true;
   $('app').hidden = false;
+  // The cluster's nodes are the operator's (a private key of the default org): offer the page
+  // only to a key that may read them.
+  $('nav-nodes').hidden = true;
+  api('GET', '/v1/cluster/nodes').then(() => { $('nav-nodes').hidden = false; }, () => {});
   events.start();
   route();
 }
@@ -205,6 +209,7 @@ async function route() {
     else if (page === 'logs') await logsPage(main, q);
     else if (page === 'keys') await keysPage(main);
     else if (page === 'talk') await talkPage(main, parts[1]);
+    else if (page === 'nodes') await nodesPage(main);
     else main.replaceChildren(h('p', {}, 'No such page.'));
   } catch (err) {
     if (err.status !== 401) main.replaceChildren(h('p', { class: 'error' }, 'Error: ' + err.message));
@@ -614,6 +619,33 @@ async function keysPage(main) {
     return h('tr', {}, h('td', {}, s.name), h('td', {}, s.type), h('td', { class: 'mono' }, fields));
   }));
   sets.replaceChildren(...rows);
+}
+
+// -- the cluster's nodes --
+// GET /v1/cluster/nodes every 2 s; a node that left or died can be forgotten (DELETE), and
+// the server's refusal (a live node, a dead one still owning records) is shown as it says it.
+async function nodesPage(main) {
+  const tbody = h('tbody', { id: 'nodes-body' });
+  main.replaceChildren(h('h1', {}, 'Nodes'),
+    h('p', { class: 'hint' }, 'Every node that ever heartbeat on this store. A node is dead after the node timeout without a heartbeat; a live node then takes its sessions over or ends them lost.'),
+    h('table', {}, h('thead', {}, h('tr', {}, ['Node', 'State', 'Address', 'Version', 'Started', 'Last heartbeat', 'Instances (busy)', ''].map((t) => h('th', {}, t)))), tbody));
+  async function refresh() {
+    const l = await api('GET', '/v1/cluster/nodes');
+    tbody.replaceChildren(...l.nodes.map((n) => h('tr', { 'data-node': n.id },
+      h('td', { class: 'mono' }, n.id, n.self ? h('span', { class: 'hint' }, ' (this node)') : null),
+      h('td', {}, h('span', { class: 'state-' + n.state, 'data-state': n.state }, n.state)),
+      h('td', { class: 'mono' }, n.advertiseUrl || '—'),
+      h('td', {}, n.version || ''),
+      h('td', {}, fmtTime(n.startedMs)),
+      h('td', {}, n.heartbeatAgeMs == null ? '—' : (n.heartbeatAgeMs / 1000).toFixed(1) + ' s ago'),
+      h('td', {}, String(n.instances) + ' (' + String(n.busy) + ')'),
+      h('td', {}, n.state === 'alive' ? '' : h('button', { type: 'button', class: 'danger', onclick: async () => {
+        if (!confirm('Forget node ' + n.id + '? It is listed again if it heartbeats.')) return;
+        try { await api('DELETE', '/v1/cluster/nodes/' + enc(n.id)); flash('Node ' + n.id + ' forgotten.'); await refresh(); } catch (e) { flash('Not forgotten: ' + e.message, true); }
+      } }, 'Forget')))));
+  }
+  await refresh();
+  every(2000, () => refresh().catch(() => {}));
 }
 
 // ---- start ---------------------------------------------------------------------------
