@@ -90,7 +90,7 @@ fn agent(org: &str, name: &str, created_ms: i64) -> (AgentRecord, DeploymentReco
     (a, d)
 }
 
-async fn with_agent(s: &dyn Store, org: &str, name: &str) -> AgentRecord {
+pub(crate) async fn with_agent(s: &dyn Store, org: &str, name: &str) -> AgentRecord {
     s.ensure_org(org).await.unwrap();
     let (a, d) = agent(org, name, 1_000);
     s.create_agent(&a, &d, None).await.unwrap();
@@ -174,7 +174,7 @@ fn set(org: &str, name: &str, kind: SecretSetKind) -> SecretSetRecord {
     }
 }
 
-fn line(a: &AgentRecord, ts_ns: i64, text: &str) -> LogLine {
+pub(crate) fn line(a: &AgentRecord, ts_ns: i64, text: &str) -> LogLine {
     LogLine {
         org: a.org.clone(),
         agent_id: a.id,

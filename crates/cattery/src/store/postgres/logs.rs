@@ -97,19 +97,44 @@ async fn insert(
         .collect()
 }
 
-/// The log cap's prune (docs/logs.md, "Retention") on `counts` (lines per org): deletes the
-/// oldest lines of the orgs holding the most ([`crate::store::log_cap::cuts`]), one statement
-/// per org cut (its trigger takes them off the org's count). Returns the lines deleted.
+/// The advisory lock (one-key form is sqlx's migration lock; this is the two-key form) that
+/// one node holds while it prunes for the log cap: "Cat" and a number, as the per-org limits'.
+const PRUNE_LOCK: (i32, i32) = (0x4361_7410, 0);
+
+/// The log cap's prune (docs/logs.md, "Retention") when `counts` (lines per org, as the
+/// caller last read them) are over `max_lines`: deletes the oldest lines of the orgs holding
+/// the most ([`crate::store::log_cap::cuts`]), one statement per org cut (its trigger takes
+/// them off the org's count). Returns the lines deleted.
 ///
-/// Two nodes that prune at once may both cut the same org for the same excess: it then keeps
-/// fewer lines than the cap allows until the next batches fill it again; never more.
+/// One node prunes at a time, across the cluster: under a transaction-scoped advisory lock,
+/// the counts are read again and the cuts made on them, so two nodes that read the same counts
+/// do not both cut the same excess. A node that finds the lock taken prunes nothing: the
+/// holder works on fresher counts, and the next batch prunes what is left. The deletes run
+/// outside the lock's transaction, each on its own, so a prune never holds one org's count
+/// row while it waits for another's (an append's trigger updates every org of its batch in
+/// one statement).
 async fn prune_counted(
     pool: &sqlx::PgPool,
     counts: &[(String, i64)],
     max_lines: u64,
 ) -> StoreResult<u64> {
+    if crate::store::log_cap::cuts(counts, max_lines).is_empty() {
+        return Ok(0);
+    }
+    let mut lock = pool.begin().await?;
+    let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, $2)")
+        .bind(PRUNE_LOCK.0)
+        .bind(PRUNE_LOCK.1)
+        .fetch_one(&mut *lock)
+        .await?;
+    if !held {
+        return Ok(0);
+    }
+    let counts: Vec<(String, i64)> = sqlx::query_as("SELECT org, lines FROM log_counts")
+        .fetch_all(&mut *lock)
+        .await?;
     let mut removed = 0;
-    for (org, n) in crate::store::log_cap::cuts(counts, max_lines) {
+    for (org, n) in crate::store::log_cap::cuts(&counts, max_lines) {
         removed += sqlx::query(
             "DELETE FROM logs WHERE seq IN \
              (SELECT seq FROM logs WHERE org = $1 ORDER BY seq LIMIT $2)",
@@ -120,6 +145,7 @@ async fn prune_counted(
         .await?
         .rows_affected();
     }
+    lock.commit().await?;
     Ok(removed)
 }
 
@@ -187,5 +213,59 @@ impl LogStore for PgStore {
             .fetch_all(&self.pool)
             .await?;
         prune_counted(&self.pool, &counts, max_lines).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::conformance::{line, with_agent};
+    use crate::store::postgres::tests::test_database_url;
+    use crate::store::postgres::PgStore;
+    use crate::store::LogStore;
+
+    /// Two nodes that read the same counts, over the cap, and prune one after the other (or at
+    /// once): the excess is cut once, not once per node. Before the prune lock and its fresh
+    /// read, the second node cut the same 20 lines again and left 10 of a cap of 30.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_pruning_on_the_same_counts_cut_the_excess_once() {
+        let Some(url) = test_database_url() else {
+            return;
+        };
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let a = PgStore::open(&url, 4, Some(&schema)).await.unwrap();
+        let b = PgStore::open(&url, 4, Some(&schema)).await.unwrap();
+        let agent = with_agent(&a, "loud", "l").await;
+        let lines: Vec<_> = (0..50).map(|i| line(&agent, i, &format!("l{i}"))).collect();
+        a.append_logs(&lines).await.unwrap();
+        let counts: Vec<(String, i64)> = sqlx::query_as("SELECT org, lines FROM log_counts")
+            .fetch_all(&a.pool)
+            .await
+            .unwrap();
+        assert_eq!(counts, [("loud".to_string(), 50)]);
+        let first = super::prune_counted(&a.pool, &counts, 30).await.unwrap();
+        let second = super::prune_counted(&b.pool, &counts, 30).await.unwrap();
+        assert_eq!((first, second), (20, 0));
+        // At once, on counts both read before either cut: still the excess, once.
+        a.append_logs(&lines).await.unwrap();
+        let counts: Vec<(String, i64)> = sqlx::query_as("SELECT org, lines FROM log_counts")
+            .fetch_all(&a.pool)
+            .await
+            .unwrap();
+        let (x, y) = tokio::join!(
+            super::prune_counted(&a.pool, &counts, 30),
+            super::prune_counted(&b.pool, &counts, 30)
+        );
+        assert_eq!(x.unwrap() + y.unwrap(), 50);
+        let (n, _) = a
+            .query_logs(
+                agent.id,
+                &crate::store::LogFilter {
+                    limit: 1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 30);
     }
 }
