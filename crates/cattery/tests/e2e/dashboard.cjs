@@ -5,7 +5,8 @@
 //   line `go`; it prints `STOPPED <id>` once the page shows it terminated, and waits again.
 // Environment: CATTERY_URL, CATTERY_SK (org "default"), CATTERY_OTHER_SK (org "other"),
 // CATTERY_AGENT, CATTERY_OTHER_AGENT, CATTERY_DELETED_AGENT and CATTERY_DELETED_SESSION (an
-// agent deleted after one session), CATTERY_SCREENSHOTS (a directory), NODE_PATH (where
+// agent deleted after one session), CATTERY_LEFT_NODE (a node of this store that left),
+// CATTERY_SCREENSHOTS (a directory), NODE_PATH (where
 // playwright-core is installed), CATTERY_CHROMIUM (default /usr/bin/chromium).
 'use strict';
 
@@ -26,6 +27,7 @@ const OTHER_AGENT = env('CATTERY_OTHER_AGENT');
 const SHOTS = env('CATTERY_SCREENSHOTS');
 const DELETED_AGENT = env('CATTERY_DELETED_AGENT');
 const DELETED_SESSION = env('CATTERY_DELETED_SESSION');
+const LEFT_NODE = env('CATTERY_LEFT_NODE');
 
 const lines = readline.createInterface({ input: process.stdin });
 const waiting = [];
@@ -148,15 +150,22 @@ async function main() {
     await keyRow.locator('td', { hasText: 'revoked' }).waitFor(T);
     await shot('07-keys.png');
 
-    step('nodes: the default org\'s private key sees this node, alive, with no Forget button');
+    step('nodes: the default org\'s private key sees this node, alive, and the one that left');
     await page.locator('#nav-nodes').waitFor({ state: 'visible', ...T });
     await page.click('#nav-nodes');
     const self = page.locator('#nodes-body tr', { hasText: 'this node' });
     await self.locator('[data-state="alive"]').waitFor(T);
-    check((await page.locator('#nodes-body tr').count()) === 1, 'one node listed');
     check((await self.locator('button').count()) === 0, 'a live node cannot be forgotten');
     await page.waitForFunction(() => /s ago/.test(document.querySelector('#nodes-body').textContent), null, T);
+    const left = page.locator(`#nodes-body tr[data-node="${LEFT_NODE}"]`);
+    await left.locator('[data-state="left"]').waitFor(T);
+    check((await page.locator('#nodes-body tr').count()) === 2, 'two nodes listed');
     await shot('07b-nodes.png');
+    step('forget the node that left');
+    await left.locator('button', { hasText: 'Forget' }).click();
+    await left.waitFor({ state: 'detached', ...T });
+    await page.locator('#flash', { hasText: 'forgotten' }).waitFor(T);
+    check((await page.locator('#nodes-body tr').count()) === 1, 'one node left listed');
 
     step('sign out forgets the key');
     await page.click('#signout');

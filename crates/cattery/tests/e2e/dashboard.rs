@@ -42,7 +42,13 @@ async fn dashboard_in_a_browser() {
     if !have_browser() {
         return;
     }
-    let s = Server::start(&[]).await;
+    // A node that left, for the Nodes page: this data dir's server ran first as `old-node`
+    // and stopped cleanly.
+    let mut s = Server::start(&["--node-id", "old-node"]).await;
+    let st = s.terminate(Duration::from_secs(20));
+    assert!(st.is_some_and(|st| st.success()), "{st:?}");
+    s.args.clear();
+    s.spawn().await;
     s.deploy("dash", &[], json!({"autoScaling": {"minAgents": 1}}))
         .await;
     let other_sk = s.key("private", "other");
@@ -80,6 +86,7 @@ async fn dashboard_in_a_browser() {
         .env("CATTERY_OTHER_AGENT", "elsewhere")
         .env("CATTERY_DELETED_AGENT", "hubot")
         .env("CATTERY_DELETED_SESSION", &deleted_sid)
+        .env("CATTERY_LEFT_NODE", "old-node")
         .env("CATTERY_SCREENSHOTS", &shots)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
