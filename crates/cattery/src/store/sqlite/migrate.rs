@@ -2,7 +2,9 @@
 //! through `rusqlite_migration` (the version is SQLite's `user_version`).
 //!
 //! Databases made before this runner kept their migrations in sqlx's `_sqlx_migrations`
-//! table; their version is taken from it once, then that table is left alone.
+//! table; their version is taken from it once. Those earlier binaries still read that ledger
+//! and nothing else, so every database this runner migrates gets one that names a version
+//! they do not know, which makes them refuse it (see [`mark_sqlx_ledger`]).
 
 use rusqlite_migration::{Migrations, M};
 
@@ -76,7 +78,39 @@ pub fn run_on(db: &mut rusqlite::Connection) -> StoreResult<()> {
     Migrations::new(ms).to_latest(db).map_err(|e| match e {
         rusqlite_migration::Error::RusqliteError { err, .. } => StoreError::from(err),
         e => StoreError::Invalid(format!("migration failed: {e}")),
-    })
+    })?;
+    mark_sqlx_ledger(db)
+}
+
+/// sqlx's ledger table, as sqlx (0.8) creates it for SQLite.
+const SQLX_LEDGER: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
+    version BIGINT PRIMARY KEY,
+    description TEXT NOT NULL,
+    installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    success BOOLEAN NOT NULL,
+    checksum BLOB NOT NULL,
+    execution_time BIGINT NOT NULL
+)";
+
+/// Records the schema version in sqlx's ledger, creating the ledger if needed, so that a
+/// Cattery from before this runner (whose sqlx migrator knows migration 1 only and reads
+/// nothing but that ledger) refuses the database at start, before it changes anything
+/// ("migration N was previously applied but is missing in the resolved migrations"), instead
+/// of running on a schema it does not know: it would find every migration it knows applied,
+/// start, and fail on the tables migration 2 rewrote (a downgrade is not supported; the
+/// binaries of this runner refuse a newer database by its `user_version`, [`refuse_newer`]).
+fn mark_sqlx_ledger(db: &rusqlite::Connection) -> StoreResult<()> {
+    db.execute_batch(SQLX_LEDGER)?;
+    db.execute(
+        "INSERT OR IGNORE INTO _sqlx_migrations
+             (version, description, success, checksum, execution_time)
+         VALUES (?1, ?2, TRUE, x'', 0)",
+        rusqlite::params![
+            LATEST,
+            format!("schema {LATEST} by a newer cattery: a downgrade is not supported"),
+        ],
+    )?;
+    Ok(())
 }
 
 /// Sets `user_version` from sqlx's ledger when this database was migrated by sqlx.

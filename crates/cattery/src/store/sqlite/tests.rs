@@ -294,6 +294,46 @@ async fn upgrades_a_database_of_schema_1() {
     // Opening again applies nothing twice.
     let store = SqliteStore::open(dir.path()).await.unwrap();
     assert_eq!(store.list_instances().await.unwrap().len(), 1);
+    drop(store);
+    // The binary that made it would now refuse it (it reads sqlx's ledger only).
+    assert_eq!(
+        sqlx_ledger_unknown_to_schema_1(&dir.path().join("cattery.db")),
+        [super::migrate::LATEST]
+    );
+}
+
+/// The versions in sqlx's ledger that a Cattery of schema 1 does not know: its sqlx migrator
+/// (which knows migration 1 alone) refuses a database whose ledger names any, before it
+/// changes anything ("migration N was previously applied but is missing in the resolved
+/// migrations"), and runs on one whose ledger names none (or creates the ledger and applies
+/// migration 1 when there is none).
+fn sqlx_ledger_unknown_to_schema_1(db: &std::path::Path) -> Vec<i64> {
+    let db = rusqlite::Connection::open(db).unwrap();
+    let mut st = db
+        .prepare("SELECT version FROM _sqlx_migrations WHERE success AND version <> 1")
+        .unwrap();
+    let versions = st.query_map([], |r| r.get(0)).unwrap();
+    versions.collect::<Result<_, _>>().unwrap()
+}
+
+/// A database this binary made is refused by a Cattery of schema 1 (a downgrade): its sqlx
+/// ledger names a version that Cattery does not know. Without it, that Cattery would apply
+/// its migration 1 over the tables and fail with "table orgs already exists".
+#[tokio::test]
+async fn a_cattery_of_schema_1_refuses_a_new_database() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(SqliteStore::open(dir.path()).await.unwrap());
+    let db = dir.path().join("cattery.db");
+    assert_eq!(
+        sqlx_ledger_unknown_to_schema_1(&db),
+        [super::migrate::LATEST]
+    );
+    // Opening again adds nothing.
+    drop(SqliteStore::open(dir.path()).await.unwrap());
+    assert_eq!(
+        sqlx_ledger_unknown_to_schema_1(&db),
+        [super::migrate::LATEST]
+    );
 }
 
 /// The store checkpoints the WAL into the database file by itself (on a connection of its
