@@ -303,6 +303,10 @@ pub struct RuntimeConfig {
     pub build_max_context_mb: u64,
     /// Seconds a build may run before it ends as `timeout`.
     pub build_timeout_seconds: f64,
+    /// Most memory one build step may use, in MiB (its own cgroup; docs/builds.md).
+    pub build_memory_mb: u64,
+    /// Most processes and threads one build step may have at once.
+    pub build_max_processes: u64,
     /// Hours a finished build that no deployment in use runs is kept (record, files, image);
     /// 0: kept for ever (docs/builds.md, "Retention").
     pub build_retention_hours: f64,
@@ -340,6 +344,8 @@ impl Default for RuntimeConfig {
             build_python: None,
             build_max_context_mb: 500,
             build_timeout_seconds: 600.0,
+            build_memory_mb: crate::build::venv::DEFAULT_STEP_MEMORY_MB,
+            build_max_processes: crate::build::venv::STEP_MAX_TASKS,
             build_retention_hours: 168.0,
             builder: "auto".into(),
             build_base_image: "cattery-test/pipecat-base:latest".into(),
@@ -600,6 +606,13 @@ pub struct ServeArgs {
     /// Seconds a build may run before it ends as `timeout` [default: 600].
     #[arg(long, env = "CATTERY_BUILD_TIMEOUT_SECONDS", help_heading = "Runtime")]
     pub build_timeout_seconds: Option<f64>,
+    /// Most memory one step of a local build may use, in MiB: each step runs in a cgroup of
+    /// its own, and one that passes this is killed and fails the build [default: 4096].
+    #[arg(long, env = "CATTERY_BUILD_MEMORY_MB", help_heading = "Runtime")]
+    pub build_memory_mb: Option<u64>,
+    /// Most processes and threads one step of a local build may have at once [default: 512].
+    #[arg(long, env = "CATTERY_BUILD_MAX_PROCESSES", help_heading = "Runtime")]
+    pub build_max_processes: Option<u64>,
     /// Hours a finished build that no deployment in use runs is kept before its record,
     /// files and image are deleted; 0 keeps builds for ever [default: 168, a week].
     #[arg(long, env = "CATTERY_BUILD_RETENTION_HOURS", help_heading = "Runtime")]
@@ -807,6 +820,8 @@ impl Config {
             self.runtime.python_fork_server => a.python_fork_server,
             self.runtime.build_max_context_mb => a.build_max_context_mb,
             self.runtime.build_timeout_seconds => a.build_timeout_seconds,
+            self.runtime.build_memory_mb => a.build_memory_mb,
+            self.runtime.build_max_processes => a.build_max_processes,
             self.runtime.build_retention_hours => a.build_retention_hours,
             self.runtime.builder => a.builder,
             self.runtime.build_base_image => a.build_base_image,
@@ -952,6 +967,12 @@ impl Config {
         let bt = self.runtime.build_timeout_seconds;
         if !(bt.is_finite() && bt > 0.0) {
             anyhow::bail!("--build-timeout-seconds must be a positive number");
+        }
+        if self.runtime.build_memory_mb < 64 {
+            anyhow::bail!("--build-memory-mb must be at least 64");
+        }
+        if self.runtime.build_max_processes < 16 {
+            anyhow::bail!("--build-max-processes must be at least 16");
         }
         let br = self.runtime.build_retention_hours;
         if !(br.is_finite() && (0.0..=1e6).contains(&br)) {

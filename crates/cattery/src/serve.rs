@@ -414,6 +414,7 @@ pub fn app_state(
     let store_for_builds = store.clone();
     let build_uids = runtime.instance_uids();
     let build_namespaces = runtime.instance_namespaces();
+    let build_cgroups = runtime.instance_cgroups();
     let sup = Supervisor::new(
         store.clone(),
         runtime,
@@ -480,6 +481,11 @@ pub fn app_state(
                     .unwrap_or_else(|| cfg.python.clone()),
                 uids: build_uids,
                 namespaces: build_namespaces,
+                cgroups: build_cgroups,
+                limits: crate::runtime::process::cgroup::TaskLimits {
+                    memory_bytes: config.runtime.build_memory_mb.saturating_mul(1024 * 1024),
+                    pids: config.runtime.build_max_processes,
+                },
             }),
             crate::core::builds::BuildSettings {
                 mode: crate::core::builds::BuilderMode::parse(&config.runtime.builder)

@@ -55,6 +55,9 @@ pub trait Builder: Send + Sync + 'static {
     async fn available(&self) -> bool {
         true
     }
+    /// Ends what the steps of build directory `dir` left running when the server stopped
+    /// mid-build (called at the next start, before the directory is emptied).
+    async fn recover(&self, _dir: &Path) {}
     /// Removes what a build made outside its directory (which the caller removes), when the
     /// build retention deletes it: the Docker builder's image. Errors: why it could not.
     async fn remove(&self, _build: Uuid, _artifact: &str) -> Result<(), String> {

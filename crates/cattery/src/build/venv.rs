@@ -27,6 +27,7 @@ use async_trait::async_trait;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::{Artifact, BuildJob, BuildLog, Builder};
+use crate::runtime::process::cgroup::{self, BoundedCgroups, CgroupSupport, TaskLimits};
 use crate::runtime::process::namespace::{self, Namespaces, NixSys};
 use crate::runtime::process::reaper::Reaper;
 use crate::runtime::process::signals;
@@ -45,13 +46,27 @@ pub struct VenvBuilder {
     /// `/dev/shm` and `/proc`, as instances get), when steps run under a uid of the pool and
     /// the machine allows namespaces.
     pub namespaces: Option<Arc<Namespaces>>,
+    /// The runtime's cgroups, when the server can make them: each step then runs in a
+    /// cgroup of its own with `limits`, removed when the step ends.
+    pub cgroups: Option<Arc<CgroupSupport>>,
+    /// Memory and task limits of each step.
+    pub limits: TaskLimits,
 }
+
+/// The default memory limit of a build step: 4 GiB (pip building a large wheel from source
+/// needs well over 1 GiB).
+pub const DEFAULT_STEP_MEMORY_MB: u64 = 4096;
+
+/// Name of the file in a build's directory naming the cgroups of its running step, one per
+/// line: what a server that stopped mid-build kills at its next start ([`Builder::recover`]).
+const STEP_CGROUPS: &str = "step.cgroups";
 
 impl std::fmt::Debug for VenvBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VenvBuilder")
             .field("base_python", &self.base_python)
             .field("uids", &self.uids.as_ref().map(|p| p.range()))
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -62,6 +77,10 @@ struct Steps {
     uid: Option<u32>,
     /// Each step's namespace, with `uid` only.
     namespaces: Option<Arc<Namespaces>>,
+    /// Where each step's bounded cgroups are made, and their limits.
+    cgroups: Option<(Arc<CgroupSupport>, TaskLimits)>,
+    /// The file that names the running step's cgroups ([`STEP_CGROUPS`]).
+    record: PathBuf,
 }
 
 /// What a build step gets of the server's environment: the locale, `PATH`, pip's own
@@ -232,6 +251,148 @@ impl Drop for KillGroup {
     }
 }
 
+/// A step's bounded cgroups, recorded in the build's [`STEP_CGROUPS`] file while they exist.
+/// [`StepCgroups::end`] kills what is left in them and removes them; dropped without that (a
+/// build cut by its time limit), it does so on a thread of its own.
+struct StepCgroups {
+    cg: BoundedCgroups,
+    record: PathBuf,
+    limits: TaskLimits,
+    ended: bool,
+}
+
+impl StepCgroups {
+    /// Makes the step's cgroups and records them. Errors: they could not be made.
+    fn make(
+        cg: &CgroupSupport,
+        step: &str,
+        limits: TaskLimits,
+        record: &Path,
+    ) -> Result<StepCgroups, String> {
+        let made = cg
+            .create_bounded(&format!("build-{step}"), &limits)
+            .map_err(|e| format!("cannot make the build step's cgroup: {e}"))?;
+        let me = StepCgroups {
+            cg: made,
+            record: record.to_path_buf(),
+            limits,
+            ended: false,
+        };
+        let lines: String = me
+            .cg
+            .dirs
+            .iter()
+            .map(|d| format!("{}\n", d.display()))
+            .collect();
+        std::fs::write(record, lines)
+            .map_err(|e| format!("cannot record the build step's cgroup: {e}"))?;
+        Ok(me)
+    }
+
+    /// Why the step failed, if it hit a limit: a sentence naming the limit.
+    fn limit_reason(&self) -> Option<String> {
+        let hits = cgroup::limit_hits(&self.cg.dirs);
+        let mut why = Vec::new();
+        if hits.oom_kills > 0 {
+            why.push(format!(
+                "the step passed the build memory limit of {} MiB (--build-memory-mb) and was \
+                 killed",
+                self.limits.memory_bytes >> 20
+            ));
+        }
+        if hits.pids_refused > 0 {
+            why.push(format!(
+                "the step reached the build limit of {} processes and threads \
+                 (--build-max-processes)",
+                self.limits.pids
+            ));
+        }
+        (!why.is_empty()).then(|| why.join("; "))
+    }
+
+    /// Makes `cmd`'s process join the cgroups before anything else (the first `pre_exec`
+    /// hook): nothing of the step runs outside them.
+    fn join(&self, cmd: &mut tokio::process::Command) {
+        let fds = cgroup::raw_fds(&self.cg.procs_fds);
+        // SAFETY: `write(2)` on descriptors opened before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &fds {
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// After the step: kills what is left in the cgroups and removes them, then the record.
+    /// Returns the step's failure `reason`, led by the limit it hit (also written to `log`)
+    /// when it failed (`ok` false) at one.
+    async fn end(mut self, ok: bool, log: &BuildLog, reason: String) -> String {
+        let reason = match self.limit_reason().filter(|_| !ok) {
+            Some(limit) => {
+                log.line(&format!("[cattery] {limit}"));
+                if reason.is_empty() {
+                    limit
+                } else {
+                    format!("{limit}: {reason}")
+                }
+            }
+            None => reason,
+        };
+        self.ended = true;
+        let (dirs, record) = (std::mem::take(&mut self.cg.dirs), self.record.clone());
+        let _ = tokio::task::spawn_blocking(move || end_cgroups(&dirs, &record)).await;
+        reason
+    }
+}
+
+impl Drop for StepCgroups {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        let (dirs, record) = (std::mem::take(&mut self.cg.dirs), self.record.clone());
+        std::thread::spawn(move || end_cgroups(&dirs, &record));
+    }
+}
+
+/// Kills every process in a step's cgroups `dirs`, removes them, and then the `record`
+/// naming them (kept when they would not empty, for the next start to try again). Blocking.
+fn end_cgroups(dirs: &[PathBuf], record: &Path) {
+    let reaper = Reaper::global();
+    if cgroup::kill_and_remove(dirs, std::time::Duration::from_secs(10), || {
+        reaper.reap_all()
+    }) {
+        let _ = std::fs::remove_file(record);
+    } else {
+        tracing::warn!(cgroups = ?dirs, "a build step's processes would not end");
+    }
+}
+
+/// The cgroups a build's [`STEP_CGROUPS`] record names: only directories of a build step
+/// (named `build-...`, under a `cattery` directory of a cgroup mount), whatever the file says.
+fn recorded_cgroups(record: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string(record).unwrap_or_default();
+    text.lines()
+        .map(PathBuf::from)
+        .filter(|p| {
+            p.starts_with("/sys/fs/cgroup")
+                && p.components().all(|c| {
+                    matches!(
+                        c,
+                        std::path::Component::RootDir | std::path::Component::Normal(_)
+                    )
+                })
+                && p.components().any(|c| c.as_os_str() == "cattery")
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("build-"))
+        })
+        .collect()
+}
+
 /// Runs `program args` in `cwd` in a process group of its own, every output line to `log`.
 /// The child is spawned and collected through the server's reaper, which reaps every child of
 /// the process (a plain wait would find it already reaped).
@@ -246,6 +407,25 @@ async fn run(
     let step = uuid::Uuid::new_v4().to_string();
     let mut cmd = tokio::process::Command::new(program);
     cmd.env_clear().envs(steps.env.iter().map(|(k, v)| (k, v)));
+    let bounded = match &steps.cgroups {
+        Some((cg, limits)) => Some(StepCgroups::make(cg, &step, *limits, &steps.record)?),
+        None => None,
+    };
+    if let Some(b) = &bounded {
+        b.join(&mut cmd);
+        let (memory, pids) = b.cg.enforced;
+        let missing: Vec<&str> = [(!memory, "memory"), (!pids, "process")]
+            .into_iter()
+            .filter_map(|(m, what)| m.then_some(what))
+            .collect();
+        if !missing.is_empty() {
+            log.line(&format!(
+                "[cattery] this step's {} limit is not enforced: the server cannot use that \
+                 cgroup controller on this machine",
+                missing.join(" and ")
+            ));
+        }
+    }
     if let Some(uid) = steps.uid {
         // The step's own /tmp, /var/tmp, /dev/shm and /proc (where the machine allows them)
         // are made as root, so the switch to its uid comes after them, here rather than by
@@ -334,11 +514,16 @@ async fn run(
         (None, Some(s)) => format!("killed by signal {s}"),
         _ => "unknown exit".into(),
     };
+    let ok = st.code == Some(0);
+    let mut reason = why.text();
+    if let Some(b) = bounded {
+        reason = b.end(ok, log, reason).await;
+    }
     Ok(Ran {
-        ok: st.code == Some(0),
+        ok,
         status,
         lines,
-        reason: why.text(),
+        reason,
     })
 }
 
@@ -688,6 +873,17 @@ impl Builder for VenvBuilder {
         "venv"
     }
 
+    async fn recover(&self, dir: &Path) {
+        let record = dir.join(STEP_CGROUPS);
+        let dirs = recorded_cgroups(&record);
+        if dirs.is_empty() {
+            let _ = std::fs::remove_file(&record);
+            return;
+        }
+        tracing::warn!(cgroups = ?dirs, "killing what a build step left running when the server stopped");
+        let _ = tokio::task::spawn_blocking(move || end_cgroups(&dirs, &record)).await;
+    }
+
     async fn build(&self, job: &BuildJob, log: &BuildLog) -> Result<Artifact, String> {
         let app = &job.context;
         if !app.join("bot.py").is_file() {
@@ -725,7 +921,12 @@ impl Builder for VenvBuilder {
             env: step_env(&home, uid.is_some()),
             uid,
             namespaces: uid.and(self.namespaces.clone()),
+            cgroups: self.cgroups.clone().map(|c| (c, self.limits)),
+            record: job.dir.join(STEP_CGROUPS),
         };
+        if steps.cgroups.is_none() {
+            log.line("Build steps run without a memory limit: the server cannot make cgroups here");
+        }
         let built = self.steps(log, &steps, app, &venv, install).await;
         match held {
             Some(h) => h
@@ -816,6 +1017,8 @@ mod tests {
             env: step_env(&app, true),
             uid: Some(uid),
             namespaces: Some(Arc::new(ns)),
+            cgroups: None,
+            record: dir.path().join("step.cgroups"),
         };
         let name = format!("cattery-step-test-{}", uuid::Uuid::new_v4());
         let script = format!(
@@ -842,6 +1045,228 @@ mod tests {
         );
     }
 
+    /// The cgroups of a test "server" (a server id of its own), with their base directories
+    /// removed when dropped; `None` where the machine gives none (not root, no cgroups).
+    struct TestCgroups(Arc<CgroupSupport>);
+
+    impl TestCgroups {
+        fn new() -> Option<TestCgroups> {
+            if !nix::unistd::geteuid().is_root() {
+                return None;
+            }
+            let cg = CgroupSupport::detect(&format!("test-{}", uuid::Uuid::new_v4()));
+            let has = |c: &str| cg.v1_bases.iter().any(|(n, _)| *n == c);
+            (cg.v2_base.is_some() && has("memory") && has("pids"))
+                .then(|| TestCgroups(Arc::new(cg)))
+        }
+    }
+
+    impl Drop for TestCgroups {
+        fn drop(&mut self) {
+            for d in self
+                .0
+                .v2_base
+                .iter()
+                .chain(self.0.v1_bases.iter().map(|(_, b)| b))
+            {
+                let _ = std::fs::remove_dir(d);
+            }
+            self.0.remove_liveness_lock();
+        }
+    }
+
+    fn bounded_steps(dir: &Path, cg: &TestCgroups, memory_mb: u64, pids: u64) -> Steps {
+        Steps {
+            env: step_env(dir, false),
+            uid: None,
+            namespaces: None,
+            cgroups: Some((
+                cg.0.clone(),
+                TaskLimits {
+                    memory_bytes: memory_mb << 20,
+                    pids,
+                },
+            )),
+            record: dir.join(STEP_CGROUPS),
+        }
+    }
+
+    /// Whether process `pid` runs (exists and is not a zombie).
+    fn runs(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rfind(')').map(|i| !s[i + 2..].starts_with(['Z', 'X'])))
+            .unwrap_or(false)
+    }
+
+    /// A step that takes more memory than the build's limit is killed, fails with the limit
+    /// named (in its reason and the log), and its cgroups and their record are gone after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_step_past_the_memory_limit_fails_naming_it() {
+        let Some(cg) = TestCgroups::new() else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let log = BuildLog::create(&dir.path().join("build.log")).unwrap();
+        let steps = bounded_steps(dir.path(), &cg, 64, 64);
+        let code = "b = b'x' * (512 << 20); print('survived', len(b))";
+        let r = run(
+            &log,
+            &steps,
+            dir.path(),
+            "python3",
+            &["-c".into(), code.into()],
+        )
+        .await
+        .unwrap();
+        assert!(!r.ok, "{:?}", r.lines);
+        assert_eq!(r.status, "killed by signal 9");
+        assert!(
+            r.reason.contains("build memory limit of 64 MiB"),
+            "{}",
+            r.reason
+        );
+        let text = std::fs::read_to_string(dir.path().join("build.log")).unwrap();
+        assert!(
+            text.contains("[cattery] the step passed the build memory limit"),
+            "{text}"
+        );
+        assert!(!dir.path().join(STEP_CGROUPS).exists());
+        let left: Vec<_> =
+            cg.0.v2_base
+                .iter()
+                .chain(cg.0.v1_bases.iter().map(|(_, b)| b))
+                .flat_map(|b| std::fs::read_dir(b).unwrap().flatten().map(|e| e.path()))
+                .filter(|p| p.is_dir())
+                .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// A step that forks past the build's process limit (a fork bomb in miniature) is
+    /// refused more processes, fails with the limit named, and what it started is killed
+    /// with its cgroup when it ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_step_past_the_process_limit_fails_naming_it() {
+        let Some(cg) = TestCgroups::new() else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let log = BuildLog::create(&dir.path().join("build.log")).unwrap();
+        let steps = bounded_steps(dir.path(), &cg, 256, 20);
+        let pids = dir.path().join("pids");
+        let script = format!(
+            "for i in $(seq 100); do /bin/sleep 60 >/dev/null 2>&1 & echo $! >> {}; done; wait",
+            pids.display()
+        );
+        let r = run(&log, &steps, dir.path(), "/bin/sh", &["-c".into(), script])
+            .await
+            .unwrap();
+        assert!(!r.ok, "{:?}", r.lines);
+        assert!(
+            r.reason.contains("build limit of 20 processes and threads"),
+            "{}",
+            r.reason
+        );
+        let started: Vec<i32> = std::fs::read_to_string(&pids)
+            .unwrap()
+            .lines()
+            .map(|l| l.trim().parse().unwrap())
+            .collect();
+        assert!(!started.is_empty() && started.len() < 20, "{started:?}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while started.iter().any(|&p| runs(p)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{started:?} still run"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// What a step left running when the server stopped mid-build (its cgroup recorded in
+    /// the build's directory) is killed by the builder's recovery at the next start, and
+    /// the cgroups and their record go.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recovery_kills_what_a_cut_build_left_in_its_cgroups() {
+        use std::os::unix::process::CommandExt;
+        let Some(cg) = TestCgroups::new() else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let record = dir.path().join(STEP_CGROUPS);
+        let limits = TaskLimits {
+            memory_bytes: 256 << 20,
+            pids: 64,
+        };
+        let made = StepCgroups::make(&cg.0, "crashed", limits, &record).unwrap();
+        let fds = cgroup::raw_fds(&made.cg.procs_fds);
+        let mut cmd = std::process::Command::new("/bin/sleep");
+        cmd.arg("300");
+        // SAFETY: `write(2)` on descriptors opened before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &fds {
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let (_child, pid, _exit) = Reaper::global()
+            .spawn_registered(|| {
+                let c = cmd.spawn()?;
+                let pid = c.id() as i32;
+                Ok((c, pid))
+            })
+            .unwrap();
+        let dirs = made.cg.dirs.clone();
+        // The server stops: nothing ends the step.
+        std::mem::forget(made);
+        assert!(runs(pid));
+        assert_eq!(recorded_cgroups(&record), dirs);
+        let builder = VenvBuilder {
+            base_python: "python3".into(),
+            uids: None,
+            namespaces: None,
+            cgroups: Some(cg.0.clone()),
+            limits,
+        };
+        builder.recover(dir.path()).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while runs(pid) {
+            assert!(std::time::Instant::now() < deadline, "{pid} still runs");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(dirs.iter().all(|d| !d.exists()), "{dirs:?}");
+        assert!(!record.exists());
+    }
+
+    /// Only build-step cgroups under a `cattery` directory of the cgroup mount are taken
+    /// from a record, whatever else it says.
+    #[test]
+    fn a_step_record_names_only_build_step_cgroups() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = dir.path().join(STEP_CGROUPS);
+        std::fs::write(
+            &record,
+            "/sys/fs/cgroup/unified/cattery/s1/build-a\n\
+             /sys/fs/cgroup/memory/cattery/s1/build-a\n\
+             /sys/fs/cgroup/unified/cattery/s1/0b7e0c1e-instance\n\
+             /sys/fs/cgroup/unified/cattery/s1/../../build-x\n\
+             /tmp/cattery/build-a\n\
+             /sys/fs/cgroup/unified/user.slice/build-a\n",
+        )
+        .unwrap();
+        assert_eq!(
+            recorded_cgroups(&record),
+            [
+                PathBuf::from("/sys/fs/cgroup/unified/cattery/s1/build-a"),
+                PathBuf::from("/sys/fs/cgroup/memory/cattery/s1/build-a"),
+            ]
+        );
+    }
+
     /// A step cut short (its future dropped, as the build's time limit does) leaves none of
     /// its processes running: the leader's group while the leader runs, and a member it left
     /// behind after it exited.
@@ -865,6 +1290,8 @@ mod tests {
                 env: step_env(dir.path(), false),
                 uid: None,
                 namespaces: None,
+                cgroups: None,
+                record: dir.path().join("step.cgroups"),
             };
             let step = run(&log, &steps, dir.path(), "/bin/sh", &args);
             let cut = tokio::time::timeout(std::time::Duration::from_millis(500), step).await;
@@ -899,6 +1326,8 @@ mod tests {
             env: step_env(dir.path(), false),
             uid: None,
             namespaces: None,
+            cgroups: None,
+            record: dir.path().join("step.cgroups"),
         };
         let script = "yes \"$(head -c 1023 /dev/zero | tr '\\0' x)\" | head -n 40960; \
                       head -c 1048576 /dev/zero | tr '\\0' y; exit 3";

@@ -826,6 +826,9 @@ impl Builds {
                 continue;
             }
             let id = b.id;
+            // Its steps' processes first (by the cgroups the build recorded): they may
+            // still run, under the build's uid, in what is removed next.
+            self.builder.recover(&dir).await;
             self.step(b, BuildEvent::Fail(STOPPED_DURING_BUILD.into()))
                 .await;
             let left = tokio::task::spawn_blocking(move || remove_all_but_the_log(&dir)).await;
@@ -1130,7 +1133,8 @@ mod tests {
         assert!(msg(deployable("x", Some(&rec(Building)), "local")).contains("status building"));
     }
 
-    /// A builder that records what it was asked to remove.
+    /// A builder that records what it was asked to remove (and which build directories to
+    /// recover, as `(id, "recover")`).
     #[derive(Default)]
     struct Recorder(Mutex<Vec<(Uuid, String)>>);
 
@@ -1145,6 +1149,10 @@ mod tests {
         async fn remove(&self, build: Uuid, artifact: &str) -> Result<(), String> {
             self.0.lock().push((build, artifact.to_string()));
             Ok(())
+        }
+        async fn recover(&self, dir: &Path) {
+            let id = Uuid::parse_str(&dir.file_name().unwrap().to_string_lossy()).unwrap();
+            self.0.lock().push((id, "recover".into()));
         }
     }
 
@@ -1409,7 +1417,8 @@ mod tests {
     }
 
     /// A build the server stopped (it crashed or was killed mid-build) ends `failed` at the
-    /// next start and keeps only its log: its context, virtualenv and home (which its build
+    /// next start and keeps only its log: its builder ends what its steps left running (by
+    /// the cgroups they recorded), and its context, virtualenv and home (which its build
     /// uid owned) go. Another node's build, and a finished one, are left alone.
     #[tokio::test]
     async fn a_build_cut_by_a_server_stop_keeps_only_its_log() {
@@ -1420,9 +1429,10 @@ mod tests {
             .unwrap();
         store.ensure_org("o").await.unwrap();
         let dir = tmp.path().join("builds");
+        let recorder = Arc::new(Recorder::default());
         let builds = Builds::new(
             store.clone(),
-            Arc::new(Recorder::default()),
+            recorder.clone(),
             BuildSettings {
                 mode: BuilderMode::Venv,
                 dir: dir.clone(),
@@ -1462,5 +1472,7 @@ mod tests {
         };
         assert_eq!(names(cut.id), ["build.log"]);
         assert_eq!(names(done.id).len(), 5, "a finished build is left alone");
+        // What its steps left running is ended by its builder, before its files go.
+        assert_eq!(*recorder.0.lock(), [(cut.id, "recover".to_string())]);
     }
 }

@@ -396,6 +396,11 @@ pub trait Runtime: Send + Sync + 'static {
     fn instance_namespaces(&self) -> Option<Arc<crate::runtime::process::namespace::Namespaces>> {
         None
     }
+    /// The cgroups instances are made in, when the server can make them: a build's steps
+    /// run in bounded cgroups of their own there (`build::venv`). Default `None`.
+    fn instance_cgroups(&self) -> Option<Arc<crate::runtime::process::cgroup::CgroupSupport>> {
+        None
+    }
     /// Describes how whole-tree cleanup works on this machine (for logs and status).
     fn isolation(&self) -> String;
     /// Releases what the runtime holds for this server (its cgroup directories, locks) on a

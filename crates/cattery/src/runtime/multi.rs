@@ -103,6 +103,10 @@ impl Runtime for MultiRuntime {
         self.process.instance_namespaces()
     }
 
+    fn instance_cgroups(&self) -> Option<Arc<crate::runtime::process::cgroup::CgroupSupport>> {
+        self.process.instance_cgroups()
+    }
+
     fn isolation(&self) -> String {
         format!(
             "processes: {}; containers: {}",

@@ -360,7 +360,13 @@ async fn a_build_no_deployment_runs_is_deleted_after_its_retention() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     common::wait_for(Duration::from_secs(30), "the build deleted", || {
         let (s, dir) = (&s, &dir);
-        async move { (builds(s).await.is_empty() && !dir.exists()).then_some(()) }
+        // The log line comes after the directory is removed.
+        async move {
+            (builds(s).await.is_empty()
+                && !dir.exists()
+                && s.log().contains("deleted a build past its retention"))
+            .then_some(())
+        }
     })
     .await;
     let r = s
@@ -368,6 +374,54 @@ async fn a_build_no_deployment_runs_is_deleted_after_its_retention() {
         .await;
     assert_eq!(r.status, 404, "{:?}", r.body);
     assert!(s.log().contains("deleted a build past its retention"));
+}
+
+/// A step that takes more memory than `--build-memory-mb` (here the context's own `venv`
+/// module, run by `python -m venv`; a package's setup code could do the same) is killed in
+/// its cgroup: the build fails, its `errorMessage` and its log name the limit, and the server
+/// goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_step_past_the_memory_limit_fails_the_build_naming_it() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (build steps get cgroups only from a root server)");
+        return;
+    }
+    let py = main_python();
+    let s = Server::start(&[
+        "--python",
+        py.to_str().unwrap(),
+        "--builder",
+        "venv",
+        "--build-memory-mb",
+        "64",
+    ])
+    .await;
+    let context = tar_gz(&[
+        ("bot.py", "async def bot(args):\n    pass\n"),
+        ("venv/__init__.py", ""),
+        (
+            "venv/__main__.py",
+            &step_running("b = b'x' * (512 << 20)\nprint('STEP survived', flush=True)"),
+        ),
+    ]);
+    let (build, log) = build_through_the_api(&s, context).await;
+    if log.contains("the server cannot make cgroups here") || log.contains("memory limit is not") {
+        eprintln!("skipped: no memory cgroup for build steps here\n{log}");
+        return;
+    }
+    assert_eq!(build["status"], "failed", "{build}\n{log}");
+    let msg = build["errorMessage"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("the step passed the build memory limit of 64 MiB (--build-memory-mb)"),
+        "{msg}"
+    );
+    assert!(!log.contains("STEP survived"), "{log}");
+    assert!(
+        log.contains("[cattery] the step passed the build memory limit of 64 MiB"),
+        "{log}"
+    );
+    let r = s.req("GET", "/health", None, None).await;
+    assert_eq!(r.status, 200);
 }
 
 /// The `venv` module of a build context: `python -m venv`, run in the context, finds it
@@ -716,11 +770,14 @@ async fn an_orgs_uploads_and_builds_are_bounded_and_a_killed_build_is_cleared() 
     ])
     .await;
     // A build whose first step (`python -m venv`, the context's own `venv` found first) takes
-    // 20 s: it stays `building` for the test.
+    // 300 s: it stays `building` for the test, and runs on when the server dies.
     let slow = tar_gz(&[
         ("bot.py", "async def bot(args):\n    pass\n"),
         ("venv/__init__.py", ""),
-        ("venv/__main__.py", "import time\ntime.sleep(20)\n"),
+        (
+            "venv/__main__.py",
+            "import os, time\nprint(f'STEP pid={os.getpid()}', flush=True)\ntime.sleep(300)\n",
+        ),
     ]);
     let first = uploaded(&s, slow).await;
     let second = uploaded(&s, tar_gz(&[("bot.py", "# another context\n")])).await;
@@ -767,12 +824,37 @@ async fn an_orgs_uploads_and_builds_are_bounded_and_a_killed_build_is_cleared() 
         async move { (dir.join("venv").exists() && dir.join("home").exists()).then_some(()) }
     })
     .await;
+    let log = common::wait_for(Duration::from_secs(60), "the step's pid in the log", || {
+        let path = dir.join("build.log");
+        async move {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            text.lines()
+                .find_map(|l| l.strip_prefix("STEP pid=")?.trim().parse::<i32>().ok())
+        }
+    })
+    .await;
+    let step = log;
     s.kill9();
+    assert!(common::pid_alive(step), "the step ended with the server");
     s.spawn().await;
     let r = s
         .req("GET", &format!("/v1/builds/{id}"), Some(&s.sk), None)
         .await;
     assert_eq!(r.body["build"]["status"], "failed", "{:?}", r.body);
+    if std::fs::read_to_string(dir.join("build.log"))
+        .unwrap()
+        .contains("the server cannot make cgroups here")
+    {
+        eprintln!("no cgroups for build steps here: what they leave is not checked");
+    } else {
+        // Killed by its cgroup at the start (before the server answers).
+        common::wait_for(
+            Duration::from_secs(10),
+            "the cut step to end",
+            || async move { (!common::pid_alive(step)).then_some(()) },
+        )
+        .await;
+    }
     let left: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

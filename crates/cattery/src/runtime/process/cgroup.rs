@@ -237,6 +237,175 @@ impl CgroupSupport {
     }
 }
 
+/// Memory and task limits of a cgroup that holds no agent instance (a build step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskLimits {
+    /// Most memory its processes may use (bytes, page cache and tmpfs included).
+    pub memory_bytes: u64,
+    /// Most processes and threads at once.
+    pub pids: u64,
+}
+
+/// The cgroups of a bounded task ([`CgroupSupport::create_bounded`]).
+#[derive(Debug, Default)]
+pub struct BoundedCgroups {
+    /// Every directory made (v2 first when there is one).
+    pub dirs: Vec<PathBuf>,
+    /// The v2 directory (membership, `cgroup.kill`).
+    pub v2: Option<PathBuf>,
+    /// Open `cgroup.procs` descriptors the child writes `0` to before exec.
+    pub procs_fds: Vec<OwnedFd>,
+    /// Which limits are enforced: (memory, pids).
+    pub enforced: (bool, bool),
+}
+
+/// What a bounded task's cgroups counted against its limits.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LimitHits {
+    /// Processes the kernel killed for the memory limit.
+    pub oom_kills: u64,
+    /// Forks refused at the task limit.
+    pub pids_refused: u64,
+}
+
+/// The number after `key` on a line `key N` of a cgroup file (0 when absent).
+fn counter(path: &Path, key: &str) -> u64 {
+    fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                let (k, v) = l.trim().split_once(' ')?;
+                (k == key).then(|| v.trim().parse().ok())?
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// How many times `dirs` hit their limits: the memory controller's OOM kills (v1
+/// `memory.oom_control`, v2 `memory.events`) and the pids controller's refused forks
+/// (`pids.events`).
+pub fn limit_hits(dirs: &[PathBuf]) -> LimitHits {
+    let mut h = LimitHits::default();
+    for d in dirs {
+        h.oom_kills = h
+            .oom_kills
+            .max(counter(&d.join("memory.oom_control"), "oom_kill"))
+            .max(counter(&d.join("memory.events"), "oom_kill"));
+        h.pids_refused = h.pids_refused.max(counter(&d.join("pids.events"), "max"));
+    }
+    h
+}
+
+impl CgroupSupport {
+    /// Creates cgroups `name` (not an instance id: the runtime's sweeps leave it alone) with
+    /// memory and task limits: a v2 cgroup for membership and `cgroup.kill` (its
+    /// `memory.max` and `pids.max` too where those controllers are enabled), and the v1
+    /// `memory` and `pids` cgroups where they are writable. Errors: a directory could not be
+    /// made; what was made is removed.
+    pub fn create_bounded(&self, name: &str, l: &TaskLimits) -> std::io::Result<BoundedCgroups> {
+        let mut out = BoundedCgroups::default();
+        let made = (|| {
+            if let Some(base) = &self.v2_base {
+                enable_v2_limits(base);
+                let dir = base.join(name);
+                fs::create_dir_all(&dir)?;
+                out.dirs.push(dir.clone());
+                if write_file(&dir.join("memory.max"), &l.memory_bytes.to_string()).is_ok() {
+                    // Without swap use, or a step could go past its memory through it.
+                    let _ = write_file(&dir.join("memory.swap.max"), "0");
+                    out.enforced.0 = true;
+                }
+                out.enforced.1 |= write_file(&dir.join("pids.max"), &l.pids.to_string()).is_ok();
+                out.procs_fds.push(open_procs(&dir)?);
+                out.v2 = Some(dir);
+            }
+            for (ctrl, base) in &self.v1_bases {
+                let (file, value) = match *ctrl {
+                    "memory" => ("memory.limit_in_bytes", l.memory_bytes),
+                    "pids" => ("pids.max", l.pids),
+                    _ => continue,
+                };
+                let dir = base.join(name);
+                fs::create_dir_all(&dir)?;
+                out.dirs.push(dir.clone());
+                write_file(&dir.join(file), &value.to_string())?;
+                if *ctrl == "memory" {
+                    let _ =
+                        write_file(&dir.join("memory.memsw.limit_in_bytes"), &value.to_string());
+                    out.enforced.0 = true;
+                } else {
+                    out.enforced.1 = true;
+                }
+                out.procs_fds.push(open_procs(&dir)?);
+            }
+            Ok(())
+        })();
+        match made {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                for d in out.dirs.iter().rev() {
+                    remove(d);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Enables the v2 `memory` and `pids` controllers for the children of `base` (and of its
+/// parent, the `cattery` directory) where the level above offers them: on a machine with
+/// cgroup v2 alone, that is where a bounded task's limits are. Best-effort: without them, the
+/// limits are the v1 controllers' or none ([`BoundedCgroups::enforced`]).
+fn enable_v2_limits(base: &Path) {
+    for dir in base.parent().into_iter().chain([base]) {
+        let offered = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+        for ctrl in ["memory", "pids"] {
+            if offered.split_whitespace().any(|c| c == ctrl) {
+                let _ = write_file(&dir.join("cgroup.subtree_control"), &format!("+{ctrl}"));
+            }
+        }
+    }
+}
+
+/// Kills every process in the cgroups `dirs` (v2 `cgroup.kill`, else each listed pid of
+/// the v1 ones), waits (up to `wait`) for them to be empty while `reap` collects the dead,
+/// and removes them. Blocking. Returns whether they were all emptied.
+pub fn kill_and_remove(dirs: &[PathBuf], wait: std::time::Duration, reap: impl Fn()) -> bool {
+    let deadline = std::time::Instant::now() + wait;
+    let empty = loop {
+        let mut left = false;
+        for d in dirs {
+            if d.join("cgroup.kill").exists() {
+                if populated(d) {
+                    let _ = kill_all(d);
+                    left = true;
+                }
+            } else {
+                for p in procs(d) {
+                    // Through a pidfd, checked to be a member after it was opened: a pid
+                    // freed and reused meanwhile is never signalled.
+                    super::signals::send_checked(p, nix::sys::signal::Signal::SIGKILL, || {
+                        procs(d).contains(&p)
+                    });
+                    left = true;
+                }
+            }
+        }
+        reap();
+        if !left {
+            break true;
+        }
+        if std::time::Instant::now() >= deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    for d in dirs {
+        remove(d);
+    }
+    empty
+}
+
 /// Writes an agent profile's limits into a v1 cgroup of controller `ctrl`.
 pub fn apply_limits(ctrl: &str, dir: &Path, l: &ProfileLimits) -> std::io::Result<()> {
     match ctrl {

@@ -1072,6 +1072,11 @@ impl Runtime for ProcessRuntime {
         self.isolation.namespaces.clone()
     }
 
+    fn instance_cgroups(&self) -> Option<Arc<CgroupSupport>> {
+        let c = &self.cgroups;
+        (c.v2_base.is_some() || !c.v1_bases.is_empty()).then(|| c.clone())
+    }
+
     fn isolation(&self) -> String {
         format!("{}; {}", self.cgroups.describe(), self.isolation.describe())
     }
