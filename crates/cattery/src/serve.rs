@@ -406,7 +406,7 @@ pub fn app_state(
     let cipher = Arc::new(
         match &config.cluster.secrets_key_file {
             Some(f) => crate::core::secrets::SecretCipher::load_file(f),
-            None => crate::core::secrets::SecretCipher::load_or_create(&cfg.data_dir),
+            None => crate::core::secrets::SecretCipher::load_or_new(&cfg.data_dir),
         }
         .context("opening the secrets key file")?,
     );
@@ -578,6 +578,8 @@ async fn join_cluster(
     // key at start, every secret-bound start would fail, and values written since would be
     // sealed under a key the older ones do not share.
     crate::core::secrets::check_key_opens_stored(store.as_ref(), &state.secrets).await?;
+    // Only now is a new data dir's key written: a start refused before leaves no key.
+    state.secrets.save_new_key()?;
     // The first heartbeat; on a shared database, checked against the nodes that started
     // meanwhile (`core::cluster::announce`).
     crate::core::cluster::announce(store.as_ref(), &state.node, &state.secrets, &before).await?;

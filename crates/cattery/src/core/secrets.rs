@@ -3,7 +3,7 @@
 //!
 //! - **At rest.** Every value is sealed with XChaCha20-Poly1305 (the `chacha20poly1305`
 //!   crate) under a 32-byte key kept in `<data-dir>/secrets.key` (created with mode 0600 on
-//!   first start). Each value has a fresh random 24-byte nonce, and the associated data binds
+//!   first start, once the start is not refused). Each value has a fresh random 24-byte nonce, and the associated data binds
 //!   it to its org, set and key, so a sealed value copied to another row does not open. No
 //!   route ever returns a value.
 //! - **When values reach instances.** A deployment snapshots the bound set's sealed values
@@ -45,6 +45,9 @@ pub const MAX_KEYS_PER_SET: usize = 500;
 /// Seals and opens secret values. Cheap to share behind an `Arc`.
 pub struct SecretCipher {
     aead: XChaCha20Poly1305,
+    /// A key made for a data dir that had none, and where to write it: written by
+    /// [`SecretCipher::save_new_key`] once the start is not refused.
+    unsaved: parking_lot::Mutex<Option<(std::path::PathBuf, [u8; 32])>>,
 }
 
 impl std::fmt::Debug for SecretCipher {
@@ -62,6 +65,7 @@ impl SecretCipher {
     pub fn from_key(key: &[u8; 32]) -> Self {
         SecretCipher {
             aead: XChaCha20Poly1305::new(key.into()),
+            unsaved: parking_lot::Mutex::new(None),
         }
     }
 
@@ -93,51 +97,76 @@ impl SecretCipher {
         Ok(Self::from_key(&key))
     }
 
-    /// Loads `<data_dir>/secrets.key`, or creates it (32 random bytes, mode 0600, created
-    /// exclusively so two servers cannot race). An existing file readable by group or others
-    /// is tightened to 0600 with a warning.
+    /// Loads `<data_dir>/secrets.key`, or, when there is none, makes a new key (32 random
+    /// bytes) that is written only by [`SecretCipher::save_new_key`]: a start refused before
+    /// that (a store whose secrets another key sealed, a lost key) leaves the data dir as it
+    /// found it. An existing file readable by group or others is tightened to 0600 with a
+    /// warning.
     ///
-    /// Errors: the file cannot be created or read, or is not exactly 32 bytes.
-    pub fn load_or_create(data_dir: &Path) -> anyhow::Result<Self> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    /// Errors: the file cannot be read, or is not exactly 32 bytes.
+    pub fn load_or_new(data_dir: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         let path = data_dir.join(KEY_FILE);
-        let mut key = [0u8; 32];
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-        {
-            Ok(mut f) => {
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut key = [0u8; 32];
                 rand::rng().fill_bytes(&mut key);
-                f.write_all(&key)?;
-                f.sync_all()?;
-                return Ok(Self::from_key(&key));
+                let c = Self::from_key(&key);
+                *c.unsaved.lock() = Some((path, key));
+                return Ok(c);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => {
                 return Err(anyhow::anyhow!(
-                    "cannot create the secrets key file {}: {e}",
+                    "cannot read the secrets key file {}: {e}",
                     path.display()
                 ))
             }
-        }
-        let meta = std::fs::metadata(&path)?;
+        };
         if meta.permissions().mode() & 0o077 != 0 {
             tracing::warn!(path = %path.display(), "secrets key file was readable by others; setting mode 0600");
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         }
         let bytes = std::fs::read(&path)?;
-        if bytes.len() != 32 {
-            anyhow::bail!(
+        let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+            anyhow::anyhow!(
                 "the secrets key file {} must hold exactly 32 bytes (it holds {}); restore it from a backup \
                  (without it, stored secret values cannot be read)",
                 path.display(),
                 bytes.len()
-            );
-        }
-        key.copy_from_slice(&bytes);
+            )
+        })?;
         Ok(Self::from_key(&key))
+    }
+
+    /// Writes the key [`SecretCipher::load_or_new`] made (mode 0600, created exclusively so
+    /// two servers cannot race, synced with its directory); nothing when it was loaded.
+    ///
+    /// Errors: the file cannot be written, or appeared meanwhile.
+    pub fn save_new_key(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut unsaved = self.unsaved.lock();
+        let Some((path, key)) = unsaved.as_ref() else {
+            return Ok(());
+        };
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)?;
+            f.write_all(key)?;
+            f.sync_all()?;
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(|e| {
+            anyhow::anyhow!("cannot create the secrets key file {}: {e}", path.display())
+        })?;
+        *unsaved = None;
+        Ok(())
     }
 
     /// Seals `value` for (org, set, key).
@@ -967,14 +996,20 @@ mod tests {
     fn key_file_is_private_and_stable() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let a = SecretCipher::load_or_create(dir.path()).unwrap();
+        let a = SecretCipher::load_or_new(dir.path()).unwrap();
         let p = dir.path().join(KEY_FILE);
+        assert!(
+            !p.exists(),
+            "the new key is written only once the start goes on"
+        );
+        a.save_new_key().unwrap();
+        a.save_new_key().unwrap();
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let sealed = a.seal("o", "s", "k", "v");
-        let b = SecretCipher::load_or_create(dir.path()).unwrap();
+        let b = SecretCipher::load_or_new(dir.path()).unwrap();
         assert_eq!(b.open("o", "s", &sealed).unwrap(), "v");
         std::fs::write(&p, b"short").unwrap();
-        assert!(SecretCipher::load_or_create(dir.path()).is_err());
+        assert!(SecretCipher::load_or_new(dir.path()).is_err());
     }
 }

@@ -1173,6 +1173,15 @@ async fn a_server_whose_secrets_key_was_replaced_refuses_to_start() {
     let key = s.data_dir().join("secrets.key");
     let old = std::fs::read(&key).unwrap();
     std::fs::remove_file(&key).unwrap();
+    let listing = |dir: &std::path::Path| {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(s.data_dir());
 
     let port = crate::common::free_port().to_string();
     let mut child = std::process::Command::new(crate::common::cattery_bin())
@@ -1208,6 +1217,9 @@ async fn a_server_whose_secrets_key_was_replaced_refuses_to_start() {
             && err.contains("secrets.key"),
         "{err}"
     );
+    // The refused start left the data dir as it found it: no new key in the lost one's place.
+    assert!(!key.exists(), "a refused start wrote a new secrets.key");
+    assert_eq!(listing(s.data_dir()), before);
 
     std::fs::write(&key, &old).unwrap();
     s.spawn().await;
