@@ -247,7 +247,7 @@ enum KeysCmd {
         #[arg(long, default_value = DEFAULT_ORG)]
         org: String,
     },
-    /// Revoke a key by id; it fails at once.
+    /// Revoke a key by id; it fails at once. An unknown or already revoked id is an error.
     Revoke {
         /// The server's store.
         #[command(flatten)]
@@ -397,6 +397,16 @@ async fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
         KeysCmd::Revoke { store, org, id } => {
             let (store, data_dir) = store.resolve()?;
             let store = serve::open_existing_store(&store, &data_dir).await?;
+            // Nothing to do is a failure, as an unknown id is: a script sees that this run
+            // revoked nothing.
+            let known = store.list_keys(&org, None).await?;
+            match known.iter().find(|k| k.id == id) {
+                None => anyhow::bail!("no key {id} in org {org}"),
+                Some(k) if k.revoked_ms.is_some() => {
+                    anyhow::bail!("key {id} is already revoked: nothing to do")
+                }
+                Some(_) => {}
+            }
             if !store.revoke_key(&org, id).await? {
                 anyhow::bail!("no key {id} in org {org}");
             }

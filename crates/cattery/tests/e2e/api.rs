@@ -103,6 +103,18 @@ async fn health_and_authentication() {
         401,
         "401",
     );
+    // Revoking it again has nothing to do: said, and a failure, as for an unknown id.
+    let again = std::process::Command::new(common::cattery_bin())
+        .args(["keys", "revoke", &id, "--data-dir"])
+        .arg(s.data_dir())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("key {id} is already revoked")),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
