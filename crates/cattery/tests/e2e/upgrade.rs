@@ -141,3 +141,43 @@ async fn detach_then_restart_keeps_a_websocket_call() {
     let expected: Vec<u64> = (1..=*t.last().unwrap()).collect();
     assert_eq!(t, expected, "every tick captured exactly once");
 }
+
+/// A session that ended while no server ran (here: `cattery-test-agent` without
+/// `--ignore-transport-close` ends its session when the detached server's `/bot` request
+/// closes) is ended `lost` by the next server, which says so in its own log and in the
+/// session's logs, as it does for the sessions it re-adopts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_ended_at_the_restart_is_named_in_the_logs() {
+    let mut s = Server::start(&["--on-stop", "detach"]).await;
+    s.deploy("plain", &[], json!({"stopGraceSeconds": 1})).await;
+    let sid = s.start_ok("plain").await;
+    let pid = session_pid(&s, "plain", &sid).await;
+    let st = s
+        .terminate(Duration::from_secs(30))
+        .expect("old server exits");
+    assert!(st.success(), "detach exits 0: {st:?}");
+    // The agent ends its session once the /bot request is gone (bounded wait).
+    for _ in 0..100 {
+        if !pid_alive(pid) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !pid_alive(pid),
+        "the test agent ends its session without /bot"
+    );
+
+    s.spawn().await;
+    let session = s.session("plain", &sid).await;
+    assert_eq!(session["endReason"], "lost", "{session}");
+    let log = s.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ended a session found without its instance")
+                && l.contains(&sid)
+                && l.contains("lost")),
+        "one server log line per session ended at the restart:\n{log}"
+    );
+    wait_log(&s, "plain", &sid, "ended after a restart: reason=lost").await;
+}

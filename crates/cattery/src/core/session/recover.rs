@@ -572,13 +572,37 @@ impl Supervisor {
             s.bot_start_ms.is_some(),
             now_ms(),
         );
-        let reason = end.reason;
-        let wrote = self.end_unless_started(s, &end).await?;
-        if wrote {
-            let agent = self.agent_name(s.agent_id);
-            crate::telemetry::session_ended(&s.org, &agent, reason.as_str());
+        if self.end_unless_started(s, &end).await? {
+            self.ended_at_restart(s, &end);
         }
         Ok(())
+    }
+
+    /// Counts the end of an open session that this restart recorded (it found the session
+    /// without a live instance), tells the event stream, and says so in the server's log and,
+    /// as a platform line, in the session's own logs: both otherwise named only the sessions
+    /// re-adopted, and an operator who upgraded had to find the others by listing sessions.
+    fn ended_at_restart(&self, s: &SessionRecord, end: &SessionEnd) {
+        let agent = self.agent_name(s.agent_id);
+        let reason = end.reason.as_str();
+        crate::telemetry::session_ended(&s.org, &agent, reason);
+        let _ = self.changes.send((s.org.clone(), s.id));
+        let message = end.message.as_deref().unwrap_or("");
+        tracing::info!(session = %s.id, agent = %agent, reason, message,
+            "ended a session found without its instance after a restart");
+        let _ = self.logs.send(crate::model::LogLine {
+            org: s.org.clone(),
+            agent_id: s.agent_id,
+            deployment_id: Some(s.deployment_id),
+            session_id: Some(s.id),
+            instance_id: None,
+            ts_ns: crate::model::now_ns(),
+            stream: "platform",
+            line: format!(
+                "[cattery] session {} ended after a restart: reason={reason} ({message})",
+                s.id
+            ),
+        });
     }
 
     /// Records the end of a delivered websocket session whose relay died with the previous
@@ -614,9 +638,7 @@ impl Supervisor {
             )),
         };
         if self.store.end_session(s.id, &end).await? {
-            let agent = self.agent_name(s.agent_id);
-            crate::telemetry::session_ended(&s.org, &agent, reason.as_str());
-            let _ = self.changes.send((s.org.clone(), s.id));
+            self.ended_at_restart(s, &end);
         }
         Ok(())
     }
@@ -631,9 +653,7 @@ impl Supervisor {
     ) -> anyhow::Result<()> {
         let end = unwatched_end(s, g, stop_requested);
         if self.store.end_session(s.id, &end).await? {
-            let agent = self.agent_name(s.agent_id);
-            crate::telemetry::session_ended(&s.org, &agent, end.reason.as_str());
-            let _ = self.changes.send((s.org.clone(), s.id));
+            self.ended_at_restart(s, &end);
         }
         Ok(())
     }
