@@ -98,7 +98,7 @@ fn inspect(db: &Connection) -> anyhow::Result<CopyInfo> {
         anyhow::bail!("integrity check failed: {check}");
     }
     Ok(CopyInfo {
-        schema: db.query_row("PRAGMA user_version", [], |r| r.get(0))?,
+        schema: migrate::schema_version(db)?,
         sessions: db.query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))?,
         agents: db.query_row("SELECT COUNT(*) FROM agents", [], |r| r.get(0))?,
         sealed: sealed_values(db)?,
@@ -177,5 +177,26 @@ mod tests {
             (6, 3),
             "two secrets, one sealed Daily key"
         );
+    }
+
+    /// A database an earlier Cattery migrated with sqlx (schema 1 in sqlx's ledger,
+    /// `user_version` 0) is reported as schema 1, not 0 (`backup.json`, the command's line).
+    #[test]
+    fn a_database_migrated_by_sqlx_has_the_ledgers_schema() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("sqlx.db");
+        let db = Connection::open(&path).unwrap();
+        db.execute_batch(include_str!("../../../migrations/0001_init.sql"))
+            .unwrap();
+        db.execute_batch(
+            "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL,
+                 installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, success BOOLEAN NOT NULL,
+                 checksum BLOB NOT NULL, execution_time BIGINT NOT NULL);
+             INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+                 VALUES (1, 'init', TRUE, x'00', 1);",
+        )
+        .unwrap();
+        drop(db);
+        assert_eq!(verify(&path).unwrap().schema, 1);
     }
 }

@@ -116,21 +116,31 @@ fn mark_sqlx_ledger(db: &rusqlite::Connection) -> StoreResult<()> {
 /// Sets `user_version` from sqlx's ledger when this database was migrated by sqlx.
 fn adopt_sqlx_ledger(db: &rusqlite::Connection) -> StoreResult<()> {
     let version: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version != 0 {
+        return Ok(());
+    }
+    let applied = schema_version(db)?;
+    if applied > 0 {
+        db.pragma_update(None, "user_version", applied)?;
+    }
+    Ok(())
+}
+
+/// The schema version of an open database: its `user_version`, or, for one an earlier
+/// Cattery migrated with sqlx (`user_version` 0), the last migration in sqlx's ledger.
+pub fn schema_version(db: &rusqlite::Connection) -> rusqlite::Result<i64> {
+    let version: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let has_ledger: bool = db.query_row(
         "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')",
         [],
         |r| r.get(0),
     )?;
     if version != 0 || !has_ledger {
-        return Ok(());
+        return Ok(version);
     }
-    let applied: i64 = db.query_row(
+    db.query_row(
         "SELECT COALESCE(MAX(version), 0) FROM _sqlx_migrations WHERE success",
         [],
         |r| r.get(0),
-    )?;
-    if applied > 0 {
-        db.pragma_update(None, "user_version", applied)?;
-    }
-    Ok(())
+    )
 }
