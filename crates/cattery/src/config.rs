@@ -86,6 +86,8 @@ pub struct LimitsConfig {
     pub builds_per_org: u32,
     /// Upload URLs per org neither built nor expired, on each node.
     pub build_uploads_per_org: u32,
+    /// Builds per org kept (any state), on the store.
+    pub builds_kept_per_org: u32,
 }
 
 impl Default for LimitsConfig {
@@ -98,6 +100,7 @@ impl Default for LimitsConfig {
             event_streams_per_org: d.event_streams,
             builds_per_org: d.builds,
             build_uploads_per_org: d.build_uploads,
+            builds_kept_per_org: crate::core::limits::DEFAULT_BUILDS_KEPT_PER_ORG,
         }
     }
 }
@@ -736,6 +739,11 @@ pub struct ServeArgs {
     /// [default: 10].
     #[arg(long, env = "CATTERY_BUILD_UPLOADS_PER_ORG", help_heading = "Limits")]
     pub build_uploads_per_org: Option<u32>,
+    /// Most builds an org may keep (any state; each holds its log, and a successful one its
+    /// tree and virtualenv, until the build retention deletes it); past it, a new build is
+    /// 403 ORG_LIMIT_REACHED. 0 = no limit [default: 100].
+    #[arg(long, env = "CATTERY_BUILDS_KEPT_PER_ORG", help_heading = "Limits")]
+    pub builds_kept_per_org: Option<u32>,
 
     /// Node id: letters, digits, `-`, `_`, `.`, at most 63 [default: generated once, kept in
     /// the data dir].
@@ -844,6 +852,7 @@ impl Config {
             self.limits.secret_sets_per_org => a.secret_sets_per_org,
             self.limits.event_streams_per_org => a.event_streams_per_org,
             self.limits.builds_per_org => a.builds_per_org,
+            self.limits.builds_kept_per_org => a.builds_kept_per_org,
             self.limits.build_uploads_per_org => a.build_uploads_per_org,
         }
         if a.default_region.is_some() {

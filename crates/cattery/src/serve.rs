@@ -499,6 +499,7 @@ pub fn app_state(
                 node_id: node.id.clone(),
                 uploads_per_org: config.limits.build_uploads_per_org,
                 builds_per_org: config.limits.builds_per_org,
+                kept_per_org: config.limits.builds_kept_per_org,
             },
         ),
     })

@@ -317,7 +317,9 @@ async fn create(
     operation_id = "create_build",
     responses((status = 201, description = "a new build of the uploaded context", body = CreatedBuild),
               (status = 200, description = "a successful build of the same context (cached)", body = CreatedBuild),
-              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, description = "ORG_LIMIT_REACHED: the org keeps builds_kept_per_org builds", body = ErrorBody),
+              (status = 404, body = ErrorBody),
               (status = 429, description = "the org has builds_per_org builds pending or building", body = ErrorBody)),
     security(("PrivateKeyAuth" = [])))]
 pub async fn create_build(

@@ -112,6 +112,11 @@ pub struct BuildSettings {
     /// context and unpacked tree on disk, and builds run one at a time, so one org's queue
     /// would delay every other org's. 0 = no limit.
     pub builds_per_org: u32,
+    /// Most builds one org keeps on record (any state, every node's): each finished one holds
+    /// disk (its log, and a successful one its tree and virtualenv) until the retention
+    /// deletes it, so without a bound an org deploying many contexts fills the disk within
+    /// a retention. 0 = no limit.
+    pub kept_per_org: u32,
 }
 
 /// One event of a build's life.
@@ -677,7 +682,8 @@ impl Builds {
             CacheDecision::Build => {}
         }
         // Refused before the upload is spent: the same upload can be built once another
-        // build of the org has ended.
+        // build of the org has ended (or, past `kept_per_org`, gone).
+        self.check_kept(org).await?;
         let slot = self.count_active(org)?;
         let now = now_ms();
         let b = BuildRecord {
@@ -712,6 +718,30 @@ impl Builds {
             drop(slot);
         });
         Ok((b, false))
+    }
+
+    /// Errors: 403 `ORG_LIMIT_REACHED` when `org` keeps `kept_per_org` builds already. Builds
+    /// created at the same moment may each pass: the org then keeps at most `builds_per_org`
+    /// more.
+    async fn check_kept(&self, org: &str) -> CoreResult<()> {
+        let limit = self.s.kept_per_org;
+        if limit == 0 {
+            return Ok(());
+        }
+        let f = BuildFilter {
+            limit: 1,
+            ..Default::default()
+        };
+        let (_, kept) = self.store.list_builds(org, &f).await?;
+        if kept >= u64::from(limit) {
+            return Err(CoreError::OrgLimit(format!(
+                "organization {org} has reached its limit of {limit} builds kept \
+                 (builds_kept_per_org = {limit}); a build is deleted --build-retention-hours \
+                 after its last use unless a deployment runs it: deploy one of the kept builds \
+                 by its id, or ask the operator to raise builds_kept_per_org"
+            )));
+        }
+        Ok(())
     }
 
     /// Counts one more build of `org` pending or building. Errors: 429 at `builds_per_org`.
@@ -1185,6 +1215,7 @@ mod tests {
                 node_id: "n1".into(),
                 uploads_per_org: 0,
                 builds_per_org: 0,
+                kept_per_org: 0,
             },
         );
         builds.set_docker_builder(docker.clone());
@@ -1319,6 +1350,7 @@ mod tests {
                 node_id: "n1".into(),
                 uploads_per_org: 3,
                 builds_per_org: 2,
+                kept_per_org: 0,
             },
         );
         let defaults = AgentDefaults {
@@ -1416,6 +1448,79 @@ mod tests {
         held.0.add_permits(100);
     }
 
+    /// An org keeps at most `kept_per_org` builds: past it a new build is 403
+    /// `ORG_LIMIT_REACHED` naming the limit, and its upload stays unspent; another org, and
+    /// a cached build of the same context, are not refused; once a kept build is deleted,
+    /// the same upload builds.
+    #[tokio::test]
+    async fn the_builds_an_org_keeps_are_bounded() {
+        use crate::store::{self, OpenMode};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = store::open(&Default::default(), tmp.path(), OpenMode::Create)
+            .await
+            .unwrap();
+        for org in ["o", "p"] {
+            store.ensure_org(org).await.unwrap();
+        }
+        let builds = Builds::new(
+            store.clone(),
+            Arc::new(Held(Semaphore::new(100))),
+            BuildSettings {
+                mode: BuilderMode::Venv,
+                dir: tmp.path().join("builds"),
+                max_context_bytes: 1 << 20,
+                timeout: Duration::from_secs(60),
+                node_id: "n1".into(),
+                uploads_per_org: 0,
+                builds_per_org: 0,
+                kept_per_org: 2,
+            },
+        );
+        let defaults = AgentDefaults {
+            regions: vec!["local".into()],
+            default_region: "local".into(),
+        };
+        let upload = |org: &'static str| {
+            let builds = builds.clone();
+            async move {
+                let u = builds.new_upload(org).unwrap();
+                let mut sink = builds.begin_upload(u.id, &u.token).await.unwrap();
+                sink.write(b"a context").await.unwrap();
+                builds.finish_upload(sink).await.unwrap();
+                u.id.to_string()
+            }
+        };
+        let kept: Vec<BuildRecord> = (0..2).map(|_| rec(BuildStatus::Failed)).collect();
+        for b in &kept {
+            store.insert_build(b).await.unwrap();
+        }
+        let up = upload("o").await;
+        match builds.create(&defaults, "o", &up, None, None).await {
+            Err(CoreError::OrgLimit(m)) => {
+                assert!(
+                    m.contains("limit of 2 builds kept (builds_kept_per_org = 2)"),
+                    "{m}"
+                )
+            }
+            r => panic!("not refused: {r:?}"),
+        }
+        let other = upload("p").await;
+        builds
+            .create(&defaults, "p", &other, None, None)
+            .await
+            .unwrap();
+        assert!(store
+            .delete_unused_build(kept[0].id, i64::MAX)
+            .await
+            .unwrap());
+        let (b, cached) = builds
+            .create(&defaults, "o", &up, None, None)
+            .await
+            .unwrap();
+        assert!(!cached);
+        assert_eq!(b.org, "o");
+    }
+
     /// A build the server stopped (it crashed or was killed mid-build) ends `failed` at the
     /// next start and keeps only its log: its builder ends what its steps left running (by
     /// the cgroups they recorded), and its context, virtualenv and home (which its build
@@ -1441,6 +1546,7 @@ mod tests {
                 node_id: "n1".into(),
                 uploads_per_org: 0,
                 builds_per_org: 0,
+                kept_per_org: 0,
             },
         );
         let made = |status| {

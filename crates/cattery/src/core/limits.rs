@@ -30,6 +30,10 @@ pub const DEFAULT_BUILDS_PER_ORG: u32 = 4;
 /// Default most upload URLs per org not yet built nor expired, on one node (`core::builds`).
 pub const DEFAULT_BUILD_UPLOADS_PER_ORG: u32 = 10;
 
+/// Default most builds one org keeps (any state, until the build retention deletes them;
+/// `core::builds`).
+pub const DEFAULT_BUILDS_KEPT_PER_ORG: u32 = 100;
+
 /// The limits in force; 0 = no limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
