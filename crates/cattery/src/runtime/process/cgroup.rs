@@ -31,6 +31,10 @@ pub struct CgroupSupport {
     pub v2_base: Option<PathBuf>,
     /// Base v1 directories per controller (`memory`, `cpu`, `pids`).
     pub v1_bases: Vec<(&'static str, PathBuf)>,
+    /// The `agentProfile` limits' controllers that no writable v1 hierarchy has and that the
+    /// v2 hierarchy gives this server's instances (a machine with cgroup v2 alone): their
+    /// limits are written in each instance's v2 cgroup ([`apply_v2_limits`]).
+    pub v2_limits: Vec<&'static str>,
     /// This server's liveness lock (see the module docs), held while it runs.
     _alive: Option<Flock<File>>,
     /// This server's id.
@@ -130,6 +134,7 @@ impl CgroupSupport {
         let mut s = CgroupSupport {
             v2_base: None,
             v1_bases: Vec::new(),
+            v2_limits: Vec::new(),
             _alive: None,
             server_id: server_id.to_string(),
         };
@@ -157,6 +162,13 @@ impl CgroupSupport {
             if fs::create_dir_all(&base).is_ok() {
                 s.v1_bases.push((ctrl, base));
             }
+        }
+        if let Some(base) = &s.v2_base {
+            let wanted: Vec<&'static str> = LIMIT_CONTROLLERS
+                .into_iter()
+                .filter(|c| !s.v1_bases.iter().any(|(v1, _)| v1 == c))
+                .collect();
+            s.v2_limits = enable_v2_controllers(base, &wanted);
         }
         if s._alive.is_some() {
             let dirs: Vec<PathBuf> = s
@@ -187,23 +199,35 @@ impl CgroupSupport {
     /// Human description for logs.
     pub fn describe(&self) -> String {
         match &self.v2_base {
-            Some(b) => format!(
-                "cgroup v2 at {} (cgroup.kill){}",
-                b.display(),
-                if self.v1_bases.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        ", v1 limits: {}",
-                        self.v1_bases
-                            .iter()
-                            .map(|(c, _)| *c)
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    )
+            Some(b) => {
+                let mut d = format!("cgroup v2 at {} (cgroup.kill)", b.display());
+                if !self.v1_bases.is_empty() {
+                    let v1: Vec<&str> = self.v1_bases.iter().map(|(c, _)| *c).collect();
+                    d.push_str(&format!(", v1 limits: {}", v1.join(",")));
                 }
-            ),
+                if !self.v2_limits.is_empty() {
+                    d.push_str(&format!(", v2 limits: {}", self.v2_limits.join(",")));
+                }
+                d
+            }
             None => "process group + child subreaper (no writable cgroup v2)".into(),
+        }
+    }
+
+    /// The `agentProfile` limits' controllers that neither hierarchy gives this server:
+    /// instances run without those limits (the server says so at start).
+    pub fn unenforced_limits(&self) -> Vec<&'static str> {
+        LIMIT_CONTROLLERS
+            .into_iter()
+            .filter(|c| !self.v1_bases.iter().any(|(v1, _)| v1 == c) && !self.v2_limits.contains(c))
+            .collect()
+    }
+
+    /// Writes `limits` into the instance's v2 cgroup `dir` for the controllers of
+    /// [`CgroupSupport::v2_limits`] (none on a machine whose v1 hierarchies have them).
+    pub fn apply_v2(&self, dir: &Path, limits: Option<&ProfileLimits>) {
+        if let Some(l) = limits {
+            apply_v2_limits(&self.v2_limits, dir, l);
         }
     }
 
@@ -217,6 +241,7 @@ impl CgroupSupport {
         if let Some(base) = &self.v2_base {
             let dir = base.join(instance);
             fs::create_dir_all(&dir)?;
+            self.apply_v2(&dir, limits);
             out.procs_fds.push(open_procs(&dir)?);
             out.v2 = Some(dir);
         }
@@ -352,19 +377,53 @@ impl CgroupSupport {
     }
 }
 
+/// The controllers of the `agentProfile` limits.
+const LIMIT_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+
+/// Enables the v2 controllers `wanted` for the children of `base` and of its parent (the
+/// `cattery` directory), where the level above offers them; returns those `base`'s children
+/// then have (read back from its `cgroup.subtree_control`). Neither directory holds a
+/// process, so v2's rule that a cgroup with controllers for its children holds none holds.
+fn enable_v2_controllers(base: &Path, wanted: &[&'static str]) -> Vec<&'static str> {
+    for dir in base.parent().into_iter().chain([base]) {
+        let offered = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+        for ctrl in wanted {
+            if offered.split_whitespace().any(|c| c == *ctrl) {
+                let _ = write_file(&dir.join("cgroup.subtree_control"), &format!("+{ctrl}"));
+            }
+        }
+    }
+    let on = fs::read_to_string(base.join("cgroup.subtree_control")).unwrap_or_default();
+    wanted
+        .iter()
+        .copied()
+        .filter(|c| on.split_whitespace().any(|o| o == *c))
+        .collect()
+}
+
+/// Writes an instance's `agentProfile` limits into its v2 cgroup `dir`, for `ctrls`: the
+/// same values as the v1 files ([`apply_limits`]): `memory.max`, `cpu.max` (quota and a
+/// 100 ms period) and `pids.max`. Best-effort, as the v1 writes are.
+fn apply_v2_limits(ctrls: &[&'static str], dir: &Path, l: &ProfileLimits) {
+    for ctrl in ctrls {
+        let _ = match *ctrl {
+            "memory" => write_file(&dir.join("memory.max"), &l.memory_bytes.to_string()),
+            "cpu" => write_file(
+                &dir.join("cpu.max"),
+                &format!("{} 100000", u64::from(l.cpu_millicores) * 100),
+            ),
+            "pids" => write_file(&dir.join("pids.max"), &l.pids.to_string()),
+            _ => Ok(()),
+        };
+    }
+}
+
 /// Enables the v2 `memory` and `pids` controllers for the children of `base` (and of its
 /// parent, the `cattery` directory) where the level above offers them: on a machine with
 /// cgroup v2 alone, that is where a bounded task's limits are. Best-effort: without them, the
 /// limits are the v1 controllers' or none ([`BoundedCgroups::enforced`]).
 fn enable_v2_limits(base: &Path) {
-    for dir in base.parent().into_iter().chain([base]) {
-        let offered = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
-        for ctrl in ["memory", "pids"] {
-            if offered.split_whitespace().any(|c| c == ctrl) {
-                let _ = write_file(&dir.join("cgroup.subtree_control"), &format!("+{ctrl}"));
-            }
-        }
-    }
+    enable_v2_controllers(base, &["memory", "pids"]);
 }
 
 /// Kills every process in the cgroups `dirs` (v2 `cgroup.kill`, else each listed pid of
@@ -493,4 +552,83 @@ pub fn remove(dir: &Path) {
         }
     }
     tracing::warn!(cgroup = %dir.display(), "could not remove cgroup");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn support(v1: &[&'static str], v2: &[&'static str]) -> CgroupSupport {
+        CgroupSupport {
+            v2_base: Some(PathBuf::from("/sys/fs/cgroup/cattery/s")),
+            v1_bases: v1.iter().map(|c| (*c, PathBuf::from(c))).collect(),
+            v2_limits: v2.to_vec(),
+            _alive: None,
+            server_id: "s".into(),
+        }
+    }
+
+    /// On a machine with cgroup v2 alone, an instance's `agentProfile` limits are written in
+    /// its v2 cgroup, with the values of the v1 files: `agent-1x` is 1 GiB, half a CPU and
+    /// 1,024 processes. Controllers a v1 hierarchy has are left to it.
+    #[test]
+    fn v2_limits_carry_the_profile() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["memory.max", "cpu.max", "pids.max"] {
+            fs::write(dir.path().join(f), "max").unwrap();
+        }
+        let l = crate::model::profile_limits("agent-1x").unwrap();
+        support(&[], &["memory", "cpu", "pids"]).apply_v2(dir.path(), Some(&l));
+        let read = |d: &tempfile::TempDir, f: &str| fs::read_to_string(d.path().join(f)).unwrap();
+        assert_eq!(read(&dir, "memory.max"), "1073741824");
+        assert_eq!(read(&dir, "cpu.max"), "50000 100000");
+        assert_eq!(read(&dir, "pids.max"), "1024");
+
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["memory.max", "cpu.max", "pids.max"] {
+            fs::write(dir.path().join(f), "max").unwrap();
+        }
+        support(&["memory", "cpu"], &["pids"]).apply_v2(dir.path(), Some(&l));
+        assert_eq!(read(&dir, "memory.max"), "max");
+        assert_eq!(read(&dir, "cpu.max"), "max");
+        assert_eq!(read(&dir, "pids.max"), "1024");
+    }
+
+    /// What neither hierarchy gives is named (the server warns at start), and the description
+    /// says where each limit is.
+    #[test]
+    fn limits_no_hierarchy_gives_are_named() {
+        assert!(support(&["memory", "cpu", "pids"], &[])
+            .unenforced_limits()
+            .is_empty());
+        assert!(support(&[], &["memory", "cpu", "pids"])
+            .unenforced_limits()
+            .is_empty());
+        let s = support(&["memory"], &["pids"]);
+        assert_eq!(s.unenforced_limits(), ["cpu"]);
+        let d = s.describe();
+        assert!(
+            d.contains("v1 limits: memory") && d.contains("v2 limits: pids"),
+            "{d}"
+        );
+        assert_eq!(support(&[], &[]).unenforced_limits(), LIMIT_CONTROLLERS);
+    }
+
+    /// The v2 controllers an instance's limits go to are those `base`'s children have once
+    /// enabled, read back: none where the hierarchy offers none (a hybrid machine), and those
+    /// already on (another server of the machine enabled them) among those wanted.
+    #[test]
+    fn v2_controllers_are_those_the_children_get() {
+        let root = tempfile::tempdir().unwrap();
+        let base = root.path().join("s");
+        fs::create_dir_all(&base).unwrap();
+        fs::write(root.path().join("cgroup.controllers"), "").unwrap();
+        fs::write(base.join("cgroup.controllers"), "").unwrap();
+        assert!(enable_v2_controllers(&base, &LIMIT_CONTROLLERS).is_empty());
+        fs::write(base.join("cgroup.subtree_control"), "cpu memory pids\n").unwrap();
+        assert_eq!(
+            enable_v2_controllers(&base, &["memory", "pids"]),
+            ["memory", "pids"]
+        );
+    }
 }

@@ -163,6 +163,14 @@ impl ProcessRuntime {
             tracing::warn!("no private lock directory: ports are not reserved across servers");
         }
         let cgroups = CgroupSupport::detect(server_id);
+        let unenforced = cgroups.unenforced_limits();
+        if !unenforced.is_empty() && (cgroups.v2_base.is_some() || !cgroups.v1_bases.is_empty()) {
+            tracing::warn!(
+                cgroups = %cgroups.describe(),
+                "agentProfile limits are not enforced for {}: neither a writable cgroup v1 hierarchy nor cgroup v2 gives this server those controllers (see docs/lifecycle.md)",
+                unenforced.join(", ")
+            );
+        }
         let spares = spare::Stock::new(cgroups.v1_bases.clone(), cgroups.v2_base.is_some());
         Ok(ProcessRuntime {
             instances_dir,
@@ -627,7 +635,10 @@ impl ProcessRuntime {
             }
         }
         let (v2, v2_fd) = match self.cgroups.create_v2_dir(id) {
-            Ok(Some(v)) => v,
+            Ok(Some((dir, fd))) => {
+                self.cgroups.apply_v2(&dir, limits);
+                (dir, fd)
+            }
             Ok(None) | Err(_) => {
                 spare.discard();
                 return Err(SpareFailed::Unusable);
