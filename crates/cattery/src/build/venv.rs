@@ -432,11 +432,11 @@ async fn run(
         // std (which switches before any `pre_exec`).
         let plan = steps.namespaces.as_ref().map(|ns| {
             let given = [cwd.as_os_str(), OsStr::new(program)];
+            // Of the builds, only this step's own (its working directory's).
             ns.plan(
-                given
-                    .into_iter()
-                    .chain(args.iter().map(OsStr::new))
-                    .chain(steps.env.iter().map(|(_, v)| v.as_os_str())),
+                given.into_iter().chain(args.iter().map(OsStr::new)),
+                steps.env.iter().map(|(_, v)| v.as_os_str()),
+                namespace::BuildView::Make,
             )
         });
         let dir = std::ffi::CString::new(cwd.as_os_str().as_bytes())
@@ -1007,7 +1007,7 @@ mod tests {
         let uid = 2_000_000_011;
         step_dir(&app, Some(uid), 0o755).unwrap();
         let range = "2000000000-2000065535".parse().unwrap();
-        let ns = Namespaces::probe(&[], range).unwrap();
+        let ns = Namespaces::probe(&[], None, range).unwrap();
         let proc_line = match ns.hides_pids() {
             true => "pid-1-hidden",
             false => "sees-pid-1",

@@ -603,6 +603,117 @@ async fn isolated_builds_server(env: &[(&str, &str)]) -> Option<Server> {
     )
 }
 
+/// A build's files are seen only by the instances that run it: org B's agent, given the full
+/// path of a file in org A's build (its id leaked), finds nothing there, nor A's build log,
+/// while A's agent runs from its build (the build's Python and its `app/`) and reads its own
+/// file.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_orgs_agent_cannot_read_a_build_by_its_path() {
+    let Some(s) = isolated_builds_server(&[]).await else {
+        return;
+    };
+    let bot = "import asyncio, os\nfrom loguru import logger\n\n\
+               async def bot(args):\n    here = os.path.dirname(os.path.abspath(__file__))\n    \
+               text = open(os.path.join(here, 'hardcoded.txt')).read().strip()\n    \
+               logger.info(f'own build read: {text}')\n    await asyncio.sleep(60)\n";
+    let secret = "org-a-hardcoded-value-5e2f";
+    let context = tar_gz(&[("bot.py", bot), ("hardcoded.txt", secret)]);
+    let (build, log) = build_through_the_api(&s, context).await;
+    assert_eq!(build["status"], "success", "{build}\n{log}");
+    let dir = build_dir(&s, &build);
+    let file = dir.join("app/hardcoded.txt");
+    assert!(file.exists());
+
+    // Org A's agent runs from its build.
+    let id = build["id"].as_str().unwrap();
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&s.sk),
+            Some(serde_json::json!({"serviceName": "a-built", "buildId": id})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sid_a = s.start_ok("a-built").await;
+    let want = format!("own build read: {secret}");
+    common::wait_for(Duration::from_secs(60), "A's bot to read its build", || {
+        let (s, want) = (&s, &want);
+        async move { agent_logs(s, "a-built").await.contains(want).then_some(()) }
+    })
+    .await;
+
+    // Org B's test agent tries A's build by its full path.
+    let (sk_b, pk_b) = (s.key("private", "org-b"), s.key("public", "org-b"));
+    let cmd = vec![common::test_agent().display().to_string()];
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&sk_b),
+            Some(serde_json::json!({"serviceName": "b-agent", "command": cmd,
+                                    "env": {"CATTERY_TEST_TAG": s.tag}})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = s
+        .req(
+            "POST",
+            "/v1/public/b-agent/start",
+            Some(&pk_b),
+            Some(serde_json::json!({})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sid_b = r.body["sessionId"].as_str().unwrap().to_string();
+    let read = |path: PathBuf| {
+        let (s, pk_b, sid_b) = (&s, &pk_b, &sid_b);
+        async move {
+            let url = format!("/v1/public/b-agent/sessions/{sid_b}/control/read");
+            let r = s
+                .raw(
+                    "POST",
+                    &url,
+                    Some(pk_b),
+                    path.display().to_string().into_bytes(),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            r.body
+        }
+    };
+    // The probe works: B reads what is its to read.
+    let own = read(PathBuf::from("/proc/self/environ")).await;
+    assert_eq!(own["ok"], true, "{own}");
+    for p in [
+        file.clone(),
+        dir.join("app/bot.py"),
+        dir.join("venv/pyvenv.cfg"),
+        dir.join("build.log"),
+        dir.join("app"),
+    ] {
+        let r = read(p.clone()).await;
+        assert_eq!(r["ok"], false, "org B's agent read {}: {r}", p.display());
+        let e = r["error"].as_str().unwrap_or_default();
+        assert!(
+            e.contains("No such file") || e.contains("ermission denied"),
+            "{}: {r}",
+            p.display()
+        );
+    }
+
+    assert_eq!(s.stop("a-built", &sid_a).await.status, 200);
+    let r = s
+        .req(
+            "DELETE",
+            &format!("/v1/agents/b-agent/sessions/{sid_b}"),
+            Some(&sk_b),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+}
+
 /// A `venv` module for a build context that runs `code` (Python, with `os` imported) and
 /// then hands over to the real `venv`, as [`STEP_PROBE`] does.
 fn step_running(code: &str) -> String {

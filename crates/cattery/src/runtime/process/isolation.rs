@@ -85,7 +85,11 @@ impl Isolation {
             .flatten()
             .filter_map(|d| fs::canonicalize(d).ok())
             .collect();
-        let (namespaces, namespaces_off) = match Namespaces::probe(&roots, range) {
+        let builds = instances_dir
+            .parent()
+            .map(|d| d.join(super::namespace::BUILDS));
+        let (namespaces, namespaces_off) = match Namespaces::probe(&roots, builds.as_deref(), range)
+        {
             Ok(n) => (Some(Arc::new(n)), None),
             Err(why) => (None, Some(why)),
         };
@@ -99,7 +103,9 @@ impl Isolation {
 
     /// One line for the start log.
     pub fn describe(&self) -> String {
-        const SHARED: &str = "/tmp, /var/tmp and /dev/shm are the host's, shared by all instances";
+        const SHARED: &str =
+            "/tmp, /var/tmp and /dev/shm are the host's, shared by all instances, \
+                              and any instance reads any build's files by its path";
         match (&self.uids, &self.off_reason) {
             (Some(p), _) => match (&self.namespaces, &self.namespaces_off) {
                 (Some(n), _) => {

@@ -147,12 +147,23 @@ impl ProcessRuntime {
             isolation::secure_data_dir(data_dir, isolation.uids.is_some())?;
         }
         match (&isolation.off_reason, &isolation.namespaces_off) {
+            (None, None)
+                if isolation
+                    .namespaces
+                    .as_ref()
+                    .is_some_and(|n| !n.covers_builds()) =>
+            {
+                tracing::warn!(
+                    separation = %isolation.describe(),
+                    "any instance can read any build's files by its path (see docs/security.md)"
+                )
+            }
             (None, None) => {
                 tracing::info!(separation = %isolation.describe(), "instance separation")
             }
             (None, Some(_)) => tracing::warn!(
                 separation = %isolation.describe(),
-                "instances share /tmp, /var/tmp and /dev/shm: what one leaves there, a later instance of its uid can read (see docs/security.md)"
+                "instances share /tmp, /var/tmp and /dev/shm: what one leaves there, a later instance of its uid can read, and builds are readable by path (see docs/security.md)"
             ),
             (Some(_), _) => tracing::warn!(
                 separation = %isolation.describe(),

@@ -739,6 +739,19 @@ mod sys {
             ok(unsafe { call(libc::SYS_mkdir, a) }).map(drop)
         }
 
+        fn chmod(&self, path: &std::ffi::CStr, mode: u32) -> Result<(), i32> {
+            let a = [
+                libc::AT_FDCWD as usize,
+                path.as_ptr() as usize,
+                mode as usize,
+                0,
+                0,
+                0,
+            ];
+            // SAFETY: a NUL-terminated path alive for the call.
+            ok(unsafe { call(libc::SYS_fchmodat, a) }).map(drop)
+        }
+
         fn create(&self, path: &std::ffi::CStr) -> Result<(), i32> {
             let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC;
             let a = [

@@ -48,7 +48,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use super::namespace::{self, Namespaces, NixSys, Plan};
+use super::namespace::{self, BuildView, Namespaces, NixSys, Plan};
 
 /// Stack of the child between `clone` and `execve` (it only makes system calls).
 const CHILD_STACK: usize = 64 * 1024;
@@ -327,11 +327,12 @@ pub(super) fn prepare(spec: &SpawnSpec<'_>) -> io::Result<ChildPlan> {
     envp.push(std::ptr::null());
     let devnull = std::fs::File::open("/dev/null")?;
     // Every path the process is given: what of them lies in a private place is bound back.
+    // Of the builds, only those its program, working directory or arguments lie in.
     let ns = spec.namespaces.map(|n| {
         let given = [spec.cwd.as_os_str(), OsStr::from_bytes(path.as_bytes())];
         let args = spec.args.iter().map(OsStr::new);
         let env = spec.env.iter().map(|(_, v)| v.as_os_str());
-        Box::new(n.plan(given.into_iter().chain(args).chain(env)))
+        Box::new(n.plan(given.into_iter().chain(args), env, BuildView::Run))
     });
     let args = ChildArgs {
         path,
