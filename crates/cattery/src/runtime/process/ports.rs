@@ -272,19 +272,42 @@ mod diag {
         }
     }
 
-    /// Inodes of TCP sockets listening on `port`, IPv4 and IPv6.
-    pub fn listening_inodes(port: u16) -> io::Result<Vec<u64>> {
+    /// A `sock_diag` socket kept between checks (close-on-exec, as `netlink-sys` opens
+    /// it): one per check cost four more system calls (`socket`, `bind`, `getsockname`,
+    /// `close`) on every start. A check takes it out and puts it back when done, so checks
+    /// at the same time never wait for each other (each one without the kept socket opens
+    /// its own, and the one that finishes last closes it). Dropped after any error, so a
+    /// socket left in an unknown state (a dump read halfway) is never asked again.
+    pub(super) static SOCKET: parking_lot::Mutex<Option<Socket>> = parking_lot::Mutex::new(None);
+
+    fn open() -> io::Result<Socket> {
         let mut sock = Socket::new(NETLINK_SOCK_DIAG)?;
         sock.bind_auto()?;
         sock.connect(&SocketAddr::new(0, 0))?;
+        Ok(sock)
+    }
+
+    fn query(sock: &Socket, port: u16) -> io::Result<Vec<u64>> {
         let mut out = Vec::new();
-        dump(&sock, AF_INET, port, &mut out)?;
-        match dump(&sock, AF_INET6, port, &mut out) {
+        dump(sock, AF_INET, port, &mut out)?;
+        match dump(sock, AF_INET6, port, &mut out) {
             Ok(()) => {}
             // A kernel without IPv6 has no AF_INET6 handler.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => return Err(e),
         }
+        Ok(out)
+    }
+
+    /// Inodes of TCP sockets listening on `port`, IPv4 and IPv6.
+    pub fn listening_inodes(port: u16) -> io::Result<Vec<u64>> {
+        let kept = SOCKET.lock().take();
+        let sock = match kept {
+            Some(s) => s,
+            None => open()?,
+        };
+        let out = query(&sock, port)?;
+        SOCKET.lock().get_or_insert(sock);
         Ok(out)
     }
 }
@@ -335,6 +358,31 @@ mod tests {
                 "{w}"
             );
         }
+    }
+
+    #[test]
+    fn the_kept_netlink_socket_answers_each_check_afresh() {
+        let l = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let Ok(first) = diag::listening_inodes(port) else {
+            return; // no netlink here: the /proc fallback is used
+        };
+        assert_eq!(first.len(), 1);
+        // Kept (another test's check may hold it for a moment).
+        let kept = (0..200).any(|_| {
+            let k = diag::SOCKET.lock().is_some();
+            if !k {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            k
+        });
+        assert!(kept, "the socket is kept");
+        let other = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port2 = other.local_addr().unwrap().port();
+        assert_eq!(diag::listening_inodes(port2).unwrap().len(), 1);
+        drop(l);
+        assert_eq!(diag::listening_inodes(port).unwrap(), Vec::<u64>::new());
+        assert_eq!(diag::listening_inodes(port2).unwrap().len(), 1);
     }
 
     #[test]
