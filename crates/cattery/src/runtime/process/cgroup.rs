@@ -523,7 +523,7 @@ pub fn raw_fds(fds: &[OwnedFd]) -> Vec<i32> {
 
 /// Pids in a cgroup directory (v1 or v2).
 pub fn procs(dir: &Path) -> Vec<i32> {
-    fs::read_to_string(dir.join("cgroup.procs"))
+    super::kfile::read_to_string(&dir.join("cgroup.procs"))
         .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
         .unwrap_or_default()
 }
@@ -531,7 +531,7 @@ pub fn procs(dir: &Path) -> Vec<i32> {
 /// Whether a v2 cgroup still has processes (`cgroup.events` `populated 1`). A missing
 /// directory counts as empty.
 pub fn populated(dir: &Path) -> bool {
-    match fs::read_to_string(dir.join("cgroup.events")) {
+    match super::kfile::read_to_string(&dir.join("cgroup.events")) {
         Ok(s) => s.lines().any(|l| l.trim() == "populated 1"),
         Err(_) => false,
     }

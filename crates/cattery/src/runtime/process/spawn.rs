@@ -286,9 +286,19 @@ pub fn resolve(program: &str, cwd: &Path, path_var: Option<&OsStr>) -> io::Resul
 pub(super) struct ChildPlan {
     pub(super) args: ChildArgs,
     _strings: (Vec<CString>, Vec<CString>),
-    _devnull: std::fs::File,
     /// What [`ChildArgs::ns`] points to (boxed: the plan moves, the namespace's plan not).
     _ns: Option<Box<Plan>>,
+}
+
+/// `/dev/null` for the standard input of every spawn, opened once (close-on-exec) and kept
+/// for the server's life: not an `openat` and a `close` per start.
+fn dev_null() -> io::Result<RawFd> {
+    static NULL: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+    if let Some(f) = NULL.get() {
+        return Ok(f.as_raw_fd());
+    }
+    let f = std::fs::File::open("/dev/null")?;
+    Ok(NULL.get_or_init(|| f).as_raw_fd())
 }
 
 /// Resolves the program and prepares what the child reads (see [`ChildArgs`]); allocates,
@@ -325,7 +335,7 @@ pub(super) fn prepare(spec: &SpawnSpec<'_>) -> io::Result<ChildPlan> {
     sh_argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = env_strings.iter().map(|s| s.as_ptr()).collect();
     envp.push(std::ptr::null());
-    let devnull = std::fs::File::open("/dev/null")?;
+    let devnull = dev_null()?;
     // Every path the process is given: what of them lies in a private place is bound back.
     // Of the builds, only those its program, working directory or arguments lie in.
     let ns = spec.namespaces.map(|n| {
@@ -340,7 +350,7 @@ pub(super) fn prepare(spec: &SpawnSpec<'_>) -> io::Result<ChildPlan> {
         sh_argv,
         envp,
         cwd: cstring(spec.cwd.as_os_str().as_bytes())?,
-        stdin: spec.stdin.unwrap_or(devnull.as_raw_fd()),
+        stdin: spec.stdin.unwrap_or(devnull),
         stdout: spec.stdout.as_raw_fd(),
         stderr: spec.stderr.as_raw_fd(),
         cgroup_procs: spec.cgroup_procs.to_vec(),
@@ -354,7 +364,6 @@ pub(super) fn prepare(spec: &SpawnSpec<'_>) -> io::Result<ChildPlan> {
     Ok(ChildPlan {
         args,
         _strings: (arg_strings, env_strings),
-        _devnull: devnull,
         _ns: ns,
     })
 }
