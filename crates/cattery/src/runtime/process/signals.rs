@@ -290,6 +290,18 @@ mod tests {
             exit.changed().await.expect("exit status");
         }
         let left = members(pgid, 2);
+        // `env -i` shows the marker in its own environment until it runs `sleep`: wait for
+        // both members to be `sleep`.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !left.iter().all(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{left:?} never ran sleep"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let marked: Vec<i32> = left
             .iter()
             .copied()
