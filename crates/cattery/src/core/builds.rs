@@ -1026,6 +1026,20 @@ fn open_dir(p: &std::path::Path) {
 mod tests {
     use super::*;
 
+    /// Settings for a test's builds under `dir`: no per-org limit (a test sets those it checks).
+    fn settings(mode: BuilderMode, dir: std::path::PathBuf) -> BuildSettings {
+        BuildSettings {
+            mode,
+            dir,
+            max_context_bytes: 1 << 20,
+            timeout: Duration::from_secs(60),
+            node_id: "n1".into(),
+            uploads_per_org: 0,
+            builds_per_org: 0,
+            kept_per_org: 0,
+        }
+    }
+
     /// A relative program runs from `workingDir`: under the builds directory that way, it
     /// names its build as an absolute path there does.
     #[test]
@@ -1207,16 +1221,7 @@ mod tests {
         let builds = Builds::new(
             store.clone(),
             Arc::new(Recorder::default()),
-            BuildSettings {
-                mode: BuilderMode::Auto,
-                dir: dir.clone(),
-                max_context_bytes: 1 << 20,
-                timeout: Duration::from_secs(60),
-                node_id: "n1".into(),
-                uploads_per_org: 0,
-                builds_per_org: 0,
-                kept_per_org: 0,
-            },
+            settings(BuilderMode::Auto, dir.clone()),
         );
         builds.set_docker_builder(docker.clone());
         let (now, day) = (now_ms(), 86_400_000);
@@ -1343,14 +1348,9 @@ mod tests {
             store.clone(),
             held.clone(),
             BuildSettings {
-                mode: BuilderMode::Venv,
-                dir: tmp.path().join("builds"),
-                max_context_bytes: 1 << 20,
-                timeout: Duration::from_secs(60),
-                node_id: "n1".into(),
                 uploads_per_org: 3,
                 builds_per_org: 2,
-                kept_per_org: 0,
+                ..settings(BuilderMode::Venv, tmp.path().join("builds"))
             },
         );
         let defaults = AgentDefaults {
@@ -1466,14 +1466,8 @@ mod tests {
             store.clone(),
             Arc::new(Held(Semaphore::new(100))),
             BuildSettings {
-                mode: BuilderMode::Venv,
-                dir: tmp.path().join("builds"),
-                max_context_bytes: 1 << 20,
-                timeout: Duration::from_secs(60),
-                node_id: "n1".into(),
-                uploads_per_org: 0,
-                builds_per_org: 0,
                 kept_per_org: 2,
+                ..settings(BuilderMode::Venv, tmp.path().join("builds"))
             },
         );
         let defaults = AgentDefaults {
@@ -1538,16 +1532,7 @@ mod tests {
         let builds = Builds::new(
             store.clone(),
             recorder.clone(),
-            BuildSettings {
-                mode: BuilderMode::Venv,
-                dir: dir.clone(),
-                max_context_bytes: 1 << 20,
-                timeout: Duration::from_secs(60),
-                node_id: "n1".into(),
-                uploads_per_org: 0,
-                builds_per_org: 0,
-                kept_per_org: 0,
-            },
+            settings(BuilderMode::Venv, dir.clone()),
         );
         let made = |status| {
             let mut b = rec(status);

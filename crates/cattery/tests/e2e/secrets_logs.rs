@@ -1237,18 +1237,7 @@ async fn a_rotated_secrets_key_still_opens_the_bound_set_after_a_restart() {
     use std::os::unix::fs::PermissionsExt;
     let mut s = Server::start(&[]).await;
     let value = "rotated = \"kept\"";
-    assert_eq!(
-        put_secrets(&s, "rot-secrets", &[("MY_KEY", value)])
-            .await
-            .status,
-        202
-    );
-    s.deploy(
-        "rot-agent",
-        &["--print-env", "MY_KEY"],
-        json!({"secretSet": "rot-secrets"}),
-    )
-    .await;
+    bind_secret(&s, value).await;
     let dir = tempfile::tempdir().unwrap();
     let new_key = dir.path().join("new.key");
     std::fs::write(&new_key, [42u8; 32]).unwrap();
@@ -1281,8 +1270,30 @@ async fn a_rotated_secrets_key_still_opens_the_bound_set_after_a_restart() {
     assert!(!ok && text.contains("holds the current key"), "{text}");
 
     s.spawn().await;
+    assert_a_new_instance_gets(&s, value).await;
+}
+
+/// The rotation tests' secret: `MY_KEY = value` in set `rot-secrets`, bound to agent
+/// `rot-agent`, which prints it.
+async fn bind_secret(s: &Server, value: &str) {
+    assert_eq!(
+        put_secrets(s, "rot-secrets", &[("MY_KEY", value)])
+            .await
+            .status,
+        202
+    );
+    s.deploy(
+        "rot-agent",
+        &["--print-env", "MY_KEY"],
+        json!({"secretSet": "rot-secrets"}),
+    )
+    .await;
+}
+
+/// A new session of `rot-agent` ([`bind_secret`]) gets `MY_KEY = value`; then it is stopped.
+async fn assert_a_new_instance_gets(s: &Server, value: &str) {
     let sid = s.start_ok("rot-agent").await;
-    let rec = wait_log(&s, "rot-agent", &sid, "env MY_KEY=").await;
+    let rec = wait_log(s, "rot-agent", &sid, "env MY_KEY=").await;
     assert!(
         rec["log"]
             .as_str()
@@ -1340,18 +1351,7 @@ async fn a_rotated_secrets_key_on_postgres_reaches_instances_once_nodes_get_the_
     )
     .await;
     let value = "pg rotated";
-    assert_eq!(
-        put_secrets(&s, "rot-secrets", &[("MY_KEY", value)])
-            .await
-            .status,
-        202
-    );
-    s.deploy(
-        "rot-agent",
-        &["--print-env", "MY_KEY"],
-        json!({"secretSet": "rot-secrets"}),
-    )
-    .await;
+    bind_secret(&s, value).await;
     let data = s.data_dir().to_path_buf();
     let args: Vec<&std::ffi::OsStr> = vec![
         "--data-dir".as_ref(),
@@ -1383,14 +1383,5 @@ async fn a_rotated_secrets_key_on_postgres_reaches_instances_once_nodes_get_the_
     // The operator gives the node the new file; it serves the set.
     std::fs::copy(&new_key, &keyfile).unwrap();
     s.spawn().await;
-    let sid = s.start_ok("rot-agent").await;
-    let rec = wait_log(&s, "rot-agent", &sid, "env MY_KEY=").await;
-    assert!(
-        rec["log"]
-            .as_str()
-            .unwrap()
-            .ends_with(&format!("env MY_KEY={value}")),
-        "{rec}"
-    );
-    assert_eq!(s.stop("rot-agent", &sid).await.status, 200);
+    assert_a_new_instance_gets(&s, value).await;
 }

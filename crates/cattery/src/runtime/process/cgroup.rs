@@ -293,9 +293,10 @@ pub struct LimitHits {
     pub pids_refused: u64,
 }
 
-/// The number after `key` on a line `key N` of a cgroup file (0 when absent).
-fn counter(path: &Path, key: &str) -> u64 {
-    fs::read_to_string(path)
+/// The number after `key` on a line `key N` of a cgroup file (0 when absent), e.g.
+/// `oom_kill` in v1 `memory.oom_control` or v2 `memory.events`.
+pub fn counter(path: &Path, key: &str) -> u64 {
+    super::kfile::read_to_string(path)
         .ok()
         .and_then(|s| {
             s.lines().find_map(|l| {
@@ -324,14 +325,14 @@ pub fn limit_hits(dirs: &[PathBuf]) -> LimitHits {
 impl CgroupSupport {
     /// Creates cgroups `name` (not an instance id: the runtime's sweeps leave it alone) with
     /// memory and task limits: a v2 cgroup for membership and `cgroup.kill` (its
-    /// `memory.max` and `pids.max` too where those controllers are enabled), and the v1
+    /// `memory.max` and `pids.max` too where those controllers are enabled, which
+    /// [`CgroupSupport::detect`] does for the controllers no v1 hierarchy has), and the v1
     /// `memory` and `pids` cgroups where they are writable. Errors: a directory could not be
     /// made; what was made is removed.
     pub fn create_bounded(&self, name: &str, l: &TaskLimits) -> std::io::Result<BoundedCgroups> {
         let mut out = BoundedCgroups::default();
         let made = (|| {
             if let Some(base) = &self.v2_base {
-                enable_v2_limits(base);
                 let dir = base.join(name);
                 fs::create_dir_all(&dir)?;
                 out.dirs.push(dir.clone());
@@ -416,14 +417,6 @@ fn apply_v2_limits(ctrls: &[&'static str], dir: &Path, l: &ProfileLimits) {
             _ => Ok(()),
         };
     }
-}
-
-/// Enables the v2 `memory` and `pids` controllers for the children of `base` (and of its
-/// parent, the `cattery` directory) where the level above offers them: on a machine with
-/// cgroup v2 alone, that is where a bounded task's limits are. Best-effort: without them, the
-/// limits are the v1 controllers' or none ([`BoundedCgroups::enforced`]).
-fn enable_v2_limits(base: &Path) {
-    enable_v2_controllers(base, &["memory", "pids"]);
 }
 
 /// Kills every process in the cgroups `dirs` (v2 `cgroup.kill`, else each listed pid of

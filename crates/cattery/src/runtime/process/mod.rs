@@ -1618,7 +1618,9 @@ impl Instance for ProcessInstance {
             .iter()
             .map(|d| d.join("memory.oom_control"))
             .chain(self.cg_v2.iter().map(|d| d.join("memory.events")));
-        files.into_iter().any(|f| oom_kills(&f) > 0)
+        files
+            .into_iter()
+            .any(|f| cgroup::counter(&f, "oom_kill") > 0)
     }
 
     async fn wait_exit(&self) -> ExitInfo {
@@ -1689,19 +1691,6 @@ fn file_tail(path: &Path) -> String {
     };
     let start = b.iter().position(|&c| c != 0).unwrap_or(b.len());
     super::logs::escape_bytes(&b[start..])
-}
-
-/// The `oom_kill` count in a cgroup's `memory.oom_control` (v1) or `memory.events` (v2); 0
-/// when the file is missing.
-fn oom_kills(file: &Path) -> u64 {
-    kfile::read_to_string(file)
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("oom_kill "))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// A fork server's environment: the allowlist, its own `HOME` and `TMPDIR`, and the agent's
