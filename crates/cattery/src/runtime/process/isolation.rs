@@ -88,6 +88,14 @@ impl Isolation {
         let builds = instances_dir
             .parent()
             .map(|d| d.join(super::namespace::BUILDS));
+        // Made now, before the first build, so that whether it can be covered is tried here,
+        // at start, rather than first found at an instance's start (`secure_data_dir` opens
+        // it to instances).
+        if let Some(b) = &builds {
+            if let Err(e) = fs::create_dir_all(b) {
+                tracing::warn!(error = %e, dir = %b.display(), "could not make the builds directory");
+            }
+        }
         let (namespaces, namespaces_off) = match Namespaces::probe(&roots, builds.as_deref(), range)
         {
             Ok(n) => (Some(Arc::new(n)), None),

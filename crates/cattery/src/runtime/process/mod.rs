@@ -2355,6 +2355,27 @@ mod tests {
         LogSink::of_no_instance(tx, crate::runtime::logs::LogRate::UNLIMITED)
     }
 
+    /// A fresh data dir gets its builds directory when the runtime starts, so that whether
+    /// instances' namespaces can cover it is tried then, not first at an instance's start
+    /// after the first build; instances may pass through it (`0711`) when they run under
+    /// uids of their own, and it is covered for them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fresh_data_dir_gets_its_builds_directory_at_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let uids = Some("1900000-1999999".parse::<UidRange>().expect("range"));
+        let (data, rt) = test_runtime("builds-dir", uids);
+        let builds = data.path().join(namespace::BUILDS);
+        let meta = std::fs::metadata(&builds).expect("the builds directory is made at start");
+        assert!(meta.is_dir());
+        if rt.isolation.uids.is_some() {
+            assert_eq!(meta.permissions().mode() & 0o7777, 0o711);
+            if let Some(ns) = &rt.isolation.namespaces {
+                assert!(ns.covers_builds(), "{}", ns.describe());
+            }
+        }
+        rt.shutdown().await;
+    }
+
     /// A start's future dropped while it waits for its process's `exec` (a start from a
     /// spare: the session engine's task aborted, a timeout around the start) gives back all
     /// it took: its port and uid can be taken again, its directory and cgroups are gone, its

@@ -22,7 +22,7 @@
 //!    any path the process is given (program, absolute arguments, working directory,
 //!    environment values) that lies there, but only when that entry is not a link, not
 //!    writable by others, and not owned by an instance uid: never what another instance left;
-//! 4. the server's `<data-dir>/builds` (when it exists) covered by an empty read-only `tmpfs`
+//! 4. the server's `<data-dir>/builds` (made at start when missing) covered by an empty read-only `tmpfs`
 //!    (`mode=0711`), with only the builds the process runs bound back at their host paths:
 //!    an instance gets the `app/` and `venv/` of each build its program, working directory or
 //!    absolute arguments name (read-only; never one named only by an environment value, which
