@@ -4,7 +4,8 @@
 # unprivileged uids of their own (docs/security.md), and those cannot enter /root: the bots'
 # interpreter must live where any user may read it.
 #   main/ : pipecat-ai[cli,webrtc] + pipecatcloud 1.x + fastapi + uvicorn: runs example bots
-#           through the Cattery runner, and the current official CLI (`pipecat cloud ...`).
+#           through the Cattery runner, and the current official CLI (`pipecat cloud ...`);
+#           and uv, with which the local builder installs a context's uv.lock (docs/builds.md).
 #   pcc/  : pipecatcloud==0.7.2, the legacy `pcc` CLI.
 #   ops/  : prometheus_client, whose text parser checks `GET /metrics` (tests/e2e/ops.rs).
 # Prints the two interpreters' paths. Tests find them in the same place (or via
@@ -37,7 +38,16 @@ make_env() {
   echo "$want" > "$stamp"
 }
 
+# Installs packages into an existing env unless it imports `module` already: an env made before
+# they were added gets them in place, not made again.
+add_to_env() {
+  local name="$1" module="$2"; shift 2
+  "$root/$name/bin/python" -c "import $module" 2>/dev/null && return 0
+  "$root/$name/bin/pip" install -q --disable-pip-version-check "$@"
+}
+
 make_env main 'pipecat-ai[cli,webrtc]' 'pipecatcloud>=1.4,<2' fastapi uvicorn websockets
+add_to_env main uv uv
 make_env pcc 'pipecatcloud==0.7.2'
 make_env ops prometheus_client
 echo "$root/main/bin/python"

@@ -1,6 +1,6 @@
 //! The local builder: the context becomes a managed `local:` directory with its own
-//! virtualenv, built from `requirements.txt` (or `pyproject.toml`'s `[project]
-//! dependencies`) with pip.
+//! virtualenv, built with pip from `uv.lock` (exactly the locked set, exported by uv),
+//! `requirements.txt` or `pyproject.toml`'s `[project] dependencies` ([`choose_source`]).
 //!
 //! The virtualenv is layered on a base Python environment (`--build-python`, default
 //! `--python`) the way a Pipecat Cloud image is layered on `dailyco/pipecat-base`: a `.pth`
@@ -137,7 +137,13 @@ struct Reason {
 impl Reason {
     fn push(&mut self, line: &str) {
         let l = line.trim();
-        if (l.starts_with("ERROR:") || l.starts_with("error:")) && self.errors.len() < 5 {
+        // uv's `error:` comes with `cause:`/`Caused by:` lines and a `hint:`.
+        let follows = !self.errors.is_empty()
+            && ["cause:", "Caused by:", "hint:"]
+                .iter()
+                .any(|p| l.starts_with(p));
+        if (l.starts_with("ERROR:") || l.starts_with("error:") || follows) && self.errors.len() < 5
+        {
             self.errors.push(l.to_string());
         }
         if !l.is_empty() {
@@ -463,6 +469,7 @@ async fn run(
         .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
         .env("PIP_NO_INPUT", "1")
         .env("PIP_PROGRESS_BAR", "off")
+        .env("UV_PYTHON_DOWNLOADS", "never")
         .env("PYTHONUNBUFFERED", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -741,37 +748,158 @@ fn give_back(p: &Path, uid: u32, gid: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// What a build installs: `(what, pip install arguments)`, or `None`.
-type Install = Option<(&'static str, Vec<String>)>;
+/// The file a build's dependencies come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// `requirements.txt`, installed with pip.
+    Requirements,
+    /// `uv.lock` (with its `pyproject.toml`): exactly the locked set.
+    Lock,
+    /// The `[project] dependencies` of `pyproject.toml`, installed with pip.
+    Pyproject,
+    /// Nothing to install.
+    Nothing,
+}
+
+/// What a Dockerfile installs from, when it names one source alone: [`Source::Lock`] when it
+/// runs `uv sync` or names `uv.lock`, [`Source::Requirements`] when it names
+/// `requirements.txt`; `None` when it names both or neither. Comment lines are skipped.
+fn dockerfile_installs(text: &str) -> Option<Source> {
+    let text: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let lock = text.contains("uv sync") || text.contains("uv.lock");
+    let req = text.contains("requirements.txt");
+    match (lock, req) {
+        (true, false) => Some(Source::Lock),
+        (false, true) => Some(Source::Requirements),
+        _ => None,
+    }
+}
+
+/// Which file a build installs from, given the files the context has and its Dockerfile's
+/// text, and the line the build's log says it with (`None`: nothing worth saying).
+///
+/// `uv.lock` is used only with the `pyproject.toml` it locks (uv reads both). With both a
+/// lock and `requirements.txt`, the Dockerfile decides when it installs one of them alone
+/// (it is what Pipecat Cloud runs); else the lock, the exact set. Then `requirements.txt`,
+/// then `pyproject.toml`'s dependencies.
+fn choose_source(
+    requirements: bool,
+    lock: bool,
+    pyproject: bool,
+    dockerfile: Option<&str>,
+) -> (Source, Option<String>) {
+    let lock_usable = lock && pyproject;
+    let ignored_lock =
+        (lock && !pyproject).then(|| "uv.lock without pyproject.toml is not used".to_string());
+    match (requirements, lock_usable) {
+        (true, true) => match dockerfile.and_then(dockerfile_installs) {
+            Some(Source::Requirements) => (
+                Source::Requirements,
+                Some(
+                    "Installing requirements.txt, which the Dockerfile installs (uv.lock is not \
+                     used)"
+                        .into(),
+                ),
+            ),
+            Some(_) => (
+                Source::Lock,
+                Some(
+                    "Installing uv.lock, which the Dockerfile installs (requirements.txt is not \
+                     used)"
+                        .into(),
+                ),
+            ),
+            None => (
+                Source::Lock,
+                Some("Installing uv.lock, the exact set (requirements.txt is not used)".into()),
+            ),
+        },
+        (false, true) => (Source::Lock, Some("Installing uv.lock".into())),
+        (true, false) => (Source::Requirements, ignored_lock),
+        (false, false) if pyproject => (Source::Pyproject, ignored_lock),
+        (false, false) => (
+            Source::Nothing,
+            Some(ignored_lock.map_or_else(
+                || "No requirements.txt or pyproject.toml: nothing to install".into(),
+                |l| format!("{l}: nothing to install"),
+            )),
+        ),
+    }
+}
+
+/// The Dockerfile's text, when `path` (relative, inside the context) names a readable file.
+fn read_dockerfile(app: &Path, path: &str) -> Option<String> {
+    let rel = Path::new(path);
+    if !rel.components().all(|c| {
+        matches!(
+            c,
+            std::path::Component::Normal(_) | std::path::Component::CurDir
+        )
+    }) {
+        return None;
+    }
+    let p = app.join(rel);
+    // At most 1 MiB of it: a Dockerfile is a few lines.
+    let meta = std::fs::symlink_metadata(&p).ok()?;
+    (meta.is_file() && meta.len() <= 1 << 20)
+        .then(|| std::fs::read_to_string(&p).ok())
+        .flatten()
+}
+
+/// What a build installs.
+enum Install {
+    /// `python -m pip install ARGS` in the venv; `what` names it in an error.
+    Pip(&'static str, Vec<String>),
+    /// The locked set of `uv.lock` ([`VenvBuilder::install_lock`]).
+    Lock,
+    Nothing,
+}
 
 /// What to install, read before any step runs (from then on a step, the org's code, may
 /// change the context).
-fn what_to_install(app: &Path, log: &BuildLog) -> Result<Install, String> {
+fn what_to_install(app: &Path, dockerfile: &str, log: &BuildLog) -> Result<Install, String> {
     let pip = |args: Vec<String>| {
         let mut a = vec!["-m".to_string(), "pip".into(), "install".into()];
         a.extend(args);
         a
     };
-    Ok(if app.join("requirements.txt").is_file() {
-        Some((
+    let has = |f: &str| app.join(f).is_file();
+    let (source, said) = choose_source(
+        has("requirements.txt"),
+        has("uv.lock"),
+        has("pyproject.toml"),
+        read_dockerfile(app, dockerfile).as_deref(),
+    );
+    if let Some(line) = said {
+        log.line(&line);
+    }
+    Ok(match source {
+        Source::Requirements => Install::Pip(
             "pip install -r requirements.txt",
             pip(vec!["-r".into(), "requirements.txt".into()]),
-        ))
-    } else if app.join("pyproject.toml").is_file() {
-        let text = std::fs::read_to_string(app.join("pyproject.toml"))
-            .map_err(|e| format!("reading pyproject.toml: {e}"))?;
-        let deps = pyproject_dependencies(&text)?;
-        if deps.is_empty() {
-            log.line("pyproject.toml lists no [project] dependencies");
-            None
-        } else {
-            Some(("pip install (pyproject.toml dependencies)", pip(deps)))
+        ),
+        Source::Lock => Install::Lock,
+        Source::Pyproject => {
+            let text = std::fs::read_to_string(app.join("pyproject.toml"))
+                .map_err(|e| format!("reading pyproject.toml: {e}"))?;
+            let deps = pyproject_dependencies(&text)?;
+            if deps.is_empty() {
+                log.line("pyproject.toml lists no [project] dependencies");
+                Install::Nothing
+            } else {
+                Install::Pip("pip install (pyproject.toml dependencies)", pip(deps))
+            }
         }
-    } else {
-        log.line("No requirements.txt or pyproject.toml: nothing to install");
-        None
+        Source::Nothing => Install::Nothing,
     })
 }
+
+/// The locked set, as `uv export` writes it, in the build's home: a step writes it there.
+const LOCKED_SET: &str = "uv-locked-requirements.txt";
 
 impl VenvBuilder {
     /// The steps of a build: the virtualenv, its base `.pth`, the install, the runner's
@@ -782,10 +910,14 @@ impl VenvBuilder {
         steps: &Steps,
         app: &Path,
         venv: &Path,
+        home: &Path,
         install: Install,
     ) -> Result<String, String> {
         let base = self.base_python.as_str();
         log.line(&format!("Base environment: {base}"));
+        if matches!(install, Install::Lock) {
+            self.check_uv(log, steps, app).await?;
+        }
         let base_site = python_says(log, steps, app, base, SITE).await?;
         let r = run(
             log,
@@ -830,11 +962,15 @@ impl VenvBuilder {
                 w.status, w.reason
             ));
         }
-        if let Some((what, args)) = install {
-            let r = run(log, steps, app, &python, &args).await?;
-            if !r.ok {
-                return Err(format!("{what} failed ({}): {}", r.status, r.reason));
+        match install {
+            Install::Pip(what, args) => {
+                let r = run(log, steps, app, &python, &args).await?;
+                if !r.ok {
+                    return Err(format!("{what} failed ({}): {}", r.status, r.reason));
+                }
             }
+            Install::Lock => self.install_lock(log, steps, app, &python, home).await?,
+            Install::Nothing => {}
         }
         let check = run(
             log,
@@ -853,6 +989,98 @@ impl VenvBuilder {
             ));
         }
         Ok(python)
+    }
+}
+
+/// `-m uv ARGS`: the base environment's uv.
+fn uv_args(args: &[&str]) -> Vec<String> {
+    ["-m", "uv"]
+        .iter()
+        .chain(args)
+        .map(|a| a.to_string())
+        .collect()
+}
+
+impl VenvBuilder {
+    /// Fails unless the base environment runs uv (`python -m uv --version`, its version in
+    /// the log): a build of a `uv.lock` needs it, and stops before any other step without it.
+    async fn check_uv(&self, log: &BuildLog, steps: &Steps, app: &Path) -> Result<(), String> {
+        let base = self.base_python.as_str();
+        let v = run(log, steps, app, base, &uv_args(&["--version"])).await?;
+        if !v.ok {
+            return Err(format!(
+                "the context has uv.lock, which the local builder installs with uv, but the base \
+                 environment cannot run it ({base} -m uv: {}): install uv there ({base} -m pip \
+                 install uv; scripts/setup-python.sh does), or build with Docker",
+                v.reason
+            ));
+        }
+        Ok(())
+    }
+
+    /// Installs exactly the set `uv.lock` locks into the venv whose interpreter is `python`,
+    /// as Pipecat Cloud's `uv sync --locked --no-install-project --no-dev` does: the base
+    /// environment's uv exports it (`--locked`: a lock that no longer matches
+    /// `pyproject.toml` fails, as does a `requires-python` that `python` does not satisfy)
+    /// into the build's `home`, then the venv's pip installs it with `--require-hashes
+    /// --no-deps`. pip, unlike uv, sees the base's site-packages through the venv's `.pth`,
+    /// so a locked version the base already has is not installed again.
+    async fn install_lock(
+        &self,
+        log: &BuildLog,
+        steps: &Steps,
+        app: &Path,
+        python: &str,
+        home: &Path,
+    ) -> Result<(), String> {
+        let base = self.base_python.as_str();
+        let set = home.join(LOCKED_SET).display().to_string();
+        let r = run(
+            log,
+            steps,
+            app,
+            base,
+            &uv_args(&[
+                "export",
+                "--locked",
+                "--no-progress",
+                "--no-dev",
+                "--no-emit-project",
+                "--format",
+                "requirements-txt",
+                "--python",
+                python,
+                "--output-file",
+                &set,
+            ]),
+        )
+        .await?;
+        if !r.ok {
+            return Err(format!(
+                "uv export --locked (uv.lock) failed ({}): {}",
+                r.status, r.reason
+            ));
+        }
+        let args: Vec<String> = [
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--require-hashes",
+            "-r",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([set])
+        .collect();
+        let r = run(log, steps, app, python, &args).await?;
+        if !r.ok {
+            return Err(format!(
+                "pip install of the locked set (uv.lock) failed ({}): {}",
+                r.status, r.reason
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -893,7 +1121,7 @@ impl Builder for VenvBuilder {
                     .into(),
             );
         }
-        let install = what_to_install(app, log)?;
+        let install = what_to_install(app, &job.dockerfile_path, log)?;
         let venv: PathBuf = job.dir.join("venv");
         let home: PathBuf = job.dir.join("home");
         let held = match &self.uids {
@@ -927,7 +1155,7 @@ impl Builder for VenvBuilder {
         if steps.cgroups.is_none() {
             log.line("Build steps run without a memory limit: the server cannot make cgroups here");
         }
-        let built = self.steps(log, &steps, app, &venv, install).await;
+        let built = self.steps(log, &steps, app, &venv, &home, install).await;
         match held {
             Some(h) => h
                 .reclaim()
@@ -1363,6 +1591,132 @@ mod tests {
             .unwrap()
             .is_empty());
         assert!(pyproject_dependencies("not toml [").is_err());
+    }
+
+    /// Which file a build installs from: a usable lock (with its pyproject.toml) over
+    /// requirements.txt unless the Dockerfile installs requirements.txt alone; a lock without
+    /// pyproject.toml is not used; then requirements.txt, then pyproject.toml.
+    #[test]
+    fn the_file_a_build_installs_from() {
+        use Source::*;
+        let pip_df = "FROM dailyco/pipecat-base:latest\nCOPY requirements.txt .\n\
+                      RUN pip install -r requirements.txt\n";
+        let uv_df = "FROM dailyco/pipecat-base:latest\nRUN --mount=type=bind,source=uv.lock,\
+                     target=uv.lock \\\n    uv sync --locked --no-install-project --no-dev\n";
+        let commented =
+            "FROM x\n# was: RUN pip install -r requirements.txt\nRUN uv sync --locked\n";
+        let both = "COPY requirements.txt uv.lock ./\nRUN uv sync\n";
+        let cases: [(bool, bool, bool, Option<&str>, Source); 12] = [
+            // (requirements.txt, uv.lock, pyproject.toml, Dockerfile) → source
+            (false, true, true, None, Lock),
+            (false, true, true, Some(pip_df), Lock),
+            (true, true, true, None, Lock),
+            (true, true, true, Some(uv_df), Lock),
+            (true, true, true, Some(both), Lock),
+            (true, true, true, Some(commented), Lock),
+            (true, true, true, Some(pip_df), Requirements),
+            (true, true, false, Some(uv_df), Requirements),
+            (false, true, false, None, Nothing),
+            (true, false, true, Some(uv_df), Requirements),
+            (false, false, true, None, Pyproject),
+            (false, false, false, None, Nothing),
+        ];
+        for (req, lock, py, df, want) in cases {
+            let (got, line) = choose_source(req, lock, py, df);
+            assert_eq!(got, want, "{req} {lock} {py} {df:?}: {line:?}");
+        }
+        assert_eq!(
+            choose_source(true, true, true, Some(pip_df)).1.unwrap(),
+            "Installing requirements.txt, which the Dockerfile installs (uv.lock is not used)"
+        );
+        assert_eq!(
+            choose_source(false, true, false, None).1.unwrap(),
+            "uv.lock without pyproject.toml is not used: nothing to install"
+        );
+    }
+
+    /// The Dockerfile is read only inside the context, and only as a regular file.
+    #[test]
+    fn a_dockerfile_is_read_inside_the_context_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = dir.path().join("app");
+        std::fs::create_dir_all(app.join("deploy")).unwrap();
+        std::fs::write(app.join("deploy/Dockerfile"), "RUN uv sync\n").unwrap();
+        std::fs::write(dir.path().join("Dockerfile"), "outside").unwrap();
+        assert_eq!(
+            read_dockerfile(&app, "deploy/Dockerfile").as_deref(),
+            Some("RUN uv sync\n")
+        );
+        assert_eq!(read_dockerfile(&app, "../Dockerfile"), None);
+        let abs = dir.path().join("Dockerfile").display().to_string();
+        assert_eq!(read_dockerfile(&app, &abs), None);
+        assert_eq!(read_dockerfile(&app, "deploy"), None);
+        assert_eq!(read_dockerfile(&app, "missing"), None);
+    }
+
+    /// A context with a lock, built on a base environment without uv, fails at once saying
+    /// so (no fallback to pyproject.toml's ranges).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lock_without_uv_in_the_base_fails_the_build_saying_so() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A base Python that finds no site-packages, so no uv whatever the machine has.
+        let base = dir.path().join("python-without-site");
+        std::fs::write(&base, "#!/bin/sh\nexec python3 -S \"$@\"\n").unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let app = dir.path().join("app");
+        std::fs::create_dir(&app).unwrap();
+        std::fs::write(app.join("bot.py"), "async def bot(args): pass\n").unwrap();
+        std::fs::write(
+            app.join("pyproject.toml"),
+            "[project]\nname = \"b\"\nversion = \"0.1.0\"\ndependencies = [\"six\"]\n",
+        )
+        .unwrap();
+        std::fs::write(app.join("uv.lock"), "version = 1\n").unwrap();
+        let builder = VenvBuilder {
+            base_python: base.display().to_string(),
+            uids: None,
+            namespaces: None,
+            cgroups: None,
+            limits: TaskLimits {
+                memory_bytes: 1 << 30,
+                pids: 512,
+            },
+        };
+        let job = BuildJob {
+            id: uuid::Uuid::new_v4(),
+            dir: dir.path().to_path_buf(),
+            context: app.clone(),
+            dockerfile_path: "Dockerfile".into(),
+        };
+        let log = BuildLog::create(&dir.path().join("build.log")).unwrap();
+        let e = builder.build(&job, &log).await.unwrap_err();
+        assert!(
+            e.starts_with("the context has uv.lock, which the local builder installs with uv")
+                && e.contains("No module named uv"),
+            "{e}"
+        );
+        assert!(!dir.path().join("venv/bin").exists(), "a venv was made");
+    }
+
+    #[test]
+    fn failure_reason_keeps_uvs_causes_and_hints() {
+        let lines: Vec<String> = [
+            "Using CPython 3.11.2 interpreter at: /usr/bin/python3",
+            "hint: not after an error",
+            "error: Failed to generate package metadata for `m==0.1.0 @ path+wheels/m.whl`",
+            "  cause: failed to open file `/b/app/wheels/m.whl`: No such file or directory",
+            "hint: To update the lockfile, run `uv lock`.",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            reason(&lines),
+            "error: Failed to generate package metadata for `m==0.1.0 @ path+wheels/m.whl`\n\
+             cause: failed to open file `/b/app/wheels/m.whl`: No such file or directory\n\
+             hint: To update the lockfile, run `uv lock`."
+        );
     }
 
     #[test]

@@ -972,3 +972,236 @@ async fn an_orgs_uploads_and_builds_are_bounded_and_a_killed_build_is_cleared() 
         .collect();
     assert_eq!(left, ["build.log"]);
 }
+
+/// A wheel of package `cattery_marker` at `version`, whose `VERSION` says it, in `dir`.
+fn write_versioned_wheel(dir: &Path, version: &str) -> String {
+    let name = format!("cattery_marker-{version}-py3-none-any.whl");
+    let script = r#"
+import sys, zipfile
+path, v = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(path, "w") as z:
+    z.writestr("cattery_marker/__init__.py", f"VERSION = {v!r}\n")
+    di = f"cattery_marker-{v}.dist-info"
+    z.writestr(f"{di}/METADATA", f"Metadata-Version: 2.1\nName: cattery-marker\nVersion: {v}\n")
+    z.writestr(f"{di}/WHEEL", "Wheel-Version: 1.0\nGenerator: cattery-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+    z.writestr(f"{di}/RECORD", "")
+"#;
+    let out = Command::new(main_python())
+        .arg("-c")
+        .arg(script)
+        .arg(dir.join(&name))
+        .arg(version)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", out);
+    name
+}
+
+/// A gzipped tar of every regular file under `root` (relative paths).
+fn tar_gz_dir(root: &Path) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut b = tar::Builder::new(gz);
+    for p in walk(root) {
+        if p.is_file() {
+            b.append_path_with_name(&p, p.strip_prefix(root).unwrap())
+                .unwrap();
+        }
+    }
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+const LOCKED_BOT_PY: &str = r#"from loguru import logger
+
+import cattery_marker
+
+
+async def bot(args):
+    logger.info(f"locked bot ran with cattery_marker {cattery_marker.VERSION}")
+"#;
+
+/// Pipecat's quickstart shape, offline: `bot.py`, a Dockerfile running `uv sync --locked`, a
+/// `pyproject.toml` needing `cattery-marker`, from a wheel in the context, and the `uv.lock`
+/// the base environment's uv makes of it: it pins 0.1.0, while `wheels/` also has 0.2.0,
+/// which pip picks for the bare requirement.
+fn locked_project() -> tempfile::TempDir {
+    let d = common::open_tempdir();
+    let p = d.path();
+    std::fs::write(p.join("bot.py"), LOCKED_BOT_PY).unwrap();
+    std::fs::write(
+        p.join("Dockerfile"),
+        "FROM dailyco/pipecat-base:latest\nRUN --mount=type=bind,source=uv.lock,target=uv.lock \\\n    \
+         --mount=type=bind,source=pyproject.toml,target=pyproject.toml \\\n    \
+         uv sync --locked --no-install-project --no-dev\nCOPY ./bot.py bot.py\n",
+    )
+    .unwrap();
+    std::fs::create_dir(p.join("wheels")).unwrap();
+    let w = write_versioned_wheel(&p.join("wheels"), "0.1.0");
+    write_versioned_wheel(&p.join("wheels"), "0.2.0");
+    std::fs::write(
+        p.join("pyproject.toml"),
+        format!(
+            "[project]\nname = \"locked-bot\"\nversion = \"0.1.0\"\nrequires-python = \">=3.10\"\n\
+             dependencies = [\"cattery-marker\"]\n\n\
+             [tool.uv.sources]\ncattery-marker = {{ path = \"wheels/{w}\" }}\n"
+        ),
+    )
+    .unwrap();
+    uv(p, &["lock"]);
+    d
+}
+
+/// The `uv.lock` of a project needing `six` from a git tag.
+const GIT_LOCK: &str = r#"version = 1
+revision = 3
+requires-python = ">=3.10"
+
+[[package]]
+name = "git-bot"
+version = "0.1.0"
+source = { virtual = "." }
+dependencies = [
+    { name = "six" },
+]
+
+[package.metadata]
+requires-dist = [{ name = "six", git = "https://github.com/benjaminp/six?tag=1.16.0" }]
+
+[[package]]
+name = "six"
+version = "1.16.0"
+source = { git = "https://github.com/benjaminp/six?tag=1.16.0#65486e4383f9f411da95937451205d3c7b61b9e1" }
+"#;
+
+/// Replaces `from` with `to` in the file `path`.
+fn edit(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(
+        text.contains(from),
+        "{} has no {from:?}:\n{text}",
+        path.display()
+    );
+    std::fs::write(path, text.replace(from, to)).unwrap();
+}
+
+/// A context with `uv.lock` (Pipecat's quickstart shape) installs exactly the locked set,
+/// offline: the session's bot sees the locked version of its dependency, not the newer one pip
+/// would pick for `pyproject.toml`'s bare requirement (pip finds both, `PIP_FIND_LINKS`). A lock
+/// that no longer matches `pyproject.toml`, one whose `requires-python` the base's Python does
+/// not satisfy, and one naming a wheel the context lacks fail the build with uv's message.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_locked_context_installs_the_locked_set() {
+    let py = main_python();
+    let s = Server::start_with_env(
+        &["--python", py.to_str().unwrap(), "--builder", "venv"],
+        &[("PIP_FIND_LINKS", "wheels"), ("PIP_NO_INDEX", "1")],
+    )
+    .await;
+    let proj = locked_project();
+    let (build, log) = build_through_the_api(&s, tar_gz_dir(proj.path())).await;
+    assert_eq!(build["status"], "success", "{build}\n{log}");
+    assert!(log.contains("Installing uv.lock"), "{log}");
+    assert!(log.contains("uv export --locked"), "{log}");
+    let id = build["id"].as_str().unwrap();
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&s.sk),
+            Some(serde_json::json!({"serviceName": "locked-bot", "buildId": id})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sid = s.start_ok("locked-bot").await;
+    let logs = common::wait_for(Duration::from_secs(60), "the locked bot's line", || {
+        let s = &s;
+        async move {
+            let l = agent_logs(s, "locked-bot").await;
+            l.contains("locked bot ran with cattery_marker")
+                .then_some(l)
+        }
+    })
+    .await;
+    assert!(
+        logs.contains("locked bot ran with cattery_marker 0.1.0"),
+        "the bot did not get the locked version:\n{logs}"
+    );
+    let _ = s.stop("locked-bot", &sid).await;
+
+    // A stale lock: pyproject.toml needs more than the lock has (`uv sync --locked` fails).
+    let stale = locked_project();
+    edit(
+        &stale.path().join("pyproject.toml"),
+        "[\"cattery-marker\"]",
+        "[\"cattery-marker\", \"six\"]",
+    );
+    // A lock for a newer Python than the base's.
+    let newer = locked_project();
+    for f in ["pyproject.toml", "uv.lock"] {
+        edit(&newer.path().join(f), "\">=3.10\"", "\">=3.99\"");
+    }
+    // A lock naming a wheel the context does not have.
+    let missing = locked_project();
+    std::fs::remove_file(
+        missing
+            .path()
+            .join("wheels/cattery_marker-0.1.0-py3-none-any.whl"),
+    )
+    .unwrap();
+    // A lock with a git source: pip cannot check it against a hash, and refuses it (before
+    // any fetch). The lock is written out: making it would need the network.
+    let git = common::open_tempdir();
+    std::fs::write(git.path().join("bot.py"), LOCKED_BOT_PY).unwrap();
+    std::fs::write(
+        git.path().join("pyproject.toml"),
+        "[project]\nname = \"git-bot\"\nversion = \"0.1.0\"\nrequires-python = \">=3.10\"\n\
+         dependencies = [\"six\"]\n\n[tool.uv.sources]\n\
+         six = { git = \"https://github.com/benjaminp/six\", tag = \"1.16.0\" }\n",
+    )
+    .unwrap();
+    std::fs::write(git.path().join("uv.lock"), GIT_LOCK).unwrap();
+    let (export, pip) = (
+        "uv export --locked (uv.lock) failed",
+        "pip install of the locked set (uv.lock) failed",
+    );
+    for (proj, what, want) in [
+        (
+            &stale,
+            export,
+            "needs to be updated, but `--locked` was provided",
+        ),
+        (
+            &newer,
+            export,
+            "incompatible with the project's Python requirement",
+        ),
+        (&missing, export, "cattery_marker-0.1.0-py3-none-any.whl"),
+        (&git, pip, "hash version control repositories"),
+    ] {
+        let (build, log) = build_through_the_api(&s, tar_gz_dir(proj.path())).await;
+        assert_eq!(build["status"], "failed", "{build}\n{log}");
+        let e = build["errorMessage"].as_str().unwrap_or_default();
+        assert!(
+            e.starts_with(what) && e.contains(want),
+            "{what:?} / {want:?} not in {e:?}\n{log}"
+        );
+        assert!(log.contains(want), "{log}");
+    }
+}
+
+/// Runs the base environment's uv in `dir` with `args`, offline; asserts it succeeds.
+fn uv(dir: &Path, args: &[&str]) {
+    let out = Command::new(main_python())
+        .args(["-m", "uv"])
+        .args(args)
+        .args(["--offline", "--python"])
+        .arg(main_python())
+        .current_dir(dir)
+        .env("UV_PYTHON_DOWNLOADS", "never")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "uv {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
