@@ -599,8 +599,8 @@ pub struct ServeArgs {
     pub python_fork_server: Option<String>,
     /// Python environment that builds (`pipecat cloud deploy` without an image) layer their
     /// virtualenv on, as `dailyco/pipecat-base` is the base of a Pipecat Cloud image: its
-    /// packages are visible to the bot, `requirements.txt` adds to them (docs/builds.md)
-    /// [default: --python].
+    /// packages are visible to the bot, its `uv.lock` or `requirements.txt` adds to them; it
+    /// needs `uv` for a `uv.lock` (docs/builds.md) [default: --python].
     #[arg(long, env = "CATTERY_BUILD_PYTHON", help_heading = "Runtime")]
     pub build_python: Option<String>,
     /// Largest build context accepted for upload, in MiB [default: 500].

@@ -1043,6 +1043,7 @@ impl VenvBuilder {
             &uv_args(&[
                 "export",
                 "--locked",
+                "--quiet",
                 "--no-progress",
                 "--no-dev",
                 "--no-emit-project",
