@@ -1201,7 +1201,7 @@ fn uv(dir: &Path, args: &[&str]) {
         .unwrap();
     assert!(
         out.status.success(),
-        "uv {args:?}: {}",
+        "uv {args:?} (scripts/setup-python.sh installs uv in the test Python): {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
