@@ -1127,12 +1127,13 @@ async fn a_locked_context_installs_the_locked_set() {
     );
     let _ = s.stop("locked-bot", &sid).await;
 
-    // A stale lock: pyproject.toml needs more than the lock has (`uv sync --locked` fails).
+    // A stale lock: pyproject.toml now takes the other wheel (`uv sync --locked` fails). A
+    // change uv can check without an index: a new registry package would send it to one.
     let stale = locked_project();
     edit(
         &stale.path().join("pyproject.toml"),
-        "[\"cattery-marker\"]",
-        "[\"cattery-marker\", \"six\"]",
+        "cattery_marker-0.1.0-py3",
+        "cattery_marker-0.2.0-py3",
     );
     // A lock for a newer Python than the base's.
     let newer = locked_project();
