@@ -6,10 +6,12 @@
 #                                     (debootstrap, imported with `docker import`; the tarball is
 #                                     cached in $CATTERY_IMAGE_CACHE, so later runs skip debootstrap)
 #   cattery-test/agent:latest         rootfs + the cattery-test-agent binary, on port 8080
-#   cattery-test/pipecat-venv:latest  rootfs + /opt/venv with pipecat, pipecatcloud, fastapi, uvicorn
+#   cattery-test/pipecat-venv:latest  rootfs + /app/.venv with pipecat, pipecatcloud, fastapi, uvicorn
+#                                     (first on PATH), and uv in /usr/local/bin
 #   cattery-test/pipecat-base:latest  pipecat-venv + Cattery's Python runner, following the contract
-#                                     of Pipecat Cloud's base image dailyco/pipecat-base (port 8080,
-#                                     /bot, /ws, /readyz, session API routes, WORKDIR /app)
+#                                     and layout of Pipecat Cloud's base image dailyco/pipecat-base
+#                                     (port 8080, /bot, /ws, /readyz, session API routes, WORKDIR
+#                                     /app, its venv /app/.venv, `uv` on PATH)
 #   cattery-test/bot:latest           an examples/ bot built FROM cattery-test/pipecat-base the way
 #                                     a Pipecat Cloud user's Dockerfile does
 #
@@ -51,6 +53,10 @@ BOT_IMAGE=cattery-test/bot:latest
 # What goes into the base image's venv: the same set the host's bot venv has
 # (scripts/setup-python.sh), without the CLI.
 PIP_PACKAGES=('pipecat-ai[webrtc,websocket]' 'pipecatcloud>=1.4,<2' fastapi uvicorn websockets)
+# uv, as the real base image has it (it is built FROM astral-sh's uv image): outside the venv,
+# since a `uv sync` in /app removes from /app/.venv whatever the project's lock does not name.
+UV_PACKAGE='uv'
+
 DEBOOTSTRAP_INCLUDE=python3,python3-venv,ca-certificates
 
 agent_bin=""
@@ -184,7 +190,7 @@ EOF
 
 # --- pipecat-base -----------------------------------------------------------------------------
 # Two images, so that a change to the runner (frequent) rebuilds only a thin layer:
-#   cattery-test/pipecat-venv:latest  rootfs + /opt/venv with pipecat (slow: ~1 GB of wheels)
+#   cattery-test/pipecat-venv:latest  rootfs + /app/.venv with pipecat (slow: ~1 GB of wheels), uv
 #   cattery-test/pipecat-base:latest  + the runner, env and entry command (`docker build`, seconds)
 #
 # The venv is built with `docker run` + `docker commit` rather than `docker build`, so that a
@@ -197,27 +203,44 @@ EOF
 # package published only as a `setup.py` source archive, such as docopt). The machine's
 # CA bundle is copied in and PIP_CERT points at it: on machines whose egress goes through a
 # TLS-inspecting proxy, the proxy's CA is only in that bundle, and pip (which uses certifi by
-# default) fails without it. The same holds for `pip install` in a bot's Dockerfile later.
+# default) fails without it. The same holds for `pip install` in a bot's Dockerfile later, and
+# for `uv` (SSL_CERT_FILE: that bundle, not uv's own roots).
+#
+# The layout is the real base image's: its venv is /app/.venv (first on PATH), made there by
+# `uv sync`, and a user's Dockerfile may run `uv sync --locked` in /app again (Pipecat's
+# quickstart does). That sync is exact: it removes from /app/.venv every package the user's
+# lock does not name, the base's own included. The real image's app.py then needs fastapi,
+# pipecatcloud and loguru from the user's lock, and this image's runner needs fastapi and
+# uvicorn (pipecat-ai[runner] brings both; docs/builds.md). UV_PYTHON_DOWNLOADS=never: uv uses
+# the venv's Python (Debian's 3.11) and never fetches one.
 build_pipecat_venv() {
   local hash t0 t1 pkgs
-  hash="$( { printf '%s\n' "${PIP_PACKAGES[@]}" "v2"; file_sha "$host_ca"; image_hash "$ROOTFS_IMAGE"; } | sha)"
+  hash="$( { printf '%s\n' "${PIP_PACKAGES[@]}" "$UV_PACKAGE" "v4 /app/.venv"; file_sha "$host_ca"; image_hash "$ROOTFS_IMAGE"; } | sha)"
   if up_to_date "$VENV_IMAGE" "$hash"; then log "pipecat-venv: up to date"; return 0; fi
   remember_old "$VENV_IMAGE"
   t0="$(now)"
   build_ctr="cattery-build-venv-$$"
   pkgs="$(printf "'%s' " "${PIP_PACKAGES[@]}")"
   mkdir -p "$cache/wheels"
-  local pip=/opt/venv/bin/pip offline="--no-index --find-links /wheels"
+  local pip=/app/.venv/bin/pip offline="--no-index --find-links /wheels"
   "$DOCKER" create --name "$build_ctr" --network host \
     -v "$pip_cache:/root/.cache/pip" -v "$cache/wheels:/wheels" \
     -e PIP_CERT="$host_ca" -e PIP_DISABLE_PIP_VERSION_CHECK=1 -e PIP_DEFAULT_TIMEOUT=180 \
-    "$ROOTFS_IMAGE" sh -ec "python3 -m venv /opt/venv
+    "$ROOTFS_IMAGE" sh -ec "python3 -m venv /app/.venv
       if ! $pip install -q $offline $pkgs 2>/dev/null; then
         echo 'wheelhouse incomplete: downloading'
         $pip install -q wheel
         $pip wheel -q -w /wheels --find-links /wheels $pkgs
         $pip install -q $offline $pkgs
-      fi" >/dev/null
+      fi
+      if ! $pip install -q $offline --target /tmp/uv $UV_PACKAGE 2>/dev/null; then
+        echo 'wheelhouse incomplete: downloading'
+        $pip download -q --no-deps -d /wheels $UV_PACKAGE
+        $pip install -q $offline --target /tmp/uv $UV_PACKAGE
+      fi
+      install -m 0755 /tmp/uv/bin/uv /usr/local/bin/uv
+      rm -rf /tmp/uv
+      uv --version" >/dev/null
   "$DOCKER" cp "$host_ca" "$build_ctr:$host_ca"
   "$DOCKER" start -a "$build_ctr" >"$tmp/pip.log" 2>&1 || { tail -30 "$tmp/pip.log" >&2; return 1; }
   t1="$(now)"
@@ -227,8 +250,9 @@ build_pipecat_venv() {
     log "pipecat-venv: pip install took $(secs "$t0" "$t1") s (offline, from $cache/wheels)"
   fi
   "$DOCKER" commit \
-    -c 'ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-    -c "ENV VIRTUAL_ENV=/opt/venv PIP_CERT=$host_ca PIP_DISABLE_PIP_VERSION_CHECK=1" \
+    -c 'ENV PATH=/app/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    -c "ENV PIP_CERT=$host_ca SSL_CERT_FILE=$host_ca PIP_DISABLE_PIP_VERSION_CHECK=1 UV_PYTHON_DOWNLOADS=never" \
+    -c 'WORKDIR /app' \
     -c "LABEL $label=$hash" \
     "$build_ctr" "$VENV_IMAGE" >/dev/null
   "$DOCKER" rm "$build_ctr" >/dev/null

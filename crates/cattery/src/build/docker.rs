@@ -11,6 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures_util::StreamExt as _;
 
+use super::buildkit::{engine_has_buildkit, Progress};
 use super::{Artifact, BuildJob, BuildLog, Builder};
 use crate::build::context::is_inside as inside;
 use crate::runtime::docker::DockerRuntime;
@@ -123,37 +124,38 @@ impl Builder for DockerBuilder {
         .await
         .map_err(|e| format!("packing the context: {e}"))?
         .map_err(|e| format!("packing the context: {e}"))?;
+        let tarball = bytes::Bytes::from(tarball);
         let tag = image_tag(job.id);
-        log.line(&format!(
-            "docker build -t {tag} -f {} .",
-            job.dockerfile_path
-        ));
-        let opts = bollard::query_parameters::BuildImageOptionsBuilder::default()
-            .dockerfile(&job.dockerfile_path)
-            .t(&tag)
-            .rm(true)
-            .forcerm(true)
-            .build();
-        let mut stream = engine.build_image(opts, None, Some(bollard::body_full(tarball.into())));
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(info) => {
-                    if let Some(s) = info.stream.as_deref().or(info.status.as_deref()) {
-                        for l in s.lines().filter(|l| !l.trim().is_empty()) {
-                            log.output(l);
-                        }
-                    }
-                    if let Some(e) = info.error_detail.and_then(|d| d.message) {
-                        log.line(&e);
-                        return Err(format!("docker build failed: {e}"));
-                    }
-                }
-                Err(e) => {
-                    let m = e.to_string();
-                    log.line(&m);
-                    return Err(format!("docker build failed: {m}"));
+        let version = engine.version().await.ok();
+        let (api, os) = version.as_ref().map_or((None, None), |v| {
+            (v.api_version.as_deref(), v.os.as_deref())
+        });
+        if engine_has_buildkit(api, os) {
+            log.line(&format!(
+                "docker build -t {tag} -f {} . (BuildKit)",
+                job.dockerfile_path
+            ));
+            match buildkit_build(&engine, job, &tag, tarball.clone(), log).await {
+                Ok(()) => {}
+                Err(BuildkitFailure::Build(m)) => return Err(m),
+                Err(BuildkitFailure::NotRun(m)) => {
+                    log.line(&format!(
+                        "The engine ran no BuildKit build ({m}): building with the classic builder, where RUN --mount is not supported"
+                    ));
+                    classic_build(&engine, job, &tag, tarball, log).await?;
                 }
             }
+        } else {
+            log.line(&format!(
+                "The engine (API {}, {}) has no BuildKit: building with the classic builder, where RUN --mount is not supported",
+                api.unwrap_or("version unknown"),
+                os.unwrap_or("OS unknown")
+            ));
+            log.line(&format!(
+                "docker build -t {tag} -f {} .",
+                job.dockerfile_path
+            ));
+            classic_build(&engine, job, &tag, tarball, log).await?;
         }
         log.line(&format!("Built image {tag}"));
         Ok(Artifact {
@@ -161,6 +163,126 @@ impl Builder for DockerBuilder {
             python: None,
         })
     }
+}
+
+/// Why a BuildKit build did not make its image.
+enum BuildkitFailure {
+    /// The build ran and failed: the build's error.
+    Build(String),
+    /// The engine answered with an error before any progress: it runs no BuildKit build.
+    NotRun(String),
+}
+
+/// Builds `tarball` with BuildKit (the engine's `/build` with `version=2` and a session of
+/// its own), its progress written to `log` step by step (build/buildkit.rs).
+async fn buildkit_build(
+    engine: &bollard::Docker,
+    job: &BuildJob,
+    tag: &str,
+    tarball: bytes::Bytes,
+    log: &BuildLog,
+) -> Result<(), BuildkitFailure> {
+    use bollard::models::BuildInfoAux;
+    let session = format!("cattery-build-{}", job.id);
+    let opts = bollard::query_parameters::BuildImageOptionsBuilder::default()
+        .dockerfile(&job.dockerfile_path)
+        .t(tag)
+        .version(bollard::query_parameters::BuilderVersion::BuilderBuildKit)
+        .session(&session)
+        .build();
+    let mut progress = Progress::default();
+    let mut stream = engine.build_image(opts, None, Some(bollard::body_full(tarball)));
+    let mut built = false;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(info) => {
+                match info.aux {
+                    Some(BuildInfoAux::BuildKit(status)) => {
+                        for l in progress.lines(&status) {
+                            log.output(&l);
+                        }
+                    }
+                    // The image's id: the engine's last message of a build that succeeded
+                    // (the session may stay open after it, so the stream need not end).
+                    Some(BuildInfoAux::Default(_)) => {
+                        built = true;
+                        break;
+                    }
+                    None => {}
+                }
+                if let Some(s) = info.stream.as_deref() {
+                    for l in s.lines().filter(|l| !l.trim().is_empty()) {
+                        log.output(l);
+                    }
+                }
+            }
+            Err(e) => {
+                for l in progress.flush() {
+                    log.output(&l);
+                }
+                let m = match e {
+                    bollard::errors::Error::DockerStreamError { error } => error,
+                    e => e.to_string(),
+                };
+                if !progress.any {
+                    return Err(BuildkitFailure::NotRun(m));
+                }
+                log.line(&m);
+                return Err(BuildkitFailure::Build(format!("docker build failed: {m}")));
+            }
+        }
+    }
+    for l in progress.flush() {
+        log.output(&l);
+    }
+    if built || progress.any {
+        Ok(())
+    } else {
+        Err(BuildkitFailure::NotRun(
+            "the engine answered nothing".to_string(),
+        ))
+    }
+}
+
+/// Builds `tarball` with the engine's classic builder, its output written to `log`.
+async fn classic_build(
+    engine: &bollard::Docker,
+    job: &BuildJob,
+    tag: &str,
+    tarball: bytes::Bytes,
+    log: &BuildLog,
+) -> Result<(), String> {
+    let opts = bollard::query_parameters::BuildImageOptionsBuilder::default()
+        .dockerfile(&job.dockerfile_path)
+        .t(tag)
+        .rm(true)
+        .forcerm(true)
+        .build();
+    let mut stream = engine.build_image(opts, None, Some(bollard::body_full(tarball)));
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(info) => {
+                if let Some(s) = info.stream.as_deref().or(info.status.as_deref()) {
+                    for l in s.lines().filter(|l| !l.trim().is_empty()) {
+                        log.output(l);
+                    }
+                }
+                if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                    log.line(&e);
+                    return Err(format!("docker build failed: {e}"));
+                }
+            }
+            Err(e) => {
+                let m = match e {
+                    bollard::errors::Error::DockerStreamError { error } => error,
+                    e => e.to_string(),
+                };
+                log.line(&m);
+                return Err(format!("docker build failed: {m}"));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

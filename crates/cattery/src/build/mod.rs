@@ -8,6 +8,7 @@
 //! - [`docker::DockerBuilder`]: the context's `Dockerfile` built into an image by the Docker
 //!   runtime's engine.
 
+pub mod buildkit;
 pub mod context;
 pub mod docker;
 pub mod venv;

@@ -1206,3 +1206,205 @@ fn uv(dir: &Path, args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Pipecat's quickstart Dockerfile (`uv sync --locked` with a cache mount and bind mounts of
+/// `uv.lock` and `pyproject.toml`, which need BuildKit), plus a bind mount of the context's
+/// `wheels/` and `UV_OFFLINE=1`: the sync installs the marker wheel from the context and
+/// reaches no index.
+const UV_DOCKERFILE: &str = "FROM dailyco/pipecat-base:latest
+ENV UV_COMPILE_BYTECODE=1
+ENV UV_LINK_MODE=copy
+ENV UV_OFFLINE=1
+RUN --mount=type=cache,target=/root/.cache/uv \\
+    --mount=type=bind,source=uv.lock,target=uv.lock \\
+    --mount=type=bind,source=pyproject.toml,target=pyproject.toml \\
+    --mount=type=bind,source=wheels,target=wheels \\
+    uv sync --locked --no-install-project --no-dev
+COPY ./*.py .
+";
+
+/// The bot of the uv project: the marker from the wheel the sync installed, and whether the
+/// sync, exact as uv's default is, removed what the lock does not name (pipecat-ai).
+const UV_BOT_PY: &str = r#"import importlib.util
+
+from loguru import logger
+
+import cattery_marker
+
+
+async def bot(args):
+    gone = importlib.util.find_spec("pipecat") is None
+    logger.info(f"uv-synced bot ran with marker {cattery_marker.MARKER}, pipecat removed: {gone}")
+"#;
+
+/// A uv project like Pipecat's quickstart whose lock the base image already satisfies but
+/// for the marker wheel: `pyproject.toml` names what the runner needs (fastapi, uvicorn,
+/// loguru) and the wheel, pinned by `constraint-dependencies` to the versions `base` has (and
+/// locked for Linux alone: the wheelhouse has no other platform's wheels), and `uv.lock` is
+/// made by the base image's own `uv lock`, offline, from the wheelhouse
+/// scripts/docker-images.sh installed the base from. Returns the context's files.
+fn uv_project(base: &str, marker: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = common::open_tempdir();
+    let p = dir.path();
+    std::fs::create_dir(p.join("wheels")).unwrap();
+    let wheel = write_wheel(&p.join("wheels"), marker);
+    let freeze = docker(&["run", "--rm", "--network", "none", base, "pip", "freeze"])
+        .expect("pip freeze in the base image");
+    let pins: Vec<String> = freeze
+        .lines()
+        .filter(|l| l.contains("==") && !l.starts_with('#'))
+        .map(|l| format!("{l:?}"))
+        .collect();
+    let pyproject = format!(
+        "[project]\nname = \"quickstart\"\nversion = \"0.1.0\"\nrequires-python = \">=3.11\"\n\
+         dependencies = [\"fastapi\", \"uvicorn\", \"loguru\", \"cattery-marker\"]\n\n\
+         [tool.uv]\nenvironments = [\"sys_platform == 'linux'\"]\nconstraint-dependencies = [{}]\n\n\
+         [tool.uv.sources]\ncattery-marker = {{ path = \"wheels/{wheel}\" }}\n",
+        pins.join(", ")
+    );
+    std::fs::write(p.join("pyproject.toml"), &pyproject).unwrap();
+    let wheelhouse = std::env::var_os("CATTERY_IMAGE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cattery"))
+        .join("wheels");
+    let (w, c) = (
+        format!("{}:/wheelhouse:ro", wheelhouse.display()),
+        format!("{}:/w", p.display()),
+    );
+    let locked = docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        &w,
+        "-v",
+        &c,
+        "-w",
+        "/w",
+        base,
+        "uv",
+        "lock",
+        "--offline",
+        "--no-index",
+        "--find-links",
+        "/wheelhouse",
+    ]);
+    assert!(
+        locked.is_some() && p.join("uv.lock").exists(),
+        "uv lock from {} failed",
+        wheelhouse.display()
+    );
+    let mut files = vec![
+        ("Dockerfile".to_string(), UV_DOCKERFILE.as_bytes().to_vec()),
+        ("bot.py".into(), UV_BOT_PY.as_bytes().to_vec()),
+        ("pyproject.toml".into(), pyproject.into_bytes()),
+        ("uv.lock".into(), std::fs::read(p.join("uv.lock")).unwrap()),
+    ];
+    files.push((
+        format!("wheels/{wheel}"),
+        std::fs::read(p.join("wheels").join(&wheel)).unwrap(),
+    ));
+    files
+}
+
+/// A gzipped tar of binary `files`.
+fn tar_gz_bytes(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut b = tar::Builder::new(gz);
+    for (path, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, path, data.as_slice()).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+/// Pipecat's quickstart shape on the Docker builder: `RUN --mount=type=cache` and
+/// `--mount=type=bind,source=...` need BuildKit, which the builder uses; `uv sync --locked`
+/// runs in the stand-in base image (uv on PATH, its venv /app/.venv) without any index; the
+/// build's log shows BuildKit's steps; the agent runs the synced environment and serves a
+/// session. A failing step fails the build with the engine's message.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_uv_quickstart_dockerfile_with_run_mounts_builds_with_buildkit() {
+    const BASE: &str = "cattery-test/pipecat-base:latest";
+    let required = std::env::var_os("CATTERY_REQUIRE_DOCKER").is_some();
+    if docker(&["image", "inspect", "--format", "{{.Id}}", BASE]).is_none() {
+        assert!(
+            !required,
+            "CATTERY_REQUIRE_DOCKER is set, but {BASE} is missing"
+        );
+        eprintln!("SKIPPED: no Docker engine or no {BASE} (scripts/docker-images.sh)");
+        return;
+    }
+    let s = Server::start(&["--builder", "docker", "--build-base-image", BASE]).await;
+    let context = tar_gz_bytes(&uv_project(BASE, "uv-51a7"));
+    let (build, log) = build_through_the_api(&s, context).await;
+    let tag = build["imageUri"].as_str().map(str::to_string);
+    let cleanup = |tag: &Option<String>| {
+        if let Some(t) = tag {
+            let _ = docker(&["rmi", "-f", t]);
+        }
+    };
+    if build["status"] != "success" {
+        cleanup(&tag);
+        panic!("{build}\n{log}\n{}", s.log());
+    }
+    assert!(log.contains("(BuildKit)"), "{log}");
+    assert!(
+        log.lines().any(|l| l.starts_with('#')
+            && l.contains("RUN --mount=type=cache")
+            && l.contains("uv sync --locked")),
+        "{log}"
+    );
+    assert!(log.contains("cattery-marker"), "uv's output: {log}");
+    let id = build["id"].as_str().unwrap();
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&s.sk),
+            Some(serde_json::json!({"serviceName": "uv-built", "buildId": id})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    s.wait_ready("uv-built", Duration::from_secs(90)).await;
+    let sid = s.start_ok("uv-built").await;
+    common::wait_for(Duration::from_secs(60), "the synced bot's log line", || {
+        let s = &s;
+        async move {
+            agent_logs(s, "uv-built")
+                .await
+                .contains("uv-synced bot ran with marker uv-51a7, pipecat removed: True")
+                .then_some(())
+        }
+    })
+    .await;
+    let _ = s.stop("uv-built", &sid).await;
+    let _ = s
+        .req("DELETE", "/v1/agents/uv-built", Some(&s.sk), None)
+        .await;
+
+    // A failing step under BuildKit: the build fails with the engine's message, and the log
+    // has the step's own output and its error.
+    let failing = "FROM dailyco/pipecat-base:latest\nRUN --mount=type=cache,target=/root/.cache/x echo step-output-7f && exit 3\n";
+    let (failed, flog) = build_through_the_api(
+        &s,
+        tar_gz(&[("Dockerfile", failing), ("bot.py", UV_BOT_PY)]),
+    )
+    .await;
+    drop(s);
+    cleanup(&tag);
+    assert_eq!(failed["status"], "failed", "{failed}\n{flog}");
+    let err = failed["errorMessage"].as_str().unwrap_or_default();
+    assert!(
+        err.starts_with("docker build failed: ") && err.contains("exit code: 3"),
+        "{failed}"
+    );
+    assert!(
+        flog.contains("step-output-7f") && flog.contains("ERROR:"),
+        "{flog}"
+    );
+}
