@@ -317,6 +317,9 @@ pub struct RuntimeConfig {
     pub builder: String,
     /// What `FROM dailyco/pipecat-base...` becomes in a Docker build.
     pub build_base_image: String,
+    /// The network of a Docker build's `RUN` steps (`host`, `none`, ...); empty: the
+    /// engine's default.
+    pub build_network: String,
     /// Where instance directories live: `auto` (a tmpfs when one has room, else the data
     /// dir), `data`, or a directory (`runtime/process/rundir.rs`).
     pub runtime_dir: String,
@@ -352,6 +355,7 @@ impl Default for RuntimeConfig {
             build_retention_hours: 168.0,
             builder: "auto".into(),
             build_base_image: "cattery-test/pipecat-base:latest".into(),
+            build_network: String::new(),
             runtime_dir: "auto".into(),
         }
     }
@@ -629,6 +633,11 @@ pub struct ServeArgs {
     /// that follows the base image's contract [default: cattery-test/pipecat-base:latest].
     #[arg(long, env = "CATTERY_BUILD_BASE_IMAGE", help_heading = "Runtime")]
     pub build_base_image: Option<String>,
+    /// The network a Docker build's `RUN` steps use: `host` (the host's network, for a
+    /// machine whose package index is reachable only from it), `none`, or another network
+    /// mode the engine's builder accepts [default: the engine's own].
+    #[arg(long, env = "CATTERY_BUILD_NETWORK", help_heading = "Runtime")]
+    pub build_network: Option<String>,
     /// Where the process runtime keeps instance directories (output files, `HOME`, `TMPDIR`):
     /// `auto` puts them on a memory file system (`/run/cattery-instances` or
     /// `/dev/shm/cattery-<uid>`, a tmpfs with at least 256 MiB free) behind a link at
@@ -833,6 +842,7 @@ impl Config {
             self.runtime.build_retention_hours => a.build_retention_hours,
             self.runtime.builder => a.builder,
             self.runtime.build_base_image => a.build_base_image,
+            self.runtime.build_network => a.build_network,
             self.runtime.runtime_dir => a.runtime_dir,
             se.stop_grace_seconds => a.stop_grace_seconds,
             se.start_timeout_seconds => a.start_timeout_seconds,
@@ -972,6 +982,15 @@ impl Config {
         }
         if self.runtime.build_base_image.trim().is_empty() {
             anyhow::bail!("--build-base-image must not be empty");
+        }
+        let net = &self.runtime.build_network;
+        if !net
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        {
+            anyhow::bail!(
+                "--build-network must be a network mode such as host or none, not {net:?}"
+            );
         }
         let bt = self.runtime.build_timeout_seconds;
         if !(bt.is_finite() && bt > 0.0) {
@@ -1130,6 +1149,19 @@ mod tests {
         cfg.apply(args(&["--python-fork-server", "sometimes"]));
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("--python-fork-server"), "{e}");
+    }
+
+    #[test]
+    fn the_build_network_is_the_engines_unless_set() {
+        assert_eq!(Config::default().runtime.build_network, "");
+        let mut cfg = Config::from_toml("[runtime]\nbuild_network = \"none\"\n").unwrap();
+        assert_eq!(cfg.runtime.build_network, "none");
+        cfg.apply(args(&["--build-network", "host"]));
+        assert_eq!(cfg.runtime.build_network, "host");
+        cfg.validate().unwrap();
+        cfg.apply(args(&["--build-network", "host; rm"]));
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("--build-network"), "{e}");
     }
 
     #[test]

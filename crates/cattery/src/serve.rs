@@ -641,6 +641,7 @@ async fn start_builds(
             .set_docker_builder(Arc::new(crate::build::docker::DockerBuilder {
                 docker: d.clone(),
                 base_image: config.runtime.build_base_image.clone(),
+                network: config.runtime.build_network.clone(),
             }));
     }
     state

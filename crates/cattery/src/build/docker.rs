@@ -25,6 +25,8 @@ pub struct DockerBuilder {
     pub docker: Arc<DockerRuntime>,
     /// What `FROM dailyco/pipecat-base...` becomes.
     pub base_image: String,
+    /// The network of the build's `RUN` steps (`--build-network`); empty: the engine's.
+    pub network: String,
 }
 
 /// `text` with every `FROM dailyco/pipecat-base[:tag|@digest]` naming `base` instead, and
@@ -135,14 +137,15 @@ impl Builder for DockerBuilder {
                 "docker build -t {tag} -f {} . (BuildKit)",
                 job.dockerfile_path
             ));
-            match buildkit_build(&engine, job, &tag, tarball.clone(), log).await {
+            let net = self.network.as_str();
+            match buildkit_build(&engine, job, &tag, net, tarball.clone(), log).await {
                 Ok(()) => {}
                 Err(BuildkitFailure::Build(m)) => return Err(m),
                 Err(BuildkitFailure::NotRun(m)) => {
                     log.line(&format!(
                         "The engine ran no BuildKit build ({m}): building with the classic builder, where RUN --mount is not supported"
                     ));
-                    classic_build(&engine, job, &tag, tarball, log).await?;
+                    classic_build(&engine, job, &tag, net, tarball, log).await?;
                 }
             }
         } else {
@@ -155,7 +158,7 @@ impl Builder for DockerBuilder {
                 "docker build -t {tag} -f {} .",
                 job.dockerfile_path
             ));
-            classic_build(&engine, job, &tag, tarball, log).await?;
+            classic_build(&engine, job, &tag, &self.network, tarball, log).await?;
         }
         log.line(&format!("Built image {tag}"));
         Ok(Artifact {
@@ -179,17 +182,19 @@ async fn buildkit_build(
     engine: &bollard::Docker,
     job: &BuildJob,
     tag: &str,
+    network: &str,
     tarball: bytes::Bytes,
     log: &BuildLog,
 ) -> Result<(), BuildkitFailure> {
     use bollard::models::BuildInfoAux;
     let session = format!("cattery-build-{}", job.id);
-    let opts = bollard::query_parameters::BuildImageOptionsBuilder::default()
+    let mut opts = bollard::query_parameters::BuildImageOptionsBuilder::default()
         .dockerfile(&job.dockerfile_path)
         .t(tag)
         .version(bollard::query_parameters::BuilderVersion::BuilderBuildKit)
         .session(&session)
         .build();
+    opts.networkmode = (!network.is_empty()).then(|| network.to_string());
     let mut progress = Progress::default();
     let mut stream = engine.build_image(opts, None, Some(bollard::body_full(tarball)));
     let mut built = false;
@@ -249,15 +254,17 @@ async fn classic_build(
     engine: &bollard::Docker,
     job: &BuildJob,
     tag: &str,
+    network: &str,
     tarball: bytes::Bytes,
     log: &BuildLog,
 ) -> Result<(), String> {
-    let opts = bollard::query_parameters::BuildImageOptionsBuilder::default()
+    let mut opts = bollard::query_parameters::BuildImageOptionsBuilder::default()
         .dockerfile(&job.dockerfile_path)
         .t(tag)
         .rm(true)
         .forcerm(true)
         .build();
+    opts.networkmode = (!network.is_empty()).then(|| network.to_string());
     let mut stream = engine.build_image(opts, None, Some(bollard::body_full(tarball)));
     while let Some(item) = stream.next().await {
         match item {

@@ -1408,3 +1408,46 @@ async fn a_uv_quickstart_dockerfile_with_run_mounts_builds_with_buildkit() {
         "{flog}"
     );
 }
+
+/// `--build-network host`: a Docker build's `RUN` steps use the host's network (here they
+/// reach a listener on the host's loopback, which the engine's default network cannot), for
+/// a machine whose package index is reachable only from the host's network.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_docker_builds_steps_use_the_build_network() {
+    const BASE: &str = "cattery-test/pipecat-base:latest";
+    let required = std::env::var_os("CATTERY_REQUIRE_DOCKER").is_some();
+    if docker(&["image", "inspect", "--format", "{{.Id}}", BASE]).is_none() {
+        assert!(
+            !required,
+            "CATTERY_REQUIRE_DOCKER is set, but {BASE} is missing"
+        );
+        eprintln!("SKIPPED: no Docker engine or no {BASE} (scripts/docker-images.sh)");
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dockerfile = format!(
+        "FROM dailyco/pipecat-base:latest\nRUN python -c \"import socket; socket.create_connection(('127.0.0.1', {port}), 5); print('reached the host on {port}')\"\n"
+    );
+    let context = || tar_gz(&[("Dockerfile", &dockerfile), ("bot.py", UV_BOT_PY)]);
+    let s = Server::start(&[
+        "--builder",
+        "docker",
+        "--build-base-image",
+        BASE,
+        "--build-network",
+        "host",
+    ])
+    .await;
+    let (build, log) = build_through_the_api(&s, context()).await;
+    drop(s);
+    if let Some(t) = build["imageUri"].as_str() {
+        let _ = docker(&["rmi", "-f", t]);
+    }
+    assert_eq!(build["status"], "success", "{build}\n{log}");
+    assert!(
+        log.contains(&format!("reached the host on {port}")),
+        "{log}"
+    );
+    drop(listener);
+}
