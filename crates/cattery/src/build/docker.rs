@@ -240,12 +240,22 @@ async fn buildkit_build(
     for l in progress.flush() {
         log.output(&l);
     }
-    if built || progress.any {
-        Ok(())
-    } else {
-        Err(BuildkitFailure::NotRun(
+    if built {
+        return Ok(());
+    }
+    if !progress.any {
+        return Err(BuildkitFailure::NotRun(
             "the engine answered nothing".to_string(),
-        ))
+        ));
+    }
+    // The stream ended without the image's id: the build succeeded only if the image is there.
+    match engine.inspect_image(tag).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let m = format!("the engine ended the build without its image ({e})");
+            log.line(&m);
+            Err(BuildkitFailure::Build(format!("docker build failed: {m}")))
+        }
     }
 }
 
