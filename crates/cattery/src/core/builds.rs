@@ -708,9 +708,21 @@ impl Builds {
         std::fs::create_dir_all(&dir).map_err(io_err)?;
         open_dir(&self.s.dir);
         open_dir(&dir);
-        std::fs::rename(self.upload_path(id), dir.join("context.tar.gz")).map_err(io_err)?;
+        let context = dir.join("context.tar.gz");
+        std::fs::rename(self.upload_path(id), &context).map_err(io_err)?;
+        // The kept builds are counted again with the insert, in one step of the store: builds
+        // created at once through any node never take the org past `kept_per_org`.
+        let limit = (self.s.kept_per_org != 0).then_some(self.s.kept_per_org);
+        if let Err(e) = self.store.insert_build(&b, limit).await {
+            // Nothing recorded: the upload is left as it was, to be built again.
+            let _ = std::fs::rename(&context, self.upload_path(id));
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(match e {
+                crate::store::StoreError::LimitReached => self.kept_limit(org),
+                e => e.into(),
+            });
+        }
         self.spend(id);
-        self.store.insert_build(&b).await?;
         let me = self.clone();
         let run = b.clone();
         tokio::spawn(async move {
@@ -720,9 +732,9 @@ impl Builds {
         Ok((b, false))
     }
 
-    /// Errors: 403 `ORG_LIMIT_REACHED` when `org` keeps `kept_per_org` builds already. Builds
-    /// created at the same moment may each pass: the org then keeps at most `builds_per_org`
-    /// more.
+    /// Errors: 403 `ORG_LIMIT_REACHED` when `org` keeps `kept_per_org` builds already: a
+    /// quick refusal before the upload is moved. The limit itself holds through the store's
+    /// insert ([`crate::store::BuildStore::insert_build`] given it), which counts again.
     async fn check_kept(&self, org: &str) -> CoreResult<()> {
         let limit = self.s.kept_per_org;
         if limit == 0 {
@@ -734,14 +746,20 @@ impl Builds {
         };
         let (_, kept) = self.store.list_builds(org, &f).await?;
         if kept >= u64::from(limit) {
-            return Err(CoreError::OrgLimit(format!(
-                "organization {org} has reached its limit of {limit} builds kept \
-                 (builds_kept_per_org = {limit}); a build is deleted --build-retention-hours \
-                 after its last use unless a deployment runs it: deploy one of the kept builds \
-                 by its id, or ask the operator to raise builds_kept_per_org"
-            )));
+            return Err(self.kept_limit(org));
         }
         Ok(())
+    }
+
+    /// The refusal of a build past `kept_per_org`.
+    fn kept_limit(&self, org: &str) -> CoreError {
+        let limit = self.s.kept_per_org;
+        CoreError::OrgLimit(format!(
+            "organization {org} has reached its limit of {limit} builds kept \
+             (builds_kept_per_org = {limit}); a build is deleted --build-retention-hours \
+             after its last use unless a deployment runs it: deploy one of the kept builds \
+             by its id, or ask the operator to raise builds_kept_per_org"
+        ))
     }
 
     /// Counts one more build of `org` pending or building. Errors: 429 at `builds_per_org`.
@@ -1260,7 +1278,7 @@ mod tests {
             .map(|(b, _)| dir.join(b.id.to_string()).exists())
             .collect();
         for (b, _) in &cases {
-            store.insert_build(b).await.unwrap();
+            store.insert_build(b, None).await.unwrap();
         }
         let id = |i: usize| cases[i].0.id;
         store.use_build("o", id(5), now).await.unwrap().unwrap();
@@ -1486,7 +1504,7 @@ mod tests {
         };
         let kept: Vec<BuildRecord> = (0..2).map(|_| rec(BuildStatus::Failed)).collect();
         for b in &kept {
-            store.insert_build(b).await.unwrap();
+            store.insert_build(b, None).await.unwrap();
         }
         let up = upload("o").await;
         match builds.create(&defaults, "o", &up, None, None).await {
@@ -1513,6 +1531,59 @@ mod tests {
             .unwrap();
         assert!(!cached);
         assert_eq!(b.org, "o");
+    }
+
+    /// Builds of an org created at the same moment never take it past `kept_per_org`: the
+    /// store counts with the insert. The one refused keeps its upload unspent (asked again,
+    /// it is refused by the limit, not as an upload already built).
+    #[tokio::test]
+    async fn builds_created_at_once_never_pass_the_kept_limit() {
+        use crate::store::{self, OpenMode};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = store::open(&Default::default(), tmp.path(), OpenMode::Create)
+            .await
+            .unwrap();
+        store.ensure_org("o").await.unwrap();
+        let builds = Builds::new(
+            store.clone(),
+            Arc::new(Held(Semaphore::new(0))),
+            BuildSettings {
+                kept_per_org: 1,
+                ..settings(BuilderMode::Venv, tmp.path().join("builds"))
+            },
+        );
+        let defaults = AgentDefaults {
+            regions: vec!["local".into()],
+            default_region: "local".into(),
+        };
+        let mut ups = Vec::new();
+        for context in [&b"one context"[..], &b"another context"[..]] {
+            let u = builds.new_upload("o").unwrap();
+            let mut sink = builds.begin_upload(u.id, &u.token).await.unwrap();
+            sink.write(context).await.unwrap();
+            builds.finish_upload(sink).await.unwrap();
+            ups.push(u.id.to_string());
+        }
+        let (a, b) = tokio::join!(
+            builds.create(&defaults, "o", &ups[0], None, None),
+            builds.create(&defaults, "o", &ups[1], None, None)
+        );
+        let f = BuildFilter {
+            limit: 10,
+            ..Default::default()
+        };
+        assert_eq!(
+            store.list_builds("o", &f).await.unwrap().1,
+            1,
+            "{a:?} {b:?}"
+        );
+        let refused = match (&a, &b) {
+            (Ok(_), Err(CoreError::OrgLimit(_))) => &ups[1],
+            (Err(CoreError::OrgLimit(_)), Ok(_)) => &ups[0],
+            _ => panic!("not one build and one refusal: {a:?} {b:?}"),
+        };
+        let again = builds.create(&defaults, "o", refused, None, None).await;
+        assert!(matches!(again, Err(CoreError::OrgLimit(_))), "{again:?}");
     }
 
     /// A build the server stopped (it crashed or was killed mid-build) ends `failed` at the
@@ -1548,7 +1619,7 @@ mod tests {
         };
         let (cut, done) = (made(BuildStatus::Building), made(BuildStatus::Success));
         for b in [&cut, &done] {
-            store.insert_build(b).await.unwrap();
+            store.insert_build(b, None).await.unwrap();
         }
         builds.recover().await.unwrap();
         let got = store.get_build("o", cut.id).await.unwrap().unwrap();

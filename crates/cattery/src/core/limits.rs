@@ -5,7 +5,7 @@
 //!
 //! Durable records are counted by the store, in the same step as the create's insert, so the
 //! limit holds for the whole cluster on PostgreSQL: live agents (not deleted), keys not
-//! revoked, secret sets. The store serializes the creates of one org and kind (SQLite: its one
+//! revoked, secret sets, and the builds an org keeps (`core::builds`). The store serializes the creates of one org and kind (SQLite: its one
 //! writer; PostgreSQL: a transaction-scoped advisory lock), so concurrent creates through any
 //! number of nodes never overshoot ([`crate::store`], "per-org limits"). Event streams are
 //! counted in memory, per node. Past a limit the answer is 403 `ORG_LIMIT_REACHED`, naming the

@@ -1560,10 +1560,10 @@ async fn builds(s: &dyn Store) {
     let b = build("o1", "bbbb", 20);
     let other = build("o2", "aaaa", 30);
     for x in [&a, &b, &other] {
-        s.insert_build(x).await.unwrap();
+        s.insert_build(x, None).await.unwrap();
     }
     assert!(matches!(
-        s.insert_build(&a).await,
+        s.insert_build(&a, None).await,
         Err(StoreError::Conflict)
     ));
     assert_eq!(s.get_build("o1", a.id).await.unwrap().as_ref(), Some(&a));
@@ -1646,7 +1646,7 @@ async fn build_retention(s: &dyn Store) {
     let b = done(&build("o1", "bbbb", 20), BuildStatus::Failed, 40);
     let other = done(&build("o2", "aaaa", 30), BuildStatus::Timeout, 50);
     for x in [&a, &b, &other] {
-        s.insert_build(x).await.unwrap();
+        s.insert_build(x, None).await.unwrap();
     }
     assert_eq!(
         s.get_build("o1", a.id).await.unwrap().unwrap().node_id,
@@ -1656,7 +1656,7 @@ async fn build_retention(s: &dyn Store) {
     assert_eq!(ids(s.unused_builds(40).await.unwrap()), [a.id, b.id]);
     assert_eq!(ids(s.unused_builds(11).await.unwrap()), Vec::<Uuid>::new());
     let running = build("o1", "dddd", 60);
-    s.insert_build(&running).await.unwrap();
+    s.insert_build(&running, None).await.unwrap();
     assert_eq!(
         ids(s.unused_builds(i64::MAX).await.unwrap()),
         [a.id, b.id, other.id],
@@ -1970,6 +1970,34 @@ async fn org_limits(s: &dyn Store) {
     s.upsert_secret_set(&x, &[], false, None).await.unwrap();
     assert_eq!(s.list_secret_sets("a").await.unwrap().len(), 2);
 
+    // Builds: every kept build counts, whatever its state.
+    let kept = |org: &str| {
+        let org = org.to_string();
+        async move {
+            let f = BuildFilter {
+                limit: 100,
+                ..Default::default()
+            };
+            s.list_builds(&org, &f).await.unwrap().1
+        }
+    };
+    let done = BuildRecord {
+        status: BuildStatus::Failed,
+        completed_ms: Some(2),
+        ..build("a", "b1", 1)
+    };
+    s.insert_build(&done, Some(2)).await.unwrap();
+    s.insert_build(&build("a", "b2", 2), Some(2)).await.unwrap();
+    let refused = build("a", "b3", 3);
+    assert!(matches!(
+        s.insert_build(&refused, Some(2)).await,
+        Err(StoreError::LimitReached)
+    ));
+    assert!(s.get_build("a", refused.id).await.unwrap().is_none());
+    s.insert_build(&build("b", "b1", 4), Some(1)).await.unwrap();
+    s.insert_build(&refused, None).await.unwrap();
+    assert_eq!(kept("a").await, 3);
+
     org_limits_across(&[s, s]).await;
 }
 
@@ -2034,6 +2062,26 @@ pub async fn org_limits_across(stores: &[&dyn Store]) {
     assert_eq!(
         stores[0].list_secret_sets(org).await.unwrap().len(),
         LIMIT as usize
+    );
+
+    let builds: Vec<_> = (0..TRIES)
+        .map(|i| build(org, &format!("h{i}"), i as i64))
+        .collect();
+    let got = futures_util::future::join_all(
+        builds
+            .iter()
+            .enumerate()
+            .map(|(i, b)| on(i).insert_build(b, Some(LIMIT))),
+    )
+    .await;
+    assert_eq!(admitted(got, "builds"), LIMIT as usize);
+    let f = BuildFilter {
+        limit: 100,
+        ..Default::default()
+    };
+    assert_eq!(
+        stores[0].list_builds(org, &f).await.unwrap().1,
+        u64::from(LIMIT)
     );
 }
 

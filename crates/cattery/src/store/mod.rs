@@ -10,7 +10,7 @@
 //!   [`StoreError::Unavailable`]; both leave the store usable, and it heals by itself once the
 //!   fault is gone (no restart).
 //! - **Scoping**: names are scoped to an org; another org's records are never returned.
-//! - **Per-org limits**: a create that takes a `limit` (agents, API keys, secret sets) counts
+//! - **Per-org limits**: a create that takes a `limit` (agents, API keys, secret sets, builds) counts
 //!   the org's records of that kind and inserts in one step, serialized with every other
 //!   limited create of that org and kind through any store on the same database: at limit N,
 //!   concurrent creates (through any number of nodes) admit exactly as many as fit under N.
@@ -878,8 +878,11 @@ pub struct BuildFilter {
 /// Builds.
 #[async_trait]
 pub trait BuildStore: Send + Sync + 'static {
-    /// Inserts a new build. Errors: `Conflict` when the id exists.
-    async fn insert_build(&self, b: &BuildRecord) -> StoreResult<()>;
+    /// Inserts a new build. With `limit`, only while `b.org` keeps fewer than `limit` builds
+    /// (any state), counted in the same step (see the module's per-org limits).
+    ///
+    /// Errors: `Conflict` when the id exists; `LimitReached` at the limit (nothing written).
+    async fn insert_build(&self, b: &BuildRecord, limit: Option<u32>) -> StoreResult<()>;
     /// Replaces a build's mutable fields (status, artifact, times, error). Errors: `NotFound`.
     async fn update_build(&self, b: &BuildRecord) -> StoreResult<()>;
     /// `org`'s build `id`.

@@ -409,7 +409,7 @@ async fn successful_build(a: &Api, org: &str) -> uuid::Uuid {
         updated_ms: now,
         node_id: a.state.node.id.clone(),
     };
-    a.state.store.insert_build(&b).await.unwrap();
+    a.state.store.insert_build(&b, None).await.unwrap();
     id
 }
 

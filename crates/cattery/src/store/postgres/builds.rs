@@ -5,7 +5,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
-use super::PgStore;
+use super::{Limited, PgStore};
 use crate::store::{BuildFilter, BuildRecord, BuildStatus, BuildStore, StoreError, StoreResult};
 
 const COLS: &str = "id, org, status, region, context_hash, dockerfile_path, artifact, python, \
@@ -55,7 +55,12 @@ fn push_filter(q: &mut QueryBuilder<Postgres>, org: &str, f: &BuildFilter) {
 
 #[async_trait]
 impl BuildStore for PgStore {
-    async fn insert_build(&self, b: &BuildRecord) -> StoreResult<()> {
+    async fn insert_build(&self, b: &BuildRecord, limit: Option<u32>) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(limit) = limit {
+            super::lock_org_creates(&mut tx, Limited::Builds, &b.org).await?;
+            super::within_limit(&mut tx, Limited::Builds, &b.org, limit).await?;
+        }
         super::query_dyn(&format!(
             "INSERT INTO builds ({COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
              $12, $13, $14, $15, $16)"
@@ -80,8 +85,9 @@ impl BuildStore for PgStore {
         .bind(b.completed_ms)
         .bind(b.updated_ms)
         .bind(&b.node_id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 

@@ -293,12 +293,14 @@ pub(crate) fn query_dyn(
 }
 
 /// What a per-org limit counts ([`super::KeyStore::insert_key`], [`super::AgentStore::create_agent`],
-/// [`super::SecretStore::upsert_secret_set`] given a limit).
+/// [`super::SecretStore::upsert_secret_set`], [`super::BuildStore::insert_build`] given a
+/// limit).
 #[derive(Debug, Clone, Copy)]
 enum Limited {
     Agents,
     ApiKeys,
     SecretSets,
+    Builds,
 }
 
 impl Limited {
@@ -310,6 +312,7 @@ impl Limited {
             Limited::Agents => 0x4361_7401,
             Limited::ApiKeys => 0x4361_7402,
             Limited::SecretSets => 0x4361_7403,
+            Limited::Builds => 0x4361_7404,
         }
     }
 
@@ -321,6 +324,7 @@ impl Limited {
                 "SELECT count(*) FROM api_keys WHERE org = $1 AND revoked_ms IS NULL"
             }
             Limited::SecretSets => "SELECT count(*) FROM secret_sets WHERE org = $1",
+            Limited::Builds => "SELECT count(*) FROM builds WHERE org = $1",
         }
     }
 }

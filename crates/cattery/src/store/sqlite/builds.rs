@@ -61,12 +61,22 @@ fn filter_sql(org: &str, f: &BuildFilter) -> (String, Vec<Val<'static>>) {
 
 #[async_trait]
 impl BuildStore for SqliteStore {
-    async fn insert_build(&self, b: &BuildRecord) -> StoreResult<()> {
+    async fn insert_build(&self, b: &BuildRecord, limit: Option<u32>) -> StoreResult<()> {
         let mut b = b.clone();
         b.error_message = b
             .error_message
             .map(|m| crate::store::codec::storable_text(&m).into_owned());
         self.write(move |db| {
+            // The one writer serializes the count with every other insert (the count writes
+            // nothing, so a refusal leaves nothing behind).
+            if let Some(limit) = limit {
+                super::within_limit(
+                    db,
+                    "SELECT COUNT(*) FROM builds WHERE org = ?",
+                    &b.org,
+                    limit,
+                )?;
+            }
             db.exec(
                 &format!(
                     "INSERT INTO builds ({COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
