@@ -96,7 +96,7 @@ pub fn backup(place: &Place, out: &Path) -> anyhow::Result<Summary> {
     }
     let manifest = serde_json::json!({
         "format": 1,
-        "catteryVersion": env!("CARGO_PKG_VERSION"),
+        "catteryVersion": crate::build_info::full(),
         "schemaVersion": info.schema,
         "createdMs": crate::model::now_ms(),
         "sessions": info.sessions,

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod backup;
 pub mod build;
+pub mod build_info;
 pub mod config;
 pub mod core;
 pub mod dashboard;

@@ -14,7 +14,7 @@ use cattery::serve::{self, DEFAULT_ORG};
 #[derive(Parser)]
 #[command(
     name = "cattery",
-    version,
+    version = cattery::build_info::long(),
     about = "Self-hosted session platform for Pipecat voice agents"
 )]
 struct Cli {

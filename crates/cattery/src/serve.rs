@@ -777,7 +777,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         max_connections: config.connection_cap(nofile),
     };
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), isolation = %runtime.isolation(),
-        nofile, max_connections = limits.max_connections, "cattery listening");
+        nofile, max_connections = limits.max_connections,
+        version = crate::build_info::VERSION,
+        commit = crate::build_info::COMMIT.unwrap_or("unknown"), "cattery listening");
     // With JSON logs, stdout carries nothing but JSON either (journald mixes the two).
     if config.server.log_format == crate::config::LogFormat::Text {
         let b = banner(addr, &cfg.data_dir, tls.is_some(), shared_store);

@@ -21,7 +21,8 @@ use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use parking_lot::Mutex;
 
-/// `cattery_build_info{version}`: always 1.
+/// `cattery_build_info{version, commit}`: always 1 (`commit` is `unknown` for a build from a
+/// source tarball).
 pub const BUILD_INFO: &str = "cattery_build_info";
 /// Sessions delivered to their instance, by org, agent and `cold` (`true` for a cold start).
 pub const SESSIONS_STARTED: &str = "cattery_sessions_started_total";
@@ -88,7 +89,10 @@ pub fn handle() -> &'static PrometheusHandle {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_gauge!(BUILD_INFO, "Cattery's version (always 1)");
+    describe_gauge!(
+        BUILD_INFO,
+        "Cattery's version and the commit it was built from (always 1)"
+    );
     describe_counter!(SESSIONS_STARTED, "Sessions delivered to their instance");
     describe_counter!(SESSIONS_ENDED, "Sessions ended, by endReason");
     describe_gauge!(SESSIONS_ACTIVE, "Live sessions");
@@ -230,7 +234,12 @@ impl Metrics {
     /// The endpoint's state over the process's recorder (installed now if not yet).
     pub fn new(token: Option<String>) -> Metrics {
         let handle = handle();
-        gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        gauge!(
+            BUILD_INFO,
+            "version" => crate::build_info::VERSION,
+            "commit" => crate::build_info::COMMIT.unwrap_or("unknown")
+        )
+        .set(1.0);
         Metrics {
             handle,
             token: token.filter(|t| !t.is_empty()),
@@ -301,7 +310,12 @@ mod tests {
             text.contains(r#"cattery_pool_instances{org="t-org",agent="t-render",state="idle"} 2"#),
             "{text}"
         );
-        assert!(text.contains("cattery_build_info{version="), "{text}");
+        let info = format!(
+            r#"cattery_build_info{{version="{}",commit="{}"}} 1"#,
+            crate::build_info::VERSION,
+            crate::build_info::COMMIT.unwrap_or("unknown")
+        );
+        assert!(text.contains(&info), "{text}");
         let text = m.render(&EngineGauges::default());
         assert!(
             text.contains(r#"cattery_pool_instances{org="t-org",agent="t-render",state="idle"} 0"#),

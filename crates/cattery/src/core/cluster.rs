@@ -165,7 +165,7 @@ impl NodeIdentity {
         NodeRecord {
             id: self.id.clone(),
             advertise_url: self.advertise_url.clone(),
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: crate::build_info::full().into(),
             started_ms: self.started_ms,
             heartbeat_ms: now_ms(),
             instances,
@@ -184,8 +184,12 @@ pub struct NodeStatus {
     pub id: String,
     /// Where other nodes reach it (`--advertise-url`), if given.
     pub advertise_url: Option<String>,
-    /// Cattery version.
+    /// Cattery version (Cargo's: nodes built from different commits may show the same).
     pub version: String,
+    /// The commit its binary was built from (`cattery --version`); `null` when unknown (a
+    /// binary built from a source tarball, or a node of a release before commits were shown).
+    #[schema(example = "6e78597a1b2c")]
+    pub commit: Option<String>,
     /// When its current run started (ms).
     pub started_ms: i64,
     /// Milliseconds since its last heartbeat (by this node's clock); `null` for a node that
@@ -212,6 +216,8 @@ pub fn statuses(me: &NodeIdentity, nodes: Vec<NodeRecord>, now: i64) -> Vec<Node
     nodes
         .into_iter()
         .map(|n| {
+            let (version, commit) = crate::build_info::split(&n.version);
+            let (version, commit) = (version.to_string(), commit.map(str::to_string));
             let age = now.saturating_sub(n.heartbeat_ms).max(0);
             let left = n.heartbeat_ms == 0;
             let alive = me.sees_alive(&n, now);
@@ -226,7 +232,8 @@ pub fn statuses(me: &NodeIdentity, nodes: Vec<NodeRecord>, now: i64) -> Vec<Node
                 heartbeat_age_ms: (!left).then_some(age),
                 id: n.id,
                 advertise_url: n.advertise_url,
-                version: n.version,
+                version,
+                commit,
                 started_ms: n.started_ms,
                 instances: n.instances,
                 busy: n.busy,
@@ -917,6 +924,45 @@ mod tests {
         assert!(!s.matches("k".repeat(39).as_bytes()));
         assert!(!s.matches(format!("{}j", "k".repeat(39)).as_bytes()));
         assert_eq!(format!("{:?}", s), "ClusterSecret(..)");
+    }
+
+    /// The node list splits a recorded version into Cargo's version and the commit, so nodes
+    /// of one Cargo version built from different commits can be told apart; a node of an
+    /// earlier release (the Cargo version alone) shows no commit.
+    #[test]
+    fn the_node_list_shows_each_nodes_commit() {
+        let me = me();
+        let now = 1_000_000;
+        let rec = |id: &str, version: &str| NodeRecord {
+            id: id.into(),
+            version: version.into(),
+            heartbeat_ms: now,
+            ..me.record(0, 0)
+        };
+        assert_eq!(me.record(0, 0).version, crate::build_info::full());
+        let listed = statuses(
+            &me,
+            vec![
+                me.record(0, 0),
+                rec("old", "0.1.0"),
+                rec("new", "0.1.0+abcdef123456"),
+            ],
+            now,
+        );
+        let got: Vec<(&str, &str, Option<&str>)> = listed
+            .iter()
+            .map(|n| (n.id.as_str(), n.version.as_str(), n.commit.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a", crate::build_info::VERSION, crate::build_info::COMMIT),
+                ("old", "0.1.0", None),
+                ("new", "0.1.0", Some("abcdef123456")),
+            ]
+        );
+        let json = serde_json::to_value(&listed[1]).unwrap();
+        assert!(json["commit"].is_null(), "{json}");
     }
 
     #[test]

@@ -525,7 +525,7 @@ impl Webhooks {
             .header("content-type", "application/json")
             .header(
                 "user-agent",
-                concat!("Cattery-Webhooks/", env!("CARGO_PKG_VERSION")),
+                format!("Cattery-Webhooks/{}", crate::build_info::full()),
             )
             .header("webhook-id", &msg_id)
             .header("webhook-timestamp", ts.to_string())

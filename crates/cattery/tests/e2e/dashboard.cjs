@@ -6,6 +6,8 @@
 // Environment: CATTERY_URL, CATTERY_SK (org "default"), CATTERY_OTHER_SK (org "other"),
 // CATTERY_AGENT, CATTERY_OTHER_AGENT, CATTERY_DELETED_AGENT and CATTERY_DELETED_SESSION (an
 // agent deleted after one session), CATTERY_LEFT_NODE (a node of this store that left),
+// CATTERY_COMMIT (the commit the server was built from, as its Nodes page shows it; empty
+// when unknown),
 // CATTERY_SCREENSHOTS (a directory), NODE_PATH (where
 // playwright-core is installed), CATTERY_CHROMIUM (default /usr/bin/chromium).
 'use strict';
@@ -28,6 +30,7 @@ const SHOTS = env('CATTERY_SCREENSHOTS');
 const DELETED_AGENT = env('CATTERY_DELETED_AGENT');
 const DELETED_SESSION = env('CATTERY_DELETED_SESSION');
 const LEFT_NODE = env('CATTERY_LEFT_NODE');
+const COMMIT = process.env.CATTERY_COMMIT || '';
 
 const lines = readline.createInterface({ input: process.stdin });
 const waiting = [];
@@ -156,6 +159,7 @@ async function main() {
     const self = page.locator('#nodes-body tr', { hasText: 'this node' });
     await self.locator('[data-state="alive"]').waitFor(T);
     check((await self.locator('button').count()) === 0, 'a live node cannot be forgotten');
+    await self.locator(`[data-commit="${COMMIT}"]`, { hasText: COMMIT || 'unknown' }).waitFor(T);
     await page.waitForFunction(() => /s ago/.test(document.querySelector('#nodes-body').textContent), null, T);
     const left = page.locator(`#nodes-body tr[data-node="${LEFT_NODE}"]`);
     await left.locator('[data-state="left"]').waitFor(T);

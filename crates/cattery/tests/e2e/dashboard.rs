@@ -87,6 +87,7 @@ async fn dashboard_in_a_browser() {
         .env("CATTERY_DELETED_AGENT", "hubot")
         .env("CATTERY_DELETED_SESSION", &deleted_sid)
         .env("CATTERY_LEFT_NODE", "old-node")
+        .env("CATTERY_COMMIT", env!("CATTERY_COMMIT"))
         .env("CATTERY_SCREENSHOTS", &shots)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -598,3 +598,65 @@ async fn a_listen_port_among_instance_ports_is_warned_about_at_start() {
     assert!(text.contains(WARNING), "no warning for {port}: {text}");
     assert!(text.contains(&format!("--listen port {port}")), "{text}");
 }
+
+/// The commit the binary was built from is shown where an operator looks: `cattery
+/// --version`, the start log line, the node list and `cattery_build_info`; so nodes of one
+/// Cargo version built from different commits (a rolling upgrade) can be told apart.
+#[tokio::test]
+async fn the_commit_is_shown_by_version_log_node_list_and_metrics() {
+    let commit = env!("CATTERY_COMMIT");
+    if commit.is_empty() {
+        // A source tarball (no `.git`, no CATTERY_COMMIT at build time): nothing to show.
+        assert!(!std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../.git")).exists());
+        return;
+    }
+    assert!(
+        commit.len() >= 7 && commit.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{commit:?}"
+    );
+    // The build script's commit is the checkout's HEAD (when git answers here).
+    if let Ok(out) = Command::new("git").args(["rev-parse", "HEAD"]).output() {
+        if out.status.success() {
+            let head = String::from_utf8_lossy(&out.stdout);
+            assert!(head.trim().starts_with(commit), "{head} vs {commit}");
+        }
+    }
+    let out = Command::new(cattery_bin())
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        printed.trim(),
+        format!("cattery {version} (commit {commit})")
+    );
+
+    let s = Server::start(&["--metrics-token", "scrape-me"]).await;
+    let log = s.log();
+    let listening = log
+        .lines()
+        .find(|l| l.contains("cattery listening"))
+        .expect("the start line");
+    assert!(listening.contains(commit), "{listening}");
+    let nodes = wait_for(Duration::from_secs(10), "this node listed", || async {
+        let r = s.req("GET", "/v1/cluster/nodes", Some(&s.sk), None).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.body["nodes"]
+            .as_array()
+            .filter(|n| !n.is_empty())
+            .cloned()
+    })
+    .await;
+    assert_eq!(nodes[0]["version"], version, "{nodes:?}");
+    assert_eq!(nodes[0]["commit"], commit, "{nodes:?}");
+    let m = scrape(&s, "scrape-me").await;
+    assert_eq!(
+        m.sum(
+            "cattery_build_info",
+            &[("version", version), ("commit", commit)]
+        ),
+        1.0
+    );
+}

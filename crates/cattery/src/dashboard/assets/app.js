@@ -628,7 +628,7 @@ async function nodesPage(main) {
   const tbody = h('tbody', { id: 'nodes-body' });
   main.replaceChildren(h('h1', {}, 'Nodes'),
     h('p', { class: 'hint' }, 'Every node that ever heartbeat on this store. A node is dead after the node timeout without a heartbeat; a live node then takes its sessions over or ends them lost.'),
-    h('table', {}, h('thead', {}, h('tr', {}, ['Node', 'State', 'Address', 'Version', 'Started', 'Last heartbeat', 'Instances (busy)', ''].map((t) => h('th', {}, t)))), tbody));
+    h('table', {}, h('thead', {}, h('tr', {}, ['Node', 'State', 'Address', 'Version', 'Commit', 'Started', 'Last heartbeat', 'Instances (busy)', ''].map((t) => h('th', {}, t)))), tbody));
   async function refresh() {
     const l = await api('GET', '/v1/cluster/nodes');
     tbody.replaceChildren(...l.nodes.map((n) => h('tr', { 'data-node': n.id },
@@ -636,6 +636,7 @@ async function nodesPage(main) {
       h('td', {}, h('span', { class: 'state-' + n.state, 'data-state': n.state }, n.state)),
       h('td', { class: 'mono' }, n.advertiseUrl || '—'),
       h('td', {}, n.version || ''),
+      h('td', { class: 'mono', 'data-commit': n.commit || '' }, n.commit || 'unknown'),
       h('td', {}, fmtTime(n.startedMs)),
       h('td', {}, n.heartbeatAgeMs == null ? '—' : (n.heartbeatAgeMs / 1000).toFixed(1) + ' s ago'),
       h('td', {}, String(n.instances) + ' (' + String(n.busy) + ')'),

@@ -40,7 +40,7 @@ pub fn refuse_newer(version: i64, path: &std::path::Path) -> anyhow::Result<()> 
              a backup made with this one (`cattery restore`); a downgrade is not supported \
              (docs/operations.md)",
             path.display(),
-            env!("CARGO_PKG_VERSION"),
+            crate::build_info::full(),
         );
     }
     Ok(())
