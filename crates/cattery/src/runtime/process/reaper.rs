@@ -170,7 +170,11 @@ static REAPER: OnceLock<Arc<Reaper>> = OnceLock::new();
 
 impl Reaper {
     /// The process-wide reaper. The first call makes this process a child subreaper and starts
-    /// the SIGCHLD listener (it must run inside a tokio runtime).
+    /// the SIGCHLD listener on a thread of its own (with a one-thread runtime), so it lives as
+    /// long as the process, whichever runtime called first: a listener spawned on the first
+    /// caller's runtime stopped with that runtime, and then no child of the process was reaped
+    /// again (a process that runs several runtimes one after another, such as the unit tests
+    /// under `cargo test`, where each `#[tokio::test]` has its own).
     pub fn global() -> Arc<Reaper> {
         REAPER
             .get_or_init(|| {
@@ -185,19 +189,29 @@ impl Reaper {
                     external: Mutex::new(Vec::new()),
                 });
                 let r2 = r.clone();
-                tokio::spawn(async move {
-                    let mut sig =
-                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+                std::thread::Builder::new()
+                    .name("cattery-reaper".into())
+                    .spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .expect("the reaper's runtime");
+                        rt.block_on(async move {
+                            let mut sig = tokio::signal::unix::signal(
+                                tokio::signal::unix::SignalKind::child(),
+                            )
                             .expect("SIGCHLD handler");
-                    let mut tick = tokio::time::interval(Duration::from_millis(500));
-                    loop {
-                        tokio::select! {
-                            _ = sig.recv() => {},
-                            _ = tick.tick() => {},
-                        }
-                        r2.reap_all();
-                    }
-                });
+                            let mut tick = tokio::time::interval(Duration::from_millis(500));
+                            loop {
+                                tokio::select! {
+                                    _ = sig.recv() => {},
+                                    _ = tick.tick() => {},
+                                }
+                                r2.reap_all();
+                            }
+                        })
+                    })
+                    .expect("the reaper's thread");
                 r
             })
             .clone()
@@ -414,6 +428,49 @@ mod tests {
             Reaper::global().reap_all();
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// The reaper outlives the runtime that first asked for it: a child registered from a
+    /// later runtime is still reaped and its status delivered (no one calls `reap_all` here).
+    /// Before, the listener ran on the first caller's runtime and died with it, so under
+    /// `cargo test` (one process, a runtime per test) later tests' children stayed zombies
+    /// and their tests hung.
+    #[test]
+    fn children_are_reaped_after_the_first_callers_runtime_is_gone() {
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        first.block_on(async {
+            Reaper::global();
+        });
+        drop(first);
+        let later = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        later.block_on(async {
+            let (_, pid, mut exit) = Reaper::global()
+                .spawn_registered(|| {
+                    let c = std::process::Command::new("/bin/sh")
+                        .args(["-c", "exit 3"])
+                        .spawn()?;
+                    let pid = c.id() as i32;
+                    Ok(((), pid))
+                })
+                .unwrap();
+            let st = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    if let Some(x) = *exit.borrow_and_update() {
+                        break x;
+                    }
+                    exit.changed().await.unwrap();
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("pid {pid} never reaped"));
+            assert_eq!(st.code, Some(3));
+        });
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1149,14 +1149,26 @@ mod real_tests {
         }
     }
 
-    fn wait(pid: i32) -> i32 {
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        assert_eq!(
-            unsafe { libc::waitpid(pid, &mut status, libc::__WALL) },
-            pid
-        );
-        status
+    /// Claims `spare` for `args` as the runtime does (in a window of the process's reaper):
+    /// the new process's pid and its exit code once the reaper has it. A `waitpid` of the
+    /// test's own would race the reaper's `waitpid(-1)`, which another test of this process
+    /// (under `cargo test`) may have started.
+    fn claim_and_wait(spare: &mut Spare, args: &ChildArgs, cgroup: &OwnedFd) -> (i32, i32) {
+        let reaper = super::super::reaper::Reaper::global();
+        let window = reaper.open_unlocked();
+        let pid = spare.claim(args, cgroup).unwrap();
+        let exit = window.register(pid);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = *exit.borrow() {
+                return (pid, st.code.expect("exited, not killed"));
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pid {pid} never reaped"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     #[test]
@@ -1197,11 +1209,11 @@ mod real_tests {
         })
         .unwrap();
         let t0 = std::time::Instant::now();
-        let pid = spare.claim(&plan.args, &inst_fd).unwrap();
+        let (pid, code) = claim_and_wait(&mut spare, &plan.args, &inst_fd);
         let took = t0.elapsed();
         assert!(super::super::spawn::child_failure(&plan.args, dir.path()).is_none());
         assert_ne!(pid, parked);
-        assert_eq!(wait(pid), 0);
+        assert_eq!(code, 0);
         let v1 = spare.rename("renamed");
         drop(spare);
         let got = fs::read_to_string(dir.path().join("out")).unwrap();
@@ -1261,10 +1273,10 @@ mod real_tests {
             namespaces: None,
         })
         .unwrap();
-        let pid = spare.claim(&plan.args, &inst_fd).unwrap();
+        let (_, code) = claim_and_wait(&mut spare, &plan.args, &inst_fd);
         let e = super::super::spawn::child_failure(&plan.args, &missing).unwrap();
         assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
-        assert_eq!(wait(pid) >> 8, 127);
+        assert_eq!(code, 127);
         spare.discard();
         for (_, d) in &b.v1 {
             assert_eq!(
@@ -1348,9 +1360,9 @@ mod real_tests {
             namespaces: None,
         })
         .unwrap();
-        let pid = spare.claim(&plan.args, &inst_fd).unwrap();
+        let (_, code) = claim_and_wait(&mut spare, &plan.args, &inst_fd);
         assert!(super::super::spawn::child_failure(&plan.args, dir.path()).is_none());
-        assert_eq!(wait(pid), 0);
+        assert_eq!(code, 0);
         spare.discard();
         assert_eq!(
             fs::read_to_string(&path).unwrap().trim(),
