@@ -541,14 +541,16 @@ async fn redeploy_takes_the_new_value_and_deleted_sets_fail(s: &Server, dep1: &s
 async fn logs_keep_last_words_and_filter() {
     let s = Server::start(&[]).await;
     let agent = test_agent().display().to_string();
-    let script = format!(
-        "printf 'raw bytes \\377\\376 end\\n' >&2; exec '{agent}' --last-words --ignore-sigterm --ignore-transport-close"
-    );
+    // The agent's path is the script's `$0`, an argument of its own: an instance sees the
+    // host's places under /tmp only at the paths it is given as arguments (or environment
+    // values), not at a path written inside a script (docs/instance-contract.md).
+    let script = "printf 'raw bytes \\377\\376 end\\n' >&2; \
+                  exec \"$0\" --last-words --ignore-sigterm --ignore-transport-close";
     let d = s
         .deploy(
             "talker",
             &[],
-            json!({"command": ["/bin/sh", "-c", script], "stopGraceSeconds": 1}),
+            json!({"command": ["/bin/sh", "-c", script, agent], "stopGraceSeconds": 1}),
         )
         .await;
     let dep = d["desiredDeploymentId"].as_str().unwrap().to_string();
