@@ -530,6 +530,45 @@ pub fn populated(dir: &Path) -> bool {
     }
 }
 
+/// A v2 cgroup's `cgroup.events`, kept open through a stop: each check of `populated` is one
+/// `pread` (not an open, two reads and a close), and the kernel's `POLLPRI` on the file (sent
+/// on every change of it, such as `populated 0`) wakes the wait at once, before its next poll.
+pub struct Events(tokio::io::unix::AsyncFd<File>);
+
+impl Events {
+    /// The open file, registered with the runtime's I/O driver for `POLLPRI`. `None` when it
+    /// cannot be opened (the cgroup is gone) or registered: the caller checks by path then.
+    pub fn open(dir: &Path) -> Option<Events> {
+        let f = File::open(dir.join("cgroup.events")).ok()?;
+        // SAFETY: a `File` owns its descriptor: open, the same one, until it is dropped with
+        // the `AsyncFd`.
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(f, tokio::io::Interest::PRIORITY)
+        }
+        .ok()
+        .map(Events)
+    }
+
+    /// [`populated`] through the open file (a read error counts as empty, as a missing
+    /// directory does there).
+    pub fn populated(&self) -> bool {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 256];
+        match self.0.get_ref().read_at(&mut buf, 0) {
+            Ok(n) => buf[..n].split(|&b| b == b'\n').any(|l| l == b"populated 1"),
+            Err(_) => false,
+        }
+    }
+
+    /// Until the file changes (its next `POLLPRI`); never, if the driver fails.
+    pub async fn changed(&self) {
+        match self.0.ready(tokio::io::Interest::PRIORITY).await {
+            Ok(mut g) => g.clear_ready(),
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
 /// SIGKILLs every process of a v2 cgroup at once.
 pub fn kill_all(dir: &Path) -> std::io::Result<()> {
     write_file(&dir.join("cgroup.kill"), "1")
@@ -559,6 +598,41 @@ mod tests {
             _alive: None,
             server_id: "s".into(),
         }
+    }
+
+    /// `Events` reads `populated` through its open file, and its change wakes `changed`
+    /// (the kernel's `POLLPRI`): the stop's wait needs no poll to see a tree gone. Skipped
+    /// without root and a v2 hierarchy.
+    #[tokio::test]
+    async fn events_see_a_cgroup_empty_and_wake_on_it() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let cg = CgroupSupport::detect(&format!("test-{}", uuid::Uuid::new_v4()));
+        let Some(base) = cg.v2_base.clone() else {
+            return;
+        };
+        let dir = base.join("events");
+        fs::create_dir_all(&dir).unwrap();
+        let mut child = std::process::Command::new("/bin/sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        write_file(&dir.join("cgroup.procs"), &child.id().to_string()).unwrap();
+        let ev = Events::open(&dir).expect("cgroup.events opens and registers");
+        assert!(ev.populated() && populated(&dir));
+        let quiet = tokio::time::timeout(std::time::Duration::from_millis(50), ev.changed());
+        assert!(quiet.await.is_err(), "woken with nothing changed");
+        let _ = child.kill();
+        tokio::time::timeout(std::time::Duration::from_secs(5), ev.changed())
+            .await
+            .expect("no POLLPRI when the cgroup emptied");
+        assert!(!ev.populated());
+        let _ = child.wait();
+        drop(ev);
+        remove(&dir);
+        remove(&base);
+        cg.remove_liveness_lock();
     }
 
     /// On a machine with cgroup v2 alone, an instance's `agentProfile` limits are written in
