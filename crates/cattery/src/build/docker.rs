@@ -233,7 +233,7 @@ async fn buildkit_build(
                     return Err(BuildkitFailure::NotRun(m));
                 }
                 log.line(&m);
-                return Err(BuildkitFailure::Build(format!("docker build failed: {m}")));
+                return Err(BuildkitFailure::Build(failed(&m)));
             }
         }
     }
@@ -254,7 +254,7 @@ async fn buildkit_build(
         Err(e) => {
             let m = format!("the engine ended the build without its image ({e})");
             log.line(&m);
-            Err(BuildkitFailure::Build(format!("docker build failed: {m}")))
+            Err(BuildkitFailure::Build(failed(&m)))
         }
     }
 }
@@ -286,7 +286,7 @@ async fn classic_build(
                 }
                 if let Some(e) = info.error_detail.and_then(|d| d.message) {
                     log.line(&e);
-                    return Err(format!("docker build failed: {e}"));
+                    return Err(failed(&e));
                 }
             }
             Err(e) => {
@@ -295,11 +295,53 @@ async fn classic_build(
                     e => e.to_string(),
                 };
                 log.line(&m);
-                return Err(format!("docker build failed: {m}"));
+                return Err(failed(&m));
             }
         }
     }
     Ok(())
+}
+
+/// A failed Docker build's `errorMessage`: the engine's message, with every `[...]` that the
+/// official CLI would read as rich markup written as `` `...` `` instead. The CLI prints
+/// `Build failed: <errorMessage>` (and `build status`) through rich's markup, where Docker
+/// Engine 20.10's `executor failed running [/bin/sh -c ...]` is a closing tag that matches
+/// none and stops the CLI with a `MarkupError` traceback, and a `[word]` would vanish. The
+/// build's log keeps the engine's words as they were.
+fn failed(engine_message: &str) -> String {
+    format!("docker build failed: {}", unbracketed(engine_message))
+}
+
+/// `text` with each `[X]` that rich's markup reads as a tag (`X` starting with a lowercase
+/// letter, `#`, `/` or `@`, and holding no `[`) written `` `X` ``.
+fn unbracketed(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('[') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let tag_like = after
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || "#/@".contains(c));
+        match after
+            .find(']')
+            .filter(|&j| tag_like && !after[..j].contains('['))
+        {
+            Some(j) => {
+                out.push('`');
+                out.push_str(&after[..j]);
+                out.push('`');
+                rest = &after[j + 1..];
+            }
+            None => {
+                out.push('[');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -319,5 +361,21 @@ mod tests {
         );
         assert!(inside("Dockerfile") && inside("docker/Dockerfile.prod"));
         assert!(!inside("../Dockerfile") && !inside("/etc/passwd") && !inside(""));
+    }
+
+    #[test]
+    fn a_failed_steps_message_has_no_markup_the_cli_would_choke_on() {
+        assert_eq!(
+            failed("executor failed running [/bin/sh -c uv sync --locked --no-dev]: exit code: 2"),
+            "docker build failed: executor failed running `/bin/sh -c uv sync --locked --no-dev`: exit code: 2"
+        );
+        // Brackets rich leaves alone stay: a step number, a `[` with no `]`, nested ones.
+        assert_eq!(unbracketed("#5 [2/3] RUN x ["), "#5 [2/3] RUN x [");
+        assert_eq!(unbracketed("[a [b] c"), "[a `b` c");
+        assert_eq!(unbracketed("[Bold] [@x] [#f00]"), "[Bold] `@x` `#f00`");
+        assert_eq!(
+            unbracketed("process \"/bin/sh -c x\" did not complete"),
+            "process \"/bin/sh -c x\" did not complete"
+        );
     }
 }

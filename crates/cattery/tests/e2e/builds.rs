@@ -1403,6 +1403,9 @@ async fn a_uv_quickstart_dockerfile_with_run_mounts_builds_with_buildkit() {
         err.starts_with("docker build failed: ") && err.contains("exit code: 3"),
         "{failed}"
     );
+    // The official CLI prints it as rich markup: Docker 20.10's `[/bin/sh -c ...]` would be a
+    // closing tag that stops the CLI with a MarkupError.
+    assert!(!err.contains("[/"), "{failed}");
     assert!(
         flog.contains("step-output-7f") && flog.contains("ERROR:"),
         "{flog}"
