@@ -831,6 +831,27 @@ fn choose_source(
     }
 }
 
+/// The line a build's log says when the Dockerfile has steps this builder does not run
+/// (every `RUN`, `COPY` and `ADD`: it only installs the dependencies), so that a step that
+/// would fail, or that adds what the bot needs, is not passed over in silence.
+fn steps_not_run(path: &str, text: &str) -> Option<String> {
+    let n = text
+        .lines()
+        .map(str::trim_start)
+        .filter(|l| {
+            let word = l.split_whitespace().next().unwrap_or("");
+            ["RUN", "COPY", "ADD"].contains(&word.to_ascii_uppercase().as_str())
+        })
+        .count();
+    (n > 0).then(|| {
+        format!(
+            "The local builder does not run the {n} RUN/COPY/ADD step(s) of {path}: it installs \
+             the dependencies and runs the bot from the whole context, so what another step \
+             would add (apt packages, files a RUN makes) is not there; --builder docker runs them"
+        )
+    })
+}
+
 /// The Dockerfile's text, when `path` (relative, inside the context) names a readable file.
 fn read_dockerfile(app: &Path, path: &str) -> Option<String> {
     let rel = Path::new(path);
@@ -868,13 +889,17 @@ fn what_to_install(app: &Path, dockerfile: &str, log: &BuildLog) -> Result<Insta
         a
     };
     let has = |f: &str| app.join(f).is_file();
+    let text = read_dockerfile(app, dockerfile);
     let (source, said) = choose_source(
         has("requirements.txt"),
         has("uv.lock"),
         has("pyproject.toml"),
-        read_dockerfile(app, dockerfile).as_deref(),
+        text.as_deref(),
     );
     if let Some(line) = said {
+        log.line(&line);
+    }
+    if let Some(line) = text.as_deref().and_then(|t| steps_not_run(dockerfile, t)) {
         log.line(&line);
     }
     Ok(match source {
@@ -1634,6 +1659,25 @@ mod tests {
             choose_source(false, true, false, None).1.unwrap(),
             "uv.lock without pyproject.toml is not used: nothing to install"
         );
+    }
+
+    /// A Dockerfile with steps the local builder skips is named in the log, with their count.
+    #[test]
+    fn the_log_says_the_dockerfile_steps_are_not_run() {
+        let quickstart = "FROM dailyco/pipecat-base:latest\nENV UV_LINK_MODE=copy\n\
+                          RUN --mount=type=bind,source=uv.lock,target=uv.lock \\\n    \
+                          uv sync --locked --no-install-project --no-dev\n\
+                          COPY ./*.py .\nrun ls /nonexistent\n";
+        assert_eq!(
+            steps_not_run("Dockerfile", quickstart).as_deref(),
+            Some(
+                "The local builder does not run the 3 RUN/COPY/ADD step(s) of Dockerfile: it \
+                 installs the dependencies and runs the bot from the whole context, so what \
+                 another step would add (apt packages, files a RUN makes) is not there; \
+                 --builder docker runs them"
+            )
+        );
+        assert_eq!(steps_not_run("Dockerfile", "FROM x\nENV A=1\n"), None);
     }
 
     /// The Dockerfile is read only inside the context, and only as a regular file.

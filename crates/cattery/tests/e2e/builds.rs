@@ -1100,6 +1100,10 @@ async fn a_locked_context_installs_the_locked_set() {
     let (build, log) = build_through_the_api(&s, tar_gz_dir(proj.path())).await;
     assert_eq!(build["status"], "success", "{build}\n{log}");
     assert!(log.contains("Installing uv.lock"), "{log}");
+    assert!(
+        log.contains("The local builder does not run the 2 RUN/COPY/ADD step(s) of Dockerfile"),
+        "{log}"
+    );
     assert!(log.contains("uv export --locked"), "{log}");
     let id = build["id"].as_str().unwrap();
     let r = s
