@@ -9,7 +9,9 @@
 //! ```
 //!
 //! A step that fails ends with `#N ERROR: <the engine's message>`; the build's error is the
-//! engine's final message (the stream's error), not this line.
+//! engine's final message (the stream's error), not this line, followed by the step's output
+//! line that names an error (else its last), since the engine's message names only the
+//! command and its exit code ([`Progress::failed_output`]).
 
 use std::collections::HashMap;
 
@@ -30,6 +32,12 @@ pub struct Progress {
     /// Whether any message came: an engine that answers a BuildKit build with an error before
     /// any progress could not run it at all.
     pub any: bool,
+    /// Each step's output line that best says why it would fail: its last line that names an
+    /// error, else its last line.
+    telling: HashMap<String, (bool, String)>,
+    /// That line of the first step that failed, once one did: the engine's own message says
+    /// only which command exited with which code, so it goes into the build's error too.
+    pub failed_output: Option<String>,
 }
 
 impl Progress {
@@ -49,6 +57,11 @@ impl Progress {
                 let line = line.trim_end_matches(['\n', '\r']);
                 if !line.trim().is_empty() {
                     out.push(format!("#{n} {line}"));
+                    let is_error = line.to_ascii_lowercase().contains("error");
+                    let t = self.telling.entry(l.vertex.clone()).or_default();
+                    if is_error || !t.0 {
+                        *t = (is_error, line.trim().to_string());
+                    }
                 }
             }
         }
@@ -96,6 +109,9 @@ impl Progress {
         }
         if !v.error.is_empty() {
             out.push(format!("#{n} ERROR: {}", v.error));
+            if self.failed_output.is_none() {
+                self.failed_output = self.telling.remove(&v.digest).map(|(_, l)| l);
+            }
         } else if v.cached {
             out.push(format!("#{n} CACHED"));
         } else {
@@ -238,6 +254,7 @@ mod tests {
             vertexes: vec![v],
             ..Default::default()
         }));
+        assert_eq!(p.failed_output, None, "a step with no whole line of output");
         assert_eq!(
             lines,
             [
@@ -254,6 +271,54 @@ mod tests {
         });
         assert_eq!(q.flush(), ["#1 rest"]);
         assert!(q.any && !Progress::default().any);
+    }
+
+    /// The line that says why a step failed (uv's `error:` before its `hint:`) is kept for
+    /// the build's error; a step's last line when none names an error.
+    #[test]
+    fn the_failing_steps_telling_line_is_kept() {
+        let mut p = Progress::default();
+        let mut v = vertex("sha:u", "[2/3] RUN uv sync --locked");
+        at(&mut v.started, |t| t.seconds = 1);
+        let _ = p.lines(&StatusResponse {
+            vertexes: vec![v.clone()],
+            logs: vec![log(
+                "sha:u",
+                "Resolved 179 packages\nerror: The lockfile at `uv.lock` needs to be updated\nhint: To update the lockfile, run `uv lock`.\n",
+            )],
+            ..Default::default()
+        });
+        assert_eq!(p.failed_output, None, "no step failed yet");
+        at(&mut v.completed, |t| t.seconds = 2);
+        v.error = "executor failed running [/bin/sh -c uv sync --locked]: exit code: 1".into();
+        let _ = p.lines(&StatusResponse {
+            vertexes: vec![v],
+            ..Default::default()
+        });
+        assert_eq!(
+            p.failed_output.as_deref(),
+            Some("error: The lockfile at `uv.lock` needs to be updated")
+        );
+        let mut q = Progress::default();
+        let mut w = vertex("sha:l", "[2/2] RUN ls /nope");
+        at(&mut w.started, |t| t.seconds = 1);
+        at(&mut w.completed, |t| t.seconds = 2);
+        w.error = "exit code: 2".into();
+        let _ = q.lines(&StatusResponse {
+            logs: vec![log(
+                "sha:l",
+                "x\nls: cannot access '/nope': No such file or directory\n",
+            )],
+            ..Default::default()
+        });
+        let _ = q.lines(&StatusResponse {
+            vertexes: vec![w],
+            ..Default::default()
+        });
+        assert_eq!(
+            q.failed_output.as_deref(),
+            Some("ls: cannot access '/nope': No such file or directory")
+        );
     }
 
     #[test]

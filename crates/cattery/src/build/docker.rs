@@ -233,6 +233,10 @@ async fn buildkit_build(
                     return Err(BuildkitFailure::NotRun(m));
                 }
                 log.line(&m);
+                let m = match progress.failed_output.take() {
+                    Some(why) => format!("{m} ({why})"),
+                    None => m,
+                };
                 return Err(BuildkitFailure::Build(failed(&m)));
             }
         }

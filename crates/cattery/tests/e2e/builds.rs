@@ -1410,6 +1410,8 @@ async fn a_uv_quickstart_dockerfile_with_run_mounts_builds_with_buildkit() {
     // The official CLI prints it as rich markup: Docker 20.10's `[/bin/sh -c ...]` would be a
     // closing tag that stops the CLI with a MarkupError.
     assert!(!err.contains("[/"), "{failed}");
+    // The engine's message names only the command and its code: the step's telling line follows.
+    assert!(err.ends_with("(step-output-7f)"), "{failed}");
     assert!(
         flog.contains("step-output-7f") && flog.contains("ERROR:"),
         "{flog}"
