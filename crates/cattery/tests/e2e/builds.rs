@@ -40,26 +40,32 @@ const DOCKERFILE: &str =
 /// A minimal wheel of package `cattery_marker` whose `MARKER` is `marker`, made with the
 /// test Python's zipfile (a wheel is a zip with metadata).
 fn write_wheel(dir: &Path, marker: &str) -> String {
-    let name = "cattery_marker-0.1.0-py3-none-any.whl";
+    marker_wheel(dir, "0.1.0", "MARKER", marker)
+}
+
+/// A wheel of package `cattery_marker` at `version` whose module sets `var` to `value`, in
+/// `dir`; returns its file name.
+fn marker_wheel(dir: &Path, version: &str, var: &str, value: &str) -> String {
+    let name = format!("cattery_marker-{version}-py3-none-any.whl");
     let script = r#"
 import sys, zipfile
-path, marker = sys.argv[1], sys.argv[2]
+path, v, var, value = sys.argv[1:5]
 with zipfile.ZipFile(path, "w") as z:
-    z.writestr("cattery_marker/__init__.py", f"MARKER = {marker!r}\n")
-    di = "cattery_marker-0.1.0.dist-info"
-    z.writestr(f"{di}/METADATA", "Metadata-Version: 2.1\nName: cattery-marker\nVersion: 0.1.0\n")
+    z.writestr("cattery_marker/__init__.py", f"{var} = {value!r}\n")
+    di = f"cattery_marker-{v}.dist-info"
+    z.writestr(f"{di}/METADATA", f"Metadata-Version: 2.1\nName: cattery-marker\nVersion: {v}\n")
     z.writestr(f"{di}/WHEEL", "Wheel-Version: 1.0\nGenerator: cattery-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
     z.writestr(f"{di}/RECORD", "")
 "#;
     let out = Command::new(main_python())
         .arg("-c")
         .arg(script)
-        .arg(dir.join(name))
-        .arg(marker)
+        .arg(dir.join(&name))
+        .args([version, var, value])
         .output()
         .unwrap();
     assert!(out.status.success(), "{:?}", out);
-    name.to_string()
+    name
 }
 
 /// A project directory: `bot.py`, `Dockerfile`, `requirements.txt` (the given text, or the
@@ -449,16 +455,24 @@ runpy.run_module("venv", run_name="__main__", alter_sys=True)
 
 /// A gzipped tar of `files` (path, text).
 fn tar_gz(files: &[(&str, &str)]) -> Vec<u8> {
-    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    let mut b = tar::Builder::new(gz);
-    for (path, text) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(text.len() as u64);
-        h.set_mode(0o644);
-        h.set_entry_type(tar::EntryType::Regular);
-        b.append_data(&mut h, path, text.as_bytes()).unwrap();
-    }
-    b.into_inner().unwrap().finish().unwrap()
+    let files: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .map(|(p, t)| (p.to_string(), t.as_bytes().to_vec()))
+        .collect();
+    tar_gz_bytes(&files)
+}
+
+/// Creates agent `name` running build `id` (as `pipecat cloud deploy` does with a build id).
+async fn deploy_build(s: &Server, name: &str, id: &str) {
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&s.sk),
+            Some(serde_json::json!({"serviceName": name, "buildId": id})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
 }
 
 /// Uploads `context` and builds it through the API (as the CLI does); returns the finished
@@ -626,15 +640,7 @@ async fn another_orgs_agent_cannot_read_a_build_by_its_path() {
 
     // Org A's agent runs from its build.
     let id = build["id"].as_str().unwrap();
-    let r = s
-        .req(
-            "POST",
-            "/v1/agents",
-            Some(&s.sk),
-            Some(serde_json::json!({"serviceName": "a-built", "buildId": id})),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
+    deploy_build(&s, "a-built", id).await;
     let sid_a = s.start_ok("a-built").await;
     let want = format!("own build read: {secret}");
     common::wait_for(Duration::from_secs(60), "A's bot to read its build", || {
@@ -975,39 +981,20 @@ async fn an_orgs_uploads_and_builds_are_bounded_and_a_killed_build_is_cleared() 
 
 /// A wheel of package `cattery_marker` at `version`, whose `VERSION` says it, in `dir`.
 fn write_versioned_wheel(dir: &Path, version: &str) -> String {
-    let name = format!("cattery_marker-{version}-py3-none-any.whl");
-    let script = r#"
-import sys, zipfile
-path, v = sys.argv[1], sys.argv[2]
-with zipfile.ZipFile(path, "w") as z:
-    z.writestr("cattery_marker/__init__.py", f"VERSION = {v!r}\n")
-    di = f"cattery_marker-{v}.dist-info"
-    z.writestr(f"{di}/METADATA", f"Metadata-Version: 2.1\nName: cattery-marker\nVersion: {v}\n")
-    z.writestr(f"{di}/WHEEL", "Wheel-Version: 1.0\nGenerator: cattery-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-    z.writestr(f"{di}/RECORD", "")
-"#;
-    let out = Command::new(main_python())
-        .arg("-c")
-        .arg(script)
-        .arg(dir.join(&name))
-        .arg(version)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{:?}", out);
-    name
+    marker_wheel(dir, version, "VERSION", version)
 }
 
 /// A gzipped tar of every regular file under `root` (relative paths).
 fn tar_gz_dir(root: &Path) -> Vec<u8> {
-    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    let mut b = tar::Builder::new(gz);
-    for p in walk(root) {
-        if p.is_file() {
-            b.append_path_with_name(&p, p.strip_prefix(root).unwrap())
-                .unwrap();
-        }
-    }
-    b.into_inner().unwrap().finish().unwrap()
+    let files: Vec<(String, Vec<u8>)> = walk(root)
+        .into_iter()
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            (rel, std::fs::read(&p).unwrap())
+        })
+        .collect();
+    tar_gz_bytes(&files)
 }
 
 const LOCKED_BOT_PY: &str = r#"from loguru import logger
@@ -1106,15 +1093,7 @@ async fn a_locked_context_installs_the_locked_set() {
     );
     assert!(log.contains("uv export --locked"), "{log}");
     let id = build["id"].as_str().unwrap();
-    let r = s
-        .req(
-            "POST",
-            "/v1/agents",
-            Some(&s.sk),
-            Some(serde_json::json!({"serviceName": "locked-bot", "buildId": id})),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
+    deploy_build(&s, "locked-bot", id).await;
     let sid = s.start_ok("locked-bot").await;
     let logs = common::wait_for(Duration::from_secs(60), "the locked bot's line", || {
         let s = &s;
@@ -1365,15 +1344,7 @@ async fn a_uv_quickstart_dockerfile_with_run_mounts_builds_with_buildkit() {
     );
     assert!(log.contains("cattery-marker"), "uv's output: {log}");
     let id = build["id"].as_str().unwrap();
-    let r = s
-        .req(
-            "POST",
-            "/v1/agents",
-            Some(&s.sk),
-            Some(serde_json::json!({"serviceName": "uv-built", "buildId": id})),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
+    deploy_build(&s, "uv-built", id).await;
     s.wait_ready("uv-built", Duration::from_secs(90)).await;
     let sid = s.start_ok("uv-built").await;
     common::wait_for(Duration::from_secs(60), "the synced bot's log line", || {
