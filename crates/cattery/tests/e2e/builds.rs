@@ -1195,6 +1195,7 @@ fn uv(dir: &Path, args: &[&str]) {
 /// `wheels/` and `UV_OFFLINE=1`: the sync installs the marker wheel from the context and
 /// reaches no index.
 const UV_DOCKERFILE: &str = "FROM dailyco/pipecat-base:latest
+ENV CATTERY_TEST_RUN=RUN_ID
 ENV UV_COMPILE_BYTECODE=1
 ENV UV_LINK_MODE=copy
 ENV UV_OFFLINE=1
@@ -1279,7 +1280,14 @@ fn uv_project(base: &str, marker: &str) -> Vec<(String, Vec<u8>)> {
         wheelhouse.display()
     );
     let mut files = vec![
-        ("Dockerfile".to_string(), UV_DOCKERFILE.as_bytes().to_vec()),
+        // A value of this run's own before the steps: none of them can come from the cache of
+        // another build of the same project on this engine (the log would then have no `RUN`).
+        (
+            "Dockerfile".to_string(),
+            UV_DOCKERFILE
+                .replace("RUN_ID", &uuid::Uuid::new_v4().simple().to_string())
+                .into_bytes(),
+        ),
         ("bot.py".into(), UV_BOT_PY.as_bytes().to_vec()),
         ("pyproject.toml".into(), pyproject.into_bytes()),
         ("uv.lock".into(), std::fs::read(p.join("uv.lock")).unwrap()),
