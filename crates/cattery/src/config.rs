@@ -1231,6 +1231,50 @@ mod tests {
         );
     }
 
+    /// `deploy/systemd/cattery.service` sets only variables and flags `cattery serve` reads,
+    /// and a `CATTERY_LOG` there keeps the default filter's directives. Before, the unit set
+    /// `CATTERY_LOG=info`, which brought back PostgreSQL's NOTICE at every start that the
+    /// default filter (`telemetry::DEFAULT_LOG_FILTER`) leaves out.
+    #[test]
+    fn the_systemd_unit_sets_only_what_cattery_serve_reads() {
+        use clap::CommandFactory;
+        let unit = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/systemd/cattery.service"
+        ))
+        .unwrap();
+        let cmd = Cli::command();
+        let envs: Vec<String> = cmd
+            .get_arguments()
+            .filter_map(|a| a.get_env().and_then(|e| e.to_str()).map(String::from))
+            .collect();
+        let flags: Vec<&str> = cmd.get_arguments().filter_map(|a| a.get_long()).collect();
+        let mut checked = 0;
+        for line in unit.lines() {
+            let line = line.trim_start_matches("# ").trim();
+            if let Some(kv) = line.strip_prefix("Environment=") {
+                let (name, value) = kv.split_once('=').unwrap();
+                if name == "CATTERY_LOG" {
+                    for directive in crate::telemetry::DEFAULT_LOG_FILTER.split(',') {
+                        assert!(value.split(',').any(|d| d == directive), "{line}");
+                    }
+                } else {
+                    assert!(envs.iter().any(|e| e == name), "{line}: not read by serve");
+                }
+                checked += 1;
+            } else if let Some(cmdline) = line.strip_prefix("ExecStart=") {
+                let words: Vec<&str> = cmdline.split_whitespace().collect();
+                assert_eq!(words.get(1), Some(&"serve"), "{line}");
+                for w in words.iter().filter_map(|w| w.strip_prefix("--")) {
+                    let flag = w.split('=').next().unwrap();
+                    assert!(flags.contains(&flag), "{line}: no --{flag}");
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 5, "{checked}");
+    }
+
     /// `--help` is for operators: rustdoc's links (`[`Type`]`) in a doc comment that clap
     /// reads as help text are noise there. Before, `cattery serve --help` listed
     /// `--runtime process` as "Local process trees ([`process::ProcessRuntime`])".
