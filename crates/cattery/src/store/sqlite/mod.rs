@@ -17,6 +17,15 @@
 //!   orgs, pruning) take the same connection between groups, on a blocking thread, each in
 //!   its own transaction.
 //!
+//! Durability: a write that has answered `Ok` survives a crash of the server. Past a machine
+//! crash or a power loss, the management writes (agents, deployments, keys, orgs, secret
+//! sets, webhook endpoints: [`SqliteStore::write_tx`]) survive too, since their commit waits
+//! for the WAL's fsync, and so does every commit made before one of them. The group commits
+//! (sessions, instances, logs, deliveries) do not wait for it (`synchronous = NORMAL`: an fsync
+//! per commit doubled a warm start's latency on a loaded machine): the WAL is synced by each
+//! checkpoint pass, every [`CHECKPOINT_EVERY`], so a power loss can take back the session
+//! writes of the last fraction of a second (docs/operations.md, "Durability").
+//!
 //! Faults: after any failed write the connection is rolled back to no transaction
 //! ([`conn::Conn::ensure_clean`]), so a full disk, a read-only remount or an I/O error fails
 //! the writes made meanwhile (with [`StoreError::Full`] or [`StoreError::Unavailable`]) and
@@ -351,7 +360,11 @@ impl SqliteStore {
     }
 
     /// Runs `f` in a transaction of its own on the write connection (between group commits),
-    /// on a blocking thread; rolled back if it fails.
+    /// on a blocking thread; rolled back if it fails. Durable when it returns `Ok`, past a
+    /// machine crash or a power loss too: its `COMMIT` waits for the WAL's fsync
+    /// (`synchronous = FULL`), which makes every commit before it durable as well. The
+    /// management writes (agents, deployments, keys, orgs, secret sets, webhook endpoints)
+    /// take this path; see the module docs for the group commits' window.
     async fn write_tx<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
@@ -361,12 +374,17 @@ impl SqliteStore {
         let mut w = self.writer.clone().lock_owned().await;
         let r = tokio::task::spawn_blocking(move || {
             w.ensure_clean();
-            let r = w.exec("BEGIN IMMEDIATE", &[]).and_then(|_| {
-                let v = f(&mut w)?;
-                w.exec("COMMIT", &[])?;
-                Ok(v)
-            });
+            let r = w
+                .exec("PRAGMA synchronous = FULL", &[])
+                .and_then(|_| w.exec("BEGIN IMMEDIATE", &[]))
+                .and_then(|_| {
+                    let v = f(&mut w)?;
+                    w.exec("COMMIT", &[])?;
+                    Ok(v)
+                });
             w.ensure_clean();
+            // Back to the group commits' level (at worst they stay as durable as this one).
+            let _ = w.exec("PRAGMA synchronous = NORMAL", &[]);
             r
         })
         .await

@@ -472,3 +472,30 @@ async fn a_write_that_reads_first_waits_for_another_writer() {
     assert!(reserved.unwrap(), "the reservation");
     assert_eq!(store.slots_held(agent.id).await.unwrap(), 1);
 }
+
+/// A management write is durable past a machine crash or a power loss when it answers: its
+/// commit runs at `synchronous = FULL` (2), which makes SQLite fsync the WAL at the commit.
+/// The group commits of the session path stay at `NORMAL` (1), before and after one.
+#[tokio::test]
+async fn management_commits_wait_for_the_disk_and_group_commits_do_not() {
+    let (_dir, store, agent) = store_with_agent().await;
+    let level = |c: &mut super::conn::Conn| {
+        c.query_row("PRAGMA synchronous", &[], |r| r.int(0))
+            .map(Option::flatten)
+    };
+    assert_eq!(store.write(move |c| level(c)).await.unwrap(), Some(1));
+    assert_eq!(store.write_tx(move |c| level(c)).await.unwrap(), Some(2));
+    assert_eq!(store.write(move |c| level(c)).await.unwrap(), Some(1));
+    // A failed management write leaves the level as it was too.
+    let failed = store
+        .write_tx(move |c| {
+            c.exec("INSERT INTO no_such_table VALUES (1)", &[])?;
+            level(c)
+        })
+        .await;
+    assert!(failed.is_err());
+    assert_eq!(store.write(move |c| level(c)).await.unwrap(), Some(1));
+    let s = session(&agent);
+    store.insert_session(&s).await.unwrap();
+    assert!(store.get_session(s.id).await.unwrap().is_some());
+}

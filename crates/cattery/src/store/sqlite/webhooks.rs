@@ -59,7 +59,7 @@ fn delivery_from_row(r: &Row<'_>) -> StoreResult<WebhookDelivery> {
 impl WebhookStore for SqliteStore {
     async fn insert_webhook_endpoint(&self, e: &WebhookEndpointRecord) -> StoreResult<()> {
         let e = e.clone();
-        self.write(move |db| {
+        self.write_tx(move |db| {
             let events = e.events.join(",");
             db.exec(
                 &format!("INSERT INTO webhook_endpoints ({ENDPOINT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
@@ -99,7 +99,7 @@ impl WebhookStore for SqliteStore {
 
     async fn delete_webhook_endpoint(&self, org: &str, id: Uuid) -> StoreResult<bool> {
         let org = org.to_string();
-        self.write(move |db| {
+        self.write_tx(move |db| {
             db.atomic(|db| {
                 let n = db.exec(
                     "DELETE FROM webhook_endpoints WHERE id = ? AND org = ?",
