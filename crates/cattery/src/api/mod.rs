@@ -8,6 +8,7 @@
 pub mod agents;
 pub mod auth;
 pub mod builds;
+pub mod cli_text;
 pub mod cluster;
 pub mod cors;
 pub mod dialin;

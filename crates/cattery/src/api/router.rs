@@ -339,7 +339,11 @@ fn with_writes_run_to_completion<S: Clone + Send + Sync + 'static>(
 /// Builds the router.
 pub fn router(state: AppState) -> Router {
     let (router, _) = routes().split_for_parts();
-    let router = router.route_layer(axum::middleware::from_fn(refuse_nul));
+    let router = router
+        .route_layer(axum::middleware::from_fn(refuse_nul))
+        // What the official CLI prints as markup, escaped (not the session proxy's answers,
+        // which are the bot's).
+        .layer(axum::middleware::from_fn(super::cli_text::for_the_cli));
     let router = with_writes_run_to_completion(router, proxy_routes())
         .route_layer(axum::middleware::from_fn(super::trace::record_route))
         // The dashboard: `/` redirects to `/dashboard` (`crate::dashboard`).

@@ -1281,3 +1281,36 @@ async fn options_without_origin_is_not_taken_for_a_preflight() {
 }
 
 mod builds;
+
+/// An error answered to the official CLI (its `User-Agent`) has its `error` escaped for rich's
+/// markup, which the CLI prints it through (`api::cli_text`); any other client gets it as is.
+#[tokio::test]
+async fn an_error_for_the_cli_is_escaped_for_its_markup() {
+    let a = api().await;
+    let send = |agent: Option<&'static str>| {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri("/v1/agents")
+            .header("authorization", format!("Bearer {}", a.sk))
+            .header("content-type", "application/json");
+        if let Some(ua) = agent {
+            req = req.header("user-agent", ua);
+        }
+        let body = json!({"serviceName": "x[runner]y", "image": "i:1"});
+        a.send(req.body(Body::from(body.to_string())).unwrap())
+    };
+    // The refusal quotes the names' pattern, whose `[a-z0-9]` rich would take for a tag.
+    let plain = send(Some("curl/8.0")).await;
+    assert_error(&plain, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+    let text = plain.body["error"].as_str().unwrap();
+    assert!(text.contains("^[a-z0-9]([-a-z0-9]*[a-z0-9])$"), "{text}");
+    let cli = send(Some("PipecatCloudCLI/1.4.0")).await;
+    assert_error(&cli, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+    assert_eq!(
+        cli.body["error"].as_str().unwrap(),
+        text.replace("[a-z0-9]", "\\[a-z0-9]")
+    );
+    assert_eq!(cli.body["code"], plain.body["code"]);
+    let pcc = send(Some("PipecatCloudCLI/0.7.2")).await;
+    assert_eq!(pcc.body, cli.body);
+}

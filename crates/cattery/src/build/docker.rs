@@ -306,46 +306,10 @@ async fn classic_build(
     Ok(())
 }
 
-/// A failed Docker build's `errorMessage`: the engine's message, with every `[...]` that the
-/// official CLI would read as rich markup written as `` `...` `` instead. The CLI prints
-/// `Build failed: <errorMessage>` (and `build status`) through rich's markup, where Docker
-/// Engine 20.10's `executor failed running [/bin/sh -c ...]` is a closing tag that matches
-/// none and stops the CLI with a `MarkupError` traceback, and a `[word]` would vanish. The
-/// build's log keeps the engine's words as they were.
+/// A failed Docker build's `errorMessage`: the engine's message, as it is (the official CLI,
+/// which prints it through rich's markup, gets it escaped: `api::cli_text`).
 fn failed(engine_message: &str) -> String {
-    format!("docker build failed: {}", unbracketed(engine_message))
-}
-
-/// `text` with each `[X]` that rich's markup reads as a tag (`X` starting with a lowercase
-/// letter, `#`, `/` or `@`, and holding no `[`) written `` `X` ``.
-fn unbracketed(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find('[') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        let tag_like = after
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || "#/@".contains(c));
-        match after
-            .find(']')
-            .filter(|&j| tag_like && !after[..j].contains('['))
-        {
-            Some(j) => {
-                out.push('`');
-                out.push_str(&after[..j]);
-                out.push('`');
-                rest = &after[j + 1..];
-            }
-            None => {
-                out.push('[');
-                rest = after;
-            }
-        }
-    }
-    out.push_str(rest);
-    out
+    format!("docker build failed: {engine_message}")
 }
 
 #[cfg(test)]
@@ -365,21 +329,5 @@ mod tests {
         );
         assert!(inside("Dockerfile") && inside("docker/Dockerfile.prod"));
         assert!(!inside("../Dockerfile") && !inside("/etc/passwd") && !inside(""));
-    }
-
-    #[test]
-    fn a_failed_steps_message_has_no_markup_the_cli_would_choke_on() {
-        assert_eq!(
-            failed("executor failed running [/bin/sh -c uv sync --locked --no-dev]: exit code: 2"),
-            "docker build failed: executor failed running `/bin/sh -c uv sync --locked --no-dev`: exit code: 2"
-        );
-        // Brackets rich leaves alone stay: a step number, a `[` with no `]`, nested ones.
-        assert_eq!(unbracketed("#5 [2/3] RUN x ["), "#5 [2/3] RUN x [");
-        assert_eq!(unbracketed("[a [b] c"), "[a `b` c");
-        assert_eq!(unbracketed("[Bold] [@x] [#f00]"), "[Bold] `@x` `#f00`");
-        assert_eq!(
-            unbracketed("process \"/bin/sh -c x\" did not complete"),
-            "process \"/bin/sh -c x\" did not complete"
-        );
     }
 }

@@ -251,6 +251,50 @@ async fn official_cli_deploys_without_an_image() {
     );
 }
 
+/// The texts the official CLI prints through rich's markup print whole: a failed build's
+/// `errorMessage` (in `deploy`'s `Build failed: ...` and in `build status`) and a line of
+/// `build logs`, each holding `[runner]` (which rich would read as a tag and drop) and `[/x]`
+/// (a closing tag that matches none, which stops the CLI with a `MarkupError`). The API
+/// gives other clients the texts unchanged.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_official_cli_prints_bracketed_texts_whole() {
+    let py = main_python();
+    let s = Server::start(&["--python", py.to_str().unwrap(), "--builder", "venv"]).await;
+    // pip refuses the requirement (a path that does not exist), quoting it in the build's
+    // errorMessage.
+    let text = "./pipecat-ai[runner]/b[/x]/c";
+    let proj = project("bracketed", Some(&format!("{text}\n")), "x");
+    let (ok, out) = pipecat(&s, proj.path(), &["deploy", "--yes"]).await;
+    assert!(!ok, "the build must fail:\n{out}");
+    assert!(!out.contains("MarkupError"), "{out}");
+    assert!(out.contains("Build failed"), "{out}");
+    assert!(out.contains(text), "the errorMessage printed cut:\n{out}");
+    let list = builds(&s).await;
+    let msg = list[0]["errorMessage"].as_str().unwrap_or_default();
+    assert!(msg.contains(text) && !msg.contains('\\'), "{msg}");
+
+    // A step (the context's own `venv` module, found first by `python -m venv`) prints a
+    // line the CLI's `build logs` prints as markup, and fails saying it again. (Built through
+    // the API: the CLI leaves a `venv` directory out of what it uploads.)
+    let step = "print('STEP says pipecat-ai[runner] and [/x]', flush=True)\n\
+                print('add pipecat-ai[runner] [/x]', flush=True)\nraise SystemExit(3)\n";
+    let context = tar_gz(&[
+        ("bot.py", "async def bot(args):\n    pass\n"),
+        ("venv/__init__.py", ""),
+        ("venv/__main__.py", step),
+    ]);
+    let (build, log) = build_through_the_api(&s, context).await;
+    assert_eq!(build["status"], "failed", "{build}\n{log}");
+    let id = build["id"].as_str().unwrap();
+    let (ok, st) = pipecat(&s, proj.path(), &["build", "status", id]).await;
+    assert!(ok && st.contains("add pipecat-ai[runner] [/x]"), "{st}");
+    let (ok, logs) = pipecat(&s, proj.path(), &["build", "logs", id]).await;
+    assert!(
+        ok && logs.contains("STEP says pipecat-ai[runner] and [/x]"),
+        "{logs}"
+    );
+}
+
 fn docker(args: &[&str]) -> Option<String> {
     let out = Command::new("docker").args(args).output().ok()?;
     out.status
@@ -1386,9 +1430,6 @@ async fn a_uv_quickstart_dockerfile_with_run_mounts_builds_with_buildkit() {
         err.starts_with("docker build failed: ") && err.contains("exit code: 3"),
         "{failed}"
     );
-    // The official CLI prints it as rich markup: Docker 20.10's `[/bin/sh -c ...]` would be a
-    // closing tag that stops the CLI with a MarkupError.
-    assert!(!err.contains("[/"), "{failed}");
     // The engine's message names only the command and its code: the step's telling line follows.
     assert!(err.ends_with("(step-output-7f)"), "{failed}");
     assert!(
