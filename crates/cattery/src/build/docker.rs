@@ -176,6 +176,29 @@ enum BuildkitFailure {
     NotRun(String),
 }
 
+/// The engine's options for building `job` into `tag` (`docker build -t tag -f <Dockerfile>`),
+/// its `RUN` steps on `network` (empty: the engine's): with BuildKit when `session` (the
+/// build's session with the engine) is given, else with the classic builder, which removes
+/// its intermediate containers also when a step fails.
+fn build_options(
+    job: &BuildJob,
+    tag: &str,
+    network: &str,
+    session: Option<&str>,
+) -> bollard::query_parameters::BuildImageOptions {
+    use bollard::query_parameters::{BuildImageOptionsBuilder, BuilderVersion};
+    let b = BuildImageOptionsBuilder::default()
+        .dockerfile(&job.dockerfile_path)
+        .t(tag);
+    let b = match session {
+        Some(s) => b.version(BuilderVersion::BuilderBuildKit).session(s),
+        None => b.rm(true).forcerm(true),
+    };
+    let mut opts = b.build();
+    opts.networkmode = (!network.is_empty()).then(|| network.to_string());
+    opts
+}
+
 /// Builds `tarball` with BuildKit (the engine's `/build` with `version=2` and a session of
 /// its own), its progress written to `log` step by step (build/buildkit.rs).
 async fn buildkit_build(
@@ -188,13 +211,7 @@ async fn buildkit_build(
 ) -> Result<(), BuildkitFailure> {
     use bollard::models::BuildInfoAux;
     let session = format!("cattery-build-{}", job.id);
-    let mut opts = bollard::query_parameters::BuildImageOptionsBuilder::default()
-        .dockerfile(&job.dockerfile_path)
-        .t(tag)
-        .version(bollard::query_parameters::BuilderVersion::BuilderBuildKit)
-        .session(&session)
-        .build();
-    opts.networkmode = (!network.is_empty()).then(|| network.to_string());
+    let opts = build_options(job, tag, network, Some(&session));
     let mut progress = Progress::default();
     let mut stream = engine.build_image(opts, None, Some(bollard::body_full(tarball)));
     let mut built = false;
@@ -272,13 +289,7 @@ async fn classic_build(
     tarball: bytes::Bytes,
     log: &BuildLog,
 ) -> Result<(), String> {
-    let mut opts = bollard::query_parameters::BuildImageOptionsBuilder::default()
-        .dockerfile(&job.dockerfile_path)
-        .t(tag)
-        .rm(true)
-        .forcerm(true)
-        .build();
-    opts.networkmode = (!network.is_empty()).then(|| network.to_string());
+    let opts = build_options(job, tag, network, None);
     let mut stream = engine.build_image(opts, None, Some(bollard::body_full(tarball)));
     while let Some(item) = stream.next().await {
         match item {

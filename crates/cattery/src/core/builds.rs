@@ -681,9 +681,8 @@ impl Builds {
             CacheDecision::Join(b) => return Ok((b, false)),
             CacheDecision::Build => {}
         }
-        // Refused before the upload is spent: the same upload can be built once another
-        // build of the org has ended (or, past `kept_per_org`, gone).
-        self.check_kept(org).await?;
+        // Refused (here or by the insert, below) before the upload is spent: the same upload
+        // can be built once another build of the org has ended (or, past `kept_per_org`, gone).
         let slot = self.count_active(org)?;
         let now = now_ms();
         let b = BuildRecord {
@@ -710,7 +709,7 @@ impl Builds {
         open_dir(&dir);
         let context = dir.join("context.tar.gz");
         std::fs::rename(self.upload_path(id), &context).map_err(io_err)?;
-        // The kept builds are counted again with the insert, in one step of the store: builds
+        // The kept builds are counted with the insert, in one step of the store: builds
         // created at once through any node never take the org past `kept_per_org`.
         let limit = (self.s.kept_per_org != 0).then_some(self.s.kept_per_org);
         if let Err(e) = self.store.insert_build(&b, limit).await {
@@ -730,25 +729,6 @@ impl Builds {
             drop(slot);
         });
         Ok((b, false))
-    }
-
-    /// Errors: 403 `ORG_LIMIT_REACHED` when `org` keeps `kept_per_org` builds already: a
-    /// quick refusal before the upload is moved. The limit itself holds through the store's
-    /// insert ([`crate::store::BuildStore::insert_build`] given it), which counts again.
-    async fn check_kept(&self, org: &str) -> CoreResult<()> {
-        let limit = self.s.kept_per_org;
-        if limit == 0 {
-            return Ok(());
-        }
-        let f = BuildFilter {
-            limit: 1,
-            ..Default::default()
-        };
-        let (_, kept) = self.store.list_builds(org, &f).await?;
-        if kept >= u64::from(limit) {
-            return Err(self.kept_limit(org));
-        }
-        Ok(())
     }
 
     /// The refusal of a build past `kept_per_org`.

@@ -142,9 +142,34 @@ async fn builds(s: &Server) -> Vec<serde_json::Value> {
     r.body["builds"].as_array().unwrap().clone()
 }
 
-/// Every log line of an agent, one text.
-async fn agent_logs(s: &Server, agent: &str) -> String {
-    crate::python_bots::agent_logs(s, agent).await.join("\n")
+/// Waits (at most 60 s) until agent `agent`'s log has a line containing `want`; returns the
+/// whole log, one text.
+async fn wait_for_agent_log(s: &Server, agent: &str, want: &str) -> String {
+    common::wait_for(
+        Duration::from_secs(60),
+        &format!("{want:?} in {agent}'s log"),
+        || async move {
+            let log = crate::python_bots::agent_logs(s, agent).await.join("\n");
+            log.contains(want).then_some(log)
+        },
+    )
+    .await
+}
+
+/// The local stand-in for Pipecat Cloud's base image (scripts/docker-images.sh), or `None`
+/// (the test is skipped) when it or a Docker engine is missing; with `CATTERY_REQUIRE_DOCKER`
+/// set, a missing one fails the test instead.
+fn docker_base() -> Option<&'static str> {
+    const BASE: &str = "cattery-test/pipecat-base:latest";
+    if docker(&["image", "inspect", "--format", "{{.Id}}", BASE]).is_some() {
+        return Some(BASE);
+    }
+    assert!(
+        std::env::var_os("CATTERY_REQUIRE_DOCKER").is_none(),
+        "CATTERY_REQUIRE_DOCKER is set, but {BASE} is missing"
+    );
+    eprintln!("SKIPPED: no Docker engine or no {BASE} (scripts/docker-images.sh)");
+    None
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -185,20 +210,7 @@ async fn official_cli_deploys_without_an_image() {
     let a = s.wait_ready("built-bot", Duration::from_secs(60)).await;
     assert_eq!(a["deployment"]["buildId"], id.as_str(), "{a}");
     let sid = s.start_ok("built-bot").await;
-    common::wait_for(
-        Duration::from_secs(30),
-        "the uploaded bot's log line",
-        || {
-            let s = &s;
-            async move {
-                agent_logs(s, "built-bot")
-                    .await
-                    .contains("uploaded bot ran with marker m-41d7")
-                    .then_some(())
-            }
-        },
-    )
-    .await;
+    wait_for_agent_log(&s, "built-bot", "uploaded bot ran with marker m-41d7").await;
     let _ = s.stop("built-bot", &sid).await;
 
     // Second deploy of the same context: the cached build, nothing uploaded or built.
@@ -307,17 +319,10 @@ fn docker(args: &[&str]) -> Option<String> {
 /// `cattery-test/pipecat-base`, and the agent runs it in a container.
 #[tokio::test(flavor = "multi_thread")]
 async fn official_cli_deploys_a_dockerfile_with_the_docker_builder() {
-    const BASE: &str = "cattery-test/pipecat-base:latest";
-    let required = std::env::var_os("CATTERY_REQUIRE_DOCKER").is_some();
-    if docker(&["image", "inspect", "--format", "{{.Id}}", BASE]).is_none() {
-        assert!(
-            !required,
-            "CATTERY_REQUIRE_DOCKER is set, but {BASE} is missing"
-        );
-        eprintln!("SKIPPED: no Docker engine or no {BASE} (scripts/docker-images.sh)");
+    let Some(base) = docker_base() else {
         return;
-    }
-    let s = Server::start(&["--build-base-image", BASE]).await;
+    };
+    let s = Server::start(&["--build-base-image", base]).await;
     let proj = project("docker-built", None, "d-9c2e");
     let (ok, out) = pipecat(&s, proj.path(), &["deploy", "--yes"]).await;
     let list = builds(&s).await;
@@ -352,20 +357,7 @@ async fn official_cli_deploys_a_dockerfile_with_the_docker_builder() {
     );
     s.wait_ready("docker-built", Duration::from_secs(90)).await;
     let sid = s.start_ok("docker-built").await;
-    common::wait_for(
-        Duration::from_secs(60),
-        "the built image's log line",
-        || {
-            let s = &s;
-            async move {
-                agent_logs(s, "docker-built")
-                    .await
-                    .contains("uploaded bot ran with marker d-9c2e")
-                    .then_some(())
-            }
-        },
-    )
-    .await;
+    wait_for_agent_log(&s, "docker-built", "uploaded bot ran with marker d-9c2e").await;
     let _ = s.stop("docker-built", &sid).await;
     let _ = s
         .req("DELETE", "/v1/agents/docker-built", Some(&s.sk), None)
@@ -687,11 +679,7 @@ async fn another_orgs_agent_cannot_read_a_build_by_its_path() {
     deploy_build(&s, "a-built", id).await;
     let sid_a = s.start_ok("a-built").await;
     let want = format!("own build read: {secret}");
-    common::wait_for(Duration::from_secs(60), "A's bot to read its build", || {
-        let (s, want) = (&s, &want);
-        async move { agent_logs(s, "a-built").await.contains(want).then_some(()) }
-    })
-    .await;
+    wait_for_agent_log(&s, "a-built", &want).await;
 
     // Org B's test agent tries A's build by its full path.
     let (sk_b, pk_b) = (s.key("private", "org-b"), s.key("public", "org-b"));
@@ -1139,15 +1127,7 @@ async fn a_locked_context_installs_the_locked_set() {
     let id = build["id"].as_str().unwrap();
     deploy_build(&s, "locked-bot", id).await;
     let sid = s.start_ok("locked-bot").await;
-    let logs = common::wait_for(Duration::from_secs(60), "the locked bot's line", || {
-        let s = &s;
-        async move {
-            let l = agent_logs(s, "locked-bot").await;
-            l.contains("locked bot ran with cattery_marker")
-                .then_some(l)
-        }
-    })
-    .await;
+    let logs = wait_for_agent_log(&s, "locked-bot", "locked bot ran with cattery_marker").await;
     assert!(
         logs.contains("locked bot ran with cattery_marker 0.1.0"),
         "the bot did not get the locked version:\n{logs}"
@@ -1364,18 +1344,11 @@ fn tar_gz_bytes(files: &[(String, Vec<u8>)]) -> Vec<u8> {
 /// session. A failing step fails the build with the engine's message.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_uv_quickstart_dockerfile_with_run_mounts_builds_with_buildkit() {
-    const BASE: &str = "cattery-test/pipecat-base:latest";
-    let required = std::env::var_os("CATTERY_REQUIRE_DOCKER").is_some();
-    if docker(&["image", "inspect", "--format", "{{.Id}}", BASE]).is_none() {
-        assert!(
-            !required,
-            "CATTERY_REQUIRE_DOCKER is set, but {BASE} is missing"
-        );
-        eprintln!("SKIPPED: no Docker engine or no {BASE} (scripts/docker-images.sh)");
+    let Some(base) = docker_base() else {
         return;
-    }
-    let s = Server::start(&["--builder", "docker", "--build-base-image", BASE]).await;
-    let context = tar_gz_bytes(&uv_project(BASE, "uv-51a7"));
+    };
+    let s = Server::start(&["--builder", "docker", "--build-base-image", base]).await;
+    let context = tar_gz_bytes(&uv_project(base, "uv-51a7"));
     let (build, log) = build_through_the_api(&s, context).await;
     let tag = build["imageUri"].as_str().map(str::to_string);
     let cleanup = |tag: &Option<String>| {
@@ -1399,15 +1372,11 @@ async fn a_uv_quickstart_dockerfile_with_run_mounts_builds_with_buildkit() {
     deploy_build(&s, "uv-built", id).await;
     s.wait_ready("uv-built", Duration::from_secs(90)).await;
     let sid = s.start_ok("uv-built").await;
-    common::wait_for(Duration::from_secs(60), "the synced bot's log line", || {
-        let s = &s;
-        async move {
-            agent_logs(s, "uv-built")
-                .await
-                .contains("uv-synced bot ran with marker uv-51a7, pipecat removed: True")
-                .then_some(())
-        }
-    })
+    wait_for_agent_log(
+        &s,
+        "uv-built",
+        "uv-synced bot ran with marker uv-51a7, pipecat removed: True",
+    )
     .await;
     let _ = s.stop("uv-built", &sid).await;
     let _ = s
@@ -1443,16 +1412,9 @@ async fn a_uv_quickstart_dockerfile_with_run_mounts_builds_with_buildkit() {
 /// a machine whose package index is reachable only from the host's network.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_docker_builds_steps_use_the_build_network() {
-    const BASE: &str = "cattery-test/pipecat-base:latest";
-    let required = std::env::var_os("CATTERY_REQUIRE_DOCKER").is_some();
-    if docker(&["image", "inspect", "--format", "{{.Id}}", BASE]).is_none() {
-        assert!(
-            !required,
-            "CATTERY_REQUIRE_DOCKER is set, but {BASE} is missing"
-        );
-        eprintln!("SKIPPED: no Docker engine or no {BASE} (scripts/docker-images.sh)");
+    let Some(base) = docker_base() else {
         return;
-    }
+    };
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let dockerfile = format!(
@@ -1463,7 +1425,7 @@ async fn a_docker_builds_steps_use_the_build_network() {
         "--builder",
         "docker",
         "--build-base-image",
-        BASE,
+        base,
         "--build-network",
         "host",
     ])
