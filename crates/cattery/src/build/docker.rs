@@ -161,10 +161,190 @@ impl Builder for DockerBuilder {
             classic_build(&engine, job, &tag, &self.network, tarball, log).await?;
         }
         log.line(&format!("Built image {tag}"));
+        if let Err(e) = self.check_runner(&engine, job.id, &tag, log).await {
+            // A failed build keeps only its log: its image goes too.
+            let _ = self.remove(job.id, &tag).await;
+            return Err(e);
+        }
         Ok(Artifact {
             image: tag,
             python: None,
         })
+    }
+}
+
+/// How long the check of a built image ([`DockerBuilder::check_runner`]) may take.
+const RUNNER_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl DockerBuilder {
+    /// Checks that image `tag` can still run the base image's runner: when the image starts
+    /// as the base image does (the same entry point and command, so the base's runner is what
+    /// serves its sessions), a throwaway container of it, with no network, must import what
+    /// the runner imports ([`super::RUNNER_IMPORTS`]). A Dockerfile's `uv sync` makes the
+    /// base's venv exactly the project's lock, so a lock without `pipecat-ai[runner]` builds
+    /// an image every session of which would fail at its start (503 `INSTANCE_EXITED`): the
+    /// build fails instead, saying what is missing. An image with an entry command of its own
+    /// runs its own server, which is not checked.
+    async fn check_runner(
+        &self,
+        engine: &bollard::Docker,
+        build: uuid::Uuid,
+        tag: &str,
+        log: &BuildLog,
+    ) -> Result<(), String> {
+        let entry = |i: bollard::models::ImageInspect| {
+            i.config.map(|c| (c.entrypoint, c.cmd)).unwrap_or_default()
+        };
+        let Ok(base) = engine.inspect_image(&self.base_image).await else {
+            return Ok(());
+        };
+        let built = engine
+            .inspect_image(tag)
+            .await
+            .map_err(|e| format!("docker build failed: the engine has no image {tag} ({e})"))?;
+        if entry(built) != entry(base) {
+            log.line(&format!(
+                "The image does not start as {} does (its entry point or command differ): what its server needs is not checked",
+                self.base_image
+            ));
+            return Ok(());
+        }
+        let code = super::RUNNER_IMPORTS;
+        log.line(&format!(
+            "Checking that the image can run {}'s runner: python -c '{code}'",
+            self.base_image
+        ));
+        let run = run_check(engine, build, tag, code);
+        let (ok, output) = tokio::time::timeout(RUNNER_CHECK_TIMEOUT, run)
+            .await
+            .unwrap_or_else(|_| Ok((false, vec!["the check did not end within 60 s".into()])))?;
+        for l in &output {
+            log.output(l);
+        }
+        if ok {
+            return Ok(());
+        }
+        let why = output.last().map_or("no output", |l| l.trim());
+        let m = format!(
+            "the built image cannot import fastapi and uvicorn, which {}'s runner needs to \
+             serve sessions ({why}): add them to the project's dependencies (pipecat-ai[runner] \
+             brings both; a uv sync leaves in /app/.venv only what uv.lock names)",
+            self.base_image
+        );
+        log.line(&m);
+        Err(m)
+    }
+}
+
+/// Runs `python -c code` in a throwaway container of `image`, `cattery-build-check-<build>`
+/// (no network, bounded, no privileges; removed after, also when the build is cut
+/// meanwhile): whether it exited 0, and its output. `Err`: the engine could not run it.
+async fn run_check(
+    engine: &bollard::Docker,
+    build: uuid::Uuid,
+    image: &str,
+    code: &str,
+) -> Result<(bool, Vec<String>), String> {
+    use bollard::models::{ContainerCreateBody, HostConfig};
+    let body = ContainerCreateBody {
+        image: Some(image.to_string()),
+        entrypoint: Some(vec!["python".into(), "-c".into(), code.into()]),
+        network_disabled: Some(true),
+        host_config: Some(HostConfig {
+            network_mode: Some("none".into()),
+            memory: Some(512 << 20),
+            pids_limit: Some(256),
+            cap_drop: Some(vec!["ALL".into()]),
+            security_opt: Some(vec!["no-new-privileges:true".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let name = format!("cattery-build-check-{build}");
+    let opts = bollard::query_parameters::CreateContainerOptionsBuilder::default()
+        .name(&name)
+        .build();
+    let id = engine
+        .create_container(Some(opts), body)
+        .await
+        .map_err(check_failed)?
+        .id;
+    let container = RemoveOnDrop(engine.clone(), id);
+    let r = run_created(engine, &container.1).await;
+    container.remove().await;
+    r
+}
+
+/// The `errorMessage` of a build whose image the engine could not check.
+fn check_failed(e: bollard::errors::Error) -> String {
+    format!("docker build failed: checking the built image: {e}")
+}
+
+/// Starts container `id` and waits for its end: whether it exited 0, and its output.
+async fn run_created(engine: &bollard::Docker, id: &str) -> Result<(bool, Vec<String>), String> {
+    if let Err(e) = engine
+        .start_container(id, None::<bollard::query_parameters::StartContainerOptions>)
+        .await
+    {
+        // No `python` to start: the runner cannot start either.
+        return Ok((false, vec![e.to_string()]));
+    }
+    let mut wait = std::pin::pin!(
+        engine.wait_container(id, None::<bollard::query_parameters::WaitContainerOptions>)
+    );
+    let exit = match wait.next().await {
+        Some(Ok(r)) => r.status_code,
+        Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
+        Some(Err(e)) => return Err(check_failed(e)),
+        None => return Err("docker build failed: checking the built image: no exit".into()),
+    };
+    let opts = bollard::query_parameters::LogsOptionsBuilder::default()
+        .stdout(true)
+        .stderr(true)
+        .build();
+    let mut output = Vec::new();
+    let mut logs = std::pin::pin!(engine.logs(id, Some(opts)));
+    while let Some(Ok(chunk)) = logs.next().await {
+        let text = String::from_utf8_lossy(&chunk.into_bytes()).into_owned();
+        output.extend(text.lines().map(str::to_string));
+    }
+    Ok((exit == 0, output))
+}
+
+/// A container removed when dropped (in the background: a build cut meanwhile), unless
+/// [`RemoveOnDrop::remove`] removed it first.
+struct RemoveOnDrop(bollard::Docker, String);
+
+impl RemoveOnDrop {
+    fn options() -> bollard::query_parameters::RemoveContainerOptions {
+        bollard::query_parameters::RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(true)
+            .build()
+    }
+
+    /// Removes it now (before its image can be removed).
+    async fn remove(mut self) {
+        let id = std::mem::take(&mut self.1);
+        if let Err(e) = self.0.remove_container(&id, Some(Self::options())).await {
+            tracing::warn!(container = %id, error = %e, "cannot remove a build's check container");
+        }
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let (engine, id) = (self.0.clone(), std::mem::take(&mut self.1));
+        if id.is_empty() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = engine.remove_container(&id, Some(Self::options())).await {
+                    tracing::warn!(container = %id, error = %e, "cannot remove a build's check container");
+                }
+            });
+        }
     }
 }
 

@@ -66,6 +66,11 @@ pub trait Builder: Send + Sync + 'static {
     }
 }
 
+/// What the runner (Cattery's, in the base image or the local builder's base environment)
+/// imports to serve sessions: a built environment that cannot fails its build (a `python -c`
+/// program).
+pub const RUNNER_IMPORTS: &str = "import fastapi, uvicorn";
+
 /// Most bytes of a build's output (its steps', the engine's) its log keeps; later lines are
 /// dropped, and the log says so once. The server's own lines are always written.
 pub const MAX_OUTPUT_BYTES: u64 = 16 * 1024 * 1024;

@@ -1002,7 +1002,7 @@ impl VenvBuilder {
             steps,
             app,
             &python,
-            &["-c".into(), "import fastapi, uvicorn".into()],
+            &["-c".into(), super::RUNNER_IMPORTS.into()],
         )
         .await?;
         if !check.ok {

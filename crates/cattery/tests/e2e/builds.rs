@@ -1252,6 +1252,11 @@ async def bot(args):
 /// made by the base image's own `uv lock`, offline, from the wheelhouse
 /// scripts/docker-images.sh installed the base from. Returns the context's files.
 fn uv_project(base: &str, marker: &str) -> Vec<(String, Vec<u8>)> {
+    uv_project_needing(base, marker, &["fastapi", "uvicorn", "loguru"])
+}
+
+/// [`uv_project`] whose `pyproject.toml` needs `deps` (and the marker wheel).
+fn uv_project_needing(base: &str, marker: &str, deps: &[&str]) -> Vec<(String, Vec<u8>)> {
     let dir = common::open_tempdir();
     let p = dir.path();
     std::fs::create_dir(p.join("wheels")).unwrap();
@@ -1265,9 +1270,10 @@ fn uv_project(base: &str, marker: &str) -> Vec<(String, Vec<u8>)> {
         .collect();
     let pyproject = format!(
         "[project]\nname = \"quickstart\"\nversion = \"0.1.0\"\nrequires-python = \">=3.11\"\n\
-         dependencies = [\"fastapi\", \"uvicorn\", \"loguru\", \"cattery-marker\"]\n\n\
+         dependencies = [{}\"cattery-marker\"]\n\n\
          [tool.uv]\nenvironments = [\"sys_platform == 'linux'\"]\nconstraint-dependencies = [{}]\n\n\
          [tool.uv.sources]\ncattery-marker = {{ path = \"wheels/{wheel}\" }}\n",
+        deps.iter().map(|d| format!("{d:?}, ")).collect::<String>(),
         pins.join(", ")
     );
     std::fs::write(p.join("pyproject.toml"), &pyproject).unwrap();
@@ -1405,6 +1411,60 @@ async fn a_uv_quickstart_dockerfile_with_run_mounts_builds_with_buildkit() {
         flog.contains("step-output-7f") && flog.contains("ERROR:"),
         "{flog}"
     );
+}
+
+/// A Dockerfile whose `uv sync --locked` leaves out what the base image's runner imports (a
+/// lock without `pipecat-ai[runner]`: here only loguru and the marker) builds, but no
+/// session of it could start: the build fails instead, naming what is missing, and the
+/// official CLI's deploy says so (with the `[runner]` of the hint whole). Neither the image
+/// nor the check's container is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_docker_build_without_the_runners_packages_fails_saying_so() {
+    let Some(base) = docker_base() else {
+        return;
+    };
+    let dir = common::open_tempdir();
+    for (path, data) in uv_project_needing(base, "nr-3b1c", &["loguru"]) {
+        let p = dir.path().join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("pcc-deploy.toml"),
+        "agent_name = \"no-runner\"\n\n[scaling]\nmin_agents = 0\nmax_agents = 1\n",
+    )
+    .unwrap();
+    let s = Server::start(&["--builder", "docker", "--build-base-image", base]).await;
+    let (ok, out) = pipecat(&s, dir.path(), &["deploy", "--yes"]).await;
+    let list = builds(&s).await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let tag = format!("cattery-build:{id}");
+    if docker(&["image", "inspect", &tag]).is_some() {
+        let _ = docker(&["rmi", "-f", &tag]);
+        panic!("the image of a failed build is left:\n{out}\n{list:?}");
+    }
+    assert!(!ok, "the deploy must fail:\n{out}");
+    assert_eq!(list[0]["status"], "failed", "{list:?}");
+    let msg = list[0]["errorMessage"].as_str().unwrap_or_default();
+    assert!(
+        msg.starts_with("the built image cannot import fastapi and uvicorn")
+            && msg.contains("No module named"),
+        "{msg}"
+    );
+    assert!(out.contains("Build failed"), "{out}");
+    assert!(
+        out.contains("pipecat-ai[runner] brings both"),
+        "the CLI did not print the errorMessage whole:\n{out}"
+    );
+    let r = s
+        .req("GET", "/v1/agents/no-runner", Some(&s.sk), None)
+        .await;
+    assert_eq!(r.status, 404, "no agent for a failed build: {:?}", r.body);
+    let (_, log) = pipecat(&s, dir.path(), &["build", "logs", &id]).await;
+    assert!(log.contains("Checking that the image can run"), "{log}");
+    let name = format!("name=cattery-build-check-{id}");
+    let left = docker(&["ps", "-aq", "--filter", &name]).unwrap();
+    assert!(left.is_empty(), "the check's container is left: {left}");
 }
 
 /// `--build-network host`: a Docker build's `RUN` steps use the host's network (here they
