@@ -18,6 +18,8 @@
 //! | `POST /control/not-ready` | `200 {"status":"ok"}`; `/readyz` fails from then on |
 //! | `POST /control/read` | body: a path. Tries to read it as this process (a directory is listed, a file read): `200 {"path","ok":true,"bytes":N}` or `200 {"path","ok":false,"error"}`; isolation tests use it to try another instance's or the server's files |
 //! | `POST /control/write` | body: a path. Writes a small file there as this process (`cattery-test-agent <pid>`): `200 {"path","ok":true,"bytes":N}` or `200 {"path","ok":false,"error"}`; isolation tests leave files in shared places with it |
+//! | `POST /control/leave-kernel` | body: a tag. Leaves, as this process, a System V shared memory segment, a POSIX message queue and a key in each of its keyrings (session, user, user session, persistent), named after the tag: `200 {"shm":true,"mqueue":true,...}` (an error text for what failed) |
+//! | `POST /control/find-kernel` | body: a tag. Looks for what `leave-kernel` left with that tag: `200 {"found":["shm",...]}`; isolation tests check that the next instance of a uid finds nothing |
 //! | `GET /livez` | `200 {"status":"ok"}` |
 //! | `GET /info` | `200 {"pid","pgid","uid","gid","startedAtUnixMs","readyAtUnixMs","sessionsServed","sessionId","childPid","rssBytes"}` |
 //! | `POST /bot` | starts the session (see below) |
@@ -82,6 +84,7 @@
 //! | `--bot-seconds S` | the session's natural length: answer `POST /bot` with `200 {}` (or close the websocket) after S seconds; the process stays up |
 
 mod http;
+mod kernel;
 mod ws;
 
 use std::fmt;
@@ -695,6 +698,32 @@ fn route(reader: &mut BufReader<TcpStream>, req: &Request, close: bool) -> io::R
                 ),
             };
             info!("write {path}: {body}");
+            http::respond(out, 200, &body, false, close)?;
+        }
+        ("POST", "/control/leave-kernel") => {
+            let tag = String::from_utf8_lossy(&req.body).into_owned();
+            let parts: Vec<String> = kernel::leave(&tag)
+                .into_iter()
+                .map(|(what, r)| {
+                    let v = match r {
+                        Ok(()) => "true".to_string(),
+                        Err(e) => http::json_str(&e),
+                    };
+                    format!("{}:{v}", http::json_str(&what))
+                })
+                .collect();
+            let body = format!("{{{}}}", parts.join(","));
+            info!("left in the kernel: {body}");
+            http::respond(out, 200, &body, false, close)?;
+        }
+        ("POST", "/control/find-kernel") => {
+            let tag = String::from_utf8_lossy(&req.body).into_owned();
+            let found: Vec<String> = kernel::find(&tag)
+                .iter()
+                .map(|f| http::json_str(f))
+                .collect();
+            let body = format!(r#"{{"found":[{}]}}"#, found.join(","));
+            info!("found in the kernel: {body}");
             http::respond(out, 200, &body, false, close)?;
         }
         ("POST", "/bot") => return handle_bot(reader, req, close),

@@ -31,6 +31,7 @@ use crate::runtime::process::cgroup::{self, BoundedCgroups, CgroupSupport, TaskL
 use crate::runtime::process::namespace::{self, Namespaces, NixSys};
 use crate::runtime::process::reaper::Reaper;
 use crate::runtime::process::signals;
+use crate::runtime::process::spawn::{fresh_keyrings, libc_keyctl};
 use crate::runtime::process::uids::UidPool;
 
 /// The local virtualenv builder.
@@ -457,6 +458,7 @@ async fn run(
                 nix::unistd::setgroups(&[])?;
                 nix::unistd::setresgid(uid.into(), uid.into(), uid.into())?;
                 nix::unistd::setresuid(uid.into(), uid.into(), uid.into())?;
+                fresh_keyrings(libc_keyctl).map_err(std::io::Error::from_raw_os_error)?;
                 // Again, now in the namespace (std's change of directory came before it).
                 nix::unistd::chdir(dir.as_c_str())?;
                 step_limits()

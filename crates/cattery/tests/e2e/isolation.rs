@@ -339,3 +339,82 @@ async fn what_an_agent_leaves_in_tmp_or_dev_shm_is_gone_for_the_next_instance_of
         s.log()
     );
 }
+
+/// What an agent leaves in the kernel rather than in a file is gone for the next instance of
+/// its uid too: a System V shared memory segment and a POSIX message queue (each instance has
+/// an IPC namespace of its own, gone with its last process) and keys in its session, user,
+/// user session and persistent keyrings (each instance gets a session keyring of its own, and
+/// its uid's keyrings are emptied before its code runs). Org A's agent leaves each and ends;
+/// org B's agent, given the same uid (a one-uid range), finds none.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_an_agent_leaves_in_the_kernel_is_gone_for_the_next_instance_of_its_uid() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let uid = 2_000_100_000 + 500 + (std::process::id() % 500);
+    let range = format!("{uid}-{uid}");
+    let s = Server::start(&["--instance-uids", &range]).await;
+    let tag = format!("kernel-{}", s.tag);
+
+    s.deploy("aagent", &[], json!({})).await;
+    let sid_a = s.start_ok("aagent").await;
+    let a = info(&s, &s.pk, "aagent", &sid_a).await;
+    assert_eq!(a["uid"].as_u64(), Some(u64::from(uid)));
+    let left = as_agent(&s, &s.pk, "aagent", &sid_a, "leave-kernel", &tag).await;
+    for what in ["shm", "mqueue", "session", "user", "userSession"] {
+        assert_eq!(left[what], true, "A could not leave {what}: {left}");
+    }
+    let own = as_agent(&s, &s.pk, "aagent", &sid_a, "find-kernel", &tag).await;
+    assert!(
+        own["found"].as_array().is_some_and(|f| f.len() >= 5),
+        "A finds what it left: {own}"
+    );
+    assert_eq!(s.stop("aagent", &sid_a).await.status, 200);
+    s.wait_no_agent_pids(Duration::from_secs(10)).await;
+
+    let (sk_b, pk_b) = (s.key("private", "org-b"), s.key("public", "org-b"));
+    let cmd = vec![common::test_agent().display().to_string()];
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&sk_b),
+            Some(json!({"serviceName": "bagent", "command": cmd,
+                        "env": {"CATTERY_TEST_TAG": s.tag}})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sid_b = common::wait_for(
+        Duration::from_secs(10),
+        "a start under the freed uid",
+        || {
+            let (s, pk_b) = (&s, &pk_b);
+            async move {
+                let r = s
+                    .req(
+                        "POST",
+                        "/v1/public/bagent/start",
+                        Some(pk_b),
+                        Some(json!({})),
+                    )
+                    .await;
+                (r.status == 200).then(|| r.body["sessionId"].as_str().unwrap().to_string())
+            }
+        },
+    )
+    .await;
+    let b = info(&s, &pk_b, "bagent", &sid_b).await;
+    assert_eq!(b["uid"].as_u64(), Some(u64::from(uid)), "the same uid as A");
+    let found = as_agent(&s, &pk_b, "bagent", &sid_b, "find-kernel", &tag).await;
+    let _ = s
+        .req(
+            "DELETE",
+            &format!("/v1/agents/bagent/sessions/{sid_b}"),
+            Some(&sk_b),
+            None,
+        )
+        .await;
+    s.wait_no_agent_pids(Duration::from_secs(10)).await;
+    assert_eq!(found["found"], json!([]), "org B found org A's leftovers");
+}
+

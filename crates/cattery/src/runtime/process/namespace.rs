@@ -95,6 +95,10 @@ pub struct Plan {
     places: Vec<Place>,
     hide_pids: bool,
     mask: Option<Mask>,
+    /// An IPC namespace of its own (System V IPC, POSIX message queues).
+    ipc: bool,
+    /// A fresh `mqueue` over the host's `/dev/mqueue` (with `ipc`, where the host has one).
+    mqueue: bool,
 }
 
 /// The builds directory covered, and what of it is bound back.
@@ -158,6 +162,8 @@ impl Namespaces {
                 .collect(),
             hide_pids: false,
             mask: None,
+            ipc: false,
+            mqueue: false,
         };
         for r in roots {
             base.keep(&places, r, |_| true);
@@ -171,7 +177,7 @@ impl Namespaces {
         let try_mask = builds
             .as_ref()
             .and_then(|(_, real)| mask_of(real, &[], BuildView::Run));
-        let (hide_pids, masked) = std::thread::spawn(move || -> Result<_, String> {
+        let (hide_pids, masked, ipc, mqueue) = std::thread::spawn(move || -> Result<_, String> {
             // SAFETY: system calls on data this thread owns; the thread's view ends with it.
             unsafe { enter(&try_plan, &NixSys) }.map_err(|e| {
                 format!(
@@ -188,11 +194,13 @@ impl Namespaces {
                 }),
                 None => Ok(()),
             };
-            Ok((mount_proc(&NixSys).is_ok(), masked))
+            let (ipc, mqueue) = probe_ipc();
+            Ok((mount_proc(&NixSys).is_ok(), masked, ipc, mqueue))
         })
         .join()
         .map_err(|_| "the namespace probe panicked".to_string())??;
         base.hide_pids = hide_pids;
+        (base.ipc, base.mqueue) = (ipc, mqueue);
         let builds_off = masked.err();
         Ok(Namespaces {
             places,
@@ -215,7 +223,12 @@ impl Namespaces {
             (None, Some(why)) => format!("; builds are readable by path ({why})"),
             (None, None) => String::new(),
         };
-        format!("a private /tmp, /var/tmp and /dev/shm per instance{proc}{builds}")
+        let ipc = if self.base.ipc {
+            ", System V IPC and message queues"
+        } else {
+            " (System V IPC and message queues are the host's: this kernel refused an IPC namespace)"
+        };
+        format!("a private /tmp, /var/tmp and /dev/shm per instance{ipc}{proc}{builds}")
     }
 
     /// Whether builds are hidden from instances but for those they run (false: any instance
@@ -419,8 +432,8 @@ fn cpath(p: &Path) -> CString {
 
 /// The system calls [`enter`] makes; errors are `errno` values.
 pub trait Sys {
-    /// `unshare(CLONE_NEWNS)`.
-    fn unshare_mounts(&self) -> Result<(), i32>;
+    /// `unshare(flags)`: `CLONE_NEWNS`, with `CLONE_NEWIPC` where the kernel allows it.
+    fn unshare(&self, flags: libc::c_int) -> Result<(), i32>;
     /// `mount(2)`.
     fn mount(
         &self,
@@ -448,8 +461,8 @@ pub trait Sys {
 pub struct NixSys;
 
 impl Sys for NixSys {
-    fn unshare_mounts(&self) -> Result<(), i32> {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(|e| e as i32)
+    fn unshare(&self, flags: libc::c_int) -> Result<(), i32> {
+        nix::sched::unshare(nix::sched::CloneFlags::from_bits_retain(flags)).map_err(|e| e as i32)
     }
 
     fn mount(
@@ -528,8 +541,12 @@ impl Sys for NixSys {
 /// Only system calls (async-signal-safe, no allocation) on data `plan` owns; the caller is a
 /// process about to `exec` or a thread whose view ends with it.
 pub unsafe fn enter(plan: &Plan, sys: &impl Sys) -> Result<(), i32> {
-    sys.unshare_mounts()?;
+    let ipc = if plan.ipc { libc::CLONE_NEWIPC } else { 0 };
+    sys.unshare(libc::CLONE_NEWNS | ipc)?;
     sys.mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None)?;
+    if plan.mqueue {
+        mount_mqueue(sys)?;
+    }
     for place in &plan.places {
         // The host's place, to bind entries back from once it is covered.
         let host = match place.keep.is_empty() {
@@ -654,6 +671,34 @@ fn bind_back(place: &Place, host: i32, sys: &impl Sys) -> Result<(), i32> {
         )?;
     }
     Ok(())
+}
+
+/// Where the host shows its POSIX message queues.
+const MQUEUE_DIR: &CStr = c"/dev/mqueue";
+
+/// Mounts a fresh `mqueue` over `/dev/mqueue`: the queues of the process's own IPC namespace
+/// (the host's stay out of reach, and nothing made there outlives the namespace).
+fn mount_mqueue(sys: &impl Sys) -> Result<(), i32> {
+    sys.mount(
+        Some(c"mqueue"),
+        MQUEUE_DIR,
+        Some(c"mqueue"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        None,
+    )
+}
+
+/// Whether this kernel gives a process an IPC namespace of its own, and whether the host's
+/// `/dev/mqueue` (when it has one) can be covered in it. Called on the probe's thread, whose
+/// view ends with it.
+fn probe_ipc() -> (bool, bool) {
+    if nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWIPC).is_err() {
+        return (false, false);
+    }
+    let mqueue = nix::sys::statfs::FsType(0x1980_0202);
+    let host_has =
+        nix::sys::statfs::statfs(MQUEUE_DIR).is_ok_and(|f| f.filesystem_type() == mqueue);
+    (true, host_has && mount_mqueue(&NixSys).is_ok())
 }
 
 /// Mounts a fresh `proc` over `/proc` that hides other uids' processes.
@@ -809,8 +854,13 @@ pub(super) mod tests {
     }
 
     impl Sys for Recorder {
-        fn unshare_mounts(&self) -> Result<(), i32> {
-            self.note("unshare".into());
+        fn unshare(&self, flags: libc::c_int) -> Result<(), i32> {
+            let ipc = if flags & libc::CLONE_NEWIPC != 0 {
+                " ipc"
+            } else {
+                ""
+            };
+            self.note(format!("unshare{ipc}"));
             Ok(())
         }
         fn mount(
@@ -890,6 +940,8 @@ pub(super) mod tests {
                 places: Vec::new(),
                 hide_pids: false,
                 mask: None,
+                ipc: false,
+                mqueue: false,
             },
             uids: range(),
             builds: Some((builds.clone(), builds.clone())),
@@ -1015,5 +1067,26 @@ pub(super) mod tests {
         std::fs::remove_dir_all(&builds).unwrap();
         let plan = ns.plan([data.path().as_os_str()], [], BuildView::Run);
         assert!(calls(&plan).is_empty());
+    }
+
+    /// Where the kernel allows it, the namespace is an IPC namespace too, made by the same
+    /// `unshare`, and the host's `/dev/mqueue` (when it has one) is covered by the queues of
+    /// that namespace, before anything else is mounted.
+    #[test]
+    fn an_instance_gets_its_own_ipc_namespace_and_dev_mqueue() {
+        let (_data, builds, mut ns) = two_builds();
+        std::fs::remove_dir_all(&builds).unwrap();
+        (ns.base.ipc, ns.base.mqueue) = (true, true);
+        let r = Recorder::default();
+        // SAFETY: the recorder makes no system call.
+        unsafe { enter(&ns.plan([], [], BuildView::Run), &r) }.unwrap();
+        assert_eq!(
+            r.0.into_inner(),
+            [
+                "unshare ipc",
+                "mount  /  [private] ",
+                "mount mqueue /dev/mqueue mqueue [] "
+            ]
+        );
     }
 }

@@ -560,6 +560,10 @@ extern "C" fn exec_main(arg: *mut libc::c_void) -> ! {
                     fail(STAGE_IDS, rc);
                 }
             }
+            let keyctl = |a: [usize; 6]| sys::call(libc::SYS_keyctl, a);
+            if let Err(e) = super::spawn::fresh_keyrings(keyctl) {
+                fail(STAGE_IDS, -(e as isize));
+            }
         }
         sys::call(libc::SYS_umask, [0o022, 0, 0, 0, 0, 0]);
         let rc = sys::call(libc::SYS_chdir, [a.cwd.as_ptr() as usize, 0, 0, 0, 0, 0]);
@@ -683,15 +687,9 @@ mod sys {
     }
 
     impl super::super::namespace::Sys for Raw {
-        fn unshare_mounts(&self) -> Result<(), i32> {
+        fn unshare(&self, flags: libc::c_int) -> Result<(), i32> {
             // SAFETY: a system call with no pointer.
-            ok(unsafe {
-                call(
-                    libc::SYS_unshare,
-                    [libc::CLONE_NEWNS as usize, 0, 0, 0, 0, 0],
-                )
-            })
-            .map(drop)
+            ok(unsafe { call(libc::SYS_unshare, [flags as usize, 0, 0, 0, 0, 0]) }).map(drop)
         }
 
         fn mount(

@@ -28,7 +28,8 @@
 //!    to its gid and uid (raw `setgroups`/`setresgid`/`setresuid` system calls, which change
 //!    only this process: glibc's wrappers would signal every thread of the server, whose
 //!    memory the child shares), and sets `no_new_privs` (no setuid program or file
-//!    capability can give it privileges back);
+//!    capability can give it privileges back), then gives it kernel keyrings of its own
+//!    ([`fresh_keyrings`]);
 //! 6. sets the umask to 022 (the server's own is 077), changes directory (as the instance's
 //!    uid, so a directory it cannot enter fails here, with a clear error);
 //! 7. clears the signal mask, and `execve`s the program (a script without `#!` goes through
@@ -191,6 +192,11 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             {
                 fail(STAGE_IDS);
             }
+            // 5b. Keyrings of its own (see `fresh_keyrings`).
+            if let Err(e) = fresh_keyrings(libc_keyctl) {
+                *libc::__errno_location() = e;
+                fail(STAGE_IDS);
+            }
         }
         // 6. Usual umask, working directory.
         libc::umask(0o022);
@@ -206,6 +212,55 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             libc::execve(c"/bin/sh".as_ptr(), a.sh_argv.as_ptr(), a.envp.as_ptr());
         }
         fail(STAGE_EXEC)
+    }
+}
+
+/// Gives the calling process, already under its instance uid, kernel keyrings of its own,
+/// with `call` making each system call (`-errno` on failure). Keyrings are not namespaced:
+/// a process keeps the session keyring of whoever started it (a server under systemd has
+/// one, which every instance would then share and could read), and a uid's user, user
+/// session and persistent keyrings outlive its processes, so what one instance left there
+/// would be readable by the next instance given the same uid. So: a new anonymous session
+/// keyring, and the uid's own keyrings emptied before any of the agent's code runs. A kernel
+/// without keyrings (`ENOSYS`, `EOPNOTSUPP`) has nothing to hide. Errors: the `errno` of the
+/// call that failed. Async-signal-safe (system calls only).
+pub fn fresh_keyrings(call: impl Fn([usize; 6]) -> isize) -> Result<(), i32> {
+    let absent = |rc: isize| rc == -(libc::ENOSYS as isize) || rc == -(libc::EOPNOTSUPP as isize);
+    let key = |k: i32| k as isize as usize;
+    let keyctl = |op: u32, a: usize, b: usize| call([op as usize, a, b, 0, 0, 0]);
+    let rc = keyctl(libc::KEYCTL_JOIN_SESSION_KEYRING, 0, 0);
+    if absent(rc) {
+        return Ok(());
+    }
+    let check = |rc: isize| if rc < 0 { Err((-rc) as i32) } else { Ok(rc) };
+    check(rc)?;
+    for ring in [
+        libc::KEY_SPEC_USER_KEYRING,
+        libc::KEY_SPEC_USER_SESSION_KEYRING,
+    ] {
+        check(keyctl(libc::KEYCTL_CLEAR, key(ring), 0))?;
+    }
+    // The uid's persistent keyring (where the kernel has them), linked into the new session
+    // keyring by the lookup: emptied, then unlinked again.
+    let session = key(libc::KEY_SPEC_SESSION_KEYRING);
+    let persistent = keyctl(libc::KEYCTL_GET_PERSISTENT, u32::MAX as usize, session);
+    if !absent(persistent) {
+        let id = check(persistent)? as usize;
+        check(keyctl(libc::KEYCTL_CLEAR, id, 0))?;
+        check(keyctl(libc::KEYCTL_UNLINK, id, session))?;
+    }
+    Ok(())
+}
+
+/// `keyctl(2)` through libc (sets `errno`: not for a spare's processes), for
+/// [`fresh_keyrings`].
+pub fn libc_keyctl(a: [usize; 6]) -> isize {
+    // SAFETY: keyctl with integer arguments only.
+    let rc = unsafe { libc::syscall(libc::SYS_keyctl, a[0], a[1], a[2], a[3], a[4]) };
+    if rc < 0 {
+        -(errno() as isize)
+    } else {
+        rc as isize
     }
 }
 
@@ -435,6 +490,44 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<i32> {
 mod tests {
     use super::*;
     use std::os::fd::OwnedFd;
+
+    /// `fresh_keyrings`: a new session keyring, the uid's keyrings emptied (the persistent
+    /// one unlinked again); a kernel without keyrings is fine; any other error fails.
+    #[test]
+    fn keyrings_are_made_fresh_and_a_kernel_without_them_is_fine() {
+        use libc::{KEYCTL_CLEAR, KEYCTL_GET_PERSISTENT, KEYCTL_JOIN_SESSION_KEYRING};
+        let run = |fail: Option<(u32, i32)>| {
+            let calls = std::cell::RefCell::new(Vec::new());
+            let r = fresh_keyrings(|a| {
+                let op = a[0] as u32;
+                calls.borrow_mut().push(op);
+                match fail {
+                    Some((f, e)) if f == op => -(e as isize),
+                    _ if op == KEYCTL_GET_PERSISTENT => 42,
+                    _ => 0,
+                }
+            });
+            (r, calls.into_inner())
+        };
+        let (r, calls) = run(None);
+        assert_eq!(r, Ok(()));
+        assert_eq!(
+            calls,
+            [
+                KEYCTL_JOIN_SESSION_KEYRING,
+                KEYCTL_CLEAR,
+                KEYCTL_CLEAR,
+                KEYCTL_GET_PERSISTENT,
+                KEYCTL_CLEAR,
+                libc::KEYCTL_UNLINK
+            ]
+        );
+        let none = run(Some((KEYCTL_JOIN_SESSION_KEYRING, libc::ENOSYS)));
+        assert_eq!(none, (Ok(()), vec![KEYCTL_JOIN_SESSION_KEYRING]));
+        let (r, calls) = run(Some((KEYCTL_GET_PERSISTENT, libc::EOPNOTSUPP)));
+        assert_eq!((r, calls.len()), (Ok(()), 4));
+        assert_eq!(run(Some((KEYCTL_CLEAR, libc::EACCES))).0, Err(libc::EACCES));
+    }
 
     fn wait(pid: i32) -> i32 {
         let mut status = 0;
