@@ -668,35 +668,11 @@ async fn reclaim(
 }
 
 /// Kills every process of `uid` (a step may leave one behind, detached into a session of its
-/// own): `kill(-1, SIGKILL)` sent by a process running as `uid` reaches exactly that uid's
-/// processes, all at once; repeated until `/proc` shows none. Errors: some still run after
-/// a few seconds.
+/// own): [`crate::runtime::process::uids::end_processes_of`], off the async workers.
 async fn kill_all_of(uid: u32) -> Result<(), String> {
-    use std::os::unix::process::CommandExt;
-    for _ in 0..200 {
-        if !crate::runtime::process::uids::uid_has_processes(uid) {
-            return Ok(());
-        }
-        tokio::task::spawn_blocking(move || {
-            let mut cmd = std::process::Command::new("/bin/sh");
-            cmd.env_clear()
-                .args(["-c", "kill -9 -1"])
-                .uid(uid)
-                .gid(uid)
-                .current_dir("/")
-                .stdin(Stdio::null());
-            Reaper::global().output(&mut cmd, std::time::Duration::from_secs(10))
-        })
+    tokio::task::spawn_blocking(move || crate::runtime::process::uids::end_processes_of(uid))
         .await
         .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot end the processes of build uid {uid}: {e}"))?;
-        // Killed processes are reaped by their parents (the server's reaper, for a step
-        // whose parent died): their `/proc` entries go soon after.
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    Err(format!(
-        "processes of build uid {uid} still run after SIGKILL"
-    ))
 }
 
 /// Gives `p` and everything under it to `uid`:`gid`, links not followed (each link itself

@@ -418,3 +418,48 @@ async fn what_an_agent_leaves_in_the_kernel_is_gone_for_the_next_instance_of_its
     assert_eq!(found["found"], json!([]), "org B found org A's leftovers");
 }
 
+/// Pids of the processes running under `uid`.
+fn pids_of_uid(uid: u32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            (e.metadata().ok()?.uid() == uid).then_some(pid)
+        })
+        .collect()
+}
+
+/// Without cgroups an instance's processes are found by their process group and the
+/// environment tag; a process that leaves both (`setsid`, then an exec with an empty
+/// environment) must still end with the session, or it would keep running under the uid
+/// the next instance (of any org) is given, and read that instance's environment. So no
+/// process of the instance's uid outlives it.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_cgroups_nothing_under_an_instances_uid_outlives_it() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let s = Server::start_with_env(&[], &[("CATTERY_NO_CGROUPS", "1")]).await;
+    let agent = common::test_agent().display().to_string();
+    let script =
+        "setsid /usr/bin/env -i /bin/sleep 100000 </dev/null >/dev/null 2>&1 & exec \"$0\"";
+    s.deploy(
+        "untagged",
+        &[],
+        json!({"command": ["/bin/sh", "-c", script, agent]}),
+    )
+    .await;
+    let sid = s.start_ok("untagged").await;
+    let i = info(&s, &s.pk, "untagged", &sid).await;
+    let uid = i["uid"].as_u64().unwrap() as u32;
+    assert!(RANGE.contains(&uid), "{i}");
+    assert!(pids_of_uid(uid).len() >= 2, "the untagged sleeper runs");
+    assert_eq!(s.stop("untagged", &sid).await.status, 200);
+    common::wait_for(
+        Duration::from_secs(10),
+        "no process of the uid",
+        || async move { pids_of_uid(uid).is_empty().then_some(()) },
+    )
+    .await;
+}

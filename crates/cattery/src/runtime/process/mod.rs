@@ -1519,6 +1519,28 @@ impl ProcessInstance {
         }
     }
 
+    /// Whether nothing runs under the instance's own `uid` any more, so that it may be given
+    /// to another instance. Without a cgroup, the instance's tree is found by its process
+    /// group and the environment tag, and a process that left both (`setsid` and an exec
+    /// with an empty environment) would still run under the uid, then shared with whichever
+    /// instance (of any org) draws it next: every process of the uid is killed first. With a
+    /// cgroup nothing can leave it (its directory is root's), and the kill above ended all.
+    /// `false` (the uid stays held, and an error is logged) when some would not end.
+    async fn uid_swept(&self, uid: u32) -> bool {
+        if self.cg_v2.is_some() || !self.cg_v1.is_empty() {
+            return true;
+        }
+        let swept = tokio::task::spawn_blocking(move || uids::end_processes_of(uid)).await;
+        match swept {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::error!(instance = %self.id, uid, error = %e, "processes of an ended instance's uid survived SIGKILL; the uid stays held");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
     async fn do_terminate(&self, grace: Duration) -> TerminateReport {
         let t0 = Instant::now();
         let mut report = TerminateReport {
@@ -1563,7 +1585,9 @@ impl ProcessInstance {
         .await;
         self.ports.release(self.port);
         if let Some((uid, pool)) = &self.uid {
-            pool.release(*uid);
+            if self.uid_swept(*uid).await {
+                pool.release(*uid);
+            }
         }
         report.took_ms = t0.elapsed().as_millis() as u64;
         report

@@ -98,6 +98,33 @@ pub(crate) fn uid_has_processes(uid: u32) -> bool {
     })
 }
 
+/// Kills every process of `uid` (what a program run under it left behind, detached into a
+/// session of its own): `kill(-1, SIGKILL)` sent by a process running as `uid` reaches
+/// exactly that uid's processes, all at once; repeated until `/proc` shows none. Blocking.
+/// Errors: some still run after a few seconds.
+pub(crate) fn end_processes_of(uid: u32) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    for _ in 0..200 {
+        if !uid_has_processes(uid) {
+            return Ok(());
+        }
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.env_clear()
+            .args(["-c", "kill -9 -1"])
+            .uid(uid)
+            .gid(uid)
+            .current_dir("/")
+            .stdin(std::process::Stdio::null());
+        super::reaper::Reaper::global()
+            .output(&mut cmd, std::time::Duration::from_secs(10))
+            .map_err(|e| format!("cannot end the processes of uid {uid}: {e}"))?;
+        // Killed processes are reaped by their parents (the server's reaper, for one whose
+        // parent died): their `/proc` entries go soon after.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Err(format!("processes of uid {uid} still run after SIGKILL"))
+}
+
 impl UidPool {
     /// A pool over `range`, with its locks in `lock_dir`.
     pub fn new(range: UidRange, lock_dir: PathBuf) -> UidPool {
