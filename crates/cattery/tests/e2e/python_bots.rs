@@ -612,6 +612,77 @@ async fn local_agent_without_runner_dependencies_is_not_ready_at_deploy() {
     assert_eq!(s.stop("bare-python", &sid).await.status, 200);
 }
 
+/// The deploy-time check of a `local:` bot's Python runs the org's code (the interpreter it
+/// names, and what that imports at start: a `.pth` file of a package it chose), so it runs as
+/// an instance would: not as root, without the server's environment, and nothing it leaves
+/// running outlives it. Before, a tenant who could place an executable anywhere other users
+/// reach (an instance writing to the host's `/run/lock`, a build's virtualenv) ran it as root.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_deploy_time_check_of_a_bots_python_runs_unprivileged() {
+    if unsafe { libc::geteuid() } != 0 {
+        return; // Instances get uids of their own only when the server runs as root.
+    }
+    let py = python();
+    let s = Server::start_with_env(
+        &["--python", py.to_str().unwrap()],
+        &[("CATTERY_TEST_SERVER_ONLY", "server-env-value")],
+    )
+    .await;
+    let tmp = common::open_tempdir();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let marker = format!("left-by-the-check-{}", s.tag);
+    let wrapper = tmp.path().join("python");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n{{ id -u; env; }} > {out}/ran 2>&1\nsetsid /bin/sh -c 'sleep 300; : {marker}' >/dev/null 2>&1 &\nexec {py} \"$@\"\n",
+            out = out.display(),
+            py = py.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    // No warm instance: what runs the wrapper is the deploy-time check alone.
+    let spec = json!({"command": null, "image": example("session-status"), "python": wrapper,
+                      "autoScaling": {"minAgents": 0}});
+    let a = s.deploy("checked-python", &[], spec).await;
+    let ran = std::fs::read_to_string(out.join("ran")).expect("the check ran the wrapper");
+    let uid: u32 = ran.lines().next().unwrap().trim().parse().unwrap();
+    assert!(
+        (2_000_000_000..=2_000_065_535).contains(&uid),
+        "the check ran as uid {uid}: {a}"
+    );
+    assert!(
+        !ran.contains("server-env-value"),
+        "the server's environment: {ran}"
+    );
+    common::wait_for(Duration::from_secs(10), "nothing left by the check", || {
+        let m = marker.clone();
+        async move { cmdlines_with(&m).is_empty().then_some(()) }
+    })
+    .await;
+    assert!(a["errors"].as_array().is_none_or(|e| e.is_empty()), "{a}");
+}
+
+/// Pids whose command line contains `needle`.
+fn cmdlines_with(needle: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
 /// Echoes text frames until `bye`, then returns (the runner closes the socket with 1000).
 const WS_BYE_BOT: &str = r#"
 async def bot(args):

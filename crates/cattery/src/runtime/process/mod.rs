@@ -1175,7 +1175,7 @@ impl Runtime for ProcessRuntime {
             });
         }
         if local {
-            return self.python.deps_missing(&p.program);
+            return self.python.deps_missing(&p.program, &self.isolation);
         }
         None
     }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::isolation::Isolation;
 use super::reaper::Reaper;
 use crate::model::DeploymentRecord;
 use crate::runtime::{ExitInfo, Prepared};
@@ -90,13 +91,17 @@ impl PythonRunner {
     /// worker's scheduling slot (`block_in_place`); a success is remembered per interpreter
     /// for [`DEPS_OK_FOR`] (a failure is checked again: the user fixes the environment and
     /// deploys again).
-    pub fn deps_missing(&self, python: &str) -> Option<String> {
+    ///
+    /// The interpreter is the org's choice (the agent's `python`, the bot directory's
+    /// `.venv`, a build's virtualenv whose packages the org chose), so it runs as an instance
+    /// would ([`run_import_check`]): never as the server.
+    pub fn deps_missing(&self, python: &str, iso: &Isolation) -> Option<String> {
         if let Some(at) = self.checked.lock().get(python) {
             if at.elapsed() < DEPS_OK_FOR {
                 return None;
             }
         }
-        let r = match run_import_check(python) {
+        let r = match run_import_check(python, iso) {
             Ok((exit, _)) if exit.success() => None,
             Ok((_, stderr)) => {
                 let err = String::from_utf8_lossy(&stderr);
@@ -125,29 +130,78 @@ impl PythonRunner {
 
 /// Runs the import check. Through the reaper: it reaps every child of this process, so a
 /// plain `Command::output()` could find its child already reaped (ECHILD).
-fn run_import_check(python: &str) -> std::io::Result<(ExitInfo, Vec<u8>)> {
+///
+/// The interpreter and what it imports at start (a `.pth` file, `sitecustomize`) are the
+/// org's code, so the check gets what an instance gets and no more: an environment from the
+/// allowlist (never the server's, which may hold its database URL or Daily key), and, when
+/// instances run under uids of their own, a uid of that pool with no supplementary groups and
+/// `no_new_privs`, in a private mount namespace; whatever it leaves running is killed
+/// before the uid is given back. Without a free uid the check is skipped (the first start
+/// reports what is missing).
+fn run_import_check(python: &str, iso: &Isolation) -> std::io::Result<(ExitInfo, Vec<u8>)> {
     let run = || {
         let mut cmd = std::process::Command::new(python);
         cmd.args(["-c", "import fastapi, uvicorn"])
+            .env_clear()
+            .envs(super::isolation::instance_env(&[], &[]))
+            .current_dir("/")
             .stdin(std::process::Stdio::null());
-        Reaper::global().output(&mut cmd, Duration::from_secs(60))
+        let Some(pool) = &iso.uids else {
+            return Reaper::global().output(&mut cmd, Duration::from_secs(60));
+        };
+        let Ok(uid) = pool.allocate() else {
+            return Ok((ExitInfo::default(), Vec::new()));
+        };
+        let plan = iso.namespaces.as_ref().map(|ns| {
+            ns.plan(
+                [std::ffi::OsStr::new(python)],
+                [],
+                super::namespace::BuildView::Run,
+            )
+        });
+        as_uid(&mut cmd, uid, plan);
+        let r = Reaper::global().output(&mut cmd, Duration::from_secs(60));
+        match super::uids::end_processes_of(uid) {
+            Ok(()) => pool.release(uid),
+            Err(e) => {
+                tracing::warn!(uid, error = %e, "the import check left processes that would not end; its uid stays held")
+            }
+        }
+        r
     };
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(run)
         }
-        Ok(_) => run(),
-        Err(_) => std::process::Command::new(python)
-            .args(["-c", "import fastapi, uvicorn"])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .map(|o| {
-                let exit = ExitInfo {
-                    code: o.status.code(),
-                    signal: std::os::unix::process::ExitStatusExt::signal(&o.status),
-                };
-                (exit, o.stderr)
-            }),
+        _ => run(),
+    }
+}
+
+/// Makes `cmd` run under `uid` (and gid), without supplementary groups and with
+/// `no_new_privs`, in the namespace `plan` makes (as root, before the switch).
+fn as_uid(cmd: &mut std::process::Command, uid: u32, plan: Option<super::namespace::Plan>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe system calls between fork and exec, on data made before
+    // the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
+            if let Some(plan) = &plan {
+                super::namespace::enter(plan, &super::namespace::NixSys)
+                    .map_err(std::io::Error::from_raw_os_error)?;
+            }
+            let no_groups: *const libc::gid_t = std::ptr::null();
+            if libc::syscall(libc::SYS_setgroups, 0 as libc::size_t, no_groups) != 0
+                || libc::syscall(libc::SYS_setresgid, uid, uid, uid) != 0
+                || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+                || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::chdir(c"/".as_ptr()) != 0
+            {
+                return fail();
+            }
+            super::spawn::fresh_keyrings(super::spawn::libc_keyctl)
+                .map_err(std::io::Error::from_raw_os_error)
+        });
     }
 }
 
