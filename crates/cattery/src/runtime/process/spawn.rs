@@ -222,10 +222,16 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 /// session and persistent keyrings outlive its processes, so what one instance left there
 /// would be readable by the next instance given the same uid. So: a new anonymous session
 /// keyring, and the uid's own keyrings emptied before any of the agent's code runs. A kernel
-/// without keyrings (`ENOSYS`, `EOPNOTSUPP`) has nothing to hide. Errors: the `errno` of the
-/// call that failed. Async-signal-safe (system calls only).
+/// without keyrings (`ENOSYS`, `EOPNOTSUPP`) has nothing to hide, nor has a server whose
+/// seccomp filter refuses them (`EPERM`: Docker's default profile does), since the agent
+/// inherits the filter. Errors: the `errno` of the call that failed. Async-signal-safe
+/// (system calls only).
 pub fn fresh_keyrings(call: impl Fn([usize; 6]) -> isize) -> Result<(), i32> {
-    let absent = |rc: isize| rc == -(libc::ENOSYS as isize) || rc == -(libc::EOPNOTSUPP as isize);
+    let absent = |rc: isize| {
+        [libc::ENOSYS, libc::EOPNOTSUPP, libc::EPERM]
+            .iter()
+            .any(|&e| rc == -(e as isize))
+    };
     let key = |k: i32| k as isize as usize;
     let keyctl = |op: u32, a: usize, b: usize| call([op as usize, a, b, 0, 0, 0]);
     let rc = keyctl(libc::KEYCTL_JOIN_SESSION_KEYRING, 0, 0);
@@ -522,8 +528,10 @@ mod tests {
                 libc::KEYCTL_UNLINK
             ]
         );
-        let none = run(Some((KEYCTL_JOIN_SESSION_KEYRING, libc::ENOSYS)));
-        assert_eq!(none, (Ok(()), vec![KEYCTL_JOIN_SESSION_KEYRING]));
+        for refused in [libc::ENOSYS, libc::EPERM] {
+            let none = run(Some((KEYCTL_JOIN_SESSION_KEYRING, refused)));
+            assert_eq!(none, (Ok(()), vec![KEYCTL_JOIN_SESSION_KEYRING]));
+        }
         let (r, calls) = run(Some((KEYCTL_GET_PERSISTENT, libc::EOPNOTSUPP)));
         assert_eq!((r, calls.len()), (Ok(()), 4));
         assert_eq!(run(Some((KEYCTL_CLEAR, libc::EACCES))).0, Err(libc::EACCES));
@@ -695,6 +703,59 @@ mod tests {
         assert!(
             got.contains("Permission denied") && got.ends_with("refused\n"),
             "{got}"
+        );
+    }
+
+    /// Where a seccomp filter refuses keyrings (Docker's default profile, for a server in a
+    /// container), an instance under its own uid still starts: it inherits the filter, so it
+    /// has no keyring to be given fresh. Here the filter is on this test's thread alone.
+    #[test]
+    fn an_instance_starts_where_a_seccomp_filter_refuses_keyrings() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let code = std::thread::spawn(|| {
+            // ld [nr]; jeq keyctl ? errno(EPERM) : allow.
+            let stmt = |code: u16, k: u32, jf: u8| libc::sock_filter { code, jt: 0, jf, k };
+            let mut prog = [
+                stmt(0x20, 0, 0),
+                stmt(0x15, libc::SYS_keyctl as u32, 1),
+                stmt(0x06, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32, 0),
+                stmt(0x06, libc::SECCOMP_RET_ALLOW, 0),
+            ];
+            let fprog = libc::sock_fprog {
+                len: prog.len() as u16,
+                filter: prog.as_mut_ptr(),
+            };
+            // SAFETY: prctl and seccomp with a valid program, on this thread.
+            unsafe {
+                assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+                let set = libc::SECCOMP_SET_MODE_FILTER;
+                let p = &fprog as *const libc::sock_fprog;
+                assert_eq!(libc::syscall(libc::SYS_seccomp, set, 0, p), 0);
+            }
+            let out: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+            let args = ["-c".to_string(), "exit 7".to_string()];
+            let pid = spawn(&SpawnSpec {
+                program: "/bin/sh",
+                args: &args,
+                env: &[],
+                cwd: Path::new("/"),
+                stdout: &out,
+                stderr: &out,
+                cgroup_procs: &[],
+                ids: Some((2_100_000_009, 2_100_000_009)),
+                stdin: None,
+                namespaces: None,
+            })
+            .expect("spawn under a filter refusing keyctl");
+            wait(pid)
+        })
+        .join()
+        .unwrap();
+        assert!(
+            libc::WIFEXITED(code) && libc::WEXITSTATUS(code) == 7,
+            "{code}"
         );
     }
 
