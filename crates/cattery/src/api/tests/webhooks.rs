@@ -193,6 +193,13 @@ async fn webhook_endpoints_events_signatures_and_log() {
     assert_eq!(sessions.len(), 2, "{ev:?}");
     assert_eq!(sessions[0]["event_type"], "session.started");
     assert_eq!(sessions[0]["data"]["service"], "hooked");
+    // Pipecat Cloud's fields: the region, and `transport` only when the start named one.
+    assert_eq!(sessions[0]["data"]["region"], "local", "{}", sessions[0]);
+    assert!(
+        sessions[0]["data"].get("transport").is_none(),
+        "{}",
+        sessions[0]
+    );
     assert_eq!(sessions[1]["event_type"], "session.ended");
     assert_eq!(sessions[1]["data"]["end_state"], "terminated");
     assert_eq!(sessions[1]["data"]["end_reason"], "stopped");
@@ -213,6 +220,8 @@ async fn webhook_endpoints_events_signatures_and_log() {
     assert_eq!(ended[0]["payload"], *sessions[1]);
     assert!(ended[0]["webhookId"].as_str().unwrap().starts_with("msg_"));
 
+    started_names_its_transport(&a, &rx).await;
+
     // Deleted: nothing more arrives.
     let r = a
         .call(
@@ -232,4 +241,93 @@ async fn webhook_endpoints_events_signatures_and_log() {
         a.get(&format!("/v1/webhooks/{id}/deliveries")).await.status,
         StatusCode::NOT_FOUND
     );
+}
+
+/// A start that names its transport: its `session.started` says which.
+async fn started_names_its_transport(a: &super::Api, rx: &Receiver) {
+    let r = a
+        .call(
+            Method::POST,
+            "/v1/public/hooked/start",
+            Some(&a.pk),
+            Some(json!({"transport": "daily", "createDailyRoom": false})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let daily_sid = r.body["sessionId"].as_str().unwrap().to_string();
+    let ev = rx
+        .wait("session.started of the daily start", |ev| {
+            of_type(ev, "session.started")
+                .iter()
+                .any(|e| e["data"]["session_id"] == daily_sid.as_str())
+        })
+        .await;
+    let started = of_type(&ev, "session.started");
+    let daily = started
+        .iter()
+        .find(|e| e["data"]["session_id"] == daily_sid.as_str())
+        .unwrap();
+    assert_eq!(daily["data"]["transport"], "daily", "{daily}");
+    a.stop("hooked", &daily_sid).await;
+    rx.wait("session.ended of the daily start", |ev| {
+        of_type(ev, "session.ended")
+            .iter()
+            .any(|e| e["data"]["session_id"] == daily_sid.as_str())
+    })
+    .await;
+}
+
+/// A websocket session that never gets its client still reports its end: stopped before the
+/// client connected, and never connected before its token expired, each a `session.ended`
+/// (no `session.started`: no bot ran), as every other recorded end does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_sessions_without_a_client_report_their_end() {
+    let rx = Receiver::start().await;
+    let a = api_with(|c| c.websocket.token_ttl_seconds = 1.0).await;
+    let r = a
+        .call(
+            Method::POST,
+            "/v1/webhooks",
+            Some(&a.sk),
+            Some(json!({"url": rx.url, "events": ["session.started", "session.ended"]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let secret = r.body["secret"].as_str().unwrap().to_string();
+    a.deploy("wshook", &[], json!({})).await;
+    let ws_start = || async {
+        let r = a
+            .call(
+                Method::POST,
+                "/v1/public/wshook/start",
+                Some(&a.pk),
+                Some(json!({"transport": "websocket"})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        r.body["sessionId"].as_str().unwrap().to_string()
+    };
+    let stopped = ws_start().await;
+    assert_eq!(a.stop("wshook", &stopped).await.status, StatusCode::OK);
+    let expired = ws_start().await;
+    let ev = rx
+        .wait("both ends", |ev| of_type(ev, "session.ended").len() == 2)
+        .await;
+    rx.verify_all(&secret);
+    let end_of = |sid: &str| {
+        of_type(&ev, "session.ended")
+            .into_iter()
+            .find(|e| e["data"]["session_id"] == sid)
+            .cloned()
+            .unwrap_or_else(|| panic!("no session.ended of {sid}: {ev:?}"))
+    };
+    let s = end_of(&stopped);
+    assert_eq!(s["data"]["end_reason"], "stopped_during_start", "{s}");
+    assert_eq!(s["data"]["end_state"], "ended_before_agent_start", "{s}");
+    assert_eq!(s["data"]["service_name"], "wshook", "{s}");
+    assert!(s["data"]["service_id"].is_string(), "{s}");
+    assert!(s["data"]["deployment_id"].is_null(), "{s}");
+    let e = end_of(&expired);
+    assert_eq!(e["data"]["end_reason"], "client_never_connected", "{e}");
+    assert!(of_type(&ev, "session.started").is_empty(), "{ev:?}");
 }

@@ -478,17 +478,20 @@ impl Actor {
                     }
                 }
                 self.sup.session_changed(&self.ctl.org, sid);
-                self.sup.emit(
-                    &self.ctl.org,
-                    "session.started",
-                    serde_json::json!({
-                        "session_id": sid,
-                        "service": self.sup.agent_name(self.ctl.agent_id),
-                        "service_id": self.ctl.agent_id,
-                        "deployment_id": self.ctl.deployment.id,
-                        "bot_start_seconds": ms as f64 / 1000.0,
-                    }),
-                );
+                let (service, region) = self.sup.agent_name_region(self.ctl.agent_id);
+                let mut data = serde_json::json!({
+                    "session_id": sid,
+                    "service": service,
+                    "region": region,
+                    "service_id": self.ctl.agent_id,
+                    "deployment_id": self.ctl.deployment.id,
+                    "bot_start_seconds": ms as f64 / 1000.0,
+                });
+                // Pipecat Cloud's payload: `transport` only when the start named or implied one.
+                if let Some(t) = &d.transport {
+                    data["transport"] = serde_json::Value::String(t.clone());
+                }
+                self.sup.emit(&self.ctl.org, "session.started", data);
                 self.sup.platform_log(
                     &self.ctl,
                     format!("[cattery] session {sid} delivered after {ms} ms"),

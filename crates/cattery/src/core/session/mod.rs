@@ -598,6 +598,29 @@ impl Supervisor {
         }
     }
 
+    /// What follows every recorded end of a session that no instance watched (a websocket
+    /// session that never got its client, a stop or a restart that found no instance): the
+    /// metric and `session.ended`, as an instance's end reports them. The agent's id is
+    /// looked up by name when not given.
+    pub(super) fn session_end_recorded(
+        &self,
+        org: &str,
+        agent: (Option<Uuid>, &str),
+        deployment: Option<Uuid>,
+        session: Uuid,
+        end: &crate::model::SessionEnd,
+    ) {
+        crate::telemetry::session_ended(org, agent.1, end.reason.as_str());
+        let agent_id = agent.0.or_else(|| {
+            self.state
+                .lock()
+                .by_name
+                .get(&(org.to_string(), agent.1.to_string()))
+                .copied()
+        });
+        self.announce_session_end(org, (agent_id, agent.1), deployment, session, end);
+    }
+
     /// Reports `session.ended` for session `session` of `org`'s agent `agent` (id, name).
     pub(super) fn announce_session_end(
         &self,

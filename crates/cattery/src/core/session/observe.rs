@@ -54,6 +54,16 @@ impl Supervisor {
             .map(|p| p.agent.name.clone())
             .unwrap_or_default()
     }
+
+    /// The name and region of agent `agent_id` (empty when it has no pool here).
+    pub(super) fn agent_name_region(&self, agent_id: Uuid) -> (String, String) {
+        self.state
+            .lock()
+            .pools
+            .get(&agent_id)
+            .map(|p| (p.agent.name.clone(), p.agent.region.clone()))
+            .unwrap_or_default()
+    }
 }
 
 /// The index of `s` in [`crate::telemetry::INSTANCE_STATES`].

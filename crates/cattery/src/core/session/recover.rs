@@ -306,7 +306,13 @@ impl Supervisor {
         let wrote = self.end_unless_started(s, &end).await?;
         if wrote {
             let agent = self.agent_name(s.agent_id);
-            crate::telemetry::session_ended(&s.org, &agent, end.reason.as_str());
+            self.session_end_recorded(
+                &s.org,
+                (Some(s.agent_id), &agent),
+                Some(s.deployment_id).filter(|_| !s.waiting_for_client()),
+                s.id,
+                &end,
+            );
             let _ = self.changes.send((s.org.clone(), s.id));
         }
         Ok(())
@@ -585,7 +591,13 @@ impl Supervisor {
     fn ended_at_restart(&self, s: &SessionRecord, end: &SessionEnd) {
         let agent = self.agent_name(s.agent_id);
         let reason = end.reason.as_str();
-        crate::telemetry::session_ended(&s.org, &agent, reason);
+        self.session_end_recorded(
+            &s.org,
+            (Some(s.agent_id), &agent),
+            Some(s.deployment_id).filter(|_| !s.waiting_for_client()),
+            s.id,
+            end,
+        );
         let _ = self.changes.send((s.org.clone(), s.id));
         let message = end.message.as_deref().unwrap_or("");
         tracing::info!(session = %s.id, agent = %agent, reason, message,

@@ -119,6 +119,7 @@ impl Supervisor {
             },
             deliver: p.deliver,
             headers,
+            transport: p.transport,
             requested,
             deadline: requested + Duration::from_secs(u64::from(max_s)),
             reply: Some(tx),

@@ -62,6 +62,8 @@ pub(super) struct Delivery {
     pub body: Bytes,
     pub deliver: Option<Deliver>,
     pub headers: Vec<(String, String)>,
+    /// The transport the start asked for or implied (`daily`, `webrtc`, `websocket`).
+    pub transport: Option<String>,
     pub requested: Instant,
     pub deadline: Instant,
     pub reply: Option<oneshot::Sender<CoreResult<i64>>>,

@@ -169,7 +169,7 @@ impl Supervisor {
                     "stopped before its websocket client connected",
                 );
                 if self.store.end_waiting_session(session, &end).await? {
-                    crate::telemetry::session_ended(org, agent_name, end.reason.as_str());
+                    self.session_end_recorded(org, (None, agent_name), None, session, &end);
                     self.session_changed(org, session);
                     return Ok(());
                 }
@@ -198,7 +198,7 @@ impl Supervisor {
                     message: Some("no live instance was found for this session".into()),
                 };
                 if self.store.end_session(session, &end).await? {
-                    crate::telemetry::session_ended(org, agent_name, end.reason.as_str());
+                    self.session_end_recorded(org, (None, agent_name), None, session, &end);
                 }
             }
         }

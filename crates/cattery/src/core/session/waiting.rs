@@ -64,7 +64,7 @@ impl Supervisor {
         // at this moment either starts the session or is refused.
         let wrote = self.store.end_waiting_session(session, &end).await?;
         if wrote {
-            crate::telemetry::session_ended(org, agent_name, reason.as_str());
+            self.session_end_recorded(org, (None, agent_name), None, session, &end);
             self.session_changed(org, session);
         }
         Ok(wrote)
