@@ -397,6 +397,10 @@ impl EndReason {
 /// `within N s`, and the sessions they recorded start with the same words.
 pub const START_TIMEOUT_MESSAGE: &str = "instance did not answer /readyz";
 
+/// The `completionStatus` of a session whose start failed or was cancelled before its agent
+/// had it (a `client_disconnected` one with it ended before the agent started).
+pub const NEVER_DELIVERED: &str = "HTTP_ERROR";
+
 /// A session's `endState`, Pipecat Cloud's summary of how it ended (the vocabulary of
 /// `pipecat cloud agent sessions --end-state`), derived from the [`EndReason`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -455,6 +459,11 @@ impl EndState {
             return EndState::Active;
         };
         match e.reason {
+            // A caller that hung up while its instance was still starting: the agent never
+            // had the session (`HTTP_ERROR`: never delivered, docs/lifecycle.md).
+            EndReason::ClientDisconnected if e.completion_status == NEVER_DELIVERED => {
+                EndState::EndedBeforeAgentStart
+            }
             EndReason::Completed | EndReason::ClientDisconnected => EndState::Completed,
             EndReason::Error | EndReason::OutOfMemory => EndState::AgentError,
             EndReason::StartFailed
@@ -477,7 +486,8 @@ impl EndState {
 
     /// The end reasons whose sessions may have this state (`Active`: none, the session has
     /// no end). `StartFailed` is in both `AgentError` and `AgentStartTimeout`: its message
-    /// tells them apart ([`START_TIMEOUT_MESSAGE`]).
+    /// tells them apart ([`START_TIMEOUT_MESSAGE`]); `ClientDisconnected` in both `Completed`
+    /// and `EndedBeforeAgentStart`: its `completionStatus` does ([`NEVER_DELIVERED`]).
     pub fn reasons(self) -> &'static [EndReason] {
         match self {
             EndState::Active => &[],
@@ -485,6 +495,7 @@ impl EndState {
             EndState::EndedBeforeAgentStart => &[
                 EndReason::StoppedDuringStart,
                 EndReason::ClientNeverConnected,
+                EndReason::ClientDisconnected,
             ],
             EndState::AgentStartTimeout => &[EndReason::StartFailed],
             EndState::Terminated => &[
@@ -729,7 +740,11 @@ mod tests {
         let earlier = "instance did not answer /readyz within 60 s";
         for (reason, message, state) in [
             (EndReason::Completed, None, "completed"),
-            (EndReason::ClientDisconnected, None, "completed"),
+            (
+                EndReason::ClientDisconnected,
+                None,
+                "ended_before_agent_start",
+            ),
             (EndReason::Error, None, "agent_error"),
             (EndReason::OutOfMemory, None, "agent_error"),
             (
@@ -764,6 +779,15 @@ mod tests {
             assert!(st.reasons().contains(&reason), "{st:?} lists {reason:?}");
             assert_eq!(EndState::parse(state), Some(st));
         }
+        // A websocket caller that hung up after its agent had the session completed it.
+        let delivered = SessionEnd {
+            completion_status: "WS_CONNECTION_CLOSED".into(),
+            ..end(EndReason::ClientDisconnected, None)
+        };
+        assert_eq!(EndState::of(Some(&delivered)), EndState::Completed);
+        assert!(EndState::Completed
+            .reasons()
+            .contains(&EndReason::ClientDisconnected));
         assert_eq!(EndState::parse("sleeping"), None);
     }
 

@@ -498,6 +498,25 @@ async fn session_lists(s: &dyn Store) {
     })
     .await;
     assert_eq!(completed, (2, vec![all[3].id, all[0].id]));
+    // A websocket caller who hung up: before delivery ended before the agent started, after
+    // it completed the call (the end state the CLI filters by, `EndState::of`).
+    let (early, late) = (session(&a, 103), session(&a, 103));
+    for (x, status) in [(&early, "HTTP_ERROR"), (&late, "WS_CONNECTION_CLOSED")] {
+        s.insert_session(x).await.unwrap();
+        let e = SessionEnd {
+            completion_status: status.into(),
+            ..end(EndReason::ClientDisconnected, 700)
+        };
+        s.end_session(x.id, &e).await.unwrap();
+    }
+    let by_state = |e: crate::model::EndState| SessionFilter {
+        end_state: Some(e),
+        ..f(100, 0)
+    };
+    let before = page(by_state(crate::model::EndState::EndedBeforeAgentStart)).await;
+    assert_eq!(before, (1, vec![early.id]));
+    let completed = page(by_state(crate::model::EndState::Completed)).await;
+    assert_eq!(completed, (3, vec![late.id, all[3].id, all[0].id]));
 }
 
 async fn instances(s: &dyn Store) {

@@ -557,6 +557,26 @@ async fn l18_transport_drop_during_initialization() {
     let g = s.wait_ended("l18ws", &sid, Duration::from_secs(20)).await;
     assert_eq!(g["endReason"], "client_disconnected", "{g}");
     assert!(g["botStartSeconds"].is_null(), "never delivered: {g}");
+    // The caller hung up before the agent had the session: ended before the agent started,
+    // and listed so by the CLI's `--end-state` filter (not as a completed call).
+    assert_eq!(g["endState"], "ended_before_agent_start", "{g}");
+    for (state, listed) in [("ended_before_agent_start", true), ("completed", false)] {
+        let r = s
+            .req(
+                "GET",
+                &format!("/v1/agents/l18ws/sessions?endState={state}"),
+                Some(&s.sk),
+                None,
+            )
+            .await;
+        let ids: Vec<&str> = r.body["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|x| x["sessionId"].as_str())
+            .collect();
+        assert_eq!(ids.contains(&sid.as_str()), listed, "{state}: {:?}", r.body);
+    }
     let lived =
         iso_to_ms(g["endedAt"].as_str().unwrap()) - iso_to_ms(g["createdAt"].as_str().unwrap());
     assert!(

@@ -6,7 +6,9 @@ use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use super::PgStore;
-use crate::model::{EndState, MetricSample, SessionEnd, SessionRecord, START_TIMEOUT_MESSAGE};
+use crate::model::{
+    EndState, MetricSample, SessionEnd, SessionRecord, NEVER_DELIVERED, START_TIMEOUT_MESSAGE,
+};
 use crate::store::codec::{end_reason, samples_json, samples_of};
 use crate::store::{SessionFilter, SessionStore, StoreError, StoreResult};
 
@@ -208,6 +210,17 @@ fn push_end_state(q: &mut QueryBuilder<Postgres>, e: EndState) {
         }
         _ => {}
     }
+    // `client_disconnected` is in two states: before delivery, or after.
+    let hung_up = match e {
+        EndState::Completed => "=",
+        EndState::EndedBeforeAgentStart => "<>",
+        _ => return,
+    };
+    q.push(" AND NOT (end_reason = 'client_disconnected' AND COALESCE(completion_status, '') ")
+        .push(hung_up)
+        .push(" ")
+        .push_bind(NEVER_DELIVERED)
+        .push(")");
 }
 
 #[async_trait]

@@ -5,7 +5,9 @@ use uuid::Uuid;
 
 use super::conn::{Conn, Row, Val};
 use super::SqliteStore;
-use crate::model::{EndState, MetricSample, SessionEnd, SessionRecord, START_TIMEOUT_MESSAGE};
+use crate::model::{
+    EndState, MetricSample, SessionEnd, SessionRecord, NEVER_DELIVERED, START_TIMEOUT_MESSAGE,
+};
 pub(super) use crate::store::codec::samples_json;
 use crate::store::codec::{end_reason, samples_of};
 use crate::store::{SessionFilter, SessionStore, StoreError, StoreResult};
@@ -34,7 +36,20 @@ fn end_state_sql(e: EndState, params: &mut Vec<Val<'static>>) -> String {
     if !cond.is_empty() {
         params.push(Val::Str(timeout));
     }
-    format!(" AND ended_ms IS NOT NULL AND end_reason IN ({marks}){cond}")
+    // `client_disconnected` is in two states: before delivery, or after.
+    let hung_up = match e {
+        EndState::Completed => {
+            " AND NOT (end_reason = 'client_disconnected' AND COALESCE(completion_status, '') = ?)"
+        }
+        EndState::EndedBeforeAgentStart => {
+            " AND NOT (end_reason = 'client_disconnected' AND COALESCE(completion_status, '') <> ?)"
+        }
+        _ => "",
+    };
+    if !hung_up.is_empty() {
+        params.push(Val::from(NEVER_DELIVERED));
+    }
+    format!(" AND ended_ms IS NOT NULL AND end_reason IN ({marks}){cond}{hung_up}")
 }
 
 /// A session from a row of [`SESSION_COLS`] (in that order).
