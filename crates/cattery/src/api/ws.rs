@@ -666,8 +666,8 @@ where
             m = ir.next() => match m {
                 Some(Ok(TMessage::Close(f))) => {
                     let frame = f.map(|f| AxCloseFrame { code: u16::from(f.code), reason: f.reason.as_str().into() });
-                    let _ = tokio::time::timeout(CLOSE_WAIT, cs.send(AxMessage::Close(frame))).await;
-                    return BotOutcome::WsClosed { by_client: false };
+                    let _ = tokio::time::timeout(CLOSE_WAIT, cs.send(AxMessage::Close(frame.clone()))).await;
+                    return agent_closed(frame.as_ref());
                 }
                 Some(Ok(m)) => {
                     if let Some(m) = to_client(m) {
@@ -700,6 +700,15 @@ where
                 }
             }
         }
+    }
+}
+
+/// How a session ends whose agent closed its websocket with `frame`: 1011 (internal error,
+/// the runner's close when `bot()` raised) is the agent's error, anything else its end.
+fn agent_closed(frame: Option<&AxCloseFrame>) -> BotOutcome {
+    match frame {
+        Some(f) if f.code == 1011 => BotOutcome::WsAgentError(f.reason.to_string()),
+        _ => BotOutcome::WsClosed { by_client: false },
     }
 }
 

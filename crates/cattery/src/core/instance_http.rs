@@ -24,6 +24,9 @@ pub enum BotOutcome {
         /// Whether the client (not the agent) ended it.
         by_client: bool,
     },
+    /// The agent closed its websocket with 1011 (internal error): the Python runner's close
+    /// when `bot()` raised. The close frame's reason.
+    WsAgentError(String),
 }
 
 /// Most of a `/bot` answer body read for its error text (the rest is not read).

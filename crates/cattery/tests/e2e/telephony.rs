@@ -286,3 +286,59 @@ async fn twilio_media_stream_with_a_real_pipecat_bot() {
     s.wait_ended("pipephone", sid, Duration::from_secs(20))
         .await;
 }
+
+/// A telephony bot that raises (here: pipecat's serializer without Twilio credentials) is an
+/// agent error, as a `/bot` that raises is: the runner closes the call with 1011, the caller
+/// gets that close, and the session ends `error` / `agent_error` saying why, not `completed`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_telephony_bot_that_raises_is_an_agent_error() {
+    let py = crate::common::py_env_dir().join("main/bin/python");
+    assert!(py.exists(), "{} missing", py.display());
+    let s = Server::start(&["--python", py.to_str().unwrap()]).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bot.py"),
+        "from pipecat.runner.utils import parse_telephony_websocket\n\n\
+         async def bot(args):\n    \
+             await parse_telephony_websocket(args.websocket)\n    \
+             raise RuntimeError('no TWILIO_ACCOUNT_SID')\n",
+    )
+    .unwrap();
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&s.sk),
+            Some(json!({"serviceName": "raiser", "websocketAuth": "none",
+                        "image": format!("local:{}", dir.path().display())})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let mut ws = connect(&s, "/ws/twilio").await.unwrap();
+    ws.send(Message::Text(CONNECTED.into())).await.unwrap();
+    ws.send(Message::Text(
+        twilio_start(Some("raiser.default"), None).into(),
+    ))
+    .await
+    .unwrap();
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(60), ws.next()).await {
+            Ok(Some(Ok(Message::Close(f)))) => break f,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected the bot's close, got {other:?}"),
+        }
+    };
+    assert_eq!(closed.map(|f| u16::from(f.code)), Some(1011));
+    let sess = s.latest_session("raiser").await;
+    let sid = sess["sessionId"].as_str().unwrap();
+    let g = s.wait_ended("raiser", sid, Duration::from_secs(20)).await;
+    assert_eq!(g["endReason"], "error", "{g}");
+    assert_eq!(g["endState"], "agent_error", "{g}");
+    assert!(
+        g["endMessage"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("1011"),
+        "{g}"
+    );
+}

@@ -144,6 +144,15 @@ pub(super) async fn ending_of_outcome(out: BotOutcome, inst: &Arc<dyn Instance>)
         BotOutcome::WsClosed { by_client: false } => {
             Ending::new(EndReason::Completed, "WS_CONNECTION_CLOSED")
         }
+        BotOutcome::WsAgentError(reason) => {
+            let mut e = Ending::new(EndReason::Error, "WS_CONNECTION_CLOSED");
+            e.message = Some(if reason.is_empty() {
+                "the agent closed the websocket with 1011 (internal error): the bot raised (see the session's logs)".into()
+            } else {
+                format!("the agent closed the websocket with 1011 (internal error): {reason}")
+            });
+            e
+        }
         BotOutcome::Answered(s, error) => {
             let mut e = Ending::new(EndReason::Error, &s.to_string());
             e.message = Some(answered_message(s, error.as_deref()));
