@@ -1224,7 +1224,7 @@ mod tests {
             .expect("the cut build's uid is never freed");
     }
 
-    /// A step under a build uid has its own `/tmp`, `/var/tmp` and `/dev/shm` (what it
+    /// A step under a build uid has its own `/tmp`, `/var/tmp`, `/dev/shm` and `/run/lock` (what it
     /// leaves there is gone with it, never seen by a later holder of the uid) and a `/proc`
     /// without other uids' processes, and still runs in its directory under that uid.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

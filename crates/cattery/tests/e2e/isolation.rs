@@ -233,7 +233,7 @@ async fn try_write(s: &Server, pk: &str, agent: &str, sid: &str, path: &str) -> 
 }
 
 /// The shared world-writable places are each instance's own: org A's agent writes to `/tmp`,
-/// `/var/tmp` and `/dev/shm` (not `$TMPDIR`) and ends; org B's agent, given the same uid (a
+/// `/var/tmp`, `/dev/shm` and `/run/lock` (not `$TMPDIR`) and ends; org B's agent, given the same uid (a
 /// one-uid range), finds none of it, and nothing reached the host's own directories. Nor does
 /// an agent see processes of other uids in `/proc` (the server's command line).
 #[tokio::test(flavor = "multi_thread")]
@@ -245,8 +245,9 @@ async fn what_an_agent_leaves_in_tmp_or_dev_shm_is_gone_for_the_next_instance_of
     let uid = 2_000_100_000 + (std::process::id() % 500);
     let range = format!("{uid}-{uid}");
     let s = Server::start(&["--instance-uids", &range]).await;
-    let places: Vec<String> = ["/tmp", "/var/tmp", "/dev/shm"]
+    let places: Vec<String> = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock"]
         .iter()
+        .filter(|d| std::path::Path::new(d).is_dir())
         .map(|d| format!("{d}/cattery-leftover-{}", s.tag))
         .collect();
 
@@ -334,7 +335,8 @@ async fn what_an_agent_leaves_in_tmp_or_dev_shm_is_gone_for_the_next_instance_of
         "B sees the server's command line: {proc_r}"
     );
     assert!(
-        s.log().contains("private /tmp, /var/tmp and /dev/shm"),
+        s.log()
+            .contains("private /tmp, /var/tmp, /dev/shm and /run/lock"),
         "{}",
         s.log()
     );

@@ -112,7 +112,7 @@ impl Isolation {
     /// One line for the start log.
     pub fn describe(&self) -> String {
         const SHARED: &str =
-            "/tmp, /var/tmp and /dev/shm are the host's, shared by all instances, \
+            "/tmp, /var/tmp, /dev/shm and /run/lock are the host's, shared by all instances, \
                               and any instance reads any build's files by its path";
         match (&self.uids, &self.off_reason) {
             (Some(p), _) => match (&self.namespaces, &self.namespaces_off) {

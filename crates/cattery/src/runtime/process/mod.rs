@@ -164,7 +164,7 @@ impl ProcessRuntime {
             }
             (None, Some(_)) => tracing::warn!(
                 separation = %isolation.describe(),
-                "instances share /tmp, /var/tmp and /dev/shm: what one leaves there, a later instance of its uid can read, and builds are readable by path (see docs/security.md)"
+                "instances share /tmp, /var/tmp, /dev/shm and /run/lock: what one leaves there, a later instance of its uid can read, and builds are readable by path (see docs/security.md)"
             ),
             (Some(_), _) => tracing::warn!(
                 separation = %isolation.describe(),

@@ -1,4 +1,4 @@
-//! A private mount namespace per instance: its own `/tmp`, `/var/tmp` and `/dev/shm`, and a
+//! A private mount namespace per instance: its own `/tmp`, `/var/tmp`, `/dev/shm` and `/run/lock`, and a
 //! `/proc` that hides other uids' processes.
 //!
 //! Instance uids come from a pool and are reused ([`super::uids`]): without this, a file an
@@ -52,8 +52,10 @@ use std::path::{Path, PathBuf};
 
 use super::uids::UidRange;
 
-/// The world-writable places every instance gets its own of.
-pub const PLACES: [&str; 3] = ["/tmp", "/var/tmp", "/dev/shm"];
+/// The world-writable places every instance gets its own of: the usual scratch places, and
+/// the lock directory (`/run/lock`, `/var/lock` linked to it on Debian), writable by every
+/// user too.
+pub const PLACES: [&str; 5] = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock"];
 
 /// Mount options of each private place.
 const TMPFS_DATA: &CStr = c"mode=1777";
@@ -228,7 +230,7 @@ impl Namespaces {
         } else {
             " (System V IPC and message queues are the host's: this kernel refused an IPC namespace)"
         };
-        format!("a private /tmp, /var/tmp and /dev/shm per instance{ipc}{proc}{builds}")
+        format!("a private /tmp, /var/tmp, /dev/shm and /run/lock per instance{ipc}{proc}{builds}")
     }
 
     /// Whether builds are hidden from instances but for those they run (false: any instance
