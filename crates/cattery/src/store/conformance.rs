@@ -1134,6 +1134,19 @@ async fn agent_counts(s: &dyn Store) {
         others_total: 3,
     };
     assert_eq!(s.agent_counts(a.id, dep, "n2").await.unwrap(), want);
+    // Where a start may be forwarded: the other nodes with an unpromised record of the
+    // deployment, sorted, each once (the asking node's own and promised ones left out).
+    let nodes = |by: &'static str, d: Uuid| async move {
+        s.nodes_with_unpromised(a.id, d, by).await.unwrap()
+    };
+    assert_eq!(nodes("n1", dep).await, ["n2", "n3"]);
+    assert_eq!(nodes("n2", dep).await, ["n1", "n3"]);
+    assert_eq!(nodes("n3", old).await, ["n2"]);
+    assert!(nodes("n2", old).await.is_empty());
+    // Another agent's: its own record on n2 only.
+    let of_b = |by: &'static str| s.nodes_with_unpromised(b.id, b.desired_deployment_id, by);
+    assert_eq!(of_b("n1").await.unwrap(), ["n2"]);
+    assert!(of_b("n2").await.unwrap().is_empty());
 }
 
 /// Slots: reserved below the maximum only, freed with the instance's record (its end or its

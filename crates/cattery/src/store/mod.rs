@@ -722,6 +722,16 @@ pub trait ClusterStore: Send + Sync + 'static {
         deployment: Uuid,
         node: &str,
     ) -> StoreResult<AgentCounts>;
+    /// The nodes other than `node` that hold an instance record of agent `agent_id`'s
+    /// deployment `deployment` promised to no session (idle, or still starting: the record
+    /// does not say), sorted by id, in one read: where a start that finds no idle instance on
+    /// `node` may be forwarded (docs/cluster.md, "Starts go to a warm instance").
+    async fn nodes_with_unpromised(
+        &self,
+        agent_id: Uuid,
+        deployment: Uuid,
+        node: &str,
+    ) -> StoreResult<Vec<String>>;
     /// Frees the slots of `node` whose instance has no record and is not in `keep`: a node
     /// that stopped between a reservation and the instance's record (a crash) leaves such
     /// slots. Returns how many were freed.

@@ -141,6 +141,24 @@ impl ClusterStore for PgStore {
         })
     }
 
+    async fn nodes_with_unpromised(
+        &self,
+        agent_id: Uuid,
+        deployment: Uuid,
+        node: &str,
+    ) -> StoreResult<Vec<String>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT node_id FROM instances WHERE agent_id = $1 AND deployment_id = $2 \
+             AND session_id IS NULL AND node_id <> $3 ORDER BY node_id",
+        )
+        .bind(agent_id)
+        .bind(deployment)
+        .bind(node)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
     async fn release_orphan_slots(&self, node: &str, keep: &[Uuid]) -> StoreResult<u64> {
         let n = sqlx::query(
             "WITH d AS (DELETE FROM capacity_slots s WHERE s.node_id = $1 \

@@ -110,6 +110,25 @@ impl ClusterStore for SqliteStore {
         .await
     }
 
+    async fn nodes_with_unpromised(
+        &self,
+        agent_id: Uuid,
+        deployment: Uuid,
+        node: &str,
+    ) -> StoreResult<Vec<String>> {
+        let node = node.to_string();
+        self.scan(move |db| {
+            db.query_all(
+                "SELECT DISTINCT node_id FROM instances WHERE agent_id = ?1 \
+                 AND deployment_id = ?2 AND session_id IS NULL AND node_id <> ?3 \
+                 ORDER BY node_id",
+                &[agent_id.into(), deployment.into(), Val::Text(&node)],
+                |r| Ok(r.string(0)),
+            )
+        })
+        .await
+    }
+
     async fn release_orphan_slots(&self, node: &str, keep: &[Uuid]) -> StoreResult<u64> {
         let node = node.to_string();
         let keep: Vec<String> = keep.iter().map(Uuid::to_string).collect();
