@@ -14,6 +14,7 @@ pub mod cors;
 pub mod dialin;
 pub mod error;
 pub mod events;
+pub mod forward_start;
 pub mod logs;
 pub mod metrics;
 pub mod openapi;

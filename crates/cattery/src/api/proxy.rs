@@ -40,11 +40,12 @@ pub(super) static CLIENT: LazyLock<Client<HttpConnector, Body>> = LazyLock::new(
 /// The client for requests forwarded to another node (`http://` or `https://`). A pooled
 /// connection is dropped after [`PEER_POOL_IDLE`](crate::core::cluster::PEER_POOL_IDLE),
 /// within the peer's keep-alive timeout, for the same reason as [`CLIENT`]'s.
-static PEERS: LazyLock<Client<crate::core::cluster::PeerConnector, Body>> = LazyLock::new(|| {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(crate::core::cluster::PEER_POOL_IDLE)
-        .build(crate::core::cluster::peer_connector())
-});
+pub(super) static PEERS: LazyLock<Client<crate::core::cluster::PeerConnector, Body>> =
+    LazyLock::new(|| {
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(crate::core::cluster::PEER_POOL_IDLE)
+            .build(crate::core::cluster::peer_connector())
+    });
 
 /// Checks that a live session of `agent` in `org` exists; returns its id.
 /// Errors: 400 for a malformed id; 404 when unknown, another org's or agent's, or ended.
@@ -238,7 +239,7 @@ pub(super) async fn to_owner(
 
 /// Whether an answer is JSON with a `Content-Length` of at most 64 KiB (read whole to look
 /// at its `code`).
-fn small_json(h: &axum::http::HeaderMap) -> bool {
+pub(super) fn small_json(h: &axum::http::HeaderMap) -> bool {
     let json = h
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

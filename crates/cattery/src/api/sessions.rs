@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 
 use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -27,29 +28,36 @@ pub const MAX_START_BODY: usize = 1024 * 1024;
 pub const MAX_WS_START_BODY: usize = 4 * 1024;
 
 /// `StartRequest` (reference §A.5).
-#[derive(custom_debug::Debug, Default, Deserialize, ToSchema)]
+#[derive(custom_debug::Debug, Default, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StartRequest {
     /// Create a Daily room for the session (needs the org's `dailyApiKey` property or the
     /// server's `--daily-api-key`); the bot gets it as `x-daily-room-url`/`x-daily-room-token`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub create_daily_room: Option<bool>,
     /// Daily room properties, over the defaults (`exp` at most the session's end).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub daily_room_properties: Option<Value>,
     /// Daily meeting token properties of the client's token (`dailyToken`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub daily_meeting_token_properties: Option<Value>,
     /// Include `iceConfig` in the answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub enable_default_ice_servers: Option<bool>,
     /// `daily`, `webrtc` or `websocket`. `daily` makes a room as `createDailyRoom: true` does,
     /// unless `createDailyRoom` is `false` (the caller's own room, passed in `body`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub transport: Option<String>,
     /// Passed to the bot as `args.body` (max 1 MiB; 4 KiB for websocket).
     // The caller's data: `Debug` shows whether it is there, not what.
     #[debug(with = crate::redact::hidden_some)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub body: Option<Value>,
     /// Pipecat Flows config text: the bot gets it as `args.flow_config` (the base image's
     /// start envelope, `X-Pcc-Start-Envelope: 1`).
     #[serde(rename = "flow_config", alias = "flowConfig")]
     #[debug(with = crate::redact::hidden_some)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub flow_config: Option<String>,
 }
 
@@ -144,9 +152,10 @@ pub async fn start_session(
     State(st): State<AppState>,
     PublicAuth(c): PublicAuth,
     ApiPath(name): ApiPath<String>,
+    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
     headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<StartRequest>,
-) -> ApiResult<Json<StartAnswer>> {
+) -> ApiResult<Response> {
     let transport = match req.transport.as_deref() {
         None | Some("") => None,
         Some(t @ ("daily" | "webrtc" | "websocket")) => Some(t.to_string()),
@@ -193,7 +202,15 @@ pub async fn start_session(
         let base = st.ws.public_url.ws_base(&headers);
         return Ok(Json(StartAnswer::Websocket(
             super::ws::announce(&st, &base, &c.org, &name, req.body.as_ref()).await?,
-        )));
+        ))
+        .into_response());
+    }
+    // Before anything of the session exists here (its room, its slot, its record): a start
+    // that another node can serve warm is that node's (docs/cluster.md).
+    if let Some(r) =
+        super::forward_start::elsewhere(&st, &c.org, &name, &uri, &headers, &req).await?
+    {
+        return Ok(r);
     }
     let session = Uuid::new_v4();
     let mut extra_headers = Vec::new();
@@ -260,7 +277,8 @@ pub async fn start_session(
         ice_config: (req.enable_default_ice_servers == Some(true))
             .then(|| IceConfig::of(st.sup.ice_servers())),
         session_id: out.session_id,
-    })))
+    }))
+    .into_response())
 }
 
 /// Creates the Daily room of a `createDailyRoom` start (or a dial-in) and arranges its

@@ -44,6 +44,10 @@ pub const SECRET_HEADER: &str = "x-cattery-cluster-secret";
 /// taken on the secret alone.
 pub const NODE_HEADER: &str = "x-cattery-node";
 
+/// The header that marks a start another node forwarded (with the cluster secret): the node
+/// that gets it serves the start itself, warm or cold, and never forwards it again.
+pub const FORWARDED_START_HEADER: &str = "x-cattery-forwarded-start";
+
 /// The shared secret of a cluster's internal calls. Never printed (`Debug` hides it).
 #[derive(Clone)]
 pub struct ClusterSecret(Arc<str>);

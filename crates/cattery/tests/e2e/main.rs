@@ -14,6 +14,7 @@ mod cluster_capacity;
 mod cluster_counts;
 mod cluster_docker;
 mod cluster_events;
+mod cluster_forward;
 mod cluster_ownership;
 mod connections;
 mod container;

@@ -29,6 +29,7 @@ mod cleanup;
 mod counts;
 mod ending;
 mod fence;
+mod forward;
 mod health;
 mod observe;
 mod pending;
@@ -66,6 +67,7 @@ pub use state::InstState;
 
 pub use counts::{status_counts, AgentPoolStatus, StatusCounts};
 pub use fence::Rejoined;
+pub use forward::StartElsewhere;
 pub use recover::lost_end;
 use state::{AgentPool, InstanceCtl, State};
 pub use watching::{Elsewhere, Watching};

@@ -2495,3 +2495,73 @@ async fn status_counts_the_cluster_only_with_several_live_nodes() {
         "the pool health is judged on stays this node's"
     );
 }
+
+/// An instance record of node `node` for agent `a`'s deployment, promised to no session: a
+/// warm instance there.
+async fn idle_record_of(e: &Env, a: &AgentRecord, node: &str) {
+    let rec = InstanceRecord {
+        id: Uuid::new_v4(),
+        agent_id: a.id,
+        deployment_id: a.desired_deployment_id,
+        session_id: None,
+        runtime: e.fake.kind().as_str().to_string(),
+        placement: serde_json::json!({}),
+        created_ms: now_ms(),
+        node_id: node.into(),
+    };
+    e.store.put_instance(&rec).await.unwrap();
+}
+
+/// A start goes to another node only while several nodes are live, this node holds no idle
+/// instance of the agent, and a live node with an advertise URL holds one promised to no
+/// session; a start this node refuses (unknown agent) stays here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_without_an_idle_instance_here_goes_to_a_live_node_that_has_one() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 0, 2).await;
+    let b = agent(&e, "b", &[], 0, 2).await;
+    idle_record_of(&e, &a, "n2").await;
+    left_by(&e, &b, "n2").await;
+    e.store.heartbeat(&n2_at("http://n2")).await.unwrap();
+    e.sup.remember_nodes(&[n2_at("http://n2")]);
+    // One live node (a store of one node): never.
+    assert_eq!(e.sup.start_elsewhere("o", "a").await, None);
+    e.sup
+        .set_cluster_view(super::ClusterView { index: 0, nodes: 2 });
+    assert_eq!(
+        e.sup.start_elsewhere("o", "a").await,
+        Some(super::StartElsewhere {
+            node: "n2".into(),
+            url: "http://n2".into()
+        })
+    );
+    // n2's only instance of b serves a session; an unknown agent, another org's: here.
+    for (org, name) in [("o", "b"), ("o", "nope"), ("p", "a")] {
+        assert_eq!(e.sup.start_elsewhere(org, name).await, None, "{org}/{name}");
+    }
+    // n2 seen dead (its last heartbeat older than the node timeout), or without an address.
+    let stale = crate::store::NodeRecord {
+        heartbeat_ms: now_ms() - 5000,
+        ..n2_at("http://n2")
+    };
+    e.sup.remember_nodes(&[stale]);
+    assert_eq!(e.sup.start_elsewhere("o", "a").await, None);
+    let no_url = crate::store::NodeRecord {
+        advertise_url: None,
+        ..n2_at("http://n2")
+    };
+    e.sup.remember_nodes(&[no_url]);
+    assert_eq!(e.sup.start_elsewhere("o", "a").await, None);
+    // This node holds an idle instance of its own (its share of minAgents 2): it serves.
+    e.sup.remember_nodes(&[n2_at("http://n2")]);
+    let c = warm_agent(&e, "c", 1, 2).await;
+    idle_record_of(&e, &c, "n2").await;
+    assert_eq!(e.sup.start_elsewhere("o", "c").await, None);
+    // Once it is taken, the next start goes to n2's.
+    let s = start(&e, "c").await.unwrap();
+    assert!(!s.cold_start);
+    assert_eq!(
+        e.sup.start_elsewhere("o", "c").await.map(|t| t.node),
+        Some("n2".to_string())
+    );
+}
