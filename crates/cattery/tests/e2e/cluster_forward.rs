@@ -39,13 +39,25 @@ async fn a_start_without_a_local_idle_instance_is_served_warm_by_the_node_that_h
         .await;
     c.add_node().await;
     let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
-    for stop_via in [1, 0] {
+    // The second start is a SmallWebRTC one: its fields reach the serving node (the session's
+    // transport, the answer's `iceConfig`), and its later requests (`/api/offer` among them)
+    // reach the owner through either node, as `/info` does here.
+    let webrtc = json!({"transport": "webrtc", "enableDefaultIceServers": true, "body": {"k": 1}});
+    for (stop_via, start) in [(1, json!({"body": {"k": "v"}})), (0, webrtc)] {
         warm_on(n1, "fwd").await;
-        let r = n2.start_session("fwd", json!({"body": {"k": "v"}})).await;
+        let r = n2.start_session("fwd", start.clone()).await;
         assert_eq!(r.status, 200, "{:?}", r.body);
         assert_eq!(r.body["coldStart"], false, "{:?}", r.body);
+        assert_eq!(
+            r.body.get("iceConfig").is_some(),
+            start["enableDefaultIceServers"] == true,
+            "{:?}",
+            r.body
+        );
         let sid = r.body["sessionId"].as_str().unwrap().to_string();
-        assert_eq!(n2.session("fwd", &sid).await["nodeId"], "n1");
+        let s = n2.session("fwd", &sid).await;
+        assert_eq!(s["nodeId"], "n1", "{s}");
+        assert_eq!(s["transport"], start["transport"], "{s}");
         // The session's requests reach its instance through either node.
         for n in [n1, n2] {
             let r = n
@@ -57,6 +69,7 @@ async fn a_start_without_a_local_idle_instance_is_served_warm_by_the_node_that_h
                 )
                 .await;
             assert_eq!(r.status, 200, "{:?}", r.body);
+            assert_eq!(r.body["sessionId"], sid.as_str(), "{:?}", r.body);
         }
         let via = &c.nodes[stop_via];
         assert_eq!(via.stop("fwd", &sid).await.status, 200);
