@@ -3,7 +3,7 @@
 //! database, `minAgents` 1, the process runtime, loopback. Without PostgreSQL's binaries these
 //! tests say so and pass (see `postgres::PgCluster`).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -45,7 +45,12 @@ async fn a_start_without_a_local_idle_instance_is_served_warm_by_the_node_that_h
     let webrtc = json!({"transport": "webrtc", "enableDefaultIceServers": true, "body": {"k": 1}});
     for (stop_via, start) in [(1, json!({"body": {"k": "v"}})), (0, webrtc)] {
         warm_on(n1, "fwd").await;
+        let t0 = Instant::now();
         let r = n2.start_session("fwd", start.clone()).await;
+        eprintln!(
+            "MEASURED a start through n2 served warm by n1: {:?}",
+            t0.elapsed()
+        );
         assert_eq!(r.status, 200, "{:?}", r.body);
         assert_eq!(r.body["coldStart"], false, "{:?}", r.body);
         assert_eq!(
@@ -81,7 +86,12 @@ async fn a_start_without_a_local_idle_instance_is_served_warm_by_the_node_that_h
     warm_on(n1, "fwd").await;
     c.nodes[0].kill9();
     let n2 = &c.nodes[1];
+    let t0 = Instant::now();
     let r = n2.start_session("fwd", json!({})).await;
+    eprintln!(
+        "MEASURED a start through n2, n1 killed, served cold by n2: {:?}",
+        t0.elapsed()
+    );
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.body["coldStart"], true, "{:?}", r.body);
     let sid = r.body["sessionId"].as_str().unwrap().to_string();
