@@ -232,6 +232,44 @@ async fn try_write(s: &Server, pk: &str, agent: &str, sid: &str, path: &str) -> 
     as_agent(s, pk, agent, sid, "write", path).await
 }
 
+/// Org B's agent of the test agent, deployed, and a session of it started once a uid is free
+/// (the tests give every instance one uid, so B's waits for A's to be given back): B's private
+/// key, public key and session id.
+async fn org_b_session(s: &Server) -> (String, String, String) {
+    let (sk_b, pk_b) = (s.key("private", "org-b"), s.key("public", "org-b"));
+    let cmd = vec![common::test_agent().display().to_string()];
+    let r = s
+        .req(
+            "POST",
+            "/v1/agents",
+            Some(&sk_b),
+            Some(json!({"serviceName": "bagent", "command": cmd,
+                        "env": {"CATTERY_TEST_TAG": s.tag}})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sid_b = common::wait_for(
+        Duration::from_secs(10),
+        "a start under the freed uid",
+        || {
+            let pk_b = &pk_b;
+            async move {
+                let r = s
+                    .req(
+                        "POST",
+                        "/v1/public/bagent/start",
+                        Some(pk_b),
+                        Some(json!({})),
+                    )
+                    .await;
+                (r.status == 200).then(|| r.body["sessionId"].as_str().unwrap().to_string())
+            }
+        },
+    )
+    .await;
+    (sk_b, pk_b, sid_b)
+}
+
 /// The shared world-writable places are each instance's own: org A's agent writes to `/tmp`,
 /// `/var/tmp`, `/dev/shm` and `/run/lock` (not `$TMPDIR`) and ends; org B's agent, given the same uid (a
 /// one-uid range), finds none of it, and nothing reached the host's own directories. Nor does
@@ -270,38 +308,7 @@ async fn what_an_agent_leaves_in_tmp_or_dev_shm_is_gone_for_the_next_instance_of
     s.wait_no_agent_pids(Duration::from_secs(10)).await;
 
     // Org B, under the same uid (once A's is given back).
-    let (sk_b, pk_b) = (s.key("private", "org-b"), s.key("public", "org-b"));
-    let cmd = vec![common::test_agent().display().to_string()];
-    let r = s
-        .req(
-            "POST",
-            "/v1/agents",
-            Some(&sk_b),
-            Some(json!({"serviceName": "bagent", "command": cmd,
-                        "env": {"CATTERY_TEST_TAG": s.tag}})),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    let sid_b = common::wait_for(
-        Duration::from_secs(10),
-        "a start under the freed uid",
-        || {
-            let s = &s;
-            let pk_b = &pk_b;
-            async move {
-                let r = s
-                    .req(
-                        "POST",
-                        "/v1/public/bagent/start",
-                        Some(pk_b),
-                        Some(json!({})),
-                    )
-                    .await;
-                (r.status == 200).then(|| r.body["sessionId"].as_str().unwrap().to_string())
-            }
-        },
-    )
-    .await;
+    let (sk_b, pk_b, sid_b) = org_b_session(&s).await;
     let b = info(&s, &pk_b, "bagent", &sid_b).await;
     assert_eq!(b["uid"].as_u64(), Some(u64::from(uid)), "the same uid as A");
     let mut seen = Vec::new();
@@ -374,37 +381,7 @@ async fn what_an_agent_leaves_in_the_kernel_is_gone_for_the_next_instance_of_its
     assert_eq!(s.stop("aagent", &sid_a).await.status, 200);
     s.wait_no_agent_pids(Duration::from_secs(10)).await;
 
-    let (sk_b, pk_b) = (s.key("private", "org-b"), s.key("public", "org-b"));
-    let cmd = vec![common::test_agent().display().to_string()];
-    let r = s
-        .req(
-            "POST",
-            "/v1/agents",
-            Some(&sk_b),
-            Some(json!({"serviceName": "bagent", "command": cmd,
-                        "env": {"CATTERY_TEST_TAG": s.tag}})),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    let sid_b = common::wait_for(
-        Duration::from_secs(10),
-        "a start under the freed uid",
-        || {
-            let (s, pk_b) = (&s, &pk_b);
-            async move {
-                let r = s
-                    .req(
-                        "POST",
-                        "/v1/public/bagent/start",
-                        Some(pk_b),
-                        Some(json!({})),
-                    )
-                    .await;
-                (r.status == 200).then(|| r.body["sessionId"].as_str().unwrap().to_string())
-            }
-        },
-    )
-    .await;
+    let (sk_b, pk_b, sid_b) = org_b_session(&s).await;
     let b = info(&s, &pk_b, "bagent", &sid_b).await;
     assert_eq!(b["uid"].as_u64(), Some(u64::from(uid)), "the same uid as A");
     let found = as_agent(&s, &pk_b, "bagent", &sid_b, "find-kernel", &tag).await;
