@@ -5,8 +5,6 @@
 //!
 //! [`Supervisor::start_elsewhere`]: crate::core::session::Supervisor::start_elsewhere
 
-use std::time::Duration;
-
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, Uri};
 use axum::response::Response;
@@ -15,12 +13,8 @@ use bytes::Bytes;
 use super::cluster::from_peer;
 use super::error::ApiResult;
 use super::AppState;
-use crate::core::cluster::{FORWARDED_START_HEADER, NODE_HEADER, SECRET_HEADER};
+use crate::core::cluster::FORWARDED_START_HEADER;
 use crate::core::session::StartElsewhere;
-
-/// How often a forwarded start checks, while it waits for the answer, that the serving node
-/// is still alive.
-const NODE_CHECK: Duration = Duration::from_secs(1);
 
 /// Whether a start request was forwarded by another node (it carries
 /// [`FORWARDED_START_HEADER`] and the cluster secret): it is served here, never forwarded.
@@ -87,13 +81,7 @@ pub async fn relay(
             h.append(k.clone(), v.clone());
         }
     }
-    h.insert(
-        HeaderName::from_static(SECRET_HEADER),
-        HeaderValue::from_str(secret.expose()).ok()?,
-    );
-    if let Ok(run) = HeaderValue::from_str(&st.node.run()) {
-        h.insert(HeaderName::from_static(NODE_HEADER), run);
-    }
+    super::proxy::as_peer(st, secret, h);
     h.insert(
         HeaderName::from_static(FORWARDED_START_HEADER),
         HeaderValue::from_static("1"),
@@ -102,20 +90,11 @@ pub async fn relay(
         axum::http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    let sent = super::proxy::PEERS.request(req);
-    tokio::pin!(sent);
-    let resp = loop {
-        tokio::select! {
-            r = &mut sent => break r,
-            () = tokio::time::sleep(NODE_CHECK) => {
-                if st.sup.owner_dead(&to.node).await {
-                    tracing::warn!(node = %to.node,
-                        "a start forwarded to a node with an idle instance got no answer before \
-                         the node was declared dead; starting it here");
-                    return None;
-                }
-            }
-        }
+    let Some(resp) = super::proxy::send_to_peer(st, &to.node, req).await else {
+        tracing::warn!(node = %to.node,
+            "a start forwarded to a node with an idle instance got no answer before the node \
+             was declared dead; starting it here");
+        return None;
     };
     let resp = match resp {
         Ok(r) => r,

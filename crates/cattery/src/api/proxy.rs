@@ -93,6 +93,49 @@ pub async fn proxy(
     forward(st, auth, agent, sid, path, req).await
 }
 
+/// Marks `headers` as sent by this node: the cluster secret and this node's run.
+pub(super) fn as_peer(
+    st: &AppState,
+    secret: &crate::core::cluster::ClusterSecret,
+    headers: &mut axum::http::HeaderMap,
+) {
+    headers.insert(
+        HeaderName::from_static(crate::core::cluster::SECRET_HEADER),
+        secret
+            .expose()
+            .parse()
+            .expect("the cluster secret is a valid header value"),
+    );
+    if let Ok(run) = st.node.run().parse() {
+        headers.insert(
+            HeaderName::from_static(crate::core::cluster::NODE_HEADER),
+            run,
+        );
+    }
+}
+
+/// Sends `req` to node `node` and waits for the answer's head, checking every
+/// [`OWNER_CHECK`] that the node is still alive: `None` once it is declared dead.
+pub(super) async fn send_to_peer(
+    st: &AppState,
+    node: &str,
+    req: Request<Body>,
+) -> Option<Result<axum::http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>>
+{
+    let sent = PEERS.request(req);
+    tokio::pin!(sent);
+    loop {
+        tokio::select! {
+            r = &mut sent => return Some(r),
+            () = tokio::time::sleep(OWNER_CHECK) => {
+                if st.sup.owner_dead(node).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 async fn forward(
     State(st): State<AppState>,
     PublicAuth(c): PublicAuth,
@@ -165,30 +208,11 @@ pub(super) async fn to_owner(
         .parse::<Uri>()
         .map_err(|e| unreachable(&format!("whose advertise URL is unusable ({e})")))?;
     parts.headers.remove("host");
-    parts.headers.insert(
-        HeaderName::from_static(crate::core::cluster::SECRET_HEADER),
-        secret
-            .expose()
-            .parse()
-            .expect("the cluster secret is a valid header value"),
-    );
-    if let Ok(run) = st.node.run().parse() {
-        parts.headers.insert(
-            HeaderName::from_static(crate::core::cluster::NODE_HEADER),
-            run,
-        );
-    }
-    let sent = PEERS.request(Request::from_parts(parts, body));
-    tokio::pin!(sent);
-    let resp = loop {
-        tokio::select! {
-            r = &mut sent => break r,
-            () = tokio::time::sleep(OWNER_CHECK) => {
-                if st.sup.owner_dead(owner).await {
-                    return Err(unreachable("which stopped answering and is no longer alive"));
-                }
-            }
-        }
+    as_peer(st, secret, &mut parts.headers);
+    let Some(resp) = send_to_peer(st, owner, Request::from_parts(parts, body)).await else {
+        return Err(unreachable(
+            "which stopped answering and is no longer alive",
+        ));
     };
     // A connection the owner never took carried nothing: a 503 (a balancer may retry it),
     // not the 502 of a request that may have reached the owner.
