@@ -1273,6 +1273,20 @@ mod tests {
             }
         }
         assert!(checked >= 5, "{checked}");
+        // Its `Documentation=` names a file the install steps in docs/operations.md put there.
+        let ops = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/operations.md"
+        ))
+        .unwrap();
+        for line in unit.lines() {
+            if let Some(doc) = line.strip_prefix("Documentation=file://") {
+                let installed = format!("docs/{} {doc}", doc.rsplit('/').next().unwrap());
+                assert!(ops.contains(&installed), "{doc}: no install step");
+                checked += 1;
+            }
+        }
+        assert!(checked >= 6, "{checked}");
     }
 
     /// `--help` is for operators: rustdoc's links (`[`Type`]`) in a doc comment that clap
