@@ -2453,17 +2453,36 @@ mod tests {
                 rt.isolation.uids.as_ref().map_or(0, |p| p.held_count()),
             )
         };
-        let id = uuid::Uuid::new_v4();
-        let v2 = rt.cgroups.v2_base.as_ref().map(|b| b.join(id.to_string()));
-        {
-            let mut start = std::pin::pin!(rt.start(spec(id), test_sink()));
-            // One poll: set up, spare claimed, waiting for the pidfd (never readable at the
-            // first poll: tokio learns readiness from its driver).
+        // One poll: set up, spare claimed, waiting for the pidfd. Tokio learns its readiness
+        // from its driver, which the other worker may run at that moment: on a loaded machine
+        // the exec can win the race to the first poll, and the start is then simply done.
+        // Such a start is stopped and the next one tried, until one waits.
+        let mut waited = None;
+        for _ in 0..20 {
+            let id = uuid::Uuid::new_v4();
+            let mut start = Box::pin(rt.start(spec(id), test_sink()));
             let polled = std::future::poll_fn(|cx| {
                 std::task::Poll::Ready(std::future::Future::poll(start.as_mut(), cx))
             })
             .await;
-            assert!(polled.is_pending(), "the start did not wait");
+            match polled {
+                std::task::Poll::Pending => {
+                    waited = Some((id, start));
+                    break;
+                }
+                std::task::Poll::Ready(done) => {
+                    done.expect("start").terminate(Duration::ZERO).await;
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while !full(&rt) && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }
+        let (id, start) = waited.expect("no start ever waited for its pidfd");
+        let v2 = rt.cgroups.v2_base.as_ref().map(|b| b.join(id.to_string()));
+        {
+            let _start = start;
             let taken = held(&rt);
             assert_eq!(taken.0, 1, "the start reserved no port");
             if rt.isolation.uids.is_some() {
