@@ -136,6 +136,50 @@ async fn dashboard_in_a_browser() {
     assert!(shots.join("03-sessions-live.png").exists());
 }
 
+/// The dashboard keeps up with its user (`dashboard_ux.cjs`): the keyboard focus survives the
+/// rows' refreshes, the agents page follows agents deployed and deleted while it is open, a
+/// refused logs filter is told beside the filters, a crafted session link stays inside the
+/// session's API path, a phone-sized window shows no page wider than the screen, and no request
+/// of the page fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_keeps_up_with_the_user() {
+    if !have_browser() {
+        return;
+    }
+    let s = Server::start(&[]).await;
+    s.deploy("dash", &[], json!({"autoScaling": {"minAgents": 1}}))
+        .await;
+    s.wait_ready("dash", Duration::from_secs(30)).await;
+    let shots = cattery_bin()
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .join("dashboard-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/dashboard_ux.cjs");
+    let run = tokio::process::Command::new("node")
+        .arg(&script)
+        .env("NODE_PATH", playwright_dir().join("node_modules"))
+        .env("CATTERY_URL", &s.base)
+        .env("CATTERY_SK", &s.sk)
+        .env("CATTERY_AGENT", "dash")
+        .env("CATTERY_TEST_AGENT", test_agent())
+        .env("CATTERY_SCREENSHOTS", &shots)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(180), run)
+        .await
+        .expect("the browser script timed out")
+        .expect("run node");
+    assert!(
+        status.success(),
+        "the browser checks failed ({status}); screenshots in {}",
+        shots.display()
+    );
+}
+
 /// Reads a server-sent event stream for `wait`; returns what arrived.
 async fn read_stream(r: &mut reqwest::Response, wait: Duration, until: &str) -> String {
     let mut text = String::new();

@@ -23,6 +23,19 @@ function h(tag, attrs, ...kids) {
   }
   return el;
 }
+// Replaces `el`'s children (or `el` itself, for a row) with fresh ones, keeping the keyboard
+// focus: a focused element that has a `data-focus` key gets it back in the new content, so a
+// page that refreshes its rows does not throw a keyboard user back to the top.
+function keepFocus(el, replace) {
+  const a = document.activeElement;
+  const key = a && a !== document.body && el.contains(a) ? a.dataset.focus : null;
+  const where = replace() || el;
+  if (!key) return;
+  const again = where.querySelector(`[data-focus="${CSS.escape(key)}"]`);
+  if (again) again.focus();
+}
+const replaceKids = (el, kids) => keepFocus(el, () => { el.replaceChildren(...kids); });
+const replaceRow = (old, row) => keepFocus(old, () => { old.replaceWith(row); return row; });
 const fmtTime = (iso) => (iso ? new Date(iso).toLocaleString() : '');
 const fmtBytes = (b) => (b >= 1048576 ? (b / 1048576).toFixed(1) + ' MiB' : (b / 1024).toFixed(0) + ' KiB');
 const enc = encodeURIComponent;
@@ -244,19 +257,27 @@ async function startTestSession(agent, bodyText) {
 
 // -- agents --
 async function agentsPage(main) {
-  const names = await agentNames();
   const tbody = h('tbody', {});
   const table = h('table', { id: 'agents-table' },
     h('thead', {}, h('tr', {}, ['Agent', 'Health', 'Warm pool (idle / starting / busy)', 'Min / max', 'Sessions', 'Runs', 'Deployment', ''].map((t) => h('th', {}, t)))),
     tbody);
+  const none = h('p', { id: 'no-agents' }, 'No agents in this org yet (deploy one with the CLI or the API).');
   const detail = h('div', { id: 'agent-detail' });
-  main.replaceChildren(h('h1', {}, 'Agents'), names.length ? table : h('p', {}, 'No agents in this org yet (deploy one with the CLI or the API).'), detail);
+  main.replaceChildren(h('h1', {}, 'Agents'), table, none, detail);
 
+  // The list is read again on every refresh: an agent deployed or deleted meanwhile (by the
+  // CLI, another tab) shows or goes without a reload.
   async function refresh() {
+    const names = await agentNames();
     const rows = await Promise.all(names.map(async (n) => {
-      try { return await api('GET', '/v1/agents/' + enc(n)); } catch (e) { return { name: n, error: e.message }; }
+      try { return await api('GET', '/v1/agents/' + enc(n)); } catch (e) {
+        return e.status === 404 ? null : { name: n, error: e.message }; // deleted since the list
+      }
     }));
-    tbody.replaceChildren(...rows.map(agentRow));
+    const shown = rows.filter(Boolean);
+    table.hidden = !shown.length;
+    none.hidden = !!shown.length;
+    replaceKids(tbody, shown.map(agentRow));
   }
   function agentRow(a) {
     if (a.error) return h('tr', {}, h('td', {}, a.name), h('td', { colspan: 7, class: 'error' }, a.error));
@@ -276,13 +297,19 @@ async function agentsPage(main) {
       h('td', { class: 'mono' }, a.image ? a.image : (a.command || []).join(' ')),
       h('td', { class: 'mono' }, a.activeDeploymentId.slice(0, 8) + ' · ' + fmtTime(a.deployment.createdAt)),
       h('td', {},
-        h('button', { type: 'button', onclick: () => showAgent(a.name) }, 'Details'), ' ',
-        h('a', { href: '#/sessions?agent=' + enc(a.name) }, 'Sessions'), ' ',
-        h('a', { href: '#/logs?agent=' + enc(a.name) }, 'Logs'),
-        a.image ? [' ', h('a', { href: '#/talk/' + enc(a.name), class: 'talk', title: 'a call from this browser (SmallWebRTC)' }, 'Talk')] : null));
+        h('button', { type: 'button', 'data-focus': 'details:' + a.name, onclick: () => showAgent(a.name) }, 'Details'), ' ',
+        h('a', { href: '#/sessions?agent=' + enc(a.name), 'data-focus': 'sessions:' + a.name }, 'Sessions'), ' ',
+        h('a', { href: '#/logs?agent=' + enc(a.name), 'data-focus': 'logs:' + a.name }, 'Logs'),
+        a.image ? [' ', h('a', { href: '#/talk/' + enc(a.name), class: 'talk', 'data-focus': 'talk:' + a.name, title: 'a call from this browser (SmallWebRTC)' }, 'Talk')] : null));
   }
   async function showAgent(name) {
-    const deps = await api('GET', '/v1/agents/' + enc(name) + '/deployments');
+    let deps;
+    try {
+      deps = await api('GET', '/v1/agents/' + enc(name) + '/deployments');
+    } catch (e) {
+      flash('Could not read the deployments of ' + name + ': ' + e.message, true);
+      return;
+    }
     const body = h('textarea', { id: 'agent-start-body', spellcheck: 'false' }, '{}');
     const out = h('p', {});
     detail.replaceChildren(h('div', { class: 'card' },
@@ -298,7 +325,7 @@ async function agentsPage(main) {
       h('button', { type: 'button', class: 'primary', onclick: async () => {
         try {
           const r = await startTestSession(name, body.value);
-          out.replaceChildren('Started ', h('a', { href: '#/session/' + enc(name) + '/' + r.sessionId }, r.sessionId));
+          out.replaceChildren('Started ', h('a', { href: sessionHref(name, r.sessionId) }, r.sessionId));
         } catch (e) { out.replaceChildren(h('span', { class: 'error' }, 'Start refused: ' + e.message)); }
       } }, 'Start'), out,
       h('h3', {}, 'Delete'),
@@ -312,11 +339,16 @@ async function agentsPage(main) {
 }
 
 // -- sessions --
+const sessionHref = (agent, id) => '#/session/' + enc(agent) + '/' + enc(id);
+// A session's API path. The id is encoded like the name: from a crafted link, `../..` must
+// stay inside the session's own path, not reach the agent's (where Stop would be a DELETE).
+const sessionPath = (agent, id) => '/v1/agents/' + enc(agent) + '/sessions/' + enc(id);
+
 function sessionRow(s, agent) {
   const active = s.status === 'active';
-  const stop = h('button', { type: 'button', class: 'danger stop', disabled: !active, onclick: () => stopSession(agent, s.sessionId) }, 'Stop');
+  const stop = h('button', { type: 'button', class: 'danger stop', 'data-focus': 'stop:' + s.sessionId, disabled: !active, onclick: () => stopSession(agent, s.sessionId) }, 'Stop');
   return h('tr', { 'data-session': s.sessionId, 'data-status': active ? 'active' : 'terminated' },
-    h('td', { class: 'mono' }, h('a', { href: '#/session/' + enc(agent) + '/' + s.sessionId }, s.sessionId)),
+    h('td', { class: 'mono' }, h('a', { href: sessionHref(agent, s.sessionId), 'data-focus': 'open:' + s.sessionId }, s.sessionId)),
     h('td', {}, h('span', { class: 'status state-' + (active ? 'active' : 'terminated') }, active ? 'active' : 'terminated'),
       s.waitingForClient ? h('div', { class: 'hint waiting' }, 'waiting for its client') : null),
     h('td', {}, fmtTime(s.createdAt)),
@@ -331,8 +363,8 @@ function sessionRow(s, agent) {
 async function stopSession(agent, id) {
   if (!confirm('Stop session ' + id + '? Its instance is terminated.')) return null;
   try {
-    await api('DELETE', '/v1/agents/' + enc(agent) + '/sessions/' + id);
-    const s = await api('GET', '/v1/agents/' + enc(agent) + '/sessions/' + id);
+    await api('DELETE', sessionPath(agent, id));
+    const s = await api('GET', sessionPath(agent, id));
     flash('Session ' + id + ' stopped.');
     updateSessionRow(s);
     return s;
@@ -343,8 +375,8 @@ async function stopSession(agent, id) {
 }
 
 function updateSessionRow(s) {
-  const old = document.querySelector(`tr[data-session="${s.sessionId}"]`);
-  if (old) old.replaceWith(sessionRow(s, s.serviceName));
+  const old = document.querySelector(`tr[data-session="${CSS.escape(s.sessionId)}"]`);
+  if (old) replaceRow(old, sessionRow(s, s.serviceName));
 }
 
 function toUnix(v) { return v ? String(Math.floor(new Date(v).getTime() / 1000)) : ''; }
@@ -412,16 +444,16 @@ async function sessionsPage(main, q) {
     const l = await api('GET', '/v1/agents/' + enc(agent) + '/sessions?' + params);
     count = l.total_count;
     total.textContent = count + ' sessions';
-    tbody.replaceChildren(...l.sessions.map((s) => sessionRow(s, agent)));
+    replaceKids(tbody, l.sessions.map((s) => sessionRow(s, agent)));
     $('older').disabled = (page + 1) * PAGE_SIZE >= count;
   };
   // Changes arrive as events; the first page also takes new sessions at its top.
   events.listeners.add((ev) => {
     if (ev.type === 'ready') { load().catch(() => {}); return; }
     const s = ev.session;
-    const row = tbody.querySelector(`tr[data-session="${s.sessionId}"]`);
+    const row = tbody.querySelector(`tr[data-session="${CSS.escape(s.sessionId)}"]`);
     if (row) {
-      if (matches(s)) row.replaceWith(sessionRow(s, agent));
+      if (matches(s)) replaceRow(row, sessionRow(s, agent));
       else row.remove();
     } else if (page === 0 && matches(s) && s.status === 'active') {
       tbody.prepend(sessionRow(s, agent));
@@ -462,7 +494,7 @@ function drawChart(canvas, series) {
 }
 
 async function sessionPage(main, agent, id) {
-  const base = '/v1/agents/' + enc(agent) + '/sessions/' + id;
+  const base = sessionPath(agent, id);
   const status = h('span', { id: 'session-status' });
   const timeline = h('ol', { class: 'timeline', id: 'timeline' });
   const canvas = h('canvas', { id: 'chart', width: 720, height: 180 });
@@ -563,14 +595,23 @@ async function logsPage(main, q) {
   const apply = () => go('logs', { agent: agentSel.value, sessionId: session.value.trim(), query: query.value, deploymentId: deployment.value.trim() });
   [agentSel, session, query, deployment].forEach((el) => el.addEventListener('change', apply));
   const pre = h('pre', { class: 'logs', id: 'logs-tail' });
+  const error = h('p', { class: 'error', id: 'logs-error', role: 'alert' });
   main.replaceChildren(h('h1', {}, 'Logs'),
     h('div', { class: 'filters' }, h('label', {}, 'Agent', agentSel), h('label', {}, 'Session', session),
       h('label', {}, 'Deployment', deployment), h('label', {}, 'Text', query)),
-    h('p', { class: 'hint' }, 'Live: new lines appear every two seconds.'), pre);
+    error, h('p', { class: 'hint' }, 'Live: new lines appear every two seconds.'), pre);
   if (!agent) return;
   const tail = logTail(pre, agent, { sessionId: q.get('sessionId'), query: q.get('query'), deploymentId: q.get('deploymentId') });
-  await tail.poll();
-  every(2000, () => tail.poll().catch(() => {}));
+  // A refused filter (a session id that is not one, say) is told beside the filters, which
+  // stay to be corrected (a change of them reads again); other errors are retried.
+  let refused = false;
+  const poll = () => tail.poll().then(() => { error.textContent = ''; }, (e) => {
+    if (e.status === 401) return;
+    refused = e.status === 400;
+    error.textContent = (refused ? 'The logs API refused these filters: ' : 'Could not read the logs: ') + e.message;
+  });
+  await poll();
+  every(2000, () => { if (!refused) poll(); });
 }
 
 // -- keys and secrets --
@@ -599,12 +640,13 @@ async function keysPage(main) {
   async function loadKeys() {
     const l = await api('GET', base);
     const rows = [...(l.private || []), ...(l.public || [])];
-    keyTable.replaceChildren(...rows.map((k) => h('tr', { 'data-key': k.id },
+    replaceKids(keyTable, rows.map((k) => h('tr', { 'data-key': k.id },
       h('td', {}, k.metadata.name), h('td', {}, k.type),
-      h('td', { class: 'mono' }, k.type === 'public' ? k.key : k.key.slice(0, 12) + '…'),
+      // The API lists a private key by its prefix already (`sk_1234ab...`).
+      h('td', { class: 'mono' }, k.type === 'public' || k.key.endsWith('...') ? k.key : k.key.slice(0, 12) + '...'),
       h('td', {}, fmtTime(k.createdAt)),
       h('td', {}, k.revoked ? 'revoked ' + fmtTime(k.revokedAt) : 'live'),
-      h('td', {}, k.revoked ? '' : h('button', { type: 'button', class: 'danger', onclick: async () => {
+      h('td', {}, k.revoked ? '' : h('button', { type: 'button', class: 'danger', 'data-focus': 'revoke:' + k.id, onclick: async () => {
         if (!confirm('Revoke key ' + k.metadata.name + '? It stops working at once.')) return;
         try { await api('DELETE', base + '/' + k.id); await loadKeys(); } catch (e) { flash('Revoke failed: ' + e.message, true); }
       } }, 'Revoke')))));
@@ -631,7 +673,7 @@ async function nodesPage(main) {
     h('table', {}, h('thead', {}, h('tr', {}, ['Node', 'State', 'Address', 'Version', 'Commit', 'Started', 'Last heartbeat', 'Instances (busy)', ''].map((t) => h('th', {}, t)))), tbody));
   async function refresh() {
     const l = await api('GET', '/v1/cluster/nodes');
-    tbody.replaceChildren(...l.nodes.map((n) => h('tr', { 'data-node': n.id },
+    replaceKids(tbody, l.nodes.map((n) => h('tr', { 'data-node': n.id },
       h('td', { class: 'mono' }, n.id, n.self ? h('span', { class: 'hint' }, ' (this node)') : null),
       h('td', {}, h('span', { class: 'state-' + n.state, 'data-state': n.state }, n.state)),
       h('td', { class: 'mono' }, n.advertiseUrl || '—'),
@@ -640,7 +682,7 @@ async function nodesPage(main) {
       h('td', {}, fmtTime(n.startedMs)),
       h('td', {}, n.heartbeatAgeMs == null ? '—' : (n.heartbeatAgeMs / 1000).toFixed(1) + ' s ago'),
       h('td', {}, String(n.instances) + ' (' + String(n.busy) + ')'),
-      h('td', {}, n.state === 'alive' ? '' : h('button', { type: 'button', class: 'danger', onclick: async () => {
+      h('td', {}, n.state === 'alive' ? '' : h('button', { type: 'button', class: 'danger', 'data-focus': 'forget:' + n.id, onclick: async () => {
         if (!confirm('Forget node ' + n.id + '? It is listed again if it heartbeats.')) return;
         try { await api('DELETE', '/v1/cluster/nodes/' + enc(n.id)); flash('Node ' + n.id + ' forgotten.'); await refresh(); } catch (e) { flash('Not forgotten: ' + e.message, true); }
       } }, 'Forget')))));
@@ -704,7 +746,7 @@ async function talkPage(main, agent) {
         publicKey: pk,
         audio,
         onState: setState,
-        onSession: (id) => { if (id) session.replaceChildren('session ', h('a', { href: '#/session/' + enc(agent) + '/' + id, class: 'mono' }, id)); },
+        onSession: (id) => { if (id) session.replaceChildren('session ', h('a', { href: sessionHref(agent, id), class: 'mono' }, id)); },
         onStats: (s) => {
           stats.dataset.packets = s.packets;
           stats.dataset.samples = s.samples;

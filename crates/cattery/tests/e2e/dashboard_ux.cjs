@@ -1,0 +1,136 @@
+// The dashboard keeps up with the user, in a real browser (Debian's chromium through
+// playwright-core). Run by the e2e test `dashboard::dashboard_keeps_up_with_the_user`
+// (dashboard.rs), which starts the server and deploys CATTERY_AGENT (ready, one warm instance).
+//   - keyboard: the focus stays on a row's button while the page refreshes the rows;
+//   - the agents page lists an agent deployed after it opened and drops a deleted one;
+//   - a wrong filter on the logs page is told next to the filters, which stay;
+//   - a session link cannot make the page call another API path than the session's;
+//   - a phone-sized window: no page wider than the screen;
+//   - no request of the page fails (a missing icon neither), no script error.
+// Environment: CATTERY_URL, CATTERY_SK, CATTERY_AGENT, CATTERY_TEST_AGENT (a command to
+// deploy), CATTERY_SCREENSHOTS, NODE_PATH; CATTERY_CHROMIUM (default /usr/bin/chromium).
+'use strict';
+
+const { chromium } = require('playwright-core');
+const path = require('path');
+
+const env = (k) => {
+  const v = process.env[k];
+  if (!v) throw new Error(`${k} is not set`);
+  return v;
+};
+const BASE = env('CATTERY_URL');
+const SK = env('CATTERY_SK');
+const AGENT = env('CATTERY_AGENT');
+const TEST_AGENT = env('CATTERY_TEST_AGENT');
+const SHOTS = env('CATTERY_SCREENSHOTS');
+function step(msg) { console.error(`[dashboard ux e2e] ${msg}`); }
+function check(cond, msg) { if (!cond) throw new Error(`check failed: ${msg}`); }
+async function api(method, p, body) {
+  const r = await fetch(BASE + p, {
+    method,
+    headers: { Authorization: 'Bearer ' + SK, 'Content-Type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  check(r.ok, `${method} ${p}: ${r.status} ${await r.text()}`);
+}
+
+async function main() {
+  const browser = await chromium.launch({
+    executablePath: process.env.CATTERY_CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update'],
+  });
+  const context = await browser.newContext({ viewport: { width: 1360, height: 900 } });
+  const page = await context.newPage();
+  const problems = [];
+  const failed = [];
+  const requests = [];
+  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  page.on('console', (m) => { if (m.type() === 'error' && !/Failed to load resource/.test(m.text())) problems.push(`console: ${m.text()}`); });
+  page.on('request', (r) => requests.push(new URL(r.url()).pathname));
+  page.on('response', (r) => { if (r.status() >= 400) failed.push(`${r.status()} ${r.request().method()} ${new URL(r.url()).pathname}`); });
+  page.on('dialog', (d) => d.accept());
+  const shot = (name) => page.screenshot({ path: path.join(SHOTS, name), fullPage: true });
+  const T = { timeout: 30000 };
+
+  try {
+    step('sign in with the keyboard only');
+    await page.goto(BASE + '/dashboard');
+    await page.locator('#signin').waitFor({ state: 'visible', ...T });
+    await page.keyboard.press('Tab');
+    check(await page.evaluate(() => document.activeElement.id === 'signin-key'), 'the first Tab reaches the key field');
+    await page.keyboard.type(SK);
+    await page.keyboard.press('Enter');
+    const agentRow = page.locator(`tr[data-agent="${AGENT}"]`);
+    await agentRow.locator('[data-health="ready"]').waitFor(T);
+
+    step('the focus stays on a row\'s button across the page\'s refreshes');
+    await agentRow.locator('button', { hasText: 'Details' }).focus();
+    const refreshed = () => page.evaluate(() => { window.__rowsBefore = document.querySelector('#agents-table tbody tr'); });
+    await refreshed();
+    await page.waitForFunction(() => document.querySelector('#agents-table tbody tr') !== window.__rowsBefore, null, T);
+    const focused = await page.evaluate(() => [document.activeElement.textContent, document.activeElement.closest('tr') && document.activeElement.closest('tr').dataset.agent]);
+    check(focused[0] === 'Details' && focused[1] === AGENT, `the focus stays on Details of ${AGENT}, is on ${JSON.stringify(focused)}`);
+    await page.keyboard.press('Enter');
+    await page.locator('#agent-detail h2', { hasText: AGENT }).waitFor(T);
+
+    step('an agent deployed while the page is open appears; deleted, it goes');
+    await api('POST', '/v1/agents', { serviceName: 'late-comer', command: [TEST_AGENT] });
+    await page.locator('tr[data-agent="late-comer"]').waitFor(T);
+    await api('DELETE', '/v1/agents/late-comer');
+    await page.locator('#agents-table tbody tr', { hasText: 'late-comer' }).waitFor({ state: 'detached', ...T });
+    check((await page.locator('#agents-table .error').count()) === 0, 'no error row for the deleted agent');
+
+    step('a wrong session id on the logs page: told next to the filters, which stay');
+    const before = failed.length;
+    await page.evaluate((a) => { location.hash = `#/logs?agent=${encodeURIComponent(a)}&sessionId=not-a-session`; }, AGENT);
+    await page.locator('#logs-error', { hasText: 'UUID' }).waitFor(T);
+    check((await page.locator('#l-session').inputValue()) === 'not-a-session', 'the session filter stays, with what was typed');
+    await shot('09-logs-bad-filter.png');
+    await page.fill('#l-session', '');
+    await page.locator('#l-session').dispatchEvent('change');
+    await page.locator('#logs-tail div').first().waitFor(T);
+    check((await page.locator('#logs-error').textContent()) === '', 'the error goes once the filter is right');
+    check(failed.length === before + 1 && /^400 GET .*\/logs$/.test(failed[before]), `one 400 from the logs API: ${failed.slice(before)}`);
+    failed.length = before;
+
+    step('a crafted session link calls no other API path than the session\'s');
+    requests.length = 0;
+    await page.evaluate((a) => { location.hash = `#/session/${encodeURIComponent(a)}/..%2F..%2F${encodeURIComponent(a)}`; }, AGENT);
+    await page.locator('#main .error').waitFor(T);
+    const strays = requests.filter((p) => p.startsWith('/v1/') && !p.startsWith(`/v1/agents/${AGENT}/sessions/`) && p !== `/v1/agents/${AGENT}/logs` && p !== '/v1/sessions/events');
+    check(strays.length === 0, `no other API path: ${strays}`);
+    failed.length = before;
+
+    step('the private key is shown by its prefix once');
+    await page.evaluate(() => { location.hash = '#/keys'; });
+    await page.locator('#keys-body tr').first().waitFor(T);
+    const keys = await page.locator('#keys-body').textContent();
+    check(!/\.\.\.…|……/.test(keys), `no doubled ellipsis in ${keys}`);
+
+    step('a phone-sized window: no page is wider than the screen');
+    await page.setViewportSize({ width: 375, height: 740 });
+    for (const p of ['agents', `sessions?agent=${AGENT}`, `logs?agent=${AGENT}`, 'keys', 'nodes']) {
+      await page.evaluate((h) => { location.hash = '#/' + h; }, p);
+      await page.locator('#main table, #main pre').first().waitFor(T);
+      const [sw, cw] = await page.evaluate(() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]);
+      check(sw <= cw, `#/${p} is ${sw} px wide in a ${cw} px window`);
+    }
+    await page.evaluate(() => { location.hash = '#/agents'; });
+    await agentRow.locator('button', { hasText: 'Details' }).click(T);
+    await page.locator('#agent-detail h2', { hasText: AGENT }).waitFor(T);
+    await shot('10-agents-narrow.png');
+
+    check(failed.length === 0, `no request failed: ${failed.join('; ')}`);
+    check(problems.length === 0, `no script errors: ${problems.join('; ')}`);
+    step('all checks passed');
+  } catch (e) {
+    await shot('ux-failure.png').catch(() => {});
+    throw e;
+  } finally {
+    await browser.close();
+  }
+}
+
+main().then(() => process.exit(0), (e) => { console.error(e && e.stack ? e.stack : e); process.exit(1); });
