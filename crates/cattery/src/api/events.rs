@@ -16,7 +16,9 @@
 //! PostgreSQL the store's change feed names those changed through other nodes
 //! (`Supervisor::changes_elsewhere`, docs/cluster.md); the stream reads only those of the
 //! caller's org, and sends each state once, whichever way it heard of it. A stream that lags
-//! behind many changes reads the org's live sessions again.
+//! behind many changes reads the org's live sessions again. The stream's key is checked again
+//! every [`KEY_RECHECK`]: once it is revoked the stream ends (the client's next request is a
+//! 401), rather than telling a revoked key the org's sessions for as long as it stays open.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -29,15 +31,18 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::auth::PrivateAuth;
+use super::auth::{Caller, PrivateAuth};
 use super::error::ApiError;
 use super::schema::Session;
 use super::AppState;
-use crate::core::lookup;
 use crate::core::session::Elsewhere;
+use crate::core::{keys, lookup};
 
 /// Events buffered for a slow client before the stream waits for it.
 const BUFFER: usize = 256;
+
+/// How often an open stream checks that its key is still live.
+const KEY_RECHECK: Duration = Duration::from_secs(2);
 
 /// `GET /v1/sessions/events`. Errors: 403 `ORG_LIMIT_REACHED` when the org has
 /// `event_streams_per_org` streams open on this node (`core::limits`).
@@ -50,7 +55,7 @@ pub async fn session_events(
     tokio::spawn(async move {
         // The stream counts against its org until its watcher ends (the client went away).
         let _permit = permit;
-        watch_org(st, c.org, tx).await;
+        watch_org(st, c, tx).await;
     });
     let stream =
         futures_util::stream::unfold(
@@ -82,9 +87,10 @@ struct Told {
     elsewhere: HashSet<Uuid>,
 }
 
-/// Sends `org`'s session changes to `tx` until the client goes away or the server stops
-/// serving ([`AppState::closing`]).
-async fn watch_org(st: AppState, org: String, tx: mpsc::Sender<Event>) {
+/// Sends the caller's org's session changes to `tx` until the client goes away, the server
+/// stops serving ([`AppState::closing`]) or the caller's key is revoked.
+async fn watch_org(st: AppState, caller: Caller, tx: mpsc::Sender<Event>) {
+    let org = caller.org.clone();
     let mut changes = st.sup.session_changes();
     let mut elsewhere = st.sup.changes_elsewhere();
     // Before `ready`: from then on every node announces its changes to this one.
@@ -98,6 +104,7 @@ async fn watch_org(st: AppState, org: String, tx: mpsc::Sender<Event>) {
     }
     let mut told = Told::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut recheck = tokio::time::interval(KEY_RECHECK);
     loop {
         let mut due: HashSet<Uuid> = HashSet::new();
         tokio::select! {
@@ -143,6 +150,12 @@ async fn watch_org(st: AppState, org: String, tx: mpsc::Sender<Event>) {
                         })
                         .map(|(id, _)| *id),
                 );
+            }
+            // A store that fails keeps the stream: the key is checked again next time.
+            _ = recheck.tick() => {
+                if let Ok(false) = keys::is_live(st.store.as_ref(), &org, caller.kind, caller.key_id).await {
+                    return;
+                }
             }
             () = tx.closed() => return,
             // The server stops serving: end the stream (the client reconnects elsewhere).

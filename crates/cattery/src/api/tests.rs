@@ -904,6 +904,36 @@ async fn session_events_stream_ends_when_the_server_closes() {
     );
 }
 
+/// An open event stream ends once its key is revoked (checked every `KEY_RECHECK`): before,
+/// a revoked key went on hearing of the org's sessions for as long as its stream stayed open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_events_stream_ends_when_its_key_is_revoked() {
+    use http_body_util::BodyExt;
+    use std::time::Duration;
+    let a = api().await;
+    let (mut body, _) = events_after_ready(&a).await;
+    let me = a.call(Method::GET, "/v1/users", Some(&a.sk), None).await;
+    let id = me.body["user"]["userId"].as_str().unwrap().to_string();
+    let r = a
+        .call(
+            Method::DELETE,
+            &format!("/v1/organizations/default/apiKeys/{id}"),
+            Some(&a.sk),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(f) = body.frame().await {
+            f.unwrap();
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream of a revoked key still runs");
+    let r = open_events(&a, &a.sk).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}
+
 /// On several nodes: a session the stream heard of from another node's change, whose end
 /// this node then writes (a takeover's `lost` end, which no engine names), is told ended: the
 /// feed's announcement of this node's own write reaches the stream for such a session. (It

@@ -138,6 +138,17 @@ pub async fn list_keys(store: &dyn Store, org: &str) -> CoreResult<Vec<ApiKeyRec
     Ok(store.list_keys(org, None).await?)
 }
 
+/// Whether the org's key `id` of `kind` is still live (not revoked, not gone): what a
+/// long-lived request (an event stream) checks now and then, since its key was checked once,
+/// at its start. Errors: the store failed.
+pub async fn is_live(store: &dyn Store, org: &str, kind: KeyKind, id: Uuid) -> CoreResult<bool> {
+    Ok(store
+        .list_keys(org, Some(kind))
+        .await?
+        .iter()
+        .any(|k| k.id == id && k.revoked_ms.is_none()))
+}
+
 /// Revokes (soft delete) one of the org's keys by id. Errors: 404 for an unknown id.
 pub async fn revoke_key(store: &dyn Store, org: &str, id: Uuid) -> CoreResult<()> {
     if store.revoke_key(org, id).await? {
