@@ -6,7 +6,10 @@
 //   - a wrong filter on the logs page is told next to the filters, which stay;
 //   - a session link cannot make the page call another API path than the session's;
 //   - a phone-sized window: no page wider than the screen;
-//   - no request of the page fails (a missing icon neither), no script error.
+//   - a cold start's timeline puts "delivered" after the instance's "ready";
+//   - no request of the page fails (a missing icon neither), no script error;
+//   - the keys page marks the key signed in with and warns before revoking it; a key revoked
+//     elsewhere signs the page out, even one that only listens to the live stream.
 // Environment: CATTERY_URL, CATTERY_SK, CATTERY_AGENT, CATTERY_TEST_AGENT (a command to
 // deploy), CATTERY_SCREENSHOTS, NODE_PATH; CATTERY_CHROMIUM (default /usr/bin/chromium).
 'use strict';
@@ -32,7 +35,9 @@ async function api(method, p, body) {
     headers: { Authorization: 'Bearer ' + SK, 'Content-Type': 'application/json' },
     body: body === undefined ? undefined : JSON.stringify(body),
   });
-  check(r.ok, `${method} ${p}: ${r.status} ${await r.text()}`);
+  const text = await r.text();
+  check(r.ok, `${method} ${p}: ${r.status} ${text}`);
+  return JSON.parse(text);
 }
 
 async function main() {
@@ -50,7 +55,9 @@ async function main() {
   page.on('console', (m) => { if (m.type() === 'error' && !/Failed to load resource/.test(m.text())) problems.push(`console: ${m.text()}`); });
   page.on('request', (r) => requests.push(new URL(r.url()).pathname));
   page.on('response', (r) => { if (r.status() >= 400) failed.push(`${r.status()} ${r.request().method()} ${new URL(r.url()).pathname}`); });
-  page.on('dialog', (d) => d.accept());
+  const dialogs = [];
+  let dismiss = false;
+  page.on('dialog', (d) => { dialogs.push(d.message()); if (dismiss) d.dismiss(); else d.accept(); });
   const shot = (name) => page.screenshot({ path: path.join(SHOTS, name), fullPage: true });
   const T = { timeout: 30000 };
 
@@ -103,6 +110,19 @@ async function main() {
     check(strays.length === 0, `no other API path: ${strays}`);
     failed.length = before;
 
+    step('a cold start\'s timeline: delivered after the instance is ready');
+    await api('POST', '/v1/agents', { serviceName: 'cold-one', command: [TEST_AGENT] });
+    await page.evaluate(() => { location.hash = '#/sessions?agent=cold-one'; });
+    await page.click('#start-session', T);
+    const sid = (await page.locator('#started-id').textContent(T)).trim();
+    await page.evaluate((id) => { location.hash = `#/session/cold-one/${id}`; }, sid);
+    await page.locator('#timeline li[data-step="delivered"]').waitFor(T);
+    await page.locator('#timeline li[data-step="instance"]', { hasText: ' ready' }).waitFor(T);
+    const steps = await page.$$eval('#timeline li', (l) => l.map((x) => x.dataset.step + (/ ready/.test(x.textContent) ? ':ready' : '')));
+    check(steps.indexOf('instance:ready') < steps.indexOf('delivered'), `ready before delivered: ${steps}`);
+    await page.click('#stop-session');
+    await page.locator('#session-status', { hasText: 'terminated' }).waitFor(T);
+
     step('the private key is shown by its prefix once');
     await page.evaluate(() => { location.hash = '#/keys'; });
     await page.locator('#keys-body tr').first().waitFor(T);
@@ -123,6 +143,26 @@ async function main() {
     await shot('10-agents-narrow.png');
 
     check(failed.length === 0, `no request failed: ${failed.join('; ')}`);
+
+    step('the keys page marks the key signed in with, and says before revoking it that it signs out');
+    await page.setViewportSize({ width: 1360, height: 900 });
+    const me = (await api('GET', '/v1/users')).user.userId;
+    await page.evaluate(() => { location.hash = '#/keys'; });
+    const own = page.locator(`#keys-body tr[data-key="${me}"][data-signed-in]`);
+    await own.waitFor(T);
+    check((await page.locator('#keys-body tr[data-signed-in]').count()) === 1, 'one key is marked');
+    dismiss = true;
+    await own.locator('button', { hasText: 'Revoke' }).click();
+    check(/signed out/.test(dialogs[dialogs.length - 1]), `the confirmation warns: ${dialogs[dialogs.length - 1]}`);
+    dismiss = false;
+
+    step('the key revoked elsewhere: the sessions page, which only listens, signs out');
+    await page.evaluate(() => { location.hash = '#/sessions?agent=cold-one'; });
+    await page.locator('#sessions-total', { hasText: 'sessions' }).waitFor(T);
+    await page.locator('body[data-live="on"]').waitFor(T);
+    await api('DELETE', `/v1/organizations/default/apiKeys/${me}`);
+    await page.locator('#signin-error', { hasText: 'revoked' }).waitFor(T);
+    check(await page.locator('#app').isHidden(), 'signed out');
     check(problems.length === 0, `no script errors: ${problems.join('; ')}`);
     step('all checks passed');
   } catch (e) {

@@ -77,13 +77,14 @@ async function api(method, path, body, key) {
 }
 
 // ---- sign in / out -------------------------------------------------------------------
-const me = { org: null, name: null };
+const me = { org: null, name: null, id: null };
 
 async function signIn(key) {
   const u = await api('GET', '/v1/users', undefined, key);
   sessionStorage.setItem(KEY, key);
   me.org = u.user.organization;
   me.name = u.user.name;
+  me.id = u.user.userId; // the id of the key signed in with
   $('org-name').textContent = me.org;
   $('key-name').textContent = u.user.name + ' (' + u.user.keyType + ')';
   $('signin').hidden = true;
@@ -101,6 +102,7 @@ function signOut(msg) {
   events.stop();
   stopTimers();
   me.org = null;
+  me.id = null;
   $('app').hidden = true;
   $('main').replaceChildren();
   $('signin').hidden = false;
@@ -146,6 +148,14 @@ const events = {
           signal: ctl.signal,
           cache: 'no-store',
         });
+        if (r.status === 401) {
+          // The key was revoked (from the CLI, another tab): a page that only listens to
+          // the stream would otherwise go stale without a word.
+          let data = null;
+          try { data = await r.json(); } catch (_) { data = null; }
+          signOut('Your key was refused: ' + ((data && data.error) || 'unauthorized'));
+          return;
+        }
         if (!r.ok) throw new Error('HTTP ' + r.status);
         const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
         let buf = '';
@@ -521,7 +531,10 @@ async function sessionPage(main, agent, id) {
     const created = new Date(s.createdAt).getTime();
     const items = [['requested', s.createdAt, [s.coldStart == null ? '' : 'cold start: ' + (s.coldStart ? 'yes' : 'no'), s.transport ? 'transport ' + s.transport : ''].filter(Boolean).join(', ')]];
     for (const p of platform) items.push(['instance', p.timestamp, p.log]);
-    if (s.botStartSeconds != null) items.push(['delivered', new Date(created + s.botStartSeconds * 1000).toISOString(), 'after ' + s.botStartSeconds.toFixed(3) + ' s']);
+    // Delivered when the platform's own line says so (created + botStartSeconds, both rounded
+    // to the millisecond, can fall before the instance's "ready" line of the same instant).
+    const said = platform.find((p) => / delivered after /.test(p.log));
+    if (s.botStartSeconds != null) items.push(['delivered', said ? said.timestamp : new Date(created + s.botStartSeconds * 1000).toISOString(), 'after ' + s.botStartSeconds.toFixed(3) + ' s']);
     if (s.endedAt) items.push(['ended', s.endedAt, [s.endReason, s.completionStatus, s.exitCode != null ? 'exit ' + s.exitCode : '', s.exitSignal != null ? 'signal ' + s.exitSignal : '', s.endMessage || ''].filter(Boolean).join(' · ')]);
     items.sort((a, b) => new Date(a[1]) - new Date(b[1]));
     timeline.replaceChildren(...items.map(([what, at, more]) => h('li', { 'data-step': what }, h('b', {}, what), ' ', fmtTime(at), more ? ' — ' + more : '')));
@@ -640,15 +653,20 @@ async function keysPage(main) {
   async function loadKeys() {
     const l = await api('GET', base);
     const rows = [...(l.private || []), ...(l.public || [])];
-    replaceKids(keyTable, rows.map((k) => h('tr', { 'data-key': k.id },
-      h('td', {}, k.metadata.name), h('td', {}, k.type),
+    replaceKids(keyTable, rows.map((k) => h('tr', { 'data-key': k.id, 'data-signed-in': k.id === me.id },
+      h('td', {}, k.metadata.name, k.id === me.id ? h('span', { class: 'hint' }, ' (signed in here)') : null), h('td', {}, k.type),
       // The API lists a private key by its prefix already (`sk_1234ab...`).
       h('td', { class: 'mono' }, k.type === 'public' || k.key.endsWith('...') ? k.key : k.key.slice(0, 12) + '...'),
       h('td', {}, fmtTime(k.createdAt)),
       h('td', {}, k.revoked ? 'revoked ' + fmtTime(k.revokedAt) : 'live'),
       h('td', {}, k.revoked ? '' : h('button', { type: 'button', class: 'danger', 'data-focus': 'revoke:' + k.id, onclick: async () => {
-        if (!confirm('Revoke key ' + k.metadata.name + '? It stops working at once.')) return;
-        try { await api('DELETE', base + '/' + k.id); await loadKeys(); } catch (e) { flash('Revoke failed: ' + e.message, true); }
+        const own = k.id === me.id;
+        if (!confirm('Revoke key ' + k.metadata.name + '? It stops working at once.' + (own ? ' It is the key this dashboard is signed in with: you will be signed out.' : ''))) return;
+        try {
+          await api('DELETE', base + '/' + enc(k.id));
+          if (own) signOut('You revoked the key this dashboard was signed in with.');
+          else await loadKeys();
+        } catch (e) { flash('Revoke failed: ' + e.message, true); }
       } }, 'Revoke')))));
   }
   await loadKeys();
