@@ -1,7 +1,8 @@
 // The dashboard keeps up with the user, in a real browser (Debian's chromium through
 // playwright-core). Run by the e2e test `dashboard::dashboard_keeps_up_with_the_user`
 // (dashboard.rs), which starts the server and deploys CATTERY_AGENT (ready, one warm instance).
-//   - keyboard: the focus stays on a row's button while the page refreshes the rows;
+//   - keyboard: the focus stays on a row's button while the page refreshes the rows, and on
+//     a filter that the keyboard changed (the page renders again);
 //   - the agents page lists an agent deployed after it opened and drops a deleted one;
 //   - a wrong filter on the logs page is told next to the filters, which stay;
 //   - a session link cannot make the page call another API path than the session's;
@@ -101,6 +102,17 @@ async function main() {
     check((await page.locator('#logs-error').textContent()) === '', 'the error goes once the filter is right');
     check(failed.length === before + 1 && /^400 GET .*\/logs$/.test(failed[before]), `one 400 from the logs API: ${failed.slice(before)}`);
     failed.length = before;
+
+    step('a filter changed with the keyboard keeps the focus: arrow keys walk a select');
+    await page.evaluate((a) => { location.hash = `#/sessions?agent=${encodeURIComponent(a)}`; }, AGENT);
+    await page.locator('#sessions-total', { hasText: 'sessions' }).waitFor(T);
+    await page.focus('#f-reason');
+    await page.keyboard.press('ArrowDown');
+    await page.waitForFunction(() => location.hash.includes('endReason=completed') && /sessions/.test((document.querySelector('#sessions-total') || {}).textContent || ''), null, T);
+    const onReason = await page.evaluate(() => document.activeElement.id);
+    check(onReason === 'f-reason', `the focus stays on the end reason filter, is on ${onReason || 'the page'}`);
+    await page.keyboard.press('ArrowDown');
+    await page.waitForFunction(() => location.hash.includes('endReason=error') && /sessions/.test((document.querySelector('#sessions-total') || {}).textContent || ''), null, T);
 
     step('a crafted session link calls no other API path than the session\'s');
     requests.length = 0;

@@ -224,6 +224,9 @@ async function route() {
   const page = parts[0] || 'agents';
   document.querySelectorAll('header nav a').forEach((a) => a.classList.toggle('active', a.dataset.page === page || (page === 'session' && a.dataset.page === 'sessions')));
   const main = $('main');
+  // A filter changed with the keyboard (an arrow key on a select, Tab out of a field) renders
+  // the page again: the focus goes back to the same field of the new page, not to the top.
+  const focused = main.contains(document.activeElement) ? document.activeElement.id : '';
   main.replaceChildren(h('p', { class: 'hint' }, 'Loading…'));
   try {
     if (page === 'agents') await agentsPage(main);
@@ -234,6 +237,8 @@ async function route() {
     else if (page === 'talk') await talkPage(main, parts[1]);
     else if (page === 'nodes') await nodesPage(main);
     else main.replaceChildren(h('p', {}, 'No such page.'));
+    const again = focused && $(focused);
+    if (again && main.contains(again)) again.focus();
   } catch (err) {
     if (err.status !== 401) main.replaceChildren(h('p', { class: 'error' }, 'Error: ' + err.message));
   }
