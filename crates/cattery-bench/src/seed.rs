@@ -65,6 +65,7 @@ pub async fn seed_sessions(
                     end: None,
                     samples: Vec::new(),
                     node_id: String::new(),
+                    daily_room: None,
                 };
                 let end = SessionEnd {
                     ended_ms: created + 60_000,

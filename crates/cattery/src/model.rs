@@ -559,6 +559,20 @@ pub struct SessionRecord {
     /// The node that owns it (docs/cluster.md): the one whose instance serves it, which
     /// stops, proxies and recovers it. Empty in records made before nodes owned sessions.
     pub node_id: String,
+    /// The Daily room Cattery made for it (`createDailyRoom`, a dial-in), deleted when its
+    /// end is recorded, by whichever node or process records it. `None` for a session
+    /// without a room, or with a room its caller made.
+    pub daily_room: Option<SessionRoom>,
+}
+
+/// A Daily room Cattery made for a session ([`SessionRecord::daily_room`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRoom {
+    /// The room's name (what deletes it).
+    pub name: String,
+    /// Whether it outlives a session that reached its agent (`keepDailyRooms` when the room
+    /// was made); a session that never did has its room deleted all the same.
+    pub keep: bool,
 }
 
 impl SessionRecord {

@@ -445,6 +445,15 @@ pub fn app_state(
         crate::core::webhooks::WebhookSettings::default(),
     );
     sup.set_event_sink(webhooks.clone());
+    let daily = Arc::new(crate::core::daily::Daily::new(
+        &config.sessions.daily_api_url,
+        config.sessions.daily_api_key.clone(),
+    ));
+    sup.set_room_remover(Arc::new(crate::core::daily::RoomDeleter {
+        daily: daily.clone(),
+        store: store.clone(),
+        cipher: cipher.clone(),
+    }));
     Ok(AppState {
         closing: tokio_util::sync::CancellationToken::new(),
         webhooks,
@@ -466,10 +475,7 @@ pub fn app_state(
         metrics: Arc::new(crate::telemetry::Metrics::new(
             config.server.metrics_token.clone(),
         )),
-        daily: Arc::new(crate::core::daily::Daily::new(
-            &config.sessions.daily_api_url,
-            config.sessions.daily_api_key.clone(),
-        )),
+        daily,
         node: node.clone(),
         builds: crate::core::builds::Builds::new(
             store_for_builds,

@@ -112,7 +112,7 @@ pub async fn dialin(
     let session = Uuid::new_v4();
     let from = call.get("From").and_then(Value::as_str);
     let props = daily::dialin_room_properties(from);
-    let (room, key) =
+    let (room, key, made) =
         super::sessions::daily_room(&st, &org, &name, session, Some(&props), None).await?;
     let body = daily::dialin_body(&call, &key, st.daily.base())?;
     let out = st
@@ -123,6 +123,7 @@ pub async fn dialin(
             StartParams {
                 body: bytes::Bytes::from(body.to_string()),
                 transport: Some("daily".into()),
+                daily_room: Some(made),
                 session_id: Some(session),
                 extra_headers: vec![
                     ("x-daily-room-url".into(), room.url.clone()),

@@ -19,7 +19,7 @@ use crate::core::daily::DailyRoom;
 use crate::core::lookup;
 use crate::core::session::StartParams;
 use crate::core::CoreError;
-use crate::model::{now_ms, AgentRecord, EndReason, EndState, SessionRecord};
+use crate::model::{now_ms, AgentRecord, EndReason, EndState, SessionRecord, SessionRoom};
 use crate::store::SessionFilter;
 
 /// Largest start `body` for daily/webrtc/plain sessions (bytes; reference §A.5).
@@ -227,21 +227,19 @@ pub async fn start_session(
         }
         None => body,
     };
-    let room = if daily {
-        Some(
-            daily_room(
-                &st,
-                &c.org,
-                &name,
-                session,
-                req.daily_room_properties.as_ref(),
-                req.daily_meeting_token_properties.as_ref(),
-            )
-            .await?
-            .0,
+    let (room, made) = if daily {
+        let (room, _, made) = daily_room(
+            &st,
+            &c.org,
+            &name,
+            session,
+            req.daily_room_properties.as_ref(),
+            req.daily_meeting_token_properties.as_ref(),
         )
+        .await?;
+        (Some(room), Some(made))
     } else {
-        None
+        (None, None)
     };
     if let Some(r) = &room {
         extra_headers.push(("x-daily-room-url".into(), r.url.clone()));
@@ -255,6 +253,7 @@ pub async fn start_session(
             StartParams {
                 body,
                 transport: transport.or_else(|| daily.then(|| "daily".to_string())),
+                daily_room: made,
                 session_id: Some(session),
                 extra_headers,
                 ..Default::default()
@@ -282,8 +281,8 @@ pub async fn start_session(
 }
 
 /// Creates the Daily room of a `createDailyRoom` start (or a dial-in) and arranges its
-/// deletion when the session ends (or its start fails); answers the room and the Daily key
-/// used. Errors: 400 without a Daily key; the agent's 404/400/503 before Daily is called;
+/// deletion when the session ends (or its start fails); answers the room, the Daily key
+/// used, and what the session's record keeps of the room (give it to the start). Errors: 400 without a Daily key; the agent's 404/400/503 before Daily is called;
 /// Daily's refusals ([`CoreError::Daily`]).
 pub(super) async fn daily_room(
     st: &AppState,
@@ -292,7 +291,7 @@ pub(super) async fn daily_room(
     session: Uuid,
     room_props: Option<&Value>,
     token_props: Option<&Value>,
-) -> ApiResult<(DailyRoom, String)> {
+) -> ApiResult<(DailyRoom, String, SessionRoom)> {
     let rec = crate::core::orgs::org_record(&st.store, org).await?;
     let key = st
         .daily
@@ -314,21 +313,17 @@ pub(super) async fn daily_room(
         .daily
         .create_room(&key, max_s, room_props, token_props)
         .await?;
-    let keep = crate::core::daily::keep_room(
-        st.sup.keep_daily_rooms(org, name),
-        crate::core::orgs::keep_daily_rooms_of(&rec),
-    );
-    let (daily, room_name, used) = (st.daily.clone(), room.name.clone(), key.clone());
-    st.sup.on_session_end(
-        session,
-        Box::new(move |started| {
-            // A room kept for a session that never started would serve nobody.
-            if !keep || !started {
-                tokio::spawn(async move { daily.delete_room(&key, &room_name).await });
-            }
-        }),
-    );
-    Ok((room, used))
+    let made = SessionRoom {
+        name: room.name.clone(),
+        keep: crate::core::daily::keep_room(
+            st.sup.keep_daily_rooms(org, name),
+            crate::core::orgs::keep_daily_rooms_of(&rec),
+        ),
+    };
+    // Deleted at the session's end here; recorded with the session (the caller's
+    // `StartParams::daily_room`), so that the end's writer deletes it wherever that is.
+    st.sup.watch_room(org, session, &made);
+    Ok((room, key, made))
 }
 
 fn zod(field: &str, msg: &str) -> ApiError {

@@ -13,10 +13,12 @@
 //! A room is kept after its session when the agent's `keepDailyRooms` says so, else when the
 //! org's `keepDailyRooms` property does ([`keep_room`]); it then lasts until its `exp`.
 //!
-//! The deletion at the end is kept in memory ([`crate::core::session::Supervisor::on_session_end`]):
-//! a room whose session outlives a restart of the server is left to Daily, which removes
-//! everyone at its `exp` (never later than the session's `maxSessionDuration`).
+//! The room's name is recorded with its session ([`crate::model::SessionRecord::daily_room`]),
+//! and whichever process records the session's end deletes it ([`RoomDeleter`]): the server
+//! that made it, the next one after a crash or an upgrade, or the node that takes over a lost
+//! node's sessions. Only rooms Cattery made are recorded, never one the caller passed in.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
@@ -283,6 +285,41 @@ fn daily_message(status: u16, v: &Value, text: &str) -> String {
         .map(str::to_string)
         .unwrap_or_else(|| text.chars().take(300).collect());
     format!("Daily API error {status} ({kind}): {info}")
+}
+
+/// Deletes the rooms of ended sessions ([`crate::core::session::RoomRemover`]) with the
+/// Daily key in effect for the session's org when it ends (its `dailyApiKey`, else the
+/// server's `--daily-api-key`).
+pub struct RoomDeleter {
+    /// Daily's API.
+    pub daily: Arc<Daily>,
+    /// Where the org's key is read.
+    pub store: Arc<dyn crate::store::Store>,
+    /// Opens the org's sealed key.
+    pub cipher: Arc<crate::core::secrets::SecretCipher>,
+}
+
+impl crate::core::session::RoomRemover for RoomDeleter {
+    fn remove(&self, org: &str, session: uuid::Uuid, room: &str) {
+        let (daily, store, cipher) = (self.daily.clone(), self.store.clone(), self.cipher.clone());
+        let (org, room) = (org.to_string(), room.to_string());
+        tokio::spawn(async move {
+            let org_key = match store.get_org(&org).await {
+                Ok(rec) => rec.and_then(|r| crate::core::orgs::daily_api_key_of(&r, &cipher)),
+                Err(e) => {
+                    // Not guessed: the server's key may be another Daily account's.
+                    tracing::warn!(session = %session, room, error = %e,
+                        "could not read the org's Daily key to delete the session's room; it expires at its exp");
+                    return;
+                }
+            };
+            match daily.key_for(org_key.as_deref()) {
+                Some(key) => daily.delete_room(&key, &room).await,
+                None => tracing::warn!(session = %session, room,
+                    "no Daily API key to delete the session's room with; it expires at its exp"),
+            }
+        });
+    }
 }
 
 /// Checks a start's `dailyRoomProperties` and `dailyMeetingTokenProperties` (objects, or

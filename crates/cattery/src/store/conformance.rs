@@ -15,7 +15,7 @@ use super::{
 };
 use crate::model::{
     AgentRecord, ApiKeyRecord, DeploymentRecord, DeploymentSpec, EndReason, InstanceRecord,
-    KeyKind, LogLine, MetricSample, SessionEnd, SessionRecord,
+    KeyKind, LogLine, MetricSample, SessionEnd, SessionRecord, SessionRoom,
 };
 
 /// A fresh store, and whatever must live as long as it (a temp dir).
@@ -41,6 +41,7 @@ where
     case!(stop_requests);
     case!(instances);
     case!(sessions_with_instances);
+    case!(session_daily_rooms);
     case!(secret_sets);
     case!(deployment_secret_snapshots);
     case!(logs);
@@ -111,6 +112,7 @@ fn session(a: &AgentRecord, created_ms: i64) -> SessionRecord {
         end: None,
         samples: Vec::new(),
         node_id: "n1".into(),
+        daily_room: None,
     }
 }
 
@@ -567,6 +569,52 @@ async fn instances(s: &dyn Store) {
     assert!(!s.update_instance(&moved).await.unwrap());
     let got = s.list_instances().await.unwrap();
     assert_eq!(got.iter().map(|i| i.id).collect::<Vec<_>>(), [i2.id]);
+}
+
+/// The Daily room Cattery made for a session is kept with it, whichever write stored the
+/// session (a cold start's insert, a warm start's claim), and read back by every read of
+/// sessions (one, the open ones after a restart, those a takeover hands over), ended or not.
+async fn session_daily_rooms(s: &dyn Store) {
+    let a = with_agent(s, "a", "x").await;
+    let room = |name: &str, keep: bool| {
+        Some(SessionRoom {
+            name: name.into(),
+            keep,
+        })
+    };
+    let mut cold = session(&a, 10);
+    cold.daily_room = room("cold-room", false);
+    cold.node_id = "dead".into();
+    s.insert_session(&cold).await.unwrap();
+    let inst = instance(&a);
+    s.put_instance(&inst).await.unwrap();
+    let mut warm = session(&a, 11);
+    warm.daily_room = room("warm-room", true);
+    warm.node_id = "dead".into();
+    assert!(s.insert_session_for_instance(&warm, inst.id).await.unwrap());
+    let mut plain = session(&a, 12);
+    plain.node_id = "dead".into();
+    s.insert_session(&plain).await.unwrap();
+    let rooms = |list: Vec<SessionRecord>| {
+        let mut v: Vec<_> = list.into_iter().map(|x| (x.id, x.daily_room)).collect();
+        v.sort_by_key(|(id, _)| *id);
+        v
+    };
+    let want = rooms(vec![cold.clone(), warm.clone(), plain.clone()]);
+    assert_eq!(rooms(s.list_open_sessions().await.unwrap()), want);
+    for x in [&cold, &warm, &plain] {
+        let got = s.get_session(x.id).await.unwrap().unwrap();
+        assert_eq!(got.daily_room, x.daily_room);
+    }
+    s.heartbeat(&node("dead", 100)).await.unwrap();
+    let t = s.take_over_node("dead", "me", 100).await.unwrap().unwrap();
+    assert_eq!(rooms(t.sessions), want);
+    // Still there once the session has ended (the end's writer reads it to delete the room).
+    s.end_session(cold.id, &end(EndReason::Lost, 20))
+        .await
+        .unwrap();
+    let got = s.get_session(cold.id).await.unwrap().unwrap();
+    assert_eq!(got.daily_room, cold.daily_room);
 }
 
 async fn sessions_with_instances(s: &dyn Store) {

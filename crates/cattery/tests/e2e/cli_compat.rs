@@ -1827,14 +1827,14 @@ fn compatibility_doc_matches_the_suite() {
 
 /// A stand-in for Daily's REST API on loopback: rooms, meeting tokens, room deletion, in
 /// Daily's documented shapes; `bad_key` makes every call a 401 `authentication-error`.
-struct DailyStandIn {
-    url: String,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String, Value)>>>,
+pub(crate) struct DailyStandIn {
+    pub(crate) url: String,
+    pub(crate) seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String, Value)>>>,
     bad_key: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl DailyStandIn {
-    async fn start() -> DailyStandIn {
+    pub(crate) async fn start() -> DailyStandIn {
         use axum::extract::{Path as AxPath, State};
         use axum::http::{HeaderMap, StatusCode};
         use axum::routing::{delete, post};
@@ -1910,7 +1910,7 @@ impl DailyStandIn {
         }
     }
 
-    fn deleted(&self, room: &str) -> bool {
+    pub(crate) fn deleted(&self, room: &str) -> bool {
         let want = format!("DELETE /rooms/{room}");
         self.seen.lock().unwrap().iter().any(|(w, _, _)| *w == want)
     }
@@ -2018,11 +2018,100 @@ async fn a_daily_start_at_max_agents_asks_nothing_of_daily() {
     assert_eq!(s.stop("dcap", sid).await.status, 200);
 }
 
-async fn wait_room_deleted(d: &DailyStandIn, room: &str) {
+pub(crate) async fn wait_room_deleted(d: &DailyStandIn, room: &str) {
     wait_for(Duration::from_secs(20), "the room's deletion", || async {
         d.deleted(room).then_some(())
     })
     .await
+}
+
+/// The rooms Cattery made are deleted even when their sessions outlive the server that made
+/// them: with two `createDailyRoom` sessions running, the server is SIGKILLed and one agent
+/// dies while no server runs. The next server records that session `lost` and deletes its
+/// room at once; it re-adopts the other, whose room goes when it is stopped. A room the
+/// caller made (`createDailyRoom: false`, the room in `body`) is never deleted.
+#[tokio::test(flavor = "multi_thread")]
+async fn daily_rooms_of_sessions_that_outlive_their_server_are_deleted() {
+    let daily = DailyStandIn::start().await;
+    let mut s = Server::start(&[
+        "--daily-api-key",
+        "dk_e2e_key",
+        "--daily-api-url",
+        &daily.url,
+    ])
+    .await;
+    s.deploy(
+        "droom",
+        &["--ignore-transport-close"],
+        json!({"autoScaling": {"maxAgents": 4}}),
+    )
+    .await;
+    let mut started = Vec::new();
+    for _ in 0..2 {
+        let r = s
+            .start_session("droom", json!({"createDailyRoom": true, "body": {}}))
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let sid = r.body["sessionId"].as_str().unwrap().to_string();
+        let room = r.body["dailyRoom"].as_str().unwrap();
+        let room = room.rsplit('/').next().unwrap().to_string();
+        let info = s
+            .req(
+                "GET",
+                &format!("/v1/public/droom/sessions/{sid}/info"),
+                Some(&s.pk),
+                None,
+            )
+            .await;
+        assert_eq!(info.status, 200, "{:?}", info.body);
+        let pid = info.body["pid"].as_i64().expect("pid") as i32;
+        started.push((sid, room, pid));
+    }
+    let own = s
+        .start_session(
+            "droom",
+            json!({"createDailyRoom": false,
+                   "body": {"room_url": "https://cattery.daily.co/callers-own"}}),
+        )
+        .await;
+    assert_eq!(own.status, 200, "{:?}", own.body);
+    let own_sid = own.body["sessionId"].as_str().unwrap().to_string();
+    let [(kept_sid, kept_room, _), (lost_sid, lost_room, lost_pid)] = &started[..] else {
+        unreachable!()
+    };
+
+    s.kill9();
+    common::unsafe_kill(*lost_pid, 9);
+    wait_for(Duration::from_secs(10), "the agent's exit", || async {
+        (!common::pid_alive(*lost_pid)).then_some(())
+    })
+    .await;
+    s.spawn().await;
+
+    let g = s.session("droom", lost_sid).await;
+    assert_eq!(g["endReason"], "lost", "{g}");
+    wait_room_deleted(&daily, lost_room).await;
+    assert_eq!(s.session("droom", kept_sid).await["status"], "active");
+    assert!(
+        !daily.deleted(kept_room),
+        "{:?}",
+        daily.seen.lock().unwrap()
+    );
+    assert_eq!(s.stop("droom", kept_sid).await.status, 200);
+    wait_room_deleted(&daily, kept_room).await;
+    assert_eq!(s.stop("droom", &own_sid).await.status, 200);
+    let calls: Vec<String> = daily
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.0.clone())
+        .collect();
+    assert_eq!(
+        calls.iter().filter(|c| c.starts_with("DELETE")).count(),
+        2,
+        "only the rooms Cattery made, each once: {calls:?}"
+    );
 }
 
 /// `createDailyRoom` with the official clients: the SDK's `use_daily=True` and

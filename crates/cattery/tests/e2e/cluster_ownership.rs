@@ -150,6 +150,56 @@ async fn any_node_lists_proxies_and_stops_another_nodes_session() {
     assert_eq!(st, 404);
 }
 
+/// The Daily room Cattery made for a session of a node that is lost (SIGKILL) is deleted by
+/// the node that takes the session over and ends it: the room is in the session's record,
+/// not only in the lost node's memory.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_nodes_daily_rooms_are_deleted_by_the_node_that_takes_it_over() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let daily = crate::cli_compat::DailyStandIn::start().await;
+    let mut cluster = Cluster::new(
+        &pg.url(),
+        &[
+            "--node-timeout",
+            "2",
+            "--daily-api-key",
+            "dk_e2e_key",
+            "--daily-api-url",
+            &daily.url,
+        ],
+    );
+    cluster
+        .add_node()
+        .await
+        .deploy("droom", &["--ignore-transport-close"], json!({}))
+        .await;
+    cluster.add_node().await;
+    let nodes = &mut cluster.nodes;
+    let r = nodes[1]
+        .start_session("droom", json!({"createDailyRoom": true, "body": {}}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sid = r.body["sessionId"].as_str().unwrap().to_string();
+    let room = r.body["dailyRoom"].as_str().unwrap();
+    let room = room.rsplit('/').next().unwrap().to_string();
+    nodes[1].kill9();
+    let s = wait_for(
+        Duration::from_secs(10),
+        "the lost node's session to end",
+        || async {
+            let s = nodes[0].session("droom", &sid).await;
+            (!s["endedAt"].is_null()).then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(s["endReason"], "lost", "{s}");
+    crate::cli_compat::wait_room_deleted(&daily, &room).await;
+    // The node comes back and removes its lost session's process.
+    nodes[1].spawn().await;
+}
+
 /// SIGKILL of a node with live sessions: within the node timeout + 5 s another node ends each
 /// of them `lost`, saying the node was lost, and their capacity is free again; when the node
 /// restarts, no process of those sessions is left (it removes them before anything else).

@@ -144,6 +144,7 @@ pub(super) async fn session_of_n2(api: &Api, agent: &str) -> uuid::Uuid {
             end: None,
             samples: Vec::new(),
             node_id: "n2".into(),
+            daily_room: None,
         })
         .await
         .unwrap();

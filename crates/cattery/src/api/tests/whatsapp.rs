@@ -337,6 +337,7 @@ async fn connect_raced_by_another_node(call: &str, slot: bool) {
         end: None,
         samples: Vec::new(),
         node_id: "n2".into(),
+        daily_room: None,
     };
     let n2_store = store.clone();
     let n2_instance = uuid::Uuid::new_v4();

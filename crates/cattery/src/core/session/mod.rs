@@ -58,7 +58,7 @@ use uuid::Uuid;
 
 use super::instance_http::Deliver;
 use super::{CoreError, CoreResult};
-use crate::model::{now_ms, AgentRecord, DeploymentRecord, LogLine, MetricSample};
+use crate::model::{now_ms, AgentRecord, DeploymentRecord, LogLine, MetricSample, SessionRecord};
 use crate::runtime::Runtime;
 use crate::store::Store;
 
@@ -181,6 +181,15 @@ pub trait Peers: Send + Sync {
     async fn stop(&self, url: &str, session: Uuid) -> Result<PeerStop, String>;
 }
 
+/// Deletes the Daily rooms Cattery made for sessions once their end is recorded
+/// ([`crate::model::SessionRecord::daily_room`]; implemented over Daily's API in
+/// `core::daily`).
+pub trait RoomRemover: Send + Sync {
+    /// Deletes room `room` of session `session` of `org`, in the background (a failure is
+    /// logged: the room expires by itself at its `exp`).
+    fn remove(&self, org: &str, session: Uuid, room: &str);
+}
+
 /// Work to do once a session has ended (see [`Supervisor::on_session_end`]); its argument
 /// says whether the session had started (reached its agent) before it ended.
 pub type EndHook = Box<dyn FnOnce(bool) + Send + Sync>;
@@ -252,6 +261,9 @@ pub struct StartParams {
     pub session_id: Option<Uuid>,
     /// `x-daily-transport-type`.
     pub transport: Option<String>,
+    /// The Daily room made for the session, recorded with it (deleted at its end: see
+    /// [`Supervisor::watch_room`], which the caller registers before the start).
+    pub daily_room: Option<crate::model::SessionRoom>,
     /// Extra headers for `/bot` (room url and token).
     pub extra_headers: Vec<(String, String)>,
     /// Resolves when the client that asked for the session has gone away (the websocket
@@ -308,6 +320,8 @@ pub struct Supervisor {
     watching: watching::SessionWatch,
     /// Work to run when a session ends ([`Supervisor::on_session_end`]).
     end_hooks: Mutex<HashMap<Uuid, EndHook>>,
+    /// What deletes the Daily rooms of ended sessions, once set ([`Supervisor::set_room_remover`]).
+    rooms: std::sync::OnceLock<Arc<dyn RoomRemover>>,
     /// The other nodes, once the server has set them ([`Supervisor::set_peers`]).
     peers: std::sync::OnceLock<Arc<dyn Peers>>,
     /// The engine itself, for work started from `&self` that needs the `Arc`.
@@ -400,6 +414,7 @@ impl Supervisor {
             changes: broadcast::channel(SESSION_CHANGES_BUFFER).0,
             watching: watching::SessionWatch::default(),
             end_hooks: Mutex::new(HashMap::new()),
+            rooms: std::sync::OnceLock::new(),
             peers: std::sync::OnceLock::new(),
             cluster: Mutex::new(ClusterView::default()),
             events: std::sync::OnceLock::new(),
@@ -556,6 +571,55 @@ impl Supervisor {
     /// once with [`Supervisor::run_end_hook`]). Register it before starting the session.
     pub fn on_session_end(&self, session: Uuid, hook: EndHook) {
         self.end_hooks.lock().insert(session, hook);
+    }
+
+    /// Deletes the Daily rooms of ended sessions through `remover` from now on (set once;
+    /// later calls are ignored).
+    pub fn set_room_remover(&self, remover: Arc<dyn RoomRemover>) {
+        let _ = self.rooms.set(remover);
+    }
+
+    /// Deletes `room`, the Daily room of `org`'s session `session`, once the session ends
+    /// here: its end recorded by this process, or its start failed (an end hook). A session
+    /// that outlives this process has the room in its record, and whichever process records
+    /// its end deletes it ([`Supervisor::room_ended`]).
+    pub fn watch_room(&self, org: &str, session: Uuid, room: &crate::model::SessionRoom) {
+        let (me, org, room) = (self.this.clone(), org.to_string(), room.clone());
+        self.on_session_end(
+            session,
+            Box::new(move |started| {
+                if let Some(me) = me.upgrade() {
+                    me.room_ended(&org, session, &room, started);
+                }
+            }),
+        );
+    }
+
+    /// `org`'s session `session` has ended (`started`: it reached its agent): its room goes,
+    /// unless it is kept; a room kept for a session that never started would serve nobody.
+    pub(super) fn room_ended(
+        &self,
+        org: &str,
+        session: Uuid,
+        room: &crate::model::SessionRoom,
+        started: bool,
+    ) {
+        if room.keep && started {
+            return;
+        }
+        match self.rooms.get() {
+            Some(r) => r.remove(org, session, &room.name),
+            None => tracing::warn!(session = %session, room = %room.name,
+                "no Daily client to delete the session's room with"),
+        }
+    }
+
+    /// [`Supervisor::room_ended`] for stored session `s`, whose end this process has just
+    /// recorded.
+    pub(super) fn record_ended(&self, s: &SessionRecord) {
+        if let Some(room) = &s.daily_room {
+            self.room_ended(&s.org, s.id, room, s.bot_start_ms.is_some());
+        }
     }
 
     /// Sends session and deployment events to `sink` from now on (set once; later calls are

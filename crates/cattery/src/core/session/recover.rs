@@ -313,6 +313,7 @@ impl Supervisor {
                 s.id,
                 &end,
             );
+            self.record_ended(s);
             let _ = self.changes.send((s.org.clone(), s.id));
         }
         Ok(())
@@ -524,6 +525,10 @@ impl Supervisor {
         let deadline = Instant::now() + Duration::from_millis(remaining_ms as u64);
         found.adopted_sessions.insert(sess.id);
         found.keep.insert(ctl.id);
+        // Its room (made by the process that started it) goes when its end is recorded here.
+        if let Some(room) = &sess.daily_room {
+            self.watch_room(&sess.org, sess.id, room);
+        }
         tracing::info!(session = %sess.id, instance = %ctl.id, agent = %agent.name,
             remaining_s = remaining_ms / 1000, "re-adopted a running session after a restart");
         self.platform_log(
@@ -598,6 +603,7 @@ impl Supervisor {
             s.id,
             end,
         );
+        self.record_ended(s);
         let _ = self.changes.send((s.org.clone(), s.id));
         let message = end.message.as_deref().unwrap_or("");
         tracing::info!(session = %s.id, agent = %agent, reason, message,

@@ -77,7 +77,13 @@ impl Supervisor {
                 }
             })?;
         let recorded = match self
-            .record_start(&placed, org, session, created_ms, p.transport.clone())
+            .record_start(
+                &placed,
+                org,
+                session,
+                created_ms,
+                (p.transport.clone(), p.daily_room.clone()),
+            )
             .await
         {
             Ok(r) => r,
@@ -295,7 +301,7 @@ impl Supervisor {
         org: &str,
         session: Uuid,
         created_ms: i64,
-        transport: Option<String>,
+        (transport, daily_room): (Option<String>, Option<crate::model::SessionRoom>),
     ) -> StoreResult<bool> {
         let rec = SessionRecord {
             id: session,
@@ -310,6 +316,7 @@ impl Supervisor {
             end: None,
             samples: Vec::new(),
             node_id: self.cfg.node_id.clone(),
+            daily_room,
         };
         if placed.mailbox.is_none() && !placed.cold {
             self.store

@@ -11,7 +11,7 @@ use super::pending::STOP_COMMIT_WAIT;
 use super::state::{Cmd, InstanceCtl, State};
 use super::{PeerStop, Supervisor};
 use crate::core::{CoreError, CoreResult};
-use crate::model::{now_ms, EndReason, SessionEnd};
+use crate::model::{now_ms, EndReason, SessionEnd, SessionRecord};
 
 /// How often a stop forwarded to another node checks, while it waits for the answer, that
 /// the owner still heartbeats.
@@ -97,8 +97,7 @@ impl Supervisor {
         if !self.owns(&rec.node_id) && (!here || self.is_fenced()) {
             return self.stop_elsewhere(rec.node_id, session).await;
         }
-        self.stop_here(org, agent_name, session, rec.waiting_for_client())
-            .await
+        self.stop_here(org, agent_name, &rec).await
     }
 
     /// The record of `org`'s session `session` of agent `agent_name`, as
@@ -136,13 +135,8 @@ impl Supervisor {
 
     /// Stops a session this node owns (or one no live instance serves), as a `DELETE` does
     /// on a single node.
-    async fn stop_here(
-        &self,
-        org: &str,
-        agent_name: &str,
-        session: Uuid,
-        waiting: bool,
-    ) -> CoreResult<()> {
+    async fn stop_here(&self, org: &str, agent_name: &str, rec: &SessionRecord) -> CoreResult<()> {
+        let (session, waiting) = (rec.id, rec.waiting_for_client());
         // Taken over from a lost node by this node a moment ago: its end (`lost`, naming the
         // node) or its adoption is being written; wait for it rather than record a vaguer end.
         let began = std::time::Instant::now();
@@ -186,7 +180,7 @@ impl Supervisor {
                 if !self.owns(&rec.node_id) {
                     return Box::pin(self.stop_elsewhere(rec.node_id, session)).await;
                 }
-                return Box::pin(self.stop_here(org, agent_name, session, false)).await;
+                return Box::pin(self.stop_here(org, agent_name, &rec)).await;
             }
             None => {
                 let end = SessionEnd {
@@ -199,6 +193,7 @@ impl Supervisor {
                 };
                 if self.store.end_session(session, &end).await? {
                     self.session_end_recorded(org, (None, agent_name), None, session, &end);
+                    self.record_ended(rec);
                 }
             }
         }
@@ -233,8 +228,7 @@ impl Supervisor {
             return Ok(PeerStop::NotOwner);
         }
         let agent = self.agent_name(rec.agent_id);
-        self.stop_here(&rec.org, &agent, session, rec.waiting_for_client())
-            .await?;
+        self.stop_here(&rec.org, &agent, &rec).await?;
         Ok(PeerStop::Stopped)
     }
 
@@ -346,9 +340,7 @@ impl Supervisor {
             }
             if self.owns(&rec.node_id) {
                 let agent = self.agent_name(rec.agent_id);
-                return self
-                    .stop_here(&rec.org, &agent, session, rec.waiting_for_client())
-                    .await;
+                return self.stop_here(&rec.org, &agent, &rec).await;
             }
             owner = rec.node_id;
             if std::time::Instant::now() > give_up {

@@ -806,6 +806,7 @@ async fn left_with(e: &Env, a: &AgentRecord, node: &str, transport: Option<&str>
         end: None,
         samples: Vec::new(),
         node_id: node.into(),
+        daily_room: None,
     };
     e.store.insert_session(&s).await.unwrap();
     e.store.mark_delivered(sid, 5).await.unwrap();
@@ -1635,6 +1636,7 @@ fn only_an_announced_websocket_session_may_hold_a_token() {
         end: None,
         samples: Vec::new(),
         node_id: "n1".into(),
+        daily_room: None,
     };
     assert!(super::stop::may_hold_ws_token(&rec(
         Some("websocket"),
@@ -1976,6 +1978,7 @@ async fn a_start_the_store_wrote_but_answered_an_error_for_is_served() {
         end: None,
         samples: Vec::new(),
         node_id: "n1".into(),
+        daily_room: None,
     };
     // The write the store committed, and the answer the engine gets: an outage's error.
     assert!(e
@@ -2445,6 +2448,7 @@ async fn status_counts_the_cluster_only_with_several_live_nodes() {
         end: None,
         samples: Vec::new(),
         node_id: "n2".into(),
+        daily_room: None,
     };
     e.store.insert_session(&s).await.unwrap();
     for (node, session) in [("n2", Some(s.id)), ("n3", None)] {

@@ -42,6 +42,7 @@ impl Supervisor {
                 end: None,
                 samples: Vec::new(),
                 node_id: self.node_id().to_string(),
+                daily_room: None,
             })
             .await?;
         self.session_changed(org, session);

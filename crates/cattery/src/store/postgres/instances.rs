@@ -98,7 +98,7 @@ impl InstanceStore for PgStore {
         // finds it promised, so never two sessions on one instance.
         let claimed: bool = sqlx::query_scalar(
             "SELECT cattery_insert_session_for_instance($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-             $10, $11)",
+             $10, $11, $12, $13)",
         )
         .bind(s.id)
         .bind(&s.org)
@@ -111,6 +111,8 @@ impl InstanceStore for PgStore {
         .bind(&s.transport)
         .bind(&s.node_id)
         .bind(instance_id)
+        .bind(s.daily_room.as_ref().map(|r| r.name.as_str()))
+        .bind(s.daily_room.as_ref().is_some_and(|r| r.keep))
         .fetch_one(&self.pool)
         .await?;
         Ok(claimed)

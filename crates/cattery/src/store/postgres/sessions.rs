@@ -7,14 +7,15 @@ use uuid::Uuid;
 
 use super::PgStore;
 use crate::model::{
-    EndState, MetricSample, SessionEnd, SessionRecord, NEVER_DELIVERED, START_TIMEOUT_MESSAGE,
+    EndState, MetricSample, SessionEnd, SessionRecord, SessionRoom, NEVER_DELIVERED,
+    START_TIMEOUT_MESSAGE,
 };
 use crate::store::codec::{end_reason, samples_json, samples_of};
 use crate::store::{SessionFilter, SessionStore, StoreError, StoreResult};
 
 pub(super) const SESSION_COLS: &str = "id, org, agent_id, deployment_id, created_ms, updated_ms, \
     ended_ms, bot_start_ms, cold_start, completion_status, end_reason, exit_code, exit_signal, \
-    end_message, transport, samples, node_id";
+    end_message, transport, samples, node_id, daily_room, daily_room_keep";
 
 pub(super) fn session_from_row(r: &PgRow) -> StoreResult<SessionRecord> {
     let ended_ms: Option<i64> = r.try_get(6)?;
@@ -45,6 +46,15 @@ pub(super) fn session_from_row(r: &PgRow) -> StoreResult<SessionRecord> {
             .map(|m| samples_of(&m))
             .unwrap_or_default(),
         node_id: r.try_get(16)?,
+        daily_room: r
+            .try_get::<Option<String>, _>(17)?
+            .map(|name| -> StoreResult<SessionRoom> {
+                Ok(SessionRoom {
+                    name,
+                    keep: r.try_get(18)?,
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -54,8 +64,8 @@ pub(super) fn session_from_row(r: &PgRow) -> StoreResult<SessionRecord> {
 pub(super) async fn insert_session(db: &mut PgConnection, s: &SessionRecord) -> StoreResult<()> {
     let done = sqlx::query(
         "INSERT INTO sessions (id, org, agent_id, deployment_id, created_ms, updated_ms, \
-         bot_start_ms, cold_start, transport, node_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+         bot_start_ms, cold_start, transport, node_id, daily_room, daily_room_keep) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
          ON CONFLICT (id) DO UPDATE SET deployment_id = excluded.deployment_id, \
          cold_start = excluded.cold_start, updated_ms = excluded.updated_ms, \
          node_id = excluded.node_id \
@@ -73,6 +83,8 @@ pub(super) async fn insert_session(db: &mut PgConnection, s: &SessionRecord) -> 
     .bind(s.cold_start)
     .bind(&s.transport)
     .bind(&s.node_id)
+    .bind(s.daily_room.as_ref().map(|r| r.name.as_str()))
+    .bind(s.daily_room.as_ref().is_some_and(|r| r.keep))
     .execute(db)
     .await?;
     if done.rows_affected() == 0 {

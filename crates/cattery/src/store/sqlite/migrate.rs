@@ -25,6 +25,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0010_build_use.sql"),
     include_str!("../../../migrations/0011_node_secret_check.sql"),
     include_str!("../../../migrations/0012_log_counts.sql"),
+    include_str!("../../../migrations/0013_session_daily_room.sql"),
 ];
 
 /// The schema version this binary brings a database to (SQLite's `user_version`).

@@ -6,7 +6,8 @@ use uuid::Uuid;
 use super::conn::{Conn, Row, Val};
 use super::SqliteStore;
 use crate::model::{
-    EndState, MetricSample, SessionEnd, SessionRecord, NEVER_DELIVERED, START_TIMEOUT_MESSAGE,
+    EndState, MetricSample, SessionEnd, SessionRecord, SessionRoom, NEVER_DELIVERED,
+    START_TIMEOUT_MESSAGE,
 };
 pub(super) use crate::store::codec::samples_json;
 use crate::store::codec::{end_reason, samples_of};
@@ -14,7 +15,7 @@ use crate::store::{SessionFilter, SessionStore, StoreError, StoreResult};
 
 pub(super) const SESSION_COLS: &str = "id, org, agent_id, deployment_id, created_ms, updated_ms, \
     ended_ms, bot_start_ms, cold_start, completion_status, end_reason, exit_code, exit_signal, \
-    end_message, transport, samples, node_id";
+    end_message, transport, samples, node_id, daily_room, daily_room_keep";
 
 /// The SQL condition (with its parameters) for sessions in end state `e`
 /// ([`EndState::of`]'s mapping, by reason and, for failed starts, message).
@@ -75,6 +76,10 @@ pub(super) fn session_from_row(r: &Row<'_>) -> StoreResult<SessionRecord> {
         end,
         samples: r.text(15).map(|m| samples_of(&m)).unwrap_or_default(),
         node_id: r.string(16),
+        daily_room: r.text(17).map(|name| SessionRoom {
+            name,
+            keep: r.int(18).is_some_and(|k| k != 0),
+        }),
     })
 }
 
@@ -84,7 +89,8 @@ pub(super) fn session_from_row(r: &Row<'_>) -> StoreResult<SessionRecord> {
 pub(super) fn insert_session(db: &mut Conn, s: &SessionRecord) -> StoreResult<()> {
     let n = db.exec(
         "INSERT INTO sessions (id, org, agent_id, deployment_id, created_ms, updated_ms, \
-         bot_start_ms, cold_start, transport, node_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         bot_start_ms, cold_start, transport, node_id, daily_room, daily_room_keep) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          ON CONFLICT (id) DO UPDATE SET deployment_id = excluded.deployment_id, \
          cold_start = excluded.cold_start, updated_ms = excluded.updated_ms, \
          node_id = excluded.node_id \
@@ -102,6 +108,8 @@ pub(super) fn insert_session(db: &mut Conn, s: &SessionRecord) -> StoreResult<()
             s.cold_start.into(),
             s.transport.as_ref().into(),
             Val::Text(&s.node_id),
+            s.daily_room.as_ref().map(|r| r.name.as_str()).into(),
+            s.daily_room.as_ref().is_some_and(|r| r.keep).into(),
         ],
     )?;
     if n == 0 {

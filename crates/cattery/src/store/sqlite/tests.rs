@@ -52,6 +52,7 @@ fn session(agent: &AgentRecord) -> SessionRecord {
         end: None,
         samples: Vec::new(),
         node_id: "n1".into(),
+        daily_room: None,
     }
 }
 
