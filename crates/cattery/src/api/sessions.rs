@@ -301,7 +301,7 @@ pub(super) async fn daily_room(
                 "a Daily room (createDailyRoom, or transport \"daily\") needs a Daily API key: set the org's dailyApiKey property, or start the server with --daily-api-key (CATTERY_DAILY_API_KEY)",
             )
         })?;
-    crate::core::daily::check_properties(room_props, token_props)?;
+    crate::core::daily::check_properties(room_props, token_props, now_ms() / 1000)?;
     // At maxAgents (or crash-looping) the start is refused before Daily is asked for anything:
     // a room made for a refused start costs three calls to Daily's API and its deletion.
     st.sup.check_admissible(org, name)?;

@@ -322,17 +322,36 @@ impl crate::core::session::RoomRemover for RoomDeleter {
     }
 }
 
+/// How far before this server's clock (`now_s`) a start's `exp` may be: the caller's clock
+/// and the server's may differ by this much.
+pub const EXP_CLOCK_SKEW_S: i64 = 30;
+
 /// Checks a start's `dailyRoomProperties` and `dailyMeetingTokenProperties` (objects, or
-/// absent) before anything else is done for it. Errors: [`CoreError::BadRequest`].
-pub fn check_properties(room_props: Option<&Value>, token_props: Option<&Value>) -> CoreResult<()> {
-    exp_of(
-        &object(room_props, "dailyRoomProperties")?,
-        "dailyRoomProperties",
-    )?;
-    exp_of(
-        &object(token_props, "dailyMeetingTokenProperties")?,
-        "dailyMeetingTokenProperties",
-    )?;
+/// absent) before anything else is done for it: an `exp` in either is a Unix time in seconds
+/// that has not passed at `now_s` (by more than [`EXP_CLOCK_SKEW_S`]). Daily takes a room or
+/// a token whose `exp` has passed, and nobody can join with it: the bot would fail to join.
+/// Errors: [`CoreError::BadRequest`].
+pub fn check_properties(
+    room_props: Option<&Value>,
+    token_props: Option<&Value>,
+    now_s: i64,
+) -> CoreResult<()> {
+    for (given, what) in [
+        (room_props, "dailyRoomProperties"),
+        (token_props, "dailyMeetingTokenProperties"),
+    ] {
+        let Some(exp) = exp_of(&object(given, what)?, what)? else {
+            continue;
+        };
+        if exp < now_s.saturating_sub(EXP_CLOCK_SKEW_S) {
+            return Err(CoreError::bad_request(format!(
+                "{what}.exp ({exp}) is {} s in the past: no one could join with it; give a \
+                 Unix time in seconds in the future, or leave exp out (the room then lasts \
+                 the session's maxSessionDuration)",
+                now_s - exp
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -588,14 +607,62 @@ mod tests {
         ] {
             let given = json!({ "exp": bad });
             assert!(room_properties(Some(&given), 1000).is_err(), "{given}");
-            assert!(check_properties(Some(&given), None).is_err(), "{given}");
-            assert!(check_properties(None, Some(&given)).is_err(), "{given}");
+            assert!(
+                check_properties(Some(&given), None, 500).is_err(),
+                "{given}"
+            );
+            assert!(
+                check_properties(None, Some(&given), 500).is_err(),
+                "{given}"
+            );
             assert!(
                 client_token_properties(Some(&given), "r1", 5).is_err(),
                 "{given}"
             );
         }
-        assert!(check_properties(Some(&json!({"exp": null})), None).is_ok());
+        assert!(check_properties(Some(&json!({"exp": null})), None, 500).is_ok());
+    }
+
+    #[test]
+    fn an_exp_already_past_is_refused_beyond_the_clock_skew() {
+        let now = 1_800_000_000;
+        let skew = EXP_CLOCK_SKEW_S;
+        for what in ["room", "token"] {
+            let check = |exp: Value| {
+                let p = json!({ "exp": exp });
+                match what {
+                    "room" => check_properties(Some(&p), None, now),
+                    _ => check_properties(None, Some(&p), now),
+                }
+            };
+            // The future, now, and a past within the skew (another clock): sent to Daily.
+            for ok in [
+                json!(now + 600),
+                json!(now),
+                json!(now - skew),
+                json!(now - 1),
+            ] {
+                assert!(check(ok.clone()).is_ok(), "{what} {ok}");
+            }
+            // Past by more than the skew (a float as pipecat sends it, too): refused.
+            for past in [json!(now - skew - 1), json!(now as f64 - 3600.5), json!(1)] {
+                let e = check(past.clone()).unwrap_err();
+                let msg = e.to_string();
+                assert!(
+                    matches!(e, CoreError::BadRequest { .. }),
+                    "{what} {past}: {e:?}"
+                );
+                assert!(
+                    msg.contains(".exp (") && msg.contains("in the past"),
+                    "{msg}"
+                );
+            }
+        }
+        // The room's exp is checked even when the token's is fine, and the other way round.
+        let past = json!({"exp": now - 3600});
+        let future = json!({"exp": now + 3600});
+        assert!(check_properties(Some(&past), Some(&future), now).is_err());
+        assert!(check_properties(Some(&future), Some(&past), now).is_err());
     }
 
     #[test]

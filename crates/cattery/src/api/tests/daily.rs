@@ -376,6 +376,32 @@ async fn daily_errors_leave_nothing_behind() {
     );
 }
 
+/// An `exp` already past (beyond the clock skew), in the room's or the client token's
+/// properties, is a 400 `{error, code}` that names it, before Daily is asked for anything
+/// (no room made for nobody to join); one a few seconds past (another clock) still starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exp_already_past_is_a_clear_400_before_daily_is_asked() {
+    let (daily, a) = with_daily(Some("dk_server_key_0001")).await;
+    a.deploy("past", &[], json!({})).await;
+    let now = crate::model::now_ms() / 1000;
+    for (field, exp) in [
+        ("dailyRoomProperties", json!(now - 3600)),
+        ("dailyMeetingTokenProperties", json!(now as f64 - 120.5)),
+    ] {
+        let r = start_daily(&a, "past", json!({ field: {"exp": exp} })).await;
+        assert_error(&r, StatusCode::BAD_REQUEST, "GENERIC_BAD_REQUEST");
+        let msg = r.body["error"].as_str().unwrap();
+        assert!(
+            msg.contains(&format!("{field}.exp")) && msg.contains("in the past"),
+            "{msg}"
+        );
+    }
+    assert!(daily.seen().is_empty(), "{:?}", daily.seen());
+    assert_eq!(a.fake.starts(), 0);
+    let r = start_daily(&a, "past", json!({"dailyRoomProperties": {"exp": now - 5}})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
+
 /// `endState` on every session and its filter; `startTimeMin`/`startTimeMax`;
 /// `iceConfig` from `--ice-servers`; `websocketAuth` shows the enforced default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
