@@ -1037,6 +1037,77 @@ async fn a_dead_nodes_sessions_end_lost_once() {
     e.sup.stop_session("o", "a", sid).await.unwrap();
 }
 
+/// Records the Daily rooms the engine asks to delete.
+#[derive(Default)]
+struct Rooms(parking_lot::Mutex<Vec<String>>);
+
+impl super::RoomRemover for Rooms {
+    fn remove(&self, _org: &str, _session: Uuid, room: &str) {
+        self.0.lock().push(room.to_string());
+    }
+}
+
+/// The rooms recorded with sessions are deleted by the process that records their end, not
+/// only by the one that made them: a restart that finds a session without its instance, and
+/// a takeover of a lost node, delete its room. A kept room stays once its session reached
+/// its agent; one kept for a session never delivered goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_of_sessions_ended_by_a_restart_or_a_takeover_are_deleted() {
+    let e = env().await;
+    let a = agent(&e, "a", &[], 0, 4).await;
+    let now = now_ms();
+    let open = |node: &str, room: &str, keep: bool, delivered: bool| SessionRecord {
+        id: Uuid::new_v4(),
+        org: "o".into(),
+        agent_id: a.id,
+        deployment_id: a.desired_deployment_id,
+        created_ms: now,
+        updated_ms: now,
+        bot_start_ms: delivered.then_some(5),
+        cold_start: Some(true),
+        transport: Some("daily".into()),
+        end: None,
+        samples: Vec::new(),
+        node_id: node.into(),
+        daily_room: Some(crate::model::SessionRoom {
+            name: room.into(),
+            keep,
+        }),
+    };
+    for s in [
+        open("n1", "lost", false, true),
+        open("n1", "kept", true, true),
+        open("n1", "kept-undelivered", true, false),
+        open("n2", "taken-over", false, true),
+    ] {
+        e.store.insert_session(&s).await.unwrap();
+    }
+    let sup = engine(&e.store, &e.fake);
+    let rooms = Arc::new(Rooms::default());
+    sup.set_room_remover(rooms.clone());
+    sup.recover().await.unwrap();
+    let deleted = || {
+        let mut v = rooms.0.lock().clone();
+        v.sort();
+        v
+    };
+    assert_eq!(deleted(), ["kept-undelivered", "lost"]);
+    let node = crate::store::NodeRecord {
+        id: "n2".into(),
+        advertise_url: None,
+        version: "t".into(),
+        started_ms: 0,
+        heartbeat_ms: now - 5000,
+        instances: 0,
+        busy: 0,
+        key_check: None,
+        secret_check: None,
+    };
+    e.store.heartbeat(&node).await.unwrap();
+    assert_eq!(sup.take_over("n2", now - 2000).await.unwrap(), Some(1));
+    assert_eq!(deleted(), ["kept-undelivered", "lost", "taken-over"]);
+}
+
 /// A node that was fenced (its heartbeats late) reconciles with the store: the instance
 /// whose session another node ended `lost` (and whose record it dropped) is removed at once,
 /// with no second end written; the instance still its own is kept and its session goes on.
