@@ -442,3 +442,80 @@ async fn without_cgroups_nothing_under_an_instances_uid_outlives_it() {
     )
     .await;
 }
+
+/// A deploy's answer about an org's paths (its `command`, `workingDir`, `local:` directory)
+/// tells no more of the host's files than an instance could see: a program, a directory and a
+/// bot directory behind a directory only its owner may enter (another org's files, `/root`)
+/// get the answer a missing one next to them gets, the directory that blocks both named. As
+/// the server (root) it told them apart: "cannot reach the program" for one that exists, "does
+/// not exist" for one that does not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deploy_tells_nothing_of_files_an_instance_cannot_see() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        return; // Instances get uids of their own only when the server runs as root.
+    }
+    let s = Server::start(&[]).await;
+    let private = tempfile::tempdir().unwrap();
+    let hidden = private.path();
+    std::fs::set_permissions(hidden, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let prog = hidden.join("there");
+    std::fs::write(&prog, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir(hidden.join("there.d")).unwrap();
+    std::fs::write(hidden.join("there.d/bot.py"), "").unwrap();
+
+    let mut n = 0;
+    let mut answer = |spec: Value| {
+        n += 1;
+        let name = format!("probe{n}");
+        let s = &s;
+        async move {
+            let a = s.deploy(&name, &[], spec).await;
+            assert_eq!(a["ready"], false, "{a}");
+            a["errors"][0]["message"].as_str().unwrap().to_string()
+        }
+    };
+    let at = |name: &str| hidden.join(name).display().to_string();
+    let agent = common::test_agent().display().to_string();
+    let cases = [
+        (
+            "a program",
+            json!({"command": [at("there")]}),
+            json!({"command": [at("gone")]}),
+        ),
+        (
+            "a working directory",
+            json!({"command": [&agent], "workingDir": at("there.d")}),
+            json!({"command": [&agent], "workingDir": at("gone.d")}),
+        ),
+        (
+            "a `local:` bot directory",
+            json!({"command": null, "image": format!("local:{}", at("there.d"))}),
+            json!({"command": null, "image": format!("local:{}", at("gone.d"))}),
+        ),
+    ];
+    for (what, existing, missing) in cases {
+        let seen = answer(existing).await;
+        let unseen = answer(missing).await;
+        assert_eq!(
+            seen.replace("there", "X"),
+            unseen.replace("gone", "X"),
+            "{what}: the answers differ"
+        );
+        if what != "a `local:` bot directory" {
+            let blocked = format!(
+                "{} (mode 700) does not let other users through",
+                hidden.display()
+            );
+            assert!(seen.contains(&blocked), "{what}: {seen}");
+        }
+    }
+    // What an instance can see is still told apart: a file that is not executable.
+    let open = common::open_tempdir();
+    let plain = open.path().join("plain");
+    std::fs::write(&plain, "").unwrap();
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let msg = answer(json!({"command": [plain]})).await;
+    assert!(msg.contains("is not an executable file"), "{msg}");
+}

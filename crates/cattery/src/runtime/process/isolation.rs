@@ -13,6 +13,9 @@ use std::sync::Arc;
 use super::namespace::Namespaces;
 use super::uids::{UidPool, UidRange};
 
+/// The kernel's overflow uid (`nobody`), which owns no file of an instance.
+const NOBODY: u32 = 65534;
+
 /// `PATH` for instances when the server has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -107,6 +110,24 @@ impl Isolation {
             namespaces,
             namespaces_off,
         }
+    }
+
+    /// Runs `f` seeing files as an instance would: when instances run under uids of their own,
+    /// on a thread whose filesystem identity is a free uid of the pool (the overflow uid
+    /// `nobody` when none is free), without groups ([`super::uids::with_fs_identity`]); else
+    /// as the server, whose uid the instances share. For deploy-time checks of an org's paths,
+    /// whose answers must not tell what an instance could not see. Errors: the identity could
+    /// not be taken.
+    pub fn as_instance<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, String> {
+        let Some(pool) = &self.uids else {
+            return Ok(f());
+        };
+        let held = pool.allocate().ok();
+        let r = super::uids::with_fs_identity(held.unwrap_or(NOBODY), f);
+        if let Some(uid) = held {
+            pool.release(uid);
+        }
+        r.map_err(|e| e.to_string())
     }
 
     /// One line for the start log.

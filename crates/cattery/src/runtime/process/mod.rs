@@ -222,14 +222,40 @@ impl ProcessRuntime {
     /// Whether `program` can be executed (deploy-time validation). Returns the reason if not.
     /// When instances run under uids of their own, also that such a uid can reach the working
     /// directory and run the program.
+    ///
+    /// The paths are the org's choice, so they are looked at as an instance would see them
+    /// ([`Isolation::as_instance`]), never as the server: a path an instance cannot see gets
+    /// the answer a missing one gets (the first directory on the way that lets no other user
+    /// through, which an instance can see too, else "does not exist"), and a deploy tells an
+    /// org nothing of the host's files (`/root/.ssh`, another org's) an instance could not.
     pub fn check_program(&self, program: &str, working_dir: Option<&str>) -> Result<(), String> {
+        self.isolation
+            .as_instance(|| self.check_program_seen(program, working_dir))?
+    }
+
+    /// [`ProcessRuntime::check_program`] on the thread that sees files as an instance.
+    fn check_program_seen(&self, program: &str, working_dir: Option<&str>) -> Result<(), String> {
+        let isolating = self.isolation.uids.is_some();
         if let Some(d) = working_dir {
             if !Path::new(d).is_dir() {
-                return Err(format!("workingDir {d} is not a directory"));
+                return Err(
+                    match blocked_on_the_way(Path::new(d)).filter(|_| isolating) {
+                        Some(b) => unreachable("working directory", &b),
+                        None => format!("workingDir {d} is not a directory"),
+                    },
+                );
             }
         }
-        let path = resolve_program(program, working_dir)?;
-        if self.isolation.uids.is_some() {
+        let path = resolve_program(program, working_dir).map_err(|e| {
+            let blocked = program_path(program, working_dir)
+                .filter(|_| isolating)
+                .and_then(|p| Some((blocked_on_the_way(&p)?, p)));
+            match blocked {
+                Some((b, p)) => unreachable(&format!("program {}", shown_resolved(&p)), &b),
+                None => e,
+            }
+        })?;
+        if isolating {
             if let Some(d) = working_dir {
                 isolation::reachable_by_others(Path::new(d), true)
                     .map_err(|e| unreachable("working directory", &e))?;
@@ -1070,14 +1096,68 @@ fn unreachable(what: &str, e: &str) -> String {
 
 /// `path` with what it resolves to when that is elsewhere: `/b/.venv/bin/python (a link to
 /// /root/.pyenv/versions/3.11.7/bin/python3.11)`. A venv's `python` is such a link, and the
-/// directory that blocks it is often on the link's side only.
+/// directory that blocks it is often on the link's side only. Links are followed as far as
+/// the caller can read them (an instance, at deploy time: [`links_followed`]).
 fn shown_resolved(path: &Path) -> String {
     let link = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
     match fs::canonicalize(path) {
         Ok(c) if c != path && link => format!("{} (a link to {})", path.display(), c.display()),
         Ok(c) if c != path => format!("{} (which resolves to {})", path.display(), c.display()),
-        _ => path.display().to_string(),
+        Ok(_) => path.display().to_string(),
+        Err(_) => match links_followed(path).pop() {
+            Some(end) if link && end != path => {
+                format!("{} (a link to {})", path.display(), end.display())
+            }
+            _ => path.display().to_string(),
+        },
     }
+}
+
+/// `path`, then each path its links lead to, as far as they can be read (at most 40 links).
+fn links_followed(path: &Path) -> Vec<PathBuf> {
+    let mut chain = vec![path.to_path_buf()];
+    while chain.len() <= 40 {
+        let last = &chain[chain.len() - 1];
+        let Ok(to) = fs::read_link(last) else { break };
+        let next = match last.parent() {
+            Some(dir) if to.is_relative() => dir.join(to),
+            _ => to,
+        };
+        chain.push(next);
+    }
+    chain
+}
+
+/// The first directory on the way to `path` or to where its links lead that the caller can
+/// see but that lets no other user through: `/root (mode 700) does not let other users
+/// through`. Looked at from the top down, nothing past such a directory (nor past a missing
+/// one) is looked at, so the answer is the same whether what lies behind it exists or not.
+fn blocked_on_the_way(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    links_followed(path).iter().find_map(|p| {
+        let mut ancestors: Vec<&Path> = p.ancestors().skip(1).collect();
+        ancestors.reverse();
+        for dir in ancestors {
+            let m = fs::metadata(dir).ok().filter(|m| m.is_dir())?;
+            if m.mode() & 0o001 == 0 {
+                return Some(format!(
+                    "{} (mode {:o}) does not let other users through",
+                    dir.display(),
+                    m.mode() & 0o7777
+                ));
+            }
+        }
+        None
+    })
+}
+
+/// The path `program` names when it names one (it holds a `/`), against `working_dir` when
+/// relative; `None` for a name looked up in `PATH`.
+fn program_path(program: &str, working_dir: Option<&str>) -> Option<PathBuf> {
+    program.contains('/').then(|| match working_dir {
+        Some(d) if !program.starts_with('/') => Path::new(d).join(program),
+        _ => PathBuf::from(program),
+    })
 }
 
 fn resolve_program(program: &str, working_dir: Option<&str>) -> Result<PathBuf, String> {
@@ -1087,11 +1167,7 @@ fn resolve_program(program: &str, working_dir: Option<&str>) -> Result<PathBuf, 
             .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
             .unwrap_or(false)
     };
-    if program.contains('/') {
-        let p = match working_dir {
-            Some(d) if !program.starts_with('/') => Path::new(d).join(program),
-            _ => PathBuf::from(program),
-        };
+    if let Some(p) = program_path(program, working_dir) {
         return if is_exec(&p) {
             Ok(p)
         } else if p.exists() {
@@ -1145,10 +1221,14 @@ impl Runtime for ProcessRuntime {
     /// also that the chosen Python can import what the bundled runner needs (`fastapi`,
     /// `uvicorn`), so a bot environment without them is reported at deploy time (`errors[]`,
     /// `ready: false`) rather than at the first session.
+    ///
+    /// What it looks at in the org's directories (`bot.py`, a `.venv`, the program, the
+    /// working directory) it looks at as an instance would see it
+    /// ([`ProcessRuntime::check_program`]).
     fn validate(&self, dep: &DeploymentRecord) -> Option<String> {
-        let p = match self.prepare(dep) {
-            Ok(p) => p,
-            Err(e) => return Some(e),
+        let p = match self.isolation.as_instance(|| self.prepare(dep)) {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) | Err(e) => return Some(e),
         };
         let wd = p.working_dir.as_ref().and_then(|p| p.to_str());
         let local = dep.spec.command.is_none() && dep.spec.local_dir().is_some();

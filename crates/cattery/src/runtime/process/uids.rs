@@ -125,6 +125,42 @@ pub(crate) fn end_processes_of(uid: u32) -> Result<(), String> {
     Err(format!("processes of uid {uid} still run after SIGKILL"))
 }
 
+/// Runs `f` on a thread of its own that sees files as `uid` (and gid `uid`, with no
+/// supplementary groups) would: its filesystem uid and gid are switched, which also drops the
+/// capabilities that bypass file permissions (`CAP_DAC_OVERRIDE`, `CAP_DAC_READ_SEARCH`...),
+/// so a `stat` or an `open` there answers what an instance's would. Only that thread changes
+/// (`setfsuid`, `setfsgid` and the raw `setgroups` system call are per thread on Linux; the
+/// C library's `setgroups` would change every thread of the server), and it ends with `f`.
+/// Errors: the identity could not be taken (then `f` did not run).
+pub(crate) fn with_fs_identity<T: Send>(
+    uid: u32,
+    f: impl FnOnce() -> T + Send,
+) -> std::io::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let no_groups: *const libc::gid_t = std::ptr::null();
+            // SAFETY: system calls on this thread's own credentials, with plain values.
+            let took = unsafe {
+                libc::syscall(libc::SYS_setgroups, 0 as libc::size_t, no_groups) == 0 && {
+                    libc::syscall(libc::SYS_setfsgid, uid);
+                    libc::syscall(libc::SYS_setfsuid, uid);
+                    // An invalid id changes nothing and answers the current one.
+                    libc::syscall(libc::SYS_setfsgid, u32::MAX) == i64::from(uid)
+                        && libc::syscall(libc::SYS_setfsuid, u32::MAX) == i64::from(uid)
+                }
+            };
+            if !took {
+                return Err(std::io::Error::other(format!(
+                    "cannot take uid {uid}'s view of the files"
+                )));
+            }
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the check's thread panicked")))
+    })
+}
+
 impl UidPool {
     /// A pool over `range`, with its locks in `lock_dir`.
     pub fn new(range: UidRange, lock_dir: PathBuf) -> UidPool {
@@ -253,6 +289,39 @@ impl UidPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The thread of `with_fs_identity` sees files as the uid: a file behind a `0700`
+    /// directory is as missing as one that is not there, and one readable by others is read;
+    /// the calling thread (a tokio worker, in the server) keeps root's view.
+    #[test]
+    fn a_uids_view_of_the_files_is_its_own_threads_only() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let hidden = t.path().join("hidden");
+        fs::create_dir(&hidden).unwrap();
+        fs::set_permissions(&hidden, fs::Permissions::from_mode(0o700)).unwrap();
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(hidden.join("secret"), "x").unwrap();
+        fs::write(t.path().join("open"), "y").unwrap();
+        fs::set_permissions(t.path().join("open"), fs::Permissions::from_mode(0o644)).unwrap();
+        let seen = with_fs_identity(2_000_099_999, || {
+            let groups = fs::read_to_string("/proc/thread-self/status").unwrap();
+            (
+                hidden.join("secret").exists(),
+                fs::read_to_string(t.path().join("open")).ok(),
+                groups.lines().any(|l| l.trim_end() == "Groups:"),
+            )
+        })
+        .unwrap();
+        assert_eq!(seen, (false, Some("y".into()), true));
+        assert!(
+            hidden.join("secret").exists(),
+            "the caller's view is root's"
+        );
+    }
 
     #[test]
     fn ranges_parse_and_uids_are_never_shared() {
