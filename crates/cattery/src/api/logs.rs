@@ -145,6 +145,7 @@ pub fn parse_filter(q: &HashMap<String, String>) -> ApiResult<LogFilter> {
         desc,
         deployment_id: uuid_param(q, "deploymentId")?,
         session_id: uuid_param(q, "sessionId")?,
+        instance_id: None,
         query: q.get("query").filter(|s| !s.is_empty()).cloned(),
         start_ns: start.map(|s| s.0),
         end_ns: end.map(|e| e.1),

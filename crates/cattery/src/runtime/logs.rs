@@ -163,6 +163,38 @@ static QUEUED_LINES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicU
 /// See [`QUEUED_LINES`]: about 100 MiB of lines of 1 KiB.
 pub const MAX_QUEUED_LINES: usize = 100_000;
 
+/// What the store holds of an instance's output when it is adopted after a restart: the
+/// latest second (unix s) one of its stored `stdout`/`stderr` lines is stamped in, and how
+/// many of its stored lines are stamped in that second and in the one before. A runtime whose
+/// lines carry the time they were written (a container engine's stamps) resumes its capture
+/// right after them: no line twice, none lost (`runtime/docker/container.rs`, `LogResume`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoredTail {
+    /// The latest second a stored line is stamped in; `None`: none is stored.
+    pub second: Option<i64>,
+    /// Stored lines stamped in `second`.
+    pub in_second: usize,
+    /// Stored lines stamped in the second before `second`.
+    pub in_before: usize,
+}
+
+impl StoredTail {
+    /// From the stamps (ns) of an instance's stored output lines: all of them, or at least
+    /// every one from the second before the latest.
+    pub fn of(stamps: impl IntoIterator<Item = i64> + Clone) -> StoredTail {
+        let sec = |ts: i64| ts.div_euclid(1_000_000_000);
+        let Some(second) = stamps.clone().into_iter().map(sec).max() else {
+            return StoredTail::default();
+        };
+        let count = |s: i64| stamps.clone().into_iter().filter(|&t| sec(t) == s).count();
+        StoredTail {
+            second: Some(second),
+            in_second: count(second),
+            in_before: count(second - 1),
+        }
+    }
+}
+
 /// Where captured lines go.
 #[derive(Clone)]
 pub struct LogSink {
@@ -172,6 +204,9 @@ pub struct LogSink {
     pub attribution: Arc<Mutex<LogAttribution>>,
     /// The instance's budget against its [`LogRate`].
     budget: Arc<Mutex<LogBudget>>,
+    /// What the store held of the instance's output when it was adopted (`None`: a new
+    /// instance, or the store could not say).
+    stored: Option<StoredTail>,
 }
 
 impl LogSink {
@@ -185,7 +220,19 @@ impl LogSink {
             tx,
             attribution,
             budget: Arc::new(Mutex::new(LogBudget::new(rate))),
+            stored: None,
         }
+    }
+
+    /// This sink, for an adopted instance of whose output the store holds `stored`.
+    pub fn resuming(mut self, stored: StoredTail) -> LogSink {
+        self.stored = Some(stored);
+        self
+    }
+
+    /// What the store held of the instance's output when it was adopted, if known.
+    pub fn stored(&self) -> Option<StoredTail> {
+        self.stored
     }
 
     /// A sink into `tx` for lines of no particular instance (org `o`, nil ids), at `rate`:
@@ -209,6 +256,12 @@ impl LogSink {
     /// current attribution, if the instance's budget allows it (else it is counted, for the
     /// next note) and the writer's queue has room.
     pub fn send_bytes(&self, stream: &'static str, line: &[u8]) {
+        self.send_bytes_at(stream, line, None)
+    }
+
+    /// [`LogSink::send_bytes`], stamped `ts_ns` (the time the instance wrote it, when the
+    /// runtime knows it: a container engine's stamp) rather than the time it is captured.
+    pub fn send_bytes_at(&self, stream: &'static str, line: &[u8], ts_ns: Option<i64>) {
         let note = {
             let mut b = self.budget.lock();
             if !b.take(line.len()) {
@@ -217,9 +270,9 @@ impl LogSink {
             b.note(false)
         };
         if let Some(n) = note {
-            self.queue("platform", n);
+            self.queue("platform", n, None);
         }
-        self.queue(stream, escape_bytes(line));
+        self.queue(stream, escape_bytes(line), ts_ns);
     }
 
     /// Whether the instance's budget lets a line through now: a tailer skips what waits
@@ -250,11 +303,11 @@ impl LogSink {
     pub fn flush_note(&self) {
         let note = self.budget.lock().note(true);
         if let Some(n) = note {
-            self.queue("platform", n);
+            self.queue("platform", n, None);
         }
     }
 
-    fn queue(&self, stream: &'static str, line: String) {
+    fn queue(&self, stream: &'static str, line: String, ts_ns: Option<i64>) {
         use std::sync::atomic::Ordering;
         if QUEUED_LINES.load(Ordering::Relaxed) >= MAX_QUEUED_LINES {
             crate::telemetry::log_lines_dropped(1);
@@ -267,7 +320,7 @@ impl LogSink {
             deployment_id: Some(a.deployment_id),
             session_id: a.session_id,
             instance_id: Some(a.instance_id),
-            ts_ns: now_ns(),
+            ts_ns: ts_ns.unwrap_or_else(now_ns),
             stream,
             line,
         });

@@ -844,6 +844,8 @@ async fn logs(s: &dyn Store) {
         line(&a, 20, "second needle"),
     ];
     lines[2].session_id = Some(sid);
+    let iid = Uuid::new_v4();
+    lines[0].instance_id = Some(iid);
     s.append_logs(&lines).await.unwrap();
     s.append_logs(&[line(&a, 20, "second too"), line(&b, 15, "other agent")])
         .await
@@ -887,6 +889,14 @@ async fn logs(s: &dyn Store) {
         })
         .await,
         (1, vec!["second needle".into()])
+    );
+    assert_eq!(
+        q(LogFilter {
+            instance_id: Some(iid),
+            ..all.clone()
+        })
+        .await,
+        (1, vec!["third".into()])
     );
     assert_eq!(
         q(LogFilter {

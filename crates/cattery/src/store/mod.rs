@@ -187,6 +187,8 @@ pub struct LogFilter {
     pub deployment_id: Option<Uuid>,
     /// Only this session.
     pub session_id: Option<Uuid>,
+    /// Only this instance.
+    pub instance_id: Option<Uuid>,
     /// Substring search.
     pub query: Option<String>,
     /// At or after (ns).

@@ -615,3 +615,51 @@ async fn a_server_that_never_ran_a_container_does_not_wait_for_an_engine() {
     let log = s.log();
     assert!(!log.contains("cannot sweep"), "{log}");
 }
+
+/// The server is SIGKILLed while a session's container keeps writing, and started again a
+/// few seconds later: the lines the container wrote while no server ran are captured once the
+/// next server adopts it, each once, none lost. (The next server followed the container's
+/// output from one second before its own start, so those lines were never captured.)
+#[tokio::test(flavor = "multi_thread")]
+async fn lines_a_container_writes_while_no_server_runs_are_captured_after_a_restart() {
+    if !have_docker(&[AGENT_IMAGE]) {
+        return;
+    }
+    let mut s = Server::start(&[]).await;
+    deploy_image(
+        &s,
+        "chatty",
+        "--tick-ms 100 --ignore-transport-close",
+        json!({}),
+    )
+    .await;
+    let sid = s.start_ok("chatty").await;
+    wait_log(&s, "chatty", &sid, "tick 5").await;
+    s.kill9();
+    // The container writes about 30 lines while no server runs.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    s.spawn().await;
+    let before = *ticks(&s, "chatty", &sid).await.last().unwrap();
+    let want = before + 20;
+    let got = wait_for(
+        Duration::from_secs(30),
+        "ticks after the restart",
+        || async {
+            let t = ticks(&s, "chatty", &sid).await;
+            t.contains(&want).then_some(t)
+        },
+    )
+    .await;
+    let mut seen = std::collections::HashSet::new();
+    assert!(
+        got.iter().all(|t| seen.insert(*t)),
+        "a line captured twice: {got:?}"
+    );
+    assert!(
+        (1..=want).all(|t| seen.contains(&t)),
+        "a line lost: {got:?}"
+    );
+    assert!(s.session("chatty", &sid).await["endReason"].is_null());
+    assert_eq!(s.stop("chatty", &sid).await.status, 200);
+    assert!(containers(&s).is_empty());
+}

@@ -13,7 +13,9 @@ use super::actor::{self, Start};
 use super::state::{AgentPool, Cmd, InstState, InstanceCtl};
 use super::Supervisor;
 use crate::model::{now_ms, AgentRecord, EndReason, InstanceRecord, SessionEnd, SessionRecord};
+use crate::runtime::logs::StoredTail;
 use crate::runtime::{Adopted, GoneExit, Instance, LogSink};
+use crate::store::LogFilter;
 
 /// What the recovery found, as it goes.
 #[derive(Default)]
@@ -397,11 +399,14 @@ impl Supervisor {
         };
         let (ctl, mb) = InstanceCtl::new(&agent, dep.clone(), state, sid, Some(rec.id));
         ctl.recorded.store(true, Ordering::SeqCst);
-        let sink = LogSink::new(
+        let mut sink = LogSink::new(
             self.logs.clone(),
             ctl.attribution.clone(),
             self.cfg.log_rate,
         );
+        if let Some(tail) = self.stored_tail(&rec).await {
+            sink = sink.resuming(tail);
+        }
         // A delivered websocket session lives only as long as its relay, in the server
         // process its client reached: on this machine, a live process holds its mark; a lost
         // node's relays went with it (its records name this node once taken over, and this
@@ -723,6 +728,50 @@ impl Supervisor {
         self.pending_ends
             .all_committed(super::pending::STOP_COMMIT_WAIT)
             .await;
+    }
+}
+
+impl Supervisor {
+    /// What the store holds of instance `rec`'s output (`stdout`/`stderr`, not the platform's
+    /// lines): the latest second one of its lines is stamped in and how many are stamped in
+    /// it and in the second before, so that its capture resumes right after them
+    /// ([`LogSink::resuming`]). Two reads of the instance's lines: the newest, then those from
+    /// the second before it. `None` when the store cannot say.
+    async fn stored_tail(&self, rec: &InstanceRecord) -> Option<StoredTail> {
+        const PAGE: i64 = 1000;
+        let output = |l: &crate::model::LogLine| l.stream != "platform";
+        let mut f = LogFilter {
+            limit: PAGE,
+            desc: true,
+            instance_id: Some(rec.id),
+            ..Default::default()
+        };
+        let newest = loop {
+            let (_, page) = self.store.query_logs(rec.agent_id, &f).await.ok()?;
+            if let Some(l) = page.iter().find(|l| output(l)) {
+                break l.ts_ns;
+            }
+            if (page.len() as i64) < PAGE {
+                return Some(StoredTail::default());
+            }
+            f.offset += PAGE;
+        };
+        let from = (newest.div_euclid(1_000_000_000) - 1) * 1_000_000_000;
+        let mut f = LogFilter {
+            limit: PAGE,
+            instance_id: Some(rec.id),
+            start_ns: Some(from),
+            ..Default::default()
+        };
+        let mut stamps = Vec::new();
+        loop {
+            let (_, page) = self.store.query_logs(rec.agent_id, &f).await.ok()?;
+            stamps.extend(page.iter().filter(|l| output(l)).map(|l| l.ts_ns));
+            if (page.len() as i64) < PAGE {
+                return Some(StoredTail::of(stamps.iter().copied()));
+            }
+            f.offset += PAGE;
+        }
     }
 }
 

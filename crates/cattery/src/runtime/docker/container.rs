@@ -19,7 +19,7 @@ use tokio::sync::{watch, OnceCell};
 
 use super::stats::Sampler;
 use super::DockerPlacement;
-use crate::runtime::logs::{escape_bytes, MAX_LINE_BYTES};
+use crate::runtime::logs::{escape_bytes, StoredTail, MAX_LINE_BYTES};
 use crate::runtime::{
     ExitInfo, GoneExit, Instance, LogSink, ResourceSample, RuntimeKind, TerminateReport,
 };
@@ -370,6 +370,17 @@ struct LogResume {
 }
 
 impl LogResume {
+    /// Resuming after what the store holds of the container's output (its lines carry the
+    /// engine's stamps): the same counts as if this run had read those lines itself.
+    fn after(stored: StoredTail) -> LogResume {
+        LogResume {
+            second: stored.second,
+            in_second: stored.in_second,
+            in_before: stored.in_before,
+            skip: 0,
+        }
+    }
+
     /// The `since` (unix s) of the next log request: `initial` for the first one.
     fn next_request(&mut self, initial: i32) -> i32 {
         let Some(second) = self.second else {
@@ -429,7 +440,8 @@ async fn follow_logs(
     since: i32,
     exited: watch::Receiver<Option<ExitInfo>>,
 ) {
-    let mut read = LogResume::default();
+    // An adopted container's capture resumes right after what the store holds of it.
+    let mut read = sink.stored().map(LogResume::after).unwrap_or_default();
     let mut backoff = Duration::from_millis(100);
     loop {
         let from = read.next_request(since);
@@ -515,7 +527,8 @@ async fn follow_once(
             line = &line[..line.len() - 1];
         }
         for part in line.chunks(MAX_LINE_BYTES) {
-            sink.send_bytes(stream, part);
+            // Stamped as the engine stamped it: a restart resumes from the stored stamps.
+            sink.send_bytes_at(stream, part, ts);
         }
     }
     Ok(())
@@ -692,6 +705,20 @@ mod tests {
                     .filter(|t| r.admit(Some(*t))),
             );
             assert_eq!(got, file, "broken after {cut} entries");
+        }
+        // Stored up to each entry by a server that then died; the next server, from what the
+        // store holds alone, reads the rest: each entry once, none lost.
+        for cut in 0..=file.len() {
+            let stored = StoredTail::of(file[..cut].iter().copied());
+            let mut r = LogResume::after(stored);
+            let since = r.next_request(0);
+            let mut got = file[..cut].to_vec();
+            got.extend(
+                replay(&file, since)
+                    .into_iter()
+                    .filter(|t| r.admit(Some(*t))),
+            );
+            assert_eq!(got, file, "stored up to {cut} entries");
         }
     }
 }

@@ -618,9 +618,13 @@ impl Runtime for DockerRuntime {
             remove_quietly(&docker, &pl.container_id).await;
             return Adopted::Gone(gone);
         }
-        // Follows from one second ago: lines the container wrote while this server was down
-        // are not captured (the engine keeps them: `docker logs`).
-        let since = (now_ms() / 1000) as i32 - 1;
+        // Follows on from what the store holds of its output (`LogResume`), so the lines it
+        // wrote while no server ran are captured, none twice; from one second ago when the
+        // store could not say.
+        let since = match logs.stored() {
+            Some(_) => 0,
+            None => (now_ms() / 1000) as i32 - 1,
+        };
         Adopted::Running(DockerInstance::watch(docker, pl, logs, since))
     }
 

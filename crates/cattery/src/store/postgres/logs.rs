@@ -36,6 +36,9 @@ fn push_filter(q: &mut QueryBuilder<Postgres>, agent_id: Uuid, f: &LogFilter) {
     if let Some(s) = f.session_id {
         q.push(" AND session_id = ").push_bind(s);
     }
+    if let Some(i) = f.instance_id {
+        q.push(" AND instance_id = ").push_bind(i);
+    }
     if let Some(text) = &f.query {
         q.push(" AND strpos(line, ")
             .push_bind(crate::store::codec::storable_text(text).into_owned())

@@ -158,12 +158,13 @@ impl LogStore for SqliteStore {
     async fn query_logs(&self, agent_id: Uuid, f: &LogFilter) -> StoreResult<(i64, Vec<LogLine>)> {
         let filter = "agent_id = ?1 AND (?2 IS NULL OR deployment_id = ?2) \
             AND (?3 IS NULL OR session_id = ?3) AND (?4 IS NULL OR instr(line, ?4) > 0) \
-            AND (?5 IS NULL OR ts_ns >= ?5) AND (?6 IS NULL OR ts_ns <= ?6)";
+            AND (?5 IS NULL OR ts_ns >= ?5) AND (?6 IS NULL OR ts_ns <= ?6) \
+            AND (?7 IS NULL OR instance_id = ?7)";
         let count_sql = format!("SELECT COUNT(*) FROM logs WHERE {filter}");
         let order = if f.desc { "DESC" } else { "ASC" };
         let select_sql = format!(
             "SELECT org, agent_id, deployment_id, session_id, instance_id, ts_ns, stream, line \
-             FROM logs WHERE {filter} ORDER BY ts_ns {order}, seq {order} LIMIT ?7 OFFSET ?8"
+             FROM logs WHERE {filter} ORDER BY ts_ns {order}, seq {order} LIMIT ?8 OFFSET ?9"
         );
         let f = f.clone();
         self.scan(move |db| {
@@ -175,6 +176,7 @@ impl LogStore for SqliteStore {
                 query.as_deref().into(),
                 f.start_ns.into(),
                 f.end_ns.into(),
+                f.instance_id.into(),
             ];
             let total = db.query_int(&count_sql, &params)?;
             params.push(f.limit.into());
