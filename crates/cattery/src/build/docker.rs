@@ -214,10 +214,9 @@ impl DockerBuilder {
             "Checking that the image can run {}'s runner: python -c '{code}'",
             self.base_image
         ));
-        let run = run_check(engine, build, tag, code);
-        let (ok, output) = tokio::time::timeout(RUNNER_CHECK_TIMEOUT, run)
-            .await
-            .unwrap_or_else(|_| Ok((false, vec!["the check did not end within 60 s".into()])))?;
+        // Bounded inside: the check's container is gone before this returns, so removing
+        // the image of a failed check never races a container that still uses it.
+        let (ok, output) = run_check(engine, build, tag, code, RUNNER_CHECK_TIMEOUT).await?;
         for l in &output {
             log.output(l);
         }
@@ -237,13 +236,16 @@ impl DockerBuilder {
 }
 
 /// Runs `python -c code` in a throwaway container of `image`, `cattery-build-check-<build>`
-/// (no network, bounded, no privileges; removed after, also when the build is cut
-/// meanwhile): whether it exited 0, and its output. `Err`: the engine could not run it.
+/// (no network, bounded, no privileges): whether it exited 0 within `limit`, and its output.
+/// The container is killed and removed before this returns, whether the check ended, failed
+/// or ran out of time (and in the background when the build is cut meanwhile), so the image
+/// is free to remove once it has. `Err`: the engine could not run it.
 async fn run_check(
     engine: &bollard::Docker,
     build: uuid::Uuid,
     image: &str,
     code: &str,
+    limit: std::time::Duration,
 ) -> Result<(bool, Vec<String>), String> {
     use bollard::models::{ContainerCreateBody, HostConfig};
     let body = ContainerCreateBody {
@@ -270,7 +272,15 @@ async fn run_check(
         .map_err(check_failed)?
         .id;
     let container = RemoveOnDrop(engine.clone(), id);
-    let r = run_created(engine, &container.1).await;
+    let r = tokio::time::timeout(limit, run_created(engine, &container.1))
+        .await
+        .unwrap_or_else(|_| {
+            let secs = limit.as_secs();
+            Ok((
+                false,
+                vec![format!("the check did not end within {secs} s")],
+            ))
+        });
     container.remove().await;
     r
 }
@@ -506,6 +516,45 @@ fn failed(engine_message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A check that runs out of time has its container killed and removed before it returns
+    /// (the image's removal after a failed check found it still there, in use, when the
+    /// removal was left to the background). Needs the engine and `cattery-test/pipecat-base`
+    /// (scripts/docker-ci.sh, scripts/docker-images.sh): skipped without them unless
+    /// `CATTERY_REQUIRE_DOCKER` is set.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_check_out_of_time_leaves_no_container_behind() {
+        const IMAGE: &str = "cattery-test/pipecat-base:latest";
+        let required = std::env::var_os("CATTERY_REQUIRE_DOCKER").is_some();
+        let engine = match bollard::Docker::connect_with_local_defaults() {
+            Ok(e) if e.inspect_image(IMAGE).await.is_ok() => e,
+            _ if required => panic!("CATTERY_REQUIRE_DOCKER is set, but no engine with {IMAGE}"),
+            _ => return eprintln!("SKIPPED: no Docker engine with {IMAGE}"),
+        };
+        let build = uuid::Uuid::new_v4();
+        let limit = std::time::Duration::from_secs(2);
+        let code = "import time; time.sleep(120)";
+        let (ok, out) = run_check(&engine, build, IMAGE, code, limit).await.unwrap();
+        assert!(!ok);
+        assert_eq!(out, ["the check did not end within 2 s"]);
+        let name = format!("cattery-build-check-{build}");
+        let left = engine
+            .inspect_container(
+                &name,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await;
+        assert!(
+            matches!(
+                left,
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404,
+                    ..
+                })
+            ),
+            "the check's container is still there: {left:?}"
+        );
+    }
 
     #[test]
     fn maps_only_the_pipecat_base() {
