@@ -858,6 +858,50 @@ enum Install {
     Nothing,
 }
 
+/// How an install from `requirements.txt` is named in an error.
+const PIP_REQUIREMENTS: &str = "pip install -r requirements.txt";
+
+impl Install {
+    /// The context's file the install comes from, as [`runner_deps_missing`] names it.
+    fn source(&self) -> Source {
+        match self {
+            Install::Pip(PIP_REQUIREMENTS, _) => Source::Requirements,
+            Install::Pip(..) => Source::Pyproject,
+            Install::Lock => Source::Lock,
+            Install::Nothing => Source::Nothing,
+        }
+    }
+}
+
+/// The error of a built virtualenv that cannot import what Cattery's runner needs. Such an
+/// environment has what the context's file (`source`) installed and, through its `.pth`, the
+/// packages of the base environment (`base`, `--build-python`); there is no base image. Says
+/// where to add them for the file this context builds from.
+fn runner_deps_missing(source: Source, base: &str, reason: &str) -> String {
+    let (installed, add_to) = match source {
+        Source::Requirements => ("requirements.txt", "requirements.txt"),
+        Source::Lock => (
+            "uv.lock",
+            "the dependencies of pyproject.toml, and lock them again (uv lock)",
+        ),
+        Source::Pyproject => (
+            "the dependencies of pyproject.toml",
+            "the dependencies of pyproject.toml",
+        ),
+        Source::Nothing => (
+            "nothing of the context (it names no dependencies)",
+            "a requirements.txt",
+        ),
+    };
+    format!(
+        "the built environment cannot import fastapi and uvicorn, which Cattery's runner needs \
+         ({reason}): it holds what {installed} installed and the packages of the base \
+         environment {base} (--build-python), and neither has them: add pipecat-ai[runner] \
+         (which brings both), or fastapi and uvicorn, to {add_to}; or start the server with \
+         a --build-python that has them"
+    )
+}
+
 /// What to install, read before any step runs (from then on a step, the org's code, may
 /// change the context).
 fn what_to_install(app: &Path, dockerfile: &str, log: &BuildLog) -> Result<Install, String> {
@@ -882,7 +926,7 @@ fn what_to_install(app: &Path, dockerfile: &str, log: &BuildLog) -> Result<Insta
     }
     Ok(match source {
         Source::Requirements => Install::Pip(
-            "pip install -r requirements.txt",
+            PIP_REQUIREMENTS,
             pip(vec!["-r".into(), "requirements.txt".into()]),
         ),
         Source::Lock => Install::Lock,
@@ -965,6 +1009,7 @@ impl VenvBuilder {
                 w.status, w.reason
             ));
         }
+        let source = install.source();
         match install {
             Install::Pip(what, args) => {
                 let r = run(log, steps, app, &python, &args).await?;
@@ -984,12 +1029,7 @@ impl VenvBuilder {
         )
         .await?;
         if !check.ok {
-            return Err(format!(
-                "the built environment cannot import fastapi and uvicorn, which Cattery's runner \
-                 needs (the base image has them): add them to requirements.txt, or start the \
-                 server with a --build-python that has them ({})",
-                check.reason
-            ));
+            return Err(runner_deps_missing(source, base, &check.reason));
         }
         Ok(python)
     }
@@ -1720,6 +1760,63 @@ mod tests {
             "{e}"
         );
         assert!(!dir.path().join("venv/bin").exists(), "a venv was made");
+    }
+
+    /// A venv build whose environment cannot import the runner's dependencies says where
+    /// they could come from (the context's requirements.txt, the base environment), not that
+    /// a base image has them (a venv build has none), and where to add them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_venv_without_the_runners_dependencies_says_where_to_add_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A base Python that finds no site-packages, so no fastapi whatever the machine has.
+        let base = dir.path().join("python-without-site");
+        std::fs::write(&base, "#!/bin/sh\nexec python3 -S \"$@\"\n").unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let app = dir.path().join("app");
+        std::fs::create_dir(&app).unwrap();
+        std::fs::write(app.join("bot.py"), "async def bot(args): pass\n").unwrap();
+        std::fs::write(app.join("requirements.txt"), "").unwrap();
+        let builder = VenvBuilder {
+            base_python: base.display().to_string(),
+            uids: None,
+            namespaces: None,
+            cgroups: None,
+            limits: TaskLimits {
+                memory_bytes: 1 << 30,
+                pids: 512,
+            },
+        };
+        let job = BuildJob {
+            id: uuid::Uuid::new_v4(),
+            dir: dir.path().to_path_buf(),
+            context: app.clone(),
+            dockerfile_path: "Dockerfile".into(),
+        };
+        let log = BuildLog::create(&dir.path().join("build.log")).unwrap();
+        let e = builder.build(&job, &log).await.unwrap_err();
+        assert!(
+            e.starts_with("the built environment cannot import fastapi and uvicorn"),
+            "{e}"
+        );
+        assert!(!e.contains("image"), "a venv build has no image: {e}");
+        assert!(
+            e.contains(&format!(
+                "what requirements.txt installed and the packages of the base environment {} \
+                 (--build-python)",
+                base.display()
+            )) && e.contains("pipecat-ai[runner]")
+                && e.contains("to requirements.txt"),
+            "{e}"
+        );
+        // Each source names its own file.
+        let lock = runner_deps_missing(Source::Lock, "/b/python", "x");
+        assert!(
+            lock.contains("what uv.lock installed") && lock.contains("(uv lock)"),
+            "{lock}"
+        );
+        let none = runner_deps_missing(Source::Nothing, "/b/python", "x");
+        assert!(none.contains("to a requirements.txt"), "{none}");
     }
 
     #[test]
