@@ -137,27 +137,29 @@ pub(crate) fn with_fs_identity<T: Send>(
     f: impl FnOnce() -> T + Send,
 ) -> std::io::Result<T> {
     std::thread::scope(|s| {
-        s.spawn(move || {
-            let no_groups: *const libc::gid_t = std::ptr::null();
-            // SAFETY: system calls on this thread's own credentials, with plain values.
-            let took = unsafe {
-                libc::syscall(libc::SYS_setgroups, 0 as libc::size_t, no_groups) == 0 && {
-                    libc::syscall(libc::SYS_setfsgid, uid);
-                    libc::syscall(libc::SYS_setfsuid, uid);
-                    // An invalid id changes nothing and answers the current one.
-                    libc::syscall(libc::SYS_setfsgid, u32::MAX) == i64::from(uid)
-                        && libc::syscall(libc::SYS_setfsuid, u32::MAX) == i64::from(uid)
+        std::thread::Builder::new()
+            .name("fs-identity".into())
+            .spawn_scoped(s, move || {
+                let no_groups: *const libc::gid_t = std::ptr::null();
+                // SAFETY: system calls on this thread's own credentials, with plain values.
+                let took = unsafe {
+                    libc::syscall(libc::SYS_setgroups, 0 as libc::size_t, no_groups) == 0 && {
+                        libc::syscall(libc::SYS_setfsgid, uid);
+                        libc::syscall(libc::SYS_setfsuid, uid);
+                        // An invalid id changes nothing and answers the current one.
+                        libc::syscall(libc::SYS_setfsgid, u32::MAX) == i64::from(uid)
+                            && libc::syscall(libc::SYS_setfsuid, u32::MAX) == i64::from(uid)
+                    }
+                };
+                if !took {
+                    return Err(std::io::Error::other(format!(
+                        "cannot take uid {uid}'s view of the files"
+                    )));
                 }
-            };
-            if !took {
-                return Err(std::io::Error::other(format!(
-                    "cannot take uid {uid}'s view of the files"
-                )));
-            }
-            Ok(f())
-        })
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the check's thread panicked")))
+                Ok(f())
+            })?
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the check's thread panicked")))
     })
 }
 
