@@ -588,10 +588,11 @@ function logTail(pre, agent, filters) {
       }
       if (all.length) {
         const t = all[all.length - 1].timestamp;
-        // Seconds with the sub-second part of the ISO time: lines of that same instant come
-        // again and are skipped by `seen`.
+        // Seconds with the sub-second part of the ISO time, 2 s back: a container's lines
+        // carry the engine's time and may be stored after a platform line of a later instant
+        // (docs/logs.md). Lines seen already come again and are skipped by `seen`.
         const frac = (t.match(/\.(\d+)/) || ['', '0'])[1];
-        lastNs = Math.floor(new Date(t).getTime() / 1000) + '.' + frac.padEnd(9, '0').slice(0, 6);
+        lastNs = (Math.floor(new Date(t).getTime() / 1000) - 2) + '.' + frac.padEnd(9, '0').slice(0, 6);
       }
       while (pre.children.length > 5000) pre.firstChild.remove();
       if (atBottom) pre.scrollTop = pre.scrollHeight;
