@@ -7,14 +7,9 @@
 // playwright-core is installed), CATTERY_CHROMIUM (default /usr/bin/chromium).
 'use strict';
 
-const { chromium } = require('playwright-core');
+const { env, launch } = require('./browser.cjs');
 const http = require('http');
 
-const env = (k) => {
-  const v = process.env[k];
-  if (!v) throw new Error(`${k} is not set`);
-  return v;
-};
 const BASE = env('CATTERY_URL');
 const PK = env('CATTERY_PK');
 const SK = env('CATTERY_SK');
@@ -27,11 +22,7 @@ async function main() {
   });
   await new Promise((r) => page_server.listen(0, '127.0.0.1', r));
   const origin = `http://127.0.0.1:${page_server.address().port}`;
-  const browser = await chromium.launch({
-    executablePath: process.env.CATTERY_CHROMIUM || '/usr/bin/chromium',
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update'],
-  });
+  const browser = await launch();
   try {
     const page = await browser.newPage();
     await page.goto(origin + '/');

@@ -12,15 +12,10 @@
 // playwright-core is installed), CATTERY_CHROMIUM (default /usr/bin/chromium).
 'use strict';
 
-const { chromium } = require('playwright-core');
+const { env, launch } = require('./browser.cjs');
 const path = require('path');
 const readline = require('readline');
 
-const env = (k) => {
-  const v = process.env[k];
-  if (!v) throw new Error(`${k} is not set`);
-  return v;
-};
 const BASE = env('CATTERY_URL');
 const SK = env('CATTERY_SK');
 const OTHER_SK = env('CATTERY_OTHER_SK');
@@ -40,11 +35,7 @@ function step(msg) { console.error(`[dashboard e2e] ${msg}`); }
 function check(cond, msg) { if (!cond) throw new Error(`check failed: ${msg}`); }
 
 async function main() {
-  const browser = await chromium.launch({
-    executablePath: process.env.CATTERY_CHROMIUM || '/usr/bin/chromium',
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update'],
-  });
+  const browser = await launch();
   const context = await browser.newContext({ viewport: { width: 1360, height: 900 } });
   const page = await context.newPage();
   const problems = [];

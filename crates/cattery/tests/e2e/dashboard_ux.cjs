@@ -15,14 +15,9 @@
 // deploy), CATTERY_SCREENSHOTS, NODE_PATH; CATTERY_CHROMIUM (default /usr/bin/chromium).
 'use strict';
 
-const { chromium } = require('playwright-core');
+const { env, launch } = require('./browser.cjs');
 const path = require('path');
 
-const env = (k) => {
-  const v = process.env[k];
-  if (!v) throw new Error(`${k} is not set`);
-  return v;
-};
 const BASE = env('CATTERY_URL');
 const SK = env('CATTERY_SK');
 const AGENT = env('CATTERY_AGENT');
@@ -42,11 +37,7 @@ async function api(method, p, body) {
 }
 
 async function main() {
-  const browser = await chromium.launch({
-    executablePath: process.env.CATTERY_CHROMIUM || '/usr/bin/chromium',
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update'],
-  });
+  const browser = await launch();
   const context = await browser.newContext({ viewport: { width: 1360, height: 900 } });
   const page = await context.newPage();
   const problems = [];

@@ -13,14 +13,9 @@
 // CATTERY_CHROMIUM (default /usr/bin/chromium).
 'use strict';
 
-const { chromium } = require('playwright-core');
+const { env, launch } = require('./browser.cjs');
 const path = require('path');
 
-const env = (k) => {
-  const v = process.env[k];
-  if (!v) throw new Error(`${k} is not set`);
-  return v;
-};
 const BASE = env('CATTERY_URL');
 const SK = env('CATTERY_SK');
 const AGENT = env('CATTERY_AGENT');
@@ -30,12 +25,8 @@ function step(msg) { console.error(`[talk e2e] ${msg}`); }
 function check(cond, msg) { if (!cond) throw new Error(`check failed: ${msg}`); }
 
 async function main() {
-  const browser = await chromium.launch({
-    executablePath: process.env.CATTERY_CHROMIUM || '/usr/bin/chromium',
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
-      '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream', '--autoplay-policy=no-user-gesture-required'],
-  });
+  const browser = await launch(['--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
+    '--autoplay-policy=no-user-gesture-required']);
   const context = await browser.newContext({ viewport: { width: 1360, height: 760 } });
   const page = await context.newPage();
   const problems = [];
