@@ -336,7 +336,7 @@ async fn sessions(s: &dyn Store) {
         s.insert_session(&s1).await,
         Err(StoreError::Conflict)
     ));
-    s.mark_delivered(s1.id, 42).await.unwrap();
+    assert!(s.mark_delivered(s1.id, 42).await.unwrap());
     let got = s.get_session(s1.id).await.unwrap().unwrap();
     assert_eq!(
         (got.bot_start_ms, got.cold_start, got.end, got.transport),
@@ -352,7 +352,11 @@ async fn sessions(s: &dyn Store) {
         .await
         .unwrap());
     assert!(!s.end_session(Uuid::new_v4(), &e1).await.unwrap());
-    s.mark_delivered(s1.id, 99).await.unwrap();
+    assert!(
+        !s.mark_delivered(s1.id, 99).await.unwrap(),
+        "an ended session's delivery is not recorded"
+    );
+    assert!(!s.mark_delivered(Uuid::new_v4(), 1).await.unwrap());
     let got = s.get_session(s1.id).await.unwrap().unwrap();
     assert_eq!(got.end, Some(e1));
     assert_eq!(got.bot_start_ms, Some(42), "no delivery after the end");

@@ -358,8 +358,10 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Stores a new session. Errors: `Conflict` for a taken id.
     async fn insert_session(&self, s: &SessionRecord) -> StoreResult<()>;
     /// Records delivery: time from request to delivered (ms). No effect on an ended or
-    /// unknown session.
-    async fn mark_delivered(&self, id: Uuid, bot_start_ms: i64) -> StoreResult<()>;
+    /// unknown session; returns whether it was recorded (the session is open), so that a
+    /// start whose session was ended meanwhile by another node (a takeover while this node
+    /// was fenced) is not answered as delivered.
+    async fn mark_delivered(&self, id: Uuid, bot_start_ms: i64) -> StoreResult<bool>;
     /// Records the end if none is recorded yet (first wins); returns whether this call wrote
     /// it (false also for an unknown session).
     async fn end_session(&self, id: Uuid, end: &SessionEnd) -> StoreResult<bool>;

@@ -648,6 +648,64 @@ async fn a_node_cut_off_and_back_removes_what_it_lost_and_serves_again() {
     );
 }
 
+/// A start under way on a node that is frozen for longer than the node timeout: another node
+/// takes it over and ends the session `lost` while its instance still starts. Once the node
+/// runs again, the start is not answered 200 for that ended session (before, it delivered
+/// the session and answered 200 with its id: a client told it had a session that had ended
+/// seconds before): it answers 503, the session keeps its one `lost` end, and no process of
+/// it is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_under_way_on_a_node_taken_over_meanwhile_is_not_answered_200() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let mut cluster = Cluster::new(&pg.url(), &["--node-timeout", "2"]);
+    // The agent binds its port 1 s after it starts: the start waits that long. Its
+    // processes carry the first node's tag, whichever node runs them.
+    cluster
+        .add_node()
+        .await
+        .deploy(
+            "late",
+            &["--startup-delay", "1"],
+            json!({"autoScaling": {"minAgents": 0, "maxAgents": 2}}),
+        )
+        .await;
+    cluster.add_node().await;
+    let nodes = &cluster.nodes;
+    let fault = async {
+        // Frozen once its instance runs (the start waits for it to be ready), until another
+        // node has ended the session `lost`.
+        wait_for(Duration::from_secs(20), "the instance to run", || async {
+            (!nodes[0].agent_pids().is_empty()).then_some(())
+        })
+        .await;
+        nodes[1].freeze().await;
+        let ended = wait_for(
+            Duration::from_secs(15),
+            "the frozen node's session to be ended lost",
+            || async {
+                let s = nodes[0].latest_session("late").await;
+                (s["endReason"] == "lost").then_some(s)
+            },
+        )
+        .await;
+        nodes[1].signal(libc_sig::SIGCONT);
+        ended
+    };
+    let (r, ended) = tokio::join!(nodes[1].start_session("late", json!({})), fault);
+    assert_eq!(r.status, 503, "{:?}\n{}", r.body, nodes[1].log());
+    assert_eq!(r.body["code"], "NODE_FENCED", "{:?}", r.body);
+    let sid = ended["sessionId"].as_str().unwrap();
+    nodes[0].wait_no_agent_pids(Duration::from_secs(15)).await;
+    for n in nodes.iter() {
+        let s = n.session("late", sid).await;
+        assert_eq!(s["endReason"], "lost", "{s}");
+        assert_eq!(s["endedAt"], ended["endedAt"], "{s}");
+        assert!(s["botStartSeconds"].is_null(), "{s}");
+    }
+}
+
 /// Signal numbers (Linux).
 mod libc_sig {
     pub const SIGCONT: i32 = 18;

@@ -463,19 +463,9 @@ impl Actor {
                     (outcome, None)
                 };
                 let ms = d.requested.elapsed().as_millis() as i64;
-                match self.sup.store.mark_delivered(sid, ms).await {
-                    Ok(()) => {}
-                    Err(e) if e.is_transient() => {
-                        tracing::warn!(session = %sid, error = %e, "could not record the delivery yet; trying again");
-                        let store = self.sup.store.clone();
-                        super::pending::write_again("a session's delivery", sid, move || {
-                            let store = store.clone();
-                            async move { store.mark_delivered(sid, ms).await }
-                        });
-                    }
-                    Err(e) => {
-                        tracing::error!(session = %sid, error = %e, "could not record delivery")
-                    }
+                if let Err(end) = self.record_delivery(sid, ms).await {
+                    self.delivery = Some(d);
+                    return Err(end);
                 }
                 self.sup.session_changed(&self.ctl.org, sid);
                 let (service, region) = self.sup.agent_name_region(self.ctl.agent_id);
@@ -504,6 +494,43 @@ impl Actor {
             Err(e) => {
                 self.delivery = Some(d);
                 Err(e)
+            }
+        }
+    }
+
+    /// Records the delivery. A session this node lost meanwhile is not answered as started:
+    /// its record was ended by another node (a takeover while this node was frozen or cut
+    /// off, so fenced), or, fenced, the delivery cannot be recorded. The ending fails the
+    /// start with 503 `NODE_FENCED`; the cleanup removes the instance (or lets it go, if the
+    /// taker adopted it) and writes no end over the taker's.
+    async fn record_delivery(&mut self, sid: Uuid, ms: i64) -> Result<(), Ending> {
+        let lost = |why: &str| {
+            let msg = format!(
+                "this node's heartbeats were late and {why}: the session was not started; start it again"
+            );
+            tracing::warn!(session = %sid, "{msg}");
+            Ending::start_failed("NODE_FENCED", msg, None)
+        };
+        match self.sup.store.mark_delivered(sid, ms).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(lost(
+                "another node ended the session before it was delivered",
+            )),
+            Err(e) if e.is_transient() && self.sup.is_fenced() => {
+                Err(lost("the store did not take the session's delivery"))
+            }
+            Err(e) if e.is_transient() => {
+                tracing::warn!(session = %sid, error = %e, "could not record the delivery yet; trying again");
+                let store = self.sup.store.clone();
+                super::pending::write_again("a session's delivery", sid, move || {
+                    let store = store.clone();
+                    async move { store.mark_delivered(sid, ms).await.map(|_| ()) }
+                });
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(session = %sid, error = %e, "could not record delivery");
+                Ok(())
             }
         }
     }

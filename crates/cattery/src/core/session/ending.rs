@@ -76,6 +76,8 @@ impl Ending {
     pub fn start_answer(&mut self, d: &Delivery) -> CoreError {
         match self.reason {
             EndReason::Drained => CoreError::Draining,
+            // Removed by the reconciliation of a fenced node: another node took it over.
+            EndReason::Lost => CoreError::Fenced,
             EndReason::StoppedDuringStart | EndReason::Stopped | EndReason::ClientDisconnected => {
                 CoreError::StoppedDuringStart(d.session)
             }

@@ -242,8 +242,8 @@ impl SessionStore for PgStore {
         insert_session(&mut c, s).await
     }
 
-    async fn mark_delivered(&self, id: Uuid, bot_start_ms: i64) -> StoreResult<()> {
-        sqlx::query(
+    async fn mark_delivered(&self, id: Uuid, bot_start_ms: i64) -> StoreResult<bool> {
+        let r = sqlx::query(
             "UPDATE sessions SET bot_start_ms = $1, updated_ms = $2 WHERE id = $3 AND ended_ms IS NULL",
         )
         .bind(bot_start_ms)
@@ -251,7 +251,7 @@ impl SessionStore for PgStore {
         .bind(id)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(r.rows_affected() > 0)
     }
 
     async fn end_session(&self, id: Uuid, e: &SessionEnd) -> StoreResult<bool> {

@@ -175,14 +175,14 @@ impl SessionStore for SqliteStore {
         self.write(move |db| insert_session(db, &s)).await
     }
 
-    async fn mark_delivered(&self, id: Uuid, bot_start_ms: i64) -> StoreResult<()> {
+    async fn mark_delivered(&self, id: Uuid, bot_start_ms: i64) -> StoreResult<bool> {
         let now = crate::model::now_ms();
         self.write(move |db| {
             db.exec(
                 "UPDATE sessions SET bot_start_ms = ?, updated_ms = ? WHERE id = ? AND ended_ms IS NULL",
                 &[bot_start_ms.into(), now.into(), id.into()],
             )
-            .map(|_| ())
+            .map(|n| n > 0)
         })
         .await
     }
