@@ -68,14 +68,17 @@ impl Supervisor {
         let requested = Instant::now();
         let created_ms = now_ms();
         let session = p.session_id.unwrap_or_else(Uuid::new_v4);
-        let placed = self
-            .place_reserved(org, agent_name, session)
-            .await
-            .inspect_err(|e| {
-                if matches!(e, CoreError::AtCapacity(_)) {
-                    crate::telemetry::session_at_capacity(org, agent_name);
-                }
-            })?;
+        let placed = match self.place_reserved(org, agent_name, session).await {
+            Err(CoreError::NotFound(_)) if self.learn_agent(org, agent_name).await => {
+                self.place_reserved(org, agent_name, session).await
+            }
+            r => r,
+        }
+        .inspect_err(|e| {
+            if matches!(e, CoreError::AtCapacity(_)) {
+                crate::telemetry::session_at_capacity(org, agent_name);
+            }
+        })?;
         let recorded = match self
             .record_start(
                 &placed,
@@ -180,6 +183,26 @@ impl Supervisor {
             .await;
         self.session_changed(org, session);
         Err(err)
+    }
+
+    /// An agent this node does not know yet, read from the store; whether it was found (live,
+    /// with its deployment) and registered. On several nodes an agent created through another
+    /// node reaches this one through the store's change feed a few ms after its commit: a
+    /// start sent here in between (a client that deploys, then starts at once, through a
+    /// load balancer) would otherwise answer 404 for an agent whose creation was answered 200.
+    /// One node alone (no feed) registers every agent it creates itself: nothing to read.
+    async fn learn_agent(self: &Arc<Self>, org: &str, agent_name: &str) -> bool {
+        if !self.has_change_feed() {
+            return false;
+        }
+        let Ok(Some(agent)) = self.store.get_agent(org, agent_name).await else {
+            return false;
+        };
+        let Ok(Some(dep)) = self.store.get_deployment(agent.desired_deployment_id).await else {
+            return false;
+        };
+        self.upsert_agent(agent, dep);
+        true
     }
 
     /// Admission ([`Supervisor::place`]); a cold start first reserves its capacity slot in

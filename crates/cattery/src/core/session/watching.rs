@@ -122,6 +122,12 @@ impl Supervisor {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Whether the store has a change feed ([`Supervisor::set_change_feed`]): other nodes
+    /// may change what this one holds.
+    pub(super) fn has_change_feed(&self) -> bool {
+        self.watching.feed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// From the change feed: session `id` of `org` was changed through node `writer`. Passed
     /// on to the streams as another node's change, or as this node's own
     /// ([`Elsewhere::Own`]: its engine named it already, unless it was a session this node
