@@ -1153,6 +1153,33 @@ async fn a_fenced_node_removes_what_was_taken_over_and_keeps_the_rest() {
     assert_eq!(end_reason(&e, kept).await, Some(EndReason::Stopped));
 }
 
+/// A start whose session another node ended before it was delivered (a takeover while this
+/// node was frozen or cut off) is not answered as started: 503 `NODE_FENCED`, the taker's end
+/// stays, and the instance is removed.
+#[tokio::test]
+async fn a_start_whose_session_was_ended_elsewhere_before_delivery_is_not_answered_started() {
+    let e = env().await;
+    agent(&e, "a", &["ready-ms=300"], 0, 2).await;
+    let (sid, start) = start_until_stored(&e, "a").await;
+    let end = crate::model::SessionEnd {
+        ended_ms: now_ms(),
+        reason: EndReason::Lost,
+        completion_status: "HTTP_ERROR".into(),
+        exit_code: None,
+        exit_signal: None,
+        message: Some("node n1 was lost".into()),
+    };
+    assert!(e.store.end_session(sid, &end).await.unwrap());
+    match start.await.unwrap() {
+        Err(CoreError::StartFailed { code, .. }) => assert_eq!(code, "NODE_FENCED"),
+        r => panic!("expected NODE_FENCED, got {r:?}"),
+    }
+    until("the instance to be gone", async || e.fake.live().is_empty()).await;
+    let s = e.store.get_session(sid).await.unwrap().unwrap();
+    assert_eq!(s.end, Some(end));
+    assert_eq!(s.bot_start_ms, None);
+}
+
 /// The plain decisions, without an engine: admission and the pool plan over a pool's state.
 mod decisions {
     use std::sync::Arc;
