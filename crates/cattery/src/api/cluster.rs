@@ -137,8 +137,9 @@ pub async fn forget_node(
 /// another database (a restored copy whose node list names this cluster's nodes).
 ///
 /// Errors: 401 `CLUSTER_UNAUTHORIZED` when it carries a wrong secret, or any while this node
-/// has none (an org's API key is never enough for an internal call); 403 `NODE_UNKNOWN` from
-/// a run this node's store does not know.
+/// has none (an org's API key is never enough for an internal call); 400 when the run it
+/// names is not `<node id> <start ms>`; 403 `NODE_UNKNOWN` from a run this node's store does
+/// not know.
 pub async fn from_peer(st: &AppState, headers: &HeaderMap) -> ApiResult<bool> {
     let Some(given) = headers.get(cluster::SECRET_HEADER) else {
         return Ok(false);
@@ -149,14 +150,21 @@ pub async fn from_peer(st: &AppState, headers: &HeaderMap) -> ApiResult<bool> {
                 return Ok(true);
             };
             let run = run.to_str().unwrap_or_default();
-            let known = match run.rsplit_once(' ') {
-                Some((id, started)) => match started.parse::<i64>() {
-                    Ok(started) => st.sup.knows_node_run(id, started).await?,
-                    Err(_) => false,
-                },
-                None => false,
+            let parsed = run
+                .rsplit_once(' ')
+                .and_then(|(id, started)| Some((id, started.parse::<i64>().ok()?)))
+                .filter(|(id, _)| !id.is_empty());
+            let Some((id, started)) = parsed else {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "GENERIC_BAD_REQUEST",
+                    format!(
+                        "{} must be \"<node id> <start time in ms>\"",
+                        cluster::NODE_HEADER
+                    ),
+                ));
             };
-            if known {
+            if st.sup.knows_node_run(id, started).await? {
                 return Ok(true);
             }
             tracing::warn!(

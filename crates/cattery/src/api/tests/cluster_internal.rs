@@ -84,6 +84,48 @@ async fn internal_stop_takes_the_cluster_secret_and_nothing_else() {
     assert_eq!(st, StatusCode::NOT_FOUND);
 }
 
+/// An internal call that names its node's run (`x-cattery-node: <id> <start ms>`): a run
+/// this node's store does not know is 403 `NODE_UNKNOWN` (another database); a header that
+/// names no run at all is a 400 saying what it must be, not a claim about databases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_internal_call_naming_its_run_badly_is_told_so() {
+    let api = api_with_secret(None).await;
+    api.deploy("ia", &[], serde_json::json!({})).await;
+    let sid = api.start_ok("ia").await;
+    let call = |run: &'static str| {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("/internal/v1/sessions/{sid}/stop"))
+            .header("x-cattery-cluster-secret", SECRET)
+            .header(crate::core::cluster::NODE_HEADER, run)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let app = api.app.clone();
+        async move {
+            let resp = app.oneshot(req).await.unwrap();
+            let status = resp.status();
+            let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            (status, serde_json::from_slice::<Value>(&bytes).unwrap())
+        }
+    };
+    for run in ["", "n9", "n9 soon", " 12", "n9 12.5"] {
+        let (st, body) = call(run).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{run:?}: {body}");
+        assert_eq!(body["code"], "GENERIC_BAD_REQUEST", "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("x-cattery-node"),
+            "{body}"
+        );
+    }
+    let (st, body) = call("n9 1700000000000").await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["code"], "NODE_UNKNOWN", "{body}");
+    let s = api.get(&format!("/v1/agents/ia/sessions/{sid}")).await;
+    assert!(s.body["endedAt"].is_null(), "{}", s.body);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_secret_takes_no_internal_call() {
     let api = api_with(|_| {}).await;
