@@ -361,7 +361,12 @@ async fn check_builds(
 /// that directory is its code: a `local:` image the Python runner runs (no `command`), not a
 /// build's (a `buildId` names what it runs, and a new build is a new directory). `None`
 /// otherwise, and when the directory cannot be read: the deployment's validation says why.
-async fn fingerprint_local_dir(spec: &mut DeploymentSpec) {
+///
+/// The directory is the org's choice, so it is read as an instance would see it
+/// ([`crate::runtime::Runtime::as_instance`]), never as the server: what an instance could
+/// not read (the directory behind `/root`, a subdirectory of another org's) does not count,
+/// so a deployment's id does not change with files the org cannot see.
+async fn fingerprint_local_dir(sup: &Supervisor, spec: &mut DeploymentSpec) {
     spec.local_fingerprint = None;
     if spec.command.is_some() || spec.build_id.is_some() {
         return;
@@ -369,10 +374,15 @@ async fn fingerprint_local_dir(spec: &mut DeploymentSpec) {
     let Some(dir) = spec.local_dir().map(std::path::PathBuf::from) else {
         return;
     };
-    spec.local_fingerprint = tokio::task::spawn_blocking(move || local_dir::fingerprint(&dir))
-        .await
-        .ok()
-        .flatten();
+    let runtime = sup.runtime().clone();
+    spec.local_fingerprint = tokio::task::spawn_blocking(move || {
+        let mut fp = None;
+        let seen = runtime.as_instance(&mut || fp = local_dir::fingerprint(&dir));
+        seen.ok().and(fp)
+    })
+    .await
+    .ok()
+    .flatten();
 }
 
 /// Applies `architecture` (checked only) and `resources` (or its clearing by
@@ -548,7 +558,7 @@ pub async fn create_agent(
     if build.is_some() {
         spec.build_id = build;
     }
-    fingerprint_local_dir(&mut spec).await;
+    fingerprint_local_dir(sup, &mut spec).await;
     let (min, max) = scaling(r, (0, DEFAULT_MAX_AGENTS))?;
     check_sets(store, org, &region, &spec).await?;
     check_builds(store, org, builds_dir, &spec).await?;
@@ -626,7 +636,7 @@ pub async fn update_agent(
     // or makes a new deployment anyway reads it again, and an edited directory makes a new
     // deployment. A change of scaling alone keeps what the current deployment recorded.
     if r.image.is_some() || force || spec != cur.spec {
-        fingerprint_local_dir(&mut spec).await;
+        fingerprint_local_dir(sup, &mut spec).await;
     }
     // The sets are checked only for a new deployment (which snapshots their values): a
     // scaling change works on, though a set the current deployment bound was deleted since.

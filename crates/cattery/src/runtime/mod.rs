@@ -401,6 +401,15 @@ pub trait Runtime: Send + Sync + 'static {
     fn instance_cgroups(&self) -> Option<Arc<crate::runtime::process::cgroup::CgroupSupport>> {
         None
     }
+    /// Runs `f` seeing the host's files as this runtime's instances would: for what the
+    /// server reads of an org's paths outside a deploy's checks (a `local:` directory's
+    /// fingerprint), so that what it tells of them tells nothing an instance could not see.
+    /// Errors: that view could not be taken, or instances see no host file (then `f` did not
+    /// run). Default: as the server, whose view the instances share.
+    fn as_instance(&self, f: &mut (dyn FnMut() + Send)) -> Result<(), String> {
+        f();
+        Ok(())
+    }
     /// Describes how whole-tree cleanup works on this machine (for logs and status).
     fn isolation(&self) -> String;
     /// Releases what the runtime holds for this server (its cgroup directories, locks) on a

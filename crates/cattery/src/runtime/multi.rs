@@ -95,6 +95,11 @@ impl Runtime for MultiRuntime {
         self.process.fork_server(agent)
     }
 
+    /// The process runtime's: only its instances see the host's files.
+    fn as_instance(&self, f: &mut (dyn FnMut() + Send)) -> Result<(), String> {
+        self.process.as_instance(f)
+    }
+
     fn instance_uids(&self) -> Option<Arc<crate::runtime::process::uids::UidPool>> {
         self.process.instance_uids()
     }

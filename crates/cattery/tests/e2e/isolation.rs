@@ -519,3 +519,64 @@ async fn a_deploy_tells_nothing_of_files_an_instance_cannot_see() {
     let msg = answer(json!({"command": [plain]})).await;
     assert!(msg.contains("is not an executable file"), "{msg}");
 }
+
+/// A `local:` bot directory's fingerprint, whose change makes a new deployment, counts only
+/// what an instance could read: files in a subdirectory only root may enter, or a bot
+/// directory reached through a link into a directory only its owner may enter (`/root`,
+/// another org's), change nothing of the deployment when they change, so its id tells the
+/// org nothing of them. As the server (root) the walk read them, and a redeploy after such a
+/// file changed made a new deployment. An edit an instance can see still does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_local_bots_deployment_does_not_change_with_files_an_instance_cannot_see() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        return; // Instances get uids of their own only when the server runs as root.
+    }
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    let s = Server::start(&[]).await;
+    let open = common::open_tempdir();
+    let bot = open.path().join("bot");
+    std::fs::create_dir_all(bot.join("private")).unwrap();
+    mode(&bot, 0o755);
+    std::fs::write(bot.join("bot.py"), "").unwrap();
+    mode(&bot.join("bot.py"), 0o644);
+    std::fs::write(bot.join("private/notes"), "a").unwrap();
+    mode(&bot.join("private"), 0o700);
+    let hidden = tempfile::tempdir().unwrap();
+    mode(hidden.path(), 0o700);
+    std::fs::create_dir(hidden.path().join("bot")).unwrap();
+    std::fs::write(hidden.path().join("bot/bot.py"), "").unwrap();
+    let linked = open.path().join("linked");
+    std::os::unix::fs::symlink(hidden.path().join("bot"), &linked).unwrap();
+
+    let deployed = |r: common::Resp| {
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.body["activeDeploymentId"].as_str().unwrap().to_string()
+    };
+    let cases = [
+        ("hides", &bot, bot.join("private/notes")),
+        ("links", &linked, hidden.path().join("bot/bot.py")),
+    ];
+    for (name, dir, unseen) in cases {
+        let image = json!({"image": format!("local:{}", dir.display())});
+        let body = json!({"serviceName": name, "command": null, "image": image["image"]});
+        let first = deployed(s.req("POST", "/v1/agents", Some(&s.sk), Some(body)).await);
+        std::fs::write(&unseen, "changed where no instance can see").unwrap();
+        let url = format!("/v1/agents/{name}");
+        let again = deployed(s.req("POST", &url, Some(&s.sk), Some(image.clone())).await);
+        assert_eq!(
+            again, first,
+            "{name}: a change no instance can see made a new deployment"
+        );
+        if name == "hides" {
+            std::fs::write(bot.join("bot.py"), "# edited\n").unwrap();
+            let edited = deployed(s.req("POST", &url, Some(&s.sk), Some(image)).await);
+            assert_ne!(
+                edited, first,
+                "an edit an instance can see makes a new deployment"
+            );
+        }
+    }
+}

@@ -683,6 +683,11 @@ impl Runtime for DockerRuntime {
         }
     }
 
+    /// Containers see none of the host's files: nothing of them is read for an org.
+    fn as_instance(&self, _f: &mut (dyn FnMut() + Send)) -> Result<(), String> {
+        Err("container instances see none of the host's files".into())
+    }
+
     fn isolation(&self) -> String {
         format!(
             "docker at {} (init, loopback port, no mounts, caps dropped, no-new-privileges, profile limits)",

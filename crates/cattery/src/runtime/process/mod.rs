@@ -1192,6 +1192,11 @@ impl Runtime for ProcessRuntime {
         RuntimeKind::Process
     }
 
+    /// [`Isolation::as_instance`].
+    fn as_instance(&self, f: &mut (dyn FnMut() + Send)) -> Result<(), String> {
+        self.isolation.as_instance(f)
+    }
+
     fn instance_uids(&self) -> Option<Arc<uids::UidPool>> {
         self.isolation.uids.clone()
     }
@@ -1213,8 +1218,16 @@ impl Runtime for ProcessRuntime {
         self.zygotes.status.get(agent)
     }
 
+    /// [`PythonRunner::prepare`]. A `local:` directory is the org's choice, so whether it
+    /// holds a `bot.py` and which `.venv` Python is chosen are looked at as an instance would
+    /// see them ([`Isolation::as_instance`]), at every start as at deploy time: the same
+    /// answers, and a start tells nothing of files an instance could not see (a `.venv`
+    /// only root may enter is not chosen). A `command` looks at no file and pays nothing.
     fn prepare(&self, dep: &DeploymentRecord) -> Result<Prepared, String> {
-        self.python.prepare(dep)
+        if !dep.spec.runs_the_python_runner() {
+            return self.python.prepare(dep);
+        }
+        self.isolation.as_instance(|| self.python.prepare(dep))?
     }
 
     /// [`Runtime::prepare`], then: the program exists and is executable; for `local:` agents
@@ -1226,9 +1239,9 @@ impl Runtime for ProcessRuntime {
     /// working directory) it looks at as an instance would see it
     /// ([`ProcessRuntime::check_program`]).
     fn validate(&self, dep: &DeploymentRecord) -> Option<String> {
-        let p = match self.isolation.as_instance(|| self.prepare(dep)) {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) | Err(e) => return Some(e),
+        let p = match self.prepare(dep) {
+            Ok(p) => p,
+            Err(e) => return Some(e),
         };
         let wd = p.working_dir.as_ref().and_then(|p| p.to_str());
         let local = dep.spec.command.is_none() && dep.spec.local_dir().is_some();
@@ -2434,6 +2447,60 @@ mod tests {
             pids_with_instance_env(&id).is_empty(),
             "the started process lives on"
         );
+        rt.shutdown().await;
+    }
+
+    /// What a start runs for a `local:` bot is chosen as an instance sees the bot directory,
+    /// as the deploy-time check chooses it: a `.venv` only root may enter is not its Python
+    /// (the default is), and a bot directory behind a directory only its owner may enter is
+    /// as missing as one that is not there. As root, a start chose that `.venv` and found
+    /// that `bot.py`. Skipped where instances get no uids of their own (not root).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_start_sees_a_local_bot_as_its_instance_would() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path, m: u32| fs::set_permissions(p, fs::Permissions::from_mode(m));
+        let uids = Some("1900000-1999999".parse::<UidRange>().expect("range"));
+        let (_data, rt) = test_runtime("as-instance", uids);
+        if rt.isolation.uids.is_none() {
+            rt.shutdown().await;
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        mode(t.path(), 0o755).unwrap();
+        let bot = t.path().join("bot");
+        fs::create_dir_all(bot.join(".venv/bin")).unwrap();
+        fs::write(bot.join("bot.py"), "").unwrap();
+        fs::write(bot.join(".venv/bin/python"), "#!/bin/sh\n").unwrap();
+        mode(&bot.join(".venv/bin/python"), 0o755).unwrap();
+        mode(&bot.join(".venv"), 0o700).unwrap();
+        let private = t.path().join("private");
+        fs::create_dir_all(private.join("bot")).unwrap();
+        fs::write(private.join("bot/bot.py"), "").unwrap();
+        mode(&private, 0o700).unwrap();
+        let dep = |dir: &Path| DeploymentRecord {
+            id: uuid::Uuid::new_v4(),
+            agent_id: uuid::Uuid::new_v4(),
+            spec: crate::model::DeploymentSpec {
+                image: Some(format!("local:{}", dir.display())),
+                ..Default::default()
+            },
+            created_ms: 0,
+        };
+        let chosen = rt.prepare(&dep(&bot)).expect("bot.py is seen");
+        assert_eq!(
+            chosen.program, rt.python.python,
+            "not the hidden .venv's python"
+        );
+        let hidden = rt.prepare(&dep(&private.join("bot"))).unwrap_err();
+        let missing = rt.prepare(&dep(&private.join("gone"))).unwrap_err();
+        assert_eq!(
+            hidden.replace("/bot ", "/X "),
+            missing.replace("/gone ", "/X ")
+        );
+        // Once an instance may enter the `.venv`, it is chosen.
+        mode(&bot.join(".venv"), 0o755).unwrap();
+        let venv = bot.join(".venv/bin/python").display().to_string();
+        assert_eq!(rt.prepare(&dep(&bot)).unwrap().program, venv);
         rt.shutdown().await;
     }
 
