@@ -371,7 +371,15 @@ pub(super) fn prepare(spec: &SpawnSpec<'_>) -> io::Result<ChildPlan> {
         .rev()
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.as_os_str());
-    let path = resolve(spec.program, spec.cwd, path_var)?;
+    let path = match spec.ids {
+        // A name looked up in the agent's own `PATH` is looked up as the instance would: as
+        // root, a directory of that `PATH` the instance cannot enter would still be searched,
+        // and whether the start then works would tell the org what that directory holds.
+        Some((uid, gid)) if !spec.program.contains('/') => {
+            super::uids::with_fs_ids(uid, gid, || resolve(spec.program, spec.cwd, path_var))??
+        }
+        _ => resolve(spec.program, spec.cwd, path_var)?,
+    };
     let path = cstring(path.as_os_str().as_bytes())?;
     let mut arg_strings = vec![cstring(spec.program.as_bytes())?];
     for a in spec.args {
@@ -703,6 +711,61 @@ mod tests {
         assert!(
             got.contains("Permission denied") && got.ends_with("refused\n"),
             "{got}"
+        );
+    }
+
+    /// A bare program name is looked up in the instance's `PATH` as the instance sees the
+    /// files: a directory of that `PATH` it cannot enter is as if it held nothing, so the
+    /// start runs the next one's program (as for a missing file) instead of failing on what
+    /// only root could see there. The server's own lookup (no uid switch) is root's.
+    #[test]
+    fn a_bare_program_name_is_looked_up_as_the_instance() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let hidden = dir.path().join("hidden");
+        std::fs::create_dir(&hidden).unwrap();
+        std::fs::set_permissions(&hidden, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::write(hidden.join("true"), "#!/bin/sh\nexit 3\n").unwrap();
+        std::fs::set_permissions(hidden.join("true"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let env = [(
+            OsString::from("PATH"),
+            OsString::from(format!("{}:/usr/bin:/bin", hidden.display())),
+        )];
+        let out: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let plan = |ids| {
+            prepare(&SpawnSpec {
+                program: "true",
+                args: &[],
+                env: &env,
+                cwd: Path::new("/"),
+                stdout: &out,
+                stderr: &out,
+                cgroup_procs: &[],
+                ids,
+                stdin: None,
+                namespaces: None,
+            })
+            .unwrap()
+            .args
+            .path
+        };
+        let as_instance = plan(Some((2_100_000_011, 2_100_000_011)));
+        assert!(
+            !as_instance
+                .to_string_lossy()
+                .starts_with(&*hidden.to_string_lossy()),
+            "{as_instance:?}"
+        );
+        assert!(as_instance.to_string_lossy().ends_with("/true"));
+        let as_server = plan(None);
+        assert_eq!(
+            as_server.to_str().unwrap(),
+            hidden.join("true").to_str().unwrap()
         );
     }
 

@@ -136,6 +136,15 @@ pub(crate) fn with_fs_identity<T: Send>(
     uid: u32,
     f: impl FnOnce() -> T + Send,
 ) -> std::io::Result<T> {
+    with_fs_ids(uid, uid, f)
+}
+
+/// [`with_fs_identity`] with gid `gid`.
+pub(crate) fn with_fs_ids<T: Send>(
+    uid: u32,
+    gid: u32,
+    f: impl FnOnce() -> T + Send,
+) -> std::io::Result<T> {
     std::thread::scope(|s| {
         std::thread::Builder::new()
             .name("fs-identity".into())
@@ -144,10 +153,10 @@ pub(crate) fn with_fs_identity<T: Send>(
                 // SAFETY: system calls on this thread's own credentials, with plain values.
                 let took = unsafe {
                     libc::syscall(libc::SYS_setgroups, 0 as libc::size_t, no_groups) == 0 && {
-                        libc::syscall(libc::SYS_setfsgid, uid);
+                        libc::syscall(libc::SYS_setfsgid, gid);
                         libc::syscall(libc::SYS_setfsuid, uid);
                         // An invalid id changes nothing and answers the current one.
-                        libc::syscall(libc::SYS_setfsgid, u32::MAX) == i64::from(uid)
+                        libc::syscall(libc::SYS_setfsgid, u32::MAX) == i64::from(gid)
                             && libc::syscall(libc::SYS_setfsuid, u32::MAX) == i64::from(uid)
                     }
                 };
