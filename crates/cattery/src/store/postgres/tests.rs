@@ -248,3 +248,60 @@ async fn a_database_a_newer_cattery_migrated_still_opens() {
         .unwrap()
         .is_empty());
 }
+
+/// A node of the previous version claims a warm instance with the claim function of
+/// `migrations/postgres/0008` (eleven arguments, no Daily room) on a database a newer node
+/// migrated: in a rolling upgrade both versions claim from one pool, so the old function must
+/// stay and promise an instance exactly as the new one does (docs/upgrade.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_previous_versions_warm_claim_works_on_the_migrated_schema() {
+    use crate::store::{InstanceStore, SessionStore, StoreError};
+    let Some(url) = test_database_url() else {
+        return;
+    };
+    let store = fresh_store(&url).await;
+    let a = crate::store::conformance::with_agent(&store, "a", "x").await;
+    let inst = crate::model::InstanceRecord {
+        id: uuid::Uuid::new_v4(),
+        agent_id: a.id,
+        deployment_id: a.desired_deployment_id,
+        session_id: None,
+        runtime: "process".into(),
+        placement: serde_json::json!({"pid": 42}),
+        created_ms: 5,
+        node_id: "old".into(),
+    };
+    store.put_instance(&inst).await.unwrap();
+    // The previous version's call, as it sends it (store/postgres/instances.rs at 7e34ad0).
+    let old_sid = uuid::Uuid::new_v4();
+    let claimed: bool = sqlx::query_scalar(
+        "SELECT cattery_insert_session_for_instance($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(old_sid)
+    .bind(&a.org)
+    .bind(a.id)
+    .bind(a.desired_deployment_id)
+    .bind(10_i64)
+    .bind(10_i64)
+    .bind(None::<i64>)
+    .bind(Some(false))
+    .bind(Some("webrtc"))
+    .bind("old")
+    .bind(inst.id)
+    .fetch_one(store.pool())
+    .await
+    .expect("the previous version's claim function is still there");
+    assert!(claimed);
+    let got = store.get_session(old_sid).await.unwrap().unwrap();
+    assert_eq!(got.daily_room, None);
+    let rec = store.list_instances().await.unwrap().pop().unwrap();
+    assert_eq!(rec.session_id, Some(old_sid));
+    // The new claim finds the instance promised, as a second old claim would.
+    let mut new = got.clone();
+    new.id = uuid::Uuid::new_v4();
+    new.node_id = "new".into();
+    assert!(matches!(
+        store.insert_session_for_instance(&new, inst.id).await,
+        Err(StoreError::Conflict)
+    ));
+}
