@@ -226,6 +226,127 @@ pub fn nofile_limit() -> u64 {
     }
 }
 
+/// How long a connection that has not begun a request when the server stops may take to begin
+/// one: its client may have sent it already (hyper would otherwise close the connection
+/// unread, and the client could not tell whether the request was handled).
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
+/// What every connection's task shares with the accept loop.
+struct Shared {
+    app: Router,
+    limits: HttpLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    registry: Arc<Mutex<Registry>>,
+    stopping: CancellationToken,
+    http: Arc<hyper::server::conn::http1::Builder>,
+}
+
+/// Serves one accepted connection on a task of its own, holding `permit` until it closes.
+/// Once the server stops, it finishes the request under way and closes; one that has not
+/// begun a request yet gets [`FIRST_REQUEST_GRACE`] to begin one.
+fn spawn_connection(
+    stream: tokio::net::TcpStream,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    shared: &Shared,
+) {
+    let _ = stream.set_nodelay(true);
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let close = Arc::new(Notify::new());
+    let begun = Arc::new(Notify::new());
+    let id = {
+        let mut r = shared.registry.lock();
+        let id = r.next;
+        r.next += 1;
+        r.conns.insert(
+            id,
+            ConnEntry {
+                in_flight: in_flight.clone(),
+                close: close.clone(),
+            },
+        );
+        id
+    };
+    let svc = {
+        let app = shared.app.clone();
+        let in_flight = in_flight.clone();
+        let begun = begun.clone();
+        let body_timeout = shared.limits.body_read_timeout;
+        hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let guard = InFlight::enter(&in_flight);
+            begun.notify_one();
+            let req = req.map(|b| ReadTimeoutBody::new(body_timeout, b));
+            let mut app = app.clone();
+            async move {
+                let resp = app
+                    .call(req)
+                    .await
+                    .unwrap_or_else(|e: Infallible| match e {});
+                Ok::<_, Infallible>(resp.map(|inner| TrackedBody {
+                    inner,
+                    _guard: guard,
+                }))
+            }
+        })
+    };
+    let (registry, stopping, http, tls) = (
+        shared.registry.clone(),
+        shared.stopping.clone(),
+        shared.http.clone(),
+        shared.tls.clone(),
+    );
+    let header_read_timeout = shared.limits.header_read_timeout;
+    tokio::spawn(async move {
+        let _permit = permit;
+        let Some(io) = handshake(stream, tls, header_read_timeout).await else {
+            registry.lock().conns.remove(&id);
+            return;
+        };
+        let conn = http.serve_connection(TokioIo::new(io), svc).with_upgrades();
+        let mut conn = std::pin::pin!(conn);
+        // Whether a request has begun on it (a later stop closes it after that request).
+        let mut served = false;
+        let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                    break;
+                }
+                () = close.notified() => {
+                    // Evicted at the cap: nothing of ours is running on it.
+                    if in_flight.load(Ordering::Acquire) == 0 {
+                        break;
+                    }
+                }
+                () = begun.notified(), if !served => {
+                    served = true;
+                    if grace.take().is_some() {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+                () = stopping.cancelled(), if !draining && grace.is_none() => {
+                    if served {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    } else {
+                        grace = Some(Box::pin(tokio::time::sleep(FIRST_REQUEST_GRACE)));
+                    }
+                }
+                () = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => {
+                    grace = None;
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+        registry.lock().conns.remove(&id);
+    });
+}
+
 /// Serves `app` on `listener` (over TLS with `tls`) until `shutdown` resolves; then stops
 /// accepting, lets connections finish their current request, and returns.
 pub async fn serve(
@@ -241,7 +362,14 @@ pub async fn serve(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
-    let http = Arc::new(http);
+    let shared = Shared {
+        app,
+        limits,
+        tls,
+        registry: registry.clone(),
+        stopping: stopping.clone(),
+        http: Arc::new(http),
+    };
     let mut shutdown = std::pin::pin!(shutdown);
     'accept: loop {
         // A free slot first: at the cap, make one by closing the oldest idle connection (again
@@ -271,86 +399,70 @@ pub async fn serve(
             },
             () = &mut shutdown => break 'accept,
         };
-        let _ = stream.set_nodelay(true);
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let close = Arc::new(Notify::new());
-        let id = {
-            let mut r = registry.lock();
-            let id = r.next;
-            r.next += 1;
-            r.conns.insert(
-                id,
-                ConnEntry {
-                    in_flight: in_flight.clone(),
-                    close: close.clone(),
-                },
-            );
-            id
-        };
-        let svc = {
-            let app = app.clone();
-            let in_flight = in_flight.clone();
-            let body_timeout = limits.body_read_timeout;
-            hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                let guard = InFlight::enter(&in_flight);
-                let req = req.map(|b| ReadTimeoutBody::new(body_timeout, b));
-                let mut app = app.clone();
-                async move {
-                    let resp = app
-                        .call(req)
-                        .await
-                        .unwrap_or_else(|e: Infallible| match e {});
-                    Ok::<_, Infallible>(resp.map(|inner| TrackedBody {
-                        inner,
-                        _guard: guard,
-                    }))
-                }
-            })
-        };
-        let (registry, stopping, http, tls) = (
-            registry.clone(),
-            stopping.clone(),
-            http.clone(),
-            tls.clone(),
-        );
-        tokio::spawn(async move {
-            let _permit = permit;
-            let Some(io) = handshake(stream, tls, limits.header_read_timeout).await else {
-                registry.lock().conns.remove(&id);
-                return;
+        spawn_connection(stream, permit, &shared);
+    }
+    // Connections the kernel completed meanwhile wait in the listener's backlog, their
+    // requests maybe sent: serve them as well rather than reset them with the listener. Taken
+    // by plain non-blocking accepts until the backlog is empty (the runtime's readiness may
+    // not have seen the latest ones yet).
+    stopping.cancel();
+    if let Ok(backlog) = listener.into_std() {
+        while let Ok((stream, _)) = backlog.accept() {
+            let stream = stream
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpStream::from_std(stream));
+            let (Ok(stream), Ok(permit)) = (stream, permits.clone().try_acquire_owned()) else {
+                break;
             };
-            let conn = http.serve_connection(TokioIo::new(io), svc).with_upgrades();
-            let mut conn = std::pin::pin!(conn);
-            let mut draining = false;
-            loop {
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::debug!(error = %e, "connection ended with an error");
-                        }
-                        break;
-                    }
-                    () = close.notified() => {
-                        // Evicted at the cap: nothing of ours is running on it.
-                        if in_flight.load(Ordering::Acquire) == 0 {
-                            break;
-                        }
-                    }
-                    () = stopping.cancelled(), if !draining => {
-                        draining = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                }
-            }
-            registry.lock().conns.remove(&id);
-        });
+            spawn_connection(stream, permit, &shared);
+        }
     }
     // Shutting down: finish current requests, close idle connections.
-    stopping.cancel();
     let all = limits.max_connections.max(1);
     let _ = tokio::time::timeout(
         Duration::from_secs(5),
         permits.acquire_many(u32::try_from(all).unwrap_or(u32::MAX)),
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Requests already sent when the server is told to stop are answered, not dropped with
+    /// their connection: those of connections the kernel completed but the server had not
+    /// accepted yet, and those of accepted connections whose request was not read yet (a
+    /// SIGTERM under load, docs/upgrade.md).
+    #[tokio::test]
+    async fn requests_sent_before_the_stop_are_answered() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..20 {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n")
+                .await
+                .unwrap();
+            clients.push(c);
+        }
+        let app = Router::new().route("/x", axum::routing::get(|| async { "ok" }));
+        let limits = HttpLimits {
+            header_read_timeout: Duration::from_secs(5),
+            body_read_timeout: Duration::from_secs(5),
+            max_connections: 100,
+        };
+        // Told to stop before it accepted anything.
+        serve(listener, app, limits, None, async {}).await;
+        for (i, mut c) in clients.into_iter().enumerate() {
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut got)).await;
+            let got = String::from_utf8_lossy(&got);
+            assert!(
+                got.starts_with("HTTP/1.1 200"),
+                "request {i} was not answered: {got:?}"
+            );
+        }
+    }
 }
