@@ -113,21 +113,17 @@ impl Isolation {
     }
 
     /// Runs `f` seeing files as an instance would: when instances run under uids of their own,
-    /// on a thread whose filesystem identity is a free uid of the pool (the overflow uid
-    /// `nobody` when none is free), without groups ([`super::uids::with_fs_identity`]); else
-    /// as the server, whose uid the instances share. For deploy-time checks of an org's paths,
-    /// whose answers must not tell what an instance could not see. Errors: the identity could
-    /// not be taken.
+    /// on a thread whose filesystem identity is the overflow uid `nobody`, without groups
+    /// ([`super::uids::with_fs_identity`]): a user that owns none of the org's files, as an
+    /// instance's fresh uid owns none. No uid of the pool is taken for it (a lock file per
+    /// look, on the start path, and one uid fewer for instances meanwhile). Else as the
+    /// server, whose uid the instances share. For the checks of an org's paths, whose answers
+    /// must not tell what an instance could not see. Errors: the identity could not be taken.
     pub fn as_instance<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, String> {
-        let Some(pool) = &self.uids else {
+        if self.uids.is_none() {
             return Ok(f());
-        };
-        let held = pool.allocate().ok();
-        let r = super::uids::with_fs_identity(held.unwrap_or(NOBODY), f);
-        if let Some(uid) = held {
-            pool.release(uid);
         }
-        r.map_err(|e| e.to_string())
+        super::uids::with_fs_identity(NOBODY, f).map_err(|e| e.to_string())
     }
 
     /// One line for the start log.
